@@ -1,0 +1,112 @@
+"""Domain exceptions raised by the engine, the layers and the config loader.
+
+Nothing here knows about gRPC: :mod:`tierdisk.service.grpc_api` holds the one table that maps
+these classes to status codes (DESIGN.md §2), and the client library maps the codes back to
+its own exception tree.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DataCorruption",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NoSpace",
+    "NotSupported",
+    "OutOfRange",
+    "PermissionDenied",
+    "ReadOnlyError",
+    "StorageError",
+    "TierdiskError",
+    "Unauthenticated",
+    "Unavailable",
+    "VolumeNotFound",
+]
+
+
+class TierdiskError(Exception):
+    """Base of every error tierdisk raises on purpose; its message is meant for a person."""
+
+
+class VolumeNotFound(TierdiskError):
+    """No volume of that name is served here."""
+
+
+class OutOfRange(TierdiskError):
+    """A sector range reaches past the end of the volume or layer."""
+
+
+class InvalidArgument(TierdiskError):
+    """A malformed request: data not a whole number of sectors, over a size limit, …"""
+
+
+class FailedPrecondition(TierdiskError):
+    """The request is well formed but the volume's state or configuration refuses it."""
+
+
+class ReadOnlyError(FailedPrecondition):
+    """A write, unmap or resize on a read-only volume or layer."""
+
+
+class NotSupported(FailedPrecondition):
+    """The layer kind cannot do this (e.g. resize a remote layer, no-overwrite on raw)."""
+
+
+class Unauthenticated(TierdiskError):
+    """Missing or wrong credentials."""
+
+
+class PermissionDenied(TierdiskError):
+    """The caller is not allowed to use this volume."""
+
+
+class Unavailable(TierdiskError):
+    """A remote layer cannot be reached, or the volume is not attached yet; safe to retry."""
+
+
+class DeadlineExceeded(TierdiskError):
+    """A call to a remote layer ran out of time."""
+
+
+class NoSpace(TierdiskError):
+    """A layer's storage is out of space; the request changed nothing."""
+
+
+class StorageError(TierdiskError):
+    """A layer's storage failed (I/O error)."""
+
+
+class DataCorruption(StorageError):
+    """A layer found its stored data or metadata corrupt."""
+
+
+class ConfigError(TierdiskError):
+    """A configuration or a layer stack is invalid.
+
+    ``volume`` and ``layer`` (the top-down layer index) locate the problem when known; the
+    string form names both, so one line is enough for an operator.
+    """
+
+    def __init__(self, problem: str, *, volume: str | None = None, layer: int | None = None):
+        self.problem = problem
+        self.volume = volume
+        self.layer = layer
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        where = []
+        if self.volume is not None:
+            where.append(f"volume {self.volume!r}")
+        if self.layer is not None:
+            where.append(f"layer {self.layer}")
+        return f"{', '.join(where)}: {self.problem}" if where else self.problem
+
+    def located(self, *, volume: str | None = None, layer: int | None = None) -> ConfigError:
+        """A copy of this error with the volume and layer filled in where still unknown."""
+        return ConfigError(
+            self.problem,
+            volume=self.volume if self.volume is not None else volume,
+            layer=self.layer if self.layer is not None else layer,
+        )

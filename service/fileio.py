@@ -1,0 +1,77 @@
+"""Blocking file primitives shared by the file-backed layers (raw, sparse).
+
+Everything here blocks: callers run it off the event loop (``run_in_executor``). Data moves
+as whole buffers with ``preadv``/``pwritev``; errors become domain exceptions through
+:func:`as_storage_error`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from .errors import NoSpace, StorageError, TierdiskError
+
+__all__ = ["as_storage_error", "pread_into", "punch_hole", "pwrite_all", "zero_range"]
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; bytes past the end of the file read as zeros."""
+    done = 0
+    size = len(buf)
+    while done < size:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            buf[done:] = bytes(size - done)
+            return
+        done += n
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``."""
+    done = 0
+    size = len(data)
+    while done < size:
+        done += os.pwritev(fd, [data[done:]], offset + done)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``[offset, offset + length)`` keeping the file size; it then reads as
+    zeros. Returns False when the filesystem cannot punch holes."""
+    if length <= 0:
+        return True
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset + length)`` read as zeros: punch a hole, else write zeros."""
+    if punch_hole(fd, offset, length):
+        return
+    chunk = bytes(min(length, 1 << 20))
+    done = 0
+    while done < length:
+        n = min(len(chunk), length - done)
+        pwrite_all(fd, memoryview(chunk)[:n], offset + done)
+        done += n
+
+
+def as_storage_error(exc: OSError, what: str) -> TierdiskError:
+    """The domain error for an ``OSError`` raised while doing ``what``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: out of space ({exc.strerror})")
+    return StorageError(f"{what}: {exc.strerror or exc}")

@@ -1,0 +1,239 @@
+"""The layer interface: what every layer kind implements, and the metadata layers exchange.
+
+A *layer* is a sector store that knows which of its sectors it holds ("present"). The engine
+(:mod:`tierdisk.service.volume`) stacks layers into a volume; a layer never sees the stack.
+
+Units: sectors are indices in units of the layer's ``sector_size`` (bytes); every buffer holds
+a whole number of sectors. The engine checks ranges before it calls a layer, so a layer may
+assume ``0 <= sector`` and ``sector + count <= sector_count`` for the calls it gets (layers
+still refuse out-of-range calls with :class:`~tierdisk.service.errors.OutOfRange`).
+
+Life cycle: construct from config → :meth:`Layer.attach` (bottom-up, given the metadata of the
+layer below, so a layer can inherit size and sector size) → I/O → :meth:`Layer.close`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import NotSupported, OutOfRange
+from .runs import Run
+
+__all__ = ["Layer", "LayerMetadata", "UnmapBehavior", "check_sector_size"]
+
+
+class UnmapBehavior(enum.IntEnum):
+    """What reads see after an unmap. Values match the protobuf enum ``UnmapBehavior``."""
+
+    UNSPECIFIED = 0
+    ANY = 1  # unmapped sectors read as anything stable
+    ZEROES = 2  # unmapped sectors read as zeros
+    IGNORED = 3  # unmap does nothing
+
+
+@dataclass(frozen=True)
+class LayerMetadata:
+    """What a layer tells the layer above it at attach time (and the engine at build time)."""
+
+    sector_size: int
+    sector_count: int
+    physical_sector_size: int
+    disk_id: bytes | None
+    unmap_behavior: UnmapBehavior
+    optimal_unmap_sectors: int
+    read_only: bool
+    can_read_cache: bool
+    fua_respected: bool
+
+
+def check_sector_size(sector_size: int) -> None:
+    """Refuse a sector size that is not a power of two of at least 512 bytes."""
+    if sector_size < 512 or sector_size & (sector_size - 1):
+        raise ValueError(f"sector_size {sector_size} is not a power of two >= 512")
+
+
+class Layer(abc.ABC):
+    """Base class of every layer kind.
+
+    Subclasses set the geometry in :meth:`attach` through :meth:`_set_geometry` and implement
+    the abstract I/O methods. Optional capabilities (no-overwrite writes, resize) raise
+    :class:`NotSupported` by default.
+    """
+
+    kind: str = "layer"
+    """The config ``kind`` of this layer class."""
+
+    def __init__(self) -> None:
+        self._sector_size = 0
+        self._sector_count = 0
+        self._physical_sector_size = 0
+        self._resized = asyncio.Event()
+
+    # -- geometry and capabilities ------------------------------------------------------
+
+    def _set_geometry(
+        self, sector_size: int, sector_count: int, physical_sector_size: int | None = None
+    ) -> None:
+        check_sector_size(sector_size)
+        if sector_count < 0:
+            raise ValueError(f"negative size {sector_count}")
+        self._sector_size = sector_size
+        self._sector_count = sector_count
+        self._physical_sector_size = physical_sector_size or sector_size
+
+    @property
+    def sector_size(self) -> int:
+        """Bytes per sector (a power of two, at least 512)."""
+        return self._sector_size
+
+    @property
+    def sector_count(self) -> int:
+        """Current size in sectors; may change at run time (resize)."""
+        return self._sector_count
+
+    @property
+    def physical_sector_size(self) -> int:
+        """Bytes per physical sector, a multiple of ``sector_size``."""
+        return self._physical_sector_size
+
+    @property
+    def disk_id(self) -> bytes | None:
+        """A 16-byte identity of the data, or None."""
+        return None
+
+    @property
+    def fua_respected(self) -> bool:
+        """True when a ``fua`` write is durable once :meth:`write` returns."""
+        return True
+
+    @property
+    def read_only(self) -> bool:
+        """True when the layer refuses writes (logically read-only)."""
+        return False
+
+    @property
+    def unmap_behavior(self) -> UnmapBehavior:
+        """What reads of this layer see after an unmap of it."""
+        return UnmapBehavior.ZEROES
+
+    @property
+    def optimal_unmap_sectors(self) -> int:
+        """Preferred unmap granularity in sectors (at least 1)."""
+        return 1
+
+    @property
+    def can_read_cache(self) -> bool:
+        """True when the layer implements :meth:`write_no_overwrite` (can be a read cache)."""
+        return False
+
+    @property
+    def can_resize(self) -> bool:
+        """True when :meth:`resize` is implemented for this layer as configured."""
+        return False
+
+    @property
+    def present_sectors(self) -> int:
+        """Number of sectors the layer itself holds (its size when it holds every sector)."""
+        return self._sector_count
+
+    def metadata(self) -> LayerMetadata:
+        """This layer's metadata, as handed to the layer above at attach."""
+        return LayerMetadata(
+            sector_size=self.sector_size,
+            sector_count=self.sector_count,
+            physical_sector_size=self.physical_sector_size,
+            disk_id=self.disk_id,
+            unmap_behavior=self.unmap_behavior,
+            optimal_unmap_sectors=self.optimal_unmap_sectors,
+            read_only=self.read_only,
+            can_read_cache=self.can_read_cache,
+            fua_respected=self.fua_respected,
+        )
+
+    def _check_range(self, sector: int, count: int) -> None:
+        if sector < 0 or count < 0 or sector + count > self._sector_count:
+            raise OutOfRange(
+                f"sectors [{sector}, {sector + count}) are past the end of the {self.kind} "
+                f"layer ({self._sector_count} sectors)"
+            )
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def attach(self, lower: LayerMetadata | None) -> None:
+        """Open the layer; ``lower`` describes the layer below (None at the bottom).
+
+        Raises :class:`~tierdisk.service.errors.ConfigError` (or ``ValueError``) when the
+        layer cannot be built, e.g. no size given and nothing to inherit it from.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files and connections. Called once; I/O after close is a bug."""
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        """Copy the sectors this layer holds in ``[sector, sector + len(buf) / sector_size)``
+        into ``buf`` (at their offset within the request) and return the runs it supplied,
+        sorted and absolute. Bytes of sectors it does not hold are left untouched.
+        """
+
+    @abc.abstractmethod
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        """Store ``data`` (whole sectors) at ``sector``; they become present.
+
+        With ``fua`` and :attr:`fua_respected`, durable before returning.
+        """
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        """Store only the sectors of ``data`` this layer does not already hold."""
+        raise NotSupported(f"the {self.kind} layer cannot write without overwriting")
+
+    async def presence(self, sector: int, count: int) -> list[Run]:
+        """The runs of ``[sector, sector + count)`` this layer holds, without reading data.
+
+        The default suits layers that hold every sector.
+        """
+        return [(sector, sector + count)] if count else []
+
+    @abc.abstractmethod
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        """Discard ``[sector, sector + count)``.
+
+        ``next_is_zero`` says the layers below hold nothing there, so the layer may drop the
+        sectors; otherwise it must keep them present as zeros (or ignore the unmap, when its
+        :attr:`unmap_behavior` allows) so lower data does not show through.
+        """
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every write acknowledged so far durable."""
+
+    async def resize(self, sector_count: int) -> None:
+        """Change the size; growing exposes zeros, shrinking discards the tail."""
+        raise NotSupported(f"the {self.kind} layer cannot be resized")
+
+    def _notify_resized(self) -> None:
+        """Wake :meth:`wait_resize` callers; call after the size changed."""
+        event, self._resized = self._resized, asyncio.Event()
+        event.set()
+
+    async def wait_resize(self, sector_count: int) -> int:
+        """Return the current size as soon as it differs from ``sector_count``."""
+        while self._sector_count == sector_count:
+            await self._resized.wait()
+        return self._sector_count
+
+    def inspect(self) -> dict[str, Any]:
+        """The layer's own details for Inspect (path, target, …); JSON-friendly values.
+
+        The engine adds kind, size, present sectors and its counters around this.
+        """
+        return {}

@@ -1,0 +1,171 @@
+"""The ``ram`` layer: sectors in memory, lost at exit.
+
+Data lives in one anonymous private mapping (``MAP_NORESERVE``) the size of the layer, so
+only touched pages cost memory and a run moves with one slice copy; presence is a
+:class:`~tierdisk.service.presence.RunSet`. An unmap over sectors the layers below may hold
+keeps them present as zeros, so the layer reports ``UNMAP_BEHAVIOR_ZEROES``. Resizable; data
+written past the old size after a grow reads back (the upstream ``zero_after`` defect is not
+reproduced).
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any
+
+from ..errors import ConfigError
+from ..layer import Layer, LayerMetadata
+from ..presence import RunSet
+from ..runs import Run, complement
+
+__all__ = ["RamLayer"]
+
+_MAP_NORESERVE = 0x4000  # Linux; not exported by the mmap module
+_PAGE = mmap.PAGESIZE
+
+
+def _anonymous(nbytes: int) -> mmap.mmap:
+    return mmap.mmap(
+        -1, max(nbytes, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+    )
+
+
+class RamLayer(Layer):
+    """In-memory layer. ``size`` in bytes and ``sector_size`` default to the layer below's
+    (else 512 for the sector size; a bottom layer needs ``size``)."""
+
+    kind = "ram"
+
+    def __init__(self, size: int | None = None, sector_size: int | None = None) -> None:
+        super().__init__()
+        self._size_bytes = size
+        self._wanted_sector_size = sector_size
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._present = RunSet()
+
+    async def attach(self, lower: LayerMetadata | None) -> None:
+        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
+        if self._size_bytes is not None:
+            nbytes = self._size_bytes
+        elif lower is not None:
+            nbytes = lower.sector_count * lower.sector_size
+        else:
+            raise ConfigError("ram layer has no size and no layer below to inherit it from")
+        if nbytes <= 0:
+            raise ConfigError(f"ram layer size must be positive, not {nbytes}")
+        if nbytes % ss:
+            raise ConfigError(f"ram layer size {nbytes} is not a multiple of its {ss}-byte sectors")
+        self._set_geometry(ss, nbytes // ss)
+        self._map = _anonymous(nbytes)
+        self._view = memoryview(self._map)
+
+    async def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    @property
+    def can_read_cache(self) -> bool:
+        return True
+
+    @property
+    def can_resize(self) -> bool:
+        return True
+
+    @property
+    def present_sectors(self) -> int:
+        return self._present.sectors
+
+    def _mem(self) -> memoryview:
+        assert self._view is not None, "ram layer used before attach or after close"
+        return self._view
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        ss = self._sector_size
+        count = len(buf) // ss
+        self._check_range(sector, count)
+        runs = self._present.runs_in(sector, sector + count)
+        mem = self._mem()
+        for a, b in runs:
+            buf[(a - sector) * ss : (b - sector) * ss] = mem[a * ss : b * ss]
+        return runs
+
+    async def presence(self, sector: int, count: int) -> list[Run]:
+        return self._present.runs_in(sector, sector + count)
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        ss = self._sector_size
+        count = len(data) // ss
+        self._check_range(sector, count)
+        self._mem()[sector * ss : (sector + count) * ss] = data
+        self._present.add(sector, sector + count)
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        ss = self._sector_size
+        end = sector + len(data) // ss
+        self._check_range(sector, end - sector)
+        mem = self._mem()
+        for a, b in complement(sector, end, self._present.runs_in(sector, end)):
+            mem[a * ss : b * ss] = data[(a - sector) * ss : (b - sector) * ss]
+            self._present.add(a, b)
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        self._check_range(sector, count)
+        self._zero(sector, sector + count)
+        if next_is_zero:
+            self._present.remove(sector, sector + count)
+        else:
+            self._present.add(sector, sector + count)
+
+    def _zero(self, a: int, b: int) -> None:
+        """Make sectors ``[a, b)`` hold zeros, returning whole pages to the system."""
+        assert self._map is not None
+        ss = self._sector_size
+        lo, hi = a * ss, b * ss
+        page_lo = -(-lo // _PAGE) * _PAGE
+        page_hi = hi // _PAGE * _PAGE
+        mem = self._mem()
+        if page_lo < page_hi:
+            mem[lo:page_lo] = bytes(page_lo - lo)
+            self._map.madvise(mmap.MADV_DONTNEED, page_lo, page_hi - page_lo)
+            mem[page_hi:hi] = bytes(hi - page_hi)
+        else:
+            mem[lo:hi] = bytes(hi - lo)
+
+    async def flush(self) -> None:
+        return None
+
+    async def resize(self, sector_count: int) -> None:
+        if sector_count <= 0:
+            raise ValueError("size must be at least one sector")
+        ss = self._sector_size
+        old = self._sector_count
+        if sector_count < old:
+            self._present.remove(sector_count, old)
+            self._zero(sector_count, min(old, len(self._mem()) // ss))
+        elif sector_count * ss > len(self._mem()):
+            grown = _anonymous(sector_count * ss)
+            view = memoryview(grown)
+            mem = self._mem()
+            for a, b in self._present:
+                view[a * ss : b * ss] = mem[a * ss : b * ss]
+            await self.close()
+            self._map, self._view = grown, view
+        self._sector_count = sector_count
+        self._notify_resized()
+
+    def inspect(self) -> dict[str, Any]:
+        return {
+            "committed_bytes": self._present.sectors * self._sector_size,
+            "present_runs": len(self._present),
+        }
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], base_dir: str) -> RamLayer:
+        return cls(size=options.get("size"), sector_size=options.get("sector_size"))

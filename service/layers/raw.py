@@ -1,0 +1,181 @@
+"""The ``raw`` layer: a plain image file; every sector is present.
+
+Reads and writes use ``preadv``/``pwritev`` on the file off the event loop; ``flush`` is
+``fdatasync``; a ``fua`` write is followed by ``fdatasync`` before it returns. A missing file
+is created (sparse) with ``size``, or with the size of the layer below. An existing file keeps
+its size; a configured ``size`` that disagrees is refused. Unmap punches holes (reads then
+see zeros), so the layer reports ``UNMAP_BEHAVIOR_ZEROES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from typing import Any
+
+from ..errors import ConfigError, ReadOnlyError
+from ..fileio import as_storage_error, pread_into, pwrite_all, zero_range
+from ..layer import Layer, LayerMetadata
+from ..runs import Run
+
+__all__ = ["RawLayer"]
+
+
+class RawLayer(Layer):
+    """A plain image file at ``path`` (bytes ``[s*ss, (s+1)*ss)`` hold sector ``s``)."""
+
+    kind = "raw"
+
+    def __init__(
+        self,
+        path: str,
+        size: int | None = None,
+        read_only: bool = False,
+        sector_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self._size_bytes = size
+        self._read_only = read_only
+        self._wanted_sector_size = sector_size
+        self._fd = -1
+
+    async def attach(self, lower: LayerMetadata | None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._open, lower)
+
+    def _open(self, lower: LayerMetadata | None) -> None:
+        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
+        exists = os.path.exists(self.path)
+        if not exists:
+            if self._read_only:
+                raise ConfigError(f"raw image {self.path} does not exist (and read_only is set)")
+            nbytes = self._size_bytes
+            if nbytes is None and lower is not None:
+                nbytes = lower.sector_count * lower.sector_size
+            if nbytes is None:
+                raise ConfigError(
+                    f"raw image {self.path} does not exist and no size is given to create it"
+                )
+            if nbytes <= 0 or nbytes % ss:
+                raise ConfigError(f"raw size {nbytes} is not a positive multiple of {ss}")
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        flags = (os.O_RDONLY if self._read_only else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open raw image {self.path}: {exc.strerror}") from None
+        try:
+            lock = fcntl.LOCK_SH if self._read_only else fcntl.LOCK_EX
+            try:
+                fcntl.flock(fd, lock | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"raw image {self.path} is in use by another process (locked)"
+                ) from None
+            if not exists:
+                os.ftruncate(fd, nbytes)  # type: ignore[arg-type]
+            size = os.fstat(fd).st_size
+            if size % ss:
+                raise ConfigError(
+                    f"raw image {self.path} is {size} bytes, not a whole number of {ss}-byte sectors"
+                )
+            if size == 0:
+                raise ConfigError(f"raw image {self.path} is empty")
+            if exists and self._size_bytes is not None and self._size_bytes != size:
+                raise ConfigError(
+                    f"raw image {self.path} is {size} bytes but the config says size = "
+                    f"{self._size_bytes}"
+                )
+            self._set_geometry(ss, size // ss)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def can_resize(self) -> bool:
+        return not self._read_only
+
+    def _refuse_if_read_only(self) -> None:
+        if self._read_only:
+            raise ReadOnlyError(f"raw image {self.path} is opened read-only")
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        ss = self._sector_size
+        count = len(buf) // ss
+        self._check_range(sector, count)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, pread_into, self._fd, buf, sector * ss
+            )
+        except OSError as exc:
+            raise as_storage_error(exc, f"reading {self.path}") from None
+        return [(sector, sector + count)]
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        self._refuse_if_read_only()
+        ss = self._sector_size
+        self._check_range(sector, len(data) // ss)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._write_sync, data, sector * ss, fua
+            )
+        except OSError as exc:
+            raise as_storage_error(exc, f"writing {self.path}") from None
+
+    def _write_sync(self, data: memoryview, offset: int, fua: bool) -> None:
+        pwrite_all(self._fd, data, offset)
+        if fua:
+            os.fdatasync(self._fd)
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        self._refuse_if_read_only()
+        self._check_range(sector, count)
+        ss = self._sector_size
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, zero_range, self._fd, sector * ss, count * ss
+            )
+        except OSError as exc:
+            raise as_storage_error(exc, f"unmapping in {self.path}") from None
+
+    async def flush(self) -> None:
+        if self._read_only:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._fd)
+        except OSError as exc:
+            raise as_storage_error(exc, f"flushing {self.path}") from None
+
+    async def resize(self, sector_count: int) -> None:
+        self._refuse_if_read_only()
+        if sector_count <= 0:
+            raise ValueError("size must be at least one sector")
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, os.ftruncate, self._fd, sector_count * self._sector_size
+            )
+        except OSError as exc:
+            raise as_storage_error(exc, f"resizing {self.path}") from None
+        self._sector_count = sector_count
+        self._notify_resized()
+
+    def inspect(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"path": os.path.abspath(self.path)}
+        if self._fd >= 0:
+            st = os.fstat(self._fd)
+            details["file_bytes"] = st.st_size
+            details["allocated_bytes"] = st.st_blocks * 512
+        return details

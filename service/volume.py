@@ -1,0 +1,492 @@
+"""The layered-disk engine: a stack of layers served as one volume (DESIGN.md §3).
+
+Index 0 is the top. A read takes each sector from the topmost layer that holds it, asking
+each layer only for the runs still missing; sectors no layer holds read as zeros. A lower
+layer ``i`` is only visible below its *overlap* (the smallest size of layers ``0..i``),
+computed at open and lowered, never raised, when the top shrinks. Writes land on the top and
+on down through ``write_through`` layers. ``read_cache`` layers are filled (no-overwrite)
+with what the layers below returned, before the read replies.
+
+Fixes of upstream ``disk_layered`` defects: a lower layer smaller than the top never aborts
+or crashes a read (runs past its overlap are skipped); a read cache below the top never
+hands the caller stale bytes (every layer reads straight into the caller's buffer and fills
+copy from it); fills are clipped to the cache's own size; unmaps are split at a lower
+layer's overlap; writes through a smaller lower layer are clipped to it.
+
+No gRPC here: errors are :mod:`tierdisk.service.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import (
+    ConfigError,
+    InvalidArgument,
+    NotSupported,
+    OutOfRange,
+    ReadOnlyError,
+    TierdiskError,
+)
+from .layer import Layer, UnmapBehavior
+from .ratelimit import RateLimitedLog
+from .runs import Run, clip, complement, subtract, total
+
+__all__ = ["AllocationRun", "LayerEntry", "LayerStats", "Volume"]
+
+log = logging.getLogger(__name__)
+
+AllocationRun = tuple[int, int, int]
+"""``(start, end, depth)``: sectors ``[start, end)`` come from layer ``depth`` (-1: none)."""
+
+
+@dataclass
+class LayerStats:
+    """Counters the engine keeps per layer (sectors and calls, as DESIGN.md §5 defines)."""
+
+    reads: int = 0  # read calls: one per contiguous run of still-missing sectors asked
+    read_sectors: int = 0  # sectors the layer supplied
+    cache_hits: int = 0  # read_cache layers: sectors asked that it had
+    cache_misses: int = 0  # read_cache layers: sectors asked that it lacked
+    cache_fills: int = 0  # sectors written into the cache by fills
+    cache_fill_errors: int = 0  # failed fill calls
+
+
+@dataclass
+class LayerEntry:
+    """A layer and its place in the stack."""
+
+    layer: Layer
+    read_cache: bool = False
+    write_through: bool = False
+    stats: LayerStats = field(default_factory=LayerStats)
+    fill_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
+
+
+class Volume:
+    """One volume: an attached, validated stack of layers. Build it with :meth:`open`."""
+
+    def __init__(self, name: str, entries: list[LayerEntry], read_only: bool) -> None:
+        self.name = name
+        self.read_only = read_only
+        self._entries = entries
+        self._layers = [e.layer for e in entries]
+        top = entries[0].layer
+        self.sector_size = top.sector_size
+        self.physical_sector_size = top.physical_sector_size
+        self.disk_id = next((ly.disk_id for ly in self._layers if ly.disk_id), None)
+        # The write path: the top and every layer below a write-through one.
+        path = 1
+        while entries[path - 1].write_through:
+            path += 1
+        self._write_path = path
+        self.fua_respected = all(ly.fua_respected for ly in self._layers[:path])
+        behaviors = [ly.unmap_behavior for ly in self._layers[:path]]
+        if path == 1:
+            self.unmap_behavior = behaviors[0]
+        elif all(b == UnmapBehavior.ZEROES for b in behaviors):
+            self.unmap_behavior = UnmapBehavior.ZEROES
+        else:
+            self.unmap_behavior = UnmapBehavior.IGNORED
+        self.optimal_unmap_sectors = max(ly.optimal_unmap_sectors for ly in self._layers[:path])
+        # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's size).
+        self._overlap: list[int] = []
+        smallest = top.sector_count
+        for ly in self._layers:
+            smallest = min(smallest, ly.sector_count)
+            self._overlap.append(smallest)
+        self._size_seen = top.sector_count
+        self.generation = 0
+        self._size_changed = asyncio.Event()
+        self._follow_task: asyncio.Task[None] | None = None
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, name: str, entries: list[LayerEntry], *, read_only: bool = False) -> Volume:
+        """Attach ``entries`` bottom-up and enforce the construction rules of DESIGN.md §3.
+
+        Raises :class:`ConfigError` naming the volume, the layer index and the rule; layers
+        already attached are closed again.
+        """
+        if not entries:
+            raise ConfigError("a volume needs at least one layer", volume=name)
+        attached: list[Layer] = []
+        try:
+            lower = None
+            bottom_sector_size = 0
+            for i in reversed(range(len(entries))):
+                entry = entries[i]
+                try:
+                    await entry.layer.attach(lower)
+                except ConfigError as exc:
+                    raise exc.located(volume=name, layer=i) from None
+                except (ValueError, OSError, TierdiskError) as exc:
+                    raise ConfigError(str(exc), volume=name, layer=i) from None
+                attached.append(entry.layer)
+                meta = entry.layer.metadata()
+                if entry.read_cache and not meta.can_read_cache:
+                    raise ConfigError(
+                        f"read_cache needs a layer that can write without overwriting; "
+                        f"a {entry.layer.kind} layer cannot",
+                        volume=name,
+                        layer=i,
+                    )
+                if not bottom_sector_size:
+                    bottom_sector_size = meta.sector_size
+                elif meta.sector_size != bottom_sector_size:
+                    raise ConfigError(
+                        f"sector size {meta.sector_size} differs from the bottom layer's "
+                        f"{bottom_sector_size}; all layers share one sector size",
+                        volume=name,
+                        layer=i,
+                    )
+                lower = meta
+            on_write_path = True
+            for i, entry in enumerate(entries):
+                if on_write_path:
+                    if entry.layer.read_only and not read_only:
+                        raise ConfigError(
+                            f"the {entry.layer.kind} layer is read-only but on the write path "
+                            "of a writable volume (set the volume read_only, or put a "
+                            "writable layer above it)",
+                            volume=name,
+                            layer=i,
+                        )
+                elif entry.write_through:
+                    raise ConfigError(
+                        "write_through layers must form an unbroken run from the top",
+                        volume=name,
+                        layer=i,
+                    )
+                on_write_path = entry.write_through
+            if entries[-1].write_through:
+                raise ConfigError(
+                    "the bottom layer cannot be write_through: there is nothing below it",
+                    volume=name,
+                    layer=len(entries) - 1,
+                )
+        except BaseException:
+            for layer in attached:
+                with contextlib.suppress(Exception):
+                    await layer.close()
+            raise
+        volume = cls(name, entries, read_only)
+        volume._follow_task = asyncio.create_task(volume._follow_top(), name=f"follow-{name}")
+        return volume
+
+    async def close(self) -> None:
+        """Stop following the top's size and close every layer."""
+        if self._follow_task:
+            self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
+            self._follow_task = None
+        for layer in self._layers:
+            with contextlib.suppress(Exception):
+                await layer.close()
+
+    # -- geometry -----------------------------------------------------------------------
+
+    @property
+    def sector_count(self) -> int:
+        """Current size in sectors: always the top layer's."""
+        return self._layers[0].sector_count
+
+    @property
+    def entries(self) -> list[LayerEntry]:
+        """The stack, top first (read-only use: layers and their counters)."""
+        return list(self._entries)
+
+    def _check_range(self, sector: int, count: int) -> None:
+        size = self.sector_count
+        if sector < 0 or count < 0:
+            raise InvalidArgument(f"volume {self.name!r}: negative sector or count")
+        if sector + count > size:
+            raise OutOfRange(
+                f"volume {self.name!r}: sectors [{sector}, {sector + count}) reach past its "
+                f"end ({size} sectors of {self.sector_size} bytes)"
+            )
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"volume {self.name!r} is read-only: cannot {what}")
+
+    def _sectors_of(self, nbytes: int) -> int:
+        count, rest = divmod(nbytes, self.sector_size)
+        if rest:
+            raise InvalidArgument(
+                f"volume {self.name!r}: {nbytes} bytes is not a whole number of "
+                f"{self.sector_size}-byte sectors"
+            )
+        return count
+
+    def _limit(self, index: int, end: int) -> int:
+        """The end of what layer ``index`` may be asked within a request ending at ``end``."""
+        return end if index == 0 else min(end, self._overlap[index])
+
+    # -- read ---------------------------------------------------------------------------
+
+    async def read(self, sector: int, count: int) -> tuple[bytearray, list[Run]]:
+        """Read ``count`` sectors from ``sector``: the data and the runs some layer holds."""
+        self._check_range(sector, count)
+        buf = bytearray(count * self.sector_size)
+        present = await self.read_into(memoryview(buf), sector)
+        return buf, present
+
+    async def read_into(self, buf: memoryview, sector: int) -> list[Run]:
+        """Fill ``buf`` (whole sectors) from ``sector``; return the runs some layer held.
+
+        Sectors no layer holds are zeroed. Read-cache layers that missed are filled before
+        this returns; a failed fill is counted and logged, and the read still succeeds.
+        """
+        ss = self.sector_size
+        count = self._sectors_of(len(buf))
+        self._check_range(sector, count)
+        if count == 0:
+            return []
+        end = sector + count
+        missing: list[Run] = [(sector, end)]
+        fills: list[tuple[LayerEntry, list[Run]]] = []
+        for index, entry in enumerate(self._entries):
+            limit = self._limit(index, end)
+            asked = missing if limit >= end else clip(missing, sector, limit)
+            if not asked:
+                break  # every missing sector lies past this layer's overlap, and so past
+                # every deeper layer's too: those read as zeros.
+            layer = entry.layer
+            if len(asked) == 1:
+                a, b = asked[0]
+                supplied = await layer.read(buf[(a - sector) * ss : (b - sector) * ss], a)
+            else:
+                results = await asyncio.gather(
+                    *(layer.read(buf[(a - sector) * ss : (b - sector) * ss], a) for a, b in asked)
+                )
+                supplied = [run for got in results for run in got]
+            stats = entry.stats
+            stats.reads += len(asked)
+            got = total(supplied)
+            stats.read_sectors += got
+            if got:
+                missing = subtract(missing, supplied)
+            if entry.read_cache:
+                wanted = total(asked)
+                stats.cache_hits += got
+                stats.cache_misses += wanted - got
+                if wanted > got:
+                    fill = clip(missing, sector, min(limit, layer.sector_count))
+                    if fill:
+                        fills.append((entry, fill))
+            if not missing:
+                break
+        for a, b in missing:
+            buf[(a - sector) * ss : (b - sector) * ss] = bytes((b - a) * ss)
+        for entry, runs in fills:
+            await self._fill(entry, buf, sector, runs)
+        if not missing:
+            return [(sector, end)]
+        return complement(sector, end, missing)
+
+    async def _fill(self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run]) -> None:
+        ss = self.sector_size
+        for a, b in runs:
+            try:
+                await entry.layer.write_no_overwrite(buf[(a - sector) * ss : (b - sector) * ss], a)
+            except (TierdiskError, OSError) as exc:
+                entry.stats.cache_fill_errors += 1
+                index = self._entries.index(entry)
+                entry.fill_log.warning(
+                    "volume %r: filling read cache layer %d failed: %s", self.name, index, exc
+                )
+            else:
+                entry.stats.cache_fills += b - a
+
+    # -- write, unmap, flush ------------------------------------------------------------
+
+    async def write(
+        self,
+        sector: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        fua: bool = False,
+        no_overwrite: bool = False,
+    ) -> None:
+        """Write whole sectors at ``sector`` to the write path, top-down.
+
+        ``no_overwrite`` writes only sectors the volume does not hold yet (no layer present).
+        """
+        self._check_writable("write")
+        view = memoryview(data).cast("B")
+        count = self._sectors_of(len(view))
+        self._check_range(sector, count)
+        if count == 0:
+            return
+        if no_overwrite:
+            await self._write_holes(view, sector, fua)
+            return
+        end = sector + count
+        ss = self.sector_size
+        for index in range(self._write_path):
+            limit = self._limit(index, end)
+            if limit <= sector:
+                break
+            part = view if limit == end else view[: (limit - sector) * ss]
+            await self._layers[index].write(part, sector, fua)
+
+    async def _write_holes(self, view: memoryview, sector: int, fua: bool) -> None:
+        ss = self.sector_size
+        end = sector + len(view) // ss
+        holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
+        for a, b in holes:
+            for index in range(self._write_path):
+                limit = self._limit(index, b)
+                if limit <= a:
+                    break
+                part = view[(a - sector) * ss : (limit - sector) * ss]
+                layer = self._layers[index]
+                if layer.can_read_cache:
+                    await layer.write_no_overwrite(part, a)
+                else:
+                    await layer.write(part, a, fua)
+
+    async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
+        """Discard sectors; later reads follow :attr:`unmap_behavior`."""
+        self._check_writable("unmap")
+        self._check_range(sector, count)
+        if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
+            return
+        end = sector + count
+        bottom = len(self._layers) - 1
+        for index in range(self._write_path):
+            hi = self._limit(index, end)
+            if hi <= sector:
+                break
+            layer = self._layers[index]
+            # Below the next layer's overlap that layer may hold data: keep zeros present.
+            # At or past it, nothing below shows through: the sectors may simply be dropped.
+            below = hi if index == bottom else min(hi, self._overlap[index + 1])
+            if sector < below:
+                await layer.unmap(sector, below - sector, block_level_only, index == bottom)
+            if below < hi:
+                start = max(sector, below)
+                await layer.unmap(start, hi - start, block_level_only, True)
+
+    async def flush(self) -> None:
+        """Make every acknowledged write durable on the write path (and fill caches)."""
+        targets = [
+            e.layer for i, e in enumerate(self._entries) if i < self._write_path or e.read_cache
+        ]
+        await asyncio.gather(*(layer.flush() for layer in targets))
+
+    # -- size ---------------------------------------------------------------------------
+
+    async def resize(self, sector_count: int) -> int:
+        """Resize the top layer; return the new size. Growing exposes zeros."""
+        self._check_writable("resize")
+        if sector_count <= 0:
+            raise InvalidArgument(f"volume {self.name!r}: size must be at least one sector")
+        top = self._layers[0]
+        if not top.can_resize:
+            raise NotSupported(f"volume {self.name!r}: its top {top.kind} layer cannot be resized")
+        await top.resize(sector_count)
+        self._note_size(top.sector_count)
+        return self.sector_count
+
+    def _note_size(self, size: int) -> None:
+        if size == self._size_seen:
+            return
+        self._size_seen = size
+        for i in range(1, len(self._overlap)):
+            self._overlap[i] = min(self._overlap[i], size)
+        self._overlap[0] = size
+        self.generation += 1
+        event, self._size_changed = self._size_changed, asyncio.Event()
+        event.set()
+
+    async def _follow_top(self) -> None:
+        top = self._layers[0]
+        while True:
+            self._note_size(await top.wait_resize(self._size_seen))
+
+    async def wait_resize(self, generation: int) -> tuple[int, int]:
+        """Wait until the size generation differs from ``generation``; return (size, gen)."""
+        while self.generation == generation:
+            await self._size_changed.wait()
+        return self.sector_count, self.generation
+
+    # -- maps ---------------------------------------------------------------------------
+
+    async def allocation(self, sector: int, count: int) -> list[AllocationRun]:
+        """Which layer holds each run of ``[sector, sector + count)``: ``(start, end, depth)``.
+
+        Covers the whole range, sorted; ``depth`` is the index of the topmost layer holding
+        the run, -1 where none does (reads as zeros). Adjacent runs of one depth are joined.
+        """
+        self._check_range(sector, count)
+        if count == 0:
+            return []
+        end = sector + count
+        missing: list[Run] = [(sector, end)]
+        found: list[AllocationRun] = []
+        for index, layer in enumerate(self._layers):
+            asked = clip(missing, sector, self._limit(index, end))
+            if not asked:
+                break
+            held: list[Run] = []
+            for a, b in asked:
+                held.extend(await layer.presence(a, b - a))
+            if held:
+                found.extend((a, b, index) for a, b in held)
+                missing = subtract(missing, held)
+            if not missing:
+                break
+        found.extend((a, b, -1) for a, b in missing)
+        found.sort()
+        joined: list[AllocationRun] = []
+        for a, b, depth in found:
+            if joined and joined[-1][1] == a and joined[-1][2] == depth:
+                joined[-1] = (joined[-1][0], b, depth)
+            else:
+                joined.append((a, b, depth))
+        return joined
+
+    # -- inspect ------------------------------------------------------------------------
+
+    def inspect(self) -> dict[str, Any]:
+        """The diagnostic tree of DESIGN.md §2 (JSON-friendly)."""
+        layers = []
+        for index, entry in enumerate(self._entries):
+            layer = entry.layer
+            info: dict[str, Any] = {
+                "index": index,
+                "kind": layer.kind,
+                "read_cache": entry.read_cache,
+                "write_through": entry.write_through,
+                "on_write_path": index < self._write_path,
+                "sector_count": layer.sector_count,
+                "visible_sector_count": self.sector_count if index == 0 else self._overlap[index],
+                "present_sectors": layer.present_sectors,
+                "read_only": layer.read_only,
+                "fua_respected": layer.fua_respected,
+                "unmap_behavior": layer.unmap_behavior.name,
+                "counters": dict(vars(entry.stats)),
+            }
+            info.update(layer.inspect())
+            layers.append(info)
+        return {
+            "name": self.name,
+            "sector_size": self.sector_size,
+            "sector_count": self.sector_count,
+            "physical_sector_size": self.physical_sector_size,
+            "read_only": self.read_only,
+            "fua_respected": self.fua_respected,
+            "unmap_behavior": self.unmap_behavior.name,
+            "optimal_unmap_sectors": self.optimal_unmap_sectors,
+            "disk_id": self.disk_id.hex() if self.disk_id else "",
+            "generation": self.generation,
+            "layers": layers,
+        }
