@@ -78,7 +78,8 @@ class RawLayer(Layer):
             size = os.fstat(fd).st_size
             if size % ss:
                 raise ConfigError(
-                    f"raw image {self.path} is {size} bytes, not a whole number of {ss}-byte sectors"
+                    f"raw image {self.path} is {size} bytes, "
+                    f"not a whole number of {ss}-byte sectors"
                 )
             if size == 0:
                 raise ConfigError(f"raw image {self.path} is empty")

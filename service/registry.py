@@ -1,0 +1,61 @@
+"""The volumes a server serves, by name, including ones still attaching.
+
+Front ends (gRPC, NBD) look volumes up here; a volume whose layers are still attaching (a
+remote tier that has not answered yet) answers :class:`Unavailable` until it is ready.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import Unavailable, VolumeNotFound
+from .volume import Volume
+
+__all__ = ["VolumeRegistry"]
+
+
+class VolumeRegistry:
+    """Name → volume, in config order; knows which configured volumes are not ready yet."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._order = list(names)
+        self._ready: dict[str, Volume] = {}
+        self._waiting: dict[str, str] = {name: "attaching" for name in names}
+        self._listeners: list[Callable[[], None]] = []
+
+    def names(self) -> list[str]:
+        """Every configured volume name, in config order."""
+        return list(self._order)
+
+    def get(self, name: str) -> Volume:
+        """The ready volume ``name``; :class:`VolumeNotFound` or :class:`Unavailable`."""
+        volume = self._ready.get(name)
+        if volume is not None:
+            return volume
+        if name in self._waiting:
+            raise Unavailable(f"volume {name!r} is not ready yet: {self._waiting[name]}")
+        raise VolumeNotFound(f"no volume named {name!r} on this server")
+
+    def ready_volumes(self) -> list[Volume]:
+        """The volumes that are ready, in config order."""
+        return [self._ready[n] for n in self._order if n in self._ready]
+
+    @property
+    def all_ready(self) -> bool:
+        """True when every configured volume is open."""
+        return not self._waiting
+
+    def set_waiting(self, name: str, reason: str) -> None:
+        """Record why ``name`` is not ready yet (shown in ``Unavailable`` messages)."""
+        self._waiting[name] = reason
+
+    def set_ready(self, volume: Volume) -> None:
+        """Mark ``volume`` open and serving."""
+        self._waiting.pop(volume.name, None)
+        self._ready[volume.name] = volume
+        for listener in self._listeners:
+            listener()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a volume becomes ready."""
+        self._listeners.append(listener)
