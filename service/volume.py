@@ -21,16 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import (
     ConfigError,
+    DeadlineExceeded,
     InvalidArgument,
     NotSupported,
     OutOfRange,
     ReadOnlyError,
     TierdiskError,
+    Unavailable,
 )
 from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
@@ -39,6 +42,8 @@ from .runs import Run, clip, complement, subtract, total
 __all__ = ["AllocationRun", "LayerEntry", "LayerStats", "Volume"]
 
 log = logging.getLogger(__name__)
+
+_SIZE_HISTORY = 1024
 
 AllocationRun = tuple[int, int, int]
 """``(start, end, depth)``: sectors ``[start, end)`` come from layer ``depth`` (-1: none)."""
@@ -101,6 +106,8 @@ class Volume:
             self._overlap.append(smallest)
         self._size_seen = top.sector_count
         self.generation = 0
+        # (generation, size) of recent size changes, oldest first, for resize watchers.
+        self._size_history: deque[tuple[int, int]] = deque(maxlen=_SIZE_HISTORY)
         self._size_changed = asyncio.Event()
         self._follow_task: asyncio.Task[None] | None = None
 
@@ -125,6 +132,8 @@ class Volume:
                     await entry.layer.attach(lower)
                 except ConfigError as exc:
                     raise exc.located(volume=name, layer=i) from None
+                except (Unavailable, DeadlineExceeded):
+                    raise  # a tier that is not up yet: the caller may retry later
                 except (ValueError, OSError, TierdiskError) as exc:
                     raise ConfigError(str(exc), volume=name, layer=i) from None
                 attached.append(entry.layer)
@@ -404,6 +413,7 @@ class Volume:
             self._overlap[i] = min(self._overlap[i], size)
         self._overlap[0] = size
         self.generation += 1
+        self._size_history.append((self.generation, size))
         event, self._size_changed = self._size_changed, asyncio.Event()
         event.set()
 
@@ -417,6 +427,20 @@ class Volume:
         while self.generation == generation:
             await self._size_changed.wait()
         return self.sector_count, self.generation
+
+    async def resize_events(self, after: int) -> list[tuple[int, int]]:
+        """Wait for size changes newer than generation ``after``; return every one of them
+        as ``(generation, sector_count)``, oldest first.
+
+        A watcher that fell more than the history length behind gets the current size as
+        one event (the changes it missed are gone).
+        """
+        while self.generation <= after:
+            await self._size_changed.wait()
+        events = [(g, n) for g, n in self._size_history if g > after]
+        if not events or events[0][0] != after + 1:
+            return [(self.generation, self._size_seen)]
+        return events
 
     # -- maps ---------------------------------------------------------------------------
 

@@ -165,7 +165,3 @@ class RamLayer(Layer):
             "committed_bytes": self._present.sectors * self._sector_size,
             "present_runs": len(self._present),
         }
-
-    @classmethod
-    def from_config(cls, options: dict[str, Any], base_dir: str) -> RamLayer:
-        return cls(size=options.get("size"), sector_size=options.get("sector_size"))

@@ -1,0 +1,326 @@
+"""Configuration: the TOML file of DESIGN.md §4, flags and ``TIERDISK_SERVER_*`` overrides.
+
+Precedence for ``[server]`` keys: flag, then environment (``TIERDISK_SERVER_<KEY>``), then the
+file, then the default. Unknown keys and kinds, bad values and broken stacks raise
+:class:`~tierdisk.service.errors.ConfigError` naming the volume, the layer index and the
+problem. Sizes are integers (bytes) or strings like ``"64MiB"``; durations are seconds.
+Relative layer paths are resolved against ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_SIZE",
+    "LAYER_OPTIONS",
+    "Config",
+    "LayerConfig",
+    "ServerConfig",
+    "VolumeConfig",
+    "default_volumes",
+    "load_config",
+    "parse_size",
+]
+
+DEFAULT_SIZE = 1 << 30
+"""Size of the built-in ``default`` volume (1 GiB)."""
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """Bytes from an integer or a string like ``"64MiB"``, ``"1.5GiB"``, ``"4096"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a size in bytes or a string like '64MiB', not {value}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what} must not be negative ({value})")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            nbytes = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if nbytes == int(nbytes):
+                return int(nbytes)
+    raise ConfigError(f"{what} {value!r} is not a size (an integer or a string like '64MiB')")
+
+
+# -- option types -------------------------------------------------------------------------
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {value!r}")
+    return value
+
+
+def _nonempty_str(value: object, what: str) -> str:
+    text = _str(value, what)
+    if not text:
+        raise ConfigError(f"{what} must not be empty")
+    return text
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def _sector_size(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, not {value!r}")
+    if value < 512 or value & (value - 1):
+        raise ConfigError(f"{what} {value} is not a power of two of at least 512")
+    return value
+
+
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{what} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _mode(value: object, what: str) -> str:
+    if value not in ("disk", "layer"):
+        raise ConfigError(f'{what} must be "disk" or "layer", not {value!r}')
+    return str(value)
+
+
+_Parser = Callable[[object, str], Any]
+_PATH = "path"  # marker: a string resolved against data_dir
+
+LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
+    "ram": {"size": parse_size, "sector_size": _sector_size},
+    "raw": {"path": _PATH, "size": parse_size, "read_only": _bool, "sector_size": _sector_size},
+    "sparse": {"path": _PATH, "size": parse_size, "sector_size": _sector_size},
+    "sqlite": {"path": _PATH, "size": parse_size, "sector_size": _sector_size},
+    "remote": {
+        "target": _nonempty_str,
+        "volume": _nonempty_str,
+        "mode": _mode,
+        "timeout": _seconds,
+        "retries": _count,
+        "tls": _bool,
+        "ca_file": _PATH,
+        "cert_file": _PATH,
+        "key_file": _PATH,
+        "server_name": _str,
+        "token": _str,
+        "token_file": _PATH,
+    },
+}
+"""Per layer kind, the options it takes (besides kind, read_cache, write_through)."""
+
+_REQUIRED = {
+    "raw": ("path",),
+    "sparse": ("path",),
+    "sqlite": ("path",),
+    "remote": ("target", "volume"),
+}
+_LAYER_COMMON = ("kind", "read_cache", "write_through")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` table."""
+
+    listen: str = "127.0.0.1:7400"  # gRPC address: "HOST:PORT" or "unix:/path"
+    metrics: str = "127.0.0.1:9400"  # Prometheus /metrics address; "" = off
+    data_dir: str = "./tierdisk-data"  # where relative layer paths live
+    nbd: str = ""  # NBD export address; "" = off
+    max_io: int = 16 << 20  # bytes: the largest Read or Write payload
+
+
+_SERVER_KEYS: dict[str, _Parser] = {
+    "listen": _nonempty_str,
+    "metrics": _str,
+    "data_dir": _nonempty_str,
+    "nbd": _str,
+    "max_io": lambda v, what: parse_size(v, what),
+}
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One ``[[volumes.layers]]`` entry; ``options`` are parsed values, paths absolute."""
+
+    kind: str
+    read_cache: bool = False
+    write_through: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """One ``[[volumes]]`` entry."""
+
+    name: str
+    layers: tuple[LayerConfig, ...]
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole server configuration."""
+
+    server: ServerConfig
+    volumes: tuple[VolumeConfig, ...]
+
+
+def default_volumes(data_dir: str) -> tuple[VolumeConfig, ...]:
+    """The built-in volume served with no ``--config``: ``default``, a 1 GiB sparse layer."""
+    layer = LayerConfig(
+        "sparse",
+        options={"path": os.path.join(os.path.abspath(data_dir), "default"), "size": DEFAULT_SIZE},
+    )
+    return (VolumeConfig("default", (layer,)),)
+
+
+def load_config(
+    path: str | None,
+    *,
+    flags: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read ``path`` (None: no file, serve the default volume) and apply overrides.
+
+    ``flags`` maps server keys to flag values (None = not given); ``environ`` defaults to
+    ``os.environ``.
+    """
+    environ = os.environ if environ is None else environ
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - {"server", "volumes"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key {unknown[0]!r} (expected [server], [[volumes]])")
+    server = _server(doc.get("server", {}), flags or {}, environ)
+    if path is None:
+        return Config(server, default_volumes(server.data_dir))
+    raw_volumes = doc.get("volumes", [])
+    if not isinstance(raw_volumes, list) or not raw_volumes:
+        raise ConfigError("the config defines no [[volumes]]")
+    volumes: list[VolumeConfig] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_volumes):
+        volume = _volume(raw, index, server.data_dir)
+        if volume.name in seen:
+            raise ConfigError("two volumes have this name", volume=volume.name)
+        seen.add(volume.name)
+        volumes.append(volume)
+    return Config(server, tuple(volumes))
+
+
+def _server(
+    table: object, flags: Mapping[str, str | None], environ: Mapping[str, str]
+) -> ServerConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("[server] must be a table")
+    unknown = sorted(set(table) - set(_SERVER_KEYS))
+    if unknown:
+        raise ConfigError(f"[server]: unknown key {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for key, parse in _SERVER_KEYS.items():
+        env_name = f"TIERDISK_SERVER_{key.upper()}"
+        if flags.get(key) is not None:
+            values[key] = parse(flags[key], f"--{key.replace('_', '-')}")
+        elif env_name in environ:
+            values[key] = parse(environ[env_name], env_name)
+        elif key in table:
+            values[key] = parse(table[key], f"[server] {key}")
+    config = replace(ServerConfig(), **values)
+    if config.max_io < 4096:
+        raise ConfigError(f"max_io {config.max_io} is too small (at least 4096 bytes)")
+    return config
+
+
+def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[[volumes]] entry {index} must be a table")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"[[volumes]] entry {index} needs a name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise ConfigError("a name uses letters, digits, '.', '_' and '-' only", volume=name)
+    unknown = sorted(set(raw) - {"name", "read_only", "layers"})
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}", volume=name)
+    read_only = _bool(raw.get("read_only", False), "read_only")
+    layers_raw = raw.get("layers")
+    if not isinstance(layers_raw, list) or not layers_raw:
+        raise ConfigError("a volume needs at least one [[volumes.layers]] entry", volume=name)
+    layers = []
+    for i, layer in enumerate(layers_raw):
+        try:
+            layers.append(_layer(layer, data_dir))
+        except ConfigError as exc:
+            raise exc.located(volume=name, layer=i) from None
+    return VolumeConfig(name, tuple(layers), read_only)
+
+
+def _layer(raw: object, data_dir: str) -> LayerConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("a layer must be a table")
+    kind = raw.get("kind")
+    if kind not in LAYER_OPTIONS:
+        known = ", ".join(sorted(LAYER_OPTIONS))
+        raise ConfigError(f"unknown layer kind {kind!r} (known kinds: {known})")
+    allowed = LAYER_OPTIONS[kind]
+    unknown = sorted(set(raw) - set(allowed) - set(_LAYER_COMMON))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} for a {kind} layer")
+    for key in _REQUIRED.get(kind, ()):
+        if key not in raw:
+            raise ConfigError(f"a {kind} layer needs {key!r}")
+    options: dict[str, Any] = {}
+    for key, parse in allowed.items():
+        if key not in raw:
+            continue
+        if parse == _PATH:
+            options[key] = os.path.join(os.path.abspath(data_dir), _nonempty_str(raw[key], key))
+        else:
+            assert callable(parse)
+            options[key] = parse(raw[key], key)
+    return LayerConfig(
+        kind,
+        read_cache=_bool(raw.get("read_cache", False), "read_cache"),
+        write_through=_bool(raw.get("write_through", False), "write_through"),
+        options=options,
+    )

@@ -1,0 +1,349 @@
+"""The ``BlockDevice`` servicer: gRPC requests in, engine calls, gRPC replies out.
+
+This module is the one place where domain exceptions become gRPC status codes
+(:data:`STATUS_CODES`, the table of DESIGN.md §2). Every error reply also carries the
+trailing metadata ``tierdisk-error`` with the exception class name, so the client can pick
+a finer exception than the status code alone (``ReadOnlyError`` vs other
+``FAILED_PRECONDITION``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+from . import hops
+from .errors import (
+    DataCorruption,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NoSpace,
+    OutOfRange,
+    PermissionDenied,
+    StorageError,
+    TierdiskError,
+    Unauthenticated,
+    Unavailable,
+    VolumeNotFound,
+)
+from .metrics import Metrics
+from .registry import VolumeRegistry
+from .volume import Volume
+
+__all__ = ["ERROR_HEADER", "STATUS_CODES", "BlockDeviceService", "DrainGate", "status_for"]
+
+log = logging.getLogger(__name__)
+
+ERROR_HEADER = "tierdisk-error"
+
+STATUS_CODES: dict[type[TierdiskError], grpc.StatusCode] = {
+    VolumeNotFound: grpc.StatusCode.NOT_FOUND,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    NoSpace: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DataCorruption: grpc.StatusCode.DATA_LOSS,
+    StorageError: grpc.StatusCode.INTERNAL,
+}
+"""Domain exception → gRPC status code (DESIGN.md §2). Subclasses map through their bases."""
+
+_DEFAULT_PAGE = 100
+_MAX_PAGE = 1000
+
+T = TypeVar("T")
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for ``exc``: the entry of its nearest class in :data:`STATUS_CODES`."""
+    for cls in type(exc).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+class DrainGate:
+    """Counts calls in flight and refuses new ones once draining started (graceful stop)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.drained = asyncio.Event()  # set when draining starts: ends watch streams
+
+    def enter(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another server or later")
+        self._in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new calls and wait up to ``grace`` s for calls in flight; True if idle."""
+        self.draining = True
+        self.drained.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _to_volume_message(volume: Volume) -> pb.Volume:
+    return pb.Volume(
+        name=volume.name,
+        sector_size=volume.sector_size,
+        sector_count=volume.sector_count,
+        physical_sector_size=volume.physical_sector_size,
+        read_only=volume.read_only,
+        fua_respected=volume.fua_respected,
+        disk_id=volume.disk_id or b"",
+        unmap_behavior=int(volume.unmap_behavior),  # type: ignore[arg-type]
+        optimal_unmap_sectors=volume.optimal_unmap_sectors,
+    )
+
+
+def select_path(tree: Any, path: str) -> Any:
+    """The subtree of ``tree`` at ``path`` (``layers/1/present_sectors``); '' = all."""
+    node = tree
+    walked: list[str] = []
+    for part in (p for p in path.split("/") if p):
+        walked.append(part)
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise InvalidArgument(f"inspect path {'/'.join(walked)!r} does not exist")
+    return node
+
+
+class BlockDeviceService(pb_grpc.BlockDeviceServicer):
+    """Serves the volumes of ``registry`` over gRPC."""
+
+    def __init__(
+        self,
+        registry: VolumeRegistry,
+        metrics: Metrics,
+        *,
+        max_io: int,
+        server_id: str,
+        gate: DrainGate,
+        extra_inspect: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._metrics = metrics
+        self._max_io = max_io
+        self._server_id = server_id
+        self._gate = gate
+        self._extra_inspect = extra_inspect
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        body: Callable[[], Awaitable[tuple[T, int]]],
+        op: str | None = None,
+        volume: str = "",
+    ) -> T:
+        """Run ``body`` (returning (reply, bytes moved)) with the drain gate, the hop guard,
+        I/O metrics and the error mapping."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        nbytes = 0
+        entered = False
+        try:
+            self._gate.enter()
+            entered = True
+            chain: tuple[str, ...] = ()
+            for key, value in context.invocation_metadata() or ():
+                if key == hops.HOPS_HEADER:
+                    chain = hops.parse(str(value))
+            hops.current_chain.set(hops.check_chain(chain, self._server_id))
+            reply, nbytes = await body()
+            return reply
+        except TierdiskError as exc:
+            code = status_for(exc)
+            await context.abort(
+                code, str(exc), trailing_metadata=((ERROR_HEADER, type(exc).__name__),)
+            )
+        except OSError as exc:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("storage failure")
+            await context.abort(code, f"storage failure: {exc}")
+        finally:
+            if entered:
+                self._gate.leave()
+            if op is not None:
+                self._metrics.observe_io(volume, op, code.name, nbytes, time.perf_counter() - start)
+        raise AssertionError("unreachable")  # abort() raises
+
+    def _volume(self, name: str) -> Volume:
+        if not name:
+            raise InvalidArgument("the request names no volume")
+        return self._registry.get(name)
+
+    def _check_io_size(self, nbytes: int, what: str) -> None:
+        if nbytes > self._max_io:
+            raise InvalidArgument(
+                f"{what} of {nbytes} bytes is larger than this server's max_io limit of "
+                f"{self._max_io} bytes; split it into smaller requests"
+            )
+
+    # -- RPCs -----------------------------------------------------------------------------
+
+    async def ListVolumes(
+        self, request: pb.ListVolumesRequest, context: Any
+    ) -> pb.ListVolumesResponse:
+        async def body() -> tuple[pb.ListVolumesResponse, int]:
+            names = self._registry.names()
+            size = request.page_size or _DEFAULT_PAGE
+            size = min(size, _MAX_PAGE)
+            start = 0
+            if request.page_token:
+                try:
+                    start = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
+                except (ValueError, UnicodeDecodeError):
+                    raise InvalidArgument(f"bad page_token {request.page_token!r}") from None
+                if not 0 <= start <= len(names):
+                    raise InvalidArgument(f"bad page_token {request.page_token!r}")
+            page = names[start : start + size]
+            volumes = []
+            for name in page:
+                try:
+                    volumes.append(_to_volume_message(self._registry.get(name)))
+                except Unavailable:
+                    volumes.append(pb.Volume(name=name))  # not attached yet: name only
+            token = ""
+            if start + size < len(names):
+                token = base64.urlsafe_b64encode(str(start + size).encode()).decode()
+            return pb.ListVolumesResponse(volumes=volumes, next_page_token=token), 0
+
+        return await self._call(context, body)
+
+    async def GetVolume(self, request: pb.GetVolumeRequest, context: Any) -> pb.Volume:
+        async def body() -> tuple[pb.Volume, int]:
+            return _to_volume_message(self._volume(request.volume)), 0
+
+        return await self._call(context, body)
+
+    async def Read(self, request: pb.ReadRequest, context: Any) -> pb.ReadResponse:
+        async def body() -> tuple[pb.ReadResponse, int]:
+            volume = self._volume(request.volume)
+            self._check_io_size(request.sector_count * volume.sector_size, "a read")
+            data, present = await volume.read(request.sector, request.sector_count)
+            reply = pb.ReadResponse(data=bytes(data))
+            if request.report_presence:
+                reply.present.extend(pb.Extent(sector=a, sector_count=b - a) for a, b in present)
+            return reply, len(data)
+
+        return await self._call(context, body, "read", request.volume)
+
+    async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+        async def body() -> tuple[pb.WriteResponse, int]:
+            volume = self._volume(request.volume)
+            self._check_io_size(len(request.data), "a write")
+            await volume.write(
+                request.sector, request.data, fua=request.fua, no_overwrite=request.no_overwrite
+            )
+            return pb.WriteResponse(), len(request.data)
+
+        return await self._call(context, body, "write", request.volume)
+
+    async def Unmap(self, request: pb.UnmapRequest, context: Any) -> pb.UnmapResponse:
+        async def body() -> tuple[pb.UnmapResponse, int]:
+            volume = self._volume(request.volume)
+            await volume.unmap(request.sector, request.sector_count, request.block_level_only)
+            return pb.UnmapResponse(), 0
+
+        return await self._call(context, body, "unmap", request.volume)
+
+    async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
+        async def body() -> tuple[pb.FlushResponse, int]:
+            await self._volume(request.volume).flush()
+            return pb.FlushResponse(), 0
+
+        return await self._call(context, body, "flush", request.volume)
+
+    async def GetAllocation(
+        self, request: pb.GetAllocationRequest, context: Any
+    ) -> pb.GetAllocationResponse:
+        async def body() -> tuple[pb.GetAllocationResponse, int]:
+            volume = self._volume(request.volume)
+            runs = await volume.allocation(request.sector, request.sector_count)
+            extents = [
+                pb.AllocationExtent(sector=a, sector_count=b - a, depth=depth)
+                for a, b, depth in runs
+            ]
+            return pb.GetAllocationResponse(extents=extents), 0
+
+        return await self._call(context, body)
+
+    async def Inspect(self, request: pb.InspectRequest, context: Any) -> pb.InspectResponse:
+        async def body() -> tuple[pb.InspectResponse, int]:
+            volume = self._volume(request.volume)
+            tree = volume.inspect()
+            if self._extra_inspect is not None:
+                tree.update(self._extra_inspect(volume.name))
+            node = select_path(tree, request.path)
+            reply = pb.InspectResponse()
+            reply.tree.update(node if isinstance(node, dict) else {"value": node})
+            return reply, 0
+
+        return await self._call(context, body)
+
+    async def Resize(self, request: pb.ResizeRequest, context: Any) -> pb.Volume:
+        async def body() -> tuple[pb.Volume, int]:
+            volume = self._volume(request.volume)
+            await volume.resize(request.sector_count)
+            return _to_volume_message(volume), 0
+
+        return await self._call(context, body)
+
+    async def WatchResize(
+        self, request: pb.WatchResizeRequest, context: Any
+    ) -> AsyncIterator[pb.ResizeEvent]:
+        async def first() -> tuple[tuple[Volume, pb.ResizeEvent], int]:
+            volume = self._volume(request.volume)
+            event = pb.ResizeEvent(sector_count=volume.sector_count, generation=volume.generation)
+            return (volume, event), 0
+
+        volume, event = await self._call(context, first)
+        yield event
+        seen = event.generation
+        drained = asyncio.ensure_future(self._gate.drained.wait())
+        try:
+            while True:
+                changes = asyncio.ensure_future(volume.resize_events(seen))
+                done, _ = await asyncio.wait(
+                    {changes, drained}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if changes not in done:
+                    changes.cancel()
+                    return
+                for generation, count in changes.result():
+                    yield pb.ResizeEvent(sector_count=count, generation=generation)
+                    seen = generation
+        finally:
+            drained.cancel()
+

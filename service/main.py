@@ -1,0 +1,107 @@
+"""``tierdisk serve``: parse flags, load the config, run the server until SIGTERM/SIGINT.
+
+Exit status: 0 after a clean stop, 2 for a config error (one line naming the volume, the
+layer index and the problem), 1 when the server cannot start (e.g. an address in use).
+``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "pid": …}`` once serving,
+so scripts and tests can start a server on port 0 and find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from tierdisk.client.tune import install_uvloop, tune_malloc
+
+from .config import Config, load_config
+from .errors import ConfigError
+from .logs import configure_logging
+from .netaddr import AddressInUse
+from .server import Server
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tierdisk serve",
+        description="Serve layered volumes over gRPC. With no --config, serves one volume "
+        "'default': a 1 GiB sparse layer in the data dir.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config (DESIGN.md section 4)")
+    p.add_argument("--listen", help="gRPC address, HOST:PORT or unix:PATH (127.0.0.1:7400)")
+    p.add_argument("--metrics", help="Prometheus /metrics address; '' turns it off")
+    p.add_argument("--data-dir", help="where relative layer paths live (./tierdisk-data)")
+    p.add_argument("--max-io", help="largest Read/Write payload, e.g. 16MiB")
+    p.add_argument("--nbd", help="NBD export address, HOST:PORT or unix:PATH; '' = off")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--ready-file", metavar="FILE", help="write bound addresses here when ready")
+    p.add_argument(
+        "--grace", type=float, default=30.0, help="seconds calls in flight get at stop (30)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tierdisk serve`` with ``argv`` (without the ``serve`` word); return the status."""
+    args = _parser().parse_args(argv)
+    tune_malloc()
+    configure_logging(args.log_level, args.log_format)
+    flags = {
+        "listen": args.listen,
+        "metrics": args.metrics,
+        "data_dir": args.data_dir,
+        "max_io": args.max_io,
+        "nbd": args.nbd,
+    }
+    try:
+        config = load_config(args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
+        return 2
+    install_uvloop()
+    return asyncio.run(_serve(config, args.ready_file, args.grace))
+
+
+async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
+    server = Server(config)
+    try:
+        await server.start()
+    except ConfigError as exc:
+        print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
+        return 2
+    except (AddressInUse, OSError) as exc:
+        print(f"tierdisk serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_file:
+        _write_ready_file(ready_file, server)
+    await stop.wait()
+    log.info("stopping: finishing calls in flight, then flushing every volume")
+    await server.stop(grace)
+    log.info("stopped")
+    return 0
+
+
+def _write_ready_file(path: str, server: Server) -> None:
+    info = {
+        "grpc": server.grpc_address,
+        "metrics": server.metrics_address,
+        "nbd": server.nbd_address,
+        "pid": os.getpid(),
+    }
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)

@@ -1,0 +1,164 @@
+"""Prometheus metrics of one server instance (DESIGN.md §5), in its own registry.
+
+Engine counters are not copied into Prometheus objects on the data path: an
+:class:`EngineCollector` reads each volume's per-layer :class:`~tierdisk.service.volume.LayerStats`
+at scrape time, so Inspect and ``/metrics`` show the same numbers by construction and a
+volume's series vanish with it. Per-request figures (bytes, request codes, latency) and the
+``grpc_server_*`` families (labelled like go-grpc-prometheus) are observed by the front ends.
+Counts are sectors or bytes as named; times are seconds; ratios are left to PromQL.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .volume import Volume
+
+__all__ = ["EngineCollector", "Metrics", "RemoteStats", "StatsSource"]
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+
+
+class RemoteStats(Protocol):
+    """What a remote layer exposes: calls it made to its tier, by (method, status code)."""
+
+    request_counts: dict[tuple[str, str], int]
+
+
+class StatsSource(Protocol):
+    """Anything that adds its own metric families at scrape time (e.g. the NBD server)."""
+
+    def collect_metrics(self) -> Iterable[Metric]: ...
+
+
+class EngineCollector(Collector):
+    """Yields the per-volume, per-layer engine counters and gauges at scrape time."""
+
+    def __init__(self, volumes: Callable[[], list[Volume]]) -> None:
+        self._volumes = volumes
+        self.extra: list[StatsSource] = []
+
+    def collect(self) -> Iterator[Metric]:
+        lk = ["volume", "layer", "kind"]
+        reads = CounterMetricFamily(
+            "tierdisk_layer_reads", "Read calls into a layer: one per contiguous run of "
+            "still-missing sectors it is asked for.", labels=lk)
+        read_sectors = CounterMetricFamily(
+            "tierdisk_layer_read_sectors", "Sectors a layer supplied to reads.", labels=lk)
+        vl = ["volume", "layer"]
+        hits = CounterMetricFamily(
+            "tierdisk_cache_hits", "Sectors a read_cache layer had when asked.", labels=vl)
+        misses = CounterMetricFamily(
+            "tierdisk_cache_misses", "Sectors a read_cache layer lacked when asked.", labels=vl)
+        fills = CounterMetricFamily(
+            "tierdisk_cache_fills", "Sectors written into a read cache by fills.", labels=vl)
+        fill_errors = CounterMetricFamily(
+            "tierdisk_cache_fill_errors", "Failed read-cache fill calls.", labels=vl)
+        present = GaugeMetricFamily(
+            "tierdisk_layer_present_sectors", "Sectors a layer itself holds.", labels=lk)
+        size = GaugeMetricFamily(
+            "tierdisk_volume_sectors", "Volume size in sectors.", labels=["volume"])
+        sector_bytes = GaugeMetricFamily(
+            "tierdisk_volume_sector_size_bytes", "Bytes per sector of the volume.",
+            labels=["volume"])
+        remote = CounterMetricFamily(
+            "tierdisk_remote_requests", "Calls a remote layer made to its tier, by method "
+            "and gRPC status code.", labels=["volume", "layer", "method", "code"])
+        for volume in self._volumes():
+            size.add_metric([volume.name], volume.sector_count)
+            sector_bytes.add_metric([volume.name], volume.sector_size)
+            for index, entry in enumerate(volume.entries):
+                layer, stats = entry.layer, entry.stats
+                labels = [volume.name, str(index), layer.kind]
+                reads.add_metric(labels, stats.reads)
+                read_sectors.add_metric(labels, stats.read_sectors)
+                present.add_metric(labels, layer.present_sectors)
+                if entry.read_cache:
+                    short = labels[:2]
+                    hits.add_metric(short, stats.cache_hits)
+                    misses.add_metric(short, stats.cache_misses)
+                    fills.add_metric(short, stats.cache_fills)
+                    fill_errors.add_metric(short, stats.cache_fill_errors)
+                counts: dict[tuple[str, str], int] | None = getattr(layer, "request_counts", None)
+                if counts:
+                    for (method, code), n in sorted(counts.items()):
+                        remote.add_metric([volume.name, str(index), method, code], n)
+        yield from (reads, read_sectors, hits, misses, fills, fill_errors, present, size,
+                    sector_bytes, remote)
+        for source in self.extra:
+            yield from source.collect_metrics()
+
+
+class Metrics:
+    """Every metric of one server, registered in ``self.registry`` (fresh per instance)."""
+
+    def __init__(self, volumes: Callable[[], list[Volume]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.engine = EngineCollector(volumes)
+        r.register(self.engine)
+        self.io_bytes = Counter(
+            "tierdisk_volume_io_bytes", "Bytes moved by volume I/O requests.",
+            ["volume", "op"], registry=r)
+        self.io_requests = Counter(
+            "tierdisk_volume_io_requests", "Volume I/O requests by outcome (gRPC code name).",
+            ["volume", "op", "code"], registry=r)
+        self.io_duration = Histogram(
+            "tierdisk_io_duration_seconds", "Time to serve a volume I/O request.",
+            ["op"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.remote_duration = Histogram(
+            "tierdisk_remote_request_duration_seconds",
+            "Time of calls remote layers make to their tier.", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        gl = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server.", gl, registry=r)
+        self.grpc_handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, regardless of success.",
+            [*gl, "grpc_code"], registry=r)
+        self.grpc_msg_sent = Counter(
+            "grpc_server_msg_sent", "Stream messages sent by the server.", gl, registry=r)
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds", "Time to handle an RPC until it completed.",
+            gl, buckets=_LATENCY_BUCKETS, registry=r)
+        build = Info("tierdisk_build", "Versions this server runs.", registry=r)
+        build.info({
+            "version": _version("tierdisk"),
+            "grpcio": _version("grpcio"),
+            "python": platform.python_version(),
+        })
+
+    def observe_io(self, volume: str, op: str, code: str, nbytes: int, seconds: float) -> None:
+        """Count one volume I/O request (``op``: read, write, unmap, flush)."""
+        self.io_requests.labels(volume, op, code).inc()
+        if nbytes:
+            self.io_bytes.labels(volume, op).inc(nbytes)
+        self.io_duration.labels(op).observe(seconds)
+
+    def observe_remote(self, method: str, code: str, seconds: float) -> None:
+        """Time one call a remote layer made (its counts come from the layer itself)."""
+        self.remote_duration.labels(method).observe(seconds)
+
+    def forget_volume(self, volume: str) -> None:
+        """Drop the per-request series of a volume that is no longer served."""
+        for counter in (self.io_bytes, self.io_requests):
+            for labels in list(counter._metrics):  # no public way to list children
+                if labels[0] == volume:
+                    counter.remove(*labels)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,239 @@
+"""The tierdisk server: volumes opened from config, served over gRPC (and NBD), with health,
+reflection, metrics and a graceful stop.
+
+Start: bind the gRPC address exclusively (``grpc.so_reuseport = 0``; an address in use is a
+start error naming it), start ``/metrics``, open every volume. A volume whose layers cannot
+reach their tier yet (``Unavailable``) keeps retrying in the background with exponential
+backoff and answers ``UNAVAILABLE`` meanwhile; health stays ``NOT_SERVING`` until every volume
+is open. A config error in a stack stops the start.
+
+Stop (:meth:`Server.stop`): health goes ``NOT_SERVING``, calls not yet started are answered
+``UNAVAILABLE``, calls in flight finish (up to ``grace`` seconds), every volume is flushed
+and closed, then the transport stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tierdisk.v1 import blockdevice_pb2, blockdevice_pb2_grpc
+
+from . import hops
+from .config import Config, VolumeConfig
+from .errors import ConfigError, DeadlineExceeded, Unavailable
+from .grpc_api import BlockDeviceService, DrainGate
+from .interceptor import MetricsInterceptor
+from .layers import build_layer
+from .metrics import Metrics
+from .metrics_http import MetricsEndpoint
+from .netaddr import AddressInUse, claim_unix_path
+from .registry import VolumeRegistry
+from .volume import LayerEntry, Volume
+
+__all__ = ["SERVICE_NAME", "Server"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = blockdevice_pb2.DESCRIPTOR.services_by_name["BlockDevice"].full_name
+_HEADROOM = 1 << 20  # message cap above max_io, so the size check answers, not the transport
+
+
+class Server:
+    """One tierdisk server process's worth of state. ``await start()``, then ``stop()``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = VolumeRegistry([v.name for v in config.volumes])
+        self.metrics = Metrics(self.registry.ready_volumes)
+        self.gate = DrainGate()
+        self.health = health.aio.HealthServicer()
+        self.grpc_address = ""
+        self.metrics_address = ""
+        self.nbd_address = ""
+        self.server_id = ""
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: MetricsEndpoint | None = None
+        self._nbd: Any = None
+        self._attach_tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    # -- start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind, open volumes (retrying unreachable tiers in the background), serve.
+
+        Raises :class:`ConfigError` for a broken volume and :class:`AddressInUse` for an
+        address that cannot be bound; nothing is left running then.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0, flush=False)
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config.server
+        cap = cfg.max_io + _HEADROOM
+        self._grpc = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", cap),
+                ("grpc.max_send_message_length", cap),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        self.server_id = hops.new_server_id(cfg.listen)
+        hops.server_identity.set(self.server_id)
+        service = BlockDeviceService(
+            self.registry,
+            self.metrics,
+            max_io=cfg.max_io,
+            server_id=self.server_id,
+            gate=self.gate,
+        )
+        blockdevice_pb2_grpc.add_BlockDeviceServicer_to_server(service, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_address = self._bind_grpc(cfg.listen)
+        if cfg.metrics:
+            self._metrics_http = MetricsEndpoint(self.metrics.registry)
+            await self._metrics_http.start(cfg.metrics)
+            self.metrics_address = self._metrics_http.address
+        await self._grpc.start()
+        results = await asyncio.gather(
+            *(self._open_volume(v) for v in self.config.volumes), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if cfg.nbd:
+            from .nbd import start_nbd_server  # imported only when configured
+
+            self._nbd = await start_nbd_server(cfg.nbd, self.registry, max_io=cfg.max_io)
+            self.nbd_address = self._nbd.address
+            stats = getattr(self._nbd, "stats", None)
+            if stats is not None and hasattr(stats, "collect_metrics"):
+                self.metrics.engine.extra.append(stats)
+        await self._update_health()
+        log.info(
+            "serving %d volume(s) on %s (metrics %s%s)",
+            len(self.config.volumes),
+            self.grpc_address,
+            self.metrics_address or "off",
+            f", nbd {self.nbd_address}" if self.nbd_address else "",
+        )
+
+    def _bind_grpc(self, address: str) -> str:
+        assert self._grpc is not None
+        if address.startswith("unix:"):
+            claim_unix_path(address[5:], "gRPC")
+        try:
+            port = self._grpc.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise AddressInUse(f"cannot bind gRPC address {address}: in use or not available")
+        if address.startswith("unix:"):
+            return address
+        host = address.rpartition(":")[0]
+        return f"{host}:{port}"
+
+    async def _open_volume(self, config: VolumeConfig) -> None:
+        """Open ``config`` now, or keep trying in the background while its tier is down."""
+        try:
+            volume = await self._build(config)
+        except (Unavailable, DeadlineExceeded) as exc:
+            self.registry.set_waiting(config.name, f"a remote tier is not reachable ({exc})")
+            log.warning("volume %r: %s; retrying in the background", config.name, exc)
+            self._attach_tasks.append(asyncio.create_task(self._keep_attaching(config)))
+            return
+        self.registry.set_ready(volume)
+
+    async def _build(self, config: VolumeConfig) -> Volume:
+        entries = []
+        for index, layer in enumerate(config.layers):
+            try:
+                built = build_layer(layer)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc), volume=config.name, layer=index) from None
+            entries.append(LayerEntry(built, layer.read_cache, layer.write_through))
+        return await Volume.open(config.name, entries, read_only=config.read_only)
+
+    async def _keep_attaching(self, config: VolumeConfig) -> None:
+        delay = 0.2
+        while not self._stopped:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 10.0)
+            try:
+                volume = await self._build(config)
+            except (Unavailable, DeadlineExceeded) as exc:
+                self.registry.set_waiting(config.name, f"a remote tier is not reachable ({exc})")
+                continue
+            except ConfigError as exc:
+                self.registry.set_waiting(config.name, str(exc))
+                log.error("volume %r cannot be opened: %s", config.name, exc)
+                return
+            if self._stopped:
+                await volume.close()
+                return
+            self.registry.set_ready(volume)
+            log.info("volume %r attached", config.name)
+            await self._update_health()
+            return
+
+    async def _update_health(self) -> None:
+        if self._stopped:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.registry.all_ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    # -- stop -----------------------------------------------------------------------------
+
+    async def stop(self, grace: float = 30.0, *, flush: bool = True) -> None:
+        """Stop serving: refuse new calls, finish calls in flight, flush, close. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._attach_tasks:
+            task.cancel()
+        drained = await self.gate.drain(grace)
+        if not drained:
+            log.warning("calls still in flight after %.0f s; stopping anyway", grace)
+        if self._nbd is not None:
+            await self._nbd.close()
+        if flush:
+            for volume in self.registry.ready_volumes():
+                try:
+                    await volume.flush()
+                except Exception as exc:  # keep closing the others
+                    log.error("volume %r: flush at shutdown failed: %s", volume.name, exc)
+        for volume in self.registry.ready_volumes():
+            await volume.close()
+            self.metrics.forget_volume(volume.name)
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
+        if self._grpc is not None:
+            await self._grpc.stop(0.5)
+        for task in self._attach_tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,146 @@
+"""Helpers that start real tierdisk servers on 127.0.0.1 port 0 for tests.
+
+* :func:`running_server`: a :class:`~tierdisk.service.server.Server` in the test's own event
+  loop (fast; for RPC semantics).
+* :class:`ServerProcess`: ``python -m tierdisk.service`` as a child process (for signals,
+  exit codes, crashes and restarts). Stopped by PID only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierdisk.service.config import load_config
+from tierdisk.service.server import Server
+
+__all__ = ["ServerProcess", "running_server", "write_config"]
+
+
+def write_config(tmp_path: Path, body: str, name: str = "tierdisk.toml") -> Path:
+    """Write a TOML config whose ``[server]`` binds port 0 and uses ``tmp_path/data``."""
+    path = tmp_path / name
+    header = (
+        "[server]\n"
+        'listen = "127.0.0.1:0"\n'
+        'metrics = "127.0.0.1:0"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+    )
+    if body.lstrip().startswith("[server]"):
+        header = ""
+    path.write_text(header + body)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    tmp_path: Path, body: str, *, environ: dict[str, str] | None = None
+) -> AsyncIterator[Server]:
+    """A started in-process server for the volumes in ``body`` (TOML ``[[volumes]]``)."""
+    config = load_config(str(write_config(tmp_path, body)), environ=environ or {})
+    server = Server(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=5)
+
+
+@dataclass
+class ServerProcess:
+    """A ``tierdisk serve`` child process."""
+
+    proc: subprocess.Popen[bytes]
+    ready_file: Path
+    info: dict[str, str | int] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls,
+        tmp_path: Path,
+        config: Path | None = None,
+        *args: str,
+        listen: str = "127.0.0.1:0",
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> ServerProcess:
+        ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, "-m", "tierdisk.service", "--listen", listen,
+               "--ready-file", str(ready), *args]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        if "--metrics" not in args:
+            cmd += ["--metrics", "127.0.0.1:0"]
+        if "--data-dir" not in args:
+            cmd += ["--data-dir", str(tmp_path / "data")]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+            env={**os.environ, **(env or {})},
+        )
+        server = cls(proc, ready)
+        if wait:
+            server.wait_ready()
+        return server
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for the ready file; raise with the server's stderr if it exited first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                self.info = json.loads(self.ready_file.read_text())
+                return
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {err}")
+            time.sleep(0.02)
+        self.kill()
+        raise TimeoutError("server did not become ready")
+
+    @property
+    def grpc(self) -> str:
+        return str(self.info["grpc"])
+
+    @property
+    def metrics(self) -> str:
+        return str(self.info["metrics"])
+
+    @property
+    def nbd(self) -> str:
+        return str(self.info.get("nbd", ""))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM by PID; wait; return the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL by PID and reap."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stderr_text(self) -> str:
+        """The server's stderr (after it exited)."""
+        return self.proc.stderr.read().decode() if self.proc.stderr else ""
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
