@@ -9,6 +9,7 @@ few dictionary look-ups.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -107,10 +108,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    @staticmethod
+    @classmethod
     def _stream(
-        behavior: Callable[[Any, Any], AsyncIterator[Any]], m: _MethodMetrics
-    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        cls, behavior: Callable[[Any, Any], Any], m: _MethodMetrics
+    ) -> Callable[[Any, Any], Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            # A streaming handler that writes with context.write() and returns.
+            return cls._unary(behavior, m)
+
         async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
             m.started.inc()
             start = time.perf_counter()

@@ -1,0 +1,133 @@
+"""Config loading: the TOML of DESIGN.md §4, precedence, and errors that name the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tierdisk.service.config import DEFAULT_SIZE, ServerConfig, load_config, parse_size
+from tierdisk.service.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+[server]
+listen = "127.0.0.1:7411"
+max_io = "8MiB"
+data_dir = "DATA"
+
+[[volumes]]
+name = "vm1"
+
+  [[volumes.layers]]
+  kind = "ram"
+
+  [[volumes.layers]]
+  kind = "sparse"
+  path = "cache/vm1"
+  read_cache = true
+
+  [[volumes.layers]]
+  kind = "remote"
+  target = "origin.example:7400"
+  volume = "base-image"
+  timeout = 2.5
+"""
+
+
+def test_full_example_parses(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, GOOD.replace("DATA", str(tmp_path / "d"))), environ={})
+    assert config.server.listen == "127.0.0.1:7411"
+    assert config.server.max_io == 8 << 20
+    assert config.server.metrics == ServerConfig().metrics
+    (volume,) = config.volumes
+    assert [layer.kind for layer in volume.layers] == ["ram", "sparse", "remote"]
+    assert volume.layers[1].read_cache and not volume.layers[1].write_through
+    assert volume.layers[1].options["path"] == str(tmp_path / "d" / "cache" / "vm1")
+    assert volume.layers[2].options == {
+        "target": "origin.example:7400", "volume": "base-image", "timeout": 2.5,
+    }
+
+
+def test_no_config_serves_default_volume(tmp_path: Path) -> None:
+    config = load_config(None, flags={"data_dir": str(tmp_path)}, environ={})
+    (volume,) = config.volumes
+    assert volume.name == "default"
+    (layer,) = volume.layers
+    assert layer.kind == "sparse"
+    assert layer.options["size"] == DEFAULT_SIZE
+    assert layer.options["path"].startswith(str(tmp_path))
+
+
+def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD)
+    env = {"TIERDISK_SERVER_LISTEN": "127.0.0.1:1", "TIERDISK_SERVER_METRICS": ""}
+    config = load_config(path, environ=env)
+    assert config.server.listen == "127.0.0.1:1"  # env beats the file
+    assert config.server.metrics == ""  # env can turn metrics off
+    config = load_config(path, flags={"listen": "127.0.0.1:2"}, environ=env)
+    assert config.server.listen == "127.0.0.1:2"  # the flag beats env
+    config = load_config(path, environ={"TIERDISK_SERVER": "x:1"})  # not config
+    assert config.server.listen == "127.0.0.1:7411"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(4096, 4096), ("4096", 4096), ("64MiB", 64 << 20), ("1GiB", 1 << 30), ("2 kb", 2000),
+     ("1.5KiB", 1536)],
+)
+def test_sizes(value: object, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "12XB", -1, True, 1.5, "1.3B"])
+def test_bad_sizes(value: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[server]\nlisten = "x:1"\nbogus = 1\n', "unknown key 'bogus'"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='floppy'\n",
+         "volume 'v', layer 0: unknown layer kind 'floppy'"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\ncolour='red'\n",
+         "volume 'v', layer 0: unknown key 'colour'"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\nkind='raw'\n",
+         "volume 'v', layer 1: a raw layer needs 'path'"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='huge'\n",
+         "volume 'v', layer 0: size 'huge' is not a size"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsector_size=1000\n",
+         "not a power of two"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='a:1'\nvolume='b'\n"
+         "mode='cache'\n", "mode must be"),
+        ("[[volumes]]\nname='v'\n", "volume 'v': a volume needs at least one"),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n"
+         "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n", "two volumes have this name"),
+        ("[[volumes]]\nname='v'\nsize=3\n[[volumes.layers]]\nkind='ram'\n", "unknown key 'size'"),
+        ("volumes = 3\n", "defines no [[volumes]]"),
+        ("[server\n", "not valid TOML"),
+        ("[other]\n", "unknown top-level key 'other'"),
+    ],
+)
+def test_errors_name_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert fragment in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "absent.toml"), environ={})
+
+
+def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="TIERDISK_SERVER_MAX_IO"):
+        load_config(_write(tmp_path, GOOD), environ={"TIERDISK_SERVER_MAX_IO": "lots"})

@@ -1,0 +1,155 @@
+"""``tierdisk serve`` as a real child process: exit codes, config errors, address in use,
+the default volume, and a graceful SIGTERM under load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import ServerProcess, write_config
+
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+
+def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tierdisk.service", "--metrics", "", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=1024\nbogus=1\n",
+            "volume 'v', layer 0: unknown key 'bogus'",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='tape'\n",
+            "volume 'v', layer 0: unknown layer kind 'tape'",
+        ),
+        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='x'\n", "is not a size"),
+        # broken stacks, found when the volume is built
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\nwrite_through=true\n",
+            "volume 'v', layer 0: the bottom layer cannot be write_through",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n"
+            "kind='raw'\npath='b.img'\nsize=4096\nread_cache=true\n",
+            "volume 'v', layer 1: read_cache needs a layer that can write without overwriting",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n",
+            "volume 'v', layer 0: ram layer has no size",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsector_size=4096\n"
+            "[[volumes.layers]]\nkind='ram'\nsize=8192\n",
+            "volume 'v', layer 0: sector size 4096 differs",
+        ),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(tmp_path: Path, body: str, fragment: str) -> None:
+    config = write_config(tmp_path, body)
+    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_address_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = write_config(
+            tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+        )
+        result = _serve(tmp_path, "--config", str(config), "--listen", address)
+    assert result.returncode == 1
+    assert address in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_volume_persists_across_restarts(tmp_path: Path) -> None:
+    async def write_then_read(address: str, write: bool) -> bytes:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            volume = await stub.GetVolume(pb.GetVolumeRequest(volume="default"))
+            assert volume.sector_count * volume.sector_size == 1 << 30
+            if write:
+                await stub.Write(pb.WriteRequest(volume="default", sector=77, data=b"d" * 512))
+            reply = await stub.Read(pb.ReadRequest(volume="default", sector=77, sector_count=1))
+            return reply.data
+
+    with ServerProcess.start(tmp_path) as server:
+        assert asyncio.run(write_then_read(server.grpc, True)) == b"d" * 512
+        assert server.terminate() == 0
+    with ServerProcess.start(tmp_path) as server:
+        assert asyncio.run(write_then_read(server.grpc, False)) == b"d" * 512
+        assert server.terminate() == 0
+
+
+def test_sigterm_under_load_finishes_calls_and_flushes(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='raw'\npath='v.img'\nsize='64MiB'\n",
+    )
+    server = ServerProcess.start(tmp_path, config)
+    acked: dict[int, bytes] = {}
+    codes: list[grpc.StatusCode] = []
+
+    async def load() -> None:
+        enough = asyncio.Event()
+        async with grpc.aio.insecure_channel(server.grpc) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+
+            async def writer(n: int) -> None:
+                for i in range(400):
+                    sector = (n * 1000 + i) * 8
+                    data = bytes([(n + i) % 251 + 1]) * 4096
+                    try:
+                        await stub.Write(pb.WriteRequest(volume="v", sector=sector, data=data))
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code())
+                        return
+                    acked[sector] = data
+                    if len(acked) >= 200:
+                        enough.set()
+
+            async def killer() -> None:
+                await enough.wait()
+                os.kill(server.pid, signal.SIGTERM)
+
+            await asyncio.wait_for(asyncio.gather(killer(), *(writer(n) for n in range(4))), 60)
+
+    try:
+        asyncio.run(load())
+        assert server.proc.wait(30) == 0, server.stderr_text()
+    finally:
+        server.kill()
+    # Calls refused during the stop say UNAVAILABLE (never CANCELLED or a hang).
+    assert set(codes) <= {grpc.StatusCode.UNAVAILABLE}
+    image = (tmp_path / "data" / "v.img").read_bytes()
+    for sector, data in acked.items():
+        assert image[sector * 512 : sector * 512 + 4096] == data
+
+
+def test_sigint_exits_zero(tmp_path: Path) -> None:
+    with ServerProcess.start(tmp_path) as server:
+        os.kill(server.pid, signal.SIGINT)
+        assert server.proc.wait(30) == 0

@@ -1,0 +1,330 @@
+"""The gRPC server against raw generated stubs: every RPC, the status table, limits,
+concurrency, WatchResize and health (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import running_server
+
+from tierdisk.service.server import Server
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+VOLUMES = """
+[[volumes]]
+name = "ram"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "64MiB"
+
+[[volumes]]
+name = "stack"
+  [[volumes.layers]]
+  kind = "ram"
+  read_cache = true
+  [[volumes.layers]]
+  kind = "raw"
+  path = "base.img"
+  size = "8MiB"
+
+[[volumes]]
+name = "ro"
+read_only = true
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+
+[[volumes]]
+name = "big4k"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+  sector_size = 4096
+"""
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(tmp_path, VOLUMES) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def stub(server: Server) -> AsyncIterator[pb_grpc.BlockDeviceStub]:
+    options = [
+        ("grpc.max_receive_message_length", 64 * MiB),
+        ("grpc.max_send_message_length", 64 * MiB),
+    ]
+    async with grpc.aio.insecure_channel(server.grpc_address, options=options) as channel:
+        yield pb_grpc.BlockDeviceStub(channel)
+
+
+async def _code(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code(), info.value.details() or ""
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (n // 256)
+
+
+async def test_list_volumes_pages(stub: pb_grpc.BlockDeviceStub) -> None:
+    reply = await stub.ListVolumes(pb.ListVolumesRequest())
+    assert [v.name for v in reply.volumes] == ["ram", "stack", "ro", "big4k"]
+    assert reply.next_page_token == ""
+    names, token = [], ""
+    while True:
+        page = await stub.ListVolumes(pb.ListVolumesRequest(page_size=3, page_token=token))
+        assert len(page.volumes) <= 3
+        names += [v.name for v in page.volumes]
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == ["ram", "stack", "ro", "big4k"]
+    code, details = await _code(stub.ListVolumes(pb.ListVolumesRequest(page_token="%%%")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details
+
+
+async def test_get_volume_geometry(stub: pb_grpc.BlockDeviceStub) -> None:
+    v = await stub.GetVolume(pb.GetVolumeRequest(volume="stack"))
+    assert (v.name, v.sector_size, v.sector_count) == ("stack", 512, 8 * MiB // 512)
+    assert v.fua_respected and not v.read_only
+    assert v.unmap_behavior == pb.UNMAP_BEHAVIOR_ZEROES
+    assert (await stub.GetVolume(pb.GetVolumeRequest(volume="ro"))).read_only
+    assert (await stub.GetVolume(pb.GetVolumeRequest(volume="big4k"))).sector_size == 4096
+
+
+async def test_write_read_presence_allocation_unmap(stub: pb_grpc.BlockDeviceStub) -> None:
+    data = _pattern(4096, 3)
+    await stub.Write(pb.WriteRequest(volume="ram", sector=8, data=data, fua=True))
+    reply = await stub.Read(
+        pb.ReadRequest(volume="ram", sector=0, sector_count=24, report_presence=True)
+    )
+    assert reply.data == bytes(4096) + data + bytes(4096)
+    assert [(e.sector, e.sector_count) for e in reply.present] == [(8, 8)]
+    alloc = await stub.GetAllocation(
+        pb.GetAllocationRequest(volume="ram", sector=4, sector_count=16)
+    )
+    assert [(e.sector, e.sector_count, e.depth) for e in alloc.extents] == [
+        (4, 4, -1),
+        (8, 8, 0),
+        (16, 4, -1),
+    ]
+    await stub.Unmap(pb.UnmapRequest(volume="ram", sector=10, sector_count=2))
+    reply = await stub.Read(pb.ReadRequest(volume="ram", sector=8, sector_count=8))
+    assert reply.data == data[:1024] + bytes(1024) + data[2048:]
+    await stub.Flush(pb.FlushRequest(volume="ram"))
+
+
+async def test_stack_reads_through_and_caches(stub: pb_grpc.BlockDeviceStub) -> None:
+    await stub.Read(pb.ReadRequest(volume="stack", sector=0, sector_count=16))
+    await stub.Read(pb.ReadRequest(volume="stack", sector=0, sector_count=16))
+    tree = (await stub.Inspect(pb.InspectRequest(volume="stack"))).tree
+    top, base = tree["layers"][0], tree["layers"][1]
+    assert top["kind"] == "ram" and base["kind"] == "raw"
+    assert top["counters"]["cache_misses"] == 16 and top["counters"]["cache_hits"] == 16
+    assert base["counters"]["read_sectors"] == 16
+    assert top["present_sectors"] == 16
+    alloc = await stub.GetAllocation(
+        pb.GetAllocationRequest(volume="stack", sector=0, sector_count=32)
+    )
+    assert [(e.sector, e.sector_count, e.depth) for e in alloc.extents] == [(0, 16, 0), (16, 16, 1)]
+
+
+async def test_inspect_path_selects_subtree(stub: pb_grpc.BlockDeviceStub) -> None:
+    tree = (await stub.Inspect(pb.InspectRequest(volume="stack", path="layers/1"))).tree
+    assert tree["kind"] == "raw" and tree["index"] == 1 and tree["path"].endswith("base.img")
+    leaf = await stub.Inspect(pb.InspectRequest(volume="stack", path="layers/1/sector_count"))
+    assert leaf.tree["value"] == 8 * MiB // 512
+    code, details = await _code(stub.Inspect(pb.InspectRequest(volume="stack", path="layers/9")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "layers/9" in details
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "fragment"),
+    [
+        (
+            pb.ReadRequest(volume="nope", sector=0, sector_count=1),
+            grpc.StatusCode.NOT_FOUND,
+            "nope",
+        ),
+        (
+            pb.ReadRequest(volume="", sector=0, sector_count=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "names no volume",
+        ),
+        (
+            pb.ReadRequest(volume="ro", sector=2047, sector_count=2),
+            grpc.StatusCode.OUT_OF_RANGE,
+            "past its end",
+        ),
+        (
+            pb.WriteRequest(volume="ram", sector=0, data=b"x" * 100),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "whole number",
+        ),
+        (
+            pb.WriteRequest(volume="ro", sector=0, data=bytes(512)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "read-only",
+        ),
+        (
+            pb.UnmapRequest(volume="ro", sector=0, sector_count=1),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "read-only",
+        ),
+        (
+            pb.ResizeRequest(volume="ro", sector_count=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "read-only",
+        ),
+        (
+            pb.ResizeRequest(volume="ram", sector_count=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "at least one sector",
+        ),
+        (
+            pb.UnmapRequest(volume="ram", sector=131071, sector_count=5),
+            grpc.StatusCode.OUT_OF_RANGE,
+            "past its end",
+        ),
+        (
+            pb.GetAllocationRequest(volume="ram", sector=1 << 40, sector_count=1),
+            grpc.StatusCode.OUT_OF_RANGE,
+            "past its end",
+        ),
+    ],
+)
+async def test_status_codes(
+    stub: pb_grpc.BlockDeviceStub, request_: object, code: grpc.StatusCode, fragment: str
+) -> None:
+    method = {
+        pb.ReadRequest: stub.Read,
+        pb.WriteRequest: stub.Write,
+        pb.UnmapRequest: stub.Unmap,
+        pb.ResizeRequest: stub.Resize,
+        pb.GetAllocationRequest: stub.GetAllocation,
+    }[type(request_)]
+    got, details = await _code(method(request_))
+    assert got == code
+    assert fragment in details
+
+
+async def test_error_carries_domain_class(stub: pb_grpc.BlockDeviceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Write(pb.WriteRequest(volume="ro", sector=0, data=bytes(512)))
+    assert ("tierdisk-error", "ReadOnlyError") in tuple(info.value.trailing_metadata() or ())
+
+
+async def test_out_of_range_write_changes_nothing(stub: pb_grpc.BlockDeviceStub) -> None:
+    last = 64 * MiB // 512 - 1
+    await _code(stub.Write(pb.WriteRequest(volume="ram", sector=last, data=b"z" * 1024)))
+    reply = await stub.Read(pb.ReadRequest(volume="ram", sector=last, sector_count=1))
+    assert reply.data == bytes(512)
+
+
+async def test_io_at_the_limit_and_over_it(stub: pb_grpc.BlockDeviceStub) -> None:
+    limit = 16 * MiB
+    data = os.urandom(limit)
+    await stub.Write(pb.WriteRequest(volume="ram", sector=0, data=data))
+    reply = await stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=limit // 512))
+    assert reply.data == data
+    code, details = await _code(
+        stub.Write(pb.WriteRequest(volume="ram", sector=0, data=data + bytes(512)))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and str(limit) in details
+    code, details = await _code(
+        stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=limit // 512 + 1))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_io" in details
+
+
+async def test_concurrent_clients(server: Server) -> None:
+    async def client(n: int) -> None:
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            s = pb_grpc.BlockDeviceStub(channel)
+            for round_ in range(10):
+                data = bytes([n * 16 + round_]) * 4096
+                await s.Write(pb.WriteRequest(volume="ram", sector=n * 8, data=data))
+                got = await s.Read(pb.ReadRequest(volume="ram", sector=n * 8, sector_count=8))
+                assert got.data == data
+
+    await asyncio.gather(*(client(n) for n in range(8)))
+
+
+async def test_watch_resize_sees_every_change(stub: pb_grpc.BlockDeviceStub) -> None:
+    call = stub.WatchResize(pb.WatchResizeRequest(volume="ram"))
+    first = await call.read()
+    assert isinstance(first, pb.ResizeEvent)
+    assert first.sector_count == 64 * MiB // 512
+    sizes = [1000, 2000, 500, 131072]
+    for size in sizes:
+        volume = await stub.Resize(pb.ResizeRequest(volume="ram", sector_count=size))
+        assert volume.sector_count == size
+    events = [await call.read() for _ in sizes]
+    assert [e.sector_count for e in events] == sizes  # type: ignore[union-attr]
+    generations = [first.generation] + [e.generation for e in events]  # type: ignore[union-attr]
+    assert generations == sorted(set(generations))
+    call.cancel()
+    assert (await stub.GetVolume(pb.GetVolumeRequest(volume="ram"))).sector_count == 131072
+
+
+async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceStub) -> None:
+    await stub.Write(pb.WriteRequest(volume="stack", sector=100, data=b"q" * 512))
+    await stub.Resize(pb.ResizeRequest(volume="stack", sector_count=50))
+    await stub.Resize(pb.ResizeRequest(volume="stack", sector_count=200))
+    reply = await stub.Read(pb.ReadRequest(volume="stack", sector=40, sector_count=80))
+    assert reply.data == bytes(80 * 512)
+
+
+async def test_watch_unknown_volume(stub: pb_grpc.BlockDeviceStub) -> None:
+    call = stub.WatchResize(pb.WatchResizeRequest(volume="nope"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_serving_then_not_serving_on_stop(tmp_path: Path) -> None:
+    async with running_server(tmp_path, VOLUMES) as srv:
+        async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "tierdisk.v1.BlockDevice"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING  # type: ignore[union-attr]
+            stopping = asyncio.create_task(srv.stop(grace=5))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING  # type: ignore[union-attr]
+            await stopping
+
+
+async def test_reflection_lists_services(server: Server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}  # type: ignore[union-attr]
+        assert {"tierdisk.v1.BlockDevice", "grpc.health.v1.Health"} <= names
+
+
+async def test_calls_after_drain_are_unavailable(tmp_path: Path) -> None:
+    async with running_server(tmp_path, VOLUMES) as srv:
+        async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
+            s = pb_grpc.BlockDeviceStub(channel)
+            await srv.gate.drain(1)
+            code, details = await _code(s.GetVolume(pb.GetVolumeRequest(volume="ram")))
+            assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
