@@ -101,6 +101,8 @@ class DrainGate:
         """Refuse new calls and wait up to ``grace`` s for calls in flight; True if idle."""
         self.draining = True
         self.drained.set()
+        if self._in_flight == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:

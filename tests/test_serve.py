@@ -150,6 +150,9 @@ def test_sigterm_under_load_finishes_calls_and_flushes(tmp_path: Path) -> None:
 
 
 def test_sigint_exits_zero(tmp_path: Path) -> None:
-    with ServerProcess.start(tmp_path) as server:
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    with ServerProcess.start(tmp_path, config) as server:
         os.kill(server.pid, signal.SIGINT)
         assert server.proc.wait(30) == 0
