@@ -27,6 +27,7 @@ __all__ = ["ServerProcess", "running_server", "write_config"]
 
 def write_config(tmp_path: Path, body: str, name: str = "tierdisk.toml") -> Path:
     """Write a TOML config whose ``[server]`` binds port 0 and uses ``tmp_path/data``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / name
     header = (
         "[server]\n"

@@ -1,0 +1,253 @@
+"""/metrics of a real server: exact engine counters, promtool on a live scrape, a real
+Prometheus scraping it, and Inspect agreeing with the metrics (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from servers import running_server
+from tools import require_tool
+
+from tierdisk.service.server import Server
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+STACK = """
+[[volumes]]
+name = "cached"
+  [[volumes.layers]]
+  kind = "ram"
+  read_cache = true
+  [[volumes.layers]]
+  kind = "raw"
+  path = "base.img"
+  size = "1MiB"
+"""
+
+
+async def scrape(address: str) -> str:
+    reader, writer = await asyncio.open_connection(*address.rsplit(":", 1))
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(tmp_path, STACK) as srv:
+        yield srv
+
+
+async def _read_sequence(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        # 1. sectors 0..8: all miss the cache (1 call into each layer); fills 8
+        await stub.Read(pb.ReadRequest(volume="cached", sector=0, sector_count=8))
+        # 2. sectors 4..12: 4 hits; misses 8..12 (1 call into raw); fills 4
+        await stub.Read(pb.ReadRequest(volume="cached", sector=4, sector_count=8))
+        # 3. sectors 0..16 now hold 0..12: 12 hits; 12..16 missing: 1 call into raw
+        await stub.Read(pb.ReadRequest(volume="cached", sector=0, sector_count=16))
+        # 4. a write lands in the cache (top); then 16..24 with a hole pattern
+        await stub.Write(pb.WriteRequest(volume="cached", sector=18, data=bytes(1024)))
+        # 16..18 and 20..24 miss: 2 calls into raw (two runs)
+        await stub.Read(pb.ReadRequest(volume="cached", sector=16, sector_count=8))
+
+
+async def test_exact_counters_from_a_scrape(server: Server) -> None:
+    await _read_sequence(server.grpc_address)
+    text = await scrape(server.metrics_address)
+    top = {"volume": "cached", "layer": "0"}
+    base = {"volume": "cached", "layer": "1", "kind": "raw"}
+    assert value(text, "tierdisk_layer_reads_total", **top, kind="ram") == 4
+    assert value(text, "tierdisk_layer_read_sectors_total", **top, kind="ram") == 4 + 12 + 2
+    assert value(text, "tierdisk_cache_hits_total", **top) == 4 + 12 + 2
+    assert value(text, "tierdisk_cache_misses_total", **top) == 8 + 4 + 4 + 6
+    assert value(text, "tierdisk_cache_fills_total", **top) == 8 + 4 + 4 + 6
+    assert value(text, "tierdisk_cache_fill_errors_total", **top) == 0
+    assert value(text, "tierdisk_layer_reads_total", **base) == 1 + 1 + 1 + 2
+    assert value(text, "tierdisk_layer_read_sectors_total", **base) == 8 + 4 + 4 + 6
+    assert value(text, "tierdisk_layer_present_sectors", **top, kind="ram") == 24
+    assert value(text, "tierdisk_layer_present_sectors", **base) == 2048
+    assert value(text, "tierdisk_volume_sectors", volume="cached") == 2048
+    assert (
+        value(text, "tierdisk_volume_io_requests_total", volume="cached", op="read", code="OK") == 4
+    )
+    assert value(text, "tierdisk_volume_io_bytes_total", volume="cached", op="read") == (
+        (8 + 8 + 16 + 8) * 512
+    )
+    assert value(text, "tierdisk_volume_io_bytes_total", volume="cached", op="write") == 1024
+    assert (
+        value(
+            text,
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="tierdisk.v1.BlockDevice",
+            grpc_method="Read",
+            grpc_code="OK",
+        )
+        == 4
+    )
+    assert value(text, "tierdisk_io_duration_seconds_count", op="read") == 4
+
+
+async def test_error_codes_are_counted(server: Server) -> None:
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Read(pb.ReadRequest(volume="cached", sector=4096, sector_count=1))
+    text = await scrape(server.metrics_address)
+    assert (
+        value(
+            text,
+            "tierdisk_volume_io_requests_total",
+            volume="cached",
+            op="read",
+            code="OUT_OF_RANGE",
+        )
+        == 1
+    )
+    assert (
+        value(
+            text,
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="tierdisk.v1.BlockDevice",
+            grpc_method="Read",
+            grpc_code="OUT_OF_RANGE",
+        )
+        == 1
+    )
+
+
+async def test_inspect_counters_agree_with_metrics(server: Server) -> None:
+    await _read_sequence(server.grpc_address)
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        tree = (await stub.Inspect(pb.InspectRequest(volume="cached"))).tree
+    text = await scrape(server.metrics_address)
+    for layer in tree["layers"]:
+        index = str(int(layer["index"]))
+        counters = layer["counters"]
+        labels = {"volume": "cached", "layer": index, "kind": layer["kind"]}
+        assert counters["reads"] == value(text, "tierdisk_layer_reads_total", **labels)
+        assert counters["read_sectors"] == value(
+            text, "tierdisk_layer_read_sectors_total", **labels
+        )
+        assert layer["present_sectors"] == value(text, "tierdisk_layer_present_sectors", **labels)
+        if layer["read_cache"]:
+            short = {"volume": "cached", "layer": index}
+            for key in ("cache_hits", "cache_misses", "cache_fills", "cache_fill_errors"):
+                assert counters[key] == value(text, f"tierdisk_{key}_total", **short)
+
+
+async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
+    promtool = require_tool("promtool")
+    await _read_sequence(server.grpc_address)
+    text = await scrape(server.metrics_address)
+    proc = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate(text.encode())
+    assert proc.returncode == 0, out.decode()
+
+
+async def test_fresh_registry_per_server(tmp_path: Path) -> None:
+    async with (
+        running_server(tmp_path / "a", STACK) as a,
+        running_server(tmp_path / "b", STACK) as b,
+    ):
+        await _read_sequence(a.grpc_address)
+        text_b = await scrape(b.metrics_address)
+        assert (
+            value(text_b, "tierdisk_layer_reads_total", volume="cached", layer="1", kind="raw") == 0
+        )
+
+
+async def test_unknown_path_is_404(server: Server) -> None:
+    reader, writer = await asyncio.open_connection(*server.metrics_address.rsplit(":", 1))
+    writer.write(b"GET /nope HTTP/1.1\r\n\r\n")
+    await writer.drain()
+    assert (await reader.read()).startswith(b"HTTP/1.1 404")
+    writer.close()
+
+
+def _get_json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.loads(reply.read())  # type: ignore[no-any-return]
+
+
+async def test_real_prometheus_scrapes_cache_hits(server: Server, tmp_path: Path) -> None:
+    prometheus = require_tool("prometheus")
+    await _read_sequence(server.grpc_address)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: tierdisk\n    static_configs:\n"
+        f"      - targets: ['{server.metrics_address}']\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        prometheus,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = urllib.parse.quote('tierdisk_cache_hits_total{volume="cached"}')
+        url = f"http://127.0.0.1:{port}/api/v1/query?query={query}"
+        deadline = time.monotonic() + 45
+        result: list[object] = []
+        while time.monotonic() < deadline and not result:
+            await asyncio.sleep(0.5)
+            try:
+                reply = await asyncio.to_thread(_get_json, url)
+            except OSError:
+                continue
+            data = reply.get("data")
+            result = data.get("result", []) if isinstance(data, dict) else []
+        assert result, "Prometheus never returned tierdisk_cache_hits_total"
+        (series,) = result
+        assert isinstance(series, dict)
+        assert series["metric"]["volume"] == "cached"
+        assert float(series["value"][1]) == 18
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
