@@ -1,0 +1,42 @@
+"""External tools for tests: skip when one is missing, or fail when CI requires them.
+
+    from tools import require_tool
+    promtool = require_tool("promtool")
+
+`.ci/run` installs the tools and sets TIERDISK_REQUIRE_TOOLS=1, which turns every such skip
+into a failure, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REQUIRE_TOOLS_ENV = "TIERDISK_REQUIRE_TOOLS"
+
+# Debian package that ships each tool, for the message.
+DEBIAN_PACKAGES = {
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "docker-compose": "docker-compose",
+    "qemu-img": "qemu-utils",
+    "qemu-nbd": "qemu-utils",
+    "nbdcopy": "libnbd-bin",
+    "nbdinfo": "libnbd-bin",
+    "nbdkit": "nbdkit",
+}
+
+
+def require_tool(name: str) -> str:
+    """The path of `name` on PATH; skip the test if it is missing, or fail it when
+    TIERDISK_REQUIRE_TOOLS=1."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    package = DEBIAN_PACKAGES.get(name)
+    reason = f"{name} not found on PATH" + (f" (apt-get install {package})" if package else "")
+    if os.environ.get(REQUIRE_TOOLS_ENV) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_TOOLS_ENV}=1 requires it", pytrace=False)
+    pytest.skip(reason)
