@@ -19,6 +19,7 @@ from types import ModuleType
 
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
