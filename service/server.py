@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,7 +44,14 @@ __all__ = ["SERVICE_NAME", "Server"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = blockdevice_pb2.DESCRIPTOR.services_by_name["BlockDevice"].full_name
-_HEADROOM = 1 << 20  # message cap above max_io, so the size check answers, not the transport
+_CAP_FACTOR = 4  # message cap = 4 × max_io + 1 MiB: the size check answers, not the transport
+
+
+@runtime_checkable
+class _ReportsRequests(Protocol):
+    """A layer that calls another tier and reports each call (the remote layer)."""
+
+    on_request: Callable[[str, str, float], None] | None
 
 
 class Server:
@@ -81,7 +89,7 @@ class Server:
 
     async def _start(self) -> None:
         cfg = self.config.server
-        cap = cfg.max_io + _HEADROOM
+        cap = _CAP_FACTOR * cfg.max_io + (1 << 20)
         self._grpc = grpc.aio.server(
             interceptors=[MetricsInterceptor(self.metrics)],
             options=[
@@ -92,7 +100,9 @@ class Server:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ],
         )
-        self.server_id = hops.new_server_id(cfg.listen)
+        # Bind first, so the id in hop chains names the real address (not port 0).
+        self.grpc_address = self._bind_grpc(cfg.listen)
+        self.server_id = hops.new_server_id(self.grpc_address)
         hops.server_identity.set(self.server_id)
         service = BlockDeviceService(
             self.registry,
@@ -108,7 +118,6 @@ class Server:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_address = self._bind_grpc(cfg.listen)
         if cfg.metrics:
             self._metrics_http = MetricsEndpoint(self.metrics.registry)
             await self._metrics_http.start(cfg.metrics)
@@ -170,6 +179,8 @@ class Server:
                 built = build_layer(layer)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc), volume=config.name, layer=index) from None
+            if isinstance(built, _ReportsRequests):  # a remote layer: time its calls
+                built.on_request = self.metrics.observe_remote
             entries.append(LayerEntry(built, layer.read_cache, layer.write_through))
         return await Volume.open(config.name, entries, read_only=config.read_only)
 

@@ -1,0 +1,616 @@
+"""The asyncio client: :class:`AsyncClient` and its volumes, :class:`AsyncVolume`.
+
+    async with AsyncClient("127.0.0.1:7400") as client:
+        vol = client.volume("vm1")
+        info = await vol.info()
+        await vol.write(0, b"\\0" * info.sector_size)
+        data = await vol.read(0, 8)
+
+Every method makes its gRPC call(s) with a deadline (the client's ``timeout``, or the
+method's ``timeout=``; ``None`` waits forever) and retries on ``UNAVAILABLE`` with jittered
+exponential backoff (:mod:`tierdisk.client.retry`). Failures raise
+:mod:`tierdisk.client.errors` exceptions. Reads and writes larger than ``max_io`` bytes are
+split into chunks, a few in flight at once (:mod:`tierdisk.client.chunking`); a chunk that
+fails fails the whole call — a write may then have landed in part.
+
+Writes are idempotent (the same data at the same place), so retrying one after
+``UNAVAILABLE`` is safe even when the first attempt did reach the disk.
+"""
+
+# ASYNC109: ``timeout=`` here is the gRPC deadline of the call(s) a method makes (with retries
+# inside it), which asyncio.timeout() around the call cannot express.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeAlias, TypedDict, TypeVar, overload
+
+import grpc
+import grpc.aio
+from google.protobuf import json_format
+
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+from .chunking import (
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_MAX_IO,
+    Chunk,
+    merge_extents,
+    plan_chunks,
+    run_bounded,
+    run_ordered,
+    sectors_per_chunk,
+)
+from .errors import InvalidArgument, error_from_rpc, status_code
+from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
+from .retry import RetryPolicy, call_with_retry
+
+__all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
+    "UNSET",
+    "AsyncClient",
+    "AsyncVolume",
+    "CallObserver",
+    "ClientOptions",
+    "MetadataFactory",
+    "Timeout",
+]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # We retry ourselves (tierdisk.client.retry); one policy, not two stacked.
+    ("grpc.enable_retries", 0),
+    # Reconnect soon after a server restart, so our own short retries can find it again.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+"""Channel options every client starts from; ``channel_options`` adds to or overrides them."""
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+UNSET = _Unset.UNSET
+"""Default of every method's ``timeout=``: use the client's timeout."""
+
+Timeout: TypeAlias = float | _Unset | None
+"""A per-call timeout: seconds, ``None`` for no deadline, or ``UNSET`` for the client's."""
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+MetadataFactory: TypeAlias = Callable[[], Sequence[tuple[str, str]]]
+"""Called for every call: more ``(key, value)`` pairs to send, for values that change per call."""
+
+CallObserver: TypeAlias = Callable[[str, grpc.StatusCode, float], None]
+"""Called after every call attempt with the RPC name (``"Read"``), its status code and the
+seconds it took."""
+
+
+class ClientOptions(TypedDict, total=False):
+    """Keyword arguments shared by :class:`AsyncClient` and the blocking ``Client``."""
+
+    timeout: float | None
+    retries: int
+    backoff: float
+    max_backoff: float
+    metadata: Sequence[tuple[str, str]]
+    channel_options: Sequence[tuple[str, Any]]
+    secure: bool
+    root_certificates: bytes | None
+    certificate_chain: bytes | None
+    private_key: bytes | None
+    token: str | None
+    max_io: int
+    max_in_flight: int
+
+
+class AsyncClient:
+    """A connection to one tierdisk server.
+
+    ``target``: ``host:port`` or ``unix:/path``. ``timeout``: seconds per call (each chunk
+    of a split read or write is a call), ``None`` for none. ``retries``, ``backoff``,
+    ``max_backoff``: the retry policy on ``UNAVAILABLE`` (see :class:`RetryPolicy`).
+    ``metadata``: extra ``(key, value)`` pairs sent with every call. ``token``: sent as
+    ``authorization: Bearer <token>``. TLS is used when ``secure`` is true or any of
+    ``root_certificates`` / ``certificate_chain`` / ``private_key`` (PEM bytes) is given.
+    ``max_io``: bytes of data per Read/Write request (default 1 MiB, must not exceed the
+    server's ``max_io``); ``max_in_flight``: chunk requests in flight per large call.
+
+    Hooks, for a server that is itself a client (a remote layer): ``metadata_factory()`` is
+    called once per unary call (its retries send the same pairs) and per WatchResize
+    stream, and its pairs are sent after ``metadata``; ``on_call(rpc, code, seconds)`` is
+    called after every unary call attempt and when a WatchResize stream ends.
+
+    Use it as an async context manager, or ``await client.close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+        secure: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+        max_io: int = DEFAULT_MAX_IO,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        metadata_factory: MetadataFactory | None = None,
+        on_call: CallObserver | None = None,
+    ) -> None:
+        if max_io <= 0:
+            raise ValueError(f"max_io must be positive, not {max_io}")
+        if max_in_flight <= 0:
+            raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout}")
+        self.target = target
+        self.timeout = timeout
+        self.policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+        self.max_io = max_io
+        self.max_in_flight = max_in_flight
+        md = [(str(k).lower(), str(v)) for k, v in metadata]
+        if token is not None:
+            md.append(("authorization", f"Bearer {token}"))
+        self.metadata: tuple[tuple[str, str], ...] = tuple(md)
+        self.metadata_factory = metadata_factory
+        self.on_call = on_call
+        options = dict(DEFAULT_CHANNEL_OPTIONS)
+        options.update(channel_options)
+        option_list = list(options.items())
+        if secure or root_certificates or certificate_chain or private_key:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
+            self._channel = grpc.aio.secure_channel(target, creds, options=option_list)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=option_list)
+        self._stub = pb_grpc.BlockDeviceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        await self._channel.close()
+
+    def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …)."""
+        return self._channel.get_state(try_to_connect)
+
+    def volume(self, name: str) -> AsyncVolume:
+        """A handle on the volume ``name`` (no call is made until it is used)."""
+        return AsyncVolume(self, name)
+
+    async def list_volumes(
+        self, *, page_size: int = 0, timeout: Timeout = UNSET
+    ) -> list[VolumeInfo]:
+        """Every volume the server serves, following ``next_page_token`` to the end
+        (``page_size`` 0 = the server's default page size)."""
+        volumes: list[VolumeInfo] = []
+        token = ""
+        seen: set[str] = set()
+        while True:
+            req = pb.ListVolumesRequest(page_size=page_size, page_token=token)
+            resp = await self._unary(self._stub.ListVolumes, req, timeout=timeout)
+            volumes.extend(VolumeInfo.from_proto(v) for v in resp.volumes)
+            token = resp.next_page_token
+            if not token:
+                return volumes
+            if token in seen:
+                raise InvalidArgument(f"the server repeated page token {token!r}")
+            seen.add(token)
+
+    # -- plumbing shared by the volumes --------------------------------------------------
+
+    def _deadline(self, timeout: Timeout) -> float | None:
+        return self.timeout if timeout is UNSET else timeout
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.metadata_factory is None:
+            return self.metadata
+        return (*self.metadata, *self.metadata_factory())
+
+    def _observe(self, rpc: str, code: grpc.StatusCode, started: float) -> None:
+        if self.on_call is not None:
+            self.on_call(rpc, code, time.perf_counter() - started)
+
+    async def _unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        *,
+        timeout: Timeout,
+        volume: str | None = None,
+    ) -> Resp:
+        metadata = self._call_metadata()
+        if self.on_call is None:
+
+            async def attempt(remaining: float | None) -> Resp:
+                return await method(request, timeout=remaining, metadata=metadata)
+
+        else:
+            rpc = type(request).__name__.removesuffix("Request")  # <Rpc>Request, DESIGN §2
+
+            async def attempt(remaining: float | None) -> Resp:
+                started = time.perf_counter()
+                code = grpc.StatusCode.CANCELLED
+                try:
+                    reply = await method(request, timeout=remaining, metadata=metadata)
+                    code = grpc.StatusCode.OK
+                    return reply
+                except grpc.RpcError as err:
+                    code = status_code(err)
+                    raise
+                finally:
+                    self._observe(rpc, code, started)
+
+        return await call_with_retry(
+            attempt, policy=self.policy, timeout=self._deadline(timeout), volume=volume
+        )
+
+
+class AsyncVolume:
+    """One volume on a server. Sector numbers and counts are in the volume's sectors; the
+    ``*_bytes`` helpers take byte offsets. The sector size is fetched once (``info()``)
+    and cached."""
+
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self.client = client
+        self.name = name
+        self._sector_size: int | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncVolume({self.name!r} on {self.client.target!r})"
+
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: Timeout
+    ) -> Resp:
+        return await self.client._unary(method, request, timeout=timeout, volume=self.name)
+
+    @property
+    def _stub(self) -> pb_grpc.BlockDeviceAsyncStub:
+        return self.client._stub
+
+    async def info(self, *, timeout: Timeout = UNSET) -> VolumeInfo:
+        """The volume's geometry and capabilities, fresh from the server."""
+        msg = await self._call(self._stub.GetVolume, pb.GetVolumeRequest(volume=self.name), timeout)
+        info = VolumeInfo.from_proto(msg)
+        self._sector_size = info.sector_size
+        return info
+
+    async def sector_size(self, *, timeout: Timeout = UNSET) -> int:
+        """Bytes per sector (cached after the first call)."""
+        if self._sector_size is None:
+            await self.info(timeout=timeout)
+        assert self._sector_size is not None
+        return self._sector_size
+
+    async def _chunk_sectors(self, timeout: Timeout) -> tuple[int, int]:
+        size = await self.sector_size(timeout=timeout)
+        return size, sectors_per_chunk(self.client.max_io, size)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    @overload
+    async def read(
+        self,
+        sector: int,
+        count: int,
+        *,
+        report_presence: Literal[False] = False,
+        timeout: Timeout = UNSET,
+    ) -> bytes: ...
+
+    @overload
+    async def read(
+        self, sector: int, count: int, *, report_presence: Literal[True], timeout: Timeout = UNSET
+    ) -> ReadResult: ...
+
+    @overload
+    async def read(
+        self, sector: int, count: int, *, report_presence: bool, timeout: Timeout = UNSET
+    ) -> bytes | ReadResult: ...
+
+    async def read(
+        self, sector: int, count: int, *, report_presence: bool = False, timeout: Timeout = UNSET
+    ) -> bytes | ReadResult:
+        """``count`` sectors from ``sector``. With ``report_presence``, a :class:`ReadResult`
+        that also lists the runs some layer holds.
+
+        A read of more than ``max_io`` bytes is split, ``max_in_flight`` chunks at a time, and
+        assembled into one buffer; the final ``bytes`` costs one more copy — use
+        :meth:`read_into` to avoid it."""
+        _check_range(sector, count, volume=self.name)
+        size, per_chunk = await self._chunk_sectors(timeout)
+        if count <= per_chunk:
+            resp = await self._read_chunk(sector, count, report_presence, timeout)
+            if not report_presence:
+                return resp.data
+            return ReadResult(resp.data, tuple(merge_extents(_extents(resp.present))))
+        buf = bytearray(count * size)
+        present = await self._read_into(sector, count, memoryview(buf), report_presence, timeout)
+        if not report_presence:
+            return bytes(buf)
+        return ReadResult(bytes(buf), tuple(present))
+
+    async def read_into(
+        self, sector: int, buffer: bytearray | memoryview, *, timeout: Timeout = UNSET
+    ) -> None:
+        """Fill ``buffer`` (a whole number of sectors) with the sectors from ``sector``,
+        without the copy :meth:`read` makes for large reads."""
+        mv = memoryview(buffer).cast("B")
+        size = await self.sector_size(timeout=timeout)
+        if len(mv) % size:
+            raise InvalidArgument(
+                f"buffer of {len(mv)} bytes is not a whole number of {size}-byte sectors",
+                volume=self.name,
+            )
+        _check_range(sector, len(mv) // size, volume=self.name)
+        await self._read_into(sector, len(mv) // size, mv, False, timeout)
+
+    async def _read_chunk(
+        self, sector: int, count: int, presence: bool, timeout: Timeout
+    ) -> pb.ReadResponse:
+        req = pb.ReadRequest(
+            volume=self.name, sector=sector, sector_count=count, report_presence=presence
+        )
+        return await self._call(self._stub.Read, req, timeout)
+
+    async def _read_into(
+        self, sector: int, count: int, out: memoryview, presence: bool, timeout: Timeout
+    ) -> list[Extent]:
+        size, per_chunk = await self._chunk_sectors(timeout)
+        runs: list[Extent] = []
+
+        async def one(chunk: Chunk) -> None:
+            resp = await self._read_chunk(chunk.sector, chunk.sector_count, presence, timeout)
+            start = chunk.offset * size
+            expected = chunk.sector_count * size
+            if len(resp.data) != expected:
+                raise InvalidArgument(
+                    f"server returned {len(resp.data)} bytes for {chunk.sector_count} sectors",
+                    volume=self.name,
+                )
+            out[start : start + expected] = resp.data
+            runs.extend(_extents(resp.present))
+
+        await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
+        return merge_extents(runs)
+
+    async def stream_read(
+        self, sector: int, count: int, *, timeout: Timeout = UNSET
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(sector, data)`` chunks of the range in order, keeping ``max_in_flight``
+        requests running ahead: for copying a large range out without holding it all."""
+        _check_range(sector, count, volume=self.name)
+        _, per_chunk = await self._chunk_sectors(timeout)
+
+        async def one(chunk: Chunk) -> bytes:
+            return (await self._read_chunk(chunk.sector, chunk.sector_count, False, timeout)).data
+
+        chunks = run_ordered(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
+        try:
+            async for chunk, data in chunks:
+                yield chunk.sector, data
+        finally:
+            await chunks.aclose()
+
+    async def read_bytes(self, offset: int, length: int, *, timeout: Timeout = UNSET) -> bytes:
+        """``length`` bytes from byte ``offset``. Both must be multiples of the sector size
+        (no read-modify-write is done); otherwise :class:`InvalidArgument` is raised
+        without a call."""
+        size = await self.sector_size(timeout=timeout)
+        self._check_aligned(offset, length, size)
+        return await self.read(offset // size, length // size, timeout=timeout)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def write(
+        self,
+        sector: int,
+        data: Buffer,
+        *,
+        fua: bool = False,
+        no_overwrite: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> None:
+        """Write ``data`` (a whole number of sectors) from ``sector``. ``fua``: durable when
+        acknowledged (if the volume's ``fua_respected``); ``no_overwrite``: leave sectors the
+        volume already holds unchanged.
+
+        More than ``max_io`` bytes go as several requests, ``max_in_flight`` at a time; if one
+        fails, the others may have been written. Retries after ``UNAVAILABLE`` are safe: a
+        write is idempotent."""
+        mv = memoryview(data).cast("B")
+        size, per_chunk = await self._chunk_sectors(timeout)
+        if len(mv) % size:
+            raise InvalidArgument(
+                f"data of {len(mv)} bytes is not a whole number of {size}-byte sectors",
+                volume=self.name,
+            )
+        count = len(mv) // size
+        _check_range(sector, count, volume=self.name)
+
+        async def one(chunk: Chunk) -> None:
+            start = chunk.offset * size
+            end = start + chunk.sector_count * size
+            payload = (
+                data
+                if isinstance(data, bytes) and end - start == len(data)
+                else bytes(mv[start:end])
+            )
+            req = pb.WriteRequest(
+                volume=self.name,
+                sector=chunk.sector,
+                data=payload,
+                fua=fua,
+                no_overwrite=no_overwrite,
+            )
+            await self._call(self._stub.Write, req, timeout)
+
+        if count <= per_chunk:
+            await one(Chunk(sector, count, 0))
+        else:
+            await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
+
+    async def write_bytes(
+        self, offset: int, data: Buffer, *, fua: bool = False, timeout: Timeout = UNSET
+    ) -> None:
+        """Write ``data`` at byte ``offset``. The offset and the length must be multiples of
+        the sector size (no read-modify-write is done); otherwise :class:`InvalidArgument`
+        is raised without a call."""
+        size = await self.sector_size(timeout=timeout)
+        self._check_aligned(offset, memoryview(data).nbytes, size)
+        await self.write(offset // size, data, fua=fua, timeout=timeout)
+
+    async def unmap(
+        self,
+        sector: int,
+        count: int,
+        *,
+        block_level_only: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> None:
+        """Discard ``count`` sectors from ``sector``; later reads follow the volume's
+        ``unmap_behavior``."""
+        _check_range(sector, count, volume=self.name)
+        req = pb.UnmapRequest(
+            volume=self.name, sector=sector, sector_count=count, block_level_only=block_level_only
+        )
+        await self._call(self._stub.Unmap, req, timeout)
+
+    async def flush(self, *, timeout: Timeout = UNSET) -> None:
+        """Make every write acknowledged before this call durable."""
+        await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
+
+    async def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
+        """Change the volume's size (its top layer's) to ``sector_count`` sectors."""
+        _check_range(0, sector_count, volume=self.name)
+        req = pb.ResizeRequest(volume=self.name, sector_count=sector_count)
+        info = VolumeInfo.from_proto(await self._call(self._stub.Resize, req, timeout))
+        self._sector_size = info.sector_size
+        return info
+
+    # -- diagnostics ---------------------------------------------------------------------
+
+    async def allocation(
+        self, sector: int = 0, count: int | None = None, *, timeout: Timeout = UNSET
+    ) -> list[AllocationExtent]:
+        """Which layer holds each run of ``count`` sectors from ``sector`` (default: to the
+        end of the volume); runs cover the range, holes have ``depth == -1``."""
+        if count is None:
+            count = max(0, (await self.info(timeout=timeout)).sector_count - sector)
+        _check_range(sector, count, volume=self.name)
+        req = pb.GetAllocationRequest(volume=self.name, sector=sector, sector_count=count)
+        resp = await self._call(self._stub.GetAllocation, req, timeout)
+        return [AllocationExtent(e.sector, e.sector_count, e.depth) for e in resp.extents]
+
+    async def inspect(self, path: str = "", *, timeout: Timeout = UNSET) -> dict[str, Any]:
+        """The volume's diagnostic tree (or the subtree ``path`` selects) as plain JSON-able
+        values. The wire format (``Struct``) carries every number as a double; whole numbers
+        come back as ``int``."""
+        req = pb.InspectRequest(volume=self.name, path=path)
+        resp = await self._call(self._stub.Inspect, req, timeout)
+        tree = _integral(json_format.MessageToDict(resp.tree))
+        return tree if isinstance(tree, dict) else {"value": tree}
+
+    async def watch_resize(self, *, timeout: float | None = None) -> AsyncIterator[ResizeEvent]:
+        """Yield the volume's size now, then once per change, until the caller stops
+        iterating (or ``timeout`` seconds pass; default: never).
+
+        ``UNAVAILABLE`` before the first event is retried like any call; once events have
+        arrived, a broken stream raises :class:`Unavailable` — watch again to resume: the
+        first event tells the current size and generation."""
+        req = pb.WatchResizeRequest(volume=self.name)
+        policy = self.client.policy
+        retry = 0
+        while True:
+            call = self._stub.WatchResize(
+                req, timeout=timeout, metadata=self.client._call_metadata()
+            )
+            started = False
+            began = time.perf_counter()
+            code = grpc.StatusCode.CANCELLED
+            try:
+                async for event in call:
+                    started = True
+                    yield ResizeEvent(event.sector_count, event.generation)
+                code = grpc.StatusCode.OK
+                return
+            except grpc.RpcError as err:
+                code = status_code(err)
+                if (
+                    started
+                    or status_code(err) != grpc.StatusCode.UNAVAILABLE
+                    or retry >= policy.retries
+                ):
+                    raise error_from_rpc(err, volume=self.name) from err
+            finally:
+                call.cancel()
+                self.client._observe("WatchResize", code, began)
+            await asyncio.sleep(policy.delay(retry))
+            retry += 1
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _check_aligned(self, offset: int, length: int, size: int) -> None:
+        if offset < 0 or length < 0 or offset % size or length % size:
+            raise InvalidArgument(
+                f"byte range {offset}+{length} is not aligned to the {size}-byte sector size",
+                volume=self.name,
+            )
+
+
+def _check_range(sector: int, count: int, *, volume: str) -> None:
+    if sector < 0 or count < 0:
+        raise InvalidArgument(
+            f"sector {sector} and count {count} must not be negative", volume=volume
+        )
+
+
+def _extents(runs: Sequence[pb.Extent]) -> list[Extent]:
+    return [Extent(r.sector, r.sector_count) for r in runs]
+
+
+def _integral(value: Any) -> Any:
+    """``value`` with whole floats (as Struct stores every number) turned into ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value

@@ -1,0 +1,561 @@
+"""The ``tierdisk`` command (DESIGN.md §7).
+
+    tierdisk [--server ADDR] VERB ...   a client verb (ADDR: $TIERDISK_SERVER, else 127.0.0.1:7400)
+    tierdisk serve ...                  the server; every argument after ``serve`` is its own
+
+Errors print one line on stderr naming the volume, file or server, and exit 1 (2 for usage
+errors); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import BinaryIO
+
+from .aio import AsyncClient, AsyncVolume
+from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
+from .errors import DeadlineExceeded, OutOfRange, TierdiskError, Unavailable
+from .models import VolumeInfo
+from .progress import Progress, format_bytes
+from .tune import install_uvloop, tune_malloc
+
+__all__ = ["SERVER_ENTRY", "UsageError", "main", "parse_size"]
+
+DEFAULT_SERVER = "127.0.0.1:7400"
+SERVER_ENTRY = "tierdisk.service.main"
+"""Module whose ``main(argv: list[str]) -> int`` runs ``tierdisk serve``; imported only then,
+so the client never imports the server otherwise (DESIGN.md §1)."""
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A failure to report as ``tierdisk: <message>`` and exit ``exit_code``."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(CliError):
+    """A bad argument: exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+# -- sizes -------------------------------------------------------------------------------
+
+_UNITS = {
+    "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+    "p": 1 << 50, "pib": 1 << 50, "pb": 10**15,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str) -> tuple[int, bool]:
+    """``(value, in_bytes)``: a bare integer is a count of sectors (``in_bytes`` False); with
+    a unit (``B``, ``KiB``/``K``, ``MiB``/``M``, …, binary; ``kB``, ``MB``, … decimal) it
+    is bytes. Raises :class:`UsageError` for anything else."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise UsageError(f"size {text!r}: expected sectors (e.g. 2048) or bytes (e.g. 2GiB)")
+    number, unit = m.groups()
+    if not unit:
+        if "." in number:
+            raise UsageError(f"size {text!r}: a count of sectors must be a whole number")
+        return int(number), False
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise UsageError(f"size {text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB)")
+    value = float(number) * factor if "." in number else int(number) * factor
+    if value != int(value):
+        raise UsageError(f"size {text!r} is not a whole number of bytes")
+    return int(value), True
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+# -- arguments ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tierdisk",
+        description="Client for a tierdisk block-storage server; `tierdisk serve` runs one.",
+    )
+    parser.add_argument(
+        "--server",
+        metavar="ADDR",
+        default=os.environ.get("TIERDISK_SERVER") or DEFAULT_SERVER,
+        help="server address, host:port or unix:/path (default: $TIERDISK_SERVER, else "
+        f"{DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="deadline of each call (default 30)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=_nonnegative,
+        default=3,
+        metavar="N",
+        help="further attempts after a call fails with UNAVAILABLE (default 3)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TIERDISK_TOKEN"),
+        help="bearer token sent with every call (default: $TIERDISK_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS (with the system roots)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="PEM roots to verify the server")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate chain")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM client private key")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar, even on a terminal"
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    verbs.add_parser("serve", help="run the server (its own flags follow: serve --help)")
+    verbs.add_parser("volumes", help="list volumes, one per line, name first")
+
+    def vol_verb(name: str, help: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.add_argument("volume", metavar="VOL")
+        return p
+
+    vol_verb("info", "print the volume's fields as `key: value` lines")
+    p = vol_verb("read", "write COUNT sectors from SECTOR to stdout (or -o FILE)")
+    p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
+    p.add_argument("count", type=_nonnegative, metavar="COUNT")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p = vol_verb("write", "write whole sectors from stdin (or -i FILE) at SECTOR")
+    p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
+    p.add_argument("-i", "--input", metavar="FILE", help="read from FILE instead of stdin")
+    p.add_argument("--fua", action="store_true", help="durable when acknowledged")
+    p = vol_verb("import", "write IMAGE onto the volume from sector 0 (the size stays)")
+    p.add_argument("image", metavar="IMAGE")
+    p = vol_verb("export", "copy the whole volume into IMAGE, sparse where unallocated")
+    p.add_argument("image", metavar="IMAGE")
+    p = vol_verb("inspect", "print the volume's diagnostic tree (or its PATH subtree) as JSON")
+    p.add_argument("path", nargs="?", default="", metavar="PATH")
+    vol_verb("map", "print the allocation: `sector count depth` per run (depth -1: hole)")
+    vol_verb("watch", "print the size now and on every change, until interrupted")
+    p = vol_verb("resize", "set the size: SIZE in sectors, or bytes with a unit (2GiB)")
+    p.add_argument("size", metavar="SIZE")
+    vol_verb("flush", "make every acknowledged write durable")
+    return parser
+
+
+# -- verbs -------------------------------------------------------------------------------
+
+Verb = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _info_lines(info: VolumeInfo) -> list[str]:
+    values: list[tuple[str, object]] = [
+        ("sector_count", info.sector_count),
+        ("sector_size", info.sector_size),
+        ("name", info.name),
+        ("physical_sector_size", info.physical_sector_size),
+        ("read_only", info.read_only),
+        ("fua_respected", info.fua_respected),
+        ("disk_id", info.disk_id.hex()),
+        ("unmap_behavior", info.unmap_behavior.value),
+        ("optimal_unmap_sectors", info.optimal_unmap_sectors),
+    ]
+    return [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in values]
+
+
+async def _volumes(client: AsyncClient, args: argparse.Namespace) -> int:
+    for v in await client.list_volumes():
+        mode = "ro" if v.read_only else "rw"
+        size = format_bytes(v.size_bytes)
+        _out(f"{v.name}\t{v.sector_count}\t{v.sector_size}\t{mode}\t{size}")
+    return 0
+
+
+async def _info(client: AsyncClient, args: argparse.Namespace) -> int:
+    for line in _info_lines(await client.volume(args.volume).info()):
+        _out(line)
+    return 0
+
+
+def _check_fits(vol: AsyncVolume, info: VolumeInfo, sector: int, count: int) -> None:
+    if sector + count > info.sector_count:
+        raise OutOfRange(
+            f"sectors {sector}..{sector + count} reach past the end ({info.sector_count} sectors)",
+            volume=vol.name,
+        )
+
+
+def _open_file(path: str, flags: int, mode: int = 0o666) -> int:
+    try:
+        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as err:
+        raise CliError(f"file {path!r}: {err.strerror or err}") from None
+
+
+def _file_error(path: str, err: OSError) -> CliError:
+    return CliError(f"file {path!r}: {err.strerror or err}")
+
+
+async def _read(client: AsyncClient, args: argparse.Namespace) -> int:
+    vol = client.volume(args.volume)
+    info = await vol.info()
+    _check_fits(vol, info, args.sector, args.count)
+    out: BinaryIO
+    if args.output:
+        fd = _open_file(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        out = os.fdopen(fd, "wb")
+    else:
+        out = sys.stdout.buffer
+    # A bar for files only: on stdout the data usually flows into another program.
+    total = args.count * info.sector_size
+    bar = _progress(args, total, f"read {vol.name}") if args.output else Progress(0, enabled=False)
+    try:
+        with bar:
+            async for _sector, data in vol.stream_read(args.sector, args.count):
+                out.write(data)
+                bar.advance(len(data))
+            out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        if not args.output:
+            raise CliError(f"stdout: {err.strerror or err}") from None
+        raise _file_error(args.output, err) from None
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
+    if size % sector_size:
+        where = f"file {path!r}" if path is not None else "stdin"
+        raise CliError(f"{where}: {size} bytes is not a whole number of {sector_size}-byte sectors")
+    return size // sector_size
+
+
+async def _write(client: AsyncClient, args: argparse.Namespace) -> int:
+    vol = client.volume(args.volume)
+    if not args.input:
+        # stdin is read whole first, so a bad length is refused before anything is written.
+        data = await asyncio.to_thread(sys.stdin.buffer.read)
+        info = await vol.info()
+        count = _whole_sectors(None, len(data), info.sector_size)
+        _check_fits(vol, info, args.sector, count)
+        await vol.write(args.sector, data, fua=args.fua)
+        return 0
+    return await _copy_in(client, args, vol, args.input, args.sector, "write")
+
+
+async def _import(client: AsyncClient, args: argparse.Namespace) -> int:
+    return await _copy_in(client, args, client.volume(args.volume), args.image, 0, "import")
+
+
+async def _copy_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    path: str,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the file ``path`` onto the volume from ``sector``: ``max_in_flight`` requests of
+    ``max_io`` bytes at a time. Every chunk is written, zeros included: that is always
+    correct, whatever the volume's unmap behaviour."""
+    fd = _open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
+    try:
+        size = _file_size(fd, path)
+        info = await vol.info()
+        ss = info.sector_size
+        count = _whole_sectors(path, size, ss)
+        if verb == "import" and count > info.sector_count:
+            raise CliError(
+                f"file {path!r}: {size} bytes is larger than volume {vol.name!r} "
+                f"({info.size_bytes} bytes)"
+            )
+        _check_fits(vol, info, sector, count)
+        fua = bool(getattr(args, "fua", False))
+
+        async def one(chunk: Chunk) -> None:
+            length = chunk.sector_count * ss
+            try:
+                data = await asyncio.to_thread(os.pread, fd, length, chunk.offset * ss)
+            except OSError as err:
+                raise _file_error(path, err) from None
+            if len(data) != length:
+                raise CliError(f"file {path!r}: shrank while being read")
+            await vol.write(chunk.sector, data, fua=fua)
+            bar.advance(length)
+
+        per_chunk = sectors_per_chunk(client.max_io, ss)
+        with _progress(args, size, f"{verb} {vol.name}") as bar:
+            await run_bounded(plan_chunks(sector, count, per_chunk), one, client.max_in_flight)
+    finally:
+        os.close(fd)
+    return 0
+
+
+def _file_size(fd: int, path: str) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"file {path!r}: not a regular file or block device")
+    return st.st_size
+
+
+async def _export(client: AsyncClient, args: argparse.Namespace) -> int:
+    vol = client.volume(args.volume)
+    info = await vol.info()
+    ss = info.sector_size
+    extents = await vol.allocation(0, info.sector_count)
+    fd = _open_file(args.image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        try:
+            os.ftruncate(fd, info.size_bytes)  # all holes; allocated runs are written below
+        except OSError as err:
+            raise _file_error(args.image, err) from None
+        per_chunk = sectors_per_chunk(client.max_io, ss)
+        chunks = [
+            chunk
+            for ext in extents
+            if ext.allocated
+            for chunk in plan_chunks(ext.sector, ext.sector_count, per_chunk)
+        ]
+        zeros = bytes(per_chunk * ss)
+        with _progress(args, info.size_bytes, f"export {vol.name}") as bar:
+            bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
+
+            async def one(chunk: Chunk) -> None:
+                data = await vol.read(chunk.sector, chunk.sector_count)
+                # An all-zero chunk is left as a hole too: the file reads the same.
+                if data != zeros[: len(data)]:
+                    try:
+                        await asyncio.to_thread(os.pwrite, fd, data, chunk.sector * ss)
+                    except OSError as err:
+                        raise _file_error(args.image, err) from None
+                bar.advance(len(data))
+
+            await run_bounded(chunks, one, client.max_in_flight)
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise _file_error(args.image, err) from None
+    finally:
+        os.close(fd)
+    return 0
+
+
+async def _inspect(client: AsyncClient, args: argparse.Namespace) -> int:
+    tree = await client.volume(args.volume).inspect(args.path)
+    _out(json.dumps(tree, indent=2))
+    return 0
+
+
+async def _map(client: AsyncClient, args: argparse.Namespace) -> int:
+    for ext in await client.volume(args.volume).allocation():
+        _out(f"{ext.sector}\t{ext.sector_count}\t{ext.depth}")
+    return 0
+
+
+async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
+    async for event in client.volume(args.volume).watch_resize():
+        _out(f"generation={event.generation} sector_count={event.sector_count}")
+        sys.stdout.flush()
+    return 0
+
+
+async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
+    value, in_bytes = parse_size(args.size)
+    vol = client.volume(args.volume)
+    sectors = value
+    if in_bytes:
+        ss = await vol.sector_size()
+        if value % ss:
+            raise UsageError(
+                f"size {args.size!r} ({value} bytes) is not a whole number of "
+                f"{ss}-byte sectors of volume {vol.name!r}"
+            )
+        sectors = value // ss
+    for line in _info_lines(await vol.resize(sectors)):
+        _out(line)
+    return 0
+
+
+async def _flush(client: AsyncClient, args: argparse.Namespace) -> int:
+    await client.volume(args.volume).flush()
+    return 0
+
+
+VERBS: dict[str, Verb] = {
+    "volumes": _volumes,
+    "info": _info,
+    "read": _read,
+    "write": _write,
+    "import": _import,
+    "export": _export,
+    "inspect": _inspect,
+    "map": _map,
+    "watch": _watch,
+    "resize": _resize,
+    "flush": _flush,
+}
+
+
+def _progress(args: argparse.Namespace, total: int, label: str) -> Progress:
+    return Progress(total, label=label, enabled=False if args.no_progress else None)
+
+
+def _read_pem(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise _file_error(path, err) from None
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with AsyncClient(
+        args.server,
+        timeout=args.timeout,
+        retries=args.retries,
+        token=args.token,
+        secure=args.tls,
+        root_certificates=_read_pem(args.tls_ca),
+        certificate_chain=_read_pem(args.tls_cert),
+        private_key=_read_pem(args.tls_key),
+    ) as client:
+        return await VERBS[args.verb](client, args)
+
+
+# -- entry points ------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe(err: TierdiskError, server: str) -> str:
+    """The one-line report of a failed call: what it addressed, what went wrong, why."""
+    where = f"volume {err.volume!r}" if err.volume else f"server {server}"
+    if err.volume and isinstance(err, Unavailable | DeadlineExceeded):
+        where += f" on {server}"
+    message = _one_line(err.message)
+    return f"{where}: {err.label}: {message}" if message else f"{where}: {err.label}"
+
+
+def serve(argv: Sequence[str]) -> int:
+    """``tierdisk serve ARGS``: hand ``ARGS`` untouched to the server's ``main``."""
+    try:
+        module = importlib.import_module(SERVER_ENTRY)
+        entry = module.main
+    except (ImportError, AttributeError) as err:
+        print(
+            f"tierdisk: serve: cannot load the server ({SERVER_ENTRY}): {_one_line(str(err))}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    rc = entry(list(argv))
+    return int(rc) if rc is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tierdisk`` command; returns the exit status."""
+    tune_malloc()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        return serve(args_list[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.verb == "serve":
+        parser.print_usage(sys.stderr)
+        print(
+            "tierdisk: serve: client options do not apply to serve; "
+            "put the server's own flags after it (tierdisk serve --help)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    install_uvloop()
+    try:
+        return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        if args.verb == "watch":
+            return 0
+        print("tierdisk: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`tierdisk read … | head`); say nothing more on a dead pipe.
+        _silence_stdout()
+        return EXIT_ERROR
+    except TierdiskError as err:
+        print(f"tierdisk: {describe(err, args.server)}", file=sys.stderr)
+        return EXIT_ERROR
+    except CliError as err:
+        print(f"tierdisk: {_one_line(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:
+        print(f"tierdisk: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:  # a bug: still one line, never a traceback
+        print(
+            f"tierdisk: internal error: {type(err).__name__}: {_one_line(str(err))}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

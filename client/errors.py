@@ -1,0 +1,255 @@
+"""The client's exception tree, and the one table that maps gRPC status codes onto it.
+
+Every failed call raises a :class:`TierdiskError` subclass chosen from the status code
+(DESIGN.md §2). Where the server names its domain error in the trailing metadata key
+``tierdisk-error`` (e.g. ``"ReadOnlyError"``), a finer subclass of the code's class is chosen
+when one declares that name in ``server_names`` — a read-only refusal is a
+:class:`ReadOnlyVolume`, which is still a :class:`FailedPrecondition`. A name that does not
+belong under the status code's class is ignored: the code always wins.
+
+Errors the client detects itself (a misaligned byte offset, say) use the same classes, so
+callers handle both alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "ERROR_METADATA_KEY",
+    "STATUS_TABLE",
+    "Cancelled",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NoSpace",
+    "NotSupported",
+    "OutOfRange",
+    "PermissionDenied",
+    "ReadOnlyVolume",
+    "StorageError",
+    "TierdiskError",
+    "Unauthenticated",
+    "Unavailable",
+    "VolumeNotFound",
+    "error_from_rpc",
+    "status_code",
+]
+
+ERROR_METADATA_KEY = "tierdisk-error"
+"""Trailing metadata key in which the server names its domain error class."""
+
+
+class TierdiskError(Exception):
+    """Base of every error the client raises on purpose.
+
+    ``code`` is the gRPC status code of the failed call (for errors detected client-side, the
+    code the server would have answered), ``message`` the text meant for a person,
+    ``volume`` the volume the call addressed (when there was one) and ``server_error`` the
+    domain error class the server named in ``tierdisk-error`` (when it did).
+    """
+
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    label: ClassVar[str] = "error"
+    """A few words naming the kind of failure, for one-line messages (``"not found"``)."""
+    server_names: ClassVar[tuple[str, ...]] = ()
+    """Domain error class names (``tierdisk-error`` values) that select this class."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        volume: str | None = None,
+        server_error: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code: grpc.StatusCode = code if code is not None else self.default_code
+        self.volume = volume
+        self.server_error = server_error
+
+    def __str__(self) -> str:
+        return self.message or self.label
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, code={self.code.name})"
+
+
+class VolumeNotFound(TierdiskError):
+    """No volume of that name is served there (``NOT_FOUND``)."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+    label = "not found"
+    server_names = ("VolumeNotFound",)
+
+
+class OutOfRange(TierdiskError):
+    """A sector range reaches past the end of the volume (``OUT_OF_RANGE``)."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+    label = "out of range"
+    server_names = ("OutOfRange",)
+
+
+class InvalidArgument(TierdiskError):
+    """A malformed request: not whole sectors, over a size limit, misaligned bytes, …"""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+    label = "invalid argument"
+    server_names = ("InvalidArgument",)
+
+
+class FailedPrecondition(TierdiskError):
+    """The volume's state or configuration refuses the request (``FAILED_PRECONDITION``)."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+    label = "refused"
+    server_names: ClassVar[tuple[str, ...]] = ("FailedPrecondition",)
+
+
+class ReadOnlyVolume(FailedPrecondition):
+    """A write, unmap or resize on a read-only volume (server error ``ReadOnlyError``)."""
+
+    label = "read-only"
+    server_names = ("ReadOnlyError", "ReadOnlyVolume")
+
+
+class NotSupported(FailedPrecondition):
+    """The volume's layers cannot do this (e.g. resize a remote top layer)."""
+
+    label = "not supported"
+    server_names = ("NotSupported",)
+
+
+class Unauthenticated(TierdiskError):
+    """Missing or wrong credentials (``UNAUTHENTICATED``)."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+    label = "unauthenticated"
+    server_names = ("Unauthenticated",)
+
+
+class PermissionDenied(TierdiskError):
+    """The caller may not use this volume (``PERMISSION_DENIED``)."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+    label = "permission denied"
+    server_names = ("PermissionDenied",)
+
+
+class Unavailable(TierdiskError):
+    """The server, or a remote layer behind it, cannot be reached (``UNAVAILABLE``).
+
+    Safe to retry; the client already did, ``retries`` times, before raising this.
+    """
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+    label = "unavailable"
+    server_names = ("Unavailable",)
+
+
+class DeadlineExceeded(TierdiskError):
+    """The call's deadline passed (``DEADLINE_EXCEEDED``)."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    label = "timed out"
+    server_names = ("DeadlineExceeded",)
+
+
+class NoSpace(TierdiskError):
+    """A layer's storage is out of space; the request changed nothing (``RESOURCE_EXHAUSTED``)."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    label = "no space"
+    server_names = ("NoSpace",)
+
+
+class StorageError(TierdiskError):
+    """A layer's storage failed: I/O error or corrupt data (``INTERNAL``)."""
+
+    default_code = grpc.StatusCode.INTERNAL
+    label = "storage error"
+    server_names: ClassVar[tuple[str, ...]] = ("StorageError",)
+
+
+class DataLoss(StorageError):
+    """A layer's stored data is lost or corrupt (``DATA_LOSS``).
+
+    A subclass of :class:`StorageError`: DESIGN §2 allows either code for a storage failure.
+    """
+
+    default_code = grpc.StatusCode.DATA_LOSS
+    label = "data loss"
+    server_names = ("DataCorruption", "DataLoss")
+
+
+class Cancelled(TierdiskError):
+    """The call was cancelled (``CANCELLED``), e.g. by a server shutting down."""
+
+    default_code = grpc.StatusCode.CANCELLED
+    label = "cancelled"
+
+
+STATUS_TABLE: dict[grpc.StatusCode, type[TierdiskError]] = {
+    grpc.StatusCode.NOT_FOUND: VolumeNotFound,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: NoSpace,
+    grpc.StatusCode.INTERNAL: StorageError,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+"""The table: status code → exception class. Codes not listed map to :class:`TierdiskError`.
+Finer classes (``ReadOnlyVolume``, ``NotSupported``, …) are subclasses of these, chosen by
+the server's ``tierdisk-error`` name."""
+
+
+def _refine(base: type[TierdiskError], server_error: str) -> type[TierdiskError] | None:
+    """The class under ``base`` (itself included) whose ``server_names`` has ``server_error``."""
+    if server_error in base.server_names:
+        return base
+    for sub in base.__subclasses__():
+        found = _refine(sub, server_error)
+        if found is not None:
+            return found
+    return None
+
+
+def _metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    return None
+
+
+def status_code(err: grpc.RpcError) -> grpc.StatusCode:
+    """The status code of a failed call; UNKNOWN when the error carries none."""
+    code_fn = getattr(err, "code", None)
+    code = code_fn() if callable(code_fn) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def error_from_rpc(err: grpc.RpcError, *, volume: str | None = None) -> TierdiskError:
+    """The :class:`TierdiskError` for a failed call (``grpc.aio.AioRpcError`` or a sync
+    ``grpc.RpcError`` that is also a ``grpc.Call``)."""
+    code = status_code(err)
+    details_fn = getattr(err, "details", None)
+    details = details_fn() if callable(details_fn) else None
+    trailing_fn = getattr(err, "trailing_metadata", None)
+    trailing = trailing_fn() if callable(trailing_fn) else None
+    server_error = _metadata_value(trailing, ERROR_METADATA_KEY)
+    cls = STATUS_TABLE.get(code, TierdiskError)
+    if server_error:
+        cls = _refine(cls, server_error) or cls
+    message = str(details) if details else code.name.lower().replace("_", " ")
+    return cls(message, code=code, volume=volume, server_error=server_error)

@@ -1,0 +1,257 @@
+"""The blocking client: :class:`Client` and :class:`Volume`, the same methods as the async
+ones, for code that does not run an event loop.
+
+There is one implementation: each ``Client`` runs an :class:`~tierdisk.client.aio.AsyncClient`
+on a private event loop in a background thread, and every method here submits the async
+method's coroutine to that loop and waits for it. Do not call a ``Client`` from inside its
+own loop (i.e. from code the async client calls back); from any other thread, or from a
+coroutine of another loop (it blocks that loop), it works.
+
+    with Client("127.0.0.1:7400") as client:
+        vol = client.volume("vm1")
+        vol.write(0, b"\\0" * vol.sector_size())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, Literal, TypeVar, Unpack, overload
+
+from .aio import UNSET, AsyncClient, AsyncVolume, Buffer, ClientOptions, Timeout
+from .models import AllocationExtent, ReadResult, ResizeEvent, VolumeInfo
+
+__all__ = ["Client", "Volume"]
+
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking connection to one tierdisk server; takes the same arguments as
+    :class:`~tierdisk.client.aio.AsyncClient`. Use it as a context manager, or call
+    :meth:`close`."""
+
+    def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
+        self.target = target
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"tierdisk-client {target}", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+        async def make() -> AsyncClient:
+            return AsyncClient(target, **options)
+
+        try:
+            self._async = self._run(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    @property
+    def aio(self) -> AsyncClient:
+        """The async client underneath (it lives on this client's private loop)."""
+        return self._async
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the client is closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a blocking Client cannot be called from its own event loop")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # KeyboardInterrupt and the like: stop the call rather than leave it running.
+            future.cancel()
+            raise
+
+    def _stop_loop(self) -> None:
+        async def drain() -> None:
+            await self._loop.shutdown_asyncgens()
+
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(drain(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def close(self) -> None:
+        """Close the channel and stop the background loop; idempotent."""
+        if self._closed:
+            return
+        try:
+            self._run(self._async.close())
+        finally:
+            self._closed = True
+            self._stop_loop()
+
+    def volume(self, name: str) -> Volume:
+        """A handle on the volume ``name`` (no call is made until it is used)."""
+        return Volume(self, self._async.volume(name))
+
+    def list_volumes(self, *, page_size: int = 0, timeout: Timeout = UNSET) -> list[VolumeInfo]:
+        """Every volume the server serves (see ``AsyncClient.list_volumes``)."""
+        return self._run(self._async.list_volumes(page_size=page_size, timeout=timeout))
+
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> tuple[T] | None:
+            try:
+                return (await anext(agen),)
+            except StopAsyncIteration:
+                return None
+
+        async def close() -> None:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+        try:
+            while True:
+                got = self._run(step())
+                if got is None:
+                    return
+                yield got[0]
+        finally:
+            if not self._closed:
+                self._run(close())
+
+
+class Volume:
+    """One volume, blocking; the methods mirror :class:`~tierdisk.client.aio.AsyncVolume`."""
+
+    def __init__(self, client: Client, aio: AsyncVolume) -> None:
+        self.client = client
+        self.aio = aio
+        self.name = aio.name
+
+    def __repr__(self) -> str:
+        return f"Volume({self.name!r} on {self.client.target!r})"
+
+    def info(self, *, timeout: Timeout = UNSET) -> VolumeInfo:
+        """The volume's geometry and capabilities, fresh from the server."""
+        return self.client._run(self.aio.info(timeout=timeout))
+
+    def sector_size(self, *, timeout: Timeout = UNSET) -> int:
+        """Bytes per sector (cached after the first call)."""
+        return self.client._run(self.aio.sector_size(timeout=timeout))
+
+    @overload
+    def read(
+        self,
+        sector: int,
+        count: int,
+        *,
+        report_presence: Literal[False] = False,
+        timeout: Timeout = UNSET,
+    ) -> bytes: ...
+
+    @overload
+    def read(
+        self, sector: int, count: int, *, report_presence: Literal[True], timeout: Timeout = UNSET
+    ) -> ReadResult: ...
+
+    @overload
+    def read(
+        self, sector: int, count: int, *, report_presence: bool, timeout: Timeout = UNSET
+    ) -> bytes | ReadResult: ...
+
+    def read(
+        self, sector: int, count: int, *, report_presence: bool = False, timeout: Timeout = UNSET
+    ) -> bytes | ReadResult:
+        """``count`` sectors from ``sector`` (see ``AsyncVolume.read``)."""
+        return self.client._run(
+            self.aio.read(sector, count, report_presence=report_presence, timeout=timeout)
+        )
+
+    def read_into(
+        self, sector: int, buffer: bytearray | memoryview, *, timeout: Timeout = UNSET
+    ) -> None:
+        """Fill ``buffer`` with the sectors from ``sector`` (see ``AsyncVolume.read_into``)."""
+        self.client._run(self.aio.read_into(sector, buffer, timeout=timeout))
+
+    def stream_read(
+        self, sector: int, count: int, *, timeout: Timeout = UNSET
+    ) -> Iterator[tuple[int, bytes]]:
+        """``(sector, data)`` chunks of the range, in order, read ahead in the background."""
+        return self.client._iterate(self.aio.stream_read(sector, count, timeout=timeout))
+
+    def read_bytes(self, offset: int, length: int, *, timeout: Timeout = UNSET) -> bytes:
+        """``length`` bytes from byte ``offset`` (both sector-aligned)."""
+        return self.client._run(self.aio.read_bytes(offset, length, timeout=timeout))
+
+    def write(
+        self,
+        sector: int,
+        data: Buffer,
+        *,
+        fua: bool = False,
+        no_overwrite: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> None:
+        """Write ``data`` (whole sectors) from ``sector`` (see ``AsyncVolume.write``)."""
+        self.client._run(
+            self.aio.write(sector, data, fua=fua, no_overwrite=no_overwrite, timeout=timeout)
+        )
+
+    def write_bytes(
+        self, offset: int, data: Buffer, *, fua: bool = False, timeout: Timeout = UNSET
+    ) -> None:
+        """Write ``data`` at byte ``offset`` (both sector-aligned)."""
+        self.client._run(self.aio.write_bytes(offset, data, fua=fua, timeout=timeout))
+
+    def unmap(
+        self,
+        sector: int,
+        count: int,
+        *,
+        block_level_only: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> None:
+        """Discard ``count`` sectors from ``sector``."""
+        self.client._run(
+            self.aio.unmap(sector, count, block_level_only=block_level_only, timeout=timeout)
+        )
+
+    def flush(self, *, timeout: Timeout = UNSET) -> None:
+        """Make every write acknowledged before this call durable."""
+        self.client._run(self.aio.flush(timeout=timeout))
+
+    def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
+        """Change the volume's size to ``sector_count`` sectors."""
+        return self.client._run(self.aio.resize(sector_count, timeout=timeout))
+
+    def allocation(
+        self, sector: int = 0, count: int | None = None, *, timeout: Timeout = UNSET
+    ) -> list[AllocationExtent]:
+        """Which layer holds each run of the range (holes: ``depth == -1``)."""
+        return self.client._run(self.aio.allocation(sector, count, timeout=timeout))
+
+    def inspect(self, path: str = "", *, timeout: Timeout = UNSET) -> dict[str, Any]:
+        """The volume's diagnostic tree, or the subtree ``path`` selects."""
+        return self.client._run(self.aio.inspect(path, timeout=timeout))
+
+    def watch_resize(self, *, timeout: float | None = None) -> Iterator[ResizeEvent]:
+        """The volume's size now, then once per change; close the iterator to stop."""
+        return self.client._iterate(self.aio.watch_resize(timeout=timeout))

@@ -1,0 +1,202 @@
+"""The ``tierdisk`` command without a tierdisk server: argument parsing, sizes, usage errors
+(exit 2), one-line errors for a server that is not listening (exit 1), file errors, and the
+hand-over of ``tierdisk serve`` to the server's entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tierdisk.client import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERDISK = ROOT / ".venv" / "bin" / "tierdisk"
+DEAD = "127.0.0.1:1"  # nothing listens on port 1
+
+ENTRY_POINTS = [
+    pytest.param([str(TIERDISK)], id="console-script"),
+    pytest.param([sys.executable, "-m", "tierdisk.client"], id="python-m-client"),
+    pytest.param([sys.executable, "-m", "tierdisk.client.cli"], id="python-m-cli"),
+]
+
+
+def run(
+    *args: str, cmd: list[str] | None = None, env: dict[str, str] | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[str]:
+    base = cmd or [sys.executable, "-m", "tierdisk.client"]
+    environ = {k: v for k, v in os.environ.items() if k != "TIERDISK_SERVER"}
+    environ.update(env or {})
+    return subprocess.run(
+        [*base, *args],
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+    )
+
+
+def assert_one_line(stderr: str, *needles: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("tierdisk: "), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], stderr
+
+
+# -- sizes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2048", (2048, False)),
+        ("0", (0, False)),
+        ("2GiB", (2 << 30, True)),
+        ("2 GiB", (2 << 30, True)),
+        ("512B", (512, True)),
+        ("4k", (4096, True)),
+        ("1M", (1 << 20, True)),
+        ("1.5GiB", (3 << 29, True)),
+        ("1GB", (10**9, True)),
+        ("3tib", (3 << 40, True)),
+    ],
+)
+def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
+    assert cli.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1.5", "12Q", "GiB", "1.3B", "0x10"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(cli.UsageError):
+        cli.parse_size(text)
+
+
+# -- usage errors: exit 2 --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["read", "vol", "-1", "4"],
+        ["read", "vol", "0"],
+        ["write"],
+        ["--timeout", "0", "volumes"],
+        ["--server", DEAD, "serve"],  # client options do not apply to serve
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tierdisk")
+
+
+def test_bad_resize_size_is_a_usage_error() -> None:
+    result = run("--server", DEAD, "resize", "vol", "12Q")
+    assert result.returncode == 2
+    assert_one_line(result.stderr, "12Q")
+
+
+def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for verb in [
+        "serve",
+        "volumes",
+        "info",
+        "read",
+        "write",
+        "import",
+        "export",
+        "inspect",
+        "map",
+        "watch",
+        "resize",
+        "flush",
+    ]:
+        assert verb in out
+
+
+# -- a server that is not there: one line, exit 1 --------------------------------------
+
+
+@pytest.mark.parametrize("cmd", ENTRY_POINTS)
+def test_unreachable_server_is_one_line_exit_1(cmd: list[str]) -> None:
+    result = run("--server", DEAD, "--timeout", "5", "volumes", cmd=cmd)
+    assert result.returncode == 1
+    assert_one_line(result.stderr, f"server {DEAD}", "unavailable")
+    assert result.stdout == ""
+
+
+def test_unreachable_server_names_the_volume() -> None:
+    result = run("--server", DEAD, "--timeout", "5", "info", "vm1")
+    assert result.returncode == 1
+    assert_one_line(result.stderr, "volume 'vm1'", DEAD, "unavailable")
+
+
+def test_server_address_comes_from_the_environment() -> None:
+    result = run("--timeout", "5", "volumes", env={"TIERDISK_SERVER": DEAD})
+    assert result.returncode == 1
+    assert_one_line(result.stderr, f"server {DEAD}")
+
+
+def test_default_server_address() -> None:
+    args = cli.build_parser().parse_args(["volumes"])
+    if "TIERDISK_SERVER" not in os.environ:
+        assert args.server == "127.0.0.1:7400"
+
+
+def test_missing_input_file_is_named_before_any_call(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.img"
+    for args in (["import", "vm1", str(missing)], ["write", "vm1", "0", "-i", str(missing)]):
+        result = run("--server", DEAD, *args)
+        assert result.returncode == 1
+        assert_one_line(result.stderr, f"file '{missing}'", "No such file")
+
+
+# -- serve -----------------------------------------------------------------------------
+
+
+def test_serve_passes_every_argument_through(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 7
+
+    module = types.ModuleType("fake_tierdisk_server")
+    module.main = fake_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_tierdisk_server", module)
+    monkeypatch.setattr(cli, "SERVER_ENTRY", "fake_tierdisk_server")
+    monkeypatch.setenv("TIERDISK_SERVER", "10.0.0.1:9")
+    argv = ["--listen", "127.0.0.1:0", "--server", "x", "--help", "volumes"]
+    assert cli.main(["serve", *argv]) == 7
+    assert seen == [argv]
+
+
+def test_serve_without_a_server_module_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "SERVER_ENTRY", "tierdisk_no_such_module_for_tests")
+    assert cli.main(["serve", "--listen", "127.0.0.1:0"]) == 2
+    assert_one_line(capsys.readouterr().err, "serve", "tierdisk_no_such_module_for_tests")
+
+
+def test_serve_is_imported_only_when_used() -> None:
+    code = (
+        "import sys; from tierdisk.client import cli; cli.build_parser();"
+        "print(any(m.startswith('tierdisk.service') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,382 @@
+"""The client library against a real tierdisk server: every method, chunking across the
+server's 16 MiB ``max_io``, the exception raised for each status code a server can be made to
+answer, the blocking client, and retries across a server restarted on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import ServerProcess, running_server, write_config
+
+from tierdisk.client import (
+    AllocationExtent,
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    Extent,
+    FailedPrecondition,
+    InvalidArgument,
+    OutOfRange,
+    ReadOnlyVolume,
+    ReadResult,
+    RetryPolicy,
+    Unavailable,
+    UnmapBehavior,
+    VolumeNotFound,
+)
+from tierdisk.service.server import Server
+
+MiB = 1 << 20
+
+VOLUMES = """
+[[volumes]]
+name = "ram"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "64MiB"
+
+[[volumes]]
+name = "stack"
+  [[volumes.layers]]
+  kind = "ram"
+  read_cache = true
+  [[volumes.layers]]
+  kind = "raw"
+  path = "base.img"
+  size = "8MiB"
+
+[[volumes]]
+name = "ro"
+read_only = true
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+
+[[volumes]]
+name = "big4k"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "4MiB"
+  sector_size = 4096
+"""
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(tmp_path, VOLUMES) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(server.grpc_address, timeout=30) as c:
+        yield c
+
+
+# -- every method ------------------------------------------------------------------------
+
+
+async def test_list_volumes_and_info(client: AsyncClient) -> None:
+    volumes = await client.list_volumes()
+    assert sorted(v.name for v in volumes) == ["big4k", "ram", "ro", "stack"]
+    paged = await client.list_volumes(page_size=1)  # four pages, followed to the end
+    assert sorted(v.name for v in paged) == sorted(v.name for v in volumes)
+    info = await client.volume("ram").info()
+    assert (info.name, info.sector_size, info.sector_count) == ("ram", 512, 64 * MiB // 512)
+    assert info.size_bytes == 64 * MiB
+    assert info.read_only is False
+    assert isinstance(info.unmap_behavior, UnmapBehavior)
+    assert (await client.volume("ro").info()).read_only is True
+    assert await client.volume("big4k").sector_size() == 4096
+
+
+async def test_write_read_presence_allocation_unmap_flush(client: AsyncClient) -> None:
+    vol = client.volume("ram")
+    data = os.urandom(16 * 512)
+    await vol.write(100, data, fua=True)
+    assert await vol.read(100, 16) == data
+    result = await vol.read(90, 40, report_presence=True)
+    assert isinstance(result, ReadResult)
+    assert result.present == (Extent(100, 16),)
+    assert result.data == bytes(10 * 512) + data + bytes(14 * 512)
+    extents = await vol.allocation(90, 40)
+    assert extents == [
+        AllocationExtent(90, 10, -1),
+        AllocationExtent(100, 16, 0),
+        AllocationExtent(116, 14, -1),
+    ]
+    whole = await vol.allocation()
+    assert sum(e.sector_count for e in whole) == 64 * MiB // 512
+    await vol.flush()
+    await vol.unmap(104, 4)
+    info = await vol.info()
+    if info.unmap_behavior == UnmapBehavior.ZEROES:
+        assert await vol.read(104, 4) == bytes(4 * 512)
+    await vol.write(200, bytes(512) * 2, no_overwrite=True)
+    assert (await vol.read(200, 2, report_presence=True)).present == (Extent(200, 2),)
+
+
+async def test_no_overwrite_keeps_held_sectors(client: AsyncClient) -> None:
+    vol = client.volume("ram")
+    await vol.write(10, b"a" * 512)
+    await vol.write(10, b"b" * 1024, no_overwrite=True)
+    assert await vol.read(10, 2) == b"a" * 512 + b"b" * 512
+
+
+async def test_byte_helpers_on_4k_sectors(client: AsyncClient) -> None:
+    vol = client.volume("big4k")
+    await vol.write_bytes(8192, b"\x5a" * 4096)
+    assert await vol.read_bytes(8192, 4096) == b"\x5a" * 4096
+    assert await vol.read(2, 1) == b"\x5a" * 4096
+    with pytest.raises(InvalidArgument, match="4096-byte"):
+        await vol.write_bytes(512, b"\0" * 512)
+
+
+async def test_resize_and_watch(client: AsyncClient) -> None:
+    vol = client.volume("ram")
+    events = vol.watch_resize()
+    first = await anext(events)
+    assert first.sector_count == 64 * MiB // 512
+    info = await vol.resize(1000)
+    assert info.sector_count == 1000
+    await vol.resize(3000)
+    second, third = await anext(events), await anext(events)
+    assert [second.sector_count, third.sector_count] == [1000, 3000]
+    assert first.generation < second.generation < third.generation
+    await events.aclose()  # type: ignore[attr-defined]
+    assert (await vol.info()).sector_count == 3000
+
+
+async def test_inspect_tree_and_path(client: AsyncClient) -> None:
+    vol = client.volume("stack")
+    tree = await vol.inspect()
+    assert tree["name"] == "stack"
+    assert tree["sector_size"] == 512 and isinstance(tree["sector_size"], int)
+    assert [layer["kind"] for layer in tree["layers"]] == ["ram", "raw"]
+    assert tree["layers"][0]["read_cache"] is True
+    sub = await vol.inspect("layers/1")
+    assert sub["kind"] == "raw" and sub["index"] == 1
+    with pytest.raises(InvalidArgument, match="layers/9"):
+        await vol.inspect("layers/9")
+
+
+async def test_read_cache_stack_through_client(client: AsyncClient) -> None:
+    vol = client.volume("stack")
+    assert await vol.read(0, 8) == bytes(8 * 512)
+    # the read filled the cache: layer 0 holds it now
+    assert (await vol.allocation(0, 8))[0].depth == 0
+
+
+# -- chunking across the server's 16 MiB limit --------------------------------------------
+
+
+@pytest.mark.parametrize("max_io", [1 * MiB, 16 * MiB], ids=["1MiB", "16MiB"])
+async def test_40_mib_read_and_write_are_split(server: Server, max_io: int) -> None:
+    data = os.urandom(40 * MiB)
+    async with AsyncClient(server.grpc_address, max_io=max_io) as c:
+        vol = c.volume("ram")
+        await vol.write(8, data)
+        got = await vol.read(8, len(data) // 512)
+        assert got == data
+        buf = bytearray(len(data))
+        await vol.read_into(8, buf)
+        assert buf == data
+        result = await vol.read(0, len(data) // 512 + 16, report_presence=True)
+        assert result.present == (Extent(8, len(data) // 512),)
+        streamed = bytearray()
+        async for _, chunk in vol.stream_read(8, len(data) // 512):
+            assert len(chunk) <= max_io
+            streamed += chunk
+        assert streamed == data
+
+
+async def test_chunks_above_the_server_limit_are_refused_with_the_limit(server: Server) -> None:
+    # one sector over the server's 16 MiB max_io: the server's own check answers
+    async with AsyncClient(server.grpc_address, max_io=16 * MiB + 512) as c:
+        with pytest.raises(InvalidArgument, match=str(16 * MiB)) as info:
+            await c.volume("ram").write(0, bytes(20 * MiB))
+        assert info.value.volume == "ram"
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- exceptions for each code ----------------------------------------------------------
+
+
+async def test_not_found(client: AsyncClient) -> None:
+    with pytest.raises(VolumeNotFound, match="nope") as info:
+        await client.volume("nope").info()
+    assert info.value.volume == "nope"
+    assert info.value.server_error == "VolumeNotFound"
+    with pytest.raises(VolumeNotFound):
+        await client.volume("nope").write(0, bytes(512))
+    with pytest.raises(VolumeNotFound):
+        await anext(client.volume("nope").watch_resize())
+
+
+async def test_out_of_range(client: AsyncClient) -> None:
+    vol = client.volume("ro")
+    with pytest.raises(OutOfRange):
+        await vol.read(2047, 2)
+    with pytest.raises(OutOfRange):
+        await client.volume("ram").write(64 * MiB // 512 - 1, bytes(1024))
+    with pytest.raises(OutOfRange):
+        await vol.allocation(1 << 40, 1)
+
+
+@pytest.mark.parametrize("op", ["write", "unmap", "resize"])
+async def test_read_only_volume(client: AsyncClient, op: str) -> None:
+    vol = client.volume("ro")
+    with pytest.raises(ReadOnlyVolume, match="read-only") as info:
+        if op == "write":
+            await vol.write(0, bytes(512))
+        elif op == "unmap":
+            await vol.unmap(0, 1)
+        else:
+            await vol.resize(10)
+    assert isinstance(info.value, FailedPrecondition)
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_invalid_argument(client: AsyncClient) -> None:
+    with pytest.raises(InvalidArgument, match="at least one sector"):
+        await client.volume("ram").resize(0)
+    with pytest.raises(InvalidArgument):
+        await client.volume("").info()
+
+
+async def test_deadline_exceeded(client: AsyncClient) -> None:
+    with pytest.raises(DeadlineExceeded):
+        await client.volume("ram").read(0, 16 * MiB // 512, timeout=1e-4)
+
+
+async def test_unavailable_when_nothing_listens() -> None:
+    async with AsyncClient("127.0.0.1:1", retries=2, backoff=0.01) as c:
+        start = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await c.volume("v").info()
+        assert time.monotonic() - start < 10
+        assert info.value.volume == "v"
+
+
+async def test_unavailable_while_draining_is_retried_then_raised(tmp_path: Path) -> None:
+    async with running_server(tmp_path, VOLUMES) as srv:
+        async with AsyncClient(srv.grpc_address, retries=2, backoff=0.01) as c:
+            await c.volume("ram").info()
+            await srv.gate.drain(1)
+            with pytest.raises(Unavailable, match="shutting down"):
+                await c.volume("ram").info()
+
+
+# -- the blocking client ---------------------------------------------------------------
+
+
+async def test_blocking_client(server: Server) -> None:
+    def use() -> None:
+        with Client(server.grpc_address) as c:
+            assert "ram" in [v.name for v in c.list_volumes()]
+            vol = c.volume("ram")
+            data = os.urandom(3 * MiB)
+            vol.write(0, data)
+            assert vol.read(0, len(data) // 512) == data
+            assert vol.read(0, 4, report_presence=True).present == (Extent(0, 4),)
+            assert vol.allocation(0, 8)[0] == AllocationExtent(0, 8, 0)
+            vol.flush()
+            vol.unmap(0, 1)
+            assert vol.inspect()["name"] == "ram"
+            watch = vol.watch_resize()
+            assert next(watch).sector_count == 64 * MiB // 512
+            assert vol.resize(4096).sector_count == 4096
+            assert next(watch).sector_count == 4096
+            watch.close()  # type: ignore[attr-defined]
+            with pytest.raises(ReadOnlyVolume):
+                c.volume("ro").write(0, bytes(512))
+
+    await asyncio.to_thread(use)  # the in-process server runs on this test's loop
+
+
+# -- retries across a restart ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class CountingPolicy(RetryPolicy):
+    """A retry policy that counts the waits it hands out (one per retry)."""
+
+    counter: list[int] = field(default_factory=list)
+
+    @property
+    def waits(self) -> int:
+        return len(self.counter)
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        self.counter.append(attempt)
+        return super().delay(attempt, rng)
+
+
+PERSISTENT = """
+[[volumes]]
+name = "disk"
+  [[volumes.layers]]
+  kind = "raw"
+  path = "disk.img"
+  size = "8MiB"
+"""
+
+
+async def test_retries_ride_out_a_server_restart_on_the_same_port(tmp_path: Path) -> None:
+    port = _free_port()
+    listen = f"127.0.0.1:{port}"
+    config = write_config(tmp_path, PERSISTENT)
+    first = ServerProcess.start(tmp_path, config, listen=listen)
+    second: list[ServerProcess] = []
+    try:
+        async with AsyncClient(listen) as c:
+            c.policy = policy = CountingPolicy(retries=30, backoff=0.05, max_backoff=0.5)
+            vol = c.volume("disk")
+            before = os.urandom(MiB)
+            await vol.write(0, before)
+
+            def restart() -> None:
+                assert first.terminate() == 0
+                time.sleep(0.3)  # a window with nothing listening on the port
+                second.append(ServerProcess.start(tmp_path, config, listen=listen))
+
+            restarter = threading.Thread(target=restart)
+            restarter.start()
+            # keep working through the restart: every call must succeed
+            written: dict[int, bytes] = {}
+            deadline = time.monotonic() + 60
+            i = 0
+            while (restarter.is_alive() or i < 40) and time.monotonic() < deadline:
+                chunk = os.urandom(64 * 1024)
+                sector = 2048 + (i % 64) * 128
+                await vol.write(sector, chunk)
+                written[sector] = chunk
+                assert await vol.read(sector, 128) == chunk
+                i += 1
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(restarter.join)
+            assert second, "the server did not come back"
+            assert second[0].pid != first.pid
+            assert policy.waits > 0, "no call met the restart: nothing was retried"
+            assert await vol.read(0, MiB // 512) == before
+            for sector, chunk in written.items():
+                assert await vol.read(sector, 128) == chunk
+    finally:
+        for proc in (first, *second):
+            proc.__exit__(None, None, None)  # SIGKILL by PID if still running, close pipes
