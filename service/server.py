@@ -44,7 +44,7 @@ __all__ = ["SERVICE_NAME", "Server"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = blockdevice_pb2.DESCRIPTOR.services_by_name["BlockDevice"].full_name
-_CAP_FACTOR = 4  # message cap = 4 × max_io + 1 MiB: the size check answers, not the transport
+_CAP_FACTOR = 4  # message cap = 4 * max_io + 1 MiB: the size check answers, not the transport
 
 
 @runtime_checkable
