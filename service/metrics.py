@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,7 +23,7 @@ from .volume import Volume
 
 __all__ = ["EngineCollector", "Metrics", "RemoteStats", "StatsSource"]
 
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )
@@ -115,11 +115,11 @@ class Metrics:
             ["volume", "op", "code"], registry=r)
         self.io_duration = Histogram(
             "tierdisk_io_duration_seconds", "Time to serve a volume I/O request.",
-            ["op"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.remote_duration = Histogram(
             "tierdisk_remote_request_duration_seconds",
             "Time of calls remote layers make to their tier.", ["method"],
-            buckets=_LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS, registry=r)
         gl = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter(
             "grpc_server_started", "RPCs started on the server.", gl, registry=r)
@@ -130,7 +130,10 @@ class Metrics:
             "grpc_server_msg_sent", "Stream messages sent by the server.", gl, registry=r)
         self.grpc_seconds = Histogram(
             "grpc_server_handling_seconds", "Time to handle an RPC until it completed.",
-            gl, buckets=_LATENCY_BUCKETS, registry=r)
+            gl, buckets=LATENCY_BUCKETS, registry=r)
+        # Label children of the per-request families, looked up once per label set.
+        self._io_cells: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._io_bytes_cells: dict[tuple[str, str], Any] = {}
         build = Info("tierdisk_build", "Versions this server runs.", registry=r)
         build.info({
             "version": _version("tierdisk"),
@@ -140,10 +143,19 @@ class Metrics:
 
     def observe_io(self, volume: str, op: str, code: str, nbytes: int, seconds: float) -> None:
         """Count one volume I/O request (``op``: read, write, unmap, flush)."""
-        self.io_requests.labels(volume, op, code).inc()
+        cells = self._io_cells.get((volume, op, code))
+        if cells is None:
+            cells = self._io_cells[volume, op, code] = (
+                self.io_requests.labels(volume, op, code),
+                self.io_duration.labels(op),
+            )
+        cells[0].inc()
         if nbytes:
-            self.io_bytes.labels(volume, op).inc(nbytes)
-        self.io_duration.labels(op).observe(seconds)
+            moved = self._io_bytes_cells.get((volume, op))
+            if moved is None:
+                moved = self._io_bytes_cells[volume, op] = self.io_bytes.labels(volume, op)
+            moved.inc(nbytes)
+        cells[1].observe(seconds)
 
     def observe_remote(self, method: str, code: str, seconds: float) -> None:
         """Time one call a remote layer made (its counts come from the layer itself)."""
@@ -155,6 +167,10 @@ class Metrics:
             for labels in list(counter._metrics):  # no public way to list children
                 if labels[0] == volume:
                     counter.remove(*labels)
+        for key in [k for k in self._io_cells if k[0] == volume]:
+            del self._io_cells[key]
+        for short in [k for k in self._io_bytes_cells if k[0] == volume]:
+            del self._io_bytes_cells[short]
 
 
 def _version(dist: str) -> str:

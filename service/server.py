@@ -35,6 +35,8 @@ from .interceptor import MetricsInterceptor
 from .layers import build_layer
 from .metrics import Metrics
 from .metrics_http import MetricsEndpoint
+from .nbd import NbdServer, NbdStats, start_nbd_server
+from .nbd_metrics import NbdMetrics
 from .netaddr import AddressInUse, claim_unix_path
 from .registry import VolumeRegistry
 from .volume import LayerEntry, Volume
@@ -69,7 +71,8 @@ class Server:
         self.server_id = ""
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsEndpoint | None = None
-        self._nbd: Any = None
+        self._nbd: NbdServer | None = None
+        self._nbd_metrics: NbdMetrics | None = None
         self._attach_tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
@@ -82,7 +85,10 @@ class Server:
         address that cannot be bound; nothing is left running then.
         """
         try:
-            await self._start()
+            # A task of its own: the server id _start records for its attach tasks
+            # (hops.server_identity) stays out of the caller's context, where a client or
+            # another in-process server would send it on as if it were theirs.
+            await asyncio.create_task(self._start())
         except BaseException:
             await self.stop(grace=0, flush=False)
             raise
@@ -110,6 +116,7 @@ class Server:
             max_io=cfg.max_io,
             server_id=self.server_id,
             gate=self.gate,
+            extra_inspect=self._extra_inspect,
         )
         blockdevice_pb2_grpc.add_BlockDeviceServicer_to_server(service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -130,13 +137,11 @@ class Server:
             if isinstance(result, BaseException):
                 raise result
         if cfg.nbd:
-            from .nbd import start_nbd_server  # imported only when configured
-
-            self._nbd = await start_nbd_server(cfg.nbd, self.registry, max_io=cfg.max_io)
+            self._nbd_metrics = NbdMetrics(self.metrics, NbdStats())
+            self._nbd = await start_nbd_server(
+                cfg.nbd, self.registry, max_io=cfg.max_io, stats=self._nbd_metrics.stats
+            )
             self.nbd_address = self._nbd.address
-            stats = getattr(self._nbd, "stats", None)
-            if stats is not None and hasattr(stats, "collect_metrics"):
-                self.metrics.engine.extra.append(stats)
         await self._update_health()
         log.info(
             "serving %d volume(s) on %s (metrics %s%s)",
@@ -145,6 +150,9 @@ class Server:
             self.metrics_address or "off",
             f", nbd {self.nbd_address}" if self.nbd_address else "",
         )
+
+    def _extra_inspect(self, volume: str) -> dict[str, Any]:
+        return self._nbd_metrics.inspect(volume) if self._nbd_metrics is not None else {}
 
     def _bind_grpc(self, address: str) -> str:
         assert self._grpc is not None

@@ -1,0 +1,228 @@
+"""NBD fixed-newstyle handshake: option haggling up to the transmission phase.
+
+Answers ``NBD_OPT_GO`` / ``NBD_OPT_INFO`` (with ``NBD_INFO_BLOCK_SIZE``: minimum = the sector
+size, preferred = 4 KiB or the physical sector size, maximum = ``max_io``), ``NBD_OPT_LIST``,
+``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_ABORT``, ``NBD_OPT_STRUCTURED_REPLY`` and the two
+meta-context options (``base:allocation``, ``qemu:allocation-depth``). Every other option is
+answered ``NBD_REP_ERR_UNSUP`` and haggling goes on. Export name = volume name; the empty
+name selects the first volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from . import nbd_protocol as P
+from .errors import TierdiskError, Unavailable, VolumeNotFound
+from .nbd_commands import Export
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .nbd import NbdServer
+
+__all__ = ["Hangup", "negotiate"]
+
+log = logging.getLogger("tierdisk.service.nbd")
+
+MAX_OPTION = 1 << 20  # longer option data is a hard disconnect
+
+
+class Hangup(Exception):
+    """The handshake ends without an export: close the connection."""
+
+
+class _Negotiation:
+    def __init__(
+        self,
+        server: NbdServer,
+        recv: Callable[[int], Awaitable[bytes]],
+        send: Callable[[bytes], None],
+        peer: str,
+    ) -> None:
+        self._server = server
+        self._recv = recv
+        self._send = send
+        self._peer = peer
+        self._structured = False
+        self._no_zeroes = False
+        self._meta_export: str | None = None
+        self._meta_contexts: list[str] = []
+
+    def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self._send(P.option_reply(option, reply, data))
+
+    def _error(self, option: int, reply: int, message: str) -> None:
+        log.debug("NBD %s: option %d refused: %s", self._peer, option, message)
+        self._send(P.option_error(option, reply, message))
+
+    async def run(self) -> Export:
+        self._send(P.server_greeting())
+        (client_flags,) = struct.unpack(">I", await self._recv(4))
+        if client_flags & ~P.CLIENT_FLAGS_KNOWN:
+            raise Hangup(f"unknown client flags {client_flags:#x}")
+        self._no_zeroes = bool(client_flags & P.FLAG_C_NO_ZEROES)
+        while True:
+            magic, option, length = P.OPTION_HEADER.unpack(await self._recv(16))
+            if magic != P.IHAVEOPT:
+                raise Hangup(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION:
+                raise Hangup(f"option {option} carries {length} bytes (limit {MAX_OPTION})")
+            data = await self._recv(length) if length else b""
+            if self._server.closing and option != P.OPT_ABORT:
+                self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
+                continue
+            export = self._option(option, data)
+            if export is not None:
+                return export
+
+    def _lookup(self, name: str) -> tuple[Volume, str]:
+        """The volume an export name selects ("" = the first volume) and its name."""
+        if not name:
+            names = self._server.registry.names()
+            if not names:
+                raise VolumeNotFound("this server has no volumes")
+            name = names[0]
+        return self._server.registry.get(name), name
+
+    def _option(self, option: int, data: bytes) -> Export | None:
+        """Answer one option; returns the export when the transmission phase begins."""
+        if option == P.OPT_EXPORT_NAME:
+            try:
+                volume, name = self._lookup(P.parse_export_name(data))
+            except (P.BadOption, TierdiskError) as exc:
+                raise Hangup(f"NBD_OPT_EXPORT_NAME: {exc}") from None  # cannot answer errors
+            export = self._export(volume, name, strict=False)
+            self._send(P.export_name_reply(export.size, export.flags, self._no_zeroes))
+            return export
+        if option == P.OPT_ABORT:
+            self._reply(option, P.REP_ACK)
+            raise Hangup("the client aborted")
+        if option == P.OPT_LIST:
+            if data:
+                self._error(option, P.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return None
+            for name in self._server.registry.names():
+                self._reply(option, P.REP_SERVER, P.rep_server(name))
+            self._reply(option, P.REP_ACK)
+            return None
+        if option in (P.OPT_INFO, P.OPT_GO):
+            return self._info(option, data)
+        if option == P.OPT_STRUCTURED_REPLY:
+            if data:
+                self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                return None
+            self._structured = True
+            self._reply(option, P.REP_ACK)
+            return None
+        if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+            self._meta_context(option, data)
+            return None
+        self._error(option, P.REP_ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _info(self, option: int, data: bytes) -> Export | None:
+        try:
+            request = P.parse_info_request(data)
+        except P.BadOption as exc:
+            self._error(option, P.REP_ERR_INVALID, str(exc))
+            return None
+        try:
+            volume, name = self._lookup(request.name)
+        except (VolumeNotFound, Unavailable) as exc:
+            self._error(option, P.REP_ERR_UNKNOWN, str(exc))
+            return None
+        strict = option == P.OPT_GO and P.INFO_BLOCK_SIZE in request.requests
+        export = self._export(volume, name, strict)
+        self._reply(option, P.REP_INFO, P.info_export(export.size, export.flags))
+        if P.INFO_NAME in request.requests or name != request.name:
+            self._reply(option, P.REP_INFO, P.info_name(name))
+        if P.INFO_DESCRIPTION in request.requests:
+            text = f"tierdisk volume {name}: {len(volume.entries)} layer(s)"
+            self._reply(option, P.REP_INFO, P.info_description(text))
+        self._reply(option, P.REP_INFO, P.info_block_size(*self._block_sizes(volume)))
+        self._reply(option, P.REP_ACK)
+        return export if option == P.OPT_GO else None
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        setting = option == P.OPT_SET_META_CONTEXT
+        if setting:
+            self._meta_export, self._meta_contexts = None, []  # replaced even on failure
+            if not self._structured:
+                self._error(option, P.REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+                return
+        try:
+            request = P.parse_meta_context_request(data)
+        except P.BadOption as exc:
+            self._error(option, P.REP_ERR_INVALID, str(exc))
+            return
+        try:
+            _, name = self._lookup(request.name)
+        except (VolumeNotFound, Unavailable) as exc:
+            self._error(option, P.REP_ERR_UNKNOWN, str(exc))
+            return
+        if setting:
+            contexts = P.select_contexts(request.queries)
+            for context in contexts:
+                payload = P.rep_meta_context(P.CONTEXT_IDS[context], context)
+                self._reply(option, P.REP_META_CONTEXT, payload)
+            self._meta_export, self._meta_contexts = name, contexts
+        else:
+            for context in P.list_contexts(request.queries):
+                self._reply(option, P.REP_META_CONTEXT, P.rep_meta_context(0, context))
+        self._reply(option, P.REP_ACK)
+
+    def _block_sizes(self, volume: Volume) -> tuple[int, int, int]:
+        """Minimum (the sector size), preferred and maximum (``max_io``) block sizes."""
+        ss = volume.sector_size
+        minimum = min(ss, 1 << 16)
+        maximum = max(ss, min(self._server.max_io, 0x7FFFFFFF) // ss * ss)
+        physical = volume.physical_sector_size
+        preferred = max(4096, ss)
+        if physical > preferred and physical & (physical - 1) == 0:
+            preferred = physical
+        while preferred > maximum:
+            preferred //= 2
+        return minimum, max(preferred, minimum, 512), maximum
+
+    def _export(self, volume: Volume, name: str, strict: bool) -> Export:
+        flags = P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_CAN_MULTI_CONN
+        flags |= P.TFLAG_SEND_CACHE
+        if self._structured:
+            flags |= P.TFLAG_SEND_DF
+        if volume.read_only:
+            flags |= P.TFLAG_READ_ONLY
+        else:
+            flags |= P.TFLAG_SEND_FUA | P.TFLAG_SEND_TRIM
+            flags |= P.TFLAG_SEND_WRITE_ZEROES | P.TFLAG_SEND_FAST_ZERO
+        ss = volume.sector_size
+        return Export(
+            volume=volume,
+            name=name,
+            size=volume.sector_count * ss,
+            sector_size=ss,
+            flags=flags,
+            structured=self._structured,
+            strict=strict and ss <= 1 << 16,
+            contexts=list(self._meta_contexts) if self._meta_export == name else [],
+            has_read_cache=any(e.read_cache for e in volume.entries),
+            lock=self._server.range_lock(volume),
+            max_io=self._block_sizes(volume)[2],
+            zeros=self._server.zeros,
+        )
+
+
+async def negotiate(
+    server: NbdServer,
+    recv: Callable[[int], Awaitable[bytes]],
+    send: Callable[[bytes], None],
+    peer: str,
+) -> Export:
+    """Run the handshake over ``recv(n)`` / ``send(data)``; the export the client chose.
+
+    Raises :class:`Hangup` when the session ends instead (abort, protocol violation, an
+    ``NBD_OPT_EXPORT_NAME`` that cannot be served).
+    """
+    return await _Negotiation(server, recv, send, peer).run()

@@ -1,0 +1,71 @@
+"""Prometheus families of the NBD export, in the server's registry.
+
+NBD requests are counted like gRPC ones: ``tierdisk_nbd_requests_total{volume,command,result}``
+(result ``ok`` or the NBD error name) and ``tierdisk_nbd_request_duration_seconds{command}``;
+data commands also add to ``tierdisk_volume_io_bytes_total{volume,op}`` and
+``tierdisk_io_duration_seconds{op}``, so volume throughput covers both front ends. Session
+counts are read from :class:`~tierdisk.service.nbd.NbdStats` at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .metrics import LATENCY_BUCKETS, Metrics
+from .nbd import NbdStats
+
+__all__ = ["NbdMetrics"]
+
+# NBD command → the volume operation it is (for the shared io families).
+_OPS = {"read": "read", "cache": "read", "write": "write", "write_zeroes": "write",
+        "trim": "unmap", "flush": "flush"}
+
+
+class NbdMetrics:
+    """Wires ``stats`` into ``metrics``: a request hook plus a scrape-time collector."""
+
+    def __init__(self, metrics: Metrics, stats: NbdStats) -> None:
+        self._metrics = metrics
+        self.stats = stats
+        r = metrics.registry
+        self.requests = Counter(
+            "tierdisk_nbd_requests", "NBD requests by command and result (ok or NBD error).",
+            ["volume", "command", "result"], registry=r)
+        self.duration = Histogram(
+            "tierdisk_nbd_request_duration_seconds", "Time to serve an NBD request.",
+            ["command"], buckets=LATENCY_BUCKETS, registry=r)
+        stats.on_request = self.observe
+        metrics.engine.extra.append(self)
+
+    def observe(self, volume: str, command: str, result: str, seconds: float, nbytes: int) -> None:
+        """The :class:`NbdStats` request hook."""
+        self.requests.labels(volume, command, result).inc()
+        self.duration.labels(command).observe(seconds)
+        op = _OPS.get(command)
+        if op is not None:
+            if nbytes:
+                self._metrics.io_bytes.labels(volume, op).inc(nbytes)
+            self._metrics.io_duration.labels(op).observe(seconds)
+
+    def collect_metrics(self) -> Iterator[Metric]:
+        stats = self.stats
+        connections = CounterMetricFamily(
+            "tierdisk_nbd_connections", "NBD connections accepted.")
+        connections.add_metric([], stats.connections_total)
+        sessions = CounterMetricFamily(
+            "tierdisk_nbd_sessions", "NBD connections that reached transmission.")
+        sessions.add_metric([], stats.sessions_total)
+        active = GaugeMetricFamily(
+            "tierdisk_nbd_sessions_active", "NBD sessions open, per volume.", labels=["volume"])
+        for volume, count in sorted(stats.volume_sessions.items()):
+            active.add_metric([volume], count)
+        yield from (connections, sessions, active)
+
+    def inspect(self, volume: str) -> dict[str, Any]:
+        """The NBD part of a volume's Inspect tree."""
+        return {"nbd": {"sessions_active": self.stats.volume_sessions.get(volume, 0),
+                        **self.stats.snapshot()}}

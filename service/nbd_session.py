@@ -1,0 +1,479 @@
+"""One NBD connection: the receive buffer and request parser, dispatch, and replies.
+
+The session is an :class:`asyncio.BufferedProtocol` with its own parser: requests are cut
+out of one receive buffer (no read call per request), a large write payload is received
+straight into one ``bytearray`` of its size, and every request runs as its own task, so
+requests are served concurrently and replied out of order. A reply is written whole in one
+synchronous step (``transport.writelines([header, data])``, no concatenation), which is the
+write lock: replies never interleave. When the transport's buffer is full, replies wait for
+it to drain; when too many requests are in flight, reading pauses.
+
+The handshake (:mod:`.nbd_handshake`) runs first, as a task reading from the same buffer;
+the commands themselves are in :mod:`.nbd_commands`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from . import nbd_commands as C
+from . import nbd_protocol as P
+from .errors import TierdiskError
+from .nbd_handshake import Hangup, negotiate
+
+if TYPE_CHECKING:
+    from .nbd import NbdServer
+
+__all__ = ["NbdSession"]
+
+log = logging.getLogger("tierdisk.service.nbd")
+
+_RECV_BUFFER = 256 * 1024
+_BIG_PAYLOAD = 64 * 1024  # write payloads this large are received in place
+_MAX_INFLIGHT = 256  # requests in flight per session before reading pauses
+_MAX_INFLIGHT_BYTES = 64 << 20  # write payload bytes in flight before reading pauses
+_WRITE_HIGH = 8 << 20  # transport write buffer limits
+_WRITE_LOW = 2 << 20
+_HANDSHAKE_TIMEOUT = 60.0  # seconds a client has to reach the transmission phase
+
+_TO_BUF, _TO_PAYLOAD, _TO_SKIP = 0, 1, 2
+_WRITING = (P.CMD_WRITE, P.CMD_WRITE_ZEROES)
+
+
+class NbdSession(asyncio.BufferedProtocol):
+    """One client connection (made by the server's protocol factory)."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self._stats = server.stats
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        # receive buffer: the unparsed bytes are self._buf[self._start:self._end]
+        self._buf = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._target = _TO_BUF  # where the last get_buffer() pointed
+        # a large write payload being received in place
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._filled = 0
+        self._pending = (0, 0, 0, 0)  # its request: flags, handle, offset, length
+        self._skip = 0  # payload bytes of an oversized write still to discard
+        self._scratch: memoryview | None = None
+        # handshake
+        self._waiter: asyncio.Future[None] | None = None
+        self._want = 0
+        self._handshake_task: asyncio.Task[None] | None = None
+        # transmission
+        self._export: C.Export | None = None
+        self._max_io = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight_bytes = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._eof = False
+        self._closing = False  # no more requests are taken (DISC, EOF, shutdown)
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's do not subclass asyncio.Transport, hence no check).
+        self._transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+        self._server.add_session(self)
+        self._stats.connections_total += 1
+        if self._server.closing:
+            transport.close()
+            return
+        self._handshake_task = self._loop.create_task(self._handshake())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        _wake(self._waiter)
+        _wake(self._drained)
+        export = self._export
+        if export is not None:
+            self._stats.sessions_active -= 1
+            self._stats.volume_sessions[export.name] -= 1
+            log.debug("NBD session %s on %r ended", self._peer, export.name)
+        self._server.remove_session(self)
+        _wake(self._lost)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        _wake(self._waiter)
+        if self._export is not None and not self._closing:
+            self._parse(force=True)  # complete requests already received are still served
+        self._closing = True
+        if self._export is None or not self._tasks:
+            return None  # the transport closes
+        return True  # keep the write side open until the requests in flight replied
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        _wake(self._drained)
+        self._drained = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            self._target = _TO_PAYLOAD
+            return self._payload_view[self._filled :]
+        if self._skip:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_BIG_PAYLOAD))
+            self._target = _TO_SKIP
+            return self._scratch[: min(self._skip, len(self._scratch))]
+        self._target = _TO_BUF
+        if len(self._buf) - self._end < _RECV_BUFFER // 4:
+            full = self._start == 0 and self._end == len(self._buf)
+            self._make_room(len(self._buf) + _RECV_BUFFER if full else 0)
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        target = self._target
+        if target == _TO_PAYLOAD:
+            self._filled += nbytes
+            payload = self._payload
+            assert payload is not None
+            if self._filled == len(payload):
+                flags, handle, offset, length = self._pending
+                self._payload = self._payload_view = None
+                self._dispatch(flags, P.CMD_WRITE, handle, offset, length, payload)
+                self._parse()
+        elif target == _TO_SKIP:
+            self._skip -= nbytes
+            if not self._skip:
+                self._refuse_oversized()
+                self._parse()
+        else:
+            self._end += nbytes
+            if self._export is not None:
+                self._parse()
+            elif self._end - self._start >= self._want:
+                _wake(self._waiter)
+
+    def _make_room(self, size: int) -> None:
+        """Move the unparsed bytes to the front; grow the buffer to ``size`` if larger."""
+        start, end = self._start, self._end
+        if size > len(self._buf):
+            grown = bytearray(size)
+            grown[: end - start] = self._view[start:end]
+            self._buf, self._view = grown, memoryview(grown)
+        elif start:
+            self._view[: end - start] = self._view[start:end]
+        self._start, self._end = 0, end - start
+
+    # -- handshake ------------------------------------------------------------------------
+
+    async def _recv(self, n: int) -> bytes:
+        """The next ``n`` bytes of the handshake."""
+        while self._end - self._start < n:
+            if self._eof or self._lost.done():
+                raise Hangup("the client closed the connection")
+            if len(self._buf) - self._start < n:
+                self._make_room(max(n, len(self._buf)))
+            self._want = n
+            self._waiter = self._loop.create_future()
+            await self._waiter
+            self._waiter = None
+        data = bytes(self._view[self._start : self._start + n])
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+        return data
+
+    def _send(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def _handshake(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        try:
+            export = await asyncio.wait_for(
+                negotiate(self._server, self._recv, self._send, self._peer), _HANDSHAKE_TIMEOUT
+            )
+        except TimeoutError:
+            log.info("NBD %s: no export chosen in %.0f s; closing", self._peer, _HANDSHAKE_TIMEOUT)
+            transport.abort()
+            return
+        except Hangup as exc:
+            log.debug("NBD %s: handshake ended: %s", self._peer, exc)
+            transport.close()
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            transport.abort()
+            return
+        except Exception:
+            log.exception("NBD %s: handshake failed", self._peer)
+            transport.abort()
+            return
+        self._begin(export)
+
+    def _begin(self, export: C.Export) -> None:
+        """Enter the transmission phase."""
+        self._export = export
+        self._max_io = export.max_io
+        self._stats.sessions_total += 1
+        self._stats.sessions_active += 1
+        self._stats.volume_sessions[export.name] += 1
+        log.debug(
+            "NBD session %s on %r: structured=%s block sizes=%s contexts=%s",
+            self._peer,
+            export.name,
+            export.structured,
+            export.strict,
+            export.contexts,
+        )
+        if len(self._buf) > _RECV_BUFFER and self._start == self._end:
+            self._buf = bytearray(_RECV_BUFFER)  # a large option grew it
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
+        self._parse()
+
+    # -- transmission: parsing and dispatch -----------------------------------------------
+
+    def _parse(self, force: bool = False) -> None:
+        """Start the complete requests in the receive buffer (until too many are in flight,
+        unless ``force``)."""
+        buf = self._buf
+        while not self._closing and self._payload is None and not self._skip:
+            if not force and (
+                len(self._tasks) >= _MAX_INFLIGHT or self._inflight_bytes >= _MAX_INFLIGHT_BYTES
+            ):
+                self._pause_reading()
+                break
+            start = self._start
+            if self._end - start < P.REQUEST_SIZE:
+                break
+            magic, flags, cmd, handle, offset, length = P.REQUEST.unpack_from(buf, start)
+            if magic != P.REQUEST_MAGIC:
+                log.warning("NBD %s: bad request magic %#x; disconnecting", self._peer, magic)
+                self._closing = True
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            body = start + P.REQUEST_SIZE
+            if cmd != P.CMD_WRITE or not length:
+                self._start = body
+                if cmd == P.CMD_DISC:
+                    self._disconnect()
+                    break
+                self._dispatch(
+                    flags, cmd, handle, offset, length, b"" if cmd == P.CMD_WRITE else None
+                )
+                continue
+            if length > self._max_io:  # refused; its payload is read and dropped
+                take = min(length, self._end - body)
+                self._start = body + take
+                self._pending = (flags, handle, offset, length)
+                self._skip = length - take
+                if not self._skip:
+                    self._refuse_oversized()
+                continue
+            end = body + length
+            if end <= self._end:
+                self._start = end
+                self._dispatch(flags, cmd, handle, offset, length, bytes(self._view[body:end]))
+                continue
+            if length >= _BIG_PAYLOAD:  # receive the rest straight into the payload
+                payload = bytearray(length)
+                have = self._end - body
+                payload[:have] = self._view[body : self._end]
+                self._payload, self._payload_view = payload, memoryview(payload)
+                self._filled = have
+                self._pending = (flags, handle, offset, length)
+                self._start = self._end
+                break
+            if end > len(buf):
+                self._make_room(0)
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _refuse_oversized(self) -> None:
+        flags, handle, offset, length = self._pending
+        self._dispatch(flags, P.CMD_WRITE, handle, offset, length, None)
+
+    def _dispatch(
+        self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: Any
+    ) -> None:
+        if payload is not None:
+            self._inflight_bytes += len(payload)
+        task = self._loop.create_task(self._serve(flags, cmd, handle, offset, length, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        transport = self._transport
+        if transport is None:
+            return
+        if self._closing:
+            if not self._tasks:
+                transport.close()
+        elif (
+            self._reading_paused
+            and len(self._tasks) <= _MAX_INFLIGHT // 2
+            and self._inflight_bytes < _MAX_INFLIGHT_BYTES // 2
+        ):
+            self._reading_paused = False
+            transport.resume_reading()
+            self._parse()
+
+    def _disconnect(self) -> None:
+        """``NBD_CMD_DISC``: finish the requests in flight, then close."""
+        self._closing = True
+        self._pause_reading()
+        if not self._tasks and self._transport is not None:
+            self._transport.close()
+
+    async def shutdown(self, grace: float) -> None:
+        """Server shutdown: take no more requests, let those in flight finish (for up to
+        ``grace`` seconds), close."""
+        self._closing = True
+        if self._handshake_task is not None and not self._handshake_task.done():
+            self._handshake_task.cancel()
+        transport = self._transport
+        if transport is None:
+            return
+        self._pause_reading()
+        if self._export is not None:
+            self._refuse_unstarted(P.ESHUTDOWN, "the server is shutting down")
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+        transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost), 2.0)
+        except TimeoutError:
+            transport.abort()
+
+    def _refuse_unstarted(self, code: int, message: str) -> None:
+        """Answer ``code`` to every complete request received but not started yet."""
+        export, transport = self._export, self._transport
+        assert export is not None and transport is not None
+        start = self._start
+        while self._payload is None and not self._skip and self._end - start >= P.REQUEST_SIZE:
+            magic, _, cmd, handle, _, length = P.REQUEST.unpack_from(self._buf, start)
+            body = start + P.REQUEST_SIZE + (length if cmd == P.CMD_WRITE else 0)
+            if magic != P.REQUEST_MAGIC or cmd == P.CMD_DISC or body > self._end:
+                break
+            if export.structured:
+                transport.write(P.chunk_error(handle, code, message))
+            else:
+                transport.write(P.simple_reply(handle, code))
+            self._stats.requests[P.CMD_NAMES.get(cmd, "unknown"), P.ERROR_NAMES[code]] += 1
+            start = body
+        self._start = start
+
+    # -- transmission: serving and replying -----------------------------------------------
+
+    async def _reply(self, parts: list[Any]) -> None:
+        """Write one whole reply; waits while the transport's buffer is full."""
+        while self._writing_paused and not self._lost.done():
+            if self._drained is None:
+                self._drained = self._loop.create_future()
+            await asyncio.shield(self._drained)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the client went away; nobody to tell
+        if len(parts) == 1:
+            transport.write(parts[0])
+        else:
+            transport.writelines(parts)
+
+    async def _serve(
+        self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: Any
+    ) -> None:
+        export = self._export
+        assert export is not None
+        started = time.perf_counter()
+        code = 0
+        message = ""
+        try:
+            allowed = P.CMD_FLAGS_ALLOWED.get(cmd)
+            if allowed is None:
+                raise C.Refuse(P.EINVAL, f"unknown command {cmd}")
+            if flags & ~allowed:
+                raise C.Refuse(P.EINVAL, f"flags {flags:#x} are not valid for this command")
+            if cmd == P.CMD_READ:
+                reply = await C.read(export, flags, handle, offset, length)
+            elif cmd == P.CMD_BLOCK_STATUS:
+                reply = await C.block_status(export, flags, handle, offset, length)
+            else:
+                if cmd == P.CMD_WRITE:
+                    if payload is None:
+                        raise C.Refuse(
+                            P.EINVAL,
+                            f"a write of {length} bytes is over the limit of {self._max_io}",
+                        )
+                    await C.write(export, flags, offset, payload)
+                elif cmd == P.CMD_FLUSH:
+                    await export.volume.flush()
+                elif cmd == P.CMD_TRIM:
+                    await C.trim(export, flags, offset, length)
+                elif cmd == P.CMD_WRITE_ZEROES:
+                    await C.write_zeroes(export, flags, offset, length)
+                else:  # CMD_CACHE
+                    await C.cache(export, offset, length)
+                reply = [P.simple_reply(handle)]
+        except C.Refuse as exc:
+            code, message = exc.code, str(exc)
+        except (TierdiskError, OSError) as exc:  # a remote layer down, storage errors, …
+            code, message = P.error_code(exc, writing=cmd in _WRITING), str(exc)
+        except Exception as exc:
+            log.exception("NBD %s: %s failed", self._peer, P.CMD_NAMES.get(cmd, cmd))
+            code, message = P.EIO, f"internal error: {exc}"
+        finally:
+            if payload is not None:
+                self._inflight_bytes -= len(payload)
+        if code:
+            if export.structured:
+                reply = [P.chunk_error(handle, code, message)]
+            else:
+                reply = [P.simple_reply(handle, code)]
+        await self._reply(reply)
+        self._count(export.name, cmd, code, length, started)
+
+    def _count(self, volume: str, cmd: int, code: int, length: int, started: float) -> None:
+        stats = self._stats
+        command = P.CMD_NAMES.get(cmd, "unknown")
+        result = P.ERROR_NAMES.get(code, "error")
+        stats.requests[command, result] += 1
+        moved = 0
+        if not code and cmd == P.CMD_READ:
+            stats.bytes_read += length
+            moved = length
+        elif not code and cmd == P.CMD_WRITE:
+            stats.bytes_written += length
+            moved = length
+        if stats.on_request is not None:
+            try:
+                stats.on_request(volume, command, result, time.perf_counter() - started, moved)
+            except Exception:
+                log.exception("NBD request hook failed")
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
