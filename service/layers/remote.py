@@ -1,0 +1,612 @@
+"""The ``remote`` layer: a volume of another tierdisk service, so services stack into tiers.
+
+Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
+
+``target``, ``volume``
+    The other service's address (``host:port`` or ``unix:/path``) and its volume's name.
+``mode``
+    ``"disk"`` (default): the remote volume is a whole disk, every sector present; it
+    cannot be a ``read_cache``. ``"layer"``: presence is what the remote reports (Read with
+    ``report_presence``; GetAllocation for :meth:`~RemoteLayer.presence`), so sectors the
+    remote volume holds nowhere fall through to the layers below this one; a writable
+    remote in layer mode can be a ``read_cache`` (fills are Writes with ``no_overwrite``).
+``timeout``
+    Seconds per call (default 10), retries included; each chunk of a large read or write
+    is a call. Attach (GetVolume) uses ``min(timeout, 2)`` s and no retries, so a tier
+    that is down is reported at once and the server retries the volume in the background.
+``retries``
+    Further attempts after the first on ``UNAVAILABLE`` (default 3), with exponential
+    backoff and full jitter (the client library's :class:`~tierdisk.client.RetryPolicy`).
+``tls``, ``ca_file``, ``cert_file``, ``key_file``, ``server_name``
+    ``tls = true`` connects with TLS: ``ca_file`` (PEM) replaces the system roots,
+    ``cert_file`` + ``key_file`` (PEM) present a client certificate, ``server_name``
+    overrides the name the server's certificate is checked against (and the ``:authority``).
+    The certificate files need ``tls = true``.
+``token``, ``token_file``
+    Sent with every call as ``authorization: Bearer <token>`` (``token_file``: the file's
+    content, whitespace stripped). At most one of the two.
+
+Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
+remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size. Afterwards a
+background task follows the remote's ``WatchResize`` (reconnecting with backoff when the
+stream breaks) and keeps :attr:`sector_count` current; when this layer is the top of a
+volume, the engine passes the change on to the volume's own watchers. Attach waits (up to
+the attach timeout) for that stream to start, and :meth:`resize` (``Resize`` forwarded to
+the remote) takes the new size from the stream when it runs, so sizes are applied in the
+remote's order and a late reply never puts back an older size.
+
+Unmap: in disk mode, or where nothing below this layer shows through, ``Unmap`` is
+forwarded. In layer mode over lower data the sectors are written as zeros instead, because
+the remote might drop them and let the lower data show through (DESIGN.md §3).
+
+Every call carries the ``tierdisk-hops`` chain (:func:`tierdisk.service.hops.outgoing`), so
+a loop or too deep a chain of tiers fails fast with ``FAILED_PRECONDITION`` naming it. The
+channel keeps alive with pings and reconnects by itself after the remote restarts (gRPC
+reconnect backoff from 0.1 s up to 2 s), so no local restart is needed.
+
+Data moves in whole runs: one request per run, split only into chunks of the client's
+``max_io`` (1 MiB, the measured sweet spot) with 4 chunk requests in flight; data is copied
+once, from the reply into the caller's buffer. Failures of the client library map onto the
+service's domain errors in one table, :data:`ERROR_MAP`, with the target in the message.
+
+:attr:`RemoteLayer.request_counts` counts calls to the remote by (RPC, status code) and is
+exported as ``tierdisk_remote_requests_total``; the server sets :attr:`RemoteLayer.on_request`
+to time them into ``tierdisk_remote_request_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from tierdisk.client import errors as client_errors
+from tierdisk.client.aio import AsyncClient, AsyncVolume
+from tierdisk.client.chunking import (
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_MAX_IO,
+    Chunk,
+    plan_chunks,
+    run_bounded,
+    sectors_per_chunk,
+)
+from tierdisk.client.models import UnmapBehavior as ClientUnmapBehavior
+from tierdisk.client.models import VolumeInfo
+from tierdisk.client.retry import RetryPolicy
+
+from .. import errors, hops
+from ..errors import ConfigError
+from ..layer import Layer, LayerMetadata, UnmapBehavior
+from ..ratelimit import RateLimitedLog
+from ..runs import Run
+
+__all__ = ["ERROR_MAP", "MODES", "RemoteLayer", "domain_error"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("disk", "layer")
+
+ATTACH_TIMEOUT = 2.0
+"""Longest wait for the remote's GetVolume at attach (no retries there)."""
+
+_BACKOFF = 0.05  # first retry wait ceiling (full jitter), doubling per retry
+_MAX_BACKOFF = 2.0
+_WATCH_BACKOFF = (0.1, 5.0)  # reconnect delays of the WatchResize follower
+_PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
+
+_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 15_000),  # the server accepts pings every 10 s or slower
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging along an idle WatchResize
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+ERROR_MAP: tuple[tuple[type[client_errors.TierdiskError], type[errors.TierdiskError]], ...] = (
+    (client_errors.ReadOnlyVolume, errors.ReadOnlyError),
+    (client_errors.NotSupported, errors.NotSupported),
+    (client_errors.FailedPrecondition, errors.FailedPrecondition),  # loop/depth guard too
+    (client_errors.VolumeNotFound, errors.FailedPrecondition),  # our config names a volume
+    # the remote does not serve: a refusal of this layer, not "no such volume" here
+    (client_errors.OutOfRange, errors.OutOfRange),
+    (client_errors.InvalidArgument, errors.InvalidArgument),
+    (client_errors.Unauthenticated, errors.Unauthenticated),
+    (client_errors.PermissionDenied, errors.PermissionDenied),
+    (client_errors.Unavailable, errors.Unavailable),
+    (client_errors.Cancelled, errors.Unavailable),  # the remote is shutting down: retry
+    (client_errors.DeadlineExceeded, errors.DeadlineExceeded),
+    (client_errors.NoSpace, errors.NoSpace),
+    (client_errors.DataLoss, errors.DataCorruption),
+    (client_errors.StorageError, errors.StorageError),
+    (client_errors.TierdiskError, errors.StorageError),  # UNKNOWN and other codes
+)
+"""Client exception → domain exception, first match wins (subclasses come first). The one
+place a remote failure is translated; grpc_api's table then picks the status code."""
+
+_UNMAP: dict[ClientUnmapBehavior, UnmapBehavior] = {
+    ClientUnmapBehavior.ZEROES: UnmapBehavior.ZEROES,
+    ClientUnmapBehavior.IGNORED: UnmapBehavior.IGNORED,
+    ClientUnmapBehavior.ANY: UnmapBehavior.ANY,
+    ClientUnmapBehavior.UNSPECIFIED: UnmapBehavior.ANY,
+}
+
+
+def domain_error(exc: client_errors.TierdiskError, where: str) -> errors.TierdiskError:
+    """The domain exception for a client failure (:data:`ERROR_MAP`), prefixed by ``where``."""
+    for client_cls, domain_cls in ERROR_MAP:
+        if isinstance(exc, client_cls):
+            return domain_cls(f"{where}: {exc}")
+    return errors.StorageError(f"{where}: {exc}")  # pragma: no cover - the base matches
+
+
+class _Translate:
+    """``with translate:`` re-raises client failures as domain errors naming the remote.
+    Holds no state per use, so one instance serves every call of a layer."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: RemoteLayer) -> None:
+        self.layer = layer
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, client_errors.TierdiskError):
+            raise domain_error(exc, self.layer._where) from exc
+
+
+class RemoteLayer(Layer):
+    """Volume ``volume`` of the tierdisk server at ``target`` (options: module docstring)."""
+
+    kind = "remote"
+
+    def __init__(
+        self,
+        target: str,
+        volume: str,
+        mode: str = "disk",
+        timeout: float = 10.0,
+        retries: int = 3,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        *,
+        max_io: int = DEFAULT_MAX_IO,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+    ) -> None:
+        super().__init__()
+        if not target or not volume:
+            raise ValueError("a remote layer needs a target and a volume")
+        if mode not in MODES:
+            raise ValueError(f'mode must be "disk" or "layer", not {mode!r}')
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        if retries < 0:
+            raise ValueError(f"retries must not be negative, not {retries}")
+        if not tls and (ca_file or cert_file or key_file or server_name):
+            raise ValueError("ca_file, cert_file, key_file and server_name need tls = true")
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("cert_file and key_file go together (a client certificate)")
+        if token is not None and token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        self.target = target
+        self.remote_volume = volume
+        self.mode = mode
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.tls = tls
+        self._ca_file = ca_file
+        self._cert_file = cert_file
+        self._key_file = key_file
+        self._server_name = server_name
+        self._token = token
+        self._token_file = token_file
+        self._max_io = max_io
+        self._max_in_flight = max(max_in_flight, DEFAULT_IN_FLIGHT)
+        self._errors = _Translate(self)
+        self._client: AsyncClient | None = None
+        self._vol: AsyncVolume | None = None
+        self._info: VolumeInfo | None = None
+        self._home_chain = ""
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watching = False
+        self._watch_news = asyncio.Event()  # replaced and set on each watch event or break
+        self._present = 0
+        self._present_at = -_PRESENT_REFRESH
+        self._present_task: asyncio.Task[None] | None = None
+        self._watch_log = RateLimitedLog(log)
+        self.request_counts: dict[tuple[str, str], int] = {}
+        """Calls made to the remote, by (RPC name, status code name)."""
+        self.on_request: Callable[[str, str, float], None] | None = None
+        """Called with (RPC name, status code name, seconds) after every call (set by the
+        server to :meth:`Metrics.observe_remote`); WatchResize streams are counted only."""
+
+    @property
+    def _where(self) -> str:
+        """Names the remote in messages."""
+        return f"remote {self.target} volume {self.remote_volume!r}"
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def _credentials(self) -> dict[str, Any]:
+        """Client keyword arguments for TLS and the token, reading the files named."""
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+        token = self._token
+        if self._token_file is not None:
+            raw = read(self._token_file, "token_file")
+            token = (raw or b"").decode("utf-8", "replace").strip()
+            if not token:
+                raise ConfigError(f"token_file {self._token_file} is empty")
+        options: dict[str, Any] = {"token": token or None}
+        if self.tls:
+            options.update(
+                secure=True,
+                root_certificates=read(self._ca_file, "ca_file"),
+                certificate_chain=read(self._cert_file, "cert_file"),
+                private_key=read(self._key_file, "key_file"),
+            )
+        return options
+
+    async def attach(self, lower: LayerMetadata | None) -> None:
+        # Calls made outside a request (attach, the resize follower, background refreshes)
+        # carry this server's own id, as captured now.
+        self._home_chain = hops.outgoing()
+        channel_options: list[tuple[str, Any]] = list(_CHANNEL_OPTIONS)
+        if self._server_name:
+            channel_options += [
+                ("grpc.ssl_target_name_override", self._server_name),
+                ("grpc.default_authority", self._server_name),
+            ]
+        client = AsyncClient(
+            self.target,
+            timeout=self.timeout,
+            retries=0,  # attach: report a tier that is down at once; the server retries
+            backoff=_BACKOFF,
+            max_backoff=_MAX_BACKOFF,
+            channel_options=channel_options,
+            max_io=self._max_io,
+            max_in_flight=self._max_in_flight,
+            metadata_factory=self._hop_metadata,
+            on_call=self._observe,
+            **self._credentials(),
+        )
+        vol = client.volume(self.remote_volume)
+        try:
+            attach_timeout = min(self.timeout, ATTACH_TIMEOUT)
+            try:
+                with self._errors:
+                    info = await vol.info(timeout=attach_timeout)
+            except errors.DeadlineExceeded:
+                raise errors.Unavailable(
+                    f"{self._where}: no answer within {attach_timeout:g} s"
+                ) from None
+            self._set_geometry(info.sector_size, info.sector_count, info.physical_sector_size)
+        except BaseException:
+            await client.close()
+            raise
+        client.policy = RetryPolicy(
+            retries=self.retries, backoff=_BACKOFF, max_backoff=_MAX_BACKOFF
+        )
+        self._client, self._vol, self._info = client, vol, info
+        if self.mode == "layer":
+            self._present_at = time.monotonic()
+            with contextlib.suppress(client_errors.TierdiskError):
+                await self._refresh_present(attach_timeout)  # best effort: a diagnostic
+        self._watch_task = asyncio.create_task(
+            self._follow_resizes(), name=f"watch-resize {self.target}/{self.remote_volume}"
+        )
+        # Have the watch running before any I/O: then every later size change arrives on it
+        # in order, and no first message of a late stream can bring back an older size.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(attach_timeout):
+                while not self._watching:
+                    await self._watch_news.wait()
+
+    async def close(self) -> None:
+        for task in (self._watch_task, self._present_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._watch_task = self._present_task = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _hop_metadata(self) -> tuple[tuple[str, str], ...]:
+        chain = hops.outgoing() if hops.current_chain.get() else self._home_chain
+        return ((hops.HOPS_HEADER, chain),) if chain else ()
+
+    def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+        key = (rpc, code.name)
+        self.request_counts[key] = self.request_counts.get(key, 0) + 1
+        if self.on_request is not None and rpc != "WatchResize":
+            self.on_request(rpc, code.name, seconds)
+
+    # -- geometry and capabilities --------------------------------------------------------
+
+    def _remote(self) -> VolumeInfo:
+        assert self._info is not None, "remote layer used before attach"
+        return self._info
+
+    def _volume(self) -> AsyncVolume:
+        assert self._vol is not None, "remote layer used before attach or after close"
+        return self._vol
+
+    @property
+    def disk_id(self) -> bytes | None:
+        return self._remote().disk_id or None
+
+    @property
+    def fua_respected(self) -> bool:
+        return self._remote().fua_respected
+
+    @property
+    def read_only(self) -> bool:
+        return self._remote().read_only
+
+    @property
+    def unmap_behavior(self) -> UnmapBehavior:
+        return _UNMAP[self._remote().unmap_behavior]
+
+    @property
+    def optimal_unmap_sectors(self) -> int:
+        return max(1, self._remote().optimal_unmap_sectors)
+
+    @property
+    def can_read_cache(self) -> bool:
+        return self.mode == "layer" and not self.read_only
+
+    @property
+    def can_resize(self) -> bool:
+        return not self.read_only
+
+    @property
+    def present_sectors(self) -> int:
+        if self.mode == "disk":
+            return self._sector_count
+        # Layer mode: the last count fetched from the remote, refreshed in the background
+        # when older than a few seconds (Inspect and metric scrapes ask for it).
+        if (
+            time.monotonic() - self._present_at > _PRESENT_REFRESH
+            and self._present_task is None
+            and self._client is not None
+        ):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # asked from outside the event loop: no refresh
+                return self._present
+            self._present_at = time.monotonic()
+            self._present_task = loop.create_task(self._refresh_later())
+        return self._present
+
+    async def _refresh_present(self, seconds: float | None = None) -> None:
+        vol = self._volume()
+        extents = await vol.allocation(0, self._sector_count, timeout=seconds or self.timeout)
+        self._present = sum(e.sector_count for e in extents if e.depth >= 0)
+
+    async def _refresh_later(self) -> None:
+        try:
+            await self._refresh_present()
+        except client_errors.TierdiskError as exc:
+            log.debug("%s: present sector count not refreshed: %s", self._where, exc)
+        finally:
+            self._present_task = None
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    def _clip(self, sector: int, count: int) -> int:
+        """Sectors of ``[sector, sector + count)`` inside the remote's current size (a lower
+        remote that shrank supplies nothing past its end, instead of failing the read)."""
+        return max(0, min(count, self._sector_count - sector))
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        ss = self._sector_size
+        count = self._clip(sector, len(buf) // ss)
+        if count == 0:
+            return []
+        vol = self._volume()
+        with self._errors:
+            if self.mode == "layer":
+                return await self._read_present(buf, sector, count)
+            if count <= sectors_per_chunk(self._max_io, ss):
+                data = await vol.read(sector, count)
+                if len(data) != count * ss:
+                    raise self._short_reply(len(data), count)
+                buf[: count * ss] = data
+            else:
+                await vol.read_into(sector, buf[: count * ss])
+        return [(sector, sector + count)]
+
+    async def _read_present(self, buf: memoryview, sector: int, count: int) -> list[Run]:
+        """Layer mode: read with report_presence; copy only the runs the remote holds."""
+        ss = self._sector_size
+        vol = self._volume()
+        found: list[Run] = []
+
+        async def one(chunk: Chunk) -> None:
+            first, n = chunk.sector, chunk.sector_count
+            got = await vol.read(first, n, report_presence=True)
+            if len(got.data) != n * ss:
+                raise self._short_reply(len(got.data), n)
+            data = memoryview(got.data)
+            for ext in got.present:
+                a, b = max(ext.sector, first), min(ext.end, first + n)
+                if a < b:
+                    src = data[(a - first) * ss : (b - first) * ss]
+                    buf[(a - sector) * ss : (b - sector) * ss] = src
+                    found.append((a, b))
+
+        per_chunk = sectors_per_chunk(self._max_io, ss)
+        if count <= per_chunk:
+            await one(Chunk(sector, count, 0))
+        else:
+            await run_bounded(plan_chunks(sector, count, per_chunk), one, self._max_in_flight)
+        return _merged(found)
+
+    def _short_reply(self, nbytes: int, count: int) -> errors.StorageError:
+        return errors.StorageError(
+            f"{self._where}: the remote returned {nbytes} bytes for {count} sectors"
+        )
+
+    async def presence(self, sector: int, count: int) -> list[Run]:
+        count = self._clip(sector, count)
+        if count == 0:
+            return []
+        if self.mode == "disk":
+            return [(sector, sector + count)]
+        with self._errors:
+            extents = await self._volume().allocation(sector, count)
+        return _merged([(e.sector, e.end) for e in extents if e.depth >= 0])
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        with self._errors:
+            await self._volume().write(sector, data, fua=fua)
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        if not self.can_read_cache:
+            await super().write_no_overwrite(data, sector)
+            return
+        with self._errors:
+            await self._volume().write(sector, data, no_overwrite=True)
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
+            return
+        vol = self._volume()
+        with self._errors:
+            if self.mode == "disk" or next_is_zero:
+                await vol.unmap(sector, count, block_level_only=block_level_only)
+                return
+            # Layer mode over layers that may hold data: the remote could drop the sectors
+            # (its own bottom has nothing below), letting lower data show through. Keep
+            # them present as zeros instead.
+            await self._write_zeros(vol, sector, count)
+
+    async def _write_zeros(self, vol: AsyncVolume, sector: int, count: int) -> None:
+        per_chunk = sectors_per_chunk(self._max_io, self._sector_size)
+        zeros = bytes(min(count, per_chunk) * self._sector_size)
+        view = memoryview(zeros)
+
+        async def one(chunk: Chunk) -> None:
+            await vol.write(chunk.sector, view[: chunk.sector_count * self._sector_size])
+
+        await run_bounded(plan_chunks(sector, count, per_chunk), one, self._max_in_flight)
+
+    async def flush(self) -> None:
+        with self._errors:
+            await self._volume().flush()
+
+    async def resize(self, sector_count: int) -> None:
+        if self.read_only:
+            raise errors.ReadOnlyError(f"{self._where} is read-only: cannot resize it")
+        with self._errors:
+            info = await self._volume().resize(sector_count)
+        self._info = info
+        size = info.sector_count
+        if self._watching and size != self._sector_count:
+            # The watch reports every size change in order, this one included; taking the
+            # reply instead could put back an older size after a newer change (someone
+            # else's resize) already arrived. Wait for the watch; fall back to the reply.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    while self._watching and self._sector_count != size:
+                        await self._watch_news.wait()
+            if self._sector_count == size:
+                return
+        self._set_size(size)
+
+    def _set_size(self, sector_count: int) -> None:
+        if sector_count != self._sector_count:
+            self._sector_count = sector_count
+            self._notify_resized()
+
+    def _watch_spoke(self) -> None:
+        """Wake :meth:`resize` callers waiting for the watch (an event, or the stream ended)."""
+        news, self._watch_news = self._watch_news, asyncio.Event()
+        news.set()
+
+    # -- following the remote's size ------------------------------------------------------
+
+    async def _follow_resizes(self) -> None:
+        """Follow the remote's WatchResize for as long as the layer lives, reconnecting with
+        jittered exponential backoff when the stream breaks or the remote restarts."""
+        delay = _WATCH_BACKOFF[0]
+        vol = self._volume()
+        while True:
+            try:
+                async for event in vol.watch_resize():
+                    self._watching = True
+                    delay = _WATCH_BACKOFF[0]
+                    self._set_size(event.sector_count)
+                    self._watch_spoke()
+            except client_errors.TierdiskError as exc:
+                self._watch_log.warning(
+                    "%s: resize watch broke (%s); reconnecting", self._where, exc
+                )
+            finally:
+                self._watching = False
+                self._watch_spoke()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _WATCH_BACKOFF[1])
+
+    # -- diagnostics ----------------------------------------------------------------------
+
+    def inspect(self) -> dict[str, Any]:
+        counts: dict[str, dict[str, int]] = {}
+        for (rpc, code), n in sorted(self.request_counts.items()):
+            counts.setdefault(rpc, {})[code] = n
+        state = self._client.connectivity().name if self._client is not None else "CLOSED"
+        return {
+            "target": self.target,
+            "remote_volume": self.remote_volume,
+            "mode": self.mode,
+            "connection": state,
+            "watching_resizes": self._watching,
+            "tls": self.tls,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "requests": counts,
+        }
+
+
+def _merged(runs: list[Run]) -> list[Run]:
+    """``runs`` sorted, with touching or overlapping neighbours joined."""
+    out: list[Run] = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

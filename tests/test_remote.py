@@ -1,0 +1,523 @@
+"""The ``remote`` layer against real servers on 127.0.0.1 (in-process, port 0).
+
+One origin server and one proxy whose volumes use ``remote`` layers pointing at it: geometry
+inherited at attach, whole-run I/O split only at 1 MiB chunks, layer-mode presence and
+unmap, resize both ways (Resize forwarded; origin resizes reach the proxy's WatchResize and
+GetVolume), the loop-guard header on every call, the error table, Inspect and metrics, and a
+target that does not answer. Multi-tier topologies, outages and start order are in
+tests/test_tiers.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from remote_origin import ServedRemoteLayer
+from servers import running_server
+from stacks import STACKS, VOLUME_BYTES, MapLayer, NamedStack, pattern
+
+from tierdisk.client import AsyncClient, AsyncVolume
+from tierdisk.client import errors as cerr
+from tierdisk.service import errors
+from tierdisk.service.errors import ConfigError
+from tierdisk.service.grpc_api import BlockDeviceService, status_for
+from tierdisk.service.layer import UnmapBehavior
+from tierdisk.service.layers.remote import RemoteLayer, domain_error
+from tierdisk.service.server import Server
+from tierdisk.service.volume import LayerEntry, Volume
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+SS = 512
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def toml_volume(name: str, *layers: dict[str, Any], read_only: bool = False) -> str:
+    """A ``[[volumes]]`` table with ``layers`` (top first) as TOML."""
+    lines = ["[[volumes]]", f"name = {json.dumps(name)}", f"read_only = {json.dumps(read_only)}"]
+    for layer in layers:
+        lines.append("[[volumes.layers]]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in layer.items()]
+    return "\n".join(lines) + "\n"
+
+
+def remote(target: str, volume: str, **options: Any) -> dict[str, Any]:
+    """A remote layer's options (short timeout, so failures stay quick)."""
+    return {"kind": "remote", "target": target, "volume": volume, "timeout": 2, **options}
+
+
+def ram(size: str | None = None, **options: Any) -> dict[str, Any]:
+    return {"kind": "ram", **({"size": size} if size else {}), **options}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def reads_at(vol: AsyncVolume) -> int:
+    """Read calls the volume's top layer has served (its Inspect counter)."""
+    return int((await vol.inspect("layers/0/counters"))["reads"])
+
+
+def sample(server: Server, name: str, **labels: str) -> float:
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+ORIGIN = (
+    toml_volume("base", ram("4MiB"))
+    + toml_volume("delta", ram("4MiB"))
+    + toml_volume("small", ram("1MiB"))
+    + toml_volume("ro", ram("1MiB"), read_only=True)
+    + toml_volume("big", ram("1MiB", sector_size=4096))
+)
+
+
+@pytest.fixture
+async def origin(tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(tmp_path / "origin", ORIGIN) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def oclient(origin: Server) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(origin.grpc_address, timeout=10) as client:
+        yield client
+
+
+# -- geometry -----------------------------------------------------------------------------
+
+
+async def test_geometry_comes_from_the_origin(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    at = origin.grpc_address
+    body = (
+        toml_volume("inherit", ram(), remote(at, "big"))  # ram takes its size from below
+        + toml_volume("ro", remote(at, "ro"), read_only=True)
+        + toml_volume("top", remote(at, "base"))
+    )
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        inherit = await client.volume("inherit").info()
+        assert (inherit.sector_size, inherit.sector_count) == (4096, 256)
+        ro = await client.volume("ro").info()
+        assert ro.read_only and ro.sector_count == 2048
+        assert (await client.volume("ro").inspect("layers/0"))["read_only"] is True
+        top, base = await client.volume("top").info(), await oclient.volume("base").info()
+        for field in ("sector_size", "sector_count", "physical_sector_size", "fua_respected",
+                      "disk_id", "unmap_behavior", "optimal_unmap_sectors", "read_only"):
+            assert getattr(top, field) == getattr(base, field), field
+
+
+async def test_every_volume_field_is_inherited(origin: Server, tmp_path: Path) -> None:
+    """disk id, FUA, unmap behaviour and physical sector size of an origin volume whose
+    layer (a test double) sets all of them pass through a remote top layer."""
+    odd = await Volume.open("small", [LayerEntry(MapLayer(
+        2048, disk_id=bytes(range(16)), fua_respected=False, physical_sector_size=4096,
+        unmap_behavior=UnmapBehavior.ANY, optimal_unmap_sectors=8))])
+    replaced = origin.registry.get("small")
+    origin.registry.set_ready(odd)  # the origin now serves the double as "small"
+    await replaced.close()
+    body = toml_volume("odd", remote(origin.grpc_address, "small"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        info = await client.volume("odd").info()
+    assert info.disk_id == bytes(range(16))
+    assert not info.fua_respected
+    assert info.physical_sector_size == 4096
+    assert info.unmap_behavior == "UNMAP_BEHAVIOR_ANY"
+    assert info.optimal_unmap_sectors == 8
+
+
+# -- data path ------------------------------------------------------------------------------
+
+
+async def test_whole_runs_split_only_at_one_mib(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    data = pattern(1, 0, 8192, SS)  # 4 MiB
+    await oclient.volume("base").write(0, data)
+    body = toml_volume("vm", remote(origin.grpc_address, "base"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        # a client that sends the whole read as one request, so the layer does the split
+        AsyncClient(proxy.grpc_address, max_io=16 * MiB) as client,
+    ):
+        vol = client.volume("vm")
+        before = await reads_at(oclient.volume("base"))
+        assert await vol.read(0, 8192) == data
+        assert await reads_at(oclient.volume("base")) - before == 4  # 4 chunks of 1 MiB
+        before = await reads_at(oclient.volume("base"))
+        assert await vol.read(1000, 1500) == data[1000 * SS : 2500 * SS]
+        assert await reads_at(oclient.volume("base")) - before == 1  # one run, one call
+        writes = sample(origin, "tierdisk_volume_io_requests_total",
+                        volume="base", op="write", code="OK")
+        await vol.write(0, bytes(3 * MiB))
+        assert sample(origin, "tierdisk_volume_io_requests_total",
+                      volume="base", op="write", code="OK") - writes == 3
+        assert await oclient.volume("base").read(0, 6144) == bytes(3 * MiB)
+
+
+async def test_writes_and_reads_through_a_remote_top(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    body = toml_volume("vm", remote(origin.grpc_address, "base"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        await vol.write(8, pattern(2, 8, 8, SS), fua=True)
+        assert await oclient.volume("base").read(8, 8) == pattern(2, 8, 8, SS)
+        await oclient.volume("base").write(100, pattern(3, 100, 4, SS))
+        assert await vol.read(100, 4) == pattern(3, 100, 4, SS)
+        await vol.flush()
+        # disk mode: every sector present, at depth 0
+        assert [(e.sector, e.sector_count, e.depth) for e in await vol.allocation()] == [
+            (0, 8192, 0)
+        ]
+        await vol.unmap(8, 8)
+        assert await oclient.volume("base").read(8, 8) == bytes(8 * SS)
+
+
+async def test_layer_mode_shows_lower_layers_and_keeps_unmapped_zeros(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    at = origin.grpc_address
+    base = pattern(1, 0, 8192, SS)
+    await oclient.volume("base").write(0, base)
+    delta = pattern(2, 10, 10, SS)
+    await oclient.volume("delta").write(10, delta)
+    body = toml_volume(
+        "vm", remote(at, "delta", mode="layer"), remote(at, "base")
+    ) + toml_volume("alone", remote(at, "small", mode="layer"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        got = await vol.read(0, 64)
+        assert got == base[: 10 * SS] + delta + base[20 * SS : 64 * SS]
+        alloc = [(e.sector, e.sector_count, e.depth) for e in await vol.allocation(0, 64)]
+        assert alloc == [(0, 10, 1), (10, 10, 0), (20, 44, 1)]
+        # Unmap over sectors the layer below holds: they must read as zeros, not show the
+        # base through (the remote keeps them present as zeros).
+        await vol.unmap(0, 4)
+        assert await vol.read(0, 8) == bytes(4 * SS) + base[4 * SS : 8 * SS]
+        assert [(e.sector, e.sector_count, e.depth) for e in await vol.allocation(0, 8)] == [
+            (0, 4, 0), (4, 4, 1)]
+        # With nothing below, the unmap is forwarded and the origin may drop the sectors.
+        alone = client.volume("alone")
+        await alone.write(0, pattern(3, 0, 8, SS))
+        await alone.unmap(0, 8)
+        assert await alone.read(0, 8) == bytes(8 * SS)
+        small = await oclient.volume("small").allocation(0, 8)
+        assert [(e.sector, e.sector_count, e.depth) for e in small] == [(0, 8, -1)]
+        tree = await vol.inspect("layers/0")
+        assert tree["mode"] == "layer" and tree["present_sectors"] > 0
+
+
+async def test_resize_forwarded_and_followed(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    at = origin.grpc_address
+    body = toml_volume("top", remote(at, "base")) + toml_volume("under", ram(), remote(at, "delta"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        top = client.volume("top")
+        # Resize of the proxy goes to the origin.
+        assert (await top.resize(10000)).sector_count == 10000
+        assert (await oclient.volume("base").info()).sector_count == 10000
+        # A resize of the origin reaches the proxy's watchers and GetVolume.
+        watch = top.watch_resize(timeout=10)
+        first = await anext(watch)
+        assert first.sector_count == 10000
+        await oclient.volume("base").resize(12000)
+        event = await asyncio.wait_for(anext(watch), 10)
+        assert event.sector_count == 12000 and event.generation > first.generation
+        await watch.aclose()
+        assert (await top.info()).sector_count == 12000
+        assert await top.read(11990, 10) == bytes(10 * SS)  # the grown part reads as zeros
+        # Below a ram top, the remote layer follows its size but the volume keeps its own.
+        await oclient.volume("delta").resize(9000)
+        under = client.volume("under")
+        for _ in range(200):
+            if (await under.inspect("layers/1"))["sector_count"] == 9000:
+                break
+            await asyncio.sleep(0.02)
+        assert (await under.inspect("layers/1"))["sector_count"] == 9000
+        assert (await under.info()).sector_count == 8192
+
+
+async def test_read_only_remotes(origin: Server, tmp_path: Path) -> None:
+    at = origin.grpc_address
+    # On the write path of a writable volume: refused at start, naming volume and layer.
+    with pytest.raises(ConfigError) as info:
+        async with running_server(tmp_path / "p1", toml_volume("v", remote(at, "ro"))):
+            pass
+    assert info.value.volume == "v" and info.value.layer == 0 and "read-only" in str(info.value)
+    # disk mode can never be a read cache; layer mode can, unless the remote is read-only
+    for layer, why in ((remote(at, "base", read_cache=True), "read_cache"),
+                       (remote(at, "ro", mode="layer", read_cache=True), "read_cache")):
+        with pytest.raises(ConfigError) as info:
+            async with running_server(tmp_path / "p2", toml_volume("v", ram(), layer)):
+                pass
+        assert info.value.layer == 1 and why in str(info.value)
+    body = toml_volume("v", ram(), remote(at, "ro")) + toml_volume(
+        "r", remote(at, "ro"), read_only=True)
+    async with (
+        running_server(tmp_path / "p3", body) as proxy,
+        AsyncClient(proxy.grpc_address, retries=0) as client,
+    ):
+        await client.volume("v").write(0, bytes(SS))  # lands on the ram layer
+        with pytest.raises(cerr.ReadOnlyVolume):
+            await client.volume("r").resize(100)
+
+
+# -- the loop guard header, metrics, inspect ------------------------------------------------------
+
+
+async def test_every_call_carries_the_hop_chain(
+    origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, str, str | None]] = []  # (server id, rpc, tierdisk-hops)
+
+    def record(self: BlockDeviceService, rpc: str, context: Any) -> None:
+        md = dict(context.invocation_metadata() or ())
+        seen.append((self._server_id, rpc, md.get("tierdisk-hops")))
+
+    def unary(rpc: str) -> Callable[..., Any]:
+        method = getattr(BlockDeviceService, rpc)
+
+        async def wrapper(self: BlockDeviceService, request: Any, context: Any) -> Any:
+            record(self, rpc, context)
+            return await method(self, request, context)
+
+        return wrapper
+
+    async def watch(self: BlockDeviceService, request: Any, context: Any) -> AsyncIterator[Any]:
+        record(self, "WatchResize", context)
+        async for event in original_watch(self, request, context):
+            yield event
+
+    original_watch = BlockDeviceService.WatchResize
+    for rpc in ("GetVolume", "Read", "Write", "Unmap", "Flush", "GetAllocation", "Resize"):
+        monkeypatch.setattr(BlockDeviceService, rpc, unary(rpc))
+    monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
+    # The origin fixture started before the patch; start one that uses it.
+    at = origin.grpc_address
+    async with running_server(tmp_path / "origin2", toml_volume("delta", ram("1MiB"))) as o2:
+        body = toml_volume("vm", remote(o2.grpc_address, "delta", mode="layer"), remote(at, "base"))
+        body += toml_volume("disk", remote(o2.grpc_address, "delta"))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            vol = client.volume("vm")
+            await vol.write(0, bytes(4 * SS))
+            await vol.read(0, 64)
+            await vol.allocation(0, 64)
+            await vol.unmap(0, 2)  # over the base: zeros are written
+            await client.volume("disk").unmap(0, 2)  # forwarded
+            await vol.flush()
+            await vol.resize(2048)
+            for _ in range(100):  # the resize follower's stream starts in the background
+                if {"WatchResize"} <= {rpc for sid, rpc, _ in seen if sid == o2.server_id}:
+                    break
+                await asyncio.sleep(0.02)
+            at_origin = [(rpc, chain) for sid, rpc, chain in seen if sid == o2.server_id]
+    assert {rpc for rpc, _ in at_origin} >= {
+        "GetVolume", "WatchResize", "Read", "Write", "GetAllocation", "Unmap", "Flush", "Resize"
+    }
+    assert {chain for _, chain in at_origin} == {proxy.server_id}, at_origin
+
+
+async def test_inspect_and_metrics_count_remote_calls(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    body = toml_volume("vm", ram(), remote(origin.grpc_address, "base"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        for sector in (0, 100, 200):
+            await vol.read(sector, 8)
+        tree = await vol.inspect("layers/1")
+        assert tree["kind"] == "remote"
+        assert tree["target"] == origin.grpc_address
+        assert tree["remote_volume"] == "base"
+        assert tree["mode"] == "disk"
+        assert tree["connection"] == "READY"
+        assert tree["requests"]["Read"] == {"OK": 3}
+        assert tree["requests"]["GetVolume"] == {"OK": 1}
+        labels = {"volume": "vm", "layer": "1"}
+        assert sample(proxy, "tierdisk_remote_requests_total",
+                      method="Read", code="OK", **labels) == 3
+        assert sample(proxy, "tierdisk_remote_request_duration_seconds_count", method="Read") == 3
+        assert sample(proxy, "tierdisk_remote_request_duration_seconds_count",
+                      method="GetVolume") == 1
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client_error", "domain", "code"),
+    [
+        (cerr.ReadOnlyVolume, errors.ReadOnlyError, grpc.StatusCode.FAILED_PRECONDITION),
+        (cerr.NotSupported, errors.NotSupported, grpc.StatusCode.FAILED_PRECONDITION),
+        (cerr.FailedPrecondition, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+        (cerr.VolumeNotFound, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+        (cerr.OutOfRange, errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+        (cerr.InvalidArgument, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+        (cerr.Unauthenticated, errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+        (cerr.PermissionDenied, errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+        (cerr.Unavailable, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+        (cerr.Cancelled, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+        (cerr.DeadlineExceeded, errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (cerr.NoSpace, errors.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (cerr.DataLoss, errors.DataCorruption, grpc.StatusCode.DATA_LOSS),
+        (cerr.StorageError, errors.StorageError, grpc.StatusCode.INTERNAL),
+        (cerr.TierdiskError, errors.StorageError, grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_error_table(
+    client_error: type[cerr.TierdiskError],
+    domain: type[errors.TierdiskError],
+    code: grpc.StatusCode,
+) -> None:
+    exc = domain_error(client_error("it broke"), "remote x volume 'v'")
+    assert type(exc) is domain
+    assert str(exc) == "remote x volume 'v': it broke"
+    assert status_for(exc) == code
+
+
+async def test_attach_to_a_silent_target_fails_fast() -> None:
+    layer = RemoteLayer(f"127.0.0.1:{free_port()}", "v", timeout=30)
+    started = time.monotonic()
+    with pytest.raises(errors.Unavailable) as info:
+        await layer.attach(None)
+    assert time.monotonic() - started < 2 + 1.5  # the attach timeout, not the 30 s one
+    assert "127.0.0.1" in str(info.value)
+    await layer.close()
+
+
+async def test_server_starts_with_the_remote_down(tmp_path: Path) -> None:
+    port = free_port()
+    body = toml_volume("vm", ram(), remote(f"127.0.0.1:{port}", "base", timeout=1))
+    body += toml_volume("local", ram("1MiB"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address, retries=0) as client,
+        grpc.aio.insecure_channel(proxy.grpc_address) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(cerr.Unavailable) as info:
+            await client.volume("vm").read(0, 1)
+        assert "not ready" in str(info.value)
+        assert await client.volume("local").read(0, 1) == bytes(SS)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"ca_file": "ca.pem"}, "tls = true"),
+        ({"tls": True, "cert_file": "c.pem"}, "key_file"),
+        ({"token": "a", "token_file": "t"}, "token"),
+        ({"tls": True, "ca_file": "missing.pem"}, "missing.pem"),
+        ({"token_file": "missing-token"}, "missing-token"),
+    ],
+)
+async def test_tls_and_token_options_are_checked(
+    tmp_path: Path, options: dict[str, Any], problem: str
+) -> None:
+    body = toml_volume("vm", remote("127.0.0.1:1", "base", **options))
+    with pytest.raises(ConfigError) as info:
+        async with running_server(tmp_path, body):
+            pass
+    assert info.value.volume == "vm" and info.value.layer == 0 and problem in str(info.value)
+
+
+async def test_token_is_sent_as_bearer(
+    origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens: list[str | None] = []
+    get_volume = BlockDeviceService.GetVolume
+
+    async def record(self: BlockDeviceService, request: Any, context: Any) -> Any:
+        tokens.append(dict(context.invocation_metadata() or ()).get("authorization"))
+        return await get_volume(self, request, context)
+
+    monkeypatch.setattr(BlockDeviceService, "GetVolume", record)
+    (tmp_path / "token").write_text("s3cret\n")
+    async with running_server(tmp_path / "o2", toml_volume("v", ram("1MiB"))) as o2:
+        at = o2.grpc_address
+        body = toml_volume("a", remote(at, "v", token_file=str(tmp_path / "token")))
+        body += toml_volume("b", remote(at, "v", token="other"))
+        async with running_server(tmp_path / "proxy", body):
+            pass
+    assert sorted(t or "" for t in tokens) == ["Bearer other", "Bearer s3cret"]
+
+
+async def test_tls_against_a_plaintext_server_is_unavailable(origin: Server) -> None:
+    layer = RemoteLayer(origin.grpc_address, "base", tls=True, server_name="origin.test")
+    with pytest.raises(errors.Unavailable):
+        await layer.attach(None)
+    await layer.close()
+
+
+# -- the remote stacks of the conformance registry (tests/stacks.py) ---------------------------
+
+REMOTE_STACKS = [s for s in STACKS if "remote" in s.tags or "remote-rc" in s.tags]
+
+
+@pytest.mark.parametrize("stack", REMOTE_STACKS, ids=[s.name for s in REMOTE_STACKS])
+async def test_registry_remote_stacks_work_and_clean_up(
+    stack: NamedStack, tmp_path: Path
+) -> None:
+    vol = await stack.factory(tmp_path)
+    layers = [e.layer for e in vol.entries if isinstance(e.layer, ServedRemoteLayer)]
+    assert layers
+    targets = [layer.target for layer in layers]
+    try:
+        ss = vol.sector_size
+        assert vol.sector_count * ss == VOLUME_BYTES
+        bottom = -1 if vol.entries[-1].layer in layers else len(vol.entries) - 1
+        assert await vol.allocation(0, 64) == [(0, 64, bottom)]
+        assert (await vol.read(0, 64))[0] == bytes(64 * ss)
+        big = pattern(5, 100, (16 << 20) // ss, ss)  # one 16 MiB write and read
+        await vol.write(100, big)
+        assert (await vol.read(100, len(big) // ss))[0] == big
+        await vol.unmap(100, 8)
+        assert (await vol.read(100, 16))[0] == bytes(8 * ss) + big[8 * ss : 16 * ss]
+        await vol.flush()
+    finally:
+        await vol.close()
+    assert all(layer.origin is None for layer in layers)
+    for target in targets:  # the origins are gone
+        async with AsyncClient(target, retries=0, timeout=2) as client:
+            with pytest.raises(cerr.Unavailable):
+                await client.list_volumes()

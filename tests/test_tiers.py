@@ -1,0 +1,374 @@
+"""Services stacked as cache tiers: two, three and more real servers on 127.0.0.1.
+
+- Three tiers (origin ← regional ← host): data through every tier equals the base; a cache
+  hit is proven by counting the origin's reads (its Inspect counters); writes on a host
+  stay there unless the layer is write-through; ``mode = "layer"`` lets lower layers show
+  through; a remote read-cache layer is filled with no-overwrite semantics.
+- Outage: the origin (a child process) is stopped, then killed: uncached reads fail within
+  the configured timeout, cached sectors still read; the origin comes back on the same
+  address and reads succeed again without restarting the cache tier.
+- Start order: the cache tier starts before its origin, reports NOT_SERVING, then SERVING.
+- The hop guard: a loop between two servers and a chain of nine tiers fail fast with
+  FAILED_PRECONDITION naming the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import ServerProcess, running_server, write_config
+from stacks import pattern
+
+from tierdisk.client import AsyncClient, AsyncVolume
+from tierdisk.client import errors as cerr
+from tierdisk.service.server import Server
+
+pytestmark = pytest.mark.timeout(90)
+
+SS = 512
+BASE_SECTORS = 4096  # 2 MiB
+BASE = pattern(7, 0, BASE_SECTORS, SS)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def toml_volume(name: str, *layers: dict[str, Any], read_only: bool = False) -> str:
+    """A ``[[volumes]]`` table with ``layers`` (top first) as TOML."""
+    lines = ["[[volumes]]", f"name = {json.dumps(name)}", f"read_only = {json.dumps(read_only)}"]
+    for layer in layers:
+        lines.append("[[volumes.layers]]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in layer.items()]
+    return "\n".join(lines) + "\n"
+
+
+def remote(target: str, volume: str, **options: Any) -> dict[str, Any]:
+    return {"kind": "remote", "target": target, "volume": volume, "timeout": 2, **options}
+
+
+def ram(size: str | None = None, **options: Any) -> dict[str, Any]:
+    return {"kind": "ram", **({"size": size} if size else {}), **options}
+
+
+def server_section(listen: str, tmp_path: Path) -> str:
+    return (f'[server]\nlisten = "{listen}"\nmetrics = ""\n'
+            f'data_dir = "{tmp_path / "data"}"\n')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def origin_reads(vol: AsyncVolume) -> int:
+    """Read calls the origin volume's layer served: the proof of hits and misses above it."""
+    return int((await vol.inspect("layers/0/counters"))["reads"])
+
+
+async def health(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        return int(reply.status)
+
+
+async def eventually(what: str, check: Any, seconds: float = 15.0) -> Any:
+    """Poll the coroutine function ``check`` until it returns a true value."""
+    deadline = time.monotonic() + seconds
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = await check()
+            if result:
+                return result
+        except cerr.TierdiskError as exc:
+            last = exc
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {seconds} s (last error: {last})")
+
+
+# -- three tiers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tiers(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Server]]:
+    """origin ← regional ← host, each a real in-process server on its own port."""
+    origin_body = (toml_volume("base", ram("2MiB")) + toml_volume("delta", ram("2MiB"))
+                   + toml_volume("scratch", ram("2MiB")) + toml_volume("cache", ram("2MiB")))
+    async with running_server(tmp_path / "origin", origin_body) as origin:
+        o = origin.grpc_address
+        async with AsyncClient(o) as client:
+            await client.volume("base").write(0, BASE)
+        regional_body = (
+            toml_volume("base", ram(read_cache=True), remote(o, "base"))
+            # layer mode passes the origin's presence on to the tier above
+            + toml_volume("delta", remote(o, "delta", mode="layer"))
+            + toml_volume("scratch", remote(o, "scratch"))
+            + toml_volume("cache", remote(o, "cache", mode="layer"))
+        )
+        async with running_server(tmp_path / "regional", regional_body) as regional:
+            r = regional.grpc_address
+            host_body = (
+                toml_volume("vm", ram(), remote(r, "base"))
+                + toml_volume("wt", ram(write_through=True), remote(r, "scratch"))
+                + toml_volume("layered", ram(), remote(r, "delta", mode="layer"),
+                              remote(r, "base"))
+                + toml_volume("rc", remote(r, "cache", mode="layer", read_cache=True),
+                              remote(o, "base"))
+            )
+            async with running_server(tmp_path / "host", host_body) as host:
+                yield origin, regional, host
+
+
+async def test_data_through_every_tier_and_cache_hits_at_the_origin(
+    tiers: tuple[Server, Server, Server],
+) -> None:
+    origin, regional, host = tiers
+    async with (
+        AsyncClient(origin.grpc_address) as oc,
+        AsyncClient(regional.grpc_address) as rc,
+        AsyncClient(host.grpc_address) as hc,
+    ):
+        base = oc.volume("base")
+        before = await origin_reads(base)
+        assert await hc.volume("vm").read(0, BASE_SECTORS) == BASE  # misses: the origin reads
+        after_first = await origin_reads(base)
+        assert after_first > before
+        # The regional cache now holds it: neither tier above reads the origin again.
+        assert await hc.volume("vm").read(0, BASE_SECTORS) == BASE
+        assert await rc.volume("base").read(0, BASE_SECTORS) == BASE
+        assert await origin_reads(base) == after_first
+        cache = await rc.volume("base").inspect("layers/0/counters")
+        assert cache["cache_hits"] >= 2 * BASE_SECTORS and cache["cache_fills"] == BASE_SECTORS
+        assert (await hc.volume("vm").info()).sector_count == BASE_SECTORS  # inherited
+        # A partly cached range: only the missing run goes down, once.
+        assert await hc.volume("vm").read(BASE_SECTORS - 8, 8) == BASE[-8 * SS :]
+        assert await origin_reads(base) == after_first
+
+
+async def test_writes_stay_on_the_host_unless_write_through(
+    tiers: tuple[Server, Server, Server],
+) -> None:
+    origin, regional, host = tiers
+    async with (
+        AsyncClient(origin.grpc_address) as oc,
+        AsyncClient(regional.grpc_address) as rc,
+        AsyncClient(host.grpc_address) as hc,
+    ):
+        new = pattern(9, 100, 10, SS)
+        await hc.volume("vm").write(100, new)
+        assert await hc.volume("vm").read(100, 10) == new
+        assert await rc.volume("base").read(100, 10) == BASE[100 * SS : 110 * SS]
+        assert await oc.volume("base").read(100, 10) == BASE[100 * SS : 110 * SS]
+        # write_through: the host's ram layer and the remote below it both get the write,
+        # and the remote tier passes it on to its own remote top (the origin).
+        await hc.volume("wt").write(5, new)
+        assert await rc.volume("scratch").read(5, 10) == new
+        assert await oc.volume("scratch").read(5, 10) == new
+
+
+async def test_layer_mode_lets_lower_layers_show_through(
+    tiers: tuple[Server, Server, Server],
+) -> None:
+    origin, _, host = tiers
+    async with AsyncClient(origin.grpc_address) as oc, AsyncClient(host.grpc_address) as hc:
+        delta = pattern(11, 40, 8, SS)
+        await oc.volume("delta").write(40, delta)
+        layered = hc.volume("layered")
+        assert await layered.read(0, 64) == BASE[: 40 * SS] + delta + BASE[48 * SS : 64 * SS]
+        alloc = [(e.sector, e.sector_count, e.depth) for e in await layered.allocation(0, 64)]
+        assert alloc == [(0, 40, 2), (40, 8, 1), (48, 16, 2)]
+
+
+async def test_remote_read_cache_fills_without_overwriting(
+    tiers: tuple[Server, Server, Server],
+) -> None:
+    origin, _, host = tiers
+    async with AsyncClient(origin.grpc_address) as oc, AsyncClient(host.grpc_address) as hc:
+        cache = oc.volume("cache")  # what the host's remote read-cache layer ends in
+        mine = pattern(12, 20, 4, SS)
+        await cache.write(20, mine)  # already held by the cache: a fill must not touch it
+        base = oc.volume("base")
+        before = await origin_reads(base)
+        got = await hc.volume("rc").read(0, 64)
+        assert got == BASE[: 20 * SS] + mine + BASE[24 * SS : 64 * SS]
+        assert await cache.read(0, 64) == got  # filled, sectors 20..23 kept
+        misses = await origin_reads(base)
+        assert misses > before
+        assert await hc.volume("rc").read(0, 64) == got
+        assert await origin_reads(base) == misses  # the second read hit the remote cache
+        counters = await hc.volume("rc").inspect("layers/0/counters")
+        assert counters["cache_fills"] == 60 and counters["cache_hits"] == 4 + 64
+
+
+# -- outage and restart ---------------------------------------------------------------------------
+
+
+async def test_origin_outage_and_restart(tmp_path: Path) -> None:
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    origin_dir = tmp_path / "origin"
+    config = write_config(origin_dir, toml_volume(
+        "base", {"kind": "raw", "path": "base.img", "size": "1MiB"}))
+    origin = ServerProcess.start(origin_dir, config, listen=listen)
+    try:
+        async with AsyncClient(listen) as oc:
+            await oc.volume("base").write(0, BASE[: 2048 * SS])
+            await oc.volume("base").flush()
+        timeout = 1.0
+        body = toml_volume("vm", ram(read_cache=True),
+                           remote(listen, "base", timeout=timeout, retries=2))
+        async with (
+            running_server(tmp_path / "cache", body) as cache,
+            AsyncClient(cache.grpc_address, retries=0, timeout=10) as client,
+        ):
+            vol = client.volume("vm")
+            assert await vol.read(0, 64) == BASE[: 64 * SS]  # now cached
+
+            # A hung origin: uncached reads fail within the timeout, cached ones still work.
+            os.kill(origin.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(cerr.DeadlineExceeded):
+                    await vol.read(64, 64)
+                assert time.monotonic() - started < timeout + 1.5
+                assert await vol.read(0, 64) == BASE[: 64 * SS]
+            finally:
+                os.kill(origin.pid, signal.SIGCONT)
+            assert await vol.read(64, 8) == BASE[64 * SS : 72 * SS]
+
+            # A dead origin: UNAVAILABLE within the timeout; the cache still answers.
+            origin.kill()
+            started = time.monotonic()
+            with pytest.raises(cerr.Unavailable) as info:
+                await vol.read(128, 64)
+            assert time.monotonic() - started < timeout + 1.5
+            assert listen in str(info.value)
+            assert await vol.read(0, 64) == BASE[: 64 * SS]
+
+            # The origin comes back on the same address: reads succeed, no restart here.
+            close_streams(origin)
+            origin = ServerProcess.start(origin_dir, config, listen=listen)
+
+            async def uncached_read() -> bool:
+                return await vol.read(128, 64) == BASE[128 * SS : 192 * SS]
+
+            await eventually("a read after the origin restarted", uncached_read)
+            assert await health(cache.grpc_address) == health_pb2.HealthCheckResponse.SERVING
+
+            async def watching() -> bool:
+                return bool((await vol.inspect("layers/1"))["watching_resizes"])
+
+            await eventually("the resize watch reconnected", watching)
+    finally:
+        origin.kill()
+        close_streams(origin)
+
+
+def close_streams(server: ServerProcess) -> None:
+    for stream in (server.proc.stdout, server.proc.stderr):
+        if stream:
+            stream.close()
+
+
+async def test_cache_tier_starts_before_its_origin(tmp_path: Path) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    body = toml_volume("vm", ram(), remote(listen, "base", timeout=1))
+    async with (
+        running_server(tmp_path / "cache", body) as cache,
+        AsyncClient(cache.grpc_address, retries=0) as client,
+    ):
+        assert await health(cache.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(cerr.Unavailable):
+            await client.volume("vm").read(0, 8)
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume(
+            "base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body) as origin:
+            async with AsyncClient(origin.grpc_address) as oc:
+                await oc.volume("base").write(0, BASE[: 8 * SS])
+
+            async def serving() -> bool:
+                return await health(cache.grpc_address) == health_pb2.HealthCheckResponse.SERVING
+
+            await eventually("the cache tier to turn SERVING", serving)
+            assert await client.volume("vm").read(0, 8) == BASE[: 8 * SS]
+            assert (await client.volume("vm").info()).sector_count == 2048
+
+
+# -- the hop guard ---------------------------------------------------------------------------------
+
+
+async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
+    """A's volume is remote → B's, and B's is remote → A's. Neither could attach while the
+    other is not ready, so B first serves a plain volume; A attaches to it; then B is
+    replaced on the same address by one whose volume is remote → A's. A read now loops."""
+    a_listen, b_listen = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    a_body = server_section(a_listen, tmp_path / "a") + toml_volume(
+        "va", remote(b_listen, "vb", timeout=2, retries=1))
+    b1_body = server_section(b_listen, tmp_path / "b1") + toml_volume("vb", ram("1MiB"))
+    b2_body = server_section(b_listen, tmp_path / "b2") + toml_volume(
+        "vb", remote(a_listen, "va", timeout=2, retries=1))
+    async with running_server(tmp_path / "b1", b1_body):
+        a_cm = running_server(tmp_path / "a", a_body)
+        a = await a_cm.__aenter__()
+    try:
+        async with (
+            running_server(tmp_path / "b2", b2_body),
+            AsyncClient(a.grpc_address, retries=0, timeout=10) as client,
+        ):
+
+            async def refused() -> cerr.FailedPrecondition | None:
+                started = time.monotonic()
+                try:
+                    await client.volume("va").read(0, 8)
+                except cerr.FailedPrecondition as exc:
+                    assert time.monotonic() - started < 2  # not retried, not recursed
+                    return exc
+                except cerr.Unavailable:
+                    return None  # A's channel is still reconnecting to the new B
+                raise AssertionError("a read through a loop of tiers succeeded")
+
+            exc = await eventually("the loop to be refused", refused)
+            assert exc.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "loop" in exc.message
+            assert f"{a_listen} → {b_listen} → {a_listen}" in exc.message
+    finally:
+        await a_cm.__aexit__(None, None, None)
+
+
+async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:
+    """Nine tiers in a row: a read entering at the top would pass nine servers (refused);
+    entering at the second it passes eight (allowed)."""
+    async with contextlib.AsyncExitStack() as stack:
+        below = await stack.enter_async_context(
+            running_server(tmp_path / "s9", toml_volume("v", ram("64KiB"))))
+        async with AsyncClient(below.grpc_address) as c:
+            await c.volume("v").write(0, BASE[: 8 * SS])
+        servers = [below]
+        for n in range(8, 0, -1):
+            body = toml_volume("v", remote(servers[-1].grpc_address, "v"))
+            servers.append(await stack.enter_async_context(
+                running_server(tmp_path / f"s{n}", body)))
+        top, second = servers[-1], servers[-2]
+        async with AsyncClient(second.grpc_address, retries=0) as c:
+            assert await c.volume("v").read(0, 8) == BASE[: 8 * SS]
+        async with AsyncClient(top.grpc_address, retries=0) as c:
+            with pytest.raises(cerr.FailedPrecondition) as info:
+                await c.volume("v").read(0, 8)
+        assert "deeper than 8" in info.value.message
+        assert top.grpc_address in info.value.message
+        assert below.grpc_address in info.value.message
