@@ -74,8 +74,16 @@ class ServerProcess:
         env: dict[str, str] | None = None,
     ) -> ServerProcess:
         ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
-        cmd = [sys.executable, "-m", "tierdisk.service", "--listen", listen,
-               "--ready-file", str(ready), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tierdisk.service",
+            "--listen",
+            listen,
+            "--ready-file",
+            str(ready),
+            *args,
+        ]
         if config is not None:
             cmd += ["--config", str(config)]
         if "--metrics" not in args:
@@ -83,7 +91,10 @@ class ServerProcess:
         if "--data-dir" not in args:
             cmd += ["--data-dir", str(tmp_path / "data")]
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
             env={**os.environ, **(env or {})},
         )
         server = cls(proc, ready)

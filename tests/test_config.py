@@ -51,7 +51,9 @@ def test_full_example_parses(tmp_path: Path) -> None:
     assert volume.layers[1].read_cache and not volume.layers[1].write_through
     assert volume.layers[1].options["path"] == str(tmp_path / "d" / "cache" / "vm1")
     assert volume.layers[2].options == {
-        "target": "origin.example:7400", "volume": "base-image", "timeout": 2.5,
+        "target": "origin.example:7400",
+        "volume": "base-image",
+        "timeout": 2.5,
     }
 
 
@@ -79,8 +81,14 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(4096, 4096), ("4096", 4096), ("64MiB", 64 << 20), ("1GiB", 1 << 30), ("2 kb", 2000),
-     ("1.5KiB", 1536)],
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("64MiB", 64 << 20),
+        ("1GiB", 1 << 30),
+        ("2 kb", 2000),
+        ("1.5KiB", 1536),
+    ],
 )
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected
@@ -96,21 +104,37 @@ def test_bad_sizes(value: object) -> None:
     ("text", "fragment"),
     [
         ('[server]\nlisten = "x:1"\nbogus = 1\n', "unknown key 'bogus'"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='floppy'\n",
-         "volume 'v', layer 0: unknown layer kind 'floppy'"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\ncolour='red'\n",
-         "volume 'v', layer 0: unknown key 'colour'"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\nkind='raw'\n",
-         "volume 'v', layer 1: a raw layer needs 'path'"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='huge'\n",
-         "volume 'v', layer 0: size 'huge' is not a size"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsector_size=1000\n",
-         "not a power of two"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='a:1'\nvolume='b'\n"
-         "mode='cache'\n", "mode must be"),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='floppy'\n",
+            "volume 'v', layer 0: unknown layer kind 'floppy'",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\ncolour='red'\n",
+            "volume 'v', layer 0: unknown key 'colour'",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\nkind='raw'\n",
+            "volume 'v', layer 1: a raw layer needs 'path'",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='huge'\n",
+            "volume 'v', layer 0: size 'huge' is not a size",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsector_size=1000\n",
+            "not a power of two",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='a:1'\nvolume='b'\n"
+            "mode='cache'\n",
+            "mode must be",
+        ),
         ("[[volumes]]\nname='v'\n", "volume 'v': a volume needs at least one"),
-        ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n"
-         "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n", "two volumes have this name"),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n"
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n",
+            "two volumes have this name",
+        ),
         ("[[volumes]]\nname='v'\nsize=3\n[[volumes.layers]]\nkind='ram'\n", "unknown key 'size'"),
         ("volumes = 3\n", "defines no [[volumes]]"),
         ("[server\n", "not valid TOML"),
