@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ class Layer(abc.ABC):
         self._sector_count = 0
         self._physical_sector_size = 0
         self._resized = asyncio.Event()
+        self._resize_listeners: list[Callable[[int], None]] = []
 
     # -- geometry and capabilities ------------------------------------------------------
 
@@ -220,8 +222,23 @@ class Layer(abc.ABC):
         """Change the size; growing exposes zeros, shrinking discards the tail."""
         raise NotSupported(f"the {self.kind} layer cannot be resized")
 
+    def add_resize_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(new_size)`` synchronously on every size change.
+
+        Unlike :meth:`wait_resize`, a listener sees every change, even a shrink undone before
+        any waiter runs (the engine needs every shrink to lower its overlaps).
+        """
+        self._resize_listeners.append(listener)
+
+    def remove_resize_listener(self, listener: Callable[[int], None]) -> None:
+        """Stop calling ``listener``; no error when it is not registered."""
+        if listener in self._resize_listeners:
+            self._resize_listeners.remove(listener)
+
     def _notify_resized(self) -> None:
-        """Wake :meth:`wait_resize` callers; call after the size changed."""
+        """Tell listeners and wake :meth:`wait_resize` callers; call after the size changed."""
+        for listener in list(self._resize_listeners):
+            listener(self._sector_count)
         event, self._resized = self._resized, asyncio.Event()
         event.set()
 

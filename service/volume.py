@@ -13,6 +13,11 @@ hands the caller stale bytes (every layer reads straight into the caller's buffe
 copy from it); fills are clipped to the cache's own size; unmaps are split at a lower
 layer's overlap; writes through a smaller lower layer are clipped to it.
 
+Races: a fill never overwrites (a write that landed meanwhile wins); a read whose volume
+changed size while it ran skips its fills (its lower data may lie past a lowered overlap);
+every size change of the top reaches the overlaps synchronously (a resize listener), so a
+shrink undone before any task runs still hides the lower layers' tails.
+
 No gRPC here: errors are :mod:`tierdisk.service.errors` exceptions.
 """
 
@@ -185,14 +190,18 @@ class Volume:
                     await layer.close()
             raise
         volume = cls(name, entries, read_only)
+        # The listener sees every change of the top's size (a shrink undone before any task
+        # runs still lowers the overlaps); the task serves tops that only offer wait_resize.
+        entries[0].layer.add_resize_listener(volume._note_size)
         volume._follow_task = asyncio.create_task(volume._follow_top(), name=f"follow-{name}")
         return volume
 
     async def close(self) -> None:
         """Stop following the top's size and close every layer."""
+        self._layers[0].remove_resize_listener(self._note_size)
         if self._follow_task:
             self._follow_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._follow_task
             self._follow_task = None
         for layer in self._layers:
@@ -259,6 +268,7 @@ class Volume:
         if count == 0:
             return []
         end = sector + count
+        generation = self.generation
         missing: list[Run] = [(sector, end)]
         fills: list[tuple[LayerEntry, list[Run]]] = []
         for index, entry in enumerate(self._entries):
@@ -295,17 +305,24 @@ class Volume:
         for a, b in missing:
             buf[(a - sector) * ss : (b - sector) * ss] = bytes((b - a) * ss)
         for entry, runs in fills:
-            await self._fill(entry, buf, sector, runs)
+            await self._fill(entry, buf, sector, runs, generation)
         if not missing:
             return [(sector, end)]
         return complement(sector, end, missing)
 
-    async def _fill(self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run]) -> None:
+    async def _fill(
+        self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], generation: int
+    ) -> None:
         ss = self.sector_size
         for a, b in runs:
+            if self.generation != generation:
+                # The size changed since the read began: a shrink may have cut the overlap
+                # the data was read under, and a fill could bring stale lower data back
+                # into view after a grow. The fill is an optimisation; skip it.
+                return
             try:
                 await entry.layer.write_no_overwrite(buf[(a - sector) * ss : (b - sector) * ss], a)
-            except (TierdiskError, OSError) as exc:
+            except Exception as exc:  # any failure: the fill is best effort (DESIGN §3)
                 entry.stats.cache_fill_errors += 1
                 index = self._entries.index(entry)
                 entry.fill_log.warning(
@@ -350,6 +367,7 @@ class Volume:
         ss = self.sector_size
         end = sector + len(view) // ss
         holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
+        unsynced: list[Layer] = []  # write_no_overwrite takes no fua: flush those layers
         for a, b in holes:
             for index in range(self._write_path):
                 limit = self._limit(index, b)
@@ -359,8 +377,12 @@ class Volume:
                 layer = self._layers[index]
                 if layer.can_read_cache:
                     await layer.write_no_overwrite(part, a)
+                    if fua and layer not in unsynced:
+                        unsynced.append(layer)
                 else:
                     await layer.write(part, a, fua)
+        for layer in unsynced:
+            await layer.flush()
 
     async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
         """Discard sectors; later reads follow :attr:`unmap_behavior`."""
@@ -419,8 +441,19 @@ class Volume:
 
     async def _follow_top(self) -> None:
         top = self._layers[0]
+        failures = RateLimitedLog(log)
+        delay = 0.1
         while True:
-            self._note_size(await top.wait_resize(self._size_seen))
+            try:
+                size = await top.wait_resize(self._size_seen)
+            except Exception as exc:  # e.g. a remote top that lost its origin: retry
+                failures.warning("volume %r: watching the top layer's size failed: %s",
+                                 self.name, exc)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.1
+            self._note_size(size)
 
     async def wait_resize(self, generation: int) -> tuple[int, int]:
         """Wait until the size generation differs from ``generation``; return (size, gen)."""

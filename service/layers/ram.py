@@ -14,7 +14,7 @@ import mmap
 from typing import Any
 
 from ..errors import ConfigError
-from ..layer import Layer, LayerMetadata
+from ..layer import Layer, LayerMetadata, check_sector_size
 from ..presence import RunSet
 from ..runs import Run, complement
 
@@ -46,6 +46,10 @@ class RamLayer(Layer):
 
     async def attach(self, lower: LayerMetadata | None) -> None:
         ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
+        try:
+            check_sector_size(ss)
+        except ValueError as exc:
+            raise ConfigError(f"ram layer: {exc}") from None
         if self._size_bytes is not None:
             nbytes = self._size_bytes
         elif lower is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError, ReadOnlyError
 from ..fileio import as_storage_error, pread_into, pwrite_all, zero_range
-from ..layer import Layer, LayerMetadata
+from ..layer import Layer, LayerMetadata, check_sector_size
 from ..runs import Run
 
 __all__ = ["RawLayer"]
@@ -46,6 +46,10 @@ class RawLayer(Layer):
 
     def _open(self, lower: LayerMetadata | None) -> None:
         ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
+        try:
+            check_sector_size(ss)
+        except ValueError as exc:
+            raise ConfigError(f"raw image {self.path}: {exc}") from None
         exists = os.path.exists(self.path)
         if not exists:
             if self._read_only:
@@ -58,7 +62,9 @@ class RawLayer(Layer):
                     f"raw image {self.path} does not exist and no size is given to create it"
                 )
             if nbytes <= 0 or nbytes % ss:
-                raise ConfigError(f"raw size {nbytes} is not a positive multiple of {ss}")
+                raise ConfigError(
+                    f"raw image {self.path}: size {nbytes} is not a positive multiple of {ss}"
+                )
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         flags = (os.O_RDONLY if self._read_only else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
         try:
@@ -71,7 +77,7 @@ class RawLayer(Layer):
                 fcntl.flock(fd, lock | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ConfigError(
-                    f"raw image {self.path} is in use by another process (locked)"
+                    f"raw image {self.path} is in use by another layer or process (locked)"
                 ) from None
             if not exists:
                 os.ftruncate(fd, nbytes)  # type: ignore[arg-type]

@@ -1,0 +1,239 @@
+"""The raw layer (service/layers/raw.py): a plain image file, every sector present."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+from stacks import pattern
+
+from tierdisk.service.errors import ConfigError, NoSpace, OutOfRange, ReadOnlyError, StorageError
+from tierdisk.service.layer import LayerMetadata, UnmapBehavior
+from tierdisk.service.layers import raw as raw_module
+from tierdisk.service.layers.raw import RawLayer
+
+SS = 512
+
+
+def meta(sector_count: int, sector_size: int = SS) -> LayerMetadata:
+    return LayerMetadata(
+        sector_size=sector_size,
+        sector_count=sector_count,
+        physical_sector_size=sector_size,
+        disk_id=None,
+        unmap_behavior=UnmapBehavior.ZEROES,
+        optimal_unmap_sectors=1,
+        read_only=False,
+        can_read_cache=True,
+        fua_respected=True,
+    )
+
+
+@pytest.fixture
+def layers() -> list[RawLayer]:
+    """Raw layers a test opened; closed at teardown."""
+    return []
+
+
+@pytest.fixture(autouse=True)
+async def _close(layers: list[RawLayer]):  # type: ignore[no-untyped-def]
+    yield
+    for layer in layers:
+        await layer.close()
+
+
+async def open_raw(
+    layers: list[RawLayer], path: Path, lower: LayerMetadata | None = None, **kwargs
+) -> RawLayer:  # type: ignore[no-untyped-def]
+    layer = RawLayer(str(path), **kwargs)
+    await layer.attach(lower)
+    layers.append(layer)
+    return layer
+
+
+async def read(layer: RawLayer, sector: int, count: int) -> tuple[bytes, list]:
+    buf = bytearray(count * layer.sector_size)
+    runs = await layer.read(memoryview(buf), sector)
+    return bytes(buf), runs
+
+
+async def test_created_with_size_as_a_sparse_file(layers: list[RawLayer], tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "dir" / "disk.img"  # parent folders are created
+    layer = await open_raw(layers, path, size=64 << 20)
+    st = path.stat()
+    assert st.st_size == 64 << 20 and st.st_blocks * 512 < 1 << 20, "sparse"
+    assert (layer.sector_count, layer.sector_size) == ((64 << 20) // SS, SS)
+    assert layer.present_sectors == layer.sector_count
+    assert await layer.presence(10, 5) == [(10, 15)]
+    assert not layer.can_read_cache and layer.can_resize and layer.fua_respected
+    assert layer.unmap_behavior == UnmapBehavior.ZEROES
+    details = layer.inspect()
+    assert details["path"] == str(path) and details["file_bytes"] == 64 << 20
+
+
+async def test_size_and_sector_size_from_below(layers: list[RawLayer], tmp_path: Path) -> None:
+    layer = await open_raw(layers, tmp_path / "img", meta(100, 4096))
+    assert (layer.sector_size, layer.sector_count) == (4096, 100)
+    assert (tmp_path / "img").stat().st_size == 100 * 4096
+
+
+async def test_existing_file_keeps_its_size(layers: list[RawLayer], tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(pattern(1, 0, 10, SS))
+    layer = await open_raw(layers, path, meta(500))
+    assert layer.sector_count == 10
+    data, runs = await read(layer, 0, 10)
+    assert runs == [(0, 10)] and data == pattern(1, 0, 10, SS)
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "message"),
+    [
+        (SS * 10, {"size": SS * 20}, "config says size"),
+        (SS * 10 + 1, {}, "whole number"),
+        (0, {}, "empty"),
+        (None, {}, "no size"),
+        (None, {"read_only": True, "size": SS}, "does not exist"),
+        (None, {"size": 1000}, "multiple"),
+        (SS * 10, {"sector_size": 1000}, "power of two"),
+    ],
+)
+async def test_refused_files(
+    tmp_path: Path, content: int | None, kwargs: dict, message: str
+) -> None:
+    path = tmp_path / "img"
+    if content is not None:
+        path.write_bytes(bytes(content))
+    with pytest.raises(ConfigError, match=message) as info:
+        await RawLayer(str(path), **kwargs).attach(None)
+    assert str(path) in str(info.value)
+    if content is None:
+        assert not path.exists()
+
+
+async def test_read_only(layers: list[RawLayer], tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(pattern(1, 0, 8, SS))
+    layer = await open_raw(layers, path, read_only=True)
+    assert layer.read_only and not layer.can_resize
+    flags = fcntl.fcntl(layer._fd, fcntl.F_GETFL)
+    assert flags & os.O_ACCMODE == os.O_RDONLY, "opened read-only"
+    with pytest.raises(ReadOnlyError):
+        await layer.write(memoryview(bytes(SS)), 0, False)
+    with pytest.raises(ReadOnlyError):
+        await layer.unmap(0, 1, False, True)
+    with pytest.raises(ReadOnlyError):
+        await layer.resize(4)
+    await layer.flush()
+    assert path.read_bytes() == pattern(1, 0, 8, SS)
+
+
+async def test_flush_and_fua_fdatasync(
+    layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def record(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", record)
+    await layer.write(memoryview(pattern(1, 0, 1, SS)), 0, False)
+    assert synced == []
+    await layer.write(memoryview(pattern(1, 1, 1, SS)), 1, True)
+    assert synced == [layer._fd], "a fua write is synced before it returns"
+    await layer.flush()
+    assert synced == [layer._fd] * 2
+    assert (tmp_path / "img").read_bytes()[: 2 * SS] == pattern(1, 0, 2, SS)
+
+
+async def test_out_of_range(layers: list[RawLayer], tmp_path: Path) -> None:
+    layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
+    with pytest.raises(OutOfRange):
+        await read(layer, 7, 2)
+    with pytest.raises(OutOfRange):
+        await layer.write(memoryview(bytes(2 * SS)), 7, False)
+    with pytest.raises(OutOfRange):
+        await layer.unmap(8, 1, False, True)
+    assert (tmp_path / "img").stat().st_size == 8 * SS
+
+
+async def test_resize(layers: list[RawLayer], tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    layer = await open_raw(layers, path, size=8 * SS)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+    await layer.resize(4)
+    assert layer.sector_count == 4 and path.stat().st_size == 4 * SS
+    await layer.resize(12)
+    assert layer.sector_count == 12 and path.stat().st_size == 12 * SS
+    data, _ = await read(layer, 0, 12)
+    assert data == pattern(1, 0, 4, SS) + bytes(8 * SS)
+    with pytest.raises(ValueError):
+        await layer.resize(0)
+    assert await layer.wait_resize(8) == 12
+
+
+async def test_unmap_punches_holes(layers: list[RawLayer], tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    layer = await open_raw(layers, path, size=4 << 20)
+    count = (4 << 20) // SS
+    await layer.write(memoryview(pattern(1, 0, count, SS)), 0, True)
+    before = path.stat().st_blocks
+    assert before * 512 >= 4 << 20
+    await layer.unmap(0, count // 2, False, True)
+    await layer.flush()
+    after = path.stat().st_blocks
+    assert after * 512 <= (2 << 20) + (64 << 10), "the unmapped half is deallocated"
+    data, runs = await read(layer, count // 2 - 1, 2)
+    assert runs == [(count // 2 - 1, count // 2 + 1)]
+    assert data == bytes(SS) + pattern(1, count // 2, 1, SS)
+    assert layer.inspect()["allocated_bytes"] == after * 512
+
+
+async def test_second_layer_on_the_same_file_is_refused(
+    layers: list[RawLayer], tmp_path: Path
+) -> None:
+    path = tmp_path / "img"
+    first = await open_raw(layers, path, size=8 * SS)
+    with pytest.raises(ConfigError, match="in use"):
+        await RawLayer(str(path)).attach(None)
+    with pytest.raises(ConfigError, match="in use"):
+        await RawLayer(str(path), read_only=True).attach(None)
+    await first.close()
+    # readers share the file, a writer is kept out while they hold it
+    await open_raw(layers, path, read_only=True)
+    await open_raw(layers, path, read_only=True)
+    with pytest.raises(ConfigError, match="in use"):
+        await RawLayer(str(path)).attach(None)
+
+
+async def test_storage_errors_become_domain_errors(
+    layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
+
+    def full(fd: int, data: memoryview, offset: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def broken(fd: int, buf: memoryview, offset: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(raw_module, "pwrite_all", full)
+    with pytest.raises(NoSpace, match="img"):
+        await layer.write(memoryview(bytes(SS)), 0, False)
+    monkeypatch.setattr(raw_module, "pread_into", broken)
+    with pytest.raises(StorageError, match="img"):
+        await read(layer, 0, 1)
+
+
+async def test_4k_sectors(layers: list[RawLayer], tmp_path: Path) -> None:
+    layer = await open_raw(layers, tmp_path / "img", size=1 << 20, sector_size=4096)
+    assert layer.sector_count == 256
+    await layer.write(memoryview(pattern(1, 255, 1, 4096)), 255, False)
+    data, _ = await read(layer, 255, 1)
+    assert data == pattern(1, 255, 1, 4096)

@@ -1,0 +1,97 @@
+"""Run-list algebra (service/runs.py) against sets of sectors."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tierdisk.service.runs import Run, clip, complement, merge, subtract, total
+
+
+def as_set(runs: list[Run]) -> set[int]:
+    return {s for a, b in runs for s in range(a, b)}
+
+
+def as_runs(sectors: set[int]) -> list[Run]:
+    out: list[Run] = []
+    for s in sorted(sectors):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
+
+
+def is_run_list(runs: list[Run]) -> bool:
+    """Sorted, disjoint, no empty runs."""
+    return all(a < b for a, b in runs) and all(x[1] <= y[0] for x, y in itertools.pairwise(runs))
+
+
+sector_sets = st.sets(st.integers(0, 80), max_size=40)
+run_lists = sector_sets.map(as_runs)
+ranges = st.tuples(st.integers(0, 90), st.integers(0, 90))
+
+
+def test_examples() -> None:
+    assert total([(0, 4), (10, 12)]) == 6
+    assert clip([(0, 4), (6, 10), (12, 20)], 3, 13) == [(3, 4), (6, 10), (12, 13)]
+    assert clip([(0, 4)], 4, 8) == []
+    assert complement(0, 10, [(2, 3), (5, 7)]) == [(0, 2), (3, 5), (7, 10)]
+    assert complement(0, 10, []) == [(0, 10)]
+    assert complement(3, 5, [(0, 10)]) == []
+    assert subtract([(0, 10), (20, 30)], [(5, 25)]) == [(0, 5), (25, 30)]
+    assert subtract([(0, 10)], [(2, 3), (3, 4)]) == [(0, 2), (4, 10)], "touching taken runs"
+    assert merge([(5, 6), (0, 2), (2, 3), (1, 2), (8, 8)]) == [(0, 3), (5, 6)]
+
+
+@given(run_lists)
+def test_total(runs: list[Run]) -> None:
+    assert total(runs) == len(as_set(runs))
+
+
+@given(run_lists, ranges)
+def test_clip(runs: list[Run], bounds: tuple[int, int]) -> None:
+    lo, hi = bounds
+    out = clip(runs, lo, hi)
+    assert is_run_list(out)
+    assert as_set(out) == {s for s in as_set(runs) if lo <= s < hi}
+
+
+@given(run_lists, ranges)
+def test_complement(runs: list[Run], bounds: tuple[int, int]) -> None:
+    lo, hi = bounds
+    out = complement(lo, hi, runs)
+    assert is_run_list(out)
+    assert as_set(out) == set(range(lo, hi)) - as_set(runs)
+
+
+@given(run_lists, run_lists)
+def test_subtract(runs: list[Run], taken: list[Run]) -> None:
+    out = subtract(runs, taken)
+    assert is_run_list(out)
+    assert as_set(out) == as_set(runs) - as_set(taken)
+
+
+@given(run_lists, st.lists(st.integers(1, 5)))
+def test_subtract_of_split_taken_runs(runs: list[Run], cuts: list[int]) -> None:
+    """Taken runs may touch (a layer may report adjacent runs): same result."""
+    split: list[Run] = []
+    for a, b in runs:
+        for cut in cuts:
+            if a + cut >= b:
+                break
+            split.append((a, a + cut))
+            a += cut
+        split.append((a, b))
+    whole = [(0, 100)]
+    assert subtract(whole, split) == subtract(whole, runs) == complement(0, 100, runs)
+
+
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60))))
+def test_merge(runs: list[Run]) -> None:
+    out = merge(runs)
+    assert is_run_list(out)
+    assert all(x[1] < y[0] for x, y in itertools.pairwise(out)), "touching runs joined"
+    assert as_set(out) == as_set(runs)

@@ -1,0 +1,857 @@
+"""Scenario tests of DESIGN.md §3, numbered after the reference's scenarios.
+
+``sNN`` in a test name is scenario NN of shared/reference/openvmm-layered-disk.md §5. Where
+the reference marks upstream behaviour as a defect (U1, U2, U3, U-RAM, 31, …) these tests
+assert the behaviour DESIGN.md asks for instead. Notation as in the reference: ``full(c)``
+is a layer holding every sector (sector s = c(s)); ``{s: x}`` a layer holding sector s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import VolumeOpener
+from stacks import MapLayer, entry, pattern, sector_pattern
+
+from tierdisk.service.errors import (
+    ConfigError,
+    InvalidArgument,
+    NotSupported,
+    OutOfRange,
+    ReadOnlyError,
+    Unavailable,
+)
+from tierdisk.service.layer import UnmapBehavior
+from tierdisk.service.layers.ram import RamLayer
+from tierdisk.service.layers.raw import RawLayer
+from tierdisk.service.volume import Volume
+
+SS = 512
+ZERO = bytes(SS)
+
+
+def c(s: int) -> bytes:
+    """The pattern of a full bottom layer."""
+    return sector_pattern(0xC, s, SS)
+
+
+def p(tag: int, s: int) -> bytes:
+    return sector_pattern(tag, s, SS)
+
+
+def ram(sectors: int | None = None, sector_size: int = SS) -> RamLayer:
+    return RamLayer(
+        size=None if sectors is None else sectors * sector_size, sector_size=sector_size
+    )
+
+
+def full(sectors: int, fn=c, **kwargs) -> MapLayer:  # type: ignore[no-untyped-def]
+    return MapLayer(sectors, full=fn, **kwargs)
+
+
+async def sectors_of(volume: Volume, sector: int, count: int) -> list[bytes]:
+    data, _ = await volume.read(sector, count)
+    return [bytes(data[i * SS : (i + 1) * SS]) for i in range(count)]
+
+
+async def write(volume: Volume, sector: int, *sectors: bytes, **kwargs: bool) -> None:
+    await volume.write(sector, b"".join(sectors), **kwargs)
+
+
+async def open_error(volumes: VolumeOpener, *layers, read_only: bool = False) -> ConfigError:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as info:
+        await volumes(*layers, read_only=read_only, name="bad")
+    err = info.value
+    assert "'bad'" in str(err), "the message names the volume"
+    assert f"layer {err.layer}" in str(err), "the message names the layer index"
+    return err
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+async def test_s01_no_layers(volumes: VolumeOpener) -> None:
+    with pytest.raises(ConfigError, match="at least one layer") as info:
+        await volumes(name="bad")
+    assert "'bad'" in str(info.value)
+
+
+async def test_s02_mismatched_sector_sizes(volumes: VolumeOpener) -> None:
+    err = await open_error(volumes, ram(2048, 4096), ram(2048))
+    assert err.layer == 0 and "sector size 4096" in str(err) and "512" in str(err)
+    err = await open_error(volumes, ram(2048), ram(256, 4096))
+    assert err.layer == 0 and "sector size 512" in str(err) and "4096" in str(err)
+    err = await open_error(volumes, ram(8), ram(8), MapLayer(8, sector_size=4096))
+    assert err.layer == 1
+
+
+@pytest.mark.parametrize("bad", [1000, 256, 0])
+async def test_s03_invalid_sector_size(volumes: VolumeOpener, bad: int) -> None:
+    err = await open_error(volumes, ram(8), MapLayer(8, sector_size=bad), ram(8))
+    assert err.layer == 1 and str(bad) in str(err) and "power of two" in str(err)
+
+
+async def test_s04_ram_geometry(volumes: VolumeOpener) -> None:
+    err = await open_error(volumes, RamLayer(4096, sector_size=1000))
+    assert err.layer == 0 and "1000" in str(err)
+    err = await open_error(volumes, RamLayer(5000, sector_size=4096))
+    assert err.layer == 0 and "5000" in str(err)
+    err = await open_error(volumes, RamLayer(0, sector_size=512))
+    assert err.layer == 0
+    vol = await volumes(RamLayer(1 << 20, sector_size=4096))
+    assert (vol.sector_count, vol.sector_size, vol.physical_sector_size) == (256, 4096, 4096)
+
+
+async def test_s05_read_cache_needs_no_overwrite(volumes: VolumeOpener, tmp_path: Path) -> None:
+    raw = RawLayer(str(tmp_path / "img"), size=8 * SS)
+    err = await open_error(volumes, entry(raw, rc=True), ram(8))
+    assert err.layer == 0 and "read_cache" in str(err) and "raw" in str(err)
+    err = await open_error(volumes, ram(8), entry(MapLayer(8, can_read_cache=False), rc=True))
+    assert err.layer == 1 and "read_cache" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "bad_layer"),
+    [
+        ((True, False), None),
+        ((False, True), 1),
+        ((True,), 0),
+        ((True, True), 1),
+        ((False, True, False), 1),
+        ((True, True, False), None),
+        ((True, False, True, False), 2),
+    ],
+)
+async def test_s06_write_through_placement(
+    volumes: VolumeOpener, flags: tuple[bool, ...], bad_layer: int | None
+) -> None:
+    layers = [entry(ram(8), wt=wt) for wt in flags]
+    if bad_layer is None:
+        await volumes(*layers)
+        return
+    err = await open_error(volumes, *layers)
+    assert err.layer == bad_layer and "write_through" in str(err)
+
+
+async def test_s07_read_only_layers(volumes: VolumeOpener, tmp_path: Path) -> None:
+    err = await open_error(volumes, MapLayer(8, read_only=True))
+    assert err.layer == 0 and "read-only" in str(err)
+    await volumes(MapLayer(8, read_only=True), read_only=True)
+    await volumes(ram(8), MapLayer(8, read_only=True))
+    err = await open_error(volumes, entry(ram(8), wt=True), MapLayer(8, read_only=True))
+    assert err.layer == 1 and "read-only" in str(err)
+    # a real read-only image under a RAM top: the usual differencing disk
+    image = tmp_path / "base.img"
+    image.write_bytes(pattern(0xC, 0, 8, SS))
+    vol = await volumes(ram(), RawLayer(str(image), read_only=True))
+    assert await sectors_of(vol, 0, 8) == [c(s) for s in range(8)]
+
+
+async def test_s08_bottom_layer_needs_a_size(volumes: VolumeOpener, tmp_path: Path) -> None:
+    err = await open_error(volumes, RamLayer())
+    assert err.layer == 0 and "size" in str(err)
+    err = await open_error(volumes, ram(8), RawLayer(str(tmp_path / "missing.img")))
+    assert err.layer == 1 and "size" in str(err)
+
+
+async def test_s09_ram_inherits_size_and_sector_size(volumes: VolumeOpener) -> None:
+    vol = await volumes(RamLayer(), RamLayer(1 << 20, sector_size=4096))
+    assert (vol.sector_size, vol.sector_count) == (4096, 256)
+    vol = await volumes(RamLayer(), full(77))
+    assert vol.sector_count == 77
+
+
+async def test_s10_attach_checks_come_first(volumes: VolumeOpener) -> None:
+    err = await open_error(
+        volumes,
+        entry(ram(8), wt=True),
+        ram(8),
+        entry(MapLayer(8, can_read_cache=False), rc=True),
+    )
+    assert err.layer == 2 and "read_cache" in str(err)
+
+
+async def test_failed_open_closes_attached_layers(volumes: VolumeOpener, tmp_path: Path) -> None:
+    below = MapLayer(8)
+    await open_error(volumes, entry(ram(8), wt=True), MapLayer(8, read_only=True), below)
+    assert below.closed
+    # a raw image left locked by a failed open could never be opened again
+    path = str(tmp_path / "img")
+    await open_error(volumes, RamLayer(8 * SS, sector_size=4096), RawLayer(path, size=8 * SS))
+    vol = await volumes(RawLayer(path, size=8 * SS))
+    assert vol.sector_count == 8
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+async def test_s11_disk_id_is_the_first_found_top_down(volumes: VolumeOpener) -> None:
+    x, q = b"X" * 16, b"Q" * 16
+    vol = await volumes(ram(8), MapLayer(8), MapLayer(8, disk_id=x))
+    assert vol.disk_id == x
+    vol = await volumes(MapLayer(8, disk_id=q), MapLayer(8, disk_id=x))
+    assert vol.disk_id == q
+    vol = await volumes(ram(8))
+    assert vol.disk_id is None
+
+
+async def test_s12_geometry_comes_from_the_top(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(8), MapLayer(8, physical_sector_size=4096))
+    assert vol.physical_sector_size == SS
+    assert vol.sector_count == 8
+    await vol.resize(20)
+    assert vol.sector_count == 20
+
+
+async def test_s13_fua_respected_over_the_write_path(volumes: VolumeOpener) -> None:
+    assert (await volumes(ram(8))).fua_respected
+    assert not (
+        await volumes(entry(ram(8), wt=True), MapLayer(8, fua_respected=False))
+    ).fua_respected
+    assert (await volumes(ram(8), MapLayer(8, fua_respected=False))).fua_respected
+    assert not (await volumes(MapLayer(8, fua_respected=False), ram(8))).fua_respected
+
+
+Z, A, I, U = (  # noqa: E741
+    UnmapBehavior.ZEROES,
+    UnmapBehavior.ANY,
+    UnmapBehavior.IGNORED,
+    UnmapBehavior.UNSPECIFIED,
+)
+
+
+@pytest.mark.parametrize(
+    ("stack", "expected"),
+    [
+        ([(U, False), (Z, False)], U),  # without write-through: the top's
+        ([(Z, False), (I, False)], Z),
+        ([(A, False)], A),
+        ([(I, False), (Z, False)], I),
+        ([(U, True), (U, False)], I),  # with write-through: ZEROES only if all zero
+        ([(Z, True), (Z, False)], Z),
+        ([(Z, True), (U, False)], I),
+        ([(A, True), (A, False)], I),
+        ([(Z, True), (Z, True), (Z, False), (I, False)], Z),
+        ([(Z, True), (Z, True), (A, False)], I),
+    ],
+)
+async def test_s14_unmap_behavior_merge(
+    volumes: VolumeOpener, stack: list[tuple[UnmapBehavior, bool]], expected: UnmapBehavior
+) -> None:
+    layers = [entry(MapLayer(8, unmap_behavior=b), wt=wt) for b, wt in stack]
+    assert (await volumes(*layers)).unmap_behavior == expected
+
+
+async def test_s15_optimal_unmap_sectors(volumes: VolumeOpener) -> None:
+    vol = await volumes(entry(MapLayer(8, optimal_unmap_sectors=4096), wt=True), MapLayer(8))
+    assert vol.optimal_unmap_sectors == 4096
+    vol = await volumes(MapLayer(8), MapLayer(8, optimal_unmap_sectors=4096))
+    assert vol.optimal_unmap_sectors == 1
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+async def test_s16_diff(volumes: VolumeOpener) -> None:
+    p0 = lambda s: p(0, s)  # noqa: E731
+    vol = await volumes(ram(2048), full(2048, p0))
+    assert await sectors_of(vol, 10, 2) == [p0(10), p0(11)]
+    await write(vol, 10, p(1, 10), p(1, 11))
+    await write(vol, 11, p(2, 11))
+    assert await sectors_of(vol, 9, 5) == [p0(9), p(1, 10), p(2, 11), p0(12), p0(13)]
+
+
+async def test_s17_unheld_sectors_read_as_zeros(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(16), ram(16))
+    data, present = await vol.read(0, 16)
+    assert data == bytes(16 * SS) and present == []
+
+
+async def test_s18_mixed_presence(volumes: VolumeOpener) -> None:
+    vol = await volumes(MapLayer(8, data={2: p(0xA, 2), 5: p(0xB, 5)}), full(8))
+    got = await sectors_of(vol, 0, 8)
+    assert got == [c(0), c(1), p(0xA, 2), c(3), c(4), p(0xB, 5), c(6), c(7)]
+
+
+async def test_s19_three_layers(volumes: VolumeOpener) -> None:
+    m = lambda s: p(0xD, s)  # noqa: E731
+    vol = await volumes(
+        MapLayer(4, data={1: p(0xA, 1)}), MapLayer(4, data={0: m(0), 2: m(2)}), full(4)
+    )
+    assert await sectors_of(vol, 0, 4) == [m(0), p(0xA, 1), m(2), c(3)]
+
+
+async def test_s20_lower_layer_visible_only_below_its_overlap(volumes: VolumeOpener) -> None:
+    lower = full(50)
+    vol = await volumes(ram(100), lower)
+    assert vol.sector_count == 100
+    got = await sectors_of(vol, 40, 20)
+    assert got == [c(s) for s in range(40, 50)] + [ZERO] * 10
+    assert lower.ops("read") == [("read", 40, 10)]
+
+
+async def test_s21_top_smaller_than_lower(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(50), full(100))
+    assert vol.sector_count == 50
+    with pytest.raises(OutOfRange):
+        await vol.read(49, 2)
+    assert await sectors_of(vol, 49, 1) == [c(49)]
+
+
+async def test_s22_u1_run_starting_at_a_lower_overlap_does_not_abort(volumes: VolumeOpener) -> None:
+    a = lambda s: p(0xA, s)  # noqa: E731
+    top = MapLayer(100, data={s: a(s) for s in range(20, 50)})
+    vol = await volumes(top, MapLayer(50), full(50))
+    got = await sectors_of(vol, 0, 100)
+    assert got == [c(s) for s in range(20)] + [a(s) for s in range(20, 50)] + [ZERO] * 50
+
+
+async def test_s23_u2_read_past_a_lower_layer_end(volumes: VolumeOpener) -> None:
+    vol = await volumes(MapLayer(100, data={60: p(0xA, 60)}), full(50))
+    got = await sectors_of(vol, 0, 100)
+    assert got == [c(s) for s in range(50)] + [ZERO] * 10 + [p(0xA, 60)] + [ZERO] * 39
+    vol = await volumes(ram(100), full(50))
+    assert await sectors_of(vol, 60, 1) == [ZERO]
+    assert await sectors_of(vol, 55, 10) == [ZERO] * 10
+    assert await sectors_of(vol, 50, 1) == [ZERO]
+    assert await sectors_of(vol, 40, 20) == [c(s) for s in range(40, 50)] + [ZERO] * 10
+
+
+@pytest.mark.parametrize("ss", [512, 4096])
+@pytest.mark.parametrize("spec", ["ram", "ram/ram", "ram-rc/ram"])
+async def test_s24_sector_range_conformance(volumes: VolumeOpener, spec: str, ss: int) -> None:
+    vol = await volumes.spec(spec, sector_size=ss, size_bytes=1 << 20)
+    count = vol.sector_count
+    assert count == (1 << 20) // ss
+    huge = [(count, 1), (count - 1, 2), (2**64 - 1, 1), (2**64 - 2, 2), (2**63 - 1, 1)]
+    for sector, n in huge:
+        with pytest.raises(OutOfRange):
+            await vol.read(sector, n)
+        with pytest.raises(OutOfRange):
+            await vol.write(sector, bytes(n * ss))
+        with pytest.raises(OutOfRange):
+            await vol.unmap(sector, n)
+        with pytest.raises(OutOfRange):
+            await vol.allocation(sector, n)
+    data, _ = await vol.read(count - 1, 1)
+    assert data == bytes(ss)
+    data, present = await vol.read(0, 0)
+    assert data == b"" and present == []
+
+
+async def test_s25_zero_length_requests(volumes: VolumeOpener) -> None:
+    lower = full(8)
+    vol = await volumes(MapLayer(8), lower)
+    assert (await vol.read(8, 0)) == (bytearray(), [])
+    await vol.write(8, b"")
+    await vol.unmap(8, 0)
+    assert await vol.allocation(8, 0) == []
+    assert lower.calls == []
+    # DESIGN §2: a range past the end is OUT_OF_RANGE, even an empty one
+    with pytest.raises(OutOfRange):
+        await vol.read(9, 0)
+    with pytest.raises(OutOfRange):
+        await vol.write(9, b"")
+
+
+async def test_negative_or_partial_sectors_are_invalid(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(8))
+    with pytest.raises(InvalidArgument):
+        await vol.read(-1, 1)
+    with pytest.raises(InvalidArgument):
+        await vol.write(0, bytes(SS + 1))
+    with pytest.raises(InvalidArgument):
+        await vol.read_into(memoryview(bytearray(100)), 0)
+    with pytest.raises(InvalidArgument):
+        await vol.unmap(0, -1)
+
+
+# -- read cache --------------------------------------------------------------------------------
+
+
+async def test_s27_read_cache(volumes: VolumeOpener) -> None:
+    cache = ram(2048)
+    bottom = full(2048)
+    vol = await volumes(entry(cache, rc=True), bottom)
+    for s in [0, 2, 4, 6, 8, 0, 2, 4, 6, 8]:
+        assert await sectors_of(vol, s, 1) == [c(s)]
+    assert cache.present_sectors == 5
+    assert len(bottom.ops("read")) == 5, "cached sectors are not read again"
+    assert await sectors_of(vol, 1, 15) == [c(s) for s in range(1, 16)]
+    assert cache.present_sectors == 16
+    assert await vol.allocation(0, 20) == [(0, 16, 0), (16, 20, 1)]
+
+
+async def test_s28_fill_never_overwrites(volumes: VolumeOpener) -> None:
+    x = p(0xE, 3)
+    cache = MapLayer(10, data={3: x})
+    vol = await volumes(entry(cache, rc=True), full(10))
+    assert await sectors_of(vol, 0, 10) == [c(0), c(1), c(2), x] + [c(s) for s in range(4, 10)]
+    assert sorted(cache.data) == list(range(10)) and cache.data[3] == x
+    assert cache.ops("fill") == [("fill", 0, 3), ("fill", 4, 6)]
+
+
+class FailingFillRam(RamLayer):
+    """A RAM cache whose fills fail as a SQLite cache opened read-only would."""
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+
+@pytest.mark.parametrize("kind", ["storage-error", "sqlite-error"])
+async def test_s29_failed_fill_is_counted_and_the_read_succeeds(
+    volumes: VolumeOpener, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache: MapLayer | RamLayer
+    if kind == "storage-error":
+        cache = MapLayer(10)
+        cache.fail_fills = True
+    else:
+        cache = FailingFillRam(10 * SS)
+    vol = await volumes(entry(cache, rc=True), full(10))
+    await cache.write(memoryview(p(0xE, 3)), 3, False)
+    got = await sectors_of(vol, 0, 10)
+    assert got == [c(0), c(1), c(2), p(0xE, 3)] + [c(s) for s in range(4, 10)]
+    stats = vol.entries[0].stats
+    assert (stats.cache_fill_errors, stats.cache_fills) == (2, 0)  # two runs, two calls
+    assert cache.present_sectors == 1
+    assert "filling read cache layer 0 failed" in caplog.text
+    # the next read tries again, and still succeeds
+    assert await sectors_of(vol, 0, 1) == [c(0)]
+    assert stats.cache_fill_errors == 3
+
+
+async def test_s30_zeros_are_cached(volumes: VolumeOpener) -> None:
+    cache = ram(10)
+    vol = await volumes(entry(cache, rc=True), full(6))
+    assert await sectors_of(vol, 0, 10) == [c(s) for s in range(6)] + [ZERO] * 4
+    assert cache.present_sectors == 10
+    assert await vol.allocation(0, 10) == [(0, 10, 0)]
+
+
+async def test_s31_read_cache_smaller_than_the_top_still_fills(volumes: VolumeOpener) -> None:
+    cache = ram(6)
+    vol = await volumes(ram(10), entry(cache, rc=True), full(6))
+    assert await sectors_of(vol, 0, 10) == [c(s) for s in range(6)] + [ZERO] * 4
+    assert cache.present_sectors == 6
+    assert vol.entries[1].stats.cache_fill_errors == 0
+
+
+async def test_s31_cache_larger_than_its_overlap_fills_only_what_is_visible(
+    volumes: VolumeOpener,
+) -> None:
+    cache = ram(20)
+    vol = await volumes(ram(10), entry(cache, rc=True), full(20))
+    await vol.read(0, 10)
+    assert cache.present_sectors == 10
+
+
+async def test_s32_u3_read_cache_below_a_partially_present_top(volumes: VolumeOpener) -> None:
+    a, b = p(0xA, 5), lambda s: p(0xB, s)
+    cache = MapLayer(10, data={s: b(s) for s in range(6, 10)})
+    vol = await volumes(MapLayer(10, data={5: a}), entry(cache, rc=True), full(10))
+    buf = bytearray(b"\xee" * 10 * SS)
+    present = await vol.read_into(memoryview(buf), 0)
+    got = [bytes(buf[i * SS : (i + 1) * SS]) for i in range(10)]
+    assert got == [c(s) for s in range(5)] + [a] + [b(s) for s in range(6, 10)]
+    assert present == [(0, 10)]
+    assert sorted(cache.data) == [0, 1, 2, 3, 4, 6, 7, 8, 9], "gained 0..5, not 5 (the top's)"
+
+
+async def test_s33_read_cache_on_top_is_the_write_target(volumes: VolumeOpener) -> None:
+    cache = ram(10)
+    vol = await volumes(entry(cache, rc=True), full(10))
+    await write(vol, 4, p(0xF, 4))
+    assert await sectors_of(vol, 4, 1) == [p(0xF, 4)]
+    assert await sectors_of(vol, 0, 10) == [c(s) for s in range(4)] + [p(0xF, 4)] + [
+        c(s) for s in range(5, 10)
+    ]
+    assert await sectors_of(vol, 4, 1) == [p(0xF, 4)]
+
+
+async def test_s34_lower_read_error_fails_the_read_without_fill(volumes: VolumeOpener) -> None:
+    cache = ram(10)
+    bottom = full(10)
+    bottom.fail_reads = True
+    vol = await volumes(entry(cache, rc=True), bottom)
+    with pytest.raises(Exception, match="injected read failure"):
+        await vol.read(0, 10)
+    assert cache.present_sectors == 0
+
+
+async def test_second_read_of_cached_sectors_stays_in_the_cache(volumes: VolumeOpener) -> None:
+    bottom = full(64)
+    vol = await volumes(ram(64), entry(ram(64), rc=True), bottom)
+    await vol.read(0, 64)
+    calls = len(bottom.calls)
+    assert await sectors_of(vol, 0, 64) == [c(s) for s in range(64)]
+    assert len(bottom.calls) == calls
+
+
+# -- write, flush, FUA ---------------------------------------------------------------------------
+
+
+async def test_s35_write_lands_on_the_top_only(volumes: VolumeOpener) -> None:
+    b = MapLayer(8)
+    vol = await volumes(MapLayer(8), b)
+    await write(vol, 2, p(1, 2))
+    assert b.calls == [] and b.data == {}
+    assert vol.entries[0].layer.present_sectors == 1
+
+
+async def test_s36_write_through(volumes: VolumeOpener) -> None:
+    a, b, cc = MapLayer(8), MapLayer(8), MapLayer(8)
+    vol = await volumes(entry(a, wt=True), b)
+    await write(vol, 2, p(1, 2))
+    assert a.data == b.data == {2: p(1, 2)}
+    vol = await volumes(entry(MapLayer(8), wt=True), entry(MapLayer(8), wt=True), cc)
+    await write(vol, 3, p(1, 3))
+    assert all(e.layer.present_sectors == 1 for e in vol.entries)
+
+
+async def test_s37_write_through_to_a_smaller_layer_is_clipped(volumes: VolumeOpener) -> None:
+    a, b = MapLayer(100), MapLayer(50)
+    vol = await volumes(entry(a, wt=True), b)
+    await write(vol, 60, p(1, 60))
+    assert await sectors_of(vol, 60, 1) == [p(1, 60)]
+    assert b.calls == []
+    await vol.write(45, pattern(2, 45, 10, SS))
+    assert b.ops("write") == [("write", 45, 5, False)]
+    assert sorted(b.data) == list(range(45, 50))
+
+
+async def test_s38_flush_syncs_the_write_path(volumes: VolumeOpener) -> None:
+    a, b, cc = MapLayer(8), MapLayer(8), MapLayer(8)
+    vol = await volumes(entry(a, wt=True), b, cc)
+    await vol.flush()
+    assert a.ops("flush") == b.ops("flush") == [("flush",)] and cc.calls == []
+
+
+async def test_s39_fua_reaches_every_write_path_layer(volumes: VolumeOpener) -> None:
+    a, b, cc, d = MapLayer(8), MapLayer(8), MapLayer(8), MapLayer(8)
+    vol = await volumes(entry(a, wt=True), entry(b, wt=True), cc, d)
+    await write(vol, 1, p(1, 1), fua=True)
+    for layer in (a, b, cc):
+        assert layer.ops("write") == [("write", 1, 1, True)]
+    assert d.calls == []
+
+
+async def test_fua_no_overwrite_write_is_flushed(volumes: VolumeOpener) -> None:
+    """A fua write must be durable when acknowledged, no_overwrite or not; a layer's
+    write_no_overwrite takes no fua flag, so the engine must flush what it wrote."""
+    top = MapLayer(8)
+    vol = await volumes(top)
+    await write(vol, 1, p(1, 1), fua=True, no_overwrite=True)
+    assert [op[0] for op in top.calls] == ["fill", "flush"]
+    top.calls.clear()
+    await write(vol, 2, p(1, 2), no_overwrite=True)
+    assert [op[0] for op in top.calls] == ["fill"]
+
+
+async def test_s40_read_only_volume_refuses_changes(volumes: VolumeOpener) -> None:
+    top = MapLayer(8, data={1: p(1, 1)})
+    vol = await volumes(top, read_only=True)
+    with pytest.raises(ReadOnlyError, match="read-only"):
+        await write(vol, 1, p(2, 1))
+    with pytest.raises(ReadOnlyError):
+        await write(vol, 1, p(2, 1), no_overwrite=True)
+    with pytest.raises(ReadOnlyError):
+        await vol.unmap(0, 8)
+    with pytest.raises(ReadOnlyError):
+        await vol.resize(16)
+    assert top.ops("write") == top.ops("unmap") == top.ops("resize") == []
+    assert await sectors_of(vol, 1, 1) == [p(1, 1)]
+
+
+async def test_write_past_the_end_changes_nothing(volumes: VolumeOpener) -> None:
+    a, b = MapLayer(8), MapLayer(8)
+    vol = await volumes(entry(a, wt=True), b)
+    with pytest.raises(OutOfRange):
+        await vol.write(7, pattern(1, 7, 2, SS))
+    assert a.calls == b.calls == []
+
+
+async def test_no_overwrite_write_fills_only_holes(volumes: VolumeOpener) -> None:
+    x, bb = p(0xE, 2), lambda s: p(0xB, s)
+    top = MapLayer(10, data={2: x})
+    vol = await volumes(entry(top, wt=True), MapLayer(10, data={5: bb(5), 6: bb(6)}), full(4))
+    await vol.write(0, pattern(1, 0, 10, SS), no_overwrite=True)
+    got = await sectors_of(vol, 0, 10)
+    assert got == [c(0), c(1), x, c(3), p(1, 4), bb(5), bb(6), p(1, 7), p(1, 8), p(1, 9)]
+    assert sorted(top.data) == [2, 4, 7, 8, 9]
+
+
+# -- unmap -------------------------------------------------------------------------------------
+
+
+async def test_s41_unmap_of_a_single_ram_layer(volumes: VolumeOpener) -> None:
+    top = ram(8)
+    vol = await volumes(top)
+    await vol.write(0, pattern(1, 0, 4, SS))
+    await vol.unmap(0, 4)
+    assert await sectors_of(vol, 0, 4) == [ZERO] * 4
+    assert top.present_sectors == 0, "nothing below: dropped, not stored"
+    assert vol.unmap_behavior == UnmapBehavior.ZEROES
+
+
+async def test_s42_unmap_over_lower_data_reads_zeros(volumes: VolumeOpener) -> None:
+    """Upstream ignores a RAM unmap that ends below zero_after; a ZEROES layer may not."""
+    n = 2048
+    p0 = lambda s: p(0, s)  # noqa: E731
+    top = ram(n)
+    vol = await volumes(top, full(n, p0))
+    await vol.unmap(0, n - 1)
+    assert await sectors_of(vol, 0, n) == [ZERO] * (n - 1) + [p0(n - 1)]
+    assert top.present_sectors == n - 1
+    await vol.unmap(n // 2, n // 2)
+    assert await sectors_of(vol, n // 2 - 1, 2) == [ZERO, ZERO]
+
+
+async def test_s43_unmap_hides_lower_data(volumes: VolumeOpener) -> None:
+    top = MapLayer(100, data={10: p(0xE, 10)})
+    vol = await volumes(top, full(100))
+    await vol.unmap(5, 10)
+    assert await sectors_of(vol, 4, 12) == [c(4)] + [ZERO] * 10 + [c(15)]
+    assert top.ops("unmap") == [("unmap", 5, 10, False)]
+
+
+async def test_s44_unmap_past_the_lower_end_drops(volumes: VolumeOpener) -> None:
+    top = MapLayer(100, data={60: p(0xE, 60)})
+    vol = await volumes(top, full(50))
+    await vol.unmap(55, 10)
+    assert await sectors_of(vol, 55, 10) == [ZERO] * 10
+    assert top.ops("unmap") == [("unmap", 55, 10, True)] and top.data == {}
+
+
+async def test_s45_unmap_straddling_a_lower_overlap_is_split(volumes: VolumeOpener) -> None:
+    top = MapLayer(100)
+    vol = await volumes(top, full(50))
+    await vol.unmap(40, 20)
+    assert await sectors_of(vol, 39, 22) == [c(39)] + [ZERO] * 21
+    assert top.ops("unmap") == [("unmap", 40, 10, False), ("unmap", 50, 10, True)]
+    assert await vol.allocation(38, 24) == [(38, 40, 1), (40, 50, 0), (50, 62, -1)]
+
+
+async def test_s45_split_through_write_through_layers(volumes: VolumeOpener) -> None:
+    top, mid, low = MapLayer(100), MapLayer(50), MapLayer(30)
+    vol = await volumes(entry(top, wt=True), mid, low)
+    await vol.unmap(20, 60)
+    assert top.ops("unmap") == [("unmap", 20, 30, False), ("unmap", 50, 30, True)]
+    assert mid.ops("unmap") == [("unmap", 20, 10, False), ("unmap", 30, 20, True)]
+    assert low.calls == []
+
+
+async def test_s46_ignored_unmap_does_nothing(volumes: VolumeOpener) -> None:
+    top = MapLayer(8, data={1: p(1, 1)}, unmap_behavior=UnmapBehavior.IGNORED)
+    vol = await volumes(top)
+    await vol.unmap(0, 8)
+    assert top.calls == [] and await sectors_of(vol, 1, 1) == [p(1, 1)]
+    with pytest.raises(OutOfRange):
+        await vol.unmap(8, 1)
+
+
+async def test_s47_write_through_zeroes(volumes: VolumeOpener) -> None:
+    top, bottom = ram(16), ram(16)
+    vol = await volumes(entry(top, wt=True), bottom)
+    assert vol.unmap_behavior == UnmapBehavior.ZEROES
+    await vol.write(0, pattern(1, 0, 16, SS))
+    await vol.unmap(4, 4)
+    assert await sectors_of(vol, 3, 6) == [p(1, 3)] + [ZERO] * 4 + [p(1, 8)]
+    assert (top.present_sectors, bottom.present_sectors) == (16, 12)
+    # past the bottom's overlap (after a shrink) the top drops too
+    await vol.resize(8)
+    await vol.resize(16)
+    await vol.write(10, pattern(2, 10, 2, SS))
+    await vol.unmap(10, 2)
+    assert await vol.allocation(8, 8) == [(8, 16, -1)]
+
+
+async def test_s48_write_through_with_an_ignoring_layer_ignores(volumes: VolumeOpener) -> None:
+    top = MapLayer(8, data={1: p(1, 1)}, unmap_behavior=UnmapBehavior.IGNORED)
+    bottom = MapLayer(8, data={1: p(1, 1)})
+    vol = await volumes(entry(top, wt=True), bottom)
+    assert vol.unmap_behavior == UnmapBehavior.IGNORED
+    await vol.unmap(0, 8)
+    assert top.ops("unmap") == bottom.ops("unmap") == []
+
+
+# -- resize ------------------------------------------------------------------------------------
+
+
+async def test_s50_shrink_then_grow_exposes_zeros(volumes: VolumeOpener) -> None:
+    n = 2048
+    p0 = lambda s: p(0, s)  # noqa: E731
+    lower = full(n, p0)
+    vol = await volumes(ram(n), lower)
+    await vol.resize(n // 2)
+    await vol.resize(n)
+    got = await sectors_of(vol, 0, n)
+    assert got == [p0(s) for s in range(n // 2)] + [ZERO] * (n // 2)
+    assert all(op[1] + op[2] <= n // 2 for op in lower.ops("read"))
+    assert vol.inspect()["layers"][1]["visible_sector_count"] == n // 2
+
+
+async def test_s51_shrink(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(16))
+    await vol.write(0, pattern(1, 0, 16, SS))
+    assert await vol.resize(10) == 10
+    assert vol.sector_count == 10
+    with pytest.raises(OutOfRange):
+        await vol.read(10, 1)
+    with pytest.raises(InvalidArgument):
+        await vol.resize(0)
+    assert vol.sector_count == 10
+    await vol.resize(16)
+    assert await sectors_of(vol, 8, 8) == [p(1, 8), p(1, 9)] + [ZERO] * 6
+
+
+async def test_resize_of_a_top_that_cannot(volumes: VolumeOpener) -> None:
+    vol = await volumes(MapLayer(8, resizable=False))
+    with pytest.raises(NotSupported):
+        await vol.resize(16)
+    assert vol.sector_count == 8 and vol.generation == 0
+
+
+async def test_s52_wait_resize(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(8))
+    gen = vol.generation
+    waiter = asyncio.create_task(vol.wait_resize(gen))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await vol.resize(12)
+    assert await asyncio.wait_for(waiter, 5) == (12, gen + 1)
+    assert await vol.wait_resize(gen) == (12, gen + 1), "returns at once when behind"
+
+
+async def test_s53_top_resized_by_itself_reaches_volume_watchers(volumes: VolumeOpener) -> None:
+    """U4/U5: a top layer that changes size on its own (a remote top following its remote)
+    wakes the volume's watchers."""
+    top = MapLayer(8)
+    vol = await volumes(top, full(8))
+    waiter = asyncio.create_task(vol.wait_resize(vol.generation))
+    await top.resize(16)
+    assert await asyncio.wait_for(waiter, 5) == (16, 1)
+    assert vol.sector_count == 16
+    assert await sectors_of(vol, 7, 2) == [c(7), ZERO]
+
+
+async def test_s50_top_shrunk_and_grown_by_itself_lowers_the_overlap(volumes: VolumeOpener) -> None:
+    """The shrink-then-grow rule holds even when the top changes size twice before the
+    volume's watcher runs: the overlap must see the shrink."""
+    top = MapLayer(8)
+    vol = await volumes(top, full(8))
+    await top.resize(4)
+    await top.resize(8)
+    await asyncio.sleep(0.01)
+    assert await sectors_of(vol, 0, 8) == [c(s) for s in range(4)] + [ZERO] * 4
+    assert vol.generation == 2
+
+
+async def test_s54_u_ram_grown_ram_keeps_data_past_its_old_size(volumes: VolumeOpener) -> None:
+    n = 64
+    vol = await volumes(ram(n))
+    await vol.resize(2 * n)
+    await write(vol, n + 5, p(0xE, n + 5))
+    assert await sectors_of(vol, n + 5, 1) == [p(0xE, n + 5)]
+    # and after a tail unmap
+    await vol.unmap(n // 2, n // 2)
+    await write(vol, n // 2 + 1, p(0xF, 1))
+    assert await sectors_of(vol, n // 2, 2) == [ZERO, p(0xF, 1)]
+
+
+async def test_s54_grow_past_the_mapping(volumes: VolumeOpener) -> None:
+    vol = await volumes(ram(8))
+    await vol.write(0, pattern(1, 0, 8, SS))
+    await vol.resize(100_000)
+    await write(vol, 99_999, p(2, 99_999))
+    assert await sectors_of(vol, 0, 8) == [p(1, s) for s in range(8)]
+    assert await sectors_of(vol, 99_998, 2) == [ZERO, p(2, 99_999)]
+
+
+async def test_s55_grown_top_never_shows_lower_data(volumes: VolumeOpener) -> None:
+    n = 32
+    lower = full(2 * n)
+    vol = await volumes(ram(n), lower)
+    await vol.resize(2 * n)
+    assert await sectors_of(vol, 0, 2 * n) == [c(s) for s in range(n)] + [ZERO] * n
+    assert lower.ops("read") == [("read", 0, n)]
+
+
+async def test_raw_top_resize(volumes: VolumeOpener, tmp_path: Path) -> None:
+    vol = await volumes(RawLayer(str(tmp_path / "img"), size=16 * SS))
+    await vol.write(0, pattern(1, 0, 16, SS))
+    await vol.resize(8)
+    await vol.resize(16)
+    assert await sectors_of(vol, 6, 4) == [p(1, 6), p(1, 7), ZERO, ZERO]
+    assert (tmp_path / "img").stat().st_size == 16 * SS
+
+
+# -- allocation, present zeros, inspect ----------------------------------------------------------
+
+
+async def test_s56_present_zeros_hide_lower_data(volumes: VolumeOpener) -> None:
+    top = ram(8)
+    vol = await volumes(top, full(8))
+    await vol.write(3, ZERO)
+    assert await sectors_of(vol, 2, 3) == [c(2), ZERO, c(4)]
+    assert await vol.allocation(0, 8) == [(0, 3, 1), (3, 4, 0), (4, 8, 1)]
+
+
+async def test_allocation_and_read_presence_agree(volumes: VolumeOpener) -> None:
+    vol = await volumes(MapLayer(20, data={1: p(1, 1), 2: p(1, 2)}), MapLayer(12, data={5: c(5)}))
+    alloc = await vol.allocation(0, 20)
+    assert alloc == [(0, 1, -1), (1, 3, 0), (3, 5, -1), (5, 6, 1), (6, 20, -1)]
+    _, present = await vol.read(0, 20)
+    assert present == [(1, 3), (5, 6)]
+    assert await vol.allocation(2, 2) == [(2, 3, 0), (3, 4, -1)]
+
+
+async def test_inspect_tree(volumes: VolumeOpener, tmp_path: Path) -> None:
+    vol = await volumes(
+        entry(ram(8), rc=True), RawLayer(str(tmp_path / "img"), size=16 * SS), name="v"
+    )
+    await vol.read(0, 4)
+    tree = vol.inspect()
+    assert (tree["name"], tree["sector_size"], tree["sector_count"], tree["read_only"]) == (
+        "v",
+        SS,
+        8,
+        False,
+    )
+    top, raw = tree["layers"]
+    assert (top["index"], top["kind"], top["read_cache"], top["write_through"]) == (
+        0,
+        "ram",
+        True,
+        False,
+    )
+    assert (top["sector_count"], top["visible_sector_count"], top["present_sectors"]) == (8, 8, 4)
+    assert (raw["index"], raw["kind"], raw["sector_count"], raw["visible_sector_count"]) == (
+        1,
+        "raw",
+        16,
+        8,
+    )
+    assert raw["present_sectors"] == 16 and raw["path"] == str(tmp_path / "img")
+    assert top["counters"]["cache_fills"] == 4
+
+
+class LostWatchLayer(MapLayer):
+    """A top whose size watch fails (a remote top whose origin went away)."""
+
+    async def wait_resize(self, sector_count: int) -> int:
+        await asyncio.sleep(0)
+        raise Unavailable("origin unreachable")
+
+
+async def test_s53_a_failing_size_watch_does_not_break_the_volume() -> None:
+    top = LostWatchLayer(8)
+    vol = await Volume.open("v", [entry(top), entry(full(8))])
+    await asyncio.sleep(0.01)
+    await top.resize(4)  # still seen: the overlap follows
+    await top.resize(8)
+    assert await sectors_of(vol, 0, 8) == [c(s) for s in range(4)] + [ZERO] * 4
+    await vol.close()  # does not raise
