@@ -1,0 +1,491 @@
+"""The ``sqlite`` layer: a persistent layer in one SQLite file, one row per present sector.
+
+Schema (format version 1; sector numbers in units of the layer's ``sector_size``):
+
+- ``sectors(sector INTEGER PRIMARY KEY, data BLOB)``: a row means the sector is present;
+  ``data`` is exactly ``sector_size`` bytes, or NULL for an all-zero sector.
+- ``meta(key TEXT PRIMARY KEY, value)``: ``format`` (``"tierdisk-sqlite"``), ``version``
+  (1), ``sector_size`` and ``sector_count`` (the size, kept up to date by resize), and
+  ``flushes`` (bumped by a flush whose checkpoint could not complete).
+
+The database runs in WAL mode with ``synchronous=NORMAL``: every request is one transaction
+(committed to the WAL, so a process crash loses nothing acknowledged, and a power cut rolls
+back to a consistent, older state). ``flush`` runs a checkpoint, which in this mode fsyncs
+the WAL before copying it into the database and the database after, so every commit is
+durable and the WAL starts over (it holds at most what was written between two flushes; it
+is cut back to 4 MiB when it starts over); should the checkpoint not complete, a one-row
+update committed with ``synchronous=FULL`` fsyncs the WAL instead. A ``fua`` write and a
+resize commit their own transaction with ``synchronous=FULL``, so the layer honours FUA. A
+new layer is formatted in ``<path>.tmp`` and renamed into place, so a crash never leaves a
+half-made layer.
+
+All SQLite work runs on one worker thread per layer that owns the only connection, in
+submission order: no request waits on the event loop, and a read-cache fill
+(``INSERT OR IGNORE``) never overwrites a sector a write reached first.
+
+Per-sector work. One row per sector is what this format is, so rows are the one place the
+layer takes a Python step per sector: a write packs its rows with ``executemany`` over a
+generator of ``memoryview`` slices (an all-zero sector becomes NULL by one comparison), a read
+runs one ``SELECT`` over the range and copies each blob into the caller's buffer, building
+the present runs as it goes. Presence queries and unmap-to-zeros stay in SQL (a window
+query and a recursive CTE). This layer suits tests and small disks; ``sparse`` is the one
+for large ones.
+
+Locking: ``<path>.lock`` is ``flock``-ed exclusively while the layer is open, so a second
+open of the same layer fails with a :class:`ConfigError` naming the path. (The database file
+itself is not flock-ed: closing a second descriptor of it would drop SQLite's own POSIX
+locks.)
+
+Errors: SQLite's ``SQLITE_FULL`` is :class:`NoSpace`: the transaction rolled back, so the
+request changed nothing; the WAL is then checkpointed and truncated, now and before each
+later transaction until that works, to give back the space of the rolled-back frames. SQLite
+needs some free space to delete too (the WAL records the pages a delete changes;
+``secure_delete=FAST`` keeps that small), so on a full filesystem an unmap can fail with
+:class:`NoSpace` until space is freed elsewhere. A corrupt file is :class:`DataCorruption`;
+other failures are :class:`StorageError`. An existing layer keeps its recorded size and
+sector size; a configured ``size`` or ``sector_size`` that disagrees is a
+:class:`ConfigError`; a new one takes ``size``, else the layer below's, and with neither it
+is a :class:`ConfigError`. ``unmap_behavior`` is ZEROES: ``next_is_zero`` deletes the rows,
+otherwise each sector becomes a NULL row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..errors import (
+    ConfigError,
+    DataCorruption,
+    NoSpace,
+    StorageError,
+    TierdiskError,
+)
+from ..layer import Layer, LayerMetadata, check_sector_size
+from ..runs import Run
+
+__all__ = ["SqliteLayer"]
+
+FORMAT = "tierdisk-sqlite"
+VERSION = 1
+_APPLICATION_ID = 0x54445351  # "TDSQ"
+_WAL_LIMIT = 4 << 20
+"""Bytes the WAL file is cut back to when it starts over after a checkpoint."""
+
+_T = TypeVar("_T")
+
+_SCHEMA = (
+    "CREATE TABLE sectors (sector INTEGER PRIMARY KEY, data BLOB)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value NOT NULL) WITHOUT ROWID",
+)
+
+_RUNS_SQL = """
+SELECT MIN(sector), MAX(sector) + 1 FROM (
+    SELECT sector, sector - ROW_NUMBER() OVER (ORDER BY sector) AS island
+    FROM sectors WHERE sector >= ? AND sector < ?
+) GROUP BY island ORDER BY 1
+"""
+
+_ZERO_ROWS_SQL = """
+WITH RECURSIVE s(n) AS (SELECT ? UNION ALL SELECT n + 1 FROM s WHERE n + 1 < ?)
+INSERT OR REPLACE INTO sectors (sector, data) SELECT n, NULL FROM s
+"""
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None) or 0
+    return isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_FULL
+
+
+def _domain_error(exc: sqlite3.Error, what: str) -> TierdiskError:
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return NoSpace(f"{what}: out of space ({exc})")
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return DataCorruption(f"{what}: {exc}")
+    return StorageError(f"{what}: {exc}")
+
+
+class SqliteLayer(Layer):
+    """An SQLite database at ``path`` (see the module docstring for the schema)."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str, size: int | None = None, sector_size: int | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.lock_path = path + ".lock"
+        self._size_bytes = size
+        self._wanted_sector_size = sector_size
+        self._worker: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None  # used on the worker thread only
+        self._lock_fd = -1
+        self._present = 0  # rows in `sectors`
+        self._dirty = False  # committed without an fsync of the WAL since
+        self._starved = False  # ran out of space: reclaim the WAL before the next write
+        self._zero = b""
+
+    # -- open and close -------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn`` on the worker thread, in submission order."""
+        assert self._worker is not None, "sqlite layer used before attach or after close"
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        except sqlite3.Error as exc:
+            raise _domain_error(exc, f"{what} sqlite layer {self.path}") from None
+        except OSError as exc:
+            raise StorageError(f"{what} sqlite layer {self.path}: {exc.strerror}") from None
+
+    async def attach(self, lower: LayerMetadata | None) -> None:
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sqlite-layer")
+        try:
+            await self._call("opening", self._open, lower)
+        except BaseException:
+            self._worker.shutdown()
+            self._worker = None
+            raise
+
+    def _open(self, lower: LayerMetadata | None) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"sqlite layer {self.path} is already open (locked by this or another "
+                    "process); two servers cannot share a layer"
+                ) from None
+            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+                self._format(lower)
+            self._db = self._connect()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        self._lock_fd = lock_fd
+
+    def _format(self, lower: LayerMetadata | None) -> None:
+        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
+        try:
+            check_sector_size(ss)
+        except ValueError as exc:
+            raise ConfigError(f"sqlite layer {self.path}: {exc}") from None
+        nbytes = self._size_bytes
+        if nbytes is None and lower is not None:
+            nbytes = lower.sector_count * lower.sector_size
+        if nbytes is None:
+            raise ConfigError(
+                f"sqlite layer {self.path} does not exist and has no size: give size, or put "
+                "it above a layer to inherit the size from"
+            )
+        if nbytes <= 0 or nbytes % ss:
+            raise ConfigError(
+                f"sqlite layer {self.path}: size {nbytes} is not a positive multiple of its "
+                f"{ss}-byte sectors"
+            )
+        tmp = self.path + ".tmp"
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+            db.execute("BEGIN")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("format", FORMAT),
+                    ("version", VERSION),
+                    ("sector_size", ss),
+                    ("sector_count", nbytes // ss),
+                    ("flushes", 0),
+                ],
+            )
+            db.execute("COMMIT")
+        finally:
+            db.close()  # checkpoints and removes the WAL
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        folder = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open sqlite layer {self.path}: {exc}") from None
+        try:
+            try:
+                rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    raise ConfigError(
+                        f"sqlite layer {self.path}: missing meta table (not a tierdisk "
+                        "sqlite layer)"
+                    ) from None
+                raise
+            except sqlite3.DatabaseError as exc:
+                raise ConfigError(
+                    f"sqlite layer {self.path} is not a readable SQLite database: {exc}"
+                ) from None
+            if rows.get("format") != FORMAT or rows.get("version") != VERSION:
+                raise ConfigError(
+                    f"sqlite layer {self.path}: meta says format {rows.get('format')!r} "
+                    f"version {rows.get('version')!r}; this build reads {FORMAT!r} {VERSION}"
+                )
+            ss, count = rows.get("sector_size"), rows.get("sector_count")
+            if not isinstance(ss, int) or not isinstance(count, int) or count <= 0:
+                raise DataCorruption(
+                    f"sqlite layer {self.path}: bad sector_size/sector_count in meta"
+                )
+            if self._wanted_sector_size is not None and self._wanted_sector_size != ss:
+                raise ConfigError(
+                    f"sqlite layer {self.path} has {ss}-byte sectors but the config says "
+                    f"sector_size = {self._wanted_sector_size}"
+                )
+            if self._size_bytes is not None and self._size_bytes != count * ss:
+                raise ConfigError(
+                    f"sqlite layer {self.path} is {count * ss} bytes but the config says "
+                    f"size = {self._size_bytes}"
+                )
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+            db.execute("PRAGMA secure_delete=FAST")  # deleting rows must not rewrite pages
+            (self._present,) = db.execute("SELECT COUNT(*) FROM sectors").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        self._set_geometry(ss, count)
+        self._zero = bytes(ss)
+        return db
+
+    async def close(self) -> None:
+        if self._worker is None:
+            return
+        try:
+            await self._call("closing", self._close_sync)
+        finally:
+            self._worker.shutdown()
+            self._worker = None
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()  # checkpoints the WAL into the database and syncs both
+
+    # -- capabilities -----------------------------------------------------------------------
+
+    @property
+    def can_read_cache(self) -> bool:
+        return True
+
+    @property
+    def can_resize(self) -> bool:
+        return True
+
+    @property
+    def present_sectors(self) -> int:
+        return self._present
+
+    def _conn(self) -> sqlite3.Connection:
+        assert self._db is not None, "sqlite layer used before attach or after close"
+        return self._db
+
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``durable`` commits it with ``synchronous=FULL``."""
+        db = self._conn()
+        if self._starved:
+            self._reclaim_wal(db)
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if _is_full(exc):
+                    self._starved = True
+                    self._reclaim_wal(db)
+                raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+        self._dirty = not durable  # a FULL commit fsyncs the WAL: every commit before it
+
+    def _reclaim_wal(self, db: sqlite3.Connection) -> None:
+        """After running out of space: checkpoint and truncate the WAL, giving back the space
+        of rolled-back frames (best effort; retried before each transaction until it works)."""
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return
+        if not busy and frames == copied:
+            self._starved = False
+
+    def _count(self, db: sqlite3.Connection, a: int, b: int) -> int:
+        row = db.execute(
+            "SELECT COUNT(*) FROM sectors WHERE sector >= ? AND sector < ?", (a, b)
+        ).fetchone()
+        return int(row[0])
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        self._check_range(sector, len(buf) // self._sector_size)
+        return await self._call("reading", self._read_sync, buf, sector)
+
+    def _read_sync(self, buf: memoryview, sector: int) -> list[Run]:
+        ss = self._sector_size
+        end = sector + len(buf) // ss
+        runs: list[Run] = []
+        start = last = -2
+        zero = self._zero
+        rows = self._conn().execute(
+            "SELECT sector, data FROM sectors WHERE sector >= ? AND sector < ?", (sector, end)
+        )
+        for s, data in rows:  # one step per present sector: inherent to one row per sector
+            off = (s - sector) * ss
+            if data is None:
+                buf[off : off + ss] = zero
+            elif len(data) == ss:
+                buf[off : off + ss] = data
+            else:
+                raise DataCorruption(
+                    f"sqlite layer {self.path}: sector {s} holds {len(data)} bytes, not {ss}"
+                )
+            if s != last + 1:
+                if start >= 0:
+                    runs.append((start, last + 1))
+                start = s
+            last = s
+        if start >= 0:
+            runs.append((start, last + 1))
+        return runs
+
+    async def presence(self, sector: int, count: int) -> list[Run]:
+        return await self._call("reading", self._presence_sync, sector, sector + count)
+
+    def _presence_sync(self, a: int, b: int) -> list[Run]:
+        return [(int(s), int(e)) for s, e in self._conn().execute(_RUNS_SQL, (a, b))]
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        self._check_range(sector, len(data) // self._sector_size)
+        await self._call("writing", self._write_sync, data, sector, fua, False)
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        self._check_range(sector, len(data) // self._sector_size)
+        await self._call("writing", self._write_sync, data, sector, False, True)
+
+    def _write_sync(self, data: memoryview, sector: int, fua: bool, keep_present: bool) -> None:
+        ss = self._sector_size
+        count = len(data) // ss
+        zero = self._zero
+        rows = (
+            (sector + i, None if (chunk := data[i * ss : (i + 1) * ss]) == zero else chunk)
+            for i in range(count)
+        )
+        with self._transaction(durable=fua) as db:
+            if keep_present:
+                cur = db.executemany(
+                    "INSERT OR IGNORE INTO sectors (sector, data) VALUES (?, ?)", rows
+                )
+                added = cur.rowcount
+            else:
+                added = count - self._count(db, sector, sector + count)
+                db.executemany("INSERT OR REPLACE INTO sectors (sector, data) VALUES (?, ?)", rows)
+        self._present += added
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        self._check_range(sector, count)
+        if count:
+            await self._call("unmapping in", self._unmap_sync, sector, sector + count, next_is_zero)
+
+    def _unmap_sync(self, a: int, b: int, next_is_zero: bool) -> None:
+        with self._transaction() as db:
+            if next_is_zero:
+                change = -db.execute(
+                    "DELETE FROM sectors WHERE sector >= ? AND sector < ?", (a, b)
+                ).rowcount
+            else:
+                change = (b - a) - self._count(db, a, b)
+                db.execute(_ZERO_ROWS_SQL, (a, b))
+        self._present += change
+
+    async def flush(self) -> None:
+        await self._call("flushing", self._flush_sync)
+
+    def _flush_sync(self) -> None:
+        if not self._dirty:
+            return
+        db = self._conn()
+        # With synchronous=NORMAL a checkpoint fsyncs the WAL before copying it and the
+        # database after: a complete one makes every commit durable and lets the WAL start
+        # over (so it holds at most what was written between two flushes).
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            self._starved = self._starved or _is_full(exc)
+            raise
+        if busy or frames != copied:  # not complete: fsync the WAL through a FULL commit
+            with self._transaction(durable=True):
+                db.execute("UPDATE meta SET value = value + 1 WHERE key = 'flushes'")
+        self._dirty = False
+
+    async def resize(self, sector_count: int) -> None:
+        if sector_count <= 0:
+            raise ValueError("size must be at least one sector")
+        old = self._sector_count
+        if sector_count == old:
+            return
+        if sector_count < old:
+            self._sector_count = sector_count  # refuse new I/O past the new end now
+        try:
+            await self._call("resizing", self._resize_sync, sector_count)
+        except BaseException:
+            self._sector_count = old
+            raise
+        self._sector_count = sector_count
+        self._notify_resized()
+
+    def _resize_sync(self, sector_count: int) -> None:
+        with self._transaction(durable=True) as db:
+            dropped = db.execute("DELETE FROM sectors WHERE sector >= ?", (sector_count,)).rowcount
+            db.execute("UPDATE meta SET value = ? WHERE key = 'sector_count'", (sector_count,))
+        self._present -= dropped
+
+    # -- diagnostics ----------------------------------------------------------------------------
+
+    def inspect(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"path": os.path.abspath(self.path)}
+        for key, name in (("file_bytes", self.path), ("wal_bytes", self.path + "-wal")):
+            with contextlib.suppress(OSError):
+                details[key] = os.stat(name).st_size
+        return details

@@ -1,0 +1,341 @@
+"""The ``sparse`` layer: the shared persistent-layer contract, plus its files on disk.
+
+A *crash image* here is a copy of the layer's two files taken while it is open: what the
+files hold at that moment is exactly what a SIGKILL would leave (the page cache survives a
+process crash), so these tests can check deterministically what reaches the presence map
+and when. tests/test_persistent_crash.py kills real processes instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from persistent_contract import SIZE, SS, PersistentLayerContract
+from stacks import pattern
+
+from tierdisk.service.errors import ConfigError, DataCorruption
+from tierdisk.service.layer import Layer
+from tierdisk.service.layers import sparse as sparse_module
+from tierdisk.service.layers.sparse import SparseLayer
+from tierdisk.service.layers.sparse_map import HEADER_SIZE
+from tierdisk.service.volume import LayerEntry, Volume
+
+SNAP_EMPTY = 32  # bytes of a SNAP record with no runs
+RUN = 16  # bytes per run in a record
+
+
+class TestSparseContract(PersistentLayerContract):
+    layer_class = SparseLayer
+
+
+def crash_image(path: Path, dest: Path) -> Path:
+    """Copy the layer's files as they are now (the state a SIGKILL would leave)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    shutil.copyfile(f"{path}.map", f"{dest}.map")
+    return dest
+
+
+async def opened(path: Path, size: int | None = None) -> SparseLayer:
+    layer = SparseLayer(str(path), size=size)
+    await layer.attach(None)
+    return layer
+
+
+async def read(layer: Layer, sector: int, count: int) -> tuple[bytes, list[tuple[int, int]]]:
+    buf = bytearray(b"\xee" * count * layer.sector_size)
+    runs = await layer.read(memoryview(buf), sector)
+    return bytes(buf), runs
+
+
+def map_size(path: Path) -> int:
+    return os.stat(f"{path}.map").st_size
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(name)
+
+
+def put(name: str, data: bytes) -> None:
+    with open(name, "wb") as f:
+        f.write(data)
+
+
+# -- what reaches the map, and when ------------------------------------------------------------
+
+
+async def test_presence_reaches_the_map_only_at_flush_or_fua(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    layer = await opened(path, SIZE)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 4, SS)), 0, False)
+        image = await opened(crash_image(path, tmp_path / "i1"))
+        assert await image.presence(0, 256) == []  # written, not flushed: not claimed
+        await image.close()
+
+        await layer.flush()
+        image = await opened(crash_image(path, tmp_path / "i2"))
+        data, runs = await read(image, 0, 4)
+        assert runs == [(0, 4)] and data == pattern(1, 0, 4, SS)
+        await image.close()
+
+        await layer.write(memoryview(pattern(2, 10, 2, SS)), 10, True)  # fua: durable now
+        await layer.write(memoryview(pattern(3, 20, 2, SS)), 20, False)
+        await layer.unmap(0, 4, False, True)
+        image = await opened(crash_image(path, tmp_path / "i3"))
+        data, runs = await read(image, 0, 32)
+        # the unmap is not in the map yet, but its hole is: sectors 0-3 read as zeros,
+        # the later acknowledged state; sector 20 was never flushed
+        assert runs == [(0, 4), (10, 12)]
+        assert data[: 4 * SS] == bytes(4 * SS)
+        assert data[10 * SS : 12 * SS] == pattern(2, 10, 2, SS)
+        await image.close()
+    finally:
+        await layer.close()
+
+
+async def test_close_compacts_the_map_into_one_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    layer = await opened(path, SIZE)
+    for i in range(5):
+        await layer.write(memoryview(pattern(i, i * 10, 2, SS)), i * 10, False)
+        await layer.flush()
+    assert map_size(path) > HEADER_SIZE + SNAP_EMPTY + 5 * RUN
+    await layer.close()
+    assert map_size(path) == HEADER_SIZE + SNAP_EMPTY + 5 * RUN
+    assert not exists(f"{path}.map.tmp")
+
+
+async def test_compaction_keeps_the_map_small_and_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sparse_module, "COMPACT_MIN_BYTES", 256)
+    path = tmp_path / "d"
+    rng = random.Random(7)
+    model: set[int] = set()
+    layer = await opened(path, SIZE)
+    try:
+        for i in range(300):
+            s = rng.randrange(0, 255)
+            if rng.random() < 0.3:
+                await layer.unmap(s, 2, False, True)
+                model -= {s, s + 1}
+            else:
+                await layer.write(memoryview(pattern(i, s, 1, SS)), s, False)
+                model.add(s)
+            await layer.flush()
+            snapshot = HEADER_SIZE + SNAP_EMPTY + layer.inspect()["present_runs"] * RUN
+            assert map_size(path) <= 3 * snapshot + 512  # compaction bounds the log
+        crash = crash_image(path, tmp_path / "img")  # a compacted map with a log after it
+    finally:
+        await layer.close()
+    for where in (path, crash):
+        again = await opened(where)
+        try:
+            present = {s for a, b in await again.presence(0, 256) for s in range(a, b)}
+            assert present == model
+        finally:
+            await again.close()
+
+
+async def test_a_leftover_compaction_file_is_removed_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    await (await opened(path, SIZE)).close()
+    put(f"{path}.map.tmp", b"half a compaction")
+    layer = await opened(path)
+    await layer.close()
+    assert not exists(f"{path}.map.tmp")
+
+
+# -- a damaged map --------------------------------------------------------------------------
+
+
+async def three_flushes(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A crash image whose map is a snapshot and three DIFF records (sectors 0, 1, 2
+    written one per flush); returns it and the offsets where each DIFF starts."""
+    path = tmp_path / "live"
+    layer = await opened(path, SIZE)
+    offsets = []
+    try:
+        for i in range(3):
+            offsets.append(map_size(path))
+            await layer.write(memoryview(pattern(i, i * 8, 1, SS)), i * 8, False)
+            await layer.flush()
+        image = crash_image(path, tmp_path / "img" / "d")
+    finally:
+        await layer.close()
+    return image, offsets
+
+
+def damage(path: Path, offset: int, *, truncate: bool = False) -> None:
+    with open(f"{path}.map", "r+b") as f:
+        if truncate:
+            f.truncate(offset)
+        else:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("how", ["truncated mid-record", "flipped byte"])
+async def test_a_torn_last_record_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    image, offsets = await three_flushes(tmp_path)
+    last = offsets[2]
+    if how == "truncated mid-record":
+        damage(image, last + 20, truncate=True)
+    else:
+        damage(image, map_size(image) - 10)  # inside the last record's runs
+    with caplog.at_level(logging.WARNING, logger="tierdisk.service.layers.sparse"):
+        layer = await opened(image)
+    try:
+        assert await layer.presence(0, 256) == [(0, 1), (8, 9)]  # as of the second flush
+        assert any(
+            "torn" in r.getMessage() and str(image) in r.getMessage() for r in caplog.records
+        )
+        assert map_size(image) == last  # the tail was cut off
+        await layer.write(memoryview(pattern(7, 30, 1, SS)), 30, False)
+        await layer.flush()
+        crash = crash_image(image, tmp_path / "after" / "d")  # appending after the cut works
+    finally:
+        await layer.close()
+    again = await opened(crash)
+    try:
+        assert await again.presence(0, 256) == [(0, 1), (8, 9), (30, 31)]
+    finally:
+        await again.close()
+
+
+async def test_a_corrupt_header_is_refused(tmp_path: Path) -> None:
+    image, _ = await three_flushes(tmp_path)
+    damage(image, 13)  # inside sector_size
+    with pytest.raises(DataCorruption, match=rf"{image}.map: the header checksum"):
+        await SparseLayer(str(image)).attach(None)
+    with pytest.raises(ConfigError, match=rf"volume 'v', layer 0: .*{image}.map"):
+        await Volume.open("v", [LayerEntry(SparseLayer(str(image)))])
+
+
+@pytest.mark.parametrize("where", ["snapshot", "middle record"])
+async def test_corruption_before_the_tail_is_refused(tmp_path: Path, where: str) -> None:
+    image, offsets = await three_flushes(tmp_path)
+    damage(image, HEADER_SIZE + 30 if where == "snapshot" else offsets[1] + 40)
+    with pytest.raises(DataCorruption, match=rf"{image}.map"):
+        await SparseLayer(str(image)).attach(None)
+
+
+async def test_a_map_of_another_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    put(str(path), b"")
+    put(f"{path}.map", b"not a map at all, just some text" * 4)
+    with pytest.raises(DataCorruption, match="not a tierdisk sparse presence map"):
+        await SparseLayer(str(path)).attach(None)
+
+
+async def test_missing_or_mismatched_files_are_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"x" * SIZE)
+    with pytest.raises(ConfigError, match=rf"{plain}: the data file exists .* no"):
+        await SparseLayer(str(plain), size=SIZE).attach(None)
+    assert plain.read_bytes() == b"x" * SIZE  # untouched
+
+    path = tmp_path / "d"
+    layer = await opened(path, SIZE)
+    await layer.write(memoryview(pattern(1, 200, 1, SS)), 200, True)
+    await layer.close()
+    os.truncate(path, 100 * SS)
+    with pytest.raises(DataCorruption, match=rf"{path}: the data file is {100 * SS} bytes"):
+        await SparseLayer(str(path)).attach(None)
+    os.unlink(path)
+    with pytest.raises(ConfigError, match=rf"{path}: .*data file is missing"):
+        await SparseLayer(str(path)).attach(None)
+
+
+async def test_a_data_file_left_longer_by_a_crash_is_cut_back(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    await (await opened(path, SIZE)).close()
+    os.truncate(path, 2 * SIZE)  # a grow whose record never made it
+    layer = await opened(path)
+    try:
+        assert layer.sector_count * SS == SIZE and os.stat(path).st_size == SIZE
+    finally:
+        await layer.close()
+
+
+# -- space on disk and scale -------------------------------------------------------------------
+
+
+async def test_unmapped_sectors_give_their_disk_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    size = 8 << 20
+    layer = await opened(path, size)
+    try:
+        assert os.stat(path).st_blocks * 512 < 64 << 10  # a new layer takes no space
+        await layer.write(memoryview(os.urandom(4 << 20)), 0, False)
+        await layer.flush()
+        full = os.stat(path).st_blocks * 512
+        assert full >= 4 << 20
+        await layer.unmap(0, (2 << 20) // SS, False, True)  # dropped
+        await layer.unmap((2 << 20) // SS, (1 << 20) // SS, False, False)  # present zeros
+        await layer.flush()
+        assert os.stat(path).st_blocks * 512 <= full - (3 << 20)
+        assert layer.present_sectors == (2 << 20) // SS
+        assert layer.inspect()["allocated_bytes"] == os.stat(path).st_blocks * 512
+    finally:
+        await layer.close()
+
+
+async def test_a_terabyte_layer_is_cheap(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    tib = 1 << 40
+    layer = await opened(path, tib)
+    try:
+        last = tib // SS - 1
+        await layer.write(memoryview(pattern(1, last, 1, SS)), last, False)
+        await layer.write(memoryview(pattern(2, 0, 1, SS)), 0, False)
+    finally:
+        await layer.close()
+    layer = await opened(path)
+    try:
+        assert layer.sector_count == tib // SS
+        data, runs = await read(layer, last, 1)
+        assert runs == [(last, last + 1)] and data == pattern(1, last, 1, SS)
+        info = layer.inspect()
+        assert info["file_bytes"] == tib and info["allocated_bytes"] < 1 << 20
+        assert info["map_bytes"] == HEADER_SIZE + SNAP_EMPTY + 2 * RUN
+    finally:
+        await layer.close()
+
+
+async def test_a_fully_written_layer_is_one_run(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    layer = await opened(path, SIZE)
+    chunks = list(range(0, 256, 8))
+    random.Random(3).shuffle(chunks)
+    try:
+        for s in chunks:
+            await layer.write(memoryview(pattern(s, s, 8, SS)), s, False)
+        assert layer.inspect()["present_runs"] == 1
+    finally:
+        await layer.close()
+    assert map_size(path) == HEADER_SIZE + SNAP_EMPTY + RUN
+
+
+async def test_inspect_names_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    layer = await opened(path, SIZE)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 1, SS)), 0, False)
+        info = layer.inspect()
+        assert info["path"] == str(path) and info["map_path"] == f"{path}.map"
+        assert info["present_runs"] == 1 and info["unflushed_runs"] == 1
+        await layer.flush()
+        assert layer.inspect()["unflushed_runs"] == 0
+    finally:
+        await layer.close()

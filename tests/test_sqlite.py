@@ -1,0 +1,140 @@
+"""The ``sqlite`` layer: the shared persistent-layer contract, plus what is SQLite's own.
+
+Real SQLite files in a temporary folder; the schema is checked with the ``sqlite3`` module
+the way an operator would look at a layer file (reference scenarios 56 to 59).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import VolumeOpener
+from persistent_contract import SIZE, SS, PersistentLayerContract
+from stacks import pattern
+
+from tierdisk.service.errors import ConfigError, DataCorruption
+from tierdisk.service.layers.raw import RawLayer
+from tierdisk.service.layers.sqlite import SqliteLayer
+
+
+class TestSqliteContract(PersistentLayerContract):
+    layer_class = SqliteLayer
+
+
+def rows(path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_zero_sector_is_a_null_row_that_hides_the_layer_below(
+    tmp_path: Path, volumes: VolumeOpener
+) -> None:
+    path = tmp_path / "top.db"
+    raw = RawLayer(str(tmp_path / "lower.raw"), size=SIZE)
+    volume = await volumes(SqliteLayer(str(path), size=SIZE), raw)
+    await raw.write(memoryview(pattern(9, 0, 8, SS)), 0, False)
+    await volume.write(2, bytes(SS) + pattern(1, 3, 1, SS))
+    data, _ = await volume.read(0, 8)
+    assert data[2 * SS : 3 * SS] == bytes(SS)  # scenario 56: zeros, present, lower hidden
+    assert data[3 * SS : 4 * SS] == pattern(1, 3, 1, SS)
+    assert await volume.allocation(0, 8) == [(0, 2, 1), (2, 4, 0), (4, 8, 1)]
+    await volume.close()
+    assert rows(path, "SELECT sector, data IS NULL, length(data) FROM sectors") == [
+        (2, 1, None),
+        (3, 0, SS),
+    ]
+
+
+async def test_unmap_rows(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.write(memoryview(pattern(1, 0, 10, SS)), 0, False)
+    await layer.unmap(2, 3, False, True)  # dropped: rows deleted
+    await layer.unmap(6, 6, False, False)  # kept as zeros: NULL rows
+    assert await layer.presence(0, 20) == [(0, 2), (5, 12)]
+    assert layer.present_sectors == 9
+    await layer.close()
+    assert rows(path, "SELECT sector FROM sectors WHERE data IS NULL") == [
+        (s,) for s in range(6, 12)
+    ]
+    assert rows(path, "SELECT sector FROM sectors WHERE data IS NOT NULL") == [(0,), (1,), (5,)]
+
+
+async def test_no_overwrite_keeps_an_existing_row(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.write(memoryview(bytes(SS)), 4, False)
+    await layer.write_no_overwrite(memoryview(pattern(2, 3, 3, SS)), 3)  # scenario 57
+    assert layer.present_sectors == 3
+    await layer.close()
+    assert rows(path, "SELECT sector, data IS NULL FROM sectors") == [(3, 0), (4, 1), (5, 0)]
+
+
+async def test_meta_records_geometry_in_a_wal_database(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE, sector_size=4096)
+    await layer.attach(None)
+    await layer.resize(SIZE // 4096 + 5)
+    await layer.close()
+    meta = dict(rows(path, "SELECT key, value FROM meta"))  # type: ignore[arg-type]
+    assert meta["sector_size"] == 4096 and meta["sector_count"] == SIZE // 4096 + 5
+    assert meta["format"] == "tierdisk-sqlite" and meta["version"] == 1
+    assert rows(path, "PRAGMA journal_mode") == [("wal",)]
+    assert sorted(os.listdir(tmp_path)) == ["d.db", "d.db.lock"]
+
+
+async def test_a_file_without_meta_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE sectors (sector INTEGER PRIMARY KEY, data BLOB)")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match=rf"{path}: missing meta table"):  # scenario 59
+        await SqliteLayer(str(path), size=SIZE).attach(None)
+
+
+async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    path.write_bytes(b"definitely not a database" * 200)
+    with pytest.raises(ConfigError, match=rf"{path} is not a readable SQLite database"):
+        await SqliteLayer(str(path)).attach(None)
+
+
+async def test_a_blob_of_the_wrong_length_is_data_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO sectors VALUES (7, x'0102')")
+    db.commit()
+    db.close()
+    layer = SqliteLayer(str(path))
+    await layer.attach(None)
+    try:
+        with pytest.raises(DataCorruption, match="sector 7 holds 2 bytes"):
+            await layer.read(memoryview(bytearray(16 * SS)), 0)
+    finally:
+        await layer.close()
+
+
+async def test_a_large_write_is_one_transaction_of_rows(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    data = bytearray(pattern(3, 0, 200, SS))
+    data[50 * SS : 60 * SS] = bytes(10 * SS)
+    await layer.write(memoryview(data), 0, True)
+    buf = bytearray(200 * SS)
+    assert await layer.read(memoryview(buf), 0) == [(0, 200)]
+    assert buf == data
+    await layer.close()
+    assert rows(path, "SELECT count(*), sum(data IS NULL) FROM sectors") == [(200, 10)]
