@@ -10,11 +10,20 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 
-from .errors import NoSpace, StorageError, TierdiskError
+from .errors import ConfigError, NoSpace, StorageError, TierdiskError
 
-__all__ = ["as_storage_error", "pread_into", "punch_hole", "pwrite_all", "zero_range"]
+__all__ = [
+    "as_storage_error",
+    "lock_or_refuse",
+    "pread_into",
+    "punch_hole",
+    "pwrite_all",
+    "reserve",
+    "zero_range",
+]
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -75,3 +84,27 @@ def as_storage_error(exc: OSError, what: str) -> TierdiskError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: out of space ({exc.strerror})")
     return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate the blocks of ``[offset, offset + length)`` keeping the file size, so a
+    write there cannot run out of space half-way. Returns False when the filesystem cannot
+    (then nothing was reserved); raises ``OSError`` (``ENOSPC``) when space is short."""
+    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def lock_or_refuse(fd: int, what: str, *, shared: bool = False) -> None:
+    """``flock`` ``fd`` (exclusive, or shared for read-only use) without waiting; raise a
+    :class:`ConfigError` naming ``what`` when another layer or process holds it."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"{what} is already open (in use and locked by this or another process); "
+            "two servers cannot share a layer"
+        ) from None

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import NotSupported, OutOfRange
+from .errors import ConfigError, NotSupported, OutOfRange
 from .runs import Run
 
-__all__ = ["Layer", "LayerMetadata", "UnmapBehavior", "check_sector_size"]
+__all__ = ["Layer", "LayerMetadata", "UnmapBehavior", "check_sector_size", "new_geometry"]
 
 
 class UnmapBehavior(enum.IntEnum):
@@ -55,6 +55,34 @@ def check_sector_size(sector_size: int) -> None:
     """Refuse a sector size that is not a power of two of at least 512 bytes."""
     if sector_size < 512 or sector_size & (sector_size - 1):
         raise ValueError(f"sector_size {sector_size} is not a power of two >= 512")
+
+
+def new_geometry(
+    what: str, size: int | None, sector_size: int | None, lower: LayerMetadata | None
+) -> tuple[int, int]:
+    """``(sector_size, sector_count)`` of a layer being created (DESIGN.md §4 defaults).
+
+    ``size`` (bytes) and ``sector_size`` are the configured values or None; each defaults to
+    the layer below's (the sector size to 512 at the bottom). ``what`` names the layer in
+    the :class:`~tierdisk.service.errors.ConfigError` raised for a bad or missing value.
+    """
+    ss = sector_size or (lower.sector_size if lower else 512)
+    try:
+        check_sector_size(ss)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    nbytes = size
+    if nbytes is None and lower is not None:
+        nbytes = lower.sector_count * lower.sector_size
+    if nbytes is None:
+        raise ConfigError(
+            f"{what} has no size: give size, or put it above a layer to inherit the size from"
+        )
+    if nbytes <= 0 or nbytes % ss:
+        raise ConfigError(
+            f"{what}: size {nbytes} is not a positive multiple of its {ss}-byte sectors"
+        )
+    return ss, nbytes // ss
 
 
 class Layer(abc.ABC):

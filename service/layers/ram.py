@@ -13,8 +13,7 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
-from ..errors import ConfigError
-from ..layer import Layer, LayerMetadata, check_sector_size
+from ..layer import Layer, LayerMetadata, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
 
@@ -45,23 +44,9 @@ class RamLayer(Layer):
         self._present = RunSet()
 
     async def attach(self, lower: LayerMetadata | None) -> None:
-        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
-        try:
-            check_sector_size(ss)
-        except ValueError as exc:
-            raise ConfigError(f"ram layer: {exc}") from None
-        if self._size_bytes is not None:
-            nbytes = self._size_bytes
-        elif lower is not None:
-            nbytes = lower.sector_count * lower.sector_size
-        else:
-            raise ConfigError("ram layer has no size and no layer below to inherit it from")
-        if nbytes <= 0:
-            raise ConfigError(f"ram layer size must be positive, not {nbytes}")
-        if nbytes % ss:
-            raise ConfigError(f"ram layer size {nbytes} is not a multiple of its {ss}-byte sectors")
-        self._set_geometry(ss, nbytes // ss)
-        self._map = _anonymous(nbytes)
+        ss, count = new_geometry("ram layer", self._size_bytes, self._wanted_sector_size, lower)
+        self._set_geometry(ss, count)
+        self._map = _anonymous(ss * count)
         self._view = memoryview(self._map)
 
     async def close(self) -> None:

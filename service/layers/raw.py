@@ -10,13 +10,12 @@ see zeros), so the layer reports ``UNMAP_BEHAVIOR_ZEROES``.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 from typing import Any
 
 from ..errors import ConfigError, ReadOnlyError
-from ..fileio import as_storage_error, pread_into, pwrite_all, zero_range
-from ..layer import Layer, LayerMetadata, check_sector_size
+from ..fileio import as_storage_error, lock_or_refuse, pread_into, pwrite_all, zero_range
+from ..layer import Layer, LayerMetadata, check_sector_size, new_geometry
 from ..runs import Run
 
 __all__ = ["RawLayer"]
@@ -45,26 +44,19 @@ class RawLayer(Layer):
         await asyncio.get_running_loop().run_in_executor(None, self._open, lower)
 
     def _open(self, lower: LayerMetadata | None) -> None:
-        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
-        try:
-            check_sector_size(ss)
-        except ValueError as exc:
-            raise ConfigError(f"raw image {self.path}: {exc}") from None
+        what = f"raw image {self.path}"
         exists = os.path.exists(self.path)
-        if not exists:
+        if exists:
+            ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
+            try:
+                check_sector_size(ss)
+            except ValueError as exc:
+                raise ConfigError(f"{what}: {exc}") from None
+        else:
             if self._read_only:
-                raise ConfigError(f"raw image {self.path} does not exist (and read_only is set)")
-            nbytes = self._size_bytes
-            if nbytes is None and lower is not None:
-                nbytes = lower.sector_count * lower.sector_size
-            if nbytes is None:
-                raise ConfigError(
-                    f"raw image {self.path} does not exist and no size is given to create it"
-                )
-            if nbytes <= 0 or nbytes % ss:
-                raise ConfigError(
-                    f"raw image {self.path}: size {nbytes} is not a positive multiple of {ss}"
-                )
+                raise ConfigError(f"{what} does not exist (and read_only is set)")
+            ss, count = new_geometry(what, self._size_bytes, self._wanted_sector_size, lower)
+            nbytes = ss * count
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         flags = (os.O_RDONLY if self._read_only else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
         try:
@@ -72,15 +64,9 @@ class RawLayer(Layer):
         except OSError as exc:
             raise ConfigError(f"cannot open raw image {self.path}: {exc.strerror}") from None
         try:
-            lock = fcntl.LOCK_SH if self._read_only else fcntl.LOCK_EX
-            try:
-                fcntl.flock(fd, lock | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"raw image {self.path} is in use by another layer or process (locked)"
-                ) from None
+            lock_or_refuse(fd, what, shared=self._read_only)
             if not exists:
-                os.ftruncate(fd, nbytes)  # type: ignore[arg-type]
+                os.ftruncate(fd, nbytes)
             size = os.fstat(fd).st_size
             if size % ss:
                 raise ConfigError(

@@ -59,10 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
 import logging
 import os
 import threading
@@ -72,8 +68,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, DataCorruption
-from ..fileio import as_storage_error, pread_into, punch_hole, pwrite_all, zero_range
-from ..layer import Layer, LayerMetadata, check_sector_size
+from ..fileio import (
+    as_storage_error,
+    lock_or_refuse,
+    pread_into,
+    punch_hole,
+    pwrite_all,
+    reserve,
+    zero_range,
+)
+from ..layer import Layer, LayerMetadata, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
 from . import sparse_map
@@ -88,12 +92,6 @@ COMPACT_MIN_BYTES = 1 << 20
 100,000-run snapshot, replaying the worst-case log costs about 0.4 s at open."""
 
 _T = TypeVar("_T")
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 def _fsync_dir(path: str) -> None:
@@ -173,13 +171,7 @@ class SparseLayer(Layer):
         except OSError as exc:
             raise ConfigError(f"cannot open sparse layer {self.path}: {exc.strerror}") from None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"sparse layer {self.path} is already open (locked by this or another "
-                    "process); two servers cannot share a layer"
-                ) from None
+            lock_or_refuse(fd, f"sparse layer {self.path}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.map_path + ".tmp")  # a compaction cut short by a crash
             self._fd = fd
@@ -203,29 +195,13 @@ class SparseLayer(Layer):
                 f"presence map {self.map_path} does not; refusing to treat it as empty "
                 "(remove it, or use it as a raw layer)"
             )
-        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
-        try:
-            check_sector_size(ss)
-        except ValueError as exc:
-            raise ConfigError(f"sparse layer {self.path}: {exc}") from None
-        nbytes = self._size_bytes
-        if nbytes is None and lower is not None:
-            nbytes = lower.sector_count * lower.sector_size
-        if nbytes is None:
-            raise ConfigError(
-                f"sparse layer {self.path} does not exist and has no size: give size, or put "
-                "it above a layer to inherit the size from"
-            )
-        if nbytes <= 0 or nbytes % ss:
-            raise ConfigError(
-                f"sparse layer {self.path}: size {nbytes} is not a positive multiple of "
-                f"its {ss}-byte sectors"
-            )
-        count = nbytes // ss
+        ss, count = new_geometry(
+            f"sparse layer {self.path}", self._size_bytes, self._wanted_sector_size, lower
+        )
         self._set_geometry(ss, count)
         try:
             self._write_snapshot(array("q"), count)
-            os.ftruncate(self._fd, nbytes)
+            os.ftruncate(self._fd, count * ss)
         except OSError as exc:
             raise ConfigError(f"cannot create sparse layer {self.path}: {exc.strerror}") from None
         self._size = self._logged_size = count
@@ -383,13 +359,7 @@ class SparseLayer(Layer):
         cannot run out of space half-way."""
         if not self._can_reserve:
             return
-        if _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-            self._can_reserve = False
-            return
-        raise OSError(err, os.strerror(err))
+        self._can_reserve = reserve(self._fd, offset, length)
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool

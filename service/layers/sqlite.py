@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -67,7 +66,8 @@ from ..errors import (
     StorageError,
     TierdiskError,
 )
-from ..layer import Layer, LayerMetadata, check_sector_size
+from ..fileio import lock_or_refuse
+from ..layer import Layer, LayerMetadata, new_geometry
 from ..runs import Run
 
 __all__ = ["SqliteLayer"]
@@ -156,13 +156,7 @@ class SqliteLayer(Layer):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"sqlite layer {self.path} is already open (locked by this or another "
-                    "process); two servers cannot share a layer"
-                ) from None
+            lock_or_refuse(lock_fd, f"sqlite layer {self.path}")
             if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
                 self._format(lower)
             self._db = self._connect()
@@ -172,24 +166,10 @@ class SqliteLayer(Layer):
         self._lock_fd = lock_fd
 
     def _format(self, lower: LayerMetadata | None) -> None:
-        ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
-        try:
-            check_sector_size(ss)
-        except ValueError as exc:
-            raise ConfigError(f"sqlite layer {self.path}: {exc}") from None
-        nbytes = self._size_bytes
-        if nbytes is None and lower is not None:
-            nbytes = lower.sector_count * lower.sector_size
-        if nbytes is None:
-            raise ConfigError(
-                f"sqlite layer {self.path} does not exist and has no size: give size, or put "
-                "it above a layer to inherit the size from"
-            )
-        if nbytes <= 0 or nbytes % ss:
-            raise ConfigError(
-                f"sqlite layer {self.path}: size {nbytes} is not a positive multiple of its "
-                f"{ss}-byte sectors"
-            )
+        ss, count = new_geometry(
+            f"sqlite layer {self.path}", self._size_bytes, self._wanted_sector_size, lower
+        )
+        nbytes = ss * count
         tmp = self.path + ".tmp"
         for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
             with contextlib.suppress(FileNotFoundError):
