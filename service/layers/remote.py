@@ -101,6 +101,8 @@ _BACKOFF = 0.05  # first retry wait ceiling (full jitter), doubling per retry
 _MAX_BACKOFF = 2.0
 _WATCH_BACKOFF = (0.1, 5.0)  # reconnect delays of the WatchResize follower
 _PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
+_RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+"""Failed calls worth a (rate-limited) warning: the tier is down or slow."""
 
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 15_000),  # the server accepts pings every 10 s or slower
@@ -234,6 +236,7 @@ class RemoteLayer(Layer):
         self._present_at = -_PRESENT_REFRESH
         self._present_task: asyncio.Task[None] | None = None
         self._watch_log = RateLimitedLog(log)
+        self._call_log = RateLimitedLog(log)  # failed calls: can repeat on every request
         self.request_counts: dict[tuple[str, str], int] = {}
         """Calls made to the remote, by (RPC name, status code name)."""
         self.on_request: Callable[[str, str, float], None] | None = None
@@ -351,6 +354,15 @@ class RemoteLayer(Layer):
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
         if self.on_request is not None and rpc != "WatchResize":
             self.on_request(rpc, code.name, seconds)
+        if code in _RETRIED_CODES and rpc != "WatchResize":
+            self._call_log.warning(
+                "%s: %s answered %s after %.3f s (retried up to %d times)",
+                self._where,
+                rpc,
+                code.name,
+                seconds,
+                self.retries,
+            )
 
     # -- geometry and capabilities --------------------------------------------------------
 
