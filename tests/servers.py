@@ -18,11 +18,20 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
 
 from tierdisk.service.config import load_config
 from tierdisk.service.server import Server
+from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["ServerProcess", "running_server", "write_config"]
+__all__ = ["ServerProcess", "running_server", "tree_of", "write_config"]
+
+
+def tree_of(reply: pb.InspectResponse) -> dict[str, Any]:
+    """An Inspect reply's tree as plain Python values (numbers are floats)."""
+    return json_format.MessageToDict(reply.tree)
 
 
 def write_config(tmp_path: Path, body: str, name: str = "tierdisk.toml") -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import running_server
+from servers import running_server, tree_of
 from tools import require_tool
 
 from tierdisk.service.server import Server
@@ -152,7 +152,7 @@ async def test_inspect_counters_agree_with_metrics(server: Server) -> None:
     await _read_sequence(server.grpc_address)
     async with grpc.aio.insecure_channel(server.grpc_address) as channel:
         stub = pb_grpc.BlockDeviceStub(channel)
-        tree = (await stub.Inspect(pb.InspectRequest(volume="cached"))).tree
+        tree = tree_of(await stub.Inspect(pb.InspectRequest(volume="cached")))
     text = await scrape(server.metrics_address)
     for layer in tree["layers"]:
         index = str(int(layer["index"]))

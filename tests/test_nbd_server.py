@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import grpc
-from servers import running_server
+from servers import running_server, tree_of
 from test_metrics import scrape, value
 from tools import require_tool
 
@@ -65,7 +65,7 @@ async def test_nbd_and_grpc_see_the_same_volume(tmp_path: Path) -> None:
             await _run(qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(image), uri)
             reply = await stub.Read(pb.ReadRequest(volume="disk", sector=0, sector_count=2048))
             assert reply.data == incoming
-            tree = (await stub.Inspect(pb.InspectRequest(volume="disk", path="nbd"))).tree
+            tree = tree_of(await stub.Inspect(pb.InspectRequest(volume="disk", path="nbd")))
             assert tree["sessions_total"] >= 2
         text = await scrape(server.metrics_address)
         assert value(text, "tierdisk_nbd_sessions_total") >= 2

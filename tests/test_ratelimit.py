@@ -6,7 +6,6 @@ import logging
 
 import pytest
 
-from tierdisk.service import ratelimit
 from tierdisk.service.ratelimit import RateLimitedLog
 
 
@@ -14,7 +13,7 @@ def test_one_warning_per_interval_with_a_count(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [100.0]
-    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
     log = RateLimitedLog(logging.getLogger("t"), interval=10.0)
     with caplog.at_level(logging.WARNING, logger="t"):
         for _ in range(5):

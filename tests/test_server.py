@@ -7,11 +7,12 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import running_server
+from servers import running_server, tree_of
 
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -59,7 +60,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def stub(server: Server) -> AsyncIterator[pb_grpc.BlockDeviceStub]:
+async def stub(server: Server) -> AsyncIterator[pb_grpc.BlockDeviceAsyncStub]:
     options = [
         ("grpc.max_receive_message_length", 64 * MiB),
         ("grpc.max_send_message_length", 64 * MiB),
@@ -78,7 +79,7 @@ def _pattern(n: int, seed: int) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (n // 256)
 
 
-async def test_list_volumes_pages(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_list_volumes_pages(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     reply = await stub.ListVolumes(pb.ListVolumesRequest())
     assert [v.name for v in reply.volumes] == ["ram", "stack", "ro", "big4k"]
     assert reply.next_page_token == ""
@@ -95,7 +96,7 @@ async def test_list_volumes_pages(stub: pb_grpc.BlockDeviceStub) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details
 
 
-async def test_get_volume_geometry(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_get_volume_geometry(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     v = await stub.GetVolume(pb.GetVolumeRequest(volume="stack"))
     assert (v.name, v.sector_size, v.sector_count) == ("stack", 512, 8 * MiB // 512)
     assert v.fua_respected and not v.read_only
@@ -104,7 +105,7 @@ async def test_get_volume_geometry(stub: pb_grpc.BlockDeviceStub) -> None:
     assert (await stub.GetVolume(pb.GetVolumeRequest(volume="big4k"))).sector_size == 4096
 
 
-async def test_write_read_presence_allocation_unmap(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_write_read_presence_allocation_unmap(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     data = _pattern(4096, 3)
     await stub.Write(pb.WriteRequest(volume="ram", sector=8, data=data, fua=True))
     reply = await stub.Read(
@@ -126,10 +127,10 @@ async def test_write_read_presence_allocation_unmap(stub: pb_grpc.BlockDeviceStu
     await stub.Flush(pb.FlushRequest(volume="ram"))
 
 
-async def test_stack_reads_through_and_caches(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_stack_reads_through_and_caches(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     await stub.Read(pb.ReadRequest(volume="stack", sector=0, sector_count=16))
     await stub.Read(pb.ReadRequest(volume="stack", sector=0, sector_count=16))
-    tree = (await stub.Inspect(pb.InspectRequest(volume="stack"))).tree
+    tree = tree_of(await stub.Inspect(pb.InspectRequest(volume="stack")))
     top, base = tree["layers"][0], tree["layers"][1]
     assert top["kind"] == "ram" and base["kind"] == "raw"
     assert top["counters"]["cache_misses"] == 16 and top["counters"]["cache_hits"] == 16
@@ -141,11 +142,11 @@ async def test_stack_reads_through_and_caches(stub: pb_grpc.BlockDeviceStub) -> 
     assert [(e.sector, e.sector_count, e.depth) for e in alloc.extents] == [(0, 16, 0), (16, 16, 1)]
 
 
-async def test_inspect_path_selects_subtree(stub: pb_grpc.BlockDeviceStub) -> None:
-    tree = (await stub.Inspect(pb.InspectRequest(volume="stack", path="layers/1"))).tree
+async def test_inspect_path_selects_subtree(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
+    tree = tree_of(await stub.Inspect(pb.InspectRequest(volume="stack", path="layers/1")))
     assert tree["kind"] == "raw" and tree["index"] == 1 and tree["path"].endswith("base.img")
     leaf = await stub.Inspect(pb.InspectRequest(volume="stack", path="layers/1/sector_count"))
-    assert leaf.tree["value"] == 8 * MiB // 512
+    assert tree_of(leaf)["value"] == 8 * MiB // 512
     code, details = await _code(stub.Inspect(pb.InspectRequest(volume="stack", path="layers/9")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "layers/9" in details
 
@@ -206,9 +207,9 @@ async def test_inspect_path_selects_subtree(stub: pb_grpc.BlockDeviceStub) -> No
     ],
 )
 async def test_status_codes(
-    stub: pb_grpc.BlockDeviceStub, request_: object, code: grpc.StatusCode, fragment: str
+    stub: pb_grpc.BlockDeviceAsyncStub, request_: object, code: grpc.StatusCode, fragment: str
 ) -> None:
-    method = {
+    method: Any = {
         pb.ReadRequest: stub.Read,
         pb.WriteRequest: stub.Write,
         pb.UnmapRequest: stub.Unmap,
@@ -220,20 +221,20 @@ async def test_status_codes(
     assert fragment in details
 
 
-async def test_error_carries_domain_class(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_error_carries_domain_class(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Write(pb.WriteRequest(volume="ro", sector=0, data=bytes(512)))
     assert ("tierdisk-error", "ReadOnlyError") in tuple(info.value.trailing_metadata() or ())
 
 
-async def test_out_of_range_write_changes_nothing(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_out_of_range_write_changes_nothing(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     last = 64 * MiB // 512 - 1
     await _code(stub.Write(pb.WriteRequest(volume="ram", sector=last, data=b"z" * 1024)))
     reply = await stub.Read(pb.ReadRequest(volume="ram", sector=last, sector_count=1))
     assert reply.data == bytes(512)
 
 
-async def test_io_at_the_limit_and_over_it(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_io_at_the_limit_and_over_it(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     limit = 16 * MiB
     data = os.urandom(limit)
     await stub.Write(pb.WriteRequest(volume="ram", sector=0, data=data))
@@ -262,7 +263,13 @@ async def test_concurrent_clients(server: Server) -> None:
     await asyncio.gather(*(client(n) for n in range(8)))
 
 
-async def test_watch_resize_sees_every_change(stub: pb_grpc.BlockDeviceStub) -> None:
+async def _next_event(call: Any) -> pb.ResizeEvent:
+    event = await call.read()
+    assert isinstance(event, pb.ResizeEvent)
+    return event
+
+
+async def test_watch_resize_sees_every_change(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     call = stub.WatchResize(pb.WatchResizeRequest(volume="ram"))
     first = await call.read()
     assert isinstance(first, pb.ResizeEvent)
@@ -271,15 +278,15 @@ async def test_watch_resize_sees_every_change(stub: pb_grpc.BlockDeviceStub) -> 
     for size in sizes:
         volume = await stub.Resize(pb.ResizeRequest(volume="ram", sector_count=size))
         assert volume.sector_count == size
-    events = [await call.read() for _ in sizes]
-    assert [e.sector_count for e in events] == sizes  # type: ignore[union-attr]
-    generations = [first.generation] + [e.generation for e in events]  # type: ignore[union-attr]
+    events = [await _next_event(call) for _ in sizes]
+    assert [e.sector_count for e in events] == sizes
+    generations = [first.generation] + [e.generation for e in events]
     assert generations == sorted(set(generations))
     call.cancel()
     assert (await stub.GetVolume(pb.GetVolumeRequest(volume="ram"))).sector_count == 131072
 
 
-async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     await stub.Write(pb.WriteRequest(volume="stack", sector=100, data=b"q" * 512))
     await stub.Resize(pb.ResizeRequest(volume="stack", sector_count=50))
     await stub.Resize(pb.ResizeRequest(volume="stack", sector_count=200))
@@ -287,7 +294,7 @@ async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceStub) -> No
     assert reply.data == bytes(80 * 512)
 
 
-async def test_watch_unknown_volume(stub: pb_grpc.BlockDeviceStub) -> None:
+async def test_watch_unknown_volume(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     call = stub.WatchResize(pb.WatchResizeRequest(volume="nope"))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call.read()
@@ -302,9 +309,9 @@ async def test_health_serving_then_not_serving_on_stop(tmp_path: Path) -> None:
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
-            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING  # type: ignore[union-attr]
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             stopping = asyncio.create_task(srv.stop(grace=5))
-            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING  # type: ignore[union-attr]
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             await stopping
 
 
@@ -317,7 +324,7 @@ async def test_reflection_lists_services(server: Server) -> None:
         await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
         reply = await call.read()
         await call.done_writing()
-        names = {s.name for s in reply.list_services_response.service}  # type: ignore[union-attr]
+        names = {s.name for s in reply.list_services_response.service}
         assert {"tierdisk.v1.BlockDevice", "grpc.health.v1.Health"} <= names
 
 
