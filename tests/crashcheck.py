@@ -55,6 +55,8 @@ def decode(value: bytes | memoryview, sector: int, sector_size: int) -> int | No
     bytes no write to this sector produced (garbage, torn, or meant for another sector)."""
     if not any(value[:16]) and value == bytes(sector_size):
         return 0
+    tag: int
+    named: int
     tag, named = struct.unpack_from("<QQ", value)
     if not tag & _TAG or named != sector:
         return None

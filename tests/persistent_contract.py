@@ -439,15 +439,17 @@ class PersistentLayerContract:
             for tag, op in enumerate(ops, start=1):
                 name = op[0]
                 if name in ("write", "fill", "unmap"):
-                    start, count = min(int(op[1]), size - 1), int(op[2])  # type: ignore[call-overload]
-                    count = min(count, size - start)
+                    first, wanted = op[1], op[2]
+                    assert isinstance(first, int) and isinstance(wanted, int)
+                    start = min(first, size - 1)
+                    count = min(wanted, size - start)
                     sectors = range(start, start + count)
-                    data = memoryview(pattern(tag, start, count, SS))
+                    payload = memoryview(pattern(tag, start, count, SS))
                     if name == "write":
-                        await layer.write(data, start, bool(op[3]))
+                        await layer.write(payload, start, bool(op[3]))
                         model.update((s, pattern(tag, s, 1, SS)) for s in sectors)
                     elif name == "fill":
-                        await layer.write_no_overwrite(data, start)
+                        await layer.write_no_overwrite(payload, start)
                         for s in sectors:
                             model.setdefault(s, pattern(tag, s, 1, SS))
                     else:
@@ -465,7 +467,9 @@ class PersistentLayerContract:
                     layer = self.make(path, size=None)
                     await layer.attach(None)
                 else:
-                    size = int(op[1])  # type: ignore[call-overload]
+                    new_size = op[1]
+                    assert isinstance(new_size, int)
+                    size = new_size
                     await layer.resize(size)
                     model = {s: v for s, v in model.items() if s < size}
                 assert layer.sector_count == size

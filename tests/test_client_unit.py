@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -147,7 +147,9 @@ def test_sync_style_rpc_error_maps_too() -> None:
         def details(self) -> str:
             return "read-only"
 
-        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        # grpc-stubs types the entries as its _Metadatum class; real sync errors give
+        # (key, value) tuples, which is what this stands in for.
+        def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:  # type: ignore[override]
             return (("other", b"x"), ("tierdisk-error", b"ReadOnlyError"))
 
     err = error_from_rpc(SyncError())
@@ -627,6 +629,26 @@ class Scripted(pb_grpc.BlockDeviceServicer):
         await self._enter(context, "WatchResize")
         for g in range(3):
             yield pb.ResizeEvent(sector_count=100 + g, generation=g)
+
+    # Not scripted: these answer as the generated base class does (UNIMPLEMENTED), but
+    # spelled out, since the servicer stub declares every RPC abstract.
+    @staticmethod
+    def _unscripted(context: Any) -> NoReturn:
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    async def Unmap(self, request: Any, context: Any) -> pb.UnmapResponse:
+        self._unscripted(context)
+
+    async def Flush(self, request: Any, context: Any) -> pb.FlushResponse:
+        self._unscripted(context)
+
+    async def GetAllocation(self, request: Any, context: Any) -> pb.GetAllocationResponse:
+        self._unscripted(context)
+
+    async def Resize(self, request: Any, context: Any) -> pb.Volume:
+        self._unscripted(context)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from stacks import pattern
 from tierdisk.service.errors import ConfigError, OutOfRange
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
+from tierdisk.service.runs import Run
 
 SS = 512
 
@@ -34,7 +35,9 @@ async def ram(sectors: int, sector_size: int = SS) -> RamLayer:
     return layer
 
 
-async def read(layer: RamLayer, sector: int, count: int, fill: int = 0xEE) -> tuple[bytes, list]:
+async def read(
+    layer: RamLayer, sector: int, count: int, fill: int = 0xEE
+) -> tuple[bytes, list[Run]]:
     buf = bytearray([fill]) * (count * layer.sector_size)
     runs = await layer.read(memoryview(buf), sector)
     return bytes(buf), runs

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from stacks import pattern
@@ -14,6 +16,7 @@ from tierdisk.service.errors import ConfigError, NoSpace, OutOfRange, ReadOnlyEr
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers import raw as raw_module
 from tierdisk.service.layers.raw import RawLayer
+from tierdisk.service.runs import Run
 
 SS = 512
 
@@ -39,22 +42,28 @@ def layers() -> list[RawLayer]:
 
 
 @pytest.fixture(autouse=True)
-async def _close(layers: list[RawLayer]):  # type: ignore[no-untyped-def]
+async def _close(layers: list[RawLayer]) -> AsyncIterator[None]:
     yield
     for layer in layers:
         await layer.close()
 
 
 async def open_raw(
-    layers: list[RawLayer], path: Path, lower: LayerMetadata | None = None, **kwargs
-) -> RawLayer:  # type: ignore[no-untyped-def]
-    layer = RawLayer(str(path), **kwargs)
+    layers: list[RawLayer],
+    path: Path,
+    lower: LayerMetadata | None = None,
+    *,
+    size: int | None = None,
+    read_only: bool = False,
+    sector_size: int | None = None,
+) -> RawLayer:
+    layer = RawLayer(str(path), size=size, read_only=read_only, sector_size=sector_size)
     await layer.attach(lower)
     layers.append(layer)
     return layer
 
 
-async def read(layer: RawLayer, sector: int, count: int) -> tuple[bytes, list]:
+async def read(layer: RawLayer, sector: int, count: int) -> tuple[bytes, list[Run]]:
     buf = bytearray(count * layer.sector_size)
     runs = await layer.read(memoryview(buf), sector)
     return bytes(buf), runs
@@ -102,7 +111,7 @@ async def test_existing_file_keeps_its_size(layers: list[RawLayer], tmp_path: Pa
     ],
 )
 async def test_refused_files(
-    tmp_path: Path, content: int | None, kwargs: dict, message: str
+    tmp_path: Path, content: int | None, kwargs: dict[str, Any], message: str
 ) -> None:
     path = tmp_path / "img"
     if content is not None:

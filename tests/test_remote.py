@@ -14,7 +14,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,7 @@ async def test_resize_forwarded_and_followed(
         await oclient.volume("base").resize(12000)
         event = await asyncio.wait_for(anext(watch), 10)
         assert event.sector_count == 12000 and event.generation > first.generation
+        assert isinstance(watch, AsyncGenerator)  # watch_resize is an async generator
         await watch.aclose()
         assert (await top.info()).sector_count == 12000
         assert await top.read(11990, 10) == bytes(10 * SS)  # the grown part reads as zeros

@@ -84,7 +84,7 @@ async def test_meta_records_geometry_in_a_wal_database(tmp_path: Path) -> None:
     await layer.attach(None)
     await layer.resize(SIZE // 4096 + 5)
     await layer.close()
-    meta = dict(rows(path, "SELECT key, value FROM meta"))  # type: ignore[arg-type]
+    meta = {key: value for key, value in rows(path, "SELECT key, value FROM meta")}
     assert meta["sector_size"] == 4096 and meta["sector_count"] == SIZE // 4096 + 5
     assert meta["format"] == "tierdisk-sqlite" and meta["version"] == 1
     assert rows(path, "PRAGMA journal_mode") == [("wal",)]

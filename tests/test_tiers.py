@@ -302,7 +302,8 @@ async def test_cache_tier_starts_before_its_origin(tmp_path: Path) -> None:
                 await oc.volume("base").write(0, BASE[: 8 * SS])
 
             async def serving() -> bool:
-                return await health(cache.grpc_address) == health_pb2.HealthCheckResponse.SERVING
+                status = await health(cache.grpc_address)
+                return status == int(health_pb2.HealthCheckResponse.SERVING)
 
             await eventually("the cache tier to turn SERVING", serving)
             assert await client.volume("vm").read(0, 8) == BASE[: 8 * SS]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,6 +37,15 @@ from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.volume import AllocationRun, LayerEntry, Volume
 
 T = TypeVar("T")
+U = TypeVar("U")
+
+
+class Draw(Protocol):
+    """What draws values: ``st.DrawFn`` inside ``@st.composite``, or ``DataObject.draw``
+    (a bound method, which ``st.DrawFn`` itself does not accept)."""
+
+    def __call__(self, strategy: st.SearchStrategy[T], label: object = None) -> T: ...
+
 
 # -- layer kinds under test ----------------------------------------------------------------
 
@@ -285,7 +294,7 @@ def stacks(draw: st.DrawFn) -> tuple[list[MLayer], list[int | None], int, bool]:
     return layers, configured, ss, read_only
 
 
-def _range(draw: st.DrawFn, size: int) -> tuple[int, int]:
+def _range(draw: Draw, size: int) -> tuple[int, int]:
     """A sector range, mostly inside the volume, sometimes reaching past its end."""
     if draw(st.integers(0, 9)) == 0:
         s = draw(st.integers(0, size + 2))
@@ -322,7 +331,7 @@ async def open_engine(
     return await Volume.open("model", entries, read_only=read_only)
 
 
-async def seed_ram(draw: st.DrawFn, volume: Volume, model: Model) -> None:
+async def seed_ram(draw: Draw, volume: Volume, model: Model) -> None:
     """Put data and present zeros into the RAM layers directly."""
     ss = model.ss
     for i, (entry, ly) in enumerate(zip(volume.entries, model.layers, strict=True)):
@@ -343,8 +352,8 @@ async def seed_ram(draw: st.DrawFn, volume: Volume, model: Model) -> None:
 
 
 async def expect_same(
-    engine_call: Coroutine[Any, Any, T], model_call: Callable[[], Any]
-) -> tuple[T, Any] | None:
+    engine_call: Coroutine[Any, Any, T], model_call: Callable[[], U]
+) -> tuple[T, U] | None:
     """Run both; they must raise the same error class, or both succeed: then return
     (engine's result, model's result)."""
     try:
@@ -402,11 +411,10 @@ async def run_example(
                     out = await expect_same(volume.read(s, n), partial(model.read, s, n))
                 else:  # into a dirty buffer: every byte must be written
                     buf = bytearray(b"\xee" * (n * ss))
-                    out = await expect_same(
+                    into = await expect_same(
                         volume.read_into(memoryview(buf), s), partial(model.read, s, n)
                     )
-                    if out:
-                        out = ((buf, out[0]), out[1])
+                    out = ((buf, into[0]), into[1]) if into else None
                 if out:
                     (got, present), (want, want_present) = out
                     assert bytes(got) == want, f"read {s}+{n}"
@@ -414,12 +422,12 @@ async def run_example(
             elif op in ("write", "no_overwrite"):
                 s, n = _range(data.draw, size)
                 tag += 1
-                buf = b"".join(sector_data(tag, x, ss) for x in range(s, s + n))
+                payload = b"".join(sector_data(tag, x, ss) for x in range(s, s + n))
                 fua = data.draw(st.booleans())
                 nov = op == "no_overwrite"
                 await expect_same(
-                    volume.write(s, buf, fua=fua, no_overwrite=nov),
-                    partial(model.write, s, buf, nov),
+                    volume.write(s, payload, fua=fua, no_overwrite=nov),
+                    partial(model.write, s, payload, nov),
                 )
             elif op == "unmap":
                 s, n = _range(data.draw, size)
@@ -431,9 +439,9 @@ async def run_example(
                 await volume.flush()
             else:
                 s, n = _range(data.draw, size)
-                out = await expect_same(volume.allocation(s, n), partial(model.allocation, s, n))
-                if out:
-                    assert out[0] == out[1], f"allocation {s}+{n}"
+                runs = await expect_same(volume.allocation(s, n), partial(model.allocation, s, n))
+                if runs:
+                    assert runs[0] == runs[1], f"allocation {s}+{n}"
             compare_state(volume, model)
             if size:
                 whole = await volume.allocation(0, model.size)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import VolumeOpener
@@ -24,10 +27,10 @@ from tierdisk.service.errors import (
     ReadOnlyError,
     Unavailable,
 )
-from tierdisk.service.layer import UnmapBehavior
+from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
-from tierdisk.service.volume import Volume
+from tierdisk.service.volume import LayerEntry, Volume
 
 SS = 512
 ZERO = bytes(SS)
@@ -48,7 +51,7 @@ def ram(sectors: int | None = None, sector_size: int = SS) -> RamLayer:
     )
 
 
-def full(sectors: int, fn=c, **kwargs) -> MapLayer:  # type: ignore[no-untyped-def]
+def full(sectors: int, fn: Callable[[int], bytes] = c, **kwargs: Any) -> MapLayer:
     return MapLayer(sectors, full=fn, **kwargs)
 
 
@@ -61,7 +64,9 @@ async def write(volume: Volume, sector: int, *sectors: bytes, **kwargs: bool) ->
     await volume.write(sector, b"".join(sectors), **kwargs)
 
 
-async def open_error(volumes: VolumeOpener, *layers, read_only: bool = False) -> ConfigError:  # type: ignore[no-untyped-def]
+async def open_error(
+    volumes: VolumeOpener, *layers: Layer | LayerEntry, read_only: bool = False
+) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         await volumes(*layers, read_only=read_only, name="bad")
     err = info.value
@@ -256,7 +261,7 @@ async def test_s15_optimal_unmap_sectors(volumes: VolumeOpener) -> None:
 
 
 async def test_s16_diff(volumes: VolumeOpener) -> None:
-    p0 = lambda s: p(0, s)  # noqa: E731
+    p0 = partial(p, 0)
     vol = await volumes(ram(2048), full(2048, p0))
     assert await sectors_of(vol, 10, 2) == [p0(10), p0(11)]
     await write(vol, 10, p(1, 10), p(1, 11))
@@ -277,7 +282,7 @@ async def test_s18_mixed_presence(volumes: VolumeOpener) -> None:
 
 
 async def test_s19_three_layers(volumes: VolumeOpener) -> None:
-    m = lambda s: p(0xD, s)  # noqa: E731
+    m = partial(p, 0xD)
     vol = await volumes(
         MapLayer(4, data={1: p(0xA, 1)}), MapLayer(4, data={0: m(0), 2: m(2)}), full(4)
     )
@@ -302,7 +307,7 @@ async def test_s21_top_smaller_than_lower(volumes: VolumeOpener) -> None:
 
 
 async def test_s22_u1_run_starting_at_a_lower_overlap_does_not_abort(volumes: VolumeOpener) -> None:
-    a = lambda s: p(0xA, s)  # noqa: E731
+    a = partial(p, 0xA)
     top = MapLayer(100, data={s: a(s) for s in range(20, 50)})
     vol = await volumes(top, MapLayer(50), full(50))
     got = await sectors_of(vol, 0, 100)
@@ -450,7 +455,7 @@ async def test_s31_cache_larger_than_its_overlap_fills_only_what_is_visible(
 
 
 async def test_s32_u3_read_cache_below_a_partially_present_top(volumes: VolumeOpener) -> None:
-    a, b = p(0xA, 5), lambda s: p(0xB, s)
+    a, b = p(0xA, 5), partial(p, 0xB)
     cache = MapLayer(10, data={s: b(s) for s in range(6, 10)})
     vol = await volumes(MapLayer(10, data={5: a}), entry(cache, rc=True), full(10))
     buf = bytearray(b"\xee" * 10 * SS)
@@ -575,7 +580,7 @@ async def test_write_past_the_end_changes_nothing(volumes: VolumeOpener) -> None
 
 
 async def test_no_overwrite_write_fills_only_holes(volumes: VolumeOpener) -> None:
-    x, bb = p(0xE, 2), lambda s: p(0xB, s)
+    x, bb = p(0xE, 2), partial(p, 0xB)
     top = MapLayer(10, data={2: x})
     vol = await volumes(entry(top, wt=True), MapLayer(10, data={5: bb(5), 6: bb(6)}), full(4))
     await vol.write(0, pattern(1, 0, 10, SS), no_overwrite=True)
@@ -600,7 +605,7 @@ async def test_s41_unmap_of_a_single_ram_layer(volumes: VolumeOpener) -> None:
 async def test_s42_unmap_over_lower_data_reads_zeros(volumes: VolumeOpener) -> None:
     """Upstream ignores a RAM unmap that ends below zero_after; a ZEROES layer may not."""
     n = 2048
-    p0 = lambda s: p(0, s)  # noqa: E731
+    p0 = partial(p, 0)
     top = ram(n)
     vol = await volumes(top, full(n, p0))
     await vol.unmap(0, n - 1)
@@ -683,7 +688,7 @@ async def test_s48_write_through_with_an_ignoring_layer_ignores(volumes: VolumeO
 
 async def test_s50_shrink_then_grow_exposes_zeros(volumes: VolumeOpener) -> None:
     n = 2048
-    p0 = lambda s: p(0, s)  # noqa: E731
+    p0 = partial(p, 0)
     lower = full(n, p0)
     vol = await volumes(ram(n), lower)
     await vol.resize(n // 2)
