@@ -18,6 +18,7 @@ from .errors import ConfigError, NoSpace, StorageError, TierdiskError
 __all__ = [
     "as_storage_error",
     "lock_or_refuse",
+    "pread_cached",
     "pread_into",
     "punch_hole",
     "pwrite_all",
@@ -44,6 +45,37 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> None:
             buf[done:] = bytes(size - done)
             return
         done += n
+
+
+_nowait = hasattr(os, "RWF_NOWAIT")
+
+
+def pread_cached(fd: int, buf: memoryview, offset: int) -> bool:
+    """Fill ``buf`` from ``offset`` only if that needs no disk I/O: ``preadv`` with
+    ``RWF_NOWAIT`` copies what the page cache holds and never blocks. Returns True when
+    ``buf`` is complete; False means "do it off the event loop" (``buf`` may be partly
+    written). Lets the event loop serve cached reads without a thread hand-off (~50 µs).
+    """
+    global _nowait
+    if not _nowait:
+        return False
+    done = 0
+    size = len(buf)
+    try:
+        while done < size:
+            n = os.preadv(fd, [buf[done:]], offset + done, os.RWF_NOWAIT)
+            if n == 0:
+                buf[done:] = bytes(size - done)
+                return True
+            done += n
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            _nowait = False  # the kernel or filesystem cannot; stop trying
+            return False
+        raise
+    return True
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

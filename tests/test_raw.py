@@ -235,6 +235,11 @@ async def test_storage_errors_become_domain_errors(
     monkeypatch.setattr(raw_module, "pwrite_all", full)
     with pytest.raises(NoSpace, match="img"):
         await layer.write(memoryview(bytes(SS)), 0, False)
+    # An I/O error on the page-cache path, then on the blocking path.
+    monkeypatch.setattr(raw_module, "pread_cached", broken)
+    with pytest.raises(StorageError, match="img"):
+        await read(layer, 0, 1)
+    monkeypatch.setattr(raw_module, "pread_cached", lambda fd, buf, offset: False)
     monkeypatch.setattr(raw_module, "pread_into", broken)
     with pytest.raises(StorageError, match="img"):
         await read(layer, 0, 1)

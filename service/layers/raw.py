@@ -14,7 +14,14 @@ import os
 from typing import Any
 
 from ..errors import ConfigError, ReadOnlyError
-from ..fileio import as_storage_error, lock_or_refuse, pread_into, pwrite_all, zero_range
+from ..fileio import (
+    as_storage_error,
+    lock_or_refuse,
+    pread_cached,
+    pread_into,
+    pwrite_all,
+    zero_range,
+)
 from ..layer import Layer, LayerMetadata, check_sector_size, new_geometry
 from ..runs import Run
 
@@ -108,9 +115,10 @@ class RawLayer(Layer):
         count = len(buf) // ss
         self._check_range(sector, count)
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, pread_into, self._fd, buf, sector * ss
-            )
+            if not pread_cached(self._fd, buf, sector * ss):
+                await asyncio.get_running_loop().run_in_executor(
+                    None, pread_into, self._fd, buf, sector * ss
+                )
         except OSError as exc:
             raise as_storage_error(exc, f"reading {self.path}") from None
         return [(sector, sector + count)]

@@ -71,6 +71,7 @@ from ..errors import ConfigError, DataCorruption
 from ..fileio import (
     as_storage_error,
     lock_or_refuse,
+    pread_cached,
     pread_into,
     punch_hole,
     pwrite_all,
@@ -302,12 +303,21 @@ class SparseLayer(Layer):
             runs = self._present.runs_in(sector, sector + count)
         if runs:
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self._read_runs, buf, sector, runs
-                )
+                if not self._read_runs_cached(buf, sector, runs):
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self._read_runs, buf, sector, runs
+                    )
             except OSError as exc:
                 raise as_storage_error(exc, f"reading sparse layer {self.path}") from None
         return runs
+
+    def _read_runs_cached(self, buf: memoryview, sector: int, runs: list[Run]) -> bool:
+        """Read the runs without blocking if the page cache holds them all."""
+        ss = self._sector_size
+        return all(
+            pread_cached(self._fd, buf[(a - sector) * ss : (b - sector) * ss], a * ss)
+            for a, b in runs
+        )
 
     def _read_runs(self, buf: memoryview, sector: int, runs: list[Run]) -> None:
         ss = self._sector_size
