@@ -6,6 +6,10 @@ malloc, every ~1 MiB message is allocated with ``mmap`` and given back with ``mu
 keeps those buffers in the heap and makes 1 MiB messages 3-4x faster, on the client as on the
 server. uvloop adds another 10-30%. Both are process-wide, so the CLI (and the server) call
 these once at start; a library user decides for their own process.
+
+Benchmark switches (bench/README.md): ``TIERDISK_NO_MALLOC_TUNING=1`` makes
+:func:`tune_malloc` and ``TIERDISK_NO_UVLOOP=1`` makes :func:`install_uvloop` do nothing and
+return False, so a benchmark can show what each lever is worth in the same processes.
 """
 
 from __future__ import annotations
@@ -13,9 +17,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import importlib
+import os
 import sys
 
-__all__ = ["install_uvloop", "tune_malloc"]
+__all__ = ["NO_MALLOC_TUNING_ENV", "NO_UVLOOP_ENV", "install_uvloop", "tune_malloc"]
+
+NO_MALLOC_TUNING_ENV = "TIERDISK_NO_MALLOC_TUNING"
+"""Set (to anything but "" or "0") to turn :func:`tune_malloc` off: a benchmark switch."""
+NO_UVLOOP_ENV = "TIERDISK_NO_UVLOOP"
+"""Set (to anything but "" or "0") to turn :func:`install_uvloop` off: a benchmark switch."""
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
 
 # mallopt() parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -40,8 +55,9 @@ def tune_malloc(
     """Set glibc's ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD`` and ``M_TOP_PAD`` with
     ``mallopt`` (what the ``MALLOC_MMAP_THRESHOLD_`` etc. environment variables do, but from
     inside the process). True when all three were accepted; False, changing nothing, where
-    the C library is not glibc. Safe to call more than once."""
-    if not sys.platform.startswith("linux"):
+    the C library is not glibc, or when ``TIERDISK_NO_MALLOC_TUNING`` is set. Safe to call
+    more than once."""
+    if _switched_off(NO_MALLOC_TUNING_ENV) or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -63,7 +79,9 @@ def tune_malloc(
 
 def install_uvloop() -> bool:
     """Make uvloop the event loop of later ``asyncio.run()`` calls, if it is installed
-    (the ``fast`` extra). True when it is."""
+    (the ``fast`` extra) and ``TIERDISK_NO_UVLOOP`` is not set. True when it is."""
+    if _switched_off(NO_UVLOOP_ENV):
+        return False
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:

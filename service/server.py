@@ -25,12 +25,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tierdisk.v1 import blockdevice_pb2, blockdevice_pb2_grpc
+from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
 from .config import Config, VolumeConfig
 from .errors import ConfigError, DeadlineExceeded, Unavailable
-from .grpc_api import BlockDeviceService, DrainGate
+from .grpc_api import BlockDeviceService, DrainGate, add_to_server
 from .interceptor import MetricsInterceptor
 from .layers import build_layer
 from .metrics import Metrics
@@ -118,7 +118,7 @@ class Server:
             gate=self.gate,
             extra_inspect=self._extra_inspect,
         )
-        blockdevice_pb2_grpc.add_BlockDeviceServicer_to_server(service, self._grpc)
+        add_to_server(service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

@@ -307,8 +307,8 @@ async def test_every_call_carries_the_hop_chain(
         md = dict(context.invocation_metadata() or ())
         seen.append((self._server_id, rpc, md.get("tierdisk-hops")))
 
-    def unary(rpc: str) -> Callable[..., Any]:
-        method = getattr(BlockDeviceService, rpc)
+    def unary(rpc: str, attribute: str) -> Callable[..., Any]:
+        method = getattr(BlockDeviceService, attribute)
 
         async def wrapper(self: BlockDeviceService, request: Any, context: Any) -> Any:
             record(self, rpc, context)
@@ -323,7 +323,8 @@ async def test_every_call_carries_the_hop_chain(
 
     original_watch = BlockDeviceService.WatchResize
     for rpc in ("GetVolume", "Read", "Write", "Unmap", "Flush", "GetAllocation", "Resize"):
-        monkeypatch.setattr(BlockDeviceService, rpc, unary(rpc))
+        attribute = "read_encoded" if rpc == "Read" else rpc  # what the server registers
+        monkeypatch.setattr(BlockDeviceService, attribute, unary(rpc, attribute))
     monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
     # The origin fixture started before the patch; start one that uses it.
     at = origin.grpc_address

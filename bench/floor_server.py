@@ -1,0 +1,126 @@
+"""The floor: a bare ``grpc.aio`` server of tierdisk's own proto, with no storage.
+
+It answers ``Read`` with a ``ReadResponse`` whose ``data`` has exactly the requested size
+(one cached random payload per size: no storage, no copy out of a store) and ``Write`` by
+checking the payload length and dropping it, through the generated servicer and protobuf
+serializers, with the same message caps as ``tierdisk serve`` and no interceptor, metrics,
+engine or drain gate. What it costs is what Python gRPC itself costs here; ``tierdisk serve``
+can at best match it.
+
+``--like-tierdisk`` adds what ``tierdisk serve`` wraps around its servicer and costs per
+call without doing any storage work: a server interceptor (a no-op one here), the standard
+health service and server reflection. The difference between the two floors is the price of
+that composition; the rest of tierdisk's difference is its own code.
+
+It honours the same levers as the server (``TIERDISK_NO_UVLOOP=1``,
+``TIERDISK_NO_MALLOC_TUNING=1``)::
+
+    python bench/floor_server.py --listen 127.0.0.1:0 --ready-file R.json
+
+writes ``{"grpc": ADDR, "pid": PID}`` to R.json when serving; SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import GRPC_SERVER_OPTIONS, SECTOR, apply_levers
+
+LEVERS = apply_levers()  # before grpc allocates anything
+
+import grpc  # noqa: E402
+
+from tierdisk.v1 import blockdevice_pb2 as pb  # noqa: E402
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc  # noqa: E402
+
+VOLUME_SECTORS = (1 << 40) // SECTOR  # any sector number is fine: nothing is stored
+
+
+class FloorServicer(pb_grpc.BlockDeviceServicer):
+    """Read and Write with the right message shapes and nothing behind them."""
+
+    def __init__(self) -> None:
+        self._payloads: dict[int, bytes] = {}
+
+    def _payload(self, nbytes: int) -> bytes:
+        data = self._payloads.get(nbytes)
+        if data is None:
+            data = self._payloads[nbytes] = os.urandom(nbytes)
+        return data
+
+    async def Read(self, request: pb.ReadRequest, context: Any) -> pb.ReadResponse:
+        return pb.ReadResponse(data=self._payload(request.sector_count * SECTOR))
+
+    async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+        if len(request.data) % SECTOR:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not whole sectors")
+        return pb.WriteResponse()
+
+    async def GetVolume(self, request: pb.GetVolumeRequest, context: Any) -> pb.Volume:
+        return pb.Volume(name=request.volume, sector_size=SECTOR, sector_count=VOLUME_SECTORS,
+                         physical_sector_size=SECTOR)
+
+
+def _write_ready(path: str, info: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+class NoopInterceptor(grpc.aio.ServerInterceptor):
+    """Passes every call through unchanged."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        return await continuation(details)
+
+
+async def serve(listen: str, ready_file: str | None, like_tierdisk: bool = False) -> None:
+    interceptors = [NoopInterceptor()] if like_tierdisk else []
+    server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=interceptors)
+    pb_grpc.add_BlockDeviceServicer_to_server(FloorServicer(), server)
+    if like_tierdisk:
+        from grpc_health.v1 import health, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        service = pb.DESCRIPTOR.services_by_name["BlockDevice"].full_name
+        reflection.enable_server_reflection(
+            (service, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"floor_server: cannot bind {listen}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_file:
+        host = listen.rpartition(":")[0]
+        _write_ready(ready_file, {"grpc": f"{host}:{port}", "pid": os.getpid(), "levers": LEVERS})
+    await stop.wait()
+    await server.stop(0.5)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--ready-file")
+    p.add_argument("--like-tierdisk", action="store_true",
+                   help="add a no-op interceptor, health and reflection, as tierdisk serve has")
+    args = p.parse_args()
+    asyncio.run(serve(args.listen, args.ready_file, args.like_tierdisk))
+
+
+if __name__ == "__main__":
+    main()
