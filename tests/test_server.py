@@ -335,3 +335,26 @@ async def test_calls_after_drain_are_unavailable(tmp_path: Path) -> None:
             await srv.gate.drain(1)
             code, details = await _code(s.GetVolume(pb.GetVolumeRequest(volume="ram")))
             assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
+
+
+async def test_out_of_space_is_resource_exhausted_and_changes_nothing(tmp_path: Path) -> None:
+    from persistent_contract import tiny_filesystem
+
+    with tiny_filesystem(tmp_path / "small", "1m") as small:
+        body = (
+            "[[volumes]]\nname = 'full'\n[[volumes.layers]]\nkind = 'sparse'\n"
+            f"path = '{small / 'full'}'\nsize = '64MiB'\n"
+        )
+        async with running_server(tmp_path, body) as srv:
+            async with grpc.aio.insecure_channel(
+                srv.grpc_address, options=[("grpc.max_send_message_length", 64 * MiB)]
+            ) as channel:
+                s = pb_grpc.BlockDeviceStub(channel)
+                data = b"\x5a" * (4 * MiB)  # more than the 1 MiB filesystem holds
+                code, details = await _code(s.Write(pb.WriteRequest(volume="full", data=data)))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "space" in details
+                reply = await s.Read(
+                    pb.ReadRequest(volume="full", sector=0, sector_count=8, report_presence=True)
+                )
+                assert reply.data == bytes(4096) and not reply.present
