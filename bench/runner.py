@@ -198,6 +198,7 @@ class Bench:
         self.have_remote = have_module("tierdisk.service.layers.remote")
         self.have_nbd = have_module("tierdisk.service.nbd")
         self.have_fio = bool(shutil.which("fio") and shutil.which("qemu-nbd"))
+        self.have_nbdkit = bool(self.have_fio and shutil.which("nbdkit"))
         self.stacks = [s for s in STACKS if s != "ram-sparse-raw" or self.have_sparse]
         self.started = time.monotonic()
 
@@ -301,6 +302,8 @@ class Bench:
                       size=WRITE_SIZE)
         if self.have_fio:
             self.start_qemu_nbd()
+        if self.have_nbdkit:
+            self.start_nbdkit()
         if self.have_remote:
             self.origin = self.start_server("origin", self.origin_config)
         if self.args.compare:
@@ -313,13 +316,28 @@ class Bench:
         self.build_rows()
 
     def start_qemu_nbd(self) -> None:
-        self.nbd_port = 0
+        self.qemu, self.nbd_port = self.start_nbd_peer(
+            "qemu-nbd",
+            lambda port: ["qemu-nbd", "--persistent", "--shared=16", "-b", "127.0.0.1",
+                          "-p", str(port), "-f", "raw", "--cache=writeback", "--aio=threads",
+                          str(self.image)],
+        )
+
+    def start_nbdkit(self) -> None:
+        self.nbdkit, self.nbdkit_port = self.start_nbd_peer(
+            "nbdkit",
+            lambda port: ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file",
+                          str(self.image)],
+        )
+
+    def start_nbd_peer(self, name: str,
+                       command: Callable[[int], list[str]]) -> tuple[subprocess.Popen[bytes], int]:
+        """Start an NBD server of ours to compare with on a free loopback port."""
         for _ in range(5):
             port = free_port()
-            cmd = ["qemu-nbd", "--persistent", "--shared=16", "-b", "127.0.0.1", "-p", str(port),
-                   "-f", "raw", "--cache=writeback", "--aio=threads", str(self.image)]
-            log = open(self.work / "qemu-nbd.log", "ab")  # noqa: SIM115
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115
+            proc = subprocess.Popen(command(port), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log)
             log.close()
             self.children.append(proc)
             try:
@@ -328,10 +346,8 @@ class Bench:
                 stop_pid(proc)
                 continue
             if proc.poll() is None:
-                self.qemu = proc
-                self.nbd_port = port
-                return
-        raise RuntimeError("qemu-nbd did not start")
+                return proc, port
+        raise RuntimeError(f"{name} did not start")
 
     # -- the rows -------------------------------------------------------------------------
 
@@ -418,6 +434,14 @@ class Bench:
                 self.skipped.append(("main", "qemu-nbd + fio",
                                      "skipped: qemu-nbd or fio not installed "
                                      "(apt-get install qemu-utils fio)"))
+            if self.have_nbdkit:
+                self.rows.append(Row("main", "nbdkit file + fio (raw image)", wl,
+                                     self.fio_cell(lambda: f"nbd://127.0.0.1:{self.nbdkit_port}/",
+                                                   wl, lambda: self.nbdkit.pid),
+                                     baseline=("main", "qemu-nbd + fio (raw image)")))
+            elif wl == MAIN[0]:
+                self.skipped.append(("main", "nbdkit + fio",
+                                     "skipped: nbdkit not installed (apt-get install nbdkit)"))
             if self.have_nbd and self.have_fio:
                 for stack in ("ram-raw",):  # the image qemu-nbd exports
                     self.rows.append(Row(
