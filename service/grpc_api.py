@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ctypes
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -39,6 +37,7 @@ from .errors import (
     VolumeNotFound,
 )
 from .metrics import Metrics
+from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .volume import Volume
 
@@ -86,85 +85,6 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.UNKNOWN
-
-
-# -- the Read reply in wire format ---------------------------------------------------------
-#
-# A 1 MiB read through protobuf costs four copies of the data (bytearray -> bytes -> message
-# -> serialized). The reply is built here instead: the engine reads straight into the bytes
-# object that gRPC sends (ReadResponse field 1, ``data``: tag 0x0a, varint length, bytes);
-# the ``present`` extents, when asked for, are serialized by protobuf and appended.
-
-_DATA_TAG = 0x0A  # ReadResponse.data: field 1, length-delimited
-_DIRECT_MIN = 128 << 10  # below this a bytearray and one copy is cheaper than ctypes
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-if sys.implementation.name == "cpython":
-    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-    _new_bytes.restype = ctypes.py_object
-    _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    _bytes_address = ctypes.pythonapi.PyBytes_AsString
-    _bytes_address.restype = ctypes.c_void_p
-    _bytes_address.argtypes = [ctypes.py_object]
-
-    def _writable_bytes(size: int) -> tuple[bytes, memoryview]:
-        """A new, not yet shared ``bytes`` of ``size`` (>= 2) bytes and a writable view
-        of it, which keeps it alive (as C code fills ``PyBytes_FromStringAndSize(NULL, n)``
-        before handing it out)."""
-        data: bytes = _new_bytes(None, size)
-        array = (ctypes.c_char * size).from_address(_bytes_address(data))
-        array.owner = data  # type: ignore[attr-defined]
-        return data, memoryview(array).cast("B")
-
-else:  # pragma: no cover - other interpreters: the portable way, one more copy
-    _writable_bytes = None  # type: ignore[assignment]
-
-
-_heads: dict[int, bytes] = {}  # data size -> tag and length (few distinct sizes in practice)
-
-
-class _ReadReply:
-    """The buffer a read fills and the wire-format ``ReadResponse`` it becomes."""
-
-    __slots__ = ("_bytes", "_frame", "data")
-
-    def __init__(self, nbytes: int) -> None:
-        head = _heads.get(nbytes)
-        if head is None:
-            head = bytes((_DATA_TAG,)) + _varint(nbytes)
-            if len(_heads) < 256:
-                _heads[nbytes] = head
-        frame: bytes | bytearray
-        if nbytes >= _DIRECT_MIN and _writable_bytes is not None:
-            self._bytes = True
-            frame, view = _writable_bytes(len(head) + nbytes)
-        else:
-            self._bytes = False
-            frame = bytearray(len(head) + nbytes)
-            view = memoryview(frame)
-        view[: len(head)] = head
-        self._frame = frame
-        self.data = view[len(head) :]
-        """Where the read puts the sectors."""
-
-    def encode(self, present: list[tuple[int, int]] | None) -> bytes:
-        """The serialized ``ReadResponse`` (with ``present`` when it is not None)."""
-        tail = b""
-        if present:
-            extents = [pb.Extent(sector=a, sector_count=b - a) for a, b in present]
-            tail = pb.ReadResponse(present=extents).SerializeToString()
-        if self._bytes and not tail:
-            return self._frame  # type: ignore[return-value]
-        return b"".join((self._frame, tail))
 
 
 class DrainGate:
@@ -359,7 +279,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             if nbytes == 0:
                 await volume.read(request.sector, 0)  # checks the range; nothing to send
                 return b"", 0
-            reply = _ReadReply(nbytes)
+            reply = ReadReply(nbytes)
             present = await volume.read_into(reply.data, request.sector)
             return reply.encode(present if request.report_presence else None), nbytes
 

@@ -1,0 +1,92 @@
+"""The ``Read`` reply built in wire format, so the engine reads straight into what gRPC sends.
+
+A 1 MiB read through protobuf costs four copies of the data (bytearray -> bytes -> message
+-> serialized). :class:`ReadReply` instead holds the frame of a serialized ``ReadResponse``
+(field 1 ``data``: tag 0x0a, varint length, then the bytes) with a writable view of the data
+part; the ``present`` extents, when asked for, are serialized by protobuf and appended, so
+the bytes are exactly what protobuf would produce.
+
+For large replies the frame is a fresh ``bytes`` object filled in place before anyone else
+sees it (what C code does with ``PyBytes_FromStringAndSize(NULL, n)``): CPython only; other
+interpreters use a ``bytearray`` and one more copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+from tierdisk.v1 import blockdevice_pb2 as pb
+
+__all__ = ["ReadReply"]
+
+_DATA_TAG = 0x0A  # ReadResponse.data: field 1, length-delimited
+_DIRECT_MIN = 128 << 10  # below this a bytearray and one copy is cheaper than ctypes
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+if sys.implementation.name == "cpython":
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+    _bytes_address = ctypes.pythonapi.PyBytes_AsString
+    _bytes_address.restype = ctypes.c_void_p
+    _bytes_address.argtypes = [ctypes.py_object]
+
+    def _writable_bytes(size: int) -> tuple[bytes, memoryview]:
+        """A new, not yet shared ``bytes`` of ``size`` (>= 2) bytes and a writable view
+        of it, which keeps it alive (as C code fills ``PyBytes_FromStringAndSize(NULL, n)``
+        before handing it out)."""
+        data: bytes = _new_bytes(None, size)
+        array = (ctypes.c_char * size).from_address(_bytes_address(data))
+        array.owner = data  # type: ignore[attr-defined]
+        return data, memoryview(array).cast("B")
+
+else:  # pragma: no cover - other interpreters: the portable way, one more copy
+    _writable_bytes = None  # type: ignore[assignment]
+
+
+_heads: dict[int, bytes] = {}  # data size -> tag and length (few distinct sizes in practice)
+
+
+class ReadReply:
+    """The buffer a read fills and the wire-format ``ReadResponse`` it becomes."""
+
+    __slots__ = ("_bytes", "_frame", "data")
+
+    def __init__(self, nbytes: int) -> None:
+        head = _heads.get(nbytes)
+        if head is None:
+            head = bytes((_DATA_TAG,)) + _varint(nbytes)
+            if len(_heads) < 256:
+                _heads[nbytes] = head
+        frame: bytes | bytearray
+        if nbytes >= _DIRECT_MIN and _writable_bytes is not None:
+            self._bytes = True
+            frame, view = _writable_bytes(len(head) + nbytes)
+        else:
+            self._bytes = False
+            frame = bytearray(len(head) + nbytes)
+            view = memoryview(frame)
+        view[: len(head)] = head
+        self._frame = frame
+        self.data = view[len(head) :]
+        """Where the read puts the sectors."""
+
+    def encode(self, present: list[tuple[int, int]] | None) -> bytes:
+        """The serialized ``ReadResponse`` (with ``present`` when it is not None)."""
+        tail = b""
+        if present:
+            extents = [pb.Extent(sector=a, sector_count=b - a) for a, b in present]
+            tail = pb.ReadResponse(present=extents).SerializeToString()
+        if self._bytes and not tail:
+            return self._frame  # type: ignore[return-value]
+        return b"".join((self._frame, tail))
