@@ -397,14 +397,15 @@ class AsyncVolume:
 
         async def one(chunk: Chunk) -> None:
             resp = await self._read_chunk(chunk.sector, chunk.sector_count, presence, timeout)
+            data = resp.data  # each access of a bytes field copies it out of the message
             start = chunk.offset * size
             expected = chunk.sector_count * size
-            if len(resp.data) != expected:
+            if len(data) != expected:
                 raise InvalidArgument(
-                    f"server returned {len(resp.data)} bytes for {chunk.sector_count} sectors",
+                    f"server returned {len(data)} bytes for {chunk.sector_count} sectors",
                     volume=self.name,
                 )
-            out[start : start + expected] = resp.data
+            out[start : start + expected] = data
             runs.extend(_extents(resp.present))
 
         await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
