@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,38 @@ def test_sigint_exits_zero(tmp_path: Path) -> None:
     with ServerProcess.start(tmp_path, config) as server:
         os.kill(server.pid, signal.SIGINT)
         assert server.proc.wait(30) == 0
+
+
+def test_corrupt_stored_sector_is_data_loss(tmp_path: Path) -> None:
+    """A layer that finds its stored data corrupt answers DATA_LOSS, never bytes."""
+    config = write_config(
+        tmp_path,
+        "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='sqlite'\npath='v.db'\nsize='1MiB'\n",
+    )
+
+    async def write(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            await stub.Write(pb.WriteRequest(volume="v", sector=5, data=b"s" * 1024))
+            await stub.Flush(pb.FlushRequest(volume="v"))
+
+    async def read(address: str, sector: int) -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            try:
+                await stub.Read(pb.ReadRequest(volume="v", sector=sector, sector_count=1))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    with ServerProcess.start(tmp_path, config) as server:
+        asyncio.run(write(server.grpc))
+        assert server.terminate() == 0
+    db = sqlite3.connect(tmp_path / "data" / "v.db")
+    with db:  # a torn row: 100 bytes where a 512-byte sector belongs
+        db.execute("UPDATE sectors SET data = ? WHERE sector = 6", (b"x" * 100,))
+    db.close()
+    with ServerProcess.start(tmp_path, config) as server:
+        assert asyncio.run(read(server.grpc, 6)) == grpc.StatusCode.DATA_LOSS
+        assert asyncio.run(read(server.grpc, 5)) == grpc.StatusCode.OK
+        assert server.terminate() == 0
