@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import socket
-import stat
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +24,7 @@ from typing import Any
 
 from .nbd_commands import RangeLock
 from .nbd_session import NbdSession
+from .netaddr import bound_address, listen_socket
 from .registry import VolumeRegistry
 from .volume import Volume
 
@@ -38,7 +36,6 @@ RequestHook = Callable[[str, str, str, float, int], None]
 """``hook(volume, command, result, seconds, nbytes)``, called once per finished request."""
 
 _SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish when the server closes
-_BACKLOG = 128
 
 
 @dataclass
@@ -147,81 +144,6 @@ class NbdServer:
                 os.unlink(path)
 
 
-def _split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"NBD address {address!r} is not HOST:PORT or unix:/path")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"NBD address {address!r}: port {port} is out of range")
-    return host, port
-
-
-def _in_use(address: str, exc: OSError) -> OSError:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRINUSE:
-        reason = "address already in use"
-    return OSError(exc.errno, f"cannot listen for NBD on {address}: {reason}")
-
-
-def _bind_tcp(address: str) -> socket.socket:
-    host, port = _split_host_port(address)
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve NBD address {address}: {exc}") from None
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        # SO_REUSEADDR only lets us rebind past TIME_WAIT; Linux still refuses a second
-        # listener on the port. No SO_REUSEPORT: an address in use is an error.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise _in_use(address, exc) from None
-    return sock
-
-
-def _bind_unix(address: str, path: str) -> socket.socket:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EADDRINUSE, f"cannot listen for NBD on {address}: the path exists")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # a stale socket nobody listens on
-        except OSError:
-            pass
-        else:
-            raise OSError(
-                errno.EADDRINUSE,
-                f"cannot listen for NBD on {address}: address already in use",
-            )
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise _in_use(address, exc) from None
-    return sock
-
-
 async def start_nbd_server(
     address: str, registry: VolumeRegistry, *, max_io: int, stats: NbdStats | None = None
 ) -> NbdServer:
@@ -241,9 +163,7 @@ async def start_nbd_server(
 
     if address.startswith("unix:"):
         path = address[len("unix:") :]
-        if not path:
-            raise ValueError("NBD address 'unix:' needs a path")
-        sock = _bind_unix(address, path)
+        sock = listen_socket(address, "NBD")
         try:
             server._server = await loop.create_unix_server(factory, sock=sock)
         except BaseException:
@@ -253,13 +173,12 @@ async def start_nbd_server(
         server._unix_path, server._unix_id = path, (st.st_dev, st.st_ino)
         server.address = f"unix:{path}"
     else:
-        sock = _bind_tcp(address)
+        sock = listen_socket(address, "NBD")
         try:
             server._server = await loop.create_server(factory, sock=sock)
         except BaseException:
             sock.close()
             raise
-        host, port = sock.getsockname()[:2]
-        server.address = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+        server.address = bound_address(sock)
     log.info("NBD server listening on %s", server.address)
     return server

@@ -1,59 +1,135 @@
-"""Parsing and exclusive binding of listen addresses: ``HOST:PORT``, ``[v6]:PORT``, ``unix:PATH``.
+"""Listen addresses, parsed and bound exclusively: ``HOST:PORT``, ``[v6]:PORT``, ``unix:PATH``.
+
+Every front end (gRPC, ``/metrics``, NBD) binds through here, so they all refuse an address in
+use the same way: no ``SO_REUSEPORT`` (``SO_REUSEADDR`` only lets a restart rebind past
+TIME_WAIT; Linux still refuses a second listener), a unix socket path someone listens on is
+refused, and a stale one left by a crashed server is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 
-__all__ = ["AddressInUse", "bind_tcp_or_unix", "claim_unix_path", "split_host_port"]
+__all__ = [
+    "AddressInUse",
+    "bind_tcp_or_unix",
+    "bound_address",
+    "claim_unix_path",
+    "listen_socket",
+    "split_host_port",
+]
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+_BACKLOG = 128
 
 
 class AddressInUse(OSError):
     """The address is taken by another process; the message names it."""
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """``("127.0.0.1", 7400)`` from ``"127.0.0.1:7400"`` (``[::1]:7400`` for IPv6)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT or unix:/path")
-    return host.strip("[]") or "0.0.0.0", int(port)
+def split_host_port(address: str, what: str = "listen") -> tuple[str, int]:
+    """``("127.0.0.1", 7400)`` from ``"127.0.0.1:7400"`` (``[::1]:7400`` for IPv6; an empty
+    host means every interface)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{what} address {address!r} is not HOST:PORT or unix:/path")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{what} address {address!r}: port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
 
 
 def claim_unix_path(path: str, what: str) -> None:
-    """Refuse a unix socket path another process is listening on; remove a stale one."""
-    if not os.path.exists(path):
+    """Refuse a unix socket path another process listens on (or a path that is not a
+    socket); remove a stale socket nobody listens on. Creates the parent folder."""
+    address = f"unix:{path}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AddressInUse(
+            errno.EADDRINUSE, f"cannot listen for {what} on {address}: the path exists"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # a leftover of a crashed server
+        return
     except OSError:
-        os.unlink(path)  # nobody listens: a leftover of a crashed server
         return
     finally:
         probe.close()
-    raise AddressInUse(f"{what} address unix:{path} is in use by another process")
+    raise AddressInUse(
+        errno.EADDRINUSE, f"cannot listen for {what} on {address}: address already in use"
+    )
+
+
+def _refused(what: str, address: str, exc: OSError) -> AddressInUse:
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+    return AddressInUse(exc.errno, f"cannot listen for {what} on {address}: {reason or exc}")
+
+
+def listen_socket(address: str, what: str) -> socket.socket:
+    """A non-blocking listening socket on ``address``; :class:`AddressInUse` naming it when
+    taken, ``ValueError`` when malformed."""
+    if address.startswith("unix:"):
+        path = address[len("unix:") :]
+        if not path:
+            raise ValueError(f"{what} address 'unix:' needs a path")
+        claim_unix_path(path, what)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockaddr: str | tuple[object, ...] = path
+    else:
+        host, port = split_host_port(address, what)
+        try:
+            infos = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except socket.gaierror as exc:
+            raise OSError(
+                errno.EADDRNOTAVAIL, f"cannot resolve {what} address {address}: {exc}"
+            ) from None
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise _refused(what, address, exc) from None
+    return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    """The address ``sock`` listens on, in config form (the real port when 0 was asked)."""
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 async def bind_tcp_or_unix(address: str, handler: Handler, what: str) -> tuple[asyncio.Server, str]:
-    """Start an asyncio server on ``address`` without SO_REUSEPORT; return it and the bound
-    address (the real port when 0 was asked for)."""
-    if address.startswith("unix:"):
-        path = address[5:]
-        claim_unix_path(path, what)
-        server = await asyncio.start_unix_server(handler, path)
-        return server, address
-    host, port = split_host_port(address)
+    """Start an asyncio stream server on ``address``; return it and the bound address."""
+    sock = listen_socket(address, what)
     try:
-        server = await asyncio.start_server(handler, host, port, reuse_port=False)
-    except OSError as exc:
-        raise AddressInUse(f"cannot bind {what} address {address}: {exc.strerror}") from None
-    sockname = server.sockets[0].getsockname()
-    bound_host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-    return server, f"{bound_host}:{sockname[1]}"
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(handler, sock=sock)
+        else:
+            server = await asyncio.start_server(handler, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return server, bound_address(sock)

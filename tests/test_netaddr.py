@@ -1,0 +1,49 @@
+"""Listen addresses are bound exclusively, the same way for every front end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tierdisk.service.netaddr import AddressInUse, bound_address, listen_socket, split_host_port
+
+
+def test_tcp_port_zero_reports_the_real_port_and_refuses_a_second_listener() -> None:
+    first = listen_socket("127.0.0.1:0", "metrics")
+    try:
+        address = bound_address(first)
+        assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+        with pytest.raises(AddressInUse, match=f"metrics on {address}: address already in use"):
+            listen_socket(address, "metrics")
+    finally:
+        first.close()
+
+
+def test_unix_socket_in_use_refused_and_stale_one_reclaimed(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "api.sock"  # the parent folder is created
+    first = listen_socket(f"unix:{path}", "gRPC")
+    assert bound_address(first) == f"unix:{path}"
+    with pytest.raises(AddressInUse, match="in use"):
+        listen_socket(f"unix:{path}", "gRPC")
+    first.close()  # the socket file stays behind, as after a crash
+    again = listen_socket(f"unix:{path}", "gRPC")
+    again.close()
+
+
+def test_a_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("data")
+    with pytest.raises(AddressInUse, match="the path exists"):
+        listen_socket(f"unix:{tmp_path / 'f'}", "NBD")
+    assert (tmp_path / "f").read_text() == "data"
+
+
+@pytest.mark.parametrize("bad", ["no-port", "host:http", "127.0.0.1:70000", "unix:"])
+def test_malformed_addresses(bad: str) -> None:
+    with pytest.raises(ValueError):
+        listen_socket(bad, "NBD")
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("[::1]:7400") == ("::1", 7400)
+    assert split_host_port(":9400") == ("", 9400)
