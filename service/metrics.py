@@ -23,18 +23,12 @@ from prometheus_client.registry import Collector
 
 from .volume import Volume
 
-__all__ = ["EngineCollector", "Metrics", "RemoteStats", "StatsSource"]
+__all__ = ["EngineCollector", "Metrics", "StatsSource"]
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )
-
-
-class RemoteStats(Protocol):
-    """What a remote layer exposes: calls it made to its tier, by (method, status code)."""
-
-    request_counts: dict[tuple[str, str], int]
 
 
 class StatsSource(Protocol):
@@ -44,7 +38,11 @@ class StatsSource(Protocol):
 
 
 class EngineCollector(Collector):
-    """Yields the per-volume, per-layer engine counters and gauges at scrape time."""
+    """Yields the per-volume, per-layer engine counters and gauges at scrape time.
+
+    A layer with a ``request_counts`` attribute (``{(method, code): calls}``, the remote
+    layer) also yields ``tierdisk_remote_requests_total``.
+    """
 
     def __init__(self, volumes: Callable[[], list[Volume]]) -> None:
         self._volumes = volumes

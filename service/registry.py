@@ -6,8 +6,6 @@ remote tier that has not answered yet) answers :class:`Unavailable` until it is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .errors import Unavailable, VolumeNotFound
 from .volume import Volume
 
@@ -21,7 +19,6 @@ class VolumeRegistry:
         self._order = list(names)
         self._ready: dict[str, Volume] = {}
         self._waiting: dict[str, str] = {name: "attaching" for name in names}
-        self._listeners: list[Callable[[], None]] = []
 
     def names(self) -> list[str]:
         """Every configured volume name, in config order."""
@@ -53,9 +50,3 @@ class VolumeRegistry:
         """Mark ``volume`` open and serving."""
         self._waiting.pop(volume.name, None)
         self._ready[volume.name] = volume
-        for listener in self._listeners:
-            listener()
-
-    def on_change(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` whenever a volume becomes ready."""
-        self._listeners.append(listener)
