@@ -1,8 +1,9 @@
 """Blocking file primitives shared by the file-backed layers (raw, sparse).
 
-Everything here blocks: callers run it off the event loop (``run_in_executor``). Data moves
-as whole buffers with ``preadv``/``pwritev``; errors become domain exceptions through
-:func:`as_storage_error`.
+Everything here but :func:`pread_cached` blocks: callers run it off the event loop
+(``run_in_executor``). :func:`pread_cached` never blocks (``RWF_NOWAIT``), so the loop may
+call it first and fall back to the executor. Data moves as whole buffers with
+``preadv``/``pwritev``; errors become domain exceptions through :func:`as_storage_error`.
 """
 
 from __future__ import annotations

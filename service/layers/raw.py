@@ -1,6 +1,7 @@
 """The ``raw`` layer: a plain image file; every sector is present.
 
-Reads and writes use ``preadv``/``pwritev`` on the file off the event loop; ``flush`` is
+Reads and writes use ``preadv``/``pwritev`` on the file off the event loop (a read the page
+cache can serve whole is done on the loop with ``RWF_NOWAIT``, which never blocks); ``flush`` is
 ``fdatasync``; a ``fua`` write is followed by ``fdatasync`` before it returns. A missing file
 is created (sparse) with ``size``, or with the size of the layer below. An existing file keeps
 its size; a configured ``size`` that disagrees is refused. Unmap punches holes (reads then

@@ -33,7 +33,8 @@ tail (bad length or crc32) is logged and cut off, while a corrupt header, snapsh
 record is :class:`DataCorruption`. Sector atomicity is the page cache's (SIGKILL) and the
 device's (power cut), as for any block device.
 
-All file work runs off the event loop. Mutations (write, no-overwrite write, unmap, resize)
+All file work that can block runs off the event loop (a read the page cache serves whole
+is done on the loop with ``RWF_NOWAIT``, which never blocks). Mutations (write, no-overwrite write, unmap, resize)
 run in order on one writer thread per layer, which also updates presence, so a read-cache
 fill never overwrites a sector a write reached first; reads and commits use the default
 executor and run alongside. A ``threading.Lock`` guards the run sets for the few
