@@ -34,12 +34,12 @@ record is :class:`DataCorruption`. Sector atomicity is the page cache's (SIGKILL
 device's (power cut), as for any block device.
 
 All file work that can block runs off the event loop (a read the page cache serves whole
-is done on the loop with ``RWF_NOWAIT``, which never blocks). Mutations (write, no-overwrite write, unmap, resize)
-run in order on one writer thread per layer, which also updates presence, so a read-cache
-fill never overwrites a sector a write reached first; reads and commits use the default
-executor and run alongside. A ``threading.Lock`` guards the run sets for the few
-microseconds of each lookup or update (a compaction holds it while it copies the runs:
-about 20 ms per 100,000 runs).
+is done on the loop with ``RWF_NOWAIT``, which never blocks). Mutations (write,
+no-overwrite write, unmap, resize) run in order on one writer thread per layer, which also
+updates presence, so a read-cache fill never overwrites a sector a write reached first;
+reads and commits use the default executor and run alongside. A ``threading.Lock`` guards
+the run sets for the few microseconds of each lookup or update (a compaction holds it while
+it copies the runs: about 20 ms per 100,000 runs).
 
 Out of space. Before writing, the layer reserves the blocks (``fallocate`` with
 ``FALLOC_FL_KEEP_SIZE``); if that fails with ``ENOSPC`` nothing was written, the reserved
