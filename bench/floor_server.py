@@ -3,13 +3,14 @@
 It answers ``Read`` with a ``ReadResponse`` whose ``data`` has exactly the requested size
 (one cached random payload per size: no storage, no copy out of a store) and ``Write`` by
 checking the payload length and dropping it, through the generated servicer and protobuf
-serializers, with the same message caps as ``tierdisk serve`` and no interceptor, metrics,
-engine or drain gate. What it costs is what Python gRPC itself costs here; ``tierdisk serve``
-can at best match it.
+serializers, with the same message caps as ``tierdisk serve`` and no handler wrappers,
+metrics, engine or drain gate. What it costs is what Python gRPC itself costs here;
+``tierdisk serve`` can at best match it.
 
 ``--like-tierdisk`` adds what ``tierdisk serve`` wraps around its servicer and costs per
-call without doing any storage work: a server interceptor (a no-op one here), the standard
-health service and server reflection. The difference between the two floors is the price of
+call without doing any storage work: a coroutine around every handler (tierdisk's records
+the ``grpc_server_*`` metrics; a pass-through one here), the standard health service and
+server reflection. The difference between the two floors is the price of
 that composition; the rest of tierdisk's difference is its own code.
 
 It honours the same levers as the server (``TIERDISK_NO_UVLOOP=1``,
@@ -77,25 +78,50 @@ def _write_ready(path: str, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class NoopInterceptor(grpc.aio.ServerInterceptor):
-    """Passes every call through unchanged."""
+class PassThroughHandlers:
+    """Registers handlers on ``server`` with a pass-through coroutine around each unary one
+    (where tierdisk's ``InstrumentedRegistry`` puts its metrics)."""
 
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        return await continuation(details)
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    @staticmethod
+    def _wrap(handler: Any) -> Any:
+        if handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+
+        async def wrapped(request: Any, context: Any) -> Any:
+            return await behavior(request, context)
+
+        return handler._replace(unary_unary=wrapped)
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)  # registered ones take precedence
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrap(h) for name, h in handlers.items()}
+        )
 
 
 async def serve(listen: str, ready_file: str | None, like_tierdisk: bool = False) -> None:
-    interceptors = [NoopInterceptor()] if like_tierdisk else []
-    server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=interceptors)
-    pb_grpc.add_BlockDeviceServicer_to_server(FloorServicer(), server)
-    if like_tierdisk:
+    server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+    if not like_tierdisk:
+        pb_grpc.add_BlockDeviceServicer_to_server(FloorServicer(), server)
+    else:
         from grpc_health.v1 import health, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
+        from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        registry: Any = PassThroughHandlers(server)
+        pb_grpc.add_BlockDeviceServicer_to_server(FloorServicer(), registry)
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), registry)
         service = pb.DESCRIPTOR.services_by_name["BlockDevice"].full_name
-        reflection.enable_server_reflection(
-            (service, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (service, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            registry,
         )
     port = server.add_insecure_port(listen)
     if port == 0:
@@ -117,7 +143,7 @@ def main() -> None:
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--ready-file")
     p.add_argument("--like-tierdisk", action="store_true",
-                   help="add a no-op interceptor, health and reflection, as tierdisk serve has")
+                   help="add handler wrappers, health and reflection, as tierdisk serve has")
     args = p.parse_args()
     asyncio.run(serve(args.listen, args.ready_file, args.like_tierdisk))
 

@@ -85,7 +85,7 @@ MAIN = [RR4K_1, RR4K_32, SR1M_1, SR1M_4, SW1M_1, SW1M_4]
 LEVER_WORKLOADS = [RR4K_32, SR1M_4]
 TIER_READ = Workload("seqread", MiB, 4)
 
-FLOOR_LIKE = "floor + no-op interceptor, health, reflection"
+FLOOR_LIKE = "floor + handler wrappers, health, reflection"
 STACKS = {
     "ram": "[ram]",
     "ram-raw": "[ram, raw]",
@@ -410,7 +410,7 @@ class Bench:
                                  self.grpc_cell(lg, lambda: floor.address, "ram", wl,
                                                 lambda: floor.pid)))
             if wl in LEVER_WORKLOADS:
-                # What tierdisk serve's composition costs without storage: an interceptor,
+                # What tierdisk serve's composition costs without storage: handler wrappers,
                 # health and reflection around the same servicer.
                 self.rows.append(Row("main", FLOOR_LIKE, wl,
                                      self.grpc_cell(lg, lambda: floor_like.address, "ram", wl,

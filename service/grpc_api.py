@@ -13,8 +13,8 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -375,7 +375,17 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             drained.cancel()
 
 
-def add_to_server(service: BlockDeviceService, server: grpc.aio.Server) -> None:
+class HandlerRegistry(Protocol):
+    """Where handlers are registered: a ``grpc.aio.Server``, or a wrapper of one."""
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None: ...
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None: ...
+
+
+def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
     """Register ``service`` on ``server``, like the generated
     ``add_BlockDeviceServicer_to_server``, except that ``Read`` is served by
     :meth:`BlockDeviceService.read_encoded`, whose reply is already in wire format and is

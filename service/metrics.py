@@ -10,17 +10,16 @@ Counts are sectors or bytes as named; times are seconds; ratios are left to Prom
 
 from __future__ import annotations
 
-import bisect
 import platform
-import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .loop_metrics import CounterCell, HistogramCell, LoopCounter, LoopHistogram
 from .volume import Volume
 
 __all__ = ["EngineCollector", "Metrics", "StatsSource"]
@@ -99,70 +98,6 @@ class EngineCollector(Collector):
             yield from source.collect_metrics()
 
 
-class _LoopValue:
-    """The value of one sample, changed only on the event loop's thread: no lock (the
-    GIL keeps every read whole; a scrape runs on the loop too)."""
-
-    __slots__ = ("value",)
-    _multiprocess = False
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float) -> None:
-        self.value += amount
-
-    def set(self, value: float, timestamp: float | None = None) -> None:
-        self.value = value
-
-    def set_exemplar(self, exemplar: object) -> None:
-        return None
-
-    def get(self) -> float:
-        return self.value
-
-    def get_exemplar(self) -> None:
-        return None
-
-
-class LoopCounter(Counter):
-    """A :class:`~prometheus_client.Counter` for the per-request families: the same series,
-    without the lock and checks that cost a few microseconds per request (measured in
-    bench/README.md). Exemplars are not kept. For the event loop's thread only."""
-
-    def _metric_init(self) -> None:
-        self._value: Any = _LoopValue()
-        self._created = time.time()
-
-    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
-        value = self.__dict__.get("_value")
-        if value is None or amount < 0 or exemplar:
-            super().inc(amount, exemplar)  # a parent with labels, or misuse: as the base does
-            return
-        value.value += amount
-
-
-class LoopHistogram(Histogram):
-    """A :class:`~prometheus_client.Histogram` like :class:`LoopCounter`: same series, no
-    lock, the bucket found by bisection. For the event loop's thread only."""
-
-    def _metric_init(self) -> None:
-        self._buckets: Any = [_LoopValue() for _ in self._upper_bounds]
-        self._sum: Any = _LoopValue()
-        self._created = time.time()
-
-    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        buckets = self.__dict__.get("_buckets")
-        if buckets is None or exemplar:
-            super().observe(amount, exemplar)
-            return
-        self._sum.value += amount
-        bounds = self._upper_bounds
-        i = bisect.bisect_left(bounds, amount)
-        if i < len(bounds) and amount <= bounds[i]:  # (NaN falls in no bucket, as upstream)
-            buckets[i].value += 1
-
-
 class Metrics:
     """Every metric of one server, registered in ``self.registry`` (fresh per instance)."""
 
@@ -196,8 +131,8 @@ class Metrics:
             "grpc_server_handling_seconds", "Time to handle an RPC until it completed.",
             gl, buckets=LATENCY_BUCKETS, registry=r)
         # Label children of the per-request families, looked up once per label set.
-        self._io_cells: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._io_bytes_cells: dict[tuple[str, str], Any] = {}
+        self._io_cells: dict[tuple[str, str, str], tuple[CounterCell, HistogramCell]] = {}
+        self._io_bytes_cells: dict[tuple[str, str], CounterCell] = {}
         build = Info("tierdisk_build", "Versions this server runs.", registry=r)
         build.info({
             "version": _version("tierdisk"),
@@ -228,7 +163,7 @@ class Metrics:
     def forget_volume(self, volume: str) -> None:
         """Drop the per-request series of a volume that is no longer served."""
         for counter in (self.io_bytes, self.io_requests):
-            for labels in list(counter._metrics):  # no public way to list children
+            for labels in counter.label_sets():
                 if labels[0] == volume:
                     counter.remove(*labels)
         for key in [k for k in self._io_cells if k[0] == volume]:

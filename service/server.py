@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tierdisk.v1 import blockdevice_pb2
 
@@ -31,7 +31,6 @@ from . import hops
 from .config import Config, VolumeConfig
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
-from .interceptor import MetricsInterceptor
 from .layers import build_layer
 from .metrics import Metrics
 from .metrics_http import MetricsEndpoint
@@ -39,6 +38,7 @@ from .nbd import NbdServer, NbdStats, start_nbd_server
 from .nbd_metrics import NbdMetrics
 from .netaddr import AddressInUse, claim_unix_path
 from .registry import VolumeRegistry
+from .rpc_metrics import InstrumentedRegistry
 from .volume import LayerEntry, Volume
 
 __all__ = ["SERVICE_NAME", "Server"]
@@ -97,7 +97,6 @@ class Server:
         cfg = self.config.server
         cap = _CAP_FACTOR * cfg.max_io + (1 << 20)
         self._grpc = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", cap),
@@ -118,10 +117,14 @@ class Server:
             gate=self.gate,
             extra_inspect=self._extra_inspect,
         )
-        add_to_server(service, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        handlers = InstrumentedRegistry(self._grpc, self.metrics)
+        add_to_server(service, handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, handlers)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            handlers,
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

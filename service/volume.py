@@ -288,12 +288,16 @@ class Volume:
                 supplied = [run for got in results for run in got]
             stats = entry.stats
             stats.reads += len(asked)
-            got = total(supplied)
-            stats.read_sectors += got
-            if got:
-                missing = subtract(missing, supplied)
-            if entry.read_cache:
+            if supplied == asked:  # the layer held all it was asked for (the common case)
+                got = wanted = total(asked)
+                missing = [] if asked is missing else subtract(missing, asked)
+            else:
+                got = total(supplied)
                 wanted = total(asked)
+                if got:
+                    missing = subtract(missing, supplied)
+            stats.read_sectors += got
+            if entry.read_cache:
                 stats.cache_hits += got
                 stats.cache_misses += wanted - got
                 if wanted > got:
