@@ -47,9 +47,10 @@ from .chunking import (
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import InvalidArgument, error_from_rpc, status_code
+from .errors import InvalidArgument, StorageError, error_from_rpc, status_code
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 from .retry import RetryPolicy, call_with_retry
+from .wire import read_data_view
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -190,6 +191,15 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.insecure_channel(target, options=option_list)
         self._stub = pb_grpc.BlockDeviceStub(self._channel)
+        # Read with the reply left serialized: wire.read_data_view takes the data from it
+        # without protobuf's two copies.
+        self._read_raw: grpc.aio.UnaryUnaryMultiCallable[pb.ReadRequest, bytes] = (
+            self._channel.unary_unary(
+                "/tierdisk.v1.BlockDevice/Read",
+                request_serializer=pb.ReadRequest.SerializeToString,
+                response_deserializer=None,
+            )
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -356,9 +366,9 @@ class AsyncVolume:
         _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count <= per_chunk:
-            resp = await self._read_chunk(sector, count, report_presence, timeout)
             if not report_presence:
-                return resp.data
+                return bytes(await self._read_data(sector, count, timeout))
+            resp = await self._read_chunk(sector, count, report_presence, timeout)
             return ReadResult(resp.data, tuple(merge_extents(_extents(resp.present))))
         buf = bytearray(count * size)
         present = await self._read_into(sector, count, memoryview(buf), report_presence, timeout)
@@ -389,6 +399,25 @@ class AsyncVolume:
         )
         return await self._call(self._stub.Read, req, timeout)
 
+    async def _read_data(self, sector: int, count: int, timeout: Timeout) -> memoryview:
+        """The data of one Read without presence (at most ``max_io`` bytes) as a view of
+        the reply; :class:`StorageError` if the reply is malformed or not ``count`` sectors
+        long (the server misbehaved)."""
+        req = pb.ReadRequest(volume=self.name, sector=sector, sector_count=count)
+        raw = await self._call(self.client._read_raw, req, timeout)
+        try:
+            data = read_data_view(raw)
+        except ValueError as exc:
+            raise StorageError(f"malformed Read reply: {exc}", volume=self.name) from None
+        if data is None:  # fields this fast path does not handle: let protobuf parse it
+            data = memoryview(pb.ReadResponse.FromString(raw).data)
+        expected = count * (await self.sector_size(timeout=timeout))
+        if len(data) != expected:
+            raise StorageError(
+                f"server returned {len(data)} bytes for {count} sectors", volume=self.name
+            )
+        return data
+
     async def _read_into(
         self, sector: int, count: int, out: memoryview, presence: bool, timeout: Timeout
     ) -> list[Extent]:
@@ -396,10 +425,15 @@ class AsyncVolume:
         runs: list[Extent] = []
 
         async def one(chunk: Chunk) -> None:
-            resp = await self._read_chunk(chunk.sector, chunk.sector_count, presence, timeout)
-            data = resp.data  # each access of a bytes field copies it out of the message
             start = chunk.offset * size
             expected = chunk.sector_count * size
+            if not presence:
+                out[start : start + expected] = await self._read_data(
+                    chunk.sector, chunk.sector_count, timeout
+                )
+                return
+            resp = await self._read_chunk(chunk.sector, chunk.sector_count, presence, timeout)
+            data = resp.data  # each access of a bytes field copies it out of the message
             if len(data) != expected:
                 raise InvalidArgument(
                     f"server returned {len(data)} bytes for {chunk.sector_count} sectors",
@@ -420,7 +454,7 @@ class AsyncVolume:
         _, per_chunk = await self._chunk_sectors(timeout)
 
         async def one(chunk: Chunk) -> bytes:
-            return (await self._read_chunk(chunk.sector, chunk.sector_count, False, timeout)).data
+            return bytes(await self._read_data(chunk.sector, chunk.sector_count, timeout))
 
         chunks = run_ordered(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
         try:

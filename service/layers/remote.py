@@ -450,13 +450,7 @@ class RemoteLayer(Layer):
         with self._errors:
             if self.mode == "layer":
                 return await self._read_present(buf, sector, count)
-            if count <= sectors_per_chunk(self._max_io, ss):
-                data = await vol.read(sector, count)
-                if len(data) != count * ss:
-                    raise self._short_reply(len(data), count)
-                buf[: count * ss] = data
-            else:
-                await vol.read_into(sector, buf[: count * ss])
+            await vol.read_into(sector, buf[: count * ss])  # one copy, from the reply
         return [(sector, sector + count)]
 
     async def _read_present(self, buf: memoryview, sector: int, count: int) -> list[Run]:
