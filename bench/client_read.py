@@ -105,7 +105,8 @@ def main() -> int:
     show("this tree", mine)
     if theirs:
         show(Path(args.compare).name or args.compare, theirs)
-        ratios = [a["cpu_us_per_read"] / b["cpu_us_per_read"] for a, b in zip(mine, theirs)]
+        ratios = [a["cpu_us_per_read"] / b["cpu_us_per_read"]
+                  for a, b in zip(mine, theirs, strict=True)]
         print(f"CPU per read, this tree / that tree (per round): median "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
     return 0
