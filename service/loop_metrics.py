@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -56,42 +57,30 @@ class HistogramCell:
         self.counts[bisect_left(self._bounds, amount)] += 1
 
 
-class _Family(Collector):
-    def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str],
-        registry: CollectorRegistry | None,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        if registry is not None:
-            registry.register(self)
-
-    def describe(self) -> list[Metric]:
-        """Names only, so registration does not build samples (and checks duplicates)."""
-        return [self._family()]
-
-    def _family(self) -> Metric:
-        raise NotImplementedError
+_Cell = TypeVar("_Cell", CounterCell, HistogramCell)
 
 
-class LoopCounter(_Family):
-    """A labelled counter (exposed as ``<name>_total``) of :class:`CounterCell` series."""
+class _Family(Collector, Generic[_Cell]):
+    """The series of one family by label values, and what registering it takes."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
         registry: CollectorRegistry | None = None,
     ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-        self._cells: dict[tuple[str, ...], CounterCell] = {}
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._cells: dict[tuple[str, ...], _Cell] = {}
+        if registry is not None:
+            registry.register(self)
 
-    def labels(self, *values: str) -> CounterCell:
-        """The series of these label values (created at 0 on first use)."""
+    def labels(self, *values: str) -> _Cell:
+        """The series of these label values (created empty on first use)."""
         cell = self._cells.get(values)
         if cell is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            cell = self._cells[values] = CounterCell()
+            cell = self._cells[values] = self._new_cell()
         return cell
 
     def label_sets(self) -> list[tuple[str, ...]]:
@@ -101,6 +90,23 @@ class LoopCounter(_Family):
     def remove(self, *values: str) -> None:
         """Drop one series."""
         self._cells.pop(values, None)
+
+    def describe(self) -> list[Metric]:
+        """Names only, so registration does not build samples (and checks duplicates)."""
+        return [self._family()]
+
+    def _new_cell(self) -> _Cell:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+
+class LoopCounter(_Family[CounterCell]):
+    """A labelled counter (exposed as ``<name>_total``) of :class:`CounterCell` series."""
+
+    def _new_cell(self) -> CounterCell:
+        return CounterCell()
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -112,28 +118,21 @@ class LoopCounter(_Family):
         yield family
 
 
-class LoopHistogram(_Family):
+class LoopHistogram(_Family[HistogramCell]):
     """A labelled histogram of :class:`HistogramCell` series with fixed bucket bounds."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
         buckets: Sequence[float], registry: CollectorRegistry | None = None,
     ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
         bounds = tuple(float(b) for b in buckets if b != float("inf"))
         if list(bounds) != sorted(set(bounds)):
             raise ValueError(f"{name}: bucket bounds must ascend without repeats")
         self._bounds = bounds
-        self._cells: dict[tuple[str, ...], HistogramCell] = {}
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramCell:
-        """The series of these label values (created empty on first use)."""
-        cell = self._cells.get(values)
-        if cell is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            cell = self._cells[values] = HistogramCell(self._bounds)
-        return cell
+    def _new_cell(self) -> HistogramCell:
+        return HistogramCell(self._bounds)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,42 @@ from tierdisk.service.config import load_config
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["ServerProcess", "running_server", "tree_of", "write_config"]
+__all__ = [
+    "ServerProcess",
+    "free_port",
+    "ram",
+    "remote",
+    "running_server",
+    "toml_volume",
+    "tree_of",
+    "write_config",
+]
+
+
+def toml_volume(name: str, *layers: dict[str, Any], read_only: bool = False) -> str:
+    """A ``[[volumes]]`` table with ``layers`` (top first) as TOML."""
+    lines = ["[[volumes]]", f"name = {json.dumps(name)}", f"read_only = {json.dumps(read_only)}"]
+    for layer in layers:
+        lines.append("[[volumes.layers]]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in layer.items()]
+    return "\n".join(lines) + "\n"
+
+
+def ram(size: str | None = None, **options: Any) -> dict[str, Any]:
+    """A ram layer's options."""
+    return {"kind": "ram", **({"size": size} if size else {}), **options}
+
+
+def remote(target: str, volume: str, **options: Any) -> dict[str, Any]:
+    """A remote layer's options (short timeout, so failures stay quick)."""
+    return {"kind": "remote", "target": target, "volume": volume, "timeout": 2, **options}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def tree_of(reply: pb.InspectResponse) -> dict[str, Any]:

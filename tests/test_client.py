@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, running_server, write_config
+from servers import ServerProcess, free_port, running_server, write_config
 
 from tierdisk.client import (
     AllocationExtent,
@@ -307,12 +306,6 @@ async def test_blocking_client(server: Server) -> None:
 # -- retries across a restart ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class CountingPolicy(RetryPolicy):
     """A retry policy that counts the waits it hands out (one per retry)."""
@@ -339,7 +332,7 @@ name = "disk"
 
 
 async def test_retries_ride_out_a_server_restart_on_the_same_port(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     listen = f"127.0.0.1:{port}"
     config = write_config(tmp_path, PERSISTENT)
     first = ServerProcess.start(tmp_path, config, listen=listen)

@@ -11,8 +11,6 @@ tests/test_tiers.py.
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from remote_origin import ServedRemoteLayer
-from servers import running_server
+from servers import free_port, ram, remote, running_server, toml_volume
 from stacks import STACKS, VOLUME_BYTES, MapLayer, NamedStack, pattern
 
 from tierdisk.client import AsyncClient, AsyncVolume
@@ -42,30 +40,6 @@ SS = 512
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def toml_volume(name: str, *layers: dict[str, Any], read_only: bool = False) -> str:
-    """A ``[[volumes]]`` table with ``layers`` (top first) as TOML."""
-    lines = ["[[volumes]]", f"name = {json.dumps(name)}", f"read_only = {json.dumps(read_only)}"]
-    for layer in layers:
-        lines.append("[[volumes.layers]]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in layer.items()]
-    return "\n".join(lines) + "\n"
-
-
-def remote(target: str, volume: str, **options: Any) -> dict[str, Any]:
-    """A remote layer's options (short timeout, so failures stay quick)."""
-    return {"kind": "remote", "target": target, "volume": volume, "timeout": 2, **options}
-
-
-def ram(size: str | None = None, **options: Any) -> dict[str, Any]:
-    return {"kind": "ram", **({"size": size} if size else {}), **options}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def reads_at(vol: AsyncVolume) -> int:

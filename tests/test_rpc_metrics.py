@@ -10,19 +10,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import running_server
+from servers import ram, running_server, toml_volume
 
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
-STACK = """
-[[volumes]]
-name = "disk"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-"""
+STACK = toml_volume("disk", ram("1MiB"))
 
 
 @pytest.fixture

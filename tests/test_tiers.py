@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +26,15 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import ServerProcess, running_server, write_config
+from servers import (
+    ServerProcess,
+    free_port,
+    ram,
+    remote,
+    running_server,
+    toml_volume,
+    write_config,
+)
 from stacks import pattern
 
 from tierdisk.client import AsyncClient, AsyncVolume
@@ -45,32 +51,9 @@ BASE = pattern(7, 0, BASE_SECTORS, SS)
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def toml_volume(name: str, *layers: dict[str, Any], read_only: bool = False) -> str:
-    """A ``[[volumes]]`` table with ``layers`` (top first) as TOML."""
-    lines = ["[[volumes]]", f"name = {json.dumps(name)}", f"read_only = {json.dumps(read_only)}"]
-    for layer in layers:
-        lines.append("[[volumes.layers]]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in layer.items()]
-    return "\n".join(lines) + "\n"
-
-
-def remote(target: str, volume: str, **options: Any) -> dict[str, Any]:
-    return {"kind": "remote", "target": target, "volume": volume, "timeout": 2, **options}
-
-
-def ram(size: str | None = None, **options: Any) -> dict[str, Any]:
-    return {"kind": "ram", **({"size": size} if size else {}), **options}
-
-
 def server_section(listen: str, tmp_path: Path) -> str:
     return (f'[server]\nlisten = "{listen}"\nmetrics = ""\n'
             f'data_dir = "{tmp_path / "data"}"\n')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def origin_reads(vol: AsyncVolume) -> int:
