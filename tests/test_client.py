@@ -29,11 +29,14 @@ from tierdisk.client import (
     ReadOnlyVolume,
     ReadResult,
     RetryPolicy,
+    StorageError,
     Unavailable,
     UnmapBehavior,
     VolumeNotFound,
 )
 from tierdisk.service.server import Server
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 
@@ -373,3 +376,43 @@ async def test_retries_ride_out_a_server_restart_on_the_same_port(tmp_path: Path
     finally:
         for proc in (first, *second):
             proc.__exit__(None, None, None)  # SIGKILL by PID if still running, close pipes
+
+
+# -- a server that answers the wrong thing -------------------------------------------------
+
+
+class _WrongSizeReads(pb_grpc.BlockDeviceServicer):
+    """GetVolume answers a 512-byte-sector volume; Read answers one sector too few, or bytes
+    that are not a ReadResponse at all."""
+
+    def __init__(self) -> None:
+        self.garbage = False
+
+    async def GetVolume(self, request: pb.GetVolumeRequest, context: object) -> pb.Volume:
+        return pb.Volume(name=request.volume, sector_size=512, sector_count=1 << 20,
+                         physical_sector_size=512)
+
+    async def Read(self, request: pb.ReadRequest, context: object) -> pb.ReadResponse:
+        if self.garbage:
+            return pb.ReadResponse(data=b"x", present=[pb.Extent(sector=0, sector_count=1)])
+        return pb.ReadResponse(data=bytes((request.sector_count - 1) * 512))
+
+
+async def test_a_read_reply_of_the_wrong_size_is_a_storage_error() -> None:
+    server = grpc.aio.server()
+    servicer = _WrongSizeReads()
+    pb_grpc.add_BlockDeviceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}", retries=0) as client:
+            vol = client.volume("v")
+            with pytest.raises(StorageError, match="returned 3584 bytes for 8 sectors"):
+                await vol.read(0, 8)
+            with pytest.raises(StorageError, match="returned 3584 bytes for 8 sectors"):
+                await vol.read_into(0, bytearray(8 * 512))
+            servicer.garbage = True  # a reply with other fields goes through protobuf
+            with pytest.raises(StorageError, match="returned 1 bytes for 8 sectors"):
+                await vol.read(0, 8)
+    finally:
+        await server.stop(0)
