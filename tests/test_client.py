@@ -36,7 +36,6 @@ from tierdisk.client import (
 )
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
-from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 
@@ -381,27 +380,35 @@ async def test_retries_ride_out_a_server_restart_on_the_same_port(tmp_path: Path
 # -- a server that answers the wrong thing -------------------------------------------------
 
 
-class _WrongSizeReads(pb_grpc.BlockDeviceServicer):
-    """GetVolume answers a 512-byte-sector volume; Read answers one sector too few, or bytes
-    that are not a ReadResponse at all."""
+class _WrongSizeReads:
+    """GetVolume answers a 512-byte-sector volume; Read answers one sector too few, or (with
+    ``garbage``) a reply with other fields and the wrong size."""
 
     def __init__(self) -> None:
         self.garbage = False
 
-    async def GetVolume(self, request: pb.GetVolumeRequest, context: object) -> pb.Volume:
+    async def get_volume(self, request: pb.GetVolumeRequest, context: object) -> pb.Volume:
         return pb.Volume(name=request.volume, sector_size=512, sector_count=1 << 20,
                          physical_sector_size=512)
 
-    async def Read(self, request: pb.ReadRequest, context: object) -> pb.ReadResponse:
+    async def read(self, request: pb.ReadRequest, context: object) -> pb.ReadResponse:
         if self.garbage:
             return pb.ReadResponse(data=b"x", present=[pb.Extent(sector=0, sector_count=1)])
         return pb.ReadResponse(data=bytes((request.sector_count - 1) * 512))
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler("tierdisk.v1.BlockDevice", {
+            "GetVolume": grpc.unary_unary_rpc_method_handler(
+                self.get_volume, pb.GetVolumeRequest.FromString, pb.Volume.SerializeToString),
+            "Read": grpc.unary_unary_rpc_method_handler(
+                self.read, pb.ReadRequest.FromString, pb.ReadResponse.SerializeToString),
+        })
 
 
 async def test_a_read_reply_of_the_wrong_size_is_a_storage_error() -> None:
     server = grpc.aio.server()
     servicer = _WrongSizeReads()
-    pb_grpc.add_BlockDeviceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((servicer.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
