@@ -263,16 +263,18 @@ class Volume:
         this returns; a failed fill is counted and logged, and the read still succeeds.
         """
         ss = self.sector_size
-        count = self._sectors_of(len(buf))
-        self._check_range(sector, count)
+        count, rest = divmod(len(buf), ss)
+        if rest or sector < 0 or sector + count > self.sector_count:
+            self._check_range(sector, self._sectors_of(len(buf)))  # raises
         if count == 0:
             return []
         end = sector + count
         generation = self.generation
+        overlap = self._overlap
         missing: list[Run] = [(sector, end)]
         fills: list[tuple[LayerEntry, list[Run]]] = []
         for index, entry in enumerate(self._entries):
-            limit = self._limit(index, end)
+            limit = end if index == 0 else min(end, overlap[index])  # see _limit
             asked = missing if limit >= end else clip(missing, sector, limit)
             if not asked:
                 break  # every missing sector lies past this layer's overlap, and so past
@@ -281,19 +283,20 @@ class Volume:
             if len(asked) == 1:
                 a, b = asked[0]
                 supplied = await layer.read(buf[(a - sector) * ss : (b - sector) * ss], a)
+                wanted = b - a
             else:
                 results = await asyncio.gather(
                     *(layer.read(buf[(a - sector) * ss : (b - sector) * ss], a) for a, b in asked)
                 )
                 supplied = [run for got in results for run in got]
+                wanted = total(asked)
             stats = entry.stats
             stats.reads += len(asked)
             if supplied == asked:  # the layer held all it was asked for (the common case)
-                got = wanted = total(asked)
+                got = wanted
                 missing = [] if asked is missing else subtract(missing, asked)
             else:
                 got = total(supplied)
-                wanted = total(asked)
                 if got:
                     missing = subtract(missing, supplied)
             stats.read_sectors += got
