@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from servers import ram, running_server, toml_volume
 
+from tierdisk.service.metrics import Metrics
+from tierdisk.service.rpc_metrics import InstrumentedRegistry
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -87,3 +89,40 @@ async def test_an_unknown_method_is_unimplemented_and_not_counted(server: Server
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert sample(server, "grpc_server_started_total", BLOCK, "NoSuchMethod",
                   grpc_type="unary") == 0
+
+
+async def test_handlers_registered_only_as_generic_are_counted() -> None:
+    """A service that registers a generic handler alone (no registered methods)."""
+    metrics = Metrics(lambda: [])
+    server = grpc.aio.server()
+
+    async def say(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        if request == b"no":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+        return request[::-1]
+
+    InstrumentedRegistry(server, metrics).add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler(
+            "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+        ),
+    ))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.Echo/Say"
+            )
+            assert await call(b"abc") == b"cba"
+            assert await call(b"xy") == b"yx"
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call(b"no")
+    finally:
+        await server.stop(0)
+    registry = metrics.registry
+    labels = {"grpc_type": "unary", "grpc_service": "test.Echo", "grpc_method": "Say"}
+    assert registry.get_sample_value("grpc_server_started_total", labels) == 3
+    assert registry.get_sample_value(
+        "grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 2
+    assert registry.get_sample_value(
+        "grpc_server_handled_total", {**labels, "grpc_code": "PERMISSION_DENIED"}) == 1
