@@ -358,3 +358,37 @@ async def test_out_of_space_is_resource_exhausted_and_changes_nothing(tmp_path: 
                     pb.ReadRequest(volume="full", sector=0, sector_count=8, report_presence=True)
                 )
                 assert reply.data == bytes(4096) and not reply.present
+
+
+async def test_a_failing_device_is_internal_with_the_domain_class(tmp_path: Path) -> None:
+    """The raw layer's file starts failing under a running server (its descriptor is made to
+    point at a directory: every read is EISDIR): reads answer INTERNAL naming the file, the
+    server keeps serving its other volumes."""
+    from tierdisk.service.layers.raw import RawLayer
+
+    body = (
+        '[[volumes]]\nname = "disk"\n  [[volumes.layers]]\n  kind = "raw"\n'
+        f'  path = "{tmp_path / "disk.img"}"\n  size = "1MiB"\n'
+        '[[volumes]]\nname = "ok"\n  [[volumes.layers]]\n  kind = "ram"\n  size = "1MiB"\n'
+    )
+    async with running_server(tmp_path, body) as srv:
+        layer = srv.registry.get("disk").entries[0].layer
+        assert isinstance(layer, RawLayer)
+        directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.dup2(directory, layer._fd)  # the same number, now a directory
+        finally:
+            os.close(directory)
+        async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Read(pb.ReadRequest(volume="disk", sector=0, sector_count=8))
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "disk.img" in (info.value.details() or "")
+            trailers = tuple(info.value.trailing_metadata() or ())
+            assert ("tierdisk-error", "StorageError") in trailers
+            reply = await stub.Read(pb.ReadRequest(volume="ok", sector=0, sector_count=8))
+            assert reply.data == bytes(8 * 512)
+        labels = {"volume": "disk", "op": "read", "code": "INTERNAL"}
+        count = srv.metrics.registry.get_sample_value("tierdisk_volume_io_requests_total", labels)
+        assert count == 1
