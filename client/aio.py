@@ -369,7 +369,9 @@ class AsyncVolume:
             if not report_presence:
                 return bytes(await self._read_data(sector, count, timeout))
             resp = await self._read_chunk(sector, count, report_presence, timeout)
-            return ReadResult(resp.data, tuple(merge_extents(_extents(resp.present))))
+            data = resp.data
+            self._check_reply_size(len(data), count, size)
+            return ReadResult(data, tuple(merge_extents(_extents(resp.present))))
         buf = bytearray(count * size)
         present = await self._read_into(sector, count, memoryview(buf), report_presence, timeout)
         if not report_presence:
@@ -411,12 +413,16 @@ class AsyncVolume:
             raise StorageError(f"malformed Read reply: {exc}", volume=self.name) from None
         if data is None:  # fields this fast path does not handle: let protobuf parse it
             data = memoryview(pb.ReadResponse.FromString(raw).data)
-        expected = count * (await self.sector_size(timeout=timeout))
-        if len(data) != expected:
-            raise StorageError(
-                f"server returned {len(data)} bytes for {count} sectors", volume=self.name
-            )
+        self._check_reply_size(len(data), count, await self.sector_size(timeout=timeout))
         return data
+
+    def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
+        """:class:`StorageError` unless a Read reply of ``nbytes`` holds ``count`` sectors
+        (the server misbehaved)."""
+        if nbytes != count * sector_size:
+            raise StorageError(
+                f"server returned {nbytes} bytes for {count} sectors", volume=self.name
+            )
 
     async def _read_into(
         self, sector: int, count: int, out: memoryview, presence: bool, timeout: Timeout
@@ -434,11 +440,7 @@ class AsyncVolume:
                 return
             resp = await self._read_chunk(chunk.sector, chunk.sector_count, presence, timeout)
             data = resp.data  # each access of a bytes field copies it out of the message
-            if len(data) != expected:
-                raise InvalidArgument(
-                    f"server returned {len(data)} bytes for {chunk.sector_count} sectors",
-                    volume=self.name,
-                )
+            self._check_reply_size(len(data), chunk.sector_count, size)
             out[start : start + expected] = data
             runs.extend(_extents(resp.present))
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from .loop_metrics import CounterCell
 from .metrics import Metrics
 
 __all__ = ["InstrumentedRegistry"]
@@ -52,7 +53,7 @@ class _MethodMetrics:
         self.started = metrics.grpc_started.labels(*labels)
         self.seconds = metrics.grpc_seconds.labels(*labels)
         self.sent = metrics.grpc_msg_sent.labels(*labels)
-        self._handled: dict[str, Any] = {}
+        self._handled: dict[str, CounterCell] = {}
 
     def handled(self, code: str, start: float) -> None:
         child = self._handled.get(code)
@@ -167,7 +168,7 @@ class InstrumentedRegistry:
 class _CountingContext:
     """A servicer context whose ``write()`` also counts the message sent."""
 
-    def __init__(self, context: Any, sent: Any) -> None:
+    def __init__(self, context: Any, sent: CounterCell) -> None:
         self._context = context
         self._sent = sent
 

@@ -421,5 +421,7 @@ async def test_a_read_reply_of_the_wrong_size_is_a_storage_error() -> None:
             servicer.garbage = True  # a reply with other fields goes through protobuf
             with pytest.raises(StorageError, match="returned 1 bytes for 8 sectors"):
                 await vol.read(0, 8)
+            with pytest.raises(StorageError, match="returned 1 bytes for 8 sectors"):
+                await vol.read(0, 8, report_presence=True)
     finally:
         await server.stop(0)
