@@ -28,6 +28,7 @@ from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 __all__ = [
+    "FOUR_VOLUMES",
     "ServerProcess",
     "free_port",
     "ram",
@@ -63,6 +64,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+FOUR_VOLUMES = (
+    toml_volume("ram", ram("64MiB"))
+    + toml_volume(
+        "stack", ram(read_cache=True), {"kind": "raw", "path": "base.img", "size": "8MiB"}
+    )
+    + toml_volume("ro", ram("1MiB"), read_only=True)
+    + toml_volume("big4k", ram("4MiB", sector_size=4096))
+)
+"""The volumes the server, client and CLI tests serve: a RAM volume, a RAM read cache over a
+raw file, a read-only volume and one with 4 KiB sectors, in that order."""
 
 
 def tree_of(reply: pb.InspectResponse) -> dict[str, Any]:

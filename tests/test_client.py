@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, free_port, running_server, write_config
+from servers import FOUR_VOLUMES, ServerProcess, free_port, running_server, write_config
 
 from tierdisk.client import (
     AllocationExtent,
@@ -39,42 +39,10 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 
 MiB = 1 << 20
 
-VOLUMES = """
-[[volumes]]
-name = "ram"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "64MiB"
-
-[[volumes]]
-name = "stack"
-  [[volumes.layers]]
-  kind = "ram"
-  read_cache = true
-  [[volumes.layers]]
-  kind = "raw"
-  path = "base.img"
-  size = "8MiB"
-
-[[volumes]]
-name = "ro"
-read_only = true
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-
-[[volumes]]
-name = "big4k"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "4MiB"
-  sector_size = 4096
-"""
-
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_server(tmp_path, VOLUMES) as srv:
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
         yield srv
 
 
@@ -270,7 +238,7 @@ async def test_unavailable_when_nothing_listens() -> None:
 
 
 async def test_unavailable_while_draining_is_retried_then_raised(tmp_path: Path) -> None:
-    async with running_server(tmp_path, VOLUMES) as srv:
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
         async with AsyncClient(srv.grpc_address, retries=2, backoff=0.01) as c:
             await c.volume("ram").info()
             await srv.gate.drain(1)

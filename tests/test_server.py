@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import running_server, tree_of
+from servers import FOUR_VOLUMES, running_server, tree_of
 
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -20,42 +20,10 @@ from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 
-VOLUMES = """
-[[volumes]]
-name = "ram"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "64MiB"
-
-[[volumes]]
-name = "stack"
-  [[volumes.layers]]
-  kind = "ram"
-  read_cache = true
-  [[volumes.layers]]
-  kind = "raw"
-  path = "base.img"
-  size = "8MiB"
-
-[[volumes]]
-name = "ro"
-read_only = true
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-
-[[volumes]]
-name = "big4k"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-  sector_size = 4096
-"""
-
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_server(tmp_path, VOLUMES) as srv:
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
         yield srv
 
 
@@ -302,7 +270,7 @@ async def test_watch_unknown_volume(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
 
 
 async def test_health_serving_then_not_serving_on_stop(tmp_path: Path) -> None:
-    async with running_server(tmp_path, VOLUMES) as srv:
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
         async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "tierdisk.v1.BlockDevice"):
@@ -329,7 +297,7 @@ async def test_reflection_lists_services(server: Server) -> None:
 
 
 async def test_calls_after_drain_are_unavailable(tmp_path: Path) -> None:
-    async with running_server(tmp_path, VOLUMES) as srv:
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
         async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
             s = pb_grpc.BlockDeviceStub(channel)
             await srv.gate.drain(1)
