@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runs_model import runs_of
 from stacks import entry, pattern
 from tools import REQUIRE_TOOLS_ENV
 
@@ -43,17 +44,6 @@ SECTORS = 256
 SIZE = SECTORS * SS
 
 PersistentClass = type[SparseLayer] | type[SqliteLayer]
-
-
-def runs_of(sectors: set[int] | dict[int, bytes]) -> list[Run]:
-    """Sorted runs of a set of sectors (test-side model helper)."""
-    out: list[Run] = []
-    for s in sorted(sectors):
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
 
 
 @contextlib.contextmanager

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from runs_model import runs_of
 
 from tierdisk.service import presence
 from tierdisk.service.presence import RunSet
-from tierdisk.service.runs import Run
-
-
-def runs_of(sectors: set[int]) -> list[Run]:
-    out: list[Run] = []
-    for s in sorted(sectors):
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
 
 
 def check(rs: RunSet, model: set[int], probes: list[tuple[int, int]]) -> None:

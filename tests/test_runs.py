@@ -6,6 +6,7 @@ import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
+from runs_model import runs_of
 
 from tierdisk.service.runs import Run, clip, complement, merge, subtract, total
 
@@ -14,23 +15,13 @@ def as_set(runs: list[Run]) -> set[int]:
     return {s for a, b in runs for s in range(a, b)}
 
 
-def as_runs(sectors: set[int]) -> list[Run]:
-    out: list[Run] = []
-    for s in sorted(sectors):
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
-
-
 def is_run_list(runs: list[Run]) -> bool:
     """Sorted, disjoint, no empty runs."""
     return all(a < b for a, b in runs) and all(x[1] <= y[0] for x, y in itertools.pairwise(runs))
 
 
 sector_sets = st.sets(st.integers(0, 80), max_size=40)
-run_lists = sector_sets.map(as_runs)
+run_lists = sector_sets.map(runs_of)
 ranges = st.tuples(st.integers(0, 90), st.integers(0, 90))
 
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runs_model import runs_of
 
 from tierdisk.service.errors import (
     InvalidArgument,
@@ -114,17 +115,6 @@ class MStats:
     cache_misses: int = 0
     cache_fills: int = 0
     cache_fill_errors: int = 0
-
-
-def runs_of(sectors: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of a sorted list of sector numbers."""
-    out: list[tuple[int, int]] = []
-    for s in sectors:
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
 
 
 class Model:
