@@ -41,12 +41,16 @@ from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
 from .volume import LayerEntry, Volume
 
-__all__ = ["SERVICE_NAME", "Server"]
+__all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = blockdevice_pb2.DESCRIPTOR.services_by_name["BlockDevice"].full_name
 _CAP_FACTOR = 4  # message cap = 4 * max_io + 1 MiB: the size check answers, not the transport
+MIN_PING_INTERVAL_MS = 10_000
+"""The most often (milliseconds apart) a client may send keepalive pings on a connection that
+carries no data, e.g. along an idle ``WatchResize``; more often and gRPC ends the connection
+("too many pings"). The client library (30 s) and remote layers (15 s) ping less often."""
 
 
 @runtime_checkable
@@ -102,7 +106,7 @@ class Server:
                 ("grpc.max_receive_message_length", cap),
                 ("grpc.max_send_message_length", cap),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
             ],
         )
         # Bind first, so the id in hop chains names the real address (not port 0).

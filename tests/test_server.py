@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servers import FOUR_VOLUMES, running_server, tree_of
 
+from tierdisk.service import server as server_module
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -260,6 +261,39 @@ async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceAsyncStub) 
     await stub.Resize(pb.ResizeRequest(volume="stack", sector_count=200))
     reply = await stub.Read(pb.ReadRequest(volume="stack", sector=40, sector_count=80))
     assert reply.data == bytes(80 * 512)
+
+
+async def test_idle_watch_survives_keepalive_pings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that pings an idle connection no more often than the server allows keeps
+    its WatchResize stream: the server must not end it with "too many pings". (Scaled down:
+    the server accepts pings 0.3 s apart here and the client pings every 0.4 s; the real
+    figures are 10 s and 15-30 s.)"""
+    monkeypatch.setattr(server_module, "MIN_PING_INTERVAL_MS", 300)
+    options = [
+        ("grpc.keepalive_time_ms", 400),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
+        async with grpc.aio.insecure_channel(srv.grpc_address, options=options) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            call = stub.WatchResize(pb.WatchResizeRequest(volume="ram"))
+            assert isinstance(await call.read(), pb.ResizeEvent)
+            await asyncio.sleep(4)  # ~10 pings; a server refusing them ends the call after 3
+            await stub.Resize(pb.ResizeRequest(volume="ram", sector_count=4096))
+            assert (await asyncio.wait_for(_next_event(call), 10)).sector_count == 4096
+            call.cancel()
+
+
+def test_clients_ping_no_more_often_than_the_server_allows() -> None:
+    from tierdisk.client.aio import DEFAULT_CHANNEL_OPTIONS
+    from tierdisk.service.layers.remote import _CHANNEL_OPTIONS
+
+    for options in (DEFAULT_CHANNEL_OPTIONS, _CHANNEL_OPTIONS):
+        assert dict(options)["grpc.keepalive_time_ms"] >= server_module.MIN_PING_INTERVAL_MS
 
 
 async def test_watch_unknown_volume(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
