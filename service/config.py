@@ -199,12 +199,16 @@ class Config:
 
 
 def default_volumes(data_dir: str) -> tuple[VolumeConfig, ...]:
-    """The built-in volume served with no ``--config``: ``default``, a 1 GiB sparse layer."""
-    layer = LayerConfig(
-        "sparse",
-        options={"path": os.path.join(os.path.abspath(data_dir), "default"), "size": DEFAULT_SIZE},
-    )
-    return (VolumeConfig("default", (layer,)),)
+    """The built-in volume served with no ``--config``: ``default``, a sparse layer created
+    at 1 GiB. Once it exists it keeps its own size, so a resized ``default`` stays resized
+    across restarts (the 1 GiB is where it starts, not a setting it must agree with)."""
+    from .layers.sparse_map import map_path  # here: the layers package imports this module
+
+    path = os.path.join(os.path.abspath(data_dir), "default")
+    options: dict[str, Any] = {"path": path}
+    if not os.path.exists(map_path(path)):
+        options["size"] = DEFAULT_SIZE
+    return (VolumeConfig("default", (LayerConfig("sparse", options=options),)),)
 
 
 def load_config(

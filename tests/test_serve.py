@@ -87,21 +87,28 @@ def test_address_in_use_is_named(tmp_path: Path) -> None:
 
 
 def test_default_volume_persists_across_restarts(tmp_path: Path) -> None:
-    async def write_then_read(address: str, write: bool) -> bytes:
+    """The built-in volume starts at 1 GiB and keeps its data, and a resize (README's
+    ``tierdisk resize default 2GiB``) survives a restart instead of breaking the next start."""
+    GiB = 1 << 30
+
+    async def write_then_read(address: str, write: bool, grow_to: int | None) -> tuple[int, bytes]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.BlockDeviceStub(channel)
             volume = await stub.GetVolume(pb.GetVolumeRequest(volume="default"))
-            assert volume.sector_count * volume.sector_size == 1 << 30
             if write:
                 await stub.Write(pb.WriteRequest(volume="default", sector=77, data=b"d" * 512))
+            if grow_to is not None:
+                count = grow_to // volume.sector_size
+                await stub.Resize(pb.ResizeRequest(volume="default", sector_count=count))
             reply = await stub.Read(pb.ReadRequest(volume="default", sector=77, sector_count=1))
-            return reply.data
+            return volume.sector_count * volume.sector_size, reply.data
 
     with ServerProcess.start(tmp_path) as server:
-        assert asyncio.run(write_then_read(server.grpc, True)) == b"d" * 512
+        got = asyncio.run(write_then_read(server.grpc, True, 2 * GiB))
+        assert got == (GiB, b"d" * 512)
         assert server.terminate() == 0
     with ServerProcess.start(tmp_path) as server:
-        assert asyncio.run(write_then_read(server.grpc, False)) == b"d" * 512
+        assert asyncio.run(write_then_read(server.grpc, False, None)) == (2 * GiB, b"d" * 512)
         assert server.terminate() == 0
 
 

@@ -129,7 +129,7 @@ class SparseLayer(Layer):
     def __init__(self, path: str, size: int | None = None, sector_size: int | None = None) -> None:
         super().__init__()
         self.path = path
-        self.map_path = path + ".map"
+        self.map_path = sparse_map.map_path(path)
         self._size_bytes = size
         self._wanted_sector_size = sector_size
         self._fd = -1

@@ -43,8 +43,15 @@ __all__ = [
     "encode_header",
     "encode_record",
     "flat",
+    "map_path",
     "parse",
 ]
+
+
+def map_path(data_path: str) -> str:
+    """Where the presence map of the sparse layer whose data file is ``data_path`` lives."""
+    return data_path + ".map"
+
 
 MAGIC = b"TDSPMAP1"
 VERSION = 1
