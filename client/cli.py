@@ -14,12 +14,12 @@ import asyncio
 import importlib
 import json
 import os
-import re
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import BinaryIO
 
+from . import sizes
 from .aio import AsyncClient, AsyncVolume
 from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
 from .errors import DeadlineExceeded, OutOfRange, TierdiskError, Unavailable
@@ -52,36 +52,15 @@ class UsageError(CliError):
 
 # -- sizes -------------------------------------------------------------------------------
 
-_UNITS = {
-    "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-    "p": 1 << 50, "pib": 1 << 50, "pb": 10**15,
-}  # fmt: skip
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-
 
 def parse_size(text: str) -> tuple[int, bool]:
     """``(value, in_bytes)``: a bare integer is a count of sectors (``in_bytes`` False); with
-    a unit (``B``, ``KiB``/``K``, ``MiB``/``M``, …, binary; ``kB``, ``MB``, … decimal) it
-    is bytes. Raises :class:`UsageError` for anything else."""
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise UsageError(f"size {text!r}: expected sectors (e.g. 2048) or bytes (e.g. 2GiB)")
-    number, unit = m.groups()
-    if not unit:
-        if "." in number:
-            raise UsageError(f"size {text!r}: a count of sectors must be a whole number")
-        return int(number), False
-    factor = _UNITS.get(unit.lower())
-    if factor is None:
-        raise UsageError(f"size {text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB)")
-    value = float(number) * factor if "." in number else int(number) * factor
-    if value != int(value):
-        raise UsageError(f"size {text!r} is not a whole number of bytes")
-    return int(value), True
+    a unit it is bytes (:mod:`tierdisk.client.sizes`: ``K``/``KiB``, ``M``/``MiB``, …
+    binary; ``kB``, ``MB``, … decimal). Raises :class:`UsageError` for anything else."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"size {exc}; expected sectors (e.g. 2048) or bytes (e.g. 2GiB)") from None
 
 
 def _nonnegative(text: str) -> int:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tierdisk.client import sizes
+
 from .errors import ConfigError
 
 __all__ = [
@@ -33,27 +35,10 @@ __all__ = [
 DEFAULT_SIZE = 1 << 30
 """Size of the built-in ``default`` volume (1 GiB)."""
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
 
 def parse_size(value: object, what: str = "size") -> int:
-    """Bytes from an integer or a string like ``"64MiB"``, ``"1.5GiB"``, ``"4096"``."""
+    """Bytes from an integer or a string like ``"64MiB"``, ``"1.5GiB"``, ``"4096"`` (units as
+    on the command line: :mod:`tierdisk.client.sizes`; ``M`` is MiB, ``MB`` is 10**6)."""
     if isinstance(value, bool):
         raise ConfigError(f"{what} must be a size in bytes or a string like '64MiB', not {value}")
     if isinstance(value, int):
@@ -61,11 +46,10 @@ def parse_size(value: object, what: str = "size") -> int:
             raise ConfigError(f"{what} must not be negative ({value})")
         return value
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            nbytes = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if nbytes == int(nbytes):
-                return int(nbytes)
+        try:
+            return sizes.parse_size(value)[0]
+        except ValueError as exc:
+            raise ConfigError(f"{what} {exc}") from None
     raise ConfigError(f"{what} {value!r} is not a size (an integer or a string like '64MiB')")
 
 

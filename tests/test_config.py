@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tierdisk.client import cli
 from tierdisk.service.config import DEFAULT_SIZE, ServerConfig, load_config, parse_size
 from tierdisk.service.errors import ConfigError
 
@@ -88,10 +89,15 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
         ("1GiB", 1 << 30),
         ("2 kb", 2000),
         ("1.5KiB", 1536),
+        ("64M", 64 << 20),  # binary, as on the command line (tierdisk resize VOL 64M)
+        ("64m", 64 << 20),
+        ("1MB", 10**6),
     ],
 )
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected
+    if isinstance(value, str) and not value.isdigit():
+        assert cli.parse_size(value) == (expected, True)  # one reading everywhere
 
 
 @pytest.mark.parametrize("value", ["lots", "12XB", -1, True, 1.5, "1.3B"])

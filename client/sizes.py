@@ -1,0 +1,48 @@
+"""Sizes written as text, one reading for the server's config and the command line.
+
+``"64MiB"``, ``"64M"`` and ``"64m"`` are 64 * 2**20 bytes: ``K``/``M``/``G``/``T``/``P``, with or
+without ``iB``, are binary (as in ``qemu-img``); ``kB``, ``MB``, … are decimal; ``B`` is bytes.
+Units are case-insensitive, a space may separate number and unit, and a fraction is allowed
+when the result is a whole number of bytes (``"1.5GiB"``). A bare whole number has no unit:
+the caller says what it counts (the config reads bytes, ``tierdisk resize`` sectors).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["UNITS", "parse_size"]
+
+UNITS: dict[str, int] = {
+    "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+    "p": 1 << 50, "pib": 1 << 50, "pb": 10**15,
+}  # fmt: skip
+"""Bytes per unit, by the unit's lower-case spelling."""
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str) -> tuple[int, bool]:
+    """``(value, has_unit)``: ``"2GiB"`` gives ``(2 << 30, True)``, ``"2048"`` gives
+    ``(2048, False)``. Raises :class:`ValueError`, with a message that quotes ``text``, for
+    anything else (no number, an unknown unit, a fraction of a byte or a fractional bare
+    number)."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (a whole number, or one with a unit: 64MiB)")
+    number, unit = m.groups()
+    if not unit:
+        if "." in number:
+            raise ValueError(f"{text!r}: a number without a unit must be whole")
+        return int(number), False
+    factor = UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"{text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, or MB, GB)")
+    value = float(number) * factor if "." in number else int(number) * factor
+    if value != int(value):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(value), True
