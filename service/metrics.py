@@ -141,7 +141,11 @@ class Metrics:
         })
 
     def observe_io(self, volume: str, op: str, code: str, nbytes: int, seconds: float) -> None:
-        """Count one volume I/O request (``op``: read, write, unmap, flush)."""
+        """Count one volume I/O request (``op``: read, write, unmap, flush). A request for a
+        volume this server does not have (``NOT_FOUND``) is counted under ``volume=""``:
+        the label stays bounded by the config, whatever names clients send."""
+        if code == "NOT_FOUND":
+            volume = ""
         cells = self._io_cells.get((volume, op, code))
         if cells is None:
             cells = self._io_cells[volume, op, code] = (

@@ -148,6 +148,32 @@ async def test_error_codes_are_counted(server: Server) -> None:
     )
 
 
+async def test_unknown_volume_names_do_not_grow_the_volume_label(server: Server) -> None:
+    """Requests naming volumes the server does not have are counted, under volume="": a
+    client (or a typo) cannot add series without limit (DESIGN.md §5: bounded by the config)."""
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        for i in range(5):
+            for call in (
+                stub.Read(pb.ReadRequest(volume=f"junk-{i}", sector=0, sector_count=1)),
+                stub.Write(pb.WriteRequest(volume=f"wjunk-{i}", sector=0, data=bytes(512))),
+                stub.Flush(pb.FlushRequest(volume=f"fjunk-{i}")),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    text = await scrape(server.metrics_address)
+    volumes = {
+        dict(labels).get("volume")
+        for name, labels in samples(text)
+        if name.startswith("tierdisk_volume_io_")
+    }
+    assert volumes <= {"cached", ""}
+    for op in ("read", "write", "flush"):
+        got = value(text, "tierdisk_volume_io_requests_total", volume="", op=op, code="NOT_FOUND")
+        assert got == 5
+
+
 async def test_inspect_counters_agree_with_metrics(server: Server) -> None:
     await _read_sequence(server.grpc_address)
     async with grpc.aio.insecure_channel(server.grpc_address) as channel:
