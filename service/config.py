@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tierdisk.client import sizes
+from tierdisk.client.chunking import DEFAULT_MAX_IO
 
 from .errors import ConfigError
+from .netaddr import split_host_port
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -67,6 +69,26 @@ def _nonempty_str(value: object, what: str) -> str:
     if not text:
         raise ConfigError(f"{what} must not be empty")
     return text
+
+
+def _address(value: object, what: str) -> str:
+    """A listen address: ``HOST:PORT`` (``[v6]:PORT``; port 0 = any free one) or
+    ``unix:PATH``."""
+    text = _nonempty_str(value, what)
+    if text.startswith("unix:"):
+        if not text[len("unix:") :]:
+            raise ConfigError(f"{what} {text!r} names no socket path")
+        return text
+    try:
+        split_host_port(text, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return text
+
+
+def _optional_address(value: object, what: str) -> str:
+    """An address as :func:`_address`, or ``""`` for off."""
+    return _address(value, what) if _str(value, what) else ""
 
 
 def _bool(value: object, what: str) -> bool:
@@ -147,12 +169,17 @@ class ServerConfig:
 
 
 _SERVER_KEYS: dict[str, _Parser] = {
-    "listen": _nonempty_str,
-    "metrics": _str,
+    "listen": _address,
+    "metrics": _optional_address,
     "data_dir": _nonempty_str,
-    "nbd": _str,
+    "nbd": _optional_address,
     "max_io": lambda v, what: parse_size(v, what),
 }
+MIN_MAX_IO = DEFAULT_MAX_IO
+"""The smallest ``max_io`` a server takes (1 MiB): the client library and remote layers send up
+to that much per request, so a lower limit would refuse their large reads and writes."""
+MAX_MAX_IO = 256 << 20
+"""The largest ``max_io``: one request's buffer, and gRPC's message caps (4x it) must fit."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +271,13 @@ def _server(
     unknown = sorted(set(table) - set(_SERVER_KEYS))
     if unknown:
         raise ConfigError(f"[server]: unknown key {unknown[0]!r}")
+    prefix = "TIERDISK_SERVER_"
+    stray = sorted(
+        k for k in environ if k.startswith(prefix) and k[len(prefix) :].lower() not in _SERVER_KEYS
+    )
+    if stray:  # a misspelt override would otherwise be ignored without a word
+        known = ", ".join(prefix + k.upper() for k in _SERVER_KEYS)
+        raise ConfigError(f"unknown environment variable {stray[0]} (known: {known})")
     values: dict[str, Any] = {}
     for key, parse in _SERVER_KEYS.items():
         env_name = f"TIERDISK_SERVER_{key.upper()}"
@@ -254,8 +288,11 @@ def _server(
         elif key in table:
             values[key] = parse(table[key], f"[server] {key}")
     config = replace(ServerConfig(), **values)
-    if config.max_io < 4096:
-        raise ConfigError(f"max_io {config.max_io} is too small (at least 4096 bytes)")
+    if not MIN_MAX_IO <= config.max_io <= MAX_MAX_IO:
+        raise ConfigError(
+            f"max_io {config.max_io} is out of range: from {MIN_MAX_IO} (1MiB, the size of "
+            f"the clients' requests) to {MAX_MAX_IO} (256MiB) bytes"
+        )
     return config
 
 
@@ -270,7 +307,10 @@ def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
     unknown = sorted(set(raw) - {"name", "read_only", "layers"})
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}", volume=name)
-    read_only = _bool(raw.get("read_only", False), "read_only")
+    try:
+        read_only = _bool(raw.get("read_only", False), "read_only")
+    except ConfigError as exc:
+        raise exc.located(volume=name) from None
     layers_raw = raw.get("layers")
     if not isinstance(layers_raw, list) or not layers_raw:
         raise ConfigError("a volume needs at least one [[volumes.layers]] entry", volume=name)

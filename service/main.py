@@ -35,19 +35,32 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve layered volumes over gRPC. With no --config, serves one volume "
         "'default': a 1 GiB sparse layer in the data dir.",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML config (DESIGN.md section 4)")
+    p.add_argument("--config", metavar="FILE", help="TOML config (README.md, 'Configure')")
     p.add_argument("--listen", help="gRPC address, HOST:PORT or unix:PATH (127.0.0.1:7400)")
-    p.add_argument("--metrics", help="Prometheus /metrics address; '' turns it off")
+    p.add_argument(
+        "--metrics", help="Prometheus /metrics address (127.0.0.1:9400); '' turns it off"
+    )
     p.add_argument("--data-dir", help="where relative layer paths live (./tierdisk-data)")
-    p.add_argument("--max-io", help="largest Read/Write payload, e.g. 16MiB")
+    p.add_argument("--max-io", help="largest Read/Write payload, 1MiB to 256MiB (16MiB)")
     p.add_argument("--nbd", help="NBD export address, HOST:PORT or unix:PATH; '' = off")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--ready-file", metavar="FILE", help="write bound addresses here when ready")
     p.add_argument(
-        "--grace", type=float, default=30.0, help="seconds calls in flight get at stop (30)"
+        "--grace", type=_seconds, default=30.0, help="seconds calls in flight get at stop (30)"
     )
     return p
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +99,15 @@ async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready_file:
-        _write_ready_file(ready_file, server)
+        try:
+            _write_ready_file(ready_file, server)
+        except OSError as exc:
+            print(
+                f"tierdisk serve: cannot write --ready-file {ready_file}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            await server.stop(0)
+            return 1
     await stop.wait()
     log.info("stopping: finishing calls in flight, then flushing every volume")
     await server.stop(grace)

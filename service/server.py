@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -99,6 +100,10 @@ class Server:
 
     async def _start(self) -> None:
         cfg = self.config.server
+        try:
+            os.makedirs(cfg.data_dir, exist_ok=True)  # DESIGN.md §4: created when missing
+        except OSError as exc:
+            raise ConfigError(f"cannot create data_dir {cfg.data_dir}: {exc.strerror}") from None
         cap = _CAP_FACTOR * cfg.max_io + (1 << 20)
         self._grpc = grpc.aio.server(
             options=[

@@ -127,6 +127,11 @@ class Volume:
         """
         if not entries:
             raise ConfigError("a volume needs at least one layer", volume=name)
+        # The rules that need no attached layer come first, so a broken stack is refused
+        # before any layer creates a file or waits for a remote tier.
+        _check_write_through(name, entries)
+        for i, entry in enumerate(entries):
+            _check_read_cache(name, i, entry)
         attached: list[Layer] = []
         try:
             lower = None
@@ -143,13 +148,7 @@ class Volume:
                     raise ConfigError(str(exc), volume=name, layer=i) from None
                 attached.append(entry.layer)
                 meta = entry.layer.metadata()
-                if entry.read_cache and not meta.can_read_cache:
-                    raise ConfigError(
-                        f"read_cache needs a layer that can write without overwriting; "
-                        f"a {entry.layer.kind} layer cannot",
-                        volume=name,
-                        layer=i,
-                    )
+                _check_read_cache(name, i, entry)  # again: a remote may turn out read-only
                 if not bottom_sector_size:
                     bottom_sector_size = meta.sector_size
                 elif meta.sector_size != bottom_sector_size:
@@ -160,30 +159,17 @@ class Volume:
                         layer=i,
                     )
                 lower = meta
-            on_write_path = True
             for i, entry in enumerate(entries):
-                if on_write_path:
-                    if entry.layer.read_only and not read_only:
-                        raise ConfigError(
-                            f"the {entry.layer.kind} layer is read-only but on the write path "
-                            "of a writable volume (set the volume read_only, or put a "
-                            "writable layer above it)",
-                            volume=name,
-                            layer=i,
-                        )
-                elif entry.write_through:
+                if entry.layer.read_only and not read_only:
                     raise ConfigError(
-                        "write_through layers must form an unbroken run from the top",
+                        f"the {entry.layer.kind} layer is read-only but on the write path "
+                        "of a writable volume (set the volume read_only, or put a "
+                        "writable layer above it)",
                         volume=name,
                         layer=i,
                     )
-                on_write_path = entry.write_through
-            if entries[-1].write_through:
-                raise ConfigError(
-                    "the bottom layer cannot be write_through: there is nothing below it",
-                    volume=name,
-                    layer=len(entries) - 1,
-                )
+                if not entry.write_through:
+                    break  # the write path ends here
         except BaseException:
             for layer in attached:
                 with contextlib.suppress(Exception):
@@ -554,3 +540,34 @@ class Volume:
             "generation": self.generation,
             "layers": layers,
         }
+
+
+def _check_write_through(name: str, entries: list[LayerEntry]) -> None:
+    """``write_through`` layers form an unbroken run from the top, and the bottom layer is
+    not one (there is nothing below it)."""
+    on_write_path = True
+    for i, entry in enumerate(entries):
+        if entry.write_through and not on_write_path:
+            raise ConfigError(
+                "write_through layers must form an unbroken run from the top",
+                volume=name,
+                layer=i,
+            )
+        on_write_path = entry.write_through
+    if entries[-1].write_through:
+        raise ConfigError(
+            "the bottom layer cannot be write_through: there is nothing below it",
+            volume=name,
+            layer=len(entries) - 1,
+        )
+
+
+def _check_read_cache(name: str, index: int, entry: LayerEntry) -> None:
+    """A ``read_cache`` layer must be able to write without overwriting."""
+    if entry.read_cache and not entry.layer.can_read_cache:
+        raise ConfigError(
+            f"read_cache needs a layer that can write without overwriting; "
+            f"a {entry.layer.kind} layer cannot",
+            volume=name,
+            layer=index,
+        )

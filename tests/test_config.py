@@ -161,3 +161,42 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="TIERDISK_SERVER_MAX_IO"):
         load_config(_write(tmp_path, GOOD), environ={"TIERDISK_SERVER_MAX_IO": "lots"})
+
+
+def test_misspelt_env_override_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown environment variable TIERDISK_SERVER_LISTN"):
+        load_config(_write(tmp_path, GOOD), environ={"TIERDISK_SERVER_LISTN": "127.0.0.1:1"})
+    # TIERDISK_SERVER (the CLI's server address) and other TIERDISK_* variables are not config
+    environ = {"TIERDISK_SERVER": "127.0.0.1:1", "TIERDISK_REQUIRE_TOOLS": "1"}
+    assert load_config(_write(tmp_path, GOOD), environ=environ).server.max_io == 8 << 20
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("LISTEN", "nowhere", "TIERDISK_SERVER_LISTEN address 'nowhere' is not HOST:PORT"),
+        ("METRICS", "127.0.0.1:65536", "port 65536 is out of range"),
+        ("NBD", "unix:", "names no socket path"),
+        ("MAX_IO", "512KiB", "max_io 524288 is out of range"),
+    ],
+)
+def test_bad_server_values_from_the_environment(
+    tmp_path: Path, key: str, value: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, GOOD), environ={f"TIERDISK_SERVER_{key}": value})
+    assert fragment in str(info.value)
+
+
+def test_good_addresses_pass(tmp_path: Path) -> None:
+    environ = {
+        "TIERDISK_SERVER_LISTEN": "[::1]:0",
+        "TIERDISK_SERVER_METRICS": "",
+        "TIERDISK_SERVER_NBD": "unix:/tmp/tierdisk-nbd.sock",
+    }
+    server = load_config(_write(tmp_path, GOOD), environ=environ).server
+    assert (server.listen, server.metrics, server.nbd) == (
+        "[::1]:0",
+        "",
+        "unix:/tmp/tierdisk-nbd.sock",
+    )

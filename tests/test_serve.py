@@ -19,6 +19,8 @@ from servers import ServerProcess, write_config
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
+DEAD = "127.0.0.1:1"  # nothing listens on port 1 here: connections are refused
+
 
 def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -56,6 +58,22 @@ def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
             "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n",
             "volume 'v', layer 0: ram layer has no size",
         ),
+        # broken stacks over a remote tier that is down: refused at once, not retried
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n"
+            f"kind='remote'\ntarget='{DEAD}'\nvolume='base'\nread_cache=true\n",
+            "volume 'v', layer 1: read_cache needs a layer that can write without overwriting",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n"
+            "kind='ram'\nwrite_through=true\n[[volumes.layers]]\n"
+            f"kind='remote'\ntarget='{DEAD}'\nvolume='base'\n",
+            "volume 'v', layer 1: write_through layers must form an unbroken run from the top",
+        ),
+        (
+            "[[volumes]]\nname='v'\nread_only='yes'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n",
+            "volume 'v': read_only must be true or false",
+        ),
         (
             "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsector_size=4096\n"
             "[[volumes.layers]]\nkind='ram'\nsize=8192\n",
@@ -71,6 +89,58 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, body: str, fragment:
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--listen", "bogus"], "--listen address 'bogus' is not HOST:PORT or unix:/path"),
+        (["--listen", "127.0.0.1"], "--listen address '127.0.0.1' is not HOST:PORT"),
+        (["--listen", "127.0.0.1:99999"], "port 99999 is out of range"),
+        (["--listen", "unix:"], "names no socket path"),
+        (["--metrics", "bogus"], "--metrics address 'bogus' is not HOST:PORT"),
+        (["--nbd", "127.0.0.1:70000"], "port 70000 is out of range"),
+        (["--max-io", "64KiB"], "max_io 65536 is out of range"),
+        (["--max-io", "3GiB"], "max_io 3221225472 is out of range"),
+        (["--grace", "-1"], "--grace"),
+    ],
+)
+def test_bad_server_settings_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    result = _serve(tmp_path, "--config", str(config), *args)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    if args[0] != "--grace":  # argparse's usage line comes first there
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_refused_stack_creates_no_files(tmp_path: Path) -> None:
+    """A stack refused by a rule that needs no layer (a raw read cache) leaves nothing
+    behind: the raw layer never created its image."""
+    config = write_config(
+        tmp_path,
+        "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n"
+        "kind='raw'\npath='cache.img'\nsize=65536\nread_cache=true\n[[volumes.layers]]\n"
+        "kind='ram'\nsize=65536\n",
+    )
+    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    assert not (tmp_path / "data" / "cache.img").exists()
+
+
+def test_data_dir_is_created_even_without_files_in_it(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    data_dir = tmp_path / "new" / "data"
+    with ServerProcess.start(tmp_path, config, "--data-dir", str(data_dir)) as server:
+        assert data_dir.is_dir()
+        assert server.terminate() == 0
 
 
 def test_address_in_use_is_named(tmp_path: Path) -> None:
@@ -199,3 +269,14 @@ def test_corrupt_stored_sector_is_data_loss(tmp_path: Path) -> None:
         assert asyncio.run(read(server.grpc, 6)) == grpc.StatusCode.DATA_LOSS
         assert asyncio.run(read(server.grpc, 5)) == grpc.StatusCode.OK
         assert server.terminate() == 0
+
+
+def test_unwritable_ready_file_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    result = _serve(
+        tmp_path, "--config", str(config), "--ready-file", str(tmp_path / "absent" / "r.json")
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cannot write --ready-file" in result.stderr and "Traceback" not in result.stderr

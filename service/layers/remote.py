@@ -396,7 +396,9 @@ class RemoteLayer(Layer):
 
     @property
     def can_read_cache(self) -> bool:
-        return self.mode == "layer" and not self.read_only
+        """In ``layer`` mode, unless the remote volume is read-only (before attach, when that
+        is not known yet: ``mode`` alone decides)."""
+        return self.mode == "layer" and not (self._info is not None and self._info.read_only)
 
     @property
     def can_resize(self) -> bool:
