@@ -11,7 +11,7 @@ import contextlib
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .netaddr import bind_tcp_or_unix
+from .netaddr import SocketFile, bind_tcp_or_unix
 
 __all__ = ["MetricsEndpoint"]
 
@@ -22,16 +22,22 @@ class MetricsEndpoint:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
         self._server: asyncio.Server | None = None
+        self._socket_file: SocketFile | None = None
         self.address = ""
 
     async def start(self, address: str) -> None:
-        self._server, self.address = await bind_tcp_or_unix(address, self._handle, "metrics")
+        self._server, self.address, self._socket_file = await bind_tcp_or_unix(
+            address, self._handle, "metrics"
+        )
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self._socket_file is not None:
+            self._socket_file.remove()
+            self._socket_file = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import socket
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +24,7 @@ from typing import Any
 
 from .nbd_commands import RangeLock
 from .nbd_session import NbdSession
-from .netaddr import bound_address, listen_socket
+from .netaddr import SocketFile, bound_address, listen_socket
 from .registry import VolumeRegistry
 from .volume import Volume
 
@@ -87,8 +87,7 @@ class NbdServer:
         self._sessions: set[NbdSession] = set()
         self._locks: weakref.WeakKeyDictionary[Volume, RangeLock] = weakref.WeakKeyDictionary()
         self._zeros = bytes(1 << 20)
-        self._unix_path: str | None = None
-        self._unix_id: tuple[int, int] | None = None
+        self._socket_file: SocketFile | None = None
         self._closing = False
 
     @property
@@ -130,18 +129,10 @@ class NbdServer:
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
-        self._remove_unix_socket()
+        if self._socket_file is not None:
+            self._socket_file.remove()
+            self._socket_file = None
         log.info("NBD server on %s closed", self.address)
-
-    def _remove_unix_socket(self) -> None:
-        path, ident = self._unix_path, self._unix_id
-        if path is None:
-            return
-        self._unix_path = None
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) == ident:
-                os.unlink(path)
 
 
 async def start_nbd_server(
@@ -161,24 +152,16 @@ async def start_nbd_server(
     def factory() -> NbdSession:
         return NbdSession(server)
 
-    if address.startswith("unix:"):
-        path = address[len("unix:") :]
-        sock = listen_socket(address, "NBD")
-        try:
+    sock = listen_socket(address, "NBD")
+    try:
+        if sock.family == socket.AF_UNIX:
             server._server = await loop.create_unix_server(factory, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        st = os.stat(path)
-        server._unix_path, server._unix_id = path, (st.st_dev, st.st_ino)
-        server.address = f"unix:{path}"
-    else:
-        sock = listen_socket(address, "NBD")
-        try:
+        else:
             server._server = await loop.create_server(factory, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        server.address = bound_address(sock)
+    except BaseException:
+        sock.close()
+        raise
+    server.address = bound_address(sock)
+    server._socket_file = SocketFile.of(sock)
     log.info("NBD server listening on %s", server.address)
     return server

@@ -9,14 +9,17 @@ refused, and a stale one left by a crashed server is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 __all__ = [
     "AddressInUse",
+    "SocketFile",
     "bind_tcp_or_unix",
     "bound_address",
     "claim_unix_path",
@@ -113,6 +116,30 @@ def listen_socket(address: str, what: str) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class SocketFile:
+    """The file a unix listening socket made, to remove when the server closes: only while it
+    is still that file (device and inode), never a socket a later server put at the path."""
+
+    path: str
+    ident: tuple[int, int]
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> SocketFile | None:
+        """The socket file of ``sock``; None for a TCP socket."""
+        if sock.family != socket.AF_UNIX:
+            return None
+        path = sock.getsockname()
+        st = os.stat(path)
+        return cls(path, (st.st_dev, st.st_ino))
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self.ident:
+                os.unlink(self.path)
+
+
 def bound_address(sock: socket.socket) -> str:
     """The address ``sock`` listens on, in config form (the real port when 0 was asked)."""
     if sock.family == socket.AF_UNIX:
@@ -121,8 +148,11 @@ def bound_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
-async def bind_tcp_or_unix(address: str, handler: Handler, what: str) -> tuple[asyncio.Server, str]:
-    """Start an asyncio stream server on ``address``; return it and the bound address."""
+async def bind_tcp_or_unix(
+    address: str, handler: Handler, what: str
+) -> tuple[asyncio.Server, str, SocketFile | None]:
+    """Start an asyncio stream server on ``address``; return it, the bound address and, for
+    a unix socket, the socket file to remove at close."""
     sock = listen_socket(address, what)
     try:
         if sock.family == socket.AF_UNIX:
@@ -132,4 +162,4 @@ async def bind_tcp_or_unix(address: str, handler: Handler, what: str) -> tuple[a
     except BaseException:
         sock.close()
         raise
-    return server, bound_address(sock)
+    return server, bound_address(sock), SocketFile.of(sock)

@@ -47,3 +47,26 @@ def test_malformed_addresses(bad: str) -> None:
 def test_split_host_port() -> None:
     assert split_host_port("[::1]:7400") == ("::1", 7400)
     assert split_host_port(":9400") == ("", 9400)
+
+
+async def test_metrics_endpoint_removes_its_socket_file_and_only_its_own(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tierdisk.service.metrics_http import MetricsEndpoint
+
+    path = tmp_path / "metrics.sock"
+    endpoint = MetricsEndpoint(CollectorRegistry())
+    await endpoint.start(f"unix:{path}")
+    assert endpoint.address == f"unix:{path}" and path.exists()
+    await endpoint.close()
+    assert not path.exists()  # a clean stop leaves nothing behind
+
+    endpoint = MetricsEndpoint(CollectorRegistry())
+    await endpoint.start(f"unix:{path}")
+    path.unlink()
+    other = listen_socket(f"unix:{path}", "someone else")  # a new server took the path
+    try:
+        await endpoint.close()
+        assert path.exists()  # not ours any more: left alone
+    finally:
+        other.close()
