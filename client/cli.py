@@ -135,11 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     vol_verb("info", "print the volume's fields as `key: value` lines")
-    p = vol_verb("read", "write COUNT sectors from SECTOR to stdout (or -o FILE)")
+    p = vol_verb(
+        "read",
+        "write COUNT sectors from SECTOR to stdout (or -o FILE); a progress bar on stderr "
+        "if that is a terminal and stdout is not",
+    )
     p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
     p.add_argument("count", type=_nonnegative, metavar="COUNT")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
-    p = vol_verb("write", "write whole sectors from stdin (or -i FILE) at SECTOR")
+    p = vol_verb(
+        "write",
+        "write whole sectors from stdin (or -i FILE) at SECTOR; a progress bar on stderr if "
+        "that is a terminal and stdin is not (from a pipe: bytes written so far, no total)",
+    )
     p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
     p.add_argument("-i", "--input", metavar="FILE", help="read from FILE instead of stdin")
     p.add_argument("--fua", action="store_true", help="durable when acknowledged")
@@ -210,8 +218,27 @@ def _open_file(path: str, flags: int, mode: int = 0o666) -> int:
         raise CliError(f"file {path!r}: {err.strerror or err}") from None
 
 
-def _file_error(path: str, err: OSError) -> CliError:
-    return CliError(f"file {path!r}: {err.strerror or err}")
+def _where(path: str | None) -> str:
+    """How messages name a data source: ``file 'x'``, or ``stdin`` for ``None``."""
+    return f"file {path!r}" if path is not None else "stdin"
+
+
+def _file_error(path: str | None, err: OSError) -> CliError:
+    return CliError(f"{_where(path)}: {err.strerror or err}")
+
+
+def _isatty(stream: BinaryIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):  # closed, or no file behind it
+        return False
+
+
+def _fileno(stream: BinaryIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. io.BytesIO in place of stdin
+        return None
 
 
 async def _read(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -224,9 +251,11 @@ async def _read(client: AsyncClient, args: argparse.Namespace) -> int:
         out = os.fdopen(fd, "wb")
     else:
         out = sys.stdout.buffer
-    # A bar for files only: on stdout the data usually flows into another program.
+    # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but not
+    # when stdout is a terminal too: raw sectors and a redrawn line would mix on the screen.
     total = args.count * info.sector_size
-    bar = _progress(args, total, f"read {vol.name}") if args.output else Progress(0, enabled=False)
+    data_on_tty = not args.output and _isatty(out)
+    bar = _progress(args, total, f"read {vol.name}", data_on_tty=data_on_tty)
     try:
         with bar:
             async for _sector, data in vol.stream_read(args.sector, args.count):
@@ -254,15 +283,15 @@ def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
 
 async def _write(client: AsyncClient, args: argparse.Namespace) -> int:
     vol = client.volume(args.volume)
-    if not args.input:
-        # stdin is read whole first, so a bad length is refused before anything is written.
-        data = await asyncio.to_thread(sys.stdin.buffer.read)
-        info = await vol.info()
-        count = _whole_sectors(None, len(data), info.sector_size)
-        _check_fits(vol, info, args.sector, count)
-        await vol.write(args.sector, data, fua=args.fua)
-        return 0
-    return await _copy_in(client, args, vol, args.input, args.sector, "write")
+    if args.input:
+        return await _copy_in(client, args, vol, args.input, args.sector, "write")
+    stdin = sys.stdin.buffer
+    fd = _fileno(stdin)
+    if fd is not None and _sized(fd):
+        # `write … < img`: the size is known, so a bad length is refused before anything is
+        # written, and the bar has a total.
+        return await _copy_fd_in(client, args, vol, fd, None, args.sector, "write")
+    return await _stream_in(client, args, vol, stdin)
 
 
 async def _import(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -277,49 +306,161 @@ async def _copy_in(
     sector: int,
     verb: str,
 ) -> int:
-    """Copy the file ``path`` onto the volume from ``sector``: ``max_in_flight`` requests of
-    ``max_io`` bytes at a time. Every chunk is written, zeros included: that is always
-    correct, whatever the volume's unmap behaviour."""
+    """Copy the file ``path`` onto the volume from ``sector`` (see :func:`_copy_fd_in`)."""
     fd = _open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
     try:
-        size = _file_size(fd, path)
-        info = await vol.info()
-        ss = info.sector_size
-        count = _whole_sectors(path, size, ss)
-        if verb == "import" and count > info.sector_count:
-            raise CliError(
-                f"file {path!r}: {size} bytes is larger than volume {vol.name!r} "
-                f"({info.size_bytes} bytes)"
-            )
-        _check_fits(vol, info, sector, count)
-        fua = bool(getattr(args, "fua", False))
-
-        async def one(chunk: Chunk) -> None:
-            length = chunk.sector_count * ss
-            try:
-                data = await asyncio.to_thread(os.pread, fd, length, chunk.offset * ss)
-            except OSError as err:
-                raise _file_error(path, err) from None
-            if len(data) != length:
-                raise CliError(f"file {path!r}: shrank while being read")
-            await vol.write(chunk.sector, data, fua=fua)
-            bar.advance(length)
-
-        per_chunk = sectors_per_chunk(client.max_io, ss)
-        with _progress(args, size, f"{verb} {vol.name}") as bar:
-            await run_bounded(plan_chunks(sector, count, per_chunk), one, client.max_in_flight)
+        return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
     finally:
         os.close(fd)
+
+
+async def _copy_fd_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    fd: int,
+    path: str | None,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the regular file or block device open as ``fd`` (``path``; ``None``: stdin), from
+    its current position to its end, onto the volume from ``sector``: ``max_in_flight``
+    requests of ``max_io`` bytes at a time, with a bar that has a total. Every chunk is
+    written, zeros included: that is always correct, whatever the volume's unmap behaviour.
+    On success the position is left at the end, as a plain read would."""
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        size = max(0, _file_size(fd, path) - start)
+    except OSError as err:
+        raise _file_error(path, err) from None
+    info = await vol.info()
+    ss = info.sector_size
+    count = _whole_sectors(path, size, ss)
+    if verb == "import" and count > info.sector_count:
+        raise CliError(
+            f"{_where(path)}: {size} bytes is larger than volume {vol.name!r} "
+            f"({info.size_bytes} bytes)"
+        )
+    _check_fits(vol, info, sector, count)
+    fua = bool(getattr(args, "fua", False))
+
+    async def one(chunk: Chunk) -> None:
+        length = chunk.sector_count * ss
+        try:
+            data = await asyncio.to_thread(os.pread, fd, length, start + chunk.offset * ss)
+        except OSError as err:
+            raise _file_error(path, err) from None
+        if len(data) != length:
+            raise CliError(f"{_where(path)}: shrank while being read")
+        await vol.write(chunk.sector, data, fua=fua)
+        bar.advance(length)
+
+    per_chunk = sectors_per_chunk(client.max_io, ss)
+    with _progress(args, size, f"{verb} {vol.name}") as bar:
+        await run_bounded(plan_chunks(sector, count, per_chunk), one, client.max_in_flight)
+    os.lseek(fd, start + size, os.SEEK_SET)
     return 0
 
 
-def _file_size(fd: int, path: str) -> int:
+def _sized(fd: int) -> bool:
+    """Whether ``fd`` is a regular file or a block device: its length is known up front."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def _file_size(fd: int, path: str | None) -> int:
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         return os.lseek(fd, 0, os.SEEK_END)
     if not stat.S_ISREG(st.st_mode):
-        raise CliError(f"file {path!r}: not a regular file or block device")
+        raise CliError(f"{_where(path)}: not a regular file or block device")
     return st.st_size
+
+
+def _read_up_to(src: BinaryIO, size: int) -> bytes:
+    """``size`` bytes from ``src``, fewer only at its end. One raw read at a time (``read1``):
+    a pipe returns less per read, and a terminal's end (Ctrl-D) is one empty read, not a
+    lasting state, so it must be seen, not absorbed by a buffered ``read(size)``."""
+    read1 = getattr(src, "read1", src.read)
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part: bytes = read1(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+async def _stream_in(
+    client: AsyncClient, args: argparse.Namespace, vol: AsyncVolume, src: BinaryIO
+) -> int:
+    """``write`` from a pipe (or a terminal): its length is known only at its end, so the
+    data is written as it arrives, ``max_io`` bytes a request with ``max_in_flight`` in
+    flight, never held whole; the bar shows the bytes written and the rate, no total.
+
+    A chunk that ends in part of a sector or would reach past the end of the volume is not
+    written, and is reported once the chunks before it are all written; the message says
+    how many bytes that is. So input of up to one chunk (1 MiB by default) is refused before
+    anything is written, as is anything starting past the end."""
+    info = await vol.info()
+    ss = info.sector_size
+    _check_fits(vol, info, args.sector, 0)
+    chunk_bytes = sectors_per_chunk(client.max_io, ss) * ss
+    fua = bool(args.fua)
+    lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
+    taken = 0  # bytes taken from src so far
+    ended = False
+    refusal: Exception | None = None
+
+    def written(before: int) -> str:
+        if not before:
+            return "nothing was written"
+        return f"the {before} bytes before were written from sector {args.sector}"
+
+    async def worker(_: int) -> None:
+        nonlocal taken, ended, refusal
+        while True:
+            async with lock:
+                if ended:
+                    return
+                try:
+                    data = await asyncio.to_thread(_read_up_to, src, chunk_bytes)
+                except OSError as err:
+                    raise _file_error(None, err) from None
+                offset, taken = taken, taken + len(data)
+                ended = len(data) < chunk_bytes
+                if not data:
+                    return
+                at, count = args.sector + offset // ss, len(data) // ss
+                if len(data) % ss:
+                    ended = True
+                    refusal = CliError(
+                        f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
+                        + written(offset)
+                    )
+                    return
+                if at + count > info.sector_count:
+                    ended = True
+                    refusal = OutOfRange(
+                        f"stdin: sectors {at}..{at + count} reach past the end "
+                        f"({info.sector_count} sectors); " + written(offset),
+                        volume=vol.name,
+                    )
+                    return
+            await vol.write(at, data, fua=fua)
+            bar.advance(len(data))
+
+    label = f"write {vol.name}"
+    with _progress(args, None, label, data_on_tty=_isatty(src)) as bar:
+        await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
+    if refusal is not None:
+        raise refusal
+    return 0
 
 
 async def _export(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -420,8 +561,15 @@ VERBS: dict[str, Verb] = {
 }
 
 
-def _progress(args: argparse.Namespace, total: int, label: str) -> Progress:
-    return Progress(total, label=label, enabled=False if args.no_progress else None)
+def _progress(
+    args: argparse.Namespace, total: int | None, label: str, *, data_on_tty: bool = False
+) -> Progress:
+    """The bar of a transfer of ``total`` bytes (``None``: unknown, from a pipe): drawn on
+    stderr when that is a terminal (DESIGN.md §7). Never with ``--no-progress``, nor when the
+    data itself is on a terminal (``read`` to a terminal stdout, ``write`` from a terminal
+    stdin): raw sectors, or the echo of typed input, would mix with the redrawn line."""
+    off = bool(args.no_progress) or data_on_tty
+    return Progress(total, label=label, enabled=False if off else None)
 
 
 def _read_pem(path: str | None) -> bytes | None:

@@ -5,8 +5,9 @@
         bar.advance(len(chunk))
 
 It shows bytes done of the total, the percentage, the average rate and the time left, and
-redraws at most ten times a second. Off a terminal it draws nothing, so logs and pipes stay
-clean. No dependencies.
+redraws at most ten times a second. With ``total=None`` (a pipe: the length is known only at
+its end) it shows the bytes done, the average rate and the time so far instead. Off a
+terminal it draws nothing, so logs and pipes stay clean. No dependencies.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Progress of a transfer of ``total`` bytes. ``enabled`` defaults to "``stream`` is a
-    terminal"; ``stream`` defaults to stderr."""
+    """Progress of a transfer of ``total`` bytes (``None``: not known in advance).
+    ``enabled`` defaults to "``stream`` is a terminal"; ``stream`` defaults to stderr."""
 
     def __init__(
         self,
-        total: int,
+        total: int | None,
         *,
         label: str = "",
         stream: TextIO | None = None,
@@ -55,7 +56,7 @@ class Progress:
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.total = max(0, total)
+        self.total = None if total is None else max(0, total)
         self.done = 0
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
@@ -92,16 +93,21 @@ class Progress:
         """The bar's text as it would be drawn at ``now``."""
         now = self._clock() if now is None else now
         elapsed = max(now - self._start, 1e-9)
+        prefix = f"{self.label} " if self.label else ""
+        rate = self.done / elapsed
+        if self.total is None:
+            return (
+                f"{prefix}{format_bytes(self.done)} {format_bytes(rate)}/s "
+                f"elapsed {format_duration(now - self._start)}"
+            )
         done = min(self.done, self.total) if self.total else self.done
         fraction = done / self.total if self.total else 1.0
-        rate = self.done / elapsed
         filled = int(fraction * _BAR)
         bar = "#" * filled + "-" * (_BAR - filled)
         if rate > 0 and self.total > done:
             eta = format_duration((self.total - done) / rate)
         else:
             eta = "0:00" if self.total <= done else "?"
-        prefix = f"{self.label} " if self.label else ""
         return (
             f"{prefix}[{bar}] {fraction * 100:3.0f}% {format_bytes(done)} / "
             f"{format_bytes(self.total)} {format_bytes(rate)}/s ETA {eta}"
