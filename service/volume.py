@@ -44,11 +44,15 @@ from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 
-__all__ = ["AllocationRun", "LayerEntry", "LayerStats", "Volume"]
+__all__ = ["MAX_BYTES", "AllocationRun", "LayerEntry", "LayerStats", "Volume"]
 
 log = logging.getLogger(__name__)
 
 _SIZE_HISTORY = 1024
+
+MAX_BYTES = (1 << 63) - 1
+"""The largest size a volume can be resized to, in bytes: byte offsets are signed 64-bit
+(``off_t`` for files, ``ssize_t`` for memory, int64 in most block-device clients)."""
 
 AllocationRun = tuple[int, int, int]
 """``(start, end, depth)``: sectors ``[start, end)`` come from layer ``depth`` (-1: none)."""
@@ -409,10 +413,29 @@ class Volume:
     # -- size ---------------------------------------------------------------------------
 
     async def resize(self, sector_count: int) -> int:
-        """Resize the top layer; return the new size. Growing exposes zeros."""
+        """Resize the top layer; return the new size. Growing exposes zeros.
+
+        Errors (DESIGN.md §2), after which the volume is unchanged (size, data, generation;
+        no resize event):
+
+        - :class:`InvalidArgument`: not at least one sector, or more than
+          :data:`MAX_BYTES` bytes (a size limit, whatever the layers);
+        - :class:`ReadOnlyError` / :class:`NotSupported` (FAILED_PRECONDITION): a read-only
+          volume, a top layer kind that cannot resize;
+        - from the top layer: :class:`FailedPrecondition` for a size its storage cannot have
+          (a file over the filesystem's largest, ``EFBIG``), :class:`NoSpace`
+          (RESOURCE_EXHAUSTED) when it is out of memory or space (a ``ram`` layer that
+          cannot map that much).
+        """
         self._check_writable("resize")
         if sector_count <= 0:
             raise InvalidArgument(f"volume {self.name!r}: size must be at least one sector")
+        if sector_count * self.sector_size > MAX_BYTES:
+            raise InvalidArgument(
+                f"volume {self.name!r}: {sector_count} sectors of {self.sector_size} bytes is "
+                f"over the size limit of {MAX_BYTES // self.sector_size} sectors "
+                f"({MAX_BYTES} bytes)"
+            )
         top = self._layers[0]
         if not top.can_resize:
             raise NotSupported(f"volume {self.name!r}: its top {top.kind} layer cannot be resized")

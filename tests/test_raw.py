@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from persistent_contract import tiny_filesystem
 from stacks import pattern
 
 from tierdisk.service.errors import ConfigError, NoSpace, OutOfRange, ReadOnlyError, StorageError
+from tierdisk.service.fileio import pread_cached
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers import raw as raw_module
 from tierdisk.service.layers.raw import RawLayer
@@ -251,3 +253,76 @@ async def test_4k_sectors(layers: list[RawLayer], tmp_path: Path) -> None:
     await layer.write(memoryview(pattern(1, 255, 1, 4096)), 255, False)
     data, _ = await read(layer, 255, 1)
     assert data == pattern(1, 255, 1, 4096)
+
+
+def fill_up(path: Path) -> None:
+    """Write ``path`` until its filesystem is full (ENOSPC)."""
+    chunk = os.urandom(4096)
+    with open(path, "wb", buffering=0) as ballast:
+        try:
+            while True:
+                ballast.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+async def test_out_of_space_write_changes_nothing(layers: list[RawLayer], tmp_path: Path) -> None:
+    """DESIGN §2: out of space is RESOURCE_EXHAUSTED and "the request changed nothing". The
+    audit's case, on a real 256 KiB tmpfs (mounted by the test; skipped when mount is not
+    allowed): a 1 MiB sparse image, a 512 KiB write. The layer reserves the write's blocks
+    before it writes a byte, so no sector changes; blocks the image has already are
+    rewritten even on a full filesystem, and writes go on once there is room again."""
+    with tiny_filesystem(tmp_path / "tiny", "256k") as mnt:
+        path = mnt / "disk.img"
+        layer = await open_raw(layers, path, size=1 << 20)
+        count = (1 << 20) // SS
+        await layer.write(memoryview(pattern(1, 0, 64, SS)), 0, True)  # 32 KiB: fits
+        before, _ = await read(layer, 0, count)
+        assert before == pattern(1, 0, 64, SS) + bytes((count - 64) * SS)
+
+        with pytest.raises(NoSpace, match="out of space") as info:
+            await layer.write(memoryview(pattern(2, 0, 1024, SS)), 0, False)  # 512 KiB
+        assert str(path) in str(info.value)
+        after, _ = await read(layer, 0, count)
+        assert after == before, "the failed write changed sectors"
+        assert path.read_bytes() == before
+
+        ballast = mnt / "ballast"
+        fill_up(ballast)
+        # sectors whose blocks the image holds are rewritten without new space
+        await layer.write(memoryview(pattern(3, 0, 64, SS)), 0, True)
+        # a write into a hole has no block to go to: refused, nothing changed
+        with pytest.raises(NoSpace):
+            await layer.write(memoryview(pattern(4, 512, 16, SS)), 512, False)
+        data, _ = await read(layer, 0, count)
+        assert data == pattern(3, 0, 64, SS) + bytes((count - 64) * SS)
+
+        ballast.unlink()  # room again: the same write goes through
+        await layer.write(memoryview(pattern(4, 512, 16, SS)), 512, True)
+        data, _ = await read(layer, 512, 16)
+        assert data == pattern(4, 512, 16, SS)
+        layers.remove(layer)
+        await layer.close()  # before the tmpfs goes
+
+
+async def test_a_layer_on_tmpfs_keeps_the_cached_read_path_for_other_files(
+    layers: list[RawLayer], tmp_path: Path
+) -> None:
+    """tmpfs refuses ``RWF_NOWAIT`` reads (EOPNOTSUPP); reading a layer there must not turn
+    the page-cache path off for the files of every other layer in the process."""
+    elsewhere = tmp_path / "cached"
+    elsewhere.write_bytes(pattern(1, 0, 8, SS))  # just written: in the page cache
+    with tiny_filesystem(tmp_path / "tiny", "1m") as mnt:
+        layer = await open_raw(layers, mnt / "disk.img", size=64 * SS)
+        await layer.write(memoryview(pattern(2, 0, 8, SS)), 0, False)
+        data, _ = await read(layer, 0, 8)
+        assert data == pattern(2, 0, 8, SS)
+        layers.remove(layer)
+        await layer.close()
+    fd = os.open(elsewhere, os.O_RDONLY)
+    try:
+        buf = bytearray(8 * SS)
+        assert pread_cached(fd, memoryview(buf), 0) is True
+        assert buf == pattern(1, 0, 8, SS)
+    finally:
+        os.close(fd)

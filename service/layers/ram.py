@@ -6,13 +6,22 @@ only touched pages cost memory and a run moves with one slice copy; presence is 
 keeps them present as zeros, so the layer reports ``UNMAP_BEHAVIOR_ZEROES``. Resizable; data
 written past the old size after a grow reads back (the upstream ``zero_after`` defect is not
 reproduced).
+
+A grow past the current mapping maps a new one and copies the present runs into it. When the
+system will not map that much (``ENOMEM``: out of memory or address space, e.g. 2**40
+512-byte sectors = 512 TiB against x86-64's 128 TiB of user address space), the resize
+raises :class:`NoSpace` (RESOURCE_EXHAUSTED: memory is this layer's storage, and the request
+changed nothing); a byte count no mapping can have (over ``2**63 - 1``) is
+:class:`InvalidArgument`. Either way the layer keeps its size, data and mapping.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 from typing import Any
 
+from ..errors import InvalidArgument, NoSpace, StorageError
 from ..layer import Layer, LayerMetadata, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
@@ -27,6 +36,23 @@ def _anonymous(nbytes: int) -> mmap.mmap:
     return mmap.mmap(
         -1, max(nbytes, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
     )
+
+
+def _map_for_resize(nbytes: int) -> mmap.mmap:
+    """A fresh mapping of ``nbytes`` for a grow; failures as domain errors (module docs)."""
+    try:
+        return _anonymous(nbytes)
+    except OverflowError:
+        raise InvalidArgument(
+            f"ram layer: {nbytes} bytes is more than a memory mapping can hold (2**63 - 1 bytes)"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            raise NoSpace(
+                f"ram layer: cannot map {nbytes} bytes: out of memory or address space "
+                f"({exc.strerror}); the size is unchanged"
+            ) from None
+        raise StorageError(f"ram layer: cannot map {nbytes} bytes: {exc.strerror}") from None
 
 
 class RamLayer(Layer):
@@ -139,7 +165,7 @@ class RamLayer(Layer):
             self._present.remove(sector_count, old)
             self._zero(sector_count, min(old, len(self._mem()) // ss))
         elif sector_count * ss > len(self._mem()):
-            grown = _anonymous(sector_count * ss)
+            grown = _map_for_resize(sector_count * ss)
             view = memoryview(grown)
             mem = self._mem()
             for a, b in self._present:

@@ -6,6 +6,19 @@ cache can serve whole is done on the loop with ``RWF_NOWAIT``, which never block
 is created (sparse) with ``size``, or with the size of the layer below. An existing file keeps
 its size; a configured ``size`` that disagrees is refused. Unmap punches holes (reads then
 see zeros), so the layer reports ``UNMAP_BEHAVIOR_ZEROES``.
+
+Out of space. The image is sparse, so a write into a hole needs new blocks. Before writing,
+the layer reserves them (one ``fallocate`` with ``FALLOC_FL_KEEP_SIZE`` over the write's
+range, :class:`~tierdisk.service.fileio.Reserver`, as the sparse layer does); when that
+fails with ``ENOSPC`` nothing was written and the write raises :class:`NoSpace`
+(RESOURCE_EXHAUSTED: the request changed nothing). Blocks the failed reservation did
+allocate are not given back (every sector is present, so the layer cannot tell them from
+blocks that held data before); they read as zeros, as the holes did. On a filesystem that
+cannot reserve, a write can still run out of space part-way.
+
+Resize ``ftruncate``-s the image (:func:`~tierdisk.service.fileio.set_file_size`): a size
+over ``2**63 - 1`` bytes is :class:`InvalidArgument`, one the filesystem refuses (``EFBIG``)
+is :class:`FailedPrecondition`; either way the layer keeps its size and data.
 """
 
 from __future__ import annotations
@@ -16,11 +29,13 @@ from typing import Any
 
 from ..errors import ConfigError, ReadOnlyError
 from ..fileio import (
+    Reserver,
     as_storage_error,
     lock_or_refuse,
     pread_cached,
     pread_into,
     pwrite_all,
+    set_file_size,
     zero_range,
 )
 from ..layer import Layer, LayerMetadata, check_sector_size, new_geometry
@@ -47,6 +62,7 @@ class RawLayer(Layer):
         self._read_only = read_only
         self._wanted_sector_size = sector_size
         self._fd = -1
+        self._reserve = Reserver()
 
     async def attach(self, lower: LayerMetadata | None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._open, lower)
@@ -136,6 +152,7 @@ class RawLayer(Layer):
             raise as_storage_error(exc, f"writing {self.path}") from None
 
     def _write_sync(self, data: memoryview, offset: int, fua: bool) -> None:
+        self._reserve(self._fd, offset, len(data))  # out of space here: nothing written
         pwrite_all(self._fd, data, offset)
         if fua:
             os.fdatasync(self._fd)
@@ -165,12 +182,13 @@ class RawLayer(Layer):
         self._refuse_if_read_only()
         if sector_count <= 0:
             raise ValueError("size must be at least one sector")
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, os.ftruncate, self._fd, sector_count * self._sector_size
-            )
-        except OSError as exc:
-            raise as_storage_error(exc, f"resizing {self.path}") from None
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            set_file_size,
+            self._fd,
+            sector_count * self._sector_size,
+            f"resizing raw image {self.path}",
+        )
         self._sector_count = sector_count
         self._notify_resized()
 

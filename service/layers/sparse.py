@@ -46,7 +46,9 @@ Out of space. Before writing, the layer reserves the blocks (``fallocate`` with
 blocks of sectors the layer does not hold are punched out again, and the write raises
 :class:`NoSpace` (RESOURCE_EXHAUSTED). A commit that cannot append its record truncates the
 map back and keeps its changes pending, so the layer stays consistent and a later flush
-retries.
+retries. A grow to a size the filesystem refuses (``EFBIG``) is :class:`FailedPrecondition`,
+one over ``2**63 - 1`` bytes :class:`InvalidArgument` (both from
+:func:`~tierdisk.service.fileio.set_file_size`); the layer keeps its size, presence and data.
 
 Semantics: ``unmap_behavior`` is ZEROES: with ``next_is_zero`` the sectors are dropped
 (punched, absent), otherwise they are punched and stay present as zeros. It can
@@ -70,13 +72,14 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError, DataCorruption
 from ..fileio import (
+    Reserver,
     as_storage_error,
     lock_or_refuse,
     pread_cached,
     pread_into,
     punch_hole,
     pwrite_all,
-    reserve,
+    set_file_size,
     zero_range,
 )
 from ..layer import Layer, LayerMetadata, new_geometry
@@ -150,7 +153,7 @@ class SparseLayer(Layer):
         self._log_end = 0
         self._snapshot_end = 0
         self._rewrite = False  # the map's tail is unusable: the next commit rewrites it
-        self._can_reserve = True
+        self._reserve = Reserver()
         self._commit_lock = asyncio.Lock()
 
     # -- open and close -------------------------------------------------------------------
@@ -351,7 +354,7 @@ class SparseLayer(Layer):
             return
         try:
             for a, b in targets:
-                self._reserve(a * ss, (b - a) * ss)
+                self._reserve(self._fd, a * ss, (b - a) * ss)
             for a, b in targets:
                 pwrite_all(self._fd, data[(a - sector) * ss : (b - sector) * ss], a * ss)
         except OSError:
@@ -364,13 +367,6 @@ class SparseLayer(Layer):
                 self._mark_present(a, b)
             self._dirty = True
             self._changes += 1
-
-    def _reserve(self, offset: int, length: int) -> None:
-        """Allocate the blocks of a byte range (keeping the size) so the write that follows
-        cannot run out of space half-way."""
-        if not self._can_reserve:
-            return
-        self._can_reserve = reserve(self._fd, offset, length)
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
@@ -570,7 +566,7 @@ class SparseLayer(Layer):
     def _grow_sync(self, old: int, size: int) -> None:
         ss = self._sector_size
         os.ftruncate(self._fd, min(old, size) * ss)  # whatever lay past the end goes
-        os.ftruncate(self._fd, size * ss)
+        set_file_size(self._fd, size * ss, f"resizing sparse layer {self.path}")
         with self._lock:
             self._size = size
             self._changes += 1

@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 from ..errors import (
     ConfigError,
     DataCorruption,
+    InvalidArgument,
     NoSpace,
     StorageError,
     TierdiskError,
@@ -77,6 +78,9 @@ VERSION = 1
 _APPLICATION_ID = 0x54445351  # "TDSQ"
 _WAL_LIMIT = 4 << 20
 """Bytes the WAL file is cut back to when it starts over after a checkpoint."""
+
+_MAX_INTEGER = (1 << 63) - 1
+"""SQLite's largest INTEGER: the largest ``sector_count`` the ``meta`` table can record."""
 
 _T = TypeVar("_T")
 
@@ -442,6 +446,11 @@ class SqliteLayer(Layer):
     async def resize(self, sector_count: int) -> None:
         if sector_count <= 0:
             raise ValueError("size must be at least one sector")
+        if sector_count > _MAX_INTEGER:  # SQLite cannot store it; the layer stays as it is
+            raise InvalidArgument(
+                f"sqlite layer {self.path}: {sector_count} sectors is more than SQLite can "
+                f"record ({_MAX_INTEGER})"
+            )
         old = self._sector_count
         if sector_count == old:
             return

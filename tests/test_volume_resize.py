@@ -1,0 +1,258 @@
+"""Impossible resizes (DESIGN.md §2): a clear status code, and the volume unchanged.
+
+- a size whose byte count is over ``2**63 - 1`` (:data:`MAX_BYTES`) is a size limit:
+  ``InvalidArgument`` (INVALID_ARGUMENT), on every stack, before any layer is asked;
+- a ``ram`` top that cannot map that much memory (``ENOMEM``) is ``NoSpace``
+  (RESOURCE_EXHAUSTED);
+- a ``raw`` or ``sparse`` top whose filesystem refuses the file size (``EFBIG``) is
+  ``FailedPrecondition`` (FAILED_PRECONDITION).
+
+After each, the volume has the same size, data and generation, and resize watchers see no
+event: the next event they get is the next real change.
+
+``EFBIG`` comes from the kernel's size check on ``ftruncate`` (``inode_newsize_ok``), which
+refuses a size over the filesystem's largest file and, the same way, over the process's
+``RLIMIT_FSIZE``. The tests lower ``RLIMIT_FSIZE`` (:func:`file_size_limit`) so the case is
+the same on every filesystem, and also hit the real limit of the test folder's filesystem
+where it has one below 4 EiB (ext4: 16 TiB), skipping otherwise. The ``ram`` case maps
+``2**62`` bytes, more than any 64-bit Linux address space (at most ``2**57``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import resource
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from servers import ram, running_server, toml_volume
+from stacks import build_stack, pattern
+
+from tierdisk.service.errors import FailedPrecondition, InvalidArgument, NoSpace
+from tierdisk.service.layers.sparse import SparseLayer
+from tierdisk.service.volume import MAX_BYTES, Volume
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+TiB = 1 << 40
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """Files of this process cannot grow past ``nbytes`` (``RLIMIT_FSIZE``): ``ftruncate``
+    beyond it fails with ``EFBIG``. ``SIGXFSZ``, which the kernel sends too and which would
+    end the process, is ignored meanwhile. Both are restored on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def filesystem_limit_below(folder: Path, nbytes: int) -> bool:
+    """True when ``folder``'s filesystem refuses a (sparse) file of ``nbytes`` bytes."""
+    probe = folder / "size-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, nbytes)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            return True
+        raise
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return False
+
+
+Observed = tuple[int, int, bytes]
+
+
+async def observe(volume: Volume) -> Observed:
+    """What a user can see of the volume: size, generation, the data at both ends."""
+    n = volume.sector_count
+    head, _ = await volume.read(0, 8)
+    tail, _ = await volume.read(n - 8, 8)
+    return n, volume.generation, bytes(head + tail)
+
+
+async def prepared(volume: Volume) -> tuple[Observed, asyncio.Task[list[tuple[int, int]]]]:
+    """Write data at both ends; return what is observed, and a watcher of size changes."""
+    ss, n = volume.sector_size, volume.sector_count
+    await volume.write(0, pattern(1, 0, 8, ss))
+    await volume.write(n - 8, pattern(2, n - 8, 8, ss))
+    watcher = asyncio.ensure_future(volume.resize_events(volume.generation))
+    return await observe(volume), watcher
+
+
+async def assert_no_event_then_next_change(
+    volume: Volume, watcher: asyncio.Task[list[tuple[int, int]]], generation: int
+) -> None:
+    """The watcher saw nothing so far; a real resize is the next event it gets."""
+    await asyncio.sleep(0.01)
+    assert not watcher.done(), f"a failed resize produced an event: {watcher.result()}"
+    size = volume.sector_count - 8
+    assert await volume.resize(size) == size
+    assert await asyncio.wait_for(watcher, 5) == [(generation + 1, size)]
+
+
+# -- over the byte limit: every stack ------------------------------------------------------
+
+
+async def test_over_the_byte_limit_is_invalid_argument(volume: Volume) -> None:
+    ss = volume.sector_size
+    before, watcher = await prepared(volume)
+    for sectors in (MAX_BYTES // ss + 1, 2**62, 2**64 - 1):
+        with pytest.raises(InvalidArgument, match="size limit") as info:
+            await volume.resize(sectors)
+        assert str(MAX_BYTES // ss) in str(info.value), "the message states the limit"
+        assert await observe(volume) == before
+    await assert_no_event_then_next_change(volume, watcher, before[1])
+
+
+async def test_the_largest_size_resizes_or_fails_cleanly(volume: Volume) -> None:
+    """At the limit itself each top does what its storage allows: grows (sqlite; a
+    filesystem with 8 EiB files), or refuses with a clear error and changes nothing."""
+    ss, n = volume.sector_size, volume.sector_count
+    before, watcher = await prepared(volume)
+    try:
+        await volume.resize(MAX_BYTES // ss)
+    except (FailedPrecondition, NoSpace):
+        assert await observe(volume) == before
+        await assert_no_event_then_next_change(volume, watcher, before[1])
+    else:
+        assert volume.sector_count == MAX_BYTES // ss
+        tail, _ = await volume.read(MAX_BYTES // ss - 1, 1)
+        assert tail == bytes(ss)
+        await volume.resize(n)
+        head, _ = await volume.read(0, 8)
+        assert head == pattern(1, 0, 8, ss)
+        watcher.cancel()
+
+
+# -- what each top layer's storage refuses ---------------------------------------------------
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[list[Volume]]:
+    volumes: list[Volume] = []
+    yield volumes
+    for volume in volumes:
+        await volume.close()
+
+
+@pytest.mark.parametrize("spec", ["ram", "ram/raw", "ram-rc/sparse"])
+async def test_ram_top_out_of_memory_is_no_space(
+    spec: str, tmp_path: Path, opened: list[Volume]
+) -> None:
+    volume = await build_stack(spec, tmp_path)
+    opened.append(volume)
+    before, watcher = await prepared(volume)
+    with pytest.raises(NoSpace, match="out of memory") as info:
+        await volume.resize(2**62 // volume.sector_size)  # 4 EiB: no address space is so big
+    assert str(2**62) in str(info.value)
+    assert await observe(volume) == before
+    await assert_no_event_then_next_change(volume, watcher, before[1])
+
+
+@pytest.mark.parametrize("spec", ["raw", "sparse", "sparse-rc/raw"])
+async def test_file_too_large_is_failed_precondition(
+    spec: str, tmp_path: Path, opened: list[Volume]
+) -> None:
+    volume = await build_stack(spec, tmp_path)
+    opened.append(volume)
+    ss, n = volume.sector_size, volume.sector_count
+    image = tmp_path / ("layer0.sparse" if spec.startswith("sparse") else "layer0.raw")
+    assert image.stat().st_size == n * ss
+    before, watcher = await prepared(volume)
+    with file_size_limit(TiB):
+        with pytest.raises(FailedPrecondition, match="cannot hold a file") as info:
+            await volume.resize(2 * TiB // ss)
+    assert str(image) in str(info.value) and "File too large" in str(info.value)
+    assert image.stat().st_size == n * ss
+    assert await observe(volume) == before
+    await assert_no_event_then_next_change(volume, watcher, before[1])
+    if spec.startswith("sparse"):  # its map on disk records the sizes that really happened
+        await volume.close()
+        opened.remove(volume)
+        again = SparseLayer(str(image))
+        await again.attach(None)
+        try:
+            assert again.sector_count == n - 8
+            head = bytearray(8 * ss)
+            assert await again.read(memoryview(head), 0) == [(0, 8)]
+            assert head == pattern(1, 0, 8, ss)
+        finally:
+            await again.close()
+
+
+@pytest.mark.parametrize("spec", ["raw", "sparse"])
+async def test_the_filesystems_own_limit_is_failed_precondition(
+    spec: str, tmp_path: Path, opened: list[Volume]
+) -> None:
+    """The audit's case: the filesystem's largest file (ext4: 16 TiB) is below the size."""
+    if not filesystem_limit_below(tmp_path, 2**62):
+        pytest.skip(f"the filesystem of {tmp_path} accepts a 4 EiB file")
+    volume = await build_stack(spec, tmp_path)
+    opened.append(volume)
+    before, watcher = await prepared(volume)
+    with pytest.raises(FailedPrecondition, match="File too large"):
+        await volume.resize(2**62 // volume.sector_size)
+    assert await observe(volume) == before
+    await assert_no_event_then_next_change(volume, watcher, before[1])
+
+
+# -- through gRPC ----------------------------------------------------------------------------
+
+
+async def test_grpc_codes_and_no_resize_event(tmp_path: Path) -> None:
+    body = (
+        toml_volume("ram", ram("1MiB"))
+        + toml_volume(
+            "stack", ram(read_cache=True), {"kind": "raw", "path": "b.img", "size": "1MiB"}
+        )
+        + toml_volume("raw", {"kind": "raw", "path": "top.img", "size": "1MiB"})
+        + toml_volume("sparse", {"kind": "sparse", "path": "top.sparse", "size": "1MiB"})
+    )
+    cases: list[tuple[str, int, grpc.StatusCode, str]] = [
+        ("ram", 2**62, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
+        ("ram", 2**64 - 1, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
+        ("ram", 2**53, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"),
+        ("stack", 2**53, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"),
+        ("raw", 2**62, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
+        ("raw", 2 * TiB // 512, grpc.StatusCode.FAILED_PRECONDITION, "File too large"),
+        ("sparse", 2**62, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
+        ("sparse", 2 * TiB // 512, grpc.StatusCode.FAILED_PRECONDITION, "File too large"),
+    ]
+    async with running_server(tmp_path, body) as srv:
+        async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            for name, sectors, code, fragment in cases:
+                data = pattern(5, 0, 8, 512)
+                await stub.Write(pb.WriteRequest(volume=name, sector=0, data=data))
+                size = (await stub.GetVolume(pb.GetVolumeRequest(volume=name))).sector_count
+                call: Any = stub.WatchResize(pb.WatchResizeRequest(volume=name))
+                first = await call.read()
+                with file_size_limit(TiB), pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Resize(pb.ResizeRequest(volume=name, sector_count=sectors))
+                assert (info.value.code(), name) == (code, name)
+                assert fragment in (info.value.details() or "")
+                got = await stub.GetVolume(pb.GetVolumeRequest(volume=name))
+                assert got.sector_count == size
+                reply = await stub.Read(pb.ReadRequest(volume=name, sector=0, sector_count=8))
+                assert reply.data == data
+                # the next event is the next real change, one generation on
+                await stub.Resize(pb.ResizeRequest(volume=name, sector_count=size - 8))
+                event = await asyncio.wait_for(call.read(), 5)
+                assert (event.sector_count, event.generation) == (size - 8, first.generation + 1)
+                call.cancel()
