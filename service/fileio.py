@@ -28,6 +28,7 @@ __all__ = [
     "Reserver",
     "as_storage_error",
     "lock_or_refuse",
+    "make_parent_folder",
     "pread_cached",
     "pread_into",
     "punch_hole",
@@ -190,6 +191,16 @@ def set_file_size(fd: int, nbytes: int, what: str) -> None:
                 f"({exc.strerror}); the size is unchanged"
             ) from None
         raise as_storage_error(exc, what) from None
+
+
+def make_parent_folder(path: str, what: str) -> None:
+    """Create the folder ``path`` lives in (and its parents) when missing; a
+    :class:`ConfigError` naming ``what`` and the folder when that is not possible."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create the folder {folder}: {exc.strerror}") from None
 
 
 def lock_or_refuse(fd: int, what: str, *, shared: bool = False) -> None:

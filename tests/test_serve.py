@@ -133,6 +133,34 @@ def test_refused_stack_creates_no_files(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "cache.img").exists()
 
 
+@pytest.mark.parametrize(
+    ("layer", "fragment"),
+    [
+        ("kind='ram'\nsize='1PiB'\n", "layer 0: ram layer: cannot map 1125899906842624 bytes"),
+        (
+            "kind='raw'\npath='big.img'\nsize=4611686018427387904\n",
+            "layer 0: cannot create raw image",
+        ),
+        ("kind='sparse'\npath='afile/s'\nsize=4096\n", "cannot create the folder"),
+        ("kind='sqlite'\npath='afile/q.db'\nsize=4096\n", "cannot create the folder"),
+        ("kind='raw'\npath='afile/r.img'\nsize=4096\n", "cannot create the folder"),
+    ],
+)
+def test_layers_that_cannot_be_created_are_config_errors(
+    tmp_path: Path, layer: str, fragment: str
+) -> None:
+    """Impossible sizes and folders that cannot be made: one line naming the layer and the
+    reason, and nothing half-made left behind (a later start would trip over it)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "afile").write_text("a file where a folder is wanted")
+    config = write_config(tmp_path, f"[[volumes]]\nname='v'\n[[volumes.layers]]\n{layer}")
+    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["afile"]
+
+
 def test_data_dir_is_created_even_without_files_in_it(tmp_path: Path) -> None:
     config = write_config(
         tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"

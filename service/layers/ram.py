@@ -38,8 +38,9 @@ def _anonymous(nbytes: int) -> mmap.mmap:
     )
 
 
-def _map_for_resize(nbytes: int) -> mmap.mmap:
-    """A fresh mapping of ``nbytes`` for a grow; failures as domain errors (module docs)."""
+def _map_of(nbytes: int) -> mmap.mmap:
+    """A fresh mapping of ``nbytes`` (at attach, and for a grow); failures as domain errors
+    (module docs)."""
     try:
         return _anonymous(nbytes)
     except OverflowError:
@@ -50,7 +51,7 @@ def _map_for_resize(nbytes: int) -> mmap.mmap:
         if exc.errno == errno.ENOMEM:
             raise NoSpace(
                 f"ram layer: cannot map {nbytes} bytes: out of memory or address space "
-                f"({exc.strerror}); the size is unchanged"
+                f"({exc.strerror})"
             ) from None
         raise StorageError(f"ram layer: cannot map {nbytes} bytes: {exc.strerror}") from None
 
@@ -72,7 +73,7 @@ class RamLayer(Layer):
     async def attach(self, lower: LayerMetadata | None) -> None:
         ss, count = new_geometry("ram layer", self._size_bytes, self._wanted_sector_size, lower)
         self._set_geometry(ss, count)
-        self._map = _anonymous(ss * count)
+        self._map = _map_of(ss * count)
         self._view = memoryview(self._map)
 
     async def close(self) -> None:
@@ -165,7 +166,7 @@ class RamLayer(Layer):
             self._present.remove(sector_count, old)
             self._zero(sector_count, min(old, len(self._mem()) // ss))
         elif sector_count * ss > len(self._mem()):
-            grown = _map_for_resize(sector_count * ss)
+            grown = _map_of(sector_count * ss)
             view = memoryview(grown)
             mem = self._mem()
             for a, b in self._present:

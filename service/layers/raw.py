@@ -32,6 +32,7 @@ from ..fileio import (
     Reserver,
     as_storage_error,
     lock_or_refuse,
+    make_parent_folder,
     pread_cached,
     pread_into,
     pwrite_all,
@@ -81,7 +82,7 @@ class RawLayer(Layer):
                 raise ConfigError(f"{what} does not exist (and read_only is set)")
             ss, count = new_geometry(what, self._size_bytes, self._wanted_sector_size, lower)
             nbytes = ss * count
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            make_parent_folder(self.path, what)
         flags = (os.O_RDONLY if self._read_only else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
         try:
             fd = os.open(self.path, flags, 0o644)
@@ -90,7 +91,13 @@ class RawLayer(Layer):
         try:
             lock_or_refuse(fd, what, shared=self._read_only)
             if not exists:
-                os.ftruncate(fd, nbytes)
+                try:
+                    os.ftruncate(fd, nbytes)
+                except OSError as exc:
+                    os.unlink(self.path)  # ours, just made: leave nothing half-created
+                    raise ConfigError(
+                        f"cannot create raw image {self.path} of {nbytes} bytes: {exc.strerror}"
+                    ) from None
             size = os.fstat(fd).st_size
             if size % ss:
                 raise ConfigError(

@@ -75,6 +75,7 @@ from ..fileio import (
     Reserver,
     as_storage_error,
     lock_or_refuse,
+    make_parent_folder,
     pread_cached,
     pread_into,
     punch_hole,
@@ -163,7 +164,7 @@ class SparseLayer(Layer):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sparse-writer")
 
     def _open(self, lower: LayerMetadata | None) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        make_parent_folder(self.path, f"sparse layer {self.path}")
         has_map = os.path.exists(self.map_path)
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if has_map else os.O_CREAT)
         try:

@@ -67,7 +67,7 @@ from ..errors import (
     StorageError,
     TierdiskError,
 )
-from ..fileio import lock_or_refuse
+from ..fileio import lock_or_refuse, make_parent_folder
 from ..layer import Layer, LayerMetadata, new_geometry
 from ..runs import Run
 
@@ -157,7 +157,7 @@ class SqliteLayer(Layer):
             raise
 
     def _open(self, lower: LayerMetadata | None) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        make_parent_folder(self.path, f"sqlite layer {self.path}")
         lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             lock_or_refuse(lock_fd, f"sqlite layer {self.path}")
