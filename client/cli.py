@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
+import math
 import os
+import re
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import BinaryIO
 
 from . import sizes
 from .aio import AsyncClient, AsyncVolume
 from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
 from .errors import DeadlineExceeded, OutOfRange, TierdiskError, Unavailable
-from .models import VolumeInfo
+from .models import AllocationExtent, VolumeInfo
 from .progress import Progress, format_bytes
 from .tune import install_uvloop, tune_malloc
 
@@ -36,6 +39,14 @@ so the client never imports the server otherwise (DESIGN.md §1)."""
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+UINT64_MAX = (1 << 64) - 1
+"""The largest sector number or count a request can carry (``uint64`` fields)."""
+MAX_TIMEOUT = 1e9
+"""The longest ``--timeout`` (about 31 years): gRPC turns a deadline much further out (past
+its 64-bit clock) into an immediate DEADLINE_EXCEEDED."""
+STD_STREAM = "-"
+"""As IMAGE (``import``/``export``), ``-i`` or ``-o``: stdin or stdout (``./-`` names a file)."""
 
 
 class CliError(Exception):
@@ -73,14 +84,73 @@ def _nonnegative(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _timeout(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT:.0f} seconds: {text!r}")
     return value
+
+
+def _check_request_numbers(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for a SECTOR or COUNT no request can carry (over ``uint64``)."""
+    for attr in ("sector", "count"):
+        value = getattr(args, attr, None)
+        if value is not None and value > UINT64_MAX:
+            raise UsageError(
+                f"{args.verb}: {attr.upper()} {value} is too large (at most {UINT64_MAX})"
+            )
+
+
+# -- the server address ------------------------------------------------------------------
+
+_TARGET_SCHEME = re.compile(
+    r"(?i)(?:[a-z][a-z0-9+.-]*://|(?:unix|unix-abstract|dns|ipv4|ipv6|vsock|xds):)"
+)
+"""gRPC target forms other than HOST:PORT (``unix:/path``, ``dns:///host:port``, …): passed
+to gRPC untouched."""
+
+
+def server_address_problem(target: str) -> str | None:
+    """What is wrong with ``target`` in the HOST:PORT form (``[v6addr]:PORT`` too), or
+    ``None``. gRPC would silently read ``host:99999`` as another port and use 443 for a
+    missing one; other target forms are left to gRPC."""
+    if _TARGET_SCHEME.match(target):
+        return None
+    if target.startswith("["):
+        m = re.fullmatch(r"\[[^\]]*\](?::(.*))?", target)
+        if not m:
+            return "not HOST:PORT (an IPv6 address goes in brackets: [::1]:7400)"
+        port = m.group(1)
+    elif target.count(":") > 1:
+        return "missing port (an IPv6 address goes in brackets: [::1]:7400)"
+    else:
+        port = target.partition(":")[2] if ":" in target else None
+    if not port:
+        return "missing port (HOST:PORT, e.g. 127.0.0.1:7400)"
+    if not (port.isascii() and port.isdigit()):
+        return f"port {port!r} is not a number"
+    if int(port) > 65535:
+        return f"port {port} is out of range (0-65535)"
+    return None
+
+
+class _StoreServer(argparse.Action):
+    """``--server``: also notes that the address came from the command line."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.server_from = "--server"
 
 
 # -- arguments ---------------------------------------------------------------------------
@@ -91,16 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierdisk",
         description="Client for a tierdisk block-storage server; `tierdisk serve` runs one.",
     )
+    from_env = os.environ.get("TIERDISK_SERVER")
     parser.add_argument(
         "--server",
         metavar="ADDR",
-        default=os.environ.get("TIERDISK_SERVER") or DEFAULT_SERVER,
+        action=_StoreServer,
+        default=from_env or DEFAULT_SERVER,
         help="server address, host:port or unix:/path (default: $TIERDISK_SERVER, else "
         f"{DEFAULT_SERVER})",
     )
+    parser.set_defaults(server_from="$TIERDISK_SERVER" if from_env else "the default")
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_timeout,
         default=30.0,
         metavar="SECONDS",
         help="deadline of each call (default 30)",
@@ -142,25 +215,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
     p.add_argument("count", type=_nonnegative, metavar="COUNT")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="write to FILE instead of stdout (-: stdout)"
+    )
     p = vol_verb(
         "write",
         "write whole sectors from stdin (or -i FILE) at SECTOR; a progress bar on stderr if "
         "that is a terminal and stdin is not (from a pipe: bytes written so far, no total)",
     )
     p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
-    p.add_argument("-i", "--input", metavar="FILE", help="read from FILE instead of stdin")
+    p.add_argument(
+        "-i", "--input", metavar="FILE", help="read from FILE instead of stdin (-: stdin)"
+    )
     p.add_argument("--fua", action="store_true", help="durable when acknowledged")
-    p = vol_verb("import", "write IMAGE onto the volume from sector 0 (the size stays)")
+    p = vol_verb("import", "write IMAGE (-: stdin) onto the volume from sector 0 (the size stays)")
     p.add_argument("image", metavar="IMAGE")
-    p = vol_verb("export", "copy the whole volume into IMAGE, sparse where unallocated")
+    p = vol_verb(
+        "export",
+        "copy the whole volume into IMAGE, sparse where unallocated; to a device, a pipe or "
+        "stdout (IMAGE -) every byte is written in order. If it fails, a partial IMAGE file "
+        "is removed",
+    )
     p.add_argument("image", metavar="IMAGE")
     p = vol_verb("inspect", "print the volume's diagnostic tree (or its PATH subtree) as JSON")
     p.add_argument("path", nargs="?", default="", metavar="PATH")
     vol_verb("map", "print the allocation: `sector count depth` per run (depth -1: hole)")
     vol_verb("watch", "print the size now and on every change, until interrupted")
-    p = vol_verb("resize", "set the size: SIZE in sectors, or bytes with a unit (2GiB)")
+    p = vol_verb(
+        "resize",
+        "set the size: SIZE in sectors, or bytes with a unit (2GiB). Making the volume "
+        "smaller is refused without --shrink",
+    )
     p.add_argument("size", metavar="SIZE")
+    p.add_argument(
+        "--shrink",
+        action="store_true",
+        help="allow a smaller size: the data past the new end is lost",
+    )
     vol_verb("flush", "make every acknowledged write durable")
     return parser
 
@@ -171,7 +262,23 @@ Verb = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
 
 
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    try:
+        sys.stdout.write(text + "\n")
+    except OSError as err:
+        raise _stdout_error(err) from None
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as err:
+        raise _stdout_error(err) from None
+
+
+def _stdout_error(err: OSError) -> OSError | CliError:
+    """A failed write to stdout as a one-line error naming it; a broken pipe stays one (the
+    reader went away: see :func:`main`)."""
+    return err if isinstance(err, BrokenPipeError) else CliError(f"stdout: {err.strerror or err}")
 
 
 def _info_lines(info: VolumeInfo) -> list[str]:
@@ -191,6 +298,9 @@ def _info_lines(info: VolumeInfo) -> list[str]:
 
 async def _volumes(client: AsyncClient, args: argparse.Namespace) -> int:
     for v in await client.list_volumes():
+        if not v.sector_size:  # configured, not attached yet (a remote tier is down): name only
+            _out(f"{v.name}\t(not ready)")
+            continue
         mode = "ro" if v.read_only else "rw"
         size = format_bytes(v.size_bytes)
         _out(f"{v.name}\t{v.sector_count}\t{v.sector_size}\t{mode}\t{size}")
@@ -223,8 +333,8 @@ def _where(path: str | None) -> str:
     return f"file {path!r}" if path is not None else "stdin"
 
 
-def _file_error(path: str | None, err: OSError) -> CliError:
-    return CliError(f"{_where(path)}: {err.strerror or err}")
+def _file_error(path: str | None, err: OSError, note: str = "") -> CliError:
+    return CliError(f"{_where(path)}: {err.strerror or err}{note}")
 
 
 def _isatty(stream: BinaryIO) -> bool:
@@ -241,36 +351,80 @@ def _fileno(stream: BinaryIO) -> int | None:
         return None
 
 
+def _std(path: str | None) -> str | None:
+    """``path`` as given to ``-i``/``-o``/IMAGE, ``None`` for stdin or stdout (``-``)."""
+    return None if path == STD_STREAM else path
+
+
+class _Sink:
+    """Where ``read`` and ``export`` put bytes in order: stdout (``path`` ``None``) or the
+    file open as ``fd``. A failed write raises a one-line :class:`CliError` naming it (a
+    broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`main`)."""
+
+    def __init__(self, fd: int | None = None, path: str | None = None) -> None:
+        self.fd = fd
+        self.path = path
+
+    def _failed(self, err: OSError) -> OSError | CliError:
+        return _stdout_error(err) if self.fd is None else _file_error(self.path, err)
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            if self.fd is None:
+                sys.stdout.buffer.write(data)
+                return
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as err:
+            raise self._failed(err) from None
+
+    def flush(self) -> None:
+        if self.fd is None:
+            try:
+                sys.stdout.buffer.flush()
+            except OSError as err:
+                raise self._failed(err) from None
+
+
+@contextlib.contextmanager
+def _closing(fd: int, path: str) -> Iterator[int]:
+    """Close ``fd`` (the file ``path``) at the end; a failed close is a failed write."""
+    try:
+        yield fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    try:
+        os.close(fd)
+    except OSError as err:
+        raise _file_error(path, err) from None
+
+
 async def _read(client: AsyncClient, args: argparse.Namespace) -> int:
     vol = client.volume(args.volume)
     info = await vol.info()
     _check_fits(vol, info, args.sector, args.count)
-    out: BinaryIO
-    if args.output:
-        fd = _open_file(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        out = os.fdopen(fd, "wb")
-    else:
-        out = sys.stdout.buffer
-    # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but not
-    # when stdout is a terminal too: raw sectors and a redrawn line would mix on the screen.
+    path = _std(args.output)
     total = args.count * info.sector_size
-    data_on_tty = not args.output and _isatty(out)
-    bar = _progress(args, total, f"read {vol.name}", data_on_tty=data_on_tty)
-    try:
+    label = f"read {vol.name}"
+
+    async def copy(sink: _Sink, bar: Progress) -> None:
         with bar:
             async for _sector, data in vol.stream_read(args.sector, args.count):
-                out.write(data)
+                sink.write(data)
                 bar.advance(len(data))
-            out.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as err:
-        if not args.output:
-            raise CliError(f"stdout: {err.strerror or err}") from None
-        raise _file_error(args.output, err) from None
-    finally:
-        if args.output:
-            out.close()
+        sink.flush()
+
+    if path is None:
+        # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but
+        # not when stdout is a terminal too: raw sectors and a redrawn line would mix.
+        data_on_tty = _isatty(sys.stdout.buffer)
+        await copy(_Sink(), _progress(args, total, label, data_on_tty=data_on_tty))
+        return 0
+    with _closing(_open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), path) as fd:
+        await copy(_Sink(fd, path), _progress(args, total, label))
     return 0
 
 
@@ -283,19 +437,32 @@ def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
 
 async def _write(client: AsyncClient, args: argparse.Namespace) -> int:
     vol = client.volume(args.volume)
-    if args.input:
-        return await _copy_in(client, args, vol, args.input, args.sector, "write")
+    return await _copy_from(client, args, vol, _std(args.input), args.sector, "write")
+
+
+async def _import(client: AsyncClient, args: argparse.Namespace) -> int:
+    vol = client.volume(args.volume)
+    return await _copy_from(client, args, vol, _std(args.image), 0, "import")
+
+
+async def _copy_from(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    path: str | None,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the file ``path`` (``None``: stdin) onto the volume from ``sector``."""
+    if path is not None:
+        return await _copy_in(client, args, vol, path, sector, verb)
     stdin = sys.stdin.buffer
     fd = _fileno(stdin)
     if fd is not None and _sized(fd):
         # `write … < img`: the size is known, so a bad length is refused before anything is
         # written, and the bar has a total.
-        return await _copy_fd_in(client, args, vol, fd, None, args.sector, "write")
-    return await _stream_in(client, args, vol, stdin)
-
-
-async def _import(client: AsyncClient, args: argparse.Namespace) -> int:
-    return await _copy_in(client, args, client.volume(args.volume), args.image, 0, "import")
+        return await _copy_fd_in(client, args, vol, fd, None, sector, verb)
+    return await _stream_in(client, args, vol, stdin, sector, verb)
 
 
 async def _copy_in(
@@ -397,11 +564,17 @@ def _read_up_to(src: BinaryIO, size: int) -> bytes:
 
 
 async def _stream_in(
-    client: AsyncClient, args: argparse.Namespace, vol: AsyncVolume, src: BinaryIO
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    src: BinaryIO,
+    sector: int,
+    verb: str,
 ) -> int:
-    """``write`` from a pipe (or a terminal): its length is known only at its end, so the
-    data is written as it arrives, ``max_io`` bytes a request with ``max_in_flight`` in
-    flight, never held whole; the bar shows the bytes written and the rate, no total.
+    """``write`` (or ``import``) from a pipe (or a terminal): its length is known only at
+    its end, so the data is written as it arrives, ``max_io`` bytes a request with
+    ``max_in_flight`` in flight, never held whole; the bar shows the bytes written and the
+    rate, no total.
 
     A chunk that ends in part of a sector or would reach past the end of the volume is not
     written, and is reported once the chunks before it are all written; the message says
@@ -409,9 +582,9 @@ async def _stream_in(
     anything is written, as is anything starting past the end."""
     info = await vol.info()
     ss = info.sector_size
-    _check_fits(vol, info, args.sector, 0)
+    _check_fits(vol, info, sector, 0)
     chunk_bytes = sectors_per_chunk(client.max_io, ss) * ss
-    fua = bool(args.fua)
+    fua = bool(getattr(args, "fua", False))
     lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
     taken = 0  # bytes taken from src so far
     ended = False
@@ -420,7 +593,7 @@ async def _stream_in(
     def written(before: int) -> str:
         if not before:
             return "nothing was written"
-        return f"the {before} bytes before were written from sector {args.sector}"
+        return f"the {before} bytes before were written from sector {sector}"
 
     async def worker(_: int) -> None:
         nonlocal taken, ended, refusal
@@ -436,7 +609,7 @@ async def _stream_in(
                 ended = len(data) < chunk_bytes
                 if not data:
                     return
-                at, count = args.sector + offset // ss, len(data) // ss
+                at, count = sector + offset // ss, len(data) // ss
                 if len(data) % ss:
                     ended = True
                     refusal = CliError(
@@ -455,7 +628,7 @@ async def _stream_in(
             await vol.write(at, data, fua=fua)
             bar.advance(len(data))
 
-    label = f"write {vol.name}"
+    label = f"{verb} {vol.name}"
     with _progress(args, None, label, data_on_tty=_isatty(src)) as bar:
         await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
     if refusal is not None:
@@ -466,48 +639,140 @@ async def _stream_in(
 async def _export(client: AsyncClient, args: argparse.Namespace) -> int:
     vol = client.volume(args.volume)
     info = await vol.info()
-    ss = info.sector_size
     extents = await vol.allocation(0, info.sector_count)
-    fd = _open_file(args.image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    label = f"export {vol.name}"
+    path = _std(args.image)
+    if path is None:  # stdout: every byte in order, whatever it is (a pipe, a file, …)
+        data_on_tty = _isatty(sys.stdout.buffer)
+        with _progress(args, info.size_bytes, label, data_on_tty=data_on_tty) as bar:
+            await _export_in_order(client, vol, info, extents, _Sink(), bar)
+        return 0
     try:
-        try:
-            os.ftruncate(fd, info.size_bytes)  # all holes; allocated runs are written below
-        except OSError as err:
-            raise _file_error(args.image, err) from None
-        per_chunk = sectors_per_chunk(client.max_io, ss)
-        chunks = [
-            chunk
-            for ext in extents
-            if ext.allocated
-            for chunk in plan_chunks(ext.sector, ext.sector_count, per_chunk)
-        ]
-        zeros = bytes(per_chunk * ss)
-        with _progress(args, info.size_bytes, f"export {vol.name}") as bar:
-            bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
-
-            async def one(chunk: Chunk) -> None:
-                data = await vol.read(chunk.sector, chunk.sector_count)
-                # An all-zero chunk is left as a hole too: the file reads the same.
-                if data != zeros[: len(data)]:
-                    try:
-                        await asyncio.to_thread(os.pwrite, fd, data, chunk.sector * ss)
-                    except OSError as err:
-                        raise _file_error(args.image, err) from None
-                bar.advance(len(data))
-
-            await run_bounded(chunks, one, client.max_in_flight)
-        try:
+        existed: os.stat_result | None = os.lstat(path)
+    except OSError:
+        existed = None
+    # Not O_TRUNC yet: a device keeps its size and is written whole, not truncated.
+    fd = _open_file(path, os.O_WRONLY | os.O_CREAT)
+    partial = False  # whether a failure leaves a partial regular file to discard
+    try:
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        if regular:
+            partial = existed is None  # created here
+            os.ftruncate(fd, 0)
+            partial = True  # its old bytes are gone: what is left is this export's
+        with _progress(args, info.size_bytes, label) as bar:
+            if regular:
+                await _export_sparse(client, vol, info, extents, fd, path, bar)
+            else:  # a device, a pipe, /dev/stdout …: no truncating, no seeking, no holes
+                await _export_in_order(client, vol, info, extents, _Sink(fd, path), bar)
+        if regular or stat.S_ISBLK(st.st_mode):
             os.fsync(fd)
-        except OSError as err:
-            raise _file_error(args.image, err) from None
-    finally:
         os.close(fd)
+    except BaseException as exc:
+        note = _discard_partial(fd, path, existed) if partial else ""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if isinstance(exc, OSError):
+            raise _file_error(path, exc, note) from None
+        if isinstance(exc, TierdiskError):
+            raise CliError(describe(exc, args.server) + note) from None
+        if isinstance(exc, CliError) and note:
+            err = CliError(f"{exc}{note}")
+            err.exit_code = exc.exit_code
+            raise err from None
+        raise
     return 0
+
+
+async def _export_sparse(
+    client: AsyncClient,
+    vol: AsyncVolume,
+    info: VolumeInfo,
+    extents: list[AllocationExtent],
+    fd: int,
+    path: str,
+    bar: Progress,
+) -> None:
+    """Export into the empty regular file open as ``fd``: sized to the volume at once, all
+    holes; then the allocated runs are written where they belong, a few at a time."""
+    ss = info.sector_size
+    os.ftruncate(fd, info.size_bytes)
+    per_chunk = sectors_per_chunk(client.max_io, ss)
+    chunks = [
+        chunk
+        for ext in extents
+        if ext.allocated
+        for chunk in plan_chunks(ext.sector, ext.sector_count, per_chunk)
+    ]
+    zeros = bytes(per_chunk * ss)
+    bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
+
+    async def one(chunk: Chunk) -> None:
+        data = await vol.read(chunk.sector, chunk.sector_count)
+        # An all-zero chunk is left as a hole too: the file reads the same.
+        if data != zeros[: len(data)]:
+            await asyncio.to_thread(os.pwrite, fd, data, chunk.sector * ss)
+        bar.advance(len(data))
+
+    await run_bounded(chunks, one, client.max_in_flight)
+
+
+async def _export_in_order(
+    client: AsyncClient,
+    vol: AsyncVolume,
+    info: VolumeInfo,
+    extents: list[AllocationExtent],
+    sink: _Sink,
+    bar: Progress,
+) -> None:
+    """Export as one stream of ``sector_count * sector_size`` bytes: the allocated runs
+    read ahead in order, zeros written for the holes."""
+    ss = info.sector_size
+    zeros = memoryview(bytes(sectors_per_chunk(client.max_io, ss) * ss))
+    for ext in extents:
+        if ext.allocated:
+            async for _sector, data in vol.stream_read(ext.sector, ext.sector_count):
+                sink.write(data)
+                bar.advance(len(data))
+            continue
+        left = ext.sector_count * ss
+        while left:
+            n = min(left, len(zeros))
+            sink.write(zeros[:n])
+            bar.advance(n)
+            left -= n
+    sink.flush()
+
+
+def _discard_partial(fd: int, path: str, existed: os.stat_result | None) -> str:
+    """After a failed export into the regular file open as ``fd``: remove it, so no
+    full-size file is left that looks complete. Only if ``path`` is still that file and
+    was a regular file (or nothing) before; through a symlink the file is emptied instead.
+    Returns the note for the error message."""
+    try:
+        st = os.fstat(fd)
+        now = os.lstat(path)
+    except OSError:
+        return ""
+    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+    if same and stat.S_ISREG(now.st_mode) and (existed is None or stat.S_ISREG(existed.st_mode)):
+        try:
+            os.unlink(path)
+        except OSError as err:
+            return f"; could not remove the partial file {path!r}: {err.strerror or err}"
+        return f"; removed the partial file {path!r}"
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        return ""
+    return f"; emptied the partial file {path!r}"
 
 
 async def _inspect(client: AsyncClient, args: argparse.Namespace) -> int:
     tree = await client.volume(args.volume).inspect(args.path)
-    _out(json.dumps(tree, indent=2))
+    # Sorted keys, fixed indentation: outputs diff cleanly.
+    _out(json.dumps(tree, indent=2, sort_keys=True))
     return 0
 
 
@@ -518,24 +783,55 @@ async def _map(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
-    async for event in client.volume(args.volume).watch_resize():
-        _out(f"generation={event.generation} sector_count={event.sector_count}")
-        sys.stdout.flush()
-    return 0
+    """Runs until interrupted (exit 0, see :func:`main`); the server ending the stream (it
+    shut down, or the connection broke) is an error: the sizes printed stop being current."""
+    vol = client.volume(args.volume)
+    watching = False
+    try:
+        async for event in vol.watch_resize():
+            watching = True
+            _out(f"generation={event.generation} sector_count={event.sector_count}")
+            _flush_stdout()
+    except TierdiskError as err:
+        if not watching:
+            raise
+        where, why = _describe_parts(err, args.server)
+        raise CliError(f"{where}: the server ended the watch: {why}") from None
+    raise CliError(f"volume {vol.name!r} on {args.server}: the server ended the watch")
+
+
+def _too_large(text: str, sectors: int) -> UsageError:
+    return UsageError(f"size {text!r} is {sectors} sectors: too large (at most {UINT64_MAX})")
 
 
 async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
     value, in_bytes = parse_size(args.size)
+    if not in_bytes and value > UINT64_MAX:  # no request can carry it: no call made
+        raise _too_large(args.size, value)
     vol = client.volume(args.volume)
+    info = await vol.info()  # the sector size, and the size now: shrinking must be asked for
+    ss = info.sector_size
     sectors = value
     if in_bytes:
-        ss = await vol.sector_size()
         if value % ss:
             raise UsageError(
                 f"size {args.size!r} ({value} bytes) is not a whole number of "
                 f"{ss}-byte sectors of volume {vol.name!r}"
             )
         sectors = value // ss
+        if sectors > UINT64_MAX:
+            raise _too_large(args.size, sectors)
+    if sectors < info.sector_count and not args.shrink:
+        asked = (
+            f"{args.size} ({sectors} sectors)"
+            if in_bytes
+            else f"{sectors} sectors ({format_bytes(sectors * ss)})"
+        )
+        raise UsageError(
+            f"volume {vol.name!r}: {asked} is smaller than its {info.sector_count} sectors "
+            f"({format_bytes(info.size_bytes)}); pass --shrink to shrink it and lose the data "
+            "past the new end"
+        )
     for line in _info_lines(await vol.resize(sectors)):
         _out(line)
     return 0
@@ -593,7 +889,9 @@ async def _run(args: argparse.Namespace) -> int:
         certificate_chain=_read_pem(args.tls_cert),
         private_key=_read_pem(args.tls_key),
     ) as client:
-        return await VERBS[args.verb](client, args)
+        rc = await VERBS[args.verb](client, args)
+    _flush_stdout()  # here, not at exit: a full disk or a closed pipe is reported
+    return rc
 
 
 # -- entry points ------------------------------------------------------------------------
@@ -605,11 +903,32 @@ def _one_line(text: str) -> str:
 
 def describe(err: TierdiskError, server: str) -> str:
     """The one-line report of a failed call: what it addressed, what went wrong, why."""
+    return ": ".join(_describe_parts(err, server))
+
+
+def _describe_parts(err: TierdiskError, server: str) -> tuple[str, str]:
+    """``(where, what)``: what the call addressed (``volume 'x'``, ``server ADDR``), and
+    the kind of failure with the message, e.g. ``read-only: cannot write``.
+
+    The server's messages often name the volume already (``volume 'x' is read-only: cannot
+    write``); that prefix, and a repeat of the kind word after it, are dropped rather than
+    said twice."""
     where = f"volume {err.volume!r}" if err.volume else f"server {server}"
     if err.volume and isinstance(err, Unavailable | DeadlineExceeded):
         where += f" on {server}"
-    message = _one_line(err.message)
-    return f"{where}: {err.label}: {message}" if message else f"{where}: {err.label}"
+    full = _one_line(err.message)
+    message = _without_prefix(full, f"volume {err.volume!r}") if err.volume else full
+    if message != full:
+        message = _without_prefix(_without_prefix(message, "is"), err.label)
+    return where, f"{err.label}: {message}" if message else err.label
+
+
+def _without_prefix(text: str, prefix: str) -> str:
+    """``text`` without ``prefix`` when it is a whole leading word or phrase, and without the
+    separator (``:`` and spaces) after it; otherwise ``text``."""
+    if text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", ":", " "):
+        return text[len(prefix) :].lstrip(": ")
+    return text
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -646,6 +965,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    problem = server_address_problem(args.server)
+    try:
+        if problem is not None:
+            raise UsageError(f"server address {args.server!r} (from {args.server_from}): {problem}")
+        _check_request_numbers(args)
+    except UsageError as err:
+        print(f"tierdisk: {_one_line(str(err))}", file=sys.stderr)
+        return err.exit_code
     install_uvloop()
     try:
         return asyncio.run(_run(args))

@@ -10,6 +10,7 @@ the caller says what it counts (the config reads bytes, ``tierdisk resize`` sect
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 __all__ = ["UNITS", "parse_size"]
 
@@ -42,7 +43,7 @@ def parse_size(text: str) -> tuple[int, bool]:
     factor = UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(f"{text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, or MB, GB)")
-    value = float(number) * factor if "." in number else int(number) * factor
-    if value != int(value):
+    value = Fraction(number) * factor  # exact: no float rounding, no overflow to inf
+    if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return int(value), True

@@ -1,16 +1,22 @@
 """The ``tierdisk`` command against a real server (a ``tierdisk serve`` child process):
-import then export byte-identical with holes, read/write through files and pipes, every
-verb's output, one-line errors, ``watch`` ended by Ctrl-C, and the progress bar on a real
-pseudo-terminal: for import, for read to a pipe (none when stdout is the terminal), for write
-from a pipe (bytes so far, no total) or a file (with its total)."""
+import then export byte-identical with holes, export to devices, pipes and stdout, a failed
+export (its server cut off by a proxy) removing its partial file, ``-`` for stdin/stdout,
+read/write through files and pipes, every verb's output, resize refusing to shrink without
+``--shrink``, one-line errors (the volume named once), ``watch`` ended by Ctrl-C or by the
+server, and the progress bar on a real pseudo-terminal: for import, for read to a pipe (none
+when stdout is the terminal), for write from a pipe (bytes so far, no total) or a file (with
+its total)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
 import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import termios
@@ -19,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers import ServerProcess, write_config
+from servers import ServerProcess, free_port, write_config
 
 MiB = 1 << 20
 TIERDISK = [sys.executable, "-m", "tierdisk.client"]
@@ -55,6 +61,18 @@ name = "watched"
   [[volumes.layers]]
   kind = "ram"
   size = "1MiB"
+
+[[volumes]]
+name = "shrink"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+
+[[volumes]]
+name = "exp"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "8MiB"
 """
 
 
@@ -66,12 +84,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def tierdisk(
-    server: ServerProcess, *args: str, stdin: bytes = b"", check: bool = True
+    server: ServerProcess,
+    *args: str,
+    stdin: bytes = b"",
+    check: bool = True,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "TIERDISK_SERVER"}
     env["TIERDISK_SERVER"] = server.grpc
     result = subprocess.run(
-        [*TIERDISK, *args], input=stdin, capture_output=True, timeout=120, env=env
+        [*TIERDISK, *args], input=stdin, capture_output=True, timeout=120, env=env, cwd=cwd
     )
     if check:
         assert result.returncode == 0, result.stderr.decode()
@@ -79,8 +101,10 @@ def tierdisk(
     return result
 
 
-def one_line_error(result: subprocess.CompletedProcess[bytes], *needles: str) -> str:
-    assert result.returncode == 1
+def one_line_error(
+    result: subprocess.CompletedProcess[bytes], *needles: str, returncode: int = 1
+) -> str:
+    assert result.returncode == returncode, result.stderr.decode()
     err = result.stderr.decode()
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("tierdisk: "), err
@@ -106,13 +130,43 @@ def test_volumes_lists_one_per_line_name_first(server: ServerProcess) -> None:
     lines = tierdisk(server, "volumes").stdout.decode().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == [
         "disk",
+        "exp",
         "grow",
         "ro",
         "rw",
+        "shrink",
         "watched",
     ]
     ro = next(line for line in lines if line.startswith("ro\t")).split("\t")
     assert ro[1:4] == ["2048", "512", "ro"]
+
+
+ORPHAN = """
+[[volumes]]
+name = "orphan"
+  [[volumes.layers]]
+  kind = "ram"
+  [[volumes.layers]]
+  kind = "remote"
+  target = "127.0.0.1:{port}"
+  volume = "base"
+  timeout = 1
+
+[[volumes]]
+name = "local"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+"""
+
+
+def test_volumes_shows_a_volume_not_attached_yet_as_not_ready(tmp_path: Path) -> None:
+    """A volume whose remote tier is down is listed (name only, sector_size 0), not shown
+    as an empty volume."""
+    config = write_config(tmp_path, ORPHAN.format(port=free_port()))
+    with ServerProcess.start(tmp_path, config) as srv:
+        lines = tierdisk(srv, "volumes").stdout.decode().splitlines()
+    assert lines == ["orphan\t(not ready)", "local\t2048\t512\trw\t1.0 MiB"]
 
 
 def test_info_prints_every_field_sector_count_first(server: ServerProcess) -> None:
@@ -189,6 +243,203 @@ def test_import_refuses_partial_sectors_and_oversized_images(
     one_line_error(tierdisk(server, "import", "rw", str(big), check=False), str(big), "'rw'")
 
 
+class CuttingProxy:
+    """A TCP proxy in front of the server that, once ``limit`` bytes have come back from
+    it, drops every connection and stops listening: to the client, the server went away
+    mid-transfer, at a point the test controls."""
+
+    def __init__(self, target: str, limit: int) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._limit = limit
+        self._passed = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.cut = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.cut.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst, counted in ((client, upstream, False), (upstream, client, True)):
+                thread = threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._listener.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if counted:
+                    with self._lock:
+                        self._passed += len(data)
+                        over = self._passed >= self._limit
+                    if over:
+                        self._drop()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def _drop(self) -> None:
+        self.cut.set()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> CuttingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._drop()
+        for thread in self._threads:
+            thread.join(5)
+        for sock in self._sockets:
+            sock.close()
+
+
+def export_through_a_cut(
+    server: ServerProcess, target: str, limit: int = 2 * MiB
+) -> subprocess.CompletedProcess[bytes]:
+    """``tierdisk export exp TARGET`` whose server goes away after ``limit`` bytes."""
+    with CuttingProxy(server.grpc, limit) as proxy:
+        result = tierdisk(
+            server, "--server", proxy.address, "--retries", "0", "export", "exp", target,
+            check=False,
+        )  # fmt: skip
+        assert proxy.cut.is_set()  # it did fail mid-way
+    return result
+
+
+@pytest.fixture(scope="module")
+def exp_data(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The 8 MiB volume `exp`, every sector written (allocated)."""
+    data = os.urandom(8 * MiB)
+    src = tmp_path_factory.mktemp("exp") / "exp.bin"
+    src.write_bytes(data)
+    tierdisk(server, "write", "exp", "0", "-i", str(src))
+    return data
+
+
+def test_failed_export_removes_the_partial_file(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """A full-size file left behind would look like a complete export."""
+    out = tmp_path / "out.img"
+    line = one_line_error(export_through_a_cut(server, str(out)), "volume 'exp'")
+    assert line.endswith(f"; removed the partial file '{out}'"), line
+    assert not out.exists()
+    # an older export of that name is gone too: its bytes were overwritten already
+    out.write_bytes(b"old export")
+    line = one_line_error(export_through_a_cut(server, str(out)))
+    assert line.endswith(f"; removed the partial file '{out}'"), line
+    assert not out.exists()
+    # unless the server stays, the export completes as usual
+    tierdisk(server, "export", "exp", str(out))
+    assert out.read_bytes() == exp_data
+
+
+def test_failed_export_through_a_symlink_empties_the_file_and_keeps_the_link(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    target = tmp_path / "target.img"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.img"
+    link.symlink_to(target)
+    line = one_line_error(export_through_a_cut(server, str(link)))
+    assert line.endswith(f"; emptied the partial file '{link}'"), line
+    assert link.is_symlink() and target.stat().st_size == 0
+
+
+def test_failed_export_into_a_fifo_leaves_the_fifo(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """Only regular files are removed: never a device, a pipe, or anything not created
+    as a regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def drain() -> None:
+        with open(fifo, "rb") as f:
+            while chunk := f.read(1 << 16):
+                got.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    line = one_line_error(export_through_a_cut(server, str(fifo)), "volume 'exp'")
+    reader.join(30)
+    assert "the partial file" not in line
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert 0 < len(got) < len(exp_data) and exp_data.startswith(bytes(got))
+
+
+def test_export_to_a_device_a_pipe_or_stdout_writes_every_byte(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """No truncate, no seek, no holes: the bytes in order, zeros included."""
+    # a volume with holes: `rw` has data at its start, unallocated sectors after
+    tierdisk(server, "write", "rw", "0", stdin=b"\x5a" * 4096)
+    expected = tierdisk(server, "read", "rw", "0", str(4 * MiB // 512)).stdout
+    assert len(expected) == 4 * MiB
+    # (in tmp_path: a CLI that took `-` for a file name would leave it there)
+    assert tierdisk(server, "export", "rw", "-", cwd=tmp_path).stdout == expected
+    assert tierdisk(server, "export", "rw", "/dev/stdout").stdout == expected  # a pipe here
+    assert tierdisk(server, "export", "exp", "-", cwd=tmp_path).stdout == exp_data
+    assert tierdisk(server, "export", "rw", "/dev/null").stdout == b""
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def drain() -> None:
+        with open(fifo, "rb") as f:
+            while chunk := f.read(1 << 16):
+                got.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    tierdisk(server, "export", "rw", str(fifo))
+    reader.join(30)
+    assert bytes(got) == expected
+
+
+def test_dash_is_stdin_or_stdout(server: ServerProcess, tmp_path: Path) -> None:
+    """`-` as IMAGE, `-o -` or `-i -`: stdin or stdout, never a file named `-`."""
+    data = os.urandom(64 * 1024)
+    tierdisk(server, "write", "rw", "8", "-i", "-", stdin=data, cwd=tmp_path)
+    assert tierdisk(server, "read", "rw", "8", "128", "-o", "-", cwd=tmp_path).stdout == data
+    image = os.urandom(MiB)
+    tierdisk(server, "import", "rw", "-", stdin=image, cwd=tmp_path)
+    assert tierdisk(server, "read", "rw", "0", "2048").stdout == image
+    exported = tierdisk(server, "export", "rw", "-", cwd=tmp_path).stdout
+    assert exported[:MiB] == image and len(exported) == 4 * MiB
+    # from a file on stdin too (its size known up front), refused whole when too large
+    big = tmp_path / "big.img"
+    big.write_bytes(bytes(8 * MiB))
+    with open(big, "rb") as f:
+        env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+        result = subprocess.run(
+            [*TIERDISK, "import", "rw", "-"], stdin=f, capture_output=True, env=env, cwd=tmp_path
+        )
+    one_line_error(result, "stdin", "larger than volume 'rw'")
+    assert not (tmp_path / "-").exists()
+
+
 # -- read / write ----------------------------------------------------------------------
 
 
@@ -223,6 +474,14 @@ def test_inspect_prints_json(server: ServerProcess) -> None:
     assert layer["index"] == 0
 
 
+def test_inspect_prints_sorted_keys_with_stable_indentation(server: ServerProcess) -> None:
+    """Outputs diff cleanly: keys sorted at every level, two-space indentation."""
+    for args in (("disk",), ("disk", "layers/0"), ("rw",)):
+        out = tierdisk(server, "inspect", *args).stdout.decode()
+        assert out == json.dumps(json.loads(out), indent=2, sort_keys=True) + "\n"
+        assert out.count("\n") > 3  # indented, one key a line
+
+
 def test_resize_in_sectors_and_bytes(server: ServerProcess) -> None:
     out = tierdisk(server, "resize", "grow", "4096").stdout.decode()
     assert "sector_count: 4096" in out.splitlines()
@@ -230,6 +489,74 @@ def test_resize_in_sectors_and_bytes(server: ServerProcess) -> None:
     assert "sector_count: 6144" in tierdisk(server, "info", "grow").stdout.decode().splitlines()
     bad = tierdisk(server, "resize", "grow", "1000B", check=False)
     assert bad.returncode == 2 and "1000" in bad.stderr.decode()
+
+
+def sector_count(server: ServerProcess, volume: str) -> int:
+    info = dict(
+        line.split(": ", 1)
+        for line in tierdisk(server, "info", volume).stdout.decode().split("\n")
+        if line
+    )
+    return int(info["sector_count"])
+
+
+def test_resize_refuses_to_shrink_without_the_flag(server: ServerProcess) -> None:
+    """As qemu-img: a smaller size is refused (exit 2, one line with both sizes) unless
+    --shrink is given; the volume and its data are untouched."""
+    data = os.urandom(512 * 48)
+    tierdisk(server, "write", "shrink", "2000", stdin=data)  # the last 48 of 2048 sectors
+    for size, asked in (("1000", "1000 sectors"), ("256KiB", "512 sectors")):
+        line = one_line_error(
+            tierdisk(server, "resize", "shrink", size, check=False),
+            "volume 'shrink'",
+            asked,
+            "2048 sectors",
+            "1.0 MiB",
+            "--shrink",
+            returncode=2,
+        )
+        assert "internal error" not in line
+    assert sector_count(server, "shrink") == 2048
+    assert tierdisk(server, "read", "shrink", "2000", "48").stdout == data
+    # the same size, or larger, needs no flag
+    tierdisk(server, "resize", "shrink", "1MiB")
+    tierdisk(server, "resize", "shrink", "4096")
+    out = tierdisk(server, "resize", "shrink", "1000", "--shrink").stdout.decode()
+    assert "sector_count: 1000" in out.splitlines()
+    assert sector_count(server, "shrink") == 1000
+    # the help says so
+    assert "--shrink" in tierdisk(server, "resize", "--help").stdout.decode()
+
+
+HUGE = "99999999999999999999999"  # more than a uint64 field can carry
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("resize", "grow", HUGE), HUGE),
+        (("resize", "grow", "--shrink", HUGE), HUGE),
+        (("resize", "grow", HUGE + "PiB"), HUGE),
+        (("resize", "grow", "9" * 400 + ".5PiB"), "too large"),
+        (("read", "rw", HUGE, "1"), f"SECTOR {HUGE}"),
+        (("read", "rw", "0", HUGE), f"COUNT {HUGE}"),
+        (("read", "rw", str(1 << 64), "0"), f"SECTOR {1 << 64}"),
+        (("write", "rw", HUGE), f"SECTOR {HUGE}"),
+    ],
+)
+def test_numbers_no_request_can_carry_are_usage_errors(
+    server: ServerProcess, args: tuple[str, ...], needle: str
+) -> None:
+    line = one_line_error(tierdisk(server, *args, check=False), needle, returncode=2)
+    assert "internal error" not in line
+
+
+def test_numbers_that_fit_a_request_but_not_the_volume_are_out_of_range(
+    server: ServerProcess,
+) -> None:
+    largest = str((1 << 64) - 1)
+    for args in (("read", "rw", largest, "1"), ("read", "rw", "1", largest)):
+        one_line_error(tierdisk(server, *args, check=False), "volume 'rw'", "out of range")
 
 
 def test_flush(server: ServerProcess) -> None:
@@ -257,6 +584,47 @@ def test_watch_prints_each_resize_and_ctrl_c_exits_0(server: ServerProcess) -> N
             proc.wait()
 
 
+WATCHED_ONLY = """
+[[volumes]]
+name = "w"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+"""
+
+
+@pytest.mark.parametrize("how", ["shutdown", "crash"])
+def test_watch_ended_by_the_server_is_one_line_exit_1(tmp_path: Path, how: str) -> None:
+    """The sizes printed stop being current: that is reported, not an exit 0. A server
+    shutting down ends the stream cleanly (no status to show); a crash breaks it."""
+    with ServerProcess.start(tmp_path, write_config(tmp_path, WATCHED_ONLY)) as srv:
+        env = {**os.environ, "TIERDISK_SERVER": srv.grpc}
+        proc = subprocess.Popen(
+            [*TIERDISK, "watch", "w"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert "sector_count=2048" in proc.stdout.readline().decode()
+            if how == "shutdown":
+                assert srv.terminate() == 0
+            else:
+                srv.kill()
+            assert proc.wait(30) == 1
+            err = proc.stderr.read().decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"tierdisk: volume 'w' on {srv.grpc}: the server ended the watch")
+    if how == "crash":
+        assert "unavailable" in lines[0]
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
@@ -277,6 +645,51 @@ def test_errors_are_one_line_naming_the_volume_or_file(
     one_line_error(
         tierdisk(server, "export", "rw", str(unwritable), check=False), f"file '{unwritable}'"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("write", "ro", "0"), "tierdisk: volume 'ro': read-only: cannot write"),
+        (
+            ("resize", "grow", "0", "--shrink"),
+            "tierdisk: volume 'grow': invalid argument: size must be at least one sector",
+        ),
+        (("info", "nope"), "tierdisk: volume 'nope': not found: "),
+        (("read", "ro", "2047", "2"), "tierdisk: volume 'ro': out of range: "),
+    ],
+)
+def test_errors_name_the_volume_once_and_keep_the_kind(
+    server: ServerProcess, args: tuple[str, ...], expected: str
+) -> None:
+    """The server's message often starts with `volume 'x'` already: not said twice."""
+    line = one_line_error(tierdisk(server, *args, stdin=bytes(512), check=False))
+    assert line.startswith(expected), line
+    volume = args[1]
+    assert line.count(f"volume {volume!r}") == 1, line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_write_errors_name_the_file_or_stdout(server: ServerProcess, tmp_path: Path) -> None:
+    one_line_error(
+        tierdisk(server, "read", "rw", "0", "1", "-o", "/dev/full", check=False),
+        "file '/dev/full'",
+        "No space left on device",
+    )
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    for args in (("read", "rw", "0", "1"), ("export", "ro", "-"), ("volumes",), ("info", "rw")):
+        with open("/dev/full", "wb") as full:
+            result = subprocess.run(
+                [*TIERDISK, *args],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                env=env,
+                timeout=60,
+                cwd=tmp_path,
+            )
+        assert result.returncode == 1, args
+        lines = result.stderr.decode().splitlines()
+        assert lines == ["tierdisk: stdout: No space left on device"], (args, lines)
 
 
 # -- progress bar ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tierdisk.client import cli
+from tierdisk.client import cli, errors
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERDISK = ROOT / ".venv" / "bin" / "tierdisk"
@@ -72,10 +72,18 @@ def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
     assert cli.parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "-1", "1.5", "12Q", "GiB", "1.3B", "0x10"])
+@pytest.mark.parametrize(
+    "text", ["", "-1", "1.5", "12Q", "GiB", "1.3B", "0x10", "1.0000000000000000001KiB"]
+)
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(cli.UsageError):
         cli.parse_size(text)
+
+
+def test_parse_size_is_exact_for_any_number_of_digits() -> None:
+    """A fraction is computed exactly: no float rounding, no overflow to infinity."""
+    value, in_bytes = cli.parse_size("9" * 400 + ".5PiB")
+    assert in_bytes and value == (10**400 * 2 - 1) * (1 << 49)
 
 
 # -- usage errors: exit 2 --------------------------------------------------------------
@@ -90,6 +98,9 @@ def test_parse_size_refuses(text: str) -> None:
         ["read", "vol", "0"],
         ["write"],
         ["--timeout", "0", "volumes"],
+        ["--timeout", "inf", "volumes"],
+        ["--timeout", "nan", "volumes"],
+        ["--timeout", "1e10", "volumes"],  # gRPC would make that an immediate deadline
         ["--server", DEAD, "serve"],  # client options do not apply to serve
     ],
 )
@@ -104,6 +115,23 @@ def test_bad_resize_size_is_a_usage_error() -> None:
     result = run("--server", DEAD, "resize", "vol", "12Q")
     assert result.returncode == 2
     assert_one_line(result.stderr, "12Q")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["resize", "vol", "99999999999999999999999"], "too large"),
+        (["read", "vol", str(1 << 64), "1"], f"SECTOR {1 << 64}"),
+        (["read", "vol", "0", str(1 << 64)], f"COUNT {1 << 64}"),
+        (["write", "vol", str(1 << 64)], f"SECTOR {1 << 64}"),
+    ],
+)
+def test_numbers_no_request_can_carry_fail_before_any_call(args: list[str], needle: str) -> None:
+    """Exit 2 with one line, whether a server is there or not: no call is made."""
+    result = run("--server", DEAD, "--retries", "0", *args)
+    assert result.returncode == 2
+    assert_one_line(result.stderr, needle)
+    assert "internal error" not in result.stderr
 
 
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,6 +175,48 @@ def test_server_address_comes_from_the_environment() -> None:
     result = run("--timeout", "5", "volumes", env={"TIERDISK_SERVER": DEAD})
     assert result.returncode == 1
     assert_one_line(result.stderr, f"server {DEAD}")
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("127.0.0.1:7400", None),
+        ("localhost:0", None),
+        ("[::1]:7400", None),
+        ("unix:/run/tierdisk.sock", None),
+        ("unix-abstract:tierdisk", None),
+        ("dns:///example.com:7400", None),
+        ("ipv4:127.0.0.1:7400", None),
+        ("127.0.0.1:99999", "port 99999 is out of range (0-65535)"),
+        ("127.0.0.1:65536", "out of range"),
+        ("[::1]:70000", "out of range"),
+        ("localhost", "missing port"),
+        ("localhost:", "missing port"),
+        ("[::1]", "missing port"),
+        ("::1", "missing port"),
+        ("host:http", "not a number"),
+    ],
+)
+def test_server_address_problem(target: str, problem: str | None) -> None:
+    found = cli.server_address_problem(target)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_bad_server_address_is_a_usage_error_naming_where_it_came_from() -> None:
+    """gRPC would read port 99999 as another port, and use 443 for a missing one."""
+    result = run("--server", "127.0.0.1:99999", "volumes")
+    assert result.returncode == 2
+    assert_one_line(result.stderr, "'127.0.0.1:99999'", "--server", "99999", "0-65535")
+    result = run("volumes", env={"TIERDISK_SERVER": "localhost"})
+    assert result.returncode == 2
+    assert_one_line(result.stderr, "'localhost'", "$TIERDISK_SERVER", "missing port")
+    # other target forms go to gRPC as they are
+    result = run("--server", "unix:/nonexistent/tierdisk.sock", "--retries", "0", "volumes")
+    assert result.returncode == 1
+    assert_one_line(result.stderr, "server unix:/nonexistent/tierdisk.sock", "unavailable")
 
 
 def test_default_server_address() -> None:
@@ -200,3 +270,37 @@ def test_serve_is_imported_only_when_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- one-line messages -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("err", "line"),
+    [
+        (
+            errors.ReadOnlyVolume("volume 'ro' is read-only: cannot write", volume="ro"),
+            "volume 'ro': read-only: cannot write",
+        ),
+        (
+            errors.InvalidArgument("volume 'v': size must be at least one sector", volume="v"),
+            "volume 'v': invalid argument: size must be at least one sector",
+        ),
+        (
+            errors.Unavailable("volume 'o' is not ready yet: a remote tier is down", volume="o"),
+            "volume 'o' on S: unavailable: not ready yet: a remote tier is down",
+        ),
+        (
+            errors.VolumeNotFound("no volume named 'x' on this server", volume="x"),
+            "volume 'x': not found: no volume named 'x' on this server",
+        ),
+        (errors.FailedPrecondition("volume 'v'", volume="v"), "volume 'v': refused"),
+        (  # another volume's name, or a longer one: kept as is
+            errors.OutOfRange("volume 'vv': sectors past the end", volume="v"),
+            "volume 'v': out of range: volume 'vv': sectors past the end",
+        ),
+        (errors.Unavailable("connection refused"), "server S: unavailable: connection refused"),
+    ],
+)
+def test_describe_names_the_volume_once(err: errors.TierdiskError, line: str) -> None:
+    assert cli.describe(err, "S") == line
