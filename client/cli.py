@@ -1,64 +1,57 @@
-"""The ``tierdisk`` command (DESIGN.md §7).
+"""The ``tierdisk`` command (DESIGN.md §7): its arguments, the verbs that print about
+volumes, and the entry points.
 
     tierdisk [--server ADDR] VERB ...   a client verb (ADDR: $TIERDISK_SERVER, else 127.0.0.1:7400)
     tierdisk serve ...                  the server; every argument after ``serve`` is its own
 
-Errors print one line on stderr naming the volume, file or server, and exit 1 (2 for usage
-errors); no traceback.
+The verbs that move data (``read``, ``write``, ``import``, ``export``) are in
+:mod:`tierdisk.client.transfer`. Errors print one line on stderr naming the volume, file or
+server, and exit 1 (2 for usage errors); no traceback (:mod:`tierdisk.client.cli_errors`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import math
 import os
 import re
-import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Awaitable, Callable, Sequence
 
 from . import sizes
-from .aio import AsyncClient, AsyncVolume
-from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
-from .errors import DeadlineExceeded, OutOfRange, TierdiskError, Unavailable
-from .models import AllocationExtent, VolumeInfo
-from .progress import Progress, format_bytes
+from .aio import AsyncClient
+from .cli_errors import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    CliError,
+    UsageError,
+    describe,
+    describe_parts,
+    file_error,
+    one_line,
+    stdout_error,
+)
+from .errors import TierdiskError
+from .models import VolumeInfo
+from .progress import format_bytes
+from .transfer import export_image, import_image, read_sectors, write_sectors
 from .tune import install_uvloop, tune_malloc
 
-__all__ = ["SERVER_ENTRY", "UsageError", "main", "parse_size"]
+__all__ = ["SERVER_ENTRY", "UsageError", "describe", "main", "parse_size"]
 
 DEFAULT_SERVER = "127.0.0.1:7400"
 SERVER_ENTRY = "tierdisk.service.main"
 """Module whose ``main(argv: list[str]) -> int`` runs ``tierdisk serve``; imported only then,
 so the client never imports the server otherwise (DESIGN.md §1)."""
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
 UINT64_MAX = (1 << 64) - 1
 """The largest sector number or count a request can carry (``uint64`` fields)."""
 MAX_TIMEOUT = 1e9
 """The longest ``--timeout`` (about 31 years): gRPC turns a deadline much further out (past
 its 64-bit clock) into an immediate DEADLINE_EXCEEDED."""
-STD_STREAM = "-"
-"""As IMAGE (``import``/``export``), ``-i`` or ``-o``: stdin or stdout (``./-`` names a file)."""
-
-
-class CliError(Exception):
-    """A failure to report as ``tierdisk: <message>`` and exit ``exit_code``."""
-
-    exit_code = EXIT_ERROR
-
-
-class UsageError(CliError):
-    """A bad argument: exit 2."""
-
-    exit_code = EXIT_USAGE
 
 
 # -- sizes -------------------------------------------------------------------------------
@@ -259,26 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
 # -- verbs -------------------------------------------------------------------------------
 
 Verb = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+"""A client verb: ``await verb(client, args)`` does it and returns the exit status; a
+failure is raised, for :func:`main` to report in one line."""
 
 
 def _out(text: str) -> None:
     try:
         sys.stdout.write(text + "\n")
     except OSError as err:
-        raise _stdout_error(err) from None
+        raise stdout_error(err) from None
 
 
 def _flush_stdout() -> None:
     try:
         sys.stdout.flush()
     except OSError as err:
-        raise _stdout_error(err) from None
-
-
-def _stdout_error(err: OSError) -> OSError | CliError:
-    """A failed write to stdout as a one-line error naming it; a broken pipe stays one (the
-    reader went away: see :func:`main`)."""
-    return err if isinstance(err, BrokenPipeError) else CliError(f"stdout: {err.strerror or err}")
+        raise stdout_error(err) from None
 
 
 def _info_lines(info: VolumeInfo) -> list[str]:
@@ -313,462 +302,6 @@ async def _info(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_fits(vol: AsyncVolume, info: VolumeInfo, sector: int, count: int) -> None:
-    if sector + count > info.sector_count:
-        raise OutOfRange(
-            f"sectors {sector}..{sector + count} reach past the end ({info.sector_count} sectors)",
-            volume=vol.name,
-        )
-
-
-def _open_file(path: str, flags: int, mode: int = 0o666) -> int:
-    try:
-        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
-    except OSError as err:
-        raise CliError(f"file {path!r}: {err.strerror or err}") from None
-
-
-def _where(path: str | None) -> str:
-    """How messages name a data source: ``file 'x'``, or ``stdin`` for ``None``."""
-    return f"file {path!r}" if path is not None else "stdin"
-
-
-def _file_error(path: str | None, err: OSError, note: str = "") -> CliError:
-    return CliError(f"{_where(path)}: {err.strerror or err}{note}")
-
-
-def _isatty(stream: BinaryIO) -> bool:
-    try:
-        return stream.isatty()
-    except (OSError, ValueError):  # closed, or no file behind it
-        return False
-
-
-def _fileno(stream: BinaryIO) -> int | None:
-    try:
-        return stream.fileno()
-    except (AttributeError, OSError, ValueError):  # e.g. io.BytesIO in place of stdin
-        return None
-
-
-def _std(path: str | None) -> str | None:
-    """``path`` as given to ``-i``/``-o``/IMAGE, ``None`` for stdin or stdout (``-``)."""
-    return None if path == STD_STREAM else path
-
-
-class _Sink:
-    """Where ``read`` and ``export`` put bytes in order: stdout (``path`` ``None``) or the
-    file open as ``fd``. A failed write raises a one-line :class:`CliError` naming it (a
-    broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`main`)."""
-
-    def __init__(self, fd: int | None = None, path: str | None = None) -> None:
-        self.fd = fd
-        self.path = path
-
-    def _failed(self, err: OSError) -> OSError | CliError:
-        return _stdout_error(err) if self.fd is None else _file_error(self.path, err)
-
-    def write(self, data: bytes | memoryview) -> None:
-        try:
-            if self.fd is None:
-                sys.stdout.buffer.write(data)
-                return
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as err:
-            raise self._failed(err) from None
-
-    def flush(self) -> None:
-        if self.fd is None:
-            try:
-                sys.stdout.buffer.flush()
-            except OSError as err:
-                raise self._failed(err) from None
-
-
-@contextlib.contextmanager
-def _closing(fd: int, path: str) -> Iterator[int]:
-    """Close ``fd`` (the file ``path``) at the end; a failed close is a failed write."""
-    try:
-        yield fd
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        raise
-    try:
-        os.close(fd)
-    except OSError as err:
-        raise _file_error(path, err) from None
-
-
-async def _read(client: AsyncClient, args: argparse.Namespace) -> int:
-    vol = client.volume(args.volume)
-    info = await vol.info()
-    _check_fits(vol, info, args.sector, args.count)
-    path = _std(args.output)
-    total = args.count * info.sector_size
-    label = f"read {vol.name}"
-
-    async def copy(sink: _Sink, bar: Progress) -> None:
-        with bar:
-            async for _sector, data in vol.stream_read(args.sector, args.count):
-                sink.write(data)
-                bar.advance(len(data))
-        sink.flush()
-
-    if path is None:
-        # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but
-        # not when stdout is a terminal too: raw sectors and a redrawn line would mix.
-        data_on_tty = _isatty(sys.stdout.buffer)
-        await copy(_Sink(), _progress(args, total, label, data_on_tty=data_on_tty))
-        return 0
-    with _closing(_open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), path) as fd:
-        await copy(_Sink(fd, path), _progress(args, total, label))
-    return 0
-
-
-def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
-    if size % sector_size:
-        where = f"file {path!r}" if path is not None else "stdin"
-        raise CliError(f"{where}: {size} bytes is not a whole number of {sector_size}-byte sectors")
-    return size // sector_size
-
-
-async def _write(client: AsyncClient, args: argparse.Namespace) -> int:
-    vol = client.volume(args.volume)
-    return await _copy_from(client, args, vol, _std(args.input), args.sector, "write")
-
-
-async def _import(client: AsyncClient, args: argparse.Namespace) -> int:
-    vol = client.volume(args.volume)
-    return await _copy_from(client, args, vol, _std(args.image), 0, "import")
-
-
-async def _copy_from(
-    client: AsyncClient,
-    args: argparse.Namespace,
-    vol: AsyncVolume,
-    path: str | None,
-    sector: int,
-    verb: str,
-) -> int:
-    """Copy the file ``path`` (``None``: stdin) onto the volume from ``sector``."""
-    if path is not None:
-        return await _copy_in(client, args, vol, path, sector, verb)
-    stdin = sys.stdin.buffer
-    fd = _fileno(stdin)
-    if fd is not None and _sized(fd):
-        # `write … < img`: the size is known, so a bad length is refused before anything is
-        # written, and the bar has a total.
-        return await _copy_fd_in(client, args, vol, fd, None, sector, verb)
-    return await _stream_in(client, args, vol, stdin, sector, verb)
-
-
-async def _copy_in(
-    client: AsyncClient,
-    args: argparse.Namespace,
-    vol: AsyncVolume,
-    path: str,
-    sector: int,
-    verb: str,
-) -> int:
-    """Copy the file ``path`` onto the volume from ``sector`` (see :func:`_copy_fd_in`)."""
-    fd = _open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
-    try:
-        return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
-    finally:
-        os.close(fd)
-
-
-async def _copy_fd_in(
-    client: AsyncClient,
-    args: argparse.Namespace,
-    vol: AsyncVolume,
-    fd: int,
-    path: str | None,
-    sector: int,
-    verb: str,
-) -> int:
-    """Copy the regular file or block device open as ``fd`` (``path``; ``None``: stdin), from
-    its current position to its end, onto the volume from ``sector``: ``max_in_flight``
-    requests of ``max_io`` bytes at a time, with a bar that has a total. Every chunk is
-    written, zeros included: that is always correct, whatever the volume's unmap behaviour.
-    On success the position is left at the end, as a plain read would."""
-    try:
-        start = os.lseek(fd, 0, os.SEEK_CUR)
-        size = max(0, _file_size(fd, path) - start)
-    except OSError as err:
-        raise _file_error(path, err) from None
-    info = await vol.info()
-    ss = info.sector_size
-    count = _whole_sectors(path, size, ss)
-    if verb == "import" and count > info.sector_count:
-        raise CliError(
-            f"{_where(path)}: {size} bytes is larger than volume {vol.name!r} "
-            f"({info.size_bytes} bytes)"
-        )
-    _check_fits(vol, info, sector, count)
-    fua = bool(getattr(args, "fua", False))
-
-    async def one(chunk: Chunk) -> None:
-        length = chunk.sector_count * ss
-        try:
-            data = await asyncio.to_thread(os.pread, fd, length, start + chunk.offset * ss)
-        except OSError as err:
-            raise _file_error(path, err) from None
-        if len(data) != length:
-            raise CliError(f"{_where(path)}: shrank while being read")
-        await vol.write(chunk.sector, data, fua=fua)
-        bar.advance(length)
-
-    per_chunk = sectors_per_chunk(client.max_io, ss)
-    with _progress(args, size, f"{verb} {vol.name}") as bar:
-        await run_bounded(plan_chunks(sector, count, per_chunk), one, client.max_in_flight)
-    os.lseek(fd, start + size, os.SEEK_SET)
-    return 0
-
-
-def _sized(fd: int) -> bool:
-    """Whether ``fd`` is a regular file or a block device: its length is known up front."""
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        return False
-    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
-
-
-def _file_size(fd: int, path: str | None) -> int:
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        return os.lseek(fd, 0, os.SEEK_END)
-    if not stat.S_ISREG(st.st_mode):
-        raise CliError(f"{_where(path)}: not a regular file or block device")
-    return st.st_size
-
-
-def _read_up_to(src: BinaryIO, size: int) -> bytes:
-    """``size`` bytes from ``src``, fewer only at its end. One raw read at a time (``read1``):
-    a pipe returns less per read, and a terminal's end (Ctrl-D) is one empty read, not a
-    lasting state, so it must be seen, not absorbed by a buffered ``read(size)``."""
-    read1 = getattr(src, "read1", src.read)
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        part: bytes = read1(size - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
-
-
-async def _stream_in(
-    client: AsyncClient,
-    args: argparse.Namespace,
-    vol: AsyncVolume,
-    src: BinaryIO,
-    sector: int,
-    verb: str,
-) -> int:
-    """``write`` (or ``import``) from a pipe (or a terminal): its length is known only at
-    its end, so the data is written as it arrives, ``max_io`` bytes a request with
-    ``max_in_flight`` in flight, never held whole; the bar shows the bytes written and the
-    rate, no total.
-
-    A chunk that ends in part of a sector or would reach past the end of the volume is not
-    written, and is reported once the chunks before it are all written; the message says
-    how many bytes that is. So input of up to one chunk (1 MiB by default) is refused before
-    anything is written, as is anything starting past the end."""
-    info = await vol.info()
-    ss = info.sector_size
-    _check_fits(vol, info, sector, 0)
-    chunk_bytes = sectors_per_chunk(client.max_io, ss) * ss
-    fua = bool(getattr(args, "fua", False))
-    lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
-    taken = 0  # bytes taken from src so far
-    ended = False
-    refusal: Exception | None = None
-
-    def written(before: int) -> str:
-        if not before:
-            return "nothing was written"
-        return f"the {before} bytes before were written from sector {sector}"
-
-    async def worker(_: int) -> None:
-        nonlocal taken, ended, refusal
-        while True:
-            async with lock:
-                if ended:
-                    return
-                try:
-                    data = await asyncio.to_thread(_read_up_to, src, chunk_bytes)
-                except OSError as err:
-                    raise _file_error(None, err) from None
-                offset, taken = taken, taken + len(data)
-                ended = len(data) < chunk_bytes
-                if not data:
-                    return
-                at, count = sector + offset // ss, len(data) // ss
-                if len(data) % ss:
-                    ended = True
-                    refusal = CliError(
-                        f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
-                        + written(offset)
-                    )
-                    return
-                if at + count > info.sector_count:
-                    ended = True
-                    refusal = OutOfRange(
-                        f"stdin: sectors {at}..{at + count} reach past the end "
-                        f"({info.sector_count} sectors); " + written(offset),
-                        volume=vol.name,
-                    )
-                    return
-            await vol.write(at, data, fua=fua)
-            bar.advance(len(data))
-
-    label = f"{verb} {vol.name}"
-    with _progress(args, None, label, data_on_tty=_isatty(src)) as bar:
-        await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
-    if refusal is not None:
-        raise refusal
-    return 0
-
-
-async def _export(client: AsyncClient, args: argparse.Namespace) -> int:
-    vol = client.volume(args.volume)
-    info = await vol.info()
-    extents = await vol.allocation(0, info.sector_count)
-    label = f"export {vol.name}"
-    path = _std(args.image)
-    if path is None:  # stdout: every byte in order, whatever it is (a pipe, a file, …)
-        data_on_tty = _isatty(sys.stdout.buffer)
-        with _progress(args, info.size_bytes, label, data_on_tty=data_on_tty) as bar:
-            await _export_in_order(client, vol, info, extents, _Sink(), bar)
-        return 0
-    try:
-        existed: os.stat_result | None = os.lstat(path)
-    except OSError:
-        existed = None
-    # Not O_TRUNC yet: a device keeps its size and is written whole, not truncated.
-    fd = _open_file(path, os.O_WRONLY | os.O_CREAT)
-    partial = False  # whether a failure leaves a partial regular file to discard
-    try:
-        st = os.fstat(fd)
-        regular = stat.S_ISREG(st.st_mode)
-        if regular:
-            partial = existed is None  # created here
-            os.ftruncate(fd, 0)
-            partial = True  # its old bytes are gone: what is left is this export's
-        with _progress(args, info.size_bytes, label) as bar:
-            if regular:
-                await _export_sparse(client, vol, info, extents, fd, path, bar)
-            else:  # a device, a pipe, /dev/stdout …: no truncating, no seeking, no holes
-                await _export_in_order(client, vol, info, extents, _Sink(fd, path), bar)
-        if regular or stat.S_ISBLK(st.st_mode):
-            os.fsync(fd)
-        os.close(fd)
-    except BaseException as exc:
-        note = _discard_partial(fd, path, existed) if partial else ""
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        if isinstance(exc, OSError):
-            raise _file_error(path, exc, note) from None
-        if isinstance(exc, TierdiskError):
-            raise CliError(describe(exc, args.server) + note) from None
-        if isinstance(exc, CliError) and note:
-            err = CliError(f"{exc}{note}")
-            err.exit_code = exc.exit_code
-            raise err from None
-        raise
-    return 0
-
-
-async def _export_sparse(
-    client: AsyncClient,
-    vol: AsyncVolume,
-    info: VolumeInfo,
-    extents: list[AllocationExtent],
-    fd: int,
-    path: str,
-    bar: Progress,
-) -> None:
-    """Export into the empty regular file open as ``fd``: sized to the volume at once, all
-    holes; then the allocated runs are written where they belong, a few at a time."""
-    ss = info.sector_size
-    os.ftruncate(fd, info.size_bytes)
-    per_chunk = sectors_per_chunk(client.max_io, ss)
-    chunks = [
-        chunk
-        for ext in extents
-        if ext.allocated
-        for chunk in plan_chunks(ext.sector, ext.sector_count, per_chunk)
-    ]
-    zeros = bytes(per_chunk * ss)
-    bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
-
-    async def one(chunk: Chunk) -> None:
-        data = await vol.read(chunk.sector, chunk.sector_count)
-        # An all-zero chunk is left as a hole too: the file reads the same.
-        if data != zeros[: len(data)]:
-            await asyncio.to_thread(os.pwrite, fd, data, chunk.sector * ss)
-        bar.advance(len(data))
-
-    await run_bounded(chunks, one, client.max_in_flight)
-
-
-async def _export_in_order(
-    client: AsyncClient,
-    vol: AsyncVolume,
-    info: VolumeInfo,
-    extents: list[AllocationExtent],
-    sink: _Sink,
-    bar: Progress,
-) -> None:
-    """Export as one stream of ``sector_count * sector_size`` bytes: the allocated runs
-    read ahead in order, zeros written for the holes."""
-    ss = info.sector_size
-    zeros = memoryview(bytes(sectors_per_chunk(client.max_io, ss) * ss))
-    for ext in extents:
-        if ext.allocated:
-            async for _sector, data in vol.stream_read(ext.sector, ext.sector_count):
-                sink.write(data)
-                bar.advance(len(data))
-            continue
-        left = ext.sector_count * ss
-        while left:
-            n = min(left, len(zeros))
-            sink.write(zeros[:n])
-            bar.advance(n)
-            left -= n
-    sink.flush()
-
-
-def _discard_partial(fd: int, path: str, existed: os.stat_result | None) -> str:
-    """After a failed export into the regular file open as ``fd``: remove it, so no
-    full-size file is left that looks complete. Only if ``path`` is still that file and
-    was a regular file (or nothing) before; through a symlink the file is emptied instead.
-    Returns the note for the error message."""
-    try:
-        st = os.fstat(fd)
-        now = os.lstat(path)
-    except OSError:
-        return ""
-    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-    if same and stat.S_ISREG(now.st_mode) and (existed is None or stat.S_ISREG(existed.st_mode)):
-        try:
-            os.unlink(path)
-        except OSError as err:
-            return f"; could not remove the partial file {path!r}: {err.strerror or err}"
-        return f"; removed the partial file {path!r}"
-    try:
-        os.ftruncate(fd, 0)
-    except OSError:
-        return ""
-    return f"; emptied the partial file {path!r}"
-
-
 async def _inspect(client: AsyncClient, args: argparse.Namespace) -> int:
     tree = await client.volume(args.volume).inspect(args.path)
     # Sorted keys, fixed indentation: outputs diff cleanly.
@@ -795,7 +328,7 @@ async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
     except TierdiskError as err:
         if not watching:
             raise
-        where, why = _describe_parts(err, args.server)
+        where, why = describe_parts(err, args.server)
         raise CliError(f"{where}: the server ended the watch: {why}") from None
     raise CliError(f"volume {vol.name!r} on {args.server}: the server ended the watch")
 
@@ -845,27 +378,16 @@ async def _flush(client: AsyncClient, args: argparse.Namespace) -> int:
 VERBS: dict[str, Verb] = {
     "volumes": _volumes,
     "info": _info,
-    "read": _read,
-    "write": _write,
-    "import": _import,
-    "export": _export,
+    "read": read_sectors,
+    "write": write_sectors,
+    "import": import_image,
+    "export": export_image,
     "inspect": _inspect,
     "map": _map,
     "watch": _watch,
     "resize": _resize,
     "flush": _flush,
 }
-
-
-def _progress(
-    args: argparse.Namespace, total: int | None, label: str, *, data_on_tty: bool = False
-) -> Progress:
-    """The bar of a transfer of ``total`` bytes (``None``: unknown, from a pipe): drawn on
-    stderr when that is a terminal (DESIGN.md §7). Never with ``--no-progress``, nor when the
-    data itself is on a terminal (``read`` to a terminal stdout, ``write`` from a terminal
-    stdin): raw sectors, or the echo of typed input, would mix with the redrawn line."""
-    off = bool(args.no_progress) or data_on_tty
-    return Progress(total, label=label, enabled=False if off else None)
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -875,7 +397,7 @@ def _read_pem(path: str | None) -> bytes | None:
         with open(path, "rb") as f:
             return f.read()
     except OSError as err:
-        raise _file_error(path, err) from None
+        raise file_error(path, err) from None
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -897,40 +419,6 @@ async def _run(args: argparse.Namespace) -> int:
 # -- entry points ------------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def describe(err: TierdiskError, server: str) -> str:
-    """The one-line report of a failed call: what it addressed, what went wrong, why."""
-    return ": ".join(_describe_parts(err, server))
-
-
-def _describe_parts(err: TierdiskError, server: str) -> tuple[str, str]:
-    """``(where, what)``: what the call addressed (``volume 'x'``, ``server ADDR``), and
-    the kind of failure with the message, e.g. ``read-only: cannot write``.
-
-    The server's messages often name the volume already (``volume 'x' is read-only: cannot
-    write``); that prefix, and a repeat of the kind word after it, are dropped rather than
-    said twice."""
-    where = f"volume {err.volume!r}" if err.volume else f"server {server}"
-    if err.volume and isinstance(err, Unavailable | DeadlineExceeded):
-        where += f" on {server}"
-    full = _one_line(err.message)
-    message = _without_prefix(full, f"volume {err.volume!r}") if err.volume else full
-    if message != full:
-        message = _without_prefix(_without_prefix(message, "is"), err.label)
-    return where, f"{err.label}: {message}" if message else err.label
-
-
-def _without_prefix(text: str, prefix: str) -> str:
-    """``text`` without ``prefix`` when it is a whole leading word or phrase, and without the
-    separator (``:`` and spaces) after it; otherwise ``text``."""
-    if text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", ":", " "):
-        return text[len(prefix) :].lstrip(": ")
-    return text
-
-
 def serve(argv: Sequence[str]) -> int:
     """``tierdisk serve ARGS``: hand ``ARGS`` untouched to the server's ``main``."""
     try:
@@ -938,7 +426,7 @@ def serve(argv: Sequence[str]) -> int:
         entry = module.main
     except (ImportError, AttributeError) as err:
         print(
-            f"tierdisk: serve: cannot load the server ({SERVER_ENTRY}): {_one_line(str(err))}",
+            f"tierdisk: serve: cannot load the server ({SERVER_ENTRY}): {one_line(str(err))}",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -971,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"server address {args.server!r} (from {args.server_from}): {problem}")
         _check_request_numbers(args)
     except UsageError as err:
-        print(f"tierdisk: {_one_line(str(err))}", file=sys.stderr)
+        print(f"tierdisk: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     install_uvloop()
     try:
@@ -989,14 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tierdisk: {describe(err, args.server)}", file=sys.stderr)
         return EXIT_ERROR
     except CliError as err:
-        print(f"tierdisk: {_one_line(str(err))}", file=sys.stderr)
+        print(f"tierdisk: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except OSError as err:
-        print(f"tierdisk: {_one_line(str(err))}", file=sys.stderr)
+        print(f"tierdisk: {one_line(str(err))}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as err:  # a bug: still one line, never a traceback
         print(
-            f"tierdisk: internal error: {type(err).__name__}: {_one_line(str(err))}",
+            f"tierdisk: internal error: {type(err).__name__}: {one_line(str(err))}",
             file=sys.stderr,
         )
         return EXIT_ERROR

@@ -1,0 +1,579 @@
+"""The verbs that move bytes between a volume and a file, a device, a pipe or stdin/stdout:
+``read``, ``write``, ``import`` and ``export`` of the ``tierdisk`` command (DESIGN.md §7).
+
+Each is a :data:`tierdisk.client.cli.Verb`: ``await verb(client, args)`` returns the exit
+status, ``args`` being the parsed command line (:func:`tierdisk.client.cli.build_parser`).
+A failure is raised for :func:`tierdisk.client.cli.main` to report in one line: a
+:class:`~tierdisk.client.cli_errors.CliError` naming the file (or stdin, stdout), a
+:class:`~tierdisk.client.errors.TierdiskError` from the server, or a
+:class:`BrokenPipeError` when the reader of stdout went away.
+
+Files, devices, pipes and ``-``
+    ``-`` (as IMAGE, ``-i FILE`` or ``-o FILE``) is stdin or stdout; ``./-`` names a file.
+
+    ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
+    truncated first).
+
+    ``write`` (from SECTOR) and ``import`` (from sector 0) read a regular file or a block
+    device (``-i FILE``, IMAGE, or stdin redirected from one) from its current position to
+    its end. Its length is known up front, so one that is not a whole number of sectors,
+    that reaches past the end of the volume, or (``import``) that is larger than the volume
+    is refused before anything is written. A named FILE must be one of those two. Stdin
+    that is neither (a pipe, a terminal) has a length known only at its end, so it is
+    written as it arrives: the chunk that ends in part of a sector, or reaches past the end
+    of the volume, is not written, and is refused once the chunks before it are; the
+    message says how many bytes were written (:func:`_stream_in`). Every sector read is
+    written, zeros included.
+
+    ``export`` writes all ``sector_count * sector_size`` bytes of the volume. Into a
+    regular file it is sparse: the file is truncated, sized to the volume at once, and only
+    the allocated runs are written where they belong; unallocated runs, and chunks that
+    read back all zeros, are left as holes (the file reads the same); then it is fsynced.
+    Into a block device, a pipe, a character device or stdout (IMAGE ``-``) every byte is
+    written in order, zeros for the holes, with no truncating or seeking; a block device is
+    fsynced too.
+
+A failed export
+    If an export into a regular file fails after this export created or truncated it, the
+    file is removed, so that no full-size file that looks complete is left; but only if
+    IMAGE still names that file and named a regular file (or nothing) before: through a
+    symlink, say, the file is emptied instead. The error message ends with what was done
+    (``; removed the partial file 'img'``). A device or a pipe is left as it is, and so is
+    the ``-o FILE`` of a failed ``read``.
+
+Chunking
+    Each request carries at most ``client.max_io`` bytes, a whole number of sectors
+    (:func:`~tierdisk.client.chunking.sectors_per_chunk`; 1 MiB by default), with
+    ``client.max_in_flight`` requests running at a time. Chunks of a regular file or block
+    device are read (``pread``) and written in any order; so are the allocated chunks of a
+    sparse export (``pwrite``). A pipe or a terminal is read one chunk at a time, in order,
+    while earlier chunks are being written. ``read`` and an in-order export use
+    :meth:`~tierdisk.client.aio.AsyncVolume.stream_read`, which reads ahead in order.
+
+Progress
+    Long transfers draw a bar (:class:`~tierdisk.client.progress.Progress`) counting bytes
+    on stderr, only when stderr is a terminal: with a total when the length is known, the
+    bytes and the rate only when it is not (``write`` from a pipe). Never with
+    ``--no-progress``, nor when the data itself is on a terminal (``read`` or ``export`` to
+    a terminal stdout, ``write`` or ``import`` from a terminal stdin): raw sectors, or the
+    echo of typed input, would mix with the redrawn line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .aio import AsyncClient, AsyncVolume
+from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
+from .cli_errors import CliError, describe, describe_file, file_error, stdout_error
+from .errors import OutOfRange, TierdiskError
+from .models import AllocationExtent, VolumeInfo
+from .progress import Progress
+
+__all__ = ["STD_STREAM", "export_image", "import_image", "read_sectors", "write_sectors"]
+
+STD_STREAM = "-"
+"""As IMAGE (``import``/``export``), ``-i`` or ``-o``: stdin or stdout (``./-`` names a file)."""
+
+
+# -- shared ------------------------------------------------------------------------------
+
+
+def _check_fits(vol: AsyncVolume, info: VolumeInfo, sector: int, count: int) -> None:
+    """:class:`OutOfRange`, before any data is moved, if ``count`` sectors from ``sector``
+    reach past the end of ``vol`` (``info``: its size, in sectors)."""
+    if sector + count > info.sector_count:
+        raise OutOfRange(
+            f"sectors {sector}..{sector + count} reach past the end ({info.sector_count} sectors)",
+            volume=vol.name,
+        )
+
+
+def _progress(
+    args: argparse.Namespace, total: int | None, label: str, *, data_on_tty: bool = False
+) -> Progress:
+    """The bar of a transfer of ``total`` bytes (``None``: unknown, from a pipe): drawn on
+    stderr when that is a terminal (DESIGN.md §7). Never with ``--no-progress``, nor when the
+    data itself is on a terminal (``data_on_tty``: ``read`` to a terminal stdout, ``write``
+    from a terminal stdin): raw sectors, or the echo of typed input, would mix with the
+    redrawn line."""
+    off = bool(args.no_progress) or data_on_tty
+    return Progress(total, label=label, enabled=False if off else None)
+
+
+# -- files and streams -------------------------------------------------------------------
+
+
+def _open_file(path: str, flags: int, mode: int = 0o666) -> int:
+    """``os.open(path, flags, mode)``, close-on-exec; a failure is a :class:`CliError`
+    naming ``path``."""
+    try:
+        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as err:
+        raise file_error(path, err) from None
+
+
+def _isatty(stream: BinaryIO) -> bool:
+    """Whether ``stream`` is a terminal; ``False`` when it cannot tell."""
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):  # closed, or no file behind it
+        return False
+
+
+def _fileno(stream: BinaryIO) -> int | None:
+    """The file descriptor behind ``stream``, or ``None`` if there is none."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. io.BytesIO in place of stdin
+        return None
+
+
+def _std(path: str | None) -> str | None:
+    """``path`` as given to ``-i``/``-o``/IMAGE, ``None`` for stdin or stdout (``-``)."""
+    return None if path == STD_STREAM else path
+
+
+class _Sink:
+    """Where ``read`` and ``export`` put bytes in order: stdout (``path`` ``None``) or the
+    file open as ``fd``. A failed write raises a one-line :class:`CliError` naming it (a
+    broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`tierdisk.client.cli.main`)."""
+
+    def __init__(self, fd: int | None = None, path: str | None = None) -> None:
+        self.fd = fd
+        self.path = path
+
+    def _failed(self, err: OSError) -> OSError | CliError:
+        return stdout_error(err) if self.fd is None else file_error(self.path, err)
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            if self.fd is None:
+                sys.stdout.buffer.write(data)
+                return
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as err:
+            raise self._failed(err) from None
+
+    def flush(self) -> None:
+        if self.fd is None:
+            try:
+                sys.stdout.buffer.flush()
+            except OSError as err:
+                raise self._failed(err) from None
+
+
+@contextlib.contextmanager
+def _closing(fd: int, path: str) -> Iterator[int]:
+    """Close ``fd`` (the file ``path``) at the end; a failed close is a failed write."""
+    try:
+        yield fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    try:
+        os.close(fd)
+    except OSError as err:
+        raise file_error(path, err) from None
+
+
+# -- read --------------------------------------------------------------------------------
+
+
+async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``read VOL SECTOR COUNT [-o FILE]``: the COUNT sectors from SECTOR, in order, to
+    stdout or to FILE (created, or truncated first). Refused before anything is written if
+    they reach past the end of the volume."""
+    vol = client.volume(args.volume)
+    info = await vol.info()
+    _check_fits(vol, info, args.sector, args.count)
+    path = _std(args.output)
+    total = args.count * info.sector_size
+    label = f"read {vol.name}"
+
+    async def copy(sink: _Sink, bar: Progress) -> None:
+        with bar:
+            async for _sector, data in vol.stream_read(args.sector, args.count):
+                sink.write(data)
+                bar.advance(len(data))
+        sink.flush()
+
+    if path is None:
+        # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but
+        # not when stdout is a terminal too: raw sectors and a redrawn line would mix.
+        data_on_tty = _isatty(sys.stdout.buffer)
+        await copy(_Sink(), _progress(args, total, label, data_on_tty=data_on_tty))
+        return 0
+    with _closing(_open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), path) as fd:
+        await copy(_Sink(fd, path), _progress(args, total, label))
+    return 0
+
+
+# -- write and import --------------------------------------------------------------------
+
+
+def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
+    """``size`` bytes of the file ``path`` (``None``: stdin) in ``sector_size``-byte
+    sectors; a :class:`CliError` if that is not a whole number."""
+    if size % sector_size:
+        raise CliError(
+            f"{describe_file(path)}: {size} bytes is not a whole number of "
+            f"{sector_size}-byte sectors"
+        )
+    return size // sector_size
+
+
+async def write_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``write VOL SECTOR [-i FILE] [--fua]``: whole sectors from stdin or FILE onto the
+    volume from SECTOR (see :func:`_copy_from`)."""
+    vol = client.volume(args.volume)
+    return await _copy_from(client, args, vol, _std(args.input), args.sector, "write")
+
+
+async def import_image(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``import VOL IMAGE``: IMAGE (``-``: stdin) onto the volume from sector 0; it must be
+    a whole number of sectors and no larger than the volume, which keeps its size."""
+    vol = client.volume(args.volume)
+    return await _copy_from(client, args, vol, _std(args.image), 0, "import")
+
+
+async def _copy_from(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    path: str | None,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the file ``path`` (``None``: stdin) onto the volume from ``sector``."""
+    if path is not None:
+        return await _copy_in(client, args, vol, path, sector, verb)
+    stdin = sys.stdin.buffer
+    fd = _fileno(stdin)
+    if fd is not None and _sized(fd):
+        # `write … < img`: the size is known, so a bad length is refused before anything is
+        # written, and the bar has a total.
+        return await _copy_fd_in(client, args, vol, fd, None, sector, verb)
+    return await _stream_in(client, args, vol, stdin, sector, verb)
+
+
+async def _copy_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    path: str,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the file ``path`` onto the volume from ``sector`` (see :func:`_copy_fd_in`)."""
+    fd = _open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
+    try:
+        return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
+    finally:
+        os.close(fd)
+
+
+async def _copy_fd_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    fd: int,
+    path: str | None,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the regular file or block device open as ``fd`` (``path``; ``None``: stdin), from
+    its current position to its end, onto the volume from ``sector``: ``max_in_flight``
+    requests of ``max_io`` bytes at a time, with a bar that has a total. Every chunk is
+    written, zeros included: that is always correct, whatever the volume's unmap behaviour.
+    On success the position is left at the end, as a plain read would."""
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        size = max(0, _file_size(fd, path) - start)
+    except OSError as err:
+        raise file_error(path, err) from None
+    info = await vol.info()
+    ss = info.sector_size
+    count = _whole_sectors(path, size, ss)
+    if verb == "import" and count > info.sector_count:
+        raise CliError(
+            f"{describe_file(path)}: {size} bytes is larger than volume {vol.name!r} "
+            f"({info.size_bytes} bytes)"
+        )
+    _check_fits(vol, info, sector, count)
+    fua = bool(getattr(args, "fua", False))
+
+    async def one(chunk: Chunk) -> None:
+        length = chunk.sector_count * ss
+        try:
+            data = await asyncio.to_thread(os.pread, fd, length, start + chunk.offset * ss)
+        except OSError as err:
+            raise file_error(path, err) from None
+        if len(data) != length:
+            raise CliError(f"{describe_file(path)}: shrank while being read")
+        await vol.write(chunk.sector, data, fua=fua)
+        bar.advance(length)
+
+    per_chunk = sectors_per_chunk(client.max_io, ss)
+    with _progress(args, size, f"{verb} {vol.name}") as bar:
+        await run_bounded(plan_chunks(sector, count, per_chunk), one, client.max_in_flight)
+    os.lseek(fd, start + size, os.SEEK_SET)
+    return 0
+
+
+def _sized(fd: int) -> bool:
+    """Whether ``fd`` is a regular file or a block device: its length is known up front."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def _file_size(fd: int, path: str | None) -> int:
+    """The length in bytes of the regular file or block device open as ``fd`` (``path``;
+    ``None``: stdin); a :class:`CliError` for anything else."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"{describe_file(path)}: not a regular file or block device")
+    return st.st_size
+
+
+def _read_up_to(src: BinaryIO, size: int) -> bytes:
+    """``size`` bytes from ``src``, fewer only at its end. One raw read at a time (``read1``):
+    a pipe returns less per read, and a terminal's end (Ctrl-D) is one empty read, not a
+    lasting state, so it must be seen, not absorbed by a buffered ``read(size)``."""
+    read1 = getattr(src, "read1", src.read)
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part: bytes = read1(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+async def _stream_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    src: BinaryIO,
+    sector: int,
+    verb: str,
+) -> int:
+    """``write`` (or ``import``) from a pipe (or a terminal): its length is known only at
+    its end, so the data is written as it arrives, ``max_io`` bytes a request with
+    ``max_in_flight`` in flight, never held whole; the bar shows the bytes written and the
+    rate, no total.
+
+    A chunk that ends in part of a sector or would reach past the end of the volume is not
+    written, and is reported once the chunks before it are all written; the message says
+    how many bytes that is. So input of up to one chunk (1 MiB by default) is refused before
+    anything is written, as is anything starting past the end."""
+    info = await vol.info()
+    ss = info.sector_size
+    _check_fits(vol, info, sector, 0)
+    chunk_bytes = sectors_per_chunk(client.max_io, ss) * ss
+    fua = bool(getattr(args, "fua", False))
+    lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
+    taken = 0  # bytes taken from src so far
+    ended = False
+    refusal: Exception | None = None
+
+    def written(before: int) -> str:
+        if not before:
+            return "nothing was written"
+        return f"the {before} bytes before were written from sector {sector}"
+
+    async def worker(_: int) -> None:
+        nonlocal taken, ended, refusal
+        while True:
+            async with lock:
+                if ended:
+                    return
+                try:
+                    data = await asyncio.to_thread(_read_up_to, src, chunk_bytes)
+                except OSError as err:
+                    raise file_error(None, err) from None
+                offset, taken = taken, taken + len(data)
+                ended = len(data) < chunk_bytes
+                if not data:
+                    return
+                at, count = sector + offset // ss, len(data) // ss
+                if len(data) % ss:
+                    ended = True
+                    refusal = CliError(
+                        f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
+                        + written(offset)
+                    )
+                    return
+                if at + count > info.sector_count:
+                    ended = True
+                    refusal = OutOfRange(
+                        f"stdin: sectors {at}..{at + count} reach past the end "
+                        f"({info.sector_count} sectors); " + written(offset),
+                        volume=vol.name,
+                    )
+                    return
+            await vol.write(at, data, fua=fua)
+            bar.advance(len(data))
+
+    label = f"{verb} {vol.name}"
+    with _progress(args, None, label, data_on_tty=_isatty(src)) as bar:
+        await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
+    if refusal is not None:
+        raise refusal
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+async def export_image(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``export VOL IMAGE``: the whole volume into IMAGE (``-``: stdout), sparse into a
+    regular file, every byte in order into anything else; a partial regular file left by a
+    failure is removed (see the module's notes)."""
+    vol = client.volume(args.volume)
+    info = await vol.info()
+    extents = await vol.allocation(0, info.sector_count)
+    label = f"export {vol.name}"
+    path = _std(args.image)
+    if path is None:  # stdout: every byte in order, whatever it is (a pipe, a file, …)
+        data_on_tty = _isatty(sys.stdout.buffer)
+        with _progress(args, info.size_bytes, label, data_on_tty=data_on_tty) as bar:
+            await _export_in_order(client, vol, info, extents, _Sink(), bar)
+        return 0
+    try:
+        existed: os.stat_result | None = os.lstat(path)
+    except OSError:
+        existed = None
+    # Not O_TRUNC yet: a device keeps its size and is written whole, not truncated.
+    fd = _open_file(path, os.O_WRONLY | os.O_CREAT)
+    partial = False  # whether a failure leaves a partial regular file to discard
+    try:
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        if regular:
+            partial = existed is None  # created here
+            os.ftruncate(fd, 0)
+            partial = True  # its old bytes are gone: what is left is this export's
+        with _progress(args, info.size_bytes, label) as bar:
+            if regular:
+                await _export_sparse(client, vol, info, extents, fd, path, bar)
+            else:  # a device, a pipe, /dev/stdout …: no truncating, no seeking, no holes
+                await _export_in_order(client, vol, info, extents, _Sink(fd, path), bar)
+        if regular or stat.S_ISBLK(st.st_mode):
+            os.fsync(fd)
+        os.close(fd)
+    except BaseException as exc:
+        note = _discard_partial(fd, path, existed) if partial else ""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if isinstance(exc, OSError):
+            raise file_error(path, exc, note) from None
+        if isinstance(exc, TierdiskError):
+            raise CliError(describe(exc, args.server) + note) from None
+        if isinstance(exc, CliError) and note:
+            err = CliError(f"{exc}{note}")
+            err.exit_code = exc.exit_code
+            raise err from None
+        raise
+    return 0
+
+
+async def _export_sparse(
+    client: AsyncClient,
+    vol: AsyncVolume,
+    info: VolumeInfo,
+    extents: list[AllocationExtent],
+    fd: int,
+    path: str,
+    bar: Progress,
+) -> None:
+    """Export into the empty regular file open as ``fd``: sized to the volume at once, all
+    holes; then the allocated runs are written where they belong, a few at a time."""
+    ss = info.sector_size
+    os.ftruncate(fd, info.size_bytes)
+    per_chunk = sectors_per_chunk(client.max_io, ss)
+    chunks = [
+        chunk
+        for ext in extents
+        if ext.allocated
+        for chunk in plan_chunks(ext.sector, ext.sector_count, per_chunk)
+    ]
+    zeros = bytes(per_chunk * ss)
+    bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
+
+    async def one(chunk: Chunk) -> None:
+        data = await vol.read(chunk.sector, chunk.sector_count)
+        # An all-zero chunk is left as a hole too: the file reads the same.
+        if data != zeros[: len(data)]:
+            await asyncio.to_thread(os.pwrite, fd, data, chunk.sector * ss)
+        bar.advance(len(data))
+
+    await run_bounded(chunks, one, client.max_in_flight)
+
+
+async def _export_in_order(
+    client: AsyncClient,
+    vol: AsyncVolume,
+    info: VolumeInfo,
+    extents: list[AllocationExtent],
+    sink: _Sink,
+    bar: Progress,
+) -> None:
+    """Export as one stream of ``sector_count * sector_size`` bytes: the allocated runs
+    read ahead in order, zeros written for the holes."""
+    ss = info.sector_size
+    zeros = memoryview(bytes(sectors_per_chunk(client.max_io, ss) * ss))
+    for ext in extents:
+        if ext.allocated:
+            async for _sector, data in vol.stream_read(ext.sector, ext.sector_count):
+                sink.write(data)
+                bar.advance(len(data))
+            continue
+        left = ext.sector_count * ss
+        while left:
+            n = min(left, len(zeros))
+            sink.write(zeros[:n])
+            bar.advance(n)
+            left -= n
+    sink.flush()
+
+
+def _discard_partial(fd: int, path: str, existed: os.stat_result | None) -> str:
+    """After a failed export into the regular file open as ``fd``: remove it, so no
+    full-size file is left that looks complete. Only if ``path`` is still that file and
+    was a regular file (or nothing) before; through a symlink the file is emptied instead.
+    Returns the note for the error message."""
+    try:
+        st = os.fstat(fd)
+        now = os.lstat(path)
+    except OSError:
+        return ""
+    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+    if same and stat.S_ISREG(now.st_mode) and (existed is None or stat.S_ISREG(existed.st_mode)):
+        try:
+            os.unlink(path)
+        except OSError as err:
+            return f"; could not remove the partial file {path!r}: {err.strerror or err}"
+        return f"; removed the partial file {path!r}"
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        return ""
+    return f"; emptied the partial file {path!r}"
