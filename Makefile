@@ -20,6 +20,7 @@ test: lint typecheck pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check scripts/gen-proto
 
 typecheck: $(STAMP)

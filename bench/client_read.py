@@ -61,7 +61,12 @@ def _run(tree: str | None, target: str, reads: int, qd: int) -> dict[str, float]
         env["PYTHONPATH"] = str(Path(tree).resolve())
     out = subprocess.run(
         [PYTHON, __file__, "--child", target, "--reads", str(reads), "--qd", str(qd)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -81,8 +86,19 @@ def main() -> int:
     work = BENCH / "results"
     work.mkdir(parents=True, exist_ok=True)
     ready = work / f"ready-client-read-{os.getpid()}.json"
-    floor = ServerProc([PYTHON, str(BENCH / "floor_server.py"), "--listen", "127.0.0.1:0",
-                        "--ready-file", str(ready)], ready, env=lever_env(), name="floor")
+    floor = ServerProc(
+        [
+            PYTHON,
+            str(BENCH / "floor_server.py"),
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        ],
+        ready,
+        env=lever_env(),
+        name="floor",
+    )
     mine: list[dict[str, float]] = []
     theirs: list[dict[str, float]] = []
     try:
@@ -98,17 +114,22 @@ def main() -> int:
     def show(name: str, rows: list[dict[str, Any]]) -> None:
         cpu = [r["cpu_us_per_read"] for r in rows]
         rate = [r["reads_s"] for r in rows]
-        print(f"{name:14s} client CPU µs per 1 MiB read {statistics.median(cpu):7.0f} "
-              f"({min(cpu):.0f}-{max(cpu):.0f})   reads/s {statistics.median(rate):6.0f}")
+        print(
+            f"{name:14s} client CPU µs per 1 MiB read {statistics.median(cpu):7.0f} "
+            f"({min(cpu):.0f}-{max(cpu):.0f})   reads/s {statistics.median(rate):6.0f}"
+        )
 
     print(f"{args.rounds} rounds x {args.reads} reads of 1 MiB at QD {args.qd}, floor server")
     show("this tree", mine)
     if theirs:
         show(Path(args.compare).name or args.compare, theirs)
-        ratios = [a["cpu_us_per_read"] / b["cpu_us_per_read"]
-                  for a, b in zip(mine, theirs, strict=True)]
-        print(f"CPU per read, this tree / that tree (per round): median "
-              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        ratios = [
+            a["cpu_us_per_read"] / b["cpu_us_per_read"] for a, b in zip(mine, theirs, strict=True)
+        ]
+        print(
+            f"CPU per read, this tree / that tree (per round): median "
+            f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
     return 0
 
 

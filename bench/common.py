@@ -152,20 +152,42 @@ class ServerProc:
             ready.unlink()
         self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            list(cmd), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env=env, cwd=REPO,
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
+            cwd=REPO,
         )
         self.info: dict[str, Any] = {}
 
     @classmethod
     def tierdisk(
-        cls, config: Path, workdir: Path, name: str, *, env: dict[str, str] | None = None,
+        cls,
+        config: Path,
+        workdir: Path,
+        name: str,
+        *,
+        env: dict[str, str] | None = None,
         extra: Sequence[str] = (),
     ) -> ServerProc:
         ready = workdir / f"ready-{name}.json"
-        cmd = [PYTHON, "-m", "tierdisk.service", "--config", str(config),
-               "--listen", "127.0.0.1:0", "--metrics", "", "--log-level", "warning",
-               "--ready-file", str(ready), *extra]
+        cmd = [
+            PYTHON,
+            "-m",
+            "tierdisk.service",
+            "--config",
+            str(config),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "",
+            "--log-level",
+            "warning",
+            "--ready-file",
+            str(ready),
+            *extra,
+        ]
         return cls(cmd, ready, env=env, log=workdir / f"{name}.log", name=name)
 
     def wait_ready(self, timeout: float = 60.0) -> ServerProc:

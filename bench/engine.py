@@ -33,14 +33,14 @@ from tierdisk.service.volume import LayerEntry, Volume  # noqa: E402
 
 
 async def open_volumes(config: str, data_dir: str, names: list[str]) -> dict[str, Volume]:
-    cfg = load_config(config, flags={"data_dir": data_dir, "listen": "127.0.0.1:0",
-                                     "metrics": "", "nbd": ""})
+    cfg = load_config(
+        config, flags={"data_dir": data_dir, "listen": "127.0.0.1:0", "metrics": "", "nbd": ""}
+    )
     opened: dict[str, Volume] = {}
     for vc in cfg.volumes:
         if vc.name not in names:
             continue
-        entries = [LayerEntry(build_layer(lc), lc.read_cache, lc.write_through)
-                   for lc in vc.layers]
+        entries = [LayerEntry(build_layer(lc), lc.read_cache, lc.write_through) for lc in vc.layers]
         opened[vc.name] = await Volume.open(vc.name, entries, read_only=vc.read_only)
     return opened
 
@@ -56,8 +56,17 @@ async def sweep(volume: Volume, offset: int, size: int, write: bool) -> None:
             await volume.read(pos // SECTOR, chunk // SECTOR)
 
 
-async def measure(volume: Volume, op: str, bs: int, qd: int, offset: int, size: int,
-                  warmup: float, duration: float, max_ops: int) -> dict[str, Any]:
+async def measure(
+    volume: Volume,
+    op: str,
+    bs: int,
+    qd: int,
+    offset: int,
+    size: int,
+    warmup: float,
+    duration: float,
+    max_ops: int,
+) -> dict[str, Any]:
     count = bs // SECTOR
     first = offset // SECTOR
     blocks = size // bs
@@ -114,10 +123,18 @@ async def measure(volume: Volume, op: str, bs: int, qd: int, offset: int, size: 
     latencies.sort()
     p50 = latencies[len(latencies) // 2] * 1e6 if latencies else None
     return {
-        "op": op, "bs": bs, "qd": qd, "volume": volume.name, "ops": ops,
-        "seconds": round(seconds, 4), "ops_s": ops / seconds, "mb_s": ops * bs / seconds / 1e6,
-        "lat_p50_us": p50, "cli_cpu_us_op": (cpu1.cpu - cpu0.cpu) * 1e6 / ops if ops else None,
-        "srv_cpu_us_op": None, "levers": LEVERS,
+        "op": op,
+        "bs": bs,
+        "qd": qd,
+        "volume": volume.name,
+        "ops": ops,
+        "seconds": round(seconds, 4),
+        "ops_s": ops / seconds,
+        "mb_s": ops * bs / seconds / 1e6,
+        "lat_p50_us": p50,
+        "cli_cpu_us_op": (cpu1.cpu - cpu0.cpu) * 1e6 / ops if ops else None,
+        "srv_cpu_us_op": None,
+        "levers": LEVERS,
     }
 
 
@@ -131,8 +148,17 @@ async def main_async(args: argparse.Namespace) -> None:
         for name in args.volume:
             for spec in args.workload:
                 op, bs, qd = spec.split(":")
-                result = await measure(volumes[name], op, int(bs), int(qd), args.offset,
-                                       args.size, args.warmup, args.duration, args.max_ops)
+                result = await measure(
+                    volumes[name],
+                    op,
+                    int(bs),
+                    int(qd),
+                    args.offset,
+                    args.size,
+                    args.warmup,
+                    args.duration,
+                    args.max_ops,
+                )
                 print(json.dumps(result), flush=True)
     finally:
         for volume in volumes.values():

@@ -67,8 +67,12 @@ class FloorServicer(pb_grpc.BlockDeviceServicer):
         return pb.WriteResponse()
 
     async def GetVolume(self, request: pb.GetVolumeRequest, context: Any) -> pb.Volume:
-        return pb.Volume(name=request.volume, sector_size=SECTOR, sector_count=VOLUME_SECTORS,
-                         physical_sector_size=SECTOR)
+        return pb.Volume(
+            name=request.volume,
+            sector_size=SECTOR,
+            sector_count=VOLUME_SECTORS,
+            physical_sector_size=SECTOR,
+        )
 
 
 def _write_ready(path: str, info: dict[str, Any]) -> None:
@@ -142,8 +146,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--ready-file")
-    p.add_argument("--like-tierdisk", action="store_true",
-                   help="add handler wrappers, health and reflection, as tierdisk serve has")
+    p.add_argument(
+        "--like-tierdisk",
+        action="store_true",
+        help="add handler wrappers, health and reflection, as tierdisk serve has",
+    )
     args = p.parse_args()
     asyncio.run(serve(args.listen, args.ready_file, args.like_tierdisk))
 

@@ -43,7 +43,9 @@ _real_server = grpc.aio.server
 def _recording_server(*args: Any, **kwargs: Any) -> Any:
     server = _real_server(*args, **kwargs)
     record: dict[str, Any] = {
-        "interceptors": tuple(kwargs.get("interceptors") or ()), "generic": [], "registered": {}
+        "interceptors": tuple(kwargs.get("interceptors") or ()),
+        "generic": [],
+        "registered": {},
     }
     _captured.append(record)
     add_generic = server.add_generic_rpc_handlers
@@ -107,8 +109,11 @@ async def _run_interceptors(interceptors: Any, query: Any, details: Any) -> Any:
 def _is_async_handler(handler: Any) -> bool:  # as grpc's server does, per call
     import inspect
 
-    return (inspect.isawaitable(handler) or inspect.iscoroutinefunction(handler)
-            or inspect.isasyncgenfunction(handler))
+    return (
+        inspect.isawaitable(handler)
+        or inspect.iscoroutinefunction(handler)
+        or inspect.isasyncgenfunction(handler)
+    )
 
 
 async def one_call(record: dict[str, Any], method: str, raw: bytes, ctx: Any) -> bytes:
@@ -140,8 +145,9 @@ CASES = {
 def _request(method: str, volume: str, nbytes: int, i: int, region: int) -> bytes:
     sector = (i * nbytes) % region // SECTOR
     if method == "Read":
-        return pb.ReadRequest(volume=volume, sector=sector,
-                              sector_count=nbytes // SECTOR).SerializeToString()
+        return pb.ReadRequest(
+            volume=volume, sector=sector, sector_count=nbytes // SECTOR
+        ).SerializeToString()
     return pb.WriteRequest(volume=volume, sector=sector, data=b"x" * nbytes).SerializeToString()
 
 
@@ -169,8 +175,12 @@ async def measure(seconds: float, profile: str | None) -> dict[str, dict[str, fl
             ctx = FakeContext()
             # Prefill the ram volume so reads copy real memory.
             for i in range(region // (1 << 20)):
-                await one_call(td, "/tierdisk.v1.BlockDevice/Write",
-                               _request("Write", "ram", 1 << 20, i, region), ctx)
+                await one_call(
+                    td,
+                    "/tierdisk.v1.BlockDevice/Write",
+                    _request("Write", "ram", 1 << 20, i, region),
+                    ctx,
+                )
             cases = [c for c in CASES if not profile or c == profile]
             raws = {
                 c: [_request(CASES[c][0], "ram", CASES[c][1], i, region) for i in range(64)]
@@ -213,8 +223,12 @@ async def measure(seconds: float, profile: str | None) -> dict[str, dict[str, fl
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=2.0,
-                   help="rounds / 10 (a round: 50 ms per case and server)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="rounds / 10 (a round: 50 ms per case and server)",
+    )
     p.add_argument("--profile", choices=sorted(CASES), help="cProfile one case (tierdisk)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

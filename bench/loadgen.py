@@ -147,8 +147,14 @@ async def run_load(channel: grpc.aio.Channel, args: dict[str, Any]) -> dict[str,
     warmup = float(args.get("warmup", 0.0))
     max_ops = int(args.get("max_ops") or 10_000_000)
     server_pid = int(args.get("server_pid") or 0)
-    requests = Requests(op, args["volume"], bs, int(args.get("offset", 0)),
-                        int(args.get("size", 256 << 20)), int(args.get("seed", 1)))
+    requests = Requests(
+        op,
+        args["volume"],
+        bs,
+        int(args.get("offset", 0)),
+        int(args.get("size", 256 << 20)),
+        int(args.get("seed", 1)),
+    )
     call: Callable[[bytes], Any] = channel.unary_unary(
         READ_PATH if requests.is_read else WRITE_PATH
     )
@@ -222,8 +228,13 @@ async def run_load(channel: grpc.aio.Channel, args: dict[str, Any]) -> dict[str,
     seconds = t_end - t_start
     latencies.sort()
     result: dict[str, Any] = {
-        "op": op, "bs": bs, "qd": qd, "volume": args["volume"], "target": args["target"],
-        "ops": count, "seconds": round(seconds, 4),
+        "op": op,
+        "bs": bs,
+        "qd": qd,
+        "volume": args["volume"],
+        "target": args["target"],
+        "ops": count,
+        "seconds": round(seconds, 4),
         "ops_s": count / seconds if seconds > 0 else 0.0,
         "mb_s": nbytes / seconds / 1e6 if seconds > 0 else 0.0,
         "lat_p50_us": _us(_percentile(latencies, 0.50)),

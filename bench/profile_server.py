@@ -80,25 +80,78 @@ def main() -> int:
             image = work / "image.raw"
             with open(image, "wb") as f:
                 f.write(os.urandom(256 << 20))
-            layers = ('[[volumes.layers]]\nkind = "ram"\n[[volumes.layers]]\nkind = "raw"\n'
-                      f'path = "{image}"\nread_only = true\n')
+            layers = (
+                '[[volumes.layers]]\nkind = "ram"\n[[volumes.layers]]\nkind = "raw"\n'
+                f'path = "{image}"\nread_only = true\n'
+            )
         config = work / "profile.toml"
         config.write_text(f'[server]\ndata_dir = "{work}"\n[[volumes]]\nname = "v"\n{layers}')
         server = ServerProc.tierdisk(config, work, "profiled", env=lever_env()).wait_ready()
         try:
-            load = [PYTHON, str(BENCH / "loadgen.py"), "--target", server.address,
-                    "--volume", "v", "--server-pid", str(server.pid)]
+            load = [
+                PYTHON,
+                str(BENCH / "loadgen.py"),
+                "--target",
+                server.address,
+                "--volume",
+                "v",
+                "--server-pid",
+                str(server.pid),
+            ]
             if args.stack == "ram":
-                subprocess.run([*load, "--op", "seqwrite", "--bs", str(1 << 20), "--qd", "4",
-                                "--warmup", "0", "--duration", "60", "--max-ops", "256"],
-                               check=True, capture_output=True, env=lever_env())
+                subprocess.run(
+                    [
+                        *load,
+                        "--op",
+                        "seqwrite",
+                        "--bs",
+                        str(1 << 20),
+                        "--qd",
+                        "4",
+                        "--warmup",
+                        "0",
+                        "--duration",
+                        "60",
+                        "--max-ops",
+                        "256",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    env=lever_env(),
+                )
             gen = subprocess.Popen(
-                [*load, "--op", args.op, "--bs", str(args.bs), "--qd", str(args.qd),
-                 "--warmup", "0.5", "--duration", str(args.seconds + 1.5)],
-                stdout=subprocess.PIPE, text=True, env=lever_env())
+                [
+                    *load,
+                    "--op",
+                    args.op,
+                    "--bs",
+                    str(args.bs),
+                    "--qd",
+                    str(args.qd),
+                    "--warmup",
+                    "0.5",
+                    "--duration",
+                    str(args.seconds + 1.5),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=lever_env(),
+            )
             raw = work / "profile.txt"
-            cmd = [spy, "record", "-p", str(server.pid), "-d", str(int(args.seconds)),
-                   "-r", str(args.rate), "-f", "raw", "-o", str(raw)]
+            cmd = [
+                spy,
+                "record",
+                "-p",
+                str(server.pid),
+                "-d",
+                str(int(args.seconds)),
+                "-r",
+                str(args.rate),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+            ]
             if args.native:
                 cmd.append("--native")
             subprocess.run(["sleep", "0.7"], check=True)
@@ -107,9 +160,11 @@ def main() -> int:
         finally:
             server.stop()
         result = json.loads(out)
-        print(f"workload: {args.op} {args.bs} B QD{args.qd} on [{args.stack}]: "
-              f"{result['ops_s']:.0f} ops/s while sampled, server CPU "
-              f"{result['srv_cpu_us_op']} us/op")
+        print(
+            f"workload: {args.op} {args.bs} B QD{args.qd} on [{args.stack}]: "
+            f"{result['ops_s']:.0f} ops/s while sampled, server CPU "
+            f"{result['srv_cpu_us_op']} us/op"
+        )
         print(fold(raw, args.top))
         if args.raw_out:
             shutil.copyfile(raw, args.raw_out)

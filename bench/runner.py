@@ -114,15 +114,23 @@ class Row:
 class Worker:
     """A bench/loadgen.py --worker process: JSON commands in, JSON results out."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path,
-                 inproc_config: Path | None = None) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], workdir: Path, inproc_config: Path | None = None
+    ) -> None:
         cmd = [PYTHON, str(BENCH / "loadgen.py"), "--worker"]
         if inproc_config is not None:
             cmd += ["--inproc-config", str(inproc_config)]
         self.name = name
         self._err = open(workdir / f"worker-{name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, env=env, cwd=REPO, text=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            env=env,
+            cwd=REPO,
+            text=True,
+        )
         self.hello = self._read(60.0)
 
     def _read(self, timeout: float) -> dict[str, Any]:
@@ -182,10 +190,12 @@ class Bench:
         self.args = args
         self.quick: bool = args.quick
         self.runs: int = args.runs or (3 if self.quick else 5)
-        self.warmup: float = args.warmup if args.warmup is not None else (
-            0.15 if self.quick else 0.4)
-        self.duration: float = args.duration if args.duration is not None else (
-            0.5 if self.quick else 1.5)
+        self.warmup: float = (
+            args.warmup if args.warmup is not None else (0.15 if self.quick else 0.4)
+        )
+        self.duration: float = (
+            args.duration if args.duration is not None else (0.5 if self.quick else 1.5)
+        )
         self.work = Path(args.workdir or RESULTS / "work").resolve()
         self.image = self.work / "image.raw"
         self.servers: list[ServerProc] = []
@@ -229,19 +239,24 @@ class Bench:
         volumes = {
             "ram": [{"kind": "ram", "size": VOLUME_BYTES}],
             "ram-raw": [{"kind": "ram"}, raw],
-            "ram-sparse-raw": [{"kind": "ram"},
-                               {"kind": "sparse", "path": "cache/ram-sparse-raw",
-                                "read_cache": True}, raw],
+            "ram-sparse-raw": [
+                {"kind": "ram"},
+                {"kind": "sparse", "path": "cache/ram-sparse-raw", "read_cache": True},
+                raw,
+            ],
         }
         self.main_config = self.work / "main.toml"
-        self.main_config.write_text(head + "".join(
-            _volume_toml(name, volumes[name]) for name in self.stacks))
+        self.main_config.write_text(
+            head + "".join(_volume_toml(name, volumes[name]) for name in self.stacks)
+        )
         self.lever_config = self.work / "lever.toml"
-        self.lever_config.write_text(f'[server]\ndata_dir = "{data}"\n'
-                                     + _volume_toml("ram", volumes["ram"]))
+        self.lever_config.write_text(
+            f'[server]\ndata_dir = "{data}"\n' + _volume_toml("ram", volumes["ram"])
+        )
         self.origin_config = self.work / "origin.toml"
-        self.origin_config.write_text(f'[server]\ndata_dir = "{data}"\n'
-                                      + _volume_toml("base", [raw], read_only=True))
+        self.origin_config.write_text(
+            f'[server]\ndata_dir = "{data}"\n' + _volume_toml("base", [raw], read_only=True)
+        )
 
     def start_server(self, name: str, config: Path, **levers: bool) -> ServerProc:
         server = ServerProc.tierdisk(config, self.work, name, env=lever_env(**levers))
@@ -250,10 +265,16 @@ class Bench:
 
     def start_floor(self, name: str = "floor", *extra: str) -> ServerProc:
         ready = self.work / f"ready-{name}.json"
-        cmd = [PYTHON, str(BENCH / "floor_server.py"), "--listen", "127.0.0.1:0",
-               "--ready-file", str(ready), *extra]
-        server = ServerProc(cmd, ready, env=lever_env(), log=self.work / f"{name}.log",
-                            name=name)
+        cmd = [
+            PYTHON,
+            str(BENCH / "floor_server.py"),
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+            *extra,
+        ]
+        server = ServerProc(cmd, ready, env=lever_env(), log=self.work / f"{name}.log", name=name)
         self.servers.append(server)
         return server.wait_ready()
 
@@ -262,13 +283,32 @@ class Bench:
         self.workers.append(worker)
         return worker
 
-    def fill(self, worker: Worker, target: str, volume: str, *, write: bool,
-             pid: int = 0, offset: int = READ_OFF, size: int = READ_SIZE) -> None:
+    def fill(
+        self,
+        worker: Worker,
+        target: str,
+        volume: str,
+        *,
+        write: bool,
+        pid: int = 0,
+        offset: int = READ_OFF,
+        size: int = READ_SIZE,
+    ) -> None:
         """Write (prefill) or read (warm a cache) a region once (default: the read region),
         1 MiB at a time."""
-        result = worker.run(target=target, volume=volume, op="seqwrite" if write else "seqread",
-                            bs=MiB, qd=4, offset=offset, size=size, warmup=0,
-                            duration=300, max_ops=size // MiB, server_pid=pid)
+        result = worker.run(
+            target=target,
+            volume=volume,
+            op="seqwrite" if write else "seqread",
+            bs=MiB,
+            qd=4,
+            offset=offset,
+            size=size,
+            warmup=0,
+            duration=300,
+            max_ops=size // MiB,
+            server_pid=pid,
+        )
         if "error" in result:
             raise RuntimeError(f"filling {volume} on {target}: {result['error']}")
 
@@ -298,8 +338,9 @@ class Bench:
             self.fill(self.lg, self.main.address, "ram-sparse-raw", write=False)
         # Writes are measured in steady state: the RAM pages of the write region exist.
         for stack in self.stacks:
-            self.fill(self.lg, self.main.address, stack, write=True, offset=WRITE_OFF,
-                      size=WRITE_SIZE)
+            self.fill(
+                self.lg, self.main.address, stack, write=True, offset=WRITE_OFF, size=WRITE_SIZE
+            )
         if self.have_fio:
             self.start_qemu_nbd()
         if self.have_nbdkit:
@@ -318,26 +359,45 @@ class Bench:
     def start_qemu_nbd(self) -> None:
         self.qemu, self.nbd_port = self.start_nbd_peer(
             "qemu-nbd",
-            lambda port: ["qemu-nbd", "--persistent", "--shared=16", "-b", "127.0.0.1",
-                          "-p", str(port), "-f", "raw", "--cache=writeback", "--aio=threads",
-                          str(self.image)],
+            lambda port: [
+                "qemu-nbd",
+                "--persistent",
+                "--shared=16",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-f",
+                "raw",
+                "--cache=writeback",
+                "--aio=threads",
+                str(self.image),
+            ],
         )
 
     def start_nbdkit(self) -> None:
         self.nbdkit, self.nbdkit_port = self.start_nbd_peer(
             "nbdkit",
-            lambda port: ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file",
-                          str(self.image)],
+            lambda port: [
+                "nbdkit",
+                "-f",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "file",
+                str(self.image),
+            ],
         )
 
-    def start_nbd_peer(self, name: str,
-                       command: Callable[[int], list[str]]) -> tuple[subprocess.Popen[bytes], int]:
+    def start_nbd_peer(
+        self, name: str, command: Callable[[int], list[str]]
+    ) -> tuple[subprocess.Popen[bytes], int]:
         """Start an NBD server of ours to compare with on a free loopback port."""
         for _ in range(5):
             port = free_port()
             log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115
-            proc = subprocess.Popen(command(port), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log)
+            proc = subprocess.Popen(command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             log.close()
             self.children.append(proc)
             try:
@@ -351,41 +411,76 @@ class Bench:
 
     # -- the rows -------------------------------------------------------------------------
 
-    def grpc_cell(self, worker: Worker, target: Callable[[], str], volume: str, wl: Workload,
-                  pid: Callable[[], int]) -> Callable[[int], dict[str, Any] | None]:
+    def grpc_cell(
+        self,
+        worker: Worker,
+        target: Callable[[], str],
+        volume: str,
+        wl: Workload,
+        pid: Callable[[], int],
+    ) -> Callable[[int], dict[str, Any] | None]:
         def measure(run: int) -> dict[str, Any] | None:
             offset, size = wl.region
-            return worker.run(target=target(), volume=volume, op=wl.op, bs=wl.bs, qd=wl.qd,
-                              offset=offset, size=size, warmup=self.warmup,
-                              duration=self.duration, max_ops=2_000_000, server_pid=pid(),
-                              seed=run + 1)
+            return worker.run(
+                target=target(),
+                volume=volume,
+                op=wl.op,
+                bs=wl.bs,
+                qd=wl.qd,
+                offset=offset,
+                size=size,
+                warmup=self.warmup,
+                duration=self.duration,
+                max_ops=2_000_000,
+                server_pid=pid(),
+                seed=run + 1,
+            )
+
         return measure
 
-    def fio_cell(self, uri: Callable[[], str], wl: Workload,
-                 pid: Callable[[], int]) -> Callable[[int], dict[str, Any] | None]:
+    def fio_cell(
+        self, uri: Callable[[], str], wl: Workload, pid: Callable[[], int]
+    ) -> Callable[[int], dict[str, Any] | None]:
         def measure(run: int) -> dict[str, Any] | None:
             return self.fio(uri(), wl, pid())
+
         return measure
 
     def fio(self, uri: str, wl: Workload, pid: int) -> dict[str, Any]:
         offset, size = wl.region
-        rw = {"randread": "randread", "seqread": "read", "seqwrite": "write",
-              "randwrite": "randwrite"}[wl.op]
+        rw = {
+            "randread": "randread",
+            "seqread": "read",
+            "seqwrite": "write",
+            "randwrite": "randwrite",
+        }[wl.op]
         runtime_ms = int(self.duration * 1000)
         ramp_ms = int(self.warmup * 1000)
-        cmd = ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
-               f"--bs={wl.bs}", f"--iodepth={wl.qd}", f"--offset={offset}", f"--size={size}",
-               "--time_based", f"--runtime={runtime_ms}ms", f"--ramp_time={ramp_ms}ms",
-               "--output-format=json"]
+        cmd = [
+            "fio",
+            "--name=j",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            f"--rw={rw}",
+            f"--bs={wl.bs}",
+            f"--iodepth={wl.qd}",
+            f"--offset={offset}",
+            f"--size={size}",
+            "--time_based",
+            f"--runtime={runtime_ms}ms",
+            f"--ramp_time={ramp_ms}ms",
+            "--output-format=json",
+        ]
         srv0 = proc_sample(pid)
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             timeout=self.duration + self.warmup + 60)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=self.duration + self.warmup + 60
+        )
         wall = time.perf_counter() - t0
         srv1 = proc_sample(pid)
         if out.returncode != 0:
             return {"error": f"fio exited {out.returncode}: {out.stderr.strip()[-300:]}"}
-        job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+        job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
         side = job["read" if wl.is_read else "write"]
         iops = float(side["iops"])
         ops = int(side["total_ios"])
@@ -396,96 +491,213 @@ class Bench:
         if srv0 and srv1 and iops:
             # qemu-nbd's CPU over the whole fio process, per op at the measured rate.
             srv = (srv1.cpu - srv0.cpu) * 1e6 / (iops * wall)
-        return {"op": wl.op, "bs": wl.bs, "qd": wl.qd, "ops": ops, "ops_s": iops,
-                "mb_s": float(side["bw_bytes"]) / 1e6,
-                "lat_p50_us": p50 / 1000 if p50 else None,
-                "cli_cpu_us_op": cli * 1e6 / ops if ops else None,
-                "srv_cpu_us_op": srv, "seconds": runtime_ms / 1000}
+        return {
+            "op": wl.op,
+            "bs": wl.bs,
+            "qd": wl.qd,
+            "ops": ops,
+            "ops_s": iops,
+            "mb_s": float(side["bw_bytes"]) / 1e6,
+            "lat_p50_us": p50 / 1000 if p50 else None,
+            "cli_cpu_us_op": cli * 1e6 / ops if ops else None,
+            "srv_cpu_us_op": srv,
+            "seconds": runtime_ms / 1000,
+        }
 
     def build_rows(self) -> None:
         main, floor, lg = self.main, self.floor, self.lg
         floor_like = self.floor_like
         for wl in MAIN:
-            self.rows.append(Row("main", "floor (bare grpc.aio)", wl,
-                                 self.grpc_cell(lg, lambda: floor.address, "ram", wl,
-                                                lambda: floor.pid)))
+            self.rows.append(
+                Row(
+                    "main",
+                    "floor (bare grpc.aio)",
+                    wl,
+                    self.grpc_cell(lg, lambda: floor.address, "ram", wl, lambda: floor.pid),
+                )
+            )
             if wl in LEVER_WORKLOADS:
                 # What tierdisk serve's composition costs without storage: handler wrappers,
                 # health and reflection around the same servicer.
-                self.rows.append(Row("main", FLOOR_LIKE, wl,
-                                     self.grpc_cell(lg, lambda: floor_like.address, "ram", wl,
-                                                    lambda: floor_like.pid),
-                                     baseline=("main", "floor (bare grpc.aio)")))
+                self.rows.append(
+                    Row(
+                        "main",
+                        FLOOR_LIKE,
+                        wl,
+                        self.grpc_cell(
+                            lg, lambda: floor_like.address, "ram", wl, lambda: floor_like.pid
+                        ),
+                        baseline=("main", "floor (bare grpc.aio)"),
+                    )
+                )
             for stack in STACKS:
                 label = f"tierdisk {STACKS[stack]}"
                 if stack not in self.stacks:
                     if wl == MAIN[0]:
                         self.skipped.append(("main", label, "skipped: sparse layer not built yet"))
                     continue
-                self.rows.append(Row("main", label, wl,
-                                     self.grpc_cell(lg, lambda: main.address, stack, wl,
-                                                    lambda: main.pid),
-                                     baseline=("main", "floor (bare grpc.aio)")))
+                self.rows.append(
+                    Row(
+                        "main",
+                        label,
+                        wl,
+                        self.grpc_cell(lg, lambda: main.address, stack, wl, lambda: main.pid),
+                        baseline=("main", "floor (bare grpc.aio)"),
+                    )
+                )
             if self.have_fio:
-                self.rows.append(Row("main", "qemu-nbd + fio (raw image)", wl,
-                                     self.fio_cell(lambda: f"nbd://127.0.0.1:{self.nbd_port}/",
-                                                   wl, lambda: self.qemu.pid)))
+                self.rows.append(
+                    Row(
+                        "main",
+                        "qemu-nbd + fio (raw image)",
+                        wl,
+                        self.fio_cell(
+                            lambda: f"nbd://127.0.0.1:{self.nbd_port}/", wl, lambda: self.qemu.pid
+                        ),
+                    )
+                )
             elif wl == MAIN[0]:
-                self.skipped.append(("main", "qemu-nbd + fio",
-                                     "skipped: qemu-nbd or fio not installed "
-                                     "(apt-get install qemu-utils fio)"))
+                self.skipped.append(
+                    (
+                        "main",
+                        "qemu-nbd + fio",
+                        "skipped: qemu-nbd or fio not installed (apt-get install qemu-utils fio)",
+                    )
+                )
             if self.have_nbdkit:
-                self.rows.append(Row("main", "nbdkit file + fio (raw image)", wl,
-                                     self.fio_cell(lambda: f"nbd://127.0.0.1:{self.nbdkit_port}/",
-                                                   wl, lambda: self.nbdkit.pid),
-                                     baseline=("main", "qemu-nbd + fio (raw image)")))
+                self.rows.append(
+                    Row(
+                        "main",
+                        "nbdkit file + fio (raw image)",
+                        wl,
+                        self.fio_cell(
+                            lambda: f"nbd://127.0.0.1:{self.nbdkit_port}/",
+                            wl,
+                            lambda: self.nbdkit.pid,
+                        ),
+                        baseline=("main", "qemu-nbd + fio (raw image)"),
+                    )
+                )
             elif wl == MAIN[0]:
-                self.skipped.append(("main", "nbdkit + fio",
-                                     "skipped: nbdkit not installed (apt-get install nbdkit)"))
+                self.skipped.append(
+                    (
+                        "main",
+                        "nbdkit + fio",
+                        "skipped: nbdkit not installed (apt-get install nbdkit)",
+                    )
+                )
             if self.have_nbd and self.have_fio:
                 for stack in ("ram-raw",):  # the image qemu-nbd exports
-                    self.rows.append(Row(
-                        "main", f"tierdisk NBD {STACKS[stack]} + fio", wl,
-                        self.fio_cell(lambda s=stack: self.tierdisk_nbd_uri(s), wl,  # type: ignore[misc]
-                                      lambda: main.pid),
-                        baseline=("main", "qemu-nbd + fio (raw image)")))
+                    self.rows.append(
+                        Row(
+                            "main",
+                            f"tierdisk NBD {STACKS[stack]} + fio",
+                            wl,
+                            self.fio_cell(
+                                lambda s=stack: self.tierdisk_nbd_uri(s),
+                                wl,  # type: ignore[misc]
+                                lambda: main.pid,
+                            ),
+                            baseline=("main", "qemu-nbd + fio (raw image)"),
+                        )
+                    )
             elif wl == MAIN[0]:
-                self.skipped.append(("main", "tierdisk NBD export + fio",
-                                     "skipped: NBD export (service/nbd.py) not built yet"
-                                     if not self.have_nbd else "skipped: fio not installed"))
+                self.skipped.append(
+                    (
+                        "main",
+                        "tierdisk NBD export + fio",
+                        "skipped: NBD export (service/nbd.py) not built yet"
+                        if not self.have_nbd
+                        else "skipped: fio not installed",
+                    )
+                )
         # Levers, on [ram]: each switched off alone, against everything on, measured next to
         # each other on servers of the same config.
         on = ("levers", "all levers on")
         levers_on = self.levers_on
         for wl in LEVER_WORKLOADS:
-            self.rows.append(Row("levers", "all levers on", wl,
-                                 self.grpc_cell(lg, lambda: levers_on.address, "ram", wl,
-                                                lambda: levers_on.pid)))
-            self.rows.append(Row("levers", "uvloop off (server+client)", wl,
-                                 self.grpc_cell(self.lg_no_uvloop,
-                                                lambda: self.no_uvloop.address, "ram", wl,
-                                                lambda: self.no_uvloop.pid), baseline=on))
-            self.rows.append(Row("levers", "malloc tuning off (server+client)", wl,
-                                 self.grpc_cell(self.lg_no_malloc,
-                                                lambda: self.no_malloc.address, "ram", wl,
-                                                lambda: self.no_malloc.pid), baseline=on))
-            self.rows.append(Row("levers", "server in the client's process", wl,
-                                 self.grpc_cell(self.lg_inproc, lambda: self.inproc_addr,
-                                                "ram", wl, lambda: self.lg_inproc.proc.pid),
-                                 baseline=on))
-        self.rows.append(Row("levers", "64 KiB messages (same bytes)", SR64K_4,
-                             self.grpc_cell(lg, lambda: levers_on.address, "ram", SR64K_4,
-                                            lambda: levers_on.pid),
-                             baseline=on, note="ratio in MB/s against 1 MiB messages"))
+            self.rows.append(
+                Row(
+                    "levers",
+                    "all levers on",
+                    wl,
+                    self.grpc_cell(lg, lambda: levers_on.address, "ram", wl, lambda: levers_on.pid),
+                )
+            )
+            self.rows.append(
+                Row(
+                    "levers",
+                    "uvloop off (server+client)",
+                    wl,
+                    self.grpc_cell(
+                        self.lg_no_uvloop,
+                        lambda: self.no_uvloop.address,
+                        "ram",
+                        wl,
+                        lambda: self.no_uvloop.pid,
+                    ),
+                    baseline=on,
+                )
+            )
+            self.rows.append(
+                Row(
+                    "levers",
+                    "malloc tuning off (server+client)",
+                    wl,
+                    self.grpc_cell(
+                        self.lg_no_malloc,
+                        lambda: self.no_malloc.address,
+                        "ram",
+                        wl,
+                        lambda: self.no_malloc.pid,
+                    ),
+                    baseline=on,
+                )
+            )
+            self.rows.append(
+                Row(
+                    "levers",
+                    "server in the client's process",
+                    wl,
+                    self.grpc_cell(
+                        self.lg_inproc,
+                        lambda: self.inproc_addr,
+                        "ram",
+                        wl,
+                        lambda: self.lg_inproc.proc.pid,
+                    ),
+                    baseline=on,
+                )
+            )
+        self.rows.append(
+            Row(
+                "levers",
+                "64 KiB messages (same bytes)",
+                SR64K_4,
+                self.grpc_cell(
+                    lg, lambda: levers_on.address, "ram", SR64K_4, lambda: levers_on.pid
+                ),
+                baseline=on,
+                note="ratio in MB/s against 1 MiB messages",
+            )
+        )
         # Another source tree (e.g. before a change), [ram], same load generator.
         if self.args.compare:
             label = f"tierdisk [ram] from {self.args.compare}"
             for wl in MAIN:
-                self.rows.append(Row("compare", label, wl,
-                                     self.grpc_cell(lg, lambda: self.compare.address, "ram",
-                                                    wl, lambda: self.compare.pid),
-                                     baseline=("main", "tierdisk [ram]"), invert=True,
-                                     note="ratio: this tree's [ram] / that tree's"))
+                self.rows.append(
+                    Row(
+                        "compare",
+                        label,
+                        wl,
+                        self.grpc_cell(
+                            lg, lambda: self.compare.address, "ram", wl, lambda: self.compare.pid
+                        ),
+                        baseline=("main", "tierdisk [ram]"),
+                        invert=True,
+                        note="ratio: this tree's [ram] / that tree's",
+                    )
+                )
         # The engine alone, in-process, no gRPC.
         engine_stacks = self.stacks
         for stack in engine_stacks:
@@ -497,11 +709,18 @@ class Bench:
             for target in ("origin direct", "[ram] local", "tier cold", "tier warm"):
                 self.rows.append(Row("tiers", target, TIER_READ, None))
         else:
-            missing = [k for k, ok in (("remote", self.have_remote),
-                                       ("sparse", self.have_sparse)) if not ok]
-            self.skipped.append(("tiers", "cache tiers (256 MiB through "
-                                 "[ram, sparse read_cache, remote -> origin])",
-                                 f"skipped: {' and '.join(missing)} layer not built yet"))
+            missing = [
+                k
+                for k, ok in (("remote", self.have_remote), ("sparse", self.have_sparse))
+                if not ok
+            ]
+            self.skipped.append(
+                (
+                    "tiers",
+                    "cache tiers (256 MiB through [ram, sparse read_cache, remote -> origin])",
+                    f"skipped: {' and '.join(missing)} layer not built yet",
+                )
+            )
 
     def tierdisk_nbd_uri(self, volume: str) -> str:
         address = str(self.main.info.get("nbd", ""))
@@ -513,10 +732,22 @@ class Bench:
         rows = {r.workload.name + "|" + r.target: r for r in self.rows if r.section == "engine"}
         if not rows:
             return
-        cmd = [PYTHON, str(BENCH / "engine.py"), "--config", str(self.main_config),
-               "--data-dir", str(self.work / "engine-data" / str(run)),
-               "--offset", str(READ_OFF), "--size", str(READ_SIZE),
-               "--warmup", str(self.warmup / 2), "--duration", str(self.duration / 2)]
+        cmd = [
+            PYTHON,
+            str(BENCH / "engine.py"),
+            "--config",
+            str(self.main_config),
+            "--data-dir",
+            str(self.work / "engine-data" / str(run)),
+            "--offset",
+            str(READ_OFF),
+            "--size",
+            str(READ_SIZE),
+            "--warmup",
+            str(self.warmup / 2),
+            "--duration",
+            str(self.duration / 2),
+        ]
         for stack in self.stacks:
             cmd += ["--volume", stack]
         cmd += ["--prefill", "ram"]
@@ -525,8 +756,9 @@ class Bench:
         for wl in MAIN:
             if wl.is_read:
                 cmd += ["--workload", f"{wl.op}:{wl.bs}:{wl.qd}"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=lever_env(), cwd=REPO,
-                             timeout=300)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env=lever_env(), cwd=REPO, timeout=300
+        )
         shutil.rmtree(self.work / "engine-data" / str(run), ignore_errors=True)
         got: dict[str, dict[str, Any]] = {}
         for line in out.stdout.splitlines():
@@ -544,21 +776,48 @@ class Bench:
         shutil.rmtree(cache_dir, ignore_errors=True)
         config = self.work / "tier.toml"
         config.write_text(
-            f'[server]\ndata_dir = "{cache_dir}"\n' + _volume_toml("tier", [
-                {"kind": "ram"},
-                {"kind": "sparse", "path": "cache/tier", "read_cache": True},
-                {"kind": "remote", "target": self.origin.address, "volume": "base"},
-            ]))
+            f'[server]\ndata_dir = "{cache_dir}"\n'
+            + _volume_toml(
+                "tier",
+                [
+                    {"kind": "ram"},
+                    {"kind": "sparse", "path": "cache/tier", "read_cache": True},
+                    {"kind": "remote", "target": self.origin.address, "volume": "base"},
+                ],
+            )
+        )
         wl = TIER_READ
         cache = self.start_server(f"tier-{run}", config)
         try:
             # Connect first (outside the measured range), so the cold read times reads only.
-            self.lg.run(target=cache.address, volume="tier", op="randread", bs=4 * KiB, qd=1,
-                        offset=TIER_BYTES, size=4 * KiB, warmup=0, duration=5, max_ops=1)
+            self.lg.run(
+                target=cache.address,
+                volume="tier",
+                op="randread",
+                bs=4 * KiB,
+                qd=1,
+                offset=TIER_BYTES,
+                size=4 * KiB,
+                warmup=0,
+                duration=5,
+                max_ops=1,
+            )
+
             def read(target: str, volume: str, pid: int) -> dict[str, Any]:
-                return self.lg.run(target=target, volume=volume, op=wl.op, bs=wl.bs, qd=wl.qd,
-                                   offset=READ_OFF, size=TIER_BYTES, warmup=0, duration=300,
-                                   max_ops=TIER_BYTES // wl.bs, server_pid=pid, check=False)
+                return self.lg.run(
+                    target=target,
+                    volume=volume,
+                    op=wl.op,
+                    bs=wl.bs,
+                    qd=wl.qd,
+                    offset=READ_OFF,
+                    size=TIER_BYTES,
+                    warmup=0,
+                    duration=300,
+                    max_ops=TIER_BYTES // wl.bs,
+                    server_pid=pid,
+                    check=False,
+                )
 
             rows["tier cold"].runs.append(read(cache.address, "tier", cache.pid))
             rows["tier warm"].runs.append(read(cache.address, "tier", cache.pid))
@@ -590,18 +849,29 @@ class Bench:
     def run_scale(self) -> dict[str, Any] | None:
         script = BENCH / "sparse_scale.py"
         if not script.exists():
-            self.skipped.append(("scale", "sparse layer at 1 TiB, 100k runs",
-                                 "skipped: bench/sparse_scale.py not written yet"))
+            self.skipped.append(
+                (
+                    "scale",
+                    "sparse layer at 1 TiB, 100k runs",
+                    "skipped: bench/sparse_scale.py not written yet",
+                )
+            )
             return None
         if self.quick and not self.args.scale:
-            self.skipped.append(("scale", "sparse layer at 1 TiB, 100k runs",
-                                 "skipped in --quick (it takes minutes): bench/run, or "
-                                 "bench/run --quick --scale"))
+            self.skipped.append(
+                (
+                    "scale",
+                    "sparse layer at 1 TiB, 100k runs",
+                    "skipped in --quick (it takes minutes): bench/run, or "
+                    "bench/run --quick --scale",
+                )
+            )
             return None
         self.log("sparse scale (bench/sparse_scale.py)")
         cmd = [PYTHON, str(script)]
-        usage = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=REPO,
-                               timeout=60).stdout
+        usage = subprocess.run(
+            [*cmd, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+        ).stdout
         if "--json" in usage:
             cmd.append("--json")
         if self.quick and "--repeat" in usage:
@@ -611,16 +881,27 @@ class Bench:
         left = FULL_BUDGET - (time.monotonic() - self.started)
         timeout = SCALE_TIMEOUT if self.quick else int(max(60.0, min(SCALE_TIMEOUT, left)))
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True,
-                                 env=lever_env(), cwd=REPO, timeout=timeout)
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, env=lever_env(), cwd=REPO, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
-            self.skipped.append(("scale", "sparse_scale.py",
-                                 f"timed out after {timeout} s (the time left of the run's "
-                                 "budget); run python bench/sparse_scale.py alone"))
+            self.skipped.append(
+                (
+                    "scale",
+                    "sparse_scale.py",
+                    f"timed out after {timeout} s (the time left of the run's "
+                    "budget); run python bench/sparse_scale.py alone",
+                )
+            )
             return None
         if out.returncode != 0:
-            self.skipped.append(("scale", "sparse_scale.py",
-                                 f"failed ({out.returncode}): {out.stderr.strip()[-200:]}"))
+            self.skipped.append(
+                (
+                    "scale",
+                    "sparse_scale.py",
+                    f"failed ({out.returncode}): {out.stderr.strip()[-200:]}",
+                )
+            )
             return None
         for line in reversed(out.stdout.splitlines()):
             if line.startswith("{"):
@@ -648,8 +929,14 @@ class Bench:
     def ratio(self, row: Row, base: Row, metric: str = "ops_s") -> dict[str, float] | None:
         values = []
         for mine, theirs in zip(row.runs, base.runs, strict=False):
-            if mine and theirs and mine.get(metric) and theirs.get(metric) and \
-                    "error" not in mine and "error" not in theirs:
+            if (
+                mine
+                and theirs
+                and mine.get(metric)
+                and theirs.get(metric)
+                and "error" not in mine
+                and "error" not in theirs
+            ):
                 values.append(mine[metric] / theirs[metric])
         return summary(values)
 
@@ -665,17 +952,23 @@ class Bench:
             ok = [r for r in row.runs if r and "error" not in r]
             errors = [r["error"] for r in row.runs if r and "error" in r]
             entry: dict[str, Any] = {
-                "section": row.section, "target": row.target, "workload": row.workload.name,
+                "section": row.section,
+                "target": row.target,
+                "workload": row.workload.name,
                 "ops_s": summary(r["ops_s"] for r in ok),
                 "mb_s": summary(r["mb_s"] for r in ok),
                 "lat_p50_us": summary(r.get("lat_p50_us") for r in ok),
                 "srv_cpu_us_op": summary(r.get("srv_cpu_us_op") for r in ok),
                 "cli_cpu_us_op": summary(r.get("cli_cpu_us_op") for r in ok),
-                "errors": errors[:3], "note": row.note,
+                "errors": errors[:3],
+                "note": row.note,
             }
             if row.baseline is not None:
-                base = self.find(row.baseline[0], row.baseline[1],
-                                 SR1M_4 if row.workload == SR64K_4 else row.workload)
+                base = self.find(
+                    row.baseline[0],
+                    row.baseline[1],
+                    SR1M_4 if row.workload == SR64K_4 else row.workload,
+                )
                 if base is not None:
                     metric = "mb_s" if row.workload == SR64K_4 else "ops_s"
                     if row.invert:
@@ -712,27 +1005,57 @@ class Bench:
         qemu = "qemu-nbd + fio (raw image)"
         for stack, goal in (("ram", 0.95), ("ram-raw", 0.9)):
             for wl in (RR4K_32, SR1M_4):
-                check(f"tierdisk {STACKS[stack]} / floor, {wl.name}",
-                      row("main", f"tierdisk {STACKS[stack]}", wl), row("main", floor, wl), goal)
+                check(
+                    f"tierdisk {STACKS[stack]} / floor, {wl.name}",
+                    row("main", f"tierdisk {STACKS[stack]}", wl),
+                    row("main", floor, wl),
+                    goal,
+                )
         for wl in (RR4K_32, SR1M_4):
-            check(f"(no goal) tierdisk [ram] / {FLOOR_LIKE}, {wl.name}",
-                  row("main", "tierdisk [ram]", wl), row("main", FLOOR_LIKE, wl), None)
+            check(
+                f"(no goal) tierdisk [ram] / {FLOOR_LIKE}, {wl.name}",
+                row("main", "tierdisk [ram]", wl),
+                row("main", FLOOR_LIKE, wl),
+                None,
+            )
         tiers = {r.target: r for r in self.rows if r.section == "tiers"}
         if tiers:
-            check("cache tier warm re-read / local [ram] read, 256 MiB",
-                  tiers["tier warm"], tiers["[ram] local"], 0.9)
-            check("cache tier cold read / direct origin read, 256 MiB",
-                  tiers["tier cold"], tiers["origin direct"], 0.5)
+            check(
+                "cache tier warm re-read / local [ram] read, 256 MiB",
+                tiers["tier warm"],
+                tiers["[ram] local"],
+                0.9,
+            )
+            check(
+                "cache tier cold read / direct origin read, 256 MiB",
+                tiers["tier cold"],
+                tiers["origin direct"],
+                0.5,
+            )
         else:
-            out.append({"target": "cache tiers (warm >= 0.9x local, cold >= 0.5x origin)",
-                        "goal": None, "ratio": None, "met": None,
-                        "note": "skipped: remote/sparse layer not built yet"})
+            out.append(
+                {
+                    "target": "cache tiers (warm >= 0.9x local, cold >= 0.5x origin)",
+                    "goal": None,
+                    "ratio": None,
+                    "met": None,
+                    "note": "skipped: remote/sparse layer not built yet",
+                }
+            )
         if self.have_fio:
             for wl in (SR1M_1, SR1M_4):
-                check(f"tierdisk [ram, raw] / qemu-nbd + fio, {wl.name}",
-                      row("main", "tierdisk [ram, raw]", wl), row("main", qemu, wl), 1.0)
-            check(f"(no goal) tierdisk [ram, raw] / qemu-nbd + fio, {RR4K_32.name}",
-                  row("main", "tierdisk [ram, raw]", RR4K_32), row("main", qemu, RR4K_32), None)
+                check(
+                    f"tierdisk [ram, raw] / qemu-nbd + fio, {wl.name}",
+                    row("main", "tierdisk [ram, raw]", wl),
+                    row("main", qemu, wl),
+                    1.0,
+                )
+            check(
+                f"(no goal) tierdisk [ram, raw] / qemu-nbd + fio, {RR4K_32.name}",
+                row("main", "tierdisk [ram, raw]", RR4K_32),
+                row("main", qemu, RR4K_32),
+                None,
+            )
         return out
 
 
@@ -756,8 +1079,10 @@ def _cell(s: dict[str, float] | None, digits: int = 0, spread: bool = False) -> 
 
 def render(result: dict[str, Any]) -> str:
     lines = []
-    header = ("| section | target | workload | ops/s med (min-max) | MB/s | p50 µs | "
-              "srv CPU µs/op | cli CPU µs/op | ratio med (min-max) | vs |")
+    header = (
+        "| section | target | workload | ops/s med (min-max) | MB/s | p50 µs | "
+        "srv CPU µs/op | cli CPU µs/op | ratio med (min-max) | vs |"
+    )
     lines.append(header)
     lines.append("|" + "---|" * 10)
     for e in result["report"]["table"]:
@@ -767,7 +1092,8 @@ def render(result: dict[str, Any]) -> str:
             f"| {e['section']} | {e['target']} | {e['workload']} | "
             f"{_cell(e['ops_s'], 0, spread=True)} | {_cell(e['mb_s'], 1)} | "
             f"{_cell(e['lat_p50_us'])} | {_cell(e['srv_cpu_us_op'])} | "
-            f"{_cell(e['cli_cpu_us_op'])} | {ratio} | {e.get('ratio_vs', '')}{errs} |")
+            f"{_cell(e['cli_cpu_us_op'])} | {ratio} | {e.get('ratio_vs', '')}{errs} |"
+        )
     for section, target, reason in result["skipped"]:
         lines.append(f"| {section} | {target} | - | {reason} | | | | | | |")
     lines.append("")
@@ -776,9 +1102,11 @@ def render(result: dict[str, Any]) -> str:
     for t in result["report"]["targets"]:
         goal = f"≥ {t['goal']:.2f}" if t["goal"] is not None else "-"
         met = {True: "yes", False: "NO", None: "-"}[t["met"]]
-        lines.append(f"| {t['target']} | {goal} | "
-                     f"{_cell(t['ratio'], 2, spread=True) if t['ratio'] else t.get('note', '-')}"
-                     f" | {met} |")
+        lines.append(
+            f"| {t['target']} | {goal} | "
+            f"{_cell(t['ratio'], 2, spread=True) if t['ratio'] else t.get('note', '-')}"
+            f" | {met} |"
+        )
     scale = result.get("scale")
     if scale:
         lines.append("")
@@ -796,11 +1124,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, help="runs (default 3 quick, 5 full)")
     p.add_argument("--duration", type=float, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell")
-    p.add_argument("--scale", action="store_true",
-                   help="also run bench/sparse_scale.py in --quick (the full run always does)")
-    p.add_argument("--compare", metavar="TREE",
-                   help="also measure [ram] served from another source tree: a folder with a "
-                   "tierdisk/ package (service, client, v1), put first on PYTHONPATH")
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="also run bench/sparse_scale.py in --quick (the full run always does)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="TREE",
+        help="also measure [ram] served from another source tree: a folder with a "
+        "tierdisk/ package (service, client, v1), put first on PYTHONPATH",
+    )
     p.add_argument("--workdir", help="scratch folder (default bench/results/work)")
     p.add_argument("--json", default=str(RESULTS / "latest.json"), help="result file")
     args = p.parse_args(argv)
@@ -815,24 +1149,36 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "command": "bench/run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "machine": machine(),
-        "settings": {"runs": bench.runs, "warmup_s": bench.warmup,
-                     "duration_s": bench.duration, "quick": bench.quick},
+        "settings": {
+            "runs": bench.runs,
+            "warmup_s": bench.warmup,
+            "duration_s": bench.duration,
+            "quick": bench.quick,
+        },
         "elapsed_s": round(time.monotonic() - bench.started, 1),
-        "built": {"sparse": bench.have_sparse, "remote": bench.have_remote,
-                  "nbd": bench.have_nbd, "fio+qemu-nbd": bench.have_fio},
+        "built": {
+            "sparse": bench.have_sparse,
+            "remote": bench.have_remote,
+            "nbd": bench.have_nbd,
+            "fio+qemu-nbd": bench.have_fio,
+        },
         "skipped": bench.skipped,
         "report": bench.report(),
         "scale": getattr(bench, "scale", None),
-        "raw": [{"section": r.section, "target": r.target, "workload": r.workload.name,
-                 "runs": r.runs} for r in bench.rows],
+        "raw": [
+            {"section": r.section, "target": r.target, "workload": r.workload.name, "runs": r.runs}
+            for r in bench.rows
+        ],
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     m = result["machine"]
-    print(f"tierdisk bench — {result['date']} — {m['nproc']} x {m['cpu_model']} — "
-          f"{result['command']} — {bench.runs} runs x {bench.duration:g} s "
-          f"(+{bench.warmup:g} s warm-up), {result['elapsed_s']:.0f} s in all")
+    print(
+        f"tierdisk bench — {result['date']} — {m['nproc']} x {m['cpu_model']} — "
+        f"{result['command']} — {bench.runs} runs x {bench.duration:g} s "
+        f"(+{bench.warmup:g} s warm-up), {result['elapsed_s']:.0f} s in all"
+    )
     print(render(result))
     print(f"\nJSON: {out}")
     return 0

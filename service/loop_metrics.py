@@ -64,7 +64,10 @@ class _Family(Collector, Generic[_Cell]):
     """The series of one family by label values, and what registering it takes."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str],
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.name = name
@@ -122,8 +125,12 @@ class LoopHistogram(_Family[HistogramCell]):
     """A labelled histogram of :class:`HistogramCell` series with fixed bucket bounds."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str],
-        buckets: Sequence[float], registry: CollectorRegistry | None = None,
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = None,
     ) -> None:
         bounds = tuple(float(b) for b in buckets if b != float("inf"))
         if list(bounds) != sorted(set(bounds)):
@@ -148,4 +155,3 @@ class LoopHistogram(_Family[HistogramCell]):
                 cumulative.append((name, float(total)))
             family.add_metric(values, cumulative, cell.sum)
         yield family
-

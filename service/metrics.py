@@ -25,8 +25,22 @@ from .volume import Volume
 __all__ = ["EngineCollector", "Metrics", "StatsSource"]
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -50,29 +64,43 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         lk = ["volume", "layer", "kind"]
         reads = CounterMetricFamily(
-            "tierdisk_layer_reads", "Read calls into a layer: one per contiguous run of "
-            "still-missing sectors it is asked for.", labels=lk)
+            "tierdisk_layer_reads",
+            "Read calls into a layer: one per contiguous run of "
+            "still-missing sectors it is asked for.",
+            labels=lk,
+        )
         read_sectors = CounterMetricFamily(
-            "tierdisk_layer_read_sectors", "Sectors a layer supplied to reads.", labels=lk)
+            "tierdisk_layer_read_sectors", "Sectors a layer supplied to reads.", labels=lk
+        )
         vl = ["volume", "layer"]
         hits = CounterMetricFamily(
-            "tierdisk_cache_hits", "Sectors a read_cache layer had when asked.", labels=vl)
+            "tierdisk_cache_hits", "Sectors a read_cache layer had when asked.", labels=vl
+        )
         misses = CounterMetricFamily(
-            "tierdisk_cache_misses", "Sectors a read_cache layer lacked when asked.", labels=vl)
+            "tierdisk_cache_misses", "Sectors a read_cache layer lacked when asked.", labels=vl
+        )
         fills = CounterMetricFamily(
-            "tierdisk_cache_fills", "Sectors written into a read cache by fills.", labels=vl)
+            "tierdisk_cache_fills", "Sectors written into a read cache by fills.", labels=vl
+        )
         fill_errors = CounterMetricFamily(
-            "tierdisk_cache_fill_errors", "Failed read-cache fill calls.", labels=vl)
+            "tierdisk_cache_fill_errors", "Failed read-cache fill calls.", labels=vl
+        )
         present = GaugeMetricFamily(
-            "tierdisk_layer_present_sectors", "Sectors a layer itself holds.", labels=lk)
+            "tierdisk_layer_present_sectors", "Sectors a layer itself holds.", labels=lk
+        )
         size = GaugeMetricFamily(
-            "tierdisk_volume_sectors", "Volume size in sectors.", labels=["volume"])
+            "tierdisk_volume_sectors", "Volume size in sectors.", labels=["volume"]
+        )
         sector_bytes = GaugeMetricFamily(
-            "tierdisk_volume_sector_size_bytes", "Bytes per sector of the volume.",
-            labels=["volume"])
+            "tierdisk_volume_sector_size_bytes",
+            "Bytes per sector of the volume.",
+            labels=["volume"],
+        )
         remote = CounterMetricFamily(
-            "tierdisk_remote_requests", "Calls a remote layer made to its tier, by method "
-            "and gRPC status code.", labels=["volume", "layer", "method", "code"])
+            "tierdisk_remote_requests",
+            "Calls a remote layer made to its tier, by method and gRPC status code.",
+            labels=["volume", "layer", "method", "code"],
+        )
         for volume in self._volumes():
             size.add_metric([volume.name], volume.sector_count)
             sector_bytes.add_metric([volume.name], volume.sector_size)
@@ -92,8 +120,18 @@ class EngineCollector(Collector):
                 if counts:
                     for (method, code), n in sorted(counts.items()):
                         remote.add_metric([volume.name, str(index), method, code], n)
-        yield from (reads, read_sectors, hits, misses, fills, fill_errors, present, size,
-                    sector_bytes, remote)
+        yield from (
+            reads,
+            read_sectors,
+            hits,
+            misses,
+            fills,
+            fill_errors,
+            present,
+            size,
+            sector_bytes,
+            remote,
+        )
         for source in self.extra:
             yield from source.collect_metrics()
 
@@ -107,38 +145,62 @@ class Metrics:
         self.engine = EngineCollector(volumes)
         r.register(self.engine)
         self.io_bytes = LoopCounter(
-            "tierdisk_volume_io_bytes", "Bytes moved by volume I/O requests.",
-            ["volume", "op"], registry=r)
+            "tierdisk_volume_io_bytes",
+            "Bytes moved by volume I/O requests.",
+            ["volume", "op"],
+            registry=r,
+        )
         self.io_requests = LoopCounter(
-            "tierdisk_volume_io_requests", "Volume I/O requests by outcome (gRPC code name).",
-            ["volume", "op", "code"], registry=r)
+            "tierdisk_volume_io_requests",
+            "Volume I/O requests by outcome (gRPC code name).",
+            ["volume", "op", "code"],
+            registry=r,
+        )
         self.io_duration = LoopHistogram(
-            "tierdisk_io_duration_seconds", "Time to serve a volume I/O request.",
-            ["op"], buckets=LATENCY_BUCKETS, registry=r)
+            "tierdisk_io_duration_seconds",
+            "Time to serve a volume I/O request.",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.remote_duration = LoopHistogram(
             "tierdisk_remote_request_duration_seconds",
-            "Time of calls remote layers make to their tier.", ["method"],
-            buckets=LATENCY_BUCKETS, registry=r)
+            "Time of calls remote layers make to their tier.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         gl = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = LoopCounter(
-            "grpc_server_started", "RPCs started on the server.", gl, registry=r)
+            "grpc_server_started", "RPCs started on the server.", gl, registry=r
+        )
         self.grpc_handled = LoopCounter(
-            "grpc_server_handled", "RPCs completed on the server, regardless of success.",
-            [*gl, "grpc_code"], registry=r)
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success.",
+            [*gl, "grpc_code"],
+            registry=r,
+        )
         self.grpc_msg_sent = LoopCounter(
-            "grpc_server_msg_sent", "Stream messages sent by the server.", gl, registry=r)
+            "grpc_server_msg_sent", "Stream messages sent by the server.", gl, registry=r
+        )
         self.grpc_seconds = LoopHistogram(
-            "grpc_server_handling_seconds", "Time to handle an RPC until it completed.",
-            gl, buckets=LATENCY_BUCKETS, registry=r)
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC until it completed.",
+            gl,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Label children of the per-request families, looked up once per label set.
         self._io_cells: dict[tuple[str, str, str], tuple[CounterCell, HistogramCell]] = {}
         self._io_bytes_cells: dict[tuple[str, str], CounterCell] = {}
         build = Info("tierdisk_build", "Versions this server runs.", registry=r)
-        build.info({
-            "version": _version("tierdisk"),
-            "grpcio": _version("grpcio"),
-            "python": platform.python_version(),
-        })
+        build.info(
+            {
+                "version": _version("tierdisk"),
+                "grpcio": _version("grpcio"),
+                "python": platform.python_version(),
+            }
+        )
 
     def observe_io(self, volume: str, op: str, code: str, nbytes: int, seconds: float) -> None:
         """Count one volume I/O request (``op``: read, write, unmap, flush). A request for a

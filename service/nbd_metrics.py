@@ -21,8 +21,14 @@ from .nbd import NbdStats
 __all__ = ["NbdMetrics"]
 
 # NBD command → the volume operation it is (for the shared io families).
-_OPS = {"read": "read", "cache": "read", "write": "write", "write_zeroes": "write",
-        "trim": "unmap", "flush": "flush"}
+_OPS = {
+    "read": "read",
+    "cache": "read",
+    "write": "write",
+    "write_zeroes": "write",
+    "trim": "unmap",
+    "flush": "flush",
+}
 
 
 class NbdMetrics:
@@ -33,11 +39,18 @@ class NbdMetrics:
         self.stats = stats
         r = metrics.registry
         self.requests = Counter(
-            "tierdisk_nbd_requests", "NBD requests by command and result (ok or NBD error).",
-            ["volume", "command", "result"], registry=r)
+            "tierdisk_nbd_requests",
+            "NBD requests by command and result (ok or NBD error).",
+            ["volume", "command", "result"],
+            registry=r,
+        )
         self.duration = Histogram(
-            "tierdisk_nbd_request_duration_seconds", "Time to serve an NBD request.",
-            ["command"], buckets=LATENCY_BUCKETS, registry=r)
+            "tierdisk_nbd_request_duration_seconds",
+            "Time to serve an NBD request.",
+            ["command"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         stats.on_request = self.observe
         metrics.engine.extra.append(self)
 
@@ -53,19 +66,24 @@ class NbdMetrics:
 
     def collect_metrics(self) -> Iterator[Metric]:
         stats = self.stats
-        connections = CounterMetricFamily(
-            "tierdisk_nbd_connections", "NBD connections accepted.")
+        connections = CounterMetricFamily("tierdisk_nbd_connections", "NBD connections accepted.")
         connections.add_metric([], stats.connections_total)
         sessions = CounterMetricFamily(
-            "tierdisk_nbd_sessions", "NBD connections that reached transmission.")
+            "tierdisk_nbd_sessions", "NBD connections that reached transmission."
+        )
         sessions.add_metric([], stats.sessions_total)
         active = GaugeMetricFamily(
-            "tierdisk_nbd_sessions_active", "NBD sessions open, per volume.", labels=["volume"])
+            "tierdisk_nbd_sessions_active", "NBD sessions open, per volume.", labels=["volume"]
+        )
         for volume, count in sorted(stats.volume_sessions.items()):
             active.add_metric([volume], count)
         yield from (connections, sessions, active)
 
     def inspect(self, volume: str) -> dict[str, Any]:
         """The NBD part of a volume's Inspect tree."""
-        return {"nbd": {"sessions_active": self.stats.volume_sessions.get(volume, 0),
-                        **self.stats.snapshot()}}
+        return {
+            "nbd": {
+                "sessions_active": self.stats.volume_sessions.get(volume, 0),
+                **self.stats.snapshot(),
+            }
+        }

@@ -43,10 +43,12 @@ class ServedRemoteLayer(RemoteLayer):
         if size is None:
             raise ValueError("a served remote layer needs a size or a layer below")
         ram = LayerConfig("ram", options={"size": size, "sector_size": sector_size})
-        server = Server(Config(
-            ServerConfig(listen="127.0.0.1:0", metrics="", data_dir=str(self._folder)),
-            (VolumeConfig("origin", (ram,)),),
-        ))
+        server = Server(
+            Config(
+                ServerConfig(listen="127.0.0.1:0", metrics="", data_dir=str(self._folder)),
+                (VolumeConfig("origin", (ram,)),),
+            )
+        )
         # In a task of its own (as Server.start also does inside): the server id it records
         # must not become the id of the test's own calls, or the origin sees a loop.
         await asyncio.create_task(server.start())

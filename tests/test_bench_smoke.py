@@ -25,7 +25,10 @@ name = "ram"
 
 def _loadgen(*args: str) -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, str(LOADGEN), *args], capture_output=True, text=True, timeout=60,
+        [sys.executable, str(LOADGEN), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
         cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
@@ -38,12 +41,22 @@ def _loadgen(*args: str) -> dict[str, object]:
 def test_loadgen_reads_and_writes_against_a_real_server(tmp_path: Path) -> None:
     config = write_config(tmp_path, CONFIG)
     with ServerProcess.start(tmp_path, config) as server:
-        common = ["--target", server.grpc, "--volume", "ram", "--server-pid", str(server.pid),
-                  "--size", str(8 << 20), "--warmup", "0.1"]
-        written = _loadgen(*common, "--op", "seqwrite", "--bs", str(1 << 20), "--qd", "2",
-                           "--duration", "0.5")
-        read = _loadgen(*common, "--op", "randread", "--bs", "4096", "--qd", "4",
-                        "--duration", "1")
+        common = [
+            "--target",
+            server.grpc,
+            "--volume",
+            "ram",
+            "--server-pid",
+            str(server.pid),
+            "--size",
+            str(8 << 20),
+            "--warmup",
+            "0.1",
+        ]
+        written = _loadgen(
+            *common, "--op", "seqwrite", "--bs", str(1 << 20), "--qd", "2", "--duration", "0.5"
+        )
+        read = _loadgen(*common, "--op", "randread", "--bs", "4096", "--qd", "4", "--duration", "1")
         assert server.terminate() == 0
     for result, op in ((written, "seqwrite"), (read, "randread")):
         assert result["op"] == op

@@ -356,8 +356,9 @@ class _WrongSizeReads:
         self.garbage = False
 
     async def get_volume(self, request: pb.GetVolumeRequest, context: object) -> pb.Volume:
-        return pb.Volume(name=request.volume, sector_size=512, sector_count=1 << 20,
-                         physical_sector_size=512)
+        return pb.Volume(
+            name=request.volume, sector_size=512, sector_count=1 << 20, physical_sector_size=512
+        )
 
     async def read(self, request: pb.ReadRequest, context: object) -> pb.ReadResponse:
         if self.garbage:
@@ -365,12 +366,17 @@ class _WrongSizeReads:
         return pb.ReadResponse(data=bytes((request.sector_count - 1) * 512))
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler("tierdisk.v1.BlockDevice", {
-            "GetVolume": grpc.unary_unary_rpc_method_handler(
-                self.get_volume, pb.GetVolumeRequest.FromString, pb.Volume.SerializeToString),
-            "Read": grpc.unary_unary_rpc_method_handler(
-                self.read, pb.ReadRequest.FromString, pb.ReadResponse.SerializeToString),
-        })
+        return grpc.method_handlers_generic_handler(
+            "tierdisk.v1.BlockDevice",
+            {
+                "GetVolume": grpc.unary_unary_rpc_method_handler(
+                    self.get_volume, pb.GetVolumeRequest.FromString, pb.Volume.SerializeToString
+                ),
+                "Read": grpc.unary_unary_rpc_method_handler(
+                    self.read, pb.ReadRequest.FromString, pb.ReadResponse.SerializeToString
+                ),
+            },
+        )
 
 
 async def test_a_read_reply_of_the_wrong_size_is_a_storage_error() -> None:

@@ -94,17 +94,37 @@ async def test_geometry_comes_from_the_origin(
         assert ro.read_only and ro.sector_count == 2048
         assert (await client.volume("ro").inspect("layers/0"))["read_only"] is True
         top, base = await client.volume("top").info(), await oclient.volume("base").info()
-        for field in ("sector_size", "sector_count", "physical_sector_size", "fua_respected",
-                      "disk_id", "unmap_behavior", "optimal_unmap_sectors", "read_only"):
+        for field in (
+            "sector_size",
+            "sector_count",
+            "physical_sector_size",
+            "fua_respected",
+            "disk_id",
+            "unmap_behavior",
+            "optimal_unmap_sectors",
+            "read_only",
+        ):
             assert getattr(top, field) == getattr(base, field), field
 
 
 async def test_every_volume_field_is_inherited(origin: Server, tmp_path: Path) -> None:
     """disk id, FUA, unmap behaviour and physical sector size of an origin volume whose
     layer (a test double) sets all of them pass through a remote top layer."""
-    odd = await Volume.open("small", [LayerEntry(MapLayer(
-        2048, disk_id=bytes(range(16)), fua_respected=False, physical_sector_size=4096,
-        unmap_behavior=UnmapBehavior.ANY, optimal_unmap_sectors=8))])
+    odd = await Volume.open(
+        "small",
+        [
+            LayerEntry(
+                MapLayer(
+                    2048,
+                    disk_id=bytes(range(16)),
+                    fua_respected=False,
+                    physical_sector_size=4096,
+                    unmap_behavior=UnmapBehavior.ANY,
+                    optimal_unmap_sectors=8,
+                )
+            )
+        ],
+    )
     replaced = origin.registry.get("small")
     origin.registry.set_ready(odd)  # the origin now serves the double as "small"
     await replaced.close()
@@ -142,11 +162,17 @@ async def test_whole_runs_split_only_at_one_mib(
         before = await reads_at(oclient.volume("base"))
         assert await vol.read(1000, 1500) == data[1000 * SS : 2500 * SS]
         assert await reads_at(oclient.volume("base")) - before == 1  # one run, one call
-        writes = sample(origin, "tierdisk_volume_io_requests_total",
-                        volume="base", op="write", code="OK")
+        writes = sample(
+            origin, "tierdisk_volume_io_requests_total", volume="base", op="write", code="OK"
+        )
         await vol.write(0, bytes(3 * MiB))
-        assert sample(origin, "tierdisk_volume_io_requests_total",
-                      volume="base", op="write", code="OK") - writes == 3
+        assert (
+            sample(
+                origin, "tierdisk_volume_io_requests_total", volume="base", op="write", code="OK"
+            )
+            - writes
+            == 3
+        )
         assert await oclient.volume("base").read(0, 6144) == bytes(3 * MiB)
 
 
@@ -180,9 +206,9 @@ async def test_layer_mode_shows_lower_layers_and_keeps_unmapped_zeros(
     await oclient.volume("base").write(0, base)
     delta = pattern(2, 10, 10, SS)
     await oclient.volume("delta").write(10, delta)
-    body = toml_volume(
-        "vm", remote(at, "delta", mode="layer"), remote(at, "base")
-    ) + toml_volume("alone", remote(at, "small", mode="layer"))
+    body = toml_volume("vm", remote(at, "delta", mode="layer"), remote(at, "base")) + toml_volume(
+        "alone", remote(at, "small", mode="layer")
+    )
     async with (
         running_server(tmp_path / "proxy", body) as proxy,
         AsyncClient(proxy.grpc_address) as client,
@@ -197,7 +223,9 @@ async def test_layer_mode_shows_lower_layers_and_keeps_unmapped_zeros(
         await vol.unmap(0, 4)
         assert await vol.read(0, 8) == bytes(4 * SS) + base[4 * SS : 8 * SS]
         assert [(e.sector, e.sector_count, e.depth) for e in await vol.allocation(0, 8)] == [
-            (0, 4, 0), (4, 4, 1)]
+            (0, 4, 0),
+            (4, 4, 1),
+        ]
         # With nothing below, the unmap is forwarded and the origin may drop the sectors.
         alone = client.volume("alone")
         await alone.write(0, pattern(3, 0, 8, SS))
@@ -252,14 +280,17 @@ async def test_read_only_remotes(origin: Server, tmp_path: Path) -> None:
             pass
     assert info.value.volume == "v" and info.value.layer == 0 and "read-only" in str(info.value)
     # disk mode can never be a read cache; layer mode can, unless the remote is read-only
-    for layer, why in ((remote(at, "base", read_cache=True), "read_cache"),
-                       (remote(at, "ro", mode="layer", read_cache=True), "read_cache")):
+    for layer, why in (
+        (remote(at, "base", read_cache=True), "read_cache"),
+        (remote(at, "ro", mode="layer", read_cache=True), "read_cache"),
+    ):
         with pytest.raises(ConfigError) as info:
             async with running_server(tmp_path / "p2", toml_volume("v", ram(), layer)):
                 pass
         assert info.value.layer == 1 and why in str(info.value)
     body = toml_volume("v", ram(), remote(at, "ro")) + toml_volume(
-        "r", remote(at, "ro"), read_only=True)
+        "r", remote(at, "ro"), read_only=True
+    )
     async with (
         running_server(tmp_path / "p3", body) as proxy,
         AsyncClient(proxy.grpc_address, retries=0) as client,
@@ -323,7 +354,14 @@ async def test_every_call_carries_the_hop_chain(
                 await asyncio.sleep(0.02)
             at_origin = [(rpc, chain) for sid, rpc, chain in seen if sid == o2.server_id]
     assert {rpc for rpc, _ in at_origin} >= {
-        "GetVolume", "WatchResize", "Read", "Write", "GetAllocation", "Unmap", "Flush", "Resize"
+        "GetVolume",
+        "WatchResize",
+        "Read",
+        "Write",
+        "GetAllocation",
+        "Unmap",
+        "Flush",
+        "Resize",
     }
     assert {chain for _, chain in at_origin} == {proxy.server_id}, at_origin
 
@@ -348,11 +386,13 @@ async def test_inspect_and_metrics_count_remote_calls(
         assert tree["requests"]["Read"] == {"OK": 3}
         assert tree["requests"]["GetVolume"] == {"OK": 1}
         labels = {"volume": "vm", "layer": "1"}
-        assert sample(proxy, "tierdisk_remote_requests_total",
-                      method="Read", code="OK", **labels) == 3
+        assert (
+            sample(proxy, "tierdisk_remote_requests_total", method="Read", code="OK", **labels) == 3
+        )
         assert sample(proxy, "tierdisk_remote_request_duration_seconds_count", method="Read") == 3
-        assert sample(proxy, "tierdisk_remote_request_duration_seconds_count",
-                      method="GetVolume") == 1
+        assert (
+            sample(proxy, "tierdisk_remote_request_duration_seconds_count", method="GetVolume") == 1
+        )
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -471,9 +511,7 @@ REMOTE_STACKS = [s for s in STACKS if "remote" in s.tags or "remote-rc" in s.tag
 
 
 @pytest.mark.parametrize("stack", REMOTE_STACKS, ids=[s.name for s in REMOTE_STACKS])
-async def test_registry_remote_stacks_work_and_clean_up(
-    stack: NamedStack, tmp_path: Path
-) -> None:
+async def test_registry_remote_stacks_work_and_clean_up(stack: NamedStack, tmp_path: Path) -> None:
     vol = await stack.factory(tmp_path)
     layers = [e.layer for e in vol.entries if isinstance(e.layer, ServedRemoteLayer)]
     assert layers

@@ -46,13 +46,13 @@ async def test_each_call_counted_once_by_code(server: Server) -> None:
         await stub.Write(pb.WriteRequest(volume="disk", sector=0, data=bytes(512)))
     unary = {"grpc_type": "unary"}
     assert sample(server, "grpc_server_started_total", BLOCK, "Read", **unary) == 4
-    assert sample(server, "grpc_server_handled_total", BLOCK, "Read", **unary,
-                  grpc_code="OK") == 3
-    assert sample(server, "grpc_server_handled_total", BLOCK, "Read", **unary,
-                  grpc_code="NOT_FOUND") == 1
+    assert sample(server, "grpc_server_handled_total", BLOCK, "Read", **unary, grpc_code="OK") == 3
+    assert (
+        sample(server, "grpc_server_handled_total", BLOCK, "Read", **unary, grpc_code="NOT_FOUND")
+        == 1
+    )
     assert sample(server, "grpc_server_handling_seconds_count", BLOCK, "Read", **unary) == 4
-    assert sample(server, "grpc_server_handled_total", BLOCK, "Write", **unary,
-                  grpc_code="OK") == 1
+    assert sample(server, "grpc_server_handled_total", BLOCK, "Write", **unary, grpc_code="OK") == 1
 
 
 async def test_health_and_reflection_are_counted_too(server: Server) -> None:
@@ -71,12 +71,19 @@ async def test_health_and_reflection_are_counted_too(server: Server) -> None:
         await call.done_writing()
         names = {s.name for s in listed.list_services_response.service}
         assert BLOCK in names
-    assert sample(server, "grpc_server_handled_total", HEALTH, "Check", grpc_type="unary",
-                  grpc_code="OK") == 1
-    assert sample(server, "grpc_server_started_total", HEALTH, "Watch",
-                  grpc_type="server_stream") == 1
-    assert sample(server, "grpc_server_msg_sent_total", HEALTH, "Watch",
-                  grpc_type="server_stream") >= 1
+    assert (
+        sample(
+            server, "grpc_server_handled_total", HEALTH, "Check", grpc_type="unary", grpc_code="OK"
+        )
+        == 1
+    )
+    assert (
+        sample(server, "grpc_server_started_total", HEALTH, "Watch", grpc_type="server_stream") == 1
+    )
+    assert (
+        sample(server, "grpc_server_msg_sent_total", HEALTH, "Watch", grpc_type="server_stream")
+        >= 1
+    )
 
 
 async def test_an_unknown_method_is_unimplemented_and_not_counted(server: Server) -> None:
@@ -87,8 +94,9 @@ async def test_an_unknown_method_is_unimplemented_and_not_counted(server: Server
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(b"")
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert sample(server, "grpc_server_started_total", BLOCK, "NoSuchMethod",
-                  grpc_type="unary") == 0
+    assert (
+        sample(server, "grpc_server_started_total", BLOCK, "NoSuchMethod", grpc_type="unary") == 0
+    )
 
 
 async def test_handlers_registered_only_as_generic_are_counted() -> None:
@@ -101,11 +109,13 @@ async def test_handlers_registered_only_as_generic_are_counted() -> None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
         return request[::-1]
 
-    InstrumentedRegistry(server, metrics).add_generic_rpc_handlers((
-        grpc.method_handlers_generic_handler(
-            "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
-        ),
-    ))
+    InstrumentedRegistry(server, metrics).add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -122,7 +132,12 @@ async def test_handlers_registered_only_as_generic_are_counted() -> None:
     registry = metrics.registry
     labels = {"grpc_type": "unary", "grpc_service": "test.Echo", "grpc_method": "Say"}
     assert registry.get_sample_value("grpc_server_started_total", labels) == 3
-    assert registry.get_sample_value(
-        "grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 2
-    assert registry.get_sample_value(
-        "grpc_server_handled_total", {**labels, "grpc_code": "PERMISSION_DENIED"}) == 1
+    assert (
+        registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 2
+    )
+    assert (
+        registry.get_sample_value(
+            "grpc_server_handled_total", {**labels, "grpc_code": "PERMISSION_DENIED"}
+        )
+        == 1
+    )

@@ -52,8 +52,7 @@ BASE = pattern(7, 0, BASE_SECTORS, SS)
 
 
 def server_section(listen: str, tmp_path: Path) -> str:
-    return (f'[server]\nlisten = "{listen}"\nmetrics = ""\n'
-            f'data_dir = "{tmp_path / "data"}"\n')
+    return f'[server]\nlisten = "{listen}"\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\n'
 
 
 async def origin_reads(vol: AsyncVolume) -> int:
@@ -90,8 +89,12 @@ async def eventually(what: str, check: Any, seconds: float = 15.0) -> Any:
 @pytest.fixture
 async def tiers(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Server]]:
     """origin ← regional ← host, each a real in-process server on its own port."""
-    origin_body = (toml_volume("base", ram("2MiB")) + toml_volume("delta", ram("2MiB"))
-                   + toml_volume("scratch", ram("2MiB")) + toml_volume("cache", ram("2MiB")))
+    origin_body = (
+        toml_volume("base", ram("2MiB"))
+        + toml_volume("delta", ram("2MiB"))
+        + toml_volume("scratch", ram("2MiB"))
+        + toml_volume("cache", ram("2MiB"))
+    )
     async with running_server(tmp_path / "origin", origin_body) as origin:
         o = origin.grpc_address
         async with AsyncClient(o) as client:
@@ -108,10 +111,10 @@ async def tiers(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Server]]:
             host_body = (
                 toml_volume("vm", ram(), remote(r, "base"))
                 + toml_volume("wt", ram(write_through=True), remote(r, "scratch"))
-                + toml_volume("layered", ram(), remote(r, "delta", mode="layer"),
-                              remote(r, "base"))
-                + toml_volume("rc", remote(r, "cache", mode="layer", read_cache=True),
-                              remote(o, "base"))
+                + toml_volume("layered", ram(), remote(r, "delta", mode="layer"), remote(r, "base"))
+                + toml_volume(
+                    "rc", remote(r, "cache", mode="layer", read_cache=True), remote(o, "base")
+                )
             )
             async with running_server(tmp_path / "host", host_body) as host:
                 yield origin, regional, host
@@ -205,16 +208,18 @@ async def test_origin_outage_and_restart(tmp_path: Path) -> None:
     port = free_port()
     listen = f"127.0.0.1:{port}"
     origin_dir = tmp_path / "origin"
-    config = write_config(origin_dir, toml_volume(
-        "base", {"kind": "raw", "path": "base.img", "size": "1MiB"}))
+    config = write_config(
+        origin_dir, toml_volume("base", {"kind": "raw", "path": "base.img", "size": "1MiB"})
+    )
     origin = ServerProcess.start(origin_dir, config, listen=listen)
     try:
         async with AsyncClient(listen) as oc:
             await oc.volume("base").write(0, BASE[: 2048 * SS])
             await oc.volume("base").flush()
         timeout = 1.0
-        body = toml_volume("vm", ram(read_cache=True),
-                           remote(listen, "base", timeout=timeout, retries=2))
+        body = toml_volume(
+            "vm", ram(read_cache=True), remote(listen, "base", timeout=timeout, retries=2)
+        )
         async with (
             running_server(tmp_path / "cache", body) as cache,
             AsyncClient(cache.grpc_address, retries=0, timeout=10) as client,
@@ -278,8 +283,7 @@ async def test_cache_tier_starts_before_its_origin(tmp_path: Path) -> None:
         assert await health(cache.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(cerr.Unavailable):
             await client.volume("vm").read(0, 8)
-        origin_body = server_section(listen, tmp_path / "origin") + toml_volume(
-            "base", ram("1MiB"))
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
         async with running_server(tmp_path / "origin", origin_body) as origin:
             async with AsyncClient(origin.grpc_address) as oc:
                 await oc.volume("base").write(0, BASE[: 8 * SS])
@@ -302,10 +306,12 @@ async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
     replaced on the same address by one whose volume is remote → A's. A read now loops."""
     a_listen, b_listen = (f"127.0.0.1:{free_port()}" for _ in range(2))
     a_body = server_section(a_listen, tmp_path / "a") + toml_volume(
-        "va", remote(b_listen, "vb", timeout=2, retries=1))
+        "va", remote(b_listen, "vb", timeout=2, retries=1)
+    )
     b1_body = server_section(b_listen, tmp_path / "b1") + toml_volume("vb", ram("1MiB"))
     b2_body = server_section(b_listen, tmp_path / "b2") + toml_volume(
-        "vb", remote(a_listen, "va", timeout=2, retries=1))
+        "vb", remote(a_listen, "va", timeout=2, retries=1)
+    )
     async with running_server(tmp_path / "b1", b1_body):
         a_cm = running_server(tmp_path / "a", a_body)
         a = await a_cm.__aenter__()
@@ -339,14 +345,16 @@ async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:
     entering at the second it passes eight (allowed)."""
     async with contextlib.AsyncExitStack() as stack:
         below = await stack.enter_async_context(
-            running_server(tmp_path / "s9", toml_volume("v", ram("64KiB"))))
+            running_server(tmp_path / "s9", toml_volume("v", ram("64KiB")))
+        )
         async with AsyncClient(below.grpc_address) as c:
             await c.volume("v").write(0, BASE[: 8 * SS])
         servers = [below]
         for n in range(8, 0, -1):
             body = toml_volume("v", remote(servers[-1].grpc_address, "v"))
-            servers.append(await stack.enter_async_context(
-                running_server(tmp_path / f"s{n}", body)))
+            servers.append(
+                await stack.enter_async_context(running_server(tmp_path / f"s{n}", body))
+            )
         top, second = servers[-1], servers[-2]
         async with AsyncClient(second.grpc_address, retries=0) as c:
             assert await c.volume("v").read(0, 8) == BASE[: 8 * SS]

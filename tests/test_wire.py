@@ -26,9 +26,10 @@ def test_an_empty_reply_has_empty_data() -> None:
 
 
 def test_the_last_data_field_wins_as_in_protobuf() -> None:
-    raw = pb.ReadResponse(data=b"first").SerializeToString() + pb.ReadResponse(
-        data=b"second!"
-    ).SerializeToString()
+    raw = (
+        pb.ReadResponse(data=b"first").SerializeToString()
+        + pb.ReadResponse(data=b"second!").SerializeToString()
+    )
     view = read_data_view(raw)
     assert view is not None
     assert bytes(view) == pb.ReadResponse.FromString(raw).data == b"second!"
