@@ -23,7 +23,15 @@ Files, devices, pipes and ``-``
     written as it arrives: the chunk that ends in part of a sector, or reaches past the end
     of the volume, is not written, and is refused once the chunks before it are; the
     message says how many bytes were written (:func:`_stream_in`). Every sector read is
-    written, zeros included.
+    written, zeros included, with one exception: ``import`` from a regular file (named, or
+    on stdin) is sparse. Its holes (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``; a filesystem
+    without holes reports none) must read back as zeros, since the import replaces what the
+    volume held there: on a volume whose ``unmap_behavior`` is ``ZEROES`` they are unmapped,
+    so they take no space; on any other they are written as zeros, as before. Only whole
+    sectors are unmapped: the part of a sector that a hole shares with data is written with
+    that data, and a hole shorter than 64 KiB is written as zeros with the data around it
+    (:data:`_MIN_HOLE`), so a fragmented file does not turn into many tiny requests. Chunks
+    of data that happen to be zeros are written like any other.
 
     ``export`` writes all ``sector_count * sector_size`` bytes of the volume. Into a
     regular file it is sparse: the file is truncated, sized to the volume at once, and only
@@ -46,14 +54,17 @@ Chunking
     (:func:`~tierdisk.client.chunking.sectors_per_chunk`; 1 MiB by default), with
     ``client.max_in_flight`` requests running at a time. Chunks of a regular file or block
     device are read (``pread``) and written in any order; so are the allocated chunks of a
-    sparse export (``pwrite``). A pipe or a terminal is read one chunk at a time, in order,
-    while earlier chunks are being written. ``read`` and an in-order export use
+    sparse export (``pwrite``). The hole unmaps of a sparse import (at most
+    :data:`_UNMAP_MAX` bytes each) share the ``max_in_flight`` slots with its data chunks.
+    A pipe or a terminal is read one chunk at a time, in order, while earlier chunks are
+    being written. ``read`` and an in-order export use
     :meth:`~tierdisk.client.aio.AsyncVolume.stream_read`, which reads ahead in order.
 
 Progress
     Long transfers draw a bar (:class:`~tierdisk.client.progress.Progress`) counting bytes
-    on stderr, only when stderr is a terminal: with a total when the length is known, the
-    bytes and the rate only when it is not (``write`` from a pipe). Never with
+    on stderr, only when stderr is a terminal: with a total when the length is known (the
+    holes of a sparse import count as they are unmapped or written), the bytes and the rate
+    only when it is not (``write`` from a pipe). Never with
     ``--no-progress``, nor when the data itself is on a terminal (``read`` or ``export`` to
     a terminal stdout, ``write`` or ``import`` from a terminal stdin): raw sectors, or the
     echo of typed input, would mix with the redrawn line.
@@ -64,17 +75,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 import sys
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from .aio import AsyncClient, AsyncVolume
 from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
 from .cli_errors import CliError, describe, describe_file, file_error, stdout_error
 from .errors import OutOfRange, TierdiskError
-from .models import AllocationExtent, VolumeInfo
+from .models import AllocationExtent, UnmapBehavior, VolumeInfo
 from .progress import Progress
 
 __all__ = ["STD_STREAM", "export_image", "import_image", "read_sectors", "write_sectors"]
@@ -295,11 +307,13 @@ async def _copy_fd_in(
     """Copy the regular file or block device open as ``fd`` (``path``; ``None``: stdin), from
     its current position to its end, onto the volume from ``sector``: ``max_in_flight``
     requests of ``max_io`` bytes at a time, with a bar that has a total. Every chunk is
-    written, zeros included: that is always correct, whatever the volume's unmap behaviour.
-    On success the position is left at the end, as a plain read would."""
+    written, zeros included, except that ``import`` from a regular file skips its holes
+    (:func:`_pieces`): unmapped where the volume's unmap reads back as zeros, written as
+    zeros elsewhere. On success the position is left at the end, as a plain read would."""
     try:
         start = os.lseek(fd, 0, os.SEEK_CUR)
         size = max(0, _file_size(fd, path) - start)
+        sparse = verb == "import" and stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError as err:
         raise file_error(path, err) from None
     info = await vol.info()
@@ -312,23 +326,138 @@ async def _copy_fd_in(
         )
     _check_fits(vol, info, sector, count)
     fua = bool(getattr(args, "fua", False))
-
-    async def one(chunk: Chunk) -> None:
-        length = chunk.sector_count * ss
+    per_chunk = sectors_per_chunk(client.max_io, ss)
+    runs = [(start, start + size)]  # the whole file is data, unless a sparse import finds holes
+    if sparse:
         try:
-            data = await asyncio.to_thread(os.pread, fd, length, start + chunk.offset * ss)
+            runs = await asyncio.to_thread(_data_runs, fd, start, start + size)
+            if os.fstat(fd).st_size < start + size:  # past its new end, all looked like holes
+                raise CliError(f"{describe_file(path)}: shrank while being read")
         except OSError as err:
             raise file_error(path, err) from None
-        if len(data) != length:
-            raise CliError(f"{describe_file(path)}: shrank while being read")
-        await vol.write(chunk.sector, data, fua=fua)
+    unmap = info.unmap_behavior == UnmapBehavior.ZEROES
+    pieces = _pieces(_sector_runs(runs, start, ss, count), count, per_chunk, unmap, ss)
+    zeros = bytes(per_chunk * ss) if not unmap and any(not p.data for p in pieces) else b""
+
+    async def one(piece: _Piece) -> None:
+        length = piece.sector_count * ss
+        at = sector + piece.offset
+        if piece.data:
+            try:
+                data = await asyncio.to_thread(os.pread, fd, length, start + piece.offset * ss)
+            except OSError as err:
+                raise file_error(path, err) from None
+            if len(data) != length:
+                raise CliError(f"{describe_file(path)}: shrank while being read")
+            await vol.write(at, data, fua=fua)
+        elif unmap:
+            await vol.unmap(at, piece.sector_count)
+        else:
+            await vol.write(at, zeros if length == len(zeros) else zeros[:length], fua=fua)
         bar.advance(length)
 
-    per_chunk = sectors_per_chunk(client.max_io, ss)
     with _progress(args, size, f"{verb} {vol.name}") as bar:
-        await run_bounded(plan_chunks(sector, count, per_chunk), one, client.max_in_flight)
+        await run_bounded(pieces, one, client.max_in_flight)
     os.lseek(fd, start + size, os.SEEK_SET)
     return 0
+
+
+_MIN_HOLE = 64 * 1024
+"""Bytes: a hole of a sparse import shorter than this is written as zeros together with the
+data around it, as one run; a filesystem with fragmented small holes (4 KiB here and there)
+would otherwise turn its data into many small requests, each costing a round trip."""
+
+_UNMAP_MAX = 1 << 30
+"""Bytes: the most one unmap request of a sparse import covers (whole sectors), so that no
+single call outlasts the per-call timeout on a layer that must write zeros to unmap."""
+
+_SEEK_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+"""``lseek`` errors meaning "SEEK_DATA/SEEK_HOLE not supported here"."""
+
+
+class _Piece(NamedTuple):
+    """A request of a copy onto a volume: ``sector_count`` sectors ``offset`` sectors into
+    the source; ``data``: read from the source and written, else a hole (unmapped or
+    written as zeros)."""
+
+    offset: int
+    sector_count: int
+    data: bool
+
+
+def _data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The runs ``(a, b)`` of bytes in ``[start, end)`` of the regular file open as ``fd``
+    that hold data, in order; the rest are holes (read as zeros). Found with ``lseek``
+    ``SEEK_DATA``/``SEEK_HOLE`` (the file position is put back at ``start``); where those
+    are not supported the rest of the file counts as data (always correct, just not sparse)."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        return [(start, end)] if start < end else []
+    runs: list[tuple[int, int]] = []
+    pos = start
+    try:
+        while pos < end:
+            try:
+                a = os.lseek(fd, pos, seek_data)
+                b = os.lseek(fd, a, seek_hole) if a < end else end
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # no data from pos to the end of the file
+                    break
+                if err.errno in _SEEK_UNSUPPORTED:
+                    runs.append((pos, end))
+                    break
+                raise
+            if a >= end:
+                break
+            b = min(b, end)
+            if b <= a:  # a filesystem that says otherwise: take the rest as data, to be safe
+                b = end
+            runs.append((a, b))
+            pos = b
+    finally:
+        os.lseek(fd, start, os.SEEK_SET)
+    return runs
+
+
+def _sector_runs(
+    runs: list[tuple[int, int]], start: int, ss: int, count: int
+) -> list[tuple[int, int]]:
+    """The data ``runs`` (byte offsets in the file, the copy starting at ``start``) as runs of
+    sectors ``[lo, hi)`` of the ``count``-sector copy: widened outward to whole sectors (a
+    sector that holds any data is written whole; the holes shrink inward), and joined where
+    what lies between them is shorter than :data:`_MIN_HOLE`, the two ends included."""
+    gap = max(1, _MIN_HOLE // ss)
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        lo, hi = (a - start) // ss, -(-(b - start) // ss)
+        if lo - (out[-1][1] if out else 0) < gap:
+            lo = out.pop()[0] if out else 0
+        out.append((lo, min(count, hi)))
+    if out and count - out[-1][1] < gap:
+        out[-1] = (out[-1][0], count)
+    return out
+
+
+def _pieces(
+    data: list[tuple[int, int]], count: int, per_chunk: int, unmap: bool, ss: int
+) -> list[_Piece]:
+    """The requests, in order, that copy ``count`` sectors whose ``data`` runs (sorted, not
+    touching) are written in chunks of ``per_chunk`` sectors; the holes between them are
+    unmapped (``unmap``) in pieces of at most :data:`_UNMAP_MAX` bytes, or written as zeros
+    in chunks of ``per_chunk``."""
+    hole_chunk = max(1, _UNMAP_MAX // ss) if unmap else per_chunk
+    pieces: list[_Piece] = []
+    pos = 0
+    for lo, hi in [*data, (count, count)]:
+        pieces += (
+            _Piece(c.sector, c.sector_count, False) for c in plan_chunks(pos, lo - pos, hole_chunk)
+        )
+        pieces += (
+            _Piece(c.sector, c.sector_count, True) for c in plan_chunks(lo, hi - lo, per_chunk)
+        )
+        pos = hi
+    return pieces
 
 
 def _sized(fd: int) -> bool:

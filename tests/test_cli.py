@@ -1,14 +1,17 @@
 """The ``tierdisk`` command against a real server (a ``tierdisk serve`` child process):
-import then export byte-identical with holes, export to devices, pipes and stdout, a failed
-export (its server cut off by a proxy) removing its partial file, ``-`` for stdin/stdout,
-read/write through files and pipes, every verb's output, resize refusing to shrink without
-``--shrink``, one-line errors (the volume named once), ``watch`` ended by Ctrl-C or by the
-server, and the progress bar on a real pseudo-terminal: for import, for read to a pipe (none
-when stdout is the terminal), for write from a pipe (bytes so far, no total) or a file (with
-its total)."""
+import then export byte-identical with holes, a sparse import (from a file or stdin) that
+unmaps the image's holes, or writes zeros there on a volume whose unmap would not read back
+as zeros (a layer double in an in-process server), export to devices, pipes and stdout, a
+failed export (its server cut off by a proxy) removing its partial file, ``-`` for
+stdin/stdout, read/write through files and pipes, every verb's output, resize refusing to
+shrink without ``--shrink``, one-line errors (the volume named once), ``watch`` ended by
+Ctrl-C or by the server, and the progress bar on a real pseudo-terminal: for import, for read
+to a pipe (none when stdout is the terminal), for write from a pipe (bytes so far, no total)
+or a file (with its total)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,7 +28,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers import ServerProcess, free_port, write_config
+from servers import ServerProcess, free_port, ram, running_server, toml_volume, write_config
+from stacks import MapLayer
+
+from tierdisk.service.layer import UnmapBehavior
+from tierdisk.service.volume import LayerEntry, Volume
 
 MiB = 1 << 20
 TIERDISK = [sys.executable, "-m", "tierdisk.client"]
@@ -73,6 +80,13 @@ name = "exp"
   [[volumes.layers]]
   kind = "ram"
   size = "8MiB"
+
+[[volumes]]
+name = "sparse"
+  [[volumes.layers]]
+  kind = "sparse"
+  path = "sparse.img"
+  size = "16MiB"
 """
 
 
@@ -135,6 +149,7 @@ def test_volumes_lists_one_per_line_name_first(server: ServerProcess) -> None:
         "ro",
         "rw",
         "shrink",
+        "sparse",
         "watched",
     ]
     ro = next(line for line in lines if line.startswith("ro\t")).split("\t")
@@ -241,6 +256,151 @@ def test_import_refuses_partial_sectors_and_oversized_images(
     with open(big, "wb") as f:
         f.truncate(8 * MiB)
     one_line_error(tierdisk(server, "import", "rw", str(big), check=False), str(big), "'rw'")
+
+
+# Data islands at offsets that are not sector (nor block) aligned, between big holes; the
+# last two sit 4 KiB apart (a hole shorter than 64 KiB: written as zeros with them).
+ISLANDS = [
+    (300 * 1024 + 1000, 4000),  # starts and ends mid-sector, after a 300 KiB hole
+    (3 * MiB + 777, 200 * 1024),
+    (7 * MiB - 10, 20),  # straddles a block boundary
+    (7 * MiB + 8 * 1024 + 100, 100),
+]
+
+
+def make_sparse(path: Path, size: int, islands: list[tuple[int, int]]) -> bytes:
+    """A file of ``size`` bytes, holes but for random data at ``islands`` (offset, length);
+    returns its bytes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in islands:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path.read_bytes()
+
+
+def allocation(server: ServerProcess, volume: str) -> list[tuple[int, int, int]]:
+    """``tierdisk map VOL``: (sector, count, depth) runs, depth -1 where no layer holds them."""
+    out = tierdisk(server, "map", volume).stdout.decode()
+    return [(a, b, c) for a, b, c in (map(int, line.split("\t")) for line in out.splitlines())]
+
+
+def present(runs: list[tuple[int, int, int]], lo: int, hi: int) -> int:
+    """How many of sectors ``[lo, hi)`` some layer holds."""
+    return sum(max(0, min(hi, s + n) - max(lo, s)) for s, n, depth in runs if depth >= 0)
+
+
+def fill(server: ServerProcess, volume: str, size: int) -> bytes:
+    """Write ``size`` bytes of non-zero data onto ``volume`` from sector 0; return them."""
+    old = b"\xa5" * size
+    tierdisk(server, "write", volume, "0", stdin=old)
+    return old
+
+
+def sparse_data_file(server: ServerProcess, volume: str) -> Path:
+    """The data file of ``volume``'s top (sparse) layer (Inspect gives its absolute path)."""
+    tree = json.loads(tierdisk(server, "inspect", volume).stdout)
+    return Path(tree["layers"][0]["path"])
+
+
+def assert_holes_unallocated(
+    server: ServerProcess, volume: str, image: Path, start: int, islands: list[tuple[int, int]]
+) -> None:
+    """After importing ``image`` from byte ``start`` into ``volume`` (a sparse layer over
+    nothing, full of old data before): each island's sectors are held, the holes are not
+    (but for a few KiB where an island shares a block, or holes under 64 KiB)."""
+    runs = allocation(server, volume)
+    size = image.stat().st_size - start
+    for offset, length in islands:
+        lo, hi = (offset - start) // 512, -(-(offset + length - start) // 512)
+        assert present(runs, lo, hi) == hi - lo, (offset, length, runs)
+    # the islands hold about 220 KiB (228 KiB of 4 KiB blocks); the rest were holes
+    assert present(runs, 0, size // 512) * 512 <= 512 * 1024, runs
+    assert present(runs, 1 * MiB // 512, (3 * MiB - 4096) // 512) == 0, runs
+    # the layer's data file: only the islands, and what lies past the image (old data)
+    past = 16 * MiB - size
+    data_file = sparse_data_file(server, volume)
+    assert data_file.stat().st_blocks * 512 <= past + 512 * 1024
+
+
+def test_import_of_a_sparse_file_unmaps_its_holes(server: ServerProcess, tmp_path: Path) -> None:
+    """A sparse image over a volume full of older data: a full read gives the image (zeros in
+    its holes) and then the older data past its end; the holes take no space."""
+    old = fill(server, "sparse", 16 * MiB)
+    image = tmp_path / "sparse.img"
+    expected = make_sparse(image, 12 * MiB, ISLANDS)
+    tierdisk(server, "import", "sparse", str(image))
+    got = tierdisk(server, "read", "sparse", "0", str(16 * MiB // 512)).stdout
+    assert got[: 12 * MiB] == expected
+    assert got[12 * MiB :] == old[12 * MiB :]  # past the image the volume is left alone
+    if fs_supports_holes(tmp_path):
+        assert_holes_unallocated(server, "sparse", image, 0, ISLANDS)
+    # a fully sparse image: nothing allocated in its range, all zeros
+    image.unlink()
+    expected = make_sparse(image, 8 * MiB, [])
+    tierdisk(server, "import", "sparse", str(image))
+    assert tierdisk(server, "read", "sparse", "0", str(8 * MiB // 512)).stdout == expected
+    if fs_supports_holes(tmp_path):
+        assert present(allocation(server, "sparse"), 0, 8 * MiB // 512) == 0
+
+
+def test_import_of_a_sparse_file_on_stdin_unmaps_its_holes(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Stdin redirected from a sparse file, positioned 100 bytes in: the image is the rest of
+    the file, whose holes (block aligned in the file) start and end mid-sector in the image;
+    only whole sectors are unmapped, and it reads back byte for byte."""
+    old = fill(server, "sparse", 16 * MiB)
+    start = 100
+    image = tmp_path / "sparse.img"
+    islands = [(0, start)] + [(offset + start, length) for offset, length in ISLANDS]
+    islands.append((start + 12 * MiB - 3000, 3000))  # data up to the end
+    content = make_sparse(image, start + 12 * MiB, islands)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.lseek(fd, start, os.SEEK_SET)
+        env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+        result = subprocess.run(
+            [*TIERDISK, "import", "sparse", "-"], stdin=fd, capture_output=True, env=env
+        )
+        assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == len(content)  # read to the end, as cat would
+    finally:
+        os.close(fd)
+    got = tierdisk(server, "read", "sparse", "0", str(16 * MiB // 512)).stdout
+    assert got[: 12 * MiB] == content[start:]
+    assert got[12 * MiB :] == old[12 * MiB :]
+    if fs_supports_holes(tmp_path):
+        assert_holes_unallocated(server, "sparse", image, start, islands[1:])
+
+
+@pytest.mark.parametrize(
+    "behavior", [UnmapBehavior.IGNORED, UnmapBehavior.ANY], ids=["ignored", "any"]
+)
+async def test_import_writes_zeros_in_holes_where_unmap_would_not_give_zeros(
+    tmp_path: Path, behavior: UnmapBehavior
+) -> None:
+    """Where an unmap would not read back as zeros, the holes of a sparse image are written
+    as zeros. No layer kind reports anything but ZEROES (a remote passes on its origin's),
+    so the volume here is a layer double, full of old data, in an in-process server."""
+    async with running_server(tmp_path / "srv", toml_volume("odd", ram("4MiB"))) as srv:
+        layer = MapLayer(8192, full=lambda s: b"\xa5" * 512, unmap_behavior=behavior)
+        replaced = srv.registry.get("odd")
+        srv.registry.set_ready(await Volume.open("odd", [LayerEntry(layer)]))
+        await replaced.close()
+        image = tmp_path / "sparse.img"
+        expected = make_sparse(image, 3 * MiB + 512, [(MiB + 777, 5000)])
+        env = {**os.environ, "TIERDISK_SERVER": srv.grpc_address}
+
+        def cli(*args: str) -> bytes:
+            result = subprocess.run([*TIERDISK, *args], capture_output=True, env=env, timeout=60)
+            assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
+            return result.stdout
+
+        await asyncio.to_thread(cli, "import", "odd", str(image))
+        got = await asyncio.to_thread(cli, "read", "odd", "0", str(8192))
+    assert got[: len(expected)] == expected
+    assert got[len(expected) :] == b"\xa5" * (4 * MiB - len(expected))
 
 
 class CuttingProxy:
