@@ -2,9 +2,12 @@
 
 NBD requests are counted like gRPC ones: ``tierdisk_nbd_requests_total{volume,command,result}``
 (result ``ok`` or the NBD error name) and ``tierdisk_nbd_request_duration_seconds{command}``;
-data commands also add to ``tierdisk_volume_io_bytes_total{volume,op}`` and
-``tierdisk_io_duration_seconds{op}``, so volume throughput covers both front ends. Session
-counts are read from :class:`~tierdisk.service.nbd.NbdStats` at scrape time.
+data commands also count in the volume families (``tierdisk_volume_io_requests_total``,
+``tierdisk_volume_io_bytes_total``, ``tierdisk_io_duration_seconds``), so a volume's requests,
+throughput and errors cover both front ends; there an NBD error counts under the gRPC code a
+gRPC call failing the same way gets (``EPERM`` -> ``FAILED_PRECONDITION``, ``ENOSPC`` ->
+``RESOURCE_EXHAUSTED``, ``EIO`` -> ``INTERNAL``, …). Session counts are read from
+:class:`~tierdisk.service.nbd.NbdStats` at scrape time.
 """
 
 from __future__ import annotations
@@ -28,6 +31,20 @@ _OPS = {
     "write_zeroes": "write",
     "trim": "unmap",
     "flush": "flush",
+}
+
+
+# NBD result → the gRPC status code name the same failure gets over gRPC (DESIGN.md §2).
+_CODES = {
+    "ok": "OK",
+    "EPERM": "FAILED_PRECONDITION",  # a write to a read-only volume
+    "EIO": "INTERNAL",
+    "ENOMEM": "RESOURCE_EXHAUSTED",
+    "EINVAL": "INVALID_ARGUMENT",
+    "ENOSPC": "RESOURCE_EXHAUSTED",
+    "EOVERFLOW": "INVALID_ARGUMENT",  # a request over the size limit
+    "ENOTSUP": "UNIMPLEMENTED",
+    "ESHUTDOWN": "UNAVAILABLE",
 }
 
 
@@ -60,9 +77,8 @@ class NbdMetrics:
         self.duration.labels(command).observe(seconds)
         op = _OPS.get(command)
         if op is not None:
-            if nbytes:
-                self._metrics.io_bytes.labels(volume, op).inc(nbytes)
-            self._metrics.io_duration.labels(op).observe(seconds)
+            code = _CODES.get(result, "UNKNOWN")
+            self._metrics.observe_io(volume, op, code, nbytes, seconds)
 
     def collect_metrics(self) -> Iterator[Metric]:
         stats = self.stats

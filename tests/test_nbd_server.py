@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 from servers import running_server, tree_of
-from test_metrics import scrape, value
+from test_metrics import samples, scrape, value
 from tools import require_tool
 
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -80,3 +80,21 @@ async def test_nbd_and_grpc_see_the_same_volume(tmp_path: Path) -> None:
         assert value(text, "tierdisk_volume_io_bytes_total", volume="disk", op="write") >= (
             len(payload) + len(incoming)
         )
+        # The volume's request count covers both front ends: every NBD data command (read
+        # and cache are reads, write and write_zeroes writes) plus the one gRPC Write and the
+        # one gRPC Read above.
+        for op, commands in (("read", ("read", "cache")), ("write", ("write", "write_zeroes"))):
+            sent = sum(
+                samples(text).get(
+                    (
+                        "tierdisk_nbd_requests_total",
+                        frozenset({"volume": "disk", "command": c, "result": "ok"}.items()),
+                    ),
+                    0.0,
+                )
+                for c in commands
+            )
+            requests = value(
+                text, "tierdisk_volume_io_requests_total", volume="disk", op=op, code="OK"
+            )
+            assert requests == sent + 1
