@@ -9,6 +9,7 @@ Relative layer paths are resolved against ``data_dir``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -33,6 +34,8 @@ __all__ = [
     "load_config",
     "parse_size",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 1 << 30
 """Size of the built-in ``default`` volume (1 GiB)."""
@@ -275,9 +278,12 @@ def _server(
     stray = sorted(
         k for k in environ if k.startswith(prefix) and k[len(prefix) :].lower() not in _SERVER_KEYS
     )
-    if stray:  # a misspelt override would otherwise be ignored without a word
+    for name in stray:
+        # A warning, not an error: a misspelt override should not pass without a word, but
+        # others set such names too (Kubernetes service links for a Service named
+        # "tierdisk-server": TIERDISK_SERVER_PORT, TIERDISK_SERVER_SERVICE_HOST, ...).
         known = ", ".join(prefix + k.upper() for k in _SERVER_KEYS)
-        raise ConfigError(f"unknown environment variable {stray[0]} (known: {known})")
+        log.warning("ignoring environment variable %s: not a [server] key (%s)", name, known)
     values: dict[str, Any] = {}
     for key, parse in _SERVER_KEYS.items():
         env_name = f"TIERDISK_SERVER_{key.upper()}"

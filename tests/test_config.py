@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -163,12 +164,25 @@ def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
         load_config(_write(tmp_path, GOOD), environ={"TIERDISK_SERVER_MAX_IO": "lots"})
 
 
-def test_misspelt_env_override_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown environment variable TIERDISK_SERVER_LISTN"):
-        load_config(_write(tmp_path, GOOD), environ={"TIERDISK_SERVER_LISTN": "127.0.0.1:1"})
-    # TIERDISK_SERVER (the CLI's server address) and other TIERDISK_* variables are not config
-    environ = {"TIERDISK_SERVER": "127.0.0.1:1", "TIERDISK_REQUIRE_TOOLS": "1"}
-    assert load_config(_write(tmp_path, GOOD), environ=environ).server.max_io == 8 << 20
+def test_unknown_env_override_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A misspelt override is not silently ignored, but it does not stop the server either:
+    other software sets such names too (Kubernetes service links: TIERDISK_SERVER_PORT)."""
+    environ = {
+        "TIERDISK_SERVER_LISTN": "127.0.0.1:1",
+        "TIERDISK_SERVER_PORT": "tcp://10.0.0.7:7400",
+        "TIERDISK_SERVER": "127.0.0.1:1",  # the CLI's server address: not config, no warning
+        "TIERDISK_REQUIRE_TOOLS": "1",
+    }
+    with caplog.at_level(logging.WARNING, logger="tierdisk.service.config"):
+        config = load_config(_write(tmp_path, GOOD), environ=environ)
+    assert config.server.max_io == 8 << 20
+    warned = sorted(r.getMessage().split(":")[0] for r in caplog.records)
+    assert warned == [
+        "ignoring environment variable TIERDISK_SERVER_LISTN",
+        "ignoring environment variable TIERDISK_SERVER_PORT",
+    ]
 
 
 @pytest.mark.parametrize(
