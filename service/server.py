@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = blockdevice_pb2.DESCRIPTOR.services_by_name["BlockDevice"].full_name
 _CAP_FACTOR = 4  # message cap = 4 * max_io + 1 MiB: the size check answers, not the transport
+MAX_PENDING_CALLS = 20_000
+"""Calls gRPC may hold for the server at once (each a few KiB) before it answers new ones
+CANCELLED: enough for a burst of thousands of concurrent small calls on one connection."""
 MIN_PING_INTERVAL_MS = 10_000
 """The most often (milliseconds apart) a client may send keepalive pings on a connection that
 carries no data, e.g. along an idle ``WatchResize``; more often and gRPC ends the connection
@@ -112,6 +115,10 @@ class Server:
                 ("grpc.max_send_message_length", cap),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+                # Calls gRPC holds before the server takes them; past the soft limit (1,000 by
+                # default) it cancels new ones, so a burst of many small calls got CANCELLED.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
             ],
         )
         # Bind first, so the id in hop chains names the real address (not port 0).

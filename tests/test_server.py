@@ -263,6 +263,23 @@ async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceAsyncStub) 
     assert reply.data == bytes(80 * 512)
 
 
+async def test_a_burst_of_thousands_of_calls_is_served(
+    stub: pb_grpc.BlockDeviceAsyncStub,
+) -> None:
+    """3,000 small reads at once on one connection all succeed (gRPC's default of 1,000
+    pending calls per server cancelled the rest: CANCELLED with nothing in the log)."""
+
+    async def one(i: int) -> grpc.StatusCode:
+        try:
+            await stub.Read(pb.ReadRequest(volume="ram", sector=i % 1000, sector_count=1))
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(3000))), 120)
+    assert set(codes) == {grpc.StatusCode.OK}
+
+
 async def test_idle_watch_survives_keepalive_pings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
