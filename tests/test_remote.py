@@ -29,7 +29,7 @@ from tierdisk.service import errors
 from tierdisk.service.errors import ConfigError
 from tierdisk.service.grpc_api import BlockDeviceService, status_for
 from tierdisk.service.layer import UnmapBehavior
-from tierdisk.service.layers.remote import RemoteLayer, domain_error
+from tierdisk.service.layers.remote import MAX_REMOTE_MESSAGE, RemoteLayer, domain_error
 from tierdisk.service.server import Server
 from tierdisk.service.volume import LayerEntry, Volume
 
@@ -407,8 +407,9 @@ async def test_inspect_and_metrics_count_remote_calls(
         (cerr.VolumeNotFound, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
         (cerr.OutOfRange, errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
         (cerr.InvalidArgument, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-        (cerr.Unauthenticated, errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-        (cerr.PermissionDenied, errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+        # the remote refused the tier's credentials: not the caller's to fix
+        (cerr.Unauthenticated, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+        (cerr.PermissionDenied, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
         (cerr.Unavailable, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
         (cerr.Cancelled, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
         (cerr.DeadlineExceeded, errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -427,6 +428,13 @@ def test_error_table(
     assert type(exc) is domain
     assert str(exc) == "remote x volume 'v': it broke"
     assert status_for(exc) == code
+
+
+def test_remote_messages_are_bounded() -> None:
+    """A remote's message may quote a lower tier's, and so on; ours keeps a bounded part."""
+    exc = domain_error(cerr.Unavailable("x" * 10_000), "remote x volume 'v'")
+    assert str(exc).startswith("remote x volume 'v': xxx") and str(exc).endswith("…")
+    assert len(str(exc)) == len("remote x volume 'v': ") + MAX_REMOTE_MESSAGE
 
 
 async def test_attach_to_a_silent_target_fails_fast() -> None:

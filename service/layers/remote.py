@@ -88,7 +88,7 @@ from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
 from ..runs import Run
 
-__all__ = ["ERROR_MAP", "MODES", "RemoteLayer", "domain_error"]
+__all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,10 @@ ERROR_MAP: tuple[tuple[type[client_errors.TierdiskError], type[errors.TierdiskEr
     # the remote does not serve: a refusal of this layer, not "no such volume" here
     (client_errors.OutOfRange, errors.OutOfRange),
     (client_errors.InvalidArgument, errors.InvalidArgument),
-    (client_errors.Unauthenticated, errors.Unauthenticated),
-    (client_errors.PermissionDenied, errors.PermissionDenied),
+    # The remote refused this layer's credentials: the server's configuration, which the
+    # caller (whose own credentials were fine) cannot fix.
+    (client_errors.Unauthenticated, errors.FailedPrecondition),
+    (client_errors.PermissionDenied, errors.FailedPrecondition),
     (client_errors.Unavailable, errors.Unavailable),
     (client_errors.Cancelled, errors.Unavailable),  # the remote is shutting down: retry
     (client_errors.DeadlineExceeded, errors.DeadlineExceeded),
@@ -142,12 +144,22 @@ _UNMAP: dict[ClientUnmapBehavior, UnmapBehavior] = {
 }
 
 
+MAX_REMOTE_MESSAGE = 300
+"""Characters of a remote's error message kept in ours. Bounded, because the message may
+itself quote a lower tier's (and, in a loop of tiers that wait on each other, our own older
+one): unbounded, it grew with every retry until gRPC refused the metadata."""
+
+
 def domain_error(exc: client_errors.TierdiskError, where: str) -> errors.TierdiskError:
-    """The domain exception for a client failure (:data:`ERROR_MAP`), prefixed by ``where``."""
+    """The domain exception for a client failure (:data:`ERROR_MAP`), prefixed by ``where``;
+    the remote's message is cut to :data:`MAX_REMOTE_MESSAGE` characters."""
+    text = str(exc)
+    if len(text) > MAX_REMOTE_MESSAGE:
+        text = text[: MAX_REMOTE_MESSAGE - 1] + "…"
     for client_cls, domain_cls in ERROR_MAP:
         if isinstance(exc, client_cls):
-            return domain_cls(f"{where}: {exc}")
-    return errors.StorageError(f"{where}: {exc}")  # pragma: no cover - the base matches
+            return domain_cls(f"{where}: {text}")
+    return errors.StorageError(f"{where}: {text}")  # pragma: no cover - the base matches
 
 
 class _Translate:
