@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from tierdisk.client import sizes
+
 DEFAULT_CONFIG = "/etc/tierdisk/origin.toml"
 DEFAULT_DATA_DIR = "./tierdisk-data"  # DESIGN §4 default of server.data_dir
 DEFAULT_SIZE = "64MiB"
 CHUNK = 1 << 20
-UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]iB|B)?\s*", text)
-    if match is None:
-        raise ValueError(f"bad size {text!r}: use bytes or a number with KiB, MiB, GiB or TiB")
-    return int(match[1]) * UNITS[match[2] or ""]
+    """Bytes from ``BASE_IMAGE_SIZE``: read as the server reads sizes (a bare number is bytes)."""
+    return sizes.parse_size(text)[0]
 
 
 def sector_pattern(first: int, count: int, sector_size: int) -> bytes:

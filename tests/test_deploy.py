@@ -646,6 +646,10 @@ def test_origin_entrypoint_follows_data_dir_env_and_refuses_bad_sizes(
         assert done.returncode == 2, bad
         assert "BASE_IMAGE_SIZE" in done.stderr
         assert not recorded.exists()
+    env["BASE_IMAGE_SIZE"] = "2M"  # units as the server reads them: 2 MiB
+    assert entrypoint(env, "--config", config).returncode == 0
+    assert (tmp_path / "env-data" / "base.img").stat().st_size == 2 << 20
+    (tmp_path / "env-data" / "base.img").unlink()
     del env["BASE_IMAGE_SIZE"]  # default: 64 MiB
     assert entrypoint(env, "--config", config).returncode == 0
     assert (tmp_path / "env-data" / "base.img").stat().st_size == 64 << 20
