@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["ClientGoneFilter", "JsonFormatter", "configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,8 +26,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class ClientGoneFilter(logging.Filter):
+    """gRPC logs an ERROR with a traceback ("ExecuteBatchError raised in core by servicer
+    method ...") when a handler's reply cannot be sent because the client cancelled the call
+    or went away meanwhile: routine for a storage server, whose clients time out and cancel
+    large reads. Such records become one DEBUG line without the traceback (dropped unless
+    debug logging is on); every other record passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__name__ != "ExecuteBatchError":
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        method = record.getMessage().rpartition(" ")[2]
+        record.msg, record.args = "a client went away before the reply to %s was sent", (method,)
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Log to stderr at ``level`` in ``fmt`` ("text" or "json")."""
+    """Log to stderr at ``level`` in ``fmt`` ("text" or "json"), with gRPC's errors for
+    replies to vanished clients quietened (:class:`ClientGoneFilter`)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -36,3 +57,6 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ClientGoneFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(ClientGoneFilter())

@@ -308,3 +308,31 @@ def test_unwritable_ready_file_stops_the_server_with_one_line(tmp_path: Path) ->
     )
     assert result.returncode == 1, result.stderr
     assert "cannot write --ready-file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_clients_that_cancel_leave_no_error_tracebacks(tmp_path: Path) -> None:
+    """A client cancelling large reads is routine: gRPC's "ExecuteBatchError raised in core"
+    tracebacks (a reply that could not be sent) stay out of the server's log."""
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='8MiB'\n"
+    )
+
+    async def cancel_reads(address: str) -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            for r in range(40):
+                calls = [
+                    stub.Read(pb.ReadRequest(volume="v", sector=0, sector_count=8192))
+                    for _ in range(8)
+                ]
+                await asyncio.sleep(0.002 * (r % 5))
+                for call in calls:
+                    call.cancel()
+                await asyncio.gather(*calls, return_exceptions=True)
+
+    with ServerProcess.start(tmp_path, config, "--log-level", "info") as server:
+        asyncio.run(asyncio.wait_for(cancel_reads(server.grpc), 60))
+        assert server.terminate() == 0
+        log = server.stderr_text()
+    assert "ExecuteBatchError" not in log and "Traceback" not in log, log[-2000:]
