@@ -7,14 +7,22 @@
         data = await vol.read(0, 8)
 
 Every method makes its gRPC call(s) with a deadline (the client's ``timeout``, or the
-method's ``timeout=``; ``None`` waits forever) and retries on ``UNAVAILABLE`` with jittered
-exponential backoff (:mod:`tierdisk.client.retry`). Failures raise
-:mod:`tierdisk.client.errors` exceptions. Reads and writes larger than ``max_io`` bytes are
-split into chunks, a few in flight at once (:mod:`tierdisk.client.chunking`); a chunk that
-fails fails the whole call — a write may then have landed in part.
+method's ``timeout=``; ``None`` waits forever) and retries on ``UNAVAILABLE`` and
+``CANCELLED`` from the server with jittered exponential backoff (:mod:`tierdisk.client.retry`).
+Failures raise :mod:`tierdisk.client.errors` exceptions. Reads and writes larger than
+``max_io`` bytes are split into chunks, a few in flight at once
+(:mod:`tierdisk.client.chunking`); such a request is first checked against the volume's size
+(one GetVolume), so one that reaches past the end is refused before any chunk is sent. A
+chunk that fails for another reason fails the whole call — a write may then have landed in
+part.
 
 Writes are idempotent (the same data at the same place), so retrying one after
-``UNAVAILABLE`` is safe even when the first attempt did reach the disk.
+``UNAVAILABLE`` or ``CANCELLED`` is safe even when the first attempt did reach the disk.
+
+Sector numbers, counts and byte offsets must be ``int`` (not ``bool``): another type raises
+:class:`TypeError` (a programming error, as Python's own APIs do), and an ``int`` no request
+can carry (negative, or ``2**64`` and over; ``page_size`` ``2**32``) raises
+:class:`~tierdisk.client.errors.InvalidArgument` naming the argument, without a call.
 """
 
 # ASYNC109: ``timeout=`` here is the gRPC deadline of the call(s) a method makes (with retries
@@ -47,9 +55,16 @@ from .chunking import (
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import InvalidArgument, StorageError, error_from_rpc, status_code
+from .errors import InvalidArgument, OutOfRange, StorageError, error_from_rpc, status_code
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
-from .retry import RetryPolicy, call_with_retry
+from .retry import (
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_RETRIES,
+    RetryPolicy,
+    call_with_retry,
+    is_retryable,
+)
 from .wire import read_data_view
 
 __all__ = [
@@ -67,6 +82,11 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 MAX_MESSAGE_BYTES = 64 << 20
+
+UINT64_LIMIT = 1 << 64
+"""Sector numbers and counts travel as ``uint64``: each must be below this."""
+UINT32_LIMIT = 1 << 32
+"""``page_size`` travels as ``uint32``."""
 
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -126,7 +146,9 @@ class AsyncClient:
 
     ``target``: ``host:port`` or ``unix:/path``. ``timeout``: seconds per call (each chunk
     of a split read or write is a call), ``None`` for none. ``retries``, ``backoff``,
-    ``max_backoff``: the retry policy on ``UNAVAILABLE`` (see :class:`RetryPolicy`).
+    ``max_backoff``: the retry policy on ``UNAVAILABLE`` and ``CANCELLED`` (see
+    :class:`RetryPolicy`); the defaults (8, 0.1 s, 2.0 s) wait up to ~9 s, ~4.5 s on average,
+    to ride through a server restart — pass ``retries=0`` to fail fast.
     ``metadata``: extra ``(key, value)`` pairs sent with every call. ``token``: sent as
     ``authorization: Bearer <token>``. TLS is used when ``secure`` is true or any of
     ``root_certificates`` / ``certificate_chain`` / ``private_key`` (PEM bytes) is given.
@@ -138,7 +160,8 @@ class AsyncClient:
     stream, and its pairs are sent after ``metadata``; ``on_call(rpc, code, seconds)`` is
     called after every unary call attempt and when a WatchResize stream ends.
 
-    Use it as an async context manager, or ``await client.close()``.
+    Use it as an async context manager, or ``await client.close()``; a closed client's
+    methods raise ``RuntimeError("the client is closed")``.
     """
 
     def __init__(
@@ -146,9 +169,9 @@ class AsyncClient:
         target: str,
         *,
         timeout: float | None = 30.0,
-        retries: int = 3,
-        backoff: float = 0.05,
-        max_backoff: float = 2.0,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
         metadata: Sequence[tuple[str, str]] = (),
         channel_options: Sequence[tuple[str, Any]] = (),
         secure: bool = False,
@@ -169,6 +192,7 @@ class AsyncClient:
             raise ValueError(f"timeout must be positive or None, not {timeout}")
         self.target = target
         self.timeout = timeout
+        self._closed = False
         self.policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
         self.max_io = max_io
         self.max_in_flight = max_in_flight
@@ -213,8 +237,19 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; calls still running are cancelled."""
+        """Close the channel; calls still running are cancelled. Idempotent; afterwards every
+        method raises ``RuntimeError("the client is closed")``."""
+        self._closed = True
         await self._channel.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the client is closed")
 
     def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …)."""
@@ -229,6 +264,7 @@ class AsyncClient:
     ) -> list[VolumeInfo]:
         """Every volume the server serves, following ``next_page_token`` to the end
         (``page_size`` 0 = the server's default page size)."""
+        _check_number("page_size", page_size, limit=UINT32_LIMIT)
         volumes: list[VolumeInfo] = []
         token = ""
         seen: set[str] = set()
@@ -265,16 +301,19 @@ class AsyncClient:
         timeout: Timeout,
         volume: str | None = None,
     ) -> Resp:
+        self._check_open()
         metadata = self._call_metadata()
         if self.on_call is None:
 
             async def attempt(remaining: float | None) -> Resp:
+                self._check_open()  # closed while an earlier attempt waited to retry
                 return await method(request, timeout=remaining, metadata=metadata)
 
         else:
             rpc = type(request).__name__.removesuffix("Request")  # <Rpc>Request, DESIGN §2
 
             async def attempt(remaining: float | None) -> Resp:
+                self._check_open()
                 started = time.perf_counter()
                 code = grpc.StatusCode.CANCELLED
                 try:
@@ -362,7 +401,8 @@ class AsyncVolume:
 
         A read of more than ``max_io`` bytes is split, ``max_in_flight`` chunks at a time, and
         assembled into one buffer; the final ``bytes`` costs one more copy — use
-        :meth:`read_into` to avoid it."""
+        :meth:`read_into` to avoid it. A read that will be split is first checked against
+        the volume's size (see :meth:`_check_fits`), before its buffer is allocated."""
         _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count <= per_chunk:
@@ -372,6 +412,7 @@ class AsyncVolume:
             data = resp.data
             self._check_reply_size(len(data), count, size)
             return ReadResult(data, tuple(merge_extents(_extents(resp.present))))
+        await self._check_fits(sector, count, timeout)
         buf = bytearray(count * size)
         present = await self._read_into(sector, count, memoryview(buf), report_presence, timeout)
         if not report_presence:
@@ -383,15 +424,18 @@ class AsyncVolume:
     ) -> None:
         """Fill ``buffer`` (a whole number of sectors) with the sectors from ``sector``,
         without the copy :meth:`read` makes for large reads."""
+        _check_number("sector", sector, volume=self.name)
         mv = memoryview(buffer).cast("B")
-        size = await self.sector_size(timeout=timeout)
+        size, per_chunk = await self._chunk_sectors(timeout)
         if len(mv) % size:
             raise InvalidArgument(
                 f"buffer of {len(mv)} bytes is not a whole number of {size}-byte sectors",
                 volume=self.name,
             )
-        _check_range(sector, len(mv) // size, volume=self.name)
-        await self._read_into(sector, len(mv) // size, mv, False, timeout)
+        count = len(mv) // size
+        if count > per_chunk:
+            await self._check_fits(sector, count, timeout)
+        await self._read_into(sector, count, mv, False, timeout)
 
     async def _read_chunk(
         self, sector: int, count: int, presence: bool, timeout: Timeout
@@ -451,9 +495,12 @@ class AsyncVolume:
         self, sector: int, count: int, *, timeout: Timeout = UNSET
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(sector, data)`` chunks of the range in order, keeping ``max_in_flight``
-        requests running ahead: for copying a large range out without holding it all."""
+        requests running ahead: for copying a large range out without holding it all. A
+        range of more than one chunk is first checked against the volume's size."""
         _check_range(sector, count, volume=self.name)
         _, per_chunk = await self._chunk_sectors(timeout)
+        if count > per_chunk:
+            await self._check_fits(sector, count, timeout)
 
         async def one(chunk: Chunk) -> bytes:
             return bytes(await self._read_data(chunk.sector, chunk.sector_count, timeout))
@@ -469,6 +516,8 @@ class AsyncVolume:
         """``length`` bytes from byte ``offset``. Both must be multiples of the sector size
         (no read-modify-write is done); otherwise :class:`InvalidArgument` is raised
         without a call."""
+        _check_number("offset", offset, limit=None, volume=self.name)
+        _check_number("length", length, limit=None, volume=self.name)
         size = await self.sector_size(timeout=timeout)
         self._check_aligned(offset, length, size)
         return await self.read(offset // size, length // size, timeout=timeout)
@@ -488,9 +537,13 @@ class AsyncVolume:
         acknowledged (if the volume's ``fua_respected``); ``no_overwrite``: leave sectors the
         volume already holds unchanged.
 
-        More than ``max_io`` bytes go as several requests, ``max_in_flight`` at a time; if one
-        fails, the others may have been written. Retries after ``UNAVAILABLE`` are safe: a
-        write is idempotent."""
+        More than ``max_io`` bytes go as several requests, ``max_in_flight`` at a time. Such a
+        write is first checked against the volume's size (one GetVolume, see
+        :meth:`_check_fits`): one that reaches past the end raises :class:`OutOfRange` for the
+        whole range and writes nothing (DESIGN §3). If a chunk fails for another reason, the
+        others may have been written. Retries after ``UNAVAILABLE`` or ``CANCELLED`` are safe:
+        a write is idempotent."""
+        _check_number("sector", sector, volume=self.name)
         mv = memoryview(data).cast("B")
         size, per_chunk = await self._chunk_sectors(timeout)
         if len(mv) % size:
@@ -521,6 +574,7 @@ class AsyncVolume:
         if count <= per_chunk:
             await one(Chunk(sector, count, 0))
         else:
+            await self._check_fits(sector, count, timeout)
             await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
 
     async def write_bytes(
@@ -529,6 +583,7 @@ class AsyncVolume:
         """Write ``data`` at byte ``offset``. The offset and the length must be multiples of
         the sector size (no read-modify-write is done); otherwise :class:`InvalidArgument`
         is raised without a call."""
+        _check_number("offset", offset, limit=None, volume=self.name)
         size = await self.sector_size(timeout=timeout)
         self._check_aligned(offset, memoryview(data).nbytes, size)
         await self.write(offset // size, data, fua=fua, timeout=timeout)
@@ -555,7 +610,7 @@ class AsyncVolume:
 
     async def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """Change the volume's size (its top layer's) to ``sector_count`` sectors."""
-        _check_range(0, sector_count, volume=self.name)
+        _check_number("sector_count", sector_count, volume=self.name)
         req = pb.ResizeRequest(volume=self.name, sector_count=sector_count)
         info = VolumeInfo.from_proto(await self._call(self._stub.Resize, req, timeout))
         self._sector_size = info.sector_size
@@ -568,6 +623,7 @@ class AsyncVolume:
     ) -> list[AllocationExtent]:
         """Which layer holds each run of ``count`` sectors from ``sector`` (default: to the
         end of the volume); runs cover the range, holes have ``depth == -1``."""
+        _check_number("sector", sector, volume=self.name)
         if count is None:
             count = max(0, (await self.info(timeout=timeout)).sector_count - sector)
         _check_range(sector, count, volume=self.name)
@@ -588,13 +644,15 @@ class AsyncVolume:
         """Yield the volume's size now, then once per change, until the caller stops
         iterating (or ``timeout`` seconds pass; default: never).
 
-        ``UNAVAILABLE`` before the first event is retried like any call; once events have
+        ``UNAVAILABLE`` or ``CANCELLED`` before the first event is retried like any call; once
+        events have
         arrived, a broken stream raises :class:`Unavailable` — watch again to resume: the
         first event tells the current size and generation."""
         req = pb.WatchResizeRequest(volume=self.name)
         policy = self.client.policy
         retry = 0
         while True:
+            self.client._check_open()
             call = self._stub.WatchResize(
                 req, timeout=timeout, metadata=self.client._call_metadata()
             )
@@ -609,11 +667,7 @@ class AsyncVolume:
                 return
             except grpc.RpcError as err:
                 code = status_code(err)
-                if (
-                    started
-                    or status_code(err) != grpc.StatusCode.UNAVAILABLE
-                    or retry >= policy.retries
-                ):
+                if started or not is_retryable(err) or retry >= policy.retries:
                     raise error_from_rpc(err, volume=self.name) from err
             finally:
                 call.cancel()
@@ -623,19 +677,54 @@ class AsyncVolume:
 
     # -- helpers -------------------------------------------------------------------------
 
+    async def _check_fits(self, sector: int, count: int, timeout: Timeout) -> None:
+        """:class:`OutOfRange` naming the caller's whole range if ``[sector, sector + count)``
+        reaches past the end of the volume, asked fresh of the server (one GetVolume: little
+        next to the more than ``max_io`` bytes of a request that is split).
+
+        Done before a split read allocates its buffer or a split write sends its first chunk,
+        so that such a request changes nothing (DESIGN §3). It races with a concurrent resize:
+        a shrink between this check and the chunks can still fail a chunk after others landed
+        (the server refuses each chunk past the new end), and a grow just after it can refuse
+        a request that would then fit — as if the request had come before the resize."""
+        info = await self.info(timeout=timeout)
+        if sector + count > info.sector_count:
+            raise OutOfRange(
+                f"volume {self.name!r}: sectors [{sector}, {sector + count}) reach past its "
+                f"end ({info.sector_count} sectors of {info.sector_size} bytes)",
+                volume=self.name,
+            )
+
     def _check_aligned(self, offset: int, length: int, size: int) -> None:
-        if offset < 0 or length < 0 or offset % size or length % size:
+        _check_number("offset", offset, limit=UINT64_LIMIT * size, volume=self.name)
+        _check_number("length", length, limit=UINT64_LIMIT * size, volume=self.name)
+        if offset % size or length % size:
             raise InvalidArgument(
                 f"byte range {offset}+{length} is not aligned to the {size}-byte sector size",
                 volume=self.name,
             )
 
 
-def _check_range(sector: int, count: int, *, volume: str) -> None:
-    if sector < 0 or count < 0:
-        raise InvalidArgument(
-            f"sector {sector} and count {count} must not be negative", volume=volume
-        )
+def _check_number(
+    name: str, value: object, *, limit: int | None = UINT64_LIMIT, volume: str | None = None
+) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) in ``[0, limit)`` (``limit`` None: any
+    ``int`` from 0); :class:`TypeError` for another type, :class:`InvalidArgument` naming
+    ``name`` for a number no request can carry — checked before any call is made."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise InvalidArgument(f"{name} {value} must not be negative", volume=volume)
+    if limit is not None and value >= limit:
+        bits = limit.bit_length() - 1
+        bound = f"2**{bits}" if limit == 1 << bits else str(limit)
+        raise InvalidArgument(f"{name} {value} is too large (must be below {bound})", volume=volume)
+    return value
+
+
+def _check_range(sector: object, count: object, *, volume: str) -> None:
+    _check_number("sector", sector, volume=volume)
+    _check_number("count", count, volume=volume)
 
 
 def _extents(runs: Sequence[pb.Extent]) -> list[Extent]:

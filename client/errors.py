@@ -189,7 +189,12 @@ class DataLoss(StorageError):
 
 
 class Cancelled(TierdiskError):
-    """The call was cancelled (``CANCELLED``), e.g. by a server shutting down."""
+    """The server or the transport cancelled the call (``CANCELLED``), e.g. a server shutting
+    down with the call still queued, or a burst of calls over what one channel admits.
+
+    Safe to retry (every BlockDevice call is idempotent); the client already did, ``retries``
+    times, before raising this. A cancellation made by the caller is
+    :class:`asyncio.CancelledError`, never this."""
 
     default_code = grpc.StatusCode.CANCELLED
     label = "cancelled"

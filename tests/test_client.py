@@ -202,6 +202,36 @@ async def test_out_of_range(client: AsyncClient) -> None:
         await vol.allocation(1 << 40, 1)
 
 
+async def test_a_split_write_past_the_end_changes_nothing(server: Server) -> None:
+    # DESIGN §3: an out-of-range request changes nothing — not even its in-range chunks
+    async with AsyncClient(server.grpc_address, max_io=MiB) as c:
+        vol = c.volume("ram")
+        end = 64 * MiB // 512
+        start = end - 3 * MiB // 512  # 3 MiB in range, then 1 MiB past the end
+        with pytest.raises(OutOfRange, match=rf"\[{start}, {end + 2048}\)") as info:
+            await vol.write(start, b"\xaa" * (4 * MiB))
+        assert info.value.volume == "ram"
+        assert await vol.allocation(start, end - start) == [
+            AllocationExtent(start, end - start, -1)
+        ]
+        assert await vol.read(start, end - start) == bytes(3 * MiB)
+
+
+async def test_a_split_read_past_the_end_fails_before_allocating(server: Server) -> None:
+    async with AsyncClient(server.grpc_address, max_io=MiB) as c:
+        vol = c.volume("ram")
+        huge = 1 << 50  # sectors: 512 PiB, a buffer no machine could allocate
+        with pytest.raises(OutOfRange, match=rf"\[0, {huge}\)"):
+            await vol.read(0, huge)
+        with pytest.raises(OutOfRange):
+            await vol.read(0, huge, report_presence=True)
+        with pytest.raises(OutOfRange, match=rf"\[{64 * MiB // 512 - 8}, "):
+            await vol.read_into(64 * MiB // 512 - 8, bytearray(2 * MiB))
+        with pytest.raises(OutOfRange):
+            async for _ in vol.stream_read(64 * MiB // 512 - 8, 4096):
+                pytest.fail("a chunk of a range that reaches past the end was yielded")
+
+
 @pytest.mark.parametrize("op", ["write", "unmap", "resize"])
 async def test_read_only_volume(client: AsyncClient, op: str) -> None:
     vol = client.volume("ro")

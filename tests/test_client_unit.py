@@ -302,7 +302,7 @@ async def test_retries_run_out_and_raise_unavailable() -> None:
     assert info.value.volume == "v"
 
 
-@pytest.mark.parametrize("code", [S.NOT_FOUND, S.INTERNAL, S.DEADLINE_EXCEEDED, S.CANCELLED])
+@pytest.mark.parametrize("code", [S.NOT_FOUND, S.INTERNAL, S.DEADLINE_EXCEEDED])
 async def test_other_codes_are_not_retried(code: grpc.StatusCode) -> None:
     calls = 0
 
@@ -315,6 +315,47 @@ async def test_other_codes_are_not_retried(code: grpc.StatusCode) -> None:
         await call_with_retry(attempt, policy=RetryPolicy(retries=5), timeout=1)
     assert calls == 1
     assert info.value.code == code
+
+
+async def test_cancelled_is_retried_like_unavailable() -> None:
+    # CANCELLED as an RpcError comes from the peer (a server shutting down, a channel
+    # overloaded); a local cancellation is asyncio.CancelledError. Same schedule as UNAVAILABLE.
+    t = FakeTime()
+    calls = 0
+
+    async def attempt(left: float | None) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise rpc_error(S.CANCELLED if calls == 1 else S.UNAVAILABLE)
+        return "ok"
+
+    policy = RetryPolicy(retries=3, backoff=0.5, max_backoff=10)
+    result = await call_with_retry(
+        attempt, policy=policy, timeout=30, clock=t.clock, sleep=t.sleep, rng=lambda: 1.0
+    )
+    assert (result, calls, t.sleeps) == ("ok", 3, [0.5, 1.0])
+
+    async def always_cancelled(left: float | None) -> None:
+        raise rpc_error(S.CANCELLED, "shutting down")
+
+    with pytest.raises(Cancelled, match="shutting down"):
+        await call_with_retry(
+            always_cancelled, policy=RetryPolicy(retries=2), timeout=None, sleep=t.sleep
+        )
+
+
+def test_default_policy_rides_through_a_two_second_restart() -> None:
+    policy = RetryPolicy()
+    assert (policy.retries, policy.backoff, policy.max_backoff) == (8, 0.1, 2.0)
+    ceilings = [policy.ceiling(n) for n in range(policy.retries)]
+    assert ceilings == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0])
+    # full jitter: the expected total wait is half the ceilings' sum, ~4.5 s, twice a 2 s
+    # restart; and with every draw at the 25th percentile the waits still cover 2 s
+    assert sum(ceilings) / 2 > 2 * 2.0
+    assert sum(ceilings) / 4 > 2.0
+    client = AsyncClient.__init__.__kwdefaults__ or {}
+    assert (client["retries"], client["backoff"], client["max_backoff"]) == (8, 0.1, 2.0)
 
 
 async def test_retries_stop_where_the_wait_would_cross_the_deadline() -> None:
@@ -686,8 +727,9 @@ async def test_large_io_is_split_into_max_io_chunks_with_four_in_flight(
         assert got == data and isinstance(got, bytes)
         assert servicer.peak == 4
         assert all(r[2] <= 8 for r in servicer.requests if r[0] == "Read")
-        # one GetVolume for the sector size, cached afterwards
-        assert [r[0] for r in servicer.requests].count("GetVolume") == 1
+        # one GetVolume for the sector size (cached afterwards), and one per split request
+        # to check its range against the volume's size before any chunk is sent
+        assert [r[0] for r in servicer.requests].count("GetVolume") == 3
 
 
 async def test_read_with_presence_merges_runs_across_chunks(
@@ -775,6 +817,123 @@ async def test_unavailable_is_retried_then_raised(scripted: tuple[Scripted, str]
         servicer.fail_next = [(S.UNAVAILABLE, None)] * 3
         with pytest.raises(Unavailable):
             await vol.info()
+
+
+async def test_cancelled_from_the_server_is_retried_then_raised(
+    scripted: tuple[Scripted, str],
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=2, backoff=0.001) as client:
+        vol = client.volume("v")
+        await vol.write(8, pattern(2 * 512))
+        servicer.fail_next = [(S.CANCELLED, None)] * 2
+        assert await vol.read(8, 2) == pattern(2 * 512)
+        assert [r[0] for r in servicer.requests[-3:]] == ["Read"] * 3
+        servicer.fail_next = [(S.CANCELLED, None)]
+        await vol.write(10, pattern(512))
+        assert [r[0] for r in servicer.requests[-2:]] == ["Write"] * 2
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        servicer.fail_next = [(S.CANCELLED, None)]
+        with pytest.raises(Cancelled) as info:
+            await vol.read(8, 2)
+        assert info.value.code == S.CANCELLED and info.value.volume == "v"
+
+
+BAD_NUMBERS: list[tuple[str, Any, str]] = [
+    ("read", (-1, 1), "sector"),
+    ("read", (0, -1), "count"),
+    ("read", (2**64, 1), "sector"),
+    ("read", (0, 2**64), "count"),
+    ("read_into", (2**64, bytearray(512)), "sector"),
+    ("stream_read", (0, 2**64), "count"),
+    ("write", (-1, b"\0" * 512), "sector"),
+    ("write", (2**64, b"\0" * 512), "sector"),
+    ("unmap", (2**64, 1), "sector"),
+    ("unmap", (0, 2**64), "count"),
+    ("resize", (2**64,), "sector_count"),
+    ("resize", (-5,), "sector_count"),
+    ("allocation", (2**64, 1), "sector"),
+    ("allocation", (0, -1), "count"),
+    ("read_bytes", (-512, 512), "offset"),
+    ("write_bytes", (2**80, b"\0" * 512), "offset"),
+]
+
+
+async def _call_volume(vol: Any, method: str, args: tuple[Any, ...]) -> None:
+    if method == "stream_read":
+        async for _ in vol.stream_read(*args):
+            pass
+    else:
+        await getattr(vol, method)(*args)
+
+
+@pytest.mark.parametrize(("method", "args", "name"), BAD_NUMBERS)
+async def test_numbers_no_request_can_carry_are_invalid_arguments(
+    scripted: tuple[Scripted, str], method: str, args: tuple[Any, ...], name: str
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        before = len(servicer.requests)
+        with pytest.raises(InvalidArgument, match=rf"\b{name}\b") as info:
+            await _call_volume(vol, method, args)
+        assert info.value.volume == "v"
+        assert len(servicer.requests) == before  # refused without a call
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "name"),
+    [
+        ("read", ("0", 1), "sector"),
+        ("read", (0, 1.0), "count"),
+        ("write", (True, b"\0" * 512), "sector"),
+        ("unmap", (0, None), "count"),
+        ("resize", (False,), "sector_count"),
+        ("allocation", (b"0", 1), "sector"),
+        ("read_bytes", (0, "512"), "length"),
+    ],
+)
+async def test_numbers_of_the_wrong_type_are_type_errors(
+    scripted: tuple[Scripted, str], method: str, args: tuple[Any, ...], name: str
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        before = len(servicer.requests)
+        with pytest.raises(TypeError, match=rf"\b{name}\b must be an int"):
+            await _call_volume(vol, method, args)
+        assert len(servicer.requests) == before
+
+
+@pytest.mark.parametrize("page_size", [-1, 2**32, 2**40])
+async def test_list_volumes_page_size_out_of_range(
+    scripted: tuple[Scripted, str], page_size: int
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        with pytest.raises(InvalidArgument, match="page_size"):
+            await client.list_volumes(page_size=page_size)
+        with pytest.raises(TypeError, match="page_size must be an int"):
+            await client.list_volumes(page_size=True)
+    assert servicer.requests == []
+
+
+async def test_a_closed_async_client_says_so(scripted: tuple[Scripted, str]) -> None:
+    _, target = scripted
+    client = AsyncClient(target)
+    vol = client.volume("v")
+    await vol.info()
+    await client.close()
+    for call in (vol.info, lambda: vol.read(0, 1), client.list_volumes):
+        with pytest.raises(RuntimeError, match="the client is closed"):
+            await call()
+    with pytest.raises(RuntimeError, match="the client is closed"):
+        await anext(vol.watch_resize())
+    await client.close()  # idempotent
 
 
 async def test_a_failed_chunk_fails_the_whole_write(scripted: tuple[Scripted, str]) -> None:
