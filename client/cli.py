@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative,
         default=3,
         metavar="N",
-        help="further attempts after a call fails with UNAVAILABLE (default 3)",
+        help="further attempts after a call fails with UNAVAILABLE or CANCELLED (default 3)",
     )
     parser.add_argument(
         "--token",

@@ -15,8 +15,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     is a call. Attach (GetVolume) uses ``min(timeout, 2)`` s and no retries, so a tier
     that is down is reported at once and the server retries the volume in the background.
 ``retries``
-    Further attempts after the first on ``UNAVAILABLE`` (default 3), with exponential
-    backoff and full jitter (the client library's :class:`~tierdisk.client.RetryPolicy`).
+    Further attempts after the first on ``UNAVAILABLE`` or ``CANCELLED`` (default 3), with
+    exponential backoff and full jitter (the client library's
+    :class:`~tierdisk.client.RetryPolicy`).
 ``tls``, ``ca_file``, ``cert_file``, ``key_file``, ``server_name``
     ``tls = true`` connects with TLS: ``ca_file`` (PEM) replaces the system roots,
     ``cert_file`` + ``key_file`` (PEM) present a client certificate, ``server_name``
