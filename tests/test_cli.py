@@ -37,57 +37,18 @@ from tierdisk.service.volume import LayerEntry, Volume
 MiB = 1 << 20
 TIERDISK = [sys.executable, "-m", "tierdisk.client"]
 
-VOLUMES = """
-[[volumes]]
-name = "disk"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "16MiB"
-
-[[volumes]]
-name = "rw"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "4MiB"
-
-[[volumes]]
-name = "ro"
-read_only = true
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-
-[[volumes]]
-name = "grow"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-
-[[volumes]]
-name = "watched"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-
-[[volumes]]
-name = "shrink"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-
-[[volumes]]
-name = "exp"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "8MiB"
-
-[[volumes]]
-name = "sparse"
-  [[volumes.layers]]
-  kind = "sparse"
-  path = "sparse.img"
-  size = "16MiB"
-"""
+VOLUMES = "\n".join(
+    (
+        toml_volume("disk", ram("16MiB")),
+        toml_volume("rw", ram("4MiB")),
+        toml_volume("ro", ram("1MiB"), read_only=True),
+        toml_volume("grow", ram("1MiB")),
+        toml_volume("watched", ram("1MiB")),
+        toml_volume("shrink", ram("1MiB")),
+        toml_volume("exp", ram("8MiB")),
+        toml_volume("sparse", {"kind": "sparse", "path": "sparse.img", "size": "16MiB"}),
+    )
+)
 
 
 @pytest.fixture(scope="module")
