@@ -85,20 +85,7 @@ def main() -> int:
         return 0
     work = BENCH / "results"
     work.mkdir(parents=True, exist_ok=True)
-    ready = work / f"ready-client-read-{os.getpid()}.json"
-    floor = ServerProc(
-        [
-            PYTHON,
-            str(BENCH / "floor_server.py"),
-            "--listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-        ],
-        ready,
-        env=lever_env(),
-        name="floor",
-    )
+    floor = ServerProc.floor(work, f"client-read-floor-{os.getpid()}")
     mine: list[dict[str, float]] = []
     theirs: list[dict[str, float]] = []
     try:
@@ -109,7 +96,7 @@ def main() -> int:
                 theirs.append(_run(args.compare, floor.address, args.reads, args.qd))
     finally:
         floor.stop()
-        ready.unlink(missing_ok=True)
+        floor.ready.unlink(missing_ok=True)
 
     def show(name: str, rows: list[dict[str, Any]]) -> None:
         cpu = [r["cpu_us_per_read"] for r in rows]

@@ -190,6 +190,25 @@ class ServerProc:
         ]
         return cls(cmd, ready, env=env, log=workdir / f"{name}.log", name=name)
 
+    @classmethod
+    def floor(
+        cls, workdir: Path, name: str = "floor", *extra: str, env: dict[str, str] | None = None
+    ) -> ServerProc:
+        """``bench/floor_server.py`` (the bare grpc.aio floor; ``extra``: its flags) on
+        127.0.0.1, port 0; with the benchmark levers on unless ``env`` says otherwise."""
+        ready = workdir / f"ready-{name}.json"
+        cmd = [
+            PYTHON,
+            str(BENCH / "floor_server.py"),
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+            *extra,
+        ]
+        env = lever_env() if env is None else env
+        return cls(cmd, ready, env=env, log=workdir / f"{name}.log", name=name)
+
     def wait_ready(self, timeout: float = 60.0) -> ServerProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -264,17 +264,7 @@ class Bench:
         return server.wait_ready()
 
     def start_floor(self, name: str = "floor", *extra: str) -> ServerProc:
-        ready = self.work / f"ready-{name}.json"
-        cmd = [
-            PYTHON,
-            str(BENCH / "floor_server.py"),
-            "--listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-            *extra,
-        ]
-        server = ServerProc(cmd, ready, env=lever_env(), log=self.work / f"{name}.log", name=name)
+        server = ServerProc.floor(self.work, name, *extra)
         self.servers.append(server)
         return server.wait_ready()
 

@@ -486,13 +486,8 @@ def test_failed_export_through_a_symlink_empties_the_file_and_keeps_the_link(
     assert link.is_symlink() and target.stat().st_size == 0
 
 
-def test_failed_export_into_a_fifo_leaves_the_fifo(
-    server: ServerProcess, exp_data: bytes, tmp_path: Path
-) -> None:
-    """Only regular files are removed: never a device, a pipe, or anything not created
-    as a regular file."""
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
+def drain_fifo(fifo: Path) -> tuple[bytearray, threading.Thread]:
+    """A started thread reading ``fifo`` to its end into the returned buffer."""
     got = bytearray()
 
     def drain() -> None:
@@ -502,6 +497,17 @@ def test_failed_export_into_a_fifo_leaves_the_fifo(
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
+    return got, reader
+
+
+def test_failed_export_into_a_fifo_leaves_the_fifo(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """Only regular files are removed: never a device, a pipe, or anything not created
+    as a regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got, reader = drain_fifo(fifo)
     line = one_line_error(export_through_a_cut(server, str(fifo)), "volume 'exp'")
     reader.join(30)
     assert "the partial file" not in line
@@ -525,15 +531,7 @@ def test_export_to_a_device_a_pipe_or_stdout_writes_every_byte(
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    got = bytearray()
-
-    def drain() -> None:
-        with open(fifo, "rb") as f:
-            while chunk := f.read(1 << 16):
-                got.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    got, reader = drain_fifo(fifo)
     tierdisk(server, "export", "rw", str(fifo))
     reader.join(30)
     assert bytes(got) == expected
