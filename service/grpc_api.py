@@ -216,6 +216,8 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             for key, value in context.invocation_metadata() or ():
                 if key == hops.HOPS_HEADER:
                     chain = hops.parse(str(value))
+                elif key == hops.WAITING_HEADER:
+                    hops.caller_waiting.set(frozenset(hops.parse(str(value))))
             hops.current_chain.set(
                 hops.check_chain(chain, self._server_id) if chain else self._own_chain
             )

@@ -6,6 +6,7 @@ remote tier that has not answered yet) answers :class:`Unavailable` until it is 
 
 from __future__ import annotations
 
+from . import hops
 from .errors import Unavailable, VolumeNotFound
 from .volume import Volume
 
@@ -19,6 +20,7 @@ class VolumeRegistry:
         self._order = list(names)
         self._ready: dict[str, Volume] = {}
         self._waiting: dict[str, str] = {name: "attaching" for name in names}
+        self._refused: dict[str, set[str]] = {}  # volume -> servers refused while attaching
 
     def names(self) -> list[str]:
         """Every configured volume name, in config order."""
@@ -30,8 +32,17 @@ class VolumeRegistry:
         if volume is not None:
             return volume
         if name in self._waiting:
+            chain = hops.current_chain.get()  # (..., the caller, this server) over gRPC
+            if chain:
+                self._refused.setdefault(name, set()).update(chain[:-1])
+                hops.check_waiting(chain[-1], name)
             raise Unavailable(f"volume {name!r} is not ready yet: {self._waiting[name]}")
         raise VolumeNotFound(f"no volume named {name!r} on this server")
+
+    def refused(self, name: str) -> frozenset[str]:
+        """Ids of the servers whose calls for ``name`` were refused while it attached (see
+        :mod:`tierdisk.service.hops`: they wait for it)."""
+        return frozenset(self._refused.get(name, ()))
 
     def ready_volumes(self) -> list[Volume]:
         """The volumes that are ready, in config order."""
@@ -49,4 +60,5 @@ class VolumeRegistry:
     def set_ready(self, volume: Volume) -> None:
         """Mark ``volume`` open and serving."""
         self._waiting.pop(volume.name, None)
+        self._refused.pop(volume.name, None)
         self._ready[volume.name] = volume

@@ -216,6 +216,9 @@ class Server:
         while not self._stopped:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
+            # Tell the tiers below who waits for this volume, so that two volumes waiting
+            # for each other are found (hops module docs).
+            hops.waiting_for_me.set(self.registry.refused(config.name))
             try:
                 volume = await self._build(config)
             except (Unavailable, DeadlineExceeded) as exc:

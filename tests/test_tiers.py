@@ -9,7 +9,8 @@
   address and reads succeed again without restarting the cache tier.
 - Start order: the cache tier starts before its origin, reports NOT_SERVING, then SERVING.
 - The hop guard: a loop between two servers and a chain of nine tiers fail fast with
-  FAILED_PRECONDITION naming the chain.
+  FAILED_PRECONDITION naming the chain; two volumes waiting for each other at start are
+  found as a loop, while two servers that only depend on each other both attach.
 """
 
 from __future__ import annotations
@@ -338,6 +339,63 @@ async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
             assert f"{a_listen} → {b_listen} → {a_listen}" in exc.message
     finally:
         await a_cm.__aexit__(None, None, None)
+
+
+async def test_two_volumes_waiting_for_each_other_at_start_are_a_loop(tmp_path: Path) -> None:
+    """A's volume is remote → B's and B's remote → A's, both started from nothing: no call
+    chain forms (each only answers the other "not ready"), yet both must end with the loop
+    named, and stop retrying, instead of waiting forever."""
+    a_listen, b_listen = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    a_body = server_section(a_listen, tmp_path / "a") + toml_volume(
+        "va", remote(b_listen, "vb", timeout=2, retries=0)
+    )
+    b_body = server_section(b_listen, tmp_path / "b") + toml_volume(
+        "vb", ram(), remote(a_listen, "va", timeout=2, retries=0)
+    )
+    async with (
+        running_server(tmp_path / "a", a_body) as a,
+        running_server(tmp_path / "b", b_body) as b,
+        AsyncClient(a.grpc_address, retries=0, timeout=5) as ca,
+        AsyncClient(b.grpc_address, retries=0, timeout=5) as cb,
+    ):
+        for client, name in ((ca, "va"), (cb, "vb")):
+
+            async def looped(client: AsyncClient = client, name: str = name) -> str | None:
+                try:
+                    await client.volume(name).info()
+                except cerr.Unavailable as exc:
+                    return exc.message if "request loop between tiers" in exc.message else None
+                raise AssertionError(f"{name} attached through a loop")
+
+            message = await eventually(f"{name} to report the loop", looped, seconds=30)
+            assert f"{a_listen} → {b_listen} → {a_listen}" in message or (
+                f"{b_listen} → {a_listen} → {b_listen}" in message
+            )
+        assert not a.registry.all_ready and not b.registry.all_ready
+
+
+async def test_servers_depending_on_each_other_without_a_loop_both_attach(
+    tmp_path: Path,
+) -> None:
+    """O's v1 is remote → R's y, and R's y remote → O's v2 (a plain volume): the servers
+    depend on each other, the volumes do not loop. Started in the awkward order (O first,
+    its v1 waiting for R), both must become ready."""
+    o_listen, r_listen = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    o_body = server_section(o_listen, tmp_path / "o") + (
+        toml_volume("v1", remote(r_listen, "y", timeout=2, retries=0))
+        + toml_volume("v2", ram("1MiB"))
+    )
+    r_body = server_section(r_listen, tmp_path / "r") + toml_volume(
+        "y", remote(o_listen, "v2", timeout=2, retries=0)
+    )
+    async with running_server(tmp_path / "o", o_body) as o:
+        assert not o.registry.all_ready
+        async with running_server(tmp_path / "r", r_body) as r:
+
+            async def both_ready() -> bool:
+                return o.registry.all_ready and r.registry.all_ready
+
+            await eventually("both servers to be ready", both_ready, seconds=30)
 
 
 async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:

@@ -360,7 +360,11 @@ class RemoteLayer(Layer):
 
     def _hop_metadata(self) -> tuple[tuple[str, str], ...]:
         chain = hops.outgoing() if hops.current_chain.get() else self._home_chain
-        return ((hops.HOPS_HEADER, chain),) if chain else ()
+        metadata: tuple[tuple[str, str], ...] = ((hops.HOPS_HEADER, chain),) if chain else ()
+        waiting = hops.waiting_for_me.get()
+        if waiting:  # attaching: who waits for this volume (hops module docs)
+            metadata += ((hops.WAITING_HEADER, ",".join(sorted(waiting))),)
+        return metadata
 
     def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
         key = (rpc, code.name)
