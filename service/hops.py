@@ -10,8 +10,8 @@ so a remote layer forwards it (plus its own server's id) without being passed it
 A loop can also form without any call chain: two servers whose volumes each wait at start
 for the other's (A's volume is a remote of B's, B's a remote of A's) only ever answer each
 other "not ready". So a volume that is still attaching records the servers whose calls it
-refused (:data:`refused_waiting`, per volume, in the registry), and its attach attempts carry
-them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server asked for a volume that is
+refused (:meth:`~tierdisk.service.registry.VolumeRegistry.refused`), and its attach attempts
+carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server asked for a volume that is
 itself still attaching, by a caller that is waiting for this very server, answers
 :class:`~tierdisk.service.errors.FailedPrecondition` (:func:`check_waiting`): each side waits
 for the other, so neither would ever be ready.
