@@ -55,7 +55,7 @@ from .chunking import (
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import InvalidArgument, OutOfRange, StorageError, error_from_rpc, status_code
+from .errors import InvalidArgument, StorageError, error_from_rpc, status_code
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 from .retry import (
     DEFAULT_BACKOFF,
@@ -687,13 +687,7 @@ class AsyncVolume:
         a shrink between this check and the chunks can still fail a chunk after others landed
         (the server refuses each chunk past the new end), and a grow just after it can refuse
         a request that would then fit — as if the request had come before the resize."""
-        info = await self.info(timeout=timeout)
-        if sector + count > info.sector_count:
-            raise OutOfRange(
-                f"volume {self.name!r}: sectors [{sector}, {sector + count}) reach past its "
-                f"end ({info.sector_count} sectors of {info.sector_size} bytes)",
-                volume=self.name,
-            )
+        (await self.info(timeout=timeout)).check_fits(sector, count)
 
     def _check_aligned(self, offset: int, length: int, size: int) -> None:
         _check_number("offset", offset, limit=UINT64_LIMIT * size, volume=self.name)

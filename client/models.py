@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
+from .errors import OutOfRange
+
 __all__ = [
     "AllocationExtent",
     "Extent",
@@ -60,6 +62,16 @@ class VolumeInfo:
     def size_bytes(self) -> int:
         """The volume's size in bytes."""
         return self.sector_count * self.sector_size
+
+    def check_fits(self, sector: int, count: int) -> None:
+        """:class:`~tierdisk.client.errors.OutOfRange` naming the whole range if ``count``
+        sectors from ``sector`` reach past the end of the volume as of this value."""
+        if sector + count > self.sector_count:
+            raise OutOfRange(
+                f"volume {self.name!r}: sectors [{sector}, {sector + count}) reach past the end "
+                f"({self.sector_count} sectors of {self.sector_size} bytes)",
+                volume=self.name,
+            )
 
     @classmethod
     def from_proto(cls, msg: pb.Volume) -> VolumeInfo:

@@ -98,16 +98,6 @@ STD_STREAM = "-"
 # -- shared ------------------------------------------------------------------------------
 
 
-def _check_fits(vol: AsyncVolume, info: VolumeInfo, sector: int, count: int) -> None:
-    """:class:`OutOfRange`, before any data is moved, if ``count`` sectors from ``sector``
-    reach past the end of ``vol`` (``info``: its size, in sectors)."""
-    if sector + count > info.sector_count:
-        raise OutOfRange(
-            f"sectors {sector}..{sector + count} reach past the end ({info.sector_count} sectors)",
-            volume=vol.name,
-        )
-
-
 def _progress(
     args: argparse.Namespace, total: int | None, label: str, *, data_on_tty: bool = False
 ) -> Progress:
@@ -208,7 +198,7 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     they reach past the end of the volume."""
     vol = client.volume(args.volume)
     info = await vol.info()
-    _check_fits(vol, info, args.sector, args.count)
+    info.check_fits(args.sector, args.count)
     path = _std(args.output)
     total = args.count * info.sector_size
     label = f"read {vol.name}"
@@ -324,7 +314,7 @@ async def _copy_fd_in(
             f"{describe_file(path)}: {size} bytes is larger than volume {vol.name!r} "
             f"({info.size_bytes} bytes)"
         )
-    _check_fits(vol, info, sector, count)
+    info.check_fits(sector, count)
     fua = bool(getattr(args, "fua", False))
     per_chunk = sectors_per_chunk(client.max_io, ss)
     runs = [(start, start + size)]  # the whole file is data, unless a sparse import finds holes
@@ -515,7 +505,7 @@ async def _stream_in(
     anything is written, as is anything starting past the end."""
     info = await vol.info()
     ss = info.sector_size
-    _check_fits(vol, info, sector, 0)
+    info.check_fits(sector, 0)
     chunk_bytes = sectors_per_chunk(client.max_io, ss) * ss
     fua = bool(getattr(args, "fua", False))
     lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
