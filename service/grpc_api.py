@@ -155,6 +155,9 @@ def select_path(tree: Any, path: str) -> Any:
     return node
 
 
+_NONE_WAITING: frozenset[str] = frozenset()
+
+
 class BlockDeviceService(pb_grpc.BlockDeviceServicer):
     """Serves the volumes of ``registry`` over gRPC."""
 
@@ -213,11 +216,14 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         self._gate.enter()
         try:
             chain: tuple[str, ...] = ()
+            waiting: frozenset[str] = _NONE_WAITING
             for key, value in context.invocation_metadata() or ():
                 if key == hops.HOPS_HEADER:
                     chain = hops.parse(str(value))
                 elif key == hops.WAITING_HEADER:
-                    hops.caller_waiting.set(frozenset(hops.parse(str(value))))
+                    waiting = frozenset(hops.parse(str(value)))
+            # Both set on every call, so no call sees another's (whatever task runs it).
+            hops.caller_waiting.set(waiting)
             hops.current_chain.set(
                 hops.check_chain(chain, self._server_id) if chain else self._own_chain
             )
