@@ -9,50 +9,58 @@
         client.volume("vm1").write(0, data)
 
 Depends only on :mod:`tierdisk.v1` and grpc, never on the server (DESIGN.md §1).
+
+The names below are imported on first use (PEP 562), not with the package: gRPC's C core
+reads ``GRPC_VERBOSITY`` once, when grpc is imported, and the ``tierdisk`` command
+(:mod:`tierdisk.client.cli`) must set it before that, for its client verbs only.
 """
 
 from __future__ import annotations
 
-from .aio import (
-    DEFAULT_CHANNEL_OPTIONS,
-    UNSET,
-    AsyncClient,
-    AsyncVolume,
-    CallObserver,
-    ClientOptions,
-    MetadataFactory,
-    Timeout,
-)
-from .chunking import DEFAULT_IN_FLIGHT, DEFAULT_MAX_IO
-from .errors import (
-    Cancelled,
-    DataLoss,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NoSpace,
-    NotSupported,
-    OutOfRange,
-    PermissionDenied,
-    ReadOnlyVolume,
-    StorageError,
-    TierdiskError,
-    Unauthenticated,
-    Unavailable,
-    VolumeNotFound,
-    error_from_rpc,
-)
-from .models import (
-    AllocationExtent,
-    Extent,
-    ReadResult,
-    ResizeEvent,
-    UnmapBehavior,
-    VolumeInfo,
-)
-from .retry import RetryPolicy
-from .sync import Client, Volume
-from .tune import install_uvloop, tune_malloc
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .aio import (
+        DEFAULT_CHANNEL_OPTIONS,
+        UNSET,
+        AsyncClient,
+        AsyncVolume,
+        CallObserver,
+        ClientOptions,
+        MetadataFactory,
+        Timeout,
+    )
+    from .chunking import DEFAULT_IN_FLIGHT, DEFAULT_MAX_IO
+    from .errors import (
+        Cancelled,
+        DataLoss,
+        DeadlineExceeded,
+        FailedPrecondition,
+        InvalidArgument,
+        NoSpace,
+        NotSupported,
+        OutOfRange,
+        PermissionDenied,
+        ReadOnlyVolume,
+        StorageError,
+        TierdiskError,
+        Unauthenticated,
+        Unavailable,
+        VolumeNotFound,
+        error_from_rpc,
+    )
+    from .models import (
+        AllocationExtent,
+        Extent,
+        ReadResult,
+        ResizeEvent,
+        UnmapBehavior,
+        VolumeInfo,
+    )
+    from .retry import RetryPolicy
+    from .sync import Client, Volume
+    from .tune import install_uvloop, tune_malloc
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -93,3 +101,62 @@ __all__ = [
     "install_uvloop",
     "tune_malloc",
 ]
+
+_DEFINED_IN = {
+    "DEFAULT_CHANNEL_OPTIONS": "aio",
+    "DEFAULT_IN_FLIGHT": "chunking",
+    "DEFAULT_MAX_IO": "chunking",
+    "UNSET": "aio",
+    "AllocationExtent": "models",
+    "AsyncClient": "aio",
+    "AsyncVolume": "aio",
+    "CallObserver": "aio",
+    "Cancelled": "errors",
+    "Client": "sync",
+    "ClientOptions": "aio",
+    "DataLoss": "errors",
+    "DeadlineExceeded": "errors",
+    "Extent": "models",
+    "FailedPrecondition": "errors",
+    "InvalidArgument": "errors",
+    "MetadataFactory": "aio",
+    "NoSpace": "errors",
+    "NotSupported": "errors",
+    "OutOfRange": "errors",
+    "PermissionDenied": "errors",
+    "ReadOnlyVolume": "errors",
+    "ReadResult": "models",
+    "ResizeEvent": "models",
+    "RetryPolicy": "retry",
+    "StorageError": "errors",
+    "TierdiskError": "errors",
+    "Timeout": "aio",
+    "Unauthenticated": "errors",
+    "Unavailable": "errors",
+    "UnmapBehavior": "models",
+    "Volume": "sync",
+    "VolumeInfo": "models",
+    "VolumeNotFound": "errors",
+    "error_from_rpc": "errors",
+    "install_uvloop": "tune",
+    "tune_malloc": "tune",
+}
+"""The submodule that defines each name of :data:`__all__`."""
+_SUBMODULES = frozenset(_DEFINED_IN.values())
+"""Those submodules: attributes of the package, as when it imported them all up front."""
+
+
+def __getattr__(name: str) -> object:
+    """A name of :data:`__all__`, or a submodule of :data:`_SUBMODULES`, imported now."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # now an attribute too
+    module = _DEFINED_IN.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

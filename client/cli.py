@@ -7,6 +7,8 @@ volumes, and the entry points.
 The verbs that move data (``read``, ``write``, ``import``, ``export``) are in
 :mod:`tierdisk.client.transfer`. Errors print one line on stderr naming the volume, file or
 server, and exit 1 (2 for usage errors); no traceback (:mod:`tierdisk.client.cli_errors`).
+gRPC's own log lines are off for the client verbs (:func:`quiet_grpc_logs`), so that line is
+all there is on stderr; ``serve`` keeps gRPC's logging as configured.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
+# Nothing imported here imports grpc (see quiet_grpc_logs): the rest is imported by main().
 from . import sizes
-from .aio import AsyncClient
 from .cli_errors import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -34,11 +37,12 @@ from .cli_errors import (
     one_line,
     stdout_error,
 )
-from .errors import TierdiskError
-from .models import VolumeInfo
 from .progress import format_bytes
-from .transfer import export_image, import_image, read_sectors, write_sectors
 from .tune import install_uvloop, tune_malloc
+
+if TYPE_CHECKING:
+    from .aio import AsyncClient
+    from .models import VolumeInfo
 
 __all__ = ["SERVER_ENTRY", "UsageError", "describe", "main", "parse_size"]
 
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- verbs -------------------------------------------------------------------------------
 
-Verb = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+Verb: TypeAlias = "Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]"
 """A client verb: ``await verb(client, args)`` does it and returns the exit status; a
 failure is raised, for :func:`main` to report in one line."""
 
@@ -318,6 +322,8 @@ async def _map(client: AsyncClient, args: argparse.Namespace) -> int:
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
     """Runs until interrupted (exit 0, see :func:`main`); the server ending the stream (it
     shut down, or the connection broke) is an error: the sizes printed stop being current."""
+    from .errors import TierdiskError
+
     vol = client.volume(args.volume)
     watching = False
     try:
@@ -375,19 +381,24 @@ async def _flush(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS: dict[str, Verb] = {
-    "volumes": _volumes,
-    "info": _info,
-    "read": read_sectors,
-    "write": write_sectors,
-    "import": import_image,
-    "export": export_image,
-    "inspect": _inspect,
-    "map": _map,
-    "watch": _watch,
-    "resize": _resize,
-    "flush": _flush,
-}
+def _verbs() -> dict[str, Verb]:
+    """Each client verb by name. Those that move data are in :mod:`tierdisk.client.transfer`,
+    imported now, not with this module: it imports grpc (:func:`quiet_grpc_logs`)."""
+    from .transfer import export_image, import_image, read_sectors, write_sectors
+
+    return {
+        "volumes": _volumes,
+        "info": _info,
+        "read": read_sectors,
+        "write": write_sectors,
+        "import": import_image,
+        "export": export_image,
+        "inspect": _inspect,
+        "map": _map,
+        "watch": _watch,
+        "resize": _resize,
+        "flush": _flush,
+    }
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -401,6 +412,9 @@ def _read_pem(path: str | None) -> bytes | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from .aio import AsyncClient
+
+    verb = _verbs()[args.verb]
     async with AsyncClient(
         args.server,
         timeout=args.timeout,
@@ -411,12 +425,28 @@ async def _run(args: argparse.Namespace) -> int:
         certificate_chain=_read_pem(args.tls_cert),
         private_key=_read_pem(args.tls_key),
     ) as client:
-        rc = await VERBS[args.verb](client, args)
+        rc = await verb(client, args)
     _flush_stdout()  # here, not at exit: a full disk or a closed pipe is reported
     return rc
 
 
 # -- entry points ------------------------------------------------------------------------
+
+
+def quiet_grpc_logs() -> None:
+    """Turn off the log lines of gRPC's C core (``E1126 12:00:00.000000 … Handshake
+    failed …``) for a client verb: :func:`main` reports every failure in one line, which those
+    only precede with gRPC's own words. ``GRPC_VERBOSITY=NONE``, since ``ERROR`` lets some
+    through (roots without a certificate log four lines). Not if the user set
+    ``GRPC_VERBOSITY`` (theirs is kept) or ``GRPC_TRACE`` (they asked for gRPC's traces).
+
+    The C core reads ``GRPC_VERBOSITY`` once, when grpc is imported, so this is called
+    before anything imports it: neither this module nor the package imports it up front. If
+    grpc is loaded already (:func:`main` called in a process that uses it), nothing is
+    changed: it would not take effect, only pass on to child processes."""
+    if "grpc" in sys.modules or os.environ.get("GRPC_TRACE"):
+        return
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -439,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
-        return serve(args_list[1:])
+        return serve(args_list[1:])  # gRPC's logging as configured: a server's logs are wanted
+    quiet_grpc_logs()
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)
@@ -461,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"tierdisk: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
+    from .errors import TierdiskError  # imports grpc: after quiet_grpc_logs()
+
     install_uvloop()
     try:
         return asyncio.run(_run(args))

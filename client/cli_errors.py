@@ -10,11 +10,16 @@ Shared by :mod:`tierdisk.client.cli` (arguments, dispatch, the entry points) and
 :mod:`tierdisk.client.transfer` (the verbs that move data), which imports this module and
 never :mod:`~tierdisk.client.cli`: the dependencies go one way, and ``python -m
 tierdisk.client.cli`` (the module run as ``__main__``) raises and catches the same classes.
+Importing it does not import grpc (:mod:`tierdisk.client.errors` does), so that
+:mod:`~tierdisk.client.cli` can set ``GRPC_VERBOSITY`` before grpc is imported.
 """
 
 from __future__ import annotations
 
-from .errors import DeadlineExceeded, TierdiskError, Unavailable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .errors import TierdiskError
 
 __all__ = [
     "EXIT_ERROR",
@@ -64,6 +69,8 @@ def describe_parts(err: TierdiskError, server: str) -> tuple[str, str]:
     The server's messages often name the volume already (``volume 'x' is read-only: cannot
     write``); that prefix, and a repeat of the kind word after it, are dropped rather than
     said twice."""
+    from .errors import DeadlineExceeded, Unavailable  # imported already: err is one of them
+
     where = f"volume {err.volume!r}" if err.volume else f"server {server}"
     if err.volume and isinstance(err, Unavailable | DeadlineExceeded):
         where += f" on {server}"

@@ -1064,3 +1064,53 @@ def test_write_from_a_pipe_refuses_a_bad_chunk_after_writing_those_before(
     over = tierdisk(server, "write", "rw", str(last), stdin=os.urandom(2 * MiB), check=False)
     one_line_error(over, "volume 'rw'", "past the end", f"the {MiB} bytes before were written")
     assert tierdisk(server, "read", "rw", str(last), "2048").stdout != tail
+
+
+# -- gRPC's own logs -------------------------------------------------------------------
+
+GRPC_LOG_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE")
+C_CORE_LOG_LINE = re.compile(r"^[DIWEF]\d{4} ")
+"""How a line logged by gRPC's C core starts: ``E1126 00:45:32.716209 …``."""
+
+
+def tls_failure(
+    server: ServerProcess, tmp_path: Path, how: str, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    """``tierdisk volumes`` whose TLS cannot work against the plaintext ``server``: gRPC's
+    C core logs why on stderr (at INFO for ``--tls``, ERROR for roots without a
+    certificate), unless told not to. ``env``: GRPC_* variables as the user set them."""
+    tls = ["--tls"]
+    if how == "ca-without-a-certificate":
+        ca = tmp_path / "ca.pem"
+        ca.write_text("not a certificate\n")
+        tls = ["--tls-ca", str(ca)]
+    environ = {k: v for k, v in os.environ.items() if k not in ("TIERDISK_SERVER", *GRPC_LOG_ENV)}
+    environ.update(env)
+    return subprocess.run(
+        [*TIERDISK, "--server", server.grpc, "--retries", "0", "--timeout", "10", *tls, "volumes"],
+        capture_output=True,
+        timeout=60,
+        env=environ,
+    )
+
+
+@pytest.mark.parametrize("how", ["tls-against-plaintext", "ca-without-a-certificate"])
+def test_grpc_core_logs_stay_off_stderr(server: ServerProcess, tmp_path: Path, how: str) -> None:
+    """A failed handshake or roots that do not load make gRPC's C core log lines like
+    ``E… ssl_transport_security.cc:…] Handshake failed``: the CLI turns its logging off
+    (``GRPC_VERBOSITY=NONE``; ``ERROR`` would still show those), so stderr is our one line."""
+    one_line_error(tls_failure(server, tmp_path, how), f"server {server.grpc}", "unavailable")
+
+
+@pytest.mark.parametrize("env", [{"GRPC_VERBOSITY": "ERROR"}, {"GRPC_TRACE": "api"}])
+def test_grpc_core_logs_show_when_the_user_asks(
+    server: ServerProcess, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """GRPC_VERBOSITY (or GRPC_TRACE) set by the user is theirs: gRPC logs as they asked,
+    around our one line."""
+    result = tls_failure(server, tmp_path, "ca-without-a-certificate", **env)
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert any(C_CORE_LOG_LINE.match(line) for line in lines), lines
+    ours = [line for line in lines if line.startswith("tierdisk: ")]
+    assert len(ours) == 1 and ours[0].startswith(f"tierdisk: server {server.grpc}: unavailable")

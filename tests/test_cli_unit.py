@@ -4,6 +4,7 @@ hand-over of ``tierdisk serve`` to the server's entry point."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -270,6 +271,53 @@ def test_serve_is_imported_only_when_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+GRPC_WHEN = """
+import json, os, sys, types
+seen = {}
+import tierdisk.client
+seen["package"] = "grpc" in sys.modules
+from tierdisk.client import cli
+cli.build_parser()
+seen["cli"] = "grpc" in sys.modules
+server = types.ModuleType("fake_tierdisk_server")
+server.main = lambda argv: seen.update(serve=os.environ.get("GRPC_VERBOSITY")) or 0
+sys.modules["fake_tierdisk_server"] = server
+cli.SERVER_ENTRY = "fake_tierdisk_server"
+cli.main(["serve"])
+cli.main(["--server", "127.0.0.1:1", "--retries", "0", "volumes"])
+seen["verb"] = os.environ.get("GRPC_VERBOSITY"), "grpc" in sys.modules
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "verb"),
+    [({}, "NONE"), ({"GRPC_VERBOSITY": "DEBUG"}, "DEBUG"), ({"GRPC_TRACE": "api"}, None)],
+)
+def test_grpc_logging_is_turned_off_before_grpc_loads_for_client_verbs_only(
+    env: dict[str, str], verb: str | None
+) -> None:
+    """gRPC's C core reads GRPC_VERBOSITY once, when grpc is imported: importing the package
+    or the CLI does not import it; a client verb sets GRPC_VERBOSITY=NONE first unless the
+    user set it or GRPC_TRACE; ``serve`` leaves gRPC's logging alone."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("GRPC_VERBOSITY", "GRPC_TRACE")}
+    out = subprocess.run(
+        [sys.executable, "-c", GRPC_WHEN],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**environ, **env},
+    ).stdout
+    seen = json.loads(out)
+    assert seen == {
+        "package": False,
+        "cli": False,
+        "serve": env.get("GRPC_VERBOSITY"),
+        "verb": [verb, True],
+    }
 
 
 # -- one-line messages -----------------------------------------------------------------
