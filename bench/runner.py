@@ -50,6 +50,8 @@ VOLUME_BYTES = 512 * MiB
 READ_OFF, READ_SIZE = 0, 256 * MiB  # reads stay here (prefilled / warm)
 WRITE_OFF, WRITE_SIZE = 256 * MiB, 256 * MiB  # writes go here, so reads stay as set up
 TIER_BYTES = 256 * MiB  # the cache-tier read
+TIER_COLD_NBD = "tier cold, NBD between tiers"  # the remote layer's nbd option
+TIER_WARM_NBD = "tier warm, NBD between tiers"
 SCALE_TIMEOUT = 600  # seconds bench/sparse_scale.py may take at most
 FULL_BUDGET = 14 * 60  # seconds the full run may take in all
 
@@ -255,7 +257,7 @@ class Bench:
         )
         self.origin_config = self.work / "origin.toml"
         self.origin_config.write_text(
-            f'[server]\ndata_dir = "{data}"\n' + _volume_toml("base", [raw], read_only=True)
+            head + _volume_toml("base", [raw], read_only=True)  # with the NBD export
         )
 
     def start_server(self, name: str, config: Path, **levers: bool) -> ServerProc:
@@ -696,7 +698,10 @@ class Bench:
                     self.rows.append(Row("engine", f"engine {STACKS[stack]}", wl, None))
         # Cache tiers.
         if self.have_remote and self.have_sparse:
-            for target in ("origin direct", "[ram] local", "tier cold", "tier warm"):
+            targets = ["origin direct", "[ram] local", "tier cold", "tier warm"]
+            if self.have_nbd:
+                targets += [TIER_COLD_NBD, TIER_WARM_NBD]
+            for target in targets:
                 self.rows.append(Row("tiers", target, TIER_READ, None))
         else:
             missing = [
@@ -762,9 +767,43 @@ class Bench:
         rows = {r.target: r for r in self.rows if r.section == "tiers"}
         if not rows:
             return
+        self.run_tier(run, rows["tier cold"], rows["tier warm"], nbd="")
+        if TIER_COLD_NBD in rows:
+            nbd = str(self.origin.info.get("nbd", ""))
+            self.run_tier(run, rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], nbd=nbd)
+        rows["origin direct"].runs.append(
+            self.read_tier(self.origin.address, "base", self.origin.pid)
+        )
+        rows["[ram] local"].runs.append(self.read_tier(self.main.address, "ram", self.main.pid))
+
+    def read_tier(self, target: str, volume: str, pid: int) -> dict[str, Any]:
+        """The 256 MiB tier read from ``target``'s ``volume``, once."""
+        wl = TIER_READ
+        return self.lg.run(
+            target=target,
+            volume=volume,
+            op=wl.op,
+            bs=wl.bs,
+            qd=wl.qd,
+            offset=READ_OFF,
+            size=TIER_BYTES,
+            warmup=0,
+            duration=300,
+            max_ops=TIER_BYTES // wl.bs,
+            server_pid=pid,
+            check=False,
+        )
+
+    def run_tier(self, run: int, cold: Row, warm: Row, nbd: str) -> None:
+        """A cache server over the origin, started empty: read it cold, then warm; its
+        remote layer reads over the origin's NBD export when ``nbd`` is its address."""
         cache_dir = self.work / f"tier-{run}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         config = self.work / "tier.toml"
+        remote: dict[str, Any] = {"kind": "remote", "target": self.origin.address}
+        remote["volume"] = "base"
+        if nbd:
+            remote["nbd"] = nbd
         config.write_text(
             f'[server]\ndata_dir = "{cache_dir}"\n'
             + _volume_toml(
@@ -772,11 +811,10 @@ class Bench:
                 [
                     {"kind": "ram"},
                     {"kind": "sparse", "path": "cache/tier", "read_cache": True},
-                    {"kind": "remote", "target": self.origin.address, "volume": "base"},
+                    remote,
                 ],
             )
         )
-        wl = TIER_READ
         cache = self.start_server(f"tier-{run}", config)
         try:
             # Connect first (outside the measured range), so the cold read times reads only.
@@ -792,27 +830,8 @@ class Bench:
                 duration=5,
                 max_ops=1,
             )
-
-            def read(target: str, volume: str, pid: int) -> dict[str, Any]:
-                return self.lg.run(
-                    target=target,
-                    volume=volume,
-                    op=wl.op,
-                    bs=wl.bs,
-                    qd=wl.qd,
-                    offset=READ_OFF,
-                    size=TIER_BYTES,
-                    warmup=0,
-                    duration=300,
-                    max_ops=TIER_BYTES // wl.bs,
-                    server_pid=pid,
-                    check=False,
-                )
-
-            rows["tier cold"].runs.append(read(cache.address, "tier", cache.pid))
-            rows["tier warm"].runs.append(read(cache.address, "tier", cache.pid))
-            rows["origin direct"].runs.append(read(self.origin.address, "base", self.origin.pid))
-            rows["[ram] local"].runs.append(read(self.main.address, "ram", self.main.pid))
+            cold.runs.append(self.read_tier(cache.address, "tier", cache.pid))
+            warm.runs.append(self.read_tier(cache.address, "tier", cache.pid))
         finally:
             cache.stop()
             self.servers.remove(cache)
@@ -972,11 +991,11 @@ class Bench:
         for entry in table:
             if entry["section"] != "tiers":
                 continue
-            if entry["target"] == "tier warm":
-                entry["ratio"] = self.ratio(tiers["tier warm"], tiers["[ram] local"])
+            if entry["target"] in ("tier warm", TIER_WARM_NBD):
+                entry["ratio"] = self.ratio(tiers[entry["target"]], tiers["[ram] local"])
                 entry["ratio_vs"] = "[ram] local"
-            elif entry["target"] == "tier cold":
-                entry["ratio"] = self.ratio(tiers["tier cold"], tiers["origin direct"])
+            elif entry["target"] in ("tier cold", TIER_COLD_NBD):
+                entry["ratio"] = self.ratio(tiers[entry["target"]], tiers["origin direct"])
                 entry["ratio_vs"] = "origin direct"
         return {"table": table, "targets": self.targets(table)}
 
@@ -1022,6 +1041,19 @@ class Bench:
                 tiers["origin direct"],
                 0.5,
             )
+            if TIER_COLD_NBD in tiers:
+                check(
+                    "cache tier cold read, reads over NBD between tiers / direct origin read",
+                    tiers[TIER_COLD_NBD],
+                    tiers["origin direct"],
+                    0.5,
+                )
+                check(
+                    "cache tier warm re-read, reads over NBD between tiers / local [ram] read",
+                    tiers[TIER_WARM_NBD],
+                    tiers["[ram] local"],
+                    0.9,
+                )
         else:
             out.append(
                 {

@@ -147,6 +147,7 @@ LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
         "server_name": _str,
         "token": _str,
         "token_file": _PATH,
+        "nbd": _optional_address,
     },
 }
 """Per layer kind, the options it takes (besides kind, read_cache, write_through)."""

@@ -4,7 +4,9 @@
 port 0 that serves one ``ram`` volume of the layer's size and sector size, connects to it
 like any remote layer, and stops that server at close. So a stack spec such as
 ``"ram/remote"`` is a complete, self-cleaning stack: closing the volume closes the layer,
-which stops its origin.
+which stops its origin. :meth:`ServedRemoteLayer.nbd_builder` makes the same layer in
+``mode = "disk"`` reading over the origin's NBD export (the ``nbd`` option), so every
+conformance scenario also runs with reads on NBD and everything else on gRPC.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ class ServedRemoteLayer(RemoteLayer):
     """A remote layer (``mode``, default ``"layer"``) over its own in-process origin server."""
 
     def __init__(
-        self, folder: Path, sector_size: int, size: int | None, *, mode: str = "layer"
+        self,
+        folder: Path,
+        sector_size: int,
+        size: int | None,
+        *,
+        mode: str = "layer",
+        nbd: bool = False,
     ) -> None:
         super().__init__("127.0.0.1:0", "origin", mode=mode, timeout=10)  # target: at attach
+        self._with_nbd = nbd
         self._folder = folder
         self._wanted = (sector_size, size)
         self.origin: Server | None = None
@@ -35,6 +44,11 @@ class ServedRemoteLayer(RemoteLayer):
     def builder(cls, folder: Path, index: int, sector_size: int, size: int | None) -> Layer:
         """A :data:`stacks.LAYER_KINDS` builder."""
         return cls(folder / f"origin{index}", sector_size, size)
+
+    @classmethod
+    def nbd_builder(cls, folder: Path, index: int, sector_size: int, size: int | None) -> Layer:
+        """A :data:`stacks.LAYER_KINDS` builder: disk mode, reads over the origin's NBD."""
+        return cls(folder / f"origin{index}", sector_size, size, mode="disk", nbd=True)
 
     async def attach(self, lower: LayerMetadata | None) -> None:
         sector_size, size = self._wanted
@@ -45,7 +59,12 @@ class ServedRemoteLayer(RemoteLayer):
         ram = LayerConfig("ram", options={"size": size, "sector_size": sector_size})
         server = Server(
             Config(
-                ServerConfig(listen="127.0.0.1:0", metrics="", data_dir=str(self._folder)),
+                ServerConfig(
+                    listen="127.0.0.1:0",
+                    metrics="",
+                    data_dir=str(self._folder),
+                    nbd="127.0.0.1:0" if self._with_nbd else "",
+                ),
                 (VolumeConfig("origin", (ram,)),),
             )
         )
@@ -54,6 +73,7 @@ class ServedRemoteLayer(RemoteLayer):
         await asyncio.create_task(server.start())
         self.origin = server
         self.target = server.grpc_address
+        self.nbd_address = server.nbd_address
         try:
             await super().attach(lower)
         except BaseException:

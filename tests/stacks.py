@@ -331,6 +331,9 @@ LAYER_KINDS["remote"] = ServedRemoteLayer.builder  # layer mode over an origin r
 register_spec("remote")
 for _spec in ("ram/remote", "remote-rc/raw", "ram-wt/remote"):
     register_spec(_spec, (512,))
+LAYER_KINDS["nbdremote"] = ServedRemoteLayer.nbd_builder  # disk mode, reads over NBD
+for _spec in ("ram/nbdremote", "ram-rc/nbdremote", "ram-wt/nbdremote"):
+    register_spec(_spec, (512,))
 
 
 # -- persistent stacks: sparse and sqlite layers on files in the test's folder ---------------

@@ -395,6 +395,123 @@ async def test_inspect_and_metrics_count_remote_calls(
         )
 
 
+# -- reads over the origin's NBD export (the nbd option) ------------------------------------
+
+NBD_BASE = pattern(5, 0, 4 * MiB // SS, SS)
+
+
+@pytest.fixture
+async def nbd_origin(tmp_path: Path) -> AsyncIterator[Server]:
+    """An origin with its NBD export on: ``base`` (4 MiB of a pattern)."""
+    body = (
+        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
+        f'data_dir = "{tmp_path / "nbd-origin"}"\n'
+    ) + toml_volume("base", ram("4MiB"))
+    async with running_server(tmp_path / "nbd-origin", body) as srv:
+        async with AsyncClient(srv.grpc_address) as client:
+            await client.volume("base").write(0, NBD_BASE)
+        yield srv
+
+
+async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path: Path) -> None:
+    o = nbd_origin
+    body = toml_volume("vm", ram(), remote(o.grpc_address, "base", nbd=o.nbd_address))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        assert await vol.read(0, 4 * MiB // SS) == NBD_BASE
+        await vol.write(8, b"w" * SS)  # lands on the ram layer on top
+        assert await vol.read(0, 16) == NBD_BASE[: 8 * SS] + b"w" * SS + NBD_BASE[9 * SS : 16 * SS]
+        tree = await vol.inspect("layers/1")
+        assert tree["nbd"] == {
+            "address": o.nbd_address,
+            "connected": True,
+            "export_bytes": 4 * MiB,
+        }
+        assert "Read" not in tree["requests"]  # no data over gRPC
+        nbd_reads = tree["requests"]["NbdRead"]["OK"]
+        assert nbd_reads >= 2
+        labels = {"volume": "vm", "layer": "1"}
+        counted = sample(
+            proxy, "tierdisk_remote_requests_total", method="NbdRead", code="OK", **labels
+        )
+        assert counted == nbd_reads
+        # the origin served them on its NBD export
+        assert (
+            sample(o, "tierdisk_volume_io_requests_total", volume="base", op="read", code="OK") >= 2
+        )
+
+
+async def test_without_a_usable_nbd_export_reads_go_over_grpc(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    o = nbd_origin
+    # another server whose NBD export "base" is a smaller volume: not this layer's volume
+    other = (
+        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
+        f'data_dir = "{tmp_path / "other"}"\n'
+    ) + toml_volume("base", ram("1MiB"))
+    async with running_server(tmp_path / "other", other) as wrong:
+        body = toml_volume("a", remote(o.grpc_address, "base", nbd=f"127.0.0.1:{free_port()}"))
+        body += toml_volume("b", remote(o.grpc_address, "base", nbd=wrong.nbd_address))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            for name in ("a", "b"):
+                vol = client.volume(name)
+                assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
+                tree = await vol.inspect("layers/0")
+                assert tree["nbd"]["connected"] is False, name
+                assert tree["requests"]["Read"] == {"OK": 1}, name
+                assert "NbdRead" not in tree["requests"], name
+
+
+async def test_nbd_reads_follow_the_origin_as_it_grows(nbd_origin: Server, tmp_path: Path) -> None:
+    o = nbd_origin
+    body = toml_volume("vm", remote(o.grpc_address, "base", nbd=o.nbd_address))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+        AsyncClient(o.grpc_address) as oclient,
+    ):
+        vol = client.volume("vm")
+        await oclient.volume("base").resize(8 * MiB // SS)
+        news = pattern(9, 0, 64, SS)
+        await oclient.volume("base").write(6 * MiB // SS, news)
+
+        async def grown() -> bool:
+            tree = await vol.inspect("layers/0")
+            return bool(tree["nbd"]["export_bytes"] == 8 * MiB and tree["nbd"]["connected"])
+
+        deadline = time.monotonic() + 15
+        while not await grown():
+            assert time.monotonic() < deadline, "the NBD connection did not learn the new size"
+            await asyncio.sleep(0.05)
+        assert "NbdRead" not in (await vol.inspect("layers/0"))["requests"]
+        assert await vol.read(6 * MiB // SS, 64) == news
+        assert (await vol.inspect("layers/0"))["requests"]["NbdRead"] == {"OK": 1}
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"nbd": "127.0.0.1:10809", "mode": "layer"}, 'mode = "disk"'),
+        ({"nbd": "127.0.0.1:10809", "token": "t"}, "tls or a token"),
+        ({"nbd": "127.0.0.1:10809", "tls": True}, "tls or a token"),
+        ({"nbd": "127.0.0.1"}, "127.0.0.1"),
+    ],
+)
+async def test_nbd_option_rules(tmp_path: Path, options: dict[str, Any], problem: str) -> None:
+    body = toml_volume("vm", remote("127.0.0.1:1", "base", **options))
+    with pytest.raises(ConfigError) as info:
+        async with running_server(tmp_path, body):
+            pass
+    assert info.value.volume == "vm" and info.value.layer == 0 and problem in str(info.value)
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 

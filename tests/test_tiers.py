@@ -205,28 +205,34 @@ async def test_remote_read_cache_fills_without_overwriting(
 # -- outage and restart ---------------------------------------------------------------------------
 
 
-async def test_origin_outage_and_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nbd", [False, True], ids=["grpc", "nbd-reads"])
+async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
     port = free_port()
     listen = f"127.0.0.1:{port}"
     origin_dir = tmp_path / "origin"
     config = write_config(
         origin_dir, toml_volume("base", {"kind": "raw", "path": "base.img", "size": "1MiB"})
     )
-    origin = ServerProcess.start(origin_dir, config, listen=listen)
+    # With nbd, the cache tier reads over the origin's NBD export (the remote's nbd option).
+    nbd_args = ("--nbd", f"127.0.0.1:{free_port()}") if nbd else ()
+    origin = ServerProcess.start(origin_dir, config, *nbd_args, listen=listen)
     try:
         async with AsyncClient(listen) as oc:
             await oc.volume("base").write(0, BASE[: 2048 * SS])
             await oc.volume("base").flush()
         timeout = 1.0
-        body = toml_volume(
-            "vm", ram(read_cache=True), remote(listen, "base", timeout=timeout, retries=2)
-        )
+        options: dict[str, Any] = {"timeout": timeout, "retries": 2}
+        if nbd:
+            options["nbd"] = origin.nbd
+        body = toml_volume("vm", ram(read_cache=True), remote(listen, "base", **options))
         async with (
             running_server(tmp_path / "cache", body) as cache,
             AsyncClient(cache.grpc_address, retries=0, timeout=10) as client,
         ):
             vol = client.volume("vm")
             assert await vol.read(0, 64) == BASE[: 64 * SS]  # now cached
+            if nbd:
+                assert (await vol.inspect("layers/1"))["requests"]["NbdRead"] == {"OK": 1}
 
             # A hung origin: uncached reads fail within the timeout, cached ones still work.
             os.kill(origin.pid, signal.SIGSTOP)
@@ -251,7 +257,7 @@ async def test_origin_outage_and_restart(tmp_path: Path) -> None:
 
             # The origin comes back on the same address: reads succeed, no restart here.
             close_streams(origin)
-            origin = ServerProcess.start(origin_dir, config, listen=listen)
+            origin = ServerProcess.start(origin_dir, config, *nbd_args, listen=listen)
 
             async def uncached_read() -> bool:
                 return await vol.read(128, 64) == BASE[128 * SS : 192 * SS]
@@ -263,6 +269,17 @@ async def test_origin_outage_and_restart(tmp_path: Path) -> None:
                 return bool((await vol.inspect("layers/1"))["watching_resizes"])
 
             await eventually("the resize watch reconnected", watching)
+            if nbd:
+                fresh = iter(range(256, 2048, 8))  # uncached sectors, one run per try
+
+                async def nbd_again() -> bool:
+                    before = (await vol.inspect("layers/1"))["requests"].get("NbdRead", {})
+                    s = next(fresh)
+                    assert await vol.read(s, 8) == BASE[s * SS : (s + 8) * SS]
+                    after = (await vol.inspect("layers/1"))["requests"]["NbdRead"]
+                    return bool(after.get("OK", 0) > before.get("OK", 0))
+
+                await eventually("reads over NBD again", nbd_again)
     finally:
         origin.kill()
         close_streams(origin)

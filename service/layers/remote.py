@@ -26,6 +26,24 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
 ``token``, ``token_file``
     Sent with every call as ``authorization: Bearer <token>`` (``token_file``: the file's
     content, whitespace stripped). At most one of the two.
+``nbd``
+    The remote server's NBD export (its ``[server] nbd`` address, ``host:port`` or
+    ``unix:/path``; default ``""``, off). Reads then go over NBD (:mod:`..nbd_client`), which
+    costs both servers about half the CPU of a gRPC ``Read`` per MiB; everything else
+    (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in
+    ``mode = "disk"`` (NBD carries no presence) and without TLS or a token (NBD has neither
+    here). NBD is only ever a faster way to the same bytes: a read the NBD connection cannot
+    serve (not connected yet, broken, an error answer, a range past the export's size as
+    negotiated) is read over gRPC instead, which answers with the remote's exact error; a
+    broken connection is remade in the background with backoff. No answer within
+    ``timeout`` is ``DEADLINE_EXCEEDED`` at once, as over gRPC (and the connection is
+    remade). The export must be the volume: an export smaller than the remote volume is not
+    used, and after each resize of the remote the connection is remade to learn the new
+    size. NBD reads carry no ``tierdisk-hops`` chain; a loop of tiers is still refused when
+    the volumes attach, over gRPC. They are counted as method ``NbdRead`` in
+    ``tierdisk_remote_requests_total`` (codes ``OK``, ``UNAVAILABLE`` for a connection that
+    failed, ``DEADLINE_EXCEEDED``, ``INTERNAL`` for an error answer); ``inspect`` shows the
+    connection under ``nbd``.
 
 Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
 remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size. Afterwards a
@@ -86,6 +104,7 @@ from tierdisk.client.retry import RetryPolicy
 from .. import errors, hops
 from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior
+from ..nbd_client import NbdClosed, NbdError, NbdReader
 from ..ratelimit import RateLimitedLog
 from ..runs import Run
 
@@ -101,6 +120,7 @@ ATTACH_TIMEOUT = 2.0
 _BACKOFF = 0.05  # first retry wait ceiling (full jitter), doubling per retry
 _MAX_BACKOFF = 2.0
 _WATCH_BACKOFF = (0.1, 5.0)  # reconnect delays of the WatchResize follower
+_NBD_BACKOFF = (0.1, 5.0)  # reconnect delays of the NBD data path
 _PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
@@ -204,6 +224,7 @@ class RemoteLayer(Layer):
         server_name: str | None = None,
         token: str | None = None,
         token_file: str | None = None,
+        nbd: str = "",
         *,
         max_io: int = DEFAULT_MAX_IO,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
@@ -223,6 +244,10 @@ class RemoteLayer(Layer):
             raise ValueError("cert_file and key_file go together (a client certificate)")
         if token is not None and token_file is not None:
             raise ValueError("give token or token_file, not both")
+        if nbd and mode != "disk":
+            raise ValueError('nbd needs mode = "disk" (NBD carries no presence)')
+        if nbd and (tls or token is not None or token_file is not None):
+            raise ValueError("nbd cannot be combined with tls or a token (NBD has neither)")
         self.target = target
         self.remote_volume = volume
         self.mode = mode
@@ -235,6 +260,10 @@ class RemoteLayer(Layer):
         self._server_name = server_name
         self._token = token
         self._token_file = token_file
+        self.nbd_address = nbd
+        self._nbd: NbdReader | None = None
+        self._nbd_task: asyncio.Task[None] | None = None
+        self._nbd_log = RateLimitedLog(log)
         self._max_io = max_io
         self._max_in_flight = max(max_in_flight, DEFAULT_IN_FLIGHT)
         self._errors = _Translate(self)
@@ -344,14 +373,21 @@ class RemoteLayer(Layer):
             async with asyncio.timeout(attach_timeout):
                 while not self._watching:
                     await self._watch_news.wait()
+        if self.nbd_address:
+            await self._nbd_connect()
+            if self._nbd is None:
+                self._nbd_reconnect()
 
     async def close(self) -> None:
-        for task in (self._watch_task, self._present_task):
+        for task in (self._watch_task, self._present_task, self._nbd_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._watch_task = self._present_task = None
+        self._watch_task = self._present_task = self._nbd_task = None
+        if self._nbd is not None:
+            await self._nbd.close()
+            self._nbd = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -465,6 +501,13 @@ class RemoteLayer(Layer):
         count = self._clip(sector, len(buf) // ss)
         if count == 0:
             return []
+        nbd = self._nbd
+        if (
+            nbd is not None
+            and (sector + count) * ss <= nbd.export.size
+            and await self._nbd_read(nbd, buf[: count * ss], sector * ss)
+        ):
+            return [(sector, sector + count)]
         vol = self._volume()
         with self._errors:
             if self.mode == "layer":
@@ -576,6 +619,8 @@ class RemoteLayer(Layer):
         if sector_count != self._sector_count:
             self._sector_count = sector_count
             self._notify_resized()
+            if self._nbd is not None or self._nbd_task is not None:
+                self._nbd_reconnect()  # learn the export's new size
 
     def _watch_spoke(self) -> None:
         """Wake :meth:`resize` callers waiting for the watch (an event, or the stream ended)."""
@@ -606,6 +651,103 @@ class RemoteLayer(Layer):
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, _WATCH_BACKOFF[1])
 
+    # -- the NBD data path (the ``nbd`` option) -------------------------------------------
+
+    async def _nbd_connect(self) -> None:
+        """Open the NBD export and use it, if it is the remote volume's size (else log why
+        not). Failures are logged (rate-limited) and leave the data path on gRPC."""
+        try:
+            async with asyncio.timeout(min(self.timeout, ATTACH_TIMEOUT)):
+                reader = await NbdReader.connect(self.nbd_address, self.remote_volume)
+        except TimeoutError:
+            self._nbd_log.warning(
+                "%s: NBD export at %s did not answer within %g s; reading over gRPC",
+                self._where,
+                self.nbd_address,
+                min(self.timeout, ATTACH_TIMEOUT),
+            )
+            return
+        except (OSError, NbdError) as exc:
+            self._nbd_log.warning(
+                "%s: NBD export at %s not usable (%s); reading over gRPC",
+                self._where,
+                self.nbd_address,
+                exc,
+            )
+            return
+        size = self._sector_count * self._sector_size
+        if reader.export.size < size:
+            await reader.close()
+            self._nbd_log.warning(
+                "%s: NBD export %r at %s is %d bytes, the volume %d; reading over gRPC",
+                self._where,
+                self.remote_volume,
+                self.nbd_address,
+                reader.export.size,
+                size,
+            )
+            return
+        old, self._nbd = self._nbd, reader
+        if old is not None:
+            await old.close()
+        log.info("%s: reading over NBD at %s", self._where, self.nbd_address)
+
+    def _nbd_reconnect(self) -> None:
+        """Remake the NBD connection in the background (with backoff) unless already doing so."""
+        if self._nbd_task is None or self._nbd_task.done():
+            self._nbd_task = asyncio.get_running_loop().create_task(
+                self._nbd_keep_trying(), name=f"nbd {self.nbd_address}/{self.remote_volume}"
+            )
+
+    async def _nbd_keep_trying(self) -> None:
+        delay = _NBD_BACKOFF[0]
+        while self._client is not None:
+            want = self._sector_count * self._sector_size
+            await self._nbd_connect()
+            nbd = self._nbd
+            if nbd is not None and not nbd.closed and nbd.export.size >= want:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _NBD_BACKOFF[1])
+
+    async def _nbd_read(self, nbd: NbdReader, buf: memoryview, offset: int) -> bool:
+        """Read over NBD; False (logged, counted) when gRPC must serve the read instead.
+
+        No answer within ``timeout`` is :class:`~..errors.DeadlineExceeded`, as over gRPC
+        (a second try over gRPC would double the wait for a hung remote)."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await nbd.read_into(offset, buf)
+        except TimeoutError:
+            self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, self.timeout)
+            await self._nbd_drop(nbd)
+            raise errors.DeadlineExceeded(
+                f"{self._where}: no answer over NBD at {self.nbd_address} within {self.timeout:g} s"
+            ) from None
+        except NbdError as exc:
+            closed = isinstance(exc, NbdClosed)
+            code = grpc.StatusCode.UNAVAILABLE if closed else grpc.StatusCode.INTERNAL
+            self._observe("NbdRead", code, time.monotonic() - started)
+            self._nbd_log.warning(
+                "%s: NBD read at %s failed (%s); reading over gRPC",
+                self._where,
+                self.nbd_address,
+                exc,
+            )
+            if closed:
+                await self._nbd_drop(nbd)
+            return False
+        self._observe("NbdRead", grpc.StatusCode.OK, time.monotonic() - started)
+        return True
+
+    async def _nbd_drop(self, nbd: NbdReader) -> None:
+        """Stop using a broken or hung connection and make a new one in the background."""
+        if self._nbd is nbd:
+            self._nbd = None
+            self._nbd_reconnect()
+        await nbd.close()
+
     # -- diagnostics ----------------------------------------------------------------------
 
     def inspect(self) -> dict[str, Any]:
@@ -623,6 +765,19 @@ class RemoteLayer(Layer):
             "timeout": self.timeout,
             "retries": self.retries,
             "requests": counts,
+            **self._nbd_inspect(),
+        }
+
+    def _nbd_inspect(self) -> dict[str, Any]:
+        if not self.nbd_address:
+            return {}
+        nbd = self._nbd
+        return {
+            "nbd": {
+                "address": self.nbd_address,
+                "connected": nbd is not None and not nbd.closed,
+                "export_bytes": nbd.export.size if nbd is not None else None,
+            }
         }
 
 
