@@ -21,6 +21,7 @@ from typing import Any
 
 from . import nbd_protocol as P
 from .layer import UnmapBehavior
+from .read_reply import new_buffer
 from .runs import complement
 from .volume import Volume
 
@@ -173,8 +174,7 @@ async def read(export: Export, flags: int, handle: int, offset: int, length: int
     end = offset + length
     first = offset // ss
     last = -(-end // ss)
-    buf = bytearray((last - first) * ss)
-    view = memoryview(buf)
+    _, view = new_buffer((last - first) * ss)  # read_into writes every byte of it
     present = await export.volume.read_into(view, first)
     data = view[offset - first * ss : offset - first * ss + length] if misaligned else view
     if not export.structured:

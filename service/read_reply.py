@@ -18,7 +18,7 @@ import sys
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["ReadReply"]
+__all__ = ["ReadReply", "new_buffer"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, length-delimited
 _DIRECT_MIN = 128 << 10  # below this a bytearray and one copy is cheaper than ctypes
@@ -54,6 +54,17 @@ else:  # pragma: no cover - other interpreters: the portable way, one more copy
     _writable_bytes = None  # type: ignore[assignment]
 
 
+def new_buffer(nbytes: int) -> tuple[bytes | bytearray, memoryview]:
+    """A new buffer of ``nbytes`` and a writable view of all of it, for a read that writes
+    every byte (``Volume.read_into`` zeroes what no layer holds). From 128 KiB on (CPython)
+    a ``bytes`` filled in place, whose content is undefined until written: no zero-fill of
+    a buffer about to be overwritten; below that, or elsewhere, a zeroed ``bytearray``."""
+    if nbytes >= _DIRECT_MIN and _writable_bytes is not None:
+        return _writable_bytes(nbytes)
+    array = bytearray(nbytes)
+    return array, memoryview(array)
+
+
 _heads: dict[int, bytes] = {}  # data size -> tag and length (few distinct sizes in practice)
 
 
@@ -68,14 +79,8 @@ class ReadReply:
             head = bytes((_DATA_TAG,)) + _varint(nbytes)
             if len(_heads) < 256:
                 _heads[nbytes] = head
-        frame: bytes | bytearray
-        if nbytes >= _DIRECT_MIN and _writable_bytes is not None:
-            self._bytes = True
-            frame, view = _writable_bytes(len(head) + nbytes)
-        else:
-            self._bytes = False
-            frame = bytearray(len(head) + nbytes)
-            view = memoryview(frame)
+        frame, view = new_buffer(len(head) + nbytes)
+        self._bytes = isinstance(frame, bytes)
         view[: len(head)] = head
         self._frame = frame
         self.data = view[len(head) :]
