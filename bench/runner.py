@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import random
 import select
 import shlex
@@ -52,6 +53,7 @@ WRITE_OFF, WRITE_SIZE = 256 * MiB, 256 * MiB  # writes go here, so reads stay as
 TIER_BYTES = 256 * MiB  # the cache-tier read
 TIER_COLD_NBD = "tier cold, NBD between tiers"  # the remote layer's nbd option
 TIER_WARM_NBD = "tier warm, NBD between tiers"
+FRESH_WRITE = "256 MiB into a new file (what a cold read's fills write)"
 SCALE_TIMEOUT = 600  # seconds bench/sparse_scale.py may take at most
 FULL_BUDGET = 14 * 60  # seconds the full run may take in all
 
@@ -703,6 +705,7 @@ class Bench:
                 targets += [TIER_COLD_NBD, TIER_WARM_NBD]
             for target in targets:
                 self.rows.append(Row("tiers", target, TIER_READ, None))
+            self.rows.append(Row("tiers", FRESH_WRITE, Workload("seqwrite", MiB, 1), None))
         else:
             missing = [
                 k
@@ -767,14 +770,43 @@ class Bench:
         rows = {r.target: r for r in self.rows if r.section == "tiers"}
         if not rows:
             return
-        self.run_tier(run, rows["tier cold"], rows["tier warm"], nbd="")
+        rows[FRESH_WRITE].runs.append(self.fresh_write())
+        variants = [(rows["tier cold"], rows["tier warm"], "")]
         if TIER_COLD_NBD in rows:
             nbd = str(self.origin.info.get("nbd", ""))
-            self.run_tier(run, rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], nbd=nbd)
+            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], nbd))
+        if run % 2:
+            variants.reverse()  # each goes first in every other run (fresh-memory cost)
+        for cold, warm, address in variants:
+            self.run_tier(run, cold, warm, nbd=address)
         rows["origin direct"].runs.append(
             self.read_tier(self.origin.address, "base", self.origin.pid)
         )
         rows["[ram] local"].runs.append(self.read_tier(self.main.address, "ram", self.main.pid))
+
+    def fresh_write(self) -> dict[str, Any]:
+        """Write TIER_BYTES into a new file, 1 MiB per ``pwrite``, in this process: the page
+        cache a cold tier read fills, without the tiers. On this VM new memory costs from
+        ~250 to ~2,500 µs of CPU per MiB from one minute to the next; this row shows what it
+        cost in this run (``cli CPU`` = this process's CPU per MiB)."""
+        path = self.work / "fresh-write.tmp"
+        data = random.Random(1).randbytes(MiB)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            started, cpu = time.perf_counter(), time.thread_time()
+            for i in range(TIER_BYTES // MiB):
+                os.pwrite(fd, data, i * MiB)
+            seconds = time.perf_counter() - started
+            cpu = time.thread_time() - cpu
+        finally:
+            os.close(fd)
+            path.unlink()
+        n = TIER_BYTES // MiB
+        return {
+            "ops_s": n / seconds,
+            "mb_s": TIER_BYTES / seconds / 1e6,
+            "cli_cpu_us_op": cpu * 1e6 / n,
+        }
 
     def read_tier(self, target: str, volume: str, pid: int) -> dict[str, Any]:
         """The 256 MiB tier read from ``target``'s ``volume``, once."""
@@ -815,7 +847,7 @@ class Bench:
                 ],
             )
         )
-        cache = self.start_server(f"tier-{run}", config)
+        cache = self.start_server(f"tier-{run}{'-nbd' if nbd else ''}", config)
         try:
             # Connect first (outside the measured range), so the cold read times reads only.
             self.lg.run(

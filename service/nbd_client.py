@@ -335,9 +335,13 @@ class NbdReader:
                 request.future.cancel()
             raise
 
-    async def close(self) -> None:
-        """Say goodbye (``NBD_CMD_DISC``) and close the connection."""
+    async def close(self, drain: float = 0.0) -> None:
+        """Say goodbye (``NBD_CMD_DISC``) and close the connection; with ``drain``, first
+        wait up to that many seconds for the reads in flight (the rest fail)."""
         conn = self._conn
+        if drain > 0 and conn.pending and conn.error is None:
+            futures = [request.future for request in conn.pending.values()]
+            await asyncio.wait(futures, timeout=drain)
         transport = conn.transport
         if transport is None or transport.is_closing():
             conn.fail(NbdClosed("closed"))

@@ -223,3 +223,21 @@ async def test_not_an_nbd_server(tmp_path: Path) -> None:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+async def test_close_can_let_reads_in_flight_finish(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "--filter=delay", "pattern", "8M", "rdelay=300ms") as address:
+        for drain, finishes in ((5.0, True), (0.0, False)):
+            reader = await NbdReader.connect(address, "x")
+            buf = bytearray(4096)
+            read = asyncio.create_task(reader.read_into(4096, memoryview(buf)))
+            await asyncio.sleep(0.05)  # sent, not answered yet
+            await reader.close(drain=drain)
+            assert reader.closed
+            if finishes:
+                await read
+                assert buf == pattern(4096, 4096)
+            else:
+                with pytest.raises(NbdClosed):
+                    await read
+                assert buf == bytes(4096)

@@ -688,8 +688,8 @@ class RemoteLayer(Layer):
             )
             return
         old, self._nbd = self._nbd, reader
-        if old is not None:
-            await old.close()
+        if old is not None:  # let its reads in flight finish: no needless gRPC retries
+            await old.close(drain=self.timeout)
         log.info("%s: reading over NBD at %s", self._where, self.nbd_address)
 
     def _nbd_reconnect(self) -> None:
