@@ -37,6 +37,7 @@ from .cli_errors import (
     one_line,
     stdout_error,
 )
+from .pem import CERTIFICATE, PRIVATE_KEY, read_pem
 from .progress import format_bytes
 from .tune import install_uvloop, tune_malloc
 
@@ -401,14 +402,17 @@ def _verbs() -> dict[str, Verb]:
     }
 
 
-def _read_pem(path: str | None) -> bytes | None:
+def _read_pem(path: str | None, kind: str, option: str) -> bytes | None:
+    """The PEM file given to ``option`` (None when not given); a file that cannot be read
+    or holds no PEM block of ``kind`` is an error naming the option and the file."""
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_pem(path, kind)
     except OSError as err:
         raise file_error(path, err) from None
+    except ValueError as err:
+        raise UsageError(f"{option} {path}: {err}") from None
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -421,9 +425,9 @@ async def _run(args: argparse.Namespace) -> int:
         retries=args.retries,
         token=args.token,
         secure=args.tls,
-        root_certificates=_read_pem(args.tls_ca),
-        certificate_chain=_read_pem(args.tls_cert),
-        private_key=_read_pem(args.tls_key),
+        root_certificates=_read_pem(args.tls_ca, CERTIFICATE, "--tls-ca"),
+        certificate_chain=_read_pem(args.tls_cert, CERTIFICATE, "--tls-cert"),
+        private_key=_read_pem(args.tls_key, PRIVATE_KEY, "--tls-key"),
     ) as client:
         rc = await verb(client, args)
     _flush_stdout()  # here, not at exit: a full disk or a closed pipe is reported

@@ -1081,8 +1081,8 @@ def tls_failure(
     certificate), unless told not to. ``env``: GRPC_* variables as the user set them."""
     tls = ["--tls"]
     if how == "ca-without-a-certificate":
-        ca = tmp_path / "ca.pem"
-        ca.write_text("not a certificate\n")
+        ca = tmp_path / "ca.pem"  # PEM-shaped, so the CLI's own check passes it to gRPC
+        ca.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
         tls = ["--tls-ca", str(ca)]
     environ = {k: v for k, v in os.environ.items() if k not in ("TIERDISK_SERVER", *GRPC_LOG_ENV)}
     environ.update(env)
@@ -1114,3 +1114,28 @@ def test_grpc_core_logs_show_when_the_user_asks(
     assert any(C_CORE_LOG_LINE.match(line) for line in lines), lines
     ours = [line for line in lines if line.startswith("tierdisk: ")]
     assert len(ours) == 1 and ours[0].startswith(f"tierdisk: server {server.grpc}: unavailable")
+
+
+@pytest.mark.parametrize(
+    ("option", "what"),
+    [("--tls-ca", "certificate"), ("--tls-cert", "certificate"), ("--tls-key", "private key")],
+)
+def test_tls_files_without_pem_are_usage_errors(
+    server: ServerProcess, tmp_path: Path, option: str, what: str
+) -> None:
+    """A file with no PEM block of the right kind is named before any connection (gRPC
+    would only say "Failed to create security handshaker")."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not PEM at all\n")
+    options = [option, str(junk)]
+    if option != "--tls-ca":  # a client certificate and its key go together
+        pair = {"--tls-cert": "--tls-key", "--tls-key": "--tls-cert"}[option]
+        good = tmp_path / "good.pem"
+        good.write_text(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+        )
+        options += [pair, str(good)]
+    result = tierdisk(server, "--retries", "0", "--tls", *options, "volumes", check=False)
+    line = one_line_error(result, option, str(junk), f"no PEM {what}", returncode=2)
+    assert server.grpc not in line

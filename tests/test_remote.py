@@ -589,12 +589,16 @@ async def test_server_starts_with_the_remote_down(tmp_path: Path) -> None:
         ({"tls": True, "cert_file": "c.pem"}, "key_file"),
         ({"token": "a", "token_file": "t"}, "token"),
         ({"tls": True, "ca_file": "missing.pem"}, "missing.pem"),
+        ({"tls": True, "ca_file": "junk.pem"}, "no PEM certificate"),
+        ({"tls": True, "cert_file": "junk.pem", "key_file": "junk.pem"}, "no PEM certificate"),
         ({"token_file": "missing-token"}, "missing-token"),
     ],
 )
 async def test_tls_and_token_options_are_checked(
     tmp_path: Path, options: dict[str, Any], problem: str
 ) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "junk.pem").write_text("not PEM at all\n")  # data_dir-relative
     body = toml_volume("vm", remote("127.0.0.1:1", "base", **options))
     with pytest.raises(ConfigError) as info:
         async with running_server(tmp_path, body):

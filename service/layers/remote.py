@@ -99,6 +99,7 @@ from tierdisk.client.chunking import (
 )
 from tierdisk.client.models import UnmapBehavior as ClientUnmapBehavior
 from tierdisk.client.models import VolumeInfo
+from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY, read_pem
 from tierdisk.client.retry import RetryPolicy
 
 from .. import errors, hops
@@ -295,13 +296,16 @@ class RemoteLayer(Layer):
     def _credentials(self) -> dict[str, Any]:
         """Client keyword arguments for TLS and the token, reading the files named."""
 
-        def read(path: str | None, what: str) -> bytes | None:
+        def read(path: str | None, what: str, kind: str | None = None) -> bytes | None:
+            """The file's bytes; a PEM file must hold a block of ``kind``."""
             if path is None:
                 return None
             try:
-                return Path(path).read_bytes()
+                return Path(path).read_bytes() if kind is None else read_pem(path, kind)
             except OSError as exc:
                 raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ConfigError(f"{what} {path}: {exc}") from None
 
         token = self._token
         if self._token_file is not None:
@@ -313,9 +317,9 @@ class RemoteLayer(Layer):
         if self.tls:
             options.update(
                 secure=True,
-                root_certificates=read(self._ca_file, "ca_file"),
-                certificate_chain=read(self._cert_file, "cert_file"),
-                private_key=read(self._key_file, "key_file"),
+                root_certificates=read(self._ca_file, "ca_file", CERTIFICATE),
+                certificate_chain=read(self._cert_file, "cert_file", CERTIFICATE),
+                private_key=read(self._key_file, "key_file", PRIVATE_KEY),
             )
         return options
 
