@@ -103,6 +103,22 @@ def proc_sample(pid: int) -> CpuSample | None:
     return CpuSample((int(fields[11]) + int(fields[12])) / _TICK, int(fields[7]))
 
 
+MEMORY_STALLS = ("compact_stall", "allocstall_normal", "allocstall_movable", "pgsteal_direct")
+"""/proc/vmstat counters of the kernel making room for an allocation in the allocating
+thread (direct compaction, direct reclaim): CPU a process pays for the machine's memory
+state, not for its own work."""
+
+
+def memory_stalls() -> dict[str, int]:
+    """The :data:`MEMORY_STALLS` counters now (empty where /proc/vmstat is missing)."""
+    try:
+        with open("/proc/vmstat") as f:
+            pairs = (line.split() for line in f)
+            return {k: int(v) for k, v in pairs if k in MEMORY_STALLS}
+    except OSError:
+        return {}
+
+
 def self_sample() -> CpuSample:
     """A :class:`CpuSample` of this process (getrusage: finer than /proc ticks)."""
     import resource

@@ -41,6 +41,7 @@ from common import (
     have_module,
     lever_env,
     machine,
+    memory_stalls,
     proc_sample,
     stop_pid,
     summary,
@@ -53,7 +54,7 @@ WRITE_OFF, WRITE_SIZE = 256 * MiB, 256 * MiB  # writes go here, so reads stay as
 TIER_BYTES = 256 * MiB  # the cache-tier read
 TIER_COLD_NBD = "tier cold, NBD between tiers"  # the remote layer's nbd option
 TIER_WARM_NBD = "tier warm, NBD between tiers"
-FRESH_WRITE = "256 MiB into a new file (what a cold read's fills write)"
+FRESH_WRITE = "256 MiB into a new file, right before each cold read"
 SCALE_TIMEOUT = 600  # seconds bench/sparse_scale.py may take at most
 FULL_BUDGET = 14 * 60  # seconds the full run may take in all
 
@@ -311,6 +312,9 @@ class Bench:
         self.make_image()
         self.write_configs()
         self.log("starting servers")
+        if self.args.tiers_only:
+            self.setup_tiers_only()
+            return
         self.floor = self.start_floor()
         self.floor_like = self.start_floor("floor-like", "--like-tierdisk")
         self.main = self.start_server("tierdisk", self.main_config)
@@ -349,6 +353,18 @@ class Bench:
             self.compare = cmp_server.wait_ready()
             self.fill(self.lg, self.compare.address, "ram", write=True)
         self.build_rows()
+
+    def setup_tiers_only(self) -> None:
+        """``--tiers-only``: the origin, the ``[ram]`` server it is compared with, one load
+        generator, and only the rows of the tiers section."""
+        if not (self.have_remote and self.have_sparse):
+            raise SystemExit("bench/run --tiers-only: needs the remote and sparse layers")
+        self.main = self.start_server("tierdisk", self.main_config)
+        self.lg = self.start_worker("main")
+        self.log("prefilling [ram]")
+        self.fill(self.lg, self.main.address, "ram", write=True, pid=self.main.pid)
+        self.origin = self.start_server("origin", self.origin_config)
+        self.add_tier_rows()
 
     def start_qemu_nbd(self) -> None:
         self.qemu, self.nbd_port = self.start_nbd_peer(
@@ -700,12 +716,7 @@ class Bench:
                     self.rows.append(Row("engine", f"engine {STACKS[stack]}", wl, None))
         # Cache tiers.
         if self.have_remote and self.have_sparse:
-            targets = ["origin direct", "[ram] local", "tier cold", "tier warm"]
-            if self.have_nbd:
-                targets += [TIER_COLD_NBD, TIER_WARM_NBD]
-            for target in targets:
-                self.rows.append(Row("tiers", target, TIER_READ, None))
-            self.rows.append(Row("tiers", FRESH_WRITE, Workload("seqwrite", MiB, 1), None))
+            self.add_tier_rows()
         else:
             missing = [
                 k
@@ -719,6 +730,14 @@ class Bench:
                     f"skipped: {' and '.join(missing)} layer not built yet",
                 )
             )
+
+    def add_tier_rows(self) -> None:
+        targets = ["origin direct", "[ram] local", "tier cold", "tier warm"]
+        if self.have_nbd:
+            targets += [TIER_COLD_NBD, TIER_WARM_NBD]
+        for target in targets:
+            self.rows.append(Row("tiers", target, TIER_READ, None))
+        self.rows.append(Row("tiers", FRESH_WRITE, Workload("seqwrite", MiB, 1), None))
 
     def tierdisk_nbd_uri(self, volume: str) -> str:
         address = str(self.main.info.get("nbd", ""))
@@ -770,7 +789,6 @@ class Bench:
         rows = {r.target: r for r in self.rows if r.section == "tiers"}
         if not rows:
             return
-        rows[FRESH_WRITE].runs.append(self.fresh_write())
         variants = [(rows["tier cold"], rows["tier warm"], "")]
         if TIER_COLD_NBD in rows:
             nbd = str(self.origin.info.get("nbd", ""))
@@ -778,17 +796,24 @@ class Bench:
         if run % 2:
             variants.reverse()  # each goes first in every other run (fresh-memory cost)
         for cold, warm, address in variants:
-            self.run_tier(run, cold, warm, nbd=address)
+            self.run_tier(run, cold, warm, rows[FRESH_WRITE], nbd=address)
         rows["origin direct"].runs.append(
             self.read_tier(self.origin.address, "base", self.origin.pid)
         )
         rows["[ram] local"].runs.append(self.read_tier(self.main.address, "ram", self.main.pid))
 
     def fresh_write(self) -> dict[str, Any]:
-        """Write TIER_BYTES into a new file, 1 MiB per ``pwrite``, in this process: the page
-        cache a cold tier read fills, without the tiers. On this VM new memory costs from
-        ~250 to ~2,500 µs of CPU per MiB from one minute to the next; this row shows what it
-        cost in this run (``cli CPU`` = this process's CPU per MiB)."""
+        """Write TIER_BYTES into a new file, 1 MiB per ``pwrite``, in this process, and
+        delete it: the page cache a cold tier read's fills create, without the tiers.
+
+        Run right before each cold read, so that read's fills get memory the guest used a
+        moment ago. This VM returns free memory to its host (virtio-balloon free page
+        reporting, a few seconds after it is freed), and touching such memory again costs
+        host page faults: ~2,500 µs of CPU per MiB instead of ~250, landing on whichever
+        process touches it first. Without this, a cold read paid that or not depending on how
+        long the machine had been idle (one cache server stopping and the next starting was
+        enough); with it, this process pays it, and its row (``cli CPU`` = this process's
+        CPU per MiB) shows how much there was."""
         path = self.work / "fresh-write.tmp"
         data = random.Random(1).randbytes(MiB)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -826,9 +851,10 @@ class Bench:
             check=False,
         )
 
-    def run_tier(self, run: int, cold: Row, warm: Row, nbd: str) -> None:
-        """A cache server over the origin, started empty: read it cold, then warm; its
-        remote layer reads over the origin's NBD export when ``nbd`` is its address."""
+    def run_tier(self, run: int, cold: Row, warm: Row, fresh: Row, nbd: str) -> None:
+        """A cache server over the origin, started empty: read it cold (right after a
+        :meth:`fresh_write`, recorded in ``fresh``), then warm; its remote layer reads over
+        the origin's NBD export when ``nbd`` is its address."""
         cache_dir = self.work / f"tier-{run}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         config = self.work / "tier.toml"
@@ -862,7 +888,12 @@ class Bench:
                 duration=5,
                 max_ops=1,
             )
-            cold.runs.append(self.read_tier(cache.address, "tier", cache.pid))
+            fresh.runs.append(self.fresh_write())
+            before = memory_stalls()
+            result = self.read_tier(cache.address, "tier", cache.pid)
+            after = memory_stalls()
+            result["memory_stalls"] = {k: after[k] - before.get(k, 0) for k in after}
+            cold.runs.append(result)
             warm.runs.append(self.read_tier(cache.address, "tier", cache.pid))
         finally:
             cache.stop()
@@ -883,9 +914,10 @@ class Bench:
                 except Exception as exc:  # keep going: one broken cell is one empty row
                     result = {"error": f"{type(exc).__name__}: {exc}"}
                 row.runs.append(result)
-            self.run_engine(run)
+            if not self.args.tiers_only:
+                self.run_engine(run)
             self.run_tiers(run)
-        self.scale = self.run_scale()
+        self.scale = None if self.args.tiers_only else self.run_scale()
 
     def run_scale(self) -> dict[str, Any] | None:
         script = BENCH / "sparse_scale.py"
@@ -1188,6 +1220,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TREE",
         help="also measure [ram] served from another source tree: a folder with a "
         "tierdisk/ package (service, client, v1), put first on PYTHONPATH",
+    )
+    p.add_argument(
+        "--tiers-only",
+        action="store_true",
+        help="only the cache-tier rows (with the origin and [ram] servers they need)",
     )
     p.add_argument("--workdir", help="scratch folder (default bench/results/work)")
     p.add_argument("--json", default=str(RESULTS / "latest.json"), help="result file")
