@@ -28,8 +28,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     content, whitespace stripped). At most one of the two.
 ``nbd``
     The remote server's NBD export (its ``[server] nbd`` address, ``host:port`` or
-    ``unix:/path``; default ``""``, off). Reads then go over NBD (:mod:`..nbd_client`), which
-    costs both servers about half the CPU of a gRPC ``Read`` per MiB; everything else
+    ``unix:/path``; default ``""``, off). Reads then go over NBD (:mod:`..nbd_client`): per
+    MiB the origin spends ~60-70% and this side's receive ~25% of a gRPC ``Read``'s CPU
+    (``bench/README.md``, "Reads over NBD between tiers"); everything else
     (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in
     ``mode = "disk"`` (NBD carries no presence) and without TLS or a token (NBD has neither
     here). NBD is only ever a faster way to the same bytes: a read the NBD connection cannot
@@ -411,7 +412,8 @@ class RemoteLayer(Layer):
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
         if self.on_request is not None and rpc != "WatchResize":
             self.on_request(rpc, code.name, seconds)
-        if code in _RETRIED_CODES and rpc != "WatchResize":
+        # (NbdRead failures are logged by _nbd_read, which says what happens next.)
+        if code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
             self._call_log.warning(
                 "%s: %s answered %s after %.3f s (retried up to %d times)",
                 self._where,
@@ -725,6 +727,12 @@ class RemoteLayer(Layer):
                 await nbd.read_into(offset, buf)
         except TimeoutError:
             self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, self.timeout)
+            self._nbd_log.warning(
+                "%s: no answer over NBD at %s within %g s; connecting anew",
+                self._where,
+                self.nbd_address,
+                self.timeout,
+            )
             await self._nbd_drop(nbd)
             raise errors.DeadlineExceeded(
                 f"{self._where}: no answer over NBD at {self.nbd_address} within {self.timeout:g} s"
