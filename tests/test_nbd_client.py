@@ -241,3 +241,53 @@ async def test_close_can_let_reads_in_flight_finish(tmp_path: Path) -> None:
                 with pytest.raises(NbdClosed):
                     await read
                 assert buf == bytes(4096)
+
+
+# -- a server that breaks the protocol (what real servers never send) ---------------------------
+
+
+async def scripted_server(reply: bytes) -> tuple[asyncio.Server, str]:
+    """An NBD server on 127.0.0.1 that completes the handshake for any export (size 1 MiB)
+    and answers the first request with ``reply`` followed by 4 KiB of data, whatever it asked."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 3))
+        await reader.readexactly(4)  # client flags
+        _, option, length = struct.unpack(">QII", await reader.readexactly(16))
+        await reader.readexactly(length)
+        info = struct.pack(">HQH", 0, MiB, 1)  # NBD_INFO_EXPORT
+        writer.write(struct.pack(">QIII", 0x3E889045565A9, option, 3, len(info)) + info)
+        writer.write(struct.pack(">QIII", 0x3E889045565A9, option, 1, 0))  # ACK
+        await reader.readexactly(28)  # the read request
+        writer.write(reply + bytes(4096))
+        await writer.drain()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.read()  # until the client goes
+        writer.close()
+
+    srv = await asyncio.start_server(session, "127.0.0.1", 0)
+    return srv, f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (struct.pack(">IIQ", 0x67446698, 0, 99), "handle 99"),  # a handle not in flight
+        (struct.pack(">IHHQI", 0x668E33EF, 1, 1, 1, 4096), "magic"),  # a structured reply
+    ],
+    ids=["unknown-handle", "unasked-structured-reply"],
+)
+async def test_a_protocol_violation_breaks_the_connection(reply: bytes, why: str) -> None:
+    srv, address = await scripted_server(reply)
+    try:
+        reader = await NbdReader.connect(address, "x")
+        buf = bytearray(4096)
+        with pytest.raises(NbdClosed, match=why):
+            await reader.read_into(0, memoryview(buf))
+        assert reader.closed and buf == bytes(4096)
+        with pytest.raises(NbdClosed):  # and stays broken
+            await reader.read_into(0, memoryview(buf))
+        await reader.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
