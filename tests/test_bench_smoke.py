@@ -65,3 +65,49 @@ def test_loadgen_reads_and_writes_against_a_real_server(tmp_path: Path) -> None:
         for key in ("mb_s", "lat_p50_us", "cli_cpu_us_op", "srv_cpu_us_op", "seconds"):
             assert key in result, key
     assert read["bs"] == 4096 and read["qd"] == 4
+
+
+def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:
+    """``bench/run --tiers-only --runs 1``: every cache-tier row (over gRPC and over NBD,
+    cold and warm, the direct and local reads, the fresh-memory write) has its one result,
+    and the targets it feeds have ratios. About 30 s: a 512 MiB image and five servers."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "runner.py"),
+            "--tiers-only",
+            "--runs",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(tmp_path / "result.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    rows = {row["target"]: row["runs"] for row in result["raw"]}
+    assert set(rows) == {
+        "origin direct",
+        "[ram] local",
+        "tier cold",
+        "tier warm",
+        "tier cold, NBD between tiers",
+        "tier warm, NBD between tiers",
+        "256 MiB into a new file, right before each cold read",
+    }
+    for target, runs in rows.items():
+        expected = 2 if target.startswith("256 MiB") else 1  # one per cold read
+        assert len(runs) == expected, target
+        assert all(run and "error" not in run and run["ops_s"] > 0 for run in runs), target
+    assert "memory_stalls" in rows["tier cold"][0]
+    targets = {t["target"]: t for t in result["report"]["targets"]}
+    for name in (
+        "cache tier cold read / direct origin read, 256 MiB",
+        "cache tier cold read, reads over NBD between tiers / direct origin read",
+    ):
+        assert targets[name]["ratio"]["med"] > 0, name
