@@ -107,7 +107,7 @@ class _Connection(asyncio.BufferedProtocol):
         # transmission: the current receive target and what to do when it is full
         self._target: memoryview | None = None
         self._filled = 0
-        self._on_full: Callable[[], None] = self._no_target
+        self._on_full: Callable[[], None] = self._drop  # set with each receive target
         self._header = memoryview(bytearray(_SIMPLE_REPLY.size))
         self._current: _Request | None = None  # the read whose data is being received
         self.pending: dict[int, _Request] = {}
@@ -171,9 +171,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._expect_header()
 
     # -- transmission ---------------------------------------------------------------------
-
-    def _no_target(self) -> None:  # pragma: no cover - buffer_updated checks the target
-        raise AssertionError("no receive target")
 
     def _expect_header(self) -> None:
         self._current = None

@@ -70,7 +70,8 @@ def test_loadgen_reads_and_writes_against_a_real_server(tmp_path: Path) -> None:
 def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:
     """``bench/run --tiers-only --runs 1``: every cache-tier row (over gRPC and over NBD,
     cold and warm, the direct and local reads, the fresh-memory write) has its one result,
-    and the targets it feeds have ratios. About 10 s: a 512 MiB image and five servers."""
+    and the targets it feeds have ratios. About 10 s: a 512 MiB image, four servers and a
+    load generator."""
     out = subprocess.run(
         [
             sys.executable,
