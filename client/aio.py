@@ -65,7 +65,7 @@ from .retry import (
     call_with_retry,
     is_retryable,
 )
-from .wire import read_data_view
+from .wire import encode_write, read_data_view
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -224,6 +224,14 @@ class AsyncClient:
                 response_deserializer=None,
             )
         )
+        # Write with the request serialized here: wire.encode_write copies the data once.
+        self._write_raw: grpc.aio.UnaryUnaryMultiCallable[bytes, pb.WriteResponse] = (
+            self._channel.unary_unary(
+                "/tierdisk.v1.BlockDevice/Write",
+                request_serializer=None,
+                response_deserializer=pb.WriteResponse.FromString,
+            )
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -300,7 +308,11 @@ class AsyncClient:
         *,
         timeout: Timeout,
         volume: str | None = None,
+        rpc: str | None = None,
     ) -> Resp:
+        """One call of ``method`` with this client's metadata, deadline and retries;
+        ``rpc`` names it for :attr:`on_call` (by default ``<Rpc>Request`` minus ``Request``:
+        pass it for a request sent already serialized)."""
         self._check_open()
         metadata = self._call_metadata()
         if self.on_call is None:
@@ -310,7 +322,7 @@ class AsyncClient:
                 return await method(request, timeout=remaining, metadata=metadata)
 
         else:
-            rpc = type(request).__name__.removesuffix("Request")  # <Rpc>Request, DESIGN §2
+            name = rpc or type(request).__name__.removesuffix("Request")  # DESIGN §2
 
             async def attempt(remaining: float | None) -> Resp:
                 self._check_open()
@@ -324,7 +336,7 @@ class AsyncClient:
                     code = status_code(err)
                     raise
                 finally:
-                    self._observe(rpc, code, started)
+                    self._observe(name, code, started)
 
         return await call_with_retry(
             attempt, policy=self.policy, timeout=self._deadline(timeout), volume=volume
@@ -557,19 +569,12 @@ class AsyncVolume:
         async def one(chunk: Chunk) -> None:
             start = chunk.offset * size
             end = start + chunk.sector_count * size
-            payload = (
-                data
-                if isinstance(data, bytes) and end - start == len(data)
-                else bytes(mv[start:end])
+            req = encode_write(
+                self.name, chunk.sector, mv[start:end], fua=fua, no_overwrite=no_overwrite
             )
-            req = pb.WriteRequest(
-                volume=self.name,
-                sector=chunk.sector,
-                data=payload,
-                fua=fua,
-                no_overwrite=no_overwrite,
+            await self.client._unary(
+                self.client._write_raw, req, timeout=timeout, volume=self.name, rpc="Write"
             )
-            await self._call(self._stub.Write, req, timeout)
 
         if count <= per_chunk:
             await one(Chunk(sector, count, 0))

@@ -1,33 +1,61 @@
-"""The data of a serialized ``ReadResponse``, as a view of the received bytes.
+"""Messages of the data path read and written in protobuf's wire format, without the copies
+protobuf makes of their data.
 
-Parsing a 1 MiB reply with protobuf and reading its ``data`` field copies the data twice
-(into the message, then out into a new ``bytes``). A reply of a read without
+Parsing a 1 MiB ``ReadResponse`` with protobuf and reading its ``data`` field copies the data
+twice (into the message, then out into a new ``bytes``). A reply of a read without
 ``report_presence`` holds only field 1 (``data``), so the client asks gRPC for the raw reply
-and takes a :class:`memoryview` of the data part: the caller's own copy (into its buffer) is
-the only one. Anything else in the reply (``present`` extents, a field this client does not
-know) makes :func:`read_data_view` return None, and the caller parses it with protobuf.
+and takes a :class:`memoryview` of the data part (:func:`read_data_view`): the caller's own
+copy (into its buffer) is the only one. Anything else in the reply (``present`` extents, a
+field this client does not know) makes :func:`read_data_view` return None, and the caller
+parses it with protobuf.
+
+Building a ``WriteRequest`` through protobuf copies the payload into the message and again
+into the serialized bytes; :func:`encode_write` serializes the small fields with protobuf and
+appends the data field itself, one copy in all.
+
+:func:`decode_varint` and :func:`encode_varint` are the wire format's base-128 integers, as
+protobuf reads and writes them (the server's wire-format readers use them too).
 """
 
 from __future__ import annotations
 
-__all__ = ["read_data_view"]
+from tierdisk.v1 import blockdevice_pb2 as pb
+
+__all__ = ["decode_varint", "encode_varint", "encode_write", "read_data_view"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, wire type 2 (length-delimited)
+_WRITE_DATA_TAG = 0x1A  # WriteRequest.data: field 3, wire type 2
+_FUA_TRUE = b"\x20\x01"  # WriteRequest.fua = true: field 4, varint 1
+_NO_OVERWRITE_TRUE = b"\x28\x01"  # WriteRequest.no_overwrite = true: field 5, varint 1
+_UINT64 = (1 << 64) - 1
 
 
-def _varint(raw: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``raw[pos:]`` and the position after it; ValueError if cut short."""
+def decode_varint(raw: bytes, pos: int, end: int | None = None) -> tuple[int, int]:
+    """The varint at ``raw[pos:end]`` and the position after it, as protobuf reads it: at
+    most 10 bytes, the low 64 bits kept. ValueError if it is cut short or longer."""
+    stop = len(raw) if end is None else end
     value = 0
     shift = 0
-    while True:
-        if pos >= len(raw) or shift > 63:
-            raise ValueError("truncated or overlong varint")
+    while pos < stop:
         byte = raw[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, pos
+            return value & _UINT64, pos
         shift += 7
+        if shift >= 70:
+            raise ValueError("a varint longer than 10 bytes")
+    raise ValueError("the message ends inside a varint")
+
+
+def encode_varint(n: int) -> bytes:
+    """``n`` (0 <= n < 2**64) as a varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def read_data_view(raw: bytes) -> memoryview | None:
@@ -44,9 +72,22 @@ def read_data_view(raw: bytes) -> memoryview | None:
     while pos < end:
         if raw[pos] != _DATA_TAG:
             return None
-        length, pos = _varint(raw, pos + 1)
+        length, pos = decode_varint(raw, pos + 1)
         if pos + length > end:
             raise ValueError(f"data field of {length} bytes runs past the reply's end")
         data = view[pos : pos + length]
         pos += length
     return data
+
+
+def encode_write(
+    volume: str, sector: int, data: memoryview, *, fua: bool, no_overwrite: bool
+) -> bytes:
+    """The serialized ``WriteRequest``, byte for byte what protobuf writes for the same
+    fields, with ``data`` copied once (into the result)."""
+    head = pb.WriteRequest(volume=volume, sector=sector).SerializeToString()  # fields 1, 2
+    tail = (_FUA_TRUE if fua else b"") + (_NO_OVERWRITE_TRUE if no_overwrite else b"")
+    if not len(data):  # proto3 leaves an empty field out
+        return head + tail
+    tag = bytes((_WRITE_DATA_TAG,)) + encode_varint(len(data))
+    return b"".join((head, tag, data, tail))

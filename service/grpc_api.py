@@ -40,6 +40,7 @@ from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .volume import Volume
+from .write_request import WriteRequestView, parse_write
 
 __all__ = [
     "ERROR_HEADER",
@@ -332,9 +333,18 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             )
 
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+        """``Write`` of a message; the server registers :meth:`write_parsed` instead."""
+        return await self.write_parsed(WriteRequestView.of(request), context)
+
+    async def write_parsed(self, request: WriteRequestView, context: Any) -> pb.WriteResponse:
+        """``Write``, its request read by :func:`~.write_request.parse_write` (what the
+        server receives): the data reaches the volume without a copy."""
+
         async def body() -> tuple[pb.WriteResponse, int]:
+            if request.problem:
+                raise InvalidArgument(request.problem)
             volume = self._volume(request.volume)
-            data = request.data  # each access copies the payload out of the message
+            data = request.data
             self._check_io_size(len(data), "a write")
             await volume.write(
                 request.sector, data, fua=request.fua, no_overwrite=request.no_overwrite
@@ -435,7 +445,9 @@ def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
     """Register ``service`` on ``server``, like the generated
     ``add_BlockDeviceServicer_to_server``, except that ``Read`` is served by
     :meth:`BlockDeviceService.read_encoded`, whose reply is already in wire format and is
-    sent without a serializer (one copy of the data instead of four)."""
+    sent without a serializer (one copy of the data instead of four), and ``Write`` by
+    :meth:`BlockDeviceService.write_parsed`, whose request is read without copying its data
+    (:func:`~.write_request.parse_write`)."""
     descriptor = pb.DESCRIPTOR.services_by_name["BlockDevice"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
@@ -444,6 +456,12 @@ def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
         if method.name == "Read":
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 service.read_encoded, request_deserializer=request.FromString
+            )
+        elif method.name == "Write":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                service.write_parsed,
+                request_deserializer=parse_write,
+                response_serializer=reply.SerializeToString,
             )
         elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(

@@ -16,21 +16,13 @@ from __future__ import annotations
 import ctypes
 import sys
 
+from tierdisk.client.wire import encode_varint
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 __all__ = ["ReadReply", "new_buffer"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, length-delimited
 _DIRECT_MIN = 128 << 10  # below this a bytearray and one copy is cheaper than ctypes
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 if sys.implementation.name == "cpython":
@@ -76,7 +68,7 @@ class ReadReply:
     def __init__(self, nbytes: int) -> None:
         head = _heads.get(nbytes)
         if head is None:
-            head = bytes((_DATA_TAG,)) + _varint(nbytes)
+            head = bytes((_DATA_TAG,)) + encode_varint(nbytes)
             if len(_heads) < 256:
                 _heads[nbytes] = head
         frame, view = new_buffer(len(head) + nbytes)

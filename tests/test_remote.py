@@ -328,7 +328,8 @@ async def test_every_call_carries_the_hop_chain(
 
     original_watch = BlockDeviceService.WatchResize
     for rpc in ("GetVolume", "Read", "Write", "Unmap", "Flush", "GetAllocation", "Resize"):
-        attribute = "read_encoded" if rpc == "Read" else rpc  # what the server registers
+        # what the server registers
+        attribute = {"Read": "read_encoded", "Write": "write_parsed"}.get(rpc, rpc)
         monkeypatch.setattr(BlockDeviceService, attribute, unary(rpc, attribute))
     monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
     # The origin fixture started before the patch; start one that uses it.

@@ -411,3 +411,26 @@ async def test_a_failing_device_is_internal_with_the_domain_class(tmp_path: Path
         labels = {"volume": "disk", "op": "read", "code": "INTERNAL"}
         count = srv.metrics.registry.get_sample_value("tierdisk_volume_io_requests_total", labels)
         assert count == 1
+
+
+async def test_malformed_write_request_is_invalid_argument(server: Server) -> None:
+    """A Write whose bytes are not a WriteRequest is refused as INVALID_ARGUMENT (naming
+    the problem, with the error class in the trailer), and writes nothing."""
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        write: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/tierdisk.v1.BlockDevice/Write"
+        )
+        good = pb.WriteRequest(volume="ram", sector=0, data=b"\x77" * 512).SerializeToString()
+        truncated = good[:-10]  # the data field says 512 bytes; fewer follow
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await write(truncated)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed WriteRequest" in (info.value.details() or "")
+        trailer = dict(info.value.trailing_metadata() or ())
+        assert trailer.get("tierdisk-error") == "InvalidArgument"
+        stub = pb_grpc.BlockDeviceStub(channel)
+        reply = await stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=1))
+        assert reply.data == bytes(512)
+        await write(good)  # the same request whole is fine
+        reply = await stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=1))
+        assert reply.data == b"\x77" * 512

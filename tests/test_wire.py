@@ -1,5 +1,7 @@
 """client/wire.py: the data of a serialized ReadResponse, taken without protobuf, agrees with
-protobuf's parse for every shape a server sends, and refuses what it cannot handle."""
+protobuf's parse for every shape a server sends, and refuses what it cannot handle; a
+WriteRequest encoded here is byte for byte protobuf's; varints read and written as protobuf
+does."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tierdisk.client.wire import read_data_view
+from tierdisk.client.wire import decode_varint, encode_varint, encode_write, read_data_view
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 
@@ -59,3 +61,46 @@ def test_an_unknown_field_is_left_to_protobuf() -> None:
 def test_malformed_replies_are_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
         read_data_view(raw)
+
+
+@given(
+    volume=st.text(max_size=30),
+    sector=st.integers(0, (1 << 64) - 1),
+    data=st.binary(max_size=5000),
+    fua=st.booleans(),
+    no_overwrite=st.booleans(),
+)
+def test_encode_write_is_what_protobuf_serializes(
+    volume: str, sector: int, data: bytes, fua: bool, no_overwrite: bool
+) -> None:
+    expected = pb.WriteRequest(
+        volume=volume, sector=sector, data=data, fua=fua, no_overwrite=no_overwrite
+    ).SerializeToString()
+    got = encode_write(volume, sector, memoryview(data), fua=fua, no_overwrite=no_overwrite)
+    assert got == expected
+
+
+@given(st.integers(0, (1 << 64) - 1), st.binary(max_size=3))
+def test_varints_round_trip(n: int, after: bytes) -> None:
+    raw = encode_varint(n) + after
+    assert decode_varint(raw, 0) == (n, len(raw) - len(after))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "ends inside"),
+        (b"\x80\x80", "ends inside"),
+        (b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
+    ],
+)
+def test_decode_varint_refuses_cut_or_overlong(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_varint(raw, 0)
+
+
+def test_decode_varint_keeps_the_low_64_bits_of_a_10_byte_varint() -> None:
+    """As protobuf reads it (a negative int64 is sent as 10 bytes)."""
+    raw = pb.WriteRequest(sector=(1 << 64) - 1).SerializeToString()[1:]  # after the tag
+    assert decode_varint(raw, 0) == ((1 << 64) - 1, 10)
+    assert decode_varint(b"\xff" * 9 + b"\x7f", 0) == ((1 << 64) - 1, 10)

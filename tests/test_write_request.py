@@ -1,0 +1,120 @@
+"""The wire-format ``WriteRequest`` reader reads what protobuf's parser reads, and refuses
+what it refuses; its data is a view of the received bytes, not a copy."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tierdisk.client.wire import encode_varint
+from tierdisk.service.write_request import WriteRequestView, parse_write
+from tierdisk.v1 import blockdevice_pb2 as pb
+
+UINT64 = st.integers(0, (1 << 64) - 1)
+
+
+def _field(number: int, wire: int, body: bytes) -> bytes:
+    return encode_varint(number << 3 | wire) + body
+
+
+@st.composite
+def unknown_field(draw: st.DrawFn, depth: int = 0) -> bytes:
+    """One field protobuf keeps as unknown: a number the message does not define, or a known
+    number with another wire type; groups (nested) included."""
+    number = draw(st.one_of(st.integers(6, 5000), st.integers(1, 5)))
+    kinds = ["varint", "fixed64", "fixed32", "bytes"] + (["group"] if depth < 3 else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "varint":
+        if number in (2, 4, 5):  # known varint fields: that would be a value, not unknown
+            number += 10
+        return _field(number, 0, encode_varint(draw(UINT64)))
+    if kind == "fixed64":
+        return _field(number, 1, draw(st.binary(min_size=8, max_size=8)))
+    if kind == "fixed32":
+        return _field(number, 5, draw(st.binary(min_size=4, max_size=4)))
+    if kind == "bytes":
+        if number in (1, 3):  # known length-delimited fields
+            number += 10
+        body = draw(st.binary(max_size=20))
+        return _field(number, 2, encode_varint(len(body)) + body)
+    inner = b"".join(draw(st.lists(unknown_field(depth + 1), max_size=3)))
+    return _field(number, 3, inner) + _field(number, 4, b"")
+
+
+def _same(view: WriteRequestView, message: pb.WriteRequest) -> None:
+    assert view.problem == ""
+    assert view.volume == message.volume
+    assert view.sector == message.sector
+    assert bytes(view.data) == message.data
+    assert view.fua == message.fua
+    assert view.no_overwrite == message.no_overwrite
+
+
+@given(
+    volume=st.text(max_size=20),
+    sector=UINT64,
+    data=st.binary(max_size=3000),
+    fua=st.booleans(),
+    no_overwrite=st.booleans(),
+    noise=st.lists(unknown_field(), max_size=4),
+    repeat=st.booleans(),
+)
+def test_reads_what_protobuf_serializes(
+    volume: str,
+    sector: int,
+    data: bytes,
+    fua: bool,
+    no_overwrite: bool,
+    noise: list[bytes],
+    repeat: bool,
+) -> None:
+    """Fields in any order, unknown fields in between, and a field given twice (the last
+    one wins) read as protobuf reads them."""
+    message = pb.WriteRequest(
+        volume=volume, sector=sector, data=data, fua=fua, no_overwrite=no_overwrite
+    )
+    raw = message.SerializeToString()
+    if repeat:  # an earlier occurrence of every field, with other values
+        earlier = pb.WriteRequest(volume="x", sector=7, data=b"old", fua=True, no_overwrite=True)
+        raw = earlier.SerializeToString() + raw
+    raw = b"".join(noise[:2]) + raw + b"".join(noise[2:])
+    _same(parse_write(raw), pb.WriteRequest.FromString(raw))
+
+
+@given(st.binary(max_size=40))
+@example(b"\x0a\x05ab")  # a string longer than what is left
+@example(b"\x0a\x02\xff\xfe")  # volume not UTF-8
+@example(b"\x10" + b"\xff" * 10 + b"\x01")  # an 11-byte varint
+@example(b"\x10" + b"\xff" * 9 + b"\x7f")  # a 10-byte varint: the low 64 bits
+@example(b"\x00\x01")  # field number 0
+@example(b"\x33\x34")  # an empty group of field 6
+@example(b"\x33\x3c")  # a group of field 6 that ends as field 7
+@example(b"\x34")  # a group end with no group
+@example(b"\x33\x00\x08\x34")  # field number 0 inside a group: protobuf lets it pass
+@example(b"\x37\x00")  # wire type 7
+@example(b"\x31" + b"\x00" * 7)  # a fixed64 one byte short
+def test_refuses_what_protobuf_refuses(raw: bytes) -> None:
+    view = parse_write(raw)
+    try:
+        message = pb.WriteRequest.FromString(raw)
+    except DecodeError:
+        assert view.problem.startswith("malformed WriteRequest: ")
+        assert (view.volume, view.sector, len(view.data)) == ("", 0, 0)
+    else:
+        _same(view, message)
+
+
+def test_data_is_a_view_of_the_received_bytes() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    raw = pb.WriteRequest(volume="v", sector=8, data=payload).SerializeToString()
+    view = parse_write(raw)
+    assert view.data.obj is raw  # no copy: a window on the message
+    assert view.data == payload
+
+
+@pytest.mark.parametrize("fua", [False, True])
+def test_of_a_message(fua: bool) -> None:
+    message = pb.WriteRequest(volume="v", sector=3, data=b"abc", fua=fua)
+    _same(WriteRequestView.of(message), message)
