@@ -19,6 +19,7 @@ import random
 import select
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +178,16 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _stop_like_ctrl_c() -> None:
+    """Make SIGTERM end the run as Ctrl-C does, through :meth:`Bench.teardown`: without
+    this, a stopped run left its servers, load generators and qemu-nbd running."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _volume_toml(name: str, layers: list[dict[str, Any]], read_only: bool = False) -> str:
@@ -1229,6 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="scratch folder (default bench/results/work)")
     p.add_argument("--json", default=str(RESULTS / "latest.json"), help="result file")
     args = p.parse_args(argv)
+    _stop_like_ctrl_c()
     bench = Bench(args)
     started = datetime.datetime.now(datetime.UTC)
     try:

@@ -78,8 +78,12 @@ class NbdServer:
     """A listening NBD endpoint over a :class:`VolumeRegistry`; made by
     :func:`start_nbd_server`."""
 
-    def __init__(self, registry: VolumeRegistry, max_io: int, stats: NbdStats) -> None:
+    def __init__(
+        self, registry: VolumeRegistry, max_io: int, stats: NbdStats, server_id: str = ""
+    ) -> None:
         self.address = ""
+        self.server_id = server_id
+        """The id of the server process, named in every export's description."""
         self.registry = registry
         self.max_io = max_io
         self.stats = stats
@@ -136,17 +140,24 @@ class NbdServer:
 
 
 async def start_nbd_server(
-    address: str, registry: VolumeRegistry, *, max_io: int, stats: NbdStats | None = None
+    address: str,
+    registry: VolumeRegistry,
+    *,
+    max_io: int,
+    stats: NbdStats | None = None,
+    server_id: str = "",
 ) -> NbdServer:
     """Listen for NBD clients on ``address`` (``HOST:PORT``, port 0 = any, or
     ``unix:/path``) and export every volume of ``registry``.
 
-    ``max_io`` is the largest read or write payload (the advertised maximum block size).
+    ``max_io`` is the largest read or write payload (the advertised maximum block size);
+    ``server_id`` (the gRPC server's, :func:`~.hops.new_server_id`) ends every export's
+    ``NBD_INFO_DESCRIPTION``.
     Raises :class:`OSError` naming the address when it cannot be bound (e.g. in use).
     """
     if max_io < 512:
         raise ValueError(f"max_io {max_io} is smaller than one 512-byte sector")
-    server = NbdServer(registry, max_io, stats if stats is not None else NbdStats())
+    server = NbdServer(registry, max_io, stats if stats is not None else NbdStats(), server_id)
     loop = asyncio.get_running_loop()
 
     def factory() -> NbdSession:

@@ -8,7 +8,8 @@ the data goes straight from the socket into the caller's buffer.
 What this client does (the NBD protocol document, ``doc/proto.md`` of NetworkBlockDevice/nbd):
 
 - the fixed-newstyle handshake with ``NBD_OPT_GO`` for one export, asking for its block
-  sizes (``NBD_INFO_BLOCK_SIZE``); structured replies are not negotiated, so every reply is
+  sizes (``NBD_INFO_BLOCK_SIZE``) and description (``NBD_INFO_DESCRIPTION``: a tierdisk
+  server names itself there); structured replies are not negotiated, so every reply is
   a simple reply;
 - ``NBD_CMD_READ`` only, pipelined on one connection: each request gets a handle, replies
   come back in any order and are matched by handle; a read larger than the export's maximum
@@ -76,6 +77,7 @@ class NbdExport:
     flags: int  # transmission flags
     block_min: int  # bytes; 1 when the server did not say
     block_max: int  # bytes; DEFAULT_MAX_BLOCK when the server did not say
+    description: str = ""  # NBD_INFO_DESCRIPTION; "" when the server sent none
 
     @property
     def read_only(self) -> bool:
@@ -351,7 +353,8 @@ class NbdReader:
 
 
 async def _handshake(conn: _Connection, name: str) -> NbdExport:
-    """Fixed newstyle, then ``NBD_OPT_GO`` for ``name`` with a block size request."""
+    """Fixed newstyle, then ``NBD_OPT_GO`` for ``name`` asking for its block sizes and
+    description."""
     nbdmagic, ihaveopt, flags = _GREETING.unpack(await conn.recv(_GREETING.size))
     if nbdmagic != P.NBDMAGIC or ihaveopt != P.IHAVEOPT:
         raise NbdError("the server does not speak newstyle NBD")
@@ -362,11 +365,14 @@ async def _handshake(conn: _Connection, name: str) -> NbdExport:
         client_flags |= P.FLAG_C_NO_ZEROES
     conn.send(_U32.pack(client_flags))
     raw_name = name.encode()
-    data = _U32.pack(len(raw_name)) + raw_name + _U16.pack(1) + _U16.pack(P.INFO_BLOCK_SIZE)
+    asked = (P.INFO_BLOCK_SIZE, P.INFO_DESCRIPTION)
+    data = _U32.pack(len(raw_name)) + raw_name + _U16.pack(len(asked))
+    data += b"".join(_U16.pack(info) for info in asked)
     conn.send(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, len(data)) + data)
     size: int | None = None
     export_flags = 0
     block_min, block_max = 1, DEFAULT_MAX_BLOCK
+    description = ""
     while True:
         magic, option, reply, length = _OPT_REPLY.unpack(await conn.recv(_OPT_REPLY.size))
         if magic != P.OPT_REPLY_MAGIC or option != P.OPT_GO or length > _MAX_OPTION_REPLY:
@@ -384,6 +390,8 @@ async def _handshake(conn: _Connection, name: str) -> NbdExport:
             _, size, export_flags = _INFO_EXPORT.unpack_from(payload)
         elif info == P.INFO_BLOCK_SIZE and len(payload) >= _INFO_BLOCK.size:
             _, block_min, _, block_max = _INFO_BLOCK.unpack_from(payload)
+        elif info == P.INFO_DESCRIPTION:
+            description = payload[2:].decode("utf-8", "replace")
     if size is None:
         raise NbdError(f"the NBD server did not say the size of export {name!r}")
-    return NbdExport(name, size, export_flags, max(1, block_min), max(1, block_max))
+    return NbdExport(name, size, export_flags, max(1, block_min), max(1, block_max), description)

@@ -140,7 +140,7 @@ class _Negotiation:
         if P.INFO_NAME in request.requests or name != request.name:
             self._reply(option, P.REP_INFO, P.info_name(name))
         if P.INFO_DESCRIPTION in request.requests:
-            text = f"tierdisk volume {name}: {len(volume.entries)} layer(s)"
+            text = P.export_description(name, len(volume.entries), self._server.server_id)
             self._reply(option, P.REP_INFO, P.info_description(text))
         self._reply(option, P.REP_INFO, P.info_block_size(*self._block_sizes(volume)))
         self._reply(option, P.REP_ACK)

@@ -213,6 +213,22 @@ def info_description(text: str) -> bytes:
     return _U16.pack(INFO_DESCRIPTION) + clip_string(text)
 
 
+_SERVED_BY = "; server "
+
+
+def export_description(volume: str, layers: int, server_id: str) -> str:
+    """The ``NBD_INFO_DESCRIPTION`` of a tierdisk export: a line for a person that ends with
+    the id of the server process exporting it (:func:`described_server` reads it back), so a
+    remote layer can check that an NBD address serves the same volume as its gRPC target."""
+    return f"tierdisk volume {volume}: {layers} layer(s){_SERVED_BY}{server_id}"
+
+
+def described_server(description: str) -> str:
+    """The server id at the end of an :func:`export_description` ("" if there is none)."""
+    _, found, server_id = description.rpartition(_SERVED_BY)
+    return server_id if found else ""
+
+
 def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
     """``NBD_INFO_BLOCK_SIZE``: minimum, preferred and maximum block sizes."""
     return struct.pack(">HIII", INFO_BLOCK_SIZE, minimum, preferred, maximum)

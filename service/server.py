@@ -158,7 +158,11 @@ class Server:
         if cfg.nbd:
             self._nbd_metrics = NbdMetrics(self.metrics, NbdStats())
             self._nbd = await start_nbd_server(
-                cfg.nbd, self.registry, max_io=cfg.max_io, stats=self._nbd_metrics.stats
+                cfg.nbd,
+                self.registry,
+                max_io=cfg.max_io,
+                stats=self._nbd_metrics.stats,
+                server_id=self.server_id,
             )
             self.nbd_address = self._nbd.address
         await self._update_health()
@@ -171,7 +175,12 @@ class Server:
         )
 
     def _extra_inspect(self, volume: str) -> dict[str, Any]:
-        return self._nbd_metrics.inspect(volume) if self._nbd_metrics is not None else {}
+        """What the server adds to a volume's ``Inspect`` tree: its own id (``server``: which
+        process answers; a remote layer checks its NBD export against it) and NBD figures."""
+        extra: dict[str, Any] = {"server": self.server_id}
+        if self._nbd_metrics is not None:
+            extra.update(self._nbd_metrics.inspect(volume))
+        return extra
 
     def _bind_grpc(self, address: str) -> str:
         assert self._grpc is not None

@@ -1,12 +1,16 @@
-"""Smoke test of the benchmark's load generator (bench/loadgen.py): it runs for about a
-second against a real ``tierdisk serve`` process and prints one valid JSON result. No timing
-is asserted: benchmarks print figures, tests check that the tools work."""
+"""Smoke tests of the benchmark: its load generator (bench/loadgen.py) runs for about a second
+against a real ``tierdisk serve`` process and prints one valid JSON result; ``bench/run
+--tiers-only`` fills every tier row; a ``bench/run`` stopped with SIGTERM leaves none of its
+processes behind. No timing is asserted: benchmarks print figures, tests check that the
+tools work."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from servers import ServerProcess, write_config
@@ -112,3 +116,73 @@ def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:
         "cache tier cold read, reads over NBD between tiers / direct origin read",
     ):
         assert targets[name]["ratio"]["med"] > 0, name
+
+
+def _process_tree(pid: int) -> set[int]:
+    """The PIDs of ``pid``'s children, theirs, and so on (parents read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_stopped_bench_run_stops_everything_it_started(tmp_path: Path) -> None:
+    """SIGTERM to a running ``bench/run`` ends it through its teardown: no server, load
+    generator or other child outlives it."""
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "bench" / "runner.py"),
+            "--tiers-only",
+            "--runs",
+            "5",
+            "--workdir",
+            str(work),
+            "--json",
+            str(tmp_path / "result.json"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(work.glob("ready-*.json"))) < 2:  # the origin and the [ram] server
+            assert proc.poll() is None, "bench/run ended before its servers started"
+            assert time.monotonic() < deadline, "bench/run did not start its servers"
+            time.sleep(0.05)
+        started = _process_tree(proc.pid)
+        assert len(started) >= 3  # two servers and the load generator at least
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while left := {pid for pid in started if _running(pid)}:
+        assert time.monotonic() < deadline, f"still running after bench/run stopped: {left}"
+        time.sleep(0.1)

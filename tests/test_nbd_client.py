@@ -21,6 +21,7 @@ from tools import require_tool
 
 from tierdisk.client import AsyncClient
 from tierdisk.service.nbd_client import NbdClosed, NbdError, NbdReader, NbdRefused
+from tierdisk.service.nbd_protocol import described_server, export_description
 from tierdisk.service.server import Server
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,6 +50,11 @@ async def test_reads_a_tierdisk_export(server: Server) -> None:
         assert reader.export.size == len(DATA)
         assert reader.export.block_max == MiB  # the server's max_io
         assert not reader.export.read_only
+        # the description names the serving process (a remote layer checks it)
+        assert (
+            reader.export.description == f"tierdisk volume v: 1 layer(s); server {server.server_id}"
+        )
+        assert described_server(reader.export.description) == server.server_id
         # larger than one request: split into 1 MiB requests, all in flight at once
         buf = bytearray(3 * MiB + SS)
         await reader.read_into(SS, memoryview(buf))
@@ -291,3 +297,16 @@ async def test_a_protocol_violation_breaks_the_connection(reply: bytes, why: str
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("description", "server_id"),
+    [
+        (export_description("v", 2, "10.0.0.1:7400~a1b2c3"), "10.0.0.1:7400~a1b2c3"),
+        (export_description("odd; server name", 1, "h:1~00"), "h:1~00"),  # the last one wins
+        ("an export of another NBD server", ""),
+        ("", ""),
+    ],
+)
+def test_the_server_an_export_description_names(description: str, server_id: str) -> None:
+    assert described_server(description) == server_id

@@ -430,6 +430,7 @@ async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path
             "address": o.nbd_address,
             "connected": True,
             "export_bytes": 4 * MiB,
+            "problem": "",
         }
         assert "Read" not in tree["requests"]  # no data over gRPC
         nbd_reads = tree["requests"]["NbdRead"]["OK"]
@@ -461,13 +462,73 @@ async def test_without_a_usable_nbd_export_reads_go_over_grpc(
             running_server(tmp_path / "proxy", body) as proxy,
             AsyncClient(proxy.grpc_address) as client,
         ):
-            for name in ("a", "b"):
+            for name, problem in (("a", "not usable"), ("b", "is 1048576 bytes")):
                 vol = client.volume(name)
                 assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
                 tree = await vol.inspect("layers/0")
                 assert tree["nbd"]["connected"] is False, name
+                assert problem in tree["nbd"]["problem"], name
                 assert tree["requests"]["Read"] == {"OK": 1}, name
                 assert "NbdRead" not in tree["requests"], name
+
+
+async def test_an_nbd_export_of_another_server_is_not_used(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    """``nbd`` naming another server with a volume of the same name and size (a wrong port,
+    another region's origin): its data must never be read as the target's. The export names
+    its server in its description; the layer compares that with the target's own id."""
+    o = nbd_origin
+    other = (
+        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
+        f'data_dir = "{tmp_path / "other"}"\n'
+    ) + toml_volume("base", ram("4MiB"))
+    async with running_server(tmp_path / "other", other) as wrong:
+        async with AsyncClient(wrong.grpc_address) as wclient:
+            await wclient.volume("base").write(0, b"\xee" * (64 * SS))  # not the origin's data
+        body = toml_volume("vm", remote(o.grpc_address, "base", nbd=wrong.nbd_address))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            vol = client.volume("vm")
+            assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
+            tree = await vol.inspect("layers/0")
+            assert tree["nbd"]["connected"] is False
+            problem = tree["nbd"]["problem"]
+            assert f"is served by {wrong.server_id}" in problem, problem
+            assert o.server_id in problem, problem
+            assert "NbdRead" not in tree["requests"]
+
+
+async def test_an_nbd_address_of_the_server_itself_is_not_used(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    """A cache server whose ``nbd`` names its own export of the volume: reading it would be
+    reading itself, each read waiting on another. It reads over gRPC from the target."""
+    o = nbd_origin
+    sock = tmp_path / "self.nbd"
+    body = (
+        f'[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "unix:{sock}"\n'
+        f'data_dir = "{tmp_path / "proxy"}"\n'
+    ) + toml_volume("base", ram(), remote(o.grpc_address, "base", nbd=f"unix:{sock}"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("base")
+        assert (await vol.inspect("server"))["value"] == proxy.server_id
+        # The export starts after the volumes attach: the layer tries again in the background.
+        deadline = time.monotonic() + 15
+        while (
+            f"is served by {proxy.server_id}"
+            not in (nbd := await vol.inspect("layers/1/nbd"))["problem"]
+        ):
+            assert time.monotonic() < deadline, nbd
+            await asyncio.sleep(0.05)
+        assert nbd["connected"] is False
+        assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
+        assert "NbdRead" not in (await vol.inspect("layers/1"))["requests"]
 
 
 async def test_nbd_reads_follow_the_origin_as_it_grows(nbd_origin: Server, tmp_path: Path) -> None:

@@ -38,13 +38,17 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     negotiated) is read over gRPC instead, which answers with the remote's exact error; a
     broken connection is remade in the background with backoff. No answer within
     ``timeout`` is ``DEADLINE_EXCEEDED`` at once, as over gRPC (and the connection is
-    remade). The export must be the volume: an export smaller than the remote volume is not
-    used, and after each resize of the remote the connection is remade to learn the new
-    size. NBD reads carry no ``tierdisk-hops`` chain; a loop of tiers is still refused when
-    the volumes attach, over gRPC. They are counted as method ``NbdRead`` in
+    remade). The export must be the volume: it must be served by the same server process
+    as ``target`` (the export's ``NBD_INFO_DESCRIPTION`` ends with its server's id, which
+    must be the one the target gives as ``Inspect`` path ``server``: an address of another
+    server or of this one is refused, with the reason in ``inspect``), an export smaller
+    than the remote volume is not used, and after each resize of the remote the connection
+    is remade to learn the new size. NBD reads carry no ``tierdisk-hops`` chain; a loop of
+    tiers is still refused when the volumes attach, over gRPC, and the server check keeps
+    the NBD path from looping back. They are counted as method ``NbdRead`` in
     ``tierdisk_remote_requests_total`` (codes ``OK``, ``UNAVAILABLE`` for a connection that
     failed, ``DEADLINE_EXCEEDED``, ``INTERNAL`` for an error answer); ``inspect`` shows the
-    connection under ``nbd``.
+    connection under ``nbd`` (with ``problem``: why it is not used, "" when it is).
 
 Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
 remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size. Afterwards a
@@ -107,6 +111,7 @@ from .. import errors, hops
 from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..nbd_client import NbdClosed, NbdError, NbdReader
+from ..nbd_protocol import described_server
 from ..ratelimit import RateLimitedLog
 from ..runs import Run
 
@@ -264,6 +269,8 @@ class RemoteLayer(Layer):
         self._token_file = token_file
         self.nbd_address = nbd
         self._nbd: NbdReader | None = None
+        self._nbd_problem = ""  # why the NBD export is not used ("" when it is)
+        self._target_server = ""  # the id the target's server gave (Inspect "server")
         self._nbd_task: asyncio.Task[None] | None = None
         self._nbd_log = RateLimitedLog(log)
         self._max_io = max_io
@@ -660,43 +667,64 @@ class RemoteLayer(Layer):
     # -- the NBD data path (the ``nbd`` option) -------------------------------------------
 
     async def _nbd_connect(self) -> None:
-        """Open the NBD export and use it, if it is the remote volume's size (else log why
-        not). Failures are logged (rate-limited) and leave the data path on gRPC."""
+        """Open the NBD export and use it, if it is the remote volume's size and is served
+        by the same server process as the gRPC target (else log why not, and keep the reason
+        for ``inspect``). Failures leave the data path on gRPC."""
+        wait = min(self.timeout, ATTACH_TIMEOUT)
         try:
-            async with asyncio.timeout(min(self.timeout, ATTACH_TIMEOUT)):
+            async with asyncio.timeout(wait):
                 reader = await NbdReader.connect(self.nbd_address, self.remote_volume)
         except TimeoutError:
-            self._nbd_log.warning(
-                "%s: NBD export at %s did not answer within %g s; reading over gRPC",
-                self._where,
-                self.nbd_address,
-                min(self.timeout, ATTACH_TIMEOUT),
-            )
+            self._nbd_not_used(f"the NBD export at {self.nbd_address} did not answer in {wait:g} s")
             return
         except (OSError, NbdError) as exc:
-            self._nbd_log.warning(
-                "%s: NBD export at %s not usable (%s); reading over gRPC",
-                self._where,
-                self.nbd_address,
-                exc,
-            )
+            self._nbd_not_used(f"the NBD export at {self.nbd_address} is not usable ({exc})")
             return
         size = self._sector_count * self._sector_size
+        problem = ""
         if reader.export.size < size:
-            await reader.close()
-            self._nbd_log.warning(
-                "%s: NBD export %r at %s is %d bytes, the volume %d; reading over gRPC",
-                self._where,
-                self.remote_volume,
-                self.nbd_address,
-                reader.export.size,
-                size,
+            problem = (
+                f"the NBD export {self.remote_volume!r} at {self.nbd_address} is "
+                f"{reader.export.size} bytes, the volume {size}"
             )
+        else:
+            problem = await self._nbd_served_elsewhere(described_server(reader.export.description))
+        if problem:
+            await reader.close()
+            self._nbd_not_used(problem)
             return
         old, self._nbd = self._nbd, reader
+        self._nbd_problem = ""
         if old is not None:  # let its reads in flight finish: no needless gRPC retries
             await old.close(drain=self.timeout)
         log.info("%s: reading over NBD at %s", self._where, self.nbd_address)
+
+    def _nbd_not_used(self, problem: str) -> None:
+        self._nbd_problem = problem
+        self._nbd_log.warning("%s: %s; reading over gRPC", self._where, problem)
+
+    async def _nbd_served_elsewhere(self, served_by: str) -> str:
+        """Why the NBD export named ``served_by`` (the server id in its description) must not
+        be used, or an empty string when that is the server answering this layer's gRPC
+        calls. A wrong ``nbd`` address could otherwise serve another server's volume of the
+        same name and size (wrong data) or this server's own (reads that loop). The target's
+        id (``Inspect`` path ``server``) is kept, and asked again whenever an export names
+        another: after a restart the remote server has a new one."""
+        if not served_by or served_by != self._target_server:
+            try:
+                tree = await self._volume().inspect(
+                    "server", timeout=min(self.timeout, ATTACH_TIMEOUT)
+                )
+            except client_errors.TierdiskError as exc:
+                return f"{self.target} did not say which server it is ({exc})"
+            self._target_server = str(tree.get("value", ""))
+        if served_by and served_by == self._target_server:
+            return ""
+        return (
+            f"the NBD export at {self.nbd_address} is served by "
+            f"{served_by or 'a server that does not name itself'}, not by the gRPC "
+            f"target {self.target} ({self._target_server or 'no id'})"
+        )
 
     def _nbd_reconnect(self) -> None:
         """Remake the NBD connection in the background (with backoff) unless already doing so."""
@@ -789,6 +817,7 @@ class RemoteLayer(Layer):
                 "address": self.nbd_address,
                 "connected": nbd is not None and not nbd.closed,
                 "export_bytes": nbd.export.size if nbd is not None else None,
+                "problem": self._nbd_problem,
             }
         }
 
