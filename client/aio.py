@@ -65,7 +65,7 @@ from .retry import (
     call_with_retry,
     is_retryable,
 )
-from .wire import encode_write, read_data_view
+from .wire import encode_write, read_data_view, read_reply_view
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -420,10 +420,8 @@ class AsyncVolume:
         if count <= per_chunk:
             if not report_presence:
                 return bytes(await self._read_data(sector, count, timeout))
-            resp = await self._read_chunk(sector, count, report_presence, timeout)
-            data = resp.data
-            self._check_reply_size(len(data), count, size)
-            return ReadResult(data, tuple(merge_extents(_extents(resp.present))))
+            data, extents = await self._read_present(sector, count, timeout)
+            return ReadResult(bytes(data), tuple(merge_extents(extents)))
         await self._check_fits(sector, count, timeout)
         buf = bytearray(count * size)
         present = await self._read_into(sector, count, memoryview(buf), report_presence, timeout)
@@ -449,13 +447,27 @@ class AsyncVolume:
             await self._check_fits(sector, count, timeout)
         await self._read_into(sector, count, mv, False, timeout)
 
-    async def _read_chunk(
-        self, sector: int, count: int, presence: bool, timeout: Timeout
-    ) -> pb.ReadResponse:
+    async def _read_present(
+        self, sector: int, count: int, timeout: Timeout
+    ) -> tuple[memoryview, list[Extent]]:
+        """One Read with ``report_presence`` (at most ``max_io`` bytes): the data as a view
+        of the reply and the runs some layer holds; :class:`StorageError` as
+        :meth:`_read_data`."""
         req = pb.ReadRequest(
-            volume=self.name, sector=sector, sector_count=count, report_presence=presence
+            volume=self.name, sector=sector, sector_count=count, report_presence=True
         )
-        return await self._call(self._stub.Read, req, timeout)
+        raw = await self._call(self.client._read_raw, req, timeout)
+        try:
+            reply = read_reply_view(raw)
+        except ValueError as exc:
+            raise StorageError(f"malformed Read reply: {exc}", volume=self.name) from None
+        if reply is None:  # fields this fast path does not handle: let protobuf parse it
+            msg = pb.ReadResponse.FromString(raw)
+            data, extents = memoryview(msg.data), _extents(msg.present)
+        else:
+            data, extents = reply[0], [Extent(a, n) for a, n in reply[1]]
+        self._check_reply_size(len(data), count, await self.sector_size(timeout=timeout))
+        return data, extents
 
     async def _read_data(self, sector: int, count: int, timeout: Timeout) -> memoryview:
         """The data of one Read without presence (at most ``max_io`` bytes) as a view of
@@ -494,11 +506,9 @@ class AsyncVolume:
                     chunk.sector, chunk.sector_count, timeout
                 )
                 return
-            resp = await self._read_chunk(chunk.sector, chunk.sector_count, presence, timeout)
-            data = resp.data  # each access of a bytes field copies it out of the message
-            self._check_reply_size(len(data), chunk.sector_count, size)
+            data, extents = await self._read_present(chunk.sector, chunk.sector_count, timeout)
             out[start : start + expected] = data
-            runs.extend(_extents(resp.present))
+            runs.extend(extents)
 
         await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
         return merge_extents(runs)

@@ -5,9 +5,9 @@ Parsing a 1 MiB ``ReadResponse`` with protobuf and reading its ``data`` field co
 twice (into the message, then out into a new ``bytes``). A reply of a read without
 ``report_presence`` holds only field 1 (``data``), so the client asks gRPC for the raw reply
 and takes a :class:`memoryview` of the data part (:func:`read_data_view`): the caller's own
-copy (into its buffer) is the only one. Anything else in the reply (``present`` extents, a
-field this client does not know) makes :func:`read_data_view` return None, and the caller
-parses it with protobuf.
+copy (into its buffer) is the only one. A read with ``report_presence`` gets the same view and
+its ``present`` extents from :func:`read_reply_view`. A field this client does not know makes
+them return None, and the caller parses the reply with protobuf.
 
 Building a ``WriteRequest`` through protobuf copies the payload into the message and again
 into the serialized bytes; :func:`encode_write` serializes the small fields with protobuf and
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["decode_varint", "encode_varint", "encode_write", "read_data_view"]
+__all__ = ["decode_varint", "encode_varint", "encode_write", "read_data_view", "read_reply_view"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, wire type 2 (length-delimited)
+_PRESENT_TAG = 0x12  # ReadResponse.present: field 2, wire type 2 (an Extent message)
+_SECTOR_TAG, _COUNT_TAG = 0x08, 0x10  # Extent.sector, Extent.sector_count: varints
 _WRITE_DATA_TAG = 0x1A  # WriteRequest.data: field 3, wire type 2
 _FUA_TRUE = b"\x20\x01"  # WriteRequest.fua = true: field 4, varint 1
 _NO_OVERWRITE_TRUE = b"\x28\x01"  # WriteRequest.no_overwrite = true: field 5, varint 1
@@ -58,26 +60,62 @@ def encode_varint(n: int) -> bytes:
     return bytes(out)
 
 
-def read_data_view(raw: bytes) -> memoryview | None:
+def read_reply_view(raw: bytes) -> tuple[memoryview, list[tuple[int, int]]] | None:
     """The ``data`` of the serialized ``ReadResponse`` ``raw`` as a view of ``raw`` (empty
-    if the field is absent), or None if ``raw`` holds any other field.
+    if the field is absent) and its ``present`` extents as ``(sector, sector_count)``
+    pairs, or None if ``raw`` holds any other field (then parse it with protobuf).
 
     Raises ValueError for bytes that are not a well-formed message of that shape (a length
-    past the end, a truncated varint). As protobuf does, the last ``data`` field wins.
+    past the end, a truncated varint). As protobuf does, the last ``data`` field wins, and
+    every ``present`` field adds an extent.
     """
     view = memoryview(raw)
     data = view[:0]
+    extents: list[tuple[int, int]] = []
     pos = 0
     end = len(raw)
     while pos < end:
-        if raw[pos] != _DATA_TAG:
+        tag = raw[pos]
+        if tag != _DATA_TAG and tag != _PRESENT_TAG:
             return None
         length, pos = decode_varint(raw, pos + 1)
-        if pos + length > end:
-            raise ValueError(f"data field of {length} bytes runs past the reply's end")
-        data = view[pos : pos + length]
-        pos += length
-    return data
+        stop = pos + length
+        if stop > end:
+            raise ValueError(f"field of {length} bytes runs past the reply's end")
+        if tag == _DATA_TAG:
+            data = view[pos:stop]
+        else:
+            extent = _extent(raw, pos, stop)
+            if extent is None:
+                return None
+            extents.append(extent)
+        pos = stop
+    return data, extents
+
+
+def _extent(raw: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """The ``Extent`` message in ``raw[pos:end]`` (None if it holds another field)."""
+    sector = count = 0
+    while pos < end:
+        tag = raw[pos]
+        if tag != _SECTOR_TAG and tag != _COUNT_TAG:
+            return None
+        value, pos = decode_varint(raw, pos + 1, end)
+        if tag == _SECTOR_TAG:
+            sector = value
+        else:
+            count = value
+    return sector, count
+
+
+def read_data_view(raw: bytes) -> memoryview | None:
+    """The ``data`` of the serialized ``ReadResponse`` ``raw`` as a view of ``raw``, or None
+    if ``raw`` holds any other field (``present`` included). ValueError as
+    :func:`read_reply_view`."""
+    reply = read_reply_view(raw)
+    if reply is None or reply[1]:
+        return None
+    return reply[0]
 
 
 def encode_write(

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tierdisk.client.wire import decode_varint, encode_varint, encode_write, read_data_view
+from tierdisk.client.wire import (
+    decode_varint,
+    encode_varint,
+    encode_write,
+    read_data_view,
+    read_reply_view,
+)
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 
@@ -104,3 +110,41 @@ def test_decode_varint_keeps_the_low_64_bits_of_a_10_byte_varint() -> None:
     raw = pb.WriteRequest(sector=(1 << 64) - 1).SerializeToString()[1:]  # after the tag
     assert decode_varint(raw, 0) == ((1 << 64) - 1, 10)
     assert decode_varint(b"\xff" * 9 + b"\x7f", 0) == ((1 << 64) - 1, 10)
+
+
+@given(
+    data=st.binary(max_size=5000),
+    present=st.lists(
+        st.tuples(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1)), max_size=6
+    ),
+)
+def test_replies_with_presence_match_protobuf(data: bytes, present: list[tuple[int, int]]) -> None:
+    message = pb.ReadResponse(data=data)
+    for sector, count in present:
+        message.present.append(pb.Extent(sector=sector, sector_count=count))
+    raw = message.SerializeToString()
+    reply = read_reply_view(raw)
+    assert reply is not None
+    view, extents = reply
+    parsed = pb.ReadResponse.FromString(raw)
+    assert bytes(view) == parsed.data
+    assert extents == [(e.sector, e.sector_count) for e in parsed.present]
+    assert view.obj is raw or not data  # a view of the reply, no copy
+
+
+def test_an_extent_with_a_field_it_does_not_know_is_left_to_protobuf() -> None:
+    extent = pb.Extent(sector=4, sector_count=2).SerializeToString() + b"\x18\x01"  # field 3
+    raw = pb.ReadResponse(data=b"x" * 512).SerializeToString() + b"\x12" + bytes([len(extent)])
+    assert read_reply_view(raw + extent) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x12\x05\x08\x01",  # an extent longer than the reply
+        b"\x12\x02\x08\x80",  # a varint cut by the extent's end
+    ],
+)
+def test_malformed_presence_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        read_reply_view(raw)
