@@ -434,6 +434,23 @@ class AsyncVolume:
     ) -> None:
         """Fill ``buffer`` (a whole number of sectors) with the sectors from ``sector``,
         without the copy :meth:`read` makes for large reads."""
+        mv, count = await self._buffer_range(sector, buffer, timeout)
+        await self._read_into(sector, count, mv, False, timeout)
+
+    async def read_present_into(
+        self, sector: int, buffer: bytearray | memoryview, *, timeout: Timeout = UNSET
+    ) -> list[Extent]:
+        """:meth:`read_into`, also returning the runs of the range some layer holds (sorted,
+        merged; the sectors outside them read as zeros): ``read(..., report_presence=True)``
+        into the caller's buffer, the data copied once."""
+        mv, count = await self._buffer_range(sector, buffer, timeout)
+        return await self._read_into(sector, count, mv, True, timeout)
+
+    async def _buffer_range(
+        self, sector: int, buffer: bytearray | memoryview, timeout: Timeout
+    ) -> tuple[memoryview, int]:
+        """``buffer`` as bytes and its length in sectors, checked (a whole number of
+        sectors; a range of more than one chunk inside the volume)."""
         _check_number("sector", sector, volume=self.name)
         mv = memoryview(buffer).cast("B")
         size, per_chunk = await self._chunk_sectors(timeout)
@@ -445,7 +462,7 @@ class AsyncVolume:
         count = len(mv) // size
         if count > per_chunk:
             await self._check_fits(sector, count, timeout)
-        await self._read_into(sector, count, mv, False, timeout)
+        return mv, count
 
     async def _read_present(
         self, sector: int, count: int, timeout: Timeout

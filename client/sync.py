@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 from .aio import UNSET, AsyncClient, AsyncVolume, Buffer, ClientOptions, Timeout
-from .models import AllocationExtent, ReadResult, ResizeEvent, VolumeInfo
+from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 
 __all__ = ["Client", "Volume"]
 
@@ -190,6 +190,13 @@ class Volume:
     ) -> None:
         """Fill ``buffer`` with the sectors from ``sector`` (see ``AsyncVolume.read_into``)."""
         self.client._run(self.aio.read_into(sector, buffer, timeout=timeout))
+
+    def read_present_into(
+        self, sector: int, buffer: bytearray | memoryview, *, timeout: Timeout = UNSET
+    ) -> list[Extent]:
+        """Fill ``buffer`` and return the runs some layer holds (see
+        ``AsyncVolume.read_present_into``)."""
+        return self.client._run(self.aio.read_present_into(sector, buffer, timeout=timeout))
 
     def stream_read(
         self, sector: int, count: int, *, timeout: Timeout = UNSET

@@ -162,6 +162,11 @@ async def test_40_mib_read_and_write_are_split(server: Server, max_io: int) -> N
         assert buf == data
         result = await vol.read(0, len(data) // 512 + 16, report_presence=True)
         assert result.present == (Extent(8, len(data) // 512),)
+        # the same into a buffer of the caller's, chunk by chunk
+        whole = bytearray(len(data) + 16 * 512)
+        present = await vol.read_present_into(0, whole)
+        assert present == [Extent(8, len(data) // 512)]
+        assert whole == result.data
         streamed = bytearray()
         async for _, chunk in vol.stream_read(8, len(data) // 512):
             assert len(chunk) <= max_io
@@ -288,6 +293,9 @@ async def test_blocking_client(server: Server) -> None:
             vol.write(0, data)
             assert vol.read(0, len(data) // 512) == data
             assert vol.read(0, 4, report_presence=True).present == (Extent(0, 4),)
+            buf = bytearray(8 * 512)
+            assert vol.read_present_into(0, buf) == [Extent(0, 8)]
+            assert buf == data[: 8 * 512]
             assert vol.allocation(0, 8)[0] == AllocationExtent(0, 8, 0)
             vol.flush()
             vol.unmap(0, 1)
