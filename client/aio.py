@@ -65,7 +65,7 @@ from .retry import (
     call_with_retry,
     is_retryable,
 )
-from .wire import encode_write, read_data_view, read_reply_view
+from .wire import encode_write, read_reply_view
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -215,7 +215,7 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.insecure_channel(target, options=option_list)
         self._stub = pb_grpc.BlockDeviceStub(self._channel)
-        # Read with the reply left serialized: wire.read_data_view takes the data from it
+        # Read with the reply left serialized: wire.read_reply_view takes the data from it
         # without protobuf's two copies.
         self._read_raw: grpc.aio.UnaryUnaryMultiCallable[pb.ReadRequest, bytes] = (
             self._channel.unary_unary(
@@ -420,7 +420,7 @@ class AsyncVolume:
         if count <= per_chunk:
             if not report_presence:
                 return bytes(await self._read_data(sector, count, timeout))
-            data, extents = await self._read_present(sector, count, timeout)
+            data, extents = await self._read_chunk(sector, count, True, timeout)
             return ReadResult(bytes(data), tuple(merge_extents(extents)))
         await self._check_fits(sector, count, timeout)
         buf = bytearray(count * size)
@@ -464,14 +464,14 @@ class AsyncVolume:
             await self._check_fits(sector, count, timeout)
         return mv, count
 
-    async def _read_present(
-        self, sector: int, count: int, timeout: Timeout
+    async def _read_chunk(
+        self, sector: int, count: int, presence: bool, timeout: Timeout
     ) -> tuple[memoryview, list[Extent]]:
-        """One Read with ``report_presence`` (at most ``max_io`` bytes): the data as a view
-        of the reply and the runs some layer holds; :class:`StorageError` as
-        :meth:`_read_data`."""
+        """One Read (at most ``max_io`` bytes): the data as a view of the reply and, with
+        ``presence``, the runs some layer holds; :class:`StorageError` if the reply is
+        malformed or not ``count`` sectors long (the server misbehaved)."""
         req = pb.ReadRequest(
-            volume=self.name, sector=sector, sector_count=count, report_presence=True
+            volume=self.name, sector=sector, sector_count=count, report_presence=presence
         )
         raw = await self._call(self.client._read_raw, req, timeout)
         try:
@@ -487,18 +487,8 @@ class AsyncVolume:
         return data, extents
 
     async def _read_data(self, sector: int, count: int, timeout: Timeout) -> memoryview:
-        """The data of one Read without presence (at most ``max_io`` bytes) as a view of
-        the reply; :class:`StorageError` if the reply is malformed or not ``count`` sectors
-        long (the server misbehaved)."""
-        req = pb.ReadRequest(volume=self.name, sector=sector, sector_count=count)
-        raw = await self._call(self.client._read_raw, req, timeout)
-        try:
-            data = read_data_view(raw)
-        except ValueError as exc:
-            raise StorageError(f"malformed Read reply: {exc}", volume=self.name) from None
-        if data is None:  # fields this fast path does not handle: let protobuf parse it
-            data = memoryview(pb.ReadResponse.FromString(raw).data)
-        self._check_reply_size(len(data), count, await self.sector_size(timeout=timeout))
+        """The data of one Read without presence, as :meth:`_read_chunk` gives it."""
+        data, _ = await self._read_chunk(sector, count, False, timeout)
         return data
 
     def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
@@ -523,7 +513,7 @@ class AsyncVolume:
                     chunk.sector, chunk.sector_count, timeout
                 )
                 return
-            data, extents = await self._read_present(chunk.sector, chunk.sector_count, timeout)
+            data, extents = await self._read_chunk(chunk.sector, chunk.sector_count, True, timeout)
             out[start : start + expected] = data
             runs.extend(extents)
 

@@ -2,12 +2,12 @@
 protobuf makes of their data.
 
 Parsing a 1 MiB ``ReadResponse`` with protobuf and reading its ``data`` field copies the data
-twice (into the message, then out into a new ``bytes``). A reply of a read without
-``report_presence`` holds only field 1 (``data``), so the client asks gRPC for the raw reply
-and takes a :class:`memoryview` of the data part (:func:`read_data_view`): the caller's own
-copy (into its buffer) is the only one. A read with ``report_presence`` gets the same view and
-its ``present`` extents from :func:`read_reply_view`. A field this client does not know makes
-them return None, and the caller parses the reply with protobuf.
+twice (into the message, then out into a new ``bytes``). A reply holds field 1 (``data``) and,
+for a read with ``report_presence``, field 2 (``present`` extents), so the client asks gRPC
+for the raw reply and takes a :class:`memoryview` of the data part and the extents
+(:func:`read_reply_view`): the caller's own copy (into its buffer) is the only one. A field
+this client does not know makes it return None, and the caller parses the reply with
+protobuf.
 
 Building a ``WriteRequest`` through protobuf copies the payload into the message and again
 into the serialized bytes; :func:`encode_write` serializes the small fields with protobuf and
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["decode_varint", "encode_varint", "encode_write", "read_data_view", "read_reply_view"]
+__all__ = ["decode_varint", "encode_varint", "encode_write", "read_reply_view"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, wire type 2 (length-delimited)
 _PRESENT_TAG = 0x12  # ReadResponse.present: field 2, wire type 2 (an Extent message)
@@ -106,16 +106,6 @@ def _extent(raw: bytes, pos: int, end: int) -> tuple[int, int] | None:
         else:
             count = value
     return sector, count
-
-
-def read_data_view(raw: bytes) -> memoryview | None:
-    """The ``data`` of the serialized ``ReadResponse`` ``raw`` as a view of ``raw``, or None
-    if ``raw`` holds any other field (``present`` included). ValueError as
-    :func:`read_reply_view`."""
-    reply = read_reply_view(raw)
-    if reply is None or reply[1]:
-        return None
-    return reply[0]
 
 
 def encode_write(

@@ -71,23 +71,28 @@ def test_loadgen_reads_and_writes_against_a_real_server(tmp_path: Path) -> None:
     assert read["bs"] == 4096 and read["qd"] == 4
 
 
+def _tiers_only(tmp_path: Path, runs: int) -> list[str]:
+    """``bench/run --tiers-only`` with its scratch folder (``work``) and JSON in ``tmp_path``."""
+    return [
+        sys.executable,
+        str(REPO / "bench" / "runner.py"),
+        "--tiers-only",
+        "--runs",
+        str(runs),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(tmp_path / "result.json"),
+    ]
+
+
 def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:
     """``bench/run --tiers-only --runs 1``: every cache-tier row (over gRPC and over NBD,
     cold and warm, the direct and local reads, the fresh-memory write) has its one result,
     and the targets it feeds have ratios. About 10 s: a 512 MiB image, four servers and a
     load generator."""
     out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "runner.py"),
-            "--tiers-only",
-            "--runs",
-            "1",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--json",
-            str(tmp_path / "result.json"),
-        ],
+        _tiers_only(tmp_path, runs=1),
         capture_output=True,
         text=True,
         timeout=300,
@@ -153,17 +158,7 @@ def test_a_stopped_bench_run_stops_everything_it_started(tmp_path: Path) -> None
     generator or other child outlives it."""
     work = tmp_path / "work"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "bench" / "runner.py"),
-            "--tiers-only",
-            "--runs",
-            "5",
-            "--workdir",
-            str(work),
-            "--json",
-            str(tmp_path / "result.json"),
-        ],
+        _tiers_only(tmp_path, runs=5),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO,

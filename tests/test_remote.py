@@ -401,13 +401,18 @@ async def test_inspect_and_metrics_count_remote_calls(
 NBD_BASE = pattern(5, 0, 4 * MiB // SS, SS)
 
 
+def nbd_server_config(data_dir: Path, size: str) -> str:
+    """A server with its NBD export on (port 0) and one RAM volume ``base`` of ``size``."""
+    return (
+        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
+        f'data_dir = "{data_dir}"\n'
+    ) + toml_volume("base", ram(size))
+
+
 @pytest.fixture
 async def nbd_origin(tmp_path: Path) -> AsyncIterator[Server]:
     """An origin with its NBD export on: ``base`` (4 MiB of a pattern)."""
-    body = (
-        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
-        f'data_dir = "{tmp_path / "nbd-origin"}"\n'
-    ) + toml_volume("base", ram("4MiB"))
+    body = nbd_server_config(tmp_path / "nbd-origin", "4MiB")
     async with running_server(tmp_path / "nbd-origin", body) as srv:
         async with AsyncClient(srv.grpc_address) as client:
             await client.volume("base").write(0, NBD_BASE)
@@ -451,10 +456,7 @@ async def test_without_a_usable_nbd_export_reads_go_over_grpc(
 ) -> None:
     o = nbd_origin
     # another server whose NBD export "base" is a smaller volume: not this layer's volume
-    other = (
-        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
-        f'data_dir = "{tmp_path / "other"}"\n'
-    ) + toml_volume("base", ram("1MiB"))
+    other = nbd_server_config(tmp_path / "other", "1MiB")
     async with running_server(tmp_path / "other", other) as wrong:
         body = toml_volume("a", remote(o.grpc_address, "base", nbd=f"127.0.0.1:{free_port()}"))
         body += toml_volume("b", remote(o.grpc_address, "base", nbd=wrong.nbd_address))
@@ -479,10 +481,7 @@ async def test_an_nbd_export_of_another_server_is_not_used(
     another region's origin): its data must never be read as the target's. The export names
     its server in its description; the layer compares that with the target's own id."""
     o = nbd_origin
-    other = (
-        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
-        f'data_dir = "{tmp_path / "other"}"\n'
-    ) + toml_volume("base", ram("4MiB"))
+    other = nbd_server_config(tmp_path / "other", "4MiB")
     async with running_server(tmp_path / "other", other) as wrong:
         async with AsyncClient(wrong.grpc_address) as wclient:
             await wclient.volume("base").write(0, b"\xee" * (64 * SS))  # not the origin's data

@@ -13,7 +13,6 @@ from tierdisk.client.wire import (
     decode_varint,
     encode_varint,
     encode_write,
-    read_data_view,
     read_reply_view,
 )
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -22,15 +21,16 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 @given(st.binary(max_size=70_000))
 def test_data_only_replies_match_protobuf(data: bytes) -> None:
     raw = pb.ReadResponse(data=data).SerializeToString()
-    view = read_data_view(raw)
-    assert view is not None
+    reply = read_reply_view(raw)
+    assert reply is not None
+    view, extents = reply
     assert bytes(view) == pb.ReadResponse.FromString(raw).data == data
+    assert extents == []
     assert view.obj is raw or len(data) == 0  # a view of the reply, no copy
 
 
 def test_an_empty_reply_has_empty_data() -> None:
-    view = read_data_view(b"")
-    assert view is not None and len(view) == 0
+    assert read_reply_view(b"") == (memoryview(b""), [])
 
 
 def test_the_last_data_field_wins_as_in_protobuf() -> None:
@@ -38,21 +38,14 @@ def test_the_last_data_field_wins_as_in_protobuf() -> None:
         pb.ReadResponse(data=b"first").SerializeToString()
         + pb.ReadResponse(data=b"second!").SerializeToString()
     )
-    view = read_data_view(raw)
-    assert view is not None
-    assert bytes(view) == pb.ReadResponse.FromString(raw).data == b"second!"
-
-
-def test_a_reply_with_present_extents_is_left_to_protobuf() -> None:
-    raw = pb.ReadResponse(
-        data=bytes(1024), present=[pb.Extent(sector=0, sector_count=2)]
-    ).SerializeToString()
-    assert read_data_view(raw) is None
+    reply = read_reply_view(raw)
+    assert reply is not None
+    assert bytes(reply[0]) == pb.ReadResponse.FromString(raw).data == b"second!"
 
 
 def test_an_unknown_field_is_left_to_protobuf() -> None:
     raw = pb.ReadResponse(data=b"x" * 512).SerializeToString() + b"\x78\x01"  # field 15
-    assert read_data_view(raw) is None
+    assert read_reply_view(raw) is None
 
 
 @pytest.mark.parametrize(
@@ -66,7 +59,7 @@ def test_an_unknown_field_is_left_to_protobuf() -> None:
 )
 def test_malformed_replies_are_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
-        read_data_view(raw)
+        read_reply_view(raw)
 
 
 @given(
