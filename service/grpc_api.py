@@ -14,9 +14,10 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -47,6 +48,7 @@ __all__ = [
     "STATUS_CODES",
     "BlockDeviceService",
     "DrainGate",
+    "Undecodable",
     "add_to_server",
     "status_for",
 ]
@@ -77,6 +79,34 @@ _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
 
 T = TypeVar("T")
+
+
+class Undecodable:
+    """What a request deserializer of :func:`add_to_server` hands the servicer for bytes that
+    are not the method's request message, instead of raising inside gRPC (which answers
+    ``UNKNOWN`` with a Python exception's text): the servicer answers ``INVALID_ARGUMENT``
+    with :attr:`problem`."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _decoder(message: Any) -> Callable[[bytes], Any]:
+    """The request deserializer for the message class ``message``: its parse, or an
+    :class:`Undecodable` naming what protobuf refused."""
+    parse = message.FromString
+    name = message.DESCRIPTOR.name
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            why = str(exc).rpartition(": ")[2]  # after protobuf's "Error parsing message …"
+            return Undecodable(f"malformed {name}: {why}")
+
+    return decode
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -247,6 +277,15 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         log.error("storage failure", exc_info=exc)
         await context.abort(code, f"storage failure: {exc}")
 
+    @classmethod
+    async def _refuse_undecodable(
+        cls, context: grpc.aio.ServicerContext[Any, Any], request: Undecodable
+    ) -> NoReturn:
+        """End a call whose request could not be read: ``INVALID_ARGUMENT``."""
+        invalid = InvalidArgument(request.problem)
+        await cls._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, invalid)
+        raise AssertionError("not reached: abort() raises")
+
     def _volume(self, name: str) -> Volume:
         if not name:
             raise InvalidArgument("the request names no volume")
@@ -300,11 +339,13 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         """``Read`` as a message; the server registers :meth:`read_encoded` instead."""
         return pb.ReadResponse.FromString(await self.read_encoded(request, context))
 
-    async def read_encoded(self, request: pb.ReadRequest, context: Any) -> bytes:
+    async def read_encoded(self, request: pb.ReadRequest | Undecodable, context: Any) -> bytes:
         """``Read``, with the reply already serialized (what the server sends).
 
         The steps of :meth:`_call`, written out: Read is the hot path, and this saves a
         closure and a coroutine per call."""
+        if isinstance(request, Undecodable):
+            await self._refuse_undecodable(context, request)
         start = time.perf_counter()
         code = _OK
         moved = 0
@@ -441,23 +482,52 @@ class HandlerRegistry(Protocol):
     ) -> None: ...
 
 
+def _refusing_undecodable(
+    behavior: Callable[[Any, Any], Awaitable[Any]],
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    """``behavior`` (a unary handler), answering an :class:`Undecodable` request
+    ``INVALID_ARGUMENT`` instead."""
+
+    async def handler(request: Any, context: Any) -> Any:
+        if type(request) is Undecodable:
+            await BlockDeviceService._refuse_undecodable(context, request)
+        return await behavior(request, context)
+
+    return handler
+
+
+def _refusing_undecodable_stream(
+    behavior: Callable[[Any, Any], AsyncIterator[Any]],
+) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    """The same for a server-streaming handler (an async generator)."""
+
+    async def handler(request: Any, context: Any) -> AsyncIterator[Any]:
+        if type(request) is Undecodable:
+            await BlockDeviceService._refuse_undecodable(context, request)
+        async for message in behavior(request, context):
+            yield message
+
+    return handler
+
+
 def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
     """Register ``service`` on ``server``, like the generated
     ``add_BlockDeviceServicer_to_server``, except that ``Read`` is served by
     :meth:`BlockDeviceService.read_encoded`, whose reply is already in wire format and is
     sent without a serializer (one copy of the data instead of four), and ``Write`` by
     :meth:`BlockDeviceService.write_parsed`, whose request is read without copying its data
-    (:func:`~.write_request.parse_write`)."""
+    (:func:`~.write_request.parse_write`). Request bytes that are not the method's message
+    are answered ``INVALID_ARGUMENT`` (:class:`Undecodable`), not gRPC's ``UNKNOWN``."""
     descriptor = pb.DESCRIPTOR.services_by_name["BlockDevice"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request = getattr(pb, method.input_type.name)
         reply = getattr(pb, method.output_type.name)
-        if method.name == "Read":
+        if method.name == "Read":  # checks for Undecodable itself: no wrapper on the hot path
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                service.read_encoded, request_deserializer=request.FromString
+                service.read_encoded, request_deserializer=_decoder(request)
             )
-        elif method.name == "Write":
+        elif method.name == "Write":  # parse_write reports a malformed request itself
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 service.write_parsed,
                 request_deserializer=parse_write,
@@ -465,14 +535,14 @@ def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
             )
         elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                getattr(service, method.name),
-                request_deserializer=request.FromString,
+                _refusing_undecodable_stream(getattr(service, method.name)),
+                request_deserializer=_decoder(request),
                 response_serializer=reply.SerializeToString,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                getattr(service, method.name),
-                request_deserializer=request.FromString,
+                _refusing_undecodable(getattr(service, method.name)),
+                request_deserializer=_decoder(request),
                 response_serializer=reply.SerializeToString,
             )
     server.add_generic_rpc_handlers(

@@ -424,13 +424,40 @@ async def test_malformed_write_request_is_invalid_argument(server: Server) -> No
         truncated = good[:-10]  # the data field says 512 bytes; fewer follow
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await write(truncated)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "malformed WriteRequest" in (info.value.details() or "")
-        trailer = dict(info.value.trailing_metadata() or ())
-        assert trailer.get("tierdisk-error") == "InvalidArgument"
+        _assert_malformed(info.value, "WriteRequest")
         stub = pb_grpc.BlockDeviceStub(channel)
         reply = await stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=1))
         assert reply.data == bytes(512)
         await write(good)  # the same request whole is fine
         reply = await stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=1))
         assert reply.data == b"\x77" * 512
+
+
+def _assert_malformed(err: grpc.aio.AioRpcError, message: str) -> None:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert f"malformed {message}" in (err.details() or "")
+    assert dict(err.trailing_metadata() or ()).get("tierdisk-error") == "InvalidArgument"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [m.name for m in pb.DESCRIPTOR.services_by_name["BlockDevice"].methods],
+)
+async def test_every_method_answers_bytes_that_are_not_its_request_invalid_argument(
+    server: Server, method: str
+) -> None:
+    """Not gRPC's UNKNOWN with a Python exception's text: the same answer as any bad
+    input."""
+    descriptor = pb.DESCRIPTOR.services_by_name["BlockDevice"].methods_by_name[method]
+    raw = b"\x0a\x05ab"  # field 1 says 5 bytes follow; 2 do
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        path = f"/tierdisk.v1.BlockDevice/{method}"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            if descriptor.server_streaming:
+                stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+                async for _ in stream(raw, timeout=10):
+                    pass
+            else:
+                call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+                await call(raw, timeout=10)
+        _assert_malformed(info.value, descriptor.input_type.name)
