@@ -41,7 +41,7 @@ from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .volume import Volume
-from .write_request import WriteRequestView, parse_write
+from .write_request import MalformedRequest, WriteRequestView, parse_write
 
 __all__ = [
     "ERROR_HEADER",
@@ -93,11 +93,9 @@ class Undecodable:
         self.problem = problem
 
 
-def _decoder(message: Any) -> Callable[[bytes], Any]:
-    """The request deserializer for the message class ``message``: its parse, or an
-    :class:`Undecodable` naming what protobuf refused."""
-    parse = message.FromString
-    name = message.DESCRIPTOR.name
+def _decoder(name: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """The request deserializer that reads the message ``name`` with ``parse``: the
+    request, or an :class:`Undecodable` saying what ``parse`` refused."""
 
     def decode(raw: bytes) -> Any:
         try:
@@ -105,6 +103,8 @@ def _decoder(message: Any) -> Callable[[bytes], Any]:
         except DecodeError as exc:
             why = str(exc).rpartition(": ")[2]  # after protobuf's "Error parsing message …"
             return Undecodable(f"malformed {name}: {why}")
+        except MalformedRequest as exc:
+            return Undecodable(f"malformed {name}: {exc}")
 
     return decode
 
@@ -377,13 +377,15 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         """``Write`` of a message; the server registers :meth:`write_parsed` instead."""
         return await self.write_parsed(WriteRequestView.of(request), context)
 
-    async def write_parsed(self, request: WriteRequestView, context: Any) -> pb.WriteResponse:
+    async def write_parsed(
+        self, request: WriteRequestView | Undecodable, context: Any
+    ) -> pb.WriteResponse:
         """``Write``, its request read by :func:`~.write_request.parse_write` (what the
         server receives): the data reaches the volume without a copy."""
+        if isinstance(request, Undecodable):
+            await self._refuse_undecodable(context, request)
 
         async def body() -> tuple[pb.WriteResponse, int]:
-            if request.problem:
-                raise InvalidArgument(request.problem)
             volume = self._volume(request.volume)
             data = request.data
             self._check_io_size(len(data), "a write")
@@ -525,24 +527,25 @@ def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
         reply = getattr(pb, method.output_type.name)
         if method.name == "Read":  # checks for Undecodable itself: no wrapper on the hot path
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                service.read_encoded, request_deserializer=_decoder(request)
+                service.read_encoded,
+                request_deserializer=_decoder(method.input_type.name, request.FromString),
             )
-        elif method.name == "Write":  # parse_write reports a malformed request itself
+        elif method.name == "Write":  # checks for Undecodable itself, as Read does
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 service.write_parsed,
-                request_deserializer=parse_write,
+                request_deserializer=_decoder(method.input_type.name, parse_write),
                 response_serializer=reply.SerializeToString,
             )
         elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _refusing_undecodable_stream(getattr(service, method.name)),
-                request_deserializer=_decoder(request),
+                request_deserializer=_decoder(method.input_type.name, request.FromString),
                 response_serializer=reply.SerializeToString,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _refusing_undecodable(getattr(service, method.name)),
-                request_deserializer=_decoder(request),
+                request_deserializer=_decoder(method.input_type.name, request.FromString),
                 response_serializer=reply.SerializeToString,
             )
     server.add_generic_rpc_handlers(

@@ -1,5 +1,6 @@
 """The wire-format ``WriteRequest`` reader reads what protobuf's parser reads, and refuses
-what it refuses; its data is a view of the received bytes, not a copy."""
+(:class:`MalformedRequest`) what it refuses; its data is a view of the received bytes, not a
+copy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tierdisk.client.wire import encode_varint
-from tierdisk.service.write_request import WriteRequestView, parse_write, parse_write_wire
+from tierdisk.service.write_request import (
+    MalformedRequest,
+    WriteRequestView,
+    parse_write,
+    parse_write_wire,
+)
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 UINT64 = st.integers(0, (1 << 64) - 1)
@@ -44,7 +50,6 @@ def unknown_field(draw: st.DrawFn, depth: int = 0) -> bytes:
 
 
 def _same(view: WriteRequestView, message: pb.WriteRequest) -> None:
-    assert view.problem == ""
     assert view.volume == message.volume
     assert view.sector == message.sector
     assert bytes(view.data) == message.data
@@ -96,15 +101,16 @@ def test_reads_what_protobuf_serializes(
 @example(b"\x37\x00")  # wire type 7
 @example(b"\x31" + b"\x00" * 7)  # a fixed64 one byte short
 def test_refuses_what_protobuf_refuses(raw: bytes) -> None:
-    view = parse_write_wire(raw)
-    assert parse_write(raw) == view  # below 32 KiB protobuf reads it; the wire reader if not
     try:
         message = pb.WriteRequest.FromString(raw)
     except DecodeError:
-        assert view.problem.startswith("malformed WriteRequest: ")
-        assert (view.volume, view.sector, len(view.data)) == ("", 0, 0)
+        with pytest.raises(MalformedRequest):
+            parse_write_wire(raw)
+        with pytest.raises(MalformedRequest):  # below 32 KiB protobuf, then the wire reader
+            parse_write(raw)
     else:
-        _same(view, message)
+        _same(parse_write_wire(raw), message)
+        assert parse_write(raw) == parse_write_wire(raw)
 
 
 @pytest.mark.parametrize("nbytes", [32 << 10, 1 << 20])
