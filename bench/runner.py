@@ -24,10 +24,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -137,6 +137,10 @@ class Worker:
             cwd=REPO,
             text=True,
         )
+        self.hello: dict[str, Any] = {}
+
+    def wait_hello(self) -> None:
+        """Wait for the worker's first line (``{"ready": true, ...}``) into :attr:`hello`."""
         self.hello = self._read(60.0)
 
     def _read(self, timeout: float) -> dict[str, Any]:
@@ -180,14 +184,47 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def _stop_like_ctrl_c() -> None:
-    """Make SIGTERM end the run as Ctrl-C does, through :meth:`Bench.teardown`: without
-    this, a stopped run left its servers, load generators and qemu-nbd running."""
+class _Stop:
+    """SIGTERM and Ctrl-C end a run through :meth:`Bench.teardown` (``SystemExit``,
+    ``KeyboardInterrupt``): by default SIGTERM skipped it and left the run's servers, load
+    generators and qemu-nbd running. While a child process is being started and recorded
+    (:meth:`held`) a stop waits until the child is recorded, so that the teardown knows it:
+    a stop that landed between the two left one server running."""
 
-    def stop(signum: int, frame: object) -> None:
+    def __init__(self) -> None:
+        self._holding = 0
+        self._pending: int | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._holding:
+            self._pending = signum
+        else:
+            self._stop(signum)
+
+    @staticmethod
+    def _stop(signum: int) -> NoReturn:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A stop arriving inside waits for the end of the block."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding and self._pending is not None:
+                signum, self._pending = self._pending, None
+                self._stop(signum)
+
+
+STOP = _Stop()
 
 
 def _volume_toml(name: str, layers: list[dict[str, Any]], read_only: bool = False) -> str:
@@ -274,19 +311,27 @@ class Bench:
             head + _volume_toml("base", [raw], read_only=True)  # with the NBD export
         )
 
-    def start_server(self, name: str, config: Path, **levers: bool) -> ServerProc:
-        server = ServerProc.tierdisk(config, self.work, name, env=lever_env(**levers))
-        self.servers.append(server)
+    def start_server(
+        self, name: str, config: Path, env: dict[str, str] | None = None, **levers: bool
+    ) -> ServerProc:
+        with STOP.held():
+            server = ServerProc.tierdisk(
+                config, self.work, name, env=lever_env(**levers) if env is None else env
+            )
+            self.servers.append(server)
         return server.wait_ready()
 
     def start_floor(self, name: str = "floor", *extra: str) -> ServerProc:
-        server = ServerProc.floor(self.work, name, *extra)
-        self.servers.append(server)
+        with STOP.held():
+            server = ServerProc.floor(self.work, name, *extra)
+            self.servers.append(server)
         return server.wait_ready()
 
     def start_worker(self, name: str, inproc: Path | None = None, **levers: bool) -> Worker:
-        worker = Worker(name, lever_env(**levers), self.work, inproc)
-        self.workers.append(worker)
+        with STOP.held():
+            worker = Worker(name, lever_env(**levers), self.work, inproc)
+            self.workers.append(worker)
+        worker.wait_hello()
         return worker
 
     def fill(
@@ -359,9 +404,7 @@ class Bench:
         if self.args.compare:
             env = lever_env()
             env["PYTHONPATH"] = str(Path(self.args.compare).resolve())
-            cmp_server = ServerProc.tierdisk(self.lever_config, self.work, "compare", env=env)
-            self.servers.append(cmp_server)
-            self.compare = cmp_server.wait_ready()
+            self.compare = self.start_server("compare", self.lever_config, env=env)
             self.fill(self.lg, self.compare.address, "ram", write=True)
         self.build_rows()
 
@@ -418,9 +461,12 @@ class Bench:
         for _ in range(5):
             port = free_port()
             log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115
-            proc = subprocess.Popen(command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            with STOP.held():
+                proc = subprocess.Popen(
+                    command(port), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                )
+                self.children.append(proc)
             log.close()
-            self.children.append(proc)
             try:
                 _wait_port(port, 10)
             except TimeoutError:
@@ -1240,7 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="scratch folder (default bench/results/work)")
     p.add_argument("--json", default=str(RESULTS / "latest.json"), help="result file")
     args = p.parse_args(argv)
-    _stop_like_ctrl_c()
+    STOP.install()
     bench = Bench(args)
     started = datetime.datetime.now(datetime.UTC)
     try:

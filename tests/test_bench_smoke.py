@@ -145,6 +145,21 @@ def _process_tree(pid: int) -> set[int]:
     return found
 
 
+def _mentioning(text: str) -> set[int]:
+    """The PIDs of live processes whose command line contains ``text``."""
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and _running(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -155,7 +170,8 @@ def _running(pid: int) -> bool:
 
 def test_a_stopped_bench_run_stops_everything_it_started(tmp_path: Path) -> None:
     """SIGTERM to a running ``bench/run`` ends it through its teardown: no server, load
-    generator or other child outlives it."""
+    generator or other child outlives it, neither one running when the signal came nor one
+    it was starting just then (found by its command line, which names the run's folder)."""
     work = tmp_path / "work"
     proc = subprocess.Popen(
         _tiers_only(tmp_path, runs=5),
@@ -178,6 +194,6 @@ def test_a_stopped_bench_run_stops_everything_it_started(tmp_path: Path) -> None
             proc.kill()
             proc.wait()
     deadline = time.monotonic() + 30
-    while left := {pid for pid in started if _running(pid)}:
+    while left := {pid for pid in started if _running(pid)} | _mentioning(str(work)):
         assert time.monotonic() < deadline, f"still running after bench/run stopped: {left}"
         time.sleep(0.1)
