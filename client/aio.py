@@ -357,9 +357,13 @@ class AsyncVolume:
         return f"AsyncVolume({self.name!r} on {self.client.target!r})"
 
     async def _call(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: Timeout
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: Timeout,
+        rpc: str | None = None,
     ) -> Resp:
-        return await self.client._unary(method, request, timeout=timeout, volume=self.name)
+        return await self.client._unary(method, request, timeout=timeout, volume=self.name, rpc=rpc)
 
     @property
     def _stub(self) -> pb_grpc.BlockDeviceAsyncStub:
@@ -418,9 +422,9 @@ class AsyncVolume:
         _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count <= per_chunk:
+            data, extents = await self._read_chunk(sector, count, report_presence, timeout)
             if not report_presence:
-                return bytes(await self._read_data(sector, count, timeout))
-            data, extents = await self._read_chunk(sector, count, True, timeout)
+                return bytes(data)
             return ReadResult(bytes(data), tuple(merge_extents(extents)))
         await self._check_fits(sector, count, timeout)
         buf = bytearray(count * size)
@@ -486,11 +490,6 @@ class AsyncVolume:
         self._check_reply_size(len(data), count, await self.sector_size(timeout=timeout))
         return data, extents
 
-    async def _read_data(self, sector: int, count: int, timeout: Timeout) -> memoryview:
-        """The data of one Read without presence, as :meth:`_read_chunk` gives it."""
-        data, _ = await self._read_chunk(sector, count, False, timeout)
-        return data
-
     def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
         """:class:`StorageError` unless a Read reply of ``nbytes`` holds ``count`` sectors
         (the server misbehaved)."""
@@ -508,12 +507,9 @@ class AsyncVolume:
         async def one(chunk: Chunk) -> None:
             start = chunk.offset * size
             expected = chunk.sector_count * size
-            if not presence:
-                out[start : start + expected] = await self._read_data(
-                    chunk.sector, chunk.sector_count, timeout
-                )
-                return
-            data, extents = await self._read_chunk(chunk.sector, chunk.sector_count, True, timeout)
+            data, extents = await self._read_chunk(
+                chunk.sector, chunk.sector_count, presence, timeout
+            )
             out[start : start + expected] = data
             runs.extend(extents)
 
@@ -532,7 +528,8 @@ class AsyncVolume:
             await self._check_fits(sector, count, timeout)
 
         async def one(chunk: Chunk) -> bytes:
-            return bytes(await self._read_data(chunk.sector, chunk.sector_count, timeout))
+            data, _ = await self._read_chunk(chunk.sector, chunk.sector_count, False, timeout)
+            return bytes(data)
 
         chunks = run_ordered(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
         try:
@@ -589,9 +586,7 @@ class AsyncVolume:
             req = encode_write(
                 self.name, chunk.sector, mv[start:end], fua=fua, no_overwrite=no_overwrite
             )
-            await self.client._unary(
-                self.client._write_raw, req, timeout=timeout, volume=self.name, rpc="Write"
-            )
+            await self._call(self.client._write_raw, req, timeout, rpc="Write")
 
         if count <= per_chunk:
             await one(Chunk(sector, count, 0))

@@ -491,7 +491,7 @@ def _refusing_undecodable(
     ``INVALID_ARGUMENT`` instead."""
 
     async def handler(request: Any, context: Any) -> Any:
-        if type(request) is Undecodable:
+        if isinstance(request, Undecodable):
             await BlockDeviceService._refuse_undecodable(context, request)
         return await behavior(request, context)
 
@@ -504,7 +504,7 @@ def _refusing_undecodable_stream(
     """The same for a server-streaming handler (an async generator)."""
 
     async def handler(request: Any, context: Any) -> AsyncIterator[Any]:
-        if type(request) is Undecodable:
+        if isinstance(request, Undecodable):
             await BlockDeviceService._refuse_undecodable(context, request)
         async for message in behavior(request, context):
             yield message

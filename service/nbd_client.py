@@ -1,9 +1,9 @@
 """A read-only NBD client for one export: the fast data path between tiers.
 
 A remote layer may read its remote volume over the remote server's NBD export instead of
-gRPC (the layer's ``nbd`` option): moving 1 MiB costs an NBD server about half the CPU of a
-gRPC ``Read`` here (``bench/README.md``), and the receiving side next to nothing, because
-the data goes straight from the socket into the caller's buffer.
+gRPC (the layer's ``nbd`` option): moving 1 MiB costs an NBD server ~60-70% and the
+receiving side ~25% of the CPU of a gRPC ``Read`` here (``bench/README.md``, "Reads over NBD
+between tiers"); the data goes straight from the socket into the caller's buffer.
 
 What this client does (the NBD protocol document, ``doc/proto.md`` of NetworkBlockDevice/nbd):
 

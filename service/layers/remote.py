@@ -660,7 +660,6 @@ class RemoteLayer(Layer):
             self._nbd_not_used(f"the NBD export at {self.nbd_address} is not usable ({exc})")
             return
         size = self._sector_count * self._sector_size
-        problem = ""
         if reader.export.size < size:
             problem = (
                 f"the NBD export {self.remote_volume!r} at {self.nbd_address} is "
