@@ -262,6 +262,33 @@ def summary(values: Iterable[float | None]) -> dict[str, float] | None:
     return {"med": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+VIRTIO_BALLOON = 5
+"""virtio device id of the memory balloon."""
+BALLOON_F_REPORTING = 5
+"""Its feature bit for free page reporting (``VIRTIO_BALLOON_F_REPORTING``)."""
+PAGE_REPORTING_DELAY_S = 2.0
+"""How long Linux waits after freeing memory before reporting it to the host (the kernel's
+``PAGE_REPORTING_DELAY``, 2 s, not tunable)."""
+
+
+def free_page_reporting(devices: Path = Path("/sys/bus/virtio/devices")) -> bool:
+    """Whether this machine is a VM that hands free memory back to its host: a virtio balloon
+    that negotiated free page reporting. Memory freed here is then reported a couple of
+    seconds later (:data:`PAGE_REPORTING_DELAY_S`), the host drops it, and the next touch of
+    it costs a host page fault per page: ~2,000-3,000 µs of CPU per MiB written into new page
+    cache instead of ~200-300 (bench/README.md, "Cold tier")."""
+    for device in devices.glob("*"):
+        try:
+            if int((device / "device").read_text(), 16) != VIRTIO_BALLOON:
+                continue
+            features = (device / "features").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if len(features) > BALLOON_F_REPORTING and features[BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
 def machine() -> dict[str, Any]:
     """nproc, CPU model, kernel and versions of what is measured."""
     model = ""
@@ -286,5 +313,6 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "kernel": os.uname().release,
         "mem_bytes": mem,
+        "free_page_reporting": free_page_reporting(),
         "versions": versions,
     }

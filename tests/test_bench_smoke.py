@@ -197,3 +197,35 @@ def test_a_stopped_bench_run_stops_everything_it_started(tmp_path: Path) -> None
     while left := {pid for pid in started if _running(pid)} | _mentioning(str(work)):
         assert time.monotonic() < deadline, f"still running after bench/run stopped: {left}"
         time.sleep(0.1)
+
+
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path: Path) -> None:
+    """bench/common.py tells a VM that hands free memory to its host (a virtio balloon with
+    feature bit 5) from one that does not; the runner waits out pending reports only there."""
+
+    def device(name: str, device_id: str, features: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "device").write_text(device_id + "\n")
+        (tmp_path / name / "features").write_text(features + "\n")
+
+    def reporting() -> str:
+        code = (
+            "import sys, pathlib, common\n"
+            "print(common.free_page_reporting(pathlib.Path(sys.argv[1])))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO / "bench",
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    device("virtio0", "0x0001", "0000010000")  # a network card with bit 5: not a balloon
+    assert reporting() == "False"
+    device("virtio1", "0x0005", "0110000000")  # a balloon without reporting
+    assert reporting() == "False"
+    device("virtio2", "0x0005", "0110010100")
+    assert reporting() == "True"
