@@ -337,6 +337,33 @@ class Bench:
         worker.wait_hello()
         return worker
 
+    def run_child(
+        self, cmd: list[str], *, timeout: float, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` to its end (stdout and stderr captured), as ``subprocess.run`` does,
+        but started and recorded under :data:`STOP`, so a stop at any moment, even while it
+        is being started, ends it in the teardown. A timeout stops it and raises
+        ``subprocess.TimeoutExpired``."""
+        with STOP.held():
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+            self.children.append(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_pid(proc)
+            proc.communicate()
+            raise
+        self.children.remove(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
     def fill(
         self,
         worker: Worker,
@@ -543,9 +570,7 @@ class Bench:
         ]
         srv0 = proc_sample(pid)
         t0 = time.perf_counter()
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=self.duration + self.warmup + 60
-        )
+        out = self.run_child(cmd, timeout=self.duration + self.warmup + 60)
         wall = time.perf_counter() - t0
         srv1 = proc_sample(pid)
         if out.returncode != 0:
@@ -833,9 +858,7 @@ class Bench:
         for wl in MAIN:
             if wl.is_read:
                 cmd += ["--workload", f"{wl.op}:{wl.bs}:{wl.qd}"]
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, env=lever_env(), cwd=REPO, timeout=300
-        )
+        out = self.run_child(cmd, timeout=300, env=lever_env())
         shutil.rmtree(self.work / "engine-data" / str(run), ignore_errors=True)
         got: dict[str, dict[str, Any]] = {}
         for line in out.stdout.splitlines():
@@ -1009,9 +1032,7 @@ class Bench:
             return None
         self.log("sparse scale (bench/sparse_scale.py)")
         cmd = [PYTHON, str(script)]
-        usage = subprocess.run(
-            [*cmd, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
-        ).stdout
+        usage = self.run_child([*cmd, "--help"], timeout=60).stdout
         if "--json" in usage:
             cmd.append("--json")
         if self.quick and "--repeat" in usage:
@@ -1021,9 +1042,7 @@ class Bench:
         left = FULL_BUDGET - (time.monotonic() - self.started)
         timeout = SCALE_TIMEOUT if self.quick else int(max(60.0, min(SCALE_TIMEOUT, left)))
         try:
-            out = subprocess.run(
-                cmd, capture_output=True, text=True, env=lever_env(), cwd=REPO, timeout=timeout
-            )
+            out = self.run_child(cmd, timeout=timeout, env=lever_env())
         except subprocess.TimeoutExpired:
             self.skipped.append(
                 (
