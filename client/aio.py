@@ -55,7 +55,7 @@ from .chunking import (
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import InvalidArgument, StorageError, error_from_rpc, status_code
+from .errors import InvalidArgument, OutOfRange, StorageError, error_from_rpc, status_code
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 from .retry import (
     DEFAULT_BACKOFF,
@@ -437,9 +437,13 @@ class AsyncVolume:
         self, sector: int, buffer: bytearray | memoryview, *, timeout: Timeout = UNSET
     ) -> None:
         """Fill ``buffer`` (a whole number of sectors) with the sectors from ``sector``,
-        without the copy :meth:`read` makes for large reads."""
-        mv, count = await self._buffer_range(sector, buffer, timeout)
-        await self._read_into(sector, count, mv, False, timeout)
+        without the copy :meth:`read` makes for large reads.
+
+        Unlike :meth:`read`, a split read into a buffer is not checked against the volume's
+        size first (nothing is allocated, and a read changes nothing): the chunks go out at
+        once, and if one reaches past the end the :class:`OutOfRange` raised names the whole
+        range, as :meth:`read`'s does. After an error the buffer's content is unspecified."""
+        await self._read_into_buffer(sector, buffer, False, timeout)
 
     async def read_present_into(
         self, sector: int, buffer: bytearray | memoryview, *, timeout: Timeout = UNSET
@@ -447,26 +451,28 @@ class AsyncVolume:
         """:meth:`read_into`, also returning the runs of the range some layer holds (sorted,
         merged; the sectors outside them read as zeros): ``read(..., report_presence=True)``
         into the caller's buffer, the data copied once."""
-        mv, count = await self._buffer_range(sector, buffer, timeout)
-        return await self._read_into(sector, count, mv, True, timeout)
+        return await self._read_into_buffer(sector, buffer, True, timeout)
 
-    async def _buffer_range(
-        self, sector: int, buffer: bytearray | memoryview, timeout: Timeout
-    ) -> tuple[memoryview, int]:
-        """``buffer`` as bytes and its length in sectors, checked (a whole number of
-        sectors; a range of more than one chunk inside the volume)."""
+    async def _read_into_buffer(
+        self, sector: int, buffer: bytearray | memoryview, presence: bool, timeout: Timeout
+    ) -> list[Extent]:
+        """:meth:`read_into` and :meth:`read_present_into`: ``buffer`` checked (a whole number
+        of sectors), read in chunks; an :class:`OutOfRange` of a chunk becomes one naming the
+        whole range (:meth:`_check_fits`, asked only then)."""
         _check_number("sector", sector, volume=self.name)
         mv = memoryview(buffer).cast("B")
-        size, per_chunk = await self._chunk_sectors(timeout)
+        size = await self.sector_size(timeout=timeout)
         if len(mv) % size:
             raise InvalidArgument(
                 f"buffer of {len(mv)} bytes is not a whole number of {size}-byte sectors",
                 volume=self.name,
             )
         count = len(mv) // size
-        if count > per_chunk:
+        try:
+            return await self._read_into(sector, count, mv, presence, timeout)
+        except OutOfRange:
             await self._check_fits(sector, count, timeout)
-        return mv, count
+            raise
 
     async def _read_chunk(
         self, sector: int, count: int, presence: bool, timeout: Timeout

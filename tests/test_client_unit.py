@@ -748,14 +748,19 @@ async def test_read_with_presence_merges_runs_across_chunks(
 
 
 async def test_read_into_and_stream_read(scripted: tuple[Scripted, str]) -> None:
-    _servicer, target = scripted
+    servicer, target = scripted
     async with AsyncClient(target, max_io=4 * 512) as client:
         vol = client.volume("v")
         data = pattern(30 * 512)
         await vol.write(0, data)
         buf = bytearray(30 * 512)
+        asked = [r[0] for r in servicer.requests].count("GetVolume")
         await vol.read_into(0, buf)
         assert buf == data
+        present = await vol.read_present_into(0, buf)
+        assert buf == data and present == [Extent(0, 30)]
+        # into a caller's buffer, a split read asks nothing before its chunks
+        assert [r[0] for r in servicer.requests].count("GetVolume") == asked
         chunks = [c async for c in vol.stream_read(0, 30)]
         assert [s for s, _ in chunks] == list(range(0, 30, 4))
         assert b"".join(d for _, d in chunks) == data
