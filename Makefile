@@ -26,6 +26,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy -p tierdisk.service -p tierdisk.client
 	MYPYPATH=.typecheck:tests $(BIN)/mypy --strict tests deploy/healthcheck.py
+	MYPYPATH=bench $(BIN)/mypy --strict bench/*.py
 	$(BIN)/python scripts/gen-proto --check
 
 pytest: $(STAMP)

@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,19 @@ class FloorServicer(pb_grpc.BlockDeviceServicer):
             sector_count=VOLUME_SECTORS,
             physical_sector_size=SECTOR,
         )
+
+    async def _unimplemented(self, request: Any, context: Any) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "the floor serves Read, Write, GetVolume"
+        )
+
+    ListVolumes = Unmap = Flush = GetAllocation = Inspect = Resize = _unimplemented
+
+    async def WatchResize(
+        self, request: pb.WatchResizeRequest, context: Any
+    ) -> AsyncIterator[pb.ResizeEvent]:
+        await self._unimplemented(request, context)
+        yield pb.ResizeEvent()  # not reached: abort() raises
 
 
 def _write_ready(path: str, info: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import pstats
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,18 @@ def _recording_server(*args: Any, **kwargs: Any) -> Any:
     add_generic = server.add_generic_rpc_handlers
     add_registered = server.add_registered_method_handlers
 
-    def generic(handlers: Any) -> None:
+    def generic(handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         record["generic"].extend(handlers)
         add_generic(handlers)
 
-    def registered(service: str, handlers: dict[str, Any]) -> None:
+    def registered(service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
         for name, h in handlers.items():
             record["registered"][f"/{service}/{name}"] = h
         add_registered(service, handlers)
 
-    server.add_generic_rpc_handlers = generic
-    server.add_registered_method_handlers = registered
+    # recording wrappers replace the server's own methods on this instance
+    server.add_generic_rpc_handlers = generic  # type: ignore[method-assign,assignment]
+    server.add_registered_method_handlers = registered  # type: ignore[method-assign,assignment]
     return server
 
 

@@ -34,7 +34,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +154,8 @@ async def run_load(channel: grpc.aio.Channel, args: dict[str, Any]) -> dict[str,
         int(args.get("size", 256 << 20)),
         int(args.get("seed", 1)),
     )
-    call: Callable[[bytes], Any] = channel.unary_unary(
+    # bytes in and out: no (de)serializer, the load generator frames requests itself
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
         READ_PATH if requests.is_read else WRITE_PATH
     )
 
@@ -257,7 +257,8 @@ def _per_op(
 ) -> float | None:
     if a is None or b is None or ops <= 0:
         return None
-    return round((getattr(b, attr) - getattr(a, attr)) * scale / ops, 2)
+    spent: float = getattr(b, attr) - getattr(a, attr)
+    return round(spent * scale / ops, 2)
 
 
 async def _start_inproc(config: str) -> Any:

@@ -291,8 +291,8 @@ class Bench:
         head = f'[server]\ndata_dir = "{data}"\n'
         if self.have_nbd:
             head += 'nbd = "127.0.0.1:0"\n'
-        raw = {"kind": "raw", "path": str(self.image), "read_only": True}
-        volumes = {
+        raw: dict[str, Any] = {"kind": "raw", "path": str(self.image), "read_only": True}
+        volumes: dict[str, list[dict[str, Any]]] = {
             "ram": [{"kind": "ram", "size": VOLUME_BYTES}],
             "ram-raw": [{"kind": "ram"}, raw],
             "ram-sparse-raw": [
@@ -682,20 +682,17 @@ class Bench:
                     )
                 )
             if self.have_nbd and self.have_fio:
-                for stack in ("ram-raw",):  # the image qemu-nbd exports
-                    self.rows.append(
-                        Row(
-                            "main",
-                            f"tierdisk NBD {STACKS[stack]} + fio",
-                            wl,
-                            self.fio_cell(
-                                lambda s=stack: self.tierdisk_nbd_uri(s),
-                                wl,  # type: ignore[misc]
-                                lambda: main.pid,
-                            ),
-                            baseline=("main", "qemu-nbd + fio (raw image)"),
-                        )
+                self.rows.append(
+                    Row(
+                        "main",
+                        f"tierdisk NBD {STACKS['ram-raw']} + fio",  # the image qemu-nbd exports
+                        wl,
+                        self.fio_cell(
+                            lambda: self.tierdisk_nbd_uri("ram-raw"), wl, lambda: main.pid
+                        ),
+                        baseline=("main", "qemu-nbd + fio (raw image)"),
                     )
+                )
             elif wl == MAIN[0]:
                 self.skipped.append(
                     (
