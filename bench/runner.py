@@ -245,6 +245,7 @@ class Bench:
         self.args = args
         self.quick: bool = args.quick
         self.reporting = free_page_reporting()  # see fresh_write
+        self.freed_at = 0.0  # time.monotonic() when this runner last freed a lot of memory
         self.runs: int = args.runs or (3 if self.quick else 5)
         self.warmup: float = (
             args.warmup if args.warmup is not None else (0.15 if self.quick else 0.4)
@@ -857,6 +858,7 @@ class Bench:
                 cmd += ["--workload", f"{wl.op}:{wl.bs}:{wl.qd}"]
         out = self.run_child(cmd, timeout=300, env=lever_env())
         shutil.rmtree(self.work / "engine-data" / str(run), ignore_errors=True)
+        self.freed_at = time.monotonic()  # the engine process's volumes, its data folder
         got: dict[str, dict[str, Any]] = {}
         for line in out.stdout.splitlines():
             res = json.loads(line)
@@ -893,8 +895,9 @@ class Bench:
         whichever process touches it first. With this write, this process pays it, and its row
         (``cli CPU`` = this process's CPU per MiB) shows how much there was; the cold read
         that follows (well within the delay) reuses the memory the delete freed. Where the
-        machine reports free memory, :meth:`run_tier` first waits out any report still
-        pending from earlier frees: one landing during the cold read handed the rest of its
+        machine reports free memory, :meth:`run_tier` first waits out the report this
+        runner's last big free started (the engine process's volumes, the last cache server's
+        page cache; ``freed_at``): one landing during the cold read handed the rest of its
         fills reported memory (the fills went from ~0.3 to ~4.5 ms per MiB in the middle of
         a read; "the variant that goes second is slow")."""
         path = self.work / "fresh-write.tmp"
@@ -972,9 +975,12 @@ class Bench:
                 max_ops=1,
             )
             if self.reporting:
-                # Let a report of memory freed before this (the last cache server's page
-                # cache) happen now, not in the middle of the cold read.
-                time.sleep(PAGE_REPORTING_DELAY_S + 0.5)
+                # Let the report of memory this runner freed last (the engine's volumes, the
+                # last cache server's page cache) happen now, not in the middle of the cold
+                # read.
+                time.sleep(
+                    max(0.0, self.freed_at + PAGE_REPORTING_DELAY_S + 0.5 - time.monotonic())
+                )
             fresh.runs.append(self.fresh_write())
             before = memory_stalls()
             result = self.read_tier(cache.address, "tier", cache.pid)
@@ -986,6 +992,7 @@ class Bench:
             cache.stop()
             self.servers.remove(cache)
             shutil.rmtree(cache_dir, ignore_errors=True)
+            self.freed_at = time.monotonic()
 
     # -- the run --------------------------------------------------------------------------
 
