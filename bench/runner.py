@@ -251,7 +251,7 @@ class Bench:
             args.warmup if args.warmup is not None else (0.15 if self.quick else 0.4)
         )
         self.duration: float = (
-            args.duration if args.duration is not None else (0.5 if self.quick else 1.5)
+            args.duration if args.duration is not None else (0.4 if self.quick else 1.5)
         )
         self.work = Path(args.workdir or RESULTS / "work").resolve()
         self.image = self.work / "image.raw"
@@ -1000,6 +1000,7 @@ class Bench:
         cells = [r for r in self.rows if r.measure is not None]
         for run in range(self.runs):
             self.log(f"run {run + 1}/{self.runs}: {len(cells)} cells, engine, tiers")
+            started = time.monotonic()
             shift = (run * 7) % max(1, len(cells))
             for row in cells[shift:] + cells[:shift]:
                 assert row.measure is not None
@@ -1008,9 +1009,16 @@ class Bench:
                 except Exception as exc:  # keep going: one broken cell is one empty row
                     result = {"error": f"{type(exc).__name__}: {exc}"}
                 row.runs.append(result)
+            cells_done = time.monotonic()
             if not self.args.tiers_only:
                 self.run_engine(run)
+            engine_done = time.monotonic()
             self.run_tiers(run)
+            self.log(
+                f"run {run + 1}/{self.runs} took {cells_done - started:.0f} s for the cells, "
+                f"{engine_done - cells_done:.0f} s for the engine, "
+                f"{time.monotonic() - engine_done:.0f} s for the tiers"
+            )
         self.scale = None if self.args.tiers_only else self.run_scale()
 
     def run_scale(self) -> dict[str, Any] | None:
