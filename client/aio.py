@@ -706,10 +706,12 @@ class AsyncVolume:
         next to the more than ``max_io`` bytes of a request that is split).
 
         Done before a split read allocates its buffer or a split write sends its first chunk,
-        so that such a request changes nothing (DESIGN §3). It races with a concurrent resize:
-        a shrink between this check and the chunks can still fail a chunk after others landed
-        (the server refuses each chunk past the new end), and a grow just after it can refuse
-        a request that would then fit — as if the request had come before the resize."""
+        so that such a request changes nothing (DESIGN §3); for a split read into the
+        caller's buffer, only once a chunk was refused, to name the whole range. It races with
+        a concurrent resize: a shrink between this check and the chunks can still fail a chunk
+        after others landed (the server refuses each chunk past the new end), and a grow just
+        after it can refuse a request that would then fit — as if the request had come before
+        the resize."""
         (await self.info(timeout=timeout)).check_fits(sector, count)
 
     def _check_aligned(self, offset: int, length: int, size: int) -> None:
