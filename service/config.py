@@ -94,6 +94,11 @@ def _optional_address(value: object, what: str) -> str:
     return _address(value, what) if _str(value, what) else ""
 
 
+def _nbd_source(value: object, what: str) -> str:
+    """A remote layer's ``nbd``: an address, ``"auto"`` (ask the target), or ``""`` for off."""
+    return "auto" if value == "auto" else _optional_address(value, what)
+
+
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what} must be true or false, not {value!r}")
@@ -147,7 +152,7 @@ LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
         "server_name": _str,
         "token": _str,
         "token_file": _PATH,
-        "nbd": _optional_address,
+        "nbd": _nbd_source,
     },
 }
 """Per layer kind, the options it takes (besides kind, read_cache, write_through)."""

@@ -24,6 +24,7 @@ __all__ = [
     "bound_address",
     "claim_unix_path",
     "listen_socket",
+    "reachable_address",
     "split_host_port",
 ]
 
@@ -48,6 +49,25 @@ def split_host_port(address: str, what: str = "listen") -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def reachable_address(bound: str, via: str) -> str:
+    """The address of a listener bound at ``bound`` as seen by a client that reaches the same
+    server at ``via``: a listener on every interface (``0.0.0.0:10809``, ``[::]:10809``,
+    ``:10809``) is reached on ``via``'s host (``127.0.0.1`` when ``via`` is a unix socket);
+    any other address is returned as it is."""
+    if bound.startswith("unix:"):
+        return bound
+    host, port = split_host_port(bound)
+    if host not in _WILDCARD_HOSTS:
+        return bound
+    if via.startswith("unix:"):
+        return f"127.0.0.1:{port}"
+    via_host, _ = split_host_port(via, "target")
+    return f"[{via_host}]:{port}" if ":" in via_host else f"{via_host}:{port}"
 
 
 def claim_unix_path(path: str, what: str) -> None:

@@ -180,6 +180,7 @@ class Server:
         extra: dict[str, Any] = {"server": self.server_id}
         if self._nbd_metrics is not None:
             extra.update(self._nbd_metrics.inspect(volume))
+            extra["nbd"]["address"] = self.nbd_address  # where remote layers with nbd = "auto" go
         return extra
 
     def _bind_grpc(self, address: str) -> str:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tierdisk.service.netaddr import AddressInUse, bound_address, listen_socket, split_host_port
+from tierdisk.service.netaddr import (
+    AddressInUse,
+    bound_address,
+    listen_socket,
+    reachable_address,
+    split_host_port,
+)
 
 
 def test_tcp_port_zero_reports_the_real_port_and_refuses_a_second_listener() -> None:
@@ -70,3 +76,20 @@ async def test_metrics_endpoint_removes_its_socket_file_and_only_its_own(tmp_pat
         assert path.exists()  # not ours any more: left alone
     finally:
         other.close()
+
+
+@pytest.mark.parametrize(
+    ("bound", "via", "reached"),
+    [
+        ("127.0.0.1:10809", "origin.example:7400", "127.0.0.1:10809"),  # a host: as it is
+        ("0.0.0.0:10809", "origin.example:7400", "origin.example:10809"),
+        ("[::]:10809", "10.0.0.5:7400", "10.0.0.5:10809"),
+        (":10809", "[fd00::5]:7400", "[fd00::5]:10809"),
+        ("0.0.0.0:10809", "unix:/run/tierdisk.sock", "127.0.0.1:10809"),
+        ("unix:/run/nbd.sock", "origin.example:7400", "unix:/run/nbd.sock"),
+    ],
+)
+def test_reachable_address(bound: str, via: str, reached: str) -> None:
+    """Where a client that reaches a server at ``via`` finds its listener bound at ``bound``
+    (how a remote layer with ``nbd = "auto"`` turns the origin's NBD address into one)."""
+    assert reachable_address(bound, via) == reached

@@ -432,6 +432,7 @@ async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path
         assert await vol.read(0, 16) == NBD_BASE[: 8 * SS] + b"w" * SS + NBD_BASE[9 * SS : 16 * SS]
         tree = await vol.inspect("layers/1")
         assert tree["nbd"] == {
+            "option": o.nbd_address,
             "address": o.nbd_address,
             "connected": True,
             "export_bytes": 4 * MiB,
@@ -449,6 +450,45 @@ async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path
         assert (
             sample(o, "tierdisk_volume_io_requests_total", volume="base", op="read", code="OK") >= 2
         )
+
+
+async def test_nbd_auto_asks_the_target_where_its_export_is(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    """``nbd = "auto"``: the layer takes the NBD address from the origin (its Inspect tree's
+    ``nbd/address``) and reads over it; an origin without an NBD export leaves the reads on
+    gRPC, and the layer says why."""
+    o = nbd_origin
+    plain = tmp_path / "plain"
+    plain_body = f'[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\ndata_dir = "{plain}"\n'
+    async with running_server(plain, plain_body + toml_volume("base", ram("4MiB"))) as no_nbd:
+        async with AsyncClient(no_nbd.grpc_address) as client:
+            await client.volume("base").write(0, NBD_BASE)
+        body = toml_volume("vm", ram(), remote(o.grpc_address, "base", nbd="auto"))
+        body += toml_volume("plain", remote(no_nbd.grpc_address, "base", nbd="auto"))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            vol = client.volume("vm")
+            assert await vol.read(0, 4 * MiB // SS) == NBD_BASE
+            tree = await vol.inspect("layers/1")
+            assert tree["nbd"] == {
+                "option": "auto",
+                "address": o.nbd_address,
+                "connected": True,
+                "export_bytes": 4 * MiB,
+                "problem": "",
+            }
+            assert "Read" not in tree["requests"] and tree["requests"]["NbdRead"]["OK"] >= 2
+
+            plain_vol = client.volume("plain")
+            assert await plain_vol.read(0, 64) == NBD_BASE[: 64 * SS]
+            tree = await plain_vol.inspect("layers/0")
+            assert tree["nbd"]["option"] == "auto" and tree["nbd"]["address"] == ""
+            assert tree["nbd"]["connected"] is False
+            assert "serves no NBD export" in tree["nbd"]["problem"]
+            assert tree["requests"]["Read"] == {"OK": 1} and "NbdRead" not in tree["requests"]
 
 
 async def test_without_a_usable_nbd_export_reads_go_over_grpc(
@@ -563,6 +603,8 @@ async def test_nbd_reads_follow_the_origin_as_it_grows(nbd_origin: Server, tmp_p
         ({"nbd": "127.0.0.1:10809", "token": "t"}, "tls or a token"),
         ({"nbd": "127.0.0.1:10809", "tls": True}, "tls or a token"),
         ({"nbd": "127.0.0.1"}, "127.0.0.1"),
+        ({"nbd": "auto", "mode": "layer"}, 'mode = "disk"'),
+        ({"nbd": "auto", "token": "t"}, "tls or a token"),
     ],
 )
 async def test_nbd_option_rules(tmp_path: Path, options: dict[str, Any], problem: str) -> None:

@@ -28,9 +28,11 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     content, whitespace stripped). At most one of the two.
 ``nbd``
     The remote server's NBD export (its ``[server] nbd`` address, ``host:port`` or
-    ``unix:/path``; default ``""``, off). Reads then go over NBD (:mod:`..nbd_client`): per
-    MiB the origin spends ~60-70% and this side's receive ~25% of a gRPC ``Read``'s CPU
-    (``bench/README.md``, "Reads over NBD between tiers"); everything else
+    ``unix:/path``; or ``"auto"``: the address the target's server gives as ``Inspect`` path
+    ``nbd/address``, asked at attach and at each reconnect, a listener on every interface
+    reached on ``target``'s host; default ``""``, off). Reads then go over NBD
+    (:mod:`..nbd_client`): per MiB the origin spends ~60-70% and this side's receive ~25% of
+    a gRPC ``Read``'s CPU (``bench/README.md``, "Reads over NBD between tiers"); everything else
     (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in
     ``mode = "disk"`` (NBD carries no presence) and without TLS or a token (NBD has neither
     here). NBD is only ever a faster way to the same bytes: a read the NBD connection cannot
@@ -112,14 +114,17 @@ from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..nbd_client import NbdClosed, NbdError, NbdReader
 from ..nbd_protocol import described_server
+from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
 from ..runs import Run
 
-__all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
+__all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "NBD_AUTO", "RemoteLayer", "domain_error"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("disk", "layer")
+NBD_AUTO = "auto"
+"""The ``nbd`` value that takes the NBD address from the target's server."""
 
 ATTACH_TIMEOUT = 2.0
 """Longest wait for the remote's GetVolume at attach (no retries there)."""
@@ -267,7 +272,8 @@ class RemoteLayer(Layer):
         self._server_name = server_name
         self._token = token
         self._token_file = token_file
-        self.nbd_address = nbd
+        self.nbd_option = nbd
+        self.nbd_address = "" if nbd == NBD_AUTO else nbd  # with "auto": once the target said
         self._nbd: NbdReader | None = None
         self._nbd_problem = ""  # why the NBD export is not used ("" when it is)
         self._target_server = ""  # the id the target's server gave (Inspect "server")
@@ -385,7 +391,7 @@ class RemoteLayer(Layer):
             async with asyncio.timeout(attach_timeout):
                 while not self._watching:
                     await self._watch_news.wait()
-        if self.nbd_address:
+        if self.nbd_option:
             await self._nbd_connect()
             if self._nbd is None:
                 self._nbd_reconnect()
@@ -650,6 +656,8 @@ class RemoteLayer(Layer):
         by the same server process as the gRPC target (else log why not, and keep the reason
         for ``inspect``). Failures leave the data path on gRPC."""
         wait = min(self.timeout, ATTACH_TIMEOUT)
+        if self.nbd_option == NBD_AUTO and not await self._nbd_ask_address():
+            return
         try:
             async with asyncio.timeout(wait):
                 reader = await NbdReader.connect(self.nbd_address, self.remote_volume)
@@ -676,6 +684,27 @@ class RemoteLayer(Layer):
         if old is not None:  # let its reads in flight finish: no needless gRPC retries
             await old.close(drain=self.timeout)
         log.info("%s: reading over NBD at %s", self._where, self.nbd_address)
+
+    async def _nbd_ask_address(self) -> bool:
+        """``nbd = "auto"``: take the NBD address from the target's server (``Inspect`` path
+        ``nbd/address``, as this layer reaches it); False (with the reason kept) when it has
+        none or does not say."""
+        try:
+            tree = await self._volume().inspect(
+                "nbd/address", timeout=min(self.timeout, ATTACH_TIMEOUT)
+            )
+        except client_errors.InvalidArgument:  # no such path: the server exports no NBD
+            self._nbd_not_used(f"{self.target} serves no NBD export (its [server] nbd is off)")
+            return False
+        except client_errors.TierdiskError as exc:
+            self._nbd_not_used(f"{self.target} did not say where its NBD export is ({exc})")
+            return False
+        try:
+            self.nbd_address = reachable_address(str(tree.get("value", "")), self.target)
+        except ValueError as exc:
+            self._nbd_not_used(f"{self.target} gave an NBD address that is no address ({exc})")
+            return False
+        return True
 
     def _nbd_not_used(self, problem: str) -> None:
         self._nbd_problem = problem
@@ -787,11 +816,12 @@ class RemoteLayer(Layer):
         }
 
     def _nbd_inspect(self) -> dict[str, Any]:
-        if not self.nbd_address:
+        if not self.nbd_option:
             return {}
         nbd = self._nbd
         return {
             "nbd": {
+                "option": self.nbd_option,
                 "address": self.nbd_address,
                 "connected": nbd is not None and not nbd.closed,
                 "export_bytes": nbd.export.size if nbd is not None else None,
