@@ -95,7 +95,8 @@ def _optional_address(value: object, what: str) -> str:
 
 
 def _nbd_source(value: object, what: str) -> str:
-    """A remote layer's ``nbd``: an address, ``"auto"`` (ask the target), or ``""`` for off."""
+    """A remote layer's ``nbd``: an address, ``"auto"`` (ask the target; ``NBD_AUTO`` of
+    :mod:`.layers.remote_nbd`), or ``""`` for off."""
     return "auto" if value == "auto" else _optional_address(value, what)
 
 

@@ -112,19 +112,15 @@ from tierdisk.client.retry import RetryPolicy
 from .. import errors, hops
 from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior
-from ..nbd_client import NbdClosed, NbdError, NbdReader
-from ..nbd_protocol import described_server
-from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
 from ..runs import Run
+from .remote_nbd import NbdDataPath
 
-__all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "NBD_AUTO", "RemoteLayer", "domain_error"]
+__all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("disk", "layer")
-NBD_AUTO = "auto"
-"""The ``nbd`` value that takes the NBD address from the target's server."""
 
 ATTACH_TIMEOUT = 2.0
 """Longest wait for the remote's GetVolume at attach (no retries there)."""
@@ -132,7 +128,6 @@ ATTACH_TIMEOUT = 2.0
 _BACKOFF = 0.05  # first retry wait ceiling (full jitter), doubling per retry
 _MAX_BACKOFF = 2.0
 _WATCH_BACKOFF = (0.1, 5.0)  # reconnect delays of the WatchResize follower
-_NBD_BACKOFF = (0.1, 5.0)  # reconnect delays of the NBD data path
 _PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
@@ -272,13 +267,21 @@ class RemoteLayer(Layer):
         self._server_name = server_name
         self._token = token
         self._token_file = token_file
-        self.nbd_option = nbd
-        self.nbd_address = "" if nbd == NBD_AUTO else nbd  # with "auto": once the target said
-        self._nbd: NbdReader | None = None
-        self._nbd_problem = ""  # why the NBD export is not used ("" when it is)
-        self._target_server = ""  # the id the target's server gave (Inspect "server")
-        self._nbd_task: asyncio.Task[None] | None = None
-        self._nbd_log = RateLimitedLog(log)
+        self._nbd = (
+            NbdDataPath(
+                nbd,
+                target=target,
+                volume=volume,
+                where=self._where,
+                timeout=self.timeout,
+                wait=min(self.timeout, ATTACH_TIMEOUT),
+                remote=self._volume,
+                size=lambda: self._sector_count * self._sector_size,
+                observe=self._observe,
+            )
+            if nbd
+            else None
+        )
         self._max_io = max_io
         self._max_in_flight = max(max_in_flight, DEFAULT_IN_FLIGHT)
         self._errors = _Translate(self)
@@ -391,21 +394,18 @@ class RemoteLayer(Layer):
             async with asyncio.timeout(attach_timeout):
                 while not self._watching:
                     await self._watch_news.wait()
-        if self.nbd_option:
-            await self._nbd_connect()
-            if self._nbd is None:
-                self._nbd_reconnect()
+        if self._nbd is not None:
+            await self._nbd.start()
 
     async def close(self) -> None:
-        for task in (self._watch_task, self._present_task, self._nbd_task):
+        for task in (self._watch_task, self._present_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._watch_task = self._present_task = self._nbd_task = None
+        self._watch_task = self._present_task = None
         if self._nbd is not None:
             await self._nbd.close()
-            self._nbd = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -425,7 +425,7 @@ class RemoteLayer(Layer):
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
         if self.on_request is not None and rpc != "WatchResize":
             self.on_request(rpc, code.name, seconds)
-        # (NbdRead failures are logged by _nbd_read, which says what happens next.)
+        # (NbdRead failures are logged by the NBD data path, which says what happens next.)
         if code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
             self._call_log.warning(
                 "%s: %s answered %s after %.3f s (retried up to %d times)",
@@ -520,12 +520,7 @@ class RemoteLayer(Layer):
         count = self._clip(sector, len(buf) // ss)
         if count == 0:
             return []
-        nbd = self._nbd
-        if (
-            nbd is not None
-            and (sector + count) * ss <= nbd.export.size
-            and await self._nbd_read(nbd, buf[: count * ss], sector * ss)
-        ):
+        if self._nbd is not None and await self._nbd.read(buf[: count * ss], sector * ss):
             return [(sector, sector + count)]
         vol = self._volume()
         with self._errors:
@@ -617,8 +612,8 @@ class RemoteLayer(Layer):
         if sector_count != self._sector_count:
             self._sector_count = sector_count
             self._notify_resized()
-            if self._nbd is not None or self._nbd_task is not None:
-                self._nbd_reconnect()  # learn the export's new size
+            if self._nbd is not None:
+                self._nbd.size_changed()
 
     def _watch_spoke(self) -> None:
         """Wake :meth:`resize` callers waiting for the watch (an event, or the stream ended)."""
@@ -649,152 +644,6 @@ class RemoteLayer(Layer):
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, _WATCH_BACKOFF[1])
 
-    # -- the NBD data path (the ``nbd`` option) -------------------------------------------
-
-    async def _nbd_connect(self) -> None:
-        """Open the NBD export and use it, if it is the remote volume's size and is served
-        by the same server process as the gRPC target (else log why not, and keep the reason
-        for ``inspect``). Failures leave the data path on gRPC."""
-        wait = min(self.timeout, ATTACH_TIMEOUT)
-        if self.nbd_option == NBD_AUTO and not await self._nbd_ask_address():
-            return
-        try:
-            async with asyncio.timeout(wait):
-                reader = await NbdReader.connect(self.nbd_address, self.remote_volume)
-        except TimeoutError:
-            self._nbd_not_used(f"the NBD export at {self.nbd_address} did not answer in {wait:g} s")
-            return
-        except (OSError, NbdError) as exc:
-            self._nbd_not_used(f"the NBD export at {self.nbd_address} is not usable ({exc})")
-            return
-        size = self._sector_count * self._sector_size
-        if reader.export.size < size:
-            problem = (
-                f"the NBD export {self.remote_volume!r} at {self.nbd_address} is "
-                f"{reader.export.size} bytes, the volume {size}"
-            )
-        else:
-            problem = await self._nbd_served_elsewhere(described_server(reader.export.description))
-        if problem:
-            await reader.close()
-            self._nbd_not_used(problem)
-            return
-        old, self._nbd = self._nbd, reader
-        self._nbd_problem = ""
-        if old is not None:  # let its reads in flight finish: no needless gRPC retries
-            await old.close(drain=self.timeout)
-        log.info("%s: reading over NBD at %s", self._where, self.nbd_address)
-
-    async def _nbd_ask_address(self) -> bool:
-        """``nbd = "auto"``: take the NBD address from the target's server (``Inspect`` path
-        ``nbd/address``, as this layer reaches it); False (with the reason kept) when it has
-        none or does not say."""
-        try:
-            tree = await self._volume().inspect(
-                "nbd/address", timeout=min(self.timeout, ATTACH_TIMEOUT)
-            )
-        except client_errors.InvalidArgument:  # no such path: the server exports no NBD
-            self._nbd_not_used(f"{self.target} serves no NBD export (its [server] nbd is off)")
-            return False
-        except client_errors.TierdiskError as exc:
-            self._nbd_not_used(f"{self.target} did not say where its NBD export is ({exc})")
-            return False
-        try:
-            self.nbd_address = reachable_address(str(tree.get("value", "")), self.target)
-        except ValueError as exc:
-            self._nbd_not_used(f"{self.target} gave an NBD address that is no address ({exc})")
-            return False
-        return True
-
-    def _nbd_not_used(self, problem: str) -> None:
-        self._nbd_problem = problem
-        self._nbd_log.warning("%s: %s; reading over gRPC", self._where, problem)
-
-    async def _nbd_served_elsewhere(self, served_by: str) -> str:
-        """Why the NBD export named ``served_by`` (the server id in its description) must not
-        be used, or an empty string when that is the server answering this layer's gRPC
-        calls. A wrong ``nbd`` address could otherwise serve another server's volume of the
-        same name and size (wrong data) or this server's own (reads that loop). The target's
-        id (``Inspect`` path ``server``) is kept, and asked again whenever an export names
-        another: after a restart the remote server has a new one."""
-        if not served_by or served_by != self._target_server:
-            try:
-                tree = await self._volume().inspect(
-                    "server", timeout=min(self.timeout, ATTACH_TIMEOUT)
-                )
-            except client_errors.TierdiskError as exc:
-                return f"{self.target} did not say which server it is ({exc})"
-            self._target_server = str(tree.get("value", ""))
-        if served_by and served_by == self._target_server:
-            return ""
-        return (
-            f"the NBD export at {self.nbd_address} is served by "
-            f"{served_by or 'a server that does not name itself'}, not by the gRPC "
-            f"target {self.target} ({self._target_server or 'no id'})"
-        )
-
-    def _nbd_reconnect(self) -> None:
-        """Remake the NBD connection in the background (with backoff) unless already doing so."""
-        if self._nbd_task is None or self._nbd_task.done():
-            self._nbd_task = asyncio.get_running_loop().create_task(
-                self._nbd_keep_trying(), name=f"nbd {self.nbd_address}/{self.remote_volume}"
-            )
-
-    async def _nbd_keep_trying(self) -> None:
-        delay = _NBD_BACKOFF[0]
-        while self._client is not None:
-            want = self._sector_count * self._sector_size
-            await self._nbd_connect()
-            nbd = self._nbd
-            if nbd is not None and not nbd.closed and nbd.export.size >= want:
-                return
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _NBD_BACKOFF[1])
-
-    async def _nbd_read(self, nbd: NbdReader, buf: memoryview, offset: int) -> bool:
-        """Read over NBD; False (logged, counted) when gRPC must serve the read instead.
-
-        No answer within ``timeout`` is :class:`~..errors.DeadlineExceeded`, as over gRPC
-        (a second try over gRPC would double the wait for a hung remote)."""
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self.timeout):
-                await nbd.read_into(offset, buf)
-        except TimeoutError:
-            self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, self.timeout)
-            self._nbd_log.warning(
-                "%s: no answer over NBD at %s within %g s; connecting anew",
-                self._where,
-                self.nbd_address,
-                self.timeout,
-            )
-            await self._nbd_drop(nbd)
-            raise errors.DeadlineExceeded(
-                f"{self._where}: no answer over NBD at {self.nbd_address} within {self.timeout:g} s"
-            ) from None
-        except NbdError as exc:
-            closed = isinstance(exc, NbdClosed)
-            code = grpc.StatusCode.UNAVAILABLE if closed else grpc.StatusCode.INTERNAL
-            self._observe("NbdRead", code, time.monotonic() - started)
-            self._nbd_log.warning(
-                "%s: NBD read at %s failed (%s); reading over gRPC",
-                self._where,
-                self.nbd_address,
-                exc,
-            )
-            if closed:
-                await self._nbd_drop(nbd)
-            return False
-        self._observe("NbdRead", grpc.StatusCode.OK, time.monotonic() - started)
-        return True
-
-    async def _nbd_drop(self, nbd: NbdReader) -> None:
-        """Stop using a broken or hung connection and make a new one in the background."""
-        if self._nbd is nbd:
-            self._nbd = None
-            self._nbd_reconnect()
-        await nbd.close()
-
     # -- diagnostics ----------------------------------------------------------------------
 
     def inspect(self) -> dict[str, Any]:
@@ -812,21 +661,7 @@ class RemoteLayer(Layer):
             "timeout": self.timeout,
             "retries": self.retries,
             "requests": counts,
-            **self._nbd_inspect(),
-        }
-
-    def _nbd_inspect(self) -> dict[str, Any]:
-        if not self.nbd_option:
-            return {}
-        nbd = self._nbd
-        return {
-            "nbd": {
-                "option": self.nbd_option,
-                "address": self.nbd_address,
-                "connected": nbd is not None and not nbd.closed,
-                "export_bytes": nbd.export.size if nbd is not None else None,
-                "problem": self._nbd_problem,
-            }
+            **({"nbd": self._nbd.inspect()} if self._nbd is not None else {}),
         }
 
 

@@ -1,0 +1,260 @@
+"""The ``nbd`` option of a ``remote`` layer: its reads over the remote server's NBD export.
+
+A :class:`NbdDataPath` belongs to one :class:`~.remote.RemoteLayer` and serves only that
+layer's reads; everything else (attach, writes, fills, flush, unmap, resize, the resize
+watch) stays on gRPC, and so does any read this path cannot serve. The semantics (which
+export is used, what happens on errors and timeouts, what ``inspect`` shows) are the ``nbd``
+option's, in :mod:`.remote`'s docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from tierdisk.client import errors as client_errors
+from tierdisk.client.aio import AsyncVolume
+
+from .. import errors
+from ..nbd_client import NbdClosed, NbdError, NbdReader
+from ..nbd_protocol import described_server
+from ..netaddr import reachable_address
+from ..ratelimit import RateLimitedLog
+
+__all__ = ["NBD_AUTO", "NbdDataPath"]
+
+log = logging.getLogger(__name__)
+
+NBD_AUTO = "auto"
+"""The ``nbd`` value that takes the NBD address from the target's server."""
+
+_BACKOFF = (0.1, 5.0)  # reconnect delays (seconds): first, longest
+
+
+class NbdDataPath:
+    """Reads of one remote layer over the remote server's NBD export ``option`` (an address,
+    or :data:`NBD_AUTO`), with what the layer lends it: the remote volume's gRPC client
+    (``remote``, for ``Inspect``), the volume's current size in bytes (``size``), and
+    ``observe(rpc, code, seconds)`` to count each NBD read as method ``NbdRead``. ``timeout``
+    bounds each read, ``wait`` each connection attempt and each question to the target
+    (seconds)."""
+
+    def __init__(
+        self,
+        option: str,
+        *,
+        target: str,
+        volume: str,
+        where: str,
+        timeout: float,
+        wait: float,
+        remote: Callable[[], AsyncVolume],
+        size: Callable[[], int],
+        observe: Callable[[str, grpc.StatusCode, float], None],
+    ) -> None:
+        self.option = option
+        self.address = "" if option == NBD_AUTO else option  # with "auto": once the target said
+        self.problem = ""  # why the NBD export is not used ("" when it is)
+        self._target = target
+        self._volume = volume
+        self._where = where
+        self._timeout = timeout
+        self._wait = wait
+        self._remote = remote
+        self._size = size
+        self._observe = observe
+        self._reader: NbdReader | None = None
+        self._target_server = ""  # the id the target's server gave (Inspect "server")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._log = RateLimitedLog(log)
+
+    async def start(self) -> None:
+        """Connect (at attach); when that fails, keep trying in the background."""
+        self._closed = False
+        await self._connect()
+        if self._reader is None:
+            self._reconnect()
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection (at the layer's close)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+
+    def size_changed(self) -> None:
+        """The remote volume changed size: connect anew to learn the export's size."""
+        if self._reader is not None or self._task is not None:
+            self._reconnect()
+
+    async def read(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` from byte ``offset`` of the export; False when the read is not
+        served here (no connection, a range past the export's size as negotiated, a failed
+        read: logged and counted) and gRPC must serve it instead.
+
+        No answer within the layer's ``timeout`` is :class:`~..errors.DeadlineExceeded`, as
+        over gRPC (a second try over gRPC would double the wait for a hung remote)."""
+        reader = self._reader
+        if reader is None or offset + len(buf) > reader.export.size:
+            return False
+        return await self._read(reader, buf, offset)
+
+    async def _connect(self) -> None:
+        """Open the NBD export and use it, if it is the remote volume's size and is served
+        by the same server process as the gRPC target (else log why not, and keep the reason
+        for ``inspect``). Failures leave the data path on gRPC."""
+        wait = self._wait
+        if self.option == NBD_AUTO and not await self._ask_address():
+            return
+        try:
+            async with asyncio.timeout(wait):
+                reader = await NbdReader.connect(self.address, self._volume)
+        except TimeoutError:
+            self._not_used(f"the NBD export at {self.address} did not answer in {wait:g} s")
+            return
+        except (OSError, NbdError) as exc:
+            self._not_used(f"the NBD export at {self.address} is not usable ({exc})")
+            return
+        size = self._size()
+        if reader.export.size < size:
+            problem = (
+                f"the NBD export {self._volume!r} at {self.address} is "
+                f"{reader.export.size} bytes, the volume {size}"
+            )
+        else:
+            problem = await self._served_elsewhere(described_server(reader.export.description))
+        if problem:
+            await reader.close()
+            self._not_used(problem)
+            return
+        old, self._reader = self._reader, reader
+        self.problem = ""
+        if old is not None:  # let its reads in flight finish: no needless gRPC retries
+            await old.close(drain=self._timeout)
+        log.info("%s: reading over NBD at %s", self._where, self.address)
+
+    async def _ask_address(self) -> bool:
+        """``nbd = "auto"``: take the NBD address from the target's server (``Inspect`` path
+        ``nbd/address``, as this layer reaches it); False (with the reason kept) when it has
+        none or does not say."""
+        try:
+            tree = await self._remote().inspect("nbd/address", timeout=self._wait)
+        except client_errors.InvalidArgument:  # no such path: the server exports no NBD
+            self._not_used(f"{self._target} serves no NBD export (its [server] nbd is off)")
+            return False
+        except client_errors.TierdiskError as exc:
+            self._not_used(f"{self._target} did not say where its NBD export is ({exc})")
+            return False
+        try:
+            self.address = reachable_address(str(tree.get("value", "")), self._target)
+        except ValueError as exc:
+            self._not_used(f"{self._target} gave an NBD address that is no address ({exc})")
+            return False
+        return True
+
+    def _not_used(self, problem: str) -> None:
+        self.problem = problem
+        self._log.warning("%s: %s; reading over gRPC", self._where, problem)
+
+    async def _served_elsewhere(self, served_by: str) -> str:
+        """Why the NBD export named ``served_by`` (the server id in its description) must not
+        be used, or an empty string when that is the server answering this layer's gRPC
+        calls. A wrong ``nbd`` address could otherwise serve another server's volume of the
+        same name and size (wrong data) or this server's own (reads that loop). The target's
+        id (``Inspect`` path ``server``) is kept, and asked again whenever an export names
+        another: after a restart the remote server has a new one."""
+        if not served_by or served_by != self._target_server:
+            try:
+                tree = await self._remote().inspect("server", timeout=self._wait)
+            except client_errors.TierdiskError as exc:
+                return f"{self._target} did not say which server it is ({exc})"
+            self._target_server = str(tree.get("value", ""))
+        if served_by and served_by == self._target_server:
+            return ""
+        return (
+            f"the NBD export at {self.address} is served by "
+            f"{served_by or 'a server that does not name itself'}, not by the gRPC "
+            f"target {self._target} ({self._target_server or 'no id'})"
+        )
+
+    def _reconnect(self) -> None:
+        """Remake the NBD connection in the background (with backoff) unless already doing so."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._keep_trying(), name=f"nbd {self.address}/{self._volume}"
+            )
+
+    async def _keep_trying(self) -> None:
+        delay = _BACKOFF[0]
+        while not self._closed:
+            want = self._size()
+            await self._connect()
+            nbd = self._reader
+            if nbd is not None and not nbd.closed and nbd.export.size >= want:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _BACKOFF[1])
+
+    async def _read(self, nbd: NbdReader, buf: memoryview, offset: int) -> bool:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await nbd.read_into(offset, buf)
+        except TimeoutError:
+            self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, self._timeout)
+            self._log.warning(
+                "%s: no answer over NBD at %s within %g s; connecting anew",
+                self._where,
+                self.address,
+                self._timeout,
+            )
+            await self._drop(nbd)
+            raise errors.DeadlineExceeded(
+                f"{self._where}: no answer over NBD at {self.address} within {self._timeout:g} s"
+            ) from None
+        except NbdError as exc:
+            closed = isinstance(exc, NbdClosed)
+            code = grpc.StatusCode.UNAVAILABLE if closed else grpc.StatusCode.INTERNAL
+            self._observe("NbdRead", code, time.monotonic() - started)
+            self._log.warning(
+                "%s: NBD read at %s failed (%s); reading over gRPC",
+                self._where,
+                self.address,
+                exc,
+            )
+            if closed:
+                await self._drop(nbd)
+            return False
+        self._observe("NbdRead", grpc.StatusCode.OK, time.monotonic() - started)
+        return True
+
+    async def _drop(self, nbd: NbdReader) -> None:
+        """Stop using a broken or hung connection and make a new one in the background."""
+        if self._reader is nbd:
+            self._reader = None
+            self._reconnect()
+        await nbd.close()
+
+    def inspect(self) -> dict[str, Any]:
+        """The ``nbd`` part of the layer's ``inspect`` tree."""
+        reader = self._reader
+        return {
+            "option": self.option,
+            "address": self.address,
+            "connected": reader is not None and not reader.closed,
+            "export_bytes": reader.export.size if reader is not None else None,
+            "problem": self.problem,
+        }
