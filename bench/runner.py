@@ -872,9 +872,8 @@ class Bench:
         if not rows:
             return
         variants = [(rows["tier cold"], rows["tier warm"], "")]
-        if TIER_COLD_NBD in rows:
-            nbd = str(self.origin.info.get("nbd", ""))
-            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], nbd))
+        if TIER_COLD_NBD in rows:  # the origin exports NBD; the tier asks it where
+            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], "auto"))
         if run % 2:
             variants.reverse()  # each goes first in every other run (fresh-memory cost)
         for cold, warm, address in variants:
@@ -940,7 +939,9 @@ class Bench:
     def run_tier(self, run: int, cold: Row, warm: Row, fresh: Row, nbd: str) -> None:
         """A cache server over the origin, started empty: read it cold (right after a
         :meth:`fresh_write`, recorded in ``fresh``), then warm; its remote layer reads over
-        the origin's NBD export when ``nbd`` is its address."""
+        the origin's NBD export when ``nbd`` is set (its ``nbd`` option). Then the cold row
+        records how many reads the layer made over NBD (``nbd_reads``), and is an error if
+        none: a row named "NBD" that measured gRPC would mislead."""
         cache_dir = self.work / f"tier-{run}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         config = self.work / "tier.toml"
@@ -986,6 +987,8 @@ class Bench:
             result = self.read_tier(cache.address, "tier", cache.pid)
             after = memory_stalls()
             result["memory_stalls"] = {k: after[k] - before.get(k, 0) for k in after}
+            if nbd:
+                result.update(_nbd_reads(cache.address))
             cold.runs.append(result)
             warm.runs.append(self.read_tier(cache.address, "tier", cache.pid))
         finally:
@@ -1244,6 +1247,20 @@ class Bench:
 
 
 # -- printing ---------------------------------------------------------------------------
+
+
+def _nbd_reads(address: str) -> dict[str, Any]:
+    """``{"nbd_reads": N}``: the reads the tier volume's remote layer (index 2) made over NBD,
+    from its ``inspect``; with an ``error`` naming the layer's reason when it made none."""
+    from tierdisk.client import Client
+
+    with Client(address) as client:
+        layer = client.volume("tier").inspect("layers/2")
+    count = int(layer.get("requests", {}).get("NbdRead", {}).get("OK", 0))
+    if count:
+        return {"nbd_reads": count}
+    problem = layer.get("nbd", {}).get("problem") or "no NbdRead counted"
+    return {"nbd_reads": 0, "error": f"the reads did not go over NBD: {problem}"}
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
