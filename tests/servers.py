@@ -31,6 +31,7 @@ __all__ = [
     "FOUR_VOLUMES",
     "ServerProcess",
     "free_port",
+    "metric",
     "ram",
     "remote",
     "running_server",
@@ -97,6 +98,11 @@ def write_config(tmp_path: Path, body: str, name: str = "tierdisk.toml") -> Path
         header = ""
     path.write_text(header + body)
     return path
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The value of one sample of ``server``'s metrics registry (0 when it has none yet)."""
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,244 @@
+"""The ``remote`` layer's ``nbd`` option (:mod:`tierdisk.service.layers.remote_nbd`) against
+real servers on 127.0.0.1 (in-process, port 0): reads go over the origin's NBD export (an
+address, or ``"auto"``: asked of the origin), an export that is not usable or belongs to
+another server (or to the reading server itself) is not used and ``inspect`` says why,
+reads follow the origin as it grows, and the option's rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import free_port, metric, ram, remote, running_server, toml_volume
+from stacks import pattern
+
+from tierdisk.client import AsyncClient
+from tierdisk.service.errors import ConfigError
+from tierdisk.service.server import Server
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+SS = 512
+
+
+NBD_BASE = pattern(5, 0, 4 * MiB // SS, SS)
+
+
+def nbd_server_config(data_dir: Path, size: str) -> str:
+    """A server with its NBD export on (port 0) and one RAM volume ``base`` of ``size``."""
+    return (
+        '[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "127.0.0.1:0"\n'
+        f'data_dir = "{data_dir}"\n'
+    ) + toml_volume("base", ram(size))
+
+
+@pytest.fixture
+async def nbd_origin(tmp_path: Path) -> AsyncIterator[Server]:
+    """An origin with its NBD export on: ``base`` (4 MiB of a pattern)."""
+    body = nbd_server_config(tmp_path / "nbd-origin", "4MiB")
+    async with running_server(tmp_path / "nbd-origin", body) as srv:
+        async with AsyncClient(srv.grpc_address) as client:
+            await client.volume("base").write(0, NBD_BASE)
+        yield srv
+
+
+async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path: Path) -> None:
+    o = nbd_origin
+    body = toml_volume("vm", ram(), remote(o.grpc_address, "base", nbd=o.nbd_address))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        assert await vol.read(0, 4 * MiB // SS) == NBD_BASE
+        await vol.write(8, b"w" * SS)  # lands on the ram layer on top
+        assert await vol.read(0, 16) == NBD_BASE[: 8 * SS] + b"w" * SS + NBD_BASE[9 * SS : 16 * SS]
+        tree = await vol.inspect("layers/1")
+        assert tree["nbd"] == {
+            "option": o.nbd_address,
+            "address": o.nbd_address,
+            "connected": True,
+            "export_bytes": 4 * MiB,
+            "problem": "",
+        }
+        assert "Read" not in tree["requests"]  # no data over gRPC
+        nbd_reads = tree["requests"]["NbdRead"]["OK"]
+        assert nbd_reads >= 2
+        labels = {"volume": "vm", "layer": "1"}
+        counted = metric(
+            proxy, "tierdisk_remote_requests_total", method="NbdRead", code="OK", **labels
+        )
+        assert counted == nbd_reads
+        # the origin served them on its NBD export
+        assert (
+            metric(o, "tierdisk_volume_io_requests_total", volume="base", op="read", code="OK") >= 2
+        )
+
+
+async def test_nbd_auto_asks_the_target_where_its_export_is(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    """``nbd = "auto"``: the layer takes the NBD address from the origin (its Inspect tree's
+    ``nbd/address``) and reads over it; an origin without an NBD export leaves the reads on
+    gRPC, and the layer says why."""
+    o = nbd_origin
+    plain = tmp_path / "plain"
+    plain_body = f'[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\ndata_dir = "{plain}"\n'
+    async with running_server(plain, plain_body + toml_volume("base", ram("4MiB"))) as no_nbd:
+        async with AsyncClient(no_nbd.grpc_address) as client:
+            await client.volume("base").write(0, NBD_BASE)
+        body = toml_volume("vm", ram(), remote(o.grpc_address, "base", nbd="auto"))
+        body += toml_volume("plain", remote(no_nbd.grpc_address, "base", nbd="auto"))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            vol = client.volume("vm")
+            assert await vol.read(0, 4 * MiB // SS) == NBD_BASE
+            tree = await vol.inspect("layers/1")
+            assert tree["nbd"] == {
+                "option": "auto",
+                "address": o.nbd_address,
+                "connected": True,
+                "export_bytes": 4 * MiB,
+                "problem": "",
+            }
+            assert "Read" not in tree["requests"] and tree["requests"]["NbdRead"]["OK"] >= 2
+
+            plain_vol = client.volume("plain")
+            assert await plain_vol.read(0, 64) == NBD_BASE[: 64 * SS]
+            tree = await plain_vol.inspect("layers/0")
+            assert tree["nbd"]["option"] == "auto" and tree["nbd"]["address"] == ""
+            assert tree["nbd"]["connected"] is False
+            assert "serves no NBD export" in tree["nbd"]["problem"]
+            assert tree["requests"]["Read"] == {"OK": 1} and "NbdRead" not in tree["requests"]
+
+
+async def test_without_a_usable_nbd_export_reads_go_over_grpc(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    o = nbd_origin
+    # another server whose NBD export "base" is a smaller volume: not this layer's volume
+    other = nbd_server_config(tmp_path / "other", "1MiB")
+    async with running_server(tmp_path / "other", other) as wrong:
+        body = toml_volume("a", remote(o.grpc_address, "base", nbd=f"127.0.0.1:{free_port()}"))
+        body += toml_volume("b", remote(o.grpc_address, "base", nbd=wrong.nbd_address))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            for name, problem in (("a", "not usable"), ("b", "is 1048576 bytes")):
+                vol = client.volume(name)
+                assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
+                tree = await vol.inspect("layers/0")
+                assert tree["nbd"]["connected"] is False, name
+                assert problem in tree["nbd"]["problem"], name
+                assert tree["requests"]["Read"] == {"OK": 1}, name
+                assert "NbdRead" not in tree["requests"], name
+
+
+async def test_an_nbd_export_of_another_server_is_not_used(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    """``nbd`` naming another server with a volume of the same name and size (a wrong port,
+    another region's origin): its data must never be read as the target's. The export names
+    its server in its description; the layer compares that with the target's own id."""
+    o = nbd_origin
+    other = nbd_server_config(tmp_path / "other", "4MiB")
+    async with running_server(tmp_path / "other", other) as wrong:
+        async with AsyncClient(wrong.grpc_address) as wclient:
+            await wclient.volume("base").write(0, b"\xee" * (64 * SS))  # not the origin's data
+        body = toml_volume("vm", remote(o.grpc_address, "base", nbd=wrong.nbd_address))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address) as client,
+        ):
+            vol = client.volume("vm")
+            assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
+            tree = await vol.inspect("layers/0")
+            assert tree["nbd"]["connected"] is False
+            problem = tree["nbd"]["problem"]
+            assert f"is served by {wrong.server_id}" in problem, problem
+            assert o.server_id in problem, problem
+            assert "NbdRead" not in tree["requests"]
+
+
+async def test_an_nbd_address_of_the_server_itself_is_not_used(
+    nbd_origin: Server, tmp_path: Path
+) -> None:
+    """A cache server whose ``nbd`` names its own export of the volume: reading it would be
+    reading itself, each read waiting on another. It reads over gRPC from the target."""
+    o = nbd_origin
+    sock = tmp_path / "self.nbd"
+    body = (
+        f'[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\nnbd = "unix:{sock}"\n'
+        f'data_dir = "{tmp_path / "proxy"}"\n'
+    ) + toml_volume("base", ram(), remote(o.grpc_address, "base", nbd=f"unix:{sock}"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("base")
+        assert (await vol.inspect("server"))["value"] == proxy.server_id
+        # The export starts after the volumes attach: the layer tries again in the background.
+        deadline = time.monotonic() + 15
+        while (
+            f"is served by {proxy.server_id}"
+            not in (nbd := await vol.inspect("layers/1/nbd"))["problem"]
+        ):
+            assert time.monotonic() < deadline, nbd
+            await asyncio.sleep(0.05)
+        assert nbd["connected"] is False
+        assert await vol.read(0, 64) == NBD_BASE[: 64 * SS]
+        assert "NbdRead" not in (await vol.inspect("layers/1"))["requests"]
+
+
+async def test_nbd_reads_follow_the_origin_as_it_grows(nbd_origin: Server, tmp_path: Path) -> None:
+    o = nbd_origin
+    body = toml_volume("vm", remote(o.grpc_address, "base", nbd=o.nbd_address))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+        AsyncClient(o.grpc_address) as oclient,
+    ):
+        vol = client.volume("vm")
+        await oclient.volume("base").resize(8 * MiB // SS)
+        news = pattern(9, 0, 64, SS)
+        await oclient.volume("base").write(6 * MiB // SS, news)
+
+        async def grown() -> bool:
+            tree = await vol.inspect("layers/0")
+            return bool(tree["nbd"]["export_bytes"] == 8 * MiB and tree["nbd"]["connected"])
+
+        deadline = time.monotonic() + 15
+        while not await grown():
+            assert time.monotonic() < deadline, "the NBD connection did not learn the new size"
+            await asyncio.sleep(0.05)
+        assert "NbdRead" not in (await vol.inspect("layers/0"))["requests"]
+        assert await vol.read(6 * MiB // SS, 64) == news
+        assert (await vol.inspect("layers/0"))["requests"]["NbdRead"] == {"OK": 1}
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"nbd": "127.0.0.1:10809", "mode": "layer"}, 'mode = "disk"'),
+        ({"nbd": "127.0.0.1:10809", "token": "t"}, "tls or a token"),
+        ({"nbd": "127.0.0.1:10809", "tls": True}, "tls or a token"),
+        ({"nbd": "127.0.0.1"}, "127.0.0.1"),
+        ({"nbd": "auto", "mode": "layer"}, 'mode = "disk"'),
+        ({"nbd": "auto", "token": "t"}, "tls or a token"),
+    ],
+)
+async def test_nbd_option_rules(tmp_path: Path, options: dict[str, Any], problem: str) -> None:
+    body = toml_volume("vm", remote("127.0.0.1:1", "base", **options))
+    with pytest.raises(ConfigError) as info:
+        async with running_server(tmp_path, body):
+            pass
+    assert info.value.volume == "vm" and info.value.layer == 0 and problem in str(info.value)
