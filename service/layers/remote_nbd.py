@@ -194,7 +194,7 @@ class NbdDataPath:
         """Remake the NBD connection in the background (with backoff) unless already doing so."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
-                self._keep_trying(), name=f"nbd {self.address}/{self._volume}"
+                self._keep_trying(), name=f"nbd {self.address or self.option}/{self._volume}"
             )
 
     async def _keep_trying(self) -> None:
