@@ -8,6 +8,7 @@ reads follow the origin as it grows, and the option's rules.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -82,11 +83,13 @@ async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path
 
 
 async def test_nbd_auto_asks_the_target_where_its_export_is(
-    nbd_origin: Server, tmp_path: Path
+    nbd_origin: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``nbd = "auto"``: the layer takes the NBD address from the origin (its Inspect tree's
     ``nbd/address``) and reads over it; an origin without an NBD export leaves the reads on
-    gRPC, and the layer says why."""
+    gRPC, and the layer says why, in ``inspect`` and once in the log, not as a warning (with
+    ``auto`` that is no fault)."""
+    caplog.set_level(logging.INFO, logger="tierdisk.service.layers.remote_nbd")
     o = nbd_origin
     plain = tmp_path / "plain"
     plain_body = f'[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\ndata_dir = "{plain}"\n'
@@ -118,6 +121,8 @@ async def test_nbd_auto_asks_the_target_where_its_export_is(
             assert tree["nbd"]["connected"] is False
             assert "serves no NBD export" in tree["nbd"]["problem"]
             assert tree["requests"]["Read"] == {"OK": 1} and "NbdRead" not in tree["requests"]
+    said = [r for r in caplog.records if "serves no NBD export" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
 
 
 async def test_without_a_usable_nbd_export_reads_go_over_grpc(

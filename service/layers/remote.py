@@ -30,7 +30,8 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     The remote server's NBD export (its ``[server] nbd`` address, ``host:port`` or
     ``unix:/path``; or ``"auto"``: the address the target's server gives as ``Inspect`` path
     ``nbd/address``, asked at attach and at each reconnect, a listener on every interface
-    reached on ``target``'s host; default ``""``, off). Reads then go over NBD
+    reached on ``target``'s host; a target without an NBD export is said once at info level
+    and asked again every minute; default ``""``, off). Reads then go over NBD
     (:mod:`..nbd_client`): per MiB the origin spends ~60-70% and this side's receive ~25% of
     a gRPC ``Read``'s CPU (``bench/README.md``, "Reads over NBD between tiers"); everything else
     (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in

@@ -36,6 +36,9 @@ NBD_AUTO = "auto"
 """The ``nbd`` value that takes the NBD address from the target's server."""
 
 _BACKOFF = (0.1, 5.0)  # reconnect delays (seconds): first, longest
+_NO_EXPORT_RETRY = 60.0
+"""With ``"auto"``, seconds between questions to a target that said it serves no NBD export
+(it may be restarted with one)."""
 
 
 class NbdDataPath:
@@ -74,6 +77,7 @@ class NbdDataPath:
         self._target_server = ""  # the id the target's server gave (Inspect "server")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._no_export = False  # "auto" and the target said it serves no NBD export
         self._log = RateLimitedLog(log)
 
     async def start(self) -> None:
@@ -150,10 +154,16 @@ class NbdDataPath:
         """``nbd = "auto"``: take the NBD address from the target's server (``Inspect`` path
         ``nbd/address``, as this layer reaches it); False (with the reason kept) when it has
         none or does not say."""
+        self._no_export = False
         try:
             tree = await self._remote().inspect("nbd/address", timeout=self._wait)
         except client_errors.InvalidArgument:  # no such path: the server exports no NBD
-            self._not_used(f"{self._target} serves no NBD export (its [server] nbd is off)")
+            # Not a fault with "auto": said once at info level, asked again now and then.
+            problem = f"{self._target} serves no NBD export (its [server] nbd is off)"
+            if problem != self.problem:
+                log.info("%s: %s; reading over gRPC", self._where, problem)
+            self.problem = problem
+            self._no_export = True
             return False
         except client_errors.TierdiskError as exc:
             self._not_used(f"{self._target} did not say where its NBD export is ({exc})")
@@ -205,6 +215,9 @@ class NbdDataPath:
             nbd = self._reader
             if nbd is not None and not nbd.closed and nbd.export.size >= want:
                 return
+            if self._no_export:
+                await asyncio.sleep(_NO_EXPORT_RETRY)
+                continue
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, _BACKOFF[1])
 
