@@ -276,7 +276,7 @@ def free_page_reporting(devices: Path = Path("/sys/bus/virtio/devices")) -> bool
     that negotiated free page reporting. Memory freed here is then reported a couple of
     seconds later (:data:`PAGE_REPORTING_DELAY_S`), the host drops it, and the next touch of
     it costs a host page fault per page: ~2,000-3,000 µs of CPU per MiB written into new page
-    cache instead of ~200-300 (bench/README.md, "Cold tier")."""
+    cache instead of ~200-300 (bench/README.md, "Fresh memory on this VM")."""
     for device in devices.glob("*"):
         try:
             if int((device / "device").read_text(), 16) != VIRTIO_BALLOON:

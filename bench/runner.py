@@ -244,7 +244,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.quick: bool = args.quick
-        self.reporting = free_page_reporting()  # see fresh_write
+        self.reports_free_memory = free_page_reporting()  # see fresh_write
         self.freed_at = 0.0  # time.monotonic() when this runner last freed a lot of memory
         self.runs: int = args.runs or (3 if self.quick else 5)
         self.warmup: float = (
@@ -975,7 +975,7 @@ class Bench:
                 duration=5,
                 max_ops=1,
             )
-            if self.reporting:
+            if self.reports_free_memory:
                 # Let the report of memory this runner freed last (the engine's volumes, the
                 # last cache server's page cache) happen now, not in the middle of the cold
                 # read.

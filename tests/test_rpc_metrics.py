@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import ram, running_server, toml_volume
+from servers import metric, ram, running_server, toml_volume
 
 from tierdisk.service.metrics import Metrics
 from tierdisk.service.rpc_metrics import InstrumentedRegistry
@@ -28,8 +28,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 def sample(server: Server, name: str, service: str, method: str, **labels: str) -> float:
-    labels = {"grpc_service": service, "grpc_method": method, **labels}
-    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+    return metric(server, name, grpc_service=service, grpc_method=method, **labels)
 
 
 BLOCK = "tierdisk.v1.BlockDevice"

@@ -66,7 +66,7 @@ class NbdDataPath:
         self.address = "" if option == NBD_AUTO else option  # with "auto": once the target said
         self.problem = ""  # why the NBD export is not used ("" when it is)
         self._target = target
-        self._volume = volume
+        self._volume_name = volume
         self._where = where
         self._timeout = timeout
         self._wait = wait
@@ -120,14 +120,13 @@ class NbdDataPath:
         """Open the NBD export and use it, if it is the remote volume's size and is served
         by the same server process as the gRPC target (else log why not, and keep the reason
         for ``inspect``). Failures leave the data path on gRPC."""
-        wait = self._wait
         if self.option == NBD_AUTO and not await self._ask_address():
             return
         try:
-            async with asyncio.timeout(wait):
-                reader = await NbdReader.connect(self.address, self._volume)
+            async with asyncio.timeout(self._wait):
+                reader = await NbdReader.connect(self.address, self._volume_name)
         except TimeoutError:
-            self._not_used(f"the NBD export at {self.address} did not answer in {wait:g} s")
+            self._not_used(f"the NBD export at {self.address} did not answer in {self._wait:g} s")
             return
         except (OSError, NbdError) as exc:
             self._not_used(f"the NBD export at {self.address} is not usable ({exc})")
@@ -135,7 +134,7 @@ class NbdDataPath:
         size = self._size()
         if reader.export.size < size:
             problem = (
-                f"the NBD export {self._volume!r} at {self.address} is "
+                f"the NBD export {self._volume_name!r} at {self.address} is "
                 f"{reader.export.size} bytes, the volume {size}"
             )
         else:
@@ -204,7 +203,7 @@ class NbdDataPath:
         """Remake the NBD connection in the background (with backoff) unless already doing so."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
-                self._keep_trying(), name=f"nbd {self.address or self.option}/{self._volume}"
+                self._keep_trying(), name=f"nbd {self.address or self.option}/{self._volume_name}"
             )
 
     async def _keep_trying(self) -> None:
