@@ -170,6 +170,16 @@ class Layer(abc.ABC):
         """Number of sectors the layer itself holds (its size when it holds every sector)."""
         return self._sector_count
 
+    @property
+    def smallest_size(self) -> int:
+        """The smallest size in sectors this layer has had since its data was created, as
+        far as it records it (at most :attr:`sector_count`). As the top of a volume, no
+        layer below it shows at or past this sector, across restarts too: a shrink of the
+        top lowers the overlaps for good (DESIGN.md §3). Persistent layers that track
+        presence keep it with their size; the default, the current size, suits layers
+        whose data does not outlive the process or that hold every sector."""
+        return self._sector_count
+
     def metadata(self) -> LayerMetadata:
         """This layer's metadata, as handed to the layer above at attach."""
         return LayerMetadata(

@@ -3,7 +3,9 @@
 Index 0 is the top. A read takes each sector from the topmost layer that holds it, asking
 each layer only for the runs still missing; sectors no layer holds read as zeros. A lower
 layer ``i`` is only visible below its *overlap* (the smallest size of layers ``0..i``),
-computed at open and lowered, never raised, when the top shrinks. Writes land on the top and
+computed at open and lowered, never raised, when the top shrinks; a top that persists its
+smallest size (``sparse``, ``sqlite``: :attr:`Layer.smallest_size`) keeps it lowered across
+restarts, so shrink, grow and restart still shows zeros there. Writes land on the top and
 on down through ``write_through`` layers. ``read_cache`` layers are filled (no-overwrite)
 with what the layers below returned, before the read replies.
 
@@ -108,9 +110,11 @@ class Volume:
             self.unmap_behavior = UnmapBehavior.IGNORED
         self.optimal_unmap_sectors = max(ly.optimal_unmap_sectors for ly in self._layers[:path])
         # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's size).
-        self._overlap: list[int] = []
-        smallest = top.sector_count
-        for ly in self._layers:
+        # Below the top, also under the smallest size the top has had: a shrink before a
+        # restart keeps hiding the lower layers' data past it.
+        self._overlap: list[int] = [top.sector_count]
+        smallest = min(top.sector_count, top.smallest_size)
+        for ly in self._layers[1:]:
             smallest = min(smallest, ly.sector_count)
             self._overlap.append(smallest)
         self._size_seen = top.sector_count

@@ -289,6 +289,48 @@ class PersistentLayerContract:
         with pytest.raises(ConfigError, match=str(path)):  # the recorded size wins
             await self.make(path, size=SIZE).attach(None)
 
+    @pytest.mark.parametrize("close", ["close", "crash after the resize"])
+    async def test_a_shrink_keeps_lower_data_hidden_after_a_restart(
+        self, path: Path, volumes: VolumeOpener, close: str
+    ) -> None:
+        """DESIGN.md §3: shrinking then growing exposes zeros, never stale lower data; the
+        layer records its smallest size, so a restart does not raise the overlap again."""
+        lower = path.parent / "base.raw"
+        raw = RawLayer(str(lower), size=SIZE)
+        volume = await volumes(self.make(path, size=None), raw)
+        await raw.write(memoryview(b"\xab" * SIZE), 0, False)
+        await volume.write(10, pattern(1, 10, 2, SS))
+        await volume.resize(100)
+        await volume.resize(SECTORS)
+        await volume.write(200, pattern(2, 200, 4, SS))
+        expected = bytearray(b"\xab" * 100 * SS + bytes((SECTORS - 100) * SS))
+        expected[10 * SS : 12 * SS] = pattern(1, 10, 2, SS)
+        expected[200 * SS : 204 * SS] = pattern(2, 200, 4, SS)
+        data, _ = await volume.read(0, SECTORS)
+        assert data == expected
+        assert await volume.allocation(100, SECTORS - 100) == [
+            (100, 200, -1), (200, 204, 0), (204, SECTORS, -1)
+        ]  # fmt: skip
+        if close == "close":
+            await volume.close()
+            reopened = path
+        else:  # the resizes committed themselves; the later write was made durable by fua
+            await volume.write(200, pattern(2, 200, 4, SS), fua=True)
+            reopened = path.parent / "crashed"
+            reopened.mkdir()
+            for name in os.listdir(path.parent):
+                if name.startswith(path.name) and not name.endswith(("-shm", ".lock")):
+                    (reopened / name).write_bytes((path.parent / name).read_bytes())
+            reopened = reopened / path.name
+            await volume.close()
+        volume = await volumes(self.make(reopened, size=None), RawLayer(str(lower)))
+        assert volume.entries[0].layer.smallest_size == 100
+        data, _ = await volume.read(0, SECTORS)
+        assert data == expected
+        assert await volume.allocation(100, SECTORS - 100) == [
+            (100, 200, -1), (200, 204, 0), (204, SECTORS, -1)
+        ]  # fmt: skip
+
     async def test_new_layer_inherits_size_and_sector_size_from_below(
         self, path: Path, volumes: VolumeOpener
     ) -> None:

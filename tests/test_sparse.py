@@ -12,11 +12,14 @@ import logging
 import os
 import random
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 from persistent_contract import SIZE, SS, PersistentLayerContract
 from stacks import pattern
+from test_volume_resize import file_size_limit
 
 from tierdisk.service.errors import ConfigError, DataCorruption
 from tierdisk.service.layer import Layer
@@ -25,7 +28,7 @@ from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sparse_map import HEADER_SIZE
 from tierdisk.service.volume import LayerEntry, Volume
 
-SNAP_EMPTY = 32  # bytes of a SNAP record with no runs
+SNAP_EMPTY = 40  # bytes of a SNAP record with no runs (36-byte head, crc32)
 RUN = 16  # bytes per run in a record
 
 
@@ -55,6 +58,12 @@ async def read(layer: Layer, sector: int, count: int) -> tuple[bytes, list[tuple
 
 def map_size(path: Path) -> int:
     return os.stat(f"{path}.map").st_size
+
+
+def map_version(path: Path) -> int:
+    """The format version in the map's header (after the 8-byte magic)."""
+    with open(f"{path}.map", "rb") as f:
+        return int.from_bytes(f.read(12)[8:], "little")
 
 
 def exists(name: str) -> bool:
@@ -337,5 +346,61 @@ async def test_inspect_names_the_files(tmp_path: Path) -> None:
         assert info["present_runs"] == 1 and info["unflushed_runs"] == 1
         await layer.flush()
         assert layer.inspect()["unflushed_runs"] == 0
+    finally:
+        await layer.close()
+
+
+def version_1_map(sector_size: int, snapshot: list[tuple[int, int]], sizes: list[int]) -> bytes:
+    """A presence map as the first format wrote it (records without ``smallest``): a SNAP
+    of ``snapshot`` at ``sizes[0]`` sectors, then one empty DIFF per later size."""
+
+    def sealed(blob: bytes) -> bytes:
+        return blob + struct.pack("<I", zlib.crc32(blob))
+
+    out = sealed(struct.pack("<8sIIQ", b"TDSPMAP1", 1, sector_size, sizes[0]))
+    runs = b"".join(struct.pack("<qq", a, b) for a, b in snapshot)
+    out += sealed(struct.pack("<4sIIQQ", b"SNAP", 0, len(snapshot), 1, sizes[0]) + runs)
+    for seq, size in enumerate(sizes[1:], start=2):
+        out += sealed(struct.pack("<4sIIQQ", b"DIFF", 0, 0, seq, size))
+    return out
+
+
+async def test_a_version_1_map_opens_and_is_rewritten_as_version_2(tmp_path: Path) -> None:
+    """Maps written before the smallest size was recorded still open, with the smallest
+    size their log shows (here: shrunk to 50 sectors and grown back), and the first commit
+    rewrites them in the current format."""
+    path = tmp_path / "old"
+    data = bytearray(SIZE)
+    data[: 8 * SS] = pattern(4, 0, 8, SS)
+    put(str(path), bytes(data))
+    put(f"{path}.map", version_1_map(SS, [(0, 8)], [SIZE // SS, 50, SIZE // SS]))
+    layer = await opened(path)
+    try:
+        assert layer.smallest_size == 50
+        got, runs = await read(layer, 0, 16)
+        assert runs == [(0, 8)] and got[: 8 * SS] == pattern(4, 0, 8, SS)
+    finally:
+        await layer.close()
+    assert map_version(path) == 2
+    assert map_size(path) == HEADER_SIZE + SNAP_EMPTY + RUN
+    layer = await opened(path)
+    try:
+        assert layer.smallest_size == 50
+        assert (await read(layer, 0, 8))[0] == pattern(4, 0, 8, SS)
+    finally:
+        await layer.close()
+
+
+async def test_a_create_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A layer the filesystem cannot size (here: over the process's file size limit, as
+    ``EFBIG`` from a filesystem's largest file) is a config error naming the size, and a
+    corrected config then creates the layer afresh."""
+    path = tmp_path / "big"
+    with file_size_limit(1 << 20), pytest.raises(ConfigError, match=rf"{path} of 4194304 bytes"):
+        await SparseLayer(str(path), size=4 << 20).attach(None)
+    assert sorted(os.listdir(tmp_path)) == []
+    layer = await opened(path, 2 << 20)
+    try:
+        assert layer.sector_count == (2 << 20) // SS
     finally:
         await layer.close()

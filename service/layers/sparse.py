@@ -145,11 +145,13 @@ class SparseLayer(Layer):
         self._added = RunSet()  # present in memory, absent in the map on disk
         self._removed = RunSet()  # absent in memory, present in the map on disk
         self._size = 0  # the size the next record carries, in sectors
+        self._smallest = 0  # the smallest size the layer has had (the next record carries it)
         self._dirty = False  # data file changed since its last fdatasync
         self._changes = 0  # mutations completed so far
         # Owned by commits (under _commit_lock) and open/close:
         self._committed = 0  # _changes covered by the last successful commit
         self._logged_size = 0
+        self._logged_smallest = 0
         self._seq = 0
         self._log_end = 0
         self._snapshot_end = 0
@@ -166,6 +168,7 @@ class SparseLayer(Layer):
     def _open(self, lower: LayerMetadata | None) -> None:
         make_parent_folder(self.path, f"sparse layer {self.path}")
         has_map = os.path.exists(self.map_path)
+        new_file = not has_map and not os.path.exists(self.path)
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if has_map else os.O_CREAT)
         try:
             fd = os.open(self.path, flags, 0o644)
@@ -184,7 +187,7 @@ class SparseLayer(Layer):
             if os.path.exists(self.map_path):
                 self._load()
             else:
-                self._create(lower)
+                self._create(lower, new_file)
         except BaseException:
             self._fd = -1
             if self._map_fd >= 0:
@@ -193,7 +196,10 @@ class SparseLayer(Layer):
             os.close(fd)
             raise
 
-    def _create(self, lower: LayerMetadata | None) -> None:
+    def _create(self, lower: LayerMetadata | None, new_file: bool) -> None:
+        """Size the data file, then write the map (which makes the layer exist). A create
+        that fails leaves nothing behind: no map, and no data file when it made one, so a
+        corrected config starts afresh."""
         existing = os.fstat(self._fd).st_size
         if existing:
             raise ConfigError(
@@ -206,11 +212,20 @@ class SparseLayer(Layer):
         )
         self._set_geometry(ss, count)
         try:
-            self._write_snapshot(array("q"), count)
             os.ftruncate(self._fd, count * ss)
+            self._write_snapshot(array("q"), count, count)
         except OSError as exc:
-            raise ConfigError(f"cannot create sparse layer {self.path}: {exc.strerror}") from None
+            with contextlib.suppress(OSError):
+                os.unlink(self.map_path)  # there was none: _create runs only then
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                if new_file:
+                    os.unlink(self.path)
+            raise ConfigError(
+                f"cannot create sparse layer {self.path} of {count * ss} bytes: {exc.strerror}"
+            ) from None
         self._size = self._logged_size = count
+        self._smallest = self._logged_smallest = count
 
     def _load(self) -> None:
         try:
@@ -250,11 +265,19 @@ class SparseLayer(Layer):
                 f"presence map holds sectors up to byte {state.present.last_end() * ss} "
                 "(truncated or replaced?)"
             )
-        if data_bytes != count * ss:
-            os.ftruncate(self._fd, count * ss)  # a resize or create cut short by a crash
+        if data_bytes != count * ss:  # a resize or create cut short by a crash
+            try:
+                os.ftruncate(self._fd, count * ss)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot size sparse layer {self.path} to the {count * ss} bytes its "
+                    f"presence map records: {exc.strerror}"
+                ) from None
         self._set_geometry(ss, count)
         self._present = state.present
         self._size = self._logged_size = count
+        self._smallest = self._logged_smallest = state.smallest
+        self._rewrite = state.version < sparse_map.VERSION  # never append to an older format
         self._seq = state.seq
         self._log_end = state.end
         self._snapshot_end = state.snapshot_end
@@ -289,6 +312,10 @@ class SparseLayer(Layer):
     @property
     def present_sectors(self) -> int:
         return self._present.sectors
+
+    @property
+    def smallest_size(self) -> int:
+        return self._smallest
 
     # -- I/O ----------------------------------------------------------------------------------
 
@@ -437,10 +464,15 @@ class SparseLayer(Layer):
         with self._lock:
             added, removed = self._added, self._removed
             self._added, self._removed = RunSet(), RunSet()
-            size = self._size
+            size, smallest = self._size, self._smallest
             dirty, self._dirty = self._dirty, False
             seen = self._changes
-            changed = bool(added) or bool(removed) or size != self._logged_size
+            changed = (
+                bool(added)
+                or bool(removed)
+                or size != self._logged_size
+                or smallest != self._logged_smallest
+            )
             diff_bytes = self._log_end - self._snapshot_end
             snapshot_bytes = self._snapshot_end - HEADER_SIZE
             snapshot = (
@@ -454,19 +486,19 @@ class SparseLayer(Layer):
                 os.fdatasync(self._fd)  # data first: the map must never get ahead of it
             if runs is not None:
                 try:
-                    self._write_snapshot(runs, size)
+                    self._write_snapshot(runs, size, smallest)
                 except OSError as exc:
                     if self._rewrite:
                         raise
                     log.warning("sparse layer %s: compaction failed: %s", self.path, exc)
                     runs = None
             if runs is None and changed:
-                self._append(removed, added, size)
+                self._append(removed, added, size, smallest)
         except BaseException:
             with self._lock:
                 self._restore(added, removed, dirty)
             raise
-        self._logged_size = size
+        self._logged_size, self._logged_smallest = size, smallest
         return seen
 
     def _restore(self, added: RunSet, removed: RunSet, dirty: bool) -> None:
@@ -480,8 +512,8 @@ class SparseLayer(Layer):
         self._added, self._removed = added, removed
         self._dirty = self._dirty or dirty
 
-    def _append(self, removed: RunSet, added: RunSet, size: int) -> None:
-        record = encode_record(DIFF, self._seq + 1, size, flat(removed), flat(added))
+    def _append(self, removed: RunSet, added: RunSet, size: int, smallest: int) -> None:
+        record = encode_record(DIFF, self._seq + 1, size, smallest, flat(removed), flat(added))
         try:
             pwrite_all(self._map_fd, memoryview(record), self._log_end)
             os.fdatasync(self._map_fd)
@@ -494,10 +526,10 @@ class SparseLayer(Layer):
         self._seq += 1
         self._log_end += len(record)
 
-    def _write_snapshot(self, runs: array[int], size: int) -> None:
+    def _write_snapshot(self, runs: array[int], size: int, smallest: int) -> None:
         """Replace the map with header + one SNAP record, atomically (tmp, fsync, rename)."""
         blob = encode_header(self._sector_size, size) + encode_record(
-            SNAP, self._seq + 1, size, array("q"), runs
+            SNAP, self._seq + 1, size, smallest, array("q"), runs
         )
         tmp = self.map_path + ".tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -527,11 +559,12 @@ class SparseLayer(Layer):
             old = self._sector_count
             if sector_count < old:
                 self._sector_count = sector_count  # refuse new I/O past the new end now
+                smallest = self._smallest
                 dropped = await self._on_writer("resizing", self._shrink_sync, sector_count)
                 try:
                     await self._commit_locked()
                 except BaseException:
-                    await self._on_writer("resizing", self._unshrink_sync, old, dropped)
+                    await self._on_writer("resizing", self._unshrink_sync, old, smallest, dropped)
                     self._sector_count = old
                     raise
                 await self._on_writer(
@@ -554,14 +587,15 @@ class SparseLayer(Layer):
             dropped = self._present.runs_in(size, self._size)
             self._mark_absent(size, self._size)
             self._size = size
+            self._smallest = min(self._smallest, size)
             self._changes += 1
         return dropped
 
-    def _unshrink_sync(self, size: int, dropped: list[Run]) -> None:
+    def _unshrink_sync(self, size: int, smallest: int, dropped: list[Run]) -> None:
         with self._lock:
             for a, b in dropped:
                 self._mark_present(a, b)
-            self._size = size
+            self._size, self._smallest = size, smallest
             self._changes += 1
 
     def _grow_sync(self, old: int, size: int) -> None:

@@ -6,17 +6,22 @@ and the ordering that makes them crash-safe.
 Layout (every integer little-endian; units: sectors of the header's ``sector_size``):
 
 ``header`` (28 bytes)
-    magic ``b"TDSPMAP1"``, version ``u32`` (1), sector_size ``u32``, sector_count ``u64``
+    magic ``b"TDSPMAP1"``, version ``u32`` (2), sector_size ``u32``, sector_count ``u64``
     (the size when the file was written), crc32 ``u32`` of the 24 bytes before it.
 ``record``
     kind ``4s`` (``b"SNAP"`` or ``b"DIFF"``), n_remove ``u32``, n_add ``u32``, seq ``u64``,
-    sector_count ``u64`` (the layer size after this record), then ``n_remove + n_add`` runs
-    as ``(start i64, end i64)`` pairs, removes first, then crc32 ``u32`` of everything
-    before it in the record.
+    sector_count ``u64`` (the layer size after this record), smallest ``u64`` (the smallest
+    size the layer has had since it was created, as of this record), then
+    ``n_remove + n_add`` runs as ``(start i64, end i64)`` pairs, removes first, then crc32
+    ``u32`` of everything before it in the record.
 
 The first record is a ``SNAP``: the whole presence, sorted and disjoint. Every later record
 is a ``DIFF`` whose ``seq`` is one more than the one before it: replaying it removes its
-remove runs, adds its add runs, sets the size and drops presence at or past the size. A
+remove runs, adds its add runs, sets the size and drops presence at or past the size. The
+smallest size is what keeps a shrink's effect on the layers below across restarts (a volume
+never shows lower data at or past it, DESIGN.md §3). Version 1 records have no ``smallest``
+field: such a map reads with the smallest size its records show, and the layer rewrites it
+as version 2 at its next commit. A
 record is written by one append and made durable before the next is appended, so only the
 *last* record can be torn by a crash: a record that fails its checks with nothing valid after
 it is a torn tail (ignored, :attr:`MapState.torn` bytes); one followed by a valid record, a
@@ -54,12 +59,13 @@ def map_path(data_path: str) -> str:
 
 
 MAGIC = b"TDSPMAP1"
-VERSION = 1
+VERSION = 2
 SNAP = b"SNAP"
 DIFF = b"DIFF"
 _HEADER = struct.Struct("<8sIIQ")
 _CRC = struct.Struct("<I")
-_RECORD = struct.Struct("<4sIIQQ")
+_RECORD = struct.Struct("<4sIIQQQ")
+_RECORD_V1 = struct.Struct("<4sIIQQ")  # no ``smallest``
 HEADER_SIZE = _HEADER.size + _CRC.size
 """Bytes of the header, checksum included."""
 _RUN_BYTES = 16
@@ -74,6 +80,10 @@ class MapState:
 
     sector_size: int
     sector_count: int
+    smallest: int
+    """The smallest size the layer has had (for a version 1 map: the smallest its records
+    show)."""
+    version: int
     present: RunSet
     seq: int
     """``seq`` of the last valid record."""
@@ -114,11 +124,17 @@ def encode_header(sector_size: int, sector_count: int) -> bytes:
 
 
 def encode_record(
-    kind: bytes, seq: int, sector_count: int, removes: array[int], adds: array[int]
+    kind: bytes,
+    seq: int,
+    sector_count: int,
+    smallest: int,
+    removes: array[int],
+    adds: array[int],
 ) -> bytes:
-    """One record; ``removes`` and ``adds`` are flat run arrays (see :func:`flat`)."""
+    """One record (of the current version); ``removes`` and ``adds`` are flat run arrays
+    (see :func:`flat`)."""
     body = (
-        _RECORD.pack(kind, len(removes) // 2, len(adds) // 2, seq, sector_count)
+        _RECORD.pack(kind, len(removes) // 2, len(adds) // 2, seq, sector_count, smallest)
         + _to_le(removes)
         + _to_le(adds)
     )
@@ -130,38 +146,41 @@ class _Record:
     kind: bytes
     seq: int
     sector_count: int
+    smallest: int
     removes: array[int]
     adds: array[int]
     end: int
 
 
-def _record_at(blob: memoryview, offset: int) -> _Record | None:
-    """The record at ``offset`` if it is complete and its checksum matches, else None."""
-    if offset + _RECORD.size + _CRC.size > len(blob):
+def _record_at(blob: memoryview, offset: int, layout: struct.Struct) -> _Record | None:
+    """The record at ``offset`` if it is complete and its checksum matches, else None.
+    ``layout`` is the record head of the map's version."""
+    if offset + layout.size + _CRC.size > len(blob):
         return None
-    kind, n_remove, n_add, seq, sector_count = _RECORD.unpack_from(blob, offset)
+    kind, n_remove, n_add, seq, sector_count, *rest = layout.unpack_from(blob, offset)
     if kind not in (SNAP, DIFF):
         return None
-    runs_end = offset + _RECORD.size + (n_remove + n_add) * _RUN_BYTES
+    smallest = rest[0] if rest else sector_count
+    runs_end = offset + layout.size + (n_remove + n_add) * _RUN_BYTES
     end = runs_end + _CRC.size
     if end > len(blob):
         return None
     (crc,) = _CRC.unpack_from(blob, runs_end)
     if crc != zlib.crc32(blob[offset:runs_end]):
         return None
-    split = offset + _RECORD.size + n_remove * _RUN_BYTES
-    removes = _from_le(blob[offset + _RECORD.size : split])
+    split = offset + layout.size + n_remove * _RUN_BYTES
+    removes = _from_le(blob[offset + layout.size : split])
     adds = _from_le(blob[split:runs_end])
-    return _Record(kind, seq, sector_count, removes, adds, end)
+    return _Record(kind, seq, sector_count, smallest, removes, adds, end)
 
 
-def _valid_record_after(blob: bytes, offset: int) -> int | None:
+def _valid_record_after(blob: bytes, offset: int, layout: struct.Struct) -> int | None:
     """The offset of a valid record anywhere after ``offset``, or None."""
     view = memoryview(blob)
     for magic in (DIFF, SNAP):
         pos = blob.find(magic, offset + 1)
         while pos >= 0:
-            if _record_at(view, pos) is not None:
+            if _record_at(view, pos, layout) is not None:
                 return pos
             pos = blob.find(magic, pos + 1)
     return None
@@ -199,11 +218,12 @@ def parse(blob: bytes, path: str) -> MapState:
     (crc,) = _CRC.unpack_from(view, _HEADER.size)
     if crc != zlib.crc32(view[: _HEADER.size]):
         raise DataCorruption(f"presence map {path}: the header checksum does not match")
-    if version != VERSION:
+    if version not in (1, VERSION):
         raise DataCorruption(
-            f"presence map {path} has format version {version}; this build reads {VERSION}"
+            f"presence map {path} has format version {version}; this build reads 1 and {VERSION}"
         )
-    first = _record_at(view, HEADER_SIZE)
+    layout = _RECORD if version == VERSION else _RECORD_V1
+    first = _record_at(view, HEADER_SIZE, layout)
     if first is None or first.kind != SNAP or first.removes:
         raise DataCorruption(f"presence map {path}: its snapshot record is missing or corrupt")
     _check_runs(first.adds, first.sector_count, path, HEADER_SIZE)
@@ -214,6 +234,8 @@ def parse(blob: bytes, path: str) -> MapState:
     state = MapState(
         sector_size=sector_size,
         sector_count=first.sector_count,
+        smallest=min(first.smallest, first.sector_count),
+        version=version,
         present=present,
         seq=first.seq,
         end=first.end,
@@ -222,9 +244,9 @@ def parse(blob: bytes, path: str) -> MapState:
     )
     offset = first.end
     while offset < len(blob):
-        rec = _record_at(view, offset)
+        rec = _record_at(view, offset, layout)
         if rec is None:
-            later = _valid_record_after(blob, offset)
+            later = _valid_record_after(blob, offset, layout)
             if later is not None:
                 raise DataCorruption(
                     f"presence map {path}: the record at offset {offset} is corrupt but "
@@ -246,6 +268,7 @@ def parse(blob: bytes, path: str) -> MapState:
         if rec.sector_count < state.sector_count:
             present.remove(rec.sector_count, _NOWHERE)
         state.sector_count = rec.sector_count
+        state.smallest = min(state.smallest, rec.smallest, rec.sector_count)
         state.seq = rec.seq
         state.end = offset = rec.end
     return state

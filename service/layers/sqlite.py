@@ -5,7 +5,9 @@ Schema (format version 1; sector numbers in units of the layer's ``sector_size``
 - ``sectors(sector INTEGER PRIMARY KEY, data BLOB)``: a row means the sector is present;
   ``data`` is exactly ``sector_size`` bytes, or NULL for an all-zero sector.
 - ``meta(key TEXT PRIMARY KEY, value)``: ``format`` (``"tierdisk-sqlite"``), ``version``
-  (1), ``sector_size`` and ``sector_count`` (the size, kept up to date by resize), and
+  (1), ``sector_size`` and ``sector_count`` (the size, kept up to date by resize),
+  ``smallest_sector_count`` (the smallest size the layer has had, lowered by a shrink in the
+  same transaction; a file without it, from an older build, reads as its size) and
   ``flushes`` (bumped by a flush whose checkpoint could not complete).
 
 The database runs in WAL mode with ``synchronous=NORMAL``: every request is one transaction
@@ -131,6 +133,7 @@ class SqliteLayer(Layer):
         self._db: sqlite3.Connection | None = None  # used on the worker thread only
         self._lock_fd = -1
         self._present = 0  # rows in `sectors`
+        self._smallest = 0  # meta's smallest_sector_count
         self._dirty = False  # committed without an fsync of the WAL since
         self._starved = False  # ran out of space: reclaim the WAL before the next write
         self._zero = b""
@@ -192,6 +195,7 @@ class SqliteLayer(Layer):
                     ("version", VERSION),
                     ("sector_size", ss),
                     ("sector_count", nbytes // ss),
+                    ("smallest_sector_count", nbytes // ss),
                     ("flushes", 0),
                 ],
             )
@@ -235,10 +239,19 @@ class SqliteLayer(Layer):
                     f"version {rows.get('version')!r}; this build reads {FORMAT!r} {VERSION}"
                 )
             ss, count = rows.get("sector_size"), rows.get("sector_count")
-            if not isinstance(ss, int) or not isinstance(count, int) or count <= 0:
+            smallest = rows.get("smallest_sector_count", count)
+            if (
+                not isinstance(ss, int)
+                or not isinstance(count, int)
+                or count <= 0
+                or not isinstance(smallest, int)
+                or not 0 < smallest <= count
+            ):
                 raise DataCorruption(
-                    f"sqlite layer {self.path}: bad sector_size/sector_count in meta"
+                    f"sqlite layer {self.path}: bad sector_size/sector_count/"
+                    "smallest_sector_count in meta"
                 )
+            self._smallest = smallest
             if self._wanted_sector_size is not None and self._wanted_sector_size != ss:
                 raise ConfigError(
                     f"sqlite layer {self.path} has {ss}-byte sectors but the config says "
@@ -443,6 +456,10 @@ class SqliteLayer(Layer):
                 db.execute("UPDATE meta SET value = value + 1 WHERE key = 'flushes'")
         self._dirty = False
 
+    @property
+    def smallest_size(self) -> int:
+        return self._smallest
+
     async def resize(self, sector_count: int) -> None:
         if sector_count <= 0:
             raise ValueError("size must be at least one sector")
@@ -465,10 +482,15 @@ class SqliteLayer(Layer):
         self._notify_resized()
 
     def _resize_sync(self, sector_count: int) -> None:
+        smallest = min(self._smallest, sector_count)
         with self._transaction(durable=True) as db:
             dropped = db.execute("DELETE FROM sectors WHERE sector >= ?", (sector_count,)).rowcount
-            db.execute("UPDATE meta SET value = ? WHERE key = 'sector_count'", (sector_count,))
+            db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("sector_count", sector_count), ("smallest_sector_count", smallest)],
+            )
         self._present -= dropped
+        self._smallest = smallest
 
     # -- diagnostics ----------------------------------------------------------------------------
 
