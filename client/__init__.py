@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     )
     from .chunking import DEFAULT_IN_FLIGHT, DEFAULT_MAX_IO
     from .errors import (
+        AllocationTooLarge,
         Cancelled,
         DataLoss,
         DeadlineExceeded,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
         TierdiskError,
         Unauthenticated,
         Unavailable,
+        Unimplemented,
         VolumeNotFound,
         error_from_rpc,
     )
@@ -68,6 +70,7 @@ __all__ = [
     "DEFAULT_MAX_IO",
     "UNSET",
     "AllocationExtent",
+    "AllocationTooLarge",
     "AsyncClient",
     "AsyncVolume",
     "CallObserver",
@@ -93,6 +96,7 @@ __all__ = [
     "Timeout",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "UnmapBehavior",
     "Volume",
     "VolumeInfo",
@@ -108,6 +112,7 @@ _DEFINED_IN = {
     "DEFAULT_MAX_IO": "chunking",
     "UNSET": "aio",
     "AllocationExtent": "models",
+    "AllocationTooLarge": "errors",
     "AsyncClient": "aio",
     "AsyncVolume": "aio",
     "CallObserver": "aio",
@@ -133,6 +138,7 @@ _DEFINED_IN = {
     "Timeout": "aio",
     "Unauthenticated": "errors",
     "Unavailable": "errors",
+    "Unimplemented": "errors",
     "UnmapBehavior": "models",
     "Volume": "sync",
     "VolumeInfo": "models",

@@ -55,7 +55,16 @@ from .chunking import (
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import InvalidArgument, OutOfRange, StorageError, error_from_rpc, status_code
+from .errors import (
+    AllocationTooLarge,
+    InvalidArgument,
+    NoSpace,
+    OutOfRange,
+    StorageError,
+    Unimplemented,
+    error_from_rpc,
+    status_code,
+)
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 from .retry import (
     DEFAULT_BACKOFF,
@@ -311,8 +320,8 @@ class AsyncClient:
         rpc: str | None = None,
     ) -> Resp:
         """One call of ``method`` with this client's metadata, deadline and retries;
-        ``rpc`` names it for :attr:`on_call` (by default ``<Rpc>Request`` minus ``Request``:
-        pass it for a request sent already serialized)."""
+        ``rpc`` names it for :attr:`on_call` and in an :class:`Unimplemented` (by default
+        ``<Rpc>Request`` minus ``Request``: pass it for a request sent already serialized)."""
         self._check_open()
         metadata = self._call_metadata()
         if self.on_call is None:
@@ -338,9 +347,16 @@ class AsyncClient:
                 finally:
                     self._observe(name, code, started)
 
-        return await call_with_retry(
-            attempt, policy=self.policy, timeout=self._deadline(timeout), volume=volume
-        )
+        try:
+            return await call_with_retry(
+                attempt, policy=self.policy, timeout=self._deadline(timeout), volume=volume
+            )
+        except Unimplemented as exc:  # name this server and the method, not the volume
+            cause = exc.__cause__
+            if not isinstance(cause, grpc.RpcError):
+                raise
+            name = rpc or type(request).__name__.removesuffix("Request")
+            raise error_from_rpc(cause, target=self.target, method=name) from cause
 
 
 class AsyncVolume:
@@ -645,11 +661,51 @@ class AsyncVolume:
         self, sector: int = 0, count: int | None = None, *, timeout: Timeout = UNSET
     ) -> list[AllocationExtent]:
         """Which layer holds each run of ``count`` sectors from ``sector`` (default: to the
-        end of the volume); runs cover the range, holes have ``depth == -1``."""
+        end of the volume); runs cover the range, sorted, holes have ``depth == -1``.
+
+        One GetAllocation normally answers. A range with more extents than one reply carries
+        (a fragmented volume: the server refuses it, :class:`AllocationTooLarge`) is asked
+        for in windows, adaptively: the window halves on each such refusal and doubles after
+        two answers in a row, and the answers are joined into one list (runs of one depth
+        that meet at a window border become one run). A refusal by the transport's message
+        cap is taken the same way: ``RESOURCE_EXHAUSTED`` without a ``tierdisk-error``
+        trailer, which a server that predates the refusal sends, as does one whose
+        ``max_io`` is over this client's receive cap. Each call has its own deadline
+        (``timeout``)."""
         _check_number("sector", sector, volume=self.name)
         if count is None:
             count = max(0, (await self.info(timeout=timeout)).sector_count - sector)
         _check_range(sector, count, volume=self.name)
+        end = sector + count
+        extents: list[AllocationExtent] = []
+        window = count  # the whole range first: most volumes answer in one reply
+        answered = 0  # answers in a row at this window size
+        while True:
+            span = min(window, end - sector)
+            try:
+                part = await self._allocation_window(sector, span, timeout)
+            except (AllocationTooLarge, NoSpace) as exc:
+                if span <= 1 or (isinstance(exc, NoSpace) and exc.server_error):
+                    raise  # one sector is one extent; or a real NoSpace (never expected)
+                window, answered = span // 2, 0
+                continue
+            if extents and part and _joins(extents[-1], part[0]):
+                last = extents.pop()
+                part[0] = AllocationExtent(
+                    last.sector, last.sector_count + part[0].sector_count, last.depth
+                )
+            extents.extend(part)
+            sector += span
+            if sector >= end:
+                return extents
+            answered += 1
+            if answered == 2:
+                window, answered = window * 2, 0
+
+    async def _allocation_window(
+        self, sector: int, count: int, timeout: Timeout
+    ) -> list[AllocationExtent]:
+        """One GetAllocation: the runs of ``count`` sectors from ``sector``."""
         req = pb.GetAllocationRequest(volume=self.name, sector=sector, sector_count=count)
         resp = await self._call(self._stub.GetAllocation, req, timeout)
         return [AllocationExtent(e.sector, e.sector_count, e.depth) for e in resp.extents]
@@ -691,7 +747,9 @@ class AsyncVolume:
             except grpc.RpcError as err:
                 code = status_code(err)
                 if started or not is_retryable(err) or retry >= policy.retries:
-                    raise error_from_rpc(err, volume=self.name) from err
+                    raise error_from_rpc(
+                        err, volume=self.name, target=self.client.target, method="WatchResize"
+                    ) from err
             finally:
                 call.cancel()
                 self.client._observe("WatchResize", code, began)
@@ -744,6 +802,11 @@ def _check_number(
 def _check_range(sector: object, count: object, *, volume: str) -> None:
     _check_number("sector", sector, volume=volume)
     _check_number("count", count, volume=volume)
+
+
+def _joins(before: AllocationExtent, after: AllocationExtent) -> bool:
+    """Whether ``after`` continues ``before``: it starts where ``before`` ends, same depth."""
+    return before.end == after.sector and before.depth == after.depth
 
 
 def _extents(runs: Sequence[pb.Extent]) -> list[Extent]:

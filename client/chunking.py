@@ -18,8 +18,10 @@ __all__ = [
     "DEFAULT_IN_FLIGHT",
     "DEFAULT_MAX_IO",
     "Chunk",
+    "ReadWindow",
     "merge_extents",
     "plan_chunks",
+    "plan_windows",
     "run_bounded",
     "run_ordered",
     "sectors_per_chunk",
@@ -57,6 +59,41 @@ def plan_chunks(sector: int, count: int, max_sectors: int) -> Iterator[Chunk]:
         raise ValueError(f"chunk size must be positive, not {max_sectors}")
     for offset in range(0, count, max_sectors):
         yield Chunk(sector + offset, min(max_sectors, count - offset), offset)
+
+
+class ReadWindow(NamedTuple):
+    """One read request covering data runs close together: ``sector_count`` sectors from
+    ``sector``; ``runs`` are the ``(start, end)`` runs in it that hold data (absolute
+    sectors, sorted); the sectors between them are read too."""
+
+    sector: int
+    sector_count: int
+    runs: tuple[tuple[int, int], ...]
+
+
+def plan_windows(
+    runs: Iterable[tuple[int, int]], max_sectors: int, max_gap: int
+) -> Iterator[ReadWindow]:
+    """Read requests, in order, covering the sorted, disjoint ``runs``: a run starts a new
+    request when it lies more than ``max_gap`` sectors past the last one or the request
+    would pass ``max_sectors``; a run longer than that is split. Reading a small gap costs
+    less than a request more (a fragmented volume has runs of a sector or two)."""
+    if max_sectors <= 0:
+        raise ValueError(f"window size must be positive, not {max_sectors}")
+    inside: list[tuple[int, int]] = []
+    start = 0
+    for a, b in runs:
+        while a < b:
+            if inside and (a - inside[-1][1] > max_gap or a - start >= max_sectors):
+                yield ReadWindow(start, inside[-1][1] - start, tuple(inside))
+                inside = []
+            if not inside:
+                start = a
+            end = min(b, start + max_sectors)
+            inside.append((a, end))
+            a = end
+    if inside:
+        yield ReadWindow(start, inside[-1][1] - start, tuple(inside))
 
 
 def merge_extents(extents: Iterable[Extent]) -> list[Extent]:

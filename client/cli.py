@@ -19,13 +19,13 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 # Nothing imported here imports grpc (see quiet_grpc_logs): the rest is imported by main().
 from . import sizes
+from .checks import server_address_problem, token_problem
 from .cli_errors import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -39,7 +39,7 @@ from .cli_errors import (
 )
 from .pem import CERTIFICATE, PRIVATE_KEY, read_pem
 from .progress import format_bytes
-from .tune import install_uvloop, tune_malloc
+from .tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
@@ -104,41 +104,25 @@ def _check_request_numbers(args: argparse.Namespace) -> None:
             )
 
 
-# -- the server address ------------------------------------------------------------------
-
-_TARGET_SCHEME = re.compile(
-    r"(?i)(?:[a-z][a-z0-9+.-]*://|(?:unix|unix-abstract|dns|ipv4|ipv6|vsock|xds):)"
-)
-"""gRPC target forms other than HOST:PORT (``unix:/path``, ``dns:///host:port``, …): passed
-to gRPC untouched."""
+# -- the server address and the token -----------------------------------------------------
 
 
-def server_address_problem(target: str) -> str | None:
-    """What is wrong with ``target`` in the HOST:PORT form (``[v6addr]:PORT`` too), or
-    ``None``. gRPC would silently read ``host:99999`` as another port and use 443 for a
-    missing one; other target forms are left to gRPC."""
-    if _TARGET_SCHEME.match(target):
-        return None
-    if target.startswith("["):
-        m = re.fullmatch(r"\[[^\]]*\](?::(.*))?", target)
-        if not m:
-            return "not HOST:PORT (an IPv6 address goes in brackets: [::1]:7400)"
-        port = m.group(1)
-    elif target.count(":") > 1:
-        return "missing port (an IPv6 address goes in brackets: [::1]:7400)"
-    else:
-        port = target.partition(":")[2] if ":" in target else None
-    if not port:
-        return "missing port (HOST:PORT, e.g. 127.0.0.1:7400)"
-    if not (port.isascii() and port.isdigit()):
-        return f"port {port!r} is not a number"
-    if int(port) > 65535:
-        return f"port {port} is out of range (0-65535)"
-    return None
+def _check_connection_args(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for a server address gRPC would misread or a token it cannot send
+    (:mod:`tierdisk.client.checks`), naming where it came from; the token is not shown."""
+    problem = server_address_problem(args.server)
+    if problem is not None:
+        raise UsageError(f"server address {args.server!r} (from {args.server_from}): {problem}")
+    problem = None if args.token is None else token_problem(args.token)
+    if problem is not None:
+        raise UsageError(f"token (from {args.token_from}) {problem}")
 
 
-class _StoreServer(argparse.Action):
-    """``--server``: also notes that the address came from the command line."""
+class _StoreNotingSource(argparse.Action):
+    """Stores the value and notes that it came from the command line: ``--server`` sets
+    ``server_from`` to ``"--server"``, ``--token`` ``token_from`` to ``"--token"`` (their
+    defaults name the environment variable, or the default), so that a message about the
+    value can say where it came from."""
 
     def __call__(
         self,
@@ -148,7 +132,7 @@ class _StoreServer(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         setattr(namespace, self.dest, values)
-        namespace.server_from = "--server"
+        setattr(namespace, f"{self.dest}_from", option_string)
 
 
 # -- arguments ---------------------------------------------------------------------------
@@ -163,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         metavar="ADDR",
-        action=_StoreServer,
+        action=_StoreNotingSource,
         default=from_env or DEFAULT_SERVER,
         help="server address, host:port or unix:/path (default: $TIERDISK_SERVER, else "
         f"{DEFAULT_SERVER})",
@@ -185,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--token",
+        action=_StoreNotingSource,
         default=os.environ.get("TIERDISK_TOKEN"),
         help="bearer token sent with every call (default: $TIERDISK_TOKEN)",
     )
+    parser.set_defaults(token_from="$TIERDISK_TOKEN")
     parser.add_argument("--tls", action="store_true", help="use TLS (with the system roots)")
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM roots to verify the server")
     parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate chain")
@@ -231,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = vol_verb(
         "export",
         "copy the whole volume into IMAGE, sparse where unallocated; to a device, a pipe or "
-        "stdout (IMAGE -) every byte is written in order. If it fails, a partial IMAGE file "
-        "is removed",
+        "stdout (IMAGE -) every byte is written in order. A file IMAGE is written beside it "
+        "and renamed over it at the end: if the export fails, IMAGE is left as it was",
     )
     p.add_argument("image", metavar="IMAGE")
     p = vol_verb("inspect", "print the volume's diagnostic tree (or its PATH subtree) as JSON")
@@ -470,6 +456,13 @@ def serve(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tierdisk`` command; returns the exit status."""
+    reopen_closed_stdio()  # first: before anything (uvloop, gRPC) opens a descriptor
+    rc = _main(argv)
+    _settle_stdout()
+    return rc
+
+
+def _main(argv: Sequence[str] | None) -> int:
     tune_malloc()
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
@@ -488,10 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    problem = server_address_problem(args.server)
     try:
-        if problem is not None:
-            raise UsageError(f"server address {args.server!r} (from {args.server_from}): {problem}")
+        _check_connection_args(args)
         _check_request_numbers(args)
     except UsageError as err:
         print(f"tierdisk: {one_line(str(err))}", file=sys.stderr)
@@ -525,6 +516,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+
+
+def _settle_stdout() -> None:
+    """Write out what stdout still buffers (after a failure, output printed before it); if
+    stdout cannot take it, the failure was reported already, or is (a closed pipe) not to
+    be: the rest goes to /dev/null rather than to Python's "Exception ignored" at exit."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError):
+        _silence_stdout()
 
 
 def _silence_stdout() -> None:

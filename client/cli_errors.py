@@ -68,9 +68,20 @@ def describe_parts(err: TierdiskError, server: str) -> tuple[str, str]:
 
     The server's messages often name the volume already (``volume 'x' is read-only: cannot
     write``); that prefix, and a repeat of the kind word after it, are dropped rather than
-    said twice."""
-    from .errors import DeadlineExceeded, Unavailable  # imported already: err is one of them
+    said twice.
 
+    A server that does not serve the method called (:class:`~.errors.Unimplemented`) is
+    named as the culprit, whatever volume the call was for: ``server ADDR``, ``does not
+    serve tierdisk.v1.BlockDevice, or is too old for GetVolume (UNIMPLEMENTED: …)``."""
+    from .errors import (  # imported already: err is one of them
+        DeadlineExceeded,
+        Unavailable,
+        Unimplemented,
+    )
+
+    if isinstance(err, Unimplemented):
+        said = f"the server at {err.target}" if err.target else "the server"
+        return f"server {server}", _without_prefix(one_line(err.message), said)
     where = f"volume {err.volume!r}" if err.volume else f"server {server}"
     if err.volume and isinstance(err, Unavailable | DeadlineExceeded):
         where += f" on {server}"
@@ -96,7 +107,7 @@ def describe_file(path: str | None) -> str:
 
 def file_error(path: str | None, err: OSError, note: str = "") -> CliError:
     """The failure ``err`` on the file ``path`` (``None``: stdin) as one line naming it, the
-    system's reason, then ``note`` (e.g. ``; removed the partial file 'x'``)."""
+    system's reason, then ``note`` (e.g. ``; 'x' is unchanged``)."""
     return CliError(f"{describe_file(path)}: {err.strerror or err}{note}")
 
 

@@ -20,7 +20,9 @@ import grpc
 
 __all__ = [
     "ERROR_METADATA_KEY",
+    "SERVICE_NAME",
     "STATUS_TABLE",
+    "AllocationTooLarge",
     "Cancelled",
     "DataLoss",
     "DeadlineExceeded",
@@ -35,6 +37,7 @@ __all__ = [
     "TierdiskError",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "VolumeNotFound",
     "error_from_rpc",
     "status_code",
@@ -42,6 +45,8 @@ __all__ = [
 
 ERROR_METADATA_KEY = "tierdisk-error"
 """Trailing metadata key in which the server names its domain error class."""
+SERVICE_NAME = "tierdisk.v1.BlockDevice"
+"""The gRPC service a tierdisk server serves (the proto's ``service BlockDevice``)."""
 
 
 class TierdiskError(Exception):
@@ -102,6 +107,15 @@ class InvalidArgument(TierdiskError):
     default_code = grpc.StatusCode.INVALID_ARGUMENT
     label = "invalid argument"
     server_names = ("InvalidArgument",)
+
+
+class AllocationTooLarge(InvalidArgument):
+    """A ``GetAllocation`` range with more extents than one reply may carry (server error
+    ``AllocationTooLarge``): ask for a smaller range. :meth:`AsyncVolume.allocation
+    <tierdisk.client.aio.AsyncVolume.allocation>` does, so its callers never see this."""
+
+    label = "too many extents"
+    server_names = ("AllocationTooLarge",)
 
 
 class FailedPrecondition(TierdiskError):
@@ -200,6 +214,46 @@ class Cancelled(TierdiskError):
     label = "cancelled"
 
 
+class Unimplemented(TierdiskError):
+    """The server does not implement the BlockDevice method called (``UNIMPLEMENTED``): it
+    is no tierdisk server (another gRPC service listens there), or a tierdisk server too old
+    for that method. The message says so, naming the server (``target``) and the method
+    (``method``) when the caller knows them; the volume is not the problem, so ``volume`` is
+    left unset."""
+
+    default_code = grpc.StatusCode.UNIMPLEMENTED
+    label = "not tierdisk"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        volume: str | None = None,
+        server_error: str | None = None,
+        target: str | None = None,
+        method: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, volume=volume, server_error=server_error)
+        self.target = target
+        self.method = method
+
+    @classmethod
+    def of_call(
+        cls, details: str, *, target: str | None = None, method: str | None = None
+    ) -> Unimplemented:
+        """The error for a call of ``method`` to ``target`` that the server answered
+        ``UNIMPLEMENTED`` with ``details``."""
+        server = f"the server at {target}" if target else "the server"
+        call = method or "this call"
+        return cls(
+            f"{server} does not serve {SERVICE_NAME}, or is too old for {call} "
+            f"(UNIMPLEMENTED: {details})",
+            target=target,
+            method=method,
+        )
+
+
 STATUS_TABLE: dict[grpc.StatusCode, type[TierdiskError]] = {
     grpc.StatusCode.NOT_FOUND: VolumeNotFound,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
@@ -213,6 +267,7 @@ STATUS_TABLE: dict[grpc.StatusCode, type[TierdiskError]] = {
     grpc.StatusCode.INTERNAL: StorageError,
     grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
 }
 """The table: status code → exception class. Codes not listed map to :class:`TierdiskError`.
 Finer classes (``ReadOnlyVolume``, ``NotSupported``, …) are subclasses of these, chosen by
@@ -244,17 +299,27 @@ def status_code(err: grpc.RpcError) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
-def error_from_rpc(err: grpc.RpcError, *, volume: str | None = None) -> TierdiskError:
+def error_from_rpc(
+    err: grpc.RpcError,
+    *,
+    volume: str | None = None,
+    target: str | None = None,
+    method: str | None = None,
+) -> TierdiskError:
     """The :class:`TierdiskError` for a failed call (``grpc.aio.AioRpcError`` or a sync
-    ``grpc.RpcError`` that is also a ``grpc.Call``)."""
+    ``grpc.RpcError`` that is also a ``grpc.Call``) of the RPC ``method`` (``"Read"``) on
+    the server ``target`` about ``volume``, each when known. ``UNIMPLEMENTED`` becomes an
+    :class:`Unimplemented` naming the server and the method, not the volume."""
     code = status_code(err)
     details_fn = getattr(err, "details", None)
     details = details_fn() if callable(details_fn) else None
+    message = str(details) if details else code.name.lower().replace("_", " ")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return Unimplemented.of_call(message, target=target, method=method)
     trailing_fn = getattr(err, "trailing_metadata", None)
     trailing = trailing_fn() if callable(trailing_fn) else None
     server_error = _metadata_value(trailing, ERROR_METADATA_KEY)
     cls = STATUS_TABLE.get(code, TierdiskError)
     if server_error:
         cls = _refine(cls, server_error) or cls
-    message = str(details) if details else code.name.lower().replace("_", " ")
     return cls(message, code=code, volume=volume, server_error=server_error)

@@ -7,19 +7,21 @@
 It shows bytes done of the total, the percentage, the average rate and the time left, and
 redraws at most ten times a second. With ``total=None`` (a pipe: the length is known only at
 its end) it shows the bytes done, the average rate and the time so far instead. Off a
-terminal it draws nothing, so logs and pipes stay clean. No dependencies.
+terminal it draws nothing, so logs and pipes stay clean. The line is cut to the width of the
+terminal it is drawn on (:func:`terminal_columns`), so a redraw never wraps. No
+dependencies.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
 
-__all__ = ["Progress", "format_bytes", "format_duration"]
+__all__ = ["Progress", "format_bytes", "format_duration", "terminal_columns"]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _BAR = 16
@@ -40,6 +42,25 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def terminal_columns(stream: TextIO, fallback: int = 80) -> int:
+    """The width in columns of the terminal ``stream`` is on, measured on ``stream`` itself
+    (not on stdout, which a bar on stderr is often not). ``$COLUMNS``, when set to a
+    positive number, wins, as for :func:`shutil.get_terminal_size`; ``fallback`` when
+    ``stream`` has no descriptor, is not a terminal, or reports a width of 0 (a terminal
+    whose size was never set)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return fallback
+    return columns if columns > 0 else fallback
 
 
 class Progress:
@@ -117,10 +138,11 @@ class Progress:
         self._last_draw = now
         if not self.enabled or self._closed:
             return
-        text = self.render(now)
-        columns = shutil.get_terminal_size((80, 24)).columns
-        text = text[: max(columns - 1, 10)]
-        pad = " " * max(0, self._width - len(text))
+        # One column short of the width: a line that fills it would wrap on some terminals.
+        limit = max(terminal_columns(self.stream) - 1, 1)
+        text = self.render(now)[:limit]
+        # Spaces over what is left of a longer line before, within the width.
+        pad = " " * max(0, min(self._width, limit) - len(text))
         self._width = len(text)
         self.stream.write("\r" + text + pad)
         self.stream.flush()

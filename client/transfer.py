@@ -22,9 +22,9 @@ Files, devices, pipes and ``-``
     that is neither (a pipe, a terminal) has a length known only at its end, so it is
     written as it arrives: the chunk that ends in part of a sector, or reaches past the end
     of the volume, is not written, and is refused once the chunks before it are; the
-    message says how many bytes were written (:func:`_stream_in`). Every sector read is
-    written, zeros included, with one exception: ``import`` from a regular file (named, or
-    on stdin) is sparse. Its holes (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``; a filesystem
+    message says how many bytes were written (:func:`_stream_in`; see below). Every sector
+    read is written, zeros included, with one exception: ``import`` from a regular file
+    (named, or on stdin) is sparse. Its holes (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``; a filesystem
     without holes reports none) must read back as zeros, since the import replaces what the
     volume held there: on a volume whose ``unmap_behavior`` is ``ZEROES`` they are unmapped,
     so they take no space; on any other they are written as zeros, as before. Only whole
@@ -34,30 +34,49 @@ Files, devices, pipes and ``-``
     of data that happen to be zeros are written like any other.
 
     ``export`` writes all ``sector_count * sector_size`` bytes of the volume. Into a
-    regular file it is sparse: the file is truncated, sized to the volume at once, and only
-    the allocated runs are written where they belong; unallocated runs, and chunks that
-    read back all zeros, are left as holes (the file reads the same); then it is fsynced.
-    Into a block device, a pipe, a character device or stdout (IMAGE ``-``) every byte is
-    written in order, zeros for the holes, with no truncating or seeking; a block device is
-    fsynced too.
+    regular file (or a new one) it is sparse, and IMAGE is replaced, never written in
+    place: a new file ``.IMAGE.tierdisk-export-XXXXXXXX`` in IMAGE's folder (created
+    exclusively) is sized to the volume at once and only the allocated runs are written
+    where they belong; unallocated runs, and chunks that read back all zeros, are left as
+    holes (the file reads the same); then it is fsynced, renamed over IMAGE, and the folder
+    fsynced. Through a symlink, the file it leads to is replaced and the link kept. The new
+    file gets the old one's permission bits (and owner and group, where allowed); a new
+    IMAGE those of any new file. Since IMAGE is not opened, exporting onto the very file a
+    server's layer reads the volume from does not lose it: the server keeps reading the
+    old file, which holds the same bytes (writes it takes later land in that old file,
+    not in the new one, which it opens on restart). Until the rename both files take
+    space; hard links to the old file keep the old bytes. Into a block device, a pipe, a character
+    device or stdout (IMAGE ``-``, ``/dev/stdout``) every byte is written in order, in
+    place, zeros for the holes, with no truncating or seeking; a block device is fsynced
+    too.
 
-A failed export
-    If an export into a regular file fails after this export created or truncated it, the
-    file is removed, so that no full-size file that looks complete is left; but only if
-    IMAGE still names that file and named a regular file (or nothing) before: through a
-    symlink, say, the file is emptied instead. The error message ends with what was done
-    (``; removed the partial file 'img'``). A device or a pipe is left as it is, and so is
-    the ``-o FILE`` of a failed ``read``.
+A failed write, import or export
+    ``write`` and ``import`` stop sending requests at the first failure, let those in flight
+    finish, and end the message with what was written: ``nothing was written``, or ``the N
+    bytes before were written from sector S``, then ``; sectors A..B may have been written
+    in part`` for requests past those that were written out of order or failed part way
+    (:class:`_Written`); from a file, from stdin, or refused at a bad chunk from a pipe
+    alike.
+
+    A failed export (Ctrl-C too) into a regular file removes its temporary file and leaves
+    IMAGE as it was, or not there if it was not; the message ends with that (``; 'img' is
+    unchanged``, ``; 'img' was not created``). A device or a pipe is left as it is (a
+    regular file reached through ``/proc``, such as ``/dev/stdout`` redirected to a file,
+    is written in place and emptied: ``; emptied the partial file …``); so is the ``-o
+    FILE`` of a failed ``read``.
 
 Chunking
     Each request carries at most ``client.max_io`` bytes, a whole number of sectors
     (:func:`~tierdisk.client.chunking.sectors_per_chunk`; 1 MiB by default), with
     ``client.max_in_flight`` requests running at a time. Chunks of a regular file or block
-    device are read (``pread``) and written in any order; so are the allocated chunks of a
-    sparse export (``pwrite``). The hole unmaps of a sparse import (at most
-    :data:`_UNMAP_MAX` bytes each) share the ``max_in_flight`` slots with its data chunks.
-    A pipe or a terminal is read one chunk at a time, in order, while earlier chunks are
-    being written. ``read`` and an in-order export use
+    device are read (``pread``) and written in any order. An export reads the allocated
+    runs in windows (:func:`~tierdisk.client.chunking.plan_windows`): runs less than
+    :data:`_GAP_BYTES` apart share one request, so a fragmented volume is not one request
+    per run; a sparse export writes each run's bytes where they belong (``pwrite``, in any
+    order; all-zero runs stay holes), an in-order one the whole window. The hole unmaps of
+    a sparse import (at most :data:`_UNMAP_MAX` bytes each) share the ``max_in_flight``
+    slots with its data chunks. A pipe or a terminal is read one chunk at a time, in
+    order, while earlier chunks are being written. ``read`` uses
     :meth:`~tierdisk.client.aio.AsyncVolume.stream_read`, which reads ahead in order.
 
 Progress
@@ -77,15 +96,32 @@ import asyncio
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 from .aio import AsyncClient, AsyncVolume
-from .chunking import Chunk, plan_chunks, run_bounded, sectors_per_chunk
+from .chunking import (
+    ReadWindow,
+    plan_chunks,
+    plan_windows,
+    run_bounded,
+    run_ordered,
+    sectors_per_chunk,
+)
 from .cli_errors import CliError, describe, describe_file, file_error, stdout_error
-from .errors import OutOfRange, TierdiskError
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NoSpace,
+    OutOfRange,
+    PermissionDenied,
+    TierdiskError,
+    Unauthenticated,
+    VolumeNotFound,
+)
 from .models import AllocationExtent, UnmapBehavior, VolumeInfo
 from .progress import Progress
 
@@ -108,6 +144,97 @@ def _progress(
     redrawn line."""
     off = bool(args.no_progress) or data_on_tty
     return Progress(total, label=label, enabled=False if off else None)
+
+
+def _noted(exc: Exception, args: argparse.Namespace, path: str | None, note: str) -> Exception:
+    """The failure ``exc`` of a transfer with ``path`` (``None``: stdin or stdout), as the
+    error to raise with ``note`` (what was done, or written, before it) at the end of its
+    one line: a :class:`CliError` for a failed call (worded by :func:`describe`), a file
+    error or a :class:`CliError` of its own; anything else (a broken pipe, a bug) as it is."""
+    if isinstance(exc, BrokenPipeError) and path is None:
+        return exc
+    if isinstance(exc, OSError):
+        return file_error(path, exc, note)
+    if isinstance(exc, TierdiskError):
+        return CliError(describe(exc, args.server) + note)
+    if isinstance(exc, CliError) and note:
+        err = CliError(f"{exc}{note}")
+        err.exit_code = exc.exit_code
+        return err
+    return exc
+
+
+_NOT_APPLIED = (
+    VolumeNotFound,
+    OutOfRange,
+    InvalidArgument,
+    FailedPrecondition,
+    Unauthenticated,
+    PermissionDenied,
+    NoSpace,
+)
+"""Failures of a write or unmap request that changed nothing (DESIGN.md §2: a read-only
+volume, a range past the end, out of space, …); any other failure (a timeout, a lost
+connection, a storage error) may come after part of the request was written."""
+
+
+class _Written:
+    """What a copy onto a volume from ``sector`` (``ss``-byte sectors) has written so far,
+    for the message that ends a failed or refused copy (:meth:`note`). Offsets and lengths
+    are in bytes from the start of the copy; requests run several at a time and finish in
+    any order, so what is written need not be contiguous.
+
+    Each request sent ends :meth:`done` or :meth:`failed`. After the first failure
+    (:attr:`failure`) the copy sends no more requests, but lets those in flight finish, so
+    that what they did is known: :meth:`raise_failure` then raises that first failure with
+    the note."""
+
+    def __init__(self, sector: int, ss: int) -> None:
+        self.sector = sector
+        self.ss = ss
+        self.prefix = 0
+        """Bytes written from the start of the copy, without a gap."""
+        self.failure: Exception | None = None
+        """The first failure, if any."""
+        self._past: dict[int, int] = {}  # start -> end of requests done beyond the prefix
+        self._reach = 0  # the end of the furthest request done, or maybe done in part
+
+    def done(self, offset: int, length: int) -> None:
+        """The request for ``length`` bytes at ``offset`` is written."""
+        self._past[offset] = offset + length
+        while self.prefix in self._past:
+            self.prefix = self._past.pop(self.prefix)
+        self._reach = max(self._reach, offset + length)
+
+    def failed(self, exc: Exception, offset: int = 0, length: int = 0) -> None:
+        """The copy failed with ``exc``: at the request for ``length`` bytes at ``offset``
+        (``0``: before any request was sent). That request may have written part of its
+        bytes, unless its failure is one of :data:`_NOT_APPLIED`."""
+        if length and not isinstance(exc, _NOT_APPLIED):
+            self._reach = max(self._reach, offset + length)
+        if self.failure is None:
+            self.failure = exc
+
+    def note(self) -> str:
+        """What was written: ``nothing was written``, or ``the N bytes before were written
+        from sector S``; then, if requests past those were written or may have been (in
+        any order, or failing part way), ``; sectors A..B may have been written in part``
+        (``A`` included, ``B`` not)."""
+        ss, first = self.ss, self.sector
+        if self.prefix:
+            text = f"the {self.prefix} bytes before were written from sector {first}"
+        else:
+            text = "nothing was written"
+        if self._reach > self.prefix:
+            lo, hi = first + self.prefix // ss, first + -(-self._reach // ss)
+            text += f"; sectors {lo}..{hi} may have been written in part"
+        return text
+
+    def raise_failure(self, args: argparse.Namespace, path: str | None) -> None:
+        """Raise the first failure, if any, as one line (:func:`_noted`) ending with
+        :meth:`note`; ``path`` is the file copied from (``None``: stdin)."""
+        if self.failure is not None:
+            raise _noted(self.failure, args, path, "; " + self.note())
 
 
 # -- files and streams -------------------------------------------------------------------
@@ -299,7 +426,9 @@ async def _copy_fd_in(
     requests of ``max_io`` bytes at a time, with a bar that has a total. Every chunk is
     written, zeros included, except that ``import`` from a regular file skips its holes
     (:func:`_pieces`): unmapped where the volume's unmap reads back as zeros, written as
-    zeros elsewhere. On success the position is left at the end, as a plain read would."""
+    zeros elsewhere. On success the position is left at the end, as a plain read would.
+    A failure stops the copy (the requests in flight finish) and its message says what was
+    written (:class:`_Written`)."""
     try:
         start = os.lseek(fd, 0, os.SEEK_CUR)
         size = max(0, _file_size(fd, path) - start)
@@ -329,25 +458,39 @@ async def _copy_fd_in(
     pieces = _pieces(_sector_runs(runs, start, ss, count), count, per_chunk, unmap, ss)
     zeros = bytes(per_chunk * ss) if not unmap and any(not p.data for p in pieces) else b""
 
+    written = _Written(sector, ss)
+
     async def one(piece: _Piece) -> None:
+        if written.failure is not None:  # no request is sent after a failure
+            return
         length = piece.sector_count * ss
+        offset = piece.offset * ss
         at = sector + piece.offset
         if piece.data:
             try:
-                data = await asyncio.to_thread(os.pread, fd, length, start + piece.offset * ss)
+                data = await asyncio.to_thread(os.pread, fd, length, start + offset)
             except OSError as err:
-                raise file_error(path, err) from None
+                written.failed(file_error(path, err))
+                return
             if len(data) != length:
-                raise CliError(f"{describe_file(path)}: shrank while being read")
-            await vol.write(at, data, fua=fua)
-        elif unmap:
-            await vol.unmap(at, piece.sector_count)
-        else:
-            await vol.write(at, zeros if length == len(zeros) else zeros[:length], fua=fua)
+                written.failed(CliError(f"{describe_file(path)}: shrank while being read"))
+                return
+        try:
+            if piece.data:
+                await vol.write(at, data, fua=fua)
+            elif unmap:
+                await vol.unmap(at, piece.sector_count)
+            else:
+                await vol.write(at, zeros if length == len(zeros) else zeros[:length], fua=fua)
+        except Exception as exc:
+            written.failed(exc, offset, length)
+            return
+        written.done(offset, length)
         bar.advance(length)
 
     with _progress(args, size, f"{verb} {vol.name}") as bar:
         await run_bounded(pieces, one, client.max_in_flight)
+    written.raise_failure(args, path)
     os.lseek(fd, start + size, os.SEEK_SET)
     return 0
 
@@ -356,6 +499,11 @@ _MIN_HOLE = 64 * 1024
 """Bytes: a hole of a sparse import shorter than this is written as zeros together with the
 data around it, as one run; a filesystem with fragmented small holes (4 KiB here and there)
 would otherwise turn its data into many small requests, each costing a round trip."""
+
+_GAP_BYTES = 128 * 1024
+"""Bytes: allocated runs of an export closer than this are read by one request, the gap
+with them (read as zeros, not written to a sparse file): a 1 MiB read costs about as much
+as two small ones."""
 
 _UNMAP_MAX = 1 << 30
 """Bytes: the most one unmap request of a sparse import covers (whole sectors), so that no
@@ -502,7 +650,9 @@ async def _stream_in(
     A chunk that ends in part of a sector or would reach past the end of the volume is not
     written, and is reported once the chunks before it are all written; the message says
     how many bytes that is. So input of up to one chunk (1 MiB by default) is refused before
-    anything is written, as is anything starting past the end."""
+    anything is written, as is anything starting past the end. A failure (of a write, or of
+    reading stdin) stops the copy likewise, and its message says what was written
+    (:class:`_Written`)."""
     info = await vol.info()
     ss = info.sector_size
     info.check_fits(sector, 0)
@@ -511,23 +661,21 @@ async def _stream_in(
     lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
     taken = 0  # bytes taken from src so far
     ended = False
-    refusal: Exception | None = None
-
-    def written(before: int) -> str:
-        if not before:
-            return "nothing was written"
-        return f"the {before} bytes before were written from sector {sector}"
+    written = _Written(sector, ss)
+    refusal: tuple[str, bool] | None = None  # its message but the note; past the end?
 
     async def worker(_: int) -> None:
         nonlocal taken, ended, refusal
         while True:
             async with lock:
-                if ended:
+                if ended or written.failure is not None:
                     return
                 try:
                     data = await asyncio.to_thread(_read_up_to, src, chunk_bytes)
                 except OSError as err:
-                    raise file_error(None, err) from None
+                    ended = True
+                    written.failed(file_error(None, err))
+                    return
                 offset, taken = taken, taken + len(data)
                 ended = len(data) < chunk_bytes
                 if not data:
@@ -535,27 +683,34 @@ async def _stream_in(
                 at, count = sector + offset // ss, len(data) // ss
                 if len(data) % ss:
                     ended = True
-                    refusal = CliError(
-                        f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
-                        + written(offset)
-                    )
+                    text = f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
+                    refusal = (text, False)
                     return
                 if at + count > info.sector_count:
                     ended = True
-                    refusal = OutOfRange(
+                    text = (
                         f"stdin: sectors {at}..{at + count} reach past the end "
-                        f"({info.sector_count} sectors); " + written(offset),
-                        volume=vol.name,
+                        f"({info.sector_count} sectors); "
                     )
+                    refusal = (text, True)
                     return
-            await vol.write(at, data, fua=fua)
+            try:
+                await vol.write(at, data, fua=fua)
+            except Exception as exc:
+                written.failed(exc, offset, len(data))
+                return
+            written.done(offset, len(data))
             bar.advance(len(data))
 
     label = f"{verb} {vol.name}"
     with _progress(args, None, label, data_on_tty=_isatty(src)) as bar:
         await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
-    if refusal is not None:
-        raise refusal
+    written.raise_failure(args, None)
+    if refusal is not None:  # every chunk before it is written: the note says how many bytes
+        text, past_end = refusal
+        if past_end:
+            raise OutOfRange(text + written.note(), volume=vol.name)
+        raise CliError(text + written.note())
     return 0
 
 
@@ -563,9 +718,11 @@ async def _stream_in(
 
 
 async def export_image(client: AsyncClient, args: argparse.Namespace) -> int:
-    """``export VOL IMAGE``: the whole volume into IMAGE (``-``: stdout), sparse into a
-    regular file, every byte in order into anything else; a partial regular file left by a
-    failure is removed (see the module's notes)."""
+    """``export VOL IMAGE``: the whole volume into IMAGE (``-``: stdout). Into a regular
+    file (or a new one) it is sparse and written under a temporary name in the same folder,
+    renamed over IMAGE only once complete and fsynced, so a failure or Ctrl-C leaves an
+    existing IMAGE as it was (:func:`_export_replacing`). Into anything else (a device, a
+    pipe, stdout) every byte is written in order, in place (see the module's notes)."""
     vol = client.volume(args.volume)
     info = await vol.info()
     extents = await vol.allocation(0, info.sector_count)
@@ -576,42 +733,185 @@ async def export_image(client: AsyncClient, args: argparse.Namespace) -> int:
         with _progress(args, info.size_bytes, label, data_on_tty=data_on_tty) as bar:
             await _export_in_order(client, vol, info, extents, _Sink(), bar)
         return 0
-    try:
-        existed: os.stat_result | None = os.lstat(path)
-    except OSError:
-        existed = None
-    # Not O_TRUNC yet: a device keeps its size and is written whole, not truncated.
-    fd = _open_file(path, os.O_WRONLY | os.O_CREAT)
-    partial = False  # whether a failure leaves a partial regular file to discard
-    try:
-        st = os.fstat(fd)
-        regular = stat.S_ISREG(st.st_mode)
-        if regular:
-            partial = existed is None  # created here
-            os.ftruncate(fd, 0)
-            partial = True  # its old bytes are gone: what is left is this export's
-        with _progress(args, info.size_bytes, label) as bar:
-            if regular:
-                await _export_sparse(client, vol, info, extents, fd, path, bar)
-            else:  # a device, a pipe, /dev/stdout …: no truncating, no seeking, no holes
-                await _export_in_order(client, vol, info, extents, _Sink(fd, path), bar)
-        if regular or stat.S_ISBLK(st.st_mode):
-            os.fsync(fd)
-        os.close(fd)
-    except BaseException as exc:
-        note = _discard_partial(fd, path, existed) if partial else ""
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        if isinstance(exc, OSError):
-            raise file_error(path, exc, note) from None
-        if isinstance(exc, TierdiskError):
-            raise CliError(describe(exc, args.server) + note) from None
-        if isinstance(exc, CliError) and note:
-            err = CliError(f"{exc}{note}")
-            err.exit_code = exc.exit_code
-            raise err from None
-        raise
+    target = _replaceable(path)
+    if target is not None:
+        await _export_replacing(client, args, vol, info, extents, path, target, label)
+    else:
+        await _export_in_place(client, args, vol, info, extents, path, label)
     return 0
+
+
+def _replaceable(path: str) -> str | None:
+    """The regular file that an export to ``path`` replaces (``path`` itself, or where its
+    symlinks lead; it may not exist yet), or ``None`` to write ``path`` in place: it is a
+    device, a pipe, a socket, a folder, or is reached through a link of ``/proc`` (such as
+    ``/dev/stdout`` or ``/dev/fd/N``), whose file is someone's open descriptor, not a name
+    to replace. A symlink loop is left for the open in place to report."""
+    for _ in range(40):  # the kernel's own limit on symlinks followed (ELOOP)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path  # a new file (or a dangling symlink's target)
+        except OSError:
+            return None  # e.g. a folder on the way is not one: the open reports it
+        if stat.S_ISREG(st.st_mode):
+            return path
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.realpath(folder).startswith("/proc/"):
+            return None
+        try:
+            path = os.path.join(os.path.dirname(path), os.readlink(path))
+        except OSError:
+            return None
+    return None
+
+
+async def _export_replacing(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    info: VolumeInfo,
+    extents: list[AllocationExtent],
+    path: str,
+    target: str,
+    label: str,
+) -> None:
+    """Export into the regular file ``target`` (IMAGE ``path``, or where its symlinks
+    lead) by replacing it: the volume is written, sparse, into a new file
+    ``.NAME.tierdisk-export-XXXXXXXX`` beside it (created exclusively; :func:`_temp_file`),
+    fsynced, renamed over ``target``, and the folder fsynced. ``target`` itself is never
+    opened, let alone truncated, so even when it is the very file a server's layer reads
+    this volume from, the volume is read whole (the server keeps the old file open; the
+    new one holds the same bytes). On any failure, Ctrl-C included, the temporary file is
+    removed and ``target`` is as it was (or still does not exist); the message ends with
+    that (``; 'img' is unchanged``)."""
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    except OSError as err:
+        raise file_error(path, err) from None
+    fd, temp = _temp_file(path, target, old)
+    renamed = False
+    try:
+        with _progress(args, info.size_bytes, label) as bar:
+            await _export_sparse(client, vol, info, extents, fd, path, bar)
+        os.fsync(fd)
+        fd, closing = -1, fd
+        os.close(closing)
+        os.rename(temp, target)
+        renamed = True
+        _fsync_folder(os.path.dirname(target))
+    except BaseException as exc:
+        note = ""
+        if not renamed:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            note = _remove_temp(temp, path, old)
+        if isinstance(exc, Exception):
+            raise _noted(exc, args, path, note) from None
+        raise
+
+
+def _temp_file(path: str, target: str, old: os.stat_result | None) -> tuple[int, str]:
+    """A new, empty file beside ``target`` (IMAGE ``path``) to export into:
+    ``(fd, its path)``, created exclusively under a random name, so no other file is ever
+    opened. It gets the permission bits of the ``old`` file it replaces (and its owner and
+    group, where the system allows that), before a byte is written; for a new IMAGE, those
+    of any new file (``0o666`` less the umask)."""
+    folder, name = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        temp = os.path.join(folder, f".{name}{_TEMP_INFIX}{secrets.token_hex(4)}")
+        try:
+            fd = os.open(temp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as err:
+            if old is not None:  # IMAGE is there: it is its folder that refuses
+                raise CliError(
+                    f"{describe_file(path)}: cannot create a temporary file beside it to "
+                    f"export into: {err.strerror or err}"
+                ) from None
+            raise file_error(path, err) from None
+    else:
+        raise CliError(f"{describe_file(path)}: cannot find a free temporary name beside it")
+    if old is not None:
+        try:
+            with contextlib.suppress(PermissionError):  # another owner: only root may
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        except OSError as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise file_error(path, err) from None
+    return fd, temp
+
+
+_TEMP_INFIX = ".tierdisk-export-"
+"""In the name of the file an export writes before renaming it over IMAGE:
+``.IMAGE.tierdisk-export-XXXXXXXX`` (eight random hex digits), in IMAGE's folder."""
+
+
+def _remove_temp(temp: str, path: str, old: os.stat_result | None) -> str:
+    """After a failed export: remove its temporary file ``temp``. Returns the note for the
+    error message: IMAGE (``path``) is unchanged, or was not created; or that ``temp`` is
+    left behind, if it could not be removed."""
+    try:
+        os.unlink(temp)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        return f"; could not remove the partial file {temp!r}: {err.strerror or err}"
+    return f"; {path!r} is unchanged" if old is not None else f"; {path!r} was not created"
+
+
+def _fsync_folder(folder: str) -> None:
+    """fsync the folder ``folder`` (``""``: the current one), so a rename in it is durable.
+    A filesystem that cannot fsync a folder (``EINVAL``) is left at that."""
+    fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _windows(
+    client: AsyncClient, info: VolumeInfo, extents: list[AllocationExtent]
+) -> list[ReadWindow]:
+    """The read requests of an export: the allocated runs, neighbours closer than
+    :data:`_GAP_BYTES` sharing one request of at most ``client.max_io`` bytes."""
+    ss = info.sector_size
+    return list(
+        plan_windows(
+            ((e.sector, e.end) for e in extents if e.allocated),
+            sectors_per_chunk(client.max_io, ss),
+            _GAP_BYTES // ss,
+        )
+    )
+
+
+def _write_runs(fd: int, data: bytes, window: ReadWindow, ss: int) -> None:
+    """``pwrite`` each run of ``window`` from ``data`` (the window's bytes) where it belongs
+    in the file; an all-zero run is left as a hole (the file reads the same)."""
+    view = memoryview(data)
+    for a, b in window.runs:
+        lo, hi = (a - window.sector) * ss, (b - window.sector) * ss
+        if data.count(0, lo, hi) == hi - lo:
+            continue  # all zeros: the hole reads the same
+        offset = a * ss
+        while lo < hi:  # a short write (rare for a regular file) goes on where it stopped
+            n = os.pwrite(fd, view[lo:hi], offset)
+            lo += n
+            offset += n
 
 
 async def _export_sparse(
@@ -624,27 +924,18 @@ async def _export_sparse(
     bar: Progress,
 ) -> None:
     """Export into the empty regular file open as ``fd``: sized to the volume at once, all
-    holes; then the allocated runs are written where they belong, a few at a time."""
+    holes; then the allocated runs are written where they belong, a few windows at a
+    time."""
     ss = info.sector_size
     os.ftruncate(fd, info.size_bytes)
-    per_chunk = sectors_per_chunk(client.max_io, ss)
-    chunks = [
-        chunk
-        for ext in extents
-        if ext.allocated
-        for chunk in plan_chunks(ext.sector, ext.sector_count, per_chunk)
-    ]
-    zeros = bytes(per_chunk * ss)
     bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
 
-    async def one(chunk: Chunk) -> None:
-        data = await vol.read(chunk.sector, chunk.sector_count)
-        # An all-zero chunk is left as a hole too: the file reads the same.
-        if data != zeros[: len(data)]:
-            await asyncio.to_thread(os.pwrite, fd, data, chunk.sector * ss)
-        bar.advance(len(data))
+    async def one(window: ReadWindow) -> None:
+        data = await vol.read(window.sector, window.sector_count)
+        await asyncio.to_thread(_write_runs, fd, data, window, ss)
+        bar.advance(sum(b - a for a, b in window.runs) * ss)
 
-    await run_bounded(chunks, one, client.max_in_flight)
+    await run_bounded(_windows(client, info, extents), one, client.max_in_flight)
 
 
 async def _export_in_order(
@@ -655,44 +946,75 @@ async def _export_in_order(
     sink: _Sink,
     bar: Progress,
 ) -> None:
-    """Export as one stream of ``sector_count * sector_size`` bytes: the allocated runs
-    read ahead in order, zeros written for the holes."""
+    """Export as one stream of ``sector_count * sector_size`` bytes: the windows of
+    allocated runs read ahead in order (the gaps inside a window read as zeros), zeros
+    written between them."""
     ss = info.sector_size
     zeros = memoryview(bytes(sectors_per_chunk(client.max_io, ss) * ss))
-    for ext in extents:
-        if ext.allocated:
-            async for _sector, data in vol.stream_read(ext.sector, ext.sector_count):
-                sink.write(data)
-                bar.advance(len(data))
-            continue
-        left = ext.sector_count * ss
-        while left:
-            n = min(left, len(zeros))
+
+    def fill(nbytes: int) -> None:
+        while nbytes:
+            n = min(nbytes, len(zeros))
             sink.write(zeros[:n])
             bar.advance(n)
-            left -= n
+            nbytes -= n
+
+    async def one(window: ReadWindow) -> bytes:
+        return await vol.read(window.sector, window.sector_count)
+
+    done = 0  # sectors written so far
+    windows = run_ordered(_windows(client, info, extents), one, client.max_in_flight)
+    try:
+        async for window, data in windows:
+            fill((window.sector - done) * ss)
+            sink.write(data)
+            bar.advance(len(data))
+            done = window.sector + window.sector_count
+    finally:
+        await windows.aclose()
+    fill((info.sector_count - done) * ss)
     sink.flush()
 
 
-def _discard_partial(fd: int, path: str, existed: os.stat_result | None) -> str:
-    """After a failed export into the regular file open as ``fd``: remove it, so no
-    full-size file is left that looks complete. Only if ``path`` is still that file and
-    was a regular file (or nothing) before; through a symlink the file is emptied instead.
-    Returns the note for the error message."""
+async def _export_in_place(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    info: VolumeInfo,
+    extents: list[AllocationExtent],
+    path: str,
+    label: str,
+) -> None:
+    """Export into ``path`` as it is: a device, a pipe, a character device, or a file
+    reached through ``/proc`` (``/dev/stdout`` redirected to a file) — never created,
+    truncated, or seeked, except that a regular file (the last case) is truncated and
+    written sparse, and emptied again if the export fails (``; emptied the partial file
+    …``): a full-size file left behind would look complete. A block device is fsynced at
+    the end. Anything else is left as it is on a failure."""
+    fd = _open_file(path, os.O_WRONLY)
+    regular = False
     try:
         st = os.fstat(fd)
-        now = os.lstat(path)
-    except OSError:
-        return ""
-    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-    if same and stat.S_ISREG(now.st_mode) and (existed is None or stat.S_ISREG(existed.st_mode)):
-        try:
-            os.unlink(path)
-        except OSError as err:
-            return f"; could not remove the partial file {path!r}: {err.strerror or err}"
-        return f"; removed the partial file {path!r}"
-    try:
-        os.ftruncate(fd, 0)
-    except OSError:
-        return ""
-    return f"; emptied the partial file {path!r}"
+        regular = stat.S_ISREG(st.st_mode)
+        with _progress(args, info.size_bytes, label) as bar:
+            if regular:
+                os.ftruncate(fd, 0)
+                await _export_sparse(client, vol, info, extents, fd, path, bar)
+            else:  # a device, a pipe, …: no truncating, no seeking, no holes
+                await _export_in_order(client, vol, info, extents, _Sink(fd, path), bar)
+        if regular or stat.S_ISBLK(st.st_mode):
+            os.fsync(fd)
+        fd, closing = -1, fd
+        os.close(closing)
+    except BaseException as exc:
+        note = ""
+        if fd >= 0:
+            if regular:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    note = f"; emptied the partial file {path!r}"
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if isinstance(exc, Exception):
+            raise _noted(exc, args, path, note) from None
+        raise

@@ -1,4 +1,5 @@
-"""Process-wide tuning for moving ~1 MiB messages fast: glibc malloc settings and uvloop.
+"""Process-wide set-up at start: descriptors 0-2 made safe (:func:`reopen_closed_stdio`),
+and tuning for moving ~1 MiB messages fast: glibc malloc settings and uvloop.
 
 Measured on this project's machine (DESIGN.md §6, ``perf-baselines.md``): with glibc's default
 malloc, every ~1 MiB message is allocated with ``mmap`` and given back with ``munmap``, about
@@ -16,11 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import importlib
 import os
 import sys
 
-__all__ = ["NO_MALLOC_TUNING_ENV", "NO_UVLOOP_ENV", "install_uvloop", "tune_malloc"]
+__all__ = [
+    "NO_MALLOC_TUNING_ENV",
+    "NO_UVLOOP_ENV",
+    "install_uvloop",
+    "reopen_closed_stdio",
+    "tune_malloc",
+]
 
 NO_MALLOC_TUNING_ENV = "TIERDISK_NO_MALLOC_TUNING"
 """Set (to anything but "" or "0") to turn :func:`tune_malloc` off: a benchmark switch."""
@@ -30,6 +38,49 @@ NO_UVLOOP_ENV = "TIERDISK_NO_UVLOOP"
 
 def _switched_off(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
+
+
+_STDIO = (
+    (0, "stdin", os.O_WRONLY, "r", "strict"),
+    (1, "stdout", os.O_RDONLY, "w", "strict"),
+    (2, "stderr", os.O_WRONLY, "w", "backslashreplace"),
+)
+"""Per standard descriptor: its ``sys`` name, how /dev/null is opened in its place, and the
+mode and ``errors`` of the text stream Python would have made for it."""
+
+
+def reopen_closed_stdio() -> list[int]:
+    """Open /dev/null on each of descriptors 0, 1 and 2 that is closed (``tierdisk … >&-``,
+    a supervisor that closes stdin); return those descriptors. Call it first thing at process
+    start, before anything opens a descriptor.
+
+    Otherwise the next descriptor opened lands on 0-2: libuv (uvloop) then aborts the process
+    (``uv__close: Assertion `fd > STDERR_FILENO' failed``), and a gRPC socket could receive
+    what is printed. A closed stdin and stdout stay unusable, so a verb that needs them still
+    fails as it would have, with the usual one line: /dev/null is opened for the direction
+    they are not used in (stdin write-only, stdout read-only), and reading or writing them
+    fails with ``EBADF`` ("Bad file descriptor"), as on the closed descriptor. A closed stderr
+    becomes /dev/null for writing: nothing written there is seen, as before, and nothing
+    fails. ``sys.stdin``/``sys.stdout``/``sys.stderr``, ``None`` when Python started without
+    the descriptor, become text streams on the new ones."""
+    reopened = []
+    for fd, name, flags, mode, errors in _STDIO:
+        try:
+            os.fstat(fd)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                continue
+        # The lowest free descriptor is fd itself: those below it are open by now.
+        new = os.open(os.devnull, flags)
+        if new != fd:
+            os.dup2(new, fd)
+            os.close(new)
+        os.set_inheritable(fd, True)
+        reopened.append(fd)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, errors=errors, closefd=False))  # noqa: SIM115
+    return reopened
 
 
 # mallopt() parameters, from glibc's <malloc.h>.

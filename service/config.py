@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tierdisk.client import sizes
+from tierdisk.client.checks import server_address_problem, token_problem
 from tierdisk.client.chunking import DEFAULT_MAX_IO
 
 from .errors import ConfigError
@@ -33,6 +34,7 @@ __all__ = [
     "default_volumes",
     "load_config",
     "parse_size",
+    "token_from_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,8 @@ def _nonempty_str(value: object, what: str) -> str:
 
 
 def _address(value: object, what: str) -> str:
-    """A listen address: ``HOST:PORT`` (``[v6]:PORT``; port 0 = any free one) or
-    ``unix:PATH``."""
+    """A listen address: ``HOST:PORT`` (``[v6]:PORT``; port 0 = any free one; an empty host
+    is every interface) or ``unix:PATH``."""
     text = _nonempty_str(value, what)
     if text.startswith("unix:"):
         if not text[len("unix:") :]:
@@ -86,7 +88,69 @@ def _address(value: object, what: str) -> str:
         split_host_port(text, what)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    problem = server_address_problem(text, empty_host=True)  # e.g. IPv6 not in brackets
+    if problem is not None:
+        raise ConfigError(f"{what} address {text!r}: {problem}")
     return text
+
+
+def _grpc_address(value: object, what: str) -> str:
+    """The gRPC listen address: as :func:`_address`, but with a host (gRPC binds no empty
+    one; ``0.0.0.0`` or ``[::]`` is every interface)."""
+    text = _address(value, what)
+    problem = None if text.startswith("unix:") else server_address_problem(text)
+    if problem is not None:
+        if not split_host_port(text, what)[0]:
+            problem += "; 0.0.0.0 or [::] listens on every interface"
+        raise ConfigError(f"{what} address {text!r}: {problem}")
+    return text
+
+
+def _target(value: object, what: str) -> str:
+    """A remote layer's ``target``: a gRPC address as the client takes for ``--server``
+    (``HOST:PORT``, ``[v6]:PORT``, or a gRPC form such as ``unix:PATH``, ``dns:///HOST:PORT``);
+    gRPC would silently use another port for ``HOST:99999``, and 443 for a missing one."""
+    text = _nonempty_str(value, what)
+    problem = server_address_problem(text)
+    if problem is not None:
+        raise ConfigError(f"{what} {text!r}: {problem}")
+    return text
+
+
+def _token(value: object, what: str) -> str:
+    """A bearer token: what gRPC can send in a header (the token itself is never shown)."""
+    text = _str(value, what)
+    problem = token_problem(text)
+    if problem is not None:
+        raise ConfigError(f"{what} {problem}")
+    return text
+
+
+def token_from_file(data: bytes, path: str) -> str:
+    """The token in a remote layer's ``token_file`` (its bytes ``data``): UTF-8 text without
+    the white space around it (the line end of a file saved with ``\n`` or ``\r\n``).
+    :class:`ConfigError` naming ``path`` when it is empty, not UTF-8, or holds a character
+    no gRPC header can carry; the token itself is never shown."""
+    what = f"token_file {path}"
+    token = _utf8_text(data, what).strip()
+    if not token:
+        raise ConfigError(f"{what} is empty")
+    problem = token_problem(token)
+    if problem is not None:
+        raise ConfigError(f"{what}: the token {problem}")
+    return token
+
+
+def _utf8_text(data: bytes, what: str) -> str:
+    """``data`` decoded as UTF-8; :class:`ConfigError` saying ``what`` is not, at which
+    offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = data[exc.start]
+        raise ConfigError(
+            f"{what} is not UTF-8 (byte 0x{byte:02x} at offset {exc.start})"
+        ) from None
 
 
 def _optional_address(value: object, what: str) -> str:
@@ -141,7 +205,7 @@ LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
     "sparse": {"path": _PATH, "size": parse_size, "sector_size": _sector_size},
     "sqlite": {"path": _PATH, "size": parse_size, "sector_size": _sector_size},
     "remote": {
-        "target": _nonempty_str,
+        "target": _target,
         "volume": _nonempty_str,
         "mode": _mode,
         "timeout": _seconds,
@@ -151,7 +215,7 @@ LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
         "cert_file": _PATH,
         "key_file": _PATH,
         "server_name": _str,
-        "token": _str,
+        "token": _token,
         "token_file": _PATH,
         "nbd": _nbd_source,
     },
@@ -179,7 +243,7 @@ class ServerConfig:
 
 
 _SERVER_KEYS: dict[str, _Parser] = {
-    "listen": _address,
+    "listen": _grpc_address,
     "metrics": _optional_address,
     "data_dir": _nonempty_str,
     "nbd": _optional_address,
@@ -246,13 +310,7 @@ def load_config(
     environ = os.environ if environ is None else environ
     doc: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+        doc = _read_toml(path)
     unknown = sorted(set(doc) - {"server", "volumes"})
     if unknown:
         raise ConfigError(f"unknown top-level key {unknown[0]!r} (expected [server], [[volumes]])")
@@ -271,6 +329,30 @@ def load_config(
         seen.add(volume.name)
         volumes.append(volume)
     return Config(server, tuple(volumes))
+
+
+_BOM = "\ufeff"
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    """The TOML document in the file ``path``; :class:`ConfigError` naming it when it cannot
+    be read, is not UTF-8 (naming the offset), starts with a byte order mark (which TOML
+    does not allow) or is not TOML."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    text = _utf8_text(data, f"config {path}")
+    if text.startswith(_BOM):
+        raise ConfigError(
+            f"config {path} starts with a UTF-8 byte order mark (offset 0), which TOML does "
+            "not allow: save it as UTF-8 without a BOM"
+        )
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
 
 
 def _server(

@@ -46,6 +46,7 @@ from .write_request import MalformedRequest, WriteRequestView, parse_write
 __all__ = [
     "ERROR_HEADER",
     "STATUS_CODES",
+    "AllocationTooLarge",
     "BlockDeviceService",
     "DrainGate",
     "Undecodable",
@@ -77,6 +78,12 @@ _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow
 _WRITE_RESPONSE = pb.WriteResponse()  # empty; serialized afresh for each reply
 _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
+_EXTENT_MIN_BYTES = 6
+"""The fewest bytes an ``AllocationExtent`` takes in a ``GetAllocationResponse``: its field's
+tag and length (2), ``sector`` (2; only an extent at sector 0 omits it) and ``sector_count``
+(2; never 0). ``depth`` 0 is omitted."""
+_DEPTH_MAX_BYTES = 11
+"""The most bytes ``depth`` takes: tag (1) and varint (10: an ``int32`` -1, a hole)."""
 
 T = TypeVar("T")
 
@@ -91,6 +98,23 @@ class Undecodable:
 
     def __init__(self, problem: str) -> None:
         self.problem = problem
+
+
+class AllocationTooLarge(InvalidArgument):
+    """A ``GetAllocation`` range with more extents than one reply may carry.
+
+    DESIGN.md §2 requires a reply to cover the whole range asked for, so the server never cuts
+    one short: it refuses the call, and the caller asks for smaller ranges (the client library
+    does so by itself). The code is ``INVALID_ARGUMENT``, the table's code for size limits —
+    not ``RESOURCE_EXHAUSTED``, which says a layer's storage is out of space, nor
+    ``OUT_OF_RANGE``, which says the range reaches past the end of the volume. The class
+    name travels in the ``tierdisk-error`` trailer, so clients can tell this refusal from
+    other invalid arguments."""
+
+
+def _varint_bytes(value: int) -> int:
+    """Bytes of ``value`` (non-negative) as a protobuf varint."""
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def _decoder(name: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -298,6 +322,41 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 f"{self._max_io} bytes; split it into smaller requests"
             )
 
+    def _check_allocation_size(
+        self,
+        volume: str,
+        sector: int,
+        count: int,
+        extents: int,
+        reply: pb.GetAllocationResponse | None,
+    ) -> None:
+        """Refuse (:class:`AllocationTooLarge`) a ``GetAllocation`` reply of ``extents``
+        extents for ``count`` sectors from ``sector`` that would take more than ``max_io``
+        bytes: asked with ``reply`` None before the reply is built (refused when even the
+        smallest encoding of that many extents is too large), then with the reply (measured
+        only when the largest encoding could be too large, so most replies are serialized
+        once, by gRPC).
+
+        ``max_io`` bounds every message that carries sectors' worth of data or metadata: it
+        sits below the transport's caps (which the server sets above it) and, by default, far
+        below the client library's 64 MiB receive cap."""
+        limit = self._max_io
+        if reply is None:
+            size = extents * _EXTENT_MIN_BYTES - 2
+        else:
+            # field tag and length, sector (below sector + count), sector_count, depth
+            most = 2 + 1 + _varint_bytes(sector + count) + 1 + _varint_bytes(count)
+            most += _DEPTH_MAX_BYTES
+            if extents * most <= limit:
+                return
+            size = reply.ByteSize()
+        if size > limit:
+            raise AllocationTooLarge(
+                f"volume {volume!r}: the allocation of sectors [{sector}, {sector + count}) "
+                f"has {extents} extents, more than one reply carries (at most {limit} bytes, "
+                f"this server's max_io); ask for a smaller range"
+            )
+
     # -- RPCs -----------------------------------------------------------------------------
 
     async def ListVolumes(
@@ -414,14 +473,22 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
     async def GetAllocation(
         self, request: pb.GetAllocationRequest, context: Any
     ) -> pb.GetAllocationResponse:
+        """``GetAllocation``: every extent of the range in one reply of at most ``max_io``
+        bytes, else :class:`AllocationTooLarge` (see :meth:`_check_allocation_size`)."""
+
         async def body() -> tuple[pb.GetAllocationResponse, int]:
             volume = self._volume(request.volume)
-            runs = await volume.allocation(request.sector, request.sector_count)
-            extents = [
-                pb.AllocationExtent(sector=a, sector_count=b - a, depth=depth)
-                for a, b, depth in runs
-            ]
-            return pb.GetAllocationResponse(extents=extents), 0
+            sector, count = request.sector, request.sector_count
+            runs = await volume.allocation(sector, count)
+            self._check_allocation_size(volume.name, sector, count, len(runs), None)
+            reply = pb.GetAllocationResponse(
+                extents=[
+                    pb.AllocationExtent(sector=a, sector_count=b - a, depth=depth)
+                    for a, b, depth in runs
+                ]
+            )
+            self._check_allocation_size(volume.name, sector, count, len(runs), reply)
+            return reply, 0
 
         return await self._call(context, body)
 

@@ -2,6 +2,9 @@
 
 Exit status: 0 after a clean stop, 2 for a config error (one line naming the volume, the
 layer index and the problem), 1 when the server cannot start (e.g. an address in use).
+SIGTERM and SIGINT stop the server from the moment it starts: one that arrives while it is
+still starting (a remote tier can take seconds to answer) ends the start instead, closing what
+was opened (``stopped while starting``), and the exit status is 0 as for any stop.
 ``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "pid": …}`` once serving,
 so scripts and tests can start a server on port 0 and find it.
 """
@@ -10,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 
-from tierdisk.client.tune import install_uvloop, tune_malloc
+from tierdisk.client.tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
 from .config import Config, load_config
 from .errors import ConfigError
 from .logs import configure_logging
-from .netaddr import AddressInUse
 from .server import Server
 
 __all__ = ["main"]
@@ -65,7 +68,18 @@ def _seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``tierdisk serve`` with ``argv`` (without the ``serve`` word); return the status."""
+    reopen_closed_stdio()  # first: before anything (uvloop, gRPC) opens a descriptor
     args = _parser().parse_args(argv)
+    # Until the event loop handles them (_serve), SIGTERM stops the start as SIGINT does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        log.info("stopped while starting")
+        return 0
+
+
+def _main(args: argparse.Namespace) -> int:
     tune_malloc()
     configure_logging(args.log_level, args.log_format)
     flags = {
@@ -86,18 +100,28 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
     server = Server(config)
-    try:
-        await server.start()
-    except ConfigError as exc:
-        print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
-        return 2
-    except (AddressInUse, OSError) as exc:
-        print(f"tierdisk serve: cannot start: {exc}", file=sys.stderr)
-        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start(), name="start")
+    stopping = asyncio.create_task(stop.wait(), name="stop signal")
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not starting.done():
+        starting.cancel()  # Server.start closes what it opened (volumes opened are flushed)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        log.info("stopped while starting")
+        return 0
+    try:
+        starting.result()
+    except ConfigError as exc:
+        print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # AddressInUse too
+        print(f"tierdisk serve: cannot start: {_reason(exc)}", file=sys.stderr)
+        return 1
     if ready_file:
         try:
             _write_ready_file(ready_file, server)
@@ -113,6 +137,14 @@ async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
     await server.stop(grace)
     log.info("stopped")
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    """``exc`` for a one-line message: without Python's ``[Errno 98]`` prefix when its text
+    is a sentence of ours (``OSError(errno, "cannot listen for … on …: …")``)."""
+    if exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
 
 
 def _write_ready_file(path: str, server: Server) -> None:

@@ -142,6 +142,7 @@ class Metrics:
     def __init__(self, volumes: Callable[[], list[Volume]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._volumes = volumes
         self.engine = EngineCollector(volumes)
         r.register(self.engine)
         self.io_bytes = LoopCounter(
@@ -190,8 +191,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # Label children of the per-request families, looked up once per label set.
-        self._io_cells: dict[tuple[str, str, str], tuple[CounterCell, HistogramCell]] = {}
+        # Label children of the per-request families, looked up once per label set, keyed
+        # by the name a request gave; the third item is the volume label (_io_cells_for).
+        self._io_cells: dict[tuple[str, str, str], tuple[CounterCell, HistogramCell, str]] = {}
         self._io_bytes_cells: dict[tuple[str, str], CounterCell] = {}
         build = Info("tierdisk_build", "Versions this server runs.", registry=r)
         build.info(
@@ -203,24 +205,45 @@ class Metrics:
         )
 
     def observe_io(self, volume: str, op: str, code: str, nbytes: int, seconds: float) -> None:
-        """Count one volume I/O request (``op``: read, write, unmap, flush). A request for a
-        volume this server does not have (``NOT_FOUND``) is counted under ``volume=""``:
-        the label stays bounded by the config, whatever names clients send."""
-        if code == "NOT_FOUND":
-            volume = ""
+        """Count one volume I/O request (``op``: read, write, unmap, flush) for the volume
+        name ``volume`` the request gave, whatever became of it.
+
+        Only the names of volumes this server serves become ``volume`` label values: any
+        other name (no such volume, one not open yet, or a call refused before the lookup:
+        draining, a bad hop chain) is counted under ``volume=""``, so the label stays
+        bounded by the config whatever names clients send. The check costs nothing per call
+        for a served name: it runs when a label set is first seen (:meth:`_io_cells_for`)."""
         cells = self._io_cells.get((volume, op, code))
         if cells is None:
-            cells = self._io_cells[volume, op, code] = (
-                self.io_requests.labels(volume, op, code),
-                self.io_duration.labels(op),
-            )
+            cells = self._io_cells_for(volume, op, code)
         cells[0].inc()
         if nbytes:
-            moved = self._io_bytes_cells.get((volume, op))
+            moved = self._io_bytes_cells.get((cells[2], op))
             if moved is None:
-                moved = self._io_bytes_cells[volume, op] = self.io_bytes.labels(volume, op)
+                moved = self._io_bytes_cells[cells[2], op] = self.io_bytes.labels(cells[2], op)
             moved.inc(nbytes)
         cells[1].observe(seconds)
+
+    def _io_cells_for(
+        self, volume: str, op: str, code: str
+    ) -> tuple[CounterCell, HistogramCell, str]:
+        """The cells of a label set :meth:`observe_io` has not cached: those of ``volume``
+        if this server serves it (cached under its name from then on), else those of
+        ``volume=""`` (cached under ``""`` only, so that names clients make up do not grow
+        the cache either)."""
+        if volume and any(v.name == volume for v in self._volumes()):
+            key = (volume, op, code)
+        else:
+            key = ("", op, code)
+            cells = self._io_cells.get(key)
+            if cells is not None:
+                return cells
+        cells = self._io_cells[key] = (
+            self.io_requests.labels(key[0], op, code),
+            self.io_duration.labels(op),
+            key[0],
+        )
+        return cells
 
     def observe_remote(self, method: str, code: str, seconds: float) -> None:
         """Time one call a remote layer made (its counts come from the layer itself)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "AddressInUse",
     "SocketFile",
+    "bind_failure",
     "bind_tcp_or_unix",
     "bound_address",
     "claim_unix_path",
@@ -34,7 +35,13 @@ _BACKLOG = 128
 
 
 class AddressInUse(OSError):
-    """The address is taken by another process; the message names it."""
+    """The address is taken by another process, or cannot be bound; the message names it.
+
+    Made as ``AddressInUse(errno, message)`` (or with the message alone), its string is the
+    message: no ``[Errno 98]`` prefix in the one line ``tierdisk serve`` prints."""
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror is not None else super().__str__()
 
 
 def split_host_port(address: str, what: str = "listen") -> tuple[str, int]:
@@ -98,9 +105,24 @@ def claim_unix_path(path: str, what: str) -> None:
     )
 
 
+def _reason(exc: OSError) -> str:
+    """Why a bind failed, in words: ``address already in use``, else the system's."""
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    return exc.strerror or str(exc)
+
+
 def _refused(what: str, address: str, exc: OSError) -> AddressInUse:
-    reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-    return AddressInUse(exc.errno, f"cannot listen for {what} on {address}: {reason or exc}")
+    return AddressInUse(exc.errno, f"cannot listen for {what} on {address}: {_reason(exc)}")
+
+
+def _resolve(address: str, what: str) -> tuple[int, int, int, tuple[object, ...]]:
+    """``(family, type, proto, sockaddr)`` to listen on the TCP ``address``;
+    :class:`socket.gaierror` when its host does not resolve."""
+    host, port = split_host_port(address, what)
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    return family, kind, proto, sockaddr
 
 
 def listen_socket(address: str, what: str) -> socket.socket:
@@ -114,16 +136,12 @@ def listen_socket(address: str, what: str) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sockaddr: str | tuple[object, ...] = path
     else:
-        host, port = split_host_port(address, what)
         try:
-            infos = socket.getaddrinfo(
-                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
+            family, kind, proto, sockaddr = _resolve(address, what)
         except socket.gaierror as exc:
             raise OSError(
-                errno.EADDRNOTAVAIL, f"cannot resolve {what} address {address}: {exc}"
+                errno.EADDRNOTAVAIL, f"cannot resolve {what} address {address}: {exc.strerror}"
             ) from None
-        family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -134,6 +152,24 @@ def listen_socket(address: str, what: str) -> socket.socket:
         sock.close()
         raise _refused(what, address, exc) from None
     return sock
+
+
+def bind_failure(address: str) -> str:
+    """Why a listener cannot bind the TCP ``address``, for a library that does not say (gRPC's
+    ``add_insecure_port`` returns 0): the system's reason from trying it here, e.g.
+    ``address already in use``; ``not available`` when it binds here after all."""
+    try:
+        family, kind, proto, sockaddr = _resolve(address, "")
+    except socket.gaierror as exc:
+        return f"cannot resolve the host: {exc.strerror}"
+    except ValueError as exc:
+        return str(exc)
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            return _reason(exc)
+    return "not available"
 
 
 @dataclass(frozen=True)

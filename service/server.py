@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .metrics_http import MetricsEndpoint
 from .nbd import NbdServer, NbdStats, start_nbd_server
 from .nbd_metrics import NbdMetrics
-from .netaddr import AddressInUse, claim_unix_path
+from .netaddr import AddressInUse, bind_failure, claim_unix_path
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
 from .volume import LayerEntry, Volume
@@ -90,13 +90,19 @@ class Server:
         """Bind, open volumes (retrying unreachable tiers in the background), serve.
 
         Raises :class:`ConfigError` for a broken volume and :class:`AddressInUse` for an
-        address that cannot be bound; nothing is left running then.
+        address that cannot be bound; nothing is left running then. Cancelled (stopped while
+        starting: ``tierdisk serve`` on a signal), it stops as :meth:`stop` does without a
+        grace period, flushing the volumes opened so far (they may have taken writes), and
+        closing them and every layer attached.
         """
         try:
             # A task of its own: the server id _start records for its attach tasks
             # (hops.server_identity) stays out of the caller's context, where a client or
             # another in-process server would send it on as if it were theirs.
             await asyncio.create_task(self._start())
+        except asyncio.CancelledError:
+            await self.stop(grace=0)
+            raise
         except BaseException:
             await self.stop(grace=0, flush=False)
             raise
@@ -192,7 +198,9 @@ class Server:
         except RuntimeError:
             port = 0
         if port == 0:
-            raise AddressInUse(f"cannot bind gRPC address {address}: in use or not available")
+            # gRPC gives no reason: the unix path was claimed above, so it is not in use.
+            why = "not available" if address.startswith("unix:") else bind_failure(address)
+            raise AddressInUse(f"cannot bind gRPC address {address}: {why}")
         if address.startswith("unix:"):
             return address
         host = address.rpartition(":")[0]

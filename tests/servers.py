@@ -29,7 +29,11 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 
 __all__ = [
     "FOUR_VOLUMES",
+    "FRAGMENT",
+    "FRAGMENT_GAP",
     "ServerProcess",
+    "fragmented_extents",
+    "fragmented_server",
     "free_port",
     "metric",
     "ram",
@@ -117,6 +121,49 @@ async def running_server(
         yield server
     finally:
         await server.stop(grace=5)
+
+
+FRAGMENT = 60_000
+"""Sectors of each alternating region of :func:`fragmented_server`'s volume ``frag``."""
+FRAGMENT_GAP = 1_000
+"""Sectors of its long runs: one held, one a hole."""
+
+
+def fragmented_extents() -> list[tuple[int, int, int]]:
+    """The allocation, ``(sector, count, depth)``, of :func:`fragmented_server`'s volume
+    ``frag`` (``2 * (FRAGMENT + FRAGMENT_GAP)`` sectors, one layer): ``FRAGMENT`` sectors
+    alternating held and hole; ``FRAGMENT_GAP`` held; ``FRAGMENT`` alternating again, starting
+    held (so its first sector joins the run before it); a hole of ``FRAGMENT_GAP`` (joined
+    with the last alternating sector, a hole). About 120,000 extents, and 1.6 MB as one
+    ``GetAllocationResponse``: more than one reply may carry under ``max_io = 1MiB``; each
+    half (0.8 MB) fits."""
+    f, g = FRAGMENT, FRAGMENT_GAP
+    alternating = [(s, 1, 0 if s % 2 == 0 else -1) for s in range(f)]
+    second = [(f + g + s, 1, 0 if s % 2 == 0 else -1) for s in range(1, f - 1)]
+    return [*alternating, (f, g + 1, 0), *second, (2 * f + g - 1, g + 1, -1)]
+
+
+@contextlib.asynccontextmanager
+async def fragmented_server(tmp_path: Path, body: str = "") -> AsyncIterator[Server]:
+    """A started in-process server with the smallest ``max_io`` (1 MiB) and a ram volume
+    ``frag`` laid out as :func:`fragmented_extents` says (written sector by sector through
+    the engine, in about a second), plus the volumes in ``body``."""
+    f, g = FRAGMENT, FRAGMENT_GAP
+    head = (
+        "[server]\n"
+        'listen = "127.0.0.1:0"\n'
+        'metrics = "127.0.0.1:0"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+        'max_io = "1MiB"\n'
+    )
+    frag = toml_volume("frag", ram(str(2 * (f + g) * 512)))
+    async with running_server(tmp_path, head + frag + body) as server:
+        volume = server.registry.get("frag")
+        sector = memoryview(b"\xa5" * 512)
+        for s in (*range(0, f, 2), *range(f + g, 2 * f + g, 2)):
+            await volume.write(s, sector)
+        await volume.write(f, memoryview(b"\x5a" * (g * 512)))
+        yield server
 
 
 @dataclass

@@ -2,17 +2,20 @@
 import then export byte-identical with holes, a sparse import (from a file or stdin) that
 unmaps the image's holes, or writes zeros there on a volume whose unmap would not read back
 as zeros (a layer double in an in-process server), export to devices, pipes and stdout, a
-failed export (its server cut off by a proxy) removing its partial file, ``-`` for
-stdin/stdout, read/write through files and pipes, every verb's output, resize refusing to
+failed or interrupted export (its server cut off, or stalled, by a proxy) leaving IMAGE as it
+was and no temporary file, an export onto the raw file the volume is served from losing
+nothing, ``-`` for stdin/stdout, read/write through files and pipes, a failed write or import
+saying what was written (a failing layer double), every verb's output, resize refusing to
 shrink without ``--shrink``, one-line errors (the volume named once), ``watch`` ended by
 Ctrl-C or by the server, and the progress bar on a real pseudo-terminal: for import, for read
-to a pipe (none when stdout is the terminal), for write from a pipe (bytes so far, no total)
-or a file (with its total)."""
+to a pipe (none when stdout is the terminal; cut to a narrow terminal's width), for write
+from a pipe (bytes so far, no total) or a file (with its total)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import pty
@@ -20,6 +23,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import termios
@@ -27,10 +31,25 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
-from servers import ServerProcess, free_port, ram, running_server, toml_volume, write_config
+from grpc_health.v1 import health, health_pb2_grpc
+from servers import (
+    FRAGMENT,
+    FRAGMENT_GAP,
+    ServerProcess,
+    fragmented_extents,
+    fragmented_server,
+    free_port,
+    metric,
+    ram,
+    running_server,
+    toml_volume,
+    write_config,
+)
 from stacks import MapLayer
 
+from tierdisk.service.errors import NoSpace, StorageError
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.volume import LayerEntry, Volume
 
@@ -367,12 +386,15 @@ async def test_import_writes_zeros_in_holes_where_unmap_would_not_give_zeros(
 class CuttingProxy:
     """A TCP proxy in front of the server that, once ``limit`` bytes have come back from
     it, drops every connection and stops listening: to the client, the server went away
-    mid-transfer, at a point the test controls."""
+    mid-transfer, at a point the test controls. With ``stall``, it holds the connections
+    open instead and passes nothing more until it is closed: the transfer hangs there."""
 
-    def __init__(self, target: str, limit: int) -> None:
+    def __init__(self, target: str, limit: int, *, stall: bool = False) -> None:
         host, port = target.rsplit(":", 1)
         self._target = (host, int(port))
         self._limit = limit
+        self._stall = stall  # at the limit, hold the connections open, silent, till the end
+        self._released = threading.Event()
         self._passed = 0
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -406,6 +428,9 @@ class CuttingProxy:
                         self._passed += len(data)
                         over = self._passed >= self._limit
                     if over:
+                        if self._stall:
+                            self.cut.set()
+                            self._released.wait(60)
                         self._drop()
                         return
                 dst.sendall(data)
@@ -426,6 +451,7 @@ class CuttingProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._released.set()
         self._drop()
         for thread in self._threads:
             thread.join(5)
@@ -456,34 +482,103 @@ def exp_data(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) ->
     return data
 
 
-def test_failed_export_removes_the_partial_file(
+def temp_files(folder: Path) -> list[str]:
+    """The temporary files an export left in ``folder`` (``.NAME.tierdisk-export-…``)."""
+    return [name for name in os.listdir(folder) if ".tierdisk-export-" in name]
+
+
+def test_failed_export_leaves_the_image_as_it_was(
     server: ServerProcess, exp_data: bytes, tmp_path: Path
 ) -> None:
-    """A full-size file left behind would look like a complete export."""
+    """The export is written beside IMAGE and renamed over it only once complete: a failure
+    leaves an older IMAGE byte for byte, creates none, and leaves no temporary file."""
     out = tmp_path / "out.img"
     line = one_line_error(export_through_a_cut(server, str(out)), "volume 'exp'")
-    assert line.endswith(f"; removed the partial file '{out}'"), line
-    assert not out.exists()
-    # an older export of that name is gone too: its bytes were overwritten already
-    out.write_bytes(b"old export")
-    line = one_line_error(export_through_a_cut(server, str(out)))
-    assert line.endswith(f"; removed the partial file '{out}'"), line
-    assert not out.exists()
-    # unless the server stays, the export completes as usual
+    assert line.endswith(f"; '{out}' was not created"), line
+    assert os.listdir(tmp_path) == []
+
+    old = os.urandom(3 * MiB + 512)
+    out.write_bytes(old)
+    out.chmod(0o640)
+    line = one_line_error(export_through_a_cut(server, str(out)), "volume 'exp'")
+    assert line.endswith(f"; '{out}' is unchanged"), line
+    assert out.read_bytes() == old
+    assert os.listdir(tmp_path) == ["out.img"]
+    # a volume that does not exist: nothing is created
+    one_line_error(tierdisk(server, "export", "nope", str(out), check=False), "volume 'nope'")
+    assert out.read_bytes() == old and os.listdir(tmp_path) == ["out.img"]
+
+    # unless the server stays, the export completes as usual, keeping the file's mode
     tierdisk(server, "export", "exp", str(out))
     assert out.read_bytes() == exp_data
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["out.img"]
 
 
-def test_failed_export_through_a_symlink_empties_the_file_and_keeps_the_link(
+@pytest.mark.timeout(90)
+def test_export_interrupted_leaves_the_image_as_it_was(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """Ctrl-C mid-export: "interrupted", exit 130, the old IMAGE intact, no temporary file."""
+    out = tmp_path / "out.img"
+    old = os.urandom(MiB)
+    out.write_bytes(old)
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    with CuttingProxy(server.grpc, 2 * MiB, stall=True) as proxy:
+        proc = subprocess.Popen(
+            [*TIERDISK, "--server", proxy.address, "export", "exp", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert proxy.cut.wait(60)  # 2 MiB of the volume have come back: mid-export
+            assert temp_files(tmp_path)  # it is writing beside IMAGE, not into it
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().splitlines() == ["tierdisk: interrupted"]
+    assert out.read_bytes() == old
+    assert os.listdir(tmp_path) == ["out.img"]
+
+
+def test_export_through_a_symlink_replaces_its_target_and_keeps_the_link(
     server: ServerProcess, exp_data: bytes, tmp_path: Path
 ) -> None:
     target = tmp_path / "target.img"
     target.write_bytes(b"old")
     link = tmp_path / "link.img"
-    link.symlink_to(target)
+    link.symlink_to(target.name)  # relative, as `ln -s target.img link.img` makes it
     line = one_line_error(export_through_a_cut(server, str(link)))
-    assert line.endswith(f"; emptied the partial file '{link}'"), line
-    assert link.is_symlink() and target.stat().st_size == 0
+    assert line.endswith(f"; '{link}' is unchanged"), line
+    assert link.is_symlink() and target.read_bytes() == b"old"
+    assert temp_files(tmp_path) == []
+    tierdisk(server, "export", "exp", str(link))
+    assert link.is_symlink() and os.readlink(link) == "target.img"
+    assert target.read_bytes() == exp_data
+    assert temp_files(tmp_path) == []
+
+
+def test_export_onto_the_volumes_own_raw_image_loses_nothing(tmp_path: Path) -> None:
+    """`export VOL F` where F is the raw file the server reads VOL from (an operator's
+    slip): F is replaced by a copy of the volume, and the server, still reading the old
+    file, serves the same bytes. Writing F in place would have zeroed both."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    base = data_dir / "base.img"
+    original = os.urandom(MiB)
+    base.write_bytes(original)
+    layer = {"kind": "raw", "path": "base.img", "read_only": True}
+    config = write_config(tmp_path, toml_volume("ro", layer, read_only=True))
+    with ServerProcess.start(tmp_path, config) as srv:
+        tierdisk(srv, "export", "ro", str(base))
+        assert base.read_bytes() == original
+        assert tierdisk(srv, "read", "ro", "0", str(MiB // 512)).stdout == original
+        assert temp_files(data_dir) == []
 
 
 def drain_fifo(fifo: Path) -> tuple[bytearray, threading.Thread]:
@@ -747,6 +842,36 @@ def test_watch_ended_by_the_server_is_one_line_exit_1(tmp_path: Path, how: str) 
 # -- errors ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize(
+    ("args", "closed", "error"),
+    [
+        (["volumes"], ">&-", "tierdisk: stdout: Bad file descriptor"),
+        (["read", "disk", "0", "1"], ">&-", "tierdisk: stdout: Bad file descriptor"),
+        (["write", "rw", "0"], "<&-", "tierdisk: stdin: Bad file descriptor"),
+        (["volumes"], "<&-", None),
+    ],
+)
+def test_closed_stdin_or_stdout_is_a_one_line_error(
+    server: ServerProcess, args: list[str], closed: str, error: str | None, unbuffered: str
+) -> None:
+    """A verb run with stdin or stdout closed (``>&-``) fails as on any unusable file: one
+    line, exit 1, not an abort in libuv (exit 134), nor an "Exception ignored" as Python
+    flushes stdout at exit; a verb that does not use the closed one works."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc, "PYTHONUNBUFFERED": unbuffered}
+    result = subprocess.run(
+        ["sh", "-c", f'exec "$0" "$@" {closed}', *TIERDISK, *args],
+        capture_output=True,
+        timeout=120,
+        env=env,
+    )
+    if error is None:
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout.startswith(b"disk\t") and result.stderr == b""
+    else:
+        assert one_line_error(result).startswith(error)
+
+
 def test_errors_are_one_line_naming_the_volume_or_file(
     server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -817,7 +942,8 @@ def test_write_errors_name_the_file_or_stdout(server: ServerProcess, tmp_path: P
 class OnTerminal:
     """``tierdisk ARGS`` with stderr on a real pseudo-terminal (stdout too, with
     ``stdout_on_tty``), as a user at a terminal runs it. Threads collect what reaches the
-    terminal (:attr:`screen`) and what a piped stdout carries (:attr:`stdout`)."""
+    terminal (:attr:`screen`) and what a piped stdout carries (:attr:`stdout`).
+    ``$COLUMNS`` is ``columns_env`` (``None``: unset)."""
 
     def __init__(
         self,
@@ -826,11 +952,15 @@ class OnTerminal:
         stdin: int = subprocess.PIPE,
         stdout_on_tty: bool = False,
         tty_setup: Callable[[int], None] | None = None,
+        columns_env: str | None = "120",
     ) -> None:
         self._master, slave = pty.openpty()
         if tty_setup is not None:
             tty_setup(slave)
-        env = {**os.environ, "TIERDISK_SERVER": server.grpc, "COLUMNS": "120"}
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+        env["TIERDISK_SERVER"] = server.grpc
+        if columns_env is not None:  # None: unset, as a shell leaves it; the terminal's size
+            env["COLUMNS"] = columns_env
         try:
             self.proc = subprocess.Popen(
                 [*TIERDISK, *args],
@@ -968,6 +1098,30 @@ def test_read_to_a_pipe_shows_the_bar_on_a_terminal_stderr(
     assert run.stdout == data and run.screen == ""
 
 
+@pytest.mark.timeout(90)
+def test_the_bar_fits_a_narrow_terminal_on_stderr(server: ServerProcess, tmp_path: Path) -> None:
+    """`tierdisk read … | gzip` on a 40-column terminal: the bar is sized to stderr, where
+    it is drawn (stdout is the pipe), so no redraw wraps into a new line."""
+    data = os.urandom(3 * MiB)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    tierdisk(server, "write", "rw", "0", "-i", str(src))
+
+    def forty_columns(fd: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+
+    args = ("read", "rw", "0", str(len(data) // 512))
+    with OnTerminal(
+        server, *args, stdin=subprocess.DEVNULL, tty_setup=forty_columns, columns_env=None
+    ) as run:
+        assert run.finish() == 0
+    assert run.stdout == data
+    redraws = run.screen.removesuffix("\r\n").split("\r")[1:]
+    assert redraws and all(len(line) <= 39 for line in redraws), redraws
+    assert "\n" not in run.screen.removesuffix("\r\n")
+    assert last_line(run.screen).startswith("read rw [################] 100% 3.0 MiB")
+
+
 @pytest.mark.timeout(60)
 def test_read_to_a_terminal_stdout_shows_only_the_data(server: ServerProcess) -> None:
     """stdout and stderr the same terminal: the bar would be redrawn through the data, so
@@ -1066,6 +1220,78 @@ def test_write_from_a_pipe_refuses_a_bad_chunk_after_writing_those_before(
     assert tierdisk(server, "read", "rw", str(last), "2048").stdout != tail
 
 
+class FullFrom(MapLayer):
+    """A disk (every sector present, reading ``\\xa5``) whose writes reaching sector
+    ``limit`` or past fail with ``error``: a layer whose storage filled up there (``NoSpace``:
+    the request changed nothing, DESIGN.md §2), or failed there (``StorageError``: it may
+    have written part of the request)."""
+
+    def __init__(self, sectors: int, limit: int, error: type[Exception]) -> None:
+        super().__init__(sectors, full=lambda _: b"\xa5" * 512)
+        self.limit = limit
+        self.error = error
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        if sector + len(data) // 512 > self.limit:
+            raise self.error(f"map layer: failed at sector {self.limit}")
+        await super().write(data, sector, fua)
+
+
+@pytest.mark.parametrize("how", ["write -i", "import", "write < pipe"])
+@pytest.mark.parametrize("error", [NoSpace, StorageError], ids=["no-space", "storage-error"])
+async def test_a_failed_write_or_import_says_what_was_written(
+    tmp_path: Path, how: str, error: type[Exception]
+) -> None:
+    """4 MiB in 1 MiB requests, four in flight, onto a volume whose writes past its first
+    MiB fail: the first MiB is written, and the message says so, from a file, an image or
+    a pipe alike. Requests past it failed; where the failure may have left part of one
+    written (not "no space", which changes nothing), it says those sectors may have been."""
+    async with running_server(tmp_path / "srv", toml_volume("full", ram("4MiB"))) as srv:
+        replaced = srv.registry.get("full")
+        srv.registry.set_ready(await Volume.open("full", [LayerEntry(FullFrom(8192, 2048, error))]))
+        await replaced.close()
+        data = os.urandom(4 * MiB)
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        env = {**os.environ, "TIERDISK_SERVER": srv.grpc_address}
+        args = {
+            "write -i": ["write", "full", "0", "-i", str(src)],
+            "import": ["import", "full", str(src)],
+            "write < pipe": ["write", "full", "0"],
+        }[how]
+
+        def cli(*argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [*TIERDISK, *argv], input=stdin, capture_output=True, env=env, timeout=60
+            )
+
+        stdin = data if how == "write < pipe" else b""
+        result = await asyncio.to_thread(cli, *args, stdin=stdin)
+        got = (await asyncio.to_thread(cli, "read", "full", "0", "8192")).stdout
+    line = one_line_error(result, "volume 'full'", "failed at sector 2048")
+    written = "; the 1048576 bytes before were written from sector 0"
+    if error is NoSpace:
+        assert line.endswith(written), line
+    elif how == "write < pipe":  # read as they are written: later chunks may not be sent
+        assert re.search(written + r"; sectors 2048\.\.(4096|6144|8192) may have been "
+                         r"written in part$", line), line  # fmt: skip
+    else:
+        assert line.endswith(written + "; sectors 2048..8192 may have been written in part"), line
+    assert got[:MiB] == data[:MiB]
+    assert got[MiB:] == b"\xa5" * (3 * MiB)
+
+
+def test_a_write_refused_outright_says_nothing_was_written(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    src = tmp_path / "one.bin"
+    src.write_bytes(bytes(512))
+    for args, stdin in ((("-i", str(src)), b""), ((), bytes(512))):
+        result = tierdisk(server, "write", "ro", "0", *args, stdin=stdin, check=False)
+        line = one_line_error(result, "volume 'ro'", "read-only")
+        assert line.endswith("; nothing was written"), line
+
+
 # -- gRPC's own logs -------------------------------------------------------------------
 
 GRPC_LOG_ENV = ("GRPC_VERBOSITY", "GRPC_TRACE")
@@ -1139,3 +1365,76 @@ def test_tls_files_without_pem_are_usage_errors(
     result = tierdisk(server, "--retries", "0", "--tls", *options, "volumes", check=False)
     line = one_line_error(result, option, str(junk), f"no PEM {what}", returncode=2)
     assert server.grpc not in line
+
+
+async def test_map_of_a_fragmented_volume_prints_every_run(tmp_path: Path) -> None:
+    """A volume with more runs than one GetAllocation reply carries (max_io 1 MiB): ``map``
+    prints them all, as if one reply had (the client asks in windows)."""
+    async with fragmented_server(tmp_path) as srv:
+        env = {**os.environ, "TIERDISK_SERVER": srv.grpc_address}
+        result = await asyncio.to_thread(
+            subprocess.run, [*TIERDISK, "map", "frag"], capture_output=True, env=env, timeout=60
+        )
+    assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
+    runs = [tuple(map(int, line.split("\t"))) for line in result.stdout.decode().splitlines()]
+    assert runs == fragmented_extents()
+
+
+async def test_a_grpc_server_that_is_not_tierdisk_is_named_not_the_volume() -> None:
+    """Another gRPC service on the address (here: health only) answers UNIMPLEMENTED: the
+    one-line error blames the server, not the volume the verb names."""
+    other = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), other)
+    address = f"127.0.0.1:{other.add_insecure_port('127.0.0.1:0')}"
+    await other.start()
+    try:
+        for args, method in (
+            (("volumes",), "ListVolumes"),
+            (("export", "x", os.devnull), "GetVolume"),
+            (("map", "x"), "GetVolume"),
+        ):
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [*TIERDISK, "--server", address, *args],
+                capture_output=True,
+                timeout=60,
+            )
+            line = one_line_error(result)
+            assert line == (
+                f"tierdisk: server {address}: does not serve tierdisk.v1.BlockDevice, or is too "
+                f"old for {method} (UNIMPLEMENTED: Method not found!)"
+            )
+    finally:
+        await other.stop(0)
+
+
+def export_bytes(server_address: str, volume: str, into: Path | None) -> bytes:
+    """What ``tierdisk export VOLUME`` writes into the file ``into``, or to a pipe (None)."""
+    env = {**os.environ, "TIERDISK_SERVER": server_address}
+    result = subprocess.run(
+        [*TIERDISK, "export", volume, str(into) if into else "-"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return into.read_bytes() if into else result.stdout
+
+
+@pytest.mark.parametrize("into", ["file", "pipe"])
+async def test_export_of_a_fragmented_volume_reads_runs_together(tmp_path: Path, into: str) -> None:
+    """~60,000 one-sector runs: the export is byte for byte the volume, and runs close
+    together share a Read (a request per run took half a minute)."""
+    f, g = FRAGMENT, FRAGMENT_GAP
+    expected = bytearray(2 * (f + g) * 512)
+    for s in (*range(0, f, 2), *range(f + g, 2 * f + g, 2)):
+        expected[s * 512 : (s + 1) * 512] = b"\xa5" * 512
+    expected[f * 512 : (f + g) * 512] = b"\x5a" * (g * 512)
+    out = tmp_path / "frag.img" if into == "file" else None
+    async with fragmented_server(tmp_path) as srv:
+        exported = await asyncio.to_thread(export_bytes, srv.grpc_address, "frag", out)
+        labels = {"volume": "frag", "op": "read", "code": "OK"}
+        reads = metric(srv, "tierdisk_volume_io_requests_total", **labels)
+    assert exported == expected
+    # 62 MB of volume, 60,000 runs of one sector 512 bytes apart: read in 1 MiB windows
+    assert 0 < reads <= 2 * len(expected) // (1 << 20) + 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tierdisk.client import cli, errors
+from tierdisk.client import checks, cli, errors
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERDISK = ROOT / ".venv" / "bin" / "tierdisk"
@@ -194,16 +194,78 @@ def test_server_address_comes_from_the_environment() -> None:
         ("localhost", "missing port"),
         ("localhost:", "missing port"),
         ("[::1]", "missing port"),
-        ("::1", "missing port"),
+        ("::1", "an IPv6 address goes in brackets: [::1]:7400"),
+        ("::1:7400", "an IPv6 address goes in brackets"),
         ("host:http", "not a number"),
+        (":7400", "missing host"),
+        ("[]:7400", "missing host"),
     ],
 )
 def test_server_address_problem(target: str, problem: str | None) -> None:
-    found = cli.server_address_problem(target)
+    found = checks.server_address_problem(target)
     if problem is None:
         assert found is None
     else:
         assert found is not None and problem in found
+
+
+def test_an_empty_host_is_every_interface_only_where_asked() -> None:
+    """For a listener (``/metrics``, NBD) ``:9400`` is every interface; gRPC needs a host."""
+    assert checks.server_address_problem(":9400", empty_host=True) is None
+    assert checks.server_address_problem("[]:9400", empty_host=True) is None
+    found = checks.server_address_problem("::1:9400", empty_host=True)
+    assert found is not None and "brackets" in found
+
+
+@pytest.mark.parametrize(
+    ("token", "problem"),
+    [
+        ("s3cr3t-token_.~+/=", None),
+        ("with inner space", None),  # gRPC sends a space in a header value
+        ("secret\r", "'\\r' (U+000D) at position 6"),
+        ("sec\tret", "'\\t' (U+0009) at position 3"),
+        ("t\u00f6ken", "'\u00f6' (U+00F6) at position 1"),
+        ("\x7f", "(U+007F) at position 0"),
+        ("abc\u20ac", "(U+20AC) at position 3"),
+    ],
+)
+def test_token_problem_names_the_first_bad_character(token: str, problem: str | None) -> None:
+    found = checks.token_problem(token)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.startswith("contains a character not allowed in a gRPC header")
+        assert found.endswith(problem)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "source", "shown"),
+    [
+        (["--token", "secret\r"], {}, "--token", "'\\r' (U+000D) at position 6"),
+        ([], {"TIERDISK_TOKEN": "s\u00e9cret"}, "$TIERDISK_TOKEN", "(U+00E9) at position 1"),
+    ],
+)
+def test_a_token_grpc_cannot_send_is_a_usage_error_that_hides_it(
+    args: list[str], env: dict[str, str], source: str, shown: str
+) -> None:
+    """Checked before any call (gRPC would fail it with an internal error): one line naming
+    where the token came from and the character, never the token."""
+    result = run("--server", DEAD, *args, "volumes", env=env)
+    assert result.returncode == 2
+    assert_one_line(result.stderr, f"token (from {source})", "not allowed in a gRPC header", shown)
+    assert "cret" not in result.stderr
+
+
+def test_closed_stderr_leaves_the_exit_status() -> None:
+    """With descriptor 2 closed the error line has nowhere to go, but the command still exits
+    1 (libuv, given a descriptor 0-2 of its own, used to abort it: 134)."""
+    cmd = [sys.executable, "-m", "tierdisk.client", "--server", DEAD, "--timeout", "5", "volumes"]
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" 2>&-', *cmd], capture_output=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stdout == b""
 
 
 def test_bad_server_address_is_a_usage_error_naming_where_it_came_from() -> None:
@@ -351,4 +413,22 @@ def test_grpc_logging_is_turned_off_before_grpc_loads_for_client_verbs_only(
     ],
 )
 def test_describe_names_the_volume_once(err: errors.TierdiskError, line: str) -> None:
+    assert cli.describe(err, "S") == line
+
+
+@pytest.mark.parametrize(
+    ("err", "line"),
+    [
+        (
+            errors.Unimplemented.of_call("Method not found!", target="S", method="GetVolume"),
+            "server S: does not serve tierdisk.v1.BlockDevice, or is too old for GetVolume "
+            "(UNIMPLEMENTED: Method not found!)",
+        ),
+        (  # made without the address or the method: still the server, never the volume
+            errors.Unimplemented("the server does not serve it", volume="v"),
+            "server S: does not serve it",
+        ),
+    ],
+)
+def test_describe_blames_the_server_for_unimplemented(err: errors.TierdiskError, line: str) -> None:
     assert cli.describe(err, "S") == line

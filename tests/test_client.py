@@ -9,13 +9,22 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
-from servers import FOUR_VOLUMES, ServerProcess, free_port, running_server, write_config
+from grpc_health.v1 import health, health_pb2_grpc
+from servers import (
+    FOUR_VOLUMES,
+    ServerProcess,
+    fragmented_extents,
+    fragmented_server,
+    free_port,
+    running_server,
+    write_config,
+)
 
 from tierdisk.client import (
     AllocationExtent,
@@ -31,6 +40,7 @@ from tierdisk.client import (
     RetryPolicy,
     StorageError,
     Unavailable,
+    Unimplemented,
     UnmapBehavior,
     VolumeNotFound,
 )
@@ -207,6 +217,40 @@ async def test_out_of_range(client: AsyncClient) -> None:
         await vol.allocation(1 << 40, 1)
 
 
+async def test_allocation_of_a_fragmented_volume_is_asked_for_in_windows(
+    tmp_path: Path,
+) -> None:
+    """A volume with more extents than one GetAllocation reply carries: the server refuses
+    the whole range, the client halves its window and joins the answers, the run crossing
+    the window border included, into exactly the volume's allocation."""
+    calls: list[tuple[str, grpc.StatusCode]] = []
+    async with fragmented_server(tmp_path) as srv:
+        async with AsyncClient(
+            srv.grpc_address, on_call=lambda rpc, code, _: calls.append((rpc, code))
+        ) as c:
+            vol = c.volume("frag")
+            got = await vol.allocation()
+            assert [(e.sector, e.sector_count, e.depth) for e in got] == fragmented_extents()
+            assert calls == [
+                ("GetVolume", grpc.StatusCode.OK),
+                ("GetAllocation", grpc.StatusCode.INVALID_ARGUMENT),  # too many extents
+                ("GetAllocation", grpc.StatusCode.OK),  # the first half
+                ("GetAllocation", grpc.StatusCode.OK),  # the second half
+            ]
+            # a part of it (its ends fall on one-sector extents), and the blocking client
+            assert await vol.allocation(101, 100_000) == [
+                AllocationExtent(s, n, d)
+                for s, n, d in fragmented_extents()
+                if s >= 101 and s + n <= 100_101
+            ]
+
+            def blocking() -> list[AllocationExtent]:
+                with Client(srv.grpc_address) as sync:
+                    return sync.volume("frag").allocation()
+
+            assert await asyncio.to_thread(blocking) == got
+
+
 async def test_a_split_write_past_the_end_changes_nothing(server: Server) -> None:
     # DESIGN §3: an out-of-range request changes nothing — not even its in-range chunks
     async with AsyncClient(server.grpc_address, max_io=MiB) as c:
@@ -274,6 +318,41 @@ async def test_unavailable_when_nothing_listens() -> None:
             await c.volume("v").info()
         assert time.monotonic() - start < 10
         assert info.value.volume == "v"
+
+
+async def test_a_grpc_server_that_is_not_tierdisk_is_named_as_such() -> None:
+    """A gRPC server serving only the health service answers UNIMPLEMENTED: the error names
+    the server and the method, not the volume, and is not retried."""
+    other = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), other)
+    port = other.add_insecure_port("127.0.0.1:0")
+    await other.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        async with AsyncClient(target, retries=3) as c:
+            with pytest.raises(Unimplemented) as info:
+                await c.list_volumes()
+            assert str(info.value) == (
+                f"the server at {target} does not serve tierdisk.v1.BlockDevice, or is too "
+                "old for ListVolumes (UNIMPLEMENTED: Method not found!)"
+            )
+            assert (info.value.target, info.value.method) == (target, "ListVolumes")
+            assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+            vol = c.volume("x")
+            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("GetVolume", vol.info),
+                ("GetVolume", lambda: vol.read(0, 1)),  # asks for the sector size first
+                ("GetAllocation", lambda: vol.allocation(0, 8)),
+                ("Unmap", lambda: vol.unmap(0, 8)),
+                ("Flush", vol.flush),
+                ("WatchResize", lambda: anext(vol.watch_resize())),
+            ]
+            for method, call in calls:
+                with pytest.raises(Unimplemented, match=f"too old for {method} ") as info:
+                    await call()
+                assert (info.value.volume, info.value.target) == (None, target)
+    finally:
+        await other.stop(0)
 
 
 async def test_unavailable_while_draining_is_retried_then_raised(tmp_path: Path) -> None:

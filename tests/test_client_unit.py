@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import io
+import itertools
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -49,12 +50,15 @@ from tierdisk.client import (
 )
 from tierdisk.client.chunking import (
     Chunk,
+    ReadWindow,
     merge_extents,
     plan_chunks,
+    plan_windows,
     run_bounded,
     run_ordered,
     sectors_per_chunk,
 )
+from tierdisk.client.errors import AllocationTooLarge, Unimplemented
 from tierdisk.client.models import Extent
 from tierdisk.client.progress import Progress, format_bytes, format_duration
 from tierdisk.client.retry import call_with_retry
@@ -111,6 +115,7 @@ def test_status_code_picks_the_class(code: grpc.StatusCode, cls: type[TierdiskEr
         (S.DATA_LOSS, "DataCorruption", DataLoss),
         (S.INTERNAL, "DataCorruption", DataLoss),  # a finer class under INTERNAL's
         (S.INTERNAL, "StorageError", StorageError),
+        (S.INVALID_ARGUMENT, "AllocationTooLarge", AllocationTooLarge),
         # a name that does not belong under the code's class is ignored: the code wins
         (S.NOT_FOUND, "ReadOnlyError", VolumeNotFound),
         (S.FAILED_PRECONDITION, "SomethingNew", FailedPrecondition),
@@ -133,10 +138,28 @@ def test_read_only_is_a_failed_precondition() -> None:
 
 
 def test_unlisted_code_is_the_base_class_and_empty_details_get_a_message() -> None:
-    err = error_from_rpc(rpc_error(S.UNIMPLEMENTED))
+    err = error_from_rpc(rpc_error(S.ABORTED))
     assert type(err) is TierdiskError
-    assert err.code == S.UNIMPLEMENTED
-    assert err.message == "unimplemented"
+    assert err.code == S.ABORTED
+    assert err.message == "aborted"
+
+
+def test_unimplemented_names_the_server_and_the_method_not_the_volume() -> None:
+    """UNIMPLEMENTED: a server that is not tierdisk (or too old for the method)."""
+    err = error_from_rpc(rpc_error(S.UNIMPLEMENTED, "Method not found!"), volume="v")
+    assert type(err) is Unimplemented
+    assert (err.code, err.volume, err.target, err.method) == (S.UNIMPLEMENTED, None, None, None)
+    assert err.message == (
+        "the server does not serve tierdisk.v1.BlockDevice, or is too old for this call "
+        "(UNIMPLEMENTED: Method not found!)"
+    )
+    named = error_from_rpc(rpc_error(S.UNIMPLEMENTED), target="h:1", method="Resize")
+    assert isinstance(named, Unimplemented)
+    assert (named.target, named.method) == ("h:1", "Resize")
+    assert named.message == (
+        "the server at h:1 does not serve tierdisk.v1.BlockDevice, or is too old for Resize "
+        "(UNIMPLEMENTED: unimplemented)"
+    )
 
 
 def test_sync_style_rpc_error_maps_too() -> None:
@@ -199,6 +222,47 @@ def test_plan_chunks_cover_the_range_exactly(sector: int, count: int, max_sector
         expected_offset += c.sector_count
     # only the last chunk may be short
     assert all(c.sector_count == max_sectors for c in chunks[:-1])
+
+
+def test_plan_windows_examples() -> None:
+    assert list(plan_windows([], 8, 2)) == []
+    # close runs share a window; a far one starts another; a long one is split
+    assert list(plan_windows([(0, 1), (3, 4), (10, 12), (20, 37)], 8, 2)) == [
+        ReadWindow(0, 4, ((0, 1), (3, 4))),
+        ReadWindow(10, 2, ((10, 12),)),
+        ReadWindow(20, 8, ((20, 28),)),
+        ReadWindow(28, 8, ((28, 36),)),
+        ReadWindow(36, 1, ((36, 37),)),
+    ]
+    # a window never passes max_sectors, even when the next run is close
+    assert list(plan_windows([(0, 6), (7, 10)], 8, 2)) == [
+        ReadWindow(0, 8, ((0, 6), (7, 8))),
+        ReadWindow(8, 2, ((8, 10),)),
+    ]
+    with pytest.raises(ValueError):
+        list(plan_windows([(0, 1)], 0, 0))
+
+
+@given(
+    cuts=st.lists(st.integers(0, 10_000), unique=True, max_size=40),
+    max_sectors=st.integers(1, 300),
+    max_gap=st.integers(0, 50),
+)
+def test_plan_windows_cover_the_runs_exactly(
+    cuts: list[int], max_sectors: int, max_gap: int
+) -> None:
+    edges = sorted(cuts)
+    runs = list(zip(edges[0::2], edges[1::2], strict=False))
+    windows = list(plan_windows(runs, max_sectors, max_gap))
+    inside = [run for w in windows for run in w.runs]
+    assert merge_extents(Extent(a, b - a) for a, b in inside) == merge_extents(
+        Extent(a, b - a) for a, b in runs
+    )
+    for w in windows:
+        assert 0 < w.sector_count <= max_sectors
+        assert w.runs[0][0] == w.sector and w.runs[-1][1] == w.sector + w.sector_count
+        assert all(b - a <= max_gap for (_, a), (b, _) in itertools.pairwise(w.runs))
+    assert all(a.sector + a.sector_count <= b.sector for a, b in itertools.pairwise(windows))
 
 
 def test_plan_chunks_is_lazy_for_huge_ranges() -> None:

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from tierdisk.client import cli
-from tierdisk.service.config import DEFAULT_SIZE, ServerConfig, load_config, parse_size
+from tierdisk.service.config import (
+    DEFAULT_SIZE,
+    ServerConfig,
+    load_config,
+    parse_size,
+    token_from_file,
+)
 from tierdisk.service.errors import ConfigError
 
 
@@ -145,6 +151,24 @@ def test_bad_sizes(value: object) -> None:
         ("[[volumes]]\nname='v'\nsize=3\n[[volumes.layers]]\nkind='ram'\n", "unknown key 'size'"),
         ("volumes = 3\n", "defines no [[volumes]]"),
         ("[server\n", "not valid TOML"),
+        ('[server]\nlisten = "::1:7400"\n', "an IPv6 address goes in brackets"),
+        ('[server]\nlisten = ":7400"\n', "missing host"),
+        ('[server]\nnbd = "::1:10809"\n', "an IPv6 address goes in brackets"),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='a:99999'\n"
+            "volume='b'\n",
+            "volume 'v', layer 0: target 'a:99999': port 99999 is out of range",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='a'\nvolume='b'\n",
+            "volume 'v', layer 0: target 'a': missing port",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='a:1'\n"
+            "volume='b'\ntoken=\"x\\ty\"\n",
+            "volume 'v', layer 0: token contains a character not allowed in a gRPC header: "
+            "'\\t' (U+0009) at position 1",
+        ),
         ("[other]\n", "unknown top-level key 'other'"),
     ],
 )
@@ -214,3 +238,61 @@ def test_good_addresses_pass(tmp_path: Path) -> None:
         "",
         "unix:/tmp/tierdisk-nbd.sock",
     )
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["origin.example:7400", "[::1]:7400", "unix:/run/origin.sock", "dns:///origin.example:7400"],
+)
+def test_remote_targets_in_the_forms_grpc_takes_pass(tmp_path: Path, target: str) -> None:
+    text = f"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='{target}'\n"
+    config = load_config(_write(tmp_path, text + "volume='b'\n"), environ={})
+    assert config.volumes[0].layers[0].options["target"] == target
+
+
+def test_an_empty_host_is_every_interface_for_metrics_and_nbd(tmp_path: Path) -> None:
+    environ = {"TIERDISK_SERVER_METRICS": ":9400", "TIERDISK_SERVER_NBD": ":10809"}
+    server = load_config(_write(tmp_path, GOOD), environ=environ).server
+    assert (server.metrics, server.nbd) == (":9400", ":10809")
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"# caf\xe9\n", "is not UTF-8 (byte 0xe9 at offset 5)"),
+        (b"\xef\xbb\xbf", "starts with a UTF-8 byte order mark (offset 0)"),
+    ],
+)
+def test_a_config_that_is_not_plain_utf8_is_named_with_the_offset(
+    tmp_path: Path, data: bytes, fragment: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(data + GOOD.encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    assert str(info.value).startswith(f"config {path} ")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "token"),
+    [(b"secret\n", "secret"), (b"secret\r\n", "secret"), (b"  secret \t\n\n", "secret")],
+)
+def test_token_file_loses_the_white_space_around_the_token(data: bytes, token: str) -> None:
+    assert token_from_file(data, "/t") == token
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"zqv\xffxw\n", "token_file /t is not UTF-8 (byte 0xff at offset 3)"),
+        (b"\r\n", "token_file /t is empty"),
+        (b"zq\rxw\n", "token_file /t: the token contains a character not allowed"),
+        ("zq\u00f6xw".encode(), "'\u00f6' (U+00F6) at position 2"),
+    ],
+)
+def test_token_file_that_grpc_cannot_send_is_a_config_error(data: bytes, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        token_from_file(data, "/t")
+    assert fragment in str(info.value)
+    assert "zq" not in str(info.value) and "xw" not in str(info.value)  # the token is not shown

@@ -174,6 +174,45 @@ async def test_unknown_volume_names_do_not_grow_the_volume_label(server: Server)
         assert got == 5
 
 
+async def test_calls_refused_before_the_volume_lookup_count_under_no_volume(
+    server: Server,
+) -> None:
+    """Calls refused before the volume is looked up — a hop chain too deep, a server
+    draining — count under the name they gave only when the server serves it; any other
+    name counts under volume="" (DESIGN.md §5: the label is bounded by the config)."""
+    too_deep = (("tierdisk-hops", ",".join(f"hop{i}" for i in range(9))),)
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        for name in ("bogus-hops", "cached"):
+            for call in (
+                stub.Read(pb.ReadRequest(volume=name, sector_count=1), metadata=too_deep),
+                stub.Write(pb.WriteRequest(volume=name, data=bytes(512)), metadata=too_deep),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await server.gate.drain(1)
+        for name in ("bogus-drain", "cached"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Read(pb.ReadRequest(volume=name, sector_count=1))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    text = await scrape(server.metrics_address)
+    volumes = {
+        dict(labels).get("volume")
+        for name, labels in samples(text)
+        if name.startswith("tierdisk_volume_io_")
+    }
+    assert volumes == {"cached", ""}
+    for volume in ("", "cached"):
+        for op, code in (
+            ("read", "FAILED_PRECONDITION"),
+            ("write", "FAILED_PRECONDITION"),
+            ("read", "UNAVAILABLE"),
+        ):
+            got = value(text, "tierdisk_volume_io_requests_total", volume=volume, op=op, code=code)
+            assert got == 1, (volume, op, code)
+
+
 async def test_inspect_counters_agree_with_metrics(server: Server) -> None:
     await _read_sequence(server.grpc_address)
     async with grpc.aio.insecure_channel(server.grpc_address) as channel:

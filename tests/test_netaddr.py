@@ -8,6 +8,7 @@ import pytest
 
 from tierdisk.service.netaddr import (
     AddressInUse,
+    bind_failure,
     bound_address,
     listen_socket,
     reachable_address,
@@ -24,6 +25,20 @@ def test_tcp_port_zero_reports_the_real_port_and_refuses_a_second_listener() -> 
             listen_socket(address, "metrics")
     finally:
         first.close()
+
+
+def test_refusals_read_as_sentences_without_an_errno() -> None:
+    """``str()`` of the error is the one line ``tierdisk serve`` prints: no ``[Errno 98]``."""
+    first = listen_socket("127.0.0.1:0", "NBD")
+    try:
+        address = bound_address(first)
+        with pytest.raises(AddressInUse) as info:
+            listen_socket(address, "NBD")
+        assert str(info.value) == f"cannot listen for NBD on {address}: address already in use"
+        assert bind_failure(address) == "address already in use"  # the reason gRPC won't give
+    finally:
+        first.close()
+    assert bind_failure(address) == "not available"  # free again: no reason found here
 
 
 def test_unix_socket_in_use_refused_and_stale_one_reclaimed(tmp_path: Path) -> None:

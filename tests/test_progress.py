@@ -1,15 +1,22 @@
 """The progress bar's text with no total (``tierdisk write`` from a pipe): bytes done, rate and
-time so far, never a percentage or an ETA; drawn only on a terminal. The bar with a total is
-covered in test_client_unit.py; the CLI's use of both, on a real pseudo-terminal, in
-test_cli.py."""
+time so far, never a percentage or an ETA; drawn only on a terminal. Its width: that of the
+terminal it is drawn on (a real pseudo-terminal sized with ``TIOCSWINSZ``), not stdout's, and
+every redraw fits in it. The bar with a total is covered in test_client_unit.py; the CLI's
+use of both, on a real pseudo-terminal, in test_cli.py."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import pty
+import struct
+import termios
+from collections.abc import Iterator
 
 import pytest
 
-from tierdisk.client.progress import Progress
+from tierdisk.client.progress import Progress, terminal_columns
 
 MiB = 1 << 20
 
@@ -51,3 +58,79 @@ def test_without_a_total_nothing_is_drawn_off_a_terminal() -> None:
 def test_without_a_total_zero_bytes_is_not_an_error() -> None:
     bar = Progress(None, stream=Tty(), clock=lambda: 0.0)
     assert bar.render(now=0.0) == "0 B 0 B/s elapsed 0:00"
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
+    """A pseudo-terminal ``(master, slave)``; ``$COLUMNS`` unset, as in a user's shell
+    (which does not export it)."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    master, slave = pty.openpty()
+    try:
+        yield master, slave
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def set_columns(fd: int, columns: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
+
+def drain(master: int) -> bytes:
+    """What reached the terminal so far (all of it is buffered: the writes are small)."""
+    out = b""
+    os.set_blocking(master, False)
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_the_bar_fits_the_terminal_it_is_drawn_on(terminal: tuple[int, int]) -> None:
+    """A 40-column terminal as the bar's stream while stdout is not one (here pytest's
+    capture; in `tierdisk read … | gzip` a pipe): every redraw is cut to 39 columns, never
+    to stdout's 80-column fallback, which would wrap and leave a line per redraw."""
+    master, slave = terminal
+    set_columns(slave, 40)
+    now = [0.0]
+    total = 3 * 1024 * MiB
+    with open(slave, "w", closefd=False) as stream:  # the fixture closes the descriptor
+        assert terminal_columns(stream) == 40
+        with Progress(
+            total, label="read a-long-volume-name", stream=stream, clock=lambda: now[0]
+        ) as bar:
+            for _ in range(30):
+                now[0] += 0.5
+                bar.advance(100 * MiB)
+            set_columns(slave, 30)  # the window narrowed mid-transfer: the next redraw fits
+            now[0] += 0.5
+            bar.advance(MiB)
+    screen = drain(master).decode()
+    assert screen.endswith("\r\n")
+    redraws = screen.removesuffix("\r\n").split("\r")[1:]
+    assert len(redraws) == 32  # 31 advances, each past the interval, and the final draw
+    assert all(len(line) <= 39 for line in redraws), [len(line) for line in redraws]
+    assert all(len(line) <= 29 for line in redraws[-2:]), redraws[-2:]
+    assert redraws[0].startswith("read a-long-volume-name [")
+    assert len(redraws[0].rstrip()) == 39  # the text was longer: cut at the width
+
+
+def test_columns_fall_back_off_a_terminal_and_follow_columns_env(
+    terminal: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, slave = terminal
+    with open(slave, "w", closefd=False) as fresh:
+        assert terminal_columns(fresh) == 80  # a terminal whose size was never set reports 0
+        set_columns(slave, 50)
+        assert terminal_columns(fresh) == 50
+        monkeypatch.setenv("COLUMNS", "100")  # the user's override wins, as for shutil's
+        assert terminal_columns(fresh) == 100
+    monkeypatch.setenv("COLUMNS", "junk")
+    assert terminal_columns(io.StringIO()) == 80  # no descriptor
+    with open(os.devnull, "w") as null:
+        assert terminal_columns(null, fallback=72) == 72  # not a terminal

@@ -4,18 +4,24 @@ the default volume, and a graceful SIGTERM under load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, write_config
+from servers import ServerProcess, ram, remote, toml_volume, write_config
 
+from tierdisk.service.config import load_config
+from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
@@ -98,6 +104,9 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, body: str, fragment:
         (["--listen", "127.0.0.1"], "--listen address '127.0.0.1' is not HOST:PORT"),
         (["--listen", "127.0.0.1:99999"], "port 99999 is out of range"),
         (["--listen", "unix:"], "names no socket path"),
+        (["--listen", "::1:0"], "--listen address '::1:0': not HOST:PORT (an IPv6 address goes in"),
+        (["--listen", ":0"], "--listen address ':0': missing host"),
+        (["--metrics", "::1:0"], "an IPv6 address goes in brackets"),
         (["--metrics", "bogus"], "--metrics address 'bogus' is not HOST:PORT"),
         (["--nbd", "127.0.0.1:70000"], "port 70000 is out of range"),
         (["--max-io", "64KiB"], "max_io 65536 is out of range"),
@@ -117,6 +126,97 @@ def test_bad_server_settings_exit_2_with_one_line(
     assert "Traceback" not in result.stderr
     if args[0] != "--grace":  # argparse's usage line comes first there
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("layer", "fragment"),
+    [
+        (
+            "target='127.0.0.1:99999'\nvolume='v'\n",
+            "volume 'r', layer 0: target '127.0.0.1:99999': port 99999 is out of range",
+        ),
+        ("target='localhost'\nvolume='v'\n", "layer 0: target 'localhost': missing port"),
+        ("target='::1:7400'\nvolume='v'\n", "an IPv6 address goes in brackets"),
+        (
+            f"target='{DEAD}'\nvolume='v'\ntoken = 't\u00f6ken'\n",
+            "volume 'r', layer 0: token contains a character not allowed in a gRPC header: "
+            "'\u00f6' (U+00F6) at position 1",
+        ),
+        (
+            f'target="{DEAD}"\nvolume="v"\ntoken = "secret\\r"\n',
+            "token contains a character not allowed in a gRPC header: '\\r'",
+        ),
+        (
+            f"target='{DEAD}'\nvolume='v'\ntoken_file='latin1.tok'\n",
+            "volume 'r', layer 0: token_file ",
+        ),
+        (
+            f"target='{DEAD}'\nvolume='v'\ntoken_file='tab.tok'\n",
+            "tab.tok: the token contains a character not allowed in a gRPC header: '\\t'",
+        ),
+    ],
+)
+def test_bad_remote_targets_and_tokens_exit_2_with_one_line(
+    tmp_path: Path, layer: str, fragment: str
+) -> None:
+    """gRPC would use another port (or 443) for a bad target, and fail a token it cannot
+    send in a header at the first call (a traceback at start); the token is never shown."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "latin1.tok").write_bytes(b"s\xe9cret\n")
+    (tmp_path / "data" / "tab.tok").write_bytes(b"sec\tret\r\n")
+    config = write_config(
+        tmp_path, f"[[volumes]]\nname='r'\n[[volumes.layers]]\nkind='remote'\n{layer}"
+    )
+    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "cret" not in result.stderr and "ken'" not in result.stderr
+
+
+def test_a_token_file_written_with_crlf_is_read_without_the_line_end(tmp_path: Path) -> None:
+    """The CRLF (and white space) around a token_file's token is not part of it; the tier
+    attaches to its origin with it."""
+    origin_dir = tmp_path / "origin"
+    origin = ServerProcess.start(
+        origin_dir, write_config(origin_dir, toml_volume("base", ram("1MiB")))
+    )
+    with origin:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "t.tok").write_bytes(b"  secret-token\r\n")
+        config = write_config(
+            tmp_path, toml_volume("r", remote(origin.grpc, "base", token_file="t.tok"))
+        )
+        with ServerProcess.start(tmp_path, config) as tier:
+
+            async def size(address: str) -> int:
+                async with grpc.aio.insecure_channel(address) as channel:
+                    stub = pb_grpc.BlockDeviceStub(channel)
+                    reply = await stub.GetVolume(pb.GetVolumeRequest(volume="r"))
+                    return int(reply.sector_count * reply.sector_size)
+
+            assert asyncio.run(asyncio.wait_for(size(tier.grpc), 30)) == 1 << 20
+            assert tier.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"# caf\xe9\n", "tierdisk.toml is not UTF-8 (byte 0xe9 at offset 5)"),
+        (b"\xef\xbb\xbf", "tierdisk.toml starts with a UTF-8 byte order mark (offset 0)"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
+    tmp_path: Path, data: bytes, fragment: str
+) -> None:
+    config = tmp_path / "tierdisk.toml"
+    config.write_bytes(data + b"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n")
+    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"tierdisk serve: config error: config {config} ")
+    assert fragment in lines[0]
 
 
 def test_refused_stack_creates_no_files(tmp_path: Path) -> None:
@@ -171,7 +271,11 @@ def test_data_dir_is_created_even_without_files_in_it(tmp_path: Path) -> None:
         assert server.terminate() == 0
 
 
-def test_address_in_use_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "what"),
+    [("--listen", "cannot bind gRPC address"), ("--metrics", "cannot listen for metrics on")],
+)
+def test_address_in_use_is_named(tmp_path: Path, flag: str, what: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -179,9 +283,27 @@ def test_address_in_use_is_named(tmp_path: Path) -> None:
         config = write_config(
             tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
         )
-        result = _serve(tmp_path, "--config", str(config), "--listen", address)
+        args = {"--listen": "127.0.0.1:0", "--metrics": "127.0.0.1:0", flag: address}
+        result = _serve(tmp_path, "--config", str(config), *itertools.chain(*args.items()))
     assert result.returncode == 1
-    assert address in result.stderr and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after gRPC's own log line, if any
+    assert last == f"tierdisk serve: cannot start: {what} {address}: address already in use"
+    assert "Traceback" not in result.stderr
+
+
+def test_a_socket_path_that_is_a_file_is_named_without_an_errno(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    address = f"unix:{tmp_path / 'precious.txt'}"
+    result = _serve(tmp_path, "--config", str(config), "--listen", address)
+    assert result.returncode == 1
+    assert (
+        result.stderr
+        == f"tierdisk serve: cannot start: cannot listen for gRPC on {address}: the path exists\n"
+    )
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_default_volume_persists_across_restarts(tmp_path: Path) -> None:
@@ -262,6 +384,87 @@ def test_sigint_exits_zero(tmp_path: Path) -> None:
     with ServerProcess.start(tmp_path, config) as server:
         os.kill(server.pid, signal.SIGINT)
         assert server.proc.wait(30) == 0
+
+
+@contextlib.contextmanager
+def silent_tier() -> Iterator[tuple[str, socket.socket]]:
+    """A TCP listener that accepts connections and never answers: a remote layer aimed at
+    it waits at attach (up to its attach timeout, 2 s), so the server is still starting."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(30)
+        yield f"127.0.0.1:{listener.getsockname()[1]}", listener
+
+
+def starting_stack(tmp_path: Path, target: str) -> Path:
+    """A local sparse volume (opens at once) and one over ``target``."""
+    local = {"kind": "sparse", "path": "local", "size": "1MiB"}
+    return write_config(
+        tmp_path, toml_volume("local", local) + toml_volume("r", remote(target, "base"))
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_starting_ends_the_start_with_exit_0(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """README: SIGTERM/SIGINT stop gracefully, exit 0; while a remote tier is awaited at
+    start too: one log line, no traceback, no ready file."""
+    with silent_tier() as (target, listener):
+        server = ServerProcess.start(tmp_path, starting_stack(tmp_path, target), wait=False)
+        with server:
+            connection, _ = listener.accept()  # the remote layer is attaching: still starting
+            with connection:
+                os.kill(server.pid, sig)
+                assert server.proc.wait(30) == 0
+            err = server.stderr_text()
+    assert "Traceback" not in err, err
+    assert "stopped while starting" in err
+    assert not server.ready_file.exists()
+
+
+async def test_a_start_cancelled_closes_what_it_opened(tmp_path: Path) -> None:
+    """Cancelled while a remote tier is awaited, the start closes the volumes already open:
+    their layers' locks are free for the next server. (Cancelled while a sparse layer is
+    still opening in its thread, that layer is not closed: ``tierdisk serve`` exits then.)"""
+    with silent_tier() as (target, listener):
+        config = load_config(str(starting_stack(tmp_path, target)), environ={})
+        server = Server(config)
+        starting = asyncio.create_task(server.start())
+        connection, _ = await asyncio.to_thread(listener.accept)
+        with connection:
+            for _ in range(1000):  # the local volume opens at once (10 s at most)
+                if server.registry.ready_volumes():
+                    break
+                await asyncio.sleep(0.01)
+            assert server.registry.ready_volumes(), "the local volume did not open"
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(starting, 30)
+    local_only = replace(config, volumes=config.volumes[:1])  # the same sparse layer again
+    again = Server(local_only)
+    await again.start()
+    await again.stop(grace=1)
+
+
+def test_closed_stdio_serve_stops_with_exit_0(tmp_path: Path) -> None:
+    """Started with stdin and stdout closed (a supervisor's way), the server serves and stops
+    on SIGTERM with exit 0 (libuv, given one of them for its own, used to abort: 134)."""
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    ready = tmp_path / "ready.json"
+    cmd = [sys.executable, "-m", "tierdisk.service", "--config", str(config)]
+    cmd += ["--listen", "127.0.0.1:0", "--ready-file", str(ready)]
+    proc = subprocess.Popen(
+        ["sh", "-c", 'exec "$0" "$@" <&- >&-', *cmd], stderr=subprocess.PIPE, cwd=tmp_path
+    )
+    server = ServerProcess(proc, ready)
+    with server:
+        server.wait_ready()
+        assert server.terminate() == 0
+        assert "Traceback" not in server.stderr_text()
 
 
 def test_corrupt_stored_sector_is_data_loss(tmp_path: Path) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import FOUR_VOLUMES, running_server, tree_of
+from servers import (
+    FOUR_VOLUMES,
+    FRAGMENT,
+    FRAGMENT_GAP,
+    fragmented_extents,
+    fragmented_server,
+    running_server,
+    tree_of,
+)
 
 from tierdisk.service import server as server_module
 from tierdisk.service.server import Server
@@ -217,6 +225,36 @@ async def test_io_at_the_limit_and_over_it(stub: pb_grpc.BlockDeviceAsyncStub) -
         stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=limit // 512 + 1))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_io" in details
+
+
+async def test_an_allocation_over_one_reply_is_refused_with_the_limit(tmp_path: Path) -> None:
+    """A GetAllocation reply must cover its whole range (DESIGN §2): one with more extents
+    than a reply may carry (max_io bytes) is refused INVALID_ARGUMENT, saying so (not
+    RESOURCE_EXHAUSTED from the transport, which reads as "out of space"); half the range
+    is answered whole."""
+    whole = fragmented_extents()
+    end = whole[-1][0] + whole[-1][1]
+    async with fragmented_server(tmp_path) as srv:
+        options = [("grpc.max_receive_message_length", 64 * MiB)]
+        async with grpc.aio.insecure_channel(srv.grpc_address, options=options) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetAllocation(pb.GetAllocationRequest(volume="frag", sector_count=end))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == (
+                f"volume 'frag': the allocation of sectors [0, {end}) has {len(whole)} extents, "
+                f"more than one reply carries (at most {MiB} bytes, this server's max_io); "
+                "ask for a smaller range"
+            )
+            trailer = tuple(info.value.trailing_metadata() or ())
+            assert ("tierdisk-error", "AllocationTooLarge") in trailer
+            half = end // 2
+            reply = await stub.GetAllocation(
+                pb.GetAllocationRequest(volume="frag", sector_count=half)
+            )
+            assert 0.5 * MiB < reply.ByteSize() <= MiB
+            runs = [(e.sector, e.sector_count, e.depth) for e in reply.extents]
+            assert runs == [*(r for r in whole if r[0] + r[1] < half), (FRAGMENT, FRAGMENT_GAP, 0)]
 
 
 async def test_concurrent_clients(server: Server) -> None:

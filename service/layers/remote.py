@@ -111,6 +111,7 @@ from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY, read_pem
 from tierdisk.client.retry import RetryPolicy
 
 from .. import errors, hops
+from ..config import token_from_file
 from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
@@ -328,9 +329,7 @@ class RemoteLayer(Layer):
         token = self._token
         if self._token_file is not None:
             raw = read(self._token_file, "token_file")
-            token = (raw or b"").decode("utf-8", "replace").strip()
-            if not token:
-                raise ConfigError(f"token_file {self._token_file} is empty")
+            token = token_from_file(raw or b"", self._token_file)
         options: dict[str, Any] = {"token": token or None}
         if self.tls:
             options.update(
