@@ -120,6 +120,7 @@ from .errors import (
     PermissionDenied,
     TierdiskError,
     Unauthenticated,
+    Unimplemented,
     VolumeNotFound,
 )
 from .models import AllocationExtent, UnmapBehavior, VolumeInfo
@@ -172,10 +173,12 @@ _NOT_APPLIED = (
     Unauthenticated,
     PermissionDenied,
     NoSpace,
+    Unimplemented,
 )
 """Failures of a write or unmap request that changed nothing (DESIGN.md §2: a read-only
-volume, a range past the end, out of space, …); any other failure (a timeout, a lost
-connection, a storage error) may come after part of the request was written."""
+volume, a range past the end, out of space, …; a server that is not tierdisk); any other
+failure (a timeout, a lost connection, a storage error) may come after part of the request
+was written."""
 
 
 class _Written:
