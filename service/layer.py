@@ -214,6 +214,21 @@ class Layer(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections. Called once; I/O after close is a bug."""
 
+    @staticmethod
+    async def _open_in_thread(open_files: Callable[[], None], release: Callable[[], None]) -> None:
+        """Run ``open_files`` (blocking: opens and locks the layer's files) on the default
+        executor. A thread cannot be stopped: if the caller is cancelled meanwhile (a stop
+        while the server starts), the open runs to its end and ``release`` then closes what
+        it opened, on the loop, so a cancelled attach leaves no file open or locked."""
+        opening = asyncio.get_running_loop().run_in_executor(None, open_files)
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(
+                lambda done: None if done.cancelled() or done.exception() else release()
+            )
+            raise
+
     # -- I/O ----------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -17,6 +17,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -345,6 +346,28 @@ class PersistentLayerContract:
         assert (volume.sector_size, volume.sector_count) == (4096, 64)
         data, present = await volume.read(63, 1)
         assert present == [(63, 64)] and data == pattern(1, 63, 1, 4096)
+
+    async def test_a_cancelled_attach_leaves_the_layer_closed_and_unlocked(
+        self, path: Path
+    ) -> None:
+        """A stop while the server starts cancels attaches in flight: the open, which runs
+        in a thread, is undone once it ends, so the layer can be opened again."""
+        attaching = asyncio.ensure_future(self.make(path).attach(None))
+        await asyncio.sleep(0)  # the open is under way (or queued) in its thread
+        attaching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attaching
+        deadline = time.monotonic() + 10
+        while True:
+            layer = self.make(path)
+            try:
+                await layer.attach(None)
+                break
+            except ConfigError as exc:  # still locked: the first open has not been undone
+                if "already open" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        await layer.close()
 
     async def test_existing_layer_refuses_a_disagreeing_config(self, path: Path) -> None:
         layer = self.make(path)

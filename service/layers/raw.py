@@ -66,7 +66,7 @@ class RawLayer(Layer):
         self._reserve = Reserver()
 
     async def attach(self, lower: LayerMetadata | None) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._open, lower)
+        await self._open_in_thread(lambda: self._open(lower), self._close_file)
 
     def _open(self, lower: LayerMetadata | None) -> None:
         what = f"raw image {self.path}"
@@ -118,6 +118,9 @@ class RawLayer(Layer):
         self._fd = fd
 
     async def close(self) -> None:
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

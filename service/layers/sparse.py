@@ -162,7 +162,7 @@ class SparseLayer(Layer):
     # -- open and close -------------------------------------------------------------------
 
     async def attach(self, lower: LayerMetadata | None) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._open, lower)
+        await self._open_in_thread(lambda: self._open(lower), self._close_files)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sparse-writer")
 
     def _open(self, lower: LayerMetadata | None) -> None:
@@ -293,9 +293,14 @@ class SparseLayer(Layer):
             if self._writer is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
                 self._writer = None
-            if self._map_fd >= 0:
-                os.close(self._map_fd)
-                self._map_fd = -1
+            self._close_files()
+
+    def _close_files(self) -> None:
+        """Close the map and the data file (which releases the lock)."""
+        if self._map_fd >= 0:
+            os.close(self._map_fd)
+            self._map_fd = -1
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 

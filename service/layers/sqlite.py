@@ -154,8 +154,11 @@ class SqliteLayer(Layer):
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sqlite-layer")
         try:
             await self._call("opening", self._open, lower)
-        except BaseException:
-            self._worker.shutdown()
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if cancelled:  # the open goes on in the worker: close what it opens, there, after
+                self._worker.submit(self._release_sync)
+            self._worker.shutdown(wait=not cancelled)
             self._worker = None
             raise
 
@@ -279,10 +282,16 @@ class SqliteLayer(Layer):
         if self._worker is None:
             return
         try:
-            await self._call("closing", self._close_sync)
+            await self._call("closing", self._release_sync)
         finally:
             self._worker.shutdown()
             self._worker = None
+
+    def _release_sync(self) -> None:
+        """Close the database (on the worker: the connection belongs to it), then the lock."""
+        try:
+            self._close_sync()
+        finally:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
