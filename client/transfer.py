@@ -181,6 +181,13 @@ failure (a timeout, a lost connection, a storage error) may come after part of t
 was written."""
 
 
+class _Interrupted(CliError):
+    """Ctrl-C during a copy onto a volume: ``interrupted; <what was written>``, exit 130
+    as for any interrupt (:func:`~tierdisk.client.cli.main`)."""
+
+    exit_code = 130
+
+
 class _Written:
     """What a copy onto a volume from ``sector`` (``ss``-byte sectors) has written so far,
     for the message that ends a failed or refused copy (:meth:`note`). Offsets and lengths
@@ -217,6 +224,15 @@ class _Written:
             self._reach = max(self._reach, offset + length)
         if self.failure is None:
             self.failure = exc
+
+    def cut(self, offset: int, length: int) -> None:
+        """The request for ``length`` bytes at ``offset`` was in flight when the copy was
+        interrupted: it may have been written in part."""
+        self._reach = max(self._reach, offset + length)
+
+    def interrupted(self) -> CliError:
+        """The error that ends an interrupted copy: ``interrupted; `` and :meth:`note`."""
+        return _Interrupted(f"interrupted; {self.note()}")
 
     def note(self) -> str:
         """What was written: ``nothing was written``, or ``the N bytes before were written
@@ -485,6 +501,9 @@ async def _copy_fd_in(
                 await vol.unmap(at, piece.sector_count)
             else:
                 await vol.write(at, zeros if length == len(zeros) else zeros[:length], fua=fua)
+        except asyncio.CancelledError:
+            written.cut(offset, length)
+            raise
         except Exception as exc:
             written.failed(exc, offset, length)
             return
@@ -492,7 +511,10 @@ async def _copy_fd_in(
         bar.advance(length)
 
     with _progress(args, size, f"{verb} {vol.name}") as bar:
-        await run_bounded(pieces, one, client.max_in_flight)
+        try:
+            await run_bounded(pieces, one, client.max_in_flight)
+        except asyncio.CancelledError:  # Ctrl-C: say what was written
+            raise written.interrupted() from None
     written.raise_failure(args, path)
     os.lseek(fd, start + size, os.SEEK_SET)
     return 0
@@ -699,6 +721,9 @@ async def _stream_in(
                     return
             try:
                 await vol.write(at, data, fua=fua)
+            except asyncio.CancelledError:
+                written.cut(offset, len(data))
+                raise
             except Exception as exc:
                 written.failed(exc, offset, len(data))
                 return
@@ -707,7 +732,10 @@ async def _stream_in(
 
     label = f"{verb} {vol.name}"
     with _progress(args, None, label, data_on_tty=_isatty(src)) as bar:
-        await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
+        try:
+            await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
+        except asyncio.CancelledError:  # Ctrl-C: say what was written
+            raise written.interrupted() from None
     written.raise_failure(args, None)
     if refusal is not None:  # every chunk before it is written: the note says how many bytes
         text, past_end = refusal

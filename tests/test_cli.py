@@ -65,6 +65,7 @@ VOLUMES = "\n".join(
         toml_volume("watched", ram("1MiB")),
         toml_volume("shrink", ram("1MiB")),
         toml_volume("exp", ram("8MiB")),
+        toml_volume("intr", ram("64MiB")),
         toml_volume("sparse", {"kind": "sparse", "path": "sparse.img", "size": "16MiB"}),
     )
 )
@@ -126,6 +127,7 @@ def test_volumes_lists_one_per_line_name_first(server: ServerProcess) -> None:
         "disk",
         "exp",
         "grow",
+        "intr",
         "ro",
         "rw",
         "shrink",
@@ -1438,3 +1440,63 @@ async def test_export_of_a_fragmented_volume_reads_runs_together(tmp_path: Path,
     assert exported == expected
     # 62 MB of volume, 60,000 runs of one sector 512 bytes apart: read in 1 MiB windows
     assert 0 < reads <= 2 * len(expected) // (1 << 20) + 4
+
+
+@pytest.mark.parametrize("source", ["file", "pipe"])
+def test_write_interrupted_says_what_was_written(
+    server: ServerProcess, tmp_path: Path, source: str
+) -> None:
+    """Ctrl-C mid-write: exit 130 and one line, ``interrupted; `` and what was written; the
+    volume holds the data that far, and nothing past what may have been written in part."""
+    size = 64 * MiB
+    zeros, data = tmp_path / "zeros.bin", tmp_path / "data.bin"
+    zeros.write_bytes(bytes(size))
+    data.write_bytes(os.urandom(size))
+    tierdisk(server, "write", "intr", "0", "-i", str(zeros))
+    # ~65 bytes come back per 1 MiB write: the proxy stalls some 20 writes in
+    with CuttingProxy(server.grpc, 1500, stall=True) as proxy:
+        args = ["write", "intr", "0"] + (["-i", str(data)] if source == "file" else [])
+        proc = subprocess.Popen(
+            [*TIERDISK, "--server", proxy.address, *args],
+            stdin=subprocess.PIPE if source == "pipe" else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError), open(data, "rb") as f:
+                while chunk := f.read(MiB):
+                    proc.stdin.write(chunk)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        if source == "pipe":
+            feeder.start()
+        try:
+            assert proxy.cut.wait(60)
+            proc.send_signal(signal.SIGINT)
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        if source == "pipe":
+            feeder.join(10)
+    assert proc.returncode == 130, err.decode()
+    line = one_line_error(subprocess.CompletedProcess(proc.args, 130, b"", err), returncode=130)
+    found = re.fullmatch(
+        r"tierdisk: interrupted; (?:nothing was written|the (\d+) bytes before were "
+        r"written from sector 0)(?:; sectors (\d+)\.\.(\d+) may have been written in part)?",
+        line,
+    )
+    assert found, line
+    prefix = int(found[1] or 0)
+    reach = int(found[3]) * 512 if found[3] else prefix
+    assert prefix > 0  # some 20 writes were answered before the stall
+    volume = tierdisk(server, "read", "intr", "0", str(size // 512)).stdout
+    assert volume[:prefix] == data.read_bytes()[:prefix]
+    assert volume[reach:] == bytes(size - reach)
