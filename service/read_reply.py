@@ -61,9 +61,14 @@ _heads: dict[int, bytes] = {}  # data size -> tag and length (few distinct sizes
 
 
 class ReadReply:
-    """The buffer a read fills and the wire-format ``ReadResponse`` it becomes."""
+    """The buffer a read fills and the wire-format ``ReadResponse`` it becomes.
 
-    __slots__ = ("_bytes", "_frame", "data")
+    Below :data:`_DIRECT_MIN` (a 4 KiB read) the data goes into a ``bytearray`` of its own
+    and :meth:`encode` joins the tag and length to it (one small copy; cheaper in the
+    running server than framing it in place: 2.2 against 3.4 µs per 4 KiB reply, timed
+    inside the server); from there on into the frame itself, sent without a copy."""
+
+    __slots__ = ("_frame", "_head", "_small", "data")
 
     def __init__(self, nbytes: int) -> None:
         head = _heads.get(nbytes)
@@ -71,12 +76,17 @@ class ReadReply:
             head = bytes((_DATA_TAG,)) + encode_varint(nbytes)
             if len(_heads) < 256:
                 _heads[nbytes] = head
-        frame, view = new_buffer(len(head) + nbytes)
-        self._bytes = isinstance(frame, bytes)
+        self._head = head
+        if nbytes < _DIRECT_MIN or _writable_bytes is None:
+            self._small: bytearray | None = bytearray(nbytes)
+            self._frame = b""
+            self.data = memoryview(self._small)
+            """Where the read puts the sectors."""
+            return
+        self._small = None
+        self._frame, view = _writable_bytes(len(head) + nbytes)
         view[: len(head)] = head
-        self._frame = frame
         self.data = view[len(head) :]
-        """Where the read puts the sectors."""
 
     def encode(self, present: list[tuple[int, int]] | None) -> bytes:
         """The serialized ``ReadResponse`` (with ``present`` when it is not None)."""
@@ -84,6 +94,8 @@ class ReadReply:
         if present:
             extents = [pb.Extent(sector=a, sector_count=b - a) for a, b in present]
             tail = pb.ReadResponse(present=extents).SerializeToString()
-        if self._bytes and not tail:
-            return self._frame  # type: ignore[return-value]
+        if self._small is not None:
+            return self._head + self._small + tail if tail else self._head + self._small
+        if not tail:
+            return self._frame
         return b"".join((self._frame, tail))
