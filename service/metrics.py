@@ -3,15 +3,19 @@
 Engine counters are not copied into Prometheus objects on the data path: an
 :class:`EngineCollector` reads each volume's per-layer :class:`~tierdisk.service.volume.LayerStats`
 at scrape time, so Inspect and ``/metrics`` show the same numbers by construction and a
-volume's series vanish with it. Per-request figures (bytes, request codes, latency) and the
-``grpc_server_*`` families (labelled like go-grpc-prometheus) are observed by the front ends.
-Counts are sectors or bytes as named; times are seconds; ratios are left to PromQL.
+volume's series vanish with it. ``tierdisk_volume_ready{volume}`` has one series per
+configured volume from the start (1 serving, 0 still attaching, e.g. waiting for its remote
+tier), and the calls of a volume's remote layers are counted here
+(:meth:`Metrics.remote_counts`), so they outlive failed attach attempts. Per-request figures
+(bytes, request codes, latency) and the ``grpc_server_*`` families (labelled like
+go-grpc-prometheus) are observed by the front ends. Counts are sectors or bytes as named;
+times are seconds; ratios are left to PromQL.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from typing import Protocol
 
@@ -22,7 +26,7 @@ from prometheus_client.registry import Collector
 from .loop_metrics import CounterCell, HistogramCell, LoopCounter, LoopHistogram
 from .volume import Volume
 
-__all__ = ["EngineCollector", "Metrics", "StatsSource"]
+__all__ = ["EngineCollector", "Metrics", "RemoteCounts", "StatsSource", "VolumeSource"]
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -44,6 +48,22 @@ LATENCY_BUCKETS = (
 )
 
 
+RemoteCounts = dict[tuple[str, str], int]
+"""Calls a remote layer made to its tier: ``{(RPC name, status code name): calls}``."""
+
+
+class VolumeSource(Protocol):
+    """The volumes of a server (its :class:`~tierdisk.service.registry.VolumeRegistry`)."""
+
+    def names(self) -> list[str]:
+        """Every configured volume name, in config order (fixed for the server's life)."""
+        ...
+
+    def ready_volumes(self) -> list[Volume]:
+        """The volumes open and serving, in config order."""
+        ...
+
+
 class StatsSource(Protocol):
     """Anything that adds its own metric families at scrape time (e.g. the NBD server)."""
 
@@ -53,12 +73,14 @@ class StatsSource(Protocol):
 class EngineCollector(Collector):
     """Yields the per-volume, per-layer engine counters and gauges at scrape time.
 
-    A layer with a ``request_counts`` attribute (``{(method, code): calls}``, the remote
-    layer) also yields ``tierdisk_remote_requests_total``.
+    ``tierdisk_volume_ready`` has a series for every configured volume, ready or not; the
+    other engine families cover the ready volumes. ``tierdisk_remote_requests_total`` comes
+    from ``remote``: ``{(volume, layer index): counts}``, kept across attach attempts.
     """
 
-    def __init__(self, volumes: Callable[[], list[Volume]]) -> None:
+    def __init__(self, volumes: VolumeSource, remote: dict[tuple[str, int], RemoteCounts]) -> None:
         self._volumes = volumes
+        self._remote = remote
         self.extra: list[StatsSource] = []
 
     def collect(self) -> Iterator[Metric]:
@@ -98,10 +120,24 @@ class EngineCollector(Collector):
         )
         remote = CounterMetricFamily(
             "tierdisk_remote_requests",
-            "Calls a remote layer made to its tier, by method and gRPC status code.",
+            "Calls a remote layer made to its tier, by method and gRPC status code "
+            "(attach attempts of a volume still waiting for its tier included).",
             labels=["volume", "layer", "method", "code"],
         )
-        for volume in self._volumes():
+        ready = GaugeMetricFamily(
+            "tierdisk_volume_ready",
+            "1 when the configured volume is open and serving, 0 while it is not "
+            "(attaching: e.g. waiting for its remote tier; requests get UNAVAILABLE).",
+            labels=["volume"],
+        )
+        volumes = self._volumes.ready_volumes()
+        serving = {volume.name for volume in volumes}
+        for name in self._volumes.names():
+            ready.add_metric([name], 1 if name in serving else 0)
+        for (name, index), counts in sorted(self._remote.items()):
+            for (method, code), n in sorted(counts.items()):
+                remote.add_metric([name, str(index), method, code], n)
+        for volume in volumes:
             size.add_metric([volume.name], volume.sector_count)
             sector_bytes.add_metric([volume.name], volume.sector_size)
             for index, entry in enumerate(volume.entries):
@@ -116,10 +152,6 @@ class EngineCollector(Collector):
                     misses.add_metric(short, stats.cache_misses)
                     fills.add_metric(short, stats.cache_fills)
                     fill_errors.add_metric(short, stats.cache_fill_errors)
-                counts: dict[tuple[str, str], int] | None = getattr(layer, "request_counts", None)
-                if counts:
-                    for (method, code), n in sorted(counts.items()):
-                        remote.add_metric([volume.name, str(index), method, code], n)
         yield from (
             reads,
             read_sectors,
@@ -130,6 +162,7 @@ class EngineCollector(Collector):
             present,
             size,
             sector_bytes,
+            ready,
             remote,
         )
         for source in self.extra:
@@ -137,13 +170,18 @@ class EngineCollector(Collector):
 
 
 class Metrics:
-    """Every metric of one server, registered in ``self.registry`` (fresh per instance)."""
+    """Every metric of one server, registered in ``self.registry`` (fresh per instance).
 
-    def __init__(self, volumes: Callable[[], list[Volume]]) -> None:
+    ``volumes`` gives the configured volume names (the only ``volume`` label values besides
+    ``""``) and the volumes ready at each scrape.
+    """
+
+    def __init__(self, volumes: VolumeSource) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._volumes = volumes
-        self.engine = EngineCollector(volumes)
+        self._configured = frozenset(volumes.names())
+        self._remote_counts: dict[tuple[str, int], RemoteCounts] = {}
+        self.engine = EngineCollector(volumes, self._remote_counts)
         r.register(self.engine)
         self.io_bytes = LoopCounter(
             "tierdisk_volume_io_bytes",
@@ -181,8 +219,19 @@ class Metrics:
             [*gl, "grpc_code"],
             registry=r,
         )
+        self.grpc_msg_received = LoopCounter(
+            "grpc_server_msg_received",
+            "Request messages received by the server: 1 per unary or server-streaming call, "
+            "1 per message of a client stream.",
+            gl,
+            registry=r,
+        )
         self.grpc_msg_sent = LoopCounter(
-            "grpc_server_msg_sent", "Stream messages sent by the server.", gl, registry=r
+            "grpc_server_msg_sent",
+            "Response messages sent by the server: 1 per unary call that completed OK, "
+            "1 per message of a server stream.",
+            gl,
+            registry=r,
         )
         self.grpc_seconds = LoopHistogram(
             "grpc_server_handling_seconds",
@@ -208,11 +257,12 @@ class Metrics:
         """Count one volume I/O request (``op``: read, write, unmap, flush) for the volume
         name ``volume`` the request gave, whatever became of it.
 
-        Only the names of volumes this server serves become ``volume`` label values: any
-        other name (no such volume, one not open yet, or a call refused before the lookup:
-        draining, a bad hop chain) is counted under ``volume=""``, so the label stays
-        bounded by the config whatever names clients send. The check costs nothing per call
-        for a served name: it runs when a label set is first seen (:meth:`_io_cells_for`)."""
+        The names of configured volumes become ``volume`` label values, whether the volume
+        is ready or still attaching (its ``UNAVAILABLE`` answers count under its name), and
+        also for a call refused before the lookup (draining, a bad hop chain). Any other
+        name is counted under ``volume=""``, so the label stays bounded by the config
+        whatever names clients send. The check costs nothing per call for a configured
+        name: it runs when a label set is first seen (:meth:`_io_cells_for`)."""
         cells = self._io_cells.get((volume, op, code))
         if cells is None:
             cells = self._io_cells_for(volume, op, code)
@@ -228,10 +278,10 @@ class Metrics:
         self, volume: str, op: str, code: str
     ) -> tuple[CounterCell, HistogramCell, str]:
         """The cells of a label set :meth:`observe_io` has not cached: those of ``volume``
-        if this server serves it (cached under its name from then on), else those of
+        if it is configured (cached under its name from then on), else those of
         ``volume=""`` (cached under ``""`` only, so that names clients make up do not grow
         the cache either)."""
-        if volume and any(v.name == volume for v in self._volumes()):
+        if volume in self._configured:
             key = (volume, op, code)
         else:
             key = ("", op, code)
@@ -246,8 +296,16 @@ class Metrics:
         return cells
 
     def observe_remote(self, method: str, code: str, seconds: float) -> None:
-        """Time one call a remote layer made (its counts come from the layer itself)."""
+        """Time one call a remote layer made (it counts the call in :meth:`remote_counts`)."""
         self.remote_duration.labels(method).observe(seconds)
+
+    def remote_counts(self, volume: str, layer: int) -> RemoteCounts:
+        """The call counts of layer ``layer`` (index, 0 = top) of configured volume
+        ``volume``, exported as ``tierdisk_remote_requests_total``: the same dict for every
+        attach attempt of the volume, so the calls of failed attempts (also timed in
+        ``tierdisk_remote_request_duration_seconds``) stay counted and the counter never
+        goes back. The server hands it to each remote layer it builds."""
+        return self._remote_counts.setdefault((volume, layer), {})
 
     def forget_volume(self, volume: str) -> None:
         """Drop the per-request series of a volume that is no longer served."""
@@ -259,6 +317,8 @@ class Metrics:
             del self._io_cells[key]
         for short in [k for k in self._io_bytes_cells if k[0] == volume]:
             del self._io_bytes_cells[short]
+        for layer in [k for k in self._remote_counts if k[0] == volume]:
+            del self._remote_counts[layer]
 
 
 def _version(dist: str) -> str:

@@ -7,7 +7,10 @@ data commands also count in the volume families (``tierdisk_volume_io_requests_t
 throughput and errors cover both front ends; there an NBD error counts under the gRPC code a
 gRPC call failing the same way gets (``EPERM`` -> ``FAILED_PRECONDITION``, ``ENOSPC`` ->
 ``RESOURCE_EXHAUSTED``, ``EIO`` -> ``INTERNAL``, …). Session counts are read from
-:class:`~tierdisk.service.nbd.NbdStats` at scrape time.
+:class:`~tierdisk.service.nbd.NbdStats` at scrape time. The request families are the
+project's own :class:`~tierdisk.service.loop_metrics.LoopCounter` and
+:class:`~tierdisk.service.loop_metrics.LoopHistogram`, updated on the event loop like the
+others, so they expose no ``_created`` series either.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .loop_metrics import LoopCounter, LoopHistogram
 from .metrics import LATENCY_BUCKETS, Metrics
 from .nbd import NbdStats
 
@@ -55,13 +58,13 @@ class NbdMetrics:
         self._metrics = metrics
         self.stats = stats
         r = metrics.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "tierdisk_nbd_requests",
             "NBD requests by command and result (ok or NBD error).",
             ["volume", "command", "result"],
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "tierdisk_nbd_request_duration_seconds",
             "Time to serve an NBD request.",
             ["command"],

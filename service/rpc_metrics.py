@@ -1,16 +1,21 @@
 """The standard ``grpc_server_*`` metrics, recorded by wrapping each method handler once,
 when it is registered.
 
-Labels follow go-grpc-prometheus: ``grpc_type`` (unary, server_stream), ``grpc_service``
-(``tierdisk.v1.BlockDevice``), ``grpc_method`` and, on ``grpc_server_handled_total``,
-``grpc_code`` (the status code name).
+Families and labels follow go-grpc-prometheus: ``grpc_server_started_total``,
+``grpc_server_handled_total`` (plus ``grpc_code``, the status code name),
+``grpc_server_handling_seconds``, ``grpc_server_msg_received_total`` (one per request
+message: 1 per unary or server-streaming call, one per message of a client stream) and
+``grpc_server_msg_sent_total`` (one per response message: 1 per unary or client-streaming
+call that completed OK, one per message of a server stream), all labelled ``grpc_type``
+(unary, client_stream, server_stream, bidi_stream), ``grpc_service``
+(``tierdisk.v1.BlockDevice``) and ``grpc_method``.
 
 Services register on an :class:`InstrumentedRegistry` instead of the server itself; it wraps
 every handler (metrics around the behaviour) and passes it on. A ``grpc.aio`` server
 interceptor would do the same per call, but costs a coroutine chain and a handler look-up on
-every RPC; here a call pays one wrapper coroutine and the counter updates (bench/README.md,
-change 6). Calls to methods no service registered are not counted (as with an
-interceptor, which never sees a handler for them).
+every RPC; here a call pays one wrapper coroutine and the counter updates on label children
+bound once per method (bench/README.md, change 6). Calls to methods no service registered are
+not counted (as with an interceptor, which never sees a handler for them).
 """
 
 from __future__ import annotations
@@ -45,13 +50,30 @@ def _code_of(context: Any, default: str) -> str:
     return name if name is not None else str(code)
 
 
+_NOT_COUNTED = CounterCell()
+"""A cell no family exposes: what a wrapper counts into where the count is kept elsewhere (the
+requests of a client stream, the reply of a streaming handler that writes), so the wrappers
+stay branch-free."""
+
+# Handler attribute -> grpc_type label, by (request streaming, response streaming).
+_KINDS = (
+    ("unary_unary", "unary"),
+    ("unary_stream", "server_stream"),
+    ("stream_unary", "client_stream"),
+    ("stream_stream", "bidi_stream"),
+)
+
+
 class _MethodMetrics:
+    """The label children of one method, bound once when its handler is wrapped."""
+
     def __init__(self, metrics: Metrics, grpc_type: str, service: str, method: str) -> None:
         labels = (grpc_type, service, method)
         self._labels = labels
         self._metrics = metrics
         self.started = metrics.grpc_started.labels(*labels)
         self.seconds = metrics.grpc_seconds.labels(*labels)
+        self.received = metrics.grpc_msg_received.labels(*labels)
         self.sent = metrics.grpc_msg_sent.labels(*labels)
         self._handled: dict[str, CounterCell] = {}
 
@@ -98,27 +120,36 @@ class InstrumentedRegistry:
 
     def _instrument(self, method: str, handler: Any) -> grpc.RpcMethodHandler[Any, Any]:
         service, _, name = method.lstrip("/").partition("/")
-        if handler.unary_unary is not None:
-            m = _MethodMetrics(self._metrics, "unary", service, name)
-            return handler._replace(  # type: ignore[no-any-return]
-                unary_unary=self._unary(handler.unary_unary, m)
-            )
-        if handler.unary_stream is not None:
-            m = _MethodMetrics(self._metrics, "server_stream", service, name)
-            return handler._replace(  # type: ignore[no-any-return]
-                unary_stream=self._stream(handler.unary_stream, m)
-            )
+        for attribute, grpc_type in _KINDS:
+            behavior = getattr(handler, attribute)
+            if behavior is None:
+                continue
+            m = _MethodMetrics(self._metrics, grpc_type, service, name)
+            received = m.received
+            if handler.request_streaming:  # counted per message instead of per call
+                behavior = _count_requests(behavior, received)
+                received = _NOT_COUNTED
+            if handler.response_streaming:
+                wrapped = self._stream(behavior, m, received)
+            else:
+                wrapped = self._unary(behavior, m, received, m.sent)
+            return handler._replace(**{attribute: wrapped})  # type: ignore[no-any-return]
         return handler  # type: ignore[no-any-return]
 
     @staticmethod
     def _unary(
-        behavior: Callable[[Any, Any], Awaitable[Any]], m: _MethodMetrics
+        behavior: Callable[[Any, Any], Awaitable[Any]],
+        m: _MethodMetrics,
+        received: CounterCell,
+        reply: CounterCell,
     ) -> Callable[[Any, Any], Awaitable[Any]]:
+        """A handler that returns (its reply, counted in ``reply`` when the call ends OK)."""
         started = m.started
         perf_counter = time.perf_counter
 
         async def wrapped(request: Any, context: Any) -> Any:
             started.inc()
+            received.inc()
             start = perf_counter()
             code = _OK
             try:
@@ -130,23 +161,28 @@ class InstrumentedRegistry:
                 code = _UNKNOWN
                 raise
             finally:
-                m.handled(_code_of(context, code), start)
+                code = _code_of(context, code)
+                if code == _OK:
+                    reply.inc()
+                m.handled(code, start)
 
         return wrapped
 
     @classmethod
     def _stream(
-        cls, behavior: Callable[[Any, Any], Any], m: _MethodMetrics
+        cls, behavior: Callable[[Any, Any], Any], m: _MethodMetrics, received: CounterCell
     ) -> Callable[[Any, Any], Any]:
+        """A handler that streams its replies, each counted in ``m.sent``."""
         if not inspect.isasyncgenfunction(behavior):
             # A streaming handler that writes with context.write() and returns.
             async def counting(request: Any, context: Any) -> Any:
-                return await behavior(request, _CountingContext(context, m.sent))
+                return await behavior(request, _CountingContext(context, sent=m.sent))
 
-            return cls._unary(counting, m)
+            return cls._unary(counting, m, received, _NOT_COUNTED)
 
         async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
             m.started.inc()
+            received.inc()
             start = time.perf_counter()
             code = _OK
             try:
@@ -165,16 +201,58 @@ class InstrumentedRegistry:
         return wrapped
 
 
-class _CountingContext:
-    """A servicer context whose ``write()`` also counts the message sent."""
+def _count_requests(behavior: Callable[[Any, Any], Any], received: CounterCell) -> Any:
+    """``behavior`` of a client-streaming method with each request message counted in
+    ``received``, whether it iterates its requests or calls ``context.read()``; an async
+    generator function stays one (grpc.aio and :meth:`InstrumentedRegistry._stream` tell
+    the two kinds of handler apart by that)."""
+    if inspect.isasyncgenfunction(behavior):
 
-    def __init__(self, context: Any, sent: CounterCell) -> None:
+        async def replies(requests: Any, context: Any) -> AsyncIterator[Any]:
+            counting = _CountingContext(context, received=received)
+            async for message in behavior(_counted(requests, received), counting):
+                yield message
+
+        return replies
+
+    async def reply(requests: Any, context: Any) -> Any:
+        counting = _CountingContext(context, received=received)
+        return await behavior(_counted(requests, received), counting)
+
+    return reply
+
+
+async def _counted(requests: AsyncIterator[Any], received: CounterCell) -> AsyncIterator[Any]:
+    """``requests``, each counted in ``received`` as it arrives."""
+    async for request in requests:
+        received.inc()
+        yield request
+
+
+class _CountingContext:
+    """A servicer context whose ``write()`` also counts the message sent and whose
+    ``read()`` the message received."""
+
+    def __init__(
+        self,
+        context: Any,
+        *,
+        sent: CounterCell = _NOT_COUNTED,
+        received: CounterCell = _NOT_COUNTED,
+    ) -> None:
         self._context = context
         self._sent = sent
+        self._received = received
 
     async def write(self, message: Any) -> None:
         await self._context.write(message)
         self._sent.inc()
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._received.inc()
+        return message
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

@@ -33,7 +33,7 @@ from .config import Config, VolumeConfig
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
 from .layers import build_layer
-from .metrics import Metrics
+from .metrics import Metrics, RemoteCounts
 from .metrics_http import MetricsEndpoint
 from .nbd import NbdServer, NbdStats, start_nbd_server
 from .nbd_metrics import NbdMetrics
@@ -62,6 +62,7 @@ class _ReportsRequests(Protocol):
     """A layer that calls another tier and reports each call (the remote layer)."""
 
     on_request: Callable[[str, str, float], None] | None
+    request_counts: RemoteCounts
 
 
 class Server:
@@ -70,7 +71,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.registry = VolumeRegistry([v.name for v in config.volumes])
-        self.metrics = Metrics(self.registry.ready_volumes)
+        self.metrics = Metrics(self.registry)
         self.gate = DrainGate()
         self.health = health.aio.HealthServicer()
         self.grpc_address = ""
@@ -224,7 +225,9 @@ class Server:
                 built = build_layer(layer)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc), volume=config.name, layer=index) from None
-            if isinstance(built, _ReportsRequests):  # a remote layer: time its calls
+            if isinstance(built, _ReportsRequests):  # a remote layer: count and time its calls
+                # The same counts for every attempt: calls of failed attaches stay counted.
+                built.request_counts = self.metrics.remote_counts(config.name, index)
                 built.on_request = self.metrics.observe_remote
             entries.append(LayerEntry(built, layer.read_cache, layer.write_through))
         return await Volume.open(config.name, entries, read_only=config.read_only)

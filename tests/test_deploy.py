@@ -45,7 +45,11 @@ COUNTERS = {
     "tierdisk_remote_requests_total",
     "grpc_server_handled_total",
 }
-GAUGES = {"tierdisk_layer_present_sectors", "tierdisk_volume_sectors"}
+GAUGES = {
+    "tierdisk_layer_present_sectors",
+    "tierdisk_volume_sectors",
+    "tierdisk_volume_ready",  # added to §5's families: 1 serving, 0 waiting for its tier
+}
 HISTOGRAMS = {
     "tierdisk_io_duration_seconds",
     "tierdisk_remote_request_duration_seconds",
@@ -124,7 +128,7 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     cases = re.findall(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*(\[\])?", tests)
     names = alert_names()
     assert {"TierdiskTierDown", "TierdiskRemoteLayerErrors", "TierdiskCacheFillErrors",
-            "TierdiskErrorRateSpike"} <= set(names)  # fmt: skip
+            "TierdiskErrorRateSpike", "TierdiskVolumeNotReady"} <= set(names)  # fmt: skip
     for name in names:
         outcomes = {quiet == "" for alert, quiet in cases if alert == name}
         assert outcomes == {True, False}, f"{name} needs a firing and a quiet case"
@@ -271,6 +275,7 @@ def input_series() -> list[dict[str, str]]:
         vol = target | {"volume": "base"}
         add("up", target, 1, constant=True)
         add("tierdisk_volume_sectors", vol, 131072, constant=True)
+        add("tierdisk_volume_ready", vol, 1, constant=True)
         for op, step in {"read": 60, "write": 10, "flush": 1}.items():
             add("tierdisk_volume_io_requests_total", vol | {"op": op, "code": "OK"}, step)
             add("tierdisk_volume_io_bytes_total", vol | {"op": op}, step * 65536 * (op != "flush"))

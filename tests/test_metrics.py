@@ -18,7 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import running_server, tree_of
+from servers import free_port, ram, remote, running_server, toml_volume, tree_of
+from test_tiers import eventually, server_section
 from tools import require_tool
 
 from tierdisk.service.server import Server
@@ -234,10 +235,9 @@ async def test_inspect_counters_agree_with_metrics(server: Server) -> None:
                 assert counters[key] == value(text, f"tierdisk_{key}_total", **short)
 
 
-async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
+async def promtool_check_metrics(text: str) -> None:
+    """Fail unless ``promtool check metrics`` accepts the scrape ``text``."""
     promtool = require_tool("promtool")
-    await _read_sequence(server.grpc_address)
-    text = await scrape(server.metrics_address)
     proc = await asyncio.create_subprocess_exec(
         promtool,
         "check",
@@ -246,8 +246,113 @@ async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    out, _ = await proc.communicate(text.encode())
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
     assert proc.returncode == 0, out.decode()
+
+
+async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
+    require_tool("promtool")
+    await _read_sequence(server.grpc_address)
+    await promtool_check_metrics(await scrape(server.metrics_address))
+
+
+def created_series(text: str) -> list[str]:
+    """Sample names of a scrape that end in ``_created``: no family here keeps any."""
+    return sorted({name for name, _ in samples(text) if name.endswith("_created")})
+
+
+async def test_no_created_series(server: Server) -> None:
+    await _read_sequence(server.grpc_address)
+    assert created_series(await scrape(server.metrics_address)) == []
+
+
+async def test_a_volume_waiting_for_its_remote_tier_is_visible(tmp_path: Path) -> None:
+    """README: a remote tier down at start leaves its volume attaching in the background,
+    answering UNAVAILABLE. /metrics shows it: ``tierdisk_volume_ready`` 0 (then 1 once the
+    origin is up), its UNAVAILABLE requests under its own name, and the failed attach calls
+    in ``tierdisk_remote_requests_total``, which agrees with the histogram's count."""
+    listen = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+    body = toml_volume("late", ram(), remote(listen, "base", timeout=1))
+    body += toml_volume("local", ram("1MiB"))
+    async with running_server(tmp_path / "cache", body) as cache:
+        address = cache.metrics_address
+
+        async def attach_failed_twice() -> bool:
+            text = await scrape(address)
+            return (
+                samples(text).get(
+                    (
+                        "tierdisk_remote_request_duration_seconds_count",
+                        frozenset({("method", "GetVolume")}),
+                    ),
+                    0.0,
+                )
+                >= 2
+            )
+
+        await eventually("a second failed attach", attach_failed_twice)
+        async with grpc.aio.insecure_channel(cache.grpc_address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Read(pb.ReadRequest(volume="late", sector=0, sector_count=1))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        text = await scrape(address)
+        assert value(text, "tierdisk_volume_ready", volume="late") == 0
+        assert value(text, "tierdisk_volume_ready", volume="local") == 1
+        assert (
+            value(
+                text,
+                "tierdisk_volume_io_requests_total",
+                volume="late",
+                op="read",
+                code="UNAVAILABLE",
+            )
+            == 3
+        )
+        failed = remote_calls(text, "late")
+        assert failed and all(code != "OK" for _, code in failed), failed
+        assert_remote_counts_agree(text)
+        await promtool_check_metrics(text)
+
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body):
+
+            async def ready() -> bool:
+                return value(await scrape(address), "tierdisk_volume_ready", volume="late") == 1
+
+            await eventually("the waiting volume to attach", ready)
+            text = await scrape(address)
+            attached = remote_calls(text, "late")
+            assert attached[("GetVolume", "OK")] == 1
+            for key, calls in failed.items():  # the failed attempts are still counted
+                assert attached[key] >= calls, key
+            assert_remote_counts_agree(text)
+
+
+def remote_calls(text: str, volume: str) -> dict[tuple[str, str], float]:
+    """``tierdisk_remote_requests_total`` of layer 1 of ``volume``: {(method, code): calls}."""
+    out = {}
+    for (name, labels), calls in samples(text).items():
+        tags = dict(labels)
+        if name == "tierdisk_remote_requests_total" and tags["volume"] == volume:
+            assert tags["layer"] == "1"
+            out[tags["method"], tags["code"]] = calls
+    return out
+
+
+def assert_remote_counts_agree(text: str) -> None:
+    """Per method, the counter's calls (all volumes and codes) equal the histogram's count
+    (WatchResize streams are counted, not timed)."""
+    counted: dict[str, float] = {}
+    timed: dict[str, float] = {}
+    for (name, labels), n in samples(text).items():
+        method = dict(labels).get("method", "")
+        if name == "tierdisk_remote_requests_total" and method != "WatchResize":
+            counted[method] = counted.get(method, 0.0) + n
+        elif name == "tierdisk_remote_request_duration_seconds_count":
+            timed[method] = n
+    assert counted == timed
 
 
 async def test_fresh_registry_per_server(tmp_path: Path) -> None:

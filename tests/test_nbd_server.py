@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 from servers import running_server, tree_of
-from test_metrics import samples, scrape, value
+from test_metrics import created_series, promtool_check_metrics, samples, scrape, value
 from tools import require_tool
 
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -80,6 +80,10 @@ async def test_nbd_and_grpc_see_the_same_volume(tmp_path: Path) -> None:
         assert value(text, "tierdisk_volume_io_bytes_total", volume="disk", op="write") >= (
             len(payload) + len(incoming)
         )
+        # The NBD families are the project's own, like every other: no `_created` series.
+        assert value(text, "tierdisk_nbd_request_duration_seconds_count", command="read") >= 1
+        assert created_series(text) == []
+        await promtool_check_metrics(text)
         # The volume's request count covers both front ends: every NBD data command (read
         # and cache are reads, write and write_zeroes writes) plus the one gRPC Write and the
         # one gRPC Read above.

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from servers import metric, ram, running_server, toml_volume
 
 from tierdisk.service.metrics import Metrics
+from tierdisk.service.registry import VolumeRegistry
 from tierdisk.service.rpc_metrics import InstrumentedRegistry
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -54,6 +55,50 @@ async def test_each_call_counted_once_by_code(server: Server) -> None:
     assert sample(server, "grpc_server_handled_total", BLOCK, "Write", **unary, grpc_code="OK") == 1
 
 
+async def test_messages_received_and_sent_per_unary_call(server: Server) -> None:
+    """go-grpc-prometheus: a unary call receives 1 message, and sends 1 when it ends OK."""
+    calls = 5
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        for _ in range(calls):
+            await stub.Read(pb.ReadRequest(volume="disk", sector=0, sector_count=8))
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Write(pb.WriteRequest(volume="nope", sector=0, data=bytes(512)))
+    unary = {"grpc_type": "unary"}
+    assert sample(server, "grpc_server_msg_received_total", BLOCK, "Read", **unary) == calls
+    assert sample(server, "grpc_server_msg_sent_total", BLOCK, "Read", **unary) == calls
+    assert sample(server, "grpc_server_msg_received_total", BLOCK, "Write", **unary) == 2
+    assert sample(server, "grpc_server_msg_sent_total", BLOCK, "Write", **unary) == 0
+
+
+async def test_messages_of_a_server_stream(server: Server) -> None:
+    """WatchResize: 1 request received, one message sent per event (current size + 2)."""
+    stream_labels = {"grpc_type": "server_stream"}
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        watch = stub.WatchResize(pb.WatchResizeRequest(volume="disk"))
+
+        async def event() -> int:
+            message = await watch.read()
+            assert isinstance(message, pb.ResizeEvent)
+            return message.sector_count
+
+        sizes = [await event()]
+        for count in (4096, 8192):
+            await stub.Resize(pb.ResizeRequest(volume="disk", sector_count=count))
+            sizes.append(await event())
+        assert sizes == [2048, 4096, 8192]
+        assert (
+            sample(server, "grpc_server_msg_sent_total", BLOCK, "WatchResize", **stream_labels) == 3
+        )
+        watch.cancel()
+    assert sample(server, "grpc_server_started_total", BLOCK, "WatchResize", **stream_labels) == 1
+    assert (
+        sample(server, "grpc_server_msg_received_total", BLOCK, "WatchResize", **stream_labels) == 1
+    )
+
+
 async def test_health_and_reflection_are_counted_too(server: Server) -> None:
     async with grpc.aio.insecure_channel(server.grpc_address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -65,11 +110,13 @@ async def test_health_and_reflection_are_counted_too(server: Server) -> None:
         watch.cancel()
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = reflect.ServerReflectionInfo()
-        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-        listed = await call.read()
+        for _ in range(2):  # a bidi stream: each request message and each reply counted
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            listed = await call.read()
+            names = {s.name for s in listed.list_services_response.service}
+            assert BLOCK in names
         await call.done_writing()
-        names = {s.name for s in listed.list_services_response.service}
-        assert BLOCK in names
+        assert await call.code() == grpc.StatusCode.OK
     assert (
         sample(
             server, "grpc_server_handled_total", HEALTH, "Check", grpc_type="unary", grpc_code="OK"
@@ -82,6 +129,15 @@ async def test_health_and_reflection_are_counted_too(server: Server) -> None:
     assert (
         sample(server, "grpc_server_msg_sent_total", HEALTH, "Watch", grpc_type="server_stream")
         >= 1
+    )
+    bidi = {"grpc_type": "bidi_stream"}
+    reflection = "grpc.reflection.v1alpha.ServerReflection"
+    info = "ServerReflectionInfo"
+    assert sample(server, "grpc_server_started_total", reflection, info, **bidi) == 1
+    assert sample(server, "grpc_server_msg_received_total", reflection, info, **bidi) == 2
+    assert sample(server, "grpc_server_msg_sent_total", reflection, info, **bidi) == 2
+    assert (
+        sample(server, "grpc_server_handled_total", reflection, info, **bidi, grpc_code="OK") == 1
     )
 
 
@@ -100,7 +156,7 @@ async def test_an_unknown_method_is_unimplemented_and_not_counted(server: Server
 
 async def test_handlers_registered_only_as_generic_are_counted() -> None:
     """A service that registers a generic handler alone (no registered methods)."""
-    metrics = Metrics(lambda: [])
+    metrics = Metrics(VolumeRegistry([]))
     server = grpc.aio.server()
 
     async def say(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -108,10 +164,23 @@ async def test_handlers_registered_only_as_generic_are_counted() -> None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
         return request[::-1]
 
+    async def count(requests: object, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        """A client stream read with context.read() (not by iterating the requests)."""
+        n = 0
+        message: object = await context.read()
+        while message is not grpc.aio.EOF:
+            n += 1
+            message = await context.read()
+        return str(n).encode()
+
     InstrumentedRegistry(server, metrics).add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+                "test.Echo",
+                {
+                    "Say": grpc.unary_unary_rpc_method_handler(say),
+                    "Count": grpc.stream_unary_rpc_method_handler(count),
+                },
             ),
         )
     )
@@ -126,6 +195,10 @@ async def test_handlers_registered_only_as_generic_are_counted() -> None:
             assert await call(b"xy") == b"yx"
             with pytest.raises(grpc.aio.AioRpcError):
                 await call(b"no")
+            counting: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+                "/test.Echo/Count"
+            )
+            assert await counting(iter([b"a", b"b", b"c"])) == b"3"
     finally:
         await server.stop(0)
     registry = metrics.registry
@@ -140,3 +213,9 @@ async def test_handlers_registered_only_as_generic_are_counted() -> None:
         )
         == 1
     )
+    assert registry.get_sample_value("grpc_server_msg_received_total", labels) == 3
+    assert registry.get_sample_value("grpc_server_msg_sent_total", labels) == 2  # the OK ones
+    client = {"grpc_type": "client_stream", "grpc_service": "test.Echo", "grpc_method": "Count"}
+    assert registry.get_sample_value("grpc_server_started_total", client) == 1
+    assert registry.get_sample_value("grpc_server_msg_received_total", client) == 3
+    assert registry.get_sample_value("grpc_server_msg_sent_total", client) == 1

@@ -77,8 +77,10 @@ once, from the reply into the caller's buffer. Failures of the client library ma
 service's domain errors in one table, :data:`ERROR_MAP`, with the target in the message.
 
 :attr:`RemoteLayer.request_counts` counts calls to the remote by (RPC, status code) and is
-exported as ``tierdisk_remote_requests_total``; the server sets :attr:`RemoteLayer.on_request`
-to time them into ``tierdisk_remote_request_duration_seconds``.
+exported as ``tierdisk_remote_requests_total``; the server replaces it, before attach, with
+the counts it keeps for the volume's layer, so the calls of failed attach attempts stay
+counted, and sets :attr:`RemoteLayer.on_request` to time them into
+``tierdisk_remote_request_duration_seconds``.
 """
 
 from __future__ import annotations
@@ -300,7 +302,8 @@ class RemoteLayer(Layer):
         self._watch_log = RateLimitedLog(log)
         self._call_log = RateLimitedLog(log)  # failed calls: can repeat on every request
         self.request_counts: dict[tuple[str, str], int] = {}
-        """Calls made to the remote, by (RPC name, status code name)."""
+        """Calls made to the remote, by (RPC name, status code name); only ever added to (the
+        server may set it to a dict shared by every attach attempt of the volume)."""
         self.on_request: Callable[[str, str, float], None] | None = None
         """Called with (RPC name, status code name, seconds) after every call (set by the
         server to :meth:`Metrics.observe_remote`); WatchResize streams are counted only."""
