@@ -1,9 +1,9 @@
 """The NBD export: every volume of the registry as a fixed-newstyle NBD export.
 
 Export name = volume name; the empty name selects the first volume. This module binds the
-listening socket (exclusively), keeps the sessions, the counters (:class:`NbdStats`, plain
-numbers the metrics module exports) and, per volume, the range lock that makes the
-read-modify-write of misaligned requests safe against concurrent writes.
+listening socket (exclusively), keeps the sessions and the counters (:class:`NbdStats`, plain
+numbers the metrics module exports). A misaligned write's read-modify-write is the engine's
+(:meth:`Volume.write_at`), atomic against every writer of the volume.
 
 The parts: :mod:`.nbd_protocol` (wire format), :mod:`.nbd_handshake` (option haggling),
 :mod:`.nbd_session` (one connection: parser, dispatch, replies), :mod:`.nbd_commands` (what
@@ -16,17 +16,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .nbd_commands import RangeLock
 from .nbd_session import NbdSession
 from .netaddr import SocketFile, bound_address, listen_socket
 from .registry import VolumeRegistry
-from .volume import Volume
 
 __all__ = ["NbdServer", "NbdStats", "RequestHook", "start_nbd_server"]
 
@@ -89,7 +86,6 @@ class NbdServer:
         self.stats = stats
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
-        self._locks: weakref.WeakKeyDictionary[Volume, RangeLock] = weakref.WeakKeyDictionary()
         self._zeros = bytes(1 << 20)
         self._socket_file: SocketFile | None = None
         self._closing = False
@@ -98,13 +94,6 @@ class NbdServer:
     def closing(self) -> bool:
         """True once :meth:`close` has begun."""
         return self._closing
-
-    def range_lock(self, volume: Volume) -> RangeLock:
-        """The range lock shared by every session of ``volume``."""
-        lock = self._locks.get(volume)
-        if lock is None:
-            lock = self._locks[volume] = RangeLock()
-        return lock
 
     def zeros(self, nbytes: int) -> memoryview:
         """``nbytes`` zeros: a view of one shared read-only buffer."""

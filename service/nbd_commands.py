@@ -4,8 +4,10 @@ BLOCK_STATUS do to the engine, and the reply bytes READ and BLOCK_STATUS send ba
 Alignment: the minimum block size is the sector size. When the client agreed to the block
 sizes (``NBD_OPT_GO`` with ``NBD_INFO_BLOCK_SIZE``) a misaligned request is refused with
 ``EINVAL``; otherwise misaligned reads read the covering sectors and slice, misaligned writes
-read-modify-write the covering sectors under an exclusive hold of the volume's range lock,
-and trims shrink to the whole sectors inside the range.
+(and the misaligned edges of ``WRITE_ZEROES``) go to :meth:`Volume.write_at`, which
+read-modify-writes the covering sectors under an exclusive hold of the volume's sector lock
+(every writer of the volume, gRPC included, honours it), and trims shrink to the whole
+sectors inside the range.
 
 Unmap semantics follow the volume (DESIGN §3): ``WRITE_ZEROES`` unmaps when the volume's
 unmapped sectors read as zeros and the client allows a hole, otherwise it writes zeros;
@@ -14,7 +16,6 @@ unmapped sectors read as zeros and the client allows a hole, otherwise it writes
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,11 @@ from .volume import Volume
 
 __all__ = [
     "Export",
-    "RangeLock",
     "Refuse",
     "block_status",
     "cache",
     "read",
+    "reply_bytes",
     "trim",
     "write",
     "write_zeroes",
@@ -53,75 +54,6 @@ class Refuse(Exception):
         self.code = code
 
 
-class RangeLock:
-    """Shared / exclusive holds on sector ranges of one volume.
-
-    Every NBD write, trim and zeroing holds its sectors *shared* (they may overlap each
-    other freely, as the engine keeps sectors whole); a read-modify-write holds its covering
-    sectors *exclusive*, so no write lands between its read and its write. A waiting
-    exclusive hold blocks new overlapping shared holds, so it is not starved. Without an
-    exclusive hold held or waiting, taking a shared hold is a dict insert.
-    """
-
-    def __init__(self) -> None:
-        self._shared: dict[int, tuple[int, int]] = {}
-        self._exclusive: dict[int, tuple[int, int]] = {}
-        self._pending: dict[int, tuple[int, int]] = {}
-        self._next = 0
-        self._changed: asyncio.Future[None] | None = None
-
-    @staticmethod
-    def _overlaps(start: int, end: int, held: dict[int, tuple[int, int]]) -> bool:
-        return any(a < end and start < b for a, b in held.values())
-
-    async def _wait(self) -> None:
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._changed)
-
-    def _token(self) -> int:
-        self._next += 1
-        return self._next
-
-    async def acquire_shared(self, start: int, end: int) -> int:
-        """Hold ``[start, end)`` shared; returns the token for :meth:`release`."""
-        if self._exclusive or self._pending:
-            while self._overlaps(start, end, self._exclusive) or self._overlaps(
-                start, end, self._pending
-            ):
-                await self._wait()
-        token = self._token()
-        self._shared[token] = (start, end)
-        return token
-
-    async def acquire_exclusive(self, start: int, end: int) -> int:
-        """Hold ``[start, end)`` exclusive; returns the token for :meth:`release`."""
-        token = self._token()
-        self._pending[token] = (start, end)
-        try:
-            while self._overlaps(start, end, self._shared) or self._overlaps(
-                start, end, self._exclusive
-            ):
-                await self._wait()
-        finally:
-            del self._pending[token]
-        self._exclusive[token] = (start, end)
-        return token
-
-    def release(self, token: int) -> None:
-        """Drop a hold; wakes waiters."""
-        if self._shared.pop(token, None) is None:
-            self._exclusive.pop(token, None)
-        changed, self._changed = self._changed, None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
-
-    @property
-    def held(self) -> int:
-        """Number of holds (shared and exclusive) now held."""
-        return len(self._shared) + len(self._exclusive)
-
-
 @dataclass
 class Export:
     """The volume a session serves and what was negotiated for it."""
@@ -135,9 +67,20 @@ class Export:
     strict: bool  # the client agreed to the block sizes: misaligned requests are refused
     contexts: list[str]  # selected metadata contexts, in reply order
     has_read_cache: bool
-    lock: RangeLock  # shared by every session of the volume
     max_io: int  # largest read or write payload
     zeros: Callable[[int], memoryview]  # that many zeros (a view of a shared buffer)
+
+
+def reply_bytes(export: Export, cmd: int, length: int) -> int:
+    """The most reply payload bytes a request can make the server hold: the data of a READ
+    (0 for one over ``max_io``, refused), the extents of a BLOCK_STATUS (8 bytes per sector,
+    at most ``_MAX_EXTENTS`` per selected context), 0 for the others."""
+    if cmd == P.CMD_READ:
+        return length if length <= export.max_io else 0
+    if cmd == P.CMD_BLOCK_STATUS:
+        sectors = -(-length // export.sector_size)
+        return 8 * min(sectors, _MAX_EXTENTS) * len(export.contexts)
+    return 0
 
 
 def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
@@ -215,45 +158,22 @@ async def _store(volume: Volume, sector: int, data: Any, fua: bool) -> None:
         await volume.flush()  # FUA must be durable before the reply
 
 
+async def _store_at(volume: Volume, offset: int, data: Any, fua: bool) -> None:
+    """A write at a misaligned byte offset: the engine's atomic read-modify-write."""
+    await volume.write_at(offset, data, fua=fua)
+    if fua and not volume.fua_respected:
+        await volume.flush()
+
+
 async def write(export: Export, flags: int, offset: int, data: Any) -> None:
     """Write ``data`` (bytes or bytearray) at ``offset``."""
     _check_writable(export)
-    length = len(data)
-    misaligned = _check(export, offset, length, P.ENOSPC)
+    misaligned = _check(export, offset, len(data), P.ENOSPC)
     fua = bool(flags & P.CMD_FLAG_FUA)
     if misaligned:
-        await _read_modify_write(export, offset, memoryview(data), fua)
-        return
-    ss = export.sector_size
-    first = offset // ss
-    token = await export.lock.acquire_shared(first, first + length // ss)
-    try:
-        await _store(export.volume, first, data, fua)
-    finally:
-        export.lock.release(token)
-
-
-async def _read_modify_write(export: Export, offset: int, data: memoryview, fua: bool) -> None:
-    """Write ``data`` at a misaligned ``offset``: read the partial edge sectors, splice, and
-    write the covering sectors, all under an exclusive hold of them."""
-    ss = export.sector_size
-    volume = export.volume
-    end = offset + len(data)
-    first = offset // ss
-    last = -(-end // ss)
-    head = offset - first * ss
-    token = await export.lock.acquire_exclusive(first, last)
-    try:
-        buf = bytearray((last - first) * ss)
-        view = memoryview(buf)
-        if head:
-            await volume.read_into(view[:ss], first)
-        if end % ss and (last - 1 > first or not head):
-            await volume.read_into(view[-ss:], last - 1)
-        view[head : head + len(data)] = data
-        await _store(volume, first, view, fua)
-    finally:
-        export.lock.release(token)
+        await _store_at(export.volume, offset, data, fua)
+    else:
+        await _store(export.volume, offset // export.sector_size, data, fua)
 
 
 async def trim(export: Export, flags: int, offset: int, length: int) -> None:
@@ -265,11 +185,7 @@ async def trim(export: Export, flags: int, offset: int, length: int) -> None:
     last = (offset + length) // ss
     volume = export.volume
     if first < last:
-        token = await export.lock.acquire_shared(first, last)
-        try:
-            await volume.unmap(first, last - first)
-        finally:
-            export.lock.release(token)
+        await volume.unmap(first, last - first)
     if flags & P.CMD_FLAG_FUA:
         await volume.flush()
 
@@ -293,27 +209,21 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
     if misaligned:
         head_end = min(end, first * ss)
         if offset < head_end:
-            zeros = export.zeros(head_end - offset)
-            await _read_modify_write(export, offset, zeros, fua)
+            await _store_at(volume, offset, export.zeros(head_end - offset), fua)
         if end % ss and last * ss >= head_end:
-            zeros = export.zeros(end - last * ss)
-            await _read_modify_write(export, last * ss, zeros, fua)
+            await _store_at(volume, last * ss, export.zeros(end - last * ss), fua)
     if first >= last:
         return
-    token = await export.lock.acquire_shared(first, last)
-    try:
-        if unmap:
-            await volume.unmap(first, last - first)
-            if fua:
-                await volume.flush()
-            return
-        step = max(1, min(export.max_io, _ZERO_CHUNK) // ss)
-        zeros = export.zeros(step * ss)
-        for sector in range(first, last, step):
-            n = min(step, last - sector)
-            await _store(volume, sector, zeros[: n * ss], fua)
-    finally:
-        export.lock.release(token)
+    if unmap:
+        await volume.unmap(first, last - first)
+        if fua:
+            await volume.flush()
+        return
+    step = max(1, min(export.max_io, _ZERO_CHUNK) // ss)
+    zeros = export.zeros(step * ss)
+    for sector in range(first, last, step):
+        n = min(step, last - sector)
+        await _store(volume, sector, zeros[: n * ss], fua)
 
 
 async def cache(export: Export, offset: int, length: int) -> None:

@@ -3,9 +3,11 @@
 Answers ``NBD_OPT_GO`` / ``NBD_OPT_INFO`` (with ``NBD_INFO_BLOCK_SIZE``: minimum = the sector
 size, preferred = 4 KiB or the physical sector size, maximum = ``max_io``), ``NBD_OPT_LIST``,
 ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_ABORT``, ``NBD_OPT_STRUCTURED_REPLY`` and the two
-meta-context options (``base:allocation``, ``qemu:allocation-depth``). Every other option is
-answered ``NBD_REP_ERR_UNSUP`` and haggling goes on. Export name = volume name; the empty
-name selects the first volume.
+meta-context options (``base:allocation``, ``qemu:allocation-depth``; both refused with
+``NBD_REP_ERR_INVALID`` before structured replies were negotiated). Every other option is
+answered ``NBD_REP_ERR_UNSUP`` and haggling goes on. Once the server is shutting down, the
+next option (but ``NBD_OPT_ABORT``) is answered ``NBD_REP_ERR_SHUTDOWN`` and the connection
+closes. Export name = volume name; the empty name selects the first volume.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class _Negotiation:
             data = await self._recv(length) if length else b""
             if self._server.closing and option != P.OPT_ABORT:
                 self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
-                continue
+                raise Hangup("the server is shutting down")
             export = self._option(option, data)
             if export is not None:
                 return export
@@ -150,9 +152,9 @@ class _Negotiation:
         setting = option == P.OPT_SET_META_CONTEXT
         if setting:
             self._meta_export, self._meta_contexts = None, []  # replaced even on failure
-            if not self._structured:
-                self._error(option, P.REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
-                return
+        if not self._structured:  # the spec: MUST NOT be requested before (LIST and SET)
+            self._error(option, P.REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+            return
         try:
             request = P.parse_meta_context_request(data)
         except P.BadOption as exc:
@@ -208,7 +210,6 @@ class _Negotiation:
             strict=strict and ss <= 1 << 16,
             contexts=list(self._meta_contexts) if self._meta_export == name else [],
             has_read_cache=any(e.read_cache for e in volume.entries),
-            lock=self._server.range_lock(volume),
             max_io=self._block_sizes(volume)[2],
             zeros=self._server.zeros,
         )

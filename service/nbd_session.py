@@ -5,8 +5,21 @@ out of one receive buffer (no read call per request), a large write payload is r
 straight into one ``bytearray`` of its size, and every request runs as its own task, so
 requests are served concurrently and replied out of order. A reply is written whole in one
 synchronous step (``transport.writelines([header, data])``, no concatenation), which is the
-write lock: replies never interleave. When the transport's buffer is full, replies wait for
-it to drain; when too many requests are in flight, reading pauses.
+write lock: replies never interleave. When the transport's buffer is over its high-water
+mark, replies wait for it to drain (one reply at most goes over it). Reading pauses while
+too many requests, or too many payload bytes, are in flight: the bytes count write payloads
+received and the largest reply each started request can make the server hold (a read's
+data, a block status's extents; :func:`.nbd_commands.reply_bytes`), from the request's start
+until its reply is handed to the transport. So a client that pipelines reads and does not
+read the replies pins at most about ``_MAX_INFLIGHT_BYTES`` plus ``_WRITE_HIGH`` plus one
+reply of the server's memory, whatever ``max_io`` is.
+
+At the client's EOF (half-close), the complete requests already received are still served
+(within the same limits), then the connection closes; this holds from the very first
+request, also when it arrived together with the handshake. A session is counted in
+:class:`~.nbd.NbdStats` (``sessions_active``, ``volume_sessions``) from its transmission
+phase to the connection's end, and only if the connection still stands when that phase
+begins.
 
 The handshake (:mod:`.nbd_handshake`) runs first, as a task reading from the same buffer;
 the commands themselves are in :mod:`.nbd_commands`.
@@ -34,10 +47,12 @@ log = logging.getLogger("tierdisk.service.nbd")
 _RECV_BUFFER = 256 * 1024
 _BIG_PAYLOAD = 64 * 1024  # write payloads this large are received in place
 _MAX_INFLIGHT = 256  # requests in flight per session before reading pauses
-_MAX_INFLIGHT_BYTES = 64 << 20  # write payload bytes in flight before reading pauses
+_MAX_INFLIGHT_BYTES = 64 << 20  # payload bytes in flight (see above) before reading pauses
 _WRITE_HIGH = 8 << 20  # transport write buffer limits
 _WRITE_LOW = 2 << 20
 _HANDSHAKE_TIMEOUT = 60.0  # seconds a client has to reach the transmission phase
+_SHUTDOWN_HANDSHAKE_WAIT = 1.0  # seconds a client in option haggling gets at shutdown to send
+# an option (answered NBD_REP_ERR_SHUTDOWN) before the connection is closed
 
 _TO_BUF, _TO_PAYLOAD, _TO_SKIP = 0, 1, 2
 _WRITING = (P.CMD_WRITE, P.CMD_WRITE_ZEROES)
@@ -72,13 +87,14 @@ class NbdSession(asyncio.BufferedProtocol):
         # transmission
         self._export: C.Export | None = None
         self._max_io = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # requests in flight: their cost
         self._inflight_bytes = 0
         self._reading_paused = False
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._eof = False
-        self._closing = False  # no more requests are taken (DISC, EOF, shutdown)
+        self._eof = False  # the client half-closed: serve what was received, then close
+        self._closing = False  # no more requests are taken (DISC, shutdown, lost, bad magic)
+        self._counted = False  # the session is counted in sessions_active
         self._lost: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio protocol -----------------------------------------------------------------
@@ -101,7 +117,8 @@ class NbdSession(asyncio.BufferedProtocol):
         _wake(self._waiter)
         _wake(self._drained)
         export = self._export
-        if export is not None:
+        if export is not None and self._counted:
+            self._counted = False
             self._stats.sessions_active -= 1
             self._stats.volume_sessions[export.name] -= 1
             log.debug("NBD session %s on %r ended", self._peer, export.name)
@@ -111,12 +128,15 @@ class NbdSession(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         _wake(self._waiter)
-        if self._export is not None and not self._closing:
-            self._parse(force=True)  # complete requests already received are still served
-        self._closing = True
-        if self._export is None or not self._tasks:
+        if self._export is None:
+            # Still in the handshake: it fails on the missing bytes (and closes), or it ends
+            # with an export and _begin serves the requests that came with it.
+            handshake = self._handshake_task
+            return True if handshake is not None and not handshake.done() else None
+        self._parse()  # complete requests already received are still served
+        if not self._tasks:
             return None  # the transport closes
-        return True  # keep the write side open until the requests in flight replied
+        return True  # keep the write side open; _task_done serves the rest, then closes
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -150,7 +170,7 @@ class NbdSession(asyncio.BufferedProtocol):
             if self._filled == len(payload):
                 flags, handle, offset, length = self._pending
                 self._payload = self._payload_view = None
-                self._dispatch(flags, P.CMD_WRITE, handle, offset, length, payload)
+                self._dispatch(flags, P.CMD_WRITE, handle, offset, length, payload, length)
                 self._parse()
         elif target == _TO_SKIP:
             self._skip -= nbytes
@@ -224,9 +244,15 @@ class NbdSession(asyncio.BufferedProtocol):
         self._begin(export)
 
     def _begin(self, export: C.Export) -> None:
-        """Enter the transmission phase."""
+        """Enter the transmission phase (unless the connection was lost meanwhile: a
+        session that never began is not counted)."""
+        transport = self._transport
+        if self._lost.done() or transport is None or transport.is_closing():
+            log.debug("NBD %s: gone before the transmission phase", self._peer)
+            return
         self._export = export
         self._max_io = export.max_io
+        self._counted = True
         self._stats.sessions_total += 1
         self._stats.sessions_active += 1
         self._stats.volume_sessions[export.name] += 1
@@ -243,17 +269,19 @@ class NbdSession(asyncio.BufferedProtocol):
             self._view = memoryview(self._buf)
             self._start = self._end = 0
         self._parse()
+        if self._eof and not self._tasks:
+            transport.close()  # half-closed with no complete request
 
     # -- transmission: parsing and dispatch -----------------------------------------------
 
-    def _parse(self, force: bool = False) -> None:
-        """Start the complete requests in the receive buffer (until too many are in flight,
-        unless ``force``)."""
+    def _parse(self) -> None:
+        """Start the complete requests in the receive buffer, until too many requests or
+        bytes are in flight (then reading pauses)."""
         buf = self._buf
+        export = self._export
+        assert export is not None
         while not self._closing and self._payload is None and not self._skip:
-            if not force and (
-                len(self._tasks) >= _MAX_INFLIGHT or self._inflight_bytes >= _MAX_INFLIGHT_BYTES
-            ):
+            if len(self._tasks) >= _MAX_INFLIGHT or self._inflight_bytes >= _MAX_INFLIGHT_BYTES:
                 self._pause_reading()
                 break
             start = self._start
@@ -272,9 +300,9 @@ class NbdSession(asyncio.BufferedProtocol):
                 if cmd == P.CMD_DISC:
                     self._disconnect()
                     break
-                self._dispatch(
-                    flags, cmd, handle, offset, length, b"" if cmd == P.CMD_WRITE else None
-                )
+                empty = b"" if cmd == P.CMD_WRITE else None
+                cost = C.reply_bytes(export, cmd, length)
+                self._dispatch(flags, cmd, handle, offset, length, empty, cost)
                 continue
             if length > self._max_io:  # refused; its payload is read and dropped
                 take = min(length, self._end - body)
@@ -287,7 +315,8 @@ class NbdSession(asyncio.BufferedProtocol):
             end = body + length
             if end <= self._end:
                 self._start = end
-                self._dispatch(flags, cmd, handle, offset, length, bytes(self._view[body:end]))
+                data = bytes(self._view[body:end])
+                self._dispatch(flags, cmd, handle, offset, length, data, length)
                 continue
             if length >= _BIG_PAYLOAD:  # receive the rest straight into the payload
                 payload = bytearray(length)
@@ -305,29 +334,39 @@ class NbdSession(asyncio.BufferedProtocol):
             self._start = self._end = 0
 
     def _pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None:
+        if not self._reading_paused and not self._eof and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
 
     def _refuse_oversized(self) -> None:
         flags, handle, offset, length = self._pending
-        self._dispatch(flags, P.CMD_WRITE, handle, offset, length, None)
+        self._dispatch(flags, P.CMD_WRITE, handle, offset, length, None, 0)
 
     def _dispatch(
-        self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: Any
+        self,
+        flags: int,
+        cmd: int,
+        handle: int,
+        offset: int,
+        length: int,
+        payload: Any,
+        cost: int,
     ) -> None:
-        if payload is not None:
-            self._inflight_bytes += len(payload)
+        """Start a request as a task; ``cost`` bytes count as in flight until the task ends
+        (its reply handed to the transport)."""
+        self._inflight_bytes += cost
         task = self._loop.create_task(self._serve(flags, cmd, handle, offset, length, payload))
-        self._tasks.add(task)
+        self._tasks[task] = cost
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._inflight_bytes -= self._tasks.pop(task, 0)
         transport = self._transport
         if transport is None:
             return
-        if self._closing:
+        if self._closing or self._eof:
+            if not self._closing:
+                self._parse()  # requests received before the EOF, as the limits allow
             if not self._tasks:
                 transport.close()
         elif (
@@ -348,15 +387,23 @@ class NbdSession(asyncio.BufferedProtocol):
 
     async def shutdown(self, grace: float) -> None:
         """Server shutdown: take no more requests, let those in flight finish (for up to
-        ``grace`` seconds), close."""
+        ``grace`` seconds), close.
+
+        A client still in option haggling gets up to ``_SHUTDOWN_HANDSHAKE_WAIT`` seconds:
+        an option it sends then is answered ``NBD_REP_ERR_SHUTDOWN`` (the negotiation sees
+        the server closing) and the connection ends.
+        """
+        handshake = self._handshake_task
+        if handshake is not None and not handshake.done():
+            await asyncio.wait({handshake}, timeout=min(grace, _SHUTDOWN_HANDSHAKE_WAIT))
+            if not handshake.done():
+                handshake.cancel()
         self._closing = True
-        if self._handshake_task is not None and not self._handshake_task.done():
-            self._handshake_task.cancel()
         transport = self._transport
         if transport is None:
             return
         self._pause_reading()
-        if self._export is not None:
+        if self._export is not None and not self._lost.done():
             self._refuse_unstarted(P.ESHUTDOWN, "the server is shutting down")
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=grace)
@@ -405,6 +452,7 @@ class NbdSession(asyncio.BufferedProtocol):
     async def _serve(
         self, flags: int, cmd: int, handle: int, offset: int, length: int, payload: Any
     ) -> None:
+        """Run one request and hand its reply to the transport."""
         export = self._export
         assert export is not None
         started = time.perf_counter()
@@ -444,9 +492,6 @@ class NbdSession(asyncio.BufferedProtocol):
         except Exception as exc:
             log.exception("NBD %s: %s failed", self._peer, P.CMD_NAMES.get(cmd, cmd))
             code, message = P.EIO, f"internal error: {exc}"
-        finally:
-            if payload is not None:
-                self._inflight_bytes -= len(payload)
         if code:
             if export.structured:
                 reply = [P.chunk_error(handle, code, message)]

@@ -18,7 +18,10 @@ layer's overlap; writes through a smaller lower layer are clipped to it.
 Races: a fill never overwrites (a write that landed meanwhile wins); a read whose volume
 changed size while it ran skips its fills (its lower data may lie past a lowered overlap);
 every size change of the top reaches the overlaps synchronously (a resize listener), so a
-shrink undone before any task runs still hides the lower layers' tails.
+shrink undone before any task runs still hides the lower layers' tails. A write at a
+misaligned byte offset (:meth:`Volume.write_at`, the NBD export's read-modify-write) holds
+its covering sectors exclusive in the volume's :class:`SectorLock`, which every write and
+unmap honours, so no acknowledged write or unmap of those sectors is undone by it.
 
 No gRPC here: errors are :mod:`tierdisk.service.errors` exceptions.
 """
@@ -46,7 +49,7 @@ from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 
-__all__ = ["MAX_BYTES", "AllocationRun", "LayerEntry", "LayerStats", "Volume"]
+__all__ = ["MAX_BYTES", "AllocationRun", "LayerEntry", "LayerStats", "SectorLock", "Volume"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,103 @@ class LayerEntry:
     write_through: bool = False
     stats: LayerStats = field(default_factory=LayerStats)
     fill_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
+
+
+class SectorLock:
+    """Shared and exclusive holds on sector ranges of one volume.
+
+    Every write and unmap of the volume holds its sectors *shared* while it runs (shared
+    holds overlap freely: the layers keep sectors whole). A read-modify-write
+    (:meth:`Volume.write_at`) holds its covering sectors *exclusive* from its read to the end
+    of its write, so every write or unmap of those sectors lands wholly before its read or
+    wholly after its write. A waiting exclusive hold blocks new overlapping shared holds, so
+    it is not starved.
+
+    Cost: while no exclusive hold is held or waiting (the usual case) a shared hold is not
+    registered, only counted (one integer increment, and a decrement at release). An
+    exclusive hold waits for every such counted hold to end (they all began before it, so
+    they are few and finish), and while it waits or is held, new shared holds are
+    registered by range and wait only if they overlap it.
+    """
+
+    def __init__(self) -> None:
+        self._counted = 0  # shared holds taken while no exclusive one was held or waiting
+        self._shared: dict[int, Run] = {}  # registered shared holds, by token
+        self._exclusive: dict[int, Run] = {}
+        self._pending: dict[int, Run] = {}  # exclusive holds waiting
+        self._next = 0
+        self._changed: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _overlaps(start: int, end: int, held: dict[int, Run]) -> bool:
+        return any(a < end and start < b for a, b in held.values())
+
+    def try_shared(self, start: int, end: int) -> int | None:
+        """Hold sectors ``[start, end)`` shared if that needs no wait: the token for
+        :meth:`release` (0 for a counted hold), or None when an exclusive hold held or
+        waiting overlaps the range."""
+        if not self._exclusive and not self._pending:
+            self._counted += 1
+            return 0
+        if self._overlaps(start, end, self._exclusive) or self._overlaps(start, end, self._pending):
+            return None
+        self._next += 1
+        self._shared[self._next] = (start, end)
+        return self._next
+
+    async def acquire_shared(self, start: int, end: int) -> int:
+        """Hold sectors ``[start, end)`` shared; returns the token for :meth:`release`."""
+        while True:
+            token = self.try_shared(start, end)
+            if token is not None:
+                return token
+            await self._wait()
+
+    async def acquire_exclusive(self, start: int, end: int) -> int:
+        """Hold sectors ``[start, end)`` exclusive; returns the token for :meth:`release`."""
+        self._next += 1
+        token = self._next
+        self._pending[token] = (start, end)
+        try:
+            while (
+                self._counted
+                or self._overlaps(start, end, self._shared)
+                or self._overlaps(start, end, self._exclusive)
+            ):
+                await self._wait()
+        except BaseException:
+            del self._pending[token]
+            self._notify()  # shared holds it blocked may go on
+            raise
+        del self._pending[token]
+        self._exclusive[token] = (start, end)
+        return token
+
+    def release(self, token: int) -> None:
+        """Drop a hold; wakes the holds waiting."""
+        if token == 0:
+            self._counted -= 1
+            if self._counted:
+                return
+        elif self._shared.pop(token, None) is None:
+            self._exclusive.pop(token, None)
+        if self._changed is not None:
+            self._notify()
+
+    @property
+    def held(self) -> int:
+        """Number of holds (shared and exclusive) now held."""
+        return self._counted + len(self._shared) + len(self._exclusive)
+
+    async def _wait(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._changed)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
 
 
 class Volume:
@@ -123,6 +223,9 @@ class Volume:
         self._size_history: deque[tuple[int, int]] = deque(maxlen=_SIZE_HISTORY)
         self._size_changed = asyncio.Event()
         self._follow_task: asyncio.Task[None] | None = None
+        self.sector_lock = SectorLock()
+        """Held shared by every write and unmap, exclusive by :meth:`write_at`'s
+        read-modify-write."""
 
     # -- construction -------------------------------------------------------------------
 
@@ -345,6 +448,8 @@ class Volume:
         """Write whole sectors at ``sector`` to the write path, top-down.
 
         ``no_overwrite`` writes only sectors the volume does not hold yet (no layer present).
+        Holds its sectors shared in :attr:`sector_lock` while it runs: it waits only while a
+        read-modify-write (:meth:`write_at`) of an overlapping range is held or waiting.
         """
         self._check_writable("write")
         view = memoryview(data).cast("B")
@@ -352,17 +457,78 @@ class Volume:
         self._check_range(sector, count)
         if count == 0:
             return
-        if no_overwrite:
-            await self._write_holes(view, sector, fua)
-            return
         end = sector + count
+        lock = self.sector_lock
+        token = lock.try_shared(sector, end)
+        if token is None:
+            token = await lock.acquire_shared(sector, end)
+        try:
+            if no_overwrite:
+                await self._write_holes(view, sector, fua)
+                return
+            ss = self.sector_size
+            for index in range(self._write_path):  # as _write_sectors (one await less)
+                limit = self._limit(index, end)
+                if limit <= sector:
+                    break
+                part = view if limit == end else view[: (limit - sector) * ss]
+                await self._layers[index].write(part, sector, fua)
+        finally:
+            lock.release(token)
+
+    async def _write_sectors(self, view: memoryview, sector: int, fua: bool) -> None:
+        """Write whole sectors down the write path (the caller holds them in the lock; the
+        loop of :meth:`write`)."""
         ss = self.sector_size
+        end = sector + len(view) // ss
         for index in range(self._write_path):
             limit = self._limit(index, end)
             if limit <= sector:
                 break
             part = view if limit == end else view[: (limit - sector) * ss]
             await self._layers[index].write(part, sector, fua)
+
+    async def write_at(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        """Write ``data`` at byte ``offset``, which need not be sector-aligned.
+
+        Whole sectors are written as :meth:`write` does. When the range starts or ends
+        inside a sector, the covering sectors are read, patched and written back as one
+        write, holding them exclusive in :attr:`sector_lock` from the read to the end of
+        the write: a concurrent write or unmap of those sectors (from any front end) lands
+        wholly before the read or wholly after the write, so the bytes outside
+        ``[offset, offset + len(data))`` keep the newest acknowledged value.
+        """
+        self._check_writable("write")
+        view = memoryview(data).cast("B")
+        ss = self.sector_size
+        end = offset + len(view)
+        if offset < 0 or end > self.sector_count * ss:
+            raise OutOfRange(
+                f"volume {self.name!r}: bytes [{offset}, {end}) reach past its end "
+                f"({self.sector_count * ss} bytes)"
+            )
+        if not view:
+            return
+        if not offset % ss and not end % ss:
+            await self.write(offset // ss, view, fua=fua)
+            return
+        first = offset // ss
+        last = -(-end // ss)
+        head = offset - first * ss
+        lock = self.sector_lock
+        token = await lock.acquire_exclusive(first, last)
+        try:
+            buf = memoryview(bytearray((last - first) * ss))
+            if head:
+                await self.read_into(buf[:ss], first)
+            if end % ss and (last - 1 > first or not head):
+                await self.read_into(buf[-ss:], last - 1)
+            buf[head : head + len(view)] = view
+            await self._write_sectors(buf, first, fua)
+        finally:
+            lock.release(token)
 
     async def _write_holes(self, view: memoryview, sector: int, fua: bool) -> None:
         ss = self.sector_size
@@ -386,12 +552,23 @@ class Volume:
             await layer.flush()
 
     async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
-        """Discard sectors; later reads follow :attr:`unmap_behavior`."""
+        """Discard sectors; later reads follow :attr:`unmap_behavior`. Holds them shared in
+        :attr:`sector_lock`, as :meth:`write` does."""
         self._check_writable("unmap")
         self._check_range(sector, count)
         if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
             return
         end = sector + count
+        lock = self.sector_lock
+        token = lock.try_shared(sector, end)
+        if token is None:
+            token = await lock.acquire_shared(sector, end)
+        try:
+            await self._unmap_sectors(sector, end, block_level_only)
+        finally:
+            lock.release(token)
+
+    async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
         for index in range(self._write_path):
             hi = self._limit(index, end)

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY = 6, 7, 8
 OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 9, 10
 REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR_UNSUP, REP_ERR_INVALID, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 3, (1 << 31) + 6
+REP_ERR_SHUTDOWN = (1 << 31) + 7
 INFO_EXPORT, INFO_NAME, INFO_BLOCK_SIZE = 0, 1, 3
 FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA = 1 << 1, 1 << 2, 1 << 3
 FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, FLAG_CAN_MULTI_CONN = 1 << 5, 1 << 6, 1 << 8
@@ -777,7 +779,12 @@ async def test_unknown_option_then_go(env: Env) -> None:
     assert replies[-1][0] == REP_ERR_INVALID
     replies = await client.option(OPT_SET_META_CONTEXT, b"")  # before structured replies
     assert replies[-1][0] == REP_ERR_INVALID
+    query = b"\x00\x00\x00\x05stack\x00\x00\x00\x00"  # "stack", no queries: list all
+    replies = await client.option(OPT_LIST_META_CONTEXT, query)  # the same for LIST
+    assert replies[-1][0] == REP_ERR_INVALID
     assert (await client.option(OPT_STRUCTURED_REPLY))[-1][0] == REP_ACK
+    replies = await client.option(OPT_LIST_META_CONTEXT, query)
+    assert [r for r, _ in replies] == [REP_META_CONTEXT, REP_META_CONTEXT, REP_ACK]
     contexts = await client.set_meta_context("stack", "base:allocation", "x-other:thing")
     assert contexts == {"base:allocation": contexts["base:allocation"]}
     await client.go("stack", block_size=True)
@@ -1157,3 +1164,150 @@ def test_under_uvloop(tmp_path: Path) -> None:
         loop.run_until_complete(scenario())
     finally:
         loop.close()
+
+
+# -- memory bounds, session accounting, shutdown in the handshake (raw sockets) -------------------
+
+INFLIGHT_BYTES = 64 << 20  # the session's budget of payload bytes in flight (nbd_session.py)
+
+
+async def _wait_until(predicate: Any, seconds: float = 10.0) -> None:
+    """Poll ``predicate`` every 10 ms; fail when it is still false after ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not true within {seconds} s")
+
+
+@pytest.mark.parametrize("half_close", [False, True])
+async def test_reads_in_flight_are_bounded_in_bytes(env: Env, half_close: bool) -> None:
+    """A client that pipelines many maximal reads gets only as many started as the byte
+    budget allows (each allocates its reply), also after it half-closes; the rest are
+    started as replies go out, and every one is answered correctly."""
+    flaky = env.flaky
+    content = tagged(9, SIZE)
+    await env.vols["flaky"].write(0, content)
+    gate = flaky.gate = asyncio.Event()
+    client = await env.client("flaky", structured=False)
+    n = 40
+    offsets = [(i % 4) * MAX_IO for i in range(n)]
+    futures = [client.send(CMD_READ, off, MAX_IO) for off in offsets]
+    if half_close:
+        client.writer.write_eof()
+    budget = INFLIGHT_BYTES // MAX_IO
+    await _wait_until(lambda: flaky.waiting >= budget)
+    await asyncio.sleep(0.2)  # time to start more, were they not held back
+    assert flaky.waiting == budget, f"{flaky.waiting} reads of {MAX_IO} bytes started"
+    gate.set()
+    flaky.gate = None
+    replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    for off, reply in zip(offsets, replies, strict=True):
+        assert reply.error == 0 and reply.data == content[off : off + MAX_IO]
+    if half_close:
+        assert client._task is not None
+        await asyncio.wait_for(client._task, 10)  # then the server closes
+        client.writer.close()
+    else:
+        await client.close()
+    assert env.stats.requests["read", "ok"] == n
+    await _wait_until(lambda: env.stats.sessions_active == 0)
+
+
+async def _greeted(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.wait_for(reader.readexactly(18), 10)
+    return reader, writer
+
+
+def _option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def _request(cmd: int, handle: int, offset: int = 0, length: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, handle, offset, length)
+
+
+@pytest.mark.parametrize("how", ["close", "half-close", "reset"])
+async def test_a_client_gone_right_after_go_is_no_session(env: Env, how: str) -> None:
+    """Clients that send ``NBD_OPT_GO`` and leave at once (without reading the ACK): the
+    server counts no session that outlives its connection."""
+    for _ in range(20):
+        _, writer = await _greeted(env.port)
+        writer.write(struct.pack(">I", 3) + _option(OPT_GO, RawClient.info_request("ram", [])))
+        await writer.drain()
+        if how == "half-close":
+            writer.write_eof()
+        elif how == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if how != "half-close":
+            writer.close()
+    await _wait_until(lambda: env.stats.connections_total == 20 and not env.server._sessions)
+    assert env.stats.sessions_active == 0 and env.stats.volume_sessions["ram"] == 0
+    assert env.stats.sessions_total <= 20
+
+
+@pytest.mark.parametrize("option", ["export-name", "go"])
+async def test_requests_sent_with_the_handshake_then_half_close_are_served(
+    env: Env, option: str
+) -> None:
+    """The handshake and the first requests in one send, then EOF: the requests received
+    before the EOF are answered, then the server closes."""
+    content = tagged(3, 4096)
+    await env.vols["ram"].write(0, content)
+    reader, writer = await _greeted(env.port)
+    hello = struct.pack(">I", 3)  # fixed newstyle, no zeroes
+    if option == "export-name":
+        hello += _option(OPT_EXPORT_NAME, b"ram")
+    else:
+        hello += _option(OPT_GO, RawClient.info_request("ram", []))
+    writer.write(hello + _request(CMD_READ, 7, 0, 4096) + _request(CMD_FLUSH, 8))
+    writer.write_eof()
+    if option == "export-name":
+        size, _ = struct.unpack(">QH", await asyncio.wait_for(reader.readexactly(10), 10))
+    else:
+        while True:
+            head = await asyncio.wait_for(reader.readexactly(20), 10)
+            _, _, rtype, rlen = struct.unpack(">QIII", head)
+            payload = await reader.readexactly(rlen)
+            if rtype == REP_INFO and payload[:2] == b"\x00\x00":
+                (size,) = struct.unpack(">Q", payload[2:10])
+            if rtype == REP_ACK:
+                break
+    assert size == SIZE
+    got: dict[int, bytes] = {}
+    for _ in range(2):  # replies may come in either order
+        magic, error, handle = struct.unpack(
+            ">IIQ", await asyncio.wait_for(reader.readexactly(16), 10)
+        )
+        assert magic == SIMPLE_MAGIC and error == 0
+        got[handle] = await reader.readexactly(4096) if handle == 7 else b""
+    assert got == {7: content, 8: b""}
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # then the server closes
+    writer.close()
+    await _wait_until(lambda: env.stats.sessions_active == 0)
+    assert env.stats.sessions_total == 1
+
+
+async def test_shutdown_answers_options_in_the_handshake_with_err_shutdown(env: Env) -> None:
+    """A client in option haggling when the server closes: its next option is answered
+    ``NBD_REP_ERR_SHUTDOWN``, then the server hangs up; the close is not held up long."""
+    reader, writer = await _greeted(env.port)
+    writer.write(struct.pack(">I", 3))
+    idle_reader, idle_writer = await _greeted(env.port)  # sends nothing more
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    closing = asyncio.create_task(env.server.close())
+    await asyncio.sleep(0.1)
+    writer.write(_option(OPT_LIST))
+    head = await asyncio.wait_for(reader.readexactly(20), 5)
+    _, opt, rtype, rlen = struct.unpack(">QIII", head)
+    assert (opt, rtype) == (OPT_LIST, REP_ERR_SHUTDOWN)
+    assert b"shutting down" in await reader.readexactly(rlen)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+    await asyncio.wait_for(closing, 10)
+    assert asyncio.get_running_loop().time() - started < 3.0
+    writer.close()
+    idle_writer.close()
