@@ -8,11 +8,13 @@ and when. tests/test_persistent_crash.py kills real processes instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
 import shutil
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -402,5 +404,34 @@ async def test_a_create_that_fails_leaves_nothing_behind(tmp_path: Path) -> None
     layer = await opened(path, 2 << 20)
     try:
         assert layer.sector_count == (2 << 20) // SS
+    finally:
+        await layer.close()
+
+
+async def test_a_read_of_sectors_being_written_waits_for_the_write(tmp_path: Path) -> None:
+    """DESIGN.md §3: a read racing a write sees old or new data per sector, never a torn
+    one. The kernel lets a buffered read copy a page while a write copies into it, so the
+    layer keeps reads off sectors a write is storing: here the writer thread is held up,
+    and a read of the sectors it will write waits for it (and returns all the new data),
+    while a read of other sectors does not wait."""
+    layer = await opened(tmp_path / "d", SIZE)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 16, SS)), 0, False)
+        gate = threading.Event()
+        assert layer._writer is not None
+        held = layer._writer.submit(gate.wait, 10)  # the writer thread is busy until set
+        writing = asyncio.ensure_future(layer.write(memoryview(pattern(2, 4, 4, SS)), 4, False))
+        await asyncio.sleep(0.05)
+        other = await asyncio.wait_for(read(layer, 8, 8), 5)  # no overlap: no wait
+        assert other[0] == pattern(1, 8, 8, SS)
+        reading = asyncio.ensure_future(read(layer, 0, 8))
+        await asyncio.sleep(0.1)
+        assert not reading.done() and not writing.done()
+        gate.set()
+        await asyncio.wait_for(writing, 5)
+        data, runs = await asyncio.wait_for(reading, 5)
+        assert runs == [(0, 8)]
+        assert data == pattern(1, 0, 4, SS) + pattern(2, 4, 4, SS)
+        held.result(5)
     finally:
         await layer.close()

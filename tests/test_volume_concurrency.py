@@ -20,7 +20,8 @@ from stacks import entry, sector_pattern
 from tierdisk.service.layer import Layer, LayerMetadata
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.runs import Run
-from tierdisk.service.volume import SectorLock, Volume
+from tierdisk.service.sector_lock import SectorLock
+from tierdisk.service.volume import Volume
 
 SS = 512
 ZERO = bytes(SS)

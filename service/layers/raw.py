@@ -5,7 +5,9 @@ cache can serve whole is done on the loop with ``RWF_NOWAIT``, which never block
 ``fdatasync``; a ``fua`` write is followed by ``fdatasync`` before it returns. A missing file
 is created (sparse) with ``size``, or with the size of the layer below. An existing file keeps
 its size; a configured ``size`` that disagrees is refused. Unmap punches holes (reads then
-see zeros), so the layer reports ``UNMAP_BEHAVIOR_ZEROES``.
+see zeros), so the layer reports ``UNMAP_BEHAVIOR_ZEROES``. Reads hold their sectors shared
+and writes and unmaps exclusive (:class:`~tierdisk.service.sector_lock.SectorLock`): a
+buffered read copying a page while a write copies into it would return a torn sector.
 
 Out of space. The image is sparse, so a write into a hole needs new blocks. Before writing,
 the layer reserves them (one ``fallocate`` with ``FALLOC_FL_KEEP_SIZE`` over the write's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError, ReadOnlyError
@@ -41,6 +44,7 @@ from ..fileio import (
 )
 from ..layer import Layer, LayerMetadata, check_sector_size, new_geometry
 from ..runs import Run
+from ..sector_lock import SectorLock
 
 __all__ = ["RawLayer"]
 
@@ -64,6 +68,7 @@ class RawLayer(Layer):
         self._wanted_sector_size = sector_size
         self._fd = -1
         self._reserve = Reserver()
+        self._sectors = SectorLock()  # reads shared, writes and unmaps exclusive: no torn sector
 
     async def attach(self, lower: LayerMetadata | None) -> None:
         await self._open_in_thread(lambda: self._open(lower), self._close_file)
@@ -141,6 +146,10 @@ class RawLayer(Layer):
         ss = self._sector_size
         count = len(buf) // ss
         self._check_range(sector, count)
+        lock = self._sectors
+        token = lock.try_shared(sector, sector + count)
+        if token is None:  # a write of some of these sectors is under way: after it
+            token = await lock.acquire_shared(sector, sector + count)
         try:
             if not pread_cached(self._fd, buf, sector * ss):
                 await asyncio.get_running_loop().run_in_executor(
@@ -148,18 +157,27 @@ class RawLayer(Layer):
                 )
         except OSError as exc:
             raise as_storage_error(exc, f"reading {self.path}") from None
+        finally:
+            lock.release(token)
         return [(sector, sector + count)]
+
+    async def _mutate(self, what: str, start: int, end: int, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a write or unmap of sectors ``[start, end)``) on a thread, holding the
+        sectors exclusive: no read, and no other write, copies those pages meanwhile."""
+        token = await self._sectors.acquire_exclusive(start, end)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, fn)
+        except OSError as exc:
+            raise as_storage_error(exc, f"{what} {self.path}") from None
+        finally:
+            self._sectors.release(token)
 
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         self._refuse_if_read_only()
         ss = self._sector_size
-        self._check_range(sector, len(data) // ss)
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self._write_sync, data, sector * ss, fua
-            )
-        except OSError as exc:
-            raise as_storage_error(exc, f"writing {self.path}") from None
+        end = sector + len(data) // ss
+        self._check_range(sector, end - sector)
+        await self._mutate("writing", sector, end, lambda: self._write_sync(data, sector * ss, fua))
 
     def _write_sync(self, data: memoryview, offset: int, fua: bool) -> None:
         self._reserve(self._fd, offset, len(data))  # out of space here: nothing written
@@ -173,12 +191,12 @@ class RawLayer(Layer):
         self._refuse_if_read_only()
         self._check_range(sector, count)
         ss = self._sector_size
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, zero_range, self._fd, sector * ss, count * ss
-            )
-        except OSError as exc:
-            raise as_storage_error(exc, f"unmapping in {self.path}") from None
+        await self._mutate(
+            "unmapping in",
+            sector,
+            sector + count,
+            lambda: zero_range(self._fd, sector * ss, count * ss),
+        )
 
     async def flush(self) -> None:
         if self._read_only:

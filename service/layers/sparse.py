@@ -37,7 +37,10 @@ All file work that can block runs off the event loop (a read the page cache serv
 is done on the loop with ``RWF_NOWAIT``, which never blocks). Mutations (write,
 no-overwrite write, unmap, resize) run in order on one writer thread per layer, which also
 updates presence, so a read-cache fill never overwrites a sector a write reached first;
-reads and commits use the default executor and run alongside. A ``threading.Lock`` guards
+reads and commits use the default executor and run alongside. Reads hold their sectors
+shared and mutations exclusive (:class:`~tierdisk.service.sector_lock.SectorLock`): the kernel
+lets a buffered read copy a page while a write copies into it, which returns a torn sector
+(DESIGN.md §3 allows old or new per sector, never torn). A ``threading.Lock`` guards
 the run sets for the few microseconds of each lookup or update (a compaction holds it while
 it copies the runs: about 20 ms per 100,000 runs).
 
@@ -86,6 +89,7 @@ from ..fileio import (
 from ..layer import Layer, LayerMetadata, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
+from ..sector_lock import SectorLock
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
 
@@ -158,6 +162,7 @@ class SparseLayer(Layer):
         self._rewrite = False  # the map's tail is unusable: the next commit rewrites it
         self._reserve = Reserver()
         self._commit_lock = asyncio.Lock()
+        self._sectors = SectorLock()  # reads shared, mutations exclusive: no torn sector
 
     # -- open and close -------------------------------------------------------------------
 
@@ -336,16 +341,21 @@ class SparseLayer(Layer):
         ss = self._sector_size
         count = len(buf) // ss
         self._check_range(sector, count)
-        with self._lock:
-            runs = self._present.runs_in(sector, sector + count)
-        if runs:
-            try:
-                if not self._read_runs_cached(buf, sector, runs):
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, self._read_runs, buf, sector, runs
-                    )
-            except OSError as exc:
-                raise as_storage_error(exc, f"reading sparse layer {self.path}") from None
+        lock = self._sectors
+        token = lock.try_shared(sector, sector + count)
+        if token is None:  # a write of some of these sectors is under way: after it
+            token = await lock.acquire_shared(sector, sector + count)
+        try:
+            with self._lock:
+                runs = self._present.runs_in(sector, sector + count)
+            if runs and not self._read_runs_cached(buf, sector, runs):
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._read_runs, buf, sector, runs
+                )
+        except OSError as exc:
+            raise as_storage_error(exc, f"reading sparse layer {self.path}") from None
+        finally:
+            lock.release(token)
         return runs
 
     def _read_runs_cached(self, buf: memoryview, sector: int, runs: list[Run]) -> bool:
@@ -365,15 +375,28 @@ class SparseLayer(Layer):
         with self._lock:
             return self._present.runs_in(sector, sector + count)
 
+    async def _mutate(
+        self, what: str, start: int, end: int, fn: Callable[..., None], *args: Any
+    ) -> None:
+        """Run the mutation ``fn`` of sectors ``[start, end)`` on the writer thread, holding
+        them exclusive: no read copies those pages meanwhile (a torn sector)."""
+        token = await self._sectors.acquire_exclusive(start, end)
+        try:
+            await self._on_writer(what, fn, *args)
+        finally:
+            self._sectors.release(token)
+
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
-        self._check_range(sector, len(data) // self._sector_size)
-        await self._on_writer("writing", self._write_sync, data, sector, False)
+        end = sector + len(data) // self._sector_size
+        self._check_range(sector, end - sector)
+        await self._mutate("writing", sector, end, self._write_sync, data, sector, False)
         if fua:
             await self._commit()
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
-        self._check_range(sector, len(data) // self._sector_size)
-        await self._on_writer("writing", self._write_sync, data, sector, True)
+        end = sector + len(data) // self._sector_size
+        self._check_range(sector, end - sector)
+        await self._mutate("writing", sector, end, self._write_sync, data, sector, True)
 
     def _write_sync(self, data: memoryview, sector: int, keep_present: bool) -> None:
         ss = self._sector_size
@@ -406,7 +429,15 @@ class SparseLayer(Layer):
     ) -> None:
         self._check_range(sector, count)
         if count:
-            await self._on_writer("unmapping in", self._unmap_sync, sector, count, next_is_zero)
+            await self._mutate(
+                "unmapping in",
+                sector,
+                sector + count,
+                self._unmap_sync,
+                sector,
+                count,
+                next_is_zero,
+            )
 
     def _unmap_sync(self, sector: int, count: int, next_is_zero: bool) -> None:
         ss = self._sector_size
