@@ -41,6 +41,11 @@ __all__ = [
 _MIN_HOLE = 4096  # smaller holes in a read are sent as data
 _MAX_READ_CHUNKS = 64  # a read needing more chunks than this is sent as one data chunk
 _MAX_EXTENTS = 1 << 16  # block status descriptors per context in one reply
+_STATUS_WINDOW = 64 << 20
+"""Bytes of the volume's allocation a ``BLOCK_STATUS`` asks for at a time: a request may
+span 4 GiB, and a fragmented volume has up to a run per sector, so the map is read a window
+at a time until the reply has its :data:`_MAX_EXTENTS` descriptors (the spec lets a reply
+cover less than was asked)."""
 _ZERO_CHUNK = 1 << 20  # zeros written per call when WRITE_ZEROES cannot unmap
 _CACHE_CHUNK = 4 << 20  # bytes read per call by CACHE
 _HOLE = P.STATE_HOLE | P.STATE_ZERO  # base:allocation of a run no layer holds
@@ -260,8 +265,14 @@ async def block_status(
     end = offset + length
     first = offset // ss
     last = -(-end // ss)
-    runs = await export.volume.allocation(first, last - first)
     one = bool(flags & P.CMD_FLAG_REQ_ONE)
+    runs: list[tuple[int, int, int]] = []
+    window = max(1, _STATUS_WINDOW // ss)
+    while first < last and len(runs) < (1 if one else _MAX_EXTENTS):
+        step = min(window, last - first)
+        runs += await export.volume.allocation(first, step)
+        first += step
+    end = min(end, runs[-1][1] * ss)  # where the runs asked for end
     parts: list[Any] = []
     for i, context in enumerate(export.contexts):
         depth_context = context == P.CONTEXT_ALLOCATION_DEPTH

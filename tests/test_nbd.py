@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from tools import REQUIRE_TOOLS_ENV, require_tool
 
+from tierdisk.service import nbd_commands
 from tierdisk.service.errors import NoSpace, TierdiskError, Unavailable
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
@@ -871,6 +872,30 @@ async def test_trim_reads_zeros_over_lower_layer_data(env: Env) -> None:
     assert status.extents[depth] == [(32 << 10, 2)]
     status = await client.request(CMD_BLOCK_STATUS, (32 << 10) - 100, 1000)  # misaligned
     assert status.extents[depth] == [(100, 2), (900, 1)]
+    await client.close()
+
+
+async def test_block_status_reads_the_map_a_window_at_a_time(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The allocation map is read in windows (a request may span 4 GiB of a fragmented
+    volume): extents of one status join across windows, and a reply that reached its
+    descriptor limit covers a prefix of the range, which the client asks again from."""
+    monkeypatch.setattr(nbd_commands, "_STATUS_WINDOW", 64 << 10)
+    monkeypatch.setattr(nbd_commands, "_MAX_EXTENTS", 64)
+    client = await env.client("ram", contexts=["base:allocation"])
+    ctx = client.contexts["base:allocation"]
+    region = 2 << 20
+    await client.write(region + (100 << 10), tagged(5, 100 << 10))  # data across two windows
+    status = await client.request(CMD_BLOCK_STATUS, region, 1 << 20)
+    assert status.extents[ctx] == [(100 << 10, 3), (100 << 10, 0), ((1 << 20) - (200 << 10), 3)]
+    monkeypatch.setattr(nbd_commands, "_MAX_EXTENTS", 8)
+    for k in range(16):  # 16 data runs 8 KiB apart: more than 8 descriptors
+        await client.write(region + (k * 16 << 10), tagged(6, 8 << 10))
+    status = await client.request(CMD_BLOCK_STATUS, region, 1 << 20)
+    extents = status.extents[ctx]
+    assert len(extents) == 8 and sum(n for n, _ in extents) == 64 << 10  # the first window
+    assert extents == [(8 << 10, 0), (8 << 10, 3)] * 4
     await client.close()
 
 
