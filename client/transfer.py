@@ -772,13 +772,27 @@ async def export_image(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
+_IN_PLACE_FOLDERS = ("/dev", "/proc", "/sys")
+"""Folders (with those below them) whose entries an export writes in place: it never
+renames a file over, nor creates, a name there."""
+
+
+def _in_place_folder(path: str) -> bool:
+    """Whether ``path`` lies in one of :data:`_IN_PLACE_FOLDERS`, links followed."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return any(folder == top or folder.startswith(top + "/") for top in _IN_PLACE_FOLDERS)
+
+
 def _replaceable(path: str) -> str | None:
     """The regular file that an export to ``path`` replaces (``path`` itself, or where its
     symlinks lead; it may not exist yet), or ``None`` to write ``path`` in place: it is a
-    device, a pipe, a socket, a folder, or is reached through a link of ``/proc`` (such as
-    ``/dev/stdout`` or ``/dev/fd/N``), whose file is someone's open descriptor, not a name
-    to replace. A symlink loop is left for the open in place to report."""
+    device, a pipe, a socket, a folder, or lies in ``/dev``, ``/proc`` or ``/sys``
+    (:data:`_IN_PLACE_FOLDERS`: ``/dev/stdout`` and ``/dev/fd/N`` lead to someone's open
+    descriptor, not a name to replace). A symlink loop is left for the open in place to
+    report."""
     for _ in range(40):  # the kernel's own limit on symlinks followed (ELOOP)
+        if _in_place_folder(path):
+            return None
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -788,9 +802,6 @@ def _replaceable(path: str) -> str | None:
         if stat.S_ISREG(st.st_mode):
             return path
         if not stat.S_ISLNK(st.st_mode):
-            return None
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.realpath(folder).startswith("/proc/"):
             return None
         try:
             path = os.path.join(os.path.dirname(path), os.readlink(path))

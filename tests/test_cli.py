@@ -548,6 +548,18 @@ def test_export_interrupted_leaves_the_image_as_it_was(
     assert os.listdir(tmp_path) == ["out.img"]
 
 
+def test_export_never_creates_or_replaces_a_name_in_dev(
+    server: ServerProcess, exp_data: bytes
+) -> None:
+    """/dev holds devices and links to open descriptors (/dev/stdout): an export writes
+    there in place, so a name that does not exist is an error, not a new file."""
+    name = f"/dev/tierdisk-test-{os.getpid()}-{os.urandom(4).hex()}"
+    result = tierdisk(server, "export", "exp", name, check=False)
+    one_line_error(result, name)
+    assert not os.path.lexists(name)
+    assert not [n for n in os.listdir("/dev") if ".tierdisk-export-" in n]
+
+
 def test_export_through_a_symlink_replaces_its_target_and_keeps_the_link(
     server: ServerProcess, exp_data: bytes, tmp_path: Path
 ) -> None:
