@@ -35,11 +35,12 @@ device's (power cut), as for any block device.
 
 All file work that can block runs off the event loop (a read the page cache serves whole
 is done on the loop with ``RWF_NOWAIT``, which never blocks). Mutations (write,
-no-overwrite write, unmap, resize) run in order on one writer thread per layer, which also
-updates presence, so a read-cache fill never overwrites a sector a write reached first;
-reads and commits use the default executor and run alongside. Reads hold their sectors
-shared and mutations exclusive (:class:`~tierdisk.service.sector_lock.SectorLock`): the kernel
-lets a buffered read copy a page while a write copies into it, which returns a torn sector
+no-overwrite write, unmap, resize) run one at a time on one writer thread per layer, which
+also updates presence, so a read-cache fill never overwrites a sector a write reached
+first; reads and commits use the default executor and run alongside. Reads hold their
+sectors shared, and writes, fills and unmaps exclusive, from before they are queued to the
+writer until they end (:class:`~tierdisk.service.sector_lock.SectorLock`): the kernel lets a
+buffered read copy a page while a write copies into it, which returns a torn sector
 (DESIGN.md §3 allows old or new per sector, never torn). A ``threading.Lock`` guards
 the run sets for the few microseconds of each lookup or update (a compaction holds it while
 it copies the runs: about 20 ms per 100,000 runs).
