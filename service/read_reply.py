@@ -6,9 +6,10 @@ A 1 MiB read through protobuf costs four copies of the data (bytearray -> bytes 
 part; the ``present`` extents, when asked for, are serialized by protobuf and appended, so
 the bytes are exactly what protobuf would produce.
 
-For large replies the frame is a fresh ``bytes`` object filled in place before anyone else
-sees it (what C code does with ``PyBytes_FromStringAndSize(NULL, n)``): CPython only; other
-interpreters use a ``bytearray`` and one more copy.
+For large replies (from 128 KiB) the frame is a fresh ``bytes`` object filled in place before
+anyone else sees it (what C code does with ``PyBytes_FromStringAndSize(NULL, n)``): CPython
+only. A smaller reply (or any reply on another interpreter) is read into a ``bytearray`` and
+joined to its tag and length at :meth:`ReadReply.encode`, one more copy of a few KiB.
 """
 
 from __future__ import annotations

@@ -290,16 +290,13 @@ class SqliteLayer(Layer):
     def _release_sync(self) -> None:
         """Close the database (on the worker: the connection belongs to it), then the lock."""
         try:
-            self._close_sync()
+            if self._db is not None:
+                db, self._db = self._db, None
+                db.close()  # checkpoints the WAL into the database and syncs both
         finally:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
-
-    def _close_sync(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            db.close()  # checkpoints the WAL into the database and syncs both
 
     # -- capabilities -----------------------------------------------------------------------
 
