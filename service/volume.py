@@ -117,7 +117,7 @@ class Volume:
         # Below the top, also under the smallest size the top has had: a shrink before a
         # restart keeps hiding the lower layers' data past it.
         self._overlap: list[int] = [top.sector_count]
-        smallest = min(top.sector_count, top.smallest_size)
+        smallest = self._smallest = min(top.sector_count, top.smallest_size)
         for ly in self._layers[1:]:
             smallest = min(smallest, ly.sector_count)
             self._overlap.append(smallest)
@@ -215,6 +215,14 @@ class Volume:
     def sector_count(self) -> int:
         """Current size in sectors: always the top layer's."""
         return self._layers[0].sector_count
+
+    @property
+    def smallest_sector_count(self) -> int:
+        """The smallest size in sectors the volume has had, as far as its top records it
+        (:attr:`Layer.smallest_size`) and this process saw: no lower layer's data shows at
+        or past it. Inspect reports it as ``smallest_sector_count``; a ``remote`` top of
+        another volume takes it as its own smallest size at attach."""
+        return self._smallest
 
     @property
     def entries(self) -> list[LayerEntry]:
@@ -532,6 +540,7 @@ class Volume:
         if size == self._size_seen:
             return
         self._size_seen = size
+        self._smallest = min(self._smallest, size)
         for i in range(1, len(self._overlap)):
             self._overlap[i] = min(self._overlap[i], size)
         self._overlap[0] = size
@@ -646,6 +655,7 @@ class Volume:
             "optimal_unmap_sectors": self.optimal_unmap_sectors,
             "disk_id": self.disk_id.hex() if self.disk_id else "",
             "generation": self.generation,
+            "smallest_sector_count": self._smallest,
             "layers": layers,
         }
 

@@ -181,6 +181,42 @@ async def test_layer_mode_lets_lower_layers_show_through(
         assert alloc == [(0, 40, 2), (40, 8, 1), (48, 16, 2)]
 
 
+async def test_a_shrink_through_a_remote_top_keeps_lower_data_hidden_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """DESIGN.md §3 across tiers: a volume whose top is a remote layer (``mode = "layer"``)
+    over a local base is shrunk and grown; after the host server restarts, past the old
+    end it still reads zeros, not the base's data (the origin's sparse top recorded the
+    smallest size, and the remote layer takes it from the origin's Inspect)."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(BASE)
+    origin_body = toml_volume(
+        "top", {"kind": "sparse", "path": "top", "size": BASE_SECTORS * SS}
+    )
+    async with running_server(tmp_path / "origin", origin_body) as origin:
+        host_body = toml_volume(
+            "vm",
+            remote(origin.grpc_address, "top", mode="layer"),
+            {"kind": "raw", "path": str(base), "read_only": True},
+        )
+        async with running_server(tmp_path / "host", host_body) as host:
+            async with AsyncClient(host.grpc_address) as hc:
+                vm = hc.volume("vm")
+                assert await vm.read(0, BASE_SECTORS) == BASE
+                await vm.resize(1024)
+                await vm.resize(BASE_SECTORS)
+                expected = BASE[: 1024 * SS] + bytes((BASE_SECTORS - 1024) * SS)
+                assert await vm.read(0, BASE_SECTORS) == expected
+        async with AsyncClient(origin.grpc_address) as oc:
+            tree = await oc.volume("top").inspect()
+            assert tree["smallest_sector_count"] == 1024
+        async with running_server(tmp_path / "host", host_body) as host:
+            async with AsyncClient(host.grpc_address) as hc:
+                vm = hc.volume("vm")
+                assert await vm.read(0, BASE_SECTORS) == expected
+                assert (await vm.inspect("layers/1/visible_sector_count"))["value"] == 1024
+
+
 async def test_remote_read_cache_fills_without_overwriting(
     tiers: tuple[Server, Server, Server],
 ) -> None:

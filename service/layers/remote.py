@@ -54,7 +54,10 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     connection under ``nbd`` (with ``problem``: why it is not used, "" when it is).
 
 Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
-remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size. Afterwards a
+remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size, and the
+smallest size the remote volume has had from its Inspect (``smallest_sector_count``): as a
+volume's top, the layer keeps the layers below it hidden past that size, so a shrink made
+through it still hides their old data after this server restarts (DESIGN.md §3). Afterwards a
 background task follows the remote's ``WatchResize`` (reconnecting with backoff when the
 stream breaks) and keeps :attr:`sector_count` current; when this layer is the top of a
 volume, the engine passes the change on to the volume's own watchers. Attach waits (up to
@@ -296,6 +299,7 @@ class RemoteLayer(Layer):
         self._watch_task: asyncio.Task[None] | None = None
         self._watching = False
         self._watch_news = asyncio.Event()  # replaced and set on each watch event or break
+        self._smallest = 0  # the remote volume's smallest size (set at attach)
         self._present = 0
         self._present_at = -_PRESENT_REFRESH
         self._present_task: asyncio.Task[None] | None = None
@@ -372,11 +376,13 @@ class RemoteLayer(Layer):
             try:
                 with self._errors:
                     info = await vol.info(timeout=attach_timeout)
+                    smallest = await _smallest_of(vol, attach_timeout)
             except errors.DeadlineExceeded:
                 raise errors.Unavailable(
                     f"{self._where}: no answer within {attach_timeout:g} s"
                 ) from None
             self._set_geometry(info.sector_size, info.sector_count, info.physical_sector_size)
+            self._smallest = info.sector_count if smallest is None else smallest
         except BaseException:
             await client.close()
             raise
@@ -478,6 +484,14 @@ class RemoteLayer(Layer):
     @property
     def can_resize(self) -> bool:
         return not self.read_only
+
+    @property
+    def smallest_size(self) -> int:
+        """The remote volume's smallest size (its Inspect ``smallest_sector_count`` at
+        attach, lowered by every size seen since): what the remote's own top records, so
+        a shrink through this layer as a volume's top keeps the local layers below it
+        hidden past the old end after a restart of this server."""
+        return min(self._smallest, self._sector_count)
 
     @property
     def present_sectors(self) -> int:
@@ -612,6 +626,7 @@ class RemoteLayer(Layer):
         self._set_size(size)
 
     def _set_size(self, sector_count: int) -> None:
+        self._smallest = min(self._smallest, sector_count)
         if sector_count != self._sector_count:
             self._sector_count = sector_count
             self._notify_resized()
@@ -666,6 +681,17 @@ class RemoteLayer(Layer):
             "requests": counts,
             **({"nbd": self._nbd.inspect()} if self._nbd is not None else {}),
         }
+
+
+async def _smallest_of(vol: AsyncVolume, seconds: float) -> int | None:
+    """The smallest size ``vol`` has had (its Inspect path ``smallest_sector_count``), or
+    None from a tierdisk that does not report it (it refuses the path)."""
+    try:
+        node = await vol.inspect("smallest_sector_count", timeout=seconds)
+    except client_errors.InvalidArgument:
+        return None
+    value = node.get("value")
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def _merged(runs: list[Run]) -> list[Run]:
