@@ -190,9 +190,7 @@ async def test_a_shrink_through_a_remote_top_keeps_lower_data_hidden_after_a_res
     smallest size, and the remote layer takes it from the origin's Inspect)."""
     base = tmp_path / "base.raw"
     base.write_bytes(BASE)
-    origin_body = toml_volume(
-        "top", {"kind": "sparse", "path": "top", "size": BASE_SECTORS * SS}
-    )
+    origin_body = toml_volume("top", {"kind": "sparse", "path": "top", "size": BASE_SECTORS * SS})
     async with running_server(tmp_path / "origin", origin_body) as origin:
         host_body = toml_volume(
             "vm",
