@@ -71,7 +71,17 @@ class DeadlineExceeded(TierdiskError):
 
 
 class NoSpace(TierdiskError):
-    """A layer's storage is out of space; the request changed nothing."""
+    """A layer's storage is out of space; the request changed nothing.
+
+    Where a request did change something before running out of space (the data was
+    written, its record was not; upper layers took a write a lower one could not), raise
+    :meth:`after_a_change` instead: ``RESOURCE_EXHAUSTED`` would tell the caller the old
+    data is still there."""
+
+    def after_a_change(self, change: str) -> StorageError:
+        """This shortage as the :class:`StorageError` of a request that changed something
+        (``change`` says what; it goes after the shortage in the message)."""
+        return StorageError(f"{self}; {change}")
 
 
 class StorageError(TierdiskError):

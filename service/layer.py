@@ -24,7 +24,14 @@ from typing import Any
 from .errors import ConfigError, NotSupported, OutOfRange
 from .runs import Run
 
-__all__ = ["Layer", "LayerMetadata", "UnmapBehavior", "check_sector_size", "new_geometry"]
+__all__ = [
+    "Layer",
+    "LayerMetadata",
+    "UnmapBehavior",
+    "check_recorded_size",
+    "check_sector_size",
+    "new_geometry",
+]
 
 
 class UnmapBehavior(enum.IntEnum):
@@ -83,6 +90,19 @@ def new_geometry(
             f"{what}: size {nbytes} is not a positive multiple of its {ss}-byte sectors"
         )
     return ss, nbytes // ss
+
+
+def check_recorded_size(what: str, recorded: int, configured: int | None) -> None:
+    """Refuse a configured ``size`` (bytes) that differs from the size an existing layer
+    has recorded (bytes): a :class:`~tierdisk.service.errors.ConfigError` that says how to
+    mend the config, since a ``Resize`` changes the recorded size. None (no ``size``
+    configured) always agrees."""
+    if configured is not None and configured != recorded:
+        raise ConfigError(
+            f"{what} is {recorded} bytes but the config says size = {configured} (a resize "
+            f"changes a layer's size: set size = {recorded}, or remove size to take the "
+            "layer's own)"
+        )
 
 
 class Layer(abc.ABC):

@@ -6,8 +6,11 @@ layer ``i`` is only visible below its *overlap* (the smallest size of layers ``0
 computed at open and lowered, never raised, when the top shrinks; a top that persists its
 smallest size (``sparse``, ``sqlite``: :attr:`Layer.smallest_size`) keeps it lowered across
 restarts, so shrink, grow and restart still shows zeros there. Writes land on the top and
-on down through ``write_through`` layers. ``read_cache`` layers are filled (no-overwrite)
-with what the layers below returned, before the read replies.
+on down through ``write_through`` layers, each taking all of a write within its own size
+(past its overlap too: it is the durable copy), and a resize resizes them with the top.
+``read_cache`` layers are filled (no-overwrite) with what the layers below returned, before
+the read replies. A write or unmap that a layer has no space for after another layer took
+it is a :class:`StorageError`, not :class:`NoSpace` (which says nothing changed).
 
 Fixes of upstream ``disk_layered`` defects: a lower layer smaller than the top never aborts
 or crashes a read (runs past its overlap are skipped); a read cache below the top never
@@ -39,6 +42,7 @@ from .errors import (
     ConfigError,
     DeadlineExceeded,
     InvalidArgument,
+    NoSpace,
     NotSupported,
     OutOfRange,
     ReadOnlyError,
@@ -113,14 +117,16 @@ class Volume:
         else:
             self.unmap_behavior = UnmapBehavior.IGNORED
         self.optimal_unmap_sectors = max(ly.optimal_unmap_sectors for ly in self._layers[:path])
-        # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's size).
-        # Below the top, also under the smallest size the top has had: a shrink before a
-        # restart keeps hiding the lower layers' data past it.
+        # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's size):
+        # the smallest size of layers 0..i, and the smallest size any layer above i has had
+        # (Layer.smallest_size), so a shrink before a restart keeps hiding lower data past it.
         self._overlap: list[int] = [top.sector_count]
-        smallest = self._smallest = min(top.sector_count, top.smallest_size)
+        bound = min(top.sector_count, top.smallest_size)
         for ly in self._layers[1:]:
-            smallest = min(smallest, ly.sector_count)
-            self._overlap.append(smallest)
+            self._overlap.append(min(bound, ly.sector_count))
+            bound = min(bound, ly.sector_count, ly.smallest_size)
+        # Write-path layers are resized together, so any of them may have recorded it.
+        self._smallest = min(min(ly.sector_count, ly.smallest_size) for ly in self._layers[:path])
         self._size_seen = top.sector_count
         self.generation = 0
         # (generation, size) of recent size changes, oldest first, for resize watchers.
@@ -256,6 +262,13 @@ class Volume:
         """The end of what layer ``index`` may be asked within a request ending at ``end``."""
         return end if index == 0 else min(end, self._overlap[index])
 
+    def _write_limit(self, index: int, end: int) -> int:
+        """The end of what write-path layer ``index`` takes of a write or unmap ending at
+        ``end``: its own size, not its overlap. Past its overlap a read never asks it (the
+        layers above hold what was written there), but a write-through layer must keep every
+        write it can hold, or a restart would lose it (it is the durable copy)."""
+        return end if index == 0 else min(end, self._layers[index].sector_count)
+
     # -- read ---------------------------------------------------------------------------
 
     async def read(self, sector: int, count: int) -> tuple[bytearray, list[Run]]:
@@ -379,12 +392,15 @@ class Volume:
                 await self._write_holes(view, sector, fua)
                 return
             ss = self.sector_size
-            for index in range(self._write_path):  # as _write_sectors (one await less)
-                limit = self._limit(index, end)
-                if limit <= sector:
-                    break
-                part = view if limit == end else view[: (limit - sector) * ss]
-                await self._layers[index].write(part, sector, fua)
+            try:
+                for index in range(self._write_path):  # as _write_sectors (one await less)
+                    limit = self._write_limit(index, end)
+                    if limit <= sector:
+                        continue  # a smaller layer: those below it may still take it
+                    part = view if limit == end else view[: (limit - sector) * ss]
+                    await self._layers[index].write(part, sector, fua)
+            except NoSpace as exc:
+                raise self._out_of_space(exc, index > 0, "write") from None
         finally:
             lock.release(token)
 
@@ -393,12 +409,26 @@ class Volume:
         loop of :meth:`write`)."""
         ss = self.sector_size
         end = sector + len(view) // ss
-        for index in range(self._write_path):
-            limit = self._limit(index, end)
-            if limit <= sector:
-                break
-            part = view if limit == end else view[: (limit - sector) * ss]
-            await self._layers[index].write(part, sector, fua)
+        try:
+            for index in range(self._write_path):
+                limit = self._write_limit(index, end)
+                if limit <= sector:
+                    continue
+                part = view if limit == end else view[: (limit - sector) * ss]
+                await self._layers[index].write(part, sector, fua)
+        except NoSpace as exc:
+            raise self._out_of_space(exc, index > 0, "write") from None
+
+    def _out_of_space(self, exc: NoSpace, changed: bool, what: str) -> TierdiskError:
+        """The error for a write or unmap a layer had no space for: ``exc`` itself when
+        nothing changed yet, else a :class:`StorageError` saying it was made in part (a
+        layer above the one out of space took it, and reads return that)."""
+        if not changed:
+            return exc
+        return exc.after_a_change(
+            f"volume {self.name!r}: the {what} was made in part (reads may return it) but "
+            "not on every layer of the write path: it is not durable"
+        )
 
     async def write_at(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
@@ -447,21 +477,26 @@ class Volume:
         end = sector + len(view) // ss
         holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
         unsynced: list[Layer] = []  # write_no_overwrite takes no fua: flush those layers
-        for a, b in holes:
-            for index in range(self._write_path):
-                limit = self._limit(index, b)
-                if limit <= a:
-                    break
-                part = view[(a - sector) * ss : (limit - sector) * ss]
-                layer = self._layers[index]
-                if layer.can_read_cache:
-                    await layer.write_no_overwrite(part, a)
-                    if fua and layer not in unsynced:
-                        unsynced.append(layer)
-                else:
-                    await layer.write(part, a, fua)
-        for layer in unsynced:
-            await layer.flush()
+        changed = False
+        try:
+            for a, b in holes:
+                for index in range(self._write_path):
+                    limit = self._write_limit(index, b)
+                    if limit <= a:
+                        continue
+                    part = view[(a - sector) * ss : (limit - sector) * ss]
+                    layer = self._layers[index]
+                    if layer.can_read_cache:
+                        await layer.write_no_overwrite(part, a)
+                        if fua and layer not in unsynced:
+                            unsynced.append(layer)
+                    else:
+                        await layer.write(part, a, fua)
+                    changed = True
+            for layer in unsynced:
+                await layer.flush()
+        except NoSpace as exc:
+            raise self._out_of_space(exc, changed, "write") from None
 
     async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
         """Discard sectors; later reads follow :attr:`unmap_behavior`. Holds them shared in
@@ -482,19 +517,25 @@ class Volume:
 
     async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
-        for index in range(self._write_path):
-            hi = self._limit(index, end)
-            if hi <= sector:
-                break
-            layer = self._layers[index]
-            # Below the next layer's overlap that layer may hold data: keep zeros present.
-            # At or past it, nothing below shows through: the sectors may simply be dropped.
-            below = hi if index == bottom else min(hi, self._overlap[index + 1])
-            if sector < below:
-                await layer.unmap(sector, below - sector, block_level_only, index == bottom)
-            if below < hi:
-                start = max(sector, below)
-                await layer.unmap(start, hi - start, block_level_only, True)
+        changed = False
+        try:
+            for index in range(self._write_path):
+                hi = self._write_limit(index, end)
+                if hi <= sector:
+                    continue
+                layer = self._layers[index]
+                # Below the next layer's overlap that layer may hold data: keep zeros
+                # present. At or past it, nothing below shows through: they may be dropped.
+                below = hi if index == bottom else min(hi, self._overlap[index + 1])
+                if sector < below:
+                    await layer.unmap(sector, below - sector, block_level_only, index == bottom)
+                    changed = True
+                if below < hi:
+                    start = max(sector, below)
+                    await layer.unmap(start, hi - start, block_level_only, True)
+                    changed = True
+        except NoSpace as exc:
+            raise self._out_of_space(exc, changed, "unmap") from None
 
     async def flush(self) -> None:
         """Make every acknowledged write durable on the write path (and fill caches)."""
@@ -506,19 +547,24 @@ class Volume:
     # -- size ---------------------------------------------------------------------------
 
     async def resize(self, sector_count: int) -> int:
-        """Resize the top layer; return the new size. Growing exposes zeros.
+        """Resize the top layer, and with it every ``write_through`` layer on the write path
+        (they hold the same writes: one left at the old size would lose, at a restart, what
+        was written past it, or bring back what a shrink discarded); return the new size.
+        Growing exposes zeros.
 
-        Errors (DESIGN.md §2), after which the volume is unchanged (size, data, generation;
-        no resize event):
+        The write-path layers are resized bottom-up, the top last. Errors (DESIGN.md §2),
+        after which the volume is unchanged (size, data, generation; no resize event):
 
         - :class:`InvalidArgument`: not at least one sector, or more than
           :data:`MAX_BYTES` bytes (a size limit, whatever the layers);
         - :class:`ReadOnlyError` / :class:`NotSupported` (FAILED_PRECONDITION): a read-only
-          volume, a top layer kind that cannot resize;
-        - from the top layer: :class:`FailedPrecondition` for a size its storage cannot have
+          volume, a write-path layer kind that cannot resize;
+        - from a layer: :class:`FailedPrecondition` for a size its storage cannot have
           (a file over the filesystem's largest, ``EFBIG``), :class:`NoSpace`
           (RESOURCE_EXHAUSTED) when it is out of memory or space (a ``ram`` layer that
-          cannot map that much).
+          cannot map that much). Layers below it that had grown already are shrunk back;
+          a shrink that fails part way leaves the layers below it shrunk (their data past
+          the new end is gone, as the caller asked) and the volume at its old size.
         """
         self._check_writable("resize")
         if sector_count <= 0:
@@ -529,11 +575,34 @@ class Volume:
                 f"over the size limit of {MAX_BYTES // self.sector_size} sectors "
                 f"({MAX_BYTES} bytes)"
             )
-        top = self._layers[0]
-        if not top.can_resize:
-            raise NotSupported(f"volume {self.name!r}: its top {top.kind} layer cannot be resized")
-        await top.resize(sector_count)
-        self._note_size(top.sector_count)
+        path = self._layers[: self._write_path]
+        for index, layer in enumerate(path):
+            if not layer.can_resize:
+                where = (
+                    f"top {layer.kind} layer"
+                    if index == 0
+                    else f"{layer.kind} layer {index} (on the write path, resized with the top)"
+                )
+                raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
+        grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
+        try:
+            for layer in reversed(path[1:]):
+                old = layer.sector_count
+                await layer.resize(sector_count)
+                if old < sector_count:
+                    grown.append((layer, old))
+            await path[0].resize(sector_count)
+        except BaseException:
+            for layer, old in grown:
+                try:
+                    await layer.resize(old)
+                except Exception as exc:  # the original error is the one to report
+                    log.error(
+                        "volume %r: could not shrink a %s layer back to %d sectors after a "
+                        "failed resize: %s", self.name, layer.kind, old, exc,
+                    )  # fmt: skip
+            raise
+        self._note_size(path[0].sector_count)
         return self.sector_count
 
     def _note_size(self, size: int) -> None:

@@ -9,6 +9,7 @@ and when. tests/test_persistent_crash.py kills real processes instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -19,11 +20,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from persistent_contract import SIZE, SS, PersistentLayerContract
+from persistent_contract import SIZE, SS, PersistentLayerContract, tiny_filesystem
 from stacks import pattern
 from test_volume_resize import file_size_limit
 
-from tierdisk.service.errors import ConfigError, DataCorruption
+from tierdisk.service.errors import ConfigError, DataCorruption, NoSpace, StorageError
 from tierdisk.service.layer import Layer
 from tierdisk.service.layers import sparse as sparse_module
 from tierdisk.service.layers.sparse import SparseLayer
@@ -435,3 +436,58 @@ async def test_a_read_of_sectors_being_written_waits_for_the_write(tmp_path: Pat
         held.result(5)
     finally:
         await layer.close()
+
+
+async def _read_one(layer: Layer, sector: int) -> tuple[bytes, list[tuple[int, int]]]:
+    buf = bytearray(layer.sector_size)
+    runs = await layer.read(memoryview(buf), sector)
+    return bytes(buf), runs
+
+
+def _fill(folder: Path) -> None:
+    """Write a file in ``folder`` until its filesystem is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for block in (b"\1" * 65536, b"\1" * 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, block)
+    finally:
+        os.close(fd)
+
+
+async def test_a_fua_write_whose_record_finds_no_space_says_it_changed_the_data(
+    tmp_path: Path,
+) -> None:
+    """DESIGN.md §2: RESOURCE_EXHAUSTED means the request changed nothing. A FUA write to
+    sectors the layer holds needs no new blocks, so its data is in place before its map
+    record (here, with other pending changes) finds the filesystem full: that is a
+    storage error saying so, not NoSpace."""
+    ss = 4096
+    with tiny_filesystem(tmp_path / "tiny", "4m") as mnt:
+        layer = SparseLayer(str(mnt / "disk"), size=2 << 20, sector_size=ss)
+        await layer.attach(None)
+        try:
+            sectors = (2 << 20) // ss
+            await layer.write(memoryview(b"O" * (2 << 20)), 0, True)
+            _fill(mnt)
+            for s in range(0, sectors, 2):  # pending changes: the next record needs a page
+                await layer.unmap(s, 1, False, True)
+            _fill(mnt)
+            with pytest.raises(StorageError) as caught:
+                await layer.write(memoryview(b"N" * ss), 1, True)
+            assert not isinstance(caught.value, NoSpace)
+            assert "out of space" in str(caught.value) and "data was written" in str(caught.value)
+            data, runs = await _read_one(layer, 1)
+            assert runs == [(1, 2)] and data == b"N" * ss
+            (mnt / "filler").unlink()
+            await layer.flush()  # room again: the pending changes and the write are durable
+        finally:
+            await layer.close()
+        again = SparseLayer(str(mnt / "disk"))
+        await again.attach(None)
+        try:
+            data, runs = await _read_one(again, 1)
+            assert runs == [(1, 2)] and data == b"N" * ss
+        finally:
+            await again.close()

@@ -148,6 +148,10 @@ class Model:
     def visible(self, i: int, s: int) -> bool:
         return i == 0 or s < self.overlap[i]
 
+    def takes_writes(self, i: int, s: int) -> bool:
+        """A write-path layer takes every write within its own size (past its overlap too)."""
+        return s < self.layers[i].size
+
     def check(self, s: int, n: int) -> None:
         if s + n > self.size:
             raise OutOfRange()
@@ -203,7 +207,7 @@ class Model:
         for i in range(self.path):
             ly = self.layers[i]
             for x in range(s, s + n):
-                if not self.visible(i, x) or (holes is not None and x not in holes):
+                if not self.takes_writes(i, x) or (holes is not None and x not in holes):
                     continue
                 if no_overwrite and not ly.full and x in ly.data:
                     continue
@@ -218,7 +222,7 @@ class Model:
         for i in range(self.path):
             ly = self.layers[i]
             for x in range(s, s + n):
-                if not self.visible(i, x):
+                if not self.takes_writes(i, x):
                     continue
                 next_is_zero = i == bottom or x >= self.overlap[i + 1]
                 if next_is_zero and not ly.full:
@@ -230,12 +234,13 @@ class Model:
         self.writable()
         if size <= 0:
             raise InvalidArgument()
-        top = self.layers[0]
-        if top.kind == "raw-ro":
+        path = self.layers[: self.path]  # the write path is resized with the top
+        if any(ly.kind == "raw-ro" for ly in path):
             raise NotSupported()
-        for x in [x for x in top.data if x >= size]:
-            del top.data[x]
-        top.size = size
+        for ly in path:
+            for x in [x for x in ly.data if x >= size]:
+                del ly.data[x]
+            ly.size = size
         self.overlap[0] = size
         for i in range(1, len(self.overlap)):
             self.overlap[i] = min(self.overlap[i], size)

@@ -22,14 +22,17 @@ from stacks import MapLayer, entry, pattern, sector_pattern
 from tierdisk.service.errors import (
     ConfigError,
     InvalidArgument,
+    NoSpace,
     NotSupported,
     OutOfRange,
     ReadOnlyError,
+    StorageError,
     Unavailable,
 )
 from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
+from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.volume import LayerEntry, Volume
 
 SS = 512
@@ -718,6 +721,105 @@ async def test_resize_of_a_top_that_cannot(volumes: VolumeOpener) -> None:
     with pytest.raises(NotSupported):
         await vol.resize(16)
     assert vol.sector_count == 8 and vol.generation == 0
+
+
+async def test_resize_reaches_the_write_through_layers_and_outlives_a_restart(
+    volumes: VolumeOpener, tmp_path: Path
+) -> None:
+    """[ram write-through, sparse, raw base]: the sparse layer holds every write, so it is
+    resized with the top; after a restart (a new ram top) the volume has the new size,
+    every FUA write, zeros where the shrink cut, and the base stays hidden past it."""
+    n = 64
+    base = tmp_path / "base.raw"
+    base.write_bytes(pattern(9, 0, 2 * n, SS))
+    cache = str(tmp_path / "cache")
+
+    async def open_stack(size: int | None) -> Volume:
+        return await volumes(
+            entry(RamLayer(), wt=True),
+            SparseLayer(cache, size=size),
+            RawLayer(str(base), read_only=True),
+        )
+
+    vol = await open_stack(n * SS)
+    await vol.write(0, pattern(1, 0, n, SS))
+    await vol.resize(16)
+    await vol.resize(n)
+    await vol.write(40, pattern(2, 40, 4, SS), fua=True)  # past the shrink: on both layers
+    await vol.resize(2 * n)
+    await vol.write(100, pattern(3, 100, 4, SS), fua=True)  # past the old size
+    expected = bytearray(2 * n * SS)
+    expected[: 16 * SS] = pattern(1, 0, 16, SS)
+    expected[40 * SS : 44 * SS] = pattern(2, 40, 4, SS)
+    expected[100 * SS : 104 * SS] = pattern(3, 100, 4, SS)
+    assert (await vol.read(0, 2 * n))[0] == expected
+    assert [e.layer.sector_count for e in vol.entries[:2]] == [2 * n, 2 * n]
+    await vol.close()
+    vol = await open_stack(None)  # the size it has now is recorded
+    assert vol.sector_count == 2 * n
+    assert (await vol.read(0, 2 * n))[0] == expected
+    assert vol.inspect()["layers"][2]["visible_sector_count"] == 16
+
+
+async def test_resize_refused_when_a_write_through_layer_cannot(volumes: VolumeOpener) -> None:
+    top, lower = MapLayer(8), MapLayer(8, resizable=False)
+    vol = await volumes(entry(top, wt=True), lower)
+    with pytest.raises(NotSupported, match="layer 1"):
+        await vol.resize(16)
+    assert vol.sector_count == 8 and vol.generation == 0
+    assert top.ops("resize") == [] and lower.ops("resize") == []
+
+
+class _SmallTop(MapLayer):
+    """A layer that cannot grow past 100 sectors (its storage is out of space)."""
+
+    async def resize(self, sector_count: int) -> None:
+        if sector_count > 100:
+            raise NoSpace("no room")
+        await super().resize(sector_count)
+
+
+class _FullLayer(MapLayer):
+    """A layer whose storage is full: every write and unmap is out of space."""
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        raise NoSpace("full")
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        raise NoSpace("full")
+
+
+async def test_no_space_below_a_layer_that_took_the_write_is_a_storage_error(
+    volumes: VolumeOpener,
+) -> None:
+    """RESOURCE_EXHAUSTED says nothing changed (DESIGN.md §2): when the top took a write
+    (or unmap) that a write-through layer below had no space for, it is a StorageError;
+    out of space at the top, before anything changed, is still NoSpace."""
+    top = MapLayer(8)
+    vol = await volumes(entry(top, wt=True), _FullLayer(8))
+    with pytest.raises(StorageError, match="made in part") as caught:
+        await vol.write(2, p(1, 2))
+    assert not isinstance(caught.value, NoSpace)
+    assert top.data == {2: p(1, 2)}
+    with pytest.raises(StorageError, match="unmap was made in part"):
+        await vol.unmap(2, 1)
+    vol = await volumes(_FullLayer(8))
+    with pytest.raises(NoSpace):
+        await vol.write(2, p(1, 2))
+
+
+async def test_a_failed_grow_shrinks_the_write_through_layers_back(
+    volumes: VolumeOpener,
+) -> None:
+    top, lower = _SmallTop(16), MapLayer(16)
+    vol = await volumes(entry(top, wt=True), lower)
+    with pytest.raises(NoSpace):
+        await vol.resize(200)
+    assert vol.sector_count == 16 and vol.generation == 0
+    assert lower.ops("resize") == [("resize", 200), ("resize", 16)]
+    assert lower.sector_count == 16
 
 
 async def test_s52_wait_resize(volumes: VolumeOpener) -> None:

@@ -42,7 +42,7 @@ from ..fileio import (
     set_file_size,
     zero_range,
 )
-from ..layer import Layer, LayerMetadata, check_sector_size, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_size, check_sector_size, new_geometry
 from ..runs import Run
 from ..sector_lock import SectorLock
 
@@ -111,11 +111,8 @@ class RawLayer(Layer):
                 )
             if size == 0:
                 raise ConfigError(f"raw image {self.path} is empty")
-            if exists and self._size_bytes is not None and self._size_bytes != size:
-                raise ConfigError(
-                    f"raw image {self.path} is {size} bytes but the config says size = "
-                    f"{self._size_bytes}"
-                )
+            if exists:
+                check_recorded_size(f"raw image {self.path}", size, self._size_bytes)
             self._set_geometry(ss, size // ss)
         except BaseException:
             os.close(fd)

@@ -50,8 +50,10 @@ Out of space. Before writing, the layer reserves the blocks (``fallocate`` with
 blocks of sectors the layer does not hold are punched out again, and the write raises
 :class:`NoSpace` (RESOURCE_EXHAUSTED). A commit that cannot append its record truncates the
 map back and keeps its changes pending, so the layer stays consistent and a later flush
-retries. A grow to a size the filesystem refuses (``EFBIG``) is :class:`FailedPrecondition`,
-one over ``2**63 - 1`` bytes :class:`InvalidArgument` (both from
+retries; a FUA write whose commit fails so has its data in place already, and raises
+:class:`StorageError` (INTERNAL) saying so instead of ``NoSpace`` ("changed nothing").
+A grow to a size the filesystem refuses (``EFBIG``) is :class:`FailedPrecondition`, one
+over ``2**63 - 1`` bytes :class:`InvalidArgument` (both from
 :func:`~tierdisk.service.fileio.set_file_size`); the layer keeps its size, presence and data.
 
 Semantics: ``unmap_behavior`` is ZEROES: with ``next_is_zero`` the sectors are dropped
@@ -74,7 +76,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DataCorruption
+from ..errors import ConfigError, DataCorruption, NoSpace
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -87,7 +89,7 @@ from ..fileio import (
     set_file_size,
     zero_range,
 )
-from ..layer import Layer, LayerMetadata, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_size, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
 from ..sector_lock import SectorLock
@@ -248,11 +250,7 @@ class SparseLayer(Layer):
                 f"sparse layer {self.path} has {ss}-byte sectors but the config says "
                 f"sector_size = {self._wanted_sector_size}"
             )
-        if self._size_bytes is not None and self._size_bytes != count * ss:
-            raise ConfigError(
-                f"sparse layer {self.path} is {count * ss} bytes but the config says "
-                f"size = {self._size_bytes}"
-            )
+        check_recorded_size(f"sparse layer {self.path}", count * ss, self._size_bytes)
         if state.torn:
             log.warning(
                 "sparse layer %s: ignoring %d bytes of torn or corrupt records at the end of "
@@ -392,7 +390,13 @@ class SparseLayer(Layer):
         self._check_range(sector, end - sector)
         await self._mutate("writing", sector, end, self._write_sync, data, sector, False)
         if fua:
-            await self._commit()
+            try:
+                await self._commit()
+            except NoSpace as exc:  # the data is in place: "changed nothing" would be false
+                raise exc.after_a_change(
+                    "the data was written (reads return it) but is durable only after a "
+                    "flush succeeds"
+                ) from None
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
         end = sector + len(data) // self._sector_size

@@ -70,7 +70,7 @@ from ..errors import (
     TierdiskError,
 )
 from ..fileio import lock_or_refuse, make_parent_folder
-from ..layer import Layer, LayerMetadata, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_size, new_geometry
 from ..runs import Run
 
 __all__ = ["SqliteLayer"]
@@ -260,11 +260,7 @@ class SqliteLayer(Layer):
                     f"sqlite layer {self.path} has {ss}-byte sectors but the config says "
                     f"sector_size = {self._wanted_sector_size}"
                 )
-            if self._size_bytes is not None and self._size_bytes != count * ss:
-                raise ConfigError(
-                    f"sqlite layer {self.path} is {count * ss} bytes but the config says "
-                    f"size = {self._size_bytes}"
-                )
+            check_recorded_size(f"sqlite layer {self.path}", count * ss, self._size_bytes)
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
