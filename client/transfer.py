@@ -95,6 +95,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -810,6 +811,29 @@ def _replaceable(path: str) -> str | None:
     return None
 
 
+def _refuse_a_locked_file(path: str, target: str) -> None:
+    """Refuse to replace ``target`` (IMAGE ``path``) while a process holds an ``flock`` on
+    it, as a tierdisk server does on a ``raw`` or ``sparse`` layer's file: the server would
+    go on writing into the file replaced, and every write it acknowledged after the export
+    would be gone at its next start, which opens the new one."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return  # not readable: the export itself reports what is wrong
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CliError(
+            f"{describe_file(path)} is locked by another process (a tierdisk server's layer "
+            "file?): replacing it would lose every write that process makes to it from now "
+            "on; export to another file, or stop that process first"
+        ) from None
+    except OSError:
+        pass  # a filesystem without flock: nothing to learn
+    finally:
+        os.close(fd)  # drops the lock, if we took it
+
+
 async def _export_replacing(
     client: AsyncClient,
     args: argparse.Namespace,
@@ -823,18 +847,19 @@ async def _export_replacing(
     """Export into the regular file ``target`` (IMAGE ``path``, or where its symlinks
     lead) by replacing it: the volume is written, sparse, into a new file
     ``.NAME.tierdisk-export-XXXXXXXX`` beside it (created exclusively; :func:`_temp_file`),
-    fsynced, renamed over ``target``, and the folder fsynced. ``target`` itself is never
-    opened, let alone truncated, so even when it is the very file a server's layer reads
-    this volume from, the volume is read whole (the server keeps the old file open; the
-    new one holds the same bytes). On any failure, Ctrl-C included, the temporary file is
-    removed and ``target`` is as it was (or still does not exist); the message ends with
-    that (``; 'img' is unchanged``)."""
+    fsynced, renamed over ``target``, and the folder fsynced. ``target`` is never written,
+    let alone truncated, and one another process holds an ``flock`` on (a server's layer
+    file) is refused (:func:`_refuse_a_locked_file`). On any failure, Ctrl-C included, the
+    temporary file is removed and ``target`` is as it was (or still does not exist); the
+    message ends with that (``; 'img' is unchanged``)."""
     try:
         old: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
         old = None
     except OSError as err:
         raise file_error(path, err) from None
+    if old is not None:
+        _refuse_a_locked_file(path, target)
     fd, temp = _temp_file(path, target, old)
     renamed = False
     try:

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "Reserver",
     "as_storage_error",
+    "fsync_folder",
     "lock_or_refuse",
     "make_parent_folder",
     "pread_cached",
@@ -191,6 +192,18 @@ def set_file_size(fd: int, nbytes: int, what: str) -> None:
                 f"({exc.strerror}); the size is unchanged"
             ) from None
         raise as_storage_error(exc, what) from None
+
+
+def fsync_folder(path: str) -> None:
+    """``fsync`` the folder ``path`` lives in, so a file created or renamed there outlives
+    a power cut (the new name is in the folder's own blocks). Raises ``OSError``."""
+    fd = os.open(
+        os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    )
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_parent_folder(path: str, what: str) -> None:

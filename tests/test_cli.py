@@ -577,21 +577,24 @@ def test_export_through_a_symlink_replaces_its_target_and_keeps_the_link(
     assert temp_files(tmp_path) == []
 
 
-def test_export_onto_the_volumes_own_raw_image_loses_nothing(tmp_path: Path) -> None:
-    """`export VOL F` where F is the raw file the server reads VOL from (an operator's
-    slip): F is replaced by a copy of the volume, and the server, still reading the old
-    file, serves the same bytes. Writing F in place would have zeroed both."""
+@pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "writable"])
+def test_export_onto_the_volumes_own_raw_image_is_refused(tmp_path: Path, read_only: bool) -> None:
+    """`export VOL F` where F is the raw file the server serves VOL from (an operator's
+    slip) is refused while the server holds it: replaced, the server would go on writing
+    into the old file and lose every later write at its next start (which opens the new
+    file). Writing F in place would have zeroed it. F and the volume stay as they were."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     base = data_dir / "base.img"
     original = os.urandom(MiB)
     base.write_bytes(original)
-    layer = {"kind": "raw", "path": "base.img", "read_only": True}
-    config = write_config(tmp_path, toml_volume("ro", layer, read_only=True))
+    layer = {"kind": "raw", "path": "base.img", "read_only": read_only}
+    config = write_config(tmp_path, toml_volume("v", layer, read_only=read_only))
     with ServerProcess.start(tmp_path, config) as srv:
-        tierdisk(srv, "export", "ro", str(base))
+        result = tierdisk(srv, "export", "v", str(base), check=False)
+        one_line_error(result, str(base), "locked by another process")
         assert base.read_bytes() == original
-        assert tierdisk(srv, "read", "ro", "0", str(MiB // 512)).stdout == original
+        assert tierdisk(srv, "read", "v", "0", str(MiB // 512)).stdout == original
         assert temp_files(data_dir) == []
 
 

@@ -34,6 +34,7 @@ from ..errors import ConfigError, ReadOnlyError
 from ..fileio import (
     Reserver,
     as_storage_error,
+    fsync_folder,
     lock_or_refuse,
     make_parent_folder,
     pread_cached,
@@ -98,6 +99,8 @@ class RawLayer(Layer):
             if not exists:
                 try:
                     os.ftruncate(fd, nbytes)
+                    os.fsync(fd)  # its size, then its name: a flush later relies on both
+                    fsync_folder(self.path)
                 except OSError as exc:
                     os.unlink(self.path)  # ours, just made: leave nothing half-created
                     raise ConfigError(

@@ -80,6 +80,7 @@ from ..errors import ConfigError, DataCorruption, NoSpace
 from ..fileio import (
     Reserver,
     as_storage_error,
+    fsync_folder,
     lock_or_refuse,
     make_parent_folder,
     pread_cached,
@@ -105,14 +106,6 @@ COMPACT_MIN_BYTES = 1 << 20
 100,000-run snapshot, replaying the worst-case log costs about 0.4 s at open."""
 
 _T = TypeVar("_T")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_all(fd: int) -> bytes:
@@ -589,7 +582,7 @@ class SparseLayer(Layer):
         self._seq += 1
         self._log_end = self._snapshot_end = len(blob)
         self._rewrite = False
-        _fsync_dir(os.path.dirname(os.path.abspath(self.map_path)))
+        fsync_folder(self.map_path)
 
     # -- resize ---------------------------------------------------------------------------------
 
