@@ -16,10 +16,12 @@ class SectorLock:
     exclusive hold blocks new overlapping shared holds, so it is not starved. Two users:
 
     - a volume (:attr:`~tierdisk.service.volume.Volume.sector_lock`): every write and unmap
-      holds its sectors shared, a read-modify-write
+      holds its sectors shared (exclusive on a write path of several layers, so they reach
+      every layer in one order), a read-modify-write
       (:meth:`~tierdisk.service.volume.Volume.write_at`) holds its covering sectors
       exclusive from its read to the end of its write, so every write or unmap of those
-      sectors lands wholly before its read or wholly after its write;
+      sectors lands wholly before its read or wholly after its write, and a shrink holds
+      the sectors it cuts exclusive;
     - a layer whose reads and writes copy through the page cache at the same time (``raw``,
       ``sparse``: a read on the event loop, a write on a thread): reads hold shared, writes
       and unmaps exclusive, because the kernel does not keep a buffered read from copying a

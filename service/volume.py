@@ -374,7 +374,8 @@ class Volume:
 
         ``no_overwrite`` writes only sectors the volume does not hold yet (no layer present).
         Holds its sectors shared in :attr:`sector_lock` while it runs: it waits only while a
-        read-modify-write (:meth:`write_at`) of an overlapping range is held or waiting.
+        read-modify-write (:meth:`write_at`) or a shrink of an overlapping range is held or
+        waiting. On a write path of several layers the hold is exclusive (:meth:`_hold`).
         """
         self._check_writable("write")
         view = memoryview(data).cast("B")
@@ -384,9 +385,9 @@ class Volume:
             return
         end = sector + count
         lock = self.sector_lock
-        token = lock.try_shared(sector, end)
+        token = lock.try_shared(sector, end) if self._write_path == 1 else None
         if token is None:
-            token = await lock.acquire_shared(sector, end)
+            token = await self._hold(sector, end)
         try:
             if no_overwrite:
                 await self._write_holes(view, sector, fua)
@@ -403,6 +404,24 @@ class Volume:
                 raise self._out_of_space(exc, index > 0, "write") from None
         finally:
             lock.release(token)
+
+    async def _hold(self, sector: int, end: int) -> int:
+        """Hold ``[sector, end)`` in :attr:`sector_lock` for a write or unmap that the fast
+        path (a shared hold taken without waiting) did not: exclusive when the write path
+        has several layers (so overlapping writes reach every layer in the same order and
+        the layers never end up holding different writes), else shared after a wait. The
+        range is checked again once held: a shrink may have run meanwhile."""
+        lock = self.sector_lock
+        if self._write_path > 1:
+            token = await lock.acquire_exclusive(sector, end)
+        else:
+            token = await lock.acquire_shared(sector, end)
+        try:
+            self._check_range(sector, end - sector)
+        except BaseException:
+            lock.release(token)
+            raise
+        return token
 
     async def _write_sectors(self, view: memoryview, sector: int, fua: bool) -> None:
         """Write whole sectors down the write path (the caller holds them in the lock; the
@@ -462,6 +481,7 @@ class Volume:
         lock = self.sector_lock
         token = await lock.acquire_exclusive(first, last)
         try:
+            self._check_range(first, last - first)  # a shrink may have run while it waited
             buf = memoryview(bytearray((last - first) * ss))
             if head:
                 await self.read_into(buf[:ss], first)
@@ -499,17 +519,17 @@ class Volume:
             raise self._out_of_space(exc, changed, "write") from None
 
     async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
-        """Discard sectors; later reads follow :attr:`unmap_behavior`. Holds them shared in
-        :attr:`sector_lock`, as :meth:`write` does."""
+        """Discard sectors; later reads follow :attr:`unmap_behavior`. Holds them in
+        :attr:`sector_lock` as :meth:`write` does."""
         self._check_writable("unmap")
         self._check_range(sector, count)
         if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
             return
         end = sector + count
         lock = self.sector_lock
-        token = lock.try_shared(sector, end)
+        token = lock.try_shared(sector, end) if self._write_path == 1 else None
         if token is None:
-            token = await lock.acquire_shared(sector, end)
+            token = await self._hold(sector, end)
         try:
             await self._unmap_sectors(sector, end, block_level_only)
         finally:
@@ -584,6 +604,12 @@ class Volume:
                     else f"{layer.kind} layer {index} (on the write path, resized with the top)"
                 )
                 raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
+        # A shrink holds the sectors it cuts exclusive: writes and unmaps running there
+        # finish first (none lands past the new end, e.g. a raw file's write extending
+        # it again), and those waiting find the range gone (OUT_OF_RANGE).
+        size = self.sector_count
+        lock = self.sector_lock
+        token = await lock.acquire_exclusive(sector_count, size) if sector_count < size else None
         grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
         try:
             for layer in reversed(path[1:]):
@@ -602,6 +628,9 @@ class Volume:
                         "failed resize: %s", self.name, layer.kind, old, exc,
                     )  # fmt: skip
             raise
+        finally:
+            if token is not None:
+                lock.release(token)
         self._note_size(path[0].sector_count)
         return self.sector_count
 

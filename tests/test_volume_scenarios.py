@@ -962,3 +962,69 @@ async def test_s53_a_failing_size_watch_does_not_break_the_volume() -> None:
     await top.resize(8)
     assert await sectors_of(vol, 0, 8) == [c(s) for s in range(4)] + [ZERO] * 4
     await vol.close()  # does not raise
+
+
+# -- ordering of writes against each other and against a shrink --------------------------------
+
+
+class _Gated(MapLayer):
+    """A layer whose next write waits for :attr:`hold` (an event) when one is set."""
+
+    hold: asyncio.Event | None = None
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            await hold.wait()
+        await super().write(data, sector, fua)
+
+
+async def _spin() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_overlapping_writes_reach_every_write_through_layer_in_one_order(
+    volumes: VolumeOpener,
+) -> None:
+    """A second write of the same sectors waits until the first has reached every layer
+    of the write path; else the top could end with the second and the durable layer
+    below with the first (DESIGN.md §3: never an older value after a write was
+    acknowledged, also after a restart)."""
+    top, lower = MapLayer(8), _Gated(8)
+    vol = await volumes(entry(top, wt=True), lower)
+    gate = lower.hold = asyncio.Event()
+    first = asyncio.create_task(vol.write(2, p(1, 2)))
+    await _spin()  # the first is on the top, its write below held
+    second = asyncio.create_task(vol.write(2, p(2, 2)))
+    await _spin()
+    assert top.data == {2: p(1, 2)} and not second.done()
+    gate.set()
+    await asyncio.gather(first, second)
+    assert top.data == lower.data == {2: p(2, 2)}
+
+
+async def test_a_shrink_waits_for_writes_into_the_sectors_it_cuts(
+    volumes: VolumeOpener,
+) -> None:
+    """A write running past the new end finishes before the shrink (which then discards
+    it), and one arriving while the shrink waits finds the range gone: grown again, the
+    volume reads zeros there, and no layer holds data past its size."""
+    top = _Gated(8)
+    vol = await volumes(top)
+    gate = top.hold = asyncio.Event()
+    running = asyncio.create_task(vol.write(6, p(1, 6)))
+    await _spin()
+    shrink = asyncio.create_task(vol.resize(4))
+    await _spin()
+    late = asyncio.create_task(vol.write(5, p(2, 5)))
+    await _spin()
+    assert not shrink.done() and not late.done()
+    gate.set()
+    await running
+    assert await shrink == 4
+    with pytest.raises(OutOfRange):
+        await late
+    assert top.data == {}
+    await vol.resize(8)
+    assert await sectors_of(vol, 4, 4) == [ZERO] * 4
