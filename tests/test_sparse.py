@@ -24,7 +24,13 @@ from persistent_contract import SIZE, SS, PersistentLayerContract, tiny_filesyst
 from stacks import pattern
 from test_volume_resize import file_size_limit
 
-from tierdisk.service.errors import ConfigError, DataCorruption, NoSpace, StorageError
+from tierdisk.service.errors import (
+    ConfigError,
+    DataCorruption,
+    NoSpace,
+    StorageError,
+    Unavailable,
+)
 from tierdisk.service.layer import Layer
 from tierdisk.service.layers import sparse as sparse_module
 from tierdisk.service.layers.sparse import SparseLayer
@@ -491,3 +497,36 @@ async def test_a_fua_write_whose_record_finds_no_space_says_it_changed_the_data(
             assert runs == [(1, 2)] and data == b"N" * ss
         finally:
             await again.close()
+
+
+async def test_close_commits_the_writes_under_way_and_refuses_later_ones(tmp_path: Path) -> None:
+    """A write still queued on the writer thread when close begins finishes first and is
+    in the final commit (it is acknowledged, so it must outlive the restart); a write
+    arriving after close began is refused (UNAVAILABLE), never acknowledged and lost."""
+    path = str(tmp_path / "disk")
+    layer = SparseLayer(path, size=SIZE)
+    await layer.attach(None)
+    busy = threading.Event()
+    assert layer._writer is not None
+    blocker = layer._writer.submit(busy.wait, 10)  # the writer thread is busy: writes queue
+    running = asyncio.create_task(layer.write(memoryview(pattern(1, 4, 2, SS)), 4, False))
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(layer.close())
+    await asyncio.sleep(0.05)
+    late = asyncio.create_task(layer.write(memoryview(pattern(2, 9, 1, SS)), 9, False))
+    await asyncio.sleep(0.05)
+    busy.set()
+    blocker.result(timeout=10)
+    await running  # acknowledged
+    await closing
+    with pytest.raises(Unavailable, match="closed"):
+        await late
+    again = SparseLayer(path)
+    await again.attach(None)
+    try:
+        data, runs = await _read_one(again, 4)
+        assert runs == [(4, 5)] and data == pattern(1, 4, 1, SS)
+        _, runs = await _read_one(again, 9)
+        assert runs == []
+    finally:
+        await again.close()

@@ -76,7 +76,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DataCorruption, NoSpace
+from ..errors import ConfigError, DataCorruption, NoSpace, Unavailable
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -106,6 +106,9 @@ COMPACT_MIN_BYTES = 1 << 20
 100,000-run snapshot, replaying the worst-case log costs about 0.4 s at open."""
 
 _T = TypeVar("_T")
+
+_EVERY_SECTOR = 1 << 63
+"""Past any sector: :meth:`SparseLayer.close` holds ``[0, _EVERY_SECTOR)`` exclusive."""
 
 
 def _read_all(fd: int) -> bytes:
@@ -137,6 +140,7 @@ class SparseLayer(Layer):
         self._size_bytes = size
         self._wanted_sector_size = sector_size
         self._fd = -1
+        self._closing = False  # close() began: mutations are refused
         self._map_fd = -1
         self._writer: ThreadPoolExecutor | None = None
         # Guarded by _lock (shared between the loop, the writer and commits):
@@ -280,8 +284,13 @@ class SparseLayer(Layer):
         self._snapshot_end = state.snapshot_end
 
     async def close(self) -> None:
-        if self._fd < 0:
+        """Let the writes, fills and unmaps under way finish (refusing new ones), commit
+        them with the rest, and close the files. A mutation that reaches the layer after
+        this began is :class:`Unavailable`; none is acknowledged without being committed."""
+        if self._fd < 0 or self._closing:
             return
+        self._closing = True
+        token = await self._sectors.acquire_exclusive(0, _EVERY_SECTOR)
         try:
             await self._commit(compact=True)
         except Exception as exc:
@@ -291,6 +300,7 @@ class SparseLayer(Layer):
                 await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
                 self._writer = None
             self._close_files()
+            self._sectors.release(token)
 
     def _close_files(self) -> None:
         """Close the map and the data file (which releases the lock)."""
@@ -338,6 +348,8 @@ class SparseLayer(Layer):
         if token is None:  # a write of some of these sectors is under way: after it
             token = await lock.acquire_shared(sector, sector + count)
         try:
+            if self._fd < 0:
+                raise Unavailable(f"sparse layer {self.path} is closed (the server is stopping)")
             with self._lock:
                 runs = self._present.runs_in(sector, sector + count)
             if runs and not self._read_runs_cached(buf, sector, runs):
@@ -374,6 +386,8 @@ class SparseLayer(Layer):
         them exclusive: no read copies those pages meanwhile (a torn sector)."""
         token = await self._sectors.acquire_exclusive(start, end)
         try:
+            if self._closing:
+                raise Unavailable(f"sparse layer {self.path} is closed (the server is stopping)")
             await self._on_writer(what, fn, *args)
         finally:
             self._sectors.release(token)
