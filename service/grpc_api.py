@@ -212,6 +212,23 @@ def select_path(tree: Any, path: str) -> Any:
 
 _NONE_WAITING: frozenset[str] = frozenset()
 
+_MAX_DETAILS = 1024
+"""Longest status message sent, in UTF-8 bytes (gRPC percent-encodes it into a header, and
+all headers of a reply must fit in 8 KiB, or the client gets RESOURCE_EXHAUSTED instead)."""
+
+
+def _status_details(text: str) -> str:
+    """``text`` cut in the middle to at most :data:`_MAX_DETAILS` bytes: a message naming
+    something a client sent (a made-up volume name of 20,000 characters) keeps its start
+    and end."""
+    raw = text.encode()
+    if len(raw) <= _MAX_DETAILS:
+        return text
+    half = _MAX_DETAILS // 2 - 2
+    head = raw[:half].decode(errors="ignore")
+    tail = raw[-half:].decode(errors="ignore")
+    return f"{head}…{tail}"
+
 
 class BlockDeviceService(pb_grpc.BlockDeviceServicer):
     """Serves the volumes of ``registry`` over gRPC."""
@@ -296,10 +313,12 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         ``tierdisk-error``), or a storage failure (logged with its traceback)."""
         if isinstance(exc, TierdiskError):
             await context.abort(
-                code, str(exc), trailing_metadata=((ERROR_HEADER, type(exc).__name__),)
+                code,
+                _status_details(str(exc)),
+                trailing_metadata=((ERROR_HEADER, type(exc).__name__),),
             )
         log.error("storage failure", exc_info=exc)
-        await context.abort(code, f"storage failure: {exc}")
+        await context.abort(code, _status_details(f"storage failure: {exc}"))
 
     @classmethod
     async def _refuse_undecodable(

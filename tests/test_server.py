@@ -358,6 +358,19 @@ async def test_watch_unknown_volume(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("name", ["v" * 20_000, "é" * 10_000], ids=["ascii", "utf-8"])
+async def test_a_very_long_unknown_name_is_not_found(
+    stub: pb_grpc.BlockDeviceAsyncStub, name: str
+) -> None:
+    """The message names the volume asked for, cut short: all of a reply's headers must
+    fit in 8 KiB, or the client would see RESOURCE_EXHAUSTED instead of NOT_FOUND."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Read(pb.ReadRequest(volume=name, sector=0, sector_count=1))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    details = info.value.details() or ""
+    assert name[:100] in details and "…" in details and len(details.encode()) <= 1024
+
+
 async def test_health_serving_then_not_serving_on_stop(tmp_path: Path) -> None:
     async with running_server(tmp_path, FOUR_VOLUMES) as srv:
         async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
