@@ -16,6 +16,13 @@ Failures raise :mod:`tierdisk.client.errors` exceptions. Reads and writes larger
 chunk that fails for another reason fails the whole call — a write may then have landed in
 part.
 
+A call never returns as if it had completed when it did not. Closing the client cancels the
+calls in flight (gRPC does): each raises :class:`~tierdisk.client.errors.ClientClosed`, a split
+one saying how many bytes had been read or written; a call whose request is cancelled from
+underneath in another way raises :class:`~tierdisk.client.errors.Interrupted`. Cancelling the
+caller's own task raises :class:`asyncio.CancelledError` as usual, and cancels the chunks in
+flight.
+
 Writes are idempotent (the same data at the same place), so retrying one after
 ``UNAVAILABLE`` or ``CANCELLED`` is safe even when the first attempt did reach the disk.
 
@@ -32,6 +39,7 @@ can carry (negative, or ``2**64`` and over; ``page_size`` ``2**32``) raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -49,6 +57,7 @@ from .chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
     Chunk,
+    caller_cancelled,
     merge_extents,
     plan_chunks,
     run_bounded,
@@ -57,6 +66,8 @@ from .chunking import (
 )
 from .errors import (
     AllocationTooLarge,
+    ClientClosed,
+    Interrupted,
     InvalidArgument,
     NoSpace,
     OutOfRange,
@@ -170,7 +181,8 @@ class AsyncClient:
     called after every unary call attempt and when a WatchResize stream ends.
 
     Use it as an async context manager, or ``await client.close()``; a closed client's
-    methods raise ``RuntimeError("the client is closed")``.
+    methods raise :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``: "the
+    client is closed"), and so do the calls in flight when it was closed.
     """
 
     def __init__(
@@ -202,6 +214,7 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self._closed = False
+        self._closing = asyncio.Event()  # set by close(): ends the wait before a retry
         self.policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
         self.max_io = max_io
         self.max_in_flight = max_in_flight
@@ -254,9 +267,12 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; calls still running are cancelled. Idempotent; afterwards every
-        method raises ``RuntimeError("the client is closed")``."""
+        """Close the channel; calls still running are cancelled, and raise
+        :class:`~tierdisk.client.errors.ClientClosed` (never return as if complete).
+        Idempotent; afterwards every method raises ``ClientClosed`` ("the client is closed",
+        a ``RuntimeError``)."""
         self._closed = True
+        self._closing.set()
         await self._channel.close()
 
     @property
@@ -266,7 +282,22 @@ class AsyncClient:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the client is closed")
+            raise ClientClosed("the client is closed")
+
+    async def _backoff(self, seconds: float) -> None:
+        """The wait before a retry, ended early by :meth:`close`: the retry then raises
+        :class:`ClientClosed` at once, rather than after the wait."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
+
+    def _cut_short(self, what: str, volume: str | None) -> Interrupted:
+        """The error for ``what`` (``"a Read call"``) ending cancelled though its caller's
+        task was not cancelled: :class:`ClientClosed` when this client was closed (gRPC
+        cancels a closed channel's calls), else :class:`Interrupted`."""
+        if self._closed:
+            return ClientClosed(f"the client was closed while {what} was in flight", volume=volume)
+        return Interrupted(f"{what} was cancelled, though not by its caller", volume=volume)
 
     def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …)."""
@@ -349,8 +380,17 @@ class AsyncClient:
 
         try:
             return await call_with_retry(
-                attempt, policy=self.policy, timeout=self._deadline(timeout), volume=volume
+                attempt,
+                policy=self.policy,
+                timeout=self._deadline(timeout),
+                volume=volume,
+                sleep=self._backoff,
             )
+        except asyncio.CancelledError:
+            if caller_cancelled():
+                raise
+            name = rpc or type(request).__name__.removesuffix("Request")
+            raise self._cut_short(f"a {name} call", volume) from None
         except Unimplemented as exc:  # name this server and the method, not the volume
             cause = exc.__cause__
             if not isinstance(cause, grpc.RpcError):
@@ -525,8 +565,10 @@ class AsyncVolume:
     ) -> list[Extent]:
         size, per_chunk = await self._chunk_sectors(timeout)
         runs: list[Extent] = []
+        done = 0
 
         async def one(chunk: Chunk) -> None:
+            nonlocal done
             start = chunk.offset * size
             expected = chunk.sector_count * size
             data, extents = await self._read_chunk(
@@ -534,8 +576,12 @@ class AsyncVolume:
             )
             out[start : start + expected] = data
             runs.extend(extents)
+            done += expected
 
-        await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
+        try:
+            await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
+        except Interrupted as exc:  # closed mid-call: say how far it got; nothing is returned
+            raise self._with_progress(exc, f"{done} of {count * size} bytes had been read") from exc
         return merge_extents(runs)
 
     async def stream_read(
@@ -589,8 +635,9 @@ class AsyncVolume:
         write is first checked against the volume's size (one GetVolume, see
         :meth:`_check_fits`): one that reaches past the end raises :class:`OutOfRange` for the
         whole range and writes nothing (DESIGN §3). If a chunk fails for another reason, the
-        others may have been written. Retries after ``UNAVAILABLE`` or ``CANCELLED`` are safe:
-        a write is idempotent."""
+        others may have been written; so too if the client is closed mid-call
+        (:class:`~tierdisk.client.errors.ClientClosed`, saying how many bytes had been written).
+        Retries after ``UNAVAILABLE`` or ``CANCELLED`` are safe: a write is idempotent."""
         _check_number("sector", sector, volume=self.name)
         mv = memoryview(data).cast("B")
         size, per_chunk = await self._chunk_sectors(timeout)
@@ -602,19 +649,27 @@ class AsyncVolume:
         count = len(mv) // size
         _check_range(sector, count, volume=self.name)
 
+        done = 0
+
         async def one(chunk: Chunk) -> None:
+            nonlocal done
             start = chunk.offset * size
             end = start + chunk.sector_count * size
             req = encode_write(
                 self.name, chunk.sector, mv[start:end], fua=fua, no_overwrite=no_overwrite
             )
             await self._call(self.client._write_raw, req, timeout, rpc="Write")
+            done += end - start
 
         if count <= per_chunk:
             await one(Chunk(sector, count, 0))
-        else:
-            await self._check_fits(sector, count, timeout)
+            return
+        await self._check_fits(sector, count, timeout)
+        try:
             await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
+        except Interrupted as exc:  # closed mid-call: say how far it got
+            note = f"{done} of {len(mv)} bytes had been written, and those in flight may have been"
+            raise self._with_progress(exc, note) from exc
 
     async def write_bytes(
         self, offset: int, data: Buffer, *, fua: bool = False, timeout: Timeout = UNSET
@@ -750,13 +805,23 @@ class AsyncVolume:
                     raise error_from_rpc(
                         err, volume=self.name, target=self.client.target, method="WatchResize"
                     ) from err
+            except asyncio.CancelledError:
+                if caller_cancelled():
+                    raise
+                raise self.client._cut_short("a WatchResize stream", self.name) from None
             finally:
                 call.cancel()
                 self.client._observe("WatchResize", code, began)
-            await asyncio.sleep(policy.delay(retry))
+            await self.client._backoff(policy.delay(retry))
             retry += 1
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _with_progress(self, exc: Interrupted, note: str) -> Interrupted:
+        """``exc``, a split read or write cut short, again with ``note`` (how much of it had
+        completed) after its message: a :class:`ClientClosed` if the client is closed."""
+        cls = ClientClosed if self.client.closed else type(exc)
+        return cls(f"{exc.message}; {note}", volume=self.name)
 
     async def _check_fits(self, sector: int, count: int, timeout: Timeout) -> None:
         """:class:`OutOfRange` naming the caller's whole range if ``[sector, sector + count)``

@@ -12,6 +12,7 @@ import collections
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import NamedTuple, TypeVar
 
+from .errors import Interrupted
 from .models import Extent
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_IO",
     "Chunk",
     "ReadWindow",
+    "caller_cancelled",
     "merge_extents",
     "plan_chunks",
     "plan_windows",
@@ -111,34 +113,63 @@ def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
     return merged
 
 
+def caller_cancelled() -> bool:
+    """Whether the running task has been asked to cancel (``Task.cancelling()``): told apart
+    from a :class:`asyncio.CancelledError` that only came up from something it awaited, as
+    gRPC raises in a call whose channel was closed under it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def run_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[None]], limit: int) -> None:
     """Await ``fn(item)`` for every item, at most ``limit`` at a time, in no particular
-    order of completion. The first failure cancels the rest and is raised as it is."""
+    order of completion. The first failure cancels the rest and is raised as it is.
+
+    Every item must complete: a call of ``fn`` that ends cancelled though the caller was not
+    (gRPC cancels the calls on a channel that is closed) stops the rest too and raises
+    :class:`~tierdisk.client.errors.Interrupted`, saying how many items had completed. The
+    caller's own cancellation is raised as :class:`asyncio.CancelledError`, once the calls
+    in flight are cancelled."""
     it = iter(items)
+    completed = 0
 
     async def worker() -> None:
+        nonlocal completed
         for item in it:  # shared iterator: each item goes to exactly one worker
             await fn(item)
+            completed += 1
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, limit))]
+    pending = set(tasks)
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(task.cancelled() or task.exception() is not None for task in done):
+                break  # a failure, or a worker cancelled underneath: stop sending the rest
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
+    for task in tasks:  # a failure says more than a cancellation its cause brought
         if not task.cancelled() and (exc := task.exception()) is not None:
             raise exc
+    if any(task.cancelled() for task in tasks):  # underneath: the caller's was raised above
+        raise Interrupted(
+            f"cancelled mid-call, though not by its caller (was the client closed?): "
+            f"{completed} request(s) had completed"
+        )
 
 
 async def run_ordered(
     items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit: int
 ) -> AsyncGenerator[tuple[T, R], None]:
     """Yield ``(item, await fn(item))`` in the order of ``items`` while keeping up to
-    ``limit`` calls running ahead. Closing the iterator early cancels the calls in flight."""
+    ``limit`` calls running ahead. Closing the iterator early cancels the calls in flight.
+    A call that ends cancelled though the consumer was not raises
+    :class:`~tierdisk.client.errors.Interrupted`, as in :func:`run_bounded`."""
     window: collections.deque[tuple[T, asyncio.Future[R]]] = collections.deque()
     it = iter(items)
+    yielded = 0
     try:
         while True:
             for item in it:
@@ -148,7 +179,17 @@ async def run_ordered(
             if not window:
                 return
             item, fut = window.popleft()
-            yield item, await fut
+            try:
+                result = await fut
+            except asyncio.CancelledError:
+                if caller_cancelled() or not fut.cancelled():
+                    raise
+                raise Interrupted(
+                    f"cancelled mid-call, though not by its caller (was the client closed?): "
+                    f"{yielded} request(s) had completed"
+                ) from None
+            yield item, result
+            yielded += 1
     finally:
         for _, fut in window:
             fut.cancel()

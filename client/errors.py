@@ -24,9 +24,11 @@ __all__ = [
     "STATUS_TABLE",
     "AllocationTooLarge",
     "Cancelled",
+    "ClientClosed",
     "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "Interrupted",
     "InvalidArgument",
     "NoSpace",
     "NotSupported",
@@ -164,7 +166,32 @@ class Unavailable(TierdiskError):
 
     default_code = grpc.StatusCode.UNAVAILABLE
     label = "unavailable"
-    server_names = ("Unavailable",)
+    server_names: ClassVar[tuple[str, ...]] = ("Unavailable",)
+
+
+class Interrupted(Unavailable):
+    """The call was cut short on this side, though its caller did not cancel it: a request
+    it made was cancelled underneath it. gRPC cancels every call in flight on a channel that
+    is closed, so this is nearly always :class:`ClientClosed`.
+
+    The call did not complete, and never returns as if it had: a read's data is not
+    returned, and a write may have landed in part. Nothing was retried: a retry on a closed
+    client fails the same way."""
+
+    label = "interrupted"
+    server_names = ()
+
+
+class ClientClosed(Interrupted, RuntimeError):
+    """The client is closed: the call was made after :meth:`close
+    <tierdisk.client.aio.AsyncClient.close>`, or it was in flight when ``close()`` was called
+    (from another task or thread) and did not complete.
+
+    Also a :class:`RuntimeError`, as a closed client's calls raised before, and a
+    :class:`Unavailable`: to a server whose remote layer reads through the client, a client
+    closed under a call (the server is stopping) is a tier that cannot be reached."""
+
+    label = "client closed"
 
 
 class DeadlineExceeded(TierdiskError):

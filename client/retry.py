@@ -14,7 +14,8 @@ concurrent calls than one channel admits. Retrying is safe because every BlockDe
 is idempotent: a read, a write of the same bytes at the same place, an unmap, a flush, a
 resize to a given size, and the read-only GetVolume / ListVolumes / GetAllocation / Inspect
 all leave the volume as one run of them would. (A caller that closed the client is told
-so by the client before any retry: it raises ``RuntimeError``.)
+so by the client before any retry: it raises ``ClientClosed``, a ``RuntimeError``; so no
+call retries on a closed channel.)
 
 Every other code is final and raised at once as a :mod:`tierdisk.client.errors` exception.
 

@@ -7,6 +7,10 @@ method's coroutine to that loop and waits for it. Do not call a ``Client`` from 
 own loop (i.e. from code the async client calls back); from any other thread, or from a
 coroutine of another loop (it blocks that loop), it works.
 
+:meth:`Client.close` may be called from another thread while calls are in flight: they raise
+:class:`~tierdisk.client.errors.ClientClosed`, as they do on the async client, and never
+return as if complete.
+
     with Client("127.0.0.1:7400") as client:
         vol = client.volume("vm1")
         vol.write(0, b"\\0" * vol.sector_size())
@@ -23,17 +27,23 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
 from .aio import UNSET, AsyncClient, AsyncVolume, Buffer, ClientOptions, Timeout
+from .errors import ClientClosed, Interrupted
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 
 __all__ = ["Client", "Volume"]
 
 T = TypeVar("T")
 
+_SETTLE = 1.0
+"""Seconds :meth:`Client.close` lets the calls it cut short end on their own (they fail at
+once, with how far they got), and then lets those it cancelled wind up."""
+
 
 class Client:
     """A blocking connection to one tierdisk server; takes the same arguments as
     :class:`~tierdisk.client.aio.AsyncClient`. Use it as a context manager, or call
-    :meth:`close`."""
+    :meth:`close`; a closed client's methods raise
+    :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``)."""
 
     def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
         self.target = target
@@ -43,6 +53,7 @@ class Client:
         )
         self._thread.start()
         self._closed = False
+        self._lock = threading.Lock()  # _closed, against calls submitted from other threads
 
         async def make() -> AsyncClient:
             return AsyncClient(target, **options)
@@ -73,15 +84,25 @@ class Client:
         return self._async
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
-            coro.close()
-            raise RuntimeError("the client is closed")
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking Client cannot be called from its own event loop")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:  # submitted before close() marks the client closed, or not at all
+            if self._closed:
+                coro.close()
+                raise ClientClosed("the client is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return self._wait(future)
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            # Not cancelled here (that is the branch below): close() cancelled it, or
+            # something on the loop did. Never a result: the call did not complete.
+            if self._closed:
+                raise ClientClosed("the client was closed while the call was in flight") from None
+            raise Interrupted("the call was cancelled, though not by its caller") from None
         except BaseException:
             # KeyboardInterrupt and the like: stop the call rather than leave it running.
             future.cancel()
@@ -98,14 +119,32 @@ class Client:
         self._loop.close()
 
     def close(self) -> None:
-        """Close the channel and stop the background loop; idempotent."""
-        if self._closed:
-            return
+        """Close the channel and stop the background loop; idempotent. Calls in flight on
+        other threads raise :class:`~tierdisk.client.errors.ClientClosed`."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking Client cannot be closed from its own event loop")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # no call is submitted from now on
         try:
-            self._run(self._async.close())
+            self._wait(asyncio.run_coroutine_threadsafe(self._shut(), self._loop))
         finally:
-            self._closed = True
             self._stop_loop()
+
+    async def _shut(self) -> None:
+        """On the loop: close the async client, then end every call still running there
+        before the loop stops — else a thread waiting for one would wait forever. Closing
+        the channel fails the calls it cut short (``ClientClosed``); one waiting to retry,
+        or on anything else, is cancelled, which its thread takes as ``ClientClosed`` too."""
+        await self._async.close()
+        calls = asyncio.all_tasks() - {asyncio.current_task()}
+        if calls:
+            _, running = await asyncio.wait(calls, timeout=_SETTLE)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=_SETTLE)
 
     def volume(self, name: str) -> Volume:
         """A handle on the volume ``name`` (no call is made until it is used)."""
@@ -135,7 +174,8 @@ class Client:
                 yield got[0]
         finally:
             if not self._closed:
-                self._run(close())
+                with contextlib.suppress(ClientClosed):  # closed meanwhile: nothing to close
+                    self._run(close())
 
 
 class Volume:

@@ -115,6 +115,7 @@ from .chunking import (
 from .cli_errors import CliError, describe, describe_file, file_error, stdout_error
 from .errors import (
     FailedPrecondition,
+    Interrupted,
     InvalidArgument,
     NoSpace,
     OutOfRange,
@@ -516,6 +517,8 @@ async def _copy_fd_in(
             await run_bounded(pieces, one, client.max_in_flight)
         except asyncio.CancelledError:  # Ctrl-C: say what was written
             raise written.interrupted() from None
+        except Interrupted as exc:  # a request cancelled underneath: a failure, noted
+            written.failed(exc)
     written.raise_failure(args, path)
     os.lseek(fd, start + size, os.SEEK_SET)
     return 0
@@ -737,6 +740,8 @@ async def _stream_in(
             await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
         except asyncio.CancelledError:  # Ctrl-C: say what was written
             raise written.interrupted() from None
+        except Interrupted as exc:  # a request cancelled underneath: a failure, noted
+            written.failed(exc)
     written.raise_failure(args, None)
     if refusal is not None:  # every chunk before it is written: the note says how many bytes
         text, past_end = refusal

@@ -1,0 +1,277 @@
+"""Closing a client while its calls are in flight, against a real server: every call cut short
+raises (``ClientClosed``) and none returns as if it had completed — a split read does not
+hand back a buffer with zeros where chunks were never read, a split write does not report
+success for data never sent. Cancelling the caller's own task still raises
+``CancelledError``. And a call waiting to retry on a closed client stops at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import ServerProcess, free_port, ram, running_server, toml_volume, write_config
+
+from tierdisk.client import (
+    AsyncClient,
+    Client,
+    ClientClosed,
+    Interrupted,
+    TierdiskError,
+    Unavailable,
+)
+from tierdisk.service.server import Server
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+"""The range each large call moves: 256 chunks at :data:`CHUNK` bytes."""
+CHUNK = 256 * 1024
+IN_FLIGHT = 4
+CLOSE_AFTER = 16
+"""Chunk calls that complete before the test closes the client (or cancels the caller)."""
+FILL = b"\xab"
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(tmp_path, toml_volume("v", ram("160MiB"))) as srv:
+        async with AsyncClient(srv.grpc_address) as c:
+            await c.volume("v").write(0, FILL * SIZE)
+        yield srv
+
+
+class Calls:
+    """An ``on_call`` hook: counts the client's calls of one RPC that answered OK, and sets
+    :attr:`reached` (an asyncio and a threading event) once ``after`` of them have."""
+
+    def __init__(self, rpc: str, after: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.rpc = rpc
+        self.after = after
+        self.count = 0
+        self.reached = asyncio.Event() if loop is not None else None
+        self.reached_thread = threading.Event()
+        self.loop = loop
+
+    def __call__(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+        if rpc != self.rpc or code != grpc.StatusCode.OK:
+            return
+        self.count += 1
+        if self.count == self.after:
+            self.reached_thread.set()
+            if self.reached is not None:
+                self.reached.set()
+
+
+def _client(server: Server, calls: Calls) -> AsyncClient:
+    return AsyncClient(
+        server.grpc_address, max_io=CHUNK, max_in_flight=IN_FLIGHT, on_call=calls, timeout=30
+    )
+
+
+async def _close_when(calls: Calls, client: AsyncClient) -> None:
+    assert calls.reached is not None
+    await calls.reached.wait()
+    await client.close()
+
+
+@pytest.mark.parametrize("how", ["read", "read_into", "read_present_into"])
+async def test_a_large_read_cut_short_by_close_raises(server: Server, how: str) -> None:
+    calls = Calls("Read", CLOSE_AFTER, asyncio.get_running_loop())
+    client = _client(server, calls)
+    vol = client.volume("v")
+    await vol.sector_size()
+    buf = bytearray(SIZE)
+    call: Awaitable[object]
+    if how == "read":
+        call = vol.read(0, SIZE // 512)
+    elif how == "read_into":
+        call = vol.read_into(0, buf)
+    else:
+        call = vol.read_present_into(0, buf)
+    closer = asyncio.create_task(_close_when(calls, client))
+    with pytest.raises(ClientClosed) as info:
+        await call  # before the fix: returned, with zeros where chunks were never read
+    await closer
+    assert calls.count < SIZE // CHUNK  # it was cut short indeed
+    err = info.value
+    assert isinstance(err, Unavailable) and isinstance(err, RuntimeError)
+    assert err.volume == "v"
+    assert "closed" in str(err)
+    assert f"of {SIZE} bytes had been read" in str(err)
+
+
+async def test_a_large_write_cut_short_by_close_raises(server: Server) -> None:
+    calls = Calls("Write", CLOSE_AFTER, asyncio.get_running_loop())
+    client = _client(server, calls)
+    vol = client.volume("v")
+    await vol.sector_size()
+    at = SIZE // 512 + 2048  # past the data the fixture wrote
+    closer = asyncio.create_task(_close_when(calls, client))
+    with pytest.raises(ClientClosed, match=f"of {SIZE} bytes had been written"):
+        await vol.write(at, b"\xcd" * SIZE)  # before the fix: "succeeded", written in part
+    await closer
+    assert calls.count < SIZE // CHUNK
+    async with AsyncClient(server.grpc_address) as check:  # indeed not all of it is there
+        assert await check.volume("v").read(at, SIZE // 512) != b"\xcd" * SIZE
+
+
+async def test_a_large_write_bytes_cut_short_by_close_raises(server: Server) -> None:
+    calls = Calls("Write", CLOSE_AFTER, asyncio.get_running_loop())
+    client = _client(server, calls)
+    vol = client.volume("v")
+    await vol.sector_size()
+    closer = asyncio.create_task(_close_when(calls, client))
+    with pytest.raises(ClientClosed, match="closed"):
+        await vol.write_bytes(SIZE + MiB, b"\xcd" * SIZE)
+    await closer
+    assert calls.count < SIZE // CHUNK
+
+
+async def test_cancelling_the_caller_of_a_large_read_raises_cancelled_error(
+    server: Server,
+) -> None:
+    calls = Calls("Read", CLOSE_AFTER, asyncio.get_running_loop())
+    async with _client(server, calls) as client:
+        vol = client.volume("v")
+        task = asyncio.create_task(vol.read(0, SIZE // 512))
+        assert calls.reached is not None
+        await calls.reached.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+        stopped_at = calls.count
+        assert stopped_at < SIZE // CHUNK
+        await asyncio.sleep(0.2)
+        assert calls.count <= stopped_at + IN_FLIGHT  # the chunks in flight were cancelled
+        # the client is not closed, and still reads right
+        assert not client.closed
+        assert await vol.read(0, 2 * CHUNK // 512) == FILL * (2 * CHUNK)
+
+
+async def test_a_stream_read_cut_short_by_close_raises(server: Server) -> None:
+    calls = Calls("Read", CLOSE_AFTER, asyncio.get_running_loop())
+    client = _client(server, calls)
+    got = 0
+    closer = asyncio.create_task(_close_when(calls, client))
+    with pytest.raises(ClientClosed):  # before the fix: CancelledError
+        async for _, data in client.volume("v").stream_read(0, SIZE // 512):
+            got += len(data)
+    await closer
+    assert got < SIZE
+
+
+async def test_a_watch_cut_short_by_close_raises(server: Server) -> None:
+    client = AsyncClient(server.grpc_address)
+    events = client.volume("v").watch_resize()
+    assert isinstance(events, AsyncGenerator)
+    await anext(events)  # the stream is open, waiting for a resize
+    nxt = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0.1)
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await nxt  # before the fix: CancelledError, though the caller cancelled nothing
+    await events.aclose()
+
+
+async def test_a_call_waiting_to_retry_on_a_closed_client_stops_at_once(tmp_path: Path) -> None:
+    # Nothing listens there: every attempt is UNAVAILABLE, retried with waits of up to 5 s,
+    # 100 times. Closing the client must end the call at once, not let it retry on.
+    client = AsyncClient(
+        f"127.0.0.1:{free_port()}", retries=100, backoff=5.0, max_backoff=5.0, timeout=None
+    )
+    call = asyncio.ensure_future(client.volume("v").info())
+    await asyncio.sleep(0.3)
+    assert not call.done()
+    started = time.monotonic()
+    await client.close()
+    with pytest.raises(ClientClosed, match="closed"):  # waiting, or in an attempt
+        await asyncio.wait_for(call, 5)
+    assert time.monotonic() - started < 1.0  # not after the wait it was in
+
+
+async def test_a_single_call_in_flight_when_closed_raises(tmp_path: Path) -> None:
+    config = write_config(tmp_path, toml_volume("v", ram("8MiB")))
+    with ServerProcess.start(tmp_path, config) as srv:
+        client = AsyncClient(srv.grpc, retries=0, timeout=30)
+        vol = client.volume("v")
+        await vol.sector_size()
+        os.kill(srv.pid, signal.SIGSTOP)  # the call stays in flight until we close
+        try:
+            call = asyncio.ensure_future(vol.read(0, 8))
+            await asyncio.sleep(0.2)
+            assert not call.done()
+            await client.close()
+            with pytest.raises(ClientClosed, match="in flight") as info:
+                await asyncio.wait_for(call, 10)  # before the fix: CancelledError
+            assert info.value.volume == "v"
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+
+
+# -- the blocking client ---------------------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run ``fn()`` on a daemon thread; its result or exception lands in the list."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+async def test_a_blocking_read_cut_short_by_close_from_another_thread_raises(
+    server: Server,
+) -> None:
+    calls = Calls("Read", CLOSE_AFTER, None)
+    client = await asyncio.to_thread(
+        Client, server.grpc_address, max_io=CHUNK, max_in_flight=IN_FLIGHT, timeout=30
+    )
+    client.aio.on_call = calls
+    vol = client.volume("v")
+    await asyncio.to_thread(vol.sector_size)
+    reader, out = _in_thread(lambda: vol.read(0, SIZE // 512))
+    assert await asyncio.to_thread(calls.reached_thread.wait, 30)
+    await asyncio.to_thread(client.close)
+    await asyncio.to_thread(reader.join, 30)
+    assert not reader.is_alive()
+    assert len(out) == 1
+    assert isinstance(out[0], ClientClosed), out[0]  # before the fix: the bytes, part zeros
+    with pytest.raises(ClientClosed, match="the client is closed"):
+        await asyncio.to_thread(vol.info)
+
+
+async def test_a_blocking_call_waiting_to_retry_ends_when_closed() -> None:
+    client = await asyncio.to_thread(
+        Client, f"127.0.0.1:{free_port()}", retries=100, backoff=5.0, max_backoff=5.0
+    )
+    caller, out = _in_thread(lambda: client.volume("v").info())
+    await asyncio.sleep(0.5)
+    assert caller.is_alive()
+    await asyncio.to_thread(client.close)
+    await asyncio.to_thread(caller.join, 10)  # before the fix: waited forever
+    assert not caller.is_alive()
+    assert len(out) == 1
+    assert isinstance(out[0], ClientClosed), out[0]
+
+
+def test_client_closed_is_an_unavailable_and_a_runtime_error() -> None:
+    err = ClientClosed("the client is closed")
+    assert isinstance(err, Interrupted)
+    assert isinstance(err, Unavailable)
+    assert isinstance(err, TierdiskError)
+    assert isinstance(err, RuntimeError)
+    assert err.code == grpc.StatusCode.UNAVAILABLE
