@@ -21,7 +21,8 @@ What this client does (the NBD protocol document, ``doc/proto.md`` of NetworkBlo
 
 Every failure is an :class:`NbdError`: the server's error reply (:class:`NbdRefused`, with
 the NBD error value), a read past the export's size as negotiated, a lost or broken
-connection (:class:`NbdClosed`). A connection that broke stays broken: make a new one.
+connection (:class:`NbdClosed`). A connection that broke stays broken: make a new one
+(:meth:`NbdReader.on_close` says when, even while no read is in flight).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._current: _Request | None = None  # the read whose data is being received
         self.pending: dict[int, _Request] = {}
         self.error: NbdClosed | None = None  # set once the connection is unusable
+        self.on_fail: Callable[[NbdClosed], None] | None = None  # called once, with error
 
     # -- asyncio protocol -----------------------------------------------------------------
 
@@ -222,7 +224,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def fail(self, error: NbdClosed) -> None:
-        if self.error is None:
+        first = self.error is None
+        if first:
             self.error = error
         self._target = self._scratch  # whatever still arrives is dropped
         self._filled, self._on_full = 0, self._drop
@@ -231,6 +234,8 @@ class _Connection(asyncio.BufferedProtocol):
         pending, self.pending = self.pending, {}
         for request in pending.values():
             _settle(request.future, self.error)
+        if first and self.on_fail is not None:
+            self.on_fail(error)
 
     def _drop(self) -> None:
         self._filled = 0
@@ -288,6 +293,16 @@ class NbdReader:
     def closed(self) -> bool:
         """True once the connection cannot be used any more."""
         return self._conn.error is not None
+
+    def on_close(self, callback: Callable[[NbdClosed], None]) -> None:
+        """Call ``callback(error)`` once, when the connection becomes unusable (lost, closed
+        by the server or by :meth:`close`, broken by a protocol violation), even with no read
+        in flight; at once if it already is. Replaces an earlier callback."""
+        conn = self._conn
+        if conn.error is not None:
+            callback(conn.error)
+            return
+        conn.on_fail = callback
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the export's bytes from ``offset``.

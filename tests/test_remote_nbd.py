@@ -2,12 +2,14 @@
 real servers on 127.0.0.1 (in-process, port 0): reads go over the origin's NBD export (an
 address, or ``"auto"``: asked of the origin), an export that is not usable or belongs to
 another server (or to the reading server itself) is not used and ``inspect`` says why,
-reads follow the origin as it grows, and the option's rules.
+and says it as things are now (a connection that breaks with no read in flight; a target
+that came back), reads follow the origin as it grows, and the option's rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from stacks import pattern
 
 from tierdisk.client import AsyncClient
 from tierdisk.service.errors import ConfigError
+from tierdisk.service.layers import remote_nbd
 from tierdisk.service.server import Server
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,6 +64,7 @@ async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path
         await vol.write(8, b"w" * SS)  # lands on the ram layer on top
         assert await vol.read(0, 16) == NBD_BASE[: 8 * SS] + b"w" * SS + NBD_BASE[9 * SS : 16 * SS]
         tree = await vol.inspect("layers/1")
+        assert isinstance(tree["nbd"].pop("checked_s_ago"), (int, float))
         assert tree["nbd"] == {
             "option": o.nbd_address,
             "address": o.nbd_address,
@@ -105,6 +109,7 @@ async def test_nbd_auto_asks_the_target_where_its_export_is(
             vol = client.volume("vm")
             assert await vol.read(0, 4 * MiB // SS) == NBD_BASE
             tree = await vol.inspect("layers/1")
+            assert isinstance(tree["nbd"].pop("checked_s_ago"), (int, float))
             assert tree["nbd"] == {
                 "option": "auto",
                 "address": o.nbd_address,
@@ -228,6 +233,69 @@ async def test_nbd_reads_follow_the_origin_as_it_grows(nbd_origin: Server, tmp_p
         assert "NbdRead" not in (await vol.inspect("layers/0"))["requests"]
         assert await vol.read(6 * MiB // SS, 64) == news
         assert (await vol.inspect("layers/0"))["requests"]["NbdRead"] == {"OK": 1}
+
+
+async def test_a_connection_that_breaks_shows_in_inspect_without_a_read(tmp_path: Path) -> None:
+    """FINDINGS F7: the origin goes away while no read is in flight. ``inspect`` must not
+    keep showing an unused connection with no problem until the next read: the break is
+    seen at once, and so is why no new connection is made."""
+    body = nbd_server_config(tmp_path / "origin", "4MiB")
+    async with contextlib.AsyncExitStack() as stack:
+        o = await stack.enter_async_context(running_server(tmp_path / "origin", body))
+        proxy_body = toml_volume("vm", remote(o.grpc_address, "base", nbd=o.nbd_address))
+        proxy = await stack.enter_async_context(running_server(tmp_path / "proxy", proxy_body))
+        vol = (await stack.enter_async_context(AsyncClient(proxy.grpc_address))).volume("vm")
+        assert await vol.read(0, 8) == bytes(8 * SS)
+        assert (await vol.inspect("layers/0/nbd"))["connected"] is True
+        await o.stop(grace=1)
+        deadline = time.monotonic() + 5
+        while (nbd := await vol.inspect("layers/0/nbd"))["problem"] == "":
+            assert time.monotonic() < deadline, nbd
+            await asyncio.sleep(0.05)
+        assert nbd["connected"] is False and o.nbd_address in nbd["problem"], nbd
+        assert (await vol.inspect("layers/0"))["requests"]["NbdRead"] == {"OK": 1}  # no other
+
+
+async def test_the_nbd_problem_is_asked_anew_when_the_target_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FINDINGS F7: ``nbd`` names another server's export, so it is not used, and the reason
+    names the target's server id. The target restarts (a new id). The reason must follow
+    when the target is back (the resize watch reconnected), not at the end of the NBD
+    backoff, made long here (30 s) so only that can bring it."""
+    monkeypatch.setattr(remote_nbd, "_BACKOFF", (30.0, 30.0))
+    listen = f"127.0.0.1:{free_port()}"
+
+    def target(folder: Path) -> str:
+        return (
+            f'[server]\nlisten = "{listen}"\nmetrics = ""\ndata_dir = "{folder}"\n'
+            + toml_volume("base", ram("4MiB"))
+        )
+
+    other = nbd_server_config(tmp_path / "other", "4MiB")
+    async with contextlib.AsyncExitStack() as stack:
+        wrong = await stack.enter_async_context(running_server(tmp_path / "other", other))
+        first = await stack.enter_async_context(
+            running_server(tmp_path / "t1", target(tmp_path / "t1"))
+        )
+        proxy_body = toml_volume("vm", remote(listen, "base", nbd=wrong.nbd_address))
+        proxy = await stack.enter_async_context(running_server(tmp_path / "proxy", proxy_body))
+        vol = (await stack.enter_async_context(AsyncClient(proxy.grpc_address))).volume("vm")
+        nbd = await vol.inspect("layers/0/nbd")
+        assert f"is served by {wrong.server_id}" in nbd["problem"], nbd
+        assert first.server_id in nbd["problem"], nbd
+        await first.stop(grace=1)
+        second = await stack.enter_async_context(
+            running_server(tmp_path / "t2", target(tmp_path / "t2"))
+        )
+        assert second.server_id != first.server_id
+        deadline = time.monotonic() + 10
+        while second.server_id not in (nbd := await vol.inspect("layers/0/nbd"))["problem"]:
+            assert time.monotonic() < deadline, nbd
+            await asyncio.sleep(0.05)
+        assert f"is served by {wrong.server_id}" in nbd["problem"], nbd
+        assert nbd["checked_s_ago"] < 10
+        assert await vol.read(0, 8) == bytes(8 * SS)
 
 
 @pytest.mark.parametrize(

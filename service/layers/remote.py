@@ -51,7 +51,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     the NBD path from looping back. They are counted as method ``NbdRead`` in
     ``tierdisk_remote_requests_total`` (codes ``OK``, ``UNAVAILABLE`` for a connection that
     failed, ``DEADLINE_EXCEEDED``, ``INTERNAL`` for an error answer); ``inspect`` shows the
-    connection under ``nbd`` (with ``problem``: why it is not used, "" when it is).
+    connection under ``nbd`` (with ``problem``: why it is not used, "" when it is, and
+    ``checked_s_ago``: how old that is; a connection that breaks is seen at once, and the
+    reason is sought anew when the resize watch reconnects, i.e. the target answers again).
 
 Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
 remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size, and the
@@ -64,6 +66,26 @@ volume, the engine passes the change on to the volume's own watchers. Attach wai
 the attach timeout) for that stream to start, and :meth:`resize` (``Resize`` forwarded to
 the remote) takes the new size from the stream when it runs, so sizes are applied in the
 remote's order and a late reply never puts back an older size.
+
+The remote volume must keep its geometry: a volume re-created with another sector size (or,
+when it had one at attach, another disk id) under the same name and address would take this
+layer's sector numbers as other bytes (a write at the wrong place, a size read in other
+units). So the geometry is checked again whenever the resize watch (re)connects, before the
+stream's size is applied (one ``Inspect``, see below), and while no stream runs (it broke:
+the remote may be restarting) each I/O checks it first, then wakes the watch to reconnect.
+On a change, the size is never applied and every I/O of the layer (reads over NBD too) fails
+with :class:`~..errors.FailedPrecondition` naming the old and the new value, until this
+server restarts (and so attaches the volume anew); ``inspect`` shows it as ``problem``
+(``""`` while all is well). The check costs the I/O path one attribute test.
+
+A remote that shrank before its ``WatchResize`` event arrived answers ``OUT_OF_RANGE`` to a
+read (or presence) of sectors inside the size this layer still knows. A layer smaller than the
+volume never fails a read there (DESIGN.md §3): the layer asks the remote's size (one
+``Inspect``: size and generation of one moment; GetVolume has no generation), applies it as
+the watch would (while a stream runs only if its generation is newer than the last applied, so
+no older size comes back and the event is not applied twice) and retries within it, so the
+sectors past the new end come from below or read as zeros. A size that keeps changing under
+the retries (3 tries) is :class:`~..errors.Unavailable`.
 
 Unmap: in disk mode, or where nothing below this layer shows through, ``Unmap`` is
 forwarded. In layer mode over lower data the sectors are written as zeros instead, because
@@ -93,10 +115,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -136,6 +158,7 @@ _BACKOFF = 0.05  # first retry wait ceiling (full jitter), doubling per retry
 _MAX_BACKOFF = 2.0
 _WATCH_BACKOFF = (0.1, 5.0)  # reconnect delays of the WatchResize follower
 _PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
+_SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
 
@@ -300,6 +323,16 @@ class RemoteLayer(Layer):
         self._watching = False
         self._watch_news = asyncio.Event()  # replaced and set on each watch event or break
         self._smallest = 0  # the remote volume's smallest size (set at attach)
+        self._generation: int | None = None  # remote size generation applied (while watching)
+        self._watch_wake = asyncio.Event()  # cuts the watch's reconnect backoff short
+        self._disk_id_at_attach = b""
+        self._checked = True
+        """False while the remote's geometry is not known to be the one of attach: from the
+        end of a resize watch stream until the next one's check, and for good once
+        :attr:`_refusal` is set. Every I/O tests it (the only cost on its path)."""
+        self._refusal: errors.FailedPrecondition | None = None
+        """Set when the remote volume's geometry changed: what every I/O raises."""
+        self._io_check: asyncio.Task[None] | None = None  # a check shared by waiting I/O
         self._present = 0
         self._present_at = -_PRESENT_REFRESH
         self._present_task: asyncio.Task[None] | None = None
@@ -383,6 +416,7 @@ class RemoteLayer(Layer):
                 ) from None
             self._set_geometry(info.sector_size, info.sector_count, info.physical_sector_size)
             self._smallest = info.sector_count if smallest is None else smallest
+            self._disk_id_at_attach = info.disk_id
         except BaseException:
             await client.close()
             raise
@@ -401,18 +435,23 @@ class RemoteLayer(Layer):
         # in order, and no first message of a late stream can bring back an older size.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(attach_timeout):
-                while not self._watching:
+                while not self._watching and self._refusal is None:
                     await self._watch_news.wait()
+        if self._refusal is not None:  # re-created between GetVolume and the watch: anew
+            await self.close()
+            raise errors.Unavailable(
+                f"{self._where}: its geometry changed while this layer attached; attaching anew"
+            )
         if self._nbd is not None:
             await self._nbd.start()
 
     async def close(self) -> None:
-        for task in (self._watch_task, self._present_task):
+        for task in (self._watch_task, self._present_task, self._io_check):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._watch_task = self._present_task = None
+        self._watch_task = self._present_task = self._io_check = None
         if self._nbd is not None:
             await self._nbd.close()
         if self._client is not None:
@@ -513,6 +552,8 @@ class RemoteLayer(Layer):
         return self._present
 
     async def _refresh_present(self, seconds: float | None = None) -> None:
+        if self._refusal is not None:
+            return
         vol = self._volume()
         extents = await vol.allocation(0, self._sector_count, timeout=seconds or self.timeout)
         self._present = sum(e.sector_count for e in extents if e.depth >= 0)
@@ -533,6 +574,8 @@ class RemoteLayer(Layer):
         return max(0, min(count, self._sector_count - sector))
 
     async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        if not self._checked:
+            await self._check_first()
         ss = self._sector_size
         count = self._clip(sector, len(buf) // ss)
         if count == 0:
@@ -540,11 +583,25 @@ class RemoteLayer(Layer):
         if self._nbd is not None and await self._nbd.read(buf[: count * ss], sector * ss):
             return [(sector, sector + count)]
         vol = self._volume()
-        with self._errors:
+        try:
+            with self._errors:
+                if self.mode == "layer":
+                    return await self._read_present(buf, sector, count)
+                await vol.read_into(sector, buf[: count * ss])  # one copy, from the reply
+        except errors.OutOfRange as exc:  # inside the size known: the remote shrank
+            return await self._after_shrink(exc, sector, len(buf) // ss, self._read_some(buf))
+        return [(sector, sector + count)]
+
+    def _read_some(self, buf: memoryview) -> Callable[[int, int], Awaitable[list[Run]]]:
+        """:meth:`read` of the first ``count`` sectors of ``buf`` from ``sector``, over gRPC."""
+
+        async def read(sector: int, count: int) -> list[Run]:
             if self.mode == "layer":
                 return await self._read_present(buf, sector, count)
-            await vol.read_into(sector, buf[: count * ss])  # one copy, from the reply
-        return [(sector, sector + count)]
+            await self._volume().read_into(sector, buf[: count * self._sector_size])
+            return [(sector, sector + count)]
+
+        return read
 
     async def _read_present(self, buf: memoryview, sector: int, count: int) -> list[Run]:
         """Layer mode: read with report_presence straight into ``buf``; the runs the remote
@@ -557,20 +614,33 @@ class RemoteLayer(Layer):
         )
 
     async def presence(self, sector: int, count: int) -> list[Run]:
-        count = self._clip(sector, count)
+        if not self._checked:
+            await self._check_first()
+        wanted, count = count, self._clip(sector, count)
         if count == 0:
             return []
         if self.mode == "disk":
             return [(sector, sector + count)]
-        with self._errors:
-            extents = await self._volume().allocation(sector, count)
+        try:
+            with self._errors:
+                return await self._held(sector, count)
+        except errors.OutOfRange as exc:  # inside the size known: the remote shrank
+            return await self._after_shrink(exc, sector, wanted, self._held)
+
+    async def _held(self, sector: int, count: int) -> list[Run]:
+        """Layer mode: the runs of ``[sector, sector + count)`` the remote holds."""
+        extents = await self._volume().allocation(sector, count)
         return _merged([(e.sector, e.end) for e in extents if e.depth >= 0])
 
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        if not self._checked:
+            await self._check_first()
         with self._errors:
             await self._volume().write(sector, data, fua=fua)
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        if not self._checked:
+            await self._check_first()
         if not self.can_read_cache:
             await super().write_no_overwrite(data, sector)
             return
@@ -580,6 +650,8 @@ class RemoteLayer(Layer):
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
     ) -> None:
+        if not self._checked:
+            await self._check_first()
         if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
             return
         vol = self._volume()
@@ -603,10 +675,14 @@ class RemoteLayer(Layer):
         await run_bounded(plan_chunks(sector, count, per_chunk), one, self._max_in_flight)
 
     async def flush(self) -> None:
+        if not self._checked:
+            await self._check_first()
         with self._errors:
             await self._volume().flush()
 
     async def resize(self, sector_count: int) -> None:
+        if not self._checked:
+            await self._check_first()
         if self.read_only:
             raise errors.ReadOnlyError(f"{self._where} is read-only: cannot resize it")
         with self._errors:
@@ -623,6 +699,8 @@ class RemoteLayer(Layer):
                         await self._watch_news.wait()
             if self._sector_count == size:
                 return
+            if self._refusal is not None:  # the remote changed meanwhile: not in its units
+                raise self._refusal
         self._set_size(size)
 
     def _set_size(self, sector_count: int) -> None:
@@ -642,25 +720,167 @@ class RemoteLayer(Layer):
 
     async def _follow_resizes(self) -> None:
         """Follow the remote's WatchResize for as long as the layer lives, reconnecting with
-        jittered exponential backoff when the stream breaks or the remote restarts."""
+        jittered exponential backoff when the stream breaks or the remote restarts (sooner
+        when an I/O found the remote answering again). The first event of each stream is
+        applied only once the remote's geometry proved unchanged; after a change, following
+        ends (the layer refuses all I/O)."""
         delay = _WATCH_BACKOFF[0]
         vol = self._volume()
-        while True:
+        while self._refusal is None:
             try:
                 async for event in vol.watch_resize():
-                    self._watching = True
-                    delay = _WATCH_BACKOFF[0]
-                    self._set_size(event.sector_count)
+                    if not self._watching:  # a new stream: which volume answers it now?
+                        await self._check_geometry()
+                        self._watching = self._checked = True
+                        delay = _WATCH_BACKOFF[0]
+                        self._generation = event.generation
+                        self._set_size(event.sector_count)
+                        if self._nbd is not None:
+                            self._nbd.retry_now()  # the target is back: NBD may be too
+                    elif self._generation is None or event.generation > self._generation:
+                        self._generation = event.generation  # (else a refresh applied it)
+                        self._set_size(event.sector_count)
                     self._watch_spoke()
             except client_errors.TierdiskError as exc:
                 self._watch_log.warning(
                     "%s: resize watch broke (%s); reconnecting", self._where, exc
                 )
+            except errors.FailedPrecondition:
+                if self._refusal is None:
+                    raise
             finally:
-                self._watching = False
+                self._watching = self._checked = False
+                self._generation = None
+                self._watch_wake.clear()
                 self._watch_spoke()
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            if self._refusal is not None:
+                return
+            # The backoff; an I/O that found the remote answering cuts it short (but never
+            # below the first delay, so attempts stay bounded whatever the I/O rate).
+            wait = delay * (0.5 + random.random())
+            await asyncio.sleep(min(wait, _WATCH_BACKOFF[0]))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wait - _WATCH_BACKOFF[0])):
+                    await self._watch_wake.wait()
             delay = min(delay * 2, _WATCH_BACKOFF[1])
+
+    # -- the remote's geometry and size ---------------------------------------------------
+
+    async def _remote_state(self) -> _RemoteState:
+        """The remote volume's sector size, disk id, size and size generation, as one
+        ``Inspect`` reports them (one moment of the volume; GetVolume has no generation).
+        Client errors pass through."""
+        tree = await self._volume().inspect()
+        sector_size, sector_count, generation, disk_id = (
+            tree.get("sector_size"),
+            tree.get("sector_count"),
+            tree.get("generation"),
+            tree.get("disk_id", ""),
+        )
+        if (
+            isinstance(sector_size, int)
+            and isinstance(sector_count, int)
+            and isinstance(generation, int)
+            and isinstance(disk_id, str)
+        ):
+            return _RemoteState(sector_size, disk_id, sector_count, generation)
+        raise client_errors.StorageError(
+            "its Inspect tree lacks sector_size, sector_count, generation or disk_id",
+            volume=self.remote_volume,
+        )
+
+    async def _check_geometry(self, state: _RemoteState | None = None) -> None:
+        """Raise (and set for good) :attr:`_refusal` if the remote volume's sector size, or
+        its disk id when it had one at attach, is not what it was at attach (``state``, or
+        asked now); client errors pass through."""
+        if state is None:
+            state = await self._remote_state()
+        changes = []
+        if state.sector_size != self._sector_size:
+            changes.append(f"{state.sector_size}-byte sectors, not {self._sector_size}")
+        attached = self._disk_id_at_attach.hex()
+        if attached and state.disk_id != attached:
+            changes.append(f"disk id {state.disk_id or '(none)'}, not {attached}")
+        if not changes:
+            return
+        if self._refusal is None:
+            self._refusal = errors.FailedPrecondition(
+                f"{self._where} changed since this layer attached: it now has "
+                f"{' and '.join(changes)} (re-created with another geometry?). Its sector "
+                "numbers no longer address the data this layer was attached to, so the layer "
+                "refuses all I/O: restart this server to attach the volume anew, to the remote "
+                "volume as it is now"
+            )
+            self._checked = False
+            log.error("%s", self._refusal)
+            if self._nbd is not None:
+                await self._nbd.refuse(f"not used: {self._refusal}")
+            self._watch_spoke()
+        raise self._refusal
+
+    async def _check_first(self) -> None:
+        """Before an I/O while the remote's geometry is not known to be unchanged (no resize
+        watch stream runs: the remote may be restarting with another one): refused after a
+        change; else one check, shared by the I/O that wait for it, then the I/O may go on
+        (and the watch reconnects now, the remote answering)."""
+        if self._refusal is not None:
+            raise self._refusal
+        check = self._io_check
+        if check is None:
+            check = self._io_check = asyncio.create_task(self._check_for_io())
+            check.add_done_callback(_retrieve)  # its error is raised to those who wait
+        await asyncio.shield(check)
+
+    async def _check_for_io(self) -> None:
+        try:
+            with self._errors:
+                await self._check_geometry()
+            self._watch_wake.set()
+        finally:
+            self._io_check = None
+
+    async def _refreshed_size(self) -> int:
+        """The remote's size now, asked after it refused as out of range sectors inside the
+        size this layer knew (it shrank; the watch has not said so yet), and applied as the
+        watch would: while a stream runs, only if newer than the last size it applied (its
+        event, when it comes, is then not applied again, and no late answer brings back an
+        older size); with no stream, at once (the next stream's first event says it anew)."""
+        with self._errors:
+            state = await self._remote_state()
+            await self._check_geometry(state)
+        if not self._watching:
+            self._set_size(state.sector_count)
+        elif self._generation is not None and state.generation > self._generation:
+            self._generation = state.generation
+            self._set_size(state.sector_count)
+            self._watch_spoke()
+        return state.sector_count
+
+    async def _after_shrink(
+        self,
+        exc: errors.OutOfRange,
+        sector: int,
+        count: int,
+        call: Callable[[int, int], Awaitable[list[Run]]],
+    ) -> list[Run]:
+        """A read or presence call of ``[sector, sector + count)``, clipped to the size this
+        layer knew, was refused as out of range (``exc``): the remote shrank. ``call`` it
+        again within the remote's size now (:meth:`_refreshed_size`), so what lies past the
+        new end is left to the layers below (or zeros), as for any lower layer smaller than
+        the volume (DESIGN.md §3). A size that keeps changing is UNAVAILABLE (retry)."""
+        for _ in range(_SIZE_TRIES):
+            size = await self._refreshed_size()
+            inside = max(0, min(count, size - sector))
+            if inside == 0:
+                return []
+            try:
+                with self._errors:
+                    return await call(sector, inside)
+            except errors.OutOfRange as again:
+                exc = again
+        raise errors.Unavailable(
+            f"{self._where}: its size kept changing while a request was fitted to it ({exc})"
+        )
 
     # -- diagnostics ----------------------------------------------------------------------
 
@@ -675,12 +895,23 @@ class RemoteLayer(Layer):
             "mode": self.mode,
             "connection": state,
             "watching_resizes": self._watching,
+            # why the layer refuses all I/O ("" while it does not): its remote changed geometry
+            "problem": str(self._refusal) if self._refusal is not None else "",
             "tls": self.tls,
             "timeout": self.timeout,
             "retries": self.retries,
             "requests": counts,
             **({"nbd": self._nbd.inspect()} if self._nbd is not None else {}),
         }
+
+
+class _RemoteState(NamedTuple):
+    """What :meth:`RemoteLayer._remote_state` reads from the remote volume's Inspect."""
+
+    sector_size: int
+    disk_id: str  # hex; "" when the volume has none
+    sector_count: int
+    generation: int
 
 
 async def _smallest_of(vol: AsyncVolume, seconds: float) -> int | None:
@@ -692,6 +923,12 @@ async def _smallest_of(vol: AsyncVolume, seconds: float) -> int | None:
         return None
     value = node.get("value")
     return value if isinstance(value, int) and value >= 0 else None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark ``task``'s outcome seen (its waiters may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _merged(runs: list[Run]) -> list[Run]:

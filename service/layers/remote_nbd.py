@@ -5,6 +5,13 @@ layer's reads; everything else (attach, writes, fills, flush, unmap, resize, the
 watch) stays on gRPC, and so does any read this path cannot serve. The semantics (which
 export is used, what happens on errors and timeouts, what ``inspect`` shows) are the ``nbd``
 option's, in :mod:`.remote`'s docstring.
+
+``problem`` (in ``inspect``) follows the situation: a connection that breaks is noticed at
+once, read or not (the reason is shown and a new connection is sought at once); while none is
+usable, attempts follow a backoff, and the layer calls :meth:`NbdDataPath.retry_now` when its
+gRPC target answers again (its resize watch reconnected: the target restarted, or came back),
+so a reason found while the target was away is not kept through the backoff; ``checked_s_ago``
+says how old the reason is.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class NbdDataPath:
         self.option = option
         self.address = "" if option == NBD_AUTO else option  # with "auto": once the target said
         self.problem = ""  # why the NBD export is not used ("" when it is)
+        self._checked_at: float | None = None  # when problem was last found (monotonic)
         self._target = target
         self._volume_name = volume
         self._where = where
@@ -78,6 +86,7 @@ class NbdDataPath:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._no_export = False  # "auto" and the target said it serves no NBD export
+        self._wake = asyncio.Event()  # set by retry_now: the next attempt is due at once
         self._log = RateLimitedLog(log)
 
     async def start(self) -> None:
@@ -95,14 +104,27 @@ class NbdDataPath:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+
+    async def refuse(self, problem: str) -> None:
+        """Stop using the export for good (the layer refuses all I/O: ``problem`` says why,
+        and ``inspect`` shows it)."""
+        await self.close()
+        self._set_problem(problem)
 
     def size_changed(self) -> None:
         """The remote volume changed size: connect anew to learn the export's size."""
         if self._reader is not None or self._task is not None:
             self._reconnect()
+
+    def retry_now(self) -> None:
+        """The target answers again (the layer's resize watch reconnected): if no usable
+        connection is being sought, try again now instead of at the end of the backoff (or of
+        the minute of "auto" with no export): the reason for not using NBD may have gone."""
+        if self._task is not None and not self._task.done():
+            self._wake.set()
 
     async def read(self, buf: memoryview, offset: int) -> bool:
         """Fill ``buf`` from byte ``offset`` of the export; False when the read is not
@@ -144,10 +166,20 @@ class NbdDataPath:
             self._not_used(problem)
             return
         old, self._reader = self._reader, reader
-        self.problem = ""
+        self._set_problem("")
         if old is not None:  # let its reads in flight finish: no needless gRPC retries
             await old.close(drain=self._timeout)
         log.info("%s: reading over NBD at %s", self._where, self.address)
+        reader.on_close(lambda error: self._lost(reader, error))
+
+    def _lost(self, reader: NbdReader, error: NbdClosed) -> None:
+        """``reader``'s connection became unusable; when it is the one in use (not one this
+        path closed itself), say so and seek a new one now, not at the next read."""
+        if self._reader is not reader or self._closed:
+            return
+        self._reader = None
+        self._not_used(f"the NBD connection to {self.address} broke ({error}); connecting anew")
+        self._reconnect()
 
     async def _ask_address(self) -> bool:
         """``nbd = "auto"``: take the NBD address from the target's server (``Inspect`` path
@@ -161,7 +193,7 @@ class NbdDataPath:
             problem = f"{self._target} serves no NBD export (its [server] nbd is off)"
             if problem != self.problem:
                 log.info("%s: %s; reading over gRPC", self._where, problem)
-            self.problem = problem
+            self._set_problem(problem)
             self._no_export = True
             return False
         except client_errors.TierdiskError as exc:
@@ -175,8 +207,12 @@ class NbdDataPath:
         return True
 
     def _not_used(self, problem: str) -> None:
-        self.problem = problem
+        self._set_problem(problem)
         self._log.warning("%s: %s; reading over gRPC", self._where, problem)
+
+    def _set_problem(self, problem: str) -> None:
+        self.problem = problem
+        self._checked_at = time.monotonic()
 
     async def _served_elsewhere(self, served_by: str) -> str:
         """Why the NBD export named ``served_by`` (the server id in its description) must not
@@ -208,6 +244,7 @@ class NbdDataPath:
 
     async def _keep_trying(self) -> None:
         delay = _BACKOFF[0]
+        self._wake.clear()  # a retry_now from before this task is no news to it
         while not self._closed:
             want = self._size()
             await self._connect()
@@ -215,10 +252,22 @@ class NbdDataPath:
             if nbd is not None and not nbd.closed and nbd.export.size >= want:
                 return
             if self._no_export:
-                await asyncio.sleep(_NO_EXPORT_RETRY)
-                continue
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _BACKOFF[1])
+                wait = _NO_EXPORT_RETRY
+            else:
+                wait = delay * (0.5 + random.random())
+                delay = min(delay * 2, _BACKOFF[1])
+            if await self._sleep(wait):  # retry_now: the situation changed, start over
+                delay = _BACKOFF[0]
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if :meth:`retry_now` is called (True then)."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        self._wake.clear()
+        return True
 
     async def _read(self, nbd: NbdReader, buf: memoryview, offset: int) -> bool:
         started = time.monotonic()
@@ -233,10 +282,9 @@ class NbdDataPath:
                 self.address,
                 self._timeout,
             )
-            await self._drop(nbd)
-            raise errors.DeadlineExceeded(
-                f"{self._where}: no answer over NBD at {self.address} within {self._timeout:g} s"
-            ) from None
+            problem = f"no answer over NBD at {self.address} within {self._timeout:g} s"
+            await self._drop(nbd, f"{problem}; connecting anew")
+            raise errors.DeadlineExceeded(f"{self._where}: {problem}") from None
         except NbdError as exc:
             closed = isinstance(exc, NbdClosed)
             code = grpc.StatusCode.UNAVAILABLE if closed else grpc.StatusCode.INTERNAL
@@ -248,25 +296,30 @@ class NbdDataPath:
                 exc,
             )
             if closed:
-                await self._drop(nbd)
+                await self._drop(nbd, f"the NBD connection to {self.address} broke ({exc})")
             return False
         self._observe("NbdRead", grpc.StatusCode.OK, time.monotonic() - started)
         return True
 
-    async def _drop(self, nbd: NbdReader) -> None:
-        """Stop using a broken or hung connection and make a new one in the background."""
+    async def _drop(self, nbd: NbdReader, problem: str) -> None:
+        """Stop using a broken or hung connection (``problem`` says why) and make a new one
+        in the background."""
         if self._reader is nbd:
             self._reader = None
+            self._set_problem(problem)
             self._reconnect()
         await nbd.close()
 
     def inspect(self) -> dict[str, Any]:
         """The ``nbd`` part of the layer's ``inspect`` tree."""
         reader = self._reader
+        checked = self._checked_at
         return {
             "option": self.option,
             "address": self.address,
             "connected": reader is not None and not reader.closed,
             "export_bytes": reader.export.size if reader is not None else None,
             "problem": self.problem,
+            # how old problem is: since the last attempt to connect (or the break it names)
+            "checked_s_ago": None if checked is None else round(time.monotonic() - checked, 1),
         }

@@ -1,0 +1,269 @@
+"""A ``remote`` layer whose remote volume changes under it, against real servers on 127.0.0.1
+(in-process; the origin restarts on the same address).
+
+- The origin volume is re-created with another sector size (or disk id): the layer never
+  takes the new size in the new units and refuses every I/O (reads over NBD too) with
+  FAILED_PRECONDITION naming the change, before its resize watch is back (each I/O checks
+  while no watch stream runs) and after (the watch checks when it reconnects); ``inspect``
+  shows it.
+- The origin shrinks and a read of the cache tier, inside its own volume but past the
+  origin's new end, comes before the WatchResize event: the sectors past the end read as
+  zeros (DESIGN.md §3), never OUT_OF_RANGE; the size is applied once, in order. The events
+  are held back by a WatchResize handler that waits before passing them on (the origin's own
+  handler runs), so the race is certain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import free_port, ram, remote, running_server, toml_volume
+from stacks import MapLayer, pattern
+
+from tierdisk.client import AsyncClient
+from tierdisk.client import errors as cerr
+from tierdisk.service.grpc_api import BlockDeviceService
+from tierdisk.service.volume import LayerEntry, Volume
+
+pytestmark = pytest.mark.timeout(60)
+
+SS = 512
+SECTORS = 2048  # 1 MiB
+BASE = pattern(3, 0, SECTORS, SS)
+
+
+def head(listen: str, folder: Path, nbd: str = "") -> str:
+    """A ``[server]`` table listening on ``listen`` (and NBD on ``nbd``)."""
+    return (
+        f'[server]\nlisten = "{listen}"\nmetrics = ""\nnbd = "{nbd}"\n'
+        f'data_dir = "{folder / "data"}"\n'
+    )
+
+
+async def eventually(what: str, check: Callable[[], Awaitable[Any]], seconds: float = 15) -> Any:
+    """Poll ``check`` until it returns a true value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what} did not happen within {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+# -- the remote volume re-created with another geometry --------------------------------------
+
+
+@pytest.mark.parametrize("nbd", [False, True], ids=["grpc", "nbd-reads"])
+async def test_an_origin_recreated_with_another_sector_size_is_refused(
+    tmp_path: Path, nbd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FINDINGS F1: the origin restarts on the same address with the same volume name and
+    byte size but 4096-byte sectors. The cache tier must not shrink its volume 8x nor write
+    at 8x the offset: every I/O fails, naming both sector sizes, from the first one after the
+    restart on. The new origin's WatchResize streams send nothing (a watch not reconnected
+    yet), so the I/O's own check is what refuses."""
+    listen = f"127.0.0.1:{free_port()}"
+    nbd_at = f"127.0.0.1:{free_port()}" if nbd else ""
+
+    def origin(folder: Path, sector_size: int) -> str:
+        return head(listen, folder, nbd_at) + toml_volume(
+            "base", ram(f"{SECTORS * SS}", sector_size=sector_size)
+        )
+
+    options = {"nbd": nbd_at} if nbd else {}
+    body = toml_volume("v", remote(listen, "base", **options))
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            running_server(tmp_path / "o1", origin(tmp_path / "o1", 512))
+        )
+        async with AsyncClient(first.grpc_address) as oc:
+            await oc.volume("base").write(0, BASE)
+        cache = await stack.enter_async_context(running_server(tmp_path / "cache", body))
+        client = await stack.enter_async_context(
+            AsyncClient(cache.grpc_address, retries=0, timeout=10)
+        )
+        vol = client.volume("v")
+        assert await vol.read(0, 16) == BASE[: 16 * SS]
+        if nbd:
+            assert (await vol.inspect("layers/0"))["requests"]["NbdRead"] == {"OK": 1}
+        await first.stop(grace=1)
+
+        async def watch_broke() -> bool:
+            return not (await vol.inspect("layers/0"))["watching_resizes"]
+
+        await eventually("the resize watch to see the origin go", watch_broke)
+
+        async def silent(
+            self: BlockDeviceService, request: Any, context: Any
+        ) -> AsyncIterator[Any]:
+            await asyncio.Event().wait()  # until the server stops (cancelled then)
+            yield None  # pragma: no cover - never reached
+
+        monkeypatch.setattr(BlockDeviceService, "WatchResize", silent)  # for the next origin
+        second = await stack.enter_async_context(
+            running_server(tmp_path / "o2", origin(tmp_path / "o2", 4096))
+        )
+        # At once, whether or not the watch reconnected: the I/O checks first.
+        new = pattern(9, 8, 8, SS)
+        with pytest.raises(cerr.FailedPrecondition) as info:
+            await vol.write(8, new)
+        message = info.value.message
+        assert "4096-byte sectors, not 512" in message and listen in message, message
+        assert "restart this server" in message
+        for call in (
+            lambda: vol.read(0, 16),
+            lambda: vol.write(0, new),
+            lambda: vol.unmap(0, 8),
+            lambda: vol.flush(),
+            lambda: vol.resize(SECTORS * 2),
+        ):
+            with pytest.raises(cerr.FailedPrecondition) as info:
+                await call()
+            assert "4096-byte sectors, not 512" in info.value.message
+        # The size is never taken in the new units, nor the sector size.
+        got = await vol.info()
+        assert (got.sector_size, got.sector_count) == (512, SECTORS)
+        tree = await vol.inspect("layers/0")
+        assert "4096-byte sectors, not 512" in tree["problem"]
+        assert tree["sector_count"] == SECTORS
+        assert tree["watching_resizes"] is False  # the I/O found it, not the watch
+        if nbd:
+            assert tree["requests"]["NbdRead"] == {"OK": 1}  # no read over NBD either
+            assert tree["nbd"]["connected"] is False
+            assert "4096-byte sectors, not 512" in tree["nbd"]["problem"]
+        # Nothing reached the new origin volume.
+        async with AsyncClient(second.grpc_address) as oc:
+            assert await oc.volume("base").read(0, SECTORS * SS // 4096) == bytes(SECTORS * SS)
+
+
+async def test_an_origin_replaced_by_another_disk_is_refused_once_the_watch_is_back(
+    tmp_path: Path,
+) -> None:
+    """The origin volume had a disk id at attach; after a restart on the same address the
+    volume of that name has none (another disk, same geometry and size). The resize watch
+    finds it when it reconnects, with no I/O asked: ``inspect`` names both ids; I/O fails."""
+    listen = f"127.0.0.1:{free_port()}"
+
+    def plain(folder: Path) -> str:
+        return head(listen, folder) + toml_volume("base", ram(f"{SECTORS * SS}"))
+
+    disk_id = bytes(range(16))
+    body = toml_volume("v", remote(listen, "base"))
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            running_server(tmp_path / "o1", plain(tmp_path / "o1"))
+        )
+        double = await Volume.open("base", [LayerEntry(MapLayer(SECTORS, disk_id=disk_id))])
+        replaced = first.registry.get("base")
+        first.registry.set_ready(double)  # the origin now serves a volume with a disk id
+        await replaced.close()
+        cache = await stack.enter_async_context(running_server(tmp_path / "cache", body))
+        client = await stack.enter_async_context(AsyncClient(cache.grpc_address, retries=0))
+        vol = client.volume("v")
+        assert (await vol.info()).disk_id == disk_id
+        await first.stop(grace=1)
+        await stack.enter_async_context(running_server(tmp_path / "o2", plain(tmp_path / "o2")))
+
+        async def refused() -> str:
+            return str((await vol.inspect("layers/0")).get("problem", ""))
+
+        problem = await eventually("the layer to find the other disk", refused)
+        assert f"disk id (none), not {disk_id.hex()}" in problem, problem
+        with pytest.raises(cerr.FailedPrecondition) as info:
+            await vol.read(0, 8)
+        assert disk_id.hex() in info.value.message
+        assert (await vol.inspect("layers/0"))["watching_resizes"] is False  # it stopped
+
+
+# -- the remote volume shrank and the watch has not said so yet --------------------------------
+
+
+@pytest.fixture
+def resize_events_flow(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """While the returned event is clear, every WatchResize stream of a server started from
+    now on holds back its events after the first (the current size), as a slow stream
+    would; setting it lets them through, in order."""
+    flowing = asyncio.Event()
+    flowing.set()
+    original = BlockDeviceService.WatchResize
+
+    async def watch(self: BlockDeviceService, request: Any, context: Any) -> AsyncIterator[Any]:
+        first = True
+        async for event in original(self, request, context):
+            if not first:
+                await flowing.wait()
+            first = False
+            yield event
+
+    monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
+    return flowing
+
+
+async def test_a_read_past_an_origin_shrink_not_yet_watched_reads_zeros(
+    tmp_path: Path, resize_events_flow: asyncio.Event
+) -> None:
+    """FINDINGS F5: the origin shrinks to half, and the cache tier reads past the new end
+    (inside its own volumes) before the WatchResize event arrives. A lower remote layer must
+    supply nothing there, not fail the read with OUT_OF_RANGE; a remote top takes the new
+    size once (one generation), and the late event does not apply it again."""
+    n, half = 4 * SECTORS, 2 * SECTORS
+    data = pattern(4, 0, n, SS)
+    zeros = bytes(8 * SS)
+    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
+        at = o.grpc_address
+        body = (
+            toml_volume(
+                "cached",
+                {"kind": "sparse", "path": "cached", "size": n * SS, "read_cache": True},
+                remote(at, "base"),
+            )
+            + toml_volume("top", remote(at, "base"))
+            + toml_volume("layered", ram(f"{n * SS}"), remote(at, "base", mode="layer"))
+        )
+        async with (
+            AsyncClient(at) as oc,
+            running_server(tmp_path / "cache", body) as cache,
+            AsyncClient(cache.grpc_address, retries=0) as cc,
+        ):
+            await oc.volume("base").write(0, data)
+            top = cc.volume("top")
+            generation = (await top.inspect())["generation"]
+
+            resize_events_flow.clear()  # the cache tier hears of no resize from now on
+            await oc.volume("base").resize(half)
+            assert (await top.info()).sector_count == n  # not told yet
+            assert (await cc.volume("cached").inspect("layers/1"))["sector_count"] == n
+
+            cached = cc.volume("cached")
+            assert await cached.read(half + 64, 8) == zeros
+            assert await cached.read(half - 8, 16) == data[(half - 8) * SS : half * SS] + zeros
+            # a remote top: the read (in range when asked) gets zeros, the size follows
+            assert await top.read(half + 64, 8) == zeros
+            assert (await top.info()).sector_count == half
+            assert (await top.inspect())["generation"] == generation + 1
+            # presence (GetAllocation) of a layer-mode remote under a larger top
+            runs = await cc.volume("layered").allocation(0, n)
+            assert [(e.sector, e.sector_count, e.depth) for e in runs] == [
+                (0, half, 1),
+                (half, n - half, -1),
+            ]
+            assert await cc.volume("layered").read(half - 8, 16) == (
+                data[(half - 8) * SS : half * SS] + zeros
+            )
+
+            resize_events_flow.set()  # the held event arrives late: nothing changes again
+            await oc.volume("base").resize(n)
+
+            async def grown() -> bool:
+                return (await top.info()).sector_count == n
+
+            await eventually("the cache tier to follow the grow", grown)
+            assert (await top.inspect())["generation"] == generation + 2
+            assert await cached.read(half + 64, 8) == zeros  # the origin grew with zeros
