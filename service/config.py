@@ -27,6 +27,7 @@ from .netaddr import split_host_port
 __all__ = [
     "DEFAULT_SIZE",
     "LAYER_OPTIONS",
+    "MAX_SECONDS",
     "Config",
     "LayerConfig",
     "ServerConfig",
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 1 << 30
 """Size of the built-in ``default`` volume (1 GiB)."""
+MAX_SECONDS = 86_400
+"""The longest duration any option takes: one day. No wait of tierdisk's is meant to be
+longer, and gRPC turns a deadline far enough out (``1e300``) into an immediate
+``DEADLINE_EXCEEDED``."""
 
 
 def parse_size(value: object, what: str = "size") -> int:
@@ -118,8 +123,14 @@ def _target(value: object, what: str) -> str:
 
 
 def _token(value: object, what: str) -> str:
-    """A bearer token: what gRPC can send in a header (the token itself is never shown)."""
+    """A bearer token: what gRPC can send in a header (the token itself is never shown).
+    An empty one (or only white space) is refused: it would send no token at all."""
     text = _str(value, what)
+    if not text.strip():
+        raise ConfigError(
+            f"{what} is empty{' (only white space)' if text else ''}: give the token, or "
+            "leave the option out to send none"
+        )
     problem = token_problem(text)
     if problem is not None:
         raise ConfigError(f"{what} {problem}")
@@ -179,8 +190,17 @@ def _sector_size(value: object, what: str) -> int:
 
 
 def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{what} must be a positive number of seconds, not {value!r}")
+    """A duration: a number of seconds above 0 and at most :data:`MAX_SECONDS` (one day);
+    ``nan`` and ``inf`` (TOML has both) are refused."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_SECONDS  # false for nan too; no float() of a huge int
+    ):
+        raise ConfigError(
+            f"{what} must be a number of seconds above 0 and at most {MAX_SECONDS} "
+            f"(one day), not {value!r}"
+        )
     return float(value)
 
 
@@ -328,7 +348,35 @@ def load_config(
             raise ConfigError("two volumes have this name", volume=volume.name)
         seen.add(volume.name)
         volumes.append(volume)
+    _check_shared_paths(volumes)
     return Config(server, tuple(volumes))
+
+
+def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
+    """Refuse a layer file used by two layers of this config (the second would find it
+    locked, "in use by another process"), naming both; read-only raw images are the
+    exception: any number of layers may read one."""
+    users: dict[str, tuple[str, int, bool]] = {}  # real path -> first user, shareable
+    for volume in volumes:
+        for index, layer in enumerate(volume.layers):
+            path = layer.options.get("path")
+            if path is None:
+                continue
+            shareable = layer.kind == "raw" and bool(layer.options.get("read_only"))
+            key = os.path.realpath(path)
+            first = users.get(key)
+            if first is None:
+                users[key] = (volume.name, index, shareable)
+                continue
+            if shareable and first[2]:
+                continue
+            raise ConfigError(
+                f"path {path} is used twice in this config, also by volume {first[0]!r}, "
+                f"layer {first[1]}: a layer's files hold one layer (only read_only raw "
+                "images can be shared)",
+                volume=volume.name,
+                layer=index,
+            )
 
 
 _BOM = "\ufeff"

@@ -1,7 +1,9 @@
 """``tierdisk serve``: parse flags, load the config, run the server until SIGTERM/SIGINT.
 
-Exit status: 0 after a clean stop, 2 for a config error (one line naming the volume, the
-layer index and the problem), 1 when the server cannot start (e.g. an address in use).
+Exit status: 0 after a clean stop; 2 for a config error (one line naming the volume, the
+layer index and the problem, ``config error: …``), and for a volume whose layer's stored data
+is corrupt or cannot be read (``cannot start: …``, so the operator looks at the files, not
+at the config); 1 when the server itself cannot start (e.g. an address in use).
 SIGTERM and SIGINT stop the server from the moment it starts: one that arrives while it is
 still starting (a remote tier can take seconds to answer) ends the start instead, closing what
 was opened (``stopped while starting``), and the exit status is 0 as for any stop.
@@ -22,10 +24,10 @@ import sys
 
 from tierdisk.client.tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
-from .config import Config, load_config
-from .errors import ConfigError
+from .config import MAX_SECONDS, Config, load_config
+from .errors import ConfigError, StorageError
 from .logs import configure_logging
-from .server import Server
+from .server import Server, failure_chain
 
 __all__ = ["main"]
 
@@ -56,13 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _seconds(text: str) -> float:
-    """A number of seconds >= 0, for argparse."""
+    """A number of seconds from 0 to :data:`~.config.MAX_SECONDS` (one day), for argparse."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    if not 0 <= value <= MAX_SECONDS:  # false for nan too
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a number of seconds from 0 to {MAX_SECONDS} (one day)"
+        )
     return value
 
 
@@ -117,7 +121,7 @@ async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
     try:
         starting.result()
     except ConfigError as exc:
-        print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
+        print(f"tierdisk serve: {_start_failure(exc)}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # AddressInUse too
         print(f"tierdisk serve: cannot start: {_reason(exc)}", file=sys.stderr)
@@ -137,6 +141,16 @@ async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
     await server.stop(grace)
     log.info("stopped")
     return 0
+
+
+def _start_failure(exc: ConfigError) -> str:
+    """How the one line about a volume that did not open starts: ``cannot start`` when a
+    layer's storage failed or its stored data is corrupt (a :class:`StorageError`, e.g.
+    :class:`~.errors.DataCorruption`, under the :class:`ConfigError` that names the volume
+    and layer), so the operator looks at the files; else ``config error``."""
+    if any(isinstance(cause, StorageError) for cause in failure_chain(exc)):
+        return "cannot start"
+    return "config error"
 
 
 def _reason(exc: OSError) -> str:

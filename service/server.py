@@ -4,8 +4,19 @@ reflection, metrics and a graceful stop.
 Start: bind the gRPC address exclusively (``grpc.so_reuseport = 0``; an address in use is a
 start error naming it), start ``/metrics``, open every volume. A volume whose layers cannot
 reach their tier yet (``Unavailable``) keeps retrying in the background with exponential
-backoff and answers ``UNAVAILABLE`` meanwhile; health stays ``NOT_SERVING`` until every volume
-is open. A config error in a stack stops the start.
+backoff (capped at 10 s) and answers ``UNAVAILABLE`` meanwhile, naming the latest reason;
+health stays ``NOT_SERVING`` until every volume is open. A config error in a stack stops the
+start, and so does a remote tier that answers at start but refuses the volume (most often a
+mistake in this config, best seen at once).
+
+While a volume attaches in the background, whether it goes on is decided by who said no
+(:meth:`Server._keep_attaching`): an answer of the remote tier that can change without this
+server changing (no such volume there, credentials refused, not a tierdisk server, a storage
+error there) is retried like an unreachable tier, logged at error level (rate-limited); a
+problem of this server's own (a construction rule broken, e.g. a sector size that differs
+from the remote's; a local layer that cannot be opened) and the hop guard's refusal (a loop
+or too deep a chain of tiers, :mod:`~tierdisk.service.hops`) are not: the volume stays not
+ready, naming the problem, until the server is restarted with the problem fixed.
 
 Stop (:meth:`Server.stop`): health goes ``NOT_SERVING``, calls not yet started are answered
 ``UNAVAILABLE``, calls in flight finish (up to ``grace`` seconds), every volume is flushed
@@ -19,13 +30,15 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from tierdisk.client import errors as client_errors
 from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
@@ -42,7 +55,7 @@ from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
 from .volume import LayerEntry, Volume
 
-__all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server"]
+__all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server", "failure_chain", "remote_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +246,21 @@ class Server:
         return await Volume.open(config.name, entries, read_only=config.read_only)
 
     async def _keep_attaching(self, config: VolumeConfig) -> None:
+        """Attach ``config`` in the background (its tier was down at start), with capped
+        exponential backoff and jitter, until it is open or the server stops.
+
+        Kept retrying: a tier that does not answer (``Unavailable``, ``DeadlineExceeded``),
+        and any other answer of a remote tier (:func:`remote_answer`: the volume is not
+        served there, its credentials are refused, it is no tierdisk server, …), which may
+        change without this server changing (an origin restarted with the right config);
+        the latter is logged at error level, at most every :data:`_ATTACH_LOG_INTERVAL`
+        seconds for the same reason. Given up on, logged once: problems of this server's own
+        (a local layer that cannot be opened, a construction rule broken once the remote's
+        geometry is known) and the hop guard's refusal (a loop, e.g. two volumes waiting for
+        each other: retrying cannot end it). Either way, the volume answers ``UNAVAILABLE``
+        naming the latest reason."""
         delay = 0.2
+        attach_log = _AttachLog(config.name)
         while not self._stopped:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
@@ -246,9 +273,21 @@ class Server:
                 self.registry.set_waiting(config.name, f"a remote tier is not reachable ({exc})")
                 continue
             except ConfigError as exc:
-                self.registry.set_waiting(config.name, str(exc))
-                log.error("volume %r cannot be opened: %s", config.name, exc)
-                return
+                answer = remote_answer(exc)
+                if answer is None or _hop_guard(answer):
+                    self.registry.set_waiting(config.name, str(exc))
+                    log.error(
+                        "volume %r cannot be opened: %s; not retrying (restart the server "
+                        "once this is fixed)",
+                        config.name,
+                        exc,
+                    )
+                    return
+                self.registry.set_waiting(
+                    config.name, f"its remote tier refuses it for now ({exc}); retrying"
+                )
+                attach_log.error(str(exc))
+                continue
             if self._stopped:
                 await volume.close()
                 return
@@ -299,3 +338,66 @@ class Server:
         for task in self._attach_tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+_ATTACH_LOG_INTERVAL = 60.0
+"""Seconds between error logs of a background attach refused for the same reason."""
+
+_HOP_GUARD_WORDS = ("request loop between tiers", "tier chain deeper than")
+"""How the hop guard's refusals read (:func:`tierdisk.service.hops.check_chain`,
+:func:`~tierdisk.service.hops.check_waiting`), also when a lower tier's is passed on."""
+
+
+class _AttachLog:
+    """Error-level log of a volume's background attach that a remote tier refuses: a new
+    reason at once, the same one again at most every :data:`_ATTACH_LOG_INTERVAL` seconds
+    (saying how many attempts were not logged)."""
+
+    def __init__(self, volume: str) -> None:
+        self._volume = volume
+        self._reason = ""
+        self._next = 0.0
+        self._held = 0
+
+    def error(self, reason: str) -> None:
+        now = time.monotonic()
+        if reason == self._reason and now < self._next:
+            self._held += 1
+            return
+        held = f" ({self._held} more attempts failed since the last report)" if self._held else ""
+        log.error(
+            "volume %r cannot be opened yet: %s; retrying in the background%s",
+            self._volume,
+            reason,
+            held,
+        )
+        self._reason, self._next, self._held = reason, now + _ATTACH_LOG_INTERVAL, 0
+
+
+def failure_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then the exception it was raised from or while handling (``__cause__``,
+    else ``__context__``: also when ``raise … from None`` hid it from tracebacks), and so
+    on: what a failure to open a volume comes from (a layer's error wrapped in a
+    :class:`ConfigError` by :meth:`Volume.open`, a remote's answer under that)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def remote_answer(exc: BaseException) -> client_errors.TierdiskError | None:
+    """The error a remote tier answered that ``exc`` (a failed open) comes from, or None
+    when it comes from this server itself (its config, its own layers' files)."""
+    for cause in failure_chain(exc):
+        if isinstance(cause, client_errors.TierdiskError):
+            return cause
+    return None
+
+
+def _hop_guard(answer: client_errors.TierdiskError) -> bool:
+    """Whether ``answer`` is the hop guard's refusal: a loop or too deep a chain of tiers."""
+    return isinstance(answer, client_errors.FailedPrecondition) and any(
+        words in answer.message for words in _HOP_GUARD_WORDS
+    )

@@ -296,3 +296,74 @@ def test_token_file_that_grpc_cannot_send_is_a_config_error(data: bytes, fragmen
         token_from_file(data, "/t")
     assert fragment in str(info.value)
     assert "zq" not in str(info.value) and "xw" not in str(info.value)  # the token is not shown
+
+
+def _remote_volume(option: str) -> str:
+    return (
+        "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n"
+        f"kind='remote'\ntarget='a:1'\nvolume='b'\n{option}\n"
+    )
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "+inf", "-inf", "1e300", "86401", "0", "-1"])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    """nan passed a ``<= 0`` check (the volume then never attached), and inf or 1e300 made
+    every call an immediate DEADLINE_EXCEEDED: refused, naming the volume, the layer and the
+    bound."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _remote_volume(f"timeout = {value}")), environ={})
+    message = str(info.value)
+    assert message.startswith("volume 'v', layer 1: timeout must be a number of seconds")
+    assert "at most 86400 (one day)" in message
+
+
+@pytest.mark.parametrize("value", ["0.001", "1", "86400", "86400.0"])
+def test_timeouts_up_to_a_day_pass(tmp_path: Path, value: str) -> None:
+    config = load_config(_write(tmp_path, _remote_volume(f"timeout = {value}")), environ={})
+    assert config.volumes[0].layers[1].options["timeout"] == float(value)
+
+
+@pytest.mark.parametrize(("token", "fragment"), [('""', "is empty:"), ('"  "', "only white")])
+def test_an_empty_token_is_refused(tmp_path: Path, token: str, fragment: str) -> None:
+    """``token = ""`` was taken, and no token sent: refused (leave it out to send none)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _remote_volume(f"token = {token}")), environ={})
+    assert str(info.value).startswith("volume 'v', layer 1: token is empty")
+    assert fragment in str(info.value)
+
+
+def test_a_layer_path_used_twice_names_both_layers(tmp_path: Path) -> None:
+    """Found in the config, not by the second layer finding the file locked ("two servers
+    cannot share a layer", with a single server)."""
+    text = (
+        "[[volumes]]\nname='a'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n"
+        "kind='sparse'\npath='x/img'\nsize=4096\n"
+        "[[volumes]]\nname='b'\n[[volumes.layers]]\nkind='sqlite'\n"
+        f"path='{tmp_path / 'd' / 'x' / 'img'}'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), flags={"data_dir": str(tmp_path / "d")}, environ={})
+    message = str(info.value)
+    assert message.startswith("volume 'b', layer 0: path ")
+    assert "is used twice in this config, also by volume 'a', layer 1" in message
+
+
+def test_read_only_raw_images_can_be_shared(tmp_path: Path) -> None:
+    """Any number of layers may read one image (they lock it shared)."""
+    body = "".join(
+        f"[[volumes]]\nname='{name}'\nread_only={ro}\n[[volumes.layers]]\nkind='ram'\n"
+        f"[[volumes.layers]]\nkind='raw'\npath='base.img'\nread_only=true\n"
+        for name, ro in (("a", "false"), ("b", "true"))
+    )
+    config = load_config(_write(tmp_path, body), environ={})
+    assert [v.name for v in config.volumes] == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"volume 'c', layer 0: path .* used twice"):
+        load_config(
+            _write(
+                tmp_path,
+                body + "[[volumes]]\nname='c'\n[[volumes.layers]]\nkind='raw'\npath='base.img'\n",
+            ),
+            environ={},
+        )

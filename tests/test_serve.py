@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -112,6 +113,8 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, body: str, fragment:
         (["--max-io", "64KiB"], "max_io 65536 is out of range"),
         (["--max-io", "3GiB"], "max_io 3221225472 is out of range"),
         (["--grace", "-1"], "--grace"),
+        (["--grace", "nan"], "--grace"),
+        (["--grace", "1e300"], "from 0 to 86400 (one day)"),
     ],
 )
 def test_bad_server_settings_exit_2_with_one_line(
@@ -154,6 +157,15 @@ def test_bad_server_settings_exit_2_with_one_line(
             f"target='{DEAD}'\nvolume='v'\ntoken_file='tab.tok'\n",
             "tab.tok: the token contains a character not allowed in a gRPC header: '\\t'",
         ),
+        (f"target='{DEAD}'\nvolume='v'\ntoken = ''\n", "volume 'r', layer 0: token is empty"),
+        (f"target='{DEAD}'\nvolume='v'\ntoken_file='empty.tok'\n", "empty.tok is empty"),
+        (
+            f"target='{DEAD}'\nvolume='v'\ntimeout = nan\n",
+            "volume 'r', layer 0: timeout must be a number of seconds above 0 and at most "
+            "86400 (one day), not nan",
+        ),
+        (f"target='{DEAD}'\nvolume='v'\ntimeout = inf\n", "layer 0: timeout must be"),
+        (f"target='{DEAD}'\nvolume='v'\ntimeout = 1e300\n", "layer 0: timeout must be"),
     ],
 )
 def test_bad_remote_targets_and_tokens_exit_2_with_one_line(
@@ -164,6 +176,7 @@ def test_bad_remote_targets_and_tokens_exit_2_with_one_line(
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "latin1.tok").write_bytes(b"s\xe9cret\n")
     (tmp_path / "data" / "tab.tok").write_bytes(b"sec\tret\r\n")
+    (tmp_path / "data" / "empty.tok").write_bytes(b" \r\n")
     config = write_config(
         tmp_path, f"[[volumes]]\nname='r'\n[[volumes.layers]]\nkind='remote'\n{layer}"
     )
@@ -259,6 +272,88 @@ def test_layers_that_cannot_be_created_are_config_errors(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["afile"]
+
+
+def _damage_sparse_map(data: Path) -> None:
+    (data / "s").write_bytes(b"")
+    (data / "s.map").write_bytes(b"garbage!!!")  # shorter than a presence map's header
+
+
+def _damage_sqlite_pages(data: Path) -> None:
+    db = sqlite3.connect(data / "q.db")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")  # a real-looking file
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [(str(i), "x" * 500) for i in range(40)])
+    db.commit()
+    db.close()
+    size = (data / "q.db").stat().st_size
+    with open(data / "q.db", "r+b") as f:
+        for offset in range(4096, size, 4096):  # every page but the first
+            f.seek(offset)
+            f.write(b"\xff" * 64)
+
+
+def _foreign_sqlite(data: Path) -> None:
+    db = sqlite3.connect(data / "q.db")
+    db.execute("CREATE TABLE meta (x)")  # another program's database
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("layer", "damage", "line"),
+    [
+        (
+            "kind='sparse'\npath='s'\n",
+            _damage_sparse_map,
+            "tierdisk serve: cannot start: volume 'v', layer 1: presence map ",
+        ),
+        (
+            "kind='sqlite'\npath='q.db'\n",
+            _damage_sqlite_pages,
+            "tierdisk serve: cannot start: volume 'v', layer 1: sqlite layer ",
+        ),
+        (
+            "kind='sqlite'\npath='q.db'\n",
+            _foreign_sqlite,
+            "tierdisk serve: config error: volume 'v', layer 1: sqlite layer ",
+        ),
+    ],
+)
+def test_damaged_layer_files_are_not_called_config_errors(
+    tmp_path: Path, layer: str, damage: Any, line: str
+) -> None:
+    """Corrupt stored data sends the operator to the files ("cannot start"), not to the
+    TOML; a file that is another program's database is a config mistake, said plainly.
+    Still exit 2 and one line."""
+    (tmp_path / "data").mkdir()
+    damage(tmp_path / "data")
+    config = write_config(
+        tmp_path,
+        f"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n{layer}",
+    )
+    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), result.stderr
+    if "config error" in line:
+        assert lines[0].endswith("not a tierdisk sqlite layer"), result.stderr
+    else:
+        assert "corrupt" in lines[0] or "too short" in lines[0], result.stderr
+
+
+def test_a_layer_path_used_twice_in_one_config_is_named(tmp_path: Path) -> None:
+    """Not "two servers cannot share a layer": this config uses the path twice."""
+    body = "".join(
+        f"[[volumes]]\nname='{name}'\n[[volumes.layers]]\nkind='sparse'\npath='s'\nsize='1MiB'\n"
+        for name in ("a", "b")
+    )
+    result = _serve(tmp_path, "--config", str(write_config(tmp_path, body)))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tierdisk serve: config error: volume 'b', layer 0: path ")
+    assert "used twice in this config, also by volume 'a', layer 0" in lines[0]
+    assert "two servers" not in lines[0]
 
 
 def test_data_dir_is_created_even_without_files_in_it(tmp_path: Path) -> None:

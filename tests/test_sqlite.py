@@ -108,6 +108,32 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
         await SqliteLayer(str(path)).attach(None)
 
 
+async def test_another_programs_meta_table_is_not_a_tierdisk_layer(tmp_path: Path) -> None:
+    """A table called meta without tierdisk's columns: not "no such column: key"."""
+    path = tmp_path / "d.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE meta (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match=rf"{path}: .*not a tierdisk sqlite layer"):
+        await SqliteLayer(str(path)).attach(None)
+
+
+async def test_damaged_pages_are_data_corruption_at_open(tmp_path: Path) -> None:
+    """A tierdisk sqlite file whose pages were overwritten is corrupt data, not a config
+    mistake (``tierdisk serve`` then says "cannot start", not "config error")."""
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.close()
+    damaged = bytearray(path.read_bytes())
+    for offset in range(4096, len(damaged), 4096):  # every page but the first (the header)
+        damaged[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(damaged)
+    with pytest.raises(DataCorruption, match=rf"{path}: the database file is corrupt"):
+        await SqliteLayer(str(path)).attach(None)
+
+
 async def test_a_blob_of_the_wrong_length_is_data_corruption(tmp_path: Path) -> None:
     path = tmp_path / "d.db"
     layer = SqliteLayer(str(path), size=SIZE)

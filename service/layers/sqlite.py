@@ -231,8 +231,18 @@ class SqliteLayer(Layer):
                         f"sqlite layer {self.path}: missing meta table (not a tierdisk "
                         "sqlite layer)"
                     ) from None
+                if "no such column" in str(exc):  # another program's table called meta
+                    raise ConfigError(
+                        f"sqlite layer {self.path}: its meta table is not tierdisk's "
+                        f"({exc}): not a tierdisk sqlite layer"
+                    ) from None
                 raise
             except sqlite3.DatabaseError as exc:
+                code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+                if code == sqlite3.SQLITE_CORRUPT:  # ours or not, its pages are damaged
+                    raise DataCorruption(
+                        f"sqlite layer {self.path}: the database file is corrupt ({exc})"
+                    ) from None
                 raise ConfigError(
                     f"sqlite layer {self.path} is not a readable SQLite database: {exc}"
                 ) from None

@@ -1,0 +1,147 @@
+"""A volume attaching in the background (its remote tier was down at start): which answers
+of the tier keep it retrying, and which make it give up. Real servers on 127.0.0.1.
+
+- A tier that comes up answering "no such volume", or a gRPC server that is no tierdisk,
+  and then turns into the right origin: the volume keeps retrying and attaches; meanwhile
+  its ``UNAVAILABLE`` names the latest reason (not a stale one), and the refusal is logged
+  at error level once, not on every attempt.
+- A problem of the server's own, found once the remote answers (a layer's sector size that
+  differs from the remote's): given up on, naming the problem; retrying cannot fix it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import free_port, ram, remote, running_server, toml_volume
+
+from tierdisk.client import AsyncClient
+from tierdisk.client import errors as cerr
+from tierdisk.service.server import Server
+
+pytestmark = pytest.mark.timeout(90)
+
+SS = 512
+DATA = bytes(range(256)) * (8 * SS // 256)
+
+
+def server_section(listen: str, tmp_path: Path) -> str:
+    return f'[server]\nlisten = "{listen}"\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\n'
+
+
+async def not_ready_reason(client: AsyncClient) -> str:
+    """The reason the cache tier's volume ``v`` gives for not being ready ("" once it is)."""
+    try:
+        await client.volume("v").info()
+    except cerr.Unavailable as exc:
+        return exc.message
+    return ""
+
+
+async def eventually_reason(client: AsyncClient, fragment: str, seconds: float = 20.0) -> str:
+    """Poll until the not-ready reason contains ``fragment``; fail naming the last one."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    last = ""
+    while asyncio.get_running_loop().time() < deadline:
+        last = await not_ready_reason(client)
+        if fragment in last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no reason with {fragment!r} within {seconds} s; last: {last!r}")
+
+
+def refused_attempts(cache: Server, code: str) -> int:
+    """GetVolume calls of the cache tier's remote layer (volume v, layer 1) answered ``code``."""
+    return cache.metrics.remote_counts("v", 1).get(("GetVolume", code), 0)
+
+
+@contextlib.asynccontextmanager
+async def wrong_tier(kind: str, listen: str, tmp_path: Path) -> AsyncIterator[None]:
+    """Something on ``listen`` that answers, but cannot serve volume ``base``."""
+    if kind == "missing volume":  # a tierdisk without it (e.g. started with an old config)
+        body = server_section(listen, tmp_path) + toml_volume("other", ram("1MiB"))
+        async with running_server(tmp_path, body):
+            yield
+        return
+    server = grpc.aio.server()  # a gRPC server, but not tierdisk: UNIMPLEMENTED
+    server.add_insecure_port(listen)
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop(0)
+
+
+WRONG_TIERS = {
+    "missing volume": ("no volume named 'base'", "NOT_FOUND"),
+    "not tierdisk": ("does not serve tierdisk.v1.BlockDevice", "UNIMPLEMENTED"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_TIERS))
+async def test_a_refusing_tier_is_retried_until_the_origin_serves_the_volume(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reason, code = WRONG_TIERS[kind]
+    listen = f"127.0.0.1:{free_port()}"
+    body = toml_volume("v", ram(), remote(listen, "base", timeout=1))
+    async with (
+        running_server(tmp_path / "cache", body) as cache,
+        AsyncClient(cache.grpc_address, retries=0, timeout=5) as client,
+    ):
+        assert "not reachable" in await not_ready_reason(client)  # the origin is down
+        async with wrong_tier(kind, listen, tmp_path / "wrong"):
+            await eventually_reason(client, reason)
+            deadline = asyncio.get_running_loop().time() + 20
+            while refused_attempts(cache, code) < 3:  # refused again and again, not given up
+                assert asyncio.get_running_loop().time() < deadline, "stopped retrying"
+                await asyncio.sleep(0.1)
+            assert "retrying" in await eventually_reason(client, reason)
+        # The latest reason, not the refusal of a tier that is gone.
+        await eventually_reason(client, "not reachable")
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body) as origin:
+            async with AsyncClient(origin.grpc_address) as oc:
+                await oc.volume("base").write(0, DATA)
+            deadline = asyncio.get_running_loop().time() + 30
+            while (last := await not_ready_reason(client)) != "":
+                assert asyncio.get_running_loop().time() < deadline, f"never attached: {last}"
+                await asyncio.sleep(0.1)
+            assert await client.volume("v").read(0, len(DATA) // SS) == DATA
+            assert cache.registry.all_ready
+    logged = [
+        r
+        for r in caplog.records
+        if r.name == "tierdisk.service.server" and reason in r.getMessage()
+    ]
+    # At error level, and once: the same refusal is not logged on every attempt.
+    assert [r.levelno for r in logged] == [logging.ERROR], [r.getMessage() for r in logged]
+
+
+async def test_a_problem_of_the_servers_own_is_not_retried(tmp_path: Path) -> None:
+    """The top layer's sector size differs from the origin's: only a new config fixes
+    that, so once the origin answers, the volume stops retrying and names the rule."""
+    listen = f"127.0.0.1:{free_port()}"
+    body = toml_volume("v", ram(sector_size=4096), remote(listen, "base", timeout=1))
+    async with (
+        running_server(tmp_path / "cache", body) as cache,
+        AsyncClient(cache.grpc_address, retries=0, timeout=5) as client,
+    ):
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body):
+            message = await eventually_reason(client, "sector size 4096 differs")
+            assert "retrying" not in message
+            deadline = asyncio.get_running_loop().time() + 5
+            while not all(task.done() for task in cache._attach_tasks):
+                assert asyncio.get_running_loop().time() < deadline, "still retrying"
+                await asyncio.sleep(0.05)
+            attempts = refused_attempts(cache, "OK")
+            await asyncio.sleep(1)
+            assert refused_attempts(cache, "OK") == attempts
+            assert not cache.registry.all_ready
