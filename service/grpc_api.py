@@ -40,6 +40,7 @@ from .errors import (
 from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
+from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
 from .volume import Volume
 from .write_request import MalformedRequest, WriteRequestView, parse_write
 
@@ -217,6 +218,11 @@ _MAX_DETAILS = 1024
 all headers of a reply must fit in 8 KiB, or the client gets RESOURCE_EXHAUSTED instead)."""
 
 
+def _as_done_callback(release: Callable[[], None]) -> Callable[[Any], None]:
+    """``release`` as a gRPC done callback (called with the call's context)."""
+    return lambda _context: release()
+
+
 def _status_details(text: str) -> str:
     """``text`` cut in the middle to at most :data:`_MAX_DETAILS` bytes: a message naming
     something a client sent (a made-up volume name of 20,000 characters) keeps its start
@@ -249,6 +255,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         self._server_id = server_id
         self._gate = gate
         self._extra_inspect = extra_inspect
+        self._budgets = ReplyBudgets()  # large Read replies in flight, per connection
         self._own_chain = hops.check_chain((), server_id)  # the chain of a first-hop call
 
     # -- plumbing -------------------------------------------------------------------------
@@ -436,6 +443,10 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 if nbytes == 0:
                     await volume.read(request.sector, 0)  # checks the range; nothing to send
                     return b""
+                if nbytes >= BUDGETED_FROM_BYTES:  # a large reply: bounded per connection
+                    context.add_done_callback(
+                        _as_done_callback(await self._budgets.take(context.peer(), nbytes))
+                    )
                 reply = ReadReply(nbytes)
                 present = await volume.read_into(reply.data, request.sector)
                 moved = nbytes

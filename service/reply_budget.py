@@ -1,0 +1,90 @@
+"""A bound on the bytes of large ``Read`` replies each gRPC connection has in flight.
+
+A client that sends many large Reads and never reads the replies would otherwise make the
+server hold every reply in full (48 stalled 16 MiB reads took a server from 49 MiB to
+1.4 GiB). gRPC keeps a reply until the client's flow control lets it out, and ends the call
+only then, so a reply counts against its connection (``context.peer()``: one per channel
+and address) from before its buffer is made until gRPC reports the call done
+(``context.add_done_callback``). A Read that would take its connection past
+:data:`READ_BUDGET_BYTES` waits until enough of them are done; one larger than the whole
+budget waits until its connection has none in flight. Replies under
+:data:`BUDGETED_FROM_BYTES` are not counted (their number in flight is bounded by gRPC's
+own limits), so the small-read path pays nothing. The NBD export bounds a session alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+__all__ = ["BUDGETED_FROM_BYTES", "READ_BUDGET_BYTES", "ReplyBudgets"]
+
+READ_BUDGET_BYTES = 64 << 20
+"""Bytes of large Read replies one connection may have in flight."""
+
+BUDGETED_FROM_BYTES = 256 << 10
+"""Replies of this size and larger count against the budget."""
+
+
+class _Budget:
+    """One connection's bytes in flight and the Reads waiting for room, in arrival order."""
+
+    __slots__ = ("used", "waiting")
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+
+class ReplyBudgets:
+    """Per-connection budgets of :data:`READ_BUDGET_BYTES` (event-loop use only)."""
+
+    def __init__(self, limit: int = READ_BUDGET_BYTES) -> None:
+        self._limit = limit
+        self._peers: dict[str, _Budget] = {}
+
+    def in_flight(self, peer: str) -> int:
+        """Bytes ``peer`` has in flight now."""
+        budget = self._peers.get(peer)
+        return budget.used if budget is not None else 0
+
+    async def take(self, peer: str, nbytes: int) -> Callable[[], None]:
+        """Wait until ``peer`` has room for ``nbytes``, count them, and return the function
+        that gives them back (call it exactly once). First come, first served: a Read does
+        not overtake one waiting before it on the same connection."""
+        budget = self._peers.get(peer)
+        if budget is None:
+            budget = self._peers[peer] = _Budget()
+        if budget.waiting or not self._fits(budget, nbytes):
+            turn = asyncio.get_running_loop().create_future()
+            entry = (nbytes, turn)
+            budget.waiting.append(entry)
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._give(peer, budget, nbytes)  # granted as we were cancelled
+                else:
+                    budget.waiting.remove(entry)
+                    self._wake(peer, budget)
+                raise
+        else:
+            budget.used += nbytes
+        return lambda: self._give(peer, budget, nbytes)
+
+    def _fits(self, budget: _Budget, nbytes: int) -> bool:
+        return budget.used == 0 or budget.used + nbytes <= self._limit
+
+    def _give(self, peer: str, budget: _Budget, nbytes: int) -> None:
+        budget.used -= nbytes
+        self._wake(peer, budget)
+
+    def _wake(self, peer: str, budget: _Budget) -> None:
+        while budget.waiting and self._fits(budget, budget.waiting[0][0]):
+            nbytes, turn = budget.waiting.popleft()
+            if not turn.done():
+                budget.used += nbytes
+                turn.set_result(None)
+        if not budget.used and not budget.waiting:
+            del self._peers[peer]  # no entry per connection that came and went

@@ -1,0 +1,131 @@
+"""The per-connection budget of large Read replies (service/reply_budget.py): unit tests of
+its accounting, and a real server whose client stops reading its replies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import ServerProcess, toml_volume, write_config
+
+from tierdisk.service.reply_budget import READ_BUDGET_BYTES, ReplyBudgets
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+
+async def _spin() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_takes_up_to_the_limit_then_waits_in_order() -> None:
+    budgets = ReplyBudgets(limit=10)
+    first = await budgets.take("a", 6)
+    second = await budgets.take("a", 4)
+    assert budgets.in_flight("a") == 10
+    third = asyncio.create_task(budgets.take("a", 5))
+    fourth = asyncio.create_task(budgets.take("a", 1))  # fits, but does not overtake
+    other = await budgets.take("b", 10)  # another connection has its own budget
+    await _spin()
+    assert not third.done() and not fourth.done()
+    first()
+    await _spin()
+    assert third.done() and fourth.done() and budgets.in_flight("a") == 10
+    for release in (second, third.result(), fourth.result(), other):
+        release()
+    assert budgets.in_flight("a") == budgets.in_flight("b") == 0
+
+
+async def test_a_reply_larger_than_the_budget_goes_alone() -> None:
+    budgets = ReplyBudgets(limit=10)
+    small = await budgets.take("a", 1)
+    big = asyncio.create_task(budgets.take("a", 25))
+    await _spin()
+    assert not big.done()
+    small()
+    release = await big
+    assert budgets.in_flight("a") == 25
+    release()
+    assert budgets.in_flight("a") == 0
+
+
+async def test_a_cancelled_wait_takes_nothing_and_lets_the_next_one_in() -> None:
+    budgets = ReplyBudgets(limit=10)
+    held = await budgets.take("a", 8)
+    big = asyncio.create_task(budgets.take("a", 9))
+    small = asyncio.create_task(budgets.take("a", 2))
+    await _spin()
+    big.cancel()
+    await _spin()
+    assert small.done() and budgets.in_flight("a") == 10
+    held()
+    small.result()()
+    assert budgets.in_flight("a") == 0
+
+
+STALLED_CLIENT = r"""
+import sys, time, grpc
+from tierdisk.v1 import blockdevice_pb2 as pb, blockdevice_pb2_grpc as pbg
+options = [("grpc.max_receive_message_length", 64 << 20)]
+channel = grpc.insecure_channel(sys.argv[1], options=options)
+stub = pbg.BlockDeviceStub(channel)
+calls = [stub.Read.future(pb.ReadRequest(volume="v", sector=0, sector_count=32768))
+         for _ in range(int(sys.argv[2]))]
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_stops_reading_pins_only_its_budget(tmp_path: Path) -> None:
+    """48 Reads of 16 MiB whose client is stopped right after sending them: the server
+    keeps about one budget of replies (64 MiB) plus one reply, not all 768 MiB, still
+    serves other clients, and gives the budget back when that client goes away."""
+    layer = {"kind": "ram", "size": "64MiB"}
+    config = write_config(tmp_path, toml_volume("v", layer))
+    with ServerProcess.start(tmp_path, config) as srv:
+        before = _rss_mib(srv.pid)
+        client = subprocess.Popen(
+            [sys.executable, "-c", STALLED_CLIENT, srv.grpc, "48"], stdout=subprocess.PIPE
+        )
+        try:
+            assert client.stdout is not None and client.stdout.readline() == b"sent\n"
+            time.sleep(0.3)
+            os.kill(client.pid, signal.SIGSTOP)
+            peak = 0.0
+            for _ in range(10):  # 2 s: the server has made every reply it is going to
+                time.sleep(0.2)
+                peak = max(peak, _rss_mib(srv.pid))
+            assert peak - before < (READ_BUDGET_BYTES + 16 * MiB) / MiB + 150, (before, peak)
+            with grpc.insecure_channel(srv.grpc) as channel:
+                reply = pb_grpc.BlockDeviceStub(channel).GetVolume(
+                    pb.GetVolumeRequest(volume="v"), timeout=5
+                )
+                assert reply.sector_count == 64 * MiB // 512
+        finally:
+            client.kill()
+            client.wait()
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        with grpc.insecure_channel(srv.grpc, options=options) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            request = pb.ReadRequest(volume="v", sector=0, sector_count=32768)
+            for _ in range(8):  # 128 MiB through a new connection: nothing left pinned
+                assert len(stub.Read(request, timeout=10).data) == 16 * MiB
+
+
+pytestmark = pytest.mark.timeout(60)
