@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, NotSupported, OutOfRange
+from .errors import ConfigError, NotSupported, OutOfRange, Unavailable
 from .runs import Run
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "UnmapBehavior",
     "check_recorded_size",
     "check_sector_size",
+    "layer_closed",
     "new_geometry",
 ]
 
@@ -90,6 +91,12 @@ def new_geometry(
             f"{what}: size {nbytes} is not a positive multiple of its {ss}-byte sectors"
         )
     return ss, nbytes // ss
+
+
+def layer_closed(what: str) -> Unavailable:
+    """The error of an I/O that reaches the layer ``what`` after its close began (the
+    server is stopping): ``UNAVAILABLE``, so the caller may retry it after the restart."""
+    return Unavailable(f"{what} is closed (the server is stopping)")
 
 
 def check_recorded_size(what: str, recorded: int, configured: int | None) -> None:

@@ -6,7 +6,10 @@ import asyncio
 
 from .runs import Run
 
-__all__ = ["SectorLock"]
+__all__ = ["EVERY_SECTOR", "SectorLock"]
+
+EVERY_SECTOR = 1 << 63
+"""Past any sector: ``[0, EVERY_SECTOR)`` holds a whole layer (e.g. while it closes)."""
 
 
 class SectorLock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -13,7 +14,14 @@ import pytest
 from persistent_contract import tiny_filesystem
 from stacks import pattern
 
-from tierdisk.service.errors import ConfigError, NoSpace, OutOfRange, ReadOnlyError, StorageError
+from tierdisk.service.errors import (
+    ConfigError,
+    NoSpace,
+    OutOfRange,
+    ReadOnlyError,
+    StorageError,
+    Unavailable,
+)
 from tierdisk.service.fileio import pread_cached
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers import raw as raw_module
@@ -326,3 +334,24 @@ async def test_a_layer_on_tmpfs_keeps_the_cached_read_path_for_other_files(
         assert buf == pattern(1, 0, 8, SS)
     finally:
         os.close(fd)
+
+
+async def test_close_lets_a_write_under_way_finish_and_refuses_later_io(tmp_path: Path) -> None:
+    """A write already on its thread when close begins finishes (and is in the file); a
+    read, write or flush after close is UNAVAILABLE, never an error about a closed (or
+    reused) descriptor."""
+    path = tmp_path / "img"
+    layer = RawLayer(str(path), size=32 << 20)
+    await layer.attach(None)
+    data = os.urandom(32 << 20)
+    writing = asyncio.create_task(layer.write(memoryview(data), 0, False))
+    await asyncio.sleep(0)  # the write holds its sectors and is on a thread
+    await layer.close()
+    await writing
+    assert path.read_bytes() == data
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.read(memoryview(bytearray(512)), 0)
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.write(memoryview(bytes(512)), 0, False)
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.flush()

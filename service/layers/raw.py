@@ -43,9 +43,16 @@ from ..fileio import (
     set_file_size,
     zero_range,
 )
-from ..layer import Layer, LayerMetadata, check_recorded_size, check_sector_size, new_geometry
+from ..layer import (
+    Layer,
+    LayerMetadata,
+    check_recorded_size,
+    check_sector_size,
+    layer_closed,
+    new_geometry,
+)
 from ..runs import Run
-from ..sector_lock import SectorLock
+from ..sector_lock import EVERY_SECTOR, SectorLock
 
 __all__ = ["RawLayer"]
 
@@ -68,6 +75,7 @@ class RawLayer(Layer):
         self._read_only = read_only
         self._wanted_sector_size = sector_size
         self._fd = -1
+        self._closing = False  # close() began
         self._reserve = Reserver()
         self._sectors = SectorLock()  # reads shared, writes and unmaps exclusive: no torn sector
 
@@ -123,7 +131,17 @@ class RawLayer(Layer):
         self._fd = fd
 
     async def close(self) -> None:
-        self._close_file()
+        """Let the reads and writes under way on threads finish (a closed descriptor, or
+        its number reused by another file, must never be written), then close the file.
+        Later I/O is ``UNAVAILABLE`` (:func:`layer_closed`)."""
+        if self._fd < 0 or self._closing:
+            return
+        self._closing = True
+        token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
+        try:
+            self._close_file()
+        finally:
+            self._sectors.release(token)
 
     def _close_file(self) -> None:
         if self._fd >= 0:
@@ -151,6 +169,8 @@ class RawLayer(Layer):
         if token is None:  # a write of some of these sectors is under way: after it
             token = await lock.acquire_shared(sector, sector + count)
         try:
+            if self._fd < 0:
+                raise layer_closed(f"raw image {self.path}")
             if not pread_cached(self._fd, buf, sector * ss):
                 await asyncio.get_running_loop().run_in_executor(
                     None, pread_into, self._fd, buf, sector * ss
@@ -166,6 +186,8 @@ class RawLayer(Layer):
         sectors exclusive: no read, and no other write, copies those pages meanwhile."""
         token = await self._sectors.acquire_exclusive(start, end)
         try:
+            if self._fd < 0:
+                raise layer_closed(f"raw image {self.path}")
             await asyncio.get_running_loop().run_in_executor(None, fn)
         except OSError as exc:
             raise as_storage_error(exc, f"{what} {self.path}") from None
@@ -201,6 +223,8 @@ class RawLayer(Layer):
     async def flush(self) -> None:
         if self._read_only:
             return
+        if self._fd < 0:
+            raise layer_closed(f"raw image {self.path}")
         try:
             await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._fd)
         except OSError as exc:
@@ -210,6 +234,8 @@ class RawLayer(Layer):
         self._refuse_if_read_only()
         if sector_count <= 0:
             raise ValueError("size must be at least one sector")
+        if self._fd < 0:
+            raise layer_closed(f"raw image {self.path}")
         await asyncio.get_running_loop().run_in_executor(
             None,
             set_file_size,

@@ -76,7 +76,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DataCorruption, NoSpace, Unavailable
+from ..errors import ConfigError, DataCorruption, NoSpace
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -90,10 +90,10 @@ from ..fileio import (
     set_file_size,
     zero_range,
 )
-from ..layer import Layer, LayerMetadata, check_recorded_size, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
-from ..sector_lock import SectorLock
+from ..sector_lock import EVERY_SECTOR, SectorLock
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
 
@@ -106,9 +106,6 @@ COMPACT_MIN_BYTES = 1 << 20
 100,000-run snapshot, replaying the worst-case log costs about 0.4 s at open."""
 
 _T = TypeVar("_T")
-
-_EVERY_SECTOR = 1 << 63
-"""Past any sector: :meth:`SparseLayer.close` holds ``[0, _EVERY_SECTOR)`` exclusive."""
 
 
 def _read_all(fd: int) -> bytes:
@@ -286,11 +283,12 @@ class SparseLayer(Layer):
     async def close(self) -> None:
         """Let the writes, fills and unmaps under way finish (refusing new ones), commit
         them with the rest, and close the files. A mutation that reaches the layer after
-        this began is :class:`Unavailable`; none is acknowledged without being committed."""
+        this began is ``UNAVAILABLE`` (:func:`layer_closed`); none is acknowledged without
+        being committed."""
         if self._fd < 0 or self._closing:
             return
         self._closing = True
-        token = await self._sectors.acquire_exclusive(0, _EVERY_SECTOR)
+        token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
         try:
             await self._commit(compact=True)
         except Exception as exc:
@@ -349,7 +347,7 @@ class SparseLayer(Layer):
             token = await lock.acquire_shared(sector, sector + count)
         try:
             if self._fd < 0:
-                raise Unavailable(f"sparse layer {self.path} is closed (the server is stopping)")
+                raise layer_closed(f"sparse layer {self.path}")
             with self._lock:
                 runs = self._present.runs_in(sector, sector + count)
             if runs and not self._read_runs_cached(buf, sector, runs):
@@ -387,7 +385,7 @@ class SparseLayer(Layer):
         token = await self._sectors.acquire_exclusive(start, end)
         try:
             if self._closing:
-                raise Unavailable(f"sparse layer {self.path} is closed (the server is stopping)")
+                raise layer_closed(f"sparse layer {self.path}")
             await self._on_writer(what, fn, *args)
         finally:
             self._sectors.release(token)
