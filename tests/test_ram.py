@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from stacks import pattern
 
-from tierdisk.service.errors import ConfigError, OutOfRange
+from tierdisk.service.errors import ConfigError, OutOfRange, Unavailable
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.runs import Run
@@ -159,3 +159,15 @@ async def test_4k_sectors() -> None:
     await layer.write(memoryview(pattern(1, 7, 1, 4096)), 7, False)
     data, runs = await read(layer, 7, 1)
     assert runs == [(7, 8)] and data == pattern(1, 7, 1, 4096)
+
+
+async def test_io_after_close_is_unavailable() -> None:
+    """A call a stop's grace cut short may reach the layer after it closed: UNAVAILABLE
+    (retry after the restart), not an internal error."""
+    layer = RamLayer(size=1 << 20)
+    await layer.attach(None)
+    await layer.close()
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.read(memoryview(bytearray(512)), 0)
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.write(memoryview(bytes(512)), 0, False)

@@ -22,7 +22,7 @@ import mmap
 from typing import Any
 
 from ..errors import InvalidArgument, NoSpace, StorageError
-from ..layer import Layer, LayerMetadata, new_geometry
+from ..layer import Layer, LayerMetadata, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
 
@@ -97,8 +97,10 @@ class RamLayer(Layer):
         return self._present.sectors
 
     def _mem(self) -> memoryview:
-        assert self._view is not None, "ram layer used before attach or after close"
-        return self._view
+        view = self._view
+        if view is None:  # after close (a call a stop's grace cut short), or before attach
+            raise layer_closed("ram layer")
+        return view
 
     async def read(self, buf: memoryview, sector: int) -> list[Run]:
         ss = self._sector_size
