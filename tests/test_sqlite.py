@@ -6,6 +6,7 @@ the way an operator would look at a layer file (reference scenarios 56 to 59).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from pathlib import Path
@@ -15,7 +16,7 @@ from conftest import VolumeOpener
 from persistent_contract import SIZE, SS, PersistentLayerContract
 from stacks import pattern
 
-from tierdisk.service.errors import ConfigError, DataCorruption
+from tierdisk.service.errors import ConfigError, DataCorruption, Unavailable
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
 
@@ -164,3 +165,32 @@ async def test_a_large_write_is_one_transaction_of_rows(tmp_path: Path) -> None:
     assert buf == data
     await layer.close()
     assert rows(path, "SELECT count(*), sum(data IS NULL) FROM sectors") == [(200, 10)]
+
+
+async def test_calls_queued_before_close_finish_and_later_ones_are_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A write queued on the worker when close begins is written (close runs after it);
+    one made after close began is UNAVAILABLE, not an internal error."""
+    path = str(tmp_path / "db")
+    layer = SqliteLayer(path, size=SIZE)
+    await layer.attach(None)
+    queued = asyncio.create_task(layer.write(memoryview(pattern(1, 3, 1, SS)), 3, False))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(layer.close())
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.write(memoryview(pattern(2, 5, 1, SS)), 5, False)
+    await queued
+    await closing
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.read(memoryview(bytearray(SS)), 3)
+    again = SqliteLayer(path)
+    await again.attach(None)
+    try:
+        buf = bytearray(SS)
+        assert await again.read(memoryview(buf), 3) == [(3, 4)] and bytes(buf) == pattern(
+            1, 3, 1, SS
+        )
+    finally:
+        await again.close()

@@ -70,7 +70,7 @@ from ..errors import (
     TierdiskError,
 )
 from ..fileio import lock_or_refuse, make_parent_folder
-from ..layer import Layer, LayerMetadata, check_recorded_size, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..runs import Run
 
 __all__ = ["SqliteLayer"]
@@ -130,6 +130,7 @@ class SqliteLayer(Layer):
         self._size_bytes = size
         self._wanted_sector_size = sector_size
         self._worker: ThreadPoolExecutor | None = None
+        self._closing = False  # close() began: later calls are refused
         self._db: sqlite3.Connection | None = None  # used on the worker thread only
         self._lock_fd = -1
         self._present = 0  # rows in `sectors`
@@ -141,8 +142,10 @@ class SqliteLayer(Layer):
     # -- open and close -------------------------------------------------------------------
 
     async def _call(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn`` on the worker thread, in submission order."""
-        assert self._worker is not None, "sqlite layer used before attach or after close"
+        """Run ``fn`` on the worker thread, in submission order (after a close began:
+        ``UNAVAILABLE``, :func:`layer_closed`)."""
+        if self._worker is None or (self._closing and fn != self._release_sync):
+            raise layer_closed(f"sqlite layer {self.path}")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
         except sqlite3.Error as exc:
@@ -285,8 +288,11 @@ class SqliteLayer(Layer):
         return db
 
     async def close(self) -> None:
-        if self._worker is None:
+        """Close the database after the calls already queued on the worker (they finish
+        first, in order); calls made from now on are ``UNAVAILABLE``."""
+        if self._worker is None or self._closing:
             return
+        self._closing = True
         try:
             await self._call("closing", self._release_sync)
         finally:
