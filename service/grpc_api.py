@@ -256,7 +256,11 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         self._gate = gate
         self._extra_inspect = extra_inspect
         self._budgets = ReplyBudgets()  # large Read replies in flight, per connection
-        self._own_chain = hops.check_chain((), server_id)  # the chain of a first-hop call
+        # The chains of first-hop calls (no tierdisk-hops header), per configured volume.
+        self._own_chains = {
+            name: hops.check_chain((), hops.hop_id(server_id, name))
+            for name in ("", *registry.names())
+        }
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -273,7 +277,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         code = _OK
         nbytes = 0
         try:
-            self._admit(context)
+            self._admit(context, volume)
             try:
                 reply, nbytes = await body()
             finally:
@@ -289,9 +293,10 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     volume, op, _CODE_NAMES[code], nbytes, time.perf_counter() - start
                 )
 
-    def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Let a call in: refuse it while draining, then check and record the chain of
-        tiers it passed (leaving the gate again if the chain is refused)."""
+    def _admit(self, context: grpc.aio.ServicerContext[Any, Any], volume: str) -> None:
+        """Let a call for ``volume`` ("" for none) in: refuse it while draining, then check
+        and record the chain of tiers it passed (leaving the gate again if the chain is
+        refused)."""
         self._gate.enter()
         try:
             chain: tuple[str, ...] = ()
@@ -303,8 +308,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     waiting = frozenset(hops.parse(str(value)))
             # Both set on every call, so no call sees another's (whatever task runs it).
             hops.caller_waiting.set(waiting)
+            own = None if chain else self._own_chains.get(volume)
             hops.current_chain.set(
-                hops.check_chain(chain, self._server_id) if chain else self._own_chain
+                own or hops.check_chain(chain, hops.hop_id(self._server_id, volume))
             )
         except BaseException:
             self._gate.leave()
@@ -418,7 +424,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         async def body() -> tuple[pb.Volume, int]:
             return _to_volume_message(self._volume(request.volume)), 0
 
-        return await self._call(context, body)
+        return await self._call(context, body, volume=request.volume)
 
     async def Read(self, request: pb.ReadRequest, context: Any) -> pb.ReadResponse:
         """``Read`` as a message; the server registers :meth:`read_encoded` instead."""
@@ -435,7 +441,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         code = _OK
         moved = 0
         try:
-            self._admit(context)
+            self._admit(context, request.volume)
             try:
                 volume = self._volume(request.volume)
                 nbytes = request.sector_count * volume.sector_size
@@ -520,7 +526,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             self._check_allocation_size(volume.name, sector, count, len(runs), reply)
             return reply, 0
 
-        return await self._call(context, body)
+        return await self._call(context, body, volume=request.volume)
 
     async def Inspect(self, request: pb.InspectRequest, context: Any) -> pb.InspectResponse:
         async def body() -> tuple[pb.InspectResponse, int]:
@@ -533,7 +539,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             reply.tree.update(node if isinstance(node, dict) else {"value": node})
             return reply, 0
 
-        return await self._call(context, body)
+        return await self._call(context, body, volume=request.volume)
 
     async def Resize(self, request: pb.ResizeRequest, context: Any) -> pb.Volume:
         async def body() -> tuple[pb.Volume, int]:
@@ -541,7 +547,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             await volume.resize(request.sector_count)
             return _to_volume_message(volume), 0
 
-        return await self._call(context, body)
+        return await self._call(context, body, volume=request.volume)
 
     async def WatchResize(
         self, request: pb.WatchResizeRequest, context: Any
@@ -551,7 +557,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             event = pb.ResizeEvent(sector_count=volume.sector_count, generation=volume.generation)
             return (volume, event), 0
 
-        volume, event = await self._call(context, first)
+        volume, event = await self._call(context, first, volume=request.volume)
         yield event
         seen = event.generation
         drained = asyncio.ensure_future(self._gate.drained.wait())

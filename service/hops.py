@@ -1,18 +1,22 @@
 """The loop and depth guard between tiers.
 
-Every call one tier makes to another carries ``tierdisk-hops`` metadata: the ids of the
-servers the request already passed through, comma-separated, oldest first. A server that
-finds its own id in the chain (a loop, A → B → A), or a chain of :data:`MAX_HOPS` or more,
-refuses the call with :class:`~tierdisk.service.errors.FailedPrecondition` naming the chain,
-instead of recursing. The chain of the request being served travels in a context variable,
-so a remote layer forwards it (plus its own server's id) without being passed it.
+Every call one tier makes to another carries ``tierdisk-hops`` metadata: the volumes the
+request already passed through, each as ``SERVER_ID/VOLUME`` (:func:`hop_id`),
+comma-separated, oldest first. A server asked for a volume that is already in the chain (a
+loop, A/a → B/b → A/a), or given a chain of :data:`MAX_HOPS` or more, refuses the call with
+:class:`~tierdisk.service.errors.FailedPrecondition` naming the chain, instead of
+recursing. A loop is a volume reached twice, not a server: A/a → B/b → A/base, or a volume
+whose remote is another volume of its own server, are chains, not loops. The chain of the
+request being served travels in a context variable, so a remote layer forwards it (plus
+its own entry) without being passed it; a volume's attach and background calls start the
+chain with the volume's own entry.
 
 A loop can also form without any call chain: two servers whose volumes each wait at start
 for the other's (A's volume is a remote of B's, B's a remote of A's) only ever answer each
-other "not ready". So a volume that is still attaching records the servers whose calls it
+other "not ready". So a volume that is still attaching records the volumes whose calls it
 refused (:meth:`~tierdisk.service.registry.VolumeRegistry.refused`), and its attach attempts
 carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server asked for a volume that is
-itself still attaching, by a caller that is waiting for this very server, answers
+itself still attaching, by a caller that is waiting for this very volume, answers
 :class:`~tierdisk.service.errors.FailedPrecondition` (:func:`check_waiting`): each side waits
 for the other, so neither would ever be ready.
 """
@@ -32,6 +36,7 @@ __all__ = [
     "check_chain",
     "check_waiting",
     "current_chain",
+    "hop_id",
     "new_server_id",
     "outgoing",
     "waiting_for_me",
@@ -42,26 +47,40 @@ WAITING_HEADER = "tierdisk-waiting"
 MAX_HOPS = 8
 
 current_chain: ContextVar[tuple[str, ...]] = ContextVar("tierdisk_hops", default=())
-"""Ids of the servers the request being served has passed through, this one last."""
+"""The volumes (:func:`hop_id`) the request being served has passed through, this one last."""
 
 server_identity: ContextVar[str] = ContextVar("tierdisk_server_id", default="")
 
 caller_waiting: ContextVar[frozenset[str]] = ContextVar(
     "tierdisk_caller_waiting", default=frozenset()
 )
-"""Ids of the servers the caller of the request being served is waiting for (its volume is
-attaching and they refused it): the request's ``tierdisk-waiting`` header."""
+"""The volumes (:func:`hop_id`) the caller of the request being served is waiting for (its
+volume is attaching and they refused it): the request's ``tierdisk-waiting`` header."""
 
 waiting_for_me: ContextVar[frozenset[str]] = ContextVar(
     "tierdisk_waiting_for_me", default=frozenset()
 )
-"""Set while a volume attaches: ids of the servers whose calls it refused as not ready yet;
-the remote layers' calls carry them in ``tierdisk-waiting``."""
+"""Set while a volume attaches: the volumes (:func:`hop_id`) whose calls it refused as not
+ready yet; the remote layers' calls carry them in ``tierdisk-waiting``."""
 
 
 def new_server_id(address: str) -> str:
     """A process-unique id that still reads well in messages: ``address~nonce``."""
     return f"{address}~{secrets.token_hex(3)}"
+
+
+def hop_id(server_id: str, volume: str) -> str:
+    """The chain entry of ``volume`` on the server ``server_id`` (the server alone for a
+    call that names no volume). Volume names hold no ``/`` or ``,``."""
+    return f"{server_id}/{volume}" if volume else server_id
+
+
+def _shown(hop: str) -> str:
+    """A chain entry as messages show it: the server's address, then ``/VOLUME``."""
+    server, _, volume = hop.rpartition("/")
+    if not server or "~" in volume:  # a server alone (its id ends in ``~nonce``)
+        return hop.split("~")[0]
+    return f"{server.split('~')[0]}/{volume}"
 
 
 def parse(header: str) -> tuple[str, ...]:
@@ -72,7 +91,7 @@ def parse(header: str) -> tuple[str, ...]:
 def check_chain(chain: tuple[str, ...], me: str) -> tuple[str, ...]:
     """The chain extended by ``me``; refuse a loop or a chain deeper than :data:`MAX_HOPS`."""
     path = (*chain, me)
-    shown = " → ".join(hop.split("~")[0] for hop in path)
+    shown = " → ".join(_shown(hop) for hop in path)
     if me in chain:
         raise FailedPrecondition(f"request loop between tiers: {shown}")
     if len(path) > MAX_HOPS:
@@ -81,12 +100,12 @@ def check_chain(chain: tuple[str, ...], me: str) -> tuple[str, ...]:
 
 
 def check_waiting(me: str, volume: str) -> None:
-    """Refuse a call for ``volume`` (still attaching here) from a caller that is waiting for
-    this server (``me``): the two wait for each other."""
+    """Refuse a call for ``volume`` (still attaching here; ``me`` is its :func:`hop_id`) from
+    a caller that is waiting for it: the two wait for each other."""
     if me and me in caller_waiting.get():
         chain = current_chain.get()
         caller = chain[-2] if len(chain) >= 2 else "the caller"
-        shown = " → ".join(hop.split("~")[0] for hop in (me, caller, me))
+        shown = " → ".join(_shown(hop) for hop in (me, caller, me))
         raise FailedPrecondition(
             f"request loop between tiers: {shown} (volume {volume!r} here waits for the "
             "caller's volume, which waits for it)"

@@ -243,7 +243,13 @@ class Server:
                 built.request_counts = self.metrics.remote_counts(config.name, index)
                 built.on_request = self.metrics.observe_remote
             entries.append(LayerEntry(built, layer.read_cache, layer.write_through))
-        return await Volume.open(config.name, entries, read_only=config.read_only)
+        # The attach's calls, and the background calls its remote layers start, carry the
+        # chain of this volume (hops module docs: a loop is a volume reached twice).
+        chain = hops.current_chain.set((hops.hop_id(self.server_id, config.name),))
+        try:
+            return await Volume.open(config.name, entries, read_only=config.read_only)
+        finally:
+            hops.current_chain.reset(chain)
 
     async def _keep_attaching(self, config: VolumeConfig) -> None:
         """Attach ``config`` in the background (its tier was down at start), with capped

@@ -361,7 +361,9 @@ async def test_every_call_carries_the_hop_chain(
         "Flush",
         "Resize",
     }
-    assert {chain for _, chain in at_origin} == {proxy.server_id}, at_origin
+    # Each volume's calls carry its own entry (the hop chain names volumes, not servers).
+    chains = {chain for _, chain in at_origin}
+    assert chains == {f"{proxy.server_id}/vm", f"{proxy.server_id}/disk"}, at_origin
 
 
 async def test_inspect_and_metrics_count_remote_calls(

@@ -387,7 +387,7 @@ async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
             exc = await eventually("the loop to be refused", refused)
             assert exc.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "loop" in exc.message
-            assert f"{a_listen} → {b_listen} → {a_listen}" in exc.message
+            assert f"{a_listen}/va → {b_listen}/vb → {a_listen}/va" in exc.message
     finally:
         await a_cm.__aexit__(None, None, None)
 
@@ -419,8 +419,8 @@ async def test_two_volumes_waiting_for_each_other_at_start_are_a_loop(tmp_path: 
                 raise AssertionError(f"{name} attached through a loop")
 
             message = await eventually(f"{name} to report the loop", looped, seconds=30)
-            assert f"{a_listen} → {b_listen} → {a_listen}" in message or (
-                f"{b_listen} → {a_listen} → {b_listen}" in message
+            assert f"{a_listen}/va → {b_listen}/vb → {a_listen}/va" in message or (
+                f"{b_listen}/vb → {a_listen}/va → {b_listen}/vb" in message
             )
         assert not a.registry.all_ready and not b.registry.all_ready
 
@@ -447,6 +447,37 @@ async def test_servers_depending_on_each_other_without_a_loop_both_attach(
                 return o.registry.all_ready and r.registry.all_ready
 
             await eventually("both servers to be ready", both_ready, seconds=30)
+
+
+async def test_one_server_may_serve_several_tiers_of_a_chain(tmp_path: Path) -> None:
+    """A loop is a volume reached twice, not a server: A/a -> B/b -> A/base is a chain, and
+    so is a volume whose remote is another volume of its own server (both are refused by a
+    guard that counts servers)."""
+    a_listen = f"127.0.0.1:{free_port()}"
+    async with running_server(tmp_path / "b0", toml_volume("parked", ram("64KiB"))) as b0:
+        b_listen = b0.grpc_address
+    a_body = (
+        server_section(a_listen, tmp_path / "a")
+        + toml_volume("base", ram("2MiB"))
+        + toml_volume("a", ram(), remote(b_listen, "b", timeout=2))
+        + toml_volume("self", ram(), remote(a_listen, "base", timeout=2))
+    )
+    b_body = server_section(b_listen, tmp_path / "b") + toml_volume(
+        "b", ram(), remote(a_listen, "base", timeout=2)
+    )
+    async with running_server(tmp_path / "a", a_body) as a:
+        async with AsyncClient(a.grpc_address) as client:
+            await client.volume("base").write(0, BASE)
+            assert await client.volume("self").read(0, BASE_SECTORS) == BASE
+            async with running_server(tmp_path / "b", b_body):
+
+                async def attached() -> bool:
+                    try:
+                        return await client.volume("a").read(0, 64) == BASE[: 64 * SS]
+                    except cerr.Unavailable:
+                        return False  # A's volume "a" attaches in the background
+
+                assert await eventually("A/a -> B/b -> A/base to read", attached)
 
 
 async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:
