@@ -83,6 +83,10 @@ def _shown(hop: str) -> str:
     return f"{server.split('~')[0]}/{volume}"
 
 
+def _shown_chain(chain: tuple[str, ...]) -> str:
+    return " → ".join(_shown(hop) for hop in chain)
+
+
 def parse(header: str) -> tuple[str, ...]:
     """The chain in a ``tierdisk-hops`` header value."""
     return tuple(part for part in header.split(",") if part)
@@ -91,11 +95,10 @@ def parse(header: str) -> tuple[str, ...]:
 def check_chain(chain: tuple[str, ...], me: str) -> tuple[str, ...]:
     """The chain extended by ``me``; refuse a loop or a chain deeper than :data:`MAX_HOPS`."""
     path = (*chain, me)
-    shown = " → ".join(_shown(hop) for hop in path)
     if me in chain:
-        raise FailedPrecondition(f"request loop between tiers: {shown}")
+        raise FailedPrecondition(f"request loop between tiers: {_shown_chain(path)}")
     if len(path) > MAX_HOPS:
-        raise FailedPrecondition(f"tier chain deeper than {MAX_HOPS}: {shown}")
+        raise FailedPrecondition(f"tier chain deeper than {MAX_HOPS}: {_shown_chain(path)}")
     return path
 
 
@@ -105,10 +108,9 @@ def check_waiting(me: str, volume: str) -> None:
     if me and me in caller_waiting.get():
         chain = current_chain.get()
         caller = chain[-2] if len(chain) >= 2 else "the caller"
-        shown = " → ".join(_shown(hop) for hop in (me, caller, me))
         raise FailedPrecondition(
-            f"request loop between tiers: {shown} (volume {volume!r} here waits for the "
-            "caller's volume, which waits for it)"
+            f"request loop between tiers: {_shown_chain((me, caller, me))} (volume {volume!r} "
+            "here waits for the caller's volume, which waits for it)"
         )
 
 

@@ -10,6 +10,10 @@ and address) from before its buffer is made until gRPC reports the call done
 budget waits until its connection has none in flight. Replies under
 :data:`BUDGETED_FROM_BYTES` are not counted (their number in flight is bounded by gRPC's
 own limits), so the small-read path pays nothing. The NBD export bounds a session alike.
+
+Only TCP peers are budgeted: gRPC names every client of a unix socket alike (``unix:``),
+so there one stalled client would hold up all the others; unix-socket clients, local
+processes, are not bounded.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ READ_BUDGET_BYTES = 64 << 20
 
 BUDGETED_FROM_BYTES = 256 << 10
 """Replies of this size and larger count against the budget."""
+
+
+_TCP_PEERS = ("ipv4:", "ipv6:")
+"""How gRPC names a TCP peer: address and port, one connection each."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Budget:
@@ -52,7 +64,10 @@ class ReplyBudgets:
     async def take(self, peer: str, nbytes: int) -> Callable[[], None]:
         """Wait until ``peer`` has room for ``nbytes``, count them, and return the function
         that gives them back (call it exactly once). First come, first served: a Read does
-        not overtake one waiting before it on the same connection."""
+        not overtake one waiting before it on the same connection. A peer that names no
+        one connection (not ``ipv4:``/``ipv6:``) is not counted."""
+        if not peer.startswith(_TCP_PEERS):
+            return _nothing
         budget = self._peers.get(peer)
         if budget is None:
             budget = self._peers[peer] = _Budget()

@@ -31,11 +31,14 @@ class SectorLock:
       page while a write is copying into it, and such a read returns a torn sector
       (DESIGN.md §3: a read racing a write sees old or new data per sector, never torn).
 
-    Cost: while no exclusive hold is held or waiting (the usual case) a shared hold is not
-    registered, only counted (one integer increment, and a decrement at release). An
-    exclusive hold waits for every such counted hold to end (they all began before it, so
-    they are few and finish), and while it waits or is held, new shared holds are
-    registered by range and wait only if they overlap it.
+    Cost: while no exclusive hold is held or waiting (the usual case for a volume's reads
+    and a single-layer write path) a shared hold is not registered, only counted (one
+    integer increment, and a decrement at release). An exclusive hold waits for every such
+    counted hold to end (they all began before it, so they are few and finish), and while
+    it waits or is held, new shared holds are registered by range and wait only if they
+    overlap it. Where exclusive holds are the rule (every write of a layer, every write of
+    a volume whose write path has several layers), holds are registered by range and only
+    overlapping ones wait for each other.
     """
 
     def __init__(self) -> None:

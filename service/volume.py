@@ -52,7 +52,7 @@ from .errors import (
 from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
-from .sector_lock import SectorLock
+from .sector_lock import EVERY_SECTOR, SectorLock
 
 __all__ = ["MAX_BYTES", "AllocationRun", "LayerEntry", "LayerStats", "Volume"]
 
@@ -134,8 +134,10 @@ class Volume:
         self._size_changed = asyncio.Event()
         self._follow_task: asyncio.Task[None] | None = None
         self.sector_lock = SectorLock()
-        """Held shared by every write and unmap, exclusive by :meth:`write_at`'s
-        read-modify-write."""
+        """Held by every write and unmap (shared; exclusive on a write path of several
+        layers), exclusive by :meth:`write_at`'s read-modify-write and by a shrink over the
+        sectors it cuts. Reads do not take it."""
+        self._resizing = asyncio.Lock()  # resizes one at a time
 
     # -- construction -------------------------------------------------------------------
 
@@ -572,8 +574,9 @@ class Volume:
         was written past it, or bring back what a shrink discarded); return the new size.
         Growing exposes zeros.
 
-        The write-path layers are resized bottom-up, the top last. Errors (DESIGN.md §2),
-        after which the volume is unchanged (size, data, generation; no resize event):
+        The write-path layers are resized bottom-up, the top last; resizes run one at a time.
+        Errors (DESIGN.md §2), after which the volume's size and generation are unchanged (no
+        resize event), and its data too but for a shrink that failed part way (below):
 
         - :class:`InvalidArgument`: not at least one sector, or more than
           :data:`MAX_BYTES` bytes (a size limit, whatever the layers);
@@ -604,19 +607,28 @@ class Volume:
                     else f"{layer.kind} layer {index} (on the write path, resized with the top)"
                 )
                 raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
+        async with self._resizing:  # one resize at a time: the layers change one by one
+            await self._resize_path(path, sector_count)
+        return self.sector_count
+
+    async def _resize_path(self, path: list[Layer], sector_count: int) -> None:
         # A shrink holds the sectors it cuts exclusive: writes and unmaps running there
         # finish first (none lands past the new end, e.g. a raw file's write extending
         # it again), and those waiting find the range gone (OUT_OF_RANGE).
-        size = self.sector_count
         lock = self.sector_lock
-        token = await lock.acquire_exclusive(sector_count, size) if sector_count < size else None
+        shrink = sector_count < self.sector_count
+        token = await lock.acquire_exclusive(sector_count, EVERY_SECTOR) if shrink else None
         grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
         try:
-            for layer in reversed(path[1:]):
+            for index in range(len(path) - 1, 0, -1):
+                layer = path[index]
                 old = layer.sector_count
                 await layer.resize(sector_count)
                 if old < sector_count:
                     grown.append((layer, old))
+                else:  # its data past the new end is gone: no read asks it there again
+                    for i in range(index, len(self._overlap)):
+                        self._overlap[i] = min(self._overlap[i], layer.sector_count)
             await path[0].resize(sector_count)
         except BaseException:
             for layer, old in grown:
@@ -632,7 +644,6 @@ class Volume:
             if token is not None:
                 lock.release(token)
         self._note_size(path[0].sector_count)
-        return self.sector_count
 
     def _note_size(self, size: int) -> None:
         if size == self._size_seen:

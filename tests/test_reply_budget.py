@@ -20,6 +20,7 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
+A, B = "ipv4:127.0.0.1:50001", "ipv6:[::1]:50002"  # two TCP connections, as gRPC names them
 
 
 async def _spin() -> None:
@@ -29,47 +30,57 @@ async def _spin() -> None:
 
 async def test_takes_up_to_the_limit_then_waits_in_order() -> None:
     budgets = ReplyBudgets(limit=10)
-    first = await budgets.take("a", 6)
-    second = await budgets.take("a", 4)
-    assert budgets.in_flight("a") == 10
-    third = asyncio.create_task(budgets.take("a", 5))
-    fourth = asyncio.create_task(budgets.take("a", 1))  # fits, but does not overtake
-    other = await budgets.take("b", 10)  # another connection has its own budget
+    first = await budgets.take(A, 6)
+    second = await budgets.take(A, 4)
+    assert budgets.in_flight(A) == 10
+    third = asyncio.create_task(budgets.take(A, 5))
+    fourth = asyncio.create_task(budgets.take(A, 1))  # fits, but does not overtake
+    other = await budgets.take(B, 10)  # another connection has its own budget
     await _spin()
     assert not third.done() and not fourth.done()
     first()
     await _spin()
-    assert third.done() and fourth.done() and budgets.in_flight("a") == 10
+    assert third.done() and fourth.done() and budgets.in_flight(A) == 10
     for release in (second, third.result(), fourth.result(), other):
         release()
-    assert budgets.in_flight("a") == budgets.in_flight("b") == 0
+    assert budgets.in_flight(A) == budgets.in_flight(B) == 0
 
 
 async def test_a_reply_larger_than_the_budget_goes_alone() -> None:
     budgets = ReplyBudgets(limit=10)
-    small = await budgets.take("a", 1)
-    big = asyncio.create_task(budgets.take("a", 25))
+    small = await budgets.take(A, 1)
+    big = asyncio.create_task(budgets.take(A, 25))
     await _spin()
     assert not big.done()
     small()
     release = await big
-    assert budgets.in_flight("a") == 25
+    assert budgets.in_flight(A) == 25
     release()
-    assert budgets.in_flight("a") == 0
+    assert budgets.in_flight(A) == 0
 
 
 async def test_a_cancelled_wait_takes_nothing_and_lets_the_next_one_in() -> None:
     budgets = ReplyBudgets(limit=10)
-    held = await budgets.take("a", 8)
-    big = asyncio.create_task(budgets.take("a", 9))
-    small = asyncio.create_task(budgets.take("a", 2))
+    held = await budgets.take(A, 8)
+    big = asyncio.create_task(budgets.take(A, 9))
+    small = asyncio.create_task(budgets.take(A, 2))
     await _spin()
     big.cancel()
     await _spin()
-    assert small.done() and budgets.in_flight("a") == 10
+    assert small.done() and budgets.in_flight(A) == 10
     held()
     small.result()()
-    assert budgets.in_flight("a") == 0
+    assert budgets.in_flight(A) == 0
+
+
+async def test_unix_socket_peers_are_not_counted() -> None:
+    """gRPC names every client of a unix socket ``unix:``: one budget would let a stalled
+    client hold up all the others, so they are not counted."""
+    budgets = ReplyBudgets(limit=10)
+    releases = [await budgets.take("unix:", 8) for _ in range(3)]
+    assert budgets.in_flight("unix:") == 0
+    for release in releases:
+        release()
 
 
 STALLED_CLIENT = r"""

@@ -1028,3 +1028,53 @@ async def test_a_shrink_waits_for_writes_into_the_sectors_it_cuts(
     assert top.data == {}
     await vol.resize(8)
     assert await sectors_of(vol, 4, 4) == [ZERO] * 4
+
+
+class _GatedResize(MapLayer):
+    """A layer whose next resize waits for :attr:`hold` (an event) when one is set, and
+    whose resizes fail with :attr:`fail` (an exception) when one is set."""
+
+    hold: asyncio.Event | None = None
+    fail: Exception | None = None
+
+    async def resize(self, sector_count: int) -> None:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            await hold.wait()
+        if self.fail is not None:
+            raise self.fail
+        await super().resize(sector_count)
+
+
+async def test_resizes_run_one_at_a_time(volumes: VolumeOpener) -> None:
+    """Two resizes at once end with every write-path layer at the same size (the last
+    one's), never the top at one size and the layer below at the other."""
+    top, lower = MapLayer(100), _GatedResize(100)
+    vol = await volumes(entry(top, wt=True), lower)
+    gate = lower.hold = asyncio.Event()
+    first = asyncio.create_task(vol.resize(300))
+    await _spin()
+    second = asyncio.create_task(vol.resize(50))
+    await _spin()
+    gate.set()
+    assert await first == 300 and await second == 50
+    assert top.sector_count == lower.sector_count == vol.sector_count == 50
+
+
+async def test_a_shrink_that_fails_at_the_top_leaves_reads_working(
+    volumes: VolumeOpener,
+) -> None:
+    """The layer below shrank, the top could not: the volume keeps its size, and a read
+    past the new end (which the top does not hold) reads zeros from the shrunk layer's
+    place instead of failing OUT_OF_RANGE (DESIGN.md §3)."""
+    top, lower = _GatedResize(200), MapLayer(200)
+    vol = await volumes(entry(top, wt=True), lower)
+    await vol.write(150, p(1, 150))
+    await vol.write(20, p(2, 20))
+    top.data.clear()  # only the layer below holds them now
+    top.fail = NoSpace("no room")
+    with pytest.raises(NoSpace):
+        await vol.resize(100)
+    assert vol.sector_count == 200 and lower.sector_count == 100
+    assert await sectors_of(vol, 150, 1) == [ZERO]
+    assert await sectors_of(vol, 20, 1) == [p(2, 20)]

@@ -137,7 +137,11 @@ class RawLayer(Layer):
         if self._fd < 0 or self._closing:
             return
         self._closing = True
-        token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
+        try:
+            token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
+        except BaseException:
+            self._closing = False  # cancelled while waiting: a later close does it all
+            raise
         try:
             self._close_file()
         finally:
@@ -234,15 +238,19 @@ class RawLayer(Layer):
         self._refuse_if_read_only()
         if sector_count <= 0:
             raise ValueError("size must be at least one sector")
-        if self._fd < 0:
-            raise layer_closed(f"raw image {self.path}")
-        await asyncio.get_running_loop().run_in_executor(
-            None,
-            set_file_size,
-            self._fd,
-            sector_count * self._sector_size,
-            f"resizing raw image {self.path}",
-        )
+        token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)  # close waits for it
+        try:
+            if self._fd < 0:
+                raise layer_closed(f"raw image {self.path}")
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                set_file_size,
+                self._fd,
+                sector_count * self._sector_size,
+                f"resizing raw image {self.path}",
+            )
+        finally:
+            self._sectors.release(token)
         self._sector_count = sector_count
         self._notify_resized()
 

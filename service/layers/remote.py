@@ -128,6 +128,7 @@ from tierdisk.client.chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
     Chunk,
+    caller_cancelled,
     plan_chunks,
     run_bounded,
     sectors_per_chunk,
@@ -140,7 +141,7 @@ from tierdisk.client.retry import RetryPolicy
 from .. import errors, hops
 from ..config import token_from_file
 from ..errors import ConfigError
-from ..layer import Layer, LayerMetadata, UnmapBehavior
+from ..layer import Layer, LayerMetadata, UnmapBehavior, layer_closed
 from ..ratelimit import RateLimitedLog
 from ..runs import Run
 from .remote_nbd import NbdDataPath
@@ -829,7 +830,12 @@ class RemoteLayer(Layer):
         if check is None:
             check = self._io_check = asyncio.create_task(self._check_for_io())
             check.add_done_callback(_retrieve)  # its error is raised to those who wait
-        await asyncio.shield(check)
+        try:
+            await asyncio.shield(check)
+        except asyncio.CancelledError:
+            if caller_cancelled() or not check.cancelled():
+                raise
+            raise layer_closed(self._where) from None  # close() cancelled the check
 
     async def _check_for_io(self) -> None:
         try:

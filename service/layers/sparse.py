@@ -288,7 +288,11 @@ class SparseLayer(Layer):
         if self._fd < 0 or self._closing:
             return
         self._closing = True
-        token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
+        try:
+            token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
+        except BaseException:
+            self._closing = False  # cancelled while waiting: a later close does it all
+            raise
         try:
             await self._commit(compact=True)
         except Exception as exc:
