@@ -48,6 +48,26 @@ class SectorLock:
         self._pending: dict[int, Run] = {}  # exclusive holds waiting
         self._next = 0
         self._changed: asyncio.Future[None] | None = None
+        self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`hold_for_close` began (and was not cancelled)."""
+        return self._closing
+
+    async def hold_for_close(self) -> int | None:
+        """Begin closing the layer this lock guards: mark it :attr:`closing` (its I/O from
+        now on is refused by the layer) and hold every sector exclusive, which waits for
+        every hold under way; the token, or None when a close already began. Cancelled
+        while waiting, the mark is taken back, so a later close does it all."""
+        if self._closing:
+            return None
+        self._closing = True
+        try:
+            return await self.acquire_exclusive(0, EVERY_SECTOR)
+        except BaseException:
+            self._closing = False
+            raise
 
     @staticmethod
     def _overlaps(start: int, end: int, held: dict[int, Run]) -> bool:

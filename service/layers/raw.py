@@ -75,7 +75,6 @@ class RawLayer(Layer):
         self._read_only = read_only
         self._wanted_sector_size = sector_size
         self._fd = -1
-        self._closing = False  # close() began
         self._reserve = Reserver()
         self._sectors = SectorLock()  # reads shared, writes and unmaps exclusive: no torn sector
 
@@ -134,14 +133,11 @@ class RawLayer(Layer):
         """Let the reads and writes under way on threads finish (a closed descriptor, or
         its number reused by another file, must never be written), then close the file.
         Later I/O is ``UNAVAILABLE`` (:func:`layer_closed`)."""
-        if self._fd < 0 or self._closing:
+        if self._fd < 0:
             return
-        self._closing = True
-        try:
-            token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
-        except BaseException:
-            self._closing = False  # cancelled while waiting: a later close does it all
-            raise
+        token = await self._sectors.hold_for_close()
+        if token is None:
+            return
         try:
             self._close_file()
         finally:

@@ -93,7 +93,7 @@ from ..fileio import (
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
-from ..sector_lock import EVERY_SECTOR, SectorLock
+from ..sector_lock import SectorLock
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
 
@@ -137,7 +137,6 @@ class SparseLayer(Layer):
         self._size_bytes = size
         self._wanted_sector_size = sector_size
         self._fd = -1
-        self._closing = False  # close() began: mutations are refused
         self._map_fd = -1
         self._writer: ThreadPoolExecutor | None = None
         # Guarded by _lock (shared between the loop, the writer and commits):
@@ -285,14 +284,11 @@ class SparseLayer(Layer):
         them with the rest, and close the files. A mutation that reaches the layer after
         this began is ``UNAVAILABLE`` (:func:`layer_closed`); none is acknowledged without
         being committed."""
-        if self._fd < 0 or self._closing:
+        if self._fd < 0:
             return
-        self._closing = True
-        try:
-            token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)
-        except BaseException:
-            self._closing = False  # cancelled while waiting: a later close does it all
-            raise
+        token = await self._sectors.hold_for_close()
+        if token is None:
+            return
         try:
             await self._commit(compact=True)
         except Exception as exc:
@@ -388,7 +384,7 @@ class SparseLayer(Layer):
         them exclusive: no read copies those pages meanwhile (a torn sector)."""
         token = await self._sectors.acquire_exclusive(start, end)
         try:
-            if self._closing:
+            if self._sectors.closing:
                 raise layer_closed(f"sparse layer {self.path}")
             await self._on_writer(what, fn, *args)
         finally:
