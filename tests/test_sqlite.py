@@ -92,13 +92,25 @@ async def test_meta_records_geometry_in_a_wal_database(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["d.db", "d.db.lock"]
 
 
-async def test_a_file_without_meta_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        # scenario 59
+        ("CREATE TABLE sectors (sector INTEGER PRIMARY KEY, data BLOB)", "missing meta table"),
+        # a table called meta without tierdisk's columns: not "no such column: key"
+        ("CREATE TABLE meta (x)", ".*not a tierdisk sqlite layer"),
+    ],
+    ids=["no meta", "another program's meta"],
+)
+async def test_a_database_of_another_program_is_refused(
+    tmp_path: Path, table: str, message: str
+) -> None:
     path = tmp_path / "d.db"
     db = sqlite3.connect(path)
-    db.execute("CREATE TABLE sectors (sector INTEGER PRIMARY KEY, data BLOB)")
+    db.execute(table)
     db.commit()
     db.close()
-    with pytest.raises(ConfigError, match=rf"{path}: missing meta table"):  # scenario 59
+    with pytest.raises(ConfigError, match=rf"{path}: {message}"):
         await SqliteLayer(str(path), size=SIZE).attach(None)
 
 
@@ -106,17 +118,6 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "d.db"
     path.write_bytes(b"definitely not a database" * 200)
     with pytest.raises(ConfigError, match=rf"{path} is not a readable SQLite database"):
-        await SqliteLayer(str(path)).attach(None)
-
-
-async def test_another_programs_meta_table_is_not_a_tierdisk_layer(tmp_path: Path) -> None:
-    """A table called meta without tierdisk's columns: not "no such column: key"."""
-    path = tmp_path / "d.db"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE meta (x)")
-    db.commit()
-    db.close()
-    with pytest.raises(ConfigError, match=rf"{path}: .*not a tierdisk sqlite layer"):
         await SqliteLayer(str(path)).attach(None)
 
 
