@@ -102,6 +102,10 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 MAX_MESSAGE_BYTES = 64 << 20
+"""The channel's message cap in each direction, unless ``max_io`` needs more (then
+``max_io`` plus :data:`MESSAGE_FRAMING_BYTES`)."""
+MESSAGE_FRAMING_BYTES = 1 << 20
+"""Room for a message's fields around its ``max_io`` bytes of data."""
 
 UINT64_LIMIT = 1 << 64
 """Sector numbers and counts travel as ``uint64``: each must be below this."""
@@ -224,7 +228,11 @@ class AsyncClient:
         self.metadata: tuple[tuple[str, str], ...] = tuple(md)
         self.metadata_factory = metadata_factory
         self.on_call = on_call
-        options = dict(DEFAULT_CHANNEL_OPTIONS)
+        options: dict[str, Any] = dict(DEFAULT_CHANNEL_OPTIONS)
+        if max_io + MESSAGE_FRAMING_BYTES > MAX_MESSAGE_BYTES:  # room for max_io per message
+            cap = max_io + MESSAGE_FRAMING_BYTES
+            options["grpc.max_send_message_length"] = cap
+            options["grpc.max_receive_message_length"] = cap
         options.update(channel_options)
         option_list = list(options.items())
         if secure or root_certificates or certificate_chain or private_key:
@@ -292,7 +300,7 @@ class AsyncClient:
                 await self._closing.wait()
 
     def _cut_short(self, what: str, volume: str | None) -> Interrupted:
-        """The error for ``what`` (``"a Read call"``) ending cancelled though its caller's
+        """The error for ``what`` (``"the Read call"``) ending cancelled though its caller's
         task was not cancelled: :class:`ClientClosed` when this client was closed (gRPC
         cancels a closed channel's calls), else :class:`Interrupted`."""
         if self._closed:
@@ -390,7 +398,7 @@ class AsyncClient:
             if caller_cancelled():
                 raise
             name = rpc or type(request).__name__.removesuffix("Request")
-            raise self._cut_short(f"a {name} call", volume) from None
+            raise self._cut_short(f"the {name} call", volume) from None
         except Unimplemented as exc:  # name this server and the method, not the volume
             cause = exc.__cause__
             if not isinstance(cause, grpc.RpcError):
@@ -808,7 +816,7 @@ class AsyncVolume:
             except asyncio.CancelledError:
                 if caller_cancelled():
                     raise
-                raise self.client._cut_short("a WatchResize stream", self.name) from None
+                raise self.client._cut_short("the WatchResize stream", self.name) from None
             finally:
                 call.cancel()
                 self.client._observe("WatchResize", code, began)

@@ -22,7 +22,9 @@ from servers import (
     fragmented_extents,
     fragmented_server,
     free_port,
+    ram,
     running_server,
+    toml_volume,
     write_config,
 )
 
@@ -182,6 +184,22 @@ async def test_40_mib_read_and_write_are_split(server: Server, max_io: int) -> N
             assert len(chunk) <= max_io
             streamed += chunk
         assert streamed == data
+
+
+async def test_a_max_io_over_64_mib_fits_the_channel(tmp_path: Path) -> None:
+    """A server may take up to 256 MiB per request: a client whose max_io is 96 MiB sends
+    and receives 96 MiB messages (the channel's cap follows max_io), not RESOURCE_EXHAUSTED
+    from gRPC's default cap of 64 MiB read as "out of space"."""
+    body = f'[server]\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\nmax_io = "128MiB"\n'
+    body += toml_volume("big", ram("128MiB"))
+    data = os.urandom(96 * MiB)
+    async with (
+        running_server(tmp_path, body) as srv,
+        AsyncClient(srv.grpc_address, max_io=96 * MiB) as c,
+    ):
+        vol = c.volume("big")
+        await vol.write(0, data)
+        assert await vol.read(0, len(data) // 512) == data
 
 
 async def test_chunks_above_the_server_limit_are_refused_with_the_limit(server: Server) -> None:
