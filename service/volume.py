@@ -46,6 +46,7 @@ from .errors import (
     NotSupported,
     OutOfRange,
     ReadOnlyError,
+    StorageError,
     TierdiskError,
     Unavailable,
 )
@@ -394,16 +395,7 @@ class Volume:
             if no_overwrite:
                 await self._write_holes(view, sector, fua)
                 return
-            ss = self.sector_size
-            try:
-                for index in range(self._write_path):  # as _write_sectors (one await less)
-                    limit = self._write_limit(index, end)
-                    if limit <= sector:
-                        continue  # a smaller layer: those below it may still take it
-                    part = view if limit == end else view[: (limit - sector) * ss]
-                    await self._layers[index].write(part, sector, fua)
-            except NoSpace as exc:
-                raise self._out_of_space(exc, index > 0, "write") from None
+            await self._write_sectors(view, sector, fua)
         finally:
             lock.release(token)
 
@@ -430,15 +422,33 @@ class Volume:
         loop of :meth:`write`)."""
         ss = self.sector_size
         end = sector + len(view) // ss
+        short = 0  # the first write-path layer too small for all of it
         try:
             for index in range(self._write_path):
                 limit = self._write_limit(index, end)
+                if limit < end and not short:
+                    short = index
                 if limit <= sector:
-                    continue
+                    continue  # a smaller layer: those below it may still take it
                 part = view if limit == end else view[: (limit - sector) * ss]
                 await self._layers[index].write(part, sector, fua)
         except NoSpace as exc:
             raise self._out_of_space(exc, index > 0, "write") from None
+        if short:
+            raise self._past_the_end(short, sector, end)
+
+    def _past_the_end(self, index: int, sector: int, end: int) -> StorageError:
+        """The error for a write of ``[sector, end)`` that write-path layer ``index`` (a
+        durable copy, smaller than the top) could take only in part: the layers above
+        hold it and reads return it, but past that layer's end it is not durable."""
+        layer = self._layers[index]
+        size = layer.sector_count
+        return StorageError(
+            f"volume {self.name!r}: sectors [{max(sector, size)}, {end}) of this write lie past "
+            f"the end of write-through layer {index} ({layer.kind}, {size} sectors): the layers "
+            "above took them (reads return them) but they are not durable; give that layer "
+            "the top's size, or resize the volume (which resizes every write-path layer)"
+        )
 
     def _out_of_space(self, exc: NoSpace, changed: bool, what: str) -> TierdiskError:
         """The error for a write or unmap a layer had no space for: ``exc`` itself when
@@ -500,10 +510,13 @@ class Volume:
         holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
         unsynced: list[Layer] = []  # write_no_overwrite takes no fua: flush those layers
         changed = False
+        short = 0  # as in _write_sectors
         try:
             for a, b in holes:
                 for index in range(self._write_path):
                     limit = self._write_limit(index, b)
+                    if limit < b and not short:
+                        short = index
                     if limit <= a:
                         continue
                     part = view[(a - sector) * ss : (limit - sector) * ss]
@@ -519,6 +532,8 @@ class Volume:
                 await layer.flush()
         except NoSpace as exc:
             raise self._out_of_space(exc, changed, "write") from None
+        if short:
+            raise self._past_the_end(short, sector, end)
 
     async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
         """Discard sectors; later reads follow :attr:`unmap_behavior`. Holds them in

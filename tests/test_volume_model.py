@@ -30,6 +30,7 @@ from tierdisk.service.errors import (
     NotSupported,
     OutOfRange,
     ReadOnlyError,
+    StorageError,
     TierdiskError,
 )
 from tierdisk.service.layer import Layer, UnmapBehavior
@@ -204,14 +205,20 @@ class Model:
         n = len(data) // self.ss
         self.check(s, n)
         holes = {x for x in range(s, s + n) if self.depth(x) < 0} if no_overwrite else None
+        short = False  # a write-path layer smaller than the top missed some of it
         for i in range(self.path):
             ly = self.layers[i]
             for x in range(s, s + n):
-                if not self.takes_writes(i, x) or (holes is not None and x not in holes):
+                if holes is not None and x not in holes:
+                    continue
+                if not self.takes_writes(i, x):
+                    short = True
                     continue
                 if no_overwrite and not ly.full and x in ly.data:
                     continue
                 ly.data[x] = data[(x - s) * self.ss : (x - s + 1) * self.ss]
+        if short:
+            raise StorageError()  # written where it fits, not durable past that layer
 
     def unmap(self, s: int, n: int) -> None:
         self.writable()

@@ -521,14 +521,20 @@ async def test_s36_write_through(volumes: VolumeOpener) -> None:
 
 
 async def test_s37_write_through_to_a_smaller_layer_is_clipped(volumes: VolumeOpener) -> None:
+    """Upstream fails the whole write at the smaller layer (IllegalBlock); here that
+    layer takes what fits, and the write fails with a StorageError saying the rest is not
+    durable (the layer is the durable copy; a silent clip lost FUA writes at a restart)."""
     a, b = MapLayer(100), MapLayer(50)
     vol = await volumes(entry(a, wt=True), b)
-    await write(vol, 60, p(1, 60))
-    assert await sectors_of(vol, 60, 1) == [p(1, 60)]
+    with pytest.raises(StorageError, match=r"sectors \[60, 61\) .* past the end of write-through"):
+        await write(vol, 60, p(1, 60))
+    assert await sectors_of(vol, 60, 1) == [p(1, 60)]  # the top took it
     assert b.calls == []
-    await vol.write(45, pattern(2, 45, 10, SS))
+    with pytest.raises(StorageError, match=r"sectors \[50, 55\)"):
+        await vol.write(45, pattern(2, 45, 10, SS))
     assert b.ops("write") == [("write", 45, 5, False)]
     assert sorted(b.data) == list(range(45, 50))
+    await vol.write(40, pattern(3, 40, 5, SS))  # all of it fits: no error
 
 
 async def test_s38_flush_syncs_the_write_path(volumes: VolumeOpener) -> None:
