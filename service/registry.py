@@ -32,9 +32,13 @@ class VolumeRegistry:
         if volume is not None:
             return volume
         if name in self._waiting:
-            chain = hops.current_chain.get()  # (..., the caller, this server) over gRPC
+            chain = hops.current_chain.get()  # (..., the caller, this volume) over gRPC
             if chain:
-                self._refused.setdefault(name, set()).update(chain[:-1])
+                # The caller waits for this volume, and so does whoever waits for it: passed
+                # on, a cycle of any length comes back to a volume that finds itself here.
+                refused = self._refused.setdefault(name, set())
+                refused.update(chain[:-1])
+                refused.update(hops.caller_waiting.get())
                 hops.check_waiting(chain[-1], name)
             raise Unavailable(f"volume {name!r} is not ready yet: {self._waiting[name]}")
         raise VolumeNotFound(f"no volume named {name!r} on this server")

@@ -425,6 +425,36 @@ async def test_two_volumes_waiting_for_each_other_at_start_are_a_loop(tmp_path: 
         assert not a.registry.all_ready and not b.registry.all_ready
 
 
+async def test_three_volumes_waiting_in_a_cycle_at_start_are_a_loop(tmp_path: Path) -> None:
+    """A → B → C → A, all started from nothing: each attach tells the next tier who waits
+    for it, passed on, so the cycle is found however long it is, not retried forever."""
+    listens = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    names = ["va", "vb", "vc"]
+    bodies = [
+        server_section(listens[i], tmp_path / names[i])
+        + toml_volume(names[i], ram(), remote(listens[(i + 1) % 3], names[(i + 1) % 3], timeout=2))
+        for i in range(3)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(running_server(tmp_path / names[i], bodies[i]))
+            for i in range(3)
+        ]
+        client = await stack.enter_async_context(
+            AsyncClient(servers[0].grpc_address, retries=0, timeout=5)
+        )
+
+        async def looped() -> str | None:
+            try:
+                await client.volume("va").info()
+            except cerr.Unavailable as exc:
+                return exc.message if "request loop between tiers" in exc.message else None
+            raise AssertionError("va attached through a loop")
+
+        await eventually("va to report the loop", looped, seconds=30)
+        assert not any(s.registry.all_ready for s in servers)
+
+
 async def test_servers_depending_on_each_other_without_a_loop_both_attach(
     tmp_path: Path,
 ) -> None:
