@@ -16,10 +16,10 @@ for the other's (A's volume is a remote of B's, B's a remote of A's) only ever a
 other "not ready". So a volume that is still attaching records the volumes whose calls it
 refused, with the volumes those were waiting for (their ``tierdisk-waiting``, so a cycle of
 any length closes; :meth:`~tierdisk.service.registry.VolumeRegistry.refused`), and its
-attach attempts carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server asked for a volume that is
-itself still attaching, by a caller that is waiting for this very volume, answers
-:class:`~tierdisk.service.errors.FailedPrecondition` (:func:`check_waiting`): each side waits
-for the other, so neither would ever be ready.
+attach attempts carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server
+asked for a volume that is itself still attaching, by a caller that is waiting for this
+very volume, answers :class:`~tierdisk.service.errors.FailedPrecondition`
+(:func:`check_waiting`): each side waits for the other, so neither would ever be ready.
 """
 
 from __future__ import annotations
