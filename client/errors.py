@@ -36,6 +36,7 @@ __all__ = [
     "PermissionDenied",
     "ReadOnlyVolume",
     "StorageError",
+    "TierLoop",
     "TierdiskError",
     "Unauthenticated",
     "Unavailable",
@@ -133,6 +134,13 @@ class ReadOnlyVolume(FailedPrecondition):
 
     label = "read-only"
     server_names = ("ReadOnlyError", "ReadOnlyVolume")
+
+
+class TierLoop(FailedPrecondition):
+    """The server's hop guard refused the call (server error ``TierLoop``): a loop of tiers
+    or too deep a chain of them; retrying cannot help."""
+
+    server_names = ("TierLoop",)
 
 
 class NotSupported(FailedPrecondition):

@@ -19,6 +19,7 @@ __all__ = [
     "PermissionDenied",
     "ReadOnlyError",
     "StorageError",
+    "TierLoop",
     "TierdiskError",
     "Unauthenticated",
     "Unavailable",
@@ -44,6 +45,12 @@ class InvalidArgument(TierdiskError):
 
 class FailedPrecondition(TierdiskError):
     """The request is well formed but the volume's state or configuration refuses it."""
+
+
+class TierLoop(FailedPrecondition):
+    """The hop guard refused a call (:mod:`tierdisk.service.hops`): a loop of tiers (a
+    volume reached twice, or volumes waiting for each other at start) or a chain of tiers
+    deeper than its limit. Retrying cannot end it."""
 
 
 class ReadOnlyError(FailedPrecondition):

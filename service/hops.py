@@ -4,7 +4,7 @@ Every call one tier makes to another carries ``tierdisk-hops`` metadata: the vol
 request already passed through, each as ``SERVER_ID/VOLUME`` (:func:`hop_id`),
 comma-separated, oldest first. A server asked for a volume that is already in the chain (a
 loop, A/a → B/b → A/a), or given a chain of :data:`MAX_HOPS` or more, refuses the call with
-:class:`~tierdisk.service.errors.FailedPrecondition` naming the chain, instead of
+:class:`~tierdisk.service.errors.TierLoop` (``FAILED_PRECONDITION``) naming the chain, instead of
 recursing. A loop is a volume reached twice, not a server: A/a → B/b → A/base, or a volume
 whose remote is another volume of its own server, are chains, not loops. The chain of the
 request being served travels in a context variable, so a remote layer forwards it (plus
@@ -18,7 +18,7 @@ refused, with the volumes those were waiting for (their ``tierdisk-waiting``, so
 any length closes; :meth:`~tierdisk.service.registry.VolumeRegistry.refused`), and its
 attach attempts carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server
 asked for a volume that is itself still attaching, by a caller that is waiting for this
-very volume, answers :class:`~tierdisk.service.errors.FailedPrecondition`
+very volume, answers :class:`~tierdisk.service.errors.TierLoop`
 (:func:`check_waiting`): each side waits for the other, so neither would ever be ready.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import secrets
 from contextvars import ContextVar
 
-from .errors import FailedPrecondition
+from .errors import TierLoop
 
 __all__ = [
     "HOPS_HEADER",
@@ -97,9 +97,9 @@ def check_chain(chain: tuple[str, ...], me: str) -> tuple[str, ...]:
     """The chain extended by ``me``; refuse a loop or a chain deeper than :data:`MAX_HOPS`."""
     path = (*chain, me)
     if me in chain:
-        raise FailedPrecondition(f"request loop between tiers: {_shown_chain(path)}")
+        raise TierLoop(f"request loop between tiers: {_shown_chain(path)}")
     if len(path) > MAX_HOPS:
-        raise FailedPrecondition(f"tier chain deeper than {MAX_HOPS}: {_shown_chain(path)}")
+        raise TierLoop(f"tier chain deeper than {MAX_HOPS}: {_shown_chain(path)}")
     return path
 
 
@@ -109,7 +109,7 @@ def check_waiting(me: str, volume: str) -> None:
     if me and me in caller_waiting.get():
         chain = current_chain.get()
         caller = chain[-2] if len(chain) >= 2 else "the caller"
-        raise FailedPrecondition(
+        raise TierLoop(
             f"request loop between tiers: {_shown_chain((me, caller, me))} (volume {volume!r} "
             "here waits for the caller's volume, which waits for it)"
         )

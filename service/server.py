@@ -349,10 +349,6 @@ class Server:
 _ATTACH_LOG_INTERVAL = 60.0
 """Seconds between error logs of a background attach refused for the same reason."""
 
-_HOP_GUARD_WORDS = ("request loop between tiers", "tier chain deeper than")
-"""How the hop guard's refusals read (:func:`tierdisk.service.hops.check_chain`,
-:func:`~tierdisk.service.hops.check_waiting`), also when a lower tier's is passed on."""
-
 
 class _AttachLog:
     """Error-level log of a volume's background attach that a remote tier refuses: a new
@@ -403,7 +399,6 @@ def remote_answer(exc: BaseException) -> client_errors.TierdiskError | None:
 
 
 def _hop_guard(answer: client_errors.TierdiskError) -> bool:
-    """Whether ``answer`` is the hop guard's refusal: a loop or too deep a chain of tiers."""
-    return isinstance(answer, client_errors.FailedPrecondition) and any(
-        words in answer.message for words in _HOP_GUARD_WORDS
-    )
+    """Whether ``answer`` is the hop guard's refusal (server error ``TierLoop``, also when
+    a lower tier's is passed on): a loop or too deep a chain of tiers."""
+    return isinstance(answer, client_errors.TierLoop)

@@ -386,6 +386,7 @@ async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
 
             exc = await eventually("the loop to be refused", refused)
             assert exc.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert isinstance(exc, cerr.TierLoop)  # passed on as such by the tier between
             assert "loop" in exc.message
             assert f"{a_listen}/va → {b_listen}/vb → {a_listen}/va" in exc.message
     finally:
@@ -532,5 +533,6 @@ async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:
             with pytest.raises(cerr.FailedPrecondition) as info:
                 await c.volume("v").read(0, 8)
         assert "deeper than 8" in info.value.message
+        assert isinstance(info.value, cerr.TierLoop)
         assert top.grpc_address in info.value.message
         assert below.grpc_address in info.value.message

@@ -175,7 +175,8 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 ERROR_MAP: tuple[tuple[type[client_errors.TierdiskError], type[errors.TierdiskError]], ...] = (
     (client_errors.ReadOnlyVolume, errors.ReadOnlyError),
     (client_errors.NotSupported, errors.NotSupported),
-    (client_errors.FailedPrecondition, errors.FailedPrecondition),  # loop/depth guard too
+    (client_errors.TierLoop, errors.TierLoop),  # a lower tier's hop guard: passed on as such
+    (client_errors.FailedPrecondition, errors.FailedPrecondition),
     (client_errors.VolumeNotFound, errors.FailedPrecondition),  # our config names a volume
     # the remote does not serve: a refusal of this layer, not "no such volume" here
     (client_errors.OutOfRange, errors.OutOfRange),
