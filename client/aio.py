@@ -53,6 +53,7 @@ from google.protobuf import json_format
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
+from .checks import token_problem
 from .chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
@@ -215,6 +216,8 @@ class AsyncClient:
             raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, not {timeout}")
+        if token is not None and (problem := token_problem(token)) is not None:
+            raise ValueError(f"token {problem}")  # never the token itself
         self.target = target
         self.timeout = timeout
         self._closed = False

@@ -59,7 +59,10 @@ def token_problem(token: str) -> str | None:
     gRPC allows printable ASCII only (space to ``~``) in a header value: a control character
     (the ``\\r`` of a file saved with CRLF line ends, a tab) or any non-ASCII one fails every
     call. The message names the first such character and its position (from 0), never the
-    token."""
+    token. An empty token (or only white space) would send no credential at all: refused
+    too."""
+    if not token.strip():
+        return "is empty" + (" (only white space)" if token else "")
     for position, char in enumerate(token):
         if not " " <= char <= "~":
             return (

@@ -123,14 +123,9 @@ def _target(value: object, what: str) -> str:
 
 
 def _token(value: object, what: str) -> str:
-    """A bearer token: what gRPC can send in a header (the token itself is never shown).
-    An empty one (or only white space) is refused: it would send no token at all."""
+    """A bearer token: what gRPC can send in a header (the token itself is never shown;
+    :func:`~tierdisk.client.checks.token_problem`, which refuses an empty one too)."""
     text = _str(value, what)
-    if not text.strip():
-        raise ConfigError(
-            f"{what} is empty{' (only white space)' if text else ''}: give the token, or "
-            "leave the option out to send none"
-        )
     problem = token_problem(text)
     if problem is not None:
         raise ConfigError(f"{what} {problem}")
@@ -145,7 +140,7 @@ def token_from_file(data: bytes, path: str) -> str:
     what = f"token_file {path}"
     token = _utf8_text(data, what).strip()
     if not token:
-        raise ConfigError(f"{what} is empty")
+        raise ConfigError(f"{what} is empty")  # not "the token is empty": the file is
     problem = token_problem(token)
     if problem is not None:
         raise ConfigError(f"{what}: the token {problem}")

@@ -111,7 +111,8 @@ def check_waiting(me: str, volume: str) -> None:
         caller = chain[-2] if len(chain) >= 2 else "the caller"
         raise TierLoop(
             f"request loop between tiers: {_shown_chain((me, caller, me))} (volume {volume!r} "
-            "here waits for the caller's volume, which waits for it)"
+            "here is attaching and waits, directly or through other tiers, for the caller's "
+            "volume, which waits for it)"
         )
 
 

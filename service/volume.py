@@ -16,7 +16,8 @@ Fixes of upstream ``disk_layered`` defects: a lower layer smaller than the top n
 or crashes a read (runs past its overlap are skipped); a read cache below the top never
 hands the caller stale bytes (every layer reads straight into the caller's buffer and fills
 copy from it); fills are clipped to the cache's own size; unmaps are split at a lower
-layer's overlap; writes through a smaller lower layer are clipped to it.
+layer's overlap; a write through a smaller lower layer is written where it fits and then
+fails (:class:`StorageError`), rather than failing whole at that layer.
 
 Races: a fill never overwrites (a write that landed meanwhile wins); a read whose volume
 changed size while it ran skips its fills (its lower data may lie past a lowered overlap);
@@ -126,8 +127,16 @@ class Volume:
         for ly in self._layers[1:]:
             self._overlap.append(min(bound, ly.sector_count))
             bound = min(bound, ly.sector_count, ly.smallest_size)
-        # Write-path layers are resized together, so any of them may have recorded it.
-        self._smallest = min(min(ly.sector_count, ly.smallest_size) for ly in self._layers[:path])
+        # Write-path layers are resized together, so any of them may have recorded a shrink
+        # (a smaller size it was merely created with is no shrink of the volume).
+        self._smallest = min(
+            [top.sector_count, top.smallest_size]
+            + [
+                ly.smallest_size
+                for ly in self._layers[1:path]
+                if ly.smallest_size < ly.sector_count
+            ]
+        )
         self._size_seen = top.sector_count
         self.generation = 0
         # (generation, size) of recent size changes, oldest first, for resize watchers.
@@ -445,7 +454,7 @@ class Volume:
         size = layer.sector_count
         return StorageError(
             f"volume {self.name!r}: sectors [{max(sector, size)}, {end}) of this write lie past "
-            f"the end of write-through layer {index} ({layer.kind}, {size} sectors): the layers "
+            f"the end of write-path layer {index} ({layer.kind}, {size} sectors): the layers "
             "above took them (reads return them) but they are not durable; give that layer "
             "the top's size, or resize the volume (which resizes every write-path layer)"
         )

@@ -257,6 +257,21 @@ def test_a_token_grpc_cannot_send_is_a_usage_error_that_hides_it(
     assert "cret" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "source"),
+    [
+        (["--token", ""], {}, "--token"),
+        ([], {"TIERDISK_TOKEN": "  "}, "$TIERDISK_TOKEN"),
+    ],
+)
+def test_an_empty_token_is_a_usage_error(args: list[str], env: dict[str, str], source: str) -> None:
+    """An empty token would send no credential at all (the server then refuses, or serves
+    without one): exit 2 naming where it came from, as the config refuses ``token = ""``."""
+    result = run("--server", DEAD, *args, "volumes", env=env)
+    assert result.returncode == 2
+    assert_one_line(result.stderr, f"token (from {source})", "is empty")
+
+
 def test_closed_stderr_leaves_the_exit_status() -> None:
     """With descriptor 2 closed the error line has nowhere to go, but the command still exits
     1 (libuv, given a descriptor 0-2 of its own, used to abort it: 134)."""

@@ -1072,3 +1072,12 @@ def test_blocking_client_stops_its_thread_on_close() -> None:
     client.close()
     client.close()  # idempotent
     assert {t.name for t in threading.enumerate()} <= before
+
+
+@pytest.mark.parametrize("token", ["", "  ", "secret\r"])
+async def test_a_token_that_cannot_be_sent_is_refused_at_construction(token: str) -> None:
+    """An empty token would send no credential; a control character fails every call:
+    either is a ValueError when the client is made, naming the problem, never the token."""
+    with pytest.raises(ValueError, match=r"^token (is empty|contains)") as info:
+        AsyncClient("127.0.0.1:1", token=token)
+    assert "secret" not in str(info.value)

@@ -325,7 +325,7 @@ def test_timeouts_up_to_a_day_pass(tmp_path: Path, value: str) -> None:
     assert config.volumes[0].layers[1].options["timeout"] == float(value)
 
 
-@pytest.mark.parametrize(("token", "fragment"), [('""', "is empty:"), ('"  "', "only white")])
+@pytest.mark.parametrize(("token", "fragment"), [('""', "token is empty"), ('"  "', "only white")])
 def test_an_empty_token_is_refused(tmp_path: Path, token: str, fragment: str) -> None:
     """``token = ""`` was taken, and no token sent: refused (leave it out to send none)."""
     with pytest.raises(ConfigError) as info:

@@ -526,7 +526,7 @@ async def test_s37_write_through_to_a_smaller_layer_is_clipped(volumes: VolumeOp
     durable (the layer is the durable copy; a silent clip lost FUA writes at a restart)."""
     a, b = MapLayer(100), MapLayer(50)
     vol = await volumes(entry(a, wt=True), b)
-    with pytest.raises(StorageError, match=r"sectors \[60, 61\) .* past the end of write-through"):
+    with pytest.raises(StorageError, match=r"sectors \[60, 61\) .* past the end of write-path"):
         await write(vol, 60, p(1, 60))
     assert await sectors_of(vol, 60, 1) == [p(1, 60)]  # the top took it
     assert b.calls == []
@@ -535,6 +535,7 @@ async def test_s37_write_through_to_a_smaller_layer_is_clipped(volumes: VolumeOp
     assert b.ops("write") == [("write", 45, 5, False)]
     assert sorted(b.data) == list(range(45, 50))
     await vol.write(40, pattern(3, 40, 5, SS))  # all of it fits: no error
+    assert vol.inspect()["smallest_sector_count"] == 100  # made smaller, never shrunk
 
 
 async def test_s38_flush_syncs_the_write_path(volumes: VolumeOpener) -> None:
