@@ -240,16 +240,18 @@ class _Written:
         """What was written: ``nothing was written``, or ``the N bytes before were written
         from sector S``; then, if requests past those were written or may have been (in
         any order, or failing part way), ``; sectors A..B may have been written in part``
-        (``A`` included, ``B`` not)."""
+        (``A`` included, ``B`` not), after ``nothing was written for sure`` when no
+        prefix was."""
         ss, first = self.ss, self.sector
-        if self.prefix:
-            text = f"the {self.prefix} bytes before were written from sector {first}"
-        else:
-            text = "nothing was written"
+        partly = ""
         if self._reach > self.prefix:
             lo, hi = first + self.prefix // ss, first + -(-self._reach // ss)
-            text += f"; sectors {lo}..{hi} may have been written in part"
-        return text
+            partly = f"; sectors {lo}..{hi} may have been written in part"
+        if self.prefix:
+            return f"the {self.prefix} bytes before were written from sector {first}{partly}"
+        if partly:  # not "nothing was written", then
+            return f"nothing was written for sure{partly}"
+        return "nothing was written"
 
     def raise_failure(self, args: argparse.Namespace, path: str | None) -> None:
         """Raise the first failure, if any, as one line (:func:`_noted`) ending with
