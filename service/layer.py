@@ -200,11 +200,12 @@ class Layer(abc.ABC):
     @property
     def smallest_size(self) -> int:
         """The smallest size in sectors this layer has had since its data was created, as
-        far as it records it (at most :attr:`sector_count`). As the top of a volume, no
-        layer below it shows at or past this sector, across restarts too: a shrink of the
-        top lowers the overlaps for good (DESIGN.md §3). Persistent layers that track
-        presence keep it with their size; the default, the current size, suits layers
-        whose data does not outlive the process or that hold every sector."""
+        far as it records it (at most :attr:`sector_count`). In a volume, no layer below it
+        shows at or past this sector, across restarts too: a shrink of the top (and of the
+        write path, resized with it) lowers the overlaps for good (DESIGN.md §3).
+        Persistent layers that track presence keep it with their size; the default, the
+        current size, suits layers whose data does not outlive the process or that hold
+        every sector."""
         return self._sector_count
 
     def metadata(self) -> LayerMetadata:

@@ -1,4 +1,4 @@
-"""Rate-limited warnings for conditions that can repeat on every request."""
+"""Rate-limited log lines for conditions that can repeat on every request or attempt."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ __all__ = ["RateLimitedLog"]
 
 
 class RateLimitedLog:
-    """Logs a warning at most once per ``interval`` seconds, counting what it held back.
+    """Logs a line at most once per ``interval`` seconds, counting what it held back.
 
-    One instance per condition (e.g. "cache fill failed on volume v, layer 1").
+    One instance per condition (e.g. "cache fill failed on volume v, layer 1"). A line
+    whose ``key`` differs from the last one logged is logged at once (a new reason).
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
@@ -19,16 +20,27 @@ class RateLimitedLog:
         self._interval = interval
         self._next = 0.0
         self._suppressed = 0
+        self._key: object = None
 
-    def warning(self, msg: str, *args: object) -> None:
-        """Log ``msg % args`` unless one was logged less than ``interval`` seconds ago."""
+    def warning(self, msg: str, *args: object, key: object = None) -> None:
+        """Log ``msg % args`` at warning level (see :meth:`log`)."""
+        self.log(logging.WARNING, msg, *args, key=key)
+
+    def error(self, msg: str, *args: object, key: object = None) -> None:
+        """Log ``msg % args`` at error level (see :meth:`log`)."""
+        self.log(logging.ERROR, msg, *args, key=key)
+
+    def log(self, level: int, msg: str, *args: object, key: object = None) -> None:
+        """Log ``msg % args`` unless one with the same ``key`` was logged less than
+        ``interval`` seconds ago."""
         now = time.monotonic()
-        if now < self._next:
+        if now < self._next and key == self._key:
             self._suppressed += 1
             return
         if self._suppressed:
-            msg += " (%d similar warnings suppressed)"
+            msg += " (%d similar messages suppressed)"
             args = (*args, self._suppressed)
         self._suppressed = 0
         self._next = now + self._interval
-        self._logger.warning(msg, *args)
+        self._key = key
+        self._logger.log(level, msg, *args)

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,6 +50,7 @@ from .metrics_http import MetricsEndpoint
 from .nbd import NbdServer, NbdStats, start_nbd_server
 from .nbd_metrics import NbdMetrics
 from .netaddr import AddressInUse, bind_failure, claim_unix_path
+from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
 from .volume import LayerEntry, Volume
@@ -266,7 +266,7 @@ class Server:
         each other: retrying cannot end it). Either way, the volume answers ``UNAVAILABLE``
         naming the latest reason."""
         delay = 0.2
-        attach_log = _AttachLog(config.name)
+        attach_log = RateLimitedLog(log, interval=_ATTACH_LOG_INTERVAL)
         while not self._stopped:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
@@ -292,7 +292,12 @@ class Server:
                 self.registry.set_waiting(
                     config.name, f"its remote tier refuses it for now ({exc}); retrying"
                 )
-                attach_log.error(str(exc))
+                attach_log.error(
+                    "volume %r cannot be opened yet: %s; retrying in the background",
+                    config.name,
+                    exc,
+                    key=str(exc),  # a new reason is logged at once
+                )
                 continue
             if self._stopped:
                 await volume.close()
@@ -348,32 +353,6 @@ class Server:
 
 _ATTACH_LOG_INTERVAL = 60.0
 """Seconds between error logs of a background attach refused for the same reason."""
-
-
-class _AttachLog:
-    """Error-level log of a volume's background attach that a remote tier refuses: a new
-    reason at once, the same one again at most every :data:`_ATTACH_LOG_INTERVAL` seconds
-    (saying how many attempts were not logged)."""
-
-    def __init__(self, volume: str) -> None:
-        self._volume = volume
-        self._reason = ""
-        self._next = 0.0
-        self._held = 0
-
-    def error(self, reason: str) -> None:
-        now = time.monotonic()
-        if reason == self._reason and now < self._next:
-            self._held += 1
-            return
-        held = f" ({self._held} more attempts failed since the last report)" if self._held else ""
-        log.error(
-            "volume %r cannot be opened yet: %s; retrying in the background%s",
-            self._volume,
-            reason,
-            held,
-        )
-        self._reason, self._next, self._held = reason, now + _ATTACH_LOG_INTERVAL, 0
 
 
 def failure_chain(exc: BaseException) -> Iterator[BaseException]:

@@ -236,10 +236,11 @@ class Volume:
 
     @property
     def smallest_sector_count(self) -> int:
-        """The smallest size in sectors the volume has had, as far as its top records it
-        (:attr:`Layer.smallest_size`) and this process saw: no lower layer's data shows at
-        or past it. Inspect reports it as ``smallest_sector_count``; a ``remote`` top of
-        another volume takes it as its own smallest size at attach."""
+        """The smallest size in sectors the volume has been shrunk to, as far as its
+        write-path layers record it (:attr:`Layer.smallest_size`) and this process saw: no
+        layer below them shows at or past it. Inspect reports it as
+        ``smallest_sector_count``; a ``remote`` top of another volume takes it as its own
+        smallest size at attach."""
         return self._smallest
 
     @property
@@ -788,7 +789,7 @@ class Volume:
             "optimal_unmap_sectors": self.optimal_unmap_sectors,
             "disk_id": self.disk_id.hex() if self.disk_id else "",
             "generation": self.generation,
-            "smallest_sector_count": self._smallest,
+            "smallest_sector_count": self.smallest_sector_count,
             "layers": layers,
         }
 

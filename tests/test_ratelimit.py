@@ -22,5 +22,23 @@ def test_one_warning_per_interval_with_a_count(
         log.warning("fill failed: %s", "again")
     assert [r.getMessage() for r in caplog.records] == [
         "fill failed: boom",
-        "fill failed: again (4 similar warnings suppressed)",
+        "fill failed: again (4 similar messages suppressed)",
+    ]
+
+
+def test_a_new_key_is_logged_at_once_at_its_level(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new reason (``key``) is news: logged at once; the same one again is held back."""
+    now = [100.0]
+    monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
+    log = RateLimitedLog(logging.getLogger("t"), interval=60.0)
+    with caplog.at_level(logging.ERROR, logger="t"):
+        for reason in ("down", "down", "no volume", "no volume", "down"):
+            log.error("attach: %s", reason, key=reason)
+            now[0] += 1.0
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "attach: down"),
+        (logging.ERROR, "attach: no volume (1 similar messages suppressed)"),
+        (logging.ERROR, "attach: down (1 similar messages suppressed)"),
     ]
