@@ -818,27 +818,65 @@ def _replaceable(path: str) -> str | None:
     return None
 
 
-def _refuse_a_locked_file(path: str, target: str) -> None:
-    """Refuse to replace ``target`` (IMAGE ``path``) while a process holds an ``flock`` on
-    it, as a tierdisk server does on a ``raw`` or ``sparse`` layer's file: the server would
-    go on writing into the file replaced, and every write it acknowledged after the export
-    would be gone at its next start, which opens the new one."""
+_LAYER_FILE_LOCKS: tuple[tuple[str, str], ...] = (
+    ("", ""),  # a raw or sparse layer's data file: flock-ed itself
+    ("", ".lock"),  # a sqlite layer's database: its "<db>.lock" is
+    (".map", ""),  # a sparse layer's map: its data file is
+    (".map.tmp", ""),
+    ("-wal", ".lock"),  # a sqlite database's journals: the database's lock file is
+    ("-shm", ".lock"),
+    ("-journal", ".lock"),
+)
+"""How a tierdisk server's layer files are locked while it runs: ``(suffix, lock)`` means
+a file named ``STEM + suffix`` belongs to a layer while ``STEM + lock`` is ``flock``-ed
+(the layouts are in the ``raw``, ``sparse`` and ``sqlite`` layers' docstrings)."""
+
+
+def _lock_files(target: str) -> list[str]:
+    """The files whose ``flock`` shows that ``target`` is a running layer's file."""
+    found = []
+    for suffix, lock in _LAYER_FILE_LOCKS:
+        if target.endswith(suffix) and len(target) > len(suffix):
+            stem = target[: len(target) - len(suffix)]
+            if stem + lock not in found:
+                found.append(stem + lock)
+    return found
+
+
+def _locked(path: str) -> bool:
+    """Whether another process holds an ``flock`` on ``path`` (``False`` when it cannot be
+    opened or the filesystem has no ``flock``: nothing to learn)."""
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return  # not readable: the export itself reports what is wrong
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise CliError(
-            f"{describe_file(path)} is locked by another process (a tierdisk server's layer "
-            "file?): replacing it would lose every write that process makes to it from now "
-            "on; export to another file, or stop that process first"
-        ) from None
+        return True
     except OSError:
-        pass  # a filesystem without flock: nothing to learn
+        return False
     finally:
         os.close(fd)  # drops the lock, if we took it
+    return False
+
+
+def _refuse_a_locked_file(path: str, target: str) -> None:
+    """Refuse to replace ``target`` (IMAGE ``path``) while it is a running tierdisk layer's
+    file: a ``raw`` or ``sparse`` data file, a ``sparse`` map, a ``sqlite`` database or its
+    journals (:data:`_LAYER_FILE_LOCKS`), seen by the ``flock`` the server holds. The server
+    would go on writing into the file replaced, and every write it acknowledged after the
+    export would be gone at its next start, which opens the new one (or, for a map or a
+    database, would find the layer unreadable)."""
+    for lock in _lock_files(target):
+        if _locked(lock):
+            whose = "" if lock == target else f" ({describe_file(lock)} is)"
+            raise CliError(
+                f"{describe_file(path)} is locked by another process{whose}: a tierdisk "
+                "server's layer file? Replacing it would lose every write that process "
+                "makes to it from now on; export to another file, or stop that process "
+                "first"
+            )
 
 
 async def _export_replacing(

@@ -598,6 +598,34 @@ def test_export_onto_the_volumes_own_raw_image_is_refused(tmp_path: Path, read_o
         assert temp_files(data_dir) == []
 
 
+@pytest.mark.parametrize(
+    ("kind", "file"),
+    [("sparse", "top.img.map"), ("sqlite", "top.db"), ("sqlite", "top.db-wal")],
+    ids=["sparse-map", "sqlite-database", "sqlite-wal"],
+)
+def test_export_onto_a_layers_map_or_database_is_refused(
+    tmp_path: Path, kind: str, file: str
+) -> None:
+    """A sparse layer's map and a sqlite layer's database (and its WAL) are the layer's
+    files too, though the server locks another file for them (the data file, the
+    database's ``.lock``): an export onto one is refused, and the volume keeps its data
+    across a restart."""
+    path = "top.img" if kind == "sparse" else "top.db"
+    config = write_config(tmp_path, toml_volume("v", {"kind": kind, "path": path, "size": "1MiB"}))
+    data = os.urandom(64 * 1024)
+    with ServerProcess.start(tmp_path, config) as srv:
+        tierdisk(srv, "write", "v", "0", stdin=data)
+        tierdisk(srv, "flush", "v")
+        victim = tmp_path / "data" / file
+        assert victim.exists(), sorted(os.listdir(tmp_path / "data"))
+        before = victim.read_bytes()
+        result = tierdisk(srv, "export", "v", str(victim), check=False)
+        one_line_error(result, str(victim), "locked by another process")
+        assert victim.read_bytes() == before
+    with ServerProcess.start(tmp_path, config) as srv:
+        assert tierdisk(srv, "read", "v", "0", str(len(data) // 512)).stdout == data
+
+
 def drain_fifo(fifo: Path) -> tuple[bytearray, threading.Thread]:
     """A started thread reading ``fifo`` to its end into the returned buffer."""
     got = bytearray()
