@@ -129,6 +129,8 @@ class Layer(abc.ABC):
         self._physical_sector_size = 0
         self._resized = asyncio.Event()
         self._resize_listeners: list[Callable[[int], None]] = []
+        self._problem = ""
+        self._problem_listeners: list[Callable[[str], None]] = []
 
     # -- geometry and capabilities ------------------------------------------------------
 
@@ -315,6 +317,24 @@ class Layer(abc.ABC):
         """Stop calling ``listener``; no error when it is not registered."""
         if listener in self._resize_listeners:
             self._resize_listeners.remove(listener)
+
+    @property
+    def problem(self) -> str:
+        """Why the layer refuses all I/O until the server restarts, "" while it does not
+        (e.g. a ``remote`` volume re-created with another geometry). Set once, for good."""
+        return self._problem
+
+    def add_problem_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(problem)`` synchronously when the layer finds its :attr:`problem`."""
+        self._problem_listeners.append(listener)
+
+    def _found_problem(self, problem: str) -> None:
+        """Record :attr:`problem` (the first one found stays) and tell the listeners."""
+        if self._problem:
+            return
+        self._problem = problem
+        for listener in list(self._problem_listeners):
+            listener(problem)
 
     def _notify_resized(self) -> None:
         """Tell listeners and wake :meth:`wait_resize` callers; call after the size changed."""

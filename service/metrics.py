@@ -127,11 +127,13 @@ class EngineCollector(Collector):
         ready = GaugeMetricFamily(
             "tierdisk_volume_ready",
             "1 when the configured volume is open and serving, 0 while it is not "
-            "(attaching: e.g. waiting for its remote tier; requests get UNAVAILABLE).",
+            "(attaching: e.g. waiting for its remote tier; requests get UNAVAILABLE) "
+            "or a layer refuses all I/O until a restart (e.g. its remote volume was "
+            "re-created with another geometry).",
             labels=["volume"],
         )
         volumes = self._volumes.ready_volumes()
-        serving = {volume.name for volume in volumes}
+        serving = {volume.name for volume in volumes if not volume.problem}
         for name in self._volumes.names():
             ready.add_metric([name], 1 if name in serving else 0)
         for (name, index), counts in sorted(self._remote.items()):

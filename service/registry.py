@@ -54,8 +54,8 @@ class VolumeRegistry:
 
     @property
     def all_ready(self) -> bool:
-        """True when every configured volume is open."""
-        return not self._waiting
+        """True when every configured volume is open and none has a :attr:`Volume.problem`."""
+        return not self._waiting and not any(v.problem for v in self._ready.values())
 
     def set_waiting(self, name: str, reason: str) -> None:
         """Record why ``name`` is not ready yet (shown in ``Unavailable`` messages)."""

@@ -16,7 +16,9 @@ error there) is retried like an unreachable tier, logged at error level (rate-li
 problem of this server's own (a construction rule broken, e.g. a sector size that differs
 from the remote's; a local layer that cannot be opened) and the hop guard's refusal (a loop
 or too deep a chain of tiers, :mod:`~tierdisk.service.hops`) are not: the volume stays not
-ready, naming the problem, until the server is restarted with the problem fixed.
+ready, naming the problem, until the server is restarted with the problem fixed. A problem a
+layer finds once serving (:attr:`Layer.problem`, e.g. its remote volume re-created with
+another geometry: it refuses all I/O until a restart) turns health ``NOT_SERVING`` too.
 
 Stop (:meth:`Server.stop`): health goes ``NOT_SERVING``, calls not yet started are answered
 ``UNAVAILABLE``, calls in flight finish (up to ``grace`` seconds), every volume is flushed
@@ -96,6 +98,7 @@ class Server:
         self._nbd: NbdServer | None = None
         self._nbd_metrics: NbdMetrics | None = None
         self._attach_tasks: list[asyncio.Task[None]] = []
+        self._health_updates: set[asyncio.Task[None]] = set()
         self._stopped = False
 
     # -- start ----------------------------------------------------------------------------
@@ -229,7 +232,22 @@ class Server:
             log.warning("volume %r: %s; retrying in the background", config.name, exc)
             self._attach_tasks.append(asyncio.create_task(self._keep_attaching(config)))
             return
+        self._serve(volume)
+
+    def _serve(self, volume: Volume) -> None:
+        """Serve ``volume``. A problem one of its layers finds later (:attr:`Layer.problem`:
+        it refuses all I/O until a restart) turns health ``NOT_SERVING`` and the volume's
+        ``tierdisk_volume_ready`` 0."""
         self.registry.set_ready(volume)
+
+        def found(problem: str) -> None:
+            log.error("volume %r is not serving until a restart: %s", volume.name, problem)
+            task = asyncio.ensure_future(self._update_health())
+            self._health_updates.add(task)
+            task.add_done_callback(self._health_updates.discard)
+
+        for entry in volume.entries:
+            entry.layer.add_problem_listener(found)
 
     async def _build(self, config: VolumeConfig) -> Volume:
         entries = []
@@ -302,7 +320,7 @@ class Server:
             if self._stopped:
                 await volume.close()
                 return
-            self.registry.set_ready(volume)
+            self._serve(volume)
             log.info("volume %r attached", config.name)
             await self._update_health()
             return

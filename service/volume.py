@@ -244,6 +244,15 @@ class Volume:
         return self._smallest
 
     @property
+    def problem(self) -> str:
+        """Why the volume cannot serve until the server restarts: the first layer's
+        :attr:`Layer.problem`, naming the layer; "" when no layer has one."""
+        for index, layer in enumerate(self._layers):
+            if layer.problem:
+                return f"layer {index} ({layer.kind}): {layer.problem}"
+        return ""
+
+    @property
     def entries(self) -> list[LayerEntry]:
         """The stack, top first (read-only use: layers and their counters)."""
         return list(self._entries)

@@ -18,11 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port, ram, remote, running_server, toml_volume
 from stacks import MapLayer, pattern
 
@@ -55,6 +59,26 @@ async def eventually(what: str, check: Callable[[], Awaitable[Any]], seconds: fl
             return result
         assert time.monotonic() < deadline, f"{what} did not happen within {seconds} s"
         await asyncio.sleep(0.05)
+
+
+async def health(address: str) -> int:
+    """The server's overall health status (``health_pb2.HealthCheckResponse``'s enum)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        return int(reply.status)
+
+
+async def volume_ready(metrics_address: str, volume: str) -> float:
+    """``tierdisk_volume_ready{volume}`` as ``/metrics`` shows it."""
+    url = f"http://{metrics_address}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tierdisk_volume_ready" and sample.labels["volume"] == volume:
+                return sample.value
+    raise AssertionError(f"no tierdisk_volume_ready for {volume!r}")
 
 
 # -- the remote volume re-created with another geometry --------------------------------------
@@ -148,7 +172,9 @@ async def test_an_origin_replaced_by_another_disk_is_refused_once_the_watch_is_b
 ) -> None:
     """The origin volume had a disk id at attach; after a restart on the same address the
     volume of that name has none (another disk, same geometry and size). The resize watch
-    finds it when it reconnects, with no I/O asked: ``inspect`` names both ids; I/O fails."""
+    finds it when it reconnects, with no I/O asked: ``inspect`` names both ids; I/O fails;
+    the server's health turns NOT_SERVING and ``tierdisk_volume_ready`` 0 (an operator's
+    probes see that it needs a restart)."""
     listen = f"127.0.0.1:{free_port()}"
 
     def plain(folder: Path) -> str:
@@ -168,6 +194,9 @@ async def test_an_origin_replaced_by_another_disk_is_refused_once_the_watch_is_b
         client = await stack.enter_async_context(AsyncClient(cache.grpc_address, retries=0))
         vol = client.volume("v")
         assert (await vol.info()).disk_id == disk_id
+        assert cache.metrics_address
+        assert await health(cache.grpc_address) == health_pb2.HealthCheckResponse.SERVING
+        assert await volume_ready(cache.metrics_address, "v") == 1
         await first.stop(grace=1)
         await stack.enter_async_context(running_server(tmp_path / "o2", plain(tmp_path / "o2")))
 
@@ -180,6 +209,13 @@ async def test_an_origin_replaced_by_another_disk_is_refused_once_the_watch_is_b
             await vol.read(0, 8)
         assert disk_id.hex() in info.value.message
         assert (await vol.inspect("layers/0"))["watching_resizes"] is False  # it stopped
+
+        async def not_serving() -> bool:
+            status = await health(cache.grpc_address)
+            return bool(status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await eventually("health to turn NOT_SERVING", not_serving)
+        assert await volume_ready(cache.metrics_address, "v") == 0
 
 
 # -- the remote volume shrank and the watch has not said so yet --------------------------------

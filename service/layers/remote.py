@@ -815,6 +815,7 @@ class RemoteLayer(Layer):
             )
             self._checked = False
             log.error("%s", self._refusal)
+            self._found_problem(str(self._refusal))
             if self._nbd is not None:
                 await self._nbd.refuse(f"not used: {self._refusal}")
             self._watch_spoke()
