@@ -205,6 +205,18 @@ def _count(value: object, what: str) -> int:
     return value
 
 
+def _positive_count(value: object, what: str) -> int:
+    """A whole number >= 1; a string of one too (flags and environment variables)."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip(), 10)
+        except ValueError:
+            raise ConfigError(f"{what} must be a whole number >= 1, not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a whole number >= 1, not {value!r}")
+    return value
+
+
 def _mode(value: object, what: str) -> str:
     if value not in ("disk", "layer"):
         raise ConfigError(f'{what} must be "disk" or "layer", not {value!r}')
@@ -255,6 +267,7 @@ class ServerConfig:
     data_dir: str = "./tierdisk-data"  # where relative layer paths live
     nbd: str = ""  # NBD export address; "" = off
     max_io: int = 16 << 20  # bytes: the largest Read or Write payload
+    nbd_max_connections: int = 64  # NBD connections taken at once; more are refused
 
 
 _SERVER_KEYS: dict[str, _Parser] = {
@@ -263,6 +276,7 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "data_dir": _nonempty_str,
     "nbd": _optional_address,
     "max_io": lambda v, what: parse_size(v, what),
+    "nbd_max_connections": lambda v, what: _positive_count(v, what),
 }
 MIN_MAX_IO = DEFAULT_MAX_IO
 """The smallest ``max_io`` a server takes (1 MiB): the client library and remote layers send up

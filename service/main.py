@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where relative layer paths live (./tierdisk-data)")
     p.add_argument("--max-io", help="largest Read/Write payload, 1MiB to 256MiB (16MiB)")
     p.add_argument("--nbd", help="NBD export address, HOST:PORT or unix:PATH; '' = off")
+    p.add_argument(
+        "--nbd-max-connections", help="NBD connections taken at once; more are refused (64)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--ready-file", metavar="FILE", help="write bound addresses here when ready")
@@ -92,6 +95,7 @@ def _main(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir,
         "max_io": args.max_io,
         "nbd": args.nbd,
+        "nbd_max_connections": args.nbd_max_connections,
     }
     try:
         config = load_config(args.config, flags=flags)

@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import ServerConfig
 from .nbd_session import NbdSession
 from .netaddr import SocketFile, bound_address, listen_socket
+from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 
-__all__ = ["NbdServer", "NbdStats", "RequestHook", "start_nbd_server"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "NbdServer", "NbdStats", "RequestHook", "start_nbd_server"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ RequestHook = Callable[[str, str, str, float, int], None]
 """``hook(volume, command, result, seconds, nbytes)``, called once per finished request."""
 
 _SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish when the server closes
+
+DEFAULT_MAX_CONNECTIONS = ServerConfig.nbd_max_connections
+"""NBD connections a server takes at once, by default (``[server] nbd_max_connections``: 64).
+Each may pin ~72 MiB (64 MiB of requests in flight, 8 MiB of unsent replies), so the default
+bounds the export at ~4.6 GiB."""
 
 
 @dataclass
@@ -47,6 +54,7 @@ class NbdStats:
     """
 
     connections_total: int = 0  # TCP / unix connections accepted
+    connections_refused: int = 0  # of those, refused: over the server's max_connections
     sessions_total: int = 0  # connections that reached the transmission phase
     sessions_active: int = 0
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -59,6 +67,7 @@ class NbdStats:
         """A JSON-friendly copy (for Inspect)."""
         return {
             "connections_total": self.connections_total,
+            "connections_refused": self.connections_refused,
             "sessions_total": self.sessions_total,
             "sessions_active": self.sessions_active,
             "bytes_read": self.bytes_read,
@@ -76,14 +85,23 @@ class NbdServer:
     :func:`start_nbd_server`."""
 
     def __init__(
-        self, registry: VolumeRegistry, max_io: int, stats: NbdStats, server_id: str = ""
+        self,
+        registry: VolumeRegistry,
+        max_io: int,
+        stats: NbdStats,
+        server_id: str = "",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.address = ""
         self.server_id = server_id
         """The id of the server process, named in every export's description."""
         self.registry = registry
         self.max_io = max_io
+        self.max_connections = max_connections
+        """Connections taken at once (in option haggling or serving); past it, a new one's
+        first option is answered ``NBD_REP_ERR_POLICY`` naming the limit, then it closes."""
         self.stats = stats
+        self._refusal_log = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
         self._zeros = bytes(1 << 20)
@@ -101,8 +119,19 @@ class NbdServer:
             self._zeros = bytes(max(nbytes, 1 << 20))
         return memoryview(self._zeros)[:nbytes]
 
-    def add_session(self, session: NbdSession) -> None:
+    def add_session(self, session: NbdSession, peer: str) -> str:
+        """Count a new connection in: "" when it is within :attr:`max_connections`, else
+        why it is refused (counted and logged, rate-limited)."""
         self._sessions.add(session)
+        if len(self._sessions) <= self.max_connections:
+            return ""
+        self.stats.connections_refused += 1
+        why = (
+            f"too many NBD connections: this server takes {self.max_connections} at once "
+            "(nbd_max_connections)"
+        )
+        self._refusal_log.warning("NBD %s refused: %s", peer, why)
+        return why
 
     def remove_session(self, session: NbdSession) -> None:
         self._sessions.discard(session)
@@ -135,18 +164,24 @@ async def start_nbd_server(
     max_io: int,
     stats: NbdStats | None = None,
     server_id: str = "",
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> NbdServer:
     """Listen for NBD clients on ``address`` (``HOST:PORT``, port 0 = any, or
     ``unix:/path``) and export every volume of ``registry``.
 
     ``max_io`` is the largest read or write payload (the advertised maximum block size);
     ``server_id`` (the gRPC server's, :func:`~.hops.new_server_id`) ends every export's
-    ``NBD_INFO_DESCRIPTION``.
+    ``NBD_INFO_DESCRIPTION``; ``max_connections`` bounds the connections at once
+    (:attr:`NbdServer.max_connections`).
     Raises :class:`OSError` naming the address when it cannot be bound (e.g. in use).
     """
     if max_io < 512:
         raise ValueError(f"max_io {max_io} is smaller than one 512-byte sector")
-    server = NbdServer(registry, max_io, stats if stats is not None else NbdStats(), server_id)
+    if max_connections < 1:
+        raise ValueError(f"max_connections {max_connections} is not at least 1")
+    server = NbdServer(
+        registry, max_io, stats if stats is not None else NbdStats(), server_id, max_connections
+    )
     loop = asyncio.get_running_loop()
 
     def factory() -> NbdSession:

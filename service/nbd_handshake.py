@@ -7,7 +7,9 @@ meta-context options (``base:allocation``, ``qemu:allocation-depth``; both refus
 ``NBD_REP_ERR_INVALID`` before structured replies were negotiated). Every other option is
 answered ``NBD_REP_ERR_UNSUP`` and haggling goes on. Once the server is shutting down, the
 next option (but ``NBD_OPT_ABORT``) is answered ``NBD_REP_ERR_SHUTDOWN`` and the connection
-closes. Export name = volume name; the empty name selects the first volume.
+closes; a connection over the server's limit has the option that chooses an export answered
+``NBD_REP_ERR_POLICY``, naming the limit, and closes. Export name = volume name; the empty
+name selects the first volume.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = ["Hangup", "negotiate"]
 log = logging.getLogger("tierdisk.service.nbd")
 
 MAX_OPTION = 1 << 20  # longer option data is a hard disconnect
+_CHOOSING = (P.OPT_GO, P.OPT_INFO, P.OPT_EXPORT_NAME)  # the options that choose an export
 
 
 class Hangup(Exception):
@@ -43,8 +46,10 @@ class _Negotiation:
         recv: Callable[[int], Awaitable[bytes]],
         send: Callable[[bytes], None],
         peer: str,
+        refusal: str,
     ) -> None:
         self._server = server
+        self._refusal = refusal
         self._recv = recv
         self._send = send
         self._peer = peer
@@ -76,6 +81,10 @@ class _Negotiation:
             if self._server.closing and option != P.OPT_ABORT:
                 self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
                 raise Hangup("the server is shutting down")
+            if self._refusal and option in _CHOOSING:
+                if option != P.OPT_EXPORT_NAME:  # which cannot be answered an error
+                    self._error(option, P.REP_ERR_POLICY, self._refusal)
+                raise Hangup(self._refusal)
             export = self._option(option, data)
             if export is not None:
                 return export
@@ -220,10 +229,13 @@ async def negotiate(
     recv: Callable[[int], Awaitable[bytes]],
     send: Callable[[bytes], None],
     peer: str,
+    refusal: str = "",
 ) -> Export:
     """Run the handshake over ``recv(n)`` / ``send(data)``; the export the client chose.
+    With a ``refusal`` (the connection is over the server's limit), the option that chooses
+    an export is answered ``NBD_REP_ERR_POLICY`` with it and the session ends.
 
     Raises :class:`Hangup` when the session ends instead (abort, protocol violation, an
     ``NBD_OPT_EXPORT_NAME`` that cannot be served).
     """
-    return await _Negotiation(server, recv, send, peer).run()
+    return await _Negotiation(server, recv, send, peer, refusal).run()

@@ -87,6 +87,11 @@ class NbdMetrics:
         stats = self.stats
         connections = CounterMetricFamily("tierdisk_nbd_connections", "NBD connections accepted.")
         connections.add_metric([], stats.connections_total)
+        refused = CounterMetricFamily(
+            "tierdisk_nbd_connections_refused",
+            "NBD connections refused: over the server's nbd_max_connections.",
+        )
+        refused.add_metric([], stats.connections_refused)
         sessions = CounterMetricFamily(
             "tierdisk_nbd_sessions", "NBD connections that reached transmission."
         )
@@ -96,7 +101,7 @@ class NbdMetrics:
         )
         for volume, count in sorted(stats.volume_sessions.items()):
             active.add_metric([volume], count)
-        yield from (connections, sessions, active)
+        yield from (connections, refused, sessions, active)
 
     def inspect(self, volume: str) -> dict[str, Any]:
         """The NBD part of a volume's Inspect tree."""

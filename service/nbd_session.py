@@ -67,6 +67,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
+        self._refusal = ""  # why the server refuses this connection ("" when it does not)
         # receive buffer: the unparsed bytes are self._buf[self._start:self._end]
         self._buf = bytearray(_RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -105,8 +106,8 @@ class NbdSession(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
-        self._server.add_session(self)
         self._stats.connections_total += 1
+        self._refusal = self._server.add_session(self, self._peer)
         if self._server.closing:
             transport.close()
             return
@@ -224,7 +225,8 @@ class NbdSession(asyncio.BufferedProtocol):
         assert transport is not None
         try:
             export = await asyncio.wait_for(
-                negotiate(self._server, self._recv, self._send, self._peer), _HANDSHAKE_TIMEOUT
+                negotiate(self._server, self._recv, self._send, self._peer, self._refusal),
+                _HANDSHAKE_TIMEOUT,
             )
         except TimeoutError:
             log.info("NBD %s: no export chosen in %.0f s; closing", self._peer, _HANDSHAKE_TIMEOUT)

@@ -186,6 +186,7 @@ class Server:
                 max_io=cfg.max_io,
                 stats=self._nbd_metrics.stats,
                 server_id=self.server_id,
+                max_connections=cfg.nbd_max_connections,
             )
             self.nbd_address = self._nbd.address
         await self._update_health()

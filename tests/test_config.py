@@ -216,6 +216,8 @@ def test_unknown_env_override_is_named_in_a_warning(
         ("METRICS", "127.0.0.1:65536", "port 65536 is out of range"),
         ("NBD", "unix:", "names no socket path"),
         ("MAX_IO", "512KiB", "max_io 524288 is out of range"),
+        ("NBD_MAX_CONNECTIONS", "0", "must be a whole number >= 1, not 0"),
+        ("NBD_MAX_CONNECTIONS", "many", "must be a whole number >= 1, not 'many'"),
     ],
 )
 def test_bad_server_values_from_the_environment(
@@ -224,6 +226,27 @@ def test_bad_server_values_from_the_environment(
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, GOOD), environ={f"TIERDISK_SERVER_{key}": value})
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "true", '"8 x"'])
+def test_nbd_max_connections_in_the_file_is_a_whole_number_from_1(
+    tmp_path: Path, value: str
+) -> None:
+    text = GOOD.replace("[server]\n", f"[server]\nnbd_max_connections = {value}\n", 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert "[server] nbd_max_connections must be a whole number >= 1" in str(info.value)
+
+
+def test_nbd_max_connections_defaults_to_64_and_takes_the_flag_first(tmp_path: Path) -> None:
+    text = GOOD.replace("[server]\n", "[server]\nnbd_max_connections = 8\n", 1)
+    assert load_config(_write(tmp_path, GOOD), environ={}).server.nbd_max_connections == 64
+    assert load_config(_write(tmp_path, text), environ={}).server.nbd_max_connections == 8
+    environ = {"TIERDISK_SERVER_NBD_MAX_CONNECTIONS": "16"}
+    assert load_config(_write(tmp_path, text), environ=environ).server.nbd_max_connections == 16
+    flags = {"nbd_max_connections": "2"}
+    config = load_config(_write(tmp_path, text), environ=environ, flags=flags)
+    assert config.server.nbd_max_connections == 2
 
 
 def test_good_addresses_pass(tmp_path: Path) -> None:

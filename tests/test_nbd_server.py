@@ -287,3 +287,52 @@ async def test_misaligned_nbd_writes_never_undo_acknowledged_grpc_writes(
         outcomes = await asyncio.wait_for(_rmw_race(server.nbd, server.grpc, volume, ROUNDS), 60)
     assert set(outcomes) <= {"G", "G+patch"}, outcomes
     assert sum(outcomes.values()) == ROUNDS * 32
+
+
+async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Path) -> None:
+    """``nbd_max_connections = 2``: with two connections open (still haggling), a third
+    client is told why it is refused (``NBD_REP_ERR_POLICY`` naming the limit, which
+    ``qemu-img`` shows) and counted in ``tierdisk_nbd_connections_refused_total``; once one
+    of the two closes, a client gets in."""
+    qemu_img = require_tool("qemu-img")
+    body = CONFIG.replace("DATA", str(tmp_path / "data")).replace(
+        'nbd = "127.0.0.1:0"', 'nbd = "127.0.0.1:0"\nnbd_max_connections = 2'
+    )
+
+    async def info(uri: str) -> tuple[int | None, str]:
+        proc = await asyncio.create_subprocess_exec(
+            qemu_img,
+            "info",
+            "--output=json",
+            uri,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, (out + err).decode()
+
+    async with running_server(tmp_path, body) as server:
+        host, port = server.nbd_address.rsplit(":", 1)
+        uri = f"nbd://{host}:{port}/disk"
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            await reader.readexactly(18)  # the greeting: the server took the connection
+            held.append(writer)
+        code, text = await info(uri)
+        assert code != 0, text
+        assert "too many NBD connections: this server takes 2 at once" in text, text
+        assert server.metrics_address
+        text = await scrape(server.metrics_address)
+        assert value(text, "tierdisk_nbd_connections_refused_total") == 1
+        held.pop().close()
+        deadline = time.monotonic() + 15
+        while True:  # the server sees the close a moment later
+            code, text = await info(uri)
+            if code == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert code == 0, text
+        assert '"virtual-size": 4194304' in text, text
+        for writer in held:
+            writer.close()
