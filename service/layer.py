@@ -6,7 +6,9 @@ A *layer* is a sector store that knows which of its sectors it holds ("present")
 Units: sectors are indices in units of the layer's ``sector_size`` (bytes); every buffer holds
 a whole number of sectors. The engine checks ranges before it calls a layer, so a layer may
 assume ``0 <= sector`` and ``sector + count <= sector_count`` for the calls it gets (layers
-still refuse out-of-range calls with :class:`~tierdisk.service.errors.OutOfRange`).
+still refuse out-of-range calls with :class:`~tierdisk.service.errors.OutOfRange`). A
+``remote`` layer cannot: its size can change under a request, so it clips reads and presence
+queries to its current size.
 
 Life cycle: construct from config → :meth:`Layer.attach` (bottom-up, given the metadata of the
 layer below, so a layer can inherit size and sector size) → I/O → :meth:`Layer.close`.
@@ -242,7 +244,9 @@ class Layer(abc.ABC):
         """
 
     async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release files and connections. Called once; I/O after close is a bug."""
+        """Release files and connections. The engine calls it once. I/O that arrives after
+        the close began (a stop's grace can cut calls short) must raise
+        :func:`layer_closed` (``UNAVAILABLE``), not crash."""
 
     @staticmethod
     async def _open_in_thread(open_files: Callable[[], None], release: Callable[[], None]) -> None:

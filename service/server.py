@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,6 +42,7 @@ from tierdisk.client import errors as client_errors
 from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
+from .backoff import Backoff
 from .config import Config, VolumeConfig
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
@@ -284,11 +284,10 @@ class Server:
         geometry is known) and the hop guard's refusal (a loop, e.g. two volumes waiting for
         each other: retrying cannot end it). Either way, the volume answers ``UNAVAILABLE``
         naming the latest reason."""
-        delay = 0.2
+        backoff = Backoff(*_ATTACH_BACKOFF)
         attach_log = RateLimitedLog(log, interval=_ATTACH_LOG_INTERVAL)
         while not self._stopped:
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(backoff.next())
             # Tell the tiers below who waits for this volume, so that two volumes waiting
             # for each other are found (hops module docs).
             hops.waiting_for_me.set(self.registry.refused(config.name))
@@ -372,6 +371,10 @@ class Server:
 
 _ATTACH_LOG_INTERVAL = 60.0
 """Seconds between error logs of a background attach refused for the same reason."""
+
+_ATTACH_BACKOFF = (0.2, 10.0)
+"""``(first, cap)`` in seconds: the waits before the attempts of a background attach
+(:class:`~tierdisk.service.backoff.Backoff`, doubling, jittered to 0.5-1.5 times)."""
 
 
 def failure_chain(exc: BaseException) -> Iterator[BaseException]:

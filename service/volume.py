@@ -39,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backoff import Backoff
 from .errors import (
     ConfigError,
     DeadlineExceeded,
@@ -56,11 +57,24 @@ from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 from .sector_lock import EVERY_SECTOR, SectorLock
 
-__all__ = ["MAX_BYTES", "AllocationRun", "LayerEntry", "LayerStats", "Volume"]
+__all__ = [
+    "MAX_BYTES",
+    "SIZE_HISTORY_EVENTS",
+    "AllocationRun",
+    "LayerEntry",
+    "LayerStats",
+    "Volume",
+]
 
 log = logging.getLogger(__name__)
 
-_SIZE_HISTORY = 1024
+SIZE_HISTORY_EVENTS = 1024
+"""How many size changes (events) a volume remembers for :meth:`Volume.resize_events`; a
+watcher further behind gets the current size as one event."""
+
+_TOP_WATCH_BACKOFF = (0.1, 10.0)
+"""``(first, cap)`` in seconds: the waits before watching the top layer's size again after
+the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 
 MAX_BYTES = (1 << 63) - 1
 """The largest size a volume can be resized to, in bytes: byte offsets are signed 64-bit
@@ -140,7 +154,7 @@ class Volume:
         self._size_seen = top.sector_count
         self.generation = 0
         # (generation, size) of recent size changes, oldest first, for resize watchers.
-        self._size_history: deque[tuple[int, int]] = deque(maxlen=_SIZE_HISTORY)
+        self._size_history: deque[tuple[int, int]] = deque(maxlen=SIZE_HISTORY_EVENTS)
         self._size_changed = asyncio.Event()
         self._follow_task: asyncio.Task[None] | None = None
         self.sector_lock = SectorLock()
@@ -594,7 +608,8 @@ class Volume:
             raise self._out_of_space(exc, changed, "unmap") from None
 
     async def flush(self) -> None:
-        """Make every acknowledged write durable on the write path (and fill caches)."""
+        """Make every acknowledged write durable on the write path, and flush every
+        read-cache layer (so its fills persist too)."""
         targets = [
             e.layer for i, e in enumerate(self._entries) if i < self._write_path or e.read_cache
         ]
@@ -695,17 +710,16 @@ class Volume:
     async def _follow_top(self) -> None:
         top = self._layers[0]
         failures = RateLimitedLog(log)
-        delay = 0.1
+        backoff = Backoff(*_TOP_WATCH_BACKOFF, jitter=0)
         while True:
             try:
                 size = await top.wait_resize(self._size_seen)
             except Exception as exc:  # e.g. a remote top that lost its origin: retry
                 failures.warning("volume %r: watching the top layer's size failed: %s",
                                  self.name, exc)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(backoff.next())
                 continue
-            delay = 0.1
+            backoff.reset()
             self._note_size(size)
 
     async def wait_resize(self, generation: int) -> tuple[int, int]:
@@ -718,8 +732,8 @@ class Volume:
         """Wait for size changes newer than generation ``after``; return every one of them
         as ``(generation, sector_count)``, oldest first.
 
-        A watcher that fell more than the history length behind gets the current size as
-        one event (the changes it missed are gone).
+        A watcher that fell more than :data:`SIZE_HISTORY_EVENTS` changes behind gets the
+        current size as one event (the changes it missed are gone).
         """
         while self.generation <= after:
             await self._size_changed.wait()

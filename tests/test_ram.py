@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from stacks import pattern
 
-from tierdisk.service.errors import ConfigError, OutOfRange, Unavailable
+from tierdisk.service.errors import ConfigError, InvalidArgument, OutOfRange, Unavailable
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.runs import Run
@@ -148,10 +148,25 @@ async def test_resize() -> None:
     assert runs == [(49_999, 50_000)] and data == pattern(2, 49_999, 1, SS)
     assert seen == [8, 16, 50_000]
     layer.remove_resize_listener(seen.append)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         await layer.resize(0)
     assert layer.sector_count == 50_000
     assert await layer.wait_resize(1) == 50_000, "returns at once when the size differs"
+
+
+@pytest.mark.parametrize("sectors", [0, -1])
+async def test_resize_to_no_sectors_is_invalid_argument(sectors: int) -> None:
+    """A domain error (INVALID_ARGUMENT over gRPC), not ValueError (UNKNOWN); the layer
+    keeps its size and data and tells no listener."""
+    layer = await ram(8)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+    seen: list[int] = []
+    layer.add_resize_listener(seen.append)
+    with pytest.raises(InvalidArgument, match="at least one sector"):
+        await layer.resize(sectors)
+    assert layer.sector_count == 8 and seen == []
+    data, runs = await read(layer, 0, 8)
+    assert runs == [(0, 8)] and data == pattern(1, 0, 8, SS)
 
 
 async def test_4k_sectors() -> None:

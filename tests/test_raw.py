@@ -16,6 +16,7 @@ from stacks import pattern
 
 from tierdisk.service.errors import (
     ConfigError,
+    InvalidArgument,
     NoSpace,
     OutOfRange,
     ReadOnlyError,
@@ -192,9 +193,25 @@ async def test_resize(layers: list[RawLayer], tmp_path: Path) -> None:
     assert layer.sector_count == 12 and path.stat().st_size == 12 * SS
     data, _ = await read(layer, 0, 12)
     assert data == pattern(1, 0, 4, SS) + bytes(8 * SS)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         await layer.resize(0)
     assert await layer.wait_resize(8) == 12
+
+
+@pytest.mark.parametrize("sectors", [0, -1])
+async def test_resize_to_no_sectors_is_invalid_argument(
+    layers: list[RawLayer], tmp_path: Path, sectors: int
+) -> None:
+    """A domain error (INVALID_ARGUMENT over gRPC), not ValueError (UNKNOWN); the image
+    keeps its size and data."""
+    path = tmp_path / "img"
+    layer = await open_raw(layers, path, size=8 * SS)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+    with pytest.raises(InvalidArgument, match="at least one sector"):
+        await layer.resize(sectors)
+    assert layer.sector_count == 8 and path.stat().st_size == 8 * SS
+    data, _ = await read(layer, 0, 8)
+    assert data == pattern(1, 0, 8, SS)
 
 
 async def test_unmap_punches_holes(layers: list[RawLayer], tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ A grow past the current mapping maps a new one and copies the present runs into 
 system will not map that much (``ENOMEM``: out of memory or address space, e.g. 2**40
 512-byte sectors = 512 TiB against x86-64's 128 TiB of user address space), the resize
 raises :class:`NoSpace` (RESOURCE_EXHAUSTED: memory is this layer's storage, and the request
-changed nothing); a byte count no mapping can have (over ``2**63 - 1``) is
-:class:`InvalidArgument`. Either way the layer keeps its size, data and mapping.
+changed nothing); a byte count no mapping can have (over ``2**63 - 1``), or a size of no
+sectors, is :class:`InvalidArgument`. Either way the layer keeps its size, data and mapping.
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ class RamLayer(Layer):
 
     async def resize(self, sector_count: int) -> None:
         if sector_count <= 0:
-            raise ValueError("size must be at least one sector")
+            raise InvalidArgument(
+                f"ram layer: size must be at least one sector, not {sector_count}"
+            )
         ss = self._sector_size
         old = self._sector_count
         if sector_count < old:

@@ -19,8 +19,9 @@ blocks that held data before); they read as zeros, as the holes did. On a filesy
 cannot reserve, a write can still run out of space part-way.
 
 Resize ``ftruncate``-s the image (:func:`~tierdisk.service.fileio.set_file_size`): a size
-over ``2**63 - 1`` bytes is :class:`InvalidArgument`, one the filesystem refuses (``EFBIG``)
-is :class:`FailedPrecondition`; either way the layer keeps its size and data.
+of no sectors or over ``2**63 - 1`` bytes is :class:`InvalidArgument`, one the filesystem
+refuses (``EFBIG``) is :class:`FailedPrecondition`; either way the layer keeps its size and
+data.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError, ReadOnlyError
+from ..errors import ConfigError, InvalidArgument, ReadOnlyError
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -233,7 +234,9 @@ class RawLayer(Layer):
     async def resize(self, sector_count: int) -> None:
         self._refuse_if_read_only()
         if sector_count <= 0:
-            raise ValueError("size must be at least one sector")
+            raise InvalidArgument(
+                f"raw image {self.path}: size must be at least one sector, not {sector_count}"
+            )
         token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)  # close waits for it
         try:
             if self._fd < 0:

@@ -113,7 +113,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -139,11 +138,12 @@ from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY, read_pem
 from tierdisk.client.retry import RetryPolicy
 
 from .. import errors, hops
+from ..backoff import Backoff
 from ..config import token_from_file
 from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior, layer_closed
 from ..ratelimit import RateLimitedLog
-from ..runs import Run
+from ..runs import Run, merge
 from .remote_nbd import NbdDataPath
 
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
@@ -153,11 +153,13 @@ log = logging.getLogger(__name__)
 MODES = ("disk", "layer")
 
 ATTACH_TIMEOUT = 2.0
-"""Longest wait for the remote's GetVolume at attach (no retries there)."""
+"""Longest wait, in seconds, for the remote's GetVolume at attach (no retries there)."""
 
-_BACKOFF = 0.05  # first retry wait ceiling (full jitter), doubling per retry
-_MAX_BACKOFF = 2.0
-_WATCH_BACKOFF = (0.1, 5.0)  # reconnect delays of the WatchResize follower
+_BACKOFF = 0.05  # seconds: first retry wait ceiling (full jitter), doubling per retry
+_MAX_BACKOFF = 2.0  # seconds: the largest retry wait ceiling
+_WATCH_BACKOFF = (0.1, 5.0)
+"""``(first, cap)`` in seconds: the reconnect delays of the WatchResize follower
+(:class:`~tierdisk.service.backoff.Backoff`, doubling, jittered to 0.5-1.5 times)."""
 _PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
 _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -245,7 +247,12 @@ class _Translate:
 
 
 class RemoteLayer(Layer):
-    """Volume ``volume`` of the tierdisk server at ``target`` (options: module docstring)."""
+    """Volume ``volume`` of the tierdisk server at ``target`` (options: module docstring).
+
+    The keywords are not config options: ``max_io`` is the largest request payload in bytes,
+    ``max_in_flight`` the number of chunk requests of one large call in flight at once
+    (positive, used as given; default :data:`~tierdisk.client.chunking.DEFAULT_IN_FLIGHT`,
+    4), as for :class:`~tierdisk.client.AsyncClient`."""
 
     kind = "remote"
 
@@ -277,6 +284,8 @@ class RemoteLayer(Layer):
             raise ValueError(f"timeout must be positive, not {timeout}")
         if retries < 0:
             raise ValueError(f"retries must not be negative, not {retries}")
+        if max_in_flight <= 0:
+            raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
         if not tls and (ca_file or cert_file or key_file or server_name):
             raise ValueError("ca_file, cert_file, key_file and server_name need tls = true")
         if bool(cert_file) != bool(key_file):
@@ -315,7 +324,7 @@ class RemoteLayer(Layer):
             else None
         )
         self._max_io = max_io
-        self._max_in_flight = max(max_in_flight, DEFAULT_IN_FLIGHT)
+        self._max_in_flight = max_in_flight
         self._errors = _Translate(self)
         self._client: AsyncClient | None = None
         self._vol: AsyncVolume | None = None
@@ -611,7 +620,7 @@ class RemoteLayer(Layer):
         asks deeper layers for them next, into the same place, and zeroes what none holds."""
         extents = await self._volume().read_present_into(sector, buf[: count * self._sector_size])
         end = sector + count
-        return _merged(
+        return merge(
             [(a, b) for e in extents if (a := max(e.sector, sector)) < (b := min(e.end, end))]
         )
 
@@ -632,7 +641,7 @@ class RemoteLayer(Layer):
     async def _held(self, sector: int, count: int) -> list[Run]:
         """Layer mode: the runs of ``[sector, sector + count)`` the remote holds."""
         extents = await self._volume().allocation(sector, count)
-        return _merged([(e.sector, e.end) for e in extents if e.depth >= 0])
+        return merge([(e.sector, e.end) for e in extents if e.depth >= 0])
 
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         if not self._checked:
@@ -726,7 +735,7 @@ class RemoteLayer(Layer):
         when an I/O found the remote answering again). The first event of each stream is
         applied only once the remote's geometry proved unchanged; after a change, following
         ends (the layer refuses all I/O)."""
-        delay = _WATCH_BACKOFF[0]
+        backoff = Backoff(*_WATCH_BACKOFF)
         vol = self._volume()
         while self._refusal is None:
             try:
@@ -734,7 +743,7 @@ class RemoteLayer(Layer):
                     if not self._watching:  # a new stream: which volume answers it now?
                         await self._check_geometry()
                         self._watching = self._checked = True
-                        delay = _WATCH_BACKOFF[0]
+                        backoff.reset()
                         self._generation = event.generation
                         self._set_size(event.sector_count)
                         if self._nbd is not None:
@@ -759,12 +768,11 @@ class RemoteLayer(Layer):
                 return
             # The backoff; an I/O that found the remote answering cuts it short (but never
             # below the first delay, so attempts stay bounded whatever the I/O rate).
-            wait = delay * (0.5 + random.random())
-            await asyncio.sleep(min(wait, _WATCH_BACKOFF[0]))
+            wait = backoff.next()
+            await asyncio.sleep(min(wait, backoff.first))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, wait - _WATCH_BACKOFF[0])):
+                async with asyncio.timeout(max(0.0, wait - backoff.first)):
                     await self._watch_wake.wait()
-            delay = min(delay * 2, _WATCH_BACKOFF[1])
 
     # -- the remote's geometry and size ---------------------------------------------------
 
@@ -937,14 +945,3 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     """Mark ``task``'s outcome seen (its waiters may all have been cancelled)."""
     if not task.cancelled():
         task.exception()
-
-
-def _merged(runs: list[Run]) -> list[Run]:
-    """``runs`` sorted, with touching or overlapping neighbours joined."""
-    out: list[Run] = []
-    for a, b in sorted(runs):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out

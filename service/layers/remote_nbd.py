@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from tierdisk.client import errors as client_errors
 from tierdisk.client.aio import AsyncVolume
 
 from .. import errors
+from ..backoff import Backoff
 from ..nbd_client import NbdClosed, NbdError, NbdReader
 from ..nbd_protocol import described_server
 from ..netaddr import reachable_address
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 NBD_AUTO = "auto"
 """The ``nbd`` value that takes the NBD address from the target's server."""
 
-_BACKOFF = (0.1, 5.0)  # reconnect delays (seconds): first, longest
+_BACKOFF = (0.1, 5.0)
+"""``(first, cap)`` in seconds: the reconnect delays (:class:`~tierdisk.service.backoff.Backoff`,
+doubling, jittered to 0.5-1.5 times)."""
 _NO_EXPORT_RETRY = 60.0
 """With ``"auto"``, seconds between questions to a target that said it serves no NBD export
 (it may be restarted with one)."""
@@ -243,7 +245,7 @@ class NbdDataPath:
             )
 
     async def _keep_trying(self) -> None:
-        delay = _BACKOFF[0]
+        backoff = Backoff(*_BACKOFF)
         self._wake.clear()  # a retry_now from before this task is no news to it
         while not self._closed:
             want = self._size()
@@ -251,13 +253,9 @@ class NbdDataPath:
             nbd = self._reader
             if nbd is not None and not nbd.closed and nbd.export.size >= want:
                 return
-            if self._no_export:
-                wait = _NO_EXPORT_RETRY
-            else:
-                wait = delay * (0.5 + random.random())
-                delay = min(delay * 2, _BACKOFF[1])
+            wait = _NO_EXPORT_RETRY if self._no_export else backoff.next()
             if await self._sleep(wait):  # retry_now: the situation changed, start over
-                delay = _BACKOFF[0]
+                backoff.reset()
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds``, or less if :meth:`retry_now` is called (True then)."""
