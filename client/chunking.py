@@ -3,6 +3,10 @@
 About 1 MiB per message moves data best (DESIGN.md §6: 64 KiB messages are 6x slower per
 byte, and the server refuses more than ``server.max_io``, 16 MiB by default), and a few
 requests in flight hide the round trip. These helpers are plain asyncio, no gRPC.
+
+The requests of a sparse import are planned here too: which sectors of the file it copies
+hold data (:func:`sector_runs`), and the requests that write those and unmap, or write as
+zeros, the holes between them (:func:`plan_pieces`).
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ from .models import Extent
 __all__ = [
     "DEFAULT_IN_FLIGHT",
     "DEFAULT_MAX_IO",
+    "MIN_HOLE_BYTES",
+    "UNMAP_MAX_BYTES",
     "Chunk",
+    "Piece",
     "ReadWindow",
     "caller_cancelled",
     "merge_extents",
     "plan_chunks",
+    "plan_pieces",
     "plan_windows",
     "run_bounded",
     "run_ordered",
+    "sector_runs",
     "sectors_per_chunk",
 ]
 
@@ -96,6 +105,66 @@ def plan_windows(
             a = end
     if inside:
         yield ReadWindow(start, inside[-1][1] - start, tuple(inside))
+
+
+MIN_HOLE_BYTES = 64 * 1024
+"""Bytes: a hole of a sparse import shorter than this is written as zeros together with the
+data around it, as one run; a filesystem with fragmented small holes (4 KiB here and there)
+would otherwise turn its data into many small requests, each costing a round trip."""
+
+UNMAP_MAX_BYTES = 1 << 30
+"""Bytes: the most one unmap request of a sparse import covers (whole sectors), so that no
+single call outlasts the per-call timeout on a layer that must write zeros to unmap."""
+
+
+class Piece(NamedTuple):
+    """A request of a copy onto a volume: ``sector_count`` sectors ``offset`` sectors into
+    the source; ``data``: read from the source and written, else a hole (unmapped or
+    written as zeros)."""
+
+    offset: int
+    sector_count: int
+    data: bool
+
+
+def sector_runs(
+    runs: list[tuple[int, int]], start: int, ss: int, count: int
+) -> list[tuple[int, int]]:
+    """The data ``runs`` (byte offsets in the file, the copy starting at ``start``) as runs of
+    sectors ``[lo, hi)`` of the ``count``-sector copy: widened outward to whole sectors (a
+    sector that holds any data is written whole; the holes shrink inward), and joined where
+    what lies between them is shorter than :data:`MIN_HOLE_BYTES`, the two ends included."""
+    gap = max(1, MIN_HOLE_BYTES // ss)
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        lo, hi = (a - start) // ss, -(-(b - start) // ss)
+        if lo - (out[-1][1] if out else 0) < gap:
+            lo = out.pop()[0] if out else 0
+        out.append((lo, min(count, hi)))
+    if out and count - out[-1][1] < gap:
+        out[-1] = (out[-1][0], count)
+    return out
+
+
+def plan_pieces(
+    data: list[tuple[int, int]], count: int, per_chunk: int, unmap: bool, ss: int
+) -> list[Piece]:
+    """The requests, in order, that copy ``count`` sectors whose ``data`` runs (sorted, not
+    touching) are written in chunks of ``per_chunk`` sectors; the holes between them are
+    unmapped (``unmap``) in pieces of at most :data:`UNMAP_MAX_BYTES` bytes, or written as
+    zeros in chunks of ``per_chunk``."""
+    hole_chunk = max(1, UNMAP_MAX_BYTES // ss) if unmap else per_chunk
+    pieces: list[Piece] = []
+    pos = 0
+    for lo, hi in [*data, (count, count)]:
+        pieces += (
+            Piece(c.sector, c.sector_count, False) for c in plan_chunks(pos, lo - pos, hole_chunk)
+        )
+        pieces += (
+            Piece(c.sector, c.sector_count, True) for c in plan_chunks(lo, hi - lo, per_chunk)
+        )
+        pos = hi
+    return pieces
 
 
 def merge_extents(extents: Iterable[Extent]) -> list[Extent]:

@@ -1,0 +1,308 @@
+"""The verbs that copy a file, a block device, a pipe or stdin onto a volume: ``write``
+and ``import`` of the ``tierdisk`` command (DESIGN.md §7; the four verbs that move data
+are introduced in :mod:`tierdisk.client.transfer`).
+
+Files, devices, pipes and ``-``
+    ``write`` (from SECTOR) and ``import`` (from sector 0) read a regular file or a block
+    device (``-i FILE``, IMAGE, or stdin redirected from one) from its current position to
+    its end. Its length is known up front, so one that is not a whole number of sectors,
+    that reaches past the end of the volume, or (``import``) that is larger than the volume
+    is refused before anything is written. A named FILE must be one of those two. Stdin
+    that is neither (a pipe, a terminal) has a length known only at its end, so it is
+    written as it arrives: the chunk that ends in part of a sector, or reaches past the end
+    of the volume, is not written, and is refused once the chunks before it are; the
+    message says how many bytes were written (:func:`_stream_in`; see below). Every sector
+    read is written, zeros included, with one exception: ``import`` from a regular file
+    (named, or on stdin) is sparse. Its holes (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``; a filesystem
+    without holes reports none) must read back as zeros, since the import replaces what the
+    volume held there: on a volume whose ``unmap_behavior`` is ``ZEROES`` they are unmapped,
+    so they take no space; on any other they are written as zeros, as before. Only whole
+    sectors are unmapped: the part of a sector that a hole shares with data is written with
+    that data, and a hole shorter than 64 KiB is written as zeros with the data around it
+    (:data:`~tierdisk.client.chunking.MIN_HOLE_BYTES`), so a fragmented file does not turn
+    into many tiny requests. Chunks of data that happen to be zeros are written like any
+    other.
+
+A failed write or import
+    ``write`` and ``import`` stop sending requests at the first failure, let those in flight
+    finish, and end the message with what was written: ``nothing was written``, or ``the N
+    bytes before were written from sector S``, then ``; sectors A..B may have been written
+    in part`` for requests past those that were written out of order or failed part way
+    (:class:`~tierdisk.client.copy_report.CopyProgress`); from a file, from stdin, or
+    refused at a bad chunk from a pipe alike.
+
+Chunking
+    Chunks of a regular file or block device are read (``pread``) and written in any order.
+    The hole unmaps of a sparse import (at most
+    :data:`~tierdisk.client.chunking.UNMAP_MAX_BYTES` bytes each) share the
+    ``max_in_flight`` slots with its data chunks. A pipe or a terminal is read one chunk at
+    a time, in order, while earlier chunks are being written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import stat
+import sys
+from typing import BinaryIO
+
+from .aio import AsyncClient, AsyncVolume
+from .chunking import Piece, plan_pieces, run_bounded, sector_runs, sectors_per_chunk
+from .cli_errors import CliError, describe_file, file_error
+from .copy_report import CopyProgress, progress_bar
+from .errors import Interrupted, OutOfRange
+from .localfile import (
+    data_runs,
+    file_size,
+    fileno,
+    is_sized,
+    isatty,
+    open_file,
+    read_up_to,
+    std_path,
+)
+from .models import UnmapBehavior
+
+__all__ = ["import_image", "write_sectors"]
+
+
+def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
+    """``size`` bytes of the file ``path`` (``None``: stdin) in ``sector_size``-byte
+    sectors; a :class:`CliError` if that is not a whole number."""
+    if size % sector_size:
+        raise CliError(
+            f"{describe_file(path)}: {size} bytes is not a whole number of "
+            f"{sector_size}-byte sectors"
+        )
+    return size // sector_size
+
+
+async def write_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``write VOL SECTOR [-i FILE] [--fua]``: whole sectors from stdin or FILE onto the
+    volume from SECTOR (see :func:`_copy_from`)."""
+    vol = client.volume(args.volume)
+    return await _copy_from(client, args, vol, std_path(args.input), args.sector, "write")
+
+
+async def import_image(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``import VOL IMAGE``: IMAGE (``-``: stdin) onto the volume from sector 0; it must be
+    a whole number of sectors and no larger than the volume, which keeps its size."""
+    vol = client.volume(args.volume)
+    return await _copy_from(client, args, vol, std_path(args.image), 0, "import")
+
+
+async def _copy_from(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    path: str | None,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the file ``path`` (``None``: stdin) onto the volume from ``sector``."""
+    if path is not None:
+        return await _copy_in(client, args, vol, path, sector, verb)
+    stdin = sys.stdin.buffer
+    fd = fileno(stdin)
+    if fd is not None and is_sized(fd):
+        # `write … < img`: the size is known, so a bad length is refused before anything is
+        # written, and the bar has a total.
+        return await _copy_fd_in(client, args, vol, fd, None, sector, verb)
+    return await _stream_in(client, args, vol, stdin, sector, verb)
+
+
+async def _copy_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    path: str,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the file ``path`` onto the volume from ``sector`` (see :func:`_copy_fd_in`)."""
+    fd = open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
+    try:
+        return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
+    finally:
+        os.close(fd)
+
+
+async def _copy_fd_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    fd: int,
+    path: str | None,
+    sector: int,
+    verb: str,
+) -> int:
+    """Copy the regular file or block device open as ``fd`` (``path``; ``None``: stdin), from
+    its current position to its end, onto the volume from ``sector``: ``max_in_flight``
+    requests of ``max_io`` bytes at a time, with a bar that has a total. Every chunk is
+    written, zeros included, except that ``import`` from a regular file skips its holes
+    (:func:`~tierdisk.client.chunking.plan_pieces`): unmapped where the volume's unmap reads
+    back as zeros, written as zeros elsewhere. On success the position is left at the end,
+    as a plain read would. A failure stops the copy (the requests in flight finish) and its
+    message says what was written (:class:`~tierdisk.client.copy_report.CopyProgress`)."""
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        size = max(0, file_size(fd, path) - start)
+        sparse = verb == "import" and stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as err:
+        raise file_error(path, err) from None
+    info = await vol.info()
+    ss = info.sector_size
+    count = _whole_sectors(path, size, ss)
+    if verb == "import" and count > info.sector_count:
+        raise CliError(
+            f"{describe_file(path)}: {size} bytes is larger than volume {vol.name!r} "
+            f"({info.size_bytes} bytes)"
+        )
+    info.check_fits(sector, count)
+    fua = bool(getattr(args, "fua", False))
+    per_chunk = sectors_per_chunk(client.max_io, ss)
+    runs = [(start, start + size)]  # the whole file is data, unless a sparse import finds holes
+    if sparse:
+        try:
+            runs = await asyncio.to_thread(data_runs, fd, start, start + size)
+            if os.fstat(fd).st_size < start + size:  # past its new end, all looked like holes
+                raise CliError(f"{describe_file(path)}: shrank while being read")
+        except OSError as err:
+            raise file_error(path, err) from None
+    unmap = info.unmap_behavior == UnmapBehavior.ZEROES
+    pieces = plan_pieces(sector_runs(runs, start, ss, count), count, per_chunk, unmap, ss)
+    zeros = bytes(per_chunk * ss) if not unmap and any(not p.data for p in pieces) else b""
+
+    written = CopyProgress(sector, ss)
+
+    async def one(piece: Piece) -> None:
+        if written.failure is not None:  # no request is sent after a failure
+            return
+        length = piece.sector_count * ss
+        offset = piece.offset * ss
+        at = sector + piece.offset
+        if piece.data:
+            try:
+                data = await asyncio.to_thread(os.pread, fd, length, start + offset)
+            except OSError as err:
+                written.failed(file_error(path, err))
+                return
+            if len(data) != length:
+                written.failed(CliError(f"{describe_file(path)}: shrank while being read"))
+                return
+        try:
+            if piece.data:
+                await vol.write(at, data, fua=fua)
+            elif unmap:
+                await vol.unmap(at, piece.sector_count)
+            else:
+                await vol.write(at, zeros if length == len(zeros) else zeros[:length], fua=fua)
+        except asyncio.CancelledError:
+            written.cut(offset, length)
+            raise
+        except Exception as exc:
+            written.failed(exc, offset, length)
+            return
+        written.done(offset, length)
+        bar.advance(length)
+
+    with progress_bar(args, size, f"{verb} {vol.name}") as bar:
+        try:
+            await run_bounded(pieces, one, client.max_in_flight)
+        except asyncio.CancelledError:  # Ctrl-C: say what was written
+            raise written.interrupted() from None
+        except Interrupted as exc:  # a request cancelled underneath: a failure, noted
+            written.failed(exc)
+    written.raise_failure(args, path)
+    os.lseek(fd, start + size, os.SEEK_SET)
+    return 0
+
+
+async def _stream_in(
+    client: AsyncClient,
+    args: argparse.Namespace,
+    vol: AsyncVolume,
+    src: BinaryIO,
+    sector: int,
+    verb: str,
+) -> int:
+    """``write`` (or ``import``) from a pipe (or a terminal): its length is known only at
+    its end, so the data is written as it arrives, ``max_io`` bytes a request with
+    ``max_in_flight`` in flight, never held whole; the bar shows the bytes written and the
+    rate, no total.
+
+    A chunk that ends in part of a sector or would reach past the end of the volume is not
+    written, and is reported once the chunks before it are all written; the message says
+    how many bytes that is. So input of up to one chunk (1 MiB by default) is refused before
+    anything is written, as is anything starting past the end. A failure (of a write, or of
+    reading stdin) stops the copy likewise, and its message says what was written
+    (:class:`~tierdisk.client.copy_report.CopyProgress`)."""
+    info = await vol.info()
+    ss = info.sector_size
+    info.check_fits(sector, 0)
+    chunk_bytes = sectors_per_chunk(client.max_io, ss) * ss
+    fua = bool(getattr(args, "fua", False))
+    lock = asyncio.Lock()  # one reader at a time: chunks are taken, and placed, in order
+    taken = 0  # bytes taken from src so far
+    ended = False
+    written = CopyProgress(sector, ss)
+    refusal: tuple[str, bool] | None = None  # its message but the note; past the end?
+
+    async def worker(_: int) -> None:
+        nonlocal taken, ended, refusal
+        while True:
+            async with lock:
+                if ended or written.failure is not None:
+                    return
+                try:
+                    data = await asyncio.to_thread(read_up_to, src, chunk_bytes)
+                except OSError as err:
+                    ended = True
+                    written.failed(file_error(None, err))
+                    return
+                offset, taken = taken, taken + len(data)
+                ended = len(data) < chunk_bytes
+                if not data:
+                    return
+                at, count = sector + offset // ss, len(data) // ss
+                if len(data) % ss:
+                    ended = True
+                    text = f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
+                    refusal = (text, False)
+                    return
+                if at + count > info.sector_count:
+                    ended = True
+                    text = (
+                        f"stdin: sectors {at}..{at + count} reach past the end "
+                        f"({info.sector_count} sectors); "
+                    )
+                    refusal = (text, True)
+                    return
+            try:
+                await vol.write(at, data, fua=fua)
+            except asyncio.CancelledError:
+                written.cut(offset, len(data))
+                raise
+            except Exception as exc:
+                written.failed(exc, offset, len(data))
+                return
+            written.done(offset, len(data))
+            bar.advance(len(data))
+
+    label = f"{verb} {vol.name}"
+    with progress_bar(args, None, label, data_on_tty=isatty(src)) as bar:
+        try:
+            await run_bounded(range(client.max_in_flight), worker, client.max_in_flight)
+        except asyncio.CancelledError:  # Ctrl-C: say what was written
+            raise written.interrupted() from None
+        except Interrupted as exc:  # a request cancelled underneath: a failure, noted
+            written.failed(exc)
+    written.raise_failure(args, None)
+    if refusal is not None:  # every chunk before it is written: the note says how many bytes
+        text, past_end = refusal
+        if past_end:
+            raise OutOfRange(text + written.note(), volume=vol.name)
+        raise CliError(text + written.note())
+    return 0
