@@ -289,22 +289,26 @@ class Unimplemented(TierdiskError):
         )
 
 
+_BY_CODE: tuple[type[TierdiskError], ...] = (
+    VolumeNotFound,
+    OutOfRange,
+    InvalidArgument,
+    FailedPrecondition,
+    Unauthenticated,
+    PermissionDenied,
+    Unavailable,
+    DeadlineExceeded,
+    NoSpace,
+    StorageError,
+    DataLoss,
+    Cancelled,
+    Unimplemented,
+)
 STATUS_TABLE: dict[grpc.StatusCode, type[TierdiskError]] = {
-    grpc.StatusCode.NOT_FOUND: VolumeNotFound,
-    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: NoSpace,
-    grpc.StatusCode.INTERNAL: StorageError,
-    grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    cls.default_code: cls for cls in _BY_CODE
 }
-"""The table: status code → exception class. Codes not listed map to :class:`TierdiskError`.
+"""The table: status code → exception class (each class's ``default_code``). Codes not
+listed map to :class:`TierdiskError`.
 Finer classes (``ReadOnlyVolume``, ``NotSupported``, …) are subclasses of these, chosen by
 the server's ``tierdisk-error`` name."""
 

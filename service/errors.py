@@ -1,6 +1,6 @@
 """Domain exceptions raised by the engine, the layers and the config loader.
 
-Nothing here knows about gRPC: :mod:`tierdisk.service.grpc_api` holds the one table that maps
+Nothing here knows about gRPC: :mod:`tierdisk.service.status` holds the one table that maps
 these classes to status codes (DESIGN.md §2), and the client library maps the codes back to
 its own exception tree.
 """
@@ -8,6 +8,7 @@ its own exception tree.
 from __future__ import annotations
 
 __all__ = [
+    "AllocationTooLarge",
     "ConfigError",
     "DataCorruption",
     "DeadlineExceeded",
@@ -41,6 +42,18 @@ class OutOfRange(TierdiskError):
 
 class InvalidArgument(TierdiskError):
     """A malformed request: data not a whole number of sectors, over a size limit, …"""
+
+
+class AllocationTooLarge(InvalidArgument):
+    """A ``GetAllocation`` range with more extents than one reply may carry.
+
+    DESIGN.md §2 requires a reply to cover the whole range asked for, so the server never cuts
+    one short: it refuses the call, and the caller asks for smaller ranges (the client library
+    does so by itself). The code is ``INVALID_ARGUMENT``, the table's code for size limits —
+    not ``RESOURCE_EXHAUSTED``, which says a layer's storage is out of space, nor
+    ``OUT_OF_RANGE``, which says the range reaches past the end of the volume. The class
+    name travels in the ``tierdisk-error`` trailer, so clients can tell this refusal from
+    other invalid arguments."""
 
 
 class FailedPrecondition(TierdiskError):

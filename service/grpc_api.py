@@ -1,10 +1,10 @@
 """The ``BlockDevice`` servicer: gRPC requests in, engine calls, gRPC replies out.
 
-This module is the one place where domain exceptions become gRPC status codes
-(:data:`STATUS_CODES`, the table of DESIGN.md §2). Every error reply also carries the
-trailing metadata ``tierdisk-error`` with the exception class name, so the client can pick
-a finer exception than the status code alone (``ReadOnlyError`` vs other
-``FAILED_PRECONDITION``).
+Domain exceptions become gRPC status codes here, by the one table of DESIGN.md §2
+(:data:`~.status.STATUS_NAMES`, which the NBD export's metrics use too). Every error reply
+also carries the trailing metadata ``tierdisk-error`` (:data:`ERROR_HEADER`, the client's
+``ERROR_METADATA_KEY``) with the exception class name, so the client can pick a finer
+exception than the status code alone (``ReadOnlyError`` vs other ``FAILED_PRECONDITION``).
 """
 
 from __future__ import annotations
@@ -19,28 +19,17 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from tierdisk.client.errors import ERROR_METADATA_KEY
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 from . import hops
-from .errors import (
-    DataCorruption,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NoSpace,
-    OutOfRange,
-    PermissionDenied,
-    StorageError,
-    TierdiskError,
-    Unauthenticated,
-    Unavailable,
-    VolumeNotFound,
-)
+from .errors import AllocationTooLarge, InvalidArgument, TierdiskError, Unavailable
 from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
+from .status import STATUS_NAMES, status_name
 from .volume import Volume
 from .write_request import MalformedRequest, WriteRequestView, parse_write
 
@@ -57,22 +46,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ERROR_HEADER = "tierdisk-error"
+ERROR_HEADER = ERROR_METADATA_KEY
+"""The trailer naming an error reply's exception class (``tierdisk-error``)."""
 
+_CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 STATUS_CODES: dict[type[TierdiskError], grpc.StatusCode] = {
-    VolumeNotFound: grpc.StatusCode.NOT_FOUND,
-    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    NoSpace: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DataCorruption: grpc.StatusCode.DATA_LOSS,
-    StorageError: grpc.StatusCode.INTERNAL,
+    cls: _CODES_BY_NAME[name] for cls, name in STATUS_NAMES.items()
 }
-"""Domain exception → gRPC status code (DESIGN.md §2). Subclasses map through their bases."""
+"""Domain exception → gRPC status code: :data:`~.status.STATUS_NAMES` as codes."""
 
 _OK = grpc.StatusCode.OK
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow per call
@@ -101,18 +82,6 @@ class Undecodable:
         self.problem = problem
 
 
-class AllocationTooLarge(InvalidArgument):
-    """A ``GetAllocation`` range with more extents than one reply may carry.
-
-    DESIGN.md §2 requires a reply to cover the whole range asked for, so the server never cuts
-    one short: it refuses the call, and the caller asks for smaller ranges (the client library
-    does so by itself). The code is ``INVALID_ARGUMENT``, the table's code for size limits —
-    not ``RESOURCE_EXHAUSTED``, which says a layer's storage is out of space, nor
-    ``OUT_OF_RANGE``, which says the range reaches past the end of the volume. The class
-    name travels in the ``tierdisk-error`` trailer, so clients can tell this refusal from
-    other invalid arguments."""
-
-
 def _varint_bytes(value: int) -> int:
     """Bytes of ``value`` (non-negative) as a protobuf varint."""
     return max(1, (value.bit_length() + 6) // 7)
@@ -135,17 +104,9 @@ def _decoder(name: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The status code for ``exc``: the entry of its nearest class in :data:`STATUS_CODES`."""
-    for cls in type(exc).__mro__:
-        code = STATUS_CODES.get(cls)
-        if code is not None:
-            return code
-    return grpc.StatusCode.UNKNOWN
-
-
-def _status_of(exc: TierdiskError | OSError) -> grpc.StatusCode:
-    """A domain error's status code; any other storage failure (OSError) is INTERNAL."""
-    return status_for(exc) if isinstance(exc, TierdiskError) else grpc.StatusCode.INTERNAL
+    """The status code for ``exc`` (:func:`~.status.status_name`): its nearest class's in
+    the table, ``INTERNAL`` for any other storage failure (``OSError``), else ``UNKNOWN``."""
+    return _CODES_BY_NAME[status_name(exc)]
 
 
 class DrainGate:
@@ -284,7 +245,12 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._gate.leave()
             return reply
         except (TierdiskError, OSError) as exc:
-            code = _status_of(exc)
+            code = status_for(exc)
+            if op is not None:  # counted before abort() sends the status the caller sees
+                self._metrics.observe_io(
+                    volume, op, _CODE_NAMES[code], nbytes, time.perf_counter() - start
+                )
+                op = None
             await self._refuse(context, code, exc)
             raise  # not reached: abort() raises
         finally:
@@ -339,7 +305,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
     ) -> NoReturn:
         """End a call whose request could not be read: ``INVALID_ARGUMENT``."""
         invalid = InvalidArgument(request.problem)
-        await cls._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, invalid)
+        await cls._refuse(context, status_for(invalid), invalid)
         raise AssertionError("not reached: abort() raises")
 
     def _volume(self, name: str) -> Volume:
@@ -438,7 +404,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         if isinstance(request, Undecodable):
             await self._refuse_undecodable(context, request)
         start = time.perf_counter()
-        code = _OK
+        code: grpc.StatusCode | None = _OK
         moved = 0
         try:
             self._admit(context, request.volume)
@@ -460,13 +426,17 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             finally:
                 self._gate.leave()
         except (TierdiskError, OSError) as exc:
-            code = _status_of(exc)
-            await self._refuse(context, code, exc)
+            refusal = status_for(exc)
+            code = None  # counted here, before abort() sends the status the caller sees
+            seconds = time.perf_counter() - start
+            self._metrics.observe_io(request.volume, "read", _CODE_NAMES[refusal], 0, seconds)
+            await self._refuse(context, refusal, exc)
             raise  # not reached: abort() raises
         finally:
-            self._metrics.observe_io(
-                request.volume, "read", _CODE_NAMES[code], moved, time.perf_counter() - start
-            )
+            if code is not None:
+                self._metrics.observe_io(
+                    request.volume, "read", _CODE_NAMES[code], moved, time.perf_counter() - start
+                )
 
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
         """``Write`` of a message; the server registers :meth:`write_parsed` instead."""

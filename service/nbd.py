@@ -31,8 +31,10 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "NbdServer", "NbdStats", "RequestHook", "s
 
 log = logging.getLogger(__name__)
 
-RequestHook = Callable[[str, str, str, float, int], None]
-"""``hook(volume, command, result, seconds, nbytes)``, called once per finished request."""
+RequestHook = Callable[[str, str, str, str, float, int], None]
+"""``hook(volume, command, result, status, seconds, nbytes)``, called once per finished
+request: ``result`` is ``ok`` or the NBD error name, ``status`` the gRPC status code name a
+gRPC request with the same outcome gets (``OK``, ``OUT_OF_RANGE``, …; :mod:`.status`)."""
 
 _SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish when the server closes
 
@@ -49,8 +51,7 @@ class NbdStats:
     ``requests`` counts finished requests by ``(command, result)``: command is ``read``,
     ``write``, ``flush``, ``trim``, ``write_zeroes``, ``cache``, ``block_status`` or
     ``unknown``; result is ``ok`` or the NBD error name (``EINVAL``, ``EIO``, …).
-    ``on_request``, when set, is called for every finished request with the volume name,
-    the command, the result, the seconds it took and the payload bytes it moved.
+    ``on_request``, when set, is called for every finished request (:data:`RequestHook`).
     """
 
     connections_total: int = 0  # TCP / unix connections accepted

@@ -52,11 +52,14 @@ _HOLE = P.STATE_HOLE | P.STATE_ZERO  # base:allocation of a run no layer holds
 
 
 class Refuse(Exception):
-    """Answer the request with this NBD error (``code``) and message."""
+    """Answer the request with this NBD error (``code``) and message; ``status`` is the
+    status code name a gRPC request refused for the same reason gets (what the shared volume
+    metrics count it under, :mod:`.status`)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, status: str = "INVALID_ARGUMENT") -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 @dataclass
@@ -96,6 +99,7 @@ def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
             past_end,
             f"bytes [{offset}, {offset + length}) reach past the end of {export.name!r} "
             f"({export.size} bytes)",
+            "OUT_OF_RANGE",
         )
     ss = export.sector_size
     misaligned = bool(offset % ss or length % ss)
@@ -109,7 +113,7 @@ def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
 
 def _check_writable(export: Export) -> None:
     if export.volume.read_only:
-        raise Refuse(P.EPERM, f"volume {export.name!r} is read-only")
+        raise Refuse(P.EPERM, f"volume {export.name!r} is read-only", "FAILED_PRECONDITION")
 
 
 async def read(export: Export, flags: int, handle: int, offset: int, length: int) -> list[Any]:
@@ -205,7 +209,7 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
     unmap = volume.unmap_behavior == UnmapBehavior.ZEROES and not flags & P.CMD_FLAG_NO_HOLE
     if flags & P.CMD_FLAG_FAST_ZERO and (not unmap or misaligned):
         why = "the range is not whole sectors" if unmap else "zeros would have to be written"
-        raise Refuse(P.ENOTSUP, f"zeroing is not fast here: {why}")
+        raise Refuse(P.ENOTSUP, f"zeroing is not fast here: {why}", "FAILED_PRECONDITION")
     fua = bool(flags & P.CMD_FLAG_FUA)
     ss = export.sector_size
     end = offset + length

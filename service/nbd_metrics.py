@@ -4,9 +4,10 @@ NBD requests are counted like gRPC ones: ``tierdisk_nbd_requests_total{volume,co
 (result ``ok`` or the NBD error name) and ``tierdisk_nbd_request_duration_seconds{command}``;
 data commands also count in the volume families (``tierdisk_volume_io_requests_total``,
 ``tierdisk_volume_io_bytes_total``, ``tierdisk_io_duration_seconds``), so a volume's requests,
-throughput and errors cover both front ends; there an NBD error counts under the gRPC code a
-gRPC call failing the same way gets (``EPERM`` -> ``FAILED_PRECONDITION``, ``ENOSPC`` ->
-``RESOURCE_EXHAUSTED``, ``EIO`` -> ``INTERNAL``, …). Session counts are read from
+throughput and errors cover both front ends; there an NBD error counts under the status
+code a gRPC call failing the same way gets (the session passes it on, from the one table of
+:mod:`.status`: a read past the end is ``OUT_OF_RANGE`` on both, though NBD answers it
+``EINVAL``). Session counts are read from
 :class:`~tierdisk.service.nbd.NbdStats` at scrape time. The request families are the
 project's own :class:`~tierdisk.service.loop_metrics.LoopCounter` and
 :class:`~tierdisk.service.loop_metrics.LoopHistogram`, updated on the event loop like the
@@ -37,20 +38,6 @@ _OPS = {
 }
 
 
-# NBD result → the gRPC status code name the same failure gets over gRPC (DESIGN.md §2).
-_CODES = {
-    "ok": "OK",
-    "EPERM": "FAILED_PRECONDITION",  # a write to a read-only volume
-    "EIO": "INTERNAL",
-    "ENOMEM": "RESOURCE_EXHAUSTED",
-    "EINVAL": "INVALID_ARGUMENT",
-    "ENOSPC": "RESOURCE_EXHAUSTED",
-    "EOVERFLOW": "INVALID_ARGUMENT",  # a request over the size limit
-    "ENOTSUP": "UNIMPLEMENTED",
-    "ESHUTDOWN": "UNAVAILABLE",
-}
-
-
 class NbdMetrics:
     """Wires ``stats`` into ``metrics``: a request hook plus a scrape-time collector."""
 
@@ -74,14 +61,15 @@ class NbdMetrics:
         stats.on_request = self.observe
         metrics.engine.extra.append(self)
 
-    def observe(self, volume: str, command: str, result: str, seconds: float, nbytes: int) -> None:
-        """The :class:`NbdStats` request hook."""
+    def observe(
+        self, volume: str, command: str, result: str, status: str, seconds: float, nbytes: int
+    ) -> None:
+        """The :class:`NbdStats` request hook (:data:`~.nbd.RequestHook`)."""
         self.requests.labels(volume, command, result).inc()
         self.duration.labels(command).observe(seconds)
         op = _OPS.get(command)
         if op is not None:
-            code = _CODES.get(result, "UNKNOWN")
-            self._metrics.observe_io(volume, op, code, nbytes, seconds)
+            self._metrics.observe_io(volume, op, status, nbytes, seconds)
 
     def collect_metrics(self) -> Iterator[Metric]:
         stats = self.stats

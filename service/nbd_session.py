@@ -36,6 +36,7 @@ from . import nbd_commands as C
 from . import nbd_protocol as P
 from .errors import TierdiskError
 from .nbd_handshake import Hangup, negotiate
+from .status import status_name
 
 if TYPE_CHECKING:
     from .nbd import NbdServer
@@ -460,6 +461,7 @@ class NbdSession(asyncio.BufferedProtocol):
         started = time.perf_counter()
         code = 0
         message = ""
+        status = "OK"
         try:
             allowed = P.CMD_FLAGS_ALLOWED.get(cmd)
             if allowed is None:
@@ -488,21 +490,26 @@ class NbdSession(asyncio.BufferedProtocol):
                     await C.cache(export, offset, length)
                 reply = [P.simple_reply(handle)]
         except C.Refuse as exc:
-            code, message = exc.code, str(exc)
+            code, message, status = exc.code, str(exc), exc.status
         except (TierdiskError, OSError) as exc:  # a remote layer down, storage errors, …
             code, message = P.error_code(exc, writing=cmd in _WRITING), str(exc)
+            status = status_name(exc)
         except Exception as exc:
             log.exception("NBD %s: %s failed", self._peer, P.CMD_NAMES.get(cmd, cmd))
-            code, message = P.EIO, f"internal error: {exc}"
+            code, message, status = P.EIO, f"internal error: {exc}", "UNKNOWN"
         if code:
             if export.structured:
                 reply = [P.chunk_error(handle, code, message)]
             else:
                 reply = [P.simple_reply(handle, code)]
         await self._reply(reply)
-        self._count(export.name, cmd, code, length, started)
+        self._count(export.name, cmd, code, status, length, started)
 
-    def _count(self, volume: str, cmd: int, code: int, length: int, started: float) -> None:
+    def _count(
+        self, volume: str, cmd: int, code: int, status: str, length: int, started: float
+    ) -> None:
+        """Count a finished request: NBD ``code`` (0: ok) in the NBD families, ``status``
+        (the gRPC status code name of the same outcome) for the hook."""
         stats = self._stats
         command = P.CMD_NAMES.get(cmd, "unknown")
         result = P.ERROR_NAMES.get(code, "error")
@@ -516,7 +523,8 @@ class NbdSession(asyncio.BufferedProtocol):
             moved = length
         if stats.on_request is not None:
             try:
-                stats.on_request(volume, command, result, time.perf_counter() - started, moved)
+                seconds = time.perf_counter() - started
+                stats.on_request(volume, command, result, status, seconds, moved)
             except Exception:
                 log.exception("NBD request hook failed")
 
