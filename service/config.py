@@ -431,19 +431,24 @@ def _server(
         known = ", ".join(prefix + k.upper() for k in _SERVER_KEYS)
         log.warning("ignoring environment variable %s: not a [server] key (%s)", name, known)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # key -> where its value came from, for messages
     for key, parse in _SERVER_KEYS.items():
         env_name = f"TIERDISK_SERVER_{key.upper()}"
         if flags.get(key) is not None:
-            values[key] = parse(flags[key], f"--{key.replace('_', '-')}")
+            sources[key] = f"--{key.replace('_', '-')}"
+            values[key] = parse(flags[key], sources[key])
         elif env_name in environ:
+            sources[key] = env_name
             values[key] = parse(environ[env_name], env_name)
         elif key in table:
-            values[key] = parse(table[key], f"[server] {key}")
+            sources[key] = f"[server] {key}"
+            values[key] = parse(table[key], sources[key])
     config = replace(ServerConfig(), **values)
     if not MIN_MAX_IO <= config.max_io <= MAX_MAX_IO:
         raise ConfigError(
-            f"max_io {config.max_io} is out of range: from {MIN_MAX_IO} (1MiB, the size of "
-            f"the clients' requests) to {MAX_MAX_IO} (256MiB) bytes"
+            f"{sources.get('max_io', 'max_io')} {config.max_io} is out of range: from "
+            f"{MIN_MAX_IO} (1MiB, the size of the clients' requests) to {MAX_MAX_IO} (256MiB) "
+            "bytes"
         )
     return config
 

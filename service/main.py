@@ -47,12 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="where relative layer paths live (./tierdisk-data)")
     p.add_argument("--max-io", help="largest Read/Write payload, 1MiB to 256MiB (16MiB)")
-    p.add_argument("--nbd", help="NBD export address, HOST:PORT or unix:PATH; '' = off")
+    p.add_argument(
+        "--nbd", help="NBD export address, HOST:PORT or unix:PATH ('': off, the default)"
+    )
     p.add_argument(
         "--nbd-max-connections", help="NBD connections taken at once; more are refused (64)"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log messages at this level and above (info)",
+    )
+    p.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="format of log lines (text)"
+    )
     p.add_argument("--ready-file", metavar="FILE", help="write bound addresses here when ready")
     p.add_argument(
         "--grace", type=_seconds, default=30.0, help="seconds calls in flight get at stop (30)"

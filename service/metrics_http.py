@@ -1,7 +1,8 @@
 """A minimal asyncio HTTP endpoint serving ``GET /metrics`` from one registry.
 
 It runs on the server's event loop, so collectors read engine counters on the thread that
-changes them. Anything but ``GET /metrics`` (and ``/``) gets 404; one request per connection.
+changes them. Anything but ``GET`` or ``HEAD`` of ``/metrics`` (and ``/``) gets 404; one
+request per connection.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class MetricsEndpoint:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             path = path.split("?", 1)[0]
-            if method == "GET" and path in ("/metrics", "/"):
+            if method in ("GET", "HEAD") and path in ("/metrics", "/"):
                 body = generate_latest(self._registry)
                 status, ctype = "200 OK", CONTENT_TYPE_LATEST
             else:
@@ -53,7 +54,7 @@ class MetricsEndpoint:
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
-            writer.writelines([head.encode(), body])
+            writer.writelines([head.encode(), b"" if method == "HEAD" else body])
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             pass

@@ -55,6 +55,15 @@ from tierdisk.service.volume import LayerEntry, Volume
 
 MiB = 1 << 20
 TIERDISK = [sys.executable, "-m", "tierdisk.client"]
+TIERDISK_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from tierdisk.client.cli import main; sys.exit(main())",
+]
+"""``TIERDISK`` for the tests that press Ctrl-C (send SIGINT): the CLI honours a SIGINT its
+parent ignores (as a shell does for ``cmd &``, and ``nohup``), so it is set to Python's own
+handler first, whatever the test runner inherited."""
 
 VOLUMES = "\n".join(
     (
@@ -528,7 +537,7 @@ def test_export_interrupted_leaves_the_image_as_it_was(
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     with CuttingProxy(server.grpc, 2 * MiB, stall=True) as proxy:
         proc = subprocess.Popen(
-            [*TIERDISK, "--server", proxy.address, "export", "exp", str(out)],
+            [*TIERDISK_CTRL_C, "--server", proxy.address, "export", "exp", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
@@ -825,7 +834,10 @@ def test_flush(server: ServerProcess) -> None:
 def test_watch_prints_each_resize_and_ctrl_c_exits_0(server: ServerProcess) -> None:
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     proc = subprocess.Popen(
-        [*TIERDISK, "watch", "watched"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [*TIERDISK_CTRL_C, "watch", "watched"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -1500,7 +1512,7 @@ def test_write_interrupted_says_what_was_written(
     with CuttingProxy(server.grpc, 1500, stall=True) as proxy:
         args = ["write", "intr", "0"] + (["-i", str(data)] if source == "file" else [])
         proc = subprocess.Popen(
-            [*TIERDISK, "--server", proxy.address, *args],
+            [*TIERDISK_CTRL_C, "--server", proxy.address, *args],
             stdin=subprocess.PIPE if source == "pipe" else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

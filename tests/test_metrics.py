@@ -256,6 +256,26 @@ async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
     await promtool_check_metrics(await scrape(server.metrics_address))
 
 
+async def test_head_and_unknown_paths(server: Server) -> None:
+    """``HEAD /metrics`` (as some probes send) answers 200 with the length and no body;
+    another path is 404."""
+
+    async def ask(line: bytes) -> bytes:
+        assert server.metrics_address
+        reader, writer = await asyncio.open_connection(*server.metrics_address.rsplit(":", 1))
+        writer.write(line + b"\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        raw = await reader.read()
+        writer.close()
+        return raw
+
+    head, _, body = (await ask(b"HEAD /metrics HTTP/1.1")).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"", head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    assert length > 1000  # what a GET would carry
+    assert (await ask(b"GET /nope HTTP/1.1")).startswith(b"HTTP/1.1 404")
+
+
 def created_series(text: str) -> list[str]:
     """Sample names of a scrape that end in ``_created``: no family here keeps any."""
     return sorted({name for name, _ in samples(text) if name.endswith("_created")})

@@ -487,7 +487,7 @@ class RemoteLayer(Layer):
         # (NbdRead failures are logged by the NBD data path, which says what happens next.)
         if code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
             self._call_log.warning(
-                "%s: %s answered %s after %.3f s (retried up to %d times)",
+                "%s: %s answered %s after %.3f s (the client retries up to %d times)",
                 self._where,
                 rpc,
                 code.name,
