@@ -29,7 +29,7 @@ from runs_model import runs_of
 from stacks import entry, pattern
 from tools import REQUIRE_TOOLS_ENV
 
-from tierdisk.service.errors import ConfigError, NoSpace, OutOfRange
+from tierdisk.service.errors import ConfigError, InvalidArgument, NoSpace, OutOfRange
 from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
@@ -289,6 +289,22 @@ class PersistentLayerContract:
             await layer.close()
         with pytest.raises(ConfigError, match=str(path)):  # the recorded size wins
             await self.make(path, size=SIZE).attach(None)
+
+    @pytest.mark.parametrize("sectors", [0, -1])
+    async def test_resize_to_no_sectors_is_invalid_argument(self, path: Path, sectors: int) -> None:
+        """A domain error (INVALID_ARGUMENT over gRPC), not ValueError (UNKNOWN); the layer
+        keeps its size and data."""
+        layer = self.make(path)
+        await layer.attach(None)
+        try:
+            await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+            with pytest.raises(InvalidArgument, match="at least one sector"):
+                await layer.resize(sectors)
+            assert layer.sector_count == SECTORS
+            data, runs = await self.read(layer, 0, 8)
+            assert runs == [(0, 8)] and data == pattern(1, 0, 8, SS)
+        finally:
+            await layer.close()
 
     @pytest.mark.parametrize("close", ["close", "crash after the resize"])
     async def test_a_shrink_keeps_lower_data_hidden_after_a_restart(

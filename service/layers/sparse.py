@@ -76,7 +76,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DataCorruption, NoSpace
+from ..errors import ConfigError, DataCorruption, InvalidArgument, NoSpace
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -600,7 +600,9 @@ class SparseLayer(Layer):
 
     async def resize(self, sector_count: int) -> None:
         if sector_count <= 0:
-            raise ValueError("size must be at least one sector")
+            raise InvalidArgument(
+                f"sparse layer {self.path}: size must be at least one sector, not {sector_count}"
+            )
         async with self._commit_lock:
             old = self._sector_count
             if sector_count < old:

@@ -480,7 +480,9 @@ class SqliteLayer(Layer):
 
     async def resize(self, sector_count: int) -> None:
         if sector_count <= 0:
-            raise ValueError("size must be at least one sector")
+            raise InvalidArgument(
+                f"sqlite layer {self.path}: size must be at least one sector, not {sector_count}"
+            )
         if sector_count > _MAX_INTEGER:  # SQLite cannot store it; the layer stays as it is
             raise InvalidArgument(
                 f"sqlite layer {self.path}: {sector_count} sectors is more than SQLite can "
