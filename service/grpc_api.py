@@ -59,7 +59,9 @@ _OK = grpc.StatusCode.OK
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow per call
 _WRITE_RESPONSE = pb.WriteResponse()  # empty; serialized afresh for each reply
 _DEFAULT_PAGE = 100
+"""Volumes per ``ListVolumes`` reply when the request's ``page_size`` is 0."""
 _MAX_PAGE = 1000
+"""The most volumes one ``ListVolumes`` reply carries, whatever ``page_size`` asks."""
 _EXTENT_MIN_BYTES = 6
 """The fewest bytes an ``AllocationExtent`` takes in a ``GetAllocationResponse``: its field's
 tag and length (2), ``sector`` (2; only an extent at sector 0 omits it) and ``sector_count``

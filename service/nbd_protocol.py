@@ -4,6 +4,11 @@ Values and layouts follow the NBD protocol document (``doc/proto.md`` of
 NetworkBlockDevice/nbd): the handshake and option haggling, simple and structured replies,
 block status and metadata contexts. Everything is big-endian. No I/O here: :mod:`.nbd`
 drives the sessions.
+
+The modules of the export (and :mod:`.nbd_client`) use it as a namespace, ``from . import
+nbd_protocol as P``; every name without a leading underscore is part of it, constants named
+as the protocol document names them (``NBD_OPT_GO`` is ``OPT_GO``). Its ``__all__`` is built
+from those names at the end of the module rather than written out.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from .errors import (
     TierdiskError,
     Unauthenticated,
 )
+
+_IMPORTED = frozenset(globals())  # what the module imports: not its own names
 
 # -- handshake ------------------------------------------------------------------------------
 
@@ -432,3 +439,7 @@ def error_code(exc: BaseException, *, writing: bool) -> int:
     if isinstance(exc, OSError) and exc.errno is not None:
         return _ERRNO_MAP.get(exc.errno, EIO)
     return EIO
+
+
+__all__ = sorted(name for name in globals() if not name.startswith("_") and name not in _IMPORTED)
+"""Every public name of the module (its docstring says why it is not written out)."""
