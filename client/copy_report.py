@@ -22,17 +22,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_errors import CliError, describe, file_error
-from .errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NoSpace,
-    OutOfRange,
-    PermissionDenied,
-    TierdiskError,
-    Unauthenticated,
-    Unimplemented,
-    VolumeNotFound,
-)
+from .errors import TierdiskError, changed_nothing
 from .progress import Progress
 
 __all__ = ["CopyInterrupted", "CopyProgress", "progress_bar", "with_note"]
@@ -66,22 +56,6 @@ def with_note(exc: Exception, args: argparse.Namespace, path: str | None, note: 
         err.exit_code = exc.exit_code
         return err
     return exc
-
-
-_NOT_APPLIED = (
-    VolumeNotFound,
-    OutOfRange,
-    InvalidArgument,
-    FailedPrecondition,
-    Unauthenticated,
-    PermissionDenied,
-    NoSpace,
-    Unimplemented,
-)
-"""Failures of a write or unmap request that changed nothing (DESIGN.md §2: a read-only
-volume, a range past the end, out of space, …; a server that is not tierdisk); any other
-failure (a timeout, a lost connection, a storage error) may come after part of the request
-was written."""
 
 
 class CopyInterrupted(CliError):
@@ -122,8 +96,9 @@ class CopyProgress:
     def failed(self, exc: Exception, offset: int = 0, length: int = 0) -> None:
         """The copy failed with ``exc``: at the request for ``length`` bytes at ``offset``
         (``0``: before any request was sent). That request may have written part of its
-        bytes, unless its failure is one of :data:`_NOT_APPLIED`."""
-        if length and not isinstance(exc, _NOT_APPLIED):
+        bytes, unless its failure is one that changed nothing
+        (:func:`~tierdisk.client.errors.changed_nothing`)."""
+        if length and not changed_nothing(exc):
             self._reach = max(self._reach, offset + length)
         if self.failure is None:
             self.failure = exc

@@ -42,6 +42,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "VolumeNotFound",
+    "changed_nothing",
     "error_from_rpc",
     "status_code",
 ]
@@ -362,3 +363,23 @@ def error_from_rpc(
     if server_error:
         cls = _refine(cls, server_error) or cls
     return cls(message, code=code, volume=volume, server_error=server_error)
+
+
+_CHANGED_NOTHING: tuple[type[TierdiskError], ...] = (
+    VolumeNotFound,
+    OutOfRange,
+    InvalidArgument,
+    FailedPrecondition,
+    Unauthenticated,
+    PermissionDenied,
+    NoSpace,
+    Unimplemented,
+)
+
+
+def changed_nothing(exc: BaseException) -> bool:
+    """Whether ``exc``, the failure of a write or unmap request, says the request changed
+    nothing (DESIGN.md §2: a read-only volume, a range past the end, out of space, …; a
+    server that is not tierdisk). Any other failure (a timeout, a lost connection, a
+    storage error) may come after part of the request was written."""
+    return isinstance(exc, _CHANGED_NOTHING)

@@ -121,3 +121,28 @@ async def test_each_server_class_comes_back_as_its_client_class(refusing_server:
             assert info.value.code == code
             assert info.value.server_error == server_cls.__name__
             assert f"refused by {server_cls.__name__}" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("cls", "nothing"),
+    [
+        (cerr.VolumeNotFound, True),
+        (cerr.OutOfRange, True),
+        (cerr.InvalidArgument, True),
+        (cerr.ReadOnlyVolume, True),
+        (cerr.Unauthenticated, True),
+        (cerr.PermissionDenied, True),
+        (cerr.NoSpace, True),  # DESIGN.md §2: "the request changed nothing"
+        (cerr.Unimplemented, True),  # not a tierdisk server: it wrote nothing of ours
+        (cerr.Unavailable, False),  # the connection may have dropped after the write
+        (cerr.DeadlineExceeded, False),
+        (cerr.StorageError, False),
+        (cerr.DataLoss, False),
+        (cerr.Cancelled, False),
+        (cerr.TierdiskError, False),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else str(value),
+)
+def test_which_write_failures_changed_nothing(cls: type[cerr.TierdiskError], nothing: bool) -> None:
+    """What the CLI's "may have been written in part" rests on (client/errors.py)."""
+    assert cerr.changed_nothing(cls("x")) is nothing
