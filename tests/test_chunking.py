@@ -1,4 +1,7 @@
-"""run_bounded / run_ordered when a call is cancelled underneath them: the whole run fails
+"""tierdisk.client.chunking (client/chunking.py): chunk and window planning, bounded
+concurrency, and the planners of a sparse import.
+
+run_bounded / run_ordered when a call is cancelled underneath them: the whole run fails
 (``Interrupted``), never returns as if every item were done; the caller's own cancellation
 is still ``CancelledError``, and cancels the calls in flight.
 
@@ -8,25 +11,37 @@ task awaiting the call though nobody cancelled that task.
 
 Also the planners of a sparse import, which need no volume: ``sector_runs`` (which sectors of
 the copy are data) and ``plan_pieces`` (the requests that write them and unmap, or zero, the
-holes)."""
+holes); the planners of every split request (``sectors_per_chunk``, ``plan_chunks``,
+``plan_windows``, ``merge_extents``); and run_bounded / run_ordered's limit, order and
+first failure."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tierdisk.client.chunking import (
     MIN_HOLE_BYTES,
     UNMAP_MAX_BYTES,
+    Chunk,
     Piece,
+    ReadWindow,
     caller_cancelled,
+    merge_extents,
+    plan_chunks,
     plan_pieces,
+    plan_windows,
     run_bounded,
     run_ordered,
     sector_runs,
+    sectors_per_chunk,
 )
 from tierdisk.client.errors import Interrupted, OutOfRange
+from tierdisk.client.models import Extent
 
 
 class Calls:
@@ -285,3 +300,167 @@ def test_planned_pieces_cover_the_copy_once_in_order(
     written = [p for p in pieces if p.data]
     covered = {s for p in written for s in range(p.offset, p.offset + p.sector_count)}
     assert covered == {s for lo, hi in data for s in range(lo, hi)}
+
+
+# -- chunk planning ----------------------------------------------------------------------
+
+
+def test_sectors_per_chunk() -> None:
+    assert sectors_per_chunk(1 << 20, 512) == 2048
+    assert sectors_per_chunk(1 << 20, 4096) == 256
+    assert sectors_per_chunk(1000, 512) == 1  # never zero: one sector at least
+    assert sectors_per_chunk(100, 4096) == 1
+    with pytest.raises(ValueError):
+        sectors_per_chunk(1 << 20, 0)
+
+
+def test_plan_chunks_examples() -> None:
+    assert list(plan_chunks(10, 0, 4)) == []
+    assert list(plan_chunks(10, 4, 4)) == [Chunk(10, 4, 0)]
+    assert list(plan_chunks(10, 9, 4)) == [Chunk(10, 4, 0), Chunk(14, 4, 4), Chunk(18, 1, 8)]
+    with pytest.raises(ValueError):
+        list(plan_chunks(0, 1, 0))
+
+
+@given(
+    sector=st.integers(0, 1 << 40),
+    count=st.integers(0, 5000),
+    max_sectors=st.integers(1, 700),
+)
+def test_plan_chunks_cover_the_range_exactly(sector: int, count: int, max_sectors: int) -> None:
+    chunks = list(plan_chunks(sector, count, max_sectors))
+    assert sum(c.sector_count for c in chunks) == count
+    expected_sector, expected_offset = sector, 0
+    for c in chunks:
+        assert 0 < c.sector_count <= max_sectors
+        assert c.sector == expected_sector and c.offset == expected_offset
+        expected_sector += c.sector_count
+        expected_offset += c.sector_count
+    # only the last chunk may be short
+    assert all(c.sector_count == max_sectors for c in chunks[:-1])
+
+
+def test_plan_windows_examples() -> None:
+    assert list(plan_windows([], 8, 2)) == []
+    # close runs share a window; a far one starts another; a long one is split
+    assert list(plan_windows([(0, 1), (3, 4), (10, 12), (20, 37)], 8, 2)) == [
+        ReadWindow(0, 4, ((0, 1), (3, 4))),
+        ReadWindow(10, 2, ((10, 12),)),
+        ReadWindow(20, 8, ((20, 28),)),
+        ReadWindow(28, 8, ((28, 36),)),
+        ReadWindow(36, 1, ((36, 37),)),
+    ]
+    # a window never passes max_sectors, even when the next run is close
+    assert list(plan_windows([(0, 6), (7, 10)], 8, 2)) == [
+        ReadWindow(0, 8, ((0, 6), (7, 8))),
+        ReadWindow(8, 2, ((8, 10),)),
+    ]
+    with pytest.raises(ValueError):
+        list(plan_windows([(0, 1)], 0, 0))
+
+
+@given(
+    cuts=st.lists(st.integers(0, 10_000), unique=True, max_size=40),
+    max_sectors=st.integers(1, 300),
+    max_gap=st.integers(0, 50),
+)
+def test_plan_windows_cover_the_runs_exactly(
+    cuts: list[int], max_sectors: int, max_gap: int
+) -> None:
+    edges = sorted(cuts)
+    runs = list(zip(edges[0::2], edges[1::2], strict=False))
+    windows = list(plan_windows(runs, max_sectors, max_gap))
+    inside = [run for w in windows for run in w.runs]
+    assert merge_extents(Extent(a, b - a) for a, b in inside) == merge_extents(
+        Extent(a, b - a) for a, b in runs
+    )
+    for w in windows:
+        assert 0 < w.sector_count <= max_sectors
+        assert w.runs[0][0] == w.sector and w.runs[-1][1] == w.sector + w.sector_count
+        assert all(b - a <= max_gap for (_, a), (b, _) in itertools.pairwise(w.runs))
+    assert all(a.sector + a.sector_count <= b.sector for a, b in itertools.pairwise(windows))
+
+
+def test_plan_chunks_is_lazy_for_huge_ranges() -> None:
+    it = plan_chunks(0, 1 << 50, 2048)
+    assert next(it) == Chunk(0, 2048, 0)
+
+
+def test_merge_extents_joins_runs_meeting_at_chunk_boundaries() -> None:
+    runs = [Extent(4, 4), Extent(0, 4), Extent(8, 2), Extent(20, 5), Extent(22, 1), Extent(30, 0)]
+    assert merge_extents(runs) == [Extent(0, 10), Extent(20, 5)]
+    assert merge_extents([]) == []
+
+
+# -- bounded concurrency ---------------------------------------------------------------
+
+
+async def test_run_bounded_limits_calls_in_flight_and_does_every_item() -> None:
+    active = peak = 0
+    done: list[int] = []
+
+    async def fn(i: int) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.001 * (i % 3))
+        active -= 1
+        done.append(i)
+
+    await run_bounded(range(50), fn, 4)
+    assert sorted(done) == list(range(50))
+    assert peak == 4
+
+
+async def test_run_bounded_raises_the_first_failure_and_cancels_the_rest() -> None:
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    async def fn(i: int) -> None:
+        started.append(i)
+        if i == 2:
+            raise OutOfRange("boom")
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+
+    with pytest.raises(OutOfRange, match="boom"):
+        await asyncio.wait_for(run_bounded(range(100), fn, 4), 5)
+    assert len(started) <= 4 + 1
+    assert sorted(cancelled) == [i for i in started if i != 2]
+
+
+async def test_run_ordered_keeps_order_and_limit() -> None:
+    active = peak = 0
+
+    async def fn(i: int) -> int:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.002 * ((7 * i) % 5))
+        active -= 1
+        return i * i
+
+    got = [(i, r) async for i, r in run_ordered(range(30), fn, 4)]
+    assert got == [(i, i * i) for i in range(30)]
+    assert peak <= 4
+
+
+async def test_run_ordered_closed_early_cancels_work_in_flight() -> None:
+    cancelled = 0
+
+    async def fn(i: int) -> int:
+        nonlocal cancelled
+        try:
+            await asyncio.sleep(0 if i == 0 else 10)
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return i
+
+    gen = run_ordered(range(100), fn, 4)
+    assert await anext(gen) == (0, 0)
+    await gen.aclose()
+    assert cancelled == 3

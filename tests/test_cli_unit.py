@@ -1,6 +1,8 @@
-"""The ``tierdisk`` command without a tierdisk server: argument parsing, sizes, usage errors
-(exit 2), one-line errors for a server that is not listening (exit 1), file errors, and the
-hand-over of ``tierdisk serve`` to the server's entry point."""
+"""tierdisk.client.cli (client/cli.py), the ``tierdisk`` command, without a tierdisk server:
+argument parsing, usage errors (exit 2), one-line errors for a server that is not listening
+(exit 1), file errors, and the hand-over of ``tierdisk serve`` to the server's entry point.
+Sizes are in test_sizes.py, the address and token checks in test_checks.py, the wording of
+a failed call in test_cli_errors.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tierdisk.client import checks, cli, errors
+from tierdisk.client import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERDISK = ROOT / ".venv" / "bin" / "tierdisk"
@@ -49,42 +51,6 @@ def assert_one_line(stderr: str, *needles: str) -> None:
     assert "Traceback" not in stderr
     for needle in needles:
         assert needle in lines[0], stderr
-
-
-# -- sizes -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2048", (2048, False)),
-        ("0", (0, False)),
-        ("2GiB", (2 << 30, True)),
-        ("2 GiB", (2 << 30, True)),
-        ("512B", (512, True)),
-        ("4k", (4096, True)),
-        ("1M", (1 << 20, True)),
-        ("1.5GiB", (3 << 29, True)),
-        ("1GB", (10**9, True)),
-        ("3tib", (3 << 40, True)),
-    ],
-)
-def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
-    assert cli.parse_size(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text", ["", "-1", "1.5", "12Q", "GiB", "1.3B", "0x10", "1.0000000000000000001KiB"]
-)
-def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(cli.UsageError):
-        cli.parse_size(text)
-
-
-def test_parse_size_is_exact_for_any_number_of_digits() -> None:
-    """A fraction is computed exactly: no float rounding, no overflow to infinity."""
-    value, in_bytes = cli.parse_size("9" * 400 + ".5PiB")
-    assert in_bytes and value == (10**400 * 2 - 1) * (1 << 49)
 
 
 # -- usage errors: exit 2 --------------------------------------------------------------
@@ -176,67 +142,6 @@ def test_server_address_comes_from_the_environment() -> None:
     result = run("--timeout", "5", "volumes", env={"TIERDISK_SERVER": DEAD})
     assert result.returncode == 1
     assert_one_line(result.stderr, f"server {DEAD}")
-
-
-@pytest.mark.parametrize(
-    ("target", "problem"),
-    [
-        ("127.0.0.1:7400", None),
-        ("localhost:0", None),
-        ("[::1]:7400", None),
-        ("unix:/run/tierdisk.sock", None),
-        ("unix-abstract:tierdisk", None),
-        ("dns:///example.com:7400", None),
-        ("ipv4:127.0.0.1:7400", None),
-        ("127.0.0.1:99999", "port 99999 is out of range (0-65535)"),
-        ("127.0.0.1:65536", "out of range"),
-        ("[::1]:70000", "out of range"),
-        ("localhost", "missing port"),
-        ("localhost:", "missing port"),
-        ("[::1]", "missing port"),
-        ("::1", "an IPv6 address goes in brackets: [::1]:7400"),
-        ("::1:7400", "an IPv6 address goes in brackets"),
-        ("host:http", "not a number"),
-        (":7400", "missing host"),
-        ("[]:7400", "missing host"),
-    ],
-)
-def test_server_address_problem(target: str, problem: str | None) -> None:
-    found = checks.server_address_problem(target)
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None and problem in found
-
-
-def test_an_empty_host_is_every_interface_only_where_asked() -> None:
-    """For a listener (``/metrics``, NBD) ``:9400`` is every interface; gRPC needs a host."""
-    assert checks.server_address_problem(":9400", empty_host=True) is None
-    assert checks.server_address_problem("[]:9400", empty_host=True) is None
-    found = checks.server_address_problem("::1:9400", empty_host=True)
-    assert found is not None and "brackets" in found
-
-
-@pytest.mark.parametrize(
-    ("token", "problem"),
-    [
-        ("s3cr3t-token_.~+/=", None),
-        ("with inner space", None),  # gRPC sends a space in a header value
-        ("secret\r", "'\\r' (U+000D) at position 6"),
-        ("sec\tret", "'\\t' (U+0009) at position 3"),
-        ("t\u00f6ken", "'\u00f6' (U+00F6) at position 1"),
-        ("\x7f", "(U+007F) at position 0"),
-        ("abc\u20ac", "(U+20AC) at position 3"),
-    ],
-)
-def test_token_problem_names_the_first_bad_character(token: str, problem: str | None) -> None:
-    found = checks.token_problem(token)
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None
-        assert found.startswith("contains a character not allowed in a gRPC header")
-        assert found.endswith(problem)
 
 
 @pytest.mark.parametrize(
@@ -395,55 +300,3 @@ def test_grpc_logging_is_turned_off_before_grpc_loads_for_client_verbs_only(
         "serve": env.get("GRPC_VERBOSITY"),
         "verb": [verb, True],
     }
-
-
-# -- one-line messages -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("err", "line"),
-    [
-        (
-            errors.ReadOnlyVolume("volume 'ro' is read-only: cannot write", volume="ro"),
-            "volume 'ro': read-only: cannot write",
-        ),
-        (
-            errors.InvalidArgument("volume 'v': size must be at least one sector", volume="v"),
-            "volume 'v': invalid argument: size must be at least one sector",
-        ),
-        (
-            errors.Unavailable("volume 'o' is not ready yet: a remote tier is down", volume="o"),
-            "volume 'o' on S: unavailable: not ready yet: a remote tier is down",
-        ),
-        (
-            errors.VolumeNotFound("no volume named 'x' on this server", volume="x"),
-            "volume 'x': not found: no volume named 'x' on this server",
-        ),
-        (errors.FailedPrecondition("volume 'v'", volume="v"), "volume 'v': refused"),
-        (  # another volume's name, or a longer one: kept as is
-            errors.OutOfRange("volume 'vv': sectors past the end", volume="v"),
-            "volume 'v': out of range: volume 'vv': sectors past the end",
-        ),
-        (errors.Unavailable("connection refused"), "server S: unavailable: connection refused"),
-    ],
-)
-def test_describe_names_the_volume_once(err: errors.TierdiskError, line: str) -> None:
-    assert cli.describe(err, "S") == line
-
-
-@pytest.mark.parametrize(
-    ("err", "line"),
-    [
-        (
-            errors.Unimplemented.of_call("Method not found!", target="S", method="GetVolume"),
-            "server S: does not serve tierdisk.v1.BlockDevice, or is too old for GetVolume "
-            "(UNIMPLEMENTED: Method not found!)",
-        ),
-        (  # made without the address or the method: still the server, never the volume
-            errors.Unimplemented("the server does not serve it", volume="v"),
-            "server S: does not serve it",
-        ),
-    ],
-)
-def test_describe_blames_the_server_for_unimplemented(err: errors.TierdiskError, line: str) -> None:
-    assert cli.describe(err, "S") == line

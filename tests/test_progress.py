@@ -1,8 +1,11 @@
-"""The progress bar's text with no total (``tierdisk write`` from a pipe): bytes done, rate and
-time so far, never a percentage or an ETA; drawn only on a terminal. Its width: that of the
-terminal it is drawn on (a real pseudo-terminal sized with ``TIOCSWINSZ``), not stdout's, and
-every redraw fits in it. The bar with a total is covered in test_client_unit.py; the CLI's
-use of both, on a real pseudo-terminal, in test_cli.py."""
+"""tierdisk.client.progress (client/progress.py): the progress bar.
+
+Its text with no total (``tierdisk write`` from a pipe): bytes done, rate and time so far,
+never a percentage or an ETA; drawn only on a terminal. Its width: that of the terminal it is
+drawn on (a real pseudo-terminal sized with ``TIOCSWINSZ``), not stdout's, and every redraw
+fits in it. With a total: drawn at most ten times a second, with rate and ETA; silent off a
+terminal; and the byte and duration formats. The CLI's use of both, on a real
+pseudo-terminal, is in test_cli.py."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tierdisk.client.progress import Progress, terminal_columns
+from tierdisk.client.progress import Progress, format_bytes, format_duration, terminal_columns
 
 MiB = 1 << 20
 
@@ -134,3 +137,49 @@ def test_columns_fall_back_off_a_terminal_and_follow_columns_env(
     assert terminal_columns(io.StringIO()) == 80  # no descriptor
     with open(os.devnull, "w") as null:
         assert terminal_columns(null, fallback=72) == 72  # not a terminal
+
+
+# -- with a total ------------------------------------------------------------------------
+
+
+def test_progress_draws_on_a_tty_at_most_ten_times_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    now = [0.0]
+    out = Tty()
+    bar = Progress(100 << 20, label="import vm1", stream=out, clock=lambda: now[0])
+    for _ in range(100):  # 100 updates within 50 ms: one draw
+        now[0] += 0.0005
+        bar.advance(1 << 20)
+    assert out.getvalue().count("\r") == 1
+    now[0] = 10.0
+    bar.advance(0)
+    bar.close()
+    text = out.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n")
+    last = text.rstrip("\n").split("\r")[-1]
+    assert "import vm1" in last and "100%" in last and "100.0 MiB / 100.0 MiB" in last
+    assert "10.0 MiB/s" in last and "ETA 0:00" in last
+
+
+def test_progress_shows_rate_and_eta_midway() -> None:
+    bar = Progress(100 << 20, stream=Tty(), clock=lambda: 0.0)
+    bar.done = 25 << 20
+    text = bar.render(now=5.0)
+    assert " 25%" in text and "5.0 MiB/s" in text and "ETA 0:15" in text
+
+
+def test_progress_is_silent_off_a_terminal() -> None:
+    out = io.StringIO()
+    with Progress(10, stream=out) as bar:
+        bar.advance(10)
+    assert out.getvalue() == ""
+
+
+def test_formatting_helpers() -> None:
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 << 30) == "3.0 GiB"
+    assert format_duration(7) == "0:07"
+    assert format_duration(3725) == "1:02:05"

@@ -1,0 +1,458 @@
+"""tierdisk.client.aio (client/aio.py), and the blocking client (client/sync.py) built on it,
+against a small scripted BlockDevice servicer on 127.0.0.1 port 0: request sizes, requests
+in flight, metadata, pagination, retries, error mapping, and the checks made before any
+call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+import pytest
+
+from tierdisk.client.aio import AsyncClient
+from tierdisk.client.errors import (
+    Cancelled,
+    InvalidArgument,
+    NoSpace,
+    ReadOnlyVolume,
+    Unavailable,
+    VolumeNotFound,
+)
+from tierdisk.client.models import Extent, ReadResult
+from tierdisk.client.sync import Client
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+S = grpc.StatusCode
+
+
+class Scripted(pb_grpc.BlockDeviceServicer):
+    """A tiny in-memory BlockDevice that records what the client sends."""
+
+    def __init__(self, sector_size: int = 512, sectors: int = 4096) -> None:
+        self.sector_size = sector_size
+        self.disk = bytearray(sector_size * sectors)
+        self.present: set[int] = set()
+        self.requests: list[tuple[str, int, int]] = []  # (rpc, sector, sectors)
+        self.metadata: list[dict[str, str]] = []
+        self.active = self.peak = 0
+        self.fail_next: list[tuple[grpc.StatusCode, str | None]] = []
+        self.volumes = [f"v{i}" for i in range(5)]
+
+    async def _enter(self, context: Any, rpc: str, sector: int = 0, count: int = 0) -> None:
+        self.requests.append((rpc, sector, count))
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
+        if self.fail_next:
+            code, name = self.fail_next.pop(0)
+            trailing = (("tierdisk-error", name),) if name else ()
+            await context.abort(code, f"scripted {code.name}", trailing_metadata=trailing)
+
+    def _volume(self, name: str) -> pb.Volume:
+        return pb.Volume(
+            name=name,
+            sector_size=self.sector_size,
+            sector_count=len(self.disk) // self.sector_size,
+            unmap_behavior=pb.UNMAP_BEHAVIOR_ZEROES,
+        )
+
+    async def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
+        await self._enter(context, "ListVolumes")
+        start = int(request.page_token or 0)
+        page = self.volumes[start : start + 2]
+        token = str(start + 2) if start + 2 < len(self.volumes) else ""
+        return pb.ListVolumesResponse(
+            volumes=[self._volume(n) for n in page], next_page_token=token
+        )
+
+    async def GetVolume(self, request: Any, context: Any) -> pb.Volume:
+        await self._enter(context, "GetVolume")
+        return self._volume(request.volume)
+
+    async def Read(self, request: Any, context: Any) -> pb.ReadResponse:
+        await self._enter(context, "Read", request.sector, request.sector_count)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.005)
+        self.active -= 1
+        ss = self.sector_size
+        start, end = request.sector * ss, (request.sector + request.sector_count) * ss
+        reply = pb.ReadResponse(data=bytes(self.disk[start:end]))
+        if request.report_presence:
+            for s in range(request.sector, request.sector + request.sector_count):
+                if s in self.present:
+                    reply.present.add(sector=s, sector_count=1)
+        return reply
+
+    async def Write(self, request: Any, context: Any) -> pb.WriteResponse:
+        count = len(request.data) // self.sector_size
+        await self._enter(context, "Write", request.sector, count)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.005)
+        self.active -= 1
+        start = request.sector * self.sector_size
+        self.disk[start : start + len(request.data)] = request.data
+        self.present.update(range(request.sector, request.sector + count))
+        return pb.WriteResponse()
+
+    async def Inspect(self, request: Any, context: Any) -> pb.InspectResponse:
+        await self._enter(context, "Inspect")
+        reply = pb.InspectResponse()
+        reply.tree.update({"sector_count": 4096, "ratio": 0.5, "layers": [{"index": 0}]})
+        return reply
+
+    async def WatchResize(self, request: Any, context: Any) -> AsyncIterator[pb.ResizeEvent]:
+        await self._enter(context, "WatchResize")
+        for g in range(3):
+            yield pb.ResizeEvent(sector_count=100 + g, generation=g)
+
+    # Not scripted: these answer as the generated base class does (UNIMPLEMENTED), but
+    # spelled out, since the servicer stub declares every RPC abstract.
+    @staticmethod
+    def _unscripted(context: Any) -> NoReturn:
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    async def Unmap(self, request: Any, context: Any) -> pb.UnmapResponse:
+        self._unscripted(context)
+
+    async def Flush(self, request: Any, context: Any) -> pb.FlushResponse:
+        self._unscripted(context)
+
+    async def GetAllocation(self, request: Any, context: Any) -> pb.GetAllocationResponse:
+        self._unscripted(context)
+
+    async def Resize(self, request: Any, context: Any) -> pb.Volume:
+        self._unscripted(context)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
+    servicer = Scripted()
+    server = grpc.aio.server()
+    pb_grpc.add_BlockDeviceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+def pattern(n: int) -> bytes:
+    return bytes((i * 31 + i // 512) & 0xFF for i in range(n))
+
+
+async def test_large_io_is_split_into_max_io_chunks_with_four_in_flight(
+    scripted: tuple[Scripted, str],
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, max_io=8 * 512) as client:
+        vol = client.volume("v")
+        data = pattern(100 * 512)
+        await vol.write(3, data)
+        writes = [r for r in servicer.requests if r[0] == "Write"]
+        assert sorted(writes) == sorted(
+            ("Write", 3 + 8 * i, min(8, 100 - 8 * i)) for i in range(13)
+        )
+        assert servicer.peak == 4
+        servicer.peak = 0
+        got = await vol.read(3, 100)
+        assert got == data and isinstance(got, bytes)
+        assert servicer.peak == 4
+        assert all(r[2] <= 8 for r in servicer.requests if r[0] == "Read")
+        # one GetVolume for the sector size (cached afterwards), and one per split request
+        # to check its range against the volume's size before any chunk is sent
+        assert [r[0] for r in servicer.requests].count("GetVolume") == 3
+
+
+async def test_read_with_presence_merges_runs_across_chunks(
+    scripted: tuple[Scripted, str],
+) -> None:
+    _servicer, target = scripted
+    async with AsyncClient(target, max_io=4 * 512) as client:
+        vol = client.volume("v")
+        await vol.write(2, pattern(10 * 512))  # sectors 2..12, split 4/4/2
+        result = await vol.read(0, 20, report_presence=True)
+        assert isinstance(result, ReadResult)
+        assert result.present == (Extent(2, 10),)
+        assert result.data[2 * 512 : 12 * 512] == pattern(10 * 512)
+        small = await vol.read(0, 3, report_presence=True)
+        assert small.present == (Extent(2, 1),)
+
+
+async def test_read_into_and_stream_read(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, max_io=4 * 512) as client:
+        vol = client.volume("v")
+        data = pattern(30 * 512)
+        await vol.write(0, data)
+        buf = bytearray(30 * 512)
+        asked = [r[0] for r in servicer.requests].count("GetVolume")
+        await vol.read_into(0, buf)
+        assert buf == data
+        present = await vol.read_present_into(0, buf)
+        assert buf == data and present == [Extent(0, 30)]
+        # into a caller's buffer, a split read asks nothing before its chunks
+        assert [r[0] for r in servicer.requests].count("GetVolume") == asked
+        chunks = [c async for c in vol.stream_read(0, 30)]
+        assert [s for s, _ in chunks] == list(range(0, 30, 4))
+        assert b"".join(d for _, d in chunks) == data
+
+
+async def test_byte_helpers_require_alignment(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target) as client:
+        vol = client.volume("v")
+        await vol.write_bytes(1024, b"\x07" * 1024)
+        assert await vol.read_bytes(1024, 1024) == b"\x07" * 1024
+        before = len(servicer.requests)
+        for call in (
+            vol.read_bytes(100, 512),
+            vol.read_bytes(512, 100),
+            vol.write_bytes(1, b"\0" * 512),
+            vol.write(0, b"\0" * 100),
+        ):
+            with pytest.raises(InvalidArgument) as info:
+                await call
+            assert info.value.volume == "v"
+        assert len(servicer.requests) == before  # refused without a call
+
+
+async def test_metadata_token_and_pagination(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, metadata=[("tierdisk-hops", "a,b")], token="s3cret") as c:
+        names = [v.name for v in await c.list_volumes()]
+    assert names == servicer.volumes
+    assert [r[0] for r in servicer.requests] == ["ListVolumes"] * 3
+    for md in servicer.metadata:
+        assert md["tierdisk-hops"] == "a,b"
+        assert md["authorization"] == "Bearer s3cret"
+
+
+async def test_server_errors_map_through_trailing_metadata(
+    scripted: tuple[Scripted, str],
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        servicer.fail_next = [(S.FAILED_PRECONDITION, "ReadOnlyError")]
+        with pytest.raises(ReadOnlyVolume) as info:
+            await vol.write(0, b"\0" * 512)
+        assert info.value.volume == "v" and "FAILED_PRECONDITION" in info.value.message
+        servicer.fail_next = [(S.NOT_FOUND, None)]
+        with pytest.raises(VolumeNotFound):
+            await vol.info()
+
+
+async def test_unavailable_is_retried_then_raised(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=2, backoff=0.001) as client:
+        vol = client.volume("v")
+        servicer.fail_next = [(S.UNAVAILABLE, None)] * 2
+        await vol.info()
+        assert [r[0] for r in servicer.requests] == ["GetVolume"] * 3
+        servicer.fail_next = [(S.UNAVAILABLE, None)] * 3
+        with pytest.raises(Unavailable):
+            await vol.info()
+
+
+async def test_cancelled_from_the_server_is_retried_then_raised(
+    scripted: tuple[Scripted, str],
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=2, backoff=0.001) as client:
+        vol = client.volume("v")
+        await vol.write(8, pattern(2 * 512))
+        servicer.fail_next = [(S.CANCELLED, None)] * 2
+        assert await vol.read(8, 2) == pattern(2 * 512)
+        assert [r[0] for r in servicer.requests[-3:]] == ["Read"] * 3
+        servicer.fail_next = [(S.CANCELLED, None)]
+        await vol.write(10, pattern(512))
+        assert [r[0] for r in servicer.requests[-2:]] == ["Write"] * 2
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        servicer.fail_next = [(S.CANCELLED, None)]
+        with pytest.raises(Cancelled) as info:
+            await vol.read(8, 2)
+        assert info.value.code == S.CANCELLED and info.value.volume == "v"
+
+
+BAD_NUMBERS: list[tuple[str, Any, str]] = [
+    ("read", (-1, 1), "sector"),
+    ("read", (0, -1), "count"),
+    ("read", (2**64, 1), "sector"),
+    ("read", (0, 2**64), "count"),
+    ("read_into", (2**64, bytearray(512)), "sector"),
+    ("stream_read", (0, 2**64), "count"),
+    ("write", (-1, b"\0" * 512), "sector"),
+    ("write", (2**64, b"\0" * 512), "sector"),
+    ("unmap", (2**64, 1), "sector"),
+    ("unmap", (0, 2**64), "count"),
+    ("resize", (2**64,), "sector_count"),
+    ("resize", (-5,), "sector_count"),
+    ("allocation", (2**64, 1), "sector"),
+    ("allocation", (0, -1), "count"),
+    ("read_bytes", (-512, 512), "offset"),
+    ("write_bytes", (2**80, b"\0" * 512), "offset"),
+]
+
+
+async def _call_volume(vol: Any, method: str, args: tuple[Any, ...]) -> None:
+    if method == "stream_read":
+        async for _ in vol.stream_read(*args):
+            pass
+    else:
+        await getattr(vol, method)(*args)
+
+
+@pytest.mark.parametrize(("method", "args", "name"), BAD_NUMBERS)
+async def test_numbers_no_request_can_carry_are_invalid_arguments(
+    scripted: tuple[Scripted, str], method: str, args: tuple[Any, ...], name: str
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        before = len(servicer.requests)
+        with pytest.raises(InvalidArgument, match=rf"\b{name}\b") as info:
+            await _call_volume(vol, method, args)
+        assert info.value.volume == "v"
+        assert len(servicer.requests) == before  # refused without a call
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "name"),
+    [
+        ("read", ("0", 1), "sector"),
+        ("read", (0, 1.0), "count"),
+        ("write", (True, b"\0" * 512), "sector"),
+        ("unmap", (0, None), "count"),
+        ("resize", (False,), "sector_count"),
+        ("allocation", (b"0", 1), "sector"),
+        ("read_bytes", (0, "512"), "length"),
+    ],
+)
+async def test_numbers_of_the_wrong_type_are_type_errors(
+    scripted: tuple[Scripted, str], method: str, args: tuple[Any, ...], name: str
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        before = len(servicer.requests)
+        with pytest.raises(TypeError, match=rf"\b{name}\b must be an int"):
+            await _call_volume(vol, method, args)
+        assert len(servicer.requests) == before
+
+
+@pytest.mark.parametrize("page_size", [-1, 2**32, 2**40])
+async def test_list_volumes_page_size_out_of_range(
+    scripted: tuple[Scripted, str], page_size: int
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0) as client:
+        with pytest.raises(InvalidArgument, match="page_size"):
+            await client.list_volumes(page_size=page_size)
+        with pytest.raises(TypeError, match="page_size must be an int"):
+            await client.list_volumes(page_size=True)
+    assert servicer.requests == []
+
+
+async def test_a_closed_async_client_says_so(scripted: tuple[Scripted, str]) -> None:
+    _, target = scripted
+    client = AsyncClient(target)
+    vol = client.volume("v")
+    await vol.info()
+    await client.close()
+    for call in (vol.info, lambda: vol.read(0, 1), client.list_volumes):
+        with pytest.raises(RuntimeError, match="the client is closed"):
+            await call()
+    with pytest.raises(RuntimeError, match="the client is closed"):
+        await anext(vol.watch_resize())
+    await client.close()  # idempotent
+
+
+async def test_a_failed_chunk_fails_the_whole_write(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target, retries=0, max_io=512) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        servicer.fail_next = [(S.RESOURCE_EXHAUSTED, "NoSpace")]
+        with pytest.raises(NoSpace):
+            await vol.write(0, pattern(16 * 512))
+
+
+async def test_inspect_turns_whole_numbers_back_into_ints(
+    scripted: tuple[Scripted, str],
+) -> None:
+    _, target = scripted
+    async with AsyncClient(target) as client:
+        tree = await client.volume("v").inspect()
+    assert tree == {"sector_count": 4096, "ratio": 0.5, "layers": [{"index": 0}]}
+    assert isinstance(tree["sector_count"], int)
+
+
+async def test_watch_resize_yields_events(scripted: tuple[Scripted, str]) -> None:
+    _, target = scripted
+    async with AsyncClient(target) as client:
+        events = [e async for e in client.volume("v").watch_resize()]
+    assert [(e.sector_count, e.generation) for e in events] == [(100, 0), (101, 1), (102, 2)]
+
+
+async def test_blocking_client_has_the_same_methods(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+
+    def use() -> tuple[bytes, list[str], list[int]]:
+        with Client(target, max_io=4 * 512) as client:
+            vol = client.volume("v")
+            vol.write(1, pattern(10 * 512))
+            data = vol.read(1, 10)
+            names = [v.name for v in client.list_volumes()]
+            gens = [e.generation for e in vol.watch_resize()]
+            with pytest.raises(InvalidArgument):
+                vol.read_bytes(3, 512)
+        with pytest.raises(RuntimeError):
+            client.list_volumes()
+        return data, names, gens
+
+    data, names, gens = await asyncio.to_thread(use)  # the servicer runs on this loop
+    assert data == pattern(10 * 512)
+    assert names == servicer.volumes
+    assert gens == [0, 1, 2]
+
+
+def test_blocking_and_async_volumes_expose_the_same_public_methods() -> None:
+    from tierdisk.client import AsyncVolume, Volume
+
+    def public(cls: type) -> set[str]:
+        return {n for n in vars(cls) if not n.startswith("_")}
+
+    assert public(AsyncVolume) <= public(Volume) | {"client"}
+    assert {"list_volumes", "volume", "close"} <= public(Client)
+
+
+def test_blocking_client_stops_its_thread_on_close() -> None:
+    import threading
+
+    before = {t.name for t in threading.enumerate()}
+    client = Client("127.0.0.1:1", timeout=1)
+    client.close()
+    client.close()  # idempotent
+    assert {t.name for t in threading.enumerate()} <= before
+
+
+@pytest.mark.parametrize("token", ["", "  ", "secret\r"])
+async def test_a_token_that_cannot_be_sent_is_refused_at_construction(token: str) -> None:
+    """An empty token would send no credential; a control character fails every call:
+    either is a ValueError when the client is made, naming the problem, never the token."""
+    with pytest.raises(ValueError, match=r"^token (is empty|contains)") as info:
+        AsyncClient("127.0.0.1:1", token=token)
+    assert "secret" not in str(info.value)

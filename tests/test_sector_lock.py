@@ -1,0 +1,302 @@
+"""tierdisk.service.sector_lock (service/sector_lock.py): :class:`SectorLock` on its own, on a
+real event loop, no mocks.
+
+What its docstrings promise: shared holds overlap freely, an exclusive hold overlaps no other
+hold; a waiting exclusive hold blocks new *overlapping* shared holds (so it is not starved) but
+not disjoint ones; while no exclusive hold is held or waiting a shared hold is only counted
+(token 0), and an exclusive hold waits for every counted hold, even a disjoint one;
+:meth:`~SectorLock.hold_for_close` marks the lock closing, waits for every hold under way,
+answers None to a second close, and takes its mark back when cancelled; a waiter that is
+cancelled leaves no trace (a cancelled exclusive waiter lets the shared holds it blocked go
+on).
+
+A waiter is a task; "still waiting" is checked after :func:`settle` has let the loop run every
+wake-up there is (a few iterations, no timed sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from tierdisk.service.sector_lock import EVERY_SECTOR, SectorLock
+
+
+async def settle() -> None:
+    """Let every task that can run, run: a release wakes a waiter through a future, and the
+    waiter retries on a later iteration of the loop."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def started(coro: Coroutine[Any, Any, int | None]) -> asyncio.Task[int | None]:
+    """``coro`` as a task that has run as far as it can."""
+    task = asyncio.ensure_future(coro)
+    await settle()
+    return task
+
+
+async def done(task: asyncio.Task[int | None]) -> int | None:
+    """The task's result; it must finish without the test releasing anything more."""
+    return await asyncio.wait_for(task, 5)
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# -- shared and exclusive ------------------------------------------------------------------
+
+
+async def test_shared_holds_overlap_freely_and_are_only_counted() -> None:
+    lock = SectorLock()
+    tokens = [lock.try_shared(0, 10), lock.try_shared(5, 15), await lock.acquire_shared(0, 10)]
+    assert tokens == [0, 0, 0]  # no exclusive hold held or waiting: counted, not registered
+    assert lock.held == 3
+    for token in tokens:
+        assert token is not None
+        lock.release(token)
+    assert lock.held == 0
+
+
+async def test_an_exclusive_hold_waits_for_an_overlapping_shared_hold() -> None:
+    lock = SectorLock()
+    shared = await lock.acquire_shared(0, 10)
+    exclusive = await started(lock.acquire_exclusive(5, 15))
+    assert not exclusive.done()
+    assert lock.held == 1  # a waiting hold is not held
+    lock.release(shared)
+    token = await done(exclusive)
+    assert token is not None and token > 0
+    assert lock.held == 1
+    lock.release(token)
+    assert lock.held == 0
+
+
+async def test_an_exclusive_hold_waits_for_every_counted_shared_hold_even_a_disjoint_one() -> None:
+    """Counted holds are not registered by range: an exclusive hold waits for all of them
+    (they all began before it, so they are few and finish)."""
+    lock = SectorLock()
+    first, second = lock.try_shared(0, 10), lock.try_shared(20, 30)
+    assert (first, second) == (0, 0)
+    exclusive = await started(lock.acquire_exclusive(100, 200))
+    assert first is not None and second is not None
+    lock.release(first)
+    await settle()
+    assert not exclusive.done()  # one counted hold is still held
+    lock.release(second)
+    token = await done(exclusive)
+    assert token is not None
+    lock.release(token)
+    assert lock.held == 0
+
+
+async def test_while_an_exclusive_hold_is_held_shared_holds_are_registered_by_range() -> None:
+    lock = SectorLock()
+    exclusive = await lock.acquire_exclusive(0, 10)
+    beside = lock.try_shared(10, 20)  # disjoint: held at once, registered
+    assert beside is not None and beside > 0
+    assert lock.try_shared(9, 10) is None  # overlaps: refused without waiting
+    assert lock.try_shared(0, EVERY_SECTOR) is None
+    assert lock.held == 2
+    waiting = await started(lock.acquire_shared(5, 6))
+    assert not waiting.done()
+    lock.release(exclusive)
+    token = await done(waiting)
+    assert token == 0  # granted once no exclusive hold is left: counted again
+    lock.release(token)
+    lock.release(beside)
+    assert lock.held == 0
+
+
+async def test_exclusive_holds_wait_for_overlapping_ones_only() -> None:
+    lock = SectorLock()
+    left = await lock.acquire_exclusive(0, 10)
+    right = await done(await started(lock.acquire_exclusive(10, 20)))  # touching, disjoint
+    assert right is not None
+    across = await started(lock.acquire_exclusive(9, 11))
+    assert not across.done()
+    lock.release(left)
+    await settle()
+    assert not across.done()  # still overlaps the right one
+    lock.release(right)
+    token = await done(across)
+    assert token is not None
+    assert lock.held == 1
+    lock.release(token)
+    assert lock.held == 0
+
+
+# -- waiting order: a waiting exclusive hold is not starved ---------------------------------
+
+
+async def test_a_waiting_exclusive_hold_blocks_new_overlapping_shared_holds_only() -> None:
+    lock = SectorLock()
+    reader = await lock.acquire_shared(0, 10)
+    writer = await started(lock.acquire_exclusive(0, 10))
+    assert not writer.done()
+    # shared holds that come after it: overlapping ones wait behind it, disjoint ones do not
+    assert lock.try_shared(5, 6) is None
+    later_reader = await started(lock.acquire_shared(0, 10))
+    assert not later_reader.done()
+    beside = lock.try_shared(10, 20)
+    assert beside is not None and beside > 0
+    lock.release(beside)
+    lock.release(reader)
+    token = await done(writer)
+    assert token is not None
+    assert not later_reader.done()  # the writer went first
+    lock.release(token)
+    shared = await done(later_reader)
+    assert shared is not None
+    lock.release(shared)
+    assert lock.held == 0
+
+
+async def test_a_stream_of_overlapping_readers_does_not_starve_a_writer() -> None:
+    """Readers keep arriving while a writer waits: each new one waits behind the writer, so
+    once the readers that were there first are done, the writer holds the sectors."""
+    lock = SectorLock()
+    first = [await lock.acquire_shared(i, i + 4) for i in range(3)]
+    writer = await started(lock.acquire_exclusive(0, 8))
+    arrivals = [await started(lock.acquire_shared(i, i + 4)) for i in range(3)]
+    for reader in first:
+        lock.release(reader)
+        await settle()
+    token = await done(writer)
+    assert token is not None
+    assert not any(task.done() for task in arrivals)
+    lock.release(token)
+    for task in arrivals:
+        shared = await done(task)
+        assert shared is not None
+        lock.release(shared)
+    assert lock.held == 0
+
+
+# -- hold_for_close --------------------------------------------------------------------------
+
+
+async def test_hold_for_close_waits_for_the_holds_under_way() -> None:
+    lock = SectorLock()
+    writer = await lock.acquire_exclusive(EVERY_SECTOR - 10, EVERY_SECTOR)
+    reader = await lock.acquire_shared(0, 10)
+    assert not lock.closing
+    close = await started(lock.hold_for_close())
+    assert lock.closing  # marked at once, before the holds under way end
+    assert not close.done()
+    lock.release(reader)
+    await settle()
+    assert not close.done()  # the exclusive hold at the far end is still held
+    lock.release(writer)
+    token = await done(close)
+    assert token is not None
+    assert lock.held == 1 and lock.closing
+
+
+async def test_a_second_close_gets_none_while_the_first_waits_and_after() -> None:
+    lock = SectorLock()
+    reader = await lock.acquire_shared(0, 1)
+    first = await started(lock.hold_for_close())
+    assert await lock.hold_for_close() is None  # at once, without waiting for the reader
+    lock.release(reader)
+    assert await done(first) is not None
+    assert await lock.hold_for_close() is None
+    assert lock.held == 1
+
+
+async def test_after_close_began_no_new_hold_is_granted() -> None:
+    """The layer refuses its I/O once :attr:`closing` is set; the lock itself grants no new
+    hold anywhere from the moment the close waits (it holds, or waits for, every sector)."""
+    lock = SectorLock()
+    reader = await lock.acquire_shared(0, 1)
+    close = await started(lock.hold_for_close())
+    assert lock.try_shared(100, 101) is None  # waiting close: even far from the reader
+    assert lock.try_shared(EVERY_SECTOR - 1, EVERY_SECTOR) is None
+    blocked_while_waiting = await started(lock.acquire_shared(50, 60))
+    lock.release(reader)
+    assert await done(close) is not None
+    assert lock.try_shared(0, 1) is None
+    blocked_after = await started(lock.acquire_exclusive(7, 8))
+    await settle()
+    assert not blocked_while_waiting.done() and not blocked_after.done()
+    assert lock.held == 1
+    await cancel(blocked_while_waiting)
+    await cancel(blocked_after)
+    assert lock.held == 1
+
+
+async def test_a_cancelled_close_takes_its_mark_back_and_a_later_close_does_it_all() -> None:
+    lock = SectorLock()
+    reader = await lock.acquire_shared(0, 10)
+    close = await started(lock.hold_for_close())
+    blocked = await started(lock.acquire_shared(20, 30))  # waits behind the close
+    assert lock.closing and not blocked.done()
+    await cancel(close)
+    assert not lock.closing
+    shared = await done(blocked)  # the cancelled close no longer blocks anything
+    assert shared is not None
+    lock.release(shared)
+    again = await started(lock.hold_for_close())
+    assert lock.closing and not again.done()  # it waits for the reader, as the first did
+    lock.release(reader)
+    assert await done(again) is not None
+    assert lock.held == 1
+
+
+# -- cancelled waiters -------------------------------------------------------------------------
+
+
+async def test_a_cancelled_exclusive_waiter_lets_the_shared_holds_it_blocked_go_on() -> None:
+    lock = SectorLock()
+    reader = await lock.acquire_shared(0, 10)
+    writer = await started(lock.acquire_exclusive(0, 10))
+    blocked = await started(lock.acquire_shared(0, 10))
+    assert not blocked.done()
+    await cancel(writer)
+    shared = await done(blocked)  # while the first reader still holds its sectors
+    assert shared is not None
+    assert lock.held == 2
+    lock.release(shared)
+    lock.release(reader)
+    assert lock.held == 0
+    # nothing of the cancelled writer is left: a new exclusive hold is granted at once
+    token = await done(await started(lock.acquire_exclusive(0, 10)))
+    assert token is not None
+    lock.release(token)
+
+
+async def test_a_cancelled_shared_waiter_leaves_the_other_waiters_waiting_and_woken() -> None:
+    """Waiters share one wake-up future; cancelling one must not cancel it for the rest."""
+    lock = SectorLock()
+    writer = await lock.acquire_exclusive(0, 10)
+    first = await started(lock.acquire_shared(0, 10))
+    second = await started(lock.acquire_shared(5, 15))
+    other_writer = await started(lock.acquire_exclusive(4, 6))
+    await cancel(first)
+    await settle()
+    assert not second.done() and not other_writer.done()
+    lock.release(writer)
+    token = await done(other_writer)  # the waiting writer goes before the reader it blocks
+    assert token is not None
+    assert not second.done()
+    lock.release(token)
+    shared = await done(second)
+    assert shared is not None
+    lock.release(shared)
+    assert lock.held == 0
+
+
+async def test_a_cancelled_exclusive_waiter_behind_another_exclusive_leaves_no_hold() -> None:
+    lock = SectorLock()
+    writer = await lock.acquire_exclusive(0, 10)
+    waiter = await started(lock.acquire_exclusive(0, 10))
+    await cancel(waiter)
+    assert lock.held == 1
+    lock.release(writer)
+    assert lock.held == 0
+    assert lock.try_shared(0, 10) == 0  # nothing held or waiting: counted again

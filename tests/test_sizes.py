@@ -1,0 +1,42 @@
+"""tierdisk.client.sizes (client/sizes.py): sizes written as text (``2GiB``, ``1.5GiB``,
+``2048``), read through the ``tierdisk`` command's :func:`~tierdisk.client.cli.parse_size`,
+which turns the module's ValueError into a usage error."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierdisk.client import cli
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2048", (2048, False)),
+        ("0", (0, False)),
+        ("2GiB", (2 << 30, True)),
+        ("2 GiB", (2 << 30, True)),
+        ("512B", (512, True)),
+        ("4k", (4096, True)),
+        ("1M", (1 << 20, True)),
+        ("1.5GiB", (3 << 29, True)),
+        ("1GB", (10**9, True)),
+        ("3tib", (3 << 40, True)),
+    ],
+)
+def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
+    assert cli.parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "-1", "1.5", "12Q", "GiB", "1.3B", "0x10", "1.0000000000000000001KiB"]
+)
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(cli.UsageError):
+        cli.parse_size(text)
+
+
+def test_parse_size_is_exact_for_any_number_of_digits() -> None:
+    """A fraction is computed exactly: no float rounding, no overflow to infinity."""
+    value, in_bytes = cli.parse_size("9" * 400 + ".5PiB")
+    assert in_bytes and value == (10**400 * 2 - 1) * (1 << 49)
