@@ -207,7 +207,10 @@ def parse(blob: bytes, path: str) -> MapState:
     """Decode a whole map file (``path`` names it in messages).
 
     Raises :class:`DataCorruption` for a bad header, a bad first record or a bad record in
-    the middle; a bad last record is reported as :attr:`MapState.torn` instead.
+    the middle; a last record cut short or failing its checksum (what a crash during an
+    append leaves) is reported as :attr:`MapState.torn` instead. A last record that is whole
+    and checksummed but wrong (out of sequence, a second ``SNAP``, runs past its size) is
+    :class:`DataCorruption` too: no crash writes one.
     """
     view = memoryview(blob)
     if len(blob) < HEADER_SIZE:
