@@ -27,7 +27,10 @@ misaligned byte offset (:meth:`Volume.write_at`, the NBD export's read-modify-wr
 its covering sectors exclusive in the volume's :class:`SectorLock`, which every write and
 unmap honours, so no acknowledged write or unmap of those sectors is undone by it.
 
-No gRPC here: errors are :mod:`tierdisk.service.errors` exceptions.
+The construction rules and the stack's properties derived from its layers are in
+:mod:`tierdisk.service.stack_rules`; size generations and the events resize watchers get
+are in :mod:`tierdisk.service.size_history`. No gRPC here: errors are
+:mod:`tierdisk.service.errors` exceptions.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,10 +58,17 @@ from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 from .sector_lock import EVERY_SECTOR, SectorLock
+from .size_history import SizeEvent, SizeHistory
+from .stack_rules import (
+    StackProperties,
+    check_read_cache,
+    check_same_sector_size,
+    check_write_path,
+    check_write_through,
+)
 
 __all__ = [
     "MAX_BYTES",
-    "SIZE_HISTORY_EVENTS",
     "AllocationRun",
     "LayerEntry",
     "LayerStats",
@@ -67,10 +76,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SIZE_HISTORY_EVENTS = 1024
-"""How many size changes (events) a volume remembers for :meth:`Volume.resize_events`; a
-watcher further behind gets the current size as one event."""
 
 _TOP_WATCH_BACKOFF = (0.1, 10.0)
 """``(first, cap)`` in seconds: the waits before watching the top layer's size again after
@@ -119,43 +124,19 @@ class Volume:
         self.sector_size = top.sector_size
         self.physical_sector_size = top.physical_sector_size
         self.disk_id = next((ly.disk_id for ly in self._layers if ly.disk_id), None)
-        # The write path: the top and every layer below a write-through one.
-        path = 1
-        while entries[path - 1].write_through:
-            path += 1
-        self._write_path = path
-        self.fua_respected = all(ly.fua_respected for ly in self._layers[:path])
-        behaviors = [ly.unmap_behavior for ly in self._layers[:path]]
-        if path == 1:
-            self.unmap_behavior = behaviors[0]
-        elif all(b == UnmapBehavior.ZEROES for b in behaviors):
-            self.unmap_behavior = UnmapBehavior.ZEROES
-        else:
-            self.unmap_behavior = UnmapBehavior.IGNORED
-        self.optimal_unmap_sectors = max(ly.optimal_unmap_sectors for ly in self._layers[:path])
-        # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's size):
-        # the smallest size of layers 0..i, and the smallest size any layer above i has had
-        # (Layer.smallest_size), so a shrink before a restart keeps hiding lower data past it.
-        self._overlap: list[int] = [top.sector_count]
-        bound = min(top.sector_count, top.smallest_size)
-        for ly in self._layers[1:]:
-            self._overlap.append(min(bound, ly.sector_count))
-            bound = min(bound, ly.sector_count, ly.smallest_size)
-        # Write-path layers are resized together, so any of them may have recorded a shrink
-        # (a smaller size it was merely created with is no shrink of the volume).
-        self._smallest = min(
-            [top.sector_count, top.smallest_size]
-            + [
-                ly.smallest_size
-                for ly in self._layers[1:path]
-                if ly.smallest_size < ly.sector_count
-            ]
-        )
-        self._size_seen = top.sector_count
+        stack = StackProperties.of(entries)
+        self._write_path = stack.write_path  # the top and every layer below a write-through one
+        self.fua_respected = stack.fua_respected
+        self.unmap_behavior = stack.unmap_behavior
+        self.optimal_unmap_sectors = stack.optimal_unmap_sectors
+        # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's
+        # size). Lowered, never raised, by _note_size and by a shrink of the write path.
+        self._overlap: list[int] = list(stack.overlaps)
+        self._smallest = stack.smallest
+        self._sizes = SizeHistory(top.sector_count)
         self.generation = 0
-        # (generation, size) of recent size changes, oldest first, for resize watchers.
-        self._size_history: deque[tuple[int, int]] = deque(maxlen=SIZE_HISTORY_EVENTS)
-        self._size_changed = asyncio.Event()
+        """The size generation (:class:`SizeHistory`'s, copied by :meth:`_note_size`: a plain
+        attribute, which every read takes)."""
         self._follow_task: asyncio.Task[None] | None = None
         self.sector_lock = SectorLock()
         """Held by every write and unmap (shared; exclusive on a write path of several
@@ -176,9 +157,9 @@ class Volume:
             raise ConfigError("a volume needs at least one layer", volume=name)
         # The rules that need no attached layer come first, so a broken stack is refused
         # before any layer creates a file or waits for a remote tier.
-        _check_write_through(name, entries)
+        check_write_through(name, entries)
         for i, entry in enumerate(entries):
-            _check_read_cache(name, i, entry)
+            check_read_cache(name, i, entry)
         attached: list[Layer] = []
         try:
             lower = None
@@ -195,28 +176,11 @@ class Volume:
                     raise ConfigError(str(exc), volume=name, layer=i) from None
                 attached.append(entry.layer)
                 meta = entry.layer.metadata()
-                _check_read_cache(name, i, entry)  # again: a remote may turn out read-only
-                if not bottom_sector_size:
-                    bottom_sector_size = meta.sector_size
-                elif meta.sector_size != bottom_sector_size:
-                    raise ConfigError(
-                        f"sector size {meta.sector_size} differs from the bottom layer's "
-                        f"{bottom_sector_size}; all layers share one sector size",
-                        volume=name,
-                        layer=i,
-                    )
+                check_read_cache(name, i, entry)  # again: a remote may turn out read-only
+                bottom_sector_size = bottom_sector_size or meta.sector_size
+                check_same_sector_size(name, i, meta.sector_size, bottom_sector_size)
                 lower = meta
-            for i, entry in enumerate(entries):
-                if entry.layer.read_only and not read_only:
-                    raise ConfigError(
-                        f"the {entry.layer.kind} layer is read-only but on the write path "
-                        "of a writable volume (set the volume read_only, or put a "
-                        "writable layer above it)",
-                        volume=name,
-                        layer=i,
-                    )
-                if not entry.write_through:
-                    break  # the write path ends here
+            check_write_path(name, entries, read_only)
         except BaseException:
             for layer in attached:
                 with contextlib.suppress(Exception):
@@ -421,9 +385,10 @@ class Volume:
             return
         end = sector + count
         lock = self.sector_lock
+        # _hold_for_change's fast path, inlined: a write then costs no coroutine for it.
         token = lock.try_shared(sector, end) if self._write_path == 1 else None
         if token is None:
-            token = await self._hold(sector, end)
+            token = await self._hold_for_change(sector, end)
         try:
             if no_overwrite:
                 await self._write_holes(view, sector, fua)
@@ -432,16 +397,21 @@ class Volume:
         finally:
             lock.release(token)
 
-    async def _hold(self, sector: int, end: int) -> int:
-        """Hold ``[sector, end)`` in :attr:`sector_lock` for a write or unmap that the fast
-        path (a shared hold taken without waiting) did not: exclusive when the write path
-        has several layers (so overlapping writes reach every layer in the same order and
-        the layers never end up holding different writes), else shared after a wait. The
-        range is checked again once held: a shrink may have run meanwhile."""
+    async def _hold_for_change(self, sector: int, end: int) -> int:
+        """Hold ``[sector, end)`` in :attr:`sector_lock` for a write or unmap; return the
+        token to release. On a write path of one layer the hold is shared, taken at once
+        when no exclusive hold held or waiting overlaps it (the fast path, which
+        :meth:`write` inlines), else after a wait. On a write path of several layers it is
+        exclusive (so overlapping writes reach every layer in the same order and the layers
+        never end up holding different writes). After a wait the range is checked again: a
+        shrink may have run meanwhile."""
         lock = self.sector_lock
         if self._write_path > 1:
             token = await lock.acquire_exclusive(sector, end)
         else:
+            fast = lock.try_shared(sector, end)
+            if fast is not None:
+                return fast
             token = await lock.acquire_shared(sector, end)
         try:
             self._check_range(sector, end - sector)
@@ -576,14 +546,11 @@ class Volume:
         if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
             return
         end = sector + count
-        lock = self.sector_lock
-        token = lock.try_shared(sector, end) if self._write_path == 1 else None
-        if token is None:
-            token = await self._hold(sector, end)
+        token = await self._hold_for_change(sector, end)
         try:
             await self._unmap_sectors(sector, end, block_level_only)
         finally:
-            lock.release(token)
+            self.sector_lock.release(token)
 
     async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
@@ -695,17 +662,18 @@ class Volume:
         self._note_size(path[0].sector_count)
 
     def _note_size(self, size: int) -> None:
-        if size == self._size_seen:
+        """The top's size is now ``size`` sectors (its resize listener, :meth:`_follow_top`
+        and :meth:`resize` call it): a change lowers the overlaps and the smallest size at
+        once, synchronously (the resize-listener rule of the module docstring), and is a
+        size event (:class:`SizeHistory`). The same size again changes nothing."""
+        sizes = self._sizes
+        if not sizes.note(size):
             return
-        self._size_seen = size
+        self.generation = sizes.generation
         self._smallest = min(self._smallest, size)
         for i in range(1, len(self._overlap)):
             self._overlap[i] = min(self._overlap[i], size)
         self._overlap[0] = size
-        self.generation += 1
-        self._size_history.append((self.generation, size))
-        event, self._size_changed = self._size_changed, asyncio.Event()
-        event.set()
 
     async def _follow_top(self) -> None:
         top = self._layers[0]
@@ -713,7 +681,7 @@ class Volume:
         backoff = Backoff(*_TOP_WATCH_BACKOFF, jitter=0)
         while True:
             try:
-                size = await top.wait_resize(self._size_seen)
+                size = await top.wait_resize(self._sizes.size)
             except Exception as exc:  # e.g. a remote top that lost its origin: retry
                 failures.warning("volume %r: watching the top layer's size failed: %s",
                                  self.name, exc)  # fmt: skip
@@ -722,25 +690,15 @@ class Volume:
             backoff.reset()
             self._note_size(size)
 
-    async def wait_resize(self, generation: int) -> tuple[int, int]:
-        """Wait until the size generation differs from ``generation``; return (size, gen)."""
-        while self.generation == generation:
-            await self._size_changed.wait()
-        return self.sector_count, self.generation
-
-    async def resize_events(self, after: int) -> list[tuple[int, int]]:
+    async def resize_events(self, after: int) -> list[SizeEvent]:
         """Wait for size changes newer than generation ``after``; return every one of them
         as ``(generation, sector_count)``, oldest first.
 
-        A watcher that fell more than :data:`SIZE_HISTORY_EVENTS` changes behind gets the
+        A watcher that fell more than
+        :data:`~tierdisk.service.size_history.SIZE_HISTORY_EVENTS` changes behind gets the
         current size as one event (the changes it missed are gone).
         """
-        while self.generation <= after:
-            await self._size_changed.wait()
-        events = [(g, n) for g, n in self._size_history if g > after]
-        if not events or events[0][0] != after + 1:
-            return [(self.generation, self._size_seen)]
-        return events
+        return await self._sizes.events_after(after)
 
     # -- maps ---------------------------------------------------------------------------
 
@@ -815,34 +773,3 @@ class Volume:
             "smallest_sector_count": self.smallest_sector_count,
             "layers": layers,
         }
-
-
-def _check_write_through(name: str, entries: list[LayerEntry]) -> None:
-    """``write_through`` layers form an unbroken run from the top, and the bottom layer is
-    not one (there is nothing below it)."""
-    on_write_path = True
-    for i, entry in enumerate(entries):
-        if entry.write_through and not on_write_path:
-            raise ConfigError(
-                "write_through layers must form an unbroken run from the top",
-                volume=name,
-                layer=i,
-            )
-        on_write_path = entry.write_through
-    if entries[-1].write_through:
-        raise ConfigError(
-            "the bottom layer cannot be write_through: there is nothing below it",
-            volume=name,
-            layer=len(entries) - 1,
-        )
-
-
-def _check_read_cache(name: str, index: int, entry: LayerEntry) -> None:
-    """A ``read_cache`` layer must be able to write without overwriting."""
-    if entry.read_cache and not entry.layer.can_read_cache:
-        raise ConfigError(
-            f"read_cache needs a layer that can write without overwriting; "
-            f"a {entry.layer.kind} layer cannot",
-            volume=name,
-            layer=index,
-        )

@@ -243,7 +243,7 @@ async def test_resize_grow_and_shrink(volume: Volume) -> None:
     gen = volume.generation
     assert await volume.resize(n + 100) == n + 100
     assert volume.sector_count == n + 100 and volume.generation > gen
-    assert await volume.wait_resize(gen) == (n + 100, volume.generation)
+    assert (await volume.resize_events(gen))[-1] == (volume.generation, n + 100)
     assert await read(volume, n - 8, 108) == pattern(1, n - 8, 8, ss) + zeros(volume, 100)
     await volume.write(n + 99, sector_pattern(2, n + 99, ss))
     assert await read(volume, n + 99, 1) == sector_pattern(2, n + 99, ss)
