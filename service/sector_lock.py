@@ -130,6 +130,11 @@ class SectorLock:
         """Number of holds (shared and exclusive) now held."""
         return self._counted + len(self._shared) + len(self._exclusive)
 
+    def held_exclusive(self, start: int, end: int) -> bool:
+        """True when an exclusive hold now held (not one waiting) overlaps sectors
+        ``[start, end)``: a read of them would wait. Read-only, for tests and inspection."""
+        return self._overlaps(start, end, self._exclusive)
+
     async def _wait(self) -> None:
         if self._changed is None:
             self._changed = asyncio.get_running_loop().create_future()

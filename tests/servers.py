@@ -4,10 +4,13 @@
   loop (fast; for RPC semantics).
 * :class:`ServerProcess`: ``python -m tierdisk.service`` as a child process (for signals,
   exit codes, crashes and restarts). Stopped by PID only.
+* :func:`scrape` and its readers (:func:`samples`, :func:`value`, :func:`created_series`,
+  :func:`promtool_check_metrics`): a server's ``/metrics`` as text, then as numbers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
+from prometheus_client.parser import text_string_to_metric_families
+from tools import require_tool
 
 from tierdisk.service.config import load_config
 from tierdisk.service.server import Server
@@ -32,15 +37,21 @@ __all__ = [
     "FRAGMENT",
     "FRAGMENT_GAP",
     "ServerProcess",
+    "created_series",
     "fragmented_extents",
     "fragmented_server",
     "free_port",
     "metric",
+    "promtool_check_metrics",
     "ram",
     "remote",
     "running_server",
+    "samples",
+    "scrape",
+    "server_section",
     "toml_volume",
     "tree_of",
+    "value",
     "write_config",
 ]
 
@@ -83,6 +94,12 @@ FOUR_VOLUMES = (
 raw file, a read-only volume and one with 4 KiB sectors, in that order."""
 
 
+def server_section(listen: str, tmp_path: Path) -> str:
+    """A ``[server]`` table listening on ``listen`` (a fixed address, e.g. a tier that other
+    servers' ``remote`` layers name), with no metrics endpoint and ``tmp_path/data``."""
+    return f'[server]\nlisten = "{listen}"\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\n'
+
+
 def tree_of(reply: pb.InspectResponse) -> dict[str, Any]:
     """An Inspect reply's tree as plain Python values (numbers are floats)."""
     return json_format.MessageToDict(reply.tree)
@@ -107,6 +124,53 @@ def write_config(tmp_path: Path, body: str, name: str = "tierdisk.toml") -> Path
 def metric(server: Server, name: str, **labels: str) -> float:
     """The value of one sample of ``server``'s metrics registry (0 when it has none yet)."""
     return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def scrape(address: str) -> str:
+    """The body of ``GET /metrics`` on ``address`` (``host:port``); fails unless 200."""
+    reader, writer = await asyncio.open_connection(*address.rsplit(":", 1))
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a scrape: ``{(name, labels): value}``."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a scrape (KeyError when it has none)."""
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+def created_series(text: str) -> list[str]:
+    """Sample names of a scrape that end in ``_created``: no family here keeps any."""
+    return sorted({name for name, _ in samples(text) if name.endswith("_created")})
+
+
+async def promtool_check_metrics(text: str) -> None:
+    """Fail unless ``promtool check metrics`` accepts the scrape ``text`` (skipped, or failed
+    under ``TIERDISK_REQUIRE_TOOLS=1``, without promtool)."""
+    promtool = require_tool("promtool")
+    proc = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
+    assert proc.returncode == 0, out.decode()
 
 
 @contextlib.asynccontextmanager

@@ -11,12 +11,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from servers import ServerProcess, free_port, ram, running_server, toml_volume, write_config
+from waiting import eventually
 
 from tierdisk.client import (
     AsyncClient,
@@ -148,7 +150,7 @@ async def test_cancelling_the_caller_of_a_large_read_raises_cancelled_error(
         assert task.cancelled()
         stopped_at = calls.count
         assert stopped_at < SIZE // CHUNK
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # negative check: can only pass vacuously, never fail falsely
         assert calls.count <= stopped_at + IN_FLIGHT  # the chunks in flight were cancelled
         # the client is not closed, and still reads right
         assert not client.closed
@@ -170,10 +172,11 @@ async def test_a_stream_read_cut_short_by_close_raises(server: Server) -> None:
 async def test_a_watch_cut_short_by_close_raises(server: Server) -> None:
     client = AsyncClient(server.grpc_address)
     events = client.volume("v").watch_resize()
-    assert isinstance(events, AsyncGenerator)
+    assert isinstance(events, types.AsyncGeneratorType)
     await anext(events)  # the stream is open, waiting for a resize
     nxt = asyncio.ensure_future(anext(events))
-    await asyncio.sleep(0.1)
+    # The generator is suspended in an await (the stream's next message), not at its yield.
+    await eventually("the watch to wait on the stream", lambda: events.ag_await is not None)
     await client.close()
     with pytest.raises(ClientClosed):
         await nxt  # before the fix: CancelledError, though the caller cancelled nothing
@@ -187,7 +190,7 @@ async def test_a_call_waiting_to_retry_on_a_closed_client_stops_at_once(tmp_path
         f"127.0.0.1:{free_port()}", retries=100, backoff=5.0, max_backoff=5.0, timeout=None
     )
     call = asyncio.ensure_future(client.volume("v").info())
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # negative check: can only pass vacuously, never fail falsely
     assert not call.done()
     started = time.monotonic()
     await client.close()
@@ -199,13 +202,22 @@ async def test_a_call_waiting_to_retry_on_a_closed_client_stops_at_once(tmp_path
 async def test_a_single_call_in_flight_when_closed_raises(tmp_path: Path) -> None:
     config = write_config(tmp_path, toml_volume("v", ram("8MiB")))
     with ServerProcess.start(tmp_path, config) as srv:
-        client = AsyncClient(srv.grpc, retries=0, timeout=30)
+        made: list[None] = []  # one per call the client makes, when it makes it
+
+        def count_call() -> tuple[tuple[str, str], ...]:
+            made.append(None)
+            return ()
+
+        client = AsyncClient(srv.grpc, retries=0, timeout=30, metadata_factory=count_call)
         vol = client.volume("v")
         await vol.sector_size()
         os.kill(srv.pid, signal.SIGSTOP)  # the call stays in flight until we close
         try:
+            before = len(made)
             call = asyncio.ensure_future(vol.read(0, 8))
-            await asyncio.sleep(0.2)
+            # The client asks for a call's metadata as it starts the call, and its first
+            # wait after that is the call itself: once asked, the read is in flight.
+            await eventually("the read to be sent", lambda: len(made) > before)
             assert not call.done()
             await client.close()
             with pytest.raises(ClientClosed, match="in flight") as info:

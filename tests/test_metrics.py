@@ -17,10 +17,22 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, ram, remote, running_server, toml_volume, tree_of
-from test_tiers import eventually, server_section
+from servers import (
+    created_series,
+    free_port,
+    promtool_check_metrics,
+    ram,
+    remote,
+    running_server,
+    samples,
+    scrape,
+    server_section,
+    toml_volume,
+    tree_of,
+    value,
+)
 from tools import require_tool
+from waiting import eventually
 
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -37,29 +49,6 @@ name = "cached"
   path = "base.img"
   size = "1MiB"
 """
-
-
-async def scrape(address: str) -> str:
-    reader, writer = await asyncio.open_connection(*address.rsplit(":", 1))
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return body.decode()
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text)[(name, frozenset(labels.items()))]
 
 
 @pytest.fixture
@@ -235,21 +224,6 @@ async def test_inspect_counters_agree_with_metrics(server: Server) -> None:
                 assert counters[key] == value(text, f"tierdisk_{key}_total", **short)
 
 
-async def promtool_check_metrics(text: str) -> None:
-    """Fail unless ``promtool check metrics`` accepts the scrape ``text``."""
-    promtool = require_tool("promtool")
-    proc = await asyncio.create_subprocess_exec(
-        promtool,
-        "check",
-        "metrics",
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
-    assert proc.returncode == 0, out.decode()
-
-
 async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
     require_tool("promtool")
     await _read_sequence(server.grpc_address)
@@ -274,11 +248,6 @@ async def test_head_and_unknown_paths(server: Server) -> None:
     length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
     assert length > 1000  # what a GET would carry
     assert (await ask(b"GET /nope HTTP/1.1")).startswith(b"HTTP/1.1 404")
-
-
-def created_series(text: str) -> list[str]:
-    """Sample names of a scrape that end in ``_created``: no family here keeps any."""
-    return sorted({name for name, _ in samples(text) if name.endswith("_created")})
 
 
 async def test_no_created_series(server: Server) -> None:

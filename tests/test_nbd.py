@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from tools import REQUIRE_TOOLS_ENV, require_tool
+from waiting import eventually
 
 from tierdisk.service import nbd_commands
 from tierdisk.service.errors import NoSpace, TierdiskError, Unavailable
@@ -1061,8 +1062,7 @@ async def test_pipelined_requests_out_of_order(env: Env) -> None:
     stats = env.stats
     assert stats.sessions_active == 1 and stats.volume_sessions["stack"] == 1
     await client.close()
-    await asyncio.sleep(0.05)
-    assert stats.sessions_active == 0
+    await eventually("the session to end", lambda: stats.sessions_active == 0)
     assert stats.bytes_read >= 200 * (64 << 10) and stats.requests["flush", "ok"] == 1
 
 
@@ -1112,12 +1112,16 @@ async def test_shutdown_finishes_started_requests_and_refuses_the_rest(env: Env)
     gate = env.flaky.gate = asyncio.Event()
     client = await env.client("flaky")
     futures = [client.send(CMD_READ, i * SS, SS) for i in range(300)]
-    for _ in range(500):  # until the server started all it takes at once (256)
-        if env.flaky.waiting >= 256:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        "the server to start all it takes at once (256)", lambda: env.flaky.waiting >= 256
+    )
     closing = asyncio.create_task(env.server.close())
-    await asyncio.sleep(0.05)
+    # The requests not started are refused before the started ones may finish (the gate).
+    await eventually(
+        "the shutdown to refuse the requests not started",
+        lambda: env.stats.requests["read", "ESHUTDOWN"] > 0,
+    )
+    await asyncio.sleep(0.05)  # negative check: can only pass vacuously, never fail falsely
     assert not closing.done()  # it waits for the requests in flight
     gate.set()
     await asyncio.wait_for(closing, 20)
@@ -1196,15 +1200,6 @@ def test_under_uvloop(tmp_path: Path) -> None:
 INFLIGHT_BYTES = 64 << 20  # the session's budget of payload bytes in flight (nbd_session.py)
 
 
-async def _wait_until(predicate: Any, seconds: float = 10.0) -> None:
-    """Poll ``predicate`` every 10 ms; fail when it is still false after ``seconds``."""
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not true within {seconds} s")
-
-
 @pytest.mark.parametrize("half_close", [False, True])
 async def test_reads_in_flight_are_bounded_in_bytes(env: Env, half_close: bool) -> None:
     """A client that pipelines many maximal reads gets only as many started as the byte
@@ -1221,7 +1216,8 @@ async def test_reads_in_flight_are_bounded_in_bytes(env: Env, half_close: bool) 
     if half_close:
         client.writer.write_eof()
     budget = INFLIGHT_BYTES // MAX_IO
-    await _wait_until(lambda: flaky.waiting >= budget)
+    await eventually("the budget's reads to start", lambda: flaky.waiting >= budget)
+    # negative check: can only pass vacuously (were more not held back), never fail falsely
     await asyncio.sleep(0.2)  # time to start more, were they not held back
     assert flaky.waiting == budget, f"{flaky.waiting} reads of {MAX_IO} bytes started"
     gate.set()
@@ -1236,7 +1232,7 @@ async def test_reads_in_flight_are_bounded_in_bytes(env: Env, half_close: bool) 
     else:
         await client.close()
     assert env.stats.requests["read", "ok"] == n
-    await _wait_until(lambda: env.stats.sessions_active == 0)
+    await eventually("the session to end", lambda: env.stats.sessions_active == 0)
 
 
 async def _greeted(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -1268,7 +1264,10 @@ async def test_a_client_gone_right_after_go_is_no_session(env: Env, how: str) ->
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if how != "half-close":
             writer.close()
-    await _wait_until(lambda: env.stats.connections_total == 20 and not env.server._sessions)
+    await eventually(
+        "every connection to be taken and ended",
+        lambda: env.stats.connections_total == 20 and not env.server._sessions,
+    )
     assert env.stats.sessions_active == 0 and env.stats.volume_sessions["ram"] == 0
     assert env.stats.sessions_total <= 20
 
@@ -1311,7 +1310,7 @@ async def test_requests_sent_with_the_handshake_then_half_close_are_served(
     assert got == {7: content, 8: b""}
     assert await asyncio.wait_for(reader.read(), 10) == b""  # then the server closes
     writer.close()
-    await _wait_until(lambda: env.stats.sessions_active == 0)
+    await eventually("the session to end", lambda: env.stats.sessions_active == 0)
     assert env.stats.sessions_total == 1
 
 
@@ -1321,10 +1320,10 @@ async def test_shutdown_answers_options_in_the_handshake_with_err_shutdown(env: 
     reader, writer = await _greeted(env.port)
     writer.write(struct.pack(">I", 3))
     idle_reader, idle_writer = await _greeted(env.port)  # sends nothing more
-    await asyncio.sleep(0.05)
+    # Both greeted: the server runs both handshakes (it sent the greetings from them).
     started = asyncio.get_running_loop().time()
     closing = asyncio.create_task(env.server.close())
-    await asyncio.sleep(0.1)
+    await eventually("the server to begin closing", lambda: env.server.closing)
     writer.write(_option(OPT_LIST))
     head = await asyncio.wait_for(reader.readexactly(20), 5)
     _, opt, rtype, rlen = struct.unpack(">QIII", head)

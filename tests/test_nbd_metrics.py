@@ -12,8 +12,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from servers import running_server, toml_volume
-from test_metrics import samples, scrape
+from servers import running_server, samples, scrape, toml_volume
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc

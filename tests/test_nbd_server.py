@@ -14,8 +14,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, ram, running_server, toml_volume, tree_of, write_config
-from test_metrics import created_series, promtool_check_metrics, samples, scrape, value
+from servers import (
+    ServerProcess,
+    created_series,
+    promtool_check_metrics,
+    ram,
+    running_server,
+    samples,
+    scrape,
+    toml_volume,
+    tree_of,
+    value,
+    write_config,
+)
 from tools import require_tool
 
 from tierdisk.v1 import blockdevice_pb2 as pb

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port, ram, remote, running_server, toml_volume
 from stacks import MapLayer, pattern
+from waiting import eventually
 
 from tierdisk.client import AsyncClient
 from tierdisk.client import errors as cerr
@@ -48,17 +48,6 @@ def head(listen: str, folder: Path, nbd: str = "") -> str:
         f'[server]\nlisten = "{listen}"\nmetrics = ""\nnbd = "{nbd}"\n'
         f'data_dir = "{folder / "data"}"\n'
     )
-
-
-async def eventually(what: str, check: Callable[[], Awaitable[Any]], seconds: float = 15) -> Any:
-    """Poll ``check`` until it returns a true value."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what} did not happen within {seconds} s"
-        await asyncio.sleep(0.05)
 
 
 async def health(address: str) -> int:

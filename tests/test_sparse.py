@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from persistent_contract import SIZE, SS, PersistentLayerContract, tiny_filesystem
 from stacks import pattern
-from test_volume_resize import file_size_limit
+from tools import file_size_limit
+from waiting import eventually
 
 from tierdisk.service.errors import (
     ConfigError,
@@ -428,11 +429,13 @@ async def test_a_read_of_sectors_being_written_waits_for_the_write(tmp_path: Pat
         assert layer._writer is not None
         held = layer._writer.submit(gate.wait, 10)  # the writer thread is busy until set
         writing = asyncio.ensure_future(layer.write(memoryview(pattern(2, 4, 4, SS)), 4, False))
-        await asyncio.sleep(0.05)
+        await eventually(
+            "the write to hold its sectors", lambda: layer._sectors.held_exclusive(4, 8)
+        )
         other = await asyncio.wait_for(read(layer, 8, 8), 5)  # no overlap: no wait
         assert other[0] == pattern(1, 8, 8, SS)
         reading = asyncio.ensure_future(read(layer, 0, 8))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # negative check: can only pass vacuously, never fail falsely
         assert not reading.done() and not writing.done()
         gate.set()
         await asyncio.wait_for(writing, 5)
@@ -510,11 +513,14 @@ async def test_close_commits_the_writes_under_way_and_refuses_later_ones(tmp_pat
     assert layer._writer is not None
     blocker = layer._writer.submit(busy.wait, 10)  # the writer thread is busy: writes queue
     running = asyncio.create_task(layer.write(memoryview(pattern(1, 4, 2, SS)), 4, False))
-    await asyncio.sleep(0.05)
+    # A write holds its sectors, checks the layer is not closing and queues itself on the
+    # writer thread in one step: once it holds them, it is queued (and past the check).
+    await eventually("the write to be queued", lambda: layer._sectors.held_exclusive(4, 6))
     closing = asyncio.create_task(layer.close())
-    await asyncio.sleep(0.05)
+    await eventually("close to begin", lambda: layer._sectors.closing)
     late = asyncio.create_task(layer.write(memoryview(pattern(2, 9, 1, SS)), 9, False))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one loop turn (not a delay): the late write's first step runs
+    assert not closing.done()  # it waits for the queued write, which waits for the thread
     busy.set()
     blocker.result(timeout=10)
     await running  # acknowledged

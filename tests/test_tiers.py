@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -33,10 +32,12 @@ from servers import (
     ram,
     remote,
     running_server,
+    server_section,
     toml_volume,
     write_config,
 )
 from stacks import pattern
+from waiting import eventually
 
 from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
@@ -52,10 +53,6 @@ BASE = pattern(7, 0, BASE_SECTORS, SS)
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def server_section(listen: str, tmp_path: Path) -> str:
-    return f'[server]\nlisten = "{listen}"\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\n'
-
-
 async def origin_reads(vol: AsyncVolume) -> int:
     """Read calls the origin volume's layer served: the proof of hits and misses above it."""
     return int((await vol.inspect("layers/0/counters"))["reads"])
@@ -67,21 +64,6 @@ async def health(address: str) -> int:
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
         return int(reply.status)
-
-
-async def eventually(what: str, check: Any, seconds: float = 15.0) -> Any:
-    """Poll the coroutine function ``check`` until it returns a true value."""
-    deadline = time.monotonic() + seconds
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = await check()
-            if result:
-                return result
-        except cerr.TierdiskError as exc:
-            last = exc
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {seconds} s (last error: {last})")
 
 
 # -- three tiers --------------------------------------------------------------------------------
@@ -296,13 +278,15 @@ async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
             async def uncached_read() -> bool:
                 return await vol.read(128, 64) == BASE[128 * SS : 192 * SS]
 
-            await eventually("a read after the origin restarted", uncached_read)
+            await eventually(
+                "a read after the origin restarted", uncached_read, retry_on=cerr.TierdiskError
+            )
             assert await health(cache.grpc_address) == health_pb2.HealthCheckResponse.SERVING
 
             async def watching() -> bool:
                 return bool((await vol.inspect("layers/1"))["watching_resizes"])
 
-            await eventually("the resize watch reconnected", watching)
+            await eventually("the resize watch reconnected", watching, retry_on=cerr.TierdiskError)
             if nbd:
                 fresh = iter(range(256, 2048, 8))  # uncached sectors, one run per try
 
@@ -313,7 +297,7 @@ async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
                     after = (await vol.inspect("layers/1"))["requests"]["NbdRead"]
                     return bool(after.get("OK", 0) > before.get("OK", 0))
 
-                await eventually("reads over NBD again", nbd_again)
+                await eventually("reads over NBD again", nbd_again, retry_on=cerr.TierdiskError)
     finally:
         origin.kill()
         close_streams(origin)
@@ -384,7 +368,7 @@ async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
                     return None  # A's channel is still reconnecting to the new B
                 raise AssertionError("a read through a loop of tiers succeeded")
 
-            exc = await eventually("the loop to be refused", refused)
+            exc = await eventually("the loop to be refused", refused, retry_on=cerr.TierdiskError)
             assert exc.code == grpc.StatusCode.FAILED_PRECONDITION
             assert isinstance(exc, cerr.TierLoop)  # passed on as such by the tier between
             assert "loop" in exc.message
@@ -419,7 +403,9 @@ async def test_two_volumes_waiting_for_each_other_at_start_are_a_loop(tmp_path: 
                     return exc.message if "request loop between tiers" in exc.message else None
                 raise AssertionError(f"{name} attached through a loop")
 
-            message = await eventually(f"{name} to report the loop", looped, seconds=30)
+            message = await eventually(
+                f"{name} to report the loop", looped, seconds=30, retry_on=cerr.TierdiskError
+            )
             assert f"{a_listen}/va → {b_listen}/vb → {a_listen}/va" in message or (
                 f"{b_listen}/vb → {a_listen}/va → {b_listen}/vb" in message
             )
@@ -452,7 +438,7 @@ async def test_three_volumes_waiting_in_a_cycle_at_start_are_a_loop(tmp_path: Pa
                 return exc.message if "request loop between tiers" in exc.message else None
             raise AssertionError("va attached through a loop")
 
-        await eventually("va to report the loop", looped, seconds=30)
+        await eventually("va to report the loop", looped, seconds=30, retry_on=cerr.TierdiskError)
         assert not any(s.registry.all_ready for s in servers)
 
 
@@ -508,7 +494,9 @@ async def test_one_server_may_serve_several_tiers_of_a_chain(tmp_path: Path) -> 
                     except cerr.Unavailable:
                         return False  # A's volume "a" attaches in the background
 
-                assert await eventually("A/a -> B/b -> A/base to read", attached)
+                assert await eventually(
+                    "A/a -> B/b -> A/base to read", attached, retry_on=cerr.TierdiskError
+                )
 
 
 async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:

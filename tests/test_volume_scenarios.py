@@ -485,8 +485,9 @@ async def test_s34_lower_read_error_fails_the_read_without_fill(volumes: VolumeO
     bottom = full(10)
     bottom.fail_reads = True
     vol = await volumes(entry(cache, rc=True), bottom)
-    with pytest.raises(Exception, match="injected read failure"):
+    with pytest.raises(StorageError, match="injected read failure") as caught:
         await vol.read(0, 10)
+    assert type(caught.value) is StorageError  # the layer's error, not wrapped (INTERNAL)
     assert cache.present_sectors == 0
 
 
@@ -832,12 +833,12 @@ async def test_a_failed_grow_shrinks_the_write_through_layers_back(
 async def test_s52_wait_resize(volumes: VolumeOpener) -> None:
     vol = await volumes(ram(8))
     gen = vol.generation
-    waiter = asyncio.create_task(vol.wait_resize(gen))
+    waiter = asyncio.create_task(vol.resize_events(gen))
     await asyncio.sleep(0)
     assert not waiter.done()
     await vol.resize(12)
-    assert await asyncio.wait_for(waiter, 5) == (12, gen + 1)
-    assert await vol.wait_resize(gen) == (12, gen + 1), "returns at once when behind"
+    assert await asyncio.wait_for(waiter, 5) == [(gen + 1, 12)]
+    assert await vol.resize_events(gen) == [(gen + 1, 12)], "returns at once when behind"
 
 
 async def test_s53_top_resized_by_itself_reaches_volume_watchers(volumes: VolumeOpener) -> None:
@@ -845,9 +846,9 @@ async def test_s53_top_resized_by_itself_reaches_volume_watchers(volumes: Volume
     wakes the volume's watchers."""
     top = MapLayer(8)
     vol = await volumes(top, full(8))
-    waiter = asyncio.create_task(vol.wait_resize(vol.generation))
+    waiter = asyncio.create_task(vol.resize_events(vol.generation))
     await top.resize(16)
-    assert await asyncio.wait_for(waiter, 5) == (16, 1)
+    assert await asyncio.wait_for(waiter, 5) == [(1, 16)]
     assert vol.sector_count == 16
     assert await sectors_of(vol, 7, 2) == [c(7), ZERO]
 
@@ -858,8 +859,7 @@ async def test_s50_top_shrunk_and_grown_by_itself_lowers_the_overlap(volumes: Vo
     top = MapLayer(8)
     vol = await volumes(top, full(8))
     await top.resize(4)
-    await top.resize(8)
-    await asyncio.sleep(0.01)
+    await top.resize(8)  # the volume's resize listener saw both, synchronously
     assert await sectors_of(vol, 0, 8) == [c(s) for s in range(4)] + [ZERO] * 4
     assert vol.generation == 2
 
@@ -954,17 +954,23 @@ async def test_inspect_tree(volumes: VolumeOpener, tmp_path: Path) -> None:
 
 
 class LostWatchLayer(MapLayer):
-    """A top whose size watch fails (a remote top whose origin went away)."""
+    """A top whose size watch fails (a remote top whose origin went away); :attr:`failed`
+    is set once it has."""
+
+    def __init__(self, sector_count: int) -> None:
+        super().__init__(sector_count)
+        self.failed = asyncio.Event()
 
     async def wait_resize(self, sector_count: int) -> int:
         await asyncio.sleep(0)
+        self.failed.set()
         raise Unavailable("origin unreachable")
 
 
 async def test_s53_a_failing_size_watch_does_not_break_the_volume() -> None:
     top = LostWatchLayer(8)
     vol = await Volume.open("v", [entry(top), entry(full(8))])
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(top.failed.wait(), 10)  # the volume's size watch failed
     await top.resize(4)  # still seen: the overlap follows
     await top.resize(8)
     assert await sectors_of(vol, 0, 8) == [c(s) for s in range(4)] + [ZERO] * 4
