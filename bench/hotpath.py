@@ -77,10 +77,27 @@ class _Details:
 
 
 class FakeContext:
-    """What handlers use of ``grpc.aio.ServicerContext`` on the success path."""
+    """What handlers use of ``grpc.aio.ServicerContext`` on the success path: metadata, the
+    peer, done callbacks (run by :func:`one_call` after each call, as gRPC runs them when a
+    call ends: a large Read's reply budget is released by one)."""
+
+    def __init__(self) -> None:
+        self._done: list[Any] = []
 
     def invocation_metadata(self) -> tuple[Any, ...]:
         return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def add_done_callback(self, callback: Any) -> None:
+        self._done.append(callback)
+
+    def call_done(self) -> None:
+        """Run and forget the done callbacks of the call that just ended."""
+        done, self._done = self._done, []
+        for callback in done:
+            callback(self)
 
     def code(self) -> Any:
         return None
@@ -130,6 +147,7 @@ async def one_call(record: dict[str, Any], method: str, raw: bytes, ctx: Any) ->
     fn = handler.unary_unary
     _is_async_handler(fn)
     reply = await fn(request, ctx)
+    ctx.call_done()
     out = handler.response_serializer(reply) if handler.response_serializer else reply
     if not isinstance(out, bytes):
         raise TypeError(f"serializer returned {type(out).__name__}, grpc needs bytes")

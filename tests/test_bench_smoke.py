@@ -1,8 +1,8 @@
 """Smoke tests of the benchmark: its load generator (bench/loadgen.py) runs for about a second
 against a real ``tierdisk serve`` process and prints one valid JSON result; ``bench/run
 --tiers-only`` fills every tier row; a ``bench/run`` stopped with SIGTERM leaves none of its
-processes behind. No timing is asserted: benchmarks print figures, tests check that the
-tools work."""
+processes behind; ``bench/hotpath.py`` times every case. No timing is asserted: benchmarks
+print figures, tests check that the tools work."""
 
 from __future__ import annotations
 
@@ -84,6 +84,23 @@ def _tiers_only(tmp_path: Path, runs: int) -> list[str]:
         "--json",
         str(tmp_path / "result.json"),
     ]
+
+
+def test_hotpath_times_every_case() -> None:
+    """The per-call timer drives both servicers through every case (the 1 MiB read takes
+    and releases the reply budget through its done callback, as in gRPC)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--seconds", "0.1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    timed = json.loads(out.stdout.strip().splitlines()[-1])["us_per_call"]
+    assert sorted(timed) == ["read1m", "read4k", "write1m", "write4k"]
+    for case, row in timed.items():
+        assert row["floor"] > 0 and row["tierdisk"] > 0, (case, row)
 
 
 def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:
