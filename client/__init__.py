@@ -21,16 +21,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .aio import (
-        DEFAULT_CHANNEL_OPTIONS,
-        UNSET,
-        AsyncClient,
-        AsyncVolume,
-        CallObserver,
-        ClientOptions,
-        MetadataFactory,
-        Timeout,
-    )
+    from .aio import AsyncClient, AsyncVolume, ClientOptions
+    from .calls import UNSET, CallObserver, MetadataFactory, Timeout
+    from .channel import DEFAULT_CHANNEL_OPTIONS
     from .chunking import DEFAULT_IN_FLIGHT, DEFAULT_MAX_IO
     from .errors import (
         AllocationTooLarge,
@@ -113,15 +106,15 @@ __all__ = [
 ]
 
 _DEFINED_IN = {
-    "DEFAULT_CHANNEL_OPTIONS": "aio",
+    "DEFAULT_CHANNEL_OPTIONS": "channel",
     "DEFAULT_IN_FLIGHT": "chunking",
     "DEFAULT_MAX_IO": "chunking",
-    "UNSET": "aio",
+    "UNSET": "calls",
     "AllocationExtent": "models",
     "AllocationTooLarge": "errors",
     "AsyncClient": "aio",
     "AsyncVolume": "aio",
-    "CallObserver": "aio",
+    "CallObserver": "calls",
     "Cancelled": "errors",
     "Client": "sync",
     "ClientClosed": "errors",
@@ -132,7 +125,7 @@ _DEFINED_IN = {
     "FailedPrecondition": "errors",
     "Interrupted": "errors",
     "InvalidArgument": "errors",
-    "MetadataFactory": "aio",
+    "MetadataFactory": "calls",
     "NoSpace": "errors",
     "NotSupported": "errors",
     "OutOfRange": "errors",
@@ -144,7 +137,7 @@ _DEFINED_IN = {
     "StorageError": "errors",
     "TierLoop": "errors",
     "TierdiskError": "errors",
-    "Timeout": "aio",
+    "Timeout": "calls",
     "Unauthenticated": "errors",
     "Unavailable": "errors",
     "Unimplemented": "errors",

@@ -30,6 +30,10 @@ Sector numbers, counts and byte offsets must be ``int`` (not ``bool``): another 
 :class:`TypeError` (a programming error, as Python's own APIs do), and an ``int`` no request
 can carry (negative, or ``2**64`` and over; ``page_size`` ``2**32``) raises
 :class:`~tierdisk.client.errors.InvalidArgument` naming the argument, without a call.
+
+The channel is opened by :func:`tierdisk.client.channel.open_channel`; the client and its
+volumes make their calls through the client's :class:`~tierdisk.client.calls.CallRunner`
+(deadline, metadata, retries, ``on_call``, errors).
 """
 
 # ASYNC109: ``timeout=`` here is the gRPC deadline of the call(s) a method makes (with retries
@@ -38,54 +42,36 @@ can carry (negative, or ``2**64`` and over; ``page_size`` ``2**32``) raises
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import enum
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeAlias, TypedDict, TypeVar, overload
+from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overload
 
 import grpc
 import grpc.aio
 from google.protobuf import json_format
 
 from tierdisk.v1 import blockdevice_pb2 as pb
-from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
+from .calls import UNSET, CallObserver, CallRunner, MetadataFactory, Timeout
+from .channel import DEFAULT_CHANNEL_OPTIONS, open_channel
+from .channel import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES  # re-exported: defined here before
+from .channel import MESSAGE_FRAMING_BYTES as MESSAGE_FRAMING_BYTES
 from .checks import token_problem
 from .chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
     Chunk,
-    caller_cancelled,
+    allocation_in_windows,
     merge_extents,
     plan_chunks,
     run_bounded,
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import (
-    AllocationTooLarge,
-    ClientClosed,
-    Interrupted,
-    InvalidArgument,
-    NoSpace,
-    OutOfRange,
-    StorageError,
-    Unimplemented,
-    error_from_rpc,
-    status_code,
-)
+from .errors import ClientClosed, Interrupted, InvalidArgument, OutOfRange, StorageError
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
-from .retry import (
-    DEFAULT_BACKOFF,
-    DEFAULT_MAX_BACKOFF,
-    DEFAULT_RETRIES,
-    RetryPolicy,
-    call_with_retry,
-    is_retryable,
-)
+from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_RETRIES, RetryPolicy
 from .wire import encode_write, read_reply_view
 
 __all__ = [
@@ -93,59 +79,24 @@ __all__ = [
     "UNSET",
     "AsyncClient",
     "AsyncVolume",
+    "Buffer",
     "CallObserver",
     "ClientOptions",
     "MetadataFactory",
     "Timeout",
 ]
 
+T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-MAX_MESSAGE_BYTES = 64 << 20
-"""The channel's message cap in each direction, unless ``max_io`` needs more (then
-``max_io`` plus :data:`MESSAGE_FRAMING_BYTES`)."""
-MESSAGE_FRAMING_BYTES = 1 << 20
-"""Room for a message's fields around its ``max_io`` bytes of data."""
 
 UINT64_LIMIT = 1 << 64
 """Sector numbers and counts travel as ``uint64``: each must be below this."""
 UINT32_LIMIT = 1 << 32
 """``page_size`` travels as ``uint32``."""
 
-DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # We retry ourselves (tierdisk.client.retry); one policy, not two stacked.
-    ("grpc.enable_retries", 0),
-    # Reconnect soon after a server restart, so our own short retries can find it again.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
-"""Channel options every client starts from; ``channel_options`` adds to or overrides them."""
-
-
-class _Unset(enum.Enum):
-    UNSET = enum.auto()
-
-
-UNSET = _Unset.UNSET
-"""Default of every method's ``timeout=``: use the client's timeout."""
-
-Timeout: TypeAlias = float | _Unset | None
-"""A per-call timeout: seconds, ``None`` for no deadline, or ``UNSET`` for the client's."""
-
 Buffer: TypeAlias = bytes | bytearray | memoryview
-
-MetadataFactory: TypeAlias = Callable[[], Sequence[tuple[str, str]]]
-"""Called for every call: more ``(key, value)`` pairs to send, for values that change per call."""
-
-CallObserver: TypeAlias = Callable[[str, grpc.StatusCode, float], None]
-"""Called after every call attempt with the RPC name (``"Read"``), its status code and the
-seconds it took."""
+"""Data to write (a whole number of sectors)."""
 
 
 class ClientOptions(TypedDict, total=False):
@@ -164,6 +115,29 @@ class ClientOptions(TypedDict, total=False):
     token: str | None
     max_io: int
     max_in_flight: int
+
+
+class _OnRunner(Generic[T]):
+    """An attribute of :class:`AsyncClient` that is its :class:`CallRunner`'s (read at every
+    call): reading or setting it on the client reads or sets the runner's."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, client: None, owner: type) -> _OnRunner[T]: ...
+
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> T: ...
+
+    def __get__(self, client: AsyncClient | None, owner: type) -> T | _OnRunner[T]:
+        if client is None:
+            return self
+        value: T = getattr(client.runner, self._name)
+        return value
+
+    def __set__(self, client: AsyncClient, value: T) -> None:
+        setattr(client.runner, self._name, value)
 
 
 class AsyncClient:
@@ -188,7 +162,18 @@ class AsyncClient:
     Use it as an async context manager, or ``await client.close()``; a closed client's
     methods raise :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``: "the
     client is closed"), and so do the calls in flight when it was closed.
+
+    Its calls, and its volumes', are made by its ``runner`` (:class:`CallRunner`), which
+    holds ``target``, ``timeout``, ``policy``, ``metadata``, ``metadata_factory`` and
+    ``on_call``: the client's attributes of those names are the runner's.
     """
+
+    target = _OnRunner[str]()
+    timeout = _OnRunner[float | None]()
+    policy = _OnRunner[RetryPolicy]()
+    metadata = _OnRunner[tuple[tuple[str, str], ...]]()
+    metadata_factory = _OnRunner[MetadataFactory | None]()
+    on_call = _OnRunner[CallObserver | None]()
 
     def __init__(
         self,
@@ -218,52 +203,29 @@ class AsyncClient:
             raise ValueError(f"timeout must be positive or None, not {timeout}")
         if token is not None and (problem := token_problem(token)) is not None:
             raise ValueError(f"token {problem}")  # never the token itself
-        self.target = target
-        self.timeout = timeout
-        self._closed = False
-        self._closing = asyncio.Event()  # set by close(): ends the wait before a retry
-        self.policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+        policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
         self.max_io = max_io
         self.max_in_flight = max_in_flight
         md = [(str(k).lower(), str(v)) for k, v in metadata]
         if token is not None:
             md.append(("authorization", f"Bearer {token}"))
-        self.metadata: tuple[tuple[str, str], ...] = tuple(md)
-        self.metadata_factory = metadata_factory
-        self.on_call = on_call
-        options: dict[str, Any] = dict(DEFAULT_CHANNEL_OPTIONS)
-        if max_io + MESSAGE_FRAMING_BYTES > MAX_MESSAGE_BYTES:  # room for max_io per message
-            cap = max_io + MESSAGE_FRAMING_BYTES
-            options["grpc.max_send_message_length"] = cap
-            options["grpc.max_receive_message_length"] = cap
-        options.update(channel_options)
-        option_list = list(options.items())
-        if secure or root_certificates or certificate_chain or private_key:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=root_certificates,
-                private_key=private_key,
-                certificate_chain=certificate_chain,
-            )
-            self._channel = grpc.aio.secure_channel(target, creds, options=option_list)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=option_list)
-        self._stub = pb_grpc.BlockDeviceStub(self._channel)
-        # Read with the reply left serialized: wire.read_reply_view takes the data from it
-        # without protobuf's two copies.
-        self._read_raw: grpc.aio.UnaryUnaryMultiCallable[pb.ReadRequest, bytes] = (
-            self._channel.unary_unary(
-                "/tierdisk.v1.BlockDevice/Read",
-                request_serializer=pb.ReadRequest.SerializeToString,
-                response_deserializer=None,
-            )
+        channel = open_channel(
+            target,
+            max_io=max_io,
+            channel_options=channel_options,
+            secure=secure,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
         )
-        # Write with the request serialized here: wire.encode_write copies the data once.
-        self._write_raw: grpc.aio.UnaryUnaryMultiCallable[bytes, pb.WriteResponse] = (
-            self._channel.unary_unary(
-                "/tierdisk.v1.BlockDevice/Write",
-                request_serializer=None,
-                response_deserializer=pb.WriteResponse.FromString,
-            )
+        self.runner = CallRunner(
+            channel,
+            target=target,
+            policy=policy,
+            timeout=timeout,
+            metadata=tuple(md),
+            metadata_factory=metadata_factory,
+            on_call=on_call,
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -282,37 +244,16 @@ class AsyncClient:
         :class:`~tierdisk.client.errors.ClientClosed` (never return as if complete).
         Idempotent; afterwards every method raises ``ClientClosed`` ("the client is closed",
         a ``RuntimeError``)."""
-        self._closed = True
-        self._closing.set()
-        await self._channel.close()
+        await self.runner.close()
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` has been called."""
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
-
-    async def _backoff(self, seconds: float) -> None:
-        """The wait before a retry, ended early by :meth:`close`: the retry then raises
-        :class:`ClientClosed` at once, rather than after the wait."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._closing.wait()
-
-    def _cut_short(self, what: str, volume: str | None) -> Interrupted:
-        """The error for ``what`` (``"the Read call"``) ending cancelled though its caller's
-        task was not cancelled: :class:`ClientClosed` when this client was closed (gRPC
-        cancels a closed channel's calls), else :class:`Interrupted`."""
-        if self._closed:
-            return ClientClosed(f"the client was closed while {what} was in flight", volume=volume)
-        return Interrupted(f"{what} was cancelled, though not by its caller", volume=volume)
+        return self.runner.closed
 
     def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …)."""
-        return self._channel.get_state(try_to_connect)
+        return self.runner.channel.get_state(try_to_connect)
 
     def volume(self, name: str) -> AsyncVolume:
         """A handle on the volume ``name`` (no call is made until it is used)."""
@@ -324,12 +265,13 @@ class AsyncClient:
         """Every volume the server serves, following ``next_page_token`` to the end
         (``page_size`` 0 = the server's default page size)."""
         _check_number("page_size", page_size, limit=UINT32_LIMIT)
+        runner = self.runner
         volumes: list[VolumeInfo] = []
         token = ""
         seen: set[str] = set()
         while True:
             req = pb.ListVolumesRequest(page_size=page_size, page_token=token)
-            resp = await self._unary(self._stub.ListVolumes, req, timeout=timeout)
+            resp = await runner.unary(runner.stub.ListVolumes, req, timeout=timeout)
             volumes.extend(VolumeInfo.from_proto(v) for v in resp.volumes)
             token = resp.next_page_token
             if not token:
@@ -337,77 +279,6 @@ class AsyncClient:
             if token in seen:
                 raise InvalidArgument(f"the server repeated page token {token!r}")
             seen.add(token)
-
-    # -- plumbing shared by the volumes --------------------------------------------------
-
-    def _deadline(self, timeout: Timeout) -> float | None:
-        return self.timeout if timeout is UNSET else timeout
-
-    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
-        if self.metadata_factory is None:
-            return self.metadata
-        return (*self.metadata, *self.metadata_factory())
-
-    def _observe(self, rpc: str, code: grpc.StatusCode, started: float) -> None:
-        if self.on_call is not None:
-            self.on_call(rpc, code, time.perf_counter() - started)
-
-    async def _unary(
-        self,
-        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
-        request: Req,
-        *,
-        timeout: Timeout,
-        volume: str | None = None,
-        rpc: str | None = None,
-    ) -> Resp:
-        """One call of ``method`` with this client's metadata, deadline and retries;
-        ``rpc`` names it for :attr:`on_call` and in an :class:`Unimplemented` (by default
-        ``<Rpc>Request`` minus ``Request``: pass it for a request sent already serialized)."""
-        self._check_open()
-        metadata = self._call_metadata()
-        if self.on_call is None:
-
-            async def attempt(remaining: float | None) -> Resp:
-                self._check_open()  # closed while an earlier attempt waited to retry
-                return await method(request, timeout=remaining, metadata=metadata)
-
-        else:
-            name = rpc or type(request).__name__.removesuffix("Request")  # DESIGN §2
-
-            async def attempt(remaining: float | None) -> Resp:
-                self._check_open()
-                started = time.perf_counter()
-                code = grpc.StatusCode.CANCELLED
-                try:
-                    reply = await method(request, timeout=remaining, metadata=metadata)
-                    code = grpc.StatusCode.OK
-                    return reply
-                except grpc.RpcError as err:
-                    code = status_code(err)
-                    raise
-                finally:
-                    self._observe(name, code, started)
-
-        try:
-            return await call_with_retry(
-                attempt,
-                policy=self.policy,
-                timeout=self._deadline(timeout),
-                volume=volume,
-                sleep=self._backoff,
-            )
-        except asyncio.CancelledError:
-            if caller_cancelled():
-                raise
-            name = rpc or type(request).__name__.removesuffix("Request")
-            raise self._cut_short(f"the {name} call", volume) from None
-        except Unimplemented as exc:  # name this server and the method, not the volume
-            cause = exc.__cause__
-            if not isinstance(cause, grpc.RpcError):
-                raise
-            name = rpc or type(request).__name__.removesuffix("Request")
-            raise error_from_rpc(cause, target=self.target, method=name) from cause
 
 
 class AsyncVolume:
@@ -419,22 +290,16 @@ class AsyncVolume:
         self.client = client
         self.name = name
         self._sector_size: int | None = None
+        self._runner = client.runner
+        self._stub = client.runner.stub
 
     def __repr__(self) -> str:
         return f"AsyncVolume({self.name!r} on {self.client.target!r})"
 
     async def _call(
-        self,
-        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
-        request: Req,
-        timeout: Timeout,
-        rpc: str | None = None,
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: Timeout
     ) -> Resp:
-        return await self.client._unary(method, request, timeout=timeout, volume=self.name, rpc=rpc)
-
-    @property
-    def _stub(self) -> pb_grpc.BlockDeviceAsyncStub:
-        return self.client._stub
+        return await self._runner.unary(method, request, timeout=timeout, volume=self.name)
 
     async def info(self, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """The volume's geometry and capabilities, fresh from the server."""
@@ -550,7 +415,10 @@ class AsyncVolume:
         req = pb.ReadRequest(
             volume=self.name, sector=sector, sector_count=count, report_presence=presence
         )
-        raw = await self._call(self.client._read_raw, req, timeout)
+        runner = self._runner
+        raw = await runner.unary(
+            runner.read_raw, req, timeout=timeout, volume=self.name, rpc="Read"
+        )
         try:
             reply = read_reply_view(raw)
         except ValueError as exc:
@@ -660,6 +528,7 @@ class AsyncVolume:
         count = len(mv) // size
         _check_range(sector, count, volume=self.name)
 
+        runner = self._runner
         done = 0
 
         async def one(chunk: Chunk) -> None:
@@ -669,7 +538,9 @@ class AsyncVolume:
             req = encode_write(
                 self.name, chunk.sector, mv[start:end], fua=fua, no_overwrite=no_overwrite
             )
-            await self._call(self.client._write_raw, req, timeout, rpc="Write")
+            await runner.unary(
+                runner.write_raw, req, timeout=timeout, volume=self.name, rpc="Write"
+            )
             done += end - start
 
         if count <= per_chunk:
@@ -742,31 +613,11 @@ class AsyncVolume:
         if count is None:
             count = max(0, (await self.info(timeout=timeout)).sector_count - sector)
         _check_range(sector, count, volume=self.name)
-        end = sector + count
-        extents: list[AllocationExtent] = []
-        window = count  # the whole range first: most volumes answer in one reply
-        answered = 0  # answers in a row at this window size
-        while True:
-            span = min(window, end - sector)
-            try:
-                part = await self._allocation_window(sector, span, timeout)
-            except (AllocationTooLarge, NoSpace) as exc:
-                if span <= 1 or (isinstance(exc, NoSpace) and exc.server_error):
-                    raise  # one sector is one extent; or a real NoSpace (never expected)
-                window, answered = span // 2, 0
-                continue
-            if extents and part and _joins(extents[-1], part[0]):
-                last = extents.pop()
-                part[0] = AllocationExtent(
-                    last.sector, last.sector_count + part[0].sector_count, last.depth
-                )
-            extents.extend(part)
-            sector += span
-            if sector >= end:
-                return extents
-            answered += 1
-            if answered == 2:
-                window, answered = window * 2, 0
+
+        async def fetch(start: int, span: int) -> list[AllocationExtent]:
+            return await self._allocation_window(start, span, timeout)
+
+        return await allocation_in_windows(fetch, sector, count)
 
     async def _allocation_window(
         self, sector: int, count: int, timeout: Timeout
@@ -793,45 +644,19 @@ class AsyncVolume:
         events have
         arrived, a broken stream raises :class:`Unavailable` — watch again to resume: the
         first event tells the current size and generation."""
+        runner = self._runner
         req = pb.WatchResizeRequest(volume=self.name)
-        policy = self.client.policy
-        retry = 0
-        while True:
-            self.client._check_open()
-            call = self._stub.WatchResize(
-                req, timeout=timeout, metadata=self.client._call_metadata()
-            )
-            started = False
-            began = time.perf_counter()
-            code = grpc.StatusCode.CANCELLED
-            try:
-                async for event in call:
-                    started = True
-                    yield ResizeEvent(event.sector_count, event.generation)
-                code = grpc.StatusCode.OK
-                return
-            except grpc.RpcError as err:
-                code = status_code(err)
-                if started or not is_retryable(err) or retry >= policy.retries:
-                    raise error_from_rpc(
-                        err, volume=self.name, target=self.client.target, method="WatchResize"
-                    ) from err
-            except asyncio.CancelledError:
-                if caller_cancelled():
-                    raise
-                raise self.client._cut_short("the WatchResize stream", self.name) from None
-            finally:
-                call.cancel()
-                self.client._observe("WatchResize", code, began)
-            await self.client._backoff(policy.delay(retry))
-            retry += 1
+        events = runner.stream(runner.stub.WatchResize, req, timeout=timeout, volume=self.name)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield ResizeEvent(event.sector_count, event.generation)
 
     # -- helpers -------------------------------------------------------------------------
 
     def _with_progress(self, exc: Interrupted, note: str) -> Interrupted:
         """``exc``, a split read or write cut short, again with ``note`` (how much of it had
         completed) after its message: a :class:`ClientClosed` if the client is closed."""
-        cls = ClientClosed if self.client.closed else type(exc)
+        cls = ClientClosed if self._runner.closed else type(exc)
         return cls(f"{exc.message}; {note}", volume=self.name)
 
     async def _check_fits(self, sector: int, count: int, timeout: Timeout) -> None:
@@ -878,11 +703,6 @@ def _check_number(
 def _check_range(sector: object, count: object, *, volume: str) -> None:
     _check_number("sector", sector, volume=volume)
     _check_number("count", count, volume=volume)
-
-
-def _joins(before: AllocationExtent, after: AllocationExtent) -> bool:
-    """Whether ``after`` continues ``before``: it starts where ``before`` ends, same depth."""
-    return before.end == after.sector and before.depth == after.depth
 
 
 def _extents(runs: Sequence[pb.Extent]) -> list[Extent]:

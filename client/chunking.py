@@ -7,6 +7,9 @@ requests in flight hide the round trip. These helpers are plain asyncio, no gRPC
 The requests of a sparse import are planned here too: which sectors of the file it copies
 hold data (:func:`sector_runs`), and the requests that write those and unmap, or write as
 zeros, the holes between them (:func:`plan_pieces`).
+
+And an allocation map too large for one reply is asked for in windows that adapt to it
+(:func:`allocation_in_windows`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import collections
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import NamedTuple, TypeVar
 
-from .errors import Interrupted
-from .models import Extent
+from .errors import AllocationTooLarge, Interrupted, NoSpace
+from .models import AllocationExtent, Extent
 
 __all__ = [
     "DEFAULT_IN_FLIGHT",
@@ -27,6 +30,7 @@ __all__ = [
     "Chunk",
     "Piece",
     "ReadWindow",
+    "allocation_in_windows",
     "caller_cancelled",
     "merge_extents",
     "plan_chunks",
@@ -264,3 +268,48 @@ async def run_ordered(
             fut.cancel()
         if window:
             await asyncio.gather(*(f for _, f in window), return_exceptions=True)
+
+
+async def allocation_in_windows(
+    fetch: Callable[[int, int], Awaitable[list[AllocationExtent]]], sector: int, count: int
+) -> list[AllocationExtent]:
+    """The allocation runs of ``count`` sectors from ``sector``, asked of ``fetch(sector,
+    count)`` (one GetAllocation) for the whole range first, then in windows if it must be:
+    the window halves on each refusal (:class:`~tierdisk.client.errors.AllocationTooLarge`,
+    or a :class:`~tierdisk.client.errors.NoSpace` with no ``tierdisk-error`` trailer: the
+    transport's message cap) and doubles after two answers in a row. The answers are joined
+    into one list; runs of one depth that meet at a window border become one run. A refusal
+    of a single sector, or a :class:`~tierdisk.client.errors.NoSpace` the server sent, is
+    raised."""
+    end = sector + count
+    extents: list[AllocationExtent] = []
+    window = count  # the whole range first: most volumes answer in one reply
+    answered = 0  # answers in a row at this window size
+    while True:
+        span = min(window, end - sector)
+        try:
+            part = await fetch(sector, span)
+        except (AllocationTooLarge, NoSpace) as exc:
+            if span <= 1 or (isinstance(exc, NoSpace) and exc.server_error):
+                raise  # one sector is one extent; or a real NoSpace (never expected)
+            window, answered = span // 2, 0
+            continue
+        if extents and part and _joins(extents[-1], part[0]):
+            last = extents[-1]
+            extents[-1] = AllocationExtent(
+                last.sector, last.sector_count + part[0].sector_count, last.depth
+            )
+            extents.extend(part[1:])
+        else:
+            extents.extend(part)
+        sector += span
+        if sector >= end:
+            return extents
+        answered += 1
+        if answered == 2:
+            window, answered = window * 2, 0
+
+
+def _joins(before: AllocationExtent, after: AllocationExtent) -> bool:
+    """Whether ``after`` continues ``before``: it starts where ``before`` ends, same depth."""
+    return before.end == after.sector and before.depth == after.depth

@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
-from .aio import UNSET, AsyncClient, AsyncVolume, Buffer, ClientOptions, Timeout
+from .aio import AsyncClient, AsyncVolume, Buffer, ClientOptions
+from .calls import UNSET, Timeout
 from .errors import ClientClosed, Interrupted
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 

@@ -1,0 +1,246 @@
+"""How the client makes its gRPC calls: :class:`CallRunner`, one per
+:class:`~tierdisk.client.aio.AsyncClient`, shared by the client and its volumes.
+
+Each call gets a deadline (the client's ``timeout`` or the method's ``timeout=``), the
+client's metadata (then the pairs of its ``metadata_factory``), retries on ``UNAVAILABLE``
+and ``CANCELLED`` (:mod:`tierdisk.client.retry`), the ``on_call`` observer per attempt, and
+its errors as :mod:`tierdisk.client.errors` exceptions. A call cancelled underneath (not by
+its caller's task) raises :class:`~tierdisk.client.errors.ClientClosed` if the client was
+closed, else :class:`~tierdisk.client.errors.Interrupted`.
+"""
+
+# ASYNC109: ``timeout=`` is the gRPC deadline of a call (with its retries inside it), which
+# asyncio.timeout() around the call cannot express.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TypeAlias, TypeVar
+
+import grpc
+import grpc.aio
+
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+from .chunking import caller_cancelled
+from .errors import ClientClosed, Interrupted, Unimplemented, error_from_rpc, status_code
+from .retry import RetryPolicy, call_with_retry, is_retryable
+
+__all__ = ["UNSET", "CallObserver", "CallRunner", "MetadataFactory", "Timeout"]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+UNSET = _Unset.UNSET
+"""Default of every method's ``timeout=``: use the client's timeout."""
+
+Timeout: TypeAlias = float | _Unset | None
+"""A per-call timeout: seconds, ``None`` for no deadline, or ``UNSET`` for the client's."""
+
+MetadataFactory: TypeAlias = Callable[[], Sequence[tuple[str, str]]]
+"""Called for every call: more ``(key, value)`` pairs to send, for values that change per call."""
+
+CallObserver: TypeAlias = Callable[[str, grpc.StatusCode, float], None]
+"""Called after every call attempt with the RPC name (``"Read"``), its status code and the
+seconds it took."""
+
+
+class CallRunner:
+    """Makes the calls of one client on its ``channel``; ``target`` names the server in
+    errors. The settings (``policy``, ``timeout``, ``metadata``, ``metadata_factory``,
+    ``on_call``) are read at every call: changing one changes the calls made after.
+
+    ``stub`` is the channel's BlockDevice stub; ``read_raw`` and ``write_raw`` are Read and
+    Write with the reply, or the request, left serialized (:mod:`tierdisk.client.wire`)."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        target: str,
+        policy: RetryPolicy,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] = (),
+        metadata_factory: MetadataFactory | None = None,
+        on_call: CallObserver | None = None,
+    ) -> None:
+        self.channel = channel
+        self.target = target
+        self.policy = policy
+        self.timeout = timeout
+        self.metadata = metadata
+        self.metadata_factory = metadata_factory
+        self.on_call = on_call
+        self._closed = False
+        self._closing = asyncio.Event()  # set by close(): ends the wait before a retry
+        self.stub: pb_grpc.BlockDeviceAsyncStub = pb_grpc.BlockDeviceStub(channel)
+        # Read with the reply left serialized: wire.read_reply_view takes the data from it
+        # without protobuf's two copies.
+        self.read_raw: grpc.aio.UnaryUnaryMultiCallable[pb.ReadRequest, bytes] = (
+            channel.unary_unary(
+                "/tierdisk.v1.BlockDevice/Read",
+                request_serializer=pb.ReadRequest.SerializeToString,
+                response_deserializer=None,
+            )
+        )
+        # Write with the request serialized here: wire.encode_write copies the data once.
+        self.write_raw: grpc.aio.UnaryUnaryMultiCallable[bytes, pb.WriteResponse] = (
+            channel.unary_unary(
+                "/tierdisk.v1.BlockDevice/Write",
+                request_serializer=None,
+                response_deserializer=pb.WriteResponse.FromString,
+            )
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def check_open(self) -> None:
+        """:class:`ClientClosed` ("the client is closed") once :meth:`close` was called."""
+        if self._closed:
+            raise ClientClosed("the client is closed")
+
+    async def close(self) -> None:
+        """Refuse calls from now on, end the waits before retries, and close the channel
+        (gRPC cancels the calls in flight)."""
+        self._closed = True
+        self._closing.set()
+        await self.channel.close()
+
+    async def unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        *,
+        timeout: Timeout,
+        volume: str | None = None,
+        rpc: str | None = None,
+    ) -> Resp:
+        """One call of ``method`` with the client's metadata, deadline and retries, naming
+        ``volume`` in its errors; ``rpc`` names it for :attr:`on_call` and in an
+        :class:`Unimplemented` (by default ``<Rpc>Request`` minus ``Request``: pass it for a
+        request sent already serialized)."""
+        self.check_open()
+        metadata = self._call_metadata()
+        name = rpc or type(request).__name__.removesuffix("Request")  # DESIGN §2
+        if self.on_call is None:
+
+            async def attempt(remaining: float | None) -> Resp:
+                self.check_open()  # closed while an earlier attempt waited to retry
+                return await method(request, timeout=remaining, metadata=metadata)
+
+        else:
+
+            async def attempt(remaining: float | None) -> Resp:
+                self.check_open()
+                started = time.perf_counter()
+                code = grpc.StatusCode.CANCELLED
+                try:
+                    reply = await method(request, timeout=remaining, metadata=metadata)
+                    code = grpc.StatusCode.OK
+                    return reply
+                except grpc.RpcError as err:
+                    code = status_code(err)
+                    raise
+                finally:
+                    self._observe(name, code, started)
+
+        try:
+            return await call_with_retry(
+                attempt,
+                policy=self.policy,
+                timeout=self.timeout if timeout is UNSET else timeout,
+                volume=volume,
+                sleep=self._backoff,
+            )
+        except asyncio.CancelledError:
+            if caller_cancelled():
+                raise
+            raise self._cut_short(f"the {name} call", volume) from None
+        except Unimplemented as exc:  # name this server and the method, not the volume
+            cause = exc.__cause__
+            if not isinstance(cause, grpc.RpcError):
+                raise
+            raise error_from_rpc(cause, target=self.target, method=name) from cause
+
+    async def stream(
+        self,
+        method: grpc.aio.UnaryStreamMultiCallable[Req, Resp],
+        request: Req,
+        *,
+        timeout: float | None,
+        volume: str | None = None,
+        rpc: str | None = None,
+    ) -> AsyncGenerator[Resp, None]:
+        """The replies of a server-streaming call of ``method``, until the stream ends (or
+        ``timeout`` seconds pass; ``None``: never). ``UNAVAILABLE`` or ``CANCELLED`` before
+        the first reply is retried with the client's policy (each attempt with fresh
+        metadata); once replies have arrived, any error is raised. :attr:`on_call` is
+        called when each attempt's stream ends; ``rpc`` names it as in :meth:`unary`."""
+        name = rpc or type(request).__name__.removesuffix("Request")
+        policy = self.policy
+        retry = 0
+        while True:
+            self.check_open()
+            call = method(request, timeout=timeout, metadata=self._call_metadata())
+            started = False
+            began = time.perf_counter()
+            code = grpc.StatusCode.CANCELLED
+            try:
+                async for reply in call:
+                    started = True
+                    yield reply
+                code = grpc.StatusCode.OK
+                return
+            except grpc.RpcError as err:
+                code = status_code(err)
+                if started or not is_retryable(err) or retry >= policy.retries:
+                    raise error_from_rpc(
+                        err, volume=volume, target=self.target, method=name
+                    ) from err
+            except asyncio.CancelledError:
+                if caller_cancelled():
+                    raise
+                raise self._cut_short(f"the {name} stream", volume) from None
+            finally:
+                call.cancel()
+                self._observe(name, code, began)
+            await self._backoff(policy.delay(retry))
+            retry += 1
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.metadata_factory is None:
+            return self.metadata
+        return (*self.metadata, *self.metadata_factory())
+
+    def _observe(self, rpc: str, code: grpc.StatusCode, started: float) -> None:
+        if self.on_call is not None:
+            self.on_call(rpc, code, time.perf_counter() - started)
+
+    async def _backoff(self, seconds: float) -> None:
+        """The wait before a retry, ended early by :meth:`close`: the retry then raises
+        :class:`ClientClosed` at once, rather than after the wait."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
+
+    def _cut_short(self, what: str, volume: str | None) -> Interrupted:
+        """The error for ``what`` (``"the Read call"``) ending cancelled though its caller's
+        task was not cancelled: :class:`ClientClosed` when the client was closed (gRPC
+        cancels a closed channel's calls), else :class:`Interrupted`."""
+        if self._closed:
+            return ClientClosed(f"the client was closed while {what} was in flight", volume=volume)
+        return Interrupted(f"{what} was cancelled, though not by its caller", volume=volume)

@@ -1,0 +1,71 @@
+"""The client's gRPC channel: the options every client starts from, and opening one.
+
+:class:`~tierdisk.client.aio.AsyncClient` opens its channel with :func:`open_channel`; the
+calls made on it go through a :class:`~tierdisk.client.calls.CallRunner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+__all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
+    "MAX_MESSAGE_BYTES",
+    "MESSAGE_FRAMING_BYTES",
+    "open_channel",
+]
+
+MAX_MESSAGE_BYTES = 64 << 20
+"""The channel's message cap in each direction, unless ``max_io`` needs more (then
+``max_io`` plus :data:`MESSAGE_FRAMING_BYTES`)."""
+MESSAGE_FRAMING_BYTES = 1 << 20
+"""Room for a message's fields around its ``max_io`` bytes of data."""
+
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # We retry ourselves (tierdisk.client.retry); one policy, not two stacked.
+    ("grpc.enable_retries", 0),
+    # Reconnect soon after a server restart, so our own short retries can find it again.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+"""Channel options every client starts from; ``channel_options`` adds to or overrides them."""
+
+
+def open_channel(
+    target: str,
+    *,
+    max_io: int,
+    channel_options: Sequence[tuple[str, Any]] = (),
+    secure: bool = False,
+    root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+) -> grpc.aio.Channel:
+    """A channel to ``target`` with :data:`DEFAULT_CHANNEL_OPTIONS`, its message caps raised
+    to fit ``max_io`` bytes of data per message, then ``channel_options`` over them. TLS
+    when ``secure`` is true or any of ``root_certificates`` / ``certificate_chain`` /
+    ``private_key`` (PEM bytes) is given."""
+    options: dict[str, Any] = dict(DEFAULT_CHANNEL_OPTIONS)
+    if max_io + MESSAGE_FRAMING_BYTES > MAX_MESSAGE_BYTES:  # room for max_io per message
+        cap = max_io + MESSAGE_FRAMING_BYTES
+        options["grpc.max_send_message_length"] = cap
+        options["grpc.max_receive_message_length"] = cap
+    options.update(channel_options)
+    option_list = list(options.items())
+    if secure or root_certificates or certificate_chain or private_key:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+        return grpc.aio.secure_channel(target, creds, options=option_list)
+    return grpc.aio.insecure_channel(target, options=option_list)
