@@ -8,7 +8,10 @@
     with Client("127.0.0.1:7400") as client:
         client.volume("vm1").write(0, data)
 
-Depends only on :mod:`tierdisk.v1` and grpc, never on the server (DESIGN.md §1).
+Depends only on :mod:`tierdisk.v1` and grpc, never on the server (DESIGN.md §1). What a
+program using the library needs is here; hooks for the server's remote layer and process
+tuning (``errors.error_from_rpc``, ``tune.tune_malloc``, ``tune.install_uvloop``) are in
+their submodules.
 
 The names below are imported on first use (PEP 562), not with the package: gRPC's C core
 reads ``GRPC_VERBOSITY`` once, when grpc is imported, and the ``tierdisk`` command
@@ -46,7 +49,6 @@ if TYPE_CHECKING:
         Unavailable,
         Unimplemented,
         VolumeNotFound,
-        error_from_rpc,
     )
     from .models import (
         AllocationExtent,
@@ -58,7 +60,6 @@ if TYPE_CHECKING:
     )
     from .retry import RetryPolicy
     from .sync import Client, Volume
-    from .tune import install_uvloop, tune_malloc
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -100,9 +101,6 @@ __all__ = [
     "Volume",
     "VolumeInfo",
     "VolumeNotFound",
-    "error_from_rpc",
-    "install_uvloop",
-    "tune_malloc",
 ]
 
 _DEFINED_IN = {
@@ -145,9 +143,6 @@ _DEFINED_IN = {
     "Volume": "sync",
     "VolumeInfo": "models",
     "VolumeNotFound": "errors",
-    "error_from_rpc": "errors",
-    "install_uvloop": "tune",
-    "tune_malloc": "tune",
 }
 """The submodule that defines each name of :data:`__all__`."""
 _SUBMODULES = frozenset(_DEFINED_IN.values())

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .aio import AsyncClient
     from .models import VolumeInfo
 
-__all__ = ["SERVER_ENTRY", "UsageError", "describe", "main", "parse_size"]
+__all__ = ["SERVER_ENTRY", "main", "size_argument"]
 
 DEFAULT_SERVER = "127.0.0.1:7400"
 SERVER_ENTRY = "tierdisk.service.main"
@@ -62,10 +62,12 @@ its 64-bit clock) into an immediate DEADLINE_EXCEEDED."""
 # -- sizes -------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> tuple[int, bool]:
+def size_argument(text: str) -> tuple[int, bool]:
     """``(value, in_bytes)``: a bare integer is a count of sectors (``in_bytes`` False); with
     a unit it is bytes (:mod:`tierdisk.client.sizes`: ``K``/``KiB``, ``M``/``MiB``, …
-    binary; ``kB``, ``MB``, … decimal). Raises :class:`UsageError` for anything else."""
+    binary; ``kB``, ``MB``, … decimal). Raises :class:`UsageError` for anything else: the
+    CLI's reading of a SIZE argument, over :func:`tierdisk.client.sizes.parse_size` (which
+    raises ``ValueError``)."""
     try:
         return sizes.parse_size(text)
     except ValueError as exc:
@@ -331,7 +333,7 @@ def _too_large(text: str, sectors: int) -> UsageError:
 
 
 async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
-    value, in_bytes = parse_size(args.size)
+    value, in_bytes = size_argument(args.size)
     if not in_bytes and value > UINT64_MAX:  # no request can carry it: no call made
         raise _too_large(args.size, value)
     vol = client.volume(args.volume)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierdisk.client import cli, errors
+from tierdisk.client import cli_errors, errors
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ from tierdisk.client import cli, errors
     ],
 )
 def test_describe_names_the_volume_once(err: errors.TierdiskError, line: str) -> None:
-    assert cli.describe(err, "S") == line
+    assert cli_errors.describe(err, "S") == line
 
 
 @pytest.mark.parametrize(
@@ -55,4 +55,4 @@ def test_describe_names_the_volume_once(err: errors.TierdiskError, line: str) ->
     ],
 )
 def test_describe_blames_the_server_for_unimplemented(err: errors.TierdiskError, line: str) -> None:
-    assert cli.describe(err, "S") == line
+    assert cli_errors.describe(err, "S") == line

@@ -104,7 +104,7 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected
     if isinstance(value, str) and not value.isdigit():
-        assert cli.parse_size(value) == (expected, True)  # one reading everywhere
+        assert cli.size_argument(value) == (expected, True)  # one reading everywhere
 
 
 @pytest.mark.parametrize("value", ["lots", "12XB", -1, True, 1.5, "1.3B"])

@@ -1,5 +1,5 @@
 """tierdisk.client.sizes (client/sizes.py): sizes written as text (``2GiB``, ``1.5GiB``,
-``2048``), read through the ``tierdisk`` command's :func:`~tierdisk.client.cli.parse_size`,
+``2048``), read through the ``tierdisk`` command's :func:`~tierdisk.client.cli.size_argument`,
 which turns the module's ValueError into a usage error."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tierdisk.client import cli
+from tierdisk.client.cli_errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -25,18 +26,18 @@ from tierdisk.client import cli
     ],
 )
 def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
-    assert cli.parse_size(text) == expected
+    assert cli.size_argument(text) == expected
 
 
 @pytest.mark.parametrize(
     "text", ["", "-1", "1.5", "12Q", "GiB", "1.3B", "0x10", "1.0000000000000000001KiB"]
 )
 def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(cli.UsageError):
-        cli.parse_size(text)
+    with pytest.raises(UsageError):
+        cli.size_argument(text)
 
 
 def test_parse_size_is_exact_for_any_number_of_digits() -> None:
     """A fraction is computed exactly: no float rounding, no overflow to infinity."""
-    value, in_bytes = cli.parse_size("9" * 400 + ".5PiB")
+    value, in_bytes = cli.size_argument("9" * 400 + ".5PiB")
     assert in_bytes and value == (10**400 * 2 - 1) * (1 << 49)
