@@ -344,10 +344,10 @@ async def test_idle_watch_survives_keepalive_pings(
 
 
 def test_clients_ping_no_more_often_than_the_server_allows() -> None:
-    from tierdisk.client.aio import DEFAULT_CHANNEL_OPTIONS
-    from tierdisk.service.layers.remote import _CHANNEL_OPTIONS
+    from tierdisk.client.channel import DEFAULT_CHANNEL_OPTIONS
+    from tierdisk.service.layers.remote_connect import CHANNEL_OPTIONS
 
-    for options in (DEFAULT_CHANNEL_OPTIONS, _CHANNEL_OPTIONS):
+    for options in (DEFAULT_CHANNEL_OPTIONS, CHANNEL_OPTIONS):
         assert dict(options)["grpc.keepalive_time_ms"] >= server_module.MIN_PING_INTERVAL_MS
 
 

@@ -115,8 +115,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from types import TracebackType
+from functools import partial
 from typing import Any, NamedTuple
 
 import grpc
@@ -134,16 +133,21 @@ from tierdisk.client.chunking import (
 )
 from tierdisk.client.models import UnmapBehavior as ClientUnmapBehavior
 from tierdisk.client.models import VolumeInfo
-from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY, read_pem
 from tierdisk.client.retry import RetryPolicy
 
 from .. import errors, hops
 from ..backoff import Backoff
-from ..config import token_from_file
-from ..errors import ConfigError
 from ..layer import Layer, LayerMetadata, UnmapBehavior, layer_closed
 from ..ratelimit import RateLimitedLog
 from ..runs import Run, merge
+from .remote_connect import (
+    BACKOFF,
+    MAX_BACKOFF,
+    connect,
+    credentials,
+    hop_metadata,
+)
+from .remote_errors import ERROR_MAP, MAX_REMOTE_MESSAGE, Translate, domain_error
 from .remote_nbd import NbdDataPath
 
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
@@ -155,8 +159,6 @@ MODES = ("disk", "layer")
 ATTACH_TIMEOUT = 2.0
 """Longest wait, in seconds, for the remote's GetVolume at attach (no retries there)."""
 
-_BACKOFF = 0.05  # seconds: first retry wait ceiling (full jitter), doubling per retry
-_MAX_BACKOFF = 2.0  # seconds: the largest retry wait ceiling
 _WATCH_BACKOFF = (0.1, 5.0)
 """``(first, cap)`` in seconds: the reconnect delays of the WatchResize follower
 (:class:`~tierdisk.service.backoff.Backoff`, doubling, jittered to 0.5-1.5 times)."""
@@ -165,85 +167,12 @@ _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or p
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
 
-_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 15_000),  # the server accepts pings every 10 s or slower
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),  # keep pinging along an idle WatchResize
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
-
-ERROR_MAP: tuple[tuple[type[client_errors.TierdiskError], type[errors.TierdiskError]], ...] = (
-    (client_errors.ReadOnlyVolume, errors.ReadOnlyError),
-    (client_errors.NotSupported, errors.NotSupported),
-    (client_errors.TierLoop, errors.TierLoop),  # a lower tier's hop guard: passed on as such
-    (client_errors.FailedPrecondition, errors.FailedPrecondition),
-    (client_errors.VolumeNotFound, errors.FailedPrecondition),  # our config names a volume
-    # the remote does not serve: a refusal of this layer, not "no such volume" here
-    (client_errors.OutOfRange, errors.OutOfRange),
-    (client_errors.InvalidArgument, errors.InvalidArgument),
-    # The remote refused this layer's credentials: the server's configuration, which the
-    # caller (whose own credentials were fine) cannot fix.
-    (client_errors.Unauthenticated, errors.FailedPrecondition),
-    (client_errors.PermissionDenied, errors.FailedPrecondition),
-    (client_errors.Unavailable, errors.Unavailable),
-    (client_errors.Cancelled, errors.Unavailable),  # the remote is shutting down: retry
-    (client_errors.DeadlineExceeded, errors.DeadlineExceeded),
-    (client_errors.NoSpace, errors.NoSpace),
-    (client_errors.DataLoss, errors.DataCorruption),
-    (client_errors.StorageError, errors.StorageError),
-    (client_errors.TierdiskError, errors.StorageError),  # UNKNOWN and other codes
-)
-"""Client exception → domain exception, first match wins (subclasses come first). The one
-place a remote failure is translated; grpc_api's table then picks the status code."""
-
 _UNMAP: dict[ClientUnmapBehavior, UnmapBehavior] = {
     ClientUnmapBehavior.ZEROES: UnmapBehavior.ZEROES,
     ClientUnmapBehavior.IGNORED: UnmapBehavior.IGNORED,
     ClientUnmapBehavior.ANY: UnmapBehavior.ANY,
     ClientUnmapBehavior.UNSPECIFIED: UnmapBehavior.ANY,
 }
-
-
-MAX_REMOTE_MESSAGE = 300
-"""Characters of a remote's error message kept in ours. Bounded, because the message may
-itself quote a lower tier's (and, in a loop of tiers that wait on each other, our own older
-one): unbounded, it grew with every retry until gRPC refused the metadata."""
-
-
-def domain_error(exc: client_errors.TierdiskError, where: str) -> errors.TierdiskError:
-    """The domain exception for a client failure (:data:`ERROR_MAP`), prefixed by ``where``;
-    the remote's message is cut to :data:`MAX_REMOTE_MESSAGE` characters."""
-    text = str(exc)
-    if len(text) > MAX_REMOTE_MESSAGE:
-        text = text[: MAX_REMOTE_MESSAGE - 1] + "…"
-    for client_cls, domain_cls in ERROR_MAP:
-        if isinstance(exc, client_cls):
-            return domain_cls(f"{where}: {text}")
-    return errors.StorageError(f"{where}: {text}")  # pragma: no cover - the base matches
-
-
-class _Translate:
-    """``with translate:`` re-raises client failures as domain errors naming the remote.
-    Holds no state per use, so one instance serves every call of a layer."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer: RemoteLayer) -> None:
-        self.layer = layer
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if isinstance(exc, client_errors.TierdiskError):
-            raise domain_error(exc, self.layer._where) from exc
 
 
 class RemoteLayer(Layer):
@@ -325,7 +254,7 @@ class RemoteLayer(Layer):
         )
         self._max_io = max_io
         self._max_in_flight = max_in_flight
-        self._errors = _Translate(self)
+        self._errors = Translate(lambda: self._where)
         self._client: AsyncClient | None = None
         self._vol: AsyncVolume | None = None
         self._info: VolumeInfo | None = None
@@ -363,56 +292,26 @@ class RemoteLayer(Layer):
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def _credentials(self) -> dict[str, Any]:
-        """Client keyword arguments for TLS and the token, reading the files named."""
-
-        def read(path: str | None, what: str, kind: str | None = None) -> bytes | None:
-            """The file's bytes; a PEM file must hold a block of ``kind``."""
-            if path is None:
-                return None
-            try:
-                return Path(path).read_bytes() if kind is None else read_pem(path, kind)
-            except OSError as exc:
-                raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-            except ValueError as exc:
-                raise ConfigError(f"{what} {path}: {exc}") from None
-
-        token = self._token
-        if self._token_file is not None:
-            raw = read(self._token_file, "token_file")
-            token = token_from_file(raw or b"", self._token_file)
-        options: dict[str, Any] = {"token": token or None}
-        if self.tls:
-            options.update(
-                secure=True,
-                root_certificates=read(self._ca_file, "ca_file", CERTIFICATE),
-                certificate_chain=read(self._cert_file, "cert_file", CERTIFICATE),
-                private_key=read(self._key_file, "key_file", PRIVATE_KEY),
-            )
-        return options
-
     async def attach(self, lower: LayerMetadata | None) -> None:
         # Calls made outside a request (attach, the resize follower, background refreshes)
         # carry this server's own id, as captured now.
         self._home_chain = hops.outgoing()
-        channel_options: list[tuple[str, Any]] = list(_CHANNEL_OPTIONS)
-        if self._server_name:
-            channel_options += [
-                ("grpc.ssl_target_name_override", self._server_name),
-                ("grpc.default_authority", self._server_name),
-            ]
-        client = AsyncClient(
+        client = connect(
             self.target,
+            credentials(
+                tls=self.tls,
+                ca_file=self._ca_file,
+                cert_file=self._cert_file,
+                key_file=self._key_file,
+                token=self._token,
+                token_file=self._token_file,
+            ),
             timeout=self.timeout,
-            retries=0,  # attach: report a tier that is down at once; the server retries
-            backoff=_BACKOFF,
-            max_backoff=_MAX_BACKOFF,
-            channel_options=channel_options,
+            server_name=self._server_name,
             max_io=self._max_io,
             max_in_flight=self._max_in_flight,
-            metadata_factory=self._hop_metadata,
+            metadata_factory=partial(hop_metadata, self._home_chain),
             on_call=self._observe,
-            **self._credentials(),
         )
         vol = client.volume(self.remote_volume)
         try:
@@ -431,9 +330,7 @@ class RemoteLayer(Layer):
         except BaseException:
             await client.close()
             raise
-        client.policy = RetryPolicy(
-            retries=self.retries, backoff=_BACKOFF, max_backoff=_MAX_BACKOFF
-        )
+        client.policy = RetryPolicy(retries=self.retries, backoff=BACKOFF, max_backoff=MAX_BACKOFF)
         self._client, self._vol, self._info = client, vol, info
         if self.mode == "layer":
             self._present_at = time.monotonic()
@@ -470,14 +367,6 @@ class RemoteLayer(Layer):
             self._client = None
 
     # -- hooks ----------------------------------------------------------------------------
-
-    def _hop_metadata(self) -> tuple[tuple[str, str], ...]:
-        chain = hops.outgoing() if hops.current_chain.get() else self._home_chain
-        metadata: tuple[tuple[str, str], ...] = ((hops.HOPS_HEADER, chain),) if chain else ()
-        waiting = hops.waiting_for_me.get()
-        if waiting:  # attaching: who waits for this volume (hops module docs)
-            metadata += ((hops.WAITING_HEADER, ",".join(sorted(waiting))),)
-        return metadata
 
     def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
         key = (rpc, code.name)
