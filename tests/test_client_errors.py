@@ -5,11 +5,10 @@ client raises itself."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 import grpc.aio
 import pytest
+from rpc_errors import rpc_error
 
 from tierdisk.client.errors import (
     AllocationTooLarge,
@@ -33,13 +32,6 @@ from tierdisk.client.errors import (
 )
 
 S = grpc.StatusCode
-
-
-def rpc_error(code: grpc.StatusCode, details: str = "", server_error: str | None = None) -> Any:
-    trailing = grpc.aio.Metadata()
-    if server_error is not None:
-        trailing.add("tierdisk-error", server_error)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
 
 
 @pytest.mark.parametrize(

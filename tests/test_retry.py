@@ -4,26 +4,18 @@ attempts), on a fake clock: no server, no real sleeps."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 import grpc.aio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rpc_errors import rpc_error
 
 from tierdisk.client.aio import AsyncClient
 from tierdisk.client.errors import Cancelled, TierdiskError, Unavailable
 from tierdisk.client.retry import RetryPolicy, call_with_retry
 
 S = grpc.StatusCode
-
-
-def rpc_error(code: grpc.StatusCode, details: str = "", server_error: str | None = None) -> Any:
-    trailing = grpc.aio.Metadata()
-    if server_error is not None:
-        trailing.add("tierdisk-error", server_error)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
 
 
 def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
