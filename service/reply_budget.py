@@ -61,6 +61,11 @@ class ReplyBudgets:
         budget = self._peers.get(peer)
         return budget.used if budget is not None else 0
 
+    @property
+    def connections(self) -> int:
+        """Connections with replies in flight or waiting (no entry is kept for the others)."""
+        return len(self._peers)
+
     async def take(self, peer: str, nbytes: int) -> Callable[[], None]:
         """Wait until ``peer`` has room for ``nbytes``, count them, and return the function
         that gives them back (call it exactly once). First come, first served: a Read does
@@ -81,7 +86,8 @@ class ReplyBudgets:
                 if turn.done() and not turn.cancelled():
                     self._give(peer, budget, nbytes)  # granted as we were cancelled
                 else:
-                    budget.waiting.remove(entry)
+                    if entry in budget.waiting:  # (a wake may have dropped it already)
+                        budget.waiting.remove(entry)
                     self._wake(peer, budget)
                 raise
         else:
@@ -101,5 +107,5 @@ class ReplyBudgets:
             if not turn.done():
                 budget.used += nbytes
                 turn.set_result(None)
-        if not budget.used and not budget.waiting:
+        if not budget.used and not budget.waiting and self._peers.get(peer) is budget:
             del self._peers[peer]  # no entry per connection that came and went

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from servers import ServerProcess, toml_volume, write_config
 
-from tierdisk.service.reply_budget import READ_BUDGET_BYTES, ReplyBudgets
+from tierdisk.service.reply_budget import BUDGETED_FROM_BYTES, READ_BUDGET_BYTES, ReplyBudgets
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
@@ -71,6 +71,55 @@ async def test_a_cancelled_wait_takes_nothing_and_lets_the_next_one_in() -> None
     held()
     small.result()()
     assert budgets.in_flight(A) == 0
+
+
+async def test_a_wait_cancelled_as_room_frees_ends_cancelled_and_takes_nothing() -> None:
+    """The wait is cancelled, and room frees, in the same loop turn: the reply still ends
+    ``CancelledError`` (it raised ``ValueError``: the wake had dropped its entry), and holds
+    no budget."""
+    budgets = ReplyBudgets(limit=100)
+    held = await budgets.take(A, 100)
+    waiting = asyncio.create_task(budgets.take(A, 50))
+    await _spin()
+    waiting.cancel()
+    held()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert budgets.in_flight(A) == 0
+
+
+async def test_a_wait_granted_as_it_is_cancelled_gives_the_budget_back() -> None:
+    """Room frees first, then the wait is cancelled before it runs: what was granted is
+    given back, so later large replies of the connection are not held up for ever."""
+    budgets = ReplyBudgets(limit=100)
+    held = await budgets.take(A, 100)
+    waiting = asyncio.create_task(budgets.take(A, 50))
+    await _spin()
+    held()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert budgets.in_flight(A) == 0
+    release = await asyncio.wait_for(budgets.take(A, 100), 1)  # the whole budget is there
+    release()
+
+
+async def test_no_entry_is_kept_for_idle_connections() -> None:
+    budgets = ReplyBudgets(limit=10)
+    releases = [await budgets.take(peer, 4) for peer in (A, B, "ipv4:127.0.0.1:50003")]
+    waiting = asyncio.create_task(budgets.take(A, 8))
+    await _spin()
+    assert budgets.connections == 3
+    for release in releases:
+        release()
+    (await waiting)()
+    assert budgets.connections == 0
+
+
+async def test_the_documented_limits() -> None:
+    """README: large Read replies (256 KiB and more) are bounded to 64 MiB per connection."""
+    assert READ_BUDGET_BYTES == 64 << 20
+    assert BUDGETED_FROM_BYTES == 256 << 10
 
 
 async def test_unix_socket_peers_are_not_counted() -> None:
