@@ -202,10 +202,11 @@ async def test_a_second_close_gets_none_while_the_first_waits_and_after() -> Non
     lock = SectorLock()
     reader = await lock.acquire_shared(0, 1)
     first = await started(lock.hold_for_close())
-    assert await lock.hold_for_close() is None  # at once, without waiting for the reader
+    # at once, without waiting for the reader (a hang here would stall a second stop)
+    assert await asyncio.wait_for(lock.hold_for_close(), 1) is None
     lock.release(reader)
     assert await done(first) is not None
-    assert await lock.hold_for_close() is None
+    assert await asyncio.wait_for(lock.hold_for_close(), 1) is None
     assert lock.held == 1
 
 
@@ -289,6 +290,21 @@ async def test_a_cancelled_shared_waiter_leaves_the_other_waiters_waiting_and_wo
     assert shared is not None
     lock.release(shared)
     assert lock.held == 0
+
+
+async def test_an_exclusive_waiter_cancelled_after_its_wake_up_raises_cancelled_error() -> None:
+    """The release that wakes a waiter also drops the wake-up future; a waiter cancelled
+    before it runs again must still end with CancelledError (its clean-up finds no future
+    to complete), and hold nothing."""
+    lock = SectorLock()
+    shared = lock.try_shared(0, 1)
+    assert shared == 0
+    exclusive = await started(lock.acquire_exclusive(0, 1))
+    lock.release(shared)  # wakes it ...
+    await cancel(exclusive)  # ... and it is cancelled before it runs again
+    assert lock.held == 0
+    assert lock.try_shared(0, 1) == 0  # nothing held or waiting: counted again
+    lock.release(0)
 
 
 async def test_a_cancelled_exclusive_waiter_behind_another_exclusive_leaves_no_hold() -> None:

@@ -600,6 +600,37 @@ async def test_no_overwrite_write_fills_only_holes(volumes: VolumeOpener) -> Non
     assert sorted(top.data) == [2, 4, 7, 8, 9]
 
 
+@pytest.mark.parametrize("where", ["top", "lower"])
+async def test_a_misaligned_write_keeps_every_byte_around_it(
+    volumes: VolumeOpener, where: str
+) -> None:
+    """:meth:`Volume.write_at` reads the sector a write starts inside and the one it ends
+    inside before writing them back: the bytes before and after the new ones, in those
+    sectors, keep their value (from the top, or from a lower layer when only it holds
+    them). One case per shape: starting and ending inside different sectors, starting on
+    a sector and ending inside it or inside the next, inside one sector, and starting
+    inside a sector and ending on a boundary."""
+    old = bytes(1 + i % 251 for i in range(8 * SS))  # never zero, no two neighbours equal
+    if where == "top":
+        vol = await volumes(ram(8))
+        await vol.write(0, old)
+    else:
+        vol = await volumes(ram(8), full(8, lambda s: old[s * SS : (s + 1) * SS]))
+    expected = bytearray(old)
+    writes = [
+        (100, b"A" * 600),  # inside sector 0 to inside sector 1
+        (3 * SS, b"B" * 10),  # the start of sector 3 to inside it
+        (4 * SS, b"C" * (SS + 20)),  # the start of sector 4 to inside sector 5
+        (6 * SS + 100, b"D" * 10),  # inside sector 6 only
+        (7 * SS + 300, b"E" * (SS - 300)),  # inside sector 7 to the end of the volume
+    ]
+    for offset, data in writes:
+        await vol.write_at(offset, data)
+        expected[offset : offset + len(data)] = data
+        got, _ = await vol.read(0, 8)
+        assert got == expected, f"after the write of {len(data)} bytes at byte {offset}"
+
+
 # -- unmap -------------------------------------------------------------------------------------
 
 
@@ -841,6 +872,50 @@ async def test_s52_wait_resize(volumes: VolumeOpener) -> None:
     assert await vol.resize_events(gen) == [(gen + 1, 12)], "returns at once when behind"
 
 
+async def test_resize_events_list_every_change_in_order(volumes: VolumeOpener) -> None:
+    """Several resizes in a row are as many events, oldest first, one generation apart, for
+    a watcher behind by any number of them: a shrink then a grow is never seen as the grow
+    alone (a remote top following this volume would keep showing lower data past the
+    shrink). Resizing to the size it has is no event."""
+    vol = await volumes(ram(100))
+    gen = vol.generation
+    for size in (50, 80, 60):
+        assert await vol.resize(size) == size
+    assert await vol.resize(60) == 60
+    events = [(gen + 1, 50), (gen + 2, 80), (gen + 3, 60)]
+    assert vol.generation == vol.inspect()["generation"] == gen + 3
+    for behind in range(3):
+        assert await vol.resize_events(gen + behind) == events[behind:]
+    watcher = asyncio.create_task(vol.resize_events(gen + 3))
+    await asyncio.sleep(0)
+    assert not watcher.done()
+    await vol.resize(70)
+    assert await asyncio.wait_for(watcher, 5) == [(gen + 4, 70)]
+
+
+async def test_smallest_sector_count_is_lowered_by_a_shrink_and_never_raised(
+    volumes: VolumeOpener,
+) -> None:
+    """:attr:`Volume.smallest_sector_count` (inspect's ``smallest_sector_count``, which a
+    ``remote`` top of this volume takes at attach) follows every shrink, through
+    :meth:`Volume.resize` or by the top on its own, and a grow never raises it."""
+    top = MapLayer(100)
+    vol = await volumes(top, ram(100))
+    assert vol.smallest_sector_count == 100
+    await vol.resize(150)
+    assert vol.smallest_sector_count == 100, "a grow does not raise it"
+    await vol.resize(40)
+    assert vol.smallest_sector_count == 40
+    await vol.resize(100)
+    assert vol.smallest_sector_count == vol.inspect()["smallest_sector_count"] == 40
+    await vol.resize(60)  # smaller than now, not than the smallest
+    assert vol.smallest_sector_count == 40
+    await top.resize(30)  # the top shrinks on its own (a remote top following its origin)
+    await top.resize(100)
+    assert vol.smallest_sector_count == vol.inspect()["smallest_sector_count"] == 30
+    assert vol.inspect()["layers"][1]["visible_sector_count"] == 30
+
+
 async def test_s53_top_resized_by_itself_reaches_volume_watchers(volumes: VolumeOpener) -> None:
     """U4/U5: a top layer that changes size on its own (a remote top following its remote)
     wakes the volume's watchers."""
@@ -921,6 +996,27 @@ async def test_allocation_and_read_presence_agree(volumes: VolumeOpener) -> None
     _, present = await vol.read(0, 20)
     assert present == [(1, 3), (5, 6)]
     assert await vol.allocation(2, 2) == [(2, 3, 0), (3, 4, -1)]
+
+
+class _SplitPresence(MapLayer):
+    """Reports each run it holds as two touching runs (as a ``remote`` layer's chunked
+    GetAllocation can)."""
+
+    async def presence(self, sector: int, count: int) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        for a, b in await super().presence(sector, count):
+            middle = (a + b) // 2
+            runs.extend([(a, middle), (middle, b)] if b - a > 1 else [(a, b)])
+        return runs
+
+
+async def test_allocation_joins_touching_runs_of_one_depth(volumes: VolumeOpener) -> None:
+    """Runs a layer reports in pieces come out joined (the docstring's promise: the
+    replies of GetAllocation, ``tierdisk map`` and NBD block status stay short)."""
+    top = _SplitPresence(16, data={s: p(1, s) for s in range(2, 8)})
+    vol = await volumes(top, _SplitPresence(12, full=c))
+    assert await top.presence(0, 16) == [(2, 5), (5, 8)]
+    assert await vol.allocation(0, 16) == [(0, 2, 1), (2, 8, 0), (8, 12, 1), (12, 16, -1)]
 
 
 async def test_inspect_tree(volumes: VolumeOpener, tmp_path: Path) -> None:
@@ -1057,6 +1153,35 @@ class _GatedResize(MapLayer):
         if self.fail is not None:
             raise self.fail
         await super().resize(sector_count)
+
+
+async def test_requests_that_waited_for_a_shrink_are_refused_before_any_layer(
+    volumes: VolumeOpener,
+) -> None:
+    """A write, an unmap and a misaligned write (read-modify-write) that waited while a
+    shrink cut their sectors are refused by the volume (OUT_OF_RANGE naming it: the range
+    is checked again after the wait), and the layer is never asked past its new end
+    (layer.py: the engine checks ranges before it calls a layer, which may rely on it)."""
+    top = _GatedResize(8)
+    vol = await volumes(top)
+    gate = top.hold = asyncio.Event()
+    shrink = asyncio.create_task(vol.resize(4))
+    await _spin()  # it holds sectors [4, ...) exclusive; the top's resize waits
+    queued = [
+        asyncio.create_task(vol.write(5, p(1, 5))),
+        asyncio.create_task(vol.unmap(4, 2)),
+        # reads sector 3 (still there), then writes sectors [3, 5)
+        asyncio.create_task(vol.write_at(3 * SS + 100, b"N" * (2 * SS - 100))),
+    ]
+    await _spin()
+    assert not shrink.done() and not any(task.done() for task in queued)
+    gate.set()
+    assert await shrink == 4
+    for task in queued:
+        with pytest.raises(OutOfRange, match=r"^volume 'vol': sectors \[\d+, \d+\) reach past"):
+            await task
+    assert top.ops("write") == top.ops("unmap") == []
+    assert top.data == {}
 
 
 async def test_resizes_run_one_at_a_time(volumes: VolumeOpener) -> None:
