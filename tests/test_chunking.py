@@ -392,6 +392,15 @@ def test_merge_extents_joins_runs_meeting_at_chunk_boundaries() -> None:
     assert merge_extents([]) == []
 
 
+def test_merge_extents_skips_an_empty_extent_and_keeps_what_follows_it() -> None:
+    """A zero-length extent (which a server may send) is left out; the extents after it
+    are not: dropping them would turn data into holes."""
+    runs = [Extent(0, 2), Extent(3, 0), Extent(5, 2), Extent(9, 0), Extent(9, 1)]
+    assert merge_extents(runs) == [Extent(0, 2), Extent(5, 2), Extent(9, 1)]
+    assert merge_extents([Extent(4, 0)]) == []
+    assert merge_extents([Extent(0, 4), Extent(4, 0), Extent(4, 2)]) == [Extent(0, 6)]
+
+
 # -- bounded concurrency ---------------------------------------------------------------
 
 

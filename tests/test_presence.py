@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from runs_model import runs_of
@@ -87,6 +88,15 @@ def test_from_runs_refuses_overlaps() -> None:
     else:
         raise AssertionError("overlapping runs accepted")
     assert list(RunSet.from_runs([(0, 2), (2, 4), (5, 5), (6, 7)])) == [(0, 4), (6, 7)]
+
+
+def test_from_runs_refuses_an_overlap_past_the_first_run() -> None:
+    """Each run is checked against the one before it, not the first: sparse_map relies on
+    this to refuse an unsorted snapshot."""
+    with pytest.raises(ValueError):
+        RunSet.from_runs([(0, 2), (5, 8), (6, 9)])
+    with pytest.raises(ValueError):
+        RunSet.from_runs([(0, 2), (4, 6), (10, 20), (3, 4)])
 
 
 def test_a_million_runs() -> None:

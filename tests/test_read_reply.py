@@ -1,16 +1,24 @@
-"""The wire-format Read reply is byte-for-byte what protobuf would serialize."""
+"""The wire-format Read reply is byte-for-byte what protobuf would serialize; a buffer from
+:func:`new_buffer` is a writable view of all of it, and the view alone keeps it alive."""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 
 import pytest
 
-from tierdisk.service.read_reply import ReadReply
+from tierdisk.service.read_reply import _DIRECT_MIN, ReadReply, new_buffer
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 
-@pytest.mark.parametrize("nbytes", [512, 4096, 127 << 10, 128 << 10, 1 << 20, 16 << 20])
+# 127/128, 16383/16384 and 2 MiB - 1 / 2 MiB: the data length's varint grows by a byte there
+@pytest.mark.parametrize(
+    "nbytes",
+    [127, 128, 512, 4096, 16383, 16 << 10, 127 << 10, 128 << 10, 1 << 20, (2 << 20) - 1, 2 << 20,
+     16 << 20],
+)  # fmt: skip
 @pytest.mark.parametrize("present", [None, [], [(3, 9), (20, 21)]])
 def test_matches_protobuf(nbytes: int, present: list[tuple[int, int]] | None) -> None:
     data = os.urandom(nbytes)
@@ -24,3 +32,29 @@ def test_matches_protobuf(nbytes: int, present: list[tuple[int, int]] | None) ->
     assert isinstance(encoded, bytes)
     parsed = pb.ReadResponse.FromString(encoded)
     assert parsed.data == data
+
+
+@pytest.mark.parametrize("nbytes", [0, 512, 4096, _DIRECT_MIN - 1, _DIRECT_MIN, 1 << 20])
+def test_new_buffer_is_a_writable_view_of_all_of_the_buffer(nbytes: int) -> None:
+    buffer, view = new_buffer(nbytes)
+    assert isinstance(buffer, bytes | bytearray)
+    assert (len(buffer), view.nbytes, view.format, view.readonly) == (nbytes, nbytes, "B", False)
+    if nbytes < _DIRECT_MIN:  # a zeroed bytearray (from 128 KiB on, undefined until written)
+        assert isinstance(buffer, bytearray)
+        assert bytes(view) == bytes(nbytes)
+    pattern = bytes(range(256)) * (nbytes // 256) + bytes(nbytes % 256)
+    view[:] = pattern
+    assert buffer == pattern  # the view writes into the buffer itself, not a copy
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="reference counts: CPython")
+@pytest.mark.parametrize("nbytes", [4096, _DIRECT_MIN, 1 << 20])
+def test_the_view_alone_keeps_the_buffer_alive(nbytes: int) -> None:
+    """``nbd_commands.read`` keeps only the view (``_, view = new_buffer(n)``) while the
+    volume reads into it and the reply is sent: the view must hold a reference to the
+    buffer, or the 1 MiB ``bytes`` filled in place is freed under it."""
+    buffer, view = new_buffer(nbytes)
+    held = sys.getrefcount(buffer)
+    del view
+    gc.collect()
+    assert sys.getrefcount(buffer) == held - 1  # the view's reference went with it

@@ -37,6 +37,18 @@ def test_examples() -> None:
     assert merge([(5, 6), (0, 2), (2, 3), (1, 2), (8, 8)]) == [(0, 3), (5, 6)]
 
 
+def test_merge_keeps_the_end_of_a_run_that_holds_later_ones() -> None:
+    """A run inside the run it is joined to (not the first run) leaves that run whole: the
+    remote layer merges its origin's extents with this."""
+    assert merge([(0, 1), (5, 10), (6, 8)]) == [(0, 1), (5, 10)]
+    assert merge([(0, 1), (5, 10), (6, 8), (9, 12)]) == [(0, 1), (5, 12)]
+
+
+def test_clip_to_an_empty_range_is_empty() -> None:
+    assert clip([(0, 10)], 5, 5) == []
+    assert clip([(0, 4), (6, 10)], 4, 4) == clip([(0, 4), (6, 10)], 6, 6) == []
+
+
 @given(run_lists)
 def test_total(runs: list[Run]) -> None:
     assert total(runs) == len(as_set(runs))

@@ -336,6 +336,13 @@ def test_an_unknown_version_is_refused(tmp_path: Path) -> None:
         ([snap(1, 100, [(-1, 5)])], "runs outside"),
         ([snap(1, 100), diff(2, 100, adds=[(50, 150)])], "runs outside"),
         ([snap(1, 100), diff(2, 100, removes=[(7, 3)])], "empty runs"),
+        # the bad run not first (or not last): every run is checked, not the extreme one only
+        ([snap(1, 100, [(-5, 2), (10, 20)])], "runs outside"),
+        ([snap(1, 100, [(0, 10), (90, 101)])], "runs outside"),
+        ([snap(1, 100, [(0, 10), (20, 20), (30, 40)])], "empty runs"),
+        ([snap(1, 100), diff(2, 100, adds=[(-3, 1), (5, 6)])], "runs outside"),
+        ([snap(1, 100), diff(2, 100, adds=[(0, 5), (95, 120)])], "runs outside"),
+        ([snap(1, 100), diff(2, 100, removes=[(-3, 1), (5, 6)])], "runs outside"),
     ],
 )
 def test_records_a_crash_cannot_make_are_refused(

@@ -141,3 +141,54 @@ def test_an_extent_with_a_field_it_does_not_know_is_left_to_protobuf() -> None:
 def test_malformed_presence_is_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
         read_reply_view(raw)
+
+
+# Where a varint grows by a byte (2**7, 2**14, 2**21, ...), and either side of it.
+_EDGES = (1 << 7, 1 << 14, 1 << 21, 1 << 28, 1 << 35, 1 << 63)
+VARINT_EDGES = [edge + delta for edge in _EDGES for delta in (-1, 0, 1)] + [1, (1 << 64) - 1]
+
+
+@pytest.mark.parametrize("n", VARINT_EDGES)
+def test_varints_at_each_byte_boundary_are_what_protobuf_writes(n: int) -> None:
+    canonical = pb.Extent(sector=n).SerializeToString()[1:]  # after the tag
+    assert encode_varint(n) == canonical
+    assert len(canonical) == (n.bit_length() + 6) // 7
+    assert decode_varint(canonical, 0) == (n, len(canonical))
+
+
+def test_zero_is_one_byte() -> None:
+    assert encode_varint(0) == b"\x00"
+    assert decode_varint(b"\x00", 0) == (0, 1)
+
+
+# Payloads whose length varint is at a byte boundary: 1/2 bytes (127, 128), 2/3 bytes
+# (16 KiB - 1, 16 KiB: a 32-sector I/O), 3/4 bytes (2 MiB - 1, 2 MiB).
+BOUNDARY_SIZES = [127, 128, (16 << 10) - 1, 16 << 10, (2 << 20) - 1, 2 << 20]
+
+
+@pytest.mark.parametrize("nbytes", BOUNDARY_SIZES)
+@pytest.mark.parametrize("flags", [False, True])
+def test_writes_with_a_length_at_a_varint_boundary_round_trip(nbytes: int, flags: bool) -> None:
+    data = bytes(range(256)) * (nbytes // 256) + bytes(range(nbytes % 256))
+    raw = encode_write("vol", 1 << 21, memoryview(data), fua=flags, no_overwrite=flags)
+    expected = pb.WriteRequest(
+        volume="vol", sector=1 << 21, data=data, fua=flags, no_overwrite=flags
+    ).SerializeToString()
+    assert raw == expected
+    parsed = pb.WriteRequest.FromString(raw)
+    assert (parsed.volume, parsed.sector, parsed.data) == ("vol", 1 << 21, data)
+    assert parsed.fua == parsed.no_overwrite == flags
+
+
+@pytest.mark.parametrize("nbytes", BOUNDARY_SIZES)
+def test_replies_with_a_length_at_a_varint_boundary_are_read(nbytes: int) -> None:
+    data = bytes(range(256)) * (nbytes // 256) + bytes(range(nbytes % 256))
+    message = pb.ReadResponse(data=data)
+    message.present.append(pb.Extent(sector=1 << 14, sector_count=1 << 21))
+    raw = message.SerializeToString()
+    reply = read_reply_view(raw)
+    assert reply is not None
+    view, extents = reply
+    assert view == data
+    assert view.obj is raw
+    assert extents == [(1 << 14, 1 << 21)]

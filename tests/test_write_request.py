@@ -132,3 +132,130 @@ def test_small_requests_read_by_protobuf_read_the_same() -> None:
 def test_of_a_message(fua: bool) -> None:
     message = pb.WriteRequest(volume="v", sector=3, data=b"abc", fua=fua)
     _same(WriteRequestView.of(message), message)
+
+
+# -- explicit false on the wire -----------------------------------------------------------------
+
+_FUA, _NO_OVERWRITE = 4, 5  # WriteRequest.fua, .no_overwrite: varint fields
+
+
+def _varint_field(number: int, value: int, pad: int = 0) -> bytes:
+    """Field ``number`` as a varint of ``value``, ``pad`` continuation bytes longer than it
+    needs (as a non-canonical encoder may write it)."""
+    body = bytearray(encode_varint(value))
+    if pad:
+        body[-1] |= 0x80
+        body += b"\x80" * (pad - 1) + b"\x00"
+    return _field(number, 0, bytes(body))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "fua", "no_overwrite"),
+    [
+        (b"", _varint_field(_FUA, 0) + _varint_field(_NO_OVERWRITE, 0), False, False),
+        (b"", _varint_field(_NO_OVERWRITE, 0, pad=3) + _varint_field(_FUA, 0, pad=9), False, False),
+        (b"", _varint_field(_NO_OVERWRITE, 1 << 64) + _varint_field(_FUA, 1 << 64), False, False),
+        (b"", _varint_field(_NO_OVERWRITE, 2) + _varint_field(_FUA, 1 << 40), True, True),
+        (
+            b"",
+            _varint_field(_NO_OVERWRITE, 0)
+            + _varint_field(_NO_OVERWRITE, 7)
+            + _varint_field(_FUA, 0),
+            False,
+            True,
+        ),
+        (_varint_field(_NO_OVERWRITE, 0) + _varint_field(_FUA, 0), b"", None, None),
+    ],
+)
+@pytest.mark.parametrize("in_message", [False, True])
+def test_an_explicit_zero_is_false_in_a_large_write(
+    before: bytes, after: bytes, fua: bool | None, no_overwrite: bool | None, in_message: bool
+) -> None:
+    """protobuf never writes a false ``bool``, but reads one (a non-canonical encoder, or a
+    later occurrence overriding an earlier ``true``): an explicit 0 is False (a varint's low
+    64 bits, as ``1 << 64`` is), any other value True, the last occurrence winning. A large
+    write (from 32 KiB, read by this module) that took a 0 for True would skip every sector
+    already written (``no_overwrite``) and still be acknowledged. None: the value in the
+    message (``in_message``), which comes after ``before``."""
+    message = pb.WriteRequest(
+        volume="v", sector=8, data=b"\x5a" * (32 << 10), fua=in_message, no_overwrite=in_message
+    )
+    raw = before + message.SerializeToString() + after
+    want = (
+        in_message if fua is None else fua,
+        in_message if no_overwrite is None else no_overwrite,
+    )
+    expected = pb.WriteRequest.FromString(raw)
+    assert (expected.fua, expected.no_overwrite) == want
+    for parse in (parse_write, parse_write_wire):
+        view = parse(raw)
+        _same(view, expected)
+        assert (view.fua, view.no_overwrite) == want
+    assert parse_write(raw).data.obj is raw  # read by this module, not protobuf
+
+
+@given(
+    message=st.builds(
+        pb.WriteRequest,
+        volume=st.text(max_size=10),
+        sector=UINT64,
+        data=st.binary(max_size=100),
+        fua=st.booleans(),
+        no_overwrite=st.booleans(),
+    ),
+    explicit=st.lists(
+        st.tuples(
+            st.sampled_from([2, _FUA, _NO_OVERWRITE]),
+            st.one_of(st.just(0), st.just(1), UINT64, st.integers(1 << 64, (1 << 70) - 1)),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    at_end=st.booleans(),
+)
+def test_explicit_varint_fields_read_as_protobuf_reads_them(
+    message: pb.WriteRequest, explicit: list[tuple[int, int, int]], at_end: bool
+) -> None:
+    """The varint fields (``sector``, ``fua``, ``no_overwrite``) given explicitly, zero or
+    not, canonical or padded, before or after the message's own."""
+    fields = b"".join(
+        _varint_field(number, value, pad)
+        for number, value, pad in explicit
+        if len(encode_varint(value)) + pad <= 10  # protobuf refuses longer varints
+    )
+    raw = message.SerializeToString()
+    raw = raw + fields if at_end else fields + raw
+    _same(parse_write_wire(raw), pb.WriteRequest.FromString(raw))
+
+
+# -- group nesting ------------------------------------------------------------------------------
+
+
+def _nested_groups(depth: int) -> bytes:
+    """``depth`` groups of field 6, each inside the one before."""
+    return b"\x33" * depth + b"\x34" * depth
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_groups_nested_100_deep_are_read_as_protobuf_reads_them(large: bool) -> None:
+    data = b"\x01" * ((32 << 10) if large else 16)
+    raw = _nested_groups(100) + pb.WriteRequest(volume="v", data=data).SerializeToString()
+    expected = pb.WriteRequest.FromString(raw)  # protobuf's own limit: 100
+    _same(parse_write_wire(raw), expected)
+    _same(parse_write(raw), expected)
+
+
+@pytest.mark.parametrize("depth", [101, 102, 5000, 100_000])
+@pytest.mark.parametrize("large", [False, True])
+def test_groups_nested_deeper_than_100_are_a_malformed_request(depth: int, large: bool) -> None:
+    """Refused as protobuf refuses them, and as a :class:`MalformedRequest` (the servicer's
+    ``INVALID_ARGUMENT``) however deep: never a RecursionError, an unexpected error in the
+    handler."""
+    data = b"\x01" * ((32 << 10) if large else 16)
+    raw = pb.WriteRequest(volume="v", data=data).SerializeToString() + _nested_groups(depth)
+    with pytest.raises(DecodeError):
+        pb.WriteRequest.FromString(raw)
+    for parse in (parse_write_wire, parse_write):
+        with pytest.raises(MalformedRequest, match="groups nested more than 100 deep"):
+            parse(raw)
