@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import free_port, ram, remote, running_server, toml_volume
+from servers import free_port, ram, remote, running_server, server_section, toml_volume
 
 from tierdisk.client import AsyncClient
 from tierdisk.client import errors as cerr
@@ -29,10 +29,6 @@ pytestmark = pytest.mark.timeout(90)
 
 SS = 512
 DATA = bytes(range(256)) * (8 * SS // 256)
-
-
-def server_section(listen: str, tmp_path: Path) -> str:
-    return f'[server]\nlisten = "{listen}"\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\n'
 
 
 async def not_ready_reason(client: AsyncClient) -> str:
