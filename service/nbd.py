@@ -41,7 +41,7 @@ _SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish when the serv
 DEFAULT_MAX_CONNECTIONS = ServerConfig.nbd_max_connections
 """NBD connections a server takes at once, by default (``[server] nbd_max_connections``: 64).
 Each may pin ~72 MiB (64 MiB of requests in flight, 8 MiB of unsent replies), so the default
-bounds the export at ~4.6 GiB."""
+bounds the export at ~4.5 GiB."""
 
 
 @dataclass
@@ -105,6 +105,7 @@ class NbdServer:
         self._refusal_log = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
+        self._admitted: set[NbdSession] = set()  # those within max_connections
         self._zeros = bytes(1 << 20)
         self._socket_file: SocketFile | None = None
         self._closing = False
@@ -121,10 +122,12 @@ class NbdServer:
         return memoryview(self._zeros)[:nbytes]
 
     def add_session(self, session: NbdSession, peer: str) -> str:
-        """Count a new connection in: "" when it is within :attr:`max_connections`, else
-        why it is refused (counted and logged, rate-limited)."""
+        """Count a new connection in: "" when it is within :attr:`max_connections` (the
+        connections taken and not closed yet; refused ones do not count), else why it is
+        refused (counted and logged, rate-limited)."""
         self._sessions.add(session)
-        if len(self._sessions) <= self.max_connections:
+        if len(self._admitted) < self.max_connections:
+            self._admitted.add(session)
             return ""
         self.stats.connections_refused += 1
         why = (
@@ -136,6 +139,7 @@ class NbdServer:
 
     def remove_session(self, session: NbdSession) -> None:
         self._sessions.discard(session)
+        self._admitted.discard(session)
 
     async def close(self) -> None:
         """Stop accepting; let requests in flight finish (bounded), then close sessions."""
