@@ -55,8 +55,6 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 
 from .calls import UNSET, CallObserver, CallRunner, MetadataFactory, Timeout
 from .channel import DEFAULT_CHANNEL_OPTIONS, open_channel
-from .channel import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES  # re-exported: defined here before
-from .channel import MESSAGE_FRAMING_BYTES as MESSAGE_FRAMING_BYTES
 from .checks import token_problem
 from .chunking import (
     DEFAULT_IN_FLIGHT,

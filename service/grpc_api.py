@@ -29,14 +29,12 @@ from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
-from .status import STATUS_NAMES, status_name
+from .status import status_name
 from .volume import Volume
 from .write_request import MalformedRequest, WriteRequestView, parse_write
 
 __all__ = [
     "ERROR_HEADER",
-    "STATUS_CODES",
-    "AllocationTooLarge",
     "BlockDeviceService",
     "DrainGate",
     "Undecodable",
@@ -50,12 +48,9 @@ ERROR_HEADER = ERROR_METADATA_KEY
 """The trailer naming an error reply's exception class (``tierdisk-error``)."""
 
 _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
-STATUS_CODES: dict[type[TierdiskError], grpc.StatusCode] = {
-    cls: _CODES_BY_NAME[name] for cls, name in STATUS_NAMES.items()
-}
-"""Domain exception → gRPC status code: :data:`~.status.STATUS_NAMES` as codes."""
 
 _OK = grpc.StatusCode.OK
+_CANCELLED = grpc.StatusCode.CANCELLED  # the caller went away (its deadline, a cancel)
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow per call
 _WRITE_RESPONSE = pb.WriteResponse()  # empty; serialized afresh for each reply
 _DEFAULT_PAGE = 100
@@ -255,6 +250,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 op = None
             await self._refuse(context, code, exc)
             raise  # not reached: abort() raises
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
         finally:
             if op is not None:
                 self._metrics.observe_io(
@@ -434,6 +432,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             self._metrics.observe_io(request.volume, "read", _CODE_NAMES[refusal], 0, seconds)
             await self._refuse(context, refusal, exc)
             raise  # not reached: abort() raises
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
         finally:
             if code is not None:
                 self._metrics.observe_io(

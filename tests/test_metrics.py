@@ -35,6 +35,7 @@ from tools import require_tool
 from waiting import eventually
 
 from tierdisk.service.server import Server
+from tierdisk.service.volume import Volume
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
@@ -228,6 +229,58 @@ async def test_promtool_check_metrics_on_live_scrape(server: Server) -> None:
     require_tool("promtool")
     await _read_sequence(server.grpc_address)
     await promtool_check_metrics(await scrape(server.metrics_address))
+
+
+async def test_a_call_its_caller_gave_up_on_counts_as_cancelled(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Read and a Write still in the volume when the caller's deadline passes count under
+    ``code="CANCELLED"`` in the volume families, not ``OK`` (the handler is cancelled)."""
+    stalled = asyncio.Event()
+
+    async def stall(*args: object, **kwargs: object) -> None:
+        stalled.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    monkeypatch.setattr(Volume, "read_into", stall)
+    monkeypatch.setattr(Volume, "write", stall)
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        for call in (
+            lambda: stub.Read(
+                pb.ReadRequest(volume="cached", sector=0, sector_count=8), timeout=0.3
+            ),
+            lambda: stub.Write(
+                pb.WriteRequest(volume="cached", sector=0, data=bytes(4096)), timeout=0.3
+            ),
+        ):
+            stalled.clear()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert stalled.is_set()  # it was in the volume, not refused before
+    assert server.metrics_address
+    address = server.metrics_address
+
+    async def counted() -> bool:
+        text = await scrape(address)
+        return all(
+            samples(text).get(
+                (
+                    "tierdisk_volume_io_requests_total",
+                    frozenset({"volume": "cached", "op": op, "code": "CANCELLED"}.items()),
+                )
+            )
+            == 1
+            for op in ("read", "write")
+        )
+
+    await eventually("both calls to count as CANCELLED", counted)
+    text = await scrape(address)
+    for op in ("read", "write"):
+        assert ("tierdisk_volume_io_requests_total", frozenset(
+            {"volume": "cached", "op": op, "code": "OK"}.items()
+        )) not in samples(text)  # fmt: skip
 
 
 async def test_head_and_unknown_paths(server: Server) -> None:

@@ -711,8 +711,7 @@ class RemoteLayer(Layer):
                 "volume as it is now"
             )
             self._checked = False
-            log.error("%s", self._refusal)
-            self._found_problem(str(self._refusal))
+            self._found_problem(str(self._refusal))  # the server logs it, naming the volume
             if self._nbd is not None:
                 await self._nbd.refuse(f"not used: {self._refusal}")
             self._watch_spoke()
