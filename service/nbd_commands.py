@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nbd_protocol as P
+from .errors import FailedPrecondition, InvalidArgument, OutOfRange, ReadOnlyError, TierdiskError
 from .layer import UnmapBehavior
 from .read_reply import new_buffer
 from .runs import complement
+from .status import status_name_of
 from .volume import Volume
 
 __all__ = [
@@ -56,10 +58,14 @@ class Refuse(Exception):
     status code name a gRPC request refused for the same reason gets (what the shared volume
     metrics count it under, :mod:`.status`)."""
 
-    def __init__(self, code: int, message: str, status: str = "INVALID_ARGUMENT") -> None:
+    def __init__(
+        self, code: int, message: str, kind: type[TierdiskError] = InvalidArgument
+    ) -> None:
         super().__init__(message)
         self.code = code
-        self.status = status
+        self.status = status_name_of(kind)
+        """The status code name of ``kind``, the domain error a gRPC request refused for the
+        same reason raises (:mod:`.status`)."""
 
 
 @dataclass
@@ -99,7 +105,7 @@ def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
             past_end,
             f"bytes [{offset}, {offset + length}) reach past the end of {export.name!r} "
             f"({export.size} bytes)",
-            "OUT_OF_RANGE",
+            OutOfRange,
         )
     ss = export.sector_size
     misaligned = bool(offset % ss or length % ss)
@@ -113,7 +119,7 @@ def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
 
 def _check_writable(export: Export) -> None:
     if export.volume.read_only:
-        raise Refuse(P.EPERM, f"volume {export.name!r} is read-only", "FAILED_PRECONDITION")
+        raise Refuse(P.EPERM, f"volume {export.name!r} is read-only", ReadOnlyError)
 
 
 async def read(export: Export, flags: int, handle: int, offset: int, length: int) -> list[Any]:
@@ -209,7 +215,7 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
     unmap = volume.unmap_behavior == UnmapBehavior.ZEROES and not flags & P.CMD_FLAG_NO_HOLE
     if flags & P.CMD_FLAG_FAST_ZERO and (not unmap or misaligned):
         why = "the range is not whole sectors" if unmap else "zeros would have to be written"
-        raise Refuse(P.ENOTSUP, f"zeroing is not fast here: {why}", "FAILED_PRECONDITION")
+        raise Refuse(P.ENOTSUP, f"zeroing is not fast here: {why}", FailedPrecondition)
     fua = bool(flags & P.CMD_FLAG_FUA)
     ss = export.sector_size
     end = offset + length

@@ -496,7 +496,7 @@ class NbdSession(asyncio.BufferedProtocol):
             status = status_name(exc)
         except Exception as exc:
             log.exception("NBD %s: %s failed", self._peer, P.CMD_NAMES.get(cmd, cmd))
-            code, message, status = P.EIO, f"internal error: {exc}", "UNKNOWN"
+            code, message, status = P.EIO, f"internal error: {exc}", status_name(exc)
         if code:
             if export.structured:
                 reply = [P.chunk_error(handle, code, message)]

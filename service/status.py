@@ -24,7 +24,7 @@ from .errors import (
     VolumeNotFound,
 )
 
-__all__ = ["STATUS_NAMES", "status_name"]
+__all__ = ["STATUS_NAMES", "status_name", "status_name_of"]
 
 STATUS_NAMES: dict[type[TierdiskError], str] = {
     VolumeNotFound: "NOT_FOUND",
@@ -47,8 +47,13 @@ STATUS_NAMES: dict[type[TierdiskError], str] = {
 def status_name(exc: BaseException) -> str:
     """The status code name for ``exc``: its nearest class's entry in :data:`STATUS_NAMES`;
     any other storage failure (``OSError``) is ``INTERNAL``, anything else ``UNKNOWN``."""
-    for cls in type(exc).__mro__:
+    return status_name_of(type(exc))
+
+
+def status_name_of(kind: type[BaseException]) -> str:
+    """:func:`status_name` of an exception of class ``kind``."""
+    for cls in kind.__mro__:
         name = STATUS_NAMES.get(cls)
         if name is not None:
             return name
-    return "INTERNAL" if isinstance(exc, OSError) else "UNKNOWN"
+    return "INTERNAL" if issubclass(kind, OSError) else "UNKNOWN"
