@@ -276,7 +276,7 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "data_dir": _nonempty_str,
     "nbd": _optional_address,
     "max_io": lambda v, what: parse_size(v, what),
-    "nbd_max_connections": lambda v, what: _positive_count(v, what),
+    "nbd_max_connections": _positive_count,
 }
 MIN_MAX_IO = DEFAULT_MAX_IO
 """The smallest ``max_io`` a server takes (1 MiB): the client library and remote layers send up

@@ -232,7 +232,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         """Run ``body`` (returning (reply, bytes moved)) with the drain gate, the hop guard,
         I/O metrics and the error mapping."""
         start = time.perf_counter()
-        code = _OK
+        code: grpc.StatusCode | None = _OK
         nbytes = 0
         try:
             self._admit(context, volume)
@@ -242,19 +242,18 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._gate.leave()
             return reply
         except (TierdiskError, OSError) as exc:
-            code = status_for(exc)
-            if op is not None:  # counted before abort() sends the status the caller sees
-                self._metrics.observe_io(
-                    volume, op, _CODE_NAMES[code], nbytes, time.perf_counter() - start
-                )
-                op = None
-            await self._refuse(context, code, exc)
+            refusal = status_for(exc)
+            code = None  # counted here, before abort() sends the status the caller sees
+            if op is not None:
+                seconds = time.perf_counter() - start
+                self._metrics.observe_io(volume, op, _CODE_NAMES[refusal], nbytes, seconds)
+            await self._refuse(context, refusal, exc)
             raise  # not reached: abort() raises
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
         finally:
-            if op is not None:
+            if op is not None and code is not None:
                 self._metrics.observe_io(
                     volume, op, _CODE_NAMES[code], nbytes, time.perf_counter() - start
                 )
