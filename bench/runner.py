@@ -871,9 +871,11 @@ class Bench:
         rows = {r.target: r for r in self.rows if r.section == "tiers"}
         if not rows:
             return
-        variants = [(rows["tier cold"], rows["tier warm"], "")]
-        if TIER_COLD_NBD in rows:  # the origin exports NBD; the tier asks it where
-            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], "auto"))
+        variants: list[tuple[Row, Row, str | None]] = [
+            (rows["tier cold"], rows["tier warm"], "")  # nbd = "": reads over gRPC
+        ]
+        if TIER_COLD_NBD in rows:  # the origin exports NBD; by default the tier asks it where
+            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], None))
         if run % 2:
             variants.reverse()  # each goes first in every other run (fresh-memory cost)
         for cold, warm, address in variants:
@@ -936,10 +938,11 @@ class Bench:
             check=False,
         )
 
-    def run_tier(self, run: int, cold: Row, warm: Row, fresh: Row, nbd: str) -> None:
+    def run_tier(self, run: int, cold: Row, warm: Row, fresh: Row, nbd: str | None) -> None:
         """A cache server over the origin, started empty: read it cold (right after a
-        :meth:`fresh_write`, recorded in ``fresh``), then warm; its remote layer reads over
-        the origin's NBD export when ``nbd`` is set (its ``nbd`` option). Then the cold row
+        :meth:`fresh_write`, recorded in ``fresh``), then warm; its remote layer's ``nbd``
+        option is ``nbd`` (``None``: not given, the default, which reads over the origin's
+        NBD export when it has one; ``""``: reads over gRPC). With NBD, the cold row
         records how many reads the layer made over NBD (``nbd_reads``), and is an error if
         none: a row named "NBD" that measured gRPC would mislead."""
         cache_dir = self.work / f"tier-{run}"
@@ -947,7 +950,7 @@ class Bench:
         config = self.work / "tier.toml"
         remote: dict[str, Any] = {"kind": "remote", "target": self.origin.address}
         remote["volume"] = "base"
-        if nbd:
+        if nbd is not None:
             remote["nbd"] = nbd
         config.write_text(
             f'[server]\ndata_dir = "{cache_dir}"\n'
@@ -960,7 +963,8 @@ class Bench:
                 ],
             )
         )
-        cache = self.start_server(f"tier-{run}{'-nbd' if nbd else ''}", config)
+        over_nbd = nbd != ""
+        cache = self.start_server(f"tier-{run}{'-nbd' if over_nbd else ''}", config)
         try:
             # Connect first (outside the measured range), so the cold read times reads only.
             self.lg.run(
@@ -987,7 +991,7 @@ class Bench:
             result = self.read_tier(cache.address, "tier", cache.pid)
             after = memory_stalls()
             result["memory_stalls"] = {k: after[k] - before.get(k, 0) for k in after}
-            if nbd:
+            if over_nbd:
                 result.update(_nbd_reads(cache.address))
             cold.runs.append(result)
             warm.runs.append(self.read_tier(cache.address, "tier", cache.pid))

@@ -31,7 +31,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     ``unix:/path``; or ``"auto"``: the address the target's server gives as ``Inspect`` path
     ``nbd/address``, asked at attach and at each reconnect, a listener on every interface
     reached on ``target``'s host; a target without an NBD export is said once at info level
-    and asked again every minute; default ``""``, off). Reads then go over NBD
+    and asked again every minute; ``""``: off). Default: ``"auto"`` for a layer in
+    ``mode = "disk"`` without TLS or a token, else off: a target that exports NBD is read
+    over it, any other target over gRPC as before. Reads then go over NBD
     (:mod:`..nbd_client`): per MiB the origin spends ~60-70% and this side's receive ~25% of
     a gRPC ``Read``'s CPU (``bench/README.md``, "Reads over NBD between tiers"); everything else
     (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in
@@ -148,7 +150,7 @@ from .remote_connect import (
     hop_metadata,
 )
 from .remote_errors import ERROR_MAP, MAX_REMOTE_MESSAGE, Translate, domain_error
-from .remote_nbd import NbdDataPath
+from .remote_nbd import NBD_AUTO, NbdDataPath
 
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
 
@@ -199,7 +201,7 @@ class RemoteLayer(Layer):
         server_name: str | None = None,
         token: str | None = None,
         token_file: str | None = None,
-        nbd: str = "",
+        nbd: str | None = None,
         *,
         max_io: int = DEFAULT_MAX_IO,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
@@ -221,6 +223,9 @@ class RemoteLayer(Layer):
             raise ValueError("cert_file and key_file go together (a client certificate)")
         if token is not None and token_file is not None:
             raise ValueError("give token or token_file, not both")
+        if nbd is None:  # the default: NBD when the target offers it and nothing rules it out
+            plain = not tls and token is None and token_file is None
+            nbd = NBD_AUTO if mode == "disk" and plain else ""
         if nbd and mode != "disk":
             raise ValueError('nbd needs mode = "disk" (NBD carries no presence)')
         if nbd and (tls or token is not None or token_file is not None):
