@@ -2,17 +2,21 @@
 stack, the tier configs, the health probe and the origin's entrypoint.
 
 Real tools throughout: promtool and docker-compose from Debian (skipped when missing unless
-TIERDISK_REQUIRE_TOOLS=1), a real gRPC health server for the probe.
+TIERDISK_REQUIRE_TOOLS=1), a real gRPC health server for the probe, and a real tierdisk server
+with its NBD export, driven by libnbd (python3-libnbd), for what the NBD panels and alert read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -21,7 +25,10 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tools import require_tool
+from prometheus_client.parser import text_string_to_metric_families
+from servers import ServerProcess, ram, samples, toml_volume
+from tools import REQUIRE_TOOLS_ENV, require_tool
+from waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -32,7 +39,8 @@ TIER_CONFIGS = DEPLOY / "tierdisk"
 HEALTHCHECK = DEPLOY / "healthcheck.py"
 ENTRYPOINT = DEPLOY / "origin-entrypoint.py"
 
-# DESIGN §5: the metric families a tierdisk server exports.
+# DESIGN §5: the metric families a tierdisk server exports. Families beyond §5 (the NBD
+# export's) are read from a real server's /metrics instead: see `exported_series`.
 COUNTERS = {
     "tierdisk_layer_reads_total",
     "tierdisk_layer_read_sectors_total",
@@ -75,7 +83,7 @@ KIND_KEYS = {
 }
 
 # The rows of the dashboard, in order: one per concern.
-ROWS = ["I/O", "Latency", "Cache", "Layers", "Remote", "Sizes"]
+ROWS = ["I/O", "Latency", "Cache", "Layers", "Remote", "NBD", "Sizes"]
 
 
 def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
@@ -87,6 +95,178 @@ def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
         f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
     )
     return done.stdout
+
+
+# ---------------------------------------------------------------------------- a real server
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # the Debian python, where python3-libnbd installs `nbd`
+
+
+@pytest.fixture(scope="module")
+def nbd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A real tierdisk server (a child process, stopped by PID) with its NBD export on
+    127.0.0.1, serving volume "base" as the compose stack's tiers do, and taking one NBD
+    connection at once (so a second client is refused)."""
+    folder = tmp_path_factory.mktemp("nbd-server")
+    config = folder / "tierdisk.toml"
+    config.write_text(
+        '[server]\nnbd = "127.0.0.1:0"\nnbd_max_connections = 1\n'
+        + toml_volume("base", ram("1MiB"))
+    )
+    with ServerProcess.start(folder, config, "--log-level", "warning") as server:
+        assert server.nbd, "the server reports no NBD address"
+        yield server
+
+
+def scrape_metrics(address: str) -> str:
+    """The body of ``GET /metrics`` on ``address`` (``host:port``)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        body: bytes = reply.read()
+    return body.decode()
+
+
+# The series a family of each type has (a family's name leaves out a counter's _total).
+TYPE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+}
+
+
+def series_names(text: str) -> set[str]:
+    """The series names a scrape exports: every family's by its type (a family shows with its
+    TYPE line before it has samples) and every sample's."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {family.name + suffix for suffix in TYPE_SUFFIXES.get(family.type, ("",))}
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+@pytest.fixture(scope="module")
+def exported_series(nbd_server: ServerProcess) -> set[str]:
+    """What a real server with an NBD export has on /metrics, for the checks that rules and
+    panels read only exported series (with DESIGN §5's families, KNOWN_SERIES)."""
+    names = series_names(scrape_metrics(nbd_server.metrics))
+    assert "tierdisk_nbd_requests_total" in names, sorted(names)
+    return names
+
+
+def require_libnbd() -> str:
+    """The system python with python3-libnbd (a real NBD client library); skip, or fail when
+    TIERDISK_REQUIRE_TOOLS=1, without it."""
+    reason = f"python3-libnbd is not importable by {SYSTEM_PYTHON} (apt-get install python3-libnbd)"
+    try:
+        found = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30)
+    except FileNotFoundError:
+        found = None
+    if found is not None and found.returncode == 0:
+        return SYSTEM_PYTHON
+    if os.environ.get(REQUIRE_TOOLS_ENV) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_TOOLS_ENV}=1 requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+# An NBD client's session with libnbd: each command once, a read past the end (strict mode
+# off, so the server answers it: EINVAL), then a second connection, which the server refuses
+# (it takes one at once). It prints "ready" and keeps its session open until stdin closes.
+LIBNBD_CLIENT = r"""
+import nbd, sys
+uri = sys.argv[1]
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(uri)
+size = h.get_size()
+h.pwrite(b"\xa5" * 65536, 0)
+assert h.pread(65536, 0) == b"\xa5" * 65536
+h.flush()
+h.trim(4096, 65536)
+h.zero(4096, 131072)
+h.cache(65536, 0)
+h.block_status(65536, 0, lambda *args: 0)
+h.set_strict_mode(0)
+try:
+    h.pread(1024, size - 512)
+except nbd.Error as exc:
+    assert exc.errno == "EINVAL", exc
+else:
+    raise AssertionError("a read past the end succeeded")
+g = nbd.NBD()
+try:
+    g.connect_uri(uri)
+except nbd.Error:
+    pass
+else:
+    raise AssertionError("a second connection was taken")
+print("ready", flush=True)
+sys.stdin.readline()
+h.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def nbd_traffic(nbd_server: ServerProcess) -> str:
+    """``nbd_server``'s /metrics after a real NBD client (:data:`LIBNBD_CLIENT`) used it,
+    scraped while the client's session is still open."""
+    python = require_libnbd()
+    uri = f"nbd://{nbd_server.nbd}/base"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    client = subprocess.Popen(
+        [python, "-c", LIBNBD_CLIENT, uri],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert client.stdin is not None and client.stdout is not None
+
+    def failed(what: str) -> str:
+        if client.poll() is None:
+            client.kill()  # by its PID
+        client.wait(10)
+        err = client.stderr.read() if client.stderr else ""
+        return f"the libnbd client {what} (exit {client.returncode}):\n{err}"
+
+    try:
+        readable, _, _ = select.select([client.stdout], [], [], 60)
+        line = client.stdout.readline() if readable else ""
+        assert line == "ready\n", failed(f"did not get ready: {line!r}")
+        text = ""
+
+        def counted() -> bool:
+            nonlocal text
+            text = scrape_metrics(nbd_server.metrics)
+            got = samples(text)
+            return all(
+                got.get((name, frozenset(labels.items()))) == count
+                for name, labels, count in [
+                    ("tierdisk_nbd_requests_total",
+                     {"volume": "base", "command": "read", "result": "EINVAL"}, 1),
+                    ("tierdisk_nbd_requests_total",
+                     {"volume": "base", "command": "block_status", "result": "ok"}, 1),
+                    ("tierdisk_nbd_connections_refused_total", {}, 1),
+                    ("tierdisk_nbd_sessions_active", {"volume": "base"}, 1),
+                ]
+            )  # fmt: skip
+
+        try:  # the server counts an NBD request after its reply: the client may be ahead
+            asyncio.run(eventually("the client's session in /metrics", counted))
+        except AssertionError:
+            seen = [
+                entry
+                for entry in text.splitlines()
+                if re.match(r"tierdisk_nbd_(?!\w*_bucket)", entry)
+            ]
+            pytest.fail(
+                "the client's requests, refusal or session not counted:\n" + "\n".join(seen)
+            )
+        client.stdin.close()
+        assert client.wait(30) == 0, failed("failed")
+        return text
+    finally:
+        if client.poll() is None:
+            client.kill()  # by its PID
+            client.wait(10)
+        for stream in (client.stdout, client.stderr):
+            if stream:
+                stream.close()
 
 
 # ---------------------------------------------------------------------------- Prometheus
@@ -128,15 +308,16 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     cases = re.findall(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*(\[\])?", tests)
     names = alert_names()
     assert {"TierdiskTierDown", "TierdiskRemoteLayerErrors", "TierdiskCacheFillErrors",
-            "TierdiskErrorRateSpike", "TierdiskVolumeNotReady"} <= set(names)  # fmt: skip
+            "TierdiskErrorRateSpike", "TierdiskVolumeNotReady",
+            "TierdiskNbdConnectionsRefused"} <= set(names)  # fmt: skip
     for name in names:
         outcomes = {quiet == "" for alert, quiet in cases if alert == name}
         assert outcomes == {True, False}, f"{name} needs a firing and a quiet case"
     assert "tier_volume_layer:tierdisk_cache_hit_ratio:ratio_rate5m" in tests
 
 
-def test_rules_use_only_exported_metrics() -> None:
-    known = KNOWN_SERIES | set(recording_names())
+def test_rules_use_only_exported_metrics(exported_series: set[str]) -> None:
+    known = KNOWN_SERIES | exported_series | set(recording_names())
     for name in ("recording.yml", "alerts.yml"):
         text = "\n".join(
             line
@@ -249,17 +430,22 @@ def test_every_dashboard_query_is_valid_promql(selection: str, tmp_path: Path) -
     run(promtool, "check", "rules", str(rules))
 
 
-def test_dashboard_uses_only_exported_metrics() -> None:
-    known = KNOWN_SERIES | set(recording_names())
+def test_dashboard_uses_only_exported_metrics(exported_series: set[str]) -> None:
+    known = KNOWN_SERIES | exported_series | set(recording_names())
     for where, expr in dashboard_queries(load_dashboard()):
         unknown = metric_names(expr) - known
         assert not unknown, f"{where} uses series no server or rule exports: {sorted(unknown)}"
         assert metric_names(expr), f"{where} reads no tierdisk series: {expr}"
 
 
-def input_series() -> list[dict[str, str]]:
+def input_series(nbd: str) -> list[dict[str, str]]:
     """A plausible 10-minute scrape of the compose stack, every 15 s: both tiers, volume
-    "base", the cache's three layers, some errors. Counters grow linearly."""
+    "base", the cache's three layers, some errors. Counters grow linearly.
+
+    Both tiers have their NBD export on (deploy/README.md: the origin's serves the cache
+    tier's reads, a cache tier's serves VMs), with the NBD series of ``nbd``, a real server's
+    scrape after a real client's session (``nbd_traffic``): each counter and histogram series
+    grows by its value there every 15 s, each gauge keeps its value."""
     series: list[dict[str, str]] = []
 
     def add(name: str, labels: dict[str, str], step: float, *, constant: bool = False) -> None:
@@ -317,10 +503,17 @@ def input_series() -> list[dict[str, str]]:
             for le, share in {"0.01": 0.5, "0.1": 0.99, "+Inf": 1}.items():
                 add("tierdisk_remote_request_duration_seconds_bucket",
                     target | {"method": "Read", "le": le}, 11 * share)  # fmt: skip
+        for family in text_string_to_metric_families(nbd):
+            if family.name.startswith("tierdisk_nbd_"):
+                for sample in family.samples:
+                    add(sample.name, target | sample.labels, sample.value,
+                        constant=family.type == "gauge")  # fmt: skip
     return series
 
 
-def test_every_dashboard_panel_shows_data_for_a_plausible_stack(tmp_path: Path) -> None:
+def test_every_dashboard_panel_shows_data_for_a_plausible_stack(
+    tmp_path: Path, nbd_traffic: str
+) -> None:
     """Each query, with the recording rules loaded, returns series for a scrape of the
     compose stack: catches wrong names, labels that do not match and filters that drop all."""
     promtool = require_tool("promtool")
@@ -339,7 +532,13 @@ def test_every_dashboard_panel_shows_data_for_a_plausible_stack(tmp_path: Path) 
     tests = {
         "rule_files": [str(PROMETHEUS / "recording.yml")],
         "evaluation_interval": "15s",
-        "tests": [{"interval": "15s", "input_series": input_series(), "promql_expr_test": checks}],
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": input_series(nbd_traffic),
+                "promql_expr_test": checks,
+            }
+        ],
     }
     path = tmp_path / "dashboard_test.yml"
     path.write_text(json.dumps(tests, indent=1))
