@@ -447,6 +447,43 @@ async def test_attach_to_a_silent_target_fails_fast() -> None:
     await layer.close()
 
 
+async def test_an_attach_cancelled_anywhere_leaves_nothing_running(origin: Server) -> None:
+    """An attach cancelled at any point (a server stopped while its volumes attach) leaves
+    no resize watch task and no open channel behind: the engine closes only layers whose
+    attach returned, so the layer must stop what it started itself."""
+
+    def watches() -> list[asyncio.Task[Any]]:
+        return [
+            t
+            for t in asyncio.all_tasks()
+            if t.get_name().startswith("watch-resize") and not t.done()
+        ]
+
+    cancelled_after_connect = 0
+    for turns in range(0, 2000, 7):  # cancel after more and more loop turns, until it is done
+        layer = RemoteLayer(origin.grpc_address, "base")
+        attach = asyncio.create_task(layer.attach(None))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+            if attach.done():
+                break
+        if attach.done():
+            await attach
+            assert len(watches()) == 1
+            await layer.close()
+            assert not watches()
+            break
+        attach.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attach
+        cancelled_after_connect += layer.sector_count > 0  # GetVolume had answered
+        assert not watches(), f"cancelled after {turns} turns"
+        assert layer._client is None, f"cancelled after {turns} turns: the channel is open"
+    else:
+        raise AssertionError("the attach never finished")
+    assert cancelled_after_connect > 0  # some cancellations came after GetVolume
+
+
 async def test_server_starts_with_the_remote_down(tmp_path: Path) -> None:
     port = free_port()
     body = toml_volume("vm", ram(), remote(f"127.0.0.1:{port}", "base", timeout=1))

@@ -292,3 +292,50 @@ async def test_a_read_past_an_origin_shrink_not_yet_watched_reads_zeros(
             await eventually("the cache tier to follow the grow", grown)
             assert (await top.inspect())["generation"] == generation + 2
             assert await cached.read(half + 64, 8) == zeros  # the origin grew with zeros
+
+
+# -- a resize of this tier while another one resizes the origin ------------------------------
+
+
+async def test_a_resize_reply_overtaken_by_a_newer_resize_does_not_bring_its_size_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache tier resizes its remote top to ``first``; before the origin's reply reaches
+    it, someone else resizes the origin to ``second``, and the cache tier's resize watch
+    applies both, in order. The late reply must not put ``first`` back: the tier keeps
+    ``second``, the origin's size. (The reply is held on the origin, after its resize and
+    its WatchResize event, so the race is certain.)"""
+    n, first, second = 4 * SECTORS, 3 * SECTORS, 2 * SECTORS
+    reply_held = asyncio.Event()
+    release_reply = asyncio.Event()
+    original = BlockDeviceService.Resize
+
+    async def resize(self: BlockDeviceService, request: Any, context: Any) -> Any:
+        reply = await original(self, request, context)
+        if request.volume == "base" and request.sector_count == first:
+            reply_held.set()
+            await release_reply.wait()
+        return reply
+
+    monkeypatch.setattr(BlockDeviceService, "Resize", resize)
+    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
+        body = toml_volume("top", remote(o.grpc_address, "base"))
+        async with (
+            AsyncClient(o.grpc_address) as oc,
+            running_server(tmp_path / "cache", body) as cache,
+            AsyncClient(cache.grpc_address, retries=0) as cc,
+        ):
+            top = cc.volume("top")
+            ours = asyncio.create_task(top.resize(first))
+            await asyncio.wait_for(reply_held.wait(), 10)
+            await oc.volume("base").resize(second)
+
+            async def followed() -> bool:
+                return (await top.info()).sector_count == second
+
+            await eventually("the cache tier to follow the newer resize", followed)
+            release_reply.set()
+            await asyncio.wait_for(ours, 10)
+            assert (await oc.volume("base").info()).sector_count == second
+            assert (await top.info()).sector_count == second
+            assert (await top.inspect("layers/0"))["sector_count"] == second

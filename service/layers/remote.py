@@ -61,33 +61,21 @@ Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes fro
 remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size, and the
 smallest size the remote volume has had from its Inspect (``smallest_sector_count``): as a
 volume's top, the layer keeps the layers below it hidden past that size, so a shrink made
-through it still hides their old data after this server restarts (DESIGN.md §3). Afterwards a
-background task follows the remote's ``WatchResize`` (reconnecting with backoff when the
-stream breaks) and keeps :attr:`sector_count` current; when this layer is the top of a
-volume, the engine passes the change on to the volume's own watchers. Attach waits (up to
-the attach timeout) for that stream to start, and :meth:`resize` (``Resize`` forwarded to
-the remote) takes the new size from the stream when it runs, so sizes are applied in the
-remote's order and a late reply never puts back an older size.
-
-The remote volume must keep its geometry: a volume re-created with another sector size (or,
-when it had one at attach, another disk id) under the same name and address would take this
-layer's sector numbers as other bytes (a write at the wrong place, a size read in other
-units). So the geometry is checked again whenever the resize watch (re)connects, before the
-stream's size is applied (one ``Inspect``, see below), and while no stream runs (it broke:
-the remote may be restarting) each I/O checks it first, then wakes the watch to reconnect.
-On a change, the size is never applied and every I/O of the layer (reads over NBD too) fails
-with :class:`~..errors.FailedPrecondition` naming the old and the new value, until this
-server restarts (and so attaches the volume anew); ``inspect`` shows it as ``problem``
-(``""`` while all is well). The check costs the I/O path one attribute test.
+through it still hides their old data after this server restarts (DESIGN.md §3). Afterwards
+the layer follows the remote's size and guards the rest of its geometry, as
+:mod:`.remote_geometry` describes: a background task follows the remote's ``WatchResize`` and
+keeps :attr:`sector_count` current (attach waits for its stream to start; :meth:`resize`
+takes the new size from it, in the remote's order), and a remote volume re-created with
+another sector size or disk id makes every I/O of the layer fail with
+:class:`~..errors.FailedPrecondition` until this server restarts (``inspect`` shows it as
+``problem``). The check costs the I/O path one attribute test.
 
 A remote that shrank before its ``WatchResize`` event arrived answers ``OUT_OF_RANGE`` to a
 read (or presence) of sectors inside the size this layer still knows. A layer smaller than the
-volume never fails a read there (DESIGN.md §3): the layer asks the remote's size (one
-``Inspect``: size and generation of one moment; GetVolume has no generation), applies it as
-the watch would (while a stream runs only if its generation is newer than the last applied, so
-no older size comes back and the event is not applied twice) and retries within it, so the
-sectors past the new end come from below or read as zeros. A size that keeps changing under
-the retries (3 tries) is :class:`~..errors.Unavailable`.
+volume never fails a read there (DESIGN.md §3): the layer asks the remote's size and applies
+it as the watch would (:meth:`.remote_geometry.GeometryFollower.refreshed_size`) and retries
+within it, so the sectors past the new end come from below or read as zeros. A size that
+keeps changing under the retries (3 tries) is :class:`~..errors.Unavailable`.
 
 Unmap: in disk mode, or where nothing below this layer shows through, ``Unmap`` is
 forwarded. In layer mode over lower data the sectors are written as zeros instead, because
@@ -118,7 +106,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
@@ -128,7 +116,6 @@ from tierdisk.client.chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
     Chunk,
-    caller_cancelled,
     plan_chunks,
     run_bounded,
     sectors_per_chunk,
@@ -138,8 +125,7 @@ from tierdisk.client.models import VolumeInfo
 from tierdisk.client.retry import RetryPolicy
 
 from .. import errors, hops
-from ..backoff import Backoff
-from ..layer import Layer, LayerMetadata, UnmapBehavior, layer_closed
+from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
 from ..runs import Run, merge
 from .remote_connect import (
@@ -150,6 +136,7 @@ from .remote_connect import (
     hop_metadata,
 )
 from .remote_errors import ERROR_MAP, MAX_REMOTE_MESSAGE, Translate, domain_error
+from .remote_geometry import GeometryFollower
 from .remote_nbd import NBD_AUTO, NbdDataPath
 
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
@@ -161,9 +148,6 @@ MODES = ("disk", "layer")
 ATTACH_TIMEOUT = 2.0
 """Longest wait, in seconds, for the remote's GetVolume at attach (no retries there)."""
 
-_WATCH_BACKOFF = (0.1, 5.0)
-"""``(first, cap)`` in seconds: the reconnect delays of the WatchResize follower
-(:class:`~tierdisk.service.backoff.Backoff`, doubling, jittered to 0.5-1.5 times)."""
 _PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
 _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -264,24 +248,22 @@ class RemoteLayer(Layer):
         self._vol: AsyncVolume | None = None
         self._info: VolumeInfo | None = None
         self._home_chain = ""
-        self._watch_task: asyncio.Task[None] | None = None
-        self._watching = False
-        self._watch_news = asyncio.Event()  # replaced and set on each watch event or break
         self._smallest = 0  # the remote volume's smallest size (set at attach)
-        self._generation: int | None = None  # remote size generation applied (while watching)
-        self._watch_wake = asyncio.Event()  # cuts the watch's reconnect backoff short
-        self._disk_id_at_attach = b""
-        self._checked = True
-        """False while the remote's geometry is not known to be the one of attach: from the
-        end of a resize watch stream until the next one's check, and for good once
-        :attr:`_refusal` is set. Every I/O tests it (the only cost on its path)."""
-        self._refusal: errors.FailedPrecondition | None = None
-        """Set when the remote volume's geometry changed: what every I/O raises."""
-        self._io_check: asyncio.Task[None] | None = None  # a check shared by waiting I/O
+        self._geometry = GeometryFollower(
+            where=lambda: self._where,
+            timeout=self.timeout,
+            remote=self._volume,
+            size=lambda: self._sector_count,
+            apply=self._set_size,
+            resumed=self._remote_back,
+            refused=self._remote_changed,
+            log=log,
+        )
+        """Follows the remote's size and guards its geometry; every I/O tests its
+        :attr:`~.remote_geometry.GeometryFollower.checked` (the only cost on its path)."""
         self._present = 0
         self._present_at = -_PRESENT_REFRESH
         self._present_task: asyncio.Task[None] | None = None
-        self._watch_log = RateLimitedLog(log)
         self._call_log = RateLimitedLog(log)  # failed calls: can repeat on every request
         self.request_counts: dict[tuple[str, str], int] = {}
         """Calls made to the remote, by (RPC name, status code name); only ever added to (the
@@ -331,40 +313,39 @@ class RemoteLayer(Layer):
                 ) from None
             self._set_geometry(info.sector_size, info.sector_count, info.physical_sector_size)
             self._smallest = info.sector_count if smallest is None else smallest
-            self._disk_id_at_attach = info.disk_id
         except BaseException:
             await client.close()
             raise
         client.policy = RetryPolicy(retries=self.retries, backoff=BACKOFF, max_backoff=MAX_BACKOFF)
         self._client, self._vol, self._info = client, vol, info
-        if self.mode == "layer":
-            self._present_at = time.monotonic()
-            with contextlib.suppress(client_errors.TierdiskError):
-                await self._refresh_present(attach_timeout)  # best effort: a diagnostic
-        self._watch_task = asyncio.create_task(
-            self._follow_resizes(), name=f"watch-resize {self.target}/{self.remote_volume}"
-        )
-        # Have the watch running before any I/O: then every later size change arrives on it
-        # in order, and no first message of a late stream can bring back an older size.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(attach_timeout):
-                while not self._watching and self._refusal is None:
-                    await self._watch_news.wait()
-        if self._refusal is not None:  # re-created between GetVolume and the watch: anew
-            await self.close()
-            raise errors.Unavailable(
-                f"{self._where}: its geometry changed while this layer attached; attaching anew"
+        try:
+            if self.mode == "layer":
+                self._present_at = time.monotonic()
+                with contextlib.suppress(client_errors.TierdiskError):
+                    await self._refresh_present(attach_timeout)  # best effort: a diagnostic
+            await self._geometry.start(
+                info.sector_size,
+                info.disk_id,
+                wait=attach_timeout,
+                name=f"watch-resize {self.target}/{self.remote_volume}",
             )
-        if self._nbd is not None:
-            await self._nbd.start()
+            if self._geometry.refusal is not None:  # re-created between GetVolume and now
+                raise errors.Unavailable(
+                    f"{self._where}: its geometry changed while this layer attached; attaching anew"
+                )
+            if self._nbd is not None:
+                await self._nbd.start()
+        except BaseException:  # failed or cancelled: stop what started (the engine closes
+            await self.close()  # only layers whose attach returned)
+            raise
 
     async def close(self) -> None:
-        for task in (self._watch_task, self._present_task, self._io_check):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._watch_task = self._present_task = self._io_check = None
+        if self._present_task is not None:
+            self._present_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._present_task
+            self._present_task = None
+        await self._geometry.close()
         if self._nbd is not None:
             await self._nbd.close()
         if self._client is not None:
@@ -372,6 +353,17 @@ class RemoteLayer(Layer):
             self._client = None
 
     # -- hooks ----------------------------------------------------------------------------
+
+    def _remote_back(self) -> None:
+        """The resize watch (re)connected: the target answers again, so NBD may too."""
+        if self._nbd is not None:
+            self._nbd.retry_now()
+
+    async def _remote_changed(self, problem: str) -> None:
+        """The remote volume's geometry changed: every I/O is refused from now on."""
+        self._found_problem(problem)  # the server logs it, naming the volume
+        if self._nbd is not None:
+            await self._nbd.refuse(f"not used: {problem}")
 
     def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
         key = (rpc, code.name)
@@ -457,7 +449,7 @@ class RemoteLayer(Layer):
         return self._present
 
     async def _refresh_present(self, seconds: float | None = None) -> None:
-        if self._refusal is not None:
+        if self._geometry.refusal is not None:
             return
         vol = self._volume()
         extents = await vol.allocation(0, self._sector_count, timeout=seconds or self.timeout)
@@ -479,8 +471,8 @@ class RemoteLayer(Layer):
         return max(0, min(count, self._sector_count - sector))
 
     async def read(self, buf: memoryview, sector: int) -> list[Run]:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         ss = self._sector_size
         count = self._clip(sector, len(buf) // ss)
         if count == 0:
@@ -519,8 +511,8 @@ class RemoteLayer(Layer):
         )
 
     async def presence(self, sector: int, count: int) -> list[Run]:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         wanted, count = count, self._clip(sector, count)
         if count == 0:
             return []
@@ -538,14 +530,14 @@ class RemoteLayer(Layer):
         return merge([(e.sector, e.end) for e in extents if e.depth >= 0])
 
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         with self._errors:
             await self._volume().write(sector, data, fua=fua)
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         if not self.can_read_cache:
             await super().write_no_overwrite(data, sector)
             return
@@ -555,8 +547,8 @@ class RemoteLayer(Layer):
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
     ) -> None:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
             return
         vol = self._volume()
@@ -580,32 +572,27 @@ class RemoteLayer(Layer):
         await run_bounded(plan_chunks(sector, count, per_chunk), one, self._max_in_flight)
 
     async def flush(self) -> None:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         with self._errors:
             await self._volume().flush()
 
     async def resize(self, sector_count: int) -> None:
-        if not self._checked:
-            await self._check_first()
+        if not self._geometry.checked:
+            await self._geometry.check()
         if self.read_only:
             raise errors.ReadOnlyError(f"{self._where} is read-only: cannot resize it")
+        mark = self._geometry.mark()
         with self._errors:
             info = await self._volume().resize(sector_count)
         self._info = info
         size = info.sector_count
-        if self._watching and size != self._sector_count:
-            # The watch reports every size change in order, this one included; taking the
-            # reply instead could put back an older size after a newer change (someone
-            # else's resize) already arrived. Wait for the watch; fall back to the reply.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.timeout):
-                    while self._watching and self._sector_count != size:
-                        await self._watch_news.wait()
-            if self._sector_count == size:
-                return
-            if self._refusal is not None:  # the remote changed meanwhile: not in its units
-                raise self._refusal
+        if (
+            self._geometry.watching
+            and size != self._sector_count
+            and await self._geometry.wait_for_size(size, mark)
+        ):
+            return  # the watch brought it (and any newer size), in the remote's order
         self._set_size(size)
 
     def _set_size(self, sector_count: int) -> None:
@@ -616,155 +603,6 @@ class RemoteLayer(Layer):
             if self._nbd is not None:
                 self._nbd.size_changed()
 
-    def _watch_spoke(self) -> None:
-        """Wake :meth:`resize` callers waiting for the watch (an event, or the stream ended)."""
-        news, self._watch_news = self._watch_news, asyncio.Event()
-        news.set()
-
-    # -- following the remote's size ------------------------------------------------------
-
-    async def _follow_resizes(self) -> None:
-        """Follow the remote's WatchResize for as long as the layer lives, reconnecting with
-        jittered exponential backoff when the stream breaks or the remote restarts (sooner
-        when an I/O found the remote answering again). The first event of each stream is
-        applied only once the remote's geometry proved unchanged; after a change, following
-        ends (the layer refuses all I/O)."""
-        backoff = Backoff(*_WATCH_BACKOFF)
-        vol = self._volume()
-        while self._refusal is None:
-            try:
-                async for event in vol.watch_resize():
-                    if not self._watching:  # a new stream: which volume answers it now?
-                        await self._check_geometry()
-                        self._watching = self._checked = True
-                        backoff.reset()
-                        self._generation = event.generation
-                        self._set_size(event.sector_count)
-                        if self._nbd is not None:
-                            self._nbd.retry_now()  # the target is back: NBD may be too
-                    elif self._generation is None or event.generation > self._generation:
-                        self._generation = event.generation  # (else a refresh applied it)
-                        self._set_size(event.sector_count)
-                    self._watch_spoke()
-            except client_errors.TierdiskError as exc:
-                self._watch_log.warning(
-                    "%s: resize watch broke (%s); reconnecting", self._where, exc
-                )
-            except errors.FailedPrecondition:
-                if self._refusal is None:
-                    raise
-            finally:
-                self._watching = self._checked = False
-                self._generation = None
-                self._watch_wake.clear()
-                self._watch_spoke()
-            if self._refusal is not None:
-                return
-            # The backoff; an I/O that found the remote answering cuts it short (but never
-            # below the first delay, so attempts stay bounded whatever the I/O rate).
-            wait = backoff.next()
-            await asyncio.sleep(min(wait, backoff.first))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, wait - backoff.first)):
-                    await self._watch_wake.wait()
-
-    # -- the remote's geometry and size ---------------------------------------------------
-
-    async def _remote_state(self) -> _RemoteState:
-        """The remote volume's sector size, disk id, size and size generation, as one
-        ``Inspect`` reports them (one moment of the volume; GetVolume has no generation).
-        Client errors pass through."""
-        tree = await self._volume().inspect()
-        sector_size, sector_count, generation, disk_id = (
-            tree.get("sector_size"),
-            tree.get("sector_count"),
-            tree.get("generation"),
-            tree.get("disk_id", ""),
-        )
-        if (
-            isinstance(sector_size, int)
-            and isinstance(sector_count, int)
-            and isinstance(generation, int)
-            and isinstance(disk_id, str)
-        ):
-            return _RemoteState(sector_size, disk_id, sector_count, generation)
-        raise client_errors.StorageError(
-            "its Inspect tree lacks sector_size, sector_count, generation or disk_id",
-            volume=self.remote_volume,
-        )
-
-    async def _check_geometry(self, state: _RemoteState | None = None) -> None:
-        """Raise (and set for good) :attr:`_refusal` if the remote volume's sector size, or
-        its disk id when it had one at attach, is not what it was at attach (``state``, or
-        asked now); client errors pass through."""
-        if state is None:
-            state = await self._remote_state()
-        changes = []
-        if state.sector_size != self._sector_size:
-            changes.append(f"{state.sector_size}-byte sectors, not {self._sector_size}")
-        attached = self._disk_id_at_attach.hex()
-        if attached and state.disk_id != attached:
-            changes.append(f"disk id {state.disk_id or '(none)'}, not {attached}")
-        if not changes:
-            return
-        if self._refusal is None:
-            self._refusal = errors.FailedPrecondition(
-                f"{self._where} changed since this layer attached: it now has "
-                f"{' and '.join(changes)} (re-created with another geometry?). Its sector "
-                "numbers no longer address the data this layer was attached to, so the layer "
-                "refuses all I/O: restart this server to attach the volume anew, to the remote "
-                "volume as it is now"
-            )
-            self._checked = False
-            self._found_problem(str(self._refusal))  # the server logs it, naming the volume
-            if self._nbd is not None:
-                await self._nbd.refuse(f"not used: {self._refusal}")
-            self._watch_spoke()
-        raise self._refusal
-
-    async def _check_first(self) -> None:
-        """Before an I/O while the remote's geometry is not known to be unchanged (no resize
-        watch stream runs: the remote may be restarting with another one): refused after a
-        change; else one check, shared by the I/O that wait for it, then the I/O may go on
-        (and the watch reconnects now, the remote answering)."""
-        if self._refusal is not None:
-            raise self._refusal
-        check = self._io_check
-        if check is None:
-            check = self._io_check = asyncio.create_task(self._check_for_io())
-            check.add_done_callback(_retrieve)  # its error is raised to those who wait
-        try:
-            await asyncio.shield(check)
-        except asyncio.CancelledError:
-            if caller_cancelled() or not check.cancelled():
-                raise
-            raise layer_closed(self._where) from None  # close() cancelled the check
-
-    async def _check_for_io(self) -> None:
-        try:
-            with self._errors:
-                await self._check_geometry()
-            self._watch_wake.set()
-        finally:
-            self._io_check = None
-
-    async def _refreshed_size(self) -> int:
-        """The remote's size now, asked after it refused as out of range sectors inside the
-        size this layer knew (it shrank; the watch has not said so yet), and applied as the
-        watch would: while a stream runs, only if newer than the last size it applied (its
-        event, when it comes, is then not applied again, and no late answer brings back an
-        older size); with no stream, at once (the next stream's first event says it anew)."""
-        with self._errors:
-            state = await self._remote_state()
-            await self._check_geometry(state)
-        if not self._watching:
-            self._set_size(state.sector_count)
-        elif self._generation is not None and state.generation > self._generation:
-            self._generation = state.generation
-            self._set_size(state.sector_count)
-            self._watch_spoke()
-        return state.sector_count
-
     async def _after_shrink(
         self,
         exc: errors.OutOfRange,
@@ -774,11 +612,12 @@ class RemoteLayer(Layer):
     ) -> list[Run]:
         """A read or presence call of ``[sector, sector + count)``, clipped to the size this
         layer knew, was refused as out of range (``exc``): the remote shrank. ``call`` it
-        again within the remote's size now (:meth:`_refreshed_size`), so what lies past the
-        new end is left to the layers below (or zeros), as for any lower layer smaller than
-        the volume (DESIGN.md §3). A size that keeps changing is UNAVAILABLE (retry)."""
+        again within the remote's size now (the follower's
+        :meth:`~.remote_geometry.GeometryFollower.refreshed_size`), so what lies past the new
+        end is left to the layers below (or zeros), as for any lower layer smaller than the
+        volume (DESIGN.md §3). A size that keeps changing is UNAVAILABLE (retry)."""
         for _ in range(_SIZE_TRIES):
-            size = await self._refreshed_size()
+            size = await self._geometry.refreshed_size()
             inside = max(0, min(count, size - sector))
             if inside == 0:
                 return []
@@ -803,24 +642,15 @@ class RemoteLayer(Layer):
             "remote_volume": self.remote_volume,
             "mode": self.mode,
             "connection": state,
-            "watching_resizes": self._watching,
+            "watching_resizes": self._geometry.watching,
             # why the layer refuses all I/O ("" while it does not): its remote changed geometry
-            "problem": str(self._refusal) if self._refusal is not None else "",
+            "problem": str(refusal) if (refusal := self._geometry.refusal) is not None else "",
             "tls": self.tls,
             "timeout": self.timeout,
             "retries": self.retries,
             "requests": counts,
             **({"nbd": self._nbd.inspect()} if self._nbd is not None else {}),
         }
-
-
-class _RemoteState(NamedTuple):
-    """What :meth:`RemoteLayer._remote_state` reads from the remote volume's Inspect."""
-
-    sector_size: int
-    disk_id: str  # hex; "" when the volume has none
-    sector_count: int
-    generation: int
 
 
 async def _smallest_of(vol: AsyncVolume, seconds: float) -> int | None:
@@ -832,9 +662,3 @@ async def _smallest_of(vol: AsyncVolume, seconds: float) -> int | None:
         return None
     value = node.get("value")
     return value if isinstance(value, int) and value >= 0 else None
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark ``task``'s outcome seen (its waiters may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()
