@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import nbd_commands as C
 from . import nbd_protocol as P
-from .errors import TierdiskError
+from .errors import TierdiskError, Unavailable
 from .nbd_handshake import Hangup, negotiate
-from .status import status_name
+from .status import status_name, status_name_of
 
 if TYPE_CHECKING:
     from .nbd import NbdServer
@@ -407,7 +407,7 @@ class NbdSession(asyncio.BufferedProtocol):
             return
         self._pause_reading()
         if self._export is not None and not self._lost.done():
-            self._refuse_unstarted(P.ESHUTDOWN, "the server is shutting down")
+            self._refuse_unstarted(P.ESHUTDOWN, "the server is shutting down", Unavailable)
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in late:
@@ -418,10 +418,13 @@ class NbdSession(asyncio.BufferedProtocol):
         except TimeoutError:
             transport.abort()
 
-    def _refuse_unstarted(self, code: int, message: str) -> None:
-        """Answer ``code`` to every complete request received but not started yet."""
+    def _refuse_unstarted(self, code: int, message: str, kind: type[TierdiskError]) -> None:
+        """Answer ``code`` to every complete request received but not started yet, counted
+        as a gRPC call refused with ``kind`` would be (:mod:`.status`)."""
         export, transport = self._export, self._transport
         assert export is not None and transport is not None
+        status = status_name_of(kind)
+        now = time.perf_counter()
         start = self._start
         while self._payload is None and not self._skip and self._end - start >= P.REQUEST_SIZE:
             magic, _, cmd, handle, _, length = P.REQUEST.unpack_from(self._buf, start)
@@ -432,7 +435,7 @@ class NbdSession(asyncio.BufferedProtocol):
                 transport.write(P.chunk_error(handle, code, message))
             else:
                 transport.write(P.simple_reply(handle, code))
-            self._stats.requests[P.CMD_NAMES.get(cmd, "unknown"), P.ERROR_NAMES[code]] += 1
+            self._count(export.name, cmd, code, status, length, now)
             start = body
         self._start = start
 

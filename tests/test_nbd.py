@@ -1110,6 +1110,11 @@ async def test_close_ends_idle_and_busy_sessions(env: Env) -> None:
 
 async def test_shutdown_finishes_started_requests_and_refuses_the_rest(env: Env) -> None:
     gate = env.flaky.gate = asyncio.Event()
+    hooked: list[tuple[str, str, str]] = []  # what the server's metrics hook is told
+    assert env.stats.on_request is None
+    env.stats.on_request = lambda volume, command, result, status, *_: hooked.append(
+        (command, result, status)
+    )
     client = await env.client("flaky")
     futures = [client.send(CMD_READ, i * SS, SS) for i in range(300)]
     await eventually(
@@ -1131,6 +1136,9 @@ async def test_shutdown_finishes_started_requests_and_refuses_the_rest(env: Env)
     refused = sum(r.error == 108 for r in replies)  # ESHUTDOWN: not started
     assert refused and refused + 256 + (len(results) - len(replies)) == 300
     assert env.stats.requests["read", "ESHUTDOWN"] == refused
+    # the metrics hook counts the refusals too, as gRPC counts calls refused at shutdown
+    assert hooked.count(("read", "ESHUTDOWN", "UNAVAILABLE")) == refused
+    assert hooked.count(("read", "ok", "OK")) == 256
 
 
 async def test_volume_not_ready_yet(env: Env) -> None:

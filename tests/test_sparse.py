@@ -272,7 +272,7 @@ async def test_missing_or_mismatched_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataCorruption, match=rf"{path}: the data file is {100 * SS} bytes"):
         await SparseLayer(str(path)).attach(None)
     os.unlink(path)
-    with pytest.raises(ConfigError, match=rf"{path}: .*data file is missing"):
+    with pytest.raises(DataCorruption, match=rf"{path}: .*data file is missing"):
         await SparseLayer(str(path)).attach(None)
 
 
@@ -406,7 +406,7 @@ async def test_a_create_that_fails_leaves_nothing_behind(tmp_path: Path) -> None
     ``EFBIG`` from a filesystem's largest file) is a config error naming the size, and a
     corrected config then creates the layer afresh."""
     path = tmp_path / "big"
-    with file_size_limit(1 << 20), pytest.raises(ConfigError, match=rf"{path} of 4194304 bytes"):
+    with file_size_limit(1 << 20), pytest.raises(StorageError, match=rf"{path} of 4194304 bytes"):
         await SparseLayer(str(path), size=4 << 20).attach(None)
     assert sorted(os.listdir(tmp_path)) == []
     layer = await opened(path, 2 << 20)

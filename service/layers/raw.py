@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError, InvalidArgument, ReadOnlyError
+from ..errors import ConfigError, InvalidArgument, ReadOnlyError, StorageError
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -101,7 +101,7 @@ class RawLayer(Layer):
         try:
             fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
-            raise ConfigError(f"cannot open raw image {self.path}: {exc.strerror}") from None
+            raise StorageError(f"cannot open raw image {self.path}: {exc.strerror}") from None
         try:
             lock_or_refuse(fd, what, shared=self._read_only)
             if not exists:
@@ -111,7 +111,7 @@ class RawLayer(Layer):
                     fsync_folder(self.path)
                 except OSError as exc:
                     os.unlink(self.path)  # ours, just made: leave nothing half-created
-                    raise ConfigError(
+                    raise StorageError(
                         f"cannot create raw image {self.path} of {nbytes} bytes: {exc.strerror}"
                     ) from None
             size = os.fstat(fd).st_size

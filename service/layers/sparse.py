@@ -61,7 +61,10 @@ Semantics: ``unmap_behavior`` is ZEROES: with ``next_is_zero`` the sectors are d
 ``write_no_overwrite`` (so it can be a read cache), resize (growing exposes zeros), and
 honours FUA. A layer that exists keeps its recorded size and sector size; a configured
 ``size`` or ``sector_size`` that disagrees is a :class:`ConfigError` naming the path. A new
-one takes ``size``, else the layer below's; with neither it is a :class:`ConfigError`.
+one takes ``size``, else the layer below's; with neither it is a :class:`ConfigError`. Files
+that cannot be opened, read, created or sized are a :class:`StorageError` (``tierdisk
+serve`` then says "cannot start", not "config error"), a presence map whose data file is
+gone a :class:`DataCorruption`.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DataCorruption, InvalidArgument, NoSpace
+from ..errors import ConfigError, DataCorruption, InvalidArgument, NoSpace, StorageError
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -174,12 +177,12 @@ class SparseLayer(Layer):
         try:
             fd = os.open(self.path, flags, 0o644)
         except FileNotFoundError:
-            raise ConfigError(
+            raise DataCorruption(
                 f"sparse layer {self.path}: its presence map {self.map_path} exists but the "
                 "data file is missing"
             ) from None
         except OSError as exc:
-            raise ConfigError(f"cannot open sparse layer {self.path}: {exc.strerror}") from None
+            raise StorageError(f"cannot open sparse layer {self.path}: {exc.strerror}") from None
         try:
             lock_or_refuse(fd, f"sparse layer {self.path}")
             with contextlib.suppress(FileNotFoundError):
@@ -222,7 +225,7 @@ class SparseLayer(Layer):
                 os.ftruncate(self._fd, 0)
                 if new_file:
                     os.unlink(self.path)
-            raise ConfigError(
+            raise StorageError(
                 f"cannot create sparse layer {self.path} of {count * ss} bytes: {exc.strerror}"
             ) from None
         self._size = self._logged_size = count
@@ -233,7 +236,7 @@ class SparseLayer(Layer):
             self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
             blob = _read_all(self._map_fd)
         except OSError as exc:
-            raise ConfigError(
+            raise StorageError(
                 f"cannot read the presence map {self.map_path}: {exc.strerror}"
             ) from None
         state = sparse_map.parse(blob, self.map_path)
@@ -266,7 +269,7 @@ class SparseLayer(Layer):
             try:
                 os.ftruncate(self._fd, count * ss)
             except OSError as exc:
-                raise ConfigError(
+                raise StorageError(
                     f"cannot size sparse layer {self.path} to the {count * ss} bytes its "
                     f"presence map records: {exc.strerror}"
                 ) from None

@@ -224,7 +224,7 @@ class SqliteLayer(Layer):
         try:
             db = sqlite3.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open sqlite layer {self.path}: {exc}") from None
+            raise StorageError(f"cannot open sqlite layer {self.path}: {exc}") from None
         try:
             try:
                 rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
