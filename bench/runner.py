@@ -1199,26 +1199,28 @@ class Bench:
         tiers = {r.target: r for r in self.rows if r.section == "tiers"}
         if tiers:
             check(
-                "cache tier warm re-read / local [ram] read, 256 MiB",
+                'cache tier warm re-read, nbd = "" (gRPC between tiers) / local [ram] read',
                 tiers["tier warm"],
                 tiers["[ram] local"],
                 0.9,
             )
             check(
-                "cache tier cold read / direct origin read, 256 MiB",
+                'cache tier cold read, nbd = "" (gRPC between tiers) / direct origin read, 256 MiB',
                 tiers["tier cold"],
                 tiers["origin direct"],
                 0.5,
             )
             if TIER_COLD_NBD in tiers:
                 check(
-                    "cache tier cold read, reads over NBD between tiers / direct origin read",
+                    "cache tier cold read, the default (reads over the origin's NBD export) "
+                    "/ direct origin read",
                     tiers[TIER_COLD_NBD],
                     tiers["origin direct"],
                     0.5,
                 )
                 check(
-                    "cache tier warm re-read, reads over NBD between tiers / local [ram] read",
+                    "cache tier warm re-read, the default (reads over the origin's NBD export) "
+                    "/ local [ram] read",
                     tiers[TIER_WARM_NBD],
                     tiers["[ram] local"],
                     0.9,
