@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-DEBIAN_TOOLS := prometheus qemu-utils libnbd-bin nbdkit fio docker-compose python3-libnbd
+DEBIAN_TOOLS := prometheus qemu-utils libnbd-bin nbdkit fio docker-compose python3-libnbd openssl
 
 .PHONY: serve test lint typecheck pytest deps bench bench-quick proto clean
 

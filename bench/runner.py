@@ -872,10 +872,10 @@ class Bench:
         if not rows:
             return
         variants: list[tuple[Row, Row, str | None]] = [
-            (rows["tier cold"], rows["tier warm"], "")  # nbd = "": reads over gRPC
+            (rows["tier cold"], rows["tier warm"], None)  # no nbd option: reads over gRPC
         ]
-        if TIER_COLD_NBD in rows:  # the origin exports NBD; by default the tier asks it where
-            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], None))
+        if TIER_COLD_NBD in rows:  # the origin exports NBD; the tier asks it where
+            variants.append((rows[TIER_COLD_NBD], rows[TIER_WARM_NBD], "auto"))
         if run % 2:
             variants.reverse()  # each goes first in every other run (fresh-memory cost)
         for cold, warm, address in variants:
@@ -941,8 +941,8 @@ class Bench:
     def run_tier(self, run: int, cold: Row, warm: Row, fresh: Row, nbd: str | None) -> None:
         """A cache server over the origin, started empty: read it cold (right after a
         :meth:`fresh_write`, recorded in ``fresh``), then warm; its remote layer's ``nbd``
-        option is ``nbd`` (``None``: not given, the default, which reads over the origin's
-        NBD export when it has one; ``""``: reads over gRPC). With NBD, the cold row
+        option is ``nbd`` (``None``: not given, the default, off: reads over gRPC). With
+        NBD, the cold row
         records how many reads the layer made over NBD (``nbd_reads``), and is an error if
         none: a row named "NBD" that measured gRPC would mislead."""
         cache_dir = self.work / f"tier-{run}"
@@ -963,7 +963,7 @@ class Bench:
                 ],
             )
         )
-        over_nbd = nbd != ""
+        over_nbd = bool(nbd)
         cache = self.start_server(f"tier-{run}{'-nbd' if over_nbd else ''}", config)
         try:
             # Connect first (outside the measured range), so the cold read times reads only.
@@ -1199,27 +1199,27 @@ class Bench:
         tiers = {r.target: r for r in self.rows if r.section == "tiers"}
         if tiers:
             check(
-                'cache tier warm re-read, nbd = "" (gRPC between tiers) / local [ram] read',
+                "cache tier warm re-read (gRPC between tiers, the default) / local [ram] read",
                 tiers["tier warm"],
                 tiers["[ram] local"],
                 0.9,
             )
             check(
-                'cache tier cold read, nbd = "" (gRPC between tiers) / direct origin read, 256 MiB',
+                "cache tier cold read (gRPC between tiers, the default) / direct origin read",
                 tiers["tier cold"],
                 tiers["origin direct"],
                 0.5,
             )
             if TIER_COLD_NBD in tiers:
                 check(
-                    "cache tier cold read, the default (reads over the origin's NBD export) "
+                    'cache tier cold read, nbd = "auto" (reads over the origin\'s NBD export) '
                     "/ direct origin read",
                     tiers[TIER_COLD_NBD],
                     tiers["origin direct"],
                     0.5,
                 )
                 check(
-                    "cache tier warm re-read, the default (reads over the origin's NBD export) "
+                    'cache tier warm re-read, nbd = "auto" (reads over the origin\'s NBD export) '
                     "/ local [ram] read",
                     tiers[TIER_WARM_NBD],
                     tiers["[ram] local"],

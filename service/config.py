@@ -4,7 +4,18 @@ Precedence for ``[server]`` keys: flag, then environment (``TIERDISK_SERVER_<KEY
 file, then the default. Unknown keys and kinds, bad values and broken stacks raise
 :class:`~tierdisk.service.errors.ConfigError` naming the volume, the layer index and the
 problem. Sizes are integers (bytes) or strings like ``"64MiB"``; durations are seconds.
-Relative layer paths are resolved against ``data_dir``.
+Relative file paths are resolved against ``data_dir``: a layer's ``path``, a remote layer's
+``ca_file``/``cert_file``/``key_file``/``token_file``, and the ``[server]`` keys
+``nbd_tls_cert``/``nbd_tls_key``/``nbd_tls_ca`` (from the file, a flag or the environment
+alike).
+
+``nbd_tls_cert`` and ``nbd_tls_key`` (PEM: the server's certificate chain and its unencrypted
+private key) turn on TLS for the NBD export, which then requires it (:mod:`.nbd_handshake`);
+``nbd_tls_ca`` (a PEM CA bundle) also makes every client present a certificate signed by one
+of those CAs (mutual TLS: how NBD clients are authenticated). The three files are loaded at
+config time (:func:`nbd_tls_context`), so a missing, unreadable or broken file, or a key
+that is not the certificate's, is a config error naming the key and the file; the server
+loads them again when it starts its NBD export.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +46,7 @@ __all__ = [
     "VolumeConfig",
     "default_volumes",
     "load_config",
+    "nbd_tls_context",
     "parse_size",
     "token_from_file",
 ]
@@ -268,6 +281,9 @@ class ServerConfig:
     nbd: str = ""  # NBD export address; "" = off
     max_io: int = 16 << 20  # bytes: the largest Read or Write payload
     nbd_max_connections: int = 64  # NBD connections taken at once; more are refused
+    nbd_tls_cert: str = ""  # PEM certificate chain of the NBD export's TLS; "" = no TLS
+    nbd_tls_key: str = ""  # PEM private key of nbd_tls_cert (unencrypted)
+    nbd_tls_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
 
 
 _SERVER_KEYS: dict[str, _Parser] = {
@@ -277,7 +293,11 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "nbd": _optional_address,
     "max_io": lambda v, what: parse_size(v, what),
     "nbd_max_connections": _positive_count,
+    "nbd_tls_cert": _str,  # file paths: "" = not set; resolved against data_dir
+    "nbd_tls_key": _str,
+    "nbd_tls_ca": _str,
 }
+_NBD_TLS_KEYS = ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca")
 MIN_MAX_IO = DEFAULT_MAX_IO
 """The smallest ``max_io`` a server takes (1 MiB): the client library and remote layers send up
 to that much per request, so a lower limit would refuse their large reads and writes."""
@@ -443,6 +463,10 @@ def _server(
         elif key in table:
             sources[key] = f"[server] {key}"
             values[key] = parse(table[key], sources[key])
+    data_dir = os.path.abspath(values.get("data_dir", ServerConfig.data_dir))
+    for key in _NBD_TLS_KEYS:
+        if values.get(key):
+            values[key] = os.path.join(data_dir, values[key])  # an absolute path stays
     config = replace(ServerConfig(), **values)
     if not MIN_MAX_IO <= config.max_io <= MAX_MAX_IO:
         raise ConfigError(
@@ -450,7 +474,119 @@ def _server(
             f"{MIN_MAX_IO} (1MiB, the size of the clients' requests) to {MAX_MAX_IO} (256MiB) "
             "bytes"
         )
+    _check_nbd_tls(config, sources)
     return config
+
+
+def _check_nbd_tls(config: ServerConfig, sources: Mapping[str, str]) -> None:
+    """The rules of the ``nbd_tls_*`` keys: the certificate and the key go together, the CA
+    bundle needs both, all need the NBD export on, and the files must load
+    (:func:`nbd_tls_context`). :class:`ConfigError` naming the key (as it was given: flag,
+    environment variable or ``[server]`` key)."""
+
+    def name(key: str) -> str:
+        return sources.get(key, key)
+
+    cert, key, ca = config.nbd_tls_cert, config.nbd_tls_key, config.nbd_tls_ca
+    if cert and not key:
+        raise ConfigError(
+            f"{name('nbd_tls_cert')} is set but nbd_tls_key is not: TLS for the NBD export "
+            "needs the certificate and its private key"
+        )
+    if key and not cert:
+        raise ConfigError(
+            f"{name('nbd_tls_key')} is set but nbd_tls_cert is not: TLS for the NBD export "
+            "needs the certificate and its private key"
+        )
+    if ca and not cert:
+        raise ConfigError(
+            f"{name('nbd_tls_ca')} is set but nbd_tls_cert and nbd_tls_key are not: the CA "
+            "bundle that checks the clients' certificates needs TLS, which needs the server's "
+            "own certificate and key"
+        )
+    if cert and not config.nbd:
+        raise ConfigError(
+            f"{name('nbd_tls_cert')} is set but the NBD export is off (nbd is empty): TLS "
+            "is for the NBD export"
+        )
+    nbd_tls_context(config, sources)
+
+
+class _Encrypted(Exception):
+    """The private key asks for a passphrase (the ``password`` callback of
+    :meth:`ssl.SSLContext.load_cert_chain`: without one, OpenSSL would prompt on the TTY)."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
+def nbd_tls_context(
+    config: ServerConfig, sources: Mapping[str, str] | None = None
+) -> ssl.SSLContext | None:
+    """The server-side TLS context of the NBD export, or None when ``config`` sets no
+    ``nbd_tls_cert``.
+
+    TLS 1.2 at least, no renegotiation; with ``nbd_tls_ca``, a client must present a
+    certificate signed by one of its CAs (``CERT_REQUIRED``), else none is asked for.
+    :class:`ConfigError` naming the key (``sources[key]``, e.g. ``--nbd-tls-cert``; else the
+    key) and the file when a file cannot be read, holds no PEM certificate (the certificate,
+    the CA bundle) or no PEM private key, the key is encrypted (a passphrase) or is not the
+    certificate's.
+    """
+    if not config.nbd_tls_cert:
+        return None
+    named = sources or {}
+
+    def what(key: str, path: str) -> str:
+        return f"{named.get(key, key)} {path}"
+
+    cert, key, ca = config.nbd_tls_cert, config.nbd_tls_key, config.nbd_tls_ca
+    texts = {}
+    for option, path in (("nbd_tls_cert", cert), ("nbd_tls_key", key), ("nbd_tls_ca", ca)):
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    texts[option] = f.read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {what(option, path)}: {exc.strerror}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError):
+        raise ConfigError(f"{what('nbd_tls_cert', cert)} holds no PEM certificate") from None
+    if b"PRIVATE KEY-----" not in texts["nbd_tls_key"]:
+        raise ConfigError(f"{what('nbd_tls_key', key)} holds no PEM private key")
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"{what('nbd_tls_key', key)} is encrypted (it asks for a passphrase): give the "
+            "key unencrypted, readable by the server only"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            problem = f"is not the private key of the certificate in {what('nbd_tls_cert', cert)}"
+        else:
+            problem = f"cannot be used with {what('nbd_tls_cert', cert)} ({_ssl_reason(exc)})"
+        raise ConfigError(f"{what('nbd_tls_key', key)} {problem}") from None
+    if ca:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError):
+            raise ConfigError(
+                f"{what('nbd_tls_ca', ca)} holds no PEM certificate (a CA bundle)"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """A short reason for an :mod:`ssl` failure: OpenSSL's reason code when it has one."""
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else str(exc)
 
 
 def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:

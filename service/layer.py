@@ -240,7 +240,11 @@ class Layer(abc.ABC):
         """Open the layer; ``lower`` describes the layer below (None at the bottom).
 
         Raises :class:`~tierdisk.service.errors.ConfigError` (or ``ValueError``) when the
-        layer cannot be built, e.g. no size given and nothing to inherit it from.
+        layer cannot be built, e.g. no size given and nothing to inherit it from, and
+        :class:`~tierdisk.service.errors.StorageError` (e.g.
+        :class:`~tierdisk.service.errors.DataCorruption`) when its files cannot be opened,
+        read or created, or hold damaged data; :meth:`Volume.open` names the volume and
+        layer of either (``tierdisk serve`` says "config error" or "cannot start").
         """
 
     async def close(self) -> None:  # noqa: B027 - optional hook

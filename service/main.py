@@ -7,8 +7,9 @@ at the config); 1 when the server itself cannot start (e.g. an address in use).
 SIGTERM and SIGINT stop the server from the moment it starts: one that arrives while it is
 still starting (a remote tier can take seconds to answer) ends the start instead, closing what
 was opened (``stopped while starting``), and the exit status is 0 as for any stop.
-``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "pid": …}`` once serving,
-so scripts and tests can start a server on port 0 and find it.
+``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "nbd_tls": …, "pid": …}``
+once serving, so scripts and tests can start a server on port 0 and find it (``nbd_tls``: true
+when the NBD export requires TLS).
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nbd-max-connections", help="NBD connections taken at once; more are refused (64)"
+    )
+    p.add_argument(
+        "--nbd-tls-cert",
+        metavar="FILE",
+        help="PEM certificate (chain) of the NBD export: with --nbd-tls-key, the export "
+        "requires TLS ('': no TLS, the default; relative to the data dir)",
+    )
+    p.add_argument("--nbd-tls-key", metavar="FILE", help="PEM private key of --nbd-tls-cert")
+    p.add_argument(
+        "--nbd-tls-ca",
+        metavar="FILE",
+        help="PEM CA bundle: NBD clients must present a certificate it signed (mutual TLS)",
     )
     p.add_argument(
         "--log-level",
@@ -105,6 +118,9 @@ def _main(args: argparse.Namespace) -> int:
         "max_io": args.max_io,
         "nbd": args.nbd,
         "nbd_max_connections": args.nbd_max_connections,
+        "nbd_tls_cert": args.nbd_tls_cert,
+        "nbd_tls_key": args.nbd_tls_key,
+        "nbd_tls_ca": args.nbd_tls_ca,
     }
     try:
         config = load_config(args.config, flags=flags)
@@ -179,6 +195,7 @@ def _write_ready_file(path: str, server: Server) -> None:
         "grpc": server.grpc_address,
         "metrics": server.metrics_address,
         "nbd": server.nbd_address,
+        "nbd_tls": server.nbd_tls,
         "pid": os.getpid(),
     }
     tmp = f"{path}.tmp"

@@ -5,6 +5,18 @@ listening socket (exclusively), keeps the sessions and the counters (:class:`Nbd
 numbers the metrics module exports). A misaligned write's read-modify-write is the engine's
 (:meth:`Volume.write_at`), atomic against every writer of the volume.
 
+With a TLS context (``[server] nbd_tls_cert``/``nbd_tls_key``, :func:`~.config.nbd_tls_context`)
+the export requires TLS: the NBD protocol's "forced TLS" mode. Every option before a
+successful ``NBD_OPT_STARTTLS`` but ``NBD_OPT_ABORT`` is answered ``NBD_REP_ERR_TLS_REQD``
+(``NBD_OPT_EXPORT_NAME``, which cannot take an error, ends the connection);
+``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ACK`` and the server side of the TLS handshake runs
+on the connection (``loop.start_tls``, uvloop's or asyncio's), within the handshake's time
+limit; option haggling and the transmission phase then go on over TLS as they do in clear.
+A handshake that fails closes the connection, is logged (rate-limited, naming the client and
+the reason) and counted (:attr:`NbdStats.tls_handshake_failures`). With a CA bundle
+(``nbd_tls_ca``) a client must present a certificate it signed. Without a TLS context,
+``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ERR_UNSUP``.
+
 The parts: :mod:`.nbd_protocol` (wire format), :mod:`.nbd_handshake` (option haggling),
 :mod:`.nbd_session` (one connection: parser, dispatch, replies), :mod:`.nbd_commands` (what
 each command does to the volume).
@@ -16,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +74,7 @@ class NbdStats:
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes_read: int = 0
     bytes_written: int = 0
+    tls_handshake_failures: int = 0  # TLS handshakes after NBD_OPT_STARTTLS that failed
     volume_sessions: Counter[str] = field(default_factory=Counter)  # active, per volume
     on_request: RequestHook | None = None
 
@@ -73,6 +87,7 @@ class NbdStats:
             "sessions_active": self.sessions_active,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
+            "tls_handshake_failures": self.tls_handshake_failures,
             "requests": [
                 {"command": cmd, "result": res, "count": n}
                 for (cmd, res), n in sorted(self.requests.items())
@@ -92,6 +107,7 @@ class NbdServer:
         stats: NbdStats,
         server_id: str = "",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = ""
         self.server_id = server_id
@@ -102,7 +118,10 @@ class NbdServer:
         """Connections taken at once (in option haggling or serving); past it, a new one's
         first option is answered ``NBD_REP_ERR_POLICY`` naming the limit, then it closes."""
         self.stats = stats
+        self.tls = tls
+        """The server-side TLS context: when set, every connection must start TLS."""
         self._refusal_log = RateLimitedLog(log)
+        self._tls_log = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
         self._admitted: set[NbdSession] = set()  # those within max_connections
@@ -137,6 +156,12 @@ class NbdServer:
         self._refusal_log.warning("NBD %s refused: %s", peer, why)
         return why
 
+    def tls_failed(self, peer: str, reason: str) -> None:
+        """A TLS handshake with ``peer`` failed (its connection closes): counted, and logged
+        (rate-limited)."""
+        self.stats.tls_handshake_failures += 1
+        self._tls_log.warning("NBD %s: TLS handshake failed: %s; closing", peer, reason)
+
     def remove_session(self, session: NbdSession) -> None:
         self._sessions.discard(session)
         self._admitted.discard(session)
@@ -170,6 +195,7 @@ async def start_nbd_server(
     stats: NbdStats | None = None,
     server_id: str = "",
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    tls: ssl.SSLContext | None = None,
 ) -> NbdServer:
     """Listen for NBD clients on ``address`` (``HOST:PORT``, port 0 = any, or
     ``unix:/path``) and export every volume of ``registry``.
@@ -177,7 +203,8 @@ async def start_nbd_server(
     ``max_io`` is the largest read or write payload (the advertised maximum block size);
     ``server_id`` (the gRPC server's, :func:`~.hops.new_server_id`) ends every export's
     ``NBD_INFO_DESCRIPTION``; ``max_connections`` bounds the connections at once
-    (:attr:`NbdServer.max_connections`).
+    (:attr:`NbdServer.max_connections`); ``tls``, a server-side context, makes the export
+    require TLS (the module's docstring).
     Raises :class:`OSError` naming the address when it cannot be bound (e.g. in use).
     """
     if max_io < 512:
@@ -185,7 +212,12 @@ async def start_nbd_server(
     if max_connections < 1:
         raise ValueError(f"max_connections {max_connections} is not at least 1")
     server = NbdServer(
-        registry, max_io, stats if stats is not None else NbdStats(), server_id, max_connections
+        registry,
+        max_io,
+        stats if stats is not None else NbdStats(),
+        server_id,
+        max_connections,
+        tls,
     )
     loop = asyncio.get_running_loop()
 
@@ -203,5 +235,9 @@ async def start_nbd_server(
         raise
     server.address = bound_address(sock)
     server._socket_file = SocketFile.of(sock)
-    log.info("NBD server listening on %s", server.address)
+    log.info(
+        "NBD server listening on %s%s",
+        server.address,
+        " (TLS required)" if tls is not None else "",
+    )
     return server

@@ -19,6 +19,9 @@ What this client does (the NBD protocol document, ``doc/proto.md`` of NetworkBlo
   into a scratch buffer instead, so a late reply never writes into a buffer that was
   handed back.
 
+This client has no TLS: an export that requires it (it answers ``NBD_REP_ERR_TLS_REQD``) is
+:class:`NbdTlsRequired`, so the remote layer reads over gRPC instead.
+
 Every failure is an :class:`NbdError`: the server's error reply (:class:`NbdRefused`, with
 the NBD error value), a read past the export's size as negotiated, a lost or broken
 connection (:class:`NbdClosed`). A connection that broke stays broken: make a new one
@@ -36,7 +39,7 @@ from typing import cast
 from . import nbd_protocol as P
 from .netaddr import split_host_port
 
-__all__ = ["NbdClosed", "NbdError", "NbdExport", "NbdReader", "NbdRefused"]
+__all__ = ["NbdClosed", "NbdError", "NbdExport", "NbdReader", "NbdRefused", "NbdTlsRequired"]
 
 DEFAULT_MAX_BLOCK = 1 << 20
 """Largest request when the server does not state its maximum block size."""
@@ -67,6 +70,10 @@ class NbdRefused(NbdError):
 
 class NbdClosed(NbdError):
     """The connection is gone (closed, lost, or broken by a protocol violation)."""
+
+
+class NbdTlsRequired(NbdError):
+    """The server requires TLS (``NBD_REP_ERR_TLS_REQD``), which this client does not do."""
 
 
 @dataclass(frozen=True)
@@ -397,6 +404,8 @@ async def _handshake(conn: _Connection, name: str) -> NbdExport:
             break
         if reply & (1 << 31):
             text = payload.decode("utf-8", "replace") or f"error {reply & 0x7FFFFFFF}"
+            if reply == P.REP_ERR_TLS_REQD:
+                raise NbdTlsRequired(f"the NBD server requires TLS ({text})")
             raise NbdError(f"the NBD server refused export {name!r}: {text}")
         if reply != P.REP_INFO or len(payload) < 2:
             continue  # replies this client did not ask for are ignored, as the spec allows

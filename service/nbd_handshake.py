@@ -10,6 +10,20 @@ next option (but ``NBD_OPT_ABORT``) is answered ``NBD_REP_ERR_SHUTDOWN`` and the
 closes; a connection over the server's limit has the option that chooses an export answered
 ``NBD_REP_ERR_POLICY``, naming the limit, and closes. Export name = volume name; the empty
 name selects the first volume.
+
+TLS (the protocol document's "TLS support" section): given a ``starttls`` callable (the server
+has a TLS context), the server is in FORCEDTLS mode. Until TLS is on, every option but
+``NBD_OPT_STARTTLS`` and ``NBD_OPT_ABORT`` is answered ``NBD_REP_ERR_TLS_REQD`` (but
+``NBD_REP_ERR_SHUTDOWN`` once the server is shutting down; the connection limit is answered
+only over TLS), and ``NBD_OPT_EXPORT_NAME``, which cannot be answered an error, ends the
+connection.
+``NBD_OPT_STARTTLS`` with data is ``NBD_REP_ERR_INVALID`` (haggling goes on in clear); without,
+``starttls(ack)`` sends the ``NBD_REP_ACK`` and runs the TLS handshake (or raises
+:class:`Hangup`), and haggling goes on over TLS as it does in clear: nothing was negotiated
+before. A second ``NBD_OPT_STARTTLS`` is ``NBD_REP_ERR_INVALID``. Without ``starttls``,
+``NBD_OPT_STARTTLS`` is ``NBD_REP_ERR_UNSUP``, like any option the server does not know. A
+client without ``NBD_FLAG_C_FIXED_NEWSTYLE`` cannot start TLS: with TLS required, its
+connection ends after the client flags (as qemu-nbd does).
 """
 
 from __future__ import annotations
@@ -47,8 +61,11 @@ class _Negotiation:
         send: Callable[[bytes], None],
         peer: str,
         refusal: str,
+        starttls: Callable[[bytes], Awaitable[None]] | None,
     ) -> None:
         self._server = server
+        self._starttls = starttls
+        self._tls_on = False
         self._refusal = refusal
         self._recv = recv
         self._send = send
@@ -71,6 +88,8 @@ class _Negotiation:
         if client_flags & ~P.CLIENT_FLAGS_KNOWN:
             raise Hangup(f"unknown client flags {client_flags:#x}")
         self._no_zeroes = bool(client_flags & P.FLAG_C_NO_ZEROES)
+        if self._starttls is not None and not client_flags & P.FLAG_C_FIXED_NEWSTYLE:
+            raise Hangup("the client does not speak fixed newstyle, which TLS needs")
         while True:
             magic, option, length = P.OPTION_HEADER.unpack(await self._recv(16))
             if magic != P.IHAVEOPT:
@@ -81,6 +100,9 @@ class _Negotiation:
             if self._server.closing and option != P.OPT_ABORT:
                 self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
                 raise Hangup("the server is shutting down")
+            if self._starttls is not None and not self._tls_on and option != P.OPT_ABORT:
+                await self._before_tls(option, data)  # NBD_OPT_STARTTLS or NBD_REP_ERR_TLS_REQD
+                continue
             if self._refusal and option in _CHOOSING:
                 if option != P.OPT_EXPORT_NAME:  # which cannot be answered an error
                     self._error(option, P.REP_ERR_POLICY, self._refusal)
@@ -88,6 +110,26 @@ class _Negotiation:
             export = self._option(option, data)
             if export is not None:
                 return export
+
+    async def _before_tls(self, option: int, data: bytes) -> None:
+        """An option (not ``NBD_OPT_ABORT``) while TLS is required and not on yet."""
+        assert self._starttls is not None
+        if option == P.OPT_STARTTLS:
+            if data:
+                self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+                return
+            # Sends the ACK and at once hands the connection to TLS (no await in between).
+            await self._starttls(P.option_reply(option, P.REP_ACK))
+            self._tls_on = True
+            log.debug("NBD %s: TLS is on", self._peer)
+            return
+        if option == P.OPT_EXPORT_NAME:  # cannot be answered an error
+            raise Hangup("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: this server requires TLS")
+        self._error(
+            option,
+            P.REP_ERR_TLS_REQD,
+            "this NBD server requires TLS: send NBD_OPT_STARTTLS first",
+        )
 
     def _lookup(self, name: str) -> tuple[Volume, str]:
         """The volume an export name selects ("" = the first volume) and its name."""
@@ -111,6 +153,9 @@ class _Negotiation:
         if option == P.OPT_ABORT:
             self._reply(option, P.REP_ACK)
             raise Hangup("the client aborted")
+        if option == P.OPT_STARTTLS and self._tls_on:
+            self._error(option, P.REP_ERR_INVALID, "TLS is already on")
+            return None
         if option == P.OPT_LIST:
             if data:
                 self._error(option, P.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
@@ -230,12 +275,17 @@ async def negotiate(
     send: Callable[[bytes], None],
     peer: str,
     refusal: str = "",
+    starttls: Callable[[bytes], Awaitable[None]] | None = None,
 ) -> Export:
     """Run the handshake over ``recv(n)`` / ``send(data)``; the export the client chose.
     With a ``refusal`` (the connection is over the server's limit), the option that chooses
-    an export is answered ``NBD_REP_ERR_POLICY`` with it and the session ends.
+    an export is answered ``NBD_REP_ERR_POLICY`` with it and the session ends. With
+    ``starttls`` the server requires TLS (the module's docstring): ``starttls(ack)`` sends
+    ``ack`` (the ``NBD_REP_ACK`` of ``NBD_OPT_STARTTLS``), then upgrades the connection, so
+    that ``recv`` and ``send`` go over TLS from then on; it raises :class:`Hangup` when the
+    TLS handshake fails.
 
     Raises :class:`Hangup` when the session ends instead (abort, protocol violation, an
     ``NBD_OPT_EXPORT_NAME`` that cannot be served).
     """
-    return await _Negotiation(server, recv, send, peer, refusal).run()
+    return await _Negotiation(server, recv, send, peer, refusal, starttls).run()

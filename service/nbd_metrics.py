@@ -7,7 +7,8 @@ data commands also count in the volume families (``tierdisk_volume_io_requests_t
 throughput and errors cover both front ends; there an NBD error counts under the status
 code a gRPC call failing the same way gets (the session passes it on, from the one table of
 :mod:`.status`: a read past the end is ``OUT_OF_RANGE`` on both, though NBD answers it
-``EINVAL``). Session counts are read from
+``EINVAL``). Failed TLS handshakes count in ``tierdisk_nbd_tls_handshake_failures_total``
+(0 on an export without TLS). Session and connection counts are read from
 :class:`~tierdisk.service.nbd.NbdStats` at scrape time. The request families are the
 project's own :class:`~tierdisk.service.loop_metrics.LoopCounter` and
 :class:`~tierdisk.service.loop_metrics.LoopHistogram`, updated on the event loop like the
@@ -80,6 +81,12 @@ class NbdMetrics:
             "NBD connections refused: over the server's nbd_max_connections.",
         )
         refused.add_metric([], stats.connections_refused)
+        tls_failures = CounterMetricFamily(
+            "tierdisk_nbd_tls_handshake_failures",
+            "NBD TLS handshakes (after NBD_OPT_STARTTLS) that failed; the connection was "
+            "closed. With nbd_tls_ca: clients without a certificate it signed.",
+        )
+        tls_failures.add_metric([], stats.tls_handshake_failures)
         sessions = CounterMetricFamily(
             "tierdisk_nbd_sessions", "NBD connections that reached transmission."
         )
@@ -89,7 +96,7 @@ class NbdMetrics:
         )
         for volume, count in sorted(stats.volume_sessions.items()):
             active.add_metric([volume], count)
-        yield from (connections, refused, sessions, active)
+        yield from (connections, refused, tls_failures, sessions, active)
 
     def inspect(self, volume: str) -> dict[str, Any]:
         """The NBD part of a volume's Inspect tree."""

@@ -59,6 +59,7 @@ REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5  # the server requires TLS: NBD_OPT_STARTTLS first
 REP_ERR_UNKNOWN = (1 << 31) + 6
 REP_ERR_SHUTDOWN = (1 << 31) + 7
 REP_ERR_TOO_BIG = (1 << 31) + 9

@@ -23,12 +23,26 @@ begins.
 
 The handshake (:mod:`.nbd_handshake`) runs first, as a task reading from the same buffer;
 the commands themselves are in :mod:`.nbd_commands`.
+
+TLS (the server has a TLS context): ``NBD_OPT_STARTTLS`` is acknowledged in clear and the
+connection is handed at once to ``loop.start_tls`` (server side), with this session as the
+protocol of the TLS transport it returns; from then on every byte goes through that
+transport (``self._transport``: the handshake's replies, every reply, the refusals at
+shutdown; nothing here writes to the socket any other way) and the receive buffer fills
+from it as before. Its write buffer limits are the ones above, and the TCP transport under it
+keeps asyncio's default limits, so the replies a session holds stay bounded as in clear.
+A TLS handshake that fails (or is cut off by the handshake timeout or a shutdown) aborts the
+connection, and the session ends itself: asyncio does not call ``connection_lost`` for a
+connection lost during the TLS handshake. TLS has no half-close: asyncio's TLS transport
+closes on the client's ``close_notify`` (or EOF), so the complete requests received before
+it are still started, but their replies are not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -52,6 +66,7 @@ _MAX_INFLIGHT_BYTES = 64 << 20  # payload bytes in flight (see above) before rea
 _WRITE_HIGH = 8 << 20  # transport write buffer limits
 _WRITE_LOW = 2 << 20
 _HANDSHAKE_TIMEOUT = 60.0  # seconds a client has to reach the transmission phase
+_TLS_SHUTDOWN_TIMEOUT = 5.0  # seconds a closing TLS connection waits for the client's close_notify
 _SHUTDOWN_HANDSHAKE_WAIT = 1.0  # seconds a client in option haggling gets at shutdown to send
 # an option (answered NBD_REP_ERR_SHUTDOWN) before the connection is closed
 
@@ -97,6 +112,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self._eof = False  # the client half-closed: serve what was received, then close
         self._closing = False  # no more requests are taken (DISC, shutdown, lost, bad magic)
         self._counted = False  # the session is counted in sessions_active
+        self._tls = False  # TLS is on: self._transport is the TLS transport
+        self._gone = False  # connection_lost ran (asyncio's, or the session's own)
         self._lost: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio protocol -----------------------------------------------------------------
@@ -115,6 +132,9 @@ class NbdSession(asyncio.BufferedProtocol):
         self._handshake_task = self._loop.create_task(self._handshake())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:  # a failed TLS handshake ends the session itself (_start_tls)
+            return
+        self._gone = True
         self._closing = True
         _wake(self._waiter)
         _wake(self._drained)
@@ -130,6 +150,10 @@ class NbdSession(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         _wake(self._waiter)
+        if self._tls:  # the TLS transport closes whatever this answers (no half-close)
+            if self._export is not None:
+                self._parse()
+            return None
         if self._export is None:
             # Still in the handshake: it fails on the missing bytes (and closes), or it ends
             # with an export and _begin serves the requests that came with it.
@@ -222,29 +246,78 @@ class NbdSession(asyncio.BufferedProtocol):
             transport.write(data)
 
     async def _handshake(self) -> None:
-        transport = self._transport
-        assert transport is not None
+        assert self._transport is not None
+        starttls = self._start_tls if self._server.tls is not None else None
         try:
             export = await asyncio.wait_for(
-                negotiate(self._server, self._recv, self._send, self._peer, self._refusal),
-                _HANDSHAKE_TIMEOUT,
+                negotiate(
+                    self._server, self._recv, self._send, self._peer, self._refusal, starttls
+                ),
+                _HANDSHAKE_TIMEOUT,  # the TLS handshake included
             )
         except TimeoutError:
             log.info("NBD %s: no export chosen in %.0f s; closing", self._peer, _HANDSHAKE_TIMEOUT)
-            transport.abort()
+            self._abort()
             return
         except Hangup as exc:
             log.debug("NBD %s: handshake ended: %s", self._peer, exc)
-            transport.close()
+            if self._transport is not None:
+                self._transport.close()  # the TLS transport, once TLS is on
             return
         except (ConnectionError, asyncio.CancelledError):
-            transport.abort()
+            self._abort()
             return
         except Exception:
             log.exception("NBD %s: handshake failed", self._peer)
-            transport.abort()
+            self._abort()
             return
         self._begin(export)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _start_tls(self, ack: bytes) -> None:
+        """``NBD_OPT_STARTTLS`` is accepted: send ``ack`` (its ``NBD_REP_ACK``) in clear and
+        run the server side of the TLS handshake on the connection; from then on
+        :attr:`_transport` is the TLS transport. :class:`Hangup` when the handshake fails
+        (logged and counted by the server) or the client sent bytes after its
+        ``NBD_OPT_STARTTLS`` (it must wait for the reply); the connection is aborted then."""
+        context = self._server.tls
+        raw = self._transport
+        assert context is not None and raw is not None
+        if self._end > self._start:
+            raise Hangup("the client sent bytes after NBD_OPT_STARTTLS, before its reply")
+        if raw.is_closing() or self._lost.done():
+            raise Hangup("the client closed the connection")
+        raw.write(ack)  # then at once (no await in between) start_tls takes the connection
+        try:
+            transport = await self._loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=_HANDSHAKE_TIMEOUT,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
+            )
+        except asyncio.CancelledError:  # the handshake timeout, or a shutdown
+            raw.abort()
+            self.connection_lost(None)
+            raise
+        except Exception as exc:  # ssl.SSLError, ConnectionResetError, …
+            raw.abort()
+            self._server.tls_failed(self._peer, _tls_failure(exc))
+            self.connection_lost(None)
+            raise Hangup(f"the TLS handshake failed: {_tls_failure(exc)}") from None
+        if transport is None:  # typeshed allows it; asyncio and uvloop return a transport
+            raw.abort()
+            self.connection_lost(None)
+            raise Hangup("no TLS transport")
+        self._transport = transport
+        self._tls = True
+        self._writing_paused = False  # the TLS transport says when its buffer is full
+        raw.set_write_buffer_limits()  # asyncio's defaults under the TLS transport's limits
+        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
 
     def _begin(self, export: C.Export) -> None:
         """Enter the transmission phase (unless the connection was lost meanwhile: a
@@ -530,6 +603,18 @@ class NbdSession(asyncio.BufferedProtocol):
                 stats.on_request(volume, command, result, status, seconds, moved)
             except Exception:
                 log.exception("NBD request hook failed")
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, for the log: OpenSSL's verification message or reason
+    (``PEER_DID_NOT_RETURN_A_CERTIFICATE``, ``TLSV1_ALERT_UNKNOWN_CA``, …), else the error."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"the client's certificate: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, ConnectionResetError):
+        return "the client closed the connection"
+    return str(exc) or type(exc).__name__
 
 
 def _wake(fut: asyncio.Future[None] | None) -> None:

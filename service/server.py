@@ -43,7 +43,7 @@ from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
 from .backoff import Backoff
-from .config import Config, VolumeConfig
+from .config import Config, VolumeConfig, nbd_tls_context
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
 from .layers import build_layer
@@ -92,6 +92,7 @@ class Server:
         self.grpc_address = ""
         self.metrics_address = ""
         self.nbd_address = ""
+        self.nbd_tls = False  # the NBD export requires TLS ([server] nbd_tls_cert)
         self.server_id = ""
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsEndpoint | None = None
@@ -187,8 +188,10 @@ class Server:
                 stats=self._nbd_metrics.stats,
                 server_id=self.server_id,
                 max_connections=cfg.nbd_max_connections,
+                tls=nbd_tls_context(cfg),  # the files again: a ConfigError naming one
             )
             self.nbd_address = self._nbd.address
+            self.nbd_tls = self._nbd.tls is not None
         await self._update_health()
         log.info(
             "serving %d volume(s) on %s (metrics %s%s)",
@@ -205,6 +208,8 @@ class Server:
         if self._nbd_metrics is not None:
             extra.update(self._nbd_metrics.inspect(volume))
             extra["nbd"]["address"] = self.nbd_address  # where remote layers with nbd = "auto" go
+            extra["nbd"]["tls"] = self.nbd_tls  # TLS required (a remote layer's reads use none)
+            extra["nbd"]["tls_client_certificates"] = bool(self.config.server.nbd_tls_ca)
         return extra
 
     def _bind_grpc(self, address: str) -> str:

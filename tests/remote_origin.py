@@ -34,7 +34,8 @@ class ServedRemoteLayer(RemoteLayer):
         mode: str = "layer",
         nbd: bool = False,
     ) -> None:
-        super().__init__("127.0.0.1:0", "origin", mode=mode, timeout=10)  # target: at attach
+        # target: at attach; with nbd, reads over the origin's export, which it tells ("auto")
+        super().__init__("127.0.0.1:0", "origin", mode=mode, timeout=10, nbd="auto" if nbd else "")
         self._with_nbd = nbd
         self._folder = folder
         self._wanted = (sector_size, size)

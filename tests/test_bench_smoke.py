@@ -132,15 +132,15 @@ def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:
         assert len(runs) == expected, target
         assert all(run and "error" not in run and run["ops_s"] > 0 for run in runs), target
     assert "memory_stalls" in rows["tier cold"][0]
-    # the NBD rows did read over NBD (the tier's default, nbd = "auto", found the origin's
-    # export): the 256 cold reads of 1 MiB (and the 4 KiB read that connects first); the
-    # gRPC rows (nbd = "") have no NBD path
+    # the NBD rows did read over NBD (the tier's nbd = "auto" found the origin's export):
+    # the 256 cold reads of 1 MiB (and the 4 KiB read that connects first); the gRPC rows
+    # (no nbd option) have no NBD path
     assert rows["tier cold, NBD between tiers"][0]["nbd_reads"] >= 256
     assert "nbd_reads" not in rows["tier cold"][0]
     targets = {t["target"]: t for t in result["report"]["targets"]}
     for name in (
-        'cache tier cold read, nbd = "" (gRPC between tiers) / direct origin read, 256 MiB',
-        "cache tier cold read, the default (reads over the origin's NBD export) "
+        "cache tier cold read (gRPC between tiers, the default) / direct origin read",
+        'cache tier cold read, nbd = "auto" (reads over the origin\'s NBD export) '
         "/ direct origin read",
     ):
         assert targets[name]["ratio"]["med"] > 0, name

@@ -390,3 +390,75 @@ def test_read_only_raw_images_can_be_shared(tmp_path: Path) -> None:
             ),
             environ={},
         )
+
+
+# -- [server] nbd_tls_cert, nbd_tls_key, nbd_tls_ca (with real certificates: test_nbd_tls.py) --
+
+
+def test_no_nbd_tls_by_default(tmp_path: Path) -> None:
+    server = load_config(_write(tmp_path, GOOD), environ={}).server
+    assert (server.nbd_tls_cert, server.nbd_tls_key, server.nbd_tls_ca) == ("", "", "")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"TIERDISK_SERVER_NBD_TLS_CERT": "c.pem"},
+            "TIERDISK_SERVER_NBD_TLS_CERT is set but nbd_tls_key is not: TLS for the NBD "
+            "export needs the certificate and its private key",
+        ),
+        (
+            {"--nbd-tls-key": "k.pem"},
+            "--nbd-tls-key is set but nbd_tls_cert is not: TLS for the NBD export needs the "
+            "certificate and its private key",
+        ),
+        (
+            {"[server] nbd_tls_ca": "ca.pem"},
+            "[server] nbd_tls_ca is set but nbd_tls_cert and nbd_tls_key are not",
+        ),
+        (
+            {"--nbd-tls-cert": "c.pem", "--nbd-tls-key": "k.pem", "TIERDISK_SERVER_NBD": ""},
+            "--nbd-tls-cert is set but the NBD export is off (nbd is empty)",
+        ),
+        (
+            {"[server] nbd_tls_cert": "c.pem", "[server] nbd_tls_key": "k.pem"},
+            "cannot read [server] nbd_tls_cert DATA/c.pem: No such file or directory",
+        ),
+        (  # the flag comes first, and a relative path is the data dir's
+            {
+                "--nbd-tls-cert": "flag.pem",
+                "TIERDISK_SERVER_NBD_TLS_CERT": "env.pem",
+                "[server] nbd_tls_cert": "file.pem",
+                "--nbd-tls-key": "k.pem",
+            },
+            "cannot read --nbd-tls-cert DATA/flag.pem: No such file or directory",
+        ),
+        (
+            {"TIERDISK_SERVER_NBD_TLS_CERT": "/nonexistent/c.pem", "--nbd-tls-key": "k.pem"},
+            "cannot read TIERDISK_SERVER_NBD_TLS_CERT /nonexistent/c.pem: No such file",
+        ),
+        (
+            {"--nbd-tls-cert": "not.pem", "--nbd-tls-key": "not.pem"},
+            "--nbd-tls-cert DATA/not.pem holds no PEM certificate",
+        ),
+    ],
+)
+def test_nbd_tls_rules_name_the_key(tmp_path: Path, settings: dict[str, str], message: str) -> None:
+    """The certificate and key go together, the CA bundle needs them, all need the NBD
+    export; the files are read at config time (a relative path is the data dir's). Each
+    refusal names the key as it was given."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "not.pem").write_text("not a certificate\n")
+    table = {k[len("[server] ") :]: v for k, v in settings.items() if k.startswith("[server] ")}
+    flags = {k[2:].replace("-", "_"): v for k, v in settings.items() if k.startswith("--")}
+    environ = {k: v for k, v in settings.items() if k.startswith("TIERDISK_")}
+    text = GOOD.replace("DATA", str(data)).replace(
+        "[server]\n", "[server]\nnbd = '127.0.0.1:0'\n" + "".join(
+            f"{key} = '{value}'\n" for key, value in table.items()
+        ), 1
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), flags=flags, environ=environ)
+    assert str(info.value).startswith(message.replace("DATA", str(data))), str(info.value)

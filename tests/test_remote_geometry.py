@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from waiting import eventually
 from tierdisk.client import AsyncClient
 from tierdisk.client import errors as cerr
 from tierdisk.service.grpc_api import BlockDeviceService
+from tierdisk.service.layers.remote_geometry import GeometryFollower
 from tierdisk.service.volume import LayerEntry, Volume
 
 pytestmark = pytest.mark.timeout(60)
@@ -339,3 +341,119 @@ async def test_a_resize_reply_overtaken_by_a_newer_resize_does_not_bring_its_siz
             assert (await oc.volume("base").info()).sector_count == second
             assert (await top.info()).sector_count == second
             assert (await top.inspect("layers/0"))["sector_count"] == second
+
+
+async def test_a_resize_reply_overtaken_while_the_watch_reconnects_keeps_the_newer_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the cache tier's resize watch is down when it sends its ``Resize``, and
+    reconnects after someone else's newer resize: its first event is the newer size, and
+    the event of the tier's own resize never comes. The late reply must not put the older
+    size back (nor wait for an event that cannot come): the tier keeps the origin's size."""
+    n, first, second = 4 * SECTORS, 3 * SECTORS, 2 * SECTORS
+    reply_held, release_reply = asyncio.Event(), asyncio.Event()
+    streams_may_start, end_streams = asyncio.Event(), asyncio.Event()
+    streams_may_start.set()
+    original_resize, original_watch = BlockDeviceService.Resize, BlockDeviceService.WatchResize
+
+    async def resize(self: BlockDeviceService, request: Any, context: Any) -> Any:
+        reply = await original_resize(self, request, context)
+        if request.volume == "base" and request.sector_count == first:
+            reply_held.set()
+            await release_reply.wait()
+        return reply
+
+    async def watch(self: BlockDeviceService, request: Any, context: Any) -> AsyncIterator[Any]:
+        await streams_may_start.wait()
+        events = original_watch(self, request, context).__aiter__()
+        ended = asyncio.ensure_future(end_streams.wait())
+        try:
+            while True:
+                event = asyncio.ensure_future(events.__anext__())
+                await asyncio.wait({event, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():  # told to end: the stream breaks
+                    event.cancel()
+                    return
+                try:
+                    yield event.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            ended.cancel()
+
+    monkeypatch.setattr(BlockDeviceService, "Resize", resize)
+    monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
+    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
+        body = toml_volume("top", remote(o.grpc_address, "base"))
+        async with (
+            AsyncClient(o.grpc_address) as oc,
+            running_server(tmp_path / "cache", body) as cache,
+            AsyncClient(cache.grpc_address, retries=0) as cc,
+        ):
+            top = cc.volume("top")
+
+            async def watching(state: bool) -> bool:
+                return (await top.inspect("layers/0"))["watching_resizes"] is state
+
+            streams_may_start.clear()
+            end_streams.set()  # the cache tier's stream breaks; its reconnect waits
+            await eventually("the watch to break", lambda: watching(False))
+            end_streams.clear()
+            ours = asyncio.create_task(top.resize(first))
+            await asyncio.wait_for(reply_held.wait(), 10)
+            await oc.volume("base").resize(second)  # someone else's, newer
+            streams_may_start.set()  # the new stream's first event: second
+            await eventually("the watch to be back", lambda: watching(True))
+            release_reply.set()
+            await asyncio.wait_for(ours, 10)
+            assert (await oc.volume("base").info()).sector_count == second
+            assert (await top.info()).sector_count == second
+
+
+async def test_a_fault_applying_a_size_is_logged_and_the_watch_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault of this server's own while the follower applies a size (here: the layer's
+    ``apply`` raising, three times) is logged at error level, naming it, and the follower
+    reconnects and goes on (with its backoff) instead of ending without a word, which would
+    leave every I/O of the layer checking the geometry with no watch to come back."""
+    faults = 3
+    applied: list[int] = []
+
+    def apply(sector_count: int) -> None:
+        nonlocal faults
+        if faults:
+            faults -= 1
+            raise RuntimeError("a fault of ours")
+        applied.append(sector_count)
+
+    async with (
+        running_server(tmp_path / "origin", toml_volume("base", ram(f"{SECTORS * SS}"))) as o,
+        AsyncClient(o.grpc_address) as oc,
+    ):
+        vol = oc.volume("base")
+        info = await vol.info()
+        follower = GeometryFollower(
+            where=lambda: "remote origin volume 'base'",
+            timeout=2,
+            remote=lambda: vol,
+            apply=apply,
+            resumed=lambda: None,
+            refused=_never_refused,
+            log=logging.getLogger("tierdisk.service.layers.remote"),
+        )
+        with caplog.at_level(logging.ERROR, logger="tierdisk.service.layers.remote"):
+            await follower.start(info.sector_size, info.disk_id, wait=0, name="test watch")
+            try:
+                await eventually("the follower to apply the size", lambda: applied, 30)
+                assert applied == [SECTORS] and follower.watching and follower.checked
+                await vol.resize(2 * SECTORS)  # and it follows on
+                await eventually("the next size", lambda: applied == [SECTORS, 2 * SECTORS])
+            finally:
+                await follower.close()
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert said and "resize watch failed (RuntimeError: a fault of ours)" in said[0], said
+
+
+async def _never_refused(problem: str) -> None:
+    raise AssertionError(f"the geometry did not change: {problem}")

@@ -666,3 +666,47 @@ def test_clients_that_cancel_leave_no_error_tracebacks(tmp_path: Path) -> None:
         assert server.terminate() == 0
         log = server.stderr_text()
     assert "ExecuteBatchError" not in log and "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--nbd-tls-cert", "c.pem"], "--nbd-tls-cert is set but nbd_tls_key is not"),
+        (["--nbd-tls-key", "k.pem"], "--nbd-tls-key is set but nbd_tls_cert is not"),
+        (["--nbd-tls-ca", "ca.pem"], "--nbd-tls-ca is set but nbd_tls_cert and nbd_tls_key"),
+        (
+            ["--nbd", "", "--nbd-tls-cert", "c.pem", "--nbd-tls-key", "k.pem"],
+            "--nbd-tls-cert is set but the NBD export is off",
+        ),
+        (
+            ["--nbd-tls-cert", "c.pem", "--nbd-tls-key", "k.pem"],
+            "cannot read --nbd-tls-cert DATA/c.pem: No such file or directory",
+        ),
+        (
+            ["--nbd-tls-cert", "bad.pem", "--nbd-tls-key", "bad.pem"],
+            "--nbd-tls-cert DATA/bad.pem holds no PEM certificate",
+        ),
+    ],
+)
+def test_bad_nbd_tls_settings_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    """The NBD export's TLS keys (``--nbd-tls-*``): each broken rule or unusable file is a
+    config error, one line naming the flag (and the file, resolved against the data dir),
+    before anything is bound. (Certificates that do not fit: tests/test_nbd_tls.py.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    result = _serve(
+        tmp_path, "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(data),
+        "--nbd", "127.0.0.1:0", *args,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tierdisk serve: config error: "), lines[0]
+    assert fragment.replace("DATA", str(data)) in lines[0], lines[0]
+    assert "Traceback" not in result.stderr

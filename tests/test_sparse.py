@@ -403,8 +403,9 @@ async def test_a_version_1_map_opens_and_is_rewritten_as_version_2(tmp_path: Pat
 
 async def test_a_create_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
     """A layer the filesystem cannot size (here: over the process's file size limit, as
-    ``EFBIG`` from a filesystem's largest file) is a config error naming the size, and a
-    corrected config then creates the layer afresh."""
+    ``EFBIG`` from a filesystem's largest file) is a storage error naming the size
+    (``tierdisk serve`` says "cannot start"), and a corrected config then creates the layer
+    afresh."""
     path = tmp_path / "big"
     with file_size_limit(1 << 20), pytest.raises(StorageError, match=rf"{path} of 4194304 bytes"):
         await SparseLayer(str(path), size=4 << 20).attach(None)

@@ -32,6 +32,7 @@ DEBIAN_PACKAGES = {
     "nbdcopy": "libnbd-bin",
     "nbdinfo": "libnbd-bin",
     "nbdkit": "nbdkit",
+    "openssl": "openssl",
 }
 
 

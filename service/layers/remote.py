@@ -31,9 +31,7 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     ``unix:/path``; or ``"auto"``: the address the target's server gives as ``Inspect`` path
     ``nbd/address``, asked at attach and at each reconnect, a listener on every interface
     reached on ``target``'s host; a target without an NBD export is said once at info level
-    and asked again every minute; ``""``: off). Default: ``"auto"`` for a layer in
-    ``mode = "disk"`` without TLS or a token, else off: a target that exports NBD is read
-    over it, any other target over gRPC as before. Reads then go over NBD
+    and asked again every minute; default ``""``, off: see below why). Reads then go over NBD
     (:mod:`..nbd_client`): per MiB the origin spends ~60-70% and this side's receive ~25% of
     a gRPC ``Read``'s CPU (``bench/README.md``, "Reads over NBD between tiers"); everything else
     (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in
@@ -48,9 +46,14 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     must be the one the target gives as ``Inspect`` path ``server``: an address of another
     server or of this one is refused, with the reason in ``inspect``), an export smaller
     than the remote volume is not used, and after each resize of the remote the connection
-    is remade to learn the new size. NBD reads carry no ``tierdisk-hops`` chain; a loop of
-    tiers is still refused when the volumes attach, over gRPC, and the server check keeps
-    the NBD path from looping back. They are counted as method ``NbdRead`` in
+    is remade to learn the new size. NBD reads carry no ``tierdisk-hops`` chain, so the
+    loop and depth guard (:mod:`..hops`) does not see them: the server check keeps the NBD
+    path from looping back to this server, and a loop of tiers is refused when its volumes
+    attach together (over gRPC), but a loop formed later (a tier restarted with its remote
+    pointing back at one reading it over NBD) goes round over NBD until ``timeout``, where
+    over gRPC the first read is refused at once; this, and the connection each layer holds
+    to the target's export (one of its ``nbd_max_connections``), is why ``nbd`` is off
+    unless asked for. They are counted as method ``NbdRead`` in
     ``tierdisk_remote_requests_total`` (codes ``OK``, ``UNAVAILABLE`` for a connection that
     failed, ``DEADLINE_EXCEEDED``, ``INTERNAL`` for an error answer); ``inspect`` shows the
     connection under ``nbd`` (with ``problem``: why it is not used, "" when it is, and
@@ -137,7 +140,7 @@ from .remote_connect import (
 )
 from .remote_errors import ERROR_MAP, MAX_REMOTE_MESSAGE, Translate, domain_error
 from .remote_geometry import GeometryFollower
-from .remote_nbd import NBD_AUTO, NbdDataPath
+from .remote_nbd import NbdDataPath
 
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
 
@@ -185,7 +188,7 @@ class RemoteLayer(Layer):
         server_name: str | None = None,
         token: str | None = None,
         token_file: str | None = None,
-        nbd: str | None = None,
+        nbd: str = "",
         *,
         max_io: int = DEFAULT_MAX_IO,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
@@ -207,9 +210,6 @@ class RemoteLayer(Layer):
             raise ValueError("cert_file and key_file go together (a client certificate)")
         if token is not None and token_file is not None:
             raise ValueError("give token or token_file, not both")
-        if nbd is None:  # the default: NBD when the target offers it and nothing rules it out
-            plain = not tls and token is None and token_file is None
-            nbd = NBD_AUTO if mode == "disk" and plain else ""
         if nbd and mode != "disk":
             raise ValueError('nbd needs mode = "disk" (NBD carries no presence)')
         if nbd and (tls or token is not None or token_file is not None):
@@ -253,7 +253,6 @@ class RemoteLayer(Layer):
             where=lambda: self._where,
             timeout=self.timeout,
             remote=self._volume,
-            size=lambda: self._sector_count,
             apply=self._set_size,
             resumed=self._remote_back,
             refused=self._remote_changed,
@@ -587,13 +586,18 @@ class RemoteLayer(Layer):
             info = await self._volume().resize(sector_count)
         self._info = info
         size = info.sector_count
-        if (
-            self._geometry.watching
-            and size != self._sector_count
-            and await self._geometry.wait_for_size(size, mark)
-        ):
-            return  # the watch brought it (and any newer size), in the remote's order
-        self._set_size(size)
+        if not self._geometry.watching:
+            self._set_size(size)  # the next stream's first event says the size anew
+        elif size != self._sector_count and not await self._geometry.wait_for_size(size, mark):
+            # The watch did not bring it: a new stream, or a late one. The reply may be
+            # older than what the layer has; the remote's size now, applied only if newer
+            # than what the watch applied, is not.
+            try:
+                await self._geometry.refreshed_size()
+            except errors.FailedPrecondition:  # the remote changed: not in its units
+                raise
+            except errors.TierdiskError:  # the remote is away: the reply, till the watch
+                self._set_size(size)  # is back and says the size anew
 
     def _set_size(self, sector_count: int) -> None:
         self._smallest = min(self._smallest, sector_count)

@@ -69,7 +69,7 @@ class GeometryFollower:
     What the layer lends it: ``where()`` names the remote in messages (asked when one is
     made: a layer's target may be set after the layer is made); ``timeout`` is its seconds
     per call, the longest :meth:`wait_for_size` waits; ``remote()`` is the remote
-    volume's gRPC client; ``size()`` the layer's size in sectors now; ``apply(sector_count)``
+    volume's gRPC client; ``apply(sector_count)``
     applies a size to the layer; ``resumed()`` is called when a stream starts (the target
     answers again); ``refused(problem)`` is awaited once, when the geometry changed (the
     layer records its problem and stops reading over NBD); ``log`` is the layer's logger.
@@ -83,7 +83,6 @@ class GeometryFollower:
         where: Callable[[], str],
         timeout: float,
         remote: Callable[[], AsyncVolume],
-        size: Callable[[], int],
         apply: Callable[[int], None],
         resumed: Callable[[], None],
         refused: Callable[[str], Awaitable[None]],
@@ -92,7 +91,6 @@ class GeometryFollower:
         self._where = where
         self._timeout = timeout
         self._remote = remote
-        self._size = size
         self._apply = apply
         self._resumed = resumed
         self._refused = refused
@@ -116,7 +114,9 @@ class GeometryFollower:
         self._recent: collections.deque[tuple[int, int]] = collections.deque(
             maxlen=_APPLIED_KEPT
         )  # the last ones: (number, size in sectors)
+        self._stream_started = 0  # self._applied when the last stream's first event came
         self._log = RateLimitedLog(log)
+        self._fault_log = RateLimitedLog(log)  # faults of ours: not held back by the above
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -155,15 +155,21 @@ class GeometryFollower:
         the layer's ``timeout``) for the stream to bring it. True once the follower has
         applied ``size`` after ``since`` (:meth:`mark`, taken before the ``Resize`` was
         sent), also when a newer size came after it (someone else's resize): the layer then
-        has the remote's latest size. False when it has not (the stream ended or was late:
-        the caller applies the reply); after a geometry change, :attr:`refusal` is raised
-        instead."""
+        has the remote's latest size. False when it has not: the stream ended, a new stream
+        started after ``since`` (its first event is the remote's size when it started, which
+        may already be past ``size``), or it was late; then the caller asks the remote's
+        size (:meth:`refreshed_size`) rather than take the reply, which may be older than
+        what the layer has. After a geometry change, :attr:`refusal` is raised instead."""
         # The watch reports every size change in order, this one included; taking the
         # reply instead could put back an older size after a newer change (someone
-        # else's resize) already arrived. Wait for the watch; fall back to the reply.
+        # else's resize) already arrived.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._timeout):
-                while self.watching and not self._applied_since(since, size):
+                while (
+                    self.watching
+                    and self._stream_started <= since
+                    and not self._applied_since(since, size)
+                ):
                     await self._news.wait()
         if self._applied_since(since, size):
             return True
@@ -177,9 +183,9 @@ class GeometryFollower:
 
     def _set(self, sector_count: int) -> None:
         """Apply ``sector_count`` to the layer, remembered for :meth:`wait_for_size`."""
+        self._apply(sector_count)
         self._applied += 1
         self._recent.append((self._applied, sector_count))
-        self._apply(sector_count)
 
     async def refreshed_size(self) -> int:
         """The remote's size now, asked after it refused as out of range sectors inside the
@@ -218,9 +224,10 @@ class GeometryFollower:
                     if not self.watching:  # a new stream: which volume answers it now?
                         await self._check_geometry()
                         self.watching = self.checked = True
-                        backoff.reset()
                         self._generation = event.generation
                         self._set(event.sector_count)
+                        self._stream_started = self._applied
+                        backoff.reset()  # (not before: a fault applying it backs off)
                         self._resumed()  # the target is back: NBD may be too
                     elif self._generation is None or event.generation > self._generation:
                         self._generation = event.generation  # (else a refresh applied it)
@@ -230,7 +237,7 @@ class GeometryFollower:
                 self._log.warning("%s: resize watch broke (%s); reconnecting", self._where(), exc)
             except Exception as exc:  # the guard's refusal ends it below; else keep following
                 if self.refusal is None:  # a fault of ours: say so, not end without a word
-                    self._log.error(
+                    self._fault_log.error(
                         "%s: resize watch failed (%s: %s); reconnecting",
                         self._where(),
                         type(exc).__name__,

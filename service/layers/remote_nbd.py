@@ -12,6 +12,12 @@ usable, attempts follow a backoff, and the layer calls :meth:`NbdDataPath.retry_
 gRPC target answers again (its resize watch reconnected: the target restarted, or came back),
 so a reason found while the target was away is not kept through the backoff; ``checked_s_ago``
 says how old the reason is.
+
+The NBD client has no TLS: an export that requires TLS (its server's ``[server] nbd_tls_cert``;
+it answers ``NBD_REP_ERR_TLS_REQD``) is not used, and this path says so (``problem``: "… requires
+TLS, which a remote layer's NBD reads do not use"; logged once, at info level with ``"auto"``,
+where that is no fault, else as a warning) and asks again every minute, as for a target without
+an export; the reads go over gRPC, which carries the layer's own ``tls`` when it has it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from tierdisk.client.aio import AsyncVolume
 
 from .. import errors
 from ..backoff import Backoff
-from ..nbd_client import NbdClosed, NbdError, NbdReader
+from ..nbd_client import NbdClosed, NbdError, NbdReader, NbdTlsRequired
 from ..nbd_protocol import described_server
 from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
@@ -46,8 +52,8 @@ _BACKOFF = (0.1, 5.0)
 """``(first, cap)`` in seconds: the reconnect delays (:class:`~tierdisk.service.backoff.Backoff`,
 doubling, jittered to 0.5-1.5 times)."""
 _NO_EXPORT_RETRY = 60.0
-"""With ``"auto"``, seconds between questions to a target that said it serves no NBD export
-(it may be restarted with one)."""
+"""Seconds between questions to a target that said it serves no NBD export (with ``"auto"``),
+or whose export requires TLS (it may be restarted with one this path can use)."""
 
 
 class NbdDataPath:
@@ -87,7 +93,7 @@ class NbdDataPath:
         self._target_server = ""  # the id the target's server gave (Inspect "server")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._no_export = False  # "auto" and the target said it serves no NBD export
+        self._no_export = False  # no NBD export ("auto"), or one that requires TLS: ask slowly
         self._wake = asyncio.Event()  # set by retry_now: the next attempt is due at once
         self._log = RateLimitedLog(log)
 
@@ -144,11 +150,23 @@ class NbdDataPath:
         """Open the NBD export and use it, if it is the remote volume's size and is served
         by the same server process as the gRPC target (else log why not, and keep the reason
         for ``inspect``). Failures leave the data path on gRPC."""
+        self._no_export = False
         if self.option == NBD_AUTO and not await self._ask_address():
             return
         try:
             async with asyncio.timeout(self._wait):
                 reader = await NbdReader.connect(self.address, self._volume_name)
+        except NbdTlsRequired:
+            problem = (
+                f"the NBD export at {self.address} requires TLS, which a remote layer's NBD "
+                "reads do not use"
+            )
+            if problem != self.problem:
+                level = logging.INFO if self.option == NBD_AUTO else logging.WARNING
+                log.log(level, "%s: %s; reading over gRPC", self._where, problem)
+            self._set_problem(problem)
+            self._no_export = True
+            return
         except TimeoutError:
             self._not_used(f"the NBD export at {self.address} did not answer in {self._wait:g} s")
             return
@@ -184,13 +202,19 @@ class NbdDataPath:
         self._reconnect()
 
     async def _ask_address(self) -> bool:
-        """``nbd = "auto"``: take the NBD address from the target's server (``Inspect`` path
-        ``nbd/address``, as this layer reaches it); False (with the reason kept) when it has
-        none or does not say."""
+        """``nbd = "auto"``: take the NBD address from the target's server (its ``Inspect``
+        tree's ``nbd/address``, as this layer reaches it); False (with the reason kept) when
+        it has none or does not say. The whole tree is asked for, not the path: a server
+        without an export refuses the path as ``INVALID_ARGUMENT``, which the layer's metrics
+        would count as a failed call once a minute (and the remote-errors alert read)."""
         self._no_export = False
         try:
-            tree = await self._remote().inspect("nbd/address", timeout=self._wait)
-        except client_errors.InvalidArgument:  # no such path: the server exports no NBD
+            tree = await self._remote().inspect(timeout=self._wait)
+        except client_errors.TierdiskError as exc:
+            self._not_used(f"{self._target} did not say where its NBD export is ({exc})")
+            return False
+        nbd = tree.get("nbd")
+        if not isinstance(nbd, dict) or not nbd.get("address"):  # the server exports no NBD
             # Not a fault with "auto": said once at info level, asked again now and then.
             problem = f"{self._target} serves no NBD export (its [server] nbd is off)"
             if problem != self.problem:
@@ -198,11 +222,8 @@ class NbdDataPath:
             self._set_problem(problem)
             self._no_export = True
             return False
-        except client_errors.TierdiskError as exc:
-            self._not_used(f"{self._target} did not say where its NBD export is ({exc})")
-            return False
         try:
-            self.address = reachable_address(str(tree.get("value", "")), self._target)
+            self.address = reachable_address(str(nbd["address"]), self._target)
         except ValueError as exc:
             self._not_used(f"{self._target} gave an NBD address that is no address ({exc})")
             return False
