@@ -256,8 +256,13 @@ class SparseLayer(Layer):
                 self.map_path,
                 state.end,
             )
-            os.ftruncate(self._map_fd, state.end)
-            os.fsync(self._map_fd)
+            try:
+                os.ftruncate(self._map_fd, state.end)
+                os.fsync(self._map_fd)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot cut the torn end off the presence map {self.map_path}: {exc.strerror}"
+                ) from None
         data_bytes = os.fstat(self._fd).st_size
         if data_bytes < count * ss and state.present.last_end() * ss > data_bytes:
             raise DataCorruption(
