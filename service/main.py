@@ -3,7 +3,8 @@
 Exit status: 0 after a clean stop; 2 for a config error (one line naming the volume, the
 layer index and the problem, ``config error: …``), and for a volume whose layer's files are
 corrupt, lost, or cannot be opened, read or created (``cannot start: …``, so the operator
-looks at the files, not at the config); 1 when the server itself cannot start (e.g. an address in use).
+looks at the files, not at the config); 1 when the server itself cannot start (e.g. an
+address in use).
 SIGTERM and SIGINT stop the server from the moment it starts: one that arrives while it is
 still starting (a remote tier can take seconds to answer) ends the start instead, closing what
 was opened (``stopped while starting``), and the exit status is 0 as for any stop.
