@@ -116,7 +116,11 @@ class NbdServer:
         self.max_io = max_io
         self.max_connections = max_connections
         """Connections taken at once (in option haggling or serving); past it, a new one's
-        first option is answered ``NBD_REP_ERR_POLICY`` naming the limit, then it closes."""
+        first option is answered ``NBD_REP_ERR_POLICY`` naming the limit, then it closes.
+        With TLS a connection is taken only once its TLS handshake succeeded, so clients
+        that have not authenticated cannot hold the places of those that have; until then
+        it is one of at most as many connections again waiting for TLS (past that, closed
+        at once), each with :data:`~.nbd_session.TLS_DEADLINE` seconds to get there."""
         self.stats = stats
         self.tls = tls
         """The server-side TLS context: when set, every connection must start TLS."""
@@ -125,6 +129,7 @@ class NbdServer:
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
         self._admitted: set[NbdSession] = set()  # those within max_connections
+        self._awaiting_tls: set[NbdSession] = set()  # TLS required, not on yet
         self._zeros = bytes(1 << 20)
         self._socket_file: SocketFile | None = None
         self._closing = False
@@ -140,21 +145,40 @@ class NbdServer:
             self._zeros = bytes(max(nbytes, 1 << 20))
         return memoryview(self._zeros)[:nbytes]
 
-    def add_session(self, session: NbdSession, peer: str) -> str:
+    def add_session(self, session: NbdSession, peer: str) -> str | None:
         """Count a new connection in: "" when it is within :attr:`max_connections` (the
         connections taken and not closed yet; refused ones do not count), else why it is
-        refused (counted and logged, rate-limited)."""
+        refused (counted and logged, rate-limited). With TLS it is taken later
+        (:meth:`admit`, once TLS is on); None when as many connections as
+        :attr:`max_connections` are already waiting for TLS: close it now (counted and
+        logged as refused)."""
+        if self.tls is not None:
+            if len(self._awaiting_tls) >= self.max_connections:
+                self._refuse(peer, "too many NBD connections waiting for TLS")
+                return None
+            self._sessions.add(session)
+            self._awaiting_tls.add(session)
+            return ""
         self._sessions.add(session)
+        return self.admit(session, peer)
+
+    def admit(self, session: NbdSession, peer: str) -> str:
+        """Take ``session`` (TLS: now that its handshake succeeded): "" when it is within
+        :attr:`max_connections`, else why it is refused (counted and logged)."""
+        self._awaiting_tls.discard(session)
         if len(self._admitted) < self.max_connections:
             self._admitted.add(session)
             return ""
-        self.stats.connections_refused += 1
         why = (
             f"too many NBD connections: this server takes {self.max_connections} at once "
             "(nbd_max_connections)"
         )
-        self._refusal_log.warning("NBD %s refused: %s", peer, why)
+        self._refuse(peer, why)
         return why
+
+    def _refuse(self, peer: str, why: str) -> None:
+        self.stats.connections_refused += 1
+        self._refusal_log.warning("NBD %s refused: %s", peer, why)
 
     def tls_failed(self, peer: str, reason: str) -> None:
         """A TLS handshake with ``peer`` failed (its connection closes): counted, and logged
@@ -165,6 +189,7 @@ class NbdServer:
     def remove_session(self, session: NbdSession) -> None:
         self._sessions.discard(session)
         self._admitted.discard(session)
+        self._awaiting_tls.discard(session)
 
     async def close(self) -> None:
         """Stop accepting; let requests in flight finish (bounded), then close sessions."""

@@ -46,6 +46,11 @@ __all__ = ["Hangup", "negotiate"]
 log = logging.getLogger("tierdisk.service.nbd")
 
 MAX_OPTION = 1 << 20  # longer option data is a hard disconnect
+MAX_OPTION_BEFORE_TLS = 8 << 10
+"""Longest option data taken while TLS is required and not on yet (a hard disconnect past it):
+only ``NBD_OPT_STARTTLS`` (no data) is of use then, and an unauthenticated client must not
+make the server hold a MiB per connection (``NBD_OPT_GO`` with the longest export name the
+spec allows, 4 KiB, fits)."""
 _CHOOSING = (P.OPT_GO, P.OPT_INFO, P.OPT_EXPORT_NAME)  # the options that choose an export
 
 
@@ -61,7 +66,7 @@ class _Negotiation:
         send: Callable[[bytes], None],
         peer: str,
         refusal: str,
-        starttls: Callable[[bytes], Awaitable[None]] | None,
+        starttls: Callable[[bytes], Awaitable[str]] | None,
     ) -> None:
         self._server = server
         self._starttls = starttls
@@ -94,8 +99,9 @@ class _Negotiation:
             magic, option, length = P.OPTION_HEADER.unpack(await self._recv(16))
             if magic != P.IHAVEOPT:
                 raise Hangup(f"bad option magic {magic:#x}")
-            if length > MAX_OPTION:
-                raise Hangup(f"option {option} carries {length} bytes (limit {MAX_OPTION})")
+            limit = MAX_OPTION_BEFORE_TLS if self._starttls and not self._tls_on else MAX_OPTION
+            if length > limit:
+                raise Hangup(f"option {option} carries {length} bytes (limit {limit})")
             data = await self._recv(length) if length else b""
             if self._server.closing and option != P.OPT_ABORT:
                 self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
@@ -119,7 +125,7 @@ class _Negotiation:
                 self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
                 return
             # Sends the ACK and at once hands the connection to TLS (no await in between).
-            await self._starttls(P.option_reply(option, P.REP_ACK))
+            self._refusal = await self._starttls(P.option_reply(option, P.REP_ACK))
             self._tls_on = True
             log.debug("NBD %s: TLS is on", self._peer)
             return
@@ -275,15 +281,17 @@ async def negotiate(
     send: Callable[[bytes], None],
     peer: str,
     refusal: str = "",
-    starttls: Callable[[bytes], Awaitable[None]] | None = None,
+    starttls: Callable[[bytes], Awaitable[str]] | None = None,
 ) -> Export:
     """Run the handshake over ``recv(n)`` / ``send(data)``; the export the client chose.
     With a ``refusal`` (the connection is over the server's limit), the option that chooses
     an export is answered ``NBD_REP_ERR_POLICY`` with it and the session ends. With
     ``starttls`` the server requires TLS (the module's docstring): ``starttls(ack)`` sends
     ``ack`` (the ``NBD_REP_ACK`` of ``NBD_OPT_STARTTLS``), then upgrades the connection, so
-    that ``recv`` and ``send`` go over TLS from then on; it raises :class:`Hangup` when the
-    TLS handshake fails.
+    that ``recv`` and ``send`` go over TLS from then on, and returns the refusal that then
+    applies (a connection is taken among the server's connections only once TLS is on); it
+    raises :class:`Hangup` when the TLS handshake fails. Until TLS is on, option data over
+    :data:`MAX_OPTION_BEFORE_TLS` bytes is a hard disconnect.
 
     Raises :class:`Hangup` when the session ends instead (abort, protocol violation, an
     ``NBD_OPT_EXPORT_NAME`` that cannot be served).

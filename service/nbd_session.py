@@ -32,8 +32,10 @@ shutdown; nothing here writes to the socket any other way) and the receive buffe
 from it as before. Its write buffer limits are the ones above, and the TCP transport under it
 keeps asyncio's default limits, so the replies a session holds stay bounded as in clear.
 A TLS handshake that fails (or is cut off by the handshake timeout or a shutdown) aborts the
-connection, and the session ends itself: asyncio does not call ``connection_lost`` for a
-connection lost during the TLS handshake. TLS has no half-close: asyncio's TLS transport
+connection, and the session ends itself at once (a ``connection_lost`` that asyncio
+delivers later, if at all, for a connection lost in the TLS handshake is ignored). Until TLS is
+on a connection holds no place among the server's ``max_connections`` (:class:`.nbd.NbdServer`)
+and has :data:`TLS_DEADLINE` seconds to get there. TLS has no half-close: asyncio's TLS transport
 closes on the client's ``close_notify`` (or EOF), so the complete requests received before
 it are still started, but their replies are not sent.
 """
@@ -66,6 +68,11 @@ _MAX_INFLIGHT_BYTES = 64 << 20  # payload bytes in flight (see above) before rea
 _WRITE_HIGH = 8 << 20  # transport write buffer limits
 _WRITE_LOW = 2 << 20
 _HANDSHAKE_TIMEOUT = 60.0  # seconds a client has to reach the transmission phase
+TLS_DEADLINE = 10.0
+"""Seconds a client of an export that requires TLS has, from connecting, to have its TLS
+handshake done (its ``NBD_OPT_STARTTLS`` and the handshake): until then it holds no place
+among ``max_connections``, but one of as many waiting for TLS; a client past it is cut off
+and counted as a failed TLS handshake."""
 _TLS_SHUTDOWN_TIMEOUT = 5.0  # seconds a closing TLS connection waits for the client's close_notify
 _SHUTDOWN_HANDSHAKE_WAIT = 1.0  # seconds a client in option haggling gets at shutdown to send
 # an option (answered NBD_REP_ERR_SHUTDOWN) before the connection is closed
@@ -113,6 +120,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self._closing = False  # no more requests are taken (DISC, shutdown, lost, bad magic)
         self._counted = False  # the session is counted in sessions_active
         self._tls = False  # TLS is on: self._transport is the TLS transport
+        self._tls_starting = False  # start_tls has the connection (its handshake runs)
+        self._tls_timer: asyncio.TimerHandle | None = None  # TLS_DEADLINE, until TLS is on
         self._gone = False  # connection_lost ran (asyncio's, or the session's own)
         self._lost: asyncio.Future[None] = self._loop.create_future()
 
@@ -125,17 +134,25 @@ class NbdSession(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
         self._stats.connections_total += 1
-        self._refusal = self._server.add_session(self, self._peer)
+        refusal = self._server.add_session(self, self._peer)
+        if refusal is None:  # too many waiting for TLS: refused (and counted) at once
+            transport.abort()
+            return
+        self._refusal = refusal
         if self._server.closing:
             transport.close()
             return
         self._handshake_task = self._loop.create_task(self._handshake())
+        if self._server.tls is not None:
+            self._tls_timer = self._loop.call_later(TLS_DEADLINE, self._tls_overdue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._gone:  # a failed TLS handshake ends the session itself (_start_tls)
             return
         self._gone = True
         self._closing = True
+        if self._tls_timer is not None:
+            self._tls_timer.cancel()
         _wake(self._waiter)
         _wake(self._drained)
         export = self._export
@@ -150,7 +167,7 @@ class NbdSession(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         _wake(self._waiter)
-        if self._tls:  # the TLS transport closes whatever this answers (no half-close)
+        if self._tls or self._tls_starting:  # TLS closes whatever this answers
             if self._export is not None:
                 self._parse()
             return None
@@ -277,12 +294,26 @@ class NbdSession(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.abort()
 
-    async def _start_tls(self, ack: bytes) -> None:
+    def _tls_overdue(self) -> None:
+        """:data:`TLS_DEADLINE` passed and TLS is not on: count it as a failed TLS handshake
+        and cut the connection (its handshake task ends on the cancel)."""
+        self._tls_timer = None
+        if self._tls or self._gone:
+            return
+        self._server.tls_failed(self._peer, f"no TLS within {TLS_DEADLINE:g} s of connecting")
+        if self._handshake_task is not None and not self._handshake_task.done():
+            self._handshake_task.cancel()
+        else:
+            self._abort()
+
+    async def _start_tls(self, ack: bytes) -> str:
         """``NBD_OPT_STARTTLS`` is accepted: send ``ack`` (its ``NBD_REP_ACK``) in clear and
         run the server side of the TLS handshake on the connection; from then on
-        :attr:`_transport` is the TLS transport. :class:`Hangup` when the handshake fails
-        (logged and counted by the server) or the client sent bytes after its
-        ``NBD_OPT_STARTTLS`` (it must wait for the reply); the connection is aborted then."""
+        :attr:`_transport` is the TLS transport, and the connection is taken among the
+        server's ``max_connections``: returns why it is refused there ("" when it is not).
+        :class:`Hangup` when the handshake fails (logged and counted by the server) or the
+        client sent bytes after its ``NBD_OPT_STARTTLS`` (it must wait for the reply); the
+        connection is aborted then."""
         context = self._server.tls
         raw = self._transport
         assert context is not None and raw is not None
@@ -291,6 +322,7 @@ class NbdSession(asyncio.BufferedProtocol):
         if raw.is_closing() or self._lost.done():
             raise Hangup("the client closed the connection")
         raw.write(ack)  # then at once (no await in between) start_tls takes the connection
+        self._tls_starting = True
         try:
             transport = await self._loop.start_tls(
                 raw,
@@ -315,9 +347,13 @@ class NbdSession(asyncio.BufferedProtocol):
             raise Hangup("no TLS transport")
         self._transport = transport
         self._tls = True
+        if self._tls_timer is not None:
+            self._tls_timer.cancel()
+            self._tls_timer = None
         self._writing_paused = False  # the TLS transport says when its buffer is full
         raw.set_write_buffer_limits()  # asyncio's defaults under the TLS transport's limits
         transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        return self._server.admit(self, self._peer)
 
     def _begin(self, export: C.Export) -> None:
         """Enter the transmission phase (unless the connection was lost meanwhile: a

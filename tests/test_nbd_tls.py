@@ -65,7 +65,7 @@ FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES = 1, 2
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS = 1, 2, 3, 5
 OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT = 6, 7, 8, 9
 REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
-REP_ERR_INVALID, REP_ERR_TLS_REQD = (1 << 31) + 3, (1 << 31) + 5
+REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_TLS_REQD = (1 << 31) + 2, (1 << 31) + 3, (1 << 31) + 5
 CMD_READ, CMD_WRITE = 0, 1
 
 
@@ -596,6 +596,57 @@ async def test_a_failed_tls_handshake_frees_its_connection_slot(
         finally:
             await good.close()
         assert stats.connections_refused == 0
+
+
+async def test_clients_that_have_not_done_tls_hold_no_place_of_those_that_have(
+    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``nbd_max_connections = 1``: a connection that sends nothing (no TLS) does not
+    keep a client with TLS out; a second one waiting for TLS is one too many and is closed at
+    once (counted as refused); and the one that sends nothing is cut off at the TLS deadline
+    (here 1 s) and counted as a failed TLS handshake."""
+    monkeypatch.setattr(nbd_session, "TLS_DEADLINE", 1.0)
+    body = tls_server(tmp_path / "data", certs, extra="nbd_max_connections = 1")
+    async with running_server(tmp_path, body) as server:
+        assert server._nbd is not None
+        stats = server._nbd.stats
+        idle = await Raw.open(server.nbd_address)  # connected, sends no option
+        host, port = server.nbd_address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))  # one too many
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, not even greeted
+        writer.close()
+        assert stats.connections_refused == 1
+        await eventually("the idle client to be cut off", idle.closed)
+        await idle.close()
+        assert stats.tls_handshake_failures == 1
+        good = await Raw.open(server.nbd_address)  # and a client with TLS gets in
+        try:
+            await good.starttls(client_context(certs, cert=False))
+            await good.go("vm")
+            assert await good.request(CMD_READ, 0, 512) == bytes(512)
+            other = await Raw.open(server.nbd_address)  # waiting for TLS: not refused yet
+            await other.starttls(client_context(certs, cert=False))
+            replies = await other.option(OPT_GO, struct.pack(">I", 2) + b"vm\0\0")
+            assert replies[-1][0] == REP_ERR_POLICY, replies  # over the limit once TLS is on
+            await other.close()
+        finally:
+            await good.close()
+        assert stats.connections_refused == 2
+
+
+async def test_long_options_before_tls_are_a_hard_disconnect(tls_in_process: Server) -> None:
+    """Before TLS only NBD_OPT_STARTTLS is of use: an option announcing more than 8 KiB of
+    data ends the connection at once (the server holds no MiB for a client it does not know
+    yet); 4 KiB (the longest export name) is answered as any option before TLS."""
+    client = await Raw.open(tls_in_process.nbd_address)
+    try:
+        name = b"v" * 4096
+        replies = await client.option(OPT_GO, struct.pack(">I", len(name)) + name + b"\0\0")
+        assert [reply for reply, _ in replies] == [REP_ERR_TLS_REQD]
+        client.writer.write(struct.pack(">QII", IHAVEOPT, OPT_GO, 1 << 20))  # no data follows
+        assert await client.closed()
+    finally:
+        await client.close()
 
 
 async def test_the_handshake_timeout_covers_the_tls_handshake(
