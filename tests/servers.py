@@ -48,12 +48,26 @@ __all__ = [
     "running_server",
     "samples",
     "scrape",
+    "serve_once",
     "server_section",
     "toml_volume",
     "tree_of",
     "value",
     "write_config",
 ]
+
+
+def serve_once(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tierdisk serve ARGS`` (metrics off) as a child process in ``cwd``, for a start that
+    ends by itself (a config error, an address in use): its exit status and output, text.
+    Killed (``subprocess.run``'s timeout) if it runs over 60 s."""
+    return subprocess.run(
+        [sys.executable, "-m", "tierdisk.service", "--metrics", "", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
 
 
 def toml_volume(name: str, *layers: dict[str, Any], read_only: bool = False) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tools import REQUIRE_TOOLS_ENV, require_tool
+from tools import REQUIRE_TOOLS_ENV, require_tool, run_tool, run_tool_ok
 from waiting import eventually
 
 from tierdisk.service import nbd_commands
@@ -38,7 +38,6 @@ from tierdisk.service.volume import LayerEntry, Volume
 SS = 512
 SIZE = 16 << 20  # every volume
 MAX_IO = 4 << 20
-TOOL_TIMEOUT = 60.0
 
 # -- the protocol, typed from the NBD spec (independently of the server's own module) ------
 
@@ -70,33 +69,6 @@ EPERM, EIO, EINVAL, ENOSPC, ENOTSUP = 1, 5, 22, 28, 95
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def run(*cmd: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run a client; return (exit code, stdout, stderr). Killed by PID if it hangs."""
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(
-            f"{cmd[0]} (pid {proc.pid}) did not finish in {TOOL_TIMEOUT} s"
-        ) from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-async def run_ok(*cmd: str, env: dict[str, str] | None = None) -> str:
-    code, out, err = await run(*cmd, env=env)
-    assert code == 0, f"{' '.join(cmd)} exited {code}\nstdout: {out}\nstderr: {err}"
-    return out
-
-
 SYSTEM_PYTHON = "/usr/bin/python3"
 # nbdsh runs `python3 -m nbd` from PATH: the Debian python3 has the libnbd module.
 SYSTEM_ENV = {**os.environ, "PATH": "/usr/bin:/bin"}
@@ -106,7 +78,7 @@ async def require_libnbd_python() -> str:
     """The system python with python3-libnbd; skip (or fail under CI) when missing."""
     reason = "python3-libnbd is not importable by /usr/bin/python3 (apt-get install python3-libnbd)"
     try:
-        code, _, _ = await run(SYSTEM_PYTHON, "-c", "import nbd")
+        code, _, _ = await run_tool(SYSTEM_PYTHON, "-c", "import nbd")
     except FileNotFoundError:
         code = -1
     if code == 0:
@@ -429,7 +401,7 @@ async def byte_allocation(volume: Volume) -> list[tuple[int, int, int]]:
 
 async def test_qemu_img_info_convert_compare(env: Env) -> None:
     qemu_img = require_tool("qemu-img")
-    info = json.loads(await run_ok(qemu_img, "info", "--output=json", env.uri("stack")))
+    info = json.loads(await run_tool_ok(qemu_img, "info", "--output=json", env.uri("stack")))
     assert info["virtual-size"] == SIZE
     assert info["format"] == "raw"
 
@@ -439,11 +411,13 @@ async def test_qemu_img_info_convert_compare(env: Env) -> None:
         image[start : start + (256 << 10)] = rng.randbytes(256 << 10)
     src, dst = env.folder / "in.img", env.folder / "out.img"
     src.write_bytes(image)
-    await run_ok(qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(src), env.uri("stack"))
+    await run_tool_ok(
+        qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", str(src), env.uri("stack")
+    )
     data, _ = await env.vols["stack"].read(0, SIZE // SS)
     assert data == image  # the base's random bytes are gone everywhere, holes included
-    await run_ok(qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), env.uri("stack"))
-    await run_ok(qemu_img, "convert", "-f", "raw", "-O", "raw", env.uri("stack"), str(dst))
+    await run_tool_ok(qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), env.uri("stack"))
+    await run_tool_ok(qemu_img, "convert", "-f", "raw", "-O", "raw", env.uri("stack"), str(dst))
     assert dst.read_bytes() == image
 
 
@@ -457,7 +431,9 @@ async def test_qemu_img_map_matches_allocation(env: Env) -> None:
         await volume.write(30000, tagged(3, 4096))
 
     # base:allocation on a one-layer volume: holes where no layer holds the data.
-    out = json.loads(await run_ok(qemu_img, "map", "--output=json", "-f", "raw", env.uri("ram")))
+    out = json.loads(
+        await run_tool_ok(qemu_img, "map", "--output=json", "-f", "raw", env.uri("ram"))
+    )
     seen = merged([(e["start"], e["length"], (e["data"], e["zero"])) for e in out])
     want = merged([(s, n, (d >= 0, d < 0)) for s, n, d in await byte_allocation(ram)])
     assert seen == want
@@ -469,7 +445,7 @@ async def test_qemu_img_map_matches_allocation(env: Env) -> None:
         f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={env.port},"
         "export=stack,x-dirty-bitmap=qemu:allocation-depth"
     )
-    out = json.loads(await run_ok(qemu_img, "map", "--output=json", "--image-opts", opts))
+    out = json.loads(await run_tool_ok(qemu_img, "map", "--output=json", "--image-opts", opts))
     seen = merged([(e["start"], e["length"], (e["data"], e["zero"])) for e in out])
     status = {-1: (True, False), 0: (False, False), 1: (True, True)}
     want = merged([(s, n, status[d]) for s, n, d in await byte_allocation(stack)])
@@ -503,7 +479,7 @@ async def test_qemu_io_patterns(env: Env) -> None:
     args = [qemu_io, "-f", "raw"]
     for c in commands:
         args += ["-c", c]
-    out = await run_ok(*args, env.uri("stack"))
+    out = await run_tool_ok(*args, env.uri("stack"))
     assert "verification failed" not in out.lower() and "error" not in out.lower(), out
     data, _ = await env.vols["stack"].read(0, 4 << 20 >> 9)
     assert data[:100] == b"\xab" * 100 and data[100:107] == b"\x33" * 7
@@ -518,7 +494,7 @@ async def test_qemu_io_patterns(env: Env) -> None:
 
 async def test_nbdinfo_list_and_maps(env: Env) -> None:
     nbdinfo = require_tool("nbdinfo")
-    listing = json.loads(await run_ok(nbdinfo, "--json", "--list", env.uri("")))
+    listing = json.loads(await run_tool_ok(nbdinfo, "--json", "--list", env.uri("")))
     exports = {e["export-name"]: e for e in listing["exports"]}
     assert list(exports) == ["ram", "stack", "cached", "ro", "flaky"]
     assert exports["ro"]["is_read_only"] and not exports["ram"]["is_read_only"]
@@ -533,18 +509,18 @@ async def test_nbdinfo_list_and_maps(env: Env) -> None:
     stack = env.vols["stack"]
     await stack.write(4096, tagged(5, 1 << 20))
     await stack.write(10000, tagged(6, 8192))
-    out = await run_ok(nbdinfo, "--json", "--map=qemu:allocation-depth", env.uri("stack"))
+    out = await run_tool_ok(nbdinfo, "--json", "--map=qemu:allocation-depth", env.uri("stack"))
     seen = merged([(e["offset"], e["length"], e["type"]) for e in json.loads(out)])
     want = merged([(s, n, d + 1) for s, n, d in await byte_allocation(stack)])
     assert seen == want and {t for _, _, t in seen} == {1, 2}
 
     ram_vol = env.vols["ram"]
     await ram_vol.write(2048, tagged(7, 1 << 20))
-    out = await run_ok(nbdinfo, "--json", "--map", env.uri("ram"))
+    out = await run_tool_ok(nbdinfo, "--json", "--map", env.uri("ram"))
     seen = merged([(e["offset"], e["length"], e["type"]) for e in json.loads(out)])
     want = merged([(s, n, 0 if d >= 0 else 3) for s, n, d in await byte_allocation(ram_vol)])
     assert seen == want
-    out = await run_ok(nbdinfo, "--json", "--map=qemu:allocation-depth", env.uri("ram"))
+    out = await run_tool_ok(nbdinfo, "--json", "--map=qemu:allocation-depth", env.uri("ram"))
     seen = merged([(e["offset"], e["length"], e["type"]) for e in json.loads(out)])
     assert seen == merged([(s, n, d + 1) for s, n, d in await byte_allocation(ram_vol)])
 
@@ -557,12 +533,12 @@ async def test_nbdcopy_both_ways(env: Env) -> None:
     image[12 << 20 : (12 << 20) + 12345 * 8] = rng.randbytes(12345 * 8)
     src, dst = env.folder / "src.img", env.folder / "dst.img"
     src.write_bytes(image)
-    await run_ok(nbdcopy, "--flush", str(src), env.uri("stack"))  # multi-conn by default
+    await run_tool_ok(nbdcopy, "--flush", str(src), env.uri("stack"))  # multi-conn by default
     data, _ = await env.vols["stack"].read(0, SIZE // SS)
     assert data == image
-    await run_ok(nbdcopy, env.uri("stack"), str(dst))
+    await run_tool_ok(nbdcopy, env.uri("stack"), str(dst))
     assert dst.read_bytes() == image
-    await run_ok(nbdcopy, env.uri("cached"), str(dst))  # through the read cache
+    await run_tool_ok(nbdcopy, env.uri("cached"), str(dst))  # through the read cache
     assert dst.read_bytes() == env.cache_base
 
 
@@ -637,9 +613,9 @@ async def test_nbdsh_error_codes_and_option_mode(env: Env) -> None:
         f"RO = {env.uri('ro')!r}\nRAM = {env.uri('ram')!r}\nDEFAULT = {env.uri('')!r}\n"
         f"SIZE = {SIZE}\nRO_SECTOR1 = {env.ro_data[512:1024].hex()!r}\n"
     )
-    out = await run_ok(nbdsh, "-c", prelude + NBDSH_ERRORS, env=SYSTEM_ENV)
+    out = await run_tool_ok(nbdsh, "-c", prelude + NBDSH_ERRORS, env=SYSTEM_ENV)
     assert "errors ok" in out
-    out = await run_ok(nbdsh, "-c", prelude + NBDSH_OPT_MODE, env=SYSTEM_ENV)
+    out = await run_tool_ok(nbdsh, "-c", prelude + NBDSH_OPT_MODE, env=SYSTEM_ENV)
     assert "opt mode ok" in out
     assert env.stats.requests["write", "EPERM"] == 1
     assert env.stats.requests["read", "EINVAL"] == 2
@@ -741,7 +717,7 @@ async def test_integrity_many_requests_in_flight_on_several_connections(env: Env
     script = env.folder / "integrity.py"
     script.write_text(INTEGRITY_SCRIPT)
     expect = env.folder / "expected.img"
-    out = await run_ok(
+    out = await run_tool_ok(
         python,
         str(script),
         env.uri("stack"),
@@ -1083,7 +1059,7 @@ async def test_addresses_bind_exclusively(env: Env, tmp_path: Path) -> None:
         assert await reader.readexactly(8) == struct.pack(">Q", NBDMAGIC)
         writer.close()
         if shutil.which("nbdinfo"):
-            out = await run_ok("nbdinfo", "--size", f"nbd+unix:///stack?socket={path}")
+            out = await run_tool_ok("nbdinfo", "--size", f"nbd+unix:///stack?socket={path}")
             assert int(out) == SIZE
     finally:
         await server.close()
@@ -1189,7 +1165,7 @@ def test_under_uvloop(tmp_path: Path) -> None:
             if shutil.which("nbdcopy"):
                 image = tmp_path / "img"
                 image.write_bytes(tagged(2, SIZE))
-                await run_ok("nbdcopy", str(image), f"nbd://127.0.0.1:{port}/vol")
+                await run_tool_ok("nbdcopy", str(image), f"nbd://127.0.0.1:{port}/vol")
                 data, _ = await volume.read(0, SIZE // SS)
                 assert data == tagged(2, SIZE)
         finally:

@@ -17,7 +17,6 @@ import random
 import ssl
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,10 +29,11 @@ from servers import (
     remote,
     running_server,
     scrape,
+    serve_once,
     toml_volume,
     value,
 )
-from tools import require_tool
+from tools import TOOL_TIMEOUT, require_tool, run_tool, run_tool_ok
 from waiting import eventually
 
 from tierdisk.client import AsyncClient
@@ -52,7 +52,6 @@ pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 SS = 512
 SIZE = 16 * MiB  # the volume "vm"
-TOOL_TIMEOUT = 60.0
 
 # -- the protocol, from the NBD spec (independently of the server's own module) -------------
 
@@ -260,33 +259,6 @@ LOOPS = ["asyncio", "uvloop"]
 # -- external tools -----------------------------------------------------------------------
 
 
-async def run(*cmd: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run a client; (exit code, stdout, stderr). Killed by its PID if it hangs."""
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(
-            f"{cmd[0]} (pid {proc.pid}) did not finish in {TOOL_TIMEOUT} s"
-        ) from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-async def run_ok(*cmd: str) -> str:
-    code, out, err = await run(*cmd)
-    assert code == 0, f"{' '.join(cmd)} exited {code}\nstdout: {out}\nstderr: {err}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def tools() -> dict[str, str]:
     return {name: require_tool(name) for name in ("nbdinfo", "qemu-img", "qemu-io")}
@@ -304,7 +276,7 @@ async def test_qemu_writes_and_reads_back_over_tls(
     is the volume's (read over gRPC)."""
     async with tls_export(tmp_path, certs, loop) as export:
         qemu = export.qemu_args(certs.good)
-        out = await run_ok(
+        out = await run_tool_ok(
             tools["qemu-io"], *qemu,
             "-c", "write -P 0xa5 1M 256k",  # large: received in place
             "-c", "write -P 0x3c 4097 1000",  # misaligned: read-modify-write
@@ -324,12 +296,12 @@ async def test_qemu_writes_and_reads_back_over_tls(
             image[start : start + MiB] = rng.randbytes(MiB)
         source, back = tmp_path / "source.img", tmp_path / "back.img"
         source.write_bytes(image)
-        await run_ok(
+        await run_tool_ok(
             tools["qemu-img"], "convert", "-n", "-f", "raw", "--target-image-opts",
             "--object", f"tls-creds-x509,id=tls0,dir={certs.good},endpoint=client",
             str(source), qemu[-1],
         )  # fmt: skip
-        await run_ok(tools["qemu-img"], "convert", *qemu, "-O", "raw", str(back))
+        await run_tool_ok(tools["qemu-img"], "convert", *qemu, "-O", "raw", str(back))
         assert back.read_bytes() == image
 
 
@@ -346,17 +318,17 @@ async def test_nbdinfo_shows_size_and_map_over_tls(
         assert nbd["tls"] is True and nbd["tls_client_certificates"] is False
         assert nbd["address"] == export.nbd
         uri = export.uri(certs.good)
-        info = await run_ok(tools["nbdinfo"], "--json", uri)
+        info = await run_tool_ok(tools["nbdinfo"], "--json", uri)
         assert '"TLS": true' in info and '"structured": true' in info, info
-        assert (await run_ok(tools["nbdinfo"], "--size", uri)).strip() == str(SIZE)
-        mapped = await run_ok(tools["nbdinfo"], "--map", uri)
+        assert (await run_tool_ok(tools["nbdinfo"], "--size", uri)).strip() == str(SIZE)
+        mapped = await run_tool_ok(tools["nbdinfo"], "--map", uri)
         rows = [line.split()[:3] for line in mapped.splitlines()]
         assert rows == [
             ["0", str(4 * MiB), "3"],
             [str(4 * MiB), str(MiB), "0"],
             [str(5 * MiB), str(SIZE - 5 * MiB), "3"],
         ], mapped
-        depth = await run_ok(tools["nbdinfo"], "--map=qemu:allocation-depth", uri)
+        depth = await run_tool_ok(tools["nbdinfo"], "--map=qemu:allocation-depth", uri)
         assert [line.split()[:3] for line in depth.splitlines()][1] == [
             str(4 * MiB),
             str(MiB),
@@ -372,11 +344,11 @@ async def test_a_client_that_does_not_start_tls_is_refused(
     with a message saying TLS is required; qemu-img prints it, libnbd prints it in its debug
     output (its error says only "Operation not supported"). No session begins."""
     async with tls_export(tmp_path, certs, "asyncio") as export:
-        code, _, err = await run(tools["qemu-img"], "info", f"nbd://{export.nbd}/vm")
+        code, _, err = await run_tool(tools["qemu-img"], "info", f"nbd://{export.nbd}/vm")
         assert code != 0
         assert "TLS" in err and "this NBD server requires TLS" in err, err
         env = {**os.environ, "LIBNBD_DEBUG": "1"}
-        code, _, err = await run(tools["nbdinfo"], f"nbd://{export.nbd}/vm", env=env)
+        code, _, err = await run_tool(tools["nbdinfo"], f"nbd://{export.nbd}/vm", env=env)
         assert code != 0
         assert "this NBD server requires TLS: send NBD_OPT_STARTTLS first" in err, err
         text = await scrape(export.metrics)
@@ -396,17 +368,17 @@ async def test_with_nbd_tls_ca_only_clients_with_its_certificates_get_in(
         async with AsyncClient(export.grpc) as client:
             nbd = await client.volume("vm").inspect("nbd")
         assert nbd["tls"] is True and nbd["tls_client_certificates"] is True
-        assert (await run_ok(tools["nbdinfo"], "--size", export.uri(certs.good))).strip() == str(
-            SIZE
-        )
+        assert (
+            await run_tool_ok(tools["nbdinfo"], "--size", export.uri(certs.good))
+        ).strip() == str(SIZE)
         for folder in (certs.no_cert, certs.other_cert, certs.distrust):
-            code, out, err = await run(tools["nbdinfo"], "--size", export.uri(folder))
+            code, out, err = await run_tool(tools["nbdinfo"], "--size", export.uri(folder))
             assert code != 0 and not out, (folder.name, out, err)
         for folder in (certs.no_cert, certs.other_cert):
-            code, _, err = await run(tools["qemu-img"], "info", *export.qemu_args(folder))
+            code, _, err = await run_tool(tools["qemu-img"], "info", *export.qemu_args(folder))
             assert code != 0, (folder.name, err)
         await export.counted_failures(5)
-        out = await run_ok(
+        out = await run_tool_ok(
             tools["qemu-io"], *export.qemu_args(certs.good),
             "-c", "write -P 0x77 0 64k", "-c", "read -P 0x77 0 64k",
         )  # fmt: skip
@@ -419,7 +391,7 @@ async def test_a_failed_handshake_is_logged_naming_the_client_and_the_reason(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="tierdisk.service.nbd")
     async with tls_export(tmp_path, certs, "asyncio", ca=True) as export:
-        code, _, _ = await run(tools["nbdinfo"], "--size", export.uri(certs.no_cert))
+        code, _, _ = await run_tool(tools["nbdinfo"], "--size", export.uri(certs.no_cert))
         assert code != 0
         await export.counted_failures(1)
     said = [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.getMessage()]
@@ -874,16 +846,6 @@ def test_the_tls_keys_load_the_files_and_resolve_paths_against_data_dir(
     )
 
 
-def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tierdisk.service", "--metrics", "", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-
-
 @pytest.mark.parametrize(
     ("files", "fragment"),
     [
@@ -919,7 +881,7 @@ def test_tls_files_that_do_not_load_exit_2_with_one_line(
         args += ["--nbd-tls-ca", str(paths[2])]
     for name in ("other_key", "encrypted_key", "server_key", "server_cert"):
         fragment = fragment.replace(name.upper(), str(getattr(certs, name)))
-    result = _serve(tmp_path, "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), *args)
+    result = serve_once(tmp_path, "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), *args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from servers import free_port, ram, remote, running_server, toml_volume
 from stacks import MapLayer, pattern
 from waiting import eventually
 
-from tierdisk.client import AsyncClient
+from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
 from tierdisk.service.grpc_api import BlockDeviceService
 from tierdisk.service.layers.remote_geometry import GeometryFollower
@@ -298,70 +299,83 @@ async def test_a_read_past_an_origin_shrink_not_yet_watched_reads_zeros(
 
 # -- a resize of this tier while another one resizes the origin ------------------------------
 
+N, FIRST, SECOND = 4 * SECTORS, 3 * SECTORS, 2 * SECTORS
+"""The origin's size, the cache tier's resize (its reply held), and someone else's, newer."""
 
-async def test_a_resize_reply_overtaken_by_a_newer_resize_does_not_bring_its_size_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The cache tier resizes its remote top to ``first``; before the origin's reply reaches
-    it, someone else resizes the origin to ``second``, and the cache tier's resize watch
-    applies both, in order. The late reply must not put ``first`` back: the tier keeps
-    ``second``, the origin's size. (The reply is held on the origin, after its resize and
-    its WatchResize event, so the race is certain.)"""
-    n, first, second = 4 * SECTORS, 3 * SECTORS, 2 * SECTORS
-    reply_held = asyncio.Event()
-    release_reply = asyncio.Event()
+
+@dataclass
+class HeldReply:
+    """The origin's reply to a ``Resize`` of ``base`` to ``FIRST`` waits (after the resize
+    and its WatchResize event) until ``release`` is set; ``held`` is set when it waits."""
+
+    held: asyncio.Event
+    release: asyncio.Event
+
+
+@pytest.fixture
+def held_reply(monkeypatch: pytest.MonkeyPatch) -> HeldReply:
+    held = HeldReply(asyncio.Event(), asyncio.Event())
     original = BlockDeviceService.Resize
 
     async def resize(self: BlockDeviceService, request: Any, context: Any) -> Any:
         reply = await original(self, request, context)
-        if request.volume == "base" and request.sector_count == first:
-            reply_held.set()
-            await release_reply.wait()
+        if request.volume == "base" and request.sector_count == FIRST:
+            held.held.set()
+            await held.release.wait()
         return reply
 
     monkeypatch.setattr(BlockDeviceService, "Resize", resize)
-    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
+    return held
+
+
+@contextlib.asynccontextmanager
+async def tier_over_origin(tmp_path: Path) -> AsyncIterator[tuple[AsyncVolume, AsyncVolume]]:
+    """An origin (``base``, ``N`` sectors) and a cache tier whose volume ``top`` is a remote
+    layer over it: (the origin's ``base``, the tier's ``top``), each through a client."""
+    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{N * SS}"))) as o:
         body = toml_volume("top", remote(o.grpc_address, "base"))
         async with (
             AsyncClient(o.grpc_address) as oc,
             running_server(tmp_path / "cache", body) as cache,
             AsyncClient(cache.grpc_address, retries=0) as cc,
         ):
-            top = cc.volume("top")
-            ours = asyncio.create_task(top.resize(first))
-            await asyncio.wait_for(reply_held.wait(), 10)
-            await oc.volume("base").resize(second)
+            yield oc.volume("base"), cc.volume("top")
 
-            async def followed() -> bool:
-                return (await top.info()).sector_count == second
 
-            await eventually("the cache tier to follow the newer resize", followed)
-            release_reply.set()
-            await asyncio.wait_for(ours, 10)
-            assert (await oc.volume("base").info()).sector_count == second
-            assert (await top.info()).sector_count == second
-            assert (await top.inspect("layers/0"))["sector_count"] == second
+async def test_a_resize_reply_overtaken_by_a_newer_resize_does_not_bring_its_size_back(
+    tmp_path: Path, held_reply: HeldReply
+) -> None:
+    """The cache tier resizes its remote top to ``FIRST``; before the origin's reply reaches
+    it, someone else resizes the origin to ``SECOND``, and the cache tier's resize watch
+    applies both, in order. The late reply must not put ``FIRST`` back: the tier keeps
+    ``SECOND``, the origin's size. (The reply is held on the origin, after its resize and
+    its WatchResize event, so the race is certain.)"""
+    async with tier_over_origin(tmp_path) as (base, top):
+        ours = asyncio.create_task(top.resize(FIRST))
+        await asyncio.wait_for(held_reply.held.wait(), 10)
+        await base.resize(SECOND)
+
+        async def followed() -> bool:
+            return (await top.info()).sector_count == SECOND
+
+        await eventually("the cache tier to follow the newer resize", followed)
+        held_reply.release.set()
+        await asyncio.wait_for(ours, 10)
+        assert (await base.info()).sector_count == SECOND
+        assert (await top.info()).sector_count == SECOND
+        assert (await top.inspect("layers/0"))["sector_count"] == SECOND
 
 
 async def test_a_resize_reply_overtaken_while_the_watch_reconnects_keeps_the_newer_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, held_reply: HeldReply, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As above, but the cache tier's resize watch is down when it sends its ``Resize``, and
     reconnects after someone else's newer resize: its first event is the newer size, and
     the event of the tier's own resize never comes. The late reply must not put the older
     size back (nor wait for an event that cannot come): the tier keeps the origin's size."""
-    n, first, second = 4 * SECTORS, 3 * SECTORS, 2 * SECTORS
-    reply_held, release_reply = asyncio.Event(), asyncio.Event()
     streams_may_start, end_streams = asyncio.Event(), asyncio.Event()
     streams_may_start.set()
-    original_resize, original_watch = BlockDeviceService.Resize, BlockDeviceService.WatchResize
-
-    async def resize(self: BlockDeviceService, request: Any, context: Any) -> Any:
-        reply = await original_resize(self, request, context)
-        if request.volume == "base" and request.sector_count == first:
-            reply_held.set()
-            await release_reply.wait()
-        return reply
+    original_watch = BlockDeviceService.WatchResize
 
     async def watch(self: BlockDeviceService, request: Any, context: Any) -> AsyncIterator[Any]:
         await streams_may_start.wait()
@@ -381,33 +395,25 @@ async def test_a_resize_reply_overtaken_while_the_watch_reconnects_keeps_the_new
         finally:
             ended.cancel()
 
-    monkeypatch.setattr(BlockDeviceService, "Resize", resize)
     monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
-    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
-        body = toml_volume("top", remote(o.grpc_address, "base"))
-        async with (
-            AsyncClient(o.grpc_address) as oc,
-            running_server(tmp_path / "cache", body) as cache,
-            AsyncClient(cache.grpc_address, retries=0) as cc,
-        ):
-            top = cc.volume("top")
+    async with tier_over_origin(tmp_path) as (base, top):
 
-            async def watching(state: bool) -> bool:
-                return (await top.inspect("layers/0"))["watching_resizes"] is state
+        async def watching(state: bool) -> bool:
+            return (await top.inspect("layers/0"))["watching_resizes"] is state
 
-            streams_may_start.clear()
-            end_streams.set()  # the cache tier's stream breaks; its reconnect waits
-            await eventually("the watch to break", lambda: watching(False))
-            end_streams.clear()
-            ours = asyncio.create_task(top.resize(first))
-            await asyncio.wait_for(reply_held.wait(), 10)
-            await oc.volume("base").resize(second)  # someone else's, newer
-            streams_may_start.set()  # the new stream's first event: second
-            await eventually("the watch to be back", lambda: watching(True))
-            release_reply.set()
-            await asyncio.wait_for(ours, 10)
-            assert (await oc.volume("base").info()).sector_count == second
-            assert (await top.info()).sector_count == second
+        streams_may_start.clear()
+        end_streams.set()  # the cache tier's stream breaks; its reconnect waits
+        await eventually("the watch to break", lambda: watching(False))
+        end_streams.clear()
+        ours = asyncio.create_task(top.resize(FIRST))
+        await asyncio.wait_for(held_reply.held.wait(), 10)
+        await base.resize(SECOND)  # someone else's, newer
+        streams_may_start.set()  # the new stream's first event: SECOND
+        await eventually("the watch to be back", lambda: watching(True))
+        held_reply.release.set()
+        await asyncio.wait_for(ours, 10)
+        assert (await base.info()).sector_count == SECOND
+        assert (await top.info()).sector_count == SECOND
 
 
 async def test_a_fault_applying_a_size_is_logged_and_the_watch_goes_on(

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from servers import ServerProcess, ram, remote, toml_volume, write_config
+from servers import ServerProcess, ram, remote, serve_once, toml_volume, write_config
 
 from tierdisk.service.config import load_config
 from tierdisk.service.server import Server
@@ -27,16 +27,6 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 DEAD = "127.0.0.1:1"  # nothing listens on port 1 here: connections are refused
-
-
-def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tierdisk.service", "--metrics", "", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
 
 
 @pytest.mark.parametrize(
@@ -90,7 +80,7 @@ def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_config_errors_exit_2_with_one_line(tmp_path: Path, body: str, fragment: str) -> None:
     config = write_config(tmp_path, body)
-    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -123,7 +113,7 @@ def test_bad_server_settings_exit_2_with_one_line(
     config = write_config(
         tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
     )
-    result = _serve(tmp_path, "--config", str(config), *args)
+    result = serve_once(tmp_path, "--config", str(config), *args)
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
@@ -180,7 +170,7 @@ def test_bad_remote_targets_and_tokens_exit_2_with_one_line(
     config = write_config(
         tmp_path, f"[[volumes]]\nname='r'\n[[volumes.layers]]\nkind='remote'\n{layer}"
     )
-    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
@@ -224,7 +214,7 @@ def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
 ) -> None:
     config = tmp_path / "tierdisk.toml"
     config.write_bytes(data + b"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n")
-    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -241,7 +231,7 @@ def test_refused_stack_creates_no_files(tmp_path: Path) -> None:
         "kind='raw'\npath='cache.img'\nsize=65536\nread_cache=true\n[[volumes.layers]]\n"
         "kind='ram'\nsize=65536\n",
     )
-    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     assert not (tmp_path / "data" / "cache.img").exists()
 
@@ -267,7 +257,7 @@ def test_layers_that_cannot_be_created_are_config_errors(
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "afile").write_text("a file where a folder is wanted")
     config = write_config(tmp_path, f"[[volumes]]\nname='v'\n[[volumes.layers]]\n{layer}")
-    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
@@ -366,7 +356,7 @@ def test_damaged_layer_files_are_not_called_config_errors(
         tmp_path,
         f"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\n[[volumes.layers]]\n{layer}",
     )
-    result = _serve(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), result.stderr
@@ -379,7 +369,7 @@ def test_a_layer_path_used_twice_in_one_config_is_named(tmp_path: Path) -> None:
         f"[[volumes]]\nname='{name}'\n[[volumes.layers]]\nkind='sparse'\npath='s'\nsize='1MiB'\n"
         for name in ("a", "b")
     )
-    result = _serve(tmp_path, "--config", str(write_config(tmp_path, body)))
+    result = serve_once(tmp_path, "--config", str(write_config(tmp_path, body)))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -411,7 +401,7 @@ def test_address_in_use_is_named(tmp_path: Path, flag: str, what: str) -> None:
             tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
         )
         args = {"--listen": "127.0.0.1:0", "--metrics": "127.0.0.1:0", flag: address}
-        result = _serve(tmp_path, "--config", str(config), *itertools.chain(*args.items()))
+        result = serve_once(tmp_path, "--config", str(config), *itertools.chain(*args.items()))
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]  # after gRPC's own log line, if any
     assert last == f"tierdisk serve: cannot start: {what} {address}: address already in use"
@@ -424,7 +414,7 @@ def test_a_socket_path_that_is_a_file_is_named_without_an_errno(tmp_path: Path) 
         tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
     )
     address = f"unix:{tmp_path / 'precious.txt'}"
-    result = _serve(tmp_path, "--config", str(config), "--listen", address)
+    result = serve_once(tmp_path, "--config", str(config), "--listen", address)
     assert result.returncode == 1
     assert (
         result.stderr
@@ -633,7 +623,7 @@ def test_unwritable_ready_file_stops_the_server_with_one_line(tmp_path: Path) ->
     config = write_config(
         tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
     )
-    result = _serve(
+    result = serve_once(
         tmp_path, "--config", str(config), "--ready-file", str(tmp_path / "absent" / "r.json")
     )
     assert result.returncode == 1, result.stderr
@@ -700,7 +690,7 @@ def test_bad_nbd_tls_settings_exit_2_with_one_line(
     config = write_config(
         tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
     )
-    result = _serve(
+    result = serve_once(
         tmp_path, "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(data),
         "--nbd", "127.0.0.1:0", *args,
     )  # fmt: skip

@@ -11,6 +11,7 @@ Also limits of the test process itself: :func:`file_size_limit`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -62,3 +63,36 @@ def file_size_limit(nbytes: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+
+
+TOOL_TIMEOUT = 60.0
+"""Seconds a tool run by :func:`run_tool` may take before it is killed."""
+
+
+async def run_tool(*cmd: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run a tool (a client: ``nbdinfo``, ``qemu-img``, …); (exit code, stdout, stderr).
+    Killed by its PID, and an :class:`AssertionError`, if it takes over :data:`TOOL_TIMEOUT`."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(
+            f"{cmd[0]} (pid {proc.pid}) did not finish in {TOOL_TIMEOUT} s"
+        ) from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def run_tool_ok(*cmd: str, env: dict[str, str] | None = None) -> str:
+    """:func:`run_tool`, asserting exit status 0 (the message has both outputs); stdout."""
+    code, out, err = await run_tool(*cmd, env=env)
+    assert code == 0, f"{' '.join(cmd)} exited {code}\nstdout: {out}\nstderr: {err}"
+    return out
