@@ -19,8 +19,14 @@ What this client does (the NBD protocol document, ``doc/proto.md`` of NetworkBlo
   into a scratch buffer instead, so a late reply never writes into a buffer that was
   handed back.
 
-This client has no TLS: an export that requires it (it answers ``NBD_REP_ERR_TLS_REQD``) is
-:class:`NbdTlsRequired`, so the remote layer reads over gRPC instead.
+TLS (the protocol document's "TLS support" section): given an :class:`ssl.SSLContext`
+(``tls``), the client sends ``NBD_OPT_STARTTLS`` right after the greeting, runs the TLS
+handshake on the same connection (the server's certificate checked against ``server_hostname``,
+else the address's host) and goes on with ``NBD_OPT_GO`` over TLS; a server that does not do
+TLS (it refuses ``NBD_OPT_STARTTLS``) is :class:`NbdTlsUnavailable`, never a fallback to clear
+text, and a failed TLS handshake is an :class:`ssl.SSLError` (an :class:`OSError`). Without a
+context the connection stays in clear text, and an export that requires TLS (it answers
+``NBD_REP_ERR_TLS_REQD``) is :class:`NbdTlsRequired`.
 
 Every failure is an :class:`NbdError`: the server's error reply (:class:`NbdRefused`, with
 the NBD error value), a read past the export's size as negotiated, a lost or broken
@@ -31,6 +37,7 @@ connection (:class:`NbdClosed`). A connection that broke stays broken: make a ne
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +46,15 @@ from typing import cast
 from . import nbd_protocol as P
 from .netaddr import split_host_port
 
-__all__ = ["NbdClosed", "NbdError", "NbdExport", "NbdReader", "NbdRefused", "NbdTlsRequired"]
+__all__ = [
+    "NbdClosed",
+    "NbdError",
+    "NbdExport",
+    "NbdReader",
+    "NbdRefused",
+    "NbdTlsRequired",
+    "NbdTlsUnavailable",
+]
 
 DEFAULT_MAX_BLOCK = 1 << 20
 """Largest request when the server does not state its maximum block size."""
@@ -73,7 +88,11 @@ class NbdClosed(NbdError):
 
 
 class NbdTlsRequired(NbdError):
-    """The server requires TLS (``NBD_REP_ERR_TLS_REQD``), which this client does not do."""
+    """The server requires TLS (``NBD_REP_ERR_TLS_REQD``) and the client was given none."""
+
+
+class NbdTlsUnavailable(NbdError):
+    """The client asked for TLS (``NBD_OPT_STARTTLS``) and the server does not do it."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,21 @@ class _Connection(asyncio.BufferedProtocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """Run the TLS handshake (the server acknowledged ``NBD_OPT_STARTTLS``): from now on
+        every byte goes through TLS, to this same protocol."""
+        if self._inbox:
+            raise NbdError("the NBD server sent bytes after acknowledging NBD_OPT_STARTTLS")
+        if self.error is not None:
+            raise self.error
+        assert self.transport is not None
+        transport = await self.loop.start_tls(
+            self.transport, self, context, server_hostname=server_hostname
+        )
+        if transport is None:  # the connection went away during the handshake
+            raise self.error or NbdClosed("the NBD connection closed during the TLS handshake")
+        self.transport = transport
+
     def start_transmission(self) -> None:
         """Handshake done: from now on every byte is a reply header or a reply's data."""
         if self._inbox:
@@ -273,22 +307,51 @@ class NbdReader:
         self._chunk = max(export.block_min, min(export.block_max, _MAX_CHUNK))
 
     @classmethod
-    async def connect(cls, address: str, export: str) -> NbdReader:
-        """Connect to ``address`` (``host:port`` or ``unix:/path``) and open ``export``.
+    async def connect(
+        cls,
+        address: str,
+        export: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> NbdReader:
+        """Connect to ``address`` (``host:port`` or ``unix:/path``) and open ``export``;
+        with ``tls``, over TLS only (``NBD_OPT_STARTTLS`` first), the server's certificate
+        checked against ``server_hostname`` (default: the address's host; ``localhost`` for
+        a ``unix:`` address).
 
         :class:`NbdError` when the server refuses the export or speaks no fixed-newstyle
-        NBD; :class:`OSError` when the connection cannot be made. The caller bounds the
-        time (``asyncio.timeout``).
+        NBD (:class:`NbdTlsUnavailable` when ``tls`` is given and the server does not do
+        TLS, :class:`NbdTlsRequired` when it is not and the server requires TLS);
+        :class:`OSError` when the connection cannot be made, :class:`ssl.SSLError` (an
+        ``OSError``) when the TLS handshake fails. The caller bounds the time, the TLS
+        handshake included (``asyncio.timeout``).
         """
         loop = asyncio.get_running_loop()
         conn: _Connection
         if address.startswith("unix:"):
+            host = "localhost"
             _, conn = await loop.create_unix_connection(_Connection, address[5:])
         else:
             host, port = split_host_port(address, "nbd")
-            _, conn = await loop.create_connection(_Connection, host or "127.0.0.1", port)
+            host = host or "127.0.0.1"
+            _, conn = await loop.create_connection(_Connection, host, port)
         try:
-            info = await _handshake(conn, export)
+            await _greet(conn)
+            if tls is not None:
+                await _starttls(conn)
+                await conn.start_tls(tls, server_hostname or host)
+            try:
+                info = await _go(conn, export)
+            except NbdClosed as exc:
+                if tls is None:
+                    raise
+                # TLS 1.3: a server that refuses the client's certificate (or its absence)
+                # says so only after the client's side of the handshake is done.
+                raise NbdClosed(
+                    f"{exc}, right after the TLS handshake (it may want a client certificate, "
+                    "or another one)"
+                ) from None
         except BaseException:
             if conn.transport is not None:
                 conn.transport.abort()
@@ -374,9 +437,8 @@ class NbdReader:
         transport.close()
 
 
-async def _handshake(conn: _Connection, name: str) -> NbdExport:
-    """Fixed newstyle, then ``NBD_OPT_GO`` for ``name`` asking for its block sizes and
-    description."""
+async def _greet(conn: _Connection) -> None:
+    """The server's greeting and the client's flags (fixed newstyle)."""
     nbdmagic, ihaveopt, flags = _GREETING.unpack(await conn.recv(_GREETING.size))
     if nbdmagic != P.NBDMAGIC or ihaveopt != P.IHAVEOPT:
         raise NbdError("the server does not speak newstyle NBD")
@@ -386,6 +448,37 @@ async def _handshake(conn: _Connection, name: str) -> NbdExport:
     if flags & P.FLAG_NO_ZEROES:
         client_flags |= P.FLAG_C_NO_ZEROES
     conn.send(_U32.pack(client_flags))
+
+
+async def _starttls(conn: _Connection) -> None:
+    """``NBD_OPT_STARTTLS``: returns once the server acknowledged it (the TLS handshake
+    comes next); :class:`NbdTlsUnavailable` when the server refuses it."""
+    conn.send(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_STARTTLS, 0))
+    while True:
+        reply, payload = await _option_reply(conn, P.OPT_STARTTLS)
+        if reply == P.REP_ACK:
+            return
+        if reply & (1 << 31):
+            text = _error_text(reply, payload)
+            raise NbdTlsUnavailable(f"the NBD server does not do TLS (NBD_OPT_STARTTLS: {text})")
+
+
+async def _option_reply(conn: _Connection, option: int) -> tuple[int, bytes]:
+    """The next reply to ``option``: (its reply type, its data); :class:`NbdError` when it
+    is malformed, is for another option or is longer than this client takes."""
+    magic, got, reply, length = _OPT_REPLY.unpack(await conn.recv(_OPT_REPLY.size))
+    if magic != P.OPT_REPLY_MAGIC or got != option or length > _MAX_OPTION_REPLY:
+        raise NbdError("the NBD server sent a malformed option reply")
+    return reply, await conn.recv(length) if length else b""
+
+
+def _error_text(reply: int, payload: bytes) -> str:
+    """An error reply's message, or its number when it has none."""
+    return payload.decode("utf-8", "replace") or f"error {reply & 0x7FFFFFFF}"
+
+
+async def _go(conn: _Connection, name: str) -> NbdExport:
+    """``NBD_OPT_GO`` for ``name`` asking for its block sizes and description."""
     raw_name = name.encode()
     asked = (P.INFO_BLOCK_SIZE, P.INFO_DESCRIPTION)
     data = _U32.pack(len(raw_name)) + raw_name + _U16.pack(len(asked))
@@ -396,14 +489,11 @@ async def _handshake(conn: _Connection, name: str) -> NbdExport:
     block_min, block_max = 1, DEFAULT_MAX_BLOCK
     description = ""
     while True:
-        magic, option, reply, length = _OPT_REPLY.unpack(await conn.recv(_OPT_REPLY.size))
-        if magic != P.OPT_REPLY_MAGIC or option != P.OPT_GO or length > _MAX_OPTION_REPLY:
-            raise NbdError("the NBD server sent a malformed option reply")
-        payload = await conn.recv(length) if length else b""
+        reply, payload = await _option_reply(conn, P.OPT_GO)
         if reply == P.REP_ACK:
             break
         if reply & (1 << 31):
-            text = payload.decode("utf-8", "replace") or f"error {reply & 0x7FFFFFFF}"
+            text = _error_text(reply, payload)
             if reply == P.REP_ERR_TLS_REQD:
                 raise NbdTlsRequired(f"the NBD server requires TLS ({text})")
             raise NbdError(f"the NBD server refused export {name!r}: {text}")

@@ -16,13 +16,13 @@ import os
 import random
 import ssl
 import struct
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from certs import Certs, make_certs
 from servers import (
     ServerProcess,
     ram,
@@ -33,7 +33,7 @@ from servers import (
     toml_volume,
     value,
 )
-from tools import TOOL_TIMEOUT, require_tool, run_tool, run_tool_ok
+from tools import require_tool, run_tool, run_tool_ok
 from waiting import eventually
 
 from tierdisk.client import AsyncClient
@@ -71,108 +71,10 @@ CMD_READ, CMD_WRITE = 0, 1
 # -- certificates -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Certs:
-    """What the ``certs`` fixture made. The client folders hold what libnbd's
-    ``tls-certificates=DIR`` and qemu's ``tls-creds-x509,dir=DIR,endpoint=client`` read:
-    ``ca-cert.pem`` (the CA that signed the server), ``client-cert.pem``, ``client-key.pem``."""
-
-    root: Path
-    ca: Path  # the CA that signed the server's and the good client's certificates
-    server_cert: Path  # IP SAN 127.0.0.1, DNS localhost
-    server_key: Path
-    other_ca: Path  # a second CA
-    good: Path  # client folder: a client certificate of ``ca``
-    no_cert: Path  # client folder: the CA only, no client certificate
-    other_cert: Path  # client folder: a client certificate of ``other_ca`` (trusts both CAs)
-    distrust: Path  # client folder: trusts only ``other_ca``, so not the server
-    encrypted_key: Path  # the server's key, encrypted with a passphrase
-    other_key: Path  # a key that is not the server certificate's
-
-
-def _openssl(openssl: str, cwd: Path, *args: str) -> None:
-    done = subprocess.run(
-        [openssl, *args], cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT
-    )
-    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
-
-
-def _new_key(openssl: str, cwd: Path, name: str) -> None:
-    _openssl(openssl, cwd, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-out", name)  # fmt: skip
-
-
-def _new_ca(openssl: str, cwd: Path, name: str, subject: str) -> None:
-    _new_key(openssl, cwd, f"{name}-key.pem")
-    _openssl(openssl, cwd, "req", "-x509", "-new", "-key", f"{name}-key.pem", "-days", "2",
-             "-subj", subject, "-out", f"{name}-cert.pem",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-
-
-def _new_cert(openssl: str, cwd: Path, name: str, ca: str, subject: str, ext: str) -> None:
-    """``name-key.pem`` and ``name-cert.pem`` signed by ``ca`` with the extensions ``ext``."""
-    _new_key(openssl, cwd, f"{name}-key.pem")
-    _openssl(openssl, cwd, "req", "-new", "-key", f"{name}-key.pem", "-subj", subject,
-             "-out", f"{name}.csr")  # fmt: skip
-    (cwd / f"{name}.ext").write_text(ext)
-    _openssl(openssl, cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem",
-             "-CAkey", f"{ca}-key.pem", "-CAcreateserial", "-days", "2",
-             "-extfile", f"{name}.ext", "-out", f"{name}-cert.pem")  # fmt: skip
-
-
-def _client_folder(
-    root: Path, name: str, cas: list[Path], cert: Path | None, key: Path | None
-) -> Path:
-    folder = root / name
-    folder.mkdir()
-    (folder / "ca-cert.pem").write_bytes(b"".join(ca.read_bytes() for ca in cas))
-    if cert is not None and key is not None:
-        (folder / "client-cert.pem").write_bytes(cert.read_bytes())
-        (folder / "client-key.pem").write_bytes(key.read_bytes())
-        (folder / "client-key.pem").chmod(0o600)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    """A CA; a server certificate for 127.0.0.1 and localhost; a client certificate from
-    the same CA; a second CA and a client certificate from it; client folders of each kind."""
-    openssl = require_tool("openssl")
-    root = tmp_path_factory.mktemp("certs")
-    _new_ca(openssl, root, "ca", "/CN=tierdisk test CA")
-    _new_ca(openssl, root, "other-ca", "/CN=another CA")
-    server_ext = (
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-    )
-    client_ext = (
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=clientAuth\n"
-    )
-    _new_cert(openssl, root, "server", "ca", "/CN=localhost", server_ext)
-    _new_cert(openssl, root, "client", "ca", "/CN=good client", client_ext)
-    _new_cert(openssl, root, "stranger", "other-ca", "/CN=stranger", client_ext)
-    _openssl(openssl, root, "pkey", "-in", "server-key.pem", "-aes-256-cbc",
-             "-passout", "pass:secret", "-out", "encrypted-key.pem")  # fmt: skip
-    _new_key(openssl, root, "other-key.pem")
-    ca, other_ca = root / "ca-cert.pem", root / "other-ca-cert.pem"
-    client = (root / "client-cert.pem", root / "client-key.pem")
-    stranger = (root / "stranger-cert.pem", root / "stranger-key.pem")
-    return Certs(
-        root=root,
-        ca=ca,
-        server_cert=root / "server-cert.pem",
-        server_key=root / "server-key.pem",
-        other_ca=other_ca,
-        good=_client_folder(root, "good", [ca], *client),
-        no_cert=_client_folder(root, "no-cert", [ca], None, None),
-        # both CAs: qemu checks its own certificate against the bundle before it connects
-        other_cert=_client_folder(root, "other-cert", [ca, other_ca], *stranger),
-        distrust=_client_folder(root, "distrust", [other_ca], *client),
-        encrypted_key=root / "encrypted-key.pem",
-        other_key=root / "other-key.pem",
-    )
+    """:func:`certs.make_certs`, once for the module."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 # -- servers --------------------------------------------------------------------------------

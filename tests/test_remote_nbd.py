@@ -347,11 +347,11 @@ async def test_the_nbd_problem_is_asked_anew_when_the_target_comes_back(
     ("options", "problem"),
     [
         ({"nbd": "127.0.0.1:10809", "mode": "layer"}, 'mode = "disk"'),
-        ({"nbd": "127.0.0.1:10809", "token": "t"}, "tls or a token"),
-        ({"nbd": "127.0.0.1:10809", "tls": True}, "tls or a token"),
+        ({"nbd": "127.0.0.1:10809", "token": "t"}, "nbd cannot be combined with a token"),
+        ({"nbd": "127.0.0.1:10809", "tls": True, "token": "t"}, "with a token"),
         ({"nbd": "127.0.0.1"}, "127.0.0.1"),
         ({"nbd": "auto", "mode": "layer"}, 'mode = "disk"'),
-        ({"nbd": "auto", "token": "t"}, "tls or a token"),
+        ({"nbd": "auto", "token": "t"}, "with a token"),
     ],
 )
 async def test_nbd_option_rules(tmp_path: Path, options: dict[str, Any], problem: str) -> None:

@@ -35,30 +35,32 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     (:mod:`..nbd_client`): per MiB the origin spends ~60-70% and this side's receive ~25% of
     a gRPC ``Read``'s CPU (``bench/README.md``, "Reads over NBD between tiers"); everything else
     (attach, writes, fills, flush, unmap, resize, the resize watch) stays on gRPC. Only in
-    ``mode = "disk"`` (NBD carries no presence) and without TLS or a token (NBD has neither
-    here). NBD is only ever a faster way to the same bytes: a read the NBD connection cannot
-    serve (not connected yet, broken, an error answer, a range past the export's size as
-    negotiated) is read over gRPC instead, which answers with the remote's exact error; a
-    broken connection is remade in the background with backoff. No answer within
-    ``timeout`` is ``DEADLINE_EXCEEDED`` at once, as over gRPC (and the connection is
-    remade). The export must be the volume: it must be served by the same server process
-    as ``target`` (the export's ``NBD_INFO_DESCRIPTION`` ends with its server's id, which
-    must be the one the target gives as ``Inspect`` path ``server``: an address of another
-    server or of this one is refused, with the reason in ``inspect``), an export smaller
-    than the remote volume is not used, and after each resize of the remote the connection
-    is remade to learn the new size. NBD reads carry no ``tierdisk-hops`` chain, so the
-    loop and depth guard (:mod:`..hops`) does not see them: the server check keeps the NBD
-    path from looping back to this server, and a loop of tiers is refused when its volumes
-    attach together (over gRPC), but a loop formed later (a tier restarted with its remote
-    pointing back at one reading it over NBD) goes round over NBD until ``timeout``, where
-    over gRPC the first read is refused at once; this, and the connection each layer holds
-    to the target's export (one of its ``nbd_max_connections``), is why ``nbd`` is off
-    unless asked for. They are counted as method ``NbdRead`` in
-    ``tierdisk_remote_requests_total`` (codes ``OK``, ``UNAVAILABLE`` for a connection that
-    failed, ``DEADLINE_EXCEEDED``, ``INTERNAL`` for an error answer); ``inspect`` shows the
-    connection under ``nbd`` (with ``problem``: why it is not used, "" when it is, and
-    ``checked_s_ago``: how old that is; a connection that breaks is seen at once, and the
-    reason is sought anew when the resize watch reconnects, i.e. the target answers again).
+    ``mode = "disk"`` (NBD carries no presence) and without a token (NBD carries none); with
+    ``tls = true`` the NBD reads use TLS too (``NBD_OPT_STARTTLS``), with the same
+    ``ca_file``, ``cert_file``/``key_file`` and ``server_name``, and an export that does
+    not do TLS is then not used (never clear text). NBD is only ever a faster way to the same
+    bytes: a read the NBD connection cannot serve (not connected yet, broken, an error answer, a
+    range past the export's size as negotiated) is read over gRPC instead, which answers with
+    the remote's exact error; a broken connection is remade in the background with backoff. No
+    answer within ``timeout`` is ``DEADLINE_EXCEEDED`` at once, as over gRPC (and the connection
+    is remade). The export must be the volume: it must be served by the same server process as
+    ``target`` (the export's ``NBD_INFO_DESCRIPTION`` ends with its server's id, which must be
+    the one the target gives as ``Inspect`` path ``server``: an address of another server or of
+    this one is refused, with the reason in ``inspect``), an export smaller than the remote
+    volume is not used, and after each resize of the remote the connection is remade to learn
+    the new size. NBD reads carry no ``tierdisk-hops`` chain, so the loop and depth guard
+    (:mod:`..hops`) does not see them: the server check keeps the NBD path from looping back to
+    this server, and a loop of tiers is refused when its volumes attach together (over gRPC),
+    but a loop formed later (a tier restarted with its remote pointing back at one reading it
+    over NBD) goes round over NBD until ``timeout``, where over gRPC the first read is refused
+    at once; this, and the connection each layer holds to the target's export (one of its
+    ``nbd_max_connections``), is why ``nbd`` is off unless asked for. They are counted as method
+    ``NbdRead`` in ``tierdisk_remote_requests_total`` (codes ``OK``, ``UNAVAILABLE`` for a
+    connection that failed, ``DEADLINE_EXCEEDED``, ``INTERNAL`` for an error answer);
+    ``inspect`` shows the connection under ``nbd`` (with ``problem``: why it is not used, ""
+    when it is, and ``checked_s_ago``: how old that is; a connection that breaks is seen at
+    once, and the reason is sought anew when the resize watch reconnects, i.e. the target
+    answers again).
 
 Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
 remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size, and the
@@ -212,8 +214,8 @@ class RemoteLayer(Layer):
             raise ValueError("give token or token_file, not both")
         if nbd and mode != "disk":
             raise ValueError('nbd needs mode = "disk" (NBD carries no presence)')
-        if nbd and (tls or token is not None or token_file is not None):
-            raise ValueError("nbd cannot be combined with tls or a token (NBD has neither)")
+        if nbd and (token is not None or token_file is not None):
+            raise ValueError("nbd cannot be combined with a token (NBD carries none)")
         self.target = target
         self.remote_volume = volume
         self.mode = mode
@@ -237,6 +239,11 @@ class RemoteLayer(Layer):
                 remote=self._volume,
                 size=lambda: self._sector_count * self._sector_size,
                 observe=self._observe,
+                tls=tls,
+                ca_file=ca_file,
+                cert_file=cert_file,
+                key_file=key_file,
+                server_name=server_name,
             )
             if nbd
             else None

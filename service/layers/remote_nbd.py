@@ -13,11 +13,22 @@ gRPC target answers again (its resize watch reconnected: the target restarted, o
 so a reason found while the target was away is not kept through the backoff; ``checked_s_ago``
 says how old the reason is.
 
-The NBD client has no TLS: an export that requires TLS (its server's ``[server] nbd_tls_cert``;
-it answers ``NBD_REP_ERR_TLS_REQD``) is not used, and this path says so (``problem``: "… requires
-TLS, which a remote layer's NBD reads do not use"; logged once, at info level with ``"auto"``,
-where that is no fault, else as a warning) and asks again every minute, as for a target without
-an export; the reads go over gRPC, which carries the layer's own ``tls`` when it has it.
+TLS follows the layer's ``tls``. With ``tls = true`` the NBD connection is TLS too, and only
+TLS: ``NBD_OPT_STARTTLS``, then the TLS handshake with an :class:`ssl.SSLContext` made once, at
+the first attach, from the layer's own options (the server's certificate checked against
+``ca_file``, else the system roots, and against the name ``server_name``, else the NBD address's
+host; ``cert_file`` + ``key_file`` presented as the client certificate; the files read as for
+gRPC, :func:`.remote_connect.read_file`, so a bad one is the same
+:class:`~..errors.ConfigError`). An export that does not do TLS is then not used (``problem``:
+"… does not do TLS, which this layer's NBD reads require (tls = true)"; there is no fallback
+to clear text), and a TLS handshake that fails (a certificate the CA did not sign, another
+name, a client certificate the server refuses) is a connection that failed: ``problem`` names
+the reason and attempts follow the backoff. Without ``tls`` the connection is clear text, and an
+export that requires TLS (its server's ``[server] nbd_tls_cert``; it answers
+``NBD_REP_ERR_TLS_REQD``) is not used: ``problem`` says "… requires TLS; this layer's NBD reads
+use TLS only with tls = true". Either TLS mismatch is logged once (at info level with
+``"auto"``, where that is no fault, else as a warning) and asked again every minute, as for a
+target without an export; the reads go over gRPC meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,15 +45,18 @@ import grpc
 
 from tierdisk.client import errors as client_errors
 from tierdisk.client.aio import AsyncVolume
+from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY
 
 from .. import errors
 from ..backoff import Backoff
-from ..nbd_client import NbdClosed, NbdError, NbdReader, NbdTlsRequired
+from ..errors import ConfigError
+from ..nbd_client import NbdClosed, NbdError, NbdReader, NbdTlsRequired, NbdTlsUnavailable
 from ..nbd_protocol import described_server
 from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
+from .remote_connect import read_file
 
-__all__ = ["NBD_AUTO", "NbdDataPath"]
+__all__ = ["NBD_AUTO", "NbdDataPath", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +68,38 @@ _BACKOFF = (0.1, 5.0)
 doubling, jittered to 0.5-1.5 times)."""
 _NO_EXPORT_RETRY = 60.0
 """Seconds between questions to a target that said it serves no NBD export (with ``"auto"``),
-or whose export requires TLS (it may be restarted with one this path can use)."""
+or whose export's TLS does not match the layer's (it may be restarted with one this path can
+use)."""
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """The client context of a layer with ``tls = true``: the server's certificate verified
+    against ``ca_file`` (else the system roots) and its name checked; ``cert_file`` +
+    ``key_file`` as the client certificate. A file that cannot be read, holds no PEM block of
+    its kind, or does not load (a key that is not the certificate's, an encrypted key) is a
+    :class:`~..errors.ConfigError` naming it."""
+    ca = read_file(ca_file, "ca_file", CERTIFICATE)
+    read_file(cert_file, "cert_file", CERTIFICATE)
+    read_file(key_file, "key_file", PRIVATE_KEY)
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cadata=ca.decode("ascii", "replace") if ca else None
+        )
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"ca_file {ca_file}: {exc}") from None
+    if cert_file is not None and key_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file, password=_no_password)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"cert_file {cert_file} and key_file {key_file} do not load ({exc})"
+            ) from None
+    return context
+
+
+def _no_password() -> str:
+    """An encrypted key is refused (ssl would otherwise ask on the terminal)."""
+    raise ValueError("the key is encrypted; a remote layer's key_file must not be")
 
 
 class NbdDataPath:
@@ -61,8 +107,9 @@ class NbdDataPath:
     or :data:`NBD_AUTO`), with what the layer lends it: the remote volume's gRPC client
     (``remote``, for ``Inspect``), the volume's current size in bytes (``size``), and
     ``observe(rpc, code, seconds)`` to count each NBD read as method ``NbdRead``. ``timeout``
-    bounds each read, ``wait`` each connection attempt and each question to the target
-    (seconds)."""
+    bounds each read, ``wait`` each connection attempt (its TLS handshake included) and each
+    question to the target (seconds). ``tls`` and the files and name after it are the
+    layer's options of those names: with ``tls`` the connection is TLS only."""
 
     def __init__(
         self,
@@ -76,6 +123,11 @@ class NbdDataPath:
         remote: Callable[[], AsyncVolume],
         size: Callable[[], int],
         observe: Callable[[str, grpc.StatusCode, float], None],
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.option = option
         self.address = "" if option == NBD_AUTO else option  # with "auto": once the target said
@@ -96,10 +148,18 @@ class NbdDataPath:
         self._no_export = False  # no NBD export ("auto"), or one that requires TLS: ask slowly
         self._wake = asyncio.Event()  # set by retry_now: the next attempt is due at once
         self._log = RateLimitedLog(log)
+        self._tls = tls
+        self._tls_files = (ca_file, cert_file, key_file)
+        self._server_name = server_name or None
+        self._ssl: ssl.SSLContext | None = None  # made at the first start (with tls)
 
     async def start(self) -> None:
-        """Connect (at attach); when that fails, keep trying in the background."""
+        """Connect (at attach); when that fails, keep trying in the background. With
+        ``tls``, the first start makes the TLS context (:func:`tls_context`:
+        :class:`~..errors.ConfigError` for a file that does not load)."""
         self._closed = False
+        if self._tls and self._ssl is None:
+            self._ssl = tls_context(*self._tls_files)
         await self._connect()
         if self._reader is None:
             self._reconnect()
@@ -155,17 +215,28 @@ class NbdDataPath:
             return
         try:
             async with asyncio.timeout(self._wait):
-                reader = await NbdReader.connect(self.address, self._volume_name)
+                reader = await NbdReader.connect(
+                    self.address,
+                    self._volume_name,
+                    tls=self._ssl,
+                    server_hostname=self._server_name,
+                )
         except NbdTlsRequired:
-            problem = (
-                f"the NBD export at {self.address} requires TLS, which a remote layer's NBD "
-                "reads do not use"
+            self._tls_mismatch(
+                f"the NBD export at {self.address} requires TLS; this layer's NBD reads use "
+                "TLS only with tls = true"
             )
-            if problem != self.problem:
-                level = logging.INFO if self.option == NBD_AUTO else logging.WARNING
-                log.log(level, "%s: %s; reading over gRPC", self._where, problem)
-            self._set_problem(problem)
-            self._no_export = True
+            return
+        except NbdTlsUnavailable as exc:
+            self._tls_mismatch(
+                f"the NBD export at {self.address} does not do TLS, which this layer's NBD "
+                f"reads require (tls = true): {exc}"
+            )
+            return
+        except ssl.SSLError as exc:
+            self._not_used(
+                f"the TLS handshake with the NBD export at {self.address} failed ({exc})"
+            )
             return
         except TimeoutError:
             self._not_used(f"the NBD export at {self.address} did not answer in {self._wait:g} s")
@@ -191,6 +262,15 @@ class NbdDataPath:
             await old.close(drain=self._timeout)
         log.info("%s: reading over NBD at %s", self._where, self.address)
         reader.on_close(lambda error: self._lost(reader, error))
+
+    def _tls_mismatch(self, problem: str) -> None:
+        """The export's TLS does not match the layer's: not a passing fault, so said once
+        (at info level with "auto") and asked again only every minute."""
+        if problem != self.problem:
+            level = logging.INFO if self.option == NBD_AUTO else logging.WARNING
+            log.log(level, "%s: %s; reading over gRPC", self._where, problem)
+        self._set_problem(problem)
+        self._no_export = True
 
     def _lost(self, reader: NbdReader, error: NbdClosed) -> None:
         """``reader``'s connection became unusable; when it is the one in use (not one this
