@@ -669,9 +669,10 @@ async def test_shutdown_over_tls_finishes_started_requests_and_refuses_the_rest(
 async def test_a_remote_layer_reads_over_grpc_from_an_origin_whose_nbd_requires_tls(
     tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A remote layer's NBD client has no TLS: against an origin whose export requires it,
-    ``nbd = "auto"`` and an explicit address both read over gRPC, with the reason in
-    ``inspect``; ``auto`` logs it once at info level, the explicit address as a warning."""
+    """A remote layer without ``tls = true`` reads NBD in clear only: against an origin whose
+    export requires TLS, ``nbd = "auto"`` and an explicit address both read over gRPC, with
+    the reason in ``inspect``; ``auto`` logs it once at info level, the explicit address as a
+    warning."""
     caplog.set_level(logging.INFO, logger="tierdisk.service.layers.remote_nbd")
     origin_body = tls_server(tmp_path / "origin", certs)
     async with running_server(tmp_path / "origin", origin_body) as origin:

@@ -72,6 +72,7 @@ async def test_reads_go_over_the_origins_nbd_export(nbd_origin: Server, tmp_path
             "connected": True,
             "export_bytes": 4 * MiB,
             "problem": "",
+            "tls": False,
         }
         assert "Read" not in tree["requests"]  # no data over gRPC
         nbd_reads = tree["requests"]["NbdRead"]["OK"]
@@ -117,6 +118,7 @@ async def test_nbd_auto_asks_the_target_where_its_export_is(
                 "connected": True,
                 "export_bytes": 4 * MiB,
                 "problem": "",
+                "tls": False,
             }
             assert "Read" not in tree["requests"] and tree["requests"]["NbdRead"]["OK"] >= 2
 

@@ -325,3 +325,12 @@ async def test_nbd_goes_with_tls_but_not_with_a_token(tmp_path: Path, certs: Cer
     for token in tokens:
         with pytest.raises(ValueError, match="nbd cannot be combined with a token"):
             RemoteLayer("127.0.0.1:1", "base", tls=True, nbd="auto", **token)
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_the_layer_hands_its_tls_to_the_nbd_path(certs: Certs, tls: bool) -> None:
+    """A layer with ``tls = true`` (and its CA) gives its NBD reads TLS too (``inspect``
+    says so), one without does not: the wiring the data-path tests above take as given."""
+    options: dict[str, Any] = {"tls": True, "ca_file": str(certs.ca)} if tls else {}
+    layer = RemoteLayer("127.0.0.1:1", "base", nbd="127.0.0.1:10809", **options)
+    assert layer.inspect()["nbd"]["tls"] is tls

@@ -87,6 +87,7 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
         )
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"ca_file {ca_file}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # (the default today; said, not assumed)
     if cert_file is not None and key_file is not None:
         try:
             context.load_cert_chain(cert_file, key_file, password=_no_password)
@@ -241,7 +242,7 @@ class NbdDataPath:
         except TimeoutError:
             self._not_used(f"the NBD export at {self.address} did not answer in {self._wait:g} s")
             return
-        except (OSError, NbdError) as exc:
+        except (OSError, NbdError, ValueError) as exc:  # ValueError: a name ssl refuses
             self._not_used(f"the NBD export at {self.address} is not usable ({exc})")
             return
         size = self._size()
@@ -416,6 +417,7 @@ class NbdDataPath:
         return {
             "option": self.option,
             "address": self.address,
+            "tls": self._tls,  # the reads use TLS (the layer's tls = true), never clear text
             "connected": reader is not None and not reader.closed,
             "export_bytes": reader.export.size if reader is not None else None,
             "problem": self.problem,
