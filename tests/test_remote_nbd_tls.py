@@ -158,6 +158,18 @@ async def test_server_name_replaces_the_address_in_the_certificate_check(
             assert await read_all(bad) is None  # left to gRPC
 
 
+async def test_a_server_name_ssl_refuses_leaves_nbd_unused_with_the_reason(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A ``server_name`` that is no host name ssl takes (an empty label) is a connection that
+    failed, named in ``problem``, not an error out of the data path's start or reconnects."""
+    async with origin(tmp_path, certs) as srv:
+        async with data_path(srv, tls=True, ca_file=str(certs.ca), server_name=".example") as bad:
+            assert bad.inspect()["connected"] is False
+            assert f"the NBD export at {srv.nbd_address} is not usable" in bad.problem
+            assert await read_all(bad) is None  # left to gRPC
+
+
 async def test_a_server_certificate_of_another_ca_is_refused(tmp_path: Path, certs: Certs) -> None:
     """``ca_file`` replaces the roots: a server whose certificate another CA signed is not
     used, and ``problem`` says the certificate did not verify."""
