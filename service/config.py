@@ -559,19 +559,9 @@ def nbd_tls_context(
         raise ConfigError(f"{what('nbd_tls_cert', cert)} holds no PEM certificate") from None
     if b"PRIVATE KEY-----" not in texts["nbd_tls_key"]:
         raise ConfigError(f"{what('nbd_tls_key', key)} holds no PEM private key")
-    try:
-        context.load_cert_chain(cert, key, password=_no_passphrase)
-    except _Encrypted:
-        raise ConfigError(
-            f"{what('nbd_tls_key', key)} is encrypted (it asks for a passphrase): give the "
-            "key unencrypted, readable by the server only"
-        ) from None
-    except (ssl.SSLError, OSError) as exc:
-        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
-            problem = f"is not the private key of the certificate in {what('nbd_tls_cert', cert)}"
-        else:
-            problem = f"cannot be used with {what('nbd_tls_cert', cert)} ({_ssl_reason(exc)})"
-        raise ConfigError(f"{what('nbd_tls_key', key)} {problem}") from None
+    load_key_pair(
+        context, cert, key, cert_name=what("nbd_tls_cert", cert), key_name=what("nbd_tls_key", key)
+    )
     if ca:
         try:
             context.load_verify_locations(cafile=ca)
@@ -581,6 +571,28 @@ def nbd_tls_context(
             ) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def load_key_pair(
+    context: ssl.SSLContext, cert: str, key: str, *, cert_name: str, key_name: str
+) -> None:
+    """Load the certificate chain ``cert`` and its private key ``key`` (PEM files) into
+    ``context``, or raise :class:`ConfigError` saying why, the files named as ``cert_name``
+    and ``key_name`` (e.g. ``"nbd_tls_key /etc/k.pem"``): an encrypted key (never a
+    passphrase prompt), a key that is not the certificate's, anything else ssl refuses."""
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"{key_name} is encrypted (it asks for a passphrase): give the key unencrypted, "
+            "readable by the server only"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            problem = f"is not the private key of the certificate in {cert_name}"
+        else:
+            problem = f"cannot be used with {cert_name} ({_ssl_reason(exc)})"
+        raise ConfigError(f"{key_name} {problem}") from None
 
 
 def _ssl_reason(exc: BaseException) -> str:

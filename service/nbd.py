@@ -5,17 +5,18 @@ listening socket (exclusively), keeps the sessions and the counters (:class:`Nbd
 numbers the metrics module exports). A misaligned write's read-modify-write is the engine's
 (:meth:`Volume.write_at`), atomic against every writer of the volume.
 
-With a TLS context (``[server] nbd_tls_cert``/``nbd_tls_key``, :func:`~.config.nbd_tls_context`)
-the export requires TLS: the NBD protocol's "forced TLS" mode. Every option before a
-successful ``NBD_OPT_STARTTLS`` but ``NBD_OPT_ABORT`` is answered ``NBD_REP_ERR_TLS_REQD``
-(``NBD_OPT_EXPORT_NAME``, which cannot take an error, ends the connection);
-``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ACK`` and the server side of the TLS handshake runs
-on the connection (``loop.start_tls``, uvloop's or asyncio's), within the handshake's time
-limit; option haggling and the transmission phase then go on over TLS as they do in clear.
-A handshake that fails closes the connection, is logged (rate-limited, naming the client and
-the reason) and counted (:attr:`NbdStats.tls_handshake_failures`). With a CA bundle
-(``nbd_tls_ca``) a client must present a certificate it signed. Without a TLS context,
-``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ERR_UNSUP``.
+With a TLS context (``[server] nbd_tls_cert``/``nbd_tls_key``,
+:func:`~.config.nbd_tls_context`) the export requires TLS: the NBD protocol's "forced TLS"
+mode. Every option before a successful ``NBD_OPT_STARTTLS`` but ``NBD_OPT_ABORT`` is answered
+``NBD_REP_ERR_TLS_REQD`` (``NBD_OPT_EXPORT_NAME``, which cannot take an error, ends the
+connection); ``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ACK`` and the server side of the TLS
+handshake runs on the connection (``loop.start_tls``, uvloop's or asyncio's), which must be
+done within :data:`~.nbd_session.TLS_DEADLINE` seconds of connecting; option haggling and the
+transmission phase then go on over TLS as they do in clear. A handshake that fails closes the
+connection, is logged (rate-limited, naming the client and the reason) and counted
+(:attr:`NbdStats.tls_handshake_failures`). With a CA bundle (``nbd_tls_ca``) a client must
+present a certificate it signed. Without a TLS context, ``NBD_OPT_STARTTLS`` is answered
+``NBD_REP_ERR_UNSUP``.
 
 The parts: :mod:`.nbd_protocol` (wire format), :mod:`.nbd_handshake` (option haggling),
 :mod:`.nbd_session` (one connection: parser, dispatch, replies), :mod:`.nbd_commands` (what

@@ -338,9 +338,10 @@ class NbdSession(asyncio.BufferedProtocol):
             raise
         except Exception as exc:  # ssl.SSLError, ConnectionResetError, …
             raw.abort()
-            self._server.tls_failed(self._peer, _tls_failure(exc))
+            why = _tls_failure(exc)
+            self._server.tls_failed(self._peer, why)
             self.connection_lost(None)
-            raise Hangup(f"the TLS handshake failed: {_tls_failure(exc)}") from None
+            raise Hangup(f"the TLS handshake failed: {why}") from None
         if transport is None:  # typeshed allows it; asyncio and uvloop return a transport
             raw.abort()
             self.connection_lost(None)

@@ -320,7 +320,7 @@ def test_the_tls_context_refuses_files_that_do_not_load(tmp_path: Path, certs: C
         ((str(junk), None, None), "no PEM certificate"),
         ((str(tmp_path / "missing.pem"), None, None), "missing.pem"),
         ((None, str(certs.client_cert), str(junk)), "no PEM private key"),
-        ((None, str(certs.client_cert), str(certs.other_key)), "do not load"),
+        ((None, str(certs.client_cert), str(certs.other_key)), "is not the private key of"),
         ((None, str(certs.client_cert), str(certs.encrypted_client_key)), "encrypted"),
     ]
     for files, problem in cases:

@@ -49,6 +49,7 @@ from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY
 
 from .. import errors
 from ..backoff import Backoff
+from ..config import load_key_pair
 from ..errors import ConfigError
 from ..nbd_client import NbdClosed, NbdError, NbdReader, NbdTlsRequired, NbdTlsUnavailable
 from ..nbd_protocol import described_server
@@ -89,18 +90,14 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
         raise ConfigError(f"ca_file {ca_file}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # (the default today; said, not assumed)
     if cert_file is not None and key_file is not None:
-        try:
-            context.load_cert_chain(cert_file, key_file, password=_no_password)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                f"cert_file {cert_file} and key_file {key_file} do not load ({exc})"
-            ) from None
+        load_key_pair(
+            context,
+            cert_file,
+            key_file,
+            cert_name=f"cert_file {cert_file}",
+            key_name=f"key_file {key_file}",
+        )
     return context
-
-
-def _no_password() -> str:
-    """An encrypted key is refused (ssl would otherwise ask on the terminal)."""
-    raise ValueError("the key is encrypted; a remote layer's key_file must not be")
 
 
 class NbdDataPath:
