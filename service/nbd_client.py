@@ -343,6 +343,13 @@ class NbdReader:
                 await conn.start_tls(tls, server_hostname or host)
             try:
                 info = await _go(conn, export)
+            except NbdTlsRequired as exc:
+                if tls is None:
+                    raise
+                # On a connection already in TLS the server is confused: a plain refusal,
+                # not the "requires TLS" that would tell the caller to turn TLS on.
+                text = str(exc).removeprefix("the NBD server requires TLS ")
+                raise NbdError(f"the NBD server asked for TLS with TLS already on {text}") from None
             except NbdClosed as exc:
                 if tls is None:
                     raise

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,12 @@ from tierdisk.client import AsyncClient
 from tierdisk.service.errors import ConfigError
 from tierdisk.service.layers.remote import RemoteLayer
 from tierdisk.service.layers.remote_nbd import NbdDataPath, tls_context
-from tierdisk.service.nbd_client import NbdReader, NbdTlsRequired, NbdTlsUnavailable
+from tierdisk.service.nbd_client import (
+    NbdError,
+    NbdReader,
+    NbdTlsRequired,
+    NbdTlsUnavailable,
+)
 from tierdisk.service.server import Server
 
 pytestmark = pytest.mark.timeout(60)
@@ -283,6 +290,54 @@ async def test_the_wait_covers_the_tls_handshake(tmp_path: Path, certs: Certs) -
             ) as path:
                 assert asyncio.get_running_loop().time() - started < 5
                 assert path.problem == f"the NBD export at 127.0.0.1:{port} did not answer in 0.5 s"
+    finally:
+        server.close()
+
+
+async def test_tls_required_after_tls_is_up_is_a_refusal_not_a_hint(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A server that, with TLS already on, still answers ``NBD_REP_ERR_TLS_REQD``: a refusal
+    like any other (the export is not used), and ``problem`` does not tell the operator to
+    turn on ``tls = true``, which is on."""
+    magic = (0x3E889045565A9).to_bytes(8, "big")
+    greeting = (0x4E42444D41474943).to_bytes(8, "big") + (0x49484156454F5054).to_bytes(8, "big")
+    greeting += (3).to_bytes(2, "big")  # fixed newstyle, no zeroes
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certs.server_cert, certs.server_key)
+
+    async def confused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            writer.write(greeting)
+            await reader.readexactly(4 + 16)  # client flags, the STARTTLS option
+            writer.write(magic + (5).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes(4))
+            await writer.drain()
+            await writer.start_tls(server_tls)
+            _, option, length = struct.unpack(">QII", await reader.readexactly(16))
+            await reader.readexactly(length)
+            text = b"TLS please"
+            tls_reqd = (1 << 31) + 5
+            writer.write(magic + struct.pack(">III", option, tls_reqd, len(text)) + text)
+            await writer.drain()
+            await reader.read()
+
+    server = await asyncio.start_server(confused, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    context = tls_context(str(certs.ca), None, None)
+    try:
+        with pytest.raises(
+            NbdError, match=r"asked for TLS with TLS already on \(TLS please\)"
+        ) as caught:
+            await NbdReader.connect(address, "vm", tls=context)
+        assert not isinstance(caught.value, NbdTlsRequired)
+        async with origin(tmp_path, certs) as srv:
+            async with data_path(srv, address, tls=True, ca_file=str(certs.ca)) as path:
+                assert f"the NBD export at {address} is not usable" in path.problem
+                assert "asked for TLS with TLS already on (TLS please)" in path.problem, (
+                    path.problem
+                )
+                assert "tls = true" not in path.problem
+                assert await read_all(path) is None
     finally:
         server.close()
 
