@@ -135,6 +135,11 @@ class SectorLock:
         ``[start, end)``: a read of them would wait. Read-only, for tests and inspection."""
         return self._overlaps(start, end, self._exclusive)
 
+    def waiting_exclusive(self, start: int, end: int) -> bool:
+        """True when an exclusive hold waiting (not yet held) overlaps sectors
+        ``[start, end)``. Read-only, for tests and inspection."""
+        return self._overlaps(start, end, self._pending)
+
     async def _wait(self) -> None:
         if self._changed is None:
             self._changed = asyncio.get_running_loop().create_future()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
 import shutil
+import signal
 import struct
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -34,6 +37,7 @@ from tierdisk.service.errors import (
 )
 from tierdisk.service.layer import Layer
 from tierdisk.service.layers import sparse as sparse_module
+from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sparse_map import HEADER_SIZE
 from tierdisk.service.volume import LayerEntry, Volume
@@ -537,3 +541,151 @@ async def test_close_commits_the_writes_under_way_and_refuses_later_ones(tmp_pat
         assert runs == []
     finally:
         await again.close()
+
+
+async def _cache_over_ab(folder: Path, sectors: int) -> tuple[SparseLayer, Volume]:
+    """A volume ``[sparse read_cache, raw]`` whose raw image is ``sectors`` of 0xAB."""
+    base = folder / "base.raw"
+    if not base.exists():
+        base.write_bytes(b"\xab" * sectors * SS)
+    top = SparseLayer(str(folder / "cache"))
+    volume = await Volume.open(
+        "v", [LayerEntry(top, read_cache=True), LayerEntry(RawLayer(str(base)))]
+    )
+    return top, volume
+
+
+@pytest.mark.parametrize("then", ["grow", "restart"])
+async def test_a_read_cache_fill_that_waits_across_a_shrink_does_not_land(
+    tmp_path: Path, then: str
+) -> None:
+    """DESIGN.md §3: after a shrink and a grow, the sectors past the shrink read as zeros.
+    A read that missed the cache fills it with what it read from below; here that fill
+    waits (a read of the same sectors in flight in the cache layer holds them shared) while
+    the volume is shrunk below them. The fill must not land: it brought the lower layer's
+    old bytes back into view after the grow, and without a grow it left the map holding
+    sectors past the layer's size, so the layer did not open again."""
+    top, volume = await _cache_over_ab(tmp_path, 2048)
+    try:
+        token = top._sectors.try_shared(2000, 2008)  # a read of those sectors in flight
+        assert token is not None
+        reading = asyncio.create_task(volume.read(2000, 8))  # misses, reads 0xAB, fills
+        await eventually("the fill to wait", lambda: top._sectors.waiting_exclusive(2000, 2008))
+        await volume.resize(1000)
+        if then == "grow":
+            await volume.resize(2048)
+        top._sectors.release(token)
+        data, _ = await asyncio.wait_for(reading, 5)
+        assert data == b"\xab" * 8 * SS  # it began before the shrink: the old data is right
+        assert await top.presence(1000, 1048) == []
+        if then == "grow":
+            data, runs = await volume.read(2000, 8)
+            assert data == bytes(8 * SS) and runs == []  # zeros no layer holds, not 0xAB
+        await volume.flush()
+    finally:
+        await volume.close()
+    top, volume = await _cache_over_ab(tmp_path, 2048)  # the layer opens again
+    try:
+        assert volume.sector_count == (2048 if then == "grow" else 1000)
+        if then == "grow":
+            data, _ = await volume.read(2000, 8)
+            assert data == bytes(8 * SS)
+    finally:
+        await volume.close()
+
+
+async def test_a_shrink_whose_file_cut_fails_is_still_a_shrink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once a shrink is committed, a failure to cut the data file (here EIO) leaves only
+    space past the end allocated: the resize succeeds with a warning, and the volume learns
+    the new size (else its overlaps stayed high, and a grow showed the layer below's data
+    where zeros belong)."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\xab" * 2048 * SS)
+    top = SparseLayer(str(tmp_path / "top"))
+    volume = await Volume.open("v", [LayerEntry(top), LayerEntry(RawLayer(str(base)))])
+    real = os.ftruncate
+
+    def failing(fd: int, length: int) -> None:
+        if fd == top._fd and length == 1000 * SS:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd, length)
+
+    try:
+        monkeypatch.setattr(os, "ftruncate", failing)
+        with caplog.at_level(logging.WARNING):
+            await volume.resize(1000)
+        monkeypatch.undo()
+        assert "not cut to the new size" in caplog.text
+        assert volume.sector_count == 1000 and volume.generation == 1
+        await volume.resize(2048)
+        data, _ = await volume.read(1500, 1)
+        assert data == bytes(SS)
+    finally:
+        monkeypatch.undo()
+        await volume.close()
+
+
+@pytest.mark.parametrize("when", ["after", "during"])
+async def test_a_resize_that_reaches_a_closed_layer_is_unavailable(
+    tmp_path: Path, when: str
+) -> None:
+    """A resize reaching the layer after its close began (a stop's grace ran out) is
+    UNAVAILABLE, as every other mutation then is, and leaves the size alone."""
+    layer = await opened(tmp_path / "d", SIZE)
+    count = layer.sector_count
+    closing = asyncio.create_task(layer.close())
+    if when == "after":
+        await closing
+    else:
+        await asyncio.sleep(0)  # close has begun
+    with pytest.raises(Unavailable, match="closed"):
+        await layer.resize(count // 2)
+    assert layer.sector_count == count
+    await closing
+
+
+_KILLED_IN_CREATE = """
+import asyncio, os, signal, sys
+from tierdisk.service.layers import sparse
+
+def kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+path, step, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if step == "map":
+    write_snapshot = sparse.SparseLayer._write_snapshot
+    def snapshot_then_die(self, *args):
+        write_snapshot(self, *args)
+        kill()
+    sparse.SparseLayer._write_snapshot = snapshot_then_die
+else:
+    ftruncate = os.ftruncate
+    def size_then_die(fd, length):
+        ftruncate(fd, length)
+        if length == size:
+            kill()
+    os.ftruncate = size_then_die
+asyncio.run(sparse.SparseLayer(path, size=size).attach(None))
+"""
+
+
+@pytest.mark.parametrize("step", ["map", "size"])
+async def test_a_layer_killed_while_being_created_opens_empty(tmp_path: Path, step: str) -> None:
+    """A server killed (SIGKILL) while creating a sparse layer, right after the map is
+    written or right after the data file is sized: the next start opens an empty layer of
+    the size asked for (a full-size data file without a map was refused at every start,
+    though nothing had ever been written)."""
+    path = tmp_path / "layer"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_IN_CREATE, str(path), step, str(SIZE)
+    )
+    assert await asyncio.wait_for(child.wait(), 30) == -signal.SIGKILL
+    layer = await opened(path, SIZE)
+    try:
+        assert layer.sector_count == SIZE // SS
+        _, runs = await read(layer, 0, 16)
+        assert runs == [] and path.stat().st_size == SIZE
+    finally:
+        await layer.close()

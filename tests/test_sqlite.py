@@ -154,6 +154,33 @@ async def test_a_blob_of_the_wrong_length_is_data_corruption(tmp_path: Path) -> 
         await layer.close()
 
 
+@pytest.mark.parametrize(
+    ("value", "held"),
+    [(12345, "a value of type int"), ("x" * SS, "a value of type str")],
+    ids=["int", "text"],
+)
+async def test_a_value_that_is_not_a_blob_is_data_corruption(
+    tmp_path: Path, value: object, held: str
+) -> None:
+    """The ``data`` column takes any type: a damaged or hand-edited database holding a
+    number or text there is DATA_LOSS naming the sector, not a Python error (UNKNOWN)."""
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO sectors VALUES (3, ?)", (value,))
+    db.commit()
+    db.close()
+    layer = SqliteLayer(str(path))
+    await layer.attach(None)
+    try:
+        with pytest.raises(DataCorruption, match=f"sector 3 holds {held}, not {SS} bytes"):
+            await layer.read(memoryview(bytearray(16 * SS)), 0)
+    finally:
+        await layer.close()
+
+
 async def test_a_large_write_is_one_transaction_of_rows(tmp_path: Path) -> None:
     path = tmp_path / "d.db"
     layer = SqliteLayer(str(path), size=SIZE)

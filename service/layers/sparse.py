@@ -79,7 +79,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, DataCorruption, InvalidArgument, NoSpace, StorageError
+from ..errors import (
+    ConfigError,
+    DataCorruption,
+    InvalidArgument,
+    NoSpace,
+    StorageError,
+    TierdiskError,
+)
 from ..fileio import (
     Reserver,
     as_storage_error,
@@ -151,6 +158,7 @@ class SparseLayer(Layer):
         self._smallest = 0  # the smallest size the layer has had (the next record carries it)
         self._dirty = False  # data file changed since its last fdatasync
         self._changes = 0  # mutations completed so far
+        self._shrinks = 0  # shrinks begun (loop thread): a fill from before one is dropped
         # Owned by commits (under _commit_lock) and open/close:
         self._committed = 0  # _changes covered by the last successful commit
         self._logged_size = 0
@@ -201,9 +209,11 @@ class SparseLayer(Layer):
             raise
 
     def _create(self, lower: LayerMetadata | None, new_file: bool) -> None:
-        """Size the data file, then write the map (which makes the layer exist). A create
-        that fails leaves nothing behind: no map, and no data file when it made one, so a
-        corrected config starts afresh."""
+        """Write the map (which makes the layer exist), then size the data file: a crash
+        between the two leaves an empty layer whose data file :meth:`_load` sizes (the other
+        way round, a full-size data file without a map, was refused at every start). A
+        create that fails leaves nothing behind: no map, and no data file when it made one,
+        so a corrected config starts afresh."""
         existing = os.fstat(self._fd).st_size
         if existing:
             raise ConfigError(
@@ -216,8 +226,8 @@ class SparseLayer(Layer):
         )
         self._set_geometry(ss, count)
         try:
-            os.ftruncate(self._fd, count * ss)
             self._write_snapshot(array("q"), count, count)
+            os.ftruncate(self._fd, count * ss)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(self.map_path)  # there was none: _create runs only then
@@ -302,9 +312,9 @@ class SparseLayer(Layer):
         except Exception as exc:
             log.warning("sparse layer %s: the flush at close failed: %s", self.path, exc)
         finally:
-            if self._writer is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
-                self._writer = None
+            writer, self._writer = self._writer, None  # later mutations: layer_closed
+            if writer is not None:
+                await asyncio.get_running_loop().run_in_executor(None, writer.shutdown)
             self._close_files()
             self._sectors.release(token)
 
@@ -338,10 +348,13 @@ class SparseLayer(Layer):
     # -- I/O ----------------------------------------------------------------------------------
 
     async def _on_writer(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run a mutation on the layer's writer thread (in submission order)."""
-        assert self._writer is not None, "sparse layer used before attach or after close"
+        """Run a mutation on the layer's writer thread (in submission order);
+        :func:`layer_closed` once :meth:`close` has begun shutting the thread down."""
+        writer = self._writer
+        if writer is None:
+            raise layer_closed(f"sparse layer {self.path}")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(writer, fn, *args)
         except OSError as exc:
             raise as_storage_error(exc, f"{what} sparse layer {self.path}") from None
 
@@ -401,7 +414,7 @@ class SparseLayer(Layer):
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
-        await self._mutate("writing", sector, end, self._write_sync, data, sector, False)
+        await self._mutate("writing", sector, end, self._write_sync, data, sector, None)
         if fua:
             try:
                 await self._commit()
@@ -412,18 +425,26 @@ class SparseLayer(Layer):
                 ) from None
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        """A read-cache fill: only the sectors absent. A fill that waited (for this layer's
+        sector lock, or its writer thread) across a shrink is dropped whole: its data was
+        read from below before the shrink, and past the new end it would bring stale data
+        back into view after a grow, or leave the map holding sectors past the layer's size
+        (a layer that would not open again)."""
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
-        await self._mutate("writing", sector, end, self._write_sync, data, sector, True)
+        shrinks = self._shrinks
+        await self._mutate("writing", sector, end, self._write_sync, data, sector, shrinks)
 
-    def _write_sync(self, data: memoryview, sector: int, keep_present: bool) -> None:
+    def _write_sync(self, data: memoryview, sector: int, fill_after: int | None) -> None:
+        """Write ``data`` at ``sector``; a fill (``fill_after``: the shrinks begun when it
+        was asked for) writes only the sectors absent, and nothing if a shrink began since."""
         ss = self._sector_size
         end = sector + len(data) // ss
-        if end == sector:
+        if end == sector or (fill_after is not None and fill_after != self._shrinks):
             return
         with self._lock:
             absent = complement(sector, end, self._present.runs_in(sector, end))
-        targets = absent if keep_present else [(sector, end)]
+        targets = absent if fill_after is not None else [(sector, end)]
         if not targets:
             return
         try:
@@ -614,18 +635,34 @@ class SparseLayer(Layer):
         async with self._commit_lock:
             old = self._sector_count
             if sector_count < old:
+                self._shrinks += 1  # fills asked for before now are dropped (write_no_overwrite)
                 self._sector_count = sector_count  # refuse new I/O past the new end now
                 smallest = self._smallest
-                dropped = await self._on_writer("resizing", self._shrink_sync, sector_count)
+                try:
+                    dropped = await self._on_writer("resizing", self._shrink_sync, sector_count)
+                except BaseException:
+                    self._sector_count = old
+                    raise
                 try:
                     await self._commit_locked()
                 except BaseException:
                     await self._on_writer("resizing", self._unshrink_sync, old, smallest, dropped)
                     self._sector_count = old
                     raise
-                await self._on_writer(
-                    "resizing", os.ftruncate, self._fd, sector_count * self._sector_size
-                )
+                self._notify_resized()  # committed: the volume learns of it whatever follows
+                try:
+                    await self._on_writer(
+                        "resizing", os.ftruncate, self._fd, sector_count * self._sector_size
+                    )
+                except TierdiskError as exc:
+                    # Only space past the end stays allocated; a grow, or the next open,
+                    # cuts it off (_grow_sync, _load).
+                    log.warning(
+                        "sparse layer %s: shrunk, but its data file was not cut to the new "
+                        "size: %s",
+                        self.path,
+                        exc,
+                    )
             elif sector_count > old:
                 await self._on_writer("resizing", self._grow_sync, old, sector_count)
                 try:
@@ -634,9 +671,7 @@ class SparseLayer(Layer):
                     await self._on_writer("resizing", self._grow_sync, sector_count, old)
                     raise
                 self._sector_count = sector_count
-            else:
-                return
-        self._notify_resized()
+                self._notify_resized()
 
     def _shrink_sync(self, size: int) -> list[Run]:
         with self._lock:

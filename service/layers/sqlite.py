@@ -388,11 +388,16 @@ class SqliteLayer(Layer):
             off = (s - sector) * ss
             if data is None:
                 buf[off : off + ss] = zero
-            elif len(data) == ss:
+            elif type(data) is bytes and len(data) == ss:
                 buf[off : off + ss] = data
-            else:
+            else:  # a damaged or hand-edited file: the column takes any type
+                held = (
+                    f"{len(data)} bytes"
+                    if type(data) is bytes
+                    else f"a value of type {type(data).__name__}"
+                )
                 raise DataCorruption(
-                    f"sqlite layer {self.path}: sector {s} holds {len(data)} bytes, not {ss}"
+                    f"sqlite layer {self.path}: sector {s} holds {held}, not {ss} bytes"
                 )
             if s != last + 1:
                 if start >= 0:
