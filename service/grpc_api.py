@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
+from .size_history import SizeEvent
 from .status import status_name
 from .volume import Volume
 from .write_request import MalformedRequest, WriteRequestView, parse_write
@@ -533,6 +534,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         yield event
         seen = event.generation
         drained = asyncio.ensure_future(self._gate.drained.wait())
+        changes: asyncio.Future[list[SizeEvent]] | None = None
         try:
             while True:
                 changes = asyncio.ensure_future(volume.resize_events(seen))
@@ -540,13 +542,14 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     {changes, drained}, return_when=asyncio.FIRST_COMPLETED
                 )
                 if changes not in done:
-                    changes.cancel()
                     return
                 for generation, count in changes.result():
                     yield pb.ResizeEvent(sector_count=count, generation=generation)
                     seen = generation
-        finally:
+        finally:  # also when the watcher goes away: no task left waiting for a resize
             drained.cancel()
+            if changes is not None:
+                changes.cancel()
 
 
 class HandlerRegistry(Protocol):

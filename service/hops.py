@@ -16,7 +16,9 @@ for the other's (A's volume is a remote of B's, B's a remote of A's) only ever a
 other "not ready". So a volume that is still attaching records the volumes whose calls it
 refused, with the volumes those were waiting for (their ``tierdisk-waiting``, so a cycle of
 any length closes; :meth:`~tierdisk.service.registry.VolumeRegistry.refused`), and its
-attach attempts carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`). A server
+attach attempts carry them in ``tierdisk-waiting`` (:data:`waiting_for_me`; the ones
+refused last, at most :data:`MAX_WAITING_BYTES` of them, so many callers during an outage
+cannot make the header too large for gRPC and keep the volume from ever attaching). A server
 asked for a volume that is itself still attaching, by a caller that is waiting for this
 very volume, answers :class:`~tierdisk.service.errors.TierLoop`
 (:func:`check_waiting`): each side waits for the other, so neither would ever be ready.
@@ -32,6 +34,7 @@ from .errors import TierLoop
 __all__ = [
     "HOPS_HEADER",
     "MAX_HOPS",
+    "MAX_WAITING_BYTES",
     "WAITING_HEADER",
     "caller_waiting",
     "check_chain",
@@ -46,6 +49,9 @@ __all__ = [
 HOPS_HEADER = "tierdisk-hops"
 WAITING_HEADER = "tierdisk-waiting"
 MAX_HOPS = 8
+MAX_WAITING_BYTES = 4096
+"""The most a ``tierdisk-waiting`` header carries (gRPC refuses metadata over 16 KiB, and
+its default soft limit is 8 KiB for all of a call's headers)."""
 
 current_chain: ContextVar[tuple[str, ...]] = ContextVar("tierdisk_hops", default=())
 """The volumes (:func:`hop_id`) the request being served has passed through, this one last."""

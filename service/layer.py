@@ -283,8 +283,9 @@ class Layer(abc.ABC):
         With ``fua`` and :attr:`fua_respected`, durable before returning.
         """
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
-        """Store only the sectors of ``data`` this layer does not already hold."""
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        """Store only the sectors of ``data`` this layer does not already hold; return how
+        many sectors it stored (what ``tierdisk_cache_fills_total`` counts)."""
         raise NotSupported(f"the {self.kind} layer cannot write without overwriting")
 
     async def presence(self, sector: int, count: int) -> list[Run]:

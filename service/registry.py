@@ -12,6 +12,9 @@ from .volume import Volume
 
 __all__ = ["VolumeRegistry"]
 
+_REMEMBERED = 512
+"""Refused callers kept per attaching volume (the latest; each id is ~30-200 bytes)."""
+
 
 class VolumeRegistry:
     """Name → volume, in config order; knows which configured volumes are not ready yet."""
@@ -20,7 +23,8 @@ class VolumeRegistry:
         self._order = list(names)
         self._ready: dict[str, Volume] = {}
         self._waiting: dict[str, str] = {name: "attaching" for name in names}
-        self._refused: dict[str, set[str]] = {}  # volume -> servers refused while attaching
+        # volume -> ids refused while it attaches, oldest first (a dict kept in call order)
+        self._refused: dict[str, dict[str, None]] = {}
 
     def names(self) -> list[str]:
         """Every configured volume name, in config order."""
@@ -36,17 +40,28 @@ class VolumeRegistry:
             if chain:
                 # The caller waits for this volume, and so does whoever waits for it: passed
                 # on, a cycle of any length comes back to a volume that finds itself here.
-                refused = self._refused.setdefault(name, set())
-                refused.update(chain[:-1])
-                refused.update(hops.caller_waiting.get())
+                refused = self._refused.setdefault(name, {})
+                for hop in (*chain[:-1], *hops.caller_waiting.get()):
+                    refused.pop(hop, None)
+                    refused[hop] = None  # now the latest
+                for hop in list(refused)[: max(0, len(refused) - _REMEMBERED)]:
+                    del refused[hop]
                 hops.check_waiting(chain[-1], name)
             raise Unavailable(f"volume {name!r} is not ready yet: {self._waiting[name]}")
         raise VolumeNotFound(f"no volume named {name!r} on this server")
 
     def refused(self, name: str) -> frozenset[str]:
         """Ids of the servers whose calls for ``name`` were refused while it attached (see
-        :mod:`tierdisk.service.hops`: they wait for it)."""
-        return frozenset(self._refused.get(name, ()))
+        :mod:`tierdisk.service.hops`: they wait for it): the latest ones, as many as a
+        ``tierdisk-waiting`` header of :data:`~.hops.MAX_WAITING_BYTES` carries."""
+        kept: list[str] = []
+        size = 0
+        for hop in reversed(self._refused.get(name, {})):
+            size += len(hop.encode()) + 1  # and a comma
+            if size > hops.MAX_WAITING_BYTES:
+                break
+            kept.append(hop)
+        return frozenset(kept)
 
     def ready_volumes(self) -> list[Volume]:
         """The volumes that are ready, in config order."""

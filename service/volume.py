@@ -350,7 +350,9 @@ class Volume:
                 # into view after a grow. The fill is an optimisation; skip it.
                 return
             try:
-                await entry.layer.write_no_overwrite(buf[(a - sector) * ss : (b - sector) * ss], a)
+                stored = await entry.layer.write_no_overwrite(
+                    buf[(a - sector) * ss : (b - sector) * ss], a
+                )
             except Exception as exc:  # any failure: the fill is best effort (DESIGN §3)
                 entry.stats.cache_fill_errors += 1
                 index = self._entries.index(entry)
@@ -358,7 +360,7 @@ class Volume:
                     "volume %r: filling read cache layer %d failed: %s", self.name, index, exc
                 )
             else:
-                entry.stats.cache_fills += b - a
+                entry.stats.cache_fills += stored  # not what another fill or a write stored
 
     # -- write, unmap, flush ------------------------------------------------------------
 

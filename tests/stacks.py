@@ -277,25 +277,29 @@ class MapLayer(Layer):
     async def presence(self, sector: int, count: int) -> list[Run]:
         return self._runs(sector, count)
 
-    def _store(self, data: memoryview, sector: int, overwrite: bool) -> None:
+    def _store(self, data: memoryview, sector: int, overwrite: bool) -> int:
+        """Store the sectors (only those absent unless ``overwrite``); how many stored."""
         ss = self._sector_size
         count = len(data) // ss
         self._check_range(sector, count)
+        stored = 0
         for i in range(count):
             if overwrite or not self.holds(sector + i):
                 self.data[sector + i] = bytes(data[i * ss : (i + 1) * ss])
+                stored += 1
+        return stored
 
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         self.calls.append(("write", sector, len(data) // self._sector_size, fua))
         self._store(data, sector, True)
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         self.calls.append(("fill", sector, len(data) // self._sector_size))
         if not self._rc:
             return await super().write_no_overwrite(data, sector)
         if self.fail_fills:
             raise StorageError("map layer: injected fill failure")
-        self._store(data, sector, False)
+        return self._store(data, sector, False)
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool

@@ -21,6 +21,7 @@ from servers import (
     running_server,
     tree_of,
 )
+from waiting import eventually
 
 from tierdisk.service import server as server_module
 from tierdisk.service.server import Server
@@ -291,6 +292,28 @@ async def test_watch_resize_sees_every_change(stub: pb_grpc.BlockDeviceAsyncStub
     assert generations == sorted(set(generations))
     call.cancel()
     assert (await stub.GetVolume(pb.GetVolumeRequest(volume="ram"))).sector_count == 131072
+
+
+async def test_a_watch_that_goes_away_leaves_nothing_waiting(
+    stub: pb_grpc.BlockDeviceAsyncStub,
+) -> None:
+    """Watchers that cancel (a deadline, a remote layer reconnecting, a dropped connection)
+    leave no task in the server waiting for the volume's next resize: on a volume never
+    resized those piled up, one per watch."""
+
+    def waiting() -> int:
+        return sum(
+            1
+            for task in asyncio.all_tasks()
+            if "resize_events" in repr(task.get_coro()) and not task.done()
+        )
+
+    before = waiting()
+    for _ in range(20):
+        call = stub.WatchResize(pb.WatchResizeRequest(volume="ram"))
+        await call.read()
+        call.cancel()
+    assert await eventually("the watches' waits to end", lambda: waiting() == before or None, 5)
 
 
 async def test_shrink_then_grow_reads_zeros(stub: pb_grpc.BlockDeviceAsyncStub) -> None:

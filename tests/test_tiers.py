@@ -41,7 +41,10 @@ from waiting import eventually
 
 from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
+from tierdisk.service import hops
 from tierdisk.service.server import Server
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -331,6 +334,37 @@ async def test_cache_tier_starts_before_its_origin(tmp_path: Path) -> None:
             await eventually("the cache tier to turn SERVING", serving)
             assert await client.volume("vm").read(0, 8) == BASE[: 8 * SS]
             assert (await client.volume("vm").info()).sector_count == 2048
+
+
+async def test_callers_refused_during_an_outage_do_not_keep_the_tier_down(
+    tmp_path: Path,
+) -> None:
+    """Callers refused while the origin is down are remembered and passed on in the attach
+    attempts' ``tierdisk-waiting``; a crowd of them (here three calls that each say they wait
+    for 200 volumes) made that header pass gRPC's metadata limit, so the tier never attached,
+    also once its origin was back. It attaches now."""
+    listen = f"127.0.0.1:{free_port()}"
+    body = toml_volume("vm", ram(), remote(listen, "base", timeout=1))
+    async with running_server(tmp_path / "cache", body) as cache:
+        async with grpc.aio.insecure_channel(cache.grpc_address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            for c in range(3):
+                waiting = ",".join(f"10.9.{c}.{i}:7400~{i:06x}/vm-{i:04d}" for i in range(200))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.GetVolume(
+                        pb.GetVolumeRequest(volume="vm"),
+                        metadata=((hops.WAITING_HEADER, waiting),),
+                        timeout=5,
+                    )
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body):
+
+            async def serving() -> bool:
+                status = await health(cache.grpc_address)
+                return status == int(health_pb2.HealthCheckResponse.SERVING)
+
+            await eventually("the cache tier to turn SERVING", serving, 20)
 
 
 # -- the hop guard ---------------------------------------------------------------------------------

@@ -103,9 +103,9 @@ class SlowRam(RamLayer):
         await asyncio.sleep(0)
         await super().write(data, sector, fua)
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         await asyncio.sleep(0)
-        await super().write_no_overwrite(data, sector)
+        return await super().write_no_overwrite(data, sector)
 
 
 async def sector_list(volume: Volume, sector: int, count: int) -> list[bytes]:

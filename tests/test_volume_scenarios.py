@@ -405,7 +405,7 @@ async def test_s28_fill_never_overwrites(volumes: VolumeOpener) -> None:
 class FailingFillRam(RamLayer):
     """A RAM cache whose fills fail as a SQLite cache opened read-only would."""
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
 

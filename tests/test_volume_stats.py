@@ -7,6 +7,7 @@ layer is called once per run of still-missing sectors, never once per sector.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from conftest import VolumeOpener
@@ -49,9 +50,9 @@ class CountingRam(RamLayer):
         self.reads.append((sector, sector + len(buf) // self.sector_size))
         return await super().read(buf, sector)
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         self.fills.append((sector, sector + len(data) // self.sector_size))
-        await super().write_no_overwrite(data, sector)
+        return await super().write_no_overwrite(data, sector)
 
 
 def counters(volume: Volume, index: int) -> tuple[int, ...]:
@@ -94,9 +95,27 @@ async def test_counters_through_a_read_cache(volumes: VolumeOpener, tmp_path: Pa
     }
 
 
+async def test_concurrent_misses_count_each_filled_sector_once(volumes: VolumeOpener) -> None:
+    """DESIGN.md §5: ``cache_fills`` counts sectors written into the cache by fills. Five
+    reads of the same 64 sectors at once all miss and all fill; the first fill stores them,
+    the other four find them present and store nothing (no-overwrite), so 64, not 320."""
+
+    class Yielding(RamLayer):  # lets the reads interleave, as a disk or a remote does
+        async def read(self, buf: memoryview, sector: int) -> list[Run]:
+            await asyncio.sleep(0)
+            return await super().read(buf, sector)
+
+    lower = Yielding(64 * SS)
+    vol = await volumes(entry(RamLayer(), rc=True), lower)
+    await lower.write(memoryview(pattern(3, 0, 64, SS)), 0, False)
+    reads = await asyncio.gather(*(vol.read(0, 64) for _ in range(5)))
+    assert all(data == pattern(3, 0, 64, SS) for data, _ in reads)
+    assert counters(vol, 0) == (5, 0, 0, 5 * 64, 64, 0)
+
+
 async def test_fill_errors_are_counted_per_failed_call(volumes: VolumeOpener) -> None:
     class Failing(RamLayer):
-        async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+        async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
             raise OSError(5, "Input/output error")
 
     cache = Failing(64 * SS)

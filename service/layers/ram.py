@@ -122,14 +122,17 @@ class RamLayer(Layer):
         self._mem()[sector * ss : (sector + count) * ss] = data
         self._present.add(sector, sector + count)
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         ss = self._sector_size
         end = sector + len(data) // ss
         self._check_range(sector, end - sector)
         mem = self._mem()
+        stored = 0
         for a, b in complement(sector, end, self._present.runs_in(sector, end)):
             mem[a * ss : b * ss] = data[(a - sector) * ss : (b - sector) * ss]
             self._present.add(a, b)
+            stored += b - a
+        return stored
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool

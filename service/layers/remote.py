@@ -541,14 +541,16 @@ class RemoteLayer(Layer):
         with self._errors:
             await self._volume().write(sector, data, fua=fua)
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        """A ``Write`` with ``no_overwrite``; the remote does not say how many sectors it
+        stored, so this returns all of them (an upper bound for the fill counter)."""
         if not self._geometry.checked:
             await self._geometry.check()
         if not self.can_read_cache:
-            await super().write_no_overwrite(data, sector)
-            return
+            return await super().write_no_overwrite(data, sector)
         with self._errors:
             await self._volume().write(sector, data, no_overwrite=True)
+        return len(data) // self._sector_size
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool

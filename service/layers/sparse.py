@@ -102,7 +102,7 @@ from ..fileio import (
 )
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..presence import RunSet
-from ..runs import Run, complement
+from ..runs import Run, complement, total
 from ..sector_lock import SectorLock
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
@@ -399,15 +399,15 @@ class SparseLayer(Layer):
             return self._present.runs_in(sector, sector + count)
 
     async def _mutate(
-        self, what: str, start: int, end: int, fn: Callable[..., None], *args: Any
-    ) -> None:
+        self, what: str, start: int, end: int, fn: Callable[..., _T], *args: Any
+    ) -> _T:
         """Run the mutation ``fn`` of sectors ``[start, end)`` on the writer thread, holding
         them exclusive: no read copies those pages meanwhile (a torn sector)."""
         token = await self._sectors.acquire_exclusive(start, end)
         try:
             if self._sectors.closing:
                 raise layer_closed(f"sparse layer {self.path}")
-            await self._on_writer(what, fn, *args)
+            return await self._on_writer(what, fn, *args)
         finally:
             self._sectors.release(token)
 
@@ -424,7 +424,7 @@ class SparseLayer(Layer):
                     "flush succeeds"
                 ) from None
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         """A read-cache fill: only the sectors absent. A fill that waited (for this layer's
         sector lock, or its writer thread) across a shrink is dropped whole: its data was
         read from below before the shrink, and past the new end it would bring stale data
@@ -433,20 +433,21 @@ class SparseLayer(Layer):
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
         shrinks = self._shrinks
-        await self._mutate("writing", sector, end, self._write_sync, data, sector, shrinks)
+        return await self._mutate("writing", sector, end, self._write_sync, data, sector, shrinks)
 
-    def _write_sync(self, data: memoryview, sector: int, fill_after: int | None) -> None:
+    def _write_sync(self, data: memoryview, sector: int, fill_after: int | None) -> int:
         """Write ``data`` at ``sector``; a fill (``fill_after``: the shrinks begun when it
-        was asked for) writes only the sectors absent, and nothing if a shrink began since."""
+        was asked for) writes only the sectors absent, and nothing if a shrink began since.
+        Returns the sectors written."""
         ss = self._sector_size
         end = sector + len(data) // ss
         if end == sector or (fill_after is not None and fill_after != self._shrinks):
-            return
+            return 0
         with self._lock:
             absent = complement(sector, end, self._present.runs_in(sector, end))
         targets = absent if fill_after is not None else [(sector, end)]
         if not targets:
-            return
+            return 0
         try:
             for a, b in targets:
                 self._reserve(self._fd, a * ss, (b - a) * ss)
@@ -462,6 +463,7 @@ class SparseLayer(Layer):
                 self._mark_present(a, b)
             self._dirty = True
             self._changes += 1
+        return total(targets)
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool

@@ -418,11 +418,13 @@ class SqliteLayer(Layer):
         self._check_range(sector, len(data) // self._sector_size)
         await self._call("writing", self._write_sync, data, sector, fua, False)
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> None:
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         self._check_range(sector, len(data) // self._sector_size)
-        await self._call("writing", self._write_sync, data, sector, False, True)
+        return await self._call("writing", self._write_sync, data, sector, False, True)
 
-    def _write_sync(self, data: memoryview, sector: int, fua: bool, keep_present: bool) -> None:
+    def _write_sync(self, data: memoryview, sector: int, fua: bool, keep_present: bool) -> int:
+        """Store ``data`` at ``sector`` (only the absent sectors with ``keep_present``);
+        return how many sectors were not present before."""
         ss = self._sector_size
         count = len(data) // ss
         zero = self._zero
@@ -440,6 +442,7 @@ class SqliteLayer(Layer):
                 added = count - self._count(db, sector, sector + count)
                 db.executemany("INSERT OR REPLACE INTO sectors (sector, data) VALUES (?, ?)", rows)
         self._present += added
+        return added
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
