@@ -148,7 +148,8 @@ class AsyncClient:
     to ride through a server restart — pass ``retries=0`` to fail fast.
     ``metadata``: extra ``(key, value)`` pairs sent with every call. ``token``: sent as
     ``authorization: Bearer <token>``. TLS is used when ``secure`` is true or any of
-    ``root_certificates`` / ``certificate_chain`` / ``private_key`` (PEM bytes) is given.
+    ``root_certificates`` / ``certificate_chain`` / ``private_key`` (PEM bytes) is given; a
+    ``certificate_chain`` without its ``private_key``, or the reverse, is a :class:`ValueError`.
     ``max_io``: bytes of data per Read/Write request (default 1 MiB, must not exceed the
     server's ``max_io``); ``max_in_flight``: chunk requests in flight per large call.
 

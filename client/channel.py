@@ -53,7 +53,14 @@ def open_channel(
     """A channel to ``target`` with :data:`DEFAULT_CHANNEL_OPTIONS`, its message caps raised
     to fit ``max_io`` bytes of data per message, then ``channel_options`` over them. TLS
     when ``secure`` is true or any of ``root_certificates`` / ``certificate_chain`` /
-    ``private_key`` (PEM bytes) is given."""
+    ``private_key`` (PEM bytes) is given. A client certificate goes with its key:
+    :class:`ValueError` when only one of ``certificate_chain`` and ``private_key`` is given
+    (not ``None`` nor empty): gRPC's C core would abort the process."""
+    if bool(certificate_chain) != bool(private_key):
+        given, missing = ("certificate_chain", "private_key")
+        if private_key:
+            given, missing = missing, given
+        raise ValueError(f"{given} without {missing}: a client certificate goes with its key")
     options: dict[str, Any] = dict(DEFAULT_CHANNEL_OPTIONS)
     if max_io + MESSAGE_FRAMING_BYTES > MAX_MESSAGE_BYTES:  # room for max_io per message
         cap = max_io + MESSAGE_FRAMING_BYTES

@@ -7,6 +7,9 @@ volumes, and the entry points.
 The verbs that move data (``read``, ``write``, ``import``, ``export``) are in
 :mod:`tierdisk.client.transfer`. Errors print one line on stderr naming the volume, file or
 server, and exit 1 (2 for usage errors); no traceback (:mod:`tierdisk.client.cli_errors`).
+Ctrl-C stops a verb (its clean-up done) with ``interrupted``, exit 130; SIGTERM and SIGHUP
+likewise, ``interrupted by SIGTERM``, exit 128 + the signal's number (:func:`_stop_signals`);
+``watch`` exits 0 on any of them.
 gRPC's own log lines are off for the client verbs (:func:`quiet_grpc_logs`), so that line is
 all there is on stderr; ``serve`` keeps gRPC's logging as configured.
 """
@@ -15,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 # Nothing imported here imports grpc (see quiet_grpc_logs): the rest is imported by main().
@@ -37,7 +42,7 @@ from .cli_errors import (
     one_line,
     stdout_error,
 )
-from .pem import CERTIFICATE, PRIVATE_KEY, read_pem
+from .pem import CERTIFICATE, PRIVATE_KEY, key_pair_problem, read_pem
 from .progress import format_bytes
 from .tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
@@ -75,13 +80,35 @@ def size_argument(text: str) -> tuple[int, bool]:
 
 
 def _nonnegative(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
+    """A whole number in decimal digits, as every number on the command line is: leading
+    zeros allowed (``08`` is 8), no sign, no ``0x``, no ``_``."""
+    if text[:1] == "-" and _decimal(text[1:]):
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+    if not _decimal(text):
+        raise argparse.ArgumentTypeError(f"not a whole number in decimal digits: {text!r}")
+    return int(text)
+
+
+def _decimal(text: str) -> bool:
+    """Whether ``text`` is one or more ASCII digits 0-9."""
+    return text.isascii() and text.isdigit()
+
+
+def _utf8(text: str) -> str:
+    """``text`` as given, if it is valid UTF-8 (all a request can carry): an argument that
+    is not (``$'\\xff'``; Python holds its bytes as surrogates) is refused, naming it."""
+    if not _is_utf8(text):
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text!r}")
+    return text
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: it holds no surrogate (an undecodable byte)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _timeout(text: str) -> float:
@@ -110,8 +137,19 @@ def _check_request_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_connection_args(args: argparse.Namespace) -> None:
-    """:class:`UsageError` for a server address gRPC would misread or a token it cannot send
-    (:mod:`tierdisk.client.checks`), naming where it came from; the token is not shown."""
+    """:class:`UsageError` for a server address that is not UTF-8 or that gRPC would
+    misread, or a token it cannot send (:mod:`tierdisk.client.checks`), naming where it
+    came from (the token is not shown); or for ``--tls-cert`` without ``--tls-key``, or
+    the reverse (a client certificate goes with its key)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        given, missing = ("--tls-cert", "--tls-key")
+        if args.tls_cert is None:
+            given, missing = missing, given
+        raise UsageError(
+            f"{given} is given without {missing}: a client certificate goes with its private key"
+        )
+    if not _is_utf8(args.server):
+        raise UsageError(f"server address {args.server!r} (from {args.server_from}): not UTF-8")
     problem = server_address_problem(args.server)
     if problem is not None:
         raise UsageError(f"server address {args.server!r} (from {args.server_from}): {problem}")
@@ -178,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(token_from="$TIERDISK_TOKEN")
     parser.add_argument("--tls", action="store_true", help="use TLS (with the system roots)")
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM roots to verify the server")
-    parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate chain")
-    parser.add_argument("--tls-key", metavar="FILE", help="PEM client private key")
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM client certificate chain (with --tls-key)"
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE", help="PEM client private key, unencrypted (with --tls-cert)"
+    )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar, even on a terminal"
     )
@@ -190,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def vol_verb(name: str, help: str) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
-        p.add_argument("volume", metavar="VOL")
+        p.add_argument("volume", metavar="VOL", type=_utf8)
         return p
 
     vol_verb("info", "print the volume's fields as `key: value` lines")
@@ -224,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", metavar="IMAGE")
     p = vol_verb("inspect", "print the volume's diagnostic tree (or its PATH subtree) as JSON")
-    p.add_argument("path", nargs="?", default="", metavar="PATH")
+    p.add_argument("path", nargs="?", default="", metavar="PATH", type=_utf8)
     vol_verb("map", "print the allocation: `sector count depth` per run (depth -1: hole)")
     vol_verb("watch", "print the size now and on every change, until interrupted")
     p = vol_verb(
@@ -403,23 +445,97 @@ def _read_pem(path: str | None, kind: str, option: str) -> bytes | None:
         raise UsageError(f"{option} {path}: {err}") from None
 
 
+def _check_key_pair(cert: str, key: str) -> None:
+    """:class:`UsageError` naming ``--tls-key`` and the file when the key in ``key`` does
+    not go with the certificate in ``cert`` (encrypted, or another certificate's: gRPC
+    would only fail every connection, :func:`~tierdisk.client.pem.key_pair_problem`)."""
+    try:
+        problem = key_pair_problem(cert, key, f"--tls-cert {cert}")
+    except OSError as err:
+        raise file_error(err.filename if isinstance(err.filename, str) else key, err) from None
+    if problem is not None:
+        raise UsageError(f"--tls-key {key} {problem}")
+
+
 async def _run(args: argparse.Namespace) -> int:
     from .aio import AsyncClient
+    from .copy_report import CopyInterrupted
 
     verb = _verbs()[args.verb]
-    async with AsyncClient(
-        args.server,
-        timeout=args.timeout,
-        retries=args.retries,
-        token=args.token,
-        secure=args.tls,
-        root_certificates=_read_pem(args.tls_ca, CERTIFICATE, "--tls-ca"),
-        certificate_chain=_read_pem(args.tls_cert, CERTIFICATE, "--tls-cert"),
-        private_key=_read_pem(args.tls_key, PRIVATE_KEY, "--tls-key"),
-    ) as client:
-        rc = await verb(client, args)
+    roots = _read_pem(args.tls_ca, CERTIFICATE, "--tls-ca")
+    chain = _read_pem(args.tls_cert, CERTIFICATE, "--tls-cert")
+    key = _read_pem(args.tls_key, PRIVATE_KEY, "--tls-key")
+    if args.tls_cert is not None and args.tls_key is not None:
+        _check_key_pair(args.tls_cert, args.tls_key)
+    with _stop_signals() as stopped:
+        try:
+            async with AsyncClient(
+                args.server,
+                timeout=args.timeout,
+                retries=args.retries,
+                token=args.token,
+                secure=args.tls,
+                root_certificates=roots,
+                certificate_chain=chain,
+                private_key=key,
+            ) as client:
+                rc = await verb(client, args)
+        except (asyncio.CancelledError, CopyInterrupted) as exc:
+            if not stopped:
+                raise  # Ctrl-C: asyncio.run() makes it a KeyboardInterrupt, main() reports it
+            if args.verb == "watch":
+                return 0  # it runs until stopped: that is its end, as for Ctrl-C
+            note = exc.note if isinstance(exc, CopyInterrupted) else ""
+            raise _stopped_by(stopped[0], note) from None
     _flush_stdout()  # here, not at exit: a full disk or a closed pipe is reported
     return rc
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop a client verb as Ctrl-C (SIGINT) does (:func:`_stop_signals`)."""
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """While a verb runs, take :data:`STOP_SIGNALS` as Ctrl-C is taken: the first one
+    cancels the running task, so that the verb's clean-up runs (an export's temporary file
+    is removed, a write or import says what it wrote), and is appended to the list yielded.
+    The handlers are then removed, so that another signal acts as it would have (ends the
+    process), as a second Ctrl-C does. A signal the process ignores (``nohup``) stays
+    ignored. Call it in the event loop, from the task to cancel."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    stopped: list[int] = []
+    handled = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) == signal.SIG_DFL]
+
+    def release() -> None:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        handled.clear()
+
+    def stop(signum: int) -> None:
+        stopped.append(signum)
+        release()
+        if task is not None:
+            task.cancel()
+
+    for sig in handled:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        yield stopped
+    finally:
+        release()
+
+
+def _stopped_by(signum: int, note: str) -> CliError:
+    """The one-line error of a verb stopped by the signal ``signum`` (one of
+    :data:`STOP_SIGNALS`): ``interrupted by SIGTERM``, then ``; `` and ``note`` if any (what
+    a write or import had written, as after Ctrl-C:
+    :class:`~tierdisk.client.copy_report.CopyInterrupted`); exit ``128 + signum``, as a
+    shell reports a process the signal ended."""
+    err = CliError(f"interrupted by {signal.Signals(signum).name}" + (f"; {note}" if note else ""))
+    err.exit_code = 128 + signum
+    return err
 
 
 # -- entry points ------------------------------------------------------------------------

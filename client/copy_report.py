@@ -59,10 +59,15 @@ def with_note(exc: Exception, args: argparse.Namespace, path: str | None, note: 
 
 
 class CopyInterrupted(CliError):
-    """Ctrl-C during a copy onto a volume: ``interrupted; <what was written>``, exit 130
-    as for any interrupt (:func:`~tierdisk.client.cli.main`)."""
+    """Ctrl-C during a copy onto a volume: ``interrupted; <note>``, ``note`` saying what was
+    written (:meth:`CopyProgress.note`), exit 130 as for any interrupt
+    (:func:`~tierdisk.client.cli.main`; SIGTERM and SIGHUP reword it with their names)."""
 
     exit_code = 130
+
+    def __init__(self, note: str) -> None:
+        super().__init__(f"interrupted; {note}")
+        self.note = note
 
 
 class CopyProgress:
@@ -110,7 +115,7 @@ class CopyProgress:
 
     def interrupted(self) -> CliError:
         """The error that ends an interrupted copy: ``interrupted; `` and :meth:`note`."""
-        return CopyInterrupted(f"interrupted; {self.note()}")
+        return CopyInterrupted(self.note())
 
     def note(self) -> str:
         """What was written: ``nothing was written``, or ``the N bytes before were written

@@ -18,14 +18,18 @@ Files, devices, pipes and ``-``
     space; hard links to the old file keep the old bytes. Into a block device, a pipe, a character
     device or stdout (IMAGE ``-``, ``/dev/stdout``) every byte is written in order, in
     place, zeros for the holes, with no truncating or seeking; a block device is fsynced
-    too.
+    too. A regular file is replaced wherever it is, ``/dev/shm`` included, but for one
+    reached through ``/proc`` or ``/sys`` (``/dev/stdout`` redirected to a file); a name
+    missing in ``/dev`` itself (not on a filesystem mounted below it) is a missing device:
+    an error, not a new file.
 
 A failed export
-    A failed export (Ctrl-C too) into a regular file removes its temporary file and leaves
-    IMAGE as it was, or not there if it was not; the message ends with that (``; 'img' is
-    unchanged``, ``; 'img' was not created``). A device or a pipe is left as it is (a
-    regular file reached through ``/proc``, such as ``/dev/stdout`` redirected to a file,
-    is written in place and emptied: ``; emptied the partial file …``).
+    A failed export (Ctrl-C, SIGTERM or SIGHUP too) into a regular file removes its
+    temporary file and leaves IMAGE as it was, or not there if it was not; the message ends
+    with that (``; 'img' is unchanged``, ``; 'img' was not created``). A device or a pipe
+    is left as it is (a regular file reached through ``/proc``, such as ``/dev/stdout``
+    redirected to a file, is written in place and emptied: ``; emptied the partial file
+    …``).
 
 Chunking
     An export reads the allocated runs in windows
@@ -40,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
 import stat
@@ -51,7 +54,7 @@ from .aio import AsyncClient, AsyncVolume
 from .chunking import ReadWindow, plan_windows, run_bounded, run_ordered, sectors_per_chunk
 from .cli_errors import CliError, describe_file, file_error
 from .copy_report import progress_bar, with_note
-from .localfile import Sink, fsync_folder, isatty, open_file, std_path
+from .localfile import Sink, fsync_folder, isatty, open_file, refuse_a_locked_file, std_path
 from .models import AllocationExtent, VolumeInfo
 from .progress import Progress
 
@@ -82,31 +85,50 @@ async def export_image(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
-_IN_PLACE_FOLDERS = ("/dev", "/proc", "/sys")
-"""Folders (with those below them) whose entries an export writes in place: it never
-renames a file over, nor creates, a name there."""
+_IN_PLACE_FOLDERS = ("/proc", "/sys")
+"""Folders (with those below them) whose entries an export writes in place, whatever they
+are: their files are the kernel's (``/proc/self/fd/1``, where ``/dev/stdout`` leads, is
+someone's open descriptor), not names to replace or create."""
+
+_DEVICES = "/dev"
+"""Where the kernel makes the device nodes: a name missing there is a missing device."""
 
 
-def _in_place_folder(path: str) -> bool:
-    """Whether ``path`` lies in one of :data:`_IN_PLACE_FOLDERS`, links followed."""
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    return any(folder == top or folder.startswith(top + "/") for top in _IN_PLACE_FOLDERS)
+def _below(folder: str, top: str) -> bool:
+    """Whether the folder ``folder`` is ``top`` or lies below it."""
+    return folder == top or folder.startswith(top + "/")
+
+
+def _device_folder(folder: str) -> bool:
+    """Whether ``folder`` (links resolved) is on the filesystem of ``/dev`` itself, not on
+    one mounted below it (``/dev/shm``): a name missing there is a device that is not
+    there, so no file is created in its place (nor an image's worth of memory taken)."""
+    if not _below(folder, _DEVICES):
+        return False
+    try:
+        return os.stat(folder).st_dev == os.stat(_DEVICES).st_dev
+    except OSError:
+        return True  # the open in place reports it
 
 
 def _replaceable(path: str) -> str | None:
     """The regular file that an export to ``path`` replaces (``path`` itself, or where its
     symlinks lead; it may not exist yet), or ``None`` to write ``path`` in place: it is a
-    device, a pipe, a socket, a folder, or lies in ``/dev``, ``/proc`` or ``/sys``
-    (:data:`_IN_PLACE_FOLDERS`: ``/dev/stdout`` and ``/dev/fd/N`` lead to someone's open
-    descriptor, not a name to replace). A symlink loop is left for the open in place to
+    device, a pipe, a socket or a folder; it lies in ``/proc`` or ``/sys``
+    (:data:`_IN_PLACE_FOLDERS`: ``/dev/stdout`` and ``/dev/fd/N`` lead there, to someone's
+    open descriptor, not a name to replace); or it does not exist in ``/dev`` itself (a
+    missing device: not created, :func:`_device_folder`). A regular file anywhere else,
+    ``/dev/shm`` included, is replaced. A symlink loop is left for the open in place to
     report."""
     for _ in range(40):  # the kernel's own limit on symlinks followed (ELOOP)
-        if _in_place_folder(path):
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        if any(_below(folder, top) for top in _IN_PLACE_FOLDERS):
             return None
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            return path  # a new file (or a dangling symlink's target)
+            # a new file (or a dangling symlink's target); never a missing device
+            return None if _device_folder(folder) else path
         except OSError:
             return None  # e.g. a folder on the way is not one: the open reports it
         if stat.S_ISREG(st.st_mode):
@@ -118,67 +140,6 @@ def _replaceable(path: str) -> str | None:
         except OSError:
             return None
     return None
-
-
-_LAYER_FILE_LOCKS: tuple[tuple[str, str], ...] = (
-    ("", ""),  # a raw or sparse layer's data file: flock-ed itself
-    ("", ".lock"),  # a sqlite layer's database: its "<db>.lock" is
-    (".map", ""),  # a sparse layer's map: its data file is
-    (".map.tmp", ""),
-    ("-wal", ".lock"),  # a sqlite database's journals: the database's lock file is
-    ("-shm", ".lock"),
-    ("-journal", ".lock"),
-)
-"""How a tierdisk server's layer files are locked while it runs: ``(suffix, lock)`` means
-a file named ``STEM + suffix`` belongs to a layer while ``STEM + lock`` is ``flock``-ed
-(the layouts are in the ``raw``, ``sparse`` and ``sqlite`` layers' docstrings)."""
-
-
-def _lock_files(target: str) -> list[str]:
-    """The files whose ``flock`` shows that ``target`` is a running layer's file."""
-    found = []
-    for suffix, lock in _LAYER_FILE_LOCKS:
-        if target.endswith(suffix) and len(target) > len(suffix):
-            stem = target[: len(target) - len(suffix)]
-            if stem + lock not in found:
-                found.append(stem + lock)
-    return found
-
-
-def _locked(path: str) -> bool:
-    """Whether another process holds an ``flock`` on ``path`` (``False`` when it cannot be
-    opened or the filesystem has no ``flock``: nothing to learn)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # drops the lock, if we took it
-    return False
-
-
-def _refuse_a_locked_file(path: str, target: str) -> None:
-    """Refuse to replace ``target`` (IMAGE ``path``) while it is a running tierdisk layer's
-    file: a ``raw`` or ``sparse`` data file, a ``sparse`` map, a ``sqlite`` database or its
-    journals (:data:`_LAYER_FILE_LOCKS`), seen by the ``flock`` the server holds. The server
-    would go on writing into the file replaced, and every write it acknowledged after the
-    export would be gone at its next start, which opens the new one (or, for a map or a
-    database, would find the layer unreadable)."""
-    for lock in _lock_files(target):
-        if _locked(lock):
-            whose = "" if lock == target else f" ({describe_file(lock)} is)"
-            raise CliError(
-                f"{describe_file(path)} is locked by another process{whose}: a tierdisk "
-                "server's layer file? Replacing it would lose every write that process "
-                "makes to it from now on; export to another file, or stop that process "
-                "first"
-            )
 
 
 @contextlib.contextmanager
@@ -213,9 +174,9 @@ async def _export_replacing(
     ``.NAME.tierdisk-export-XXXXXXXX`` beside it (created exclusively; :func:`_temp_file`),
     fsynced, renamed over ``target``, and the folder fsynced. ``target`` is never written,
     let alone truncated, and one another process holds an ``flock`` on (a server's layer
-    file) is refused (:func:`_refuse_a_locked_file`). On any failure, Ctrl-C included, the
-    temporary file is removed and ``target`` is as it was (or still does not exist); the
-    message ends with that (``; 'img' is unchanged``)."""
+    file) is refused (:func:`~tierdisk.client.localfile.refuse_a_locked_file`). On any
+    failure, Ctrl-C included, the temporary file is removed and ``target`` is as it was (or
+    still does not exist); the message ends with that (``; 'img' is unchanged``)."""
     try:
         old: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
@@ -223,7 +184,12 @@ async def _export_replacing(
     except OSError as err:
         raise file_error(path, err) from None
     if old is not None:
-        _refuse_a_locked_file(path, target)
+        refuse_a_locked_file(
+            path,
+            target,
+            harm="Replacing it would lose every write that process makes to it from now on",
+            verb="export",
+        )
     fd, temp = _temp_file(path, target, old)
     renamed = False
 

@@ -7,11 +7,12 @@ Files, devices, pipes and ``-``
     device (``-i FILE``, IMAGE, or stdin redirected from one) from its current position to
     its end. Its length is known up front, so one that is not a whole number of sectors,
     that reaches past the end of the volume, or (``import``) that is larger than the volume
-    is refused before anything is written. A named FILE must be one of those two. Stdin
-    that is neither (a pipe, a terminal) has a length known only at its end, so it is
-    written as it arrives: the chunk that ends in part of a sector, or reaches past the end
-    of the volume, is not written, and is refused once the chunks before it are; the
-    message says how many bytes were written (:func:`_stream_in`; see below). Every sector
+    is refused before anything is written. Input that is neither (stdin or a named FILE
+    that is a pipe, a FIFO, ``<(cmd)``, ``/dev/stdin`` from a pipe, a terminal) has a
+    length known only at its end, so it is written as it arrives: the chunk that ends in
+    part of a sector, or reaches past the end of the volume, is not written, and is refused
+    once the chunks before it are; the message says how many bytes were written
+    (:func:`_stream_in`; see below). Every sector
     read is written, zeros included, with one exception: ``import`` from a regular file
     (named, or on stdin) is sparse. Its holes (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``; a filesystem
     without holes reports none) must read back as zeros, since the import replaces what the
@@ -61,6 +62,7 @@ from .localfile import (
     isatty,
     open_file,
     read_up_to,
+    reader,
     std_path,
 )
 from .models import UnmapBehavior
@@ -110,7 +112,7 @@ async def _copy_from(
         # `write … < img`: the size is known, so a bad length is refused before anything is
         # written, and the bar has a total.
         return await _copy_fd_in(client, args, vol, fd, None, sector, verb)
-    return await _stream_in(client, args, vol, stdin, sector, verb)
+    return await _stream_in(client, args, vol, stdin, None, sector, verb)
 
 
 async def _copy_in(
@@ -121,10 +123,15 @@ async def _copy_in(
     sector: int,
     verb: str,
 ) -> int:
-    """Copy the file ``path`` onto the volume from ``sector`` (see :func:`_copy_fd_in`)."""
+    """Copy the file ``path`` onto the volume from ``sector``: a regular file or a block
+    device by :func:`_copy_fd_in`, anything else (a pipe, a FIFO, ``<(cmd)``) as it
+    arrives, as stdin from a pipe is (:func:`_stream_in`)."""
     fd = open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
     try:
-        return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
+        if is_sized(fd):
+            return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
+        with reader(fd) as src:
+            return await _stream_in(client, args, vol, src, path, sector, verb)
     finally:
         os.close(fd)
 
@@ -225,19 +232,20 @@ async def _stream_in(
     args: argparse.Namespace,
     vol: AsyncVolume,
     src: BinaryIO,
+    path: str | None,
     sector: int,
     verb: str,
 ) -> int:
-    """``write`` (or ``import``) from a pipe (or a terminal): its length is known only at
-    its end, so the data is written as it arrives, ``max_io`` bytes a request with
-    ``max_in_flight`` in flight, never held whole; the bar shows the bytes written and the
-    rate, no total.
+    """``write`` (or ``import``) from ``src``, a pipe (or a terminal): the file ``path``
+    that messages name (``None``: stdin). Its length is known only at its end, so the data
+    is written as it arrives, ``max_io`` bytes a request with ``max_in_flight`` in flight,
+    never held whole; the bar shows the bytes written and the rate, no total.
 
     A chunk that ends in part of a sector or would reach past the end of the volume is not
     written, and is reported once the chunks before it are all written; the message says
     how many bytes that is. So input of up to one chunk (1 MiB by default) is refused before
     anything is written, as is anything starting past the end. A failure (of a write, or of
-    reading stdin) stops the copy likewise, and its message says what was written
+    reading ``src``) stops the copy likewise, and its message says what was written
     (:class:`~tierdisk.client.copy_report.CopyProgress`)."""
     info = await vol.info()
     ss = info.sector_size
@@ -260,7 +268,7 @@ async def _stream_in(
                     data = await asyncio.to_thread(read_up_to, src, chunk_bytes)
                 except OSError as err:
                     ended = True
-                    written.failed(file_error(None, err))
+                    written.failed(file_error(path, err))
                     return
                 offset, taken = taken, taken + len(data)
                 ended = len(data) < chunk_bytes
@@ -269,13 +277,16 @@ async def _stream_in(
                 at, count = sector + offset // ss, len(data) // ss
                 if len(data) % ss:
                     ended = True
-                    text = f"stdin: {taken} bytes is not a whole number of {ss}-byte sectors; "
+                    text = (
+                        f"{describe_file(path)}: {taken} bytes is not a whole number of "
+                        f"{ss}-byte sectors; "
+                    )
                     refusal = (text, False)
                     return
                 if at + count > info.sector_count:
                     ended = True
                     text = (
-                        f"stdin: sectors {at}..{at + count} reach past the end "
+                        f"{describe_file(path)}: sectors {at}..{at + count} reach past the end "
                         f"({info.sector_count} sectors); "
                     )
                     refusal = (text, True)
@@ -299,7 +310,7 @@ async def _stream_in(
             raise written.interrupted() from None
         except Interrupted as exc:  # a request cancelled underneath: a failure, noted
             written.failed(exc)
-    written.raise_failure(args, None)
+    written.raise_failure(args, path)
     if refusal is not None:  # every chunk before it is written: the note says how many bytes
         text, past_end = refusal
         if past_end:

@@ -2,13 +2,15 @@
 (``-``), opening, writing and closing a file with any failure worded as one line naming it
 (:func:`~tierdisk.client.cli_errors.file_error`), the length of a regular file or a block
 device, the data runs of a sparse file (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``), reading a
-pipe or a terminal a chunk at a time, and fsyncing a folder.
+pipe or a terminal a chunk at a time, fsyncing a folder, and refusing to overwrite a running
+server's layer file (:func:`refuse_a_locked_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import sys
@@ -29,6 +31,8 @@ __all__ = [
     "isatty",
     "open_file",
     "read_up_to",
+    "reader",
+    "refuse_a_locked_file",
     "std_path",
 ]
 
@@ -132,6 +136,12 @@ def file_size(fd: int, path: str | None) -> int:
     return st.st_size
 
 
+def reader(fd: int) -> BinaryIO:
+    """A buffered binary stream reading ``fd`` (a pipe, say) for :func:`read_up_to`; closing
+    it leaves ``fd`` open."""
+    return open(fd, "rb", closefd=False)
+
+
 def read_up_to(src: BinaryIO, size: int) -> bytes:
     """``size`` bytes from ``src``, fewer only at its end. One raw read at a time (``read1``):
     a pipe returns less per read, and a terminal's end (Ctrl-D) is one empty read, not a
@@ -198,3 +208,67 @@ def fsync_folder(folder: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+_LAYER_FILE_LOCKS: tuple[tuple[str, str], ...] = (
+    ("", ""),  # a raw or sparse layer's data file: flock-ed itself
+    ("", ".lock"),  # a sqlite layer's database: its "<db>.lock" is
+    (".map", ""),  # a sparse layer's map: its data file is
+    (".map.tmp", ""),
+    ("-wal", ".lock"),  # a sqlite database's journals: the database's lock file is
+    ("-shm", ".lock"),
+    ("-journal", ".lock"),
+)
+"""How a tierdisk server's layer files are locked while it runs: ``(suffix, lock)`` means
+a file named ``STEM + suffix`` belongs to a layer while ``STEM + lock`` is ``flock``-ed
+(the layouts are in the ``raw``, ``sparse`` and ``sqlite`` layers' docstrings)."""
+
+
+def _lock_files(target: str) -> list[str]:
+    """The files whose ``flock`` shows that ``target`` is a running layer's file."""
+    found = []
+    for suffix, lock in _LAYER_FILE_LOCKS:
+        if target.endswith(suffix) and len(target) > len(suffix):
+            stem = target[: len(target) - len(suffix)]
+            if stem + lock not in found:
+                found.append(stem + lock)
+    return found
+
+
+def _locked(path: str) -> bool:
+    """Whether another process holds an ``flock`` on ``path`` (``False`` when it cannot be
+    opened or the filesystem has no ``flock``: nothing to learn)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the lock, if we took it
+    return False
+
+
+def refuse_a_locked_file(path: str, target: str, *, harm: str, verb: str) -> None:
+    """Refuse (a :class:`CliError`) to replace or overwrite ``target`` (the file ``path``
+    names, its symlinks followed) while it is a running tierdisk layer's file: a ``raw`` or
+    ``sparse`` data file, a ``sparse`` map, a ``sqlite`` database or its journals
+    (:data:`_LAYER_FILE_LOCKS`), seen by the ``flock`` the server holds. The message says
+    what doing it would do (``harm``, a sentence) and to ``verb`` into another file.
+
+    ``export`` replaces its IMAGE: the server would go on writing into the file replaced,
+    and every write it acknowledged after the export would be gone at its next start,
+    which opens the new one (or, for a map or a database, would find the layer
+    unreadable). ``read -o`` truncates its FILE: the layer's data would be gone at once."""
+    for lock in _lock_files(target):
+        if _locked(lock):
+            whose = "" if lock == target else f" ({describe_file(lock)} is)"
+            raise CliError(
+                f"{describe_file(path)} is locked by another process{whose}: a tierdisk "
+                f"server's layer file? {harm}; {verb} to another file, or stop that process "
+                "first"
+            )

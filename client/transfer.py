@@ -17,7 +17,9 @@ Files, devices, pipes and ``-``
     ``-`` (as IMAGE, ``-i FILE`` or ``-o FILE``) is stdin or stdout; ``./-`` names a file.
 
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
-    truncated first). The ``-o FILE`` of a failed ``read`` is left as it is.
+    truncated first). The ``-o FILE`` of a failed ``read`` is left as it is. A FILE that is
+    a running tierdisk server's layer file (another process holds its ``flock``) is
+    refused, not truncated, as ``export`` refuses to replace one.
 
 Chunking
     Each request carries at most ``client.max_io`` bytes, a whole number of sectors
@@ -30,13 +32,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 
 from .aio import AsyncClient
 from .copy_report import progress_bar
 from .export_verb import export_image
 from .import_verbs import import_image, write_sectors
-from .localfile import STD_STREAM, Sink, closing, isatty, open_file, std_path
+from .localfile import (
+    STD_STREAM,
+    Sink,
+    closing,
+    isatty,
+    open_file,
+    refuse_a_locked_file,
+    std_path,
+)
 from .progress import Progress
 
 __all__ = ["STD_STREAM", "export_image", "import_image", "read_sectors", "write_sectors"]
@@ -45,7 +56,8 @@ __all__ = ["STD_STREAM", "export_image", "import_image", "read_sectors", "write_
 async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     """``read VOL SECTOR COUNT [-o FILE]``: the COUNT sectors from SECTOR, in order, to
     stdout or to FILE (created, or truncated first). Refused before anything is written if
-    they reach past the end of the volume."""
+    they reach past the end of the volume, or if FILE is a running server's layer file
+    (:func:`_refuse_a_layer_file`)."""
     vol = client.volume(args.volume)
     info = await vol.info()
     info.check_fits(args.sector, args.count)
@@ -66,6 +78,23 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         data_on_tty = isatty(sys.stdout.buffer)
         await copy(Sink(), progress_bar(args, total, label, data_on_tty=data_on_tty))
         return 0
+    _refuse_a_layer_file(path)
     with closing(open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), path) as fd:
         await copy(Sink(fd, path), progress_bar(args, total, label))
     return 0
+
+
+def _refuse_a_layer_file(path: str) -> None:
+    """Refuse ``-o FILE`` (``path``) when it is a regular file, through any symlinks, that
+    a running tierdisk server's layer holds (its ``flock``:
+    :func:`~tierdisk.client.localfile.refuse_a_locked_file`): truncated, the layer's data
+    would be gone. Anything else (a new file, a device, a pipe) is left to the open."""
+    target = os.path.realpath(path)
+    try:
+        regular = stat.S_ISREG(os.stat(target).st_mode)
+    except OSError:
+        return
+    if regular:
+        refuse_a_locked_file(
+            path, target, harm="Truncating it would destroy that layer's data", verb="read"
+        )

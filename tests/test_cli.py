@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from certs import Certs, make_certs
 from grpc_health.v1 import health, health_pb2_grpc
 from servers import (
     FRAGMENT,
@@ -55,15 +56,25 @@ from tierdisk.service.volume import LayerEntry, Volume
 
 MiB = 1 << 20
 TIERDISK = [sys.executable, "-m", "tierdisk.client"]
-TIERDISK_CTRL_C = [
+TIERDISK_SIGNALLED = [
     sys.executable,
     "-c",
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]; "
     "from tierdisk.client.cli import main; sys.exit(main())",
 ]
-"""``TIERDISK`` for the tests that press Ctrl-C (send SIGINT): the CLI honours a SIGINT its
-parent ignores (as a shell does for ``cmd &``, and ``nohup``), so it is set to Python's own
-handler first, whatever the test runner inherited."""
+"""``TIERDISK`` for the tests that press Ctrl-C (send SIGINT), or send SIGTERM or SIGHUP:
+the CLI honours a signal its parent ignores (as a shell does SIGINT for ``cmd &``, and
+``nohup`` SIGHUP), so each is set to Python's own handling first, whatever the test runner
+inherited."""
+
+STOPS = [
+    pytest.param(signal.SIGINT, 130, "interrupted", id="ctrl-c"),
+    pytest.param(signal.SIGTERM, 128 + signal.SIGTERM, "interrupted by SIGTERM", id="sigterm"),
+    pytest.param(signal.SIGHUP, 128 + signal.SIGHUP, "interrupted by SIGHUP", id="sighup"),
+]
+"""The signals that stop a verb, each with the exit status and the words that start its
+one line."""
 
 VOLUMES = "\n".join(
     (
@@ -76,6 +87,7 @@ VOLUMES = "\n".join(
         toml_volume("exp", ram("8MiB")),
         toml_volume("intr", ram("64MiB")),
         toml_volume("sparse", {"kind": "sparse", "path": "sparse.img", "size": "16MiB"}),
+        toml_volume("piped", ram("4MiB")),
     )
 )
 
@@ -137,6 +149,7 @@ def test_volumes_lists_one_per_line_name_first(server: ServerProcess) -> None:
         "exp",
         "grow",
         "intr",
+        "piped",
         "ro",
         "rw",
         "shrink",
@@ -527,17 +540,24 @@ def test_failed_export_leaves_the_image_as_it_was(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
 def test_export_interrupted_leaves_the_image_as_it_was(
-    server: ServerProcess, exp_data: bytes, tmp_path: Path
+    server: ServerProcess,
+    exp_data: bytes,
+    tmp_path: Path,
+    sig: signal.Signals,
+    status: int,
+    words: str,
 ) -> None:
-    """Ctrl-C mid-export: "interrupted", exit 130, the old IMAGE intact, no temporary file."""
+    """Ctrl-C mid-export: "interrupted", exit 130, the old IMAGE intact, no temporary file;
+    SIGTERM and SIGHUP alike ("interrupted by SIGTERM", exit 143; SIGHUP: 129)."""
     out = tmp_path / "out.img"
     old = os.urandom(MiB)
     out.write_bytes(old)
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     with CuttingProxy(server.grpc, 2 * MiB, stall=True) as proxy:
         proc = subprocess.Popen(
-            [*TIERDISK_CTRL_C, "--server", proxy.address, "export", "exp", str(out)],
+            [*TIERDISK_SIGNALLED, "--server", proxy.address, "export", "exp", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
@@ -545,14 +565,14 @@ def test_export_interrupted_leaves_the_image_as_it_was(
         try:
             assert proxy.cut.wait(60)  # 2 MiB of the volume have come back: mid-export
             assert temp_files(tmp_path)  # it is writing beside IMAGE, not into it
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             _, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-    assert proc.returncode == 130, err.decode()
-    assert err.decode().splitlines() == ["tierdisk: interrupted"]
+    assert proc.returncode == status, err.decode()
+    assert err.decode().splitlines() == [f"tierdisk: {words}"]
     assert out.read_bytes() == old
     assert os.listdir(tmp_path) == ["out.img"]
 
@@ -567,6 +587,52 @@ def test_export_never_creates_or_replaces_a_name_in_dev(
     one_line_error(result, name)
     assert not os.path.lexists(name)
     assert not [n for n in os.listdir("/dev") if ".tierdisk-export-" in n]
+
+
+def test_export_into_dev_shm_replaces_a_regular_file_as_anywhere_else(
+    server: ServerProcess, exp_data: bytes
+) -> None:
+    """/dev/shm is a filesystem for files, though below /dev: an export creates a new file
+    there, and replaces an existing one through a temporary file beside it, so a failure
+    leaves it as it was (it was written in place, and emptied)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    image = shm / f"tierdisk-test-{os.getpid()}-{os.urandom(4).hex()}.img"
+
+    def temp_files_of_image() -> list[str]:
+        return [n for n in os.listdir(shm) if n.startswith(f".{image.name}.tierdisk-export-")]
+
+    try:
+        tierdisk(server, "export", "exp", str(image))
+        assert image.read_bytes() == exp_data
+        old = os.urandom(MiB)
+        image.write_bytes(old)
+        line = one_line_error(export_through_a_cut(server, str(image)), "volume 'exp'")
+        assert line.endswith(f"; '{image}' is unchanged"), line
+        assert image.read_bytes() == old
+        assert temp_files_of_image() == []
+    finally:
+        for name in [image.name, *temp_files_of_image()]:
+            with contextlib.suppress(FileNotFoundError):
+                (shm / name).unlink()
+
+
+def test_export_to_dev_stdout_redirected_to_a_file_writes_it_in_place(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """/dev/stdout leads through /proc to the descriptor the command was given: that file
+    is written in place (no name is replaced), whatever it is."""
+    out = tmp_path / "out.img"
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    with open(out, "wb") as f:
+        done = subprocess.run(
+            [*TIERDISK, "export", "exp", "/dev/stdout"], stdout=f, stderr=subprocess.PIPE,
+            env=env, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.read_bytes() == exp_data
+    assert os.listdir(tmp_path) == ["out.img"]
 
 
 def test_export_through_a_symlink_replaces_its_target_and_keeps_the_link(
@@ -605,6 +671,29 @@ def test_export_onto_the_volumes_own_raw_image_is_refused(tmp_path: Path, read_o
         assert base.read_bytes() == original
         assert tierdisk(srv, "read", "v", "0", str(MiB // 512)).stdout == original
         assert temp_files(data_dir) == []
+
+
+@pytest.mark.parametrize("through", ["the-file", "a-symlink"])
+def test_read_into_the_volumes_own_raw_image_is_refused(tmp_path: Path, through: str) -> None:
+    """`read VOL SECTOR COUNT -o F`, F (or a symlink to it) the raw file the server serves
+    VOL from, is refused while the server holds it, as export is: F would be truncated,
+    the volume's data gone. F and the volume stay as they were."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    base = data_dir / "base.img"
+    original = os.urandom(MiB)
+    base.write_bytes(original)
+    output = base
+    if through == "a-symlink":
+        output = tmp_path / "link.img"
+        output.symlink_to(base)
+    config = write_config(tmp_path, toml_volume("v", {"kind": "raw", "path": "base.img"}))
+    with ServerProcess.start(tmp_path, config) as srv:
+        result = tierdisk(srv, "read", "v", "0", "1", "-o", str(output), check=False)
+        line = one_line_error(result, str(output), "locked by another process")
+        assert "read to another file" in line, line
+        assert base.read_bytes() == original
+        assert tierdisk(srv, "read", "v", "0", str(MiB // 512)).stdout == original
 
 
 @pytest.mark.parametrize(
@@ -726,6 +815,66 @@ def test_write_and_read_through_files_and_pipes(server: ServerProcess, tmp_path:
     assert tierdisk(server, "read", "rw", "0", "0").stdout == b""
 
 
+def feed_fifo(fifo: Path, data: bytes) -> threading.Thread:
+    """A started thread writing ``data`` into ``fifo`` (once a reader opens it), then
+    closing it."""
+
+    def feed() -> None:
+        with open(fifo, "wb") as f, contextlib.suppress(BrokenPipeError):
+            f.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    return writer
+
+
+@pytest.mark.parametrize("how", ["fifo", "dev-fd", "dev-stdin"])
+def test_an_input_file_that_is_a_pipe_is_written_as_it_arrives(
+    server: ServerProcess, tmp_path: Path, how: str
+) -> None:
+    """``-i FILE`` or IMAGE that is a pipe (a FIFO; ``<(cmd)``, which is ``/dev/fd/N``;
+    ``/dev/stdin`` from a pipe) is read as it arrives, as stdin from a pipe is: not seeked
+    ("Illegal seek")."""
+    data = os.urandom(3 * MiB + 4096)  # over one chunk: written as it arrives
+    count = str(len(data) // 512)
+    tierdisk(server, "write", "piped", "0", stdin=bytes(len(data)))
+    if how == "fifo":
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        writer = feed_fifo(fifo, data)
+        tierdisk(server, "write", "piped", "0", "-i", str(fifo))
+        writer.join(30)
+    elif how == "dev-stdin":
+        tierdisk(server, "import", "piped", "/dev/stdin", stdin=data)
+    else:
+        read_end, write_end = os.pipe()
+        env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+        with subprocess.Popen(
+            [*TIERDISK, "import", "piped", f"/dev/fd/{read_end}"],
+            pass_fds=[read_end], stderr=subprocess.PIPE, env=env,
+        ) as proc:  # fmt: skip
+            os.close(read_end)
+            with open(write_end, "wb") as f:
+                f.write(data)
+            _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    assert tierdisk(server, "read", "piped", "0", count).stdout == data
+
+
+def test_a_bad_length_from_a_named_pipe_names_it(server: ServerProcess, tmp_path: Path) -> None:
+    """A pipe's length is known at its end: a part sector there is refused then, naming the
+    file, with what was written, as from stdin."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = feed_fifo(fifo, bytes(1000))
+    result = tierdisk(server, "write", "piped", "0", "-i", str(fifo), check=False)
+    writer.join(30)
+    one_line_error(
+        result, f"file '{fifo}': 1000 bytes is not a whole number of 512-byte sectors",
+        "nothing was written",
+    )  # fmt: skip
+
+
 def test_write_refuses_partial_sectors_before_writing(server: ServerProcess) -> None:
     before = tierdisk(server, "read", "rw", "100", "1").stdout
     one_line_error(tierdisk(server, "write", "rw", "100", stdin=b"z" * 700, check=False), "700")
@@ -834,7 +983,7 @@ def test_flush(server: ServerProcess) -> None:
 def test_watch_prints_each_resize_and_ctrl_c_exits_0(server: ServerProcess) -> None:
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     proc = subprocess.Popen(
-        [*TIERDISK_CTRL_C, "watch", "watched"],
+        [*TIERDISK_SIGNALLED, "watch", "watched"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -849,6 +998,31 @@ def test_watch_prints_each_resize_and_ctrl_c_exits_0(server: ServerProcess) -> N
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         assert proc.stderr is not None and proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_watch_ended_by_sigterm_or_sighup_exits_0_as_for_ctrl_c(
+    server: ServerProcess, sig: signal.Signals
+) -> None:
+    """``watch`` runs until it is stopped: SIGTERM or SIGHUP ends it as Ctrl-C does."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    proc = subprocess.Popen(
+        [*TIERDISK_SIGNALLED, "watch", "watched"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "sector_count=" in proc.stdout.readline().decode()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()
+        assert err == b""
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1424,6 +1598,34 @@ def test_tls_files_without_pem_are_usage_errors(
     assert server.grpc not in line
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        ("other_key", "is not the private key of the certificate in --tls-cert {cert}"),
+        ("encrypted_client_key", "is encrypted (it asks for a passphrase)"),
+    ],
+    ids=["another-key", "encrypted"],
+)
+def test_a_tls_key_that_does_not_go_with_the_certificate_is_a_usage_error(
+    server: ServerProcess, certs: Certs, key: str, words: str
+) -> None:
+    """A key that is not the certificate's, or an encrypted one, is named before any
+    connection (gRPC would only fail every connection: "server unavailable" after the
+    retries). The certificate's own key passes: the connection is tried."""
+    cert, bad = certs.client_cert, getattr(certs, key)
+    tls = ["--retries", "0", "--tls-ca", str(certs.ca), "--tls-cert", str(cert)]
+    result = tierdisk(server, *tls, "--tls-key", str(bad), "volumes", check=False)
+    line = one_line_error(result, f"--tls-key {bad} {words.format(cert=cert)}", returncode=2)
+    assert server.grpc not in line
+    result = tierdisk(server, *tls, "--tls-key", str(certs.client_key), "volumes", check=False)
+    one_line_error(result, f"server {server.grpc}", "unavailable")  # a plaintext server
+
+
 async def test_map_of_a_fragmented_volume_prints_every_run(tmp_path: Path) -> None:
     """A volume with more runs than one GetAllocation reply carries (max_io 1 MiB): ``map``
     prints them all, as if one reply had (the client asks in windows)."""
@@ -1497,12 +1699,19 @@ async def test_export_of_a_fragmented_volume_reads_runs_together(tmp_path: Path,
     assert 0 < reads <= 2 * len(expected) // (1 << 20) + 4
 
 
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS[:2])
 @pytest.mark.parametrize("source", ["file", "pipe"])
 def test_write_interrupted_says_what_was_written(
-    server: ServerProcess, tmp_path: Path, source: str
+    server: ServerProcess,
+    tmp_path: Path,
+    source: str,
+    sig: signal.Signals,
+    status: int,
+    words: str,
 ) -> None:
     """Ctrl-C mid-write: exit 130 and one line, ``interrupted; `` and what was written; the
-    volume holds the data that far, and nothing past what may have been written in part."""
+    volume holds the data that far, and nothing past what may have been written in part.
+    SIGTERM alike: exit 143, ``interrupted by SIGTERM; `` and what was written."""
     size = 64 * MiB
     zeros, data = tmp_path / "zeros.bin", tmp_path / "data.bin"
     zeros.write_bytes(bytes(size))
@@ -1512,7 +1721,7 @@ def test_write_interrupted_says_what_was_written(
     with CuttingProxy(server.grpc, 1500, stall=True) as proxy:
         args = ["write", "intr", "0"] + (["-i", str(data)] if source == "file" else [])
         proc = subprocess.Popen(
-            [*TIERDISK_CTRL_C, "--server", proxy.address, *args],
+            [*TIERDISK_SIGNALLED, "--server", proxy.address, *args],
             stdin=subprocess.PIPE if source == "pipe" else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -1531,7 +1740,7 @@ def test_write_interrupted_says_what_was_written(
             feeder.start()
         try:
             assert proxy.cut.wait(60)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             assert proc.stderr is not None
             err = proc.stderr.read()
             proc.wait(30)
@@ -1541,10 +1750,13 @@ def test_write_interrupted_says_what_was_written(
                 proc.wait(10)
         if source == "pipe":
             feeder.join(10)
-    assert proc.returncode == 130, err.decode()
-    line = one_line_error(subprocess.CompletedProcess(proc.args, 130, b"", err), returncode=130)
+    assert proc.returncode == status, err.decode()
+    line = one_line_error(
+        subprocess.CompletedProcess(proc.args, status, b"", err), returncode=status
+    )
     found = re.fullmatch(
-        r"tierdisk: interrupted; (?:nothing was written|nothing was written for sure"
+        f"tierdisk: {words}; "
+        r"(?:nothing was written|nothing was written for sure"
         r"|the (\d+) bytes before were written from sector 0)"
         r"(?:; sectors (\d+)\.\.(\d+) may have been written in part)?",
         line,

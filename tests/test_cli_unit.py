@@ -121,6 +121,81 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         assert verb in out
 
 
+def test_numbers_are_decimal_with_leading_zeros_allowed() -> None:
+    """SECTOR, COUNT and --retries read as resize's SIZE does: decimal digits, so ``08`` is
+    8 and ``010`` is 10, not octal."""
+    args = cli.build_parser().parse_args(["--retries", "010", "read", "vol", "08", "0010"])
+    assert (args.retries, args.sector, args.count) == (10, 8, 10)
+    assert cli.build_parser().parse_args(["write", "vol", "0009"]).sector == 9
+
+
+@pytest.mark.parametrize("number", ["0x10", "0o7", "0b1", "1_000", "+5", " 5", "1e3", "\u0665"])
+def test_numbers_in_anything_but_decimal_digits_are_usage_errors(
+    number: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--server", DEAD, "--retries", "0", "read", "vol", number, "1"]) == 2
+    err = capsys.readouterr().err
+    assert "argument SECTOR: not a whole number in decimal digits" in err, err
+    assert cli.main(["--server", DEAD, "--retries", number, "volumes"]) == 2
+    assert "argument --retries: not a whole number in decimal digits" in capsys.readouterr().err
+
+
+NOT_UTF8 = "vm\udcff"
+"""How Python hands over an argument holding a byte that is not UTF-8 (``$'vm\\xff'``)."""
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["info", NOT_UTF8], "argument VOL: not valid UTF-8"),
+        (["read", NOT_UTF8, "0", "1"], "argument VOL: not valid UTF-8"),
+        (["inspect", "vm1", NOT_UTF8], "argument PATH: not valid UTF-8"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_it(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request carries text as UTF-8: a volume name or inspect PATH that is not is refused
+    while parsing (exit 2), not sent (it was an internal error)."""
+    assert cli.main(["--server", DEAD, "--retries", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "source"),
+    [
+        (["--server", "127.0.0.1\udcff:1"], {}, "--server"),
+        ([], {"TIERDISK_SERVER": "127.0.0.1\udcff:1"}, "$TIERDISK_SERVER"),
+    ],
+)
+def test_a_server_address_that_is_not_utf8_is_a_usage_error(
+    args: list[str], env: dict[str, str], source: str
+) -> None:
+    result = run(*args, "--retries", "0", "volumes", env=env)
+    assert result.returncode == 2
+    assert_one_line(result.stderr, "server address", f"(from {source})", "not UTF-8")
+
+
+FAKE_PEM = "-----BEGIN {0}-----\nAAAA\n-----END {0}-----\n"
+
+
+@pytest.mark.parametrize(
+    ("given", "missing", "kind"),
+    [("--tls-cert", "--tls-key", "CERTIFICATE"), ("--tls-key", "--tls-cert", "PRIVATE KEY")],
+)
+def test_a_client_certificate_without_its_key_is_a_usage_error(
+    tmp_path: Path, given: str, missing: str, kind: str
+) -> None:
+    """gRPC's C core aborts the process on one without the other (exit 134, no word): the
+    CLI refuses it first, in one line naming both options."""
+    pem = tmp_path / "half.pem"
+    pem.write_text(FAKE_PEM.format(kind))
+    result = run("--server", DEAD, "--retries", "0", given, str(pem), "volumes")
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, f"{given} is given without {missing}")
+
+
 # -- a server that is not there: one line, exit 1 --------------------------------------
 
 

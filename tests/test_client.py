@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -336,6 +338,53 @@ async def test_unavailable_when_nothing_listens() -> None:
             await c.volume("v").info()
         assert time.monotonic() - start < 10
         assert info.value.volume == "v"
+
+
+HALF_A_KEY_PAIR = """
+import asyncio, sys
+from tierdisk.client import AsyncClient, Client, TierdiskError
+pem = "-----BEGIN {0}-----\\nAAAA\\n-----END {0}-----\\n"
+halves = [{"certificate_chain": pem.format("CERTIFICATE").encode()},
+          {"private_key": pem.format("PRIVATE KEY").encode()}]
+
+async def use_async(options):
+    async with AsyncClient(sys.argv[1], retries=0, **options) as client:
+        await client.volume("v").info()
+
+def use_blocking(options):
+    with Client(sys.argv[1], retries=0, **options) as client:
+        client.volume("v").info()
+
+for options in halves:
+    for use in (lambda: asyncio.run(use_async(options)), lambda: use_blocking(options)):
+        try:
+            use()
+        except ValueError as exc:
+            print("ValueError:", exc, flush=True)
+        except TierdiskError as exc:
+            print("accepted:", type(exc).__name__, flush=True)
+"""
+"""A program that gives the clients a certificate without its key, then a key without its
+certificate, and prints what each did (in a child process: gRPC's C core aborts the
+process it runs in, given half a pair)."""
+
+
+def test_a_client_certificate_without_its_key_is_a_value_error() -> None:
+    """``AsyncClient`` and ``Client`` refuse half a key pair with a ValueError naming both
+    arguments, before gRPC sees it (its C core would abort the host process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", HALF_A_KEY_PAIR, "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    cert, key = "certificate_chain without private_key", "private_key without certificate_chain"
+    assert (
+        done.stdout.splitlines()
+        == [f"ValueError: {cert}: a client certificate goes with its key"] * 2
+        + [f"ValueError: {key}: a client certificate goes with its key"] * 2
+    )
 
 
 async def test_a_grpc_server_that_is_not_tierdisk_is_named_as_such() -> None:
