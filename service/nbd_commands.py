@@ -97,9 +97,11 @@ def reply_bytes(export: Export, cmd: int, length: int) -> int:
     return 0
 
 
-def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
+def _check(export: Export, offset: int, length: int, past_end: int, *, hint: bool = False) -> bool:
     """Refuse a range past the end (with ``past_end``); True when the range is misaligned
-    (refused with EINVAL when the client agreed to the block sizes)."""
+    (refused with EINVAL when the client agreed to the block sizes, unless the command is
+    a ``hint`` — TRIM, CACHE — which changes no data it only partly covers: qemu sends a
+    discard's unaligned head as a TRIM of its own even then)."""
     if offset + length > export.size:
         raise Refuse(
             past_end,
@@ -109,7 +111,7 @@ def _check(export: Export, offset: int, length: int, past_end: int) -> bool:
         )
     ss = export.sector_size
     misaligned = bool(offset % ss or length % ss)
-    if misaligned and export.strict:
+    if misaligned and export.strict and not hint:
         raise Refuse(
             P.EINVAL,
             f"offset {offset} and length {length} must be multiples of the {ss}-byte block size",
@@ -192,9 +194,10 @@ async def write(export: Export, flags: int, offset: int, data: Any) -> None:
 
 
 async def trim(export: Export, flags: int, offset: int, length: int) -> None:
-    """Discard the whole sectors inside the range (the volume's unmap semantics)."""
+    """Discard the whole sectors inside the range (the volume's unmap semantics); a range
+    with none, e.g. an unaligned head, changes nothing and succeeds."""
     _check_writable(export)
-    _check(export, offset, length, P.EINVAL)
+    _check(export, offset, length, P.EINVAL, hint=True)
     ss = export.sector_size
     first = -(-offset // ss)
     last = (offset + length) // ss
@@ -244,7 +247,7 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
 async def cache(export: Export, offset: int, length: int) -> None:
     """Prefetch: read the covering sectors, which fills the volume's read caches, and drop
     the data. A volume without a read cache has nothing to fill."""
-    _check(export, offset, length, P.EINVAL)
+    _check(export, offset, length, P.EINVAL, hint=True)
     if not export.has_read_cache or not length:
         return
     ss = export.sector_size

@@ -102,7 +102,7 @@ class NbdMetrics:
         """The NBD part of a volume's Inspect tree."""
         return {
             "nbd": {
+                **self.stats.snapshot(),  # server-wide, but for sessions_active: this volume's
                 "sessions_active": self.stats.volume_sessions.get(volume, 0),
-                **self.stats.snapshot(),
             }
         }

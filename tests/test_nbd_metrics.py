@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from servers import running_server, samples, scrape, toml_volume
+from servers import running_server, samples, scrape, toml_volume, tree_of
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -33,17 +33,25 @@ CMD_READ, CMD_WRITE = 0, 1
 EINVAL, EPERM, ENOSPC = 22, 1, 28
 
 
+async def nbd_session(
+    address: str, export: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection in the transmission phase on ``export`` (``NBD_OPT_EXPORT_NAME``)."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readexactly(18)  # NBDMAGIC, IHAVEOPT, handshake flags
+    writer.write(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    name = export.encode()
+    writer.write(struct.pack(">QII", 0x49484156454F5054, 1, len(name)) + name)
+    await reader.readexactly(10)  # export size and transmission flags
+    return reader, writer
+
+
 async def nbd_errors(address: str, export: str, requests: list[tuple[int, int, int]]) -> list[int]:
     """Send ``(command, offset, length)`` requests on one connection (``NBD_OPT_EXPORT_NAME``,
     simple replies) and return each reply's NBD error (0: ok)."""
-    host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await nbd_session(address, export)
     try:
-        await reader.readexactly(18)  # NBDMAGIC, IHAVEOPT, handshake flags
-        writer.write(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-        name = export.encode()
-        writer.write(struct.pack(">QII", 0x49484156454F5054, 1, len(name)) + name)
-        await reader.readexactly(10)  # export size and transmission flags
         errors = []
         for handle, (cmd, offset, length) in enumerate(requests):
             payload = bytes(length) if cmd == CMD_WRITE else b""
@@ -104,3 +112,24 @@ async def test_a_failure_counts_under_one_code_over_nbd_and_grpc(tmp_path: Path)
         assert io_requests(text, "disk", "read") == {"OK": 1, "OUT_OF_RANGE": 2}
         assert io_requests(text, "disk", "write") == {"OUT_OF_RANGE": 2}
         assert io_requests(text, "ro", "write") == {"FAILED_PRECONDITION": 2}
+
+
+async def test_inspect_shows_the_volumes_own_sessions(tmp_path: Path) -> None:
+    """``inspect VOL nbd``: ``sessions_active`` is the volume's (two sessions on ``disk``,
+    none on ``ro``); the server's are in ``volume_sessions``."""
+    body = CONFIG.replace("DATA", str(tmp_path / "data"))
+    async with running_server(tmp_path, body) as server:
+        sessions = [await nbd_session(server.nbd_address, "disk") for _ in range(2)]
+        try:
+            async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+                stub = pb_grpc.BlockDeviceStub(channel)
+
+                async def active(volume: str) -> Any:
+                    reply = await stub.Inspect(pb.InspectRequest(volume=volume, path="nbd"))
+                    return tree_of(reply)["sessions_active"]
+
+                assert await active("disk") == 2
+                assert await active("ro") == 0
+        finally:
+            for _, writer in sessions:
+                writer.close()
