@@ -6,13 +6,15 @@ straight into one ``bytearray`` of its size, and every request runs as its own t
 requests are served concurrently and replied out of order. A reply is written whole in one
 synchronous step (``transport.writelines([header, data])``, no concatenation), which is the
 write lock: replies never interleave. When the transport's buffer is over its high-water
-mark, replies wait for it to drain (one reply at most goes over it). Reading pauses while
-too many requests, or too many payload bytes, are in flight: the bytes count write payloads
-received and the largest reply each started request can make the server hold (a read's
-data, a block status's extents; :func:`.nbd_commands.reply_bytes`), from the request's start
-until its reply is handed to the transport. So a client that pipelines reads and does not
-read the replies pins at most about ``_MAX_INFLIGHT_BYTES`` plus ``_WRITE_HIGH`` plus one
-reply of the server's memory, whatever ``max_io`` is.
+mark, replies wait for it to drain (one reply at most goes over it). A request starts only
+while the transport's buffer is under that mark, and only if the requests in flight stay
+within ``_MAX_INFLIGHT`` and ``_MAX_INFLIGHT_BYTES`` with it (else reading pauses; a request
+larger than the byte limit starts alone): the bytes count write payloads received and the
+largest reply each started request can make the server hold (a read's data, a block
+status's extents; :func:`.nbd_commands.reply_bytes`), from the request's start until its
+reply is handed to the transport. So a client that pipelines reads and does not read the
+replies pins at most about ``_MAX_INFLIGHT_BYTES`` (or one request, if larger) plus
+``_WRITE_HIGH`` plus one reply of the server's memory: with ``max_io`` at 16 MiB, ~88 MiB.
 
 At the client's EOF (half-close), the complete requests already received are still served
 (within the same limits), then the connection closes; this holds from the very first
@@ -176,10 +178,10 @@ class NbdSession(asyncio.BufferedProtocol):
             # with an export and _begin serves the requests that came with it.
             handshake = self._handshake_task
             return True if handshake is not None and not handshake.done() else None
-        self._parse()  # complete requests already received are still served
-        if not self._tasks:
+        held = self._parse()  # complete requests already received are still served
+        if not self._tasks and not held:
             return None  # the transport closes
-        return True  # keep the write side open; _task_done serves the rest, then closes
+        return True  # keep the write side open; _go_on serves the rest, then closes
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -188,6 +190,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self._writing_paused = False
         _wake(self._drained)
         self._drained = None
+        if self._export is not None:
+            self._go_on()  # requests held back while the buffer was full
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload_view is not None:
@@ -381,22 +385,21 @@ class NbdSession(asyncio.BufferedProtocol):
             self._buf = bytearray(_RECV_BUFFER)  # a large option grew it
             self._view = memoryview(self._buf)
             self._start = self._end = 0
-        self._parse()
-        if self._eof and not self._tasks:
+        held = self._parse()
+        if self._eof and not self._tasks and not held:
             transport.close()  # half-closed with no complete request
 
     # -- transmission: parsing and dispatch -----------------------------------------------
 
-    def _parse(self) -> None:
-        """Start the complete requests in the receive buffer, until too many requests or
-        bytes are in flight (then reading pauses)."""
+    def _parse(self) -> bool:
+        """Start the complete requests in the receive buffer, while the limits allow (module
+        docs; past them reading pauses). True when a request is held back by them (it
+        starts later: :meth:`_go_on`)."""
         buf = self._buf
         export = self._export
         assert export is not None
+        held = False
         while not self._closing and self._payload is None and not self._skip:
-            if len(self._tasks) >= _MAX_INFLIGHT or self._inflight_bytes >= _MAX_INFLIGHT_BYTES:
-                self._pause_reading()
-                break
             start = self._start
             if self._end - start < P.REQUEST_SIZE:
                 break
@@ -406,15 +409,29 @@ class NbdSession(asyncio.BufferedProtocol):
                 self._closing = True
                 if self._transport is not None:
                     self._transport.abort()
-                return
+                return False
+            write = cmd == P.CMD_WRITE and length > 0
+            if not write:
+                cost = C.reply_bytes(export, cmd, length)
+            else:  # its payload; none for one over max_io (refused, the payload dropped)
+                cost = length if length <= self._max_io else 0
+            if self._writing_paused or (
+                self._tasks
+                and (
+                    len(self._tasks) >= _MAX_INFLIGHT
+                    or self._inflight_bytes + cost > _MAX_INFLIGHT_BYTES
+                )
+            ):
+                self._pause_reading()
+                held = True
+                break
             body = start + P.REQUEST_SIZE
-            if cmd != P.CMD_WRITE or not length:
+            if not write:
                 self._start = body
                 if cmd == P.CMD_DISC:
                     self._disconnect()
                     break
                 empty = b"" if cmd == P.CMD_WRITE else None
-                cost = C.reply_bytes(export, cmd, length)
                 self._dispatch(flags, cmd, handle, offset, length, empty, cost)
                 continue
             if length > self._max_io:  # refused; its payload is read and dropped
@@ -445,6 +462,7 @@ class NbdSession(asyncio.BufferedProtocol):
             break
         if self._start == self._end:
             self._start = self._end = 0
+        return held
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self._eof and self._transport is not None:
@@ -474,16 +492,24 @@ class NbdSession(asyncio.BufferedProtocol):
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight_bytes -= self._tasks.pop(task, 0)
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """After a request ended or the transport's buffer drained: start the requests the
+        limits now allow (reading resumes once half the limits are free), and close a
+        connection that is ending (DISC, half-closed) once nothing is left to serve."""
         transport = self._transport
         if transport is None:
             return
         if self._closing or self._eof:
+            held = False
             if not self._closing:
-                self._parse()  # requests received before the EOF, as the limits allow
-            if not self._tasks:
+                held = self._parse()  # requests received before the EOF, as limits allow
+            if not self._tasks and not held:
                 transport.close()
         elif (
             self._reading_paused
+            and not self._writing_paused
             and len(self._tasks) <= _MAX_INFLIGHT // 2
             and self._inflight_bytes < _MAX_INFLIGHT_BYTES // 2
         ):

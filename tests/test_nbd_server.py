@@ -176,33 +176,55 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_client_not_reading_its_replies_pins_bounded_memory(tmp_path: Path) -> None:
-    """200 pipelined reads of ``max_io`` (4 MiB) whose replies the client does not read:
-    the server holds a bounded amount of them (its RSS grows by well under 300 MiB, where
-    starting them all would pin 800 MiB), serves another client meanwhile, and answers
-    every read correctly once the client reads."""
-    config = write_config(tmp_path, toml_volume("mem", ram("64MiB")))
-    args = ("--nbd", "127.0.0.1:0", "--max-io", "4MiB")
+def _layer_reads(grpc_address: str, volume: str) -> int:
+    """Reads the volume's top layer has served (its Inspect counters)."""
+
+    async def ask() -> int:
+        async with grpc.aio.insecure_channel(grpc_address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            path = "layers/0/counters"
+            reply = await stub.Inspect(pb.InspectRequest(volume=volume, path=path))
+            return int(tree_of(reply)["reads"])
+
+    return asyncio.run(ask())
+
+
+@pytest.mark.parametrize(("max_io", "n", "started"), [(4, 200, None), (96, 8, 1)])
+def test_a_client_not_reading_its_replies_pins_bounded_memory(
+    tmp_path: Path, max_io: int, n: int, started: int | None
+) -> None:
+    """Pipelined reads of ``max_io`` whose replies the client does not read: the server
+    holds a bounded amount of them (its RSS grows by well under 300 MiB, where starting 200
+    reads of 4 MiB would pin 800 MiB), serves another client meanwhile, and answers every
+    read correctly once the client reads. A read of 96 MiB (over the 64 MiB a connection
+    may have in flight) starts alone, and none starts while its reply fills the transport
+    (another one started then and waited, so a connection pinned two: 512 MiB at a
+    ``max_io`` of 256 MiB)."""
+    config = write_config(tmp_path, toml_volume("mem", ram(f"{max_io}MiB")))
+    args = ("--nbd", "127.0.0.1:0", "--max-io", f"{max_io}MiB")
     with ServerProcess.start(tmp_path, config, *args) as server:
-        content = os.urandom(4 * MiB)
+        content = os.urandom(max_io * MiB)
         writer = _Nbd(server.nbd, "mem")
         writer.request(1, 1, 0, len(content), content)
         assert writer.reply()[0] == 0
         before = _rss_kib(server.pid)
         slow = _Nbd(server.nbd, "mem", rcvbuf=4096)
-        n = 200
-        slow.sock.sendall(b"".join(REQUEST.pack(0x25609513, 0, 0, h, 0, 4 * MiB) for h in range(n)))
+        slow.sock.sendall(
+            b"".join(REQUEST.pack(0x25609513, 0, 0, h, 0, max_io * MiB) for h in range(n))
+        )
         peak = before
         for _ in range(30):  # 3 s: the server starts what it will start, then waits
             time.sleep(0.1)
             peak = max(peak, _rss_kib(server.pid))
         grown = (peak - before) // 1024
         assert grown < 300, f"the server's RSS grew by {grown} MiB"
+        if started is not None:
+            assert _layer_reads(server.grpc, "mem") == started
         writer.request(0, 2, 4096, 8192)  # another client is served meanwhile
         assert writer.reply(8192) == (0, 2, content[4096 : 4096 + 8192])
         handles = set()
         for _ in range(n):
-            error, handle, data = slow.reply(4 * MiB)
+            error, handle, data = slow.reply(max_io * MiB)
             assert error == 0 and data == content
             handles.add(handle)
         assert handles == set(range(n))
