@@ -116,12 +116,14 @@ class NbdServer:
         self.registry = registry
         self.max_io = max_io
         self.max_connections = max_connections
-        """Connections taken at once (in option haggling or serving); past it, a new one's
-        first option is answered ``NBD_REP_ERR_POLICY`` naming the limit, then it closes.
-        With TLS a connection is taken only once its TLS handshake succeeded, so clients
-        that have not authenticated cannot hold the places of those that have; until then
-        it is one of at most as many connections again waiting for TLS (past that, closed
-        at once), each with :data:`~.nbd_session.TLS_DEADLINE` seconds to get there."""
+        """Connections taken at once: those that chose an export (``NBD_OPT_GO`` or
+        ``NBD_OPT_EXPORT_NAME``; serving, or haggling on after it) and are still open. Past
+        it, a client's choice is answered ``NBD_REP_ERR_POLICY`` naming the limit, then the
+        connection closes; listing exports or asking about one is never refused. With TLS,
+        clients that have not authenticated cannot hold the places of those that have (none
+        can choose before TLS is on), and a connection is one of at most as many again
+        waiting for TLS (past that, closed at once), each with
+        :data:`~.nbd_session.TLS_DEADLINE` seconds to get there."""
         self.stats = stats
         self.tls = tls
         """The server-side TLS context: when set, every connection must start TLS."""
@@ -129,7 +131,7 @@ class NbdServer:
         self._tls_log = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
-        self._admitted: set[NbdSession] = set()  # those within max_connections
+        self._admitted: set[NbdSession] = set()  # those that chose an export, at most max
         self._awaiting_tls: set[NbdSession] = set()  # TLS required, not on yet
         self._zeros = bytes(1 << 20)
         self._socket_file: SocketFile | None = None
@@ -146,28 +148,29 @@ class NbdServer:
             self._zeros = bytes(max(nbytes, 1 << 20))
         return memoryview(self._zeros)[:nbytes]
 
-    def add_session(self, session: NbdSession, peer: str) -> str | None:
-        """Count a new connection in: "" when it is within :attr:`max_connections` (the
-        connections taken and not closed yet; refused ones do not count), else why it is
-        refused (counted and logged, rate-limited). With TLS it is taken later
-        (:meth:`admit`, once TLS is on); None when as many connections as
-        :attr:`max_connections` are already waiting for TLS: close it now (counted and
-        logged as refused)."""
+    def add_session(self, session: NbdSession, peer: str) -> bool:
+        """Count a new connection in; False when TLS is required and as many connections as
+        :attr:`max_connections` are already waiting for it: close it now (counted and logged
+        as refused). It takes a place among :attr:`max_connections` only when it chooses an
+        export (:meth:`admit`)."""
         if self.tls is not None:
             if len(self._awaiting_tls) >= self.max_connections:
                 self._refuse(peer, "too many NBD connections waiting for TLS")
-                return None
-            self._sessions.add(session)
+                return False
             self._awaiting_tls.add(session)
-            return ""
         self._sessions.add(session)
-        return self.admit(session, peer)
+        return True
+
+    def tls_on(self, session: NbdSession) -> None:
+        """``session``'s TLS handshake succeeded: it no longer waits for TLS."""
+        self._awaiting_tls.discard(session)
 
     def admit(self, session: NbdSession, peer: str) -> str:
-        """Take ``session`` (TLS: now that its handshake succeeded): "" when it is within
-        :attr:`max_connections`, else why it is refused (counted and logged)."""
-        self._awaiting_tls.discard(session)
-        if len(self._admitted) < self.max_connections:
+        """``session`` chooses an export (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``): take it
+        among :attr:`max_connections` (the sessions that chose one and are still open),
+        returning ""; else why it is refused (counted and logged, rate-limited). A client
+        that only lists exports, or asks about one, takes no place and is never refused."""
+        if session in self._admitted or len(self._admitted) < self.max_connections:
             self._admitted.add(session)
             return ""
         why = (

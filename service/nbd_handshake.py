@@ -51,7 +51,7 @@ MAX_OPTION_BEFORE_TLS = 8 << 10
 only ``NBD_OPT_STARTTLS`` (no data) is of use then, and an unauthenticated client must not
 make the server hold a MiB per connection (``NBD_OPT_GO`` with the longest export name the
 spec allows, 4 KiB, fits)."""
-_CHOOSING = (P.OPT_GO, P.OPT_INFO, P.OPT_EXPORT_NAME)  # the options that choose an export
+_CHOOSING = (P.OPT_GO, P.OPT_EXPORT_NAME)  # the options that choose an export
 
 
 class Hangup(Exception):
@@ -65,13 +65,13 @@ class _Negotiation:
         recv: Callable[[int], Awaitable[bytes]],
         send: Callable[[bytes], None],
         peer: str,
-        refusal: str,
-        starttls: Callable[[bytes], Awaitable[str]] | None,
+        admit: Callable[[], str],
+        starttls: Callable[[bytes], Awaitable[None]] | None,
     ) -> None:
         self._server = server
         self._starttls = starttls
         self._tls_on = False
-        self._refusal = refusal
+        self._admit = admit
         self._recv = recv
         self._send = send
         self._peer = peer
@@ -109,10 +109,11 @@ class _Negotiation:
             if self._starttls is not None and not self._tls_on and option != P.OPT_ABORT:
                 await self._before_tls(option, data)  # NBD_OPT_STARTTLS or NBD_REP_ERR_TLS_REQD
                 continue
-            if self._refusal and option in _CHOOSING:
+            refusal = self._admit() if option in _CHOOSING else ""
+            if refusal:
                 if option != P.OPT_EXPORT_NAME:  # which cannot be answered an error
-                    self._error(option, P.REP_ERR_POLICY, self._refusal)
-                raise Hangup(self._refusal)
+                    self._error(option, P.REP_ERR_POLICY, refusal)
+                raise Hangup(refusal)
             export = self._option(option, data)
             if export is not None:
                 return export
@@ -125,7 +126,7 @@ class _Negotiation:
                 self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
                 return
             # Sends the ACK and at once hands the connection to TLS (no await in between).
-            self._refusal = await self._starttls(P.option_reply(option, P.REP_ACK))
+            await self._starttls(P.option_reply(option, P.REP_ACK))
             self._tls_on = True
             log.debug("NBD %s: TLS is on", self._peer)
             return
@@ -280,20 +281,20 @@ async def negotiate(
     recv: Callable[[int], Awaitable[bytes]],
     send: Callable[[bytes], None],
     peer: str,
-    refusal: str = "",
-    starttls: Callable[[bytes], Awaitable[str]] | None = None,
+    admit: Callable[[], str] = lambda: "",
+    starttls: Callable[[bytes], Awaitable[None]] | None = None,
 ) -> Export:
     """Run the handshake over ``recv(n)`` / ``send(data)``; the export the client chose.
-    With a ``refusal`` (the connection is over the server's limit), the option that chooses
-    an export is answered ``NBD_REP_ERR_POLICY`` with it and the session ends. With
+    An option that chooses an export (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``) first asks
+    ``admit()`` for a place among the server's connections: if it answers why not, the
+    option is answered ``NBD_REP_ERR_POLICY`` with that and the session ends. With
     ``starttls`` the server requires TLS (the module's docstring): ``starttls(ack)`` sends
     ``ack`` (the ``NBD_REP_ACK`` of ``NBD_OPT_STARTTLS``), then upgrades the connection, so
-    that ``recv`` and ``send`` go over TLS from then on, and returns the refusal that then
-    applies (a connection is taken among the server's connections only once TLS is on); it
-    raises :class:`Hangup` when the TLS handshake fails. Until TLS is on, option data over
-    :data:`MAX_OPTION_BEFORE_TLS` bytes is a hard disconnect.
+    that ``recv`` and ``send`` go over TLS from then on; it raises :class:`Hangup` when the
+    TLS handshake fails. Until TLS is on, option data over :data:`MAX_OPTION_BEFORE_TLS`
+    bytes is a hard disconnect.
 
     Raises :class:`Hangup` when the session ends instead (abort, protocol violation, an
     ``NBD_OPT_EXPORT_NAME`` that cannot be served).
     """
-    return await _Negotiation(server, recv, send, peer, refusal, starttls).run()
+    return await _Negotiation(server, recv, send, peer, admit, starttls).run()

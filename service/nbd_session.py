@@ -92,7 +92,6 @@ class NbdSession(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
-        self._refusal = ""  # why the server refuses this connection ("" when it does not)
         # receive buffer: the unparsed bytes are self._buf[self._start:self._end]
         self._buf = bytearray(_RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -136,11 +135,9 @@ class NbdSession(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
         self._stats.connections_total += 1
-        refusal = self._server.add_session(self, self._peer)
-        if refusal is None:  # too many waiting for TLS: refused (and counted) at once
-            transport.abort()
+        if not self._server.add_session(self, self._peer):
+            transport.abort()  # too many waiting for TLS: refused (and counted) at once
             return
-        self._refusal = refusal
         if self._server.closing:
             transport.close()
             return
@@ -271,9 +268,7 @@ class NbdSession(asyncio.BufferedProtocol):
         starttls = self._start_tls if self._server.tls is not None else None
         try:
             export = await asyncio.wait_for(
-                negotiate(
-                    self._server, self._recv, self._send, self._peer, self._refusal, starttls
-                ),
+                negotiate(self._server, self._recv, self._send, self._peer, self._admit, starttls),
                 _HANDSHAKE_TIMEOUT,  # the TLS handshake included
             )
         except TimeoutError:
@@ -310,14 +305,18 @@ class NbdSession(asyncio.BufferedProtocol):
         else:
             self._abort()
 
-    async def _start_tls(self, ack: bytes) -> str:
+    def _admit(self) -> str:
+        """A place among the server's connections, now that the client chooses an export:
+        "", or why it is refused."""
+        return self._server.admit(self, self._peer)
+
+    async def _start_tls(self, ack: bytes) -> None:
         """``NBD_OPT_STARTTLS`` is accepted: send ``ack`` (its ``NBD_REP_ACK``) in clear and
         run the server side of the TLS handshake on the connection; from then on
-        :attr:`_transport` is the TLS transport, and the connection is taken among the
-        server's ``max_connections``: returns why it is refused there ("" when it is not).
-        :class:`Hangup` when the handshake fails (logged and counted by the server) or the
-        client sent bytes after its ``NBD_OPT_STARTTLS`` (it must wait for the reply); the
-        connection is aborted then."""
+        :attr:`_transport` is the TLS transport, and it no longer counts among those
+        waiting for TLS. :class:`Hangup` when the handshake fails (logged and counted by
+        the server) or the client sent bytes after its ``NBD_OPT_STARTTLS`` (it must wait
+        for the reply); the connection is aborted then."""
         context = self._server.tls
         raw = self._transport
         assert context is not None and raw is not None
@@ -358,7 +357,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self._writing_paused = False  # the TLS transport says when its buffer is full
         raw.set_write_buffer_limits()  # asyncio's defaults under the TLS transport's limits
         transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
-        return self._server.admit(self, self._peer)
+        self._server.tls_on(self)
 
     def _begin(self, export: C.Export) -> None:
         """Enter the transmission phase (unless the connection was lost meanwhile: a

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from nbd_raw import CMD_READ, OPT_LIST, REP_ACK, REP_SERVER, Raw
 from servers import (
     ServerProcess,
     created_series,
@@ -324,11 +325,12 @@ async def test_misaligned_nbd_writes_never_undo_acknowledged_grpc_writes(
 
 
 async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Path) -> None:
-    """``nbd_max_connections = 2``: with two connections open (still haggling), a third
-    client is told why it is refused (``NBD_REP_ERR_POLICY`` naming the limit, which
-    ``qemu-img`` shows) and counted in ``tierdisk_nbd_connections_refused_total``; once one
-    of the two closes, a client gets in, though a refused connection is still open (refused
-    ones take no place)."""
+    """``nbd_max_connections = 2``: a connection takes a place when it chooses an export.
+    With two sessions open, a client that only lists the exports is served (and not counted
+    as refused); a third client's choice is refused with ``NBD_REP_ERR_POLICY`` naming the
+    limit (which ``qemu-img`` shows) and counted in ``tierdisk_nbd_connections_refused_total``;
+    once one of the two closes, a connection that was already open when the server was full
+    gets in (the verdict is taken when it chooses, not when it connected)."""
     qemu_img = require_tool("qemu-img")
     body = CONFIG.replace("DATA", str(tmp_path / "data")).replace(
         'nbd = "127.0.0.1:0"', 'nbd = "127.0.0.1:0"\nnbd_max_connections = 2'
@@ -346,29 +348,27 @@ async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Pa
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, (out + err).decode()
 
-    async def greeted() -> asyncio.StreamWriter:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        await reader.readexactly(18)  # the greeting: the server took the connection
-        return writer
-
     async with running_server(tmp_path, body) as server:
-        host, port = server.nbd_address.rsplit(":", 1)
-        uri = f"nbd://{host}:{port}/disk"
-        held = [await greeted(), await greeted()]
-        refused_but_open = await greeted()  # over the limit: refused once it picks an export
+        uri = f"nbd://{server.nbd_address}/disk"
+        held = [await Raw.open(server.nbd_address) for _ in range(2)]
+        for client in held:
+            await client.go("disk")
+        waiting = await Raw.open(server.nbd_address)  # open while the server is full
+        lister = await Raw.open(server.nbd_address)
+        listed = await lister.option(OPT_LIST)
+        assert listed[-1][0] == REP_ACK and any(reply == REP_SERVER for reply, _ in listed)
+        await lister.close()
         code, text = await info(uri)
         assert code != 0, text
         assert "too many NBD connections: this server takes 2 at once" in text, text
         assert server.metrics_address
         text = await scrape(server.metrics_address)
-        assert value(text, "tierdisk_nbd_connections_refused_total") == 2
-        held.pop().close()
-
-        async def served() -> str | None:  # the server sees the close a moment later
-            code, text = await info(uri)
-            return text if code == 0 else None
-
-        text = await eventually("a client to get in once a connection closed", served)
-        assert '"virtual-size": 4194304' in text, text
-        for writer in [*held, refused_but_open]:
-            writer.close()
+        assert value(text, "tierdisk_nbd_connections_refused_total") == 1
+        await held.pop().close()
+        assert server._nbd is not None
+        stats = server._nbd.stats
+        await eventually("the close to be seen", lambda: stats.volume_sessions["disk"] == 1)
+        await waiting.go("disk")
+        assert await waiting.request(CMD_READ, 0, 512) == bytes(512)
+        for client in (*held, waiting):
+            await client.close()
