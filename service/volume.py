@@ -66,6 +66,7 @@ from .stack_rules import (
     check_write_path,
     check_write_through,
 )
+from .unstoppable import run_to_end
 
 __all__ = [
     "MAX_BYTES",
@@ -626,7 +627,8 @@ class Volume:
                 )
                 raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
         async with self._resizing:  # one resize at a time: the layers change one by one
-            await self._resize_path(path, sector_count)
+            # A cancel (the caller's deadline) must not stop it between two layers.
+            await run_to_end(self._resize_path(path, sector_count))
         return self.sector_count
 
     async def _resize_path(self, path: list[Layer], sector_count: int) -> None:

@@ -130,6 +130,9 @@ def write_config(tmp_path: Path, body: str, name: str = "tierdisk.toml") -> Path
         f'data_dir = "{tmp_path / "data"}"\n'
     )
     if body.lstrip().startswith("[server]"):
+        server_table = body.split("[[volumes]]")[0]
+        # else the default, 127.0.0.1:7400: taken by anything serving here (make serve)
+        assert "listen" in server_table, "a test's own [server] must set listen (port 0)"
         header = ""
     path.write_text(header + body)
     return path

@@ -192,7 +192,8 @@ async def test_a_max_io_over_64_mib_fits_the_channel(tmp_path: Path) -> None:
     """A server may take up to 256 MiB per request: a client whose max_io is 96 MiB sends
     and receives 96 MiB messages (the channel's cap follows max_io), not RESOURCE_EXHAUSTED
     from gRPC's default cap of 64 MiB read as "out of space"."""
-    body = f'[server]\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\nmax_io = "128MiB"\n'
+    body = f'[server]\nlisten = "127.0.0.1:0"\nmetrics = ""\ndata_dir = "{tmp_path / "data"}"\n'
+    body += 'max_io = "128MiB"\n'
     body += toml_volume("big", ram("128MiB"))
     data = os.urandom(96 * MiB)
     async with (

@@ -21,6 +21,7 @@ where it has one below 4 EiB (ext4: 16 TiB), skipping otherwise. The ``ram`` cas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator
@@ -35,7 +36,8 @@ from tools import file_size_limit
 
 from tierdisk.service.errors import FailedPrecondition, InvalidArgument, NoSpace
 from tierdisk.service.layers.sparse import SparseLayer
-from tierdisk.service.volume import MAX_BYTES, Volume
+from tierdisk.service.layers.sqlite import SqliteLayer
+from tierdisk.service.volume import MAX_BYTES, LayerEntry, Volume
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
@@ -239,3 +241,33 @@ async def test_grpc_codes_and_no_resize_event(tmp_path: Path) -> None:
                 event = await asyncio.wait_for(call.read(), 5)
                 assert (event.sector_count, event.generation) == (size - 8, first.generation + 1)
                 call.cancel()
+
+
+@pytest.mark.parametrize("kind", ["sparse", "sqlite"])
+async def test_a_cancelled_shrink_still_ends_as_one(tmp_path: Path, kind: str) -> None:
+    """A Resize whose caller gives up (gRPC cancels the call) once the shrink is under way:
+    the shrink runs to its end, so the size the volume reports is the one its files hold
+    (the layer had gone back to its old size in memory while its thread made the shrink
+    durable: a write past the new end was acknowledged and flushed, then gone at the next
+    start, or the layer did not open again)."""
+
+    def top(size: int | None = None) -> SparseLayer | SqliteLayer:
+        if kind == "sparse":
+            return SparseLayer(str(tmp_path / "top.sparse"), size=size)
+        return SqliteLayer(str(tmp_path / "top.db"), size=size)
+
+    volume = await Volume.open("v", [LayerEntry(top(64 * 512))])
+    try:
+        shrinking = asyncio.create_task(volume.resize(40))
+        await asyncio.sleep(0)  # under way: on the layer's thread
+        shrinking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await shrinking
+        assert volume.sector_count == 40
+    finally:
+        await volume.close()
+    volume = await Volume.open("v", [LayerEntry(top())])
+    try:
+        assert volume.sector_count == 40
+    finally:
+        await volume.close()

@@ -54,6 +54,7 @@ from ..layer import (
 )
 from ..runs import Run
 from ..sector_lock import EVERY_SECTOR, SectorLock
+from ..unstoppable import run_to_end
 
 __all__ = ["RawLayer"]
 
@@ -189,7 +190,8 @@ class RawLayer(Layer):
         try:
             if self._fd < 0:
                 raise layer_closed(f"raw image {self.path}")
-            await asyncio.get_running_loop().run_in_executor(None, fn)
+            # Cancelled meanwhile, the hold lasts until the thread is done with the file.
+            await run_to_end(asyncio.get_running_loop().run_in_executor(None, fn))
         except OSError as exc:
             raise as_storage_error(exc, f"{what} {self.path}") from None
         finally:
@@ -232,6 +234,11 @@ class RawLayer(Layer):
             raise as_storage_error(exc, f"flushing {self.path}") from None
 
     async def resize(self, sector_count: int) -> None:
+        """Resize the image file; runs to its end if the caller is cancelled meanwhile (the
+        file and the size this layer reports must agree)."""
+        await run_to_end(self._resize(sector_count))
+
+    async def _resize(self, sector_count: int) -> None:
         self._refuse_if_read_only()
         if sector_count <= 0:
             raise InvalidArgument(

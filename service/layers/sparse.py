@@ -104,6 +104,7 @@ from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new
 from ..presence import RunSet
 from ..runs import Run, complement, total
 from ..sector_lock import SectorLock
+from ..unstoppable import run_to_end
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
 
@@ -354,7 +355,8 @@ class SparseLayer(Layer):
         if writer is None:
             raise layer_closed(f"sparse layer {self.path}")
         try:
-            return await asyncio.get_running_loop().run_in_executor(writer, fn, *args)
+            # Cancelled meanwhile, the caller's holds last until the thread is done.
+            return await run_to_end(asyncio.get_running_loop().run_in_executor(writer, fn, *args))
         except OSError as exc:
             raise as_storage_error(exc, f"{what} sparse layer {self.path}") from None
 
@@ -366,6 +368,14 @@ class SparseLayer(Layer):
         token = lock.try_shared(sector, sector + count)
         if token is None:  # a write of some of these sectors is under way: after it
             token = await lock.acquire_shared(sector, sector + count)
+            try:
+                # A shrink meanwhile dropped sectors past its end: reading them now as
+                # absent would let the layers below show through (their overlaps are
+                # lowered only once the shrink is committed). The read comes after it.
+                self._check_range(sector, count)
+            except BaseException:
+                lock.release(token)
+                raise
         try:
             if self._fd < 0:
                 raise layer_closed(f"sparse layer {self.path}")
@@ -530,8 +540,8 @@ class SparseLayer(Layer):
 
     async def _commit_locked(self, compact: bool = False) -> None:
         try:
-            seen = await asyncio.get_running_loop().run_in_executor(
-                None, self._commit_sync, compact
+            seen = await run_to_end(  # cancelled, the lock is held until the thread is done
+                asyncio.get_running_loop().run_in_executor(None, self._commit_sync, compact)
             )
         except OSError as exc:
             raise as_storage_error(exc, f"flushing sparse layer {self.path}") from None
@@ -630,6 +640,12 @@ class SparseLayer(Layer):
     # -- resize ---------------------------------------------------------------------------------
 
     async def resize(self, sector_count: int) -> None:
+        """Resize the layer; runs to its end if the caller is cancelled meanwhile (a shrink
+        done on the writer thread and then undone in memory only left a map of the smaller
+        size under a layer of the larger one)."""
+        await run_to_end(self._resize(sector_count))
+
+    async def _resize(self, sector_count: int) -> None:
         if sector_count <= 0:
             raise InvalidArgument(
                 f"sparse layer {self.path}: size must be at least one sector, not {sector_count}"

@@ -72,6 +72,7 @@ from ..errors import (
 from ..fileio import lock_or_refuse, make_parent_folder
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..runs import Run
+from ..unstoppable import run_to_end
 
 __all__ = ["SqliteLayer"]
 
@@ -487,6 +488,11 @@ class SqliteLayer(Layer):
         return self._smallest
 
     async def resize(self, sector_count: int) -> None:
+        """Resize the layer; runs to its end if the caller is cancelled meanwhile (the rows
+        deleted by a shrink and the size this layer reports must agree)."""
+        await run_to_end(self._resize(sector_count))
+
+    async def _resize(self, sector_count: int) -> None:
         if sector_count <= 0:
             raise InvalidArgument(
                 f"sqlite layer {self.path}: size must be at least one sector, not {sector_count}"
