@@ -1,11 +1,12 @@
-"""``tierdisk serve``: parse flags, load the config, run the server until SIGTERM/SIGINT.
+"""``tierdisk serve``: parse flags, load the config, run the server until SIGTERM/SIGINT/SIGHUP.
 
 Exit status: 0 after a clean stop; 2 for a config error (one line naming the volume, the
 layer index and the problem, ``config error: …``), and for a volume whose layer's files are
 corrupt, lost, or cannot be opened, read or created (``cannot start: …``, so the operator
 looks at the files, not at the config); 1 when the server itself cannot start (e.g. an
 address in use).
-SIGTERM and SIGINT stop the server from the moment it starts: one that arrives while it is
+SIGTERM, SIGINT and SIGHUP (a closed terminal or ssh session; unless ignored, as under
+``nohup``) stop the server gracefully from the moment it starts: one that arrives while it is
 still starting (a remote tier can take seconds to answer) ends the start instead, closing what
 was opened (``stopped while starting``), and the exit status is 0 as for any stop.
 ``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "nbd_tls": …, "pid": …}``
@@ -100,16 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``tierdisk serve`` with ``argv`` (without the ``serve`` word); return the status."""
     reopen_closed_stdio()  # first: before anything (uvloop, gRPC) opens a descriptor
     args = _parser().parse_args(argv)
-    # Until the event loop handles them (_serve), SIGTERM stops the start as SIGINT does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stops = _stop_signals()
+    # Until the event loop handles them (_serve), they stop the start as SIGINT does.
+    for sig in stops:
+        signal.signal(sig, signal.default_int_handler)
     try:
-        return _main(args)
+        return _main(args, stops)
     except KeyboardInterrupt:
         log.info("stopped while starting")
         return 0
 
 
-def _main(args: argparse.Namespace) -> int:
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the server: SIGTERM, SIGINT, and SIGHUP unless the process
+    ignores it (``nohup``). SIGHUP's default action would end the process at once, without
+    the final flush: writes acknowledged since the last Flush would be lost."""
+    stops = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
+    return tuple(stops)
+
+
+def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
     tune_malloc()
     configure_logging(args.log_level, args.log_format)
     flags = {
@@ -129,14 +142,16 @@ def _main(args: argparse.Namespace) -> int:
         print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
         return 2
     install_uvloop()
-    return asyncio.run(_serve(config, args.ready_file, args.grace))
+    return asyncio.run(_serve(config, args.ready_file, args.grace, stops))
 
 
-async def _serve(config: Config, ready_file: str | None, grace: float) -> int:
+async def _serve(
+    config: Config, ready_file: str | None, grace: float, stops: tuple[signal.Signals, ...]
+) -> int:
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stops:
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(server.start(), name="start")
     stopping = asyncio.create_task(stop.wait(), name="stop signal")

@@ -78,7 +78,8 @@ class NbdMetrics:
         connections.add_metric([], stats.connections_total)
         refused = CounterMetricFamily(
             "tierdisk_nbd_connections_refused",
-            "NBD connections refused: over the server's nbd_max_connections.",
+            "NBD connections refused: a choice of export over nbd_max_connections, or a "
+            "connection over as many waiting for TLS.",
         )
         refused.add_metric([], stats.connections_refused)
         tls_failures = CounterMetricFamily(

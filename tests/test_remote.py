@@ -481,6 +481,25 @@ async def test_an_attach_cancelled_anywhere_leaves_nothing_running(origin: Serve
         assert layer._client is None, f"cancelled after {turns} turns: the channel is open"
     else:
         raise AssertionError("the attach never finished")
+    for _ in range(50):  # and once at least right after GetVolume answered (the loop above
+        if cancelled_after_connect:  # may have stepped over that turn)
+            break
+        layer = RemoteLayer(origin.grpc_address, "base")
+        attach = asyncio.create_task(layer.attach(None))
+        for _ in range(10_000):  # loop turns, until GetVolume answered or the attach ended
+            if attach.done() or layer.sector_count:
+                break
+            await asyncio.sleep(0)
+        if attach.done():
+            await attach
+            await layer.close()
+            continue
+        attach.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attach
+        cancelled_after_connect += 1
+        assert not watches(), "cancelled right after GetVolume"
+        assert layer._client is None, "cancelled right after GetVolume: the channel is open"
     assert cancelled_after_connect > 0  # some cancellations came after GetVolume
 
 

@@ -494,6 +494,33 @@ def test_sigterm_under_load_finishes_calls_and_flushes(tmp_path: Path) -> None:
         assert image[sector * 512 : sector * 512 + 4096] == data
 
 
+def test_sighup_stops_gracefully_and_keeps_what_was_written(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal or ssh session) stops the server as SIGTERM does: exit 0
+    after the final flush. Its default action ended the process at once: a write
+    acknowledged but not yet flushed was gone at the next start."""
+    config = write_config(
+        tmp_path, toml_volume("v", {"kind": "sparse", "path": "v", "size": "1MiB"})
+    )
+
+    async def write(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            await stub.Write(pb.WriteRequest(volume="v", sector=100, data=b"h" * 4096))
+
+    async def read(address: str) -> bytes:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            reply = await stub.Read(pb.ReadRequest(volume="v", sector=100, sector_count=8))
+            return bytes(reply.data)
+
+    with ServerProcess.start(tmp_path, config) as server:
+        asyncio.run(write(server.grpc))
+        os.kill(server.pid, signal.SIGHUP)
+        assert server.proc.wait(30) == 0, server.stderr_text()
+    with ServerProcess.start(tmp_path, config) as server:
+        assert asyncio.run(read(server.grpc)) == b"h" * 4096
+
+
 def test_sigint_exits_zero(tmp_path: Path) -> None:
     config = write_config(
         tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
@@ -522,7 +549,9 @@ def starting_stack(tmp_path: Path, target: str) -> Path:
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_a_signal_while_starting_ends_the_start_with_exit_0(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
