@@ -340,10 +340,10 @@ async def _export_in_order(
     ss = info.sector_size
     zeros = memoryview(bytes(sectors_per_chunk(client.max_io, ss) * ss))
 
-    def fill(nbytes: int) -> None:
+    async def fill(nbytes: int) -> None:
         while nbytes:
             n = min(nbytes, len(zeros))
-            sink.write(zeros[:n])
+            await sink.write(zeros[:n])
             bar.advance(n)
             nbytes -= n
 
@@ -354,13 +354,13 @@ async def _export_in_order(
     windows = run_ordered(_windows(client, info, extents), one, client.max_in_flight)
     try:
         async for window, data in windows:
-            fill((window.sector - done) * ss)
-            sink.write(data)
+            await fill((window.sector - done) * ss)
+            await sink.write(data)
             bar.advance(len(data))
             done = window.sector + window.sector_count
     finally:
         await windows.aclose()
-    fill((info.sector_count - done) * ss)
+    await fill((info.sector_count - done) * ss)
     sink.flush()
 
 

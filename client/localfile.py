@@ -8,12 +8,15 @@ server's layer file (:func:`refuse_a_locked_file`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import os
+import queue
 import stat
 import sys
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -70,30 +73,93 @@ def std_path(path: str | None) -> str | None:
     return None if path == STD_STREAM else path
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _ThreadWriter:
+    """Writes to ``fd`` on a daemon thread of its own, one write at a time, so that the
+    event loop (and the stop signals it handles) runs while the reader is slow or stalled;
+    the process's exit does not wait for the thread (a write a stalled pipe holds is left
+    with it). Create it in the event loop; :meth:`close` ends the thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue[tuple[memoryview, asyncio.Future[None]] | None]
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="stdout-writer", daemon=True).start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            view, done = job
+            error: BaseException | None = None
+            try:
+                _write_all(self._fd, view)
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(_settle, done, error)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        done = self._loop.create_future()
+        self._jobs.put((memoryview(data), done))
+        await done
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # the writer was cancelled meanwhile
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 class Sink:
     """Where ``read`` and ``export`` put bytes in order: stdout (``path`` ``None``) or the
     file open as ``fd``. A failed write raises a one-line :class:`CliError` naming it (a
-    broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`tierdisk.client.cli.main`)."""
+    broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`tierdisk.client.cli.main`).
+
+    Stdout that is not a regular file or a block device (a pipe, a terminal, a socket) is
+    written on a thread of its own (:class:`_ThreadWriter`): a reader that stalls (``export
+    VOL - | ssh …``) must not block the event loop, or Ctrl-C, SIGTERM and SIGHUP would not
+    stop the verb until the pipe moved again. Create it in the event loop."""
 
     def __init__(self, fd: int | None = None, path: str | None = None) -> None:
         self.fd = fd
         self.path = path
+        self._thread: _ThreadWriter | None = None
+        out = fileno(sys.stdout.buffer) if fd is None else None
+        if out is not None and not is_sized(out):
+            sys.stdout.buffer.flush()  # what was printed before comes first
+            self._thread = _ThreadWriter(out)
 
     def _failed(self, err: OSError) -> OSError | CliError:
         return stdout_error(err) if self.fd is None else file_error(self.path, err)
 
-    def write(self, data: bytes | memoryview) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         try:
-            if self.fd is None:
+            if self._thread is not None:
+                await self._thread.write(data)
+            elif self.fd is None:
                 sys.stdout.buffer.write(data)
-                return
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(self.fd, view) :]
+            else:
+                _write_all(self.fd, data)
         except OSError as err:
             raise self._failed(err) from None
 
     def flush(self) -> None:
+        """Write out what is buffered (stdout), and end the writer thread, if any: call it
+        after the last write."""
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
         if self.fd is None:
             try:
                 sys.stdout.buffer.flush()

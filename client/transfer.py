@@ -68,7 +68,7 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     async def copy(sink: Sink, bar: Progress) -> None:
         with bar:
             async for _sector, data in vol.stream_read(args.sector, args.count):
-                sink.write(data)
+                await sink.write(data)
                 bar.advance(len(data))
         sink.flush()
 

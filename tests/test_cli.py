@@ -28,6 +28,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -575,6 +576,50 @@ def test_export_interrupted_leaves_the_image_as_it_was(
     assert err.decode().splitlines() == [f"tierdisk: {words}"]
     assert out.read_bytes() == old
     assert os.listdir(tmp_path) == ["out.img"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+@pytest.mark.parametrize("verb", ["read", "export"])
+def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
+    server: ServerProcess,
+    exp_data: bytes,
+    verb: str,
+    sig: signal.Signals,
+    status: int,
+    words: str,
+) -> None:
+    """``export VOL - | ssh …`` with the reader stalled: a stop signal ends the verb at
+    once, with its one line and status (stdout was written on the event loop's thread, so
+    the signal waited until the pipe moved again, or closed)."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    args = (
+        ["read", "exp", "0", str(len(exp_data) // 512)]
+        if verb == "read"
+        else ["export", "exp", "-"]
+    )
+    read_end, write_end = os.pipe()  # a pipe nobody reads: it takes 64 KiB, then stalls
+    try:
+        proc = subprocess.Popen(
+            [*TIERDISK_SIGNALLED, *args], stdout=write_end, stderr=subprocess.PIPE, env=env
+        )
+        os.close(write_end)
+        write_end = -1
+        try:
+            time.sleep(1.0)  # it has filled the pipe and waits for it (never a false pass)
+            assert proc.poll() is None
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=10)  # not when the pipe moves: never here
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert proc.returncode == status, err.decode()
+    assert err.decode().splitlines()[0].startswith(f"tierdisk: {words}"), err.decode()
 
 
 def test_export_never_creates_or_replaces_a_name_in_dev(
