@@ -440,6 +440,8 @@ class Volume:
                 await self._layers[index].write(part, sector, fua)
         except NoSpace as exc:
             raise self._out_of_space(exc, index > 0, "write") from None
+        except OutOfRange as exc:
+            raise self._shrunk_below(exc, index, sector, end, "write") from None
         if short:
             raise self._past_the_end(short, sector, end)
 
@@ -454,6 +456,24 @@ class Volume:
             f"the end of write-path layer {index} ({layer.kind}, {size} sectors): the layers "
             "above took them (reads return them) but they are not durable; give that layer "
             "the top's size, or resize the volume (which resizes every write-path layer)"
+        )
+
+    def _shrunk_below(
+        self, exc: OutOfRange, index: int, sector: int, end: int, what: str
+    ) -> TierdiskError:
+        """The error for a write or unmap of ``[sector, end)`` that write-path layer
+        ``index`` refused as past its end though this volume's size has it: a layer that
+        shrank by itself (a ``remote`` whose origin was shrunk, before its watch said so).
+        The top's own refusal is ``exc`` itself (nothing changed); below the top the layers
+        above took it, so it is not "out of range" (that says nothing changed) but
+        ``INTERNAL``, as :meth:`_past_the_end` says for a layer known to be smaller."""
+        if index == 0:
+            return exc
+        layer = self._layers[index]
+        return StorageError(
+            f"volume {self.name!r}: the {what} of sectors [{sector}, {end}) reached past the "
+            f"end of write-path layer {index} ({layer.kind}), now smaller than the volume "
+            f"({exc}): the layers above took it (reads return it) but it is not durable"
         )
 
     def _out_of_space(self, exc: NoSpace, changed: bool, what: str) -> TierdiskError:
@@ -517,6 +537,7 @@ class Volume:
         unsynced: list[Layer] = []  # write_no_overwrite takes no fua: flush those layers
         changed = False
         short = 0  # as in _write_sectors
+        index = 0
         try:
             for a, b in holes:
                 for index in range(self._write_path):
@@ -538,6 +559,8 @@ class Volume:
                 await layer.flush()
         except NoSpace as exc:
             raise self._out_of_space(exc, changed, "write") from None
+        except OutOfRange as exc:
+            raise self._shrunk_below(exc, index, sector, end, "write") from None
         if short:
             raise self._past_the_end(short, sector, end)
 
@@ -558,6 +581,7 @@ class Volume:
     async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
         changed = False
+        index = 0
         try:
             for index in range(self._write_path):
                 hi = self._write_limit(index, end)
@@ -576,6 +600,8 @@ class Volume:
                     changed = True
         except NoSpace as exc:
             raise self._out_of_space(exc, changed, "unmap") from None
+        except OutOfRange as exc:
+            raise self._shrunk_below(exc, index, sector, end, "unmap") from None
 
     async def flush(self) -> None:
         """Make every acknowledged write durable on the write path, and flush every

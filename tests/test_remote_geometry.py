@@ -36,6 +36,7 @@ from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
 from tierdisk.service.grpc_api import BlockDeviceService
 from tierdisk.service.layers.remote_geometry import GeometryFollower
+from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.volume import LayerEntry, Volume
 
 pytestmark = pytest.mark.timeout(60)
@@ -208,6 +209,49 @@ async def test_an_origin_replaced_by_another_disk_is_refused_once_the_watch_is_b
 
         await eventually("health to turn NOT_SERVING", not_serving)
         assert await volume_ready(cache.metrics_address, "v") == 0
+
+
+async def test_a_shrink_and_grow_while_the_watch_is_down_still_hides_the_layers_below(
+    tmp_path: Path,
+) -> None:
+    """The origin shrinks and grows back while the cache tier's resize watch is down (the
+    origin restarted): when the watch is back, the origin's size looks unchanged, but its
+    smallest size is lower. The layer below the remote top must stay hidden past that
+    (DESIGN.md §3: shrinking then growing exposes zeros, never stale lower data): the tier
+    reads zeros there, as the origin does, not the lower layer's old bytes."""
+    listen = f"127.0.0.1:{free_port()}"
+    origin_data = tmp_path / "origin"
+
+    def origin_body() -> str:
+        return head(listen, origin_data) + toml_volume(
+            "base", {"kind": "sparse", "path": "base", "size": f"{SECTORS * SS}"}
+        )
+
+    cache_data = tmp_path / "cache" / "data"
+    cache_data.mkdir(parents=True)
+    (cache_data / "lower.img").write_bytes(b"\xbb" * SECTORS * SS)
+    lower = {"kind": "raw", "path": "lower.img", "read_only": True}
+    body = toml_volume("v", remote(listen, "base", mode="layer"), lower)
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running_server(origin_data, origin_body()))
+        cache = await stack.enter_async_context(running_server(tmp_path / "cache", body))
+        client = await stack.enter_async_context(AsyncClient(cache.grpc_address))
+        vol = client.volume("v")
+        assert await vol.read(SECTORS - 8, 8) == b"\xbb" * 8 * SS  # the lower layer shows
+        await first.stop(grace=1)
+        offline = SparseLayer(str(origin_data / "data" / "base"))  # shrunk and grown back
+        await offline.attach(None)
+        await offline.resize(SECTORS // 2)
+        await offline.resize(SECTORS)
+        await offline.close()
+        await stack.enter_async_context(running_server(origin_data, origin_body()))
+
+        async def hidden() -> bool:
+            return await vol.read(SECTORS - 8, 8) == bytes(8 * SS)
+
+        await eventually("the lower layer to be hidden past the origin's smallest size", hidden)
+        assert (await vol.info()).sector_count == SECTORS
+        assert await vol.read(0, 8) == b"\xbb" * 8 * SS  # below it, it still shows
 
 
 # -- the remote volume shrank and the watch has not said so yet --------------------------------
@@ -444,6 +488,7 @@ async def test_a_fault_applying_a_size_is_logged_and_the_watch_goes_on(
             timeout=2,
             remote=lambda: vol,
             apply=apply,
+            smallest=lambda: min(applied, default=SECTORS),
             resumed=lambda: None,
             refused=_never_refused,
             log=logging.getLogger("tierdisk.service.layers.remote"),

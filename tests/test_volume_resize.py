@@ -34,7 +34,14 @@ from servers import ram, running_server, toml_volume
 from stacks import build_stack, pattern
 from tools import file_size_limit
 
-from tierdisk.service.errors import FailedPrecondition, InvalidArgument, NoSpace
+from tierdisk.service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NoSpace,
+    OutOfRange,
+    StorageError,
+)
+from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
 from tierdisk.service.volume import MAX_BYTES, LayerEntry, Volume
@@ -269,5 +276,49 @@ async def test_a_cancelled_shrink_still_ends_as_one(tmp_path: Path, kind: str) -
     volume = await Volume.open("v", [LayerEntry(top())])
     try:
         assert volume.sector_count == 40
+    finally:
+        await volume.close()
+
+
+class _ShrunkBehindTheVolumesBack(RamLayer):
+    """A write-path layer that shrank by itself, the volume not told yet (a ``remote``
+    whose origin was shrunk before its resize watch said so): it refuses what lies past
+    ``end`` as past its end, as the origin does."""
+
+    def __init__(self, size: int, end: int) -> None:
+        super().__init__(size)
+        self.end = end
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        if sector + len(data) // self.sector_size > self.end:
+            raise OutOfRange(f"sectors reach past its end ({self.end} sectors)")
+        await super().write(data, sector, fua)
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        if sector + count > self.end:
+            raise OutOfRange(f"sectors reach past its end ({self.end} sectors)")
+        await super().unmap(sector, count, block_level_only, next_is_zero)
+
+
+@pytest.mark.parametrize("op", ["write", "unmap"])
+async def test_a_write_path_layer_that_shrank_unseen_is_not_out_of_range(op: str) -> None:
+    """A write-through write (or unmap) inside the volume that a lower write-path layer
+    refuses as past its end: the top took it and reads return it, so the answer is not
+    OUT_OF_RANGE (which says nothing changed) but INTERNAL saying it is not durable."""
+    lower = _ShrunkBehindTheVolumesBack(64 * 512, end=32)
+    volume = await Volume.open("v", [LayerEntry(RamLayer(), write_through=True), LayerEntry(lower)])
+    try:
+        assert volume.sector_count == 64
+        with pytest.raises(StorageError, match="not durable") as caught:
+            if op == "write":
+                await volume.write(40, b"w" * 512)
+            else:
+                await volume.unmap(40, 1)
+        assert not isinstance(caught.value, OutOfRange)
+        if op == "write":
+            data, _ = await volume.read(40, 1)
+            assert data == b"w" * 512  # the top took it
     finally:
         await volume.close()

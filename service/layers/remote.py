@@ -261,6 +261,7 @@ class RemoteLayer(Layer):
             timeout=self.timeout,
             remote=self._volume,
             apply=self._set_size,
+            smallest=lambda: self.smallest_size,
             resumed=self._remote_back,
             refused=self._remote_changed,
             log=log,

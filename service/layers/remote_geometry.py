@@ -10,7 +10,11 @@ the geometry changed), so this module does not know the layer.
 The size: after attach, a background task follows the remote's ``WatchResize``
 (reconnecting with backoff when the stream breaks) and keeps the layer's size current; when
 the layer is the top of a volume, the engine passes the change on to the volume's own
-watchers. Attach waits (up to the attach timeout) for that stream to start, and the layer's
+watchers. A stream that starts anew (the remote restarted, or the stream broke) first reads
+the remote's smallest size (the same ``Inspect`` as the geometry check): if the remote was
+shrunk (and grown back) while no stream ran, that smaller size is applied before the current
+one, so the volume lowers its overlaps as if the watch had seen the shrink (DESIGN.md §3).
+Attach waits (up to the attach timeout) for that stream to start, and the layer's
 ``resize`` (``Resize`` forwarded to the remote) takes the new size from the stream when it
 runs (:meth:`GeometryFollower.wait_for_size`), so sizes are applied in the remote's order and
 a late reply never puts back an older size.
@@ -84,6 +88,7 @@ class GeometryFollower:
         timeout: float,
         remote: Callable[[], AsyncVolume],
         apply: Callable[[int], None],
+        smallest: Callable[[], int],
         resumed: Callable[[], None],
         refused: Callable[[str], Awaitable[None]],
         log: logging.Logger,
@@ -92,6 +97,7 @@ class GeometryFollower:
         self._timeout = timeout
         self._remote = remote
         self._apply = apply
+        self._smallest = smallest
         self._resumed = resumed
         self._refused = refused
         self._errors = Translate(where)
@@ -222,9 +228,14 @@ class GeometryFollower:
             try:
                 async for event in vol.watch_resize():
                     if not self.watching:  # a new stream: which volume answers it now?
-                        await self._check_geometry()
+                        state = await self._remote_state()
+                        await self._check_geometry(state)
                         self.watching = self.checked = True
                         self._generation = event.generation
+                        if state.smallest < self._smallest():
+                            # Shrunk (and grown) while no stream ran: the layers below
+                            # must hide what lay past that, as if the watch had seen it.
+                            self._set(state.smallest)
                         self._set(event.sector_count)
                         self._stream_started = self._applied
                         backoff.reset()  # (not before: a fault applying it backs off)
@@ -293,11 +304,12 @@ class GeometryFollower:
         Client errors pass through."""
         vol = self._remote()
         tree = await vol.inspect()
-        sector_size, sector_count, generation, disk_id = (
+        sector_size, sector_count, generation, disk_id, smallest = (
             tree.get("sector_size"),
             tree.get("sector_count"),
             tree.get("generation"),
             tree.get("disk_id", ""),
+            tree.get("smallest_sector_count"),
         )
         if (
             isinstance(sector_size, int)
@@ -305,7 +317,9 @@ class GeometryFollower:
             and isinstance(generation, int)
             and isinstance(disk_id, str)
         ):
-            return _RemoteState(sector_size, disk_id, sector_count, generation)
+            if not isinstance(smallest, int):  # a server that does not say: its size
+                smallest = sector_count
+            return _RemoteState(sector_size, disk_id, sector_count, generation, smallest)
         raise client_errors.StorageError(
             "its Inspect tree lacks sector_size, sector_count, generation or disk_id",
             volume=vol.name,
@@ -346,6 +360,7 @@ class _RemoteState(NamedTuple):
     disk_id: str  # hex; "" when the volume has none
     sector_count: int
     generation: int
+    smallest: int  # the smallest size it has had (its smallest_sector_count)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
