@@ -55,6 +55,7 @@ from .cli_errors import CliError, describe_file, file_error
 from .copy_report import CopyProgress, progress_bar
 from .errors import Interrupted, OutOfRange
 from .localfile import (
+    ThreadReader,
     data_runs,
     file_size,
     fileno,
@@ -257,6 +258,15 @@ async def _stream_in(
     ended = False
     written = CopyProgress(sector, ss)
     refusal: tuple[str, bool] | None = None  # its message but the note; past the end?
+    source = fileno(src)
+    # A descriptor is read on a thread of its own: a stop signal must not wait for a read
+    # a stalled writer holds (the default executor, and so the exit, would).
+    threaded = ThreadReader(source) if source is not None else None
+
+    async def read_chunk() -> bytes:
+        if threaded is not None:
+            return await threaded.read(chunk_bytes)
+        return await asyncio.to_thread(read_up_to, src, chunk_bytes)
 
     async def worker(_: int) -> None:
         nonlocal taken, ended, refusal
@@ -265,7 +275,7 @@ async def _stream_in(
                 if ended or written.failure is not None:
                     return
                 try:
-                    data = await asyncio.to_thread(read_up_to, src, chunk_bytes)
+                    data = await read_chunk()
                 except OSError as err:
                     ended = True
                     written.failed(file_error(path, err))
@@ -310,6 +320,9 @@ async def _stream_in(
             raise written.interrupted() from None
         except Interrupted as exc:  # a request cancelled underneath: a failure, noted
             written.failed(exc)
+        finally:
+            if threaded is not None:
+                threaded.close()
     written.raise_failure(args, path)
     if refusal is not None:  # every chunk before it is written: the note says how many bytes
         text, past_end = refusal

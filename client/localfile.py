@@ -18,13 +18,14 @@ import stat
 import sys
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from .cli_errors import CliError, describe_file, file_error, stdout_error
 
 __all__ = [
     "STD_STREAM",
     "Sink",
+    "ThreadReader",
     "closing",
     "data_runs",
     "file_size",
@@ -38,6 +39,8 @@ __all__ = [
     "refuse_a_locked_file",
     "std_path",
 ]
+
+_T = TypeVar("_T")
 
 STD_STREAM = "-"
 """As IMAGE (``import``/``export``), ``-i`` or ``-o``: stdin or stdout (``./-`` names a file)."""
@@ -101,7 +104,7 @@ class _ThreadWriter:
             except BaseException as exc:
                 error = exc
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                self._loop.call_soon_threadsafe(_settle, done, error)
+                self._loop.call_soon_threadsafe(_settle, done, None, error)
 
     async def write(self, data: bytes | memoryview) -> None:
         done = self._loop.create_future()
@@ -112,13 +115,67 @@ class _ThreadWriter:
         self._jobs.put(None)
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():  # the writer was cancelled meanwhile
+def _settle(done: asyncio.Future[_T], result: _T, error: BaseException | None) -> None:
+    """Complete ``done`` (in the event loop) with ``result``, or ``error``; a future its
+    waiter gave up (cancelled) is left as it is."""
+    if done.done():
         return
     if error is None:
-        done.set_result(None)
+        done.set_result(result)
     else:
         done.set_exception(error)
+
+
+class ThreadReader:
+    """Reads ``fd`` (a pipe, a FIFO, a terminal) on a daemon thread of its own, a chunk at a
+    time (:meth:`read`), so that a writer that stalls does not hold up a stop: a verb
+    cancelled meanwhile stops waiting, and neither the event loop's executor nor the
+    process's exit waits for the read still blocked. The thread reads a duplicate of
+    ``fd`` and closes it itself, so the caller may close ``fd`` at any time. Create it in
+    the event loop; :meth:`close` ends the thread (once a read under way returns)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = os.dup(fd)
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue[tuple[int, asyncio.Future[bytes]] | None]
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="input-reader", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                size, done = job
+                data, error = b"", None
+                try:
+                    data = _read_up_to_fd(self._fd, size)
+                except BaseException as exc:
+                    error = exc
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self._loop.call_soon_threadsafe(_settle, done, data, error)
+        finally:
+            os.close(self._fd)
+
+    async def read(self, size: int) -> bytes:
+        """``size`` bytes, fewer only at the end (as :func:`read_up_to`)."""
+        done: asyncio.Future[bytes] = self._loop.create_future()
+        self._jobs.put((size, done))
+        return await done
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _read_up_to_fd(fd: int, size: int) -> bytes:
+    """:func:`read_up_to` of a file descriptor, one ``os.read`` at a time."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = os.read(fd, size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 class Sink:

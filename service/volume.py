@@ -441,7 +441,7 @@ class Volume:
         except NoSpace as exc:
             raise self._out_of_space(exc, index > 0, "write") from None
         except OutOfRange as exc:
-            raise self._shrunk_below(exc, index, sector, end, "write") from None
+            raise self._shrunk_below(exc, index, index > 0, sector, end, "write") from None
         if short:
             raise self._past_the_end(short, sector, end)
 
@@ -459,15 +459,16 @@ class Volume:
         )
 
     def _shrunk_below(
-        self, exc: OutOfRange, index: int, sector: int, end: int, what: str
+        self, exc: OutOfRange, index: int, changed: bool, sector: int, end: int, what: str
     ) -> TierdiskError:
         """The error for a write or unmap of ``[sector, end)`` that write-path layer
         ``index`` refused as past its end though this volume's size has it: a layer that
         shrank by itself (a ``remote`` whose origin was shrunk, before its watch said so).
-        The top's own refusal is ``exc`` itself (nothing changed); below the top the layers
-        above took it, so it is not "out of range" (that says nothing changed) but
-        ``INTERNAL``, as :meth:`_past_the_end` says for a layer known to be smaller."""
-        if index == 0:
+        When nothing ``changed`` yet it is ``exc`` itself; else (a layer above took it, or
+        an earlier part of it was made) it is not "out of range", which says nothing
+        changed, but ``INTERNAL``, as :meth:`_past_the_end` says for a layer known to be
+        smaller."""
+        if not changed:
             return exc
         layer = self._layers[index]
         return StorageError(
@@ -560,7 +561,7 @@ class Volume:
         except NoSpace as exc:
             raise self._out_of_space(exc, changed, "write") from None
         except OutOfRange as exc:
-            raise self._shrunk_below(exc, index, sector, end, "write") from None
+            raise self._shrunk_below(exc, index, changed, sector, end, "write") from None
         if short:
             raise self._past_the_end(short, sector, end)
 
@@ -601,7 +602,7 @@ class Volume:
         except NoSpace as exc:
             raise self._out_of_space(exc, changed, "unmap") from None
         except OutOfRange as exc:
-            raise self._shrunk_below(exc, index, sector, end, "unmap") from None
+            raise self._shrunk_below(exc, index, changed, sector, end, "unmap") from None
 
     async def flush(self) -> None:
         """Make every acknowledged write durable on the write path, and flush every

@@ -1727,6 +1727,53 @@ async def test_export_of_a_fragmented_volume_reads_runs_together(tmp_path: Path,
     assert 0 < reads <= 2 * len(expected) // (1 << 20) + 4
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+@pytest.mark.parametrize("source", ["stdin", "fifo"])
+def test_a_write_from_a_stalled_pipe_stops_on_a_signal(
+    server: ServerProcess,
+    tmp_path: Path,
+    source: str,
+    sig: signal.Signals,
+    status: int,
+    words: str,
+) -> None:
+    """``write`` from a pipe whose writer sent 1 MiB and then stalls (keeps it open, sends
+    nothing): a stop signal ends it at once, saying the 1 MiB was written (a read blocked on
+    the pipe held the exit, or the closing of the input, until the writer closed it)."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    read_end, write_end = os.pipe() if source == "stdin" else (-1, -1)
+    args = ["write", "intr", "0"] + (["-i", str(fifo)] if source == "fifo" else [])
+    proc = subprocess.Popen(
+        [*TIERDISK_SIGNALLED, *args],
+        stdin=read_end if source == "stdin" else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    if source == "stdin":
+        os.close(read_end)
+    else:
+        write_end = os.open(fifo, os.O_WRONLY)  # waits for the verb to open it
+    try:
+        os.write(write_end, os.urandom(MiB))  # one whole chunk, then nothing more
+        time.sleep(1.5)  # the chunk is written, the next read waits (never a false pass)
+        assert proc.poll() is None
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)  # not when the writer closes: never here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(write_end)
+    assert proc.returncode == status, err.decode()
+    line = err.decode().splitlines()[-1]
+    assert line.startswith(f"tierdisk: {words}"), line
+    assert "the 1048576 bytes before were written from sector 0" in line, line
+
+
 @pytest.mark.parametrize(("sig", "status", "words"), STOPS[:2])
 @pytest.mark.parametrize("source", ["file", "pipe"])
 def test_write_interrupted_says_what_was_written(

@@ -294,6 +294,11 @@ class _ShrunkBehindTheVolumesBack(RamLayer):
             raise OutOfRange(f"sectors reach past its end ({self.end} sectors)")
         await super().write(data, sector, fua)
 
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        if sector + len(data) // self.sector_size > self.end:
+            raise OutOfRange(f"sectors reach past its end ({self.end} sectors)")
+        return await super().write_no_overwrite(data, sector)
+
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
     ) -> None:
@@ -320,5 +325,24 @@ async def test_a_write_path_layer_that_shrank_unseen_is_not_out_of_range(op: str
         if op == "write":
             data, _ = await volume.read(40, 1)
             assert data == b"w" * 512  # the top took it
+    finally:
+        await volume.close()
+
+
+async def test_a_top_that_shrank_unseen_after_part_of_a_write_is_not_out_of_range() -> None:
+    """A write into the holes of a range (``no_overwrite``) whose first hole the top took
+    and whose second it refused as past its end (it shrank; the volume not told yet): part
+    of it was made, so the answer is INTERNAL, not OUT_OF_RANGE (which says nothing
+    changed). All of it refused is OUT_OF_RANGE, as before."""
+    top = _ShrunkBehindTheVolumesBack(64 * 512, end=32)
+    volume = await Volume.open("v", [LayerEntry(top)])
+    try:
+        await volume.write(29, b"p" * 512)
+        with pytest.raises(StorageError, match="not durable") as caught:
+            await volume.write(28, b"n" * 8 * 512, no_overwrite=True)  # holes 28, 30..36
+        assert not isinstance(caught.value, OutOfRange)
+        assert (await volume.read(28, 1))[0] == b"n" * 512  # the first hole was made
+        with pytest.raises(OutOfRange):
+            await volume.write(40, b"n" * 512, no_overwrite=True)
     finally:
         await volume.close()
