@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import queue
 import stat
 import sys
 import threading
-from collections.abc import Iterator
-from typing import BinaryIO, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
 from .cli_errors import CliError, describe_file, file_error, stdout_error
 
@@ -82,37 +83,44 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-class _ThreadWriter:
-    """Writes to ``fd`` on a daemon thread of its own, one write at a time, so that the
-    event loop (and the stop signals it handles) runs while the reader is slow or stalled;
-    the process's exit does not wait for the thread (a write a stalled pipe holds is left
-    with it). Create it in the event loop; :meth:`close` ends the thread."""
+class _DaemonWorker:
+    """Runs calls one at a time, in order, on a daemon thread of its own, so that the event
+    loop (and the stop signals it handles) goes on while one blocks on a pipe whose other
+    end stalls; neither the loop's executor nor the process's exit waits for the thread (a
+    call blocked for good is left with it). Create it in the event loop; :meth:`close` ends
+    the thread once the call under way returns, then runs ``on_exit`` there."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, name: str, on_exit: Callable[[], object] = lambda: None) -> None:
         self._loop = asyncio.get_running_loop()
-        self._jobs: queue.SimpleQueue[tuple[memoryview, asyncio.Future[None]] | None]
-        self._jobs = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="stdout-writer", daemon=True).start()
+        self._on_exit = on_exit
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            view, done = job
-            error: BaseException | None = None
-            try:
-                _write_all(self._fd, view)
-            except BaseException as exc:
-                error = exc
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                self._loop.call_soon_threadsafe(_settle, done, None, error)
+        try:
+            while (job := self._jobs.get()) is not None:
+                call, done = job
+                result, error = None, None
+                try:
+                    result = call()
+                except BaseException as exc:
+                    error = exc
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self._loop.call_soon_threadsafe(_settle, done, result, error)
+        finally:
+            self._on_exit()
 
-    async def write(self, data: bytes | memoryview) -> None:
-        done = self._loop.create_future()
-        self._jobs.put((memoryview(data), done))
-        await done
+    async def run(self, call: Callable[[], _T]) -> _T:
+        """``call()``'s result, once the thread ran it (after the calls before it)."""
+        done: asyncio.Future[_T] = self._loop.create_future()
+        self._jobs.put((call, done))
+        return await done
 
     def close(self) -> None:
         self._jobs.put(None)
+
+
+_Job = tuple[Callable[[], _T], "asyncio.Future[_T]"]
 
 
 def _settle(done: asyncio.Future[_T], result: _T, error: BaseException | None) -> None:
@@ -127,55 +135,22 @@ def _settle(done: asyncio.Future[_T], result: _T, error: BaseException | None) -
 
 
 class ThreadReader:
-    """Reads ``fd`` (a pipe, a FIFO, a terminal) on a daemon thread of its own, a chunk at a
-    time (:meth:`read`), so that a writer that stalls does not hold up a stop: a verb
-    cancelled meanwhile stops waiting, and neither the event loop's executor nor the
-    process's exit waits for the read still blocked. The thread reads a duplicate of
-    ``fd`` and closes it itself, so the caller may close ``fd`` at any time. Create it in
-    the event loop; :meth:`close` ends the thread (once a read under way returns)."""
+    """Reads ``fd`` (a pipe, a FIFO, a terminal) a chunk at a time (:meth:`read`) on a
+    :class:`_DaemonWorker`, so that a writer that stalls does not hold up a stop: a verb
+    cancelled meanwhile stops waiting, and nothing waits for the read still blocked. It
+    reads a duplicate of ``fd``, closed on its thread, so the caller may close ``fd`` at
+    any time. Create it in the event loop; :meth:`close` when done."""
 
     def __init__(self, fd: int) -> None:
-        self._fd = os.dup(fd)
-        self._loop = asyncio.get_running_loop()
-        self._jobs: queue.SimpleQueue[tuple[int, asyncio.Future[bytes]] | None]
-        self._jobs = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="input-reader", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            while (job := self._jobs.get()) is not None:
-                size, done = job
-                data, error = b"", None
-                try:
-                    data = _read_up_to_fd(self._fd, size)
-                except BaseException as exc:
-                    error = exc
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    self._loop.call_soon_threadsafe(_settle, done, data, error)
-        finally:
-            os.close(self._fd)
+        self._raw = io.FileIO(os.dup(fd), "rb")  # unbuffered: no lock a blocked read holds
+        self._worker = _DaemonWorker("input-reader", on_exit=self._raw.close)
 
     async def read(self, size: int) -> bytes:
-        """``size`` bytes, fewer only at the end (as :func:`read_up_to`)."""
-        done: asyncio.Future[bytes] = self._loop.create_future()
-        self._jobs.put((size, done))
-        return await done
+        """``size`` bytes, fewer only at the end (:func:`read_up_to`)."""
+        return await self._worker.run(lambda: read_up_to(self._raw, size))
 
     def close(self) -> None:
-        self._jobs.put(None)
-
-
-def _read_up_to_fd(fd: int, size: int) -> bytes:
-    """:func:`read_up_to` of a file descriptor, one ``os.read`` at a time."""
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        part = os.read(fd, size - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
+        self._worker.close()
 
 
 class Sink:
@@ -184,26 +159,27 @@ class Sink:
     broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`tierdisk.client.cli.main`).
 
     Stdout that is not a regular file or a block device (a pipe, a terminal, a socket) is
-    written on a thread of its own (:class:`_ThreadWriter`): a reader that stalls (``export
+    written on a thread of its own (:class:`_DaemonWorker`): a reader that stalls (``export
     VOL - | ssh …``) must not block the event loop, or Ctrl-C, SIGTERM and SIGHUP would not
     stop the verb until the pipe moved again. Create it in the event loop."""
 
     def __init__(self, fd: int | None = None, path: str | None = None) -> None:
         self.fd = fd
         self.path = path
-        self._thread: _ThreadWriter | None = None
-        out = fileno(sys.stdout.buffer) if fd is None else None
-        if out is not None and not is_sized(out):
+        self._thread: _DaemonWorker | None = None
+        self._out = fileno(sys.stdout.buffer) if fd is None else None
+        if self._out is not None and not is_sized(self._out):
             sys.stdout.buffer.flush()  # what was printed before comes first
-            self._thread = _ThreadWriter(out)
+            self._thread = _DaemonWorker("stdout-writer")
 
     def _failed(self, err: OSError) -> OSError | CliError:
         return stdout_error(err) if self.fd is None else file_error(self.path, err)
 
     async def write(self, data: bytes | memoryview) -> None:
         try:
-            if self._thread is not None:
-                await self._thread.write(data)
+            if self._thread is not None and self._out is not None:
+                out = self._out
+                await self._thread.run(lambda: _write_all(out, data))
             elif self.fd is None:
                 sys.stdout.buffer.write(data)
             else:
