@@ -353,15 +353,18 @@ async def _export_in_order(
     done = 0  # sectors written so far
     windows = run_ordered(_windows(client, info, extents), one, client.max_in_flight)
     try:
-        async for window, data in windows:
-            await fill((window.sector - done) * ss)
-            await sink.write(data)
-            bar.advance(len(data))
-            done = window.sector + window.sector_count
+        try:
+            async for window, data in windows:
+                await fill((window.sector - done) * ss)
+                await sink.write(data)
+                bar.advance(len(data))
+                done = window.sector + window.sector_count
+        finally:
+            await windows.aclose()
+        await fill((info.sector_count - done) * ss)
+        sink.flush()
     finally:
-        await windows.aclose()
-    await fill((info.sector_count - done) * ss)
-    sink.flush()
+        sink.close()
 
 
 async def _export_in_place(

@@ -187,12 +187,15 @@ class Sink:
         except OSError as err:
             raise self._failed(err) from None
 
-    def flush(self) -> None:
-        """Write out what is buffered (stdout), and end the writer thread, if any: call it
-        after the last write."""
+    def close(self) -> None:
+        """End the writer thread, if any (once its write under way returns): call it when
+        done, whether the copy succeeded or not."""
         if self._thread is not None:
             self._thread.close()
             self._thread = None
+
+    def flush(self) -> None:
+        """Write out what stdout buffers (when it is not written from a thread)."""
         if self.fd is None:
             try:
                 sys.stdout.buffer.flush()

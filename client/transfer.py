@@ -66,11 +66,14 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     label = f"read {vol.name}"
 
     async def copy(sink: Sink, bar: Progress) -> None:
-        with bar:
-            async for _sector, data in vol.stream_read(args.sector, args.count):
-                await sink.write(data)
-                bar.advance(len(data))
-        sink.flush()
+        try:
+            with bar:
+                async for _sector, data in vol.stream_read(args.sector, args.count):
+                    await sink.write(data)
+                    bar.advance(len(data))
+            sink.flush()
+        finally:
+            sink.close()
 
     if path is None:
         # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but

@@ -471,10 +471,15 @@ class Volume:
         if not changed:
             return exc
         layer = self._layers[index]
+        made = (
+            "part of it was made, the rest not"
+            if index == 0
+            else "the layers above took it (reads return it) but it is not durable"
+        )
         return StorageError(
             f"volume {self.name!r}: the {what} of sectors [{sector}, {end}) reached past the "
             f"end of write-path layer {index} ({layer.kind}), now smaller than the volume "
-            f"({exc}): the layers above took it (reads return it) but it is not durable"
+            f"({exc}): {made}"
         )
 
     def _out_of_space(self, exc: NoSpace, changed: bool, what: str) -> TierdiskError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import io
 import json
 import os
 import pty
@@ -51,6 +52,7 @@ from servers import (
 )
 from stacks import MapLayer
 
+from tierdisk.client.cli import main as cli_main
 from tierdisk.service.errors import NoSpace, StorageError
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.volume import LayerEntry, Volume
@@ -1843,3 +1845,38 @@ def test_write_interrupted_says_what_was_written(
     volume = tierdisk(server, "read", "intr", "0", str(size // 512)).stdout
     assert volume[:prefix] == data.read_bytes()[:prefix]
     assert volume[reach:] == bytes(size - reach)
+
+
+def test_a_failed_copy_to_stdout_leaves_no_writer_thread(
+    server: ServerProcess, exp_data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read`` into a pipe whose reader goes away (a broken pipe: exit 1, quietly) ends its
+    stdout writer thread too, as a copy that succeeds does: a process that runs verbs in
+    turn (``main()`` called in-process) keeps no thread per failed copy."""
+    monkeypatch.setenv("TIERDISK_NO_UVLOOP", "1")  # leave this process's loop policy alone
+
+    def writers() -> int:
+        return sum(t.name == "stdout-writer" and t.is_alive() for t in threading.enumerate())
+
+    def read_a_little_and_go(fd: int) -> None:
+        os.read(fd, 1000)
+        os.close(fd)
+
+    before = writers()
+    for _ in range(3):
+        r, w = os.pipe()
+        reader = threading.Thread(target=read_a_little_and_go, args=(r,))
+        reader.start()
+        out = io.TextIOWrapper(io.FileIO(w, "wb"))
+        monkeypatch.setattr(sys, "stdout", out)
+        args = ["--server", server.grpc, "--no-progress", "read", "exp", "0", "16384"]
+        assert cli_main(args) == 1
+        reader.join(10)
+        monkeypatch.undo()
+        monkeypatch.setenv("TIERDISK_NO_UVLOOP", "1")
+        with contextlib.suppress(OSError, ValueError):
+            out.close()
+    deadline = time.monotonic() + 10
+    while writers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writers() == before

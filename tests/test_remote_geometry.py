@@ -254,6 +254,46 @@ async def test_a_shrink_and_grow_while_the_watch_is_down_still_hides_the_layers_
         assert await vol.read(0, 8) == b"\xbb" * 8 * SS  # below it, it still shows
 
 
+async def test_a_shrink_between_a_new_streams_first_event_and_its_check_is_applied_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The origin shrinks after its new WatchResize stream computed the first event (the
+    old size) and before the layer's check (an Inspect) of that stream: the layer applies
+    the newer size once. It applied the smallest size, then the stream's older size, then
+    the shrink again: the tier's own watchers saw a grow the origin never made."""
+    computed, release = asyncio.Event(), asyncio.Event()
+    original = BlockDeviceService.WatchResize
+
+    async def watch(self: BlockDeviceService, request: Any, context: Any) -> AsyncIterator[Any]:
+        first = True
+        async for event in original(self, request, context):
+            if first:
+                computed.set()
+                await release.wait()  # sent late: the origin shrinks meanwhile
+                first = False
+            yield event
+
+    monkeypatch.setattr(BlockDeviceService, "WatchResize", watch)
+    async with (
+        running_server(tmp_path / "origin", toml_volume("base", ram(f"{SECTORS * SS}"))) as o,
+        AsyncClient(o.grpc_address) as oc,
+    ):
+        body = toml_volume("v", remote(o.grpc_address, "base"))
+        async with running_server(tmp_path / "cache", body) as cache:
+            await asyncio.wait_for(computed.wait(), 30)  # the cache's stream began
+            await oc.volume("base").resize(SECTORS // 2)
+            release.set()
+            async with AsyncClient(cache.grpc_address) as client:
+                vol = client.volume("v")
+
+                async def shrunk() -> bool:
+                    return (await vol.info()).sector_count == SECTORS // 2
+
+                await eventually("the cache tier to take the shrink", shrunk)
+                await asyncio.sleep(0.3)  # any event still to come has come
+                assert (await vol.inspect("generation"))["value"] == 1  # one change, no more
+
+
 # -- the remote volume shrank and the watch has not said so yet --------------------------------
 
 

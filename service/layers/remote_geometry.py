@@ -231,12 +231,18 @@ class GeometryFollower:
                         state = await self._remote_state()
                         await self._check_geometry(state)
                         self.watching = self.checked = True
-                        self._generation = event.generation
-                        if state.smallest < self._smallest():
+                        # The Inspect came after the event: if the size changed between
+                        # the two, its size is the newer (the stream's next events up to
+                        # its generation are then not applied again).
+                        if state.generation > event.generation:
+                            self._generation, size = state.generation, state.sector_count
+                        else:
+                            self._generation, size = event.generation, event.sector_count
+                        if state.smallest < min(size, self._smallest()):
                             # Shrunk (and grown) while no stream ran: the layers below
                             # must hide what lay past that, as if the watch had seen it.
                             self._set(state.smallest)
-                        self._set(event.sector_count)
+                        self._set(size)
                         self._stream_started = self._applied
                         backoff.reset()  # (not before: a fault applying it backs off)
                         self._resumed()  # the target is back: NBD may be too
