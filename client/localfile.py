@@ -239,8 +239,9 @@ def file_size(fd: int, path: str | None) -> int:
 
 
 def reader(fd: int) -> BinaryIO:
-    """A buffered binary stream reading ``fd`` (a pipe, say) for :func:`read_up_to`; closing
-    it leaves ``fd`` open."""
+    """A binary stream over ``fd`` (a pipe, say), so that a named input is handled as stdin
+    is (its ``fileno`` read by a :class:`ThreadReader`, its ``isatty`` for the progress
+    bar); closing it leaves ``fd`` open."""
     return open(fd, "rb", closefd=False)
 
 
