@@ -166,10 +166,11 @@ class NbdServer:
         self._awaiting_tls.discard(session)
 
     def admit(self, session: NbdSession, peer: str) -> str:
-        """``session`` chooses an export (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``): take it
-        among :attr:`max_connections` (the sessions that chose one and are still open),
-        returning ""; else why it is refused (counted and logged, rate-limited). A client
-        that only lists exports, or asks about one, takes no place and is never refused."""
+        """``session`` chooses an export that exists (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``):
+        take it among :attr:`max_connections` (the sessions that chose one and are still
+        open), returning ""; else why it is refused (counted and logged, rate-limited). A
+        client that only lists exports, asks about one, or names one that does not exist
+        takes no place and is never refused."""
         if session in self._admitted or len(self._admitted) < self.max_connections:
             self._admitted.add(session)
             return ""

@@ -7,8 +7,9 @@ meta-context options (``base:allocation``, ``qemu:allocation-depth``; both refus
 ``NBD_REP_ERR_INVALID`` before structured replies were negotiated). Every other option is
 answered ``NBD_REP_ERR_UNSUP`` and haggling goes on. Once the server is shutting down, the
 next option (but ``NBD_OPT_ABORT``) is answered ``NBD_REP_ERR_SHUTDOWN`` and the connection
-closes; a connection over the server's limit has the option that chooses an export answered
-``NBD_REP_ERR_POLICY``, naming the limit, and closes. Export name = volume name; the empty
+closes; a connection over the server's limit has the option that chooses an existing export
+answered ``NBD_REP_ERR_POLICY``, naming the limit, and closes (a name that selects no volume
+is answered as it would be anyway, and takes no place). Export name = volume name; the empty
 name selects the first volume.
 
 TLS (the protocol document's "TLS support" section): given a ``starttls`` callable (the server
@@ -51,7 +52,6 @@ MAX_OPTION_BEFORE_TLS = 8 << 10
 only ``NBD_OPT_STARTTLS`` (no data) is of use then, and an unauthenticated client must not
 make the server hold a MiB per connection (``NBD_OPT_GO`` with the longest export name the
 spec allows, 4 KiB, fits)."""
-_CHOOSING = (P.OPT_GO, P.OPT_EXPORT_NAME)  # the options that choose an export
 
 
 class Hangup(Exception):
@@ -109,11 +109,6 @@ class _Negotiation:
             if self._starttls is not None and not self._tls_on and option != P.OPT_ABORT:
                 await self._before_tls(option, data)  # NBD_OPT_STARTTLS or NBD_REP_ERR_TLS_REQD
                 continue
-            refusal = self._admit() if option in _CHOOSING else ""
-            if refusal:
-                if option != P.OPT_EXPORT_NAME:  # which cannot be answered an error
-                    self._error(option, P.REP_ERR_POLICY, refusal)
-                raise Hangup(refusal)
             export = self._option(option, data)
             if export is not None:
                 return export
@@ -138,6 +133,16 @@ class _Negotiation:
             "this NBD server requires TLS: send NBD_OPT_STARTTLS first",
         )
 
+    def _take_place(self, option: int) -> None:
+        """A place among the server's connections, now that the client chose an export that
+        exists: over the limit, the option is answered ``NBD_REP_ERR_POLICY`` (but
+        ``NBD_OPT_EXPORT_NAME``, which cannot be answered an error) and the connection ends."""
+        refusal = self._admit()
+        if refusal:
+            if option != P.OPT_EXPORT_NAME:
+                self._error(option, P.REP_ERR_POLICY, refusal)
+            raise Hangup(refusal)
+
     def _lookup(self, name: str) -> tuple[Volume, str]:
         """The volume an export name selects ("" = the first volume) and its name."""
         if not name:
@@ -154,6 +159,7 @@ class _Negotiation:
                 volume, name = self._lookup(P.parse_export_name(data))
             except (P.BadOption, TierdiskError) as exc:
                 raise Hangup(f"NBD_OPT_EXPORT_NAME: {exc}") from None  # cannot answer errors
+            self._take_place(option)
             export = self._export(volume, name, strict=False)
             self._send(P.export_name_reply(export.size, export.flags, self._no_zeroes))
             return export
@@ -197,6 +203,8 @@ class _Negotiation:
         except (VolumeNotFound, Unavailable) as exc:
             self._error(option, P.REP_ERR_UNKNOWN, str(exc))
             return None
+        if option == P.OPT_GO:
+            self._take_place(option)
         strict = option == P.OPT_GO and P.INFO_BLOCK_SIZE in request.requests
         export = self._export(volume, name, strict)
         self._reply(option, P.REP_INFO, P.info_export(export.size, export.flags))
@@ -285,8 +293,8 @@ async def negotiate(
     starttls: Callable[[bytes], Awaitable[None]] | None = None,
 ) -> Export:
     """Run the handshake over ``recv(n)`` / ``send(data)``; the export the client chose.
-    An option that chooses an export (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``) first asks
-    ``admit()`` for a place among the server's connections: if it answers why not, the
+    An option that chooses an export that exists (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``)
+    first asks ``admit()`` for a place among the server's connections: if it answers why not, the
     option is answered ``NBD_REP_ERR_POLICY`` with that and the session ends. With
     ``starttls`` the server requires TLS (the module's docstring): ``starttls(ack)`` sends
     ``ack`` (the ``NBD_REP_ACK`` of ``NBD_OPT_STARTTLS``), then upgrades the connection, so

@@ -18,7 +18,14 @@ OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS = 1, 2, 3, 5
 OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT = 6, 7, 8, 9
 REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
 REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_TLS_REQD = (1 << 31) + 2, (1 << 31) + 3, (1 << 31) + 5
+REP_ERR_UNKNOWN = (1 << 31) + 6
 CMD_READ, CMD_WRITE = 0, 1
+
+
+def go_data(export: str) -> bytes:
+    """The data of ``NBD_OPT_GO`` (or ``NBD_OPT_INFO``) for an export, asking no information."""
+    name = export.encode()
+    return struct.pack(">I", len(name)) + name + b"\0\0"
 
 
 class Raw:
@@ -58,8 +65,7 @@ class Raw:
         await asyncio.wait_for(self.writer.start_tls(context, server_hostname="127.0.0.1"), 10)
 
     async def go(self, export: str) -> None:
-        name = export.encode()
-        replies = await self.option(OPT_GO, struct.pack(">I", len(name)) + name + b"\0\0")
+        replies = await self.option(OPT_GO, go_data(export))
         assert replies[-1][0] == REP_ACK, replies
 
     async def request(self, cmd: int, offset: int, length: int, data: bytes = b"") -> bytes:

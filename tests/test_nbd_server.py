@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from nbd_raw import CMD_READ, OPT_LIST, REP_ACK, REP_SERVER, Raw
+from nbd_raw import CMD_READ, OPT_GO, OPT_LIST, REP_ACK, REP_ERR_UNKNOWN, REP_SERVER, Raw, go_data
 from servers import (
     ServerProcess,
     created_series,
@@ -330,7 +330,9 @@ async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Pa
     as refused); a third client's choice is refused with ``NBD_REP_ERR_POLICY`` naming the
     limit (which ``qemu-img`` shows) and counted in ``tierdisk_nbd_connections_refused_total``;
     once one of the two closes, a connection that was already open when the server was full
-    gets in (the verdict is taken when it chooses, not when it connected)."""
+    gets in (the verdict is taken when it chooses, not when it connected). A choice of an
+    export that does not exist is answered ``NBD_REP_ERR_UNKNOWN`` and takes no place, full
+    or not."""
     qemu_img = require_tool("qemu-img")
     body = CONFIG.replace("DATA", str(tmp_path / "data")).replace(
         'nbd = "127.0.0.1:0"', 'nbd = "127.0.0.1:0"\nnbd_max_connections = 2'
@@ -357,7 +359,9 @@ async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Pa
         lister = await Raw.open(server.nbd_address)
         listed = await lister.option(OPT_LIST)
         assert listed[-1][0] == REP_ACK and any(reply == REP_SERVER for reply, _ in listed)
-        await lister.close()
+        assert [reply for reply, _ in await lister.option(OPT_GO, go_data("nope"))] == [
+            REP_ERR_UNKNOWN
+        ]
         code, text = await info(uri)
         assert code != 0, text
         assert "too many NBD connections: this server takes 2 at once" in text, text
@@ -368,7 +372,11 @@ async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Pa
         assert server._nbd is not None
         stats = server._nbd.stats
         await eventually("the close to be seen", lambda: stats.volume_sessions["disk"] == 1)
+        assert [reply for reply, _ in await lister.option(OPT_GO, go_data("nope"))] == [
+            REP_ERR_UNKNOWN
+        ]  # and takes no place
         await waiting.go("disk")
+        await lister.close()
         assert await waiting.request(CMD_READ, 0, 512) == bytes(512)
         for client in (*held, waiting):
             await client.close()
