@@ -25,6 +25,7 @@ from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 from . import hops
 from .errors import AllocationTooLarge, InvalidArgument, TierdiskError, Unavailable
+from .failure_log import StorageFailureLog
 from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
@@ -207,8 +208,10 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         server_id: str,
         gate: DrainGate,
         extra_inspect: Callable[[str], dict[str, Any]] | None = None,
+        failures: StorageFailureLog | None = None,
     ) -> None:
         self._registry = registry
+        self._failures = failures if failures is not None else StorageFailureLog()
         self._metrics = metrics
         self._max_io = max_io
         self._server_id = server_id
@@ -229,9 +232,11 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         body: Callable[[], Awaitable[tuple[T, int]]],
         op: str | None = None,
         volume: str = "",
+        rpc: str = "",
     ) -> T:
         """Run ``body`` (returning (reply, bytes moved)) with the drain gate, the hop guard,
-        I/O metrics and the error mapping."""
+        I/O metrics and the error mapping; ``rpc`` names the call in the log of storage
+        failures (default: ``op``)."""
         start = time.perf_counter()
         code: grpc.StatusCode | None = _OK
         nbytes = 0
@@ -248,6 +253,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             if op is not None:
                 seconds = time.perf_counter() - start
                 self._metrics.observe_io(volume, op, _CODE_NAMES[refusal], nbytes, seconds)
+            self._failures.note(volume, f"gRPC {rpc or op}", _CODE_NAMES[refusal], exc)
             await self._refuse(context, refusal, exc)
             raise  # not reached: abort() raises
         except asyncio.CancelledError:
@@ -289,14 +295,14 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         exc: TierdiskError | OSError,
     ) -> None:
         """End the call with ``code``: a domain error's message and class name (trailer
-        ``tierdisk-error``), or a storage failure (logged with its traceback)."""
+        ``tierdisk-error``), or a storage failure that no layer turned into one (an
+        ``OSError``; logged by the caller, :class:`~.failure_log.StorageFailureLog`)."""
         if isinstance(exc, TierdiskError):
             await context.abort(
                 code,
                 _status_details(str(exc)),
                 trailing_metadata=((ERROR_HEADER, type(exc).__name__),),
             )
-        log.error("storage failure", exc_info=exc)
         await context.abort(code, _status_details(f"storage failure: {exc}"))
 
     @classmethod
@@ -384,13 +390,13 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 token = base64.urlsafe_b64encode(str(start + size).encode()).decode()
             return pb.ListVolumesResponse(volumes=volumes, next_page_token=token), 0
 
-        return await self._call(context, body)
+        return await self._call(context, body, rpc="ListVolumes")
 
     async def GetVolume(self, request: pb.GetVolumeRequest, context: Any) -> pb.Volume:
         async def body() -> tuple[pb.Volume, int]:
             return _to_volume_message(self._volume(request.volume)), 0
 
-        return await self._call(context, body, volume=request.volume)
+        return await self._call(context, body, volume=request.volume, rpc="GetVolume")
 
     async def Read(self, request: pb.ReadRequest, context: Any) -> pb.ReadResponse:
         """``Read`` as a message; the server registers :meth:`read_encoded` instead."""
@@ -430,6 +436,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             code = None  # counted here, before abort() sends the status the caller sees
             seconds = time.perf_counter() - start
             self._metrics.observe_io(request.volume, "read", _CODE_NAMES[refusal], 0, seconds)
+            self._failures.note(request.volume, "gRPC read", _CODE_NAMES[refusal], exc)
             await self._refuse(context, refusal, exc)
             raise  # not reached: abort() raises
         except asyncio.CancelledError:
@@ -499,7 +506,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             self._check_allocation_size(volume.name, sector, count, len(runs), reply)
             return reply, 0
 
-        return await self._call(context, body, volume=request.volume)
+        return await self._call(context, body, volume=request.volume, rpc="GetAllocation")
 
     async def Inspect(self, request: pb.InspectRequest, context: Any) -> pb.InspectResponse:
         async def body() -> tuple[pb.InspectResponse, int]:
@@ -512,7 +519,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             reply.tree.update(node if isinstance(node, dict) else {"value": node})
             return reply, 0
 
-        return await self._call(context, body, volume=request.volume)
+        return await self._call(context, body, volume=request.volume, rpc="Inspect")
 
     async def Resize(self, request: pb.ResizeRequest, context: Any) -> pb.Volume:
         async def body() -> tuple[pb.Volume, int]:
@@ -520,7 +527,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             await volume.resize(request.sector_count)
             return _to_volume_message(volume), 0
 
-        return await self._call(context, body, volume=request.volume)
+        return await self._call(context, body, volume=request.volume, rpc="Resize")
 
     async def WatchResize(
         self, request: pb.WatchResizeRequest, context: Any
@@ -530,7 +537,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             event = pb.ResizeEvent(sector_count=volume.sector_count, generation=volume.generation)
             return (volume, event), 0
 
-        volume, event = await self._call(context, first, volume=request.volume)
+        volume, event = await self._call(context, first, volume=request.volume, rpc="WatchResize")
         yield event
         seen = event.generation
         drained = asyncio.ensure_future(self._gate.drained.wait())

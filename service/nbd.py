@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ServerConfig
+from .failure_log import StorageFailureLog
 from .nbd_session import NbdSession
 from .netaddr import SocketFile, bound_address, listen_socket
 from .ratelimit import RateLimitedLog
@@ -109,8 +110,11 @@ class NbdServer:
         server_id: str = "",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         tls: ssl.SSLContext | None = None,
+        failures: StorageFailureLog | None = None,
     ) -> None:
         self.address = ""
+        self.failures = failures if failures is not None else StorageFailureLog()
+        """Where requests that failed in storage are logged (shared with the gRPC side)."""
         self.server_id = server_id
         """The id of the server process, named in every export's description."""
         self.registry = registry
@@ -226,6 +230,7 @@ async def start_nbd_server(
     server_id: str = "",
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     tls: ssl.SSLContext | None = None,
+    failures: StorageFailureLog | None = None,
 ) -> NbdServer:
     """Listen for NBD clients on ``address`` (``HOST:PORT``, port 0 = any, or
     ``unix:/path``) and export every volume of ``registry``.
@@ -234,7 +239,8 @@ async def start_nbd_server(
     ``server_id`` (the gRPC server's, :func:`~.hops.new_server_id`) ends every export's
     ``NBD_INFO_DESCRIPTION``; ``max_connections`` bounds the connections at once
     (:attr:`NbdServer.max_connections`); ``tls``, a server-side context, makes the export
-    require TLS (the module's docstring).
+    require TLS (the module's docstring); ``failures`` logs the requests that fail in
+    storage (one of its own if not given).
     Raises :class:`OSError` naming the address when it cannot be bound (e.g. in use).
     """
     if max_io < 512:
@@ -248,6 +254,7 @@ async def start_nbd_server(
         server_id,
         max_connections,
         tls,
+        failures,
     )
     loop = asyncio.get_running_loop()
 

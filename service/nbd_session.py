@@ -632,6 +632,7 @@ class NbdSession(asyncio.BufferedProtocol):
         except (TierdiskError, OSError) as exc:  # a remote layer down, storage errors, …
             code, message = P.error_code(exc, writing=cmd in _WRITING), str(exc)
             status = status_name(exc)
+            self._server.failures.note(export.name, f"NBD {P.CMD_NAMES.get(cmd)}", status, exc)
         except Exception as exc:
             log.exception("NBD %s: %s failed", self._peer, P.CMD_NAMES.get(cmd, cmd))
             code, message, status = P.EIO, f"internal error: {exc}", status_name(exc)

@@ -26,13 +26,22 @@ class RateLimitedLog:
         """Log ``msg % args`` at warning level (see :meth:`log`)."""
         self.log(logging.WARNING, msg, *args, key=key)
 
-    def error(self, msg: str, *args: object, key: object = None) -> None:
+    def error(
+        self, msg: str, *args: object, key: object = None, exc_info: BaseException | None = None
+    ) -> None:
         """Log ``msg % args`` at error level (see :meth:`log`)."""
-        self.log(logging.ERROR, msg, *args, key=key)
+        self.log(logging.ERROR, msg, *args, key=key, exc_info=exc_info)
 
-    def log(self, level: int, msg: str, *args: object, key: object = None) -> None:
-        """Log ``msg % args`` unless one with the same ``key`` was logged less than
-        ``interval`` seconds ago."""
+    def log(
+        self,
+        level: int,
+        msg: str,
+        *args: object,
+        key: object = None,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """Log ``msg % args`` (with ``exc_info``'s traceback, if given) unless one with the
+        same ``key`` was logged less than ``interval`` seconds ago."""
         now = time.monotonic()
         if now < self._next and key == self._key:
             self._suppressed += 1
@@ -43,4 +52,4 @@ class RateLimitedLog:
         self._suppressed = 0
         self._next = now + self._interval
         self._key = key
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, exc_info=exc_info)

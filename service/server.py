@@ -45,6 +45,7 @@ from . import hops
 from .backoff import Backoff
 from .config import Config, VolumeConfig, nbd_tls_context
 from .errors import ConfigError, DeadlineExceeded, Unavailable
+from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
 from .layers import build_layer
 from .metrics import Metrics, RemoteCounts
@@ -98,6 +99,7 @@ class Server:
         self._metrics_http: MetricsEndpoint | None = None
         self._nbd: NbdServer | None = None
         self._nbd_metrics: NbdMetrics | None = None
+        self._failures = StorageFailureLog()  # requests failed in storage, both front ends
         self._attach_tasks: list[asyncio.Task[None]] = []
         self._health_updates: set[asyncio.Task[None]] = set()
         self._stopped = False
@@ -156,6 +158,7 @@ class Server:
             server_id=self.server_id,
             gate=self.gate,
             extra_inspect=self._extra_inspect,
+            failures=self._failures,
         )
         handlers = InstrumentedRegistry(self._grpc, self.metrics)
         add_to_server(service, handlers)
@@ -189,6 +192,7 @@ class Server:
                 server_id=self.server_id,
                 max_connections=cfg.nbd_max_connections,
                 tls=nbd_tls_context(cfg),  # the files again: a ConfigError naming one
+                failures=self._failures,
             )
             self.nbd_address = self._nbd.address
             self.nbd_tls = self._nbd.tls is not None
