@@ -1,4 +1,4 @@
-"""Blocking file primitives shared by the file-backed layers (raw, sparse).
+"""Blocking file primitives shared by the file-backed layers (raw, sparse, sqlite).
 
 Everything here but :func:`pread_cached` blocks: callers run it off the event loop
 (``run_in_executor``). :func:`pread_cached` never blocks (``RWF_NOWAIT``), so the loop may
@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import stat
 
 from .errors import (
     ConfigError,
@@ -34,6 +35,7 @@ __all__ = [
     "pread_into",
     "punch_hole",
     "pwrite_all",
+    "regular_file_size",
     "reserve",
     "set_file_size",
     "zero_range",
@@ -214,6 +216,22 @@ def make_parent_folder(path: str, what: str) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot create the folder {folder}: {exc.strerror}") from None
+
+
+def regular_file_size(path: str, what: str) -> int | None:
+    """The size in bytes of the file at ``path`` (through symlinks), ``None`` when there is
+    none; a :class:`ConfigError` naming ``what`` when it is not a regular file (a device, a
+    FIFO, a folder), which a layer that creates or replaces its file must never take for
+    an empty one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot use {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what}: {path} is not a regular file")
+    return st.st_size
 
 
 def lock_or_refuse(fd: int, what: str, *, shared: bool = False) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,7 +30,13 @@ from runs_model import runs_of
 from stacks import entry, pattern
 from tools import REQUIRE_TOOLS_ENV
 
-from tierdisk.service.errors import ConfigError, InvalidArgument, NoSpace, OutOfRange
+from tierdisk.service.errors import (
+    ConfigError,
+    InvalidArgument,
+    NoSpace,
+    OutOfRange,
+    TierdiskError,
+)
 from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
@@ -78,6 +85,17 @@ _OPS = st.one_of(
     st.tuples(st.just("reopen")),
     st.tuples(st.just("resize"), st.integers(8, 96)),
 )
+
+
+def _kind(path: str | Path) -> str:
+    """What is at ``path`` itself: "symlink", "file" (not empty), "nothing" or "other"."""
+    try:
+        mode, size = os.lstat(path).st_mode, os.lstat(path).st_size
+    except FileNotFoundError:
+        return "nothing"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "file" if stat.S_ISREG(mode) and size else "other"
 
 
 class PersistentLayerContract:
@@ -424,6 +442,78 @@ class PersistentLayerContract:
             assert runs == [(0, 1)] and data == pattern(1, 0, 1, SS)
         finally:
             await again.close()
+
+    async def test_the_same_file_under_another_name_is_refused_while_open(self, path: Path) -> None:
+        """A symlink to the open file, and a hard link to it (made while closed, as two
+        volumes of one config would), are the same layer: refused, not opened twice."""
+        first = self.make(path)
+        await first.attach(None)
+        await first.close()
+        folder = os.path.dirname(path)
+        os.link(path, os.path.join(folder, "hard"))
+        os.symlink(path, os.path.join(folder, "soft"))
+        first = self.make(path)
+        await first.attach(None)
+        try:
+            for other in ("hard", "soft"):
+                with pytest.raises(ConfigError, match="is already open"):
+                    await self.make(Path(folder, other)).attach(None)
+            await first.write(memoryview(pattern(1, 0, 1, SS)), 0, True)
+            data, runs = await self.read(first, 0, 1)
+            assert runs == [(0, 1)] and data == pattern(1, 0, 1, SS)
+        finally:
+            await first.close()
+
+    async def test_a_new_layer_through_a_dangling_symlink_is_made_at_its_target(
+        self, path: Path, tmp_path: Path
+    ) -> None:
+        """The link stays a link (a layer's file kept on another disk stays there)."""
+        target = os.path.join(tmp_path, "elsewhere", "disk")
+        os.makedirs(os.path.dirname(target))
+        os.makedirs(os.path.dirname(path))
+        os.symlink(target, path)
+        layer = self.make(path)
+        await layer.attach(None)
+        try:
+            await layer.write(memoryview(pattern(1, 3, 1, SS)), 3, True)
+        finally:
+            await layer.close()
+        assert _kind(path) == "symlink" and _kind(target) == "file"
+        again = self.make(path)
+        await again.attach(None)
+        try:
+            data, runs = await self.read(again, 3, 1)
+            assert runs == [(3, 4)] and data == pattern(1, 3, 1, SS)
+        finally:
+            await again.close()
+
+    async def test_a_dangling_symlink_into_a_missing_folder_says_so(
+        self, path: Path, tmp_path: Path
+    ) -> None:
+        """An unmounted disk, say: the message names the link and the missing file, and
+        nothing is made in the link's place or in the missing folder."""
+        missing = os.path.join(tmp_path, "unmounted")
+        os.makedirs(os.path.dirname(path))
+        os.symlink(os.path.join(missing, "disk"), path)
+        with pytest.raises(TierdiskError, match="No such file or directory") as info:
+            await self.make(path).attach(None)
+        assert "corrupt" not in str(info.value) and "map" not in str(info.value)
+        assert _kind(path) == "symlink" and _kind(missing) == "nothing"
+
+    async def test_a_path_that_is_not_a_regular_file_is_refused_and_left_alone(
+        self, path: Path
+    ) -> None:
+        """A FIFO (or a device node, a folder) is never taken for an empty file and
+        replaced by a new layer."""
+        os.makedirs(os.path.dirname(path))
+        os.mkfifo(path)
+        with pytest.raises(ConfigError, match=rf"{path} is not a regular file"):
+            await asyncio.wait_for(self.make(path).attach(None), 10)
+        assert stat.S_ISFIFO(os.lstat(path).st_mode)
+        folder = os.path.join(os.path.dirname(path), "folder")
+        os.mkdir(folder)
+        with pytest.raises(ConfigError, match=rf"{folder} is not a regular file"):
+            await self.make(Path(folder)).attach(None)
 
     # -- out of space ---------------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ from ..fileio import (
     pread_into,
     punch_hole,
     pwrite_all,
+    regular_file_size,
     set_file_size,
     zero_range,
 )
@@ -179,16 +180,22 @@ class SparseLayer(Layer):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sparse-writer")
 
     def _open(self, lower: LayerMetadata | None) -> None:
-        make_parent_folder(self.path, f"sparse layer {self.path}")
+        what = f"sparse layer {self.path}"
+        make_parent_folder(self.path, what)
         has_map = os.path.exists(self.map_path)
-        new_file = not has_map and not os.path.exists(self.path)
+        new_file = not has_map and regular_file_size(self.path, what) is None
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if has_map else os.O_CREAT)
         try:
             fd = os.open(self.path, flags, 0o644)
         except FileNotFoundError:
-            raise DataCorruption(
-                f"sparse layer {self.path}: its presence map {self.map_path} exists but the "
-                "data file is missing"
+            if has_map:
+                raise DataCorruption(
+                    f"sparse layer {self.path}: its presence map {self.map_path} exists but "
+                    "the data file is missing"
+                ) from None
+            link = f" (a symlink to {os.readlink(self.path)})" if os.path.islink(self.path) else ""
+            raise StorageError(
+                f"cannot create sparse layer {self.path}{link}: No such file or directory"
             ) from None
         except OSError as exc:
             raise StorageError(f"cannot open sparse layer {self.path}: {exc.strerror}") from None

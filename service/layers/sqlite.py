@@ -69,7 +69,7 @@ from ..errors import (
     StorageError,
     TierdiskError,
 )
-from ..fileio import lock_or_refuse, make_parent_folder
+from ..fileio import lock_or_refuse, make_parent_folder, regular_file_size
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..runs import Run
 from ..unstoppable import run_to_end
@@ -127,13 +127,13 @@ class SqliteLayer(Layer):
     def __init__(self, path: str, size: int | None = None, sector_size: int | None = None) -> None:
         super().__init__()
         self.path = path
-        self.lock_path = path + ".lock"
         self._size_bytes = size
         self._wanted_sector_size = sector_size
         self._worker: ThreadPoolExecutor | None = None
         self._closing = False  # close() began: later calls are refused
         self._db: sqlite3.Connection | None = None  # used on the worker thread only
-        self._lock_fd = -1
+        self._lock_fd = -1  # the lock file's (flock): this name, taken before a new file
+        self._db_fd = -1  # the database file's (flock): any other name of the same file
         self._present = 0  # rows in `sectors`
         self._smallest = 0  # meta's smallest_sector_count
         self._dirty = False  # committed without an fsync of the WAL since
@@ -167,24 +167,45 @@ class SqliteLayer(Layer):
             raise
 
     def _open(self, lower: LayerMetadata | None) -> None:
-        make_parent_folder(self.path, f"sqlite layer {self.path}")
-        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Lock, create when there is no file (or an empty one), lock the database file,
+        connect. Through a symlink, the database, its WAL, lock and temporary files are
+        the target's (a new database is made there, not in place of the link). Anything but
+        a regular file is refused, never replaced. The lock file guards a new database's
+        creation; the flock on the database file itself refuses the same database under
+        another name (a hard link), whose lock file differs. (SQLite's own locks are POSIX
+        record locks, independent of ``flock``.)"""
+        what = f"sqlite layer {self.path}"
+        make_parent_folder(self.path, what)
+        real = os.path.realpath(self.path)
+        if not os.path.isdir(os.path.dirname(real)):  # a link into a missing (unmounted?) folder
+            raise StorageError(
+                f"cannot create sqlite layer {self.path} (a symlink to "
+                f"{os.readlink(self.path)}): No such file or directory"
+            )
+        lock_fd = os.open(real + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        db_fd = -1
         try:
-            lock_or_refuse(lock_fd, f"sqlite layer {self.path}")
-            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-                self._format(lower)
-            self._db = self._connect()
+            lock_or_refuse(lock_fd, what)
+            if not regular_file_size(real, what):
+                self._format(lower, real)
+            db_fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            lock_or_refuse(db_fd, what)
+            self._db = self._connect(real)
         except BaseException:
+            if db_fd >= 0:
+                os.close(db_fd)
             os.close(lock_fd)
             raise
-        self._lock_fd = lock_fd
+        self._lock_fd, self._db_fd = lock_fd, db_fd
 
-    def _format(self, lower: LayerMetadata | None) -> None:
+    def _format(self, lower: LayerMetadata | None, real: str) -> None:
+        """Make a new database at ``real`` (the layer's path, through any symlink): built
+        as a temporary file beside it, synced, then renamed into place."""
         ss, count = new_geometry(
             f"sqlite layer {self.path}", self._size_bytes, self._wanted_sector_size, lower
         )
         nbytes = ss * count
-        tmp = self.path + ".tmp"
+        tmp = real + ".tmp"
         for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
@@ -214,16 +235,16 @@ class SqliteLayer(Layer):
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
-        folder = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_CLOEXEC)
+        os.replace(tmp, real)
+        folder = os.open(os.path.dirname(real), os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, real: str) -> sqlite3.Connection:
         try:
-            db = sqlite3.connect(self.path, isolation_level=None)
+            db = sqlite3.connect(real, isolation_level=None)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open sqlite layer {self.path}: {exc}") from None
         try:
@@ -301,15 +322,18 @@ class SqliteLayer(Layer):
             self._worker = None
 
     def _release_sync(self) -> None:
-        """Close the database (on the worker: the connection belongs to it), then the lock."""
+        """Close the database (on the worker: the connection belongs to it), then the locks
+        (after it: closing a descriptor of the file drops this process's POSIX locks on it,
+        SQLite's included)."""
         try:
             if self._db is not None:
                 db, self._db = self._db, None
                 db.close()  # checkpoints the WAL into the database and syncs both
         finally:
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+            for fd in (self._db_fd, self._lock_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._db_fd = self._lock_fd = -1
 
     # -- capabilities -----------------------------------------------------------------------
 
@@ -530,7 +554,8 @@ class SqliteLayer(Layer):
 
     def inspect(self) -> dict[str, Any]:
         details: dict[str, Any] = {"path": os.path.abspath(self.path)}
-        for key, name in (("file_bytes", self.path), ("wal_bytes", self.path + "-wal")):
+        real = os.path.realpath(self.path)  # the WAL is beside the database, not a link to it
+        for key, name in (("file_bytes", real), ("wal_bytes", real + "-wal")):
             with contextlib.suppress(OSError):
                 details[key] = os.stat(name).st_size
         return details
