@@ -123,20 +123,26 @@ class NbdServer:
         """Connections taken at once: those that chose an export (``NBD_OPT_GO`` or
         ``NBD_OPT_EXPORT_NAME``; serving, or haggling on after it) and are still open. Past
         it, a client's choice is answered ``NBD_REP_ERR_POLICY`` naming the limit, then the
-        connection closes; listing exports or asking about one is never refused. With TLS,
-        clients that have not authenticated cannot hold the places of those that have (none
-        can choose before TLS is on), and a connection is one of at most as many again
-        waiting for TLS (past that, closed at once), each with
-        :data:`~.nbd_session.TLS_DEADLINE` seconds to get there."""
+        connection closes; listing exports or asking about one is never refused. A connection
+        that has not proved itself yet is also one of at most as many again (past that,
+        closed at once, counted as refused): in clear, until it chooses an export (within
+        the handshake's 60 s); with TLS, until TLS is on (within
+        :data:`~.nbd_session.TLS_DEADLINE` seconds), so clients that have not authenticated
+        cannot hold the places of those that have. Connections that never choose therefore
+        pin bounded memory (each at most a receive buffer and one option)."""
         self.stats = stats
         self.tls = tls
         """The server-side TLS context: when set, every connection must start TLS."""
         self._refusal_log = RateLimitedLog(log)
+        self.client_faults = RateLimitedLog(log)
+        """Log of clients' protocol faults and timeouts: any client can cause them, so
+        they are rate-limited (one line per 10 s for the same kind)."""
         self._tls_log = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
         self._sessions: set[NbdSession] = set()
         self._admitted: set[NbdSession] = set()  # those that chose an export, at most max
-        self._awaiting_tls: set[NbdSession] = set()  # TLS required, not on yet
+        # Not proved yet: in clear, no export chosen; with TLS, TLS not on.
+        self._unproven: set[NbdSession] = set()
         self._zeros = bytes(1 << 20)
         self._socket_file: SocketFile | None = None
         self._closing = False
@@ -153,21 +159,21 @@ class NbdServer:
         return memoryview(self._zeros)[:nbytes]
 
     def add_session(self, session: NbdSession, peer: str) -> bool:
-        """Count a new connection in; False when TLS is required and as many connections as
-        :attr:`max_connections` are already waiting for it: close it now (counted and logged
-        as refused). It takes a place among :attr:`max_connections` only when it chooses an
-        export (:meth:`admit`)."""
-        if self.tls is not None:
-            if len(self._awaiting_tls) >= self.max_connections:
-                self._refuse(peer, "too many NBD connections waiting for TLS")
-                return False
-            self._awaiting_tls.add(session)
+        """Count a new connection in; False when as many connections as
+        :attr:`max_connections` have not proved themselves yet (in clear: chosen an export;
+        with TLS: started TLS): close it now (counted and logged as refused). It takes a
+        place among :attr:`max_connections` only when it chooses an export (:meth:`admit`)."""
+        if len(self._unproven) >= self.max_connections:
+            waiting = "waiting for TLS" if self.tls is not None else "choosing an export"
+            self._refuse(peer, f"too many NBD connections {waiting}")
+            return False
+        self._unproven.add(session)
         self._sessions.add(session)
         return True
 
     def tls_on(self, session: NbdSession) -> None:
-        """``session``'s TLS handshake succeeded: it no longer waits for TLS."""
-        self._awaiting_tls.discard(session)
+        """``session``'s TLS handshake succeeded: it has proved itself."""
+        self._unproven.discard(session)
 
     def admit(self, session: NbdSession, peer: str) -> str:
         """``session`` chooses an export that exists (``NBD_OPT_GO``, ``NBD_OPT_EXPORT_NAME``):
@@ -177,6 +183,7 @@ class NbdServer:
         takes no place and is never refused."""
         if session in self._admitted or len(self._admitted) < self.max_connections:
             self._admitted.add(session)
+            self._unproven.discard(session)
             return ""
         why = (
             f"too many NBD connections: this server takes {self.max_connections} at once "
@@ -198,7 +205,7 @@ class NbdServer:
     def remove_session(self, session: NbdSession) -> None:
         self._sessions.discard(session)
         self._admitted.discard(session)
-        self._awaiting_tls.discard(session)
+        self._unproven.discard(session)
 
     async def close(self) -> None:
         """Stop accepting; let requests in flight finish (bounded), then close sessions."""

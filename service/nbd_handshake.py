@@ -46,7 +46,9 @@ __all__ = ["Hangup", "negotiate"]
 
 log = logging.getLogger("tierdisk.service.nbd")
 
-MAX_OPTION = 1 << 20  # longer option data is a hard disconnect
+MAX_OPTION = 64 << 10
+"""Longest option data taken (a hard disconnect past it): an export name is at most 4 KiB
+(the spec), so this holds a name and a dozen meta-context queries of that length."""
 MAX_OPTION_BEFORE_TLS = 8 << 10
 """Longest option data taken while TLS is required and not on yet (a hard disconnect past it):
 only ``NBD_OPT_STARTTLS`` (no data) is of use then, and an unauthenticated client must not

@@ -136,7 +136,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
         self._stats.connections_total += 1
         if not self._server.add_session(self, self._peer):
-            transport.abort()  # too many waiting for TLS: refused (and counted) at once
+            transport.abort()  # too many not proved yet: refused (and counted) at once
             return
         if self._server.closing:
             transport.close()
@@ -267,12 +267,22 @@ class NbdSession(asyncio.BufferedProtocol):
         assert self._transport is not None
         starttls = self._start_tls if self._server.tls is not None else None
         try:
-            export = await asyncio.wait_for(
-                negotiate(self._server, self._recv, self._send, self._peer, self._admit, starttls),
-                _HANDSHAKE_TIMEOUT,  # the TLS handshake included
-            )
+            # Not wait_for: on Python 3.11 it runs the handshake in a task of its own, whose
+            # exception (a Hangup) then holds a cycle through the frames back to this session
+            # and its buffers, freed only by a full garbage collection (rare in a busy
+            # server): every connection that ended before choosing an export stayed.
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):  # the TLS handshake included
+                export = await negotiate(
+                    self._server, self._recv, self._send, self._peer, self._admit, starttls
+                )
         except TimeoutError:
-            log.info("NBD %s: no export chosen in %.0f s; closing", self._peer, _HANDSHAKE_TIMEOUT)
+            self._server.client_faults.log(
+                logging.INFO,
+                "NBD %s: no export chosen in %.0f s; closing",
+                self._peer,
+                _HANDSHAKE_TIMEOUT,
+                key="handshake timeout",
+            )
             self._abort()
             return
         except Hangup as exc:
@@ -404,7 +414,12 @@ class NbdSession(asyncio.BufferedProtocol):
                 break
             magic, flags, cmd, handle, offset, length = P.REQUEST.unpack_from(buf, start)
             if magic != P.REQUEST_MAGIC:
-                log.warning("NBD %s: bad request magic %#x; disconnecting", self._peer, magic)
+                self._server.client_faults.warning(
+                    "NBD %s: bad request magic %#x; disconnecting",
+                    self._peer,
+                    magic,
+                    key="bad request magic",
+                )
                 self._closing = True
                 if self._transport is not None:
                     self._transport.abort()
