@@ -42,7 +42,8 @@ class MetricsEndpoint:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            async with asyncio.timeout(10):  # not wait_for: see nbd_session._handshake
+                request = await reader.readuntil(b"\r\n\r\n")
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             path = path.split("?", 1)[0]
             if method in ("GET", "HEAD") and path in ("/metrics", "/"):
