@@ -548,8 +548,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 done, _ = await asyncio.wait(
                     {changes, drained}, return_when=asyncio.FIRST_COMPLETED
                 )
-                if changes not in done:
-                    return
+                if changes not in done:  # a graceful stop: the watcher must know to watch again
+                    stopping = Unavailable("the server is shutting down; watch again")
+                    await self._refuse(context, status_for(stopping), stopping)
                 for generation, count in changes.result():
                     yield pb.ResizeEvent(sector_count=count, generation=generation)
                     seen = generation

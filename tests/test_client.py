@@ -140,6 +140,19 @@ async def test_resize_and_watch(client: AsyncClient) -> None:
     assert (await vol.info()).sector_count == 3000
 
 
+async def test_a_watch_ends_unavailable_when_the_server_stops(
+    server: Server, client: AsyncClient
+) -> None:
+    """A graceful stop ends a watch with ``Unavailable`` (watch again), never as if the
+    stream simply had no more to say: a watcher would stop following without knowing."""
+    events = client.volume("ram").watch_resize()
+    await anext(events)
+    stopping = asyncio.ensure_future(server.stop(grace=5))
+    with pytest.raises(Unavailable, match="shutting down; watch again"):
+        await asyncio.wait_for(anext(events), 10)
+    await stopping
+
+
 async def test_inspect_tree_and_path(client: AsyncClient) -> None:
     vol = client.volume("stack")
     tree = await vol.inspect()
