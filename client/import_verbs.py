@@ -131,7 +131,11 @@ async def _copy_in(
     try:
         if is_sized(fd):
             return await _copy_fd_in(client, args, vol, fd, path, sector, verb)
-        with reader(fd) as src:
+        try:
+            stream = reader(fd)
+        except OSError as err:  # a folder, say (a stream refuses one)
+            raise file_error(path, err) from None
+        with stream as src:
             return await _stream_in(client, args, vol, src, path, sector, verb)
     finally:
         os.close(fd)
@@ -261,7 +265,10 @@ async def _stream_in(
     source = fileno(src)
     # A descriptor is read on a thread of its own: a stop signal must not wait for a read
     # a stalled writer holds (the default executor, and so the exit, would).
-    threaded = ThreadReader(source) if source is not None else None
+    try:
+        threaded = ThreadReader(source) if source is not None else None
+    except OSError as err:  # a folder, say (FileIO refuses one)
+        raise file_error(path, err) from None
 
     async def read_chunk() -> bytes:
         if threaded is not None:

@@ -1174,6 +1174,18 @@ def test_errors_name_the_volume_once_and_keep_the_kind(
     assert line.count(f"volume {volume!r}") == 1, line
 
 
+def test_a_folder_given_as_input_or_output_is_named(server: ServerProcess, tmp_path: Path) -> None:
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    for args in (
+        ("write", "rw", "0", "-i", str(folder)),
+        ("import", "rw", str(folder)),
+        ("read", "rw", "0", "1", "-o", str(folder)),
+        ("export", "rw", str(folder)),
+    ):
+        one_line_error(tierdisk(server, *args, check=False), f"file {str(folder)!r}", "directory")
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_write_errors_name_the_file_or_stdout(server: ServerProcess, tmp_path: Path) -> None:
     one_line_error(
