@@ -115,7 +115,8 @@ async def test_existing_file_keeps_its_size(layers: list[RawLayer], tmp_path: Pa
     [
         (SS * 10, {"size": SS * 20}, "config says size"),
         (SS * 10 + 1, {}, "whole number"),
-        (0, {}, "empty"),
+        (0, {}, "no size"),  # an empty file is made anew: with what size?
+        (0, {"read_only": True}, "is empty"),
         (None, {}, "no size"),
         (None, {"read_only": True, "size": SS}, "does not exist"),
         (None, {"size": 1000}, "multiple"),
@@ -133,6 +134,24 @@ async def test_refused_files(
     assert str(path) in str(info.value)
     if content is None:
         assert not path.exists()
+
+
+async def test_an_empty_file_is_a_creation_cut_short_and_made_again(
+    layers: list[RawLayer], tmp_path: Path
+) -> None:
+    """A server killed between creating the image and sizing it leaves an empty file: the
+    next start makes the image (it used to refuse it, "is empty", at every start)."""
+    path = tmp_path / "img"
+    path.write_bytes(b"")
+    layer = await open_raw(layers, path, size=SS * 16)
+    assert layer.sector_count == 16 and path.stat().st_size == SS * 16
+
+
+async def test_a_path_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=f"{fifo} is not a regular file"):
+        await asyncio.wait_for(RawLayer(str(fifo), size=SS).attach(None), 10)
 
 
 async def test_read_only(layers: list[RawLayer], tmp_path: Path) -> None:

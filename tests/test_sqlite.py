@@ -222,3 +222,24 @@ async def test_calls_queued_before_close_finish_and_later_ones_are_unavailable(
         )
     finally:
         await again.close()
+
+
+async def test_a_layer_made_afresh_ignores_an_old_databases_wal(tmp_path: Path) -> None:
+    """Deleting a layer's database to start afresh (after a crash, its WAL still beside it)
+    gives an empty layer, not the old WAL's sectors replayed into the new one."""
+    path = tmp_path / "v.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+    wal = (tmp_path / "v.db-wal").read_bytes()  # as a crash would leave it
+    await layer.close()
+    path.unlink()
+    (tmp_path / "v.db-wal").write_bytes(wal)
+    fresh = SqliteLayer(str(path), size=SIZE)
+    await fresh.attach(None)
+    try:
+        assert fresh.present_sectors == 0
+        buf = bytearray(8 * SS)
+        assert await fresh.read(memoryview(buf), 0) == [] and bytes(buf) == bytes(8 * SS)
+    finally:
+        await fresh.close()

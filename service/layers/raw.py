@@ -41,6 +41,7 @@ from ..fileio import (
     pread_cached,
     pread_into,
     pwrite_all,
+    regular_file_size,
     set_file_size,
     zero_range,
 )
@@ -85,7 +86,8 @@ class RawLayer(Layer):
 
     def _open(self, lower: LayerMetadata | None) -> None:
         what = f"raw image {self.path}"
-        exists = os.path.exists(self.path)
+        found = regular_file_size(self.path, what)  # a device, a FIFO, a folder: refused
+        exists = bool(found)  # an empty file is a creation cut short: it is made again
         if exists:
             ss = self._wanted_sector_size or (lower.sector_size if lower else 512)
             try:
@@ -94,7 +96,8 @@ class RawLayer(Layer):
                 raise ConfigError(f"{what}: {exc}") from None
         else:
             if self._read_only:
-                raise ConfigError(f"{what} does not exist (and read_only is set)")
+                missing = "is empty" if found == 0 else "does not exist"
+                raise ConfigError(f"{what} {missing} (and read_only is set)")
             ss, count = new_geometry(what, self._size_bytes, self._wanted_sector_size, lower)
             nbytes = ss * count
             make_parent_folder(self.path, what)

@@ -235,6 +235,11 @@ class SqliteLayer(Layer):
             os.fsync(fd)
         finally:
             os.close(fd)
+        for leftover in (real + "-wal", real + "-shm", real + "-journal"):
+            # An old database's (deleted to start afresh): SQLite would replay its WAL
+            # into the new one, bringing back its sectors or a "malformed" database.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
         os.replace(tmp, real)
         folder = os.open(os.path.dirname(real), os.O_RDONLY | os.O_CLOEXEC)
         try:
