@@ -183,8 +183,16 @@ async def _serve(
             return 1
     await stop.wait()
     log.info("stopping: finishing calls in flight, then flushing every volume")
-    await server.stop(grace)
+    unflushed = await server.stop(grace)
     log.info("stopped")
+    if unflushed:
+        names = ", ".join(repr(name) for name in unflushed)
+        print(
+            f"tierdisk serve: the final flush failed for volume(s) {names}: writes acknowledged "
+            "since their last Flush may not be durable (the log says why)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

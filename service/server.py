@@ -347,10 +347,15 @@ class Server:
 
     # -- stop -----------------------------------------------------------------------------
 
-    async def stop(self, grace: float = 30.0, *, flush: bool = True) -> None:
-        """Stop serving: refuse new calls, finish calls in flight, flush, close. Idempotent."""
+    async def stop(self, grace: float = 30.0, *, flush: bool = True) -> list[str]:
+        """Stop serving: refuse new calls, finish calls in flight, flush, close. Idempotent.
+
+        Returns the names of the volumes whose final flush failed (logged; the others are
+        still flushed and closed): writes acknowledged since their last Flush may not be
+        durable. Empty when every flush succeeded, or on a second call."""
+        failed: list[str] = []
         if self._stopped:
-            return
+            return failed
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         for task in self._attach_tasks:
@@ -366,6 +371,7 @@ class Server:
                     await volume.flush()
                 except Exception as exc:  # keep closing the others
                     log.error("volume %r: flush at shutdown failed: %s", volume.name, exc)
+                    failed.append(volume.name)
         for volume in self.registry.ready_volumes():
             await volume.close()
             self.metrics.forget_volume(volume.name)
@@ -376,6 +382,7 @@ class Server:
         for task in self._attach_tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        return failed
 
 
 _ATTACH_LOG_INTERVAL = 60.0

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from persistent_contract import tiny_filesystem
 from servers import ServerProcess, ram, remote, serve_once, toml_volume, write_config
 
 from tierdisk.service.config import load_config
@@ -729,3 +730,31 @@ def test_bad_nbd_tls_settings_exit_2_with_one_line(
     assert lines[0].startswith("tierdisk serve: config error: "), lines[0]
     assert fragment.replace("DATA", str(data)) in lines[0], lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_final_flush_that_fails_exits_1_naming_the_volume(tmp_path: Path) -> None:
+    """A stop whose final flush fails (a sqlite layer whose disk filled: its WAL cannot be
+    checkpointed) exits 1 with a line naming the volume, not 0 as if every acknowledged
+    write were durable: a supervisor must be able to tell."""
+
+    async def fill(address: str) -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            for chunk in range((16 << 20) // (64 << 10)):
+                try:
+                    await stub.Write(
+                        pb.WriteRequest(volume="v", sector=chunk * 128, data=b"f" * (64 << 10))
+                    )
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    return chunk
+        raise AssertionError("the filesystem never filled")
+
+    with tiny_filesystem(tmp_path / "data", "3m"):
+        body = toml_volume("v", {"kind": "sqlite", "path": "v.db", "size": "16MiB"})
+        config = write_config(tmp_path, body)
+        with ServerProcess.start(tmp_path, config) as server:
+            assert asyncio.run(fill(server.grpc)) > 0
+            os.kill(server.pid, signal.SIGTERM)
+            assert server.proc.wait(60) == 1, server.stderr_text()
+            assert "the final flush failed for volume(s) 'v'" in server.stderr_text()
