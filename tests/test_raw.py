@@ -192,6 +192,32 @@ async def test_flush_and_fua_fdatasync(
     assert (tmp_path / "img").read_bytes()[: 2 * SS] == pattern(1, 0, 2, SS)
 
 
+async def test_a_resize_is_synced_before_it_returns(
+    layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new size outlasts a power cut once the resize returns; a sync that fails says
+    the resize was made but is not durable (the layer has the new size, as the file does)."""
+    layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
+    synced: list[int] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    await layer.resize(16)
+    assert synced == [layer._fd]
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StorageError, match="done, but not durable"):
+        await layer.resize(4)
+    assert layer.sector_count == 4 and (tmp_path / "img").stat().st_size == 4 * SS
+
+
 async def test_out_of_range(layers: list[RawLayer], tmp_path: Path) -> None:
     layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
     with pytest.raises(OutOfRange):

@@ -248,20 +248,23 @@ class RawLayer(Layer):
                 f"raw image {self.path}: size must be at least one sector, not {sector_count}"
             )
         token = await self._sectors.acquire_exclusive(0, EVERY_SECTOR)  # close waits for it
+        what = f"resizing raw image {self.path}"
+        loop = asyncio.get_running_loop()
         try:
             if self._fd < 0:
                 raise layer_closed(f"raw image {self.path}")
-            await asyncio.get_running_loop().run_in_executor(
-                None,
-                set_file_size,
-                self._fd,
-                sector_count * self._sector_size,
-                f"resizing raw image {self.path}",
+            fd = self._fd
+            await loop.run_in_executor(
+                None, set_file_size, fd, sector_count * self._sector_size, what
             )
+            self._sector_count = sector_count  # the file has the new size: so does the layer
+            self._notify_resized()
+            try:  # the new size must outlast a power cut, as a sparse or sqlite layer's does
+                await loop.run_in_executor(None, os.fsync, fd)
+            except OSError as exc:
+                raise as_storage_error(exc, f"{what} (done, but not durable)") from None
         finally:
             self._sectors.release(token)
-        self._sector_count = sector_count
-        self._notify_resized()
 
     def inspect(self) -> dict[str, Any]:
         details: dict[str, Any] = {"path": os.path.abspath(self.path)}
