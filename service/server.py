@@ -304,6 +304,12 @@ class Server:
                 volume = await self._build(config)
             except (Unavailable, DeadlineExceeded) as exc:
                 self.registry.set_waiting(config.name, f"a remote tier is not reachable ({exc})")
+                attach_log.warning(
+                    "volume %r: still waiting for its remote tier: %s; retrying in the background",
+                    config.name,
+                    exc,
+                    key="unreachable",  # at most one line a minute, whatever the details
+                )
                 continue
             except ConfigError as exc:
                 answer = remote_answer(exc)

@@ -141,3 +141,24 @@ async def test_a_problem_of_the_servers_own_is_not_retried(tmp_path: Path) -> No
             await asyncio.sleep(1)
             assert refused_attempts(cache, "OK") == attempts
             assert not cache.registry.all_ready
+
+
+async def test_a_tier_that_stays_down_is_logged_once_a_minute_naming_the_volume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the remote tier is down, the log says once which volume waits for it, then at
+    most once a minute: not a line per attempt (about 13 a minute per volume) from the
+    remote layer, which named only the remote's volume and a retry count the attach does
+    not use."""
+    listen = f"127.0.0.1:{free_port()}"
+    body = toml_volume("v", ram(), remote(listen, "base", timeout=1))
+    with caplog.at_level(logging.INFO, "tierdisk"):
+        async with running_server(tmp_path / "cache", body) as cache:
+            deadline = asyncio.get_running_loop().time() + 20
+            while refused_attempts(cache, "UNAVAILABLE") < 5:  # five attempts, all refused
+                assert asyncio.get_running_loop().time() < deadline, "stopped retrying"
+                await asyncio.sleep(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    waiting = [line for line in lines if "base" in line or "not reachable" in line]
+    assert all(line.startswith("volume 'v': ") for line in waiting), waiting
+    assert 1 <= len(waiting) <= 2, waiting

@@ -377,8 +377,10 @@ class RemoteLayer(Layer):
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
         if self.on_request is not None and rpc != "WatchResize":
             self.on_request(rpc, code.name, seconds)
-        # (NbdRead failures are logged by the NBD data path, which says what happens next.)
-        if code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
+        # (NbdRead failures are logged by the NBD data path, which says what happens next;
+        # those of an attach by the server, which names the volume and retries it.)
+        attached = self._info is not None
+        if attached and code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
             self._call_log.warning(
                 "%s: %s answered %s after %.3f s (the client retries up to %d times)",
                 self._where,
