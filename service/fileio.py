@@ -220,17 +220,17 @@ def make_parent_folder(path: str, what: str) -> None:
 
 def regular_file_size(path: str, what: str) -> int | None:
     """The size in bytes of the file at ``path`` (through symlinks), ``None`` when there is
-    none; a :class:`ConfigError` naming ``what`` when it is not a regular file (a device, a
-    FIFO, a folder), which a layer that creates or replaces its file must never take for
-    an empty one."""
+    none (nor its folder); a :class:`StorageError` naming ``what`` when it is not a regular
+    file (a device, a FIFO, a folder), which a layer that creates or replaces its file must
+    never take for an empty one, or cannot be looked at."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise ConfigError(f"{what}: cannot use {path}: {exc.strerror}") from None
+        raise StorageError(f"{what}: cannot use {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{what}: {path} is not a regular file")
+        raise StorageError(f"{what}: {path} is not a regular file")
     return st.st_size
 
 

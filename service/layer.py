@@ -192,6 +192,11 @@ class Layer(abc.ABC):
         return False
 
     @property
+    def read_cache_refusal(self) -> str:
+        """Why the layer cannot be a read cache, for the config error ("" when it can)."""
+        return "" if self.can_read_cache else f"a {self.kind} layer cannot"
+
+    @property
     def can_resize(self) -> bool:
         """True when :meth:`resize` is implemented for this layer as configured."""
         return False

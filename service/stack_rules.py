@@ -50,6 +50,8 @@ class LayerFacts(Protocol):
     @property
     def can_read_cache(self) -> bool: ...
     @property
+    def read_cache_refusal(self) -> str: ...
+    @property
     def sector_count(self) -> int: ...
     @property
     def smallest_size(self) -> int: ...
@@ -100,8 +102,8 @@ def check_read_cache(name: str, index: int, entry: EntryFacts) -> None:
     overwriting. Checked before attach and again after (a remote may turn out read-only)."""
     if entry.read_cache and not entry.layer.can_read_cache:
         raise ConfigError(
-            f"read_cache needs a layer that can write without overwriting; "
-            f"a {entry.layer.kind} layer cannot",
+            "read_cache needs a layer that can write without overwriting; "
+            + entry.layer.read_cache_refusal,
             volume=name,
             layer=index,
         )

@@ -35,6 +35,7 @@ from tierdisk.service.errors import (
     InvalidArgument,
     NoSpace,
     OutOfRange,
+    StorageError,
     TierdiskError,
 )
 from tierdisk.service.layer import Layer, UnmapBehavior
@@ -504,15 +505,15 @@ class PersistentLayerContract:
         self, path: Path
     ) -> None:
         """A FIFO (or a device node, a folder) is never taken for an empty file and
-        replaced by a new layer."""
+        replaced by a new layer: refused as a storage problem ("cannot start")."""
         os.makedirs(os.path.dirname(path))
         os.mkfifo(path)
-        with pytest.raises(ConfigError, match=rf"{path} is not a regular file"):
+        with pytest.raises(StorageError, match=rf"{path} is not a regular file"):
             await asyncio.wait_for(self.make(path).attach(None), 10)
         assert stat.S_ISFIFO(os.lstat(path).st_mode)
         folder = os.path.join(os.path.dirname(path), "folder")
         os.mkdir(folder)
-        with pytest.raises(ConfigError, match=rf"{folder} is not a regular file"):
+        with pytest.raises(StorageError, match=rf"{folder} is not a regular file"):
             await self.make(Path(folder)).attach(None)
 
     # -- out of space ---------------------------------------------------------------------------

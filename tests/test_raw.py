@@ -150,7 +150,7 @@ async def test_an_empty_file_is_a_creation_cut_short_and_made_again(
 async def test_a_path_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(ConfigError, match=f"{fifo} is not a regular file"):
+    with pytest.raises(StorageError, match=f"{fifo} is not a regular file"):
         await asyncio.wait_for(RawLayer(str(fifo), size=SS).attach(None), 10)
 
 

@@ -278,8 +278,8 @@ async def test_read_only_remotes(origin: Server, tmp_path: Path) -> None:
     assert info.value.volume == "v" and info.value.layer == 0 and "read-only" in str(info.value)
     # disk mode can never be a read cache; layer mode can, unless the remote is read-only
     for layer, why in (
-        (remote(at, "base", read_cache=True), "read_cache"),
-        (remote(at, "ro", mode="layer", read_cache=True), "read_cache"),
+        (remote(at, "base", read_cache=True), 'a remote layer in mode = "disk" holds every'),
+        (remote(at, "ro", mode="layer", read_cache=True), "the remote volume 'ro' is read-only"),
     ):
         with pytest.raises(ConfigError) as info:
             async with running_server(tmp_path / "p2", toml_volume("v", ram(), layer)):

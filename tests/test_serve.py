@@ -334,8 +334,8 @@ def _foreign_sqlite(data: Path) -> None:
         (
             "kind='raw'\npath='r.img'\n",
             _raw_is_a_folder,
-            "tierdisk serve: cannot start: volume 'v', layer 1: cannot open raw image ",
-            "Is a directory",
+            "tierdisk serve: cannot start: volume 'v', layer 1: raw image ",
+            "r.img is not a regular file",
         ),
         (
             "kind='sqlite'\npath='q.db'\n",

@@ -48,6 +48,10 @@ class Facts:
         if self.smallest_size < 0:
             object.__setattr__(self, "smallest_size", self.sector_count)
 
+    @property
+    def read_cache_refusal(self) -> str:
+        return "" if self.can_read_cache else f"a {self.kind} layer cannot"
+
 
 @dataclass(frozen=True)
 class Entry:

@@ -427,6 +427,14 @@ class RemoteLayer(Layer):
         return self.mode == "layer" and not (self._info is not None and self._info.read_only)
 
     @property
+    def read_cache_refusal(self) -> str:
+        if self.mode != "layer":
+            return 'a remote layer in mode = "disk" holds every sector (mode = "layer" can)'
+        if not self.can_read_cache:
+            return f"the remote volume {self.remote_volume!r} is read-only"
+        return ""
+
+    @property
     def can_resize(self) -> bool:
         return not self.read_only
 
