@@ -289,9 +289,15 @@ class Layer(abc.ABC):
         """
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
-        """Store only the sectors of ``data`` this layer does not already hold; return how
-        many sectors it stored (what ``tierdisk_cache_fills_total`` counts)."""
+        """A read-cache fill: store only the sectors of ``data`` this layer does not already
+        hold; return how many sectors it stored (what ``tierdisk_cache_fills_total``
+        counts). A layer may drop a fill that went stale while it waited (return 0)."""
         raise NotSupported(f"the {self.kind} layer cannot write without overwriting")
+
+    async def write_holes(self, data: memoryview, sector: int) -> int:
+        """A caller's ``Write`` with ``no_overwrite``: as :meth:`write_no_overwrite`, but
+        its data is the caller's, so it is never dropped as a stale fill may be."""
+        return await self.write_no_overwrite(data, sector)
 
     async def presence(self, sector: int, count: int) -> list[Run]:
         """The runs of ``[sector, sector + count)`` this layer holds, without reading data.

@@ -555,7 +555,7 @@ class Volume:
                     part = view[(a - sector) * ss : (limit - sector) * ss]
                     layer = self._layers[index]
                     if layer.can_read_cache:
-                        await layer.write_no_overwrite(part, a)
+                        await layer.write_holes(part, a)
                         if fua and layer not in unsynced:
                             unsynced.append(layer)
                     else:

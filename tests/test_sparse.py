@@ -768,3 +768,25 @@ async def test_a_cancelled_flush_keeps_the_next_commit_waiting(
         assert (await read(again, 0, 9))[1] == [(0, 1), (8, 9)]
     finally:
         await again.close()
+
+
+async def test_a_no_overwrite_write_is_never_dropped_by_a_shrink_elsewhere(tmp_path: Path) -> None:
+    """A caller's ``Write`` with ``no_overwrite`` into holes is stored even when a shrink of
+    other sectors begins while it waits for the layer's writer thread: it is the caller's
+    data, not a read-cache fill that may have gone stale (the layer dropped it as one, and
+    the write was acknowledged and lost, in most rounds)."""
+    data = b"\x5a" * (16 * SS)
+    for round_ in range(20):
+        vol = await Volume.open(
+            "v", [LayerEntry(SparseLayer(str(tmp_path / f"s{round_}"), size=91 * SS))]
+        )
+        try:
+            await asyncio.gather(
+                vol.write_at(16895, bytes(2049)),  # keeps the writer thread busy a moment
+                vol.write(0, data, no_overwrite=True),
+                vol.resize(90),
+            )
+            got, present = await vol.read(0, 16)
+            assert (bytes(got), present) == (data, [(0, 16)]), round_
+        finally:
+            await vol.close()

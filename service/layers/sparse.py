@@ -431,7 +431,7 @@ class SparseLayer(Layer):
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
-        await self._mutate("writing", sector, end, self._write_sync, data, sector, None)
+        await self._mutate("writing", sector, end, self._write_sync, data, sector, False, None)
         if fua:
             try:
                 await self._commit()
@@ -450,19 +450,32 @@ class SparseLayer(Layer):
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
         shrinks = self._shrinks
-        return await self._mutate("writing", sector, end, self._write_sync, data, sector, shrinks)
+        return await self._mutate(
+            "writing", sector, end, self._write_sync, data, sector, True, shrinks
+        )
 
-    def _write_sync(self, data: memoryview, sector: int, fill_after: int | None) -> int:
-        """Write ``data`` at ``sector``; a fill (``fill_after``: the shrinks begun when it
-        was asked for) writes only the sectors absent, and nothing if a shrink began since.
-        Returns the sectors written."""
+    async def write_holes(self, data: memoryview, sector: int) -> int:
+        """A caller's write of the sectors absent: never dropped (its data is the caller's,
+        not stale; a shrink that cut its range makes it ``OUT_OF_RANGE``)."""
+        end = sector + len(data) // self._sector_size
+        self._check_range(sector, end - sector)
+        return await self._mutate(
+            "writing", sector, end, self._write_sync, data, sector, True, None
+        )
+
+    def _write_sync(
+        self, data: memoryview, sector: int, holes: bool, fill_after: int | None
+    ) -> int:
+        """Write ``data`` at ``sector``, or with ``holes`` only the sectors absent; a fill
+        (``fill_after``: the shrinks begun when it was asked for) writes nothing if a shrink
+        began since. Returns the sectors written."""
         ss = self._sector_size
         end = sector + len(data) // ss
         if end == sector or (fill_after is not None and fill_after != self._shrinks):
             return 0
         with self._lock:
             absent = complement(sector, end, self._present.runs_in(sector, end))
-        targets = absent if fill_after is not None else [(sector, end)]
+        targets = absent if holes else [(sector, end)]
         if not targets:
             return 0
         try:
