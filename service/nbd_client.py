@@ -264,6 +264,12 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def in_flight(self) -> list[asyncio.Future[None]]:
+        """The futures of the reads not answered in full yet: the one whose data is
+        arriving (no longer in :attr:`pending`), then those waiting for their reply."""
+        current = [] if self._current is None else [self._current.future]
+        return current + [request.future for request in self.pending.values()]
+
     def fail(self, error: NbdClosed) -> None:
         first = self.error is None
         if first:
@@ -272,9 +278,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._filled, self._on_full = 0, self._drop
         if self._waiter is not None:
             _wake(self._waiter)
-        pending, self.pending = self.pending, {}
-        for request in pending.values():
-            _settle(request.future, self.error)
+        stranded = self.in_flight()  # the one whose data was arriving too
+        self._current, self.pending = None, {}
+        for future in stranded:
+            _settle(future, self.error)
         if first and self.on_fail is not None:
             self.on_fail(error)
 
@@ -430,8 +437,8 @@ class NbdReader:
         """Say goodbye (``NBD_CMD_DISC``) and close the connection; with ``drain``, first
         wait up to that many seconds for the reads in flight (the rest fail)."""
         conn = self._conn
-        if drain > 0 and conn.pending and conn.error is None:
-            futures = [request.future for request in conn.pending.values()]
+        futures = conn.in_flight()
+        if drain > 0 and futures and conn.error is None:
             await asyncio.wait(futures, timeout=drain)
         transport = conn.transport
         if transport is None or transport.is_closing():

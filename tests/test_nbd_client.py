@@ -310,3 +310,31 @@ async def test_a_protocol_violation_breaks_the_connection(reply: bytes, why: str
 )
 def test_the_server_an_export_description_names(description: str, server_id: str) -> None:
     assert described_server(description) == server_id
+
+
+async def test_a_read_whose_data_is_arriving_fails_at_once_when_the_connection_breaks(
+    server: Server,
+) -> None:
+    """The read whose reply data is arriving when the connection breaks fails at once
+    (``NbdClosed``), as those still waiting for a reply do: it was left waiting for ever (a
+    remote layer then gave up only at its ``timeout``, DEADLINE_EXCEEDED, where it falls back
+    to gRPC at once). Caught in that state by watching the connection between reads."""
+    caught = 0
+    for _ in range(20):
+        reader = await NbdReader.connect(server.nbd_address, "v")
+        conn = reader._conn
+        reading = asyncio.ensure_future(reader.read_into(0, memoryview(bytearray(len(DATA)))))
+        for _ in range(100_000):  # one loop step at a time: a step receives a few chunks
+            if reading.done() or conn._current is not None:
+                break
+            await asyncio.sleep(0)
+        if reading.done():
+            await reading  # all of it arrived first: not the state looked for, try again
+        else:
+            caught += 1
+            assert conn.transport is not None
+            conn.transport.abort()
+            with pytest.raises(NbdClosed):
+                await asyncio.wait_for(reading, 5)
+        await reader.close()
+    assert caught, "never caught a read with its data arriving"
