@@ -353,6 +353,30 @@ class Server:
 
     # -- stop -----------------------------------------------------------------------------
 
+    @staticmethod
+    async def _final_flush(volume: Volume) -> bool:
+        """Flush ``volume`` at a stop; False (logged) when it failed. A remote tier that
+        answers ``UNAVAILABLE`` is asked again for up to :data:`_FINAL_FLUSH_PATIENCE`
+        seconds: one that just restarted is back within that, before this server's channel
+        to it has reconnected."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _FINAL_FLUSH_PATIENCE
+        backoff = Backoff(0.1, 1.0)
+        while True:
+            try:
+                await volume.flush()
+                return True
+            except Unavailable as exc:
+                wait = backoff.next()
+                if loop.time() + wait < deadline:
+                    await asyncio.sleep(wait)
+                    continue
+                failure: Exception = exc
+            except Exception as exc:
+                failure = exc
+            log.error("volume %r: flush at shutdown failed: %s", volume.name, failure)
+            return False
+
     async def stop(self, grace: float = 30.0, *, flush: bool = True) -> list[str]:
         """Stop serving: refuse new calls, finish calls in flight, flush, close. Idempotent.
 
@@ -373,10 +397,7 @@ class Server:
             await self._nbd.close()
         if flush:
             for volume in self.registry.ready_volumes():
-                try:
-                    await volume.flush()
-                except Exception as exc:  # keep closing the others
-                    log.error("volume %r: flush at shutdown failed: %s", volume.name, exc)
+                if not await self._final_flush(volume):  # logged; the others still flushed
                     failed.append(volume.name)
         for volume in self.registry.ready_volumes():
             await volume.close()
@@ -390,6 +411,10 @@ class Server:
                 await task
         return failed
 
+
+_FINAL_FLUSH_PATIENCE = 5.0
+"""Seconds a final flush keeps retrying a remote tier that answers ``UNAVAILABLE`` (one
+that restarted a moment ago: its channel may still be waiting to reconnect)."""
 
 _ATTACH_LOG_INTERVAL = 60.0
 """Seconds between error logs of a background attach refused for the same reason."""

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -558,3 +559,35 @@ async def test_a_chain_deeper_than_eight_fails_fast(tmp_path: Path) -> None:
         assert isinstance(info.value, cerr.TierLoop)
         assert top.grpc_address in info.value.message
         assert below.grpc_address in info.value.message
+
+
+async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
+    tmp_path: Path,
+) -> None:
+    """The final flush of a write-through tier asks an origin that answers ``UNAVAILABLE``
+    again for a few seconds: an origin that restarts while the tier stops is back before
+    the tier's channel to it has reconnected, and the flush went out (and failed: exit 1)
+    while the channel still waited. Here the origin is down when the stop begins and is
+    back 1 s later."""
+    listen = f"127.0.0.1:{free_port()}"
+    origin_dir = tmp_path / "origin"
+    config = write_config(
+        origin_dir, toml_volume("base", {"kind": "raw", "path": "base.img", "size": "1MiB"})
+    )
+    origin = ServerProcess.start(origin_dir, config, listen=listen)
+    try:
+        body = toml_volume("vm", ram(write_through=True), remote(listen, "base", timeout=1))
+        async with running_server(tmp_path / "cache", body) as cache:
+            async with AsyncClient(cache.grpc_address) as client:
+                await client.volume("vm").write(0, BASE[: 8 * SS])
+            origin.terminate()
+            close_streams(origin)
+            stopping = asyncio.ensure_future(cache.stop(grace=1))
+            await asyncio.sleep(1.0)
+            origin = ServerProcess.start(origin_dir, config, listen=listen)
+            assert await asyncio.wait_for(stopping, 30) == []  # no volume's flush failed
+        async with AsyncClient(listen) as oc:
+            assert await oc.volume("base").read(0, 8) == BASE[: 8 * SS]
+    finally:
+        origin.kill()
+        close_streams(origin)
