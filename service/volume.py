@@ -354,14 +354,22 @@ class Volume:
                 stored = await entry.layer.write_no_overwrite(
                     buf[(a - sector) * ss : (b - sector) * ss], a
                 )
+            except OutOfRange as exc:
+                if self.generation != generation:  # lost a race with a shrink: skipped, as
+                    return  # above (not a failure of the cache)
+                self._fill_failed(entry, exc)
             except Exception as exc:  # any failure: the fill is best effort (DESIGN §3)
-                entry.stats.cache_fill_errors += 1
-                index = self._entries.index(entry)
-                entry.fill_log.warning(
-                    "volume %r: filling read cache layer %d failed: %s", self.name, index, exc
-                )
+                self._fill_failed(entry, exc)
             else:
                 entry.stats.cache_fills += stored  # not what another fill or a write stored
+
+    def _fill_failed(self, entry: LayerEntry, exc: Exception) -> None:
+        """Count and log (rate-limited) a fill of ``entry``'s layer that failed."""
+        entry.stats.cache_fill_errors += 1
+        index = self._entries.index(entry)
+        entry.fill_log.warning(
+            "volume %r: filling read cache layer %d failed: %s", self.name, index, exc
+        )
 
     # -- write, unmap, flush ------------------------------------------------------------
 

@@ -346,3 +346,35 @@ async def test_a_top_that_shrank_unseen_after_part_of_a_write_is_not_out_of_rang
             await volume.write(40, b"n" * 512, no_overwrite=True)
     finally:
         await volume.close()
+
+
+class _GatedCache(RamLayer):
+    """A read cache whose fills wait for :attr:`go` (set when :attr:`entered`)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        self.entered.set()
+        await self.go.wait()
+        return await super().write_no_overwrite(data, sector)
+
+
+async def test_a_fill_that_loses_a_race_with_a_shrink_is_not_a_fill_error() -> None:
+    """A fill whose sectors a shrink cut while it waited is skipped, as a fill begun after
+    the shrink is: not counted in ``tierdisk_cache_fill_errors_total`` nor logged as a
+    failure (the cache did not fail; fill-error alerts would fire for nothing)."""
+    cache, lower = _GatedCache(64 * 512), RamLayer(64 * 512)
+    volume = await Volume.open("v", [LayerEntry(cache, read_cache=True), LayerEntry(lower)])
+    try:
+        await lower.write(memoryview(b"x" * 64 * 512), 0, False)
+        reading = asyncio.ensure_future(volume.read(40, 8))
+        await asyncio.wait_for(cache.entered.wait(), 5)
+        await asyncio.wait_for(volume.resize(32), 5)  # while the fill waits
+        cache.go.set()
+        await asyncio.wait_for(reading, 5)
+        assert volume.entries[0].stats.cache_fill_errors == 0
+        assert volume.entries[0].stats.cache_fills == 0
+    finally:
+        await volume.close()
