@@ -3,35 +3,104 @@ address and a bearer token. Each says what is wrong in words, or ``None``.
 
 One copy for both sides: the ``tierdisk`` command checks ``--server`` and ``--token`` with
 these, and the server's config checks a remote layer's ``target``, ``token`` and
-``token_file``, its own ``listen`` address, with the same functions
-(:mod:`tierdisk.service.config`). gRPC itself would take a bad address silently (another port,
-or 443) and fail a bad token with an internal error at the first call. Importing this module
-does not import grpc (:func:`tierdisk.client.cli.quiet_grpc_logs`).
+``token_file``, and its own listen addresses (``listen``, ``metrics``, ``nbd``, a remote
+layer's ``nbd``), with the same functions (:mod:`tierdisk.service.config`). gRPC itself would
+take a bad address silently (another port, 443, a name cut at a NUL, or a target it retries
+for ever) and fail a bad token with an internal error at the first call. Importing this
+module does not import grpc (:func:`tierdisk.client.cli.quiet_grpc_logs`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import unicodedata
+from collections.abc import Callable
 
-__all__ = ["server_address_problem", "token_problem"]
+__all__ = ["TARGET_SCHEMES", "address_text_problem", "server_address_problem", "token_problem"]
 
-_TARGET_SCHEME = re.compile(
-    r"(?i)(?:[a-z][a-z0-9+.-]*://|(?:unix|unix-abstract|dns|ipv4|ipv6|vsock|xds):)"
-)
-"""gRPC target forms other than HOST:PORT (``unix:/path``, ``dns:///host:port``, …): passed
-to gRPC untouched."""
+TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract")
+"""The gRPC target schemes taken besides ``HOST:PORT`` (gRPC's naming document):
+
+- ``dns:HOST:PORT`` or ``dns:///HOST:PORT`` (no DNS server in the authority: gRPC refuses
+  ``dns://8.8.8.8/…`` at the first call);
+- ``ipv4:ADDR:PORT[,ADDR:PORT…]`` and ``ipv6:[ADDR]:PORT[,…]``: address literals;
+- ``unix:PATH`` (relative or absolute) or ``unix:///ABSOLUTE/PATH``: a unix socket;
+- ``unix-abstract:NAME``: a socket in Linux's abstract namespace.
+
+Every ``PORT`` is required (gRPC would use 443 for a missing one). Other schemes are refused,
+each a target gRPC would retry for ever: ``http://``, ``https://``, ``vsock:``, ``xds:``
+(:data:`_REFUSED_SCHEMES` says why) and any other ``SCHEME://`` (gRPC looks the whole text up
+as a host name). A scheme is written in lower case, as the code that reads a target back
+(``unix:``) compares it."""
+
+_REFUSED_SCHEMES = {
+    "http": "gRPC takes no URL: HOST:PORT",
+    "https": "gRPC takes no URL: HOST:PORT (TLS is an option of its own)",
+    "vsock": "this gRPC has no vsock resolver: it would look the whole text up as a host name",
+    "xds": "xDS needs a bootstrap file tierdisk does not set up",
+}
+"""Schemes a user may reach for that gRPC does not take here, and why (the rest: unknown)."""
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def server_address_problem(target: str, *, empty_host: bool = False) -> str | None:
-    """What is wrong with ``target`` in the HOST:PORT form (``[v6addr]:PORT`` too), or
-    ``None``. gRPC would silently read ``host:99999`` as another port, use 443 for a missing
-    one and read ``::1:7400`` as some other IPv6 address; other target forms (a scheme such
-    as ``unix:``, ``dns:``) are left to gRPC.
+def address_text_problem(text: str) -> str | None:
+    """What makes ``text`` unusable as any address, whatever its form, or ``None``: white
+    space, a control or format character (a NUL cuts the C string gRPC hands on: the rest of
+    the address, its port too, is silently dropped), or an undecodable byte of a command
+    line or environment variable (gRPC takes UTF-8 only). Names the first such character and
+    its position (from 0)."""
+    for position, char in enumerate(text):
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+            return f"is not UTF-8 (byte 0x{code - 0xDC00:02x} at position {position})"
+        if char.isspace():
+            return f"contains white space: {char!r} (U+{code:04X}) at position {position}"
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cf", "Cs"):
+            what = "an invisible format" if category == "Cf" else "a control"
+            return f"contains {what} character: {char!r} (U+{code:04X}) at position {position}"
+    return None
+
+
+def server_address_problem(
+    target: str, *, empty_host: bool = False, listener: bool = False
+) -> str | None:
+    """What is wrong with the gRPC address ``target``, or ``None``.
+
+    ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) or one of the :data:`TARGET_SCHEMES` forms.
+    gRPC would silently read ``host:99999`` as another port, use 443 for a missing one, read
+    ``::1:7400`` as some other IPv6 address, and retry for ever a target it can never reach
+    (another scheme, ``unix:`` without a path); see also :func:`address_text_problem`.
 
     An empty host (``:7400``) is a problem for gRPC, which needs one to connect to or bind;
-    ``empty_host=True`` allows it, for a listener where it means every interface."""
-    if _TARGET_SCHEME.match(target):
-        return None
+    ``empty_host=True`` allows it, for a listener where it means every interface.
+    ``listener=True`` takes only what a server binds: ``HOST:PORT`` or ``unix:PATH``."""
+    problem = address_text_problem(target)
+    if problem is not None:
+        return problem
+    m = _SCHEME.match(target)
+    if m is None:
+        return _host_port_problem(target, empty_host)
+    scheme, rest = m.group(1), target[m.end() :]
+    known = scheme.lower() in TARGET_SCHEMES or scheme.lower() in _REFUSED_SCHEMES
+    if not known and not rest.startswith("//"):
+        return _host_port_problem(target, empty_host)  # "localhost:7400": a host, not a scheme
+    if listener and scheme.lower() != "unix":
+        return f"a listen address is HOST:PORT or unix:PATH (not {scheme}:…)"
+    if scheme.lower() in _REFUSED_SCHEMES:
+        return f"scheme {scheme}: is not taken: {_REFUSED_SCHEMES[scheme.lower()]}"
+    if scheme.lower() not in TARGET_SCHEMES:
+        forms = ", ".join(f"{s}:" for s in TARGET_SCHEMES)
+        return f"unknown scheme {scheme}: (gRPC targets are HOST:PORT, [v6]:PORT, {forms})"
+    if scheme != scheme.lower():
+        return f"the scheme is written in lower case: {scheme.lower()}:"
+    return _SCHEME_CHECKS[scheme](rest)
+
+
+def _host_port_problem(target: str, empty_host: bool) -> str | None:
+    """What is wrong with ``target`` as ``HOST:PORT`` (``[v6addr]:PORT``), or ``None``."""
     if target.startswith("["):
         m = re.fullmatch(r"\[[^\]]*\](?::(.*))?", target)
         if not m:
@@ -50,6 +119,66 @@ def server_address_problem(target: str, *, empty_host: bool = False) -> str | No
     if target.startswith((":", "[]")) and not empty_host:
         return "missing host (HOST:PORT, e.g. 127.0.0.1:7400)"
     return None
+
+
+def _unix_problem(rest: str) -> str | None:
+    """``unix:PATH`` or ``unix:///ABSOLUTE/PATH`` (``rest``: what follows ``unix:``)."""
+    path = rest
+    if rest.startswith("//"):
+        authority, _, path = rest[2:].partition("/")
+        if authority:
+            return (
+                f"unix://{authority}/… names a host, which a unix socket has none of: "
+                "unix:PATH or unix:///ABSOLUTE/PATH"
+            )
+    if not path.strip("/"):
+        return "names no socket path (unix:PATH)"
+    return None
+
+
+def _unix_abstract_problem(rest: str) -> str | None:
+    return None if rest else "names no socket (unix-abstract:NAME)"
+
+
+def _dns_problem(rest: str) -> str | None:
+    """``dns:HOST:PORT`` or ``dns:///HOST:PORT``."""
+    if rest.startswith("//"):
+        authority, slash, rest = rest[2:].partition("/")
+        if authority or not slash:
+            return (
+                "a DNS server in the target (dns://SERVER/…) is not supported: "
+                "dns:///HOST:PORT or dns:HOST:PORT"
+            )
+    problem = _host_port_problem(rest, empty_host=False)
+    return None if problem is None else f"after dns: {problem}"
+
+
+def _literal_problem(rest: str, version: int) -> str | None:
+    """``ipv4:ADDR:PORT[,ADDR:PORT…]`` or ``ipv6:[ADDR]:PORT[,…]``: address literals."""
+    form = ("ipv4:ADDR:PORT" if version == 4 else "ipv6:[ADDR]:PORT") + "[,…]"
+    for address in rest.split(","):
+        problem = _host_port_problem(address, empty_host=False)
+        if problem is not None:
+            return f"{address!r}: {problem} ({form})"
+        host = address.rpartition(":")[0]
+        if version == 6 and host.startswith("["):
+            host = host[1:-1]
+        try:
+            literal = ipaddress.ip_address(host).version == version
+        except ValueError:
+            literal = False
+        if not literal:
+            return f"{host!r} is not an IPv{version} address ({form})"
+    return None
+
+
+_SCHEME_CHECKS: dict[str, Callable[[str], str | None]] = {
+    "dns": _dns_problem,
+    "ipv4": lambda rest: _literal_problem(rest, 4),
+    "ipv6": lambda rest: _literal_problem(rest, 6),
+    "unix": _unix_problem,
+    "unix-abstract": _unix_abstract_problem,
+}
 
 
 def token_problem(token: str) -> str | None:

@@ -4,25 +4,90 @@ gRPC takes their bytes as they are and, given a file without the right PEM block
 that is not the certificate's or an encrypted key, fails the connection with "Failed to
 create security handshaker": :func:`read_pem` and :func:`key_pair_problem` find that out
 first, so the error can name the option and the file.
+
+Such files are read through :func:`read_small_file`: at most :data:`MAX_FILE_BYTES`, so a
+path such as ``/dev/zero`` is refused instead of read until memory runs out (the server's
+config file is read through it too).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import ssl
-from pathlib import Path
+import stat
 
-__all__ = ["CERTIFICATE", "PRIVATE_KEY", "key_pair_problem", "read_pem"]
+__all__ = [
+    "CERTIFICATE",
+    "MAX_FILE_BYTES",
+    "PRIVATE_KEY",
+    "key_pair_problem",
+    "read_pem",
+    "read_small_file",
+]
 
 CERTIFICATE = "CERTIFICATE"
 PRIVATE_KEY = "PRIVATE KEY"  # also matches "RSA PRIVATE KEY", "EC PRIVATE KEY", …
 
+MAX_FILE_BYTES = 4 << 20
+"""The most :func:`read_small_file` reads: 4 MiB (a bundle of every public root CA is about
+200 KiB, a config of a thousand volumes about as much)."""
 
-def read_pem(path: str, kind: str) -> bytes:
+_FILE_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_small_file(path: str, *, regular: bool = True, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the file at ``path``, at most ``limit`` of them.
+
+    :class:`OSError` when it cannot be opened or read; :class:`ValueError`, worded to follow
+    the file's name (``"is a character device, not a regular file"``), when it holds more
+    than ``limit`` bytes or, with ``regular`` (a file read more than once, or by OpenSSL by
+    its name), is not a regular file. A FIFO is opened without waiting for a writer, so
+    it is refused at once rather than waited for. ``regular=False`` reads a pipe or a
+    device too (``<(…)`` on a command line), still at most ``limit`` bytes."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (os.O_NONBLOCK if regular else 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # an OSError, as reading one would be
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if regular and not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise ValueError(f"is {kind}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ValueError(f"holds more than {_bytes_text(limit)}, the most read from such a file")
+    return b"".join(chunks)
+
+
+def _bytes_text(count: int) -> str:
+    """``"4 MiB (4194304 bytes)"`` for a whole number of MiB, else ``"N bytes"``."""
+    if count % (1 << 20) == 0:
+        return f"{count >> 20} MiB ({count} bytes)"
+    return f"{count} bytes"
+
+
+def read_pem(path: str, kind: str, *, regular: bool = False) -> bytes:
     """The bytes of ``path``, which must hold at least one PEM block of ``kind``
     (:data:`CERTIFICATE` or :data:`PRIVATE_KEY`): :class:`OSError` when the file cannot be
-    read, :class:`ValueError` (saying what is missing) when it holds no such block."""
-    data = Path(path).read_bytes()
+    read, :class:`ValueError` (saying what is wrong) when it holds no such block, more than
+    :data:`MAX_FILE_BYTES`, or (``regular``) is not a regular file (:func:`read_small_file`)."""
+    data = read_small_file(path, regular=regular)
     if not re.search(rb"-----BEGIN (?:[A-Z0-9]+ )*" + kind.encode() + rb"-----", data):
         article = "an" if kind[0] in "AEIOU" else "a"
         raise ValueError(

@@ -3,8 +3,9 @@
 ``"64MiB"``, ``"64M"`` and ``"64m"`` are 64 * 2**20 bytes: ``K``/``M``/``G``/``T``/``P``, with or
 without ``iB``, are binary (as in ``qemu-img``); ``kB``, ``MB``, … are decimal; ``B`` is bytes.
 Units are case-insensitive, a space may separate number and unit, and a fraction is allowed
-when the result is a whole number of bytes (``"1.5GiB"``). A bare whole number has no unit:
-the caller says what it counts (the config reads bytes, ``tierdisk resize`` sectors).
+when the result is a whole number of bytes (``"1.5GiB"``); digits and spaces are ASCII. A bare
+whole number has no unit: the caller says what it counts (the config reads bytes, ``tierdisk
+resize`` sectors).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ UNITS: dict[str, int] = {
 }  # fmt: skip
 """Bytes per unit, by the unit's lower-case spelling."""
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", re.ASCII)
+"""ASCII digits only: ``\\d`` and ``Fraction`` would read ``"٣KiB"`` (an Arabic-Indic 3) as
+3 KiB, where a port or a count of the same digits is refused."""
 
 
 def parse_size(text: str) -> tuple[int, bool]:

@@ -15,7 +15,17 @@ private key) turn on TLS for the NBD export, which then requires it (:mod:`.nbd_
 of those CAs (mutual TLS: how NBD clients are authenticated). The three files are loaded at
 config time (:func:`nbd_tls_context`), so a missing, unreadable or broken file, or a key
 that is not the certificate's, is a config error naming the key and the file; the server
-loads them again when it starts its NBD export.
+loads them again when it starts its NBD export. A remote layer's client certificate and key
+(``cert_file``, ``key_file`` with ``tls``) are checked to go together at load too.
+
+What can never work is refused here rather than found later (or never, by a server that
+retries): an address with white space, a control character or an undecodable byte, a
+target gRPC cannot reach (:func:`~tierdisk.client.checks.server_address_problem`), a path
+with a NUL, a ``sector_size`` larger than ``max_io``. The config file and every PEM file
+are read through :func:`~tierdisk.client.pem.read_small_file`: regular files of at most
+:data:`~tierdisk.client.pem.MAX_FILE_BYTES` (``/dev/zero`` or a FIFO is refused, never read
+until memory runs out or waited for). Values shown in messages are shortened
+(:func:`_show`), so an error is one line of sensible length.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import reprlib
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
@@ -30,8 +41,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tierdisk.client import sizes
-from tierdisk.client.checks import server_address_problem, token_problem
+from tierdisk.client.checks import address_text_problem, server_address_problem, token_problem
 from tierdisk.client.chunking import DEFAULT_MAX_IO
+from tierdisk.client.pem import read_small_file
 
 from .errors import ConfigError
 from .netaddr import split_host_port
@@ -61,9 +73,21 @@ longer, and gRPC turns a deadline far enough out (``1e300``) into an immediate
 ``DEADLINE_EXCEEDED``."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` for a message: at most about 80 characters, a few items and levels of a
+    list or table (a value nested thousands deep, or a huge list, is still one short line)."""
+    return _REPR.repr(value)
+
+
 def parse_size(value: object, what: str = "size") -> int:
     """Bytes from an integer or a string like ``"64MiB"``, ``"1.5GiB"``, ``"4096"`` (units as
-    on the command line: :mod:`tierdisk.client.sizes`; ``M`` is MiB, ``MB`` is 10**6)."""
+    on the command line: :mod:`tierdisk.client.sizes`; ``M`` is MiB, ``MB`` is 10**6; ASCII
+    digits only)."""
     if isinstance(value, bool):
         raise ConfigError(f"{what} must be a size in bytes or a string like '64MiB', not {value}")
     if isinstance(value, int):
@@ -75,7 +99,7 @@ def parse_size(value: object, what: str = "size") -> int:
             return sizes.parse_size(value)[0]
         except ValueError as exc:
             raise ConfigError(f"{what} {exc}") from None
-    raise ConfigError(f"{what} {value!r} is not a size (an integer or a string like '64MiB')")
+    raise ConfigError(f"{what} {_show(value)} is not a size (an integer or a string like '64MiB')")
 
 
 # -- option types -------------------------------------------------------------------------
@@ -83,7 +107,7 @@ def parse_size(value: object, what: str = "size") -> int:
 
 def _str(value: object, what: str) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string, not {value!r}")
+        raise ConfigError(f"{what} must be a string, not {_show(value)}")
     return value
 
 
@@ -94,19 +118,52 @@ def _nonempty_str(value: object, what: str) -> str:
     return text
 
 
+def _path(value: object, what: str) -> str:
+    """A file or folder path: a string, not empty, without a NUL (which no path can hold:
+    every system call would refuse it)."""
+    text = _nonempty_str(value, what)
+    position = text.find("\0")
+    if position >= 0:
+        raise ConfigError(
+            f"{what} {_show(text)} contains a NUL character (U+0000) at position {position}, "
+            "which no path can hold"
+        )
+    return text
+
+
+def _optional_path(value: object, what: str) -> str:
+    """A path as :func:`_path`, or ``""`` for not set."""
+    return _path(value, what) if _str(value, what) else ""
+
+
+_UNIX_PATH_MAX = 107
+"""The longest unix socket path, in bytes (``sun_path`` holds 108 with its NUL)."""
+
+
 def _address(value: object, what: str) -> str:
     """A listen address: ``HOST:PORT`` (``[v6]:PORT``; port 0 = any free one; an empty host
-    is every interface) or ``unix:PATH``."""
+    is every interface) or ``unix:PATH``; no white space, control character or undecodable
+    byte anywhere (a NUL would cut the address gRPC binds short: another port)."""
     text = _nonempty_str(value, what)
+    problem = address_text_problem(text)
+    if problem is not None:
+        raise ConfigError(f"{what} address {_show(text)} {problem}")
     if text.startswith("unix:"):
-        if not text[len("unix:") :]:
+        path = text[len("unix:") :]
+        if not path:
             raise ConfigError(f"{what} {text!r} names no socket path")
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise ConfigError(
+                f"{what} {_show(text)}: the socket path is {len(os.fsencode(path))} bytes "
+                f"long, more than a unix socket's can be ({_UNIX_PATH_MAX})"
+            )
         return text
     try:
         split_host_port(text, what)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    problem = server_address_problem(text, empty_host=True)  # e.g. IPv6 not in brackets
+    # e.g. IPv6 not in brackets, or a gRPC target form (dns:…) that nothing binds
+    problem = server_address_problem(text, empty_host=True, listener=True)
     if problem is not None:
         raise ConfigError(f"{what} address {text!r}: {problem}")
     return text
@@ -126,12 +183,26 @@ def _grpc_address(value: object, what: str) -> str:
 
 def _target(value: object, what: str) -> str:
     """A remote layer's ``target``: a gRPC address as the client takes for ``--server``
-    (``HOST:PORT``, ``[v6]:PORT``, or a gRPC form such as ``unix:PATH``, ``dns:///HOST:PORT``);
-    gRPC would silently use another port for ``HOST:99999``, and 443 for a missing one."""
+    (``HOST:PORT``, ``[v6]:PORT``, or one of the gRPC forms of
+    :data:`~tierdisk.client.checks.TARGET_SCHEMES`: ``dns:``, ``ipv4:``, ``ipv6:``,
+    ``unix:PATH``, ``unix-abstract:NAME``); gRPC would silently use another port for
+    ``HOST:99999``, 443 for a missing one or after a NUL, and retry for ever a target it can
+    never reach (``http://…``, ``unix:`` without a path, white space)."""
     text = _nonempty_str(value, what)
     problem = server_address_problem(text)
     if problem is not None:
-        raise ConfigError(f"{what} {text!r}: {problem}")
+        raise ConfigError(f"{what} {_show(text)}: {problem}")
+    return text
+
+
+def _server_name(value: object, what: str) -> str:
+    """A remote layer's ``server_name`` (the name its certificate is checked against, and the
+    ``:authority``): a host name, so no white space or control character (a NUL would cut
+    it short); ``""`` = the target's host."""
+    text = _str(value, what)
+    problem = address_text_problem(text)
+    if problem is not None:
+        raise ConfigError(f"{what} {_show(text)} {problem}")
     return text
 
 
@@ -185,13 +256,13 @@ def _nbd_source(value: object, what: str) -> str:
 
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{what} must be true or false, not {value!r}")
+        raise ConfigError(f"{what} must be true or false, not {_show(value)}")
     return value
 
 
 def _sector_size(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{what} must be an integer, not {value!r}")
+        raise ConfigError(f"{what} must be an integer, not {_show(value)}")
     if value < 512 or value & (value - 1):
         raise ConfigError(f"{what} {value} is not a power of two of at least 512")
     return value
@@ -207,33 +278,34 @@ def _seconds(value: object, what: str) -> float:
     ):
         raise ConfigError(
             f"{what} must be a number of seconds above 0 and at most {MAX_SECONDS} "
-            f"(one day), not {value!r}"
+            f"(one day), not {_show(value)}"
         )
     return float(value)
 
 
 def _count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{what} must be a whole number >= 0, not {value!r}")
+        raise ConfigError(f"{what} must be a whole number >= 0, not {_show(value)}")
     return value
 
 
 def _positive_count(value: object, what: str) -> int:
-    """A whole number >= 1; a string of one too (flags and environment variables)."""
+    """A whole number >= 1; a string of ASCII digits too (flags and environment variables:
+    ``int()`` alone would read ``"٣"`` as 3)."""
     if isinstance(value, str):
-        try:
-            value = int(value.strip(), 10)
-        except ValueError:
-            raise ConfigError(f"{what} must be a whole number >= 1, not {value!r}") from None
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()):
+            raise ConfigError(f"{what} must be a whole number >= 1, not {_show(value)}")
+        value = int(digits, 10)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a whole number >= 1, not {value!r}")
+        raise ConfigError(f"{what} must be a whole number >= 1, not {_show(value)}")
     return value
 
 
 def _mode(value: object, what: str) -> str:
-    if value not in ("disk", "layer"):
-        raise ConfigError(f'{what} must be "disk" or "layer", not {value!r}')
-    return str(value)
+    if not isinstance(value, str) or value not in ("disk", "layer"):
+        raise ConfigError(f'{what} must be "disk" or "layer", not {_show(value)}')
+    return value
 
 
 _Parser = Callable[[object, str], Any]
@@ -254,7 +326,7 @@ LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
         "ca_file": _PATH,
         "cert_file": _PATH,
         "key_file": _PATH,
-        "server_name": _str,
+        "server_name": _server_name,
         "token": _token,
         "token_file": _PATH,
         "nbd": _nbd_source,
@@ -289,13 +361,13 @@ class ServerConfig:
 _SERVER_KEYS: dict[str, _Parser] = {
     "listen": _grpc_address,
     "metrics": _optional_address,
-    "data_dir": _nonempty_str,
+    "data_dir": _path,
     "nbd": _optional_address,
     "max_io": lambda v, what: parse_size(v, what),
     "nbd_max_connections": _positive_count,
-    "nbd_tls_cert": _str,  # file paths: "" = not set; resolved against data_dir
-    "nbd_tls_key": _str,
-    "nbd_tls_ca": _str,
+    "nbd_tls_cert": _optional_path,  # file paths: "" = not set; resolved against data_dir
+    "nbd_tls_key": _optional_path,
+    "nbd_tls_ca": _optional_path,
 }
 _NBD_TLS_KEYS = ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca")
 MIN_MAX_IO = DEFAULT_MAX_IO
@@ -378,7 +450,26 @@ def load_config(
         seen.add(volume.name)
         volumes.append(volume)
     _check_shared_paths(volumes)
+    _check_sector_sizes(volumes, server.max_io)
     return Config(server, tuple(volumes))
+
+
+def _check_sector_sizes(volumes: list[VolumeConfig], max_io: int) -> None:
+    """Refuse a layer's ``sector_size`` larger than ``max_io``: every request carries whole
+    sectors, so not even a one-sector read or write could be served (the volume would start
+    and refuse all I/O)."""
+    for volume in volumes:
+        for index, layer in enumerate(volume.layers):
+            sector_size = layer.options.get("sector_size")
+            if sector_size is not None and sector_size > max_io:
+                raise ConfigError(
+                    f"sector_size {sector_size} is larger than max_io {max_io}, the largest "
+                    "request: not even one sector could be read or written; use a sector "
+                    f"size of at most {max_io} or a max_io of at least {sector_size} "
+                    f"(up to {MAX_MAX_IO})",
+                    volume=volume.name,
+                    layer=index,
+                )
 
 
 def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
@@ -413,13 +504,16 @@ _BOM = "\ufeff"
 
 def _read_toml(path: str) -> dict[str, Any]:
     """The TOML document in the file ``path``; :class:`ConfigError` naming it when it cannot
-    be read, is not UTF-8 (naming the offset), starts with a byte order mark (which TOML
-    does not allow) or is not TOML."""
+    be read, is not a regular file (``/dev/zero``; a FIFO is not waited for), holds more
+    than :data:`~tierdisk.client.pem.MAX_FILE_BYTES`, is not UTF-8 (naming the offset),
+    starts with a byte order mark (which TOML does not allow), is not TOML, or nests deeper
+    than the TOML reader can follow (it recurses: a few hundred levels)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_small_file(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"config {path} {exc}") from None
     text = _utf8_text(data, f"config {path}")
     if text.startswith(_BOM):
         raise ConfigError(
@@ -430,6 +524,11 @@ def _read_toml(path: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"config {path} nests arrays or tables too deeply to be read (a few hundred "
+            "levels at most)"
+        ) from None
 
 
 def _server(
@@ -544,12 +643,13 @@ def nbd_tls_context(
     cert, key, ca = config.nbd_tls_cert, config.nbd_tls_key, config.nbd_tls_ca
     texts = {}
     for option, path in (("nbd_tls_cert", cert), ("nbd_tls_key", key), ("nbd_tls_ca", ca)):
-        if path:
+        if path:  # ssl reads them again by name: regular files only (read_small_file)
             try:
-                with open(path, "rb") as f:
-                    texts[option] = f.read()
+                texts[option] = read_small_file(path)
             except OSError as exc:
                 raise ConfigError(f"cannot read {what(option, path)}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ConfigError(f"{what(option, path)} {exc}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
@@ -601,6 +701,20 @@ def _ssl_reason(exc: BaseException) -> str:
     return str(reason) if reason else str(exc)
 
 
+def _check_client_certificate(options: Mapping[str, Any]) -> None:
+    """A remote layer's client certificate and key (``cert_file``, ``key_file``), when both
+    are given: :class:`ConfigError` naming the files when they do not go together (not
+    readable PEM files of their kinds, an encrypted key, another certificate's key), as the
+    layer would find at attach (:func:`.layers.remote_connect.check_key_pair`); found here,
+    before anything is bound. (One without the other is refused when the layer is made.)"""
+    cert, key = options.get("cert_file"), options.get("key_file")
+    if cert is None or key is None:
+        return
+    from .layers.remote_connect import check_key_pair  # here: that module imports this one
+
+    check_key_pair(cert, key)
+
+
 def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"[[volumes]] entry {index} must be a table")
@@ -632,9 +746,11 @@ def _layer(raw: object, data_dir: str) -> LayerConfig:
     if not isinstance(raw, dict):
         raise ConfigError("a layer must be a table")
     kind = raw.get("kind")
-    if kind not in LAYER_OPTIONS:
+    if not isinstance(kind, str) or kind not in LAYER_OPTIONS:  # a list or table: unhashable
         known = ", ".join(sorted(LAYER_OPTIONS))
-        raise ConfigError(f"unknown layer kind {kind!r} (known kinds: {known})")
+        if kind is None:
+            raise ConfigError(f"a layer needs 'kind' (one of: {known})")
+        raise ConfigError(f"unknown layer kind {_show(kind)} (known kinds: {known})")
     allowed = LAYER_OPTIONS[kind]
     unknown = sorted(set(raw) - set(allowed) - set(_LAYER_COMMON))
     if unknown:
@@ -647,10 +763,12 @@ def _layer(raw: object, data_dir: str) -> LayerConfig:
         if key not in raw:
             continue
         if parse == _PATH:
-            options[key] = os.path.join(os.path.abspath(data_dir), _nonempty_str(raw[key], key))
+            options[key] = os.path.join(os.path.abspath(data_dir), _path(raw[key], key))
         else:
             assert callable(parse)
             options[key] = parse(raw[key], key)
+    if kind == "remote" and options.get("tls"):
+        _check_client_certificate(options)
     return LayerConfig(
         kind,
         read_cache=_bool(raw.get("read_cache", False), "read_cache"),

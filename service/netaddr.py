@@ -46,9 +46,11 @@ class AddressInUse(OSError):
 
 def split_host_port(address: str, what: str = "listen") -> tuple[str, int]:
     """``("127.0.0.1", 7400)`` from ``"127.0.0.1:7400"`` (``[::1]:7400`` for IPv6; an empty
-    host means every interface)."""
+    host means every interface). The port is ASCII digits: ``str.isdigit`` alone takes
+    ``"²"`` (which ``int`` then refuses) and ``"٣"`` (which it reads as 3).
+    :class:`ValueError` naming ``what`` and the address otherwise."""
     host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):  # not "²", "٣"
         raise ValueError(f"{what} address {address!r} is not HOST:PORT or unix:/path")
     port = int(port_text)
     if port > 65535:
@@ -79,13 +81,23 @@ def reachable_address(bound: str, via: str) -> str:
 
 def claim_unix_path(path: str, what: str) -> None:
     """Refuse a unix socket path another process listens on (or a path that is not a
-    socket); remove a stale socket nobody listens on. Creates the parent folder."""
+    socket); remove a stale socket nobody listens on. Creates the parent folder.
+
+    Every refusal is an :class:`AddressInUse` whose message names the listener ``what`` and
+    the address, with the reason: also a parent that is a file, or a folder that cannot be
+    looked into or created (not a bare ``[Errno 20] Not a directory: '…'``)."""
     address = f"unix:{path}"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise _unusable_path(what, address, parent, exc) from None
         return
+    except OSError as exc:  # ENOTDIR (a parent is a file), EACCES, ELOOP, ENAMETOOLONG
+        raise _unusable_path(what, address, os.path.dirname(path), exc) from None
     if not stat.S_ISSOCK(st.st_mode):
         raise AddressInUse(
             errno.EADDRINUSE, f"cannot listen for {what} on {address}: the path exists"
@@ -103,6 +115,26 @@ def claim_unix_path(path: str, what: str) -> None:
     raise AddressInUse(
         errno.EADDRINUSE, f"cannot listen for {what} on {address}: address already in use"
     )
+
+
+def _unusable_path(what: str, address: str, parent: str, exc: OSError) -> AddressInUse:
+    """The refusal of a unix socket ``address`` whose folder ``parent`` cannot hold it."""
+    in_the_way = _not_a_folder(address[len("unix:") :])
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and in_the_way is not None:
+        why = f"{in_the_way} is not a folder"
+    else:
+        why = f"cannot use or create the folder {parent or '.'}: {exc.strerror or exc}"
+    return AddressInUse(exc.errno, f"cannot listen for {what} on {address}: {why}")
+
+
+def _not_a_folder(path: str) -> str | None:
+    """The first folder on ``path`` (from the root) that exists but is no folder, or None."""
+    folders: list[str] = []
+    head = os.path.dirname(path)
+    while head and head not in folders:
+        folders.append(head)
+        head = os.path.dirname(head)
+    return next((f for f in reversed(folders) if os.path.exists(f) and not os.path.isdir(f)), None)
 
 
 def _reason(exc: OSError) -> str:

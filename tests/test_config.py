@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -462,3 +463,246 @@ def test_nbd_tls_rules_name_the_key(tmp_path: Path, settings: dict[str, str], me
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text), flags=flags, environ=environ)
     assert str(info.value).startswith(message.replace("DATA", str(data))), str(info.value)
+
+
+# -- inputs that used to pass the config and fail later, or end in a traceback -------------
+
+RAM = "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+
+
+def _remote(target: str) -> str:
+    """A volume of one remote layer whose ``target`` is ``target`` (a TOML basic string: escapes
+    such as ``\\u0000`` are read as the character)."""
+    return (
+        f'[[volumes]]\nname="v"\n[[volumes.layers]]\nkind="remote"\ntarget="{target}"\nvolume="b"\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("http://127.0.0.1:7401", "target 'http://127.0.0.1:7401': scheme http: is not taken"),
+        ("unix:", "target 'unix:': names no socket path"),
+        ("127.0.0.1 :7401", "target '127.0.0.1 :7401': contains white space: ' ' (U+0020)"),
+        ("xyz:///foo", "target 'xyz:///foo': unknown scheme xyz:"),
+        ("127.0.0.1\\u0000:7401", "target '127.0.0.1\\x00:7401': contains a control character"),
+        ("dns:///127.0.0.1", "target 'dns:///127.0.0.1': after dns: missing port"),
+    ],
+)
+def test_remote_targets_that_can_never_work_are_refused(
+    tmp_path: Path, target: str, fragment: str
+) -> None:
+    """The server started with each and retried it for ever as "not reachable" (the NUL one
+    went to port 443): a config error naming the volume, the layer and the target."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _remote(target)), environ={})
+    assert str(info.value).startswith(f"volume 'v', layer 0: {fragment}"), str(info.value)
+
+
+@pytest.mark.parametrize("key", ["listen", "metrics", "nbd"])
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("127.0.0.1\\u0000:7411", "'127.0.0.1\\x00:7411' contains a control character: '\\x00'"),
+        ("127.0.0.1 :7411", "'127.0.0.1 :7411' contains white space: ' ' (U+0020) at position 9"),
+        ("127.0.0.1:7411\\t", "contains white space: '\\t' (U+0009) at position 14"),
+        (
+            "unix:/run/t\\u0000.sock",
+            "contains a control character: '\\x00' (U+0000) at position 11",
+        ),
+        ("dns:///127.0.0.1:0", "a listen address is HOST:PORT or unix:PATH (not dns:…)"),
+    ],
+)
+def test_listen_addresses_with_control_characters_are_refused(
+    tmp_path: Path, key: str, value: str, fragment: str
+) -> None:
+    """A NUL in ``listen`` bound port 443 (gRPC's C string ends there); in ``metrics`` and
+    ``nbd`` it was Python's "embedded null byte" at start."""
+    text = f'[server]\n{key} = "{value}"\n' + RAM
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value).startswith(f"[server] {key} address "), str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_a_remote_layers_nbd_address_is_checked_alike(tmp_path: Path) -> None:
+    text = _remote("127.0.0.1:1") + 'nbd = "127.0.0.1\\u0000:10809"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value).startswith("volume 'v', layer 0: nbd address '127.0.0.1\\x00:10809' ")
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "message"),
+    [
+        (
+            {"listen": os.fsdecode(b"unix:/run/s\xff.sock")},
+            {},
+            "--listen address 'unix:/run/s\\udcff.sock' is not UTF-8 (byte 0xff at position 11)",
+        ),
+        (
+            {},
+            {"TIERDISK_SERVER_LISTEN": os.fsdecode(b"h\xff:0")},
+            "TIERDISK_SERVER_LISTEN address 'h\\udcff:0' is not UTF-8 (byte 0xff at position 1)",
+        ),
+        (
+            {"metrics": "127.0.0.1:\u00b2"},
+            {},
+            "--metrics address '127.0.0.1:\u00b2' is not HOST:PORT or unix:/path",
+        ),
+        (
+            {},
+            {"TIERDISK_SERVER_NBD": "127.0.0.1:\u0663"},
+            "TIERDISK_SERVER_NBD address '127.0.0.1:\u0663' is not HOST:PORT or unix:/path",
+        ),
+        (
+            {"nbd_max_connections": "\u0663"},
+            {},
+            "--nbd-max-connections must be a whole number >= 1, not '\u0663'",
+        ),
+        (
+            {"metrics": "unix:/" + "m" * 120},
+            {},
+            "the socket path is 121 bytes long, more than a unix socket's can be (107)",
+        ),
+    ],
+)
+def test_server_flags_grpc_or_python_cannot_take_are_named(
+    tmp_path: Path, flags: dict[str, str], environ: dict[str, str], message: str
+) -> None:
+    """A non-UTF-8 listen address was a UnicodeEncodeError inside gRPC at start; a port of
+    ``²`` was "invalid literal for int()" naming no key; ``٣`` was taken as 3."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, RAM), flags=flags, environ=environ)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind=['ram']\n",
+            "volume 'v', layer 0: unknown layer kind ['ram'] (known kinds: ram, raw, remote, "
+            "sparse, sqlite)",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind={a=1}\n",
+            "volume 'v', layer 0: unknown layer kind {'a': 1} (known kinds:",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nsize=4096\n",
+            "volume 'v', layer 0: a layer needs 'kind' (one of: ram, raw, remote, sparse, sqlite)",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='sparse'\npath=\"a\\u0000b\"\n",
+            "volume 'v', layer 0: path 'a\\x00b' contains a NUL character (U+0000) at position 1, "
+            "which no path can hold",
+        ),
+        (
+            '[server]\nlisten="127.0.0.1:0"\ndata_dir="a\\u0000b"\n' + RAM,
+            "[server] data_dir 'a\\x00b' contains a NUL character (U+0000) at position 1",
+        ),
+        (
+            '[server]\nnbd="127.0.0.1:0"\nnbd_tls_cert="a\\u0000b"\nnbd_tls_key="k"\n' + RAM,
+            "[server] nbd_tls_cert 'a\\x00b' contains a NUL character (U+0000) at position 1",
+        ),
+        (
+            _remote("127.0.0.1:1") + 'tls=true\nserver_name="a\\u0000b"\n',
+            "volume 'v', layer 0: server_name 'a\\x00b' contains a control character",
+        ),
+        (
+            "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='\u0663KiB'\n",
+            "volume 'v', layer 0: size '\u0663KiB' is not a size",
+        ),
+    ],
+)
+def test_values_that_were_tracebacks_are_config_errors(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """An unhashable ``kind`` was a TypeError, a NUL in a path Python's ValueError "embedded
+    null byte" (at start, or when the NBD TLS files were read); ``size = "٣KiB"`` was 3 KiB."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_value_nested_deep_or_long_is_shown_short(tmp_path: Path) -> None:
+    """A TOML nested too deep for the reader (a RecursionError), and values whose ``repr``
+    would be thousands of levels deep (dotted keys build those without recursion) or a
+    megabyte long: each a one-line config error of sensible length."""
+    texts = {
+        "nested": "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind = "
+        + "[" * 2000
+        + "]" * 2000
+        + "\n",
+        "dotted": "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind."
+        + ".".join(["a"] * 3000)
+        + " = 1\n",
+        "long": "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=["
+        + ",".join(["1"] * 100_000)
+        + "]\n",
+    }
+    messages = {}
+    for name, text in texts.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(_write(tmp_path, text), environ={})
+        messages[name] = str(info.value)
+        assert "\n" not in messages[name] and len(messages[name]) < 300, messages[name]
+    assert messages["nested"].endswith(
+        "c.toml nests arrays or tables too deeply to be read (a few hundred levels at most)"
+    )
+    assert messages["dotted"].startswith("volume 'v', layer 0: unknown layer kind {'a': {'a': ")
+    assert messages["long"].startswith("volume 'v', layer 0: size [1, 1, 1, 1, 1, 1, ...] is not")
+
+
+def test_a_sector_larger_than_max_io_is_refused(tmp_path: Path) -> None:
+    """Every request carries whole sectors: a 32 MiB sector under the default 16 MiB max_io
+    started and refused every read and write. A max_io that holds one sector passes."""
+    text = "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='64MiB'\n"
+    text += "sector_size=33554432\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value).startswith(
+        "volume 'v', layer 0: sector_size 33554432 is larger than max_io 16777216, the largest "
+        "request: not even one sector could be read or written"
+    )
+    config = load_config(_write(tmp_path, text), flags={"max_io": "32MiB"}, environ={})
+    assert config.volumes[0].layers[0].options["sector_size"] == 32 << 20
+
+
+# -- files read at config time: regular files of at most 4 MiB ------------------------------
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    """A FIFO nobody writes to: opened for reading the usual way, it waits for ever."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+def test_a_config_that_is_no_regular_file_is_refused_at_once(tmp_path: Path, fifo: Path) -> None:
+    """``--config /dev/zero`` was read until memory ran out; a FIFO would wait for a writer."""
+    for path, kind in (("/dev/zero", "a character device"), (str(fifo), "a pipe (FIFO)")):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, environ={})
+        assert str(info.value) == f"config {path} is {kind}, not a regular file"
+
+
+def test_a_config_larger_than_4_mib_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_bytes(RAM.encode() + b"#" * (4 << 20) + b"\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    assert str(info.value) == (
+        f"config {path} holds more than 4 MiB (4194304 bytes), the most read from such a file"
+    )
+
+
+def test_nbd_tls_files_that_are_no_regular_files_are_refused(tmp_path: Path, fifo: Path) -> None:
+    """An nbd_tls_* file of /dev/zero was read until memory ran out."""
+    for path, kind in (("/dev/zero", "a character device"), (str(fifo), "a pipe (FIFO)")):
+        flags = {"nbd": "127.0.0.1:0", "nbd_tls_cert": path, "nbd_tls_key": path}
+        with pytest.raises(ConfigError) as info:
+            load_config(_write(tmp_path, RAM), flags=flags, environ={})
+        assert str(info.value) == f"--nbd-tls-cert {path} is {kind}, not a regular file"

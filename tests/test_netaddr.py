@@ -108,3 +108,29 @@ def test_reachable_address(bound: str, via: str, reached: str) -> None:
     """Where a client that reaches a server at ``via`` finds its listener bound at ``bound``
     (how a remote layer with ``nbd = "auto"`` turns the origin's NBD address into one)."""
     assert reachable_address(bound, via) == reached
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "\u0663", "\uff17400"])
+def test_a_port_of_other_digits_than_ascii_is_malformed(port: str) -> None:
+    """``str.isdigit`` takes ``²`` (which ``int`` then refused with "invalid literal for int()",
+    naming no address) and ``٣`` (which ``int`` reads as 3): only 0-9 make a port."""
+    with pytest.raises(ValueError) as info:
+        split_host_port(f"127.0.0.1:{port}", "--metrics")
+    assert str(info.value) == f"--metrics address '127.0.0.1:{port}' is not HOST:PORT or unix:/path"
+
+
+@pytest.mark.parametrize("below", ["", "deeper/"])
+def test_a_unix_socket_under_a_file_names_the_listener_and_the_file(
+    tmp_path: Path, below: str
+) -> None:
+    """A parent of the socket path that is a file: before, a bare ``[Errno 20] Not a
+    directory: '…'`` that said neither which listener nor which file."""
+    (tmp_path / "afile").write_text("data")
+    address = f"unix:{tmp_path / 'afile'}/{below}nbd.sock"
+    with pytest.raises(AddressInUse) as info:
+        listen_socket(address, "NBD")
+    assert (
+        str(info.value)
+        == f"cannot listen for NBD on {address}: {tmp_path / 'afile'} is not a folder"
+    )
+    assert (tmp_path / "afile").read_text() == "data"

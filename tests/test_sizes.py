@@ -41,3 +41,11 @@ def test_parse_size_is_exact_for_any_number_of_digits() -> None:
     """A fraction is computed exactly: no float rounding, no overflow to infinity."""
     value, in_bytes = cli.size_argument("9" * 400 + ".5PiB")
     assert in_bytes and value == (10**400 * 2 - 1) * (1 << 49)
+
+
+@pytest.mark.parametrize("text", ["\u0663KiB", "\u0663", "1.\u0665GiB", "\uff14096", "\u00b2"])
+def test_parse_size_takes_ascii_digits_only(text: str) -> None:
+    """``\\d`` and ``Fraction`` take any Unicode digit: ``"٣KiB"`` was 3 KiB, while a port
+    or a count written so is refused. One reading: ASCII digits, here as everywhere."""
+    with pytest.raises(UsageError, match="is not a size"):
+        cli.size_argument(text)

@@ -6,19 +6,27 @@ pings, and gRPC's own reconnect backoff from 0.1 s up to 2 s, so the channel rec
 itself after the remote restarts). :func:`credentials` turns the layer's ``tls``,
 ``ca_file``, ``cert_file``, ``key_file``, ``token`` and ``token_file`` options into the
 client's keyword arguments, reading the files named (:func:`read_file`; a file that cannot be
-read is a :class:`~..errors.ConfigError`). :func:`hop_metadata` is the metadata every call
-carries: the ``tierdisk-hops`` chain (:mod:`tierdisk.service.hops`), so a loop or too deep a
-chain of tiers fails fast. The options themselves are described in :mod:`.remote`'s
-docstring. Times are in seconds unless a name says otherwise (``_ms``: milliseconds).
+read, is not a regular file or is larger than :data:`~tierdisk.client.pem.MAX_FILE_BYTES` is
+a :class:`~..errors.ConfigError`) and checking that the client key goes with its certificate
+(:func:`check_key_pair`, which the config loader calls too: a bad pair stops the start, where
+gRPC would fail every handshake). :func:`hop_metadata` is the metadata every call carries: the
+``tierdisk-hops`` chain (:mod:`tierdisk.service.hops`), so a loop or too deep a chain of tiers
+fails fast. The options themselves are described in :mod:`.remote`'s docstring. Times are in
+seconds unless a name says otherwise (``_ms``: milliseconds).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from tierdisk.client.aio import AsyncClient, CallObserver, MetadataFactory
-from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY, read_pem
+from tierdisk.client.pem import (
+    CERTIFICATE,
+    PRIVATE_KEY,
+    key_pair_problem,
+    read_pem,
+    read_small_file,
+)
 
 from .. import hops
 from ..config import token_from_file
@@ -28,6 +36,7 @@ __all__ = [
     "BACKOFF",
     "CHANNEL_OPTIONS",
     "MAX_BACKOFF",
+    "check_key_pair",
     "connect",
     "credentials",
     "hop_metadata",
@@ -51,15 +60,35 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 def read_file(path: str | None, what: str, kind: str | None = None) -> bytes | None:
     """The bytes of the file at ``path`` (None when ``path`` is None); a PEM file must hold a
     block of ``kind``. ``what`` names the option in the :class:`~..errors.ConfigError` raised
-    when the file cannot be read or holds no such block."""
+    when the file cannot be read, holds no such block, is not a regular file (``/dev/zero``,
+    a FIFO: never waited for) or holds more than
+    :data:`~tierdisk.client.pem.MAX_FILE_BYTES` (:func:`~tierdisk.client.pem.read_small_file`).
+    """
     if path is None:
         return None
     try:
-        return Path(path).read_bytes() if kind is None else read_pem(path, kind)
+        return read_small_file(path) if kind is None else read_pem(path, kind, regular=True)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise ConfigError(f"{what} {path}: {exc}") from None
+
+
+def check_key_pair(cert_file: str, key_file: str) -> None:
+    """:class:`~..errors.ConfigError` naming the files when the client certificate
+    ``cert_file`` and its key ``key_file`` cannot go together: either is not a readable
+    regular PEM file of its kind (:func:`read_file`), the key is encrypted or is another
+    certificate's (:func:`~tierdisk.client.pem.key_pair_problem`). gRPC takes such a pair
+    and then fails every handshake ("Failed to create security handshaker"), which the
+    server would retry for ever as a tier that is not reachable."""
+    read_file(cert_file, "cert_file", CERTIFICATE)
+    read_file(key_file, "key_file", PRIVATE_KEY)
+    try:
+        problem = key_pair_problem(cert_file, key_file, f"cert_file {cert_file}")
+    except OSError as exc:
+        raise ConfigError(f"cannot read key_file {key_file}: {exc.strerror}") from None
+    if problem is not None:
+        raise ConfigError(f"key_file {key_file} {problem}")
 
 
 def credentials(
@@ -77,6 +106,8 @@ def credentials(
         token = token_from_file(raw or b"", token_file)
     options: dict[str, Any] = {"token": token or None}
     if tls:
+        if cert_file is not None and key_file is not None:
+            check_key_pair(cert_file, key_file)
         options.update(
             secure=True,
             root_certificates=read_file(ca_file, "ca_file", CERTIFICATE),
