@@ -113,6 +113,8 @@ def _is_utf8(text: str) -> bool:
 
 def _timeout(text: str) -> float:
     try:
+        if not text.isascii():  # float() reads other scripts' digits: "٣" is 3
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None

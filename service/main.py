@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 def _seconds(text: str) -> float:
     """A number of seconds from 0 to :data:`~.config.MAX_SECONDS` (one day), for argparse."""
     try:
+        if not text.isascii():  # float() reads other scripts' digits: "٣" is 3
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None

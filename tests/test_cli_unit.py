@@ -67,6 +67,7 @@ def assert_one_line(stderr: str, *needles: str) -> None:
         ["--timeout", "0", "volumes"],
         ["--timeout", "inf", "volumes"],
         ["--timeout", "nan", "volumes"],
+        ["--timeout", "\u0663", "volumes"],  # an Arabic-Indic 3: ASCII digits only
         ["--timeout", "1e10", "volumes"],  # gRPC would make that an immediate deadline
         ["--server", DEAD, "serve"],  # client options do not apply to serve
     ],

@@ -105,6 +105,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, body: str, fragment:
         (["--max-io", "3GiB"], "--max-io 3221225472 is out of range"),
         (["--grace", "-1"], "--grace"),
         (["--grace", "nan"], "--grace"),
+        (["--grace", "\u0663"], "is not a number of seconds"),  # an Arabic-Indic 3
         (["--grace", "1e300"], "from 0 to 86400 (one day)"),
     ],
 )
