@@ -47,15 +47,17 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 def address_text_problem(text: str) -> str | None:
     """What makes ``text`` unusable as any address, whatever its form, or ``None``: white
-    space, a control or format character (a NUL cuts the C string gRPC hands on: the rest of
-    the address, its port too, is silently dropped), or an undecodable byte of a command
-    line or environment variable (gRPC takes UTF-8 only). Names the first such character and
-    its position (from 0)."""
+    space (but a space in a ``unix:`` or ``unix-abstract:`` socket's name, which gRPC takes
+    as it is), a control or format character (a NUL cuts the C string gRPC hands on: the
+    rest of the address, its port too, is silently dropped), or an undecodable byte of a
+    command line or environment variable (gRPC takes UTF-8 only). Names the first such
+    character and its position (from 0)."""
+    socket_path = text.startswith(("unix:", "unix-abstract:"))  # a space is a file name's
     for position, char in enumerate(text):
         code = ord(char)
         if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
             return f"is not UTF-8 (byte 0x{code - 0xDC00:02x} at position {position})"
-        if char.isspace():
+        if char.isspace() and not (socket_path and char.isprintable()):
             return f"contains white space: {char!r} (U+{code:04X}) at position {position}"
         category = unicodedata.category(char)
         if category in ("Cc", "Cf", "Cs"):

@@ -22,10 +22,12 @@ What can never work is refused here rather than found later (or never, by a serv
 retries): an address with white space, a control character or an undecodable byte, a
 target gRPC cannot reach (:func:`~tierdisk.client.checks.server_address_problem`), a path
 with a NUL, a ``sector_size`` larger than ``max_io``. The config file and every PEM file
-are read through :func:`~tierdisk.client.pem.read_small_file`: regular files of at most
-:data:`~tierdisk.client.pem.MAX_FILE_BYTES` (``/dev/zero`` or a FIFO is refused, never read
-until memory runs out or waited for). Values shown in messages are shortened
-(:func:`_show`), so an error is one line of sensible length.
+are read through :func:`~tierdisk.client.pem.read_small_file`: at most
+:data:`~tierdisk.client.pem.MAX_FILE_BYTES` (``/dev/zero`` is refused, never read until
+memory runs out); PEM and token files, which OpenSSL or a reconnect reads again by name,
+must be regular files (a FIFO is refused, not waited for), the config file may be a pipe.
+Values shown in messages are shortened (:func:`_show`), so an error is one line of sensible
+length.
 """
 
 from __future__ import annotations
@@ -503,13 +505,13 @@ _BOM = "\ufeff"
 
 
 def _read_toml(path: str) -> dict[str, Any]:
-    """The TOML document in the file ``path``; :class:`ConfigError` naming it when it cannot
-    be read, is not a regular file (``/dev/zero``; a FIFO is not waited for), holds more
-    than :data:`~tierdisk.client.pem.MAX_FILE_BYTES`, is not UTF-8 (naming the offset),
+    """The TOML document in the file ``path`` (a pipe too: ``--config <(envsubst < t)``);
+    :class:`ConfigError` naming it when it cannot be read, holds more than
+    :data:`~tierdisk.client.pem.MAX_FILE_BYTES` (``/dev/zero``), is not UTF-8 (naming the offset),
     starts with a byte order mark (which TOML does not allow), is not TOML, or nests deeper
     than the TOML reader can follow (it recurses: a few hundred levels)."""
     try:
-        data = read_small_file(path)
+        data = read_small_file(path, regular=False)  # read once: a pipe will do
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except ValueError as exc:

@@ -8,7 +8,9 @@ address in use).
 SIGTERM, SIGINT and SIGHUP (a closed terminal or ssh session; unless ignored, as under
 ``nohup``) stop the server gracefully from the moment it starts: one that arrives while it is
 still starting (a remote tier can take seconds to answer) ends the start instead, closing what
-was opened (``stopped while starting``), and the exit status is 0 as for any stop.
+was opened (``stopped while starting``), and the exit status is 0 as for any stop: 1, with
+a line naming them, when the final flush of some volume failed (writes acknowledged since
+their last Flush may not be durable).
 ``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "nbd_tls": …, "pid": …}``
 once serving, so scripts and tests can start a server on port 0 and find it (``nbd_tls``: true
 when the NBD export requires TLS).
@@ -164,7 +166,7 @@ async def _serve(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
         log.info("stopped while starting")
-        return 0
+        return _unflushed(server.unflushed)
     try:
         starting.result()
     except ConfigError as exc:
@@ -187,15 +189,21 @@ async def _serve(
     log.info("stopping: finishing calls in flight, then flushing every volume")
     unflushed = await server.stop(grace)
     log.info("stopped")
-    if unflushed:
-        names = ", ".join(repr(name) for name in unflushed)
-        print(
-            f"tierdisk serve: the final flush failed for volume(s) {names}: writes acknowledged "
-            "since their last Flush may not be durable (the log says why)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return _unflushed(unflushed)
+
+
+def _unflushed(volumes: list[str]) -> int:
+    """The exit status of a stop whose final flush failed for ``volumes`` (none: 0), saying
+    so on stderr."""
+    if not volumes:
+        return 0
+    names = ", ".join(repr(name) for name in volumes)
+    print(
+        f"tierdisk serve: the final flush failed for volume(s) {names}: writes acknowledged "
+        "since their last Flush may not be durable (the log says why)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _start_failure(exc: ConfigError) -> str:

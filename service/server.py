@@ -103,6 +103,9 @@ class Server:
         self._attach_tasks: list[asyncio.Task[None]] = []
         self._health_updates: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self.unflushed: list[str] = []
+        """The volumes whose final flush failed at the stop (:meth:`stop`), also when the
+        stop ended a start (:meth:`start` cancelled)."""
 
     # -- start ----------------------------------------------------------------------------
 
@@ -381,11 +384,12 @@ class Server:
         """Stop serving: refuse new calls, finish calls in flight, flush, close. Idempotent.
 
         Returns the names of the volumes whose final flush failed (logged; the others are
-        still flushed and closed): writes acknowledged since their last Flush may not be
-        durable. Empty when every flush succeeded, or on a second call."""
-        failed: list[str] = []
+        still flushed and closed; also kept in :attr:`unflushed`): writes acknowledged since
+        their last Flush may not be durable. Empty when every flush succeeded, or on a second
+        call. The volumes are flushed together, so tiers that do not answer cost the stop
+        their patience (:meth:`_final_flush`) once, not once each."""
         if self._stopped:
-            return failed
+            return []
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         for task in self._attach_tasks:
@@ -396,9 +400,9 @@ class Server:
         if self._nbd is not None:
             await self._nbd.close()
         if flush:
-            for volume in self.registry.ready_volumes():
-                if not await self._final_flush(volume):  # logged; the others still flushed
-                    failed.append(volume.name)
+            volumes = self.registry.ready_volumes()
+            flushed = await asyncio.gather(*(self._final_flush(v) for v in volumes))
+            self.unflushed = [v.name for v, ok in zip(volumes, flushed, strict=True) if not ok]
         for volume in self.registry.ready_volumes():
             await volume.close()
             self.metrics.forget_volume(volume.name)
@@ -409,7 +413,7 @@ class Server:
         for task in self._attach_tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        return failed
+        return self.unflushed
 
 
 _FINAL_FLUSH_PATIENCE = 5.0

@@ -153,6 +153,10 @@ def test_a_listener_takes_host_port_or_unix_only(target: str, problem: str) -> N
 def test_address_text_problem_names_the_first_bad_character() -> None:
     assert checks.address_text_problem("origin.example:7400") is None
     assert checks.address_text_problem("unix:/srv/caf\u00e9.sock") is None  # UTF-8 is fine
+    assert checks.address_text_problem("unix:/srv/my disks/t.sock") is None  # a file name's
+    assert checks.address_text_problem("unix:/srv/a\tb.sock") == (
+        "contains white space: '\\t' (U+0009) at position 11"
+    )
     assert checks.address_text_problem("a\tb\x00") == (
         "contains white space: '\\t' (U+0009) at position 1"
     )
@@ -166,7 +170,8 @@ def test_every_form_taken_reaches_a_real_server(tmp_path: Path) -> None:
         server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
         port = server.add_insecure_port("127.0.0.1:0")
-        sock = tmp_path / "t.sock"
+        (tmp_path / "my disks").mkdir()
+        sock = tmp_path / "my disks" / "t.sock"  # a space in a socket's path is fine
         server.add_insecure_port(f"unix:{sock}")
         abstract = f"tierdisk-test-{os.getpid()}-{port}"
         server.add_insecure_port(f"unix-abstract:{abstract}")

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -43,6 +44,8 @@ from waiting import eventually
 from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
 from tierdisk.service import hops
+from tierdisk.service import server as server_module
+from tierdisk.service.config import load_config
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -591,3 +594,35 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
     finally:
         origin.kill()
         close_streams(origin)
+
+
+async def test_a_stop_that_ends_the_start_reports_a_failed_final_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Volumes are served as they open, so a stop that ends a start (one volume's tier
+    slow to answer) flushes volumes that took writes; a flush that fails there is reported
+    (``Server.unflushed``: ``tierdisk serve`` exits 1) as at any stop, not dropped."""
+    monkeypatch.setattr(server_module, "_FINAL_FLUSH_PATIENCE", 0.3)
+    with socket.socket() as silent:  # accepts connections, never answers: an attach waits
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        slow = f"127.0.0.1:{silent.getsockname()[1]}"
+        origin_body = toml_volume("base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body) as origin:
+            body = toml_volume(
+                "a", ram(write_through=True), remote(origin.grpc_address, "base")
+            ) + toml_volume("b", ram(), remote(slow, "base", timeout=10))
+            server = Server(load_config(str(write_config(tmp_path / "cache", body)), environ={}))
+            starting = asyncio.ensure_future(server.start())
+
+            def a_served() -> bool:
+                return any(v.name == "a" for v in server.registry.ready_volumes())
+
+            await eventually("volume a to be served", a_served)
+            async with AsyncClient(server.grpc_address) as client:
+                await client.volume("a").write(0, BASE[:SS])
+        # the origin is gone: a's final flush cannot reach it
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+    assert server.unflushed == ["a"]
