@@ -28,31 +28,32 @@ def is_storage_failure(exc: BaseException) -> bool:
 
 
 class StorageFailureLog:
-    """Logs storage failures at error level, at most one line per volume every
-    ``interval`` seconds for the same kind of failure (a new kind is logged at once; the
-    held-back ones are counted in the next line). An ``OSError`` that no layer turned into a
-    domain error is a fault of ours and is logged with its traceback."""
+    """Logs storage failures at error level, at most one line every ``interval`` seconds
+    for each volume, request and kind of error (the next line of the same says how many it
+    held back), so failing reads and writes in turn are each limited. An ``OSError`` that no
+    layer turned into a domain error is a fault of ours and is logged with its traceback."""
 
     def __init__(self, logger: logging.Logger = log, interval: float = 10.0) -> None:
         self._logger = logger
         self._interval = interval
-        self._by_volume: dict[str, RateLimitedLog] = {}
+        self._lines: dict[tuple[str, str, type[BaseException]], RateLimitedLog] = {}
 
     def note(self, volume: str, request: str, status: str, exc: BaseException) -> None:
         """``request`` (e.g. "gRPC Write", "NBD read") on ``volume`` failed with ``exc``,
         answered ``status``: log it if it is a storage failure (:func:`is_storage_failure`).
-        Only served volumes fail in storage, so the lines held per volume are bounded."""
+        Only served volumes fail in storage, and requests and error kinds are few, so the
+        limiters kept are bounded."""
         if not is_storage_failure(exc):
             return
-        lines = self._by_volume.get(volume)
+        key = (volume, request, type(exc))
+        lines = self._lines.get(key)
         if lines is None:
-            lines = self._by_volume[volume] = RateLimitedLog(self._logger, self._interval)
+            lines = self._lines[key] = RateLimitedLog(self._logger, self._interval)
         lines.error(
             "volume %r: %s failed (%s): %s",
             volume,
             request,
             status,
             exc,
-            key=(request, type(exc)),
             exc_info=None if isinstance(exc, TierdiskError) else exc,
         )
