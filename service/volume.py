@@ -355,8 +355,10 @@ class Volume:
                     buf[(a - sector) * ss : (b - sector) * ss], a
                 )
             except OutOfRange as exc:
-                if self.generation != generation:  # lost a race with a shrink: skipped, as
-                    return  # above (not a failure of the cache)
+                # Lost a race with a shrink (done, or under way: the layers below the top
+                # shrink first): skipped, as above, not a failure of the cache.
+                if self.generation != generation or b > entry.layer.sector_count:
+                    return
                 self._fill_failed(entry, exc)
             except Exception as exc:  # any failure: the fill is best effort (DESIGN §3)
                 self._fill_failed(entry, exc)

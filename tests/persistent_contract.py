@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from runs_model import runs_of
 from stacks import entry, pattern
-from tools import REQUIRE_TOOLS_ENV
+from tools import REQUIRE_TOOLS_ENV, file_size_limit
 
 from tierdisk.service.errors import (
     ConfigError,
@@ -487,6 +487,24 @@ class PersistentLayerContract:
             assert runs == [(3, 4)] and data == pattern(1, 3, 1, SS)
         finally:
             await again.close()
+
+    async def test_a_failed_creation_through_a_symlink_keeps_the_link(
+        self, path: Path, tmp_path: Path
+    ) -> None:
+        """A creation that fails (here: files may not grow, as on a full disk) removes what
+        it made at the link's target, never the link: the next start makes the layer there,
+        not in the link's folder."""
+        target = os.path.join(tmp_path, "elsewhere", "disk")
+        os.makedirs(os.path.dirname(target))
+        os.makedirs(os.path.dirname(path))
+        os.symlink(target, path)
+        with file_size_limit(SS), pytest.raises(TierdiskError):
+            await self.make(path).attach(None)
+        assert _kind(path) == "symlink"
+        layer = self.make(path)
+        await layer.attach(None)
+        await layer.close()
+        assert _kind(path) == "symlink" and _kind(target) == "file"
 
     async def test_a_dangling_symlink_into_a_missing_folder_says_so(
         self, path: Path, tmp_path: Path

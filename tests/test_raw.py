@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from persistent_contract import tiny_filesystem
 from stacks import pattern
+from tools import file_size_limit
 
 from tierdisk.service.errors import (
     ConfigError,
@@ -147,6 +148,16 @@ async def test_an_empty_file_is_a_creation_cut_short_and_made_again(
     assert layer.sector_count == 16 and path.stat().st_size == SS * 16
 
 
+async def test_a_failed_creation_through_a_symlink_keeps_the_link(tmp_path: Path) -> None:
+    """The image made at the link's target is removed, never the link itself."""
+    (tmp_path / "elsewhere").mkdir()
+    target, link = tmp_path / "elsewhere" / "img", tmp_path / "img"
+    os.symlink(target, link)
+    with file_size_limit(SS), pytest.raises(StorageError, match="cannot create raw image"):
+        await RawLayer(str(link), size=SS * 16).attach(None)
+    assert link.is_symlink() and not target.exists()
+
+
 async def test_a_path_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -195,8 +206,9 @@ async def test_flush_and_fua_fdatasync(
 async def test_a_resize_is_synced_before_it_returns(
     layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The new size outlasts a power cut once the resize returns; a sync that fails says
-    the resize was made but is not durable (the layer has the new size, as the file does)."""
+    """The new size outlasts a power cut once the resize returns; a sync that fails fails
+    the resize, and the layer and its file keep their size (a volume rolls back the other
+    layers of its write path on a failed resize)."""
     layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
     synced: list[int] = []
     real = os.fsync
@@ -213,9 +225,9 @@ async def test_a_resize_is_synced_before_it_returns(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", failing)
-    with pytest.raises(StorageError, match="done, but not durable"):
+    with pytest.raises(StorageError, match="Input/output error"):
         await layer.resize(4)
-    assert layer.sector_count == 4 and (tmp_path / "img").stat().st_size == 4 * SS
+    assert layer.sector_count == 16 and (tmp_path / "img").stat().st_size == 16 * SS
 
 
 async def test_out_of_range(layers: list[RawLayer], tmp_path: Path) -> None:

@@ -378,3 +378,44 @@ async def test_a_fill_that_loses_a_race_with_a_shrink_is_not_a_fill_error() -> N
         assert volume.entries[0].stats.cache_fills == 0
     finally:
         await volume.close()
+
+
+class _SlowTop(RamLayer):
+    """A top whose resize waits for :attr:`go` (a remote top's RPC, say)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.resizing, self.go = asyncio.Event(), asyncio.Event()
+
+    async def resize(self, sector_count: int) -> None:
+        self.resizing.set()
+        await self.go.wait()
+        await super().resize(sector_count)
+
+
+async def test_a_fill_that_meets_a_shrink_under_way_is_not_a_fill_error() -> None:
+    """A shrink resizes the write path bottom-up and changes the volume's size last: a fill
+    of a write-through read cache that the shrink cut already, while the top still resizes,
+    is skipped too, not counted as a fill error."""
+    top, cache, lower = _SlowTop(64 * 512), _GatedCache(64 * 512), RamLayer(64 * 512)
+    volume = await Volume.open(
+        "v",
+        [
+            LayerEntry(top, write_through=True),
+            LayerEntry(cache, read_cache=True),
+            LayerEntry(lower),
+        ],
+    )
+    try:
+        await lower.write(memoryview(b"x" * 64 * 512), 0, False)
+        reading = asyncio.ensure_future(volume.read(40, 8))
+        await asyncio.wait_for(cache.entered.wait(), 5)
+        resizing = asyncio.ensure_future(volume.resize(32))
+        await asyncio.wait_for(top.resizing.wait(), 5)  # the cache is shrunk already
+        cache.go.set()
+        await asyncio.wait_for(reading, 5)
+        top.go.set()
+        await asyncio.wait_for(resizing, 5)
+        assert volume.entries[1].stats.cache_fill_errors == 0
+    finally:
+        await volume.close()

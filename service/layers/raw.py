@@ -27,6 +27,7 @@ data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -112,9 +113,9 @@ class RawLayer(Layer):
                 try:
                     os.ftruncate(fd, nbytes)
                     os.fsync(fd)  # its size, then its name: a flush later relies on both
-                    fsync_folder(self.path)
+                    fsync_folder(os.path.realpath(self.path))
                 except OSError as exc:
-                    os.unlink(self.path)  # ours, just made: leave nothing half-created
+                    os.unlink(os.path.realpath(self.path))  # ours, just made (not a symlink to it)
                     raise StorageError(
                         f"cannot create raw image {self.path} of {nbytes} bytes: {exc.strerror}"
                     ) from None
@@ -254,17 +255,24 @@ class RawLayer(Layer):
             if self._fd < 0:
                 raise layer_closed(f"raw image {self.path}")
             fd = self._fd
-            await loop.run_in_executor(
-                None, set_file_size, fd, sector_count * self._sector_size, what
-            )
-            self._sector_count = sector_count  # the file has the new size: so does the layer
-            self._notify_resized()
-            try:  # the new size must outlast a power cut, as a sparse or sqlite layer's does
-                await loop.run_in_executor(None, os.fsync, fd)
-            except OSError as exc:
-                raise as_storage_error(exc, f"{what} (done, but not durable)") from None
+            await loop.run_in_executor(None, self._resize_sync, fd, sector_count, what)
         finally:
             self._sectors.release(token)
+        self._sector_count = sector_count
+        self._notify_resized()
+
+    def _resize_sync(self, fd: int, sector_count: int, what: str) -> None:
+        """Set the image's size and sync it (the new size must outlast a power cut, as a
+        sparse or sqlite layer's does); a failed sync puts the old size back, so on any
+        failure the layer keeps its size (best effort: the disk failed)."""
+        old = self._sector_count * self._sector_size
+        set_file_size(fd, sector_count * self._sector_size, what)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, old)
+            raise as_storage_error(exc, what) from None
 
     def inspect(self) -> dict[str, Any]:
         details: dict[str, Any] = {"path": os.path.abspath(self.path)}

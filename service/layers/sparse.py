@@ -242,7 +242,7 @@ class SparseLayer(Layer):
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
                 if new_file:
-                    os.unlink(self.path)
+                    os.unlink(os.path.realpath(self.path))  # the file made, not a link to it
             raise StorageError(
                 f"cannot create sparse layer {self.path} of {count * ss} bytes: {exc.strerror}"
             ) from None
