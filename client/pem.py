@@ -106,15 +106,19 @@ def _no_passphrase() -> bytes:
     raise _Encrypted
 
 
-def key_pair_problem(cert: str, key: str, cert_name: str) -> str | None:
+def key_pair_problem(
+    cert: str, key: str, cert_name: str, context: ssl.SSLContext | None = None
+) -> str | None:
     """What keeps the PEM private key in the file ``key`` from going with the certificate
     chain in the file ``cert`` (named ``cert_name`` in the words, e.g. ``"--tls-cert
     c.pem"``), worded to follow the key's name: it is encrypted, it is not the
     certificate's key, or ssl refuses the pair for another reason. ``None`` when they go
-    together. :class:`OSError` (not an :class:`ssl.SSLError`) when a file cannot be read.
-    Checked with ``ssl``'s ``load_cert_chain``, as a TLS connection would load them."""
+    together, and then loaded into ``context`` if given. :class:`OSError` (not an
+    :class:`ssl.SSLError`) when a file cannot be read. Checked with ``ssl``'s
+    ``load_cert_chain``, as a TLS connection would load them."""
+    context = context or ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_no_passphrase)
+        context.load_cert_chain(cert, key, password=_no_passphrase)
     except _Encrypted:
         return "is encrypted (it asks for a passphrase): give the key unencrypted"
     except ssl.SSLError as exc:

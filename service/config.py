@@ -45,7 +45,7 @@ from typing import Any
 from tierdisk.client import sizes
 from tierdisk.client.checks import address_text_problem, server_address_problem, token_problem
 from tierdisk.client.chunking import DEFAULT_MAX_IO
-from tierdisk.client.pem import read_small_file
+from tierdisk.client.pem import key_pair_problem, read_small_file
 
 from .errors import ConfigError
 from .netaddr import split_host_port
@@ -613,15 +613,6 @@ def _check_nbd_tls(config: ServerConfig, sources: Mapping[str, str]) -> None:
     nbd_tls_context(config, sources)
 
 
-class _Encrypted(Exception):
-    """The private key asks for a passphrase (the ``password`` callback of
-    :meth:`ssl.SSLContext.load_cert_chain`: without one, OpenSSL would prompt on the TTY)."""
-
-
-def _no_passphrase() -> bytes:
-    raise _Encrypted
-
-
 def nbd_tls_context(
     config: ServerConfig, sources: Mapping[str, str] | None = None
 ) -> ssl.SSLContext | None:
@@ -681,20 +672,14 @@ def load_key_pair(
     """Load the certificate chain ``cert`` and its private key ``key`` (PEM files) into
     ``context``, or raise :class:`ConfigError` saying why, the files named as ``cert_name``
     and ``key_name`` (e.g. ``"nbd_tls_key /etc/k.pem"``): an encrypted key (never a
-    passphrase prompt), a key that is not the certificate's, anything else ssl refuses."""
+    passphrase prompt), a key that is not the certificate's, anything else ssl refuses
+    (:func:`~tierdisk.client.pem.key_pair_problem`)."""
     try:
-        context.load_cert_chain(cert, key, password=_no_passphrase)
-    except _Encrypted:
-        raise ConfigError(
-            f"{key_name} is encrypted (it asks for a passphrase): give the key unencrypted, "
-            "readable by the server only"
-        ) from None
-    except (ssl.SSLError, OSError) as exc:
-        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
-            problem = f"is not the private key of the certificate in {cert_name}"
-        else:
-            problem = f"cannot be used with {cert_name} ({_ssl_reason(exc)})"
-        raise ConfigError(f"{key_name} {problem}") from None
+        problem = key_pair_problem(cert, key, cert_name, context)
+    except OSError as exc:
+        problem = f"cannot be used with {cert_name} ({_ssl_reason(exc)})"
+    if problem is not None:
+        raise ConfigError(f"{key_name} {problem}")
 
 
 def _ssl_reason(exc: BaseException) -> str:

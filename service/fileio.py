@@ -31,6 +31,7 @@ __all__ = [
     "fsync_folder",
     "lock_or_refuse",
     "make_parent_folder",
+    "missing_target",
     "pread_cached",
     "pread_into",
     "punch_hole",
@@ -216,6 +217,14 @@ def make_parent_folder(path: str, what: str) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot create the folder {folder}: {exc.strerror}") from None
+
+
+def missing_target(what: str, path: str) -> StorageError:
+    """``cannot create {what}``, naming the target when ``path`` is a symlink (into a
+    folder that is not there: an unmounted disk, say): for a layer file that cannot be made
+    because a folder on its way is missing."""
+    link = f" (a symlink to {os.readlink(path)})" if os.path.islink(path) else ""
+    return StorageError(f"cannot create {what}{link}: No such file or directory")
 
 
 def regular_file_size(path: str, what: str) -> int | None:

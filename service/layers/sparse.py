@@ -93,6 +93,7 @@ from ..fileio import (
     fsync_folder,
     lock_or_refuse,
     make_parent_folder,
+    missing_target,
     pread_cached,
     pread_into,
     punch_hole,
@@ -193,10 +194,7 @@ class SparseLayer(Layer):
                     f"sparse layer {self.path}: its presence map {self.map_path} exists but "
                     "the data file is missing"
                 ) from None
-            link = f" (a symlink to {os.readlink(self.path)})" if os.path.islink(self.path) else ""
-            raise StorageError(
-                f"cannot create sparse layer {self.path}{link}: No such file or directory"
-            ) from None
+            raise missing_target(what, self.path) from None
         except OSError as exc:
             raise StorageError(f"cannot open sparse layer {self.path}: {exc.strerror}") from None
         try:
@@ -447,20 +445,18 @@ class SparseLayer(Layer):
         read from below before the shrink, and past the new end it would bring stale data
         back into view after a grow, or leave the map holding sectors past the layer's size
         (a layer that would not open again)."""
-        end = sector + len(data) // self._sector_size
-        self._check_range(sector, end - sector)
-        shrinks = self._shrinks
-        return await self._mutate(
-            "writing", sector, end, self._write_sync, data, sector, True, shrinks
-        )
+        return await self._write_absent(data, sector, self._shrinks)
 
     async def write_holes(self, data: memoryview, sector: int) -> int:
         """A caller's write of the sectors absent: never dropped (its data is the caller's,
         not stale; a shrink that cut its range makes it ``OUT_OF_RANGE``)."""
+        return await self._write_absent(data, sector, None)
+
+    async def _write_absent(self, data: memoryview, sector: int, fill_after: int | None) -> int:
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
         return await self._mutate(
-            "writing", sector, end, self._write_sync, data, sector, True, None
+            "writing", sector, end, self._write_sync, data, sector, True, fill_after
         )
 
     def _write_sync(

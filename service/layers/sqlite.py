@@ -69,7 +69,7 @@ from ..errors import (
     StorageError,
     TierdiskError,
 )
-from ..fileio import lock_or_refuse, make_parent_folder, regular_file_size
+from ..fileio import lock_or_refuse, make_parent_folder, missing_target, regular_file_size
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..runs import Run
 from ..unstoppable import run_to_end
@@ -178,10 +178,7 @@ class SqliteLayer(Layer):
         make_parent_folder(self.path, what)
         real = os.path.realpath(self.path)
         if not os.path.isdir(os.path.dirname(real)):  # a link into a missing (unmounted?) folder
-            raise StorageError(
-                f"cannot create sqlite layer {self.path} (a symlink to "
-                f"{os.readlink(self.path)}): No such file or directory"
-            )
+            raise missing_target(what, self.path)
         lock_fd = os.open(real + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         db_fd = -1
         try:
