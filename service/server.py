@@ -416,9 +416,11 @@ class Server:
         return self.unflushed
 
 
-_FINAL_FLUSH_PATIENCE = 5.0
+_FINAL_FLUSH_PATIENCE = 3.0
 """Seconds a final flush keeps retrying a remote tier that answers ``UNAVAILABLE`` (one
-that restarted a moment ago: its channel may still be waiting to reconnect)."""
+that restarted a moment ago: its channel may still be waiting to reconnect, at most 2 s
+apart, ``remote_connect.CHANNEL_OPTIONS``). A stop whose remote tiers are gone takes that
+much longer (once: the volumes are flushed together)."""
 
 _ATTACH_LOG_INTERVAL = 60.0
 """Seconds between error logs of a background attach refused for the same reason."""

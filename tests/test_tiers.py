@@ -571,7 +571,7 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
     again for a few seconds: an origin that restarts while the tier stops is back before
     the tier's channel to it has reconnected, and the flush went out (and failed: exit 1)
     while the channel still waited. Here the origin is down when the stop begins and is
-    back 1 s later."""
+    back 0.5 s later."""
     listen = f"127.0.0.1:{free_port()}"
     origin_dir = tmp_path / "origin"
     config = write_config(
@@ -586,7 +586,7 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
             origin.terminate()
             close_streams(origin)
             stopping = asyncio.ensure_future(cache.stop(grace=1))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
             origin = ServerProcess.start(origin_dir, config, listen=listen)
             assert await asyncio.wait_for(stopping, 30) == []  # no volume's flush failed
         async with AsyncClient(listen) as oc:
