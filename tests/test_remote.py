@@ -385,6 +385,7 @@ async def test_inspect_and_metrics_count_remote_calls(
         assert tree["connection"] == "READY"
         assert tree["requests"]["Read"] == {"OK": 3}
         assert tree["requests"]["GetVolume"] == {"OK": 1}
+        assert 0 <= tree["last_answer_seconds_ago"] < 30 and tree["last_failure"] is None
         labels = {"volume": "vm", "layer": "1"}
         assert (
             metric(proxy, "tierdisk_remote_requests_total", method="Read", code="OK", **labels) == 3

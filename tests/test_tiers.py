@@ -264,6 +264,9 @@ async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
                 with pytest.raises(cerr.DeadlineExceeded):
                     await vol.read(64, 64)
                 assert time.monotonic() - started < timeout + 1.5
+                # inspect tells: the channel may still say READY
+                failure = (await vol.inspect("layers/1"))["last_failure"]
+                assert failure["code"] == "DEADLINE_EXCEEDED" and failure["seconds_ago"] < 30
                 assert await vol.read(0, 64) == BASE[: 64 * SS]
             finally:
                 os.kill(origin.pid, signal.SIGCONT)

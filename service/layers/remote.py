@@ -275,6 +275,8 @@ class RemoteLayer(Layer):
         self.request_counts: dict[tuple[str, str], int] = {}
         """Calls made to the remote, by (RPC name, status code name); only ever added to (the
         server may set it to a dict shared by every attach attempt of the volume)."""
+        self._answered_at: float | None = None  # monotonic time of the last call answered OK
+        self._last_failure: tuple[str, str, float] | None = None  # (RPC, code, monotonic time)
         self.on_request: Callable[[str, str, float], None] | None = None
         """Called with (RPC name, status code name, seconds) after every call (set by the
         server to :meth:`Metrics.observe_remote`); WatchResize streams are counted only."""
@@ -375,6 +377,10 @@ class RemoteLayer(Layer):
     def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
         key = (rpc, code.name)
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
+        if code == grpc.StatusCode.OK:
+            self._answered_at = time.monotonic()
+        elif rpc != "WatchResize":  # (a watch that ends is followed again: not a failed call)
+            self._last_failure = (rpc, code.name, time.monotonic())
         if self.on_request is not None and rpc != "WatchResize":
             self.on_request(rpc, code.name, seconds)
         # (NbdRead failures are logged by the NBD data path, which says what happens next;
@@ -661,6 +667,8 @@ class RemoteLayer(Layer):
         for (rpc, code), n in sorted(self.request_counts.items()):
             counts.setdefault(rpc, {})[code] = n
         state = self._client.connectivity().name if self._client is not None else "CLOSED"
+        now = time.monotonic()
+        failure = self._last_failure
         return {
             "target": self.target,
             "remote_volume": self.remote_volume,
@@ -673,6 +681,20 @@ class RemoteLayer(Layer):
             "timeout": self.timeout,
             "retries": self.retries,
             "requests": counts,
+            # How long ago the remote last answered a call, and the last call that failed:
+            # a remote that stopped answering (SIGSTOP, a hung host) can look READY above.
+            "last_answer_seconds_ago": (
+                None if self._answered_at is None else round(now - self._answered_at, 3)
+            ),
+            "last_failure": (
+                None
+                if failure is None
+                else {
+                    "rpc": failure[0],
+                    "code": failure[1],
+                    "seconds_ago": round(now - failure[2], 3),
+                }
+            ),
             **({"nbd": self._nbd.inspect()} if self._nbd is not None else {}),
         }
 
