@@ -681,6 +681,7 @@ class Volume:
         shrink = sector_count < self.sector_count
         token = await lock.acquire_exclusive(sector_count, EVERY_SECTOR) if shrink else None
         grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
+        cut = False  # a lower layer was shrunk: its data past the new end is gone
         try:
             for index in range(len(path) - 1, 0, -1):
                 layer = path[index]
@@ -689,23 +690,37 @@ class Volume:
                 if old < sector_count:
                     grown.append((layer, old))
                 else:  # its data past the new end is gone: no read asks it there again
+                    cut = cut or old > sector_count
                     for i in range(index, len(self._overlap)):
                         self._overlap[i] = min(self._overlap[i], layer.sector_count)
             await path[0].resize(sector_count)
+        except TierdiskError as exc:
+            await self._undo_grows(grown)
+            if cut and not isinstance(exc, StorageError):  # its code would say "nothing
+                raise StorageError(  # changed" (RESOURCE_EXHAUSTED, FAILED_PRECONDITION, …)
+                    f"volume {self.name!r}: the shrink to {sector_count} sectors was made in "
+                    f"part (write-path layers below the top were cut, then: {exc}); resize "
+                    "again"
+                ) from None
+            raise
         except BaseException:
-            for layer, old in grown:
-                try:
-                    await layer.resize(old)
-                except Exception as exc:  # the original error is the one to report
-                    log.error(
-                        "volume %r: could not shrink a %s layer back to %d sectors after a "
-                        "failed resize: %s", self.name, layer.kind, old, exc,
-                    )  # fmt: skip
+            await self._undo_grows(grown)
             raise
         finally:
             if token is not None:
                 lock.release(token)
         self._note_size(path[0].sector_count)
+
+    async def _undo_grows(self, grown: list[tuple[Layer, int]]) -> None:
+        """Shrink back the lower layers a failed resize grew (``(layer, old size)``)."""
+        for layer, old in grown:
+            try:
+                await layer.resize(old)
+            except Exception as exc:  # the original error is the one to report
+                log.error(
+                    "volume %r: could not shrink a %s layer back to %d sectors after a "
+                    "failed resize: %s", self.name, layer.kind, old, exc,
+                )  # fmt: skip
 
     def _note_size(self, size: int) -> None:
         """The top's size is now ``size`` sectors (its resize listener, :meth:`_follow_top`

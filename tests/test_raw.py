@@ -206,9 +206,11 @@ async def test_flush_and_fua_fdatasync(
 async def test_a_resize_is_synced_before_it_returns(
     layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The new size outlasts a power cut once the resize returns; a sync that fails fails
-    the resize, and the layer and its file keep their size (a volume rolls back the other
-    layers of its write path on a failed resize)."""
+    """The new size outlasts a power cut once the resize returns. A grow whose sync fails
+    fails, and the layer and its file keep their size (a volume rolls back the other layers
+    of its write path on a failed resize); a shrink whose sync fails cannot be undone (the
+    data past the new end is gone): it stands, and says it is not durable (never
+    RESOURCE_EXHAUSTED, which would say nothing changed)."""
     layer = await open_raw(layers, tmp_path / "img", size=8 * SS)
     synced: list[int] = []
     real = os.fsync
@@ -226,8 +228,17 @@ async def test_a_resize_is_synced_before_it_returns(
 
     monkeypatch.setattr(os, "fsync", failing)
     with pytest.raises(StorageError, match="Input/output error"):
-        await layer.resize(4)
+        await layer.resize(32)  # a grow
     assert layer.sector_count == 16 and (tmp_path / "img").stat().st_size == 16 * SS
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError, match="done, but not durable") as info:
+        await layer.resize(4)  # a shrink
+    assert not isinstance(info.value, NoSpace)
+    assert layer.sector_count == 4 and (tmp_path / "img").stat().st_size == 4 * SS
 
 
 async def test_out_of_range(layers: list[RawLayer], tmp_path: Path) -> None:

@@ -419,3 +419,31 @@ async def test_a_fill_that_meets_a_shrink_under_way_is_not_a_fill_error() -> Non
         assert volume.entries[1].stats.cache_fill_errors == 0
     finally:
         await volume.close()
+
+
+class _FullTop(RamLayer):
+    """A top whose resize fails for lack of space (a sqlite top on a full disk)."""
+
+    async def resize(self, sector_count: int) -> None:
+        raise NoSpace("resizing the top: out of space")
+
+
+async def test_a_shrink_refused_by_the_top_after_the_lower_layers_were_cut_is_internal() -> None:
+    """A write-through shrink cuts the layers below the top first; when the top then refuses
+    (out of space), the answer is INTERNAL saying it was made in part, not
+    RESOURCE_EXHAUSTED, which says the request changed nothing (the lower copy of the
+    sectors past the new end is gone)."""
+    lower = RamLayer(64 * 512)
+    volume = await Volume.open(
+        "v", [LayerEntry(_FullTop(64 * 512), write_through=True), LayerEntry(lower)]
+    )
+    try:
+        with pytest.raises(StorageError, match="made in part") as info:
+            await volume.resize(32)
+        assert not isinstance(info.value, NoSpace)
+        assert lower.sector_count == 32 and volume.sector_count == 64
+        with pytest.raises(NoSpace):  # a grow refused by the top: undone, nothing changed
+            await volume.resize(128)
+        assert lower.sector_count == 32
+    finally:
+        await volume.close()

@@ -1211,8 +1211,9 @@ async def test_a_shrink_that_fails_at_the_top_leaves_reads_working(
     await vol.write(20, p(2, 20))
     top.data.clear()  # only the layer below holds them now
     top.fail = NoSpace("no room")
-    with pytest.raises(NoSpace):
+    with pytest.raises(StorageError, match="made in part") as info:  # not "nothing changed"
         await vol.resize(100)
+    assert not isinstance(info.value, NoSpace)
     assert vol.sector_count == 200 and lower.sector_count == 100
     assert await sectors_of(vol, 150, 1) == [ZERO]
     assert await sectors_of(vol, 20, 1) == [p(2, 20)]

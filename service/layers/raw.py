@@ -255,24 +255,31 @@ class RawLayer(Layer):
             if self._fd < 0:
                 raise layer_closed(f"raw image {self.path}")
             fd = self._fd
-            await loop.run_in_executor(None, self._resize_sync, fd, sector_count, what)
+            unsynced = await loop.run_in_executor(None, self._resize_sync, fd, sector_count, what)
         finally:
             self._sectors.release(token)
         self._sector_count = sector_count
         self._notify_resized()
+        if unsynced is not None:
+            raise unsynced
 
-    def _resize_sync(self, fd: int, sector_count: int, what: str) -> None:
+    def _resize_sync(self, fd: int, sector_count: int, what: str) -> StorageError | None:
         """Set the image's size and sync it (the new size must outlast a power cut, as a
-        sparse or sqlite layer's does); a failed sync puts the old size back, so on any
-        failure the layer keeps its size (best effort: the disk failed)."""
+        sparse or sqlite layer's does). A grow whose sync fails puts the old size back and
+        raises (the layer keeps its size); a shrink whose sync fails cannot be undone (the
+        data past the new end is gone), so it stands, and the error to raise once the layer
+        has its new size is returned (INTERNAL: made, not durable)."""
         old = self._sector_count * self._sector_size
         set_file_size(fd, sector_count * self._sector_size, what)
         try:
             os.fsync(fd)
         except OSError as exc:
+            if sector_count * self._sector_size < old:
+                return StorageError(f"{what}: done, but not durable: {exc.strerror or exc}")
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, old)
             raise as_storage_error(exc, what) from None
+        return None
 
     def inspect(self) -> dict[str, Any]:
         details: dict[str, Any] = {"path": os.path.abspath(self.path)}

@@ -33,10 +33,11 @@ the present runs as it goes. Presence queries and unmap-to-zeros stay in SQL (a 
 query and a recursive CTE). This layer suits tests and small disks; ``sparse`` is the one
 for large ones.
 
-Locking: ``<path>.lock`` is ``flock``-ed exclusively while the layer is open, so a second
-open of the same layer fails with a :class:`ConfigError` naming the path. (The database file
-itself is not flock-ed: closing a second descriptor of it would drop SQLite's own POSIX
-locks.)
+Locking: ``<path>.lock`` (beside the database, through any symlink) and the database file
+itself are ``flock``-ed exclusively while the layer is open, so a second open of the same
+layer, under this name or another (a hard link), fails with a :class:`ConfigError` naming
+the path (:meth:`SqliteLayer._open`; its descriptor is closed only after SQLite's own, whose
+POSIX locks a close would drop).
 
 Errors: SQLite's ``SQLITE_FULL`` is :class:`NoSpace`: the transaction rolled back, so the
 request changed nothing; the WAL is then checkpointed and truncated, now and before each
