@@ -355,8 +355,8 @@ class Volume:
                     buf[(a - sector) * ss : (b - sector) * ss], a
                 )
             except OutOfRange as exc:
-                # Lost a race with a shrink (done, or under way: the layers below the top
-                # shrink first): skipped, as above, not a failure of the cache.
+                # Lost a race with a shrink (done, or under way: the layer is smaller than
+                # the fill already): skipped, as above, not a failure of the cache.
                 if self.generation != generation or b > entry.layer.sector_count:
                     return
                 self._fill_failed(entry, exc)
@@ -635,9 +635,10 @@ class Volume:
         was written past it, or bring back what a shrink discarded); return the new size.
         Growing exposes zeros.
 
-        The write-path layers are resized bottom-up, the top last; resizes run one at a time.
-        Errors (DESIGN.md §2), after which the volume's size and generation are unchanged (no
-        resize event), and its data too but for a shrink that failed part way (below):
+        The write-path layers are resized one at a time: a grow bottom-up, the top last; a
+        shrink top-down. Resizes run one at a time. Errors (DESIGN.md §2), after which the
+        volume's size and generation are unchanged (no resize event), and its data too, but
+        for a shrink that failed part way (below):
 
         - :class:`InvalidArgument`: not at least one sector, or more than
           :data:`MAX_BYTES` bytes (a size limit, whatever the layers);
@@ -647,8 +648,9 @@ class Volume:
           (a file over the filesystem's largest, ``EFBIG``), :class:`NoSpace`
           (RESOURCE_EXHAUSTED) when it is out of memory or space (a ``ram`` layer that
           cannot map that much). Layers below it that had grown already are shrunk back;
-          a shrink that fails part way leaves the layers below it shrunk (their data past
-          the new end is gone, as the caller asked) and the volume at its old size.
+          a shrink that fails after the top was cut stands (the volume has the new size;
+          the layers below the failure keep theirs, which the overlaps hide) and is a
+          :class:`StorageError` saying it was made in part.
         """
         self._check_writable("resize")
         if sector_count <= 0:
@@ -681,26 +683,31 @@ class Volume:
         shrink = sector_count < self.sector_count
         token = await lock.acquire_exclusive(sector_count, EVERY_SECTOR) if shrink else None
         grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
-        cut = False  # a lower layer was shrunk: its data past the new end is gone
+        cut = False  # a layer was shrunk: its data past the new end is gone
+        # A grow goes bottom-up, the top last (the layers below must have room for what the
+        # top takes); a shrink top-down, so one cut short (a failure, a crash) leaves layers
+        # below the top larger than it, which the overlaps hide, never smaller (writes past
+        # their end would fail until a resize).
+        order = range(len(path)) if shrink else range(len(path) - 1, -1, -1)
         try:
-            for index in range(len(path) - 1, 0, -1):
+            for index in order:
                 layer = path[index]
                 old = layer.sector_count
                 await layer.resize(sector_count)
                 if old < sector_count:
-                    grown.append((layer, old))
-                else:  # its data past the new end is gone: no read asks it there again
-                    cut = cut or old > sector_count
+                    if index:
+                        grown.append((layer, old))
+                elif old > sector_count:  # its data past the new end is gone: no read asks
+                    cut = True  # it there again (the top's own listener lowers them too)
                     for i in range(index, len(self._overlap)):
                         self._overlap[i] = min(self._overlap[i], layer.sector_count)
-            await path[0].resize(sector_count)
         except TierdiskError as exc:
             await self._undo_grows(grown)
             if cut and not isinstance(exc, StorageError):  # its code would say "nothing
                 raise StorageError(  # changed" (RESOURCE_EXHAUSTED, FAILED_PRECONDITION, …)
                     f"volume {self.name!r}: the shrink to {sector_count} sectors was made in "
-                    f"part (write-path layers below the top were cut, then: {exc}); resize "
-                    "again"
+                    f"part (the top and the write-path layers before the failure were cut, "
+                    f"then: {exc}); resize again"
                 ) from None
             raise
         except BaseException:

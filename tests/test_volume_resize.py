@@ -394,9 +394,9 @@ class _SlowTop(RamLayer):
 
 
 async def test_a_fill_that_meets_a_shrink_under_way_is_not_a_fill_error() -> None:
-    """A shrink resizes the write path bottom-up and changes the volume's size last: a fill
-    of a write-through read cache that the shrink cut already, while the top still resizes,
-    is skipped too, not counted as a fill error."""
+    """A fill of a write-through read cache below the top while a shrink is under way (the
+    top's resize slow, as a remote top's RPC is) is never counted as a fill error, whichever
+    of the two lands first."""
     top, cache, lower = _SlowTop(64 * 512), _GatedCache(64 * 512), RamLayer(64 * 512)
     volume = await Volume.open(
         "v",
@@ -421,29 +421,49 @@ async def test_a_fill_that_meets_a_shrink_under_way_is_not_a_fill_error() -> Non
         await volume.close()
 
 
-class _FullTop(RamLayer):
-    """A top whose resize fails for lack of space (a sqlite top on a full disk)."""
+class _Full(RamLayer):
+    """A layer whose resize fails for lack of space while :attr:`full` (a sqlite layer on a
+    full disk)."""
+
+    full = True
 
     async def resize(self, sector_count: int) -> None:
-        raise NoSpace("resizing the top: out of space")
+        if self.full:
+            raise NoSpace("resizing: out of space")
+        await super().resize(sector_count)
 
 
-async def test_a_shrink_refused_by_the_top_after_the_lower_layers_were_cut_is_internal() -> None:
-    """A write-through shrink cuts the layers below the top first; when the top then refuses
-    (out of space), the answer is INTERNAL saying it was made in part, not
-    RESOURCE_EXHAUSTED, which says the request changed nothing (the lower copy of the
-    sectors past the new end is gone)."""
-    lower = RamLayer(64 * 512)
+async def test_a_shrink_is_made_top_down_and_one_cut_short_says_so() -> None:
+    """A write-through shrink cuts the top first: refused there, it changed nothing
+    (RESOURCE_EXHAUSTED, as the top said); refused by a layer below after the top was cut,
+    it stands (the volume has the new size; the lower layer, larger, is hidden by the
+    overlaps, and writes inside the volume still work) and is INTERNAL saying it was made in
+    part, never "nothing changed". A crash between the two leaves the same: never a lower
+    layer smaller than the top, past whose end writes would fail."""
     volume = await Volume.open(
-        "v", [LayerEntry(_FullTop(64 * 512), write_through=True), LayerEntry(lower)]
+        "v", [LayerEntry(_Full(64 * 512), write_through=True), LayerEntry(RamLayer(64 * 512))]
     )
     try:
+        with pytest.raises(NoSpace):
+            await volume.resize(32)
+        assert [e.layer.sector_count for e in volume.entries] == [64, 64]
+        assert volume.sector_count == 64
+    finally:
+        await volume.close()
+    lower = _Full(64 * 512)
+    volume = await Volume.open(
+        "v", [LayerEntry(RamLayer(64 * 512), write_through=True), LayerEntry(lower)]
+    )
+    try:
+        await volume.write(40, b"w" * 512)
         with pytest.raises(StorageError, match="made in part") as info:
             await volume.resize(32)
         assert not isinstance(info.value, NoSpace)
-        assert lower.sector_count == 32 and volume.sector_count == 64
-        with pytest.raises(NoSpace):  # a grow refused by the top: undone, nothing changed
-            await volume.resize(128)
-        assert lower.sector_count == 32
+        assert volume.sector_count == 32 and lower.sector_count == 64
+        await volume.write(31, b"x" * 512)  # inside the volume: every write-path layer has it
+        lower.full = False
+        await volume.resize(64)  # a grow again: the old tail reads as zeros
+        data, _ = await volume.read(40, 1)
+        assert data == bytes(512)
     finally:
         await volume.close()

@@ -1199,21 +1199,22 @@ async def test_resizes_run_one_at_a_time(volumes: VolumeOpener) -> None:
     assert top.sector_count == lower.sector_count == vol.sector_count == 50
 
 
-async def test_a_shrink_that_fails_at_the_top_leaves_reads_working(
+async def test_a_shrink_that_fails_below_the_top_leaves_reads_working(
     volumes: VolumeOpener,
 ) -> None:
-    """The layer below shrank, the top could not: the volume keeps its size, and a read
-    past the new end (which the top does not hold) reads zeros from the shrunk layer's
-    place instead of failing OUT_OF_RANGE (DESIGN.md §3)."""
-    top, lower = _GatedResize(200), MapLayer(200)
+    """The top shrank, the layer below could not: the volume has the new size (INTERNAL:
+    made in part), and what lay past it reads as zeros after a grow, though the layer below
+    still holds it (the overlaps hide it, DESIGN.md §3)."""
+    top, lower = MapLayer(200), _GatedResize(200)
     vol = await volumes(entry(top, wt=True), lower)
     await vol.write(150, p(1, 150))
     await vol.write(20, p(2, 20))
-    top.data.clear()  # only the layer below holds them now
-    top.fail = NoSpace("no room")
+    lower.fail = NoSpace("no room")
     with pytest.raises(StorageError, match="made in part") as info:  # not "nothing changed"
         await vol.resize(100)
     assert not isinstance(info.value, NoSpace)
-    assert vol.sector_count == 200 and lower.sector_count == 100
+    assert vol.sector_count == 100 and top.sector_count == 100 and lower.sector_count == 200
+    lower.fail = None
+    await vol.resize(200)
     assert await sectors_of(vol, 150, 1) == [ZERO]
     assert await sectors_of(vol, 20, 1) == [p(2, 20)]
