@@ -355,8 +355,8 @@ class Volume:
                     buf[(a - sector) * ss : (b - sector) * ss], a
                 )
             except OutOfRange as exc:
-                # Lost a race with a shrink (done, or under way: the layer is smaller than
-                # the fill already): skipped, as above, not a failure of the cache.
+                # Lost a race with a shrink (the volume's, or the layer's own: a remote
+                # cache whose origin shrank): skipped, as above, not a failure of the cache.
                 if self.generation != generation or b > entry.layer.sector_count:
                     return
                 self._fill_failed(entry, exc)
