@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         Unavailable,
         Unimplemented,
         VolumeNotFound,
+        WritesLost,
     )
     from .models import (
         AllocationExtent,
@@ -101,6 +102,7 @@ __all__ = [
     "Volume",
     "VolumeInfo",
     "VolumeNotFound",
+    "WritesLost",
 ]
 
 _DEFINED_IN = {
@@ -143,6 +145,7 @@ _DEFINED_IN = {
     "Volume": "sync",
     "VolumeInfo": "models",
     "VolumeNotFound": "errors",
+    "WritesLost": "errors",
 }
 """The submodule that defines each name of :data:`__all__`."""
 _SUBMODULES = frozenset(_DEFINED_IN.values())

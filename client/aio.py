@@ -67,9 +67,17 @@ from .chunking import (
     run_ordered,
     sectors_per_chunk,
 )
-from .errors import ClientClosed, Interrupted, InvalidArgument, OutOfRange, StorageError
+from .errors import (
+    ClientClosed,
+    Interrupted,
+    InvalidArgument,
+    OutOfRange,
+    StorageError,
+    WritesLost,
+)
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_RETRIES, RetryPolicy
+from .verifiers import UnflushedWrites
 from .wire import encode_write, read_reply_view
 
 __all__ = [
@@ -226,6 +234,16 @@ class AsyncClient:
             metadata_factory=metadata_factory,
             on_call=on_call,
         )
+        self._unflushed: dict[str, UnflushedWrites] = {}
+
+    def unflushed_writes(self, volume: str) -> UnflushedWrites:
+        """The writes to ``volume`` acknowledged through this client that no flush has
+        vouched for yet (:mod:`tierdisk.client.verifiers`): shared by all its handles on the
+        volume, so a flush through one covers writes made through another."""
+        found = self._unflushed.get(volume)
+        if found is None:
+            found = self._unflushed[volume] = UnflushedWrites()
+        return found
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -291,6 +309,7 @@ class AsyncVolume:
         self._sector_size: int | None = None
         self._runner = client.runner
         self._stub = client.runner.stub
+        self._unflushed = client.unflushed_writes(name)
 
     def __repr__(self) -> str:
         return f"AsyncVolume({self.name!r} on {self.client.target!r})"
@@ -537,9 +556,10 @@ class AsyncVolume:
             req = encode_write(
                 self.name, chunk.sector, mv[start:end], fua=fua, no_overwrite=no_overwrite
             )
-            await runner.unary(
+            reply = await runner.unary(
                 runner.write_raw, req, timeout=timeout, volume=self.name, rpc="Write"
             )
+            self._unflushed.acknowledged(reply.write_verifier)
             done += end - start
 
         if count <= per_chunk:
@@ -577,11 +597,34 @@ class AsyncVolume:
         req = pb.UnmapRequest(
             volume=self.name, sector=sector, sector_count=count, block_level_only=block_level_only
         )
-        await self._call(self._stub.Unmap, req, timeout)
+        reply = await self._call(self._stub.Unmap, req, timeout)
+        self._unflushed.acknowledged(reply.write_verifier)
 
     async def flush(self, *, timeout: Timeout = UNSET) -> None:
-        """Make every write acknowledged before this call durable."""
-        await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
+        """Make every write acknowledged before this call durable.
+
+        Raises :class:`WritesLost` when the server cannot vouch for writes this client
+        made through it (:mod:`tierdisk.client.verifiers`): its write verifier changed
+        since one of them was acknowledged (a restart without a clean stop), or a tier
+        below it lost writes. Either is said once: the next flush vouches only for writes
+        acknowledged after this one started."""
+        unflushed = self._unflushed
+        mark = unflushed.mark()
+        try:
+            reply = await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
+        except WritesLost:  # reported by the server (a tier below it): said now, once
+            unflushed.forget(mark)
+            raise
+        lost = unflushed.flushed(mark, reply.write_verifier)
+        if lost:
+            was = ", ".join(f"{v:#018x}" for v in lost)
+            raise WritesLost(
+                f"volume {self.name!r}: writes acknowledged since the last flush may be lost: "
+                f"the server's write verifier changed from {was} to "
+                f"{reply.write_verifier:#018x} since they were (it restarted without a clean "
+                "stop, or a tier below it lost writes)",
+                volume=self.name,
+            )
 
     async def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """Change the volume's size (its top layer's) to ``sector_count`` sectors."""

@@ -42,6 +42,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "VolumeNotFound",
+    "WritesLost",
     "changed_nothing",
     "error_from_rpc",
     "status_code",
@@ -235,7 +236,18 @@ class DataLoss(StorageError):
 
     default_code = grpc.StatusCode.DATA_LOSS
     label = "data loss"
-    server_names = ("DataCorruption", "DataLoss")
+    server_names: ClassVar[tuple[str, ...]] = ("DataCorruption", "DataLoss")
+
+
+class WritesLost(DataLoss):
+    """A flush cannot vouch for writes it covers (``DATA_LOSS``): the volume's write
+    verifier changed since they were acknowledged (:mod:`tierdisk.client.verifiers`). The
+    server restarted without a clean stop, or a tier below it lost writes, in between: the
+    writes acknowledged since the last successful flush may be lost. Raised once for them;
+    the next flush vouches only for writes acknowledged after."""
+
+    label = "writes lost"
+    server_names = ("WritesLost",)
 
 
 class Cancelled(TierdiskError):

@@ -283,7 +283,8 @@ class Volume:
         )
 
     def flush(self, *, timeout: Timeout = UNSET) -> None:
-        """Make every write acknowledged before this call durable."""
+        """Make every write acknowledged before this call durable; ``WritesLost`` when the
+        server cannot vouch for some (:meth:`AsyncVolume.flush`)."""
         self.client._run(self.aio.flush(timeout=timeout))
 
     def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:

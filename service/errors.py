@@ -25,6 +25,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VolumeNotFound",
+    "WritesLost",
 ]
 
 
@@ -110,6 +111,12 @@ class StorageError(TierdiskError):
 
 class DataCorruption(StorageError):
     """A layer found its stored data or metadata corrupt."""
+
+
+class WritesLost(DataCorruption):
+    """Writes acknowledged without being durable may have been lost (a remote tier restarted
+    without a clean stop before a flush made them durable): a flush cannot vouch for them.
+    The volume's write verifier changes with it (:attr:`Volume.write_verifier`)."""
 
 
 class ConfigError(TierdiskError):

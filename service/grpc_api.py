@@ -54,7 +54,7 @@ _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED  # the caller went away (its deadline, a cancel)
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow per call
-_WRITE_RESPONSE = pb.WriteResponse()  # empty; serialized afresh for each reply
+_DURABLE_WRITE_RESPONSE = pb.WriteResponse()  # no verifier: durable when acknowledged
 _DEFAULT_PAGE = 100
 """Volumes per ``ListVolumes`` reply when the request's ``page_size`` is 0."""
 _MAX_PAGE = 1000
@@ -464,25 +464,32 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             volume = self._volume(request.volume)
             data = request.data
             self._check_io_size(len(data), "a write")
+            # The verifier as the write starts: a flush failing while it runs renews it,
+            # and the write may be among what that failure lost.
+            verifier = volume.write_verifier
             await volume.write(
                 request.sector, data, fua=request.fua, no_overwrite=request.no_overwrite
             )
-            return _WRITE_RESPONSE, len(data)
+            if request.fua and volume.fua_respected:
+                return _DURABLE_WRITE_RESPONSE, len(data)
+            return pb.WriteResponse(write_verifier=verifier), len(data)
 
         return await self._call(context, body, "write", request.volume)
 
     async def Unmap(self, request: pb.UnmapRequest, context: Any) -> pb.UnmapResponse:
         async def body() -> tuple[pb.UnmapResponse, int]:
             volume = self._volume(request.volume)
+            verifier = volume.write_verifier  # as the unmap starts (see write_parsed)
             await volume.unmap(request.sector, request.sector_count, request.block_level_only)
-            return pb.UnmapResponse(), 0
+            return pb.UnmapResponse(write_verifier=verifier), 0
 
         return await self._call(context, body, "unmap", request.volume)
 
     async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
         async def body() -> tuple[pb.FlushResponse, int]:
-            await self._volume(request.volume).flush()
-            return pb.FlushResponse(), 0
+            volume = self._volume(request.volume)
+            await volume.flush()
+            return pb.FlushResponse(write_verifier=volume.write_verifier), 0
 
         return await self._call(context, body, "flush", request.volume)
 

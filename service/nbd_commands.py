@@ -17,11 +17,20 @@ unmapped sectors read as zeros and the client allows a hole, otherwise it writes
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from tierdisk.client.verifiers import UnflushedWrites
+
 from . import nbd_protocol as P
-from .errors import FailedPrecondition, InvalidArgument, OutOfRange, ReadOnlyError, TierdiskError
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    OutOfRange,
+    ReadOnlyError,
+    TierdiskError,
+    WritesLost,
+)
 from .layer import UnmapBehavior
 from .read_reply import new_buffer
 from .runs import complement
@@ -33,6 +42,8 @@ __all__ = [
     "Refuse",
     "block_status",
     "cache",
+    "flush",
+    "note_change",
     "read",
     "reply_bytes",
     "trim",
@@ -83,6 +94,8 @@ class Export:
     has_read_cache: bool
     max_io: int  # largest read or write payload
     zeros: Callable[[int], memoryview]  # that many zeros (a view of a shared buffer)
+    unflushed: UnflushedWrites = field(default_factory=UnflushedWrites)
+    """This connection's writes that no flush has vouched for yet (:func:`flush`)."""
 
 
 def reply_bytes(export: Export, cmd: int, length: int) -> int:
@@ -180,6 +193,36 @@ async def _store_at(volume: Volume, offset: int, data: Any, fua: bool) -> None:
     await volume.write_at(offset, data, fua=fua)
     if fua and not volume.fua_respected:
         await volume.flush()
+
+
+async def flush(export: Export) -> None:
+    """FLUSH: the volume's flush; ``EIO`` when it cannot vouch for writes this connection
+    made (:attr:`Export.unflushed`): the volume's write verifier changed since they were
+    acknowledged, as after a flush that failed in a layer's storage, or a tier below that
+    lost writes (``tierdisk.client.verifiers``). Said once: the next flush vouches for later
+    writes only. NBD has no verifier of its own; without this, the flush that retries a
+    failed one would succeed over writes that failure may have lost."""
+    unflushed = export.unflushed
+    mark = unflushed.mark()
+    try:
+        await export.volume.flush()
+    except WritesLost:  # said now, once
+        unflushed.forget(mark)
+        raise
+    if unflushed.flushed(mark, export.volume.write_verifier):
+        raise Refuse(
+            P.EIO,
+            f"writes to {export.name!r} since the last flush may have been lost (a failed "
+            "flush in its storage, or a tier below that lost writes)",
+            WritesLost,
+        )
+
+
+def note_change(export: Export, flags: int, verifier: int) -> None:
+    """A WRITE, TRIM or WRITE_ZEROES that started under ``verifier`` (the volume's write
+    verifier then) succeeded: keep it for :func:`flush` unless it is durable (FUA)."""
+    if not flags & P.CMD_FLAG_FUA:
+        export.unflushed.acknowledged(verifier)
 
 
 async def write(export: Export, flags: int, offset: int, data: Any) -> None:

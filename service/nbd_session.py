@@ -81,6 +81,8 @@ _SHUTDOWN_HANDSHAKE_WAIT = 1.0  # seconds a client in option haggling gets at sh
 
 _TO_BUF, _TO_PAYLOAD, _TO_SKIP = 0, 1, 2
 _WRITING = (P.CMD_WRITE, P.CMD_WRITE_ZEROES)
+_CHANGING = (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM)
+"""Commands whose success a later FLUSH must vouch for (:func:`.nbd_commands.flush`)."""
 
 
 class NbdSession(asyncio.BufferedProtocol):
@@ -626,6 +628,7 @@ class NbdSession(asyncio.BufferedProtocol):
             elif cmd == P.CMD_BLOCK_STATUS:
                 reply = await C.block_status(export, flags, handle, offset, length)
             else:
+                verifier = export.volume.write_verifier  # as it starts (see C.note_change)
                 if cmd == P.CMD_WRITE:
                     if payload is None:
                         raise C.Refuse(
@@ -634,13 +637,15 @@ class NbdSession(asyncio.BufferedProtocol):
                         )
                     await C.write(export, flags, offset, payload)
                 elif cmd == P.CMD_FLUSH:
-                    await export.volume.flush()
+                    await C.flush(export)
                 elif cmd == P.CMD_TRIM:
                     await C.trim(export, flags, offset, length)
                 elif cmd == P.CMD_WRITE_ZEROES:
                     await C.write_zeroes(export, flags, offset, length)
                 else:  # CMD_CACHE
                     await C.cache(export, offset, length)
+                if cmd in _CHANGING:
+                    C.note_change(export, flags, verifier)
                 reply = [P.simple_reply(handle)]
         except C.Refuse as exc:
             code, message, status = exc.code, str(exc), exc.status

@@ -56,6 +56,7 @@ from .netaddr import AddressInUse, bind_failure, claim_unix_path
 from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
+from .verifier_store import VerifierStore
 from .volume import LayerEntry, Volume
 
 __all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server", "failure_chain", "remote_answer"]
@@ -103,6 +104,8 @@ class Server:
         self._attach_tasks: list[asyncio.Task[None]] = []
         self._health_updates: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self._verifiers: VerifierStore | None = None
+        self._marking: asyncio.Future[None] | None = None
         self.unflushed: list[str] = []
         """The volumes whose final flush failed at the stop (:meth:`stop`), also when the
         stop ended a start (:meth:`start` cancelled)."""
@@ -136,6 +139,9 @@ class Server:
             os.makedirs(cfg.data_dir, exist_ok=True)  # DESIGN.md §4: created when missing
         except OSError as exc:
             raise ConfigError(f"cannot create data_dir {cfg.data_dir}: {exc.strerror}") from None
+        self._verifiers = await asyncio.to_thread(
+            VerifierStore.open, cfg.data_dir, [v.name for v in self.config.volumes]
+        )
         cap = _CAP_FACTOR * cfg.max_io + (1 << 20)
         self._grpc = grpc.aio.server(
             options=[
@@ -245,12 +251,21 @@ class Server:
             log.warning("volume %r: %s; retrying in the background", config.name, exc)
             self._attach_tasks.append(asyncio.create_task(self._keep_attaching(config)))
             return
-        self._serve(volume)
+        await self._serve(volume)
 
-    def _serve(self, volume: Volume) -> None:
-        """Serve ``volume``. A problem one of its layers finds later (:attr:`Layer.problem`:
-        it refuses all I/O until a restart) turns health ``NOT_SERVING`` and the volume's
+    async def _serve(self, volume: Volume) -> None:
+        """Serve ``volume`` under its write verifier (the store marks every volume unclean
+        before the first is served: :meth:`_mark_unclean`; stopped meanwhile, the volume is
+        closed). A problem one of its layers finds later (:attr:`Layer.problem`: it refuses
+        all I/O until a restart) turns health ``NOT_SERVING`` and the volume's
         ``tierdisk_volume_ready`` 0."""
+        if self._verifiers is not None:  # kept over a clean stop (verifier_store)
+            try:
+                await self._mark_unclean(self._verifiers)
+            except BaseException:
+                await volume.close()
+                raise
+            volume.write_verifier = self._verifiers.verifiers[volume.name]
         self.registry.set_ready(volume)
 
         def found(problem: str) -> None:
@@ -261,6 +276,13 @@ class Server:
 
         for entry in volume.entries:
             entry.layer.add_problem_listener(found)
+
+    async def _mark_unclean(self, store: VerifierStore) -> None:
+        """:meth:`VerifierStore.mark_unclean`, once, off the event loop; volumes opening
+        together wait for the same write."""
+        if self._marking is None:
+            self._marking = asyncio.ensure_future(asyncio.to_thread(store.mark_unclean))
+        await asyncio.shield(self._marking)
 
     async def _build(self, config: VolumeConfig) -> Volume:
         entries = []
@@ -338,7 +360,7 @@ class Server:
             if self._stopped:
                 await volume.close()
                 return
-            self._serve(volume)
+            await self._serve(volume)
             log.info("volume %r attached", config.name)
             await self._update_health()
             return
@@ -399,13 +421,22 @@ class Server:
             log.warning("calls still in flight after %.0f s; stopping anyway", grace)
         if self._nbd is not None:
             await self._nbd.close()
+        volumes = self.registry.ready_volumes()
         if flush:
-            volumes = self.registry.ready_volumes()
             flushed = await asyncio.gather(*(self._final_flush(v) for v in volumes))
             self.unflushed = [v.name for v, ok in zip(volumes, flushed, strict=True) if not ok]
-        for volume in self.registry.ready_volumes():
+        for volume in volumes:
             await volume.close()
             self.metrics.forget_volume(volume.name)
+        if self._marking is not None:  # (its thread must be done before close's)
+            await asyncio.wait([self._marking])
+        if self._verifiers is not None:
+            # Clean: drained and flushed, or never served (verifier_store).
+            served = {v.name: v.write_verifier for v in volumes}
+            unclean = set(served) if not (flush and drained) else set(self.unflushed)
+            clean = [v.name for v in self.config.volumes if v.name not in unclean]
+            await asyncio.to_thread(self._verifiers.close, served, clean)
+            self._verifiers = None
         if self._metrics_http is not None:
             await self._metrics_http.close()
         if self._grpc is not None:

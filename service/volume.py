@@ -53,6 +53,7 @@ from .errors import (
     StorageError,
     TierdiskError,
     Unavailable,
+    WritesLost,
 )
 from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
@@ -67,6 +68,7 @@ from .stack_rules import (
     check_write_through,
 )
 from .unstoppable import run_to_end
+from .verifier_store import new_verifier
 
 __all__ = [
     "MAX_BYTES",
@@ -144,6 +146,12 @@ class Volume:
         layers), exclusive by :meth:`write_at`'s read-modify-write and by a shrink over the
         sectors it cuts. Reads do not take it."""
         self._resizing = asyncio.Lock()  # resizes one at a time
+        self.write_verifier = new_verifier()
+        """Non-zero; changes whenever writes this volume acknowledged without making them
+        durable may have been lost (the proto's ``WriteResponse.write_verifier``;
+        :mod:`tierdisk.client.verifiers`). The server sets it before serving (kept over a
+        clean stop: :mod:`~tierdisk.service.verifier_store`); :meth:`flush` renews it when a
+        write-path layer's flush fails in its storage or reports writes lost."""
 
     # -- construction -------------------------------------------------------------------
 
@@ -621,11 +629,40 @@ class Volume:
 
     async def flush(self) -> None:
         """Make every acknowledged write durable on the write path, and flush every
-        read-cache layer (so its fills persist too)."""
+        read-cache layer (so its fills persist too); the layers are flushed together, and
+        all are waited for.
+
+        A failure is raised (a :class:`WritesLost` first). One in a write-path layer's storage
+        (:class:`StorageError`, ``OSError``; :class:`WritesLost` from a remote tier that lost
+        writes) renews :attr:`write_verifier`: the writes it covered may be lost, and a later
+        flush that succeeds must not vouch for them. A read cache that is not on the write
+        path and lost fills is only logged."""
         targets = [
-            e.layer for i, e in enumerate(self._entries) if i < self._write_path or e.read_cache
+            (i, e.layer)
+            for i, e in enumerate(self._entries)
+            if i < self._write_path or e.read_cache
         ]
-        await asyncio.gather(*(layer.flush() for layer in targets))
+        results = await asyncio.gather(
+            *(layer.flush() for _, layer in targets), return_exceptions=True
+        )
+        failure: BaseException | None = None
+        for (index, _), result in zip(targets, results, strict=True):
+            if result is None:
+                continue
+            if isinstance(result, WritesLost) and index >= self._write_path:
+                # A read cache's fills, which it fetches again when asked: nothing lost.
+                log.warning("volume %r: layer %d lost fills: %s", self.name, index, result)
+                continue
+            if index < self._write_path and isinstance(result, StorageError | OSError):
+                # Writes acknowledged on it may be gone (a failed fsync may drop the dirty
+                # pages it was to write, and a later one succeeds): no flush may vouch for
+                # them again.
+                self.write_verifier = new_verifier(self.write_verifier)
+                if not isinstance(failure, WritesLost):
+                    failure = result
+            failure = failure or result
+        if failure is not None:
+            raise failure
 
     # -- size ---------------------------------------------------------------------------
 
@@ -838,6 +875,7 @@ class Volume:
             "optimal_unmap_sectors": self.optimal_unmap_sectors,
             "disk_id": self.disk_id.hex() if self.disk_id else "",
             "generation": self.generation,
+            "write_verifier": f"{self.write_verifier:016x}",  # hex: a double cannot hold it
             "smallest_sector_count": self.smallest_sector_count,
             "layers": layers,
         }

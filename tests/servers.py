@@ -344,6 +344,10 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """SIGKILL by PID (if still running), reap, and close its output pipes."""
         self.kill()
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:

@@ -44,6 +44,7 @@ DESIGN_TABLE: dict[type[serr.TierdiskError], tuple[grpc.StatusCode, type[cerr.Ti
     serr.NoSpace: (S.RESOURCE_EXHAUSTED, cerr.NoSpace),
     serr.StorageError: (S.INTERNAL, cerr.StorageError),
     serr.DataCorruption: (S.DATA_LOSS, cerr.DataLoss),
+    serr.WritesLost: (S.DATA_LOSS, cerr.WritesLost),
 }
 """DESIGN.md §2's table, written out: server class -> (status code, client class)."""
 

@@ -26,7 +26,7 @@ from tools import REQUIRE_TOOLS_ENV, require_tool, run_tool, run_tool_ok
 from waiting import eventually
 
 from tierdisk.service import nbd_commands
-from tierdisk.service.errors import NoSpace, TierdiskError, Unavailable
+from tierdisk.service.errors import NoSpace, StorageError, TierdiskError, Unavailable
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
@@ -118,6 +118,11 @@ class FlakyLayer(RamLayer):
         if self.fail is not None:
             raise self.fail
         await super().write(data, sector, fua)
+
+    async def flush(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+        await super().flush()
 
 
 # -- a raw NBD client ---------------------------------------------------------------------------
@@ -1005,6 +1010,32 @@ async def test_misaligned_requests(env: Env) -> None:
     assert (await strict.request(CMD_CACHE, 100, 1000)).error == 0
     assert await strict.read(512, 512) == want[512:1024]  # unchanged, and still in step
     await strict.close()
+
+
+async def test_a_flush_after_one_that_failed_in_storage_does_not_vouch_for_the_writes(
+    env: Env,
+) -> None:
+    """A flush that failed in a layer's storage may have lost the writes it covered (a
+    failed fsync may drop their pages, and the next succeeds): the flush that retries it
+    fails too, once, on each connection that wrote before; a FUA write, durable when
+    acknowledged, and a connection that wrote nothing are not at stake."""
+    writer = await env.client("flaky", structured=False)
+    other = await env.client("flaky")
+    durable = await env.client("flaky")
+    idle = await env.client("flaky")
+    await writer.write(0, b"\x01" * 4096)
+    await other.request(CMD_TRIM, 8192, 4096)
+    assert (await durable.request(CMD_WRITE, 4096, 512, CMD_FLAG_FUA, b"\x02" * 512)).error == 0
+    env.flaky.fail = StorageError("fsync: Input/output error")
+    assert (await writer.request(CMD_FLUSH)).error == EIO
+    env.flaky.fail = None
+    retried = await other.request(CMD_FLUSH)
+    assert retried.error == EIO and "may have been lost" in retried.message
+    assert (await writer.request(CMD_FLUSH)).error == EIO
+    for client in (writer, other, durable, idle):
+        assert (await client.request(CMD_FLUSH)).error == 0, client
+        await client.close()
+    assert env.stats.requests["flush", "EIO"] == 3
 
 
 async def test_errors_keep_the_session(env: Env) -> None:

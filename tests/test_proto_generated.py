@@ -166,6 +166,7 @@ def test_grpc_module_exposes_stub_servicer_and_registration() -> None:
 
 U64, U32, I32 = F.TYPE_UINT64, F.TYPE_UINT32, F.TYPE_INT32
 STR, BOOL, BYTES, ENUM, MSG = F.TYPE_STRING, F.TYPE_BOOL, F.TYPE_BYTES, F.TYPE_ENUM, F.TYPE_MESSAGE
+F64 = F.TYPE_FIXED64
 
 # DESIGN §2: message -> {field: (type, repeated, message/enum type or None)}
 FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
@@ -210,16 +211,16 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "fua": (BOOL, False, None),
         "no_overwrite": (BOOL, False, None),
     },
-    "WriteResponse": {},
+    "WriteResponse": {"write_verifier": (F64, False, None)},
     "UnmapRequest": {
         "volume": (STR, False, None),
         "sector": (U64, False, None),
         "sector_count": (U64, False, None),
         "block_level_only": (BOOL, False, None),
     },
-    "UnmapResponse": {},
+    "UnmapResponse": {"write_verifier": (F64, False, None)},
     "FlushRequest": {"volume": (STR, False, None)},
-    "FlushResponse": {},
+    "FlushResponse": {"write_verifier": (F64, False, None)},
     "GetAllocationRequest": {
         "volume": (STR, False, None),
         "sector": (U64, False, None),

@@ -629,3 +629,63 @@ async def test_a_stop_that_ends_the_start_reports_a_failed_final_flush(
         with contextlib.suppress(asyncio.CancelledError):
             await starting
     assert server.unflushed == ["a"]
+
+
+async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_lost(
+    tmp_path: Path,
+) -> None:
+    """Writes a write-through tier passed on, which the origin acknowledged and lost in a
+    kill before any flush: the tier's next flush cannot vouch for them. The caller whose
+    flush found it gets ``DATA_LOSS`` (``WritesLost``) from the tier; the tier's own write
+    verifier changes with it, so every other caller that wrote before is told at its next
+    flush too. Each is told once. (A SIGTERM of the origin, a clean stop, tells nobody:
+    tests/test_verifiers.py.)"""
+    listen = f"127.0.0.1:{free_port()}"
+    origin_dir = tmp_path / "origin"
+    config = write_config(
+        origin_dir, toml_volume("base", {"kind": "sparse", "path": "b.sparse", "size": "1MiB"})
+    )
+    origin = ServerProcess.start(origin_dir, config, listen=listen)
+    try:
+        body = toml_volume("vm", ram(write_through=True), remote(listen, "base", timeout=2))
+        async with (
+            running_server(tmp_path / "tier", body) as tier,
+            AsyncClient(tier.grpc_address, timeout=20) as first,
+            AsyncClient(tier.grpc_address, timeout=20) as second,
+        ):
+            a, b = first.volume("vm"), second.volume("vm")
+            await a.write(0, pattern(1, 0, 8, SS))
+            await b.write(8, pattern(2, 8, 8, SS))
+            origin.close()
+            origin = ServerProcess.start(origin_dir, config, listen=listen)
+
+            async def flushed(vol: AsyncVolume) -> BaseException | None:
+                try:
+                    await vol.flush()
+                except (cerr.Unavailable, cerr.DeadlineExceeded):
+                    raise  # the tier's channel to the origin not back yet: again
+                except cerr.TierdiskError as exc:
+                    return exc
+                return None
+
+            outcome: list[BaseException | None] = []
+
+            async def first_flush() -> bool:
+                outcome.append(await flushed(a))
+                return True
+
+            await eventually(
+                "a flush through the tier",
+                first_flush,
+                retry_on=(cerr.Unavailable, cerr.DeadlineExceeded),
+            )
+            lost = outcome[-1]
+            assert isinstance(lost, cerr.WritesLost), lost
+            assert lost.code == grpc.StatusCode.DATA_LOSS
+            assert listen in str(lost)  # the tier names the origin
+            assert isinstance(await flushed(b), cerr.WritesLost)  # told too, by the verifier
+            assert await flushed(a) is None and await flushed(b) is None  # once each
+            await a.write(16, pattern(3, 16, 8, SS))
+            assert await flushed(a) is None
+    finally:
+        origin.close()

@@ -28,6 +28,7 @@ from tierdisk.service.errors import (
     ReadOnlyError,
     StorageError,
     Unavailable,
+    WritesLost,
 )
 from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
@@ -544,6 +545,69 @@ async def test_s38_flush_syncs_the_write_path(volumes: VolumeOpener) -> None:
     vol = await volumes(entry(a, wt=True), b, cc)
     await vol.flush()
     assert a.ops("flush") == b.ops("flush") == [("flush",)] and cc.calls == []
+
+
+class _FailingFlush(MapLayer):
+    """A layer whose flushes fail with ``failure`` while it is set (an fsync's EIO, a remote
+    tier that lost writes)."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(sectors)
+        self.failure: Exception | None = None
+
+    async def flush(self) -> None:
+        await super().flush()
+        if self.failure is not None:
+            raise self.failure
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [StorageError("fsync: Input/output error"), OSError(5, "Input/output error"), WritesLost("x")],
+    ids=["storage", "oserror", "writes-lost"],
+)
+async def test_a_flush_failing_in_a_write_path_layers_storage_renews_the_verifier(
+    volumes: VolumeOpener, failure: Exception
+) -> None:
+    """After such a failure the writes it covered may be gone (a failed fsync may drop the
+    pages it was to write, and the next one succeeds): no later flush may vouch for them,
+    so the volume's write verifier changes (clients compare it: tests/test_verifiers.py)."""
+    below = _FailingFlush(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), below)
+    before = vol.write_verifier
+    await vol.flush()
+    assert vol.write_verifier == before
+    below.failure = failure
+    with pytest.raises(type(failure)):
+        await vol.flush()
+    assert vol.write_verifier not in (before, 0)
+
+
+async def test_a_flush_failure_that_loses_nothing_keeps_the_verifier(
+    volumes: VolumeOpener,
+) -> None:
+    """A tier that did not answer (its writes wait there, to be flushed by the next try), and
+    a read cache below the write path that lost fills (fetched again when asked for)."""
+    top, cache = _FailingFlush(8), _FailingFlush(8)
+    vol = await volumes(top, entry(cache, rc=True), MapLayer(8))
+    before = vol.write_verifier
+    top.failure = Unavailable("the origin is restarting")
+    with pytest.raises(Unavailable):
+        await vol.flush()
+    top.failure, cache.failure = None, WritesLost("fills lost")
+    await vol.flush()  # only logged
+    assert vol.write_verifier == before
+
+
+async def test_a_flush_waits_for_every_layer_and_reports_writes_lost_first(
+    volumes: VolumeOpener,
+) -> None:
+    top, below = _FailingFlush(8), _FailingFlush(8)
+    vol = await volumes(entry(top, wt=True), below)
+    top.failure, below.failure = Unavailable("away"), WritesLost("lost")
+    with pytest.raises(WritesLost):
+        await vol.flush()
+    assert top.ops("flush") == below.ops("flush") == [("flush",)]
 
 
 async def test_s39_fua_reaches_every_write_path_layer(volumes: VolumeOpener) -> None:

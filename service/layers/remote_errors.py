@@ -37,6 +37,7 @@ ERROR_MAP: tuple[tuple[type[client_errors.TierdiskError], type[errors.TierdiskEr
     (client_errors.Cancelled, errors.Unavailable),  # the remote is shutting down: retry
     (client_errors.DeadlineExceeded, errors.DeadlineExceeded),
     (client_errors.NoSpace, errors.NoSpace),
+    (client_errors.WritesLost, errors.WritesLost),
     (client_errors.DataLoss, errors.DataCorruption),
     (client_errors.StorageError, errors.StorageError),
     (client_errors.TierdiskError, errors.StorageError),  # UNKNOWN and other codes

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdisk/v1/blockdevice.proto\x12\x0btierdisk.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xed\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bsector_size\x18\x02 \x01(\r\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x1c\n\x14physical_sector_size\x18\x04 \x01(\r\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x15\n\rfua_respected\x18\x06 \x01(\x08\x12\x0f\n\x07\x64isk_id\x18\x07 \x01(\x0c\x12\x32\n\x0eunmap_behavior\x18\x08 \x01(\x0e\x32\x1a.tierdisk.v1.UnmapBehavior\x12\x1d\n\x15optimal_unmap_sectors\x18\t \x01(\x04\".\n\x06\x45xtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\"G\n\x10\x41llocationExtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\";\n\x12ListVolumesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListVolumesResponse\x12$\n\x07volumes\x18\x01 \x03(\x0b\x32\x13.tierdisk.v1.Volume\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10GetVolumeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"\\\n\x0bReadRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x17\n\x0freport_presence\x18\x04 \x01(\x08\"B\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x07present\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\"_\n\x0cWriteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x66ua\x18\x04 \x01(\x08\x12\x14\n\x0cno_overwrite\x18\x05 \x01(\x08\"\x0f\n\rWriteResponse\"^\n\x0cUnmapRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x18\n\x10\x62lock_level_only\x18\x04 \x01(\x08\"\x0f\n\rUnmapResponse\"\x1e\n\x0c\x46lushRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"\x0f\n\rFlushResponse\"L\n\x14GetAllocationRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\"G\n\x15GetAllocationResponse\x12.\n\x07\x65xtents\x18\x01 \x03(\x0b\x32\x1d.tierdisk.v1.AllocationExtent\".\n\x0eInspectRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"8\n\x0fInspectResponse\x12%\n\x04tree\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"5\n\rResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\"$\n\x12WatchResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"7\n\x0bResizeEvent\x12\x14\n\x0csector_count\x18\x01 \x01(\x04\x12\x12\n\ngeneration\x18\x02 \x01(\x04*~\n\rUnmapBehavior\x12\x1e\n\x1aUNMAP_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x16\n\x12UNMAP_BEHAVIOR_ANY\x10\x01\x12\x19\n\x15UNMAP_BEHAVIOR_ZEROES\x10\x02\x12\x1a\n\x16UNMAP_BEHAVIOR_IGNORED\x10\x03\x32\xc2\x05\n\x0b\x42lockDevice\x12P\n\x0bListVolumes\x12\x1f.tierdisk.v1.ListVolumesRequest\x1a .tierdisk.v1.ListVolumesResponse\x12?\n\tGetVolume\x12\x1d.tierdisk.v1.GetVolumeRequest\x1a\x13.tierdisk.v1.Volume\x12;\n\x04Read\x12\x18.tierdisk.v1.ReadRequest\x1a\x19.tierdisk.v1.ReadResponse\x12>\n\x05Write\x12\x19.tierdisk.v1.WriteRequest\x1a\x1a.tierdisk.v1.WriteResponse\x12>\n\x05Unmap\x12\x19.tierdisk.v1.UnmapRequest\x1a\x1a.tierdisk.v1.UnmapResponse\x12>\n\x05\x46lush\x12\x19.tierdisk.v1.FlushRequest\x1a\x1a.tierdisk.v1.FlushResponse\x12V\n\rGetAllocation\x12!.tierdisk.v1.GetAllocationRequest\x1a\".tierdisk.v1.GetAllocationResponse\x12\x44\n\x07Inspect\x12\x1b.tierdisk.v1.InspectRequest\x1a\x1c.tierdisk.v1.InspectResponse\x12\x39\n\x06Resize\x12\x1a.tierdisk.v1.ResizeRequest\x1a\x13.tierdisk.v1.Volume\x12J\n\x0bWatchResize\x12\x1f.tierdisk.v1.WatchResizeRequest\x1a\x18.tierdisk.v1.ResizeEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdisk/v1/blockdevice.proto\x12\x0btierdisk.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xed\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bsector_size\x18\x02 \x01(\r\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x1c\n\x14physical_sector_size\x18\x04 \x01(\r\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x15\n\rfua_respected\x18\x06 \x01(\x08\x12\x0f\n\x07\x64isk_id\x18\x07 \x01(\x0c\x12\x32\n\x0eunmap_behavior\x18\x08 \x01(\x0e\x32\x1a.tierdisk.v1.UnmapBehavior\x12\x1d\n\x15optimal_unmap_sectors\x18\t \x01(\x04\".\n\x06\x45xtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\"G\n\x10\x41llocationExtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\";\n\x12ListVolumesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListVolumesResponse\x12$\n\x07volumes\x18\x01 \x03(\x0b\x32\x13.tierdisk.v1.Volume\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10GetVolumeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"\\\n\x0bReadRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x17\n\x0freport_presence\x18\x04 \x01(\x08\"B\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x07present\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\"_\n\x0cWriteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x66ua\x18\x04 \x01(\x08\x12\x14\n\x0cno_overwrite\x18\x05 \x01(\x08\"\'\n\rWriteResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"^\n\x0cUnmapRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x18\n\x10\x62lock_level_only\x18\x04 \x01(\x08\"\'\n\rUnmapResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"\x1e\n\x0c\x46lushRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"\'\n\rFlushResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"L\n\x14GetAllocationRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\"G\n\x15GetAllocationResponse\x12.\n\x07\x65xtents\x18\x01 \x03(\x0b\x32\x1d.tierdisk.v1.AllocationExtent\".\n\x0eInspectRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"8\n\x0fInspectResponse\x12%\n\x04tree\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"5\n\rResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\"$\n\x12WatchResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"7\n\x0bResizeEvent\x12\x14\n\x0csector_count\x18\x01 \x01(\x04\x12\x12\n\ngeneration\x18\x02 \x01(\x04*~\n\rUnmapBehavior\x12\x1e\n\x1aUNMAP_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x16\n\x12UNMAP_BEHAVIOR_ANY\x10\x01\x12\x19\n\x15UNMAP_BEHAVIOR_ZEROES\x10\x02\x12\x1a\n\x16UNMAP_BEHAVIOR_IGNORED\x10\x03\x32\xc2\x05\n\x0b\x42lockDevice\x12P\n\x0bListVolumes\x12\x1f.tierdisk.v1.ListVolumesRequest\x1a .tierdisk.v1.ListVolumesResponse\x12?\n\tGetVolume\x12\x1d.tierdisk.v1.GetVolumeRequest\x1a\x13.tierdisk.v1.Volume\x12;\n\x04Read\x12\x18.tierdisk.v1.ReadRequest\x1a\x19.tierdisk.v1.ReadResponse\x12>\n\x05Write\x12\x19.tierdisk.v1.WriteRequest\x1a\x1a.tierdisk.v1.WriteResponse\x12>\n\x05Unmap\x12\x19.tierdisk.v1.UnmapRequest\x1a\x1a.tierdisk.v1.UnmapResponse\x12>\n\x05\x46lush\x12\x19.tierdisk.v1.FlushRequest\x1a\x1a.tierdisk.v1.FlushResponse\x12V\n\rGetAllocation\x12!.tierdisk.v1.GetAllocationRequest\x1a\".tierdisk.v1.GetAllocationResponse\x12\x44\n\x07Inspect\x12\x1b.tierdisk.v1.InspectRequest\x1a\x1c.tierdisk.v1.InspectResponse\x12\x39\n\x06Resize\x12\x1a.tierdisk.v1.ResizeRequest\x1a\x13.tierdisk.v1.Volume\x12J\n\x0bWatchResize\x12\x1f.tierdisk.v1.WatchResizeRequest\x1a\x18.tierdisk.v1.ResizeEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierdisk.v1.blockdevice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNMAPBEHAVIOR']._serialized_start=1465
-  _globals['_UNMAPBEHAVIOR']._serialized_end=1591
+  _globals['_UNMAPBEHAVIOR']._serialized_start=1537
+  _globals['_UNMAPBEHAVIOR']._serialized_end=1663
   _globals['_VOLUME']._serialized_start=77
   _globals['_VOLUME']._serialized_end=314
   _globals['_EXTENT']._serialized_start=316
@@ -53,29 +53,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITEREQUEST']._serialized_start=782
   _globals['_WRITEREQUEST']._serialized_end=877
   _globals['_WRITERESPONSE']._serialized_start=879
-  _globals['_WRITERESPONSE']._serialized_end=894
-  _globals['_UNMAPREQUEST']._serialized_start=896
-  _globals['_UNMAPREQUEST']._serialized_end=990
-  _globals['_UNMAPRESPONSE']._serialized_start=992
-  _globals['_UNMAPRESPONSE']._serialized_end=1007
-  _globals['_FLUSHREQUEST']._serialized_start=1009
-  _globals['_FLUSHREQUEST']._serialized_end=1039
-  _globals['_FLUSHRESPONSE']._serialized_start=1041
-  _globals['_FLUSHRESPONSE']._serialized_end=1056
-  _globals['_GETALLOCATIONREQUEST']._serialized_start=1058
-  _globals['_GETALLOCATIONREQUEST']._serialized_end=1134
-  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1136
-  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1207
-  _globals['_INSPECTREQUEST']._serialized_start=1209
-  _globals['_INSPECTREQUEST']._serialized_end=1255
-  _globals['_INSPECTRESPONSE']._serialized_start=1257
-  _globals['_INSPECTRESPONSE']._serialized_end=1313
-  _globals['_RESIZEREQUEST']._serialized_start=1315
-  _globals['_RESIZEREQUEST']._serialized_end=1368
-  _globals['_WATCHRESIZEREQUEST']._serialized_start=1370
-  _globals['_WATCHRESIZEREQUEST']._serialized_end=1406
-  _globals['_RESIZEEVENT']._serialized_start=1408
-  _globals['_RESIZEEVENT']._serialized_end=1463
-  _globals['_BLOCKDEVICE']._serialized_start=1594
-  _globals['_BLOCKDEVICE']._serialized_end=2300
+  _globals['_WRITERESPONSE']._serialized_end=918
+  _globals['_UNMAPREQUEST']._serialized_start=920
+  _globals['_UNMAPREQUEST']._serialized_end=1014
+  _globals['_UNMAPRESPONSE']._serialized_start=1016
+  _globals['_UNMAPRESPONSE']._serialized_end=1055
+  _globals['_FLUSHREQUEST']._serialized_start=1057
+  _globals['_FLUSHREQUEST']._serialized_end=1087
+  _globals['_FLUSHRESPONSE']._serialized_start=1089
+  _globals['_FLUSHRESPONSE']._serialized_end=1128
+  _globals['_GETALLOCATIONREQUEST']._serialized_start=1130
+  _globals['_GETALLOCATIONREQUEST']._serialized_end=1206
+  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1208
+  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1279
+  _globals['_INSPECTREQUEST']._serialized_start=1281
+  _globals['_INSPECTREQUEST']._serialized_end=1327
+  _globals['_INSPECTRESPONSE']._serialized_start=1329
+  _globals['_INSPECTRESPONSE']._serialized_end=1385
+  _globals['_RESIZEREQUEST']._serialized_start=1387
+  _globals['_RESIZEREQUEST']._serialized_end=1440
+  _globals['_WATCHRESIZEREQUEST']._serialized_start=1442
+  _globals['_WATCHRESIZEREQUEST']._serialized_end=1478
+  _globals['_RESIZEEVENT']._serialized_start=1480
+  _globals['_RESIZEEVENT']._serialized_end=1535
+  _globals['_BLOCKDEVICE']._serialized_start=1666
+  _globals['_BLOCKDEVICE']._serialized_end=2372
 # @@protoc_insertion_point(module_scope)

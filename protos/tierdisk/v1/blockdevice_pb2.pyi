@@ -372,14 +372,30 @@ Global___WriteRequest: _TypeAlias = WriteRequest  # noqa: Y015
 
 @_typing.final
 class WriteResponse(_message.Message):
+    """A write or unmap acknowledged but not yet durable carries its volume's write
+    verifier, and every Flush reply the verifier current when the flush ended.
+    The verifier is a non-zero number that changes whenever writes the volume
+    acknowledged without making them durable may have been lost: at a start that
+    does not follow a clean stop (a crash, or a stop whose final flush failed),
+    or when a tier below the volume lost such writes. A Flush answered with
+    another verifier than a write it covers was acknowledged with is no proof
+    that write is durable (as NFS's write verifier). 0: durable when
+    acknowledged (a FUA write the volume respects), or a server that predates
+    verifiers.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    WRITE_VERIFIER_FIELD_NUMBER: _builtins.int
+    write_verifier: _builtins.int
     def __init__(
         self,
+        *,
+        write_verifier: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["write_verifier", b"write_verifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,12 +441,17 @@ Global___UnmapRequest: _TypeAlias = UnmapRequest  # noqa: Y015
 class UnmapResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    WRITE_VERIFIER_FIELD_NUMBER: _builtins.int
+    write_verifier: _builtins.int
+    """As WriteResponse.write_verifier."""
     def __init__(
         self,
+        *,
+        write_verifier: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["write_verifier", b"write_verifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,12 +481,17 @@ Global___FlushRequest: _TypeAlias = FlushRequest  # noqa: Y015
 class FlushResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    WRITE_VERIFIER_FIELD_NUMBER: _builtins.int
+    write_verifier: _builtins.int
+    """The volume's write verifier when the flush ended (see WriteResponse)."""
     def __init__(
         self,
+        *,
+        write_verifier: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["write_verifier", b"write_verifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

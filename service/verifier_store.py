@@ -1,0 +1,174 @@
+"""Each volume's write verifier, kept across clean stops in ``DATA_DIR/write-verifiers.json``.
+
+A write verifier (:mod:`tierdisk.client.verifiers` says what clients do with it) is a
+non-zero 64-bit number that must change whenever writes a volume acknowledged without making
+them durable may have been lost. A server that stopped cleanly (calls drained, every final
+flush succeeded) lost none, so its volumes keep their verifiers: a client that wrote before
+a rolling restart and flushes after it is not told of a loss that did not happen. Any other
+end (a crash, a kill, a power loss, a final flush that failed, a server that never got to
+write this file) gives the volume a new one at the next start.
+
+The file holds, per volume name, ``{"verifier": N, "clean": bool}``. At start
+(:meth:`VerifierStore.open`) the server reads it, takes the verifier of each volume whose
+entry is clean and draws a new one for every other; before it serves the first volume
+(:meth:`VerifierStore.mark_unclean`) it writes every volume back as not clean (synced): a
+crash from then on leaves them not clean. (A start that fails before serving writes
+nothing.) At a clean stop
+(:meth:`VerifierStore.close`) it writes the volumes that stopped cleanly as clean, with their
+verifiers then (a volume's verifier also changes while it runs, when a flush finds writes
+lost: :attr:`~tierdisk.service.volume.Volume.write_verifier`). Entries of volumes no longer
+configured are kept as they are.
+
+The file is ``flock``ed for the server's life. When it cannot be used (another server holds
+it, the folder is read-only, it cannot be synced) the server logs a warning and draws new
+verifiers, keeping nothing: each restart then counts as unclean for its clients (their next
+flush after it raises ``WritesLost`` if they had unflushed writes), which is safe. A file that
+cannot be read as this format is treated as having no clean entry, and rewritten.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+
+from .fileio import fsync_folder, pwrite_all
+
+__all__ = ["FILE_NAME", "VerifierStore", "new_verifier"]
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "write-verifiers.json"
+"""The file in ``data_dir`` (DESIGN.md §4) that keeps the verifiers."""
+
+_MAX_BYTES = 4 << 20
+"""The most of the file read: far more than any number of volumes a config holds."""
+
+
+def new_verifier(old: int = 0) -> int:
+    """A random non-zero 64-bit verifier other than ``old``."""
+    while True:
+        value = secrets.randbits(64)
+        if value and value != old:
+            return value
+
+
+class VerifierStore:
+    """The verifiers of one server's volumes, and the file that keeps them (module docs).
+    Its methods do blocking file I/O: call them off the event loop. Never raises for the
+    file: a problem is logged and the verifiers are drawn anew, with nothing kept."""
+
+    def __init__(self, path: str, names: Sequence[str]) -> None:
+        self.path = path
+        self._names = list(names)
+        self._fd: int | None = None  # the file, locked (None: not there yet, or given up)
+        self._usable = True
+        self._marked = False  # every volume written as not clean: one may be served
+        self._entries: dict[str, dict[str, object]] = {}
+        self.verifiers: dict[str, int] = {}
+        """Each configured volume's verifier for this run (before any change while it runs)."""
+
+    @classmethod
+    def open(cls, data_dir: str, names: Sequence[str]) -> VerifierStore:
+        """Read the file in ``data_dir`` (if there is one: nothing is written before
+        :meth:`mark_unclean`) and choose each volume's verifier."""
+        store = cls(os.path.join(data_dir, FILE_NAME), names)
+        try:
+            store._fd = os.open(store.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fcntl.flock(store._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            store._entries = _parse(store.path, os.pread(store._fd, _MAX_BYTES, 0))
+        except FileNotFoundError:
+            store._release()
+        except OSError as exc:
+            store._give_up(exc)
+            return store
+        for name in names:
+            entry = store._entries.get(name, {})
+            value = entry.get("verifier")
+            old = value if isinstance(value, int) and type(value) is int else 0
+            if not 0 < old < 1 << 64:
+                old = 0
+            clean = old != 0 and entry.get("clean") is True
+            store.verifiers[name] = old if clean else new_verifier(old)
+        return store
+
+    def mark_unclean(self) -> None:
+        """Write every volume as not clean, synced (once; before the first is served): a
+        crash from now on gives them new verifiers at the next start. The verifiers are
+        drawn anew when that fails (nothing was served under them yet)."""
+        if self._marked or not self._usable:
+            return
+        try:
+            if self._fd is None:  # the first start here: the file is made now
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                self._fd = os.open(self.path, flags, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._write(dict.fromkeys(self._names, False))
+                fsync_folder(self.path)  # the new file's name reaches the disk too
+            else:
+                self._write(dict.fromkeys(self._names, False))
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        self._marked = True
+
+    def close(self, verifiers: Mapping[str, int], clean: Sequence[str]) -> None:
+        """Keep ``verifiers`` (each volume's at the stop), the volumes in ``clean`` as
+        stopped cleanly, the others not; release the file. Nothing is written when no
+        volume was served (:meth:`mark_unclean` never ran). A failure is logged (the next
+        start then draws new verifiers for them all: safe)."""
+        try:
+            if self._marked and self._fd is not None:
+                self.verifiers.update(verifiers)
+                self._write({name: name in clean for name in self.verifiers})
+        except OSError as exc:
+            log.warning("write verifiers not kept in %s at the stop: %s", self.path, exc.strerror)
+        finally:
+            self._release()
+
+    def _give_up(self, exc: OSError) -> None:
+        """The file cannot be used: say so, keep nothing, draw every verifier anew."""
+        self._release()
+        self._usable = False
+        why = "another server holds it" if isinstance(exc, BlockingIOError) else exc.strerror
+        log.warning(
+            "write verifiers cannot be kept in %s (%s): every restart of this server counts "
+            "as unclean for its clients",
+            self.path,
+            why,
+        )
+        self.verifiers = {name: new_verifier(self.verifiers.get(name, 0)) for name in self._names}
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, clean: Mapping[str, bool]) -> None:
+        """Rewrite the file in place with :attr:`verifiers` and ``clean``, and sync it. (A
+        write torn by a crash leaves a file :func:`_parse` refuses: no entry is clean.)"""
+        assert self._fd is not None
+        for name, is_clean in clean.items():
+            self._entries[name] = {"verifier": self.verifiers[name], "clean": is_clean}
+        data = (json.dumps({"format": 1, "volumes": self._entries}, indent=1) + "\n").encode()
+        os.ftruncate(self._fd, 0)
+        pwrite_all(self._fd, memoryview(data), 0)
+        os.fsync(self._fd)
+
+
+def _parse(path: str, data: bytes) -> dict[str, dict[str, object]]:
+    """The entries of a file's contents; ``{}`` (logged) when they are not this format."""
+    if not data:
+        return {}
+    try:
+        doc = json.loads(data)
+        volumes = doc["volumes"]
+        if doc.get("format") != 1 or not isinstance(volumes, dict):
+            raise ValueError("not format 1")
+        return {str(k): v for k, v in volumes.items() if isinstance(v, dict)}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        log.warning("%s is not a write verifier file (%s): new verifiers for all", path, exc)
+        return {}

@@ -1,0 +1,172 @@
+"""The file that keeps write verifiers across clean stops (tierdisk.service.verifier_store)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tierdisk.service.verifier_store import FILE_NAME, VerifierStore, new_verifier
+
+
+def _entries(folder: Path) -> dict[str, dict[str, object]]:
+    doc = json.loads((folder / FILE_NAME).read_text())
+    assert doc["format"] == 1
+    volumes: dict[str, dict[str, object]] = doc["volumes"]
+    return volumes
+
+
+def _served(folder: Path, names: list[str]) -> VerifierStore:
+    """The store of a start that got as far as serving: opened, every volume marked."""
+    store = VerifierStore.open(str(folder), names)
+    store.mark_unclean()
+    return store
+
+
+def test_new_verifiers_are_non_zero_and_differ_from_the_old_one() -> None:
+    assert all(new_verifier(1) not in (0, 1) for _ in range(100))
+    assert 0 < new_verifier() < 1 << 64
+
+
+def test_a_clean_stop_keeps_each_volumes_verifier(tmp_path: Path) -> None:
+    first = _served(tmp_path, ["a", "b"])
+    assert set(first.verifiers) == {"a", "b"} and all(first.verifiers.values())
+    first.close(first.verifiers, clean=["a", "b"])
+    second = _served(tmp_path, ["a", "b"])
+    assert second.verifiers == first.verifiers
+    second.close(second.verifiers, clean=["a", "b"])
+
+
+def test_the_start_marks_every_volume_unclean_before_serving(tmp_path: Path) -> None:
+    store = _served(tmp_path, ["a"])
+    try:
+        assert _entries(tmp_path) == {"a": {"verifier": store.verifiers["a"], "clean": False}}
+    finally:
+        store.close(store.verifiers, clean=["a"])
+    assert _entries(tmp_path)["a"]["clean"] is True
+
+
+def test_a_start_that_serves_nothing_writes_nothing(tmp_path: Path) -> None:
+    """A config error, a stop before any volume opened: no file where there was none, and
+    a clean entry stays clean."""
+    store = VerifierStore.open(str(tmp_path), ["a"])
+    store.close(store.verifiers, clean=[])
+    assert list(tmp_path.iterdir()) == []
+    first = _served(tmp_path, ["a"])
+    first.close(first.verifiers, clean=["a"])
+    again = VerifierStore.open(str(tmp_path), ["a"])
+    again.close(again.verifiers, clean=[])
+    last = _served(tmp_path, ["a"])
+    assert last.verifiers == first.verifiers
+    last.close(last.verifiers, clean=["a"])
+
+
+def test_a_crash_or_an_unclean_stop_gives_a_new_verifier(tmp_path: Path) -> None:
+    first = _served(tmp_path, ["a", "b"])
+    first.close(first.verifiers, clean=["b"])  # a's final flush failed
+    second = _served(tmp_path, ["a", "b"])
+    assert second.verifiers["a"] != first.verifiers["a"]
+    assert second.verifiers["b"] == first.verifiers["b"]
+    second.close(second.verifiers, clean=["a", "b"])
+    # a crash: a process that opened the store and died without closing it
+    crash = (
+        "import os, sys\n"
+        "from tierdisk.service.verifier_store import VerifierStore\n"
+        "VerifierStore.open(sys.argv[1], ['a', 'b']).mark_unclean()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(tmp_path)], check=True, timeout=60)
+    third = _served(tmp_path, ["a", "b"])
+    assert third.verifiers["a"] != second.verifiers["a"]
+    assert third.verifiers["b"] != second.verifiers["b"]
+    third.close(third.verifiers, clean=[])
+
+
+def test_the_verifier_a_volume_has_at_the_stop_is_kept(tmp_path: Path) -> None:
+    """A flush that found writes lost renewed the volume's verifier while it ran."""
+    store = _served(tmp_path, ["a"])
+    renewed = new_verifier(store.verifiers["a"])
+    store.close({"a": renewed}, clean=["a"])
+    again = _served(tmp_path, ["a"])
+    assert again.verifiers["a"] == renewed
+    again.close(again.verifiers, clean=["a"])
+
+
+def test_volumes_no_longer_configured_keep_their_entries(tmp_path: Path) -> None:
+    first = _served(tmp_path, ["a", "b"])
+    first.close(first.verifiers, clean=["a", "b"])
+    only_a = _served(tmp_path, ["a"])
+    only_a.close(only_a.verifiers, clean=["a"])
+    both = _served(tmp_path, ["a", "b"])
+    assert both.verifiers == first.verifiers
+    both.close(both.verifiers, clean=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b'{"format": 2, "volumes": {}}',
+        b'{"format": 1, "volumes": []}',
+        b'{"format": 1, "volumes": {"a": {"verifier": 0, "clean": true}}}',
+        b'{"format": 1, "volumes": {"a": {"verifier": -5, "clean": true}}}',
+        b'{"format": 1, "volumes": {"a": {"verifier": 18446744073709551616, "clean": true}}}',
+        b'{"format": 1, "volumes": {"a": {"verifier": 5.0, "clean": true}}}',
+        b'{"format": 1, "volumes": {"a": {"verifier": 5, "clean": 1}}}',
+        b"[" * 100_000,
+    ],
+)
+def test_a_file_not_of_this_format_counts_as_no_clean_stop(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / FILE_NAME).write_bytes(content)
+    store = _served(tmp_path, ["a"])
+    try:
+        assert store.verifiers["a"] not in (0, 5)
+        assert _entries(tmp_path)["a"] == {"verifier": store.verifiers["a"], "clean": False}
+    finally:
+        store.close(store.verifiers, clean=["a"])
+
+
+def test_a_file_another_server_holds_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = _served(tmp_path, ["a"])
+    held = (tmp_path / FILE_NAME).read_bytes()
+    try:
+        with caplog.at_level(logging.WARNING, "tierdisk.service.verifier_store"):
+            other = _served(tmp_path, ["a"])
+        assert "another server holds it" in caplog.text
+        assert other.verifiers["a"] != holder.verifiers["a"]
+        other.close(other.verifiers, clean=["a"])  # keeps nothing
+        assert (tmp_path / FILE_NAME).read_bytes() == held
+    finally:
+        holder.close(holder.verifiers, clean=["a"])
+
+
+def test_a_folder_it_cannot_write_is_a_warning_not_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "gone"  # (root may write anywhere: a folder that is not there)
+    with caplog.at_level(logging.WARNING, "tierdisk.service.verifier_store"):
+        store = _served(missing, ["a"])
+    assert "cannot be kept" in caplog.text
+    assert store.verifiers["a"] != 0
+    store.close(store.verifiers, clean=["a"])
+    assert not missing.exists()
+
+
+def test_a_symlink_in_its_place_is_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    (tmp_path / FILE_NAME).symlink_to(target)
+    with caplog.at_level(logging.WARNING, "tierdisk.service.verifier_store"):
+        store = _served(tmp_path, ["a"])
+    store.close(store.verifiers, clean=["a"])
+    assert target.read_text() == "precious"
+    assert "cannot be kept" in caplog.text

@@ -1,0 +1,209 @@
+"""Write verifiers (tierdisk.client.verifiers): a flush that cannot vouch for the writes it
+covers says so, once, and a clean restart is not taken for a loss.
+
+The bookkeeping alone (:class:`UnflushedWrites`), then a real server process killed or
+stopped and started again on the same address under a client that wrote before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import ServerProcess, free_port, toml_volume, write_config
+from stacks import pattern
+
+from tierdisk.client import AsyncClient, AsyncVolume
+from tierdisk.client import errors as cerr
+from tierdisk.client.verifiers import UnflushedWrites
+
+SS = 512
+
+# -- the bookkeeping ---------------------------------------------------------------------------
+
+
+def test_a_flush_with_the_same_verifier_vouches_for_the_writes_it_covers() -> None:
+    book = UnflushedWrites()
+    book.acknowledged(7)
+    book.acknowledged(7)
+    assert book.flushed(book.mark(), 7) == []
+    assert len(book) == 0
+
+
+def test_a_changed_verifier_is_reported_once() -> None:
+    book = UnflushedWrites()
+    book.acknowledged(7)
+    assert book.flushed(book.mark(), 9) == [7]
+    assert book.flushed(book.mark(), 9) == []
+
+
+def test_durable_writes_are_not_kept() -> None:
+    book = UnflushedWrites()
+    book.acknowledged(0)  # a FUA write the volume respects
+    assert len(book) == 0
+    assert book.flushed(book.mark(), 9) == []
+
+
+def test_a_flush_covers_only_the_writes_acknowledged_before_it_started() -> None:
+    book = UnflushedWrites()
+    book.acknowledged(7)
+    mark = book.mark()
+    book.acknowledged(7)  # acknowledged while the flush ran: not covered
+    assert book.flushed(mark, 7) == []
+    assert len(book) == 1
+    assert book.flushed(book.mark(), 9) == [7]  # that later write is still unvouched
+
+
+def test_overlapping_flushes_each_report_a_loss_among_what_they_cover() -> None:
+    book = UnflushedWrites()
+    book.acknowledged(7)
+    first = book.mark()
+    book.acknowledged(7)
+    second = book.mark()
+    assert book.flushed(second, 9) == [7]
+    assert book.flushed(first, 9) == []  # reported by the other already
+
+
+def test_a_server_without_verifiers_vouches_for_nothing_and_forgets_nothing() -> None:
+    book = UnflushedWrites()
+    book.acknowledged(7)
+    assert book.flushed(book.mark(), 0) == []
+    assert book.flushed(book.mark(), 9) == [7]
+
+
+# -- against a server that restarts ------------------------------------------------------------
+
+
+def _sparse_config(folder: Path) -> Path:
+    return write_config(
+        folder, toml_volume("v", {"kind": "sparse", "path": "v.sparse", "size": "1MiB"})
+    )
+
+
+def _restarted(server: ServerProcess, config: Path, listen: str, how: str) -> ServerProcess:
+    """``server`` stopped (``"kill"``: SIGKILL; ``"terminate"``: SIGTERM, a clean stop that
+    must exit 0) and started again on ``listen``."""
+    if how == "terminate":
+        assert server.terminate() == 0
+    server.close()
+    return ServerProcess.start(config.parent, config, listen=listen)
+
+
+async def _flush_after_restart(vol: AsyncVolume) -> Exception | None:
+    """Flush ``vol`` once its server answers again; what the flush raised, or None."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await vol.flush()
+            return None
+        except (cerr.Unavailable, cerr.DeadlineExceeded) as exc:
+            if time.monotonic() > deadline:
+                return exc
+            await asyncio.sleep(0.1)
+        except cerr.TierdiskError as exc:
+            return exc
+
+
+async def test_a_flush_after_a_kill_and_restart_reports_the_unflushed_writes_once(
+    tmp_path: Path,
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    config = _sparse_config(tmp_path)
+    server = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        async with AsyncClient(listen, timeout=10) as client:
+            vol = client.volume("v")
+            await vol.write(0, pattern(1, 0, 8, SS))
+            await vol.flush()  # vouched for: these are durable
+            await vol.write(8, pattern(2, 8, 8, SS))  # acknowledged, not yet durable
+            server = _restarted(server, config, listen, "kill")
+
+            # Through another handle: the client keeps one record per volume.
+            lost = await _flush_after_restart(client.volume("v"))
+            assert isinstance(lost, cerr.WritesLost), lost
+            assert lost.code == grpc.StatusCode.DATA_LOSS
+            assert "'v'" in str(lost) and "may be lost" in str(lost)
+
+            await vol.flush()  # said once
+            await vol.write(16, pattern(3, 16, 8, SS))
+            await vol.flush()  # writes made after the restart are vouched for
+            assert await vol.read(0, 8) == pattern(1, 0, 8, SS)  # flushed before: kept
+    finally:
+        server.close()
+
+
+async def test_a_clean_restart_keeps_the_verifier(tmp_path: Path) -> None:
+    """A rolling restart (SIGTERM: drain, final flush) lost nothing: the client's next
+    flush succeeds although it wrote before the restart and did not flush."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = _sparse_config(tmp_path)
+    server = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        async with AsyncClient(listen, timeout=10) as client:
+            vol = client.volume("v")
+            before = (await vol.inspect())["write_verifier"]
+            await vol.write(0, pattern(1, 0, 8, SS))
+            server = _restarted(server, config, listen, "terminate")
+            assert await _flush_after_restart(vol) is None
+            assert (await vol.inspect())["write_verifier"] == before
+            assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
+
+            # ...and a kill after that clean start still counts: the start marked it.
+            await vol.write(8, pattern(2, 8, 8, SS))
+            server = _restarted(server, config, listen, "kill")
+            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+            assert (await vol.inspect())["write_verifier"] != before
+    finally:
+        server.close()
+
+
+async def test_fua_writes_the_volume_respects_need_no_flush(tmp_path: Path) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    config = _sparse_config(tmp_path)
+    server = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        async with AsyncClient(listen, timeout=10) as client:
+            vol = client.volume("v")
+            assert (await vol.info()).fua_respected
+            await vol.write(0, pattern(1, 0, 8, SS), fua=True)
+            server = _restarted(server, config, listen, "kill")
+            assert await _flush_after_restart(vol) is None
+            assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
+    finally:
+        server.close()
+
+
+async def test_an_unmap_is_vouched_for_like_a_write(tmp_path: Path) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    config = _sparse_config(tmp_path)
+    server = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        async with AsyncClient(listen, timeout=10) as client:
+            vol = client.volume("v")
+            await vol.write(0, pattern(1, 0, 8, SS), fua=True)
+            await vol.unmap(0, 8)
+            server = _restarted(server, config, listen, "kill")
+            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("how", ["kill", "terminate"])
+async def test_writes_after_the_last_flush_only_are_at_stake(tmp_path: Path, how: str) -> None:
+    """A client that flushed everything it wrote has nothing at stake in a restart, clean
+    or not: its next flush succeeds."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = _sparse_config(tmp_path)
+    server = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        async with AsyncClient(listen, timeout=10) as client:
+            vol = client.volume("v")
+            await vol.write(0, pattern(1, 0, 8, SS))
+            await vol.flush()
+            server = _restarted(server, config, listen, how)
+            assert await _flush_after_restart(vol) is None
+    finally:
+        server.close()
