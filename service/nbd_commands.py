@@ -43,7 +43,6 @@ __all__ = [
     "block_status",
     "cache",
     "flush",
-    "note_change",
     "read",
     "reply_bytes",
     "trim",
@@ -216,13 +215,6 @@ async def flush(export: Export) -> None:
             "flush in its storage, or a tier below that lost writes)",
             WritesLost,
         )
-
-
-def note_change(export: Export, flags: int, verifier: int) -> None:
-    """A WRITE, TRIM or WRITE_ZEROES that started under ``verifier`` (the volume's write
-    verifier then) succeeded: keep it for :func:`flush` unless it is durable (FUA)."""
-    if not flags & P.CMD_FLAG_FUA:
-        export.unflushed.acknowledged(verifier)
 
 
 async def write(export: Export, flags: int, offset: int, data: Any) -> None:

@@ -628,7 +628,9 @@ class NbdSession(asyncio.BufferedProtocol):
             elif cmd == P.CMD_BLOCK_STATUS:
                 reply = await C.block_status(export, flags, handle, offset, length)
             else:
-                verifier = export.volume.write_verifier  # as it starts (see C.note_change)
+                # The verifier as it starts: a flush failing while it runs renews it, and
+                # this change may be among what that failure lost.
+                verifier = export.volume.write_verifier
                 if cmd == P.CMD_WRITE:
                     if payload is None:
                         raise C.Refuse(
@@ -644,8 +646,8 @@ class NbdSession(asyncio.BufferedProtocol):
                     await C.write_zeroes(export, flags, offset, length)
                 else:  # CMD_CACHE
                     await C.cache(export, offset, length)
-                if cmd in _CHANGING:
-                    C.note_change(export, flags, verifier)
+                if cmd in _CHANGING and not flags & P.CMD_FLAG_FUA:  # FUA: durable already
+                    export.unflushed.acknowledged(verifier)  # for C.flush to vouch for
                 reply = [P.simple_reply(handle)]
         except C.Refuse as exc:
             code, message, status = exc.code, str(exc), exc.status
