@@ -180,6 +180,12 @@ class _StoreNotingSource(argparse.Action):
 # -- arguments ---------------------------------------------------------------------------
 
 
+_NO_FLUSH_HELP = (
+    "do not flush at the end (by default the command returns once the data is durable, and "
+    "fails if the server lost some of it in a restart meanwhile)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tierdisk",
@@ -258,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-i", "--input", metavar="FILE", help="read from FILE instead of stdin (-: stdin)"
     )
     p.add_argument("--fua", action="store_true", help="durable when acknowledged")
+    p.add_argument("--no-flush", action="store_true", help=_NO_FLUSH_HELP)
     p = vol_verb("import", "write IMAGE (-: stdin) onto the volume from sector 0 (the size stays)")
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--no-flush", action="store_true", help=_NO_FLUSH_HELP)
     p = vol_verb(
         "export",
         "copy the whole volume into IMAGE, sparse where unallocated; to a device, a pipe or "

@@ -53,7 +53,7 @@ from .aio import AsyncClient, AsyncVolume
 from .chunking import Piece, plan_pieces, run_bounded, sector_runs, sectors_per_chunk
 from .cli_errors import CliError, describe_file, file_error
 from .copy_report import CopyProgress, progress_bar
-from .errors import Interrupted, OutOfRange
+from .errors import Interrupted, OutOfRange, TierdiskError
 from .localfile import (
     ThreadReader,
     data_runs,
@@ -86,14 +86,33 @@ async def write_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     """``write VOL SECTOR [-i FILE] [--fua]``: whole sectors from stdin or FILE onto the
     volume from SECTOR (see :func:`_copy_from`)."""
     vol = client.volume(args.volume)
-    return await _copy_from(client, args, vol, std_path(args.input), args.sector, "write")
+    status = await _copy_from(client, args, vol, std_path(args.input), args.sector, "write")
+    await _made_durable(vol, args, "write")
+    return status
 
 
 async def import_image(client: AsyncClient, args: argparse.Namespace) -> int:
     """``import VOL IMAGE``: IMAGE (``-``: stdin) onto the volume from sector 0; it must be
     a whole number of sectors and no larger than the volume, which keeps its size."""
     vol = client.volume(args.volume)
-    return await _copy_from(client, args, vol, std_path(args.image), 0, "import")
+    status = await _copy_from(client, args, vol, std_path(args.image), 0, "import")
+    await _made_durable(vol, args, "import")
+    return status
+
+
+async def _made_durable(vol: AsyncVolume, args: argparse.Namespace, verb: str) -> None:
+    """End a ``write`` or an ``import`` with a flush (unless ``--no-flush``): the command
+    returns once the data is durable, and a server that restarted without a clean stop
+    while it wrote, losing some of it, is reported (``WritesLost``: write it again) rather
+    than passed over. A failure says that everything was written before it."""
+    if getattr(args, "no_flush", False):
+        return
+    try:
+        await vol.flush()
+    except TierdiskError as exc:
+        exc.message = f"{verb}: all of it was written, but the flush after it failed: {exc}"
+        exc.args = (exc.message,)
+        raise
 
 
 async def _copy_from(

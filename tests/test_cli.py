@@ -50,7 +50,7 @@ from servers import (
     toml_volume,
     write_config,
 )
-from stacks import MapLayer
+from stacks import MapLayer, pattern
 
 from tierdisk.client.cli import main as cli_main
 from tierdisk.service.errors import NoSpace, StorageError
@@ -1892,3 +1892,25 @@ def test_a_failed_copy_to_stdout_leaves_no_writer_thread(
     while writers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert writers() == before
+
+
+@pytest.mark.parametrize("verb", ["write", "import"])
+def test_write_and_import_return_once_the_data_is_durable(tmp_path: Path, verb: str) -> None:
+    """They end with a flush: a kill of the server right after the command returns loses
+    nothing (a ``sparse`` layer keeps what was written before its last flush)."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = write_config(
+        tmp_path, toml_volume("v", {"kind": "sparse", "path": "v.sparse", "size": "1MiB"})
+    )
+    data = pattern(5, 0, 16, 512)
+    image = tmp_path / "in.img"
+    image.write_bytes(data)
+    args = ["write", "v", "0", "-i", str(image)] if verb == "write" else ["import", "v", str(image)]
+    srv = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        tierdisk(srv, *args)
+        srv.close()
+        srv = ServerProcess.start(tmp_path, config, listen=listen)
+        assert tierdisk(srv, "read", "v", "0", "16").stdout == data
+    finally:
+        srv.close()
