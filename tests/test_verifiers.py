@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -77,19 +78,35 @@ def test_a_server_without_verifiers_vouches_for_nothing_and_forgets_nothing() ->
 # -- against a server that restarts ------------------------------------------------------------
 
 
-def _sparse_config(folder: Path) -> Path:
-    return write_config(
-        folder, toml_volume("v", {"kind": "sparse", "path": "v.sparse", "size": "1MiB"})
-    )
+class Served:
+    """A ``sparse`` volume ``v`` served by a server process on a fixed address (so a client
+    reconnects to it after a restart)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.listen = f"127.0.0.1:{free_port()}"
+        self.config = write_config(
+            folder, toml_volume("v", {"kind": "sparse", "path": "v.sparse", "size": "1MiB"})
+        )
+        self.server = ServerProcess.start(folder, self.config, listen=self.listen)
+
+    def restart(self, how: str) -> None:
+        """Stop the server (``"kill"``: SIGKILL; ``"terminate"``: SIGTERM, a clean stop
+        that must exit 0) and start it again."""
+        if how == "terminate":
+            assert self.server.terminate() == 0
+        self.server.close()
+        self.server = ServerProcess.start(self.config.parent, self.config, listen=self.listen)
 
 
-def _restarted(server: ServerProcess, config: Path, listen: str, how: str) -> ServerProcess:
-    """``server`` stopped (``"kill"``: SIGKILL; ``"terminate"``: SIGTERM, a clean stop that
-    must exit 0) and started again on ``listen``."""
-    if how == "terminate":
-        assert server.terminate() == 0
-    server.close()
-    return ServerProcess.start(config.parent, config, listen=listen)
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Served, AsyncVolume]]:
+    """The server, and its volume ``v`` through a client."""
+    served = Served(tmp_path)
+    try:
+        async with AsyncClient(served.listen, timeout=10) as client:
+            yield served, client.volume("v")
+    finally:
+        served.server.close()
 
 
 async def _flush_after_restart(vol: AsyncVolume) -> Exception | None:
@@ -108,102 +125,71 @@ async def _flush_after_restart(vol: AsyncVolume) -> Exception | None:
 
 
 async def test_a_flush_after_a_kill_and_restart_reports_the_unflushed_writes_once(
-    tmp_path: Path,
+    served: tuple[Served, AsyncVolume],
 ) -> None:
-    listen = f"127.0.0.1:{free_port()}"
-    config = _sparse_config(tmp_path)
-    server = ServerProcess.start(tmp_path, config, listen=listen)
-    try:
-        async with AsyncClient(listen, timeout=10) as client:
-            vol = client.volume("v")
-            await vol.write(0, pattern(1, 0, 8, SS))
-            await vol.flush()  # vouched for: these are durable
-            await vol.write(8, pattern(2, 8, 8, SS))  # acknowledged, not yet durable
-            server = _restarted(server, config, listen, "kill")
+    server, vol = served
+    await vol.write(0, pattern(1, 0, 8, SS))
+    await vol.flush()  # vouched for: these are durable
+    await vol.write(8, pattern(2, 8, 8, SS))  # acknowledged, not yet durable
+    server.restart("kill")
 
-            # Through another handle: the client keeps one record per volume.
-            lost = await _flush_after_restart(client.volume("v"))
-            assert isinstance(lost, cerr.WritesLost), lost
-            assert lost.code == grpc.StatusCode.DATA_LOSS
-            assert "'v'" in str(lost) and "may be lost" in str(lost)
+    # Through another handle: the client keeps one record per volume.
+    lost = await _flush_after_restart(vol.client.volume("v"))
+    assert isinstance(lost, cerr.WritesLost), lost
+    assert lost.code == grpc.StatusCode.DATA_LOSS
+    assert "'v'" in str(lost) and "may be lost" in str(lost)
 
-            await vol.flush()  # said once
-            await vol.write(16, pattern(3, 16, 8, SS))
-            await vol.flush()  # writes made after the restart are vouched for
-            assert await vol.read(0, 8) == pattern(1, 0, 8, SS)  # flushed before: kept
-    finally:
-        server.close()
+    await vol.flush()  # said once
+    await vol.write(16, pattern(3, 16, 8, SS))
+    await vol.flush()  # writes made after the restart are vouched for
+    assert await vol.read(0, 8) == pattern(1, 0, 8, SS)  # flushed before: kept
 
 
-async def test_a_clean_restart_keeps_the_verifier(tmp_path: Path) -> None:
+async def test_a_clean_restart_keeps_the_verifier(served: tuple[Served, AsyncVolume]) -> None:
     """A rolling restart (SIGTERM: drain, final flush) lost nothing: the client's next
     flush succeeds although it wrote before the restart and did not flush."""
-    listen = f"127.0.0.1:{free_port()}"
-    config = _sparse_config(tmp_path)
-    server = ServerProcess.start(tmp_path, config, listen=listen)
-    try:
-        async with AsyncClient(listen, timeout=10) as client:
-            vol = client.volume("v")
-            before = (await vol.inspect())["write_verifier"]
-            await vol.write(0, pattern(1, 0, 8, SS))
-            server = _restarted(server, config, listen, "terminate")
-            assert await _flush_after_restart(vol) is None
-            assert (await vol.inspect())["write_verifier"] == before
-            assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
+    server, vol = served
+    before = (await vol.inspect())["write_verifier"]
+    await vol.write(0, pattern(1, 0, 8, SS))
+    server.restart("terminate")
+    assert await _flush_after_restart(vol) is None
+    assert (await vol.inspect())["write_verifier"] == before
+    assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
 
-            # ...and a kill after that clean start still counts: the start marked it.
-            await vol.write(8, pattern(2, 8, 8, SS))
-            server = _restarted(server, config, listen, "kill")
-            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
-            assert (await vol.inspect())["write_verifier"] != before
-    finally:
-        server.close()
+    # ...and a kill after that clean start still counts: the start marked it.
+    await vol.write(8, pattern(2, 8, 8, SS))
+    server.restart("kill")
+    assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+    assert (await vol.inspect())["write_verifier"] != before
 
 
-async def test_fua_writes_the_volume_respects_need_no_flush(tmp_path: Path) -> None:
-    listen = f"127.0.0.1:{free_port()}"
-    config = _sparse_config(tmp_path)
-    server = ServerProcess.start(tmp_path, config, listen=listen)
-    try:
-        async with AsyncClient(listen, timeout=10) as client:
-            vol = client.volume("v")
-            assert (await vol.info()).fua_respected
-            await vol.write(0, pattern(1, 0, 8, SS), fua=True)
-            server = _restarted(server, config, listen, "kill")
-            assert await _flush_after_restart(vol) is None
-            assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
-    finally:
-        server.close()
+async def test_fua_writes_the_volume_respects_need_no_flush(
+    served: tuple[Served, AsyncVolume],
+) -> None:
+    server, vol = served
+    assert (await vol.info()).fua_respected
+    await vol.write(0, pattern(1, 0, 8, SS), fua=True)
+    server.restart("kill")
+    assert await _flush_after_restart(vol) is None
+    assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
 
 
-async def test_an_unmap_is_vouched_for_like_a_write(tmp_path: Path) -> None:
-    listen = f"127.0.0.1:{free_port()}"
-    config = _sparse_config(tmp_path)
-    server = ServerProcess.start(tmp_path, config, listen=listen)
-    try:
-        async with AsyncClient(listen, timeout=10) as client:
-            vol = client.volume("v")
-            await vol.write(0, pattern(1, 0, 8, SS), fua=True)
-            await vol.unmap(0, 8)
-            server = _restarted(server, config, listen, "kill")
-            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
-    finally:
-        server.close()
+async def test_an_unmap_is_vouched_for_like_a_write(served: tuple[Served, AsyncVolume]) -> None:
+    server, vol = served
+    await vol.write(0, pattern(1, 0, 8, SS), fua=True)
+    await vol.unmap(0, 8)
+    server.restart("kill")
+    assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
 
 
 @pytest.mark.parametrize("how", ["kill", "terminate"])
-async def test_writes_after_the_last_flush_only_are_at_stake(tmp_path: Path, how: str) -> None:
+async def test_writes_after_the_last_flush_only_are_at_stake(
+    served: tuple[Served, AsyncVolume], how: str
+) -> None:
     """A client that flushed everything it wrote has nothing at stake in a restart, clean
     or not: its next flush succeeds."""
-    listen = f"127.0.0.1:{free_port()}"
-    config = _sparse_config(tmp_path)
-    server = ServerProcess.start(tmp_path, config, listen=listen)
-    try:
-        async with AsyncClient(listen, timeout=10) as client:
-            vol = client.volume("v")
-            await vol.write(0, pattern(1, 0, 8, SS))
-            await vol.flush()
-            server = _restarted(server, config, listen, how)
-            assert await _flush_after_restart(vol) is None
-    finally:
-        server.close()
+    server, vol = served
+    await vol.write(0, pattern(1, 0, 8, SS))
+    await vol.flush()
+    server.restart(how)
+    assert await _flush_after_restart(vol) is None
