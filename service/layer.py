@@ -172,6 +172,12 @@ class Layer(abc.ABC):
         return True
 
     @property
+    def keeps_writes(self) -> bool:
+        """True when what the layer holds outlives the server (a file; a remote tier, whose
+        own write verifier answers for it); ``ram``: False."""
+        return True
+
+    @property
     def read_only(self) -> bool:
         """True when the layer refuses writes (logically read-only)."""
         return False

@@ -56,7 +56,7 @@ from .netaddr import AddressInUse, bind_failure, claim_unix_path
 from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
-from .verifier_store import VerifierStore
+from .verifier_store import VerifierStore, new_verifier
 from .volume import LayerEntry, Volume
 
 __all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server", "failure_chain", "remote_answer"]
@@ -265,7 +265,9 @@ class Server:
             except BaseException:
                 await volume.close()
                 raise
-            volume.write_verifier = self._verifiers.verifiers[volume.name]
+            kept = self._verifiers.verifiers[volume.name]
+            # A volume that keeps no writes (a ram write path) lost them all at the stop.
+            volume.write_verifier = kept if volume.keeps_writes else new_verifier(kept)
         self.registry.set_ready(volume)
 
         def found(problem: str) -> None:

@@ -58,6 +58,8 @@ class LayerFacts(Protocol):
     @property
     def fua_respected(self) -> bool: ...
     @property
+    def keeps_writes(self) -> bool: ...
+    @property
     def unmap_behavior(self) -> UnmapBehavior: ...
     @property
     def optimal_unmap_sectors(self) -> int: ...
@@ -201,6 +203,8 @@ class StackProperties:
     """Layers on the write path, from the top (:func:`write_path_length`)."""
     fua_respected: bool
     """A ``fua`` write is durable on return: every write-path layer respects it."""
+    keeps_writes: bool
+    """Writes outlive the server: some write-path layer keeps them (not only ``ram``)."""
     unmap_behavior: UnmapBehavior
     """What reads see after an unmap (:func:`merge_unmap_behavior` of the write path)."""
     optimal_unmap_sectors: int
@@ -219,6 +223,7 @@ class StackProperties:
         return cls(
             write_path=path,
             fua_respected=all(layer.fua_respected for layer in on_path),
+            keeps_writes=any(layer.keeps_writes for layer in on_path),
             unmap_behavior=merge_unmap_behavior([layer.unmap_behavior for layer in on_path]),
             optimal_unmap_sectors=max(layer.optimal_unmap_sectors for layer in on_path),
             overlaps=overlaps_of(layers),

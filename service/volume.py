@@ -130,6 +130,8 @@ class Volume:
         stack = StackProperties.of(entries)
         self._write_path = stack.write_path  # the top and every layer below a write-through one
         self.fua_respected = stack.fua_respected
+        self.keeps_writes = stack.keeps_writes
+        """Writes outlive the server: a layer on the write path keeps them (not only ``ram``)."""
         self.unmap_behavior = stack.unmap_behavior
         self.optimal_unmap_sectors = stack.optimal_unmap_sectors
         # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's

@@ -41,6 +41,7 @@ class Facts:
     read_only: bool = False
     can_read_cache: bool = True
     fua_respected: bool = True
+    keeps_writes: bool = False
     unmap_behavior: UnmapBehavior = ZEROES
     optimal_unmap_sectors: int = 1
 
@@ -229,12 +230,21 @@ def test_stack_properties_of_a_write_through_stack() -> None:
     entries = [
         wt(Facts(16, fua_respected=True, optimal_unmap_sectors=8)),
         wt(Facts(32, smallest_size=12, fua_respected=True, optimal_unmap_sectors=64)),
-        plain(Facts(8, fua_respected=False, unmap_behavior=ANY, optimal_unmap_sectors=4096)),
+        plain(
+            Facts(
+                8,
+                fua_respected=False,
+                keeps_writes=True,
+                unmap_behavior=ANY,
+                optimal_unmap_sectors=4096,
+            )
+        ),
     ]
     props = StackProperties.of(entries)
     assert props == StackProperties(
         write_path=3,
         fua_respected=False,  # the bottom (on the write path) does not respect it
+        keeps_writes=True,  # the bottom keeps them
         unmap_behavior=IGNORED,  # ZEROES, ZEROES, ANY
         optimal_unmap_sectors=4096,
         overlaps=(16, 16, 8),
@@ -247,11 +257,20 @@ def test_stack_properties_of_a_write_through_stack() -> None:
 def test_stack_properties_look_only_at_the_write_path() -> None:
     entries = [
         plain(Facts(16, unmap_behavior=ANY, optimal_unmap_sectors=8)),
-        plain(Facts(16, smallest_size=2, fua_respected=False, optimal_unmap_sectors=1024)),
+        plain(
+            Facts(
+                16,
+                smallest_size=2,
+                fua_respected=False,
+                keeps_writes=True,
+                optimal_unmap_sectors=1024,
+            )
+        ),
     ]
     props = StackProperties.of(entries)
     assert props.write_path == 1
     assert props.fua_respected is True
+    assert props.keeps_writes is False, "writes land in ram only"
     assert props.unmap_behavior is ANY
     assert props.optimal_unmap_sectors == 8
     assert props.smallest == 16

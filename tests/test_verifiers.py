@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, free_port, toml_volume, write_config
+from servers import ServerProcess, free_port, ram, running_server, toml_volume, write_config
 from stacks import pattern
 
 from tierdisk.client import AsyncClient, AsyncVolume
@@ -193,3 +193,28 @@ async def test_writes_after_the_last_flush_only_are_at_stake(
     await vol.flush()
     server.restart(how)
     assert await _flush_after_restart(vol) is None
+
+
+async def test_only_a_volume_whose_writes_outlive_the_server_keeps_its_verifier(
+    tmp_path: Path,
+) -> None:
+    """Over a clean stop (in-process servers, one after the other on the same data_dir),
+    the verifier of a volume whose write path keeps its writes (a sparse layer; a ram top
+    written through to one) is kept; one whose writes land in ram only lost them all at
+    the stop, and gets a new one."""
+    sparse = {"kind": "sparse", "path": "s.sparse", "size": "1MiB"}
+    body = (
+        toml_volume("mem", ram("1MiB"))
+        + toml_volume("disk", sparse)
+        + toml_volume("wt", ram(write_through=True), {**sparse, "path": "wt.sparse"})
+        + toml_volume("top", ram(), {**sparse, "path": "top.sparse"})
+    )
+
+    async def verifiers() -> dict[str, str]:
+        async with running_server(tmp_path, body) as server:
+            async with AsyncClient(server.grpc_address) as client:
+                names = ("mem", "disk", "wt", "top")
+                return {n: (await client.volume(n).inspect())["write_verifier"] for n in names}
+
+    first, second = await verifiers(), await verifiers()
+    assert {n for n in first if first[n] == second[n]} == {"disk", "wt"}

@@ -62,6 +62,10 @@ class RamLayer(Layer):
 
     kind = "ram"
 
+    @property
+    def keeps_writes(self) -> bool:
+        return False  # lost at exit
+
     def __init__(self, size: int | None = None, sector_size: int | None = None) -> None:
         super().__init__()
         self._size_bytes = size
