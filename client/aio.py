@@ -605,16 +605,13 @@ class AsyncVolume:
 
         Raises :class:`WritesLost` when the server cannot vouch for writes this client
         made through it (:mod:`tierdisk.client.verifiers`): its write verifier changed
-        since one of them was acknowledged (a restart without a clean stop), or a tier
-        below it lost writes. Either is said once: the next flush vouches only for writes
-        acknowledged after this one started."""
+        since one of them was acknowledged (a restart without a clean stop, a flush that
+        failed in its storage, a tier below it that lost writes). That is said once: the
+        next flush vouches only for writes acknowledged after this one started. A flush
+        that fails otherwise leaves the writes to the next one."""
         unflushed = self._unflushed
         mark = unflushed.mark()
-        try:
-            reply = await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
-        except WritesLost:  # reported by the server (a tier below it): said now, once
-            unflushed.forget(mark)
-            raise
+        reply = await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
         lost = unflushed.flushed(mark, reply.write_verifier)
         if lost:
             was = ", ".join(f"{v:#018x}" for v in lost)
@@ -622,7 +619,7 @@ class AsyncVolume:
                 f"volume {self.name!r}: writes acknowledged since the last flush may be lost: "
                 f"the server's write verifier changed from {was} to "
                 f"{reply.write_verifier:#018x} since they were (it restarted without a clean "
-                "stop, or a tier below it lost writes)",
+                "stop, a flush failed in its storage, or a tier below it lost writes)",
                 volume=self.name,
             )
 

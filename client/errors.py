@@ -242,9 +242,9 @@ class DataLoss(StorageError):
 class WritesLost(DataLoss):
     """A flush cannot vouch for writes it covers (``DATA_LOSS``): the volume's write
     verifier changed since they were acknowledged (:mod:`tierdisk.client.verifiers`). The
-    server restarted without a clean stop, or a tier below it lost writes, in between: the
-    writes acknowledged since the last successful flush may be lost. Raised once for them;
-    the next flush vouches only for writes acknowledged after."""
+    server restarted without a clean stop, a flush failed in its storage, or a tier below it
+    lost writes, in between: the writes acknowledged since the last successful flush may be
+    lost. Raised once for them; the next flush vouches only for writes acknowledged after."""
 
     label = "writes lost"
     server_names = ("WritesLost",)

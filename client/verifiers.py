@@ -5,10 +5,11 @@ its volume's *write verifier*, a non-zero 64-bit number, and every ``Flush`` wit
 current when the flush ended (``0``: a write durable when acknowledged, or a server that
 predates verifiers). The verifier changes whenever writes the volume acknowledged without
 making them durable may have been lost: at a start that does not follow a clean stop (a
-crash, or a stop whose final flush failed), and when a tier below the volume lost such
-writes. A clean stop keeps it. So a flush answered with another verifier than a write it
-covers was acknowledged with is no proof that the write is durable: the client raises
-:class:`~tierdisk.client.errors.WritesLost` (this is NFS's write verifier, per volume).
+crash, or a stop whose final flush failed), when a flush fails in a layer's storage, and
+when a tier below the volume lost such writes. A clean stop keeps it. So a flush answered
+with another verifier than a write it covers was acknowledged with is no proof that the
+write is durable: the client raises :class:`~tierdisk.client.errors.WritesLost` (this is
+NFS's write verifier, per volume).
 
 :class:`UnflushedWrites` keeps, for one volume of one client, which verifiers acknowledged
 writes that no flush has vouched for yet: for each verifier, the numbers of the first and the
@@ -56,12 +57,12 @@ class UnflushedWrites:
         if not verifier:
             return []
         lost = [v for v, (first, _) in self._spans.items() if first <= mark and v != verifier]
-        self.forget(mark)
+        self._forget(mark)
         return lost
 
-    def forget(self, mark: int) -> None:
+    def _forget(self, mark: int) -> None:
         """Forget the writes acknowledged up to ``mark`` (a flush started there vouched for
-        them, or its failure reported them lost); later ones stay."""
+        them, or reported them lost); later ones stay."""
         for v, span in list(self._spans.items()):
             if span[1] <= mark:
                 del self._spans[v]

@@ -203,11 +203,7 @@ async def flush(export: Export) -> None:
     failed one would succeed over writes that failure may have lost."""
     unflushed = export.unflushed
     mark = unflushed.mark()
-    try:
-        await export.volume.flush()
-    except WritesLost:  # said now, once
-        unflushed.forget(mark)
-        raise
+    await export.volume.flush()
     if unflushed.flushed(mark, export.volume.write_verifier):
         raise Refuse(
             P.EIO,

@@ -105,7 +105,8 @@ class Server:
         self._health_updates: set[asyncio.Task[None]] = set()
         self._stopped = False
         self._verifiers: VerifierStore | None = None
-        self._marking: asyncio.Future[None] | None = None
+        self._marking: asyncio.Future[None] | None = None  # VerifierStore.mark_unclean
+        self._to_mark: set[str] = set()  # volumes to mark before they are served
         self.unflushed: list[str] = []
         """The volumes whose final flush failed at the stop (:meth:`stop`), also when the
         stop ended a start (:meth:`start` cancelled)."""
@@ -255,13 +256,13 @@ class Server:
 
     async def _serve(self, volume: Volume) -> None:
         """Serve ``volume`` under its write verifier (the store marks every volume unclean
-        before the first is served: :meth:`_mark_unclean`; stopped meanwhile, the volume is
+        before it is served: :meth:`_mark_unclean`; stopped meanwhile, the volume is
         closed). A problem one of its layers finds later (:attr:`Layer.problem`: it refuses
         all I/O until a restart) turns health ``NOT_SERVING`` and the volume's
         ``tierdisk_volume_ready`` 0."""
         if self._verifiers is not None:  # kept over a clean stop (verifier_store)
             try:
-                await self._mark_unclean(self._verifiers)
+                await self._mark_unclean(self._verifiers, volume.name)
             except BaseException:
                 await volume.close()
                 raise
@@ -279,12 +280,15 @@ class Server:
         for entry in volume.entries:
             entry.layer.add_problem_listener(found)
 
-    async def _mark_unclean(self, store: VerifierStore) -> None:
-        """:meth:`VerifierStore.mark_unclean`, once, off the event loop; volumes opening
-        together wait for the same write."""
-        if self._marking is None:
-            self._marking = asyncio.ensure_future(asyncio.to_thread(store.mark_unclean))
-        await asyncio.shield(self._marking)
+    async def _mark_unclean(self, store: VerifierStore, name: str) -> None:
+        """:meth:`VerifierStore.mark_unclean` for the volume ``name``, off the event loop;
+        volumes opening while a write is under way share the next one."""
+        self._to_mark.add(name)
+        while name not in store.marked and store.usable:
+            if self._marking is None or self._marking.done():
+                batch = sorted(self._to_mark - store.marked)
+                self._marking = asyncio.ensure_future(asyncio.to_thread(store.mark_unclean, batch))
+            await asyncio.shield(self._marking)
 
     async def _build(self, config: VolumeConfig) -> Volume:
         entries = []
@@ -433,10 +437,9 @@ class Server:
         if self._marking is not None:  # (its thread must be done before close's)
             await asyncio.wait([self._marking])
         if self._verifiers is not None:
-            # Clean: drained and flushed, or never served (verifier_store).
+            # Clean: drained and flushed (verifier_store; a volume never served keeps its entry)
             served = {v.name: v.write_verifier for v in volumes}
-            unclean = set(served) if not (flush and drained) else set(self.unflushed)
-            clean = [v.name for v in self.config.volumes if v.name not in unclean]
+            clean = set(served) - set(self.unflushed) if flush and drained else set()
             await asyncio.to_thread(self._verifiers.close, served, clean)
             self._verifiers = None
         if self._metrics_http is not None:

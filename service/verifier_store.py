@@ -10,14 +10,14 @@ write this file) gives the volume a new one at the next start.
 
 The file holds, per volume name, ``{"verifier": N, "clean": bool}``. At start
 (:meth:`VerifierStore.open`) the server reads it, takes the verifier of each volume whose
-entry is clean and draws a new one for every other; before it serves the first volume
-(:meth:`VerifierStore.mark_unclean`) it writes every volume back as not clean (synced): a
-crash from then on leaves them not clean. (A start that fails before serving writes
-nothing.) At a clean stop
-(:meth:`VerifierStore.close`) it writes the volumes that stopped cleanly as clean, with their
-verifiers then (a volume's verifier also changes while it runs, when a flush finds writes
-lost: :attr:`~tierdisk.service.volume.Volume.write_verifier`). Entries of volumes no longer
-configured are kept as they are.
+entry is clean and draws a new one for every other; before it serves a volume
+(:meth:`VerifierStore.mark_unclean`) it writes that volume back as not clean (synced; volumes
+that open together share one write): a crash from then on leaves it not clean. A volume not
+served in a run (a start that failed, a tier that never answered) keeps its entry. At a
+clean stop (:meth:`VerifierStore.close`) it writes the served volumes that stopped cleanly
+as clean, with their verifiers then (a volume's verifier also changes while it runs, when a
+flush finds writes lost: :attr:`~tierdisk.service.volume.Volume.write_verifier`). Entries
+of volumes no longer configured are kept as they are.
 
 The file is ``flock``ed for the server's life. When it cannot be used (another server holds
 it, the folder is read-only, it cannot be synced) the server logs a warning and draws new
@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from .fileio import fsync_folder, pwrite_all
 
@@ -65,8 +65,10 @@ class VerifierStore:
         self.path = path
         self._names = list(names)
         self._fd: int | None = None  # the file, locked (None: not there yet, or given up)
-        self._usable = True
-        self._marked = False  # every volume written as not clean: one may be served
+        self.usable = True
+        """False once the file could not be used: nothing is kept (module docs)."""
+        self.marked: set[str] = set()
+        """The volumes written as not clean (:meth:`mark_unclean`): they may be served."""
         self._entries: dict[str, dict[str, object]] = {}
         self.verifiers: dict[str, int] = {}
         """Each configured volume's verifier for this run (before any change while it runs)."""
@@ -95,35 +97,38 @@ class VerifierStore:
             store.verifiers[name] = old if clean else new_verifier(old)
         return store
 
-    def mark_unclean(self) -> None:
-        """Write every volume as not clean, synced (once; before the first is served): a
-        crash from now on gives them new verifiers at the next start. The verifiers are
-        drawn anew when that fails (nothing was served under them yet)."""
-        if self._marked or not self._usable:
+    def mark_unclean(self, names: Iterable[str]) -> None:
+        """Write the volumes ``names`` as not clean, synced, before they are served: a crash
+        from then on gives them new verifiers at the next start (volumes never served keep
+        their entries). When that fails, every verifier not yet in use is drawn anew and
+        nothing is kept (:attr:`usable` is False)."""
+        if not self.usable:
             return
+        names = [name for name in names if name not in self.marked]
         try:
             if self._fd is None:  # the first start here: the file is made now
                 flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
                 self._fd = os.open(self.path, flags, 0o644)
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._write(dict.fromkeys(self._names, False))
+                self._write(dict.fromkeys(names, False))
                 fsync_folder(self.path)  # the new file's name reaches the disk too
             else:
-                self._write(dict.fromkeys(self._names, False))
+                self._write(dict.fromkeys(names, False))
         except OSError as exc:
             self._give_up(exc)
             return
-        self._marked = True
+        self.marked.update(names)
 
-    def close(self, verifiers: Mapping[str, int], clean: Sequence[str]) -> None:
-        """Keep ``verifiers`` (each volume's at the stop), the volumes in ``clean`` as
-        stopped cleanly, the others not; release the file. Nothing is written when no
-        volume was served (:meth:`mark_unclean` never ran). A failure is logged (the next
-        start then draws new verifiers for them all: safe)."""
+    def close(self, verifiers: Mapping[str, int], clean: Collection[str]) -> None:
+        """Keep ``verifiers`` (each served volume's at the stop, by name), the served volumes
+        in ``clean`` as stopped cleanly, the others not; release the file. A volume marked
+        but not served (its start was stopped) served nothing under its verifier: clean.
+        Volumes never marked keep their entries. A failure is logged (the next start then
+        draws new verifiers for the marked volumes: safe)."""
         try:
-            if self._marked and self._fd is not None:
+            if self.marked and self._fd is not None:
                 self.verifiers.update(verifiers)
-                self._write({name: name in clean for name in self.verifiers})
+                self._write({name: name in clean or name not in verifiers for name in self.marked})
         except OSError as exc:
             log.warning("write verifiers not kept in %s at the stop: %s", self.path, exc.strerror)
         finally:
@@ -132,7 +137,7 @@ class VerifierStore:
     def _give_up(self, exc: OSError) -> None:
         """The file cannot be used: say so, keep nothing, draw every verifier anew."""
         self._release()
-        self._usable = False
+        self.usable = False
         why = "another server holds it" if isinstance(exc, BlockingIOError) else exc.strerror
         log.warning(
             "write verifiers cannot be kept in %s (%s): every restart of this server counts "
@@ -140,6 +145,7 @@ class VerifierStore:
             self.path,
             why,
         )
+        # (a volume served already keeps the one it has: it was marked, so a crash renews it)
         self.verifiers = {name: new_verifier(self.verifiers.get(name, 0)) for name in self._names}
 
     def _release(self) -> None:

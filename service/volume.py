@@ -152,8 +152,12 @@ class Volume:
         """Non-zero; changes whenever writes this volume acknowledged without making them
         durable may have been lost (the proto's ``WriteResponse.write_verifier``;
         :mod:`tierdisk.client.verifiers`). The server sets it before serving (kept over a
-        clean stop: :mod:`~tierdisk.service.verifier_store`); :meth:`flush` renews it when a
-        write-path layer's flush fails in its storage or reports writes lost."""
+        clean stop: :mod:`~tierdisk.service.verifier_store`); a flush renews it when a
+        write-path layer's flush fails in its storage or reports writes lost
+        (:meth:`_flush_layer`)."""
+        self._flush_task: asyncio.Future[None] | None = None  # the flush round under way
+        self._flush_rounds = 0  # flush rounds begun
+        self._flushed_through = 0  # the latest round that succeeded
 
     # -- construction -------------------------------------------------------------------
 
@@ -205,8 +209,11 @@ class Volume:
         return volume
 
     async def close(self) -> None:
-        """Stop following the top's size and close every layer."""
+        """Stop following the top's size and close every layer (after a flush round under
+        way has ended)."""
         self._layers[0].remove_resize_listener(self._note_size)
+        if self._flush_task is not None:
+            await asyncio.wait([self._flush_task])
         if self._follow_task:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -560,7 +567,7 @@ class Volume:
         ss = self.sector_size
         end = sector + len(view) // ss
         holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
-        unsynced: list[Layer] = []  # write_no_overwrite takes no fua: flush those layers
+        unsynced = False  # write_no_overwrite takes no fua: flush after
         changed = False
         short = 0  # as in _write_sectors
         index = 0
@@ -576,13 +583,12 @@ class Volume:
                     layer = self._layers[index]
                     if layer.can_read_cache:
                         await layer.write_holes(part, a)
-                        if fua and layer not in unsynced:
-                            unsynced.append(layer)
+                        unsynced = unsynced or fua
                     else:
                         await layer.write(part, a, fua)
                     changed = True
-            for layer in unsynced:
-                await layer.flush()
+            if unsynced:  # a whole round: one layer's flush must not race a round's
+                await self.flush()
         except NoSpace as exc:
             raise self._out_of_space(exc, changed, "write") from None
         except OutOfRange as exc:
@@ -630,41 +636,85 @@ class Volume:
             raise self._shrunk_below(exc, index, changed, sector, end, "unmap") from None
 
     async def flush(self) -> None:
-        """Make every acknowledged write durable on the write path, and flush every
-        read-cache layer (so its fills persist too); the layers are flushed together, and
-        all are waited for.
+        """Make every write acknowledged before the call durable on the write path, and
+        flush every read-cache layer (so its fills persist too).
 
-        A failure is raised (a :class:`WritesLost` first). One in a write-path layer's storage
-        (:class:`StorageError`, ``OSError``; :class:`WritesLost` from a remote tier that lost
-        writes) renews :attr:`write_verifier`: the writes it covered may be lost, and a later
-        flush that succeeds must not vouch for them. A read cache that is not on the write
-        path and lost fills is only logged."""
+        Flushes run in rounds, one at a time, each flushing those layers together
+        (:meth:`_flush_round`). A flush waits for the round under way, if any (it does not
+        cover writes acknowledged after it began), and then joins the next one, which serves
+        every flush that was waiting (group commit). A round runs to its end even when every
+        flush awaiting it is cancelled (a deadline), so what it finds is never dropped: a
+        failure in a layer's storage renews :attr:`write_verifier` (:meth:`_flush_layer`).
+
+        Raises the round's first failure of a write-path layer. A remote tier that lost
+        writes is not one (the verifier says it); a read cache off the write path that
+        cannot be flushed is logged only (its fills are fetched again when needed)."""
+        need = self._flush_rounds + 1  # a round started from now on covers this call
+        while self._flushed_through < need:
+            running = self._flush_task
+            if running is None or running.done():
+                self._flush_rounds += 1
+                running = asyncio.ensure_future(self._flush_round(self._flush_rounds))
+                running.add_done_callback(_retrieved)
+                self._flush_task = running
+            number = self._flush_rounds
+            try:
+                await asyncio.shield(running)
+            except Exception:
+                if number >= need:  # a round that covers this call failed
+                    raise
+                # a round begun before this call failed: the next one is this call's
+
+    async def _flush_round(self, number: int) -> None:
+        """Flush round ``number``: every write-path layer and read cache, together, all
+        waited for; the first failure of a write-path layer is raised."""
         targets = [
             (i, e.layer)
             for i, e in enumerate(self._entries)
             if i < self._write_path or e.read_cache
         ]
         results = await asyncio.gather(
-            *(layer.flush() for _, layer in targets), return_exceptions=True
+            *(self._flush_layer(i, layer) for i, layer in targets), return_exceptions=True
         )
-        failure: BaseException | None = None
-        for (index, _), result in zip(targets, results, strict=True):
-            if result is None:
-                continue
-            if isinstance(result, WritesLost) and index >= self._write_path:
-                # A read cache's fills, which it fetches again when asked: nothing lost.
-                log.warning("volume %r: layer %d lost fills: %s", self.name, index, result)
-                continue
-            if index < self._write_path and isinstance(result, StorageError | OSError):
-                # Writes acknowledged on it may be gone (a failed fsync may drop the dirty
-                # pages it was to write, and a later one succeeds): no flush may vouch for
-                # them again.
-                self.write_verifier = new_verifier(self.write_verifier)
-                if not isinstance(failure, WritesLost):
-                    failure = result
-            failure = failure or result
-        if failure is not None:
-            raise failure
+        for result in results:
+            if result is not None:
+                raise result
+        self._flushed_through = number
+
+    async def _flush_layer(self, index: int, layer: Layer) -> None:
+        """Flush layer ``index``. A failure of a write-path layer in its storage
+        (:class:`StorageError`, :class:`NoSpace`, ``OSError``) renews the verifier at once
+        and is raised: the writes the flush covered may be gone (a failed ``fsync`` may drop
+        the pages it was to write, and the next one succeeds), so no later flush may vouch
+        for them. A remote tier that lost writes it had acknowledged (:class:`WritesLost`)
+        renews it too, and the flush succeeds: the tier has flushed now, and each caller's
+        verifier tells whether writes of its own are at stake. A read cache off the write
+        path that fails is logged, not raised."""
+        try:
+            await layer.flush()
+        except Exception as exc:
+            if index >= self._write_path:
+                self._entries[index].fill_log.warning(
+                    "volume %r: read cache layer %d not flushed (its fills are fetched "
+                    "again when needed): %s",
+                    self.name,
+                    index,
+                    exc,
+                )
+                return
+            if not isinstance(exc, StorageError | NoSpace | OSError):
+                raise  # a tier that did not answer: its writes wait there for the next try
+            self.write_verifier = new_verifier(self.write_verifier)
+            log.warning(
+                "volume %r: write verifier renewed: layer %d %s: %s (writes acknowledged "
+                "before may be lost; clients that made them learn it at their next flush)",
+                self.name,
+                index,
+                "lost writes it had acknowledged" if isinstance(exc, WritesLost) else "failed",
+                exc,
+            )
+            if not isinstance(exc, WritesLost):
+                raise
 
     # -- size ---------------------------------------------------------------------------
 
@@ -881,3 +931,11 @@ class Volume:
             "smallest_sector_count": self.smallest_sector_count,
             "layers": layers,
         }
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a flush round's error retrieved: every flush awaiting it may have been cancelled
+    (asyncio would log it as never retrieved). Its storage failures were logged as they
+    renewed the verifier; a tier that did not answer is tried again by the next round."""
+    if not task.cancelled():
+        task.exception()

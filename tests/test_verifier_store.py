@@ -23,7 +23,7 @@ def _entries(folder: Path) -> dict[str, dict[str, object]]:
 def _served(folder: Path, names: list[str]) -> VerifierStore:
     """The store of a start that got as far as serving: opened, every volume marked."""
     store = VerifierStore.open(str(folder), names)
-    store.mark_unclean()
+    store.mark_unclean(names)
     return store
 
 
@@ -76,7 +76,7 @@ def test_a_crash_or_an_unclean_stop_gives_a_new_verifier(tmp_path: Path) -> None
     crash = (
         "import os, sys\n"
         "from tierdisk.service.verifier_store import VerifierStore\n"
-        "VerifierStore.open(sys.argv[1], ['a', 'b']).mark_unclean()\n"
+        "VerifierStore.open(sys.argv[1], ['a', 'b']).mark_unclean(['a', 'b'])\n"
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", crash, str(tmp_path)], check=True, timeout=60)
@@ -170,3 +170,25 @@ def test_a_symlink_in_its_place_is_not_followed(
     store.close(store.verifiers, clean=["a"])
     assert target.read_text() == "precious"
     assert "cannot be kept" in caplog.text
+
+
+def test_only_the_volumes_served_are_marked_unclean(tmp_path: Path) -> None:
+    """A volume still waiting for its tier when the server was killed served nothing: it
+    keeps its clean entry. One marked but never served (its start was stopped) is written
+    clean at the stop."""
+    first = _served(tmp_path, ["a", "b", "c"])
+    first.close(first.verifiers, clean=["a", "b", "c"])
+    crash = (
+        "import os, sys\n"
+        "from tierdisk.service.verifier_store import VerifierStore\n"
+        "VerifierStore.open(sys.argv[1], ['a', 'b', 'c']).mark_unclean(['a'])\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(tmp_path)], check=True, timeout=60)
+    second = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
+    assert second.verifiers["a"] != first.verifiers["a"]
+    assert second.verifiers["b"] == first.verifiers["b"]
+    second.mark_unclean(["b", "c"])
+    second.close({"b": second.verifiers["b"]}, clean=[])  # b served, not clean; c never served
+    assert _entries(tmp_path)["b"]["clean"] is False
+    assert _entries(tmp_path)["c"] == {"verifier": first.verifiers["c"], "clean": True}

@@ -563,8 +563,12 @@ class _FailingFlush(MapLayer):
 
 @pytest.mark.parametrize(
     "failure",
-    [StorageError("fsync: Input/output error"), OSError(5, "Input/output error"), WritesLost("x")],
-    ids=["storage", "oserror", "writes-lost"],
+    [
+        StorageError("fsync: Input/output error"),
+        OSError(5, "Input/output error"),
+        NoSpace("fsync: No space left on device"),
+    ],
+    ids=["storage", "oserror", "nospace"],
 )
 async def test_a_flush_failing_in_a_write_path_layers_storage_renews_the_verifier(
     volumes: VolumeOpener, failure: Exception
@@ -583,31 +587,135 @@ async def test_a_flush_failing_in_a_write_path_layers_storage_renews_the_verifie
     assert vol.write_verifier not in (before, 0)
 
 
+async def test_a_tier_that_lost_writes_renews_the_verifier_and_the_flush_succeeds(
+    volumes: VolumeOpener,
+) -> None:
+    """The tier has flushed now; the renewed verifier tells each caller whether writes of
+    its own are at stake (one with nothing unflushed is not told of a loss)."""
+    below = _FailingFlush(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), below)
+    before = vol.write_verifier
+    below.failure = WritesLost("the origin restarted")
+    await vol.flush()
+    assert vol.write_verifier not in (before, 0)
+
+
 async def test_a_flush_failure_that_loses_nothing_keeps_the_verifier(
     volumes: VolumeOpener,
 ) -> None:
     """A tier that did not answer (its writes wait there, to be flushed by the next try), and
-    a read cache below the write path that lost fills (fetched again when asked for)."""
+    a read cache below the write path that fails (its fills are fetched again: only
+    logged, the flush succeeds)."""
     top, cache = _FailingFlush(8), _FailingFlush(8)
     vol = await volumes(top, entry(cache, rc=True), MapLayer(8))
     before = vol.write_verifier
     top.failure = Unavailable("the origin is restarting")
     with pytest.raises(Unavailable):
         await vol.flush()
-    top.failure, cache.failure = None, WritesLost("fills lost")
-    await vol.flush()  # only logged
+    top.failure = None
+    for failure in (WritesLost("fills lost"), Unavailable("away"), StorageError("EIO")):
+        cache.failure = failure
+        await vol.flush()
     assert vol.write_verifier == before
 
 
-async def test_a_flush_waits_for_every_layer_and_reports_writes_lost_first(
-    volumes: VolumeOpener,
-) -> None:
+async def test_a_flush_round_waits_for_every_layer(volumes: VolumeOpener) -> None:
     top, below = _FailingFlush(8), _FailingFlush(8)
     vol = await volumes(entry(top, wt=True), below)
-    top.failure, below.failure = Unavailable("away"), WritesLost("lost")
-    with pytest.raises(WritesLost):
+    before = vol.write_verifier
+    top.failure, below.failure = Unavailable("away"), StorageError("EIO")
+    with pytest.raises((Unavailable, StorageError)):
         await vol.flush()
     assert top.ops("flush") == below.ops("flush") == [("flush",)]
+    assert vol.write_verifier != before
+
+
+class _GatedFlush(_FailingFlush):
+    """Its flushes wait for :attr:`gate`; :attr:`entered` is set as one begins, and
+    :attr:`begun` counts them."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(sectors)
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.begun = 0
+
+    async def flush(self) -> None:
+        self.entered.set()
+        self.begun += 1
+        await self.gate.wait()
+        await super().flush()
+
+
+async def test_flushes_waiting_for_a_round_share_the_next_one(volumes: VolumeOpener) -> None:
+    """Group commit: a flush waits for the round under way (which may not cover its writes)
+    and then joins the next, which serves every flush that waited."""
+    layer = _GatedFlush(8)
+    vol = await volumes(layer)
+    first = asyncio.ensure_future(vol.flush())
+    await layer.entered.wait()
+    later = [asyncio.ensure_future(vol.flush()) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    assert layer.begun == 1  # one round at a time: the others wait
+    layer.gate.set()
+    await asyncio.gather(first, *later)
+    assert layer.ops("flush") == [("flush",), ("flush",)]
+
+
+async def test_a_flush_cancelled_mid_round_still_renews_the_verifier(
+    volumes: VolumeOpener,
+) -> None:
+    """A caller's deadline does not stop the round: the failure it meets is not dropped
+    (a later flush would succeed over the pages that failure lost)."""
+    layer = _GatedFlush(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), layer)
+    before = vol.write_verifier
+    flushing = asyncio.ensure_future(vol.flush())
+    await layer.entered.wait()
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    layer.failure = StorageError("fsync: Input/output error")
+    layer.gate.set()
+    await asyncio.sleep(0.01)
+    assert vol.write_verifier != before
+
+
+async def test_a_flush_after_one_that_failed_reads_the_renewed_verifier(
+    volumes: VolumeOpener,
+) -> None:
+    """Rounds do not overlap, so no flush succeeds beside one that fails and answers with
+    the verifier from before the failure."""
+    layer = _GatedFlush(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), layer)
+    before = vol.write_verifier
+    layer.failure = StorageError("EIO")
+    first = asyncio.ensure_future(vol.flush())
+    await layer.entered.wait()
+    seen: list[int] = []
+    second = asyncio.ensure_future(vol.flush())
+    second.add_done_callback(lambda _: seen.append(vol.write_verifier))
+    await asyncio.sleep(0.01)
+    assert layer.begun == 1  # the second waits for the round under way
+    layer.gate.set()
+    with pytest.raises(StorageError):
+        await first
+    layer.failure = None
+    await second  # a round of its own, begun after the failure renewed the verifier
+    assert seen == [vol.write_verifier] and vol.write_verifier != before
+    assert layer.ops("flush") == [("flush",), ("flush",)]
+
+
+async def test_a_fua_write_into_holes_is_flushed_by_a_round(volumes: VolumeOpener) -> None:
+    """write_no_overwrite takes no FUA: the engine flushes after it, through a round, so a
+    storage failure there renews the verifier as any flush's does."""
+    top = _FailingFlush(8)
+    vol = await volumes(top)
+    before = vol.write_verifier
+    top.failure = StorageError("EIO")
+    with pytest.raises(StorageError):
+        await write(vol, 1, p(1, 1), fua=True, no_overwrite=True)
+    assert vol.write_verifier != before
 
 
 async def test_s39_fua_reaches_every_write_path_layer(volumes: VolumeOpener) -> None:
