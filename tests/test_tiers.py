@@ -313,6 +313,16 @@ async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
         close_streams(origin)
 
 
+def origin_process(folder: Path, layer: dict[str, Any]) -> tuple[str, Path, ServerProcess]:
+    """A server process in ``folder`` serving the volume ``base`` (one ``layer``) on an
+    address of its own (a tier reconnects to it there after a restart): the address, the
+    config (``ServerProcess.start(config.parent, config, listen=address)`` restarts it) and
+    the process."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = write_config(folder, toml_volume("base", layer))
+    return listen, config, ServerProcess.start(folder, config, listen=listen)
+
+
 def close_streams(server: ServerProcess) -> None:
     for stream in (server.proc.stdout, server.proc.stderr):
         if stream:
@@ -575,12 +585,8 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
     the tier's channel to it has reconnected, and the flush went out (and failed: exit 1)
     while the channel still waited. Here the origin is down when the stop begins and is
     back 0.5 s later."""
-    listen = f"127.0.0.1:{free_port()}"
-    origin_dir = tmp_path / "origin"
-    config = write_config(
-        origin_dir, toml_volume("base", {"kind": "raw", "path": "base.img", "size": "1MiB"})
-    )
-    origin = ServerProcess.start(origin_dir, config, listen=listen)
+    raw = {"kind": "raw", "path": "base.img", "size": "1MiB"}
+    listen, config, origin = origin_process(tmp_path / "origin", raw)
     try:
         body = toml_volume("vm", ram(write_through=True), remote(listen, "base", timeout=1))
         async with running_server(tmp_path / "cache", body) as cache:
@@ -590,7 +596,7 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
             close_streams(origin)
             stopping = asyncio.ensure_future(cache.stop(grace=1))
             await asyncio.sleep(0.5)
-            origin = ServerProcess.start(origin_dir, config, listen=listen)
+            origin = ServerProcess.start(config.parent, config, listen=listen)
             assert await asyncio.wait_for(stopping, 30) == []  # no volume's flush failed
         async with AsyncClient(listen) as oc:
             assert await oc.volume("base").read(0, 8) == BASE[: 8 * SS]
@@ -641,12 +647,8 @@ async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_los
     flush found the loss; each once. A caller with nothing unflushed is not told, also when
     its flush is the one that found it. (A SIGTERM of the origin, a clean stop, tells
     nobody: tests/test_verifiers.py.)"""
-    listen = f"127.0.0.1:{free_port()}"
-    origin_dir = tmp_path / "origin"
-    config = write_config(
-        origin_dir, toml_volume("base", {"kind": "sparse", "path": "b.sparse", "size": "1MiB"})
-    )
-    origin = ServerProcess.start(origin_dir, config, listen=listen)
+    sparse = {"kind": "sparse", "path": "b.sparse", "size": "1MiB"}
+    listen, config, origin = origin_process(tmp_path / "origin", sparse)
     try:
         body = toml_volume("vm", ram(write_through=True), remote(listen, "base", timeout=2))
         async with (
@@ -659,7 +661,7 @@ async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_los
             await a.write(0, pattern(1, 0, 8, SS))
             await b.write(8, pattern(2, 8, 8, SS))
             origin.close()
-            origin = ServerProcess.start(origin_dir, config, listen=listen)
+            origin = ServerProcess.start(config.parent, config, listen=listen)
 
             async def flushed(vol: AsyncVolume) -> BaseException | None:
                 try:

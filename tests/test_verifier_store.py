@@ -27,6 +27,20 @@ def _served(folder: Path, names: list[str]) -> VerifierStore:
     return store
 
 
+def _crashed_after_marking(folder: Path, names: list[str], marked: list[str]) -> None:
+    """A server process that opened the store for ``names``, marked ``marked`` (served
+    them) and died without closing it (a crash)."""
+    crash = (
+        "import json, os, sys\n"
+        "from tierdisk.service.verifier_store import VerifierStore\n"
+        "names, marked = json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
+        "VerifierStore.open(sys.argv[1], names).mark_unclean(marked)\n"
+        "os._exit(0)\n"
+    )
+    args = [str(folder), json.dumps(names), json.dumps(marked)]
+    subprocess.run([sys.executable, "-c", crash, *args], check=True, timeout=60)
+
+
 def test_new_verifiers_are_non_zero_and_differ_from_the_old_one() -> None:
     assert all(new_verifier(1) not in (0, 1) for _ in range(100))
     assert 0 < new_verifier() < 1 << 64
@@ -72,14 +86,7 @@ def test_a_crash_or_an_unclean_stop_gives_a_new_verifier(tmp_path: Path) -> None
     assert second.verifiers["a"] != first.verifiers["a"]
     assert second.verifiers["b"] == first.verifiers["b"]
     second.close(second.verifiers, clean=["a", "b"])
-    # a crash: a process that opened the store and died without closing it
-    crash = (
-        "import os, sys\n"
-        "from tierdisk.service.verifier_store import VerifierStore\n"
-        "VerifierStore.open(sys.argv[1], ['a', 'b']).mark_unclean(['a', 'b'])\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", crash, str(tmp_path)], check=True, timeout=60)
+    _crashed_after_marking(tmp_path, ["a", "b"], ["a", "b"])
     third = _served(tmp_path, ["a", "b"])
     assert third.verifiers["a"] != second.verifiers["a"]
     assert third.verifiers["b"] != second.verifiers["b"]
@@ -178,13 +185,7 @@ def test_only_the_volumes_served_are_marked_unclean(tmp_path: Path) -> None:
     clean at the stop."""
     first = _served(tmp_path, ["a", "b", "c"])
     first.close(first.verifiers, clean=["a", "b", "c"])
-    crash = (
-        "import os, sys\n"
-        "from tierdisk.service.verifier_store import VerifierStore\n"
-        "VerifierStore.open(sys.argv[1], ['a', 'b', 'c']).mark_unclean(['a'])\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", crash, str(tmp_path)], check=True, timeout=60)
+    _crashed_after_marking(tmp_path, ["a", "b", "c"], ["a"])
     second = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
     assert second.verifiers["a"] != first.verifiers["a"]
     assert second.verifiers["b"] == first.verifiers["b"]
