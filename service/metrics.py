@@ -124,6 +124,14 @@ class EngineCollector(Collector):
             "(attach attempts of a volume still waiting for its tier included).",
             labels=["volume", "layer", "method", "code"],
         )
+        verifier_changes = CounterMetricFamily(
+            "tierdisk_write_verifier_changes",
+            "Times the volume's write verifier changed while it ran: a flush failed in a "
+            "write-path layer's storage, or a remote tier lost writes it had acknowledged. "
+            "Writes acknowledged before may be lost; clients that made them are told at "
+            "their next flush (WritesLost).",
+            labels=["volume"],
+        )
         ready = GaugeMetricFamily(
             "tierdisk_volume_ready",
             "1 when the configured volume is open and serving, 0 while it is not "
@@ -142,6 +150,7 @@ class EngineCollector(Collector):
         for volume in volumes:
             size.add_metric([volume.name], volume.sector_count)
             sector_bytes.add_metric([volume.name], volume.sector_size)
+            verifier_changes.add_metric([volume.name], volume.verifier_changes)
             for index, entry in enumerate(volume.entries):
                 layer, stats = entry.layer, entry.stats
                 labels = [volume.name, str(index), layer.kind]
@@ -164,6 +173,7 @@ class EngineCollector(Collector):
             present,
             size,
             sector_bytes,
+            verifier_changes,
             ready,
             remote,
         )

@@ -155,6 +155,9 @@ class Volume:
         clean stop: :mod:`~tierdisk.service.verifier_store`); a flush renews it when a
         write-path layer's flush fails in its storage or reports writes lost
         (:meth:`_flush_layer`)."""
+        self.verifier_changes = 0
+        """Times :attr:`write_verifier` was renewed while the volume ran (not at start):
+        ``tierdisk_write_verifier_changes_total``."""
         self._flush_task: asyncio.Future[None] | None = None  # the flush round under way
         self._flush_rounds = 0  # flush rounds begun
         self._flushed_through = 0  # the latest round that succeeded
@@ -705,6 +708,7 @@ class Volume:
             if not isinstance(exc, StorageError | NoSpace | OSError):
                 raise  # a tier that did not answer: its writes wait there for the next try
             self.write_verifier = new_verifier(self.write_verifier)
+            self.verifier_changes += 1
             log.warning(
                 "volume %r: write verifier renewed: layer %d %s: %s (writes acknowledged "
                 "before may be lost; clients that made them learn it at their next flush)",

@@ -51,6 +51,7 @@ COUNTERS = {
     "tierdisk_volume_io_bytes_total",
     "tierdisk_volume_io_requests_total",
     "tierdisk_remote_requests_total",
+    "tierdisk_write_verifier_changes_total",  # added to §5's: writes may have been lost
     "grpc_server_handled_total",
 }
 GAUGES = {

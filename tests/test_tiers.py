@@ -34,8 +34,10 @@ from servers import (
     ram,
     remote,
     running_server,
+    scrape,
     server_section,
     toml_volume,
+    value,
     write_config,
 )
 from stacks import pattern
@@ -684,6 +686,8 @@ async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_los
                 retry_on=(cerr.Unavailable, cerr.DeadlineExceeded),
             )
             assert outcome[-1] is None  # it wrote nothing: nothing of its own is at stake
+            text = await scrape(tier.metrics_address)  # the operator's alert
+            assert value(text, "tierdisk_write_verifier_changes_total", volume="vm") == 1
             for vol in (a, b):
                 lost = await flushed(vol)
                 assert isinstance(lost, cerr.WritesLost), lost
