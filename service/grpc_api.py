@@ -470,7 +470,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             await volume.write(
                 request.sector, data, fua=request.fua, no_overwrite=request.no_overwrite
             )
-            if request.fua and volume.fua_respected:
+            if request.fua and volume.fua_respected and volume.durable_since(verifier):
                 return _DURABLE_WRITE_RESPONSE, len(data)
             return pb.WriteResponse(write_verifier=verifier), len(data)
 

@@ -172,6 +172,13 @@ class Layer(abc.ABC):
         return True
 
     @property
+    def reports_lost_writes(self) -> bool:
+        """True for a tier that says itself when it lost acknowledged writes (a ``remote``
+        layer: its flush raises :class:`WritesLost` from its own write verifier), so its
+        other failures do not renew the volume's verifier (:meth:`Volume._sync_failed`)."""
+        return False
+
+    @property
     def keeps_writes(self) -> bool:
         """True when what the layer holds outlives the server (a file; a remote tier, whose
         own write verifier answers for it); ``ram``: False."""

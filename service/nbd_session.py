@@ -646,8 +646,10 @@ class NbdSession(asyncio.BufferedProtocol):
                     await C.write_zeroes(export, flags, offset, length)
                 else:  # CMD_CACHE
                     await C.cache(export, offset, length)
-                if cmd in _CHANGING and not flags & P.CMD_FLAG_FUA:  # FUA: durable already
-                    export.unflushed.acknowledged(verifier)  # for C.flush to vouch for
+                if cmd in _CHANGING and not (
+                    flags & P.CMD_FLAG_FUA and export.volume.durable_since(verifier)
+                ):  # for C.flush to vouch for (a FUA change the command made durable is not)
+                    export.unflushed.acknowledged(verifier)
                 reply = [P.simple_reply(handle)]
         except C.Refuse as exc:
             code, message, status = exc.code, str(exc), exc.status

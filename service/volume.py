@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .backoff import Backoff
@@ -159,6 +160,8 @@ class Volume:
         """Times :attr:`write_verifier` was renewed while the volume ran (not at start):
         ``tierdisk_write_verifier_changes_total``."""
         self._flush_task: asyncio.Future[None] | None = None  # the flush round under way
+        self._cache_flushes: dict[int, asyncio.Future[None]] = {}  # by layer index
+        self._closing = False  # close() began: no new flush round
         self._flush_rounds = 0  # flush rounds begun
         self._flushed_through = 0  # the latest round that succeeded
 
@@ -212,11 +215,15 @@ class Volume:
         return volume
 
     async def close(self) -> None:
-        """Stop following the top's size and close every layer (after a flush round under
-        way has ended)."""
+        """Stop following the top's size and close every layer, after the flush round under
+        way and the read caches' flushes have ended (a flush from now on that would need a
+        new round gets :class:`Unavailable`)."""
         self._layers[0].remove_resize_listener(self._note_size)
-        if self._flush_task is not None:
+        self._closing = True  # a flush waiting for the next round gets Unavailable
+        while self._flush_task is not None and not self._flush_task.done():
             await asyncio.wait([self._flush_task])
+        if self._cache_flushes:
+            await asyncio.wait(list(self._cache_flushes.values()))
         if self._follow_task:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -467,7 +474,12 @@ class Volume:
                 if limit <= sector:
                     continue  # a smaller layer: those below it may still take it
                 part = view if limit == end else view[: (limit - sector) * ss]
-                await self._layers[index].write(part, sector, fua)
+                try:
+                    await self._layers[index].write(part, sector, fua)
+                except BaseException as exc:
+                    if fua:  # its sync failed, maybe: see _sync_failed
+                        self._sync_failed(index, exc)
+                    raise
         except NoSpace as exc:
             raise self._out_of_space(exc, index > 0, "write") from None
         except OutOfRange as exc:
@@ -588,7 +600,12 @@ class Volume:
                         await layer.write_holes(part, a)
                         unsynced = unsynced or fua
                     else:
-                        await layer.write(part, a, fua)
+                        try:
+                            await layer.write(part, a, fua)
+                        except BaseException as exc:
+                            if fua:
+                                self._sync_failed(index, exc)
+                            raise
                     changed = True
             if unsynced:  # a whole round: one layer's flush must not race a round's
                 await self.flush()
@@ -639,23 +656,27 @@ class Volume:
             raise self._shrunk_below(exc, index, changed, sector, end, "unmap") from None
 
     async def flush(self) -> None:
-        """Make every write acknowledged before the call durable on the write path, and
-        flush every read-cache layer (so its fills persist too).
+        """Make every write acknowledged before the call durable on the write path (DESIGN
+        §3), and start a flush of each read cache off it (so its fills persist too; not
+        waited for: :meth:`_flush_round`).
 
-        Flushes run in rounds, one at a time, each flushing those layers together
-        (:meth:`_flush_round`). A flush waits for the round under way, if any (it does not
-        cover writes acknowledged after it began), and then joins the next one, which serves
-        every flush that was waiting (group commit). A round runs to its end even when every
-        flush awaiting it is cancelled (a deadline), so what it finds is never dropped: a
-        failure in a layer's storage renews :attr:`write_verifier` (:meth:`_flush_layer`).
+        Flushes run in rounds, one at a time. A flush waits for the round under way, if any
+        (it does not cover writes acknowledged after it began), and then joins the next one,
+        which serves every flush that was waiting (group commit). A round runs to its end
+        even when every flush awaiting it is cancelled (a deadline), so what it finds is
+        never dropped (:meth:`_sync_failed`).
 
-        Raises the round's first failure of a write-path layer. A remote tier that lost
-        writes is not one (the verifier says it); a read cache off the write path that
-        cannot be flushed is logged only (its fills are fetched again when needed)."""
+        Raises the round's first failure; one in a write-path layer's storage renews
+        :attr:`write_verifier` first. A remote tier that lost writes it had acknowledged is
+        not a failure: the tier has flushed now, and the renewed verifier tells each caller
+        whether writes of its own are at stake (``WriteResponse.write_verifier``; a caller
+        that ignores it is not told). :class:`Unavailable` once the volume is closing."""
         need = self._flush_rounds + 1  # a round started from now on covers this call
         while self._flushed_through < need:
             running = self._flush_task
             if running is None or running.done():
+                if self._closing:
+                    raise Unavailable(f"volume {self.name!r} is closing")
                 self._flush_rounds += 1
                 running = asyncio.ensure_future(self._flush_round(self._flush_rounds))
                 running.add_done_callback(_retrieved)
@@ -669,56 +690,93 @@ class Volume:
                 # a round begun before this call failed: the next one is this call's
 
     async def _flush_round(self, number: int) -> None:
-        """Flush round ``number``: every write-path layer and read cache, together, all
-        waited for; the first failure of a write-path layer is raised."""
-        targets = [
-            (i, e.layer)
-            for i, e in enumerate(self._entries)
-            if i < self._write_path or e.read_cache
-        ]
+        """Flush round ``number``: the write-path layers together, all waited for, the first
+        failure raised. Each read cache off the write path gets a flush of its own started
+        beside it (when its last one has ended), which the round does not wait for: a cache
+        tier that hangs must not hold up the volume's flushes (its fills are fetched again
+        when needed; a failure is logged)."""
+        for index in range(self._write_path, len(self._entries)):
+            if self._entries[index].read_cache and index not in self._cache_flushes:
+                task = asyncio.ensure_future(self._flush_cache(index))
+                self._cache_flushes[index] = task
+                task.add_done_callback(partial(self._cache_flushed, index))
         results = await asyncio.gather(
-            *(self._flush_layer(i, layer) for i, layer in targets), return_exceptions=True
+            *(self._flush_layer(i) for i in range(self._write_path)), return_exceptions=True
         )
         for result in results:
             if result is not None:
                 raise result
         self._flushed_through = number
 
-    async def _flush_layer(self, index: int, layer: Layer) -> None:
-        """Flush layer ``index``. A failure of a write-path layer in its storage
-        (:class:`StorageError`, :class:`NoSpace`, ``OSError``) renews the verifier at once
-        and is raised: the writes the flush covered may be gone (a failed ``fsync`` may drop
-        the pages it was to write, and the next one succeeds), so no later flush may vouch
-        for them. A remote tier that lost writes it had acknowledged (:class:`WritesLost`)
-        renews it too, and the flush succeeds: the tier has flushed now, and each caller's
-        verifier tells whether writes of its own are at stake. A read cache off the write
-        path that fails is logged, not raised."""
+    async def _flush_layer(self, index: int) -> None:
+        """Flush write-path layer ``index``: :meth:`_sync_failed` sees a failure first. A
+        remote tier's :class:`WritesLost` is not raised (the verifier says it); a
+        :class:`NoSpace` is raised as a :class:`StorageError` (the flush may have lost
+        writes: ``RESOURCE_EXHAUSTED`` would say nothing changed)."""
         try:
-            await layer.flush()
+            await self._layers[index].flush()
         except Exception as exc:
-            if index >= self._write_path:
-                self._entries[index].fill_log.warning(
-                    "volume %r: read cache layer %d not flushed (its fills are fetched "
-                    "again when needed): %s",
-                    self.name,
-                    index,
-                    exc,
-                )
+            self._sync_failed(index, exc)
+            if isinstance(exc, WritesLost):
                 return
-            if not isinstance(exc, StorageError | NoSpace | OSError):
-                raise  # a tier that did not answer: its writes wait there for the next try
-            self.write_verifier = new_verifier(self.write_verifier)
-            self.verifier_changes += 1
-            log.warning(
-                "volume %r: write verifier renewed: layer %d %s: %s (writes acknowledged "
-                "before may be lost; clients that made them learn it at their next flush)",
+            if isinstance(exc, NoSpace):
+                raise exc.after_a_change("writes acknowledged before may be lost") from None
+            raise
+
+    async def _flush_cache(self, index: int) -> None:
+        """Flush the read cache ``index`` (off the write path), best effort: logged."""
+        try:
+            await self._layers[index].flush()
+        except Exception as exc:
+            self._entries[index].fill_log.warning(
+                "volume %r: read cache layer %d not flushed (its fills are fetched again "
+                "when needed): %s",
                 self.name,
                 index,
-                "lost writes it had acknowledged" if isinstance(exc, WritesLost) else "failed",
                 exc,
             )
-            if not isinstance(exc, WritesLost):
-                raise
+
+    def durable_since(self, verifier: int) -> bool:
+        """Whether a change made durable (a FUA write the volume respects, one followed by
+        a flush) that began under ``verifier`` is durable for good: the volume keeps its
+        writes past a restart (a ram-only write path does not), and nothing renewed the
+        verifier while it ran (a flush or a sync that failed meanwhile, a tier that lost
+        writes, may have taken it with it). Otherwise it is answered with ``verifier``, for
+        a later flush to vouch for."""
+        return self.keeps_writes and self.write_verifier == verifier
+
+    def _cache_flushed(self, index: int, _: asyncio.Future[None]) -> None:
+        del self._cache_flushes[index]
+
+    def _sync_failed(self, index: int, exc: BaseException) -> None:
+        """A flush, a FUA write or a resize of layer ``index`` failed with ``exc``: renew
+        :attr:`write_verifier` when writes acknowledged before may be gone. That is a
+        write-path layer's failure in its storage (:class:`StorageError`, :class:`NoSpace`,
+        ``OSError``: a failed ``fsync`` may drop the dirty pages it was to write, and the
+        next one succeeds), unless the layer is a tier that says so itself
+        (:attr:`Layer.reports_lost_writes`: its own verifier answers for its writes), and a
+        tier's :class:`WritesLost`. A tier that did not answer loses nothing: its writes
+        wait there for the next try."""
+        if index >= self._write_path:
+            return
+        layer = self._layers[index]
+        if isinstance(exc, WritesLost):
+            why = "lost writes it had acknowledged"
+        elif isinstance(exc, StorageError | NoSpace | OSError) and not layer.reports_lost_writes:
+            why = "failed in its storage"
+        else:
+            return
+        self.write_verifier = new_verifier(self.write_verifier)
+        self.verifier_changes += 1
+        log.warning(
+            "volume %r: write verifier renewed: layer %d (%s) %s: %s (writes acknowledged "
+            "before may be lost; clients that made them learn it at their next flush)",
+            self.name,
+            index,
+            layer.kind,
+            why,
+            exc,
+        )
 
     # -- size ---------------------------------------------------------------------------
 
@@ -786,7 +844,11 @@ class Volume:
             for index in order:
                 layer = path[index]
                 old = layer.sector_count
-                await layer.resize(sector_count)
+                try:
+                    await layer.resize(sector_count)  # (a file layer syncs it)
+                except BaseException as exc:
+                    self._sync_failed(index, exc)
+                    raise
                 if old < sector_count:
                     if index:
                         grown.append((layer, old))

@@ -26,7 +26,13 @@ from tools import REQUIRE_TOOLS_ENV, require_tool, run_tool, run_tool_ok
 from waiting import eventually
 
 from tierdisk.service import nbd_commands
-from tierdisk.service.errors import NoSpace, StorageError, TierdiskError, Unavailable
+from tierdisk.service.errors import (
+    NoSpace,
+    StorageError,
+    TierdiskError,
+    Unavailable,
+    WritesLost,
+)
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
@@ -123,6 +129,10 @@ class FlakyLayer(RamLayer):
         if self.fail is not None:
             raise self.fail
         await super().flush()
+
+    @property
+    def keeps_writes(self) -> bool:
+        return True  # it stands for a tier or a disk: what it holds outlives the server
 
 
 # -- a raw NBD client ---------------------------------------------------------------------------
@@ -1036,6 +1046,25 @@ async def test_a_flush_after_one_that_failed_in_storage_does_not_vouch_for_the_w
         assert (await client.request(CMD_FLUSH)).error == 0, client
         await client.close()
     assert env.stats.requests["flush", "EIO"] == 3
+
+
+async def test_a_fua_command_whose_flush_found_a_loss_is_left_to_the_next_flush(
+    env: Env,
+) -> None:
+    """A TRIM with FUA is made durable by a flush of the volume; when that flush found that
+    a tier below lost writes (the verifier renewed while the command ran), the command is
+    not durable for good: the connection's next FLUSH says so."""
+    client = await env.client("flaky")
+    await client.write(0, b"\x01" * 4096)
+    assert (await client.request(CMD_FLUSH)).error == 0
+    env.flaky.fail = WritesLost("the origin restarted")  # its flush reports the loss
+    try:
+        assert (await client.request(CMD_TRIM, 0, 4096, CMD_FLAG_FUA)).error == 0
+    finally:
+        env.flaky.fail = None
+    assert (await client.request(CMD_FLUSH)).error == EIO
+    assert (await client.request(CMD_FLUSH)).error == 0
+    await client.close()
 
 
 async def test_errors_keep_the_session(env: Env) -> None:

@@ -78,15 +78,16 @@ def test_a_server_without_verifiers_vouches_for_nothing_and_forgets_nothing() ->
 # -- against a server that restarts ------------------------------------------------------------
 
 
-class Served:
-    """A ``sparse`` volume ``v`` served by a server process on a fixed address (so a client
-    reconnects to it after a restart)."""
+SPARSE = {"kind": "sparse", "path": "v.sparse", "size": "1MiB"}
 
-    def __init__(self, folder: Path) -> None:
+
+class Served:
+    """A volume ``v`` of one ``layer`` (default: ``sparse``) served by a server process on a
+    fixed address (so a client reconnects to it after a restart)."""
+
+    def __init__(self, folder: Path, layer: dict[str, str] = SPARSE) -> None:
         self.listen = f"127.0.0.1:{free_port()}"
-        self.config = write_config(
-            folder, toml_volume("v", {"kind": "sparse", "path": "v.sparse", "size": "1MiB"})
-        )
+        self.config = write_config(folder, toml_volume("v", layer))
         self.server = ServerProcess.start(folder, self.config, listen=self.listen)
 
     def restart(self, how: str) -> None:
@@ -172,6 +173,23 @@ async def test_fua_writes_the_volume_respects_need_no_flush(
     server.restart("kill")
     assert await _flush_after_restart(vol) is None
     assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
+
+
+async def test_a_fua_write_to_a_volume_that_keeps_no_writes_is_vouched_for_by_a_flush(
+    tmp_path: Path,
+) -> None:
+    """A ram volume respects FUA, but a restart, clean or not, loses what it holds: its FUA
+    writes are answered with the verifier, and a flush after the restart says so."""
+    served = Served(tmp_path, ram("1MiB"))
+    try:
+        async with AsyncClient(served.listen, timeout=10) as client:
+            vol = client.volume("v")
+            assert (await vol.info()).fua_respected
+            await vol.write(0, pattern(1, 0, 8, SS), fua=True)
+            served.restart("terminate")
+            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+    finally:
+        served.server.close()
 
 
 async def test_an_unmap_is_vouched_for_like_a_write(served: tuple[Served, AsyncVolume]) -> None:

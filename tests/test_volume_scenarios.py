@@ -562,16 +562,17 @@ class _FailingFlush(MapLayer):
 
 
 @pytest.mark.parametrize(
-    "failure",
+    ("failure", "raised"),
     [
-        StorageError("fsync: Input/output error"),
-        OSError(5, "Input/output error"),
-        NoSpace("fsync: No space left on device"),
+        (StorageError("fsync: Input/output error"), StorageError),
+        (OSError(5, "Input/output error"), OSError),
+        # not NoSpace: RESOURCE_EXHAUSTED would say the request changed nothing
+        (NoSpace("fsync: No space left on device"), StorageError),
     ],
     ids=["storage", "oserror", "nospace"],
 )
 async def test_a_flush_failing_in_a_write_path_layers_storage_renews_the_verifier(
-    volumes: VolumeOpener, failure: Exception
+    volumes: VolumeOpener, failure: Exception, raised: type[Exception]
 ) -> None:
     """After such a failure the writes it covered may be gone (a failed fsync may drop the
     pages it was to write, and the next one succeeds): no later flush may vouch for them,
@@ -582,7 +583,7 @@ async def test_a_flush_failing_in_a_write_path_layers_storage_renews_the_verifie
     await vol.flush()
     assert vol.write_verifier == before
     below.failure = failure
-    with pytest.raises(type(failure)):
+    with pytest.raises(raised):
         await vol.flush()
     assert vol.write_verifier not in (before, 0)
 
@@ -716,6 +717,112 @@ async def test_a_fua_write_into_holes_is_flushed_by_a_round(volumes: VolumeOpene
     with pytest.raises(StorageError):
         await write(vol, 1, p(1, 1), fua=True, no_overwrite=True)
     assert vol.write_verifier != before
+
+
+class _FailingWrites(_FailingFlush):
+    """Its writes, and resizes, fail with :attr:`failure` too while it is set; as a remote
+    tier (``tier=True``) it reports lost writes itself."""
+
+    def __init__(self, sectors: int, *, tier: bool = False) -> None:
+        super().__init__(sectors)
+        self.tier = tier
+
+    @property
+    def reports_lost_writes(self) -> bool:
+        return self.tier
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        if self.failure is not None:
+            raise self.failure
+        await super().write(data, sector, fua)
+
+    async def resize(self, sector_count: int) -> None:
+        if self.failure is not None:
+            raise self.failure
+        await super().resize(sector_count)
+
+
+async def test_a_fua_write_or_a_resize_failing_in_storage_renews_the_verifier(
+    volumes: VolumeOpener,
+) -> None:
+    """Each syncs (the layer's ``fdatasync``, a resize's ``fsync``); its failure may drop
+    other writes' pages as a flush's may. A plain write that fails syncs nothing."""
+    below = _FailingWrites(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), below)
+    before = vol.write_verifier
+    below.failure = StorageError("write: Input/output error")
+    with pytest.raises(StorageError):
+        await write(vol, 1, p(1, 1))
+    assert vol.write_verifier == before
+    with pytest.raises(StorageError):
+        await write(vol, 1, p(1, 1), fua=True)
+    after_write = vol.write_verifier
+    assert after_write != before
+    with pytest.raises(StorageError):
+        await vol.resize(4)
+    assert vol.write_verifier not in (before, after_write)
+
+
+async def test_a_tiers_own_failures_do_not_renew_the_verifier(volumes: VolumeOpener) -> None:
+    """A remote tier answers for its writes with its own verifier: its failed flush or FUA
+    write (an error it lost nothing in, e.g. UNKNOWN) renews nothing here; its
+    :class:`WritesLost` does."""
+    tier = _FailingWrites(8, tier=True)
+    vol = await volumes(entry(MapLayer(8), wt=True), tier)
+    before = vol.write_verifier
+    tier.failure = StorageError("remote: UNKNOWN")
+    with pytest.raises(StorageError):
+        await vol.flush()
+    with pytest.raises(StorageError):
+        await write(vol, 1, p(1, 1), fua=True)
+    assert vol.write_verifier == before
+    tier.failure = WritesLost("the origin restarted")
+    await vol.flush()
+    assert vol.write_verifier != before
+
+
+async def test_a_fua_write_is_durable_only_if_no_loss_was_found_while_it_ran(
+    volumes: VolumeOpener,
+) -> None:
+    """A FUA write into holes is made durable by a flush round; one that found a tier's
+    loss renewed the verifier meanwhile, so the write is not durable for good (the server
+    answers it with the verifier it began under, for the next flush to judge). Nor is a
+    FUA write to a volume that keeps no writes (a ram-only write path)."""
+    top = _FailingFlush(8)
+    vol = await volumes(top)
+    begun = vol.write_verifier
+    top.failure = WritesLost("the origin restarted")
+    await write(vol, 1, p(1, 1), fua=True, no_overwrite=True)
+    assert not vol.durable_since(begun)
+    assert vol.durable_since(vol.write_verifier)
+    ram = await volumes(RamLayer(8 * SS), name="ram")
+    assert not ram.durable_since(ram.write_verifier)
+
+
+async def test_a_read_cache_off_the_write_path_does_not_hold_up_flushes(
+    volumes: VolumeOpener,
+) -> None:
+    """Its flush starts beside each round and is not waited for (a cache tier that hangs
+    would make every flush wait for its timeout); a new one starts only after the last has
+    ended; closing the volume waits for it."""
+    cache = _GatedFlush(8)
+    vol = await volumes(MapLayer(8), entry(cache, rc=True), MapLayer(8))
+    await asyncio.wait_for(vol.flush(), 5)
+    await asyncio.wait_for(vol.flush(), 5)
+    assert cache.begun == 1
+    closing = asyncio.ensure_future(vol.close())
+    await asyncio.sleep(0.01)
+    assert not closing.done()
+    cache.gate.set()
+    await asyncio.wait_for(closing, 5)
+    assert cache.ops("flush") == [("flush",)]
+
+
+async def test_a_flush_after_close_is_refused(volumes: VolumeOpener) -> None:
+    vol = await volumes(MapLayer(8))
+    await vol.close()
+    with pytest.raises(Unavailable, match="closing"):
+        await vol.flush()
 
 
 async def test_s39_fua_reaches_every_write_path_layer(volumes: VolumeOpener) -> None:

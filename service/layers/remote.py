@@ -415,6 +415,10 @@ class RemoteLayer(Layer):
         return self._remote().fua_respected
 
     @property
+    def reports_lost_writes(self) -> bool:
+        return True  # the origin's write verifier: flush raises WritesLost
+
+    @property
     def read_only(self) -> bool:
         return self._remote().read_only
 
