@@ -2,11 +2,12 @@
 
 A server answers every ``Write`` and ``Unmap`` that is acknowledged but not yet durable with
 its volume's *write verifier*, a non-zero 64-bit number, and every ``Flush`` with the verifier
-current when the flush ended (``0``: a write durable when acknowledged, or a server that
-predates verifiers). The verifier changes whenever writes the volume acknowledged without
-making them durable may have been lost: at a start that does not follow a clean stop (a
-crash, or a stop whose final flush failed), when a flush fails in a layer's storage, and
-when a tier below the volume lost such writes. A clean stop keeps it. So a flush answered
+current when the flush ended (``0``: a write durable for good when acknowledged, or a server
+that predates verifiers). The verifier changes whenever writes the volume acknowledged
+without making them durable may have been lost: at a start that does not follow a clean
+stop (a crash, or a stop whose final flush failed), when a flush, a FUA write or a resize
+fails in a layer's storage, and when a tier below the volume lost such writes. A clean stop
+keeps it. So a flush answered
 with another verifier than a write it covers was acknowledged with is no proof that the
 write is durable: the client raises :class:`~tierdisk.client.errors.WritesLost` (this is
 NFS's write verifier, per volume).

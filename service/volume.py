@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -133,6 +134,9 @@ class Volume:
         self.fua_respected = stack.fua_respected
         self.keeps_writes = stack.keeps_writes
         """Writes outlive the server: a layer on the write path keeps them (not only ``ram``)."""
+        self._durable_when_synced = self.keeps_writes and not any(
+            layer.reports_lost_writes for layer in self._layers[: self._write_path]
+        )  # (durable_since)
         self.unmap_behavior = stack.unmap_behavior
         self.optimal_unmap_sectors = stack.optimal_unmap_sectors
         # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's
@@ -153,9 +157,9 @@ class Volume:
         """Non-zero; changes whenever writes this volume acknowledged without making them
         durable may have been lost (the proto's ``WriteResponse.write_verifier``;
         :mod:`tierdisk.client.verifiers`). The server sets it before serving (kept over a
-        clean stop: :mod:`~tierdisk.service.verifier_store`); a flush renews it when a
-        write-path layer's flush fails in its storage or reports writes lost
-        (:meth:`_flush_layer`)."""
+        clean stop: :mod:`~tierdisk.service.verifier_store`); it is renewed when a
+        write-path layer's flush, FUA write or resize fails in its storage, or a tier
+        reports writes lost (:meth:`_sync_failed`)."""
         self.verifier_changes = 0
         """Times :attr:`write_verifier` was renewed while the volume ran (not at start):
         ``tierdisk_write_verifier_changes_total``."""
@@ -474,12 +478,10 @@ class Volume:
                 if limit <= sector:
                     continue  # a smaller layer: those below it may still take it
                 part = view if limit == end else view[: (limit - sector) * ss]
-                try:
+                if fua:  # it syncs: a failure may cost other writes (_syncing)
+                    await self._syncing(index, self._layers[index].write(part, sector, fua))
+                else:
                     await self._layers[index].write(part, sector, fua)
-                except BaseException as exc:
-                    if fua:  # its sync failed, maybe: see _sync_failed
-                        self._sync_failed(index, exc)
-                    raise
         except NoSpace as exc:
             raise self._out_of_space(exc, index > 0, "write") from None
         except OutOfRange as exc:
@@ -599,13 +601,10 @@ class Volume:
                     if layer.can_read_cache:
                         await layer.write_holes(part, a)
                         unsynced = unsynced or fua
+                    elif fua:
+                        await self._syncing(index, layer.write(part, a, fua))
                     else:
-                        try:
-                            await layer.write(part, a, fua)
-                        except BaseException as exc:
-                            if fua:
-                                self._sync_failed(index, exc)
-                            raise
+                        await layer.write(part, a, fua)
                     changed = True
             if unsynced:  # a whole round: one layer's flush must not race a round's
                 await self.flush()
@@ -739,29 +738,58 @@ class Volume:
     def durable_since(self, verifier: int) -> bool:
         """Whether a change made durable (a FUA write the volume respects, one followed by
         a flush) that began under ``verifier`` is durable for good: the volume keeps its
-        writes past a restart (a ram-only write path does not), and nothing renewed the
+        writes past a restart (a ram-only write path does not), no remote tier is on its
+        write path (a tier's FUA write is durable only if its origin answered so, which the
+        layer does not pass up, and its origin may keep nothing), and nothing renewed the
         verifier while it ran (a flush or a sync that failed meanwhile, a tier that lost
         writes, may have taken it with it). Otherwise it is answered with ``verifier``, for
         a later flush to vouch for."""
-        return self.keeps_writes and self.write_verifier == verifier
+        return self._durable_when_synced and self.write_verifier == verifier
+
+    async def _syncing(self, index: int, work: Awaitable[None]) -> None:
+        """Await ``work``, a FUA write or a resize of write-path layer ``index`` (it syncs),
+        and let :meth:`_sync_failed` see its failure. For a local layer that happens even
+        when the caller is cancelled meanwhile: the layer's sync runs to its end anyway (in
+        a thread), and its error, which may have cost other writes their pages, must not be
+        dropped with the cancel. A remote tier's call is simply awaited (a cancel stops it;
+        its failures renew nothing but :class:`WritesLost`)."""
+
+        async def observed() -> None:
+            try:
+                await work
+            except BaseException as exc:
+                self._sync_failed(index, exc, refusal_possible=True)
+                raise
+
+        if self._layers[index].reports_lost_writes:
+            await observed()
+        else:
+            await run_to_end(observed())
 
     def _cache_flushed(self, index: int, _: asyncio.Future[None]) -> None:
         del self._cache_flushes[index]
 
-    def _sync_failed(self, index: int, exc: BaseException) -> None:
+    def _sync_failed(
+        self, index: int, exc: BaseException, *, refusal_possible: bool = False
+    ) -> None:
         """A flush, a FUA write or a resize of layer ``index`` failed with ``exc``: renew
         :attr:`write_verifier` when writes acknowledged before may be gone. That is a
-        write-path layer's failure in its storage (:class:`StorageError`, :class:`NoSpace`,
-        ``OSError``: a failed ``fsync`` may drop the dirty pages it was to write, and the
-        next one succeeds), unless the layer is a tier that says so itself
+        write-path layer's failure in its storage (:class:`StorageError`, ``OSError``, and
+        for a flush :class:`NoSpace`: a failed ``fsync`` may drop the dirty pages it was to
+        write, and the next one succeeds), unless the layer is a tier that says so itself
         (:attr:`Layer.reports_lost_writes`: its own verifier answers for its writes), and a
         tier's :class:`WritesLost`. A tier that did not answer loses nothing: its writes
-        wait there for the next try."""
+        wait there for the next try. With ``refusal_possible`` (a write or a resize), a
+        :class:`NoSpace` is a refusal made before anything was synced (the space could not
+        be reserved or mapped: a reserved write cannot fail its sync for space), not a
+        loss."""
         if index >= self._write_path:
             return
         layer = self._layers[index]
         if isinstance(exc, WritesLost):
             why = "lost writes it had acknowledged"
+        elif isinstance(exc, NoSpace) and refusal_possible:
+            return
         elif isinstance(exc, StorageError | NoSpace | OSError) and not layer.reports_lost_writes:
             why = "failed in its storage"
         else:
@@ -844,11 +872,7 @@ class Volume:
             for index in order:
                 layer = path[index]
                 old = layer.sector_count
-                try:
-                    await layer.resize(sector_count)  # (a file layer syncs it)
-                except BaseException as exc:
-                    self._sync_failed(index, exc)
-                    raise
+                await self._syncing(index, layer.resize(sector_count))  # a file layer syncs
                 if old < sector_count:
                     if index:
                         grown.append((layer, old))

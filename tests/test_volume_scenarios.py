@@ -763,6 +763,66 @@ async def test_a_fua_write_or_a_resize_failing_in_storage_renews_the_verifier(
     assert vol.write_verifier not in (before, after_write)
 
 
+async def test_a_fua_write_or_a_resize_refused_for_space_renews_nothing(
+    volumes: VolumeOpener,
+) -> None:
+    """Refused before anything was synced (the space could not be reserved or mapped): no
+    write is at stake, and no client is told of a loss (nor the alert raised)."""
+    below = _FailingWrites(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), below)
+    before = vol.write_verifier
+    below.failure = NoSpace("no space left to reserve")
+    with pytest.raises(StorageError):  # the top took it: "after a change"
+        await write(vol, 1, p(1, 1), fua=True)
+    with pytest.raises(NoSpace):
+        await vol.resize(16)
+    assert vol.write_verifier == before
+
+
+class _GatedFailingWrite(_FailingWrites):
+    """Its FUA writes wait for :attr:`gate`, then fail with :attr:`failure` (a sync that
+    takes long and fails: a failing disk)."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(sectors)
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await super().write(data, sector, fua)
+
+
+async def test_a_fua_write_whose_caller_is_cancelled_still_renews_on_a_failed_sync(
+    volumes: VolumeOpener,
+) -> None:
+    """The layer's sync runs to its end anyway; its failure (which may have cost other
+    writes their pages) is not dropped with the cancel."""
+    layer = _GatedFailingWrite(8)
+    vol = await volumes(layer)
+    before = vol.write_verifier
+    writing = asyncio.ensure_future(write(vol, 1, p(1, 1), fua=True))
+    await layer.entered.wait()
+    writing.cancel()
+    await asyncio.sleep(0.01)
+    assert not writing.done()  # the cancel waits for the write to end
+    layer.failure = StorageError("fdatasync: Input/output error")
+    layer.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert vol.write_verifier != before
+
+
+async def test_no_fua_change_through_a_tier_is_durable_for_good(volumes: VolumeOpener) -> None:
+    """A remote tier's FUA write is durable only if its origin answered so, which the layer
+    does not pass up: such a write is answered with the verifier, for a flush to vouch for."""
+    local = await volumes(MapLayer(8), name="local")
+    assert local.durable_since(local.write_verifier)
+    tiered = await volumes(entry(MapLayer(8), wt=True), _FailingWrites(8, tier=True))
+    assert not tiered.durable_since(tiered.write_verifier)
+
+
 async def test_a_tiers_own_failures_do_not_renew_the_verifier(volumes: VolumeOpener) -> None:
     """A remote tier answers for its writes with its own verifier: its failed flush or FUA
     write (an error it lost nothing in, e.g. UNKNOWN) renews nothing here; its

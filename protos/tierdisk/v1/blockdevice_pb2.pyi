@@ -377,11 +377,12 @@ class WriteResponse(_message.Message):
     The verifier is a non-zero number that changes whenever writes the volume
     acknowledged without making them durable may have been lost: at a start that
     does not follow a clean stop (a crash, or a stop whose final flush failed),
-    or when a tier below the volume lost such writes. A Flush answered with
-    another verifier than a write it covers was acknowledged with is no proof
-    that write is durable (as NFS's write verifier). 0: durable when
-    acknowledged (a FUA write the volume respects), or a server that predates
-    verifiers.
+    when a flush, a FUA write or a resize fails in a layer's storage, or when a
+    tier below the volume lost such writes. A Flush answered with another
+    verifier than a write it covers was acknowledged with is no proof that write
+    is durable (as NFS's write verifier). 0: durable for good when acknowledged
+    (a FUA write the volume respects and keeps, no tier below it, the verifier
+    unchanged while it ran), or a server that predates verifiers.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
