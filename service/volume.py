@@ -29,7 +29,8 @@ unmap honours, so no acknowledged write or unmap of those sectors is undone by i
 
 The construction rules and the stack's properties derived from its layers are in
 :mod:`tierdisk.service.stack_rules`; size generations and the events resize watchers get
-are in :mod:`tierdisk.service.size_history`. No gRPC here: errors are
+are in :mod:`tierdisk.service.size_history`; flushes (in rounds) and the write verifier are
+in :mod:`tierdisk.service.durability`. No gRPC here: errors are
 :mod:`tierdisk.service.errors` exceptions.
 """
 
@@ -38,12 +39,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from .backoff import Backoff
+from .durability import Durability
 from .errors import (
     ConfigError,
     DeadlineExceeded,
@@ -55,7 +55,6 @@ from .errors import (
     StorageError,
     TierdiskError,
     Unavailable,
-    WritesLost,
 )
 from .layer import Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
@@ -70,7 +69,6 @@ from .stack_rules import (
     check_write_through,
 )
 from .unstoppable import run_to_end
-from .verifier_store import new_verifier
 
 __all__ = [
     "MAX_BYTES",
@@ -134,9 +132,6 @@ class Volume:
         self.fua_respected = stack.fua_respected
         self.keeps_writes = stack.keeps_writes
         """Writes outlive the server: a layer on the write path keeps them (not only ``ram``)."""
-        self._durable_when_synced = self.keeps_writes and not any(
-            layer.reports_lost_writes for layer in self._layers[: self._write_path]
-        )  # (durable_since)
         self.unmap_behavior = stack.unmap_behavior
         self.optimal_unmap_sectors = stack.optimal_unmap_sectors
         # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's
@@ -153,21 +148,8 @@ class Volume:
         layers), exclusive by :meth:`write_at`'s read-modify-write and by a shrink over the
         sectors it cuts. Reads do not take it."""
         self._resizing = asyncio.Lock()  # resizes one at a time
-        self.write_verifier = new_verifier()
-        """Non-zero; changes whenever writes this volume acknowledged without making them
-        durable may have been lost (the proto's ``WriteResponse.write_verifier``;
-        :mod:`tierdisk.client.verifiers`). The server sets it before serving (kept over a
-        clean stop: :mod:`~tierdisk.service.verifier_store`); it is renewed when a
-        write-path layer's flush, FUA write or resize fails in its storage, or a tier
-        reports writes lost (:meth:`_sync_failed`)."""
-        self.verifier_changes = 0
-        """Times :attr:`write_verifier` was renewed while the volume ran (not at start):
-        ``tierdisk_write_verifier_changes_total``."""
-        self._flush_task: asyncio.Future[None] | None = None  # the flush round under way
-        self._cache_flushes: dict[int, asyncio.Future[None]] = {}  # by layer index
-        self._closing = False  # close() began: no new flush round
-        self._flush_rounds = 0  # flush rounds begun
-        self._flushed_through = 0  # the latest round that succeeded
+        self._durability = Durability(name, entries, self._write_path, self.keeps_writes)
+        """Flush rounds and the write verifier (:mod:`~tierdisk.service.durability`)."""
 
     # -- construction -------------------------------------------------------------------
 
@@ -223,11 +205,7 @@ class Volume:
         way and the read caches' flushes have ended (a flush from now on that would need a
         new round gets :class:`Unavailable`)."""
         self._layers[0].remove_resize_listener(self._note_size)
-        self._closing = True  # a flush waiting for the next round gets Unavailable
-        while self._flush_task is not None and not self._flush_task.done():
-            await asyncio.wait([self._flush_task])
-        if self._cache_flushes:
-            await asyncio.wait(list(self._cache_flushes.values()))
+        await self._durability.close()
         if self._follow_task:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -478,10 +456,11 @@ class Volume:
                 if limit <= sector:
                     continue  # a smaller layer: those below it may still take it
                 part = view if limit == end else view[: (limit - sector) * ss]
-                if fua:  # it syncs: a failure may cost other writes (_syncing)
-                    await self._syncing(index, self._layers[index].write(part, sector, fua))
+                layer = self._layers[index]
+                if fua:  # it syncs: a failure may cost other writes (Durability.syncing)
+                    await self._durability.syncing(index, layer.write(part, sector, fua))
                 else:
-                    await self._layers[index].write(part, sector, fua)
+                    await layer.write(part, sector, fua)
         except NoSpace as exc:
             raise self._out_of_space(exc, index > 0, "write") from None
         except OutOfRange as exc:
@@ -602,7 +581,7 @@ class Volume:
                         await layer.write_holes(part, a)
                         unsynced = unsynced or fua
                     elif fua:
-                        await self._syncing(index, layer.write(part, a, fua))
+                        await self._durability.syncing(index, layer.write(part, a, fua))
                     else:
                         await layer.write(part, a, fua)
                     changed = True
@@ -656,155 +635,30 @@ class Volume:
 
     async def flush(self) -> None:
         """Make every write acknowledged before the call durable on the write path (DESIGN
-        §3), and start a flush of each read cache off it (so its fills persist too; not
-        waited for: :meth:`_flush_round`).
-
-        Flushes run in rounds, one at a time. A flush waits for the round under way, if any
-        (it does not cover writes acknowledged after it began), and then joins the next one,
-        which serves every flush that was waiting (group commit). A round runs to its end
-        even when every flush awaiting it is cancelled (a deadline), so what it finds is
-        never dropped (:meth:`_sync_failed`).
-
-        Raises the round's first failure; one in a write-path layer's storage renews
-        :attr:`write_verifier` first. A remote tier that lost writes it had acknowledged is
-        not a failure: the tier has flushed now, and the renewed verifier tells each caller
-        whether writes of its own are at stake (``WriteResponse.write_verifier``; a caller
-        that ignores it is not told). :class:`Unavailable` once the volume is closing."""
-        need = self._flush_rounds + 1  # a round started from now on covers this call
-        while self._flushed_through < need:
-            running = self._flush_task
-            if running is None or running.done():
-                if self._closing:
-                    raise Unavailable(f"volume {self.name!r} is closing")
-                self._flush_rounds += 1
-                running = asyncio.ensure_future(self._flush_round(self._flush_rounds))
-                running.add_done_callback(_retrieved)
-                self._flush_task = running
-            number = self._flush_rounds
-            try:
-                await asyncio.shield(running)
-            except Exception:
-                if number >= need:  # a round that covers this call failed
-                    raise
-                # a round begun before this call failed: the next one is this call's
-
-    async def _flush_round(self, number: int) -> None:
-        """Flush round ``number``: the write-path layers together, all waited for, the first
-        failure raised. Each read cache off the write path gets a flush of its own started
-        beside it (when its last one has ended), which the round does not wait for: a cache
-        tier that hangs must not hold up the volume's flushes (its fills are fetched again
-        when needed; a failure is logged)."""
-        for index in range(self._write_path, len(self._entries)):
-            if self._entries[index].read_cache and index not in self._cache_flushes:
-                task = asyncio.ensure_future(self._flush_cache(index))
-                self._cache_flushes[index] = task
-                task.add_done_callback(partial(self._cache_flushed, index))
-        results = await asyncio.gather(
-            *(self._flush_layer(i) for i in range(self._write_path)), return_exceptions=True
-        )
-        for result in results:
-            if result is not None:
-                raise result
-        self._flushed_through = number
-
-    async def _flush_layer(self, index: int) -> None:
-        """Flush write-path layer ``index``: :meth:`_sync_failed` sees a failure first. A
-        remote tier's :class:`WritesLost` is not raised (the verifier says it); a
-        :class:`NoSpace` is raised as a :class:`StorageError` (the flush may have lost
-        writes: ``RESOURCE_EXHAUSTED`` would say nothing changed)."""
-        try:
-            await self._layers[index].flush()
-        except Exception as exc:
-            self._sync_failed(index, exc)
-            if isinstance(exc, WritesLost):
-                return
-            if isinstance(exc, NoSpace):
-                raise exc.after_a_change("writes acknowledged before may be lost") from None
-            raise
-
-    async def _flush_cache(self, index: int) -> None:
-        """Flush the read cache ``index`` (off the write path), best effort: logged."""
-        try:
-            await self._layers[index].flush()
-        except Exception as exc:
-            self._entries[index].fill_log.warning(
-                "volume %r: read cache layer %d not flushed (its fills are fetched again "
-                "when needed): %s",
-                self.name,
-                index,
-                exc,
-            )
+        §3), in flush rounds (:meth:`Durability.flush`): raises the round's failure;
+        :class:`Unavailable` once the volume is closing."""
+        await self._durability.flush()
 
     def durable_since(self, verifier: int) -> bool:
-        """Whether a change made durable (a FUA write the volume respects, one followed by
-        a flush) that began under ``verifier`` is durable for good: the volume keeps its
-        writes past a restart (a ram-only write path does not), no remote tier is on its
-        write path (a tier's FUA write is durable only if its origin answered so, which the
-        layer does not pass up, and its origin may keep nothing), and nothing renewed the
-        verifier while it ran (a flush or a sync that failed meanwhile, a tier that lost
-        writes, may have taken it with it). Otherwise it is answered with ``verifier``, for
-        a later flush to vouch for."""
-        return self._durable_when_synced and self.write_verifier == verifier
+        """:meth:`Durability.durable_since`."""
+        return self._durability.durable_since(verifier)
 
-    async def _syncing(self, index: int, work: Awaitable[None]) -> None:
-        """Await ``work``, a FUA write or a resize of write-path layer ``index`` (it syncs),
-        and let :meth:`_sync_failed` see its failure. For a local layer that happens even
-        when the caller is cancelled meanwhile: the layer's sync runs to its end anyway (in
-        a thread), and its error, which may have cost other writes their pages, must not be
-        dropped with the cancel. A remote tier's call is simply awaited (a cancel stops it;
-        its failures renew nothing but :class:`WritesLost`)."""
+    @property
+    def write_verifier(self) -> int:
+        """Non-zero; changes whenever writes this volume acknowledged without making them
+        durable may have been lost (:class:`Durability`). The server sets it before
+        serving (kept over a clean stop: :mod:`~tierdisk.service.verifier_store`)."""
+        return self._durability.write_verifier
 
-        async def observed() -> None:
-            try:
-                await work
-            except BaseException as exc:
-                self._sync_failed(index, exc, refusal_possible=True)
-                raise
+    @write_verifier.setter
+    def write_verifier(self, value: int) -> None:
+        self._durability.write_verifier = value
 
-        if self._layers[index].reports_lost_writes:
-            await observed()
-        else:
-            await run_to_end(observed())
-
-    def _cache_flushed(self, index: int, _: asyncio.Future[None]) -> None:
-        del self._cache_flushes[index]
-
-    def _sync_failed(
-        self, index: int, exc: BaseException, *, refusal_possible: bool = False
-    ) -> None:
-        """A flush, a FUA write or a resize of layer ``index`` failed with ``exc``: renew
-        :attr:`write_verifier` when writes acknowledged before may be gone. That is a
-        write-path layer's failure in its storage (:class:`StorageError`, ``OSError``, and
-        for a flush :class:`NoSpace`: a failed ``fsync`` may drop the dirty pages it was to
-        write, and the next one succeeds), unless the layer is a tier that says so itself
-        (:attr:`Layer.reports_lost_writes`: its own verifier answers for its writes), and a
-        tier's :class:`WritesLost`. A tier that did not answer loses nothing: its writes
-        wait there for the next try. With ``refusal_possible`` (a write or a resize), a
-        :class:`NoSpace` is a refusal made before anything was synced (the space could not
-        be reserved or mapped: a reserved write cannot fail its sync for space), not a
-        loss."""
-        if index >= self._write_path:
-            return
-        layer = self._layers[index]
-        if isinstance(exc, WritesLost):
-            why = "lost writes it had acknowledged"
-        elif isinstance(exc, NoSpace) and refusal_possible:
-            return
-        elif isinstance(exc, StorageError | NoSpace | OSError) and not layer.reports_lost_writes:
-            why = "failed in its storage"
-        else:
-            return
-        self.write_verifier = new_verifier(self.write_verifier)
-        self.verifier_changes += 1
-        log.warning(
-            "volume %r: write verifier renewed: layer %d (%s) %s: %s (writes acknowledged "
-            "before may be lost; clients that made them learn it at their next flush)",
-            self.name,
-            index,
-            layer.kind,
-            why,
-            exc,
-        )
+    @property
+    def verifier_changes(self) -> int:
+        """Times :attr:`write_verifier` was renewed while the volume ran (not at start):
+        ``tierdisk_write_verifier_changes_total``."""
+        return self._durability.changes
 
     # -- size ---------------------------------------------------------------------------
 
@@ -872,7 +726,8 @@ class Volume:
             for index in order:
                 layer = path[index]
                 old = layer.sector_count
-                await self._syncing(index, layer.resize(sector_count))  # a file layer syncs
+                # (a file layer syncs a resize: Durability.syncing)
+                await self._durability.syncing(index, layer.resize(sector_count))
                 if old < sector_count:
                     if index:
                         grown.append((layer, old))
@@ -1021,11 +876,3 @@ class Volume:
             "smallest_sector_count": self.smallest_sector_count,
             "layers": layers,
         }
-
-
-def _retrieved(task: asyncio.Future[None]) -> None:
-    """Mark a flush round's error retrieved: every flush awaiting it may have been cancelled
-    (asyncio would log it as never retrieved). Its storage failures were logged as they
-    renewed the verifier; a tier that did not answer is tried again by the next round."""
-    if not task.cancelled():
-        task.exception()
