@@ -612,7 +612,7 @@ class AsyncVolume:
         unflushed = self._unflushed
         mark = unflushed.mark()
         reply = await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
-        lost = unflushed.flushed(mark, reply.write_verifier)
+        lost = unflushed.flushed(mark, reply.write_verifier, volatile=reply.volatile)
         if lost:
             was = ", ".join(f"{v:#018x}" for v in lost)
             raise WritesLost(

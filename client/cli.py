@@ -326,6 +326,7 @@ def _info_lines(info: VolumeInfo) -> list[str]:
         ("disk_id", info.disk_id.hex()),
         ("unmap_behavior", info.unmap_behavior.value),
         ("optimal_unmap_sectors", info.optimal_unmap_sectors),
+        ("volatile", info.volatile),
     ]
     return [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in values]
 

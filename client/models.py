@@ -57,6 +57,10 @@ class VolumeInfo:
     unmap_behavior: UnmapBehavior
     optimal_unmap_sectors: int
     """Preferred unmap granularity in sectors; 0 = no preference."""
+    volatile: bool = False
+    """True when a restart of its server loses what the volume holds (its write path is
+    memory only, or a tier over a volatile origin): a flush makes nothing durable past a
+    restart. False also from a server that predates the field."""
 
     @property
     def size_bytes(self) -> int:
@@ -85,6 +89,7 @@ class VolumeInfo:
             disk_id=bytes(msg.disk_id),
             unmap_behavior=UnmapBehavior.from_proto(msg.unmap_behavior),
             optimal_unmap_sectors=msg.optimal_unmap_sectors,
+            volatile=msg.volatile,
         )
 
 

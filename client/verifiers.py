@@ -49,22 +49,27 @@ class UnflushedWrites:
         """Where a flush starts: it covers the writes acknowledged up to here."""
         return self._count
 
-    def flushed(self, mark: int, verifier: int) -> list[int]:
+    def flushed(self, mark: int, verifier: int, *, volatile: bool = False) -> list[int]:
         """A flush that started at ``mark`` succeeded, answered with ``verifier``. Returns the
         other verifiers that acknowledged writes it covers (those writes may be lost; empty:
         it vouches for them all), and forgets those writes: durable, or reported lost. A
-        ``verifier`` of 0 (a server without verifiers) vouches for nothing and forgets
+        ``volatile`` volume's flush (it keeps nothing past a restart) vouches for nothing: it
+        forgets only what it reports lost, so a restart is reported at the next flush after
+        it. A ``verifier`` of 0 (a server without verifiers) vouches for nothing and forgets
         nothing."""
         if not verifier:
             return []
         lost = [v for v, (first, _) in self._spans.items() if first <= mark and v != verifier]
-        self._forget(mark)
+        self._forget(mark, lost if volatile else None)
         return lost
 
-    def _forget(self, mark: int) -> None:
+    def _forget(self, mark: int, only: list[int] | None = None) -> None:
         """Forget the writes acknowledged up to ``mark`` (a flush started there vouched for
-        them, or reported them lost); later ones stay."""
+        them, or reported them lost), of the verifiers ``only`` (None: all); later ones
+        stay."""
         for v, span in list(self._spans.items()):
+            if only is not None and v not in only:
+                continue
             if span[1] <= mark:
                 del self._spans[v]
             elif span[0] <= mark:

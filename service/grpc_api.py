@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
+from .rpc_metrics import count_status_now
 from .size_history import SizeEvent
 from .status import status_name
 from .volume import Volume
@@ -153,6 +154,7 @@ def _to_volume_message(volume: Volume) -> pb.Volume:
         disk_id=volume.disk_id or b"",
         unmap_behavior=int(volume.unmap_behavior),  # type: ignore[arg-type]
         optimal_unmap_sectors=volume.optimal_unmap_sectors,
+        volatile=not volume.keeps_writes,
     )
 
 
@@ -296,7 +298,10 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
     ) -> None:
         """End the call with ``code``: a domain error's message and class name (trailer
         ``tierdisk-error``), or a storage failure that no layer turned into one (an
-        ``OSError``; logged by the caller, :class:`~.failure_log.StorageFailureLog`)."""
+        ``OSError``; logged by the caller, :class:`~.failure_log.StorageFailureLog`).
+        ``grpc_server_handled_total`` counts it first (:func:`~.rpc_metrics.count_status_now`):
+        the caller may scrape as soon as it sees the status."""
+        count_status_now(code)
         if isinstance(exc, TierdiskError):
             await context.abort(
                 code,
@@ -489,7 +494,10 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         async def body() -> tuple[pb.FlushResponse, int]:
             volume = self._volume(request.volume)
             await volume.flush()
-            return pb.FlushResponse(write_verifier=volume.write_verifier), 0
+            reply = pb.FlushResponse(
+                write_verifier=volume.write_verifier, volatile=not volume.keeps_writes
+            )
+            return reply, 0
 
         return await self._call(context, body, "flush", request.volume)
 

@@ -204,7 +204,8 @@ async def flush(export: Export) -> None:
     unflushed = export.unflushed
     mark = unflushed.mark()
     await export.volume.flush()
-    if unflushed.flushed(mark, export.volume.write_verifier):
+    volume = export.volume
+    if unflushed.flushed(mark, volume.write_verifier, volatile=not volume.keeps_writes):
         raise Refuse(
             P.EIO,
             f"writes to {export.name!r} since the last flush may have been lost (a failed "

@@ -24,6 +24,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -31,7 +32,7 @@ import grpc
 from .loop_metrics import CounterCell
 from .metrics import Metrics
 
-__all__ = ["InstrumentedRegistry"]
+__all__ = ["InstrumentedRegistry", "count_status_now"]
 
 _OK = grpc.StatusCode.OK.name
 _CANCELLED = grpc.StatusCode.CANCELLED.name
@@ -48,6 +49,21 @@ def _code_of(context: Any, default: str) -> str:
         return default
     name = _CODE_NAMES.get(code)
     return name if name is not None else str(code)
+
+
+_CALL: ContextVar[list[Any] | None] = ContextVar("tierdisk_unary_call", default=None)
+"""The unary call the running task serves: ``[its _MethodMetrics, start, counted]``."""
+
+
+def count_status_now(code: grpc.StatusCode) -> None:
+    """Count the running unary call as ended with ``code`` now, before
+    ``context.abort()`` sends the status: a caller that sees it and then scrapes
+    ``/metrics`` finds it counted (the wrapper's own count comes after the status is sent).
+    The wrapper then counts nothing more. Outside a wrapped unary call, nothing."""
+    call = _CALL.get()
+    if call is not None and not call[2]:
+        call[2] = True
+        call[0].handled(_CODE_NAMES[code], call[1])
 
 
 _NOT_COUNTED = CounterCell()
@@ -152,6 +168,8 @@ class InstrumentedRegistry:
             received.inc()
             start = perf_counter()
             code = _OK
+            call = [m, start, False]  # count_status_now marks it counted
+            token = _CALL.set(call)
             try:
                 return await behavior(request, context)
             except asyncio.CancelledError:
@@ -161,10 +179,12 @@ class InstrumentedRegistry:
                 code = _UNKNOWN
                 raise
             finally:
+                _CALL.reset(token)
                 code = _code_of(context, code)
                 if code == _OK:
                     reply.inc()
-                m.handled(code, start)
+                if not call[2]:
+                    m.handled(code, start)
 
         return wrapped
 

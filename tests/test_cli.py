@@ -205,11 +205,13 @@ def test_info_prints_every_field_sector_count_first(server: ServerProcess) -> No
         "disk_id",
         "unmap_behavior",
         "optimal_unmap_sectors",
+        "volatile",
     }
     values = dict(line.split(": ", 1) for line in lines)
     assert values["sector_count"] == str(16 * MiB // 512)
     assert values["sector_size"] == "512"
     assert values["read_only"] == "false"
+    assert values["volatile"] == "true"  # a ram volume: a restart loses it
     assert values["unmap_behavior"].startswith("UNMAP_BEHAVIOR_")
 
 

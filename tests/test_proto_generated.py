@@ -180,6 +180,7 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "disk_id": (BYTES, False, None),
         "unmap_behavior": (ENUM, False, "tierdisk.v1.UnmapBehavior"),
         "optimal_unmap_sectors": (U64, False, None),
+        "volatile": (BOOL, False, None),
     },
     "Extent": {"sector": (U64, False, None), "sector_count": (U64, False, None)},
     "AllocationExtent": {
@@ -220,7 +221,7 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
     },
     "UnmapResponse": {"write_verifier": (F64, False, None)},
     "FlushRequest": {"volume": (STR, False, None)},
-    "FlushResponse": {"write_verifier": (F64, False, None)},
+    "FlushResponse": {"write_verifier": (F64, False, None), "volatile": (BOOL, False, None)},
     "GetAllocationRequest": {
         "volume": (STR, False, None),
         "sector": (U64, False, None),

@@ -21,9 +21,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -53,6 +53,8 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(90)
+
+T = TypeVar("T")
 
 SS = 512
 BASE_SECTORS = 4096  # 2 MiB
@@ -674,18 +676,12 @@ async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_los
                     return exc
                 return None
 
-            outcome: list[BaseException | None] = []
-
-            async def first_flush() -> bool:
-                outcome.append(await flushed(idle))  # the flush that finds the loss
-                return True
-
-            await eventually(
+            outcome = await eventually(  # the flush that finds the loss
                 "a flush through the tier",
-                first_flush,
+                lambda: _boxed(flushed(idle)),
                 retry_on=(cerr.Unavailable, cerr.DeadlineExceeded),
             )
-            assert outcome[-1] is None  # it wrote nothing: nothing of its own is at stake
+            assert outcome == [None]  # it wrote nothing: nothing of its own is at stake
             text = await scrape(tier.metrics_address)  # the operator's alert
             assert value(text, "tierdisk_write_verifier_changes_total", volume="vm") == 1
             for vol in (a, b):
@@ -697,3 +693,49 @@ async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_los
             assert await flushed(a) is None
     finally:
         origin.close()
+
+
+async def test_a_tier_over_a_volatile_origin_is_volatile_and_reports_its_restart(
+    tmp_path: Path,
+) -> None:
+    """An origin volume in memory keeps nothing past a restart (``Volume.volatile``): a
+    tier whose writes land only there is volatile too, and says so up the chain; a caller
+    that wrote and flushed through it learns at its first flush after the origin
+    restarted (cleanly) that its writes are gone."""
+    listen, config, origin = origin_process(tmp_path / "origin", ram("1MiB"))
+    try:
+        body = toml_volume("vm", ram(write_through=True), remote(listen, "base", timeout=2))
+        async with (
+            running_server(tmp_path / "tier", body) as tier,
+            AsyncClient(tier.grpc_address, timeout=20) as client,
+        ):
+            vol = client.volume("vm")
+            assert (await vol.info()).volatile
+            await vol.write(0, pattern(1, 0, 8, SS))
+            await vol.flush()
+            assert origin.terminate() == 0
+            origin.close()
+            origin = ServerProcess.start(config.parent, config, listen=listen)
+
+            async def flushed() -> BaseException | None:
+                try:
+                    await vol.flush()
+                except (cerr.Unavailable, cerr.DeadlineExceeded):
+                    raise  # the tier's channel to the origin not back yet: again
+                except cerr.TierdiskError as exc:
+                    return exc
+                return None
+
+            outcome = await eventually(
+                "a flush through the tier",
+                lambda: _boxed(flushed()),
+                retry_on=(cerr.Unavailable, cerr.DeadlineExceeded),
+            )
+            assert isinstance(outcome[0], cerr.WritesLost), outcome
+    finally:
+        origin.close()
+
+
+async def _boxed(result: Awaitable[T]) -> list[T]:
+    """``[await result]``: a value ``eventually`` takes as an answer, even None."""
+    return [await result]

@@ -68,6 +68,17 @@ def test_overlapping_flushes_each_report_a_loss_among_what_they_cover() -> None:
     assert book.flushed(first, 9) == []  # reported by the other already
 
 
+def test_a_volatile_volumes_flush_vouches_for_nothing_until_its_verifier_changes() -> None:
+    """A flush of a volume that keeps nothing past a restart makes nothing durable: the
+    writes stay recorded, and a restart (a new verifier) is reported at the next flush."""
+    book = UnflushedWrites()
+    book.acknowledged(7)
+    assert book.flushed(book.mark(), 7, volatile=True) == []
+    assert len(book) == 1
+    assert book.flushed(book.mark(), 9, volatile=True) == [7]
+    assert len(book) == 0
+
+
 def test_a_server_without_verifiers_vouches_for_nothing_and_forgets_nothing() -> None:
     book = UnflushedWrites()
     book.acknowledged(7)
@@ -188,6 +199,27 @@ async def test_a_fua_write_to_a_volume_that_keeps_no_writes_is_vouched_for_by_a_
             await vol.write(0, pattern(1, 0, 8, SS), fua=True)
             served.restart("terminate")
             assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+    finally:
+        served.server.close()
+
+
+async def test_a_volatile_volume_reports_a_restart_to_every_client_that_wrote(
+    tmp_path: Path,
+) -> None:
+    """A ram volume says it is volatile; its flushes make nothing durable, so a client that
+    wrote and flushed still learns, at its first flush after a restart, that its writes
+    are gone."""
+    served = Served(tmp_path, ram("1MiB"))
+    try:
+        async with AsyncClient(served.listen, timeout=10) as client:
+            vol = client.volume("v")
+            assert (await vol.info()).volatile
+            await vol.write(0, pattern(1, 0, 8, SS))
+            await vol.flush()
+            served.restart("terminate")
+            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+            assert await vol.read(0, 8) == bytes(8 * SS)
+            await vol.flush()  # said once
     finally:
         served.server.close()
 

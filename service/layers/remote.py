@@ -419,6 +419,10 @@ class RemoteLayer(Layer):
         return True  # the origin's write verifier: flush raises WritesLost
 
     @property
+    def keeps_writes(self) -> bool:
+        return not self._remote().volatile  # as the origin volume says (at attach)
+
+    @property
     def read_only(self) -> bool:
         return self._remote().read_only
 

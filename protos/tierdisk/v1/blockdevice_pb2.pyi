@@ -80,6 +80,7 @@ class Volume(_message.Message):
     DISK_ID_FIELD_NUMBER: _builtins.int
     UNMAP_BEHAVIOR_FIELD_NUMBER: _builtins.int
     OPTIMAL_UNMAP_SECTORS_FIELD_NUMBER: _builtins.int
+    VOLATILE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The volume's name, unique on this server; the `volume` field of every
     request addresses a volume by this name.
@@ -110,6 +111,11 @@ class Volume(_message.Message):
     """Preferred unmap granularity in sectors (of `sector_size` bytes);
     0 = no preference.
     """
+    volatile: _builtins.bool
+    """True when a restart of its server loses what the volume holds (its write
+    path is memory only, or a tier whose origin is volatile): a Flush makes
+    nothing durable past a restart. False also from servers that predate it.
+    """
     def __init__(
         self,
         *,
@@ -122,10 +128,11 @@ class Volume(_message.Message):
         disk_id: _builtins.bytes = ...,
         unmap_behavior: Global___UnmapBehavior.ValueType = ...,
         optimal_unmap_sectors: _builtins.int = ...,
+        volatile: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "fua_respected", b"fua_respected", "name", b"name", "optimal_unmap_sectors", b"optimal_unmap_sectors", "physical_sector_size", b"physical_sector_size", "read_only", b"read_only", "sector_count", b"sector_count", "sector_size", b"sector_size", "unmap_behavior", b"unmap_behavior"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "fua_respected", b"fua_respected", "name", b"name", "optimal_unmap_sectors", b"optimal_unmap_sectors", "physical_sector_size", b"physical_sector_size", "read_only", b"read_only", "sector_count", b"sector_count", "sector_size", b"sector_size", "unmap_behavior", b"unmap_behavior", "volatile", b"volatile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -483,16 +490,22 @@ class FlushResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WRITE_VERIFIER_FIELD_NUMBER: _builtins.int
+    VOLATILE_FIELD_NUMBER: _builtins.int
     write_verifier: _builtins.int
     """The volume's write verifier when the flush ended (see WriteResponse)."""
+    volatile: _builtins.bool
+    """As Volume.volatile: the flush vouched for nothing past a restart, so a
+    client keeps its writes' verifiers until one changes.
+    """
     def __init__(
         self,
         *,
         write_verifier: _builtins.int = ...,
+        volatile: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["write_verifier", b"write_verifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volatile", b"volatile", "write_verifier", b"write_verifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
