@@ -180,9 +180,16 @@ class Layer(abc.ABC):
 
     @property
     def keeps_writes(self) -> bool:
-        """True when what the layer holds outlives the server (a file; a remote tier, whose
-        own write verifier answers for it); ``ram``: False."""
+        """True when what the layer holds outlives every server (a file; a remote tier
+        whose origin volume is not volatile, its own write verifier answering for it);
+        ``ram``: False."""
         return True
+
+    @property
+    def lost_at_exit(self) -> bool:
+        """True when this server's exit loses what the layer holds (``ram``). A remote tier
+        is not: its origin keeps running (its volatility is :attr:`keeps_writes`)."""
+        return False
 
     @property
     def read_only(self) -> bool:

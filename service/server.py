@@ -267,8 +267,8 @@ class Server:
                 await volume.close()
                 raise
             kept = self._verifiers.verifiers[volume.name]
-            # A volume that keeps no writes (a ram write path) lost them all at the stop.
-            volume.write_verifier = kept if volume.keeps_writes else new_verifier(kept)
+            # A ram-only write path lost its writes at the stop, clean or not.
+            volume.write_verifier = new_verifier(kept) if volume.lost_at_exit else kept
         self.registry.set_ready(volume)
 
         def found(problem: str) -> None:

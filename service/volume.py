@@ -131,7 +131,13 @@ class Volume:
         self._write_path = stack.write_path  # the top and every layer below a write-through one
         self.fua_respected = stack.fua_respected
         self.keeps_writes = stack.keeps_writes
-        """Writes outlive the server: a layer on the write path keeps them (not only ``ram``)."""
+        """Writes outlive every server: a layer on the write path keeps them (not only
+        ``ram``, nor only a remote tier over a volatile origin); else the volume is volatile
+        (``Volume.volatile``)."""
+        self.lost_at_exit = all(layer.lost_at_exit for layer in self._layers[: self._write_path])
+        """This server's exit loses the volume's writes (a ``ram``-only write path): it gets
+        a new write verifier at every start. (A tier over a volatile origin is volatile, but
+        its own restart loses nothing: the origin keeps running.)"""
         self.unmap_behavior = stack.unmap_behavior
         self.optimal_unmap_sectors = stack.optimal_unmap_sectors
         # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's

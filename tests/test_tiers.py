@@ -739,3 +739,30 @@ async def test_a_tier_over_a_volatile_origin_is_volatile_and_reports_its_restart
 async def _boxed(result: Awaitable[T]) -> list[T]:
     """``[await result]``: a value ``eventually`` takes as an answer, even None."""
     return [await result]
+
+
+async def test_a_clean_restart_of_a_tier_over_a_volatile_origin_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """The tier is volatile (its origin is), but its own restart loses nothing (the origin
+    keeps running): it keeps its verifier over a clean stop, and a caller that wrote and
+    flushed before is not told of a loss."""
+    listen, _, origin = origin_process(tmp_path / "origin", ram("1MiB"))
+    try:
+        tier_listen = f"127.0.0.1:{free_port()}"
+        body = server_section(tier_listen, tmp_path / "tier") + toml_volume(
+            "vm", remote(listen, "base", timeout=2)
+        )
+        async with AsyncClient(tier_listen, timeout=20) as client:
+            vol = client.volume("vm")
+            async with running_server(tmp_path / "tier", body):
+                assert (await vol.info()).volatile
+                await vol.write(0, pattern(1, 0, 8, SS))
+                await vol.flush()
+                before = (await vol.inspect())["write_verifier"]
+            async with running_server(tmp_path / "tier", body):
+                await vol.flush()
+                assert (await vol.inspect())["write_verifier"] == before
+                assert await vol.read(0, 8) == pattern(1, 0, 8, SS)
+    finally:
+        origin.close()

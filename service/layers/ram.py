@@ -66,6 +66,10 @@ class RamLayer(Layer):
     def keeps_writes(self) -> bool:
         return False  # lost at exit
 
+    @property
+    def lost_at_exit(self) -> bool:
+        return True
+
     def __init__(self, size: int | None = None, sector_size: int | None = None) -> None:
         super().__init__()
         self._size_bytes = size
