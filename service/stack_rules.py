@@ -60,6 +60,8 @@ class LayerFacts(Protocol):
     @property
     def keeps_writes(self) -> bool: ...
     @property
+    def lost_at_exit(self) -> bool: ...
+    @property
     def unmap_behavior(self) -> UnmapBehavior: ...
     @property
     def optimal_unmap_sectors(self) -> int: ...
@@ -204,7 +206,10 @@ class StackProperties:
     fua_respected: bool
     """A ``fua`` write is durable on return: every write-path layer respects it."""
     keeps_writes: bool
-    """Writes outlive the server: some write-path layer keeps them (not only ``ram``)."""
+    """Writes outlive every server: some write-path layer keeps them (else the volume is
+    volatile: only ``ram``, or a remote tier over a volatile origin)."""
+    lost_at_exit: bool
+    """This server's exit loses the writes: every write-path layer is ``ram``."""
     unmap_behavior: UnmapBehavior
     """What reads see after an unmap (:func:`merge_unmap_behavior` of the write path)."""
     optimal_unmap_sectors: int
@@ -224,6 +229,7 @@ class StackProperties:
             write_path=path,
             fua_respected=all(layer.fua_respected for layer in on_path),
             keeps_writes=any(layer.keeps_writes for layer in on_path),
+            lost_at_exit=all(layer.lost_at_exit for layer in on_path),
             unmap_behavior=merge_unmap_behavior([layer.unmap_behavior for layer in on_path]),
             optimal_unmap_sectors=max(layer.optimal_unmap_sectors for layer in on_path),
             overlaps=overlaps_of(layers),

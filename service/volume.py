@@ -134,7 +134,7 @@ class Volume:
         """Writes outlive every server: a layer on the write path keeps them (not only
         ``ram``, nor only a remote tier over a volatile origin); else the volume is volatile
         (``Volume.volatile``)."""
-        self.lost_at_exit = all(layer.lost_at_exit for layer in self._layers[: self._write_path])
+        self.lost_at_exit = stack.lost_at_exit
         """This server's exit loses the volume's writes (a ``ram``-only write path): it gets
         a new write verifier at every start. (A tier over a volatile origin is volatile, but
         its own restart loses nothing: the origin keeps running.)"""

@@ -42,6 +42,7 @@ class Facts:
     can_read_cache: bool = True
     fua_respected: bool = True
     keeps_writes: bool = False
+    lost_at_exit: bool = True
     unmap_behavior: UnmapBehavior = ZEROES
     optimal_unmap_sectors: int = 1
 
@@ -235,6 +236,7 @@ def test_stack_properties_of_a_write_through_stack() -> None:
                 8,
                 fua_respected=False,
                 keeps_writes=True,
+                lost_at_exit=False,
                 unmap_behavior=ANY,
                 optimal_unmap_sectors=4096,
             )
@@ -245,6 +247,7 @@ def test_stack_properties_of_a_write_through_stack() -> None:
         write_path=3,
         fua_respected=False,  # the bottom (on the write path) does not respect it
         keeps_writes=True,  # the bottom keeps them
+        lost_at_exit=False,  # (so the server's exit does not lose them)
         unmap_behavior=IGNORED,  # ZEROES, ZEROES, ANY
         optimal_unmap_sectors=4096,
         overlaps=(16, 16, 8),
@@ -271,6 +274,7 @@ def test_stack_properties_look_only_at_the_write_path() -> None:
     assert props.write_path == 1
     assert props.fua_respected is True
     assert props.keeps_writes is False, "writes land in ram only"
+    assert props.lost_at_exit is True
     assert props.unmap_behavior is ANY
     assert props.optimal_unmap_sectors == 8
     assert props.smallest == 16
