@@ -667,15 +667,6 @@ async def test_a_flush_through_a_tier_whose_origin_was_killed_reports_writes_los
             origin.close()
             origin = ServerProcess.start(config.parent, config, listen=listen)
 
-            async def flushed(vol: AsyncVolume) -> BaseException | None:
-                try:
-                    await vol.flush()
-                except (cerr.Unavailable, cerr.DeadlineExceeded):
-                    raise  # the tier's channel to the origin not back yet: again
-                except cerr.TierdiskError as exc:
-                    return exc
-                return None
-
             outcome = await eventually(  # the flush that finds the loss
                 "a flush through the tier",
                 lambda: _boxed(flushed(idle)),
@@ -717,23 +708,27 @@ async def test_a_tier_over_a_volatile_origin_is_volatile_and_reports_its_restart
             origin.close()
             origin = ServerProcess.start(config.parent, config, listen=listen)
 
-            async def flushed() -> BaseException | None:
-                try:
-                    await vol.flush()
-                except (cerr.Unavailable, cerr.DeadlineExceeded):
-                    raise  # the tier's channel to the origin not back yet: again
-                except cerr.TierdiskError as exc:
-                    return exc
-                return None
-
             outcome = await eventually(
                 "a flush through the tier",
-                lambda: _boxed(flushed()),
+                lambda: _boxed(flushed(vol)),
                 retry_on=(cerr.Unavailable, cerr.DeadlineExceeded),
             )
             assert isinstance(outcome[0], cerr.WritesLost), outcome
     finally:
         origin.close()
+
+
+async def flushed(vol: AsyncVolume) -> BaseException | None:
+    """What ``vol.flush()`` raised (None: it succeeded). A tier whose channel to its origin
+    is not back yet (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``) raises, for ``eventually`` to
+    try again."""
+    try:
+        await vol.flush()
+    except (cerr.Unavailable, cerr.DeadlineExceeded):
+        raise
+    except cerr.TierdiskError as exc:
+        return exc
+    return None
 
 
 async def _boxed(result: Awaitable[T]) -> list[T]:
