@@ -35,7 +35,7 @@ class UnflushedWrites:
         self._spans: dict[int, list[int]] = {}  # verifier -> [first, last] write number
 
     def acknowledged(self, verifier: int) -> None:
-        """A write or unmap was acknowledged with ``verifier`` (0: durable already)."""
+        """A write or unmap was acknowledged with ``verifier`` (0: durable for good)."""
         if not verifier:
             return
         self._count += 1

@@ -55,7 +55,7 @@ _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED  # the caller went away (its deadline, a cancel)
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow per call
-_DURABLE_WRITE_RESPONSE = pb.WriteResponse()  # no verifier: durable when acknowledged
+_DURABLE_WRITE_RESPONSE = pb.WriteResponse()  # no verifier: durable for good (durable_since)
 _DEFAULT_PAGE = 100
 """Volumes per ``ListVolumes`` reply when the request's ``page_size`` is 0."""
 _MAX_PAGE = 1000
@@ -154,7 +154,7 @@ def _to_volume_message(volume: Volume) -> pb.Volume:
         disk_id=volume.disk_id or b"",
         unmap_behavior=int(volume.unmap_behavior),  # type: ignore[arg-type]
         optimal_unmap_sectors=volume.optimal_unmap_sectors,
-        volatile=not volume.keeps_writes,
+        volatile=volume.volatile,
     )
 
 
@@ -494,9 +494,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         async def body() -> tuple[pb.FlushResponse, int]:
             volume = self._volume(request.volume)
             await volume.flush()
-            reply = pb.FlushResponse(
-                write_verifier=volume.write_verifier, volatile=not volume.keeps_writes
-            )
+            reply = pb.FlushResponse(write_verifier=volume.write_verifier, volatile=volume.volatile)
             return reply, 0
 
         return await self._call(context, body, "flush", request.volume)

@@ -175,7 +175,7 @@ class Layer(abc.ABC):
     def reports_lost_writes(self) -> bool:
         """True for a tier that says itself when it lost acknowledged writes (a ``remote``
         layer: its flush raises :class:`WritesLost` from its own write verifier), so its
-        other failures do not renew the volume's verifier (:meth:`Volume._sync_failed`)."""
+        other failures do not renew the volume's verifier (:meth:`Durability._sync_failed`)."""
         return False
 
     @property

@@ -201,11 +201,10 @@ async def flush(export: Export) -> None:
     lost writes (``tierdisk.client.verifiers``). Said once: the next flush vouches for later
     writes only. NBD has no verifier of its own; without this, the flush that retries a
     failed one would succeed over writes that failure may have lost."""
-    unflushed = export.unflushed
+    unflushed, volume = export.unflushed, export.volume
     mark = unflushed.mark()
-    await export.volume.flush()
-    volume = export.volume
-    if unflushed.flushed(mark, volume.write_verifier, volatile=not volume.keeps_writes):
+    await volume.flush()
+    if unflushed.flushed(mark, volume.write_verifier, volatile=volume.volatile):
         raise Refuse(
             P.EIO,
             f"writes to {export.name!r} since the last flush may have been lost (a failed "

@@ -132,8 +132,10 @@ class Volume:
         self.fua_respected = stack.fua_respected
         self.keeps_writes = stack.keeps_writes
         """Writes outlive every server: a layer on the write path keeps them (not only
-        ``ram``, nor only a remote tier over a volatile origin); else the volume is volatile
-        (``Volume.volatile``)."""
+        ``ram``, nor only a remote tier over a volatile origin); else :attr:`volatile`."""
+        self.volatile = not self.keeps_writes
+        """A restart loses what the volume holds, so its flushes vouch for nothing past one
+        (the proto's ``Volume.volatile`` and ``FlushResponse.volatile``)."""
         self.lost_at_exit = stack.lost_at_exit
         """This server's exit loses the volume's writes (a ``ram``-only write path): it gets
         a new write verifier at every start. (A tier over a volatile origin is volatile, but
