@@ -25,7 +25,12 @@ every size change of the top reaches the overlaps synchronously (a resize listen
 shrink undone before any task runs still hides the lower layers' tails. A write at a
 misaligned byte offset (:meth:`Volume.write_at`, the NBD export's read-modify-write) holds
 its covering sectors exclusive in the volume's :class:`SectorLock`, which every write and
-unmap honours, so no acknowledged write or unmap of those sectors is undone by it.
+unmap honours, so no acknowledged write or unmap of those sectors is undone by it. On a
+write path of several layers a write or unmap runs to its end when its caller is cancelled
+(a deadline, a stop; :func:`~tierdisk.service.unstoppable.run_to_end`), the cancel raised
+after: cut off between two layers, the top would keep what the durable layer below never
+got, and reads would return it until the top is lost (a ``ram`` top at a restart), then the
+older value again.
 
 The construction rules and the stack's properties derived from its layers are in
 :mod:`tierdisk.service.stack_rules`; size generations and the events resize watchers get
@@ -420,10 +425,13 @@ class Volume:
         if token is None:
             token = await self._hold_for_change(sector, end)
         try:
-            if no_overwrite:
+            if self._write_path > 1:
+                change = self._write_holes if no_overwrite else self._write_sectors
+                await run_to_end(change(view, sector, fua))  # not stopped between layers
+            elif no_overwrite:
                 await self._write_holes(view, sector, fua)
-                return
-            await self._write_sectors(view, sector, fua)
+            else:
+                await self._write_sectors(view, sector, fua)
         finally:
             lock.release(token)
 
@@ -563,7 +571,10 @@ class Volume:
             if end % ss and (last - 1 > first or not head):
                 await self.read_into(buf[-ss:], last - 1)
             buf[head : head + len(view)] = view
-            await self._write_sectors(buf, first, fua)
+            if self._write_path > 1:
+                await run_to_end(self._write_sectors(buf, first, fua))  # as in write
+            else:
+                await self._write_sectors(buf, first, fua)
         finally:
             lock.release(token)
 
@@ -612,7 +623,10 @@ class Volume:
         end = sector + count
         token = await self._hold_for_change(sector, end)
         try:
-            await self._unmap_sectors(sector, end, block_level_only)
+            if self._write_path > 1:
+                await run_to_end(self._unmap_sectors(sector, end, block_level_only))
+            else:
+                await self._unmap_sectors(sector, end, block_level_only)
         finally:
             self.sector_lock.release(token)
 
