@@ -3,8 +3,9 @@
 Index 0 is the top. A read takes each sector from the topmost layer that holds it, asking
 each layer only for the runs still missing; sectors no layer holds read as zeros. A lower
 layer ``i`` is only visible below its *overlap* (the smallest size of layers ``0..i``),
-computed at open and lowered, never raised, when the top shrinks; a top that persists its
-smallest size (``sparse``, ``sqlite``: :attr:`Layer.smallest_size`) keeps it lowered across
+computed at open and lowered, never raised, when a layer above it or it shrinks (the top,
+or a ``remote`` layer whose origin shrank); a layer that persists its smallest size
+(``sparse``, ``sqlite``, ``remote``: :attr:`Layer.smallest_size`) keeps it lowered across
 restarts, so shrink, grow and restart still shows zeros there. Writes land on the top and
 on down through ``write_through`` layers, each taking all of a write within its own size
 (past its overlap too: it is the durable copy), and a resize resizes them with the top.
@@ -43,7 +44,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,8 +151,12 @@ class Volume:
         self.unmap_behavior = stack.unmap_behavior
         self.optimal_unmap_sectors = stack.optimal_unmap_sectors
         # overlap[i]: layer i is visible only below it (for i >= 1; index 0 is the top's
-        # size). Lowered, never raised, by _note_size and by a shrink of the write path.
+        # size). Lowered, never raised, by _note_size and _lower_overlaps.
         self._overlap: list[int] = list(stack.overlaps)
+        self._layout = 0
+        """Changes with every size change of the top and every overlap lowered: a read
+        skips its fills when it changed while the read ran (:meth:`_fill`)."""
+        self._listeners: list[tuple[Layer, Callable[[int], None]]] = []
         self._smallest = stack.smallest
         self._sizes = SizeHistory(top.sector_count)
         self.generation = 0
@@ -207,9 +214,15 @@ class Volume:
                     await layer.close()
             raise
         volume = cls(name, entries, read_only)
-        # The listener sees every change of the top's size (a shrink undone before any task
+        # The listeners see every change of a layer's size (a shrink undone before any task
         # runs still lowers the overlaps); the task serves tops that only offer wait_resize.
-        entries[0].layer.add_resize_listener(volume._note_size)
+        volume._listeners.append((entries[0].layer, volume._note_size))
+        volume._listeners += [
+            (entry.layer, functools.partial(volume._lower_overlaps, index))
+            for index, entry in enumerate(entries[1:], 1)
+        ]
+        for layer, listener in volume._listeners:
+            layer.add_resize_listener(listener)
         volume._follow_task = asyncio.create_task(volume._follow_top(), name=f"follow-{name}")
         return volume
 
@@ -217,7 +230,8 @@ class Volume:
         """Stop following the top's size and close every layer, after the flush round under
         way and the read caches' flushes have ended (a flush from now on that would need a
         new round gets :class:`Unavailable`)."""
-        self._layers[0].remove_resize_listener(self._note_size)
+        for layer, listener in self._listeners:
+            layer.remove_resize_listener(listener)
         await self._durability.close()
         if self._follow_task:
             self._follow_task.cancel()
@@ -314,7 +328,7 @@ class Volume:
         if count == 0:
             return []
         end = sector + count
-        generation = self.generation
+        layout = self._layout
         overlap = self._overlap
         missing: list[Run] = [(sector, end)]
         fills: list[tuple[LayerEntry, list[Run]]] = []
@@ -357,20 +371,20 @@ class Volume:
         for a, b in missing:
             buf[(a - sector) * ss : (b - sector) * ss] = bytes((b - a) * ss)
         for entry, runs in fills:
-            await self._fill(entry, buf, sector, runs, generation)
+            await self._fill(entry, buf, sector, runs, layout)
         if not missing:
             return [(sector, end)]
         return complement(sector, end, missing)
 
     async def _fill(
-        self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], generation: int
+        self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], layout: int
     ) -> None:
         ss = self.sector_size
         for a, b in runs:
-            if self.generation != generation:
-                # The size changed since the read began: a shrink may have cut the overlap
-                # the data was read under, and a fill could bring stale lower data back
-                # into view after a grow. The fill is an optimisation; skip it.
+            if self._layout != layout:
+                # A size or an overlap changed since the read began: a shrink may have cut
+                # the overlap the data was read under, and a fill could bring stale lower
+                # data back into view after a grow. The fill is an optimisation; skip it.
                 return
             try:
                 stored = await entry.layer.write_no_overwrite(
@@ -379,7 +393,7 @@ class Volume:
             except OutOfRange as exc:
                 # Lost a race with a shrink (the volume's, or the layer's own: a remote
                 # cache whose origin shrank): skipped, as above, not a failure of the cache.
-                if self.generation != generation or b > entry.layer.sector_count:
+                if self._layout != layout or b > entry.layer.sector_count:
                     return
                 self._fill_failed(entry, exc)
             except Exception as exc:  # any failure: the fill is best effort (DESIGN §3)
@@ -754,9 +768,8 @@ class Volume:
                     if index:
                         grown.append((layer, old))
                 elif old > sector_count:  # its data past the new end is gone: no read asks
-                    cut = True  # it there again (the top's own listener lowers them too)
-                    for i in range(index, len(self._overlap)):
-                        self._overlap[i] = min(self._overlap[i], layer.sector_count)
+                    cut = True  # it there again (the layers' listeners lower them too)
+                    self._lower_overlaps(index, layer.sector_count)
         except TierdiskError as exc:
             await self._undo_grows(grown)
             if cut and not isinstance(exc, StorageError):  # its code would say "nothing
@@ -795,9 +808,23 @@ class Volume:
             return
         self.generation = sizes.generation
         self._smallest = min(self._smallest, size)
-        for i in range(1, len(self._overlap)):
-            self._overlap[i] = min(self._overlap[i], size)
+        self._lower_overlaps(1, size)
         self._overlap[0] = size
+        self._layout += 1
+
+    def _lower_overlaps(self, index: int, size: int) -> None:
+        """Layer ``index`` and those below it show only below ``size`` sectors from now on:
+        lowered, never raised. Each layer below the top calls it as its resize listener, so
+        a layer that shrinks by itself (a ``remote`` whose origin shrank) hides at once,
+        and until the volume reopens, what the layers below it held past that: grown again,
+        it reads zeros there, as its origin does, never their older data (DESIGN.md §3);
+        at a reopen its :attr:`~Layer.smallest_size` hides it
+        (:func:`~tierdisk.service.stack_rules.overlaps_of`)."""
+        overlap = self._overlap
+        if index < len(overlap) and overlap[index] > size:  # (a top alone has none)
+            for i in range(index, len(overlap)):
+                overlap[i] = min(overlap[i], size)
+            self._layout += 1
 
     async def _follow_top(self) -> None:
         top = self._layers[0]

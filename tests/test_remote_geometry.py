@@ -10,7 +10,10 @@
   origin's new end, comes before the WatchResize event: the sectors past the end read as
   zeros (DESIGN.md §3), never OUT_OF_RANGE; the size is applied once, in order. The events
   are held back by a WatchResize handler that waits before passing them on (the origin's own
-  handler runs), so the race is certain.
+  handler runs), so the race is certain. When it shrank and grew back before that read,
+  the tier takes the smallest size first, so the layers below stay hidden past it.
+- A remote layer below the top whose volume shrinks and grows back hides the layers below
+  it past its smallest size at once, not only after the tier restarts.
 """
 
 from __future__ import annotations
@@ -379,6 +382,88 @@ async def test_a_read_past_an_origin_shrink_not_yet_watched_reads_zeros(
             await eventually("the cache tier to follow the grow", grown)
             assert (await top.inspect())["generation"] == generation + 2
             assert await cached.read(half + 64, 8) == zeros  # the origin grew with zeros
+
+
+async def test_a_read_that_finds_a_shrink_and_grow_not_yet_watched_hides_the_layers_below(
+    tmp_path: Path, resize_events_flow: asyncio.Event
+) -> None:
+    """The origin shrinks and grows back (not as far) before the cache tier hears of
+    either; a read past the new end makes the tier ask the origin's size. It takes the
+    smallest size first, as a new watch stream does, so the layer below the remote top
+    stays hidden past it (DESIGN.md §3): the tier reads zeros there, as the origin does,
+    also after the held events arrive (the shrink's, older, is not applied again)."""
+    n, half, most = 4 * SECTORS, 2 * SECTORS, 3 * SECTORS
+    cache = tmp_path / "cache"
+    (cache / "data").mkdir(parents=True)
+    (cache / "data" / "lower.img").write_bytes(b"\xbb" * n * SS)
+    lower = {"kind": "raw", "path": "lower.img", "read_only": True}
+    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
+        body = toml_volume("v", remote(o.grpc_address, "base", mode="layer"), lower)
+        async with (
+            AsyncClient(o.grpc_address) as oc,
+            running_server(cache, body) as tier,
+            AsyncClient(tier.grpc_address, retries=0) as cc,
+        ):
+            vol, base = cc.volume("v"), oc.volume("base")
+            lower_bytes = b"\xbb" * 8 * SS
+            assert await vol.read(half, 8) == lower_bytes  # the origin holds nothing there
+            resize_events_flow.clear()
+            await base.resize(half)
+            await base.resize(most)
+            assert await vol.read(n - 8, 8) == bytes(8 * SS)  # past the origin's end
+            assert (await vol.info()).sector_count == most
+            assert await vol.read(half, 8) == bytes(8 * SS)  # hidden past the smallest size
+            assert await vol.read(half - 8, 8) == lower_bytes  # below it, it shows
+            resize_events_flow.set()
+            await base.resize(n)
+
+            async def grown() -> bool:
+                return (await vol.info()).sector_count == n
+
+            await eventually("the cache tier to follow the grow", grown)
+            assert await vol.read(half, 8) == bytes(8 * SS)
+            assert (await vol.inspect("layers/1"))["visible_sector_count"] == half
+
+
+async def test_a_lower_remote_that_shrank_and_grew_hides_the_layers_below_it(
+    tmp_path: Path,
+) -> None:
+    """``[ram, remote mid (layer mode), remote base]``: the middle volume is shrunk and
+    grown back on its origin. While the cache tier runs (not only after its restart), the
+    base stays hidden past the middle's smallest size: the tier reads zeros there, as the
+    middle volume itself does, never the base's older data (DESIGN.md §3)."""
+    body = toml_volume("mid", ram(f"{SECTORS * SS}")) + toml_volume("base", ram(f"{SECTORS * SS}"))
+    async with (
+        running_server(tmp_path / "origin", body) as o,
+        AsyncClient(o.grpc_address) as oc,
+    ):
+        mid, base = oc.volume("mid"), oc.volume("base")
+        await base.write(0, pattern(2, 0, SECTORS, SS))
+        await mid.write(0, BASE)
+        tier_body = toml_volume(
+            "v", ram(), remote(o.grpc_address, "mid", mode="layer"), remote(o.grpc_address, "base")
+        )
+        async with (
+            running_server(tmp_path / "cache", tier_body) as tier,
+            AsyncClient(tier.grpc_address) as cc,
+        ):
+            vol = cc.volume("v")
+            assert await vol.read(SECTORS - 8, 8) == BASE[-8 * SS :]
+            await mid.resize(SECTORS // 2)
+            await mid.resize(SECTORS)
+            assert await mid.read(SECTORS - 8, 8) == bytes(8 * SS)
+
+            async def hidden() -> bool:
+                return await vol.read(SECTORS - 8, 8) == bytes(8 * SS)
+
+            await eventually("the base to be hidden past the middle's smallest size", hidden)
+            layers = (await vol.inspect("layers"))["value"]
+            assert [layer["visible_sector_count"] for layer in layers] == [
+                SECTORS,
+                SECTORS // 2,
+                SECTORS // 2,
+            ]
+            assert await vol.read(0, 8) == BASE[: 8 * SS]
 
 
 # -- a resize of this tier while another one resizes the origin ------------------------------

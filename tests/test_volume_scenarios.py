@@ -33,6 +33,7 @@ from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import SparseLayer
+from tierdisk.service.runs import Run
 from tierdisk.service.volume import LayerEntry, Volume
 
 SS = 512
@@ -753,6 +754,42 @@ async def test_s51_shrink(volumes: VolumeOpener) -> None:
     assert vol.sector_count == 10
     await vol.resize(16)
     assert await sectors_of(vol, 8, 8) == [p(1, 8), p(1, 9)] + [ZERO] * 6
+
+
+class _GatedRead(MapLayer):
+    """A layer whose next read waits for :attr:`hold` (an event) when one is set."""
+
+    hold: asyncio.Event | None = None
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            await hold.wait()
+        return await super().read(buf, sector)
+
+
+async def test_a_lower_layer_that_shrinks_by_itself_hides_the_layers_below_it(
+    volumes: VolumeOpener,
+) -> None:
+    """A layer below the top that shrinks by itself (a ``remote`` whose origin shrank) and
+    grows again reads zeros past its smallest size from then on, as that origin does, not
+    the older data of the layers under it (DESIGN.md §3: never stale lower data); a read
+    that was reading them meanwhile fills no read cache with them; ``inspect`` shows it."""
+    top = MapLayer(8)
+    mid = MapLayer(8, data={s: p(2, s) for s in range(4)})
+    base = _GatedRead(8, full=lambda s: p(3, s))
+    vol = await volumes(entry(top, rc=True), mid, base)
+    gate = base.hold = asyncio.Event()
+    reading = asyncio.create_task(vol.read(4, 4))  # from the base: the middle has none
+    await _spin()
+    await mid.resize(2)
+    await mid.resize(8)
+    gate.set()
+    await reading  # (read before the shrink: what it returns is not the question)
+    assert top.data == {}  # no fill of what the middle now hides
+    assert await sectors_of(vol, 0, 8) == [p(2, 0), p(2, 1)] + [ZERO] * 6
+    layers = vol.inspect()["layers"]
+    assert [layer["visible_sector_count"] for layer in layers] == [8, 2, 2]
 
 
 async def test_resize_of_a_top_that_cannot(volumes: VolumeOpener) -> None:

@@ -64,9 +64,11 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
 
 Geometry (size, sector size, disk id, read-only, FUA, unmap behaviour) comes from the
 remote's GetVolume at attach, so ``[ram, remote]`` inherits the origin's size, and the
-smallest size the remote volume has had from its Inspect (``smallest_sector_count``): as a
-volume's top, the layer keeps the layers below it hidden past that size, so a shrink made
-through it still hides their old data after this server restarts (DESIGN.md §3). Afterwards
+smallest size the remote volume has had from its Inspect (``smallest_sector_count``): the
+layer keeps the layers below it hidden past that size, so a shrink made through it (or on
+its origin) still hides their old data after this server restarts (DESIGN.md §3); while it
+runs, every size it applies reaches the volume's overlaps at once (a resize listener), as
+the top's does. Afterwards
 the layer follows the remote's size and guards the rest of its geometry, as
 :mod:`.remote_geometry` describes: a background task follows the remote's ``WatchResize`` and
 keeps :attr:`sector_count` current (attach waits for its stream to start; :meth:`resize`
@@ -456,8 +458,8 @@ class RemoteLayer(Layer):
     def smallest_size(self) -> int:
         """The remote volume's smallest size (its Inspect ``smallest_sector_count`` at
         attach, lowered by every size seen since): what the remote's own top records, so
-        a shrink through this layer as a volume's top keeps the local layers below it
-        hidden past the old end after a restart of this server."""
+        a shrink of the remote volume (through this layer or on its origin) keeps the
+        local layers below it hidden past the old end after a restart of this server."""
         return min(self._smallest, self._sector_count)
 
     @property

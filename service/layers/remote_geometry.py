@@ -204,12 +204,22 @@ class GeometryFollower:
             state = await self._remote_state()
             await self._check_geometry(state)
         if not self.watching:
-            self._set(state.sector_count)
+            self._set_state(state.sector_count, state.smallest)
         elif self._generation is not None and state.generation > self._generation:
             self._generation = state.generation
-            self._set(state.sector_count)
+            self._set_state(state.sector_count, state.smallest)
             self._spoke()
         return state.sector_count
+
+    def _set_state(self, size: int, smallest: int) -> None:
+        """Apply the remote's ``size``, learnt from its Inspect rather than event by event:
+        first its ``smallest`` size when that is below both ``size`` and the smallest the
+        layer has seen (it shrank and grew again unseen, or the shrink's event, older, will
+        not be applied), so the layers below hide what lay past it, as if the watch had
+        seen the shrink (DESIGN.md §3)."""
+        if smallest < min(size, self._smallest()):
+            self._set(smallest)
+        self._set(size)
 
     def _spoke(self) -> None:
         """Wake :meth:`wait_for_size` callers (an event, or the stream ended)."""
@@ -238,11 +248,7 @@ class GeometryFollower:
                             self._generation, size = state.generation, state.sector_count
                         else:
                             self._generation, size = event.generation, event.sector_count
-                        if state.smallest < min(size, self._smallest()):
-                            # Shrunk (and grown) while no stream ran: the layers below
-                            # must hide what lay past that, as if the watch had seen it.
-                            self._set(state.smallest)
-                        self._set(size)
+                        self._set_state(size, state.smallest)  # shrunk while unwatched?
                         self._stream_started = self._applied
                         backoff.reset()  # (not before: a fault applying it backs off)
                         self._resumed()  # the target is back: NBD may be too
