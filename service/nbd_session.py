@@ -24,15 +24,20 @@ phase to the connection's end, and only if the connection still stands when that
 begins.
 
 The handshake (:mod:`.nbd_handshake`) runs first, as a task reading from the same buffer;
-the commands themselves are in :mod:`.nbd_commands`.
+the commands themselves are in :mod:`.nbd_commands`. Until the transmission phase the
+transport's write buffer limits are small (``_HANDSHAKE_WRITE_HIGH``), the handshake reads
+the next option only once its replies drained below them, and reading pauses while
+``_RECV_BUFFER`` bytes wait unread: a client that pipelines options without reading the
+replies (the spec forbids it) pins ~320 KiB (or one option, if larger), not every reply.
 
 TLS (the server has a TLS context): ``NBD_OPT_STARTTLS`` is acknowledged in clear and the
 connection is handed at once to ``loop.start_tls`` (server side), with this session as the
 protocol of the TLS transport it returns; from then on every byte goes through that
 transport (``self._transport``: the handshake's replies, every reply, the refusals at
 shutdown; nothing here writes to the socket any other way) and the receive buffer fills
-from it as before. Its write buffer limits are the ones above, and the TCP transport under it
-keeps asyncio's default limits, so the replies a session holds stay bounded as in clear.
+from it as before. Its write buffer limits are the ones above (the handshake's, then the transmission
+phase's), and the TCP transport under it keeps asyncio's default limits, so the replies a
+session holds stay bounded as in clear.
 A TLS handshake that fails (or is cut off by the handshake timeout or a shutdown) aborts the
 connection, and the session ends itself at once (a ``connection_lost`` that asyncio
 delivers later, if at all, for a connection lost in the TLS handshake is ignored). Until TLS is
@@ -69,6 +74,8 @@ _MAX_INFLIGHT = 256  # requests in flight per session before reading pauses
 _MAX_INFLIGHT_BYTES = 64 << 20  # payload bytes in flight (see above) before reading pauses
 _WRITE_HIGH = 8 << 20  # transport write buffer limits
 _WRITE_LOW = 2 << 20
+_HANDSHAKE_WRITE_HIGH = 64 << 10  # the same, until the transmission phase (see _recv)
+_HANDSHAKE_WRITE_LOW = 16 << 10
 _HANDSHAKE_TIMEOUT = 60.0  # seconds a client has to reach the transmission phase
 TLS_DEADLINE = 10.0
 """Seconds a client of an export that requires TLS has, from connecting, to have its TLS
@@ -133,7 +140,7 @@ class NbdSession(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence no check).
         self._transport = transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        transport.set_write_buffer_limits(high=_HANDSHAKE_WRITE_HIGH, low=_HANDSHAKE_WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
         self._stats.connections_total += 1
@@ -227,8 +234,11 @@ class NbdSession(asyncio.BufferedProtocol):
             self._end += nbytes
             if self._export is not None:
                 self._parse()
-            elif self._end - self._start >= self._want:
+                return
+            if self._end - self._start >= self._want:
                 _wake(self._waiter)
+            if self._end - self._start >= _RECV_BUFFER:  # the handshake is behind: see _recv
+                self._pause_reading()
 
     def _make_room(self, size: int) -> None:
         """Move the unparsed bytes to the front; grow the buffer to ``size`` if larger."""
@@ -244,12 +254,22 @@ class NbdSession(asyncio.BufferedProtocol):
     # -- handshake ------------------------------------------------------------------------
 
     async def _recv(self, n: int) -> bytes:
-        """The next ``n`` bytes of the handshake."""
+        """The next ``n`` bytes of the handshake, once the replies sent so far are under
+        the transport's (small) high-water mark. A client must not send an option before
+        the reply to the last one, but one that pipelines options and never reads their
+        replies would otherwise make the server hold every reply: so the handshake reads on
+        only while its replies drain, and reading pauses while ``_RECV_BUFFER`` bytes wait
+        unread; a connection in the handshake pins at most ~``_HANDSHAKE_WRITE_HIGH`` of
+        replies and a receive buffer of ``_RECV_BUFFER`` (or one option, if larger)."""
+        await self._drain()
         while self._end - self._start < n:
             if self._eof or self._lost.done():
                 raise Hangup("the client closed the connection")
             if len(self._buf) - self._start < n:
                 self._make_room(max(n, len(self._buf)))
+            if self._reading_paused and self._transport is not None:
+                self._reading_paused = False
+                self._transport.resume_reading()
             self._want = n
             self._waiter = self._loop.create_future()
             await self._waiter
@@ -367,8 +387,9 @@ class NbdSession(asyncio.BufferedProtocol):
             self._tls_timer.cancel()
             self._tls_timer = None
         self._writing_paused = False  # the TLS transport says when its buffer is full
+        self._reading_paused = False  # and when it reads (start_tls resumed the raw one)
         raw.set_write_buffer_limits()  # asyncio's defaults under the TLS transport's limits
-        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        transport.set_write_buffer_limits(high=_HANDSHAKE_WRITE_HIGH, low=_HANDSHAKE_WRITE_LOW)
         self._server.tls_on(self)
 
     def _begin(self, export: C.Export) -> None:
@@ -380,6 +401,10 @@ class NbdSession(asyncio.BufferedProtocol):
             return
         self._export = export
         self._max_io = export.max_io
+        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        if self._reading_paused:  # by the handshake's read-ahead limit (_recv)
+            self._reading_paused = False
+            transport.resume_reading()
         self._counted = True
         self._stats.sessions_total += 1
         self._stats.sessions_active += 1
@@ -593,12 +618,17 @@ class NbdSession(asyncio.BufferedProtocol):
 
     # -- transmission: serving and replying -----------------------------------------------
 
-    async def _reply(self, parts: list[Any]) -> None:
-        """Write one whole reply; waits while the transport's buffer is full."""
+    async def _drain(self) -> None:
+        """Wait while the transport's buffer is over its high-water mark (or the
+        connection is lost)."""
         while self._writing_paused and not self._lost.done():
             if self._drained is None:
                 self._drained = self._loop.create_future()
             await asyncio.shield(self._drained)
+
+    async def _reply(self, parts: list[Any]) -> None:
+        """Write one whole reply; waits while the transport's buffer is full."""
+        await self._drain()
         transport = self._transport
         if transport is None or transport.is_closing():
             return  # the client went away; nobody to tell

@@ -248,6 +248,48 @@ def test_a_client_not_reading_its_replies_pins_bounded_memory(
             client.sock.close()
 
 
+def test_a_client_pipelining_options_without_reading_replies_pins_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """A client that sends ``NBD_OPT_LIST`` after ``NBD_OPT_LIST`` without reading the
+    replies (the spec forbids sending an option before the last one's reply; no credentials
+    are needed for it) has the server stop reading once its replies do not drain: its RSS
+    grows by well under 64 MiB, where the ~25x larger replies to 16 MiB of options grew it
+    by hundreds; the client's first replies are right, and another client chooses an
+    export meanwhile."""
+    names = [f"a-volume-with-a-rather-long-name-{i}" for i in range(8)]
+    config = write_config(tmp_path, "".join(toml_volume(n, ram("1MiB")) for n in names))
+    with ServerProcess.start(tmp_path, config, "--nbd", "127.0.0.1:0") as server:
+        host, port = server.nbd.rsplit(":", 1)
+        flood = socket.create_connection((host, int(port)), timeout=10)
+        flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing anyway
+        assert len(flood.recv(18, socket.MSG_WAITALL)) == 18
+        flood.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+        before = _rss_kib(server.pid)
+        options = struct.pack(">QII", 0x49484156454F5054, OPT_LIST, 0) * 65536  # 1 MiB
+        flood.settimeout(2)
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            for _ in range(16):
+                flood.sendall(options)
+                sent += len(options)
+        peak = before
+        for _ in range(20):  # 2 s: the server does what it will do with what it read
+            time.sleep(0.1)
+            peak = max(peak, _rss_kib(server.pid))
+        grown = (peak - before) // 1024
+        assert grown < 64, f"the server's RSS grew by {grown} MiB ({sent >> 20} MiB sent)"
+        other = _Nbd(server.nbd, names[3])  # chooses an export meanwhile
+        other.sock.close()
+        flood.settimeout(10)
+        for name in names:  # the first option's replies
+            _, option, reply, length = struct.unpack(">QIII", flood.recv(20, socket.MSG_WAITALL))
+            data = flood.recv(length, socket.MSG_WAITALL)
+            assert (option, reply, data[4:].decode()) == (OPT_LIST, REP_SERVER, name)
+        assert struct.unpack(">QIII", flood.recv(20, socket.MSG_WAITALL))[2] == REP_ACK
+        flood.close()
+
+
 PATCH_AT, PATCH = 100, b"N" * 10
 ROUNDS = 25
 
