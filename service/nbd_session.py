@@ -35,9 +35,9 @@ connection is handed at once to ``loop.start_tls`` (server side), with this sess
 protocol of the TLS transport it returns; from then on every byte goes through that
 transport (``self._transport``: the handshake's replies, every reply, the refusals at
 shutdown; nothing here writes to the socket any other way) and the receive buffer fills
-from it as before. Its write buffer limits are the ones above (the handshake's, then the transmission
-phase's), and the TCP transport under it keeps asyncio's default limits, so the replies a
-session holds stay bounded as in clear.
+from it as before. Its write buffer limits are the ones above (the handshake's, then the
+transmission phase's), and the TCP transport under it keeps asyncio's default limits, so
+the replies a session holds stay bounded as in clear.
 A TLS handshake that fails (or is cut off by the handshake timeout or a shutdown) aborts the
 connection, and the session ends itself at once (a ``connection_lost`` that asyncio
 delivers later, if at all, for a connection lost in the TLS handshake is ignored). Until TLS is
