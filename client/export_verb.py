@@ -382,7 +382,7 @@ async def _export_in_place(
     written sparse, and emptied again if the export fails (``; emptied the partial file
     …``): a full-size file left behind would look complete. A block device is fsynced at
     the end. Anything else is left as it is on a failure."""
-    fd = open_file(path, os.O_WRONLY)
+    fd = await open_file(path, os.O_WRONLY)
     regular = False
 
     def clean_up() -> str:

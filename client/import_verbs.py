@@ -146,7 +146,7 @@ async def _copy_in(
     """Copy the file ``path`` onto the volume from ``sector``: a regular file or a block
     device by :func:`_copy_fd_in`, anything else (a pipe, a FIFO, ``<(cmd)``) as it
     arrives, as stdin from a pipe is (:func:`_stream_in`)."""
-    fd = open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
+    fd = await open_file(path, os.O_RDONLY)  # before any call: a missing file needs no server
     try:
         if is_sized(fd):
             return await _copy_fd_in(client, args, vol, fd, path, sector, verb)

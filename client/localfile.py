@@ -47,13 +47,30 @@ STD_STREAM = "-"
 """As IMAGE (``import``/``export``), ``-i`` or ``-o``: stdin or stdout (``./-`` names a file)."""
 
 
-def open_file(path: str, flags: int, mode: int = 0o666) -> int:
+async def open_file(path: str, flags: int, mode: int = 0o666) -> int:
     """``os.open(path, flags, mode)``, close-on-exec; a failure is a :class:`CliError`
-    naming ``path``."""
+    naming ``path``. A FIFO is opened on a :class:`_DaemonWorker`: its open blocks until the
+    other end is opened, and the stop signals must still end the verb meanwhile (on the
+    event loop's thread the open would be retried after each signal, PEP 475, and the loop
+    never run its handlers); nothing waits for an open left blocked."""
+
+    def call() -> int:
+        try:
+            return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+        except OSError as err:
+            raise file_error(path, err) from None
+
     try:
-        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
-    except OSError as err:
-        raise file_error(path, err) from None
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        fifo = False  # missing, say: the open says why (or creates it)
+    if not fifo:
+        return call()
+    worker = _DaemonWorker("tierdisk-open")
+    try:
+        return await worker.run(call)
+    finally:
+        worker.close()
 
 
 def isatty(stream: BinaryIO) -> bool:

@@ -82,7 +82,8 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         await copy(Sink(), progress_bar(args, total, label, data_on_tty=data_on_tty))
         return 0
     _refuse_a_layer_file(path)
-    with closing(open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), path) as fd:
+    fd = await open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with closing(fd, path):
         await copy(Sink(fd, path), progress_bar(args, total, label))
     return 0
 

@@ -626,6 +626,45 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
     assert err.decode().splitlines()[0].startswith(f"tierdisk: {words}"), err.decode()
 
 
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+@pytest.mark.parametrize("verb", ["read", "export", "write", "import"])
+def test_a_verb_opening_a_fifo_nobody_opens_stops_on_a_signal(
+    server: ServerProcess,
+    tmp_path: Path,
+    verb: str,
+    sig: signal.Signals,
+    status: int,
+    words: str,
+) -> None:
+    """``-o FIFO``, ``-i FIFO`` or IMAGE a FIFO whose other end nobody opens: the open
+    blocks, and a stop signal still ends the verb at once, with its one line and status
+    (opened on the event loop's thread, the open was retried after each signal and the
+    verb ran on until SIGKILL or a second Ctrl-C)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = {
+        "read": ["read", "exp", "0", "8", "-o", str(fifo)],
+        "export": ["export", "exp", str(fifo)],
+        "write": ["write", "exp", "0", "-i", str(fifo)],
+        "import": ["import", "exp", str(fifo)],
+    }[verb]
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    proc = subprocess.Popen(
+        [*TIERDISK_SIGNALLED, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+    )
+    try:
+        time.sleep(1.0)  # it waits in the open (never a false pass)
+        assert proc.poll() is None
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == status, err.decode()
+    assert err.decode().splitlines()[0].startswith(f"tierdisk: {words}"), err.decode()
+
+
 def test_export_never_creates_or_replaces_a_name_in_dev(
     server: ServerProcess, exp_data: bytes
 ) -> None:
