@@ -52,7 +52,7 @@ from typing import BinaryIO
 from .aio import AsyncClient, AsyncVolume
 from .chunking import Piece, plan_pieces, run_bounded, sector_runs, sectors_per_chunk
 from .cli_errors import CliError, describe_file, file_error
-from .copy_report import CopyProgress, progress_bar
+from .copy_report import CopyInterrupted, CopyProgress, progress_bar
 from .errors import Interrupted, OutOfRange, TierdiskError
 from .localfile import (
     ThreadReader,
@@ -104,7 +104,9 @@ async def _made_durable(vol: AsyncVolume, args: argparse.Namespace, verb: str) -
     """End a ``write`` or an ``import`` with a flush (unless ``--no-flush``): the command
     returns once the data is durable, and a server that restarted without a clean stop
     while it wrote, losing some of it, is reported (``WritesLost``: write it again) rather
-    than passed over. A failure says that everything was written before it."""
+    than passed over. A failure says that everything was written before it, and so does
+    a stop (Ctrl-C, SIGTERM, SIGHUP) while the flush runs: ``interrupted; all of it was
+    written, but …``."""
     if getattr(args, "no_flush", False):
         return
     try:
@@ -113,6 +115,11 @@ async def _made_durable(vol: AsyncVolume, args: argparse.Namespace, verb: str) -
         exc.message = f"{verb}: all of it was written, but the flush after it failed: {exc}"
         exc.args = (exc.message,)
         raise
+    except asyncio.CancelledError:
+        raise CopyInterrupted(
+            f"all of it was written, but the flush after it ({verb}) did not end: it may "
+            f"not be durable yet (`tierdisk flush {vol.name}`)"
+        ) from None
 
 
 async def _copy_from(

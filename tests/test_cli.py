@@ -412,6 +412,58 @@ async def test_import_writes_zeros_in_holes_where_unmap_would_not_give_zeros(
     assert got[len(expected) :] == b"\xa5" * (4 * MiB - len(expected))
 
 
+class _HeldFlush(MapLayer):
+    """A layer whose flushes wait for :attr:`release` (a slow disk, a hung tier);
+    :attr:`entered` is set when one starts."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(sectors)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def flush(self) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().flush()
+
+
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+@pytest.mark.parametrize("verb", ["write", "import"])
+async def test_a_stop_during_the_final_flush_says_everything_was_written(
+    tmp_path: Path, verb: str, sig: signal.Signals, status: int, words: str
+) -> None:
+    """``write`` and ``import`` end with a flush; a stop signal while it runs (after a
+    large import the bar sits at 100% then) says that all of it was written and that it
+    may not be durable yet, not only ``interrupted``."""
+    async with running_server(tmp_path / "srv", toml_volume("slow", ram("4MiB"))) as srv:
+        layer = _HeldFlush(8192)
+        replaced = srv.registry.get("slow")
+        srv.registry.set_ready(await Volume.open("slow", [LayerEntry(layer)]))
+        await replaced.close()
+        src = tmp_path / "src.bin"
+        src.write_bytes(os.urandom(MiB))
+        args = ["write", "slow", "0", "-i", str(src)] if verb == "write" else ["import", "slow"]
+        args += [str(src)] if verb == "import" else []
+        env = {**os.environ, "TIERDISK_SERVER": srv.grpc_address}
+        proc = await asyncio.create_subprocess_exec(
+            *TIERDISK_SIGNALLED, *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+        try:
+            await asyncio.wait_for(layer.entered.wait(), 30)
+            proc.send_signal(sig)
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            layer.release.set()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == status, err.decode()
+    assert err.decode().splitlines() == [
+        f"tierdisk: {words}; all of it was written, but the flush after it ({verb}) did not "
+        "end: it may not be durable yet (`tierdisk flush slow`)"
+    ]
+
+
 class CuttingProxy:
     """A TCP proxy in front of the server that, once ``limit`` bytes have come back from
     it, drops every connection and stops listening: to the client, the server went away
