@@ -214,14 +214,21 @@ async def _export_replacing(
 
 def _temp_file(path: str, target: str, old: os.stat_result | None) -> tuple[int, str]:
     """A new, empty file beside ``target`` (IMAGE ``path``) to export into:
-    ``(fd, its path)``, created exclusively under a random name, so no other file is ever
-    opened. It gets the permission bits of the ``old`` file it replaces (and its owner and
+    ``(fd, its path)``, created exclusively under a random name (``.NAME`` + a suffix, NAME
+    cut short for a long one), so no other file is ever opened. It gets the permission bits of the ``old`` file it replaces (and its owner and
     group, where the system allows that), before a byte is written; for a new IMAGE, those
     of any new file (``0o666`` less the umask)."""
     folder, name = os.path.split(target)
+    try:
+        longest = os.pathconf(folder or ".", "PC_NAME_MAX")  # bytes
+    except (OSError, ValueError):
+        longest = 255
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        temp = os.path.join(folder, f".{name}{_TEMP_INFIX}{secrets.token_hex(4)}")
+        suffix = f"{_TEMP_INFIX}{secrets.token_hex(4)}"
+        # NAME cut short where the whole would be longer than a file name may be
+        cut = os.fsdecode(os.fsencode(name)[: longest - 1 - len(suffix)])
+        temp = os.path.join(folder, f".{cut}{suffix}")
         try:
             fd = os.open(temp, flags, 0o666)
             break

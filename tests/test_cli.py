@@ -792,6 +792,20 @@ def test_export_through_a_symlink_replaces_its_target_and_keeps_the_link(
     assert temp_files(tmp_path) == []
 
 
+def test_export_to_a_file_with_the_longest_name_there_is(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """A file name of 255 bytes (the longest a Linux filesystem takes; the temporary file
+    beside it is named after it, cut short) is exported to, new and over an old file."""
+    image = tmp_path / ("i" * 251 + ".img")
+    tierdisk(server, "export", "exp", str(image))
+    assert image.read_bytes() == exp_data
+    image.write_bytes(b"old")
+    tierdisk(server, "export", "exp", str(image))
+    assert image.read_bytes() == exp_data
+    assert os.listdir(tmp_path) == [image.name]
+
+
 @pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "writable"])
 def test_export_onto_the_volumes_own_raw_image_is_refused(tmp_path: Path, read_only: bool) -> None:
     """`export VOL F` where F is the raw file the server serves VOL from (an operator's
