@@ -214,10 +214,11 @@ async def _export_replacing(
 
 def _temp_file(path: str, target: str, old: os.stat_result | None) -> tuple[int, str]:
     """A new, empty file beside ``target`` (IMAGE ``path``) to export into:
-    ``(fd, its path)``, created exclusively under a random name (``.NAME`` + a suffix, NAME
-    cut short for a long one), so no other file is ever opened. It gets the permission bits of the ``old`` file it replaces (and its owner and
-    group, where the system allows that), before a byte is written; for a new IMAGE, those
-    of any new file (``0o666`` less the umask)."""
+    ``(fd, its path)``, created exclusively under a random name (``.NAME`` and a suffix,
+    NAME cut short for a long one), so no other file is ever opened. It gets the permission
+    bits of the ``old`` file it replaces (and its owner and group, where the system allows
+    that), before a byte is written; for a new IMAGE, those of any new file (``0o666``
+    less the umask)."""
     folder, name = os.path.split(target)
     try:
         longest = os.pathconf(folder or ".", "PC_NAME_MAX")  # bytes
