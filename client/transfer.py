@@ -17,7 +17,9 @@ Files, devices, pipes and ``-``
     ``-`` (as IMAGE, ``-i FILE`` or ``-o FILE``) is stdin or stdout; ``./-`` names a file.
 
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
-    truncated first). The ``-o FILE`` of a failed ``read`` is left as it is. A FILE that is
+    truncated first). The ``-o FILE`` of a failed ``read`` keeps what was read before the
+    failure, and its message ends saying how much (``; file 'F' holds only the N bytes read
+    before``: it is not the file it was, nor whole). A FILE that is
     a running tierdisk server's layer file (another process holds its ``flock``) is
     refused, not truncated, as ``export`` refuses to replace one.
 
@@ -36,7 +38,8 @@ import stat
 import sys
 
 from .aio import AsyncClient
-from .copy_report import progress_bar
+from .cli_errors import describe_file
+from .copy_report import progress_bar, with_note
 from .export_verb import export_image
 from .import_verbs import import_image, write_sectors
 from .localfile import (
@@ -64,12 +67,15 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     path = std_path(args.output)
     total = args.count * info.sector_size
     label = f"read {vol.name}"
+    moved = 0  # bytes handed to the sink
 
     async def copy(sink: Sink, bar: Progress) -> None:
+        nonlocal moved
         try:
             with bar:
                 async for _sector, data in vol.stream_read(args.sector, args.count):
                     await sink.write(data)
+                    moved += len(data)
                     bar.advance(len(data))
             sink.flush()
         finally:
@@ -83,8 +89,12 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         return 0
     _refuse_a_layer_file(path)
     fd = await open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with closing(fd, path):
-        await copy(Sink(fd, path), progress_bar(args, total, label))
+    try:
+        with closing(fd, path):
+            await copy(Sink(fd, path), progress_bar(args, total, label))
+    except Exception as exc:
+        note = f"; {describe_file(path)} holds only the {moved} bytes read before"
+        raise with_note(exc, args, path, note) from None
     return 0
 
 

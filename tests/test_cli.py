@@ -792,6 +792,29 @@ def test_export_through_a_symlink_replaces_its_target_and_keeps_the_link(
     assert temp_files(tmp_path) == []
 
 
+def test_a_failed_read_says_how_much_its_output_file_holds(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """``read -o FILE`` over an existing FILE whose server goes away mid-way: FILE holds
+    what was read before (it was truncated at the start; only ``export`` replaces a file
+    whole), and the one line says how much, so nobody takes it for the old file or a
+    whole one."""
+    out = tmp_path / "out.img"
+    out.write_bytes(b"precious" * 1000)
+    with CuttingProxy(server.grpc, 2 * MiB) as proxy:
+        result = tierdisk(
+            server, "--server", proxy.address, "--retries", "0",
+            "read", "exp", "0", str(len(exp_data) // 512), "-o", str(out), check=False,
+        )  # fmt: skip
+        assert proxy.cut.is_set()
+    line = one_line_error(result)
+    match = re.search(
+        rf"; file '{re.escape(str(out))}' holds only the (\d+) bytes read before$", line
+    )
+    assert match, line
+    assert out.read_bytes() == exp_data[: int(match.group(1))]
+
+
 def test_export_to_a_file_with_the_longest_name_there_is(
     server: ServerProcess, exp_data: bytes, tmp_path: Path
 ) -> None:
