@@ -152,6 +152,8 @@ def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
 async def _serve(
     config: Config, ready_file: str | None, grace: float, stops: tuple[signal.Signals, ...]
 ) -> int:
+    if ready_file:
+        _remove_ready_file(ready_file, None)  # a killed server's: not this start's
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -185,9 +187,13 @@ async def _serve(
             )
             await server.stop(0)
             return 1
-    await stop.wait()
-    log.info("stopping: finishing calls in flight, then flushing every volume")
-    unflushed = await server.stop(grace)
+    try:
+        await stop.wait()
+        log.info("stopping: finishing calls in flight, then flushing every volume")
+        unflushed = await server.stop(grace)
+    finally:
+        if ready_file:
+            _remove_ready_file(ready_file, os.getpid())
     log.info("stopped")
     return _unflushed(unflushed)
 
@@ -222,6 +228,30 @@ def _reason(exc: OSError) -> str:
     if exc.strerror and exc.filename is None:
         return exc.strerror
     return str(exc)
+
+
+def _remove_ready_file(path: str, pid: int | None) -> None:
+    """Remove the ready file ``path`` if it names ``pid`` (this server, as it stops: a
+    supervisor waiting for the next start must not take its address), or, for ``None``, a
+    process that no longer runs (a server killed before, found at a start); anything else
+    (another server's, a file that is not one) is left."""
+    try:
+        with open(path) as f:
+            named = int(json.load(f)["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid is None:
+        try:
+            os.kill(named, 0)
+            return  # it runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            return  # it runs, as another user
+    elif named != pid:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _write_ready_file(path: str, server: Server) -> None:

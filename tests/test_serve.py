@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -659,6 +660,37 @@ def test_unwritable_ready_file_stops_the_server_with_one_line(tmp_path: Path) ->
     )
     assert result.returncode == 1, result.stderr
     assert "cannot write --ready-file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_ready_file_names_a_running_server_only(tmp_path: Path) -> None:
+    """The ready file is removed as the server stops; one left by a server that was killed
+    is removed when the next one starts (here, a start that then fails), and one naming a
+    server that runs is left: whoever waits for the file never takes a dead server's
+    address."""
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    with ServerProcess.start(tmp_path, config) as server:
+        assert json.loads(server.ready_file.read_text())["pid"] == server.pid
+        assert server.terminate() == 0
+    assert not server.ready_file.exists()
+    with ServerProcess.start(tmp_path, config) as killed:
+        killed.kill()
+        stale = killed.ready_file
+        assert stale.exists()  # SIGKILL: nothing removed it
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+            live = tmp_path / "live.json"
+            live.write_text(json.dumps({"pid": os.getpid()}))  # a process that runs
+            for ready in (stale, live):
+                result = serve_once(
+                    tmp_path, "--config", str(config), "--ready-file", str(ready),
+                    "--listen", address,
+                )  # fmt: skip
+                assert result.returncode == 1, result.stderr
+    assert not stale.exists() and live.exists()
 
 
 def test_clients_that_cancel_leave_no_error_tracebacks(tmp_path: Path) -> None:
