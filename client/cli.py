@@ -584,9 +584,15 @@ def serve(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``tierdisk`` command; returns the exit status."""
+    """Run the ``tierdisk`` command; returns the exit status. A Ctrl-C at any point after
+    this module was imported (gRPC and uvloop are imported later, and take a while) is
+    ``tierdisk: interrupted``, exit 130, never a traceback."""
     reopen_closed_stdio()  # first: before anything (uvloop, gRPC) opens a descriptor
-    rc = _main(argv)
+    try:
+        rc = _main(argv)
+    except KeyboardInterrupt:
+        print("tierdisk: interrupted", file=sys.stderr)
+        return 130
     _settle_stdout()
     return rc
 

@@ -314,6 +314,26 @@ def test_serve_passes_every_argument_through(
     assert seen == [argv]
 
 
+@pytest.mark.parametrize("verb", [["volumes"], ["serve"]])
+def test_ctrl_c_while_the_command_starts_up_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], verb: list[str]
+) -> None:
+    """Ctrl-C while the command imports gRPC and uvloop or the server (a tenth of a second
+    after it starts, before any handler of its own): ``tierdisk: interrupted``, exit 130,
+    not a traceback."""
+
+    def ctrl_c(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    module = types.ModuleType("fake_tierdisk_server")
+    module.main = ctrl_c  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_tierdisk_server", module)
+    monkeypatch.setattr(cli, "SERVER_ENTRY", "fake_tierdisk_server")
+    monkeypatch.setattr(cli, "install_uvloop", ctrl_c)
+    assert cli.main(verb) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "tierdisk: interrupted"
+
+
 def test_serve_without_a_server_module_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
