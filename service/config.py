@@ -441,7 +441,9 @@ def load_config(
     if path is None:
         return Config(server, default_volumes(server.data_dir))
     raw_volumes = doc.get("volumes", [])
-    if not isinstance(raw_volumes, list) or not raw_volumes:
+    if not isinstance(raw_volumes, list):
+        raise ConfigError(f"volumes must be [[volumes]] tables, not {_show(raw_volumes)}")
+    if not raw_volumes:
         raise ConfigError("the config defines no [[volumes]]")
     volumes: list[VolumeConfig] = []
     seen: set[str] = set()
@@ -718,7 +720,12 @@ def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
     except ConfigError as exc:
         raise exc.located(volume=name) from None
     layers_raw = raw.get("layers")
-    if not isinstance(layers_raw, list) or not layers_raw:
+    if layers_raw is not None and not isinstance(layers_raw, list):
+        raise ConfigError(
+            f"layers must be [[volumes.layers]] tables, not {_show(layers_raw)}",
+            volume=name,
+        )
+    if not layers_raw:
         raise ConfigError("a volume needs at least one [[volumes.layers]] entry", volume=name)
     layers = []
     for i, layer in enumerate(layers_raw):

@@ -151,7 +151,7 @@ def test_bad_sizes(value: object) -> None:
             "two volumes have this name",
         ),
         ("[[volumes]]\nname='v'\nsize=3\n[[volumes.layers]]\nkind='ram'\n", "unknown key 'size'"),
-        ("volumes = 3\n", "defines no [[volumes]]"),
+        ("volumes = 3\n", "volumes must be [[volumes]] tables, not 3"),  # not "defines none"
         ("[server\n", "not valid TOML"),
         ('[server]\nlisten = "::1:7400"\n', "an IPv6 address goes in brackets"),
         ('[server]\nlisten = ":7400"\n', "missing host"),

@@ -43,6 +43,9 @@ DEAD = "127.0.0.1:1"  # nothing listens on port 1 here: connections are refused
             "volume 'v', layer 0: unknown layer kind 'tape'",
         ),
         ("[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize='x'\n", "is not a size"),
+        # a key of the wrong type is named as such, not as missing
+        ("[volumes]\nname='v'\n", "volumes must be [[volumes]] tables, not {'name': 'v'}"),
+        ("[[volumes]]\nname='v'\nlayers='x'\n", "volume 'v': layers must be [[volumes.layers]]"),
         # broken stacks, found when the volume is built
         (
             "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\nwrite_through=true\n",
