@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 # Nothing imported here imports grpc (see quiet_grpc_logs): the rest is imported by main().
 from . import sizes
@@ -186,8 +186,27 @@ _NO_FLUSH_HELP = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose "unrecognized arguments" error names an option of the
+    command itself (``--server``, ``--timeout``, …) given after the verb as misplaced."""
+
+    command_options: frozenset[str] = frozenset()
+    """The command's own options (set by :func:`build_parser`)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            given = [word.split("=", 1)[0] for word in message.split(": ", 1)[1].split()]
+            misplaced = [word for word in given if word in self.command_options]
+            if misplaced:
+                message += (
+                    f" ({misplaced[0]} is an option of the command: give it before the verb, "
+                    f"as in tierdisk {misplaced[0]} … VERB …)"
+                )
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tierdisk",
         description="Client for a tierdisk block-storage server; `tierdisk serve` runs one.",
     )
@@ -233,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar, even on a terminal"
     )
+    parser.command_options = frozenset(
+        option for action in parser._actions for option in action.option_strings
+    ) - {"-h", "--help"}
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     verbs.add_parser("serve", help="run the server (its own flags follow: serve --help)")

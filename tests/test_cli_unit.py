@@ -314,6 +314,19 @@ def test_serve_passes_every_argument_through(
     assert seen == [argv]
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["info", "vol", "--server", DEAD], "--server"), (["volumes", "--timeout=3"], "--timeout")],
+)
+def test_a_command_option_after_the_verb_is_named_as_misplaced(
+    args: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"({option} is an option of the command: give it before the verb, "
+                         f"as in tierdisk {option} … VERB …)"), last  # fmt: skip
+
+
 @pytest.mark.parametrize("verb", [["volumes"], ["serve"]])
 def test_ctrl_c_while_the_command_starts_up_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], verb: list[str]
