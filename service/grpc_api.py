@@ -54,6 +54,7 @@ _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED  # the caller went away (its deadline, a cancel)
+_UNKNOWN = grpc.StatusCode.UNKNOWN
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # Enum.name is slow per call
 _DURABLE_WRITE_RESPONSE = pb.WriteResponse()  # no verifier: durable for good (durable_since)
 _DEFAULT_PAGE = 100
@@ -261,6 +262,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
+        except BaseException:  # a fault of ours: gRPC answers UNKNOWN
+            code = _UNKNOWN
+            raise
         finally:
             if op is not None and code is not None:
                 self._metrics.observe_io(
@@ -446,6 +450,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             raise  # not reached: abort() raises
         except asyncio.CancelledError:
             code = _CANCELLED
+            raise
+        except BaseException:  # a fault of ours: gRPC answers UNKNOWN
+            code = _UNKNOWN
             raise
         finally:
             if code is not None:

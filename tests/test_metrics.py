@@ -31,11 +31,13 @@ from servers import (
     tree_of,
     value,
 )
+from stacks import MapLayer
 from tools import require_tool
 from waiting import eventually
 
+from tierdisk.service.runs import Run
 from tierdisk.service.server import Server
-from tierdisk.service.volume import Volume
+from tierdisk.service.volume import LayerEntry, Volume
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
@@ -137,6 +139,45 @@ async def test_error_codes_are_counted(server: Server) -> None:
         )
         == 1
     )
+
+
+class _Faulty(MapLayer):
+    """A layer whose reads and writes fail with an exception no layer should raise (a bug):
+    not a domain error, not an ``OSError``."""
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        raise RuntimeError("a fault of the layer")
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        raise RuntimeError("a fault of the layer")
+
+
+async def test_a_fault_of_ours_is_counted_unknown_as_the_caller_sees_it(server: Server) -> None:
+    """A request that fails with an exception no layer should raise is ``UNKNOWN`` to the
+    caller, and counted so in ``tierdisk_volume_io_requests_total`` (as over NBD), not
+    ``OK``: the error-rate alert counts it."""
+    replaced = server.registry.get("cached")
+    server.registry.set_ready(await Volume.open("cached", [LayerEntry(_Faulty(2048))]))
+    await replaced.close()
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        for call in (
+            stub.Read(pb.ReadRequest(volume="cached", sector=0, sector_count=1)),
+            stub.Write(pb.WriteRequest(volume="cached", sector=0, data=bytes(512))),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.UNKNOWN
+    text = await scrape(server.metrics_address)
+    for op in ("read", "write"):
+        counted = {
+            dict(labels)["code"]: n
+            for (name, labels), n in samples(text).items()
+            if name == "tierdisk_volume_io_requests_total"
+            and ("volume", "cached") in labels
+            and ("op", op) in labels
+        }
+        assert counted == {"UNKNOWN": 1.0}, counted
 
 
 async def test_unknown_volume_names_do_not_grow_the_volume_label(server: Server) -> None:
