@@ -126,10 +126,10 @@ class EngineCollector(Collector):
         )
         verifier_changes = CounterMetricFamily(
             "tierdisk_write_verifier_changes",
-            "Times the volume's write verifier changed while it ran: a flush failed in a "
-            "write-path layer's storage, or a remote tier lost writes it had acknowledged. "
-            "Writes acknowledged before may be lost; clients that made them are told at "
-            "their next flush (WritesLost).",
+            "Times the volume's write verifier changed: a flush failed in a write-path "
+            "layer's storage, a remote tier lost writes it had acknowledged, or (counted at "
+            "start) the server's last run did not stop cleanly. Writes acknowledged before "
+            "may be lost; clients that made them are told at their next flush (WritesLost).",
             labels=["volume"],
         )
         ready = GaugeMetricFamily(

@@ -269,6 +269,15 @@ class Server:
             kept = self._verifiers.verifiers[volume.name]
             # A ram-only write path lost its writes at the stop, clean or not.
             volume.write_verifier = new_verifier(kept) if volume.lost_at_exit else kept
+            if volume.name in self._verifiers.unclean and not volume.lost_at_exit:
+                log.warning(
+                    "volume %r: the last run did not stop cleanly (a crash, a kill, or a "
+                    "final flush that failed): writes it acknowledged but had not flushed "
+                    "may be lost; its write verifier changed, so each client that made such "
+                    "writes is told at its next flush",
+                    volume.name,
+                )
+                volume.count_verifier_change()
         self.registry.set_ready(volume)
 
         def found(problem: str) -> None:

@@ -72,6 +72,10 @@ class VerifierStore:
         self._entries: dict[str, dict[str, object]] = {}
         self.verifiers: dict[str, int] = {}
         """Each configured volume's verifier for this run (before any change while it runs)."""
+        self.unclean: set[str] = set()
+        """The volumes whose last run did not stop cleanly (a crash, a kill, a final flush
+        that failed): their verifiers are new ones because writes may have been lost. Not
+        a volume new to the file, nor any when the file cannot be used."""
 
     @classmethod
     def open(cls, data_dir: str, names: Sequence[str]) -> VerifierStore:
@@ -95,6 +99,8 @@ class VerifierStore:
                 old = 0
             clean = old != 0 and entry.get("clean") is True
             store.verifiers[name] = old if clean else new_verifier(old)
+            if old and not clean:
+                store.unclean.add(name)
         return store
 
     def mark_unclean(self, names: Iterable[str]) -> None:

@@ -692,9 +692,15 @@ class Volume:
 
     @property
     def verifier_changes(self) -> int:
-        """Times :attr:`write_verifier` was renewed while the volume ran (not at start):
+        """Times :attr:`write_verifier` was renewed while the volume ran, and at its start
+        when the last run did not stop cleanly (:meth:`count_verifier_change`):
         ``tierdisk_write_verifier_changes_total``."""
         return self._durability.changes
+
+    def count_verifier_change(self) -> None:
+        """Count, in :attr:`verifier_changes`, the verifier the server gave the volume at
+        start because writes may have been lost since its last run (an unclean stop)."""
+        self._durability.changes += 1
 
     # -- size ---------------------------------------------------------------------------
 

@@ -80,16 +80,21 @@ def test_a_start_that_serves_nothing_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_crash_or_an_unclean_stop_gives_a_new_verifier(tmp_path: Path) -> None:
+    """...and names the volume among :attr:`VerifierStore.unclean` (the server logs and
+    counts it); a volume new to the file is not one."""
     first = _served(tmp_path, ["a", "b"])
+    assert first.unclean == set()  # the first start: nothing was lost
     first.close(first.verifiers, clean=["b"])  # a's final flush failed
-    second = _served(tmp_path, ["a", "b"])
+    second = _served(tmp_path, ["a", "b", "c"])
     assert second.verifiers["a"] != first.verifiers["a"]
     assert second.verifiers["b"] == first.verifiers["b"]
-    second.close(second.verifiers, clean=["a", "b"])
+    assert second.unclean == {"a"}
+    second.close(second.verifiers, clean=["a", "b", "c"])
     _crashed_after_marking(tmp_path, ["a", "b"], ["a", "b"])
-    third = _served(tmp_path, ["a", "b"])
+    third = _served(tmp_path, ["a", "b", "c"])
     assert third.verifiers["a"] != second.verifiers["a"]
     assert third.verifiers["b"] != second.verifiers["b"]
+    assert third.unclean == {"a", "b"}  # c was not served by the run that crashed
     third.close(third.verifiers, clean=[])
 
 

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, free_port, ram, running_server, toml_volume, write_config
+from servers import (
+    ServerProcess,
+    free_port,
+    ram,
+    running_server,
+    toml_volume,
+    value,
+    write_config,
+)
 from stacks import pattern
 
 from tierdisk.client import AsyncClient, AsyncVolume
@@ -173,6 +182,39 @@ async def test_a_clean_restart_keeps_the_verifier(served: tuple[Served, AsyncVol
     server.restart("kill")
     assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
     assert (await vol.inspect())["write_verifier"] != before
+
+
+def _verifier_changes(server: ServerProcess) -> float:
+    """``tierdisk_write_verifier_changes_total{volume="v"}`` as ``/metrics`` shows it."""
+    url = f"http://{server.metrics}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return value(text, "tierdisk_write_verifier_changes_total", volume="v")
+
+
+@pytest.mark.parametrize("layer", [SPARSE, ram("1MiB")], ids=["sparse", "ram"])
+def test_a_start_after_an_unclean_stop_is_logged_and_counted(
+    tmp_path: Path, layer: dict[str, str]
+) -> None:
+    """The verifier a start draws because the last run did not stop cleanly is a warning
+    naming the volume and one change in ``tierdisk_write_verifier_changes_total`` (so the
+    alert on it fires for a tier that crashed and came back at once); a clean restart, and
+    a ``ram`` volume (a new verifier at every start: nothing it held was to outlive the
+    server), count none."""
+    unclean = layer is SPARSE
+    served = Served(tmp_path, layer)
+    try:
+        assert _verifier_changes(served.server) == 0  # the first start
+        served.restart("kill")
+        assert _verifier_changes(served.server) == (1 if unclean else 0)
+        assert served.server.terminate() == 0
+        warning = "volume 'v': the last run did not stop cleanly"
+        assert (warning in served.server.stderr_text()) == unclean
+        served.restart("terminate")  # (stopped already, cleanly)
+        assert _verifier_changes(served.server) == 0
+        assert served.server.terminate() == 0
+        assert warning not in served.server.stderr_text()
+    finally:
+        served.server.close()
 
 
 async def test_fua_writes_the_volume_respects_need_no_flush(
