@@ -42,6 +42,7 @@ volumes make their calls through the client's :class:`~tierdisk.client.calls.Cal
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -53,9 +54,9 @@ from google.protobuf import json_format
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-from .calls import UNSET, CallObserver, CallRunner, MetadataFactory, Timeout
+from .calls import UNSET, CallObserver, CallRunner, MetadataFactory, Timeout, deadline_seconds
 from .channel import DEFAULT_CHANNEL_OPTIONS, open_channel
-from .checks import token_problem
+from .checks import metadata_problem, token_problem
 from .chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
@@ -206,14 +207,23 @@ class AsyncClient:
             raise ValueError(f"max_io must be positive, not {max_io}")
         if max_in_flight <= 0:
             raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, not {timeout}")
+        timeout = deadline_seconds(timeout)
         if token is not None and (problem := token_problem(token)) is not None:
             raise ValueError(f"token {problem}")  # never the token itself
+        md = [(k.lower() if isinstance(k, str) else k, v) for k, v in metadata]
+        for key, value in md:
+            if (problem := metadata_problem(key, value)) is not None:
+                raise ValueError(problem)
         policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "an AsyncClient is made in a running event loop (in a coroutine, the loop "
+                "it is used in); blocking code uses tierdisk.client.Client"
+            ) from None
         self.max_io = max_io
         self.max_in_flight = max_in_flight
-        md = [(str(k).lower(), str(v)) for k, v in metadata]
         if token is not None:
             md.append(("authorization", f"Bearer {token}"))
         channel = open_channel(

@@ -28,11 +28,12 @@ import grpc.aio
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
+from .checks import metadata_problem
 from .chunking import caller_cancelled
 from .errors import ClientClosed, Interrupted, Unimplemented, error_from_rpc, status_code
 from .retry import RetryPolicy, call_with_retry, is_retryable
 
-__all__ = ["UNSET", "CallObserver", "CallRunner", "MetadataFactory", "Timeout"]
+__all__ = ["UNSET", "CallObserver", "CallRunner", "MetadataFactory", "Timeout", "deadline_seconds"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -47,6 +48,22 @@ UNSET = _Unset.UNSET
 
 Timeout: TypeAlias = float | _Unset | None
 """A per-call timeout: seconds, ``None`` for no deadline, or ``UNSET`` for the client's."""
+
+LONGEST_DEADLINE = 365 * 24 * 3600.0
+"""Seconds past which a timeout means no deadline (a year: gRPC turns a deadline of ~7.4e9 s
+or more, and infinity, into one already passed)."""
+
+
+def deadline_seconds(timeout: float | None) -> float | None:
+    """``timeout`` as a call's deadline in seconds: ``None`` (no deadline) for ``None``,
+    infinity and anything over :data:`LONGEST_DEADLINE`; :class:`ValueError` for NaN, zero
+    and negative values (gRPC would end the call at once with ``DEADLINE_EXCEEDED``)."""
+    if timeout is None:
+        return None
+    if not timeout > 0:  # NaN too
+        raise ValueError(f"timeout must be positive or None, not {timeout}")
+    return None if timeout > LONGEST_DEADLINE else float(timeout)
+
 
 MetadataFactory: TypeAlias = Callable[[], Sequence[tuple[str, str]]]
 """Called for every call: more ``(key, value)`` pairs to send, for values that change per call."""
@@ -162,7 +179,7 @@ class CallRunner:
             return await call_with_retry(
                 attempt,
                 policy=self.policy,
-                timeout=self.timeout if timeout is UNSET else timeout,
+                timeout=self.timeout if timeout is UNSET else deadline_seconds(timeout),
                 volume=volume,
                 sleep=self._backoff,
             )
@@ -188,14 +205,19 @@ class CallRunner:
         """The replies of a server-streaming call of ``method``, until the stream ends (or
         ``timeout`` seconds pass; ``None``: never). ``UNAVAILABLE`` or ``CANCELLED`` before
         the first reply is retried with the client's policy (each attempt with fresh
-        metadata); once replies have arrived, any error is raised. :attr:`on_call` is
-        called when each attempt's stream ends; ``rpc`` names it as in :meth:`unary`."""
+        metadata), within the one deadline, as :func:`~.retry.call_with_retry` does (a
+        retry whose wait would pass it raises the attempt's error); once replies have
+        arrived, any error is raised. :attr:`on_call` is called when each attempt's stream
+        ends; ``rpc`` names it as in :meth:`unary`."""
         name = rpc or type(request).__name__.removesuffix("Request")
         policy = self.policy
+        timeout = deadline_seconds(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         retry = 0
         while True:
             self.check_open()
-            call = method(request, timeout=timeout, metadata=self._call_metadata())
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = method(request, timeout=remaining, metadata=self._call_metadata())
             started = False
             began = time.perf_counter()
             code = grpc.StatusCode.CANCELLED
@@ -207,7 +229,13 @@ class CallRunner:
                 return
             except grpc.RpcError as err:
                 code = status_code(err)
-                if started or not is_retryable(err) or retry >= policy.retries:
+                wait = policy.delay(retry)
+                if (
+                    started
+                    or not is_retryable(err)
+                    or retry >= policy.retries
+                    or (deadline is not None and time.monotonic() + wait >= deadline)
+                ):
                     raise error_from_rpc(
                         err, volume=volume, target=self.target, method=name
                     ) from err
@@ -218,13 +246,17 @@ class CallRunner:
             finally:
                 call.cancel()
                 self._observe(name, code, began)
-            await self._backoff(policy.delay(retry))
+            await self._backoff(wait)
             retry += 1
 
     def _call_metadata(self) -> tuple[tuple[str, str], ...]:
         if self.metadata_factory is None:
             return self.metadata
-        return (*self.metadata, *self.metadata_factory())
+        extra = tuple(self.metadata_factory())
+        for key, value in extra:
+            if (problem := metadata_problem(key, value)) is not None:
+                raise ValueError(f"metadata_factory: {problem}")
+        return (*self.metadata, *extra)
 
     def _observe(self, rpc: str, code: grpc.StatusCode, started: float) -> None:
         if self.on_call is not None:

@@ -17,7 +17,13 @@ import re
 import unicodedata
 from collections.abc import Callable
 
-__all__ = ["TARGET_SCHEMES", "address_text_problem", "server_address_problem", "token_problem"]
+__all__ = [
+    "TARGET_SCHEMES",
+    "address_text_problem",
+    "metadata_problem",
+    "server_address_problem",
+    "token_problem",
+]
 
 TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract")
 """The gRPC target schemes taken besides ``HOST:PORT`` (gRPC's naming document):
@@ -181,6 +187,36 @@ _SCHEME_CHECKS: dict[str, Callable[[str], str | None]] = {
     "unix": _unix_problem,
     "unix-abstract": _unix_abstract_problem,
 }
+
+
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_HEADER_VALUE = re.compile(r"[ -~]*")
+
+
+def metadata_problem(key: str, value: str | bytes) -> str | None:
+    """What keeps ``(key, value)`` out of a gRPC call's metadata, or ``None``: a key of
+    lower-case ASCII letters, digits, ``_``, ``-`` and ``.`` (not ``grpc-…``, gRPC's own);
+    a value of printable ASCII, or bytes for a key ending ``-bin``. gRPC itself fails every
+    call with an internal error for such a pair."""
+    if not isinstance(key, str) or not _METADATA_KEY.fullmatch(key):
+        return f"metadata key {key!r}: lower-case letters, digits, '_', '-' and '.' only"
+    if key.startswith("grpc-"):
+        return f"metadata key {key!r}: keys starting 'grpc-' are gRPC's own"
+    if key.endswith("-bin"):
+        if not isinstance(value, bytes):
+            return f"metadata key {key!r}: a key ending '-bin' takes bytes, not {value!r}"
+        return None
+    if not isinstance(value, str):
+        return f"metadata key {key!r}: its value must be a string, not {value!r}"
+    if _HEADER_VALUE.fullmatch(value):
+        return None
+    for position, char in enumerate(value):
+        if not " " <= char <= "~":
+            return (
+                f"metadata key {key!r}: its value has a character not allowed in a gRPC "
+                f"header: {char!r} (U+{ord(char):04X}) at position {position}"
+            )
+    return None
 
 
 def token_problem(token: str) -> str | None:

@@ -344,6 +344,11 @@ def _metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str
     return None
 
 
+_TOO_LARGE = "larger than max"
+"""In gRPC's own ``RESOURCE_EXHAUSTED`` for a message over a receive cap ("Received message
+larger than max (… vs. …)")."""
+
+
 def status_code(err: grpc.RpcError) -> grpc.StatusCode:
     """The status code of a failed call; UNKNOWN when the error carries none."""
     code_fn = getattr(err, "code", None)
@@ -371,6 +376,15 @@ def error_from_rpc(
     trailing_fn = getattr(err, "trailing_metadata", None)
     trailing = trailing_fn() if callable(trailing_fn) else None
     server_error = _metadata_value(trailing, ERROR_METADATA_KEY)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not server_error and _TOO_LARGE in message:
+        # gRPC's own cap on a message (no tierdisk server said it): the request is far over
+        # the server's max_io, which it would refuse (INVALID_ARGUMENT) below its cap.
+        return InvalidArgument(
+            f"the request is larger than the server takes ({message}): a Read or Write "
+            "carries at most the server's max_io bytes; give the client a smaller max_io",
+            code=code,
+            volume=volume,
+        )
     cls = STATUS_TABLE.get(code, TierdiskError)
     if server_error:
         cls = _refine(cls, server_error) or cls

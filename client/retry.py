@@ -39,6 +39,7 @@ that exactly one policy applies.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -91,8 +92,11 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, not {self.retries}")
-        if self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError("backoff and max_backoff must be >= 0")
+        if not (0 <= self.backoff < math.inf and 0 <= self.max_backoff < math.inf):  # NaN too
+            raise ValueError(
+                f"backoff and max_backoff must be finite and >= 0, not {self.backoff} and "
+                f"{self.max_backoff}"
+            )
 
     def ceiling(self, attempt: int) -> float:
         """The longest wait before retry number ``attempt`` (0-based)."""

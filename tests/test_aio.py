@@ -456,3 +456,70 @@ async def test_a_token_that_cannot_be_sent_is_refused_at_construction(token: str
     with pytest.raises(ValueError, match=r"^token (is empty|contains)") as info:
         AsyncClient("127.0.0.1:1", token=token)
     assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [[("x", "line\nbreak")], [("a key", "v")], [("x-bin", "not bytes")], [("grpc-x", "v")]],
+)
+async def test_metadata_that_cannot_be_sent_is_refused_at_construction(
+    metadata: list[tuple[str, str]],
+) -> None:
+    """A pair gRPC cannot send failed every call with its internal error: a ValueError
+    naming the key when the client is made (and at the call, from a metadata factory)."""
+    with pytest.raises(ValueError, match=r"^metadata key "):
+        AsyncClient("127.0.0.1:1", metadata=metadata)
+
+
+async def test_a_bad_pair_from_the_metadata_factory_fails_the_call(
+    scripted: tuple[Scripted, str],
+) -> None:
+    _, target = scripted
+    async with AsyncClient(target, metadata_factory=lambda: [("x", "a\tb")]) as client:
+        with pytest.raises(ValueError, match=r"^metadata_factory: metadata key 'x'"):
+            await client.volume("v").info()
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), 1e10])
+async def test_a_timeout_past_a_year_or_infinite_is_no_deadline(
+    scripted: tuple[Scripted, str], seconds: float
+) -> None:
+    """gRPC made such deadlines (and infinity) ones already passed: every call failed at
+    once with DEADLINE_EXCEEDED. Given to the client or to a call, they mean none."""
+    _, target = scripted
+    async with AsyncClient(target, timeout=seconds) as client:
+        vol = client.volume("v")
+        assert (await vol.info()).sector_size == 512
+        assert await vol.read(0, 1, timeout=seconds) == bytes(512)
+        assert [e.generation async for e in vol.watch_resize(timeout=seconds)] == [0, 1, 2]
+
+
+async def test_a_timeout_that_is_not_a_number_of_seconds_is_refused(
+    scripted: tuple[Scripted, str],
+) -> None:
+    _, target = scripted
+    for bad in (float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="timeout must be positive or None"):
+            AsyncClient(target, timeout=bad)
+    async with AsyncClient(target) as client:
+        with pytest.raises(ValueError, match="timeout must be positive or None"):
+            await client.volume("v").read(0, 1, timeout=float("nan"))
+
+
+async def test_a_watch_gives_up_within_its_timeout_not_per_attempt(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """``watch_resize(timeout=T)`` failing with UNAVAILABLE before its first event is retried
+    within T, as any call: a retry whose wait would pass T raises the error (each attempt
+    got the whole T again, and the waits came on top)."""
+    servicer, target = scripted
+    async with AsyncClient(target, retries=5, backoff=1e6, max_backoff=1e6) as client:
+        servicer.fail_next = [(S.UNAVAILABLE, None)] * 6
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(anext(client.volume("v").watch_resize(timeout=0.5)), 30)
+    assert [r[0] for r in servicer.requests].count("WatchResize") < 6
+
+
+def test_an_async_client_made_outside_an_event_loop_says_where_it_belongs() -> None:
+    with pytest.raises(RuntimeError, match=r"running event loop.*tierdisk\.client\.Client"):
+        AsyncClient("127.0.0.1:1")

@@ -48,6 +48,7 @@ from tierdisk.client import (
     UnmapBehavior,
     VolumeNotFound,
 )
+from tierdisk.client.errors import changed_nothing
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 
@@ -225,6 +226,22 @@ async def test_chunks_above_the_server_limit_are_refused_with_the_limit(server: 
             await c.volume("ram").write(0, bytes(20 * MiB))
         assert info.value.volume == "ram"
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_request_over_the_servers_message_cap_is_an_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    """A write so far over the server's ``max_io`` (1 MiB here) that gRPC's own cap on a
+    message (4x ``max_io`` and 1 MiB) refuses it, before tierdisk's check: ``InvalidArgument``
+    saying the request is too large (it changed nothing), not ``NoSpace`` (a full disk)."""
+    async with (
+        fragmented_server(tmp_path, toml_volume("v", ram("16MiB"))) as srv,
+        AsyncClient(srv.grpc_address, max_io=8 * MiB, retries=0) as c,
+    ):
+        with pytest.raises(InvalidArgument, match="larger than the server takes") as info:
+            await c.volume("v").write(0, bytes(8 * MiB))
+        assert "max_io" in str(info.value) and changed_nothing(info.value)
+        assert await c.volume("v").read(0, 8) == bytes(8 * 512)
 
 
 # -- exceptions for each code ----------------------------------------------------------

@@ -47,6 +47,11 @@ def test_retry_policy_refuses_negative_values() -> None:
         RetryPolicy(retries=-1)
     with pytest.raises(ValueError):
         RetryPolicy(backoff=-0.1)
+    for bad in (float("nan"), float("inf")):  # a wait for ever, or NaN seconds
+        with pytest.raises(ValueError, match="finite"):
+            RetryPolicy(backoff=bad)
+        with pytest.raises(ValueError, match="finite"):
+            RetryPolicy(max_backoff=bad)
 
 
 class FakeTime:
