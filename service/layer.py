@@ -299,6 +299,10 @@ class Layer(abc.ABC):
         """Copy the sectors this layer holds in ``[sector, sector + len(buf) / sector_size)``
         into ``buf`` (at their offset within the request) and return the runs it supplied,
         sorted and absolute. Bytes of sectors it does not hold are left untouched.
+
+        A read cancelled while a thread copies for it (``raw``) may go on writing into
+        ``buf`` after the cancel is raised: a caller hands each read a buffer of its own
+        and drops it on a cancel (every caller does), never one it reuses at once.
         """
 
     @abc.abstractmethod

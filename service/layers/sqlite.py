@@ -23,7 +23,12 @@ half-made layer.
 
 All SQLite work runs on one worker thread per layer that owns the only connection, in
 submission order: no request waits on the event loop, and a read-cache fill
-(``INSERT OR IGNORE``) never overwrites a sector a write reached first.
+(``INSERT OR IGNORE``) never overwrites a sector a write reached first. That order is also
+why a write or unmap whose caller is cancelled needs no
+:func:`~tierdisk.service.unstoppable.run_to_end` here (``raw`` and ``sparse`` need it): the
+caller stops waiting, and the volume may release its sectors, but the work queued for the
+thread still runs before any request submitted after the cancel, so none of those can be
+overtaken by it.
 
 Per-sector work. One row per sector is what this format is, so rows are the one place the
 layer takes a Python step per sector: a write packs its rows with ``executemany`` over a
