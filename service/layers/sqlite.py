@@ -27,8 +27,8 @@ submission order: no request waits on the event loop, and a read-cache fill
 why a write or unmap whose caller is cancelled needs no
 :func:`~tierdisk.service.unstoppable.run_to_end` here (``raw`` and ``sparse`` need it): the
 caller stops waiting, and the volume may release its sectors, but the work queued for the
-thread still runs before any request submitted after the cancel, so none of those can be
-overtaken by it.
+thread runs (or, not started yet, is dropped) before any request submitted after the
+cancel, so none of those can be overtaken by it.
 
 Per-sector work. One row per sector is what this format is, so rows are the one place the
 layer takes a Python step per sector: a write packs its rows with ``executemany`` over a
