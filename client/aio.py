@@ -73,6 +73,7 @@ from .errors import (
     Interrupted,
     InvalidArgument,
     OutOfRange,
+    SectorSizeChanged,
     StorageError,
     WritesLost,
 )
@@ -311,7 +312,10 @@ class AsyncClient:
 class AsyncVolume:
     """One volume on a server. Sector numbers and counts are in the volume's sectors; the
     ``*_bytes`` helpers take byte offsets. The sector size is fetched once (``info()``)
-    and cached."""
+    and cached, and every request that counts in sectors carries the size it was counted
+    in, once known: should the volume be re-created with another sector size, the server
+    refuses it (:class:`SectorSizeChanged`, which also drops the cached size) rather than
+    take its sectors as other bytes."""
 
     def __init__(self, client: AsyncClient, name: str) -> None:
         self.client = client
@@ -325,9 +329,21 @@ class AsyncVolume:
         return f"AsyncVolume({self.name!r} on {self.client.target!r})"
 
     async def _call(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: Timeout
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: Timeout,
+        rpc: str | None = None,
     ) -> Resp:
-        return await self._runner.unary(method, request, timeout=timeout, volume=self.name)
+        """One call about this volume; a :class:`SectorSizeChanged` drops the cached
+        sector size (the next call asks it again)."""
+        try:
+            return await self._runner.unary(
+                method, request, timeout=timeout, volume=self.name, rpc=rpc
+            )
+        except SectorSizeChanged:
+            self._sector_size = None
+            raise
 
     async def info(self, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """The volume's geometry and capabilities, fresh from the server."""
@@ -441,12 +457,13 @@ class AsyncVolume:
         ``presence``, the runs some layer holds; :class:`StorageError` if the reply is
         malformed or not ``count`` sectors long (the server misbehaved)."""
         req = pb.ReadRequest(
-            volume=self.name, sector=sector, sector_count=count, report_presence=presence
+            volume=self.name,
+            sector=sector,
+            sector_count=count,
+            report_presence=presence,
+            sector_size=self._sector_size or 0,
         )
-        runner = self._runner
-        raw = await runner.unary(
-            runner.read_raw, req, timeout=timeout, volume=self.name, rpc="Read"
-        )
+        raw = await self._call(self._runner.read_raw, req, timeout, "Read")
         try:
             reply = read_reply_view(raw)
         except ValueError as exc:
@@ -564,11 +581,14 @@ class AsyncVolume:
             start = chunk.offset * size
             end = start + chunk.sector_count * size
             req = encode_write(
-                self.name, chunk.sector, mv[start:end], fua=fua, no_overwrite=no_overwrite
+                self.name,
+                chunk.sector,
+                mv[start:end],
+                fua=fua,
+                no_overwrite=no_overwrite,
+                sector_size=size,
             )
-            reply = await runner.unary(
-                runner.write_raw, req, timeout=timeout, volume=self.name, rpc="Write"
-            )
+            reply = await self._call(runner.write_raw, req, timeout, "Write")
             self._unflushed.acknowledged(reply.write_verifier)
             done += end - start
 
@@ -605,7 +625,11 @@ class AsyncVolume:
         ``unmap_behavior``."""
         _check_range(sector, count, volume=self.name)
         req = pb.UnmapRequest(
-            volume=self.name, sector=sector, sector_count=count, block_level_only=block_level_only
+            volume=self.name,
+            sector=sector,
+            sector_count=count,
+            block_level_only=block_level_only,
+            sector_size=self._sector_size or 0,
         )
         reply = await self._call(self._stub.Unmap, req, timeout)
         self._unflushed.acknowledged(reply.write_verifier)
@@ -636,7 +660,9 @@ class AsyncVolume:
     async def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """Change the volume's size (its top layer's) to ``sector_count`` sectors."""
         _check_number("sector_count", sector_count, volume=self.name)
-        req = pb.ResizeRequest(volume=self.name, sector_count=sector_count)
+        req = pb.ResizeRequest(
+            volume=self.name, sector_count=sector_count, sector_size=self._sector_size or 0
+        )
         info = VolumeInfo.from_proto(await self._call(self._stub.Resize, req, timeout))
         self._sector_size = info.sector_size
         return info
@@ -672,7 +698,9 @@ class AsyncVolume:
         self, sector: int, count: int, timeout: Timeout
     ) -> list[AllocationExtent]:
         """One GetAllocation: the runs of ``count`` sectors from ``sector``."""
-        req = pb.GetAllocationRequest(volume=self.name, sector=sector, sector_count=count)
+        req = pb.GetAllocationRequest(
+            volume=self.name, sector=sector, sector_count=count, sector_size=self._sector_size or 0
+        )
         resp = await self._call(self._stub.GetAllocation, req, timeout)
         return [AllocationExtent(e.sector, e.sector_count, e.depth) for e in resp.extents]
 

@@ -35,6 +35,7 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ReadOnlyVolume",
+    "SectorSizeChanged",
     "StorageError",
     "TierLoop",
     "TierdiskError",
@@ -143,6 +144,16 @@ class TierLoop(FailedPrecondition):
     or too deep a chain of them; retrying cannot help."""
 
     server_names = ("TierLoop",)
+
+
+class SectorSizeChanged(FailedPrecondition):
+    """The volume's sector size is not the one the request counted in (server error
+    ``SectorSizeChanged``): it was re-created with another since this client asked. Nothing
+    changed; the client forgets the size it kept, so the next call asks it again, and the
+    caller works out its sector numbers anew."""
+
+    label = "sector size changed"
+    server_names = ("SectorSizeChanged",)
 
 
 class NotSupported(FailedPrecondition):

@@ -19,6 +19,8 @@ protobuf reads and writes them (the server's wire-format readers use them too).
 
 from __future__ import annotations
 
+import functools
+
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 __all__ = ["decode_varint", "encode_varint", "encode_write", "read_reply_view"]
@@ -29,6 +31,7 @@ _SECTOR_TAG, _COUNT_TAG = 0x08, 0x10  # Extent.sector, Extent.sector_count: vari
 _WRITE_DATA_TAG = 0x1A  # WriteRequest.data: field 3, wire type 2
 _FUA_TRUE = b"\x20\x01"  # WriteRequest.fua = true: field 4, varint 1
 _NO_OVERWRITE_TRUE = b"\x28\x01"  # WriteRequest.no_overwrite = true: field 5, varint 1
+_SECTOR_SIZE_TAG = b"\x30"  # WriteRequest.sector_size: field 6, varint
 _UINT64 = (1 << 64) - 1
 
 
@@ -108,13 +111,27 @@ def _extent(raw: bytes, pos: int, end: int) -> tuple[int, int] | None:
     return sector, count
 
 
+@functools.lru_cache(maxsize=16)
+def _sector_size_field(sector_size: int) -> bytes:
+    """``WriteRequest.sector_size`` as it goes on the wire (a handful of sizes exist)."""
+    return _SECTOR_SIZE_TAG + encode_varint(sector_size)
+
+
 def encode_write(
-    volume: str, sector: int, data: memoryview, *, fua: bool, no_overwrite: bool
+    volume: str,
+    sector: int,
+    data: memoryview,
+    *,
+    fua: bool,
+    no_overwrite: bool,
+    sector_size: int = 0,
 ) -> bytes:
     """The serialized ``WriteRequest``, byte for byte what protobuf writes for the same
     fields, with ``data`` copied once (into the result)."""
     head = pb.WriteRequest(volume=volume, sector=sector).SerializeToString()  # fields 1, 2
     tail = (_FUA_TRUE if fua else b"") + (_NO_OVERWRITE_TRUE if no_overwrite else b"")
+    if sector_size:  # field 6, after fua (4) and no_overwrite (5), as protobuf orders them
+        tail += _sector_size_field(sector_size)
     if not len(data):  # proto3 leaves an empty field out
         return head + tail
     tag = bytes((_WRITE_DATA_TAG,)) + encode_varint(len(data))

@@ -19,6 +19,7 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ReadOnlyError",
+    "SectorSizeChanged",
     "StorageError",
     "TierLoop",
     "TierdiskError",
@@ -65,6 +66,13 @@ class TierLoop(FailedPrecondition):
     """The hop guard refused a call (:mod:`tierdisk.service.hops`): a loop of tiers (a
     volume reached twice, or volumes waiting for each other at start) or a chain of tiers
     deeper than its limit. Retrying cannot end it."""
+
+
+class SectorSizeChanged(FailedPrecondition):
+    """A request counted in another sector size than the volume's (the request's
+    ``sector_size``): the volume was re-created with another one since the caller asked,
+    and its sectors would be other bytes. Nothing changed; the caller asks the volume's
+    geometry again."""
 
 
 class ReadOnlyError(FailedPrecondition):

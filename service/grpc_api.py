@@ -24,7 +24,13 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 from . import hops
-from .errors import AllocationTooLarge, InvalidArgument, TierdiskError, Unavailable
+from .errors import (
+    AllocationTooLarge,
+    InvalidArgument,
+    SectorSizeChanged,
+    TierdiskError,
+    Unavailable,
+)
 from .failure_log import StorageFailureLog
 from .metrics import Metrics
 from .read_reply import ReadReply
@@ -323,10 +329,19 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         await cls._refuse(context, status_for(invalid), invalid)
         raise AssertionError("not reached: abort() raises")
 
-    def _volume(self, name: str) -> Volume:
+    def _volume(self, name: str, sector_size: int = 0) -> Volume:
+        """The volume ``name``, whose sector size must be ``sector_size`` (a request's: the
+        size its sectors count in; 0: not checked), else :class:`SectorSizeChanged`."""
         if not name:
             raise InvalidArgument("the request names no volume")
-        return self._registry.get(name)
+        volume = self._registry.get(name)
+        if sector_size and sector_size != volume.sector_size:
+            raise SectorSizeChanged(
+                f"volume {name!r} has {volume.sector_size}-byte sectors, not the "
+                f"{sector_size}-byte ones this request counts in: it was re-created since "
+                "they were asked; ask its geometry again (GetVolume)"
+            )
+        return volume
 
     def _check_io_size(self, nbytes: int, what: str) -> None:
         if nbytes > self._max_io:
@@ -424,7 +439,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         try:
             self._admit(context, request.volume)
             try:
-                volume = self._volume(request.volume)
+                volume = self._volume(request.volume, request.sector_size)
                 nbytes = request.sector_count * volume.sector_size
                 self._check_io_size(nbytes, "a read")
                 if nbytes == 0:
@@ -473,7 +488,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             await self._refuse_undecodable(context, request)
 
         async def body() -> tuple[pb.WriteResponse, int]:
-            volume = self._volume(request.volume)
+            volume = self._volume(request.volume, request.sector_size)
             data = request.data
             self._check_io_size(len(data), "a write")
             # The verifier as the write starts: a flush failing while it runs renews it,
@@ -490,7 +505,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
 
     async def Unmap(self, request: pb.UnmapRequest, context: Any) -> pb.UnmapResponse:
         async def body() -> tuple[pb.UnmapResponse, int]:
-            volume = self._volume(request.volume)
+            volume = self._volume(request.volume, request.sector_size)
             verifier = volume.write_verifier  # as the unmap starts (see write_parsed)
             await volume.unmap(request.sector, request.sector_count, request.block_level_only)
             return pb.UnmapResponse(write_verifier=verifier), 0
@@ -513,7 +528,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         bytes, else :class:`AllocationTooLarge` (see :meth:`_check_allocation_size`)."""
 
         async def body() -> tuple[pb.GetAllocationResponse, int]:
-            volume = self._volume(request.volume)
+            volume = self._volume(request.volume, request.sector_size)
             sector, count = request.sector, request.sector_count
             runs = await volume.allocation(sector, count)
             self._check_allocation_size(volume.name, sector, count, len(runs), None)
@@ -543,7 +558,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
 
     async def Resize(self, request: pb.ResizeRequest, context: Any) -> pb.Volume:
         async def body() -> tuple[pb.Volume, int]:
-            volume = self._volume(request.volume)
+            volume = self._volume(request.volume, request.sector_size)
             await volume.resize(request.sector_count)
             return _to_volume_message(volume), 0
 

@@ -4,8 +4,9 @@ received.
 Through protobuf, a 1 MiB ``WriteRequest`` is copied twice before the engine sees it: once
 into the parsed message, once more by every read of its ``data`` field. :func:`parse_write`
 instead walks the wire format (``tierdisk/v1/blockdevice.proto``: ``volume`` = 1, ``sector`` =
-2, ``data`` = 3, ``fua`` = 4, ``no_overwrite`` = 5) and hands the engine a ``memoryview``
-into the received bytes, so the data is copied once, into the layer that stores it.
+2, ``data`` = 3, ``fua`` = 4, ``no_overwrite`` = 5, ``sector_size`` = 6) and hands the
+engine a ``memoryview`` into the received bytes, so the data is copied once, into the layer
+that stores it.
 
 It reads what protobuf reads: fields in any order, the last occurrence of a field wins,
 unknown fields (groups included) and fields of an unexpected wire type are skipped,
@@ -32,7 +33,8 @@ _PROTOBUF_BELOW = 32 << 10  # requests smaller than this are parsed by protobuf
 _VARINT, _FIXED64, _LENGTH, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
 _MAX_FIELD = 1 << 29  # field numbers are below this
 _MAX_DEPTH = 100  # groups nested deeper are refused (protobuf's own recursion limit)
-_VOLUME, _SECTOR, _DATA, _FUA, _NO_OVERWRITE = 1, 2, 3, 4, 5
+_VOLUME, _SECTOR, _DATA, _FUA, _NO_OVERWRITE, _SECTOR_SIZE = 1, 2, 3, 4, 5, 6
+_UINT32 = (1 << 32) - 1  # a uint32 field keeps the low 32 bits of its varint, as protobuf
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class WriteRequestView:
     data: memoryview = _EMPTY
     fua: bool = False
     no_overwrite: bool = False
+    sector_size: int = 0
 
     @classmethod
     def of(cls, message: pb.WriteRequest) -> WriteRequestView:
@@ -54,6 +57,7 @@ class WriteRequestView:
             memoryview(message.data),
             message.fua,
             message.no_overwrite,
+            message.sector_size,
         )
 
 
@@ -98,14 +102,16 @@ def _parse_into(view: WriteRequestView, raw: bytes) -> None:
     while pos < end:
         tag, pos = _varint(raw, pos, end)
         field, wire = tag >> 3, tag & 7
-        if wire == _VARINT and field in (_SECTOR, _FUA, _NO_OVERWRITE):
+        if wire == _VARINT and field in (_SECTOR, _FUA, _NO_OVERWRITE, _SECTOR_SIZE):
             value, pos = _varint(raw, pos, end)
             if field == _SECTOR:
                 view.sector = value
             elif field == _FUA:
                 view.fua = value != 0
-            else:
+            elif field == _NO_OVERWRITE:
                 view.no_overwrite = value != 0
+            else:
+                view.sector_size = value & _UINT32
         elif wire == _LENGTH and field in (_DATA, _VOLUME):
             length, pos = _varint(raw, pos, end)
             stop = pos + length

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -42,6 +43,7 @@ from tierdisk.client import (
     ReadOnlyVolume,
     ReadResult,
     RetryPolicy,
+    SectorSizeChanged,
     StorageError,
     Unavailable,
     Unimplemented,
@@ -51,6 +53,7 @@ from tierdisk.client import (
 from tierdisk.client.errors import changed_nothing
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 
@@ -242,6 +245,83 @@ async def test_a_request_over_the_servers_message_cap_is_an_invalid_argument(
             await c.volume("v").write(0, bytes(8 * MiB))
         assert "max_io" in str(info.value) and changed_nothing(info.value)
         assert await c.volume("v").read(0, 8) == bytes(8 * 512)
+
+
+@pytest.mark.parametrize(
+    "rpc", ["Read", "Write", "large Write", "Unmap", "GetAllocation", "Resize"]
+)
+async def test_a_request_counted_in_another_sector_size_is_refused(
+    server: Server, rpc: str
+) -> None:
+    """A request whose ``sector_size`` is not the volume's (it was re-created with another
+    since the caller asked) is ``FAILED_PRECONDITION``, ``SectorSizeChanged``, and changes
+    nothing; the volume's own size, or 0 (not checked), goes through."""
+    data = b"\x5a" * (64 << 10 if rpc == "large Write" else 4096)
+
+    def request(sector_size: int) -> tuple[Any, Any]:
+        v, n = "big4k", 1  # a volume of 4 KiB sectors
+        return {
+            "Read": (pb.ReadRequest(volume=v, sector=0, sector_count=n, sector_size=sector_size),
+                     "Read"),
+            "Write": (pb.WriteRequest(volume=v, sector=0, data=data, sector_size=sector_size),
+                      "Write"),
+            "large Write": (pb.WriteRequest(volume=v, sector=0, data=data,
+                                            sector_size=sector_size), "Write"),
+            "Unmap": (pb.UnmapRequest(volume=v, sector=0, sector_count=n,
+                                      sector_size=sector_size), "Unmap"),
+            "GetAllocation": (pb.GetAllocationRequest(volume=v, sector=0, sector_count=n,
+                                                      sector_size=sector_size), "GetAllocation"),
+            "Resize": (pb.ResizeRequest(volume=v, sector_count=2048, sector_size=sector_size),
+                       "Resize"),
+        }[rpc]  # fmt: skip
+
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.BlockDeviceStub(channel)
+        before = await stub.Read(pb.ReadRequest(volume="big4k", sector=0, sector_count=16))
+        message, method = request(512)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await getattr(stub, method)(message)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert ("tierdisk-error", "SectorSizeChanged") in tuple(info.value.trailing_metadata())
+        assert "4096-byte sectors, not the 512-byte ones" in (info.value.details() or "")
+        after = await stub.Read(pb.ReadRequest(volume="big4k", sector=0, sector_count=16))
+        assert after.data == before.data
+        size = await stub.GetVolume(pb.GetVolumeRequest(volume="big4k"))
+        assert size.sector_count == 1024  # 4 MiB: no resize either
+        for good in (4096, 0):
+            message, method = request(good)
+            await getattr(stub, method)(message)
+
+
+async def test_a_client_whose_volume_was_re_created_with_another_sector_size_never_writes_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """The server restarts with the volume re-created with 4 KiB sectors under a client that
+    knew it with 512-byte ones: the client's next write (``write_bytes``, at a byte offset
+    it converts with the size it kept) is refused, ``SectorSizeChanged``, not written 8
+    times further in; the client forgets the size, and the write made again lands where
+    it was meant to."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
+    first = ServerProcess.start(tmp_path, config, listen=listen)
+    try:
+        async with AsyncClient(listen, timeout=10) as client:
+            vol = client.volume("v")
+            await vol.write_bytes(0, b"\x11" * 4096)
+            first.close()
+            config.write_text(toml_volume("v", ram("1MiB", sector_size=4096)))
+            second = ServerProcess.start(tmp_path, config, listen=listen)
+            try:
+                with pytest.raises(SectorSizeChanged, match="4096-byte sectors"):
+                    await vol.write_bytes(4096, b"A" * 4096)
+                assert await vol.read_bytes(0, 64 << 10) == bytes(64 << 10)  # nowhere
+                await vol.write_bytes(4096, b"A" * 4096)
+                assert await vol.sector_size() == 4096
+                assert await vol.read_bytes(0, 12288) == bytes(4096) + b"A" * 4096 + bytes(4096)
+            finally:
+                second.close()
+    finally:
+        first.close()
 
 
 # -- exceptions for each code ----------------------------------------------------------

@@ -36,6 +36,7 @@ DESIGN_TABLE: dict[type[serr.TierdiskError], tuple[grpc.StatusCode, type[cerr.Ti
     serr.ReadOnlyError: (S.FAILED_PRECONDITION, cerr.ReadOnlyVolume),
     serr.NotSupported: (S.FAILED_PRECONDITION, cerr.NotSupported),
     serr.TierLoop: (S.FAILED_PRECONDITION, cerr.TierLoop),
+    serr.SectorSizeChanged: (S.FAILED_PRECONDITION, cerr.SectorSizeChanged),
     serr.ConfigError: (S.FAILED_PRECONDITION, cerr.FailedPrecondition),
     serr.Unauthenticated: (S.UNAUTHENTICATED, cerr.Unauthenticated),
     serr.PermissionDenied: (S.PERMISSION_DENIED, cerr.PermissionDenied),

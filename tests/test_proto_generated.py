@@ -200,6 +200,7 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "sector": (U64, False, None),
         "sector_count": (U64, False, None),
         "report_presence": (BOOL, False, None),
+        "sector_size": (U32, False, None),
     },
     "ReadResponse": {
         "data": (BYTES, False, None),
@@ -211,6 +212,7 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "data": (BYTES, False, None),
         "fua": (BOOL, False, None),
         "no_overwrite": (BOOL, False, None),
+        "sector_size": (U32, False, None),
     },
     "WriteResponse": {"write_verifier": (F64, False, None)},
     "UnmapRequest": {
@@ -218,6 +220,7 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "sector": (U64, False, None),
         "sector_count": (U64, False, None),
         "block_level_only": (BOOL, False, None),
+        "sector_size": (U32, False, None),
     },
     "UnmapResponse": {"write_verifier": (F64, False, None)},
     "FlushRequest": {"volume": (STR, False, None)},
@@ -226,11 +229,16 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "volume": (STR, False, None),
         "sector": (U64, False, None),
         "sector_count": (U64, False, None),
+        "sector_size": (U32, False, None),
     },
     "GetAllocationResponse": {"extents": (MSG, True, "tierdisk.v1.AllocationExtent")},
     "InspectRequest": {"volume": (STR, False, None), "path": (STR, False, None)},
     "InspectResponse": {"tree": (MSG, False, "google.protobuf.Struct")},
-    "ResizeRequest": {"volume": (STR, False, None), "sector_count": (U64, False, None)},
+    "ResizeRequest": {
+        "volume": (STR, False, None),
+        "sector_count": (U64, False, None),
+        "sector_size": (U32, False, None),
+    },
     "WatchResizeRequest": {"volume": (STR, False, None)},
 }
 

@@ -68,14 +68,27 @@ def test_malformed_replies_are_refused(raw: bytes) -> None:
     data=st.binary(max_size=5000),
     fua=st.booleans(),
     no_overwrite=st.booleans(),
+    sector_size=st.sampled_from([0, 512, 4096, 1 << 16, (1 << 32) - 1]),
 )
 def test_encode_write_is_what_protobuf_serializes(
-    volume: str, sector: int, data: bytes, fua: bool, no_overwrite: bool
+    volume: str, sector: int, data: bytes, fua: bool, no_overwrite: bool, sector_size: int
 ) -> None:
     expected = pb.WriteRequest(
-        volume=volume, sector=sector, data=data, fua=fua, no_overwrite=no_overwrite
+        volume=volume,
+        sector=sector,
+        data=data,
+        fua=fua,
+        no_overwrite=no_overwrite,
+        sector_size=sector_size,
     ).SerializeToString()
-    got = encode_write(volume, sector, memoryview(data), fua=fua, no_overwrite=no_overwrite)
+    got = encode_write(
+        volume,
+        sector,
+        memoryview(data),
+        fua=fua,
+        no_overwrite=no_overwrite,
+        sector_size=sector_size,
+    )
     assert got == expected
 
 

@@ -29,11 +29,11 @@ def _field(number: int, wire: int, body: bytes) -> bytes:
 def unknown_field(draw: st.DrawFn, depth: int = 0) -> bytes:
     """One field protobuf keeps as unknown: a number the message does not define, or a known
     number with another wire type; groups (nested) included."""
-    number = draw(st.one_of(st.integers(6, 5000), st.integers(1, 5)))
+    number = draw(st.one_of(st.integers(7, 5000), st.integers(1, 6)))
     kinds = ["varint", "fixed64", "fixed32", "bytes"] + (["group"] if depth < 3 else [])
     kind = draw(st.sampled_from(kinds))
     if kind == "varint":
-        if number in (2, 4, 5):  # known varint fields: that would be a value, not unknown
+        if number in (2, 4, 5, 6):  # known varint fields: that would be a value, not unknown
             number += 10
         return _field(number, 0, encode_varint(draw(UINT64)))
     if kind == "fixed64":
@@ -55,6 +55,7 @@ def _same(view: WriteRequestView, message: pb.WriteRequest) -> None:
     assert bytes(view.data) == message.data
     assert view.fua == message.fua
     assert view.no_overwrite == message.no_overwrite
+    assert view.sector_size == message.sector_size
 
 
 @given(
@@ -63,6 +64,7 @@ def _same(view: WriteRequestView, message: pb.WriteRequest) -> None:
     data=st.binary(max_size=3000),
     fua=st.booleans(),
     no_overwrite=st.booleans(),
+    sector_size=st.integers(0, (1 << 32) - 1),
     noise=st.lists(unknown_field(), max_size=4),
     repeat=st.booleans(),
 )
@@ -72,17 +74,25 @@ def test_reads_what_protobuf_serializes(
     data: bytes,
     fua: bool,
     no_overwrite: bool,
+    sector_size: int,
     noise: list[bytes],
     repeat: bool,
 ) -> None:
     """Fields in any order, unknown fields in between, and a field given twice (the last
     one wins) read as protobuf reads them."""
     message = pb.WriteRequest(
-        volume=volume, sector=sector, data=data, fua=fua, no_overwrite=no_overwrite
+        volume=volume,
+        sector=sector,
+        data=data,
+        fua=fua,
+        no_overwrite=no_overwrite,
+        sector_size=sector_size,
     )
     raw = message.SerializeToString()
     if repeat:  # an earlier occurrence of every field, with other values
-        earlier = pb.WriteRequest(volume="x", sector=7, data=b"old", fua=True, no_overwrite=True)
+        earlier = pb.WriteRequest(
+            volume="x", sector=7, data=b"old", fua=True, no_overwrite=True, sector_size=4096
+        )
         raw = earlier.SerializeToString() + raw
     raw = b"".join(noise[:2]) + raw + b"".join(noise[2:])
     _same(parse_write_wire(raw), pb.WriteRequest.FromString(raw))
@@ -136,7 +146,7 @@ def test_of_a_message(fua: bool) -> None:
 
 # -- explicit false on the wire -----------------------------------------------------------------
 
-_FUA, _NO_OVERWRITE = 4, 5  # WriteRequest.fua, .no_overwrite: varint fields
+_FUA, _NO_OVERWRITE, _SECTOR_SIZE = 4, 5, 6  # WriteRequest's varint fields (and sector, 2)
 
 
 def _varint_field(number: int, value: int, pad: int = 0) -> bytes:
@@ -202,10 +212,11 @@ def test_an_explicit_zero_is_false_in_a_large_write(
         data=st.binary(max_size=100),
         fua=st.booleans(),
         no_overwrite=st.booleans(),
+        sector_size=st.integers(0, (1 << 32) - 1),
     ),
     explicit=st.lists(
         st.tuples(
-            st.sampled_from([2, _FUA, _NO_OVERWRITE]),
+            st.sampled_from([2, _FUA, _NO_OVERWRITE, _SECTOR_SIZE]),
             st.one_of(st.just(0), st.just(1), UINT64, st.integers(1 << 64, (1 << 70) - 1)),
             st.integers(0, 3),
         ),
@@ -217,7 +228,8 @@ def test_an_explicit_zero_is_false_in_a_large_write(
 def test_explicit_varint_fields_read_as_protobuf_reads_them(
     message: pb.WriteRequest, explicit: list[tuple[int, int, int]], at_end: bool
 ) -> None:
-    """The varint fields (``sector``, ``fua``, ``no_overwrite``) given explicitly, zero or
+    """The varint fields (``sector``, ``fua``, ``no_overwrite``, ``sector_size``: a uint32,
+    which keeps the low 32 bits of a longer value) given explicitly, zero or
     not, canonical or padded, before or after the message's own."""
     fields = b"".join(
         _varint_field(number, value, pad)

@@ -278,6 +278,7 @@ class ReadRequest(_message.Message):
     SECTOR_FIELD_NUMBER: _builtins.int
     SECTOR_COUNT_FIELD_NUMBER: _builtins.int
     REPORT_PRESENCE_FIELD_NUMBER: _builtins.int
+    SECTOR_SIZE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     """Name of the volume."""
     sector: _builtins.int
@@ -288,6 +289,13 @@ class ReadRequest(_message.Message):
     """
     report_presence: _builtins.bool
     """When true, the response's `present` lists the runs some layer holds."""
+    sector_size: _builtins.int
+    """The sector size in bytes the caller counts sectors in (the volume's
+    sector_size as its GetVolume said); 0: not checked. Any other size than
+    the volume's is FAILED_PRECONDITION (tierdisk-error: SectorSizeChanged):
+    the volume was re-created with another sector size since the caller
+    asked, and its sectors would be other bytes. The request changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -295,10 +303,11 @@ class ReadRequest(_message.Message):
         sector: _builtins.int = ...,
         sector_count: _builtins.int = ...,
         report_presence: _builtins.bool = ...,
+        sector_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["report_presence", b"report_presence", "sector", b"sector", "sector_count", b"sector_count", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report_presence", b"report_presence", "sector", b"sector", "sector_count", b"sector_count", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,6 +353,7 @@ class WriteRequest(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     FUA_FIELD_NUMBER: _builtins.int
     NO_OVERWRITE_FIELD_NUMBER: _builtins.int
+    SECTOR_SIZE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     """Name of the volume."""
     sector: _builtins.int
@@ -360,6 +370,13 @@ class WriteRequest(_message.Message):
     """When true, writes only the sectors the volume does not already hold and
     leaves held sectors unchanged (used to fill a read cache).
     """
+    sector_size: _builtins.int
+    """The sector size in bytes the caller counts sectors in (the volume's
+    sector_size as its GetVolume said); 0: not checked. Any other size than
+    the volume's is FAILED_PRECONDITION (tierdisk-error: SectorSizeChanged):
+    the volume was re-created with another sector size since the caller
+    asked, and its sectors would be other bytes. The request changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -368,10 +385,11 @@ class WriteRequest(_message.Message):
         data: _builtins.bytes = ...,
         fua: _builtins.bool = ...,
         no_overwrite: _builtins.bool = ...,
+        sector_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "fua", b"fua", "no_overwrite", b"no_overwrite", "sector", b"sector", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "fua", b"fua", "no_overwrite", b"no_overwrite", "sector", b"sector", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,6 +435,7 @@ class UnmapRequest(_message.Message):
     SECTOR_FIELD_NUMBER: _builtins.int
     SECTOR_COUNT_FIELD_NUMBER: _builtins.int
     BLOCK_LEVEL_ONLY_FIELD_NUMBER: _builtins.int
+    SECTOR_SIZE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     """Name of the volume."""
     sector: _builtins.int
@@ -429,6 +448,13 @@ class UnmapRequest(_message.Message):
     the block level. Layers may ignore it; what later reads of the range
     return still follows the volume's `unmap_behavior`.
     """
+    sector_size: _builtins.int
+    """The sector size in bytes the caller counts sectors in (the volume's
+    sector_size as its GetVolume said); 0: not checked. Any other size than
+    the volume's is FAILED_PRECONDITION (tierdisk-error: SectorSizeChanged):
+    the volume was re-created with another sector size since the caller
+    asked, and its sectors would be other bytes. The request changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -436,10 +462,11 @@ class UnmapRequest(_message.Message):
         sector: _builtins.int = ...,
         sector_count: _builtins.int = ...,
         block_level_only: _builtins.bool = ...,
+        sector_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_level_only", b"block_level_only", "sector", b"sector", "sector_count", b"sector_count", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_level_only", b"block_level_only", "sector", b"sector", "sector_count", b"sector_count", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,22 +545,31 @@ class GetAllocationRequest(_message.Message):
     VOLUME_FIELD_NUMBER: _builtins.int
     SECTOR_FIELD_NUMBER: _builtins.int
     SECTOR_COUNT_FIELD_NUMBER: _builtins.int
+    SECTOR_SIZE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     """Name of the volume."""
     sector: _builtins.int
     """First sector of the range (in units of the volume's sector_size)."""
     sector_count: _builtins.int
     """Number of sectors in the range."""
+    sector_size: _builtins.int
+    """The sector size in bytes the caller counts sectors in (the volume's
+    sector_size as its GetVolume said); 0: not checked. Any other size than
+    the volume's is FAILED_PRECONDITION (tierdisk-error: SectorSizeChanged):
+    the volume was re-created with another sector size since the caller
+    asked, and its sectors would be other bytes. The request changes nothing.
+    """
     def __init__(
         self,
         *,
         volume: _builtins.str = ...,
         sector: _builtins.int = ...,
         sector_count: _builtins.int = ...,
+        sector_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sector", b"sector", "sector_count", b"sector_count", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sector", b"sector", "sector_count", b"sector_count", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -623,19 +659,28 @@ class ResizeRequest(_message.Message):
 
     VOLUME_FIELD_NUMBER: _builtins.int
     SECTOR_COUNT_FIELD_NUMBER: _builtins.int
+    SECTOR_SIZE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     """Name of the volume."""
     sector_count: _builtins.int
     """New size of the volume in sectors (of the volume's sector_size)."""
+    sector_size: _builtins.int
+    """The sector size in bytes the caller counts sectors in (the volume's
+    sector_size as its GetVolume said); 0: not checked. Any other size than
+    the volume's is FAILED_PRECONDITION (tierdisk-error: SectorSizeChanged):
+    the volume was re-created with another sector size since the caller
+    asked, and its sectors would be other bytes. The request changes nothing.
+    """
     def __init__(
         self,
         *,
         volume: _builtins.str = ...,
         sector_count: _builtins.int = ...,
+        sector_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sector_count", b"sector_count", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sector_count", b"sector_count", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
