@@ -217,8 +217,8 @@ class Volume:
         # The listeners see every change of a layer's size (a shrink undone before any task
         # runs still lowers the overlaps); the task serves tops that only offer wait_resize.
         volume._listeners.append((entries[0].layer, volume._note_size))
-        volume._listeners += [
-            (entry.layer, functools.partial(volume._lower_overlaps, index))
+        volume._listeners += [  # a layer's size hides the layers below it, not itself
+            (entry.layer, functools.partial(volume._lower_overlaps, index + 1))
             for index, entry in enumerate(entries[1:], 1)
         ]
         for layer, listener in volume._listeners:
@@ -820,12 +820,14 @@ class Volume:
 
     def _lower_overlaps(self, index: int, size: int) -> None:
         """Layer ``index`` and those below it show only below ``size`` sectors from now on:
-        lowered, never raised. Each layer below the top calls it as its resize listener, so
-        a layer that shrinks by itself (a ``remote`` whose origin shrank) hides at once,
-        and until the volume reopens, what the layers below it held past that: grown again,
-        it reads zeros there, as its origin does, never their older data (DESIGN.md §3);
-        at a reopen its :attr:`~Layer.smallest_size` hides it
-        (:func:`~tierdisk.service.stack_rules.overlaps_of`)."""
+        lowered, never raised. Each layer below the top calls it, for the layers below
+        itself, as its resize listener, so a layer that shrinks by itself (a ``remote``
+        whose origin shrank) hides at once, and until the volume reopens, what the layers
+        below it held past that: grown again, it reads what its origin holds there (zeros,
+        or what was written since), never their older data (DESIGN.md §3); at a reopen its
+        :attr:`~Layer.smallest_size` hides it
+        (:func:`~tierdisk.service.stack_rules.overlaps_of`). Its own reads past its end are
+        its own to answer (a ``remote`` supplies nothing there)."""
         overlap = self._overlap
         if index < len(overlap) and overlap[index] > size:  # (a top alone has none)
             for i in range(index, len(overlap)):

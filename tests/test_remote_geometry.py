@@ -431,7 +431,8 @@ async def test_a_lower_remote_that_shrank_and_grew_hides_the_layers_below_it(
     """``[ram, remote mid (layer mode), remote base]``: the middle volume is shrunk and
     grown back on its origin. While the cache tier runs (not only after its restart), the
     base stays hidden past the middle's smallest size: the tier reads zeros there, as the
-    middle volume itself does, never the base's older data (DESIGN.md §3)."""
+    middle volume itself does, never the base's older data (DESIGN.md §3); and what is
+    written to the middle volume there afterwards shows at once."""
     body = toml_volume("mid", ram(f"{SECTORS * SS}")) + toml_volume("base", ram(f"{SECTORS * SS}"))
     async with (
         running_server(tmp_path / "origin", body) as o,
@@ -460,10 +461,13 @@ async def test_a_lower_remote_that_shrank_and_grew_hides_the_layers_below_it(
             layers = (await vol.inspect("layers"))["value"]
             assert [layer["visible_sector_count"] for layer in layers] == [
                 SECTORS,
-                SECTORS // 2,
+                SECTORS,  # the middle one is not hidden by its own shrink
                 SECTORS // 2,
             ]
             assert await vol.read(0, 8) == BASE[: 8 * SS]
+            new = pattern(9, SECTORS - 8, 8, SS)
+            await mid.write(SECTORS - 8, new)  # written on the origin after the grow: shows
+            assert await vol.read(SECTORS - 8, 8) == new
 
 
 # -- a resize of this tier while another one resizes the origin ------------------------------

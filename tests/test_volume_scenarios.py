@@ -774,7 +774,9 @@ async def test_a_lower_layer_that_shrinks_by_itself_hides_the_layers_below_it(
     """A layer below the top that shrinks by itself (a ``remote`` whose origin shrank) and
     grows again reads zeros past its smallest size from then on, as that origin does, not
     the older data of the layers under it (DESIGN.md §3: never stale lower data); a read
-    that was reading them meanwhile fills no read cache with them; ``inspect`` shows it."""
+    that was reading them meanwhile fills no read cache with them; ``inspect`` shows it.
+    What the layer itself holds past its smallest size once grown shows (it is not hidden
+    by its own shrink)."""
     top = MapLayer(8)
     mid = MapLayer(8, data={s: p(2, s) for s in range(4)})
     base = _GatedRead(8, full=lambda s: p(3, s))
@@ -787,9 +789,10 @@ async def test_a_lower_layer_that_shrinks_by_itself_hides_the_layers_below_it(
     gate.set()
     await reading  # (read before the shrink: what it returns is not the question)
     assert top.data == {}  # no fill of what the middle now hides
-    assert await sectors_of(vol, 0, 8) == [p(2, 0), p(2, 1)] + [ZERO] * 6
+    await mid.write(memoryview(p(4, 6)), 6, False)  # the middle layer's own, after the grow
+    assert await sectors_of(vol, 0, 8) == [p(2, 0), p(2, 1)] + [ZERO] * 4 + [p(4, 6), ZERO]
     layers = vol.inspect()["layers"]
-    assert [layer["visible_sector_count"] for layer in layers] == [8, 2, 2]
+    assert [layer["visible_sector_count"] for layer in layers] == [8, 8, 2]
 
 
 async def test_resize_of_a_top_that_cannot(volumes: VolumeOpener) -> None:
