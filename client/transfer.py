@@ -17,9 +17,10 @@ Files, devices, pipes and ``-``
     ``-`` (as IMAGE, ``-i FILE`` or ``-o FILE``) is stdin or stdout; ``./-`` names a file.
 
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
-    truncated first). The ``-o FILE`` of a failed ``read`` keeps what was read before the
-    failure, and its message ends saying how much (``; file 'F' holds only the N bytes read
-    before``: it is not the file it was, nor whole). A FILE that is
+    truncated first). The ``-o FILE`` of a failed ``read`` keeps what was written before
+    the failure, and when it is a regular file its message ends saying how much (``; file
+    'F' holds only the N bytes written before``: it is not the file it was, nor whole).
+    A FILE that is
     a running tierdisk server's layer file (another process holds its ``flock``) is
     refused, not truncated, as ``export`` refuses to replace one.
 
@@ -67,15 +68,12 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     path = std_path(args.output)
     total = args.count * info.sector_size
     label = f"read {vol.name}"
-    moved = 0  # bytes handed to the sink
 
     async def copy(sink: Sink, bar: Progress) -> None:
-        nonlocal moved
         try:
             with bar:
                 async for _sector, data in vol.stream_read(args.sector, args.count):
                     await sink.write(data)
-                    moved += len(data)
                     bar.advance(len(data))
             sink.flush()
         finally:
@@ -93,9 +91,21 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         with closing(fd, path):
             await copy(Sink(fd, path), progress_bar(args, total, label))
     except Exception as exc:
-        note = f"; {describe_file(path)} holds only the {moved} bytes read before"
-        raise with_note(exc, args, path, note) from None
+        raise with_note(exc, args, path, _what_it_holds(path)) from None
     return 0
+
+
+def _what_it_holds(path: str) -> str:
+    """The note that ends the message of a failed ``read -o FILE``: how many bytes the
+    regular file ``path`` (truncated at the start) holds now; "" for anything else (a
+    device, a pipe: nothing is left there to take for the data)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not stat.S_ISREG(st.st_mode):
+        return ""
+    return f"; {describe_file(path)} holds only the {st.st_size} bytes written before"
 
 
 def _refuse_a_layer_file(path: str) -> None:

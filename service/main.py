@@ -237,9 +237,11 @@ def _remove_ready_file(path: str, pid: int | None) -> None:
     (another server's, a file that is not one) is left."""
     try:
         with open(path) as f:
-            named = int(json.load(f)["pid"])
+            named = json.load(f)["pid"]
     except (OSError, ValueError, KeyError, TypeError):
         return
+    if type(named) is not int or not 0 < named < 1 << 31:
+        return  # not a pid
     if pid is None:
         try:
             os.kill(named, 0)

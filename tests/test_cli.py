@@ -809,10 +809,14 @@ def test_a_failed_read_says_how_much_its_output_file_holds(
         assert proxy.cut.is_set()
     line = one_line_error(result)
     match = re.search(
-        rf"; file '{re.escape(str(out))}' holds only the (\d+) bytes read before$", line
+        rf"; file '{re.escape(str(out))}' holds only the (\d+) bytes written before$", line
     )
     assert match, line
     assert out.read_bytes() == exp_data[: int(match.group(1))]
+    if os.path.exists("/dev/full"):  # not a file: nothing said of what it holds
+        result = tierdisk(server, "read", "exp", "0", "8", "-o", "/dev/full", check=False)
+        line = one_line_error(result, "'/dev/full'", "No space left on device")
+        assert "holds" not in line, line
 
 
 def test_export_to_a_file_with_the_longest_name_there_is(

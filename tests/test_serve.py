@@ -687,13 +687,21 @@ def test_the_ready_file_names_a_running_server_only(tmp_path: Path) -> None:
             address = f"127.0.0.1:{taken.getsockname()[1]}"
             live = tmp_path / "live.json"
             live.write_text(json.dumps({"pid": os.getpid()}))  # a process that runs
-            for ready in (stale, live):
+            others = [tmp_path / f"other-{i}.json" for i in range(4)]  # not a server's
+            for other, text in zip(
+                others,
+                ['{"pid": 99999999999}', '{"pid": "abc"}', '{"pid": 1e400}', "[]"],
+                strict=True,
+            ):
+                other.write_text(text)
+            for ready in (stale, live, *others):
                 result = serve_once(
                     tmp_path, "--config", str(config), "--ready-file", str(ready),
                     "--listen", address,
                 )  # fmt: skip
                 assert result.returncode == 1, result.stderr
-    assert not stale.exists() and live.exists()
+                assert "Traceback" not in result.stderr
+    assert not stale.exists() and live.exists() and all(other.exists() for other in others)
 
 
 def test_clients_that_cancel_leave_no_error_tracebacks(tmp_path: Path) -> None:
