@@ -50,7 +50,9 @@ it are still started, but their replies are not sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -82,6 +84,7 @@ TLS_DEADLINE = 10.0
 handshake done (its ``NBD_OPT_STARTTLS`` and the handshake): until then it holds no place
 among ``max_connections``, but one of as many waiting for TLS; a client past it is cut off
 and counted as a failed TLS handshake."""
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux
 _TLS_SHUTDOWN_TIMEOUT = 5.0  # seconds a closing TLS connection waits for the client's close_notify
 _SHUTDOWN_HANDSHAKE_WAIT = 1.0  # seconds a client in option haggling gets at shutdown to send
 # an option (answered NBD_REP_ERR_SHUTDOWN) before the connection is closed
@@ -270,6 +273,7 @@ class NbdSession(asyncio.BufferedProtocol):
             if self._reading_paused and self._transport is not None:
                 self._reading_paused = False
                 self._transport.resume_reading()
+            self._ack_at_once()
             self._want = n
             self._waiter = self._loop.create_future()
             await self._waiter
@@ -279,6 +283,18 @@ class NbdSession(asyncio.BufferedProtocol):
         if self._start == self._end:
             self._start = self._end = 0
         return data
+
+    def _ack_at_once(self) -> None:
+        """Have the kernel acknowledge what arrives next at once (Linux's
+        ``TCP_QUICKACK``, which it turns off again by itself): the handshake waits for more
+        of an option, and a client that sends an option's header and its data in two
+        writes, with Nagle on, holds the second until the first is acknowledged, which a
+        delayed ACK puts off by ~40 ms per option (``nbdinfo --list`` of 200 exports took
+        42 s). Only in the handshake: the transmission phase reads whole requests."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
     def _send(self, data: bytes) -> None:
         transport = self._transport
