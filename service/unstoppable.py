@@ -13,7 +13,7 @@ it to end and is raised only then.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 __all__ = ["run_to_end"]
@@ -21,10 +21,13 @@ __all__ = ["run_to_end"]
 _T = TypeVar("_T")
 
 
-async def run_to_end(work: Awaitable[_T]) -> _T:
+async def run_to_end(
+    work: Awaitable[_T], *, dropped: Callable[[BaseException], object] | None = None
+) -> _T:
     """Await ``work`` (a coroutine or future) to its end, also when the caller is cancelled
-    meanwhile: then, once it has ended (its result or error dropped), the cancel is raised.
-    A cancel of the work itself (an executor shut down) is raised as any error of it."""
+    meanwhile: then, once it has ended (its result or error dropped: ``dropped`` is called
+    with the error, which nobody else will see), the cancel is raised. A cancel of the work
+    itself (an executor shut down) is raised as any error of it."""
     task = asyncio.ensure_future(work)
     cancel: asyncio.CancelledError | None = None
     while not task.done():
@@ -37,6 +40,8 @@ async def run_to_end(work: Awaitable[_T]) -> _T:
             pass  # the work's own error: task.result() raises it below
     if cancel is not None:
         if not task.cancelled():
-            task.exception()  # retrieved: no "never retrieved" warning for a dropped error
+            error = task.exception()  # retrieved: no "never retrieved" warning
+            if error is not None and dropped is not None:
+                dropped(error)
         raise cancel
     return task.result()

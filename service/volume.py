@@ -31,7 +31,7 @@ write path of several layers a write or unmap runs to its end when its caller is
 (a deadline, a stop; :func:`~tierdisk.service.unstoppable.run_to_end`), the cancel raised
 after: cut off between two layers, the top would keep what the durable layer below never
 got, and reads would return it until the top is lost (a ``ram`` top at a restart), then the
-older value again.
+older value again. One that then fails in a layer (nobody left to tell) is logged.
 
 The construction rules and the stack's properties derived from its layers are in
 :mod:`tierdisk.service.stack_rules`; size generations and the events resize watchers get
@@ -441,13 +441,24 @@ class Volume:
         try:
             if self._write_path > 1:
                 change = self._write_holes if no_overwrite else self._write_sectors
-                await run_to_end(change(view, sector, fua))  # not stopped between layers
+                await run_to_end(change(view, sector, fua), dropped=self._failed_unseen)
             elif no_overwrite:
                 await self._write_holes(view, sector, fua)
             else:
                 await self._write_sectors(view, sector, fua)
         finally:
             lock.release(token)
+
+    def _failed_unseen(self, exc: BaseException) -> None:
+        """A write or unmap down a write path of several layers failed after its caller
+        was cancelled (so nobody is told): the layers may hold different data for its
+        sectors (never acknowledged); logged."""
+        log.warning(
+            "volume %r: a write or unmap whose caller had gone failed on the write path (%s); "
+            "its layers may differ over those sectors until they are written again",
+            self.name,
+            exc,
+        )
 
     async def _hold_for_change(self, sector: int, end: int) -> int:
         """Hold ``[sector, end)`` in :attr:`sector_lock` for a write or unmap; return the
@@ -586,7 +597,7 @@ class Volume:
                 await self.read_into(buf[-ss:], last - 1)
             buf[head : head + len(view)] = view
             if self._write_path > 1:
-                await run_to_end(self._write_sectors(buf, first, fua))  # as in write
+                await run_to_end(self._write_sectors(buf, first, fua), dropped=self._failed_unseen)
             else:
                 await self._write_sectors(buf, first, fua)
         finally:
@@ -638,7 +649,9 @@ class Volume:
         token = await self._hold_for_change(sector, end)
         try:
             if self._write_path > 1:
-                await run_to_end(self._unmap_sectors(sector, end, block_level_only))
+                await run_to_end(
+                    self._unmap_sectors(sector, end, block_level_only), dropped=self._failed_unseen
+                )
             else:
                 await self._unmap_sectors(sector, end, block_level_only)
         finally:

@@ -9,6 +9,7 @@ is a layer holding every sector (sector s = c(s)); ``{s: x}`` a layer holding se
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -1214,6 +1215,30 @@ async def test_a_change_cancelled_between_write_path_layers_reaches_every_layer(
         assert top.data == {2: ZERO, 3: ZERO} and lower.data == {}
     else:
         assert top.data == lower.data != {2: p(1, 2), 3: p(1, 3)}
+
+
+async def test_a_change_that_fails_below_after_its_caller_went_is_logged(
+    volumes: VolumeOpener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The write runs on past its caller's cancel and then fails in the layer below: nobody
+    is told but the log (the top holds what the layer below does not)."""
+
+    class _Failing(_GatedChanges):
+        async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+            await self._held()
+            raise StorageError("disk gone")
+
+    top, lower = MapLayer(8), _Failing(8)
+    vol = await volumes(entry(top, wt=True), lower)
+    gate = lower.hold = asyncio.Event()
+    running = asyncio.ensure_future(vol.write(2, p(2, 2)))
+    await lower.entered.wait()
+    running.cancel()
+    await _spin()
+    gate.set()
+    with caplog.at_level(logging.WARNING), pytest.raises(asyncio.CancelledError):
+        await running
+    assert "whose caller had gone failed on the write path (disk gone)" in caplog.text
 
 
 async def test_a_shrink_waits_for_writes_into_the_sectors_it_cuts(
