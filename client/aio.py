@@ -123,6 +123,8 @@ class ClientOptions(TypedDict, total=False):
     token: str | None
     max_io: int
     max_in_flight: int
+    metadata_factory: MetadataFactory | None
+    on_call: CallObserver | None
 
 
 class _OnRunner(Generic[T]):
@@ -707,7 +709,8 @@ class AsyncVolume:
     async def inspect(self, path: str = "", *, timeout: Timeout = UNSET) -> dict[str, Any]:
         """The volume's diagnostic tree (or the subtree ``path`` selects) as plain JSON-able
         values. The wire format (``Struct``) carries every number as a double; whole numbers
-        come back as ``int``."""
+        come back as ``int``. A ``path`` that selects a leaf or a list comes back as
+        ``{"value": X}`` (the reply is always a ``Struct``): ``inspect("generation")["value"]``."""
         req = pb.InspectRequest(volume=self.name, path=path)
         resp = await self._call(self._stub.Inspect, req, timeout)
         tree = _integral(json_format.MessageToDict(resp.tree))

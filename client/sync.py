@@ -42,8 +42,9 @@ once, with how far they got), and then lets those it cancelled wind up."""
 
 class Client:
     """A blocking connection to one tierdisk server; takes the same arguments as
-    :class:`~tierdisk.client.aio.AsyncClient`. Use it as a context manager, or call
-    :meth:`close`; a closed client's methods raise
+    :class:`~tierdisk.client.aio.AsyncClient` (``metadata_factory`` and ``on_call`` are
+    called on the client's own thread: they must not call it). Use it as a context manager,
+    or call :meth:`close`; a closed client's methods raise
     :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``)."""
 
     def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
