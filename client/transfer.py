@@ -17,8 +17,8 @@ Files, devices, pipes and ``-``
     ``-`` (as IMAGE, ``-i FILE`` or ``-o FILE``) is stdin or stdout; ``./-`` names a file.
 
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
-    truncated first). The ``-o FILE`` of a failed ``read`` keeps what was written before
-    the failure, and when it is a regular file its message ends saying how much (``; file
+    truncated first). The ``-o FILE`` of a failed or interrupted ``read`` keeps what was
+    written before, and when it is a regular file the message ends saying how much (``; file
     'F' holds only the N bytes written before``: it is not the file it was, nor whole).
     A FILE that is
     a running tierdisk server's layer file (another process holds its ``flock``) is
@@ -34,13 +34,14 @@ Chunking
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import stat
 import sys
 
 from .aio import AsyncClient
 from .cli_errors import describe_file
-from .copy_report import progress_bar, with_note
+from .copy_report import CopyInterrupted, progress_bar, with_note
 from .export_verb import export_image
 from .import_verbs import import_image, write_sectors
 from .localfile import (
@@ -91,21 +92,27 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         with closing(fd, path):
             await copy(Sink(fd, path), progress_bar(args, total, label))
     except Exception as exc:
-        raise with_note(exc, args, path, _what_it_holds(path)) from None
+        note = _what_it_holds(path)
+        raise with_note(exc, args, path, f"; {note}" if note else "") from None
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP: say so too
+        note = _what_it_holds(path)
+        if note:
+            raise CopyInterrupted(note) from None
+        raise
     return 0
 
 
 def _what_it_holds(path: str) -> str:
-    """The note that ends the message of a failed ``read -o FILE``: how many bytes the
-    regular file ``path`` (truncated at the start) holds now; "" for anything else (a
-    device, a pipe: nothing is left there to take for the data)."""
+    """The note that ends the message of a failed or interrupted ``read -o FILE``: how many
+    bytes the regular file ``path`` (truncated at the start) holds now; "" for anything else
+    (a device, a pipe: nothing is left there to take for the data)."""
     try:
         st = os.stat(path)
     except OSError:
         return ""
     if not stat.S_ISREG(st.st_mode):
         return ""
-    return f"; {describe_file(path)} holds only the {st.st_size} bytes written before"
+    return f"{describe_file(path)} holds only the {st.st_size} bytes written before"
 
 
 def _refuse_a_layer_file(path: str) -> None:

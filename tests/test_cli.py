@@ -634,6 +634,38 @@ def test_export_interrupted_leaves_the_image_as_it_was(
     assert os.listdir(tmp_path) == ["out.img"]
 
 
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+def test_an_interrupted_read_says_how_much_its_output_file_holds(
+    server: ServerProcess, tmp_path: Path, sig: signal.Signals, status: int, words: str
+) -> None:
+    """``read -o FILE`` stopped mid-way (its server has gone silent): FILE, truncated at the
+    start, holds what came before, and the one line says how much."""
+    out = tmp_path / "out.img"
+    out.write_bytes(b"precious" * 1000)
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    with CuttingProxy(server.grpc, 2 * MiB, stall=True) as proxy:
+        proc = subprocess.Popen(
+            [*TIERDISK_SIGNALLED, "--server", proxy.address, "read", "exp", "0", "16384",
+             "-o", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            assert proxy.cut.wait(60)  # 2 MiB of the volume have come back: mid-read
+            time.sleep(0.5)  # written to FILE
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == status, err.decode()
+    size = out.stat().st_size
+    assert err.decode().splitlines() == [
+        f"tierdisk: {words}; file '{out}' holds only the {size} bytes written before"
+    ]
+    assert size < 16384 * 512
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("sig", "status", "words"), STOPS)
 @pytest.mark.parametrize("verb", ["read", "export"])
