@@ -208,15 +208,20 @@ def metadata_problem(key: str, value: str | bytes) -> str | None:
         return None
     if not isinstance(value, str):
         return f"metadata key {key!r}: its value must be a string, not {value!r}"
+    problem = _header_value_problem(value)
+    return None if problem is None else f"metadata key {key!r}: its value {problem}"
+
+
+def _header_value_problem(value: str) -> str | None:
+    """``"contains a character not allowed in a gRPC header: …"`` naming the first one
+    that is not printable ASCII (space to ``~``) and its position (from 0), or ``None``."""
     if _HEADER_VALUE.fullmatch(value):
         return None
-    for position, char in enumerate(value):
-        if not " " <= char <= "~":
-            return (
-                f"metadata key {key!r}: its value has a character not allowed in a gRPC "
-                f"header: {char!r} (U+{ord(char):04X}) at position {position}"
-            )
-    return None
+    position, char = next((i, c) for i, c in enumerate(value) if not " " <= c <= "~")
+    return (
+        f"contains a character not allowed in a gRPC header: {char!r} "
+        f"(U+{ord(char):04X}) at position {position}"
+    )
 
 
 def token_problem(token: str) -> str | None:
@@ -230,10 +235,4 @@ def token_problem(token: str) -> str | None:
     too."""
     if not token.strip():
         return "is empty" + (" (only white space)" if token else "")
-    for position, char in enumerate(token):
-        if not " " <= char <= "~":
-            return (
-                f"contains a character not allowed in a gRPC header: {char!r} "
-                f"(U+{ord(char):04X}) at position {position}"
-            )
-    return None
+    return _header_value_problem(token)

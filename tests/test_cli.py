@@ -611,27 +611,41 @@ def test_export_interrupted_leaves_the_image_as_it_was(
     out = tmp_path / "out.img"
     old = os.urandom(MiB)
     out.write_bytes(old)
+
+    def mid_export() -> None:
+        assert temp_files(tmp_path)  # it is writing beside IMAGE, not into it
+
+    rc, err = stopped_through_a_stall(server, sig, "export", "exp", str(out), then=mid_export)
+    assert rc == status, err
+    assert err.splitlines() == [f"tierdisk: {words}"]
+    assert out.read_bytes() == old
+    assert os.listdir(tmp_path) == ["out.img"]
+
+
+def stopped_through_a_stall(
+    server: ServerProcess, sig: signal.Signals, *argv: str, then: Callable[[], object]
+) -> tuple[int, str]:
+    """``tierdisk --server PROXY ARGV`` whose server goes silent after 2 MiB have come back
+    (the proxy holds the connection open): then ``then()``, then ``sig``; the exit status
+    and stderr."""
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     with CuttingProxy(server.grpc, 2 * MiB, stall=True) as proxy:
         proc = subprocess.Popen(
-            [*TIERDISK_SIGNALLED, "--server", proxy.address, "export", "exp", str(out)],
+            [*TIERDISK_SIGNALLED, "--server", proxy.address, *argv],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
         )
         try:
-            assert proxy.cut.wait(60)  # 2 MiB of the volume have come back: mid-export
-            assert temp_files(tmp_path)  # it is writing beside IMAGE, not into it
+            assert proxy.cut.wait(60)  # 2 MiB of the volume have come back: mid-way
+            then()
             proc.send_signal(sig)
             _, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-    assert proc.returncode == status, err.decode()
-    assert err.decode().splitlines() == [f"tierdisk: {words}"]
-    assert out.read_bytes() == old
-    assert os.listdir(tmp_path) == ["out.img"]
+    return proc.returncode, err.decode()
 
 
 @pytest.mark.parametrize(("sig", "status", "words"), STOPS)
@@ -642,25 +656,11 @@ def test_an_interrupted_read_says_how_much_its_output_file_holds(
     start, holds what came before, and the one line says how much."""
     out = tmp_path / "out.img"
     out.write_bytes(b"precious" * 1000)
-    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
-    with CuttingProxy(server.grpc, 2 * MiB, stall=True) as proxy:
-        proc = subprocess.Popen(
-            [*TIERDISK_SIGNALLED, "--server", proxy.address, "read", "exp", "0", "16384",
-             "-o", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-        )  # fmt: skip
-        try:
-            assert proxy.cut.wait(60)  # 2 MiB of the volume have come back: mid-read
-            time.sleep(0.5)  # written to FILE
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    assert proc.returncode == status, err.decode()
+    argv = ("read", "exp", "0", "16384", "-o", str(out))
+    rc, err = stopped_through_a_stall(server, sig, *argv, then=lambda: time.sleep(0.5))
+    assert rc == status, err
     size = out.stat().st_size
-    assert err.decode().splitlines() == [
+    assert err.splitlines() == [
         f"tierdisk: {words}; file '{out}' holds only the {size} bytes written before"
     ]
     assert size < 16384 * 512
