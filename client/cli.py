@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         action=_StoreNotingSource,
         default=from_env or DEFAULT_SERVER,
-        help="server address, host:port or unix:/path (default: $TIERDISK_SERVER, else "
+        help="server address: host:port, unix:/path, or a gRPC target (dns:, ipv4:, ipv6:, "
+        "unix-abstract:) (default: $TIERDISK_SERVER, else "
         f"{DEFAULT_SERVER})",
     )
     parser.set_defaults(server_from="$TIERDISK_SERVER" if from_env else "the default")
@@ -258,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     verbs.add_parser("serve", help="run the server (its own flags follow: serve --help)")
-    verbs.add_parser("volumes", help="list volumes, one per line, name first")
+    volumes_help = "list volumes, one per line, name first"
+    verbs.add_parser("volumes", help=volumes_help, description=volumes_help)
 
     def vol_verb(name: str, help: str) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
@@ -300,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = vol_verb("inspect", "print the volume's diagnostic tree (or its PATH subtree) as JSON")
     p.add_argument("path", nargs="?", default="", metavar="PATH", type=_utf8)
     vol_verb("map", "print the allocation: `sector count depth` per run (depth -1: hole)")
-    vol_verb("watch", "print the size now and on every change, until interrupted")
+    vol_verb(
+        "watch",
+        "print the size now and on every change, until interrupted (exit 0) or the server "
+        "ends it (exit 1)",
+    )
     p = vol_verb(
         "resize",
         "set the size: SIZE in sectors, or bytes with a unit (2GiB). Making the volume "

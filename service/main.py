@@ -13,7 +13,8 @@ a line naming them, when the final flush of some volume failed (writes acknowled
 their last Flush may not be durable).
 ``--ready-file FILE`` writes ``{"grpc": …, "metrics": …, "nbd": …, "nbd_tls": …, "pid": …}``
 once serving, so scripts and tests can start a server on port 0 and find it (``nbd_tls``: true
-when the NBD export requires TLS).
+when the NBD export requires TLS); it is removed as the server stops, and a start removes
+one that names a process no longer running (:func:`_remove_ready_file`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="format of log lines (text)"
     )
-    p.add_argument("--ready-file", metavar="FILE", help="write bound addresses here when ready")
+    p.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        help="when serving, write the bound addresses, nbd_tls and the pid here as JSON "
+        "(removed at the stop)",
+    )
     p.add_argument(
         "--grace", type=_seconds, default=30.0, help="seconds calls in flight get at stop (30)"
     )

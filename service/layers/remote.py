@@ -389,13 +389,18 @@ class RemoteLayer(Layer):
         # those of an attach by the server, which names the volume and retries it.)
         attached = self._info is not None
         if attached and code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
+            retried = (
+                f"the client retries UNAVAILABLE up to {self.retries} times"
+                if code == grpc.StatusCode.UNAVAILABLE
+                else "not retried"
+            )
             self._call_log.warning(
-                "%s: %s answered %s after %.3f s (the client retries up to %d times)",
+                "%s: %s answered %s after %.3f s (%s)",
                 self._where,
                 rpc,
                 code.name,
                 seconds,
-                self.retries,
+                retried,
             )
 
     # -- geometry and capabilities --------------------------------------------------------
