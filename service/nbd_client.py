@@ -50,6 +50,7 @@ __all__ = [
     "NbdClosed",
     "NbdError",
     "NbdExport",
+    "NbdHung",
     "NbdReader",
     "NbdRefused",
     "NbdTlsRequired",
@@ -85,6 +86,12 @@ class NbdRefused(NbdError):
 
 class NbdClosed(NbdError):
     """The connection is gone (closed, lost, or broken by a protocol violation)."""
+
+
+class NbdHung(NbdClosed):
+    """The connection was closed because its server stopped answering (a read got no
+    answer in time: :meth:`NbdReader.close` with ``why``): what the reads still in flight on
+    it fail with."""
 
 
 class NbdTlsRequired(NbdError):
@@ -433,21 +440,23 @@ class NbdReader:
                 request.future.cancel()
             raise
 
-    async def close(self, drain: float = 0.0) -> None:
+    async def close(self, drain: float = 0.0, *, why: NbdClosed | None = None) -> None:
         """Say goodbye (``NBD_CMD_DISC``) and close the connection; with ``drain``, first
-        wait up to that many seconds for the reads in flight (the rest fail)."""
+        wait up to that many seconds for the reads in flight (the rest fail, with ``why``:
+        by default ``NbdClosed("closed")``)."""
         conn = self._conn
         futures = conn.in_flight()
         if drain > 0 and futures and conn.error is None:
             await asyncio.wait(futures, timeout=drain)
+        error = why if why is not None else NbdClosed("closed")
         transport = conn.transport
         if transport is None or transport.is_closing():
-            conn.fail(NbdClosed("closed"))
+            conn.fail(error)
             return
         if conn.error is None:
             self._handle += 1
             transport.write(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, self._handle, 0, 0))
-        conn.fail(NbdClosed("closed"))
+        conn.fail(error)
         transport.close()
 
 

@@ -11,16 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import free_port, metric, ram, remote, running_server, toml_volume
+from servers import (
+    ServerProcess,
+    free_port,
+    metric,
+    ram,
+    remote,
+    running_server,
+    toml_volume,
+    write_config,
+)
 from stacks import pattern
+from waiting import eventually
 
 from tierdisk.client import AsyncClient
+from tierdisk.client import errors as cerr
 from tierdisk.service.errors import ConfigError
 from tierdisk.service.layers import remote_nbd
 from tierdisk.service.layers.remote import RemoteLayer
@@ -362,3 +375,38 @@ async def test_nbd_option_rules(tmp_path: Path, options: dict[str, Any], problem
         async with running_server(tmp_path, body):
             pass
     assert info.value.volume == "vm" and info.value.layer == 0 and problem in str(info.value)
+
+
+async def test_reads_in_flight_when_one_gets_no_answer_end_with_it(tmp_path: Path) -> None:
+    """The origin hangs (SIGSTOP) with NBD reads in flight: the first to reach the layer's
+    ``timeout`` ends ``DEADLINE_EXCEEDED`` and closes the connection, and so do the others
+    on it, at once. They were tried again over gRPC, each waiting a whole ``timeout`` more
+    for the hung origin (up to twice the timeout in all), and counted as NBD connections
+    that failed (``UNAVAILABLE``)."""
+    config = write_config(tmp_path / "origin", nbd_server_config(tmp_path / "o-data", "4MiB"))
+    with ServerProcess.start(tmp_path / "origin", config) as origin:
+        body = toml_volume("vm", remote(origin.grpc, "base", nbd="auto", timeout=1))
+        async with (
+            running_server(tmp_path / "tier", body) as tier,
+            AsyncClient(tier.grpc_address, retries=0, timeout=30) as client,
+        ):
+            vol = client.volume("vm")
+            assert await vol.read(0, 8) == bytes(8 * SS)
+
+            async def connected() -> bool:
+                return bool((await vol.inspect("layers/0/nbd"))["connected"])
+
+            await eventually("the NBD connection", connected)
+            os.kill(origin.pid, signal.SIGSTOP)
+            try:
+                first = asyncio.ensure_future(vol.read(8, 8))
+                await asyncio.sleep(0.4)  # the others start later: their own timeout is later
+                others = [asyncio.ensure_future(vol.read(16 + 8 * i, 8)) for i in range(4)]
+                results = await asyncio.gather(first, *others, return_exceptions=True)
+            finally:
+                os.kill(origin.pid, signal.SIGCONT)
+            assert all(isinstance(r, cerr.DeadlineExceeded) for r in results), results
+            requests = await vol.inspect("layers/0/requests")
+            assert requests["NbdRead"].get("DEADLINE_EXCEEDED") == 5, requests
+            assert "UNAVAILABLE" not in requests["NbdRead"], requests
+            assert "Read" not in requests, requests  # none tried again over gRPC

@@ -42,10 +42,11 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     bytes: a read the NBD connection cannot serve (not connected yet, broken, an error answer, a
     range past the export's size as negotiated) is read over gRPC instead, which answers with
     the remote's exact error; a broken connection is remade in the background with backoff. No
-    answer within ``timeout`` is ``DEADLINE_EXCEEDED`` at once, as over gRPC (and the connection
-    is remade). The export must be the volume: it must be served by the same server process as
-    ``target`` (the export's ``NBD_INFO_DESCRIPTION`` ends with its server's id, which must be
-    the one the target gives as ``Inspect`` path ``server``: an address of another server or of
+    answer within ``timeout`` is ``DEADLINE_EXCEEDED`` at once, as over gRPC, for every read
+    then in flight on that connection (and the connection is remade). The export must be the
+    volume: it must be served by the same server process as ``target`` (the export's
+    ``NBD_INFO_DESCRIPTION`` ends with its server's id, which must be the one the target
+    gives as ``Inspect`` path ``server``: an address of another server or of
     this one is refused, with the reason in ``inspect``), an export smaller than the remote
     volume is not used, and after each resize of the remote the connection is remade to learn
     the new size. NBD reads carry no ``tierdisk-hops`` chain, so the loop and depth guard

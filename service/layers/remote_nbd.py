@@ -51,7 +51,14 @@ from .. import errors
 from ..backoff import Backoff
 from ..config import load_key_pair
 from ..errors import ConfigError
-from ..nbd_client import NbdClosed, NbdError, NbdReader, NbdTlsRequired, NbdTlsUnavailable
+from ..nbd_client import (
+    NbdClosed,
+    NbdError,
+    NbdHung,
+    NbdReader,
+    NbdTlsRequired,
+    NbdTlsUnavailable,
+)
 from ..nbd_protocol import described_server
 from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
@@ -198,7 +205,8 @@ class NbdDataPath:
         read: logged and counted) and gRPC must serve it instead.
 
         No answer within the layer's ``timeout`` is :class:`~..errors.DeadlineExceeded`, as
-        over gRPC (a second try over gRPC would double the wait for a hung remote)."""
+        over gRPC (a second try over gRPC would double the wait for a hung remote), and so
+        is every other read then in flight on that connection, which is closed."""
         reader = self._reader
         if reader is None or offset + len(buf) > reader.export.size:
             return False
@@ -380,8 +388,12 @@ class NbdDataPath:
                 self._timeout,
             )
             problem = f"no answer over NBD at {self.address} within {self._timeout:g} s"
-            await self._drop(nbd, f"{problem}; connecting anew")
+            await self._drop(nbd, f"{problem}; connecting anew", hung=NbdHung(problem))
             raise errors.DeadlineExceeded(f"{self._where}: {problem}") from None
+        except NbdHung as exc:  # another read on the connection got no answer in time: the
+            # remote is hung, and a try over gRPC would wait a second `timeout` for it
+            self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, time.monotonic() - started)
+            raise errors.DeadlineExceeded(f"{self._where}: {exc}") from None
         except NbdError as exc:
             closed = isinstance(exc, NbdClosed)
             code = grpc.StatusCode.UNAVAILABLE if closed else grpc.StatusCode.INTERNAL
@@ -398,14 +410,14 @@ class NbdDataPath:
         self._observe("NbdRead", grpc.StatusCode.OK, time.monotonic() - started)
         return True
 
-    async def _drop(self, nbd: NbdReader, problem: str) -> None:
+    async def _drop(self, nbd: NbdReader, problem: str, hung: NbdHung | None = None) -> None:
         """Stop using a broken or hung connection (``problem`` says why) and make a new one
-        in the background."""
+        in the background; the reads still in flight on a ``hung`` one fail with it."""
         if self._reader is nbd:
             self._reader = None
             self._set_problem(problem)
             self._reconnect()
-        await nbd.close()
+        await nbd.close(why=hung)
 
     def inspect(self) -> dict[str, Any]:
         """The ``nbd`` part of the layer's ``inspect`` tree."""
