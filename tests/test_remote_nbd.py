@@ -410,3 +410,77 @@ async def test_reads_in_flight_when_one_gets_no_answer_end_with_it(tmp_path: Pat
             assert requests["NbdRead"].get("DEADLINE_EXCEEDED") == 5, requests
             assert "UNAVAILABLE" not in requests["NbdRead"], requests
             assert "Read" not in requests, requests  # none tried again over gRPC
+
+
+async def test_a_connection_opened_as_the_layer_closes_is_closed_too(
+    nbd_origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tier stops while its NBD path, connecting anew after the origin grew, asks the
+    target who serves the export it has just opened: that connection is closed with the
+    layer, not left holding one of the origin's ``nbd_max_connections``."""
+    o = nbd_origin
+    body = toml_volume("vm", remote(o.grpc_address, "base", nbd=o.nbd_address))
+    sessions = {"volume": "base"}
+    asking, never = asyncio.Event(), asyncio.Event()
+
+    async def slow_answer(self: remote_nbd.NbdDataPath, served_by: str) -> str:
+        asking.set()
+        await never.wait()  # the target's Inspect does not come back before the stop
+        return ""
+
+    async with (
+        running_server(tmp_path / "tier", body) as tier,
+        AsyncClient(tier.grpc_address) as client,
+        AsyncClient(o.grpc_address) as origin,
+    ):
+        vol = client.volume("vm")
+        assert (await vol.inspect("layers/0/nbd"))["connected"]
+        monkeypatch.setattr(remote_nbd.NbdDataPath, "_served_elsewhere", slow_answer)
+        await origin.volume("base").resize(16 * MiB // SS)  # the tier connects anew
+        await asyncio.wait_for(asking.wait(), 30)
+        assert metric(o, "tierdisk_nbd_sessions_active", **sessions) == 2  # old and new
+
+    async def closed() -> bool:
+        return metric(o, "tierdisk_nbd_sessions_active", **sessions) == 0
+
+    await eventually("the origin to see the tier's NBD connections end", closed)
+
+
+async def test_a_grow_while_the_nbd_path_connects_is_followed(
+    nbd_origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The origin grows again while the tier's NBD path is connecting anew after a grow
+    (here: while it asks the target who serves the export): the path connects once more,
+    so the export it reads is the volume's size, not the one it had a moment before."""
+    o = nbd_origin
+    body = toml_volume("vm", remote(o.grpc_address, "base", nbd=o.nbd_address))
+    real = remote_nbd.NbdDataPath._served_elsewhere
+    async with (
+        running_server(tmp_path / "tier", body) as tier,
+        AsyncClient(tier.grpc_address) as client,
+        AsyncClient(o.grpc_address) as origin,
+    ):
+        vol = client.volume("vm")
+        grown = False
+
+        async def grow_meanwhile(self: remote_nbd.NbdDataPath, served_by: str) -> str:
+            nonlocal grown
+            if not grown:
+                grown = True
+                await origin.volume("base").resize(16 * MiB // SS)
+
+                async def seen() -> bool:
+                    return (await vol.info()).sector_count == 16 * MiB // SS
+
+                await eventually("the tier to follow the second grow", seen)
+            return await real(self, served_by)
+
+        assert (await vol.inspect("layers/0/nbd"))["connected"]
+        monkeypatch.setattr(remote_nbd.NbdDataPath, "_served_elsewhere", grow_meanwhile)
+        await origin.volume("base").resize(8 * MiB // SS)
+
+        async def follows() -> bool:
+            tree = await vol.inspect("layers/0/nbd")
+            return bool(grown and tree["connected"] and tree["export_bytes"] == 16 * MiB)
+
+        await eventually("the NBD path to read the 16 MiB export", follows)

@@ -251,13 +251,18 @@ class NbdDataPath:
             self._not_used(f"the NBD export at {self.address} is not usable ({exc})")
             return
         size = self._size()
-        if reader.export.size < size:
-            problem = (
-                f"the NBD export {self._volume_name!r} at {self.address} is "
-                f"{reader.export.size} bytes, the volume {size}"
-            )
-        else:
-            problem = await self._served_elsewhere(described_server(reader.export.description))
+        try:  # cancelled meanwhile (the layer closes), the new connection is closed too
+            if reader.export.size < size:
+                problem = (
+                    f"the NBD export {self._volume_name!r} at {self.address} is "
+                    f"{reader.export.size} bytes, the volume {size}"
+                )
+            else:
+                served_by = described_server(reader.export.description)
+                problem = await self._served_elsewhere(served_by)
+        except BaseException:
+            await reader.close()
+            raise
         if problem:
             await reader.close()
             self._not_used(problem)
@@ -265,7 +270,11 @@ class NbdDataPath:
         old, self._reader = self._reader, reader
         self._set_problem("")
         if old is not None:  # let its reads in flight finish: no needless gRPC retries
-            await old.close(drain=self._timeout)
+            try:
+                await old.close(drain=self._timeout)
+            except BaseException:  # cancelled while they finish: closed at once
+                await old.close()
+                raise
         log.info("%s: reading over NBD at %s", self._where, self.address)
         reader.on_close(lambda error: self._lost(reader, error))
 
@@ -355,10 +364,11 @@ class NbdDataPath:
         backoff = Backoff(*_BACKOFF)
         self._wake.clear()  # a retry_now from before this task is no news to it
         while not self._closed:
-            want = self._size()
             await self._connect()
             nbd = self._reader
-            if nbd is not None and not nbd.closed and nbd.export.size >= want:
+            # the size now: one that grew while it connected asks for another connection
+            # (size_changed found this task running and left it to notice)
+            if nbd is not None and not nbd.closed and nbd.export.size >= self._size():
                 return
             wait = _NO_EXPORT_RETRY if self._no_export else backoff.next()
             if await self._sleep(wait):  # retry_now: the situation changed, start over
