@@ -12,6 +12,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from .pem import CERTIFICATE, PRIVATE_KEY, pem_problem
+
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
@@ -55,12 +57,21 @@ def open_channel(
     when ``secure`` is true or any of ``root_certificates`` / ``certificate_chain`` /
     ``private_key`` (PEM bytes) is given. A client certificate goes with its key:
     :class:`ValueError` when only one of ``certificate_chain`` and ``private_key`` is given
-    (not ``None`` nor empty): gRPC's C core would abort the process."""
+    (not ``None`` nor empty): gRPC's C core would abort the process; and when one of them
+    holds no PEM block of its kind (a certificate, a private key): gRPC would fail every
+    connection ("Failed to create security handshaker"), retried for seconds."""
     if bool(certificate_chain) != bool(private_key):
         given, missing = ("certificate_chain", "private_key")
         if private_key:
             given, missing = missing, given
         raise ValueError(f"{given} without {missing}: a client certificate goes with its key")
+    for name, data, kind in (
+        ("root_certificates", root_certificates, CERTIFICATE),
+        ("certificate_chain", certificate_chain, CERTIFICATE),
+        ("private_key", private_key, PRIVATE_KEY),
+    ):
+        if data and (problem := pem_problem(data, kind)) is not None:
+            raise ValueError(f"{name}: {problem}")
     options: dict[str, Any] = dict(DEFAULT_CHANNEL_OPTIONS)
     if max_io + MESSAGE_FRAMING_BYTES > MAX_MESSAGE_BYTES:  # room for max_io per message
         cap = max_io + MESSAGE_FRAMING_BYTES

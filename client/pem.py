@@ -23,6 +23,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "PRIVATE_KEY",
     "key_pair_problem",
+    "pem_problem",
     "read_pem",
     "read_small_file",
 ]
@@ -88,12 +89,19 @@ def read_pem(path: str, kind: str, *, regular: bool = False) -> bytes:
     read, :class:`ValueError` (saying what is wrong) when it holds no such block, more than
     :data:`MAX_FILE_BYTES`, or (``regular``) is not a regular file (:func:`read_small_file`)."""
     data = read_small_file(path, regular=regular)
-    if not re.search(rb"-----BEGIN (?:[A-Z0-9]+ )*" + kind.encode() + rb"-----", data):
-        article = "an" if kind[0] in "AEIOU" else "a"
-        raise ValueError(
-            f"no PEM {kind.lower()} in it (expected {article} '-----BEGIN {kind}-----' block)"
-        )
+    problem = pem_problem(data, kind)
+    if problem is not None:
+        raise ValueError(problem)
     return data
+
+
+def pem_problem(data: bytes, kind: str) -> str | None:
+    """``"no PEM … in it (expected a '-----BEGIN …-----' block)"`` when ``data`` holds no
+    PEM block of ``kind`` (:data:`CERTIFICATE` or :data:`PRIVATE_KEY`); else ``None``."""
+    if re.search(rb"-----BEGIN (?:[A-Z0-9]+ )*" + kind.encode() + rb"-----", data):
+        return None
+    article = "an" if kind[0] in "AEIOU" else "a"
+    return f"no PEM {kind.lower()} in it (expected {article} '-----BEGIN {kind}-----' block)"
 
 
 class _Encrypted(Exception):

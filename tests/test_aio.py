@@ -523,3 +523,24 @@ async def test_a_watch_gives_up_within_its_timeout_not_per_attempt(
 def test_an_async_client_made_outside_an_event_loop_says_where_it_belongs() -> None:
     with pytest.raises(RuntimeError, match=r"running event loop.*tierdisk\.client\.Client"):
         AsyncClient("127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("option", "kind"),
+    [("root_certificates", "certificate"), ("certificate_chain", "certificate"),
+     ("private_key", "private key")],
+)  # fmt: skip
+async def test_tls_bytes_that_are_not_pem_are_refused_at_construction(
+    option: str, kind: str
+) -> None:
+    """gRPC would take them, then fail every connection ("Failed to create security
+    handshaker") and the client retry that for seconds: a ValueError naming the option."""
+    given: dict[str, Any] = {option: b"not a PEM file"}
+    if option != "root_certificates":  # a client certificate goes with its key
+        given = {
+            "certificate_chain": b"-----BEGIN CERTIFICATE-----\n",
+            "private_key": b"-----BEGIN PRIVATE KEY-----\n",
+            option: b"not a PEM file",
+        }
+    with pytest.raises(ValueError, match=rf"^{option}: no PEM {kind} in it"):
+        AsyncClient("127.0.0.1:1", **given)
