@@ -7,7 +7,9 @@ data commands also count in the volume families (``tierdisk_volume_io_requests_t
 throughput and errors cover both front ends; there an NBD error counts under the status
 code a gRPC call failing the same way gets (the session passes it on, from the one table of
 :mod:`.status`: a read past the end is ``OUT_OF_RANGE`` on both, though NBD answers it
-``EINVAL``). Failed TLS handshakes count in ``tierdisk_nbd_tls_handshake_failures_total``
+``EINVAL``). The bytes are the data a request carries or returns: ``WRITE_ZEROES`` counts as
+a write of no bytes, ``CACHE`` as a read of none (bytes per request is the data moved, not
+the range covered). Failed TLS handshakes count in ``tierdisk_nbd_tls_handshake_failures_total``
 (0 on an export without TLS). Session and connection counts are read from
 :class:`~tierdisk.service.nbd.NbdStats` at scrape time. The request families are the
 project's own :class:`~tierdisk.service.loop_metrics.LoopCounter` and
