@@ -400,13 +400,15 @@ class AsyncVolume:
         _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count <= per_chunk:
-            data, extents = await self._read_chunk(sector, count, report_presence, timeout)
+            data, extents = await self._read_chunk(sector, count, report_presence, timeout, size)
             if not report_presence:
                 return bytes(data)
             return ReadResult(bytes(data), tuple(merge_extents(extents)))
-        await self._check_fits(sector, count, timeout)
+        await self._check_fits(sector, count, timeout, size)
         buf = bytearray(count * size)
-        present = await self._read_into(sector, count, memoryview(buf), report_presence, timeout)
+        present = await self._read_into(
+            sector, count, memoryview(buf), report_presence, timeout, size
+        )
         if not report_presence:
             return bytes(buf)
         return ReadResult(bytes(buf), tuple(present))
@@ -447,23 +449,24 @@ class AsyncVolume:
             )
         count = len(mv) // size
         try:
-            return await self._read_into(sector, count, mv, presence, timeout)
+            return await self._read_into(sector, count, mv, presence, timeout, size)
         except OutOfRange:
-            await self._check_fits(sector, count, timeout)
+            await self._check_fits(sector, count, timeout, size)
             raise
 
     async def _read_chunk(
-        self, sector: int, count: int, presence: bool, timeout: Timeout
+        self, sector: int, count: int, presence: bool, timeout: Timeout, size: int
     ) -> tuple[memoryview, list[Extent]]:
-        """One Read (at most ``max_io`` bytes): the data as a view of the reply and, with
-        ``presence``, the runs some layer holds; :class:`StorageError` if the reply is
-        malformed or not ``count`` sectors long (the server misbehaved)."""
+        """One Read (at most ``max_io`` bytes) of ``count`` sectors of ``size`` bytes (the
+        size the caller counts in, which the server checks): the data as a view of the reply
+        and, with ``presence``, the runs some layer holds; :class:`StorageError` if the reply
+        is malformed or not ``count`` sectors long (the server misbehaved)."""
         req = pb.ReadRequest(
             volume=self.name,
             sector=sector,
             sector_count=count,
             report_presence=presence,
-            sector_size=self._sector_size or 0,
+            sector_size=size,
         )
         raw = await self._call(self._runner.read_raw, req, timeout, "Read")
         try:
@@ -475,7 +478,7 @@ class AsyncVolume:
             data, extents = memoryview(msg.data), _extents(msg.present)
         else:
             data, extents = reply[0], [Extent(a, n) for a, n in reply[1]]
-        self._check_reply_size(len(data), count, await self.sector_size(timeout=timeout))
+        self._check_reply_size(len(data), count, size)
         return data, extents
 
     def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
@@ -487,9 +490,16 @@ class AsyncVolume:
             )
 
     async def _read_into(
-        self, sector: int, count: int, out: memoryview, presence: bool, timeout: Timeout
+        self,
+        sector: int,
+        count: int,
+        out: memoryview,
+        presence: bool,
+        timeout: Timeout,
+        size: int,
     ) -> list[Extent]:
-        size, per_chunk = await self._chunk_sectors(timeout)
+        """Read ``count`` sectors of ``size`` bytes (the caller's) into ``out``, in chunks."""
+        per_chunk = sectors_per_chunk(self.client.max_io, size)
         runs: list[Extent] = []
         done = 0
 
@@ -498,7 +508,7 @@ class AsyncVolume:
             start = chunk.offset * size
             expected = chunk.sector_count * size
             data, extents = await self._read_chunk(
-                chunk.sector, chunk.sector_count, presence, timeout
+                chunk.sector, chunk.sector_count, presence, timeout, size
             )
             out[start : start + expected] = data
             runs.extend(extents)
@@ -517,12 +527,12 @@ class AsyncVolume:
         requests running ahead: for copying a large range out without holding it all. A
         range of more than one chunk is first checked against the volume's size."""
         _check_range(sector, count, volume=self.name)
-        _, per_chunk = await self._chunk_sectors(timeout)
+        size, per_chunk = await self._chunk_sectors(timeout)
         if count > per_chunk:
-            await self._check_fits(sector, count, timeout)
+            await self._check_fits(sector, count, timeout, size)
 
         async def one(chunk: Chunk) -> bytes:
-            data, _ = await self._read_chunk(chunk.sector, chunk.sector_count, False, timeout)
+            data, _ = await self._read_chunk(chunk.sector, chunk.sector_count, False, timeout, size)
             return bytes(data)
 
         chunks = run_ordered(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
@@ -597,7 +607,7 @@ class AsyncVolume:
         if count <= per_chunk:
             await one(Chunk(sector, count, 0))
             return
-        await self._check_fits(sector, count, timeout)
+        await self._check_fits(sector, count, timeout, size)
         try:
             await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
         except Interrupted as exc:  # closed mid-call: say how far it got
@@ -631,7 +641,7 @@ class AsyncVolume:
             sector=sector,
             sector_count=count,
             block_level_only=block_level_only,
-            sector_size=self._sector_size or 0,
+            sector_size=self._sector_size or 0,  # the size this handle knows, if any
         )
         reply = await self._call(self._stub.Unmap, req, timeout)
         self._unflushed.acknowledged(reply.write_verifier)
@@ -663,7 +673,9 @@ class AsyncVolume:
         """Change the volume's size (its top layer's) to ``sector_count`` sectors."""
         _check_number("sector_count", sector_count, volume=self.name)
         req = pb.ResizeRequest(
-            volume=self.name, sector_count=sector_count, sector_size=self._sector_size or 0
+            volume=self.name,
+            sector_count=sector_count,
+            sector_size=self._sector_size or 0,  # the size this handle knows, if any
         )
         info = VolumeInfo.from_proto(await self._call(self._stub.Resize, req, timeout))
         self._sector_size = info.sector_size
@@ -687,21 +699,27 @@ class AsyncVolume:
         ``max_io`` is over this client's receive cap. Each call has its own deadline
         (``timeout``)."""
         _check_number("sector", sector, volume=self.name)
+        size = self._sector_size or 0  # the size this handle knows, if any
         if count is None:
-            count = max(0, (await self.info(timeout=timeout)).sector_count - sector)
+            info = await self.info(timeout=timeout)
+            if size:
+                self._check_units(info, size)
+            size = info.sector_size
+            count = max(0, info.sector_count - sector)
         _check_range(sector, count, volume=self.name)
 
         async def fetch(start: int, span: int) -> list[AllocationExtent]:
-            return await self._allocation_window(start, span, timeout)
+            return await self._allocation_window(start, span, timeout, size)
 
         return await allocation_in_windows(fetch, sector, count)
 
     async def _allocation_window(
-        self, sector: int, count: int, timeout: Timeout
+        self, sector: int, count: int, timeout: Timeout, size: int
     ) -> list[AllocationExtent]:
-        """One GetAllocation: the runs of ``count`` sectors from ``sector``."""
+        """One GetAllocation: the runs of ``count`` sectors (of ``size`` bytes; 0: not
+        checked) from ``sector``."""
         req = pb.GetAllocationRequest(
-            volume=self.name, sector=sector, sector_count=count, sector_size=self._sector_size or 0
+            volume=self.name, sector=sector, sector_count=count, sector_size=size
         )
         resp = await self._call(self._stub.GetAllocation, req, timeout)
         return [AllocationExtent(e.sector, e.sector_count, e.depth) for e in resp.extents]
@@ -739,10 +757,13 @@ class AsyncVolume:
         cls = ClientClosed if self._runner.closed else type(exc)
         return cls(f"{exc.message}; {note}", volume=self.name)
 
-    async def _check_fits(self, sector: int, count: int, timeout: Timeout) -> None:
+    async def _check_fits(self, sector: int, count: int, timeout: Timeout, size: int) -> None:
         """:class:`OutOfRange` naming the caller's whole range if ``[sector, sector + count)``
         reaches past the end of the volume, asked fresh of the server (one GetVolume: little
-        next to the more than ``max_io`` bytes of a request that is split).
+        next to the more than ``max_io`` bytes of a request that is split);
+        :class:`SectorSizeChanged` if the volume's sectors are no longer of ``size`` bytes,
+        the size the caller counts in (it was re-created meanwhile), as the server says of a
+        single request.
 
         Done before a split read allocates its buffer or a split write sends its first chunk,
         so that such a request changes nothing (DESIGN §3); for a split read into the
@@ -751,7 +772,20 @@ class AsyncVolume:
         after others landed (the server refuses each chunk past the new end), and a grow just
         after it can refuse a request that would then fit — as if the request had come before
         the resize."""
-        (await self.info(timeout=timeout)).check_fits(sector, count)
+        info = await self.info(timeout=timeout)
+        self._check_units(info, size)
+        info.check_fits(sector, count)
+
+    def _check_units(self, info: VolumeInfo, size: int) -> None:
+        """:class:`SectorSizeChanged` unless the volume's sectors (``info``, fresh) are of
+        ``size`` bytes, the size the caller's sector numbers count in."""
+        if info.sector_size != size:
+            raise SectorSizeChanged(
+                f"volume {self.name!r} has {info.sector_size}-byte sectors, not the "
+                f"{size}-byte ones this request counts in: it was re-created since they were "
+                "asked",
+                volume=self.name,
+            )
 
     def _check_aligned(self, offset: int, length: int, size: int) -> None:
         _check_number("offset", offset, limit=UINT64_LIMIT * size, volume=self.name)

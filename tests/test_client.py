@@ -34,6 +34,7 @@ from servers import (
 from tierdisk.client import (
     AllocationExtent,
     AsyncClient,
+    AsyncVolume,
     Client,
     DeadlineExceeded,
     Extent,
@@ -300,18 +301,36 @@ async def test_a_client_whose_volume_was_re_created_with_another_sector_size_nev
     knew it with 512-byte ones: the client's next write (``write_bytes``, at a byte offset
     it converts with the size it kept) is refused, ``SectorSizeChanged``, not written 8
     times further in; the client forgets the size, and the write made again lands where
-    it was meant to."""
+    it was meant to. So is every other call counted in the old size, split in chunks or
+    not (a split one checks the volume's geometry first), and none returns data counted in
+    the new one."""
     listen = f"127.0.0.1:{free_port()}"
     config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
     first = ServerProcess.start(tmp_path, config, listen=listen)
     try:
-        async with AsyncClient(listen, timeout=10) as client:
+        async with AsyncClient(listen, timeout=10, max_io=64 << 10) as client:
             vol = client.volume("v")
             await vol.write_bytes(0, b"\x11" * 4096)
+            calls: dict[str, Callable[[AsyncVolume], Awaitable[object]]] = {
+                "split read": lambda v: v.read(0, 256),
+                "split stream_read": lambda v: anext(v.stream_read(0, 256)),
+                "split read_into": lambda v: v.read_into(0, bytearray(256 * 512)),
+                "split write": lambda v: v.write(0, bytes(256 * 512)),
+                "read": lambda v: v.read(0, 8),
+                "unmap": lambda v: v.unmap(0, 8),
+                "allocation": lambda v: v.allocation(),
+                "resize": lambda v: v.resize(4096),
+            }
+            handles = {name: client.volume("v") for name in calls}
+            for handle in handles.values():
+                assert await handle.sector_size() == 512  # each knows the old size
             first.close()
             config.write_text(toml_volume("v", ram("1MiB", sector_size=4096)))
             second = ServerProcess.start(tmp_path, config, listen=listen)
             try:
+                for name, call in calls.items():
+                    with pytest.raises(SectorSizeChanged, match="4096-byte sectors"):
+                        await call(handles[name])
                 with pytest.raises(SectorSizeChanged, match="4096-byte sectors"):
                     await vol.write_bytes(4096, b"A" * 4096)
                 assert await vol.read_bytes(0, 64 << 10) == bytes(64 << 10)  # nowhere
