@@ -19,7 +19,7 @@ import collections
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import NamedTuple, TypeVar
 
-from .errors import AllocationTooLarge, Interrupted, NoSpace
+from .errors import AllocationTooLarge, Interrupted, MessageTooLarge, NoSpace
 from .models import AllocationExtent, Extent
 
 __all__ = [
@@ -275,9 +275,10 @@ async def allocation_in_windows(
 ) -> list[AllocationExtent]:
     """The allocation runs of ``count`` sectors from ``sector``, asked of ``fetch(sector,
     count)`` (one GetAllocation) for the whole range first, then in windows if it must be:
-    the window halves on each refusal (:class:`~tierdisk.client.errors.AllocationTooLarge`,
-    or a :class:`~tierdisk.client.errors.NoSpace` with no ``tierdisk-error`` trailer: the
-    transport's message cap) and doubles after two answers in a row. The answers are joined
+    the window halves on each refusal (:class:`~tierdisk.client.errors.AllocationTooLarge`;
+    the transport's message cap: :class:`~tierdisk.client.errors.MessageTooLarge`, or any
+    other :class:`~tierdisk.client.errors.NoSpace` with no ``tierdisk-error`` trailer) and
+    doubles after two answers in a row. The answers are joined
     into one list; runs of one depth that meet at a window border become one run. A refusal
     of a single sector, or a :class:`~tierdisk.client.errors.NoSpace` the server sent, is
     raised."""
@@ -289,7 +290,7 @@ async def allocation_in_windows(
         span = min(window, end - sector)
         try:
             part = await fetch(sector, span)
-        except (AllocationTooLarge, NoSpace) as exc:
+        except (AllocationTooLarge, MessageTooLarge, NoSpace) as exc:
             if span <= 1 or (isinstance(exc, NoSpace) and exc.server_error):
                 raise  # one sector is one extent; or a real NoSpace (never expected)
             window, answered = span // 2, 0

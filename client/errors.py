@@ -30,6 +30,7 @@ __all__ = [
     "FailedPrecondition",
     "Interrupted",
     "InvalidArgument",
+    "MessageTooLarge",
     "NoSpace",
     "NotSupported",
     "OutOfRange",
@@ -112,7 +113,7 @@ class InvalidArgument(TierdiskError):
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
     label = "invalid argument"
-    server_names = ("InvalidArgument",)
+    server_names: ClassVar[tuple[str, ...]] = ("InvalidArgument",)
 
 
 class AllocationTooLarge(InvalidArgument):
@@ -122,6 +123,17 @@ class AllocationTooLarge(InvalidArgument):
 
     label = "too many extents"
     server_names = ("AllocationTooLarge",)
+
+
+class MessageTooLarge(InvalidArgument):
+    """gRPC's own cap on one message refused it, before any tierdisk code saw it (no
+    ``tierdisk-error`` trailer; ``RESOURCE_EXHAUSTED`` on the wire): a request far over the
+    server's ``max_io``, or a reply over this client's receive cap. Nothing changed.
+    :meth:`AsyncVolume.allocation <tierdisk.client.aio.AsyncVolume.allocation>` asks for a
+    smaller range on it."""
+
+    label = "message too large"
+    server_names: ClassVar[tuple[str, ...]] = ()
 
 
 class FailedPrecondition(TierdiskError):
@@ -148,9 +160,10 @@ class TierLoop(FailedPrecondition):
 
 class SectorSizeChanged(FailedPrecondition):
     """The volume's sector size is not the one the request counted in (server error
-    ``SectorSizeChanged``): it was re-created with another since this client asked. Nothing
-    changed; the client forgets the size it kept, so the next call asks it again, and the
-    caller works out its sector numbers anew."""
+    ``SectorSizeChanged``, or the library's own check of a split call): it was re-created
+    with another since this client asked. Nothing changed; the client no longer uses the
+    size it kept (it asks again, or has just asked), and the caller works out its sector
+    numbers anew."""
 
     label = "sector size changed"
     server_names = ("SectorSizeChanged",)
@@ -388,14 +401,20 @@ def error_from_rpc(
     trailing = trailing_fn() if callable(trailing_fn) else None
     server_error = _metadata_value(trailing, ERROR_METADATA_KEY)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not server_error and _TOO_LARGE in message:
-        # gRPC's own cap on a message (no tierdisk server said it): the request is far over
-        # the server's max_io, which it would refuse (INVALID_ARGUMENT) below its cap.
-        return InvalidArgument(
-            f"the request is larger than the server takes ({message}): a Read or Write "
-            "carries at most the server's max_io bytes; give the client a smaller max_io",
-            code=code,
-            volume=volume,
-        )
+        # gRPC's own cap on a message (no tierdisk server said it): a request far over the
+        # server's max_io (which it refuses, INVALID_ARGUMENT, below its cap), or a reply
+        # over this client's receive cap ("CLIENT: Received message larger than max").
+        if "CLIENT:" in message:
+            what = (
+                f"the reply is larger than this client takes ({message}): give the client "
+                "the server's max_io"
+            )
+        else:
+            what = (
+                f"the request is larger than the server takes ({message}): a Read or Write "
+                "carries at most the server's max_io bytes; give the client a smaller max_io"
+            )
+        return MessageTooLarge(what, code=code, volume=volume)
     cls = STATUS_TABLE.get(code, TierdiskError)
     if server_error:
         cls = _refine(cls, server_error) or cls

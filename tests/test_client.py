@@ -40,6 +40,7 @@ from tierdisk.client import (
     Extent,
     FailedPrecondition,
     InvalidArgument,
+    MessageTooLarge,
     OutOfRange,
     ReadOnlyVolume,
     ReadResult,
@@ -365,6 +366,23 @@ async def test_out_of_range(client: AsyncClient) -> None:
         await client.volume("ram").write(64 * MiB // 512 - 1, bytes(1024))
     with pytest.raises(OutOfRange):
         await vol.allocation(1 << 40, 1)
+
+
+async def test_allocation_over_the_clients_receive_cap_is_asked_for_in_windows(
+    tmp_path: Path,
+) -> None:
+    """A GetAllocation reply over this client's receive cap (gRPC's own refusal,
+    ``MessageTooLarge``) is asked for in smaller windows, as the server's refusal is: the
+    answer is the volume's allocation, not an error."""
+    small_cap = [("grpc.max_receive_message_length", 64 << 10)]
+    async with (
+        fragmented_server(tmp_path) as srv,
+        AsyncClient(srv.grpc_address, channel_options=small_cap) as c,
+    ):
+        got = await c.volume("frag").allocation()
+        assert [(e.sector, e.sector_count, e.depth) for e in got] == fragmented_extents()
+        with pytest.raises(MessageTooLarge, match="the reply is larger than this client"):
+            await c.volume("frag").read(0, 256)  # 128 KiB: over the cap too
 
 
 async def test_allocation_of_a_fragmented_volume_is_asked_for_in_windows(
