@@ -161,8 +161,8 @@ class Volume:
         self._smallest = stack.smallest
         self._sizes = SizeHistory(top.sector_count)
         self.generation = 0
-        """The size generation (:class:`SizeHistory`'s, copied by :meth:`_note_size`: a plain
-        attribute, which every read takes)."""
+        """The size generation (:class:`SizeHistory`'s, copied by :meth:`_note_size`), as
+        ``WatchResize`` and ``inspect`` give it; reads follow :attr:`_layout` instead."""
         self._follow_task: asyncio.Task[None] | None = None
         self.sector_lock = SectorLock()
         """Held by every write and unmap (shared; exclusive on a write path of several
