@@ -28,6 +28,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "Reserver",
     "as_storage_error",
+    "check_still_named",
     "fsync_folder",
     "lock_or_refuse",
     "make_parent_folder",
@@ -241,6 +242,43 @@ def regular_file_size(path: str, what: str) -> int | None:
     if not stat.S_ISREG(st.st_mode):
         raise StorageError(f"{what}: {path} is not a regular file")
     return st.st_size
+
+
+def check_still_named(path: str, opened: os.stat_result, what: str, *, at_least: int = 0) -> None:
+    """Raise a :class:`StorageError` naming ``what`` when the file a layer has open is no
+    longer the one at ``path``, as when someone removed it, renamed another file over it or
+    restored a backup in its place while the server ran: what the layer writes and syncs
+    then lives only in the open file, and the next start would open (or create) another.
+    ``opened`` is the open file's ``stat`` (``os.fstat`` of its descriptor, which also tells
+    a file with no name left); a file shorter than ``at_least`` bytes (truncated by someone
+    else: what lay past its end reads as zeros) is refused too. Blocks (``stat``): call it
+    off the event loop."""
+    try:
+        named: os.stat_result | None = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        named = None
+    except OSError as exc:
+        raise StorageError(f"{what}: cannot look at {path}: {exc.strerror}") from None
+    if (
+        named is None
+        or opened.st_nlink == 0
+        or (named.st_dev, named.st_ino)
+        != (
+            opened.st_dev,
+            opened.st_ino,
+        )
+    ):
+        gone = "removed" if named is None else "replaced by another file"
+        raise StorageError(
+            f"{what}: {path} was {gone} while served: the file this server writes has no "
+            f"name there any more and is lost when it stops (while it runs, copy it back "
+            f"from /proc/{os.getpid()}/fd); writes acknowledged before may be lost"
+        )
+    if opened.st_size < at_least:
+        raise StorageError(
+            f"{what}: {path} is {opened.st_size} bytes, less than the layer's {at_least}: "
+            "it was truncated while served; writes acknowledged before may be lost"
+        )
 
 
 def lock_or_refuse(fd: int, what: str, *, shared: bool = False) -> None:

@@ -203,6 +203,43 @@ async def test_flush_and_fua_fdatasync(
     assert (tmp_path / "img").read_bytes()[: 2 * SS] == pattern(1, 0, 2, SS)
 
 
+@pytest.mark.parametrize("change", ["removed", "replaced", "truncated"])
+async def test_a_flush_fails_when_the_image_was_changed_under_the_layer(
+    layers: list[RawLayer], tmp_path: Path, change: str
+) -> None:
+    """Someone removes the image, renames another file over it (a restored backup) or cuts
+    it short while it is served: a flush cannot make the writes durable where the next start
+    looks for them, so it fails, naming the path, instead of answering OK (writes land in a
+    file with no name, or read back as zeros)."""
+    path = tmp_path / "img"
+    layer = await open_raw(layers, path, size=8 * SS)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+    await layer.flush()
+    if change == "removed":
+        path.unlink()
+    elif change == "replaced":
+        (tmp_path / "backup").write_bytes(bytes(8 * SS))
+        os.replace(tmp_path / "backup", path)
+    else:
+        os.truncate(path, 4 * SS)
+    await layer.write(memoryview(pattern(2, 0, 1, SS)), 0, False)
+    words = {"removed": "was removed", "replaced": "was replaced", "truncated": "truncated"}
+    with pytest.raises(StorageError, match=f"{path}.*{words[change]}.*may be lost"):
+        await layer.flush()
+
+
+async def test_a_flush_racing_a_shrink_is_no_false_alarm(
+    layers: list[RawLayer], tmp_path: Path
+) -> None:
+    """A resize of the layer's own changes the image's size: flushes racing it never take
+    that for a file cut short by someone else."""
+    layer = await open_raw(layers, tmp_path / "img", size=64 * SS)
+    for sectors in (8, 32, 4, 16):
+        await asyncio.gather(layer.flush(), layer.resize(sectors), layer.flush())
+    await layer.flush()
+    assert (tmp_path / "img").stat().st_size == 16 * SS
+
+
 async def test_a_resize_is_synced_before_it_returns(
     layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

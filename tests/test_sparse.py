@@ -254,6 +254,50 @@ async def test_corruption_before_the_tail_is_refused(tmp_path: Path, where: str)
         await SparseLayer(str(image)).attach(None)
 
 
+async def test_a_map_whose_size_is_damaged_to_a_terabyte_is_refused_not_read(
+    tmp_path: Path,
+) -> None:
+    """A map whose size was damaged to 1 TiB (a hole past its records) is a clear refusal
+    at open, never an attempt to read it all into memory (a MemoryError traceback), and
+    a file that is no map at all is refused by its first bytes, however large it is."""
+    image, _ = await three_flushes(tmp_path)
+    os.truncate(f"{image}.map", 1 << 40)
+    with pytest.raises(StorageError, match=rf"{image}.map: its 1099511627776 bytes do not fit"):
+        await SparseLayer(str(image)).attach(None)
+    damage(image, 0)  # its magic
+    with pytest.raises(DataCorruption, match="not a tierdisk sparse presence map"):
+        await SparseLayer(str(image)).attach(None)
+
+
+@pytest.mark.parametrize("change", ["data removed", "map replaced", "data truncated"])
+async def test_a_flush_fails_when_a_file_was_changed_under_the_layer(
+    tmp_path: Path, change: str
+) -> None:
+    """Someone removes, replaces or cuts short one of the layer's files while it is served:
+    the next flush fails, naming the file, instead of answering OK for writes that the
+    next start will not find."""
+    path = tmp_path / "d"
+    layer = SparseLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+        await layer.flush()
+        if change == "data removed":
+            path.unlink()
+        elif change == "map replaced":
+            shutil.copy(f"{path}.map", tmp_path / "backup")
+            os.replace(tmp_path / "backup", f"{path}.map")
+        else:
+            os.truncate(path, 4 * SS)
+        await layer.write(memoryview(pattern(2, 16, 1, SS)), 16, False)
+        file = f"{path}.map" if change == "map replaced" else str(path)
+        word = change.split()[1]
+        with pytest.raises(StorageError, match=rf"{file} .*{word}.*may be lost"):
+            await layer.flush()
+    finally:
+        await layer.close()
+
+
 async def test_a_map_of_another_format_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "d"
     put(str(path), b"")

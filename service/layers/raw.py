@@ -36,6 +36,7 @@ from ..errors import ConfigError, InvalidArgument, ReadOnlyError, StorageError
 from ..fileio import (
     Reserver,
     as_storage_error,
+    check_still_named,
     fsync_folder,
     lock_or_refuse,
     make_parent_folder,
@@ -81,6 +82,7 @@ class RawLayer(Layer):
         self._fd = -1
         self._reserve = Reserver()
         self._sectors = SectorLock()  # reads shared, writes and unmaps exclusive: no torn sector
+        self._sizing = asyncio.Lock()  # a flush's size check never sees a resize half done
 
     async def attach(self, lower: LayerMetadata | None) -> None:
         await self._open_in_thread(lambda: self._open(lower), self._close_file)
@@ -230,12 +232,22 @@ class RawLayer(Layer):
     async def flush(self) -> None:
         if self._read_only:
             return
-        if self._fd < 0:
-            raise layer_closed(f"raw image {self.path}")
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._fd)
-        except OSError as exc:
-            raise as_storage_error(exc, f"flushing {self.path}") from None
+        async with self._sizing:
+            if self._fd < 0:
+                raise layer_closed(f"raw image {self.path}")
+            fd, nbytes = self._fd, self._sector_count * self._sector_size
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._flush_sync, fd, nbytes)
+            except OSError as exc:
+                raise as_storage_error(exc, f"flushing {self.path}") from None
+
+    def _flush_sync(self, fd: int, nbytes: int) -> None:
+        """Sync the image, then make sure it is still the file at :attr:`path`, of at least
+        ``nbytes`` (:func:`~..fileio.check_still_named`)."""
+        os.fdatasync(fd)
+        check_still_named(
+            self.path, os.fstat(fd), f"flushing raw image {self.path}", at_least=nbytes
+        )
 
     async def resize(self, sector_count: int) -> None:
         """Resize the image file; runs to its end if the caller is cancelled meanwhile (the
@@ -243,6 +255,10 @@ class RawLayer(Layer):
         await run_to_end(self._resize(sector_count))
 
     async def _resize(self, sector_count: int) -> None:
+        async with self._sizing:
+            await self._resize_locked(sector_count)
+
+    async def _resize_locked(self, sector_count: int) -> None:
         self._refuse_if_read_only()
         if sector_count <= 0:
             raise InvalidArgument(

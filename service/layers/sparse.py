@@ -90,6 +90,7 @@ from ..errors import (
 from ..fileio import (
     Reserver,
     as_storage_error,
+    check_still_named,
     fsync_folder,
     lock_or_refuse,
     make_parent_folder,
@@ -250,10 +251,18 @@ class SparseLayer(Layer):
     def _load(self) -> None:
         try:
             self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
+            # its header first: a file that is no map (an image put there by mistake, a
+            # size damaged to terabytes) is refused before it is read into memory
+            sparse_map.check_header(os.pread(self._map_fd, HEADER_SIZE, 0), self.map_path)
             blob = _read_all(self._map_fd)
         except OSError as exc:
             raise StorageError(
                 f"cannot read the presence map {self.map_path}: {exc.strerror}"
+            ) from None
+        except MemoryError:
+            raise StorageError(
+                f"cannot read the presence map {self.map_path}: its "
+                f"{os.fstat(self._map_fd).st_size} bytes do not fit in memory"
             ) from None
         state = sparse_map.parse(blob, self.map_path)
         ss, count = state.sector_size, state.sector_count
@@ -585,6 +594,7 @@ class SparseLayer(Layer):
             )
             runs = flat(self._present) if snapshot else None
         try:
+            self._check_files(size)
             if dirty:
                 os.fdatasync(self._fd)  # data first: the map must never get ahead of it
             if runs is not None:
@@ -603,6 +613,14 @@ class SparseLayer(Layer):
             raise
         self._logged_size, self._logged_smallest = size, smallest
         return seen
+
+    def _check_files(self, size: int) -> None:
+        """Both files are still the ones at their paths, not cut short by someone else
+        (:func:`~..fileio.check_still_named`): a commit into files that have no name, or
+        that lost what the map says they hold, would make nothing durable."""
+        what = f"flushing sparse layer {self.path}"
+        check_still_named(self.path, os.fstat(self._fd), what, at_least=size * self._sector_size)
+        check_still_named(self.map_path, os.fstat(self._map_fd), what, at_least=self._log_end)
 
     def _restore(self, added: RunSet, removed: RunSet, dirty: bool) -> None:
         """Put back changes a failed commit took, under the ones made since (under _lock)."""

@@ -45,6 +45,7 @@ from ..runs import Run
 __all__ = [
     "HEADER_SIZE",
     "MapState",
+    "check_header",
     "encode_header",
     "encode_record",
     "flat",
@@ -203,6 +204,26 @@ def _check_runs(values: array[int], limit: int, path: str, offset: int) -> None:
         )
 
 
+def check_header(head: bytes | memoryview, path: str) -> tuple[int, int]:
+    """The format version and sector size of a map whose first bytes are ``head`` (at least
+    :data:`HEADER_SIZE` of them, or the whole file); :class:`DataCorruption` when they are
+    not a map header this build reads. A caller may check it before reading the rest of a
+    file that may not be a map at all (an image copied there by mistake, say)."""
+    if len(head) < HEADER_SIZE:
+        raise DataCorruption(f"presence map {path} is {len(head)} bytes, too short for its header")
+    magic, version, sector_size, _header_count = _HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise DataCorruption(f"{path} is not a tierdisk sparse presence map (bad magic)")
+    (crc,) = _CRC.unpack_from(head, _HEADER.size)
+    if crc != zlib.crc32(memoryview(head)[: _HEADER.size]):
+        raise DataCorruption(f"presence map {path}: the header checksum does not match")
+    if version not in (1, VERSION):
+        raise DataCorruption(
+            f"presence map {path} has format version {version}; this build reads 1 and {VERSION}"
+        )
+    return version, sector_size
+
+
 def parse(blob: bytes, path: str) -> MapState:
     """Decode a whole map file (``path`` names it in messages).
 
@@ -213,18 +234,7 @@ def parse(blob: bytes, path: str) -> MapState:
     :class:`DataCorruption` too: no crash writes one.
     """
     view = memoryview(blob)
-    if len(blob) < HEADER_SIZE:
-        raise DataCorruption(f"presence map {path} is {len(blob)} bytes, too short for its header")
-    magic, version, sector_size, _header_count = _HEADER.unpack_from(view)
-    if magic != MAGIC:
-        raise DataCorruption(f"{path} is not a tierdisk sparse presence map (bad magic)")
-    (crc,) = _CRC.unpack_from(view, _HEADER.size)
-    if crc != zlib.crc32(view[: _HEADER.size]):
-        raise DataCorruption(f"presence map {path}: the header checksum does not match")
-    if version not in (1, VERSION):
-        raise DataCorruption(
-            f"presence map {path} has format version {version}; this build reads 1 and {VERSION}"
-        )
+    version, sector_size = check_header(view, path)
     layout = _RECORD if version == VERSION else _RECORD_V1
     first = _record_at(view, HEADER_SIZE, layout)
     if first is None or first.kind != SNAP or first.removes:
