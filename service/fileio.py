@@ -212,12 +212,33 @@ def fsync_folder(path: str) -> None:
 
 def make_parent_folder(path: str, what: str) -> None:
     """Create the folder ``path`` lives in (and its parents) when missing; a
-    :class:`ConfigError` naming ``what`` and the folder when that is not possible."""
+    :class:`ConfigError` naming ``what`` and the folder when that is not possible, or when
+    the folder is ``/dev``'s own filesystem: a layer's file is a regular file, so a path
+    there names a device (one that is missing, if the file is), never a place to create an
+    image in (``/dev/shm``, a filesystem of its own, is a place like any other)."""
     folder = os.path.dirname(os.path.abspath(path))
+    real = os.path.realpath(folder)
+    if (real == "/dev" or real.startswith("/dev/")) and _on_dev_filesystem(real):
+        raise ConfigError(
+            f"{what}: {path} is in {real}, where layer files are never made or used (a "
+            "layer needs a regular file, not a device)"
+        )
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot create the folder {folder}: {exc.strerror}") from None
+
+
+def _on_dev_filesystem(folder: str) -> bool:
+    """True when ``folder`` (a real path under ``/dev``), or the nearest folder above it
+    that exists, is on ``/dev``'s own filesystem."""
+    while True:
+        try:
+            return os.stat(folder).st_dev == os.stat("/dev").st_dev
+        except FileNotFoundError:
+            folder = os.path.dirname(folder)
+        except OSError:
+            return True
 
 
 def missing_target(what: str, path: str) -> StorageError:

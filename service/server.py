@@ -47,6 +47,7 @@ from .config import Config, VolumeConfig, nbd_tls_context
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
+from .kept_files import check_kept_files, kept_files
 from .layers import build_layer
 from .metrics import Metrics, RemoteCounts
 from .metrics_http import MetricsEndpoint
@@ -300,6 +301,11 @@ class Server:
             await asyncio.shield(self._marking)
 
     async def _build(self, config: VolumeConfig) -> Volume:
+        store = self._verifiers
+        if store is not None and store.usable:  # never an empty layer for a lost file
+            recorded = store.recorded_files(config.name)
+            await asyncio.to_thread(check_kept_files, config, recorded, store.path)
+            store.files[config.name] = kept_files(config)
         entries = []
         for index, layer in enumerate(config.layers):
             try:

@@ -8,7 +8,10 @@ a rolling restart and flushes after it is not told of a loss that did not happen
 end (a crash, a kill, a power loss, a final flush that failed, a server that never got to
 write this file) gives the volume a new one at the next start.
 
-The file holds, per volume name, ``{"verifier": N, "clean": bool}``. At start
+The file holds, per volume name, ``{"verifier": N, "clean": bool, "files": [PATH, …]}``:
+``files`` are the layer files the volume was last served from (:mod:`.kept_files`, which
+refuses to start a volume whose kept file went missing; :attr:`VerifierStore.files` says
+what to write, :meth:`VerifierStore.recorded_files` what the last run wrote). At start
 (:meth:`VerifierStore.open`) the server reads it, takes the verifier of each volume whose
 entry is clean and draws a new one for every other; before it serves a volume
 (:meth:`VerifierStore.mark_unclean`) it writes that volume back as not clean (synced; volumes
@@ -72,6 +75,9 @@ class VerifierStore:
         self._entries: dict[str, dict[str, object]] = {}
         self.verifiers: dict[str, int] = {}
         """Each configured volume's verifier for this run (before any change while it runs)."""
+        self.files: dict[str, list[str]] = {}
+        """The files each volume keeps its data in (:func:`~.kept_files.kept_files`), written
+        with its entry when it is marked (:meth:`mark_unclean`) and at the stop."""
         self.unclean: set[str] = set()
         """The volumes whose last run did not stop cleanly (a crash, a kill, a final flush
         that failed): their verifiers are new ones because writes may have been lost. Not
@@ -102,6 +108,14 @@ class VerifierStore:
             if old and not clean:
                 store.unclean.add(name)
         return store
+
+    def recorded_files(self, name: str) -> frozenset[str]:
+        """The files the volume ``name`` was served from in the last run that recorded any
+        (none for a volume new to the file, or when the file cannot be used)."""
+        files = self._entries.get(name, {}).get("files")
+        if not isinstance(files, list):
+            return frozenset()
+        return frozenset(path for path in files if isinstance(path, str))
 
     def mark_unclean(self, names: Iterable[str]) -> None:
         """Write the volumes ``names`` as not clean, synced, before they are served: a crash
@@ -164,7 +178,11 @@ class VerifierStore:
         write torn by a crash leaves a file :func:`_parse` refuses: no entry is clean.)"""
         assert self._fd is not None
         for name, is_clean in clean.items():
-            self._entries[name] = {"verifier": self.verifiers[name], "clean": is_clean}
+            entry: dict[str, object] = {"verifier": self.verifiers[name], "clean": is_clean}
+            files = self.files.get(name, self._entries.get(name, {}).get("files"))
+            if files is not None:
+                entry["files"] = files
+            self._entries[name] = entry
         data = (json.dumps({"format": 1, "volumes": self._entries}, indent=1) + "\n").encode()
         os.ftruncate(self._fd, 0)
         pwrite_all(self._fd, memoryview(data), 0)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tierdisk.service.fileio import pread_cached, pread_into
+import pytest
+
+from tierdisk.service.errors import ConfigError
+from tierdisk.service.fileio import make_parent_folder, pread_cached, pread_into
+from tierdisk.service.layers.raw import RawLayer
 
 
 def test_cached_read_serves_page_cache_without_blocking(tmp_path: Path) -> None:
@@ -38,3 +42,21 @@ def test_cached_and_blocking_reads_agree(tmp_path: Path) -> None:
         assert a == b == data[777 : 777 + 100_000]
     finally:
         os.close(fd)
+
+
+async def test_no_layer_file_is_made_in_dev() -> None:
+    """A layer path in /dev names a device (here, one that is not there): it is refused,
+    never created as a regular file in /dev's memory-backed filesystem."""
+    path = "/dev/tierdisk-test-no-such-device"
+    folder = "/dev/tierdisk-test-no-such-folder"
+    with pytest.raises(ConfigError, match=f"{path} is in /dev, where layer files are never"):
+        await RawLayer(path, size=1 << 20).attach(None)
+    with pytest.raises(ConfigError, match=f"is in {folder}"):
+        make_parent_folder(f"{folder}/x", "a layer")
+    assert not any(map(os.path.lexists, [path, folder]))
+
+
+def test_a_folder_of_its_own_filesystem_under_dev_is_a_place_like_any_other() -> None:
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/dev").st_dev:
+        pytest.skip("no /dev/shm filesystem of its own here")
+    make_parent_folder("/dev/shm/x", "a layer")  # no error

@@ -802,3 +802,57 @@ def test_a_final_flush_that_fails_exits_1_naming_the_volume(tmp_path: Path) -> N
             os.kill(server.pid, signal.SIGTERM)
             assert server.proc.wait(60) == 1, server.stderr_text()
             assert "the final flush failed for volume(s) 'v'" in server.stderr_text()
+
+
+def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(tmp_path: Path) -> None:
+    """A volume served from a layer file whose disk is not mounted at the next start (here:
+    its folder moved away) is refused, naming the volume, layer and path, instead of
+    starting empty on a new file; with the disk back it starts with its data. A read cache
+    below the write path holds only copies, so its file is made again; a new path starts a
+    layer empty on purpose."""
+    disk = tmp_path / "disk"
+    body = toml_volume(
+        "v",
+        {"kind": "sparse", "path": str(disk / "v"), "size": "1MiB"},
+        {"kind": "sparse", "path": str(disk / "cache"), "read_cache": True},
+        {"kind": "raw", "path": str(tmp_path / "base.img"), "size": "1MiB"},
+    )
+    config = write_config(tmp_path, body)
+
+    async def write_and_read(address: str, data: bytes | None) -> bytes:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BlockDeviceStub(channel)
+            if data is not None:
+                await stub.Write(pb.WriteRequest(volume="v", sector=3, data=data))
+            reply = await stub.Read(pb.ReadRequest(volume="v", sector=3, sector_count=1))
+            return reply.data
+
+    mine = b"m" * 512
+    with ServerProcess.start(tmp_path, config) as server:
+        assert asyncio.run(write_and_read(server.grpc, mine)) == mine
+        assert server.terminate() == 0
+    os.rename(disk, tmp_path / "unmounted")
+    disk.mkdir()  # the mount point stays
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"tierdisk serve: cannot start: volume 'v', layer 0: {disk / 'v'}")
+    assert "is missing, but this volume was served from it before" in lines[0]
+    assert "is the disk that holds it mounted?" in lines[0]
+    assert list(disk.iterdir()) == [], "nothing made in its place"
+
+    disk.rmdir()
+    os.rename(tmp_path / "unmounted", disk)
+    (disk / "cache").unlink()  # the read cache's file, lost: made again
+    (disk / "cache.map").unlink()
+    with ServerProcess.start(tmp_path, config) as server:
+        assert asyncio.run(write_and_read(server.grpc, None)) == mine
+        assert server.terminate() == 0
+
+    os.rename(disk / "v", tmp_path / "old-v")
+    os.rename(disk / "v.map", tmp_path / "old-v.map")
+    anew = write_config(tmp_path, body.replace(str(disk / "v"), str(disk / "v2")))
+    with ServerProcess.start(tmp_path, anew) as server:
+        assert asyncio.run(write_and_read(server.grpc, None)) == bytes(512)
+        assert server.terminate() == 0

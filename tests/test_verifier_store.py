@@ -198,3 +198,26 @@ def test_only_the_volumes_served_are_marked_unclean(tmp_path: Path) -> None:
     second.close({"b": second.verifiers["b"]}, clean=[])  # b served, not clean; c never served
     assert _entries(tmp_path)["b"]["clean"] is False
     assert _entries(tmp_path)["c"] == {"verifier": first.verifiers["c"], "clean": True}
+
+
+def test_the_files_a_volume_was_served_from_are_recorded_and_kept(tmp_path: Path) -> None:
+    """What a start records as each volume's kept files (kept_files) is what the next one
+    reads back, through a crash too; a volume not served in a run keeps what it had, and a
+    volume new to the file has none."""
+    store = VerifierStore.open(str(tmp_path), ["a", "b"])
+    assert store.recorded_files("a") == frozenset()
+    store.files = {"a": ["/disk/a", "/disk/a2"], "b": ["/disk/b"]}
+    store.mark_unclean(["a", "b"])
+    store.close({"a": store.verifiers["a"], "b": store.verifiers["b"]}, {"a", "b"})
+    _crashed_after_marking(tmp_path, ["a"], [])  # a run that served nothing
+    again = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
+    assert again.recorded_files("a") == {"/disk/a", "/disk/a2"}
+    assert again.recorded_files("b") == {"/disk/b"}
+    assert again.recorded_files("c") == frozenset()
+    again.files = {"a": ["/disk/a3"]}
+    again.mark_unclean(["a"])  # "b" is not served in this run: it keeps its files
+    again.close({"a": again.verifiers["a"]}, {"a"})
+    last = VerifierStore.open(str(tmp_path), ["a", "b"])
+    assert last.recorded_files("a") == {"/disk/a3"}
+    assert last.recorded_files("b") == {"/disk/b"}
+    last.close({}, set())

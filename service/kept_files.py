@@ -1,0 +1,61 @@
+"""The layer files a volume keeps its data in, and the refusal to start it without them.
+
+A layer kind with a ``path`` (``raw``, ``sparse``, ``sqlite``) creates its file when it is
+missing: that is how a new layer is made. Once a volume has been served from a file,
+though, a missing file is no new layer but a lost one (the disk that holds it was not
+mounted, a clean-up took the wrong folder), and creating it afresh would serve an empty
+volume where clients expect their data, silently. So the server records, per volume, the
+files it was served from (in ``DATA_DIR/write-verifiers.json``, with the volume's write
+verifier: :mod:`.verifier_store`), and before it opens a volume again it refuses one whose
+recorded file is gone (:func:`check_kept_files`): one line naming the volume, the layer and
+the path. To start such a layer empty on purpose, give it another path.
+
+Not recorded, so created as before: a ``read_cache`` layer below the write path (it holds
+only copies of what lies below it, so losing it loses nothing), and any file of a volume
+never served from this ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+
+from .config import VolumeConfig
+from .errors import ConfigError, StorageError
+
+__all__ = ["check_kept_files", "kept_files"]
+
+
+def _kept(config: VolumeConfig) -> list[tuple[int, str]]:
+    """``(layer index, absolute path)`` of each file of ``config`` that holds data of its
+    own: every layer with a ``path`` but a ``read_cache`` one below the write path."""
+    kept = []
+    on_write_path = True  # the top, and every layer below a write_through one
+    for index, layer in enumerate(config.layers):
+        path = layer.options.get("path")
+        if isinstance(path, str) and (on_write_path or not layer.read_cache):
+            kept.append((index, os.path.abspath(path)))
+        on_write_path = on_write_path and layer.write_through
+    return kept
+
+
+def kept_files(config: VolumeConfig) -> list[str]:
+    """The absolute paths of the files ``config`` keeps its data in (module docs)."""
+    return [path for _, path in _kept(config)]
+
+
+def check_kept_files(config: VolumeConfig, recorded: Collection[str], record: str) -> None:
+    """Raise a :class:`ConfigError` for the first file ``config`` keeps its data in that was
+    ``recorded`` (served from before, as kept in the file ``record``) and is not there now
+    (caused by a :class:`StorageError`: the operator looks at the disks). Blocks
+    (``stat``): call it off the event loop."""
+    for index, path in _kept(config):
+        if path in recorded and not os.path.exists(path):
+            lost = StorageError(
+                f"{path} is missing, but this volume was served from it before (as "
+                f"{record} records): is the disk that holds it mounted? Restore the file; "
+                "to start this layer empty instead, give it another path"
+            )
+            # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
+            # config mistake (main._start_failure)
+            raise ConfigError(str(lost), volume=config.name, layer=index) from lost

@@ -1,0 +1,57 @@
+"""Which layer files a volume keeps its data in, and the refusal to start without them
+(tierdisk.service.kept_files); the start itself is in tests/test_serve.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tierdisk.service.config import LayerConfig, VolumeConfig
+from tierdisk.service.errors import ConfigError, StorageError
+from tierdisk.service.kept_files import check_kept_files, kept_files
+
+
+def layer(kind: str, path: str | None = None, **flags: bool) -> LayerConfig:
+    return LayerConfig(kind, options={} if path is None else {"path": path}, **flags)
+
+
+def test_every_file_but_a_read_cache_below_the_write_path_is_kept() -> None:
+    stack = VolumeConfig(
+        "v",
+        (
+            layer("sparse", "/d/top", read_cache=True),  # the top takes writes: kept
+            layer("sparse", "/d/cache", read_cache=True),  # copies of what is below
+            layer("remote"),
+            layer("raw", "/d/base"),
+        ),
+    )
+    assert kept_files(stack) == ["/d/top", "/d/base"]
+    through = VolumeConfig(
+        "w",
+        (
+            layer("ram", write_through=True),
+            layer("sqlite", "/d/durable", read_cache=True),  # on the write path: kept
+            layer("raw", "/d/base"),
+        ),
+    )
+    assert kept_files(through) == ["/d/durable", "/d/base"]
+
+
+def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
+    present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
+    present.write_bytes(b"")
+    stack = VolumeConfig(
+        "v",
+        (
+            layer("sparse", str(present)),
+            layer("sparse", str(cache), read_cache=True),
+            layer("raw", str(lost)),
+        ),
+    )
+    check_kept_files(stack, {str(present), str(cache)}, "rec.json")  # a cache may go
+    check_kept_files(stack, set(), "rec.json")  # never served: a new volume
+    with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
+        check_kept_files(stack, {str(present), str(lost)}, "rec.json")
+    assert "as rec.json records" in str(info.value)
+    assert isinstance(info.value.__cause__, StorageError)
