@@ -8,7 +8,8 @@ volume where clients expect their data, silently. So the server records, per vol
 files it was served from (in ``DATA_DIR/write-verifiers.json``, with the volume's write
 verifier: :mod:`.verifier_store`), and before it opens a volume again it refuses one whose
 recorded file is gone (:func:`check_kept_files`): one line naming the volume, the layer and
-the path. To start such a layer empty on purpose, give it another path.
+the path. To start such a layer empty on purpose, give it another path, or delete the
+volume's entry from the file (the built-in ``default`` volume has no path to change).
 
 Not recorded, so created as before: a ``read_cache`` layer below the write path (it holds
 only copies of what lies below it, so losing it loses nothing), and any file of a volume
@@ -54,7 +55,8 @@ def check_kept_files(config: VolumeConfig, recorded: Collection[str], record: st
             lost = StorageError(
                 f"{path} is missing, but this volume was served from it before (as "
                 f"{record} records): is the disk that holds it mounted? Restore the file; "
-                "to start this layer empty instead, give it another path"
+                "to start this layer empty instead, give it another path (or delete the "
+                f"volume's entry from {os.path.basename(record)})"
             )
             # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
             # config mistake (main._start_failure)
