@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,8 @@ class Layer(abc.ABC):
         self._physical_sector_size = 0
         self._resized = asyncio.Event()
         self._resize_listeners: list[Callable[[int], None]] = []
+        self._shrink_end: int | None = None  # a shrink under way: :meth:`_shrinking`
+        self._shrink_done = asyncio.Event()
         self._problem = ""
         self._problem_listeners: list[Callable[[str], None]] = []
 
@@ -257,6 +260,32 @@ class Layer(abc.ABC):
                 f"sectors [{sector}, {sector + count}) are past the end of the {self.kind} "
                 f"layer ({self._sector_count} sectors)"
             )
+
+    @contextlib.contextmanager
+    def _shrinking(self, sector_count: int) -> Iterator[None]:
+        """For a layer whose shrink takes a while (work on a thread, a commit): mark a shrink
+        to ``sector_count`` under way for the ``with`` block, which sets the new size (and
+        calls :meth:`_notify_resized`) once the shrink is committed. Until then the layer
+        keeps reporting its old size, so the volume, ``Inspect`` and ``WatchResize`` never
+        pair the new size with the old generation, and a shrink that fails changed nothing
+        anyone saw; I/O that reaches past ``sector_count`` meanwhile waits for the outcome
+        (:meth:`_await_shrink`) rather than reading sectors being dropped as absent (the
+        layers below would show through) or being refused for a size not yet reported."""
+        self._shrink_end = sector_count
+        try:
+            yield
+        finally:
+            self._shrink_end = None
+            done, self._shrink_done = self._shrink_done, asyncio.Event()
+            done.set()
+
+    async def _await_shrink(self, sector: int, count: int) -> None:
+        """Wait while a shrink under way (:meth:`_shrinking`) cuts into ``[sector, sector +
+        count)``, then check the range again: ``OUT_OF_RANGE`` if the shrink was made, as
+        before it if it failed. Call it when :attr:`_shrink_end` is not None."""
+        while (end := self._shrink_end) is not None and sector + count > end:
+            await self._shrink_done.wait()
+        self._check_range(sector, count)
 
     # -- life cycle ---------------------------------------------------------------------
 

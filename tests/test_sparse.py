@@ -745,15 +745,58 @@ class _HeldSync:
         self._real = os.fdatasync
         monkeypatch.setattr(os, "fdatasync", self)
 
+    fail = False
+    """Set before :attr:`go`: the held call then fails (EIO) instead of syncing."""
+
     def __call__(self, fd: int) -> None:
         self.calls += 1
         if not self.entered.is_set():
             self.entered.set()
             self.go.wait(10)
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
         self._real(fd)
 
     async def wait_entered(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.entered.wait, 10)
+
+
+@pytest.mark.parametrize("outcome", ["made", "failed"])
+async def test_a_shrink_shows_once_committed_and_reads_past_it_wait_for_its_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """While a shrink is being committed the volume keeps its size and generation (what
+    Inspect and WatchResize pair: never the new size with the old generation, which made a
+    tier over this volume read its own lower layer's data for the tail), and a read past
+    the new end waits for the outcome: refused once the shrink is made; if the shrink fails,
+    served what was written, never what the layer below holds there."""
+    _, volume = await _cache_over_ab(tmp_path, 64)
+    try:
+        await volume.write(40, pattern(2, 40, 1, SS))  # acknowledged; below it: 0xAB
+        generation = volume.generation
+        held = _HeldSync(monkeypatch)
+        shrinking = asyncio.create_task(volume.resize(32))
+        await held.wait_entered()  # dropped from the map in memory, the commit under way
+        assert (volume.sector_count, volume.generation) == (64, generation)
+        reading = asyncio.create_task(volume.read(40, 1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not reading.done(), "it waits for the shrink's outcome"
+        held.fail = outcome == "failed"
+        held.go.set()
+        if outcome == "made":
+            await asyncio.wait_for(shrinking, 10)
+            with pytest.raises(OutOfRange):
+                await asyncio.wait_for(reading, 10)
+            assert (volume.sector_count, volume.generation) == (32, generation + 1)
+        else:
+            with pytest.raises(StorageError):
+                await asyncio.wait_for(shrinking, 10)
+            data, _ = await asyncio.wait_for(reading, 10)
+            assert data == pattern(2, 40, 1, SS)
+            assert (volume.sector_count, volume.generation) == (64, generation)
+    finally:
+        await volume.close()
 
 
 async def test_a_read_that_waited_across_a_shrink_is_out_of_range(
@@ -761,9 +804,9 @@ async def test_a_read_that_waited_across_a_shrink_is_out_of_range(
 ) -> None:
     """A read of sectors the volume is being shrunk below, waiting in the cache layer (for a
     fill of one of them), must not find them absent there and take the layer below's old
-    data (the overlaps are lowered only once the shrink is committed): it is refused, as a
-    read after the shrink is (DESIGN.md §3: never an older value after an acknowledged
-    write)."""
+    data (the overlaps are lowered only once the shrink is committed): it waits for the
+    shrink's outcome and is refused, as a read after the shrink is (DESIGN.md §3: never an
+    older value after an acknowledged write)."""
     top, volume = await _cache_over_ab(tmp_path, 64)
     try:
         await volume.write(40, pattern(2, 40, 1, SS))  # acknowledged
@@ -775,9 +818,13 @@ async def test_a_read_that_waited_across_a_shrink_is_out_of_range(
         shrinking = asyncio.create_task(volume.resize(32))
         await held.wait_entered()  # dropped from the map in memory, the commit under way
         top._sectors.release(token)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not reading.done(), "it waits for the shrink's outcome"
+        assert volume.sector_count == 64, "the new size shows once the shrink is committed"
+        held.go.set()
         with pytest.raises(OutOfRange):
             await asyncio.wait_for(reading, 10)
-        held.go.set()
         await asyncio.wait_for(shrinking, 10)
     finally:
         await volume.close()

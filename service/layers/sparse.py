@@ -378,15 +378,21 @@ class SparseLayer(Layer):
         ss = self._sector_size
         count = len(buf) // ss
         self._check_range(sector, count)
+        if self._shrink_end is not None:
+            await self._await_shrink(sector, count)
         lock = self._sectors
         token = lock.try_shared(sector, sector + count)
         if token is None:  # a write of some of these sectors is under way: after it
             token = await lock.acquire_shared(sector, sector + count)
             try:
-                # A shrink meanwhile dropped sectors past its end: reading them now as
-                # absent would let the layers below show through (their overlaps are
-                # lowered only once the shrink is committed). The read comes after it.
-                self._check_range(sector, count)
+                # A shrink begun meanwhile may be dropping sectors past its end: reading
+                # them now as absent would let the layers below show through (their
+                # overlaps are lowered only once the shrink is committed). The read comes
+                # after its outcome.
+                if self._shrink_end is not None:
+                    await self._await_shrink(sector, count)
+                else:
+                    self._check_range(sector, count)
             except BaseException:
                 lock.release(token)
                 raise
@@ -419,6 +425,8 @@ class SparseLayer(Layer):
             pread_into(self._fd, buf[(a - sector) * ss : (b - sector) * ss], a * ss)
 
     async def presence(self, sector: int, count: int) -> list[Run]:
+        if self._shrink_end is not None:
+            await self._await_shrink(sector, count)
         with self._lock:
             return self._present.runs_in(sector, sector + count)
 
@@ -427,6 +435,8 @@ class SparseLayer(Layer):
     ) -> _T:
         """Run the mutation ``fn`` of sectors ``[start, end)`` on the writer thread, holding
         them exclusive: no read copies those pages meanwhile (a torn sector)."""
+        if self._shrink_end is not None:
+            await self._await_shrink(start, end - start)
         token = await self._sectors.acquire_exclusive(start, end)
         try:
             if self._sectors.closing:
@@ -688,20 +698,18 @@ class SparseLayer(Layer):
             old = self._sector_count
             if sector_count < old:
                 self._shrinks += 1  # fills asked for before now are dropped (write_no_overwrite)
-                self._sector_count = sector_count  # refuse new I/O past the new end now
-                smallest = self._smallest
-                try:
+                with self._shrinking(sector_count):  # I/O past the new end waits for it
+                    smallest = self._smallest
                     dropped = await self._on_writer("resizing", self._shrink_sync, sector_count)
-                except BaseException:
-                    self._sector_count = old
-                    raise
-                try:
-                    await self._commit_locked()
-                except BaseException:
-                    await self._on_writer("resizing", self._unshrink_sync, old, smallest, dropped)
-                    self._sector_count = old
-                    raise
-                self._notify_resized()  # committed: the volume learns of it whatever follows
+                    try:
+                        await self._commit_locked()
+                    except BaseException:
+                        await self._on_writer(
+                            "resizing", self._unshrink_sync, old, smallest, dropped
+                        )
+                        raise
+                    self._sector_count = sector_count
+                    self._notify_resized()  # committed: the volume learns of it whatever follows
                 try:
                     await self._on_writer(
                         "resizing", os.ftruncate, self._fd, sector_count * self._sector_size

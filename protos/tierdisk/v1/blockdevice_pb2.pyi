@@ -718,7 +718,10 @@ class ResizeEvent(_message.Message):
     """Size of the volume in sectors (of the volume's sector_size)."""
     generation: _builtins.int
     """Increases with every size change of the volume; the first event of a
-    stream carries the current generation.
+    stream carries the current generation. It counts the changes since the
+    server started (it is 0 again after a restart): compare generations only
+    within one server's run, e.g. within one stream; a client that opens a
+    new stream takes its first event as the current size.
     """
     def __init__(
         self,
