@@ -334,11 +334,14 @@ class Server:
         served there, its credentials are refused, it is no tierdisk server, …), which may
         change without this server changing (an origin restarted with the right config);
         the latter is logged at error level, at most every :data:`_ATTACH_LOG_INTERVAL`
-        seconds for the same reason. Given up on, logged once: problems of this server's own
-        (a local layer that cannot be opened, a construction rule broken once the remote's
-        geometry is known) and the hop guard's refusal (a loop, e.g. two volumes waiting for
-        each other: retrying cannot end it). Either way, the volume answers ``UNAVAILABLE``
-        naming the latest reason."""
+        seconds for the same reason. The hop guard's refusal (a loop, e.g. two volumes
+        waiting for each other) is such an answer too: a real loop is found again at every
+        attempt, but the claim it rests on (who waits for this volume, the
+        ``tierdisk-waiting`` header of any caller) may be stale or forged, and a volume that
+        gave up on it would stay down until a restart after the claim was gone. Given up
+        on, logged once: problems of this server's own (a local layer that cannot be opened,
+        a construction rule broken once the remote's geometry is known). Either way, the
+        volume answers ``UNAVAILABLE`` naming the latest reason."""
         backoff = Backoff(*_ATTACH_BACKOFF)
         attach_log = RateLimitedLog(log, interval=_ATTACH_LOG_INTERVAL)
         while not self._stopped:
@@ -359,7 +362,7 @@ class Server:
                 continue
             except ConfigError as exc:
                 answer = remote_answer(exc)
-                if answer is None or _hop_guard(answer):
+                if answer is None:
                     self.registry.set_waiting(config.name, str(exc))
                     log.error(
                         "volume %r cannot be opened: %s; not retrying (restart the server "
@@ -501,9 +504,3 @@ def remote_answer(exc: BaseException) -> client_errors.TierdiskError | None:
         if isinstance(cause, client_errors.TierdiskError):
             return cause
     return None
-
-
-def _hop_guard(answer: client_errors.TierdiskError) -> bool:
-    """Whether ``answer`` is the hop guard's refusal (server error ``TierLoop``, also when
-    a lower tier's is passed on): a loop or too deep a chain of tiers."""
-    return isinstance(answer, client_errors.TierLoop)

@@ -435,7 +435,7 @@ async def test_a_loop_between_two_servers_fails_fast(tmp_path: Path) -> None:
 async def test_two_volumes_waiting_for_each_other_at_start_are_a_loop(tmp_path: Path) -> None:
     """A's volume is remote → B's and B's remote → A's, both started from nothing: no call
     chain forms (each only answers the other "not ready"), yet both must end with the loop
-    named, and stop retrying, instead of waiting forever."""
+    named (and keep retrying at the attach backoff), instead of waiting silently."""
     a_listen, b_listen = (f"127.0.0.1:{free_port()}" for _ in range(2))
     a_body = server_section(a_listen, tmp_path / "a") + toml_volume(
         "va", remote(b_listen, "vb", timeout=2, retries=0)
@@ -465,6 +465,46 @@ async def test_two_volumes_waiting_for_each_other_at_start_are_a_loop(tmp_path: 
                 f"{b_listen}/vb → {a_listen}/va → {b_listen}/vb" in message
             )
         assert not a.registry.all_ready and not b.registry.all_ready
+
+
+async def test_a_loop_claimed_by_a_forged_waiting_header_does_not_keep_a_volume_down(
+    tmp_path: Path,
+) -> None:
+    """S's v is remote → T's t, and t remote → O's o, O not started yet: both attach in the
+    background. A caller with no standing tells S that T/t waits for v (a forged
+    ``tierdisk-waiting`` header), so T refuses v's next attach as a loop. Once O is up and
+    t attaches, v must attach too: the loop refusal is retried like any other answer of a
+    remote tier, not taken as final (which kept v down until a restart)."""
+    s_listen, t_listen, o_listen = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    s_body = server_section(s_listen, tmp_path / "s") + toml_volume(
+        "v", remote(t_listen, "t", timeout=2, retries=0)
+    )
+    t_body = server_section(t_listen, tmp_path / "t") + toml_volume(
+        "t", remote(o_listen, "o", timeout=2, retries=0)
+    )
+    o_body = server_section(o_listen, tmp_path / "o") + toml_volume("o", ram("1MiB"))
+    async with (
+        running_server(tmp_path / "t", t_body) as t,
+        running_server(tmp_path / "s", s_body) as s,
+        grpc.aio.insecure_channel(s_listen) as channel,
+    ):
+        stub = pb_grpc.BlockDeviceStub(channel)
+        forged = ((hops.WAITING_HEADER, hops.hop_id(t.server_id, "t")),)
+
+        async def refused_as_a_loop() -> bool:
+            try:
+                await stub.GetVolume(pb.GetVolumeRequest(volume="v"), metadata=forged)
+            except grpc.aio.AioRpcError as err:  # not ready yet, and why
+                return "request loop between tiers" in (err.details() or "")
+            raise AssertionError("v attached with t not ready")
+
+        await eventually("v's attach to be refused as a loop", refused_as_a_loop, seconds=30)
+        async with running_server(tmp_path / "o", o_body):
+
+            async def both_ready() -> bool:
+                return t.registry.all_ready and s.registry.all_ready
+
+            await eventually("t, then v, to attach", both_ready, seconds=60)
 
 
 async def test_three_volumes_waiting_in_a_cycle_at_start_are_a_loop(tmp_path: Path) -> None:
