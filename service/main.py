@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 
@@ -270,7 +271,18 @@ def _write_ready_file(path: str, server: Server) -> None:
         "nbd_tls": server.nbd_tls,
         "pid": os.getpid(),
     }
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)
+    # A temporary file of a fresh random name, made exclusively (never a name planted in a
+    # shared folder beforehand, such as a symlink to a file of the server's user), then
+    # renamed over ``path`` so a reader sees the whole file or none.
+    tmp = os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 import pytest
-from persistent_contract import tiny_filesystem
 from servers import ServerProcess, ram, remote, serve_once, toml_volume, write_config
 
 from tierdisk.service.config import load_config
@@ -665,6 +664,42 @@ def test_unwritable_ready_file_stops_the_server_with_one_line(tmp_path: Path) ->
     assert "cannot write --ready-file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_ready_file_that_is_a_folder_stops_the_server_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    (tmp_path / "folder").mkdir()
+    result = serve_once(tmp_path, "--config", str(config), "--ready-file", str(tmp_path / "folder"))
+    assert result.returncode == 1, result.stderr
+    assert "cannot write --ready-file" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "folder", "tierdisk.toml"]
+
+
+def test_the_ready_file_is_never_written_through_a_name_planted_beside_it(
+    tmp_path: Path,
+) -> None:
+    """A ready file in a folder others can write: a symlink planted at a name the server
+    might use for its temporary file (``FILE.tmp`` was) must not make it overwrite the
+    link's target."""
+    config = write_config(
+        tmp_path, "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    )
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    ready = tmp_path / "ready.json"
+    os.symlink(victim, f"{ready}.tmp")
+    command = [sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
+    command += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
+    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE)
+    with ServerProcess(proc, ready) as server:
+        server.wait_ready()
+        assert json.loads(ready.read_text())["pid"] == server.pid
+        assert server.terminate() == 0
+    assert victim.read_text() == "precious"
+
+
 def test_the_ready_file_names_a_running_server_only(tmp_path: Path) -> None:
     """The ready file is removed as the server stops; one left by a server that was killed
     is removed when the next one starts (here, a start that then fails), and one naming a
@@ -777,31 +812,27 @@ def test_bad_nbd_tls_settings_exit_2_with_one_line(
 
 
 def test_a_final_flush_that_fails_exits_1_naming_the_volume(tmp_path: Path) -> None:
-    """A stop whose final flush fails (a sqlite layer whose disk filled: its WAL cannot be
-    checkpointed) exits 1 with a line naming the volume, not 0 as if every acknowledged
-    write were durable: a supervisor must be able to tell."""
+    """A stop whose final flush fails (here the sqlite layer's database was removed while
+    served: what was written since lives only in a file with no name) exits 1 with a line
+    naming the volume, not 0 as if every acknowledged write were durable: a supervisor must
+    be able to tell."""
 
-    async def fill(address: str) -> int:
+    async def write(address: str) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.BlockDeviceStub(channel)
-            for chunk in range((16 << 20) // (64 << 10)):
-                try:
-                    await stub.Write(
-                        pb.WriteRequest(volume="v", sector=chunk * 128, data=b"f" * (64 << 10))
-                    )
-                except grpc.aio.AioRpcError as err:
-                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
-                    return chunk
-        raise AssertionError("the filesystem never filled")
+            await stub.Write(pb.WriteRequest(volume="v", sector=0, data=b"w" * 512))
 
-    with tiny_filesystem(tmp_path / "data", "3m"):
-        body = toml_volume("v", {"kind": "sqlite", "path": "v.db", "size": "16MiB"})
-        config = write_config(tmp_path, body)
-        with ServerProcess.start(tmp_path, config) as server:
-            assert asyncio.run(fill(server.grpc)) > 0
-            os.kill(server.pid, signal.SIGTERM)
-            assert server.proc.wait(60) == 1, server.stderr_text()
-            assert "the final flush failed for volume(s) 'v'" in server.stderr_text()
+    body = toml_volume("v", {"kind": "sqlite", "path": "v.db", "size": "1MiB"})
+    config = write_config(tmp_path, body)
+    with ServerProcess.start(tmp_path, config) as server:
+        asyncio.run(write(server.grpc))
+        (tmp_path / "data" / "v.db").unlink()
+        os.kill(server.pid, signal.SIGTERM)
+        status = server.proc.wait(60)
+        stderr = server.stderr_text()
+        assert status == 1, stderr
+        assert "the final flush failed for volume(s) 'v'" in stderr
+        assert "v.db was removed while served" in stderr
 
 
 def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(tmp_path: Path) -> None:
