@@ -7,18 +7,34 @@ the way an operator would look at a layer file (reference scenarios 56 to 59).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import shutil
 import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from conftest import VolumeOpener
-from persistent_contract import SIZE, SS, PersistentLayerContract
+from persistent_contract import SIZE, SS, PersistentLayerContract, tiny_filesystem
 from stacks import pattern
+from tools import require_tool
 
-from tierdisk.service.errors import ConfigError, DataCorruption, Unavailable
+from tierdisk.service.errors import (
+    ConfigError,
+    DataCorruption,
+    NoSpace,
+    OutOfRange,
+    StorageError,
+    Unavailable,
+)
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
+from tierdisk.service.volume import LayerEntry, Volume
 
 
 class TestSqliteContract(PersistentLayerContract):
@@ -243,3 +259,439 @@ async def test_a_layer_made_afresh_ignores_an_old_databases_wal(tmp_path: Path) 
         assert await fresh.read(memoryview(buf), 0) == [] and bytes(buf) == bytes(8 * SS)
     finally:
         await fresh.close()
+
+
+# -- a full disk (a real tmpfs, mounted by the test) ------------------------------------------
+
+
+def fill_up(path: Path) -> None:
+    """Write ``path`` until its filesystem is full (ENOSPC)."""
+    chunk = os.urandom(4096)
+    with open(path, "wb", buffering=0) as ballast:
+        try:
+            while True:
+                ballast.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+async def full_after_writes(layer: SqliteLayer, mnt: Path) -> bytes:
+    """Write and flush sectors 0-63, fill the filesystem, then write sectors 500-507 (they
+    fit in the WAL's blocks, which it reuses after a checkpoint; the database would have to
+    grow to take them). Returns what those 8 sectors hold."""
+    await layer.write(memoryview(pattern(1, 0, 64, 4096)), 0, False)
+    await layer.flush()
+    fill_up(mnt / "ballast")
+    data = pattern(2, 500, 8, 4096)
+    await layer.write(memoryview(data), 500, False)  # acknowledged: in the WAL
+    return data
+
+
+async def test_a_flush_whose_checkpoint_runs_out_of_space_syncs_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk a checkpoint fails copying pages into the database, which cannot grow
+    (SQLITE_FULL), though every commit is in the WAL: the flush syncs the WAL by itself (no
+    space needed) and succeeds, not "writes acknowledged before may be lost" (a false alarm
+    that renewed the write verifier). The acknowledged sectors are in the files as a crash
+    would leave them, and in the layer after a restart."""
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(inode(fd))
+        real_fsync(fd)
+
+    with tiny_filesystem(tmp_path / "tiny") as mnt:
+        path = mnt / "l"
+        layer = SqliteLayer(str(path), size=8 << 20, sector_size=4096)
+        await layer.attach(None)
+        try:
+            data = await full_after_writes(layer, mnt)
+            monkeypatch.setattr(os, "fsync", fsync)
+            await layer.flush()
+            monkeypatch.undo()
+            wal = os.stat(f"{path}-wal")
+            assert (wal.st_dev, wal.st_ino) in synced, "the WAL was not synced"
+            crashed = tmp_path / "crashed"
+            crashed.mkdir()
+            shutil.copy(path, crashed / "l")
+            shutil.copy(f"{path}-wal", crashed / "l-wal")
+            await layer.flush()  # nothing new: fine
+        finally:
+            await layer.close()
+        again = SqliteLayer(str(path))  # still full
+        await again.attach(None)
+        try:
+            buf = bytearray(8 * 4096)
+            assert await again.read(memoryview(buf), 500) == [(500, 508)] and buf == data
+        finally:
+            await again.close()
+    copy = SqliteLayer(str(crashed / "l"))
+    await copy.attach(None)
+    try:
+        buf = bytearray(8 * 4096)
+        assert await copy.read(memoryview(buf), 500) == [(500, 508)] and buf == data
+    finally:
+        await copy.close()
+
+
+async def test_a_flush_that_can_sync_neither_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real failure is still reported: a checkpoint out of space and a WAL whose fsync
+    fails too (EIO) fail the flush, saying both."""
+    with tiny_filesystem(tmp_path / "tiny") as mnt:
+        path = mnt / "l"
+        layer = SqliteLayer(str(path), size=8 << 20, sector_size=4096)
+        await layer.attach(None)
+        try:
+            await full_after_writes(layer, mnt)
+            wal = os.stat(f"{path}-wal")
+            real_fsync = os.fsync
+
+            def fsync(fd: int) -> None:
+                if inode(fd) == (wal.st_dev, wal.st_ino):
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", fsync)
+            with pytest.raises(StorageError) as info:
+                await layer.flush()
+            monkeypatch.undo()
+            assert not isinstance(info.value, NoSpace)
+            message = str(info.value)
+            assert "out of space" in message and f"{path}-wal failed: Input/output error" in message
+        finally:
+            await layer.close()
+
+
+async def test_a_new_layer_on_a_full_disk_cannot_start_and_leaves_nothing(tmp_path: Path) -> None:
+    """Creating a layer on a full filesystem is a storage failure ("cannot start"), not a
+    config error (NoSpace), and removes what it made: no ``.tmp`` (or its WAL), no
+    ``.lock``. Once there is room, the same layer is made."""
+    with tiny_filesystem(tmp_path / "tiny", "1m") as mnt:
+        fill_up(mnt / "ballast")
+        path = mnt / "new.db"
+        with pytest.raises(
+            StorageError, match=rf"cannot create sqlite layer {path} .*out of space"
+        ):
+            await SqliteLayer(str(path), size=SIZE).attach(None)
+        assert sorted(os.listdir(mnt)) == ["ballast"]
+        (mnt / "ballast").unlink()
+        layer = SqliteLayer(str(path), size=SIZE)
+        await layer.attach(None)
+        await layer.close()
+        assert sorted(os.listdir(mnt)) == ["new.db", "new.db.lock"]
+
+
+# -- a path that is not a regular file --------------------------------------------------------
+
+
+async def test_a_path_that_is_not_a_regular_file_gets_no_lock_file_beside_it(
+    tmp_path: Path,
+) -> None:
+    """A FIFO (``/dev/null``, a folder) is refused before ``PATH.lock`` is made beside it
+    (``path = "/dev/null"`` made ``/dev/null.lock``)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path in (fifo, folder):
+        with pytest.raises(StorageError, match=rf"{path} is not a regular file"):
+            await asyncio.wait_for(SqliteLayer(str(path), size=SIZE).attach(None), 10)
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "folder"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+# -- write-protected files ----------------------------------------------------------------------
+
+OPEN_AND_WRITE = """
+import asyncio, sys
+from tierdisk.service.layers.sqlite import SqliteLayer
+
+async def main() -> None:
+    layer = SqliteLayer(sys.argv[1])
+    try:
+        await layer.attach(None)
+    except Exception as exc:
+        print(f"REFUSED {type(exc).__name__}: {exc}")
+        return
+    try:
+        await layer.write(memoryview(bytes(512)), 0, True)
+        await layer.flush()
+        print("SERVED")
+    except Exception as exc:
+        print(f"FAILED {type(exc).__name__}: {exc}")
+    finally:
+        await layer.close()
+
+asyncio.run(main())
+"""
+
+
+async def run_python(*args: str, prefix: tuple[str, ...] = ()) -> str:
+    """Run ``python -c`` ``args`` in a child process (after the command ``prefix``); its
+    stdout, asserting it exited 0."""
+    proc = await asyncio.create_subprocess_exec(
+        *prefix,
+        sys.executable,
+        "-c",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return out.decode()
+
+
+def protect(path: Path, protected: str, wal: bytes) -> None:
+    """Put beside the closed layer ``path`` the WAL ``wal`` (as a crash would leave it) and
+    a ``-shm`` (an old build's, or another program's), then write-protect
+    ``PATH{protected}`` (``/``: the folder, without the WAL, which SQLite must then make)."""
+    Path(f"{path}-shm").write_bytes(bytes(32768))
+    if protected == "/":
+        path.parent.chmod(0o555)
+    else:
+        Path(f"{path}-wal").write_bytes(wal)
+        Path(f"{path}{protected}").chmod(0o444)
+
+
+def without_root_powers() -> tuple[str, ...]:
+    """The command prefix that runs a process the way permission bits apply to it: as root
+    (the tests' usual user), without the capabilities that bypass them (``setpriv`` drops
+    them from the bounding set; the files stay root's, so their owner bits count); else
+    nothing. Skips when that is not possible."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = require_tool("setpriv")
+    prefix = (setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner")
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot drop capabilities with setpriv: {probe.stderr.strip()}")
+    return prefix
+
+
+@pytest.mark.parametrize(
+    ("protected", "says"),
+    [
+        ("", "REFUSED StorageError: cannot open sqlite layer PATH: Permission denied"),
+        (
+            "-wal",
+            "REFUSED StorageError: cannot open sqlite layer PATH: its WAL PATH-wal: "
+            "Permission denied",
+        ),
+        (
+            ".lock",
+            "REFUSED StorageError: cannot open sqlite layer PATH: its lock file PATH.lock: "
+            "Permission denied",
+        ),
+        ("-shm", "SERVED"),  # the layer makes and needs no -shm (exclusive mode)
+        (
+            "/",
+            "REFUSED StorageError: cannot open sqlite layer PATH: SQLite can only read it "
+            "(attempt to write a readonly database): its folder FOLDER is not writable",
+        ),
+    ],
+    ids=["database", "wal", "lock-file", "shm", "folder"],
+)
+async def test_a_write_protected_file_is_refused_at_open_naming_it(
+    tmp_path: Path, protected: str, says: str
+) -> None:
+    """SQLite opens a database it cannot write read-only, quietly: the server started and
+    every write then failed INTERNAL ("attempt to write a readonly database"). The open is
+    refused instead, naming the file at fault (the lock file's fault named the database
+    before). Run in a child process without root's power to ignore permission bits."""
+    prefix = without_root_powers()
+    folder = tmp_path / "layer"
+    folder.mkdir()
+    path = folder / "l.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+    wal = (folder / "l.db-wal").read_bytes()
+    await layer.close()
+    protect(path, protected, wal)
+    try:
+        out = await run_python(OPEN_AND_WRITE, str(path), prefix=prefix)
+    finally:
+        folder.chmod(0o755)
+    expected = says.replace("PATH", str(path)).replace("FOLDER", str(folder))
+    assert out.startswith(expected), out
+
+
+# -- other SQLite clients -------------------------------------------------------------------------
+
+HOLD_A_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
+db.execute("BEGIN IMMEDIATE")
+db.execute("DELETE FROM sectors WHERE sector < 4")
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it
+db.execute("ROLLBACK")
+"""
+
+TRY_READ_AND_DELETE = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
+for sql in ("SELECT COUNT(*) FROM sectors", "DELETE FROM sectors WHERE sector < 4"):
+    try:
+        db.execute(sql).fetchall()
+        print(sql.split()[0], "done")
+    except sqlite3.Error as exc:
+        print(sql.split()[0], exc)
+"""
+
+
+async def test_a_lock_held_by_another_sqlite_connection_refuses_the_open(tmp_path: Path) -> None:
+    """An ``sqlite3`` session holding a write transaction (an operator's, say) made the
+    server start anyway, then stall each write for 5 s and fail it "database is locked".
+    Now the open is refused at once, as a second server's would be."""
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, True)
+    await layer.close()
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD_A_WRITE_LOCK,
+        str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"sqlite layer {path} is already open .*locked"):
+            await SqliteLayer(str(path)).attach(None)
+        assert time.monotonic() - started < 2, "the open waited for the lock"
+    finally:
+        holder.stdin.close()
+        assert await asyncio.wait_for(holder.wait(), 30) == 0
+    again = SqliteLayer(str(path))  # released: it opens, with its sectors
+    await again.attach(None)
+    try:
+        assert again.present_sectors == 8
+    finally:
+        await again.close()
+
+
+async def test_other_sqlite_connections_cannot_touch_a_served_layer(tmp_path: Path) -> None:
+    """While the layer is open, another connection can neither read nor delete its rows
+    (it deleted acknowledged, flushed sectors under the server, and inspect went on
+    counting them), and the layer's own writes never wait for it."""
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+        await layer.flush()
+        out = await run_python(TRY_READ_AND_DELETE, str(path))
+        assert out.splitlines() == ["SELECT database is locked", "DELETE database is locked"], out
+        started = time.monotonic()
+        await layer.write(memoryview(pattern(2, 8, 1, SS)), 8, False)
+        await layer.flush()
+        await layer.resize(SIZE // SS + 8)
+        assert time.monotonic() - started < 2
+        buf = bytearray(9 * SS)
+        assert await layer.read(memoryview(buf), 0) == [(0, 9)]
+        assert buf == pattern(1, 0, 8, SS) + pattern(2, 8, 1, SS)
+        assert layer.present_sectors == 9
+        assert sorted(os.listdir(tmp_path)) == ["d.db", "d.db-wal", "d.db.lock"]  # no -shm
+    finally:
+        await layer.close()
+    assert rows(path, "SELECT COUNT(*) FROM sectors") == [(9,)]  # closed: others may read
+
+
+# -- a database removed or replaced while served --------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced by another file"])
+async def test_a_database_removed_or_replaced_while_served_fails_the_flush(
+    tmp_path: Path, how: str
+) -> None:
+    """``rm`` of the database, or an older copy renamed over it (a backup restored), while
+    the server runs: what it writes and syncs goes to a file the next start does not open
+    (or replays the WAL onto the restored copy: "malformed"). Flush answered OK; now it
+    fails, every time, with or without writes since."""
+    path = tmp_path / "d.db"
+    layer = SqliteLayer(str(path), size=SIZE)
+    await layer.attach(None)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+        await layer.flush()
+        if how == "removed":
+            path.unlink()
+        else:
+            shutil.copy(path, tmp_path / "backup.db")
+            os.replace(tmp_path / "backup.db", path)
+        with pytest.raises(StorageError, match=rf"flushing sqlite layer {path}: {path} was {how}"):
+            await layer.flush()
+        await layer.write(memoryview(pattern(2, 8, 1, SS)), 8, False)
+        with pytest.raises(StorageError, match=f"was {how} while served"):
+            await layer.flush()
+    finally:
+        await layer.close()
+
+
+@pytest.mark.parametrize("outcome", ["made", "failed"])
+async def test_a_shrink_shows_once_committed_and_reads_past_it_wait_for_its_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """While a shrink's transaction runs the volume keeps its size and generation (what
+    Inspect and WatchResize pair: never the new size with the old generation, which made a
+    tier over this volume read its own lower layer's data for the tail), and a read past
+    the new end waits for the outcome: refused once the shrink is made; if it fails, served
+    what was written, never what the layer below holds there."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\xab" * 64 * SS)
+    top = SqliteLayer(str(tmp_path / "top.db"))
+    volume = await Volume.open(
+        "v", [LayerEntry(top, read_cache=True), LayerEntry(RawLayer(str(base)))]
+    )
+    entered, go = threading.Event(), threading.Event()
+    real = top._resize_sync
+
+    def held(sector_count: int) -> None:  # on the layer's worker thread
+        entered.set()
+        go.wait(10)
+        if outcome == "failed":
+            raise sqlite3.OperationalError("disk I/O error")
+        real(sector_count)
+
+    try:
+        await volume.write(40, pattern(2, 40, 1, SS))  # acknowledged; below it: 0xAB
+        generation = volume.generation
+        monkeypatch.setattr(top, "_resize_sync", held)
+        shrinking = asyncio.create_task(volume.resize(32))
+        await asyncio.to_thread(entered.wait, 10)
+        assert (volume.sector_count, volume.generation) == (64, generation)
+        reading = asyncio.create_task(volume.read(40, 1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not reading.done(), "it waits for the shrink's outcome"
+        go.set()
+        if outcome == "made":
+            await asyncio.wait_for(shrinking, 10)
+            with pytest.raises(OutOfRange):
+                await asyncio.wait_for(reading, 10)
+            assert (volume.sector_count, volume.generation) == (32, generation + 1)
+        else:
+            with pytest.raises(StorageError):
+                await asyncio.wait_for(shrinking, 10)
+            data, _ = await asyncio.wait_for(reading, 10)
+            assert data == pattern(2, 40, 1, SS)
+            assert (volume.sector_count, volume.generation) == (64, generation)
+    finally:
+        go.set()
+        await volume.close()

@@ -16,10 +16,18 @@ back to a consistent, older state). ``flush`` runs a checkpoint, which in this m
 the WAL before copying it into the database and the database after, so every commit is
 durable and the WAL starts over (it holds at most what was written between two flushes; it
 is cut back to 4 MiB when it starts over); should the checkpoint not complete, a one-row
-update committed with ``synchronous=FULL`` fsyncs the WAL instead. A ``fua`` write and a
+update committed with ``synchronous=FULL`` fsyncs the WAL instead. A checkpoint that runs
+out of space (``SQLITE_FULL``: the database file cannot grow to take the WAL's pages) still
+makes a successful flush: the WAL, which holds every commit, is fsynced by itself (no new
+space needed), and only a failure of that sync fails the flush. A ``fua`` write and a
 resize commit their own transaction with ``synchronous=FULL``, so the layer honours FUA. A
 new layer is formatted in ``<path>.tmp`` and renamed into place, so a crash never leaves a
-half-made layer.
+half-made layer; a creation that fails (no space, say) removes what it made, the lock file
+too, and is a :class:`StorageError` ("cannot start"), never a config error. Each flush
+first checks that the database file the layer has open is still the one at ``path``
+(:func:`~tierdisk.service.fileio.check_still_named`): a database removed, or replaced by
+another file (a backup renamed over it), while served fails the flush with a
+:class:`StorageError`, as what the layer writes would be lost at its next start.
 
 All SQLite work runs on one worker thread per layer that owns the only connection, in
 submission order: no request waits on the event loop, and a read-cache fill
@@ -42,7 +50,22 @@ Locking: ``<path>.lock`` (beside the database, through any symlink) and the data
 itself are ``flock``-ed exclusively while the layer is open, so a second open of the same
 layer, under this name or another (a hard link), fails with a :class:`ConfigError` naming
 the path (:meth:`SqliteLayer._open`; its descriptor is closed only after SQLite's own, whose
-POSIX locks a close would drop).
+POSIX locks a close would drop). Those locks are invisible to SQLite, so the connection
+also runs with ``locking_mode=EXCLUSIVE``, set before its first read, and takes the write
+lock at open: the database file stays locked (SQLite's POSIX locks) against every other
+SQLite connection until the layer closes, so an ``sqlite3`` session can neither read nor
+change rows under the server, nor stall its writes; one that holds a lock when the layer
+opens makes the open fail at once with the same "already open" :class:`ConfigError`. In
+that mode the WAL index lives in the process's memory: the layer makes no ``-shm`` file.
+A lock file is removed only by an open that holds it (a creation that failed); an open
+checks that the lock file it holds is still the one named ``<path>.lock``.
+
+Permissions: the database, its WAL and the lock file must be writable (SQLite would
+otherwise open the database read-only and fail every write); the open refuses one that is
+not with a :class:`StorageError` naming that file (``cannot open sqlite layer …: …:
+Permission denied``), and one SQLite can only read for another reason (``SQLITE_READONLY``
+on the write lock at open: a read-only folder, say) likewise. A path that is not a regular
+file is refused before anything is made beside it.
 
 Errors: SQLite's ``SQLITE_FULL`` is :class:`NoSpace`: the transaction rolled back, so the
 request changed nothing; the WAL is then checkpointed and truncated, now and before each
@@ -61,6 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -75,7 +99,14 @@ from ..errors import (
     StorageError,
     TierdiskError,
 )
-from ..fileio import lock_or_refuse, make_parent_folder, missing_target, regular_file_size
+from ..fileio import (
+    check_still_named,
+    fsync_folder,
+    lock_or_refuse,
+    make_parent_folder,
+    missing_target,
+    regular_file_size,
+)
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..runs import Run
 from ..unstoppable import run_to_end
@@ -111,9 +142,14 @@ INSERT OR REPLACE INTO sectors (sector, data) SELECT n, NULL FROM s
 """
 
 
-def _is_full(exc: BaseException) -> bool:
+def _code(exc: BaseException) -> int:
+    """SQLite's primary result code of ``exc`` (0 when it is not an SQLite error)."""
     code = getattr(exc, "sqlite_errorcode", None) or 0
-    return isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_FULL
+    return code & 0xFF if isinstance(exc, sqlite3.Error) else 0
+
+
+def _is_full(exc: BaseException) -> bool:
+    return _code(exc) == sqlite3.SQLITE_FULL
 
 
 def _domain_error(exc: sqlite3.Error, what: str) -> TierdiskError:
@@ -140,6 +176,7 @@ class SqliteLayer(Layer):
         self._db: sqlite3.Connection | None = None  # used on the worker thread only
         self._lock_fd = -1  # the lock file's (flock): this name, taken before a new file
         self._db_fd = -1  # the database file's (flock): any other name of the same file
+        self._real = ""  # the database's path through any symlink (its WAL is beside it)
         self._present = 0  # rows in `sectors`
         self._smallest = 0  # meta's smallest_sector_count
         self._dirty = False  # committed without an fsync of the WAL since
@@ -170,36 +207,86 @@ class SqliteLayer(Layer):
                 self._worker.submit(self._release_sync)
             self._worker.shutdown(wait=not cancelled)
             self._worker = None
+            if isinstance(exc, NoSpace):  # at start, the storage's failure ("cannot start")
+                raise StorageError(str(exc)) from exc
             raise
 
     def _open(self, lower: LayerMetadata | None) -> None:
         """Lock, create when there is no file (or an empty one), lock the database file,
         connect. Through a symlink, the database, its WAL, lock and temporary files are
         the target's (a new database is made there, not in place of the link). Anything but
-        a regular file is refused, never replaced. The lock file guards a new database's
-        creation; the flock on the database file itself refuses the same database under
-        another name (a hard link), whose lock file differs. (SQLite's own locks are POSIX
-        record locks, independent of ``flock``.)"""
+        a regular file is refused, never replaced, before the lock file is made beside it.
+        The lock file guards a new database's creation; the flock on the database file
+        itself refuses the same database under another name (a hard link), whose lock file
+        differs. (SQLite's own locks are POSIX record locks, independent of ``flock``: the
+        connection takes them in exclusive mode, :meth:`_connect`.) An open that fails
+        with no database there removes the lock file it holds."""
         what = f"sqlite layer {self.path}"
         make_parent_folder(self.path, what)
         real = os.path.realpath(self.path)
         if not os.path.isdir(os.path.dirname(real)):  # a link into a missing (unmounted?) folder
             raise missing_target(what, self.path)
-        lock_fd = os.open(real + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        regular_file_size(real, what)  # a device, a FIFO: refused before PATH.lock is made
+        lock = real + ".lock"
+        lock_fd = self._lock(lock, what)
         db_fd = -1
         try:
-            lock_or_refuse(lock_fd, what)
             if not regular_file_size(real, what):
                 self._format(lower, real)
-            db_fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                db_fd = os.open(real, os.O_RDWR | os.O_CLOEXEC)  # writable, or SQLite reads only
+            except OSError as exc:
+                raise StorageError(f"cannot open {what}: {exc.strerror}") from None
             lock_or_refuse(db_fd, what)
+            wal = real + "-wal"
+            try:  # a crash's WAL SQLite would open read-only (every write then fails)
+                os.close(os.open(wal, os.O_RDWR | os.O_CLOEXEC))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StorageError(f"cannot open {what}: its WAL {wal}: {exc.strerror}") from None
             self._db = self._connect(real)
+            # the file SQLite opened is the one locked (not another renamed there meanwhile)
+            check_still_named(real, os.fstat(db_fd), f"opening {what}")
         except BaseException:
+            if self._db is not None:
+                db, self._db = self._db, None
+                db.close()
             if db_fd >= 0:
                 os.close(db_fd)
+            if not os.path.lexists(real):  # a failed creation: the lock file guards nothing
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)  # held: an open that has it open too sees it renamed
             os.close(lock_fd)
             raise
-        self._lock_fd, self._db_fd = lock_fd, db_fd
+        self._lock_fd, self._db_fd, self._real = lock_fd, db_fd, real
+
+    def _lock(self, lock: str, what: str) -> int:
+        """Open and ``flock`` the lock file ``lock``; its descriptor. A lock file that is
+        no longer named ``lock`` once locked was removed by a failed creation that held it:
+        the lock is then taken on the one there now."""
+        for _ in range(100):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot open {what}: its lock file {lock}: {exc.strerror}"
+                ) from None
+            try:
+                lock_or_refuse(fd, what)
+                held = os.fstat(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    named = os.stat(lock)
+                    if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                        return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise ConfigError(
+            f"{what} is already open (its lock file {lock} keeps being replaced); two "
+            "servers cannot share a layer"
+        )
 
     def _format(self, lower: LayerMetadata | None, real: str) -> None:
         """Make a new database at ``real`` (the layer's path, through any symlink): built
@@ -209,11 +296,39 @@ class SqliteLayer(Layer):
         )
         nbytes = ss * count
         tmp = real + ".tmp"
-        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+        made = (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal")
+        for leftover in made:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+        try:
+            self._build(tmp, ss, nbytes // ss)
+            for leftover in (real + "-wal", real + "-shm", real + "-journal"):
+                # An old database's (deleted to start afresh): SQLite would replay its WAL
+                # into the new one, bringing back its sectors or a "malformed" database.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            os.replace(tmp, real)
+            fsync_folder(real)
+        except (sqlite3.Error, OSError) as exc:
+            for leftover in made:  # nothing half-made is left (a later start would retry)
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            if _is_full(exc):
+                reason = f"out of space ({exc})"
+            elif isinstance(exc, OSError):
+                reason = exc.strerror or str(exc)
+            else:
+                reason = str(exc)
+            raise StorageError(
+                f"cannot create sqlite layer {self.path} of {nbytes} bytes: {reason}"
+            ) from None
+
+    @staticmethod
+    def _build(tmp: str, ss: int, count: int) -> None:
+        """Make the database file ``tmp`` (its schema and meta) and sync it."""
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # no -shm to make
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
             db.execute("BEGIN")
@@ -225,40 +340,59 @@ class SqliteLayer(Layer):
                     ("format", FORMAT),
                     ("version", VERSION),
                     ("sector_size", ss),
-                    ("sector_count", nbytes // ss),
-                    ("smallest_sector_count", nbytes // ss),
+                    ("sector_count", count),
+                    ("smallest_sector_count", count),
                     ("flushes", 0),
                 ],
             )
             db.execute("COMMIT")
+            # checkpoint here, where a failure is seen (close would keep it to itself)
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy or frames != copied:
+                raise OSError(errno.EIO, "the new database's checkpoint did not complete")
         finally:
-            db.close()  # checkpoints and removes the WAL
+            db.close()  # removes the WAL
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        for leftover in (real + "-wal", real + "-shm", real + "-journal"):
-            # An old database's (deleted to start afresh): SQLite would replay its WAL
-            # into the new one, bringing back its sectors or a "malformed" database.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        os.replace(tmp, real)
-        folder = os.open(os.path.dirname(real), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+
+    def _refusal(self, exc: sqlite3.Error, real: str) -> TierdiskError | None:
+        """What an open refused by SQLite says: a lock held by another connection is "already
+        open", a database SQLite can only read is a :class:`StorageError`; else None."""
+        if _code(exc) == sqlite3.SQLITE_BUSY:
+            return ConfigError(
+                f"sqlite layer {self.path} is already open (its database is locked by another "
+                f"process or SQLite connection: {exc}); two servers cannot share a layer"
+            )
+        if _code(exc) == sqlite3.SQLITE_READONLY:
+            folder = os.path.dirname(real)
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_DIRECTORY:
+                why = f"its folder {folder} is not writable (SQLite makes its WAL there)"
+            else:
+                why = f"its folder {folder} or a file beside it is write-protected"
+            return StorageError(
+                f"cannot open sqlite layer {self.path}: SQLite can only read it ({exc}): {why}"
+            )
+        return None
 
     def _connect(self, real: str) -> sqlite3.Connection:
+        """Connect in exclusive locking mode (set before the first read: the WAL index then
+        lives in this process's memory, and the database file stays locked against every
+        other connection until close), check the meta table, and take the write lock (which
+        also tells a database SQLite can only read)."""
         try:
-            db = sqlite3.connect(real, isolation_level=None)
+            db = sqlite3.connect(real, isolation_level=None, timeout=0)  # never wait for a lock
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open sqlite layer {self.path}: {exc}") from None
         try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             try:
                 rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
             except sqlite3.OperationalError as exc:
+                if refusal := self._refusal(exc, real):
+                    raise refusal from None
                 if "no such table" in str(exc):
                     raise ConfigError(
                         f"sqlite layer {self.path}: missing meta table (not a tierdisk "
@@ -279,6 +413,13 @@ class SqliteLayer(Layer):
                 raise ConfigError(
                     f"sqlite layer {self.path} is not a readable SQLite database: {exc}"
                 ) from None
+            try:  # the write lock, held until close (exclusive mode)
+                db.execute("BEGIN EXCLUSIVE")
+                db.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                if refusal := self._refusal(exc, real):
+                    raise refusal from None
+                raise
             if rows.get("format") != FORMAT or rows.get("version") != VERSION:
                 raise ConfigError(
                     f"sqlite layer {self.path}: meta says format {rows.get('format')!r} "
@@ -406,6 +547,8 @@ class SqliteLayer(Layer):
 
     async def read(self, buf: memoryview, sector: int) -> list[Run]:
         self._check_range(sector, len(buf) // self._sector_size)
+        if self._shrink_end is not None:  # past the end of a shrink under way: its outcome
+            await self._await_shrink(sector, len(buf) // self._sector_size)
         return await self._call("reading", self._read_sync, buf, sector)
 
     def _read_sync(self, buf: memoryview, sector: int) -> list[Run]:
@@ -442,6 +585,8 @@ class SqliteLayer(Layer):
         return runs
 
     async def presence(self, sector: int, count: int) -> list[Run]:
+        if self._shrink_end is not None:
+            await self._await_shrink(sector, count)
         return await self._call("reading", self._presence_sync, sector, sector + count)
 
     def _presence_sync(self, a: int, b: int) -> list[Run]:
@@ -449,10 +594,14 @@ class SqliteLayer(Layer):
 
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         self._check_range(sector, len(data) // self._sector_size)
+        if self._shrink_end is not None:
+            await self._await_shrink(sector, len(data) // self._sector_size)
         await self._call("writing", self._write_sync, data, sector, fua, False)
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
         self._check_range(sector, len(data) // self._sector_size)
+        if self._shrink_end is not None:
+            await self._await_shrink(sector, len(data) // self._sector_size)
         return await self._call("writing", self._write_sync, data, sector, False, True)
 
     def _write_sync(self, data: memoryview, sector: int, fua: bool, keep_present: bool) -> int:
@@ -481,6 +630,8 @@ class SqliteLayer(Layer):
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
     ) -> None:
         self._check_range(sector, count)
+        if self._shrink_end is not None:
+            await self._await_shrink(sector, count)
         if count:
             await self._call("unmapping in", self._unmap_sync, sector, sector + count, next_is_zero)
 
@@ -499,6 +650,9 @@ class SqliteLayer(Layer):
         await self._call("flushing", self._flush_sync)
 
     def _flush_sync(self) -> None:
+        # A database removed or replaced while served: what follows would sync a file the
+        # next start does not open (fstat now: also tells a file left with no name).
+        check_still_named(self.path, os.fstat(self._db_fd), f"flushing sqlite layer {self.path}")
         if not self._dirty:
             return
         db = self._conn()
@@ -508,12 +662,35 @@ class SqliteLayer(Layer):
         try:
             busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
-            self._starved = self._starved or _is_full(exc)
-            raise
+            if not _is_full(exc):
+                raise
+            # Out of space copying pages into the database, which cannot grow: the WAL
+            # holds every commit, and syncing it needs no space.
+            self._starved = True
+            self._sync_wal(exc)
+            self._dirty = False
+            return
         if busy or frames != copied:  # not complete: fsync the WAL through a FULL commit
             with self._transaction(durable=True):
                 db.execute("UPDATE meta SET value = value + 1 WHERE key = 'flushes'")
         self._dirty = False
+
+    def _sync_wal(self, full: sqlite3.Error) -> None:
+        """fsync the WAL (and its folder, for its name) by itself, after a checkpoint that
+        ran out of space (``full``); a :class:`StorageError` saying both when that fails."""
+        wal = self._real + "-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_folder(wal)
+        except OSError as exc:
+            raise StorageError(
+                f"flushing sqlite layer {self.path}: the checkpoint ran out of space ({full}) "
+                f"and syncing its WAL {wal} failed: {exc.strerror or exc}"
+            ) from None
 
     @property
     def smallest_size(self) -> int:
@@ -537,15 +714,12 @@ class SqliteLayer(Layer):
         old = self._sector_count
         if sector_count == old:
             return
-        if sector_count < old:
-            self._sector_count = sector_count  # refuse new I/O past the new end now
-        try:
+        # A shrink shows once committed; I/O past its end waits for it (Layer._shrinking).
+        shrink = sector_count < old
+        with self._shrinking(sector_count) if shrink else contextlib.nullcontext():
             await self._call("resizing", self._resize_sync, sector_count)
-        except BaseException:
-            self._sector_count = old
-            raise
-        self._sector_count = sector_count
-        self._notify_resized()
+            self._sector_count = sector_count
+            self._notify_resized()
 
     def _resize_sync(self, sector_count: int) -> None:
         smallest = min(self._smallest, sector_count)
