@@ -175,6 +175,13 @@ def _grpc_address(value: object, what: str) -> str:
     """The gRPC listen address: as :func:`_address`, but with a host (gRPC binds no empty
     one; ``0.0.0.0`` or ``[::]`` is every interface)."""
     text = _address(value, what)
+    if text.startswith("unix:") and "%" in text:
+        # gRPC reads %XX in a unix: address as an escape: it would bind another path than
+        # the one checked for a listener already there (two servers on one socket)
+        raise ConfigError(
+            f"{what} address {_show(text)}: a '%' in a unix socket path is not supported "
+            "(gRPC reads %XX as an escape and would listen on another path)"
+        )
     problem = None if text.startswith("unix:") else server_address_problem(text)
     if problem is not None:
         if not split_host_port(text, what)[0]:

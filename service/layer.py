@@ -28,6 +28,8 @@ from .errors import ConfigError, NotSupported, OutOfRange, Unavailable
 from .runs import Run
 
 __all__ = [
+    "MAX_BYTES",
+    "MAX_SECTORS",
     "Layer",
     "LayerMetadata",
     "UnmapBehavior",
@@ -35,7 +37,29 @@ __all__ = [
     "check_sector_size",
     "layer_closed",
     "new_geometry",
+    "size_limit_problem",
 ]
+
+MAX_BYTES = (1 << 63) - 1
+"""The largest size of a layer or volume in bytes: byte offsets are signed 64-bit (``off_t``
+for files, ``ssize_t`` for memory, int64 in most block-device clients)."""
+
+MAX_SECTORS = (1 << 53) - 1
+"""The largest size in sectors, whatever the sector size: sizes travel in ``Inspect``'s
+tree, a ``google.protobuf.Struct`` whose numbers are doubles, exact only below ``2**53`` (a
+tier over a larger volume would read its size rounded). 4 EiB of 512-byte sectors."""
+
+
+def size_limit_problem(sector_size: int, sector_count: int) -> str | None:
+    """Why ``sector_count`` sectors of ``sector_size`` bytes are over the size limit
+    (:data:`MAX_BYTES`, :data:`MAX_SECTORS`), stating it; None when they are not."""
+    most = min(MAX_BYTES // sector_size, MAX_SECTORS)
+    if sector_count <= most:
+        return None
+    return (
+        f"{sector_count} sectors of {sector_size} bytes is over the size limit of {most} "
+        f"sectors ({most * sector_size} bytes)"
+    )
 
 
 class UnmapBehavior(enum.IntEnum):
@@ -93,6 +117,9 @@ def new_geometry(
         raise ConfigError(
             f"{what}: size {nbytes} is not a positive multiple of its {ss}-byte sectors"
         )
+    problem = size_limit_problem(ss, nbytes // ss)
+    if problem is not None:
+        raise ConfigError(f"{what}: size {nbytes}: {problem}")
     return ss, nbytes // ss
 
 
@@ -145,6 +172,9 @@ class Layer(abc.ABC):
         check_sector_size(sector_size)
         if sector_count < 0:
             raise ValueError(f"negative size {sector_count}")
+        problem = size_limit_problem(sector_size, sector_count)
+        if problem is not None:  # as recorded by an existing layer: no new one is that large
+            raise ValueError(problem)
         self._sector_size = sector_size
         self._sector_count = sector_count
         self._physical_sector_size = physical_sector_size or sector_size

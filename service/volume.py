@@ -65,7 +65,7 @@ from .errors import (
     TierdiskError,
     Unavailable,
 )
-from .layer import Layer, UnmapBehavior
+from .layer import Layer, UnmapBehavior, size_limit_problem
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 from .sector_lock import EVERY_SECTOR, SectorLock
@@ -80,7 +80,6 @@ from .stack_rules import (
 from .unstoppable import run_to_end
 
 __all__ = [
-    "MAX_BYTES",
     "AllocationRun",
     "LayerEntry",
     "LayerStats",
@@ -93,9 +92,6 @@ _TOP_WATCH_BACKOFF = (0.1, 10.0)
 """``(first, cap)`` in seconds: the waits before watching the top layer's size again after
 the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 
-MAX_BYTES = (1 << 63) - 1
-"""The largest size a volume can be resized to, in bytes: byte offsets are signed 64-bit
-(``off_t`` for files, ``ssize_t`` for memory, int64 in most block-device clients)."""
 
 AllocationRun = tuple[int, int, int]
 """``(start, end, depth)``: sectors ``[start, end)`` come from layer ``depth`` (-1: none)."""
@@ -730,7 +726,8 @@ class Volume:
         for a shrink that failed part way (below):
 
         - :class:`InvalidArgument`: not at least one sector, or more than
-          :data:`MAX_BYTES` bytes (a size limit, whatever the layers);
+          :data:`~.layer.MAX_BYTES` bytes or :data:`~.layer.MAX_SECTORS` sectors (a size
+          limit, whatever the layers);
         - :class:`ReadOnlyError` / :class:`NotSupported` (FAILED_PRECONDITION): a read-only
           volume, a write-path layer kind that cannot resize;
         - from a layer: :class:`FailedPrecondition` for a size its storage cannot have
@@ -744,12 +741,9 @@ class Volume:
         self._check_writable("resize")
         if sector_count <= 0:
             raise InvalidArgument(f"volume {self.name!r}: size must be at least one sector")
-        if sector_count * self.sector_size > MAX_BYTES:
-            raise InvalidArgument(
-                f"volume {self.name!r}: {sector_count} sectors of {self.sector_size} bytes is "
-                f"over the size limit of {MAX_BYTES // self.sector_size} sectors "
-                f"({MAX_BYTES} bytes)"
-            )
+        problem = size_limit_problem(self.sector_size, sector_count)
+        if problem is not None:
+            raise InvalidArgument(f"volume {self.name!r}: {problem}")
         path = self._layers[: self._write_path]
         for index, layer in enumerate(path):
             if not layer.can_resize:

@@ -217,6 +217,8 @@ def test_unknown_env_override_is_named_in_a_warning(
         ("LISTEN", "nowhere", "TIERDISK_SERVER_LISTEN address 'nowhere' is not HOST:PORT"),
         ("METRICS", "127.0.0.1:65536", "port 65536 is out of range"),
         ("NBD", "unix:", "names no socket path"),
+        # gRPC would listen on /tmp/pA.sock, past the check for a listener at /tmp/p%41.sock
+        ("LISTEN", "unix:/tmp/p%41.sock", "a '%' in a unix socket path is not supported"),
         ("MAX_IO", "512KiB", "TIERDISK_SERVER_MAX_IO 524288 is out of range"),
         ("NBD_MAX_CONNECTIONS", "0", "must be a whole number >= 1, not 0"),
         ("NBD_MAX_CONNECTIONS", "many", "must be a whole number >= 1, not 'many'"),

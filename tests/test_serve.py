@@ -887,3 +887,23 @@ def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(tmp_pat
     with ServerProcess.start(tmp_path, anew) as server:
         assert asyncio.run(write_and_read(server.grpc, None)) == bytes(512)
         assert server.terminate() == 0
+
+
+@pytest.mark.parametrize("kind", ["raw", "sparse", "sqlite", "ram"])
+@pytest.mark.parametrize("size", [2**63, 2**53 * 512, 2**72])
+def test_a_layer_size_over_the_limit_is_one_line_and_makes_no_file(
+    tmp_path: Path, kind: str, size: int
+) -> None:
+    """Over 2**63 - 1 bytes or 2**53 - 1 sectors: refused with one line stating the limit,
+    before a file is made (a sparse layer left a map of 2**64 bytes behind, which then
+    refused every config), never an OverflowError traceback."""
+    path = {} if kind == "ram" else {"path": f"v.{kind}"}
+    config = write_config(tmp_path, toml_volume("v", {"kind": kind, "size": size, **path}))
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tierdisk serve: config error: volume 'v', layer 0: ")
+    assert "is over the size limit of" in lines[0]
+    data = tmp_path / "tierdisk-data"
+    assert not data.exists() or [p.name for p in data.iterdir()] == []

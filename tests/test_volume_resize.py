@@ -1,7 +1,8 @@
 """Impossible resizes (DESIGN.md §2): a clear status code, and the volume unchanged.
 
-- a size whose byte count is over ``2**63 - 1`` (:data:`MAX_BYTES`) is a size limit:
-  ``InvalidArgument`` (INVALID_ARGUMENT), on every stack, before any layer is asked;
+- a size over ``2**63 - 1`` bytes (:data:`MAX_BYTES`) or ``2**53 - 1`` sectors
+  (:data:`MAX_SECTORS`) is a size limit: ``InvalidArgument`` (INVALID_ARGUMENT), on every
+  stack, before any layer is asked;
 - a ``ram`` top that cannot map that much memory (``ENOMEM``) is ``NoSpace``
   (RESOURCE_EXHAUSTED);
 - a ``raw`` or ``sparse`` top whose filesystem refuses the file size (``EFBIG``) is
@@ -15,7 +16,7 @@ refuses a size over the filesystem's largest file and, the same way, over the pr
 ``RLIMIT_FSIZE``. The tests lower ``RLIMIT_FSIZE`` (:func:`file_size_limit`) so the case is
 the same on every filesystem, and also hit the real limit of the test folder's filesystem
 where it has one below 4 EiB (ext4: 16 TiB), skipping otherwise. The ``ram`` case maps
-``2**62`` bytes, more than any 64-bit Linux address space (at most ``2**57``).
+:data:`HUGE` bytes, more than any 64-bit Linux address space (at most ``2**57``).
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ from tierdisk.service.errors import (
     OutOfRange,
     StorageError,
 )
+from tierdisk.service.layer import MAX_BYTES, MAX_SECTORS
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
-from tierdisk.service.volume import MAX_BYTES, LayerEntry, Volume
+from tierdisk.service.volume import LayerEntry, Volume
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
+HUGE = 2**62 - 2**20
+"""Bytes under the size limit (4 EiB less 1 MiB) that no storage here can have."""
 TiB = 1 << 40
 
 
@@ -103,11 +107,12 @@ async def assert_no_event_then_next_change(
 
 async def test_over_the_byte_limit_is_invalid_argument(volume: Volume) -> None:
     ss = volume.sector_size
+    most = min(MAX_BYTES // ss, MAX_SECTORS)
     before, watcher = await prepared(volume)
-    for sectors in (MAX_BYTES // ss + 1, 2**62, 2**64 - 1):
+    for sectors in (most + 1, MAX_BYTES // ss + 1, 2**62, 2**64 - 1):
         with pytest.raises(InvalidArgument, match="size limit") as info:
             await volume.resize(sectors)
-        assert str(MAX_BYTES // ss) in str(info.value), "the message states the limit"
+        assert f"limit of {most} sectors" in str(info.value), "the message states the limit"
         assert await observe(volume) == before
     await assert_no_event_then_next_change(volume, watcher, before[1])
 
@@ -116,15 +121,16 @@ async def test_the_largest_size_resizes_or_fails_cleanly(volume: Volume) -> None
     """At the limit itself each top does what its storage allows: grows (sqlite; a
     filesystem with 8 EiB files), or refuses with a clear error and changes nothing."""
     ss, n = volume.sector_size, volume.sector_count
+    most = min(MAX_BYTES // ss, MAX_SECTORS)
     before, watcher = await prepared(volume)
     try:
-        await volume.resize(MAX_BYTES // ss)
+        await volume.resize(most)
     except (FailedPrecondition, NoSpace):
         assert await observe(volume) == before
         await assert_no_event_then_next_change(volume, watcher, before[1])
     else:
-        assert volume.sector_count == MAX_BYTES // ss
-        tail, _ = await volume.read(MAX_BYTES // ss - 1, 1)
+        assert volume.sector_count == most
+        tail, _ = await volume.read(most - 1, 1)
         assert tail == bytes(ss)
         await volume.resize(n)
         head, _ = await volume.read(0, 8)
@@ -151,8 +157,8 @@ async def test_ram_top_out_of_memory_is_no_space(
     opened.append(volume)
     before, watcher = await prepared(volume)
     with pytest.raises(NoSpace, match="out of memory") as info:
-        await volume.resize(2**62 // volume.sector_size)  # 4 EiB: no address space is so big
-    assert str(2**62) in str(info.value)
+        await volume.resize(HUGE // volume.sector_size)  # no address space is so big
+    assert str(HUGE) in str(info.value)
     assert await observe(volume) == before
     await assert_no_event_then_next_change(volume, watcher, before[1])
 
@@ -193,13 +199,13 @@ async def test_the_filesystems_own_limit_is_failed_precondition(
     spec: str, tmp_path: Path, opened: list[Volume]
 ) -> None:
     """The audit's case: the filesystem's largest file (ext4: 16 TiB) is below the size."""
-    if not filesystem_limit_below(tmp_path, 2**62):
+    if not filesystem_limit_below(tmp_path, HUGE):
         pytest.skip(f"the filesystem of {tmp_path} accepts a 4 EiB file")
     volume = await build_stack(spec, tmp_path)
     opened.append(volume)
     before, watcher = await prepared(volume)
     with pytest.raises(FailedPrecondition, match="File too large"):
-        await volume.resize(2**62 // volume.sector_size)
+        await volume.resize(HUGE // volume.sector_size)
     assert await observe(volume) == before
     await assert_no_event_then_next_change(volume, watcher, before[1])
 
@@ -219,8 +225,9 @@ async def test_grpc_codes_and_no_resize_event(tmp_path: Path) -> None:
     cases: list[tuple[str, int, grpc.StatusCode, str]] = [
         ("ram", 2**62, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
         ("ram", 2**64 - 1, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
-        ("ram", 2**53, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"),
-        ("stack", 2**53, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"),
+        ("ram", 2**53, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),  # sectors: MAX_SECTORS
+        ("ram", HUGE // 512, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"),
+        ("stack", HUGE // 512, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"),
         ("raw", 2**62, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
         ("raw", 2 * TiB // 512, grpc.StatusCode.FAILED_PRECONDITION, "File too large"),
         ("sparse", 2**62, grpc.StatusCode.INVALID_ARGUMENT, "size limit"),
