@@ -48,7 +48,7 @@ from .tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
-    from .models import VolumeInfo
+    from .models import ResizeEvent, VolumeInfo
 
 __all__ = ["SERVER_ENTRY", "main", "size_argument"]
 
@@ -389,18 +389,33 @@ async def _map(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_size(event: ResizeEvent) -> None:
+    _out(f"generation={event.generation} sector_count={event.sector_count}")
+    _flush_stdout()
+
+
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
     """Runs until interrupted (exit 0, see :func:`main`); the server ending the stream (it
-    shut down, or the connection broke) is an error: the sizes printed stop being current."""
-    from .errors import TierdiskError
+    shut down, or the connection broke) is an error: the sizes printed stop being current.
+    ``--timeout`` bounds the wait for the first event (the size now), as it bounds any
+    call: a peer that takes the call and never answers is an error, not a silent wait."""
+    from .errors import DeadlineExceeded, TierdiskError
 
     vol = client.volume(args.volume)
     watching = False
+    events = vol.watch_resize()
     try:
-        async for event in vol.watch_resize():
-            watching = True
-            _out(f"generation={event.generation} sector_count={event.sector_count}")
-            _flush_stdout()
+        try:
+            async with asyncio.timeout(args.timeout):
+                first = await anext(events)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer to the watch within {args.timeout:g} s", volume=vol.name
+            ) from None
+        watching = True
+        _print_size(first)
+        async for event in events:
+            _print_size(event)
     except TierdiskError as err:
         if not watching:
             raise

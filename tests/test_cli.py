@@ -1266,6 +1266,29 @@ def test_watch_ended_by_the_server_is_one_line_exit_1(tmp_path: Path, how: str) 
         assert "unavailable" in lines[0]
 
 
+def test_watch_of_a_server_that_never_answers_ends_at_the_timeout(tmp_path: Path) -> None:
+    """``--timeout`` bounds the wait for the first event as it bounds any call: a server
+    that takes the connection and never answers (SIGSTOPped) is one line and exit 1, not a
+    wait without end (it was gRPC's 20 s connect timeout here, for ever behind a proxy whose
+    upstream hung)."""
+    with ServerProcess.start(tmp_path, write_config(tmp_path, WATCHED_ONLY)) as srv:
+        env = {**os.environ, "TIERDISK_SERVER": srv.grpc}
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            result = subprocess.run(
+                [*TIERDISK, "--timeout", "1.5", "watch", "w"],
+                capture_output=True,
+                timeout=60,  # gRPC's own connect timeout (20 s) ended it before the fix
+                env=env,
+            )
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "no answer to the watch within 1.5 s" in err
+
+
 # -- errors ----------------------------------------------------------------------------
 
 

@@ -246,7 +246,7 @@ def test_refused_stack_creates_no_files(tmp_path: Path) -> None:
     [
         ("kind='ram'\nsize='1PiB'\n", "layer 0: ram layer: cannot map 1125899906842624 bytes"),
         (
-            "kind='raw'\npath='big.img'\nsize=4611686018427387904\n",
+            "kind='raw'\npath='big.img'\nsize=4611686018426339328\n",  # 4 EiB - 1 MiB
             "layer 0: cannot create raw image",
         ),
         ("kind='sparse'\npath='afile/s'\nsize=4096\n", "cannot create the folder"),
