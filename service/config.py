@@ -472,15 +472,23 @@ def _check_sector_sizes(volumes: list[VolumeConfig], max_io: int) -> None:
     for volume in volumes:
         for index, layer in enumerate(volume.layers):
             sector_size = layer.options.get("sector_size")
-            if sector_size is not None and sector_size > max_io:
-                raise ConfigError(
-                    f"sector_size {sector_size} is larger than max_io {max_io}, the largest "
-                    "request: not even one sector could be read or written; use a sector "
-                    f"size of at most {max_io} or a max_io of at least {sector_size} "
-                    f"(up to {MAX_MAX_IO})",
-                    volume=volume.name,
-                    layer=index,
-                )
+            if sector_size is not None and (problem := sector_size_problem(sector_size, max_io)):
+                raise ConfigError(f"sector_size {problem}", volume=volume.name, layer=index)
+
+
+def sector_size_problem(sector_size: int, max_io: int) -> str | None:
+    """Why sectors of ``sector_size`` bytes cannot be served under ``max_io`` (every request
+    carries whole sectors), as the end of a sentence naming the size; None when they can.
+    Checked for a configured ``sector_size`` at load, and for the size a volume takes from
+    an existing layer or a remote origin once it is open (the server)."""
+    if sector_size <= max_io:
+        return None
+    fix = f"a max_io of at least {sector_size}" if sector_size <= MAX_MAX_IO else "smaller sectors"
+    return (
+        f"{sector_size} is larger than max_io {max_io}, the largest request: not even one "
+        f"sector could be read or written; use sectors of at most {max_io} bytes or {fix} "
+        f"(max_io is at most {MAX_MAX_IO})"
+    )
 
 
 def _check_shared_paths(volumes: list[VolumeConfig]) -> None:

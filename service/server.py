@@ -43,7 +43,7 @@ from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
 from .backoff import Backoff
-from .config import Config, VolumeConfig, nbd_tls_context
+from .config import Config, VolumeConfig, nbd_tls_context, sector_size_problem
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
@@ -321,9 +321,15 @@ class Server:
         # chain of this volume (hops module docs: a loop is a volume reached twice).
         chain = hops.current_chain.set((hops.hop_id(self.server_id, config.name),))
         try:
-            return await Volume.open(config.name, entries, read_only=config.read_only)
+            volume = await Volume.open(config.name, entries, read_only=config.read_only)
         finally:
             hops.current_chain.reset(chain)
+        # its sector size may come from an existing layer or a remote origin, unseen at load
+        problem = sector_size_problem(volume.sector_size, self.config.server.max_io)
+        if problem is not None:
+            await volume.close()
+            raise ConfigError(f"its sector size {problem}", volume=config.name)
+        return volume
 
     async def _keep_attaching(self, config: VolumeConfig) -> None:
         """Attach ``config`` in the background (its tier was down at start), with capped

@@ -907,3 +907,30 @@ def test_a_layer_size_over_the_limit_is_one_line_and_makes_no_file(
     assert "is over the size limit of" in lines[0]
     data = tmp_path / "tierdisk-data"
     assert not data.exists() or [p.name for p in data.iterdir()] == []
+
+
+def test_sectors_taken_from_an_existing_layer_larger_than_max_io_are_refused(
+    tmp_path: Path,
+) -> None:
+    """A sector size the config does not state (an existing layer's, a remote origin's)
+    is checked against max_io once the volume is open: larger, not even one sector could
+    be read or written, so the start says so instead of serving a volume that refuses all
+    I/O."""
+    layer = {"kind": "sparse", "path": "big-sectors", "size": "8MiB"}
+    made = write_config(
+        tmp_path,
+        "[server]\nlisten = '127.0.0.1:0'\nmax_io = '2MiB'\n"
+        + toml_volume("v", {**layer, "sector_size": 2 << 20}),
+    )
+    with ServerProcess.start(tmp_path, made) as server:
+        assert server.terminate() == 0
+    smaller = write_config(
+        tmp_path, "[server]\nlisten = '127.0.0.1:0'\nmax_io = '1MiB'\n" + toml_volume("v", layer)
+    )
+    data = str(tmp_path / "data")  # where ServerProcess made the layer
+    result = serve_once(tmp_path, "--config", str(smaller), "--data-dir", data)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tierdisk serve: config error: volume 'v': its sector size ")
+    assert "2097152 is larger than max_io 1048576" in lines[0]
