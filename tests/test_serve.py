@@ -934,3 +934,21 @@ def test_sectors_taken_from_an_existing_layer_larger_than_max_io_are_refused(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("tierdisk serve: config error: volume 'v': its sector size ")
     assert "2097152 is larger than max_io 1048576" in lines[0]
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
+    """Every connection holds a descriptor: with the usual soft limit of 1,024, about
+    1,000 idle connections locked every new client out. The server raises its soft limit
+    to the hard one (the operator's choice)."""
+    config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
+    ready = tmp_path / "ready.json"
+    serve = [sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
+    serve += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
+    limited = ["sh", "-c", 'ulimit -S -n 1024 && ulimit -H -n 4096 && exec "$@"', "sh", *serve]
+    proc = subprocess.Popen(limited, cwd=tmp_path, stderr=subprocess.PIPE)
+    with ServerProcess(proc, ready) as server:
+        server.wait_ready()
+        limits = Path(f"/proc/{server.pid}/limits").read_text()
+        line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+        assert server.terminate() == 0
