@@ -9,7 +9,9 @@ coroutine of another loop (it blocks that loop), it works.
 
 :meth:`Client.close` may be called from another thread while calls are in flight: they raise
 :class:`~tierdisk.client.errors.ClientClosed`, as they do on the async client, and never
-return as if complete.
+return as if complete. A client dropped without :meth:`~Client.close` (garbage collected)
+warns (``ResourceWarning``, as an unclosed file does) and closes its channel and ends its
+thread and loop in the background, rather than keeping them for the life of the process.
 
     with Client("127.0.0.1:7400") as client:
         vol = client.volume("vm1")
@@ -22,6 +24,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
@@ -51,7 +55,7 @@ class Client:
         self.target = target
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"tierdisk-client {target}", daemon=True
+            target=_run_loop, args=(self._loop,), name=f"tierdisk-client {target}", daemon=True
         )
         self._thread.start()
         self._closed = False
@@ -65,6 +69,8 @@ class Client:
         except BaseException:
             self._stop_loop()
             raise
+        # (never a reference to self: the client must stay collectable)
+        self._dropped = weakref.finalize(self, _dropped, target, self._loop, self._async)
 
     def __enter__(self) -> Client:
         return self
@@ -117,8 +123,7 @@ class Client:
         with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(drain(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._thread.join()  # the thread closes the loop (_run_loop)
 
     def close(self) -> None:
         """Close the channel and stop the background loop; idempotent. Calls in flight on
@@ -129,6 +134,7 @@ class Client:
             if self._closed:
                 return
             self._closed = True  # no call is submitted from now on
+        self._dropped.detach()
         try:
             self._wait(asyncio.run_coroutine_threadsafe(self._shut(), self._loop))
         finally:
@@ -178,6 +184,30 @@ class Client:
             if not self._closed:
                 with contextlib.suppress(ClientClosed):  # closed meanwhile: nothing to close
                     self._run(close())
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """A client's thread: run ``loop`` until it is stopped, then close it."""
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _dropped(target: str, loop: asyncio.AbstractEventLoop, client: AsyncClient) -> None:
+    """A :class:`Client` for ``target`` was garbage collected unclosed: warn, close its
+    async ``client`` on its ``loop`` and stop the loop (its thread then closes it), without
+    waiting (this may run on any thread, the loop's own included)."""
+    warnings.warn(f"unclosed tierdisk Client({target!r})", ResourceWarning, stacklevel=2)
+
+    async def close() -> None:
+        try:
+            await client.close()
+        finally:
+            asyncio.get_running_loop().stop()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed already (interpreter exit)
+        loop.call_soon_threadsafe(lambda: loop.create_task(close()))
 
 
 class Volume:
