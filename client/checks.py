@@ -22,6 +22,7 @@ __all__ = [
     "address_text_problem",
     "metadata_problem",
     "server_address_problem",
+    "stays_on_this_host",
     "token_problem",
 ]
 
@@ -191,6 +192,28 @@ _SCHEME_CHECKS: dict[str, Callable[[str], str | None]] = {
 
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 _HEADER_VALUE = re.compile(r"[ -~]*")
+
+
+def stays_on_this_host(target: str) -> bool:
+    """Whether the gRPC address ``target`` (checked by :func:`server_address_problem`)
+    reaches this host only: a unix socket, ``localhost`` or a loopback address. What is
+    sent there in clear text (a bearer token without TLS) crosses no network."""
+    scheme, sep, rest = target.partition(":")
+    if sep and scheme in ("unix", "unix-abstract"):
+        return True
+    if sep and scheme in ("dns", "ipv4", "ipv6"):
+        target = rest.removeprefix("//").removeprefix("/")
+    hosts = [address.rpartition(":")[0] for address in target.split(",")]
+    return all(_is_loopback(host.strip("[]")) for host in hosts)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def metadata_problem(key: str, value: str | bytes) -> str | None:

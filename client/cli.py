@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 # Nothing imported here imports grpc (see quiet_grpc_logs): the rest is imported by main().
 from . import sizes
-from .checks import server_address_problem, token_problem
+from .checks import server_address_problem, stays_on_this_host, token_problem
 from .cli_errors import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -142,7 +142,8 @@ def _check_connection_args(args: argparse.Namespace) -> None:
     """:class:`UsageError` for a server address that is not UTF-8 or that gRPC would
     misread, or a token it cannot send (:mod:`tierdisk.client.checks`), naming where it
     came from (the token is not shown); or for ``--tls-cert`` without ``--tls-key``, or
-    the reverse (a client certificate goes with its key)."""
+    the reverse (a client certificate goes with its key). A token sent without TLS to
+    another host is a warning on stderr (it crosses the network in clear text)."""
     if (args.tls_cert is None) != (args.tls_key is None):
         given, missing = ("--tls-cert", "--tls-key")
         if args.tls_cert is None:
@@ -158,6 +159,13 @@ def _check_connection_args(args: argparse.Namespace) -> None:
     problem = None if args.token is None else token_problem(args.token)
     if problem is not None:
         raise UsageError(f"token (from {args.token_from}) {problem}")
+    tls = args.tls or args.tls_ca is not None or args.tls_cert is not None
+    if args.token is not None and not tls and not stays_on_this_host(args.server):
+        print(
+            f"tierdisk: warning: the token (from {args.token_from}) is sent in clear text to "
+            f"{args.server}, readable by anyone on the network path; use --tls",
+            file=sys.stderr,
+        )
 
 
 class _StoreNotingSource(argparse.Action):

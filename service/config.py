@@ -43,7 +43,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tierdisk.client import sizes
-from tierdisk.client.checks import address_text_problem, server_address_problem, token_problem
+from tierdisk.client.checks import (
+    address_text_problem,
+    server_address_problem,
+    stays_on_this_host,
+    token_problem,
+)
 from tierdisk.client.chunking import DEFAULT_MAX_IO
 from tierdisk.client.pem import key_pair_problem, read_small_file
 
@@ -216,9 +221,12 @@ def _server_name(value: object, what: str) -> str:
 
 
 def _token(value: object, what: str) -> str:
-    """A bearer token: what gRPC can send in a header (the token itself is never shown;
-    :func:`~tierdisk.client.checks.token_problem`, which refuses an empty one too)."""
-    text = _str(value, what)
+    """A bearer token: what gRPC can send in a header (the token itself is never shown,
+    not even when it is not a string; :func:`~tierdisk.client.checks.token_problem`, which
+    refuses an empty one too)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string in quotes, not a {type(value).__name__}")
+    text = value
     problem = token_problem(text)
     if problem is not None:
         raise ConfigError(f"{what} {problem}")
@@ -462,7 +470,46 @@ def load_config(
         volumes.append(volume)
     _check_shared_paths(volumes)
     _check_sector_sizes(volumes, server.max_io)
+    _warn_about_secrets(server, volumes)
     return Config(server, tuple(volumes))
+
+
+def _warn_about_secrets(server: ServerConfig, volumes: list[VolumeConfig]) -> None:
+    """Warn (the config still loads) about a secret others can read: a private key or
+    token file whose mode lets the group or others read it, and a remote layer's bearer
+    token sent without ``tls`` to another host (in clear text: anyone on the path can read
+    it and use it)."""
+    secrets = [("nbd_tls_key", server.nbd_tls_key)] if server.nbd_tls_key else []
+    for volume in volumes:
+        for index, layer in enumerate(volume.layers):
+            where = f"volume {volume.name!r}, layer {index}"
+            options = layer.options
+            secrets += [
+                (f"{where}: {key}", options[key])
+                for key in ("key_file", "token_file")
+                if options.get(key)
+            ]
+            token = options.get("token") or options.get("token_file")
+            target = options.get("target", "")
+            if token and not options.get("tls") and not stays_on_this_host(target):
+                log.warning(
+                    "%s: its bearer token is sent in clear text (tls is off): anyone on "
+                    "the network path can read it and use it; set tls = true",
+                    where,
+                )
+    for what, path in secrets:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # a missing file is refused where it is read
+        if mode & 0o077:
+            log.warning(
+                "%s %s is readable or writable by others (mode %03o): keep it the server's "
+                "own (chmod 600)",
+                what,
+                path,
+                mode & 0o777,
+            )
 
 
 def _check_sector_sizes(volumes: list[VolumeConfig], max_io: int) -> None:

@@ -224,3 +224,26 @@ def test_the_command_line_refuses_the_same_targets(server: str, problem: str) ->
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("tierdisk: "), result.stderr
     assert f"server address {server!r} (from --server): {problem}" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "local"),
+    [
+        ("127.0.0.1:7400", True),
+        ("127.8.9.1:7400", True),
+        ("[::1]:7400", True),
+        ("localhost:7400", True),
+        ("unix:/run/tierdisk.sock", True),
+        ("unix-abstract:tierdisk", True),
+        ("dns:///localhost:7400", True),
+        ("ipv4:127.0.0.1:1,127.0.0.2:2", True),
+        ("ipv4:127.0.0.1:1,10.0.0.1:2", False),
+        ("origin.example:7400", False),
+        ("10.1.2.3:7400", False),
+        ("[2001:db8::1]:7400", False),
+        ("dns:origin.example:7400", False),
+    ],
+)
+def test_stays_on_this_host(target: str, local: bool) -> None:
+    """What a token without TLS may be sent to without crossing a network."""
+    assert checks.stays_on_this_host(target) is local

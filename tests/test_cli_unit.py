@@ -409,3 +409,29 @@ def test_grpc_logging_is_turned_off_before_grpc_loads_for_client_verbs_only(
         "serve": env.get("GRPC_VERBOSITY"),
         "verb": [verb, True],
     }
+
+
+@pytest.mark.parametrize(
+    ("server", "tls", "warned"),
+    [
+        ("origin.example:7400", [], True),
+        ("10.1.2.3:7400", [], True),
+        ("origin.example:7400", ["--tls"], False),
+        ("127.0.0.1:7400", [], False),
+        ("[::1]:7400", [], False),
+        ("localhost:7400", [], False),
+        ("unix:/run/tierdisk.sock", [], False),
+    ],
+)
+def test_a_token_sent_in_clear_text_to_another_host_is_warned_about(
+    server: str, tls: list[str], warned: bool
+) -> None:
+    """A bearer token without TLS crosses the network readable by anyone on the path: the
+    command says so on stderr (and goes on); not for this host's own addresses. No call is
+    made (a SECTOR no request can carry ends the command first): no connection here to
+    another host."""
+    too_far = ["read", "vol", str(1 << 64), "1"]
+    result = run("--server", server, "--token", "s3cret", *tls, *too_far)
+    assert result.returncode == 2, result.stderr
+    assert ("is sent in clear text" in result.stderr) == warned, result.stderr
+    assert "s3cret" not in result.stderr

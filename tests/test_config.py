@@ -718,3 +718,52 @@ def test_nbd_tls_files_that_are_no_regular_files_are_refused(tmp_path: Path, fif
         with pytest.raises(ConfigError) as info:
             load_config(_write(tmp_path, RAM), flags=flags, environ={})
         assert str(info.value) == f"--nbd-tls-cert {path} is {kind}, not a regular file"
+
+
+def test_a_token_that_is_not_a_string_is_refused_without_showing_it(tmp_path: Path) -> None:
+    body = "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='127.0.0.1:1'\n"
+    body += "volume='o'\ntoken=982451653104729\n"
+    with pytest.raises(ConfigError, match="token must be a string in quotes, not a int") as info:
+        load_config(_write(tmp_path, body), environ={})
+    assert "982451653104729" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("target", "options", "warned"),
+    [
+        ("origin.example:7400", "", True),
+        ("origin.example:7400", "tls = true\n", False),
+        ("127.0.0.1:7400", "", False),
+        ("unix:/run/origin.sock", "", False),
+    ],
+)
+def test_a_token_sent_in_clear_text_to_another_host_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, target: str, options: str, warned: bool
+) -> None:
+    body = f"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='{target}'\n"
+    body += f"volume='o'\ntoken='s3cret'\n{options}"
+    with caplog.at_level(logging.WARNING, logger="tierdisk.service.config"):
+        load_config(_write(tmp_path, body), environ={})
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert ("volume 'v', layer 0: its bearer token is sent in clear text" in said) == warned
+    assert "s3cret" not in said
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, True), (0o644, True)])
+def test_secret_files_others_can_read_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    """A token file (or a private key) the group or others can read: a warning naming it
+    and its mode; the config still loads (the operator may have reasons)."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(mode)
+    body = "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\n"
+    body += f"target='127.0.0.1:1'\nvolume='o'\ntoken_file='{token}'\n"
+    with caplog.at_level(logging.WARNING, logger="tierdisk.service.config"):
+        load_config(_write(tmp_path, body), environ={})
+    said = " ".join(r.getMessage() for r in caplog.records)
+    expected = f"volume 'v', layer 0: token_file {token} is readable or writable by others"
+    assert (expected in said) == warned, said
+    if warned:
+        assert f"(mode {mode:03o})" in said
