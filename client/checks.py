@@ -123,11 +123,16 @@ def _host_port_problem(target: str, empty_host: bool) -> str | None:
         return "missing port (HOST:PORT, e.g. 127.0.0.1:7400)"
     if not (port.isascii() and port.isdigit()):
         return f"port {port!r} is not a number"
-    if int(port) > 65535:
-        return f"port {port} is out of range (0-65535)"
+    if len(port.lstrip("0")) > 5 or int(port) > 65535:  # (never int() of 4,300+ digits)
+        return f"port {_shorten(port)} is out of range (0-65535)"
     if target.startswith((":", "[]")) and not empty_host:
         return "missing host (HOST:PORT, e.g. 127.0.0.1:7400)"
     return None
+
+
+def _shorten(digits: str) -> str:
+    """``digits`` as shown in a message: a long run cut to its first and last ones."""
+    return digits if len(digits) <= 20 else f"{digits[:8]}…{digits[-4:]} ({len(digits)} digits)"
 
 
 def _unix_problem(rest: str) -> str | None:

@@ -85,7 +85,9 @@ def _nonnegative(text: str) -> int:
     if text[:1] == "-" and _decimal(text[1:]):
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     if not _decimal(text):
-        raise argparse.ArgumentTypeError(f"not a whole number in decimal digits: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a whole number in decimal digits: {text!r:.80}")
+    if len(text.lstrip("0")) > 40:  # past any request (uint64); int() refuses 4,300 digits
+        raise argparse.ArgumentTypeError(f"too large: {len(text)} digits")
     return int(text)
 
 

@@ -39,6 +39,8 @@ def parse_size(text: str) -> tuple[int, bool]:
     if not m:
         raise ValueError(f"{text!r} is not a size (a whole number, or one with a unit: 64MiB)")
     number, unit = m.groups()
+    if len(number) > 4000:  # int() refuses 4,300 digits (a ValueError telling to raise it)
+        raise ValueError(f"{text[:40]!r}…: too large ({len(number)} digits)")
     if not unit:
         if "." in number:
             raise ValueError(f"{text!r}: a number without a unit must be whole")

@@ -313,6 +313,8 @@ def _positive_count(value: object, what: str) -> int:
         digits = value.strip()
         if not (digits.isascii() and digits.isdigit()):
             raise ConfigError(f"{what} must be a whole number >= 1, not {_show(value)}")
+        if len(digits.lstrip("0")) > 18:  # (int() refuses 4,300 digits with a traceback)
+            raise ConfigError(f"{what} is too large: {len(digits)} digits")
         value = int(digits, 10)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{what} must be a whole number >= 1, not {_show(value)}")
@@ -568,6 +570,13 @@ def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
 _BOM = "\ufeff"
 
 
+def _digits(exc: ValueError) -> str:
+    """How many digits the number Python refused to read had (its message says), or a
+    general description."""
+    found = re.search(r"has (\d+) digits", str(exc))
+    return f"{found.group(1)} digits" if found else "over 4,300 digits"
+
+
 def _read_toml(path: str) -> dict[str, Any]:
     """The TOML document in the file ``path`` (a pipe too: ``--config <(envsubst < t)``);
     :class:`ConfigError` naming it when it cannot be read, holds more than
@@ -590,6 +599,9 @@ def _read_toml(path: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer of over 4,300 digits: Python will not read it
+        too_long = _digits(exc)
+        raise ConfigError(f"config {path} holds a number too long to read: {too_long}") from None
     except RecursionError:
         raise ConfigError(
             f"config {path} nests arrays or tables too deeply to be read (a few hundred "

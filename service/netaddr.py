@@ -52,9 +52,10 @@ def split_host_port(address: str, what: str = "listen") -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
     if not sep or not (port_text.isascii() and port_text.isdigit()):  # not "²", "٣"
         raise ValueError(f"{what} address {address!r} is not HOST:PORT or unix:/path")
+    if len(port_text.lstrip("0")) > 5 or int(port_text) > 65535:  # (no int() of 4,300 digits)
+        shown = port_text if len(port_text) <= 20 else f"of {len(port_text)} digits"
+        raise ValueError(f"{what} address {address!r:.80}: port {shown} is out of range")
     port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{what} address {address!r}: port {port} is out of range")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port

@@ -435,3 +435,20 @@ def test_a_token_sent_in_clear_text_to_another_host_is_warned_about(
     assert result.returncode == 2, result.stderr
     assert ("is sent in clear text" in result.stderr) == warned, result.stderr
     assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["read", "vol", "9" * 5000, "1"], "SECTOR: too large: 5000 digits"),
+        (["resize", "vol", "9" * 5000 + "MiB"], "too large (5000 digits)"),
+        (["--server", "127.0.0.1:" + "9" * 5000, "volumes"], "(5000 digits) is out of range"),
+    ],
+)
+def test_numbers_of_thousands_of_digits_are_one_line(args: list[str], needle: str) -> None:
+    """Python refuses to read an integer of over 4,300 digits with a ValueError (a
+    traceback, or a message telling the user to call sys.set_int_max_str_digits)."""
+    result = run("--server", DEAD, *args) if args[0] != "--server" else run(*args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "set_int_max_str_digits" not in result.stderr

@@ -172,6 +172,8 @@ def test_bad_remote_targets_and_tokens_exit_2_with_one_line(
     (tmp_path / "data" / "latin1.tok").write_bytes(b"s\xe9cret\n")
     (tmp_path / "data" / "tab.tok").write_bytes(b"sec\tret\r\n")
     (tmp_path / "data" / "empty.tok").write_bytes(b" \r\n")
+    for token in (tmp_path / "data").iterdir():
+        token.chmod(0o600)  # the server's own: no warning about who may read it
     config = write_config(
         tmp_path, f"[[volumes]]\nname='r'\n[[volumes.layers]]\nkind='remote'\n{layer}"
     )
@@ -952,3 +954,31 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None
         line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
         assert line.split()[3:5] == ["4096", "4096"], line
         assert server.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "flags", "needle"),
+    [
+        (
+            "[server]\nlisten = '127.0.0.1:0'\nnbd_max_connections = " + "9" * 5000,
+            [],
+            "5000 digits",
+        ),
+        ("", ["--nbd-max-connections", "9" * 5000], "too large: 5000 digits"),
+        (
+            "[server]\nlisten = '127.0.0.1:0'\nnbd = '127.0.0.1:" + "9" * 5000 + "'",
+            [],
+            "out of range",
+        ),
+    ],
+)
+def test_numbers_of_thousands_of_digits_are_one_config_error(
+    tmp_path: Path, body: str, flags: list[str], needle: str
+) -> None:
+    """Python will not read an integer of over 4,300 digits (ValueError): one line, exit 2,
+    never a traceback."""
+    config = write_config(tmp_path, body + "\n" + toml_volume("v", ram("1MiB")))
+    result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0", *flags)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
