@@ -778,6 +778,16 @@ def _check_client_certificate(options: Mapping[str, Any]) -> None:
     check_key_pair(cert, key)
 
 
+def _name_problem(name: str) -> str:
+    """What is wrong with the volume name ``name`` (not a valid one), in a few words."""
+    if len(name) > 128:
+        return f"this one is {len(name)} characters long"
+    if not re.match(r"[A-Za-z0-9]", name):
+        return f"this one starts with {name[0]!r}"
+    bad = next(c for c in name if not re.fullmatch(r"[A-Za-z0-9._-]", c))
+    return f"this one holds {bad!r} (U+{ord(bad):04X})"
+
+
 def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"[[volumes]] entry {index} must be a table")
@@ -785,7 +795,11 @@ def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"[[volumes]] entry {index} needs a name")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
-        raise ConfigError("a name uses letters, digits, '.', '_' and '-' only", volume=name)
+        raise ConfigError(
+            "a name is 1 to 128 ASCII letters, digits, '.', '_' and '-', starting with a "
+            f"letter or digit ({_name_problem(name)})",
+            volume=name if len(name) <= 80 else f"{name[:60]}…",
+        )
     unknown = sorted(set(raw) - {"name", "read_only", "layers"})
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}", volume=name)

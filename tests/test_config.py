@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -767,3 +768,22 @@ def test_secret_files_others_can_read_are_warned_about(
     assert (expected in said) == warned, said
     if warned:
         assert f"(mode {mode:03o})" in said
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        (".hidden", "this one starts with '.'"),
+        ("-v", "this one starts with '-'"),
+        ("a" * 129, "this one is 129 characters long"),
+        ("vm 1", "this one holds ' ' (U+0020)"),
+        ("vm\u0435", "this one holds 'е' (U+0435)"),  # a Cyrillic look-alike of 'e'
+    ],
+)
+def test_a_bad_volume_name_says_the_rule_and_what_breaks_it(
+    tmp_path: Path, name: str, why: str
+) -> None:
+    body = f"[[volumes]]\nname = {json.dumps(name)}\n[[volumes.layers]]\nkind='ram'\nsize=4096\n"
+    with pytest.raises(ConfigError, match="a name is 1 to 128 ASCII letters") as info:
+        load_config(_write(tmp_path, body), environ={})
+    assert why in str(info.value)
