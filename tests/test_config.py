@@ -777,7 +777,7 @@ def test_secret_files_others_can_read_are_warned_about(
         ("-v", "this one starts with '-'"),
         ("a" * 129, "this one is 129 characters long"),
         ("vm 1", "this one holds ' ' (U+0020)"),
-        ("vm\u0435", "this one holds 'е' (U+0435)"),  # a Cyrillic look-alike of 'e'
+        ("vm\u0435", "this one holds '\u0435' (U+0435)"),  # a Cyrillic look-alike of 'e'
     ],
 )
 def test_a_bad_volume_name_says_the_rule_and_what_breaks_it(
