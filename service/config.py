@@ -37,6 +37,7 @@ import os
 import re
 import reprlib
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -504,7 +505,7 @@ def _warn_about_secrets(server: ServerConfig, volumes: list[VolumeConfig]) -> No
             mode = os.stat(path).st_mode
         except OSError:
             continue  # a missing file is refused where it is read
-        if mode & 0o077:
+        if stat.S_ISREG(mode) and mode & 0o077:  # (anything else is refused where it is read)
             log.warning(
                 "%s %s is readable or writable by others (mode %03o): keep it the server's "
                 "own (chmod 600)",
