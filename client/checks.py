@@ -147,6 +147,8 @@ def _unix_problem(rest: str) -> str | None:
             )
     if not path.strip("/"):
         return "names no socket path (unix:PATH)"
+    if "%" in path:  # gRPC decodes %XX in a unix: address: it would reach another path
+        return "a '%' in a unix socket path is not supported (gRPC reads %XX as an escape)"
     return None
 
 
@@ -213,12 +215,16 @@ def stays_on_this_host(target: str) -> bool:
 
 
 def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
+    """``localhost`` (``localhost.`` too), or an address of this host's loopback (an
+    IPv4-mapped IPv6 one included: ``::ffff:127.0.0.1``)."""
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def metadata_problem(key: str, value: str | bytes) -> str | None:

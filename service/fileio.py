@@ -266,30 +266,21 @@ def regular_file_size(path: str, what: str) -> int | None:
 
 
 def check_still_named(path: str, opened: os.stat_result, what: str, *, at_least: int = 0) -> None:
-    """Raise a :class:`StorageError` naming ``what`` when the file a layer has open is no
-    longer the one at ``path``, as when someone removed it, renamed another file over it or
-    restored a backup in its place while the server ran: what the layer writes and syncs
-    then lives only in the open file, and the next start would open (or create) another.
-    ``opened`` is the open file's ``stat`` (``os.fstat`` of its descriptor, which also tells
-    a file with no name left); a file shorter than ``at_least`` bytes (truncated by someone
-    else: what lay past its end reads as zeros) is refused too. Blocks (``stat``): call it
-    off the event loop."""
-    try:
-        named: os.stat_result | None = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        named = None
-    except OSError as exc:
-        raise StorageError(f"{what}: cannot look at {path}: {exc.strerror}") from None
-    if (
-        named is None
-        or opened.st_nlink == 0
-        or (named.st_dev, named.st_ino)
-        != (
-            opened.st_dev,
-            opened.st_ino,
-        )
-    ):
-        gone = "removed" if named is None else "replaced by another file"
+    """Raise a :class:`StorageError` naming ``what`` when the file a layer has open has lost
+    its name, as when someone removed it, renamed another file over it or restored a backup
+    in its place while the server ran: what the layer writes and syncs then lives only in
+    the open file, and the next start would open (or create) another. Also when it is
+    shorter than ``at_least`` bytes (truncated by someone else: what lay past its end reads
+    as zeros). ``opened`` is the open file's ``os.fstat``: its link count tells a file with
+    no name left, so a check that finds nothing wrong costs no more than that one call (a
+    flush's); ``path`` is looked at only to say which of the two happened. A file that
+    keeps another name (a hard link elsewhere) is not told from one that keeps this one."""
+    if opened.st_nlink == 0:
+        try:
+            os.stat(path)
+            gone = "replaced by another file"
+        except OSError:
+            gone = "removed"
         raise StorageError(
             f"{what}: {path} was {gone} while served: the file this server writes has no "
             f"name there any more and is lost when it stops (while it runs, copy it back "

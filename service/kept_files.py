@@ -11,9 +11,14 @@ recorded file is gone (:func:`check_kept_files`): one line naming the volume, th
 the path. To start such a layer empty on purpose, give it another path, or delete the
 volume's entry from the file (the built-in ``default`` volume has no path to change).
 
-Not recorded, so created as before: a ``read_cache`` layer below the write path (it holds
-only copies of what lies below it, so losing it loses nothing), and any file of a volume
-never served from this ``data_dir``.
+Not recorded, so created as before: a ``read_cache`` layer that takes no writes (below the
+write path, or in a ``read_only`` volume: it holds only copies of what lies below it, so
+losing it loses nothing), and any file of a volume never served from this ``data_dir``. A
+``read_only`` raw image is not recorded either: its layer never creates one.
+
+``data_dir`` itself, with the record, may be on the disk that is missing: then nothing
+tells a lost volume from a new one. Keep ``data_dir`` on a disk the server cannot start
+without, or make the mount point one the server cannot write into (README).
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ __all__ = ["check_kept_files", "kept_files"]
 
 def _kept(config: VolumeConfig) -> list[tuple[int, str]]:
     """``(layer index, absolute path)`` of each file of ``config`` that holds data of its
-    own: every layer with a ``path`` but a ``read_cache`` one below the write path."""
+    own: every layer with a ``path`` but a ``read_cache`` one that takes no writes (below
+    the write path, or in a ``read_only`` volume) and a ``read_only`` raw image (never
+    created: its layer refuses a missing one itself)."""
     kept = []
-    on_write_path = True  # the top, and every layer below a write_through one
+    on_write_path = not config.read_only  # the top, and every layer below a write_through one
     for index, layer in enumerate(config.layers):
         path = layer.options.get("path")
-        if isinstance(path, str) and (on_write_path or not layer.read_cache):
+        copies_only = layer.read_cache and not on_write_path
+        if isinstance(path, str) and not copies_only and not layer.options.get("read_only"):
             kept.append((index, os.path.abspath(path)))
         on_write_path = on_write_path and layer.write_through
     return kept
@@ -47,17 +55,27 @@ def kept_files(config: VolumeConfig) -> list[str]:
 
 def check_kept_files(config: VolumeConfig, recorded: Collection[str], record: str) -> None:
     """Raise a :class:`ConfigError` for the first file ``config`` keeps its data in that was
-    ``recorded`` (served from before, as kept in the file ``record``) and is not there now
-    (caused by a :class:`StorageError`: the operator looks at the disks). Blocks
+    ``recorded`` (served from before, as kept in the file ``record``) and is not there now,
+    or is empty (which its layer would take for a creation cut short, and make anew);
+    caused by a :class:`StorageError`: the operator looks at the disks. Blocks
     (``stat``): call it off the event loop."""
     for index, path in _kept(config):
-        if path in recorded and not os.path.exists(path):
-            lost = StorageError(
-                f"{path} is missing, but this volume was served from it before (as "
-                f"{record} records): is the disk that holds it mounted? Restore the file; "
-                "to start this layer empty instead, give it another path (or delete the "
-                f"volume's entry from {os.path.basename(record)})"
-            )
-            # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
-            # config mistake (main._start_failure)
-            raise ConfigError(str(lost), volume=config.name, layer=index) from lost
+        if path not in recorded:
+            continue
+        try:
+            if os.stat(path).st_size:
+                continue
+            state = "is empty"  # its layer would take it for a creation cut short
+        except FileNotFoundError:
+            state = "is missing"
+        except OSError:
+            continue  # cannot be looked at (a folder not ours to enter): its layer says so
+        lost = StorageError(
+            f"{path} {state}, but this volume was served from it before (as {record} "
+            "records): is the disk that holds it mounted? Restore the file; to start this "
+            "layer empty instead, give it another path (or delete the volume's entry from "
+            f"{os.path.basename(record)})"
+        )
+        # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
+        # config mistake (main._start_failure)
+        raise ConfigError(str(lost), volume=config.name, layer=index) from lost

@@ -290,9 +290,8 @@ def _write_ready_file(path: str, server: Server) -> None:
     # A temporary file of a fresh random name, made exclusively (never a name planted in a
     # shared folder beforehand, such as a symlink to a file of the server's user), then
     # renamed over ``path`` so a reader sees the whole file or none.
-    tmp = os.path.join(
-        os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp"
-    )
+    # (a name of its own length: any name the ready file may have, up to NAME_MAX, works)
+    tmp = os.path.join(os.path.dirname(path), f".tierdisk-ready-{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         with os.fdopen(fd, "w") as f:

@@ -242,8 +242,19 @@ def test_the_command_line_refuses_the_same_targets(server: str, problem: str) ->
         ("10.1.2.3:7400", False),
         ("[2001:db8::1]:7400", False),
         ("dns:origin.example:7400", False),
+        ("localhost.:7400", True),
+        ("LOCALHOST:7400", True),
+        ("[::ffff:127.0.0.1]:7400", True),
+        ("[::ffff:10.0.0.1]:7400", False),
     ],
 )
 def test_stays_on_this_host(target: str, local: bool) -> None:
     """What a token without TLS may be sent to without crossing a network."""
     assert checks.stays_on_this_host(target) is local
+
+
+def test_a_percent_in_a_unix_target_is_refused() -> None:
+    """gRPC decodes %XX in a unix: target: ``unix:/run/x%41.sock`` would reach
+    ``/run/xA.sock``, another socket than the one named."""
+    problem = checks.server_address_problem("unix:/run/x%41.sock")
+    assert problem is not None and "'%' in a unix socket path is not supported" in problem

@@ -36,11 +36,20 @@ def test_every_file_but_a_read_cache_below_the_write_path_is_kept() -> None:
         ),
     )
     assert kept_files(through) == ["/d/durable", "/d/base"]
+    read_only = VolumeConfig(
+        "r",
+        (
+            layer("sparse", "/d/cache", read_cache=True),  # takes no writes: copies only
+            LayerConfig("raw", options={"path": "/d/golden", "read_only": True}),
+        ),
+        read_only=True,
+    )
+    assert kept_files(read_only) == [], "a read-only raw image is never made anew anyway"
 
 
 def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
     present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
-    present.write_bytes(b"")
+    present.write_bytes(b"data")
     stack = VolumeConfig(
         "v",
         (
@@ -55,3 +64,6 @@ def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
         check_kept_files(stack, {str(present), str(lost)}, "rec.json")
     assert "as rec.json records" in str(info.value)
     assert isinstance(info.value.__cause__, StorageError)
+    present.write_bytes(b"")  # emptied: its layer would make it anew, empty
+    with pytest.raises(ConfigError, match=rf"volume 'v', layer 0: {present} is empty"):
+        check_kept_files(stack, {str(present)}, "rec.json")

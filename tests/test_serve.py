@@ -982,3 +982,16 @@ def test_numbers_of_thousands_of_digits_are_one_config_error(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_a_ready_file_of_the_longest_name_is_written(tmp_path: Path) -> None:
+    """The temporary file has a name of its own length: a ready file of 255 bytes works."""
+    config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
+    ready = tmp_path / ("r" * 250 + ".json")
+    command = [sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
+    command += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
+    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE)
+    with ServerProcess(proc, ready) as server:
+        server.wait_ready()
+        assert json.loads(ready.read_text())["pid"] == server.pid
+        assert server.terminate() == 0

@@ -640,6 +640,9 @@ async def test_a_database_removed_or_replaced_while_served_fails_the_flush(
         await layer.write(memoryview(pattern(2, 8, 1, SS)), 8, False)
         with pytest.raises(StorageError, match=f"was {how} while served"):
             await layer.flush()
+        # a FUA write is durable for good once answered: not so either
+        with pytest.raises(StorageError, match=f"writing sqlite layer {path}: .*was {how}"):
+            await layer.write(memoryview(pattern(3, 9, 1, SS)), 9, True)
     finally:
         await layer.close()
 

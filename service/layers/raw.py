@@ -213,8 +213,9 @@ class RawLayer(Layer):
     def _write_sync(self, data: memoryview, offset: int, fua: bool) -> None:
         self._reserve(self._fd, offset, len(data))  # out of space here: nothing written
         pwrite_all(self._fd, data, offset)
-        if fua:
+        if fua:  # durable for good once it returns: only if the image still has its name
             os.fdatasync(self._fd)
+            check_still_named(self.path, os.fstat(self._fd), f"writing raw image {self.path}")
 
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool

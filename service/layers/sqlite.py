@@ -624,6 +624,9 @@ class SqliteLayer(Layer):
                 added = count - self._count(db, sector, sector + count)
                 db.executemany("INSERT OR REPLACE INTO sectors (sector, data) VALUES (?, ?)", rows)
         self._present += added
+        if fua:  # durable for good once it returns: only if the database still has its name
+            what = f"writing sqlite layer {self.path}"
+            check_still_named(self.path, os.fstat(self._db_fd), what)
         return added
 
     async def unmap(
