@@ -18,6 +18,7 @@ import os
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
 from tierdisk.service.runs import Run
+from tierdisk.service.volume import LayerEntry, Volume
 
 if TYPE_CHECKING:
     from conftest import VolumeOpener
@@ -110,6 +112,14 @@ class PersistentLayerContract:
     @pytest.fixture
     def path(self, tmp_path: Path) -> Path:
         return tmp_path / "not" / "yet" / "there" / "disk"
+
+    def hold_shrink(
+        self, layer: Layer, monkeypatch: pytest.MonkeyPatch, fail: bool
+    ) -> tuple[threading.Event, threading.Event]:
+        """Make ``layer``'s next shrink stop, on its thread, where it commits: set the first
+        event when there, wait for the second, then fail (``fail``: an I/O error) or go on.
+        Each kind says where its commit is."""
+        raise NotImplementedError
 
     async def read(self, layer: Layer, sector: int, count: int) -> tuple[bytes, list[Run]]:
         """Layer-level read into a buffer pre-filled with 0xEE (absent sectors keep it)."""
@@ -593,6 +603,49 @@ class PersistentLayerContract:
                 await layer.close()
 
     # -- a model, with restarts in the middle ---------------------------------------------------
+
+    @pytest.mark.parametrize("outcome", ["made", "failed"])
+    async def test_a_shrink_shows_once_committed_and_reads_past_it_wait_for_its_outcome(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+    ) -> None:
+        """While a shrink is being committed the volume keeps its size and generation (what
+        Inspect and WatchResize pair: never the new size with the old generation, which made
+        a tier over this volume read its own lower layer's data for the tail), and a read
+        past the new end waits for the outcome: refused once the shrink is made; if it fails,
+        served what was written, never what the layer below holds there."""
+        base = tmp_path / "base.raw"
+        base.write_bytes(b"\xab" * 64 * SS)
+        top = self.layer_class(str(tmp_path / "top"))
+        volume = await Volume.open(
+            "v", [LayerEntry(top, read_cache=True), LayerEntry(RawLayer(str(base)))]
+        )
+        go = threading.Event()
+        try:
+            await volume.write(40, pattern(2, 40, 1, SS))  # acknowledged; below it: 0xAB
+            generation = volume.generation
+            entered, go = self.hold_shrink(top, monkeypatch, fail=outcome == "failed")
+            shrinking = asyncio.create_task(volume.resize(32))
+            await asyncio.to_thread(entered.wait, 10)
+            assert (volume.sector_count, volume.generation) == (64, generation)
+            reading = asyncio.create_task(volume.read(40, 1))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not reading.done(), "it waits for the shrink's outcome"
+            go.set()
+            if outcome == "made":
+                await asyncio.wait_for(shrinking, 10)
+                with pytest.raises(OutOfRange):
+                    await asyncio.wait_for(reading, 10)
+                assert (volume.sector_count, volume.generation) == (32, generation + 1)
+            else:
+                with pytest.raises(StorageError):
+                    await asyncio.wait_for(shrinking, 10)
+                data, _ = await asyncio.wait_for(reading, 10)
+                assert data == pattern(2, 40, 1, SS)
+                assert (volume.sector_count, volume.generation) == (64, generation)
+        finally:
+            go.set()
+            await volume.close()
 
     def test_random_operations_match_a_model(self) -> None:
         """Random writes, fills, unmaps (both modes), flushes, resizes and close+reopen,

@@ -50,6 +50,13 @@ RUN = 16  # bytes per run in a record
 class TestSparseContract(PersistentLayerContract):
     layer_class = SparseLayer
 
+    def hold_shrink(
+        self, layer: Layer, monkeypatch: pytest.MonkeyPatch, fail: bool
+    ) -> tuple[threading.Event, threading.Event]:
+        held = _HeldSync(monkeypatch)  # the shrink's commit syncs the data file first
+        held.fail = fail
+        return held.entered, held.go
+
 
 def crash_image(path: Path, dest: Path) -> Path:
     """Copy the layer's files as they are now (the state a SIGKILL would leave)."""
@@ -759,44 +766,6 @@ class _HeldSync:
 
     async def wait_entered(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.entered.wait, 10)
-
-
-@pytest.mark.parametrize("outcome", ["made", "failed"])
-async def test_a_shrink_shows_once_committed_and_reads_past_it_wait_for_its_outcome(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
-) -> None:
-    """While a shrink is being committed the volume keeps its size and generation (what
-    Inspect and WatchResize pair: never the new size with the old generation, which made a
-    tier over this volume read its own lower layer's data for the tail), and a read past
-    the new end waits for the outcome: refused once the shrink is made; if the shrink fails,
-    served what was written, never what the layer below holds there."""
-    _, volume = await _cache_over_ab(tmp_path, 64)
-    try:
-        await volume.write(40, pattern(2, 40, 1, SS))  # acknowledged; below it: 0xAB
-        generation = volume.generation
-        held = _HeldSync(monkeypatch)
-        shrinking = asyncio.create_task(volume.resize(32))
-        await held.wait_entered()  # dropped from the map in memory, the commit under way
-        assert (volume.sector_count, volume.generation) == (64, generation)
-        reading = asyncio.create_task(volume.read(40, 1))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not reading.done(), "it waits for the shrink's outcome"
-        held.fail = outcome == "failed"
-        held.go.set()
-        if outcome == "made":
-            await asyncio.wait_for(shrinking, 10)
-            with pytest.raises(OutOfRange):
-                await asyncio.wait_for(reading, 10)
-            assert (volume.sector_count, volume.generation) == (32, generation + 1)
-        else:
-            with pytest.raises(StorageError):
-                await asyncio.wait_for(shrinking, 10)
-            data, _ = await asyncio.wait_for(reading, 10)
-            assert data == pattern(2, 40, 1, SS)
-            assert (volume.sector_count, volume.generation) == (64, generation)
-    finally:
-        await volume.close()
 
 
 async def test_a_read_that_waited_across_a_shrink_is_out_of_range(

@@ -28,17 +28,33 @@ from tierdisk.service.errors import (
     ConfigError,
     DataCorruption,
     NoSpace,
-    OutOfRange,
     StorageError,
     Unavailable,
 )
+from tierdisk.service.layer import Layer
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
-from tierdisk.service.volume import LayerEntry, Volume
 
 
 class TestSqliteContract(PersistentLayerContract):
     layer_class = SqliteLayer
+
+    def hold_shrink(
+        self, layer: Layer, monkeypatch: pytest.MonkeyPatch, fail: bool
+    ) -> tuple[threading.Event, threading.Event]:
+        assert isinstance(layer, SqliteLayer)
+        entered, go = threading.Event(), threading.Event()
+        real = layer._resize_sync
+
+        def held(sector_count: int) -> None:  # on the layer's worker thread
+            entered.set()
+            go.wait(10)
+            if fail:
+                raise sqlite3.OperationalError("disk I/O error")
+            real(sector_count)
+
+        monkeypatch.setattr(layer, "_resize_sync", held)
+        return entered, go
 
 
 def rows(path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
@@ -645,56 +661,3 @@ async def test_a_database_removed_or_replaced_while_served_fails_the_flush(
             await layer.write(memoryview(pattern(3, 9, 1, SS)), 9, True)
     finally:
         await layer.close()
-
-
-@pytest.mark.parametrize("outcome", ["made", "failed"])
-async def test_a_shrink_shows_once_committed_and_reads_past_it_wait_for_its_outcome(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
-) -> None:
-    """While a shrink's transaction runs the volume keeps its size and generation (what
-    Inspect and WatchResize pair: never the new size with the old generation, which made a
-    tier over this volume read its own lower layer's data for the tail), and a read past
-    the new end waits for the outcome: refused once the shrink is made; if it fails, served
-    what was written, never what the layer below holds there."""
-    base = tmp_path / "base.raw"
-    base.write_bytes(b"\xab" * 64 * SS)
-    top = SqliteLayer(str(tmp_path / "top.db"))
-    volume = await Volume.open(
-        "v", [LayerEntry(top, read_cache=True), LayerEntry(RawLayer(str(base)))]
-    )
-    entered, go = threading.Event(), threading.Event()
-    real = top._resize_sync
-
-    def held(sector_count: int) -> None:  # on the layer's worker thread
-        entered.set()
-        go.wait(10)
-        if outcome == "failed":
-            raise sqlite3.OperationalError("disk I/O error")
-        real(sector_count)
-
-    try:
-        await volume.write(40, pattern(2, 40, 1, SS))  # acknowledged; below it: 0xAB
-        generation = volume.generation
-        monkeypatch.setattr(top, "_resize_sync", held)
-        shrinking = asyncio.create_task(volume.resize(32))
-        await asyncio.to_thread(entered.wait, 10)
-        assert (volume.sector_count, volume.generation) == (64, generation)
-        reading = asyncio.create_task(volume.read(40, 1))
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not reading.done(), "it waits for the shrink's outcome"
-        go.set()
-        if outcome == "made":
-            await asyncio.wait_for(shrinking, 10)
-            with pytest.raises(OutOfRange):
-                await asyncio.wait_for(reading, 10)
-            assert (volume.sector_count, volume.generation) == (32, generation + 1)
-        else:
-            with pytest.raises(StorageError):
-                await asyncio.wait_for(shrinking, 10)
-            data, _ = await asyncio.wait_for(reading, 10)
-            assert data == pattern(2, 40, 1, SS)
-            assert (volume.sector_count, volume.generation) == (64, generation)
-    finally:
-        go.set()
-        await volume.close()
