@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -666,6 +666,17 @@ def test_unwritable_ready_file_stops_the_server_with_one_line(tmp_path: Path) ->
     assert "cannot write --ready-file" in result.stderr and "Traceback" not in result.stderr
 
 
+def serving_with_ready_file(
+    tmp_path: Path, config: Path, ready: Path, wrapper: Sequence[str] = ()
+) -> ServerProcess:
+    """``tierdisk serve`` with ``config`` and the ready file ``ready`` (which
+    :meth:`ServerProcess.start` chooses itself), run through ``wrapper`` (a shell that sets
+    limits, say); not yet waited for."""
+    command = [*wrapper, sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
+    command += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
+    return ServerProcess(subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE), ready)
+
+
 def test_a_ready_file_that_is_a_folder_stops_the_server_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
@@ -692,10 +703,7 @@ def test_the_ready_file_is_never_written_through_a_name_planted_beside_it(
     victim.write_text("precious")
     ready = tmp_path / "ready.json"
     os.symlink(victim, f"{ready}.tmp")
-    command = [sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
-    command += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
-    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE)
-    with ServerProcess(proc, ready) as server:
+    with serving_with_ready_file(tmp_path, config, ready) as server:
         server.wait_ready()
         assert json.loads(ready.read_text())["pid"] == server.pid
         assert server.terminate() == 0
@@ -944,11 +952,8 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None
     to the hard one (the operator's choice)."""
     config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
     ready = tmp_path / "ready.json"
-    serve = [sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
-    serve += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
-    limited = ["sh", "-c", 'ulimit -S -n 1024 && ulimit -H -n 4096 && exec "$@"', "sh", *serve]
-    proc = subprocess.Popen(limited, cwd=tmp_path, stderr=subprocess.PIPE)
-    with ServerProcess(proc, ready) as server:
+    limited = ["sh", "-c", 'ulimit -S -n 1024 && ulimit -H -n 4096 && exec "$@"', "sh"]
+    with serving_with_ready_file(tmp_path, config, ready, limited) as server:
         server.wait_ready()
         limits = Path(f"/proc/{server.pid}/limits").read_text()
         line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
@@ -988,10 +993,7 @@ def test_a_ready_file_of_the_longest_name_is_written(tmp_path: Path) -> None:
     """The temporary file has a name of its own length: a ready file of 255 bytes works."""
     config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
     ready = tmp_path / ("r" * 250 + ".json")
-    command = [sys.executable, "-m", "tierdisk.service", "--metrics", "", "--listen"]
-    command += ["127.0.0.1:0", "--config", str(config), "--ready-file", str(ready)]
-    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE)
-    with ServerProcess(proc, ready) as server:
+    with serving_with_ready_file(tmp_path, config, ready) as server:
         server.wait_ready()
         assert json.loads(ready.read_text())["pid"] == server.pid
         assert server.terminate() == 0
