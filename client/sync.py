@@ -60,6 +60,7 @@ class Client:
         self._thread.start()
         self._closed = False
         self._lock = threading.Lock()  # _closed, against calls submitted from other threads
+        self._abandoned = threading.Event()  # set by _dropped: the loop is stopping for good
 
         async def make() -> AsyncClient:
             return AsyncClient(target, **options)
@@ -70,7 +71,9 @@ class Client:
             self._stop_loop()
             raise
         # (never a reference to self: the client must stay collectable)
-        self._dropped = weakref.finalize(self, _dropped, target, self._loop, self._async)
+        self._dropped = weakref.finalize(
+            self, _dropped, target, self._loop, self._async, self._abandoned
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -96,7 +99,7 @@ class Client:
             coro.close()
             raise RuntimeError("a blocking Client cannot be called from its own event loop")
         with self._lock:  # submitted before close() marks the client closed, or not at all
-            if self._closed:
+            if self._closed or self._abandoned.is_set():  # (never to a loop that stopped)
                 coro.close()
                 raise ClientClosed("the client is closed")
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -194,10 +197,16 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def _dropped(target: str, loop: asyncio.AbstractEventLoop, client: AsyncClient) -> None:
-    """A :class:`Client` for ``target`` was garbage collected unclosed: warn, close its
-    async ``client`` on its ``loop`` and stop the loop (its thread then closes it), without
-    waiting (this may run on any thread, the loop's own included)."""
+def _dropped(
+    target: str, loop: asyncio.AbstractEventLoop, client: AsyncClient, abandoned: threading.Event
+) -> None:
+    """A :class:`Client` for ``target`` was garbage collected unclosed (or is still open at
+    exit): warn, close its async ``client`` on its ``loop`` and stop the loop (its thread
+    then closes it), without waiting (this may run on any thread, the loop's own included).
+    ``abandoned`` is set first: what still refers to the client (an iterator collected in
+    the same cycle, whose ``finally`` closes its stream) is then refused at once
+    (:class:`ClientClosed`) instead of waiting for a loop that will not run it."""
+    abandoned.set()
     warnings.warn(f"unclosed tierdisk Client({target!r})", ResourceWarning, stacklevel=2)
 
     async def close() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -308,3 +310,56 @@ def test_a_blocking_client_dropped_unclosed_warns_and_gives_back_its_thread() ->
     while not gone() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone(), f"{threading.active_count() - threads} client threads left"
+
+
+_CYCLE = """
+import gc, sys, threading, warnings
+warnings.simplefilter("ignore", ResourceWarning)
+from tierdisk.client.sync import Client
+
+class Holder:
+    pass
+
+held = Holder()
+held.me = held  # a reference cycle: the client and its iterator are collected together
+held.client = Client(sys.argv[1])
+held.events = held.client.volume("v").watch_resize()
+next(held.events)
+del held
+collecting = threading.Thread(target=gc.collect, daemon=True)
+collecting.start()
+collecting.join(20)
+print("collected" if not collecting.is_alive() else "gc.collect() hung", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ending", ["collected", "exit"])
+def test_a_blocking_client_and_its_open_watch_dropped_together_end(
+    tmp_path: Path, ending: str
+) -> None:
+    """A Client and its open watch_resize iterator in one reference cycle: the garbage
+    collector finalizes the client (its loop stops) and then the iterator, whose clean-up
+    must not wait for that stopped loop (gc.collect() never returned); nor may a script
+    that exits with both still open hang at exit."""
+    script = (
+        _CYCLE
+        if ending == "collected"
+        else _CYCLE.split("held.me = held")[0]
+        + (
+            "client = Client(sys.argv[1])\n"
+            "events = client.volume('v').watch_resize()\n"
+            "next(events)\n"
+            "print('exiting', flush=True)\n"
+        )
+    )
+    with ServerProcess.start(
+        tmp_path, write_config(tmp_path, toml_volume("v", ram("1MiB")))
+    ) as srv:
+        result = subprocess.run(
+            [sys.executable, "-c", script, srv.grpc],
+            capture_output=True,
+            text=True,
+            timeout=60,  # a hang fails here
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("collected" if ending == "collected" else "exiting")
