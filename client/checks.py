@@ -215,9 +215,10 @@ def stays_on_this_host(target: str) -> bool:
 
 
 def _is_loopback(host: str) -> bool:
-    """``localhost`` (``localhost.`` too), or an address of this host's loopback (an
-    IPv4-mapped IPv6 one included: ``::ffff:127.0.0.1``)."""
-    if host.lower().rstrip(".") == "localhost":
+    """``localhost``, or an address of this host's loopback (an IPv4-mapped IPv6 one
+    included: ``::ffff:127.0.0.1``). Not ``localhost.``: gRPC's resolvers ask the network's
+    DNS for a name ending in a dot, not ``/etc/hosts``."""
+    if host.lower() == "localhost":
         return True
     try:
         address = ipaddress.ip_address(host)

@@ -243,6 +243,21 @@ async def test_a_flush_racing_a_shrink_is_no_false_alarm(
     assert (tmp_path / "img").stat().st_size == 16 * SS
 
 
+async def test_a_read_that_waited_behind_a_shrink_of_its_sectors_is_out_of_range(
+    layers: list[RawLayer], tmp_path: Path
+) -> None:
+    """A read of sectors a shrink is cutting waits for it (the shrink holds every sector),
+    then is refused: it must not read the cut file's end as zeros and answer OK."""
+    layer = await open_raw(layers, tmp_path / "img", size=64 * SS)
+    await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
+    shrinking = asyncio.create_task(layer.resize(8))
+    await asyncio.sleep(0)  # the shrink holds the sectors, its file cut on a thread
+    reading = asyncio.create_task(layer.read(memoryview(bytearray(SS)), 40))
+    await asyncio.wait_for(shrinking, 10)
+    with pytest.raises(OutOfRange):
+        await asyncio.wait_for(reading, 10)
+
+
 async def test_a_resize_is_synced_before_it_returns(
     layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -623,10 +623,13 @@ async def test_a_read_cache_fill_that_waits_across_a_shrink_does_not_land(
         assert token is not None
         reading = asyncio.create_task(volume.read(2000, 8))  # misses, reads 0xAB, fills
         await eventually("the fill to wait", lambda: top._sectors.waiting_exclusive(2000, 2008))
-        await volume.resize(1000)
+        shrinking = asyncio.create_task(volume.resize(1000))
+        # committed (the new size shows); the file is cut once the read in flight is done
+        await eventually("the shrink to be made", lambda: volume.sector_count == 1000)
+        top._sectors.release(token)
+        await asyncio.wait_for(shrinking, 5)
         if then == "grow":
             await volume.resize(2048)
-        top._sectors.release(token)
         data, _ = await asyncio.wait_for(reading, 5)
         assert data == b"\xab" * 8 * SS  # it began before the shrink: the old data is right
         assert await top.presence(1000, 1048) == []
@@ -644,6 +647,35 @@ async def test_a_read_cache_fill_that_waits_across_a_shrink_does_not_land(
             assert data == bytes(8 * SS)
     finally:
         await volume.close()
+
+
+async def test_a_shrink_cuts_the_data_file_only_after_the_reads_in_flight(
+    tmp_path: Path,
+) -> None:
+    """A read of sectors past the new end that began before the shrink and still copies on
+    a thread (held here) must not see the file cut under it (zeros answered OK): the cut
+    waits for it; the shrink itself is made and shows meanwhile."""
+    path = tmp_path / "d"
+    layer = SparseLayer(str(path), size=64 * SS)
+    await layer.attach(None)
+    token = None
+    try:
+        await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
+        token = layer._sectors.try_shared(40, 41)  # the read, copying
+        assert token is not None
+        shrinking = asyncio.create_task(layer.resize(32))
+        await eventually("the shrink to be made", lambda: layer.sector_count == 32)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert path.stat().st_size == 64 * SS, "cut under a read still copying"
+        layer._sectors.release(token)
+        token = None
+        await asyncio.wait_for(shrinking, 10)
+        assert path.stat().st_size == 32 * SS
+    finally:
+        if token is not None:  # (else close would wait for the held read)
+            layer._sectors.release(token)
+        await layer.close()
 
 
 async def test_a_shrink_whose_file_cut_fails_is_still_a_shrink(

@@ -174,8 +174,13 @@ class RawLayer(Layer):
         self._check_range(sector, count)
         lock = self._sectors
         token = lock.try_shared(sector, sector + count)
-        if token is None:  # a write of some of these sectors is under way: after it
+        if token is None:  # a write (or a shrink) of some of these sectors is under way: after it
             token = await lock.acquire_shared(sector, sector + count)
+            try:
+                self._check_range(sector, count)  # a shrink meanwhile cut them: OUT_OF_RANGE
+            except BaseException:
+                lock.release(token)
+                raise
         try:
             if self._fd < 0:
                 raise layer_closed(f"raw image {self.path}")

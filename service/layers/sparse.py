@@ -106,7 +106,7 @@ from ..fileio import (
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement, total
-from ..sector_lock import SectorLock
+from ..sector_lock import EVERY_SECTOR, SectorLock
 from ..unstoppable import run_to_end
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
@@ -710,6 +710,9 @@ class SparseLayer(Layer):
                         raise
                     self._sector_count = sector_count
                     self._notify_resized()  # committed: the volume learns of it whatever follows
+                # after the reads of the cut sectors still copying (they began before it):
+                # a file cut under them would give them zeros
+                token = await self._sectors.acquire_exclusive(sector_count, EVERY_SECTOR)
                 try:
                     await self._on_writer(
                         "resizing", os.ftruncate, self._fd, sector_count * self._sector_size
@@ -723,6 +726,8 @@ class SparseLayer(Layer):
                         self.path,
                         exc,
                     )
+                finally:
+                    self._sectors.release(token)
             elif sector_count > old:
                 await self._on_writer("resizing", self._grow_sync, old, sector_count)
                 try:
