@@ -399,6 +399,10 @@ async def _map(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
+_WHY_SECONDS = 2.0
+"""Seconds :func:`_watch` gives the one call that says why no first event came."""
+
+
 def _print_size(event: ResizeEvent) -> None:
     _out(f"generation={event.generation} sector_count={event.sector_count}")
     _flush_stdout()
@@ -419,6 +423,10 @@ async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
             async with asyncio.timeout(args.timeout):
                 first = await anext(events)
         except TimeoutError:
+            # Why: a server that is down (its retries filled the time) says so to one call
+            # (UNAVAILABLE, "connection refused"); one that answers it just did not watch.
+            with contextlib.suppress(DeadlineExceeded):  # silent too: the watch's own words
+                await vol.info(timeout=min(args.timeout, _WHY_SECONDS))
             raise DeadlineExceeded(
                 f"no answer to the watch within {args.timeout:g} s", volume=vol.name
             ) from None

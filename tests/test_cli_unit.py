@@ -452,3 +452,11 @@ def test_numbers_of_thousands_of_digits_are_one_line(args: list[str], needle: st
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "set_int_max_str_digits" not in result.stderr
+
+
+def test_a_watch_of_a_server_that_is_down_says_why() -> None:
+    """Its retries of the first event fill --timeout; the line then says what a single call
+    says (unavailable, connection refused), not only that time ran out."""
+    result = run("--server", DEAD, "--retries", "100", "--timeout", "2", "watch", "v")
+    assert result.returncode == 1
+    assert_one_line(result.stderr, "volume 'v' on", "unavailable", "Connection refused")
