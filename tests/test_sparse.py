@@ -678,6 +678,31 @@ async def test_a_shrink_cuts_the_data_file_only_after_the_reads_in_flight(
         await layer.close()
 
 
+async def test_a_close_begun_while_a_shrink_commits_ends_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Close holds every sector, then waits to commit; a shrink committing meanwhile must
+    not then wait for those sectors (to cut its data file) while it holds the commit: both
+    end (the server's stop with a resize in flight), and the shrink stands."""
+    path = tmp_path / "d"
+    layer = SparseLayer(str(path), size=64 * SS)
+    await layer.attach(None)
+    await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
+    held = _HeldSync(monkeypatch)
+    shrinking = asyncio.create_task(layer.resize(32))
+    await held.wait_entered()  # the shrink's commit, on its thread
+    closing = asyncio.create_task(layer.close())
+    await eventually("close to hold every sector", lambda: layer._sectors.closing)
+    held.go.set()
+    await asyncio.wait_for(asyncio.gather(shrinking, closing), 10)
+    again = SparseLayer(str(path))
+    await again.attach(None)
+    try:
+        assert again.sector_count == 32
+    finally:
+        await again.close()
+
+
 async def test_a_shrink_whose_file_cut_fails_is_still_a_shrink(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -694,6 +694,7 @@ class SparseLayer(Layer):
             raise InvalidArgument(
                 f"sparse layer {self.path}: size must be at least one sector, not {sector_count}"
             )
+        cut = False
         async with self._commit_lock:
             old = self._sector_count
             if sector_count < old:
@@ -710,24 +711,7 @@ class SparseLayer(Layer):
                         raise
                     self._sector_count = sector_count
                     self._notify_resized()  # committed: the volume learns of it whatever follows
-                # after the reads of the cut sectors still copying (they began before it):
-                # a file cut under them would give them zeros
-                token = await self._sectors.acquire_exclusive(sector_count, EVERY_SECTOR)
-                try:
-                    await self._on_writer(
-                        "resizing", os.ftruncate, self._fd, sector_count * self._sector_size
-                    )
-                except TierdiskError as exc:
-                    # Only space past the end stays allocated; a grow, or the next open,
-                    # cuts it off (_grow_sync, _load).
-                    log.warning(
-                        "sparse layer %s: shrunk, but its data file was not cut to the new "
-                        "size: %s",
-                        self.path,
-                        exc,
-                    )
-                finally:
-                    self._sectors.release(token)
+                cut = True
             elif sector_count > old:
                 await self._on_writer("resizing", self._grow_sync, old, sector_count)
                 try:
@@ -737,6 +721,27 @@ class SparseLayer(Layer):
                     raise
                 self._sector_count = sector_count
                 self._notify_resized()
+        if cut:  # (not under the commit lock: close holds every sector, then commits)
+            await self._cut_data_file(sector_count)
+
+    async def _cut_data_file(self, sector_count: int) -> None:
+        """Cut the data file to ``sector_count`` sectors after a shrink was committed, once
+        the reads of the cut sectors still copying (begun before it) are done: a file cut
+        under them would give them zeros. A failure leaves only space allocated past the
+        end, which a grow or the next open cuts off (:meth:`_grow_sync`, :meth:`_load`)."""
+        token = await self._sectors.acquire_exclusive(sector_count, EVERY_SECTOR)
+        try:
+            await self._on_writer(
+                "resizing", os.ftruncate, self._fd, sector_count * self._sector_size
+            )
+        except TierdiskError as exc:
+            log.warning(
+                "sparse layer %s: shrunk, but its data file was not cut to the new size: %s",
+                self.path,
+                exc,
+            )
+        finally:
+            self._sectors.release(token)
 
     def _shrink_sync(self, size: int) -> list[Run]:
         with self._lock:
