@@ -703,6 +703,38 @@ async def test_a_close_begun_while_a_shrink_commits_ends_with_it(
         await again.close()
 
 
+async def test_a_grow_waits_for_the_file_cut_of_the_shrink_before_it(tmp_path: Path) -> None:
+    """A shrink waiting to cut its data file (after a read still copying) and a grow right
+    after it: the grow comes after the cut, so the cut never shortens the grown file (a
+    flush then said the file was truncated by someone else)."""
+    path = tmp_path / "d"
+    layer = SparseLayer(str(path), size=64 * SS)
+    await layer.attach(None)
+    token = None
+    try:
+        await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
+        token = layer._sectors.try_shared(40, 41)  # a read of a cut sector, copying
+        assert token is not None
+        shrinking = asyncio.create_task(layer.resize(32))
+        await eventually("the shrink to be made", lambda: layer.sector_count == 32)
+        growing = asyncio.create_task(layer.resize(64))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        layer._sectors.release(token)
+        token = None
+        await asyncio.wait_for(asyncio.gather(shrinking, growing), 10)
+        assert layer.sector_count == 64 and path.stat().st_size == 64 * SS
+        await layer.write(memoryview(pattern(2, 50, 1, SS)), 50, False)
+        await layer.flush()  # no "truncated while served"
+        buf = bytearray(2 * SS)
+        await layer.read(memoryview(buf), 40)
+        assert bytes(buf[:SS]) != pattern(1, 40, 1, SS), "the cut sector does not come back"
+    finally:
+        if token is not None:
+            layer._sectors.release(token)
+        await layer.close()
+
+
 async def test_a_shrink_whose_file_cut_fails_is_still_a_shrink(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -173,6 +173,7 @@ class SparseLayer(Layer):
         self._rewrite = False  # the map's tail is unusable: the next commit rewrites it
         self._reserve = Reserver()
         self._commit_lock = asyncio.Lock()
+        self._resizing = asyncio.Lock()  # a grow never comes between a shrink and its cut
         self._sectors = SectorLock()  # reads shared, mutations exclusive: no torn sector
 
     # -- open and close -------------------------------------------------------------------
@@ -694,6 +695,10 @@ class SparseLayer(Layer):
             raise InvalidArgument(
                 f"sparse layer {self.path}: size must be at least one sector, not {sector_count}"
             )
+        async with self._resizing:  # one at a time, its file cut included
+            await self._resize_locked(sector_count)
+
+    async def _resize_locked(self, sector_count: int) -> None:
         cut = False
         async with self._commit_lock:
             old = self._sector_count
