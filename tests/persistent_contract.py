@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 import subprocess
@@ -55,6 +56,17 @@ SECTORS = 256
 SIZE = SECTORS * SS
 
 PersistentClass = type[SparseLayer] | type[SqliteLayer]
+
+
+def fill_up(path: Path) -> None:
+    """Write ``path`` until its filesystem (a :func:`tiny_filesystem`) is full (ENOSPC)."""
+    chunk = os.urandom(4096)
+    with open(path, "wb", buffering=0) as ballast:
+        try:
+            while True:
+                ballast.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from persistent_contract import tiny_filesystem
+from persistent_contract import fill_up, tiny_filesystem
 from stacks import pattern
 from tools import file_size_limit
 
@@ -402,17 +402,6 @@ async def test_4k_sectors(layers: list[RawLayer], tmp_path: Path) -> None:
     await layer.write(memoryview(pattern(1, 255, 1, 4096)), 255, False)
     data, _ = await read(layer, 255, 1)
     assert data == pattern(1, 255, 1, 4096)
-
-
-def fill_up(path: Path) -> None:
-    """Write ``path`` until its filesystem is full (ENOSPC)."""
-    chunk = os.urandom(4096)
-    with open(path, "wb", buffering=0) as ballast:
-        try:
-            while True:
-                ballast.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
 
 
 async def test_out_of_space_write_changes_nothing(layers: list[RawLayer], tmp_path: Path) -> None:

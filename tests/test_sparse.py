@@ -20,6 +20,7 @@ import struct
 import sys
 import threading
 import zlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -649,6 +650,35 @@ async def test_a_read_cache_fill_that_waits_across_a_shrink_does_not_land(
         await volume.close()
 
 
+@contextlib.asynccontextmanager
+async def _shrink_waiting_for_a_read(
+    path: Path,
+) -> AsyncIterator[tuple[SparseLayer, asyncio.Task[None], Callable[[], None]]]:
+    """A 64-sector sparse layer at ``path`` with sector 40 written, a read of it still
+    copying (its shared hold, kept here), and a shrink to 32 sectors made meanwhile (its
+    size shows) whose data file cut waits for that read: ``(layer, the shrink, release the
+    read)``. Closed at the end (the read released first, else close would wait for it)."""
+    layer = SparseLayer(str(path), size=64 * SS)
+    await layer.attach(None)
+    held: list[int] = []
+
+    def release() -> None:
+        while held:
+            layer._sectors.release(held.pop())
+
+    try:
+        await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
+        token = layer._sectors.try_shared(40, 41)
+        assert token is not None
+        held.append(token)
+        shrinking = asyncio.create_task(layer.resize(32))
+        await eventually("the shrink to be made", lambda: layer.sector_count == 32)
+        yield layer, shrinking, release
+    finally:
+        release()
+        await layer.close()
+
+
 async def test_a_shrink_cuts_the_data_file_only_after_the_reads_in_flight(
     tmp_path: Path,
 ) -> None:
@@ -656,26 +686,13 @@ async def test_a_shrink_cuts_the_data_file_only_after_the_reads_in_flight(
     a thread (held here) must not see the file cut under it (zeros answered OK): the cut
     waits for it; the shrink itself is made and shows meanwhile."""
     path = tmp_path / "d"
-    layer = SparseLayer(str(path), size=64 * SS)
-    await layer.attach(None)
-    token = None
-    try:
-        await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
-        token = layer._sectors.try_shared(40, 41)  # the read, copying
-        assert token is not None
-        shrinking = asyncio.create_task(layer.resize(32))
-        await eventually("the shrink to be made", lambda: layer.sector_count == 32)
+    async with _shrink_waiting_for_a_read(path) as (_, shrinking, release):
         for _ in range(5):
             await asyncio.sleep(0)
         assert path.stat().st_size == 64 * SS, "cut under a read still copying"
-        layer._sectors.release(token)
-        token = None
+        release()
         await asyncio.wait_for(shrinking, 10)
         assert path.stat().st_size == 32 * SS
-    finally:
-        if token is not None:  # (else close would wait for the held read)
-            layer._sectors.release(token)
-        await layer.close()
 
 
 async def test_a_close_begun_while_a_shrink_commits_ends_with_it(
@@ -708,31 +725,18 @@ async def test_a_grow_waits_for_the_file_cut_of_the_shrink_before_it(tmp_path: P
     after it: the grow comes after the cut, so the cut never shortens the grown file (a
     flush then said the file was truncated by someone else)."""
     path = tmp_path / "d"
-    layer = SparseLayer(str(path), size=64 * SS)
-    await layer.attach(None)
-    token = None
-    try:
-        await layer.write(memoryview(pattern(1, 40, 1, SS)), 40, False)
-        token = layer._sectors.try_shared(40, 41)  # a read of a cut sector, copying
-        assert token is not None
-        shrinking = asyncio.create_task(layer.resize(32))
-        await eventually("the shrink to be made", lambda: layer.sector_count == 32)
+    async with _shrink_waiting_for_a_read(path) as (layer, shrinking, release):
         growing = asyncio.create_task(layer.resize(64))
         for _ in range(5):
             await asyncio.sleep(0)
-        layer._sectors.release(token)
-        token = None
+        release()
         await asyncio.wait_for(asyncio.gather(shrinking, growing), 10)
         assert layer.sector_count == 64 and path.stat().st_size == 64 * SS
         await layer.write(memoryview(pattern(2, 50, 1, SS)), 50, False)
         await layer.flush()  # no "truncated while served"
         buf = bytearray(2 * SS)
-        await layer.read(memoryview(buf), 40)
-        assert bytes(buf[:SS]) != pattern(1, 40, 1, SS), "the cut sector does not come back"
-    finally:
-        if token is not None:
-            layer._sectors.release(token)
-        await layer.close()
+        runs = await layer.read(memoryview(buf), 40)
+        assert runs == [] and buf == bytes(2 * SS), "the cut sector does not come back"
 
 
 async def test_a_shrink_whose_file_cut_fails_is_still_a_shrink(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VolumeOpener
-from persistent_contract import SIZE, SS, PersistentLayerContract, tiny_filesystem
+from persistent_contract import SIZE, SS, PersistentLayerContract, fill_up, tiny_filesystem
 from stacks import pattern
 from tools import require_tool
 
@@ -280,17 +280,6 @@ async def test_a_layer_made_afresh_ignores_an_old_databases_wal(tmp_path: Path) 
 # -- a full disk (a real tmpfs, mounted by the test) ------------------------------------------
 
 
-def fill_up(path: Path) -> None:
-    """Write ``path`` until its filesystem is full (ENOSPC)."""
-    chunk = os.urandom(4096)
-    with open(path, "wb", buffering=0) as ballast:
-        try:
-            while True:
-                ballast.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-
-
 def inode(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -341,20 +330,19 @@ async def test_a_flush_whose_checkpoint_runs_out_of_space_syncs_the_wal(
             await layer.flush()  # nothing new: fine
         finally:
             await layer.close()
-        again = SqliteLayer(str(path))  # still full
-        await again.attach(None)
-        try:
-            buf = bytearray(8 * 4096)
-            assert await again.read(memoryview(buf), 500) == [(500, 508)] and buf == data
-        finally:
-            await again.close()
-    copy = SqliteLayer(str(crashed / "l"))
-    await copy.attach(None)
+        await _holds(path, data)  # opened again, on the disk still full
+    await _holds(crashed / "l", data)  # what a crash right after the flush leaves
+
+
+async def _holds(path: Path, data: bytes) -> None:
+    """The sqlite layer at ``path`` opens and holds ``data`` at sectors 500-507 (4 KiB)."""
+    layer = SqliteLayer(str(path))
+    await layer.attach(None)
     try:
         buf = bytearray(8 * 4096)
-        assert await copy.read(memoryview(buf), 500) == [(500, 508)] and buf == data
+        assert await layer.read(memoryview(buf), 500) == [(500, 508)] and buf == data
     finally:
-        await copy.close()
+        await layer.close()
 
 
 async def test_a_flush_that_can_sync_neither_fails(
