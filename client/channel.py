@@ -57,12 +57,14 @@ def open_channel(
     when ``secure`` is true or any of ``root_certificates`` / ``certificate_chain`` /
     ``private_key`` (PEM bytes) is given. A client certificate goes with its key:
     :class:`ValueError` when only one of ``certificate_chain`` and ``private_key`` is given
-    (not ``None`` nor empty): gRPC's C core would abort the process; and when one of them
-    holds no PEM block of its kind (a certificate, a private key): gRPC would fail every
-    connection ("Failed to create security handshaker"), retried for seconds."""
-    if bool(certificate_chain) != bool(private_key):
+    (an argument is given when it is not ``None``): gRPC's C core would abort the process;
+    :class:`TypeError` when one is not :class:`bytes`; and when one of them holds no PEM
+    block of its kind (a certificate, a private key): gRPC would fail every connection
+    ("Failed to create security handshaker"), retried for seconds; empty bytes too, which
+    are given: a CA file read empty never means a channel in clear."""
+    if (certificate_chain is None) != (private_key is None):
         given, missing = ("certificate_chain", "private_key")
-        if private_key:
+        if private_key is not None:
             given, missing = missing, given
         raise ValueError(f"{given} without {missing}: a client certificate goes with its key")
     for name, data, kind in (
@@ -70,8 +72,12 @@ def open_channel(
         ("certificate_chain", certificate_chain, CERTIFICATE),
         ("private_key", private_key, PRIVATE_KEY),
     ):
-        if data and (problem := pem_problem(data, kind)) is not None:
-            raise ValueError(f"{name}: {problem}")
+        if data is None:
+            continue
+        if not isinstance(data, bytes):
+            raise TypeError(f"{name} must be PEM bytes, not {type(data).__name__}")
+        if (problem := pem_problem(data, kind)) is not None:
+            raise ValueError(f"{name}: {problem}")  # empty bytes too: never TLS turned off
     options: dict[str, Any] = dict(DEFAULT_CHANNEL_OPTIONS)
     if max_io + MESSAGE_FRAMING_BYTES > MAX_MESSAGE_BYTES:  # room for max_io per message
         cap = max_io + MESSAGE_FRAMING_BYTES
@@ -79,7 +85,7 @@ def open_channel(
         options["grpc.max_receive_message_length"] = cap
     options.update(channel_options)
     option_list = list(options.items())
-    if secure or root_certificates or certificate_chain or private_key:
+    if secure or root_certificates is not None or certificate_chain is not None:
         creds = grpc.ssl_channel_credentials(
             root_certificates=root_certificates,
             private_key=private_key,
