@@ -75,6 +75,7 @@ from .errors import (
     OutOfRange,
     SectorSizeChanged,
     StorageError,
+    TierdiskError,
     WritesLost,
 )
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
@@ -571,8 +572,11 @@ class AsyncVolume:
         write is first checked against the volume's size (one GetVolume, see
         :meth:`_check_fits`): one that reaches past the end raises :class:`OutOfRange` for the
         whole range and writes nothing (DESIGN §3). If a chunk fails for another reason, the
-        others may have been written; so too if the client is closed mid-call
-        (:class:`~tierdisk.client.errors.ClientClosed`, saying how many bytes had been written).
+        others may have been written: the error (of the chunk's class, a
+        :class:`~tierdisk.client.errors.ClientClosed` if the client is closed mid-call) says
+        how many bytes had been, and is :attr:`~tierdisk.client.errors.TierdiskError.partial`
+        (:func:`~tierdisk.client.errors.changed_nothing` is false even for a
+        :class:`~tierdisk.client.errors.NoSpace`).
         Retries after ``UNAVAILABLE`` or ``CANCELLED`` are safe: a write is idempotent."""
         _check_number("sector", sector, volume=self.name)
         mv = memoryview(data).cast("B")
@@ -610,9 +614,11 @@ class AsyncVolume:
         await self._check_fits(sector, count, timeout, size)
         try:
             await run_bounded(plan_chunks(sector, count, per_chunk), one, self.client.max_in_flight)
-        except Interrupted as exc:  # closed mid-call: say how far it got
+        except TierdiskError as exc:  # a chunk failed, or the client closed mid-call
+            # Whatever the chunk's error says of its own request, the call changed the
+            # volume if other chunks landed (or may have: those in flight when it failed).
             note = f"{done} of {len(mv)} bytes had been written, and those in flight may have been"
-            raise self._with_progress(exc, note) from exc
+            raise self._with_progress(exc, note, partial=True) from exc
 
     async def write_bytes(
         self, offset: int, data: Buffer, *, fua: bool = False, timeout: Timeout = UNSET
@@ -736,12 +742,13 @@ class AsyncVolume:
 
     async def watch_resize(self, *, timeout: float | None = None) -> AsyncIterator[ResizeEvent]:
         """Yield the volume's size now, then once per change, until the caller stops
-        iterating (or ``timeout`` seconds pass; default: never).
+        iterating, or ``timeout`` seconds pass (then
+        :class:`~tierdisk.client.errors.DeadlineExceeded`; default: never). The client's own
+        ``timeout`` does not bound a watch.
 
         ``UNAVAILABLE`` or ``CANCELLED`` before the first event is retried like any call; once
-        events have
-        arrived, a broken stream raises :class:`Unavailable` — watch again to resume: the
-        first event tells the current size and generation."""
+        events have arrived, a broken stream raises :class:`Unavailable` — watch again to
+        resume: the first event tells the current size and generation."""
         runner = self._runner
         req = pb.WatchResizeRequest(volume=self.name)
         events = runner.stream(runner.stub.WatchResize, req, timeout=timeout, volume=self.name)
@@ -751,11 +758,15 @@ class AsyncVolume:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _with_progress(self, exc: Interrupted, note: str) -> Interrupted:
-        """``exc``, a split read or write cut short, again with ``note`` (how much of it had
-        completed) after its message: a :class:`ClientClosed` if the client is closed."""
-        cls = ClientClosed if self._runner.closed else type(exc)
-        return cls(f"{exc.message}; {note}", volume=self.name)
+    def _with_progress(
+        self, exc: TierdiskError, note: str, *, partial: bool = False
+    ) -> TierdiskError:
+        """``exc``, the failure of a split read or write, again with ``note`` (how much of it
+        had completed) after its message (:meth:`TierdiskError.with_note`): a
+        :class:`ClientClosed` if it was cut short because the client is closed."""
+        if isinstance(exc, Interrupted) and self._runner.closed:
+            exc = ClientClosed(exc.message, volume=self.name)
+        return exc.with_note(note, partial=partial)
 
     async def _check_fits(self, sector: int, count: int, timeout: Timeout, size: int) -> None:
         """:class:`OutOfRange` naming the caller's whole range if ``[sector, sector + count)``

@@ -13,8 +13,9 @@ callers handle both alike.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import grpc
 
@@ -70,6 +71,10 @@ class TierdiskError(Exception):
     """A few words naming the kind of failure, for one-line messages (``"not found"``)."""
     server_names: ClassVar[tuple[str, ...]] = ()
     """Domain error class names (``tierdisk-error`` values) that select this class."""
+    partial: bool = False
+    """Whether the call this error ends was split into several requests (a write of more
+    than the client's ``max_io`` bytes) of which some may have changed the volume before
+    it failed; :func:`changed_nothing` is then false, whatever the class."""
 
     def __init__(
         self,
@@ -87,6 +92,15 @@ class TierdiskError(Exception):
 
     def __str__(self) -> str:
         return self.message or self.label
+
+    def with_note(self, note: str, *, partial: bool = False) -> Self:
+        """This error again (its class, code, volume and server error), ``note`` after its
+        message (``"…; 3 of 8 bytes had been written"``), :attr:`partial` if ``partial``."""
+        again = copy.copy(self)
+        again.message = f"{self.message}; {note}"
+        again.args = (again.message,)
+        again.partial = self.partial or partial
+        return again
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code.name})"
@@ -437,5 +451,6 @@ def changed_nothing(exc: BaseException) -> bool:
     """Whether ``exc``, the failure of a write or unmap request, says the request changed
     nothing (DESIGN.md §2: a read-only volume, a range past the end, out of space, …; a
     server that is not tierdisk). Any other failure (a timeout, a lost connection, a
-    storage error) may come after part of the request was written."""
-    return isinstance(exc, _CHANGED_NOTHING)
+    storage error) may come after part of the request was written; so may any failure of a
+    write the client split into several requests (:attr:`TierdiskError.partial`)."""
+    return isinstance(exc, _CHANGED_NOTHING) and not exc.partial

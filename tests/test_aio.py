@@ -14,6 +14,7 @@ import grpc.aio
 import pytest
 
 from tierdisk.client.aio import AsyncClient
+from tierdisk.client.errors import ERROR_METADATA_KEY as ERROR
 from tierdisk.client.errors import (
     Cancelled,
     InvalidArgument,
@@ -21,6 +22,7 @@ from tierdisk.client.errors import (
     ReadOnlyVolume,
     Unavailable,
     VolumeNotFound,
+    changed_nothing,
 )
 from tierdisk.client.models import Extent, ReadResult
 from tierdisk.client.sync import Client
@@ -41,6 +43,8 @@ class Scripted(pb_grpc.BlockDeviceServicer):
         self.metadata: list[dict[str, str]] = []
         self.active = self.peak = 0
         self.fail_next: list[tuple[grpc.StatusCode, str | None]] = []
+        self.fail_write: tuple[int, grpc.StatusCode, str] | None = None  # (index, code, class)
+        self.writes = 0
         self.volumes = [f"v{i}" for i in range(5)]
 
     async def _enter(self, context: Any, rpc: str, sector: int = 0, count: int = 0) -> None:
@@ -90,6 +94,10 @@ class Scripted(pb_grpc.BlockDeviceServicer):
     async def Write(self, request: Any, context: Any) -> pb.WriteResponse:
         count = len(request.data) // self.sector_size
         await self._enter(context, "Write", request.sector, count)
+        index, self.writes = self.writes, self.writes + 1
+        if self.fail_write is not None and self.fail_write[0] == index:
+            _, code, name = self.fail_write
+            await context.abort(code, f"scripted {code.name}", trailing_metadata=((ERROR, name),))
         self.active += 1
         self.peak = max(self.peak, self.active)
         await asyncio.sleep(0.005)
@@ -380,14 +388,27 @@ async def test_a_closed_async_client_says_so(scripted: tuple[Scripted, str]) -> 
     await client.close()  # idempotent
 
 
-async def test_a_failed_chunk_fails_the_whole_write(scripted: tuple[Scripted, str]) -> None:
+async def test_a_failed_chunk_fails_the_whole_write_and_says_what_had_landed(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """The third of 16 chunks is refused out of space: the write raises that NoSpace, saying
+    how much had been written, and it does not claim the call changed nothing (a NoSpace of
+    one request does: DESIGN §2)."""
     servicer, target = scripted
-    async with AsyncClient(target, retries=0, max_io=512) as client:
+    data = pattern(16 * 512)
+    async with AsyncClient(target, retries=0, max_io=512, max_in_flight=1) as client:
         vol = client.volume("v")
-        await vol.sector_size()
-        servicer.fail_next = [(S.RESOURCE_EXHAUSTED, "NoSpace")]
-        with pytest.raises(NoSpace):
-            await vol.write(0, pattern(16 * 512))
+        servicer.fail_write = (2, S.RESOURCE_EXHAUSTED, "NoSpace")
+        with pytest.raises(NoSpace, match=r"; 1024 of 8192 bytes had been written") as split:
+            await vol.write(0, data)
+        assert split.value.partial and not changed_nothing(split.value)
+        assert servicer.disk[:1024] == data[:1024] and not any(servicer.disk[1024:8192])
+        assert split.value.code == S.RESOURCE_EXHAUSTED and split.value.volume == "v"
+
+        servicer.fail_write = (servicer.writes, S.RESOURCE_EXHAUSTED, "NoSpace")
+        with pytest.raises(NoSpace) as single:
+            await vol.write(100, data[:512])
+        assert not single.value.partial and changed_nothing(single.value)
 
 
 async def test_inspect_turns_whole_numbers_back_into_ints(
@@ -525,22 +546,40 @@ def test_an_async_client_made_outside_an_event_loop_says_where_it_belongs() -> N
         AsyncClient("127.0.0.1:1")
 
 
-@pytest.mark.parametrize(
+def _tls_options(option: str, data: object) -> dict[str, Any]:
+    """``option`` given as ``data``, with a well-formed other half of a client key pair."""
+    if option == "root_certificates":
+        return {option: data}
+    return {  # a client certificate goes with its key
+        "certificate_chain": b"-----BEGIN CERTIFICATE-----\n",
+        "private_key": b"-----BEGIN PRIVATE KEY-----\n",
+        option: data,
+    }
+
+
+TLS_OPTIONS = pytest.mark.parametrize(
     ("option", "kind"),
     [("root_certificates", "certificate"), ("certificate_chain", "certificate"),
      ("private_key", "private key")],
 )  # fmt: skip
+
+
+@TLS_OPTIONS
+@pytest.mark.parametrize("data", [b"not a PEM file", b""])
 async def test_tls_bytes_that_are_not_pem_are_refused_at_construction(
-    option: str, kind: str
+    option: str, kind: str, data: bytes
 ) -> None:
     """gRPC would take them, then fail every connection ("Failed to create security
-    handshaker") and the client retry that for seconds: a ValueError naming the option."""
-    given: dict[str, Any] = {option: b"not a PEM file"}
-    if option != "root_certificates":  # a client certificate goes with its key
-        given = {
-            "certificate_chain": b"-----BEGIN CERTIFICATE-----\n",
-            "private_key": b"-----BEGIN PRIVATE KEY-----\n",
-            option: b"not a PEM file",
-        }
+    handshaker") and the client retry that for seconds: a ValueError naming the option.
+    Empty bytes too (a CA file read empty): they once made a channel in clear, the token
+    sent with every call."""
     with pytest.raises(ValueError, match=rf"^{option}: no PEM {kind} in it"):
-        AsyncClient("127.0.0.1:1", **given)
+        AsyncClient("127.0.0.1:1", token="s3cret", **_tls_options(option, data))
+
+
+@TLS_OPTIONS
+async def test_tls_options_that_are_not_bytes_are_a_type_error_naming_them(
+    option: str, kind: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"^{option} must be PEM bytes, not str$"):
+        AsyncClient("127.0.0.1:1", **_tls_options(option, f"-----BEGIN {kind.upper()}-----"))
