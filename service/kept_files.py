@@ -16,6 +16,11 @@ write path, or in a ``read_only`` volume: it holds only copies of what lies belo
 losing it loses nothing), and any file of a volume never served from this ``data_dir``. A
 ``read_only`` raw image is not recorded either: its layer never creates one.
 
+An entry written by a tierdisk from before the record (a verifier and no ``files``) says
+the volume was served, not from which files: every file of the volume then counts as
+served from, until this start records them (a new layer added in the same restart as the
+upgrade is refused too: delete the entry, or add it in a later restart).
+
 ``data_dir`` itself, with the record, may be on the disk that is missing: then nothing
 tells a lost volume from a new one. Keep ``data_dir`` on a disk the server cannot start
 without, or make the mount point one the server cannot write into (README).
@@ -53,14 +58,16 @@ def kept_files(config: VolumeConfig) -> list[str]:
     return [path for _, path in _kept(config)]
 
 
-def check_kept_files(config: VolumeConfig, recorded: Collection[str], record: str) -> None:
+def check_kept_files(config: VolumeConfig, recorded: Collection[str] | None, record: str) -> None:
     """Raise a :class:`ConfigError` for the first file ``config`` keeps its data in that was
     ``recorded`` (served from before, as kept in the file ``record``) and is not there now,
     or is empty (which its layer would take for a creation cut short, and make anew);
-    caused by a :class:`StorageError`: the operator looks at the disks. Blocks
-    (``stat``): call it off the event loop."""
+    caused by a :class:`StorageError`: the operator looks at the disks. ``None``: the volume
+    was served, by an older tierdisk that recorded no files, so every file counts as
+    served from (the first start after an upgrade must not serve a lost volume empty
+    either). Blocks (``stat``): call it off the event loop."""
     for index, path in _kept(config):
-        if path not in recorded:
+        if recorded is not None and path not in recorded:
             continue
         try:
             if os.stat(path).st_size:
@@ -70,12 +77,21 @@ def check_kept_files(config: VolumeConfig, recorded: Collection[str], record: st
             state = "is missing"
         except OSError:
             continue  # cannot be looked at (a folder not ours to enter): its layer says so
-        lost = StorageError(
-            f"{path} {state}, but this volume was served from it before (as {record} "
-            "records): is the disk that holds it mounted? Restore the file; to start this "
-            "layer empty instead, give it another path (or delete the volume's entry from "
-            f"{os.path.basename(record)})"
-        )
+        if recorded is None:  # an older build's entry: only the entry is a way out
+            lost = StorageError(
+                f"{path} {state}, but this volume was served before (as {record} records; "
+                "an older tierdisk wrote its entry, without the files it was served from, "
+                "so each file of the volume counts): is the disk that holds it mounted? "
+                "Restore the file; if it is new, or to start this layer empty, delete the "
+                f"volume's entry from {os.path.basename(record)}"
+            )
+        else:
+            lost = StorageError(
+                f"{path} {state}, but this volume was served from it before (as {record} "
+                "records): is the disk that holds it mounted? Restore the file; to start "
+                "this layer empty instead, give it another path (or delete the volume's "
+                f"entry from {os.path.basename(record)})"
+            )
         # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
         # config mistake (main._start_failure)
         raise ConfigError(str(lost), volume=config.name, layer=index) from lost

@@ -109,12 +109,15 @@ class VerifierStore:
                 store.unclean.add(name)
         return store
 
-    def recorded_files(self, name: str) -> frozenset[str]:
+    def recorded_files(self, name: str) -> frozenset[str] | None:
         """The files the volume ``name`` was served from in the last run that recorded any
-        (none for a volume new to the file, or when the file cannot be used)."""
-        files = self._entries.get(name, {}).get("files")
+        (none for a volume new to the file, or when the file cannot be used); ``None`` when
+        it was served, but by a build of tierdisk that recorded no files (its entry has a
+        verifier and no ``files``): which of its files it used is not known."""
+        entry = self._entries.get(name, {})
+        files = entry.get("files")
         if not isinstance(files, list):
-            return frozenset()
+            return None if "files" not in entry and "verifier" in entry else frozenset()
         return frozenset(path for path in files if isinstance(path, str))
 
     def mark_unclean(self, names: Iterable[str]) -> None:

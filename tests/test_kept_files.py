@@ -67,3 +67,24 @@ def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
     present.write_bytes(b"")  # emptied: its layer would make it anew, empty
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 0: {present} is empty"):
         check_kept_files(stack, {str(present)}, "rec.json")
+
+
+def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) -> None:
+    """``None``: the volume was served by a build that recorded no files. Each file it keeps
+    counts, a read cache's still does not; the message says the entry is the way out."""
+    present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
+    present.write_bytes(b"data")
+    stack = VolumeConfig(
+        "v",
+        (
+            layer("sparse", str(present)),
+            layer("sparse", str(cache), read_cache=True),
+            layer("raw", str(lost)),
+        ),
+    )
+    with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
+        check_kept_files(stack, None, "/data/rec.json")
+    assert "an older tierdisk wrote its entry" in str(info.value)
+    assert str(info.value).endswith("delete the volume's entry from rec.json")
+    lost.write_bytes(b"base")
+    check_kept_files(stack, None, "/data/rec.json")  # the cache's file may be made again

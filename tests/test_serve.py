@@ -845,12 +845,17 @@ def test_a_final_flush_that_fails_exits_1_naming_the_volume(tmp_path: Path) -> N
         assert "v.db was removed while served" in stderr
 
 
-def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded_by", ["this build", "an older build"])
+def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(
+    tmp_path: Path, recorded_by: str
+) -> None:
     """A volume served from a layer file whose disk is not mounted at the next start (here:
     its folder moved away) is refused, naming the volume, layer and path, instead of
     starting empty on a new file; with the disk back it starts with its data. A read cache
     below the write path holds only copies, so its file is made again; a new path starts a
-    layer empty on purpose."""
+    layer empty on purpose. The same on the first start after an upgrade from a build that
+    recorded no files (its entries: a verifier, no ``files``): that start once served the
+    volume empty."""
     disk = tmp_path / "disk"
     body = toml_volume(
         "v",
@@ -872,6 +877,12 @@ def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(tmp_pat
     with ServerProcess.start(tmp_path, config) as server:
         assert asyncio.run(write_and_read(server.grpc, mine)) == mine
         assert server.terminate() == 0
+    record = tmp_path / "data" / "write-verifiers.json"
+    if recorded_by == "an older build":
+        doc = json.loads(record.read_text())
+        for entry in doc["volumes"].values():
+            del entry["files"]
+        record.write_text(json.dumps(doc))
     os.rename(disk, tmp_path / "unmounted")
     disk.mkdir()  # the mount point stays
     result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
@@ -879,7 +890,12 @@ def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"tierdisk serve: cannot start: volume 'v', layer 0: {disk / 'v'}")
-    assert "is missing, but this volume was served from it before" in lines[0]
+    if recorded_by == "this build":
+        assert "is missing, but this volume was served from it before" in lines[0]
+    else:
+        assert "is missing, but this volume was served before" in lines[0]
+        assert "an older tierdisk wrote its entry" in lines[0]
+        assert "delete the volume's entry from write-verifiers.json" in lines[0]
     assert "is the disk that holds it mounted?" in lines[0]
     assert list(disk.iterdir()) == [], "nothing made in its place"
 

@@ -211,13 +211,25 @@ def test_the_files_a_volume_was_served_from_are_recorded_and_kept(tmp_path: Path
     store.close({"a": store.verifiers["a"], "b": store.verifiers["b"]}, {"a", "b"})
     _crashed_after_marking(tmp_path, ["a"], [])  # a run that served nothing
     again = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
-    assert again.recorded_files("a") == {"/disk/a", "/disk/a2"}
-    assert again.recorded_files("b") == {"/disk/b"}
+    assert again.recorded_files("a") == frozenset({"/disk/a", "/disk/a2"})
+    assert again.recorded_files("b") == frozenset({"/disk/b"})
     assert again.recorded_files("c") == frozenset()
     again.files = {"a": ["/disk/a3"]}
     again.mark_unclean(["a"])  # "b" is not served in this run: it keeps its files
     again.close({"a": again.verifiers["a"]}, {"a"})
     last = VerifierStore.open(str(tmp_path), ["a", "b"])
-    assert last.recorded_files("a") == {"/disk/a3"}
-    assert last.recorded_files("b") == {"/disk/b"}
+    assert last.recorded_files("a") == frozenset({"/disk/a3"})
+    assert last.recorded_files("b") == frozenset({"/disk/b"})
     last.close({}, set())
+
+
+def test_an_entry_of_a_build_that_recorded_no_files_is_told_apart(tmp_path: Path) -> None:
+    """An entry with a verifier and no ``files`` (written before files were recorded) gives
+    ``None``: served, from files not known; a volume new to the file gives none."""
+    (tmp_path / "write-verifiers.json").write_text(
+        json.dumps({"format": 1, "volumes": {"old": {"verifier": 7, "clean": True}}})
+    )
+    store = VerifierStore.open(str(tmp_path), ["old", "new"])
+    assert store.recorded_files("old") is None
+    assert store.recorded_files("new") == frozenset()
+    store.close({}, set())
