@@ -207,10 +207,11 @@ class AsyncClient:
         metadata_factory: MetadataFactory | None = None,
         on_call: CallObserver | None = None,
     ) -> None:
-        if max_io <= 0:
-            raise ValueError(f"max_io must be positive, not {max_io}")
-        if max_in_flight <= 0:
-            raise ValueError(f"max_in_flight must be positive, not {max_in_flight}")
+        for option, number in (("max_io", max_io), ("max_in_flight", max_in_flight)):
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise TypeError(f"{option} must be an int, not {type(number).__name__}")
+            if number <= 0:
+                raise ValueError(f"{option} must be positive, not {number}")
         timeout = deadline_seconds(timeout)
         if token is not None and (problem := token_problem(token)) is not None:
             raise ValueError(f"token {problem}")  # never the token itself
@@ -352,6 +353,12 @@ class AsyncVolume:
         """The volume's geometry and capabilities, fresh from the server."""
         msg = await self._call(self._stub.GetVolume, pb.GetVolumeRequest(volume=self.name), timeout)
         info = VolumeInfo.from_proto(msg)
+        if info.sector_size <= 0:  # every size this client counts in would divide by it
+            raise StorageError(
+                f"the server at {self.client.target} answered a sector size of "
+                f"{info.sector_size} for volume {self.name!r}: not a volume a client can use",
+                volume=self.name,
+            )
         self._sector_size = info.sector_size
         return info
 
@@ -442,6 +449,8 @@ class AsyncVolume:
         whole range (:meth:`_check_fits`, asked only then)."""
         _check_number("sector", sector, volume=self.name)
         mv = memoryview(buffer).cast("B")
+        if mv.readonly:
+            raise TypeError(f"the buffer to read into is read-only ({type(buffer).__name__})")
         size = await self.sector_size(timeout=timeout)
         if len(mv) % size:
             raise InvalidArgument(
@@ -449,6 +458,9 @@ class AsyncVolume:
                 volume=self.name,
             )
         count = len(mv) // size
+        if count == 0:  # asked all the same: past the end is OutOfRange, as for read()
+            _, extents = await self._read_chunk(sector, 0, presence, timeout, size)
+            return extents
         try:
             return await self._read_into(sector, count, mv, presence, timeout, size)
         except OutOfRange:
@@ -531,6 +543,9 @@ class AsyncVolume:
         size, per_chunk = await self._chunk_sectors(timeout)
         if count > per_chunk:
             await self._check_fits(sector, count, timeout, size)
+        elif count == 0:  # nothing to yield, but past the end is OutOfRange, as for read()
+            await self._read_chunk(sector, 0, False, timeout, size)
+            return
 
         async def one(chunk: Chunk) -> bytes:
             data, _ = await self._read_chunk(chunk.sector, chunk.sector_count, False, timeout, size)

@@ -30,7 +30,14 @@ from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 from .checks import metadata_problem
 from .chunking import caller_cancelled
-from .errors import ClientClosed, Interrupted, Unimplemented, error_from_rpc, status_code
+from .errors import (
+    ClientClosed,
+    DeadlineExceeded,
+    Interrupted,
+    Unimplemented,
+    error_from_rpc,
+    status_code,
+)
 from .retry import RetryPolicy, call_with_retry, is_retryable
 
 __all__ = ["UNSET", "CallObserver", "CallRunner", "MetadataFactory", "Timeout", "deadline_seconds"]
@@ -57,9 +64,12 @@ or more, and infinity, into one already passed)."""
 def deadline_seconds(timeout: float | None) -> float | None:
     """``timeout`` as a call's deadline in seconds: ``None`` (no deadline) for ``None``,
     infinity and anything over :data:`LONGEST_DEADLINE`; :class:`ValueError` for NaN, zero
-    and negative values (gRPC would end the call at once with ``DEADLINE_EXCEEDED``)."""
+    and negative values (gRPC would end the call at once with ``DEADLINE_EXCEEDED``);
+    :class:`TypeError` for anything but a number (``"5"``, ``True``)."""
     if timeout is None:
         return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be seconds (a number) or None, not {type(timeout).__name__}")
     if not timeout > 0:  # NaN too
         raise ValueError(f"timeout must be positive or None, not {timeout}")
     return None if timeout > LONGEST_DEADLINE else float(timeout)
@@ -175,14 +185,15 @@ class CallRunner:
                 finally:
                     self._observe(name, code, started)
 
+        seconds = self.timeout if timeout is UNSET else deadline_seconds(timeout)
         try:
             return await call_with_retry(
-                attempt,
-                policy=self.policy,
-                timeout=self.timeout if timeout is UNSET else deadline_seconds(timeout),
-                volume=volume,
-                sleep=self._backoff,
+                attempt, policy=self.policy, timeout=seconds, volume=volume, sleep=self._backoff
             )
+        except DeadlineExceeded as exc:
+            if not isinstance(exc.__cause__, grpc.RpcError):
+                raise  # the retry loop's own: its deadline passed before an attempt
+            raise self._timed_out(exc, f"the {name} call", seconds) from exc.__cause__
         except asyncio.CancelledError:
             if caller_cancelled():
                 raise
@@ -236,9 +247,10 @@ class CallRunner:
                     or retry >= policy.retries
                     or (deadline is not None and time.monotonic() + wait >= deadline)
                 ):
-                    raise error_from_rpc(
-                        err, volume=volume, target=self.target, method=name
-                    ) from err
+                    error = error_from_rpc(err, volume=volume, target=self.target, method=name)
+                    if isinstance(error, DeadlineExceeded):
+                        error = self._timed_out(error, f"the {name} stream", timeout)
+                    raise error from err
             except asyncio.CancelledError:
                 if caller_cancelled():
                     raise
@@ -268,6 +280,19 @@ class CallRunner:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._closing.wait()
+
+    def _timed_out(
+        self, exc: DeadlineExceeded, what: str, seconds: float | None
+    ) -> DeadlineExceeded:
+        """``exc`` saying which server ``what`` (``"the Read call"``) waited for and how
+        long, when it was this client's own deadline that passed (the server named no
+        error of its own: gRPC says only "Deadline Exceeded")."""
+        if exc.server_error is not None or seconds is None:
+            return exc
+        return exc.with_note(
+            f"{what} to {self.target} did not complete within its timeout of {seconds:g} s"
+            " (retries included)"
+        )
 
     def _cut_short(self, what: str, volume: str | None) -> Interrupted:
         """The error for ``what`` (``"the Read call"``) ending cancelled though its caller's

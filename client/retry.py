@@ -90,6 +90,12 @@ class RetryPolicy:
     max_backoff: float = DEFAULT_MAX_BACKOFF
 
     def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int):
+            raise TypeError(f"retries must be an int, not {type(self.retries).__name__}")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be seconds (a number), not {type(value).__name__}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, not {self.retries}")
         if not (0 <= self.backoff < math.inf and 0 <= self.max_backoff < math.inf):  # NaN too

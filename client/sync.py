@@ -30,10 +30,13 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
+import grpc
+
 from .aio import AsyncClient, AsyncVolume, Buffer, ClientOptions
 from .calls import UNSET, Timeout
 from .errors import ClientClosed, Interrupted
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
+from .verifiers import UnflushedWrites
 
 __all__ = ["Client", "Volume"]
 
@@ -93,6 +96,25 @@ class Client:
     def aio(self) -> AsyncClient:
         """The async client underneath (it lives on this client's private loop)."""
         return self._async
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …),
+        asked on the client's loop."""
+
+        async def state() -> grpc.ChannelConnectivity:
+            return self._async.connectivity(try_to_connect)
+
+        return self._run(state())
+
+    def unflushed_writes(self, volume: str) -> UnflushedWrites:
+        """See :meth:`AsyncClient.unflushed_writes
+        <tierdisk.client.aio.AsyncClient.unflushed_writes>`."""
+        return self._async.unflushed_writes(volume)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:

@@ -6,6 +6,7 @@ call."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -17,9 +18,11 @@ from tierdisk.client.aio import AsyncClient
 from tierdisk.client.errors import ERROR_METADATA_KEY as ERROR
 from tierdisk.client.errors import (
     Cancelled,
+    DeadlineExceeded,
     InvalidArgument,
     NoSpace,
     ReadOnlyVolume,
+    StorageError,
     Unavailable,
     VolumeNotFound,
     changed_nothing,
@@ -525,6 +528,100 @@ async def test_a_timeout_that_is_not_a_number_of_seconds_is_refused(
     async with AsyncClient(target) as client:
         with pytest.raises(ValueError, match="timeout must be positive or None"):
             await client.volume("v").read(0, 1, timeout=float("nan"))
+        with pytest.raises(TypeError, match=r"^timeout must be seconds \(a number\) or None"):
+            await client.volume("v").read(0, 1, timeout="5")  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [("timeout", "5", "timeout must be seconds (a number) or None, not str"),
+     ("timeout", True, "timeout must be seconds (a number) or None, not bool"),
+     ("retries", 2.5, "retries must be an int, not float"),
+     ("backoff", "1", "backoff must be seconds (a number), not str"),
+     ("max_io", 1.5, "max_io must be an int, not float"),
+     ("max_in_flight", "4", "max_in_flight must be an int, not str")],
+)  # fmt: skip
+async def test_client_options_of_the_wrong_type_are_a_type_error_naming_them(
+    option: str, value: object, words: str
+) -> None:
+    """Not a comparison's TypeError that names no option, nor (``retries=2.5``) accepted."""
+    given: dict[str, Any] = {option: value}
+    with pytest.raises(TypeError) as info:
+        AsyncClient("127.0.0.1:1", **given)
+    assert str(info.value) == words
+
+
+async def test_a_silent_server_s_timeout_names_the_server_and_the_seconds() -> None:
+    """A server that accepts and never answers: the DeadlineExceeded says which server and
+    how long (gRPC's own words are only "Deadline Exceeded")."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        async with AsyncClient(target, timeout=0.3) as client:
+            vol = client.volume("v")
+            with pytest.raises(DeadlineExceeded) as call:
+                await vol.info()
+            with pytest.raises(DeadlineExceeded) as watch:
+                await anext(vol.watch_resize(timeout=0.3))
+    assert str(call.value).endswith(
+        f"the GetVolume call to {target} did not complete within its timeout of 0.3 s"
+        " (retries included)"
+    )
+    assert f"the WatchResize stream to {target} did not complete" in str(watch.value)
+
+
+async def test_a_sector_size_of_zero_is_a_storage_error_naming_the_server() -> None:
+    """A broken server's GetVolume answering sector_size 0: a StorageError, not the
+    ValueError of a division by it deep in the chunking."""
+
+    class ZeroSectors(Scripted):
+        def _volume(self, name: str) -> pb.Volume:
+            return pb.Volume(name=name, sector_size=0, sector_count=8)
+
+    servicer = ZeroSectors()
+    server = grpc.aio.server()
+    pb_grpc.add_BlockDeviceServicer_to_server(servicer, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        async with AsyncClient(target) as client:
+            with pytest.raises(StorageError, match=f"^the server at {target} answered a sector"):
+                await client.volume("v").read(0, 1)
+    finally:
+        await server.stop(0)
+
+
+async def test_a_read_only_buffer_is_refused_before_any_call(
+    scripted: tuple[Scripted, str],
+) -> None:
+    servicer, target = scripted
+    async with AsyncClient(target) as client:
+        vol = client.volume("v")
+        await vol.sector_size()
+        for buffer in (bytes(512), memoryview(bytes(1024))):
+            with pytest.raises(TypeError, match=r"^the buffer to read into is read-only"):
+                await vol.read_into(0, buffer)  # type: ignore[arg-type]
+    assert "Read" not in [r[0] for r in servicer.requests]
+
+
+async def test_the_blocking_client_tells_whether_it_is_closed_and_its_connection_state(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """``closed``, ``connectivity()`` and ``unflushed_writes()``, as on the async client."""
+    _, target = scripted
+
+    def use() -> None:  # on a thread: the scripted server runs on this test's loop
+        client = Client(target)
+        assert not client.closed
+        assert client.connectivity() == grpc.ChannelConnectivity.IDLE
+        client.volume("v").info()
+        assert client.connectivity() == grpc.ChannelConnectivity.READY
+        assert client.unflushed_writes("v") is client.aio.unflushed_writes("v")
+        client.close()
+        assert client.closed
+
+    await asyncio.to_thread(use)
 
 
 async def test_a_watch_gives_up_within_its_timeout_not_per_attempt(

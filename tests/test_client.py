@@ -368,6 +368,30 @@ async def test_out_of_range(client: AsyncClient) -> None:
         await vol.allocation(1 << 40, 1)
 
 
+async def test_an_empty_range_past_the_end_is_out_of_range_for_every_read(
+    client: AsyncClient,
+) -> None:
+    """One answer for a zero-length read starting past the end, whichever method asks
+    (``read_into`` and ``stream_read`` answered it without asking the server); at the very
+    end it is an empty read."""
+    vol = client.volume("ram")
+    end = (await vol.info()).sector_count
+    reads: list[Callable[[int], Awaitable[object]]] = [
+        lambda start: vol.read(start, 0),
+        lambda start: vol.read_into(start, bytearray()),
+        lambda start: vol.read_present_into(start, bytearray()),
+        lambda start: _all(vol.stream_read(start, 0)),
+    ]
+    for read in reads:
+        assert not await read(end)
+        with pytest.raises(OutOfRange):
+            await read(end + 1)
+
+
+async def _all(chunks: AsyncIterator[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    return [chunk async for chunk in chunks]
+
+
 async def test_allocation_over_the_clients_receive_cap_is_asked_for_in_windows(
     tmp_path: Path,
 ) -> None:
