@@ -6,15 +6,20 @@ though, a missing file is no new layer but a lost one (the disk that holds it wa
 mounted, a clean-up took the wrong folder), and creating it afresh would serve an empty
 volume where clients expect their data, silently. So the server records, per volume, the
 files it was served from (in ``DATA_DIR/write-verifiers.json``, with the volume's write
-verifier: :mod:`.verifier_store`), and before it opens a volume again it refuses one whose
-recorded file is gone (:func:`check_kept_files`): one line naming the volume, the layer and
-the path. To start such a layer empty on purpose, give it another path, or delete the
-volume's entry from the file (the built-in ``default`` volume has no path to change).
+verifier: :mod:`.verifier_store`), and before it opens a volume it refuses one with a layer
+file that any volume was served from and that is gone (:func:`check_kept_files`): one line
+naming the volume, the layer and the path. That holds whatever the layer's role in the
+config now (a layer that took writes, made a read cache or put in a read-only volume,
+holds them still) and whatever the volume is called (renamed, it keeps its files). To
+start such a layer empty on purpose, give it another path, or delete the entry that
+records it from the file (the built-in ``default`` volume has no path to change).
 
-Not recorded, so created as before: a ``read_cache`` layer that takes no writes (below the
-write path, or in a ``read_only`` volume: it holds only copies of what lies below it, so
-losing it loses nothing), and any file of a volume never served from this ``data_dir``. A
-``read_only`` raw image is not recorded either: its layer never creates one.
+Not recorded, so created as before: a ``read_cache`` layer that never took writes (below
+the write path, or in a ``read_only`` volume: it holds only copies of what lies below it,
+so losing it loses nothing), and any file of a volume never served from this
+``data_dir``. A ``read_only`` raw image is not recorded either: its layer never creates
+one. A recorded file keeps its place in the record while it stays in its volume's stack
+(:func:`files_to_record`).
 
 An entry written by a tierdisk from before the record (a verifier and no ``files``) says
 the volume was served, not from which files: every file of the volume then counts as
@@ -29,12 +34,12 @@ without, or make the mount point one the server cannot write into (README).
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from .config import VolumeConfig
 from .errors import ConfigError, StorageError
 
-__all__ = ["check_kept_files", "kept_files"]
+__all__ = ["check_kept_files", "files_to_record", "kept_files"]
 
 
 def _kept(config: VolumeConfig) -> list[tuple[int, str]]:
@@ -58,16 +63,38 @@ def kept_files(config: VolumeConfig) -> list[str]:
     return [path for _, path in _kept(config)]
 
 
-def check_kept_files(config: VolumeConfig, recorded: Collection[str] | None, record: str) -> None:
-    """Raise a :class:`ConfigError` for the first file ``config`` keeps its data in that was
-    ``recorded`` (served from before, as kept in the file ``record``) and is not there now,
-    or is empty (which its layer would take for a creation cut short, and make anew);
-    caused by a :class:`StorageError`: the operator looks at the disks. ``None``: the volume
-    was served, by an older tierdisk that recorded no files, so every file counts as
-    served from (the first start after an upgrade must not serve a lost volume empty
-    either). Blocks (``stat``): call it off the event loop."""
-    for index, path in _kept(config):
-        if recorded is not None and path not in recorded:
+def files_to_record(config: VolumeConfig, recorded: Collection[str]) -> list[str]:
+    """The files to record for ``config``: those it keeps its data in, and those of its
+    layer files ``recorded`` for it before whatever their role now (a layer that took
+    writes holds them still, as a read cache or in a read-only volume), in layer order."""
+    kept = set(kept_files(config))
+    paths = (layer.options.get("path") for layer in config.layers)
+    absolute = [os.path.abspath(path) for path in paths if isinstance(path, str)]
+    return [path for path in absolute if path in kept or path in recorded]
+
+
+def check_kept_files(
+    config: VolumeConfig, served: Mapping[str, str], unlisted: bool, record: str
+) -> None:
+    """Raise a :class:`ConfigError` for the first layer file of ``config`` that a volume was
+    served from before and is not there now, or is empty (which its layer would take for a
+    creation cut short, and make anew); caused by a :class:`StorageError`: the operator
+    looks at the disks. Blocks (``stat``): call it off the event loop.
+
+    ``served`` maps every file recorded in the file ``record`` to the volume served from it
+    (any volume: one renamed keeps its files), and every layer with a path is looked up,
+    whatever its role now (a layer that took writes still holds them as a read cache, or in
+    a read-only volume). ``unlisted``: the volume's own entry was written by an older
+    tierdisk that recorded no files, so each file ``config`` keeps counts as served from by
+    it (the first start after an upgrade must not serve a lost volume empty either)."""
+    kept = set(kept_files(config))
+    for index, layer in enumerate(config.layers):
+        path = layer.options.get("path")
+        if not isinstance(path, str):
+            continue
+        path = os.path.abspath(path)
+        owner = served.get(path) or (config.name if unlisted and path in kept else None)
+        if owner is None:
             continue
         try:
             if os.stat(path).st_size:
@@ -77,20 +104,24 @@ def check_kept_files(config: VolumeConfig, recorded: Collection[str] | None, rec
             state = "is missing"
         except OSError:
             continue  # cannot be looked at (a folder not ours to enter): its layer says so
-        if recorded is None:  # an older build's entry: only the entry is a way out
+        entry = os.path.basename(record)
+        if path not in served:  # an older build's entry: only the entry is a way out
             lost = StorageError(
                 f"{path} {state}, but this volume was served before (as {record} records; "
                 "an older tierdisk wrote its entry, without the files it was served from, "
                 "so each file of the volume counts): is the disk that holds it mounted? "
                 "Restore the file; if it is new, or to start this layer empty, delete the "
-                f"volume's entry from {os.path.basename(record)}"
+                f"volume's entry from {entry}"
             )
         else:
+            who, whose = ("this volume", "the volume's")
+            if owner != config.name:
+                who, whose = (f"volume {owner!r}", f"volume {owner!r}'s")
             lost = StorageError(
-                f"{path} {state}, but this volume was served from it before (as {record} "
+                f"{path} {state}, but {who} was served from it before (as {record} "
                 "records): is the disk that holds it mounted? Restore the file; to start "
-                "this layer empty instead, give it another path (or delete the volume's "
-                f"entry from {os.path.basename(record)})"
+                f"this layer empty instead, give it another path (or delete {whose} entry "
+                f"from {entry})"
             )
         # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
         # config mistake (main._start_failure)

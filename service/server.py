@@ -47,7 +47,7 @@ from .config import Config, VolumeConfig, nbd_tls_context, sector_size_problem
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
-from .kept_files import check_kept_files, kept_files
+from .kept_files import check_kept_files, files_to_record
 from .layers import build_layer
 from .metrics import Metrics, RemoteCounts
 from .metrics_http import MetricsEndpoint
@@ -132,7 +132,9 @@ class Server:
             await self.stop(grace=0)
             raise
         except BaseException:
-            await self.stop(grace=0, flush=False)
+            # Volumes opened before the failure may have taken writes: flushed, so that a
+            # refused start (a config error in another volume) leaves them stopped cleanly.
+            await self.stop(grace=0)
             raise
 
     async def _start(self) -> None:
@@ -267,9 +269,10 @@ class Server:
             except BaseException:
                 await volume.close()
                 raise
-            kept = self._verifiers.verifiers[volume.name]
-            # A ram-only write path lost its writes at the stop, clean or not.
-            volume.write_verifier = new_verifier(kept) if volume.lost_at_exit else kept
+            # New unless the last run stopped cleanly and kept its writes (a run whose write
+            # path was ram only stored a new one at its stop, whatever the config is now).
+            volume.write_verifier = self._verifiers.verifiers[volume.name]
+            # (A ram-only write path loses its writes at every stop: no warning for it.)
             if volume.name in self._verifiers.unclean and not volume.lost_at_exit:
                 log.warning(
                     "volume %r: the last run did not stop cleanly (a crash, a kill, or a "
@@ -304,8 +307,18 @@ class Server:
         store = self._verifiers
         if store is not None and store.usable:  # never an empty layer for a lost file
             recorded = store.recorded_files(config.name)
-            await asyncio.to_thread(check_kept_files, config, recorded, store.path)
-            store.files[config.name] = kept_files(config)
+            await asyncio.to_thread(
+                check_kept_files, config, store.served_files(), recorded is None, store.path
+            )
+            store.files[config.name] = files_to_record(config, recorded or ())
+            if dropped := sorted(set(recorded or ()) - set(store.files[config.name])):
+                log.warning(
+                    "volume %r: no longer served from %s, in its stack before: what was "
+                    "written there is not part of the volume now (the file is left as it "
+                    "is; put the layer back to serve it again)",
+                    config.name,
+                    ", ".join(dropped),
+                )
         entries = []
         for index, layer in enumerate(config.layers):
             try:
@@ -432,7 +445,7 @@ class Server:
             log.error("volume %r: flush at shutdown failed: %s", volume.name, failure)
             return False
 
-    async def stop(self, grace: float = 30.0, *, flush: bool = True) -> list[str]:
+    async def stop(self, grace: float = 30.0) -> list[str]:
         """Stop serving: refuse new calls, finish calls in flight, flush, close. Idempotent.
 
         Returns the names of the volumes whose final flush failed (logged; the others are
@@ -452,18 +465,21 @@ class Server:
         if self._nbd is not None:
             await self._nbd.close()
         volumes = self.registry.ready_volumes()
-        if flush:
-            flushed = await asyncio.gather(*(self._final_flush(v) for v in volumes))
-            self.unflushed = [v.name for v, ok in zip(volumes, flushed, strict=True) if not ok]
+        flushed = await asyncio.gather(*(self._final_flush(v) for v in volumes))
+        self.unflushed = [v.name for v, ok in zip(volumes, flushed, strict=True) if not ok]
         for volume in volumes:
             await volume.close()
             self.metrics.forget_volume(volume.name)
         if self._marking is not None:  # (its thread must be done before close's)
             await asyncio.wait([self._marking])
         if self._verifiers is not None:
-            # Clean: drained and flushed (verifier_store; a volume never served keeps its entry)
-            served = {v.name: v.write_verifier for v in volumes}
-            clean = set(served) - set(self.unflushed) if flush and drained else set()
+            # Clean: drained and flushed (verifier_store; a volume never served keeps its entry).
+            # A ram-only write path loses its writes now, clean or not: a new verifier.
+            served = {
+                v.name: new_verifier(v.write_verifier) if v.lost_at_exit else v.write_verifier
+                for v in volumes
+            }
+            clean = set(served) - set(self.unflushed) if drained else set()
             await asyncio.to_thread(self._verifiers.close, served, clean)
             self._verifiers = None
         if self._metrics_http is not None:

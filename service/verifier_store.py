@@ -120,6 +120,18 @@ class VerifierStore:
             return None if "files" not in entry and "verifier" in entry else frozenset()
         return frozenset(path for path in files if isinstance(path, str))
 
+    def served_files(self) -> dict[str, str]:
+        """Every file any entry records (of any volume, configured or not), mapped to the
+        volume served from it (the first entry to name it)."""
+        served: dict[str, str] = {}
+        for name, entry in self._entries.items():
+            files = entry.get("files")
+            if isinstance(files, list):
+                for path in files:
+                    if isinstance(path, str):
+                        served.setdefault(path, name)
+        return served
+
     def mark_unclean(self, names: Iterable[str]) -> None:
         """Write the volumes ``names`` as not clean, synced, before they are served: a crash
         from then on gives them new verifiers at the next start (volumes never served keep

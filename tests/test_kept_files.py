@@ -9,7 +9,7 @@ import pytest
 
 from tierdisk.service.config import LayerConfig, VolumeConfig
 from tierdisk.service.errors import ConfigError, StorageError
-from tierdisk.service.kept_files import check_kept_files, kept_files
+from tierdisk.service.kept_files import check_kept_files, files_to_record, kept_files
 
 
 def layer(kind: str, path: str | None = None, **flags: bool) -> LayerConfig:
@@ -58,20 +58,59 @@ def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
             layer("raw", str(lost)),
         ),
     )
-    check_kept_files(stack, {str(present), str(cache)}, "rec.json")  # a cache may go
-    check_kept_files(stack, set(), "rec.json")  # never served: a new volume
+    check_kept_files(stack, {str(present): "v"}, False, "rec.json")  # the cache: copies
+    check_kept_files(stack, {}, False, "rec.json")  # never served: a new volume
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
-        check_kept_files(stack, {str(present), str(lost)}, "rec.json")
-    assert "as rec.json records" in str(info.value)
+        check_kept_files(stack, {str(present): "v", str(lost): "v"}, False, "/d/rec.json")
+    assert "but this volume was served from it before (as /d/rec.json records)" in str(info.value)
+    assert "delete the volume's entry from rec.json" in str(info.value)
     assert isinstance(info.value.__cause__, StorageError)
     present.write_bytes(b"")  # emptied: its layer would make it anew, empty
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 0: {present} is empty"):
-        check_kept_files(stack, {str(present)}, "rec.json")
+        check_kept_files(stack, {str(present): "v"}, False, "rec.json")
+
+
+def test_a_recorded_file_counts_whatever_its_role_and_its_volume_s_name(tmp_path: Path) -> None:
+    """A file that took writes holds them still once its layer is made a read cache in a
+    read-only volume, or its volume renamed: missing, it is refused, not made empty."""
+    lost = tmp_path / "lost"
+    copies_now = VolumeConfig(
+        "v", (layer("sparse", str(lost), read_cache=True), layer("ram")), read_only=True
+    )
+    assert kept_files(copies_now) == []
+    with pytest.raises(ConfigError, match=rf"layer 0: {lost} is missing, but this volume"):
+        check_kept_files(copies_now, {str(lost): "v"}, False, "rec.json")
+    renamed = VolumeConfig("w", (layer("sparse", str(lost)),))
+    with pytest.raises(ConfigError) as info:
+        check_kept_files(renamed, {str(lost): "v"}, False, "rec.json")
+    assert f"{lost} is missing, but volume 'v' was served from it before" in str(info.value)
+    assert "delete volume 'v''s entry from rec.json" in str(info.value)
+
+
+def test_a_recorded_file_stays_recorded_while_it_is_in_the_stack() -> None:
+    """What a start records: the files the config keeps, and those recorded before that are
+    still in the stack, in layer order; a file no longer configured is dropped."""
+    stack = VolumeConfig(
+        "v",
+        (
+            layer("sparse", "/d/was-top", read_cache=True),
+            layer("raw", "/d/base", read_cache=True),  # below the write path: copies
+            layer("remote"),
+        ),
+        read_only=True,
+    )
+    assert files_to_record(stack, ()) == []
+    assert files_to_record(stack, {"/d/base", "/d/was-top", "/d/gone"}) == [
+        "/d/was-top",
+        "/d/base",
+    ]
+    writable = VolumeConfig("w", (layer("sparse", "/d/top"), layer("raw", "/d/base")))
+    assert files_to_record(writable, {"/d/base"}) == ["/d/top", "/d/base"]
 
 
 def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) -> None:
-    """``None``: the volume was served by a build that recorded no files. Each file it keeps
-    counts, a read cache's still does not; the message says the entry is the way out."""
+    """``unlisted``: the volume was served by a build that recorded no files. Each file it
+    keeps counts, a read cache's still does not; the message says the entry is the way out."""
     present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
     present.write_bytes(b"data")
     stack = VolumeConfig(
@@ -83,8 +122,8 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
         ),
     )
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
-        check_kept_files(stack, None, "/data/rec.json")
+        check_kept_files(stack, {}, True, "/data/rec.json")
     assert "an older tierdisk wrote its entry" in str(info.value)
     assert str(info.value).endswith("delete the volume's entry from rec.json")
     lost.write_bytes(b"base")
-    check_kept_files(stack, None, "/data/rec.json")  # the cache's file may be made again
+    check_kept_files(stack, {}, True, "/data/rec.json")  # the cache's file may be made again

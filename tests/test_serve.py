@@ -22,6 +22,7 @@ import grpc
 import pytest
 from servers import ServerProcess, ram, remote, serve_once, toml_volume, write_config
 
+from tierdisk.client import Client
 from tierdisk.service.config import load_config
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -913,6 +914,51 @@ def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(
     with ServerProcess.start(tmp_path, anew) as server:
         assert asyncio.run(write_and_read(server.grpc, None)) == bytes(512)
         assert server.terminate() == 0
+
+
+def test_a_kept_file_counts_whatever_its_role_or_its_volume_s_name_now(tmp_path: Path) -> None:
+    """A read-cache top that took the volume's writes is recorded; made read-only (its top
+    then holds copies only, by its role) the record keeps it, so with its disk missing the
+    start is refused, as it is for the volume renamed: both started on an empty file."""
+    disk = tmp_path / "disk"
+    layers = (
+        {"kind": "sparse", "path": str(disk / "c"), "size": "1MiB", "read_cache": True},
+        {"kind": "raw", "path": str(tmp_path / "base.img"), "size": "1MiB"},
+    )
+    config = write_config(tmp_path, toml_volume("v", *layers))
+    with ServerProcess.start(tmp_path, config) as server:
+        with Client(server.grpc) as client:
+            client.volume("v").write(3, b"m" * 512)
+        assert server.terminate() == 0
+    read_only = write_config(tmp_path, toml_volume("v", *layers, read_only=True))
+    with ServerProcess.start(tmp_path, read_only) as server:
+        assert server.terminate() == 0
+    os.rename(disk, tmp_path / "unmounted")
+    disk.mkdir()
+    renamed = write_config(tmp_path, toml_volume("w", *layers), name="renamed.toml")
+    for start, who in ((read_only, "this volume"), (renamed, "volume 'v'")):
+        result = serve_once(tmp_path, "--config", str(start), "--listen", "127.0.0.1:0")
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip()
+        assert f"layer 0: {disk / 'c'} is missing, but {who} was served from it before" in line
+    assert list(disk.iterdir()) == [], "nothing made in its place"
+
+
+def test_a_layer_file_taken_out_of_the_stack_is_a_warning(tmp_path: Path) -> None:
+    """Its data leaves the volume (the operator asked for it, but may not know a flushed
+    write lives there): the start says which file, and that it is left as it is."""
+    top, base = (
+        {"kind": "sparse", "path": str(tmp_path / name), "size": "1MiB"} for name in ("t", "b")
+    )
+    with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", top, base))) as s:
+        assert s.terminate() == 0
+    with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", base))) as s:
+        assert s.terminate() == 0
+        warning = f"volume 'v': no longer served from {tmp_path / 't'}, in its stack before"
+        assert warning in s.stderr_text()
+    with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", base))) as s:
+        assert s.terminate() == 0
+        assert "no longer served from" not in s.stderr_text(), "said once: no longer recorded"
 
 
 @pytest.mark.parametrize("kind", ["raw", "sparse", "sqlite", "ram"])

@@ -233,3 +233,14 @@ def test_an_entry_of_a_build_that_recorded_no_files_is_told_apart(tmp_path: Path
     assert store.recorded_files("old") is None
     assert store.recorded_files("new") == frozenset()
     store.close({}, set())
+
+
+def test_every_recorded_file_is_known_with_the_volume_served_from_it(tmp_path: Path) -> None:
+    """Of every entry, configured now or not: a renamed volume's files are still its."""
+    store = VerifierStore.open(str(tmp_path), ["a", "b"])
+    store.files = {"a": ["/disk/a", "/disk/shared"], "b": ["/disk/b"]}
+    store.mark_unclean(["a", "b"])
+    store.close({"a": store.verifiers["a"], "b": store.verifiers["b"]}, {"a", "b"})
+    again = VerifierStore.open(str(tmp_path), ["renamed"])
+    assert again.served_files() == {"/disk/a": "a", "/disk/shared": "a", "/disk/b": "b"}
+    again.close({}, set())

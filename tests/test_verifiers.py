@@ -29,6 +29,9 @@ from stacks import pattern
 from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
 from tierdisk.client.verifiers import UnflushedWrites
+from tierdisk.service.config import load_config
+from tierdisk.service.errors import ConfigError
+from tierdisk.service.server import Server
 
 SS = 512
 
@@ -102,20 +105,22 @@ SPARSE = {"kind": "sparse", "path": "v.sparse", "size": "1MiB"}
 
 
 class Served:
-    """A volume ``v`` of one ``layer`` (default: ``sparse``) served by a server process on a
+    """A volume ``v`` of ``layers`` (default: one ``sparse``) served by a server process on a
     fixed address (so a client reconnects to it after a restart)."""
 
-    def __init__(self, folder: Path, layer: dict[str, str] = SPARSE) -> None:
+    def __init__(self, folder: Path, *layers: dict[str, str]) -> None:
         self.listen = f"127.0.0.1:{free_port()}"
-        self.config = write_config(folder, toml_volume("v", layer))
+        self.config = write_config(folder, toml_volume("v", *(layers or (SPARSE,))))
         self.server = ServerProcess.start(folder, self.config, listen=self.listen)
 
-    def restart(self, how: str) -> None:
+    def restart(self, how: str, *, then: tuple[dict[str, str], ...] = ()) -> None:
         """Stop the server (``"kill"``: SIGKILL; ``"terminate"``: SIGTERM, a clean stop
-        that must exit 0) and start it again."""
+        that must exit 0) and start it again (``then``: with these layers instead)."""
         if how == "terminate":
             assert self.server.terminate() == 0
         self.server.close()
+        if then:
+            write_config(self.config.parent, toml_volume("v", *then))
         self.server = ServerProcess.start(self.config.parent, self.config, listen=self.listen)
 
 
@@ -264,6 +269,59 @@ async def test_a_volatile_volume_reports_a_restart_to_every_client_that_wrote(
             await vol.flush()  # said once
     finally:
         served.server.close()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "told"),
+    [((ram("1MiB"),), (SPARSE,), True), ((SPARSE,), (ram(), SPARSE), False)],
+    ids=["ram-to-sparse", "sparse-under-a-new-ram-top"],
+)
+async def test_a_clean_restart_tells_of_writes_lost_by_the_run_that_stopped(
+    tmp_path: Path,
+    before: tuple[dict[str, str], ...],
+    after: tuple[dict[str, str], ...],
+    told: bool,
+) -> None:
+    """Whether a client with unflushed writes hears of a loss over a clean restart follows
+    the run that stopped, not the config it restarts with: a ram-only write path lost its
+    writes at the stop, so the client is told though the volume now keeps its writes (it
+    kept the ram run's verifier: the loss went unreported); a volume that kept them (the
+    stop flushed them) is not made to say so because a ram top was added (a false
+    WritesLost)."""
+    served = Served(tmp_path, *before)
+    try:
+        async with AsyncClient(served.listen, timeout=10) as client:
+            vol = client.volume("v")
+            await vol.write(0, pattern(1, 0, 8, SS))  # not flushed: the clean stop does
+            served.restart("terminate", then=after)
+            outcome = await _flush_after_restart(vol)
+            assert isinstance(outcome, cerr.WritesLost) if told else outcome is None, outcome
+            assert await vol.read(0, 8) == (bytes(8 * SS) if told else pattern(1, 0, 8, SS))
+    finally:
+        served.server.close()
+
+
+async def test_a_refused_start_leaves_the_volumes_it_opened_stopped_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A start refused for one volume's config (a size its file disagrees with) opened the
+    others, which could take writes meanwhile: they are flushed and stay clean, so fixing
+    the config gives them back their verifiers (they got new ones: every client that had
+    written was told its writes may be lost, and the alert fired)."""
+    a = {"kind": "sparse", "path": "a.sparse", "size": "1MiB"}
+    good = toml_volume("a", a) + toml_volume("b", {**a, "path": "b.sparse"})
+    bad = toml_volume("a", a) + toml_volume("b", {**a, "path": "b.sparse", "size": "2MiB"})
+
+    async def verifier_of_a() -> str:
+        async with running_server(tmp_path, good) as server:
+            async with AsyncClient(server.grpc_address) as client:
+                return str((await client.volume("a").inspect())["write_verifier"])
+
+    first = await verifier_of_a()
+    refused = Server(load_config(str(write_config(tmp_path, bad)), environ={}))
+    with pytest.raises(ConfigError, match="volume 'b'"):
+        await refused.start()
+    assert await verifier_of_a() == first
 
 
 async def test_an_unmap_is_vouched_for_like_a_write(served: tuple[Served, AsyncVolume]) -> None:
