@@ -29,6 +29,7 @@ from tierdisk.service.fileio import pread_cached, pwrite_all
 from tierdisk.service.layer import LayerMetadata, UnmapBehavior
 from tierdisk.service.layers import raw as raw_module
 from tierdisk.service.layers.raw import RawLayer
+from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.runs import Run
 
 SS = 512
@@ -135,6 +136,27 @@ async def test_refused_files(
     assert str(path) in str(info.value)
     if content is None:
         assert not path.exists()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_a_sparse_layers_data_file_is_refused(tmp_path: Path, read_only: bool) -> None:
+    """A sparse layer's kind edited to raw: its holes would read as zeros over the layers
+    below, and its writes would be missing from its map once edited back. Refused, naming
+    the map; a file beside it that is not a presence map is no reason to refuse."""
+    path = tmp_path / "v.sparse"
+    sparse = SparseLayer(str(path), size=SS * 16)
+    await sparse.attach(None)
+    await sparse.write(memoryview(pattern(1, 2, 2, SS)), 2, fua=False)
+    await sparse.flush()
+    await sparse.close()
+    with pytest.raises(ConfigError, match=f"{path}.map") as info:
+        await RawLayer(str(path), read_only=read_only).attach(None)
+    assert 'serve it as kind = "sparse"' in str(info.value)
+    os.rename(f"{path}.map", tmp_path / "kept.map")
+    (tmp_path / "v.sparse.map").write_bytes(b"notes of mine")
+    layer = RawLayer(str(path), read_only=read_only)
+    await layer.attach(None)
+    await layer.close()
 
 
 async def test_an_empty_file_is_a_creation_cut_short_and_made_again(

@@ -58,6 +58,7 @@ from ..layer import (
 from ..runs import Run
 from ..sector_lock import EVERY_SECTOR, SectorLock
 from ..unstoppable import run_to_end
+from . import sparse_map
 
 __all__ = ["RawLayer"]
 
@@ -89,6 +90,7 @@ class RawLayer(Layer):
 
     def _open(self, lower: LayerMetadata | None) -> None:
         what = f"raw image {self.path}"
+        self._refuse_a_sparse_layer(what)
         found = regular_file_size(self.path, what)  # a device, a FIFO, a folder: refused
         exists = bool(found)  # an empty file is a creation cut short: it is made again
         if exists:
@@ -136,6 +138,25 @@ class RawLayer(Layer):
             os.close(fd)
             raise
         self._fd = fd
+
+    def _refuse_a_sparse_layer(self, what: str) -> None:
+        """A :class:`ConfigError` when a sparse layer's presence map lies beside the file: it
+        is that layer's data file (its kind edited to ``raw``), whose holes would read as
+        zeros over the layers below, and whose writes its map would not record (switched
+        back to ``sparse``, they would be gone). The sparse layer refuses the other way."""
+        beside = sparse_map.map_path(self.path)
+        try:
+            with open(beside, "rb") as found:
+                head = found.read(len(sparse_map.MAGIC))
+        except OSError:
+            return  # none there (or not ours to read: not taken for one)
+        if head == sparse_map.MAGIC:
+            raise ConfigError(
+                f"{what} has a sparse layer's presence map beside it ({beside}): it is that "
+                'layer\'s data file; serve it as kind = "sparse" (as a raw image its holes '
+                "would read as zeros over the layers below, and its writes would not be in "
+                "the map), or move the map away if the file is a raw image now"
+            )
 
     async def close(self) -> None:
         """Let the reads and writes under way on threads finish (a closed descriptor, or
