@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from importlib import metadata
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import CollectorRegistry, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -191,6 +191,8 @@ class Metrics:
     def __init__(self, volumes: VolumeSource) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, fds, start time: an alert tells runs apart by the latter)
+        ProcessCollector(registry=r)
         self._configured = frozenset(volumes.names())
         self._remote_counts: dict[tuple[str, int], RemoteCounts] = {}
         self.engine = EngineCollector(volumes, self._remote_counts)

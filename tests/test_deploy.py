@@ -330,8 +330,11 @@ def test_rules_use_only_exported_metrics(exported_series: set[str]) -> None:
 
 
 def metric_names(promql: str) -> set[str]:
-    """Series names a PromQL text refers to (tierdisk's, gRPC's, recording rules', up)."""
-    names = set(re.findall(r'(?<![\w:"$.])(tierdisk_\w+|grpc_server_\w+|\w+:\w+:\w+)', promql))
+    """Series names a PromQL text refers to (tierdisk's, gRPC's, the process's, recording
+    rules', up)."""
+    names = set(
+        re.findall(r'(?<![\w:"$.])(tierdisk_\w+|grpc_server_\w+|process_\w+|\w+:\w+:\w+)', promql)
+    )
     if re.search(r"(?<![\w:\"$.])up\s*\{", promql):
         names.add("up")
     return names
