@@ -683,10 +683,12 @@ class AsyncVolume:
         if lost:
             was = ", ".join(f"{v:#018x}" for v in lost)
             raise WritesLost(
-                f"volume {self.name!r}: writes acknowledged since the last flush may be lost: "
-                f"the server's write verifier changed from {was} to "
-                f"{reply.write_verifier:#018x} since they were (it restarted without a clean "
-                "stop, a flush failed in its storage, or a tier below it lost writes)",
+                f"volume {self.name!r}: writes acknowledged since the last flush may be lost "
+                "(on a volume that keeps nothing past a restart, flushed ones too): the "
+                f"server's write verifier changed from {was} to {reply.write_verifier:#018x} "
+                "since they were (it restarted without a clean stop, or restarted at all if "
+                "the volume is volatile; a flush failed in its storage; or a tier below it "
+                "lost writes)",
                 volume=self.name,
             )
 

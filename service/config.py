@@ -226,7 +226,9 @@ def _token(value: object, what: str) -> str:
     not even when it is not a string; :func:`~tierdisk.client.checks.token_problem`, which
     refuses an empty one too)."""
     if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string in quotes, not a {type(value).__name__}")
+        kinds = {bool: "true or false", int: "a number", float: "a number", list: "a list"}
+        kind = kinds.get(type(value), "a table" if isinstance(value, dict) else "another type")
+        raise ConfigError(f"{what} must be a string in quotes, not {kind}")
     text = value
     problem = token_problem(text)
     if problem is not None:
@@ -267,9 +269,21 @@ def _optional_address(value: object, what: str) -> str:
 
 
 def _nbd_source(value: object, what: str) -> str:
-    """A remote layer's ``nbd``: an address, ``"auto"`` (ask the target; ``NBD_AUTO`` of
+    """A remote layer's ``nbd``: an address to connect to (``HOST:PORT`` with a host and a
+    port, or ``unix:PATH``), ``"auto"`` (ask the target; ``NBD_AUTO`` of
     :mod:`.layers.remote_nbd`), or ``""`` for off."""
-    return "auto" if value == "auto" else _optional_address(value, what)
+    if value == "auto":
+        return "auto"
+    text = _optional_address(value, what)
+    if text and not text.startswith("unix:"):
+        host, port = split_host_port(text, what)
+        if not host or port == 0:  # what a listener takes, no place to connect to
+            missing = "no host" if not host else "port 0"
+            raise ConfigError(
+                f"{what} address {text!r} has {missing}: give the NBD export's HOST:PORT "
+                '(or "auto", to ask the origin)'
+            )
+    return text
 
 
 def _bool(value: object, what: str) -> bool:

@@ -46,8 +46,13 @@ class RateLimitedLog:
         if now < self._next and key == self._key:
             self._suppressed += 1
             return
-        if self._suppressed:
-            msg += " (%d similar messages suppressed)"
+        if self._suppressed:  # held back since the last line logged: of its kind, not this
+            same = key == self._key
+            msg += (
+                " (%d similar messages suppressed)"
+                if same
+                else " (%d more of the previous kind were held back)"
+            )
             args = (*args, self._suppressed)
         self._suppressed = 0
         self._next = now + self._interval

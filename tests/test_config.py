@@ -536,6 +536,21 @@ def test_a_remote_layers_nbd_address_is_checked_alike(tmp_path: Path) -> None:
     assert str(info.value).startswith("volume 'v', layer 0: nbd address '127.0.0.1\\x00:10809' ")
 
 
+@pytest.mark.parametrize(("value", "missing"), [(":10809", "no host"), ("[::1]:0", "port 0")])
+def test_a_remote_layers_nbd_address_is_one_to_connect_to(
+    tmp_path: Path, value: str, missing: str
+) -> None:
+    """A listener's forms (an empty host: every interface; port 0: any free one) name no
+    export: ``:10809`` connected to this host, not the origin's."""
+    text = _remote("127.0.0.1:1") + f'nbd = "{value}"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value) == (
+        f"volume 'v', layer 0: nbd address {value!r} has {missing}: give the NBD export's "
+        'HOST:PORT (or "auto", to ask the origin)'
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "environ", "message"),
     [
@@ -724,7 +739,9 @@ def test_nbd_tls_files_that_are_no_regular_files_are_refused(tmp_path: Path, fif
 def test_a_token_that_is_not_a_string_is_refused_without_showing_it(tmp_path: Path) -> None:
     body = "[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='remote'\ntarget='127.0.0.1:1'\n"
     body += "volume='o'\ntoken=982451653104729\n"
-    with pytest.raises(ConfigError, match="token must be a string in quotes, not a int") as info:
+    with pytest.raises(
+        ConfigError, match=r"token must be a string in quotes, not a number$"
+    ) as info:
         load_config(_write(tmp_path, body), environ={})
     assert "982451653104729" not in str(info.value)
 

@@ -29,7 +29,8 @@ def test_one_warning_per_interval_with_a_count(
 def test_a_new_key_is_logged_at_once_at_its_level(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new reason (``key``) is news: logged at once; the same one again is held back."""
+    """A new reason (``key``) is news: logged at once; the same one again is held back. The
+    count of lines held back names their kind: the last one logged, not the new one."""
     now = [100.0]
     monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
     log = RateLimitedLog(logging.getLogger("t"), interval=60.0)
@@ -39,6 +40,6 @@ def test_a_new_key_is_logged_at_once_at_its_level(
             now[0] += 1.0
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.ERROR, "attach: down"),
-        (logging.ERROR, "attach: no volume (1 similar messages suppressed)"),
-        (logging.ERROR, "attach: down (1 similar messages suppressed)"),
+        (logging.ERROR, "attach: no volume (1 more of the previous kind were held back)"),
+        (logging.ERROR, "attach: down (1 more of the previous kind were held back)"),
     ]

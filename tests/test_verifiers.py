@@ -264,7 +264,12 @@ async def test_a_volatile_volume_reports_a_restart_to_every_client_that_wrote(
             await vol.write(0, pattern(1, 0, 8, SS))
             await vol.flush()
             served.restart("terminate")
-            assert isinstance(await _flush_after_restart(vol), cerr.WritesLost)
+            lost = await _flush_after_restart(vol)
+            assert isinstance(lost, cerr.WritesLost)
+            # a clean stop: the message gives the reason that holds, not only a crash's
+            assert "flushed ones too" in str(lost) and "restarted at all if the volume is" in str(
+                lost
+            )
             assert await vol.read(0, 8) == bytes(8 * SS)
             await vol.flush()  # said once
     finally:
