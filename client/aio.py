@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import numbers
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overload
@@ -208,10 +209,11 @@ class AsyncClient:
         on_call: CallObserver | None = None,
     ) -> None:
         for option, number in (("max_io", max_io), ("max_in_flight", max_in_flight)):
-            if isinstance(number, bool) or not isinstance(number, int):
+            if isinstance(number, bool) or not isinstance(number, numbers.Integral):
                 raise TypeError(f"{option} must be an int, not {type(number).__name__}")
             if number <= 0:
                 raise ValueError(f"{option} must be positive, not {number}")
+        max_io, max_in_flight = int(max_io), int(max_in_flight)  # (gRPC's options take ints)
         timeout = deadline_seconds(timeout)
         if token is not None and (problem := token_problem(token)) is not None:
             raise ValueError(f"token {problem}")  # never the token itself

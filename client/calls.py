@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import numbers
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeAlias, TypeVar
@@ -65,10 +66,10 @@ def deadline_seconds(timeout: float | None) -> float | None:
     """``timeout`` as a call's deadline in seconds: ``None`` (no deadline) for ``None``,
     infinity and anything over :data:`LONGEST_DEADLINE`; :class:`ValueError` for NaN, zero
     and negative values (gRPC would end the call at once with ``DEADLINE_EXCEEDED``);
-    :class:`TypeError` for anything but a number (``"5"``, ``True``)."""
+    :class:`TypeError` for anything but a real number (``"5"``, ``True``, a ``Decimal``)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be seconds (a number) or None, not {type(timeout).__name__}")
     if not timeout > 0:  # NaN too
         raise ValueError(f"timeout must be positive or None, not {timeout}")

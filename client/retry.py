@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -90,11 +91,11 @@ class RetryPolicy:
     max_backoff: float = DEFAULT_MAX_BACKOFF
 
     def __post_init__(self) -> None:
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int):
+        if isinstance(self.retries, bool) or not isinstance(self.retries, numbers.Integral):
             raise TypeError(f"retries must be an int, not {type(self.retries).__name__}")
         for name in ("backoff", "max_backoff"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be seconds (a number), not {type(value).__name__}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, not {self.retries}")

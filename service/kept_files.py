@@ -14,12 +14,13 @@ holds them still) and whatever the volume is called (renamed, it keeps its files
 start such a layer empty on purpose, give it another path, or delete the entry that
 records it from the file (the built-in ``default`` volume has no path to change).
 
-Not recorded, so created as before: a ``read_cache`` layer that never took writes (below
-the write path, or in a ``read_only`` volume: it holds only copies of what lies below it,
-so losing it loses nothing), and any file of a volume never served from this
-``data_dir``. A ``read_only`` raw image is not recorded either: its layer never creates
-one. A recorded file keeps its place in the record while it stays in its volume's stack
-(:func:`files_to_record`).
+Not recorded, so created as before: a ``read_cache`` layer that never took writes of its
+own (below the write path, in a ``read_only`` volume, or ``write_through``: it holds only
+copies of what lies below it, so losing it loses nothing), and any file of a volume never
+served from this ``data_dir``. A ``read_only`` raw image is not recorded either: its layer
+never creates one. A recorded file keeps its place in the record while it stays in its
+volume's stack (:class:`KeptFiles`). Paths are compared as written (absolute) and with
+their symlinks resolved.
 
 An entry written by a tierdisk from before the record (a verifier and no ``files``) says
 the volume was served, not from which files: every file of the volume then counts as
@@ -34,24 +35,26 @@ without, or make the mount point one the server cannot write into (README).
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from .config import VolumeConfig
 from .errors import ConfigError, StorageError
 
-__all__ = ["check_kept_files", "files_to_record", "kept_files"]
+__all__ = ["KeptFiles", "check_kept_files", "kept_files"]
 
 
 def _kept(config: VolumeConfig) -> list[tuple[int, str]]:
     """``(layer index, absolute path)`` of each file of ``config`` that holds data of its
-    own: every layer with a ``path`` but a ``read_cache`` one that takes no writes (below
-    the write path, or in a ``read_only`` volume) and a ``read_only`` raw image (never
-    created: its layer refuses a missing one itself)."""
+    own: every layer with a ``path`` but a ``read_cache`` one that takes no writes of its
+    own (below the write path, or in a ``read_only`` volume, or ``write_through``: what it
+    takes goes on below it) and a ``read_only`` raw image (never created: its layer
+    refuses a missing one itself)."""
     kept = []
     on_write_path = not config.read_only  # the top, and every layer below a write_through one
     for index, layer in enumerate(config.layers):
         path = layer.options.get("path")
-        copies_only = layer.read_cache and not on_write_path
+        copies_only = layer.read_cache and (layer.write_through or not on_write_path)
         if isinstance(path, str) and not copies_only and not layer.options.get("read_only"):
             kept.append((index, os.path.abspath(path)))
         on_write_path = on_write_path and layer.write_through
@@ -63,66 +66,101 @@ def kept_files(config: VolumeConfig) -> list[str]:
     return [path for _, path in _kept(config)]
 
 
-def files_to_record(config: VolumeConfig, recorded: Collection[str]) -> list[str]:
-    """The files to record for ``config``: those it keeps its data in, and those of its
-    layer files ``recorded`` for it before whatever their role now (a layer that took
-    writes holds them still, as a read cache or in a read-only volume), in layer order."""
-    kept = set(kept_files(config))
-    paths = (layer.options.get("path") for layer in config.layers)
-    absolute = [os.path.abspath(path) for path in paths if isinstance(path, str)]
-    return [path for path in absolute if path in kept or path in recorded]
+def _spellings(path: str) -> set[str]:
+    """``path`` as written (absolute) and with its symlinks resolved: a file recorded under
+    one is found under the other. Blocks (``realpath``)."""
+    return {os.path.abspath(path), os.path.realpath(path)}
+
+
+def _layer_paths(config: VolumeConfig) -> list[tuple[int, str]]:
+    """``(layer index, absolute path)`` of every layer of ``config`` with a ``path``."""
+    paths = ((index, layer.options.get("path")) for index, layer in enumerate(config.layers))
+    return [(index, os.path.abspath(path)) for index, path in paths if isinstance(path, str)]
+
+
+@dataclass(frozen=True)
+class KeptFiles:
+    """What :func:`check_kept_files` found for a volume that may start: the files to record
+    for it (those it keeps its data in, and those of its layer files recorded for it before,
+    whatever their role now: a layer that took writes holds them still, as a read cache or
+    in a read-only volume), in layer order; and the files recorded for it before that no
+    layer of its stack is at now (``dropped``: the start warns of them)."""
+
+    to_record: list[str]
+    dropped: list[str]
 
 
 def check_kept_files(
-    config: VolumeConfig, served: Mapping[str, str], unlisted: bool, record: str
-) -> None:
+    config: VolumeConfig,
+    served: Mapping[str, Sequence[str]],
+    recorded: Collection[str] | None,
+    record: str,
+) -> KeptFiles:
     """Raise a :class:`ConfigError` for the first layer file of ``config`` that a volume was
     served from before and is not there now, or is empty (which its layer would take for a
     creation cut short, and make anew); caused by a :class:`StorageError`: the operator
-    looks at the disks. Blocks (``stat``): call it off the event loop.
+    looks at the disks. Else what to record, and what was dropped (:class:`KeptFiles`).
+    Blocks (``stat``, ``realpath``): call it off the event loop.
 
-    ``served`` maps every file recorded in the file ``record`` to the volume served from it
+    ``served`` maps every file recorded in the file ``record`` to the volumes served from it
     (any volume: one renamed keeps its files), and every layer with a path is looked up,
-    whatever its role now (a layer that took writes still holds them as a read cache, or in
-    a read-only volume). ``unlisted``: the volume's own entry was written by an older
-    tierdisk that recorded no files, so each file ``config`` keeps counts as served from by
-    it (the first start after an upgrade must not serve a lost volume empty either)."""
+    under its path and its resolved path, whatever its role now. ``recorded``: the files
+    recorded for this volume; ``None`` when its entry was written by an older tierdisk that
+    recorded no files, so each file ``config`` keeps counts as served from by it (the first
+    start after an upgrade must not serve a lost volume empty either)."""
+    owners: dict[str, set[str]] = {}
+    for path, volumes in served.items():
+        for spelling in _spellings(path):
+            owners.setdefault(spelling, set()).update(volumes)
     kept = set(kept_files(config))
-    for index, layer in enumerate(config.layers):
-        path = layer.options.get("path")
-        if not isinstance(path, str):
-            continue
-        path = os.path.abspath(path)
-        owner = served.get(path) or (config.name if unlisted and path in kept else None)
-        if owner is None:
-            continue
-        try:
-            if os.stat(path).st_size:
-                continue
-            state = "is empty"  # its layer would take it for a creation cut short
-        except FileNotFoundError:
-            state = "is missing"
-        except OSError:
-            continue  # cannot be looked at (a folder not ours to enter): its layer says so
-        entry = os.path.basename(record)
-        if path not in served:  # an older build's entry: only the entry is a way out
-            lost = StorageError(
-                f"{path} {state}, but this volume was served before (as {record} records; "
-                "an older tierdisk wrote its entry, without the files it was served from, "
-                "so each file of the volume counts): is the disk that holds it mounted? "
-                "Restore the file; if it is new, or to start this layer empty, delete the "
-                f"volume's entry from {entry}"
-            )
+    ours = {spelling for path in recorded or () for spelling in _spellings(path)}
+    layers = _layer_paths(config)
+    for index, path in layers:
+        names = set().union(*(owners.get(spelling, set()) for spelling in _spellings(path)))
+        if not names and recorded is None and path in kept:
+            names = {config.name}  # an older build's entry: its files are not known
+        if names:
+            _refuse_if_lost(config, index, path, sorted(names), recorded is None, record)
+    to_record = [path for _, path in layers if path in kept or _spellings(path) & ours]
+    now = {spelling for path in to_record for spelling in _spellings(path)}
+    dropped = sorted(path for path in recorded or () if not _spellings(path) & now)
+    return KeptFiles(to_record, dropped)
+
+
+def _refuse_if_lost(
+    config: VolumeConfig, index: int, path: str, names: list[str], unlisted: bool, record: str
+) -> None:
+    """The refusal of :func:`check_kept_files` for layer ``index`` at ``path``, which the
+    volumes ``names`` were served from, if it is missing or empty."""
+    try:
+        if os.stat(path).st_size:
+            return
+        state = "is empty"  # its layer would take it for a creation cut short
+    except FileNotFoundError:
+        state = "is missing"
+    except OSError:
+        return  # cannot be looked at (a folder not ours to enter): its layer says so
+    entry = os.path.basename(record)
+    if unlisted and names == [config.name]:  # an older build's entry: only it is a way out
+        lost = StorageError(
+            f"{path} {state}, but this volume was served before (as {record} records; "
+            "an older tierdisk wrote its entry, without the files it was served from, "
+            "so each file of the volume counts): is the disk that holds it mounted? "
+            "Restore the file; if it is new, or to start this layer empty, delete the "
+            f"volume's entry from {entry}"
+        )
+    else:
+        if names == [config.name]:
+            who, whose = "this volume was", "the volume's entry"
         else:
-            who, whose = ("this volume", "the volume's")
-            if owner != config.name:
-                who, whose = (f"volume {owner!r}", f"volume {owner!r}'s")
-            lost = StorageError(
-                f"{path} {state}, but {who} was served from it before (as {record} "
-                "records): is the disk that holds it mounted? Restore the file; to start "
-                f"this layer empty instead, give it another path (or delete {whose} entry "
-                f"from {entry})"
-            )
-        # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
-        # config mistake (main._start_failure)
-        raise ConfigError(str(lost), volume=config.name, layer=index) from lost
+            listed = ", ".join(repr(name) for name in names)
+            who = f"volume {listed} was" if len(names) == 1 else f"volumes {listed} were"
+            whose = f"the entry of {listed}" if len(names) == 1 else f"the entries of {listed}"
+        lost = StorageError(
+            f"{path} {state}, but {who} served from it before (as {record} records): is "
+            "the disk that holds it mounted? Restore the file; to start this layer empty "
+            f"instead, give it another path (or delete {whose} from {entry})"
+        )
+    # a ConfigError to locate it, caused by a StorageError: "cannot start", not a
+    # config mistake (main._start_failure)
+    raise ConfigError(str(lost), volume=config.name, layer=index) from lost

@@ -47,7 +47,7 @@ from .config import Config, VolumeConfig, nbd_tls_context, sector_size_problem
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
-from .kept_files import check_kept_files, files_to_record
+from .kept_files import check_kept_files
 from .layers import build_layer
 from .metrics import Metrics, RemoteCounts
 from .metrics_http import MetricsEndpoint
@@ -270,8 +270,11 @@ class Server:
                 await volume.close()
                 raise
             # New unless the last run stopped cleanly and kept its writes (a run whose write
-            # path was ram only stored a new one at its stop, whatever the config is now).
-            volume.write_verifier = self._verifiers.verifiers[volume.name]
+            # path was ram only lost them at its stop, whatever the config is now).
+            store = self._verifiers
+            kept = store.verifiers[volume.name]
+            unknown = volume.name in store.loss_unknown and volume.lost_at_exit
+            volume.write_verifier = new_verifier(kept) if unknown else kept
             # (A ram-only write path loses its writes at every stop: no warning for it.)
             if volume.name in self._verifiers.unclean and not volume.lost_at_exit:
                 log.warning(
@@ -306,18 +309,21 @@ class Server:
     async def _build(self, config: VolumeConfig) -> Volume:
         store = self._verifiers
         if store is not None and store.usable:  # never an empty layer for a lost file
-            recorded = store.recorded_files(config.name)
-            await asyncio.to_thread(
-                check_kept_files, config, store.served_files(), recorded is None, store.path
+            found = await asyncio.to_thread(
+                check_kept_files,
+                config,
+                store.served_files(),
+                store.recorded_files(config.name),
+                store.path,
             )
-            store.files[config.name] = files_to_record(config, recorded or ())
-            if dropped := sorted(set(recorded or ()) - set(store.files[config.name])):
+            store.files[config.name] = found.to_record
+            if found.dropped:
                 log.warning(
-                    "volume %r: no longer served from %s, in its stack before: what was "
-                    "written there is not part of the volume now (the file is left as it "
-                    "is; put the layer back to serve it again)",
+                    "volume %r: no layer of its stack is at %s, which it was served from "
+                    "before: unless that file was moved to a path of the stack, what was "
+                    "written there is not part of the volume now (the file is left as it is)",
                     config.name,
-                    ", ".join(dropped),
+                    ", ".join(found.dropped),
                 )
         entries = []
         for index, layer in enumerate(config.layers):
@@ -474,11 +480,10 @@ class Server:
             await asyncio.wait([self._marking])
         if self._verifiers is not None:
             # Clean: drained and flushed (verifier_store; a volume never served keeps its entry).
-            # A ram-only write path loses its writes now, clean or not: a new verifier.
-            served = {
-                v.name: new_verifier(v.write_verifier) if v.lost_at_exit else v.write_verifier
-                for v in volumes
-            }
+            # A ram-only write path loses its writes now, clean or not: the next start
+            # gives it a new verifier, whatever its config is then.
+            served = {v.name: v.write_verifier for v in volumes}
+            self._verifiers.kept_writes.update({v.name: not v.lost_at_exit for v in volumes})
             clean = set(served) - set(self.unflushed) if drained else set()
             await asyncio.to_thread(self._verifiers.close, served, clean)
             self._verifiers = None

@@ -8,7 +8,12 @@ a rolling restart and flushes after it is not told of a loss that did not happen
 end (a crash, a kill, a power loss, a final flush that failed, a server that never got to
 write this file) gives the volume a new one at the next start.
 
-The file holds, per volume name, ``{"verifier": N, "clean": bool, "files": [PATH, …]}``:
+The file holds, per volume name, ``{"verifier": N, "clean": bool, "kept_writes": bool,
+"files": [PATH, …]}``: ``kept_writes`` says whether the run that stopped kept its writes
+past the stop (false for a write path that is ``ram`` only: it lost them however it
+stopped, so the next start draws a new verifier, whatever the volume's config is then; an
+entry without it, written by an older build, gets a new one only if the volume's write
+path is ``ram`` only now, as that build did);
 ``files`` are the layer files the volume was last served from (:mod:`.kept_files`, which
 refuses to start a volume whose kept file went missing; :attr:`VerifierStore.files` says
 what to write, :meth:`VerifierStore.recorded_files` what the last run wrote). At start
@@ -78,6 +83,13 @@ class VerifierStore:
         self.files: dict[str, list[str]] = {}
         """The files each volume keeps its data in (:func:`~.kept_files.kept_files`), written
         with its entry when it is marked (:meth:`mark_unclean`) and at the stop."""
+        self.kept_writes: dict[str, bool] = {}
+        """Whether each volume served in this run keeps its writes past the stop (its
+        write path is not ``ram`` only), written with its entry (``kept_writes``)."""
+        self.loss_unknown: set[str] = set()
+        """The volumes whose clean entry an older build wrote, without ``kept_writes``: the
+        server gives each a new verifier if its write path is ``ram`` only now, as that
+        build did."""
         self.unclean: set[str] = set()
         """The volumes whose last run did not stop cleanly (a crash, a kill, a final flush
         that failed): their verifiers are new ones because writes may have been lost. Not
@@ -104,9 +116,12 @@ class VerifierStore:
             if not 0 < old < 1 << 64:
                 old = 0
             clean = old != 0 and entry.get("clean") is True
-            store.verifiers[name] = old if clean else new_verifier(old)
+            kept_writes = entry.get("kept_writes")
+            store.verifiers[name] = old if clean and kept_writes is not False else new_verifier(old)
             if old and not clean:
                 store.unclean.add(name)
+            elif clean and kept_writes is None:  # an older build's entry (module docs)
+                store.loss_unknown.add(name)
         return store
 
     def recorded_files(self, name: str) -> frozenset[str] | None:
@@ -120,16 +135,16 @@ class VerifierStore:
             return None if "files" not in entry and "verifier" in entry else frozenset()
         return frozenset(path for path in files if isinstance(path, str))
 
-    def served_files(self) -> dict[str, str]:
+    def served_files(self) -> dict[str, list[str]]:
         """Every file any entry records (of any volume, configured or not), mapped to the
-        volume served from it (the first entry to name it)."""
-        served: dict[str, str] = {}
+        volumes served from it, in the file's order."""
+        served: dict[str, list[str]] = {}
         for name, entry in self._entries.items():
             files = entry.get("files")
             if isinstance(files, list):
                 for path in files:
-                    if isinstance(path, str):
-                        served.setdefault(path, name)
+                    if isinstance(path, str) and name not in served.get(path, ()):
+                        served.setdefault(path, []).append(name)
         return served
 
     def mark_unclean(self, names: Iterable[str]) -> None:
@@ -194,7 +209,11 @@ class VerifierStore:
         assert self._fd is not None
         for name, is_clean in clean.items():
             entry: dict[str, object] = {"verifier": self.verifiers[name], "clean": is_clean}
-            files = self.files.get(name, self._entries.get(name, {}).get("files"))
+            old = self._entries.get(name, {})
+            kept_writes = self.kept_writes.get(name, old.get("kept_writes"))
+            if kept_writes is not None:
+                entry["kept_writes"] = kept_writes
+            files = self.files.get(name, old.get("files"))
             if files is not None:
                 entry["files"] = files
             self._entries[name] = entry

@@ -6,8 +6,11 @@ call."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import socket
 from collections.abc import AsyncIterator
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, NoReturn
 
 import grpc
@@ -549,6 +552,27 @@ async def test_client_options_of_the_wrong_type_are_a_type_error_naming_them(
     with pytest.raises(TypeError) as info:
         AsyncClient("127.0.0.1:1", **given)
     assert str(info.value) == words
+
+
+async def test_client_options_may_be_any_real_or_whole_number(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """Not only int and float: a Fraction of a second, an IntEnum (or numpy's numbers, which
+    register as such); a Decimal is no real number to Python, so it is refused."""
+    _, target = scripted
+
+    class Depth(enum.IntEnum):
+        FOUR = 4
+
+    # (typed float, as most callers pass; any real number is taken)
+    real: dict[str, Any] = {"timeout": Fraction(5, 2), "backoff": Fraction(1, 10)}
+    async with AsyncClient(
+        target, retries=Depth.FOUR, max_io=Depth.FOUR * 1024, max_in_flight=Depth.FOUR, **real
+    ) as client:
+        one_second: Any = Fraction(1)
+        assert await client.volume("v").read(0, 1, timeout=one_second) == bytes(512)
+    with pytest.raises(TypeError, match=r"^timeout must be seconds"):
+        AsyncClient(target, timeout=Decimal(1))  # type: ignore[arg-type]
 
 
 async def test_a_silent_server_s_timeout_names_the_server_and_the_seconds() -> None:

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tierdisk.service.config import LayerConfig, VolumeConfig
 from tierdisk.service.errors import ConfigError, StorageError
-from tierdisk.service.kept_files import check_kept_files, files_to_record, kept_files
+from tierdisk.service.kept_files import KeptFiles, check_kept_files, kept_files
 
 
 def layer(kind: str, path: str | None = None, **flags: bool) -> LayerConfig:
@@ -58,59 +59,94 @@ def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
             layer("raw", str(lost)),
         ),
     )
-    check_kept_files(stack, {str(present): "v"}, False, "rec.json")  # the cache: copies
-    check_kept_files(stack, {}, False, "rec.json")  # never served: a new volume
+    check_kept_files(stack, {str(present): ["v"]}, [str(present)], "rec.json")  # the cache
+    check_kept_files(stack, {}, [], "rec.json")  # never served: a new volume
+    served = {str(present): ["v"], str(lost): ["v"]}
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
-        check_kept_files(stack, {str(present): "v", str(lost): "v"}, False, "/d/rec.json")
+        check_kept_files(stack, served, list(served), "/d/rec.json")
     assert "but this volume was served from it before (as /d/rec.json records)" in str(info.value)
     assert "delete the volume's entry from rec.json" in str(info.value)
     assert isinstance(info.value.__cause__, StorageError)
     present.write_bytes(b"")  # emptied: its layer would make it anew, empty
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 0: {present} is empty"):
-        check_kept_files(stack, {str(present): "v"}, False, "rec.json")
+        check_kept_files(stack, {str(present): ["v"]}, [str(present)], "rec.json")
 
 
 def test_a_recorded_file_counts_whatever_its_role_and_its_volume_s_name(tmp_path: Path) -> None:
     """A file that took writes holds them still once its layer is made a read cache in a
-    read-only volume, or its volume renamed: missing, it is refused, not made empty."""
+    read-only volume, or its volume renamed: missing, it is refused, not made empty; the
+    message names every entry that records it (deleting one would not do)."""
     lost = tmp_path / "lost"
     copies_now = VolumeConfig(
         "v", (layer("sparse", str(lost), read_cache=True), layer("ram")), read_only=True
     )
     assert kept_files(copies_now) == []
     with pytest.raises(ConfigError, match=rf"layer 0: {lost} is missing, but this volume"):
-        check_kept_files(copies_now, {str(lost): "v"}, False, "rec.json")
+        check_kept_files(copies_now, {str(lost): ["v"]}, [str(lost)], "rec.json")
     renamed = VolumeConfig("w", (layer("sparse", str(lost)),))
     with pytest.raises(ConfigError) as info:
-        check_kept_files(renamed, {str(lost): "v"}, False, "rec.json")
+        check_kept_files(renamed, {str(lost): ["v"]}, [], "rec.json")
     assert f"{lost} is missing, but volume 'v' was served from it before" in str(info.value)
-    assert "delete volume 'v''s entry from rec.json" in str(info.value)
+    assert "delete the entry of 'v' from rec.json" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # renamed and served since: both record it
+        check_kept_files(renamed, {str(lost): ["v", "w"]}, [str(lost)], "rec.json")
+    assert "but volumes 'v', 'w' were served from it before" in str(info.value)
+    assert "delete the entries of 'v', 'w' from rec.json" in str(info.value)
 
 
-def test_a_recorded_file_stays_recorded_while_it_is_in_the_stack() -> None:
+def test_a_recorded_file_is_found_through_a_symlink(tmp_path: Path) -> None:
+    """Recorded under a link's spelling, configured under the real one (or the other way):
+    the same file."""
+    (tmp_path / "disk").mkdir()
+    os.symlink(tmp_path / "disk", tmp_path / "link")
+    stack = VolumeConfig("v", (layer("sparse", str(tmp_path / "disk" / "v")),))
+    recorded = [str(tmp_path / "link" / "v")]
+    with pytest.raises(ConfigError, match="is missing, but this volume was served from it"):
+        check_kept_files(stack, {recorded[0]: ["v"]}, recorded, "rec.json")
+
+
+def test_what_is_recorded_and_what_was_dropped(tmp_path: Path) -> None:
     """What a start records: the files the config keeps, and those recorded before that are
-    still in the stack, in layer order; a file no longer configured is dropped."""
+    still in the stack, whatever their role, in layer order; a recorded file no layer is at
+    any more is dropped (the start warns of it)."""
+    for name in ("was-top", "base", "gone"):
+        (tmp_path / name).write_bytes(b"data")
+    was_top, base, gone = (str(tmp_path / name) for name in ("was-top", "base", "gone"))
     stack = VolumeConfig(
         "v",
         (
-            layer("sparse", "/d/was-top", read_cache=True),
-            layer("raw", "/d/base", read_cache=True),  # below the write path: copies
+            layer("sparse", was_top, read_cache=True),
+            layer("raw", base, read_cache=True),  # below the write path: copies
             layer("remote"),
         ),
         read_only=True,
     )
-    assert files_to_record(stack, ()) == []
-    assert files_to_record(stack, {"/d/base", "/d/was-top", "/d/gone"}) == [
-        "/d/was-top",
-        "/d/base",
-    ]
-    writable = VolumeConfig("w", (layer("sparse", "/d/top"), layer("raw", "/d/base")))
-    assert files_to_record(writable, {"/d/base"}) == ["/d/top", "/d/base"]
+    assert check_kept_files(stack, {}, [], "rec.json") == KeptFiles([], [])
+    served = {path: ["v"] for path in (base, was_top, gone)}
+    assert check_kept_files(stack, served, list(served), "rec.json") == KeptFiles(
+        [was_top, base], [gone]
+    )
+    writable = VolumeConfig("w", (layer("sparse", "/d/top"), layer("raw", base)))
+    found = check_kept_files(writable, {base: ["w"]}, [base], "rec.json")
+    assert found == KeptFiles(["/d/top", base], [])
+
+
+def test_a_write_through_read_cache_holds_copies_only() -> None:
+    """What it takes goes on below it: its file may be deleted to reset the cache."""
+    stack = VolumeConfig(
+        "v",
+        (
+            layer("sparse", "/d/cache", read_cache=True, write_through=True),
+            layer("raw", "/d/base"),
+        ),
+    )
+    assert kept_files(stack) == ["/d/base"]
 
 
 def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) -> None:
-    """``unlisted``: the volume was served by a build that recorded no files. Each file it
-    keeps counts, a read cache's still does not; the message says the entry is the way out."""
+    """``recorded`` None: the volume was served by a build that recorded no files. Each file
+    it keeps counts, a read cache's still does not; the message says the entry is the way
+    out."""
     present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
     present.write_bytes(b"data")
     stack = VolumeConfig(
@@ -122,8 +158,9 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
         ),
     )
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
-        check_kept_files(stack, {}, True, "/data/rec.json")
+        check_kept_files(stack, {}, None, "/data/rec.json")
     assert "an older tierdisk wrote its entry" in str(info.value)
     assert str(info.value).endswith("delete the volume's entry from rec.json")
     lost.write_bytes(b"base")
-    check_kept_files(stack, {}, True, "/data/rec.json")  # the cache's file may be made again
+    found = check_kept_files(stack, {}, None, "/data/rec.json")  # the cache may be made again
+    assert found == KeptFiles([str(present), str(lost)], [])

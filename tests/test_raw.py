@@ -157,6 +157,11 @@ async def test_a_sparse_layers_data_file_is_refused(tmp_path: Path, read_only: b
     layer = RawLayer(str(path), read_only=read_only)
     await layer.attach(None)
     await layer.close()
+    os.unlink(tmp_path / "v.sparse.map")
+    os.mkfifo(tmp_path / "v.sparse.map")  # opened for reading, it would wait for a writer
+    layer = RawLayer(str(path), read_only=read_only)
+    await asyncio.wait_for(layer.attach(None), 10)
+    await layer.close()
 
 
 async def test_an_empty_file_is_a_creation_cut_short_and_made_again(

@@ -954,11 +954,11 @@ def test_a_layer_file_taken_out_of_the_stack_is_a_warning(tmp_path: Path) -> Non
         assert s.terminate() == 0
     with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", base))) as s:
         assert s.terminate() == 0
-        warning = f"volume 'v': no longer served from {tmp_path / 't'}, in its stack before"
+        warning = f"volume 'v': no layer of its stack is at {tmp_path / 't'}, which it was served"
         assert warning in s.stderr_text()
     with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", base))) as s:
         assert s.terminate() == 0
-        assert "no longer served from" not in s.stderr_text(), "said once: no longer recorded"
+        assert "no layer of its stack is at" not in s.stderr_text(), "said once: not recorded now"
 
 
 @pytest.mark.parametrize("kind", ["raw", "sparse", "sqlite", "ram"])

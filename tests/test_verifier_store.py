@@ -242,5 +242,5 @@ def test_every_recorded_file_is_known_with_the_volume_served_from_it(tmp_path: P
     store.mark_unclean(["a", "b"])
     store.close({"a": store.verifiers["a"], "b": store.verifiers["b"]}, {"a", "b"})
     again = VerifierStore.open(str(tmp_path), ["renamed"])
-    assert again.served_files() == {"/disk/a": "a", "/disk/shared": "a", "/disk/b": "b"}
+    assert again.served_files() == {"/disk/a": ["a"], "/disk/shared": ["a"], "/disk/b": ["b"]}
     again.close({}, set())

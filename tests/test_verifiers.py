@@ -8,6 +8,7 @@ stopped and started again on the same address under a client that wrote before i
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -302,6 +303,31 @@ async def test_a_clean_restart_tells_of_writes_lost_by_the_run_that_stopped(
             outcome = await _flush_after_restart(vol)
             assert isinstance(outcome, cerr.WritesLost) if told else outcome is None, outcome
             assert await vol.read(0, 8) == (bytes(8 * SS) if told else pattern(1, 0, 8, SS))
+    finally:
+        served.server.close()
+
+
+@pytest.mark.parametrize(("layers", "told"), [((ram("1MiB"),), True), ((SPARSE,), False)])
+async def test_an_older_builds_clean_entry_follows_the_volume_as_it_is_now(
+    tmp_path: Path, layers: tuple[dict[str, str], ...], told: bool
+) -> None:
+    """An entry without ``kept_writes`` (an older build wrote it) does not say whether that
+    run kept its writes: a volume whose write path is ram only now gets a new verifier, as
+    that build gave it (a ram volume's writes went unreported over the upgrade), and one
+    that keeps its writes keeps its verifier."""
+    served = Served(tmp_path, *layers)
+    try:
+        async with AsyncClient(served.listen, timeout=10) as client:
+            vol = client.volume("v")
+            await vol.write(0, pattern(1, 0, 8, SS))
+            assert served.server.terminate() == 0
+            record = tmp_path / "data" / "write-verifiers.json"
+            doc = json.loads(record.read_text())
+            del doc["volumes"]["v"]["kept_writes"]
+            record.write_text(json.dumps(doc))
+            served.restart("kill")  # (stopped already, cleanly)
+            outcome = await _flush_after_restart(vol)
+            assert isinstance(outcome, cerr.WritesLost) if told else outcome is None, outcome
     finally:
         served.server.close()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -145,11 +146,17 @@ class RawLayer(Layer):
         zeros over the layers below, and whose writes its map would not record (switched
         back to ``sparse``, they would be gone). The sparse layer refuses the other way."""
         beside = sparse_map.map_path(self.path)
-        try:
-            with open(beside, "rb") as found:
-                head = found.read(len(sparse_map.MAGIC))
+        try:  # (never blocks: a FIFO there would hold the start for good)
+            fd = os.open(beside, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return  # none there (or not ours to read: not taken for one)
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            head = os.pread(fd, len(sparse_map.MAGIC), 0) if regular else b""
+        except OSError:
+            head = b""
+        finally:
+            os.close(fd)
         if head == sparse_map.MAGIC:
             raise ConfigError(
                 f"{what} has a sparse layer's presence map beside it ({beside}): it is that "
