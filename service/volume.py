@@ -365,6 +365,11 @@ class Volume:
                         fills.append((entry, fill))
             if not missing:
                 break
+        if missing and self._layout != layout and end > self.sector_count:
+            # A shrink cut the range while a layer's read waited: the layers below were then
+            # not asked for the sectors it cut, which would read as zeros beside the data
+            # read before it. The read comes after the shrink: OUT_OF_RANGE.
+            self._check_range(sector, count)
         for a, b in missing:
             buf[(a - sector) * ss : (b - sector) * ss] = bytes((b - a) * ss)
         for entry, runs in fills:

@@ -46,6 +46,7 @@ from tierdisk.service.layer import MAX_BYTES, MAX_SECTORS
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
+from tierdisk.service.runs import Run
 from tierdisk.service.volume import LayerEntry, Volume
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -408,6 +409,43 @@ async def test_a_fill_into_a_cache_that_shrank_by_itself_is_not_a_fill_error() -
         assert data == b"x" * 8 * 512
         assert volume.entries[1].stats.cache_fill_errors == 0
     finally:
+        await volume.close()
+
+
+class _GatedReads(RamLayer):
+    """A layer whose reads wait for :attr:`go` (set when :attr:`entered`): a layer whose
+    reads yield, as a remote's or a file read on a thread do."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        self.entered.set()
+        await self.go.wait()
+        return await super().read(buf, sector)
+
+
+async def test_a_read_across_the_end_a_shrink_cuts_meanwhile_is_out_of_range() -> None:
+    """The shrink lowers what the layers below show while a read waits on a layer in
+    between: the read then no longer asked the lowest layer for the sectors being cut, and
+    answered them as zeros, OK, beside the data below the new end (no order of the two
+    gives that: the data, before the shrink, or OUT_OF_RANGE, after it)."""
+    gated, lower = _GatedReads(64 * 512), RamLayer(64 * 512)
+    volume = await Volume.open(
+        "v", [LayerEntry(RamLayer(64 * 512)), LayerEntry(gated), LayerEntry(lower)]
+    )
+    try:
+        await lower.write(memoryview(b"x" * 64 * 512), 0, False)
+        reading = asyncio.ensure_future(volume.read(24, 16))
+        await asyncio.wait_for(gated.entered.wait(), 5)
+        await asyncio.wait_for(volume.resize(32), 5)  # while the read waits
+        gated.go.set()
+        with pytest.raises(OutOfRange):
+            await asyncio.wait_for(reading, 5)
+        assert (await volume.read(24, 8))[0] == b"x" * 8 * 512
+    finally:
+        gated.go.set()
         await volume.close()
 
 
