@@ -277,13 +277,15 @@ async def test_a_map_whose_size_is_damaged_to_a_terabyte_is_refused_not_read(
         await SparseLayer(str(image)).attach(None)
 
 
+@pytest.mark.parametrize("written_since", [True, False], ids=["written", "idle"])
 @pytest.mark.parametrize("change", ["data removed", "map replaced", "data truncated"])
 async def test_a_flush_fails_when_a_file_was_changed_under_the_layer(
-    tmp_path: Path, change: str
+    tmp_path: Path, change: str, written_since: bool
 ) -> None:
     """Someone removes, replaces or cuts short one of the layer's files while it is served:
     the next flush fails, naming the file, instead of answering OK for writes that the
-    next start will not find."""
+    next start will not find; with nothing written since too (a flush with nothing to
+    commit said OK, until the stop, when saving the file from /proc was too late)."""
     path = tmp_path / "d"
     layer = SparseLayer(str(path), size=SIZE)
     await layer.attach(None)
@@ -297,7 +299,8 @@ async def test_a_flush_fails_when_a_file_was_changed_under_the_layer(
             os.replace(tmp_path / "backup", f"{path}.map")
         else:
             os.truncate(path, 4 * SS)
-        await layer.write(memoryview(pattern(2, 16, 1, SS)), 16, False)
+        if written_since:
+            await layer.write(memoryview(pattern(2, 16, 1, SS)), 16, False)
         file = f"{path}.map" if change == "map replaced" else str(path)
         word = change.split()[1]
         with pytest.raises(StorageError, match=rf"{file} .*{word}.*may be lost"):

@@ -571,6 +571,11 @@ class SparseLayer(Layer):
         target = self._changes
         async with self._commit_lock:
             if self._committed >= target and not compact:
+                if self._fd >= 0:  # nothing to commit: are the files still there? (fstat)
+                    try:
+                        self._check_files(self._size)
+                    except OSError as exc:
+                        raise as_storage_error(exc, f"flushing sparse layer {self.path}") from None
                 return
             await self._commit_locked(compact)
 
