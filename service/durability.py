@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .errors import NoSpace, StorageError, Unavailable, WritesLost
+from .ratelimit import RateLimitedLog
 from .unstoppable import run_to_end
 from .verifier_store import new_verifier
 
@@ -60,6 +61,7 @@ class Durability:
         been lost (:meth:`_sync_failed`)."""
         self.changes = 0
         """Times :attr:`write_verifier` was renewed (after it was set)."""
+        self._renewals = RateLimitedLog(log)  # a flush loop over a lost file: one line a 10 s
         self._flush_task: asyncio.Future[None] | None = None  # the flush round under way
         self._cache_flushes: dict[int, asyncio.Future[None]] = {}  # by layer index
         self._closing = False  # close() began: no new flush round
@@ -208,14 +210,15 @@ class Durability:
             return
         self.write_verifier = new_verifier(self.write_verifier)
         self.changes += 1
-        log.warning(
-            "volume %r: write verifier renewed: layer %d (%s) %s: %s (writes acknowledged "
-            "before may be lost; clients that made them learn it at their next flush)",
+        self._renewals.warning(
+            "volume %r: write verifier renewed: layer %d (%s) %s: %s (clients with writes "
+            "acknowledged before learn it at their next flush)",
             self._name,
             index,
             layer.kind,
             why,
             exc,
+            key=(index, why),
         )
 
 

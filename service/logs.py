@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-__all__ = ["ClientGoneFilter", "JsonFormatter", "configure_logging"]
+__all__ = ["ClientGoneFilter", "JsonFormatter", "configure_logging", "say"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,11 +52,26 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:  # UTC, as the JSON records' times: one clock for every tier's log
+        text = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+            datefmt="%Y-%m-%dT%H:%M:%S",
+        )
+        text.converter = time.gmtime
+        handler.setFormatter(text)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
     if not any(isinstance(f, ClientGoneFilter) for f in grpc_log.filters):
         grpc_log.addFilter(ClientGoneFilter())
+
+
+def say(line: str) -> None:
+    """Write ``line``, one a command ends with (why it did not start, why it exits 1), to
+    stderr as it is; or, when the log is JSON (:func:`configure_logging`), as one more JSON
+    record at error level, so that a pipeline reading the log as JSON sees it too."""
+    if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        logging.getLogger("tierdisk.service").error("%s", line)
+    else:
+        print(line, file=sys.stderr)

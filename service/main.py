@@ -28,13 +28,12 @@ import os
 import resource
 import secrets
 import signal
-import sys
 
 from tierdisk.client.tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
 from .config import MAX_SECONDS, Config, load_config
 from .errors import ConfigError, StorageError
-from .logs import configure_logging
+from .logs import configure_logging, say
 from .server import Server, failure_chain
 
 __all__ = ["main"]
@@ -166,7 +165,7 @@ def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
     try:
         config = load_config(args.config, flags=flags)
     except ConfigError as exc:
-        print(f"tierdisk serve: config error: {exc}", file=sys.stderr)
+        say(f"tierdisk serve: config error: {exc}")
         return 2
     install_uvloop()
     return asyncio.run(_serve(config, args.ready_file, args.grace, stops))
@@ -195,19 +194,16 @@ async def _serve(
     try:
         starting.result()
     except ConfigError as exc:
-        print(f"tierdisk serve: {_start_failure(exc)}: {exc}", file=sys.stderr)
+        say(f"tierdisk serve: {_start_failure(exc)}: {exc}")
         return 2
     except OSError as exc:  # AddressInUse too
-        print(f"tierdisk serve: cannot start: {_reason(exc)}", file=sys.stderr)
+        say(f"tierdisk serve: cannot start: {_reason(exc)}")
         return 1
     if ready_file:
         try:
             _write_ready_file(ready_file, server)
         except OSError as exc:
-            print(
-                f"tierdisk serve: cannot write --ready-file {ready_file}: {exc.strerror}",
-                file=sys.stderr,
-            )
+            say(f"tierdisk serve: cannot write --ready-file {ready_file}: {exc.strerror}")
             await server.stop(0)
             return 1
     try:
@@ -227,10 +223,9 @@ def _unflushed(volumes: list[str]) -> int:
     if not volumes:
         return 0
     names = ", ".join(repr(name) for name in volumes)
-    print(
+    say(
         f"tierdisk serve: the final flush failed for volume(s) {names}: writes acknowledged "
-        "since their last Flush may not be durable (the log says why)",
-        file=sys.stderr,
+        "since their last Flush may not be durable (the log says why)"
     )
     return 1
 

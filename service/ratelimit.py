@@ -22,6 +22,16 @@ class RateLimitedLog:
         self._suppressed = 0
         self._key: object = None
 
+    def ended(self, msg: str, *args: object) -> None:
+        """Log ``msg % args`` at info level, the end of the condition (it answers again), with
+        the count of lines held back since the last one logged, which would otherwise never
+        be told; the next line is logged at once."""
+        if self._suppressed:
+            msg += " (%d more like the last failure were held back)"
+            args = (*args, self._suppressed)
+        self._logger.info(msg, *args)
+        self._suppressed, self._next, self._key = 0, 0.0, None
+
     def warning(self, msg: str, *args: object, key: object = None) -> None:
         """Log ``msg % args`` at warning level (see :meth:`log`)."""
         self.log(logging.WARNING, msg, *args, key=key)

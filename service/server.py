@@ -81,6 +81,7 @@ class _ReportsRequests(Protocol):
 
     on_request: Callable[[str, str, float], None] | None
     request_counts: RemoteCounts
+    owner: str
 
 
 class Server:
@@ -335,6 +336,7 @@ class Server:
                 # The same counts for every attempt: calls of failed attaches stay counted.
                 built.request_counts = self.metrics.remote_counts(config.name, index)
                 built.on_request = self.metrics.observe_remote
+                built.owner = f"volume {config.name!r}, layer {index}: "
             entries.append(LayerEntry(built, layer.read_cache, layer.write_through))
         # The attach's calls, and the background calls its remote layers start, carry the
         # chain of this volume (hops module docs: a loop is a volume reached twice).

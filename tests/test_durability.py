@@ -11,6 +11,7 @@ clients do with the verifier is in tests/test_verifiers.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from conftest import VolumeOpener
@@ -70,6 +71,23 @@ async def test_a_flush_failing_in_a_write_path_layers_storage_renews_the_verifie
     with pytest.raises(raised):
         await vol.flush()
     assert vol.write_verifier not in (before, 0)
+
+
+async def test_renewals_in_a_flush_loop_are_logged_once_per_interval(
+    volumes: VolumeOpener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients flushing in a loop over a layer file that was removed renew the verifier at
+    every flush: counted each time, logged once in 10 s (6,502 lines in 10 s before)."""
+    below = _FailingFlush(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), below)
+    below.failure = StorageError("flushing: d was removed while served")
+    with caplog.at_level(logging.WARNING, logger="tierdisk.service.durability"):
+        for _ in range(50):
+            with pytest.raises(StorageError):
+                await vol.flush()
+    assert vol.verifier_changes == 50
+    renewed = [r for r in caplog.records if "write verifier renewed" in r.getMessage()]
+    assert len(renewed) == 1, [r.getMessage() for r in renewed]
 
 
 async def test_a_tier_that_lost_writes_renews_the_verifier_and_the_flush_succeeds(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tierdisk.service.logs import ClientGoneFilter, JsonFormatter
+from tierdisk.service.logs import ClientGoneFilter, JsonFormatter, configure_logging
 
 
 class ExecuteBatchError(Exception):
@@ -67,3 +67,17 @@ def test_json_lines_carry_the_exception() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert (entry["level"], entry["logger"], entry["message"]) == ("error", "x", "m 1")
     assert "ValueError: bad" in entry["exception"]
+
+
+def test_text_lines_are_stamped_in_utc_as_json_records_are() -> None:
+    """One clock for every tier's log, whatever the host's time zone: ISO 8601, UTC."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_logging("info", "text")
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "hello", None, None)
+        record.created, record.msecs = 86400.25, 250
+        line = root.handlers[0].format(record)
+    finally:
+        root.handlers[:], root.level = saved, level
+    assert line == "1970-01-02T00:00:00.250Z INFO t: hello"

@@ -43,3 +43,23 @@ def test_a_new_key_is_logged_at_once_at_its_level(
         (logging.ERROR, "attach: no volume (1 more of the previous kind were held back)"),
         (logging.ERROR, "attach: down (1 more of the previous kind were held back)"),
     ]
+
+
+def test_the_end_of_a_condition_says_what_was_held_back(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lines held back after the last one logged are counted in the line that ends the
+    condition (they were never told once it ended); a new failure is logged at once."""
+    now = [100.0]
+    monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
+    log = RateLimitedLog(logging.getLogger("t"), interval=10.0)
+    with caplog.at_level(logging.INFO, logger="t"):
+        for _ in range(4):
+            log.warning("call failed")
+        log.ended("answers again")
+        log.warning("call failed")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "call failed"),
+        (logging.INFO, "answers again (3 more like the last failure were held back)"),
+        (logging.WARNING, "call failed"),
+    ]

@@ -944,6 +944,19 @@ def test_a_kept_file_counts_whatever_its_role_or_its_volume_s_name_now(tmp_path:
     assert list(disk.iterdir()) == [], "nothing made in its place"
 
 
+def test_with_a_json_log_the_line_a_refused_start_ends_with_is_json_too(tmp_path: Path) -> None:
+    """A pipeline reading the log as JSON sees why the server did not start: the one line
+    is a record of level error (it was plain text among JSON records)."""
+    config = write_config(tmp_path, toml_volume("v", {"kind": "sparse", "path": "v", "size": 7}))
+    result = serve_once(
+        tmp_path, "--log-format", "json", "--config", str(config), "--listen", "127.0.0.1:0"
+    )
+    assert result.returncode == 2, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records[-1]["level"] == "error"
+    assert records[-1]["message"].startswith("tierdisk serve: config error: volume 'v'")
+
+
 def test_a_layer_file_taken_out_of_the_stack_is_a_warning(tmp_path: Path) -> None:
     """Its data leaves the volume (the operator asked for it, but may not know a flushed
     write lives there): the start says which file, and that it is left as it is."""

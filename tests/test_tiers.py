@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -233,7 +234,13 @@ async def test_remote_read_cache_fills_without_overwriting(
 
 
 @pytest.mark.parametrize("nbd", [False, True], ids=["grpc", "nbd-reads"])
-async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
+async def test_origin_outage_and_restart(
+    tmp_path: Path, nbd: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung, then a dead origin: the tier answers what it holds, fails the rest within its
+    timeout, and follows the origin back. Its log names the local volume and layer of each
+    failed call, and says when the origin answers again."""
+    caplog.set_level(logging.INFO, logger="tierdisk.service.layers.remote")
     port = free_port()
     listen = f"127.0.0.1:{port}"
     origin_dir = tmp_path / "origin"
@@ -296,6 +303,11 @@ async def test_origin_outage_and_restart(tmp_path: Path, nbd: bool) -> None:
                 "a read after the origin restarted", uncached_read, retry_on=cerr.TierdiskError
             )
             assert await health(cache.grpc_address) == health_pb2.HealthCheckResponse.SERVING
+            lines = [r.getMessage() for r in caplog.records]
+            where = f"volume 'vm', layer 1: remote {listen} volume 'base': "
+            failed = [line for line in lines if " answered " in line and "OK" not in line]
+            assert failed and all(line.startswith(where) for line in failed), lines
+            assert any(line.startswith(where + "answers again") for line in lines), lines
 
             async def watching() -> bool:
                 return bool((await vol.inspect("layers/1"))["watching_resizes"])

@@ -275,6 +275,10 @@ class RemoteLayer(Layer):
         self._present_at = -_PRESENT_REFRESH
         self._present_task: asyncio.Task[None] | None = None
         self._call_log = RateLimitedLog(log)  # failed calls: can repeat on every request
+        self._failing = False  # a failed call was logged, and no call answered since
+        self.owner = ""
+        """Where the layer serves, for its log lines (``"volume 'vm1', layer 2: "``; set by
+        the server): two volumes over one origin log alike otherwise."""
         self.request_counts: dict[tuple[str, str], int] = {}
         """Calls made to the remote, by (RPC name, status code name); only ever added to (the
         server may set it to a dict shared by every attach attempt of the volume)."""
@@ -382,6 +386,9 @@ class RemoteLayer(Layer):
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
         if code == grpc.StatusCode.OK:
             self._answered_at = time.monotonic()
+            if self._failing and rpc != "WatchResize":
+                self._failing = False
+                self._call_log.ended("%s%s: answers again (%s OK)", self.owner, self._where, rpc)
         elif rpc != "WatchResize":  # (a watch that ends is followed again: not a failed call)
             self._last_failure = (rpc, code.name, time.monotonic())
         if self.on_request is not None and rpc != "WatchResize":
@@ -395,8 +402,10 @@ class RemoteLayer(Layer):
                 if code == grpc.StatusCode.UNAVAILABLE
                 else "not retried"
             )
+            self._failing = True
             self._call_log.warning(
-                "%s: %s answered %s after %.3f s (%s)",
+                "%s%s: %s answered %s after %.3f s (%s)",
+                self.owner,
                 self._where,
                 rpc,
                 code.name,
