@@ -48,17 +48,21 @@ def test_every_file_but_a_read_cache_below_the_write_path_is_kept() -> None:
     assert kept_files(read_only) == [], "a read-only raw image is never made anew anyway"
 
 
-def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
-    present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
+def _three_layers(folder: Path) -> tuple[VolumeConfig, Path, Path]:
+    """Volume ``v``: a sparse top whose file is there (``present``), a sparse read cache,
+    and a raw base whose file is not (``lost``)."""
+    present, lost, cache = folder / "present", folder / "lost", folder / "cache"
     present.write_bytes(b"data")
-    stack = VolumeConfig(
-        "v",
-        (
-            layer("sparse", str(present)),
-            layer("sparse", str(cache), read_cache=True),
-            layer("raw", str(lost)),
-        ),
+    layers = (
+        layer("sparse", str(present)),
+        layer("sparse", str(cache), read_cache=True),
+        layer("raw", str(lost)),
     )
+    return VolumeConfig("v", layers), present, lost
+
+
+def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
+    stack, present, lost = _three_layers(tmp_path)
     check_kept_files(stack, {str(present): ["v"]}, [str(present)], "rec.json")  # the cache
     check_kept_files(stack, {}, [], "rec.json")  # never served: a new volume
     served = {str(present): ["v"], str(lost): ["v"]}
@@ -147,16 +151,7 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
     """``recorded`` None: the volume was served by a build that recorded no files. Each file
     it keeps counts, a read cache's still does not; the message says the entry is the way
     out."""
-    present, lost, cache = tmp_path / "present", tmp_path / "lost", tmp_path / "cache"
-    present.write_bytes(b"data")
-    stack = VolumeConfig(
-        "v",
-        (
-            layer("sparse", str(present)),
-            layer("sparse", str(cache), read_cache=True),
-            layer("raw", str(lost)),
-        ),
-    )
+    stack, present, lost = _three_layers(tmp_path)
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
         check_kept_files(stack, {}, None, "/data/rec.json")
     assert "an older tierdisk wrote its entry" in str(info.value)

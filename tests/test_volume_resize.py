@@ -356,16 +356,37 @@ async def test_a_top_that_shrank_unseen_after_part_of_a_write_is_not_out_of_rang
         await volume.close()
 
 
-class _GatedCache(RamLayer):
-    """A read cache whose fills wait for :attr:`go` (set when :attr:`entered`)."""
+class _Gated(RamLayer):
+    """A ram layer with a gate: :meth:`wait_at_gate` sets :attr:`entered`, then waits for
+    :attr:`go`."""
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.entered, self.go = asyncio.Event(), asyncio.Event()
 
-    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+    async def wait_at_gate(self) -> None:
         self.entered.set()
         await self.go.wait()
+
+
+async def _read_across_a_shrink(
+    volume: Volume, gated: _Gated, sector: int, count: int, size: int
+) -> asyncio.Future[tuple[bytearray, list[Run]]]:
+    """A read of ``count`` sectors from ``sector``, during which the volume shrank to
+    ``size`` sectors: the shrink is made while the read waits at ``gated``'s gate, then the
+    gate opens. The read, to await."""
+    reading = asyncio.ensure_future(volume.read(sector, count))
+    await asyncio.wait_for(gated.entered.wait(), 5)
+    await asyncio.wait_for(volume.resize(size), 5)
+    gated.go.set()
+    return reading
+
+
+class _GatedCache(_Gated):
+    """A read cache whose fills wait at the gate."""
+
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        await self.wait_at_gate()
         return await super().write_no_overwrite(data, sector)
 
 
@@ -377,11 +398,7 @@ async def test_a_fill_that_loses_a_race_with_a_shrink_is_not_a_fill_error() -> N
     volume = await Volume.open("v", [LayerEntry(cache, read_cache=True), LayerEntry(lower)])
     try:
         await lower.write(memoryview(b"x" * 64 * 512), 0, False)
-        reading = asyncio.ensure_future(volume.read(40, 8))
-        await asyncio.wait_for(cache.entered.wait(), 5)
-        await asyncio.wait_for(volume.resize(32), 5)  # while the fill waits
-        cache.go.set()
-        await asyncio.wait_for(reading, 5)
+        await asyncio.wait_for(await _read_across_a_shrink(volume, cache, 40, 8, 32), 5)
         assert volume.entries[0].stats.cache_fill_errors == 0
         assert volume.entries[0].stats.cache_fills == 0
     finally:
@@ -412,17 +429,12 @@ async def test_a_fill_into_a_cache_that_shrank_by_itself_is_not_a_fill_error() -
         await volume.close()
 
 
-class _GatedReads(RamLayer):
-    """A layer whose reads wait for :attr:`go` (set when :attr:`entered`): a layer whose
-    reads yield, as a remote's or a file read on a thread do."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.entered, self.go = asyncio.Event(), asyncio.Event()
+class _GatedReads(_Gated):
+    """A layer whose reads wait at the gate: one whose reads yield, as a remote's or a file
+    read on a thread do."""
 
     async def read(self, buf: memoryview, sector: int) -> list[Run]:
-        self.entered.set()
-        await self.go.wait()
+        await self.wait_at_gate()
         return await super().read(buf, sector)
 
 
@@ -437,10 +449,7 @@ async def test_a_read_across_the_end_a_shrink_cuts_meanwhile_is_out_of_range() -
     )
     try:
         await lower.write(memoryview(b"x" * 64 * 512), 0, False)
-        reading = asyncio.ensure_future(volume.read(24, 16))
-        await asyncio.wait_for(gated.entered.wait(), 5)
-        await asyncio.wait_for(volume.resize(32), 5)  # while the read waits
-        gated.go.set()
+        reading = await _read_across_a_shrink(volume, gated, 24, 16, 32)
         with pytest.raises(OutOfRange):
             await asyncio.wait_for(reading, 5)
         assert (await volume.read(24, 8))[0] == b"x" * 8 * 512
