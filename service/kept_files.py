@@ -35,6 +35,7 @@ without, or make the mount point one the server cannot write into (README).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -133,8 +134,9 @@ def _refuse_if_lost(
     """The refusal of :func:`check_kept_files` for layer ``index`` at ``path``, which the
     volumes ``names`` were served from, if it is missing or empty."""
     try:
-        if os.stat(path).st_size:
-            return
+        found = os.stat(path)
+        if found.st_size or not stat.S_ISREG(found.st_mode):  # (a FIFO, a device: its layer
+            return  # refuses what is not a regular file, in those words)
         state = "is empty"  # its layer would take it for a creation cut short
     except FileNotFoundError:
         state = "is missing"

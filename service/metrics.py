@@ -128,8 +128,10 @@ class EngineCollector(Collector):
             "tierdisk_write_verifier_changes",
             "Times the volume's write verifier changed: a flush failed in a write-path "
             "layer's storage, a remote tier lost writes it had acknowledged, or (counted at "
-            "start) the server's last run did not stop cleanly. Writes acknowledged before "
-            "may be lost; clients that made them are told at their next flush (WritesLost).",
+            "start) the server's last run did not stop cleanly (not for a write path that is "
+            "ram only: it loses its writes at every stop). Writes acknowledged before may be "
+            "lost; clients that made them are told at their next flush (WritesLost). 0 for a "
+            "volume not open yet.",
             labels=["volume"],
         )
         ready = GaugeMetricFamily(
@@ -142,8 +144,11 @@ class EngineCollector(Collector):
         )
         volumes = self._volumes.ready_volumes()
         serving = {volume.name for volume in volumes if not volume.problem}
+        opened = {volume.name for volume in volumes}
         for name in self._volumes.names():
             ready.add_metric([name], 1 if name in serving else 0)
+            if name not in opened:  # from 0, so the change counted when it opens is a rise
+                verifier_changes.add_metric([name], 0)
         for (name, index), counts in sorted(self._remote.items()):
             for (method, code), n in sorted(counts.items()):
                 remote.add_metric([name, str(index), method, code], n)

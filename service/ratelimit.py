@@ -21,16 +21,23 @@ class RateLimitedLog:
         self._next = 0.0
         self._suppressed = 0
         self._key: object = None
+        self._next_end = 0.0  # when the next end of the condition may be logged
 
     def ended(self, msg: str, *args: object) -> None:
         """Log ``msg % args`` at info level, the end of the condition (it answers again), with
         the count of lines held back since the last one logged, which would otherwise never
-        be told; the next line is logged at once."""
+        be told. At most one such line per ``interval`` too, and the failures' own interval
+        runs on: a condition that comes and goes (a tier that answers one call in two) is
+        still a line or two per interval, not two per call."""
+        now = time.monotonic()
+        if now < self._next_end:
+            return
         if self._suppressed:
             msg += " (%d more like the last failure were held back)"
             args = (*args, self._suppressed)
         self._logger.info(msg, *args)
-        self._suppressed, self._next, self._key = 0, 0.0, None
+        self._suppressed = 0
+        self._next_end = now + self._interval
 
     def warning(self, msg: str, *args: object, key: object = None) -> None:
         """Log ``msg % args`` at warning level (see :meth:`log`)."""

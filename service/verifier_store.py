@@ -117,6 +117,8 @@ class VerifierStore:
                 old = 0
             clean = old != 0 and entry.get("clean") is True
             kept_writes = entry.get("kept_writes")
+            if kept_writes is None and entry.get("files") == []:
+                kept_writes = False  # an older build's run served from no file: ram only
             store.verifiers[name] = old if clean and kept_writes is not False else new_verifier(old)
             if old and not clean:
                 store.unclean.add(name)

@@ -325,7 +325,7 @@ class Volume:
         if count == 0:
             return []
         end = sector + count
-        layout = self._layout
+        layout, smallest = self._layout, self._smallest
         overlap = self._overlap
         missing: list[Run] = [(sector, end)]
         fills: list[tuple[LayerEntry, list[Run]]] = []
@@ -365,11 +365,15 @@ class Volume:
                         fills.append((entry, fill))
             if not missing:
                 break
-        if missing and self._layout != layout and end > self.sector_count:
-            # A shrink cut the range while a layer's read waited: the layers below were then
-            # not asked for the sectors it cut, which would read as zeros beside the data
-            # read before it. The read comes after the shrink: OUT_OF_RANGE.
-            self._check_range(sector, count)
+        if missing and self._layout != layout and self._smallest < min(end, smallest):
+            # A shrink cut the range while a layer's read waited (and a grow may have
+            # followed): the layers below were then not asked for the sectors it cut, which
+            # would read as zeros beside what was read before it. The read comes after the
+            # shrink (and before any grow): OUT_OF_RANGE.
+            raise OutOfRange(
+                f"volume {self.name!r}: sectors [{max(sector, self._smallest)}, {end}) were "
+                "cut by a shrink while the read ran"
+            )
         for a, b in missing:
             buf[(a - sector) * ss : (b - sector) * ss] = bytes((b - a) * ss)
         for entry, runs in fills:

@@ -159,3 +159,12 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
     lost.write_bytes(b"base")
     found = check_kept_files(stack, {}, None, "/data/rec.json")  # the cache may be made again
     assert found == KeptFiles([str(present), str(lost)], [])
+
+
+def test_a_recorded_path_that_is_no_regular_file_is_left_to_its_layer(tmp_path: Path) -> None:
+    """A FIFO where a recorded file was is not called "empty": the layer refuses it as not a
+    regular file (tests/test_sparse.py, test_raw.py)."""
+    path = tmp_path / "v"
+    os.mkfifo(path)
+    stack = VolumeConfig("v", (layer("sparse", str(path)),))
+    check_kept_files(stack, {str(path): ["v"]}, [str(path)], "rec.json")

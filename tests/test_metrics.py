@@ -353,7 +353,8 @@ async def test_a_volume_waiting_for_its_remote_tier_is_visible(tmp_path: Path) -
     """README: a remote tier down at start leaves its volume attaching in the background,
     answering UNAVAILABLE. /metrics shows it: ``tierdisk_volume_ready`` 0 (then 1 once the
     origin is up), its UNAVAILABLE requests under its own name, and the failed attach calls
-    in ``tierdisk_remote_requests_total``, which agrees with the histogram's count."""
+    in ``tierdisk_remote_requests_total``, which agrees with the histogram's count; its
+    ``tierdisk_write_verifier_changes_total`` is there already, at 0."""
     listen = f"127.0.0.1:{free_port()}"  # nothing listens there yet
     body = toml_volume("late", ram(), remote(listen, "base", timeout=1))
     body += toml_volume("local", ram("1MiB"))
@@ -383,6 +384,9 @@ async def test_a_volume_waiting_for_its_remote_tier_is_visible(tmp_path: Path) -
         text = await scrape(address)
         assert value(text, "tierdisk_volume_ready", volume="late") == 0
         assert value(text, "tierdisk_volume_ready", volume="local") == 1
+        # from 0 while it waits: the change an unclean start counts when it opens is a
+        # rise the alert sees, however late that is (a series born at 1 was none)
+        assert value(text, "tierdisk_write_verifier_changes_total", volume="late") == 0
         assert (
             value(
                 text,

@@ -49,7 +49,9 @@ def test_the_end_of_a_condition_says_what_was_held_back(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lines held back after the last one logged are counted in the line that ends the
-    condition (they were never told once it ended); a new failure is logged at once."""
+    condition (they were never told once it ended). A condition that comes and goes on
+    every call is still one failure and one end per interval (each end once let the next
+    failure through: a line per call)."""
     now = [100.0]
     monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
     log = RateLimitedLog(logging.getLogger("t"), interval=10.0)
@@ -57,9 +59,14 @@ def test_the_end_of_a_condition_says_what_was_held_back(
         for _ in range(4):
             log.warning("call failed")
         log.ended("answers again")
+        for _ in range(50):  # flapping, within the interval
+            now[0] += 0.1
+            log.warning("call failed")
+            log.ended("answers again")
+        now[0] += 10.0
         log.warning("call failed")
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.WARNING, "call failed"),
         (logging.INFO, "answers again (3 more like the last failure were held back)"),
-        (logging.WARNING, "call failed"),
+        (logging.WARNING, "call failed (50 similar messages suppressed)"),
     ]

@@ -307,14 +307,22 @@ async def test_a_clean_restart_tells_of_writes_lost_by_the_run_that_stopped(
         served.server.close()
 
 
-@pytest.mark.parametrize(("layers", "told"), [((ram("1MiB"),), True), ((SPARSE,), False)])
+@pytest.mark.parametrize(
+    ("layers", "then", "told"),
+    [((ram("1MiB"),), (), True), ((SPARSE,), (), False), ((ram("1MiB"),), (SPARSE,), True)],
+    ids=["ram", "sparse", "ram-then-sparse"],
+)
 async def test_an_older_builds_clean_entry_follows_the_volume_as_it_is_now(
-    tmp_path: Path, layers: tuple[dict[str, str], ...], told: bool
+    tmp_path: Path,
+    layers: tuple[dict[str, str], ...],
+    then: tuple[dict[str, str], ...],
+    told: bool,
 ) -> None:
     """An entry without ``kept_writes`` (an older build wrote it) does not say whether that
     run kept its writes: a volume whose write path is ram only now gets a new verifier, as
     that build gave it (a ram volume's writes went unreported over the upgrade), and one
-    that keeps its writes keeps its verifier."""
+    that keeps its writes keeps its verifier; an entry that records no file at all was
+    served from ram only, whatever the volume is now."""
     served = Served(tmp_path, *layers)
     try:
         async with AsyncClient(served.listen, timeout=10) as client:
@@ -325,7 +333,7 @@ async def test_an_older_builds_clean_entry_follows_the_volume_as_it_is_now(
             doc = json.loads(record.read_text())
             del doc["volumes"]["v"]["kept_writes"]
             record.write_text(json.dumps(doc))
-            served.restart("kill")  # (stopped already, cleanly)
+            served.restart("kill", then=then)  # (stopped already, cleanly)
             outcome = await _flush_after_restart(vol)
             assert isinstance(outcome, cerr.WritesLost) if told else outcome is None, outcome
     finally:

@@ -370,14 +370,16 @@ class _Gated(RamLayer):
 
 
 async def _read_across_a_shrink(
-    volume: Volume, gated: _Gated, sector: int, count: int, size: int
+    volume: Volume, gated: _Gated, sector: int, count: int, size: int, *, grow_back: int = 0
 ) -> asyncio.Future[tuple[bytearray, list[Run]]]:
     """A read of ``count`` sectors from ``sector``, during which the volume shrank to
-    ``size`` sectors: the shrink is made while the read waits at ``gated``'s gate, then the
-    gate opens. The read, to await."""
+    ``size`` sectors (and grew back to ``grow_back``, if given): the resizes are made while
+    the read waits at ``gated``'s gate, then the gate opens. The read, to await."""
     reading = asyncio.ensure_future(volume.read(sector, count))
     await asyncio.wait_for(gated.entered.wait(), 5)
     await asyncio.wait_for(volume.resize(size), 5)
+    if grow_back:
+        await asyncio.wait_for(volume.resize(grow_back), 5)
     gated.go.set()
     return reading
 
@@ -438,19 +440,22 @@ class _GatedReads(_Gated):
         return await super().read(buf, sector)
 
 
-async def test_a_read_across_the_end_a_shrink_cuts_meanwhile_is_out_of_range() -> None:
+@pytest.mark.parametrize("grow_back", [0, 64], ids=["shrink", "shrink-and-grow"])
+async def test_a_read_across_the_end_a_shrink_cuts_meanwhile_is_out_of_range(
+    grow_back: int,
+) -> None:
     """The shrink lowers what the layers below show while a read waits on a layer in
     between: the read then no longer asked the lowest layer for the sectors being cut, and
-    answered them as zeros, OK, beside the data below the new end (no order of the two
-    gives that: the data, before the shrink, or OUT_OF_RANGE, after it)."""
-    gated, lower = _GatedReads(64 * 512), RamLayer(64 * 512)
-    volume = await Volume.open(
-        "v", [LayerEntry(RamLayer(64 * 512)), LayerEntry(gated), LayerEntry(lower)]
-    )
+    answered them as zeros, OK, beside what it read before (the top's sectors past the cut;
+    the data below the new end): no order of the resizes and the read gives that. Grown
+    back before the read went on, the same (the top's old sectors past the cut are gone)."""
+    top, gated, lower = RamLayer(64 * 512), _GatedReads(64 * 512), RamLayer(64 * 512)
+    volume = await Volume.open("v", [LayerEntry(top), LayerEntry(gated), LayerEntry(lower)])
     try:
         await lower.write(memoryview(b"x" * 64 * 512), 0, False)
-        reading = await _read_across_a_shrink(volume, gated, 24, 16, 32)
-        with pytest.raises(OutOfRange):
+        await top.write(memoryview(b"t" * 4 * 512), 32, False)  # read before the shrink
+        reading = await _read_across_a_shrink(volume, gated, 24, 16, 32, grow_back=grow_back)
+        with pytest.raises(OutOfRange, match=r"sectors \[32, 40\) were cut by a shrink"):
             await asyncio.wait_for(reading, 5)
         assert (await volume.read(24, 8))[0] == b"x" * 8 * 512
     finally:
