@@ -22,22 +22,29 @@ class RateLimitedLog:
         self._suppressed = 0
         self._key: object = None
         self._next_end = 0.0  # when the next end of the condition may be logged
+        self._logged_since_end = False  # a line was logged since the last end
 
     def ended(self, msg: str, *args: object) -> None:
         """Log ``msg % args`` at info level, the end of the condition (it answers again), with
         the count of lines held back since the last one logged, which would otherwise never
-        be told. At most one such line per ``interval`` too, and the failures' own interval
-        runs on: a condition that comes and goes (a tier that answers one call in two) is
-        still a line or two per interval, not two per call."""
+        be told. Logged whenever a line of the condition was logged since the last end;
+        else (its lines were all held back: a condition that comes and goes) at most once
+        per ``interval``, their count going with the next line. An end that comes an
+        ``interval`` or more after the last one makes the next line of the condition news,
+        logged at once; ends closer together leave the lines' interval running, so a tier
+        that answers one call in two is a few lines per interval, not two per call."""
         now = time.monotonic()
-        if now < self._next_end:
+        if not self._logged_since_end and now < self._next_end:
             return
         if self._suppressed:
             msg += " (%d more like the last failure were held back)"
             args = (*args, self._suppressed)
         self._logger.info(msg, *args)
         self._suppressed = 0
+        if now >= self._next_end:  # not coming and going: a new episode is news
+            self._next, self._key = 0.0, None
         self._next_end = now + self._interval
+        self._logged_since_end = False
 
     def warning(self, msg: str, *args: object, key: object = None) -> None:
         """Log ``msg % args`` at warning level (see :meth:`log`)."""
@@ -74,4 +81,5 @@ class RateLimitedLog:
         self._suppressed = 0
         self._next = now + self._interval
         self._key = key
+        self._logged_since_end = True
         self._logger.log(level, msg, *args, exc_info=exc_info)

@@ -65,7 +65,7 @@ from .errors import (
     TierdiskError,
     Unavailable,
 )
-from .layer import Layer, UnmapBehavior, size_limit_problem
+from .layer import MAX_SECTORS, Layer, UnmapBehavior, size_limit_problem
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 from .sector_lock import EVERY_SECTOR, SectorLock
@@ -155,6 +155,8 @@ class Volume:
         skips its fills when it changed while the read ran (:meth:`_fill`)."""
         self._listeners: list[tuple[Layer, Callable[[int], None]]] = []
         self._smallest = stack.smallest
+        self._cut_to = MAX_SECTORS  # the smallest size a shrink of this volume's cut it to
+        self._shrinking = False  # a shrink of this volume is cutting its layers
         self._sizes = SizeHistory(top.sector_count)
         self.generation = 0
         """The size generation (:class:`SizeHistory`'s, copied by :meth:`_note_size`), as
@@ -325,7 +327,7 @@ class Volume:
         if count == 0:
             return []
         end = sector + count
-        layout, smallest = self._layout, self._smallest
+        layout, cut = self._layout, self._cut_to
         overlap = self._overlap
         missing: list[Run] = [(sector, end)]
         fills: list[tuple[LayerEntry, list[Run]]] = []
@@ -365,13 +367,15 @@ class Volume:
                         fills.append((entry, fill))
             if not missing:
                 break
-        if missing and self._layout != layout and self._smallest < min(end, smallest):
-            # A shrink cut the range while a layer's read waited (and a grow may have
-            # followed): the layers below were then not asked for the sectors it cut, which
-            # would read as zeros beside what was read before it. The read comes after the
-            # shrink (and before any grow): OUT_OF_RANGE.
+        if missing and self._layout != layout and self._cut_to < min(end, cut):
+            # A shrink of the volume cut the range while a layer's read waited (and a grow
+            # may have followed): the layers below were then not asked for the sectors it
+            # cut, which would read as zeros beside what was read before it. The read comes
+            # after the shrink (and before any grow): OUT_OF_RANGE. (A remote top whose
+            # origin shrank by itself is not such a cut: past its end it reads zeros, as
+            # its origin does.)
             raise OutOfRange(
-                f"volume {self.name!r}: sectors [{max(sector, self._smallest)}, {end}) were "
+                f"volume {self.name!r}: sectors [{max(sector, self._cut_to)}, {end}) were "
                 "cut by a shrink while the read ran"
             )
         for a, b in missing:
@@ -774,6 +778,7 @@ class Volume:
         lock = self.sector_lock
         shrink = sector_count < self.sector_count
         token = await lock.acquire_exclusive(sector_count, EVERY_SECTOR) if shrink else None
+        self._shrinking = shrink  # (_note_size: the cut is this volume's, read_into)
         grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
         cut = False  # a layer was shrunk: its data past the new end is gone
         # A grow goes bottom-up, the top last (the layers below must have room for what the
@@ -805,10 +810,12 @@ class Volume:
         except BaseException:
             await self._undo_grows(grown)
             raise
+        else:
+            self._note_size(path[0].sector_count)  # (a top that calls no listener)
         finally:
+            self._shrinking = False
             if token is not None:
                 lock.release(token)
-        self._note_size(path[0].sector_count)
 
     async def _undo_grows(self, grown: list[tuple[Layer, int]]) -> None:
         """Shrink back the lower layers a failed resize grew (``(layer, old size)``)."""
@@ -831,6 +838,8 @@ class Volume:
             return
         self.generation = sizes.generation
         self._smallest = min(self._smallest, size)
+        if self._shrinking:  # a shrink of this volume, not of a remote top's own origin
+            self._cut_to = min(self._cut_to, size)
         self._lower_overlaps(1, size)
         self._overlap[0] = size
         self._layout += 1

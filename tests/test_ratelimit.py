@@ -50,8 +50,8 @@ def test_the_end_of_a_condition_says_what_was_held_back(
 ) -> None:
     """The lines held back after the last one logged are counted in the line that ends the
     condition (they were never told once it ended). A condition that comes and goes on
-    every call is still one failure and one end per interval (each end once let the next
-    failure through: a line per call)."""
+    every call is a few lines per interval (each end once let the next failure through:
+    two lines per call)."""
     now = [100.0]
     monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
     log = RateLimitedLog(logging.getLogger("t"), interval=10.0)
@@ -68,5 +68,33 @@ def test_the_end_of_a_condition_says_what_was_held_back(
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.WARNING, "call failed"),
         (logging.INFO, "answers again (3 more like the last failure were held back)"),
-        (logging.WARNING, "call failed (50 similar messages suppressed)"),
+        (logging.WARNING, "call failed"),  # a new episode: news
+        (logging.INFO, "answers again"),  # (it was logged: its end is told)
+        (logging.WARNING, "call failed (49 similar messages suppressed)"),
+    ]
+
+
+def test_every_episode_whose_failure_was_logged_has_its_end_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two outages a few seconds apart, each logged, each end logged: the last word on the
+    condition is never a failure that is over (the end of the second was dropped, and an
+    outage soon after an end could go unlogged)."""
+    now = [100.0]
+    monkeypatch.setattr("tierdisk.service.ratelimit.time.monotonic", lambda: now[0])
+    log = RateLimitedLog(logging.getLogger("t"), interval=10.0)
+    with caplog.at_level(logging.INFO, logger="t"):
+        for start in (0.0, 12.0, 15.0):  # the third begins 3 s after the second ended
+            now[0] = 100.0 + start
+            log.warning("call failed")
+            now[0] += 1.0
+            log.warning("call failed")
+            log.ended("answers again")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "call failed"),
+        (logging.INFO, "answers again (1 more like the last failure were held back)"),
+        (logging.WARNING, "call failed"),
+        (logging.INFO, "answers again (1 more like the last failure were held back)"),
+        (logging.WARNING, "call failed"),
+        (logging.INFO, "answers again (1 more like the last failure were held back)"),
     ]

@@ -40,7 +40,7 @@ from tierdisk.service.errors import (
 from tierdisk.service.layer import Layer
 from tierdisk.service.layers import sparse as sparse_module
 from tierdisk.service.layers.raw import RawLayer
-from tierdisk.service.layers.sparse import SparseLayer
+from tierdisk.service.layers.sparse import IDLE_LOOK_SECONDS, SparseLayer
 from tierdisk.service.layers.sparse_map import HEADER_SIZE
 from tierdisk.service.volume import LayerEntry, Volume
 
@@ -301,9 +301,13 @@ async def test_a_flush_fails_when_a_file_was_changed_under_the_layer(
             os.truncate(path, 4 * SS)
         if written_since:
             await layer.write(memoryview(pattern(2, 16, 1, SS)), 16, False)
+        else:  # an idle flush looks unless a look found the files less than this ago
+            await asyncio.sleep(2 * IDLE_LOOK_SECONDS)
         file = f"{path}.map" if change == "map replaced" else str(path)
         word = change.split()[1]
         with pytest.raises(StorageError, match=rf"{file} .*{word}.*may be lost"):
+            await layer.flush()
+        with pytest.raises(StorageError, match=rf"{file} .*{word}"):  # again: not "looked"
             await layer.flush()
     finally:
         await layer.close()
