@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from .config import VolumeConfig
 from .errors import ConfigError, StorageError
 
-__all__ = ["KeptFiles", "check_kept_files", "kept_files"]
+__all__ = ["KeptFiles", "check_kept_files", "kept_files", "served_by"]
 
 
 def _kept(config: VolumeConfig) -> list[tuple[int, str]]:
@@ -91,9 +91,20 @@ class KeptFiles:
     dropped: list[str]
 
 
+def served_by(served: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+    """``served`` (every recorded file, mapped to the volumes served from it) with each file
+    also under its resolved path: what :func:`check_kept_files` looks layer paths up in.
+    Blocks (``realpath``): made once per start, off the event loop."""
+    owners: dict[str, set[str]] = {}
+    for path, volumes in served.items():
+        for spelling in _spellings(path):
+            owners.setdefault(spelling, set()).update(volumes)
+    return owners
+
+
 def check_kept_files(
     config: VolumeConfig,
-    served: Mapping[str, Sequence[str]],
+    owners: Mapping[str, Collection[str]],
     recorded: Collection[str] | None,
     record: str,
 ) -> KeptFiles:
@@ -103,21 +114,18 @@ def check_kept_files(
     looks at the disks. Else what to record, and what was dropped (:class:`KeptFiles`).
     Blocks (``stat``, ``realpath``): call it off the event loop.
 
-    ``served`` maps every file recorded in the file ``record`` to the volumes served from it
-    (any volume: one renamed keeps its files), and every layer with a path is looked up,
-    under its path and its resolved path, whatever its role now. ``recorded``: the files
-    recorded for this volume; ``None`` when its entry was written by an older tierdisk that
-    recorded no files, so each file ``config`` keeps counts as served from by it (the first
-    start after an upgrade must not serve a lost volume empty either)."""
-    owners: dict[str, set[str]] = {}
-    for path, volumes in served.items():
-        for spelling in _spellings(path):
-            owners.setdefault(spelling, set()).update(volumes)
+    ``owners`` maps every file recorded in the file ``record`` to the volumes served from it
+    (any volume: one renamed keeps its files; :func:`served_by`), and every layer with a
+    path is looked up, under its path and its resolved path, whatever its role now.
+    ``recorded``: the files recorded for this volume; ``None`` when its entry was written
+    by an older tierdisk that recorded no files, so each file ``config`` keeps counts as
+    served from by it (the first start after an upgrade must not serve a lost volume empty
+    either)."""
     kept = set(kept_files(config))
     ours = {spelling for path in recorded or () for spelling in _spellings(path)}
     layers = _layer_paths(config)
     for index, path in layers:
-        names = set().union(*(owners.get(spelling, set()) for spelling in _spellings(path)))
+        names = {n for spelling in _spellings(path) for n in owners.get(spelling, ())}
         if not names and recorded is None and path in kept:
             names = {config.name}  # an older build's entry: its files are not known
         if names:

@@ -47,7 +47,7 @@ from .config import Config, VolumeConfig, nbd_tls_context, sector_size_problem
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
-from .kept_files import check_kept_files
+from .kept_files import check_kept_files, served_by
 from .layers import build_layer
 from .metrics import Metrics, RemoteCounts
 from .metrics_http import MetricsEndpoint
@@ -108,6 +108,7 @@ class Server:
         self._stopped = False
         self._verifiers: VerifierStore | None = None
         self._marking: asyncio.Future[None] | None = None  # VerifierStore.mark_unclean
+        self._owners: asyncio.Future[dict[str, set[str]]] | None = None  # kept_files.served_by
         self._to_mark: set[str] = set()  # volumes to mark before they are served
         self.unflushed: list[str] = []
         """The volumes whose final flush failed at the stop (:meth:`stop`), also when the
@@ -264,20 +265,20 @@ class Server:
         closed). A problem one of its layers finds later (:attr:`Layer.problem`: it refuses
         all I/O until a restart) turns health ``NOT_SERVING`` and the volume's
         ``tierdisk_volume_ready`` 0."""
-        if self._verifiers is not None:  # kept over a clean stop (verifier_store)
+        store = self._verifiers
+        if store is not None:  # kept over a clean stop (verifier_store)
             try:
-                await self._mark_unclean(self._verifiers, volume.name)
+                await self._mark_unclean(store, volume.name)
             except BaseException:
                 await volume.close()
                 raise
-            # New unless the last run stopped cleanly and kept its writes (a run whose write
-            # path was ram only lost them at its stop, whatever the config is now).
-            store = self._verifiers
+            # New unless the last run stopped cleanly and kept its writes (the store drew the
+            # others); an older build's entry does not say, so judged by the stack now.
             kept = store.verifiers[volume.name]
             unknown = volume.name in store.loss_unknown and volume.lost_at_exit
             volume.write_verifier = new_verifier(kept) if unknown else kept
-            # (A ram-only write path loses its writes at every stop: no warning for it.)
-            if volume.name in self._verifiers.unclean and not volume.lost_at_exit:
+            # A ram-only write path loses its writes at every stop: no warning for it.
+            if volume.name in store.unclean and not volume.lost_at_exit:
                 log.warning(
                     "volume %r: the last run did not stop cleanly (a crash, a kill, or a "
                     "final flush that failed): writes it acknowledged but had not flushed "
@@ -310,10 +311,14 @@ class Server:
     async def _build(self, config: VolumeConfig) -> Volume:
         store = self._verifiers
         if store is not None and store.usable:  # never an empty layer for a lost file
+            if self._owners is None:  # once per start (realpath of every recorded file)
+                self._owners = asyncio.ensure_future(
+                    asyncio.to_thread(served_by, store.served_files())
+                )
             found = await asyncio.to_thread(
                 check_kept_files,
                 config,
-                store.served_files(),
+                await asyncio.shield(self._owners),
                 store.recorded_files(config.name),
                 store.path,
             )

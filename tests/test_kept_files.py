@@ -10,7 +10,14 @@ import pytest
 
 from tierdisk.service.config import LayerConfig, VolumeConfig
 from tierdisk.service.errors import ConfigError, StorageError
-from tierdisk.service.kept_files import KeptFiles, check_kept_files, kept_files
+from tierdisk.service.kept_files import KeptFiles, check_kept_files, kept_files, served_by
+
+
+def check(
+    config: VolumeConfig, served: dict[str, list[str]], recorded: list[str] | None, record: str
+) -> KeptFiles:
+    """:func:`check_kept_files` with ``served`` as the store gives it (:func:`served_by`)."""
+    return check_kept_files(config, served_by(served), recorded, record)
 
 
 def layer(kind: str, path: str | None = None, **flags: bool) -> LayerConfig:
@@ -63,17 +70,17 @@ def _three_layers(folder: Path) -> tuple[VolumeConfig, Path, Path]:
 
 def test_a_recorded_file_that_is_missing_is_refused(tmp_path: Path) -> None:
     stack, present, lost = _three_layers(tmp_path)
-    check_kept_files(stack, {str(present): ["v"]}, [str(present)], "rec.json")  # the cache
-    check_kept_files(stack, {}, [], "rec.json")  # never served: a new volume
+    check(stack, {str(present): ["v"]}, [str(present)], "rec.json")  # the cache
+    check(stack, {}, [], "rec.json")  # never served: a new volume
     served = {str(present): ["v"], str(lost): ["v"]}
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
-        check_kept_files(stack, served, list(served), "/d/rec.json")
+        check(stack, served, list(served), "/d/rec.json")
     assert "but this volume was served from it before (as /d/rec.json records)" in str(info.value)
     assert "delete the volume's entry from rec.json" in str(info.value)
     assert isinstance(info.value.__cause__, StorageError)
     present.write_bytes(b"")  # emptied: its layer would make it anew, empty
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 0: {present} is empty"):
-        check_kept_files(stack, {str(present): ["v"]}, [str(present)], "rec.json")
+        check(stack, {str(present): ["v"]}, [str(present)], "rec.json")
 
 
 def test_a_recorded_file_counts_whatever_its_role_and_its_volume_s_name(tmp_path: Path) -> None:
@@ -86,14 +93,14 @@ def test_a_recorded_file_counts_whatever_its_role_and_its_volume_s_name(tmp_path
     )
     assert kept_files(copies_now) == []
     with pytest.raises(ConfigError, match=rf"layer 0: {lost} is missing, but this volume"):
-        check_kept_files(copies_now, {str(lost): ["v"]}, [str(lost)], "rec.json")
+        check(copies_now, {str(lost): ["v"]}, [str(lost)], "rec.json")
     renamed = VolumeConfig("w", (layer("sparse", str(lost)),))
     with pytest.raises(ConfigError) as info:
-        check_kept_files(renamed, {str(lost): ["v"]}, [], "rec.json")
+        check(renamed, {str(lost): ["v"]}, [], "rec.json")
     assert f"{lost} is missing, but volume 'v' was served from it before" in str(info.value)
     assert "delete the entry of 'v' from rec.json" in str(info.value)
     with pytest.raises(ConfigError) as info:  # renamed and served since: both record it
-        check_kept_files(renamed, {str(lost): ["v", "w"]}, [str(lost)], "rec.json")
+        check(renamed, {str(lost): ["v", "w"]}, [str(lost)], "rec.json")
     assert "but volumes 'v', 'w' were served from it before" in str(info.value)
     assert "delete the entries of 'v', 'w' from rec.json" in str(info.value)
 
@@ -106,7 +113,7 @@ def test_a_recorded_file_is_found_through_a_symlink(tmp_path: Path) -> None:
     stack = VolumeConfig("v", (layer("sparse", str(tmp_path / "disk" / "v")),))
     recorded = [str(tmp_path / "link" / "v")]
     with pytest.raises(ConfigError, match="is missing, but this volume was served from it"):
-        check_kept_files(stack, {recorded[0]: ["v"]}, recorded, "rec.json")
+        check(stack, {recorded[0]: ["v"]}, recorded, "rec.json")
 
 
 def test_what_is_recorded_and_what_was_dropped(tmp_path: Path) -> None:
@@ -125,13 +132,11 @@ def test_what_is_recorded_and_what_was_dropped(tmp_path: Path) -> None:
         ),
         read_only=True,
     )
-    assert check_kept_files(stack, {}, [], "rec.json") == KeptFiles([], [])
+    assert check(stack, {}, [], "rec.json") == KeptFiles([], [])
     served = {path: ["v"] for path in (base, was_top, gone)}
-    assert check_kept_files(stack, served, list(served), "rec.json") == KeptFiles(
-        [was_top, base], [gone]
-    )
+    assert check(stack, served, list(served), "rec.json") == KeptFiles([was_top, base], [gone])
     writable = VolumeConfig("w", (layer("sparse", "/d/top"), layer("raw", base)))
-    found = check_kept_files(writable, {base: ["w"]}, [base], "rec.json")
+    found = check(writable, {base: ["w"]}, [base], "rec.json")
     assert found == KeptFiles(["/d/top", base], [])
 
 
@@ -153,11 +158,11 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
     out."""
     stack, present, lost = _three_layers(tmp_path)
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
-        check_kept_files(stack, {}, None, "/data/rec.json")
+        check(stack, {}, None, "/data/rec.json")
     assert "an older tierdisk wrote its entry" in str(info.value)
     assert str(info.value).endswith("delete the volume's entry from rec.json")
     lost.write_bytes(b"base")
-    found = check_kept_files(stack, {}, None, "/data/rec.json")  # the cache may be made again
+    found = check(stack, {}, None, "/data/rec.json")  # the cache may be made again
     assert found == KeptFiles([str(present), str(lost)], [])
 
 
@@ -167,4 +172,4 @@ def test_a_recorded_path_that_is_no_regular_file_is_left_to_its_layer(tmp_path: 
     path = tmp_path / "v"
     os.mkfifo(path)
     stack = VolumeConfig("v", (layer("sparse", str(path)),))
-    check_kept_files(stack, {str(path): ["v"]}, [str(path)], "rec.json")
+    check(stack, {str(path): ["v"]}, [str(path)], "rec.json")
