@@ -481,7 +481,10 @@ class Server:
         flushed = await asyncio.gather(*(self._final_flush(v) for v in volumes))
         self.unflushed = [v.name for v, ok in zip(volumes, flushed, strict=True) if not ok]
         for volume in volumes:
-            await volume.close()
+            failures = await volume.close()
+            if failures and volume.name not in self.unflushed:  # (a file gone since a look)
+                log.error("volume %r: flush at shutdown failed: %s", volume.name, failures[0])
+                self.unflushed.append(volume.name)
             self.metrics.forget_volume(volume.name)
         if self._marking is not None:  # (its thread must be done before close's)
             await asyncio.wait([self._marking])

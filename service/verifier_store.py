@@ -135,7 +135,7 @@ class VerifierStore:
         files = entry.get("files")
         if not isinstance(files, list):
             return None if "files" not in entry and "verifier" in entry else frozenset()
-        return frozenset(path for path in files if isinstance(path, str))
+        return frozenset(path for path in files if _is_path(path))
 
     def served_files(self) -> dict[str, list[str]]:
         """Every file any entry records (of any volume, configured or not), mapped to the
@@ -145,7 +145,7 @@ class VerifierStore:
             files = entry.get("files")
             if isinstance(files, list):
                 for path in files:
-                    if isinstance(path, str) and name not in served.get(path, ()):
+                    if _is_path(path) and name not in served.get(path, ()):
                         served.setdefault(path, []).append(name)
         return served
 
@@ -238,3 +238,9 @@ def _parse(path: str, data: bytes) -> dict[str, dict[str, object]]:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         log.warning("%s is not a write verifier file (%s): new verifiers for all", path, exc)
         return {}
+
+
+def _is_path(value: object) -> bool:
+    """Whether a recorded file is one a path can name (a damaged or hand-edited record may
+    hold anything: a NUL byte made the start a traceback)."""
+    return isinstance(value, str) and "\0" not in value

@@ -225,10 +225,11 @@ class Volume:
         volume._follow_task = asyncio.create_task(volume._follow_top(), name=f"follow-{name}")
         return volume
 
-    async def close(self) -> None:
+    async def close(self) -> list[Exception]:
         """Stop following the top's size and close every layer, after the flush round under
         way and the read caches' flushes have ended (a flush from now on that would need a
-        new round gets :class:`Unavailable`)."""
+        new round gets :class:`Unavailable`). Returns what the layers' closes raised (a
+        sparse layer's last commit that failed): every layer is closed all the same."""
         for layer, listener in self._listeners:
             layer.remove_resize_listener(listener)
         await self._durability.close()
@@ -237,9 +238,13 @@ class Volume:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._follow_task
             self._follow_task = None
+        failures = []
         for layer in self._layers:
-            with contextlib.suppress(Exception):
+            try:
                 await layer.close()
+            except Exception as exc:
+                failures.append(exc)
+        return failures
 
     # -- geometry -----------------------------------------------------------------------
 

@@ -244,3 +244,21 @@ def test_every_recorded_file_is_known_with_the_volume_served_from_it(tmp_path: P
     again = VerifierStore.open(str(tmp_path), ["renamed"])
     assert again.served_files() == {"/disk/a": ["a"], "/disk/shared": ["a"], "/disk/b": ["b"]}
     again.close({}, set())
+
+
+def test_recorded_files_no_path_can_name_are_left_out(tmp_path: Path) -> None:
+    """A damaged or hand-edited record: a NUL byte in a path, a number."""
+    (tmp_path / "write-verifiers.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "volumes": {
+                    "v": {"verifier": 7, "clean": True, "files": ["/d/a\u0000b", 5, "/d/c"]}
+                },
+            }
+        )
+    )
+    store = VerifierStore.open(str(tmp_path), ["v"])
+    assert store.recorded_files("v") == frozenset({"/d/c"})
+    assert store.served_files() == {"/d/c": ["v"]}
+    store.close({}, set())

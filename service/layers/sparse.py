@@ -322,22 +322,28 @@ class SparseLayer(Layer):
         """Let the writes, fills and unmaps under way finish (refusing new ones), commit
         them with the rest, and close the files. A mutation that reaches the layer after
         this began is ``UNAVAILABLE`` (:func:`layer_closed`); none is acknowledged without
-        being committed."""
+        being committed. A commit that fails (the files removed, the disk failing) is
+        raised once the files are closed: the server counts it as a failed final flush."""
         if self._fd < 0:
             return
         token = await self._sectors.hold_for_close()
         if token is None:
             return
+        failure: Exception | None = None
         try:
             await self._commit(compact=True)
         except Exception as exc:
-            log.warning("sparse layer %s: the flush at close failed: %s", self.path, exc)
+            failure = exc
         finally:
             writer, self._writer = self._writer, None  # later mutations: layer_closed
             if writer is not None:
                 await asyncio.get_running_loop().run_in_executor(None, writer.shutdown)
             self._close_files()
             self._sectors.release(token)
+        if failure is not None:
+            raise StorageError(
+                f"sparse layer {self.path}: the flush at close failed: {failure}"
+            ) from failure
 
     def _close_files(self) -> None:
         """Close the map and the data file (which releases the lock)."""
