@@ -228,8 +228,10 @@ class Volume:
     async def close(self) -> list[Exception]:
         """Stop following the top's size and close every layer, after the flush round under
         way and the read caches' flushes have ended (a flush from now on that would need a
-        new round gets :class:`Unavailable`). Returns what the layers' closes raised (a
-        sparse layer's last commit that failed): every layer is closed all the same."""
+        new round gets :class:`Unavailable`). Returns what the closes of write-path layers
+        raised (a sparse layer's last commit that failed: writes may be lost); a read cache
+        off the write path holds copies only, so its failure is logged, as its flushes'
+        are. Every layer is closed all the same."""
         for layer, listener in self._listeners:
             layer.remove_resize_listener(listener)
         await self._durability.close()
@@ -239,11 +241,14 @@ class Volume:
                 await self._follow_task
             self._follow_task = None
         failures = []
-        for layer in self._layers:
+        for index, layer in enumerate(self._layers):
             try:
                 await layer.close()
             except Exception as exc:
-                failures.append(exc)
+                if index < self._write_path:
+                    failures.append(exc)
+                else:
+                    log.warning("volume %r: closing layer %d failed: %s", self.name, index, exc)
         return failures
 
     # -- geometry -----------------------------------------------------------------------

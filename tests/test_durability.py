@@ -380,6 +380,29 @@ async def test_a_read_cache_off_the_write_path_does_not_hold_up_flushes(
     assert cache.ops("flush") == [("flush",)]
 
 
+class _FailingClose(MapLayer):
+    """A layer whose close fails (a sparse layer's last commit into a removed file)."""
+
+    async def close(self) -> None:
+        await super().close()
+        raise StorageError("the flush at close failed: d was removed while served")
+
+
+async def test_a_close_that_fails_on_the_write_path_is_told_a_read_caches_is_not(
+    volumes: VolumeOpener,
+) -> None:
+    """What ``Volume.close`` returns, the server counts as a failed final flush (exit 1,
+    writes may be lost): a write-path layer's failure; a read cache off the write path
+    holds copies only (logged)."""
+    through = await volumes(entry(MapLayer(8), wt=True), _FailingClose(8))
+    failures = await through.close()
+    assert [str(exc) for exc in failures] == [
+        "the flush at close failed: d was removed while served"
+    ]
+    cached = await volumes(MapLayer(8), entry(_FailingClose(8), rc=True))
+    assert await cached.close() == []
+
+
 async def test_a_flush_after_close_is_refused(volumes: VolumeOpener) -> None:
     vol = await volumes(MapLayer(8))
     await vol.close()
