@@ -128,8 +128,8 @@ class EngineCollector(Collector):
             "tierdisk_write_verifier_changes",
             "Times the volume's write verifier changed: a flush failed in a write-path "
             "layer's storage, a remote tier lost writes it had acknowledged, or (counted at "
-            "start) the server's last run did not stop cleanly (not for a write path that is "
-            "ram only: it loses its writes at every stop). Writes acknowledged before may be "
+            "start) the server's last run did not stop cleanly (not for a run whose write path "
+            "was ram only: it lost its writes at every stop). Writes acknowledged before may be "
             "lost; clients that made them are told at their next flush (WritesLost). 0 for a "
             "volume not open yet.",
             labels=["volume"],

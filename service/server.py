@@ -267,6 +267,8 @@ class Server:
         ``tierdisk_volume_ready`` 0."""
         store = self._verifiers
         if store is not None:  # kept over a clean stop (verifier_store)
+            # Written with the mark: a crash of this run is then judged by this run's stack.
+            store.kept_writes[volume.name] = not volume.lost_at_exit
             try:
                 await self._mark_unclean(store, volume.name)
             except BaseException:
@@ -277,8 +279,12 @@ class Server:
             kept = store.verifiers[volume.name]
             unknown = volume.name in store.loss_unknown and volume.lost_at_exit
             volume.write_verifier = new_verifier(kept) if unknown else kept
-            # A ram-only write path loses its writes at every stop: no warning for it.
-            if volume.name in store.unclean and not volume.lost_at_exit:
+            # A ram-only write path loses its writes at every stop: no warning for a run
+            # that had one (an older build's entry does not say: judged by the stack now).
+            crashed_keeping = store.unclean.get(volume.name, False)
+            if crashed_keeping is None:
+                crashed_keeping = not volume.lost_at_exit
+            if crashed_keeping:
                 log.warning(
                     "volume %r: the last run did not stop cleanly (a crash, a kill, or a "
                     "final flush that failed): writes it acknowledged but had not flushed "

@@ -9,11 +9,13 @@ end (a crash, a kill, a power loss, a final flush that failed, a server that nev
 write this file) gives the volume a new one at the next start.
 
 The file holds, per volume name, ``{"verifier": N, "clean": bool, "kept_writes": bool,
-"files": [PATH, …]}``: ``kept_writes`` says whether the run that stopped kept its writes
-past the stop (false for a write path that is ``ram`` only: it lost them however it
-stopped, so the next start draws a new verifier, whatever the volume's config is then; an
-entry without it, written by an older build, gets a new one only if the volume's write
-path is ``ram`` only now, as that build did);
+"files": [PATH, …]}``: ``kept_writes`` says whether the run that wrote the entry (the one
+that stopped, or the one that marked it and then crashed) keeps its writes past its stop
+(false for a write path that is ``ram`` only: it lost them however it stopped, so the next
+start draws a new verifier, whatever the volume's config is then, and a crash of such a run
+is no unclean stop worth a warning: nothing it held was to outlive it); an entry without it,
+written by an older build, gets a new one only if the volume's write path is ``ram`` only
+now, as that build did;
 ``files`` are the layer files the volume was last served from (:mod:`.kept_files`, which
 refuses to start a volume whose kept file went missing; :attr:`VerifierStore.files` says
 what to write, :meth:`VerifierStore.recorded_files` what the last run wrote). At start
@@ -85,15 +87,19 @@ class VerifierStore:
         with its entry when it is marked (:meth:`mark_unclean`) and at the stop."""
         self.kept_writes: dict[str, bool] = {}
         """Whether each volume served in this run keeps its writes past the stop (its
-        write path is not ``ram`` only), written with its entry (``kept_writes``)."""
+        write path is not ``ram`` only), written with its entry (``kept_writes``) when it
+        is marked (:meth:`mark_unclean`) and at the stop."""
         self.loss_unknown: set[str] = set()
         """The volumes whose clean entry an older build wrote, without ``kept_writes``: the
         server gives each a new verifier if its write path is ``ram`` only now, as that
         build did."""
-        self.unclean: set[str] = set()
+        self.unclean: dict[str, bool | None] = {}
         """The volumes whose last run did not stop cleanly (a crash, a kill, a final flush
         that failed): their verifiers are new ones because writes may have been lost. Not
-        a volume new to the file, nor any when the file cannot be used."""
+        a volume new to the file, nor any when the file cannot be used. Each maps to
+        whether that run kept its writes (``kept_writes``: a run whose write path was
+        ``ram`` only lost nothing by its crash that it was to keep; ``None``: an older
+        build's entry, which does not say)."""
 
     @classmethod
     def open(cls, data_dir: str, names: Sequence[str]) -> VerifierStore:
@@ -121,7 +127,7 @@ class VerifierStore:
                 kept_writes = False  # an older build's run served from no file: ram only
             store.verifiers[name] = old if clean and kept_writes is not False else new_verifier(old)
             if old and not clean:
-                store.unclean.add(name)
+                store.unclean[name] = kept_writes if isinstance(kept_writes, bool) else None
             elif clean and kept_writes is None:  # an older build's entry (module docs)
                 store.loss_unknown.add(name)
         return store

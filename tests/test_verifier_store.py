@@ -27,17 +27,22 @@ def _served(folder: Path, names: list[str]) -> VerifierStore:
     return store
 
 
-def _crashed_after_marking(folder: Path, names: list[str], marked: list[str]) -> None:
+def _crashed_after_marking(
+    folder: Path, names: list[str], marked: list[str], kept_writes: dict[str, bool] | None = None
+) -> None:
     """A server process that opened the store for ``names``, marked ``marked`` (served
-    them) and died without closing it (a crash)."""
+    them, with ``kept_writes`` as their stacks' when given) and died without closing it (a
+    crash)."""
     crash = (
         "import json, os, sys\n"
         "from tierdisk.service.verifier_store import VerifierStore\n"
         "names, marked = json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
-        "VerifierStore.open(sys.argv[1], names).mark_unclean(marked)\n"
+        "store = VerifierStore.open(sys.argv[1], names)\n"
+        "store.kept_writes.update(json.loads(sys.argv[4]))\n"
+        "store.mark_unclean(marked)\n"
         "os._exit(0)\n"
     )
-    args = [str(folder), json.dumps(names), json.dumps(marked)]
+    args = [str(folder), json.dumps(names), json.dumps(marked), json.dumps(kept_writes or {})]
     subprocess.run([sys.executable, "-c", crash, *args], check=True, timeout=60)
 
 
@@ -83,19 +88,33 @@ def test_a_crash_or_an_unclean_stop_gives_a_new_verifier(tmp_path: Path) -> None
     """...and names the volume among :attr:`VerifierStore.unclean` (the server logs and
     counts it); a volume new to the file is not one."""
     first = _served(tmp_path, ["a", "b"])
-    assert first.unclean == set()  # the first start: nothing was lost
+    assert first.unclean == {}  # the first start: nothing was lost
     first.close(first.verifiers, clean=["b"])  # a's final flush failed
     second = _served(tmp_path, ["a", "b", "c"])
     assert second.verifiers["a"] != first.verifiers["a"]
     assert second.verifiers["b"] == first.verifiers["b"]
-    assert second.unclean == {"a"}
+    assert second.unclean == {"a": None}  # (whether that run kept its writes: not said)
     second.close(second.verifiers, clean=["a", "b", "c"])
     _crashed_after_marking(tmp_path, ["a", "b"], ["a", "b"])
     third = _served(tmp_path, ["a", "b", "c"])
     assert third.verifiers["a"] != second.verifiers["a"]
     assert third.verifiers["b"] != second.verifiers["b"]
-    assert third.unclean == {"a", "b"}  # c was not served by the run that crashed
+    assert third.unclean == {"a": None, "b": None}  # c was not served by the run that crashed
     third.close(third.verifiers, clean=[])
+
+
+def test_an_unclean_entry_says_whether_the_run_that_crashed_kept_its_writes(
+    tmp_path: Path,
+) -> None:
+    """The mark records the marking run's ``kept_writes`` (the server sets it from the
+    volume's stack before it serves it): after a crash the next start knows whether the
+    lost run's write path was ``ram`` only (nothing it held was to outlive it: no warning)
+    whatever the config is now."""
+    _crashed_after_marking(tmp_path, ["a", "b"], ["a", "b"], {"a": True, "b": False})
+    assert _entries(tmp_path)["a"]["kept_writes"] is True
+    after = _served(tmp_path, ["a", "b"])
+    assert after.unclean == {"a": True, "b": False}
+    after.close(after.verifiers, clean=["a", "b"])
 
 
 def test_the_verifier_a_volume_has_at_the_stop_is_kept(tmp_path: Path) -> None:

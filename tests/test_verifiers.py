@@ -197,20 +197,25 @@ def _verifier_changes(server: ServerProcess) -> float:
     return value(text, "tierdisk_write_verifier_changes_total", volume="v")
 
 
-@pytest.mark.parametrize("layer", [SPARSE, ram("1MiB")], ids=["sparse", "ram"])
+@pytest.mark.parametrize(
+    ("layer", "then"),
+    [(SPARSE, SPARSE), (ram("1MiB"), ram("1MiB")), (SPARSE, ram("1MiB")), (ram("1MiB"), SPARSE)],
+    ids=["sparse", "ram", "sparse-restarted-as-ram", "ram-restarted-as-sparse"],
+)
 def test_a_start_after_an_unclean_stop_is_logged_and_counted(
-    tmp_path: Path, layer: dict[str, str]
+    tmp_path: Path, layer: dict[str, str], then: dict[str, str]
 ) -> None:
     """The verifier a start draws because the last run did not stop cleanly is a warning
     naming the volume and one change in ``tierdisk_write_verifier_changes_total`` (so the
     alert on it fires for a tier that crashed and came back at once); a clean restart, and
-    a ``ram`` volume (a new verifier at every start: nothing it held was to outlive the
-    server), count none."""
+    a run of a ``ram`` volume (a new verifier at every start: nothing it held was to outlive
+    the server), count none. What counts is the stack of the run that crashed, not the
+    config the server restarts with."""
     unclean = layer is SPARSE
     served = Served(tmp_path, layer)
     try:
         assert _verifier_changes(served.server) == 0  # the first start
-        served.restart("kill")
+        served.restart("kill", then=(then,))
         assert _verifier_changes(served.server) == (1 if unclean else 0)
         assert served.server.terminate() == 0
         warning = "volume 'v': the last run did not stop cleanly"
