@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -13,6 +14,11 @@ class RateLimitedLog:
 
     One instance per condition (e.g. "cache fill failed on volume v, layer 1"). A line
     whose ``key`` differs from the last one logged is logged at once (a new reason).
+
+    Lines held back are told when the interval that held them ends: called on an event
+    loop, the last one held is logged then with their count (so a burst with no later
+    line of its kind is not lost); called where no loop runs (a worker thread), their
+    count goes with the next line logged.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
@@ -23,6 +29,8 @@ class RateLimitedLog:
         self._key: object = None
         self._next_end = 0.0  # when the next end of the condition may be logged
         self._logged_since_end = False  # a line was logged since the last end
+        self._held: tuple[int, str, tuple[object, ...]] | None = None  # the last held back
+        self._timer: asyncio.TimerHandle | None = None  # tells the held lines (_tell_held)
 
     def ended(self, msg: str, *args: object) -> None:
         """Log ``msg % args`` at info level, the end of the condition (it answers again), with
@@ -69,6 +77,9 @@ class RateLimitedLog:
         now = time.monotonic()
         if now < self._next and key == self._key:
             self._suppressed += 1
+            self._held = (level, msg, args)
+            if self._timer is None:
+                self._tell_held_later(self._next - now)
             return
         if self._suppressed:  # held back since the last line logged: of its kind, not this
             same = key == self._key
@@ -83,3 +94,31 @@ class RateLimitedLog:
         self._key = key
         self._logged_since_end = True
         self._logger.log(level, msg, *args, exc_info=exc_info)
+
+    def _tell_held_later(self, delay: float) -> None:
+        """Tell the lines held back in ``delay`` seconds (:meth:`_tell_held`), if this runs
+        on an event loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: their count goes with the next line
+            return
+        self._timer = loop.call_later(max(delay, 0.0), self._tell_held)
+
+    def _tell_held(self) -> None:
+        """Log the last line held back, with how many were, once its interval is over (a
+        line logged meanwhile told them already)."""
+        self._timer = None
+        if not self._suppressed or self._held is None:
+            return
+        now = time.monotonic()
+        if now < self._next:  # a line logged since this was armed began a new interval
+            self._tell_held_later(self._next - now)
+            return
+        level, msg, args = self._held
+        self._logger.log(
+            level, msg + " (the last of %d similar messages held back)", *args, self._suppressed
+        )
+        self._suppressed = 0
+        self._held = None
+        self._next = now + self._interval
+        self._logged_since_end = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -97,4 +98,31 @@ def test_every_episode_whose_failure_was_logged_has_its_end_logged(
         (logging.INFO, "answers again (1 more like the last failure were held back)"),
         (logging.WARNING, "call failed"),
         (logging.INFO, "answers again (1 more like the last failure were held back)"),
+    ]
+
+
+async def test_lines_held_back_are_told_when_their_interval_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On an event loop, a burst held back with no later line of its kind is not lost: the
+    last line held is logged with the count when the interval ends, once; a line logged
+    before then tells them itself, and nothing more is logged for them."""
+    log = RateLimitedLog(logging.getLogger("t"), interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for n in range(4):
+            log.warning("call failed: %s", n)
+        await asyncio.sleep(0.5)
+        assert [r.getMessage() for r in caplog.records] == [
+            "call failed: 0",
+            "call failed: 3 (the last of 3 similar messages held back)",
+        ]
+        caplog.clear()
+        await asyncio.sleep(0.3)  # (the interval the told line began is over)
+        log.warning("call failed: %s", 4)
+        log.warning("call failed: %s", 5)
+        log.warning("other", key="other")  # a new reason: logged at once, with the count
+        await asyncio.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "call failed: 4",
+        "other (1 more of the previous kind were held back)",
     ]
