@@ -614,6 +614,7 @@ async def test_a_fault_applying_a_size_is_logged_and_the_watch_goes_on(
         info = await vol.info()
         follower = GeometryFollower(
             where=lambda: "remote origin volume 'base'",
+            owner=lambda: "volume 'vm', layer 1: ",
             timeout=2,
             remote=lambda: vol,
             apply=apply,
@@ -632,7 +633,10 @@ async def test_a_fault_applying_a_size_is_logged_and_the_watch_goes_on(
             finally:
                 await follower.close()
         said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-        assert said and "resize watch failed (RuntimeError: a fault of ours)" in said[0], said
+        assert said and said[0].startswith(
+            "volume 'vm', layer 1: remote origin volume 'base': resize watch failed "
+            "(RuntimeError: a fault of ours)"
+        ), said
 
 
 async def _never_refused(problem: str) -> None:

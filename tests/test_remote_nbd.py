@@ -147,6 +147,10 @@ async def test_nbd_auto_asks_the_target_where_its_export_is(
             assert codes == {"OK"}, tree["requests"]
     said = [r for r in caplog.records if "serves no NBD export" in r.getMessage()]
     assert [r.levelno for r in said] == [logging.INFO]
+    # Each line names the local volume and layer first (two volumes over one origin).
+    assert said[0].getMessage().startswith(f"volume 'plain', layer 0: remote {no_nbd.grpc_address}")
+    using = [r.getMessage() for r in caplog.records if "reading over NBD at" in r.getMessage()]
+    assert using and using[0].startswith(f"volume 'vm', layer 1: remote {o.grpc_address}"), using
 
 
 async def test_by_default_reads_stay_on_grpc_where_the_target_exports_nbd(

@@ -237,6 +237,7 @@ class RemoteLayer(Layer):
                 target=target,
                 volume=volume,
                 where=self._where,
+                owner=lambda: self.owner,
                 timeout=self.timeout,
                 wait=min(self.timeout, ATTACH_TIMEOUT),
                 remote=self._volume,
@@ -261,6 +262,7 @@ class RemoteLayer(Layer):
         self._smallest = 0  # the remote volume's smallest size (set at attach)
         self._geometry = GeometryFollower(
             where=lambda: self._where,
+            owner=lambda: self.owner,
             timeout=self.timeout,
             remote=self._volume,
             apply=self._set_size,
@@ -507,7 +509,7 @@ class RemoteLayer(Layer):
         try:
             await self._refresh_present()
         except client_errors.TierdiskError as exc:
-            log.debug("%s: present sector count not refreshed: %s", self._where, exc)
+            log.debug("%s%s: present sector count not refreshed: %s", self.owner, self._where, exc)
         finally:
             self._present_task = None
 

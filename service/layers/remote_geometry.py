@@ -85,6 +85,7 @@ class GeometryFollower:
         self,
         *,
         where: Callable[[], str],
+        owner: Callable[[], str] = lambda: "",
         timeout: float,
         remote: Callable[[], AsyncVolume],
         apply: Callable[[int], None],
@@ -94,6 +95,7 @@ class GeometryFollower:
         log: logging.Logger,
     ) -> None:
         self._where = where
+        self._owner = owner  # where the layer serves, before its log lines (RemoteLayer.owner)
         self._timeout = timeout
         self._remote = remote
         self._apply = apply
@@ -257,11 +259,14 @@ class GeometryFollower:
                         self._set(event.sector_count)
                     self._spoke()
             except client_errors.TierdiskError as exc:
-                self._log.warning("%s: resize watch broke (%s); reconnecting", self._where(), exc)
+                self._log.warning(
+                    "%s%s: resize watch broke (%s); reconnecting", self._owner(), self._where(), exc
+                )
             except Exception as exc:  # the guard's refusal ends it below; else keep following
                 if self.refusal is None:  # a fault of ours: say so, not end without a word
                     self._fault_log.error(
-                        "%s: resize watch failed (%s: %s); reconnecting",
+                        "%s%s: resize watch failed (%s: %s); reconnecting",
+                        self._owner(),
                         self._where(),
                         type(exc).__name__,
                         exc,

@@ -123,6 +123,7 @@ class NbdDataPath:
         target: str,
         volume: str,
         where: str,
+        owner: Callable[[], str] = lambda: "",
         timeout: float,
         wait: float,
         remote: Callable[[], AsyncVolume],
@@ -141,6 +142,7 @@ class NbdDataPath:
         self._target = target
         self._volume_name = volume
         self._where = where
+        self._owner = owner  # where the layer serves, before its log lines (RemoteLayer.owner)
         self._timeout = timeout
         self._wait = wait
         self._remote = remote
@@ -275,15 +277,20 @@ class NbdDataPath:
             except BaseException:  # cancelled while they finish: closed at once
                 await old.close()
                 raise
-        log.info("%s: reading over NBD at %s", self._where, self.address)
+        log.info("%s: reading over NBD at %s", self._logged_where, self.address)
         reader.on_close(lambda error: self._lost(reader, error))
+
+    @property
+    def _logged_where(self) -> str:
+        """Names the remote in log lines, after the local volume and layer."""
+        return self._owner() + self._where
 
     def _tls_mismatch(self, problem: str) -> None:
         """The export's TLS does not match the layer's: not a passing fault, so said once
         (at info level with "auto") and asked again only every minute."""
         if problem != self.problem:
             level = logging.INFO if self.option == NBD_AUTO else logging.WARNING
-            log.log(level, "%s: %s; reading over gRPC", self._where, problem)
+            log.log(level, "%s: %s; reading over gRPC", self._logged_where, problem)
         self._set_problem(problem)
         self._no_export = True
 
@@ -313,7 +320,7 @@ class NbdDataPath:
             # Not a fault with "auto": said once at info level, asked again now and then.
             problem = f"{self._target} serves no NBD export (its [server] nbd is off)"
             if problem != self.problem:
-                log.info("%s: %s; reading over gRPC", self._where, problem)
+                log.info("%s: %s; reading over gRPC", self._logged_where, problem)
             self._set_problem(problem)
             self._no_export = True
             return False
@@ -326,7 +333,7 @@ class NbdDataPath:
 
     def _not_used(self, problem: str) -> None:
         self._set_problem(problem)
-        self._log.warning("%s: %s; reading over gRPC", self._where, problem)
+        self._log.warning("%s: %s; reading over gRPC", self._logged_where, problem)
 
     def _set_problem(self, problem: str) -> None:
         self.problem = problem
@@ -393,7 +400,7 @@ class NbdDataPath:
             self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, self._timeout)
             self._log.warning(
                 "%s: no answer over NBD at %s within %g s; connecting anew",
-                self._where,
+                self._logged_where,
                 self.address,
                 self._timeout,
             )
@@ -410,7 +417,7 @@ class NbdDataPath:
             self._observe("NbdRead", code, time.monotonic() - started)
             self._log.warning(
                 "%s: NBD read at %s failed (%s); reading over gRPC",
-                self._where,
+                self._logged_where,
                 self.address,
                 exc,
             )
