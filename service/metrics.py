@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .loop_lag import LAG_BUCKETS
 from .loop_metrics import CounterCell, HistogramCell, LoopCounter, LoopHistogram
 from .volume import Volume
 
@@ -219,6 +220,15 @@ class Metrics:
             "Time to serve a volume I/O request.",
             ["op"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = LoopHistogram(
+            "tierdisk_event_loop_lag_seconds",
+            "How much later than asked the server's event loop ran a timer, sampled every "
+            "0.1 s: ~0 when free; the length of a stall when work held it (every request of "
+            "every client waits then, and their own durations do not show it).",
+            [],
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.remote_duration = LoopHistogram(

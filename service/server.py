@@ -49,6 +49,7 @@ from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
 from .kept_files import check_kept_files, served_by
 from .layers import build_layer
+from .loop_lag import LoopLagMonitor
 from .metrics import Metrics, RemoteCounts
 from .metrics_http import MetricsEndpoint
 from .nbd import NbdServer, NbdStats, start_nbd_server
@@ -92,6 +93,7 @@ class Server:
         self.registry = VolumeRegistry([v.name for v in config.volumes])
         self.metrics = Metrics(self.registry)
         self.gate = DrainGate()
+        self._loop_lag = LoopLagMonitor(self.metrics.loop_lag.labels())
         self.health = health.aio.HealthServicer()
         self.grpc_address = ""
         self.metrics_address = ""
@@ -186,6 +188,7 @@ class Server:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._loop_lag.start()
         if cfg.metrics:
             self._metrics_http = MetricsEndpoint(self.metrics.registry)
             await self._metrics_http.start(cfg.metrics)
@@ -505,6 +508,7 @@ class Server:
             self._verifiers = None
         if self._metrics_http is not None:
             await self._metrics_http.close()
+        await self._loop_lag.close()
         if self._grpc is not None:
             await self._grpc.stop(0.5)
         for task in self._attach_tasks:
