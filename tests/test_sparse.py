@@ -19,6 +19,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -954,3 +955,45 @@ async def test_a_no_overwrite_write_is_never_dropped_by_a_shrink_elsewhere(tmp_p
             assert (bytes(got), present) == (data, [(0, 16)]), round_
         finally:
             await vol.close()
+
+
+async def test_a_long_mutation_does_not_hold_up_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unmap that edits the run sets for long (over a million runs: seconds, here made
+    slow) holds their lock on the writer thread; a read and a presence lookup of other
+    sectors of the layer wait for it on a thread, not on the event loop, where every other
+    client of the server would wait too. They see the data and presence of before or after
+    the unmap, and the loop keeps running meanwhile."""
+    layer = await opened(tmp_path / "d.sparse", 64 * SS)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 64, SS)), 0, False)
+        slow = SparseLayer._mark_absent
+
+        def slow_mark_absent(self: SparseLayer, a: int, b: int) -> None:
+            time.sleep(0.6)  # (under the lock, as a long edit is)
+            slow(self, a, b)
+
+        monkeypatch.setattr(SparseLayer, "_mark_absent", slow_mark_absent)
+        unmap = asyncio.create_task(layer.unmap(32, 32, False, True))
+        await asyncio.sleep(0.1)  # (the writer thread is in the edit)
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def ticks() -> None:
+            while not unmap.done():
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+
+        ticker = asyncio.create_task(ticks())
+        await asyncio.sleep(0.05)  # (ticking)
+        data, runs = await read(layer, 0, 8)
+        assert data == pattern(1, 0, 8, SS) and runs == [(0, 8)]
+        assert await layer.presence(0, 64) in ([(0, 64)], [(0, 32)])
+        await unmap
+        await ticker
+        assert gaps and max(gaps) < 0.3, max(gaps)
+        assert await layer.presence(0, 64) == [(0, 32)]
+    finally:
+        await layer.close()

@@ -43,7 +43,9 @@ writer until they end (:class:`~tierdisk.service.sector_lock.SectorLock`): the k
 buffered read copy a page while a write copies into it, which returns a torn sector
 (DESIGN.md §3 allows old or new per sector, never torn). A ``threading.Lock`` guards
 the run sets for the few microseconds of each lookup or update (a compaction holds it while
-it copies the runs: about 20 ms per 100,000 runs).
+it copies the runs, about 20 ms per 100,000 runs, and an unmap or a shrink while it edits
+them, about 0.3 s per 100,000 runs): the event loop never waits for it, a lookup that finds
+it taken waits on a thread.
 
 Out of space. Before writing, the layer reserves the blocks (``fallocate`` with
 ``FALLOC_FL_KEEP_SIZE``); if that fails with ``ENOSPC`` nothing was written, the reserved
@@ -411,8 +413,13 @@ class SparseLayer(Layer):
         try:
             if self._fd < 0:
                 raise layer_closed(f"sparse layer {self.path}")
-            with self._lock:
-                runs = self._present.runs_in(sector, sector + count)
+            if self._lock.acquire(blocking=False):
+                try:
+                    runs = self._present.runs_in(sector, sector + count)
+                finally:
+                    self._lock.release()
+            else:  # a long mutation holds it (_present_runs): not the loop's to wait for
+                runs = await asyncio.to_thread(self._present_runs, sector, sector + count)
             if runs and not self._read_runs_cached(buf, sector, runs):
                 await asyncio.get_running_loop().run_in_executor(
                     None, self._read_runs, buf, sector, runs
@@ -439,8 +446,20 @@ class SparseLayer(Layer):
     async def presence(self, sector: int, count: int) -> list[Run]:
         if self._shrink_end is not None:
             await self._await_shrink(sector, count)
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._present.runs_in(sector, sector + count)
+            finally:
+                self._lock.release()
+        return await asyncio.to_thread(self._present_runs, sector, sector + count)
+
+    def _present_runs(self, a: int, b: int) -> list[Run]:
+        """The present runs of ``[a, b)``, waiting for the run sets' lock: called on a
+        thread when the loop found it taken. A mutation on the writer thread holds it as
+        long as it edits the sets (an unmap, a shrink or a compaction over a million runs:
+        seconds), and every client of the server would wait if the loop did."""
         with self._lock:
-            return self._present.runs_in(sector, sector + count)
+            return self._present.runs_in(a, b)
 
     async def _mutate(
         self, what: str, start: int, end: int, fn: Callable[..., _T], *args: Any
