@@ -73,6 +73,8 @@ tag and length (2), ``sector`` (2; only an extent at sector 0 omits it) and ``se
 (2; never 0). ``depth`` 0 is omitted."""
 _DEPTH_MAX_BYTES = 11
 """The most bytes ``depth`` takes: tag (1) and varint (10: an ``int32`` -1, a hole)."""
+_EXTENTS_BETWEEN_YIELDS = 65536
+"""Extents a ``GetAllocation`` reply is built with between yields to the event loop."""
 
 T = TypeVar("T")
 
@@ -532,12 +534,12 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             sector, count = request.sector, request.sector_count
             runs = await volume.allocation(sector, count)
             self._check_allocation_size(volume.name, sector, count, len(runs), None)
-            reply = pb.GetAllocationResponse(
-                extents=[
-                    pb.AllocationExtent(sector=a, sector_count=b - a, depth=depth)
-                    for a, b, depth in runs
-                ]
-            )
+            reply = pb.GetAllocationResponse()
+            add = reply.extents.add  # (4x as fast as messages built, then copied in)
+            for done, (a, b, depth) in enumerate(runs, 1):
+                add(sector=a, sector_count=b - a, depth=depth)
+                if done % _EXTENTS_BETWEEN_YIELDS == 0:
+                    await asyncio.sleep(0)  # (a million extents: other calls run meanwhile)
             self._check_allocation_size(volume.name, sector, count, len(runs), reply)
             return reply, 0
 

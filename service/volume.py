@@ -89,6 +89,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TOP_WATCH_BACKOFF = (0.1, 10.0)
+_RUNS_AT_ONCE = 128
+"""The most runs a read asks one layer for at once, and between yields to the event loop:
+a read over a layer fragmented into thousands of runs asks the layer below once per run
+(a task each, for a remote layer a call each); all at once they held the loop for seconds
+(every other client waited) and sent a remote tier thousands of calls at once."""
+_RUNS_BETWEEN_YIELDS = 4096
+"""Runs an allocation walk handles between yields to the event loop (ms of work)."""
 """``(first, cap)`` in seconds: the waits before watching the top layer's size again after
 the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 
@@ -353,10 +360,12 @@ class Volume:
                 supplied = await layer.read(buf[(a - sector) * ss : (b - sector) * ss], a)
                 wanted = b - a
             else:
-                results = await asyncio.gather(
-                    *(layer.read(buf[(a - sector) * ss : (b - sector) * ss], a) for a, b in asked)
-                )
-                supplied = [run for got in results for run in got]
+                supplied = []
+                for first in range(0, len(asked), _RUNS_AT_ONCE):
+                    batch = asked[first : first + _RUNS_AT_ONCE]
+                    views = [(buf[(a - sector) * ss : (b - sector) * ss], a) for a, b in batch]
+                    for held in await asyncio.gather(*(layer.read(v, a) for v, a in views)):
+                        supplied += held
                 wanted = total(asked)
             stats = entry.stats
             stats.reads += len(asked)
@@ -914,8 +923,10 @@ class Volume:
             if not asked:
                 break
             held: list[Run] = []
-            for a, b in asked:
+            for done, (a, b) in enumerate(asked, 1):
                 held.extend(await layer.presence(a, b - a))
+                if done % _RUNS_BETWEEN_YIELDS == 0:
+                    await asyncio.sleep(0)  # (a local layer's presence never yields)
             if held:
                 found.extend((a, b, index) for a, b in held)
                 missing = subtract(missing, held)
@@ -924,11 +935,13 @@ class Volume:
         found.extend((a, b, -1) for a, b in missing)
         found.sort()
         joined: list[AllocationRun] = []
-        for a, b, depth in found:
+        for done, (a, b, depth) in enumerate(found, 1):
             if joined and joined[-1][1] == a and joined[-1][2] == depth:
                 joined[-1] = (joined[-1][0], b, depth)
             else:
                 joined.append((a, b, depth))
+            if done % _RUNS_BETWEEN_YIELDS == 0:
+                await asyncio.sleep(0)
         return joined
 
     # -- inspect ------------------------------------------------------------------------

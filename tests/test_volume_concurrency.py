@@ -404,3 +404,94 @@ async def test_random_read_modify_writes_and_writes_never_lose_an_update(
         model[offset : offset + len(data)] = data
     got, _ = await vol.read(0, n)
     assert got == model
+
+
+class _CountingRam(RamLayer):
+    """A RAM layer whose reads wait once, as a remote or a disk does, counting how many
+    are in flight at most."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.in_flight = self.most_in_flight = self.calls = 0
+
+    async def read(self, buf: memoryview, sector: int) -> list[Run]:
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)
+            return await super().read(buf, sector)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_read_over_thousands_of_holes_asks_the_layer_below_a_batch_at_a_time(
+    volumes: VolumeOpener,
+) -> None:
+    """A read of a range the top layer holds every other sector of asks the layer below
+    once per hole; thousands of holes are asked a batch at a time (for a remote layer:
+    a bounded number of calls in flight, not thousands at once), and the event loop runs
+    other work between batches instead of being held for the whole read."""
+    holes = 4096
+    below = _CountingRam(size=2 * holes * SS, sector_size=SS)
+    top = RamLayer(size=2 * holes * SS, sector_size=SS)
+    vol = await volumes(top, below)
+    await below.write(memoryview(b"\x02" * 2 * holes * SS), 0, False)
+    for sector in range(0, 2 * holes, 2):
+        await top.write(memoryview(b"\x01" * SS), sector, False)
+    ticks = 0
+    done = False
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    try:
+        data, _ = await vol.read(0, 2 * holes)
+    finally:
+        done = True
+        await ticker
+    assert data == (b"\x01" * SS + b"\x02" * SS) * holes
+    assert below.calls == holes
+    assert below.most_in_flight <= 128, below.most_in_flight
+    assert ticks >= holes // 128, ticks  # other work ran between the batches
+
+
+async def test_an_allocation_walk_over_thousands_of_holes_lets_other_work_run(
+    volumes: VolumeOpener,
+) -> None:
+    """``allocation`` asks the layer below once per hole of the top; a local layer's answer
+    never waits, so without yields a walk over a layer of a million runs held the event loop
+    (every other client) for seconds. It yields every few thousand runs, same answer."""
+    holes = 3 * 4096
+    below = RamLayer(size=2 * holes * SS, sector_size=SS)
+    top = RamLayer(size=2 * holes * SS, sector_size=SS)
+    vol = await volumes(top, below)
+    for sector in range(0, 2 * holes, 2):
+        await top.write(memoryview(b"\x01" * SS), sector, False)
+    await below.write(memoryview(b"\x02" * SS), 1, False)
+    ticks = 0
+    done = False
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    try:
+        runs = await vol.allocation(0, 2 * holes)
+    finally:
+        done = True
+        await ticker
+    # the top's sectors at depth 0, the one the layer below holds at 1, holes at -1
+    expected = [(0, 1, 0), (1, 2, 1)]
+    expected += [(s, s + 1, -1 if s % 2 else 0) for s in range(2, 2 * holes)]
+    assert runs == expected
+    assert ticks >= 3, ticks
