@@ -396,6 +396,34 @@ async def test_inspect_and_metrics_count_remote_calls(
         )
 
 
+async def test_a_remote_whose_map_takes_long_to_read_is_asked_for_it_less_often(
+    origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer-mode remote shows its present sectors from the remote volume's whole map,
+    refreshed in the background when scrapes and Inspect ask; an origin whose map takes
+    long to read (a million runs: seconds of its CPU, every scrape) is asked again only
+    after a hundred times as long as the last answer took, not every few seconds."""
+    monkeypatch.setattr("tierdisk.service.layers.remote._PRESENT_REFRESH", 0.05)
+    allocation = AsyncVolume.allocation
+
+    async def slow_allocation(self: AsyncVolume, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.1)  # (a big map)
+        return await allocation(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncVolume, "allocation", slow_allocation)
+    body = toml_volume("vm", remote(origin.grpc_address, "base", mode="layer"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            tree = await vol.inspect("layers/0")
+            await asyncio.sleep(0.05)
+        assert tree["requests"]["GetAllocation"] == {"OK": 1}, tree["requests"]
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 

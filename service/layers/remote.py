@@ -10,6 +10,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     ``report_presence``; GetAllocation for :meth:`~RemoteLayer.presence`), so sectors the
     remote volume holds nowhere fall through to the layers below this one; a writable
     remote in layer mode can be a ``read_cache`` (fills are Writes with ``no_overwrite``).
+    Its ``present_sectors`` (Inspect, ``tierdisk_layer_present_sectors``) is the remote
+    volume's whole map read in the background when asked, every 10 s at most, or a hundred
+    times as long as the last read took (an origin of a million runs takes seconds).
 ``timeout``
     Seconds per call (default 10), retries included; each chunk of a large read or write
     is a call. Attach (GetVolume) uses ``min(timeout, 2)`` s and no retries, so a tier
@@ -156,7 +159,11 @@ MODES = ("disk", "layer")
 ATTACH_TIMEOUT = 2.0
 """Longest wait, in seconds, for the remote's GetVolume at attach (no retries there)."""
 
-_PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode)
+_PRESENT_REFRESH = 10.0  # seconds between refreshes of present_sectors (layer mode), at least
+_PRESENT_COST_SHARE = 0.01
+"""The most of its time a layer-mode remote's present_sectors refresh may take: it reads the
+remote volume's whole allocation map, which an origin of a million runs takes seconds to
+compute; the next refresh waits at least the last one's time divided by this."""
 _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
@@ -275,6 +282,7 @@ class RemoteLayer(Layer):
         :attr:`~.remote_geometry.GeometryFollower.checked` (the only cost on its path)."""
         self._present = 0
         self._present_at = -_PRESENT_REFRESH
+        self._present_every = _PRESENT_REFRESH  # seconds (_PRESENT_COST_SHARE)
         self._present_task: asyncio.Task[None] | None = None
         self._call_log = RateLimitedLog(log)  # failed calls: can repeat on every request
         self._failing = False  # a failed call was logged, and no call answered since
@@ -484,9 +492,10 @@ class RemoteLayer(Layer):
         if self.mode == "disk":
             return self._sector_count
         # Layer mode: the last count fetched from the remote, refreshed in the background
-        # when older than a few seconds (Inspect and metric scrapes ask for it).
+        # when older than a few seconds, or more for a remote whose map takes long to read
+        # (Inspect and metric scrapes ask for it).
         if (
-            time.monotonic() - self._present_at > _PRESENT_REFRESH
+            time.monotonic() - self._present_at > self._present_every
             and self._present_task is None
             and self._client is not None
         ):
@@ -502,7 +511,12 @@ class RemoteLayer(Layer):
         if self._geometry.refusal is not None:
             return
         vol = self._volume()
-        extents = await vol.allocation(0, self._sector_count, timeout=seconds or self.timeout)
+        started = time.monotonic()
+        try:
+            extents = await vol.allocation(0, self._sector_count, timeout=seconds or self.timeout)
+        finally:
+            took = time.monotonic() - started
+            self._present_every = max(_PRESENT_REFRESH, took / _PRESENT_COST_SHARE)
         self._present = sum(e.sector_count for e in extents if e.depth >= 0)
 
     async def _refresh_later(self) -> None:
