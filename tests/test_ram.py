@@ -154,6 +154,41 @@ async def test_resize() -> None:
     assert await layer.wait_resize(1) == 50_000, "returns at once when the size differs"
 
 
+async def test_a_grow_moves_the_data_with_the_loop_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grow past the mapping copies what the layer holds into a new one a chunk at a
+    time, letting other work run between (a GiB held held the loop, every client, for
+    seconds); reads meanwhile see the data, a write issued meanwhile waits for the move
+    and is kept, and the data is all there after."""
+    monkeypatch.setattr("tierdisk.service.layers.ram._MOVE_CHUNK", 64 * SS)
+    sectors = 1024
+    layer = await ram(sectors)
+    await layer.write(memoryview(pattern(1, 0, sectors, SS)), 0, False)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not grow.done():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    grow = asyncio.create_task(layer.resize(4 * sectors))
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    assert not grow.done()
+    assert (await read(layer, 100, 2))[0] == pattern(1, 100, 2, SS)
+    await layer.write(memoryview(pattern(2, 5, 1, SS)), 5, False)
+    assert grow.done()  # (the write waited for the move)
+    await grow
+    await ticker
+    assert ticks >= sectors // 64 - 1, ticks
+    data, runs = await read(layer, 0, sectors)
+    assert runs == [(0, sectors)]
+    assert data == pattern(1, 0, 5, SS) + pattern(2, 5, 1, SS) + pattern(1, 6, sectors - 6, SS)
+    await layer.close()
+
+
 @pytest.mark.parametrize("sectors", [0, -1])
 async def test_resize_to_no_sectors_is_invalid_argument(sectors: int) -> None:
     """A domain error (INVALID_ARGUMENT over gRPC), not ValueError (UNKNOWN); the layer

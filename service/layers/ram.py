@@ -7,7 +7,10 @@ keeps them present as zeros, so the layer reports ``UNMAP_BEHAVIOR_ZEROES``. Res
 written past the old size after a grow reads back (the upstream ``zero_after`` defect is not
 reproduced).
 
-A grow past the current mapping maps a new one and copies the present runs into it. When the
+A grow past the current mapping maps a new one and copies the present runs into it, a few
+MiB at a time with the event loop running between (a GiB held is seconds of copying, which
+held every client of the server); reads go on from the old mapping meanwhile, writes and
+unmaps wait for the move. When the
 system will not map that much (``ENOMEM``: out of memory or address space, e.g. 2**40
 512-byte sectors = 512 TiB against x86-64's 128 TiB of user address space), the resize
 raises :class:`NoSpace` (RESOURCE_EXHAUSTED: memory is this layer's storage, and the request
@@ -17,6 +20,7 @@ sectors, is :class:`InvalidArgument`. Either way the layer keeps its size, data 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 from typing import Any
@@ -30,6 +34,8 @@ __all__ = ["RamLayer"]
 
 _MAP_NORESERVE = 0x4000  # Linux; not exported by the mmap module
 _PAGE = mmap.PAGESIZE
+_MOVE_CHUNK = 16 << 20
+"""Bytes a grow copies into the new mapping between yields to the event loop (~ms each)."""
 
 
 def _anonymous(nbytes: int) -> mmap.mmap:
@@ -77,6 +83,7 @@ class RamLayer(Layer):
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._present = RunSet()
+        self._moving: asyncio.Event | None = None  # set when a grow's move is over (_grow)
 
     async def attach(self, lower: LayerMetadata | None) -> None:
         ss, count = new_geometry("ram layer", self._size_bytes, self._wanted_sector_size, lower)
@@ -123,7 +130,14 @@ class RamLayer(Layer):
     async def presence(self, sector: int, count: int) -> list[Run]:
         return self._present.runs_in(sector, sector + count)
 
+    async def _moved(self) -> None:
+        """Wait until no grow is moving the data (a change now could miss the new mapping)."""
+        while self._moving is not None:
+            await self._moving.wait()
+
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        if self._moving is not None:
+            await self._moved()
         ss = self._sector_size
         count = len(data) // ss
         self._check_range(sector, count)
@@ -131,6 +145,8 @@ class RamLayer(Layer):
         self._present.add(sector, sector + count)
 
     async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        if self._moving is not None:
+            await self._moved()
         ss = self._sector_size
         end = sector + len(data) // ss
         self._check_range(sector, end - sector)
@@ -145,6 +161,8 @@ class RamLayer(Layer):
     async def unmap(
         self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
     ) -> None:
+        if self._moving is not None:
+            await self._moved()
         self._check_range(sector, count)
         self._zero(sector, sector + count)
         if next_is_zero:
@@ -181,15 +199,35 @@ class RamLayer(Layer):
             self._present.remove(sector_count, old)
             self._zero(sector_count, min(old, len(self._mem()) // ss))
         elif sector_count * ss > len(self._mem()):
-            grown = _map_of(sector_count * ss)
-            view = memoryview(grown)
-            mem = self._mem()
-            for a, b in self._present:
-                view[a * ss : b * ss] = mem[a * ss : b * ss]
-            await self.close()
-            self._map, self._view = grown, view
+            await self._grow(_map_of(sector_count * ss))
         self._sector_count = sector_count
         self._notify_resized()
+
+    async def _grow(self, grown: mmap.mmap) -> None:
+        """Move the data into ``grown`` (module docs) and make it the layer's mapping."""
+        await self._moved()
+        moving = self._moving = asyncio.Event()
+        view = memoryview(grown)
+        try:
+            ss = self._sector_size
+            since_yield = 0
+            for a, b in list(self._present):
+                for lo in range(a * ss, b * ss, _MOVE_CHUNK):
+                    hi = min(lo + _MOVE_CHUNK, b * ss)
+                    view[lo:hi] = self._mem()[lo:hi]  # (closed meanwhile: raises)
+                    since_yield += hi - lo + _PAGE  # (a run costs a page's copy at least)
+                    if since_yield >= _MOVE_CHUNK:
+                        since_yield = 0
+                        await asyncio.sleep(0)
+            await self.close()
+            self._map, self._view = grown, view
+        except BaseException:
+            view.release()
+            grown.close()
+            raise
+        finally:
+            self._moving = None
+            moving.set()
 
     def inspect(self) -> dict[str, Any]:
         return {
