@@ -34,7 +34,7 @@ __all__ = ["RamLayer"]
 
 _MAP_NORESERVE = 0x4000  # Linux; not exported by the mmap module
 _PAGE = mmap.PAGESIZE
-_MOVE_CHUNK = 16 << 20
+_MOVE_CHUNK = 4 << 20
 """Bytes a grow copies into the new mapping between yields to the event loop (~ms each)."""
 
 
@@ -219,8 +219,12 @@ class RamLayer(Layer):
                     if since_yield >= _MOVE_CHUNK:
                         since_yield = 0
                         await asyncio.sleep(0)
-            await self.close()
-            self._map, self._view = grown, view
+            old, self._map = self._map, grown
+            if self._view is not None:
+                self._view.release()
+            self._view = view
+            if old is not None:  # (returning a GiB of pages takes the kernel a while)
+                await asyncio.to_thread(old.close)
         except BaseException:
             view.release()
             grown.close()
