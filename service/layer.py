@@ -382,6 +382,23 @@ class Layer(abc.ABC):
         its data is the caller's, so it is never dropped as a stale fill may be."""
         return await self.write_no_overwrite(data, sector)
 
+    fill_runs_at_once = 1
+    """The most runs the engine passes to one :meth:`fill_runs` call: 1 unless the layer
+    stores them in one step, and drops them all if they went stale while it waited (the
+    engine checks between calls that no resize made a fill stale)."""
+
+    async def fill_runs(self, data: memoryview, sector: int, runs: list[Run]) -> int:
+        """:meth:`write_no_overwrite` of several runs (sorted, disjoint, absolute sectors)
+        of ``data``, which starts at ``sector``: the sectors between them are not written.
+        Returns the sectors stored. The default asks once per run; a layer for which each
+        call costs a hand-off (a thread, a call to another server) may do all at once
+        (:attr:`fill_runs_at_once`)."""
+        ss = self.sector_size
+        stored = 0
+        for a, b in runs:
+            stored += await self.write_no_overwrite(data[(a - sector) * ss : (b - sector) * ss], a)
+        return stored
+
     async def presence(self, sector: int, count: int) -> list[Run]:
         """The runs of ``[sector, sector + count)`` this layer holds, without reading data.
 

@@ -408,21 +408,20 @@ class Volume:
     async def _fill(
         self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], layout: int
     ) -> None:
-        ss = self.sector_size
-        for a, b in runs:
+        at_once = entry.layer.fill_runs_at_once
+        for first in range(0, len(runs), at_once):
             if self._layout != layout:
                 # A size or an overlap changed since the read began: a shrink may have cut
                 # the overlap the data was read under, and a fill could bring stale lower
                 # data back into view after a grow. The fill is an optimisation; skip it.
                 return
+            batch = runs[first : first + at_once]
             try:
-                stored = await entry.layer.write_no_overwrite(
-                    buf[(a - sector) * ss : (b - sector) * ss], a
-                )
+                stored = await entry.layer.fill_runs(buf, sector, batch)
             except OutOfRange as exc:
                 # Lost a race with a shrink (the volume's, or the layer's own: a remote
                 # cache whose origin shrank): skipped, as above, not a failure of the cache.
-                if self._layout != layout or b > entry.layer.sector_count:
+                if self._layout != layout or batch[-1][1] > entry.layer.sector_count:
                     return
                 self._fill_failed(entry, exc)
             except Exception as exc:  # any failure: the fill is best effort (DESIGN §3)

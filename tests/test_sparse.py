@@ -40,6 +40,7 @@ from tierdisk.service.errors import (
 )
 from tierdisk.service.layer import Layer
 from tierdisk.service.layers import sparse as sparse_module
+from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import IDLE_LOOK_SECONDS, SparseLayer
 from tierdisk.service.layers.sparse_map import HEADER_SIZE
@@ -997,3 +998,38 @@ async def test_a_long_mutation_does_not_hold_up_the_event_loop(
         assert await layer.presence(0, 64) == [(0, 32)]
     finally:
         await layer.close()
+
+
+async def test_a_read_fills_a_fragmented_read_cache_in_batches_of_runs_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """A read over a sparse read cache missing every fourth sector (under a top holding
+    every other one) fills each missed run, a batch of runs per writer job, and only those:
+    the sectors between them that the top holds stay out of the cache (they are the top's
+    data, not the cache's), and the cache counts exactly what it stored."""
+    runs = 1000  # (several batches)
+    sectors = 4 * runs
+    top = RamLayer(size=sectors * SS, sector_size=SS)
+    cache = SparseLayer(str(tmp_path / "c.sparse"), size=sectors * SS)
+    base = RamLayer(size=sectors * SS, sector_size=SS)
+    volume = await Volume.open(
+        "v", [LayerEntry(top), LayerEntry(cache, read_cache=True), LayerEntry(base)]
+    )
+    try:
+        await base.write(memoryview(pattern(3, 0, sectors, SS)), 0, False)
+        for s in range(0, sectors, 2):
+            await top.write(memoryview(pattern(1, s, 1, SS)), s, False)
+        for s in range(1, sectors, 4):
+            await cache.write(memoryview(pattern(2, s, 1, SS)), s, False)
+        data, _ = await volume.read(0, sectors)
+        expected = b"".join(
+            pattern(1 if s % 2 == 0 else 2 if s % 4 == 1 else 3, s, 1, SS) for s in range(sectors)
+        )
+        assert data == expected
+        assert await cache.presence(0, sectors) == [(s, s + 1) for s in range(1, sectors, 2)]
+        assert volume.entries[1].stats.cache_fills == runs
+        got, _ = await read(cache, 0, sectors)
+        for s in range(3, sectors, 4):
+            assert got[s * SS : (s + 1) * SS] == pattern(3, s, 1, SS)
+    finally:
+        await volume.close()

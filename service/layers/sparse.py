@@ -108,7 +108,7 @@ from ..fileio import (
 )
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..presence import RunSet
-from ..runs import Run, complement, total
+from ..runs import Run, complement, subtract, total
 from ..sector_lock import EVERY_SECTOR, SectorLock
 from ..unstoppable import run_to_end
 from . import sparse_map
@@ -502,6 +502,22 @@ class SparseLayer(Layer):
         not stale; a shrink that cut its range makes it ``OUT_OF_RANGE``)."""
         return await self._write_absent(data, sector, None)
 
+    fill_runs_at_once = 128
+
+    async def fill_runs(self, data: memoryview, sector: int, runs: list[Run]) -> int:
+        """Every run's fill in one job of the writer thread (a hand-off each cost ~80 µs: a
+        read over a cache fragmented into thousands of runs spent seconds on them). The
+        sectors from the first run's start to the last one's end are held meanwhile."""
+        if not runs:
+            return 0
+        start, end = runs[0][0], runs[-1][1]
+        self._check_range(start, end - start)
+        ss = self._sector_size
+        covering = data[(start - sector) * ss : (end - sector) * ss]
+        return await self._mutate(
+            "writing", start, end, self._write_sync, covering, start, True, self._shrinks, runs
+        )
+
     async def _write_absent(self, data: memoryview, sector: int, fill_after: int | None) -> int:
         end = sector + len(data) // self._sector_size
         self._check_range(sector, end - sector)
@@ -510,17 +526,23 @@ class SparseLayer(Layer):
         )
 
     def _write_sync(
-        self, data: memoryview, sector: int, holes: bool, fill_after: int | None
+        self,
+        data: memoryview,
+        sector: int,
+        holes: bool,
+        fill_after: int | None,
+        within: list[Run] | None = None,
     ) -> int:
-        """Write ``data`` at ``sector``, or with ``holes`` only the sectors absent; a fill
-        (``fill_after``: the shrinks begun when it was asked for) writes nothing if a shrink
-        began since. Returns the sectors written."""
+        """Write ``data`` at ``sector``, or with ``holes`` only the sectors absent (of the
+        runs ``within``, when given); a fill (``fill_after``: the shrinks begun when it was
+        asked for) writes nothing if a shrink began since. Returns the sectors written."""
         ss = self._sector_size
         end = sector + len(data) // ss
         if end == sector or (fill_after is not None and fill_after != self._shrinks):
             return 0
         with self._lock:
-            absent = complement(sector, end, self._present.runs_in(sector, end))
+            held = self._present.runs_in(sector, end)
+        absent = complement(sector, end, held) if within is None else subtract(within, held)
         targets = absent if holes else [(sector, end)]
         if not targets:
             return 0
