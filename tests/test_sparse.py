@@ -459,10 +459,21 @@ async def test_a_version_1_map_opens_and_is_rewritten_as_version_2(tmp_path: Pat
         assert layer.smallest_size == 50
         got, runs = await read(layer, 0, 16)
         assert runs == [(0, 8)] and got[: 8 * SS] == pattern(4, 0, 8, SS)
+        # The first commit rewrites it: a version 2 record appended to a version 1 map
+        # would be taken for a torn one, and the flushed write lost at a crash.
+        await layer.write(memoryview(pattern(5, 9, 1, SS)), 9, False)
+        await layer.flush()
+        crashed = crash_image(path, tmp_path / "crash" / "old")
+        assert map_version(crashed) == 2
+        after = await opened(crashed)
+        try:
+            assert await read(after, 9, 1) == (pattern(5, 9, 1, SS), [(9, 10)])
+        finally:
+            await after.close()
     finally:
         await layer.close()
     assert map_version(path) == 2
-    assert map_size(path) == HEADER_SIZE + SNAP_EMPTY + RUN
+    assert map_size(path) == HEADER_SIZE + SNAP_EMPTY + 2 * RUN  # runs [0, 8) and [9, 10)
     layer = await opened(path)
     try:
         assert layer.smallest_size == 50
@@ -1033,3 +1044,149 @@ async def test_a_read_fills_a_fragmented_read_cache_in_batches_of_runs_and_nothi
             assert got[s * SS : (s + 1) * SS] == pattern(3, s, 1, SS)
     finally:
         await volume.close()
+
+
+# -- what a flush vouches for survives a crash (a copy of the files as a SIGKILL leaves them)
+
+
+async def _crashed(layer: SparseLayer, tmp_path: Path, name: str = "crash") -> SparseLayer:
+    """The layer's files copied as they are now (flushed or not), opened."""
+    return await opened(crash_image(Path(layer.path), tmp_path / name / "d.sparse"))
+
+
+async def test_a_grow_with_no_write_after_it_survives_a_restart(tmp_path: Path) -> None:
+    """A grow changes only the size: the flush after it records it, so the layer comes
+    back at the new size after a clean stop and after a crash."""
+    path = tmp_path / "d.sparse"
+    await (await opened(path, 64 * SS)).close()  # an existing layer: a snapshot only
+    layer = await opened(path)
+    try:
+        await layer.resize(128)
+        await layer.flush()
+        crashed = await _crashed(layer, tmp_path)
+        assert crashed.sector_count == 128
+        await crashed.close()
+    finally:
+        await layer.close()
+    layer = await opened(path)
+    assert layer.sector_count == 128
+    await layer.close()
+
+
+async def test_an_unmap_of_a_write_not_yet_flushed_is_recorded(tmp_path: Path) -> None:
+    """A write then an unmap (dropping the sectors) before one flush: after a crash the
+    sectors are absent, as they were (not present zeros, which would hide the layers below
+    and keep a later fill out)."""
+    layer = await opened(tmp_path / "d.sparse", 64 * SS)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 2, SS)), 0, False)
+        await layer.flush()
+        await layer.write(memoryview(pattern(2, 4, 1, SS)), 4, False)
+        await layer.unmap(4, 1, False, True)
+        await layer.unmap(1, 1, False, True)
+        await layer.flush()
+        assert await layer.presence(0, 8) == [(0, 1)]
+        crashed = await _crashed(layer, tmp_path)
+        try:
+            assert await crashed.presence(0, 8) == [(0, 1)]
+        finally:
+            await crashed.close()
+    finally:
+        await layer.close()
+
+
+async def test_a_write_during_a_commit_is_committed_by_the_next_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that lands while a flush's commit runs is not in that commit; the next flush
+    records it, so it survives a crash after that flush."""
+    layer = await opened(tmp_path / "d.sparse", 64 * SS)
+    try:
+        await layer.write(memoryview(pattern(1, 1, 1, SS)), 1, False)
+        held = _HeldSync(monkeypatch)
+        first = asyncio.create_task(layer.flush())
+        await held.wait_entered()  # (the commit took what it records)
+        await layer.write(memoryview(pattern(2, 2, 1, SS)), 2, False)
+        held.go.set()
+        await first
+        await layer.flush()
+        crashed = await _crashed(layer, tmp_path)
+        try:
+            assert await read(crashed, 1, 2) == (
+                pattern(1, 1, 1, SS) + pattern(2, 2, 1, SS),
+                [(1, 3)],
+            )
+        finally:
+            await crashed.close()
+    finally:
+        await layer.close()
+
+
+def _failing_map_writes(monkeypatch: pytest.MonkeyPatch, layer: SparseLayer) -> list[int]:
+    """Make appends to ``layer``'s map fail with ENOSPC while the returned list is empty
+    (append anything to it to let them through)."""
+    real = sparse_module.pwrite_all
+    let_through: list[int] = []
+
+    def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+        if fd == layer._map_fd and not let_through:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(sparse_module, "pwrite_all", pwrite_all)
+    return let_through
+
+
+async def test_a_failed_commit_keeps_its_changes_for_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush whose map record finds no room fails and keeps what it was to record; the
+    next flush that succeeds records it, so a crash after it keeps the write and the
+    unmap."""
+    layer = await opened(tmp_path / "d.sparse", 64 * SS)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 2, SS)), 0, False)
+        await layer.flush()
+        await layer.write(memoryview(pattern(5, 5, 1, SS)), 5, False)
+        await layer.unmap(0, 1, False, True)
+        let_through = _failing_map_writes(monkeypatch, layer)
+        with pytest.raises((NoSpace, StorageError)):
+            await layer.flush()
+        let_through.append(1)
+        await layer.flush()
+        crashed = await _crashed(layer, tmp_path)
+        try:
+            assert await crashed.presence(0, 8) == [(1, 2), (5, 6)]
+            assert (await read(crashed, 5, 1))[0] == pattern(5, 5, 1, SS)
+        finally:
+            await crashed.close()
+    finally:
+        await layer.close()
+
+
+async def test_a_grow_whose_commit_failed_changes_nothing_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grow refused because its record found no room (``RESOURCE_EXHAUSTED``: it changed
+    nothing) stays undone: a later flush does not record the larger size, and the layer
+    opens at its old size."""
+    path = tmp_path / "d.sparse"
+    layer = await opened(path, 64 * SS)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 1, SS)), 0, False)
+        await layer.flush()
+        let_through = _failing_map_writes(monkeypatch, layer)
+        with pytest.raises(NoSpace):
+            await layer.resize(128)
+        let_through.append(1)
+        assert layer.sector_count == 64
+        await layer.write(memoryview(pattern(2, 1, 1, SS)), 1, False)
+        await layer.flush()
+        crashed = await _crashed(layer, tmp_path)
+        assert crashed.sector_count == 64
+        await crashed.close()
+    finally:
+        await layer.close()
+    layer = await opened(path)
+    assert layer.sector_count == 64 and path.stat().st_size == 64 * SS
+    await layer.close()
