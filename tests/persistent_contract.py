@@ -170,6 +170,9 @@ class PersistentLayerContract:
             assert data[: 2 * SS] == b"\xee" * 2 * SS
             assert data[7 * SS : 12 * SS] == b"\xee" * 5 * SS
             assert await layer.presence(0, SECTORS) == [(10, 15), (20, 23)]
+            # asked up to a held sector, or from a run's end: nothing past what was asked
+            assert await layer.presence(8, 2) == [] and await layer.presence(15, 5) == []
+            assert await layer.presence(12, 9) == [(12, 15), (20, 21)]
             assert layer.present_sectors == 8
             data, runs = await self.read(layer, 30, 4)
             assert runs == [] and data == b"\xee" * 4 * SS

@@ -83,6 +83,10 @@ async def test_one_past_the_end_is_out_of_range_and_changes_nothing(volume: Volu
             await volume.unmap(sector, count)
         with pytest.raises(OutOfRange):
             await volume.allocation(sector, count)
+    for offset, size in [(n * ss, 1), (n * ss - 1, 2), (n * ss + 1, 0), (n * ss + ss, 0)]:
+        with pytest.raises(OutOfRange):  # bytes: also no bytes past the end
+            await volume.write_at(offset, bytes(size))
+    await volume.write_at(n * ss, b"")  # (at the end: nothing to write, in range)
     assert await read(volume, n - 2, 2) == before
     assert volume.sector_count == n
 
@@ -259,3 +263,8 @@ async def test_resize_grow_and_shrink(volume: Volume) -> None:
     with pytest.raises(InvalidArgument):
         await volume.resize(0)
     assert volume.sector_count == n
+    # a shrink by one sector, then a grow: the sector cut reads as zeros
+    await volume.write(n - 1, sector_pattern(4, n - 1, ss))
+    await volume.resize(n - 1)
+    await volume.resize(n)
+    assert await read(volume, n - 1, 1) == zeros(volume, 1)

@@ -17,7 +17,8 @@ def check(rs: RunSet, model: set[int], probes: list[tuple[int, int]]) -> None:
     assert len(rs) == len(expected)
     assert rs.sectors == len(model)
     assert rs.last_end() == (max(model) + 1 if model else 0)
-    for a, b in probes:
+    edges = [(x, x + k) for a, b in expected for x in (a - 1, a, b - 1, b) for k in (1, 3)]
+    for a, b in [*probes, *edges]:  # (a probe at each run's edges: e.g. one from its end)
         inside = {s for s in model if a <= s < b}
         assert rs.runs_in(a, b) == runs_of(inside)
         assert rs.count(a, b) == len(inside)

@@ -493,18 +493,32 @@ async def test_a_layer_on_tmpfs_keeps_the_cached_read_path_for_other_files(
         os.close(fd)
 
 
-async def test_close_lets_a_write_under_way_finish_and_refuses_later_io(tmp_path: Path) -> None:
+async def test_close_lets_a_write_under_way_finish_and_refuses_later_io(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A write already on its thread when close begins finishes (and is in the file); a
     read, write or flush after close is UNAVAILABLE, never an error about a closed (or
     reused) descriptor."""
     path = tmp_path / "img"
-    layer = RawLayer(str(path), size=32 << 20)
+    layer = RawLayer(str(path), size=1 << 20)
     await layer.attach(None)
-    data = os.urandom(32 << 20)
+    data = os.urandom(1 << 20)
+    entered, go = threading.Event(), threading.Event()
+    real = pwrite_all
+
+    def held(fd: int, chunk: memoryview, offset: int) -> None:
+        entered.set()
+        go.wait(10)  # the write's thread is inside it when close begins
+        real(fd, chunk, offset)
+
+    monkeypatch.setattr(raw_module, "pwrite_all", held)
     writing = asyncio.create_task(layer.write(memoryview(data), 0, False))
-    await asyncio.sleep(0)  # the write holds its sectors and is on a thread
-    await layer.close()
-    await writing
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    closing = asyncio.create_task(layer.close())
+    await asyncio.sleep(0.1)  # (close waits for the write: checked below by its outcome)
+    go.set()
+    await closing
+    await writing  # succeeded: it wrote through a descriptor still open
     assert path.read_bytes() == data
     with pytest.raises(Unavailable, match="closed"):
         await layer.read(memoryview(bytearray(512)), 0)

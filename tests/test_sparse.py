@@ -30,6 +30,7 @@ from stacks import pattern
 from tools import file_size_limit
 from waiting import eventually
 
+from tierdisk.service import fileio
 from tierdisk.service.errors import (
     ConfigError,
     DataCorruption,
@@ -1125,7 +1126,7 @@ async def test_a_write_during_a_commit_is_committed_by_the_next_flush(
 def _failing_map_writes(monkeypatch: pytest.MonkeyPatch, layer: SparseLayer) -> list[int]:
     """Make appends to ``layer``'s map fail with ENOSPC while the returned list is empty
     (append anything to it to let them through)."""
-    real = sparse_module.pwrite_all
+    real = fileio.pwrite_all
     let_through: list[int] = []
 
     def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -1190,3 +1191,37 @@ async def test_a_grow_whose_commit_failed_changes_nothing_after_a_restart(
     layer = await opened(path)
     assert layer.sector_count == 64 and path.stat().st_size == 64 * SS
     await layer.close()
+
+
+async def test_a_flush_syncs_the_data_before_the_map_that_vouches_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map must never get ahead of the data on disk (a power cut would leave sectors
+    mapped present over blocks never written): a flush syncs the data file, then the map,
+    also the flush that retries a commit that failed. Only a power cut would show it, so
+    the syncs are watched, by the file each is of."""
+    path = tmp_path / "d.sparse"
+    layer = await opened(path, 64 * SS)
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def watched(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", watched)
+    try:
+        await layer.write(memoryview(pattern(1, 1, 1, SS)), 1, False)
+        await layer.flush()
+        assert synced == ["d.sparse", "d.sparse.map"], synced
+        synced.clear()
+        await layer.write(memoryview(pattern(2, 2, 1, SS)), 2, False)
+        let_through = _failing_map_writes(monkeypatch, layer)
+        with pytest.raises((NoSpace, StorageError)):
+            await layer.flush()
+        let_through.append(1)
+        synced.clear()
+        await layer.flush()
+        assert synced == ["d.sparse", "d.sparse.map"], synced
+    finally:
+        await layer.close()

@@ -649,3 +649,23 @@ async def test_a_database_removed_or_replaced_while_served_fails_the_flush(
             await layer.write(memoryview(pattern(3, 9, 1, SS)), 9, True)
     finally:
         await layer.close()
+
+
+async def test_a_fua_write_commits_with_a_full_sync(tmp_path: Path) -> None:
+    """A FUA write is durable when it returns: its transaction commits with
+    ``synchronous=FULL`` (the WAL synced), where a plain write commits as ``NORMAL`` (synced
+    by the next flush). Only a power cut would show the difference, so the statements the
+    layer runs are traced."""
+    layer = SqliteLayer(str(tmp_path / "d.db"), size=SIZE)
+    await layer.attach(None)
+    try:
+        run: list[str] = []
+        await layer._call("tracing", lambda: layer._conn().set_trace_callback(run.append))
+        await layer.write(memoryview(pattern(1, 1, 1, SS)), 1, True)
+        assert run[0] == "PRAGMA synchronous=FULL", run
+        assert run[-2:] == ["COMMIT", "PRAGMA synchronous=NORMAL"], run
+        run.clear()
+        await layer.write(memoryview(pattern(2, 2, 1, SS)), 2, False)
+        assert "COMMIT" in run and not any("synchronous" in sql for sql in run), run
+    finally:
+        await layer.close()
