@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,6 +247,23 @@ async def fragmented_server(tmp_path: Path, body: str = "") -> AsyncIterator[Ser
         yield server
 
 
+@contextlib.contextmanager
+def _sighup_default() -> Iterator[None]:
+    """SIGHUP at its default action in processes started meanwhile: a server started
+    ignoring it (this suite run under ``nohup``) keeps it ignored, as it should, and the
+    tests that stop one with SIGHUP would wait for nothing. (Only the main thread may
+    change a handler; elsewhere the children inherit what the suite has.)"""
+    try:
+        previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 @dataclass
 class ServerProcess:
     """A ``tierdisk serve`` child process."""
@@ -282,13 +299,14 @@ class ServerProcess:
             cmd += ["--metrics", "127.0.0.1:0"]
         if "--data-dir" not in args:
             cmd += ["--data-dir", str(tmp_path / "data")]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=tmp_path,
-            env={**os.environ, **(env or {})},
-        )
+        with _sighup_default():
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=tmp_path,
+                env={**os.environ, **(env or {})},
+            )
         server = cls(proc, ready)
         if wait:
             server.wait_ready()

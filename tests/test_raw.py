@@ -285,6 +285,23 @@ async def test_a_read_that_waited_behind_a_shrink_of_its_sectors_is_out_of_range
         await asyncio.wait_for(reading, 10)
 
 
+async def test_a_new_image_is_synced_with_its_name_before_it_is_used(
+    layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush later vouches for writes into the image: its size and its name must outlast
+    a power cut from the start. The syncs are watched, by what each is of."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    await open_raw(layers, tmp_path / "new.img", size=8 * SS)
+    assert synced[:2] == [str(tmp_path / "new.img"), str(tmp_path)], synced
+
+
 async def test_a_resize_is_synced_before_it_returns(
     layers: list[RawLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
