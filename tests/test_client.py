@@ -168,8 +168,9 @@ async def test_inspect_tree_and_path(client: AsyncClient) -> None:
     assert tree["layers"][0]["read_cache"] is True
     sub = await vol.inspect("layers/1")
     assert sub["kind"] == "raw" and sub["index"] == 1
-    with pytest.raises(InvalidArgument, match="layers/9"):
-        await vol.inspect("layers/9")
+    for missing in ("layers/9", "layers/2", "layers/x"):  # (2: one past the end)
+        with pytest.raises(InvalidArgument, match=missing):
+            await vol.inspect(missing)
 
 
 async def test_read_cache_stack_through_client(client: AsyncClient) -> None:

@@ -804,3 +804,22 @@ def test_a_bad_volume_name_says_the_rule_and_what_breaks_it(
     with pytest.raises(ConfigError, match="a name is 1 to 128 ASCII letters") as info:
         load_config(_write(tmp_path, body), environ={})
     assert why in str(info.value)
+
+
+RAM_VOLUME = '[[volumes]]\nname = "v"\n[[volumes.layers]]\nkind = "ram"\nsize = "1MiB"\n'
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("1MiB", True), ("256MiB", True), (str((1 << 20) - 1), False), (str((256 << 20) + 1), False)],
+)
+def test_max_io_is_1_to_256_mib_inclusive(tmp_path: Path, value: str, ok: bool) -> None:
+    """README: max_io is 1 MiB to 256 MiB; both ends are taken, a byte past either is not."""
+    text = f'[server]\nmax_io = "{value}"\n' + RAM_VOLUME
+    if ok:
+        assert load_config(_write(tmp_path, text), environ={}).server.max_io == parse_size(
+            value, "max_io"
+        )
+    else:
+        with pytest.raises(ConfigError, match="max_io"):
+            load_config(_write(tmp_path, text), environ={})

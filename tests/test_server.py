@@ -61,17 +61,30 @@ async def test_list_volumes_pages(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
     reply = await stub.ListVolumes(pb.ListVolumesRequest())
     assert [v.name for v in reply.volumes] == ["ram", "stack", "ro", "big4k"]
     assert reply.next_page_token == ""
-    names, token = [], ""
-    while True:
-        page = await stub.ListVolumes(pb.ListVolumesRequest(page_size=3, page_token=token))
-        assert len(page.volumes) <= 3
-        names += [v.name for v in page.volumes]
-        token = page.next_page_token
-        if not token:
-            break
-    assert names == ["ram", "stack", "ro", "big4k"]
+    for size, pages in [(3, 2), (2, 2), (1, 4), (4, 1)]:
+        names, token, calls = [], "", 0
+        while calls < 10:
+            page = await stub.ListVolumes(pb.ListVolumesRequest(page_size=size, page_token=token))
+            calls += 1
+            assert len(page.volumes) <= size
+            names += [v.name for v in page.volumes]
+            token = page.next_page_token
+            if not token:
+                break
+        # the last page has no token: no empty page to ask for after it
+        assert (names, calls) == (["ram", "stack", "ro", "big4k"], pages)
     code, details = await _code(stub.ListVolumes(pb.ListVolumesRequest(page_token="%%%")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details
+
+
+async def test_a_page_carries_at_most_the_servers_cap(
+    stub: pb_grpc.BlockDeviceAsyncStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever ``page_size`` asks (up to 2**32 - 1), a page carries at most the server's
+    cap (1,000 volumes; 3 here), and says where to go on."""
+    monkeypatch.setattr("tierdisk.service.grpc_api._MAX_PAGE", 3)
+    page = await stub.ListVolumes(pb.ListVolumesRequest(page_size=2**32 - 1))
+    assert [v.name for v in page.volumes] == ["ram", "stack", "ro"] and page.next_page_token
 
 
 async def test_get_volume_geometry(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
@@ -91,6 +104,9 @@ async def test_write_read_presence_allocation_unmap(stub: pb_grpc.BlockDeviceAsy
     )
     assert reply.data == bytes(4096) + data + bytes(4096)
     assert [(e.sector, e.sector_count) for e in reply.present] == [(8, 8)]
+    for count in (24, 4096):  # a small reply and a large one (framed in place)
+        plain = await stub.Read(pb.ReadRequest(volume="ram", sector=0, sector_count=count))
+        assert plain.data[: 24 * 512] == reply.data and not plain.present  # only when asked
     alloc = await stub.GetAllocation(
         pb.GetAllocationRequest(volume="ram", sector=4, sector_count=16)
     )
