@@ -76,6 +76,17 @@ class Raw:
         assert (magic, error, handle) == (SIMPLE_MAGIC, 0, self.handle)
         return await self.reader.readexactly(length) if cmd == CMD_READ else b""
 
+    async def error(self, cmd: int, offset: int, length: int, data: bytes = b"") -> int:
+        """Send one request; the error value of its reply (its data read when it has some)."""
+        self.handle += 1
+        header = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self.handle, offset, length)
+        self.writer.write(header + data)
+        magic, error, handle = struct.unpack(">IIQ", await self.reader.readexactly(16))
+        assert (magic, handle) == (SIMPLE_MAGIC, self.handle)
+        if cmd == CMD_READ and error == 0:
+            await self.reader.readexactly(length)
+        return int(error)
+
     async def closed(self) -> bool:
         """True when the server ends the connection (within 10 s) without sending more."""
         try:

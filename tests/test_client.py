@@ -106,6 +106,8 @@ async def test_write_read_presence_allocation_unmap_flush(client: AsyncClient) -
     ]
     whole = await vol.allocation()
     assert sum(e.sector_count for e in whole) == 64 * MiB // 512
+    tail = await vol.allocation(110)  # from a sector to the end
+    assert tail == [AllocationExtent(110, 6, 0), AllocationExtent(116, 64 * MiB // 512 - 116, -1)]
     await vol.flush()
     await vol.unmap(104, 4)
     info = await vol.info()
@@ -206,6 +208,13 @@ async def test_40_mib_read_and_write_are_split(server: Server, max_io: int) -> N
             assert len(chunk) <= max_io
             streamed += chunk
         assert streamed == data
+        # a range of several chunks past the end is refused before any chunk is yielded
+        size = (await vol.info()).sector_count
+        yielded: list[int] = []
+        with pytest.raises(OutOfRange):
+            async for at, _ in vol.stream_read(size - max_io // 512 - 1, max_io // 512 + 2):
+                yielded.append(at)
+        assert yielded == []
 
 
 async def test_a_max_io_over_64_mib_fits_the_channel(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -19,6 +20,7 @@ import grpc
 import pytest
 from nbd_raw import (
     CMD_READ,
+    CMD_WRITE,
     OPT_ABORT,
     OPT_EXPORT_NAME,
     OPT_GO,
@@ -45,6 +47,7 @@ from servers import (
 from tools import require_tool
 from waiting import eventually
 
+from tierdisk.client import AsyncClient
 from tierdisk.service.nbd_session import NbdSession
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -449,6 +452,25 @@ async def test_connections_over_the_limit_are_refused_with_a_reason(tmp_path: Pa
         assert await waiting.request(CMD_READ, 0, 512) == bytes(512)
         for client in (*held, waiting):
             await client.close()
+
+
+async def test_past_an_end_that_moved_a_write_is_enospc_and_a_read_einval(
+    tmp_path: Path,
+) -> None:
+    """A client that negotiated the export at its old size, after a shrink: a write past
+    the new end is ``ENOSPC`` (no room there, as the NBD spec asks of writes past the end),
+    a read there ``EINVAL``; the connection goes on."""
+    body = CONFIG.replace("DATA", str(tmp_path / "data"))
+    async with running_server(tmp_path, body) as server:
+        nbd = await Raw.open(server.nbd_address)
+        await nbd.go("disk")
+        async with AsyncClient(server.grpc_address) as client:
+            await client.volume("disk").resize(2 * MiB // 512)
+        past = 3 * MiB
+        assert await nbd.error(CMD_WRITE, past, 512, bytes(512)) == errno.ENOSPC
+        assert await nbd.error(CMD_READ, past, 512) == errno.EINVAL
+        assert await nbd.request(CMD_READ, 0, 512) == bytes(512)
+        await nbd.close()
 
 
 async def test_connections_that_end_before_choosing_an_export_are_freed_at_once(

@@ -31,16 +31,17 @@ async def _spin() -> None:
 async def test_takes_up_to_the_limit_then_waits_in_order() -> None:
     budgets = ReplyBudgets(limit=10)
     first = await budgets.take(A, 6)
-    second = await budgets.take(A, 4)
-    assert budgets.in_flight(A) == 10
+    second = await budgets.take(A, 2)
+    assert budgets.in_flight(A) == 8
     third = asyncio.create_task(budgets.take(A, 5))
-    fourth = asyncio.create_task(budgets.take(A, 1))  # fits, but does not overtake
+    await _spin()
+    fourth = asyncio.create_task(budgets.take(A, 1))  # would fit, but does not overtake
     other = await budgets.take(B, 10)  # another connection has its own budget
     await _spin()
     assert not third.done() and not fourth.done()
     first()
     await _spin()
-    assert third.done() and fourth.done() and budgets.in_flight(A) == 10
+    assert third.done() and fourth.done() and budgets.in_flight(A) == 8
     for release in (second, third.result(), fourth.result(), other):
         release()
     assert budgets.in_flight(A) == budgets.in_flight(B) == 0

@@ -8,6 +8,7 @@ stopped and started again on the same address under a client that wrote before i
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import time
 import urllib.request
@@ -79,6 +80,22 @@ def test_overlapping_flushes_each_report_a_loss_among_what_they_cover() -> None:
     second = book.mark()
     assert book.flushed(second, 9) == [7]
     assert book.flushed(first, 9) == []  # reported by the other already
+
+
+def test_a_flush_answered_after_another_vouched_reports_only_what_it_alone_covers() -> None:
+    """Two flushes started together, the first answered with the writes' verifier (it
+    vouched for them), the second with a new one: nothing the second covers is unvouched,
+    so no loss; writes made meanwhile are reported once, by a later flush."""
+    book = UnflushedWrites()
+    for _ in range(3):
+        book.acknowledged(0xA)
+    first, second = book.mark(), book.mark()
+    book.acknowledged(0xA)
+    book.acknowledged(0xA)
+    assert book.flushed(first, 0xA) == []
+    assert book.flushed(second, 0xB) == []
+    assert book.flushed(book.mark(), 0xB) == [0xA]
+    assert book.flushed(book.mark(), 0xB) == []
 
 
 def test_a_volatile_volumes_flush_vouches_for_nothing_until_its_verifier_changes() -> None:
@@ -412,3 +429,89 @@ async def test_only_a_volume_whose_writes_outlive_the_server_keeps_its_verifier(
 
     first, second = await verifiers(), await verifiers()
     assert {n for n in first if first[n] == second[n]} == {"disk", "wt"}
+
+
+# -- a flush failing in storage while other calls run (in-process server) --------------------
+
+
+@pytest.fixture
+async def in_process(tmp_path: Path) -> AsyncIterator[tuple[Server, AsyncVolume]]:
+    """A server in this process (its sparse layer can be made slow or failing), and its
+    volume ``v`` through a client."""
+    async with (
+        running_server(tmp_path, toml_volume("v", SPARSE)) as server,
+        AsyncClient(server.grpc_address, timeout=10) as client,
+    ):
+        yield server, client.volume("v")
+
+
+@pytest.mark.parametrize("op", ["write", "unmap"])
+async def test_a_call_a_failed_flush_may_have_lost_is_reported(
+    in_process: tuple[Server, AsyncVolume], monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """A write or unmap that has landed in the layer but not yet been answered when another
+    client's flush fails in storage (a failed fsync may drop its pages) is answered with the
+    verifier of before the failure: its client's next flush says it may be lost."""
+    server, vol = in_process
+    layer = server.registry.get("v").entries[0].layer
+    await vol.write(0, pattern(1, 0, 4, SS))
+    await vol.flush()
+    landed, release = asyncio.Event(), asyncio.Event()
+    real = getattr(layer, op)
+
+    async def held(*args: object) -> object:
+        done = await real(*args)
+        landed.set()
+        await release.wait()
+        return done
+
+    async def failing_flush() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(layer, op, held)
+    call = asyncio.ensure_future(
+        vol.write(8, pattern(2, 8, 1, SS)) if op == "write" else vol.unmap(0, 2)
+    )
+    await asyncio.wait_for(landed.wait(), 10)
+    monkeypatch.setattr(layer, "flush", failing_flush)
+    async with AsyncClient(server.grpc_address, timeout=10) as other:
+        with pytest.raises(cerr.StorageError):
+            await other.volume("v").flush()
+    monkeypatch.undo()
+    release.set()
+    await call
+    with pytest.raises(cerr.WritesLost):
+        await vol.flush()
+
+
+async def test_a_write_acknowledged_while_a_flush_runs_is_not_vouched_for_by_it(
+    in_process: tuple[Server, AsyncVolume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush vouches only for the writes acknowledged before it started: one acknowledged
+    while it ran, then lost by a flush that fails, is reported at the next flush."""
+    server, vol = in_process
+    layer = server.registry.get("v").entries[0].layer
+    real_flush = layer.flush
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_flush() -> None:
+        await real_flush()
+        started.set()
+        await release.wait()
+
+    monkeypatch.setattr(layer, "flush", slow_flush)
+    flushing = asyncio.ensure_future(vol.flush())
+    await asyncio.wait_for(started.wait(), 10)
+    await vol.write(0, pattern(1, 0, 1, SS))  # acknowledged while the flush runs
+    release.set()
+    await flushing
+
+    async def failing_flush() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(layer, "flush", failing_flush)
+    with pytest.raises(cerr.StorageError):
+        await vol.flush()
+    monkeypatch.setattr(layer, "flush", real_flush)
+    with pytest.raises(cerr.WritesLost):
+        await vol.flush()
