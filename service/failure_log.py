@@ -29,8 +29,9 @@ def is_storage_failure(exc: BaseException) -> bool:
 
 class StorageFailureLog:
     """Logs storage failures at error level, at most one line every ``interval`` seconds
-    for each volume, request and kind of error (the next line of the same says how many it
-    held back), so failing reads and writes in turn are each limited. An ``OSError`` that no
+    for each volume, request and kind of error (lines held back are told when their interval
+    ends: :class:`~.ratelimit.RateLimitedLog`), so failing reads and writes in turn are each
+    limited. An ``OSError`` that no
     layer turned into a domain error is a fault of ours and is logged with its traceback."""
 
     def __init__(self, logger: logging.Logger = log, interval: float = 10.0) -> None:

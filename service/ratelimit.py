@@ -6,7 +6,16 @@ import asyncio
 import logging
 import time
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["RateLimitedLog", "tell_held_lines"]
+
+_WAITING: set[RateLimitedLog] = set()  # instances with held lines and a timer to tell them
+
+
+def tell_held_lines() -> None:
+    """Tell now the lines every :class:`RateLimitedLog` holds back (a server stopping: its
+    loop, and the timers that would tell them, end with it)."""
+    for lines in list(_WAITING):
+        lines._tell_held(now=True)
 
 
 class RateLimitedLog:
@@ -17,8 +26,9 @@ class RateLimitedLog:
 
     Lines held back are told when the interval that held them ends: called on an event
     loop, the last one held is logged then with their count (so a burst with no later
-    line of its kind is not lost); called where no loop runs (a worker thread), their
-    count goes with the next line logged.
+    line of its kind is not lost), or, when the condition ended since (:meth:`ended` held
+    back), the end with their count; at a stop, at once (:func:`tell_held_lines`). Called
+    where no loop runs (a worker thread), their count goes with the next line logged.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
@@ -30,6 +40,7 @@ class RateLimitedLog:
         self._next_end = 0.0  # when the next end of the condition may be logged
         self._logged_since_end = False  # a line was logged since the last end
         self._held: tuple[int, str, tuple[object, ...]] | None = None  # the last held back
+        self._end_held: tuple[str, tuple[object, ...]] | None = None  # an end held after them
         self._timer: asyncio.TimerHandle | None = None  # tells the held lines (_tell_held)
 
     def ended(self, msg: str, *args: object) -> None:
@@ -43,12 +54,18 @@ class RateLimitedLog:
         that answers one call in two is a few lines per interval, not two per call."""
         now = time.monotonic()
         if not self._logged_since_end and now < self._next_end:
+            if self._suppressed:  # told with them when their interval ends (_tell_held)
+                self._end_held = (msg, args)
             return
+        self._log_end(now, msg, args)
+
+    def _log_end(self, now: float, msg: str, args: tuple[object, ...]) -> None:
         if self._suppressed:
             msg += " (%d more like the last failure were held back)"
             args = (*args, self._suppressed)
         self._logger.info(msg, *args)
         self._suppressed = 0
+        self._held = self._end_held = None
         if now >= self._next_end:  # not coming and going: a new episode is news
             self._next, self._key = 0.0, None
         self._next_end = now + self._interval
@@ -78,6 +95,7 @@ class RateLimitedLog:
         if now < self._next and key == self._key:
             self._suppressed += 1
             self._held = (level, msg, args)
+            self._end_held = None  # (failing again since)
             if self._timer is None:
                 self._tell_held_later(self._next - now)
             return
@@ -90,6 +108,7 @@ class RateLimitedLog:
             )
             args = (*args, self._suppressed)
         self._suppressed = 0
+        self._held = self._end_held = None
         self._next = now + self._interval
         self._key = key
         self._logged_since_end = True
@@ -103,16 +122,24 @@ class RateLimitedLog:
         except RuntimeError:  # no loop here: their count goes with the next line
             return
         self._timer = loop.call_later(max(delay, 0.0), self._tell_held)
+        _WAITING.add(self)
 
-    def _tell_held(self) -> None:
-        """Log the last line held back, with how many were, once its interval is over (a
-        line logged meanwhile told them already)."""
+    def _tell_held(self, now: bool = False) -> None:
+        """Log the last line held back, with how many were, once its interval is over (or
+        ``now``); or the end of the condition held after them, with their count. A line
+        logged meanwhile told them already."""
+        if self._timer is not None:
+            self._timer.cancel()  # (when called before it)
         self._timer = None
+        _WAITING.discard(self)
         if not self._suppressed or self._held is None:
             return
-        now = time.monotonic()
-        if now < self._next:  # a line logged since this was armed began a new interval
-            self._tell_held_later(self._next - now)
+        at = time.monotonic()
+        if at < self._next and not now:  # a line logged since this was armed: a new interval
+            self._tell_held_later(self._next - at)
+            return
+        if self._end_held is not None:  # the condition ended since: its end tells them
+            self._log_end(at, *self._end_held)
             return
         level, msg, args = self._held
         self._logger.log(
@@ -120,5 +147,5 @@ class RateLimitedLog:
         )
         self._suppressed = 0
         self._held = None
-        self._next = now + self._interval
+        self._next = at + self._interval
         self._logged_since_end = True

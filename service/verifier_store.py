@@ -122,12 +122,15 @@ class VerifierStore:
             if not 0 < old < 1 << 64:
                 old = 0
             clean = old != 0 and entry.get("clean") is True
-            kept_writes = entry.get("kept_writes")
+            said = entry.get("kept_writes")
+            kept_writes = said if isinstance(said, bool) else None
             if kept_writes is None and entry.get("files") == []:
                 kept_writes = False  # an older build's run served from no file: ram only
             store.verifiers[name] = old if clean and kept_writes is not False else new_verifier(old)
             if old and not clean:
-                store.unclean[name] = kept_writes if isinstance(kept_writes, bool) else None
+                # (not the guess from no files: a remote-only stack has none and keeps its
+                # writes; whether to warn of an older build's crash is judged by the stack)
+                store.unclean[name] = said if isinstance(said, bool) else None
             elif clean and kept_writes is None:  # an older build's entry (module docs)
                 store.loss_unknown.add(name)
         return store

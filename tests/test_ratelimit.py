@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tierdisk.service.ratelimit import RateLimitedLog
+from tierdisk.service.ratelimit import RateLimitedLog, tell_held_lines
 
 
 def test_one_warning_per_interval_with_a_count(
@@ -125,4 +125,41 @@ async def test_lines_held_back_are_told_when_their_interval_ends(
     assert [r.getMessage() for r in caplog.records] == [
         "call failed: 4",
         "other (1 more of the previous kind were held back)",
+    ]
+
+
+async def test_failures_held_then_an_end_held_are_told_by_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A condition that comes and goes within an interval: its held failures are told when
+    the interval ends, by its end (it answers again) with their count, not by a failure
+    line that would make the log end on a failure long over."""
+    log = RateLimitedLog(logging.getLogger("t"), interval=0.2)
+    with caplog.at_level(logging.INFO, logger="t"):
+        for _ in range(3):  # fails and answers in turn, within an interval
+            log.warning("call failed")
+            log.ended("answers again")
+        await asyncio.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "call failed",
+        "answers again",
+        "call failed",  # (a new episode: news)
+        "answers again",
+        # the third failure and end were held; told together, the end last
+        "answers again (1 more like the last failure were held back)",
+    ]
+
+
+async def test_lines_held_back_are_told_at_a_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stops before the interval ends tells the lines it holds (its loop, and
+    the timer, end with it)."""
+    log = RateLimitedLog(logging.getLogger("t"), interval=60.0)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for n in range(3):
+            log.warning("write failed: %s", n)
+        tell_held_lines()
+        tell_held_lines()  # (told once)
+    assert [r.getMessage() for r in caplog.records] == [
+        "write failed: 0",
+        "write failed: 2 (the last of 2 similar messages held back)",
     ]

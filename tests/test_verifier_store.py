@@ -281,3 +281,17 @@ def test_recorded_files_no_path_can_name_are_left_out(tmp_path: Path) -> None:
     assert store.recorded_files("v") == frozenset({"/d/c"})
     assert store.served_files() == {"/d/c": ["v"]}
     store.close({}, set())
+
+
+def test_an_older_builds_crashed_entry_with_no_files_does_not_say_what_it_kept(
+    tmp_path: Path,
+) -> None:
+    """An older build recorded no files for a remote-only stack as for a ram-only one; its
+    crashed entry without ``kept_writes`` does not say which it was, so the warning is
+    judged by the stack the volume has now (``None``), not taken for ram-only."""
+    (tmp_path / FILE_NAME).write_text(
+        json.dumps({"format": 1, "volumes": {"a": {"verifier": 5, "clean": False, "files": []}}})
+    )
+    after = _served(tmp_path, ["a"])
+    assert after.unclean == {"a": None} and after.verifiers["a"] != 5
+    after.close(after.verifiers, clean=["a"])
