@@ -112,6 +112,8 @@ class Server:
         self._marking: asyncio.Future[None] | None = None  # VerifierStore.mark_unclean
         self._owners: asyncio.Future[dict[str, set[str]]] | None = None  # kept_files.served_by
         self._to_mark: set[str] = set()  # volumes to mark before they are served
+        self._serving = False  # the start finished: every volume serves or attaches
+        self._crashes_counted: set[str] = set()  # volumes counted unclean at this start
         self.unflushed: list[str] = []
         """The volumes whose final flush failed at the stop (:meth:`stop`), also when the
         stop ended a start (:meth:`start` cancelled)."""
@@ -215,6 +217,7 @@ class Server:
             self.nbd_address = self._nbd.address
             self.nbd_tls = self._nbd.tls is not None
         await self._update_health()
+        self._serving = True
         log.info(
             "serving %d volume(s) on %s (metrics %s%s)",
             len(self.config.volumes),
@@ -288,14 +291,21 @@ class Server:
             if crashed_keeping is None:
                 crashed_keeping = not volume.lost_at_exit
             if crashed_keeping:
+                which = (
+                    "a run before the last (whose start was refused or stopped)"
+                    if volume.name in store.untold
+                    else "the last run"
+                )
                 log.warning(
-                    "volume %r: the last run did not stop cleanly (a crash, a kill, or a "
-                    "final flush that failed): writes it acknowledged but had not flushed "
-                    "may be lost; its write verifier changed, so each client that made such "
-                    "writes is told at its next flush",
+                    "volume %r: %s did not stop cleanly (a crash, a kill, or a final flush "
+                    "that failed): writes it acknowledged but had not flushed may be lost; "
+                    "its write verifier changed, so each client that made such writes is "
+                    "told at its next flush",
                     volume.name,
+                    which,
                 )
                 volume.count_verifier_change()
+                self._crashes_counted.add(volume.name)
         self.registry.set_ready(volume)
 
         def found(problem: str) -> None:
@@ -504,7 +514,10 @@ class Server:
             served = {v.name: v.write_verifier for v in volumes}
             self._verifiers.kept_writes.update({v.name: not v.lost_at_exit for v in volumes})
             clean = set(served) - set(self.unflushed) if drained else set()
-            await asyncio.to_thread(self._verifiers.close, served, clean)
+            # A start refused (or stopped) after counting a crash: no server showed the
+            # count for long; the next start counts it again (verifier_store crash_untold).
+            untold = set() if self._serving else self._crashes_counted
+            await asyncio.to_thread(self._verifiers.close, served, clean, untold)
             self._verifiers = None
         if self._metrics_http is not None:
             await self._metrics_http.close()

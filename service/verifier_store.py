@@ -16,6 +16,9 @@ start draws a new verifier, whatever the volume's config is then, and a crash of
 is no unclean stop worth a warning: nothing it held was to outlive it); an entry without it,
 written by an older build, gets a new one only if the volume's write path is ``ram`` only
 now, as that build did;
+``crash_untold`` (a clean entry) says a crash before the run that wrote it was counted
+by no server that went on serving (that run's start was refused), so the next start warns
+and counts it (:meth:`VerifierStore.close`);
 ``files`` are the layer files the volume was last served from (:mod:`.kept_files`, which
 refuses to start a volume whose kept file went missing; :attr:`VerifierStore.files` says
 what to write, :meth:`VerifierStore.recorded_files` what the last run wrote). At start
@@ -89,6 +92,11 @@ class VerifierStore:
         """Whether each volume served in this run keeps its writes past the stop (its
         write path is not ``ram`` only), written with its entry (``kept_writes``) when it
         is marked (:meth:`mark_unclean`) and at the stop."""
+        self.untold: set[str] = set()
+        """The volumes among :attr:`unclean` whose entry is clean but says a crash before it
+        was never counted by a server that went on serving (``crash_untold``: the run after
+        the crash was a start refused or stopped before it served; :meth:`close`)."""
+        self._untold_out: set[str] = set()  # written as crash_untold by close()
         self.loss_unknown: set[str] = set()
         """The volumes whose clean entry an older build wrote, without ``kept_writes``: the
         server gives each a new verifier if its write path is ``ram`` only now, as that
@@ -131,6 +139,9 @@ class VerifierStore:
                 # (not the guess from no files: a remote-only stack has none and keeps its
                 # writes; whether to warn of an older build's crash is judged by the stack)
                 store.unclean[name] = said if isinstance(said, bool) else None
+            elif clean and entry.get("crash_untold") is True:  # (its verifier is new already)
+                store.unclean[name] = True
+                store.untold.add(name)
             elif clean and kept_writes is None:  # an older build's entry (module docs)
                 store.loss_unknown.add(name)
         return store
@@ -180,12 +191,21 @@ class VerifierStore:
             return
         self.marked.update(names)
 
-    def close(self, verifiers: Mapping[str, int], clean: Collection[str]) -> None:
+    def close(
+        self,
+        verifiers: Mapping[str, int],
+        clean: Collection[str],
+        untold: Collection[str] = (),
+    ) -> None:
         """Keep ``verifiers`` (each served volume's at the stop, by name), the served volumes
         in ``clean`` as stopped cleanly, the others not; release the file. A volume marked
         but not served (its start was stopped) served nothing under its verifier: clean.
         Volumes never marked keep their entries. A failure is logged (the next start then
-        draws new verifiers for the marked volumes: safe)."""
+        draws new verifiers for the marked volumes: safe). The clean volumes in ``untold``
+        are written as ``crash_untold``: a crash before this run that no server went on
+        serving after (this run's start was refused): the next start warns of it and counts
+        it, keeping the verifier."""
+        self._untold_out = set(untold)
         try:
             if self.marked and self._fd is not None:
                 self.verifiers.update(verifiers)
@@ -227,6 +247,8 @@ class VerifierStore:
             files = self.files.get(name, old.get("files"))
             if files is not None:
                 entry["files"] = files
+            if is_clean and name in self._untold_out:
+                entry["crash_untold"] = True
             self._entries[name] = entry
         data = (json.dumps({"format": 1, "volumes": self._entries}, indent=1) + "\n").encode()
         os.ftruncate(self._fd, 0)

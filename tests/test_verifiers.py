@@ -515,3 +515,29 @@ async def test_a_write_acknowledged_while_a_flush_runs_is_not_vouched_for_by_it(
     monkeypatch.setattr(layer, "flush", real_flush)
     with pytest.raises(cerr.WritesLost):
         await vol.flush()
+
+
+def test_a_crash_before_a_refused_start_is_counted_by_the_next_start(tmp_path: Path) -> None:
+    """A crash, then a start refused for another volume's config (it stops at once, its
+    count seen by no scrape), then a start that serves: the crash is warned of and counted
+    in the process that goes on serving (so TierdiskWritesMayBeLost sees it), with the
+    verifier the refused start drew (clients told once, not twice)."""
+    a = {"kind": "sparse", "path": "a.sparse", "size": "1MiB"}
+    good = toml_volume("v", a) + toml_volume("b", {**a, "path": "b.sparse"})
+    bad = toml_volume("v", a) + toml_volume("b", {**a, "path": "b.sparse", "size": "2MiB"})
+    config = write_config(tmp_path, good)
+    with ServerProcess.start(tmp_path, config) as first:
+        before = _verifier_changes(first)
+    assert before == 0  # (killed on leaving: a crash)
+    write_config(tmp_path, bad)
+    refused = ServerProcess.start(tmp_path, config, wait=False)
+    assert refused.proc.wait(30) == 2
+    refused.close()
+    write_config(tmp_path, good)
+    with ServerProcess.start(tmp_path, config) as fixed:
+        assert _verifier_changes(fixed) == 1
+        assert fixed.terminate() == 0
+        said = fixed.stderr_text()
+    assert "volume 'v': a run before the last (whose start was refused or stopped)" in said
+    with ServerProcess.start(tmp_path, config) as after:  # counted once
+        assert _verifier_changes(after) == 0
