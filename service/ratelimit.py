@@ -6,16 +6,7 @@ import asyncio
 import logging
 import time
 
-__all__ = ["RateLimitedLog", "tell_held_lines"]
-
-_WAITING: set[RateLimitedLog] = set()  # instances with held lines and a timer to tell them
-
-
-def tell_held_lines() -> None:
-    """Tell now the lines every :class:`RateLimitedLog` holds back (a server stopping: its
-    loop, and the timers that would tell them, end with it)."""
-    for lines in list(_WAITING):
-        lines._tell_held(now=True)
+__all__ = ["RateLimitedLog"]
 
 
 class RateLimitedLog:
@@ -27,8 +18,9 @@ class RateLimitedLog:
     Lines held back are told when the interval that held them ends: called on an event
     loop, the last one held is logged then with their count (so a burst with no later
     line of its kind is not lost), or, when the condition ended since (:meth:`ended` held
-    back), the end with their count; at a stop, at once (:func:`tell_held_lines`). Called
-    where no loop runs (a worker thread), their count goes with the next line logged.
+    back), the end with their count. Called where no loop runs (a worker thread), their
+    count goes with the next line logged. Lines still held when the loop ends (a server
+    stopping within the interval) are not told.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
@@ -122,20 +114,16 @@ class RateLimitedLog:
         except RuntimeError:  # no loop here: their count goes with the next line
             return
         self._timer = loop.call_later(max(delay, 0.0), self._tell_held)
-        _WAITING.add(self)
 
-    def _tell_held(self, now: bool = False) -> None:
-        """Log the last line held back, with how many were, once its interval is over (or
-        ``now``); or the end of the condition held after them, with their count. A line
-        logged meanwhile told them already."""
-        if self._timer is not None:
-            self._timer.cancel()  # (when called before it)
+    def _tell_held(self) -> None:
+        """Log the last line held back, with how many were, once its interval is over; or
+        the end of the condition held after them, with their count. A line logged
+        meanwhile told them already."""
         self._timer = None
-        _WAITING.discard(self)
         if not self._suppressed or self._held is None:
             return
         at = time.monotonic()
-        if at < self._next and not now:  # a line logged since this was armed: a new interval
+        if at < self._next:  # a line logged since this was armed began a new interval
             self._tell_held_later(self._next - at)
             return
         if self._end_held is not None:  # the condition ended since: its end tells them

@@ -55,7 +55,7 @@ from .metrics_http import MetricsEndpoint
 from .nbd import NbdServer, NbdStats, start_nbd_server
 from .nbd_metrics import NbdMetrics
 from .netaddr import AddressInUse, bind_failure, claim_unix_path
-from .ratelimit import RateLimitedLog, tell_held_lines
+from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
 from .verifier_store import VerifierStore, new_verifier
@@ -436,7 +436,7 @@ class Server:
                 await volume.close()
                 return
             await self._serve(volume)
-            log.info("volume %r attached", config.name)
+            attach_log.ended("volume %r attached", config.name)  # (with what it held back)
             await self._update_health()
             return
 
@@ -527,7 +527,6 @@ class Server:
         for task in self._attach_tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        tell_held_lines()  # (their timers would end with the loop)
         return self.unflushed
 
 

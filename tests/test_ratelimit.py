@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tierdisk.service.ratelimit import RateLimitedLog, tell_held_lines
+from tierdisk.service.ratelimit import RateLimitedLog
 
 
 def test_one_warning_per_interval_with_a_count(
@@ -147,19 +147,4 @@ async def test_failures_held_then_an_end_held_are_told_by_the_end(
         "answers again",
         # the third failure and end were held; told together, the end last
         "answers again (1 more like the last failure were held back)",
-    ]
-
-
-async def test_lines_held_back_are_told_at_a_stop(caplog: pytest.LogCaptureFixture) -> None:
-    """A server that stops before the interval ends tells the lines it holds (its loop, and
-    the timer, end with it)."""
-    log = RateLimitedLog(logging.getLogger("t"), interval=60.0)
-    with caplog.at_level(logging.WARNING, logger="t"):
-        for n in range(3):
-            log.warning("write failed: %s", n)
-        tell_held_lines()
-        tell_held_lines()  # (told once)
-    assert [r.getMessage() for r in caplog.records] == [
-        "write failed: 0",
-        "write failed: 2 (the last of 2 similar messages held back)",
     ]

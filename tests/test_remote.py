@@ -424,6 +424,37 @@ async def test_a_remote_whose_map_takes_long_to_read_is_asked_for_it_less_often(
         assert tree["requests"]["GetAllocation"] == {"OK": 1}, tree["requests"]
 
 
+async def test_a_failed_map_read_does_not_put_off_the_next(
+    origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh of present_sectors that failed (the origin paused past the layer's
+    timeout) says nothing of what a map read costs: the next one is not put off by a
+    hundred times its wait, and the count is fresh again once the origin answers."""
+    monkeypatch.setattr("tierdisk.service.layers.remote._PRESENT_REFRESH", 0.05)
+    allocation = AsyncVolume.allocation
+    calls: list[str] = []
+
+    async def failing_once(self: AsyncVolume, *args: Any, **kwargs: Any) -> Any:
+        calls.append("call")
+        if len(calls) == 2:  # (the first is the attach's)
+            await asyncio.sleep(0.1)
+            raise cerr.DeadlineExceeded("the origin did not answer in time")
+        return await allocation(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncVolume, "allocation", failing_once)
+    body = toml_volume("vm", remote(origin.grpc_address, "base", mode="layer"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and len(calls) < 4:
+            await vol.inspect("layers/0")
+            await asyncio.sleep(0.05)
+        assert len(calls) >= 4, calls
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 

@@ -1225,3 +1225,50 @@ async def test_a_flush_syncs_the_data_before_the_map_that_vouches_for_it(
         assert synced == ["d.sparse", "d.sparse.map"], synced
     finally:
         await layer.close()
+
+
+async def test_a_read_that_waited_for_a_long_edit_does_not_see_a_shrink_half_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads of a layer whose run sets a long unmap holds (here made slow) wait for them; a
+    shrink queued meanwhile may edit them first. A read then comes after the shrink's
+    outcome (OUT_OF_RANGE past the new end), never taking the sectors it cuts for absent,
+    which would show the layer below's old data through."""
+    edits = SparseLayer._mark_present  # (an unmap over a layer below keeps zeros present)
+    slow: set[SparseLayer] = set()
+
+    def slow_mark_present(self: SparseLayer, a: int, b: int) -> None:
+        if self in slow:
+            time.sleep(0.2)  # (as an edit of ~10^5 runs)
+        edits(self, a, b)
+
+    monkeypatch.setattr(SparseLayer, "_mark_present", slow_mark_present)
+    seen: dict[str, int] = {}
+    for round_ in range(3):
+        folder = tmp_path / str(round_)
+        top = SparseLayer(str(folder / "top.sparse"), size=64 * SS)
+        below = SparseLayer(str(folder / "below.sparse"), size=64 * SS)
+        volume = await Volume.open("v", [LayerEntry(top), LayerEntry(below)])
+        try:
+            await below.write(memoryview(pattern(2, 0, 64, SS)), 0, False)
+            await volume.write(0, pattern(1, 0, 64, SS))
+            slow.add(top)
+            unmap = asyncio.create_task(volume.unmap(0, 8))
+            await asyncio.sleep(0.05)  # (the edit holds the sets)
+            reads = [asyncio.create_task(volume.read(40 + k, 1)) for k in range(24)]
+            await asyncio.sleep(0)
+            shrink = asyncio.create_task(volume.resize(40))
+            await unmap
+            slow.discard(top)
+            for k, read_ in enumerate(reads):
+                try:
+                    data, _ = await read_
+                except OutOfRange:
+                    seen["out of range"] = seen.get("out of range", 0) + 1
+                else:
+                    got = "top" if data == pattern(1, 40 + k, 1, SS) else "below (stale)"
+                    seen[got] = seen.get(got, 0) + 1
+            await shrink
+        finally:
+            await volume.close()
+    assert "below (stale)" not in seen, seen

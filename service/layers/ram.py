@@ -219,12 +219,8 @@ class RamLayer(Layer):
                     if since_yield >= _MOVE_CHUNK:
                         since_yield = 0
                         await asyncio.sleep(0)
-            old, self._map = self._map, grown
-            if self._view is not None:
-                self._view.release()
-            self._view = view
-            if old is not None:  # (returning a GiB of pages takes the kernel a while)
-                await asyncio.to_thread(old.close)
+            self._mem().release()  # (closed during the last yield: raises, grown dropped)
+            old, self._map, self._view = self._map, grown, view
         except BaseException:
             view.release()
             grown.close()
@@ -232,6 +228,8 @@ class RamLayer(Layer):
         finally:
             self._moving = None
             moving.set()
+        if old is not None:  # (returning a GiB of pages takes the kernel a while)
+            await asyncio.to_thread(old.close)
 
     def inspect(self) -> dict[str, Any]:
         return {

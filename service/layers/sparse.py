@@ -45,7 +45,7 @@ buffered read copy a page while a write copies into it, which returns a torn sec
 the run sets for the few microseconds of each lookup or update (a compaction holds it while
 it copies the runs, about 20 ms per 100,000 runs, and an unmap or a shrink while it edits
 them, about 0.3 s per 100,000 runs): the event loop never waits for it, a lookup that finds
-it taken waits on a thread.
+it taken asks again every few milliseconds.
 
 Out of space. Before writing, the layer reserves the blocks (``fallocate`` with
 ``FALLOC_FL_KEEP_SIZE``); if that fails with ``ENOSPC`` nothing was written, the reserved
@@ -418,8 +418,8 @@ class SparseLayer(Layer):
                     runs = self._present.runs_in(sector, sector + count)
                 finally:
                     self._lock.release()
-            else:  # a long mutation holds it (_present_runs): not the loop's to wait for
-                runs = await asyncio.to_thread(self._present_runs, sector, sector + count)
+            else:  # a long mutation holds it: not the loop's to wait for
+                runs = await self._runs_when_free(sector, count)
             if runs and not self._read_runs_cached(buf, sector, runs):
                 await asyncio.get_running_loop().run_in_executor(
                     None, self._read_runs, buf, sector, runs
@@ -451,15 +451,28 @@ class SparseLayer(Layer):
                 return self._present.runs_in(sector, sector + count)
             finally:
                 self._lock.release()
-        return await asyncio.to_thread(self._present_runs, sector, sector + count)
+        return await self._runs_when_free(sector, count)
 
-    def _present_runs(self, a: int, b: int) -> list[Run]:
-        """The present runs of ``[a, b)``, waiting for the run sets' lock: called on a
-        thread when the loop found it taken. A mutation on the writer thread holds it as
-        long as it edits the sets (an unmap, a shrink or a compaction over a million runs:
-        seconds), and every client of the server would wait if the loop did."""
-        with self._lock:
-            return self._present.runs_in(a, b)
+    async def _runs_when_free(self, sector: int, count: int) -> list[Run]:
+        """The present runs of ``[sector, sector + count)`` once the run sets' lock is free:
+        a mutation on the writer thread holds it as long as it edits the sets (an unmap, a
+        shrink or a compaction over a million runs: seconds), and every client of the server
+        would wait if the loop did. Asked again every few milliseconds (no thread parked:
+        the default executor's few threads serve every layer's file I/O). A shrink begun
+        meanwhile is waited for first, as on the way in, and the runs looked up right after
+        (a lookup taking sectors it cuts for absent would let the layers below show
+        through)."""
+        delay = 0.0005
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.005)
+            if self._shrink_end is not None:
+                await self._await_shrink(sector, count)
+            if self._lock.acquire(blocking=False):
+                try:
+                    return self._present.runs_in(sector, sector + count)
+                finally:
+                    self._lock.release()
 
     async def _mutate(
         self, what: str, start: int, end: int, fn: Callable[..., _T], *args: Any
