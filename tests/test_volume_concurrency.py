@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import pytest
 from conftest import VolumeOpener
@@ -24,6 +25,7 @@ from tierdisk.service.sector_lock import SectorLock
 from tierdisk.service.volume import Volume
 
 SS = 512
+T = TypeVar("T")
 ZERO = bytes(SS)
 
 
@@ -406,6 +408,27 @@ async def test_random_read_modify_writes_and_writes_never_lose_an_update(
     assert got == model
 
 
+async def _counting_other_work(call: Awaitable[T]) -> tuple[T, int]:
+    """``call``'s result, and how many times other work on the loop (a task that only
+    yields) ran while it did: 0 or 1 when it held the loop throughout."""
+    ticks = 0
+    done = False
+
+    async def tick() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    try:
+        return await call, ticks
+    finally:
+        done = True
+        await ticker
+
+
 class _CountingRam(RamLayer):
     """A RAM layer whose reads wait once, as a remote or a disk does, counting how many
     are in flight at most."""
@@ -439,22 +462,7 @@ async def test_a_read_over_thousands_of_holes_asks_the_layer_below_a_batch_at_a_
     await below.write(memoryview(b"\x02" * 2 * holes * SS), 0, False)
     for sector in range(0, 2 * holes, 2):
         await top.write(memoryview(b"\x01" * SS), sector, False)
-    ticks = 0
-    done = False
-
-    async def tick() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0)
-    try:
-        data, _ = await vol.read(0, 2 * holes)
-    finally:
-        done = True
-        await ticker
+    (data, _), ticks = await _counting_other_work(vol.read(0, 2 * holes))
     assert data == (b"\x01" * SS + b"\x02" * SS) * holes
     assert below.calls == holes
     assert below.most_in_flight <= 128, below.most_in_flight
@@ -474,22 +482,7 @@ async def test_an_allocation_walk_over_thousands_of_holes_lets_other_work_run(
     for sector in range(0, 2 * holes, 2):
         await top.write(memoryview(b"\x01" * SS), sector, False)
     await below.write(memoryview(b"\x02" * SS), 1, False)
-    ticks = 0
-    done = False
-
-    async def tick() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0)
-    try:
-        runs = await vol.allocation(0, 2 * holes)
-    finally:
-        done = True
-        await ticker
+    runs, ticks = await _counting_other_work(vol.allocation(0, 2 * holes))
     # the top's sectors at depth 0, the one the layer below holds at 1, holes at -1
     expected = [(0, 1, 0), (1, 2, 1)]
     expected += [(s, s + 1, -1 if s % 2 else 0) for s in range(2, 2 * holes)]

@@ -413,12 +413,8 @@ class SparseLayer(Layer):
         try:
             if self._fd < 0:
                 raise layer_closed(f"sparse layer {self.path}")
-            if self._lock.acquire(blocking=False):
-                try:
-                    runs = self._present.runs_in(sector, sector + count)
-                finally:
-                    self._lock.release()
-            else:  # a long mutation holds it: not the loop's to wait for
+            runs = self._runs_now(sector, count)
+            if runs is None:  # a long mutation holds the run sets: not the loop's to wait for
                 runs = await self._runs_when_free(sector, count)
             if runs and not self._read_runs_cached(buf, sector, runs):
                 await asyncio.get_running_loop().run_in_executor(
@@ -446,12 +442,18 @@ class SparseLayer(Layer):
     async def presence(self, sector: int, count: int) -> list[Run]:
         if self._shrink_end is not None:
             await self._await_shrink(sector, count)
-        if self._lock.acquire(blocking=False):
-            try:
-                return self._present.runs_in(sector, sector + count)
-            finally:
-                self._lock.release()
-        return await self._runs_when_free(sector, count)
+        runs = self._runs_now(sector, count)
+        return runs if runs is not None else await self._runs_when_free(sector, count)
+
+    def _runs_now(self, sector: int, count: int) -> list[Run] | None:
+        """The present runs of ``[sector, sector + count)``, or None if the run sets' lock
+        is taken (the loop never waits for it: :meth:`_runs_when_free`)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._present.runs_in(sector, sector + count)
+        finally:
+            self._lock.release()
 
     async def _runs_when_free(self, sector: int, count: int) -> list[Run]:
         """The present runs of ``[sector, sector + count)`` once the run sets' lock is free:
@@ -468,11 +470,9 @@ class SparseLayer(Layer):
             delay = min(2 * delay, 0.005)
             if self._shrink_end is not None:
                 await self._await_shrink(sector, count)
-            if self._lock.acquire(blocking=False):
-                try:
-                    return self._present.runs_in(sector, sector + count)
-                finally:
-                    self._lock.release()
+            runs = self._runs_now(sector, count)
+            if runs is not None:
+                return runs
 
     async def _mutate(
         self, what: str, start: int, end: int, fn: Callable[..., _T], *args: Any
