@@ -387,16 +387,19 @@ class Layer(abc.ABC):
     stores them in one step, and drops them all if they went stale while it waited (the
     engine checks between calls that no resize made a fill stale)."""
 
-    async def fill_runs(self, data: memoryview, sector: int, runs: list[Run]) -> int:
+    async def fill_runs(
+        self, data: memoryview, sector: int, runs: list[Run], *, callers: bool = False
+    ) -> int:
         """:meth:`write_no_overwrite` of several runs (sorted, disjoint, absolute sectors)
-        of ``data``, which starts at ``sector``: the sectors between them are not written.
-        Returns the sectors stored. The default asks once per run; a layer for which each
-        call costs a hand-off (a thread, a call to another server) may do all at once
-        (:attr:`fill_runs_at_once`)."""
+        of ``data``, which starts at ``sector`` (``callers``: :meth:`write_holes`, never
+        dropped): the sectors between them are not written. Returns the sectors stored.
+        The default asks once per run; a layer for which each call costs a hand-off (a
+        thread, a call to another server) may do all at once (:attr:`fill_runs_at_once`)."""
         ss = self.sector_size
+        write = self.write_holes if callers else self.write_no_overwrite
         stored = 0
         for a, b in runs:
-            stored += await self.write_no_overwrite(data[(a - sector) * ss : (b - sector) * ss], a)
+            stored += await write(data[(a - sector) * ss : (b - sector) * ss], a)
         return stored
 
     async def presence(self, sector: int, count: int) -> list[Run]:

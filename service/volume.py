@@ -637,22 +637,27 @@ class Volume:
         holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
         unsynced = False  # write_no_overwrite takes no fua: flush after
         changed = False
-        short = 0  # as in _write_sectors
+        short = 0  # as in _write_sectors: the first layer, in hole order, smaller than a hole
+        for _, b in holes:
+            short = next((i for i in range(1, self._write_path) if self._write_limit(i, b) < b), 0)
+            if short:
+                break
         index = 0
         try:
-            for a, b in holes:
-                for index in range(self._write_path):
-                    limit = self._write_limit(index, b)
-                    if limit < b and not short:
-                        short = index
-                    if limit <= a:
-                        continue
-                    part = view[(a - sector) * ss : (limit - sector) * ss]
-                    layer = self._layers[index]
-                    if layer.can_read_cache:
-                        await layer.write_holes(part, a)
-                        unsynced = unsynced or fua
-                    elif fua:
+            for index in range(self._write_path):  # layer by layer: a batch of holes per call
+                layer = self._layers[index]
+                runs = [(a, lim) for a, b in holes if (lim := self._write_limit(index, b)) > a]
+                if layer.can_read_cache:
+                    at_once = layer.fill_runs_at_once
+                    for first in range(0, len(runs), at_once):
+                        batch = runs[first : first + at_once]
+                        await layer.fill_runs(view, sector, batch, callers=True)
+                        changed = True
+                    unsynced = unsynced or (fua and bool(runs))
+                    continue
+                for a, b in runs:
+                    part = view[(a - sector) * ss : (b - sector) * ss]
+                    if fua:
                         await self._durability.syncing(index, layer.write(part, a, fua))
                     else:
                         await layer.write(part, a, fua)

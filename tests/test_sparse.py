@@ -1272,3 +1272,27 @@ async def test_a_read_that_waited_for_a_long_edit_does_not_see_a_shrink_half_mad
         finally:
             await volume.close()
     assert "below (stale)" not in seen, seen
+
+
+@pytest.mark.parametrize("fua", [False, True])
+async def test_a_write_of_holes_over_many_runs_fills_the_holes_on_every_write_path_layer(
+    tmp_path: Path, fua: bool
+) -> None:
+    """A caller's ``Write`` with ``no_overwrite`` over a range held every other sector (600
+    holes: several batches per writer job) stores its data in the holes only, on each layer
+    of the write path, keeping what was there; with ``fua``, flushed before it returns."""
+    holes = 600
+    top = SparseLayer(str(tmp_path / "top.sparse"), size=2 * holes * SS)
+    durable = SparseLayer(str(tmp_path / "durable.sparse"), size=2 * holes * SS)
+    volume = await Volume.open("v", [LayerEntry(top, write_through=True), LayerEntry(durable)])
+    try:
+        for s in range(0, 2 * holes, 2):
+            await volume.write(s, pattern(1, s, 1, SS))
+        await volume.write(0, pattern(2, 0, 2 * holes, SS), no_overwrite=True, fua=fua)
+        expected = b"".join(pattern(1 if s % 2 == 0 else 2, s, 1, SS) for s in range(2 * holes))
+        assert (await volume.read(0, 2 * holes))[0] == expected
+        for layer in (top, durable):
+            assert await read(layer, 0, 2 * holes) == (expected, [(0, 2 * holes)])
+            assert (layer.inspect()["unflushed_runs"] == 0) == fua
+    finally:
+        await volume.close()

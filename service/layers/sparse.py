@@ -517,18 +517,22 @@ class SparseLayer(Layer):
 
     fill_runs_at_once = 128
 
-    async def fill_runs(self, data: memoryview, sector: int, runs: list[Run]) -> int:
-        """Every run's fill in one job of the writer thread (a hand-off each cost ~80 µs: a
-        read over a cache fragmented into thousands of runs spent seconds on them). The
-        sectors from the first run's start to the last one's end are held meanwhile."""
+    async def fill_runs(
+        self, data: memoryview, sector: int, runs: list[Run], *, callers: bool = False
+    ) -> int:
+        """Every run's fill (or ``callers``' write of holes) in one job of the writer thread
+        (a hand-off each cost ~80 µs: a read over a cache fragmented into thousands of runs
+        spent seconds on them). The sectors from the first run's start to the last one's
+        end are held meanwhile."""
         if not runs:
             return 0
         start, end = runs[0][0], runs[-1][1]
         self._check_range(start, end - start)
         ss = self._sector_size
         covering = data[(start - sector) * ss : (end - sector) * ss]
+        fill_after = None if callers else self._shrinks
         return await self._mutate(
-            "writing", start, end, self._write_sync, covering, start, True, self._shrinks, runs
+            "writing", start, end, self._write_sync, covering, start, True, fill_after, runs
         )
 
     async def _write_absent(self, data: memoryview, sector: int, fill_after: int | None) -> int:
