@@ -396,6 +396,26 @@ async def test_inspect_and_metrics_count_remote_calls(
         )
 
 
+async def _layer_mode_inspected_for_a_second(
+    origin: Server, folder: Path, until: Callable[[], bool] = lambda: False
+) -> Any:
+    """A tier whose volume ``vm`` is a layer-mode remote of the origin's ``base``, its layer
+    asked for (Inspect: its present sectors) every 50 ms for a second, or until ``until()``:
+    the last tree."""
+    body = toml_volume("vm", remote(origin.grpc_address, "base", mode="layer"))
+    async with (
+        running_server(folder / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        deadline = time.monotonic() + 1.0
+        tree = await vol.inspect("layers/0")
+        while time.monotonic() < deadline and not until():
+            await asyncio.sleep(0.05)
+            tree = await vol.inspect("layers/0")
+        return tree
+
+
 async def test_a_remote_whose_map_takes_long_to_read_is_asked_for_it_less_often(
     origin: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -411,17 +431,8 @@ async def test_a_remote_whose_map_takes_long_to_read_is_asked_for_it_less_often(
         return await allocation(self, *args, **kwargs)
 
     monkeypatch.setattr(AsyncVolume, "allocation", slow_allocation)
-    body = toml_volume("vm", remote(origin.grpc_address, "base", mode="layer"))
-    async with (
-        running_server(tmp_path / "proxy", body) as proxy,
-        AsyncClient(proxy.grpc_address) as client,
-    ):
-        vol = client.volume("vm")
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            tree = await vol.inspect("layers/0")
-            await asyncio.sleep(0.05)
-        assert tree["requests"]["GetAllocation"] == {"OK": 1}, tree["requests"]
+    tree = await _layer_mode_inspected_for_a_second(origin, tmp_path)
+    assert tree["requests"]["GetAllocation"] == {"OK": 1}, tree["requests"]
 
 
 async def test_a_failed_map_read_does_not_put_off_the_next(
@@ -442,17 +453,8 @@ async def test_a_failed_map_read_does_not_put_off_the_next(
         return await allocation(self, *args, **kwargs)
 
     monkeypatch.setattr(AsyncVolume, "allocation", failing_once)
-    body = toml_volume("vm", remote(origin.grpc_address, "base", mode="layer"))
-    async with (
-        running_server(tmp_path / "proxy", body) as proxy,
-        AsyncClient(proxy.grpc_address) as client,
-    ):
-        vol = client.volume("vm")
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and len(calls) < 4:
-            await vol.inspect("layers/0")
-            await asyncio.sleep(0.05)
-        assert len(calls) >= 4, calls
+    await _layer_mode_inspected_for_a_second(origin, tmp_path, until=lambda: len(calls) >= 4)
+    assert len(calls) >= 4, calls
 
 
 # -- errors ---------------------------------------------------------------------------------
