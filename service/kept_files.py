@@ -25,7 +25,9 @@ their symlinks resolved.
 An entry written by a tierdisk from before the record (a verifier and no ``files``) says
 the volume was served, not from which files: every file of the volume then counts as
 served from, until this start records them (a new layer added in the same restart as the
-upgrade is refused too: delete the entry, or add it in a later restart).
+upgrade is refused too: delete the entry, or add it in a later restart). A start that finds
+the record damaged (empty, torn, not its format) writes such an entry for every volume it
+is configured with (:mod:`.verifier_store`).
 
 ``data_dir`` itself, with the record, may be on the disk that is missing: then nothing
 tells a lost volume from a new one. Keep ``data_dir`` on a disk the server cannot start
@@ -151,13 +153,13 @@ def _refuse_if_lost(
     except OSError:
         return  # cannot be looked at (a folder not ours to enter): its layer says so
     entry = os.path.basename(record)
-    if unlisted and names == [config.name]:  # an older build's entry: only it is a way out
+    if unlisted and names == [config.name]:  # an entry without files: only it is a way out
         lost = StorageError(
             f"{path} {state}, but this volume was served before (as {record} records; "
-            "an older tierdisk wrote its entry, without the files it was served from, "
-            "so each file of the volume counts): is the disk that holds it mounted? "
-            "Restore the file; if it is new, or to start this layer empty, delete the "
-            f"volume's entry from {entry}"
+            "its entry does not say which files it was served from: an older tierdisk "
+            "wrote it, or a start that found the record damaged, so each file of the "
+            "volume counts): is the disk that holds it mounted? Restore the file; if it is "
+            f"new, or to start this layer empty, delete the volume's entry from {entry}"
         )
     else:
         if names == [config.name]:

@@ -32,11 +32,19 @@ as clean, with their verifiers then (a volume's verifier also changes while it r
 flush finds writes lost: :attr:`~tierdisk.service.volume.Volume.write_verifier`). Entries
 of volumes no longer configured are kept as they are.
 
-The file is ``flock``ed for the server's life. When it cannot be used (another server holds
-it, the folder is read-only, it cannot be synced) the server logs a warning and draws new
-verifiers, keeping nothing: each restart then counts as unclean for its clients (their next
-flush after it raises ``WritesLost`` if they had unflushed writes), which is safe. A file that
-cannot be read as this format is treated as having no clean entry, and rewritten.
+The file is replaced whole, never rewritten in place: the new record goes into
+``write-verifiers.json.new``, is synced, and is renamed over the old one (the folder synced
+after), so a crash or a power cut at any moment leaves the old record or the new one, never a
+torn one (a torn record would lose the kept-files guard of every volume). ``data_dir`` is
+``flock``ed for the server's life (and the record too, as older builds lock it). When the file
+cannot be used (another server holds it, the folder is read-only, it cannot be synced) the
+server logs a warning and draws new verifiers, keeping nothing: each restart then counts as
+unclean for its clients (their next flush after it raises ``WritesLost`` if they had unflushed
+writes), which is safe. A file that cannot be read as this format (empty, torn by an older
+build's crash, damaged) has no clean entry, and does not say which files any volume was served
+from: each configured volume gets an entry that says so (a verifier, not clean, no ``files``),
+so each file of the volume counts as served from (:mod:`.kept_files` refuses a missing one)
+until a run that serves the volume records its files.
 """
 
 from __future__ import annotations
@@ -56,6 +64,10 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "write-verifiers.json"
 """The file in ``data_dir`` (DESIGN.md §4) that keeps the verifiers."""
+
+_NEW_SUFFIX = ".new"
+"""The next record is written to ``FILE_NAME + _NEW_SUFFIX``, then renamed over the record
+(one a crash left behind is written over by the next)."""
 
 _MAX_BYTES = 4 << 20
 """The most of the file read: far more than any number of volumes a config holds."""
@@ -77,7 +89,8 @@ class VerifierStore:
     def __init__(self, path: str, names: Sequence[str]) -> None:
         self.path = path
         self._names = list(names)
-        self._fd: int | None = None  # the file, locked (None: not there yet, or given up)
+        self._folder_fd: int | None = None  # data_dir, locked (None: given up)
+        self._fd: int | None = None  # the record, locked (None: not there yet, or given up)
         self.usable = True
         """False once the file could not be used: nothing is kept (module docs)."""
         self.marked: set[str] = set()
@@ -114,12 +127,17 @@ class VerifierStore:
         """Read the file in ``data_dir`` (if there is one: nothing is written before
         :meth:`mark_unclean`) and choose each volume's verifier."""
         store = cls(os.path.join(data_dir, FILE_NAME), names)
+        damaged = False
         try:
-            store._fd = os.open(store.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            fcntl.flock(store._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            store._entries = _parse(store.path, os.pread(store._fd, _MAX_BYTES, 0))
-        except FileNotFoundError:
-            store._release()
+            store._folder_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(store._folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                store._fd = os.open(store.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                pass  # the first start here: the file is made by mark_unclean
+            else:  # (an older build locks the record itself)
+                fcntl.flock(store._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                store._entries, damaged = _parse(store.path, os.pread(store._fd, _MAX_BYTES, 0))
         except OSError as exc:
             store._give_up(exc)
             return store
@@ -144,6 +162,9 @@ class VerifierStore:
                 store.untold.add(name)
             elif clean and kept_writes is None:  # an older build's entry (module docs)
                 store.loss_unknown.add(name)
+        if damaged:  # which files each volume was served from is not known (module docs)
+            for name in names:
+                store._entries[name] = {"verifier": store.verifiers[name], "clean": False}
         return store
 
     def recorded_files(self, name: str) -> frozenset[str] | None:
@@ -178,14 +199,7 @@ class VerifierStore:
             return
         names = [name for name in names if name not in self.marked]
         try:
-            if self._fd is None:  # the first start here: the file is made now
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-                self._fd = os.open(self.path, flags, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._write(dict.fromkeys(names, False))
-                fsync_folder(self.path)  # the new file's name reaches the disk too
-            else:
-                self._write(dict.fromkeys(names, False))
+            self._write(dict.fromkeys(names, False))
         except OSError as exc:
             self._give_up(exc)
             return
@@ -207,7 +221,7 @@ class VerifierStore:
         it, keeping the verifier."""
         self._untold_out = set(untold)
         try:
-            if self.marked and self._fd is not None:
+            if self.marked and self._folder_fd is not None:
                 self.verifiers.update(verifiers)
                 self._write({name: name in clean or name not in verifiers for name in self.marked})
         except OSError as exc:
@@ -230,14 +244,14 @@ class VerifierStore:
         self.verifiers = {name: new_verifier(self.verifiers.get(name, 0)) for name in self._names}
 
     def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._folder_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._folder_fd = None
 
     def _write(self, clean: Mapping[str, bool]) -> None:
-        """Rewrite the file in place with :attr:`verifiers` and ``clean``, and sync it. (A
-        write torn by a crash leaves a file :func:`_parse` refuses: no entry is clean.)"""
-        assert self._fd is not None
+        """Replace the file with one of :attr:`verifiers` and ``clean`` (:meth:`_replace`)."""
+        assert self._folder_fd is not None
         for name, is_clean in clean.items():
             entry: dict[str, object] = {"verifier": self.verifiers[name], "clean": is_clean}
             old = self._entries.get(name, {})
@@ -251,24 +265,49 @@ class VerifierStore:
                 entry["crash_untold"] = True
             self._entries[name] = entry
         data = (json.dumps({"format": 1, "volumes": self._entries}, indent=1) + "\n").encode()
-        os.ftruncate(self._fd, 0)
-        pwrite_all(self._fd, memoryview(data), 0)
-        os.fsync(self._fd)
+        self._replace(data)
+
+    def _replace(self, data: bytes) -> None:
+        """Make ``data`` the file's contents, whole or not at all: written to a new file,
+        locked (the lock goes with it), synced, renamed over the file, the folder synced.
+        A crash at any point leaves the old record or the new one."""
+        new = self.path + _NEW_SUFFIX
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(new, flags, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            pwrite_all(fd, memoryview(data), 0)
+            os.fsync(fd)
+            os.rename(new, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        fsync_folder(self.path)  # the new name reaches the disk
 
 
-def _parse(path: str, data: bytes) -> dict[str, dict[str, object]]:
-    """The entries of a file's contents; ``{}`` (logged) when they are not this format."""
-    if not data:
-        return {}
+def _parse(path: str, data: bytes) -> tuple[dict[str, dict[str, object]], bool]:
+    """The entries of a file's contents, and whether they could not be read: ``({}, True)``
+    (logged) when the file is empty or not this format."""
     try:
+        if not data:
+            raise ValueError("it is empty")
         doc = json.loads(data)
         volumes = doc["volumes"]
         if doc.get("format") != 1 or not isinstance(volumes, dict):
             raise ValueError("not format 1")
-        return {str(k): v for k, v in volumes.items() if isinstance(v, dict)}
+        return {str(k): v for k, v in volumes.items() if isinstance(v, dict)}, False
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        log.warning("%s is not a write verifier file (%s): new verifiers for all", path, exc)
-        return {}
+        log.warning(
+            "%s is not a write verifier file (%s): new verifiers for all, and which files "
+            "each volume was served from is not known: a volume with a layer file missing "
+            "or empty is refused until a run that serves it records its files",
+            path,
+            exc,
+        )
+        return {}, True
 
 
 def _is_path(value: object) -> bool:

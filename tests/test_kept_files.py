@@ -159,7 +159,7 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
     stack, present, lost = _three_layers(tmp_path)
     with pytest.raises(ConfigError, match=rf"volume 'v', layer 2: {lost} is missing") as info:
         check(stack, {}, None, "/data/rec.json")
-    assert "an older tierdisk wrote its entry" in str(info.value)
+    assert "an older tierdisk wrote it" in str(info.value)
     assert str(info.value).endswith("delete the volume's entry from rec.json")
     lost.write_bytes(b"base")
     found = check(stack, {}, None, "/data/rec.json")  # the cache may be made again

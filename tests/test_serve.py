@@ -857,7 +857,7 @@ def test_a_final_flush_that_fails_exits_1_naming_the_volume(
     assert entry["clean"] is False
 
 
-@pytest.mark.parametrize("recorded_by", ["this build", "an older build"])
+@pytest.mark.parametrize("recorded_by", ["this build", "an older build", "a torn record"])
 def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(
     tmp_path: Path, recorded_by: str
 ) -> None:
@@ -867,7 +867,8 @@ def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(
     below the write path holds only copies, so its file is made again; a new path starts a
     layer empty on purpose. The same on the first start after an upgrade from a build that
     recorded no files (its entries: a verifier, no ``files``): that start once served the
-    volume empty."""
+    volume empty; and after a record left empty by an older build's crash while it
+    rewrote it in place (a power cut, then the disk not mounted at the reboot)."""
     disk = tmp_path / "disk"
     body = toml_volume(
         "v",
@@ -895,18 +896,22 @@ def test_a_volume_whose_kept_file_went_missing_is_refused_not_made_empty(
         for entry in doc["volumes"].values():
             del entry["files"]
         record.write_text(json.dumps(doc))
+    elif recorded_by == "a torn record":
+        record.write_bytes(b"")
     os.rename(disk, tmp_path / "unmounted")
     disk.mkdir()  # the mount point stays
     result = serve_once(tmp_path, "--config", str(config), "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
+    if recorded_by == "a torn record":
+        assert f"{record} is not a write verifier file (it is empty)" in lines.pop(0)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"tierdisk serve: cannot start: volume 'v', layer 0: {disk / 'v'}")
     if recorded_by == "this build":
         assert "is missing, but this volume was served from it before" in lines[0]
     else:
         assert "is missing, but this volume was served before" in lines[0]
-        assert "an older tierdisk wrote its entry" in lines[0]
+        assert "an older tierdisk wrote it, or a start that found the record damaged" in lines[0]
         assert "delete the volume's entry from write-verifiers.json" in lines[0]
     assert "is the disk that holds it mounted?" in lines[0]
     assert list(disk.iterdir()) == [], "nothing made in its place"

@@ -242,6 +242,67 @@ def test_the_files_a_volume_was_served_from_are_recorded_and_kept(tmp_path: Path
     last.close({}, set())
 
 
+@pytest.mark.parametrize(
+    ("killed_in", "record_after"),
+    [("pwrite_all", "the old one"), ("os.rename", "the old one"), ("fsync_folder", "the new one")],
+)
+def test_a_crash_while_the_record_changes_leaves_the_old_or_the_new_one(
+    tmp_path: Path, killed_in: str, record_after: str
+) -> None:
+    """A server killed (SIGKILL) in the middle of writing the record, as it marks its
+    volumes before serving them: the record is whole, old or new, with every file it
+    recorded (a record rewritten in place was left empty by a kill after its truncation,
+    and the next start served a volume whose disk was missing as a new, empty one)."""
+    first = VerifierStore.open(str(tmp_path), ["a", "b"])
+    first.files = {"a": ["/disk/a"], "b": ["/disk/b"]}
+    first.mark_unclean(["a", "b"])
+    first.close(first.verifiers, {"a", "b"})
+    crash = (
+        "import os, signal, sys\n"
+        "from tierdisk.service import verifier_store\n"
+        "def killed(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"if {killed_in!r} == 'os.rename':\n"
+        "    os.rename = killed\n"
+        "else:\n"
+        f"    setattr(verifier_store, {killed_in!r}, killed)\n"
+        "store = verifier_store.VerifierStore.open(sys.argv[1], ['a', 'b'])\n"
+        "store.files = {'a': ['/disk/a'], 'b': ['/disk/b']}\n"
+        "store.mark_unclean(['a'])\n"
+    )
+    died = subprocess.run([sys.executable, "-c", crash, str(tmp_path)], timeout=60)
+    assert died.returncode == -9, "killed where the record is written"
+    entries = _entries(tmp_path)  # whole: it parses
+    assert entries["a"]["clean"] is (record_after == "the old one")
+    assert entries["b"] == {"verifier": first.verifiers["b"], "clean": True, "files": ["/disk/b"]}
+    after = VerifierStore.open(str(tmp_path), ["a", "b"])
+    assert after.recorded_files("a") == frozenset({"/disk/a"})
+    assert after.served_files() == {"/disk/a": ["a"], "/disk/b": ["b"]}
+    after.close({}, set())
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": 1, "volumes": {"a": {"verifier": 5, "cl'])
+def test_a_record_that_cannot_be_read_counts_every_file_of_each_volume(
+    tmp_path: Path, content: bytes
+) -> None:
+    """An empty or torn record (an older build's crash while it rewrote the file in place)
+    does not say which files a volume was served from: each file of each configured volume
+    counts (``recorded_files`` None), in this start and in later ones until a run that
+    serves the volume records its files (a volume not served in this run keeps an entry
+    that says so)."""
+    (tmp_path / FILE_NAME).write_bytes(content)
+    store = VerifierStore.open(str(tmp_path), ["a", "b"])
+    assert store.recorded_files("a") is None and store.recorded_files("b") is None
+    store.files = {"a": ["/disk/a"]}
+    store.mark_unclean(["a"])  # "b" waits for its tier, say, and is never served
+    store.close(store.verifiers, {"a"})
+    later = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
+    assert later.recorded_files("a") == frozenset({"/disk/a"})
+    assert later.recorded_files("b") is None
+    assert later.recorded_files("c") == frozenset()  # new to the record: made afresh
+    later.close({}, set())
+
+
 def test_an_entry_of_a_build_that_recorded_no_files_is_told_apart(tmp_path: Path) -> None:
     """An entry with a verifier and no ``files`` (written before files were recorded) gives
     ``None``: served, from files not known; a volume new to the file gives none."""
