@@ -318,7 +318,10 @@ class NbdDataPath:
         nbd = tree.get("nbd")
         if not isinstance(nbd, dict) or not nbd.get("address"):  # the server exports no NBD
             # Not a fault with "auto": said once at info level, asked again now and then.
-            problem = f"{self._target} serves no NBD export (its [server] nbd is off)"
+            problem = (
+                f"{self._target} serves no NBD export (its [server] nbd is off, or it is a "
+                "tierdisk too old to say where its export is: give the address as nbd)"
+            )
             if problem != self.problem:
                 log.info("%s: %s; reading over gRPC", self._logged_where, problem)
             self._set_problem(problem)
