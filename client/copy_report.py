@@ -5,7 +5,9 @@ it had done (DESIGN.md §7).
 A copy onto a volume (``write``, ``import``) sends requests several at a time, which
 finish in any order: :class:`CopyProgress` keeps count of what they wrote, for the note at
 the end of that line. :func:`with_note` words the failure of any transfer, with its note,
-as the error to raise.
+as the error to raise. A copy out to stdout, a pipe or a device ends that line saying how
+many bytes went out (:func:`reported_with_bytes_out`): whoever reads the stream cannot
+tell a short one from a whole one but by the exit status.
 
 Progress
     Long transfers draw a bar (:class:`~tierdisk.client.progress.Progress`) counting bytes
@@ -20,12 +22,22 @@ Progress
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+from collections.abc import Iterator
 
-from .cli_errors import CliError, describe, file_error
+from .cli_errors import CliError, describe, describe_file, file_error
 from .errors import TierdiskError, changed_nothing
+from .localfile import Sink
 from .progress import Progress
 
-__all__ = ["CopyInterrupted", "CopyProgress", "progress_bar", "with_note"]
+__all__ = [
+    "CopyInterrupted",
+    "CopyProgress",
+    "progress_bar",
+    "reported_with_bytes_out",
+    "with_note",
+]
 
 
 def progress_bar(
@@ -139,3 +151,22 @@ class CopyProgress:
         :meth:`note`; ``path`` is the file copied from (``None``: stdin)."""
         if self.failure is not None:
             raise with_note(self.failure, args, path, "; " + self.note())
+
+
+@contextlib.contextmanager
+def reported_with_bytes_out(args: argparse.Namespace, sink: Sink, total: int) -> Iterator[None]:
+    """The failure of a copy out to ``sink`` (stdout, a pipe, a device), Ctrl-C included,
+    as one line ending with how many of its ``total`` bytes went out before: ``; N of T
+    bytes went to stdout before`` (a broken stdout pipe stays as it is: its reader went
+    away)."""
+    try:
+        yield
+    except Exception as exc:
+        raise with_note(exc, args, sink.path, f"; {_bytes_out(sink, total)}") from None
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM, SIGHUP
+        raise CopyInterrupted(_bytes_out(sink, total)) from None
+
+
+def _bytes_out(sink: Sink, total: int) -> str:
+    where = "stdout" if sink.path is None else describe_file(sink.path)
+    return f"{sink.written} of {total} bytes went to {where} before"

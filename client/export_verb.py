@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from .aio import AsyncClient, AsyncVolume
 from .chunking import ReadWindow, plan_windows, run_bounded, run_ordered, sectors_per_chunk
 from .cli_errors import CliError, describe_file, file_error
-from .copy_report import progress_bar, with_note
+from .copy_report import progress_bar, reported_with_bytes_out, with_note
 from .localfile import Sink, fsync_folder, isatty, open_file, refuse_a_locked_file, std_path
 from .models import AllocationExtent, VolumeInfo
 from .progress import Progress
@@ -74,8 +74,12 @@ async def export_image(client: AsyncClient, args: argparse.Namespace) -> int:
     path = std_path(args.image)
     if path is None:  # stdout: every byte in order, whatever it is (a pipe, a file, …)
         data_on_tty = isatty(sys.stdout.buffer)
-        with progress_bar(args, info.size_bytes, label, data_on_tty=data_on_tty) as bar:
-            await _export_in_order(client, vol, info, extents, Sink(), bar)
+        sink = Sink()
+        with (
+            reported_with_bytes_out(args, sink, info.size_bytes),
+            progress_bar(args, info.size_bytes, label, data_on_tty=data_on_tty) as bar,
+        ):
+            await _export_in_order(client, vol, info, extents, sink, bar)
         return 0
     target = _replaceable(path)
     if target is not None:
@@ -324,7 +328,7 @@ async def _export_sparse(
     time."""
     ss = info.sector_size
     os.ftruncate(fd, info.size_bytes)
-    bar.advance(sum(e.sector_count for e in extents if not e.allocated) * ss)
+    bar.skip(sum(e.sector_count for e in extents if not e.allocated) * ss)
 
     async def one(window: ReadWindow) -> None:
         data = await vol.read(window.sector, window.sector_count)
@@ -412,7 +416,9 @@ async def _export_in_place(
                 os.ftruncate(fd, 0)
                 await _export_sparse(client, vol, info, extents, fd, bar)
             else:  # a device, a pipe, …: no truncating, no seeking, no holes
-                await _export_in_order(client, vol, info, extents, Sink(fd, path), bar)
+                sink = Sink(fd, path)
+                with reported_with_bytes_out(args, sink, info.size_bytes):
+                    await _export_in_order(client, vol, info, extents, sink, bar)
         if regular or stat.S_ISBLK(st.st_mode):
             os.fsync(fd)
         fd, closing = -1, fd

@@ -94,12 +94,6 @@ def std_path(path: str | None) -> str | None:
     return None if path == STD_STREAM else path
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _DaemonWorker:
     """Runs calls one at a time, in order, on a daemon thread of its own, so that the event
     loop (and the stop signals it handles) goes on while one blocks on a pipe whose other
@@ -170,6 +164,10 @@ class ThreadReader:
         self._worker.close()
 
 
+_STREAM_WRITE = 64 << 10
+"""The most bytes written to a stream (a pipe: its default capacity) per call."""
+
+
 class Sink:
     """Where ``read`` and ``export`` put bytes in order: stdout (``path`` ``None``) or the
     file open as ``fd``. A failed write raises a one-line :class:`CliError` naming it (a
@@ -183,6 +181,9 @@ class Sink:
     def __init__(self, fd: int | None = None, path: str | None = None) -> None:
         self.fd = fd
         self.path = path
+        self.written = 0
+        """Bytes written so far (handed to stdout's buffer, when it buffers them; of a
+        write under way on the thread, what went so far)."""
         self._thread: _DaemonWorker | None = None
         self._out = fileno(sys.stdout.buffer) if fd is None else None
         if self._out is not None and not is_sized(self._out):
@@ -196,13 +197,24 @@ class Sink:
         try:
             if self._thread is not None and self._out is not None:
                 out = self._out
-                await self._thread.run(lambda: _write_all(out, data))
+                await self._thread.run(lambda: self._write_all(out, data, _STREAM_WRITE))
             elif self.fd is None:
                 sys.stdout.buffer.write(data)
+                self.written += len(data)
             else:
-                _write_all(self.fd, data)
+                self._write_all(self.fd, data)
         except OSError as err:
             raise self._failed(err) from None
+
+    def _write_all(self, fd: int, data: bytes | memoryview, most: int | None = None) -> None:
+        """Write ``data`` to ``fd``, at most ``most`` bytes a call (a pipe's write of more
+        returns only once all of it went: counted per call, a stalled reader's share would
+        not show in :attr:`written`)."""
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.write(fd, view[:most])
+            self.written += done
+            view = view[done:]
 
     def close(self) -> None:
         """End the writer thread, if any (once its write under way returns): call it when

@@ -5,11 +5,12 @@
         bar.advance(len(chunk))
 
 It shows bytes done of the total, the percentage, the average rate and the time left, and
-redraws at most ten times a second. With ``total=None`` (a pipe: the length is known only at
-its end) it shows the bytes done, the average rate and the time so far instead. Off a
-terminal it draws nothing, so logs and pipes stay clean. The line is cut to the width of the
-terminal it is drawn on (:func:`terminal_columns`), so a redraw never wraps. No
-dependencies.
+redraws at most ten times a second. Bytes counted by :meth:`Progress.skip` (the holes an
+export leaves, counted at once) are done but moved no data: the rate leaves them out.
+With ``total=None`` (a pipe: the length is known only at its end) it shows the bytes
+done, the average rate and the time so far instead. Off a terminal it draws nothing, so
+logs and pipes stay clean. The line is cut to the width of the terminal it is drawn on
+(:func:`terminal_columns`), so a redraw never wraps. No dependencies.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Progress:
     ) -> None:
         self.total = None if total is None else max(0, total)
         self.done = 0
+        self.skipped = 0
+        """Of :attr:`done`, the bytes counted by :meth:`skip`."""
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
@@ -110,12 +113,18 @@ class Progress:
         if self._last_draw is None or now - self._last_draw >= self.interval:
             self._draw(now)
 
+    def skip(self, n: int) -> None:
+        """Count ``n`` more bytes done that took no time to do (holes left as holes): the
+        rate, and so the time left, are of the other bytes."""
+        self.skipped += n
+        self.advance(n)
+
     def render(self, now: float | None = None) -> str:
         """The bar's text as it would be drawn at ``now``."""
         now = self._clock() if now is None else now
         elapsed = max(now - self._start, 1e-9)
         prefix = f"{self.label} " if self.label else ""
-        rate = self.done / elapsed
+        rate = (self.done - self.skipped) / elapsed
         if self.total is None:
             return (
                 f"{prefix}{format_bytes(self.done)} {format_bytes(rate)}/s "

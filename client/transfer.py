@@ -19,7 +19,8 @@ Files, devices, pipes and ``-``
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
     truncated first). The ``-o FILE`` of a failed or interrupted ``read`` keeps what was
     written before, and when it is a regular file the message ends saying how much (``; file
-    'F' holds only the N bytes written before``: it is not the file it was, nor whole).
+    'F' holds only the N bytes written before``: it is not the file it was, nor whole); to
+    stdout, ``; N of T bytes went to stdout before``.
     A FILE that is
     a running tierdisk server's layer file (another process holds its ``flock``) is
     refused, not truncated, as ``export`` refuses to replace one.
@@ -41,7 +42,7 @@ import sys
 
 from .aio import AsyncClient
 from .cli_errors import describe_file
-from .copy_report import CopyInterrupted, progress_bar, with_note
+from .copy_report import CopyInterrupted, progress_bar, reported_with_bytes_out, with_note
 from .export_verb import export_image
 from .import_verbs import import_image, write_sectors
 from .localfile import (
@@ -84,7 +85,9 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         # The bar is on stderr (if a terminal), so `read … | gzip > img.gz` shows one; but
         # not when stdout is a terminal too: raw sectors and a redrawn line would mix.
         data_on_tty = isatty(sys.stdout.buffer)
-        await copy(Sink(), progress_bar(args, total, label, data_on_tty=data_on_tty))
+        sink = Sink()
+        with reported_with_bytes_out(args, sink, total):
+            await copy(sink, progress_bar(args, total, label, data_on_tty=data_on_tty))
         return 0
     _refuse_a_layer_file(path)
     fd = await open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

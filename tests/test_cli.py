@@ -679,7 +679,8 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
 ) -> None:
     """``export VOL - | ssh …`` with the reader stalled: a stop signal ends the verb at
     once, with its one line and status (stdout was written on the event loop's thread, so
-    the signal waited until the pipe moved again, or closed)."""
+    the signal waited until the pipe moved again, or closed); the line says how many bytes
+    went out (the reader cannot tell a short stream from a whole one)."""
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     args = (
         ["read", "exp", "0", str(len(exp_data) // 512)]
@@ -687,6 +688,7 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
         else ["export", "exp", "-"]
     )
     read_end, write_end = os.pipe()  # a pipe nobody reads: it takes 64 KiB, then stalls
+    pipe_bytes = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
     try:
         proc = subprocess.Popen(
             [*TIERDISK_SIGNALLED, *args], stdout=write_end, stderr=subprocess.PIPE, env=env
@@ -707,7 +709,10 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
         if write_end >= 0:
             os.close(write_end)
     assert proc.returncode == status, err.decode()
-    assert err.decode().splitlines()[0].startswith(f"tierdisk: {words}"), err.decode()
+    # what the pipe took (it was never read), and what the whole would have been
+    assert err.decode().splitlines() == [
+        f"tierdisk: {words}; {pipe_bytes} of {len(exp_data)} bytes went to stdout before"
+    ]
 
 
 @pytest.mark.parametrize(("sig", "status", "words"), STOPS)
@@ -1395,7 +1400,10 @@ def test_write_errors_name_the_file_or_stdout(server: ServerProcess, tmp_path: P
             )
         assert result.returncode == 1, args
         lines = result.stderr.decode().splitlines()
-        assert lines == ["tierdisk: stdout: No space left on device"], (args, lines)
+        said = "tierdisk: stdout: No space left on device"
+        if args[0] in ("read", "export"):  # a copy out says how much went out: nothing
+            said += f"; 0 of {512 if args[0] == 'read' else 1 << 20} bytes went to stdout before"
+        assert lines == [said], (args, lines)
 
 
 # -- progress bar ----------------------------------------------------------------------

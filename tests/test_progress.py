@@ -170,6 +170,18 @@ def test_progress_shows_rate_and_eta_midway() -> None:
     assert " 25%" in text and "5.0 MiB/s" in text and "ETA 0:15" in text
 
 
+def test_skipped_bytes_count_as_done_but_not_in_the_rate() -> None:
+    """An export counts the volume's holes at once (they are left as holes): its first
+    redraw showed 1.3 TiB/s and "ETA 0:00"; the rate is of the bytes that moved."""
+    now = [0.0]
+    bar = Progress(100 << 20, stream=Tty(), clock=lambda: now[0])
+    bar.skip(50 << 20)
+    now[0] = 2.0
+    bar.advance(10 << 20)
+    text = bar.render(now=2.0)
+    assert " 60%" in text and "5.0 MiB/s" in text and "ETA 0:08" in text
+
+
 def test_progress_is_silent_off_a_terminal() -> None:
     out = io.StringIO()
     with Progress(10, stream=out) as bar:
