@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import numbers
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overload
 
@@ -57,7 +57,7 @@ from tierdisk.v1 import blockdevice_pb2 as pb
 
 from .calls import UNSET, CallObserver, CallRunner, MetadataFactory, Timeout, deadline_seconds
 from .channel import DEFAULT_CHANNEL_OPTIONS, open_channel
-from .checks import metadata_problem, token_problem
+from .checks import sendable_metadata, token_problem
 from .chunking import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_IO,
@@ -155,12 +155,23 @@ class _OnRunner(Generic[T]):
 class AsyncClient:
     """A connection to one tierdisk server.
 
-    ``target``: ``host:port`` or ``unix:/path``. ``timeout``: seconds per call (each chunk
-    of a split read or write is a call), ``None`` for none. ``retries``, ``backoff``,
+    ``target``: ``host:port`` (``[v6addr]:port``; a name such as ``localhost:7400``) or
+    ``unix:/path``, or gRPC's ``dns:``, ``ipv4:``, ``ipv6:`` and ``unix-abstract:`` forms;
+    checked when the client is made, as the ``tierdisk`` command checks ``--server``
+    (:func:`~tierdisk.client.channel.check_target`): a missing port (gRPC would use 443),
+    a NUL or other control character (gRPC would cut the address there), white space or a
+    URL is a :class:`ValueError` naming the problem.
+
+    ``timeout``: seconds per call (each chunk of a split read or write is a call), ``None``
+    for none. ``retries``, ``backoff``,
     ``max_backoff``: the retry policy on ``UNAVAILABLE`` and ``CANCELLED`` (see
     :class:`RetryPolicy`); the defaults (8, 0.1 s, 2.0 s) wait up to ~9 s, ~4.5 s on average,
     to ride through a server restart — pass ``retries=0`` to fail fast.
-    ``metadata``: extra ``(key, value)`` pairs sent with every call. ``token``: sent as
+    ``metadata``: extra ``(key, value)`` pairs sent with every call; a key is sent in lower
+    case (header names are case-insensitive, and lower case on the wire: ``X-Trace`` is
+    sent as ``x-trace``), and a pair gRPC cannot send (a key of other characters than ASCII
+    letters, digits, ``_-.``, or starting ``grpc-``; a value not printable ASCII, or not
+    bytes for a key ending ``-bin``) is a :class:`ValueError`. ``token``: sent as
     ``authorization: Bearer <token>``. TLS is used when ``secure`` is true or any of
     ``root_certificates`` / ``certificate_chain`` / ``private_key`` (PEM bytes) is given; a
     ``certificate_chain`` without its ``private_key``, or the reverse, is a :class:`ValueError`.
@@ -169,12 +180,20 @@ class AsyncClient:
 
     Hooks, for a server that is itself a client (a remote layer): ``metadata_factory()`` is
     called once per unary call (its retries send the same pairs) and per WatchResize
-    stream, and its pairs are sent after ``metadata``; ``on_call(rpc, code, seconds)`` is
+    stream, and its pairs are sent after ``metadata`` (keys lowered and pairs checked
+    likewise: a :class:`ValueError` from the call); ``on_call(rpc, code, seconds)`` is
     called after every unary call attempt and when a WatchResize stream ends.
 
-    Use it as an async context manager, or ``await client.close()``; a closed client's
-    methods raise :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``: "the
-    client is closed"), and so do the calls in flight when it was closed.
+    It is made in a running event loop, and used in that loop only (a gRPC channel belongs
+    to one loop): a call made in another one (a second ``asyncio.run()``, say) raises a
+    :class:`RuntimeError` saying so, before anything is sent. Blocking code, or code that
+    runs several loops, uses :class:`tierdisk.client.Client`, which has a loop of its own.
+
+    Use it as an async context manager, or ``await client.close()`` (in any loop); a closed
+    client's methods raise :class:`~tierdisk.client.errors.ClientClosed` (a
+    ``RuntimeError``: "the client is closed"), and so do the calls in flight when it was
+    closed. Closing lets go of the gRPC channel: a closed client that is still referenced
+    keeps no gRPC thread alive.
 
     Its calls, and its volumes', are made by its ``runner`` (:class:`CallRunner`), which
     holds ``target``, ``timeout``, ``policy``, ``metadata``, ``metadata_factory`` and
@@ -217,10 +236,7 @@ class AsyncClient:
         timeout = deadline_seconds(timeout)
         if token is not None and (problem := token_problem(token)) is not None:
             raise ValueError(f"token {problem}")  # never the token itself
-        md = [(k.lower() if isinstance(k, str) else k, v) for k, v in metadata]
-        for key, value in md:
-            if (problem := metadata_problem(key, value)) is not None:
-                raise ValueError(problem)
+        md = list(sendable_metadata(metadata))
         policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
         try:
             asyncio.get_running_loop()
@@ -286,7 +302,10 @@ class AsyncClient:
         return self.runner.closed
 
     def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …)."""
+        """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …);
+        ``SHUTDOWN`` once the client is closed."""
+        if self.runner.closed:
+            return grpc.ChannelConnectivity.SHUTDOWN
         return self.runner.channel.get_state(try_to_connect)
 
     def volume(self, name: str) -> AsyncVolume:
@@ -297,7 +316,9 @@ class AsyncClient:
         self, *, page_size: int = 0, timeout: Timeout = UNSET
     ) -> list[VolumeInfo]:
         """Every volume the server serves, following ``next_page_token`` to the end
-        (``page_size`` 0 = the server's default page size)."""
+        (``page_size`` 0 = the server's default page size). A volume that is configured but
+        not ready yet (waiting for its remote tier) is listed with its name only, every
+        other field zero (``sector_size`` 0): its :attr:`VolumeInfo.ready` is false."""
         _check_number("page_size", page_size, limit=UINT32_LIMIT)
         runner = self.runner
         volumes: list[VolumeInfo] = []
@@ -328,7 +349,6 @@ class AsyncVolume:
         self.name = name
         self._sector_size: int | None = None
         self._runner = client.runner
-        self._stub = client.runner.stub
         self._unflushed = client.unflushed_writes(name)
 
     def __repr__(self) -> str:
@@ -353,7 +373,9 @@ class AsyncVolume:
 
     async def info(self, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """The volume's geometry and capabilities, fresh from the server."""
-        msg = await self._call(self._stub.GetVolume, pb.GetVolumeRequest(volume=self.name), timeout)
+        msg = await self._call(
+            self._runner.stub.GetVolume, pb.GetVolumeRequest(volume=self.name), timeout
+        )
         info = VolumeInfo.from_proto(msg)
         if info.sector_size <= 0:  # every size this client counts in would divide by it
             raise StorageError(
@@ -537,10 +559,15 @@ class AsyncVolume:
 
     async def stream_read(
         self, sector: int, count: int, *, timeout: Timeout = UNSET
-    ) -> AsyncIterator[tuple[int, bytes]]:
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
         """Yield ``(sector, data)`` chunks of the range in order, keeping ``max_in_flight``
         requests running ahead: for copying a large range out without holding it all. A
-        range of more than one chunk is first checked against the volume's size."""
+        range of more than one chunk is first checked against the volume's size.
+
+        An async generator: to stop early, ``await it.aclose()`` (or iterate it in
+        ``async with contextlib.aclosing(...)``), which cancels the requests running ahead
+        (breaking out of ``async for`` does so only once the generator is garbage
+        collected)."""
         _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count > per_chunk:
@@ -666,7 +693,7 @@ class AsyncVolume:
             block_level_only=block_level_only,
             sector_size=self._sector_size or 0,  # the size this handle knows, if any
         )
-        reply = await self._call(self._stub.Unmap, req, timeout)
+        reply = await self._call(self._runner.stub.Unmap, req, timeout)
         self._unflushed.acknowledged(reply.write_verifier)
 
     async def flush(self, *, timeout: Timeout = UNSET) -> None:
@@ -680,7 +707,9 @@ class AsyncVolume:
         that fails otherwise leaves the writes to the next one."""
         unflushed = self._unflushed
         mark = unflushed.mark()
-        reply = await self._call(self._stub.Flush, pb.FlushRequest(volume=self.name), timeout)
+        reply = await self._call(
+            self._runner.stub.Flush, pb.FlushRequest(volume=self.name), timeout
+        )
         lost = unflushed.flushed(mark, reply.write_verifier, volatile=reply.volatile)
         if lost:
             was = ", ".join(f"{v:#018x}" for v in lost)
@@ -702,7 +731,7 @@ class AsyncVolume:
             sector_count=sector_count,
             sector_size=self._sector_size or 0,  # the size this handle knows, if any
         )
-        info = VolumeInfo.from_proto(await self._call(self._stub.Resize, req, timeout))
+        info = VolumeInfo.from_proto(await self._call(self._runner.stub.Resize, req, timeout))
         self._sector_size = info.sector_size
         return info
 
@@ -746,7 +775,7 @@ class AsyncVolume:
         req = pb.GetAllocationRequest(
             volume=self.name, sector=sector, sector_count=count, sector_size=size
         )
-        resp = await self._call(self._stub.GetAllocation, req, timeout)
+        resp = await self._call(self._runner.stub.GetAllocation, req, timeout)
         return [AllocationExtent(e.sector, e.sector_count, e.depth) for e in resp.extents]
 
     async def inspect(self, path: str = "", *, timeout: Timeout = UNSET) -> dict[str, Any]:
@@ -755,15 +784,20 @@ class AsyncVolume:
         come back as ``int``. A ``path`` that selects a leaf or a list comes back as
         ``{"value": X}`` (the reply is always a ``Struct``): ``inspect("generation")["value"]``."""
         req = pb.InspectRequest(volume=self.name, path=path)
-        resp = await self._call(self._stub.Inspect, req, timeout)
+        resp = await self._call(self._runner.stub.Inspect, req, timeout)
         tree = _integral(json_format.MessageToDict(resp.tree))
         return tree if isinstance(tree, dict) else {"value": tree}
 
-    async def watch_resize(self, *, timeout: float | None = None) -> AsyncIterator[ResizeEvent]:
+    async def watch_resize(
+        self, *, timeout: float | None = None
+    ) -> AsyncGenerator[ResizeEvent, None]:
         """Yield the volume's size now, then once per change, until the caller stops
         iterating, or ``timeout`` seconds pass (then
         :class:`~tierdisk.client.errors.DeadlineExceeded`; default: never). The client's own
         ``timeout`` does not bound a watch.
+
+        An async generator: ``await it.aclose()`` (or ``async with contextlib.aclosing(...)``
+        around the iteration) ends the watch, cancelling its stream.
 
         ``UNAVAILABLE`` or ``CANCELLED`` before the first event is retried like any call; once
         events have arrived, a broken stream raises :class:`Unavailable` — watch again to

@@ -6,7 +6,8 @@ client's metadata (then the pairs of its ``metadata_factory``), retries on ``UNA
 and ``CANCELLED`` (:mod:`tierdisk.client.retry`), the ``on_call`` observer per attempt, and
 its errors as :mod:`tierdisk.client.errors` exceptions. A call cancelled underneath (not by
 its caller's task) raises :class:`~tierdisk.client.errors.ClientClosed` if the client was
-closed, else :class:`~tierdisk.client.errors.Interrupted`.
+closed, else :class:`~tierdisk.client.errors.Interrupted`. A call made in another event loop
+than the runner's own raises :class:`RuntimeError` before anything reaches gRPC.
 """
 
 # ASYNC109: ``timeout=`` is the gRPC deadline of a call (with its retries inside it), which
@@ -21,7 +22,7 @@ import enum
 import numbers
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import TypeAlias, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
@@ -29,7 +30,7 @@ import grpc.aio
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
-from .checks import metadata_problem
+from .checks import sendable_metadata
 from .chunking import caller_cancelled
 from .errors import (
     ClientClosed,
@@ -84,13 +85,52 @@ CallObserver: TypeAlias = Callable[[str, grpc.StatusCode, float], None]
 seconds it took."""
 
 
+_WRONG_LOOP = (
+    "this AsyncClient (for {target}) was made in another event loop than the one calling it "
+    "(a previous asyncio.run(), say), and an AsyncClient is made in the event loop that uses "
+    "it: make one in this loop; blocking code uses tierdisk.client.Client"
+)
+"""The message of the :class:`RuntimeError` for a call made in another loop than the
+runner's (gRPC's own would be "Event loop is closed", or a call that never completes)."""
+
+
+class _Closed:
+    """What a closed :class:`CallRunner` holds instead of its channel, stub and raw methods
+    (dropped at close, so that gRPC can end its poller thread while the closed client is
+    still referenced): reading an attribute of it or calling it raises
+    :class:`~tierdisk.client.errors.ClientClosed`, never an ``AttributeError``."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("__"):  # (copy, pickle, hasattr probes: the usual answer)
+            raise AttributeError(name)
+        raise ClientClosed("the client is closed")
+
+    def __call__(self, *args: object, **kwargs: object) -> NoReturn:
+        raise ClientClosed("the client is closed")
+
+    def __repr__(self) -> str:
+        return "<closed>"
+
+
+_CLOSED: Any = _Closed()
+
+
 class CallRunner:
     """Makes the calls of one client on its ``channel``; ``target`` names the server in
     errors. The settings (``policy``, ``timeout``, ``metadata``, ``metadata_factory``,
     ``on_call``) are read at every call: changing one changes the calls made after.
 
     ``stub`` is the channel's BlockDevice stub; ``read_raw`` and ``write_raw`` are Read and
-    Write with the reply, or the request, left serialized (:mod:`tierdisk.client.wire`)."""
+    Write with the reply, or the request, left serialized (:mod:`tierdisk.client.wire`).
+    Once closed, ``channel``, ``stub``, ``read_raw`` and ``write_raw`` no longer refer to
+    gRPC's objects (gRPC keeps a poller thread while any channel object lives): using them
+    raises :class:`~tierdisk.client.errors.ClientClosed`.
+
+    It is made in a running event loop, the one its calls are made in (a grpc.aio channel
+    belongs to one loop): a call made in another loop raises :class:`RuntimeError` saying so,
+    before gRPC is called. :meth:`close` may be awaited in any loop."""
 
     def __init__(
         self,
@@ -112,6 +152,7 @@ class CallRunner:
         self.on_call = on_call
         self._closed = False
         self._closing = asyncio.Event()  # set by close(): ends the wait before a retry
+        self._loop = asyncio.get_running_loop()  # the loop the calls are made in
         self.stub: pb_grpc.BlockDeviceAsyncStub = pb_grpc.BlockDeviceStub(channel)
         # Read with the reply left serialized: wire.read_reply_view takes the data from it
         # without protobuf's two copies.
@@ -141,12 +182,26 @@ class CallRunner:
         if self._closed:
             raise ClientClosed("the client is closed")
 
+    def _check_loop(self) -> None:
+        """:class:`RuntimeError` naming the rule unless the running event loop is the one
+        the runner was made in (one identity comparison: this is on every call's path)."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(_WRONG_LOOP.format(target=self.target))
+
     async def close(self) -> None:
         """Refuse calls from now on, end the waits before retries, and close the channel
-        (gRPC cancels the calls in flight)."""
+        (gRPC cancels the calls in flight); then drop the channel, the stub and the raw
+        methods, so that nothing of gRPC's outlives the close through this runner.
+        Idempotent; may be awaited in any event loop."""
         self._closed = True
         self._closing.set()
-        await self.channel.close()
+        channel = self.channel
+        if isinstance(channel, _Closed):
+            return
+        try:
+            await channel.close()
+        finally:
+            self.channel = self.stub = self.read_raw = self.write_raw = _CLOSED
 
     async def unary(
         self,
@@ -162,6 +217,7 @@ class CallRunner:
         :class:`Unimplemented` (by default ``<Rpc>Request`` minus ``Request``: pass it for a
         request sent already serialized)."""
         self.check_open()
+        self._check_loop()
         metadata = self._call_metadata()
         name = rpc or type(request).__name__.removesuffix("Request")  # DESIGN §2
         if self.on_call is None:
@@ -226,6 +282,8 @@ class CallRunner:
         timeout = deadline_seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         retry = 0
+        self.check_open()
+        self._check_loop()
         while True:
             self.check_open()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -265,11 +323,7 @@ class CallRunner:
     def _call_metadata(self) -> tuple[tuple[str, str], ...]:
         if self.metadata_factory is None:
             return self.metadata
-        extra = tuple(self.metadata_factory())
-        for key, value in extra:
-            if (problem := metadata_problem(key, value)) is not None:
-                raise ValueError(f"metadata_factory: {problem}")
-        return (*self.metadata, *extra)
+        return (*self.metadata, *sendable_metadata(self.metadata_factory(), "metadata_factory: "))
 
     def _observe(self, rpc: str, code: grpc.StatusCode, started: float) -> None:
         if self.on_call is not None:

@@ -1,4 +1,5 @@
-"""The client's gRPC channel: the options every client starts from, and opening one.
+"""The client's gRPC channel: the options every client starts from, the check of its
+target, and opening one.
 
 :class:`~tierdisk.client.aio.AsyncClient` opens its channel with :func:`open_channel`; the
 calls made on it go through a :class:`~tierdisk.client.calls.CallRunner`.
@@ -12,12 +13,14 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from .checks import server_address_problem
 from .pem import CERTIFICATE, PRIVATE_KEY, pem_problem
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
     "MESSAGE_FRAMING_BYTES",
+    "check_target",
     "open_channel",
 ]
 
@@ -42,6 +45,22 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 """Channel options every client starts from; ``channel_options`` adds to or overrides them."""
 
 
+def check_target(target: str) -> None:
+    """Refuse a ``target`` gRPC would not reach as written, as the ``tierdisk`` command
+    refuses its ``--server`` (:func:`~tierdisk.client.checks.server_address_problem`):
+    :class:`ValueError` naming the problem for a missing port (gRPC would use 443; an empty
+    target too), a NUL or other control character or white space (a NUL cuts the address:
+    another host or port), a port out of range, an unknown scheme or a URL; :class:`TypeError`
+    for anything but a ``str``. ``HOST:PORT`` (a name such as ``localhost:7400``, or an
+    address), ``[v6]:PORT``, ``unix:PATH`` and gRPC's ``dns:``, ``ipv4:``, ``ipv6:`` and
+    ``unix-abstract:`` forms pass."""
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str (HOST:PORT), not {type(target).__name__}")
+    problem = server_address_problem(target)
+    if problem is not None:
+        raise ValueError(f"target {target!r}: {problem}")
+
+
 def open_channel(
     target: str,
     *,
@@ -52,8 +71,9 @@ def open_channel(
     certificate_chain: bytes | None = None,
     private_key: bytes | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to ``target`` with :data:`DEFAULT_CHANNEL_OPTIONS`, its message caps raised
-    to fit ``max_io`` bytes of data per message, then ``channel_options`` over them. TLS
+    """A channel to ``target`` (checked first: :func:`check_target`) with
+    :data:`DEFAULT_CHANNEL_OPTIONS`, its message caps raised to fit ``max_io`` bytes of data
+    per message, then ``channel_options`` over them. TLS
     when ``secure`` is true or any of ``root_certificates`` / ``certificate_chain`` /
     ``private_key`` (PEM bytes) is given. A client certificate goes with its key:
     :class:`ValueError` when only one of ``certificate_chain`` and ``private_key`` is given
@@ -62,6 +82,7 @@ def open_channel(
     block of its kind (a certificate, a private key): gRPC would fail every connection
     ("Failed to create security handshaker"), retried for seconds; empty bytes too, which
     are given: a CA file read empty never means a channel in clear."""
+    check_target(target)
     if (certificate_chain is None) != (private_key is None):
         given, missing = ("certificate_chain", "private_key")
         if private_key is not None:

@@ -1,13 +1,15 @@
 """Checks of what a user hands over to reach a server, made before anything is sent: a gRPC
-address and a bearer token. Each says what is wrong in words, or ``None``.
+address, metadata and a bearer token. Each says what is wrong in words, or ``None``.
 
-One copy for both sides: the ``tierdisk`` command checks ``--server`` and ``--token`` with
-these, and the server's config checks a remote layer's ``target``, ``token`` and
-``token_file``, and its own listen addresses (``listen``, ``metrics``, ``nbd``, a remote
-layer's ``nbd``), with the same functions (:mod:`tierdisk.service.config`). gRPC itself would
-take a bad address silently (another port, 443, a name cut at a NUL, or a target it retries
-for ever) and fail a bad token with an internal error at the first call. Importing this
-module does not import grpc (:func:`tierdisk.client.cli.quiet_grpc_logs`).
+One copy for every side: a client checks its ``target``
+(:func:`~tierdisk.client.channel.check_target`), ``metadata`` and ``token`` with these when
+it is made, the ``tierdisk`` command its ``--server`` and ``--token``, and the server's
+config a remote layer's ``target``, ``token`` and ``token_file``, and its own listen
+addresses (``listen``, ``metrics``, ``nbd``, a remote layer's ``nbd``), with the same
+functions (:mod:`tierdisk.service.config`). gRPC itself would take a bad address silently
+(another port, 443, a name cut at a NUL, or a target it retries for ever) and fail a bad
+token or metadata pair with an internal error at the first call. Importing this module does
+not import grpc (:func:`tierdisk.client.cli.quiet_grpc_logs`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 __all__ = [
     "TARGET_SCHEMES",
     "address_text_problem",
     "metadata_problem",
+    "sendable_metadata",
     "server_address_problem",
     "stays_on_this_host",
     "token_problem",
@@ -245,6 +248,20 @@ def metadata_problem(key: str, value: str | bytes) -> str | None:
         return f"metadata key {key!r}: its value must be a string, not {value!r}"
     problem = _header_value_problem(value)
     return None if problem is None else f"metadata key {key!r}: its value {problem}"
+
+
+def sendable_metadata(
+    pairs: Iterable[tuple[str, str]], where: str = ""
+) -> tuple[tuple[str, str], ...]:
+    """``pairs`` as a call sends them: each ASCII key in lower case (header names are case-
+    insensitive, and HTTP/2 sends them in lower case: ``X-Trace`` is the header ``x-trace``),
+    each pair checked (:func:`metadata_problem`): :class:`ValueError` naming the first one
+    gRPC cannot send, its message after ``where``."""
+    sent = tuple((k.lower() if isinstance(k, str) and k.isascii() else k, v) for k, v in pairs)
+    for key, value in sent:
+        if (problem := metadata_problem(key, value)) is not None:
+            raise ValueError(f"{where}{problem}")
+    return sent
 
 
 def _header_value_problem(value: str) -> str | None:

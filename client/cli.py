@@ -371,7 +371,7 @@ def _info_lines(info: VolumeInfo) -> list[str]:
 
 async def _volumes(client: AsyncClient, args: argparse.Namespace) -> int:
     for v in await client.list_volumes():
-        if not v.sector_size:  # configured, not attached yet (a remote tier is down): name only
+        if not v.ready:  # configured, not attached yet (a remote tier is down): name only
             _out(f"{v.name}\t(not ready)")
             continue
         mode = "ro" if v.read_only else "rw"

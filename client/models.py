@@ -41,11 +41,18 @@ class UnmapBehavior(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class VolumeInfo:
-    """A volume's geometry and capabilities (the ``Volume`` message)."""
+    """A volume's geometry and capabilities (the ``Volume`` message).
+
+    The field docs describe a :attr:`ready` volume. One that is configured but not ready yet
+    (waiting for its remote tier to answer), as :meth:`AsyncClient.list_volumes
+    <tierdisk.client.aio.AsyncClient.list_volumes>` lists it, has only its ``name``: every
+    other field is zero, false or empty (``sector_size`` 0, ``unmap_behavior``
+    ``UNSPECIFIED``), and :attr:`ready` is false. ``info()`` never returns one: it raises
+    :class:`~tierdisk.client.errors.Unavailable` naming the reason."""
 
     name: str
     sector_size: int
-    """Bytes per sector: a power of two, at least 512."""
+    """Bytes per sector: a power of two, at least 512 (0 when not :attr:`ready`)."""
     sector_count: int
     """Size of the volume in sectors."""
     physical_sector_size: int
@@ -61,6 +68,12 @@ class VolumeInfo:
     """True when a restart of its server loses what the volume holds (its write path is
     memory only, or a tier over a volatile origin): a flush makes nothing durable past a
     restart. False also from a server that predates the field."""
+
+    @property
+    def ready(self) -> bool:
+        """True when the server gave the volume's geometry (its ``sector_size`` is not 0):
+        false for a volume that is configured but not ready yet, listed by name only."""
+        return self.sector_size > 0
 
     @property
     def size_bytes(self) -> int:

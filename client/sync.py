@@ -26,7 +26,7 @@ import contextlib
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
@@ -52,7 +52,12 @@ class Client:
     :class:`~tierdisk.client.aio.AsyncClient` (``metadata_factory`` and ``on_call`` are
     called on the client's own thread: they must not call it). Use it as a context manager,
     or call :meth:`close`; a closed client's methods raise
-    :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``)."""
+    :class:`~tierdisk.client.errors.ClientClosed` (a ``RuntimeError``). Closing ends its
+    thread and loop and lets go of its gRPC channel: a closed client that is still
+    referenced keeps no thread of its own or of gRPC's.
+
+    Its ``target`` is checked when it is made (a :class:`ValueError` naming the problem; see
+    :class:`~tierdisk.client.aio.AsyncClient`)."""
 
     def __init__(self, target: str, **options: Unpack[ClientOptions]) -> None:
         self.target = target
@@ -187,7 +192,10 @@ class Client:
         """Every volume the server serves (see ``AsyncClient.list_volumes``)."""
         return self._run(self._async.list_volumes(page_size=page_size, timeout=timeout))
 
-    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+    def _iterate(self, agen: AsyncGenerator[T, None]) -> Generator[T, None, None]:
+        """``agen``'s items, each fetched on the client's loop: a generator, whose
+        ``close()`` (or the garbage collector) closes ``agen`` there."""
+
         async def step() -> tuple[T] | None:
             try:
                 return (await anext(agen),)
@@ -195,9 +203,7 @@ class Client:
                 return None
 
         async def close() -> None:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await agen.aclose()
 
         try:
             while True:
@@ -303,8 +309,10 @@ class Volume:
 
     def stream_read(
         self, sector: int, count: int, *, timeout: Timeout = UNSET
-    ) -> Iterator[tuple[int, bytes]]:
-        """``(sector, data)`` chunks of the range, in order, read ahead in the background."""
+    ) -> Generator[tuple[int, bytes], None, None]:
+        """``(sector, data)`` chunks of the range, in order, read ahead in the background.
+        A generator: ``close()`` it (or use :func:`contextlib.closing`) to stop early and
+        cancel the reads running ahead."""
         return self.client._iterate(self.aio.stream_read(sector, count, timeout=timeout))
 
     def read_bytes(self, offset: int, length: int, *, timeout: Timeout = UNSET) -> bytes:
@@ -363,6 +371,8 @@ class Volume:
         """The volume's diagnostic tree, or the subtree ``path`` selects."""
         return self.client._run(self.aio.inspect(path, timeout=timeout))
 
-    def watch_resize(self, *, timeout: float | None = None) -> Iterator[ResizeEvent]:
-        """The volume's size now, then once per change; close the iterator to stop."""
+    def watch_resize(self, *, timeout: float | None = None) -> Generator[ResizeEvent, None, None]:
+        """The volume's size now, then once per change (see ``AsyncVolume.watch_resize``).
+        A generator: ``close()`` it (or iterate it in ``with contextlib.closing(...)``) to
+        stop; that cancels the watch's stream."""
         return self.client._iterate(self.aio.watch_resize(timeout=timeout))

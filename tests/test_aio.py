@@ -6,9 +6,15 @@ call."""
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import contextlib
 import enum
+import gc
+import re
 import socket
-from collections.abc import AsyncIterator
+import typing
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, NoReturn
@@ -704,3 +710,160 @@ async def test_tls_options_that_are_not_bytes_are_a_type_error_naming_them(
 ) -> None:
     with pytest.raises(TypeError, match=rf"^{option} must be PEM bytes, not str$"):
         AsyncClient("127.0.0.1:1", **_tls_options(option, f"-----BEGIN {kind.upper()}-----"))
+
+
+# -- review 17: what a user doing as the docs say runs into --------------------------------
+
+
+async def test_stream_read_and_watch_resize_are_generators_to_close(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """The documented way to stop them is to close them: their types say they are
+    generators (``close()``, ``aclose()``, ``contextlib.closing`` / ``aclosing`` then
+    type-check; tests/test_client_package.py runs mypy on such a program), and they are."""
+    from tierdisk.client import AsyncVolume, Volume
+
+    for cls, kind in ((AsyncVolume, collections.abc.AsyncGenerator), (Volume, Generator)):
+        for method in (cls.stream_read, cls.watch_resize):
+            returns = typing.get_type_hints(method)["return"]
+            assert typing.get_origin(returns) is kind, (cls.__name__, method.__name__, returns)
+    servicer, target = scripted
+    async with AsyncClient(target) as client:
+        vol = client.volume("v")
+        async with contextlib.aclosing(vol.watch_resize()) as events:
+            assert (await anext(events)).generation == 0
+        reads = vol.stream_read(0, 8)
+        assert (await anext(reads))[0] == 0
+        await reads.aclose()
+
+    def blocking() -> None:
+        with Client(target) as client:
+            vol = client.volume("v")
+            with contextlib.closing(vol.watch_resize()) as watch:
+                assert next(watch).generation == 0
+            chunks = vol.stream_read(0, 8)
+            assert next(chunks)[0] == 0
+            chunks.close()
+
+    await asyncio.to_thread(blocking)  # the servicer runs on this loop
+    assert [r[0] for r in servicer.requests].count("WatchResize") == 2
+
+
+async def test_metadata_keys_are_sent_in_lower_case(scripted: tuple[Scripted, str]) -> None:
+    """Header names are case-insensitive and HTTP/2 sends them in lower case: a key in
+    upper case is sent lowered, from ``metadata`` as from a ``metadata_factory`` (whose
+    pairs were refused at every call, ValueError). A non-ASCII key is refused as written,
+    not turned into ASCII by lower-casing (U+212A KELVIN SIGN lowers to ``k``)."""
+    servicer, target = scripted
+    options: dict[str, Any] = {
+        "metadata": [("X-Tenant", "a")],
+        "metadata_factory": lambda: [("X-Hop", "b")],
+    }
+    async with AsyncClient(target, **options) as client:
+        await client.volume("v").info()
+    assert servicer.metadata[-1]["x-tenant"] == "a"
+    assert servicer.metadata[-1]["x-hop"] == "b"
+    with pytest.raises(ValueError, match=r"^metadata key '\u212a': lower-case letters"):
+        AsyncClient(target, metadata=[("\u212a", "v")])
+    async with AsyncClient(target, metadata_factory=lambda: [("\u212a", "v")]) as client:
+        with pytest.raises(ValueError, match=r"^metadata_factory: metadata key '\u212a'"):
+            await client.volume("v").info()
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("", "missing port"),
+        ("127.0.0.1", "missing port"),  # gRPC: port 443
+        ("127.0.0.1:7400\x00x", r"control character: '\\x00' \(U\+0000\) at position 14"),
+        ("127.0.0.1:7400 ", "white space"),
+        ("127.0.0.1:99999", "out of range"),
+        ("unix:", "names no socket path"),
+        ("http://127.0.0.1:7400", "scheme http: is not taken"),
+        ("::1:7400", r"IPv6 address goes in brackets"),
+    ],
+)
+async def test_a_target_grpc_would_not_reach_as_written_is_refused_when_the_client_is_made(
+    target: str, problem: str
+) -> None:
+    """As the ``tierdisk`` command refuses such a ``--server`` (the same check): gRPC took
+    them silently (port 443, the address cut at the NUL, C-core error lines for "")."""
+    with pytest.raises(ValueError, match=rf"^target {re.escape(repr(target))}: .*{problem}"):
+        AsyncClient(target)
+
+    def blocking() -> None:
+        with pytest.raises(ValueError, match=rf"^target {re.escape(repr(target))}: "):
+            Client(target)
+
+    await asyncio.to_thread(blocking)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "localhost:7400",
+        "127.0.0.1:7400",
+        "[::1]:7400",
+        "unix:/run/t.sock",
+        "unix:t.sock",
+        "dns:///localhost:7400",
+        "ipv4:127.0.0.1:7400",
+        "unix-abstract:t",
+    ],
+)
+async def test_every_target_form_grpc_takes_makes_a_client(target: str) -> None:
+    async with AsyncClient(target) as client:
+        assert client.target == target
+
+
+async def test_a_target_that_is_not_a_str_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"^target must be a str \(HOST:PORT\), not bytes$"):
+        AsyncClient(b"127.0.0.1:7400")  # type: ignore[arg-type]
+
+
+async def test_an_async_client_used_in_another_event_loop_says_so(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """README: "An AsyncClient is made in the event loop that uses it". Used in a second
+    ``asyncio.run()`` it failed with gRPC's "Event loop is closed" and a coroutine never
+    awaited; from a loop running beside its own, as badly. Now a RuntimeError naming the
+    rule, before anything reaches gRPC (no request, no warning); ``close()`` works from any
+    loop."""
+    servicer, target = scripted
+    wrong_loop = r"^this AsyncClient \(for 127\.0\.0\.1:\d+\) was made in another event loop"
+    own = AsyncClient(target)  # made in this test's loop, which keeps running
+
+    async def make() -> AsyncClient:
+        client = AsyncClient(target)
+        await client.volume("v").info()
+        return client
+
+    async def use(client: AsyncClient) -> None:
+        vol = client.volume("v")
+        calls: list[Callable[[], Awaitable[object]]] = [
+            vol.info,
+            client.list_volumes,
+            lambda: vol.read(0, 1),
+            lambda: anext(vol.watch_resize()),
+            lambda: anext(vol.stream_read(0, 1)),
+        ]
+        for call in calls:
+            with pytest.raises(RuntimeError, match=wrong_loop):
+                await asyncio.wait_for(call(), 10)
+        await client.close()
+        assert client.closed
+
+    def other_loops() -> list[warnings.WarningMessage]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            closed_loop = asyncio.run(make())
+            before = len(servicer.requests)
+            asyncio.run(use(closed_loop))
+            asyncio.run(use(own))
+            gc.collect()
+        assert len(servicer.requests) == before  # nothing reached the server
+        return caught
+
+    caught = await asyncio.to_thread(other_loops)
+    assert [str(w.message) for w in caught] == []
+    assert own.closed

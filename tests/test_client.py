@@ -26,6 +26,7 @@ from servers import (
     fragmented_server,
     free_port,
     ram,
+    remote,
     running_server,
     toml_volume,
     write_config,
@@ -50,6 +51,7 @@ from tierdisk.client import (
     Unavailable,
     Unimplemented,
     UnmapBehavior,
+    VolumeInfo,
     VolumeNotFound,
 )
 from tierdisk.client.errors import changed_nothing
@@ -87,6 +89,28 @@ async def test_list_volumes_and_info(client: AsyncClient) -> None:
     assert isinstance(info.unmap_behavior, UnmapBehavior)
     assert (await client.volume("ro").info()).read_only is True
     assert await client.volume("big4k").sector_size() == 4096
+
+
+async def test_a_volume_not_ready_yet_is_listed_by_name_as_not_ready(tmp_path: Path) -> None:
+    """A volume whose remote tier does not answer is listed with its name only, every
+    other field zero: ``ready`` says so (a caller dividing by ``sector_size`` got a
+    ZeroDivisionError, with nothing documented to test first); a volume that is ready says
+    so too, and ``info()`` on the waiting one raises Unavailable."""
+    body = toml_volume("waiting", ram(), remote(f"127.0.0.1:{free_port()}", "x")) + toml_volume(
+        "fine", ram("1MiB")
+    )
+    async with running_server(tmp_path, body) as srv:
+        async with AsyncClient(srv.grpc_address, retries=0) as client:
+            listed = {v.name: v for v in await client.list_volumes()}
+            with pytest.raises(Unavailable):
+                await client.volume("waiting").info()
+    waiting, fine = listed["waiting"], listed["fine"]
+    assert not waiting.ready
+    assert (waiting.sector_size, waiting.sector_count, waiting.size_bytes) == (0, 0, 0)
+    assert waiting.unmap_behavior is UnmapBehavior.UNSPECIFIED
+    assert fine.ready
+    assert (fine.sector_size, fine.size_bytes) == (512, MiB)
+    assert not VolumeInfo.from_proto(pb.Volume(name="x")).ready
 
 
 async def test_write_read_presence_allocation_unmap_flush(client: AsyncClient) -> None:
@@ -144,7 +168,7 @@ async def test_resize_and_watch(client: AsyncClient) -> None:
     second, third = await anext(events), await anext(events)
     assert [second.sector_count, third.sector_count] == [1000, 3000]
     assert first.generation < second.generation < third.generation
-    await events.aclose()  # type: ignore[attr-defined]
+    await events.aclose()
     assert (await vol.info()).sector_count == 3000
 
 
@@ -636,7 +660,7 @@ async def test_blocking_client(server: Server) -> None:
             assert next(watch).sector_count == 64 * MiB // 512
             assert vol.resize(4096).sector_count == 4096
             assert next(watch).sector_count == 4096
-            watch.close()  # type: ignore[attr-defined]
+            watch.close()
             with pytest.raises(ReadOnlyVolume):
                 c.volume("ro").write(0, bytes(512))
 

@@ -363,3 +363,90 @@ def test_a_blocking_client_and_its_open_watch_dropped_together_end(
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("collected" if ending == "collected" else "exiting")
+
+
+_KEPT_AFTER_CLOSE = """
+import asyncio, sys, threading, time
+from tierdisk.client import AsyncClient, Client, ClientClosed
+
+def grpc_threads():
+    return [t.name for t in threading.enumerate() if "_poll_wrapper" in t.name]
+
+def wait_for_no_grpc_thread(what):
+    deadline = time.monotonic() + 10
+    while grpc_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print(what, grpc_threads(), flush=True)
+
+def refused(call):
+    try:
+        call()
+    except ClientClosed as exc:
+        return f"ClientClosed: {exc}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+with Client(sys.argv[1]) as client:
+    vol = client.volume("v")
+    vol.info()
+    watch = vol.watch_resize()
+    next(watch)
+wait_for_no_grpc_thread("blocking:")
+print(refused(lambda: vol.read(0, 1)), flush=True)
+print(refused(lambda: client.volume("v").info()), flush=True)
+
+kept = []
+
+async def use():
+    async with AsyncClient(sys.argv[1]) as client:
+        vol = client.volume("v")
+        await vol.info()
+        await vol.read(0, 1)
+    kept.append((client, vol))
+
+asyncio.run(use())
+wait_for_no_grpc_thread("async:")
+
+async def after(client, vol):
+    print(client.connectivity().name, flush=True)
+    for call in (vol.info, lambda: vol.read(0, 1), lambda: vol.unmap(0, 1), vol.flush,
+                 lambda: client.volume("v").inspect(), client.list_volumes,
+                 lambda: anext(vol.watch_resize()), lambda: anext(vol.stream_read(0, 1))):
+        try:
+            await call()
+            print("no error", flush=True)
+        except ClientClosed as exc:
+            print(f"ClientClosed: {exc}", flush=True)
+        except Exception as exc:
+            print(f"{type(exc).__name__}: {exc}", flush=True)
+
+asyncio.run(after(*kept[0]))
+"""
+
+
+def test_a_closed_client_still_referenced_keeps_no_grpc_thread(tmp_path: Path) -> None:
+    """A closed Client or AsyncClient the program still holds (and its volume handles, an
+    open watch) let go of the grpc.aio channel, so gRPC ends its ``_poll_wrapper`` thread
+    (it stayed for as long as the closed client lived); their methods still raise
+    ClientClosed, not an AttributeError about what was let go, and ``connectivity()`` says
+    SHUTDOWN. In a child process: other tests' channels keep gRPC's thread in this one."""
+    with ServerProcess.start(
+        tmp_path, write_config(tmp_path, toml_volume("v", ram("1MiB")))
+    ) as srv:
+        result = subprocess.run(
+            [sys.executable, "-c", _KEPT_AFTER_CLOSE, srv.grpc],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    closed = "ClientClosed: the client is closed"
+    assert result.stdout.splitlines() == [
+        "blocking: []",
+        closed,
+        closed,
+        "async: []",
+        "SHUTDOWN",
+        *[closed] * 8,
+    ], result.stderr
