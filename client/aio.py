@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import numbers
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overload
 
@@ -696,7 +696,16 @@ class AsyncVolume:
         reply = await self._call(self._runner.stub.Unmap, req, timeout)
         self._unflushed.acknowledged(reply.write_verifier)
 
-    async def flush(self, *, timeout: Timeout = UNSET) -> None:
+    @property
+    def unflushed_verifiers(self) -> list[int]:
+        """The write verifiers that acknowledged writes made through this client that no
+        flush has vouched for yet (oldest first; empty when every write is flushed or was
+        durable when acknowledged). Another client (another process) that flushes for them
+        hands these to :meth:`flush` as ``verifiers``: its flush then tells of a loss as
+        this client's would."""
+        return self._unflushed.verifiers()
+
+    async def flush(self, *, verifiers: Iterable[int] = (), timeout: Timeout = UNSET) -> None:
         """Make every write acknowledged before this call durable.
 
         Raises :class:`WritesLost` when the server cannot vouch for writes this client
@@ -704,13 +713,20 @@ class AsyncVolume:
         since one of them was acknowledged (a restart without a clean stop, a flush that
         failed in its storage, a tier below it that lost writes). That is said once: the
         next flush vouches only for writes acknowledged after this one started. A flush
-        that fails otherwise leaves the writes to the next one."""
+        that fails otherwise leaves the writes to the next one. ``verifiers`` are those of
+        writes made through another client (its :attr:`unflushed_verifiers`: a
+        ``tierdisk write --no-flush`` prints them): the flush raises :class:`WritesLost`
+        too when the server's verifier is not each of them (a server without verifiers,
+        which answers 0, vouches for nothing and reports nothing)."""
+        given = [_check_number("verifier", v, volume=self.name) for v in verifiers]
         unflushed = self._unflushed
         mark = unflushed.mark()
         reply = await self._call(
             self._runner.stub.Flush, pb.FlushRequest(volume=self.name), timeout
         )
         lost = unflushed.flushed(mark, reply.write_verifier, volatile=reply.volatile)
+        if reply.write_verifier:
+            lost += [v for v in given if v != reply.write_verifier and v not in lost]
         if lost:
             was = ", ".join(f"{v:#018x}" for v in lost)
             raise WritesLost(

@@ -113,6 +113,19 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _verifier(text: str) -> int:
+    """A write verifier as ``write --no-flush`` prints it: ``0x`` and 1-16 hex digits, not 0."""
+    digits = text[2:] if text[:2].lower() == "0x" else ""
+    if not (digits.isascii() and 0 < len(digits) <= 16) or not all(
+        c in "0123456789abcdefABCDEF" for c in digits
+    ):
+        raise argparse.ArgumentTypeError(f"not a write verifier (0x and hex digits): {text!r}")
+    value = int(digits, 16)
+    if not value:
+        raise argparse.ArgumentTypeError(f"not a write verifier (0 is none): {text!r}")
+    return value
+
+
 def _timeout(text: str) -> float:
     try:
         if not text.isascii():  # float() reads other scripts' digits: "٣" is 3
@@ -192,7 +205,9 @@ class _StoreNotingSource(argparse.Action):
 
 _NO_FLUSH_HELP = (
     "do not flush at the end (by default the command returns once the data is durable, and "
-    "fails if the server lost some of it in a restart meanwhile)"
+    "fails if the server lost some of it in a restart meanwhile); print instead each write "
+    "verifier the writes were acknowledged with, as 'write verifier 0x...' on stdout, for a "
+    "later `tierdisk flush VOL --verifier 0x...`"
 )
 
 
@@ -328,7 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a smaller size: the data past the new end is lost",
     )
-    vol_verb("flush", "make every acknowledged write durable")
+    p = vol_verb("flush", "make every acknowledged write durable")
+    p.add_argument(
+        "--verifier",
+        action="append",
+        default=[],
+        type=_verifier,
+        metavar="0xHEX",
+        help="a write verifier that `write --no-flush` or `import --no-flush` printed: fail "
+        "(writes lost, exit 1) if the server cannot vouch for the writes it acknowledged "
+        "(it restarted without a clean stop since, say); may be given more than once",
+    )
     return parser
 
 
@@ -480,7 +505,7 @@ async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def _flush(client: AsyncClient, args: argparse.Namespace) -> int:
-    await client.volume(args.volume).flush()
+    await client.volume(args.volume).flush(verifiers=args.verifier)
     return 0
 
 

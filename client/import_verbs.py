@@ -51,7 +51,7 @@ from typing import BinaryIO
 
 from .aio import AsyncClient, AsyncVolume
 from .chunking import Piece, plan_pieces, run_bounded, sector_runs, sectors_per_chunk
-from .cli_errors import CliError, describe_file, file_error
+from .cli_errors import CliError, describe_file, file_error, stdout_error
 from .copy_report import CopyInterrupted, CopyProgress, progress_bar
 from .errors import Interrupted, OutOfRange, TierdiskError
 from .localfile import (
@@ -106,8 +106,17 @@ async def _made_durable(vol: AsyncVolume, args: argparse.Namespace, verb: str) -
     while it wrote, losing some of it, is reported (``WritesLost``: write it again) rather
     than passed over. A failure says that everything was written before it, and so does
     a stop (Ctrl-C, SIGTERM, SIGHUP) while the flush runs: ``interrupted; all of it was
-    written, but …``."""
+    written, but …``. With ``--no-flush`` it prints, on stdout, ``write verifier 0x…`` for
+    each verifier its writes were acknowledged with (none when each was durable as
+    acknowledged): ``tierdisk flush VOL --verifier 0x…`` later makes them durable, and
+    fails as this flush would if the server lost any of them meanwhile."""
     if getattr(args, "no_flush", False):
+        for verifier in vol.unflushed_verifiers:
+            try:
+                sys.stdout.write(f"write verifier {verifier:#018x}\n")
+                sys.stdout.flush()
+            except OSError as err:
+                raise stdout_error(err) from None
         return
     try:
         await vol.flush()
@@ -118,8 +127,15 @@ async def _made_durable(vol: AsyncVolume, args: argparse.Namespace, verb: str) -
     except asyncio.CancelledError:
         raise CopyInterrupted(
             f"all of it was written, but the flush after it ({verb}) did not end: it may "
-            f"not be durable yet (`tierdisk flush {vol.name}`)"
+            f"not be durable yet (`{_flush_later(vol)}`)"
         ) from None
+
+
+def _flush_later(vol: AsyncVolume) -> str:
+    """The command that makes durable later what was written through ``vol`` and not
+    flushed, and fails if the server lost any of it meanwhile."""
+    given = "".join(f" --verifier {v:#018x}" for v in vol.unflushed_verifiers)
+    return f"tierdisk flush {vol.name}{given}"
 
 
 async def _copy_from(

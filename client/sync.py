@@ -26,7 +26,7 @@ import contextlib
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Coroutine, Generator
+from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
@@ -352,10 +352,17 @@ class Volume:
             self.aio.unmap(sector, count, block_level_only=block_level_only, timeout=timeout)
         )
 
-    def flush(self, *, timeout: Timeout = UNSET) -> None:
+    @property
+    def unflushed_verifiers(self) -> list[int]:
+        """The write verifiers of writes through this client no flush has vouched for yet
+        (:attr:`AsyncVolume.unflushed_verifiers`)."""
+        return self.aio.unflushed_verifiers
+
+    def flush(self, *, verifiers: Iterable[int] = (), timeout: Timeout = UNSET) -> None:
         """Make every write acknowledged before this call durable; ``WritesLost`` when the
-        server cannot vouch for some (:meth:`AsyncVolume.flush`)."""
-        self.client._run(self.aio.flush(timeout=timeout))
+        server cannot vouch for some, or for writes of another client acknowledged with
+        ``verifiers`` (:meth:`AsyncVolume.flush`)."""
+        self.client._run(self.aio.flush(verifiers=verifiers, timeout=timeout))
 
     def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """Change the volume's size to ``sector_count`` sectors."""

@@ -75,6 +75,11 @@ class UnflushedWrites:
             elif span[0] <= mark:
                 span[0] = mark + 1
 
+    def verifiers(self) -> list[int]:
+        """The verifiers that acknowledged writes no flush has vouched for yet, oldest
+        first."""
+        return sorted(self._spans, key=lambda v: self._spans[v][0])
+
     def __len__(self) -> int:
         """How many verifiers have writes no flush has vouched for."""
         return len(self._spans)

@@ -458,9 +458,11 @@ async def test_a_stop_during_the_final_flush_says_everything_was_written(
                 proc.kill()
                 await proc.wait()
     assert proc.returncode == status, err.decode()
+    # and the command that flushes it later, telling of writes lost meanwhile
+    verifier = f"{srv.registry.get('slow').write_verifier:#018x}"
     assert err.decode().splitlines() == [
         f"tierdisk: {words}; all of it was written, but the flush after it ({verb}) did not "
-        "end: it may not be durable yet (`tierdisk flush slow`)"
+        f"end: it may not be durable yet (`tierdisk flush slow --verifier {verifier}`)"
     ]
 
 
@@ -2111,3 +2113,49 @@ def test_write_and_import_return_once_the_data_is_durable(tmp_path: Path, verb: 
         assert tierdisk(srv, "read", "v", "0", "16").stdout == data
     finally:
         srv.close()
+
+
+# -- a flush later, for writes of an earlier command ---------------------------------------
+
+
+@pytest.mark.parametrize("restart", ["none", "clean", "crash"])
+def test_a_later_flush_given_the_verifier_tells_of_writes_lost_between(
+    tmp_path: Path, restart: str
+) -> None:
+    """``import --no-flush`` prints the write verifier its writes were acknowledged with;
+    ``flush VOL --verifier V`` later fails (writes lost, exit 1) when the server restarted
+    without a clean stop in between, as the import's own flush would have. A plain
+    ``flush`` cannot tell (it wrote nothing itself): it answers 0. A clean restart keeps the
+    verifier: the later flush vouches for the writes."""
+    sparse = {"kind": "sparse", "path": "v", "size": "1MiB"}
+    config = write_config(tmp_path, toml_volume("v", sparse))
+    image = tmp_path / "d.bin"
+    image.write_bytes(os.urandom(64 * 1024))
+    server = ServerProcess.start(tmp_path, config)
+    try:
+        done = tierdisk(server, "--no-progress", "import", "--no-flush", "v", str(image))
+        verifier = re.fullmatch(rb"write verifier (0x[0-9a-f]{16})\n", done.stdout)
+        assert verifier is not None, done.stdout
+        if restart != "none":
+            if restart == "crash":
+                server.kill()
+            else:
+                assert server.terminate() == 0
+            server = ServerProcess.start(tmp_path, config)
+        assert tierdisk(server, "flush", "v").returncode == 0  # nothing of its own to vouch for
+        later = tierdisk(server, "flush", "v", "--verifier", verifier[1].decode(), check=False)
+        if restart == "crash":
+            one_line_error(later, "writes lost", verifier[1].decode())
+        else:
+            assert later.returncode == 0, later.stderr.decode()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("given", ["12", "0x", "0x0", "0xfffffffffffffffff", "0xg1"])
+def test_a_flush_verifier_that_is_no_verifier_is_refused(server: ServerProcess, given: str) -> None:
+    """A bad argument: argparse's usage line and the error naming it, exit 2."""
+    bad = tierdisk(server, "flush", "rw", "--verifier", given, check=False)
+    assert bad.returncode == 2
+    assert "argument --verifier: not a write verifier" in bad.stderr.decode()
+    assert repr(given) in bad.stderr.decode()

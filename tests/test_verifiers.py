@@ -55,6 +55,18 @@ def test_a_changed_verifier_is_reported_once() -> None:
     assert book.flushed(book.mark(), 9) == []
 
 
+def test_the_verifiers_with_unflushed_writes_are_listed_oldest_first() -> None:
+    """What ``write --no-flush`` prints for a later ``flush --verifier``."""
+    book = UnflushedWrites()
+    book.acknowledged(9)
+    book.acknowledged(0)  # durable as acknowledged: nothing to vouch for
+    book.acknowledged(7)
+    book.acknowledged(9)
+    assert book.verifiers() == [9, 7]
+    book.flushed(book.mark(), 7)
+    assert book.verifiers() == []
+
+
 def test_durable_writes_are_not_kept() -> None:
     book = UnflushedWrites()
     book.acknowledged(0)  # a FUA write the volume respects
