@@ -242,7 +242,14 @@ async def trim(export: Export, flags: int, offset: int, length: int) -> None:
 async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> None:
     """Make the range read as zeros: unmap when that gives zeros and a hole is allowed,
     else write zeros; ``FAST_ZERO`` fails with ENOTSUP (changing nothing) when zeros would
-    be written."""
+    be written.
+
+    Refused past the end (ENOSPC), it changes nothing, as a write so refused: the range is
+    checked against the volume's size now (the export's is the handshake's, and a shrink
+    since makes it larger) before any part is zeroed, and the parts (a misaligned tail's
+    read-modify-write, the whole sectors, a misaligned head's) go from the end down, so a
+    shrink that lands part way refuses the next part with every part done past the new end,
+    cut off by it."""
     _check_writable(export)
     misaligned = _check(export, offset, length, P.ENOSPC)
     volume = export.volume
@@ -253,26 +260,30 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
     fua = bool(flags & P.CMD_FLAG_FUA)
     ss = export.sector_size
     end = offset + length
+    if end > volume.sector_count * ss:
+        raise Refuse(
+            P.ENOSPC,
+            f"bytes [{offset}, {end}) reach past the end of {export.name!r} "
+            f"({volume.sector_count * ss} bytes since it was resized)",
+            OutOfRange,
+        )
     first = -(-offset // ss)  # the whole sectors inside the range: [first, last)
     last = end // ss
-    if misaligned:
-        head_end = min(end, first * ss)
-        if offset < head_end:
-            await _store_at(volume, offset, export.zeros(head_end - offset), fua)
-        if end % ss and last * ss >= head_end:
-            await _store_at(volume, last * ss, export.zeros(end - last * ss), fua)
-    if first >= last:
-        return
-    if unmap:
+    head_end = min(end, first * ss)  # (misaligned: the head is [offset, head_end))
+    if misaligned and end % ss and last * ss >= head_end:
+        await _store_at(volume, last * ss, export.zeros(end - last * ss), fua)
+    if first < last and unmap:
         await volume.unmap(first, last - first)
         if fua:
             await volume.flush()
-        return
-    step = max(1, min(export.max_io, _ZERO_CHUNK) // ss)
-    zeros = export.zeros(step * ss)
-    for sector in range(first, last, step):
-        n = min(step, last - sector)
-        await _store(volume, sector, zeros[: n * ss], fua)
+    elif first < last:
+        step = max(1, min(export.max_io, _ZERO_CHUNK) // ss)
+        zeros = export.zeros(step * ss)
+        for sector in range(last, first, -step):
+            n = min(step, sector - first)
+            await _store(volume, sector - n, zeros[: n * ss], fua)
+    if misaligned and offset < head_end:
+        await _store_at(volume, offset, export.zeros(head_end - offset), fua)
 
 
 async def cache(export: Export, offset: int, length: int) -> None:
