@@ -9,14 +9,18 @@ its caller's task) raises :class:`~tierdisk.client.errors.ClientClosed` if the c
 closed, else :class:`~tierdisk.client.errors.Interrupted`. A call made in another event loop
 than the runner's own raises :class:`RuntimeError` before anything reaches gRPC.
 
-A unary call whose caller is cancelled (its task: a timeout around it, a server handler
-whose own caller went away) is not cancelled with it but left to end by itself, its
-deadline bounding it, at most :data:`LEFT_TO_END` at a time per client: grpc.aio leaks what
-a call cancelled while its reply arrives had received (grpc/grpc#43360: 100-160 KB of
-native memory per 1 MiB read, for the life of the process), and a cache tier's remote
-layer sees such cancels whenever its clients give up. The caller gets its
-``CancelledError`` at once as before; a call with no deadline, or past the cap, is
-cancelled as before.
+A call that only reads (:data:`LEFT_TO_END_RPCS`: ``Read`` and the calls that ask about a
+volume) whose caller is cancelled (its task: a timeout around it, a server handler whose
+own caller went away) is not cancelled with it but left to end by itself, its deadline
+bounding it, at most :data:`LEFT_TO_END` at a time per client: grpc.aio leaks what a call
+cancelled while its reply arrives had received (grpc/grpc#43360: 100-160 KB of native
+memory per 1 MiB read, for the life of the process), and a cache tier's remote layer sees
+such cancels whenever its clients give up. The caller gets its ``CancelledError`` at once
+as before (and :attr:`CallRunner.on_call` counts its attempt ``CANCELLED``, as it ended for
+the caller); a call with no deadline, past the cap, or that changes the volume (a write
+left to go on could land after the caller's later writes) is cancelled as before, and
+:meth:`CallRunner.close` cancels those still running (a channel closed under them can hold
+the event loop while a hung server does not answer).
 """
 
 # ASYNC109: ``timeout=`` is the gRPC deadline of a call (with its retries inside it), which
@@ -96,7 +100,11 @@ seconds it took."""
 
 LEFT_TO_END = 64
 """Unary calls whose callers were cancelled that a client leaves to end by themselves at
-one time (each holds its request, and its reply once it arrives, until it ends)."""
+one time (each holds its reply once it arrives, until it ends)."""
+
+LEFT_TO_END_RPCS = frozenset({"Read", "GetVolume", "ListVolumes", "GetAllocation", "Inspect"})
+"""The calls left to end by themselves when their callers are cancelled: those that change
+nothing."""
 
 
 _WRONG_LOOP = (
@@ -167,8 +175,7 @@ class CallRunner:
         self._closed = False
         self._closing = asyncio.Event()  # set by close(): ends the wait before a retry
         self._loop = asyncio.get_running_loop()  # the loop the calls are made in
-        self.left_to_end = 0
-        """Calls of cancelled callers still running (:data:`LEFT_TO_END`)."""
+        self._left: set[grpc.aio.Call] = set()  # calls of cancelled callers still running
         self.stub: pb_grpc.BlockDeviceAsyncStub = pb_grpc.BlockDeviceStub(channel)
         # Read with the reply left serialized: wire.read_reply_view takes the data from it
         # without protobuf's two copies.
@@ -214,6 +221,10 @@ class CallRunner:
         channel = self.channel
         if isinstance(channel, _Closed):
             return
+        if self._left:  # cancelled before the channel closes under them (module docs)
+            for call in list(self._left):
+                call.cancel()
+            await asyncio.sleep(0)
         try:
             await channel.close()
         finally:
@@ -236,12 +247,13 @@ class CallRunner:
         self._check_loop()
         metadata = self._call_metadata()
         name = rpc or type(request).__name__.removesuffix("Request")  # DESIGN §2
+        leave = name in LEFT_TO_END_RPCS  # (left to end by itself if its caller goes)
         if self.on_call is None:
 
             async def attempt(remaining: float | None) -> Resp:
                 self.check_open()  # closed while an earlier attempt waited to retry
                 call = method(request, timeout=remaining, metadata=metadata)
-                return await self._reply(call, remaining)
+                return await self._reply(call, remaining if leave else None)
 
         else:
 
@@ -251,7 +263,7 @@ class CallRunner:
                 code = grpc.StatusCode.CANCELLED
                 try:
                     call = method(request, timeout=remaining, metadata=metadata)
-                    reply = await self._reply(call, remaining)
+                    reply = await self._reply(call, remaining if leave else None)
                     code = grpc.StatusCode.OK
                     return reply
                 except grpc.RpcError as err:
@@ -282,9 +294,10 @@ class CallRunner:
     async def _reply(
         self, call: grpc.aio.UnaryUnaryCall[Req, Resp], deadline: float | None
     ) -> Resp:
-        """The reply of ``call`` (``deadline``: its seconds, ``None`` for none). A caller
-        cancelled meanwhile does not cancel the call: it is left to end by itself (module
-        docs), unless it has no deadline or :data:`LEFT_TO_END` calls are left already."""
+        """The reply of ``call`` (``deadline``: its seconds, ``None`` for none or for a
+        call not to leave). A caller cancelled meanwhile does not cancel the call: it is
+        left to end by itself (module docs), unless it has no ``deadline`` or
+        :data:`LEFT_TO_END` calls are left already."""
         ended: asyncio.Future[None] = self._loop.create_future()
 
         def end(_call: object) -> None:
@@ -295,16 +308,18 @@ class CallRunner:
         try:
             await ended
         except asyncio.CancelledError:
-            if deadline is None or self.left_to_end >= LEFT_TO_END or self._closed:
+            if deadline is None or len(self._left) >= LEFT_TO_END or self._closed:
                 call.cancel()
             else:
-                self.left_to_end += 1
-                call.add_done_callback(self._ended_alone)
+                self._left.add(call)
+                call.add_done_callback(self._left.discard)
             raise
         return await call  # ended: its reply, or its error
 
-    def _ended_alone(self, _call: object) -> None:
-        self.left_to_end -= 1
+    @property
+    def left_to_end(self) -> int:
+        """Calls of cancelled callers still running (module docs)."""
+        return len(self._left)
 
     async def stream(
         self,

@@ -457,16 +457,17 @@ def test_a_closed_client_still_referenced_keeps_no_grpc_thread(tmp_path: Path) -
 # -- a caller cancelled: its call left to end by itself ------------------------------------
 
 
-class _SlowGetVolume:
-    """A server whose ``GetVolume`` answers after ``seconds``, recording how each call ended
-    there: ``"answered"``, or ``"cancelled"`` (the client cancelled it on the wire)."""
+class _SlowServer:
+    """A server whose ``GetVolume`` and ``Write`` answer after ``seconds``, recording how
+    each call ended there: ``"answered"``, or ``"cancelled"`` (the client cancelled it on
+    the wire)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.started = 0
         self.ended: list[str] = []
 
-    async def get_volume(self, request: pb.GetVolumeRequest, context: object) -> pb.Volume:
+    async def _slowly(self) -> None:
         self.started += 1
         try:
             await asyncio.sleep(self.seconds)
@@ -474,54 +475,107 @@ class _SlowGetVolume:
             self.ended.append("cancelled")
             raise
         self.ended.append("answered")
+
+    async def get_volume(self, request: pb.GetVolumeRequest, context: object) -> pb.Volume:
+        await self._slowly()
         return pb.Volume(
             name=request.volume, sector_size=512, sector_count=8, physical_sector_size=512
         )
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            "tierdisk.v1.BlockDevice",
-            {
-                "GetVolume": grpc.unary_unary_rpc_method_handler(
-                    self.get_volume, pb.GetVolumeRequest.FromString, pb.Volume.SerializeToString
-                )
-            },
+    async def write(self, request: pb.WriteRequest, context: object) -> pb.WriteResponse:
+        await self._slowly()
+        return pb.WriteResponse(write_verifier=5)
+
+    async def __aenter__(self) -> str:
+        """Serve on 127.0.0.1 (port 0); the address."""
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "tierdisk.v1.BlockDevice",
+                    {
+                        "GetVolume": grpc.unary_unary_rpc_method_handler(
+                            self.get_volume,
+                            pb.GetVolumeRequest.FromString,
+                            pb.Volume.SerializeToString,
+                        ),
+                        "Write": grpc.unary_unary_rpc_method_handler(
+                            self.write,
+                            pb.WriteRequest.FromString,
+                            pb.WriteResponse.SerializeToString,
+                        ),
+                    },
+                ),
+            )
         )
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.stop(None)
 
 
 @pytest.mark.parametrize(
-    ("callers", "deadline", "ended"),
+    ("call", "callers", "deadline", "ended"),
     [
-        (1, 30.0, ["answered"]),  # left to end by itself
-        (1, None, ["cancelled"]),  # no deadline to bound it: cancelled as before
-        (2, 30.0, ["cancelled", "answered"]),  # past the cap (1 here): cancelled
+        ("info", 1, 30.0, ["answered"]),  # left to end by itself
+        ("info", 1, None, ["cancelled"]),  # no deadline to bound it: cancelled as before
+        ("info", 2, 30.0, ["cancelled", "answered"]),  # past the cap (1 here): cancelled
+        ("write", 1, 30.0, ["cancelled"]),  # a write: never to land after later ones
     ],
 )
-async def test_a_call_whose_caller_is_cancelled_is_left_to_end_by_itself(
-    monkeypatch: pytest.MonkeyPatch, callers: int, deadline: float | None, ended: list[str]
+async def test_a_read_whose_caller_is_cancelled_is_left_to_end_by_itself(
+    monkeypatch: pytest.MonkeyPatch,
+    call: str,
+    callers: int,
+    deadline: float | None,
+    ended: list[str],
 ) -> None:
     """grpc.aio leaks what a call cancelled while its reply arrives had received
-    (grpc/grpc#43360: 100-160 KB per 1 MiB read, for good), so a unary call whose caller's
-    task is cancelled is not cancelled with it: the server answers it (its deadline bounds
-    it), at most ``LEFT_TO_END`` at a time per client. The caller gets its
-    ``CancelledError`` at once, while the server still works on the call."""
+    (grpc/grpc#43360: 100-160 KB per 1 MiB read, for good), so a call that changes nothing
+    whose caller's task is cancelled is not cancelled with it: the server answers it (its
+    deadline bounds it), at most ``LEFT_TO_END`` at a time per client. The caller gets its
+    ``CancelledError`` at once, while the server still works on the call. A write is
+    cancelled as before: left to go on, it could land after the caller's later writes."""
     monkeypatch.setattr(calls_module, "LEFT_TO_END", 1)
-    servicer = _SlowGetVolume(0.5)
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((servicer.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with AsyncClient(f"127.0.0.1:{port}", timeout=deadline, retries=0) as client:
-            tasks = [asyncio.create_task(client.volume("v").info()) for _ in range(callers)]
-            await eventually("the calls reach the server", lambda: servicer.started == callers)
-            for task in tasks:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-            assert servicer.ended == []  # the callers did not wait for the server
-            await eventually("the calls end", lambda: len(servicer.ended) == callers)
-            assert servicer.ended == ended
-            await eventually("none left", lambda: client.runner.left_to_end == 0)
-    finally:
-        await server.stop(None)
+    servicer = _SlowServer(0.5)
+    async with (
+        servicer as address,
+        AsyncClient(address, timeout=deadline, retries=0) as client,
+    ):
+        vol = client.volume("v")
+        if call == "write":  # (the handle asks the sector size first)
+            await vol.info()
+            servicer.started, servicer.ended = 0, []
+        tasks = [
+            asyncio.create_task(vol.info() if call == "info" else vol.write(0, bytes(512)))
+            for _ in range(callers)
+        ]
+        await eventually("the calls reach the server", lambda: servicer.started == callers)
+        for task in tasks:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert servicer.ended == [] or call == "write"  # the callers did not wait
+        await eventually("the calls end", lambda: len(servicer.ended) == callers)
+        assert servicer.ended == ended
+        await eventually("none left", lambda: client.runner.left_to_end == 0)
+
+
+async def test_closing_a_client_cancels_the_reads_left_to_end() -> None:
+    """A read left to end by itself is cancelled when its client closes (a channel closed
+    under a call still sending could hold the event loop while a hung server does not
+    answer), and the close returns."""
+    servicer = _SlowServer(30.0)
+    async with servicer as address:
+        client = AsyncClient(address, timeout=60, retries=0)
+        task = asyncio.create_task(client.volume("v").info())
+        await eventually("the call reaches the server", lambda: servicer.started == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert client.runner.left_to_end == 1
+        await client.close()
+        assert client.runner.left_to_end == 0
+        await eventually("the server sees it cancelled", lambda: servicer.ended == ["cancelled"])
