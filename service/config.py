@@ -55,6 +55,8 @@ from tierdisk.client.pem import key_pair_problem, read_small_file
 
 from .errors import ConfigError
 from .netaddr import split_host_port
+from .verifier_store import FILE_NAME as VERIFIERS_FILE
+from .verifier_store import NEW_SUFFIX as VERIFIERS_NEW_SUFFIX
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -486,6 +488,7 @@ def load_config(
         seen.add(volume.name)
         volumes.append(volume)
     _check_shared_paths(volumes)
+    _check_server_files(volumes, server.data_dir)
     _check_sector_sizes(volumes, server.max_io)
     _warn_about_secrets(server, volumes)
     return Config(server, tuple(volumes))
@@ -580,6 +583,24 @@ def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
                 volume=volume.name,
                 layer=index,
             )
+
+
+def _check_server_files(volumes: list[VolumeConfig], data_dir: str) -> None:
+    """Refuse a layer file that is one of the server's own files in ``data_dir`` (the
+    write verifier record, or the new one written before it replaces it:
+    :mod:`.verifier_store`): the record's next change would replace the layer's data."""
+    record = os.path.realpath(os.path.join(data_dir, VERIFIERS_FILE))
+    ours = {record, record + VERIFIERS_NEW_SUFFIX}
+    for volume in volumes:
+        for index, layer in enumerate(volume.layers):
+            path = layer.options.get("path")
+            if path is not None and os.path.realpath(path) in ours:
+                raise ConfigError(
+                    f"path {path} is the server's own record of write verifiers (in "
+                    "data_dir): a layer's file needs a path of its own",
+                    volume=volume.name,
+                    layer=index,
+                )
 
 
 _BOM = "\ufeff"

@@ -155,11 +155,11 @@ def _refuse_if_lost(
     entry = os.path.basename(record)
     if unlisted and names == [config.name]:  # an entry without files: only it is a way out
         lost = StorageError(
-            f"{path} {state}, but this volume was served before (as {record} records; "
-            "its entry does not say which files it was served from: an older tierdisk "
-            "wrote it, or a start that found the record damaged, so each file of the "
-            "volume counts): is the disk that holds it mounted? Restore the file; if it is "
-            f"new, or to start this layer empty, delete the volume's entry from {entry}"
+            f"{path} {state}, but this volume may have been served from it before (its "
+            f"entry in {record} does not say which files it was served from: an older "
+            "tierdisk wrote it, or a start that found the record damaged, so each file of "
+            "the volume counts): is the disk that holds it mounted? Restore the file; if it "
+            f"is new, or to start this layer empty, delete the volume's entry from {entry}"
         )
     else:
         if names == [config.name]:

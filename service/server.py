@@ -329,7 +329,7 @@ class Server:
 
     async def _build(self, config: VolumeConfig) -> Volume:
         store = self._verifiers
-        if store is not None and store.usable:  # never an empty layer for a lost file
+        if store is not None:  # never an empty layer for a lost file (read if not usable)
             if self._owners is None:  # once per start (realpath of every recorded file)
                 self._owners = asyncio.ensure_future(
                     asyncio.to_thread(served_by, store.served_files())

@@ -49,6 +49,7 @@ until a run that serves the volume records its files.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -58,15 +59,15 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from .fileio import fsync_folder, pwrite_all
 
-__all__ = ["FILE_NAME", "VerifierStore", "new_verifier"]
+__all__ = ["FILE_NAME", "NEW_SUFFIX", "VerifierStore", "new_verifier"]
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "write-verifiers.json"
 """The file in ``data_dir`` (DESIGN.md §4) that keeps the verifiers."""
 
-_NEW_SUFFIX = ".new"
-"""The next record is written to ``FILE_NAME + _NEW_SUFFIX``, then renamed over the record
+NEW_SUFFIX = ".new"
+"""The next record is written to ``FILE_NAME + NEW_SUFFIX``, then renamed over the record
 (one a crash left behind is written over by the next)."""
 
 _MAX_BYTES = 4 << 20
@@ -140,6 +141,7 @@ class VerifierStore:
                 store._entries, damaged = _parse(store.path, os.pread(store._fd, _MAX_BYTES, 0))
         except OSError as exc:
             store._give_up(exc)
+            store._read_for_the_files()
             return store
         for name in names:
             entry = store._entries.get(name, {})
@@ -162,20 +164,42 @@ class VerifierStore:
                 store.untold.add(name)
             elif clean and kept_writes is None:  # an older build's entry (module docs)
                 store.loss_unknown.add(name)
-        if damaged:  # which files each volume was served from is not known (module docs)
-            for name in names:
-                store._entries[name] = {"verifier": store.verifiers[name], "clean": False}
+        if damaged:
+            store._files_unknown()
         return store
+
+    def _files_unknown(self) -> None:
+        """The record cannot be read: which files each volume was served from is not
+        known, so each configured volume gets an entry that says so (module docs)."""
+        for name in self._names:
+            self._entries[name] = {"verifier": self.verifiers[name], "clean": False}
+
+    def _read_for_the_files(self) -> None:
+        """The file cannot be used (:meth:`_give_up`), but what it records of the files
+        each volume was served from still holds (another server holds it, it is a
+        symlink, …): read it for that alone, as it is; one that exists and cannot be read
+        counts as damaged (each file of each volume counts: :mod:`.kept_files`)."""
+        try:
+            with open(self.path, "rb") as record:
+                self._entries, damaged = _parse(self.path, record.read(_MAX_BYTES))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s cannot be read (%s)", self.path, exc.strerror)
+            damaged = True
+        if damaged:
+            self._files_unknown()
 
     def recorded_files(self, name: str) -> frozenset[str] | None:
         """The files the volume ``name`` was served from in the last run that recorded any
-        (none for a volume new to the file, or when the file cannot be used); ``None`` when
-        it was served, but by a build of tierdisk that recorded no files (its entry has a
-        verifier and no ``files``): which of its files it used is not known."""
+        (none for a volume new to the file; read also when the file cannot be used:
+        :meth:`_read_for_the_files`); ``None`` when it was served, but its entry does not
+        say from which files (a build of tierdisk that recorded none, a damaged record):
+        which of its files it used is not known."""
         entry = self._entries.get(name, {})
         files = entry.get("files")
-        if not isinstance(files, list):
-            return None if "files" not in entry and "verifier" in entry else frozenset()
+        if not isinstance(files, list):  # (not a list: damaged, so not known either)
+            return None if entry else frozenset()
         return frozenset(path for path in files if _is_path(path))
 
     def served_files(self) -> dict[str, list[str]]:
@@ -234,6 +258,8 @@ class VerifierStore:
         self._release()
         self.usable = False
         why = "another server holds it" if isinstance(exc, BlockingIOError) else exc.strerror
+        if exc.filename and exc.filename not in (self.path, os.path.dirname(self.path)):
+            why = f"{exc.filename}: {why}"  # (the new record written before it, say)
         log.warning(
             "write verifiers cannot be kept in %s (%s): every restart of this server counts "
             "as unclean for its clients",
@@ -271,8 +297,10 @@ class VerifierStore:
         """Make ``data`` the file's contents, whole or not at all: written to a new file,
         locked (the lock goes with it), synced, renamed over the file, the folder synced.
         A crash at any point leaves the old record or the new one."""
-        new = self.path + _NEW_SUFFIX
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        new = self.path + NEW_SUFFIX
+        with contextlib.suppress(FileNotFoundError):  # one a crash left (or anything there:
+            os.unlink(new)  # a link to another file is not written through)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(new, flags, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -298,7 +326,9 @@ def _parse(path: str, data: bytes) -> tuple[dict[str, dict[str, object]], bool]:
         volumes = doc["volumes"]
         if doc.get("format") != 1 or not isinstance(volumes, dict):
             raise ValueError("not format 1")
-        return {str(k): v for k, v in volumes.items() if isinstance(v, dict)}, False
+        if not all(isinstance(v, dict) for v in volumes.values()):
+            raise ValueError("an entry is not a table")
+        return {str(k): v for k, v in volumes.items()}, False
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         log.warning(
             "%s is not a write verifier file (%s): new verifiers for all, and which files "

@@ -378,6 +378,18 @@ def test_a_layer_path_used_twice_names_both_layers(tmp_path: Path) -> None:
     assert "is used twice in this config, also by volume 'a', layer 1" in message
 
 
+@pytest.mark.parametrize("name", ["write-verifiers.json", "write-verifiers.json.new"])
+def test_a_layer_at_the_servers_own_record_is_refused(tmp_path: Path, name: str) -> None:
+    """A layer file that is the server's record of write verifiers (or the new one it
+    writes before replacing it) would have its data replaced at the record's next change:
+    refused at load, naming the layer."""
+    text = f"[[volumes]]\nname='v'\n[[volumes.layers]]\nkind='raw'\npath='{name}'\nsize=4096\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), flags={"data_dir": str(tmp_path / "d")}, environ={})
+    assert str(info.value).startswith(f"volume 'v', layer 0: path {tmp_path / 'd' / name} is ")
+    assert "the server's own record of write verifiers" in str(info.value)
+
+
 def test_read_only_raw_images_can_be_shared(tmp_path: Path) -> None:
     """Any number of layers may read one image (they lock it shared)."""
     body = "".join(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,66 @@ def test_a_record_that_cannot_be_read_counts_every_file_of_each_volume(
     assert later.recorded_files("b") is None
     assert later.recorded_files("c") == frozenset()  # new to the record: made afresh
     later.close({}, set())
+
+
+def test_a_stale_new_record_is_never_written_through(tmp_path: Path) -> None:
+    """The new record is made afresh: one a crash left, or a hard link planted in its
+    place, is replaced, not written through (the linked file keeps its data)."""
+    other = tmp_path / "other"
+    other.write_bytes(b"precious")
+    os.link(other, tmp_path / (FILE_NAME + ".new"))
+    store = _served(tmp_path, ["a"])
+    store.close(store.verifiers, clean=["a"])
+    assert other.read_bytes() == b"precious"
+    assert _entries(tmp_path)["a"]["clean"] is True
+
+
+def test_a_new_record_that_cannot_be_made_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder where the new record goes: nothing is kept, and the warning names it."""
+    (tmp_path / (FILE_NAME + ".new")).mkdir()
+    with caplog.at_level(logging.WARNING, "tierdisk.service.verifier_store"):
+        store = _served(tmp_path, ["a"])
+    assert not store.usable
+    assert f"{FILE_NAME}.new" in caplog.text
+    store.close(store.verifiers, clean=["a"])
+
+
+def test_a_record_another_server_holds_still_guards_the_files(tmp_path: Path) -> None:
+    """A second server on the same data_dir keeps no verifiers, but what the record says
+    of the files each volume was served from still holds for it (a missing one is
+    refused: :mod:`tierdisk.service.kept_files`); a record it cannot read at all counts
+    every file."""
+    first = VerifierStore.open(str(tmp_path), ["a"])
+    first.files = {"a": ["/disk/a"]}
+    first.mark_unclean(["a"])
+    first.close(first.verifiers, {"a"})
+    holder = _served(tmp_path, ["a"])
+    try:
+        other = VerifierStore.open(str(tmp_path), ["a", "b"])
+        assert not other.usable
+        assert other.recorded_files("a") == frozenset({"/disk/a"})
+        assert other.recorded_files("b") == frozenset()
+        other.close({}, set())
+    finally:
+        holder.close(holder.verifiers, clean=["a"])
+
+
+@pytest.mark.parametrize(
+    "volumes",
+    [{"a": 5}, {"a": {"verifier": 5, "clean": True, "files": None}}],
+    ids=["an entry that is not a table", "files that are not a list"],
+)
+def test_a_damaged_entry_does_not_say_which_files(
+    tmp_path: Path, volumes: dict[str, object]
+) -> None:
+    """Valid JSON whose entry is not as written: which files the volume was served from
+    is not known (each counts), not taken for none."""
+    (tmp_path / FILE_NAME).write_text(json.dumps({"format": 1, "volumes": volumes}))
+    store = VerifierStore.open(str(tmp_path), ["a"])
+    assert store.recorded_files("a") is None
+    store.close({}, set())
 
 
 def test_an_entry_of_a_build_that_recorded_no_files_is_told_apart(tmp_path: Path) -> None:
