@@ -51,7 +51,7 @@ from typing import BinaryIO
 
 from .aio import AsyncClient, AsyncVolume
 from .chunking import Piece, plan_pieces, run_bounded, sector_runs, sectors_per_chunk
-from .cli_errors import CliError, describe_file, file_error, stdout_error
+from .cli_errors import CliError, describe_file, file_error
 from .copy_report import CopyInterrupted, CopyProgress, progress_bar
 from .errors import Interrupted, OutOfRange, TierdiskError
 from .localfile import (
@@ -116,7 +116,10 @@ async def _made_durable(vol: AsyncVolume, args: argparse.Namespace, verb: str) -
                 sys.stdout.write(f"write verifier {verifier:#018x}\n")
                 sys.stdout.flush()
             except OSError as err:
-                raise stdout_error(err) from None
+                raise CliError(
+                    f"{verb}: all of it was written (not flushed: `{_flush_later(vol)}`), but "
+                    f"its write verifier could not be printed: stdout: {err.strerror or err}"
+                ) from None
         return
     try:
         await vol.flush()

@@ -173,59 +173,65 @@ class Sink:
     file open as ``fd``. A failed write raises a one-line :class:`CliError` naming it (a
     broken stdout pipe stays a :class:`BrokenPipeError`: see :func:`tierdisk.client.cli.main`).
 
-    Stdout that is not a regular file or a block device (a pipe, a terminal, a socket) is
-    written on a thread of its own (:class:`_DaemonWorker`): a reader that stalls (``export
-    VOL - | ssh …``) must not block the event loop, or Ctrl-C, SIGTERM and SIGHUP would not
-    stop the verb until the pipe moved again. Create it in the event loop."""
+    Bytes go straight to the descriptor (stdout's buffer is flushed first), so
+    :attr:`written` counts what the system took. One that is not a regular file or a
+    block device (a pipe, a FIFO, a terminal, a socket) is written on a thread of its own
+    (:class:`_DaemonWorker`): a reader that stalls (``export VOL - | ssh …``) must not
+    block the event loop, or Ctrl-C, SIGTERM and SIGHUP would not stop the verb until the
+    pipe moved again. Create it in the event loop."""
 
     def __init__(self, fd: int | None = None, path: str | None = None) -> None:
         self.fd = fd
         self.path = path
         self.written = 0
-        """Bytes written so far (handed to stdout's buffer, when it buffers them; of a
-        write under way on the thread, what went so far)."""
+        """Bytes written so far (of a write under way on the thread, what went so far)."""
+        self._stopped = False
         self._thread: _DaemonWorker | None = None
-        self._out = fileno(sys.stdout.buffer) if fd is None else None
+        self._out = fileno(sys.stdout.buffer) if fd is None else fd
+        if fd is None and self._out is not None:
+            with contextlib.suppress(OSError):  # (a stdout that fails says so at the write)
+                sys.stdout.buffer.flush()  # what was printed before comes first
         if self._out is not None and not is_sized(self._out):
-            sys.stdout.buffer.flush()  # what was printed before comes first
-            self._thread = _DaemonWorker("stdout-writer")
+            self._thread = _DaemonWorker("stdout-writer" if fd is None else "file-writer")
 
     def _failed(self, err: OSError) -> OSError | CliError:
         return stdout_error(err) if self.fd is None else file_error(self.path, err)
 
     async def write(self, data: bytes | memoryview) -> None:
+        out = self._out
         try:
-            if self._thread is not None and self._out is not None:
-                out = self._out
-                await self._thread.run(lambda: self._write_all(out, data, _STREAM_WRITE))
-            elif self.fd is None:
+            if out is None:  # a stdout with no descriptor (a stand-in): as it buffers
                 sys.stdout.buffer.write(data)
                 self.written += len(data)
+            elif self._thread is not None:
+                await self._thread.run(lambda: self._write_all(out, data, _STREAM_WRITE))
             else:
-                self._write_all(self.fd, data)
+                self._write_all(out, data)
         except OSError as err:
             raise self._failed(err) from None
 
     def _write_all(self, fd: int, data: bytes | memoryview, most: int | None = None) -> None:
         """Write ``data`` to ``fd``, at most ``most`` bytes a call (a pipe's write of more
         returns only once all of it went: counted per call, a stalled reader's share would
-        not show in :attr:`written`)."""
+        not show in :attr:`written`); no more once :meth:`close` was called (the
+        descriptor may be closed, its number taken by another file)."""
         view = memoryview(data).cast("B")
-        while view:
+        while view and not self._stopped:
             done = os.write(fd, view[:most])
             self.written += done
             view = view[done:]
 
     def close(self) -> None:
         """End the writer thread, if any (once its write under way returns): call it when
-        done, whether the copy succeeded or not."""
+        done, whether the copy succeeded or not, before the descriptor is closed."""
+        self._stopped = True
         if self._thread is not None:
             self._thread.close()
             self._thread = None
 
     def flush(self) -> None:
-        """Write out what stdout buffers (when it is not written from a thread)."""
-        if self.fd is None:
+        """Write out what a stdout without a descriptor buffers."""
+        if self._out is None:
             try:
                 sys.stdout.buffer.flush()
             except OSError as err:

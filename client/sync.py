@@ -109,7 +109,9 @@ class Client:
 
     def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """The channel's connection state (``READY``, ``IDLE``, ``TRANSIENT_FAILURE``, …),
-        asked on the client's loop."""
+        asked on the client's loop; ``SHUTDOWN`` once the client is closed."""
+        if self._closed:
+            return grpc.ChannelConnectivity.SHUTDOWN
 
         async def state() -> grpc.ChannelConnectivity:
             return self._async.connectivity(try_to_connect)

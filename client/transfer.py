@@ -20,7 +20,7 @@ Files, devices, pipes and ``-``
     truncated first). The ``-o FILE`` of a failed or interrupted ``read`` keeps what was
     written before, and when it is a regular file the message ends saying how much (``; file
     'F' holds only the N bytes written before``: it is not the file it was, nor whole); to
-    stdout, ``; N of T bytes went to stdout before``.
+    stdout, a device or a FIFO, ``; N of T bytes went to stdout before``.
     A FILE that is
     a running tierdisk server's layer file (another process holds its ``flock``) is
     refused, not truncated, as ``export`` refuses to replace one.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import stat
 import sys
@@ -91,9 +92,15 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
         return 0
     _refuse_a_layer_file(path)
     fd = await open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    sink = Sink(fd, path)
+    said = (  # a device, a FIFO: how much went there (a regular file: what it holds, below)
+        contextlib.nullcontext()
+        if stat.S_ISREG(os.fstat(fd).st_mode)
+        else reported_with_bytes_out(args, sink, total)
+    )
     try:
-        with closing(fd, path):
-            await copy(Sink(fd, path), progress_bar(args, total, label))
+        with closing(fd, path), said:
+            await copy(sink, progress_bar(args, total, label))
     except Exception as exc:
         note = _what_it_holds(path)
         raise with_note(exc, args, path, f"; {note}" if note else "") from None

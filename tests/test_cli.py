@@ -717,6 +717,68 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
     ]
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+def test_a_read_into_a_stalled_fifo_stops_on_a_signal(
+    server: ServerProcess,
+    exp_data: bytes,
+    tmp_path: Path,
+    sig: signal.Signals,
+    status: int,
+    words: str,
+) -> None:
+    """``read … -o FIFO`` whose reader stalls: a stop signal ends it at once (it was
+    written on the event loop's thread: the signal waited for the reader to go away, and
+    the verb then said only "Broken pipe"), saying how much went there."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    try:
+        pipe_bytes = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
+        env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+        count = str(len(exp_data) // 512)
+        proc = subprocess.Popen(
+            [*TIERDISK_SIGNALLED, "read", "exp", "0", count, "-o", str(fifo)],
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            time.sleep(1.0)  # it has filled the FIFO and waits for it (never a false pass)
+            assert proc.poll() is None
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    finally:
+        os.close(reader)
+    assert proc.returncode == status, err.decode()
+    assert err.decode().splitlines() == [
+        f"tierdisk: {words}; {pipe_bytes} of {len(exp_data)} bytes went to file '{fifo}' before"
+    ]
+
+
+def test_no_flush_whose_verifier_cannot_be_printed_says_it_was_written(
+    server: ServerProcess,
+) -> None:
+    """``write --no-flush`` prints the write verifier for a later flush; when stdout
+    fails, the one line says the data was written and names the flush to run."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*TIERDISK, "write", "--no-flush", "rw", "0"],
+            input=bytes(512),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+        )
+    line = one_line_error(result, "write: all of it was written (not flushed: `tierdisk flush")
+    assert re.search(r"flush rw --verifier 0x[0-9a-f]{16}`\)", line), line
+    assert line.endswith("its write verifier could not be printed: stdout: No space left on device")
+
+
 @pytest.mark.parametrize(("sig", "status", "words"), STOPS)
 @pytest.mark.parametrize("verb", ["read", "export", "write", "import"])
 def test_a_verb_opening_a_fifo_nobody_opens_stops_on_a_signal(
@@ -1387,7 +1449,7 @@ def test_write_errors_name_the_file_or_stdout(server: ServerProcess, tmp_path: P
     one_line_error(
         tierdisk(server, "read", "rw", "0", "1", "-o", "/dev/full", check=False),
         "file '/dev/full'",
-        "No space left on device",
+        "No space left on device; 0 of 512 bytes went to file '/dev/full' before",
     )
     env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     for args in (("read", "rw", "0", "1"), ("export", "ro", "-"), ("volumes",), ("info", "rw")):

@@ -397,6 +397,7 @@ with Client(sys.argv[1]) as client:
 wait_for_no_grpc_thread("blocking:")
 print(refused(lambda: vol.read(0, 1)), flush=True)
 print(refused(lambda: client.volume("v").info()), flush=True)
+print(client.connectivity().name, flush=True)
 
 kept = []
 
@@ -448,6 +449,7 @@ def test_a_closed_client_still_referenced_keeps_no_grpc_thread(tmp_path: Path) -
         "blocking: []",
         closed,
         closed,
+        "SHUTDOWN",
         "async: []",
         "SHUTDOWN",
         *[closed] * 8,
