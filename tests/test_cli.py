@@ -683,7 +683,6 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
     once, with its one line and status (stdout was written on the event loop's thread, so
     the signal waited until the pipe moved again, or closed); the line says how many bytes
     went out (the reader cannot tell a short stream from a whole one)."""
-    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
     args = (
         ["read", "exp", "0", str(len(exp_data) // 512)]
         if verb == "read"
@@ -692,29 +691,41 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
     read_end, write_end = os.pipe()  # a pipe nobody reads: it takes 64 KiB, then stalls
     pipe_bytes = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
     try:
-        proc = subprocess.Popen(
-            [*TIERDISK_SIGNALLED, *args], stdout=write_end, stderr=subprocess.PIPE, env=env
-        )
-        os.close(write_end)
-        write_end = -1
-        try:
-            time.sleep(1.0)  # it has filled the pipe and waits for it (never a false pass)
-            assert proc.poll() is None
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=10)  # not when the pipe moves: never here
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        returncode, err = _stopped_once_stalled(server, args, sig, stdout=write_end)
     finally:
         os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-    assert proc.returncode == status, err.decode()
+    assert returncode == status, err
     # what the pipe took (it was never read), and what the whole would have been
-    assert err.decode().splitlines() == [
+    assert err.splitlines() == [
         f"tierdisk: {words}; {pipe_bytes} of {len(exp_data)} bytes went to stdout before"
     ]
+
+
+def _stopped_once_stalled(
+    server: ServerProcess, args: list[str], sig: signal.Signals, *, stdout: int | None = None
+) -> tuple[int, str]:
+    """Run ``tierdisk ARGS`` (its stdout the descriptor ``stdout``, closed here once
+    handed over), whose output stalls (nobody reads it), send it ``sig`` a second in; its
+    exit status and stderr. It must end within 10 s of the signal, not when the output
+    moves again (never, here)."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    try:
+        proc = subprocess.Popen(
+            [*TIERDISK_SIGNALLED, *args], stdout=stdout, stderr=subprocess.PIPE, env=env
+        )
+    finally:
+        if stdout is not None:
+            os.close(stdout)
+    try:
+        time.sleep(1.0)  # it has filled its output and waits for it (never a false pass)
+        assert proc.poll() is None
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, err.decode()
 
 
 @pytest.mark.timeout(90)
@@ -735,26 +746,12 @@ def test_a_read_into_a_stalled_fifo_stops_on_a_signal(
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
     try:
         pipe_bytes = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
-        env = {**os.environ, "TIERDISK_SERVER": server.grpc}
-        count = str(len(exp_data) // 512)
-        proc = subprocess.Popen(
-            [*TIERDISK_SIGNALLED, "read", "exp", "0", count, "-o", str(fifo)],
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        try:
-            time.sleep(1.0)  # it has filled the FIFO and waits for it (never a false pass)
-            assert proc.poll() is None
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        args = ["read", "exp", "0", str(len(exp_data) // 512), "-o", str(fifo)]
+        returncode, err = _stopped_once_stalled(server, args, sig)
     finally:
         os.close(reader)
-    assert proc.returncode == status, err.decode()
-    assert err.decode().splitlines() == [
+    assert returncode == status, err
+    assert err.splitlines() == [
         f"tierdisk: {words}; {pipe_bytes} of {len(exp_data)} bytes went to file '{fifo}' before"
     ]
 
