@@ -40,21 +40,24 @@ torn one (a torn record would lose the kept-files guard of every volume). ``data
 cannot be used (another server holds it, the folder is read-only, it cannot be synced) the
 server logs a warning and draws new verifiers, keeping nothing: each restart then counts as
 unclean for its clients (their next flush after it raises ``WritesLost`` if they had unflushed
-writes), which is safe. A file that cannot be read as this format (empty, torn by an older
-build's crash, damaged) has no clean entry, and does not say which files any volume was served
-from: each configured volume gets an entry that says so (a verifier, not clean, no ``files``),
-so each file of the volume counts as served from (:mod:`.kept_files` refuses a missing one)
-until a run that serves the volume records its files.
+writes), which is safe; what it records of each volume's files still counts. A file that
+cannot be read as this format (empty, torn by an older build's crash, damaged, no regular
+file) has no clean entry, and does not say which files any volume was served from: each
+configured volume gets an entry that says so (a verifier, not clean, no ``files``), so each
+file of the volume counts as served from (:mod:`.kept_files` refuses a missing one) until a
+run that serves the volume records its files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from .fileio import fsync_folder, pwrite_all
@@ -133,7 +136,7 @@ class VerifierStore:
             store._folder_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(store._folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:
-                store._fd = os.open(store.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                store._fd = _open_record(store.path, os.O_NOFOLLOW)
             except FileNotFoundError:
                 pass  # the first start here: the file is made by mark_unclean
             else:  # (an older build locks the record itself)
@@ -180,8 +183,11 @@ class VerifierStore:
         symlink, …): read it for that alone, as it is; one that exists and cannot be read
         counts as damaged (each file of each volume counts: :mod:`.kept_files`)."""
         try:
-            with open(self.path, "rb") as record:
-                self._entries, damaged = _parse(self.path, record.read(_MAX_BYTES))
+            fd = _open_record(self.path)
+            try:
+                self._entries, damaged = _parse(self.path, os.pread(fd, _MAX_BYTES, 0))
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -314,6 +320,16 @@ class VerifierStore:
             os.close(self._fd)
         self._fd = fd
         fsync_folder(self.path)  # the new name reaches the disk
+
+
+def _open_record(path: str, flags: int = 0) -> int:
+    """The record at ``path``, open to read (never waiting, as a FIFO there would make it);
+    :class:`OSError` when it is no regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
 
 
 def _parse(path: str, data: bytes) -> tuple[dict[str, dict[str, object]], bool]:

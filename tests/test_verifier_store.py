@@ -304,6 +304,16 @@ def test_a_record_that_cannot_be_read_counts_every_file_of_each_volume(
     later.close({}, set())
 
 
+def test_a_fifo_in_place_of_the_record_is_no_hang(tmp_path: Path) -> None:
+    """Opening a FIFO to read waits for a writer: the start would hang. It is no record:
+    nothing is kept, and as the record cannot be read, each file of each volume counts."""
+    os.mkfifo(tmp_path / FILE_NAME)
+    store = VerifierStore.open(str(tmp_path), ["a"])  # (pytest's timeout ends a hang)
+    assert not store.usable
+    assert store.recorded_files("a") is None
+    store.close({}, set())
+
+
 def test_a_stale_new_record_is_never_written_through(tmp_path: Path) -> None:
     """The new record is made afresh: one a crash left, or a hard link planted in its
     place, is replaced, not written through (the linked file keeps its data)."""
