@@ -253,7 +253,7 @@ class CallRunner:
             async def attempt(remaining: float | None) -> Resp:
                 self.check_open()  # closed while an earlier attempt waited to retry
                 call = method(request, timeout=remaining, metadata=metadata)
-                return await self._reply(call, remaining if leave else None)
+                return await self._reply(call, leave=leave and remaining is not None)
 
         else:
 
@@ -263,7 +263,7 @@ class CallRunner:
                 code = grpc.StatusCode.CANCELLED
                 try:
                     call = method(request, timeout=remaining, metadata=metadata)
-                    reply = await self._reply(call, remaining if leave else None)
+                    reply = await self._reply(call, leave=leave and remaining is not None)
                     code = grpc.StatusCode.OK
                     return reply
                 except grpc.RpcError as err:
@@ -291,13 +291,10 @@ class CallRunner:
                 raise
             raise error_from_rpc(cause, target=self.target, method=name) from cause
 
-    async def _reply(
-        self, call: grpc.aio.UnaryUnaryCall[Req, Resp], deadline: float | None
-    ) -> Resp:
-        """The reply of ``call`` (``deadline``: its seconds, ``None`` for none or for a
-        call not to leave). A caller cancelled meanwhile does not cancel the call: it is
-        left to end by itself (module docs), unless it has no ``deadline`` or
-        :data:`LEFT_TO_END` calls are left already."""
+    async def _reply(self, call: grpc.aio.UnaryUnaryCall[Req, Resp], *, leave: bool) -> Resp:
+        """The reply of ``call``. With ``leave`` (a call that changes nothing, with a
+        deadline), a caller cancelled meanwhile does not cancel the call: it is left to end
+        by itself (module docs), unless :data:`LEFT_TO_END` calls are left already."""
         ended: asyncio.Future[None] = self._loop.create_future()
 
         def end(_call: object) -> None:
@@ -308,7 +305,7 @@ class CallRunner:
         try:
             await ended
         except asyncio.CancelledError:
-            if deadline is None or len(self._left) >= LEFT_TO_END or self._closed:
+            if not leave or len(self._left) >= LEFT_TO_END or self._closed:
                 call.cancel()
             else:
                 self._left.add(call)
