@@ -102,6 +102,10 @@ LEFT_TO_END = 64
 """Unary calls whose callers were cancelled that a client leaves to end by themselves at
 one time (each holds its reply once it arrives, until it ends)."""
 
+OVERDUE = 1.0
+"""Seconds past its deadline after which a call that has not ended is cancelled here (gRPC
+ends it at its deadline, but for a large request over a unix socket to a stalled server)."""
+
 LEFT_TO_END_RPCS = frozenset({"Read", "GetVolume", "ListVolumes", "GetAllocation", "Inspect"})
 """The calls left to end by themselves when their callers are cancelled: those that change
 nothing."""
@@ -253,7 +257,7 @@ class CallRunner:
             async def attempt(remaining: float | None) -> Resp:
                 self.check_open()  # closed while an earlier attempt waited to retry
                 call = method(request, timeout=remaining, metadata=metadata)
-                return await self._reply(call, leave=leave and remaining is not None)
+                return await self._reply(call, remaining, leave=leave)
 
         else:
 
@@ -263,7 +267,7 @@ class CallRunner:
                 code = grpc.StatusCode.CANCELLED
                 try:
                     call = method(request, timeout=remaining, metadata=metadata)
-                    reply = await self._reply(call, leave=leave and remaining is not None)
+                    reply = await self._reply(call, remaining, leave=leave)
                     code = grpc.StatusCode.OK
                     return reply
                 except grpc.RpcError as err:
@@ -291,10 +295,16 @@ class CallRunner:
                 raise
             raise error_from_rpc(cause, target=self.target, method=name) from cause
 
-    async def _reply(self, call: grpc.aio.UnaryUnaryCall[Req, Resp], *, leave: bool) -> Resp:
-        """The reply of ``call``. With ``leave`` (a call that changes nothing, with a
-        deadline), a caller cancelled meanwhile does not cancel the call: it is left to end
-        by itself (module docs), unless :data:`LEFT_TO_END` calls are left already."""
+    async def _reply(
+        self, call: grpc.aio.UnaryUnaryCall[Req, Resp], seconds: float | None, *, leave: bool
+    ) -> Resp:
+        """The reply of ``call``, whose deadline is ``seconds`` away (``None``: none). With
+        ``leave`` (a call that changes nothing) and a deadline, a caller cancelled meanwhile
+        does not cancel the call: it is left to end by itself (module docs), unless
+        :data:`LEFT_TO_END` calls are left already. A call not ended :data:`OVERDUE`
+        seconds after its deadline is cancelled and raises ``DEADLINE_EXCEEDED`` as gRPC
+        would have (gRPC 1.85 over a unix socket lets a large request to a stalled server
+        wait past its deadline)."""
         ended: asyncio.Future[None] = self._loop.create_future()
 
         def end(_call: object) -> None:
@@ -303,9 +313,18 @@ class CallRunner:
 
         call.add_done_callback(end)
         try:
-            await ended
+            async with asyncio.timeout(None if seconds is None else seconds + OVERDUE):
+                await ended
+        except TimeoutError:
+            call.cancel()
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                f"Deadline Exceeded (the call had not ended {OVERDUE:g} s past it)",
+            ) from None
         except asyncio.CancelledError:
-            if not leave or len(self._left) >= LEFT_TO_END or self._closed:
+            if not leave or seconds is None or len(self._left) >= LEFT_TO_END or self._closed:
                 call.cancel()
             else:
                 self._left.add(call)

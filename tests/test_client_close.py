@@ -26,6 +26,7 @@ from tierdisk.client import (
     AsyncClient,
     Client,
     ClientClosed,
+    DeadlineExceeded,
     Interrupted,
     TierdiskError,
     Unavailable,
@@ -229,6 +230,28 @@ async def test_a_single_call_in_flight_when_closed_raises(tmp_path: Path) -> Non
             assert info.value.volume == "v"
         finally:
             os.kill(srv.pid, signal.SIGCONT)
+
+
+async def test_a_large_write_to_a_stalled_server_over_a_unix_socket_ends_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """gRPC 1.85 lets a large request over a unix socket to a server that stopped reading
+    wait past its deadline (over TCP it ends there); the client ends it itself, shortly
+    after: ``DeadlineExceeded``, and the next call gets its deadline too."""
+    config = write_config(tmp_path, toml_volume("v", ram("8MiB")))
+    socket_path = tmp_path / "s.sock"
+    with ServerProcess.start(tmp_path, config, listen=f"unix:{socket_path}") as srv:
+        async with AsyncClient(f"unix:{socket_path}", retries=0, timeout=1) as client:
+            vol = client.volume("v")
+            await vol.write(0, bytes(512))
+            os.kill(srv.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(DeadlineExceeded):
+                    await asyncio.wait_for(vol.write(0, bytes(MiB)), 10)  # before: 10 s, then
+                with pytest.raises(DeadlineExceeded):  # TimeoutError from wait_for
+                    await asyncio.wait_for(vol.flush(), 10)
+            finally:
+                os.kill(srv.pid, signal.SIGCONT)
 
 
 # -- the blocking client ---------------------------------------------------------------
