@@ -377,17 +377,23 @@ def test_a_blocking_client_and_its_open_watch_dropped_together_end(
             "print('exiting', flush=True)\n"
         )
     )
+    result = _run_against_a_server(tmp_path, script)  # (its timeout: a hang fails)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("collected" if ending == "collected" else "exiting")
+
+
+def _run_against_a_server(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run the Python ``script`` in a child process, its address argument a server of one
+    1 MiB ``[ram]`` volume ``v``; what it printed (a minute at most: a hang fails)."""
     with ServerProcess.start(
         tmp_path, write_config(tmp_path, toml_volume("v", ram("1MiB")))
     ) as srv:
-        result = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-c", script, srv.grpc],
             capture_output=True,
             text=True,
-            timeout=60,  # a hang fails here
+            timeout=60,
         )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ("collected" if ending == "collected" else "exiting")
 
 
 _KEPT_AFTER_CLOSE = """
@@ -457,15 +463,7 @@ def test_a_closed_client_still_referenced_keeps_no_grpc_thread(tmp_path: Path) -
     (it stayed for as long as the closed client lived); their methods still raise
     ClientClosed, not an AttributeError about what was let go, and ``connectivity()`` says
     SHUTDOWN. In a child process: other tests' channels keep gRPC's thread in this one."""
-    with ServerProcess.start(
-        tmp_path, write_config(tmp_path, toml_volume("v", ram("1MiB")))
-    ) as srv:
-        result = subprocess.run(
-            [sys.executable, "-c", _KEPT_AFTER_CLOSE, srv.grpc],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    result = _run_against_a_server(tmp_path, _KEPT_AFTER_CLOSE)
     assert result.returncode == 0, result.stderr
     closed = "ClientClosed: the client is closed"
     assert result.stdout.splitlines() == [
