@@ -1,7 +1,7 @@
 """The floor: a bare ``grpc.aio`` server of tierdisk's own proto, with no storage.
 
-It answers ``Read`` with a ``ReadResponse`` whose ``data`` has exactly the requested size
-(one cached random payload per size: no storage, no copy out of a store) and ``Write`` by
+It answers ``Read`` (and ``ReadBatch``) with a reply whose ``data`` has exactly the requested
+size (one cached random payload per size: no storage, no copy out of a store) and ``Write`` by
 checking the payload length and dropping it, through the generated servicer and protobuf
 serializers, with the same message caps as ``tierdisk serve`` and no handler wrappers,
 metrics, engine or drain gate. What it costs is what Python gRPC itself costs here;
@@ -62,6 +62,10 @@ class FloorServicer(pb_grpc.BlockDeviceServicer):
     async def Read(self, request: pb.ReadRequest, context: Any) -> pb.ReadResponse:
         return pb.ReadResponse(data=self._payload(request.sector_count * SECTOR))
 
+    async def ReadBatch(self, request: pb.ReadBatchRequest, context: Any) -> pb.ReadBatchResponse:
+        sectors = sum(r.sector_count for r in request.ranges)
+        return pb.ReadBatchResponse(data=self._payload(sectors * SECTOR))
+
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
         if len(request.data) % SECTOR:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not whole sectors")
@@ -77,7 +81,7 @@ class FloorServicer(pb_grpc.BlockDeviceServicer):
 
     async def _unimplemented(self, request: Any, context: Any) -> Any:
         await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "the floor serves Read, Write, GetVolume"
+            grpc.StatusCode.UNIMPLEMENTED, "the floor serves Read, ReadBatch, Write, GetVolume"
         )
 
     ListVolumes = Unmap = Flush = GetAllocation = Inspect = Resize = _unimplemented

@@ -56,6 +56,7 @@ from tierdisk.v1 import blockdevice_pb2 as pb  # noqa: E402
 
 OPS = ("randread", "seqread", "randwrite", "seqwrite")
 READ_PATH = "/tierdisk.v1.BlockDevice/Read"
+READ_BATCH_PATH = "/tierdisk.v1.BlockDevice/ReadBatch"
 WRITE_PATH = "/tierdisk.v1.BlockDevice/Write"
 MAX_SECONDS = 600.0  # hard bound of any one command
 
@@ -76,9 +77,14 @@ class Requests:
     """Makes the serialized requests of one run: random or sequential blocks of ``bs``
     bytes within ``[offset, offset + size)`` of the volume."""
 
-    def __init__(self, op: str, volume: str, bs: int, offset: int, size: int, seed: int) -> None:
+    def __init__(
+        self, op: str, volume: str, bs: int, offset: int, size: int, seed: int, batch: int = 1
+    ) -> None:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}")
+        if batch < 1 or (batch > 1 and not op.endswith("read")):
+            raise ValueError("batch: 1, or more reads a call (ReadBatch) for a read op")
+        self.batch = batch
         if bs % SECTOR or offset % bs or size < bs:
             raise ValueError("bs must be whole sectors; offset a multiple of bs; size >= bs")
         self.op = op
@@ -101,6 +107,12 @@ class Requests:
         return block
 
     def next(self) -> bytes:
+        if self.batch > 1:  # ReadBatch: `batch` blocks a call
+            blocks = [self.first + self._block() * self.count for _ in range(self.batch)]
+            return pb.ReadBatchRequest(
+                volume=self.volume,
+                ranges=[pb.Extent(sector=b, sector_count=self.count) for b in blocks],
+            ).SerializeToString()
         sector = self.first + self._block() * self.count
         if self.is_read:
             return pb.ReadRequest(
@@ -153,19 +165,21 @@ async def run_load(channel: grpc.aio.Channel, args: dict[str, Any]) -> dict[str,
         int(args.get("offset", 0)),
         int(args.get("size", 256 << 20)),
         int(args.get("seed", 1)),
+        int(args.get("batch", 1)),
     )
+    batch = requests.batch
     # bytes in and out: no (de)serializer, the load generator frames requests itself
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-        READ_PATH if requests.is_read else WRITE_PATH
+        READ_BATCH_PATH if batch > 1 else READ_PATH if requests.is_read else WRITE_PATH
     )
 
-    expect = bs if requests.is_read else 0
+    expect = bs * batch if requests.is_read else 0
     if args.get("check", True):  # check one reply in full before measuring
         first = await call(requests.next(), timeout=30)
         if requests.is_read:
-            got = len(pb.ReadResponse.FromString(first).data)
-            if got != bs:
-                raise RuntimeError(f"Read returned {got} bytes, expected {bs}")
+            got = len(pb.ReadResponse.FromString(first).data)  # ReadBatchResponse alike
+            if got != expect:
+                raise RuntimeError(f"Read returned {got} bytes, expected {expect}")
         else:
             pb.WriteResponse.FromString(first)
 
@@ -185,15 +199,16 @@ async def run_load(channel: grpc.aio.Channel, args: dict[str, Any]) -> dict[str,
             reply = await call(request)
             t1 = perf()
             if len(reply) < expect:
-                raise RuntimeError(f"short reply: {len(reply)} bytes for a {bs}-byte read")
+                raise RuntimeError(f"short reply: {len(reply)} bytes for a {expect}-byte read")
             if measuring and not stop:
-                count += 1
-                nbytes += bs
+                count += batch
+                nbytes += bs * batch
                 latencies.append(t1 - t0)
                 if count >= max_ops:
                     done.set()
 
-    tasks = [asyncio.create_task(worker()) for _ in range(qd)]
+    # ReadBatch: qd reads in flight, `batch` to a call
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, qd // batch))]
     failed: list[BaseException] = []
 
     def _on_fail(task: asyncio.Task[None]) -> None:
@@ -231,6 +246,7 @@ async def run_load(channel: grpc.aio.Channel, args: dict[str, Any]) -> dict[str,
         "op": op,
         "bs": bs,
         "qd": qd,
+        "batch": batch,
         "volume": args["volume"],
         "target": args["target"],
         "ops": count,
@@ -318,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256 << 20, help="region size (bytes)")
     p.add_argument("--server-pid", type=int, default=0, help="for server CPU per op")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--batch", type=int, default=1, help="reads per call (ReadBatch); 1: one Read each"
+    )
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args.inproc_config)

@@ -106,7 +106,9 @@ OVERDUE = 1.0
 """Seconds past its deadline after which a call that has not ended is cancelled here (gRPC
 ends it at its deadline, but for a large request over a unix socket to a stalled server)."""
 
-LEFT_TO_END_RPCS = frozenset({"Read", "GetVolume", "ListVolumes", "GetAllocation", "Inspect"})
+LEFT_TO_END_RPCS = frozenset(
+    {"Read", "ReadBatch", "GetVolume", "ListVolumes", "GetAllocation", "Inspect"}
+)
 """The calls left to end by themselves when their callers are cancelled: those that change
 nothing."""
 
@@ -148,9 +150,10 @@ class CallRunner:
     errors. The settings (``policy``, ``timeout``, ``metadata``, ``metadata_factory``,
     ``on_call``) are read at every call: changing one changes the calls made after.
 
-    ``stub`` is the channel's BlockDevice stub; ``read_raw`` and ``write_raw`` are Read and
-    Write with the reply, or the request, left serialized (:mod:`tierdisk.client.wire`).
-    Once closed, ``channel``, ``stub``, ``read_raw`` and ``write_raw`` no longer refer to
+    ``stub`` is the channel's BlockDevice stub; ``read_raw``, ``read_batch_raw`` and
+    ``write_raw`` are Read, ReadBatch and Write with the reply, or the request, left
+    serialized (:mod:`tierdisk.client.wire`). Once closed, ``channel``, ``stub`` and the
+    raw methods no longer refer to
     gRPC's objects (gRPC keeps a poller thread while any channel object lives): using them
     raises :class:`~tierdisk.client.errors.ClientClosed`.
 
@@ -187,6 +190,14 @@ class CallRunner:
             channel.unary_unary(
                 "/tierdisk.v1.BlockDevice/Read",
                 request_serializer=pb.ReadRequest.SerializeToString,
+                response_deserializer=None,
+            )
+        )
+        # ReadBatch likewise: its reply's data is field 1, as a ReadResponse's.
+        self.read_batch_raw: grpc.aio.UnaryUnaryMultiCallable[pb.ReadBatchRequest, bytes] = (
+            channel.unary_unary(
+                "/tierdisk.v1.BlockDevice/ReadBatch",
+                request_serializer=pb.ReadBatchRequest.SerializeToString,
                 response_deserializer=None,
             )
         )
@@ -233,6 +244,7 @@ class CallRunner:
             await channel.close()
         finally:
             self.channel = self.stub = self.read_raw = self.write_raw = _CLOSED
+            self.read_batch_raw = _CLOSED
 
     async def unary(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 
 from .errors import AllocationTooLarge, Interrupted, MessageTooLarge, NoSpace
@@ -25,6 +25,7 @@ from .models import AllocationExtent, Extent
 __all__ = [
     "DEFAULT_IN_FLIGHT",
     "DEFAULT_MAX_IO",
+    "MAX_BATCH_RANGES",
     "MIN_HOLE_BYTES",
     "UNMAP_MAX_BYTES",
     "Chunk",
@@ -33,6 +34,7 @@ __all__ = [
     "allocation_in_windows",
     "caller_cancelled",
     "merge_extents",
+    "plan_batches",
     "plan_chunks",
     "plan_pieces",
     "plan_windows",
@@ -49,6 +51,9 @@ DEFAULT_MAX_IO = 1 << 20
 """Bytes of data per Read/Write request: 1 MiB, the measured sweet spot."""
 DEFAULT_IN_FLIGHT = 4
 """Chunk requests kept in flight for one large read or write."""
+MAX_BATCH_RANGES = 256
+"""The most ranges one ``ReadBatch`` request carries: a server refuses more
+(``INVALID_ARGUMENT``); the client library splits a larger batch into several calls."""
 
 
 class Chunk(NamedTuple):
@@ -74,6 +79,30 @@ def plan_chunks(sector: int, count: int, max_sectors: int) -> Iterator[Chunk]:
         raise ValueError(f"chunk size must be positive, not {max_sectors}")
     for offset in range(0, count, max_sectors):
         yield Chunk(sector + offset, min(max_sectors, count - offset), offset)
+
+
+def plan_batches(
+    counts: Sequence[int], max_sectors: int, max_ranges: int = MAX_BATCH_RANGES
+) -> list[list[int]]:
+    """Group ranges of ``counts`` sectors, in order, into ``ReadBatch`` calls: lists of
+    indices into ``counts``, each of at most ``max_ranges`` ranges and ``max_sectors``
+    sectors in all (``max_io``'s worth). A range larger than ``max_sectors`` is a group of
+    its own (read in chunks, as a plain read)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    sectors = 0
+    for index, count in enumerate(counts):
+        if count > max_sectors:
+            groups.append([index])
+            continue
+        if group and (len(group) == max_ranges or sectors + count > max_sectors):
+            groups.append(group)
+            group, sectors = [], 0
+        group.append(index)
+        sectors += count
+    if group:
+        groups.append(group)
+    return groups
 
 
 class ReadWindow(NamedTuple):

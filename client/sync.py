@@ -321,6 +321,13 @@ class Volume:
         """``length`` bytes from byte ``offset`` (both sector-aligned)."""
         return self.client._run(self.aio.read_bytes(offset, length, timeout=timeout))
 
+    def read_batch(
+        self, ranges: Iterable[tuple[int, int]], *, timeout: Timeout = UNSET
+    ) -> list[bytes]:
+        """The data of each ``(sector, count)`` range, in order, in few calls (see
+        ``AsyncVolume.read_batch``)."""
+        return self.client._run(self.aio.read_batch(ranges, timeout=timeout))
+
     def write(
         self,
         sector: int,

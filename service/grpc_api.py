@@ -19,6 +19,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from tierdisk.client.chunking import MAX_BATCH_RANGES
 from tierdisk.client.errors import ERROR_METADATA_KEY
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -259,14 +260,8 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._gate.leave()
             return reply
         except (TierdiskError, OSError) as exc:
-            refusal = status_for(exc)
             code = None  # counted here, before abort() sends the status the caller sees
-            if op is not None:
-                seconds = time.perf_counter() - start
-                self._metrics.observe_io(volume, op, _CODE_NAMES[refusal], nbytes, seconds)
-            self._failures.note(volume, f"gRPC {rpc or op}", _CODE_NAMES[refusal], exc)
-            await self._refuse(context, refusal, exc)
-            raise  # not reached: abort() raises
+            await self._refuse_io(context, exc, volume, op, rpc or str(op), start)
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
@@ -278,6 +273,26 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._metrics.observe_io(
                     volume, op, _CODE_NAMES[code], nbytes, time.perf_counter() - start
                 )
+
+    async def _refuse_io(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        exc: TierdiskError | OSError,
+        volume: str,
+        op: str | None,
+        rpc: str,
+        start: float,
+    ) -> NoReturn:
+        """End a call about ``volume`` that failed with ``exc``: counted as one ``op``
+        request (if not None) that took since ``start`` (``perf_counter``), a storage failure
+        logged under ``rpc``'s name, then the status (:meth:`_refuse`)."""
+        refusal = status_for(exc)
+        if op is not None:
+            seconds = time.perf_counter() - start
+            self._metrics.observe_io(volume, op, _CODE_NAMES[refusal], 0, seconds)
+        self._failures.note(volume, f"gRPC {rpc}", _CODE_NAMES[refusal], exc)
+        await self._refuse(context, refusal, exc)
+        raise AssertionError("not reached: abort() raises")
 
     def _admit(self, context: grpc.aio.ServicerContext[Any, Any], volume: str) -> None:
         """Let a call for ``volume`` ("" for none) in: refuse it while draining, then check
@@ -458,13 +473,8 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             finally:
                 self._gate.leave()
         except (TierdiskError, OSError) as exc:
-            refusal = status_for(exc)
             code = None  # counted here, before abort() sends the status the caller sees
-            seconds = time.perf_counter() - start
-            self._metrics.observe_io(request.volume, "read", _CODE_NAMES[refusal], 0, seconds)
-            self._failures.note(request.volume, "gRPC read", _CODE_NAMES[refusal], exc)
-            await self._refuse(context, refusal, exc)
-            raise  # not reached: abort() raises
+            await self._refuse_io(context, exc, request.volume, "read", "read", start)
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
@@ -476,6 +486,65 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._metrics.observe_io(
                     request.volume, "read", _CODE_NAMES[code], moved, time.perf_counter() - start
                 )
+
+    async def ReadBatch(self, request: pb.ReadBatchRequest, context: Any) -> pb.ReadBatchResponse:
+        """``ReadBatch`` as a message; the server registers :meth:`read_batch_encoded`."""
+        return pb.ReadBatchResponse.FromString(await self.read_batch_encoded(request, context))
+
+    async def read_batch_encoded(
+        self, request: pb.ReadBatchRequest | Undecodable, context: Any
+    ) -> bytes:
+        """``ReadBatch``, the reply already serialized (its ``data`` is field 1, as a
+        ``ReadResponse``'s): every range read (:meth:`Volume.read_ranges_into`) into the
+        bytes gRPC sends.
+
+        In the volume's I/O metrics each range counts as one read request
+        (``tierdisk_volume_io_requests_total{op="read"}``: a read-rate panel sees the reads,
+        however they came) that took the whole call's time; a call that fails counts as one
+        failed read."""
+        if isinstance(request, Undecodable):
+            await self._refuse_undecodable(context, request)
+        start = time.perf_counter()
+        code: grpc.StatusCode | None = _OK
+        try:
+            self._admit(context, request.volume)
+            try:
+                volume = self._volume(request.volume, request.sector_size)
+                if len(request.ranges) > MAX_BATCH_RANGES:
+                    raise InvalidArgument(
+                        f"a batch of {len(request.ranges)} reads is more than this server "
+                        f"takes in one call ({MAX_BATCH_RANGES}); split it"
+                    )
+                ranges = [(r.sector, r.sector_count) for r in request.ranges]
+                nbytes = sum(count for _, count in ranges) * volume.sector_size
+                self._check_io_size(nbytes, "a batch of reads")
+                if nbytes >= BUDGETED_FROM_BYTES:  # a large reply: bounded per connection
+                    context.add_done_callback(
+                        _as_done_callback(await self._budgets.take(context.peer(), nbytes))
+                    )
+                reply = ReadReply(nbytes)
+                await volume.read_ranges_into(reply.data, ranges)
+                encoded = reply.encode(None)
+            finally:
+                self._gate.leave()
+        except (TierdiskError, OSError) as exc:
+            code = None  # counted here, before abort() sends the status the caller sees
+            await self._refuse_io(context, exc, request.volume, "read", "ReadBatch", start)
+        except asyncio.CancelledError:
+            code = _CANCELLED
+            raise
+        except BaseException:  # a fault of ours: gRPC answers UNKNOWN
+            code = _UNKNOWN
+            raise
+        finally:
+            if code is not None and code is not _OK:
+                seconds = time.perf_counter() - start
+                self._metrics.observe_io(request.volume, "read", _CODE_NAMES[code], 0, seconds)
+        seconds = time.perf_counter() - start
+        observe = self._metrics.observe_io
+        for _, count in ranges:
+            observe(request.volume, "read", "OK", count * volume.sector_size, seconds)
+        return encoded
 
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
         """``Write`` of a message; the server registers :meth:`write_parsed` instead."""
@@ -651,6 +720,11 @@ def add_to_server(service: BlockDeviceService, server: HandlerRegistry) -> None:
         if method.name == "Read":  # checks for Undecodable itself: no wrapper on the hot path
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 service.read_encoded,
+                request_deserializer=_decoder(method.input_type.name, request.FromString),
+            )
+        elif method.name == "ReadBatch":  # checks for Undecodable itself, as Read does
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                service.read_batch_encoded,
                 request_deserializer=_decoder(method.input_type.name, request.FromString),
             )
         elif method.name == "Write":  # checks for Undecodable itself, as Read does

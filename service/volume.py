@@ -405,6 +405,37 @@ class Volume:
             return [(sector, end)]
         return complement(sector, end, missing)
 
+    async def read_ranges_into(self, buf: memoryview, ranges: list[tuple[int, int]]) -> None:
+        """Fill ``buf`` with the ranges ``(sector, count)`` one after another, in the given
+        order (they may overlap or repeat): :meth:`read_into` of each, all or none.
+
+        Every range is checked against the volume's size before any is read (the first one
+        past the end is :class:`OutOfRange`); then they are read at once, and the first
+        failure cancels the others and is raised (what ``buf`` holds then is unspecified).
+        ``len(buf)`` must be the sum of the ranges' bytes."""
+        ss = self.sector_size
+        views: list[tuple[memoryview, int]] = []
+        offset = 0
+        for sector, count in ranges:
+            self._check_range(sector, count)
+            views.append((buf[offset : offset + count * ss], sector))
+            offset += count * ss
+        if offset != len(buf):
+            raise InvalidArgument(
+                f"volume {self.name!r}: a buffer of {len(buf)} bytes for ranges of {offset}"
+            )
+        if len(views) == 1:
+            await self.read_into(*views[0])
+            return
+        tasks = [asyncio.ensure_future(self.read_into(view, sector)) for view, sector in views]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:  # a failure (or the caller's cancel) leaves no read running on
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
     async def _fill(
         self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], layout: int
     ) -> None:

@@ -103,6 +103,14 @@ class Scripted(pb_grpc.BlockDeviceServicer):
                     reply.present.add(sector=s, sector_count=1)
         return reply
 
+    async def ReadBatch(self, request: Any, context: Any) -> pb.ReadBatchResponse:
+        await self._enter(context, "ReadBatch", len(request.ranges))
+        ss = self.sector_size
+        data = b"".join(
+            self.disk[r.sector * ss : (r.sector + r.sector_count) * ss] for r in request.ranges
+        )
+        return pb.ReadBatchResponse(data=data)
+
     async def Write(self, request: Any, context: Any) -> pb.WriteResponse:
         count = len(request.data) // self.sector_size
         await self._enter(context, "Write", request.sector, count)

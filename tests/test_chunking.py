@@ -32,6 +32,7 @@ from tierdisk.client.chunking import (
     ReadWindow,
     caller_cancelled,
     merge_extents,
+    plan_batches,
     plan_chunks,
     plan_pieces,
     plan_windows,
@@ -473,3 +474,19 @@ async def test_run_ordered_closed_early_cancels_work_in_flight() -> None:
     assert await anext(gen) == (0, 0)
     await gen.aclose()
     assert cancelled == 3
+
+
+def test_plan_batches_fills_each_call_in_order() -> None:
+    """Ranges go into calls in order, each call up to ``max_ranges`` ranges and
+    ``max_sectors`` sectors; a range over ``max_sectors`` is a call of its own."""
+    assert plan_batches([], 8) == []
+    assert plan_batches([1, 2, 3], 8) == [[0, 1, 2]]
+    assert plan_batches([4, 4, 1], 8) == [[0, 1], [2]]  # a full call closes
+    # the range over max_sectors goes alone; the small ones around it share a call
+    assert plan_batches([3, 9, 3, 0], 8) == [[1], [0, 2, 3]]
+    assert plan_batches([1] * 5, 100, max_ranges=2) == [[0, 1], [2, 3], [4]]
+    assert plan_batches([0, 0, 0], 1, max_ranges=2) == [[0, 1], [2]]
+    groups = plan_batches([5, 3, 7, 1, 8, 2, 6], 8, max_ranges=3)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for group in groups:
+        assert len(group) <= 3 and sum([5, 3, 7, 1, 8, 2, 6][i] for i in group) <= 8

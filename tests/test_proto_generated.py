@@ -134,6 +134,7 @@ RPCS = {
     "ListVolumes": ("ListVolumesRequest", "ListVolumesResponse", False),
     "GetVolume": ("GetVolumeRequest", "Volume", False),
     "Read": ("ReadRequest", "ReadResponse", False),
+    "ReadBatch": ("ReadBatchRequest", "ReadBatchResponse", False),  # ours, not DESIGN's
     "Write": ("WriteRequest", "WriteResponse", False),
     "Unmap": ("UnmapRequest", "UnmapResponse", False),
     "Flush": ("FlushRequest", "FlushResponse", False),
@@ -206,6 +207,12 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "data": (BYTES, False, None),
         "present": (MSG, True, "tierdisk.v1.Extent"),
     },
+    "ReadBatchRequest": {  # ours, not DESIGN's; its reply's data is field 1 as Read's
+        "volume": (STR, False, None),
+        "ranges": (MSG, True, "tierdisk.v1.Extent"),
+        "sector_size": (U32, False, None),
+    },
+    "ReadBatchResponse": {"data": (BYTES, False, None)},
     "WriteRequest": {
         "volume": (STR, False, None),
         "sector": (U64, False, None),

@@ -345,6 +345,62 @@ class ReadResponse(_message.Message):
 Global___ReadResponse: _TypeAlias = ReadResponse  # noqa: Y015
 
 @_typing.final
+class ReadBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
+    SECTOR_SIZE_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    """Name of the volume."""
+    sector_size: _builtins.int
+    """As in ReadRequest: the sector size the caller counts in; 0: not checked."""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
+        """The ranges to read, in any order; they may overlap or repeat. At most
+        256 ranges, of at most `server.max_io` bytes in all (INVALID_ARGUMENT
+        otherwise). The call reads every range or none: a range past the end is
+        OUT_OF_RANGE for the whole call, and so is any failure of one range.
+        """
+
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        ranges: _abc.Iterable[Global___Extent] | None = ...,
+        sector_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ranges", b"ranges", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadBatchRequest: _TypeAlias = ReadBatchRequest  # noqa: Y015
+
+@_typing.final
+class ReadBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The ranges' contents, in the order of `ranges`: the sum of their
+    sector_count * sector_size bytes.
+    """
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadBatchResponse: _TypeAlias = ReadBatchResponse  # noqa: Y015
+
+@_typing.final
 class WriteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -50,6 +50,11 @@ class BlockDeviceStub:
                 request_serializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadRequest.SerializeToString,
                 response_deserializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.ReadBatch = channel.unary_unary(
+                '/tierdisk.v1.BlockDevice/ReadBatch',
+                request_serializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadBatchRequest.SerializeToString,
+                response_deserializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadBatchResponse.FromString,
+                _registered_method=True)
         self.Write = channel.unary_unary(
                 '/tierdisk.v1.BlockDevice/Write',
                 request_serializer=tierdisk_dot_v1_dot_blockdevice__pb2.WriteRequest.SerializeToString,
@@ -108,6 +113,16 @@ class BlockDeviceServicer:
     def Read(self, request, context):
         """Reads `sector_count` sectors starting at `sector`. Sectors no layer
         holds read as zeros.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadBatch(self, request, context):
+        """Reads several ranges of one volume in one call (an addition of tierdisk's
+        own, not in DESIGN.md): the data of `ranges`, in the order given, one
+        after another in `data`. For many small reads: a call costs the server
+        about what one small Read costs, whatever it carries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +198,11 @@ def add_BlockDeviceServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadRequest.FromString,
                     response_serializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadResponse.SerializeToString,
+            ),
+            'ReadBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadBatch,
+                    request_deserializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadBatchRequest.FromString,
+                    response_serializer=tierdisk_dot_v1_dot_blockdevice__pb2.ReadBatchResponse.SerializeToString,
             ),
             'Write': grpc.unary_unary_rpc_method_handler(
                     servicer.Write,
@@ -302,6 +322,33 @@ class BlockDevice:
             '/tierdisk.v1.BlockDevice/Read',
             tierdisk_dot_v1_dot_blockdevice__pb2.ReadRequest.SerializeToString,
             tierdisk_dot_v1_dot_blockdevice__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierdisk.v1.BlockDevice/ReadBatch',
+            tierdisk_dot_v1_dot_blockdevice__pb2.ReadBatchRequest.SerializeToString,
+            tierdisk_dot_v1_dot_blockdevice__pb2.ReadBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,243 @@
+"""``ReadBatch``: several ranges of one volume in one call, against real servers on
+127.0.0.1 (raw stubs for the wire contract, the client library's ``read_batch`` for the
+splitting it does), its limits, its all-or-nothing failures and its metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from servers import FOUR_VOLUMES, metric, ram, remote, running_server, toml_volume
+
+from tierdisk.client import AsyncClient, Client
+from tierdisk.client import errors as cerr
+from tierdisk.client.chunking import MAX_BATCH_RANGES
+from tierdisk.service.server import Server
+from tierdisk.v1 import blockdevice_pb2 as pb
+from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(tmp_path, FOUR_VOLUMES) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def stub(server: Server) -> AsyncIterator[pb_grpc.BlockDeviceAsyncStub]:
+    options = [("grpc.max_receive_message_length", 64 * MiB)]
+    async with grpc.aio.insecure_channel(server.grpc_address, options=options) as channel:
+        yield pb_grpc.BlockDeviceStub(channel)
+
+
+def _batch(volume: str, ranges: list[tuple[int, int]], **fields: int) -> pb.ReadBatchRequest:
+    extents = [pb.Extent(sector=s, sector_count=n) for s, n in ranges]
+    return pb.ReadBatchRequest(volume=volume, ranges=extents, **fields)
+
+
+async def _refusal(call: object) -> tuple[grpc.StatusCode, str, str]:
+    """The status code, details and ``tierdisk-error`` trailer of a call that fails."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    trailer = dict(info.value.trailing_metadata() or ()).get("tierdisk-error", "")
+    return info.value.code(), info.value.details() or "", str(trailer)
+
+
+@pytest.mark.parametrize(
+    ("volume", "sector_size", "sectors"),
+    [("ram", 512, 64 * MiB // 512), ("stack", 512, 8 * MiB // 512), ("big4k", 4096, 1024)],
+)
+async def test_a_batch_reads_what_single_reads_read(
+    stub: pb_grpc.BlockDeviceAsyncStub, volume: str, sector_size: int, sectors: int
+) -> None:
+    """Ranges in any order, overlapping, repeated and empty: the reply is each range's
+    Read, one after another in the order asked (on ``stack`` some come from the read
+    cache, some from the raw file below it, some from both)."""
+    rng = random.Random(sectors)
+    for at in (0, 100, sectors - 40):  # data, so that every place reads differently
+        data = rng.randbytes(32 * sector_size)
+        await stub.Write(pb.WriteRequest(volume=volume, sector=at, data=data))
+    await stub.Read(pb.ReadRequest(volume=volume, sector=90, sector_count=30))  # fills some
+    ranges = [(rng.randrange(sectors - 64), rng.randrange(1, 64)) for _ in range(40)]
+    ranges += [ranges[3], (ranges[5][0] + 1, 10), (17, 0), (sectors - 1, 1), (0, 0)]
+    rng.shuffle(ranges)
+    reply = await stub.ReadBatch(_batch(volume, ranges, sector_size=sector_size))
+    expected = b""
+    for sector, count in ranges:
+        one = await stub.Read(pb.ReadRequest(volume=volume, sector=sector, sector_count=count))
+        expected += one.data
+    assert reply.data == expected
+
+
+async def test_an_empty_batch_reads_nothing(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
+    assert (await stub.ReadBatch(_batch("ram", []))).data == b""
+    code, details, _ = await _refusal(stub.ReadBatch(_batch("nope", [])))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+
+
+async def test_a_range_past_the_end_fails_the_whole_batch_before_any_is_read(
+    server: Server, stub: pb_grpc.BlockDeviceAsyncStub
+) -> None:
+    """``stack`` is a RAM read cache over a raw file: a batch refused for its last range
+    filled nothing from the others (GetAllocation: still held by the raw layer only)."""
+    end = 8 * MiB // 512
+    code, details, error = await _refusal(stub.ReadBatch(_batch("stack", [(0, 8), (end - 1, 2)])))
+    assert (code, error) == (grpc.StatusCode.OUT_OF_RANGE, "OutOfRange")
+    assert f"[{end - 1}, {end + 1})" in details
+    alloc = await stub.GetAllocation(pb.GetAllocationRequest(volume="stack", sector_count=8))
+    assert [(e.sector, e.sector_count, e.depth) for e in alloc.extents] == [(0, 8, 1)]
+    assert metric(server, "tierdisk_cache_fills_total", volume="stack", layer="0") == 0
+
+
+async def test_the_limits_of_one_call(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
+    """At most 256 ranges and ``max_io`` bytes (16 MiB here) a call, else
+    ``INVALID_ARGUMENT`` naming the limit; a batch counted in another sector size than the
+    volume's is ``SectorSizeChanged``."""
+    code, details, _ = await _refusal(stub.ReadBatch(_batch("ram", [(0, 1)] * 257)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "257" in details and str(MAX_BATCH_RANGES) in details
+    assert len((await stub.ReadBatch(_batch("ram", [(0, 1)] * 256))).data) == 256 * 512
+    code, details, _ = await _refusal(
+        stub.ReadBatch(_batch("ram", [(0, 16384), (0, 16384), (1, 1)]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_io" in details
+    code, _, error = await _refusal(stub.ReadBatch(_batch("big4k", [(0, 1)], sector_size=512)))
+    assert (code, error) == (grpc.StatusCode.FAILED_PRECONDITION, "SectorSizeChanged")
+
+
+async def test_each_range_counts_as_one_read(
+    server: Server, stub: pb_grpc.BlockDeviceAsyncStub
+) -> None:
+    """In the volume's I/O metrics a batch of n ranges is n reads (a read-rate panel sees
+    the reads); gRPC's own families count the one call; a refused batch is one failed
+    read."""
+
+    def reads(code: str = "OK") -> float:
+        labels = {"volume": "ram", "op": "read", "code": code}
+        return metric(server, "tierdisk_volume_io_requests_total", **labels)
+
+    def read_bytes() -> float:
+        return metric(server, "tierdisk_volume_io_bytes_total", volume="ram", op="read")
+
+    before, before_bytes = reads(), read_bytes()
+    durations = metric(server, "tierdisk_io_duration_seconds_count", op="read")
+    await stub.ReadBatch(_batch("ram", [(0, 8), (100, 1), (5, 3)]))
+    assert reads() - before == 3
+    assert read_bytes() - before_bytes == 12 * 512
+    assert metric(server, "tierdisk_io_duration_seconds_count", op="read") - durations == 3
+    handled = {
+        "grpc_type": "unary",
+        "grpc_service": "tierdisk.v1.BlockDevice",
+        "grpc_method": "ReadBatch",
+        "grpc_code": "OK",
+    }
+    assert metric(server, "grpc_server_handled_total", **handled) == 1
+    await _refusal(stub.ReadBatch(_batch("ram", [(0, 8), (1 << 40, 1)])))
+    assert (reads(), reads("OUT_OF_RANGE")) == (before + 3, 1)
+
+
+async def test_the_client_splits_a_batch_into_calls_and_keeps_the_order(server: Server) -> None:
+    """More than 256 ranges, or more than the client's ``max_io`` in all, go in several
+    calls (gRPC's count of ReadBatch calls says how many); a range larger than ``max_io``
+    is read as a plain read; the results come back in the order asked."""
+    rng = random.Random(7)
+    data = rng.randbytes(4 * MiB)
+    async with AsyncClient(server.grpc_address, max_io=MiB) as client:
+        volume = client.volume("ram")
+        await volume.write(0, data)
+        ranges = [(rng.randrange(8000), rng.randrange(0, 9)) for _ in range(600)]
+        ranges += [(1, 2048), (3, 2050), (7, 1)]  # 1 MiB fits a call; 2050 sectors do not
+        labels = {
+            "grpc_type": "unary",
+            "grpc_service": "tierdisk.v1.BlockDevice",
+            "grpc_method": "ReadBatch",
+            "grpc_code": "OK",
+        }
+        got = await volume.read_batch(ranges)
+        assert got == [data[s * 512 : (s + n) * 512] for s, n in ranges]
+        # 600 small ranges: 3 calls (256, 256, 88); then 1 MiB alone (the call is full),
+        # 2050 sectors as a Read, and the last range in a call of its own
+        assert metric(server, "grpc_server_handled_total", **labels) == 5
+        with pytest.raises(cerr.OutOfRange, match=r"\[131072, 131073\)"):
+            await volume.read_batch([(0, 1), (131072, 1)])
+        with pytest.raises(cerr.InvalidArgument, match="negative"):
+            await volume.read_batch([(0, 1), (-1, 1)])
+        assert await volume.read_batch([]) == []
+
+
+async def test_the_blocking_client_reads_a_batch(server: Server) -> None:
+    data = random.Random(3).randbytes(8192)
+
+    def use() -> list[bytes]:  # on a thread: the server runs on this test's event loop
+        with Client(server.grpc_address) as client:
+            volume = client.volume("big4k")
+            volume.write(10, data)
+            return volume.read_batch([(11, 1), (10, 2), (12, 0)])
+
+    assert await asyncio.to_thread(use) == [data[4096:], data, b""]
+
+
+async def test_a_batch_through_a_cache_tier_reads_the_origin(tmp_path: Path) -> None:
+    """Through ``[ram read_cache, remote -> origin]`` each range's reads wait on the
+    origin, all at once: the data is the origin's, and the cache was filled with it (a
+    second batch makes no call to the origin)."""
+    data = random.Random(5).randbytes(MiB)
+    async with running_server(tmp_path / "origin", toml_volume("base", ram("1MiB"))) as origin:
+        async with AsyncClient(origin.grpc_address) as client:
+            await client.volume("base").write(0, data)
+        body = toml_volume("vm", ram(read_cache=True), remote(origin.grpc_address, "base"))
+        async with running_server(tmp_path / "tier", body) as tier:
+            async with AsyncClient(tier.grpc_address) as client:
+                volume = client.volume("vm")
+                ranges = [(s, 8) for s in range(0, 2048, 64)] + [(3, 100)]
+                expected = [data[s * 512 : (s + n) * 512] for s, n in ranges]
+                assert await volume.read_batch(ranges) == expected
+                origin_reads = metric(
+                    origin, "tierdisk_volume_io_requests_total", volume="base", op="read", code="OK"
+                )
+                assert origin_reads >= len(ranges) - 1  # the last range overlaps two others
+                assert await volume.read_batch(ranges) == expected
+                assert (
+                    metric(
+                        origin,
+                        "tierdisk_volume_io_requests_total",
+                        volume="base",
+                        op="read",
+                        code="OK",
+                    )
+                    == origin_reads
+                )
+
+
+async def test_a_server_without_read_batch_is_unimplemented(tmp_path: Path) -> None:
+    """A server that does not serve ``ReadBatch`` (an older tierdisk): the client raises
+    :class:`Unimplemented`, not a wrong answer."""
+    server = grpc.aio.server()
+
+    async def get_volume(request: pb.GetVolumeRequest, context: object) -> pb.Volume:
+        return pb.Volume(name=request.volume, sector_size=512, sector_count=8)
+
+    handlers = {
+        "GetVolume": grpc.unary_unary_rpc_method_handler(
+            get_volume,
+            request_deserializer=pb.GetVolumeRequest.FromString,
+            response_serializer=pb.Volume.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("tierdisk.v1.BlockDevice", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(cerr.Unimplemented):
+                await client.volume("old").read_batch([(0, 1)])
+    finally:
+        await server.stop(None)
