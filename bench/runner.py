@@ -94,6 +94,16 @@ LEVER_WORKLOADS = [RR4K_32, SR1M_4]
 TIER_READ = Workload("seqread", MiB, 4)
 
 FLOOR_LIKE = "floor + handler wrappers, health, reflection"
+BATCH = 8  # reads a ReadBatch call carries in the batch rows (QD 32: 4 calls in flight)
+BATCH_FLOOR = f"floor, ReadBatch of {BATCH} (bare grpc.aio)"
+BATCH_STACKS = ("ram", "ram-raw")
+
+
+def batch_label(stack: str) -> str:
+    """The label of the row reading ``stack`` by ``ReadBatch`` calls of :data:`BATCH`."""
+    return f"tierdisk {STACKS[stack]}, ReadBatch of {BATCH}"
+
+
 STACKS = {
     "ram": "[ram]",
     "ram-raw": "[ram, raw]",
@@ -516,10 +526,16 @@ class Bench:
         volume: str,
         wl: Workload,
         pid: Callable[[], int],
+        batch: int = 1,
     ) -> Callable[[int], dict[str, Any] | None]:
+        """Measure ``wl`` against ``volume`` at ``target()``: one ``Read``/``Write`` per
+        block, or with ``batch`` > 1 ``ReadBatch`` calls of ``batch`` blocks (``wl.qd``
+        blocks in flight in all)."""
+
         def measure(run: int) -> dict[str, Any] | None:
             offset, size = wl.region
             return worker.run(
+                batch=batch,
                 target=target(),
                 volume=volume,
                 op=wl.op,
@@ -626,6 +642,8 @@ class Bench:
                         baseline=("main", "floor (bare grpc.aio)"),
                     )
                 )
+            if wl == RR4K_32:
+                self.add_batch_rows(wl)
             for stack in STACKS:
                 label = f"tierdisk {STACKS[stack]}"
                 if stack not in self.stacks:
@@ -811,6 +829,27 @@ class Bench:
                     "tiers",
                     "cache tiers (256 MiB through [ram, sparse read_cache, remote -> origin])",
                     f"skipped: {' and '.join(missing)} layer not built yet",
+                )
+            )
+
+    def add_batch_rows(self, wl: Workload) -> None:
+        """Small reads by ``ReadBatch`` (tierdisk's own RPC): the floor's and tierdisk's,
+        each against the bare floor's single Reads (how far past the floor batching goes)."""
+        floor, main, lg = self.floor, self.main, self.lg
+        self.rows.append(
+            Row(
+                "main",
+                BATCH_FLOOR,
+                wl,
+                self.grpc_cell(lg, lambda: floor.address, "ram", wl, lambda: floor.pid, BATCH),
+                baseline=("main", "floor (bare grpc.aio)"),
+            )
+        )
+        for stack in BATCH_STACKS:
+            cell = self.grpc_cell(lg, lambda: main.address, stack, wl, lambda: main.pid, BATCH)
+            self.rows.append(
+                Row(
+                    "main", batch_label(stack), wl, cell, baseline=("main", "floor (bare grpc.aio)")
                 )
             )
 
@@ -1196,6 +1235,12 @@ class Bench:
                 row("main", FLOOR_LIKE, wl),
                 None,
             )
+        check(
+            f"(no goal) {batch_label('ram')} / {BATCH_FLOOR}, {RR4K_32.name}",
+            row("main", batch_label("ram"), RR4K_32),
+            row("main", BATCH_FLOOR, RR4K_32),
+            None,
+        )
         tiers = {r.target: r for r in self.rows if r.section == "tiers"}
         if tiers:
             check(
@@ -1246,6 +1291,12 @@ class Bench:
             check(
                 f"(no goal) tierdisk [ram, raw] / qemu-nbd + fio, {RR4K_32.name}",
                 row("main", "tierdisk [ram, raw]", RR4K_32),
+                row("main", qemu, RR4K_32),
+                None,
+            )
+            check(
+                f"(no goal) {batch_label('ram-raw')} / qemu-nbd + fio, {RR4K_32.name}",
+                row("main", batch_label("ram-raw"), RR4K_32),
                 row("main", qemu, RR4K_32),
                 None,
             )

@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import numbers
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overload
 
@@ -612,15 +612,65 @@ class AsyncVolume:
         ``ReadBatch`` (tierdisk from 2026-11-27); an older one raises
         :class:`Unimplemented`."""
         wanted = list(ranges)
+        out: list[bytes] = [b""] * len(wanted)
+
+        def put(index: int, data: memoryview) -> None:
+            out[index] = bytes(data)
+
+        async def read_large(index: int, timeout: Timeout) -> None:
+            out[index] = await self.read(*wanted[index], timeout=timeout)
+
+        await self._read_batch(wanted, put, read_large, timeout)
+        return out
+
+    async def read_batch_into(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        buffers: Sequence[bytearray | memoryview],
+        *,
+        timeout: Timeout = UNSET,
+    ) -> None:
+        """:meth:`read_batch` into the caller's buffers, one per range (each exactly the
+        range's bytes), without the copy into new ``bytes``. After an error the buffers'
+        content is unspecified."""
+        if len(buffers) != len(ranges):
+            raise ValueError(f"{len(buffers)} buffers for {len(ranges)} ranges")
+        views = [memoryview(b).cast("B") for b in buffers]
+        if any(view.readonly for view in views):
+            raise TypeError("a buffer to read into is read-only")
+
+        def put(index: int, data: memoryview) -> None:
+            views[index][:] = data
+
+        async def read_large(index: int, timeout: Timeout) -> None:
+            await self.read_into(ranges[index][0], views[index], timeout=timeout)
+
+        size = await self.sector_size(timeout=timeout)
+        for (_, count), view in zip(ranges, views, strict=True):
+            if len(view) != count * size:
+                raise InvalidArgument(
+                    f"a buffer of {len(view)} bytes for {count} sectors of {size} bytes",
+                    volume=self.name,
+                )
+        await self._read_batch(ranges, put, read_large, timeout)
+
+    async def _read_batch(
+        self,
+        wanted: Sequence[tuple[int, int]],
+        put: Callable[[int, memoryview], None],
+        read_large: Callable[[int, Timeout], Awaitable[None]],
+        timeout: Timeout,
+    ) -> None:
+        """:meth:`read_batch` and :meth:`read_batch_into`: each range's data handed to
+        ``put(index, data)`` (a view of the reply, valid during the call), or, for a range
+        over ``max_io``, read by ``read_large(index, timeout)``."""
         for sector, count in wanted:
             _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
-        out: list[bytes] = [b""] * len(wanted)
 
         async def one(group: list[int]) -> None:
             if len(group) == 1 and wanted[group[0]][1] > per_chunk:
-                sector, count = wanted[group[0]]
-                out[group[0]] = await self.read(sector, count, timeout=timeout)
+                await read_large(group[0], timeout)
                 return
             req = pb.ReadBatchRequest(
                 volume=self.name,
@@ -639,7 +689,7 @@ class AsyncVolume:
             self._check_reply_size(len(data), sum(counts), size)
             offset = 0
             for index, count in zip(group, counts, strict=True):
-                out[index] = bytes(data[offset : offset + count * size])
+                put(index, data[offset : offset + count * size])
                 offset += count * size
 
         groups = plan_batches([count for _, count in wanted], per_chunk)
@@ -647,7 +697,6 @@ class AsyncVolume:
             await one(groups[0])
         else:
             await run_bounded(groups, one, self.client.max_in_flight)
-        return out
 
     # -- writes --------------------------------------------------------------------------
 

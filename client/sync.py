@@ -26,7 +26,7 @@ import contextlib
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable
+from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
@@ -327,6 +327,16 @@ class Volume:
         """The data of each ``(sector, count)`` range, in order, in few calls (see
         ``AsyncVolume.read_batch``)."""
         return self.client._run(self.aio.read_batch(ranges, timeout=timeout))
+
+    def read_batch_into(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        buffers: Sequence[bytearray | memoryview],
+        *,
+        timeout: Timeout = UNSET,
+    ) -> None:
+        """Fill one buffer per range (see ``AsyncVolume.read_batch_into``)."""
+        self.client._run(self.aio.read_batch_into(ranges, buffers, timeout=timeout))
 
     def write(
         self,

@@ -364,6 +364,16 @@ class Layer(abc.ABC):
         and drops it on a cancel (every caller does), never one it reuses at once.
         """
 
+    async def read_runs(self, reads: list[tuple[memoryview, int]]) -> list[Run]:
+        """:meth:`read` of several runs of one request, each ``(buffer, first sector)``
+        (sorted, disjoint): the runs supplied, in all. The default asks :meth:`read` for
+        each, all at once; a layer for which each call is a round trip may ask for them
+        together (``remote``: ``ReadBatch`` calls)."""
+        supplied: list[Run] = []
+        for held in await asyncio.gather(*(self.read(view, sector) for view, sector in reads)):
+            supplied += held
+        return supplied
+
     @abc.abstractmethod
     async def write(self, data: memoryview, sector: int, fua: bool) -> None:
         """Store ``data`` (whole sectors) at ``sector``; they become present.

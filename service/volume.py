@@ -92,10 +92,11 @@ _TOP_WATCH_BACKOFF = (0.1, 10.0)
 """``(first, cap)`` in seconds: the waits before watching the top layer's size again after
 the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 _RUNS_AT_ONCE = 128
-"""The most runs a read asks one layer for at once, and between yields to the event loop:
-a read over a layer fragmented into thousands of runs asks the layer below once per run
-(a task each, for a remote layer a call each); all at once they held the loop for seconds
-(every other client waited) and sent a remote tier thousands of calls at once."""
+"""The most runs a read asks one layer for at once (:meth:`Layer.read_runs`), and between
+yields to the event loop: a read over a layer fragmented into thousands of runs asks the
+layer below once per run (a task each; a remote layer groups them into ``ReadBatch``
+calls); all at once they held the loop for seconds (every other client waited) and sent a
+remote tier thousands of calls at once."""
 _RUNS_BETWEEN_YIELDS = 4096
 """Runs an allocation walk handles between yields to the event loop (ms of work)."""
 
@@ -364,8 +365,7 @@ class Volume:
                 for first in range(0, len(asked), _RUNS_AT_ONCE):
                     batch = asked[first : first + _RUNS_AT_ONCE]
                     views = [(buf[(a - sector) * ss : (b - sector) * ss], a) for a, b in batch]
-                    for held in await asyncio.gather(*(layer.read(v, a) for v, a in views)):
-                        supplied += held
+                    supplied += await layer.read_runs(views)
                 wanted = total(asked)
             stats = entry.stats
             stats.reads += len(asked)

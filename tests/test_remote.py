@@ -12,6 +12,7 @@ tests/test_remote_nbd.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -171,6 +172,67 @@ async def test_whole_runs_split_only_at_one_mib(
             == 3
         )
         assert await oclient.volume("base").read(0, 6144) == bytes(3 * MiB)
+
+
+def _origin_calls(origin: Server, method: str) -> float:
+    labels = {"grpc_service": "tierdisk.v1.BlockDevice", "grpc_method": method}
+    return metric(origin, "grpc_server_handled_total", grpc_type="unary", grpc_code="OK", **labels)
+
+
+async def _read_through_holes(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> tuple[float, float]:
+    """Through ``[ram, remote -> base]`` whose top holds every 64th sector (written there),
+    read 2048 sectors (33 holes in the top): the data is the origin's with the top's
+    sectors over it. Returns the origin's ``ReadBatch`` and ``Read`` calls it took."""
+    base = pattern(4, 0, 2048, SS)
+    await oclient.volume("base").write(0, base)
+    body = toml_volume("vm", ram(), remote(origin.grpc_address, "base"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        expected = bytearray(base)
+        for sector in range(0, 2048, 64):
+            mine = pattern(5, sector, 1, SS)
+            await vol.write(sector, mine)
+            expected[sector * SS : (sector + 1) * SS] = mine
+        batches, reads = _origin_calls(origin, "ReadBatch"), _origin_calls(origin, "Read")
+        assert await vol.read(0, 2048) == expected
+        return _origin_calls(origin, "ReadBatch") - batches, _origin_calls(origin, "Read") - reads
+
+
+async def test_the_holes_of_a_read_go_to_the_remote_in_one_call(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    """A read through a fragmented layer above a remote one asks the origin for every hole
+    in one ``ReadBatch`` call (it was a Read per hole), each hole counted as one read."""
+    reads = metric(origin, "tierdisk_volume_io_requests_total", volume="base", op="read", code="OK")
+    assert await _read_through_holes(origin, oclient, tmp_path) == (1, 0)
+    after = metric(origin, "tierdisk_volume_io_requests_total", volume="base", op="read", code="OK")
+    assert after - reads == 32  # the holes between the top's sectors
+
+
+async def test_an_origin_without_read_batch_gets_a_read_per_hole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An origin that answers ``ReadBatch`` UNIMPLEMENTED (a tierdisk older than it): the
+    layer says so once and reads each hole alone, with the same data."""
+
+    async def unimplemented(self: BlockDeviceService, request: Any, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(BlockDeviceService, "read_batch_encoded", unimplemented)
+    caplog.set_level(logging.INFO, logger="tierdisk.service.layers.remote")
+    async with (
+        running_server(tmp_path / "origin", ORIGIN) as origin,
+        AsyncClient(origin.grpc_address, timeout=10) as oclient,
+    ):
+        assert await _read_through_holes(origin, oclient, tmp_path) == (0, 32)
+    told = [r.getMessage() for r in caplog.records if "ReadBatch" in r.getMessage()]
+    assert len(told) == 1 and "does not serve ReadBatch" in told[0]
 
 
 async def test_writes_and_reads_through_a_remote_top(

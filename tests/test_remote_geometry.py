@@ -384,6 +384,36 @@ async def test_a_read_past_an_origin_shrink_not_yet_watched_reads_zeros(
             assert await cached.read(half + 64, 8) == zeros  # the origin grew with zeros
 
 
+async def test_holes_read_together_past_an_origin_shrink_not_yet_watched_read_zeros(
+    tmp_path: Path, resize_events_flow: asyncio.Event
+) -> None:
+    """The holes of a fragmented top go to the origin in one ``ReadBatch``; when the origin
+    shrank and the tier has not heard of it, that batch is refused (OUT_OF_RANGE) and each
+    hole is read alone: the part past the new end reads as zeros, as for a single read."""
+    n, half = 2 * SECTORS, SECTORS
+    data = pattern(6, 0, n, SS)
+    async with running_server(tmp_path / "origin", toml_volume("base", ram(f"{n * SS}"))) as o:
+        body = toml_volume("v", ram(f"{n * SS}"), remote(o.grpc_address, "base"))
+        async with (
+            AsyncClient(o.grpc_address) as oc,
+            running_server(tmp_path / "cache", body) as tier,
+            AsyncClient(tier.grpc_address, retries=0) as cc,
+        ):
+            await oc.volume("base").write(0, data)
+            vol = cc.volume("v")
+            expected = bytearray(data)
+            for sector in range(0, n, 256):  # the top holds one sector in 256
+                mine = pattern(7, sector, 1, SS)
+                await vol.write(sector, mine)
+                expected[sector * SS : (sector + 1) * SS] = mine
+            resize_events_flow.clear()
+            await oc.volume("base").resize(half)
+            expected[half * SS :] = bytes((n - half) * SS)  # the origin's zeros past its end
+            for sector in range(half, n, 256):
+                expected[sector * SS : (sector + 1) * SS] = pattern(7, sector, 1, SS)
+            assert await vol.read(0, n) == expected
+
+
 async def test_a_read_that_finds_a_shrink_and_grow_not_yet_watched_hides_the_layers_below(
     tmp_path: Path, resize_events_flow: asyncio.Event
 ) -> None:

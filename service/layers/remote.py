@@ -99,8 +99,12 @@ reconnect backoff from 0.1 s up to 2 s), so no local restart is needed.
 
 Data moves in whole runs: one request per run, split only into chunks of the client's
 ``max_io`` (1 MiB, the measured sweet spot) with 4 chunk requests in flight; data is copied
-once, from the reply into the caller's buffer. Failures of the client library map onto the
-service's domain errors in one table, :data:`ERROR_MAP`, with the target in the message.
+once, from the reply into the caller's buffer. The runs of one read (the holes of a
+fragmented layer above, which the engine asks together: :meth:`RemoteLayer.read_runs`) go in
+``ReadBatch`` calls, up to 256 runs and ``max_io`` bytes each, in disk mode over gRPC; an
+origin older than ``ReadBatch`` gets a ``Read`` per run (found at the first batch).
+Failures of the client library map onto the service's domain errors in one table,
+:data:`ERROR_MAP`, with the target in the message.
 
 :attr:`RemoteLayer.request_counts` counts calls to the remote by (RPC, status code) and is
 exported as ``tierdisk_remote_requests_total``; the server replaces it, before attach, with
@@ -262,6 +266,7 @@ class RemoteLayer(Layer):
         self._max_io = max_io
         self._max_in_flight = max_in_flight
         self._errors = Translate(lambda: self._where)
+        self._no_batch = False  # the remote answered ReadBatch UNIMPLEMENTED (read_runs)
         self._client: AsyncClient | None = None
         self._vol: AsyncVolume | None = None
         self._info: VolumeInfo | None = None
@@ -550,6 +555,46 @@ class RemoteLayer(Layer):
         except errors.OutOfRange as exc:  # inside the size known: the remote shrank
             return await self._after_shrink(exc, sector, len(buf) // ss, self._read_some(buf))
         return [(sector, sector + count)]
+
+    async def read_runs(self, reads: list[tuple[memoryview, int]]) -> list[Run]:
+        """Several runs of one request (the holes of a fragmented layer above) in as few
+        ``ReadBatch`` calls as they fit (:meth:`AsyncVolume.read_batch_into`), instead of a
+        call each. Over NBD, in layer mode (which needs each run's presence, which a batch
+        does not report), for one run, or from an origin without ``ReadBatch`` (older than
+        2026-11-27; found at the first batch, logged once), each run is read alone; so is a
+        batch that reached past the remote's end (it shrank): :meth:`read` then supplies
+        each run's part within the new size."""
+        if len(reads) == 1 or self.mode != "disk" or self._nbd is not None or self._no_batch:
+            return await super().read_runs(reads)
+        if not self._geometry.checked:
+            await self._geometry.check()
+        ss = self._sector_size
+        wanted = [(view, sector, self._clip(sector, len(view) // ss)) for view, sector in reads]
+        wanted = [(view, sector, count) for view, sector, count in wanted if count]
+        if not wanted:
+            return []
+        unimplemented = False
+        try:
+            with self._errors:
+                try:
+                    await self._volume().read_batch_into(
+                        [(sector, count) for _, sector, count in wanted],
+                        [view[: count * ss] for view, _, count in wanted],
+                    )
+                except client_errors.Unimplemented:
+                    unimplemented = True
+        except errors.OutOfRange:  # inside the size known: the remote shrank
+            return await super().read_runs(reads)
+        if unimplemented:
+            self._no_batch = True
+            log.info(
+                "%s%s: the remote does not serve ReadBatch (a tierdisk older than "
+                "2026-11-27): the runs of a read go in a call each",
+                self.owner,
+                self._where,
+            )
+            return await super().read_runs(reads)
+        return [(sector, sector + count) for _, sector, count in wanted]
 
     def _read_some(self, buf: memoryview) -> Callable[[int, int], Awaitable[list[Run]]]:
         """:meth:`read` of the first ``count`` sectors of ``buf`` from ``sector``, over gRPC."""
