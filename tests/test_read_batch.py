@@ -171,6 +171,27 @@ async def test_the_client_splits_a_batch_into_calls_and_keeps_the_order(server: 
         assert await volume.read_batch([]) == []
 
 
+async def test_read_batch_into_fills_the_callers_buffers(server: Server) -> None:
+    """One buffer per range, each exactly its range's bytes (a range over ``max_io`` read
+    into its buffer in chunks); wrong sizes, counts or read-only buffers are refused
+    before any call."""
+    data = random.Random(9).randbytes(3 * MiB)
+    async with AsyncClient(server.grpc_address, max_io=MiB) as client:
+        volume = client.volume("ram")
+        await volume.write(0, data)
+        ranges = [(5, 3), (3000, 3000), (0, 0), (6, 1)]
+        buffers = [bytearray(n * 512) for _, n in ranges]
+        views = [memoryview(b) for b in buffers]
+        await volume.read_batch_into(ranges, views)
+        assert [bytes(b) for b in buffers] == [data[s * 512 : (s + n) * 512] for s, n in ranges]
+        with pytest.raises(ValueError, match="2 buffers for 1 ranges"):
+            await volume.read_batch_into([(0, 1)], [bytearray(512), bytearray(512)])
+        with pytest.raises(cerr.InvalidArgument, match="1024 bytes for 1 sectors"):
+            await volume.read_batch_into([(0, 1)], [bytearray(1024)])
+        with pytest.raises(TypeError, match="read-only"):
+            await volume.read_batch_into([(0, 1)], [memoryview(bytes(512))])
+
+
 async def test_the_blocking_client_reads_a_batch(server: Server) -> None:
     data = random.Random(3).randbytes(8192)
 
@@ -178,6 +199,9 @@ async def test_the_blocking_client_reads_a_batch(server: Server) -> None:
         with Client(server.grpc_address) as client:
             volume = client.volume("big4k")
             volume.write(10, data)
+            into = [bytearray(4096), bytearray(8192)]
+            volume.read_batch_into([(10, 1), (10, 2)], into)
+            assert into == [data[:4096], data]
             return volume.read_batch([(11, 1), (10, 2), (12, 0)])
 
     assert await asyncio.to_thread(use) == [data[4096:], data, b""]
