@@ -294,9 +294,10 @@ class Volume:
         if sector < 0 or count < 0:
             raise InvalidArgument(f"volume {self.name!r}: negative sector or count")
         if sector + count > size:
+            what = f"sectors [{sector}, {sector + count}) reach" if count else f"sector {sector} is"
             raise OutOfRange(
-                f"volume {self.name!r}: sectors [{sector}, {sector + count}) reach past its "
-                f"end ({size} sectors of {self.sector_size} bytes)"
+                f"volume {self.name!r}: {what} past its end ({size} sectors of "
+                f"{self.sector_size} bytes)"
             )
 
     def _check_writable(self, what: str) -> None:

@@ -163,6 +163,11 @@ async def test_inspect_path_selects_subtree(stub: pb_grpc.BlockDeviceAsyncStub) 
             grpc.StatusCode.OUT_OF_RANGE,
             "past its end",
         ),
+        (  # an empty range is named as the one sector it starts at
+            pb.ReadRequest(volume="ro", sector=2049, sector_count=0),
+            grpc.StatusCode.OUT_OF_RANGE,
+            "sector 2049 is past its end (2048 sectors",
+        ),
         (
             pb.WriteRequest(volume="ram", sector=0, data=b"x" * 100),
             grpc.StatusCode.INVALID_ARGUMENT,
