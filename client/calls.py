@@ -291,7 +291,12 @@ class CallRunner:
         seconds = self.timeout if timeout is UNSET else deadline_seconds(timeout)
         try:
             return await call_with_retry(
-                attempt, policy=self.policy, timeout=seconds, volume=volume, sleep=self._backoff
+                attempt,
+                policy=self.policy,
+                timeout=seconds,
+                volume=volume,
+                target=self.target,
+                sleep=self._backoff,
             )
         except DeadlineExceeded as exc:
             if not isinstance(exc.__cause__, grpc.RpcError):

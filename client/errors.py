@@ -432,6 +432,8 @@ def error_from_rpc(
     cls = STATUS_TABLE.get(code, TierdiskError)
     if server_error:
         cls = _refine(cls, server_error) or cls
+    if code == grpc.StatusCode.NOT_FOUND and target:  # "on this server" says not which one
+        message = f"{message} ({target})"
     return cls(message, code=code, volume=volume, server_error=server_error)
 
 

@@ -121,6 +121,7 @@ async def call_with_retry(
     policy: RetryPolicy,
     timeout: float | None,
     volume: str | None = None,
+    target: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: Callable[[], float] = random.random,
@@ -130,7 +131,8 @@ async def call_with_retry(
     pass during the next wait. ``remaining_seconds`` (None = no deadline) is the time left
     for that attempt; pass it to gRPC as the call's timeout.
 
-    gRPC errors are raised as :mod:`tierdisk.client.errors` exceptions naming ``volume``.
+    gRPC errors are raised as :mod:`tierdisk.client.errors` exceptions naming ``volume``
+    (and the server ``target`` where the server's words do not: a volume not found).
     """
     deadline = None if timeout is None else clock() + timeout
     retry = 0
@@ -145,9 +147,9 @@ async def call_with_retry(
             return await attempt(remaining)
         except grpc.RpcError as err:
             if not is_retryable(err) or retry >= policy.retries:
-                raise error_from_rpc(err, volume=volume) from err
+                raise error_from_rpc(err, volume=volume, target=target) from err
             wait = policy.delay(retry, rng)
             if deadline is not None and clock() + wait >= deadline:
-                raise error_from_rpc(err, volume=volume) from err
+                raise error_from_rpc(err, volume=volume, target=target) from err
             retry += 1
         await sleep(wait)

@@ -382,14 +382,18 @@ async def test_a_client_whose_volume_was_re_created_with_another_sector_size_nev
 
 
 async def test_not_found(client: AsyncClient) -> None:
+    """The server says "on this server"; the client says which server that is."""
+    where = f"no volume named 'nope' on this server ({client.target})"
     with pytest.raises(VolumeNotFound, match="nope") as info:
         await client.volume("nope").info()
-    assert info.value.volume == "nope"
+    assert info.value.volume == "nope" and where in str(info.value)
     assert info.value.server_error == "VolumeNotFound"
-    with pytest.raises(VolumeNotFound):
+    with pytest.raises(VolumeNotFound) as info:
         await client.volume("nope").write(0, bytes(512))
-    with pytest.raises(VolumeNotFound):
+    assert where in str(info.value)
+    with pytest.raises(VolumeNotFound) as info:
         await anext(client.volume("nope").watch_resize())
+    assert where in str(info.value)
 
 
 async def test_out_of_range(client: AsyncClient) -> None:
