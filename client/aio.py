@@ -664,6 +664,7 @@ class AsyncVolume:
         """:meth:`read_batch` and :meth:`read_batch_into`: each range's data handed to
         ``put(index, data)`` (a view of the reply, valid during the call), or, for a range
         over ``max_io``, read by ``read_large(index, timeout)``."""
+        self._runner.check_open()  # (an empty batch makes no call that would say so)
         for sector, count in wanted:
             _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)

@@ -97,6 +97,10 @@ yields to the event loop: a read over a layer fragmented into thousands of runs 
 layer below once per run (a task each; a remote layer groups them into ``ReadBatch``
 calls); all at once they held the loop for seconds (every other client waited) and sent a
 remote tier thousands of calls at once."""
+_RANGES_AT_ONCE = 8
+"""The most ranges of one :meth:`Volume.read_ranges_into` (a ``ReadBatch``) read at once:
+each may ask a layer for :data:`_RUNS_AT_ONCE` runs, and 256 ranges at once held the loop
+for ~180 ms over a fragmented layer (every other client waited)."""
 _RUNS_BETWEEN_YIELDS = 4096
 """Runs an allocation walk handles between yields to the event loop (ms of work)."""
 
@@ -411,9 +415,10 @@ class Volume:
         order (they may overlap or repeat): :meth:`read_into` of each, all or none.
 
         Every range is checked against the volume's size before any is read (the first one
-        past the end is :class:`OutOfRange`); then they are read at once, and the first
-        failure cancels the others and is raised (what ``buf`` holds then is unspecified).
-        ``len(buf)`` must be the sum of the ranges' bytes."""
+        past the end is :class:`OutOfRange`); then up to :data:`_RANGES_AT_ONCE` are read at
+        once (each paced as :meth:`read_into` paces its runs), and the first failure cancels
+        the others and is raised (what ``buf`` holds then is unspecified). ``len(buf)`` must
+        be the sum of the ranges' bytes."""
         ss = self.sector_size
         views: list[tuple[memoryview, int]] = []
         offset = 0
@@ -428,7 +433,13 @@ class Volume:
         if len(views) == 1:
             await self.read_into(*views[0])
             return
-        tasks = [asyncio.ensure_future(self.read_into(view, sector)) for view, sector in views]
+        pending = iter(views)
+
+        async def reader() -> None:
+            for view, sector in pending:  # shared: each range goes to one reader
+                await self.read_into(view, sector)
+
+        tasks = [asyncio.ensure_future(reader()) for _ in range(min(len(views), _RANGES_AT_ONCE))]
         try:
             await asyncio.gather(*tasks)
         except BaseException:  # a failure (or the caller's cancel) leaves no read running on

@@ -111,6 +111,21 @@ async def test_the_limits_of_one_call(stub: pb_grpc.BlockDeviceAsyncStub) -> Non
     assert (code, error) == (grpc.StatusCode.FAILED_PRECONDITION, "SectorSizeChanged")
 
 
+async def test_a_request_larger_than_a_batch_takes_is_refused_undecoded(
+    stub: pb_grpc.BlockDeviceAsyncStub,
+) -> None:
+    """A request of more bytes than 256 ranges take (64 KiB) is refused before protobuf
+    decodes it (millions of ranges, up to the transport's cap of tens of MiB, took ~8 times
+    their bytes of memory to decode); the largest request of 256 ranges is well under."""
+    code, details, _ = await _refusal(stub.ReadBatch(_batch("ram", [(0, 1)] * 20_000)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bytes, more than a batch of 256 reads takes" in details
+    widest = _batch("ram" * 1000, [(2**64 - 1, 2**64 - 1)] * 256, sector_size=2**32 - 1)
+    assert widest.ByteSize() < 16 << 10
+    code, _, _ = await _refusal(stub.ReadBatch(widest))
+    assert code == grpc.StatusCode.NOT_FOUND  # read, and answered for what it asks
+
+
 async def test_each_range_counts_as_one_read(
     server: Server, stub: pb_grpc.BlockDeviceAsyncStub
 ) -> None:
@@ -190,6 +205,8 @@ async def test_read_batch_into_fills_the_callers_buffers(server: Server) -> None
             await volume.read_batch_into([(0, 1)], [bytearray(1024)])
         with pytest.raises(TypeError, match="read-only"):
             await volume.read_batch_into([(0, 1)], [memoryview(bytes(512))])
+    with pytest.raises(cerr.ClientClosed):  # an empty batch too, with the size known
+        await volume.read_batch([])
 
 
 async def test_the_blocking_client_reads_a_batch(server: Server) -> None:

@@ -12,6 +12,7 @@ tests/test_remote_nbd.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -22,8 +23,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from remote_origin import ServedRemoteLayer
-from servers import free_port, metric, ram, remote, running_server, toml_volume
+from servers import (
+    free_port,
+    metric,
+    ram,
+    remote,
+    running_server,
+    server_section,
+    toml_volume,
+)
 from stacks import STACKS, VOLUME_BYTES, MapLayer, NamedStack, pattern
+from waiting import eventually
 
 from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
@@ -233,6 +243,56 @@ async def test_an_origin_without_read_batch_gets_a_read_per_hole(
         assert await _read_through_holes(origin, oclient, tmp_path) == (0, 32)
     told = [r.getMessage() for r in caplog.records if "ReadBatch" in r.getMessage()]
     assert len(told) == 1 and "does not serve ReadBatch" in told[0]
+
+
+async def test_reads_at_once_from_an_origin_without_read_batch_say_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eight reads at once through the holes, from an origin without ``ReadBatch``: one
+    line says so, and every read has the origin's data. Once the origin comes back as a
+    tierdisk that serves it (a restart on the same address), the holes go in ReadBatch
+    calls again, without a restart of the tier."""
+
+    async def unimplemented(self: BlockDeviceService, request: Any, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        raise AssertionError("not reached")
+
+    caplog.set_level(logging.INFO, logger="tierdisk.service.layers.remote")
+    listen = f"127.0.0.1:{free_port()}"
+    origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
+    base = pattern(8, 0, 2048, SS)
+    top = {sector: pattern(9, sector, 1, SS) for sector in range(0, 2048, 64)}
+    expected = bytearray(base)
+    for sector, data in top.items():
+        expected[sector * SS : (sector + 1) * SS] = data
+    body = toml_volume("vm", ram(), remote(listen, "base"))
+    async with contextlib.AsyncExitStack() as stack:  # the tier outlives the first origin
+        with monkeypatch.context() as patch:
+            patch.setattr(BlockDeviceService, "read_batch_encoded", unimplemented)
+            async with running_server(tmp_path / "origin", origin_body) as origin:
+                async with AsyncClient(listen) as oclient:
+                    await oclient.volume("base").write(0, base)
+                proxy = await stack.enter_async_context(running_server(tmp_path / "proxy", body))
+                async with AsyncClient(proxy.grpc_address) as client:
+                    vol = client.volume("vm")
+                    for sector, data in top.items():
+                        await vol.write(sector, data)
+                    reads = await asyncio.gather(*(vol.read(0, 2048) for _ in range(8)))
+                    assert all(got == expected for got in reads)
+                    assert _origin_calls(origin, "Read") == 8 * 32
+        said = [r.getMessage() for r in caplog.records]
+        assert len([m for m in said if "does not serve ReadBatch" in m]) == 1
+        async with running_server(tmp_path / "origin", origin_body) as origin:
+            async with AsyncClient(listen) as oclient:
+                await oclient.volume("base").write(0, base)
+            async with AsyncClient(proxy.grpc_address) as client:
+                vol = client.volume("vm")
+
+                async def batched() -> bool:
+                    assert await vol.read(0, 2048) == expected
+                    return _origin_calls(origin, "ReadBatch") > 0
+
+                await eventually("the tier to send ReadBatch to the new origin", batched)
 
 
 async def test_writes_and_reads_through_a_remote_top(

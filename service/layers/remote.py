@@ -386,7 +386,9 @@ class RemoteLayer(Layer):
     # -- hooks ----------------------------------------------------------------------------
 
     def _remote_back(self) -> None:
-        """The resize watch (re)connected: the target answers again, so NBD may too."""
+        """The resize watch (re)connected: the target answers again, so NBD may too, and
+        ``ReadBatch`` (a target restarted may be a newer tierdisk)."""
+        self._no_batch = False
         if self._nbd is not None:
             self._nbd.retry_now()
 
@@ -561,9 +563,10 @@ class RemoteLayer(Layer):
         ``ReadBatch`` calls as they fit (:meth:`AsyncVolume.read_batch_into`), instead of a
         call each. Over NBD, in layer mode (which needs each run's presence, which a batch
         does not report), for one run, or from an origin without ``ReadBatch`` (older than
-        2026-11-27; found at the first batch, logged once), each run is read alone; so is a
-        batch that reached past the remote's end (it shrank): :meth:`read` then supplies
-        each run's part within the new size."""
+        2026-11-27; found at the first batch, logged once, tried again once the origin's
+        resize watch reconnects), each run is read alone; so is a batch that reached past
+        the remote's end (it shrank): :meth:`read` then supplies each run's part within
+        the new size."""
         if len(reads) == 1 or self.mode != "disk" or self._nbd is not None or self._no_batch:
             return await super().read_runs(reads)
         if not self._geometry.checked:
@@ -586,13 +589,14 @@ class RemoteLayer(Layer):
         except errors.OutOfRange:  # inside the size known: the remote shrank
             return await super().read_runs(reads)
         if unimplemented:
-            self._no_batch = True
-            log.info(
-                "%s%s: the remote does not serve ReadBatch (a tierdisk older than "
-                "2026-11-27): the runs of a read go in a call each",
-                self.owner,
-                self._where,
-            )
+            if not self._no_batch:  # (batches in flight meanwhile learn it too)
+                self._no_batch = True
+                log.info(
+                    "%s%s: the remote does not serve ReadBatch (a tierdisk older than "
+                    "2026-11-27): the runs of a read go in a call each until it reconnects",
+                    self.owner,
+                    self._where,
+                )
             return await super().read_runs(reads)
         return [(sector, sector + count) for _, sector, count in wanted]
 

@@ -358,9 +358,11 @@ class ReadBatchRequest(_message.Message):
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
         """The ranges to read, in any order; they may overlap or repeat. At most
-        256 ranges, of at most `server.max_io` bytes in all (INVALID_ARGUMENT
-        otherwise). The call reads every range or none: a range past the end is
-        OUT_OF_RANGE for the whole call, and so is any failure of one range.
+        256 ranges, of at most `server.max_io` bytes in all, in a request of at
+        most 64 KiB (INVALID_ARGUMENT otherwise). The call reads every range or
+        none: a range past the end is OUT_OF_RANGE for the whole call (checked
+        before any is read), and a range that fails fails the whole call with
+        its own status (INTERNAL, UNAVAILABLE, ...).
         """
 
     def __init__(

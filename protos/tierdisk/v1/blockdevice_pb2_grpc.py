@@ -121,8 +121,9 @@ class BlockDeviceServicer:
     def ReadBatch(self, request, context):
         """Reads several ranges of one volume in one call (an addition of tierdisk's
         own, not in DESIGN.md): the data of `ranges`, in the order given, one
-        after another in `data`. For many small reads: a call costs the server
-        about what one small Read costs, whatever it carries.
+        after another in `data`. For many small reads: the gRPC cost is one
+        call's, whatever it carries (each range still costs its own storage
+        work, and through a remote tier its own call to the origin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

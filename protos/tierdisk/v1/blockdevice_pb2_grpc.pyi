@@ -61,8 +61,9 @@ class BlockDeviceStub:
     ReadBatch: _grpc.UnaryUnaryMultiCallable[_blockdevice_pb2.ReadBatchRequest, _blockdevice_pb2.ReadBatchResponse]
     """Reads several ranges of one volume in one call (an addition of tierdisk's
     own, not in DESIGN.md): the data of `ranges`, in the order given, one
-    after another in `data`. For many small reads: a call costs the server
-    about what one small Read costs, whatever it carries.
+    after another in `data`. For many small reads: the gRPC cost is one
+    call's, whatever it carries (each range still costs its own storage
+    work, and through a remote tier its own call to the origin).
     """
     Write: _grpc.UnaryUnaryMultiCallable[_blockdevice_pb2.WriteRequest, _blockdevice_pb2.WriteResponse]
     """Writes a whole number of sectors starting at `sector`."""
@@ -103,8 +104,9 @@ class BlockDeviceAsyncStub(BlockDeviceStub):
     ReadBatch: _aio.UnaryUnaryMultiCallable[_blockdevice_pb2.ReadBatchRequest, _blockdevice_pb2.ReadBatchResponse]  # type: ignore[assignment]
     """Reads several ranges of one volume in one call (an addition of tierdisk's
     own, not in DESIGN.md): the data of `ranges`, in the order given, one
-    after another in `data`. For many small reads: a call costs the server
-    about what one small Read costs, whatever it carries.
+    after another in `data`. For many small reads: the gRPC cost is one
+    call's, whatever it carries (each range still costs its own storage
+    work, and through a remote tier its own call to the origin).
     """
     Write: _aio.UnaryUnaryMultiCallable[_blockdevice_pb2.WriteRequest, _blockdevice_pb2.WriteResponse]  # type: ignore[assignment]
     """Writes a whole number of sectors starting at `sector`."""
@@ -166,8 +168,9 @@ class BlockDeviceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_blockdevice_pb2.ReadBatchResponse, _abc.Awaitable[_blockdevice_pb2.ReadBatchResponse]]:
         """Reads several ranges of one volume in one call (an addition of tierdisk's
         own, not in DESIGN.md): the data of `ranges`, in the order given, one
-        after another in `data`. For many small reads: a call costs the server
-        about what one small Read costs, whatever it carries.
+        after another in `data`. For many small reads: the gRPC cost is one
+        call's, whatever it carries (each range still costs its own storage
+        work, and through a remote tier its own call to the origin).
         """
 
     @_abc_1.abstractmethod
