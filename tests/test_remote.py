@@ -295,6 +295,76 @@ async def test_reads_at_once_from_an_origin_without_read_batch_say_so_once(
                 await eventually("the tier to send ReadBatch to the new origin", batched)
 
 
+async def _small_reads_while_the_origin_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expect_failures: bool
+) -> tuple[list[Any], Server]:
+    """Through ``[ram, remote -> origin]``, 32 reads of 4 KiB at once while the origin holds
+    the first Reads it gets (their handler waits for a go): those go alone (2, the most out
+    at once) and the others wait in the tier, to go together once the held ones end. The
+    results (data or exception) of the 32 reads, in order, and the origin."""
+    go = asyncio.Event()
+    started: list[int] = []  # the sectors of the Reads the origin holds
+    read = BlockDeviceService.read_encoded
+
+    async def held(self: BlockDeviceService, request: Any, context: Any) -> bytes:
+        if request.volume == "base":  # the origin's (the tier's server is patched too)
+            started.append(request.sector)
+            await go.wait()
+        return await read(self, request, context)
+
+    monkeypatch.setattr(BlockDeviceService, "read_encoded", held)
+    if expect_failures:
+
+        async def failing(self: BlockDeviceService, request: Any, context: Any) -> bytes:
+            await context.abort(grpc.StatusCode.INTERNAL, "storage failure: injected")
+            raise AssertionError("not reached")
+
+        monkeypatch.setattr(BlockDeviceService, "read_batch_encoded", failing)
+    async with running_server(tmp_path / "origin", ORIGIN) as origin:
+        async with AsyncClient(origin.grpc_address) as oclient:
+            await oclient.volume("base").write(0, pattern(10, 0, 2048, SS))
+        body = toml_volume("vm", ram(), remote(origin.grpc_address, "base"))
+        async with (
+            running_server(tmp_path / "proxy", body) as proxy,
+            AsyncClient(proxy.grpc_address, retries=0) as client,
+        ):
+            vol = client.volume("vm")
+            await vol.info()
+            reads = [asyncio.ensure_future(vol.read(s * 8, 8)) for s in range(32)]
+
+            await eventually("two Reads to reach the origin", lambda: len(started) == 2)
+            await asyncio.sleep(0.3)  # (the other 30 reach the tier and wait there)
+            assert len(started) == 2
+            go.set()
+            results = await asyncio.gather(*reads, return_exceptions=True)
+        return results, origin
+
+
+async def test_small_reads_that_come_while_the_origin_is_busy_share_a_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads that wait while the most calls are out go to the origin in one ReadBatch when
+    one ends; every read has its data."""
+    results, origin = await _small_reads_while_the_origin_is_busy(tmp_path, monkeypatch, False)
+    base = pattern(10, 0, 2048, SS)
+    assert results == [base[s * 8 * SS : (s + 1) * 8 * SS] for s in range(32)]
+    assert _origin_calls(origin, "Read") == 2
+    assert 1 <= _origin_calls(origin, "ReadBatch") <= 2  # the 30 in one call (or two)
+
+
+async def test_a_batch_that_fails_fails_each_of_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The origin fails the ReadBatch (a storage failure): each read of it fails with that
+    error, as a Read of its own would have, and is not sent again alone; the reads that
+    went alone have their data."""
+    results, origin = await _small_reads_while_the_origin_is_busy(tmp_path, monkeypatch, True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 30 and all(isinstance(r, cerr.StorageError) for r in failed)
+    assert all("injected" in str(r) for r in failed)
+    assert _origin_calls(origin, "Read") == 2  # the two that went alone; none sent again
+
+
 async def test_writes_and_reads_through_a_remote_top(
     origin: Server, oclient: AsyncClient, tmp_path: Path
 ) -> None:

@@ -99,10 +99,13 @@ reconnect backoff from 0.1 s up to 2 s), so no local restart is needed.
 
 Data moves in whole runs: one request per run, split only into chunks of the client's
 ``max_io`` (1 MiB, the measured sweet spot) with 4 chunk requests in flight; data is copied
-once, from the reply into the caller's buffer. The runs of one read (the holes of a
-fragmented layer above, which the engine asks together: :meth:`RemoteLayer.read_runs`) go in
-``ReadBatch`` calls, up to 256 runs and ``max_io`` bytes each, in disk mode over gRPC; an
-origin older than ``ReadBatch`` gets a ``Read`` per run (found at the first batch).
+once, from the reply into the caller's buffer. In disk mode over gRPC, reads share
+``ReadBatch`` calls (up to 256 runs and ``max_io`` bytes each) in two ways: the runs of one
+read (the holes of a fragmented layer above, which the engine asks together:
+:meth:`RemoteLayer.read_runs`), and small reads (up to :data:`COALESCED_MAX_BYTES`) that come
+while :data:`~.remote_batching.CALLS_AT_ONCE` calls are out to the remote, which wait and go
+together when one ends (:mod:`.remote_batching`: a lone read never waits). An origin older
+than ``ReadBatch`` gets a ``Read`` per run (found at the first batch).
 Failures of the client library map onto the service's domain errors in one table,
 :data:`ERROR_MAP`, with the target in the message.
 
@@ -143,6 +146,7 @@ from .. import errors, hops
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
 from ..runs import Run, merge
+from .remote_batching import ReadCoalescer
 from .remote_connect import (
     BACKOFF,
     MAX_BACKOFF,
@@ -157,6 +161,10 @@ from .remote_nbd import NbdDataPath
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
 
 log = logging.getLogger(__name__)
+
+COALESCED_MAX_BYTES = 64 << 10
+"""Reads up to this size may share a ``ReadBatch`` call to the remote when it is busy
+(:mod:`.remote_batching`); a larger read's call costs little beside its data."""
 
 MODES = ("disk", "layer")
 
@@ -267,6 +275,10 @@ class RemoteLayer(Layer):
         self._max_in_flight = max_in_flight
         self._errors = Translate(lambda: self._where)
         self._no_batch = False  # the remote answered ReadBatch UNIMPLEMENTED (read_runs)
+        self._coalescer = ReadCoalescer(
+            self._send_batch, key=lambda: hop_metadata(self._home_chain)
+        )
+        """Small reads that arrive together go to the remote as one ``ReadBatch``."""
         self._client: AsyncClient | None = None
         self._vol: AsyncVolume | None = None
         self._info: VolumeInfo | None = None
@@ -377,6 +389,7 @@ class RemoteLayer(Layer):
                 await self._present_task
             self._present_task = None
         await self._geometry.close()
+        await self._coalescer.close()
         if self._nbd is not None:
             await self._nbd.close()
         if self._client is not None:
@@ -548,6 +561,16 @@ class RemoteLayer(Layer):
             return []
         if self._nbd is not None and await self._nbd.read(buf[: count * ss], sector * ss):
             return [(sector, sector + count)]
+        if count * ss > COALESCED_MAX_BYTES or not self._batches():
+            return await self._read_alone(buf, sector, count)
+        alone = partial(self._read_alone, buf, sector, count)
+        runs = await self._coalescer.read(buf[: count * ss], sector, count, alone)
+        return [(sector, sector + count)] if runs is None else runs
+
+    async def _read_alone(self, buf: memoryview, sector: int, count: int) -> list[Run]:
+        """:meth:`read` of ``count`` sectors (inside the remote's size) in calls of its own:
+        a Read (in chunks of ``max_io``), with presence in layer mode."""
+        ss = self._sector_size
         vol = self._volume()
         try:
             with self._errors:
@@ -560,14 +583,11 @@ class RemoteLayer(Layer):
 
     async def read_runs(self, reads: list[tuple[memoryview, int]]) -> list[Run]:
         """Several runs of one request (the holes of a fragmented layer above) in as few
-        ``ReadBatch`` calls as they fit (:meth:`AsyncVolume.read_batch_into`), instead of a
-        call each. Over NBD, in layer mode (which needs each run's presence, which a batch
-        does not report), for one run, or from an origin without ``ReadBatch`` (older than
-        2026-11-27; found at the first batch, logged once, tried again once the origin's
-        resize watch reconnects), each run is read alone; so is a batch that reached past
-        the remote's end (it shrank): :meth:`read` then supplies each run's part within
-        the new size."""
-        if len(reads) == 1 or self.mode != "disk" or self._nbd is not None or self._no_batch:
+        ``ReadBatch`` calls as they fit (:meth:`_send_batch`), instead of a call each. Where
+        :meth:`_batches` says no, for one run, and after a batch that reached past the
+        remote's end (it shrank), each run is read alone: :meth:`read` then supplies each
+        run's part within the new size."""
+        if len(reads) == 1 or not self._batches():
             return await super().read_runs(reads)
         if not self._geometry.checked:
             await self._geometry.check()
@@ -576,29 +596,43 @@ class RemoteLayer(Layer):
         wanted = [(view, sector, count) for view, sector, count in wanted if count]
         if not wanted:
             return []
+        ranges = [(sector, count) for _, sector, count in wanted]
+        if not await self._send_batch(ranges, [view[: count * ss] for view, _, count in wanted]):
+            return await super().read_runs(reads)
+        return [(sector, sector + count) for sector, count in ranges]
+
+    def _batches(self) -> bool:
+        """Whether reads may go to the remote in ``ReadBatch`` calls: in disk mode (layer
+        mode needs each run's presence, which a batch does not carry), over gRPC (not
+        ``nbd``), to a remote that serves them."""
+        return self.mode == "disk" and self._nbd is None and not self._no_batch
+
+    async def _send_batch(self, ranges: list[tuple[int, int]], views: list[memoryview]) -> bool:
+        """Read ``ranges`` into ``views`` in ``ReadBatch`` calls
+        (:meth:`AsyncVolume.read_batch_into`): True when done; False when each should be
+        read alone (a range reached past the remote's end: it shrank; or the remote is older
+        than ``ReadBatch``: said once, and not asked again until its resize watch
+        reconnects); any other failure raised."""
         unimplemented = False
         try:
             with self._errors:
                 try:
-                    await self._volume().read_batch_into(
-                        [(sector, count) for _, sector, count in wanted],
-                        [view[: count * ss] for view, _, count in wanted],
-                    )
+                    await self._volume().read_batch_into(ranges, views)
                 except client_errors.Unimplemented:
                     unimplemented = True
         except errors.OutOfRange:  # inside the size known: the remote shrank
-            return await super().read_runs(reads)
+            return False
         if unimplemented:
             if not self._no_batch:  # (batches in flight meanwhile learn it too)
                 self._no_batch = True
                 log.info(
                     "%s%s: the remote does not serve ReadBatch (a tierdisk older than "
-                    "2026-11-27): the runs of a read go in a call each until it reconnects",
+                    "2026-11-27): reads go in a call each until it reconnects",
                     self.owner,
                     self._where,
                 )
-            return await super().read_runs(reads)
-        return [(sector, sector + count) for _, sector, count in wanted]
+            return False
+        return True
 
     def _read_some(self, buf: memoryview) -> Callable[[int, int], Awaitable[list[Run]]]:
         """:meth:`read` of the first ``count`` sectors of ``buf`` from ``sector``, over gRPC."""
