@@ -61,8 +61,12 @@ def test_loadgen_reads_and_writes_against_a_real_server(tmp_path: Path) -> None:
             *common, "--op", "seqwrite", "--bs", str(1 << 20), "--qd", "2", "--duration", "0.5"
         )
         read = _loadgen(*common, "--op", "randread", "--bs", "4096", "--qd", "4", "--duration", "1")
+        batched = _loadgen(
+            *common, "--op", "randread", "--bs", "4096", "--qd", "8", "--batch", "4"
+        )  # ReadBatch calls of 4 reads, 2 calls in flight
         assert server.terminate() == 0
-    for result, op in ((written, "seqwrite"), (read, "randread")):
+    assert batched["batch"] == 4 and isinstance(batched["ops"], int) and batched["ops"] % 4 == 0
+    for result, op in ((written, "seqwrite"), (read, "randread"), (batched, "randread")):
         assert result["op"] == op
         assert isinstance(result["ops"], int) and result["ops"] > 0
         assert isinstance(result["ops_s"], float) and result["ops_s"] > 0
