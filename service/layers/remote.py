@@ -99,13 +99,12 @@ reconnect backoff from 0.1 s up to 2 s), so no local restart is needed.
 
 Data moves in whole runs: one request per run, split only into chunks of the client's
 ``max_io`` (1 MiB, the measured sweet spot) with 4 chunk requests in flight; data is copied
-once, from the reply into the caller's buffer. In disk mode over gRPC, reads share
-``ReadBatch`` calls (up to 256 runs and ``max_io`` bytes each) in two ways: the runs of one
-read (the holes of a fragmented layer above, which the engine asks together:
-:meth:`RemoteLayer.read_runs`), and small reads (up to :data:`COALESCED_MAX_BYTES`) that come
-while :data:`~.remote_batching.CALLS_AT_ONCE` calls are out to the remote, which wait and go
-together when one ends (:mod:`.remote_batching`: a lone read never waits). An origin older
-than ``ReadBatch`` gets a ``Read`` per run (found at the first batch).
+once, from the reply into the caller's buffer. The runs of one read (the holes of a
+fragmented layer above, which the engine asks together: :meth:`RemoteLayer.read_runs`) go in
+``ReadBatch`` calls, up to 256 runs and ``max_io`` bytes each, in disk mode over gRPC; an
+origin older than ``ReadBatch`` gets a ``Read`` per run (found at the first batch). Reads of
+different requests never share a call (each carries its own request's hop chain and
+deadline, and fails only for its own range).
 Failures of the client library map onto the service's domain errors in one table,
 :data:`ERROR_MAP`, with the target in the message.
 
@@ -146,7 +145,6 @@ from .. import errors, hops
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
 from ..runs import Run, merge
-from .remote_batching import ReadCoalescer
 from .remote_connect import (
     BACKOFF,
     MAX_BACKOFF,
@@ -161,10 +159,6 @@ from .remote_nbd import NbdDataPath
 __all__ = ["ERROR_MAP", "MAX_REMOTE_MESSAGE", "MODES", "RemoteLayer", "domain_error"]
 
 log = logging.getLogger(__name__)
-
-COALESCED_MAX_BYTES = 64 << 10
-"""Reads up to this size may share a ``ReadBatch`` call to the remote when it is busy
-(:mod:`.remote_batching`); a larger read's call costs little beside its data."""
 
 MODES = ("disk", "layer")
 
@@ -275,10 +269,6 @@ class RemoteLayer(Layer):
         self._max_in_flight = max_in_flight
         self._errors = Translate(lambda: self._where)
         self._no_batch = False  # the remote answered ReadBatch UNIMPLEMENTED (read_runs)
-        self._coalescer = ReadCoalescer(
-            self._send_batch, key=lambda: hop_metadata(self._home_chain)
-        )
-        """Small reads that arrive together go to the remote as one ``ReadBatch``."""
         self._client: AsyncClient | None = None
         self._vol: AsyncVolume | None = None
         self._info: VolumeInfo | None = None
@@ -389,7 +379,6 @@ class RemoteLayer(Layer):
                 await self._present_task
             self._present_task = None
         await self._geometry.close()
-        await self._coalescer.close()
         if self._nbd is not None:
             await self._nbd.close()
         if self._client is not None:
@@ -561,16 +550,6 @@ class RemoteLayer(Layer):
             return []
         if self._nbd is not None and await self._nbd.read(buf[: count * ss], sector * ss):
             return [(sector, sector + count)]
-        if count * ss > COALESCED_MAX_BYTES or not self._batches():
-            return await self._read_alone(buf, sector, count)
-        alone = partial(self._read_alone, buf, sector, count)
-        runs = await self._coalescer.read(buf[: count * ss], sector, count, alone)
-        return [(sector, sector + count)] if runs is None else runs
-
-    async def _read_alone(self, buf: memoryview, sector: int, count: int) -> list[Run]:
-        """:meth:`read` of ``count`` sectors (inside the remote's size) in calls of its own:
-        a Read (in chunks of ``max_io``), with presence in layer mode."""
-        ss = self._sector_size
         vol = self._volume()
         try:
             with self._errors:
@@ -627,7 +606,7 @@ class RemoteLayer(Layer):
                 self._no_batch = True
                 log.info(
                     "%s%s: the remote does not serve ReadBatch (a tierdisk older than "
-                    "2026-11-27): reads go in a call each until it reconnects",
+                    "2026-11-27): the runs of a read go in a call each until it reconnects",
                     self.owner,
                     self._where,
                 )
