@@ -507,17 +507,22 @@ class AsyncVolume:
             sector_size=size,
         )
         raw = await self._call(self._runner.read_raw, req, timeout, "Read")
+        data, extents = self._read_reply(raw, "Read")
+        self._check_reply_size(len(data), count, size)
+        return data, extents
+
+    def _read_reply(self, raw: bytes, rpc: str) -> tuple[memoryview, list[Extent]]:
+        """The data (a view of ``raw``) and present runs of a serialized ``Read`` or
+        ``ReadBatch`` reply (``data`` is field 1 of both; a ``ReadBatch`` reply has no
+        ``present``); :class:`StorageError` if it is malformed (the server misbehaved)."""
         try:
             reply = read_reply_view(raw)
         except ValueError as exc:
-            raise StorageError(f"malformed Read reply: {exc}", volume=self.name) from None
+            raise StorageError(f"malformed {rpc} reply: {exc}", volume=self.name) from None
         if reply is None:  # fields this fast path does not handle: let protobuf parse it
             msg = pb.ReadResponse.FromString(raw)
-            data, extents = memoryview(msg.data), _extents(msg.present)
-        else:
-            data, extents = reply[0], [Extent(a, n) for a, n in reply[1]]
-        self._check_reply_size(len(data), count, size)
-        return data, extents
+            return memoryview(msg.data), _extents(msg.present)
+        return reply[0], [Extent(a, n) for a, n in reply[1]]
 
     def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
         """:class:`StorageError` unless a Read reply of ``nbytes`` holds ``count`` sectors
@@ -679,13 +684,7 @@ class AsyncVolume:
                 sector_size=size,
             )
             raw = await self._call(self._runner.read_batch_raw, req, timeout, "ReadBatch")
-            try:
-                reply = read_reply_view(raw)
-            except ValueError as exc:
-                raise StorageError(f"malformed ReadBatch reply: {exc}", volume=self.name) from None
-            data = (
-                memoryview(pb.ReadBatchResponse.FromString(raw).data) if reply is None else reply[0]
-            )
+            data, _ = self._read_reply(raw, "ReadBatch")
             counts = [wanted[i][1] for i in group]
             self._check_reply_size(len(data), sum(counts), size)
             offset = 0
