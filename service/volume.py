@@ -415,10 +415,10 @@ class Volume:
         order (they may overlap or repeat): :meth:`read_into` of each, all or none.
 
         Every range is checked against the volume's size before any is read (the first one
-        past the end is :class:`OutOfRange`); then up to :data:`_RANGES_AT_ONCE` are read at
-        once (each paced as :meth:`read_into` paces its runs), and the first failure cancels
-        the others and is raised (what ``buf`` holds then is unspecified). ``len(buf)`` must
-        be the sum of the ranges' bytes."""
+        past the end is :class:`OutOfRange`); then they are read in turn, and once a read
+        waits, up to :data:`_RANGES_AT_ONCE` at once (each paced as :meth:`read_into` paces
+        its runs); a failure cancels the reads still running and is raised (what ``buf``
+        holds then is unspecified). ``len(buf)`` must be the sum of the ranges' bytes."""
         ss = self.sector_size
         views: list[tuple[memoryview, int]] = []
         offset = 0
@@ -439,14 +439,22 @@ class Volume:
             for view, sector in pending:  # shared: each range goes to one reader
                 await self.read_into(view, sector)
 
-        tasks = [asyncio.ensure_future(reader()) for _ in range(min(len(views), _RANGES_AT_ONCE))]
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:  # a failure (or the caller's cancel) leaves no read running on
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            async with asyncio.TaskGroup() as group:  # a failure cancels every reader
+
+                def add_helpers() -> None:
+                    # Runs only if this task waited: a stack that reads without waiting (a
+                    # RAM layer, page-cache hits) reads every range here, with no task.
+                    for _ in range(min(len(views), _RANGES_AT_ONCE) - 1):
+                        group.create_task(reader())
+
+                soon = asyncio.get_running_loop().call_soon(add_helpers)
+                try:
+                    await reader()
+                finally:
+                    soon.cancel()
+        except BaseExceptionGroup as failed:  # the first failure, as a single read raises it
+            raise failed.exceptions[0] from None
 
     async def _fill(
         self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], layout: int

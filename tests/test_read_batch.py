@@ -16,6 +16,8 @@ from servers import FOUR_VOLUMES, metric, ram, remote, running_server, toml_volu
 from tierdisk.client import AsyncClient, Client
 from tierdisk.client import errors as cerr
 from tierdisk.client.chunking import MAX_BATCH_RANGES
+from tierdisk.service.errors import StorageError
+from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -93,6 +95,31 @@ async def test_a_range_past_the_end_fails_the_whole_batch_before_any_is_read(
     alloc = await stub.GetAllocation(pb.GetAllocationRequest(volume="stack", sector_count=8))
     assert [(e.sector, e.sector_count, e.depth) for e in alloc.extents] == [(0, 8, 1)]
     assert metric(server, "tierdisk_cache_fills_total", volume="stack", layer="0") == 0
+
+
+async def test_a_range_that_fails_ends_the_call_without_waiting_for_the_others(
+    stub: pb_grpc.BlockDeviceAsyncStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``ram`` volume's layer fails reads of sector 100 (a disk error) and never answers
+    reads of sector 200: a batch of both answers the failure (INTERNAL) and cancels the
+    read that waits, rather than wait for it (it never would)."""
+    never = asyncio.Event()
+    waiting: list[int] = []
+    original = RamLayer.read
+
+    async def read(self: RamLayer, buf: memoryview, sector: int) -> list[tuple[int, int]]:
+        if sector == 200:
+            waiting.append(sector)
+            await never.wait()
+        if sector == 100:
+            raise StorageError("reading sector 100: injected media error")
+        return await original(self, buf, sector)
+
+    monkeypatch.setattr(RamLayer, "read", read)
+    call = stub.ReadBatch(_batch("ram", [(200, 1), (0, 1), (100, 1)]), timeout=30)
+    code, details, _ = await _refusal(asyncio.wait_for(call, 20))
+    assert code == grpc.StatusCode.INTERNAL and "injected media error" in details
+    assert waiting == [200]  # it was asked, and the failure did not wait for it
 
 
 async def test_the_limits_of_one_call(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
