@@ -609,10 +609,10 @@ class AsyncVolume:
         """The data of each ``(sector, count)`` range, in the order given (ranges may overlap
         or repeat): many small reads in few calls.
 
-        One ``ReadBatch`` call carries up to 256 ranges and ``max_io`` bytes and costs the
-        server about what one small :meth:`read` costs; a larger batch goes in several
-        calls, ``max_in_flight`` at a time, and a range over ``max_io`` is read as
-        :meth:`read` reads it. All or nothing: a range past the end raises
+        One ``ReadBatch`` call carries up to 256 ranges and ``max_io`` bytes, for the gRPC
+        cost of one call (each range still costs the server its own storage work); a larger
+        batch goes in several calls, ``max_in_flight`` at a time, and a range over
+        ``max_io`` is read as :meth:`read` reads it. All or nothing: a range past the end raises
         :class:`OutOfRange` naming it, and nothing is returned. Needs a server that serves
         ``ReadBatch`` (tierdisk from 2026-11-27); an older one raises
         :class:`Unimplemented`."""

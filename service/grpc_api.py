@@ -291,6 +291,12 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     volume, op, _CODE_NAMES[code], nbytes, time.perf_counter() - start
                 )
 
+    async def _hold_reply_budget(self, context: Any, nbytes: int) -> None:
+        """Take ``nbytes`` of the budget of large replies of the caller's connection, waiting
+        while earlier replies fill it (:mod:`.reply_budget`); given back when the call ends."""
+        held = await self._budgets.take(context.peer(), nbytes)
+        context.add_done_callback(_as_done_callback(held))
+
     async def _refuse_io(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -480,9 +486,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     await volume.read(request.sector, 0)  # checks the range; nothing to send
                     return b""
                 if nbytes >= BUDGETED_FROM_BYTES:  # a large reply: bounded per connection
-                    context.add_done_callback(
-                        _as_done_callback(await self._budgets.take(context.peer(), nbytes))
-                    )
+                    await self._hold_reply_budget(context, nbytes)
                 reply = ReadReply(nbytes)
                 present = await volume.read_into(reply.data, request.sector)
                 moved = nbytes
@@ -536,9 +540,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 nbytes = sum(count for _, count in ranges) * volume.sector_size
                 self._check_io_size(nbytes, "a batch of reads")
                 if nbytes >= BUDGETED_FROM_BYTES:  # a large reply: bounded per connection
-                    context.add_done_callback(
-                        _as_done_callback(await self._budgets.take(context.peer(), nbytes))
-                    )
+                    await self._hold_reply_budget(context, nbytes)
                 reply = ReadReply(nbytes)
                 await volume.read_ranges_into(reply.data, ranges)
                 encoded = reply.encode(None)
