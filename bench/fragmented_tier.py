@@ -1,16 +1,16 @@
 """Reads through a fragmented layer above a remote one: the calls they make to the origin.
 
 An origin (``tierdisk serve``, one prefilled ``[ram]`` volume) and a cache server whose volume
-is ``[ram, remote -> origin]``, its top holding one 4 KiB block in every ``--stride`` bytes
-(written through the cache server, so each 1 MiB read has ``1 MiB / stride`` holes for the
-remote layer). The load reads the whole volume in 1 MiB requests at QD 4 with the client
-library (or, with ``--bs`` under 1 MiB, ``--reads`` reads of that size at random places, as
-many small reads at once through a cold tier) and reports reads/s, the cache server's and
-the origin's CPU per read, and the origin's calls per read (its
-``grpc_server_handled_total``). With ``--compare TREE`` a second
-cache server runs from another source tree (a folder holding a ``tierdisk`` package, as for
-``bench/run --compare``) over the same origin, the two measured in alternating rounds, and
-the ratios are taken within each round::
+is ``[ram, remote -> origin]`` (the remote in ``--mode`` disk or layer), its top holding one
+4 KiB block in every ``--stride`` bytes (written through the cache server, so each 1 MiB
+read has ``1 MiB / stride`` holes for the remote layer). The load reads the whole volume
+in 1 MiB requests at QD 4 with the client library (or, with ``--bs`` under 1 MiB,
+``--reads`` reads of that size at random places, as many small reads at once through a cold
+tier) and reports reads/s, the cache server's and the origin's CPU per read, and the
+origin's calls per read (its ``grpc_server_handled_total``). With ``--compare TREE`` a
+second cache server runs from another source tree (a folder holding a ``tierdisk``
+package, as for ``bench/run --compare``) over the same origin, the two measured in
+alternating rounds, and the ratios are taken within each round::
 
     python bench/fragmented_tier.py                        # this tree only
     python bench/fragmented_tier.py --compare /tmp/before  # before/after in one run
@@ -132,6 +132,12 @@ def main() -> int:
         help="bytes a read: 1 MiB (in order, the default) or less (at random places)",
     )
     p.add_argument("--reads", type=int, default=0, help="reads a round (default: the --mib)")
+    p.add_argument(
+        "--mode",
+        choices=("disk", "layer"),
+        default="disk",
+        help="the remote layer's mode (layer: reads ask for presence)",
+    )
     args = p.parse_args()
     if args.bs % 4096 or not 0 < args.bs <= MiB:
         p.error("--bs: a multiple of 4096, at most 1 MiB")
@@ -162,7 +168,7 @@ def main() -> int:
                     work,
                     '[[volumes]]\nname = "vm"\n[[volumes.layers]]\nkind = "ram"\n'
                     f'[[volumes.layers]]\nkind = "remote"\ntarget = "{origin.address}"\n'
-                    'volume = "base"\n',
+                    f'volume = "base"\nmode = "{args.mode}"\n',
                 )
             )
             trees = (
@@ -189,8 +195,8 @@ def main() -> int:
     what = "in order" if args.bs == MiB else f"at random in {args.mib} MiB"
     print(
         f"{args.rounds} rounds x {args.reads} reads of {args.bs // 1024} KiB ({what}) at QD "
-        f"{args.qd} through [ram, remote -> origin], the top holding 4 KiB in every "
-        f"{args.stride // 1024} KiB ({holes} holes per MiB)"
+        f"{args.qd} through [ram, remote -> origin] ({args.mode} mode), the top holding "
+        f"4 KiB in every {args.stride // 1024} KiB ({holes} holes per MiB)"
     )
     for name, rows in results.items():
 

@@ -78,6 +78,7 @@ from .errors import (
     SectorSizeChanged,
     StorageError,
     TierdiskError,
+    Unimplemented,
     WritesLost,
 )
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
@@ -507,22 +508,27 @@ class AsyncVolume:
             sector_size=size,
         )
         raw = await self._call(self._runner.read_raw, req, timeout, "Read")
-        data, extents = self._read_reply(raw, "Read")
+        data, extents, _ = self._read_reply(raw, "Read")
         self._check_reply_size(len(data), count, size)
         return data, extents
 
-    def _read_reply(self, raw: bytes, rpc: str) -> tuple[memoryview, list[Extent]]:
-        """The data (a view of ``raw``) and present runs of a serialized ``Read`` or
-        ``ReadBatch`` reply (``data`` is field 1 of both; a ``ReadBatch`` reply has no
-        ``present``); :class:`StorageError` if it is malformed (the server misbehaved)."""
+    def _read_reply(self, raw: bytes, rpc: str) -> tuple[memoryview, list[Extent], bool]:
+        """The data (a view of ``raw``), present runs and ``presence_reported`` of a
+        serialized ``Read`` or ``ReadBatch`` reply (fields 1 and 2 are the same in both; only
+        a ``ReadBatch`` reply has field 3); :class:`StorageError` if it is malformed (the
+        server misbehaved)."""
         try:
             reply = read_reply_view(raw)
         except ValueError as exc:
             raise StorageError(f"malformed {rpc} reply: {exc}", volume=self.name) from None
         if reply is None:  # fields this fast path does not handle: let protobuf parse it
+            if rpc == "ReadBatch":
+                batch = pb.ReadBatchResponse.FromString(raw)
+                return memoryview(batch.data), _extents(batch.present), batch.presence_reported
             msg = pb.ReadResponse.FromString(raw)
-            return memoryview(msg.data), _extents(msg.present)
-        return reply[0], [Extent(a, n) for a, n in reply[1]]
+            return memoryview(msg.data), _extents(msg.present), False
+        data, present, reported = reply
+        return data, [Extent(a, n) for a, n in present], reported
 
     def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
         """:class:`StorageError` unless a Read reply of ``nbytes`` holds ``count`` sectors
@@ -622,10 +628,11 @@ class AsyncVolume:
         def put(index: int, data: memoryview) -> None:
             out[index] = bytes(data)
 
-        async def read_large(index: int, timeout: Timeout) -> None:
+        async def read_large(index: int, timeout: Timeout) -> list[Extent]:
             out[index] = await self.read(*wanted[index], timeout=timeout)
+            return []
 
-        await self._read_batch(wanted, put, read_large, timeout)
+        await self._read_batch(wanted, put, read_large, False, timeout)
         return out
 
     async def read_batch_into(
@@ -638,6 +645,31 @@ class AsyncVolume:
         """:meth:`read_batch` into the caller's buffers, one per range (each exactly the
         range's bytes), without the copy into new ``bytes``. After an error the buffers'
         content is unspecified."""
+        await self._read_batch_into_buffers(ranges, buffers, False, timeout)
+
+    async def read_batch_present_into(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        buffers: Sequence[bytearray | memoryview],
+        *,
+        timeout: Timeout = UNSET,
+    ) -> list[Extent]:
+        """:meth:`read_batch_into`, also returning the runs of the ranges some layer holds
+        (one list for all the ranges: sorted, merged; the sectors outside them read as
+        zeros), as :meth:`read_present_into` does for one range. Needs a server that
+        reports presence in ``ReadBatch`` (tierdisk from 2026-11-28): an older one's reply
+        says nothing of presence, and this raises :class:`Unimplemented` rather than take
+        every sector for a hole."""
+        return await self._read_batch_into_buffers(ranges, buffers, True, timeout)
+
+    async def _read_batch_into_buffers(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        buffers: Sequence[bytearray | memoryview],
+        presence: bool,
+        timeout: Timeout,
+    ) -> list[Extent]:
+        """:meth:`read_batch_into` and :meth:`read_batch_present_into`."""
         if len(buffers) != len(ranges):
             raise ValueError(f"{len(buffers)} buffers for {len(ranges)} ranges")
         views = [memoryview(b).cast("B") for b in buffers]
@@ -647,8 +679,8 @@ class AsyncVolume:
         def put(index: int, data: memoryview) -> None:
             views[index][:] = data
 
-        async def read_large(index: int, timeout: Timeout) -> None:
-            await self.read_into(ranges[index][0], views[index], timeout=timeout)
+        async def read_large(index: int, timeout: Timeout) -> list[Extent]:
+            return await self._read_into_buffer(ranges[index][0], views[index], presence, timeout)
 
         size = await self.sector_size(timeout=timeout)
         for (_, count), view in zip(ranges, views, strict=True):
@@ -657,46 +689,60 @@ class AsyncVolume:
                     f"a buffer of {len(view)} bytes for {count} sectors of {size} bytes",
                     volume=self.name,
                 )
-        await self._read_batch(ranges, put, read_large, timeout)
+        return await self._read_batch(ranges, put, read_large, presence, timeout)
 
     async def _read_batch(
         self,
         wanted: Sequence[tuple[int, int]],
         put: Callable[[int, memoryview], None],
-        read_large: Callable[[int, Timeout], Awaitable[None]],
+        read_large: Callable[[int, Timeout], Awaitable[list[Extent]]],
+        presence: bool,
         timeout: Timeout,
-    ) -> None:
-        """:meth:`read_batch` and :meth:`read_batch_into`: each range's data handed to
-        ``put(index, data)`` (a view of the reply, valid during the call), or, for a range
-        over ``max_io``, read by ``read_large(index, timeout)``."""
+    ) -> list[Extent]:
+        """:meth:`read_batch`, :meth:`read_batch_into` and :meth:`read_batch_present_into`:
+        each range's data handed to ``put(index, data)`` (a view of the reply, valid during
+        the call), or, for a range over ``max_io``, read by ``read_large(index, timeout)``;
+        with ``presence``, the runs some layer holds (sorted, merged), else ``[]``."""
         self._runner.check_open()  # (an empty batch makes no call that would say so)
         for sector, count in wanted:
             _check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
+        runs: list[Extent] = []
 
         async def one(group: list[int]) -> None:
             if len(group) == 1 and wanted[group[0]][1] > per_chunk:
-                await read_large(group[0], timeout)
+                runs.extend(await read_large(group[0], timeout))
                 return
             req = pb.ReadBatchRequest(
                 volume=self.name,
                 ranges=[pb.Extent(sector=wanted[i][0], sector_count=wanted[i][1]) for i in group],
                 sector_size=size,
+                report_presence=presence,
             )
             raw = await self._call(self._runner.read_batch_raw, req, timeout, "ReadBatch")
-            data, _ = self._read_reply(raw, "ReadBatch")
+            data, extents, reported = self._read_reply(raw, "ReadBatch")
+            if presence and not reported:
+                raise Unimplemented(
+                    f"the server at {self.client.target} does not report presence in "
+                    "ReadBatch (a tierdisk older than 2026-11-28): read each range with "
+                    "read_present_into",
+                    target=self.client.target,
+                    method="ReadBatch",
+                )
             counts = [wanted[i][1] for i in group]
             self._check_reply_size(len(data), sum(counts), size)
             offset = 0
             for index, count in zip(group, counts, strict=True):
                 put(index, data[offset : offset + count * size])
                 offset += count * size
+            runs.extend(extents)
 
         groups = plan_batches([count for _, count in wanted], per_chunk)
         if len(groups) == 1:
             await one(groups[0])
         else:
             await run_bounded(groups, one, self.client.max_in_flight)
+        return merge_extents(runs) if presence else []
 
     # -- writes --------------------------------------------------------------------------
 

@@ -338,6 +338,17 @@ class Volume:
         """Fill one buffer per range (see ``AsyncVolume.read_batch_into``)."""
         self.client._run(self.aio.read_batch_into(ranges, buffers, timeout=timeout))
 
+    def read_batch_present_into(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        buffers: Sequence[bytearray | memoryview],
+        *,
+        timeout: Timeout = UNSET,
+    ) -> list[Extent]:
+        """Fill one buffer per range and return the runs some layer holds (see
+        ``AsyncVolume.read_batch_present_into``)."""
+        return self.client._run(self.aio.read_batch_present_into(ranges, buffers, timeout=timeout))
+
     def write(
         self,
         sector: int,

@@ -3,8 +3,9 @@ protobuf makes of their data.
 
 Parsing a 1 MiB ``ReadResponse`` with protobuf and reading its ``data`` field copies the data
 twice (into the message, then out into a new ``bytes``). A reply holds field 1 (``data``) and,
-for a read with ``report_presence``, field 2 (``present`` extents), so the client asks gRPC
-for the raw reply and takes a :class:`memoryview` of the data part and the extents
+for a read with ``report_presence``, field 2 (``present`` extents); a ``ReadBatchResponse``
+has the same two fields and field 3 (``presence_reported``). So the client asks gRPC for
+the raw reply and takes a :class:`memoryview` of the data part and the extents
 (:func:`read_reply_view`): the caller's own copy (into its buffer) is the only one. A field
 this client does not know makes it return None, and the caller parses the reply with
 protobuf.
@@ -20,13 +21,15 @@ protobuf reads and writes them (the server's wire-format readers use them too).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["decode_varint", "encode_varint", "encode_write", "read_reply_view"]
+__all__ = ["ReplyView", "decode_varint", "encode_varint", "encode_write", "read_reply_view"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, wire type 2 (length-delimited)
 _PRESENT_TAG = 0x12  # ReadResponse.present: field 2, wire type 2 (an Extent message)
+_REPORTED_TAG = 0x18  # ReadBatchResponse.presence_reported: field 3, varint (a bool)
 _SECTOR_TAG, _COUNT_TAG = 0x08, 0x10  # Extent.sector, Extent.sector_count: varints
 _WRITE_DATA_TAG = 0x1A  # WriteRequest.data: field 3, wire type 2
 _FUA_TRUE = b"\x20\x01"  # WriteRequest.fua = true: field 4, varint 1
@@ -63,22 +66,38 @@ def encode_varint(n: int) -> bytes:
     return bytes(out)
 
 
-def read_reply_view(raw: bytes) -> tuple[memoryview, list[tuple[int, int]]] | None:
-    """The ``data`` of the serialized ``ReadResponse`` ``raw`` as a view of ``raw`` (empty
-    if the field is absent) and its ``present`` extents as ``(sector, sector_count)``
-    pairs, or None if ``raw`` holds any other field (then parse it with protobuf).
+class ReplyView(NamedTuple):
+    """A serialized ``ReadResponse`` or ``ReadBatchResponse``, read by :func:`read_reply_view`."""
+
+    data: memoryview
+    """``data``: a view of the reply (empty if the field is absent)."""
+    present: list[tuple[int, int]]
+    """``present``: ``(sector, sector_count)`` pairs as they came."""
+    presence_reported: bool = False
+    """``presence_reported`` (only a ``ReadBatchResponse`` has it)."""
+
+
+def read_reply_view(raw: bytes) -> ReplyView | None:
+    """The fields of the serialized ``ReadResponse`` or ``ReadBatchResponse`` ``raw``, the
+    data a view of ``raw``, or None if ``raw`` holds any other field (then parse it with
+    protobuf).
 
     Raises ValueError for bytes that are not a well-formed message of that shape (a length
-    past the end, a truncated varint). As protobuf does, the last ``data`` field wins, and
-    every ``present`` field adds an extent.
+    past the end, a truncated varint). As protobuf does, the last ``data`` and
+    ``presence_reported`` fields win, and every ``present`` field adds an extent.
     """
     view = memoryview(raw)
     data = view[:0]
     extents: list[tuple[int, int]] = []
+    reported = False
     pos = 0
     end = len(raw)
     while pos < end:
         tag = raw[pos]
+        if tag == _REPORTED_TAG:
+            value, pos = decode_varint(raw, pos + 1)
+            reported = value != 0
+            continue
         if tag != _DATA_TAG and tag != _PRESENT_TAG:
             return None
         length, pos = decode_varint(raw, pos + 1)
@@ -93,7 +112,7 @@ def read_reply_view(raw: bytes) -> tuple[memoryview, list[tuple[int, int]]] | No
                 return None
             extents.append(extent)
         pos = stop
-    return data, extents
+    return ReplyView(data, extents, reported)
 
 
 def _extent(raw: bytes, pos: int, end: int) -> tuple[int, int] | None:

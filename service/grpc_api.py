@@ -38,6 +38,7 @@ from .read_reply import ReadReply
 from .registry import VolumeRegistry
 from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
 from .rpc_metrics import count_status_now
+from .runs import merge
 from .size_history import SizeEvent
 from .status import status_name
 from .volume import Volume
@@ -517,7 +518,8 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
     ) -> bytes:
         """``ReadBatch``, the reply already serialized (its ``data`` is field 1, as a
         ``ReadResponse``'s): every range read (:meth:`Volume.read_ranges_into`) into the
-        bytes gRPC sends.
+        bytes gRPC sends; with ``report_presence``, the runs some layer holds, merged over
+        all the ranges (field 2, as a ``ReadResponse``'s ``present``).
 
         In the volume's I/O metrics each range counts as one read request
         (``tierdisk_volume_io_requests_total{op="read"}``: a read-rate panel sees the reads,
@@ -542,8 +544,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 if nbytes >= BUDGETED_FROM_BYTES:  # a large reply: bounded per connection
                     await self._hold_reply_budget(context, nbytes)
                 reply = ReadReply(nbytes)
-                await volume.read_ranges_into(reply.data, ranges)
-                encoded = reply.encode(None)
+                held = await volume.read_ranges_into(reply.data, ranges)
+                present = merge(held) if request.report_presence else None
+                encoded = reply.encode(present, batch=True)
             finally:
                 self._gate.leave()
         except (TierdiskError, OSError) as exc:

@@ -89,12 +89,18 @@ class ReadReply:
         view[: len(head)] = head
         self.data = view[len(head) :]
 
-    def encode(self, present: list[tuple[int, int]] | None) -> bytes:
-        """The serialized ``ReadResponse`` (with ``present`` when it is not None)."""
+    def encode(self, present: list[tuple[int, int]] | None, *, batch: bool = False) -> bytes:
+        """The serialized ``ReadResponse`` (with ``present`` when it is not None); with
+        ``batch``, the ``ReadBatchResponse`` (whose fields 1 and 2 are the same), which
+        also says ``presence_reported`` when ``present`` is not None, even if empty."""
         tail = b""
-        if present:
+        if present is not None and (present or batch):
             extents = [pb.Extent(sector=a, sector_count=b - a) for a, b in present]
-            tail = pb.ReadResponse(present=extents).SerializeToString()
+            if batch:
+                message = pb.ReadBatchResponse(present=extents, presence_reported=True)
+                tail = message.SerializeToString()
+            else:
+                tail = pb.ReadResponse(present=extents).SerializeToString()
         if self._small is not None:
             return self._head + self._small + tail if tail else self._head + self._small
         if not tail:

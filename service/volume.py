@@ -410,9 +410,11 @@ class Volume:
             return [(sector, end)]
         return complement(sector, end, missing)
 
-    async def read_ranges_into(self, buf: memoryview, ranges: list[tuple[int, int]]) -> None:
+    async def read_ranges_into(self, buf: memoryview, ranges: list[tuple[int, int]]) -> list[Run]:
         """Fill ``buf`` with the ranges ``(sector, count)`` one after another, in the given
-        order (they may overlap or repeat): :meth:`read_into` of each, all or none.
+        order (they may overlap or repeat): :meth:`read_into` of each, all or none; the runs
+        some layer holds, as each :meth:`read_into` returned them, in no order (runs of
+        overlapping ranges overlap: :func:`merge` them for a sorted, disjoint list).
 
         Every range is checked against the volume's size before any is read (the first one
         past the end is :class:`OutOfRange`); then they are read in turn, and once a read
@@ -431,13 +433,13 @@ class Volume:
                 f"volume {self.name!r}: a buffer of {len(buf)} bytes for ranges of {offset}"
             )
         if len(views) == 1:
-            await self.read_into(*views[0])
-            return
+            return await self.read_into(*views[0])
         pending = iter(views)
+        held: list[Run] = []
 
         async def reader() -> None:
             for view, sector in pending:  # shared: each range goes to one reader
-                await self.read_into(view, sector)
+                held.extend(await self.read_into(view, sector))
 
         try:
             async with asyncio.TaskGroup() as group:  # a failure cancels every reader
@@ -455,6 +457,7 @@ class Volume:
                     soon.cancel()
         except BaseExceptionGroup as failed:  # the first failure, as a single read raises it
             raise failed.exceptions[0] from None
+        return held
 
     async def _fill(
         self, entry: LayerEntry, buf: memoryview, sector: int, runs: list[Run], layout: int

@@ -211,8 +211,13 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "volume": (STR, False, None),
         "ranges": (MSG, True, "tierdisk.v1.Extent"),
         "sector_size": (U32, False, None),
+        "report_presence": (BOOL, False, None),
     },
-    "ReadBatchResponse": {"data": (BYTES, False, None)},
+    "ReadBatchResponse": {
+        "data": (BYTES, False, None),
+        "present": (MSG, True, "tierdisk.v1.Extent"),
+        "presence_reported": (BOOL, False, None),
+    },
     "WriteRequest": {
         "volume": (STR, False, None),
         "sector": (U64, False, None),

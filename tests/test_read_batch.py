@@ -8,6 +8,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,7 +17,9 @@ from servers import FOUR_VOLUMES, metric, ram, remote, running_server, toml_volu
 from tierdisk.client import AsyncClient, Client
 from tierdisk.client import errors as cerr
 from tierdisk.client.chunking import MAX_BATCH_RANGES
+from tierdisk.client.models import Extent
 from tierdisk.service.errors import StorageError
+from tierdisk.service.grpc_api import BlockDeviceService
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.server import Server
 from tierdisk.v1 import blockdevice_pb2 as pb
@@ -38,9 +41,13 @@ async def stub(server: Server) -> AsyncIterator[pb_grpc.BlockDeviceAsyncStub]:
         yield pb_grpc.BlockDeviceStub(channel)
 
 
-def _batch(volume: str, ranges: list[tuple[int, int]], **fields: int) -> pb.ReadBatchRequest:
+def _batch(
+    volume: str, ranges: list[tuple[int, int]], sector_size: int = 0, report_presence: bool = False
+) -> pb.ReadBatchRequest:
     extents = [pb.Extent(sector=s, sector_count=n) for s, n in ranges]
-    return pb.ReadBatchRequest(volume=volume, ranges=extents, **fields)
+    return pb.ReadBatchRequest(
+        volume=volume, ranges=extents, sector_size=sector_size, report_presence=report_presence
+    )
 
 
 async def _refusal(call: object) -> tuple[grpc.StatusCode, str, str]:
@@ -75,6 +82,34 @@ async def test_a_batch_reads_what_single_reads_read(
         one = await stub.Read(pb.ReadRequest(volume=volume, sector=sector, sector_count=count))
         expected += one.data
     assert reply.data == expected
+
+
+async def test_a_batch_reports_the_runs_held_once_over_all_its_ranges(
+    stub: pb_grpc.BlockDeviceAsyncStub,
+) -> None:
+    """With ``report_presence``, ``present`` lists the runs some layer holds within the
+    ranges, sorted and merged over all of them (a sector of two ranges once), and says it
+    answered even when nothing is held; without it, neither field is set. The data is the
+    same either way, small replies and one framed in place (256 KiB) alike."""
+    rng = random.Random(11)
+    for at, count in ((8, 8), (40, 8), (3000, 4)):
+        await stub.Write(pb.WriteRequest(volume="ram", sector=at, data=rng.randbytes(count * 512)))
+    for ranges, held in [
+        ([(0, 12), (10, 10), (44, 10), (100, 4), (12, 0)], [(8, 8), (44, 4)]),
+        ([(2990, 512), (0, 9)], [(3000, 4), (8, 1)][::-1]),
+        ([(100, 4), (7, 1)], []),
+    ]:
+        asked = await stub.ReadBatch(_batch("ram", ranges, report_presence=True))
+        assert [(e.sector, e.sector_count) for e in asked.present] == held
+        assert asked.presence_reported
+        plain = await stub.ReadBatch(_batch("ram", ranges))
+        assert not plain.present and not plain.presence_reported
+        assert asked.data == plain.data
+        singles = [
+            await stub.Read(pb.ReadRequest(volume="ram", sector=s, sector_count=n))
+            for s, n in ranges
+        ]
+        assert plain.data == b"".join(one.data for one in singles)
 
 
 async def test_an_empty_batch_reads_nothing(stub: pb_grpc.BlockDeviceAsyncStub) -> None:
@@ -236,6 +271,47 @@ async def test_read_batch_into_fills_the_callers_buffers(server: Server) -> None
         await volume.read_batch([])
 
 
+async def test_read_batch_present_into_returns_the_runs_held(server: Server) -> None:
+    """The runs held within all the ranges, sorted and merged, also when the batch went in
+    several calls and a range over ``max_io`` was read alone; the buffers hold the data."""
+    data = random.Random(12).randbytes(64 * 512)
+    async with AsyncClient(server.grpc_address, max_io=64 * 1024) as client:
+        volume = client.volume("ram")
+        await volume.write(1000, data)  # sectors [1000, 1064)
+        await volume.write(5000, data[:512])
+        ranges = [(990, 20), (5000, 1), (1050, 300), (1010, 40)] + [(s, 1) for s in range(300)]
+        buffers = [bytearray(n * 512) for _, n in ranges]
+        held = await volume.read_batch_present_into(ranges, buffers)
+        assert held == [Extent(1000, 64), Extent(5000, 1)]
+        assert buffers == await volume.read_batch(ranges)
+        assert await volume.read_batch_present_into([(0, 4)], [bytearray(2048)]) == []
+
+
+async def test_a_server_that_reports_no_presence_in_a_batch_is_unimplemented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that serves ``ReadBatch`` but knows nothing of its ``report_presence`` (a
+    tierdisk of 2026-11-27, which ignores the field): its reply's empty ``present`` is no
+    answer, and the client raises :class:`Unimplemented` rather than take every sector
+    for a hole."""
+    serve = BlockDeviceService.read_batch_encoded
+
+    async def older(self: BlockDeviceService, request: Any, context: Any) -> bytes:
+        request.report_presence = False  # what a server without the field reads
+        return await serve(self, request, context)
+
+    monkeypatch.setattr(BlockDeviceService, "read_batch_encoded", older)
+    async with (
+        running_server(tmp_path, FOUR_VOLUMES) as server,
+        AsyncClient(server.grpc_address) as client,
+    ):
+        volume = client.volume("ram")
+        await volume.write(0, bytes(512))
+        assert await volume.read_batch([(0, 1)]) == [bytes(512)]  # batches still work
+        with pytest.raises(cerr.Unimplemented, match="does not report presence"):
+            await volume.read_batch_present_into([(0, 1)], [bytearray(512)])
+
+
 async def test_the_blocking_client_reads_a_batch(server: Server) -> None:
     data = random.Random(3).randbytes(8192)
 
@@ -246,6 +322,8 @@ async def test_the_blocking_client_reads_a_batch(server: Server) -> None:
             into = [bytearray(4096), bytearray(8192)]
             volume.read_batch_into([(10, 1), (10, 2)], into)
             assert into == [data[:4096], data]
+            held = volume.read_batch_present_into([(9, 2), (11, 2)], [bytearray(8192)] * 2)
+            assert held == [Extent(10, 2)]
             return volume.read_batch([(11, 1), (10, 2), (12, 0)])
 
     assert await asyncio.to_thread(use) == [data[4096:], data, b""]

@@ -295,6 +295,71 @@ async def test_reads_at_once_from_an_origin_without_read_batch_say_so_once(
                 await eventually("the tier to send ReadBatch to the new origin", batched)
 
 
+async def _read_through_holes_in_layer_mode(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> tuple[float, float]:
+    """Through ``[ram, remote "delta" (layer mode), remote "base"]``, the top holding every
+    64th sector and ``delta`` a few runs (one across a hole's edge), read 2048 sectors: each
+    sector comes from the topmost layer that holds it. Returns the origin's ``ReadBatch``
+    and ``Read`` calls it took."""
+    base = pattern(10, 0, 2048, SS)
+    await oclient.volume("base").write(0, base)
+    expected = bytearray(base)
+    for sector, count in ((100, 10), (126, 4), (1500, 300)):
+        mine = pattern(11, sector, count, SS)
+        await oclient.volume("delta").write(sector, mine)
+        expected[sector * SS : (sector + count) * SS] = mine
+    at = origin.grpc_address
+    body = toml_volume("vm", ram(), remote(at, "delta", mode="layer"), remote(at, "base"))
+    async with (
+        running_server(tmp_path / "proxy", body) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        for sector in range(0, 2048, 64):
+            mine = pattern(12, sector, 1, SS)
+            await vol.write(sector, mine)
+            expected[sector * SS : (sector + 1) * SS] = mine
+        batches, reads = _origin_calls(origin, "ReadBatch"), _origin_calls(origin, "Read")
+        assert await vol.read(0, 2048) == expected
+        return _origin_calls(origin, "ReadBatch") - batches, _origin_calls(origin, "Read") - reads
+
+
+async def test_the_holes_of_a_read_go_to_a_remote_in_layer_mode_in_one_call(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    """In layer mode the holes go to the remote in one ``ReadBatch`` asking for presence,
+    and what it does not hold goes to the layer below in one more: two calls in all,
+    where each hole took a Read of each remote before."""
+    assert await _read_through_holes_in_layer_mode(origin, oclient, tmp_path) == (2, 0)
+
+
+async def test_an_origin_without_presence_in_read_batch_gets_a_read_per_hole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An origin whose ``ReadBatch`` ignores ``report_presence`` (a tierdisk of 2026-11-27):
+    a layer-mode remote reads each hole alone with presence, says so once, and the data is
+    right (taking its empty ``present`` for "nothing held" would have shown the layer below
+    instead); the disk-mode remote under it still batches."""
+    serve = BlockDeviceService.read_batch_encoded
+
+    async def older(self: BlockDeviceService, request: Any, context: Any) -> bytes:
+        request.report_presence = False  # what a server without the field reads
+        return await serve(self, request, context)
+
+    monkeypatch.setattr(BlockDeviceService, "read_batch_encoded", older)
+    caplog.set_level(logging.INFO, logger="tierdisk.service.layers.remote")
+    async with (
+        running_server(tmp_path / "origin", ORIGIN) as origin,
+        AsyncClient(origin.grpc_address, timeout=10) as oclient,
+    ):
+        batches, reads = await _read_through_holes_in_layer_mode(origin, oclient, tmp_path)
+    assert reads == 32  # the holes, each from delta with presence
+    assert batches == 2  # the refused one to delta, then base's
+    told = [r.getMessage() for r in caplog.records if "ReadBatch" in r.getMessage()]
+    assert len(told) == 1 and "does not serve ReadBatch with presence" in told[0]
+
+
 async def test_writes_and_reads_through_a_remote_top(
     origin: Server, oclient: AsyncClient, tmp_path: Path
 ) -> None:

@@ -23,14 +23,15 @@ def test_data_only_replies_match_protobuf(data: bytes) -> None:
     raw = pb.ReadResponse(data=data).SerializeToString()
     reply = read_reply_view(raw)
     assert reply is not None
-    view, extents = reply
+    view, extents, reported = reply
     assert bytes(view) == pb.ReadResponse.FromString(raw).data == data
     assert extents == []
+    assert not reported
     assert view.obj is raw or len(data) == 0  # a view of the reply, no copy
 
 
 def test_an_empty_reply_has_empty_data() -> None:
-    assert read_reply_view(b"") == (memoryview(b""), [])
+    assert read_reply_view(b"") == (memoryview(b""), [], False)
 
 
 def test_the_last_data_field_wins_as_in_protobuf() -> None:
@@ -131,11 +132,42 @@ def test_replies_with_presence_match_protobuf(data: bytes, present: list[tuple[i
     raw = message.SerializeToString()
     reply = read_reply_view(raw)
     assert reply is not None
-    view, extents = reply
+    view, extents, reported = reply
     parsed = pb.ReadResponse.FromString(raw)
     assert bytes(view) == parsed.data
     assert extents == [(e.sector, e.sector_count) for e in parsed.present]
+    assert not reported
     assert view.obj is raw or not data  # a view of the reply, no copy
+
+
+@given(
+    data=st.binary(max_size=5000),
+    present=st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(0, 1 << 20)), max_size=6),
+    reported=st.booleans(),
+)
+def test_batch_replies_match_protobuf(
+    data: bytes, present: list[tuple[int, int]], reported: bool
+) -> None:
+    message = pb.ReadBatchResponse(data=data, presence_reported=reported)
+    for sector, count in present:
+        message.present.append(pb.Extent(sector=sector, sector_count=count))
+    raw = message.SerializeToString()
+    reply = read_reply_view(raw)
+    assert reply is not None
+    parsed = pb.ReadBatchResponse.FromString(raw)
+    assert bytes(reply.data) == parsed.data
+    assert reply.present == [(e.sector, e.sector_count) for e in parsed.present]
+    assert reply.presence_reported is parsed.presence_reported is reported
+
+
+def test_the_last_presence_reported_field_wins_as_in_protobuf() -> None:
+    raw = b"\x18\x01" + pb.ReadBatchResponse(data=b"x").SerializeToString() + b"\x18\x00"
+    reply = read_reply_view(raw)
+    assert reply is not None
+    assert reply.presence_reported is pb.ReadBatchResponse.FromString(raw).presence_reported
+    assert not reply.presence_reported
+    with pytest.raises(ValueError):
+        read_reply_view(b"\x18\x80")  # its varint cut short
 
 
 def test_an_extent_with_a_field_it_does_not_know_is_left_to_protobuf() -> None:
@@ -201,7 +233,7 @@ def test_replies_with_a_length_at_a_varint_boundary_are_read(nbytes: int) -> Non
     raw = message.SerializeToString()
     reply = read_reply_view(raw)
     assert reply is not None
-    view, extents = reply
+    view, extents, _ = reply
     assert view == data
     assert view.obj is raw
     assert extents == [(1 << 14, 1 << 21)]

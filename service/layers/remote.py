@@ -101,8 +101,9 @@ Data moves in whole runs: one request per run, split only into chunks of the cli
 ``max_io`` (1 MiB, the measured sweet spot) with 4 chunk requests in flight; data is copied
 once, from the reply into the caller's buffer. The runs of one read (the holes of a
 fragmented layer above, which the engine asks together: :meth:`RemoteLayer.read_runs`) go in
-``ReadBatch`` calls, up to 256 runs and ``max_io`` bytes each, in disk mode over gRPC; an
-origin older than ``ReadBatch`` gets a ``Read`` per run (found at the first batch). Reads of
+``ReadBatch`` calls, up to 256 runs and ``max_io`` bytes each, over gRPC (in layer mode
+asking for presence, as a ``Read`` does); an origin older than ``ReadBatch`` (or, in layer
+mode, than presence in it) gets a ``Read`` per run (found at the first batch). Reads of
 different requests never share a call (each carries its own request's hop chain and
 deadline, and fails only for its own range).
 Failures of the client library map onto the service's domain errors in one table,
@@ -144,7 +145,7 @@ from tierdisk.client.retry import RetryPolicy
 from .. import errors, hops
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
-from ..runs import Run, merge
+from ..runs import Run, merge, subtract
 from .remote_connect import (
     BACKOFF,
     MAX_BACKOFF,
@@ -575,43 +576,56 @@ class RemoteLayer(Layer):
         wanted = [(view, sector, count) for view, sector, count in wanted if count]
         if not wanted:
             return []
-        ranges = [(sector, count) for _, sector, count in wanted]
-        if not await self._send_batch(ranges, [view[: count * ss] for view, _, count in wanted]):
+        ranges = [(sector, sector + count) for _, sector, count in wanted]
+        views = [view[: count * ss] for view, _, count in wanted]
+        held = await self._send_batch(ranges, views)
+        if held is None:
             return await super().read_runs(reads)
-        return [(sector, sector + count) for sector, count in ranges]
+        return held
 
     def _batches(self) -> bool:
-        """Whether reads may go to the remote in ``ReadBatch`` calls: in disk mode (layer
-        mode needs each run's presence, which a batch does not carry), over gRPC (not
-        ``nbd``), to a remote that serves them."""
-        return self.mode == "disk" and self._nbd is None and not self._no_batch
+        """Whether reads may go to the remote in ``ReadBatch`` calls: over gRPC (not
+        ``nbd``), to a remote that serves them (in layer mode, with presence)."""
+        return self._nbd is None and not self._no_batch
 
-    async def _send_batch(self, ranges: list[tuple[int, int]], views: list[memoryview]) -> bool:
-        """Read ``ranges`` into ``views`` in ``ReadBatch`` calls
-        (:meth:`AsyncVolume.read_batch_into`): True when done; False when each should be
-        read alone (a range reached past the remote's end: it shrank; or the remote is older
-        than ``ReadBatch``: said once, and not asked again until its resize watch
-        reconnects); any other failure raised."""
+    async def _send_batch(self, runs: list[Run], views: list[memoryview]) -> list[Run] | None:
+        """Read ``runs`` (sorted, disjoint) into ``views`` in ``ReadBatch`` calls
+        (:meth:`AsyncVolume.read_batch_into`; in layer mode
+        :meth:`~AsyncVolume.read_batch_present_into`, whose unheld sectors come as zeros,
+        as in :meth:`_read_present`): the runs the remote holds; None when each should be
+        read alone (a range reached past the remote's end: it shrank; or the remote is
+        older than ``ReadBatch``, or than presence in it: said once, and not asked again
+        until its resize watch reconnects); any other failure raised."""
+        vol = self._volume()
+        ranges = [(a, b - a) for a, b in runs]
         unimplemented = False
         try:
             with self._errors:
                 try:
-                    await self._volume().read_batch_into(ranges, views)
+                    if self.mode == "disk":
+                        await vol.read_batch_into(ranges, views)
+                        return runs
+                    extents = await vol.read_batch_present_into(ranges, views)
                 except client_errors.Unimplemented:
                     unimplemented = True
         except errors.OutOfRange:  # inside the size known: the remote shrank
-            return False
+            return None
         if unimplemented:
             if not self._no_batch:  # (batches in flight meanwhile learn it too)
                 self._no_batch = True
+                layer = self.mode == "layer"
                 log.info(
-                    "%s%s: the remote does not serve ReadBatch (a tierdisk older than "
-                    "2026-11-27): the runs of a read go in a call each until it reconnects",
+                    "%s%s: the remote does not serve ReadBatch%s (a tierdisk older than "
+                    "%s): the runs of a read go in a call each until it reconnects",
                     self.owner,
                     self._where,
+                    " with presence" if layer else "",
+                    "2026-11-28" if layer else "2026-11-27",
                 )
-            return False
-        return True
+            return None
+        # Only what was asked for (the remote clips its answer to the ranges; a remote
+        # that did not would otherwise make sectors outside them look held).
+        return subtract(runs, subtract(runs, merge([(e.sector, e.end) for e in extents])))
 
     def _read_some(self, buf: memoryview) -> Callable[[int, int], Awaitable[list[Run]]]:
         """:meth:`read` of the first ``count`` sectors of ``buf`` from ``sector``, over gRPC."""

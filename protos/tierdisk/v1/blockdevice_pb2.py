@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdisk/v1/blockdevice.proto\x12\x0btierdisk.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xff\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bsector_size\x18\x02 \x01(\r\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x1c\n\x14physical_sector_size\x18\x04 \x01(\r\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x15\n\rfua_respected\x18\x06 \x01(\x08\x12\x0f\n\x07\x64isk_id\x18\x07 \x01(\x0c\x12\x32\n\x0eunmap_behavior\x18\x08 \x01(\x0e\x32\x1a.tierdisk.v1.UnmapBehavior\x12\x1d\n\x15optimal_unmap_sectors\x18\t \x01(\x04\x12\x10\n\x08volatile\x18\n \x01(\x08\".\n\x06\x45xtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\"G\n\x10\x41llocationExtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\";\n\x12ListVolumesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListVolumesResponse\x12$\n\x07volumes\x18\x01 \x03(\x0b\x32\x13.tierdisk.v1.Volume\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10GetVolumeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"q\n\x0bReadRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x17\n\x0freport_presence\x18\x04 \x01(\x08\x12\x13\n\x0bsector_size\x18\x05 \x01(\r\"B\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x07present\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\"\\\n\x10ReadBatchRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12#\n\x06ranges\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\x12\x13\n\x0bsector_size\x18\x03 \x01(\r\"!\n\x11ReadBatchResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"t\n\x0cWriteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x66ua\x18\x04 \x01(\x08\x12\x14\n\x0cno_overwrite\x18\x05 \x01(\x08\x12\x13\n\x0bsector_size\x18\x06 \x01(\r\"\'\n\rWriteResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"s\n\x0cUnmapRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x18\n\x10\x62lock_level_only\x18\x04 \x01(\x08\x12\x13\n\x0bsector_size\x18\x05 \x01(\r\"\'\n\rUnmapResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"\x1e\n\x0c\x46lushRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"9\n\rFlushResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\x12\x10\n\x08volatile\x18\x02 \x01(\x08\"a\n\x14GetAllocationRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x13\n\x0bsector_size\x18\x04 \x01(\r\"G\n\x15GetAllocationResponse\x12.\n\x07\x65xtents\x18\x01 \x03(\x0b\x32\x1d.tierdisk.v1.AllocationExtent\".\n\x0eInspectRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"8\n\x0fInspectResponse\x12%\n\x04tree\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"J\n\rResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\x12\x13\n\x0bsector_size\x18\x03 \x01(\r\"$\n\x12WatchResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"7\n\x0bResizeEvent\x12\x14\n\x0csector_count\x18\x01 \x01(\x04\x12\x12\n\ngeneration\x18\x02 \x01(\x04*~\n\rUnmapBehavior\x12\x1e\n\x1aUNMAP_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x16\n\x12UNMAP_BEHAVIOR_ANY\x10\x01\x12\x19\n\x15UNMAP_BEHAVIOR_ZEROES\x10\x02\x12\x1a\n\x16UNMAP_BEHAVIOR_IGNORED\x10\x03\x32\x8e\x06\n\x0b\x42lockDevice\x12P\n\x0bListVolumes\x12\x1f.tierdisk.v1.ListVolumesRequest\x1a .tierdisk.v1.ListVolumesResponse\x12?\n\tGetVolume\x12\x1d.tierdisk.v1.GetVolumeRequest\x1a\x13.tierdisk.v1.Volume\x12;\n\x04Read\x12\x18.tierdisk.v1.ReadRequest\x1a\x19.tierdisk.v1.ReadResponse\x12J\n\tReadBatch\x12\x1d.tierdisk.v1.ReadBatchRequest\x1a\x1e.tierdisk.v1.ReadBatchResponse\x12>\n\x05Write\x12\x19.tierdisk.v1.WriteRequest\x1a\x1a.tierdisk.v1.WriteResponse\x12>\n\x05Unmap\x12\x19.tierdisk.v1.UnmapRequest\x1a\x1a.tierdisk.v1.UnmapResponse\x12>\n\x05\x46lush\x12\x19.tierdisk.v1.FlushRequest\x1a\x1a.tierdisk.v1.FlushResponse\x12V\n\rGetAllocation\x12!.tierdisk.v1.GetAllocationRequest\x1a\".tierdisk.v1.GetAllocationResponse\x12\x44\n\x07Inspect\x12\x1b.tierdisk.v1.InspectRequest\x1a\x1c.tierdisk.v1.InspectResponse\x12\x39\n\x06Resize\x12\x1a.tierdisk.v1.ResizeRequest\x1a\x13.tierdisk.v1.Volume\x12J\n\x0bWatchResize\x12\x1f.tierdisk.v1.WatchResizeRequest\x1a\x18.tierdisk.v1.ResizeEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdisk/v1/blockdevice.proto\x12\x0btierdisk.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xff\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bsector_size\x18\x02 \x01(\r\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x1c\n\x14physical_sector_size\x18\x04 \x01(\r\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x15\n\rfua_respected\x18\x06 \x01(\x08\x12\x0f\n\x07\x64isk_id\x18\x07 \x01(\x0c\x12\x32\n\x0eunmap_behavior\x18\x08 \x01(\x0e\x32\x1a.tierdisk.v1.UnmapBehavior\x12\x1d\n\x15optimal_unmap_sectors\x18\t \x01(\x04\x12\x10\n\x08volatile\x18\n \x01(\x08\".\n\x06\x45xtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\"G\n\x10\x41llocationExtent\x12\x0e\n\x06sector\x18\x01 \x01(\x04\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\";\n\x12ListVolumesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListVolumesResponse\x12$\n\x07volumes\x18\x01 \x03(\x0b\x32\x13.tierdisk.v1.Volume\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10GetVolumeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"q\n\x0bReadRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x17\n\x0freport_presence\x18\x04 \x01(\x08\x12\x13\n\x0bsector_size\x18\x05 \x01(\r\"B\n\x0cReadResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x07present\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\"u\n\x10ReadBatchRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12#\n\x06ranges\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\x12\x13\n\x0bsector_size\x18\x03 \x01(\r\x12\x17\n\x0freport_presence\x18\x04 \x01(\x08\"b\n\x11ReadBatchResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x07present\x18\x02 \x03(\x0b\x32\x13.tierdisk.v1.Extent\x12\x19\n\x11presence_reported\x18\x03 \x01(\x08\"t\n\x0cWriteRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x66ua\x18\x04 \x01(\x08\x12\x14\n\x0cno_overwrite\x18\x05 \x01(\x08\x12\x13\n\x0bsector_size\x18\x06 \x01(\r\"\'\n\rWriteResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"s\n\x0cUnmapRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x18\n\x10\x62lock_level_only\x18\x04 \x01(\x08\x12\x13\n\x0bsector_size\x18\x05 \x01(\r\"\'\n\rUnmapResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\"\x1e\n\x0c\x46lushRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"9\n\rFlushResponse\x12\x16\n\x0ewrite_verifier\x18\x01 \x01(\x06\x12\x10\n\x08volatile\x18\x02 \x01(\x08\"a\n\x14GetAllocationRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0e\n\x06sector\x18\x02 \x01(\x04\x12\x14\n\x0csector_count\x18\x03 \x01(\x04\x12\x13\n\x0bsector_size\x18\x04 \x01(\r\"G\n\x15GetAllocationResponse\x12.\n\x07\x65xtents\x18\x01 \x03(\x0b\x32\x1d.tierdisk.v1.AllocationExtent\".\n\x0eInspectRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"8\n\x0fInspectResponse\x12%\n\x04tree\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"J\n\rResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x14\n\x0csector_count\x18\x02 \x01(\x04\x12\x13\n\x0bsector_size\x18\x03 \x01(\r\"$\n\x12WatchResizeRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"7\n\x0bResizeEvent\x12\x14\n\x0csector_count\x18\x01 \x01(\x04\x12\x12\n\ngeneration\x18\x02 \x01(\x04*~\n\rUnmapBehavior\x12\x1e\n\x1aUNMAP_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x16\n\x12UNMAP_BEHAVIOR_ANY\x10\x01\x12\x19\n\x15UNMAP_BEHAVIOR_ZEROES\x10\x02\x12\x1a\n\x16UNMAP_BEHAVIOR_IGNORED\x10\x03\x32\x8e\x06\n\x0b\x42lockDevice\x12P\n\x0bListVolumes\x12\x1f.tierdisk.v1.ListVolumesRequest\x1a .tierdisk.v1.ListVolumesResponse\x12?\n\tGetVolume\x12\x1d.tierdisk.v1.GetVolumeRequest\x1a\x13.tierdisk.v1.Volume\x12;\n\x04Read\x12\x18.tierdisk.v1.ReadRequest\x1a\x19.tierdisk.v1.ReadResponse\x12J\n\tReadBatch\x12\x1d.tierdisk.v1.ReadBatchRequest\x1a\x1e.tierdisk.v1.ReadBatchResponse\x12>\n\x05Write\x12\x19.tierdisk.v1.WriteRequest\x1a\x1a.tierdisk.v1.WriteResponse\x12>\n\x05Unmap\x12\x19.tierdisk.v1.UnmapRequest\x1a\x1a.tierdisk.v1.UnmapResponse\x12>\n\x05\x46lush\x12\x19.tierdisk.v1.FlushRequest\x1a\x1a.tierdisk.v1.FlushResponse\x12V\n\rGetAllocation\x12!.tierdisk.v1.GetAllocationRequest\x1a\".tierdisk.v1.GetAllocationResponse\x12\x44\n\x07Inspect\x12\x1b.tierdisk.v1.InspectRequest\x1a\x1c.tierdisk.v1.InspectResponse\x12\x39\n\x06Resize\x12\x1a.tierdisk.v1.ResizeRequest\x1a\x13.tierdisk.v1.Volume\x12J\n\x0bWatchResize\x12\x1f.tierdisk.v1.WatchResizeRequest\x1a\x18.tierdisk.v1.ResizeEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierdisk.v1.blockdevice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNMAPBEHAVIOR']._serialized_start=1807
-  _globals['_UNMAPBEHAVIOR']._serialized_end=1933
+  _globals['_UNMAPBEHAVIOR']._serialized_start=1897
+  _globals['_UNMAPBEHAVIOR']._serialized_end=2023
   _globals['_VOLUME']._serialized_start=77
   _globals['_VOLUME']._serialized_end=332
   _globals['_EXTENT']._serialized_start=334
@@ -51,35 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READRESPONSE']._serialized_start=753
   _globals['_READRESPONSE']._serialized_end=819
   _globals['_READBATCHREQUEST']._serialized_start=821
-  _globals['_READBATCHREQUEST']._serialized_end=913
-  _globals['_READBATCHRESPONSE']._serialized_start=915
-  _globals['_READBATCHRESPONSE']._serialized_end=948
-  _globals['_WRITEREQUEST']._serialized_start=950
-  _globals['_WRITEREQUEST']._serialized_end=1066
-  _globals['_WRITERESPONSE']._serialized_start=1068
-  _globals['_WRITERESPONSE']._serialized_end=1107
-  _globals['_UNMAPREQUEST']._serialized_start=1109
-  _globals['_UNMAPREQUEST']._serialized_end=1224
-  _globals['_UNMAPRESPONSE']._serialized_start=1226
-  _globals['_UNMAPRESPONSE']._serialized_end=1265
-  _globals['_FLUSHREQUEST']._serialized_start=1267
-  _globals['_FLUSHREQUEST']._serialized_end=1297
-  _globals['_FLUSHRESPONSE']._serialized_start=1299
-  _globals['_FLUSHRESPONSE']._serialized_end=1356
-  _globals['_GETALLOCATIONREQUEST']._serialized_start=1358
-  _globals['_GETALLOCATIONREQUEST']._serialized_end=1455
-  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1457
-  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1528
-  _globals['_INSPECTREQUEST']._serialized_start=1530
-  _globals['_INSPECTREQUEST']._serialized_end=1576
-  _globals['_INSPECTRESPONSE']._serialized_start=1578
-  _globals['_INSPECTRESPONSE']._serialized_end=1634
-  _globals['_RESIZEREQUEST']._serialized_start=1636
-  _globals['_RESIZEREQUEST']._serialized_end=1710
-  _globals['_WATCHRESIZEREQUEST']._serialized_start=1712
-  _globals['_WATCHRESIZEREQUEST']._serialized_end=1748
-  _globals['_RESIZEEVENT']._serialized_start=1750
-  _globals['_RESIZEEVENT']._serialized_end=1805
-  _globals['_BLOCKDEVICE']._serialized_start=1936
-  _globals['_BLOCKDEVICE']._serialized_end=2718
+  _globals['_READBATCHREQUEST']._serialized_end=938
+  _globals['_READBATCHRESPONSE']._serialized_start=940
+  _globals['_READBATCHRESPONSE']._serialized_end=1038
+  _globals['_WRITEREQUEST']._serialized_start=1040
+  _globals['_WRITEREQUEST']._serialized_end=1156
+  _globals['_WRITERESPONSE']._serialized_start=1158
+  _globals['_WRITERESPONSE']._serialized_end=1197
+  _globals['_UNMAPREQUEST']._serialized_start=1199
+  _globals['_UNMAPREQUEST']._serialized_end=1314
+  _globals['_UNMAPRESPONSE']._serialized_start=1316
+  _globals['_UNMAPRESPONSE']._serialized_end=1355
+  _globals['_FLUSHREQUEST']._serialized_start=1357
+  _globals['_FLUSHREQUEST']._serialized_end=1387
+  _globals['_FLUSHRESPONSE']._serialized_start=1389
+  _globals['_FLUSHRESPONSE']._serialized_end=1446
+  _globals['_GETALLOCATIONREQUEST']._serialized_start=1448
+  _globals['_GETALLOCATIONREQUEST']._serialized_end=1545
+  _globals['_GETALLOCATIONRESPONSE']._serialized_start=1547
+  _globals['_GETALLOCATIONRESPONSE']._serialized_end=1618
+  _globals['_INSPECTREQUEST']._serialized_start=1620
+  _globals['_INSPECTREQUEST']._serialized_end=1666
+  _globals['_INSPECTRESPONSE']._serialized_start=1668
+  _globals['_INSPECTRESPONSE']._serialized_end=1724
+  _globals['_RESIZEREQUEST']._serialized_start=1726
+  _globals['_RESIZEREQUEST']._serialized_end=1800
+  _globals['_WATCHRESIZEREQUEST']._serialized_start=1802
+  _globals['_WATCHRESIZEREQUEST']._serialized_end=1838
+  _globals['_RESIZEEVENT']._serialized_start=1840
+  _globals['_RESIZEEVENT']._serialized_end=1895
+  _globals['_BLOCKDEVICE']._serialized_start=2026
+  _globals['_BLOCKDEVICE']._serialized_end=2808
 # @@protoc_insertion_point(module_scope)

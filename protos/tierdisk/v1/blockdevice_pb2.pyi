@@ -351,10 +351,13 @@ class ReadBatchRequest(_message.Message):
     VOLUME_FIELD_NUMBER: _builtins.int
     RANGES_FIELD_NUMBER: _builtins.int
     SECTOR_SIZE_FIELD_NUMBER: _builtins.int
+    REPORT_PRESENCE_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     """Name of the volume."""
     sector_size: _builtins.int
     """As in ReadRequest: the sector size the caller counts in; 0: not checked."""
+    report_presence: _builtins.bool
+    """When true, the response's `present` lists the runs some layer holds."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
         """The ranges to read, in any order; they may overlap or repeat. At most
@@ -371,10 +374,11 @@ class ReadBatchRequest(_message.Message):
         volume: _builtins.str = ...,
         ranges: _abc.Iterable[Global___Extent] | None = ...,
         sector_size: _builtins.int = ...,
+        report_presence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ranges", b"ranges", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ranges", b"ranges", "report_presence", b"report_presence", "sector_size", b"sector_size", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,18 +389,34 @@ class ReadBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
+    PRESENT_FIELD_NUMBER: _builtins.int
+    PRESENCE_REPORTED_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The ranges' contents, in the order of `ranges`: the sum of their
     sector_count * sector_size bytes.
     """
+    presence_reported: _builtins.bool
+    """True when `report_presence` was set: `present` is then the answer, even
+    when empty (a server older than presence in ReadBatch leaves it false).
+    """
+    @_builtins.property
+    def present(self) -> _containers.RepeatedCompositeFieldContainer[Global___Extent]:
+        """Only when `report_presence` was set: the runs within the requested ranges
+        that some layer holds, as in ReadResponse (absolute sector numbers,
+        sorted, not overlapping, clipped to the ranges), one list for all the
+        ranges: a sector of two ranges is in it once.
+        """
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
+        present: _abc.Iterable[Global___Extent] | None = ...,
+        presence_reported: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "presence_reported", b"presence_reported", "present", b"present"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
