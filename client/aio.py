@@ -657,7 +657,7 @@ class AsyncVolume:
         """:meth:`read_batch_into`, also returning the runs of the ranges some layer holds
         (one list for all the ranges: sorted, merged; the sectors outside them read as
         zeros), as :meth:`read_present_into` does for one range. Needs a server that
-        reports presence in ``ReadBatch`` (tierdisk from 2026-11-28): an older one's reply
+        reports presence in ``ReadBatch`` (tierdisk since commit ``f972819``): an older one's reply
         says nothing of presence, and this raises :class:`Unimplemented` rather than take
         every sector for a hole."""
         return await self._read_batch_into_buffers(ranges, buffers, True, timeout)
@@ -724,7 +724,7 @@ class AsyncVolume:
             if presence and not reported:
                 raise Unimplemented(
                     f"the server at {self.client.target} does not report presence in "
-                    "ReadBatch (a tierdisk older than 2026-11-28): read each range with "
+                    "ReadBatch (a tierdisk older than that): read each range with "
                     "read_present_into",
                     target=self.client.target,
                     method="ReadBatch",

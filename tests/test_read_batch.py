@@ -291,9 +291,9 @@ async def test_a_server_that_reports_no_presence_in_a_batch_is_unimplemented(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that serves ``ReadBatch`` but knows nothing of its ``report_presence`` (a
-    tierdisk of 2026-11-27, which ignores the field): its reply's empty ``present`` is no
-    answer, and the client raises :class:`Unimplemented` rather than take every sector
-    for a hole."""
+    tierdisk from before presence in it, which ignores the field): its reply's empty
+    ``present`` is no answer, and the client raises :class:`Unimplemented` rather than
+    take every sector for a hole."""
     serve = BlockDeviceService.read_batch_encoded
 
     async def older(self: BlockDeviceService, request: Any, context: Any) -> bytes:

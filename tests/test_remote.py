@@ -337,10 +337,10 @@ async def test_the_holes_of_a_read_go_to_a_remote_in_layer_mode_in_one_call(
 async def test_an_origin_without_presence_in_read_batch_gets_a_read_per_hole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An origin whose ``ReadBatch`` ignores ``report_presence`` (a tierdisk of 2026-11-27):
-    a layer-mode remote reads each hole alone with presence, says so once, and the data is
-    right (taking its empty ``present`` for "nothing held" would have shown the layer below
-    instead); the disk-mode remote under it still batches."""
+    """An origin whose ``ReadBatch`` ignores ``report_presence`` (a tierdisk from before
+    presence in it): a layer-mode remote reads each hole alone with presence, says so once,
+    and the data is right (taking its empty ``present`` for "nothing held" would have shown
+    the layer below instead); the disk-mode remote under it still batches."""
     serve = BlockDeviceService.read_batch_encoded
 
     async def older(self: BlockDeviceService, request: Any, context: Any) -> bytes:

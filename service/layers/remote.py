@@ -613,14 +613,12 @@ class RemoteLayer(Layer):
         if unimplemented:
             if not self._no_batch:  # (batches in flight meanwhile learn it too)
                 self._no_batch = True
-                layer = self.mode == "layer"
                 log.info(
                     "%s%s: the remote does not serve ReadBatch%s (a tierdisk older than "
-                    "%s): the runs of a read go in a call each until it reconnects",
+                    "that): the runs of a read go in a call each until it reconnects",
                     self.owner,
                     self._where,
-                    " with presence" if layer else "",
-                    "2026-11-28" if layer else "2026-11-27",
+                    " with presence" if self.mode == "layer" else "",
                 )
             return None
         # Only what was asked for (the remote clips its answer to the ranges; a remote
