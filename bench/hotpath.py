@@ -10,6 +10,8 @@ is gRPC's (measured end to end by bench/run).
 
     python bench/hotpath.py                 # table of us/call
     python bench/hotpath.py --profile read4k  # cProfile of one case, top functions
+
+``batch4k`` is one ``ReadBatch`` call of 8 reads of 4 KiB (its figures are per call).
 """
 
 from __future__ import annotations
@@ -157,13 +159,24 @@ async def one_call(record: dict[str, Any], method: str, raw: bytes, ctx: Any) ->
 CASES = {
     "read4k": ("Read", 4096),
     "read1m": ("Read", 1 << 20),
+    "batch4k": ("ReadBatch", 4096),  # a ReadBatch of BATCH reads of 4 KiB at spread places
     "write4k": ("Write", 4096),
     "write1m": ("Write", 1 << 20),
 }
+BATCH = 8
 
 
 def _request(method: str, volume: str, nbytes: int, i: int, region: int) -> bytes:
     sector = (i * nbytes) % region // SECTOR
+    if method == "ReadBatch":
+        step = region // BATCH // SECTOR
+        ranges = [
+            pb.Extent(
+                sector=(sector + k * step) % (region // SECTOR), sector_count=nbytes // SECTOR
+            )
+            for k in range(BATCH)
+        ]
+        return pb.ReadBatchRequest(volume=volume, ranges=ranges).SerializeToString()
     if method == "Read":
         return pb.ReadRequest(
             volume=volume, sector=sector, sector_count=nbytes // SECTOR

@@ -563,9 +563,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 seconds = time.perf_counter() - start
                 self._metrics.observe_io(request.volume, "read", _CODE_NAMES[code], 0, seconds)
         seconds = time.perf_counter() - start
-        observe = self._metrics.observe_io
-        for _, count in ranges:
-            observe(request.volume, "read", "OK", count * volume.sector_size, seconds)
+        self._metrics.observe_io(request.volume, "read", "OK", nbytes, seconds, len(ranges))
         return encoded
 
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:

@@ -51,10 +51,11 @@ class HistogramCell:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
-    def observe(self, amount: float) -> None:
-        """Count ``amount`` in the first bucket whose upper bound is >= it."""
-        self.sum += amount
-        self.counts[bisect_left(self._bounds, amount)] += 1
+    def observe(self, amount: float, times: int = 1) -> None:
+        """Count ``amount`` in the first bucket whose upper bound is >= it, ``times`` times
+        (as many observations of the same amount; >= 0, not checked)."""
+        self.sum += amount * times
+        self.counts[bisect_left(self._bounds, amount)] += times
 
 
 _Cell = TypeVar("_Cell", CounterCell, HistogramCell)

@@ -282,9 +282,12 @@ class Metrics:
             }
         )
 
-    def observe_io(self, volume: str, op: str, code: str, nbytes: int, seconds: float) -> None:
+    def observe_io(
+        self, volume: str, op: str, code: str, nbytes: int, seconds: float, requests: int = 1
+    ) -> None:
         """Count one volume I/O request (``op``: read, write, unmap, flush) for the volume
-        name ``volume`` the request gave, whatever became of it.
+        name ``volume`` the request gave, whatever became of it; or ``requests`` of them
+        that moved ``nbytes`` in all and each took ``seconds`` (a ``ReadBatch``'s ranges).
 
         The names of configured volumes become ``volume`` label values, whether the volume
         is ready or still attaching (its ``UNAVAILABLE`` answers count under its name), and
@@ -295,13 +298,13 @@ class Metrics:
         cells = self._io_cells.get((volume, op, code))
         if cells is None:
             cells = self._io_cells_for(volume, op, code)
-        cells[0].inc()
+        cells[0].inc(requests)
         if nbytes:
             moved = self._io_bytes_cells.get((cells[2], op))
             if moved is None:
                 moved = self._io_bytes_cells[cells[2], op] = self.io_bytes.labels(cells[2], op)
             moved.inc(nbytes)
-        cells[1].observe(seconds)
+        cells[1].observe(seconds, requests)
 
     def _io_cells_for(
         self, volume: str, op: str, code: str

@@ -31,6 +31,26 @@ def test_loop_metrics_expose_like_prometheus_client() -> None:
     assert _strip_created(generate_latest(ours)) == _strip_created(generate_latest(theirs))
 
 
+def test_an_amount_observed_n_times_at_once_is_n_observations() -> None:
+    """``observe(seconds, n)`` (a ReadBatch's ranges, each timed as the whole call): the
+    exposition of n calls of prometheus_client's ``observe(seconds)``."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    h1 = LoopHistogram("t_seconds", "Latency.", ["op"], buckets=LATENCY_BUCKETS, registry=ours)
+    h2 = Histogram("t_seconds", "Latency.", ["op"], buckets=LATENCY_BUCKETS, registry=theirs)
+    for seconds, times in [(0.0003, 8), (0.02, 1), (0.0003, 0), (7.5, 3), (0.001, 256)]:
+        h1.labels("read").observe(seconds, times)
+        for _ in range(times):
+            h2.labels("read").observe(seconds)
+    mine, expected = _strip_created(generate_latest(ours)), _strip_created(generate_latest(theirs))
+    assert [line for line in mine if "_sum" not in line] == [
+        line for line in expected if "_sum" not in line
+    ]
+    # The sum is a product, not repeated additions: equal up to float rounding.
+    [total] = [float(line.split()[-1]) for line in mine if line.startswith("t_seconds_sum")]
+    [added] = [float(line.split()[-1]) for line in expected if line.startswith("t_seconds_sum")]
+    assert total == pytest.approx(added, rel=1e-12)
+
+
 def test_unused_and_removed_series_expose_like_prometheus_client() -> None:
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     LoopHistogram("t_idle_seconds", "Idle.", ["op"], buckets=LATENCY_BUCKETS, registry=ours)
