@@ -190,20 +190,33 @@ def _origin_calls(origin: Server, method: str) -> float:
 
 
 async def _read_through_holes(
-    origin: Server, oclient: AsyncClient, tmp_path: Path
+    origin: Server,
+    oclient: AsyncClient,
+    tmp_path: Path,
+    delta: tuple[tuple[int, int], ...] = (),
 ) -> tuple[float, float]:
     """Through ``[ram, remote -> base]`` whose top holds every 64th sector (written there),
     read 2048 sectors (33 holes in the top): the data is the origin's with the top's
-    sectors over it. Returns the origin's ``ReadBatch`` and ``Read`` calls it took."""
+    sectors over it. With ``delta`` runs ``(sector, count)``, written to the origin's
+    ``delta``, the stack is ``[ram, remote -> delta (layer mode), remote -> base]``: each
+    sector comes from the topmost layer that holds it. Returns the origin's ``ReadBatch``
+    and ``Read`` calls it took."""
     base = pattern(4, 0, 2048, SS)
     await oclient.volume("base").write(0, base)
-    body = toml_volume("vm", ram(), remote(origin.grpc_address, "base"))
+    expected = bytearray(base)
+    for sector, count in delta:
+        mine = pattern(6, sector, count, SS)
+        await oclient.volume("delta").write(sector, mine)
+        expected[sector * SS : (sector + count) * SS] = mine
+    at = origin.grpc_address
+    layers = [ram(), remote(at, "base")]
+    if delta:
+        layers.insert(1, remote(at, "delta", mode="layer"))
     async with (
-        running_server(tmp_path / "proxy", body) as proxy,
+        running_server(tmp_path / "proxy", toml_volume("vm", *layers)) as proxy,
         AsyncClient(proxy.grpc_address) as client,
     ):
         vol = client.volume("vm")
-        expected = bytearray(base)
         for sector in range(0, 2048, 64):
             mine = pattern(5, sector, 1, SS)
             await vol.write(sector, mine)
@@ -295,34 +308,8 @@ async def test_reads_at_once_from_an_origin_without_read_batch_say_so_once(
                 await eventually("the tier to send ReadBatch to the new origin", batched)
 
 
-async def _read_through_holes_in_layer_mode(
-    origin: Server, oclient: AsyncClient, tmp_path: Path
-) -> tuple[float, float]:
-    """Through ``[ram, remote "delta" (layer mode), remote "base"]``, the top holding every
-    64th sector and ``delta`` a few runs (one across a hole's edge), read 2048 sectors: each
-    sector comes from the topmost layer that holds it. Returns the origin's ``ReadBatch``
-    and ``Read`` calls it took."""
-    base = pattern(10, 0, 2048, SS)
-    await oclient.volume("base").write(0, base)
-    expected = bytearray(base)
-    for sector, count in ((100, 10), (126, 4), (1500, 300)):
-        mine = pattern(11, sector, count, SS)
-        await oclient.volume("delta").write(sector, mine)
-        expected[sector * SS : (sector + count) * SS] = mine
-    at = origin.grpc_address
-    body = toml_volume("vm", ram(), remote(at, "delta", mode="layer"), remote(at, "base"))
-    async with (
-        running_server(tmp_path / "proxy", body) as proxy,
-        AsyncClient(proxy.grpc_address) as client,
-    ):
-        vol = client.volume("vm")
-        for sector in range(0, 2048, 64):
-            mine = pattern(12, sector, 1, SS)
-            await vol.write(sector, mine)
-            expected[sector * SS : (sector + 1) * SS] = mine
-        batches, reads = _origin_calls(origin, "ReadBatch"), _origin_calls(origin, "Read")
-        assert await vol.read(0, 2048) == expected
-        return _origin_calls(origin, "ReadBatch") - batches, _origin_calls(origin, "Read") - reads
+DELTA_RUNS = ((100, 10), (126, 4), (1500, 300))
+"""Runs of the origin's ``delta`` for the layer-mode reads (one across a hole's edge)."""
 
 
 async def test_the_holes_of_a_read_go_to_a_remote_in_layer_mode_in_one_call(
@@ -331,7 +318,7 @@ async def test_the_holes_of_a_read_go_to_a_remote_in_layer_mode_in_one_call(
     """In layer mode the holes go to the remote in one ``ReadBatch`` asking for presence,
     and what it does not hold goes to the layer below in one more: two calls in all,
     where each hole took a Read of each remote before."""
-    assert await _read_through_holes_in_layer_mode(origin, oclient, tmp_path) == (2, 0)
+    assert await _read_through_holes(origin, oclient, tmp_path, DELTA_RUNS) == (2, 0)
 
 
 async def test_an_origin_without_presence_in_read_batch_gets_a_read_per_hole(
@@ -353,7 +340,7 @@ async def test_an_origin_without_presence_in_read_batch_gets_a_read_per_hole(
         running_server(tmp_path / "origin", ORIGIN) as origin,
         AsyncClient(origin.grpc_address, timeout=10) as oclient,
     ):
-        batches, reads = await _read_through_holes_in_layer_mode(origin, oclient, tmp_path)
+        batches, reads = await _read_through_holes(origin, oclient, tmp_path, DELTA_RUNS)
     assert reads == 32  # the holes, each from delta with presence
     assert batches == 2  # the refused one to delta, then base's
     told = [r.getMessage() for r in caplog.records if "ReadBatch" in r.getMessage()]
