@@ -52,6 +52,7 @@ from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overloa
 import grpc
 import grpc.aio
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
@@ -522,13 +523,16 @@ class AsyncVolume:
         except ValueError as exc:
             raise StorageError(f"malformed {rpc} reply: {exc}", volume=self.name) from None
         if reply is None:  # fields this fast path does not handle: let protobuf parse it
-            if rpc == "ReadBatch":
-                batch = pb.ReadBatchResponse.FromString(raw)
-                return memoryview(batch.data), _extents(batch.present), batch.presence_reported
-            msg = pb.ReadResponse.FromString(raw)
+            try:
+                if rpc == "ReadBatch":
+                    batch = pb.ReadBatchResponse.FromString(raw)
+                    extents = _extents(batch.present)
+                    return memoryview(batch.data), extents, batch.presence_reported
+                msg = pb.ReadResponse.FromString(raw)
+            except DecodeError as exc:
+                raise StorageError(f"malformed {rpc} reply: {exc}", volume=self.name) from None
             return memoryview(msg.data), _extents(msg.present), False
-        data, present, reported = reply
-        return data, [Extent(a, n) for a, n in present], reported
+        return reply.data, [Extent(a, n) for a, n in reply.present], reply.presence_reported
 
     def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
         """:class:`StorageError` unless a Read reply of ``nbytes`` holds ``count`` sectors
@@ -659,7 +663,9 @@ class AsyncVolume:
         zeros), as :meth:`read_present_into` does for one range. Needs a server that
         reports presence in ``ReadBatch`` (tierdisk since commit ``f972819``): an older one's reply
         says nothing of presence, and this raises :class:`Unimplemented` rather than take
-        every sector for a hole."""
+        every sector for a hole (only where a range goes in a ``ReadBatch`` call: an empty
+        batch, or one whose ranges are each over ``max_io`` and so read alone, is
+        answered by any server)."""
         return await self._read_batch_into_buffers(ranges, buffers, True, timeout)
 
     async def _read_batch_into_buffers(
@@ -724,8 +730,8 @@ class AsyncVolume:
             if presence and not reported:
                 raise Unimplemented(
                     f"the server at {self.client.target} does not report presence in "
-                    "ReadBatch (a tierdisk older than that): read each range with "
-                    "read_present_into",
+                    "ReadBatch (a tierdisk from before commit f972819): read each range "
+                    "with read_present_into",
                     target=self.client.target,
                     method="ReadBatch",
                 )

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .failure_log import StorageFailureLog
 from .metrics import Metrics
-from .read_reply import ReadReply
+from .read_reply import PRESENCE_REPORTED, ReadReply
 from .registry import VolumeRegistry
 from .reply_budget import BUDGETED_FROM_BYTES, ReplyBudgets
 from .rpc_metrics import count_status_now
@@ -543,10 +543,10 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._check_io_size(nbytes, "a batch of reads")
                 if nbytes >= BUDGETED_FROM_BYTES:  # a large reply: bounded per connection
                     await self._hold_reply_budget(context, nbytes)
-                reply = ReadReply(nbytes)
+                presence = request.report_presence
+                reply = ReadReply(nbytes, prefix=PRESENCE_REPORTED if presence else b"")
                 held = await volume.read_ranges_into(reply.data, ranges)
-                present = merge(held) if request.report_presence else None
-                encoded = reply.encode(present, batch=True)
+                encoded = reply.encode(merge(held) if presence else None)
             finally:
                 self._gate.leave()
         except (TierdiskError, OSError) as exc:

@@ -4,7 +4,9 @@ A 1 MiB read through protobuf costs four copies of the data (bytearray -> bytes 
 -> serialized). :class:`ReadReply` instead holds the frame of a serialized ``ReadResponse``
 (field 1 ``data``: tag 0x0a, varint length, then the bytes) with a writable view of the data
 part; the ``present`` extents, when asked for, are serialized by protobuf and appended, so
-the bytes are exactly what protobuf would produce.
+the bytes are exactly what protobuf would produce. A ``ReadBatchResponse`` (whose fields 1
+and 2 are the same) asked for presence starts with its ``presence_reported`` instead
+(:data:`PRESENCE_REPORTED`; protobuf parses fields in any order).
 
 For large replies (from 128 KiB) the frame is a fresh ``bytes`` object filled in place before
 anyone else sees it (what C code does with ``PyBytes_FromStringAndSize(NULL, n)``): CPython
@@ -20,7 +22,7 @@ import sys
 from tierdisk.client.wire import encode_varint
 from tierdisk.v1 import blockdevice_pb2 as pb
 
-__all__ = ["ReadReply", "new_buffer"]
+__all__ = ["PRESENCE_REPORTED", "ReadReply", "new_buffer"]
 
 _DATA_TAG = 0x0A  # ReadResponse.data: field 1, length-delimited
 _DIRECT_MIN = 128 << 10  # below this a bytearray and one copy is cheaper than ctypes
@@ -58,6 +60,11 @@ def new_buffer(nbytes: int) -> tuple[bytes | bytearray, memoryview]:
     return array, memoryview(array)
 
 
+PRESENCE_REPORTED = pb.ReadBatchResponse(presence_reported=True).SerializeToString()
+"""``ReadBatchResponse.presence_reported = true`` as it goes on the wire: a batch asked for
+presence puts it before its data (:class:`ReadReply`'s ``prefix``: protobuf takes fields in
+any order), so an answer with nothing held is sent as framed, without a copy."""
+
 _heads: dict[int, bytes] = {}  # data size -> tag and length (few distinct sizes in practice)
 
 
@@ -71,12 +78,16 @@ class ReadReply:
 
     __slots__ = ("_frame", "_head", "_small", "data")
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, *, prefix: bytes = b"") -> None:
+        """A reply of ``nbytes`` of data after ``prefix`` (fields that go before it, already
+        serialized: a ``ReadBatchResponse``'s :data:`PRESENCE_REPORTED`)."""
         head = _heads.get(nbytes)
         if head is None:
             head = bytes((_DATA_TAG,)) + encode_varint(nbytes)
             if len(_heads) < 256:
                 _heads[nbytes] = head
+        if prefix:
+            head = prefix + head
         self._head = head
         if nbytes < _DIRECT_MIN or _writable_bytes is None:
             self._small: bytearray | None = bytearray(nbytes)
@@ -89,18 +100,14 @@ class ReadReply:
         view[: len(head)] = head
         self.data = view[len(head) :]
 
-    def encode(self, present: list[tuple[int, int]] | None, *, batch: bool = False) -> bytes:
-        """The serialized ``ReadResponse`` (with ``present`` when it is not None); with
-        ``batch``, the ``ReadBatchResponse`` (whose fields 1 and 2 are the same), which
-        also says ``presence_reported`` when ``present`` is not None, even if empty."""
+    def encode(self, present: list[tuple[int, int]] | None) -> bytes:
+        """The serialized ``ReadResponse`` (or ``ReadBatchResponse``: its fields 1 and 2
+        are the same), with ``present`` when it is not None (an empty list adds nothing:
+        the reply is sent as framed, without a copy)."""
         tail = b""
-        if present is not None and (present or batch):
+        if present:
             extents = [pb.Extent(sector=a, sector_count=b - a) for a, b in present]
-            if batch:
-                message = pb.ReadBatchResponse(present=extents, presence_reported=True)
-                tail = message.SerializeToString()
-            else:
-                tail = pb.ReadResponse(present=extents).SerializeToString()
+            tail = pb.ReadResponse(present=extents).SerializeToString()
         if self._small is not None:
             return self._head + self._small + tail if tail else self._head + self._small
         if not tail:

@@ -5,6 +5,7 @@ splitting it does), its limits, its all-or-nothing failures and its metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -361,29 +362,73 @@ async def test_a_batch_through_a_cache_tier_reads_the_origin(tmp_path: Path) -> 
                 )
 
 
-async def test_a_server_without_read_batch_is_unimplemented(tmp_path: Path) -> None:
-    """A server that does not serve ``ReadBatch`` (an older tierdisk): the client raises
-    :class:`Unimplemented`, not a wrong answer."""
+@contextlib.asynccontextmanager
+async def _raw_server(replies: dict[str, bytes]) -> AsyncIterator[str]:
+    """A gRPC server on 127.0.0.1 that is not tierdisk: ``GetVolume`` answers a volume of 8
+    sectors of 512 bytes, each method of ``replies`` answers those bytes as they are, any
+    other method ``UNIMPLEMENTED``. Yields its address."""
     server = grpc.aio.server()
 
     async def get_volume(request: pb.GetVolumeRequest, context: object) -> pb.Volume:
         return pb.Volume(name=request.volume, sector_size=512, sector_count=8)
 
-    handlers = {
-        "GetVolume": grpc.unary_unary_rpc_method_handler(
-            get_volume,
-            request_deserializer=pb.GetVolumeRequest.FromString,
-            response_serializer=pb.Volume.SerializeToString,
-        )
-    }
+    def answer(raw: bytes) -> Any:
+        async def handler(request: bytes, context: object) -> bytes:
+            return raw
+
+        return grpc.unary_unary_rpc_method_handler(handler)  # bytes in, bytes out
+
+    handlers = {name: answer(raw) for name, raw in replies.items()}
+    handlers["GetVolume"] = grpc.unary_unary_rpc_method_handler(
+        get_volume,
+        request_deserializer=pb.GetVolumeRequest.FromString,
+        response_serializer=pb.Volume.SerializeToString,
+    )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("tierdisk.v1.BlockDevice", handlers),)
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with AsyncClient(f"127.0.0.1:{port}") as client:
-            with pytest.raises(cerr.Unimplemented):
-                await client.volume("old").read_batch([(0, 1)])
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+async def test_a_server_without_read_batch_is_unimplemented() -> None:
+    """A server that does not serve ``ReadBatch`` (an older tierdisk): the client raises
+    :class:`Unimplemented`, not a wrong answer."""
+    async with _raw_server({}) as address, AsyncClient(address) as client:
+        with pytest.raises(cerr.Unimplemented):
+            await client.volume("old").read_batch([(0, 1)])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x0a\x05ab",  # the data's length past the reply's end
+        b"\x0a\x02ab\x28\x01\x0a\x09ab",  # a field the fast path leaves to protobuf, then the same
+    ],
+)
+async def test_a_malformed_reply_is_a_storage_error(raw: bytes) -> None:
+    """A reply that is not a well-formed message, whichever parser reads it: a
+    :class:`StorageError` naming the call, never protobuf's own exception."""
+    replies = {"Read": raw, "ReadBatch": raw}
+    async with _raw_server(replies) as address, AsyncClient(address, retries=0) as client:
+        volume = client.volume("odd")
+        with pytest.raises(cerr.StorageError, match="malformed Read reply"):
+            await volume.read(0, 1)
+        with pytest.raises(cerr.StorageError, match="malformed ReadBatch reply"):
+            await volume.read_batch_present_into([(0, 1)], [bytearray(512)])
+
+
+async def test_a_reply_with_a_field_it_does_not_know_is_read_by_protobuf() -> None:
+    """An unknown field (a newer server's) beside the known ones: the reply is read all the
+    same, ``presence_reported`` included."""
+    known = pb.ReadBatchResponse(data=b"\xab" * 512, presence_reported=True)
+    known.present.add(sector=0, sector_count=1)
+    raw = known.SerializeToString() + b"\x78\x01"  # field 15
+    async with _raw_server({"ReadBatch": raw}) as address, AsyncClient(address) as client:
+        buffer = bytearray(512)
+        held = await client.volume("new").read_batch_present_into([(0, 1)], [buffer])
+        assert held == [Extent(0, 1)] and buffer == b"\xab" * 512

@@ -1,5 +1,6 @@
-"""The wire-format Read reply is byte-for-byte what protobuf would serialize; a buffer from
-:func:`new_buffer` is a writable view of all of it, and the view alone keeps it alive."""
+"""The wire-format Read reply is byte-for-byte what protobuf would serialize (a batch's
+``presence_reported`` first); a buffer from :func:`new_buffer` is a writable view of all of
+it, and the view alone keeps it alive."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from tierdisk.service.read_reply import _DIRECT_MIN, ReadReply, new_buffer
+from tierdisk.client.wire import read_reply_view
+from tierdisk.service.read_reply import _DIRECT_MIN, PRESENCE_REPORTED, ReadReply, new_buffer
 from tierdisk.v1 import blockdevice_pb2 as pb
 
 
@@ -32,6 +34,31 @@ def test_matches_protobuf(nbytes: int, present: list[tuple[int, int]] | None) ->
     assert isinstance(encoded, bytes)
     parsed = pb.ReadResponse.FromString(encoded)
     assert parsed.data == data
+
+
+@pytest.mark.parametrize("nbytes", [512, 4096, _DIRECT_MIN - 1, _DIRECT_MIN, 1 << 20])
+@pytest.mark.parametrize("present", [[], [(3, 9), (20, 21)]])
+def test_a_batch_reply_says_presence_was_reported_before_its_data(
+    nbytes: int, present: list[tuple[int, int]]
+) -> None:
+    """A ``ReadBatchResponse`` asked for presence: ``presence_reported`` first (protobuf
+    parses fields in any order), then the data and any runs, so an answer with nothing held
+    is the frame as built (from 128 KiB: no copy, the same object each time)."""
+    data = os.urandom(nbytes)
+    reply = ReadReply(nbytes, prefix=PRESENCE_REPORTED)
+    reply.data[:] = data
+    encoded = reply.encode(present)
+    expected = pb.ReadBatchResponse(data=data)
+    for a, b in present:
+        expected.present.append(pb.Extent(sector=a, sector_count=b - a))
+    assert encoded == PRESENCE_REPORTED + expected.SerializeToString()
+    parsed = pb.ReadBatchResponse.FromString(encoded)
+    assert parsed.presence_reported and parsed.data == data
+    assert [(e.sector, e.sector_count) for e in parsed.present] == [(a, b - a) for a, b in present]
+    view = read_reply_view(encoded)
+    assert view is not None and view.presence_reported and bytes(view.data) == data
+    if nbytes >= _DIRECT_MIN and not present:
+        assert reply.encode(present) is encoded
 
 
 @pytest.mark.parametrize("nbytes", [0, 512, 4096, _DIRECT_MIN - 1, _DIRECT_MIN, 1 << 20])

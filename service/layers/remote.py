@@ -6,8 +6,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     The other service's address (``host:port`` or ``unix:/path``) and its volume's name.
 ``mode``
     ``"disk"`` (default): the remote volume is a whole disk, every sector present; it
-    cannot be a ``read_cache``. ``"layer"``: presence is what the remote reports (Read with
-    ``report_presence``; GetAllocation for :meth:`~RemoteLayer.presence`), so sectors the
+    cannot be a ``read_cache``. ``"layer"``: presence is what the remote reports (Read, or
+    for the runs of one request ReadBatch, with ``report_presence``; GetAllocation for
+    :meth:`~RemoteLayer.presence`), so sectors the
     remote volume holds nowhere fall through to the layers below this one; a writable
     remote in layer mode can be a ``read_cache`` (fills are Writes with ``no_overwrite``).
     Its ``present_sectors`` (Inspect, ``tierdisk_layer_present_sectors``) is the remote
@@ -614,11 +615,13 @@ class RemoteLayer(Layer):
             if not self._no_batch:  # (batches in flight meanwhile learn it too)
                 self._no_batch = True
                 log.info(
-                    "%s%s: the remote does not serve ReadBatch%s (a tierdisk older than "
-                    "that): the runs of a read go in a call each until it reconnects",
+                    "%s%s: the remote does not serve ReadBatch%s: the runs of a read go in a "
+                    "call each until it reconnects",
                     self.owner,
                     self._where,
-                    " with presence" if self.mode == "layer" else "",
+                    " with presence (a tierdisk from before commit f972819)"
+                    if self.mode == "layer"
+                    else " (a tierdisk older than 2026-11-27)",
                 )
             return None
         # Only what was asked for (the remote clips its answer to the ranges; a remote
