@@ -92,7 +92,7 @@ def _tiers_only(tmp_path: Path, runs: int) -> list[str]:
 
 def test_hotpath_times_every_case() -> None:
     """The per-call timer drives both servicers through every case (the 1 MiB read takes
-    and releases the reply budget through its done callback, as in gRPC)."""
+    and releases the reply budget through its done callback, as in gRPC; a ReadBatch of 8)."""
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "hotpath.py"), "--seconds", "0.1", "--json"],
         capture_output=True,
@@ -102,7 +102,7 @@ def test_hotpath_times_every_case() -> None:
     )
     assert out.returncode == 0, out.stderr
     timed = json.loads(out.stdout.strip().splitlines()[-1])["us_per_call"]
-    assert sorted(timed) == ["read1m", "read4k", "write1m", "write4k"]
+    assert sorted(timed) == ["batch4k", "read1m", "read4k", "write1m", "write4k"]
     for case, row in timed.items():
         assert row["floor"] > 0 and row["tierdisk"] > 0, (case, row)
 
