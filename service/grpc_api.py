@@ -131,6 +131,23 @@ def _decoder(name: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]
     return decode
 
 
+def _forgetting(aborted: BaseException) -> Callable[[Any], None]:
+    """A done callback that drops what ``aborted`` refers to once its call has ended.
+
+    ``context.abort()`` raises an ``AbortError`` that gRPC keeps on the call's state, which
+    the handler frames of the error's traceback refer to (``context``): a cycle that only
+    the cycle collector frees, and with it every request those frames hold (16 refused
+    Writes of 60 MiB took a server from 49 MB to 1 GB until a collection). Dropping the
+    traceback and the error it was raised over (whose own traceback holds the request's
+    data) when the call is done breaks it: the frames and the request go at once."""
+
+    def forget(_context: Any) -> None:
+        aborted.__traceback__ = None
+        aborted.__context__ = None
+
+    return forget
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The status code for ``exc`` (:func:`~.status.status_name`): its nearest class's in
     the table, ``INTERNAL`` for any other storage failure (``OSError``), else ``UNKNOWN``."""
@@ -353,13 +370,18 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         ``grpc_server_handled_total`` counts it first (:func:`~.rpc_metrics.count_status_now`):
         the caller may scrape as soon as it sees the status."""
         count_status_now(code)
-        if isinstance(exc, TierdiskError):
-            await context.abort(
-                code,
-                _status_details(str(exc)),
-                trailing_metadata=((ERROR_HEADER, type(exc).__name__),),
-            )
-        await context.abort(code, _status_details(f"storage failure: {exc}"))
+        try:
+            if isinstance(exc, TierdiskError):
+                await context.abort(
+                    code,
+                    _status_details(str(exc)),
+                    trailing_metadata=((ERROR_HEADER, type(exc).__name__),),
+                )
+            await context.abort(code, _status_details(f"storage failure: {exc}"))
+        except BaseException as aborted:  # grpc.aio's AbortError, to be raised on
+            # (grpc-stubs types the callback as a class of its own, no plain function fits)
+            context.add_done_callback(_forgetting(aborted))  # type: ignore[arg-type]
+            raise
 
     @classmethod
     async def _refuse_undecodable(
