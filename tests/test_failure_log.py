@@ -75,6 +75,22 @@ def test_repeats_are_held_back_per_volume_request_and_kind(
     ]
 
 
+def test_a_line_held_back_keeps_its_text_not_the_error() -> None:
+    """A failure held back (told when its interval ends) keeps the line's text only: the
+    error, and with it the frames of its traceback and every request they hold (a write's
+    data), goes as soon as the request is answered."""
+    freed: list[str] = []
+
+    class Tracked(StorageError):
+        def __del__(self) -> None:
+            freed.append(str(self))
+
+    failures = StorageFailureLog(logging.getLogger(LOGGER), interval=60)
+    failures.note("a", "gRPC write", "INTERNAL", Tracked("first"))  # logged
+    failures.note("a", "gRPC write", "INTERNAL", Tracked("held"))  # held back
+    assert freed == ["first", "held"]
+
+
 def test_an_oserror_no_layer_turned_into_a_domain_error_keeps_its_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
