@@ -323,14 +323,16 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         op: str | None,
         rpc: str,
         start: float,
+        requests: int = 1,
     ) -> NoReturn:
-        """End a call about ``volume`` that failed with ``exc``: counted as one ``op``
-        request (if not None) that took since ``start`` (``perf_counter``), a storage failure
-        logged under ``rpc``'s name, then the status (:meth:`_refuse`)."""
+        """End a call about ``volume`` that failed with ``exc``: counted as ``requests``
+        ``op`` requests (if ``op`` is not None) that took since ``start``
+        (``perf_counter``), a storage failure logged under ``rpc``'s name, then the status
+        (:meth:`_refuse`)."""
         refusal = status_for(exc)
         if op is not None:
             seconds = time.perf_counter() - start
-            self._metrics.observe_io(volume, op, _CODE_NAMES[refusal], 0, seconds)
+            self._metrics.observe_io(volume, op, _CODE_NAMES[refusal], 0, seconds, requests)
         self._failures.note(volume, f"gRPC {rpc}", _CODE_NAMES[refusal], exc)
         await self._refuse(context, refusal, exc)
         raise AssertionError("not reached: abort() raises")
@@ -545,12 +547,17 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
 
         In the volume's I/O metrics each range counts as one read request
         (``tierdisk_volume_io_requests_total{op="read"}``: a read-rate panel sees the reads,
-        however they came) that took the whole call's time; a call that fails counts as one
-        failed read."""
+        however they came) that took the whole call's time, whatever became of the call (an
+        error-ratio panel sees a failed batch as the reads it failed); a batch refused
+        before its ranges are known to be at most :data:`MAX_BATCH_RANGES`, or one of no
+        range, counts as one read."""
         if isinstance(request, Undecodable):
             await self._refuse_undecodable(context, request)
         start = time.perf_counter()
         code: grpc.StatusCode | None = _OK
+        reads = len(request.ranges)
+        if not 0 < reads <= MAX_BATCH_RANGES:
+            reads = 1
         try:
             self._admit(context, request.volume)
             try:
@@ -573,7 +580,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 self._gate.leave()
         except (TierdiskError, OSError) as exc:
             code = None  # counted here, before abort() sends the status the caller sees
-            await self._refuse_io(context, exc, request.volume, "read", "ReadBatch", start)
+            await self._refuse_io(context, exc, request.volume, "read", "ReadBatch", start, reads)
         except asyncio.CancelledError:
             code = _CANCELLED
             raise
@@ -583,7 +590,8 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         finally:
             if code is not None and code is not _OK:
                 seconds = time.perf_counter() - start
-                self._metrics.observe_io(request.volume, "read", _CODE_NAMES[code], 0, seconds)
+                code_name = _CODE_NAMES[code]
+                self._metrics.observe_io(request.volume, "read", code_name, 0, seconds, reads)
         seconds = time.perf_counter() - start
         self._metrics.observe_io(request.volume, "read", "OK", nbytes, seconds, len(ranges))
         return encoded

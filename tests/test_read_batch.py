@@ -193,8 +193,9 @@ async def test_each_range_counts_as_one_read(
     server: Server, stub: pb_grpc.BlockDeviceAsyncStub
 ) -> None:
     """In the volume's I/O metrics a batch of n ranges is n reads (a read-rate panel sees
-    the reads); gRPC's own families count the one call; a refused batch is one failed
-    read."""
+    the reads), and a refused batch of n ranges n failed reads (an error-ratio panel sees
+    what it cost); gRPC's own families count the one call. A batch of more ranges than a
+    call takes is one failed read (the count is the client's to make up)."""
 
     def reads(code: str = "OK") -> float:
         labels = {"volume": "ram", "op": "read", "code": code}
@@ -217,7 +218,12 @@ async def test_each_range_counts_as_one_read(
     }
     assert metric(server, "grpc_server_handled_total", **handled) == 1
     await _refusal(stub.ReadBatch(_batch("ram", [(0, 8), (1 << 40, 1)])))
-    assert (reads(), reads("OUT_OF_RANGE")) == (before + 3, 1)
+    assert (reads(), reads("OUT_OF_RANGE")) == (before + 3, 2)
+    await _refusal(stub.ReadBatch(_batch("nothing", [(0, 1)] * 3)))  # not a volume
+    unknown = {"volume": "", "op": "read", "code": "NOT_FOUND"}
+    assert metric(server, "tierdisk_volume_io_requests_total", **unknown) == 3
+    await _refusal(stub.ReadBatch(_batch("ram", [(0, 1)] * (MAX_BATCH_RANGES + 1))))
+    assert reads("INVALID_ARGUMENT") == 1
 
 
 async def test_the_client_splits_a_batch_into_calls_and_keeps_the_order(server: Server) -> None:
