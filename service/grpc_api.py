@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -131,8 +132,8 @@ def _decoder(name: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]
     return decode
 
 
-def _forgetting(aborted: BaseException) -> Callable[[Any], None]:
-    """A done callback that drops what ``aborted`` refers to once its call has ended.
+def _forget_frames(aborted: BaseException) -> None:
+    """Drop what ``aborted`` refers to, once its call has ended.
 
     ``context.abort()`` raises an ``AbortError`` that gRPC keeps on the call's state, which
     the handler frames of the error's traceback refer to (``context``): a cycle that only
@@ -140,12 +141,8 @@ def _forgetting(aborted: BaseException) -> Callable[[Any], None]:
     Writes of 60 MiB took a server from 49 MB to 1 GB until a collection). Dropping the
     traceback and the error it was raised over (whose own traceback holds the request's
     data) when the call is done breaks it: the frames and the request go at once."""
-
-    def forget(_context: Any) -> None:
-        aborted.__traceback__ = None
-        aborted.__context__ = None
-
-    return forget
+    aborted.__traceback__ = None
+    aborted.__context__ = None
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -381,8 +378,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 )
             await context.abort(code, _status_details(f"storage failure: {exc}"))
         except BaseException as aborted:  # grpc.aio's AbortError, to be raised on
+            forget = _as_done_callback(functools.partial(_forget_frames, aborted))
             # (grpc-stubs types the callback as a class of its own, no plain function fits)
-            context.add_done_callback(_forgetting(aborted))  # type: ignore[arg-type]
+            context.add_done_callback(forget)  # type: ignore[arg-type]
             raise
 
     @classmethod

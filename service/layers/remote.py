@@ -8,9 +8,9 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
     ``"disk"`` (default): the remote volume is a whole disk, every sector present; it
     cannot be a ``read_cache``. ``"layer"``: presence is what the remote reports (Read, or
     for the runs of one request ReadBatch, with ``report_presence``; GetAllocation for
-    :meth:`~RemoteLayer.presence`), so sectors the
-    remote volume holds nowhere fall through to the layers below this one; a writable
-    remote in layer mode can be a ``read_cache`` (fills are Writes with ``no_overwrite``).
+    :meth:`~RemoteLayer.presence`), so sectors the remote volume holds nowhere fall through
+    to the layers below this one; a writable remote in layer mode can be a ``read_cache``
+    (fills are Writes with ``no_overwrite``).
     Its ``present_sectors`` (Inspect, ``tierdisk_layer_present_sectors``) is the remote
     volume's whole map read in the background when asked, every 10 s at most, or a hundred
     times as long as the last read took (an origin of a million runs takes seconds).
