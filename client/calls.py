@@ -402,7 +402,10 @@ class CallRunner:
                     error = error_from_rpc(err, volume=volume, target=self.target, method=name)
                     if isinstance(error, DeadlineExceeded):
                         error = self._timed_out(error, f"the {name} stream", timeout)
-                    raise error from err
+                    try:
+                        raise error from err
+                    finally:  # (its traceback holds this frame: no cycle through a local)
+                        del error
             except asyncio.CancelledError:
                 if caller_cancelled():
                     raise

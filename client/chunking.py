@@ -252,10 +252,20 @@ async def run_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[None]], li
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:  # a failure says more than a cancellation its cause brought
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            raise exc
-    if any(task.cancelled() for task in tasks):  # underneath: the caller's was raised above
+    # A failure says more than a cancellation its cause brought.
+    failed = (t.exception() for t in tasks if not t.cancelled())
+    failure = next((exc for exc in failed if exc is not None), None)
+    interrupted = any(t.cancelled() for t in tasks)  # underneath: the caller's was raised above
+    # The error raised holds this frame (its traceback): were the tasks, which hold the
+    # error, still among its locals, that cycle would keep every request's data until a
+    # garbage collection.
+    del tasks, pending, done, task, failed
+    if failure is not None:
+        try:
+            raise failure
+        finally:
+            del failure
+    if interrupted:
         raise Interrupted(
             f"cancelled mid-call, though not by its caller (was the client closed?): "
             f"{completed} request(s) had completed"

@@ -55,6 +55,6 @@ class StorageFailureLog:
             volume,
             request,
             status,
-            str(exc),  # (a line held back keeps its text, not the error and its frames)
+            exc,
             exc_info=None if isinstance(exc, TierdiskError) else exc,
         )

@@ -377,7 +377,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     trailing_metadata=((ERROR_HEADER, type(exc).__name__),),
                 )
             await context.abort(code, _status_details(f"storage failure: {exc}"))
-        except BaseException as aborted:  # grpc.aio's AbortError, to be raised on
+        except BaseException as aborted:  # grpc.aio's AbortError (or a cancel), raised on
             forget = _as_done_callback(functools.partial(_forget_frames, aborted))
             # (grpc-stubs types the callback as a class of its own, no plain function fits)
             context.add_done_callback(forget)  # type: ignore[arg-type]

@@ -9,6 +9,19 @@ import time
 __all__ = ["RateLimitedLog"]
 
 
+def _as_text(msg: str, args: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
+    """``msg % args`` as a message of no arguments (its ``%`` escaped), for a line held
+    back: it keeps the text, not the objects (an error, its traceback's frames and every
+    request they hold) until it is told."""
+    if not args:  # (its text is what the line says: escaped, a count may follow it)
+        return msg.replace("%", "%%"), args
+    try:
+        text = msg % args
+    except (TypeError, ValueError):  # told as logging tells it (its own error report)
+        return msg, args
+    return text.replace("%", "%%"), ()
+
+
 class RateLimitedLog:
     """Logs a line at most once per ``interval`` seconds, counting what it held back.
 
@@ -47,7 +60,7 @@ class RateLimitedLog:
         now = time.monotonic()
         if not self._logged_since_end and now < self._next_end:
             if self._suppressed:  # told with them when their interval ends (_tell_held)
-                self._end_held = (msg, args)
+                self._end_held = _as_text(msg, args)
             return
         self._log_end(now, msg, args)
 
@@ -86,7 +99,7 @@ class RateLimitedLog:
         now = time.monotonic()
         if now < self._next and key == self._key:
             self._suppressed += 1
-            self._held = (level, msg, args)
+            self._held = (level, *_as_text(msg, args))
             self._end_held = None  # (failing again since)
             if self._timer is None:
                 self._tell_held_later(self._next - now)

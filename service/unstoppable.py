@@ -30,18 +30,25 @@ async def run_to_end(
     itself (an executor shut down) is raised as any error of it."""
     task = asyncio.ensure_future(work)
     cancel: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
+    error: BaseException | None = None
+    try:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if not task.cancelled():
+                    cancel = exc  # the caller's (not the work's own): wait on for the work
+            except BaseException:
+                pass  # the work's own error: task.result() raises it below
+        if cancel is not None:
             if not task.cancelled():
-                cancel = exc  # the caller's (not the work's own): wait on for the work
-        except BaseException:
-            pass  # the work's own error: task.result() raises it below
-    if cancel is not None:
-        if not task.cancelled():
-            error = task.exception()  # retrieved: no "never retrieved" warning
-            if error is not None and dropped is not None:
-                dropped(error)
-        raise cancel
-    return task.result()
+                error = task.exception()  # retrieved: no "never retrieved" warning
+                if error is not None and dropped is not None:
+                    dropped(error)
+            raise cancel
+        return task.result()
+    finally:
+        # An error raised from here holds this frame (its traceback), whose locals hold the
+        # task, which holds the error (and the work's own error): a cycle that kept the
+        # work's buffers (a failed write's data) until a garbage collection. Drop them.
+        del work, task, cancel, error

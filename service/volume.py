@@ -441,6 +441,7 @@ class Volume:
             for view, sector in pending:  # shared: each range goes to one reader
                 held.extend(await self.read_into(view, sector))
 
+        failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:  # a failure cancels every reader
 
@@ -455,8 +456,21 @@ class Volume:
                     await reader()
                 finally:
                     soon.cancel()
+        # Python 3.11's TaskGroup keeps what it raises in a cycle with the frames of its
+        # traceback (CPython gh-124958), and with them the caller's buffer (a reply frame of
+        # up to max_io) until a garbage collection: the group's traceback is dropped, and the
+        # first failure raised outside the handler, not chained to the group that holds it.
         except BaseExceptionGroup as failed:  # the first failure, as a single read raises it
-            raise failed.exceptions[0] from None
+            failure = failed.exceptions[0]
+            failed.__traceback__ = None
+        except asyncio.CancelledError as cancelled:
+            cancelled.__traceback__ = None
+            raise
+        if failure is not None:
+            try:
+                raise failure
+            finally:
+                del failure
         return held
 
     async def _fill(

@@ -148,3 +148,27 @@ async def test_failures_held_then_an_end_held_are_told_by_the_end(
         # the third failure and end were held; told together, the end last
         "answers again (1 more like the last failure were held back)",
     ]
+
+
+async def test_a_line_held_back_keeps_its_text_and_tells_it_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A held line keeps the text its arguments made, not the arguments (an error and the
+    frames of its traceback, a request's data), and tells it as it was, ``%`` and all."""
+    freed: list[str] = []
+
+    class Tracked(OSError):
+        def __del__(self) -> None:
+            freed.append(str(self))
+
+    log = RateLimitedLog(logging.getLogger("t"), interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        log.warning("disk 100%% full: %s", "first")
+        log.warning("disk 100%% full: %s", Tracked("held"))
+        assert freed == ["held"]
+        log.warning("no args, 100% full")  # held after the one before: its text kept too
+        await asyncio.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "disk 100% full: first",
+        "no args, 100% full (the last of 2 similar messages held back)",
+    ]

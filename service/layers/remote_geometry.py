@@ -306,6 +306,10 @@ class GeometryFollower:
             if caller_cancelled() or not check.cancelled():
                 raise
             raise layer_closed(self._where()) from None  # close() cancelled the check
+        finally:
+            # The task holds the error raised, whose traceback holds this frame: without
+            # this, the I/O waiting here (its buffers) stayed until a garbage collection.
+            del check
 
     async def _check_for_io(self) -> None:
         try:
