@@ -34,6 +34,7 @@ from tierdisk.client.tune import install_uvloop, reopen_closed_stdio, tune_mallo
 from .config import MAX_SECONDS, Config, load_config
 from .errors import ConfigError, StorageError
 from .logs import configure_logging, say
+from .ratelimit import tell_held_lines
 from .server import Server, failure_chain
 
 __all__ = ["main"]
@@ -213,6 +214,7 @@ async def _serve(
     finally:
         if ready_file:
             _remove_ready_file(ready_file, os.getpid())
+        tell_held_lines()  # (failures held back in their interval: told before the end)
     log.info("stopped")
     return _unflushed(unflushed)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["RateLimitedLog", "tell_held_lines"]
 
 
 def _as_text(msg: str, args: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
@@ -33,7 +34,8 @@ class RateLimitedLog:
     line of its kind is not lost), or, when the condition ended since (:meth:`ended` held
     back), the end with their count. Called where no loop runs (a worker thread), their
     count goes with the next line logged. Lines still held when the loop ends (a server
-    stopping within the interval) are not told.
+    stopping within the interval) are told by :func:`tell_held_lines`, which ``tierdisk
+    serve`` calls as it stops.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
@@ -127,16 +129,20 @@ class RateLimitedLog:
         except RuntimeError:  # no loop here: their count goes with the next line
             return
         self._timer = loop.call_later(max(delay, 0.0), self._tell_held)
+        _holding.add(self)
 
-    def _tell_held(self) -> None:
-        """Log the last line held back, with how many were, once its interval is over; or
-        the end of the condition held after them, with their count. A line logged
-        meanwhile told them already."""
-        self._timer = None
+    def _tell_held(self, now: bool = False) -> None:
+        """Log the last line held back, with how many were, once its interval is over (or
+        ``now``: a stop); or the end of the condition held after them, with their count. A
+        line logged meanwhile told them already."""
+        if self._timer is not None:
+            self._timer.cancel()  # (a no-op when it is what runs this)
+            self._timer = None
+        _holding.discard(self)
         if not self._suppressed or self._held is None:
             return
         at = time.monotonic()
-        if at < self._next:  # a line logged since this was armed began a new interval
+        if at < self._next and not now:  # a line logged since this was armed: a new interval
             self._tell_held_later(self._next - at)
             return
         if self._end_held is not None:  # the condition ended since: its end tells them
@@ -150,3 +156,16 @@ class RateLimitedLog:
         self._held = None
         self._next = at + self._interval
         self._logged_since_end = True
+
+
+_holding: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+"""The logs whose held lines wait for their interval to end (a timer armed)."""
+
+
+def tell_held_lines() -> None:
+    """Tell every line held back now, with its count, instead of when its interval ends:
+    the process stopping would otherwise take them with it (the last failures before a stop
+    are what an operator reads first). For the whole process: ``tierdisk serve`` calls it
+    once its server has stopped."""
+    for held in list(_holding):
+        held._tell_held(now=True)

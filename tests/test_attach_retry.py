@@ -14,12 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-from servers import free_port, ram, remote, running_server, server_section, toml_volume
+from servers import (
+    ServerProcess,
+    free_port,
+    ram,
+    remote,
+    running_server,
+    samples,
+    server_section,
+    toml_volume,
+    write_config,
+)
 
 from tierdisk.client import AsyncClient
 from tierdisk.client import errors as cerr
@@ -162,3 +174,35 @@ async def test_a_tier_that_stays_down_is_logged_once_a_minute_naming_the_volume(
     waiting = [line for line in lines if "base" in line or "not reachable" in line]
     assert all(line.startswith("volume 'v': ") for line in waiting), waiting
     assert 1 <= len(waiting) <= 2, waiting
+
+
+def _refused_calls(metrics: str) -> float:
+    """Calls of a server's remote layers answered ``UNAVAILABLE`` (its ``/metrics``)."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
+        found = samples(reply.read().decode())
+    return sum(
+        count
+        for (name, labels), count in found.items()
+        if name == "tierdisk_remote_requests_total" and ("code", "UNAVAILABLE") in labels
+    )
+
+
+def test_lines_held_back_are_told_when_tierdisk_serve_stops(tmp_path: Path) -> None:
+    """A volume waiting for a tier that is down is logged once, its later attempts held
+    back (at most a line a minute); ``tierdisk serve`` stopping within that minute tells
+    them, with their count, before it says it stopped."""
+    body = toml_volume("v", ram(), remote(f"127.0.0.1:{free_port()}", "base", timeout=1))
+    server = ServerProcess.start(tmp_path, write_config(tmp_path, body))
+    try:
+        deadline = time.monotonic() + 20
+        while _refused_calls(server.metrics) < 6:  # (the lines of the last are held back)
+            assert time.monotonic() < deadline, "stopped retrying"
+            time.sleep(0.1)
+    finally:
+        assert server.terminate() == 0
+    lines = server.stderr_text().splitlines()
+    waiting = [line for line in lines if "retrying in the background" in line]
+    stopped = next(i for i, line in enumerate(lines) if line.endswith("stopped"))
+    assert 2 <= len(waiting) <= 3, lines  # (once or twice as it starts, then at the stop)
+    assert waiting[-1].endswith("similar messages held back)"), waiting
+    assert lines.index(waiting[-1]) < stopped

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tierdisk.service.ratelimit import RateLimitedLog
+from tierdisk.service.ratelimit import RateLimitedLog, tell_held_lines
 
 
 def test_one_warning_per_interval_with_a_count(
@@ -171,4 +171,22 @@ async def test_a_line_held_back_keeps_its_text_and_tells_it_whole(
     assert [r.getMessage() for r in caplog.records] == [
         "disk 100% full: first",
         "no args, 100% full (the last of 2 similar messages held back)",
+    ]
+
+
+async def test_lines_held_back_are_told_at_a_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """A stop within the interval tells the lines held back then, with their count, once,
+    instead of taking them with it; a log with nothing held says nothing."""
+    failing = RateLimitedLog(logging.getLogger("t"), interval=60)
+    quiet = RateLimitedLog(logging.getLogger("t"), interval=60)
+    with caplog.at_level(logging.INFO, logger="t"):
+        for n in range(3):
+            failing.warning("call failed: %s", n)
+        quiet.warning("once")
+        caplog.clear()
+        tell_held_lines()
+        tell_held_lines()  # (told once)
+        await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "call failed: 2 (the last of 2 similar messages held back)"
     ]
