@@ -102,8 +102,8 @@ class ReadReply:
 
     def encode(self, present: list[tuple[int, int]] | None) -> bytes:
         """The serialized ``ReadResponse`` (or ``ReadBatchResponse``: its fields 1 and 2
-        are the same), with ``present`` when it is not None (an empty list adds nothing:
-        the reply is sent as framed, without a copy)."""
+        are the same), with ``present`` when it is not None (an empty list adds nothing: a
+        reply framed in place is sent as it is, without a copy)."""
         tail = b""
         if present:
             extents = [pb.Extent(sector=a, sector_count=b - a) for a, b in present]
