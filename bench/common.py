@@ -30,6 +30,7 @@ MiB = 1 << 20
 
 NO_UVLOOP = "TIERDISK_NO_UVLOOP"
 NO_MALLOC = "TIERDISK_NO_MALLOC_TUNING"
+NO_POLLER = "TIERDISK_NO_POLLER_BATCH"
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 GRPC_SERVER_OPTIONS = [
@@ -51,22 +52,36 @@ def switched_off(name: str) -> bool:
 
 def apply_levers() -> dict[str, bool]:
     """Tune malloc and install uvloop in this process, unless the benchmark switches
-    (``TIERDISK_NO_MALLOC_TUNING``, ``TIERDISK_NO_UVLOOP``) say not to. Returns what is on."""
+    (``TIERDISK_NO_MALLOC_TUNING``, ``TIERDISK_NO_UVLOOP``) say not to. Returns what is on;
+    ``poller`` stays False until :func:`apply_poller_lever`."""
     from tierdisk.client.tune import install_uvloop, tune_malloc
 
     malloc = False if switched_off(NO_MALLOC) else tune_malloc()
     uvloop = False if switched_off(NO_UVLOOP) else install_uvloop()
-    return {"malloc": malloc, "uvloop": uvloop}
+    return {"malloc": malloc, "uvloop": uvloop, "poller": False}
 
 
-def lever_env(*, uvloop: bool = True, malloc: bool = True) -> dict[str, str]:
+def apply_poller_lever(levers: dict[str, bool]) -> None:
+    """Put gRPC's poller thread in the batch scheduling class (``tune.batch_grpc_poller``,
+    off with ``TIERDISK_NO_POLLER_BATCH``) and note it in ``levers``. Call it once this
+    process's first ``grpc.aio`` server or channel exists: the thread starts with it."""
+    from tierdisk.client.tune import batch_grpc_poller
+
+    if not levers["poller"]:
+        levers["poller"] = batch_grpc_poller()
+
+
+def lever_env(*, uvloop: bool = True, malloc: bool = True, poller: bool = True) -> dict[str, str]:
     """The environment of a child process with the given levers (server or client)."""
-    env = {k: v for k, v in os.environ.items() if k not in (NO_UVLOOP, NO_MALLOC, *MALLOC_ENV)}
+    switches = (NO_UVLOOP, NO_MALLOC, NO_POLLER, *MALLOC_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in switches}
     env["PYTHONUNBUFFERED"] = "1"
     if not uvloop:
         env[NO_UVLOOP] = "1"
     if not malloc:
         env[NO_MALLOC] = "1"
+    if not poller:
+        env[NO_POLLER] = "1"
     return env
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GRPC_SERVER_OPTIONS, SECTOR, apply_levers
+from common import GRPC_SERVER_OPTIONS, SECTOR, apply_levers, apply_poller_lever
 
 LEVERS = apply_levers()  # before grpc allocates anything
 
@@ -149,6 +149,7 @@ async def serve(listen: str, ready_file: str | None, like_tierdisk: bool = False
     if port == 0:
         raise SystemExit(f"floor_server: cannot bind {listen}")
     await server.start()
+    apply_poller_lever(LEVERS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -44,6 +44,7 @@ from common import (
     SECTOR,
     CpuSample,
     apply_levers,
+    apply_poller_lever,
     proc_sample,
     self_sample,
 )
@@ -134,6 +135,7 @@ class Channels:
             ch = self._channels[target] = grpc.aio.insecure_channel(
                 target, options=GRPC_CHANNEL_OPTIONS
             )
+            apply_poller_lever(LEVERS)
         return ch
 
     async def close(self) -> None:

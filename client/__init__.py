@@ -10,8 +10,8 @@
 
 Depends only on :mod:`tierdisk.v1` and grpc, never on the server (DESIGN.md §1). What a
 program using the library needs is here; hooks for the server's remote layer and process
-tuning (``errors.error_from_rpc``, ``tune.tune_malloc``, ``tune.install_uvloop``) are in
-their submodules.
+tuning (``errors.error_from_rpc``, ``tune.tune_malloc``, ``tune.install_uvloop``,
+``tune.batch_grpc_poller``) are in their submodules.
 
 The names below are imported on first use (PEP 562), not with the package: gRPC's C core
 reads ``GRPC_VERBOSITY`` once, when grpc is imported, and the ``tierdisk`` command

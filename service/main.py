@@ -29,7 +29,12 @@ import resource
 import secrets
 import signal
 
-from tierdisk.client.tune import install_uvloop, reopen_closed_stdio, tune_malloc
+from tierdisk.client.tune import (
+    batch_grpc_poller,
+    install_uvloop,
+    reopen_closed_stdio,
+    tune_malloc,
+)
 
 from .config import MAX_SECONDS, Config, load_config
 from .errors import ConfigError, StorageError
@@ -200,6 +205,7 @@ async def _serve(
     except OSError as exc:  # AddressInUse too
         say(f"tierdisk serve: cannot start: {_reason(exc)}")
         return 1
+    batch_grpc_poller()  # its thread started with the server (client/tune.py)
     if ready_file:
         try:
             _write_ready_file(ready_file, server)

@@ -1,12 +1,32 @@
-"""tierdisk.client.tune (client/tune.py): process-wide tuning, glibc malloc settings and
-uvloop."""
+"""tierdisk.client.tune (client/tune.py): process-wide tuning, glibc malloc settings,
+uvloop and gRPC's poller thread in the batch scheduling class."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-from tierdisk.client.tune import install_uvloop, tune_malloc
+import grpc
+import pytest
+from servers import ServerProcess, write_config
+
+from tierdisk.client.tune import (
+    NO_POLLER_BATCH_ENV,
+    POLLER_THREAD_SUFFIX,
+    batch_grpc_poller,
+    install_uvloop,
+    tune_malloc,
+)
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH"), reason="scheduling classes are Linux's"
+)
 
 
 def test_tune_malloc_applies_on_glibc() -> None:
@@ -30,3 +50,101 @@ def test_install_uvloop_sets_the_policy_when_available() -> None:
             assert type(asyncio.get_event_loop_policy()).__module__.startswith("uvloop")
     finally:
         asyncio.set_event_loop_policy(before)
+
+
+def policies(pid: int) -> dict[int, int]:
+    """Thread id -> scheduling policy, for every thread of process ``pid``."""
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(name)] = os.sched_getscheduler(int(name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+def pollers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.endswith(POLLER_THREAD_SUFFIX)]
+
+
+@contextmanager
+def poller_in_default_class() -> Iterator[threading.Thread]:
+    """This process's grpc.aio poller thread, put back in the default class before and
+    after (an earlier test may have moved it)."""
+    (poller,) = pollers()
+    assert poller.native_id is not None
+    default = os.sched_param(0)
+    os.sched_setscheduler(poller.native_id, os.SCHED_OTHER, default)
+    try:
+        yield poller
+    finally:
+        os.sched_setscheduler(poller.native_id, os.SCHED_OTHER, default)
+
+
+async def test_batch_grpc_poller_moves_only_the_poller_thread() -> None:
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")  # starts grpc.aio (never connects)
+    try:
+        with poller_in_default_class() as poller:
+            assert batch_grpc_poller() is True
+            assert os.sched_getscheduler(poller.native_id or 0) == os.SCHED_BATCH
+            others = {
+                tid: policy
+                for tid, policy in policies(os.getpid()).items()
+                if tid != poller.native_id
+            }
+            assert set(others.values()) == {os.SCHED_OTHER}
+            assert batch_grpc_poller() is True  # idempotent
+    finally:
+        await channel.close()
+
+
+async def test_batch_grpc_poller_switched_off_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(NO_POLLER_BATCH_ENV, "1")
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    try:
+        with poller_in_default_class() as poller:
+            assert batch_grpc_poller() is False
+            assert os.sched_getscheduler(poller.native_id or 0) == os.SCHED_OTHER
+    finally:
+        await channel.close()
+
+
+ONE_VOLUME = """
+[[volumes]]
+name = "w"
+  [[volumes.layers]]
+  kind = "ram"
+  size = "1MiB"
+"""
+
+
+@pytest.mark.parametrize("switched_off", [False, True])
+def test_serve_and_the_cli_put_one_thread_in_the_batch_class(
+    tmp_path: Path, switched_off: bool
+) -> None:
+    """A running ``tierdisk serve`` and a running CLI verb (``watch``) each have exactly
+    one thread in ``SCHED_BATCH`` (gRPC's poller), none with the switch set."""
+    env = {NO_POLLER_BATCH_ENV: "1"} if switched_off else {}
+    expected = 0 if switched_off else 1
+    config = write_config(tmp_path, ONE_VOLUME)
+    with ServerProcess.start(tmp_path, config, env=env) as srv:
+        batched = [p for p in policies(srv.pid).values() if p == os.SCHED_BATCH]
+        assert len(batched) == expected
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "tierdisk.client", "--server", srv.grpc, "watch", "w"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **env},
+        )
+        try:
+            assert watch.stdout is not None
+            assert "sector_count=2048" in watch.stdout.readline().decode()
+            batched = [p for p in policies(watch.pid).values() if p == os.SCHED_BATCH]
+            assert len(batched) == expected
+        finally:
+            watch.kill()
+            watch.wait()
+            if watch.stdout is not None:
+                watch.stdout.close()
