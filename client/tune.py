@@ -163,8 +163,9 @@ def batch_grpc_poller() -> bool:
     preempts whatever runs on its CPU, usually the event loop's own thread: three to five
     involuntary context switches of the loop per call. A ``SCHED_BATCH`` thread gets the
     same share of the CPU but does not preempt on wake-up; it runs when a CPU is free or
-    the running thread's slice ends. Small calls then cost the server 15-20% less CPU
-    (bench/README.md, "levers"); 1 MiB calls are not changed. Needs no privilege.
+    the running thread's slice ends. A 4 KiB read then costs the server ~15% less CPU and
+    the client ~10-15% less (bench/README.md, "gRPC's poller thread in the batch class");
+    1 MiB calls are not changed. Needs no privilege.
 
     The thread starts with the process's first ``grpc.aio`` server or channel: call this
     after that (before, it finds nothing and returns False). Idempotent. False, changing
