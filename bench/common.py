@@ -30,7 +30,7 @@ MiB = 1 << 20
 
 NO_UVLOOP = "TIERDISK_NO_UVLOOP"
 NO_MALLOC = "TIERDISK_NO_MALLOC_TUNING"
-NO_POLLER = "TIERDISK_NO_POLLER_BATCH"
+POLLER_BATCH = "TIERDISK_SERVER_GRPC_POLLER_BATCH"  # tierdisk serve's [server] override
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 GRPC_SERVER_OPTIONS = [
@@ -62,26 +62,30 @@ def apply_levers() -> dict[str, bool]:
 
 
 def apply_poller_lever(levers: dict[str, bool]) -> None:
-    """Put gRPC's poller thread in the batch scheduling class (``tune.batch_grpc_poller``,
-    off with ``TIERDISK_NO_POLLER_BATCH``) and note it in ``levers``. Call it once this
-    process's first ``grpc.aio`` server or channel exists: the thread starts with it."""
+    """The opt-in lever: when ``TIERDISK_SERVER_GRPC_POLLER_BATCH`` is true (what
+    ``tierdisk serve`` reads as ``[server] grpc_poller_batch``), put this process's gRPC
+    poller thread in the batch scheduling class (``tune.batch_grpc_poller``) and note it in
+    ``levers``. Call it once this process's first ``grpc.aio`` server or channel exists:
+    the thread starts with it."""
     from tierdisk.client.tune import batch_grpc_poller
 
-    if not levers["poller"]:
+    wanted = os.environ.get(POLLER_BATCH, "").strip().lower() in ("1", "true", "yes", "on")
+    if wanted and not levers["poller"]:
         levers["poller"] = batch_grpc_poller()
 
 
-def lever_env(*, uvloop: bool = True, malloc: bool = True, poller: bool = True) -> dict[str, str]:
-    """The environment of a child process with the given levers (server or client)."""
-    switches = (NO_UVLOOP, NO_MALLOC, NO_POLLER, *MALLOC_ENV)
+def lever_env(*, uvloop: bool = True, malloc: bool = True, poller: bool = False) -> dict[str, str]:
+    """The environment of a child process with the given levers (server or client);
+    ``poller`` is opt-in, off by default as in ``tierdisk serve``."""
+    switches = (NO_UVLOOP, NO_MALLOC, POLLER_BATCH, *MALLOC_ENV)
     env = {k: v for k, v in os.environ.items() if k not in switches}
     env["PYTHONUNBUFFERED"] = "1"
     if not uvloop:
         env[NO_UVLOOP] = "1"
     if not malloc:
         env[NO_MALLOC] = "1"
-    if not poller:
-        env[NO_POLLER] = "1"
+    if poller:
+        env[POLLER_BATCH] = "1"
     return env
 
 

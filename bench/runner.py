@@ -418,11 +418,11 @@ class Bench:
         self.levers_on = self.start_server("tierdisk-levers-on", self.lever_config)
         self.no_uvloop = self.start_server("tierdisk-no-uvloop", self.lever_config, uvloop=False)
         self.no_malloc = self.start_server("tierdisk-no-malloc", self.lever_config, malloc=False)
-        self.no_poller = self.start_server("tierdisk-no-poller", self.lever_config, poller=False)
+        self.poller = self.start_server("tierdisk-poller", self.lever_config, poller=True)
         self.lg = self.start_worker("main")
         self.lg_no_uvloop = self.start_worker("no-uvloop", uvloop=False)
         self.lg_no_malloc = self.start_worker("no-malloc", malloc=False)
-        self.lg_no_poller = self.start_worker("no-poller", poller=False)
+        self.lg_poller = self.start_worker("poller", poller=True)
         self.lg_inproc = self.start_worker("inproc", inproc=self.lever_config)
         self.inproc_addr = str(self.lg_inproc.hello["inproc"])
         self.log("prefilling [ram] volumes, warming the read cache")
@@ -430,7 +430,7 @@ class Bench:
         self.fill(self.lg, self.levers_on.address, "ram", write=True)
         self.fill(self.lg_no_uvloop, self.no_uvloop.address, "ram", write=True)
         self.fill(self.lg_no_malloc, self.no_malloc.address, "ram", write=True)
-        self.fill(self.lg_no_poller, self.no_poller.address, "ram", write=True)
+        self.fill(self.lg_poller, self.poller.address, "ram", write=True)
         self.fill(self.lg_inproc, self.inproc_addr, "ram", write=True)
         if self.have_sparse:
             self.fill(self.lg, self.main.address, "ram-sparse-raw", write=False)
@@ -771,14 +771,14 @@ class Bench:
             self.rows.append(
                 Row(
                     "levers",
-                    "gRPC poller not in the batch class (server+client)",
+                    "+ gRPC poller in the batch class (opt-in; server+client)",
                     wl,
                     self.grpc_cell(
-                        self.lg_no_poller,
-                        lambda: self.no_poller.address,
+                        self.lg_poller,
+                        lambda: self.poller.address,
                         "ram",
                         wl,
-                        lambda: self.no_poller.pid,
+                        lambda: self.poller.pid,
                     ),
                     baseline=on,
                 )

@@ -44,7 +44,7 @@ from .cli_errors import (
 )
 from .pem import CERTIFICATE, PRIVATE_KEY, key_pair_problem, read_pem
 from .progress import format_bytes
-from .tune import batch_grpc_poller, install_uvloop, reopen_closed_stdio, tune_malloc
+from .tune import install_uvloop, reopen_closed_stdio, tune_malloc
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
@@ -576,7 +576,6 @@ async def _run(args: argparse.Namespace) -> int:
                 certificate_chain=chain,
                 private_key=key,
             ) as client:
-                batch_grpc_poller()  # its thread started with the client's channel
                 rc = await verb(client, args)
         except (asyncio.CancelledError, CopyInterrupted) as exc:
             if not stopped:

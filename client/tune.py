@@ -1,6 +1,7 @@
 """Process-wide set-up at start: descriptors 0-2 made safe (:func:`reopen_closed_stdio`),
-tuning for moving ~1 MiB messages fast (glibc malloc settings and uvloop), and for many
-small calls (gRPC's poller thread in the batch scheduling class, :func:`batch_grpc_poller`).
+tuning for moving ~1 MiB messages fast (glibc malloc settings and uvloop), and, opt-in, for
+many small calls on a machine of their own (gRPC's poller thread in the batch scheduling
+class, :func:`batch_grpc_poller`; ``[server] grpc_poller_batch``).
 
 Measured on this project's machine (DESIGN.md §6, ``perf-baselines.md``): with glibc's default
 malloc, every ~1 MiB message is allocated with ``mmap`` and given back with ``munmap``, about
@@ -10,9 +11,8 @@ server. uvloop adds another 10-30%. Both are process-wide, so the CLI (and the s
 these once at start; a library user decides for their own process.
 
 Benchmark switches (bench/README.md): ``TIERDISK_NO_MALLOC_TUNING=1`` makes
-:func:`tune_malloc`, ``TIERDISK_NO_UVLOOP=1`` :func:`install_uvloop` and
-``TIERDISK_NO_POLLER_BATCH=1`` :func:`batch_grpc_poller` do nothing and return False, so a
-benchmark can show what each lever is worth in the same processes.
+:func:`tune_malloc` and ``TIERDISK_NO_UVLOOP=1`` makes :func:`install_uvloop` do nothing and
+return False, so a benchmark can show what each lever is worth in the same processes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import threading
 
 __all__ = [
     "NO_MALLOC_TUNING_ENV",
-    "NO_POLLER_BATCH_ENV",
     "NO_UVLOOP_ENV",
     "batch_grpc_poller",
     "install_uvloop",
@@ -39,9 +38,6 @@ NO_MALLOC_TUNING_ENV = "TIERDISK_NO_MALLOC_TUNING"
 """Set (to anything but "" or "0") to turn :func:`tune_malloc` off: a benchmark switch."""
 NO_UVLOOP_ENV = "TIERDISK_NO_UVLOOP"
 """Set (to anything but "" or "0") to turn :func:`install_uvloop` off: a benchmark switch."""
-NO_POLLER_BATCH_ENV = "TIERDISK_NO_POLLER_BATCH"
-"""Set (to anything but "" or "0") to turn :func:`batch_grpc_poller` off: a benchmark
-switch."""
 
 
 def _switched_off(name: str) -> bool:
@@ -156,22 +152,25 @@ thread after its target (``Thread-1 (_poll_wrapper)``)."""
 
 def batch_grpc_poller() -> bool:
     """Put ``grpc.aio``'s completion-queue poller thread in Linux's ``SCHED_BATCH``
-    scheduling class; True when it was found and moved.
+    scheduling class; True when it was found and moved. Opt-in: a trade-off, below.
 
     That thread wakes for every completion gRPC's core reports (four or five per unary
     call), hands it to the event loop and sleeps again. In the default class each wake-up
     preempts whatever runs on its CPU, usually the event loop's own thread: three to five
     involuntary context switches of the loop per call. A ``SCHED_BATCH`` thread gets the
     same share of the CPU but does not preempt on wake-up; it runs when a CPU is free or
-    the running thread's slice ends. A 4 KiB read then costs the server ~15% less CPU and
-    the client ~10-15% less (bench/README.md, "gRPC's poller thread in the batch class");
-    1 MiB calls are not changed. Needs no privilege.
+    the running thread's slice ends. On a machine of its own, a 4 KiB read then costs the
+    server ~15% less CPU and the client ~10-15% less; 1 MiB calls are not changed. But it
+    does not preempt other processes either: with busy processes on every CPU, each
+    completion waits for one of them to yield, and a 4 KiB read's 99th percentile latency
+    went from 4.5 to 8.5 ms at one in flight and from 18 to 64 ms at 32 (bench/README.md,
+    "gRPC's poller thread in the batch class"). Needs no privilege.
 
     The thread starts with the process's first ``grpc.aio`` server or channel: call this
     after that (before, it finds nothing and returns False). Idempotent. False, changing
-    nothing, off Linux, when ``TIERDISK_NO_POLLER_BATCH`` is set, or when the thread is not
-    found (a gRPC without it) or the system refuses (a seccomp policy)."""
-    if _switched_off(NO_POLLER_BATCH_ENV) or not hasattr(os, "SCHED_BATCH"):
+    nothing, off Linux, when the thread is not found (a gRPC without it) or when the
+    system refuses (a seccomp policy)."""
+    if not hasattr(os, "SCHED_BATCH"):
         return False
     moved = False
     for thread in threading.enumerate():

@@ -294,6 +294,18 @@ def _bool(value: object, what: str) -> bool:
     return value
 
 
+def _switch(value: object, what: str) -> bool:
+    """true or false; from a flag or an environment variable the words ``true``/``false``
+    (any case), ``1``/``0``, ``yes``/``no`` or ``on``/``off``."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+    return _bool(value, what)
+
+
 def _sector_size(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{what} must be an integer, not {_show(value)}")
@@ -392,6 +404,7 @@ class ServerConfig:
     nbd_tls_cert: str = ""  # PEM certificate chain of the NBD export's TLS; "" = no TLS
     nbd_tls_key: str = ""  # PEM private key of nbd_tls_cert (unencrypted)
     nbd_tls_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    grpc_poller_batch: bool = False  # gRPC's poller thread in SCHED_BATCH (client/tune.py)
 
 
 _SERVER_KEYS: dict[str, _Parser] = {
@@ -404,6 +417,7 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "nbd_tls_cert": _optional_path,  # file paths: "" = not set; resolved against data_dir
     "nbd_tls_key": _optional_path,
     "nbd_tls_ca": _optional_path,
+    "grpc_poller_batch": _switch,
 }
 _NBD_TLS_KEYS = ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca")
 MIN_MAX_IO = DEFAULT_MAX_IO

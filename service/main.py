@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         help="PEM CA bundle: NBD clients must present a certificate it signed (mutual TLS)",
     )
     p.add_argument(
+        "--grpc-poller-batch",
+        metavar="BOOL",
+        help="true: gRPC's poller thread in Linux's SCHED_BATCH class, for a machine of its "
+        "own (faster small calls; slower tails when other processes keep the CPUs busy). "
+        "false, the default",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -167,6 +174,7 @@ def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
         "nbd_tls_cert": args.nbd_tls_cert,
         "nbd_tls_key": args.nbd_tls_key,
         "nbd_tls_ca": args.nbd_tls_ca,
+        "grpc_poller_batch": args.grpc_poller_batch,
     }
     try:
         config = load_config(args.config, flags=flags)
@@ -205,7 +213,8 @@ async def _serve(
     except OSError as exc:  # AddressInUse too
         say(f"tierdisk serve: cannot start: {_reason(exc)}")
         return 1
-    batch_grpc_poller()  # its thread started with the server (client/tune.py)
+    if config.server.grpc_poller_batch and not batch_grpc_poller():  # (started with the server)
+        log.warning("grpc_poller_batch: gRPC's poller thread was not found or not moved")
     if ready_file:
         try:
             _write_ready_file(ready_file, server)

@@ -254,6 +254,23 @@ def test_nbd_max_connections_defaults_to_64_and_takes_the_flag_first(tmp_path: P
     assert config.server.nbd_max_connections == 2
 
 
+def test_grpc_poller_batch_is_off_unless_set_and_takes_true_or_false(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, GOOD), environ={}).server.grpc_poller_batch is False
+    text = GOOD.replace("[server]\n", "[server]\ngrpc_poller_batch = true\n", 1)
+    assert load_config(_write(tmp_path, text), environ={}).server.grpc_poller_batch is True
+    environ = {"TIERDISK_SERVER_GRPC_POLLER_BATCH": "Off"}  # the environment over the file
+    assert load_config(_write(tmp_path, text), environ=environ).server.grpc_poller_batch is False
+    for word in ("true", "1", "yes", "ON"):
+        flags = {"grpc_poller_batch": word}  # the flag over both
+        config = load_config(_write(tmp_path, text), environ=environ, flags=flags)
+        assert config.server.grpc_poller_batch is True
+    with pytest.raises(ConfigError, match="--grpc-poller-batch must be true or false, not 'maybe'"):
+        load_config(_write(tmp_path, GOOD), environ={}, flags={"grpc_poller_batch": "maybe"})
+    bad = GOOD.replace("[server]\n", '[server]\ngrpc_poller_batch = "sometimes"\n', 1)
+    with pytest.raises(ConfigError, match="grpc_poller_batch must be true or false"):
+        load_config(_write(tmp_path, bad), environ={})
+
+
 def test_good_addresses_pass(tmp_path: Path) -> None:
     environ = {
         "TIERDISK_SERVER_LISTEN": "[::1]:0",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -14,10 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, write_config
+from servers import ServerProcess, server_section, write_config
 
 from tierdisk.client.tune import (
-    NO_POLLER_BATCH_ENV,
     POLLER_THREAD_SUFFIX,
     batch_grpc_poller,
     install_uvloop,
@@ -98,19 +96,6 @@ async def test_batch_grpc_poller_moves_only_the_poller_thread() -> None:
         await channel.close()
 
 
-async def test_batch_grpc_poller_switched_off_changes_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv(NO_POLLER_BATCH_ENV, "1")
-    channel = grpc.aio.insecure_channel("127.0.0.1:1")
-    try:
-        with poller_in_default_class() as poller:
-            assert batch_grpc_poller() is False
-            assert os.sched_getscheduler(poller.native_id or 0) == os.SCHED_OTHER
-    finally:
-        await channel.close()
-
-
 ONE_VOLUME = """
 [[volumes]]
 name = "w"
@@ -120,31 +105,23 @@ name = "w"
 """
 
 
-@pytest.mark.parametrize("switched_off", [False, True])
-def test_serve_and_the_cli_put_one_thread_in_the_batch_class(
-    tmp_path: Path, switched_off: bool
-) -> None:
-    """A running ``tierdisk serve`` and a running CLI verb (``watch``) each have exactly
-    one thread in ``SCHED_BATCH`` (gRPC's poller), none with the switch set."""
-    env = {NO_POLLER_BATCH_ENV: "1"} if switched_off else {}
-    expected = 0 if switched_off else 1
-    config = write_config(tmp_path, ONE_VOLUME)
-    with ServerProcess.start(tmp_path, config, env=env) as srv:
+@pytest.mark.parametrize("how", ["default", "flag", "config", "environment"])
+def test_serve_puts_one_thread_in_the_batch_class_only_when_asked(tmp_path: Path, how: str) -> None:
+    """``[server] grpc_poller_batch`` (its flag, its environment override) is opt-in: a
+    running ``tierdisk serve`` then has exactly one thread in ``SCHED_BATCH`` (gRPC's
+    poller), and none by default."""
+    body = ONE_VOLUME
+    args: list[str] = []
+    env: dict[str, str] = {}
+    if how == "flag":
+        args = ["--grpc-poller-batch", "true"]
+    elif how == "config":
+        body = server_section("127.0.0.1:0", tmp_path) + "grpc_poller_batch = true\n" + body
+    elif how == "environment":
+        env = {"TIERDISK_SERVER_GRPC_POLLER_BATCH": "yes"}
+    config = write_config(tmp_path, body)
+    with ServerProcess.start(tmp_path, config, *args, env=env) as srv:
         batched = [p for p in policies(srv.pid).values() if p == os.SCHED_BATCH]
-        assert len(batched) == expected
-        watch = subprocess.Popen(
-            [sys.executable, "-m", "tierdisk.client", "--server", srv.grpc, "watch", "w"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, **env},
-        )
-        try:
-            assert watch.stdout is not None
-            assert "sector_count=2048" in watch.stdout.readline().decode()
-            batched = [p for p in policies(watch.pid).values() if p == os.SCHED_BATCH]
-            assert len(batched) == expected
-        finally:
-            watch.kill()
-            watch.wait()
-            if watch.stdout is not None:
-                watch.stdout.close()
+        assert len(batched) == (0 if how == "default" else 1)
+        assert srv.terminate() == 0
+        assert "grpc_poller_batch" not in srv.stderr_text()  # no "not moved" warning
