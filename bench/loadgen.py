@@ -21,7 +21,9 @@ tierdisk server for FILE inside this process and event loop (the "server in its 
 lever turned off) and announces its address first.
 
 Levers: malloc tuning and uvloop are applied at start unless ``TIERDISK_NO_MALLOC_TUNING=1``
-or ``TIERDISK_NO_UVLOOP=1``.
+or ``TIERDISK_NO_UVLOOP=1``; the opt-in poller lever (gRPC's poller thread in the batch
+scheduling class) once its first channel exists, when ``TIERDISK_SERVER_GRPC_POLLER_BATCH=1``
+(what ``tierdisk serve`` reads as ``[server] grpc_poller_batch``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Smoke tests of the benchmark: its load generator (bench/loadgen.py) runs for about a second
 against a real ``tierdisk serve`` process and prints one valid JSON result; ``bench/run
 --tiers-only`` fills every tier row; a ``bench/run`` stopped with SIGTERM leaves none of its
-processes behind; ``bench/hotpath.py`` times every case. No timing is asserted: benchmarks
+processes behind; ``bench/hotpath.py`` times every case; ``bench/contention.py`` measures both
+of its servers. No timing is asserted: benchmarks
 print figures, tests check that the tools work."""
 
 from __future__ import annotations
@@ -105,6 +106,27 @@ def test_hotpath_times_every_case() -> None:
     assert sorted(timed) == ["batch4k", "read1m", "read4k", "write1m", "write4k"]
     for case, row in timed.items():
         assert row["floor"] > 0 and row["tierdisk"] > 0, (case, row)
+
+
+CONTENTION_QUICK = ["--busy", "1", "--rounds", "1", "--seconds", "0.3"]
+
+
+def test_contention_measures_both_servers_with_busy_processes() -> None:
+    """bench/contention.py reads from a server with the poller lever and one without, with
+    a busy process beside them, and prints a row for each and their ratio."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "contention.py"), *CONTENTION_QUICK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for name in ("lever off", "lever on"):
+        (row,) = [line for line in lines if line.startswith(name)]
+        assert float(row.split()[2].replace(",", "")) > 0, row  # reads/s
+    assert any(line.startswith("reads/s lever on / off: ") for line in lines), out.stdout
 
 
 def test_bench_run_tiers_only_measures_every_tier_row(tmp_path: Path) -> None:

@@ -16,15 +16,22 @@ import pytest
 from servers import ServerProcess, server_section, write_config
 
 from tierdisk.client.tune import (
-    POLLER_THREAD_SUFFIX,
+    POLLER_THREAD_NAME,
     batch_grpc_poller,
     install_uvloop,
     tune_malloc,
 )
 
-pytestmark = pytest.mark.skipif(
+linux_scheduling = pytest.mark.skipif(
     not hasattr(os, "SCHED_BATCH"), reason="scheduling classes are Linux's"
 )
+
+
+def in_default_class() -> None:
+    """Skip unless this process runs in the default class (a suite started under ``chrt -b``
+    or ``-i`` gives every thread that class: nothing to tell the poller apart by)."""
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        pytest.skip("the suite runs outside the default scheduling class (chrt)")
 
 
 def test_tune_malloc_applies_on_glibc() -> None:
@@ -62,7 +69,7 @@ def policies(pid: int) -> dict[int, int]:
 
 
 def pollers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.endswith(POLLER_THREAD_SUFFIX)]
+    return [t for t in threading.enumerate() if POLLER_THREAD_NAME.fullmatch(t.name)]
 
 
 @contextmanager
@@ -79,19 +86,40 @@ def poller_in_default_class() -> Iterator[threading.Thread]:
         os.sched_setscheduler(poller.native_id, os.SCHED_OTHER, default)
 
 
+@linux_scheduling
 async def test_batch_grpc_poller_moves_only_the_poller_thread() -> None:
+    in_default_class()
     channel = grpc.aio.insecure_channel("127.0.0.1:1")  # starts grpc.aio (never connects)
+    # A thread of ours whose name only ends like the poller's is not moved.
+    stop = threading.Event()
+    decoy = threading.Thread(target=stop.wait, name="not gRPC's (_poll_wrapper)", daemon=True)
+    decoy.start()
     try:
         with poller_in_default_class() as poller:
+            before = policies(os.getpid())
             assert batch_grpc_poller() is True
-            assert os.sched_getscheduler(poller.native_id or 0) == os.SCHED_BATCH
-            others = {
-                tid: policy
-                for tid, policy in policies(os.getpid()).items()
-                if tid != poller.native_id
-            }
-            assert set(others.values()) == {os.SCHED_OTHER}
+            after = policies(os.getpid())
+            assert after.pop(poller.native_id or 0) == os.SCHED_BATCH
+            assert after == {tid: before[tid] for tid in after}
             assert batch_grpc_poller() is True  # idempotent
+    finally:
+        stop.set()
+        decoy.join(5)
+        await channel.close()
+
+
+@linux_scheduling
+async def test_batch_grpc_poller_leaves_a_poller_in_another_class_alone() -> None:
+    """A poller an operator put in another class (here the idle one, which needs no
+    privilege) is not moved: False, and it stays there."""
+    in_default_class()
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    try:
+        with poller_in_default_class() as poller:
+            tid = poller.native_id or 0
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            assert batch_grpc_poller() is False
+            assert os.sched_getscheduler(tid) == os.SCHED_IDLE
     finally:
         await channel.close()
 
@@ -105,11 +133,16 @@ name = "w"
 """
 
 
+@linux_scheduling
 @pytest.mark.parametrize("how", ["default", "flag", "config", "environment"])
-def test_serve_puts_one_thread_in_the_batch_class_only_when_asked(tmp_path: Path, how: str) -> None:
+def test_serve_puts_one_thread_in_the_batch_class_only_when_asked(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``[server] grpc_poller_batch`` (its flag, its environment override) is opt-in: a
     running ``tierdisk serve`` then has exactly one thread in ``SCHED_BATCH`` (gRPC's
     poller), and none by default."""
+    in_default_class()
+    monkeypatch.delenv("TIERDISK_SERVER_GRPC_POLLER_BATCH", raising=False)
     body = ONE_VOLUME
     args: list[str] = []
     env: dict[str, str] = {}
