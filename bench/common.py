@@ -68,8 +68,9 @@ def apply_poller_lever(levers: dict[str, bool]) -> None:
     ``levers``. Call it once this process's first ``grpc.aio`` server or channel exists:
     the thread starts with it."""
     from tierdisk.client.tune import batch_grpc_poller
+    from tierdisk.service.config import parse_switch
 
-    wanted = os.environ.get(POLLER_BATCH, "").strip().lower() in ("1", "true", "yes", "on")
+    wanted = parse_switch(os.environ.get(POLLER_BATCH, "false"), POLLER_BATCH)
     if wanted and not levers["poller"]:
         levers["poller"] = batch_grpc_poller()
 

@@ -70,6 +70,7 @@ __all__ = [
     "load_config",
     "nbd_tls_context",
     "parse_size",
+    "parse_switch",
     "token_from_file",
 ]
 
@@ -294,7 +295,7 @@ def _bool(value: object, what: str) -> bool:
     return value
 
 
-def _switch(value: object, what: str) -> bool:
+def parse_switch(value: object, what: str) -> bool:
     """true or false; from a flag or an environment variable the words ``true``/``false``
     (any case), ``1``/``0``, ``yes``/``no`` or ``on``/``off``."""
     if isinstance(value, str):
@@ -417,7 +418,7 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "nbd_tls_cert": _optional_path,  # file paths: "" = not set; resolved against data_dir
     "nbd_tls_key": _optional_path,
     "nbd_tls_ca": _optional_path,
-    "grpc_poller_batch": _switch,
+    "grpc_poller_batch": parse_switch,
 }
 _NBD_TLS_KEYS = ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca")
 MIN_MAX_IO = DEFAULT_MAX_IO

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerProcess, server_section, write_config
+from servers import ServerProcess, ram, server_section, toml_volume, write_config
 
 from tierdisk.client.tune import (
     POLLER_THREAD_NAME,
@@ -124,13 +124,7 @@ async def test_batch_grpc_poller_leaves_a_poller_in_another_class_alone() -> Non
         await channel.close()
 
 
-ONE_VOLUME = """
-[[volumes]]
-name = "w"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "1MiB"
-"""
+ONE_VOLUME = toml_volume("w", ram("1MiB"))
 
 
 @linux_scheduling
