@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,3 +154,31 @@ def test_serve_puts_one_thread_in_the_batch_class_only_when_asked(
         assert len(batched) == (0 if how == "default" else 1)
         assert srv.terminate() == 0
         assert "grpc_poller_batch" not in srv.stderr_text()  # no "not moved" warning
+
+
+@linux_scheduling
+def test_serve_warns_when_asked_and_the_poller_is_not_moved(tmp_path: Path) -> None:
+    """A server started in the idle class (its poller with it: not the default class, so
+    not moved) and asked for the lever says so in one warning, and serves."""
+    in_default_class()
+    config = write_config(tmp_path, ONE_VOLUME)
+    ready = tmp_path / "ready.json"
+    cmd = [sys.executable, "-m", "tierdisk.service", "--config", str(config)]
+    cmd += ["--ready-file", str(ready), "--grpc-poller-batch", "true"]
+    env = {k: v for k, v in os.environ.items() if k != "TIERDISK_SERVER_GRPC_POLLER_BATCH"}
+
+    def idle() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, preexec_fn=idle)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the server did not start"
+        assert set(policies(proc.pid).values()) == {os.SCHED_IDLE}  # nothing moved
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    warnings = [line for line in err.decode().splitlines() if "grpc_poller_batch" in line]
+    assert len(warnings) == 1 and "not moved" in warnings[0], err.decode()
