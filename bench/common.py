@@ -98,6 +98,18 @@ def have_module(name: str) -> bool:
         return False
 
 
+def volume_toml(name: str, layers: list[dict[str, Any]], read_only: bool = False) -> str:
+    """A ``[[volumes]]`` table of a tierdisk config with ``layers`` (top first)."""
+    out = [f'[[volumes]]\nname = "{name}"\n']
+    if read_only:
+        out.append("read_only = true\n")
+    for layer in layers:
+        out.append("  [[volumes.layers]]\n")
+        for key, value in layer.items():
+            out.append(f"  {key} = {json.dumps(value)}\n")
+    return "".join(out)
+
+
 # -- process accounting -----------------------------------------------------------------
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -2,11 +2,12 @@
 
 Two ``tierdisk serve`` processes, one prefilled ``[ram]`` volume each, one with ``[server]
 grpc_poller_batch`` on (gRPC's poller thread in the batch scheduling class, README
-"Scheduling") and one without, and ``--busy`` processes that spin on the CPU (each ends by
-itself after ``--busy-seconds``). The load generator (``bench/loadgen.py``, the lever as
-its server has it) reads 4 KiB at random places at ``--qd`` from each server in turn, for
-``--rounds`` alternating rounds, and the medians are printed: reads/s, p50 and p99 latency,
-server CPU per read, and the per-round ratio lever on / off::
+"Scheduling") and one without, and ``--busy`` processes that spin on the CPU (each also
+ends by itself, a minute after the rounds would have ended). The load generator
+(``bench/loadgen.py``, the lever as its server has it) reads 4 KiB at random places at
+``--qd`` from each server in turn, for ``--rounds`` alternating rounds, and the medians
+are printed: reads/s, p50 and p99 latency, server CPU per read, and the per-round ratio
+lever on / off::
 
     python bench/contention.py                 # 2 busy processes, QD 1, 5 rounds
     python bench/contention.py --busy 0        # the same without contention
@@ -29,16 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH, PYTHON, ServerProc, lever_env, stop_pid
+from common import BENCH, PYTHON, ServerProc, lever_env, stop_pid, volume_toml
 
-CONFIG = """[server]
-data_dir = "{data}"
-[[volumes]]
-name = "vm"
-  [[volumes.layers]]
-  kind = "ram"
-  size = "256MiB"
-"""
 SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
 
@@ -86,7 +79,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tierdisk-contention-") as tmp:
         work = Path(tmp)
         config = work / "ram.toml"
-        config.write_text(CONFIG.format(data=work / "data"))
+        server_table = f'[server]\ndata_dir = "{work / "data"}"\n'
+        config.write_text(server_table + volume_toml("vm", [{"kind": "ram", "size": "256MiB"}]))
         try:
             for name, env in envs.items():
                 servers[name] = ServerProc.tierdisk(config, work, name.replace(" ", "-"), env=env)

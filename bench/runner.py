@@ -48,6 +48,7 @@ from common import (
     proc_sample,
     stop_pid,
     summary,
+    volume_toml,
 )
 
 RESULTS = BENCH / "results"
@@ -239,17 +240,6 @@ class _Stop:
 STOP = _Stop()
 
 
-def _volume_toml(name: str, layers: list[dict[str, Any]], read_only: bool = False) -> str:
-    out = [f'[[volumes]]\nname = "{name}"\n']
-    if read_only:
-        out.append("read_only = true\n")
-    for layer in layers:
-        out.append("  [[volumes.layers]]\n")
-        for key, value in layer.items():
-            out.append(f"  {key} = {json.dumps(value)}\n")
-    return "".join(out)
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -330,15 +320,15 @@ class Bench:
         }
         self.main_config = self.work / "main.toml"
         self.main_config.write_text(
-            head + "".join(_volume_toml(name, volumes[name]) for name in self.stacks)
+            head + "".join(volume_toml(name, volumes[name]) for name in self.stacks)
         )
         self.lever_config = self.work / "lever.toml"
         self.lever_config.write_text(
-            f'[server]\ndata_dir = "{data}"\n' + _volume_toml("ram", volumes["ram"])
+            f'[server]\ndata_dir = "{data}"\n' + volume_toml("ram", volumes["ram"])
         )
         self.origin_config = self.work / "origin.toml"
         self.origin_config.write_text(
-            head + _volume_toml("base", [raw], read_only=True)  # with the NBD export
+            head + volume_toml("base", [raw], read_only=True)  # with the NBD export
         )
 
     def start_server(
@@ -1028,7 +1018,7 @@ class Bench:
             remote["nbd"] = nbd
         config.write_text(
             f'[server]\ndata_dir = "{cache_dir}"\n'
-            + _volume_toml(
+            + volume_toml(
                 "tier",
                 [
                     {"kind": "ram"},
