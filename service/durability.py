@@ -67,6 +67,23 @@ class Durability:
         self._closing = False  # close() began: no new flush round
         self._flush_rounds = 0  # flush rounds begun
         self._flushed_through = 0  # the latest round that succeeded
+        self._changes_ended = 0  # writes and unmaps that have ended (note_change)
+        self._changes_flushed = 0  # of those, the ones a round that succeeded began after
+
+    def note_change(self) -> None:
+        """A write, an unmap or a resize that failed ended (whatever its outcome: one that
+        failed may have changed some layers): it is unflushed until a flush round that
+        begins after this succeeds (:attr:`changed_since_flush`). A resize that succeeded
+        synced every layer it changed (:meth:`syncing`) and is not noted."""
+        self._changes_ended += 1
+
+    @property
+    def changed_since_flush(self) -> bool:
+        """Whether a change ended (:meth:`note_change`) that no flush round that succeeded
+        began after: False when every acknowledged write is durable as far as a flush can
+        make it so, and a flush has nothing of the volume's to do (a read-only volume, one
+        only read since its last flush)."""
+        return self._changes_ended != self._changes_flushed
 
     async def flush(self) -> None:
         """Make every write acknowledged before the call durable on the write path, in the
@@ -138,7 +155,9 @@ class Durability:
     async def _flush_round(self, number: int) -> None:
         """Flush round ``number``: the write-path layers together, all waited for, the first
         failure raised; each read cache off the write path gets a flush of its own started
-        beside it (when its last one has ended), not waited for."""
+        beside it (when its last one has ended), not waited for. Covers the changes that
+        ended before it began (:attr:`changed_since_flush`)."""
+        covered = self._changes_ended
         for index in range(self._write_path, len(self._entries)):
             if self._entries[index].read_cache and index not in self._cache_flushes:
                 task = asyncio.ensure_future(self._flush_cache(index))
@@ -151,6 +170,7 @@ class Durability:
             if result is not None:
                 raise result
         self._flushed_through = number
+        self._changes_flushed = covered  # (rounds run one at a time, in order)
 
     async def _flush_layer(self, index: int) -> None:
         """Flush write-path layer ``index``: :meth:`_sync_failed` sees a failure first. A

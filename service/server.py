@@ -458,7 +458,11 @@ class Server:
         """Flush ``volume`` at a stop; False (logged) when it failed. A remote tier that
         answers ``UNAVAILABLE`` is asked again for up to :data:`_FINAL_FLUSH_PATIENCE`
         seconds: one that just restarted is back within that, before this server's channel
-        to it has reconnected."""
+        to it has reconnected. A volume with no change since its last flush
+        (:attr:`Volume.changed_since_flush`: read-only, or only read) has no write at stake:
+        it is flushed too (its local layers' files are checked), but a tier that does not
+        answer is asked once and logged as a warning, not a failure (a tier stopped while
+        its origin is down stops cleanly)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _FINAL_FLUSH_PATIENCE
         backoff = Backoff(0.1, 1.0)
@@ -466,12 +470,20 @@ class Server:
             try:
                 await volume.flush()
                 return True
-            except Unavailable as exc:
+            except (Unavailable, DeadlineExceeded) as exc:
+                failure: Exception = exc
+                if not volume.changed_since_flush:
+                    log.warning(
+                        "volume %r: a tier did not answer the flush at shutdown (%s); nothing "
+                        "was written since the volume's last flush, so no write is at stake",
+                        volume.name,
+                        exc,
+                    )
+                    return True
                 wait = backoff.next()
-                if loop.time() + wait < deadline:
+                if isinstance(exc, Unavailable) and loop.time() + wait < deadline:
                     await asyncio.sleep(wait)
                     continue
-                failure: Exception = exc
             except Exception as exc:
                 failure = exc
             log.error("volume %r: flush at shutdown failed: %s", volume.name, failure)

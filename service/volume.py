@@ -544,6 +544,7 @@ class Volume:
                 await self._write_sectors(view, sector, fua)
         finally:
             lock.release(token)
+            self._durability.note_change()
 
     def _failed_unseen(self, exc: BaseException) -> None:
         """A write or unmap down a write path of several layers failed after its caller
@@ -698,6 +699,7 @@ class Volume:
                 await self._write_sectors(buf, first, fua)
         finally:
             lock.release(token)
+            self._durability.note_change()
 
     async def _write_holes(self, view: memoryview, sector: int, fua: bool) -> None:
         ss = self.sector_size
@@ -757,6 +759,7 @@ class Volume:
                 await self._unmap_sectors(sector, end, block_level_only)
         finally:
             self.sector_lock.release(token)
+            self._durability.note_change()
 
     async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
@@ -788,6 +791,12 @@ class Volume:
         §3), in flush rounds (:meth:`Durability.flush`): raises the round's failure;
         :class:`Unavailable` once the volume is closing."""
         await self._durability.flush()
+
+    @property
+    def changed_since_flush(self) -> bool:
+        """Whether a write, an unmap or a failed resize ended that no flush that succeeded
+        covers (:attr:`Durability.changed_since_flush`)."""
+        return self._durability.changed_since_flush
 
     def durable_since(self, verifier: int) -> bool:
         """:meth:`Durability.durable_since`."""
@@ -859,7 +868,11 @@ class Volume:
                 raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
         async with self._resizing:  # one resize at a time: the layers change one by one
             # A cancel (the caller's deadline) must not stop it between two layers.
-            await run_to_end(self._resize_path(path, sector_count))
+            try:
+                await run_to_end(self._resize_path(path, sector_count))
+            except BaseException:
+                self._durability.note_change()  # (one that succeeded synced what it changed)
+                raise
         return self.sector_count
 
     async def _resize_path(self, path: list[Layer], sector_count: int) -> None:

@@ -165,6 +165,62 @@ async def test_flushes_waiting_for_a_round_share_the_next_one(volumes: VolumeOpe
     assert layer.ops("flush") == [("flush",), ("flush",)]
 
 
+async def test_a_change_is_unflushed_until_a_round_begun_after_it_succeeds(
+    volumes: VolumeOpener,
+) -> None:
+    """What a stop's final flush asks (``Volume.changed_since_flush``: is a write at
+    stake?). A write or an unmap is unflushed until a flush round that began after it
+    ended succeeds: a round under way when it ended does not cover it, nor does a round
+    that failed. Reads, and a resize that succeeded (it synced), change nothing."""
+    top = _GatedFlush(8)
+    top.gate.set()
+    vol = await volumes(top)
+    await vol.read(0, 8)
+    await vol.resize(16)
+    assert not vol.changed_since_flush
+    await write(vol, 0, p(1, 0))
+    assert vol.changed_since_flush
+    await vol.flush()
+    assert not vol.changed_since_flush
+    top.gate.clear()
+    top.entered.clear()
+    under_way = asyncio.ensure_future(vol.flush())
+    await top.entered.wait()
+    await write(vol, 1, p(2, 1))
+    top.gate.set()
+    await under_way
+    assert vol.changed_since_flush  # it ended after that round began
+    await vol.flush()
+    assert not vol.changed_since_flush
+    await vol.unmap(0, 1)
+    top.failure = Unavailable("the origin is restarting")
+    with pytest.raises(Unavailable):
+        await vol.flush()
+    assert vol.changed_since_flush
+    top.failure = None
+    await vol.flush()
+    assert not vol.changed_since_flush
+
+
+async def test_a_write_or_a_resize_that_failed_is_unflushed(volumes: VolumeOpener) -> None:
+    """One that failed may have changed some layers of the write path: the next flush must
+    count."""
+    below = _FailingWrites(8)
+    vol = await volumes(entry(MapLayer(8), wt=True), below)
+    below.failure = StorageError("write: Input/output error")
+    with pytest.raises(StorageError):
+        await write(vol, 1, p(1, 1))
+    below.failure = None
+    assert vol.changed_since_flush
+    await vol.flush()
+    assert not vol.changed_since_flush
+    below.failure = StorageError("ftruncate: Input/output error")
+    with pytest.raises(StorageError):
+        await vol.resize(16)
+    below.failure = None
+    assert vol.changed_since_flush
+
+
 async def test_a_flush_cancelled_mid_round_still_renews_the_verifier(
     volumes: VolumeOpener,
 ) -> None:

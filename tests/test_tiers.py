@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -659,6 +660,55 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
     finally:
         origin.kill()
         close_streams(origin)
+
+
+@pytest.mark.parametrize(
+    ("done", "at_stake"),
+    [
+        ("read, read-only volume", False),
+        ("read and resized", False),
+        ("written and flushed", False),
+        ("written after its flush", True),
+    ],
+)
+async def test_a_tier_stopped_while_its_origin_is_down_fails_its_stop_only_for_unflushed_writes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    done: str,
+    at_stake: bool,
+) -> None:
+    """A tier whose origin is down when it stops cannot flush through it. That fails the
+    stop (``Server.unflushed``: exit 1, the volume's verifier entry unclean, the next start
+    says it did not stop cleanly) only when a write was acknowledged since the volume's
+    last flush: a read-only volume, one only read or resized (a resize syncs), one whose
+    writes were all flushed, have no write at stake. Their stop warns and is clean."""
+    monkeypatch.setattr(server_module, "_FINAL_FLUSH_PATIENCE", 0.3)
+    async with running_server(tmp_path / "origin", toml_volume("base", ram("1MiB"))) as origin:
+        async with AsyncClient(origin.grpc_address) as client:
+            await client.volume("base").write(0, BASE[: 8 * SS])
+        body = toml_volume(
+            "vm", remote(origin.grpc_address, "base", timeout=1), read_only="read-only" in done
+        )
+        async with running_server(tmp_path / "tier", body) as tier:
+            async with AsyncClient(tier.grpc_address, retries=0) as client:
+                vol = client.volume("vm")
+                assert await vol.read(0, 8) == BASE[: 8 * SS]
+                if "resized" in done:
+                    await vol.resize(4096)
+                if "written" in done:
+                    await vol.write(8, BASE[: 8 * SS])
+                    await vol.flush()
+                if "after" in done:
+                    await vol.write(16, BASE[: 8 * SS])
+            await origin.stop(grace=1)
+            with caplog.at_level(logging.WARNING, logger="tierdisk.service.server"):
+                unflushed = await tier.stop(grace=1)
+    assert unflushed == (["vm"] if at_stake else [])
+    record = json.loads((tmp_path / "tier" / "data" / "write-verifiers.json").read_text())
+    assert record["volumes"]["vm"]["clean"] is not at_stake
+    warned = [r.getMessage() for r in caplog.records if "no write is at stake" in r.getMessage()]
+    assert len(warned) == (0 if at_stake else 1), caplog.text
 
 
 async def test_a_stop_that_ends_the_start_reports_a_failed_final_flush(
