@@ -184,7 +184,8 @@ class SectorSizeChanged(FailedPrecondition):
 
 
 class NotSupported(FailedPrecondition):
-    """The volume's layers cannot do this (e.g. resize a remote top layer)."""
+    """The volume's layers cannot do this (e.g. resize a volume whose top layer is a
+    read-only raw image or remote layer)."""
 
     label = "not supported"
     server_names = ("NotSupported",)

@@ -80,7 +80,8 @@ class ReadOnlyError(FailedPrecondition):
 
 
 class NotSupported(FailedPrecondition):
-    """The layer kind cannot do this (e.g. resize a remote layer, no-overwrite on raw)."""
+    """The layer kind cannot do this (e.g. resize a volume whose write path has a read-only
+    raw image or remote layer)."""
 
 
 class Unauthenticated(TierdiskError):

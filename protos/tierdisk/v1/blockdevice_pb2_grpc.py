@@ -176,7 +176,9 @@ class BlockDeviceServicer:
 
     def WatchResize(self, request, context):
         """Streams the volume's size: first the current size, then exactly one
-        event per size change, in order.
+        event per size change, in order. The server remembers a volume's last
+        1024 changes: a stream that falls further behind than that gets the
+        current size as one event (its generation jumps over the changes missed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,7 +85,9 @@ class BlockDeviceStub:
     """
     WatchResize: _grpc.UnaryStreamMultiCallable[_blockdevice_pb2.WatchResizeRequest, _blockdevice_pb2.ResizeEvent]
     """Streams the volume's size: first the current size, then exactly one
-    event per size change, in order.
+    event per size change, in order. The server remembers a volume's last
+    1024 changes: a stream that falls further behind than that gets the
+    current size as one event (its generation jumps over the changes missed).
     """
 
 @_typing.type_check_only
@@ -128,7 +130,9 @@ class BlockDeviceAsyncStub(BlockDeviceStub):
     """
     WatchResize: _aio.UnaryStreamMultiCallable[_blockdevice_pb2.WatchResizeRequest, _blockdevice_pb2.ResizeEvent]  # type: ignore[assignment]
     """Streams the volume's size: first the current size, then exactly one
-    event per size change, in order.
+    event per size change, in order. The server remembers a volume's last
+    1024 changes: a stream that falls further behind than that gets the
+    current size as one event (its generation jumps over the changes missed).
     """
 
 class BlockDeviceServicer(metaclass=_abc_1.ABCMeta):
@@ -234,7 +238,9 @@ class BlockDeviceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_blockdevice_pb2.ResizeEvent], _abc.AsyncIterator[_blockdevice_pb2.ResizeEvent]]:
         """Streams the volume's size: first the current size, then exactly one
-        event per size change, in order.
+        event per size change, in order. The server remembers a volume's last
+        1024 changes: a stream that falls further behind than that gets the
+        current size as one event (its generation jumps over the changes missed).
         """
 
 def add_BlockDeviceServicer_to_server(servicer: BlockDeviceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
