@@ -564,6 +564,7 @@ async def _run(args: argparse.Namespace) -> int:
     key = _read_pem(args.tls_key, PRIVATE_KEY, "--tls-key")
     if args.tls_cert is not None and args.tls_key is not None:
         _check_key_pair(args.tls_cert, args.tls_key)
+    rc: int | None = None
     with _stop_signals() as stopped:
         try:
             async with AsyncClient(
@@ -577,14 +578,23 @@ async def _run(args: argparse.Namespace) -> int:
                 private_key=key,
             ) as client:
                 rc = await verb(client, args)
+            _flush_stdout()  # here, not at exit: a full disk or a closed pipe is reported
+            # A stop asked for meanwhile is taken here, not as this task ends (the task
+            # would end cancelled: "interrupted" after all was done).
+            await asyncio.sleep(0)
         except (asyncio.CancelledError, CopyInterrupted) as exc:
+            if rc is not None:
+                # The verb had ended (an export had replaced IMAGE, a write was written):
+                # a stop that came as the client closed changes nothing; the result stands
+                # (a Ctrl-C so taken is no KeyboardInterrupt: asyncio.run()).
+                _flush_stdout()
+                return rc
             if not stopped:
                 raise  # Ctrl-C: asyncio.run() makes it a KeyboardInterrupt, main() reports it
             if args.verb == "watch":
                 return 0  # it runs until stopped: that is its end, as for Ctrl-C
             note = exc.note if isinstance(exc, CopyInterrupted) else ""
             raise _stopped_by(stopped[0], note) from None
-    _flush_stdout()  # here, not at exit: a full disk or a closed pipe is reported
     return rc
 
 

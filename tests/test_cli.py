@@ -624,6 +624,37 @@ def test_export_interrupted_leaves_the_image_as_it_was(
     assert os.listdir(tmp_path) == ["out.img"]
 
 
+def test_a_ctrl_c_that_comes_after_the_export_replaced_the_image_changes_nothing(
+    server: ServerProcess, exp_data: bytes, tmp_path: Path
+) -> None:
+    """Ctrl-C once the export has replaced IMAGE, as the client closes: the export is done,
+    so the command says nothing and exits 0, not "interrupted" with IMAGE replaced behind
+    a script's back (it took exit 130 for "the old IMAGE stands"). The command sends the
+    signal to itself right after the export verb returned. (SIGTERM and SIGHUP take the
+    same branch, but their handler runs in a later turn of the event loop: sent so, it
+    finds the command ended, so they cannot show it here.)"""
+    sig = signal.SIGINT
+    out = tmp_path / "out.img"
+    out.write_bytes(os.urandom(MiB))
+    after_export = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]; "
+        "from tierdisk.client import cli; verbs = cli._verbs\n"
+        "async def export_then_stop(client, args):\n"
+        "    rc = await verbs()['export'](client, args)\n"
+        f"    os.kill(os.getpid(), {int(sig)})\n"
+        "    return rc\n"
+        "cli._verbs = lambda: {**verbs(), 'export': export_then_stop}\n"
+        "sys.exit(cli.main())"
+    )
+    argv = [sys.executable, "-c", after_export, "--server", server.grpc, "export", "exp", str(out)]
+    result = subprocess.run(argv, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr.decode() == ""
+    assert out.read_bytes() == exp_data
+    assert os.listdir(tmp_path) == ["out.img"]
+
+
 def stopped_through_a_stall(
     server: ServerProcess, sig: signal.Signals, *argv: str, then: Callable[[], object]
 ) -> tuple[int, str]:
