@@ -146,7 +146,8 @@ def _check_request_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, attr, None)
         if value is not None and value > UINT64_MAX:
             raise UsageError(
-                f"{args.verb}: {attr.upper()} {value} is too large (at most {UINT64_MAX})"
+                f"{args.verb}: {attr.upper()} {value} is too large: no volume has more than "
+                f"{sizes.MAX_SECTORS} sectors"
             )
 
 
@@ -467,15 +468,16 @@ async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
     raise CliError(f"volume {vol.name!r} on {args.server}: the server ended the watch")
 
 
-def _too_large(text: str, sectors: int) -> UsageError:
-    return UsageError(f"size {text!r} is {sectors} sectors: too large (at most {UINT64_MAX})")
-
-
 async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``resize VOL SIZE``: a size no volume can have (no sector, over the size limit,
+    :func:`~tierdisk.client.sizes.size_limit_problem`) or not whole sectors is a bad
+    argument (exit 2), as is a shrink not asked for; only the volume's size and sector
+    size are asked for first."""
     value, in_bytes = size_argument(args.size)
-    if not in_bytes and value > UINT64_MAX:  # no request can carry it: no call made
-        raise _too_large(args.size, value)
     vol = client.volume(args.volume)
+    if value > (sizes.MAX_BYTES if in_bytes else sizes.MAX_SECTORS):  # whatever the sector size
+        most = f"{sizes.MAX_BYTES} bytes" if in_bytes else f"{sizes.MAX_SECTORS} sectors"
+        raise UsageError(f"size {args.size!r} is over the size limit of any volume ({most})")
     info = await vol.info()  # the sector size, and the size now: shrinking must be asked for
     ss = info.sector_size
     sectors = value
@@ -486,8 +488,11 @@ async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
                 f"{ss}-byte sectors of volume {vol.name!r}"
             )
         sectors = value // ss
-        if sectors > UINT64_MAX:
-            raise _too_large(args.size, sectors)
+    if sectors == 0:
+        raise UsageError(f"volume {vol.name!r}: size {args.size!r}: a volume has a sector or more")
+    problem = sizes.size_limit_problem(ss, sectors)
+    if problem is not None:
+        raise UsageError(f"volume {vol.name!r}: size {args.size!r}: {problem}")
     if sectors < info.sector_count and not args.shrink:
         asked = (
             f"{args.size} ({sectors} sectors)"

@@ -5,7 +5,8 @@ without ``iB``, are binary (as in ``qemu-img``); ``kB``, ``MB``, … are decimal
 Units are case-insensitive, a space may separate number and unit, and a fraction is allowed
 when the result is a whole number of bytes (``"1.5GiB"``); digits and spaces are ASCII. A bare
 whole number has no unit: the caller says what it counts (the config reads bytes, ``tierdisk
-resize`` sectors).
+resize`` sectors). :data:`MAX_BYTES` and :data:`MAX_SECTORS` bound every size, for the server
+and the command line alike (:func:`size_limit_problem`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["UNITS", "parse_size"]
+__all__ = ["MAX_BYTES", "MAX_SECTORS", "UNITS", "parse_size", "size_limit_problem"]
 
 UNITS: dict[str, int] = {
     "b": 1,
@@ -24,6 +25,28 @@ UNITS: dict[str, int] = {
     "p": 1 << 50, "pib": 1 << 50, "pb": 10**15,
 }  # fmt: skip
 """Bytes per unit, by the unit's lower-case spelling."""
+
+MAX_BYTES = (1 << 63) - 1
+"""The largest size of a layer or volume in bytes: byte offsets are signed 64-bit (``off_t``
+for files, ``ssize_t`` for memory, int64 in most block-device clients)."""
+
+MAX_SECTORS = (1 << 53) - 1
+"""The largest size in sectors, whatever the sector size: sizes travel in ``Inspect``'s
+tree, a ``google.protobuf.Struct`` whose numbers are doubles, exact only below ``2**53`` (a
+tier over a larger volume would read its size rounded). 4 EiB of 512-byte sectors."""
+
+
+def size_limit_problem(sector_size: int, sector_count: int) -> str | None:
+    """Why ``sector_count`` sectors of ``sector_size`` bytes are over the size limit
+    (:data:`MAX_BYTES`, :data:`MAX_SECTORS`), stating it; None when they are not."""
+    most = min(MAX_BYTES // sector_size, MAX_SECTORS)
+    if sector_count <= most:
+        return None
+    return (
+        f"{sector_count} sectors of {sector_size} bytes is over the size limit of {most} "
+        f"sectors ({most * sector_size} bytes)"
+    )
+
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", re.ASCII)
 """ASCII digits only: ``\\d`` and ``Fraction`` would read ``"٣KiB"`` (an Arabic-Indic 3) as
@@ -47,7 +70,10 @@ def parse_size(text: str) -> tuple[int, bool]:
         return int(number), False
     factor = UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"{text!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, or MB, GB)")
+        raise ValueError(
+            f"{text!r}: unknown unit {unit!r} (use B; K, M, G, T, P with or without iB, "
+            "binary; or kB, MB, GB, TB, PB, decimal)"
+        )
     value = Fraction(number) * factor  # exact: no float rounding, no overflow to inf
     if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tierdisk.client.sizes import MAX_BYTES, MAX_SECTORS, size_limit_problem
+
 from .errors import ConfigError, NotSupported, OutOfRange, Unavailable
 from .runs import Run
 
@@ -39,27 +41,6 @@ __all__ = [
     "new_geometry",
     "size_limit_problem",
 ]
-
-MAX_BYTES = (1 << 63) - 1
-"""The largest size of a layer or volume in bytes: byte offsets are signed 64-bit (``off_t``
-for files, ``ssize_t`` for memory, int64 in most block-device clients)."""
-
-MAX_SECTORS = (1 << 53) - 1
-"""The largest size in sectors, whatever the sector size: sizes travel in ``Inspect``'s
-tree, a ``google.protobuf.Struct`` whose numbers are doubles, exact only below ``2**53`` (a
-tier over a larger volume would read its size rounded). 4 EiB of 512-byte sectors."""
-
-
-def size_limit_problem(sector_size: int, sector_count: int) -> str | None:
-    """Why ``sector_count`` sectors of ``sector_size`` bytes are over the size limit
-    (:data:`MAX_BYTES`, :data:`MAX_SECTORS`), stating it; None when they are not."""
-    most = min(MAX_BYTES // sector_size, MAX_SECTORS)
-    if sector_count <= most:
-        return None
-    return (
-        f"{sector_count} sectors of {sector_size} bytes is over the size limit of {most} "
-        f"sectors ({most * sector_size} bytes)"
-    )
 
 
 class UnmapBehavior(enum.IntEnum):

@@ -88,7 +88,9 @@ def test_bad_resize_size_is_a_usage_error() -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["resize", "vol", "99999999999999999999999"], "too large"),
+        (["resize", "vol", "99999999999999999999999"], "over the size limit of any volume"),
+        (["resize", "vol", str(1 << 53)], "(9007199254740991 sectors)"),
+        (["resize", "vol", f"{1 << 63}B"], "(9223372036854775807 bytes)"),
         (["read", "vol", str(1 << 64), "1"], f"SECTOR {1 << 64}"),
         (["read", "vol", "0", str(1 << 64)], f"COUNT {1 << 64}"),
         (["write", "vol", str(1 << 64)], f"SECTOR {1 << 64}"),

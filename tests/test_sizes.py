@@ -4,6 +4,8 @@ which turns the module's ValueError into a usage error."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tierdisk.client import cli
@@ -49,3 +51,11 @@ def test_parse_size_takes_ascii_digits_only(text: str) -> None:
     or a count written so is refused. One reading: ASCII digits, here as everywhere."""
     with pytest.raises(UsageError, match="is not a size"):
         cli.size_argument(text)
+
+
+def test_an_unknown_unit_names_every_unit_there_is() -> None:
+    """The refusal lists the units read (each binary one with or without ``iB``)."""
+    with pytest.raises(UsageError) as info:
+        cli.size_argument("12XB")
+    words = set(re.findall(r"[A-Za-z]+", str(info.value).split("(use ", 1)[1]))
+    assert {"B", "K", "M", "G", "T", "P", "iB", "kB", "MB", "GB", "TB", "PB"} <= words
