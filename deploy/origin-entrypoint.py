@@ -78,8 +78,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--data-dir")
     args, rest = parser.parse_known_args(argv)
-    with open(args.config, "rb") as file:
-        config = tomllib.load(file)
+    try:
+        with open(args.config, "rb") as file:
+            config = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        print(f"origin-entrypoint: config {args.config}: {error}", file=sys.stderr)
+        return 2
     # The same precedence as `tierdisk serve`: flag, environment, file, default.
     data_dir = Path(
         args.data_dir
@@ -106,7 +110,15 @@ def main(argv: list[str]) -> int:
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     sys.stderr.flush()
-    os.execvp(command[0], [*command, *rest])
+    try:
+        os.execvp(command[0], [*command, *rest])
+    except OSError as error:  # as a shell says it: 127 for a command not found, else 126
+        print(
+            f"origin-entrypoint: cannot run {command[0]}: {error.strerror} (is tierdisk "
+            "installed and on PATH?)",
+            file=sys.stderr,
+        )
+        return 127 if isinstance(error, FileNotFoundError) else 126
 
 
 if __name__ == "__main__":

@@ -864,3 +864,29 @@ def test_origin_entrypoint_follows_data_dir_env_and_refuses_bad_sizes(
     del env["BASE_IMAGE_SIZE"]  # default: 64 MiB
     assert entrypoint(env, "--config", config).returncode == 0
     assert (tmp_path / "env-data" / "base.img").stat().st_size == 64 << 20
+
+
+def test_origin_entrypoint_says_in_one_line_what_it_cannot_read_or_run(
+    fake_tierdisk: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    """A config it cannot read or parse exits 2, a `tierdisk` not on PATH 127 (as a shell
+    says it), each with one line naming it, never a traceback."""
+    env, recorded = fake_tierdisk
+    env["BASE_IMAGE_SIZE"] = "1MiB"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    for config, status, words in (
+        (tmp_path / "missing.toml", 2, "No such file"),
+        (bad, 2, str(bad)),
+    ):
+        done = entrypoint(env, "--config", str(config), "--data-dir", str(tmp_path / "d"))
+        assert done.returncode == status, done.stderr
+        assert done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
+    env["PATH"] = str(tmp_path / "nowhere")
+    origin = str(TIER_CONFIGS / "origin.toml")
+    done = entrypoint(env, "--config", origin, "--data-dir", str(tmp_path / "d"))
+    assert done.returncode == 127, done.stderr
+    last = done.stderr.splitlines()[-1]  # after the line saying it created the image
+    assert last.startswith("origin-entrypoint: cannot run tierdisk: No such file"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not recorded.exists()
