@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     try:
         with open(args.config, "rb") as file:
             config = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, ValueError) as error:  # (TOMLDecodeError, UnicodeDecodeError)
         print(f"origin-entrypoint: config {args.config}: {error}", file=sys.stderr)
         return 2
     # The same precedence as `tierdisk serve`: flag, environment, file, default.
@@ -96,7 +96,11 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"origin-entrypoint: BASE_IMAGE_SIZE: {error}", file=sys.stderr)
         return 2
-    for path, sector_size in missing_images(config, data_dir):
+    try:
+        missing = missing_images(config, data_dir)
+    except (AttributeError, TypeError, ValueError):
+        missing = []  # a config of the wrong shape: `tierdisk serve` says what is wrong
+    for path, sector_size in missing:
         if size <= 0 or size % sector_size:
             print(
                 f"origin-entrypoint: BASE_IMAGE_SIZE {size} is not a positive multiple of "

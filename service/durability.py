@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
-from .errors import NoSpace, StorageError, Unavailable, WritesLost
+from .errors import DeadlineExceeded, NoSpace, StorageError, Unavailable, WritesLost
 from .ratelimit import RateLimitedLog
 from .unstoppable import run_to_end
 from .verifier_store import new_verifier
@@ -67,23 +67,37 @@ class Durability:
         self._closing = False  # close() began: no new flush round
         self._flush_rounds = 0  # flush rounds begun
         self._flushed_through = 0  # the latest round that succeeded
-        self._changes_ended = 0  # writes and unmaps that have ended (note_change)
+        self._changes_running = 0  # writes, unmaps and resizes under way (change_began)
+        self._changes_ended = 0  # those that ended and may have changed something
         self._changes_flushed = 0  # of those, the ones a round that succeeded began after
 
-    def note_change(self) -> None:
-        """A write, an unmap or a resize that failed ended (whatever its outcome: one that
-        failed may have changed some layers): it is unflushed until a flush round that
-        begins after this succeeds (:attr:`changed_since_flush`). A resize that succeeded
-        synced every layer it changed (:meth:`syncing`) and is not noted."""
-        self._changes_ended += 1
+    def change_began(self) -> None:
+        """A write, an unmap or a resize begins changing the write path (call
+        :meth:`change_ended` when it ends, however it ends)."""
+        self._changes_running += 1
+
+    def change_ended(self, changed: bool = True) -> None:
+        """The change begun (:meth:`change_began`) ended. ``changed``: it may have changed
+        a layer (a write or an unmap, whatever its outcome: one that failed may have
+        changed some layers; a resize that failed), so it is unflushed until a flush round
+        that begins after this succeeds (:attr:`changed_since_flush`). A resize that
+        succeeded synced every layer it changed (:meth:`syncing`): not ``changed``."""
+        self._changes_running -= 1
+        if changed:
+            self._changes_ended += 1
+
+    @property
+    def changed_since_open(self) -> bool:
+        """Whether a change is under way or has ended since the volume opened."""
+        return self._changes_running > 0 or self._changes_ended > 0
 
     @property
     def changed_since_flush(self) -> bool:
-        """Whether a change ended (:meth:`note_change`) that no flush round that succeeded
-        began after: False when every acknowledged write is durable as far as a flush can
-        make it so, and a flush has nothing of the volume's to do (a read-only volume, one
-        only read since its last flush)."""
-        return self._changes_ended != self._changes_flushed
+        """Whether a change is under way, or ended (:meth:`change_ended`) and no flush round
+        that succeeded began after it: False when every acknowledged write is durable as
+        far as a flush can make it so, and a flush has nothing of the volume's to do (a
+        read-only volume, one only read since its last flush)."""
+        return self._changes_running > 0 or self._changes_ended != self._changes_flushed
 
     async def flush(self) -> None:
         """Make every write acknowledged before the call durable on the write path, in the
@@ -153,10 +167,13 @@ class Durability:
             await run_to_end(observed())
 
     async def _flush_round(self, number: int) -> None:
-        """Flush round ``number``: the write-path layers together, all waited for, the first
-        failure raised; each read cache off the write path gets a flush of its own started
-        beside it (when its last one has ended), not waited for. Covers the changes that
-        ended before it began (:attr:`changed_since_flush`)."""
+        """Flush round ``number``: the write-path layers together, all waited for, then a
+        failure raised: a layer's own (its storage) before a tier's that did not answer
+        (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``), which a stop may forgive
+        (``Server._final_flush``) and so must not hide the other. Each read cache off the
+        write path gets a flush of its own started beside it (when its last one has
+        ended), not waited for. Covers the changes that ended before it began
+        (:attr:`changed_since_flush`)."""
         covered = self._changes_ended
         for index in range(self._write_path, len(self._entries)):
             if self._entries[index].read_cache and index not in self._cache_flushes:
@@ -166,9 +183,12 @@ class Durability:
         results = await asyncio.gather(
             *(self._flush_layer(i) for i in range(self._write_path)), return_exceptions=True
         )
-        for result in results:
-            if result is not None:
-                raise result
+        failures = [result for result in results if result is not None]
+        if failures:
+            raise next(
+                (f for f in failures if not isinstance(f, Unavailable | DeadlineExceeded)),
+                failures[0],
+            )
         self._flushed_through = number
         self._changes_flushed = covered  # (rounds run one at a time, in order)
 

@@ -458,11 +458,13 @@ class Server:
         """Flush ``volume`` at a stop; False (logged) when it failed. A remote tier that
         answers ``UNAVAILABLE`` is asked again for up to :data:`_FINAL_FLUSH_PATIENCE`
         seconds: one that just restarted is back within that, before this server's channel
-        to it has reconnected. A volume with no change since its last flush
-        (:attr:`Volume.changed_since_flush`: read-only, or only read) has no write at stake:
-        it is flushed too (its local layers' files are checked), but a tier that does not
-        answer is asked once and logged as a warning, not a failure (a tier stopped while
-        its origin is down stops cleanly)."""
+        to it has reconnected.
+
+        A volume with no write at stake (:func:`_nothing_at_stake`) is flushed too (its
+        local layers' files are checked: their failures come first, ``Durability``), but a
+        tier that does not answer (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``) is asked once and
+        logged as a warning, not a failure: a tier stopped while its origin is down stops
+        cleanly."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _FINAL_FLUSH_PATIENCE
         backoff = Backoff(0.1, 1.0)
@@ -472,7 +474,7 @@ class Server:
                 return True
             except (Unavailable, DeadlineExceeded) as exc:
                 failure: Exception = exc
-                if not volume.changed_since_flush:
+                if _nothing_at_stake(volume):
                     log.warning(
                         "volume %r: a tier did not answer the flush at shutdown (%s); nothing "
                         "was written since the volume's last flush, so no write is at stake",
@@ -540,6 +542,19 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         return self.unflushed
+
+
+def _nothing_at_stake(volume: Volume) -> bool:
+    """Whether no write of ``volume``'s clients depends on a final flush: none under way (a
+    call the stop's grace did not wait out) nor since its last flush that succeeded
+    (:attr:`Volume.changed_since_flush`; a read-only volume, one only read or resized),
+    and, on a volatile write path (a tier over a ``ram`` origin, which keeps nothing past
+    its restart), none since it opened: there the flushed writes are at stake too, and its
+    clients learn of the origin's restart only through this volume's write verifier, which
+    an unclean stop renews."""
+    if volume.changed_since_flush:
+        return False
+    return not (volume.volatile and volume.changed_since_open)
 
 
 _FINAL_FLUSH_PATIENCE = 3.0

@@ -534,6 +534,8 @@ class Volume:
         token = lock.try_shared(sector, end) if self._write_path == 1 else None
         if token is None:
             token = await self._hold_for_change(sector, end)
+        durability = self._durability
+        durability.change_began()
         try:
             if self._write_path > 1:
                 change = self._write_holes if no_overwrite else self._write_sectors
@@ -544,7 +546,7 @@ class Volume:
                 await self._write_sectors(view, sector, fua)
         finally:
             lock.release(token)
-            self._durability.note_change()
+            durability.change_ended()
 
     def _failed_unseen(self, exc: BaseException) -> None:
         """A write or unmap down a write path of several layers failed after its caller
@@ -685,6 +687,7 @@ class Volume:
         head = offset - first * ss
         lock = self.sector_lock
         token = await lock.acquire_exclusive(first, last)
+        self._durability.change_began()
         try:
             self._check_range(first, last - first)  # a shrink may have run while it waited
             buf = memoryview(bytearray((last - first) * ss))
@@ -699,7 +702,7 @@ class Volume:
                 await self._write_sectors(buf, first, fua)
         finally:
             lock.release(token)
-            self._durability.note_change()
+            self._durability.change_ended()
 
     async def _write_holes(self, view: memoryview, sector: int, fua: bool) -> None:
         ss = self.sector_size
@@ -750,6 +753,7 @@ class Volume:
             return
         end = sector + count
         token = await self._hold_for_change(sector, end)
+        self._durability.change_began()
         try:
             if self._write_path > 1:
                 await run_to_end(
@@ -759,7 +763,7 @@ class Volume:
                 await self._unmap_sectors(sector, end, block_level_only)
         finally:
             self.sector_lock.release(token)
-            self._durability.note_change()
+            self._durability.change_ended()
 
     async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
@@ -794,9 +798,14 @@ class Volume:
 
     @property
     def changed_since_flush(self) -> bool:
-        """Whether a write, an unmap or a failed resize ended that no flush that succeeded
-        covers (:attr:`Durability.changed_since_flush`)."""
+        """Whether a write, an unmap or a resize is under way, or one (a resize that failed)
+        ended that no flush that succeeded covers (:attr:`Durability.changed_since_flush`)."""
         return self._durability.changed_since_flush
+
+    @property
+    def changed_since_open(self) -> bool:
+        """:attr:`Durability.changed_since_open`."""
+        return self._durability.changed_since_open
 
     def durable_since(self, verifier: int) -> bool:
         """:meth:`Durability.durable_since`."""
@@ -868,11 +877,13 @@ class Volume:
                 raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
         async with self._resizing:  # one resize at a time: the layers change one by one
             # A cancel (the caller's deadline) must not stop it between two layers.
+            self._durability.change_began()
+            changed = True  # unless it succeeds: then it synced what it changed
             try:
                 await run_to_end(self._resize_path(path, sector_count))
-            except BaseException:
-                self._durability.note_change()  # (one that succeeded synced what it changed)
-                raise
+                changed = False
+            finally:
+                self._durability.change_ended(changed)
         return self.sector_count
 
     async def _resize_path(self, path: list[Layer], sector_count: int) -> None:

@@ -875,13 +875,23 @@ def test_origin_entrypoint_says_in_one_line_what_it_cannot_read_or_run(
     env["BASE_IMAGE_SIZE"] = "1MiB"
     bad = tmp_path / "bad.toml"
     bad.write_text("[server\n")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n[server]\n")
     for config, status, words in (
         (tmp_path / "missing.toml", 2, "No such file"),
         (bad, 2, str(bad)),
+        (latin1, 2, str(latin1)),
     ):
         done = entrypoint(env, "--config", str(config), "--data-dir", str(tmp_path / "d"))
         assert done.returncode == status, done.stderr
         assert done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
+    # a config of the wrong shape is the server's to refuse (with its own line)
+    shapeless = tmp_path / "shapeless.toml"
+    shapeless.write_text('volumes = "abc"\n')
+    done = entrypoint(env, "--config", str(shapeless), "--data-dir", str(tmp_path / "d"))
+    assert done.returncode == 0, done.stderr
+    assert recorded.read_text().split()[:3] == ["serve", "--config", str(shapeless)]
+    recorded.unlink()
     env["PATH"] = str(tmp_path / "nowhere")
     origin = str(TIER_CONFIGS / "origin.toml")
     done = entrypoint(env, "--config", origin, "--data-dir", str(tmp_path / "d"))
