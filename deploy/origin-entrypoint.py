@@ -61,15 +61,20 @@ def create_image(path: Path, size: int, sector_size: int) -> None:
 
 
 def missing_images(config: dict[str, Any], data_dir: Path) -> list[tuple[Path, int]]:
-    """(path, sector size) of every size-less `raw` layer whose file does not exist."""
+    """(path, sector size) of every size-less `raw` layer whose file does not exist.
+    Raises AttributeError, TypeError or ValueError for a config of the wrong shape or a
+    sector size the server refuses (not a power of two of at least 512 bytes)."""
     found: list[tuple[Path, int]] = []
     for volume in config.get("volumes", []):
         for layer in volume.get("layers", []):
             if layer.get("kind") != "raw" or "size" in layer or "path" not in layer:
                 continue
+            sector_size = layer.get("sector_size", 512)
+            if type(sector_size) is not int or sector_size < 512 or sector_size & (sector_size - 1):
+                raise ValueError(f"sector_size {sector_size!r}")  # the server's to refuse
             path = data_dir / layer["path"]  # an absolute `path` stays as it is
             if not path.exists():
-                found.append((path, int(layer.get("sector_size", 512))))
+                found.append((path, sector_size))
     return found
 
 
@@ -84,19 +89,19 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as error:  # (TOMLDecodeError, UnicodeDecodeError)
         print(f"origin-entrypoint: config {args.config}: {error}", file=sys.stderr)
         return 2
-    # The same precedence as `tierdisk serve`: flag, environment, file, default.
-    data_dir = Path(
-        args.data_dir
-        or os.environ.get("TIERDISK_SERVER_DATA_DIR")
-        or config.get("server", {}).get("data_dir")
-        or DEFAULT_DATA_DIR
-    )
     try:
         size = parse_size(os.environ.get("BASE_IMAGE_SIZE", DEFAULT_SIZE))
     except ValueError as error:
         print(f"origin-entrypoint: BASE_IMAGE_SIZE: {error}", file=sys.stderr)
         return 2
     try:
+        # The same precedence as `tierdisk serve`: flag, environment, file, default.
+        data_dir = Path(
+            args.data_dir
+            or os.environ.get("TIERDISK_SERVER_DATA_DIR")
+            or config.get("server", {}).get("data_dir")
+            or DEFAULT_DATA_DIR
+        )
         missing = missing_images(config, data_dir)
     except (AttributeError, TypeError, ValueError):
         missing = []  # a config of the wrong shape: `tierdisk serve` says what is wrong

@@ -885,13 +885,25 @@ def test_origin_entrypoint_says_in_one_line_what_it_cannot_read_or_run(
         done = entrypoint(env, "--config", str(config), "--data-dir", str(tmp_path / "d"))
         assert done.returncode == status, done.stderr
         assert done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
-    # a config of the wrong shape is the server's to refuse (with its own line)
-    shapeless = tmp_path / "shapeless.toml"
-    shapeless.write_text('volumes = "abc"\n')
-    done = entrypoint(env, "--config", str(shapeless), "--data-dir", str(tmp_path / "d"))
-    assert done.returncode == 0, done.stderr
-    assert recorded.read_text().split()[:3] == ["serve", "--config", str(shapeless)]
-    recorded.unlink()
+    # a config of the wrong shape, or a sector size the server refuses, is the server's to
+    # refuse (with its own line): no image is made from it
+    layer = '[[volumes]]\nname = "base"\n[[volumes.layers]]\nkind = "raw"\npath = "b.img"\n'
+    for n, text in enumerate(
+        [
+            'volumes = "abc"\n',
+            'server = "x"\n',
+            "[server]\ndata_dir = 5\n",
+            *(f"{layer}sector_size = {ss}\n" for ss in ("0", "-512", "1", "true", "1000")),
+        ]
+    ):
+        shapeless = tmp_path / f"shapeless{n}.toml"
+        shapeless.write_text(text)
+        where = ["--data-dir", str(tmp_path / "d")] if "[[volumes]]" in text else []
+        done = entrypoint(env, "--config", str(shapeless), *where)
+        assert done.returncode == 0 and not done.stderr, (text, done.stderr)
+        assert recorded.read_text().split()[:3] == ["serve", "--config", str(shapeless)]
+        assert not (tmp_path / "d").exists(), text
+        recorded.unlink()
     env["PATH"] = str(tmp_path / "nowhere")
     origin = str(TIER_CONFIGS / "origin.toml")
     done = entrypoint(env, "--config", origin, "--data-dir", str(tmp_path / "d"))
