@@ -42,6 +42,7 @@ from .cli_errors import (
     one_line,
     stdout_error,
 )
+from .localfile import Sink
 from .pem import CERTIFICATE, PRIVATE_KEY, key_pair_problem, read_pem
 from .progress import format_bytes
 from .tune import install_uvloop, reopen_closed_stdio, tune_malloc
@@ -365,11 +366,22 @@ Verb: TypeAlias = "Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]"
 failure is raised, for :func:`main` to report in one line."""
 
 
-def _out(text: str) -> None:
+async def _out(*lines: str, sink: Sink | None = None) -> None:
+    """Print ``lines`` on stdout through ``sink``, else a :class:`~.localfile.Sink` of
+    their own: to a pipe, a terminal or a socket it writes from a thread of its own, so a
+    reader that stalls (``tierdisk map VOL | less``, paused) does not keep Ctrl-C, SIGTERM
+    or SIGHUP from stopping the verb (on the event loop's thread the write would be retried
+    after each signal, PEP 475, and the loop never run their handlers)."""
+    text = "".join(line + "\n" for line in lines)
+    data = text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict")
+    own = sink is None
+    out = Sink() if sink is None else sink
     try:
-        sys.stdout.write(text + "\n")
-    except OSError as err:
-        raise stdout_error(err) from None
+        await out.write(data)
+        out.flush()
+    finally:
+        if own:
+            out.close()
 
 
 def _flush_stdout() -> None:
@@ -396,32 +408,33 @@ def _info_lines(info: VolumeInfo) -> list[str]:
 
 
 async def _volumes(client: AsyncClient, args: argparse.Namespace) -> int:
+    lines = []
     for v in await client.list_volumes():
         if not v.ready:  # configured, not attached yet (a remote tier is down): name only
-            _out(f"{v.name}\t(not ready)")
+            lines.append(f"{v.name}\t(not ready)")
             continue
         mode = "ro" if v.read_only else "rw"
         size = format_bytes(v.size_bytes)
-        _out(f"{v.name}\t{v.sector_count}\t{v.sector_size}\t{mode}\t{size}")
+        lines.append(f"{v.name}\t{v.sector_count}\t{v.sector_size}\t{mode}\t{size}")
+    await _out(*lines)
     return 0
 
 
 async def _info(client: AsyncClient, args: argparse.Namespace) -> int:
-    for line in _info_lines(await client.volume(args.volume).info()):
-        _out(line)
+    await _out(*_info_lines(await client.volume(args.volume).info()))
     return 0
 
 
 async def _inspect(client: AsyncClient, args: argparse.Namespace) -> int:
     tree = await client.volume(args.volume).inspect(args.path)
     # Sorted keys, fixed indentation: outputs diff cleanly.
-    _out(json.dumps(tree, indent=2, sort_keys=True))
+    await _out(json.dumps(tree, indent=2, sort_keys=True))
     return 0
 
 
 async def _map(client: AsyncClient, args: argparse.Namespace) -> int:
-    for ext in await client.volume(args.volume).allocation():
-        _out(f"{ext.sector}\t{ext.sector_count}\t{ext.depth}")
+    extents = await client.volume(args.volume).allocation()
+    await _out(*(f"{ext.sector}\t{ext.sector_count}\t{ext.depth}" for ext in extents))
     return 0
 
 
@@ -429,9 +442,8 @@ _WHY_SECONDS = 2.0
 """Seconds :func:`_watch` gives the one call that says why no first event came."""
 
 
-def _print_size(event: ResizeEvent) -> None:
-    _out(f"generation={event.generation} sector_count={event.sector_count}")
-    _flush_stdout()
+async def _print_size(event: ResizeEvent, sink: Sink) -> None:
+    await _out(f"generation={event.generation} sector_count={event.sector_count}", sink=sink)
 
 
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -444,6 +456,7 @@ async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
     vol = client.volume(args.volume)
     watching = False
     events = vol.watch_resize()
+    sink = Sink()
     try:
         try:
             async with asyncio.timeout(args.timeout):
@@ -457,14 +470,16 @@ async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
                 f"no answer to the watch within {args.timeout:g} s", volume=vol.name
             ) from None
         watching = True
-        _print_size(first)
+        await _print_size(first, sink)
         async for event in events:
-            _print_size(event)
+            await _print_size(event, sink)
     except TierdiskError as err:
         if not watching:
             raise
         where, why = describe_parts(err, args.server)
         raise CliError(f"{where}: the server ended the watch: {why}") from None
+    finally:
+        sink.close()
     raise CliError(f"volume {vol.name!r} on {args.server}: the server ended the watch")
 
 
@@ -504,8 +519,7 @@ async def _resize(client: AsyncClient, args: argparse.Namespace) -> int:
             f"({format_bytes(info.size_bytes)}); pass --shrink to shrink it and lose the data "
             "past the new end"
         )
-    for line in _info_lines(await vol.resize(sectors)):
-        _out(line)
+    await _out(*_info_lines(await vol.resize(sectors)))
     return 0
 
 

@@ -722,7 +722,7 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
     read_end, write_end = os.pipe()  # a pipe nobody reads: it takes 64 KiB, then stalls
     pipe_bytes = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
     try:
-        returncode, err = _stopped_once_stalled(server, args, sig, stdout=write_end)
+        returncode, err = _stopped_once_stalled(server.grpc, args, sig, stdout=write_end)
     finally:
         os.close(read_end)
     assert returncode == status, err
@@ -733,13 +733,13 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
 
 
 def _stopped_once_stalled(
-    server: ServerProcess, args: list[str], sig: signal.Signals, *, stdout: int | None = None
+    address: str, args: list[str], sig: signal.Signals, *, stdout: int | None = None
 ) -> tuple[int, str]:
-    """Run ``tierdisk ARGS`` (its stdout the descriptor ``stdout``, closed here once
-    handed over), whose output stalls (nobody reads it), send it ``sig`` a second in; its
-    exit status and stderr. It must end within 10 s of the signal, not when the output
-    moves again (never, here)."""
-    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    """Run ``tierdisk ARGS`` against the server at ``address`` (its stdout the descriptor
+    ``stdout``, closed here once handed over), whose output stalls (nobody reads it), send
+    it ``sig`` a second in; its exit status and stderr. It must end within 10 s of the
+    signal, not when the output moves again (never, here)."""
+    env = {**os.environ, "TIERDISK_SERVER": address}
     try:
         proc = subprocess.Popen(
             [*TIERDISK_SIGNALLED, *args], stdout=stdout, stderr=subprocess.PIPE, env=env
@@ -778,7 +778,7 @@ def test_a_read_into_a_stalled_fifo_stops_on_a_signal(
     try:
         pipe_bytes = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
         args = ["read", "exp", "0", str(len(exp_data) // 512), "-o", str(fifo)]
-        returncode, err = _stopped_once_stalled(server, args, sig)
+        returncode, err = _stopped_once_stalled(server.grpc, args, sig)
     finally:
         os.close(reader)
     assert returncode == status, err
@@ -1988,6 +1988,26 @@ async def test_map_of_a_fragmented_volume_prints_every_run(tmp_path: Path) -> No
     assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
     runs = [tuple(map(int, line.split("\t"))) for line in result.stdout.decode().splitlines()]
     assert runs == fragmented_extents()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("sig", "status", "words"), STOPS)
+async def test_a_map_into_a_stalled_pipe_stops_on_a_signal(
+    tmp_path: Path, sig: signal.Signals, status: int, words: str
+) -> None:
+    """``map`` (1.5 MB of lines here) into a pipe whose reader stalls: a stop signal ends it
+    at once, as it ends ``export VOL -`` (its lines were written on the event loop's
+    thread, so the signal waited until the pipe moved again)."""
+    async with fragmented_server(tmp_path) as srv:
+        read_end, write_end = os.pipe()  # nobody reads it: it takes 64 KiB, then stalls
+        try:
+            returncode, err = await asyncio.to_thread(
+                _stopped_once_stalled, srv.grpc_address, ["map", "frag"], sig, stdout=write_end
+            )
+        finally:
+            os.close(read_end)
+    assert returncode == status, err
+    assert err.splitlines() == [f"tierdisk: {words}"]
 
 
 async def test_a_grpc_server_that_is_not_tierdisk_is_named_not_the_volume() -> None:
