@@ -89,7 +89,14 @@ def describe_parts(err: TierdiskError, server: str) -> tuple[str, str]:
     message = _without_prefix(full, f"volume {err.volume!r}") if err.volume else full
     if message != full:
         message = _without_prefix(_without_prefix(message, "is"), err.label)
+    if isinstance(err, Unavailable) and _CLEAR_TEXT_REPLY in full:
+        message += " (the server answered without TLS: leave out --tls?)"
     return where, f"{err.label}: {message}" if message else err.label
+
+
+_CLEAR_TEXT_REPLY = "WRONG_VERSION_NUMBER"
+"""What BoringSSL says when the peer's first bytes are no TLS record: the server speaks
+HTTP/2 in clear text."""
 
 
 def _without_prefix(text: str, prefix: str) -> str:
