@@ -798,8 +798,9 @@ class Volume:
 
     @property
     def changed_since_flush(self) -> bool:
-        """Whether a write, an unmap or a resize is under way, or one (a resize that failed)
-        ended that no flush that succeeded covers (:attr:`Durability.changed_since_flush`)."""
+        """Whether a write, an unmap or a resize is under way, or a write, an unmap or a
+        resize that failed ended that no flush that succeeded covers
+        (:attr:`Durability.changed_since_flush`)."""
         return self._durability.changed_since_flush
 
     @property
