@@ -14,7 +14,14 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["MAX_BYTES", "MAX_SECTORS", "UNITS", "parse_size", "size_limit_problem"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_SECTORS",
+    "UNITS",
+    "is_sector_size",
+    "parse_size",
+    "size_limit_problem",
+]
 
 UNITS: dict[str, int] = {
     "b": 1,
@@ -34,6 +41,12 @@ MAX_SECTORS = (1 << 53) - 1
 """The largest size in sectors, whatever the sector size: sizes travel in ``Inspect``'s
 tree, a ``google.protobuf.Struct`` whose numbers are doubles, exact only below ``2**53`` (a
 tier over a larger volume would read its size rounded). 4 EiB of 512-byte sectors."""
+
+
+def is_sector_size(value: object) -> bool:
+    """Whether ``value`` is a sector size a volume may have: an ``int`` (not a ``bool``), a
+    power of two of at least 512 bytes."""
+    return type(value) is int and value >= 512 and not value & (value - 1)
 
 
 def size_limit_problem(sector_size: int, sector_count: int) -> str | None:

@@ -70,7 +70,7 @@ def missing_images(config: dict[str, Any], data_dir: Path) -> list[tuple[Path, i
             if layer.get("kind") != "raw" or "size" in layer or "path" not in layer:
                 continue
             sector_size = layer.get("sector_size", 512)
-            if type(sector_size) is not int or sector_size < 512 or sector_size & (sector_size - 1):
+            if not sizes.is_sector_size(sector_size):
                 raise ValueError(f"sector_size {sector_size!r}")  # the server's to refuse
             path = data_dir / layer["path"]  # an absolute `path` stays as it is
             if not path.exists():

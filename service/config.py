@@ -310,7 +310,7 @@ def parse_switch(value: object, what: str) -> bool:
 def _sector_size(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{what} must be an integer, not {_show(value)}")
-    if value < 512 or value & (value - 1):
+    if not sizes.is_sector_size(value):
         raise ConfigError(f"{what} {value} is not a power of two of at least 512")
     return value
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tierdisk.client.sizes import MAX_BYTES, MAX_SECTORS, size_limit_problem
+from tierdisk.client.sizes import MAX_BYTES, MAX_SECTORS, is_sector_size, size_limit_problem
 
 from .errors import ConfigError, NotSupported, OutOfRange, Unavailable
 from .runs import Run
@@ -69,7 +69,7 @@ class LayerMetadata:
 
 def check_sector_size(sector_size: int) -> None:
     """Refuse a sector size that is not a power of two of at least 512 bytes."""
-    if sector_size < 512 or sector_size & (sector_size - 1):
+    if not is_sector_size(sector_size):
         raise ValueError(f"sector_size {sector_size} is not a power of two >= 512")
 
 
