@@ -59,17 +59,20 @@ from tierdisk.service.volume import LayerEntry, Volume
 
 MiB = 1 << 20
 TIERDISK = [sys.executable, "-m", "tierdisk.client"]
+SIGNALS_AS_THEY_COME = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]\n"
+)
+"""Python that sets SIGINT, SIGTERM and SIGHUP to Python's own handling, whatever the test
+runner inherited: the CLI does not take a signal its parent ignores (as a shell does SIGINT
+for ``cmd &``, and ``nohup`` SIGHUP)."""
 TIERDISK_SIGNALLED = [
     sys.executable,
     "-c",
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]; "
-    "from tierdisk.client.cli import main; sys.exit(main())",
+    SIGNALS_AS_THEY_COME + "from tierdisk.client.cli import main; sys.exit(main())",
 ]
-"""``TIERDISK`` for the tests that press Ctrl-C (send SIGINT), or send SIGTERM or SIGHUP:
-the CLI honours a signal its parent ignores (as a shell does SIGINT for ``cmd &``, and
-``nohup`` SIGHUP), so each is set to Python's own handling first, whatever the test runner
-inherited."""
+"""``TIERDISK`` for the tests that press Ctrl-C (send SIGINT), or send SIGTERM or SIGHUP
+(:data:`SIGNALS_AS_THEY_COME` first)."""
 
 STOPS = [
     pytest.param(signal.SIGINT, 130, "interrupted", id="ctrl-c"),
@@ -633,16 +636,13 @@ def test_a_ctrl_c_that_comes_after_the_export_replaced_the_image_changes_nothing
     signal to itself right after the export verb returned. (SIGTERM and SIGHUP take the
     same branch, but their handler runs in a later turn of the event loop: sent so, it
     finds the command ended, so they cannot show it here.)"""
-    sig = signal.SIGINT
     out = tmp_path / "out.img"
     out.write_bytes(os.urandom(MiB))
-    after_export = (
-        "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]; "
-        "from tierdisk.client import cli; verbs = cli._verbs\n"
+    after_export = SIGNALS_AS_THEY_COME + (
+        "import os; from tierdisk.client import cli; verbs = cli._verbs\n"
         "async def export_then_stop(client, args):\n"
         "    rc = await verbs()['export'](client, args)\n"
-        f"    os.kill(os.getpid(), {int(sig)})\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    return rc\n"
         "cli._verbs = lambda: {**verbs(), 'export': export_then_stop}\n"
         "sys.exit(cli.main())"
