@@ -77,11 +77,13 @@ class Durability:
         self._changes_running += 1
 
     def change_ended(self, changed: bool = True) -> None:
-        """The change begun (:meth:`change_began`) ended. ``changed``: it may have changed
-        a layer (a write or an unmap, whatever its outcome: one that failed may have
-        changed some layers; a resize that failed), so it is unflushed until a flush round
-        that begins after this succeeds (:attr:`changed_since_flush`). A resize that
-        succeeded synced every layer it changed (:meth:`syncing`): not ``changed``."""
+        """The change begun (:meth:`change_began`) ended. ``changed``: it is at stake
+        until a flush round that begins after this succeeds (:attr:`changed_since_flush`):
+        a write or an unmap that was acknowledged, or whose caller was cancelled (it may
+        have gone on to its end); a resize that failed (it may have changed some layers
+        and synced none). A write or an unmap that failed was acknowledged to no one, so
+        none of what it may have changed is a write at stake; a resize that succeeded
+        synced every layer it changed (:meth:`syncing`): neither is ``changed``."""
         self._changes_running -= 1
         if changed:
             self._changes_ended += 1

@@ -221,6 +221,15 @@ class Layer(abc.ABC):
         return 1
 
     @property
+    def can_drop_sectors(self) -> bool:
+        """True when :meth:`unmap` with ``next_is_zero`` drops sectors from this layer alone,
+        so reads take them from the layers below (``ram``, ``sparse``, ``sqlite``). False
+        for a layer that holds every sector (``raw``) and for a ``remote`` tier (its unmap
+        reaches its origin). The volume drops a failed write from the write-through layers
+        above the one that failed it (:meth:`~tierdisk.service.volume.Volume.write`)."""
+        return False
+
+    @property
     def can_read_cache(self) -> bool:
         """True when the layer implements :meth:`write_no_overwrite` (can be a read cache)."""
         return False

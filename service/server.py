@@ -275,6 +275,8 @@ class Server:
         if store is not None:  # kept over a clean stop (verifier_store)
             # Written with the mark: a crash of this run is then judged by this run's stack.
             store.kept_writes[volume.name] = not volume.lost_at_exit
+            if volume.read_only:  # no write to lose: a crash of this run is no unclean stop
+                store.read_only.add(volume.name)
             try:
                 await self._mark_unclean(store, volume.name)
             except BaseException:

@@ -29,8 +29,9 @@ that open together share one write): a crash from then on leaves it not clean. A
 served in a run (a start that failed, a tier that never answered) keeps its entry. At a
 clean stop (:meth:`VerifierStore.close`) it writes the served volumes that stopped cleanly
 as clean, with their verifiers then (a volume's verifier also changes while it runs, when a
-flush finds writes lost: :attr:`~tierdisk.service.volume.Volume.write_verifier`). Entries
-of volumes no longer configured are kept as they are.
+flush finds writes lost: :attr:`~tierdisk.service.volume.Volume.write_verifier`). A volume
+served read-only is written clean at its mark and at any stop: it acknowledges no write, so
+no end of its run loses one. Entries of volumes no longer configured are kept as they are.
 
 The file is replaced whole, never rewritten in place: the new record goes into
 ``write-verifiers.json.new``, is synced, and is renamed over the old one (the folder synced
@@ -109,6 +110,11 @@ class VerifierStore:
         """Whether each volume served in this run keeps its writes past the stop (its
         write path is not ``ram`` only), written with its entry (``kept_writes``) when it
         is marked (:meth:`mark_unclean`) and at the stop."""
+        self.read_only: set[str] = set()
+        """The volumes served read-only in this run: they acknowledge no write, so no end
+        of the run can lose one; each is written as clean when it is marked
+        (:meth:`mark_unclean`) and at the stop, so a crash of the run is no unclean stop
+        (no new verifier, no warning at the next start)."""
         self.untold: set[str] = set()
         """The volumes among :attr:`unclean` whose entry is clean but says a crash before it
         was never counted by a server that went on serving (``crash_untold``: the run after
@@ -223,13 +229,14 @@ class VerifierStore:
     def mark_unclean(self, names: Iterable[str]) -> None:
         """Write the volumes ``names`` as not clean, synced, before they are served: a crash
         from then on gives them new verifiers at the next start (volumes never served keep
-        their entries). When that fails, every verifier not yet in use is drawn anew and
-        nothing is kept (:attr:`usable` is False)."""
+        their entries; a volume served read-only, :attr:`read_only`, is written clean).
+        When that fails, every verifier not yet in use is drawn anew and nothing is kept
+        (:attr:`usable` is False)."""
         if not self.usable:
             return
         names = [name for name in names if name not in self.marked]
         try:
-            self._write(dict.fromkeys(names, False))
+            self._write({name: name in self.read_only for name in names})
         except OSError as exc:
             self._give_up(exc)
             return
@@ -242,7 +249,8 @@ class VerifierStore:
         untold: Collection[str] = (),
     ) -> None:
         """Keep ``verifiers`` (each served volume's at the stop, by name), the served volumes
-        in ``clean`` as stopped cleanly, the others not; release the file. A volume marked
+        in ``clean`` (and those served read-only) as stopped cleanly, the others not; release
+        the file. A volume marked
         but not served (its start was stopped) served nothing under its verifier: clean.
         Volumes never marked keep their entries. A failure is logged (the next start then
         draws new verifiers for the marked volumes: safe). The clean volumes in ``untold``
@@ -253,7 +261,12 @@ class VerifierStore:
         try:
             if self.marked and self._folder_fd is not None:
                 self.verifiers.update(verifiers)
-                self._write({name: name in clean or name not in verifiers for name in self.marked})
+                self._write(
+                    {
+                        name: name in clean or name not in verifiers or name in self.read_only
+                        for name in self.marked
+                    }
+                )
         except OSError as exc:
             log.warning("write verifiers not kept in %s at the stop: %s", self.path, exc.strerror)
         finally:

@@ -10,8 +10,11 @@ restarts, so shrink, grow and restart still shows zeros there. Writes land on th
 on down through ``write_through`` layers, each taking all of a write within its own size
 (past its overlap too: it is the durable copy), and a resize resizes them with the top.
 ``read_cache`` layers are filled (no-overwrite) with what the layers below returned, before
-the read replies. A write or unmap that a layer has no space for after another layer took
-it is a :class:`StorageError`, not :class:`NoSpace` (which says nothing changed).
+the read replies. A write or unmap that a write-path layer fails after the layers above it
+took it is dropped from them again where they can (``ram``, ``sparse``, ``sqlite``), so reads
+show the layers below and no layer keeps a change the ones below it lack; where one cannot
+(``raw``, ``remote``), a failure for space is a :class:`StorageError`, not :class:`NoSpace`
+(which says nothing changed), saying reads return a change that is not durable.
 
 Fixes of upstream ``disk_layered`` defects: a lower layer smaller than the top never aborts
 or crashes a read (runs past its overlap are skipped); a read cache below the top never
@@ -180,6 +183,7 @@ class Volume:
         sectors it cuts. Reads do not take it."""
         self._resizing = asyncio.Lock()  # resizes one at a time
         self._durability = Durability(name, entries, self._write_path, self.keeps_writes)
+        self._kept_log = RateLimitedLog(log)  # failed changes a layer above kept (_drop_above)
         """Flush rounds and the write verifier (:mod:`~tierdisk.service.durability`)."""
 
     # -- construction -------------------------------------------------------------------
@@ -536,6 +540,7 @@ class Volume:
             token = await self._hold_for_change(sector, end)
         durability = self._durability
         durability.change_began()
+        failed = False
         try:
             if self._write_path > 1:
                 change = self._write_holes if no_overwrite else self._write_sectors
@@ -544,17 +549,20 @@ class Volume:
                 await self._write_holes(view, sector, fua)
             else:
                 await self._write_sectors(view, sector, fua)
+        except Exception:
+            failed = True  # not acknowledged: nothing at stake (a cancel: it may go on)
+            raise
         finally:
             lock.release(token)
-            durability.change_ended()
+            durability.change_ended(not failed)
 
     def _failed_unseen(self, exc: BaseException) -> None:
         """A write or unmap down a write path of several layers failed after its caller
-        was cancelled (so nobody is told): the layers may hold different data for its
-        sectors (never acknowledged); logged."""
+        was cancelled (so nobody is told): logged. The layers above the one that failed
+        dropped it again where they could (:meth:`_failed_below`; where one could not, that
+        is logged too, and reads may return the change, never acknowledged)."""
         log.warning(
-            "volume %r: a write or unmap whose caller had gone failed on the write path (%s); "
-            "its layers may differ over those sectors until they are written again",
+            "volume %r: a write or unmap whose caller had gone failed on the write path (%s)",
             self.name,
             exc,
         )
@@ -588,6 +596,7 @@ class Volume:
         ss = self.sector_size
         end = sector + len(view) // ss
         short = 0  # the first write-path layer too small for all of it
+        index = 0
         try:
             for index in range(self._write_path):
                 limit = self._write_limit(index, end)
@@ -601,12 +610,81 @@ class Volume:
                     await self._durability.syncing(index, layer.write(part, sector, fua))
                 else:
                     await layer.write(part, sector, fua)
-        except NoSpace as exc:
-            raise self._out_of_space(exc, index > 0, "write") from None
-        except OutOfRange as exc:
-            raise self._shrunk_below(exc, index, index > 0, sector, end, "write") from None
+        except Exception as exc:
+            raise await self._failed_below(exc, index, sector, end, "write") from None
         if short:
             raise self._past_the_end(short, sector, end)
+
+    async def _failed_below(
+        self, exc: Exception, index: int, sector: int, end: int, what: str, partly: bool = False
+    ) -> Exception:
+        """The error to raise for a write or unmap of ``[sector, end)`` that write-path layer
+        ``index`` failed with ``exc``. The layers above it (all write-through) took it
+        already: each drops those sectors again (:meth:`_drop_above`), so reads take them
+        from layer ``index`` and below and no layer holds a change the ones below it lack
+        (a cache tier whose origin is down keeps no write its origin never got; a ``ram``
+        top no write that the next start loses). ``exc`` is then raised as it is. Where a
+        layer above could not drop them (a ``raw`` file, a ``remote`` tier), reads return
+        the change, which is not durable, and the error says so for a layer out of space
+        or past its end; any other failure (``UNAVAILABLE``, say) is raised as it is, as a
+        retry of the call writes every layer again. ``partly``: layer ``index`` itself made
+        part of the change before it failed (a call of several): the error says it was
+        made in part."""
+        undone = index == 0 or await self._drop_above(index, sector, end, exc)
+        if isinstance(exc, NoSpace):
+            return self._out_of_space(exc, partly or not undone, what)
+        if isinstance(exc, OutOfRange):
+            changed = partly or not undone
+            return self._shrunk_below(exc, index, changed, sector, end, what, not undone)
+        return exc
+
+    async def _drop_above(self, index: int, sector: int, end: int, exc: Exception) -> bool:
+        """Drop ``[sector, end)`` (each as far as its write limit) from the write-path
+        layers above layer ``index``, which failed a change of them with ``exc``: they are
+        write-through, so what they hold there mirrors the layers below, and dropping it
+        shows the layers below again. True when every one could
+        (:attr:`~tierdisk.service.layer.Layer.can_drop_sectors`) and did; a failure to
+        drop is logged."""
+        dropped = True
+        for above in range(index):
+            layer = self._layers[above]
+            hi = self._write_limit(above, end)
+            if hi <= sector:
+                continue
+            if not layer.can_drop_sectors:
+                dropped = False
+                self._kept_log.warning(
+                    "volume %r: write-path layer %d failed a change of sectors [%d, %d) (%s) "
+                    "that layer %d (%s) above it took and cannot drop again: reads return the "
+                    "change, which is not durable, until those sectors are written again",
+                    self.name,
+                    index,
+                    sector,
+                    end,
+                    exc,
+                    above,
+                    layer.kind,
+                    key=above,
+                )
+                continue
+            try:
+                await layer.unmap(sector, hi - sector, False, True)
+            except Exception as drop_failure:
+                dropped = False
+                log.error(
+                    "volume %r: write-path layer %d failed a change of sectors [%d, %d) (%s), "
+                    "and layer %d above it, which took it, could not drop it again (%s): "
+                    "reads return the change, which is not durable, until those sectors "
+                    "are written again",
+                    self.name,
+                    index,
+                    sector,
+                    end,
+                    exc,
+                    above,
+                    drop_failure,
+                )
+        return dropped
 
     def _past_the_end(self, index: int, sector: int, end: int) -> StorageError:
         """The error for a write of ``[sector, end)`` that write-path layer ``index`` (a
@@ -622,22 +700,29 @@ class Volume:
         )
 
     def _shrunk_below(
-        self, exc: OutOfRange, index: int, changed: bool, sector: int, end: int, what: str
+        self,
+        exc: OutOfRange,
+        index: int,
+        changed: bool,
+        sector: int,
+        end: int,
+        what: str,
+        above_kept: bool,
     ) -> TierdiskError:
         """The error for a write or unmap of ``[sector, end)`` that write-path layer
         ``index`` refused as past its end though this volume's size has it: a layer that
         shrank by itself (a ``remote`` whose origin was shrunk, before its watch said so).
-        When nothing ``changed`` yet it is ``exc`` itself; else (a layer above took it, or
-        an earlier part of it was made) it is not "out of range", which says nothing
-        changed, but ``INTERNAL``, as :meth:`_past_the_end` says for a layer known to be
-        smaller."""
+        When nothing ``changed`` yet it is ``exc`` itself; else (a layer above kept it,
+        ``above_kept``, or an earlier part of it was made) it is not "out of range", which
+        says nothing changed, but ``INTERNAL``, as :meth:`_past_the_end` says for a layer
+        known to be smaller."""
         if not changed:
             return exc
         layer = self._layers[index]
         made = (
-            "part of it was made, the rest not"
-            if index == 0
-            else "the layers above took it (reads return it) but it is not durable"
+            "the layers above took it (reads return it) but it is not durable"
+            if above_kept
+            else "part of it was made, the rest not"
         )
         return StorageError(
             f"volume {self.name!r}: the {what} of sectors [{sector}, {end}) reached past the "
@@ -688,6 +773,7 @@ class Volume:
         lock = self.sector_lock
         token = await lock.acquire_exclusive(first, last)
         self._durability.change_began()
+        failed = False
         try:
             self._check_range(first, last - first)  # a shrink may have run while it waited
             buf = memoryview(bytearray((last - first) * ss))
@@ -700,22 +786,25 @@ class Volume:
                 await run_to_end(self._write_sectors(buf, first, fua), dropped=self._failed_unseen)
             else:
                 await self._write_sectors(buf, first, fua)
+        except Exception:
+            failed = True  # not acknowledged: nothing at stake (a cancel: it may go on)
+            raise
         finally:
             lock.release(token)
-            self._durability.change_ended()
+            self._durability.change_ended(not failed)
 
     async def _write_holes(self, view: memoryview, sector: int, fua: bool) -> None:
         ss = self.sector_size
         end = sector + len(view) // ss
         holes = [(a, b) for a, b, depth in await self.allocation(sector, end - sector) if depth < 0]
         unsynced = False  # write_no_overwrite takes no fua: flush after
-        changed = False
         short = 0  # as in _write_sectors: the first layer, in hole order, smaller than a hole
         for _, b in holes:
             short = next((i for i in range(1, self._write_path) if self._write_limit(i, b) < b), 0)
             if short:
                 break
         index = 0
+        changed_at = -1  # the last layer that took part of it
         try:
             for index in range(self._write_path):  # layer by layer: a batch of holes per call
                 layer = self._layers[index]
@@ -725,7 +814,7 @@ class Volume:
                     for first in range(0, len(runs), at_once):
                         batch = runs[first : first + at_once]
                         await layer.fill_runs(view, sector, batch, callers=True)
-                        changed = True
+                        changed_at = index
                     unsynced = unsynced or (fua and bool(runs))
                     continue
                 for a, b in runs:
@@ -734,13 +823,14 @@ class Volume:
                         await self._durability.syncing(index, layer.write(part, a, fua))
                     else:
                         await layer.write(part, a, fua)
-                    changed = True
+                    changed_at = index
             if unsynced:  # a whole round: one layer's flush must not race a round's
                 await self.flush()
-        except NoSpace as exc:
-            raise self._out_of_space(exc, changed, "write") from None
-        except OutOfRange as exc:
-            raise self._shrunk_below(exc, index, changed, sector, end, "write") from None
+        except Exception as exc:
+            if changed_at < 0:  # nothing was written: as it is
+                raise
+            partly = changed_at == index
+            raise await self._failed_below(exc, index, sector, end, "write", partly) from None
         if short:
             raise self._past_the_end(short, sector, end)
 
@@ -754,6 +844,7 @@ class Volume:
         end = sector + count
         token = await self._hold_for_change(sector, end)
         self._durability.change_began()
+        failed = False
         try:
             if self._write_path > 1:
                 await run_to_end(
@@ -761,13 +852,16 @@ class Volume:
                 )
             else:
                 await self._unmap_sectors(sector, end, block_level_only)
+        except Exception:
+            failed = True  # not acknowledged: nothing at stake (a cancel: it may go on)
+            raise
         finally:
             self.sector_lock.release(token)
-            self._durability.change_ended()
+            self._durability.change_ended(not failed)
 
     async def _unmap_sectors(self, sector: int, end: int, block_level_only: bool) -> None:
         bottom = len(self._layers) - 1
-        changed = False
+        changed_at = -1  # the last layer that unmapped part of it
         index = 0
         try:
             for index in range(self._write_path):
@@ -780,15 +874,16 @@ class Volume:
                 below = hi if index == bottom else min(hi, self._overlap[index + 1])
                 if sector < below:
                     await layer.unmap(sector, below - sector, block_level_only, index == bottom)
-                    changed = True
+                    changed_at = index
                 if below < hi:
                     start = max(sector, below)
                     await layer.unmap(start, hi - start, block_level_only, True)
-                    changed = True
-        except NoSpace as exc:
-            raise self._out_of_space(exc, changed, "unmap") from None
-        except OutOfRange as exc:
-            raise self._shrunk_below(exc, index, changed, sector, end, "unmap") from None
+                    changed_at = index
+        except Exception as exc:
+            if changed_at < 0:  # nothing was unmapped: as it is
+                raise
+            partly = changed_at == index
+            raise await self._failed_below(exc, index, sector, end, "unmap", partly) from None
 
     async def flush(self) -> None:
         """Make every write acknowledged before the call durable on the write path (DESIGN
@@ -798,9 +893,9 @@ class Volume:
 
     @property
     def changed_since_flush(self) -> bool:
-        """Whether a write, an unmap or a resize is under way, or a write, an unmap or a
-        resize that failed ended that no flush that succeeded covers
-        (:attr:`Durability.changed_since_flush`)."""
+        """Whether a write, an unmap or a resize is under way, or ended at stake (a write or
+        an unmap acknowledged or cancelled, a resize that failed) and no flush that succeeded
+        covers it (:attr:`Durability.changed_since_flush`)."""
         return self._durability.changed_since_flush
 
     @property

@@ -205,16 +205,25 @@ async def test_a_change_is_unflushed_until_a_round_begun_after_it_succeeds(
     assert not vol.changed_since_flush
 
 
-async def test_a_write_or_a_resize_that_failed_is_unflushed(volumes: VolumeOpener) -> None:
-    """One that failed may have changed some layers of the write path: the next flush must
-    count."""
+async def test_a_write_that_failed_is_not_at_stake_a_resize_that_failed_is(
+    volumes: VolumeOpener,
+) -> None:
+    """A write or an unmap that failed was acknowledged to no one: whatever it changed in
+    the layers above the one that failed, no write is at stake (a cache tier stopped while
+    its origin is down, after writes that failed against it, stops clean: its clients were
+    told). A resize that failed may have changed some layers and synced none: the next flush
+    must count."""
     below = _FailingWrites(8)
     vol = await volumes(entry(MapLayer(8), wt=True), below)
     below.failure = StorageError("write: Input/output error")
     with pytest.raises(StorageError):
         await write(vol, 1, p(1, 1))
+    with pytest.raises(StorageError):
+        await vol.write_at(100, b"x" * 10)  # unaligned: read, merged, written
+    assert not vol.changed_since_flush
     below.failure = None
-    assert vol.changed_since_flush
+    await write(vol, 1, p(1, 1))
+    assert vol.changed_since_flush  # acknowledged
     await vol.flush()
     assert not vol.changed_since_flush
     below.failure = StorageError("ftruncate: Input/output error")

@@ -653,7 +653,11 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
             close_streams(origin)
             stopping = asyncio.ensure_future(cache.stop(grace=1))
             await asyncio.sleep(0.5)
-            origin = ServerProcess.start(config.parent, config, listen=listen)
+            # (off the loop: the cache server runs on it, and a start that blocked it for
+            # longer than the flush's 1 s timeout failed the flush on a loaded machine)
+            origin = await asyncio.to_thread(
+                ServerProcess.start, config.parent, config, listen=listen
+            )
             assert await asyncio.wait_for(stopping, 30) == []  # no volume's flush failed
         async with AsyncClient(listen) as oc:
             assert await oc.volume("base").read(0, 8) == BASE[: 8 * SS]
@@ -670,6 +674,7 @@ async def test_a_stop_right_after_the_origin_restarted_still_flushes_through_it(
         ("written and flushed", False),
         ("written after its flush", True),
         ("written and flushed, volatile origin", True),
+        ("written and flushed, then a write failed", False),
     ],
 )
 async def test_a_tier_stopped_while_its_origin_is_down_fails_its_stop_only_for_writes_at_stake(
@@ -686,7 +691,8 @@ async def test_a_tier_stopped_while_its_origin_is_down_fails_its_stop_only_for_w
     its restart) any write at all, flushed or not (its clients learn of the origin's
     restart only through the tier's verifier). A read-only volume, one only read or resized
     (a resize syncs), one whose writes were all flushed to a durable origin, have none:
-    their stop warns and is clean."""
+    their stop warns and is clean; so does one whose only write since its last flush
+    failed (against the origin, down by then): it was acknowledged to no one."""
     monkeypatch.setattr(server_module, "_FINAL_FLUSH_PATIENCE", 0.3)
     base = ram("1MiB") if "volatile" in done else {"kind": "raw", "path": "b.img", "size": "1MiB"}
     async with running_server(tmp_path / "origin", toml_volume("base", base)) as origin:
@@ -707,6 +713,10 @@ async def test_a_tier_stopped_while_its_origin_is_down_fails_its_stop_only_for_w
                 if "after" in done:
                     await vol.write(16, BASE[: 8 * SS])
             await origin.stop(grace=1)
+            if "failed" in done:
+                async with AsyncClient(tier.grpc_address, retries=0, timeout=5) as client:
+                    with pytest.raises((cerr.Unavailable, cerr.DeadlineExceeded)):
+                        await client.volume("vm").write(24, BASE[: 8 * SS])
             with caplog.at_level(logging.WARNING, logger="tierdisk.service.server"):
                 unflushed = await tier.stop(grace=1)
     assert unflushed == (["vm"] if at_stake else [])

@@ -28,7 +28,7 @@ from servers import (
 )
 from stacks import pattern
 
-from tierdisk.client import AsyncClient, AsyncVolume
+from tierdisk.client import AsyncClient, AsyncVolume, Client
 from tierdisk.client import errors as cerr
 from tierdisk.client.verifiers import UnflushedWrites
 from tierdisk.service.config import load_config
@@ -138,19 +138,24 @@ class Served:
     """A volume ``v`` of ``layers`` (default: one ``sparse``) served by a server process on a
     fixed address (so a client reconnects to it after a restart)."""
 
-    def __init__(self, folder: Path, *layers: dict[str, str]) -> None:
+    def __init__(self, folder: Path, *layers: dict[str, str], read_only: bool = False) -> None:
         self.listen = f"127.0.0.1:{free_port()}"
-        self.config = write_config(folder, toml_volume("v", *(layers or (SPARSE,))))
+        self.config = write_config(
+            folder, toml_volume("v", *(layers or (SPARSE,)), read_only=read_only)
+        )
         self.server = ServerProcess.start(folder, self.config, listen=self.listen)
 
-    def restart(self, how: str, *, then: tuple[dict[str, str], ...] = ()) -> None:
+    def restart(
+        self, how: str, *, then: tuple[dict[str, str], ...] = (), read_only: bool | None = None
+    ) -> None:
         """Stop the server (``"kill"``: SIGKILL; ``"terminate"``: SIGTERM, a clean stop
-        that must exit 0) and start it again (``then``: with these layers instead)."""
+        that must exit 0) and start it again (``then``: with these layers instead;
+        ``read_only``: the volume read-only or not, with ``then``)."""
         if how == "terminate":
             assert self.server.terminate() == 0
         self.server.close()
         if then:
-            write_config(self.config.parent, toml_volume("v", *then))
+            write_config(self.config.parent, toml_volume("v", *then, read_only=bool(read_only)))
         self.server = ServerProcess.start(self.config.parent, self.config, listen=self.listen)
 
 
@@ -251,6 +256,43 @@ def test_a_start_after_an_unclean_stop_is_logged_and_counted(
         assert (warning in served.server.stderr_text()) == unclean
         served.restart("terminate")  # (stopped already, cleanly)
         assert _verifier_changes(served.server) == 0
+        assert served.server.terminate() == 0
+        assert warning not in served.server.stderr_text()
+    finally:
+        served.server.close()
+
+
+def test_a_crash_of_a_read_only_run_is_no_unclean_stop(tmp_path: Path) -> None:
+    """A volume served read-only acknowledges no write, so a kill of its run loses none:
+    the next start neither warns nor counts a verifier change (the critical alert on that
+    counter fired for every origin crash of a tier stack whose origin serves golden images
+    read-only) and keeps the verifier. A crash of a run that could write still counts when
+    the volume comes back read-only; the read-only run's own kill after that does not."""
+    warning = "volume 'v': the last run did not stop cleanly"
+
+    def verifier(served: Served) -> int:
+        with Client(served.listen, timeout=10) as client:
+            return int(client.volume("v").inspect()["write_verifier"], 16)
+
+    served = Served(tmp_path, SPARSE, read_only=True)
+    try:
+        before = verifier(served)
+        served.restart("kill")
+        assert _verifier_changes(served.server) == 0
+        assert verifier(served) == before
+        # a run that could write, killed, back read-only: that crash is told
+        served.restart("terminate", then=(SPARSE,), read_only=False)
+        served.restart("kill", then=(SPARSE,), read_only=True)
+        assert _verifier_changes(served.server) == 1
+        after = verifier(served)
+        assert after != before
+        assert served.server.terminate() == 0
+        assert warning in served.server.stderr_text()
+        # ...and the read-only run's own kill is not
+        served.restart("terminate")  # (stopped already, cleanly)
+        served.restart("kill")
+        assert _verifier_changes(served.server) == 0
+        assert verifier(served) == after
         assert served.server.terminate() == 0
         assert warning not in served.server.stderr_text()
     finally:

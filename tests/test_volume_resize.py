@@ -315,24 +315,42 @@ class _ShrunkBehindTheVolumesBack(RamLayer):
         await super().unmap(sector, count, block_level_only, next_is_zero)
 
 
+class _KeepsEverySector(RamLayer):
+    """A ram layer that cannot drop sectors (as a ``raw`` file, which holds them all)."""
+
+    @property
+    def can_drop_sectors(self) -> bool:
+        return False
+
+
 @pytest.mark.parametrize("op", ["write", "unmap"])
-async def test_a_write_path_layer_that_shrank_unseen_is_not_out_of_range(op: str) -> None:
+@pytest.mark.parametrize("drops", [True, False], ids=["top-drops-it", "top-keeps-it"])
+async def test_a_write_path_layer_that_shrank_unseen(op: str, drops: bool) -> None:
     """A write-through write (or unmap) inside the volume that a lower write-path layer
-    refuses as past its end: the top took it and reads return it, so the answer is not
-    OUT_OF_RANGE (which says nothing changed) but INTERNAL saying it is not durable."""
-    lower = _ShrunkBehindTheVolumesBack(64 * 512, end=32)
-    volume = await Volume.open("v", [LayerEntry(RamLayer(), write_through=True), LayerEntry(lower)])
+    refuses as past its end (it shrank behind the volume's back). A top that can drop it
+    again does: reads show the layer below, nothing changed, and the answer is the lower
+    layer's OUT_OF_RANGE. A top that cannot keeps it and reads return it, so the answer is
+    not OUT_OF_RANGE (which says nothing changed) but INTERNAL saying it is not durable."""
+    lower = _ShrunkBehindTheVolumesBack(64 * 512, end=64)
+    top = RamLayer() if drops else _KeepsEverySector()
+    volume = await Volume.open("v", [LayerEntry(top, write_through=True), LayerEntry(lower)])
     try:
         assert volume.sector_count == 64
-        with pytest.raises(StorageError, match="not durable") as caught:
+        await volume.write(40, b"o" * 512)  # (before the shrink: the top holds it now)
+        lower.end = 32
+        expected = OutOfRange if drops else StorageError
+        with pytest.raises(expected, match="past its end" if drops else "not durable") as caught:
             if op == "write":
                 await volume.write(40, b"w" * 512)
             else:
                 await volume.unmap(40, 1)
-        assert not isinstance(caught.value, OutOfRange)
-        if op == "write":
-            data, _ = await volume.read(40, 1)
-            assert data == b"w" * 512  # the top took it
+        if drops:
+            assert (await volume.read(40, 1))[0] == b"o" * 512  # as the layer below holds it
+            assert top.present_sectors == 0
+        else:
+            assert not isinstance(caught.value, OutOfRange)
+            if op == "write":
+                assert (await volume.read(40, 1))[0] == b"w" * 512  # the top took it
     finally:
         await volume.close()
 

@@ -890,6 +890,73 @@ async def test_no_space_below_a_layer_that_took_the_write_is_a_storage_error(
         await vol.write(2, p(1, 2))
 
 
+class _FailingBelow(MapLayer):
+    """A write-path layer whose writes and unmaps fail with :attr:`failure` while it is set
+    (a file past its size limit, a tier whose origin is down)."""
+
+    def __init__(self, sectors: int, **kwargs: Any) -> None:
+        super().__init__(sectors, **kwargs)
+        self.failure: Exception | None = None
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        if self.failure is not None:
+            raise self.failure
+        await super().write(data, sector, fua)
+
+    async def fill_runs(
+        self, data: memoryview, sector: int, runs: list[Run], *, callers: bool = False
+    ) -> int:
+        if self.failure is not None:
+            raise self.failure
+        return await super().fill_runs(data, sector, runs, callers=callers)
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        if self.failure is not None:
+            raise self.failure
+        await super().unmap(sector, count, block_level_only, next_is_zero)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [StorageError("write: File too large"), Unavailable("the origin is down"), NoSpace("full")],
+    ids=["storage", "unavailable", "no-space"],
+)
+@pytest.mark.parametrize("op", ["write", "no_overwrite", "unmap"])
+async def test_a_change_a_lower_layer_failed_is_dropped_from_the_layers_above(
+    volumes: VolumeOpener, failure: Exception, op: str
+) -> None:
+    """A write-through ``ram`` top (or a read cache of a tier) over a layer that fails the
+    write: the top took it, then drops it again, so reads show what the layer below holds,
+    and a flush, a restart of the top or a rebuilt cache changes nothing a reader sees (it
+    returned the failed write's bytes, then lost them at the next start). The layer's own
+    error is raised as it is: nothing changed (``UNAVAILABLE`` is retried by clients; out
+    of space says nothing changed)."""
+    top = ram(8)
+    below = _FailingBelow(8)
+    vol = await volumes(entry(top, wt=True), below)
+    await vol.write(2, p(1, 2))  # on both
+    below.failure = failure
+    with pytest.raises(type(failure)) as caught:
+        if op == "write":
+            await vol.write(2, p(2, 2) + p(2, 3))
+        elif op == "no_overwrite":
+            await vol.write(4, p(2, 4), no_overwrite=True)  # (a hole in both)
+        else:
+            await vol.unmap(2, 2)
+    assert caught.value is failure
+    # what the layer below holds: the first write, and holes
+    expected = p(1, 2) + bytes(SS) if op != "no_overwrite" else bytes(SS)
+    at = 2 if op != "no_overwrite" else 4
+    assert (await vol.read(at, len(expected) // SS))[0] == expected
+    # the top dropped what it took (and what it mirrored of the layer below there)
+    assert await top.presence(0, 8) == ([(2, 3)] if op == "no_overwrite" else [])
+    below.failure = None
+    await vol.flush()
+    assert (await vol.read(at, len(expected) // SS))[0] == expected
+
+
 async def test_a_failed_grow_shrinks_the_write_through_layers_back(
     volumes: VolumeOpener,
 ) -> None:

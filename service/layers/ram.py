@@ -100,6 +100,10 @@ class RamLayer(Layer):
             self._map = None
 
     @property
+    def can_drop_sectors(self) -> bool:
+        return True
+
+    @property
     def can_read_cache(self) -> bool:
         return True
 

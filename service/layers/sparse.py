@@ -359,6 +359,10 @@ class SparseLayer(Layer):
     # -- capabilities -----------------------------------------------------------------------
 
     @property
+    def can_drop_sectors(self) -> bool:
+        return True
+
+    @property
     def can_read_cache(self) -> bool:
         return True
 

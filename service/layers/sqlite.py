@@ -487,6 +487,10 @@ class SqliteLayer(Layer):
     # -- capabilities -----------------------------------------------------------------------
 
     @property
+    def can_drop_sectors(self) -> bool:
+        return True
+
+    @property
     def can_read_cache(self) -> bool:
         return True
 
