@@ -68,6 +68,10 @@ class VolumeInfo:
     """True when a restart of its server loses what the volume holds (its write path is
     memory only, or a tier over a volatile origin): a flush makes nothing durable past a
     restart. False also from a server that predates the field."""
+    problem: str = ""
+    """Why the volume refuses all I/O until its server restarts (a layer's problem, naming
+    the layer: its remote volume was re-created with another geometry, say); "" while it
+    serves, and from a server that predates the field."""
 
     @property
     def ready(self) -> bool:
@@ -103,6 +107,7 @@ class VolumeInfo:
             unmap_behavior=UnmapBehavior.from_proto(msg.unmap_behavior),
             optimal_unmap_sectors=msg.optimal_unmap_sectors,
             volatile=msg.volatile,
+            problem=msg.problem,
         )
 
 

@@ -197,6 +197,7 @@ def _to_volume_message(volume: Volume) -> pb.Volume:
         unmap_behavior=int(volume.unmap_behavior),  # type: ignore[arg-type]
         optimal_unmap_sectors=volume.optimal_unmap_sectors,
         volatile=volume.volatile,
+        problem=volume.problem,
     )
 
 

@@ -52,6 +52,21 @@ LATENCY_BUCKETS = (
 RemoteCounts = dict[tuple[str, str], int]
 """Calls a remote layer made to its tier: ``{(RPC name, status code name): calls}``."""
 
+_FROM_ZERO_CODE = "OK"
+"""The code whose request counts are exported from 0, before the first such request:
+``rate()`` and ``increase()`` take nothing from a series' first sample, so a success
+counted only once it happened would leave an error ratio at 1 after a start whose first
+calls failed (a tier attaching while its origin was down), until those left the window."""
+
+_IO_OPS = ("read", "write", "unmap", "flush")
+"""The ``op`` label values of ``tierdisk_volume_io_requests_total``: each configured volume
+has a ``code="OK"`` series of each from the start (:data:`_FROM_ZERO_CODE`)."""
+
+_REMOTE_METHODS = ("GetVolume", "Inspect", "Read", "ReadBatch", "Write", "Unmap", "Flush")
+"""The calls of a remote layer whose ``code="OK"`` series of
+``tierdisk_remote_requests_total`` are there from the layer's first attach attempt
+(:data:`_FROM_ZERO_CODE`): those the error-ratio alert and panel divide by."""
+
 
 class VolumeSource(Protocol):
     """The volumes of a server (its :class:`~tierdisk.service.registry.VolumeRegistry`)."""
@@ -130,7 +145,8 @@ class EngineCollector(Collector):
             "Times the volume's write verifier changed: a flush failed in a write-path "
             "layer's storage, a remote tier lost writes it had acknowledged, or (counted at "
             "start) the server's last run did not stop cleanly (not for a run whose write path "
-            "was ram only: it lost its writes at every stop). Writes acknowledged before may be "
+            "was ram only: it lost its writes at every stop; nor one that served the volume "
+            "read-only: it acknowledged no write). Writes acknowledged before may be "
             "lost; clients that made them are told at their next flush (WritesLost). 0 for a "
             "volume not open yet.",
             labels=["volume"],
@@ -151,7 +167,8 @@ class EngineCollector(Collector):
             if name not in opened:  # from 0, so the change counted when it opens is a rise
                 verifier_changes.add_metric([name], 0)
         for (name, index), counts in sorted(self._remote.items()):
-            for (method, code), n in sorted(counts.items()):
+            from_zero = {(method, _FROM_ZERO_CODE): 0 for method in _REMOTE_METHODS}
+            for (method, code), n in sorted((from_zero | counts).items()):
                 remote.add_metric([name, str(index), method, code], n)
         for volume in volumes:
             size.add_metric([volume.name], volume.sector_count)
@@ -273,6 +290,9 @@ class Metrics:
         # by the name a request gave; the third item is the volume label (_io_cells_for).
         self._io_cells: dict[tuple[str, str, str], tuple[CounterCell, HistogramCell, str]] = {}
         self._io_bytes_cells: dict[tuple[str, str], CounterCell] = {}
+        for name in self._configured:  # from 0 (_FROM_ZERO_CODE)
+            for op in _IO_OPS:
+                self._io_cells_for(name, op, _FROM_ZERO_CODE)
         build = Info("tierdisk_build", "Versions this server runs.", registry=r)
         build.info(
             {

@@ -466,6 +466,7 @@ def input_series(nbd: str) -> list[dict[str, str]]:
         add("up", target, 1, constant=True)
         add("tierdisk_volume_sectors", vol, 131072, constant=True)
         add("tierdisk_volume_ready", vol, 1, constant=True)
+        add("tierdisk_write_verifier_changes_total", vol, 0, constant=True)
         for le, share in {"0.001": 0.9, "0.01": 0.99, "1.0": 1, "+Inf": 1}.items():
             add("tierdisk_event_loop_lag_seconds_bucket", target | {"le": le}, 150 * share)
         add("tierdisk_event_loop_lag_seconds_count", target, 150)

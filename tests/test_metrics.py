@@ -177,7 +177,7 @@ async def test_a_fault_of_ours_is_counted_unknown_as_the_caller_sees_it(server: 
             and ("volume", "cached") in labels
             and ("op", op) in labels
         }
-        assert counted == {"UNKNOWN": 1.0}, counted
+        assert counted == {"OK": 0.0, "UNKNOWN": 1.0}, counted  # (OK from 0: from the start)
 
 
 async def test_unknown_volume_names_do_not_grow_the_volume_label(server: Server) -> None:
@@ -319,9 +319,9 @@ async def test_a_call_its_caller_gave_up_on_counts_as_cancelled(
     await eventually("both calls to count as CANCELLED", counted)
     text = await scrape(address)
     for op in ("read", "write"):
-        assert ("tierdisk_volume_io_requests_total", frozenset(
+        assert samples(text)[("tierdisk_volume_io_requests_total", frozenset(
             {"volume": "cached", "op": op, "code": "OK"}.items()
-        )) not in samples(text)  # fmt: skip
+        ))] == 0  # fmt: skip
 
 
 async def test_head_and_unknown_paths(server: Server) -> None:
@@ -397,8 +397,11 @@ async def test_a_volume_waiting_for_its_remote_tier_is_visible(tmp_path: Path) -
             )
             == 3
         )
-        failed = remote_calls(text, "late")
-        assert failed and all(code != "OK" for _, code in failed), failed
+        waiting = remote_calls(text, "late")
+        assert any(code != "OK" for _, code in waiting), waiting
+        # no call answered OK, but OK is there from the start: rate() sees the first one
+        assert {n for (_, code), n in waiting.items() if code == "OK"} == {0}, waiting
+        assert ("GetVolume", "OK") in waiting
         assert_remote_counts_agree(text)
         await promtool_check_metrics(text)
 
@@ -412,7 +415,7 @@ async def test_a_volume_waiting_for_its_remote_tier_is_visible(tmp_path: Path) -
             text = await scrape(address)
             attached = remote_calls(text, "late")
             assert attached[("GetVolume", "OK")] == 1
-            for key, calls in failed.items():  # the failed attempts are still counted
+            for key, calls in waiting.items():  # the failed attempts are still counted
                 assert attached[key] >= calls, key
             assert_remote_counts_agree(text)
 
@@ -430,7 +433,8 @@ def remote_calls(text: str, volume: str) -> dict[tuple[str, str], float]:
 
 def assert_remote_counts_agree(text: str) -> None:
     """Per method, the counter's calls (all volumes and codes) equal the histogram's count
-    (WatchResize streams are counted, not timed)."""
+    (WatchResize streams are counted, not timed; a method never called has its ``OK``
+    series at 0 and no histogram series)."""
     counted: dict[str, float] = {}
     timed: dict[str, float] = {}
     for (name, labels), n in samples(text).items():
@@ -439,7 +443,7 @@ def assert_remote_counts_agree(text: str) -> None:
             counted[method] = counted.get(method, 0.0) + n
         elif name == "tierdisk_remote_request_duration_seconds_count":
             timed[method] = n
-    assert counted == timed
+    assert {m: n for m, n in counted.items() if n or m in timed} == timed
 
 
 async def test_fresh_registry_per_server(tmp_path: Path) -> None:

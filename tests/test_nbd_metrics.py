@@ -110,8 +110,8 @@ async def test_a_failure_counts_under_one_code_over_nbd_and_grpc(tmp_path: Path)
                 assert info.value.code() == code
         text = await scrape(server.metrics_address)
         assert io_requests(text, "disk", "read") == {"OK": 1, "OUT_OF_RANGE": 2}
-        assert io_requests(text, "disk", "write") == {"OUT_OF_RANGE": 2}
-        assert io_requests(text, "ro", "write") == {"FAILED_PRECONDITION": 2}
+        assert io_requests(text, "disk", "write") == {"OK": 0, "OUT_OF_RANGE": 2}
+        assert io_requests(text, "ro", "write") == {"OK": 0, "FAILED_PRECONDITION": 2}
 
 
 async def test_inspect_shows_the_volumes_own_sessions(tmp_path: Path) -> None:

@@ -182,6 +182,7 @@ FIELDS: dict[str, dict[str, tuple[int, bool, str | None]]] = {
         "unmap_behavior": (ENUM, False, "tierdisk.v1.UnmapBehavior"),
         "optimal_unmap_sectors": (U64, False, None),
         "volatile": (BOOL, False, None),
+        "problem": (STR, False, None),
     },
     "Extent": {"sector": (U64, False, None), "sector_count": (U64, False, None)},
     "AllocationExtent": {

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -150,6 +152,18 @@ async def test_an_origin_recreated_with_another_sector_size_is_refused(
         # The size is never taken in the new units, nor the sector size.
         got = await vol.info()
         assert (got.sector_size, got.sector_count) == (512, SECTORS)
+        # The volume says why it stopped, where an operator lists volumes
+        assert "4096-byte sectors, not 512" in got.problem
+        assert got.problem.startswith("layer 0 (remote): "), got.problem
+        (listed,) = await client.list_volumes()
+        assert listed.problem == got.problem
+        listing = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tierdisk.client", "--server", cache.grpc_address, "volumes"],
+            capture_output=True,
+            check=True,
+        )
+        assert listing.stdout.decode() == f"v\t(stopped until a restart: {got.problem})\n"
         tree = await vol.inspect("layers/0")
         assert "4096-byte sectors, not 512" in tree["problem"]
         assert tree["sector_count"] == SECTORS

@@ -81,6 +81,7 @@ class Volume(_message.Message):
     UNMAP_BEHAVIOR_FIELD_NUMBER: _builtins.int
     OPTIMAL_UNMAP_SECTORS_FIELD_NUMBER: _builtins.int
     VOLATILE_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The volume's name, unique on this server; the `volume` field of every
     request addresses a volume by this name.
@@ -116,6 +117,12 @@ class Volume(_message.Message):
     path is memory only, or a tier whose origin is volatile): a Flush makes
     nothing durable past a restart. False also from servers that predate it.
     """
+    problem: _builtins.str
+    """Why the volume refuses all I/O until its server restarts (a layer found a
+    problem it cannot serve past, e.g. its remote volume was re-created with
+    another geometry), naming the layer; empty while it serves. Empty also
+    from servers that predate it.
+    """
     def __init__(
         self,
         *,
@@ -129,10 +136,11 @@ class Volume(_message.Message):
         unmap_behavior: Global___UnmapBehavior.ValueType = ...,
         optimal_unmap_sectors: _builtins.int = ...,
         volatile: _builtins.bool = ...,
+        problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "fua_respected", b"fua_respected", "name", b"name", "optimal_unmap_sectors", b"optimal_unmap_sectors", "physical_sector_size", b"physical_sector_size", "read_only", b"read_only", "sector_count", b"sector_count", "sector_size", b"sector_size", "unmap_behavior", b"unmap_behavior", "volatile", b"volatile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "fua_respected", b"fua_respected", "name", b"name", "optimal_unmap_sectors", b"optimal_unmap_sectors", "physical_sector_size", b"physical_sector_size", "problem", b"problem", "read_only", b"read_only", "sector_count", b"sector_count", "sector_size", b"sector_size", "unmap_behavior", b"unmap_behavior", "volatile", b"volatile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
