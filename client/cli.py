@@ -58,8 +58,6 @@ SERVER_ENTRY = "tierdisk.service.main"
 """Module whose ``main(argv: list[str]) -> int`` runs ``tierdisk serve``; imported only then,
 so the client never imports the server otherwise (DESIGN.md §1)."""
 
-UINT64_MAX = (1 << 64) - 1
-"""The largest sector number or count a request can carry (``uint64`` fields)."""
 MAX_TIMEOUT = 1e9
 """The longest ``--timeout`` (about 31 years): gRPC turns a deadline much further out (past
 its 64-bit clock) into an immediate DEADLINE_EXCEEDED."""
@@ -142,10 +140,12 @@ def _timeout(text: str) -> float:
 
 
 def _check_request_numbers(args: argparse.Namespace) -> None:
-    """:class:`UsageError` for a SECTOR or COUNT no request can carry (over ``uint64``)."""
+    """:class:`UsageError` for a SECTOR or COUNT past every volume: over
+    :data:`~tierdisk.client.sizes.MAX_SECTORS`, the most sectors any volume has (a request
+    could carry up to ``2**64 - 1``, for the server to answer OUT_OF_RANGE)."""
     for attr in ("sector", "count"):
         value = getattr(args, attr, None)
-        if value is not None and value > UINT64_MAX:
+        if value is not None and value > sizes.MAX_SECTORS:
             raise UsageError(
                 f"{args.verb}: {attr.upper()} {value} is too large: no volume has more than "
                 f"{sizes.MAX_SECTORS} sectors"
@@ -297,13 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     vol_verb("info", "print the volume's fields as `key: value` lines")
     p = vol_verb(
         "read",
-        "write COUNT sectors from SECTOR to stdout (or -o FILE); a progress bar on stderr "
-        "if that is a terminal and stdout is not",
+        "write COUNT sectors from SECTOR to stdout (or -o FILE; stdout that is a terminal "
+        "needs -o -); a progress bar on stderr if that is a terminal and stdout is not",
     )
     p.add_argument("sector", type=_nonnegative, metavar="SECTOR")
     p.add_argument("count", type=_nonnegative, metavar="COUNT")
     p.add_argument(
-        "-o", "--output", metavar="FILE", help="write to FILE instead of stdout (-: stdout)"
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE instead of stdout (-: stdout, even a terminal)",
     )
     p = vol_verb(
         "write",
@@ -404,6 +407,8 @@ def _info_lines(info: VolumeInfo) -> list[str]:
         ("optimal_unmap_sectors", info.optimal_unmap_sectors),
         ("volatile", info.volatile),
     ]
+    if info.problem:  # only a volume that refuses all I/O until its server restarts
+        values.append(("problem", info.problem))
     return [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in values]
 
 
@@ -412,6 +417,9 @@ async def _volumes(client: AsyncClient, args: argparse.Namespace) -> int:
     for v in await client.list_volumes():
         if not v.ready:  # configured, not attached yet (a remote tier is down): name only
             lines.append(f"{v.name}\t(not ready)")
+            continue
+        if v.problem:  # it refuses all I/O until its server restarts
+            lines.append(f"{v.name}\t(stopped until a restart: {v.problem})")
             continue
         mode = "ro" if v.read_only else "rw"
         size = format_bytes(v.size_bytes)

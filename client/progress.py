@@ -24,7 +24,7 @@ from typing import TextIO
 
 __all__ = ["Progress", "format_bytes", "format_duration", "terminal_columns"]
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _BAR = 16
 
 

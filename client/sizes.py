@@ -1,12 +1,12 @@
 """Sizes written as text, one reading for the server's config and the command line.
 
-``"64MiB"``, ``"64M"`` and ``"64m"`` are 64 * 2**20 bytes: ``K``/``M``/``G``/``T``/``P``, with or
-without ``iB``, are binary (as in ``qemu-img``); ``kB``, ``MB``, … are decimal; ``B`` is bytes.
-Units are case-insensitive, a space may separate number and unit, and a fraction is allowed
-when the result is a whole number of bytes (``"1.5GiB"``); digits and spaces are ASCII. A bare
-whole number has no unit: the caller says what it counts (the config reads bytes, ``tierdisk
-resize`` sectors). :data:`MAX_BYTES` and :data:`MAX_SECTORS` bound every size, for the server
-and the command line alike (:func:`size_limit_problem`).
+``"64MiB"``, ``"64M"`` and ``"64m"`` are 64 * 2**20 bytes: ``K``, ``M``, ``G``, ``T``, ``P``
+and ``E``, with or without ``iB``, are binary (as in ``qemu-img``); ``kB``, ``MB``, … are
+decimal; ``B`` is bytes. Units are case-insensitive, a space may separate number and unit, and
+a fraction is allowed when the result is a whole number of bytes (``"1.5GiB"``); digits and
+spaces are ASCII. A bare whole number has no unit: the caller says what it counts (the config
+reads bytes, ``tierdisk resize`` sectors). :data:`MAX_BYTES` and :data:`MAX_SECTORS` bound
+every size, for the server and the command line alike (:func:`size_limit_problem`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ UNITS: dict[str, int] = {
     "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
     "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
     "p": 1 << 50, "pib": 1 << 50, "pb": 10**15,
+    "e": 1 << 60, "eib": 1 << 60, "eb": 10**18,
 }  # fmt: skip
 """Bytes per unit, by the unit's lower-case spelling."""
 
@@ -84,8 +85,8 @@ def parse_size(text: str) -> tuple[int, bool]:
     factor = UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(
-            f"{text!r}: unknown unit {unit!r} (use B; K, M, G, T, P with or without iB, "
-            "binary; or kB, MB, GB, TB, PB, decimal)"
+            f"{text!r}: unknown unit {unit!r} (use B; K, M, G, T, P, E with or without iB, "
+            "binary; or kB, MB, GB, TB, PB, EB, decimal)"
         )
     value = Fraction(number) * factor  # exact: no float rounding, no overflow to inf
     if value.denominator != 1:

@@ -17,13 +17,15 @@ Files, devices, pipes and ``-``
     ``-`` (as IMAGE, ``-i FILE`` or ``-o FILE``) is stdin or stdout; ``./-`` names a file.
 
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
-    truncated first). The ``-o FILE`` of a failed or interrupted ``read`` keeps what was
-    written before, and when it is a regular file the message ends saying how much (``; file
-    'F' holds only the N bytes written before``: it is not the file it was, nor whole); to
-    stdout, a device or a FIFO, ``; N of T bytes went to stdout before``.
-    A FILE that is
-    a running tierdisk server's layer file (another process holds its ``flock``) is
-    refused, not truncated, as ``export`` refuses to replace one.
+    truncated first). Without ``-o``, it refuses (a usage error, before any call) to write
+    sectors to stdout when stdout is a terminal: raw bytes there garble the terminal and are
+    rarely what was meant; ``-o -`` writes them there all the same (as ``curl``'s). The ``-o
+    FILE`` of a failed or interrupted ``read`` keeps what was written before, and when it is
+    a regular file the message ends saying how much (``; file 'F' holds only the N bytes
+    written before``: it is not the file it was, nor whole); to stdout, a device or a FIFO,
+    ``; N of T bytes went to stdout before``. A FILE that is a running tierdisk server's
+    layer file (another process holds its ``flock``) is refused, not truncated, as
+    ``export`` refuses to replace one.
 
 Chunking
     Each request carries at most ``client.max_io`` bytes, a whole number of sectors
@@ -42,7 +44,7 @@ import stat
 import sys
 
 from .aio import AsyncClient
-from .cli_errors import describe_file
+from .cli_errors import UsageError, describe_file
 from .copy_report import CopyInterrupted, progress_bar, reported_with_bytes_out, with_note
 from .export_verb import export_image
 from .import_verbs import import_image, write_sectors
@@ -64,7 +66,9 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
     """``read VOL SECTOR COUNT [-o FILE]``: the COUNT sectors from SECTOR, in order, to
     stdout or to FILE (created, or truncated first). Refused before anything is written if
     they reach past the end of the volume, or if FILE is a running server's layer file
-    (:func:`_refuse_a_layer_file`)."""
+    (:func:`_refuse_a_layer_file`). Without ``-o``, refused if stdout is a terminal
+    (:func:`_refuse_a_terminal`)."""
+    _refuse_a_terminal(args)
     vol = client.volume(args.volume)
     info = await vol.info()
     info.check_fits(args.sector, args.count)
@@ -110,6 +114,17 @@ async def read_sectors(client: AsyncClient, args: argparse.Namespace) -> int:
             raise CopyInterrupted(note) from None
         raise
     return 0
+
+
+def _refuse_a_terminal(args: argparse.Namespace) -> None:
+    """:class:`UsageError` for a ``read`` of one sector or more with no ``-o`` while stdout
+    is a terminal: binary sectors would garble it. ``-o -`` (stdout, asked for by name)
+    writes them there."""
+    if args.output is None and args.count and isatty(sys.stdout.buffer):
+        raise UsageError(
+            f"read {args.volume}: stdout is a terminal; binary sectors would garble it: "
+            "give -o FILE, pipe the output (| xxd), or -o - to write them there anyway"
+        )
 
 
 def _what_it_holds(path: str) -> str:

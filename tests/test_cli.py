@@ -209,7 +209,7 @@ def test_info_prints_every_field_sector_count_first(server: ServerProcess) -> No
         "unmap_behavior",
         "optimal_unmap_sectors",
         "volatile",
-    }
+    }  # (and "problem", when the volume refuses all I/O until a restart: none here)
     values = dict(line.split(": ", 1) for line in lines)
     assert values["sector_count"] == str(16 * MiB // 512)
     assert values["sector_size"] == "512"
@@ -722,7 +722,7 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
     read_end, write_end = os.pipe()  # a pipe nobody reads: it takes 64 KiB, then stalls
     pipe_bytes = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
     try:
-        returncode, err = _stopped_once_stalled(server.grpc, args, sig, stdout=write_end)
+        returncode, err = _stopped_once_stalled(server.grpc, args, sig, read_end, stdout=write_end)
     finally:
         os.close(read_end)
     assert returncode == status, err
@@ -733,11 +733,18 @@ def test_a_verb_writing_to_a_stalled_pipe_stops_on_a_signal(
 
 
 def _stopped_once_stalled(
-    address: str, args: list[str], sig: signal.Signals, *, stdout: int | None = None
+    address: str,
+    args: list[str],
+    sig: signal.Signals,
+    reader: int,
+    *,
+    stdout: int | None = None,
 ) -> tuple[int, str]:
     """Run ``tierdisk ARGS`` against the server at ``address`` (its stdout the descriptor
-    ``stdout``, closed here once handed over), whose output stalls (nobody reads it), send
-    it ``sig`` a second in; its exit status and stderr. It must end within 10 s of the
+    ``stdout``, closed here once handed over), whose output stalls: ``reader`` is the read
+    end of the pipe or FIFO it writes, which nobody reads. Once that is full (the command
+    waits on it: never a false pass, and no guess at how long a loaded machine takes to get
+    there), send it ``sig``; its exit status and stderr. It must end within 10 s of the
     signal, not when the output moves again (never, here)."""
     env = {**os.environ, "TIERDISK_SERVER": address}
     try:
@@ -748,8 +755,7 @@ def _stopped_once_stalled(
         if stdout is not None:
             os.close(stdout)
     try:
-        time.sleep(1.0)  # it has filled its output and waits for it (never a false pass)
-        assert proc.poll() is None
+        _wait_until_full(reader, proc)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=10)
     finally:
@@ -757,6 +763,22 @@ def _stopped_once_stalled(
             proc.kill()
             proc.wait(10)
     return proc.returncode, err.decode()
+
+
+def _wait_until_full(reader: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Return once the pipe whose read end is ``reader`` holds all it can take (what
+    ``proc`` wrote into it), and a moment more for ``proc`` to block on its next write;
+    fail if ``proc`` ends first or ``timeout`` seconds pass."""
+    capacity = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the command ended before its output stalled"
+        held = struct.unpack("i", fcntl.ioctl(reader, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if held >= capacity:
+            break
+        assert time.monotonic() < deadline, f"the pipe holds {held} of {capacity} bytes"
+        time.sleep(0.02)
+    time.sleep(0.2)
 
 
 @pytest.mark.timeout(90)
@@ -778,7 +800,7 @@ def test_a_read_into_a_stalled_fifo_stops_on_a_signal(
     try:
         pipe_bytes = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
         args = ["read", "exp", "0", str(len(exp_data) // 512), "-o", str(fifo)]
-        returncode, err = _stopped_once_stalled(server.grpc, args, sig)
+        returncode, err = _stopped_once_stalled(server.grpc, args, sig, reader)
     finally:
         os.close(reader)
     assert returncode == status, err
@@ -1269,9 +1291,13 @@ HUGE = "99999999999999999999999"  # more than a uint64 field can carry
         (("read", "rw", "0", HUGE), f"COUNT {HUGE}"),
         (("read", "rw", str(1 << 64), "0"), f"SECTOR {1 << 64}"),
         (("write", "rw", HUGE), f"SECTOR {HUGE}"),
+        # a request carries them, but no volume has so many sectors
+        (("read", "rw", str((1 << 64) - 1), "1"), f"SECTOR {(1 << 64) - 1} is too large"),
+        (("read", "rw", "0", str(1 << 53)), f"COUNT {1 << 53} is too large"),
+        (("write", "rw", str(1 << 53)), f"SECTOR {1 << 53} is too large"),
     ],
 )
-def test_numbers_no_request_can_carry_are_usage_errors(
+def test_numbers_past_every_volume_are_usage_errors(
     server: ServerProcess, args: tuple[str, ...], needle: str
 ) -> None:
     line = one_line_error(tierdisk(server, *args, check=False), needle, returncode=2)
@@ -1302,10 +1328,11 @@ def test_a_size_no_volume_can_have_is_a_usage_error(
     assert sector_count(server, "grow") == before
 
 
-def test_numbers_that_fit_a_request_but_not_the_volume_are_out_of_range(
+def test_numbers_that_fit_a_volume_but_not_this_one_are_out_of_range(
     server: ServerProcess,
 ) -> None:
-    largest = str((1 << 64) - 1)
+    """Up to the most sectors a volume can have (``2**53 - 1``), the server decides: exit 1."""
+    largest = str((1 << 53) - 1)
     for args in (("read", "rw", largest, "1"), ("read", "rw", "1", largest)):
         one_line_error(tierdisk(server, *args, check=False), "volume 'rw'", "out of range")
 
@@ -1705,15 +1732,36 @@ def test_the_bar_fits_a_narrow_terminal_on_stderr(server: ServerProcess, tmp_pat
 
 
 @pytest.mark.timeout(60)
-def test_read_to_a_terminal_stdout_shows_only_the_data(server: ServerProcess) -> None:
-    """stdout and stderr the same terminal: the bar would be redrawn through the data, so
-    there is none; the terminal shows exactly the bytes read."""
+def test_read_to_a_terminal_stdout_needs_dash_o_dash(server: ServerProcess) -> None:
+    """A ``read`` with no ``-o`` at a terminal is refused before it reads (binary sectors
+    would garble the terminal): one line, exit 2, no data on the screen."""
     tierdisk(server, "write", "rw", "0", stdin=b"x" * 4096)
     with OnTerminal(
         server, "read", "rw", "0", "8", stdin=subprocess.DEVNULL, stdout_on_tty=True
     ) as run:
+        assert run.finish() == 2
+    assert "x" not in run.screen.replace("xxd", "")
+    (line,) = run.screen.strip().splitlines()
+    assert line.startswith("tierdisk: read rw: stdout is a terminal"), line
+    assert "-o -" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_read_to_a_terminal_stdout_shows_only_the_data(server: ServerProcess) -> None:
+    """``-o -`` at a terminal: stdout and stderr the same terminal, the bar would be redrawn
+    through the data, so there is none; the terminal shows exactly the bytes read. A read
+    of no sectors writes nothing, so it needs no ``-o -``."""
+    tierdisk(server, "write", "rw", "0", stdin=b"x" * 4096)
+    with OnTerminal(
+        server, "read", "rw", "0", "8", "-o", "-", stdin=subprocess.DEVNULL, stdout_on_tty=True
+    ) as run:
         assert run.finish() == 0
     assert run.screen == "x" * 4096
+    with OnTerminal(
+        server, "read", "rw", "0", "0", stdin=subprocess.DEVNULL, stdout_on_tty=True
+    ) as run:
+        assert run.finish() == 0
+    assert run.screen == ""
 
 
 @pytest.mark.timeout(90)
@@ -2003,7 +2051,12 @@ async def test_a_map_into_a_stalled_pipe_stops_on_a_signal(
         read_end, write_end = os.pipe()  # nobody reads it: it takes 64 KiB, then stalls
         try:
             returncode, err = await asyncio.to_thread(
-                _stopped_once_stalled, srv.grpc_address, ["map", "frag"], sig, stdout=write_end
+                _stopped_once_stalled,
+                srv.grpc_address,
+                ["map", "frag"],
+                sig,
+                read_end,
+                stdout=write_end,
             )
         finally:
             os.close(read_end)

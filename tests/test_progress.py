@@ -193,5 +193,6 @@ def test_formatting_helpers() -> None:
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 << 30) == "3.0 GiB"
+    assert format_bytes(3 << 60) == "3.0 EiB"
     assert format_duration(7) == "0:07"
     assert format_duration(3725) == "1:02:05"

@@ -571,18 +571,18 @@ async def test_inspect_and_metrics_count_remote_calls(
 
 
 async def _layer_mode_inspected_for_a_second(
-    origin: Server, folder: Path, until: Callable[[], bool] = lambda: False
+    origin: Server, folder: Path, until: Callable[[], bool] = lambda: False, seconds: float = 1.0
 ) -> Any:
     """A tier whose volume ``vm`` is a layer-mode remote of the origin's ``base``, its layer
-    asked for (Inspect: its present sectors) every 50 ms for a second, or until ``until()``:
-    the last tree."""
+    asked for (Inspect: its present sectors) every 50 ms for ``seconds``, or until
+    ``until()``: the last tree."""
     body = toml_volume("vm", remote(origin.grpc_address, "base", mode="layer"))
     async with (
         running_server(folder / "proxy", body) as proxy,
         AsyncClient(proxy.grpc_address) as client,
     ):
         vol = client.volume("vm")
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + seconds
         tree = await vol.inspect("layers/0")
         while time.monotonic() < deadline and not until():
             await asyncio.sleep(0.05)
@@ -627,7 +627,11 @@ async def test_a_failed_map_read_does_not_put_off_the_next(
         return await allocation(self, *args, **kwargs)
 
     monkeypatch.setattr(AsyncVolume, "allocation", failing_once)
-    await _layer_mode_inspected_for_a_second(origin, tmp_path, until=lambda: len(calls) >= 4)
+    # (a hundred times the failed call's 0.1 s would be 10 s: 5 s tells them apart, and
+    # leaves a loaded machine the time its four calls take)
+    await _layer_mode_inspected_for_a_second(
+        origin, tmp_path, until=lambda: len(calls) >= 4, seconds=5.0
+    )
     assert len(calls) >= 4, calls
 
 

@@ -25,6 +25,9 @@ from tierdisk.client.cli_errors import UsageError
         ("1.5GiB", (3 << 29, True)),
         ("1GB", (10**9, True)),
         ("3tib", (3 << 40, True)),
+        ("2EiB", (2 << 60, True)),
+        ("1e", (1 << 60, True)),
+        ("4EB", (4 * 10**18, True)),
     ],
 )
 def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
@@ -58,4 +61,4 @@ def test_an_unknown_unit_names_every_unit_there_is() -> None:
     with pytest.raises(UsageError) as info:
         cli.size_argument("12XB")
     words = set(re.findall(r"[A-Za-z]+", str(info.value).split("(use ", 1)[1]))
-    assert {"B", "K", "M", "G", "T", "P", "iB", "kB", "MB", "GB", "TB", "PB"} <= words
+    assert {"B", "K", "M", "G", "T", "P", "E", "iB", "kB", "MB", "GB", "TB", "PB", "EB"} <= words
