@@ -62,7 +62,7 @@ if TYPE_CHECKING:
         VolumeInfo,
     )
     from .retry import RetryPolicy
-    from .sync import Client, Volume
+    from .sync import Client, Stream, Volume
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -96,6 +96,7 @@ __all__ = [
     "RetryPolicy",
     "SectorSizeChanged",
     "StorageError",
+    "Stream",
     "TierLoop",
     "TierdiskError",
     "Timeout",
@@ -122,6 +123,7 @@ _DEFINED_IN = {
     "CallObserver": "calls",
     "Cancelled": "errors",
     "Client": "sync",
+    "Stream": "sync",
     "ClientClosed": "errors",
     "ClientOptions": "aio",
     "DataLoss": "errors",

@@ -168,8 +168,8 @@ class AsyncClient:
     ``timeout``: seconds per call (each chunk of a split read or write is a call), ``None``
     for none. ``retries``, ``backoff``,
     ``max_backoff``: the retry policy on ``UNAVAILABLE`` and ``CANCELLED`` (see
-    :class:`RetryPolicy`); the defaults (8, 0.1 s, 2.0 s) wait up to ~9 s, ~4.5 s on average,
-    to ride through a server restart — pass ``retries=0`` to fail fast.
+    :class:`RetryPolicy`); the defaults (12, 0.1 s, 2.0 s) wait up to ~17 s, ~8.5 s on
+    average, to ride through a server restart — pass ``retries=0`` to fail fast.
     ``metadata``: extra ``(key, value)`` pairs sent with every call; a key is sent in lower
     case (header names are case-insensitive, and lower case on the wire: ``X-Trace`` is
     sent as ``x-trace``), and a pair gRPC cannot send (a key of other characters than ASCII
@@ -864,13 +864,16 @@ class AsyncVolume:
         Raises :class:`WritesLost` when the server cannot vouch for writes this client
         made through it (:mod:`tierdisk.client.verifiers`): its write verifier changed
         since one of them was acknowledged (a restart without a clean stop, a flush that
-        failed in its storage, a tier below it that lost writes). That is said once: the
-        next flush vouches only for writes acknowledged after this one started. A flush
+        failed in its storage, a tier below it that lost writes). That is said once for
+        the writes it covers: the next flush vouches only for writes acknowledged after
+        this one started (one acknowledged meanwhile with the old verifier, because it began
+        before the change, is reported by the next flush in turn). A flush
         that fails otherwise leaves the writes to the next one. ``verifiers`` are those of
         writes made through another client (its :attr:`unflushed_verifiers`: a
         ``tierdisk write --no-flush`` prints them): the flush raises :class:`WritesLost`
         too when the server's verifier is not each of them (a server without verifiers,
-        which answers 0, vouches for nothing and reports nothing)."""
+        which answers 0, vouches for nothing and reports nothing; a 0 among them, what a
+        write durable when acknowledged answers, needs no flush and is skipped)."""
         given = [_check_number("verifier", v, volume=self.name) for v in verifiers]
         unflushed = self._unflushed
         mark = unflushed.mark()
@@ -879,7 +882,7 @@ class AsyncVolume:
         )
         lost = unflushed.flushed(mark, reply.write_verifier, volatile=reply.volatile)
         if reply.write_verifier:
-            lost += [v for v in given if v != reply.write_verifier and v not in lost]
+            lost += [v for v in given if v and v != reply.write_verifier and v not in lost]
         if lost:
             was = ", ".join(f"{v:#018x}" for v in lost)
             raise WritesLost(

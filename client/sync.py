@@ -26,7 +26,7 @@ import contextlib
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Unpack, overload
 
@@ -38,7 +38,7 @@ from .errors import ClientClosed, Interrupted
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
 from .verifiers import UnflushedWrites
 
-__all__ = ["Client", "Volume"]
+__all__ = ["Client", "Stream", "Volume"]
 
 T = TypeVar("T")
 
@@ -127,12 +127,15 @@ class Client:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking Client cannot be called from its own event loop")
+        return self._wait(self._submit(coro))
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """``coro`` started on the client's loop (:class:`ClientClosed` once it is closed)."""
         with self._lock:  # submitted before close() marks the client closed, or not at all
             if self._closed or self._abandoned.is_set():  # (never to a loop that stopped)
                 coro.close()
                 raise ClientClosed("the client is closed")
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return self._wait(future)
+            return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _wait(self, future: concurrent.futures.Future[T]) -> T:
         try:
@@ -194,29 +197,97 @@ class Client:
         """Every volume the server serves (see ``AsyncClient.list_volumes``)."""
         return self._run(self._async.list_volumes(page_size=page_size, timeout=timeout))
 
-    def _iterate(self, agen: AsyncGenerator[T, None]) -> Generator[T, None, None]:
-        """``agen``'s items, each fetched on the client's loop: a generator, whose
-        ``close()`` (or the garbage collector) closes ``agen`` there."""
+    def _iterate(self, agen: AsyncGenerator[T, None]) -> Stream[T]:
+        """``agen``'s items, each fetched on the client's loop (:class:`Stream`)."""
+        return Stream(self, agen)
 
-        async def step() -> tuple[T] | None:
-            try:
-                return (await anext(agen),)
-            except StopAsyncIteration:
-                return None
 
-        async def close() -> None:
-            await agen.aclose()
+class Stream(Iterator[T]):
+    """The items of a stream a :class:`Client` method returns (``Volume.watch_resize``,
+    ``Volume.stream_read``), each fetched on the client's loop as it is asked for.
 
+    :meth:`close` stops it from any thread: the stream's calls are cancelled (the watch's
+    gRPC stream, the reads running ahead), and an iteration waiting for the next item in
+    another thread ends as the stream does (``StopIteration``; a ``for`` loop just ends).
+    It is a context manager that closes it, and closing it again does nothing. Dropped
+    unclosed, it is closed in the background."""
+
+    def __init__(self, client: Client, agen: AsyncGenerator[T, None]) -> None:
+        self._client = client
+        self._agen = agen
+        self._lock = threading.Lock()
+        self._closed = False
+        self._step: concurrent.futures.Future[tuple[T] | None] | None = None
+
+    def __iter__(self) -> Stream[T]:
+        return self
+
+    def __next__(self) -> T:
+        with self._lock:
+            if self._closed:
+                raise StopIteration
+            step = self._step = self._client._submit(self._next_item())
         try:
-            while True:
-                got = self._run(step())
-                if got is None:
-                    return
-                yield got[0]
+            got = self._client._wait(step)
+        except Interrupted:  # (cancelled on the loop: by close(), or by the loop's end)
+            if self._closed:
+                raise StopIteration from None
+            raise
         finally:
-            if not self._closed:
-                with contextlib.suppress(ClientClosed):  # closed meanwhile: nothing to close
-                    self._run(close())
+            with self._lock:
+                self._step = None
+        if got is None:
+            with self._lock:
+                self._closed = True
+            raise StopIteration
+        return got[0]
+
+    async def _next_item(self) -> tuple[T] | None:
+        try:
+            return (await anext(self._agen),)
+        except StopAsyncIteration:
+            return None
+
+    def close(self) -> None:
+        """Stop the stream, from any thread (see the class); idempotent. Returns once its
+        calls are cancelled (at once when called on the client's own loop, as when it is
+        garbage collected there)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            step = self._step
+        if step is not None:
+            step.cancel()  # the item under way: its stream is cancelled where it waits
+        try:
+            done = self._client._submit(self._shut(step))
+        except ClientClosed:
+            return  # closed with the client: nothing runs any more
+        if threading.current_thread() is not self._client._thread:
+            with contextlib.suppress(ClientClosed, Interrupted):
+                self._client._wait(done)
+
+    async def _shut(self, step: concurrent.futures.Future[tuple[T] | None] | None) -> None:
+        """On the loop: once the item under way (``step``, cancelled) has wound up, close
+        the async generator (a generator still running cannot be closed)."""
+        if step is not None:
+            await asyncio.wait([asyncio.wrap_future(step)])  # (its outcome is its thread's)
+        await self._agen.aclose()
+
+    def __enter__(self) -> Stream[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -311,10 +382,10 @@ class Volume:
 
     def stream_read(
         self, sector: int, count: int, *, timeout: Timeout = UNSET
-    ) -> Generator[tuple[int, bytes], None, None]:
+    ) -> Stream[tuple[int, bytes]]:
         """``(sector, data)`` chunks of the range, in order, read ahead in the background.
-        A generator: ``close()`` it (or use :func:`contextlib.closing`) to stop early and
-        cancel the reads running ahead."""
+        A :class:`Stream`: ``close()`` it (from any thread; or use it in ``with``) to stop
+        early and cancel the reads running ahead."""
         return self.client._iterate(self.aio.stream_read(sector, count, timeout=timeout))
 
     def read_bytes(self, offset: int, length: int, *, timeout: Timeout = UNSET) -> bytes:
@@ -408,8 +479,9 @@ class Volume:
         """The volume's diagnostic tree, or the subtree ``path`` selects."""
         return self.client._run(self.aio.inspect(path, timeout=timeout))
 
-    def watch_resize(self, *, timeout: float | None = None) -> Generator[ResizeEvent, None, None]:
+    def watch_resize(self, *, timeout: float | None = None) -> Stream[ResizeEvent]:
         """The volume's size now, then once per change (see ``AsyncVolume.watch_resize``).
-        A generator: ``close()`` it (or iterate it in ``with contextlib.closing(...)``) to
-        stop; that cancels the watch's stream."""
+        A :class:`Stream`: ``close()`` it to stop, from any thread (a control thread that
+        stops the watcher thread of a VM's disk: the watcher's ``for`` loop ends), or use
+        it in ``with``; that cancels the watch's stream."""
         return self.client._iterate(self.aio.watch_resize(timeout=timeout))

@@ -14,7 +14,7 @@ import re
 import socket
 import typing
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, NoReturn
@@ -723,15 +723,16 @@ async def test_tls_options_that_are_not_bytes_are_a_type_error_naming_them(
 # -- review 17: what a user doing as the docs say runs into --------------------------------
 
 
-async def test_stream_read_and_watch_resize_are_generators_to_close(
+async def test_stream_read_and_watch_resize_are_streams_to_close(
     scripted: tuple[Scripted, str],
 ) -> None:
-    """The documented way to stop them is to close them: their types say they are
-    generators (``close()``, ``aclose()``, ``contextlib.closing`` / ``aclosing`` then
+    """The documented way to stop them is to close them: their types say they can be
+    (async generators; the blocking client's :class:`~tierdisk.client.Stream`, closed from
+    any thread: ``close()``, ``aclose()``, ``contextlib.closing`` / ``aclosing`` then
     type-check; tests/test_client_package.py runs mypy on such a program), and they are."""
-    from tierdisk.client import AsyncVolume, Volume
+    from tierdisk.client import AsyncVolume, Stream, Volume
 
-    for cls, kind in ((AsyncVolume, collections.abc.AsyncGenerator), (Volume, Generator)):
+    for cls, kind in ((AsyncVolume, collections.abc.AsyncGenerator), (Volume, Stream)):
         for method in (cls.stream_read, cls.watch_resize):
             returns = typing.get_type_hints(method)["return"]
             assert typing.get_origin(returns) is kind, (cls.__name__, method.__name__, returns)

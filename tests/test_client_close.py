@@ -307,6 +307,44 @@ async def test_a_blocking_call_waiting_to_retry_ends_when_closed() -> None:
     assert isinstance(out[0], ClientClosed), out[0]
 
 
+async def test_a_blocking_watch_closed_from_another_thread_ends_its_loop(server: Server) -> None:
+    """One watcher thread per VM disk, stopped from a control thread: ``close()`` of the
+    watch there ends the watcher's ``for`` loop (no error), the client still serves, and
+    the volume's watches on the server end (its stream was cancelled). Before, the close
+    raised ``ValueError: generator already executing`` and the watcher waited on."""
+    client = await asyncio.to_thread(Client, server.grpc_address, timeout=30)
+    try:
+        vol = client.volume("v")
+        watch = vol.watch_resize()
+        seen: list[int] = []
+        first = threading.Event()
+
+        def follow() -> None:
+            for event in watch:
+                seen.append(event.sector_count)
+                first.set()
+
+        watcher, out = _in_thread(follow)
+        assert await asyncio.to_thread(first.wait, 10)
+        assert len(seen) == 1  # the size now: the watcher waits for the next
+        await asyncio.to_thread(watch.close)
+        await asyncio.to_thread(watcher.join, 10)
+        assert not watcher.is_alive()
+        assert out == [None], out  # its loop ended, with no error
+        watch.close()  # again: nothing
+        assert await asyncio.to_thread(vol.sector_size) == 512  # the client serves on
+
+        def read_a_chunk_then_stop() -> tuple[int, list[object]]:
+            with vol.stream_read(0, SIZE // 512) as chunks:  # a Stream too
+                first = next(chunks)[0]
+                chunks.close()  # the reads running ahead are cancelled
+                return first, list(chunks)
+
+        assert await asyncio.to_thread(read_a_chunk_then_stop) == (0, [])
+    finally:
+        await asyncio.to_thread(client.close)
+
+
 def test_client_closed_is_an_unavailable_and_a_runtime_error() -> None:
     err = ClientClosed("the client is closed")
     assert isinstance(err, Interrupted)

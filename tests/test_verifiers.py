@@ -12,7 +12,7 @@ import errno
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -170,12 +170,13 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Served, AsyncVolume]]:
         served.server.close()
 
 
-async def _flush_after_restart(vol: AsyncVolume) -> Exception | None:
-    """Flush ``vol`` once its server answers again; what the flush raised, or None."""
+async def _flush_after_restart(vol: AsyncVolume, verifiers: Sequence[int] = ()) -> Exception | None:
+    """Flush ``vol`` (for ``verifiers`` too) once its server answers again; what the flush
+    raised, or None."""
     deadline = time.monotonic() + 30
     while True:
         try:
-            await vol.flush()
+            await vol.flush(verifiers=verifiers)
             return None
         except (cerr.Unavailable, cerr.DeadlineExceeded) as exc:
             if time.monotonic() > deadline:
@@ -204,6 +205,26 @@ async def test_a_flush_after_a_kill_and_restart_reports_the_unflushed_writes_onc
     await vol.write(16, pattern(3, 16, 8, SS))
     await vol.flush()  # writes made after the restart are vouched for
     assert await vol.read(0, 8) == pattern(1, 0, 8, SS)  # flushed before: kept
+
+
+async def test_a_flush_for_another_clients_writes_reports_their_loss(
+    served: tuple[Served, AsyncVolume],
+) -> None:
+    """``flush(verifiers=...)``: a flush made through another client (another process)
+    vouches for the writes those verifiers acknowledged, or reports them lost. A 0 among
+    them (a write durable when acknowledged) needs no flush and is skipped."""
+    server, vol = served
+    await vol.write(0, pattern(1, 0, 8, SS))
+    theirs = vol.unflushed_verifiers
+    assert len(theirs) == 1
+    async with AsyncClient(server.listen, timeout=10) as other:
+        flusher = other.volume("v")
+        await flusher.flush(verifiers=theirs)
+        await flusher.flush(verifiers=[0])  # before: WritesLost "changed from 0x0…0"
+        server.restart("kill")
+        lost = await _flush_after_restart(flusher, theirs)
+        assert isinstance(lost, cerr.WritesLost), lost
+        assert f"{theirs[0]:#018x}" in str(lost)
 
 
 async def test_a_clean_restart_keeps_the_verifier(served: tuple[Served, AsyncVolume]) -> None:
