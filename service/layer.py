@@ -221,6 +221,14 @@ class Layer(abc.ABC):
         return 1
 
     @property
+    def configured_size(self) -> int | None:
+        """The ``size`` in bytes this layer's config gives, for a layer that keeps its size
+        across restarts (``raw``, ``sparse``, ``sqlite``: a start refuses a config that
+        disagrees, :func:`check_recorded_size`); None when the config gives none, or for a
+        layer made anew at each start (``ram``) or sized by another server (``remote``)."""
+        return None
+
+    @property
     def can_drop_sectors(self) -> bool:
         """True when :meth:`unmap` with ``next_is_zero`` drops sectors from this layer alone,
         so reads take them from the layers below (``ram``, ``sparse``, ``sqlite``). False

@@ -980,7 +980,28 @@ class Volume:
                 changed = False
             finally:
                 self._durability.change_ended(changed)
+        self._warn_of_stale_sizes(path)
         return self.sector_count
+
+    def _warn_of_stale_sizes(self, path: list[Layer]) -> None:
+        """After a resize: warn of each write-path layer whose config gives a ``size`` it no
+        longer has, which the next start refuses (DESIGN.md §4: a layer keeps its recorded
+        size; a config that disagrees is a start error)."""
+        for index, layer in enumerate(path):
+            configured = layer.configured_size
+            size = layer.sector_count * layer.sector_size
+            if configured is not None and configured != size:
+                log.warning(
+                    "volume %r: layer %d (%s) is %d bytes now, but its config says size = %d, "
+                    "which the next start refuses: set size = %d in the config, or remove size "
+                    "to take the layer's own",
+                    self.name,
+                    index,
+                    layer.kind,
+                    size,
+                    configured,
+                    size,
+                )
 
     async def _resize_path(self, path: list[Layer], sector_count: int) -> None:
         # A shrink holds the sectors it cuts exclusive: writes and unmaps running there

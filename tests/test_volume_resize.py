@@ -36,6 +36,7 @@ from stacks import build_stack, pattern
 from tools import file_size_limit
 
 from tierdisk.service.errors import (
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     NoSpace,
@@ -44,6 +45,7 @@ from tierdisk.service.errors import (
 )
 from tierdisk.service.layer import MAX_BYTES, MAX_SECTORS
 from tierdisk.service.layers.ram import RamLayer
+from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.layers.sqlite import SqliteLayer
 from tierdisk.service.runs import Run
@@ -525,5 +527,40 @@ async def test_a_shrink_is_made_top_down_and_one_cut_short_says_so() -> None:
         await volume.resize(64)  # a grow again: the old tail reads as zeros
         data, _ = await volume.read(40, 1)
         assert data == bytes(512)
+    finally:
+        await volume.close()
+
+
+@pytest.mark.parametrize("kind", ["sparse", "sqlite", "raw"])
+async def test_a_resize_warns_of_a_config_size_the_next_start_refuses(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer that keeps its size across restarts, whose config gives ``size``: after a
+    ``Resize`` the config disagrees with it, and the next start refuses that config
+    (DESIGN.md §4). The resize says so at once, naming the size to set, so a hypervisor's
+    resize does not turn the next reboot into a failed start unannounced. A config with no
+    ``size`` (the layer's own) warns of nothing."""
+    layer_of = {"sparse": SparseLayer, "sqlite": SqliteLayer, "raw": RawLayer}
+
+    def make(size: int | None) -> Any:
+        return layer_of[kind](str(tmp_path / f"v.{kind}"), size=size)
+
+    volume = await Volume.open("v", [LayerEntry(make(1 << 20))])
+    try:
+        with caplog.at_level("WARNING", logger="tierdisk.service.volume"):
+            await volume.resize(4096)
+        (line,) = [r.getMessage() for r in caplog.records if "next start refuses" in r.getMessage()]
+        assert f"layer 0 ({kind}) is {4096 * 512} bytes now" in line
+        assert f"size = {1 << 20}" in line and f"set size = {4096 * 512}" in line
+    finally:
+        await volume.close()
+    with pytest.raises(ConfigError, match="the config says size"):  # as it said
+        await Volume.open("v", [LayerEntry(make(1 << 20))])
+    caplog.clear()
+    volume = await Volume.open("v", [LayerEntry(make(None))])
+    try:
+        with caplog.at_level("WARNING", logger="tierdisk.service.volume"):
+            await volume.resize(2048)
+        assert not [r for r in caplog.records if "next start refuses" in r.getMessage()]
     finally:
         await volume.close()

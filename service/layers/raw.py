@@ -86,6 +86,10 @@ class RawLayer(Layer):
         self._sectors = SectorLock()  # reads shared, writes and unmaps exclusive: no torn sector
         self._sizing = asyncio.Lock()  # a flush's size check never sees a resize half done
 
+    @property
+    def configured_size(self) -> int | None:
+        return self._size_bytes
+
     async def attach(self, lower: LayerMetadata | None) -> None:
         await self._open_in_thread(lambda: self._open(lower), self._close_file)
 

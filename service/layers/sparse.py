@@ -185,6 +185,10 @@ class SparseLayer(Layer):
 
     # -- open and close -------------------------------------------------------------------
 
+    @property
+    def configured_size(self) -> int | None:
+        return self._size_bytes
+
     async def attach(self, lower: LayerMetadata | None) -> None:
         await self._open_in_thread(lambda: self._open(lower), self._close_files)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sparse-writer")

@@ -197,6 +197,10 @@ class SqliteLayer(Layer):
         except OSError as exc:
             raise StorageError(f"{what} sqlite layer {self.path}: {exc.strerror}") from None
 
+    @property
+    def configured_size(self) -> int | None:
+        return self._size_bytes
+
     async def attach(self, lower: LayerMetadata | None) -> None:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sqlite-layer")
         try:
