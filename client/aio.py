@@ -481,7 +481,8 @@ class AsyncVolume:
         size = await self.sector_size(timeout=timeout)
         if len(mv) % size:
             raise InvalidArgument(
-                f"buffer of {len(mv)} bytes is not a whole number of {size}-byte sectors",
+                f"volume {self.name!r}: buffer of {len(mv)} bytes is not a whole number of "
+                f"{size}-byte sectors",
                 volume=self.name,
             )
         count = len(mv) // size
@@ -780,7 +781,8 @@ class AsyncVolume:
         size, per_chunk = await self._chunk_sectors(timeout)
         if len(mv) % size:
             raise InvalidArgument(
-                f"data of {len(mv)} bytes is not a whole number of {size}-byte sectors",
+                f"volume {self.name!r}: data of {len(mv)} bytes is not a whole number of "
+                f"{size}-byte sectors",
                 volume=self.name,
             )
         count = len(mv) // size

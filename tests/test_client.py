@@ -155,6 +155,11 @@ async def test_byte_helpers_on_4k_sectors(client: AsyncClient) -> None:
     assert await vol.read(2, 1) == b"\x5a" * 4096
     with pytest.raises(InvalidArgument, match="4096-byte"):
         await vol.write_bytes(512, b"\0" * 512)
+    # refused here, before any call, naming the volume as the server's refusals do
+    with pytest.raises(InvalidArgument, match=r"^volume 'big4k': data of 100 bytes"):
+        await vol.write(0, b"\0" * 100)
+    with pytest.raises(InvalidArgument, match=r"^volume 'big4k': buffer of 100 bytes"):
+        await vol.read_into(0, bytearray(100))
 
 
 async def test_resize_and_watch(client: AsyncClient) -> None:
