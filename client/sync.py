@@ -28,7 +28,7 @@ import warnings
 import weakref
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, Unpack, overload
+from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
 import grpc
 
@@ -47,7 +47,25 @@ _SETTLE = 1.0
 once, with how far they got), and then lets those it cancelled wind up."""
 
 
-class Client:
+class _ClosedOnExit:
+    """A context manager whose exit calls :meth:`close`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Client(_ClosedOnExit):
     """A blocking connection to one tierdisk server; takes the same arguments as
     :class:`~tierdisk.client.aio.AsyncClient` (``metadata_factory`` and ``on_call`` are
     called on the client's own thread: they must not call it). Use it as a context manager,
@@ -82,17 +100,6 @@ class Client:
         self._dropped = weakref.finalize(
             self, _dropped, target, self._loop, self._async, self._abandoned
         )
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Client({self.target!r})"
@@ -202,7 +209,7 @@ class Client:
         return Stream(self, agen)
 
 
-class Stream(Iterator[T]):
+class Stream(_ClosedOnExit, Iterator[T]):
     """The items of a stream a :class:`Client` method returns (``Volume.watch_resize``,
     ``Volume.stream_read``), each fetched on the client's loop as it is asked for.
 
@@ -273,17 +280,6 @@ class Stream(Iterator[T]):
         if step is not None:
             await asyncio.wait([asyncio.wrap_future(step)])  # (its outcome is its thread's)
         await self._agen.aclose()
-
-    def __enter__(self) -> Stream[T]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -643,47 +643,36 @@ class Volume:
         layers above layer ``index``, which failed a change of them with ``exc``: they are
         write-through, so what they hold there mirrors the layers below, and dropping it
         shows the layers below again. True when every one could
-        (:attr:`~tierdisk.service.layer.Layer.can_drop_sectors`) and did; a failure to
-        drop is logged."""
+        (:attr:`~tierdisk.service.layer.Layer.can_drop_sectors`) and did; a layer that keeps
+        it is logged (at most once per ten seconds and layer)."""
         dropped = True
         for above in range(index):
             layer = self._layers[above]
             hi = self._write_limit(above, end)
             if hi <= sector:
                 continue
-            if not layer.can_drop_sectors:
-                dropped = False
-                self._kept_log.warning(
-                    "volume %r: write-path layer %d failed a change of sectors [%d, %d) (%s) "
-                    "that layer %d (%s) above it took and cannot drop again: reads return the "
-                    "change, which is not durable, until those sectors are written again",
-                    self.name,
-                    index,
-                    sector,
-                    end,
-                    exc,
-                    above,
-                    layer.kind,
-                    key=above,
-                )
-                continue
-            try:
-                await layer.unmap(sector, hi - sector, False, True)
-            except Exception as drop_failure:
-                dropped = False
-                log.error(
-                    "volume %r: write-path layer %d failed a change of sectors [%d, %d) (%s), "
-                    "and layer %d above it, which took it, could not drop it again (%s): "
-                    "reads return the change, which is not durable, until those sectors "
-                    "are written again",
-                    self.name,
-                    index,
-                    sector,
-                    end,
-                    exc,
-                    above,
-                    drop_failure,
-                )
+            if layer.can_drop_sectors:
+                try:
+                    await layer.unmap(sector, hi - sector, False, True)
+                    continue
+                except Exception as drop_failure:
+                    why = f"dropping it failed: {drop_failure}"
+            else:
+                why = f"a {layer.kind} layer cannot drop sectors"
+            dropped = False
+            self._kept_log.warning(
+                "volume %r: write-path layer %d failed a change of sectors [%d, %d) (%s) that "
+                "layer %d above it took and keeps (%s): reads return the change, which is not "
+                "durable, until those sectors are written again",
+                self.name,
+                index,
+                sector,
+                end,
+                exc,
+                above,
+                why,
+                key=above,
+            )
         return dropped
 
     def _past_the_end(self, index: int, sector: int, end: int) -> StorageError:
