@@ -248,15 +248,14 @@ class VerifierStore:
         clean: Collection[str],
         untold: Collection[str] = (),
     ) -> None:
-        """Keep ``verifiers`` (each served volume's at the stop, by name), the served volumes
-        in ``clean`` (and those served read-only) as stopped cleanly, the others not; release
-        the file. A volume marked
-        but not served (its start was stopped) served nothing under its verifier: clean.
-        Volumes never marked keep their entries. A failure is logged (the next start then
-        draws new verifiers for the marked volumes: safe). The clean volumes in ``untold``
-        are written as ``crash_untold``: a crash before this run that no server went on
-        serving after (this run's start was refused): the next start warns of it and counts
-        it, keeping the verifier."""
+        """Keep ``verifiers`` (each served volume's at the stop, by name), the served
+        volumes in ``clean`` (and those served read-only) as stopped cleanly, the others
+        not; release the file. A volume marked but not served (its start was stopped) served
+        nothing under its verifier: clean. Volumes never marked keep their entries. A
+        failure is logged (the next start then draws new verifiers for the marked volumes:
+        safe). The clean volumes in ``untold`` are written as ``crash_untold``: a crash
+        before this run that no server went on serving after (this run's start was refused):
+        the next start warns of it and counts it, keeping the verifier."""
         self._untold_out = set(untold)
         try:
             if self.marked and self._folder_fd is not None:
