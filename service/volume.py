@@ -813,13 +813,13 @@ class Volume:
                     else:
                         await layer.write(part, a, fua)
                     changed_at = index
-            if unsynced:  # a whole round: one layer's flush must not race a round's
-                await self.flush()
         except Exception as exc:
             if changed_at < 0:  # nothing was written: as it is
                 raise
             partly = changed_at == index
             raise await self._failed_below(exc, index, sector, end, "write", partly) from None
+        if unsynced:  # (every layer took it) a whole round: no layer's flush races a round's
+            await self.flush()  # (its failures are never NoSpace: Durability)
         if short:
             raise self._past_the_end(short, sector, end)
 
