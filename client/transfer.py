@@ -19,11 +19,11 @@ Files, devices, pipes and ``-``
     ``read`` writes its COUNT sectors in order, to stdout or to ``-o FILE`` (created, or
     truncated first). Without ``-o``, it refuses (a usage error, before any call) to write
     sectors to stdout when stdout is a terminal: raw bytes there garble the terminal and are
-    rarely what was meant; ``-o -`` writes them there all the same (as ``curl``'s). The ``-o
-    FILE`` of a failed or interrupted ``read`` keeps what was written before, and when it is
-    a regular file the message ends saying how much (``; file 'F' holds only the N bytes
-    written before``: it is not the file it was, nor whole); to stdout, a device or a FIFO,
-    ``; N of T bytes went to stdout before``. A FILE that is a running tierdisk server's
+    rarely what was meant; ``-o -`` writes them there all the same (as ``curl`` does).
+    The ``-o FILE`` of a failed or interrupted ``read`` keeps what was written before, and
+    when it is a regular file the message ends saying how much (``; file 'F' holds only the
+    N bytes written before``: it is not the file it was, nor whole); to stdout, a device or a
+    FIFO, ``; N of T bytes went to stdout before``. A FILE that is a running tierdisk server's
     layer file (another process holds its ``flock``) is refused, not truncated, as
     ``export`` refuses to replace one.
 
