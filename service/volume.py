@@ -611,12 +611,13 @@ class Volume:
                 else:
                     await layer.write(part, sector, fua)
         except Exception as exc:
-            raise await self._failed_below(exc, index, sector, end, "write") from None
+            # (the layers above took it whole: one call each)
+            raise await self._failed_below(exc, index, index - 1, sector, end, "write") from None
         if short:
             raise self._past_the_end(short, sector, end)
 
     async def _failed_below(
-        self, exc: Exception, index: int, sector: int, end: int, what: str, partly: bool = False
+        self, exc: Exception, index: int, changed_at: int, sector: int, end: int, what: str
     ) -> Exception:
         """The error to raise for a write or unmap of ``[sector, end)`` that write-path layer
         ``index`` failed with ``exc``. The layers above it (all write-through) took it
@@ -627,9 +628,12 @@ class Volume:
         layer above could not drop them (a ``raw`` file, a ``remote`` tier), reads return
         the change, which is not durable, and the error says so for a layer out of space
         or past its end; any other failure (``UNAVAILABLE``, say) is raised as it is, as a
-        retry of the call writes every layer again. ``partly``: layer ``index`` itself made
-        part of the change before it failed (a call of several): the error says it was
-        made in part."""
+        retry of the call writes every layer again. ``changed_at``: the last layer that took
+        part of the change (-1: none, and ``exc`` is raised as it is); when that is layer
+        ``index`` itself (a change of several calls), the error says it was made in part."""
+        if changed_at < 0:
+            return exc
+        partly = changed_at == index
         undone = index == 0 or await self._drop_above(index, sector, end, exc)
         if isinstance(exc, NoSpace):
             return self._out_of_space(exc, partly or not undone, what)
@@ -814,10 +818,7 @@ class Volume:
                         await layer.write(part, a, fua)
                     changed_at = index
         except Exception as exc:
-            if changed_at < 0:  # nothing was written: as it is
-                raise
-            partly = changed_at == index
-            raise await self._failed_below(exc, index, sector, end, "write", partly) from None
+            raise await self._failed_below(exc, index, changed_at, sector, end, "write") from None
         if unsynced:  # (every layer took it) a whole round: no layer's flush races a round's
             await self.flush()  # (its failures are never NoSpace: Durability)
         if short:
@@ -869,10 +870,7 @@ class Volume:
                     await layer.unmap(start, hi - start, block_level_only, True)
                     changed_at = index
         except Exception as exc:
-            if changed_at < 0:  # nothing was unmapped: as it is
-                raise
-            partly = changed_at == index
-            raise await self._failed_below(exc, index, sector, end, "unmap", partly) from None
+            raise await self._failed_below(exc, index, changed_at, sector, end, "unmap") from None
 
     async def flush(self) -> None:
         """Make every write acknowledged before the call durable on the write path (DESIGN
