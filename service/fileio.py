@@ -36,6 +36,7 @@ __all__ = [
     "pread_cached",
     "pread_into",
     "punch_hole",
+    "punch_unused_blocks",
     "pwrite_all",
     "regular_file_size",
     "reserve",
@@ -123,6 +124,35 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+def punch_unused_blocks(fd: int, ranges: list[tuple[int, int]]) -> int:
+    """Give back the disk blocks that lie wholly inside ``ranges`` (byte ranges, sorted,
+    disjoint) and hold data: each range is cut inward to whole filesystem blocks, its data
+    found with ``SEEK_DATA``/``SEEK_HOLE`` and punched out. A block shared with bytes
+    outside the ranges is left alone (punching part of a block would write zeros into it).
+    Returns the bytes punched; 0 when the filesystem cannot punch holes. Costs one
+    ``lseek`` per range without data (about 2 µs on ext4)."""
+    block = max(os.fstat(fd).st_blksize, 512)
+    punched = 0
+    for start, end in ranges:
+        offset = -(-start // block) * block
+        end -= end % block
+        while offset < end:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data from here to the end of the file
+                    return punched
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            if not punch_hole(fd, data, hole - data):
+                return punched
+            punched += hole - data
+            offset = hole
+    return punched
+
+
 def zero_range(fd: int, offset: int, length: int) -> None:
     """Make ``[offset, offset + length)`` read as zeros: punch a hole, else write zeros."""
     if punch_hole(fd, offset, length):
@@ -139,6 +169,8 @@ def as_storage_error(exc: OSError, what: str) -> TierdiskError:
     """The domain error for an ``OSError`` raised while doing ``what``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: out of space ({exc.strerror})")
+    if exc.errno == errno.EFBIG:  # a file-size limit (``ulimit -f``, ``LimitFSIZE=``)
+        return NoSpace(f"{what}: beyond the file size limit ({exc.strerror})")
     return StorageError(f"{what}: {exc.strerror or exc}")
 
 

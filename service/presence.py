@@ -10,6 +10,7 @@ Complexity, with *r* runs in the set and *k* runs touched by the operation:
 =================================  ==========================================
 ``add(a, b)`` / ``remove(a, b)``   O(log r + CHUNK + k)
 ``runs_in(a, b)``                  O(log r + k) (k = runs returned)
+``first_runs(a, limit)``           O(log r + limit)
 ``count(a, b)``                    O(log r + k)
 ``len(set)`` / ``sectors``         O(1)
 ``from_runs(runs)``                O(r)
@@ -120,6 +121,22 @@ class RunSet:
             if k == nchunks:
                 return out
             starts, ends, i = self._starts[k], self._ends[k], 0
+
+    def first_runs(self, a: int, limit: int) -> list[Run]:
+        """The first ``limit`` runs of the set that end after sector ``a`` (the first one
+        clipped to start at ``a``), ascending: a walk over the set in bounded steps.
+        O(log r + limit)."""
+        out: list[Run] = []
+        k = bisect_right(self._lasts, a)
+        i = bisect_right(self._ends[k], a) if k < len(self._ends) else 0
+        while k < len(self._starts) and len(out) < limit:
+            starts, ends = self._starts[k], self._ends[k]
+            take = min(len(starts), i + limit - len(out))
+            out.extend(zip(starts[i:take], ends[i:take], strict=True))
+            k, i = k + 1, 0
+        if out and out[0][0] < a:
+            out[0] = (a, out[0][1])
+        return out
 
     def count(self, a: int, b: int) -> int:
         """Number of sectors of ``[a, b)`` in the set."""

@@ -617,6 +617,32 @@ class PersistentLayerContract:
             finally:
                 await layer.close()
 
+    async def test_a_write_over_the_file_size_limit_is_no_space_and_changes_nothing(
+        self, path: Path
+    ) -> None:
+        """A process file size limit (``ulimit -f``, systemd's ``LimitFSIZE=``) that a write
+        would cross fails it with ``EFBIG``: that is :class:`NoSpace` (RESOURCE_EXHAUSTED,
+        "changed nothing"), not a storage failure, and the layer goes on once it is lifted."""
+        layer = self.make(path)
+        await layer.attach(None)
+        try:
+            await layer.write(memoryview(pattern(1, 0, 8, SS)), 0, False)
+            await layer.flush()
+            with file_size_limit(8 * SS), pytest.raises(NoSpace) as info:
+                await layer.write(memoryview(pattern(2, 200, 16, SS)), 200, False)
+                await layer.flush()
+            assert "file size limit" in str(info.value) and str(path) in str(info.value)
+            data, runs = await self.read(layer, 200, 16)
+            assert runs == [] and data == b"\xee" * 16 * SS
+            await layer.write(memoryview(pattern(3, 200, 16, SS)), 200, False)
+            await layer.flush()
+            data, runs = await self.read(layer, 0, 216)
+            assert runs == [(0, 8), (200, 216)]
+            assert data[: 8 * SS] == pattern(1, 0, 8, SS)
+            assert data[200 * SS :] == pattern(3, 200, 16, SS)
+        finally:
+            await layer.close()
+
     # -- a model, with restarts in the middle ---------------------------------------------------
 
     @pytest.mark.parametrize("outcome", ["made", "failed"])

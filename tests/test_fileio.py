@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from tierdisk.service.errors import ConfigError
-from tierdisk.service.fileio import make_parent_folder, pread_cached, pread_into
+from tierdisk.service.fileio import (
+    make_parent_folder,
+    pread_cached,
+    pread_into,
+    punch_unused_blocks,
+)
 from tierdisk.service.layers.raw import RawLayer
 
 
@@ -60,3 +65,27 @@ def test_a_folder_of_its_own_filesystem_under_dev_is_a_place_like_any_other() ->
     if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/dev").st_dev:
         pytest.skip("no /dev/shm filesystem of its own here")
     make_parent_folder("/dev/shm/x", "a layer")  # no error
+
+
+def test_punch_unused_blocks_frees_whole_blocks_only(tmp_path: Path) -> None:
+    """Whole blocks inside the ranges are punched; a block shared with bytes outside them
+    keeps its data (a partial punch would write zeros into it); holes cost nothing."""
+    path = tmp_path / "f"
+    data = os.urandom(64 << 10)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        block = os.fstat(fd).st_blksize
+        before = os.fstat(fd).st_blocks
+        freed = punch_unused_blocks(fd, [(100, 3 * block + 100), (8 * block, 10 * block)])
+        assert freed == 4 * block  # [block, 3 blocks) and [8, 10 blocks)
+        assert os.fstat(fd).st_blocks == before - freed // 512
+        assert punch_unused_blocks(fd, [(8 * block, 10 * block)]) == 0  # a hole already
+    finally:
+        os.close(fd)
+    got = path.read_bytes()
+    assert got[:block] == data[:block]
+    assert got[block : 3 * block] == bytes(2 * block)
+    assert got[3 * block : 8 * block] == data[3 * block : 8 * block]
+    assert got[8 * block : 10 * block] == bytes(2 * block)
+    assert got[10 * block :] == data[10 * block :]

@@ -23,6 +23,9 @@ def check(rs: RunSet, model: set[int], probes: list[tuple[int, int]]) -> None:
         assert rs.runs_in(a, b) == runs_of(inside)
         assert rs.count(a, b) == len(inside)
         assert rs.contains(a, b) == (a >= b or inside == set(range(a, b)))
+        after = runs_of({s for s in model if s >= a})
+        for limit in (1, 2, 5):
+            assert rs.first_runs(a, limit) == after[:limit]
     # the internal chunk index is consistent
     assert rs._firsts == [s[0] for s in rs._starts]
     assert rs._lasts == [e[-1] for e in rs._ends]

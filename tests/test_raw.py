@@ -440,6 +440,23 @@ async def test_storage_errors_become_domain_errors(
         await read(layer, 0, 1)
 
 
+async def test_a_write_over_the_file_size_limit_is_no_space(
+    layers: list[RawLayer], tmp_path: Path
+) -> None:
+    """A process file size limit (``ulimit -f``, systemd's ``LimitFSIZE=``) that a write
+    would cross: ``EFBIG`` is :class:`NoSpace` (RESOURCE_EXHAUSTED), not a storage failure
+    (INTERNAL, "may have been written in part"), and nothing was written."""
+    path = tmp_path / "img"
+    layer = await open_raw(layers, path, size=64 * SS)
+    with file_size_limit(8 * SS), pytest.raises(NoSpace, match="file size limit") as info:
+        await layer.write(memoryview(pattern(1, 32, 4, SS)), 32, False)
+    assert str(path) in str(info.value)
+    data, _ = await read(layer, 32, 4)
+    assert data == bytes(4 * SS)
+    await layer.write(memoryview(pattern(2, 32, 4, SS)), 32, False)
+    assert (await read(layer, 32, 4))[0] == pattern(2, 32, 4, SS)
+
+
 async def test_4k_sectors(layers: list[RawLayer], tmp_path: Path) -> None:
     layer = await open_raw(layers, tmp_path / "img", size=1 << 20, sector_size=4096)
     assert layer.sector_count == 256

@@ -28,10 +28,13 @@ names a sector whose data is not durable; a crash loses at most the writes after
 commit (allowed: they were not flushed), and the sectors it leaves present hold their value
 as of that commit or a later acknowledged one. An unmap that drops sectors punches the hole
 at once: if the crash comes before the ``DIFF`` that removes them, they read as zeros, which
-is the later acknowledged (unmapped) state. Only the last record can be torn; on open a torn
-tail (bad length or crc32) is logged and cut off, while a corrupt header, snapshot or middle
-record is :class:`DataCorruption`. Sector atomicity is the page cache's (SIGKILL) and the
-device's (power cut), as for any block device.
+is the later acknowledged (unmapped) state. The blocks of the writes a crash lost are
+punched out after the next open, in the background
+(:meth:`SparseLayer._give_back_lost_blocks`), so they hold no disk space for good. Only the
+last record can be torn; on open a torn tail (bad length or crc32) is logged and cut off,
+while a corrupt header, snapshot or middle record is :class:`DataCorruption`. Sector
+atomicity is the page cache's (SIGKILL) and the device's (power cut), as for any block
+device.
 
 All file work that can block runs off the event loop (a read the page cache serves whole
 is done on the loop with ``RWF_NOWAIT``, which never blocks). Mutations (write,
@@ -101,6 +104,7 @@ from ..fileio import (
     pread_cached,
     pread_into,
     punch_hole,
+    punch_unused_blocks,
     pwrite_all,
     regular_file_size,
     set_file_size,
@@ -124,6 +128,11 @@ COMPACT_MIN_BYTES = 1 << 20
 IDLE_LOOK_SECONDS = 0.01
 """A flush with nothing to commit looks at the files unless a look found them in place
 less than this long ago (:meth:`SparseLayer._check_files_when_idle`)."""
+
+_GAPS_PER_STEP = 4096
+"""Present runs one step of :meth:`SparseLayer._give_back_lost_blocks` looks between (about
+10 ms on ext4 when the gaps hold nothing) before the writer thread takes the next
+mutation."""
 
 _T = TypeVar("_T")
 
@@ -192,6 +201,7 @@ class SparseLayer(Layer):
     async def attach(self, lower: LayerMetadata | None) -> None:
         await self._open_in_thread(lambda: self._open(lower), self._close_files)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sparse-writer")
+        self._writer.submit(self._give_back_lost_blocks)
 
     def _open(self, lower: LayerMetadata | None) -> None:
         what = f"sparse layer {self.path}"
@@ -323,6 +333,48 @@ class SparseLayer(Layer):
         self._seq = state.seq
         self._log_end = state.end
         self._snapshot_end = state.snapshot_end
+
+    def _give_back_lost_blocks(self, sector: int = 0, freed: int = 0) -> None:
+        """Punch out the data of sectors the map does not hold: writes and fills after the
+        last commit of a run that did not stop cleanly (a crash, a kill, a final flush that
+        failed, say on a full disk). They read from below now, so their blocks held space
+        for nothing, for good; on a full disk that space is what the restart needs.
+
+        Runs on the writer thread, queued at attach, over the gaps before the next
+        :data:`_GAPS_PER_STEP` present runs from ``sector`` at a time (each step queues the
+        next), so the open does not wait for it and mutations wait at most one step: one
+        ``lseek`` per gap without data, ~0.25 s per 100,000 gaps on ext4 in all. Mutations
+        run on the same thread, so each step sees presence as it is. A close leaves the rest
+        to the next open. A failure is logged, not raised: the layer is whole without it."""
+        if self._fd < 0:
+            return
+        ss = self._sector_size
+        with self._lock:
+            runs = self._present.first_runs(sector, _GAPS_PER_STEP)
+            end = runs[-1][1] if len(runs) == _GAPS_PER_STEP else self.sector_count
+            gaps = complement(sector, end, runs)
+        try:
+            freed += punch_unused_blocks(self._fd, [(a * ss, b * ss) for a, b in gaps])
+            if end < self.sector_count:
+                writer = self._writer
+                if writer is not None:
+                    with contextlib.suppress(RuntimeError):  # shut down: the next open
+                        writer.submit(self._give_back_lost_blocks, end, freed)
+                        return
+        except OSError as exc:
+            log.warning(
+                "sparse layer %s: could not give back the blocks of writes lost at an "
+                "unclean stop: %s",
+                self.path,
+                exc.strerror,
+            )
+        if freed:
+            log.info(
+                "sparse layer %s: gave back %d bytes of disk that held writes lost at an "
+                "unclean stop (never flushed)",
+                self.path,
+                freed,
+            )
 
     async def close(self) -> None:
         """Let the writes, fills and unmaps under way finish (refusing new ones), commit

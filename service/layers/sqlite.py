@@ -68,11 +68,16 @@ on the write lock at open: a read-only folder, say) likewise. A path that is not
 file is refused before anything is made beside it.
 
 Errors: SQLite's ``SQLITE_FULL`` is :class:`NoSpace`: the transaction rolled back, so the
-request changed nothing; the WAL is then checkpointed and truncated, now and before each
-later transaction until that works, to give back the space of the rolled-back frames. SQLite
-needs some free space to delete too (the WAL records the pages a delete changes;
-``secure_delete=FAST`` keeps that small), so on a full filesystem an unmap can fail with
-:class:`NoSpace` until space is freed elsewhere. A corrupt file is :class:`DataCorruption`;
+request changed nothing (so is the I/O error of a write past the process's file size limit,
+``ulimit -f``, once the database or its WAL has grown to it); the WAL is then checkpointed
+and truncated, now and before each later transaction until that works, to give back the
+space of the rolled-back frames. That checkpoint copies the WAL's pages into the database
+first, which grows it: after a full disk, writes resume only once there is room for that
+growth (up to the WAL's size, a few MiB) plus the write itself; space freed below that goes
+into the checkpoint and the filesystem fills again. SQLite needs some free space to delete
+too (the WAL records the pages a delete changes; ``secure_delete=FAST`` keeps that small),
+so on a full filesystem an unmap can fail with :class:`NoSpace` until space is freed
+elsewhere. A corrupt file is :class:`DataCorruption`;
 other failures are :class:`StorageError`. An existing layer keeps its recorded size and
 sector size; a configured ``size`` or ``sector_size`` that disagrees is a
 :class:`ConfigError`; a new one takes ``size``, else the layer below's, and with neither it
@@ -86,6 +91,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import resource
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -526,14 +532,36 @@ class SqliteLayer(Layer):
             except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                if _is_full(exc):
+                limit = self._file_size_limit_reached(exc)
+                if _is_full(exc) or limit:
                     self._starved = True
                     self._reclaim_wal(db)
+                if limit:  # rolled back too: changed nothing, as SQLITE_FULL
+                    raise NoSpace(
+                        f"sqlite layer {self.path}: beyond the file size limit "
+                        f"({limit} bytes; {exc})"
+                    ) from None
                 raise
         finally:
             if durable:
                 db.execute("PRAGMA synchronous=NORMAL")
         self._dirty = not durable  # a FULL commit fsyncs the WAL: every commit before it
+
+    def _file_size_limit_reached(self, exc: BaseException) -> int:
+        """The process's file size limit (``RLIMIT_FSIZE``: ``ulimit -f``, systemd's
+        ``LimitFSIZE=``) when ``exc`` is the I/O error SQLite makes of the ``EFBIG`` a write
+        past it gets (it keeps the errno to itself) and the database or its WAL has grown to
+        it; else 0."""
+        if _code(exc) != sqlite3.SQLITE_IOERR:
+            return 0
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return 0
+        for name in (self._real, self._real + "-wal"):
+            with contextlib.suppress(OSError):
+                if os.stat(name).st_size >= limit:
+                    return limit
+        return 0
 
     def _reclaim_wal(self, db: sqlite3.Connection) -> None:
         """After running out of space: checkpoint and truncate the WAL, giving back the space
@@ -673,7 +701,7 @@ class SqliteLayer(Layer):
         try:
             busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
-            if not _is_full(exc):
+            if not (_is_full(exc) or self._file_size_limit_reached(exc)):
                 raise
             # Out of space copying pages into the database, which cannot grow: the WAL
             # holds every commit, and syncing it needs no space.
