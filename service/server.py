@@ -299,12 +299,15 @@ class Server:
                     else "the last run"
                 )
                 log.warning(
-                    "volume %r: %s did not stop cleanly (a crash, a kill, or a final flush "
-                    "that failed): writes it acknowledged but had not flushed may be lost; "
+                    "volume %r: %s did not stop cleanly (a crash, a kill, a final flush "
+                    "that failed, or a stop that could not record its end in %s: that "
+                    "run's log says which): writes it acknowledged but had not flushed may "
+                    "be lost; "
                     "its write verifier changed, so each client that made such writes is "
                     "told at its next flush",
                     volume.name,
                     which,
+                    store.path,
                 )
                 volume.count_verifier_change()
                 self._crashes_counted.add(volume.name)
