@@ -58,6 +58,11 @@ _STATUS_WINDOW = 64 << 20
 span 4 GiB, and a fragmented volume has up to a run per sector, so the map is read a window
 at a time until the reply has its :data:`_MAX_EXTENTS` descriptors (the spec lets a reply
 cover less than was asked)."""
+_FIRST_WINDOW = 64 << 10
+"""Bytes of allocation a ``REQ_ONE`` ``BLOCK_STATUS`` asks for first; the window doubles (up
+to :data:`_STATUS_WINDOW`) while the first extent fills it. QEMU's client walks a volume with one
+such request per extent, so its cost must follow the extent, not the runs after it (a full
+window each time made that walk quadratic in a fragmented volume's runs)."""
 _ZERO_CHUNK = 1 << 20  # zeros written per call when WRITE_ZEROES cannot unmap
 _CACHE_CHUNK = 4 << 20  # bytes read per call by CACHE
 _HOLE = P.STATE_HOLE | P.STATE_ZERO  # base:allocation of a run no layer holds
@@ -302,6 +307,37 @@ async def cache(export: Export, offset: int, length: int) -> None:
         await export.volume.read_into(buf[: n * ss], sector)
 
 
+def _status(context: str, depth: int) -> int:
+    """A run's status in ``context``: its depth plus one in ``qemu:allocation-depth``;
+    ``HOLE | ZERO`` where no layer holds it, else 0, in ``base:allocation``."""
+    if context == P.CONTEXT_ALLOCATION_DEPTH:
+        return depth + 1
+    return _HOLE if depth < 0 else 0
+
+
+async def _first_extents(
+    volume: Volume, contexts: list[str], first: int, last: int, most: int
+) -> list[tuple[int, int, int]]:
+    """The allocation of ``[first, last)`` from its start, for a ``REQ_ONE`` reply: in a
+    window of :data:`_FIRST_WINDOW` bytes that doubles (up to ``most`` sectors) while the
+    first extent of some context fills it, so each context's first extent is whole or
+    ends at the window's end (a reply may cover less than was asked), and the cost follows
+    the extents returned, not the runs after them."""
+    window = max(1, _FIRST_WINDOW // volume.sector_size)
+    while True:
+        step = min(window, most, last - first)
+        runs = await volume.allocation(first, step)
+        if step in (most, last - first):
+            return runs
+        for context in contexts:
+            status = _status(context, runs[0][2])
+            if all(_status(context, depth) == status for _, _, depth in runs):
+                break  # the first extent may go on past the window
+        else:
+            return runs
+        window *= 2
+
+
 async def block_status(
     export: Export, flags: int, handle: int, offset: int, length: int
 ) -> list[Any]:
@@ -321,19 +357,21 @@ async def block_status(
     first = offset // ss
     last = -(-end // ss)
     one = bool(flags & P.CMD_FLAG_REQ_ONE)
-    runs: list[tuple[int, int, int]] = []
     window = max(1, _STATUS_WINDOW // ss)
-    while first < last and len(runs) < (1 if one else _MAX_EXTENTS):
-        step = min(window, last - first)
-        runs += await export.volume.allocation(first, step)
-        first += step
+    if one:
+        runs = await _first_extents(export.volume, export.contexts, first, last, window)
+    else:
+        runs = []
+        while first < last and len(runs) < _MAX_EXTENTS:
+            step = min(window, last - first)
+            runs += await export.volume.allocation(first, step)
+            first += step
     end = min(end, runs[-1][1] * ss)  # where the runs asked for end
     parts: list[Any] = []
     for i, context in enumerate(export.contexts):
-        depth_context = context == P.CONTEXT_ALLOCATION_DEPTH
         extents: list[tuple[int, int]] = []  # (length, status)
         for a, b, depth in runs:
-            status = depth + 1 if depth_context else (_HOLE if depth < 0 else 0)
+            status = _status(context, depth)
             nbytes = min(b * ss, end) - max(a * ss, offset)
             if extents and extents[-1][1] == status:
                 extents[-1] = (extents[-1][0] + nbytes, status)

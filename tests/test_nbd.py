@@ -907,6 +907,54 @@ async def test_block_status_reads_the_map_a_window_at_a_time(
     await client.close()
 
 
+async def test_block_status_req_one_costs_what_its_extent_does(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's client walks a volume with one ``REQ_ONE`` request per extent. Each must cost
+    about its extent, not the runs after it (a full window each time made the walk
+    quadratic in a fragmented volume's runs), and still give each context's extent whole,
+    up to the window: a hole longer than the first window, a run of data held by layers of
+    alternating depth (one ``base:allocation`` extent)."""
+    monkeypatch.setattr(nbd_commands, "_FIRST_WINDOW", 4 << 10)
+    monkeypatch.setattr(nbd_commands, "_STATUS_WINDOW", 1 << 20)
+    ram = env.vols["ram"]
+    computed: list[int] = []  # runs of allocation the server computed, per call
+    allocation = ram.allocation
+
+    async def counted(sector: int, count: int) -> list[tuple[int, int, int]]:
+        runs = await allocation(sector, count)
+        computed.append(len(runs))
+        return runs
+
+    monkeypatch.setattr(ram, "allocation", counted)
+    client = await env.client("ram", contexts=["base:allocation"])
+    ctx = client.contexts["base:allocation"]
+    region = 4 << 20
+    for k in range(64):  # 4 KiB of data every 8 KiB, then a hole: 128 extents
+        await client.write(region + (k * 8 << 10), tagged(7, 4 << 10))
+    offset, extents = region, []
+    while offset < region + (1 << 20):
+        status = await client.request(
+            CMD_BLOCK_STATUS, offset, region + (1 << 20) - offset, CMD_FLAG_REQ_ONE
+        )
+        [(n, flags)] = status.extents[ctx]
+        extents.append((n, flags))
+        offset += n
+    # (the last hole, 516 KiB, is longer than the first window: it doubled to take it whole)
+    assert extents == [(4 << 10, 0), (4 << 10, 3)] * 63 + [(4 << 10, 0), (516 << 10, 3)]
+    assert sum(computed) <= 4 * len(extents) + 16  # one window per extent, not all the runs
+    await client.close()
+
+    client = await env.client("stack", contexts=["base:allocation", "qemu:allocation-depth"])
+    base, depth = client.contexts["base:allocation"], client.contexts["qemu:allocation-depth"]
+    for k in range(64):  # the top holds every other 4 KiB, the raw image all of it
+        await client.write(region + (k * 8 << 10), tagged(9, 4 << 10))
+    status = await client.request(CMD_BLOCK_STATUS, region, 4 << 20, CMD_FLAG_REQ_ONE)
+    assert status.extents[depth] == [(4 << 10, 1)]
+    assert status.extents[base] == [(1 << 20, 0)]  # data up to the most one window holds
+    await client.close()
+
+
 async def test_write_zeroes_no_hole_and_fast_zero(env: Env) -> None:
     ram = env.vols["ram"]
     client = await env.client("ram", contexts=["base:allocation", "qemu:allocation-depth"])
