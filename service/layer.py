@@ -32,6 +32,7 @@ from .runs import Run
 __all__ = [
     "MAX_BYTES",
     "MAX_SECTORS",
+    "RUNS_BETWEEN_YIELDS",
     "Layer",
     "LayerMetadata",
     "UnmapBehavior",
@@ -41,6 +42,11 @@ __all__ = [
     "new_geometry",
     "size_limit_problem",
 ]
+
+
+RUNS_BETWEEN_YIELDS = 4096
+"""Runs a walk over a layer's presence handles between yields to the event loop (ms of
+work)."""
 
 
 class UnmapBehavior(enum.IntEnum):
@@ -416,6 +422,18 @@ class Layer(abc.ABC):
         The default suits layers that hold every sector.
         """
         return [(sector, sector + count)] if count else []
+
+    async def presence_of_runs(self, runs: list[Run]) -> list[Run]:
+        """The sectors of ``runs`` (sorted, disjoint) this layer holds, as sorted runs: a
+        :meth:`presence` per run, yielding to the event loop every
+        :data:`RUNS_BETWEEN_YIELDS` runs (a local layer's presence never yields). A layer
+        whose :meth:`presence` is a round trip (``remote``) asks once instead."""
+        held: list[Run] = []
+        for done, (a, b) in enumerate(runs, 1):
+            held.extend(await self.presence(a, b - a))
+            if done % RUNS_BETWEEN_YIELDS == 0:
+                await asyncio.sleep(0)
+        return held
 
     @abc.abstractmethod
     async def unmap(

@@ -68,7 +68,7 @@ from .errors import (
     TierdiskError,
     Unavailable,
 )
-from .layer import MAX_SECTORS, Layer, UnmapBehavior, size_limit_problem
+from .layer import MAX_SECTORS, RUNS_BETWEEN_YIELDS, Layer, UnmapBehavior, size_limit_problem
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 from .sector_lock import EVERY_SECTOR, SectorLock
@@ -104,8 +104,6 @@ _RANGES_AT_ONCE = 8
 """The most ranges of one :meth:`Volume.read_ranges_into` (a ``ReadBatch``) read at once:
 each may ask a layer for :data:`_RUNS_AT_ONCE` runs, and 256 ranges at once held the loop
 for ~180 ms over a fragmented layer (every other client waited)."""
-_RUNS_BETWEEN_YIELDS = 4096
-"""Runs an allocation walk handles between yields to the event loop (ms of work)."""
 
 
 AllocationRun = tuple[int, int, int]
@@ -1122,11 +1120,7 @@ class Volume:
             asked = clip(missing, sector, self._limit(index, end))
             if not asked:
                 break
-            held: list[Run] = []
-            for done, (a, b) in enumerate(asked, 1):
-                held.extend(await layer.presence(a, b - a))
-                if done % _RUNS_BETWEEN_YIELDS == 0:
-                    await asyncio.sleep(0)  # (a local layer's presence never yields)
+            held = await layer.presence_of_runs(asked)
             if held:
                 found.extend((a, b, index) for a, b in held)
                 missing = subtract(missing, held)
@@ -1140,7 +1134,7 @@ class Volume:
                 joined[-1] = (joined[-1][0], b, depth)
             else:
                 joined.append((a, b, depth))
-            if done % _RUNS_BETWEEN_YIELDS == 0:
+            if done % RUNS_BETWEEN_YIELDS == 0:
                 await asyncio.sleep(0)
         return joined
 

@@ -321,6 +321,35 @@ async def test_the_holes_of_a_read_go_to_a_remote_in_layer_mode_in_one_call(
     assert await _read_through_holes(origin, oclient, tmp_path, DELTA_RUNS) == (2, 0)
 
 
+async def test_an_allocation_walk_asks_a_remote_in_layer_mode_once_for_all_holes(
+    origin: Server, oclient: AsyncClient, tmp_path: Path
+) -> None:
+    """``GetAllocation`` through ``[ram, remote -> delta (layer mode), remote -> base]``
+    whose top holds every 64th sector: the remote in layer mode is asked once for the span
+    of the top's holes (it was a ``GetAllocation`` per hole, one after another: a cache
+    tier with 40,000 holes took longer than the CLI's timeout), and each sector is
+    attributed to the topmost layer holding it."""
+    for sector, count in DELTA_RUNS:
+        await oclient.volume("delta").write(sector, pattern(6, sector, count, SS))
+    at = origin.grpc_address
+    stack = toml_volume("vm", ram(), remote(at, "delta", mode="layer"), remote(at, "base"))
+    async with (
+        running_server(tmp_path / "proxy", stack) as proxy,
+        AsyncClient(proxy.grpc_address) as client,
+    ):
+        vol = client.volume("vm")
+        for sector in range(0, 2048, 64):
+            await vol.write(sector, pattern(5, sector, 1, SS))
+        before = _origin_calls(origin, "GetAllocation")
+        extents = await vol.allocation(0, 2048)
+        assert _origin_calls(origin, "GetAllocation") - before == 1
+    depth = [2] * 2048
+    for sector, count in DELTA_RUNS:
+        depth[sector : sector + count] = [1] * count
+    depth[::64] = [0] * 32
+    assert [e.depth for e in extents for _ in range(e.sector_count)] == depth
+
+
 async def test_an_origin_without_presence_in_read_batch_gets_a_read_per_hole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

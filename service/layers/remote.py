@@ -146,7 +146,7 @@ from tierdisk.client.retry import RetryPolicy
 from .. import errors, hops
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
-from ..runs import Run, merge, subtract
+from ..runs import Run, complement, merge, subtract
 from .remote_connect import (
     BACKOFF,
     MAX_BACKOFF,
@@ -662,6 +662,16 @@ class RemoteLayer(Layer):
                 return await self._held(sector, count)
         except errors.OutOfRange as exc:  # inside the size known: the remote shrank
             return await self._after_shrink(exc, sector, wanted, self._held)
+
+    async def presence_of_runs(self, runs: list[Run]) -> list[Run]:
+        """In layer mode, one :meth:`presence` over the span of ``runs`` (a ``GetAllocation``,
+        which the client asks in windows when the span has more extents than one reply
+        carries) clipped to them, instead of a round trip per run: the holes of a
+        fragmented layer above made an allocation walk thousands of calls in a row."""
+        if len(runs) < 2 or self.mode == "disk":
+            return await super().presence_of_runs(runs)
+        held = await self.presence(runs[0][0], runs[-1][1] - runs[0][0])
+        return subtract(held, complement(runs[0][0], runs[-1][1], runs))  # what it holds of runs
 
     async def _held(self, sector: int, count: int) -> list[Run]:
         """Layer mode: the runs of ``[sector, sector + count)`` the remote holds."""
