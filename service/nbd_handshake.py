@@ -1,7 +1,8 @@
 """NBD fixed-newstyle handshake: option haggling up to the transmission phase.
 
 Answers ``NBD_OPT_GO`` / ``NBD_OPT_INFO`` (with ``NBD_INFO_BLOCK_SIZE``: minimum = the sector
-size, preferred = 4 KiB or the physical sector size, maximum = ``max_io``), ``NBD_OPT_LIST``,
+size, preferred = 4 KiB or the physical sector size, maximum = ``max_io``, which a client that
+did not ask for block sizes may exceed up to 32 MiB), ``NBD_OPT_LIST``,
 ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_ABORT``, ``NBD_OPT_STRUCTURED_REPLY`` and the two
 meta-context options (``base:allocation``, ``qemu:allocation-depth``; both refused with
 ``NBD_REP_ERR_INVALID`` before structured replies were negotiated). Every other option is
@@ -54,6 +55,9 @@ MAX_OPTION_BEFORE_TLS = 8 << 10
 only ``NBD_OPT_STARTTLS`` (no data) is of use then, and an unauthenticated client must not
 make the server hold a MiB per connection (``NBD_OPT_GO`` with the longest export name the
 spec allows, 4 KiB, fits)."""
+_UNAGREED_MAX_REQUEST = 32 << 20
+"""The largest request the protocol document lets a client send without agreed block sizes
+(2**25 bytes): a session with such a client takes at least that, whatever ``max_io``."""
 
 
 class Hangup(Exception):
@@ -260,6 +264,18 @@ class _Negotiation:
             preferred //= 2
         return minimum, max(preferred, minimum, 512), maximum
 
+    def _largest_request(self, volume: Volume, agreed: bool) -> int:
+        """The largest read or write payload the session takes: the advertised maximum block
+        size (``max_io``) for a client that asked for block sizes (``NBD_OPT_GO`` with
+        ``NBD_INFO_BLOCK_SIZE``); for one that did not (``NBD_OPT_EXPORT_NAME``, which gets
+        no block sizes at all, or a ``GO`` that did not ask), at least the 32 MiB the
+        protocol document tells such clients they may send."""
+        maximum = self._block_sizes(volume)[2]
+        if agreed:
+            return maximum
+        ss = volume.sector_size
+        return max(maximum, _UNAGREED_MAX_REQUEST // ss * ss)
+
     def _export(self, volume: Volume, name: str, strict: bool) -> Export:
         flags = P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_CAN_MULTI_CONN
         flags |= P.TFLAG_SEND_CACHE
@@ -281,7 +297,7 @@ class _Negotiation:
             strict=strict and ss <= 1 << 16,
             contexts=list(self._meta_contexts) if self._meta_export == name else [],
             has_read_cache=any(e.read_cache for e in volume.entries),
-            max_io=self._block_sizes(volume)[2],
+            max_io=self._largest_request(volume, strict),
             zeros=self._server.zeros,
         )
 

@@ -1116,7 +1116,7 @@ async def test_a_fua_command_whose_flush_found_a_loss_is_left_to_the_next_flush(
 
 
 async def test_errors_keep_the_session(env: Env) -> None:
-    client = await env.client("flaky", structured=False)
+    client = await env.client("flaky", structured=False, block_size=True)  # max_io agreed
     await client.write(0, b"\x01" * 4096)
     env.flaky.fail = Unavailable("the origin tier is unreachable")
     assert (await client.request(CMD_READ, 0, 4096)).error == EIO
@@ -1145,6 +1145,24 @@ async def test_errors_keep_the_session(env: Env) -> None:
     assert stats.requests["read", "EIO"] == 1 and stats.requests["write", "EIO"] == 1
     assert stats.requests["write", "ENOSPC"] == 1 and stats.requests["write", "EPERM"] == 1
     assert stats.sessions_total == 2 and stats.sessions_active == 0
+
+
+async def test_a_client_without_block_sizes_may_send_32_mib(env: Env) -> None:
+    """The protocol document lets a client that agreed no block sizes (``NBD_OPT_EXPORT_NAME``
+    gets none; this one did not ask in its ``NBD_OPT_GO``) send requests of up to 32 MiB:
+    such a session takes them whatever ``max_io`` (the advertised maximum) is; one that
+    asked is held to ``max_io``."""
+    n = 2 * MAX_IO
+    data = tagged(11, n)
+    client = await env.client("ram", structured=False)
+    assert (await client.request(CMD_WRITE, 0, n, 0, data)).error == 0
+    assert await client.read(0, n) == data
+    await client.close()
+    agreed = await env.client("ram", structured=False, block_size=True)
+    assert (await agreed.request(CMD_READ, 0, n)).error == EINVAL
+    assert (await agreed.request(CMD_WRITE, 0, n, 0, data)).error == EINVAL
+    assert await agreed.read(0, MAX_IO) == data[:MAX_IO]
+    await agreed.close()
 
 
 async def test_pipelined_requests_out_of_order(env: Env) -> None:

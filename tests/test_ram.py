@@ -84,7 +84,7 @@ async def test_write_read_and_presence() -> None:
     assert data[: 2 * SS] == b"\xee" * 2 * SS, "sectors it does not hold are left untouched"
     assert await layer.presence(0, 16) == [(2, 5), (9, 10)]
     assert layer.present_sectors == 4
-    assert layer.inspect()["committed_bytes"] == 4 * SS
+    assert layer.inspect()["present_bytes"] == 4 * SS
 
 
 async def test_out_of_range_calls_are_refused() -> None:

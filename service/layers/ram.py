@@ -236,7 +236,9 @@ class RamLayer(Layer):
             await asyncio.to_thread(old.close)
 
     def inspect(self) -> dict[str, Any]:
+        """``present_bytes``: the sectors the layer holds, in bytes. Not its memory: sectors
+        unmapped over a layer below stay present as zeros, and their pages are given back."""
         return {
-            "committed_bytes": self._present.sectors * self._sector_size,
+            "present_bytes": self._present.sectors * self._sector_size,
             "present_runs": len(self._present),
         }

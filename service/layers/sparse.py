@@ -47,8 +47,10 @@ buffered read copy a page while a write copies into it, which returns a torn sec
 (DESIGN.md §3 allows old or new per sector, never torn). A ``threading.Lock`` guards
 the run sets for the few microseconds of each lookup or update (a compaction holds it while
 it copies the runs, about 20 ms per 100,000 runs, and an unmap or a shrink while it edits
-them, about 0.3 s per 100,000 runs): the event loop never waits for it, a lookup that finds
-it taken asks again every few milliseconds.
+them, about 0.5 s per 100,000 runs it drops, up to 2 s on a busy machine; the filesystem's
+hole punching comes after, outside the lock): the event loop never waits for it, a lookup
+that finds it taken asks again every few milliseconds (so reads of the layer wait that
+long).
 
 Out of space. Before writing, the layer reserves the blocks (``fallocate`` with
 ``FALLOC_FL_KEEP_SIZE``); if that fails with ``ENOSPC`` nothing was written, the reserved
