@@ -23,6 +23,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from persistent_contract import SIZE, SS, PersistentLayerContract, tiny_filesystem
@@ -507,6 +508,26 @@ async def test_a_create_that_fails_leaves_nothing_behind(tmp_path: Path) -> None
     layer = await opened(path, 2 << 20)
     try:
         assert layer.sector_count == (2 << 20) // SS
+    finally:
+        await layer.close()
+
+
+async def test_a_write_cut_short_at_the_file_size_limit_says_it_was_made_in_part(
+    tmp_path: Path,
+) -> None:
+    """A write across the process's file size limit is cut short there: the sectors below
+    it that the layer held now hold the new data, so the failure is a storage error saying
+    so, not :class:`NoSpace` ("changed nothing"); the sectors it covered that the layer did
+    not hold stay absent."""
+    layer = await opened(tmp_path / "d", SIZE)
+    try:
+        await layer.write(memoryview(pattern(1, 0, 6, SS)), 0, False)
+        with file_size_limit(8 * SS), pytest.raises(StorageError, match="old or new") as info:
+            await layer.write(memoryview(pattern(2, 4, 8, SS)), 4, False)
+        assert not isinstance(info.value, NoSpace) and "file size limit" in str(info.value)
+        data, runs = await read(layer, 0, 12)
+        assert runs == [(0, 6)]
+        assert data[: 6 * SS] == pattern(1, 0, 4, SS) + pattern(2, 4, 2, SS)
     finally:
         await layer.close()
 
@@ -1099,8 +1120,9 @@ async def test_the_blocks_of_writes_a_crash_lost_are_given_back_at_the_next_open
 async def test_giving_back_lost_blocks_in_steps_spares_what_writes_made_present_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The give-back runs in steps on the writer thread, so writes come in between steps:
-    a sector written meanwhile is present when its step comes and keeps its data."""
+    """The give-back runs in steps on the writer thread, so writes come in between steps
+    (here: a step right after each write): a sector written meanwhile is present when the
+    next step comes and keeps its data; the rest of what the crash lost is punched."""
     ss = 4096
     layer = SparseLayer(str(tmp_path / "d.sparse"), size=64 * ss, sector_size=ss)
     await layer.attach(None)
@@ -1114,13 +1136,20 @@ async def test_giving_back_lost_blocks_in_steps_spares_what_writes_made_present_
     finally:
         await layer.close()
     monkeypatch.setattr(sparse_module, "_GAPS_PER_STEP", 1)
+    write = SparseLayer._write_sync
+
+    def write_then_a_step(self: SparseLayer, *args: Any) -> int:
+        written = write(self, *args)
+        self._give_back_lost_blocks(0)  # a step next on the writer thread, from the start
+        return written
+
+    monkeypatch.setattr(SparseLayer, "_write_sync", write_then_a_step)
     caplog.set_level(logging.INFO, logger=sparse_module.__name__)
     crashed = await opened(crashed_path)
     try:
         rewritten = range(1, 32, 2)
-        await asyncio.gather(
-            *(crashed.write(memoryview(pattern(3, s, 1, ss)), s, False) for s in rewritten)
-        )
+        for s in rewritten:
+            await crashed.write(memoryview(pattern(3, s, 1, ss)), s, False)
         await eventually("the give-back to end", lambda: "gave" in caplog.text)
         data, runs = await read(crashed, 0, 64)
         assert runs == [(0, 33)] + [(s, s + 1) for s in range(34, 64, 2)]
@@ -1132,6 +1161,49 @@ async def test_giving_back_lost_blocks_in_steps_spares_what_writes_made_present_
         assert [s for s in range(64) if is_hole(crashed_path, s * ss, ss)] == lost
     finally:
         await crashed.close()
+
+
+@pytest.mark.parametrize("commit", ["fails", "made"])
+async def test_giving_back_lost_blocks_leaves_what_a_shrink_dropped_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, commit: str
+) -> None:
+    """A shrink drops its sectors from presence on the writer thread, then commits. A step
+    of the give-back that comes between (the next one queued) must not punch them: a shrink
+    whose commit fails marks them present again (they would read zeros), and reads that
+    began before the shrink still copy them until the file is cut."""
+    ss = 4096
+    path = tmp_path / "d.sparse"
+    layer = SparseLayer(str(path), size=64 * ss, sector_size=ss)
+    await layer.attach(None)
+    try:
+        for s in range(0, 16, 2):
+            await layer.write(memoryview(pattern(1, s, 1, ss)), s, False)
+        await layer.write(memoryview(pattern(2, 40, 8, ss)), 40, False)
+    finally:
+        await layer.close()
+    shrink = SparseLayer._shrink_sync
+    held_then: list[bytes] = []
+
+    def shrink_then_a_step(self: SparseLayer, size: int) -> list[tuple[int, int]]:
+        dropped = shrink(self, size)
+        self._give_back_lost_blocks()  # the step queued next on the writer thread
+        held_then.append(os.pread(self._fd, 8 * ss, 40 * ss))  # what a read copies now
+        return dropped
+
+    monkeypatch.setattr(SparseLayer, "_shrink_sync", shrink_then_a_step)
+    layer = await opened(path)
+    try:
+        if commit == "fails":  # the shrink's record cannot be appended to the map
+            with file_size_limit(os.stat(f"{path}.map").st_size), pytest.raises(NoSpace):
+                await layer.resize(32)
+            data, runs = await read(layer, 40, 8)
+            assert runs == [(40, 48)] and data == pattern(2, 40, 8, ss)
+        else:
+            await layer.resize(32)
+            assert layer.sector_count == 32
+        assert held_then == [pattern(2, 40, 8, ss)]
+    finally:
+        await layer.close()
 
 
 async def test_a_grow_with_no_write_after_it_survives_a_restart(tmp_path: Path) -> None:

@@ -96,8 +96,10 @@ from ..errors import (
     TierdiskError,
 )
 from ..fileio import (
+    PartlyWritten,
     Reserver,
     as_storage_error,
+    changed_in_part,
     check_still_named,
     fsync_folder,
     lock_or_refuse,
@@ -346,18 +348,23 @@ class SparseLayer(Layer):
         :data:`_GAPS_PER_STEP` present runs from ``sector`` at a time (each step queues the
         next), so the open does not wait for it and mutations wait at most one step: one
         ``lseek`` per gap without data, ~0.25 s per 100,000 gaps on ext4 in all. Mutations
-        run on the same thread, so each step sees presence as it is. A close leaves the rest
-        to the next open. A failure is logged, not raised: the layer is whole without it."""
+        run on the same thread, so each step sees presence as it is. A close, and a step
+        that finds a shrink under way, leave the rest to the next open. A failure is
+        logged, not raised: the layer is whole without it."""
         if self._fd < 0:
             return
         ss = self._sector_size
         with self._lock:
+            # Up to the size as a shrink under way set it, never into the sectors it
+            # dropped: reads that began before it may still copy them (the file is cut only
+            # once they end), and a shrink whose commit fails marks them present again.
+            size = self._size
             runs = self._present.first_runs(sector, _GAPS_PER_STEP)
-            end = runs[-1][1] if len(runs) == _GAPS_PER_STEP else self.sector_count
-            gaps = complement(sector, end, runs)
+            end = min(runs[-1][1] if len(runs) == _GAPS_PER_STEP else size, size)
+            gaps = complement(sector, end, runs) if sector < end else []
         try:
             freed += punch_unused_blocks(self._fd, [(a * ss, b * ss) for a, b in gaps])
-            if end < self.sector_count:
+            if end < size:
                 writer = self._writer
                 if writer is not None:
                     with contextlib.suppress(RuntimeError):  # shut down: the next open
@@ -630,10 +637,12 @@ class SparseLayer(Layer):
                 self._reserve(self._fd, a * ss, (b - a) * ss)
             for a, b in targets:
                 pwrite_all(self._fd, data[(a - sector) * ss : (b - sector) * ss], a * ss)
-        except OSError:
+        except OSError as exc:
             for a, b in absent:  # nothing reads these sectors: give their blocks back
                 with contextlib.suppress(OSError):
                     punch_hole(self._fd, a * ss, (b - a) * ss)
+            if isinstance(exc, PartlyWritten) and held and not holes:  # held ones may be new
+                raise changed_in_part(exc, f"writing sparse layer {self.path}") from None
             raise
         with self._lock:
             for a, b in targets:
