@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import resource
 import stat
 
 from .errors import (
@@ -26,8 +27,10 @@ from .errors import (
 
 __all__ = [
     "MAX_FILE_BYTES",
+    "PartlyWritten",
     "Reserver",
     "as_storage_error",
+    "changed_in_part",
     "check_still_named",
     "fsync_folder",
     "lock_or_refuse",
@@ -103,12 +106,25 @@ def pread_cached(fd: int, buf: memoryview, offset: int) -> bool:
     return True
 
 
+class PartlyWritten(OSError):
+    """The ``OSError`` of :func:`pwrite_all` once part of its data was written (a write cut
+    short at a file size limit, or out of space where blocks could not be reserved)."""
+
+
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset``."""
+    """Write all of ``data`` at ``offset``; a failure after some of it was written is
+    :class:`PartlyWritten`."""
     done = 0
     size = len(data)
     while done < size:
-        done += os.pwritev(fd, [data[done:]], offset + done)
+        try:
+            done += os.pwritev(fd, [data[done:]], offset + done)
+        except OSError as exc:
+            if not done:
+                raise
+            raise PartlyWritten(
+                exc.errno, f"{exc.strerror}, after {done} of {size} bytes were written"
+            ) from None
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -167,11 +183,22 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 
 def as_storage_error(exc: OSError, what: str) -> TierdiskError:
     """The domain error for an ``OSError`` raised while doing ``what``."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{what}: out of space ({exc.strerror})")
-    if exc.errno == errno.EFBIG:  # a file-size limit (``ulimit -f``, ``LimitFSIZE=``)
-        return NoSpace(f"{what}: beyond the file size limit ({exc.strerror})")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        # (EFBIG: a write past the process's file size limit: ``ulimit -f``, ``LimitFSIZE=``)
+        why = "beyond the file size limit" if exc.errno == errno.EFBIG else "out of space"
+        return NoSpace(f"{what}: {why} ({exc.strerror})")
     return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def changed_in_part(exc: PartlyWritten, what: str) -> TierdiskError:
+    """The domain error for a write of sectors' data that :func:`pwrite_all` cut short and
+    the caller could not undo: never :class:`NoSpace` ("changed nothing"). (A caller that
+    undoes the partial write, as the metadata writers do by truncating or discarding the
+    file, uses :func:`as_storage_error`.)"""
+    error = as_storage_error(exc, what)
+    if isinstance(error, NoSpace):
+        return error.after_a_change("the sectors it covers may hold old or new data")
+    return error
 
 
 def reserve(fd: int, offset: int, length: int) -> bool:
@@ -223,8 +250,12 @@ def set_file_size(fd: int, nbytes: int, what: str) -> None:
         os.ftruncate(fd, nbytes)
     except OSError as exc:
         if exc.errno == errno.EFBIG:
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            holder = "the filesystem"
+            if limit != resource.RLIM_INFINITY and nbytes > limit:
+                holder = f"this process (its file size limit, ulimit -f, is {limit} bytes)"
             raise FailedPrecondition(
-                f"{what}: the filesystem cannot hold a file of {nbytes} bytes "
+                f"{what}: {holder} cannot hold a file of {nbytes} bytes "
                 f"({exc.strerror}); the size is unchanged"
             ) from None
         raise as_storage_error(exc, what) from None

@@ -455,6 +455,12 @@ async def test_a_write_over_the_file_size_limit_is_no_space(
     assert data == bytes(4 * SS)
     await layer.write(memoryview(pattern(2, 32, 4, SS)), 32, False)
     assert (await read(layer, 32, 4))[0] == pattern(2, 32, 4, SS)
+    # A write across the limit is cut short there: part of it was made, so it is no
+    # "changed nothing" (RESOURCE_EXHAUSTED) but a storage error saying so.
+    with file_size_limit(8 * SS), pytest.raises(StorageError, match="old or new") as failed:
+        await layer.write(memoryview(pattern(3, 4, 8, SS)), 4, False)
+    assert not isinstance(failed.value, NoSpace) and "file size limit" in str(failed.value)
+    assert (await read(layer, 4, 4))[0] == pattern(3, 4, 4, SS)  # below the limit: made
 
 
 async def test_4k_sectors(layers: list[RawLayer], tmp_path: Path) -> None:

@@ -180,6 +180,7 @@ async def test_file_too_large_is_failed_precondition(
         with pytest.raises(FailedPrecondition, match="cannot hold a file") as info:
             await volume.resize(2 * TiB // ss)
     assert str(image) in str(info.value) and "File too large" in str(info.value)
+    assert f"its file size limit, ulimit -f, is {TiB} bytes" in str(info.value)
     assert image.stat().st_size == n * ss
     assert await observe(volume) == before
     await assert_no_event_then_next_change(volume, watcher, before[1])
@@ -207,7 +208,7 @@ async def test_the_filesystems_own_limit_is_failed_precondition(
     volume = await build_stack(spec, tmp_path)
     opened.append(volume)
     before, watcher = await prepared(volume)
-    with pytest.raises(FailedPrecondition, match="File too large"):
+    with pytest.raises(FailedPrecondition, match=r"the filesystem cannot hold .* too large"):
         await volume.resize(HUGE // volume.sector_size)
     assert await observe(volume) == before
     await assert_no_event_then_next_change(volume, watcher, before[1])

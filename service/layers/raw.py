@@ -35,8 +35,10 @@ from typing import Any
 
 from ..errors import ConfigError, InvalidArgument, ReadOnlyError, StorageError
 from ..fileio import (
+    PartlyWritten,
     Reserver,
     as_storage_error,
+    changed_in_part,
     check_still_named,
     fsync_folder,
     lock_or_refuse,
@@ -249,7 +251,10 @@ class RawLayer(Layer):
 
     def _write_sync(self, data: memoryview, offset: int, fua: bool) -> None:
         self._reserve(self._fd, offset, len(data))  # out of space here: nothing written
-        pwrite_all(self._fd, data, offset)
+        try:
+            pwrite_all(self._fd, data, offset)
+        except PartlyWritten as exc:  # (cut short at a file size limit, say)
+            raise changed_in_part(exc, f"writing {self.path}") from None
         if fua:  # durable for good once it returns: only if the image still has its name
             os.fdatasync(self._fd)
             check_still_named(self.path, os.fstat(self._fd), f"writing raw image {self.path}")
