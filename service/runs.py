@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["Run", "clip", "complement", "merge", "subtract", "total"]
+__all__ = ["Run", "clip", "complement", "dense_groups", "merge", "subtract", "total"]
 
 Run = tuple[int, int]
 """A half-open sector range ``(start, end)``; ``start < end`` for every run in a run list."""
@@ -75,6 +75,25 @@ def subtract(runs: Sequence[Run], taken: Sequence[Run]) -> list[Run]:
         if cursor < end:
             out.append((cursor, end))
     return out
+
+
+def dense_groups(runs: Sequence[Run], near: int) -> list[list[Run]]:
+    """``runs`` cut into groups of consecutive runs whose span (first start to last end) is
+    at most twice the sectors they cover, or at most ``near`` sectors: what to ask a layer
+    about in one range each, so that a question over a span costs no more than about twice
+    the questions over its runs, whatever lies between them."""
+    groups: list[list[Run]] = []
+    covered = 0
+    for start, end in runs:
+        if groups:
+            first = groups[-1][0][0]
+            if end - first <= max(near, 2 * (covered + end - start)):
+                groups[-1].append((start, end))
+                covered += end - start
+                continue
+        groups.append([(start, end)])
+        covered = end - start
+    return groups
 
 
 def merge(runs: Iterable[Run]) -> list[Run]:

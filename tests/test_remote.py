@@ -321,14 +321,15 @@ async def test_the_holes_of_a_read_go_to_a_remote_in_layer_mode_in_one_call(
     assert await _read_through_holes(origin, oclient, tmp_path, DELTA_RUNS) == (2, 0)
 
 
-async def test_an_allocation_walk_asks_a_remote_in_layer_mode_once_for_all_holes(
+async def test_an_allocation_walk_asks_a_remote_in_layer_mode_once_for_holes_close_together(
     origin: Server, oclient: AsyncClient, tmp_path: Path
 ) -> None:
     """``GetAllocation`` through ``[ram, remote -> delta (layer mode), remote -> base]``
     whose top holds every 64th sector: the remote in layer mode is asked once for the span
     of the top's holes (it was a ``GetAllocation`` per hole, one after another: a cache
     tier with 40,000 holes took longer than the CLI's timeout), and each sector is
-    attributed to the topmost layer holding it."""
+    attributed to the topmost layer holding it. Holes far apart are asked about one by
+    one."""
     for sector, count in DELTA_RUNS:
         await oclient.volume("delta").write(sector, pattern(6, sector, count, SS))
     at = origin.grpc_address
@@ -343,11 +344,22 @@ async def test_an_allocation_walk_asks_a_remote_in_layer_mode_once_for_all_holes
         before = _origin_calls(origin, "GetAllocation")
         extents = await vol.allocation(0, 2048)
         assert _origin_calls(origin, "GetAllocation") - before == 1
+        # Holes far apart (the top holds all but a sector at each end of 3 MiB): asked
+        # one at a time, not over the span, which would list all the origin has between.
+        await vol.write(2048, bytes((6144 - 2049) * SS))
+        before = _origin_calls(origin, "GetAllocation")
+        far = await vol.allocation(2047, 6144 - 2047)
+        assert _origin_calls(origin, "GetAllocation") - before == 2
     depth = [2] * 2048
     for sector, count in DELTA_RUNS:
         depth[sector : sector + count] = [1] * count
     depth[::64] = [0] * 32
     assert [e.depth for e in extents for _ in range(e.sector_count)] == depth
+    assert [(e.sector, e.sector_count, e.depth) for e in far] == [
+        (2047, 1, 2),
+        (2048, 6144 - 2049, 0),
+        (6143, 1, 2),
+    ]
 
 
 async def test_an_origin_without_presence_in_read_batch_gets_a_read_per_hole(

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from runs_model import runs_of
 
-from tierdisk.service.runs import Run, clip, complement, merge, subtract, total
+from tierdisk.service.runs import Run, clip, complement, dense_groups, merge, subtract, total
 
 
 def as_set(runs: list[Run]) -> set[int]:
@@ -98,3 +98,24 @@ def test_merge(runs: list[Run]) -> None:
     assert is_run_list(out)
     assert all(x[1] < y[0] for x, y in itertools.pairwise(out)), "touching runs joined"
     assert as_set(out) == as_set(runs)
+
+
+@given(run_lists, st.integers(0, 20))
+def test_dense_groups(runs: list[Run], near: int) -> None:
+    """The groups hold the runs in order; each spans at most twice its sectors or ``near``,
+    and a group ends only where the next run would break that."""
+    groups = dense_groups(runs, near)
+    assert [run for group in groups for run in group] == runs
+    for i, group in enumerate(groups):
+        span = group[-1][1] - group[0][0]
+        assert len(group) == 1 or span <= max(near, 2 * total(group))
+        if i + 1 < len(groups):
+            start, end = groups[i + 1][0]
+            assert end - group[0][0] > max(near, 2 * (total(group) + end - start))
+
+
+def test_dense_groups_examples() -> None:
+    holes = [(s, s + 1) for s in range(0, 100, 2)]  # dense: one group
+    assert dense_groups(holes, 0) == [holes]
+    assert dense_groups([(0, 1), (1000, 1001)], 0) == [[(0, 1)], [(1000, 1001)]]
+    assert dense_groups([(0, 1), (1000, 1001)], 1001) == [[(0, 1), (1000, 1001)]]

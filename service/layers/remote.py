@@ -146,7 +146,7 @@ from tierdisk.client.retry import RetryPolicy
 from .. import errors, hops
 from ..layer import Layer, LayerMetadata, UnmapBehavior
 from ..ratelimit import RateLimitedLog
-from ..runs import Run, complement, merge, subtract
+from ..runs import Run, complement, dense_groups, merge, subtract
 from .remote_connect import (
     BACKOFF,
     MAX_BACKOFF,
@@ -172,6 +172,9 @@ _PRESENT_COST_SHARE = 0.01
 """The most of its time a layer-mode remote's present_sectors refresh may take: it reads the
 remote volume's whole allocation map, which an origin of a million runs takes seconds to
 compute; the next refresh waits at least the last one's time divided by this."""
+_GROUP_NEAR_BYTES = 1 << 20
+"""Runs asked about in one ``GetAllocation`` may lie this close together whatever their
+size (:meth:`RemoteLayer.presence_of_runs`)."""
 _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
 _RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
@@ -664,14 +667,20 @@ class RemoteLayer(Layer):
             return await self._after_shrink(exc, sector, wanted, self._held)
 
     async def presence_of_runs(self, runs: list[Run]) -> list[Run]:
-        """In layer mode, one :meth:`presence` over the span of ``runs`` (a ``GetAllocation``,
-        which the client asks in windows when the span has more extents than one reply
-        carries) clipped to them, instead of a round trip per run: the holes of a
-        fragmented layer above made an allocation walk thousands of calls in a row."""
-        if len(runs) < 2 or self.mode == "disk":
+        """In layer mode, one :meth:`presence` (a ``GetAllocation``, which the client asks in
+        windows when the range has more extents than one reply carries) over each group of
+        runs that lie close together (:func:`~tierdisk.service.runs.dense_groups`: a span at
+        most twice their sectors, or 1 MiB), clipped to them, instead of a round trip per
+        run: the holes of a fragmented layer above made an allocation walk thousands of
+        calls in a row, while a span over runs far apart would list every extent between."""
+        if self.mode == "disk":
             return await super().presence_of_runs(runs)
-        held = await self.presence(runs[0][0], runs[-1][1] - runs[0][0])
-        return subtract(held, complement(runs[0][0], runs[-1][1], runs))  # what it holds of runs
+        held: list[Run] = []
+        for group in dense_groups(runs, max(1, _GROUP_NEAR_BYTES // self._sector_size)):
+            lo, hi = group[0][0], group[-1][1]
+            found = await self.presence(lo, hi - lo)
+            held += found if len(group) == 1 else subtract(found, complement(lo, hi, group))
+        return held
 
     async def _held(self, sector: int, count: int) -> list[Run]:
         """Layer mode: the runs of ``[sector, sector + count)`` the remote holds."""
