@@ -60,9 +60,9 @@ at a time until the reply has its :data:`_MAX_EXTENTS` descriptors (the spec let
 cover less than was asked)."""
 _FIRST_WINDOW = 64 << 10
 """Bytes of allocation a ``REQ_ONE`` ``BLOCK_STATUS`` asks for first; the window doubles (up
-to :data:`_STATUS_WINDOW`) while the first extent fills it. QEMU's client walks a volume with one
-such request per extent, so its cost must follow the extent, not the runs after it (a full
-window each time made that walk quadratic in a fragmented volume's runs)."""
+to :data:`_STATUS_WINDOW`) while every context's first extent fills it. QEMU's client walks
+a volume with one such request per extent, so its cost must follow the extent, not the runs
+after it (a full window each time made that walk quadratic in a fragmented volume's runs)."""
 _ZERO_CHUNK = 1 << 20  # zeros written per call when WRITE_ZEROES cannot unmap
 _CACHE_CHUNK = 4 << 20  # bytes read per call by CACHE
 _HOLE = P.STATE_HOLE | P.STATE_ZERO  # base:allocation of a run no layer holds
@@ -320,9 +320,9 @@ async def _first_extents(
 ) -> list[tuple[int, int, int]]:
     """The allocation of ``[first, last)`` from its start, for a ``REQ_ONE`` reply: in a
     window of :data:`_FIRST_WINDOW` bytes that doubles (up to ``most`` sectors) while the
-    first extent of some context fills it, so each context's first extent is whole or
-    ends at the window's end (a reply may cover less than was asked), and the cost follows
-    the extents returned, not the runs after them."""
+    first extent of every context fills it. The shortest first extent is then whole, the
+    others whole or cut at the window's end (a reply may cover less than was asked), and
+    the cost follows the shortest extent, by which a client walks the volume."""
     window = max(1, _FIRST_WINDOW // volume.sector_size)
     while True:
         step = min(window, most, last - first)
@@ -331,10 +331,8 @@ async def _first_extents(
             return runs
         for context in contexts:
             status = _status(context, runs[0][2])
-            if all(_status(context, depth) == status for _, _, depth in runs):
-                break  # the first extent may go on past the window
-        else:
-            return runs
+            if any(_status(context, depth) != status for _, _, depth in runs):
+                return runs  # this context's first extent ends inside the window
         window *= 2
 
 

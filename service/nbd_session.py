@@ -14,7 +14,8 @@ largest reply each started request can make the server hold (a read's data, a bl
 status's extents; :func:`.nbd_commands.reply_bytes`), from the request's start until its
 reply is handed to the transport. So a client that pipelines reads and does not read the
 replies pins at most about ``_MAX_INFLIGHT_BYTES`` (or one request, if larger) plus
-``_WRITE_HIGH`` plus one reply of the server's memory: with ``max_io`` at 16 MiB, ~88 MiB.
+``_WRITE_HIGH`` plus one reply of the server's memory: with ``max_io`` at 16 MiB, ~88 MiB
+(~104 MiB for a client that agreed no block sizes, whose requests may be 32 MiB).
 
 At the client's EOF (half-close), the complete requests already received are still served
 (within the same limits), then the connection closes; this holds from the very first

@@ -912,9 +912,9 @@ async def test_block_status_req_one_costs_what_its_extent_does(
 ) -> None:
     """QEMU's client walks a volume with one ``REQ_ONE`` request per extent. Each must cost
     about its extent, not the runs after it (a full window each time made the walk
-    quadratic in a fragmented volume's runs), and still give each context's extent whole,
-    up to the window: a hole longer than the first window, a run of data held by layers of
-    alternating depth (one ``base:allocation`` extent)."""
+    quadratic in a fragmented volume's runs), and still give the extent whole, up to the
+    window: a hole longer than the first window. With two contexts the cost follows the
+    shorter extent (the one a client walks by): the other is cut at the window's end."""
     monkeypatch.setattr(nbd_commands, "_FIRST_WINDOW", 4 << 10)
     monkeypatch.setattr(nbd_commands, "_STATUS_WINDOW", 1 << 20)
     ram = env.vols["ram"]
@@ -951,7 +951,10 @@ async def test_block_status_req_one_costs_what_its_extent_does(
         await client.write(region + (k * 8 << 10), tagged(9, 4 << 10))
     status = await client.request(CMD_BLOCK_STATUS, region, 4 << 20, CMD_FLAG_REQ_ONE)
     assert status.extents[depth] == [(4 << 10, 1)]
-    assert status.extents[base] == [(1 << 20, 0)]  # data up to the most one window holds
+    assert status.extents[base] == [(8 << 10, 0)]  # data to the end of the window (it goes on)
+    status = await client.request(CMD_BLOCK_STATUS, region + (512 << 10), 2 << 20, CMD_FLAG_REQ_ONE)
+    assert status.extents[base] == [(1 << 20, 0)]  # where the top holds nothing: all of it
+    assert status.extents[depth] == [(1 << 20, 2)]  # (up to the most one window holds)
     await client.close()
 
 
