@@ -440,12 +440,13 @@ async def test_storage_errors_become_domain_errors(
         await read(layer, 0, 1)
 
 
-async def test_a_write_over_the_file_size_limit_is_no_space(
+async def test_a_write_over_the_file_size_limit_is_no_space_unless_cut_short_there(
     layers: list[RawLayer], tmp_path: Path
 ) -> None:
-    """A process file size limit (``ulimit -f``, systemd's ``LimitFSIZE=``) that a write
-    would cross: ``EFBIG`` is :class:`NoSpace` (RESOURCE_EXHAUSTED), not a storage failure
-    (INTERNAL, "may have been written in part"), and nothing was written."""
+    """A process file size limit (``ulimit -f``, systemd's ``LimitFSIZE=``): a write past
+    it fails with ``EFBIG`` before writing anything, which is :class:`NoSpace`
+    (RESOURCE_EXHAUSTED, "changed nothing"), not a storage failure; a write across it is
+    cut short there, which is a storage error saying it was made in part."""
     path = tmp_path / "img"
     layer = await open_raw(layers, path, size=64 * SS)
     with file_size_limit(8 * SS), pytest.raises(NoSpace, match="file size limit") as info:
