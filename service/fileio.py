@@ -32,6 +32,7 @@ __all__ = [
     "as_storage_error",
     "changed_in_part",
     "check_still_named",
+    "file_size_limit",
     "fsync_folder",
     "lock_or_refuse",
     "make_parent_folder",
@@ -232,6 +233,13 @@ class Reserver:
             self.supported = reserve(fd, offset, length)
 
 
+def file_size_limit() -> int | None:
+    """This process's file size limit in bytes (the soft ``RLIMIT_FSIZE``: ``ulimit -f``,
+    systemd's ``LimitFSIZE=``), None when there is none. A write past it fails ``EFBIG``."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
 def set_file_size(fd: int, nbytes: int, what: str) -> None:
     """``ftruncate`` ``fd`` to ``nbytes`` for a resize; ``what`` names it in errors.
 
@@ -250,9 +258,9 @@ def set_file_size(fd: int, nbytes: int, what: str) -> None:
         os.ftruncate(fd, nbytes)
     except OSError as exc:
         if exc.errno == errno.EFBIG:
-            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            limit = file_size_limit()
             holder = "the filesystem"
-            if limit != resource.RLIM_INFINITY and nbytes > limit:
+            if limit is not None and nbytes > limit:
                 holder = f"this process (its file size limit, ulimit -f, is {limit} bytes)"
             raise FailedPrecondition(
                 f"{what}: {holder} cannot hold a file of {nbytes} bytes "

@@ -361,7 +361,7 @@ class SparseLayer(Layer):
             size = self._size
             runs = self._present.first_runs(sector, _GAPS_PER_STEP)
             end = min(runs[-1][1] if len(runs) == _GAPS_PER_STEP else size, size)
-            gaps = complement(sector, end, runs) if sector < end else []
+            gaps = complement(sector, end, runs)  # (none when a shrink put end below sector)
         try:
             freed += punch_unused_blocks(self._fd, [(a * ss, b * ss) for a, b in gaps])
             if end < size:

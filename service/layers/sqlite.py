@@ -91,7 +91,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import resource
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +106,7 @@ from ..errors import (
 )
 from ..fileio import (
     check_still_named,
+    file_size_limit,
     fsync_folder,
     lock_or_refuse,
     make_parent_folder,
@@ -552,10 +552,8 @@ class SqliteLayer(Layer):
         ``LimitFSIZE=``) when ``exc`` is the I/O error SQLite makes of the ``EFBIG`` a write
         past it gets (it keeps the errno to itself) and the database or its WAL has grown to
         it; else 0."""
-        if _code(exc) != sqlite3.SQLITE_IOERR:
-            return 0
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit == resource.RLIM_INFINITY:
+        limit = file_size_limit()
+        if _code(exc) != sqlite3.SQLITE_IOERR or limit is None:
             return 0
         for name in (self._real, self._real + "-wal"):
             with contextlib.suppress(OSError):
