@@ -8,7 +8,9 @@ not disjoint ones; while no exclusive hold is held or waiting a shared hold is o
 :meth:`~SectorLock.hold_for_close` marks the lock closing, waits for every hold under way,
 answers None to a second close, and takes its mark back when cancelled; a waiter that is
 cancelled leaves no trace (a cancelled exclusive waiter lets the shared holds it blocked go
-on).
+on); a release hands the sectors to the holds waiting for them there and then, so a hold
+asked for later cannot take them first, and every waiting hold the freed sectors unblock is
+granted by that one release.
 
 A waiter is a task; "still waiting" is checked after :func:`settle` has let the loop run every
 wake-up there is (a few iterations, no timed sleeps)."""
@@ -178,6 +180,103 @@ async def test_a_stream_of_overlapping_readers_does_not_starve_a_writer() -> Non
     assert lock.held == 0
 
 
+# -- hand-off: a release grants the holds waiting for the sectors it frees ------------------
+
+
+async def test_a_release_hands_the_sectors_to_the_waiting_hold_before_a_later_one() -> None:
+    """The exclusive hold waiting when the sectors are freed gets them, not one asked for
+    just after the release (which would otherwise run first: the waiter has yet to wake)."""
+    lock = SectorLock()
+    holder = await lock.acquire_exclusive(0, 8)
+    waiter = await started(lock.acquire_exclusive(0, 8))
+    lock.release(holder)
+    late = asyncio.ensure_future(lock.acquire_exclusive(0, 8))
+    token = await done(waiter)
+    await settle()
+    assert token is not None and not late.done()
+    assert lock.held_exclusive(0, 8) and lock.held == 1
+    lock.release(token)
+    late_token = await done(late)
+    assert late_token is not None
+    lock.release(late_token)
+    assert lock.held == 0
+
+
+async def test_many_waiters_of_one_sector_are_granted_one_at_a_time_in_order() -> None:
+    lock = SectorLock()
+    order: list[int] = []
+
+    async def writer(index: int) -> int | None:
+        token = await lock.acquire_exclusive(3, 4)
+        order.append(index)
+        assert lock.held == 1  # never two holds of the sector at once
+        await asyncio.sleep(0)
+        lock.release(token)
+        return token
+
+    holder = await lock.acquire_exclusive(0, 8)
+    tasks = [await started(writer(index)) for index in range(64)]
+    assert not order
+    lock.release(holder)
+    for task in tasks:
+        await done(task)
+    assert order == list(range(64))
+    assert lock.held == 0
+
+
+async def test_one_release_grants_every_waiting_hold_the_freed_sectors_unblock() -> None:
+    """Two exclusive waiters on the two halves, and shared ones beside: one release of the
+    hold over all of them grants them all (each exclusive half covers only part of what was
+    freed, so the hand-off goes on past the first)."""
+    lock = SectorLock()
+    holder = await lock.acquire_exclusive(0, 10)
+    left = await started(lock.acquire_exclusive(0, 5))
+    right = await started(lock.acquire_exclusive(5, 10))
+    lock.release(holder)
+    tokens = [await done(left), await done(right)]
+    assert lock.held == 2 and all(tokens)
+    # shared waiters beside an exclusive one that waits behind the same holder
+    for token in tokens:
+        assert token is not None
+        lock.release(token)
+    wider = await done(await started(lock.acquire_exclusive(0, 20)))
+    assert wider is not None
+    whole = await started(lock.acquire_exclusive(0, 20))
+    assert lock.held == 1
+    readers = [await started(lock.acquire_shared(a, a + 2)) for a in (0, 18)]
+    lock.release(wider)
+    whole_token = await done(whole)
+    await settle()
+    assert not any(task.done() for task in readers)  # they overlap the hold just granted
+    assert whole_token is not None
+    lock.release(whole_token)
+    shared = [await done(task) for task in readers]
+    assert shared == [0, 0]  # no exclusive hold held or waiting: granted as counted
+    lock.release(0)
+    lock.release(0)
+    assert lock.held == 0
+
+
+async def test_a_release_elsewhere_grants_nothing_and_the_last_counted_hold_grants_all() -> None:
+    lock = SectorLock()
+    counted = lock.try_shared(0, 100)
+    assert counted == 0
+    first = await started(lock.acquire_exclusive(0, 10))  # both wait for the counted hold
+    second = await started(lock.acquire_exclusive(50, 60))
+    beside = await lock.acquire_shared(200, 210)  # registered: an exclusive one is waiting
+    assert beside > 0
+    lock.release(beside)  # frees sectors no waiter wants: nothing changes
+    await settle()
+    assert not first.done() and not second.done()
+    lock.release(counted)  # the last counted hold: every exclusive waiter may go on
+    tokens = [await done(first), await done(second)]
+    assert lock.held == 2
+    for token in tokens:
+        assert token is not None
+        lock.release(token)
+    assert lock.held == 0
+
+
 # -- hold_for_close --------------------------------------------------------------------------
 
 
@@ -272,7 +371,7 @@ async def test_a_cancelled_exclusive_waiter_lets_the_shared_holds_it_blocked_go_
 
 
 async def test_a_cancelled_shared_waiter_leaves_the_other_waiters_waiting_and_woken() -> None:
-    """Waiters share one wake-up future; cancelling one must not cancel it for the rest."""
+    """Cancelling one waiter leaves the others waiting, and each is granted when it can be."""
     lock = SectorLock()
     writer = await lock.acquire_exclusive(0, 10)
     first = await started(lock.acquire_shared(0, 10))
