@@ -576,28 +576,47 @@ def sector_size_problem(sector_size: int, max_io: int) -> str | None:
 def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
     """Refuse a layer file used by two layers of this config (the second would find it
     locked, "in use by another process"), naming both; read-only raw images are the
-    exception: any number of layers may read one."""
-    users: dict[str, tuple[str, int, bool]] = {}  # real path -> first user, shareable
+    exception: any number of layers may read one. A file a layer makes beside its own (a
+    sparse layer's map, a sqlite layer's lock file and WAL:
+    :func:`~.layers.layer_files.files_beside`) counts as that layer's: another layer there
+    would have it replaced or removed under it."""
+    from .layers.layer_files import files_beside  # (the layers package imports this module)
+
+    users: dict[str, tuple[str, int, str, bool, bool]] = {}  # real path -> first user
     for volume in volumes:
         for index, layer in enumerate(volume.layers):
             path = layer.options.get("path")
-            if path is None:
+            if not isinstance(path, str):
                 continue
             shareable = layer.kind == "raw" and bool(layer.options.get("read_only"))
-            key = os.path.realpath(path)
-            first = users.get(key)
-            if first is None:
-                users[key] = (volume.name, index, shareable)
-                continue
-            if shareable and first[2]:
-                continue
-            raise ConfigError(
-                f"path {path} is used twice in this config, also by volume {first[0]!r}, "
-                f"layer {first[1]}: a layer's files hold one layer (only read_only raw "
-                "images can be shared)",
-                volume=volume.name,
-                layer=index,
-            )
+            files = [(path, False)] + [(f, True) for f in files_beside(layer.kind, path)]
+            for file, beside in files:
+                key = os.path.realpath(file)
+                first = users.get(key)
+                if first is None:
+                    users[key] = (volume.name, index, path, beside, shareable and not beside)
+                    continue
+                if shareable and not beside and first[4]:
+                    continue
+                other = f"volume {first[0]!r}, layer {first[1]}"
+                if not beside and not first[3]:
+                    problem = f"path {path} is used twice in this config, also by {other}"
+                elif not beside:
+                    problem = (
+                        f"path {path} is a file that {other} (at {first[2]}) makes beside its own"
+                    )
+                else:
+                    their = f"makes beside its own (at {first[2]})" if first[3] else "is at"
+                    problem = (
+                        f"the {layer.kind} layer at {path} makes {file} beside it, which "
+                        f"{other} {their}"
+                    )
+                raise ConfigError(
+                    f"{problem}: a layer's files hold one layer (only read_only raw images "
+                    "can be shared)",
+                    volume=volume.name,
+                    layer=index,
+                )
 
 
 def _check_server_files(volumes: list[VolumeConfig], data_dir: str) -> None:

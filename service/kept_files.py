@@ -39,7 +39,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import pairwise
 
 from .config import VolumeConfig
 from .errors import ConfigError, StorageError
@@ -86,11 +87,18 @@ class KeptFiles:
     """What :func:`check_kept_files` found for a volume that may start: the files to record
     for it (those it keeps its data in, and those of its layer files recorded for it before,
     whatever their role now: a layer that took writes holds them still, as a read cache or
-    in a read-only volume), in layer order; and the files recorded for it before that no
-    layer of its stack is at now (``dropped``: the start warns of them)."""
+    in a read-only volume), in layer order; the files recorded for it before that no
+    layer of its stack is at now (``dropped``: the start warns of them); every layer file
+    of its stack now, in layer order (``stack``, recorded too); the files that have left
+    its stack since they were last in it, read caches' too (``left``, recorded); and the
+    layers now at such a file (``returned``, ``(layer index, path)``: the start warns of
+    them, as their data or copies may be older than what the layers below took meanwhile)."""
 
     to_record: list[str]
     dropped: list[str]
+    stack: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+    returned: list[tuple[int, str]] = field(default_factory=list)
 
 
 def served_by(served: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
@@ -107,8 +115,10 @@ def served_by(served: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
 def check_kept_files(
     config: VolumeConfig,
     owners: Mapping[str, Collection[str]],
-    recorded: Collection[str] | None,
+    recorded: Sequence[str] | None,
     record: str,
+    stack_before: Sequence[str] = (),
+    left_before: Sequence[str] = (),
 ) -> KeptFiles:
     """Raise a :class:`ConfigError` for the first layer file of ``config`` that a volume was
     served from before and is not there now, or is empty (which its layer would take for a
@@ -119,10 +129,12 @@ def check_kept_files(
     ``owners`` maps every file recorded in the file ``record`` to the volumes served from it
     (any volume: one renamed keeps its files; :func:`served_by`), and every layer with a
     path is looked up, under its path and its resolved path, whatever its role now.
-    ``recorded``: the files recorded for this volume; ``None`` when its entry was written
-    by an older tierdisk that recorded no files, so each file ``config`` keeps counts as
-    served from by it (the first start after an upgrade must not serve a lost volume empty
-    either)."""
+    ``recorded``: the files recorded for this volume, in layer order; ``None`` when its
+    entry was written by an older tierdisk that recorded no files, so each file ``config``
+    keeps counts as served from by it (the first start after an upgrade must not serve a
+    lost volume empty either). Two of them in the other order now are refused too
+    (:func:`_refuse_if_reordered`). ``stack_before`` and ``left_before``: the volume's
+    ``stack`` and ``left`` as recorded (:class:`KeptFiles`)."""
     kept = set(kept_files(config))
     ours = {spelling for path in recorded or () for spelling in _spellings(path)}
     layers = _layer_paths(config)
@@ -132,10 +144,46 @@ def check_kept_files(
             names = {config.name}  # an older build's entry: its files are not known
         if names:
             _refuse_if_lost(config, index, path, sorted(names), recorded is None, record)
+    if recorded:
+        _refuse_if_reordered(config, layers, recorded, record)
     to_record = [path for _, path in layers if path in kept or _spellings(path) & ours]
     now = {spelling for path in to_record for spelling in _spellings(path)}
     dropped = sorted(path for path in recorded or () if not _spellings(path) & now)
-    return KeptFiles(to_record, dropped)
+    in_stack = {spelling for _, path in layers for spelling in _spellings(path)}
+    gone = [*left_before, *stack_before, *dropped]  # (an older record has no stack)
+    left = list(dict.fromkeys(path for path in gone if not _spellings(path) & in_stack))
+    was_left = {spelling for path in left_before for spelling in _spellings(path)}
+    returned = [(index, path) for index, path in layers if _spellings(path) & was_left]
+    return KeptFiles(to_record, dropped, [path for _, path in layers], left, returned)
+
+
+def _refuse_if_reordered(
+    config: VolumeConfig, layers: Sequence[tuple[int, str]], recorded: Sequence[str], record: str
+) -> None:
+    """A :class:`ConfigError` when two of the files ``recorded`` for the volume (in layer
+    order) are layers of ``config`` in the other order: reads would take the lower one's
+    sectors over what was written above it since (an edit that swapped two layers)."""
+    rank: dict[str, int] = {}
+    for place, path in enumerate(recorded):
+        for spelling in _spellings(path):
+            rank.setdefault(spelling, place)
+    seen = []  # (place in the record, layer index, path), in layer order
+    for index, path in layers:
+        places = [rank[spelling] for spelling in _spellings(path) if spelling in rank]
+        if places:
+            seen.append((min(places), index, path))
+    for (above, upper, upper_path), (below, lower, lower_path) in pairwise(seen):
+        if below < above:
+            entry = os.path.basename(record)
+            raise ConfigError(
+                f"{lower_path} is below layer {upper} ({upper_path}) now, but the volume "
+                f"was served with it above that layer (as {record} records): reads would "
+                f"take {upper_path}'s sectors over what was written to it since. Put the "
+                "layers back in that order; to serve them in this order on purpose, delete "
+                f"the volume's entry from {entry}",
+                volume=config.name,
+                layer=lower,
+            )
 
 
 def _refuse_if_lost(

@@ -345,8 +345,21 @@ class Server:
                 await asyncio.shield(self._owners),
                 store.recorded_files(config.name),
                 store.path,
+                store.recorded_paths(config.name, "stack"),
+                store.recorded_paths(config.name, "left"),
             )
             store.files[config.name] = found.to_record
+            store.stacks[config.name], store.left[config.name] = found.stack, found.left
+            for index, path in found.returned:
+                log.warning(
+                    "volume %r: layer %d is at %s, which left the volume's stack in an "
+                    "earlier start: if the layers below it took writes since, its older data "
+                    "(or a read cache's copies) hides them now; to start it empty, stop the "
+                    "server and delete the file (and the files beside it)",
+                    config.name,
+                    index,
+                    path,
+                )
             if found.dropped:
                 log.warning(
                     "volume %r: no layer of its stack is at %s, which it was served from "

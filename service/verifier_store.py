@@ -9,19 +9,22 @@ end (a crash, a kill, a power loss, a final flush that failed, a server that nev
 write this file) gives the volume a new one at the next start.
 
 The file holds, per volume name, ``{"verifier": N, "clean": bool, "kept_writes": bool,
-"files": [PATH, …]}``: ``kept_writes`` says whether the run that wrote the entry (the one
-that stopped, or the one that marked it and then crashed) keeps its writes past its stop
-(false for a write path that is ``ram`` only: it lost them however it stopped, so the next
-start draws a new verifier, whatever the volume's config is then, and a crash of such a run
-is no unclean stop worth a warning: nothing it held was to outlive it); an entry without it,
-written by an older build, gets a new one only if the volume's write path is ``ram`` only
-now, as that build did;
+"files": [PATH, …], "stack": [PATH, …], "left": [PATH, …]}``: ``kept_writes`` says
+whether the run that wrote the entry (the one that stopped, or the one that marked it and
+then crashed) keeps its writes past its stop (false for a write path that is ``ram`` only:
+it lost them however it stopped, so the next start draws a new verifier, whatever the
+volume's config is then, and a crash of such a run is no unclean stop worth a warning:
+nothing it held was to outlive it); an entry without it, written by an older build, gets a
+new one only if the volume's write path is ``ram`` only now, as that build did;
 ``crash_untold`` (a clean entry) says a crash before the run that wrote it was counted
 by no server that went on serving (that run's start was refused), so the next start warns
 and counts it (:meth:`VerifierStore.close`);
 ``files`` are the layer files the volume was last served from (:mod:`.kept_files`, which
 refuses to start a volume whose kept file went missing; :attr:`VerifierStore.files` says
-what to write, :meth:`VerifierStore.recorded_files` what the last run wrote). At start
+what to write, :meth:`VerifierStore.recorded_files` what the last run wrote), in layer
+order; ``stack`` every layer file of its stack then, read caches' too, and ``left`` the files
+that have left its stack since they were last in it (a start warns of a layer back at one:
+:class:`~.kept_files.KeptFiles`). An older build drops the last two. At start
 (:meth:`VerifierStore.open`) the server reads it, takes the verifier of each volume whose
 entry is clean and draws a new one for every other; before it serves a volume
 (:meth:`VerifierStore.mark_unclean`) it writes that volume back as not clean (synced; volumes
@@ -106,6 +109,12 @@ class VerifierStore:
         self.files: dict[str, list[str]] = {}
         """The files each volume keeps its data in (:func:`~.kept_files.kept_files`), written
         with its entry when it is marked (:meth:`mark_unclean`) and at the stop."""
+        self.stacks: dict[str, list[str]] = {}
+        """Every layer file of each volume's stack in this run (read caches' too), in layer
+        order, written with its entry as ``stack`` (:class:`~.kept_files.KeptFiles`)."""
+        self.left: dict[str, list[str]] = {}
+        """The files that left each volume's stack since they were last in it, written with
+        its entry as ``left``: a later start warns of a layer back at one."""
         self.kept_writes: dict[str, bool] = {}
         """Whether each volume served in this run keeps its writes past the stop (its
         write path is not ``ram`` only), written with its entry (``kept_writes``) when it
@@ -202,17 +211,24 @@ class VerifierStore:
         if damaged:
             self._files_unknown()
 
-    def recorded_files(self, name: str) -> frozenset[str] | None:
-        """The files the volume ``name`` was served from in the last run that recorded any
-        (none for a volume new to the file; read also when the file cannot be used:
-        :meth:`_read_for_the_files`); ``None`` when it was served, but its entry does not
-        say from which files (a build of tierdisk that recorded none, a damaged record):
-        which of its files it used is not known."""
+    def recorded_files(self, name: str) -> tuple[str, ...] | None:
+        """The files the volume ``name`` was served from in the last run that recorded any,
+        in layer order (none for a volume new to the file; read also when the file cannot
+        be used: :meth:`_read_for_the_files`); ``None`` when it was served, but its entry
+        does not say from which files (a build of tierdisk that recorded none, a damaged
+        record): which of its files it used is not known."""
         entry = self._entries.get(name, {})
         files = entry.get("files")
         if not isinstance(files, list):  # (not a list: damaged, so not known either)
-            return None if entry else frozenset()
-        return frozenset(path for path in files if _is_path(path))
+            return None if entry else ()
+        return tuple(path for path in files if _is_path(path))
+
+    def recorded_paths(self, name: str, key: str) -> tuple[str, ...]:
+        """The paths the entry of volume ``name`` records under ``key`` (``stack``,
+        ``left``: :attr:`stacks`, :attr:`left`), in their order; none when it records none
+        (a volume new to the file, an entry of an older build, a damaged one)."""
+        paths = self._entries.get(name, {}).get(key)
+        return tuple(path for path in paths if _is_path(path)) if isinstance(paths, list) else ()
 
     def served_files(self) -> dict[str, list[str]]:
         """Every file any entry records (of any volume, configured or not), mapped to the
@@ -302,9 +318,10 @@ class VerifierStore:
             kept_writes = self.kept_writes.get(name, old.get("kept_writes"))
             if kept_writes is not None:
                 entry["kept_writes"] = kept_writes
-            files = self.files.get(name, old.get("files"))
-            if files is not None:
-                entry["files"] = files
+            for key, now in (("files", self.files), ("stack", self.stacks), ("left", self.left)):
+                paths = now.get(name, old.get(key))
+                if paths is not None:
+                    entry[key] = paths
             if is_clean and name in self._untold_out:
                 entry["crash_untold"] = True
             self._entries[name] = entry

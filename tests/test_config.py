@@ -395,6 +395,53 @@ def test_a_layer_path_used_twice_names_both_layers(tmp_path: Path) -> None:
     assert "is used twice in this config, also by volume 'a', layer 1" in message
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "said"),
+    [
+        (
+            "kind='sqlite'\npath='y'",
+            "kind='raw'\npath='y-wal'\nsize=4096",
+            "path {d}/y-wal is a file that volume 'a', layer 0 (at {d}/y) makes beside its own",
+        ),
+        (
+            "kind='sqlite'\npath='y'",
+            "kind='sparse'\npath='y-journal'\nsize=4096",
+            "path {d}/y-journal is a file that volume 'a', layer 0 (at {d}/y) makes beside",
+        ),
+        (
+            "kind='raw'\npath='y.map'\nsize=4096",
+            "kind='sparse'\npath='y'\nsize=4096",
+            "the sparse layer at {d}/y makes {d}/y.map beside it, which volume 'a', layer 0 is at",
+        ),
+        (  # (what either makes beside its own: the map's compaction, the new database)
+            "kind='sparse'\npath='y'\nsize=4096",
+            "kind='sqlite'\npath='y.map.tmp'\nsize=4096",
+            "path {d}/y.map.tmp is a file that volume 'a', layer 0 (at {d}/y) makes beside",
+        ),
+        (
+            "kind='sparse'\npath='y.lock'\nsize=4096",
+            "kind='sqlite'\npath='y'\nsize=4096",
+            "the sqlite layer at {d}/y makes {d}/y.lock beside it, which volume 'a', layer 0 is at",
+        ),
+    ],
+)
+def test_a_layer_at_a_file_another_layer_makes_beside_its_own_is_refused(
+    tmp_path: Path, first: str, second: str, said: str
+) -> None:
+    """A sqlite layer's WAL, journal and lock file, a sparse layer's map: a layer there
+    would have its file replaced or removed under it by the other (acknowledged writes
+    lost), so the config names both layers, as for a path used twice."""
+    text = (
+        f"[[volumes]]\nname='a'\n[[volumes.layers]]\n{first}\n"
+        f"[[volumes]]\nname='b'\n[[volumes.layers]]\n{second}\n"
+    )
+    data = tmp_path / "d"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), flags={"data_dir": str(data)}, environ={})
+    assert str(info.value).startswith("volume 'b', layer 0: ")
+    assert said.format(d=data) in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["write-verifiers.json", "write-verifiers.json.new"])
 def test_a_layer_at_the_servers_own_record_is_refused(tmp_path: Path, name: str) -> None:
     """A layer file that is the server's record of write verifiers (or the new one it

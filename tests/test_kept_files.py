@@ -14,10 +14,15 @@ from tierdisk.service.kept_files import KeptFiles, check_kept_files, kept_files,
 
 
 def check(
-    config: VolumeConfig, served: dict[str, list[str]], recorded: list[str] | None, record: str
+    config: VolumeConfig,
+    served: dict[str, list[str]],
+    recorded: list[str] | None,
+    record: str,
+    stack: list[str] | None = None,
+    left: list[str] | None = None,
 ) -> KeptFiles:
     """:func:`check_kept_files` with ``served`` as the store gives it (:func:`served_by`)."""
-    return check_kept_files(config, served_by(served), recorded, record)
+    return check_kept_files(config, served_by(served), recorded, record, stack or [], left or [])
 
 
 def layer(kind: str, path: str | None = None, **flags: bool) -> LayerConfig:
@@ -132,12 +137,14 @@ def test_what_is_recorded_and_what_was_dropped(tmp_path: Path) -> None:
         ),
         read_only=True,
     )
-    assert check(stack, {}, [], "rec.json") == KeptFiles([], [])
-    served = {path: ["v"] for path in (base, was_top, gone)}
-    assert check(stack, served, list(served), "rec.json") == KeptFiles([was_top, base], [gone])
+    every = [was_top, base]  # every layer file of the stack: recorded as "stack"
+    assert check(stack, {}, [], "rec.json") == KeptFiles([], [], every)
+    served = {path: ["v"] for path in (was_top, base, gone)}
+    found = check(stack, served, list(served), "rec.json")
+    assert found == KeptFiles([was_top, base], [gone], every, [gone])
     writable = VolumeConfig("w", (layer("sparse", "/d/top"), layer("raw", base)))
     found = check(writable, {base: ["w"]}, [base], "rec.json")
-    assert found == KeptFiles(["/d/top", base], [])
+    assert found == KeptFiles(["/d/top", base], [], ["/d/top", base])
 
 
 def test_a_write_through_read_cache_holds_copies_only() -> None:
@@ -163,7 +170,7 @@ def test_an_older_builds_entry_counts_every_file_as_served_from(tmp_path: Path) 
     assert str(info.value).endswith("delete the volume's entry from rec.json")
     lost.write_bytes(b"base")
     found = check(stack, {}, None, "/data/rec.json")  # the cache may be made again
-    assert found == KeptFiles([str(present), str(lost)], [])
+    assert (found.to_record, found.dropped) == ([str(present), str(lost)], [])
 
 
 def test_a_recorded_path_that_is_no_regular_file_is_left_to_its_layer(tmp_path: Path) -> None:
@@ -173,3 +180,52 @@ def test_a_recorded_path_that_is_no_regular_file_is_left_to_its_layer(tmp_path: 
     os.mkfifo(path)
     stack = VolumeConfig("v", (layer("sparse", str(path)),))
     check(stack, {str(path): ["v"]}, [str(path)], "rec.json")
+
+
+def test_layers_in_the_other_order_than_recorded_are_refused(tmp_path: Path) -> None:
+    """Two recorded files swapped by an edit: reads would take the lower one's sectors over
+    what was written above it. Refused naming both; a new layer between them, or a read
+    cache, is no reordering."""
+    for name in ("top", "mid", "base"):
+        (tmp_path / name).write_bytes(b"data")
+    top, mid, base = (str(tmp_path / name) for name in ("top", "mid", "base"))
+    recorded = [top, base]
+    served = {top: ["v"], base: ["v"]}
+    swapped = VolumeConfig("v", (layer("sparse", base), layer("raw", top)))
+    with pytest.raises(ConfigError) as info:
+        check(swapped, served, recorded, "/data/rec.json")
+    message = str(info.value)
+    assert message.startswith(f"volume 'v', layer 1: {top} is below layer 0 ({base}) now")
+    assert message.endswith("delete the volume's entry from rec.json")
+    between = VolumeConfig(
+        "v",
+        (layer("sparse", top), layer("sparse", mid, read_cache=True), layer("raw", base)),
+    )
+    assert check(between, served, recorded, "rec.json").to_record == [top, base]
+
+
+def test_a_file_that_left_the_stack_is_remembered_and_its_return_reported(
+    tmp_path: Path,
+) -> None:
+    """A layer dropped by one start (a top, or a read cache that holds copies only) is in
+    ``left`` from then on; a later start with a layer at it again reports it in
+    ``returned`` (the server warns: the layers below may have taken writes meanwhile), and
+    forgets it."""
+    for name in ("top", "cache", "base"):
+        (tmp_path / name).write_bytes(b"data")
+    top, cache, base = (str(tmp_path / name) for name in ("top", "cache", "base"))
+    full = VolumeConfig(
+        "v", (layer("sparse", top), layer("sparse", cache, read_cache=True), layer("raw", base))
+    )
+    first = check(full, {}, [], "rec.json")
+    assert first.stack == [top, cache, base] and not first.left
+    only_base = VolumeConfig("v", (layer("raw", base),))
+    served = {path: ["v"] for path in first.to_record}
+    second = check(only_base, served, first.to_record, "rec.json", first.stack, first.left)
+    assert second.dropped == [top] and second.left == [top, cache]
+    assert not second.returned
+    third = check(only_base, {base: ["v"]}, [base], "rec.json", [base], second.left)
+    assert third.left == [top, cache]  # kept while they stay out
+    back = VolumeConfig("v", (layer("sparse", cache, read_cache=True), layer("raw", base)))
+    fourth = check(back, {base: ["v"]}, [base], "rec.json", [base], third.left)
+    assert fourth.returned == [(0, cache)] and fourth.left == [top]

@@ -990,6 +990,41 @@ def test_a_layer_file_taken_out_of_the_stack_is_a_warning(tmp_path: Path) -> Non
         assert "no layer of its stack is at" not in s.stderr_text(), "said once: not recorded now"
 
 
+def test_layers_swapped_by_an_edit_are_refused_and_a_layer_back_in_the_stack_is_a_warning(
+    tmp_path: Path,
+) -> None:
+    """Two persistent layers in the other order than they were served in: reads would take
+    the older layer's sectors over the newer one's, so the start is refused, naming both
+    (exit 2, one line). A layer that left the stack in one start and is back in a later one
+    (a top, or a read cache with copies only) may hide what the layers below took meanwhile:
+    the start serves it and warns, once."""
+    top, cache, base = (
+        {"kind": "sparse", "path": str(tmp_path / name), "size": "1MiB", "read_cache": name == "c"}
+        for name in ("t", "c", "b")
+    )
+    with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", top, base))) as s:
+        assert s.terminate() == 0
+    swapped = write_config(tmp_path, toml_volume("v", base, top))
+    result = serve_once(tmp_path, "--config", str(swapped), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"tierdisk serve: config error: volume 'v', layer 1: {tmp_path / 't'} is below layer 0"
+    )
+    with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", base))) as s:
+        assert s.terminate() == 0  # the top leaves the stack (warned: "no layer … is at")
+    for stack in ((cache, base), (base,), (top, cache, base)):
+        with ServerProcess.start(tmp_path, write_config(tmp_path, toml_volume("v", *stack))) as s:
+            assert s.terminate() == 0
+            told = [ln for ln in s.stderr_text().splitlines() if "left the volume's stack" in ln]
+        if stack[0] is top:  # back: the top, and the cache that left in the start before
+            assert len(told) == 2, told
+            assert f"layer 0 is at {tmp_path / 't'}, which left the volume's stack" in told[0]
+            assert f"layer 1 is at {tmp_path / 'c'}, which left" in told[1]
+        else:
+            assert not told, told  # the cache's first start; then only the base
+
+
 @pytest.mark.parametrize("kind", ["raw", "sparse", "sqlite", "ram"])
 @pytest.mark.parametrize("size", [2**63, 2**53 * 512, 2**72])
 def test_a_layer_size_over_the_limit_is_one_line_and_makes_no_file(

@@ -344,8 +344,10 @@ async def test_a_map_of_another_format_is_refused(tmp_path: Path) -> None:
 async def test_missing_or_mismatched_files_are_refused(tmp_path: Path) -> None:
     plain = tmp_path / "plain.img"
     plain.write_bytes(b"x" * SIZE)
-    with pytest.raises(ConfigError, match=rf"{plain}: the data file exists .* no"):
+    with pytest.raises(ConfigError, match=rf"{plain}: the data file exists .* does not") as info:
         await SparseLayer(str(plain), size=SIZE).attach(None)
+    assert "restore it" in str(info.value) and 'serve it as kind = "raw"' in str(info.value)
+    assert "use it as a raw layer" not in str(info.value)  # (its holes would read as zeros)
     assert plain.read_bytes() == b"x" * SIZE  # untouched
 
     path = tmp_path / "d"

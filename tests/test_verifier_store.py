@@ -225,21 +225,21 @@ def test_the_files_a_volume_was_served_from_are_recorded_and_kept(tmp_path: Path
     reads back, through a crash too; a volume not served in a run keeps what it had, and a
     volume new to the file has none."""
     store = VerifierStore.open(str(tmp_path), ["a", "b"])
-    assert store.recorded_files("a") == frozenset()
+    assert store.recorded_files("a") == ()
     store.files = {"a": ["/disk/a", "/disk/a2"], "b": ["/disk/b"]}
     store.mark_unclean(["a", "b"])
     store.close({"a": store.verifiers["a"], "b": store.verifiers["b"]}, {"a", "b"})
     _crashed_after_marking(tmp_path, ["a"], [])  # a run that served nothing
     again = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
-    assert again.recorded_files("a") == frozenset({"/disk/a", "/disk/a2"})
-    assert again.recorded_files("b") == frozenset({"/disk/b"})
-    assert again.recorded_files("c") == frozenset()
+    assert again.recorded_files("a") == ("/disk/a", "/disk/a2")
+    assert again.recorded_files("b") == ("/disk/b",)
+    assert again.recorded_files("c") == ()
     again.files = {"a": ["/disk/a3"]}
     again.mark_unclean(["a"])  # "b" is not served in this run: it keeps its files
     again.close({"a": again.verifiers["a"]}, {"a"})
     last = VerifierStore.open(str(tmp_path), ["a", "b"])
-    assert last.recorded_files("a") == frozenset({"/disk/a3"})
-    assert last.recorded_files("b") == frozenset({"/disk/b"})
+    assert last.recorded_files("a") == ("/disk/a3",)
+    assert last.recorded_files("b") == ("/disk/b",)
     last.close({}, set())
 
 
@@ -277,7 +277,7 @@ def test_a_crash_while_the_record_changes_leaves_the_old_or_the_new_one(
     assert entries["a"]["clean"] is (record_after == "the old one")
     assert entries["b"] == {"verifier": first.verifiers["b"], "clean": True, "files": ["/disk/b"]}
     after = VerifierStore.open(str(tmp_path), ["a", "b"])
-    assert after.recorded_files("a") == frozenset({"/disk/a"})
+    assert after.recorded_files("a") == ("/disk/a",)
     assert after.served_files() == {"/disk/a": ["a"], "/disk/b": ["b"]}
     after.close({}, set())
 
@@ -298,9 +298,9 @@ def test_a_record_that_cannot_be_read_counts_every_file_of_each_volume(
     store.mark_unclean(["a"])  # "b" waits for its tier, say, and is never served
     store.close(store.verifiers, {"a"})
     later = VerifierStore.open(str(tmp_path), ["a", "b", "c"])
-    assert later.recorded_files("a") == frozenset({"/disk/a"})
+    assert later.recorded_files("a") == ("/disk/a",)
     assert later.recorded_files("b") is None
-    assert later.recorded_files("c") == frozenset()  # new to the record: made afresh
+    assert later.recorded_files("c") == ()  # new to the record: made afresh
     later.close({}, set())
 
 
@@ -351,8 +351,8 @@ def test_a_record_another_server_holds_still_guards_the_files(tmp_path: Path) ->
     try:
         other = VerifierStore.open(str(tmp_path), ["a", "b"])
         assert not other.usable
-        assert other.recorded_files("a") == frozenset({"/disk/a"})
-        assert other.recorded_files("b") == frozenset()
+        assert other.recorded_files("a") == ("/disk/a",)
+        assert other.recorded_files("b") == ()
         other.close({}, set())
     finally:
         holder.close(holder.verifiers, clean=["a"])
@@ -382,7 +382,7 @@ def test_an_entry_of_a_build_that_recorded_no_files_is_told_apart(tmp_path: Path
     )
     store = VerifierStore.open(str(tmp_path), ["old", "new"])
     assert store.recorded_files("old") is None
-    assert store.recorded_files("new") == frozenset()
+    assert store.recorded_files("new") == ()
     store.close({}, set())
 
 
@@ -410,7 +410,7 @@ def test_recorded_files_no_path_can_name_are_left_out(tmp_path: Path) -> None:
         )
     )
     store = VerifierStore.open(str(tmp_path), ["v"])
-    assert store.recorded_files("v") == frozenset({"/d/c"})
+    assert store.recorded_files("v") == ("/d/c",)
     assert store.served_files() == {"/d/c": ["v"]}
     store.close({}, set())
 

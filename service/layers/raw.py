@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +60,7 @@ from ..layer import (
 from ..runs import Run
 from ..sector_lock import EVERY_SECTOR, SectorLock
 from ..unstoppable import run_to_end
-from . import sparse_map
+from .layer_files import refuse_another_kinds_file
 
 __all__ = ["RawLayer"]
 
@@ -97,7 +96,7 @@ class RawLayer(Layer):
 
     def _open(self, lower: LayerMetadata | None) -> None:
         what = f"raw image {self.path}"
-        self._refuse_a_sparse_layer(what)
+        refuse_another_kinds_file(self.path, "raw", what)  # a sparse or sqlite layer's
         found = regular_file_size(self.path, what)  # a device, a FIFO, a folder: refused
         exists = bool(found)  # an empty file is a creation cut short: it is made again
         if exists:
@@ -145,31 +144,6 @@ class RawLayer(Layer):
             os.close(fd)
             raise
         self._fd = fd
-
-    def _refuse_a_sparse_layer(self, what: str) -> None:
-        """A :class:`ConfigError` when a sparse layer's presence map lies beside the file: it
-        is that layer's data file (its kind edited to ``raw``), whose holes would read as
-        zeros over the layers below, and whose writes its map would not record (switched
-        back to ``sparse``, they would be gone). The sparse layer refuses the other way."""
-        beside = sparse_map.map_path(self.path)
-        try:  # (never blocks: a FIFO there would hold the start for good)
-            fd = os.open(beside, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return  # none there (or not ours to read: not taken for one)
-        try:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            head = os.pread(fd, len(sparse_map.MAGIC), 0) if regular else b""
-        except OSError:
-            head = b""
-        finally:
-            os.close(fd)
-        if head == sparse_map.MAGIC:
-            raise ConfigError(
-                f"{what} has a sparse layer's presence map beside it ({beside}): it is that "
-                'layer\'s data file; serve it as kind = "sparse" (as a raw image its holes '
-                "would read as zeros over the layers below, and its writes would not be in "
-                "the map), or move the map away if the file is a raw image now"
-            )
 
     async def close(self) -> None:
         """Let the reads and writes under way on threads finish (a closed descriptor, or

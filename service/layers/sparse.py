@@ -120,6 +120,7 @@ from ..runs import Run, complement, subtract, total
 from ..sector_lock import EVERY_SECTOR, SectorLock
 from ..unstoppable import run_to_end
 from . import sparse_map
+from .layer_files import refuse_another_kinds_file
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
 
 __all__ = ["COMPACT_MIN_BYTES", "SparseLayer"]
@@ -210,6 +211,7 @@ class SparseLayer(Layer):
     def _open(self, lower: LayerMetadata | None) -> None:
         what = f"sparse layer {self.path}"
         make_parent_folder(self.path, what)
+        refuse_another_kinds_file(self.path, "sparse", what)  # a sqlite layer's database
         has_map = os.path.exists(self.map_path)
         new_file = not has_map and regular_file_size(self.path, what) is None
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if has_map else os.O_CREAT)
@@ -251,8 +253,11 @@ class SparseLayer(Layer):
         if existing:
             raise ConfigError(
                 f"sparse layer {self.path}: the data file exists ({existing} bytes) but its "
-                f"presence map {self.map_path} does not; refusing to treat it as empty "
-                "(remove it, or use it as a raw layer)"
+                f"presence map {self.map_path} does not, so which of its sectors hold data "
+                "is unknown; refusing to treat it as empty. If the map was lost, restore it "
+                "(as a raw image every sector would count as present: its holes would read "
+                "as zeros over the layers below); if the file is a raw image, serve it as kind "
+                '= "raw"'
             )
         ss, count = new_geometry(
             f"sparse layer {self.path}", self._size_bytes, self._wanted_sector_size, lower

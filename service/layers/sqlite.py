@@ -116,12 +116,12 @@ from ..fileio import (
 from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
 from ..runs import Run
 from ..unstoppable import run_to_end
+from .layer_files import SQLITE_APPLICATION_ID, file_kind, refuse_another_kinds_file
 
 __all__ = ["SqliteLayer"]
 
 FORMAT = "tierdisk-sqlite"
 VERSION = 1
-_APPLICATION_ID = 0x54445351  # "TDSQ"
 _WAL_LIMIT = 4 << 20
 """Bytes the WAL file is cut back to when it starts over after a checkpoint."""
 
@@ -237,6 +237,7 @@ class SqliteLayer(Layer):
         if not os.path.isdir(os.path.dirname(real)):  # a link into a missing (unmounted?) folder
             raise missing_target(what, self.path)
         regular_file_size(real, what)  # a device, a FIFO: refused before PATH.lock is made
+        refuse_another_kinds_file(self.path, "sqlite", what)  # a sparse layer's data file
         lock = real + ".lock"
         lock_fd = self._lock(lock, what)
         db_fd = -1
@@ -264,7 +265,9 @@ class SqliteLayer(Layer):
                 db.close()
             if db_fd >= 0:
                 os.close(db_fd)
-            if not os.path.lexists(real):  # a failed creation: the lock file guards nothing
+            if not os.path.lexists(real) or file_kind(real) != "sqlite":
+                # a failed creation, or a file that is no database of ours (an image put
+                # there by mistake): the lock file guards nothing, and is not left behind
                 with contextlib.suppress(OSError):
                     os.unlink(lock)  # held: an open that has it open too sees it renamed
             os.close(lock_fd)
@@ -340,7 +343,7 @@ class SqliteLayer(Layer):
         try:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")  # no -shm to make
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+            db.execute(f"PRAGMA application_id={SQLITE_APPLICATION_ID}")
             db.execute("BEGIN")
             for statement in _SCHEMA:
                 db.execute(statement)
