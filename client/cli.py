@@ -415,10 +415,10 @@ def _info_lines(info: VolumeInfo) -> list[str]:
 async def _volumes(client: AsyncClient, args: argparse.Namespace) -> int:
     lines = []
     for v in await client.list_volumes():
-        if not v.ready:  # configured, not attached yet (a remote tier is down): name only
-            lines.append(f"{v.name}\t(not ready)")
+        if not v.ready and not v.problem:  # configured, not attached yet (a remote tier
+            lines.append(f"{v.name}\t(not ready)")  # is down): name only
             continue
-        if v.problem:  # it refuses all I/O until its server restarts
+        if v.problem:  # it refuses all I/O until its server restarts (or never opened)
             lines.append(f"{v.name}\t(stopped until a restart: {v.problem})")
             continue
         mode = "ro" if v.read_only else "rw"

@@ -70,8 +70,10 @@ class VolumeInfo:
     restart. False also from a server that predates the field."""
     problem: str = ""
     """Why the volume refuses all I/O until its server restarts (a layer's problem, naming
-    the layer: its remote volume was re-created with another geometry, say); "" while it
-    serves, and from a server that predates the field."""
+    the layer: its remote volume was re-created with another geometry, say; for a volume
+    not :attr:`ready`, why its server stopped trying to open it: its remote tier came up
+    with a geometry its stack cannot take, say); "" while it serves or is being opened, and
+    from a server that predates the field."""
 
     @property
     def ready(self) -> bool:

@@ -32,6 +32,7 @@ length.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -573,16 +574,28 @@ def sector_size_problem(sector_size: int, max_io: int) -> str | None:
     )
 
 
+def _file_keys(path: str) -> list[str]:
+    """``path`` with its symlinks resolved and, for a file that exists, its device and inode
+    numbers: the keys under which two layers' files are one file (a hard link is one file
+    under another name)."""
+    keys = [os.path.realpath(path)]
+    with contextlib.suppress(OSError):
+        found = os.stat(path)
+        keys.append(f"inode {found.st_dev}:{found.st_ino}")
+    return keys
+
+
 def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
     """Refuse a layer file used by two layers of this config (the second would find it
-    locked, "in use by another process"), naming both; read-only raw images are the
-    exception: any number of layers may read one. A file a layer makes beside its own (a
+    locked, "in use by another process"), naming both, whether the two paths name it
+    through a symlink or a hard link; read-only raw images are the exception: any number of
+    layers may read one. A file a layer makes beside its own (a
     sparse layer's map, a sqlite layer's lock file and WAL:
     :func:`~.layers.layer_files.files_beside`) counts as that layer's: another layer there
     would have it replaced or removed under it."""
     from .layers.layer_files import files_beside  # (the layers package imports this module)
 
-    users: dict[str, tuple[str, int, str, bool, bool]] = {}  # real path -> first user
+    users: dict[str, tuple[str, int, str, bool, bool]] = {}  # _file_keys -> first user
     for volume in volumes:
         for index, layer in enumerate(volume.layers):
             path = layer.options.get("path")
@@ -591,10 +604,11 @@ def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
             shareable = layer.kind == "raw" and bool(layer.options.get("read_only"))
             files = [(path, False)] + [(f, True) for f in files_beside(layer.kind, path)]
             for file, beside in files:
-                key = os.path.realpath(file)
-                first = users.get(key)
+                keys = _file_keys(file)
+                first = next((users[key] for key in keys if key in users), None)
                 if first is None:
-                    users[key] = (volume.name, index, path, beside, shareable and not beside)
+                    for key in keys:
+                        users[key] = (volume.name, index, path, beside, shareable and not beside)
                     continue
                 if shareable and not beside and first[4]:
                     continue

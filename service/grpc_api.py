@@ -28,6 +28,7 @@ from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 from . import hops
 from .errors import (
     AllocationTooLarge,
+    FailedPrecondition,
     InvalidArgument,
     SectorSizeChanged,
     TierdiskError,
@@ -471,8 +472,9 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
             for name in page:
                 try:
                     volumes.append(_to_volume_message(self._registry.get(name)))
-                except Unavailable:
-                    volumes.append(pb.Volume(name=name))  # not attached yet: name only
+                except (Unavailable, FailedPrecondition):  # not attached (yet): name only,
+                    problem = self._registry.problem(name)  # and why, once given up on
+                    volumes.append(pb.Volume(name=name, problem=problem))
             token = ""
             if start + size < len(names):
                 token = base64.urlsafe_b64encode(str(start + size).encode()).decode()

@@ -7,7 +7,7 @@ remote tier that has not answered yet) answers :class:`Unavailable` until it is 
 from __future__ import annotations
 
 from . import hops
-from .errors import Unavailable, VolumeNotFound
+from .errors import FailedPrecondition, Unavailable, VolumeNotFound
 from .volume import Volume
 
 __all__ = ["VolumeRegistry"]
@@ -23,6 +23,7 @@ class VolumeRegistry:
         self._order = list(names)
         self._ready: dict[str, Volume] = {}
         self._waiting: dict[str, str] = {name: "attaching" for name in names}
+        self._given_up: dict[str, str] = {}  # waiting volumes the server stopped opening: why
         # volume -> ids refused while it attaches, oldest first (a dict kept in call order)
         self._refused: dict[str, dict[str, None]] = {}
 
@@ -35,6 +36,11 @@ class VolumeRegistry:
         volume = self._ready.get(name)
         if volume is not None:
             return volume
+        if name in self._given_up:
+            raise FailedPrecondition(
+                f"volume {name!r} cannot be opened: {self._given_up[name]}; the server stopped "
+                "trying (restart it once this is fixed)"
+            )
         if name in self._waiting:
             chain = hops.current_chain.get()  # (..., the caller, this volume) over gRPC
             if chain:
@@ -75,6 +81,19 @@ class VolumeRegistry:
     def set_waiting(self, name: str, reason: str) -> None:
         """Record why ``name`` is not ready yet (shown in ``Unavailable`` messages)."""
         self._waiting[name] = reason
+
+    def give_up(self, name: str, reason: str) -> None:
+        """Record that the server stopped trying to open ``name`` (a problem of its own
+        that only a restart with a fixed config or files can mend): its calls are refused
+        with :class:`FailedPrecondition` naming ``reason`` (no retry helps), and
+        :meth:`problem` says it."""
+        self._waiting[name] = reason
+        self._given_up[name] = reason
+
+    def problem(self, name: str) -> str:
+        """Why the server stopped trying to open the configured volume ``name``; "" while it
+        is open or still being opened."""
+        return self._given_up.get(name, "")
 
     def set_ready(self, volume: Volume) -> None:
         """Mark ``volume`` open and serving."""

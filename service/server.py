@@ -409,8 +409,10 @@ class Server:
         ``tierdisk-waiting`` header of any caller) may be stale or forged, and a volume that
         gave up on it would stay down until a restart after the claim was gone. Given up
         on, logged once: problems of this server's own (a local layer that cannot be opened,
-        a construction rule broken once the remote's geometry is known). Either way, the
-        volume answers ``UNAVAILABLE`` naming the latest reason."""
+        a construction rule broken once the remote's geometry is known). While it retries,
+        the volume answers ``UNAVAILABLE`` naming the latest reason; once given up,
+        ``FAILED_PRECONDITION`` (no retry helps), and ``ListVolumes`` gives the reason as
+        its ``problem``."""
         backoff = Backoff(*_ATTACH_BACKOFF)
         attach_log = RateLimitedLog(log, interval=_ATTACH_LOG_INTERVAL)
         while not self._stopped:
@@ -432,7 +434,7 @@ class Server:
             except ConfigError as exc:
                 answer = remote_answer(exc)
                 if answer is None:
-                    self.registry.set_waiting(config.name, str(exc))
+                    self.registry.give_up(config.name, str(exc))
                     log.error(
                         "volume %r cannot be opened: %s; not retrying (restart the server "
                         "once this is fixed)",

@@ -181,8 +181,9 @@ class Volume:
         sectors it cuts. Reads do not take it."""
         self._resizing = asyncio.Lock()  # resizes one at a time
         self._durability = Durability(name, entries, self._write_path, self.keeps_writes)
-        self._kept_log = RateLimitedLog(log)  # failed changes a layer above kept (_drop_above)
         """Flush rounds and the write verifier (:mod:`~tierdisk.service.durability`)."""
+        self._kept_log = RateLimitedLog(log)  # failed changes a layer above kept (_drop_above)
+        self._unseen_log = RateLimitedLog(log)  # failed changes nobody awaited (_failed_unseen)
 
     # -- construction -------------------------------------------------------------------
 
@@ -556,10 +557,12 @@ class Volume:
 
     def _failed_unseen(self, exc: BaseException) -> None:
         """A write or unmap down a write path of several layers failed after its caller
-        was cancelled (so nobody is told): logged. The layers above the one that failed
+        was cancelled (so nobody is told): logged, at most one line every 10 s per volume
+        (the count of lines held back goes with the next: callers giving up on a tier that
+        hangs make one such failure per write). The layers above the one that failed
         dropped it again where they could (:meth:`_failed_below`; where one could not, that
         is logged too, and reads may return the change, never acknowledged)."""
-        log.warning(
+        self._unseen_log.warning(
             "volume %r: a write or unmap whose caller had gone failed on the write path (%s)",
             self.name,
             exc,

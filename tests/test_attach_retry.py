@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -47,7 +48,7 @@ async def not_ready_reason(client: AsyncClient) -> str:
     """The reason the cache tier's volume ``v`` gives for not being ready ("" once it is)."""
     try:
         await client.volume("v").info()
-    except cerr.Unavailable as exc:
+    except (cerr.Unavailable, cerr.FailedPrecondition) as exc:  # (the latter: given up)
         return exc.message
     return ""
 
@@ -153,6 +154,22 @@ async def test_a_problem_of_the_servers_own_is_not_retried(tmp_path: Path) -> No
             await asyncio.sleep(1)
             assert refused_attempts(cache, "OK") == attempts
             assert not cache.registry.all_ready
+            # told as what it is: no retry helps (not UNAVAILABLE "not ready yet"), and why
+            with pytest.raises(cerr.FailedPrecondition, match="the server stopped trying"):
+                await client.volume("v").info()
+            [listed] = await client.list_volumes()
+            assert not listed.ready and "sector size 4096 differs" in listed.problem
+            cli = await asyncio.create_subprocess_exec(  # (this loop serves the cache tier)
+                sys.executable,
+                "-m",
+                "tierdisk.client",
+                "--server",
+                cache.grpc_address,
+                "volumes",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await asyncio.wait_for(cli.communicate(), 60)
+            assert out.decode().startswith("v\t(stopped until a restart: volume 'v', layer 0: ")
 
 
 async def test_a_tier_that_stays_down_is_logged_once_a_minute_naming_the_volume(

@@ -454,6 +454,27 @@ def test_a_layer_at_the_servers_own_record_is_refused(tmp_path: Path, name: str)
     assert "the server's own record of write verifiers" in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["raw", "sparse", "sqlite"])
+def test_a_layer_file_under_two_names_is_a_path_used_twice(tmp_path: Path, kind: str) -> None:
+    """Two hard links of one file (or a symlink to it) are one file: the config names both
+    layers, instead of the second layer finding the file locked by the first ("two servers
+    cannot share a layer", with a single server, naming whichever opened second)."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "one").write_bytes(b"\0" * 4096)
+    os.link(data / "one", data / "two")
+    os.symlink(data / "one", data / "three")
+    for other in ("two", "three"):
+        text = "".join(
+            f"[[volumes]]\nname='{name}'\n[[volumes.layers]]\nkind='{kind}'\npath='{path}'\n"
+            for name, path in (("a", "one"), ("b", other))
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(_write(tmp_path, text), flags={"data_dir": str(data)}, environ={})
+        assert str(info.value).startswith(f"volume 'b', layer 0: path {data / other} is used twice")
+        assert "also by volume 'a', layer 0" in str(info.value)
+
+
 def test_read_only_raw_images_can_be_shared(tmp_path: Path) -> None:
     """Any number of layers may read one image (they lock it shared)."""
     body = "".join(

@@ -1306,6 +1306,19 @@ async def test_a_change_that_fails_below_after_its_caller_went_is_logged(
     with caplog.at_level(logging.WARNING), pytest.raises(asyncio.CancelledError):
         await running
     assert "whose caller had gone failed on the write path (disk gone)" in caplog.text
+    # callers giving up on a layer that hangs, one failure per write: one line per 10 s
+    gate.clear()
+    lower.entered.clear()
+    more = [asyncio.ensure_future(vol.write(2 + i % 4, p(2 + i % 4, 1))) for i in range(20)]
+    await lower.entered.wait()
+    for task in more:
+        task.cancel()
+    await _spin()
+    gate.set()
+    with caplog.at_level(logging.WARNING):
+        await asyncio.gather(*more, return_exceptions=True)
+    lines = [r for r in caplog.records if "whose caller had gone" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
 
 
 async def test_a_shrink_waits_for_writes_into_the_sectors_it_cuts(

@@ -120,8 +120,9 @@ class Volume(_message.Message):
     problem: _builtins.str
     """Why the volume refuses all I/O until its server restarts (a layer found a
     problem it cannot serve past, e.g. its remote volume was re-created with
-    another geometry), naming the layer; empty while it serves. Empty also
-    from servers that predate it.
+    another geometry), naming the layer; for a volume listed by name only (not
+    ready), why its server stopped trying to open it. Empty while it serves or
+    is being opened, and from servers that predate it.
     """
     def __init__(
         self,
