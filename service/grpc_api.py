@@ -161,6 +161,7 @@ class DrainGate:
         self._idle = asyncio.Event()
         self._idle.set()
         self.drained = asyncio.Event()  # set when draining starts: ends watch streams
+        self.on_drain: list[Callable[[], None]] = []  # called as draining starts
 
     def enter(self) -> None:
         if self.draining:
@@ -174,9 +175,12 @@ class DrainGate:
             self._idle.set()
 
     async def drain(self, grace: float) -> bool:
-        """Refuse new calls and wait up to ``grace`` s for calls in flight; True if idle."""
+        """Refuse new calls, call :attr:`on_drain` (what would wait for a client's pace ends
+        now), and wait up to ``grace`` s for calls in flight; True if idle."""
         self.draining = True
         self.drained.set()
+        for stop_waiting in self.on_drain:
+            stop_waiting()
         if self._in_flight == 0:
             return True
         try:
@@ -264,6 +268,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
         self._gate = gate
         self._extra_inspect = extra_inspect
         self._budgets = ReplyBudgets()  # large Read replies in flight, per connection
+        gate.on_drain.append(self._budgets.close)  # (a stalled reader must not hold a stop)
         # The chains of first-hop calls (no tierdisk-hops header), per configured volume.
         self._own_chains = {
             name: hops.check_chain((), hops.hop_id(server_id, name))

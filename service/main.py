@@ -136,18 +136,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _raise_open_file_limit() -> None:
-    """Raise the soft limit of open files to the hard one. Each gRPC connection, NBD
-    session, layer file and socket takes a descriptor, and the usual soft limit (1,024,
-    what systemd and Docker give) let ~1,000 idle connections lock every new client out of
-    gRPC, NBD and /metrics alike; the hard limit (often 524,288) is the operator's choice.
-    Nothing here uses ``select()``, which a descriptor over 1,023 would break."""
+MIN_OPEN_FILES = 64
+"""The fewest open files ``tierdisk serve`` starts with: gRPC, the event loop and Python's
+imports take ~25 before any volume (below that gRPC's start crashed, or a Python module
+could not be imported)."""
+
+
+def _raise_open_file_limit() -> int:
+    """Raise the soft limit of open files to the hard one, and return it. Each gRPC
+    connection, NBD session, layer file and socket takes a descriptor, and the usual soft
+    limit (1,024, what systemd and Docker give) let ~1,000 idle connections lock every new
+    client out of gRPC, NBD and /metrics alike; the hard limit (often 524,288) is the
+    operator's choice. Nothing here uses ``select()``, which a descriptor over 1,023 would
+    break."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (OSError, ValueError) as exc:  # refused (a sandbox): keep what there is
             log.debug("open file limit stays %d: %s", soft, exc)
+        else:
+            soft = hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def _open_files_needed(config: Config) -> int:
+    """About the most descriptors ``config`` may use at once: :data:`MIN_OPEN_FILES`, two
+    per layer file (a file and its map, lock or WAL), one per NBD connection it takes, and
+    room for gRPC connections and remote tiers."""
+    files = sum(1 for v in config.volumes for layer in v.layers if "path" in layer.options)
+    nbd = config.server.nbd_max_connections if config.server.nbd else 0
+    return MIN_OPEN_FILES + 2 * files + nbd + 64
 
 
 def _stop_signals() -> tuple[signal.Signals, ...]:
@@ -163,7 +182,13 @@ def _stop_signals() -> tuple[signal.Signals, ...]:
 def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
     tune_malloc()
     configure_logging(args.log_level, args.log_format)
-    _raise_open_file_limit()
+    open_files = _raise_open_file_limit()
+    if open_files < MIN_OPEN_FILES:
+        say(
+            f"tierdisk serve: cannot start: the open-file limit is {open_files} (ulimit -n, "
+            f"systemd's LimitNOFILE=); tierdisk needs at least {MIN_OPEN_FILES}"
+        )
+        return 1
     flags = {
         "listen": args.listen,
         "metrics": args.metrics,
@@ -181,6 +206,15 @@ def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
     except ConfigError as exc:
         say(f"tierdisk serve: config error: {exc}")
         return 2
+    if open_files < (needed := _open_files_needed(config)):
+        log.warning(
+            "the open-file limit is %d, and this config may use about %d descriptors (2 per "
+            "layer file, 1 per NBD connection up to nbd_max_connections, and gRPC's): past "
+            "it, new NBD clients are closed before the greeting and gRPC clients wait, "
+            "without a line of ours; raise it (ulimit -n, systemd's LimitNOFILE=)",
+            open_files,
+            needed,
+        )
     install_uvloop()
     return asyncio.run(_serve(config, args.ready_file, args.grace, stops))
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -57,16 +58,26 @@ __all__ = [
 ]
 
 
-def serve_once(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def limit_open_files(count: int) -> None:
+    """Set this process's open-file limit, soft and hard, to ``count`` (in a child, before
+    it runs ``tierdisk serve``)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
+def serve_once(
+    cwd: Path, *args: str, open_files: int | None = None
+) -> subprocess.CompletedProcess[str]:
     """``tierdisk serve ARGS`` (metrics off) as a child process in ``cwd``, for a start that
     ends by itself (a config error, an address in use): its exit status and output, text.
-    Killed (``subprocess.run``'s timeout) if it runs over 60 s."""
+    Killed (``subprocess.run``'s timeout) if it runs over 60 s. ``open_files``: its hard and
+    soft open-file limit."""
     return subprocess.run(
         [sys.executable, "-m", "tierdisk.service", "--metrics", "", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=cwd,
+        preexec_fn=None if open_files is None else lambda: limit_open_files(open_files),
     )
 
 
@@ -281,7 +292,9 @@ class ServerProcess:
         listen: str = "127.0.0.1:0",
         wait: bool = True,
         env: dict[str, str] | None = None,
+        open_files: int | None = None,
     ) -> ServerProcess:
+        """Start ``tierdisk serve`` (``open_files``: its hard and soft open-file limit)."""
         ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
         cmd = [
             sys.executable,
@@ -306,6 +319,7 @@ class ServerProcess:
                 stderr=subprocess.PIPE,
                 cwd=tmp_path,
                 env={**os.environ, **(env or {})},
+                preexec_fn=None if open_files is None else lambda: limit_open_files(open_files),
             )
         server = cls(proc, ready)
         if wait:

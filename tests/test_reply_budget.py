@@ -15,6 +15,7 @@ import grpc
 import pytest
 from servers import ServerProcess, toml_volume, write_config
 
+from tierdisk.service.errors import Unavailable
 from tierdisk.service.reply_budget import BUDGETED_FROM_BYTES, READ_BUDGET_BYTES, ReplyBudgets
 from tierdisk.v1 import blockdevice_pb2 as pb
 from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
@@ -117,10 +118,29 @@ async def test_no_entry_is_kept_for_idle_connections() -> None:
     assert budgets.connections == 0
 
 
+async def test_once_closed_the_waiting_and_any_that_would_wait_are_refused() -> None:
+    """As the server stops: a Read waiting for room has read nothing, and its client, which
+    does not take its replies, would hold the drain for all of its grace."""
+    budgets = ReplyBudgets(limit=10)
+    held = await budgets.take(A, 8)
+    waiting = asyncio.create_task(budgets.take(A, 5))
+    await _spin()
+    budgets.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await waiting
+    with pytest.raises(Unavailable, match="shutting down"):
+        await budgets.take(A, 5)
+    fits = await budgets.take(B, 10)  # one that needs no wait still goes
+    assert budgets.in_flight(A) == 8 and budgets.in_flight(B) == 10
+    held()
+    fits()
+    assert budgets.in_flight(A) == budgets.in_flight(B) == 0 and budgets.connections == 0
+
+
 async def test_the_documented_limits() -> None:
-    """README: large Read replies (256 KiB and more) are bounded to 64 MiB per connection."""
+    """README: Read replies of 64 KiB and more are bounded to 64 MiB per connection."""
     assert READ_BUDGET_BYTES == 64 << 20
-    assert BUDGETED_FROM_BYTES == 256 << 10
+    assert BUDGETED_FROM_BYTES == 64 << 10
 
 
 async def test_unix_socket_peers_are_not_counted() -> None:
@@ -139,7 +159,8 @@ from tierdisk.v1 import blockdevice_pb2 as pb, blockdevice_pb2_grpc as pbg
 options = [("grpc.max_receive_message_length", 64 << 20)]
 channel = grpc.insecure_channel(sys.argv[1], options=options)
 stub = pbg.BlockDeviceStub(channel)
-calls = [stub.Read.future(pb.ReadRequest(volume="v", sector=0, sector_count=32768))
+count = int(sys.argv[3]) if len(sys.argv) > 3 else 32768
+calls = [stub.Read.future(pb.ReadRequest(volume="v", sector=0, sector_count=count))
          for _ in range(int(sys.argv[2]))]
 print("sent", flush=True)
 time.sleep(60)
@@ -189,4 +210,61 @@ def test_a_client_that_stops_reading_pins_only_its_budget(tmp_path: Path) -> Non
                 assert len(stub.Read(request, timeout=10).data) == 16 * MiB
 
 
-pytestmark = pytest.mark.timeout(60)
+@pytest.mark.parametrize("sectors", [510, 128])
+def test_a_client_that_stops_reading_smaller_replies_pins_only_its_budget(
+    tmp_path: Path, sectors: int
+) -> None:
+    """8,000 Reads of 255 KiB or of 64 KiB whose client stops right after sending them: gRPC
+    keeps a finished reply until the client takes it, and the budget bounds them too, so the
+    server pins about one budget's worth (held twice), not 0.5-2 GiB (replies under 256 KiB
+    were not counted)."""
+    layer = {"kind": "ram", "size": "64MiB"}
+    config = write_config(tmp_path, toml_volume("v", layer))
+    with ServerProcess.start(tmp_path, config) as srv:
+        before = _rss_mib(srv.pid)
+        client = subprocess.Popen(
+            [sys.executable, "-c", STALLED_CLIENT, srv.grpc, "8000", str(sectors)],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert client.stdout is not None and client.stdout.readline() == b"sent\n"
+            time.sleep(0.5)
+            os.kill(client.pid, signal.SIGSTOP)
+            peak = 0.0
+            for _ in range(10):  # 2 s: the server has made every reply it is going to
+                time.sleep(0.2)
+                peak = max(peak, _rss_mib(srv.pid))
+            assert peak - before < 2 * READ_BUDGET_BYTES / MiB + 150, (before, peak)
+        finally:
+            client.kill()
+            client.wait()
+
+
+def test_a_stop_does_not_wait_for_reads_a_stalled_client_left_waiting(tmp_path: Path) -> None:
+    """Reads waiting for room in a stalled client's budget are refused as the stop begins:
+    the stop drains at once and stays clean (the next start keeps the write verifiers and
+    does not warn of an unclean stop), instead of waiting out ``--grace`` and renewing every
+    volume's verifier as if writes might be lost."""
+    layer = {"kind": "sparse", "path": str(tmp_path / "v.sparse"), "size": "64MiB"}
+    config = write_config(tmp_path, toml_volume("v", layer))
+    with ServerProcess.start(tmp_path, config, "--grace", "8") as srv:  # (< TCP timeout)
+        client = subprocess.Popen(
+            [sys.executable, "-c", STALLED_CLIENT, srv.grpc, "1024", "2048"],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert client.stdout is not None and client.stdout.readline() == b"sent\n"
+            time.sleep(0.5)
+            os.kill(client.pid, signal.SIGSTOP)
+            time.sleep(0.5)
+            assert srv.terminate() == 0
+            assert "still in flight" not in srv.stderr_text()  # (it waited out --grace)
+        finally:
+            client.kill()
+            client.wait()
+    with ServerProcess.start(tmp_path, config) as srv:
+        assert srv.terminate() == 0
+        assert "did not stop cleanly" not in srv.stderr_text()
+
+
+pytestmark = pytest.mark.timeout(90)

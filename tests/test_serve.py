@@ -1025,6 +1025,32 @@ def test_layers_swapped_by_an_edit_are_refused_and_a_layer_back_in_the_stack_is_
             assert not told, told  # the cache's first start; then only the base
 
 
+@pytest.mark.parametrize("limit", [12, 16, 23, 63])
+def test_an_open_file_limit_too_low_to_start_is_one_line(tmp_path: Path, limit: int) -> None:
+    """Below 64 descriptors gRPC's start crashed (SIGSEGV, SIGABRT) or a Python module could
+    not be imported (naming the module): one line naming the limit instead, exit 1."""
+    result = serve_once(tmp_path, "--listen", "127.0.0.1:0", open_files=limit)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        f"tierdisk serve: cannot start: the open-file limit is {limit} (ulimit -n, systemd's "
+        "LimitNOFILE=); tierdisk needs at least 64"
+    )
+
+
+def test_an_open_file_limit_below_what_the_config_may_use_is_a_warning(tmp_path: Path) -> None:
+    """Past the limit, new NBD clients are closed before the greeting by the event loop,
+    with no line of ours: the start says so, and serves."""
+    config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
+    with ServerProcess.start(tmp_path, config, "--nbd", "127.0.0.1:0", open_files=100) as srv:
+        assert srv.terminate() == 0
+        assert "the open-file limit is 100, and this config may use about 192" in (
+            srv.stderr_text()
+        )
+    with ServerProcess.start(tmp_path, config, open_files=1000) as srv:
+        assert srv.terminate() == 0
+        assert "open-file limit" not in srv.stderr_text()
+
+
 @pytest.mark.parametrize("kind", ["raw", "sparse", "sqlite", "ram"])
 @pytest.mark.parametrize("size", [2**63, 2**53 * 512, 2**72])
 def test_a_layer_size_over_the_limit_is_one_line_and_makes_no_file(
