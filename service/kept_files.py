@@ -91,8 +91,9 @@ class KeptFiles:
     layer of its stack is at now (``dropped``: the start warns of them); every layer file
     of its stack now, in layer order (``stack``, recorded too); the files that have left
     its stack since they were last in it, read caches' too (``left``, recorded); and the
-    layers now at such a file (``returned``, ``(layer index, path)``: the start warns of
-    them, as their data or copies may be older than what the layers below took meanwhile)."""
+    layers now at such a file that holds something (``returned``, ``(layer index, path)``:
+    the start warns of them, as their data or copies may be older than what the layers
+    below took meanwhile; one deleted to start it afresh is not)."""
 
     to_record: list[str]
     dropped: list[str]
@@ -153,8 +154,21 @@ def check_kept_files(
     gone = [*left_before, *stack_before, *dropped]  # (an older record has no stack)
     left = list(dict.fromkeys(path for path in gone if not _spellings(path) & in_stack))
     was_left = {spelling for path in left_before for spelling in _spellings(path)}
-    returned = [(index, path) for index, path in layers if _spellings(path) & was_left]
+    returned = [
+        (index, path)
+        for index, path in layers
+        if _spellings(path) & was_left and _holds_bytes(path)  # (deleted: made afresh)
+    ]
     return KeptFiles(to_record, dropped, [path for _, path in layers], left, returned)
+
+
+def _holds_bytes(path: str) -> bool:
+    """Whether ``path`` is a file with something in it (a layer file deleted, or left
+    empty, is made afresh: it holds nothing older than the layers below). Blocks."""
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
 
 
 def _refuse_if_reordered(

@@ -160,13 +160,21 @@ def _raise_open_file_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 30
 
 
+_OPEN_FILES_PER_LAYER = {"raw": 1, "sparse": 2, "sqlite": 4}
+"""Descriptors a layer of each kind with a file holds open: a raw image; a sparse layer's
+data file and map; a sqlite layer's database, WAL, lock file and SQLite's own descriptor of
+the database (measured: 4)."""
+
+
 def _open_files_needed(config: Config) -> int:
-    """About the most descriptors ``config`` may use at once: :data:`MIN_OPEN_FILES`, two
-    per layer file (a file and its map, lock or WAL), one per NBD connection it takes, and
+    """About the most descriptors ``config`` may use at once: :data:`MIN_OPEN_FILES`, those
+    of each layer file (:data:`_OPEN_FILES_PER_LAYER`), one per NBD connection it takes, and
     room for gRPC connections and remote tiers."""
-    files = sum(1 for v in config.volumes for layer in v.layers if "path" in layer.options)
+    files = sum(
+        _OPEN_FILES_PER_LAYER.get(layer.kind, 0) for v in config.volumes for layer in v.layers
+    )
     nbd = config.server.nbd_max_connections if config.server.nbd else 0
-    return MIN_OPEN_FILES + 2 * files + nbd + 64
+    return MIN_OPEN_FILES + files + nbd + 64
 
 
 def _stop_signals() -> tuple[signal.Signals, ...]:
@@ -208,7 +216,7 @@ def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
         return 2
     if open_files < (needed := _open_files_needed(config)):
         log.warning(
-            "the open-file limit is %d, and this config may use about %d descriptors (2 per "
+            "the open-file limit is %d, and this config may use about %d descriptors (1-4 per "
             "layer file, 1 per NBD connection up to nbd_max_connections, and gRPC's): past "
             "it, new NBD clients are closed before the greeting and gRPC clients wait, "
             "without a line of ours; raise it (ulimit -n, systemd's LimitNOFILE=)",

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from . import nbd_protocol as P
-from .errors import TierdiskError, Unavailable, VolumeNotFound
+from .errors import FailedPrecondition, TierdiskError, Unavailable, VolumeNotFound
 from .nbd_commands import Export
 from .volume import Volume
 
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from .nbd import NbdServer
 
 __all__ = ["Hangup", "negotiate"]
+
+_NOT_SERVED = (VolumeNotFound, Unavailable, FailedPrecondition)
+"""What a volume not served answers (none by that name; not ready yet; one the server
+stopped trying to open): an option about it gets ``NBD_REP_ERR_UNKNOWN`` with the reason."""
 
 log = logging.getLogger("tierdisk.service.nbd")
 
@@ -206,7 +210,7 @@ class _Negotiation:
             return None
         try:
             volume, name = self._lookup(request.name)
-        except (VolumeNotFound, Unavailable) as exc:
+        except _NOT_SERVED as exc:
             self._error(option, P.REP_ERR_UNKNOWN, str(exc))
             return None
         if option == P.OPT_GO:
@@ -237,7 +241,7 @@ class _Negotiation:
             return
         try:
             _, name = self._lookup(request.name)
-        except (VolumeNotFound, Unavailable) as exc:
+        except _NOT_SERVED as exc:
             self._error(option, P.REP_ERR_UNKNOWN, str(exc))
             return
         if setting:

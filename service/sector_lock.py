@@ -110,10 +110,11 @@ class SectorLock:
         return await self._granted(self._next, self._queued)
 
     async def acquire_exclusive(self, start: int, end: int) -> int:
-        """Hold sectors ``[start, end)`` exclusive; returns the token for :meth:`release`."""
+        """Hold sectors ``[start, end)`` exclusive; returns the token for :meth:`release`.
+        An empty range overlaps nothing: it is held at once."""
         self._next += 1
         token = self._next
-        if not (
+        if start >= end or not (
             self._counted
             or self._overlaps(start, end, self._shared)
             or self._overlaps(start, end, self._exclusive)

@@ -229,3 +229,7 @@ def test_a_file_that_left_the_stack_is_remembered_and_its_return_reported(
     back = VolumeConfig("v", (layer("sparse", cache, read_cache=True), layer("raw", base)))
     fourth = check(back, {base: ["v"]}, [base], "rec.json", [base], third.left)
     assert fourth.returned == [(0, cache)] and fourth.left == [top]
+    os.unlink(top)  # deleted to make it afresh, as the warning says: nothing to warn of
+    again = VolumeConfig("v", (layer("sparse", top), layer("raw", base)))
+    fifth = check(again, {base: ["v"]}, [base], "rec.json", [base], fourth.left)
+    assert fifth.returned == [] and fifth.left == []

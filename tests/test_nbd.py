@@ -1266,18 +1266,21 @@ async def test_shutdown_finishes_started_requests_and_refuses_the_rest(env: Env)
 
 async def test_volume_not_ready_yet(env: Env) -> None:
     """A configured volume still attaching is listed, and refused with a reason until ready."""
-    registry = VolumeRegistry(["later", "ram"])
+    registry = VolumeRegistry(["later", "never", "ram"])
     registry.set_waiting("later", "the origin tier does not answer")
+    registry.give_up("never", "its sector size differs from the origin's")  # no retry helps
     registry.set_ready(env.vols["ram"])
     server = await start_nbd_server("127.0.0.1:0", registry, max_io=MAX_IO)
     port = int(server.address.rsplit(":", 1)[1])
     try:
         client = await RawClient.open(port)
         replies = await client.option(OPT_LIST)
-        assert [p[4:] for _, p in replies[:-1]] == [b"later", b"ram"]
+        assert [p[4:] for _, p in replies[:-1]] == [b"later", b"never", b"ram"]
         for name in ("later", ""):  # "" = the first volume
             rtype, message = (await client.option(OPT_GO, RawClient.info_request(name, [])))[-1]
             assert rtype == REP_ERR_UNKNOWN and b"does not answer" in message
+        rtype, message = (await client.option(OPT_GO, RawClient.info_request("never", [])))[-1]
+        assert rtype == REP_ERR_UNKNOWN and b"the server stopped trying" in message
         await client.go("ram")  # the session goes on to another export
         assert client.size == SIZE
         await client.close()

@@ -4,11 +4,13 @@ its accounting, and a real server whose client stops reading its replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -167,6 +169,33 @@ time.sleep(60)
 """
 
 
+@contextlib.contextmanager
+def stalled_client(address: str, *args: str) -> Iterator[None]:
+    """A client (STALLED_CLIENT with ``args``) that sends its Reads, then is stopped
+    (SIGSTOP) before it reads a reply; killed when the block ends."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", STALLED_CLIENT, address, *args], stdout=subprocess.PIPE
+    )
+    try:
+        assert client.stdout is not None and client.stdout.readline() == b"sent\n"
+        time.sleep(0.5)
+        os.kill(client.pid, signal.SIGSTOP)
+        yield
+    finally:
+        client.kill()
+        client.wait()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The most RSS of process ``pid`` over 2 s (by then a server has made every reply it
+    is going to)."""
+    peak = 0.0
+    for _ in range(10):
+        time.sleep(0.2)
+        peak = max(peak, _rss_mib(pid))
+    return peak
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -182,26 +211,14 @@ def test_a_client_that_stops_reading_pins_only_its_budget(tmp_path: Path) -> Non
     config = write_config(tmp_path, toml_volume("v", layer))
     with ServerProcess.start(tmp_path, config) as srv:
         before = _rss_mib(srv.pid)
-        client = subprocess.Popen(
-            [sys.executable, "-c", STALLED_CLIENT, srv.grpc, "48"], stdout=subprocess.PIPE
-        )
-        try:
-            assert client.stdout is not None and client.stdout.readline() == b"sent\n"
-            time.sleep(0.3)
-            os.kill(client.pid, signal.SIGSTOP)
-            peak = 0.0
-            for _ in range(10):  # 2 s: the server has made every reply it is going to
-                time.sleep(0.2)
-                peak = max(peak, _rss_mib(srv.pid))
+        with stalled_client(srv.grpc, "48"):
+            peak = _peak_rss_mib(srv.pid)
             assert peak - before < (READ_BUDGET_BYTES + 16 * MiB) / MiB + 150, (before, peak)
             with grpc.insecure_channel(srv.grpc) as channel:
                 reply = pb_grpc.BlockDeviceStub(channel).GetVolume(
                     pb.GetVolumeRequest(volume="v"), timeout=5
                 )
                 assert reply.sector_count == 64 * MiB // 512
-        finally:
-            client.kill()
-            client.wait()
         options = [("grpc.max_receive_message_length", 64 << 20)]
         with grpc.insecure_channel(srv.grpc, options=options) as channel:
             stub = pb_grpc.BlockDeviceStub(channel)
@@ -222,22 +239,9 @@ def test_a_client_that_stops_reading_smaller_replies_pins_only_its_budget(
     config = write_config(tmp_path, toml_volume("v", layer))
     with ServerProcess.start(tmp_path, config) as srv:
         before = _rss_mib(srv.pid)
-        client = subprocess.Popen(
-            [sys.executable, "-c", STALLED_CLIENT, srv.grpc, "8000", str(sectors)],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert client.stdout is not None and client.stdout.readline() == b"sent\n"
-            time.sleep(0.5)
-            os.kill(client.pid, signal.SIGSTOP)
-            peak = 0.0
-            for _ in range(10):  # 2 s: the server has made every reply it is going to
-                time.sleep(0.2)
-                peak = max(peak, _rss_mib(srv.pid))
+        with stalled_client(srv.grpc, "8000", str(sectors)):
+            peak = _peak_rss_mib(srv.pid)
             assert peak - before < 2 * READ_BUDGET_BYTES / MiB + 150, (before, peak)
-        finally:
-            client.kill()
-            client.wait()
 
 
 def test_a_stop_does_not_wait_for_reads_a_stalled_client_left_waiting(tmp_path: Path) -> None:
@@ -248,20 +252,10 @@ def test_a_stop_does_not_wait_for_reads_a_stalled_client_left_waiting(tmp_path: 
     layer = {"kind": "sparse", "path": str(tmp_path / "v.sparse"), "size": "64MiB"}
     config = write_config(tmp_path, toml_volume("v", layer))
     with ServerProcess.start(tmp_path, config, "--grace", "8") as srv:  # (< TCP timeout)
-        client = subprocess.Popen(
-            [sys.executable, "-c", STALLED_CLIENT, srv.grpc, "1024", "2048"],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert client.stdout is not None and client.stdout.readline() == b"sent\n"
-            time.sleep(0.5)
-            os.kill(client.pid, signal.SIGSTOP)
+        with stalled_client(srv.grpc, "1024", "2048"):
             time.sleep(0.5)
             assert srv.terminate() == 0
             assert "still in flight" not in srv.stderr_text()  # (it waited out --grace)
-        finally:
-            client.kill()
-            client.wait()
     with ServerProcess.start(tmp_path, config) as srv:
         assert srv.terminate() == 0
         assert "did not stop cleanly" not in srv.stderr_text()

@@ -277,6 +277,20 @@ async def test_a_release_elsewhere_grants_nothing_and_the_last_counted_hold_gran
     assert lock.held == 0
 
 
+async def test_an_empty_range_is_held_at_once() -> None:
+    """It overlaps nothing, not even the counted holds' unknown ranges: held at once (it
+    waited for them, and then, with the hand-off skipping waiters that overlap nothing
+    freed, was never granted)."""
+    lock = SectorLock()
+    counted = lock.try_shared(0, 10)
+    assert counted == 0
+    token = await done(await started(lock.acquire_exclusive(0, 0)))
+    assert token is not None
+    lock.release(token)
+    lock.release(counted)
+    assert lock.held == 0
+
+
 # -- hold_for_close --------------------------------------------------------------------------
 
 

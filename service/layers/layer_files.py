@@ -9,9 +9,10 @@ with a file looks, before it reads or makes anything, for the marks the other ki
 
 - a ``sparse`` layer's presence map beside its data file (``PATH.map``, which begins with
   :data:`~.sparse_map.MAGIC`);
-- a ``sqlite`` layer's database header: SQLite's ``SQLite format 3`` string and tierdisk's
-  :data:`SQLITE_APPLICATION_ID` at byte 68 (``PRAGMA application_id``), which no other
-  SQLite database of this kind carries.
+- a ``sqlite`` layer's database header (SQLite's ``SQLite format 3`` string and tierdisk's
+  :data:`SQLITE_APPLICATION_ID` at byte 68, ``PRAGMA application_id``, which no other SQLite
+  database carries) with the layer's lock file ``PATH.lock`` beside it: the header alone could
+  be what a client wrote into sector 0 of a raw volume, which must not stop it starting.
 
 A ``raw`` image has no mark: any bytes are a raw image. Files are opened without blocking
 (``O_NONBLOCK``: a FIFO there never holds a start) and only regular files are looked at.
@@ -79,13 +80,15 @@ def _head(path: str, size: int) -> bytes:
 
 def file_kind(path: str) -> str | None:
     """``"sparse"`` when a sparse layer's presence map lies beside ``path``, ``"sqlite"``
-    when ``path`` is a tierdisk sqlite layer's database, else None (no file, or one no
-    layer kind marks: a raw image, or nothing yet). Blocks (file reads)."""
+    when ``path`` is a tierdisk sqlite layer's database with its lock file beside it, else
+    None (no file, or one no layer kind marks: a raw image, or nothing yet). Blocks (file
+    reads)."""
     if _head(sparse_map.map_path(path), len(sparse_map.MAGIC)) == sparse_map.MAGIC:
         return "sparse"
     head = _head(path, _APPLICATION_ID_AT + 4)
     ours = SQLITE_APPLICATION_ID.to_bytes(4, "big")
-    if head.startswith(_SQLITE_MAGIC) and head[_APPLICATION_ID_AT:] == ours:
+    ours_by_header = head.startswith(_SQLITE_MAGIC) and head[_APPLICATION_ID_AT:] == ours
+    if ours_by_header and os.path.lexists(os.path.realpath(path) + ".lock"):
         return "sqlite"
     return None
 
@@ -117,6 +120,7 @@ def refuse_another_kinds_file(path: str, kind: str, what: str) -> None:
             f"if the file is a {kind} layer's now"
         )
     raise ConfigError(
-        f"{what} is a tierdisk sqlite layer's database (its header says so): serve it as "
-        f'kind = "sqlite" ({why})'
+        f"{what} is a tierdisk sqlite layer's database (its header says so, and its lock file "
+        f'{os.path.realpath(path)}.lock is beside it): serve it as kind = "sqlite" ({why}), '
+        f"or remove the lock file if the file is a {kind} layer's now"
     )
