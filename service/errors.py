@@ -30,6 +30,11 @@ __all__ = [
 ]
 
 
+SERVER_STOPPING = "the server is shutting down; retry on another server or later"
+""":class:`Unavailable`'s message for a call refused because the server is stopping (not in
+``__all__``, which lists the error classes: DESIGN.md's table)."""
+
+
 class TierdiskError(Exception):
     """Base of every error tierdisk raises on purpose; its message is meant for a person."""
 

@@ -27,6 +27,7 @@ from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 
 from . import hops
 from .errors import (
+    SERVER_STOPPING,
     AllocationTooLarge,
     FailedPrecondition,
     InvalidArgument,
@@ -165,7 +166,7 @@ class DrainGate:
 
     def enter(self) -> None:
         if self.draining:
-            raise Unavailable("the server is shutting down; retry on another server or later")
+            raise Unavailable(SERVER_STOPPING)
         self._in_flight += 1
         self._idle.clear()
 

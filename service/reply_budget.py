@@ -27,7 +27,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from .errors import Unavailable
+from .errors import SERVER_STOPPING, Unavailable
 
 __all__ = ["BUDGETED_FROM_BYTES", "READ_BUDGET_BYTES", "ReplyBudgets"]
 
@@ -39,8 +39,6 @@ BUDGETED_FROM_BYTES = 64 << 10
 callback per read: nothing next to a 64 KiB reply, ~7% of a 4 KiB read's server CPU). It was
 256 KiB: 8,000 stalled Reads of 255 KiB pinned ~2.2 GiB."""
 
-
-_STOPPING = "the server is shutting down; retry on another server or later"
 
 _TCP_PEERS = ("ipv4:", "ipv6:")
 """How gRPC names a TCP peer: address and port, one connection each."""
@@ -78,7 +76,7 @@ class ReplyBudgets:
         for budget in self._peers.values():
             for _, turn in budget.waiting:
                 if not turn.done():
-                    turn.set_exception(Unavailable(_STOPPING))
+                    turn.set_exception(Unavailable(SERVER_STOPPING))
 
     def in_flight(self, peer: str) -> int:
         """Bytes ``peer`` has in flight now."""
@@ -102,7 +100,7 @@ class ReplyBudgets:
             budget = self._peers[peer] = _Budget()
         if budget.waiting or not self._fits(budget, nbytes):
             if self._closed:
-                raise Unavailable(_STOPPING)
+                raise Unavailable(SERVER_STOPPING)
             turn = asyncio.get_running_loop().create_future()
             entry = (nbytes, turn)
             budget.waiting.append(entry)
