@@ -35,7 +35,10 @@ write path of several layers a write or unmap runs to its end when its caller is
 (a deadline, a stop; :func:`~tierdisk.service.unstoppable.run_to_end`), the cancel raised
 after: cut off between two layers, the top would keep what the durable layer below never
 got, and reads would return it until the top is lost (a ``ram`` top at a restart), then the
-older value again. One that then fails in a layer (nobody left to tell) is logged.
+older value again. One that then fails in a layer (nobody left to tell) is logged. Those left
+running so are bounded: while they hold :data:`LEFT_RUNNING_LIMIT` bytes or more, a new write
+or unmap on such a path waits for room before it starts (its caller may leave meanwhile,
+with nothing written), and that is logged.
 
 The construction rules and the stack's properties derived from its layers are in
 :mod:`tierdisk.service.stack_rules`; size generations and the events resize watchers get
@@ -50,7 +53,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +83,7 @@ from .stack_rules import (
     check_write_path,
     check_write_through,
 )
-from .unstoppable import run_to_end
+from .unstoppable import LeftRunning, run_to_end
 
 __all__ = [
     "AllocationRun",
@@ -90,6 +93,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+LEFT_RUNNING_LIMIT = 64 * 1024 * 1024
+"""Bytes of writes and unmaps (each counted as at least
+:data:`~tierdisk.service.unstoppable.LEFT_RUNNING_MIN_BYTES`) that may run on down a write
+path of several layers after their callers left, per volume, before new ones wait: about 64
+writes of 1 MiB, each holding ~3 MiB of the server's memory until a layer below that hangs
+answers or times out."""
 
 _TOP_WATCH_BACKOFF = (0.1, 10.0)
 """``(first, cap)`` in seconds: the waits before watching the top layer's size again after
@@ -184,6 +194,8 @@ class Volume:
         """Flush rounds and the write verifier (:mod:`~tierdisk.service.durability`)."""
         self._kept_log = RateLimitedLog(log)  # failed changes a layer above kept (_drop_above)
         self._unseen_log = RateLimitedLog(log)  # failed changes nobody awaited (_failed_unseen)
+        self._left_running = LeftRunning(LEFT_RUNNING_LIMIT)  # those changes, still running
+        self._left_log = RateLimitedLog(log)  # changes that waited for them (_room_to_change)
 
     # -- construction -------------------------------------------------------------------
 
@@ -531,6 +543,8 @@ class Volume:
         self._check_range(sector, count)
         if count == 0:
             return
+        if self._write_path > 1 and self._left_running.full:
+            await self._room_to_change(sector, count)
         end = sector + count
         lock = self.sector_lock
         # _hold_for_change's fast path, inlined: a write then costs no coroutine for it.
@@ -543,7 +557,7 @@ class Volume:
         try:
             if self._write_path > 1:
                 change = self._write_holes if no_overwrite else self._write_sectors
-                await run_to_end(change(view, sector, fua), dropped=self._failed_unseen)
+                await self._run_to_end(change(view, sector, fua), len(view))
             elif no_overwrite:
                 await self._write_holes(view, sector, fua)
             else:
@@ -567,6 +581,31 @@ class Volume:
             self.name,
             exc,
         )
+
+    async def _run_to_end(self, change: Coroutine[Any, Any, None], nbytes: int) -> None:
+        """Run ``change`` (of ``nbytes`` of data) down a write path of several layers to its
+        end, also when the caller is cancelled (module docs), counted in the changes left
+        running while it runs on without its caller."""
+        await run_to_end(
+            change, dropped=self._failed_unseen, left=self._left_running, nbytes=nbytes
+        )
+
+    async def _room_to_change(self, sector: int, count: int) -> None:
+        """Wait until the changes left running by callers who went hold less than
+        :data:`LEFT_RUNNING_LIMIT` bytes (a layer of the write path hangs or is slow, and
+        callers give up on it), before a change of ``count`` sectors at ``sector`` starts;
+        logged, at most one line every 10 s per volume."""
+        left = self._left_running
+        self._left_log.warning(
+            "volume %r: %d writes or unmaps whose callers left still run down the write path "
+            "(%d MiB; a layer below is slow or does not answer): new ones wait for room "
+            "before they start",
+            self.name,
+            left.count,
+            left.bytes >> 20,
+        )
+        await left.room()
+        self._check_range(sector, count)  # a shrink may have run while it waited
 
     async def _hold_for_change(self, sector: int, end: int) -> int:
         """Hold ``[sector, end)`` in :attr:`sector_lock` for a write or unmap; return the
@@ -764,6 +803,8 @@ class Volume:
         first = offset // ss
         last = -(-end // ss)
         head = offset - first * ss
+        if self._write_path > 1 and self._left_running.full:
+            await self._room_to_change(first, last - first)
         lock = self.sector_lock
         token = await lock.acquire_exclusive(first, last)
         self._durability.change_began()
@@ -777,7 +818,7 @@ class Volume:
                 await self.read_into(buf[-ss:], last - 1)
             buf[head : head + len(view)] = view
             if self._write_path > 1:
-                await run_to_end(self._write_sectors(buf, first, fua), dropped=self._failed_unseen)
+                await self._run_to_end(self._write_sectors(buf, first, fua), len(buf))
             else:
                 await self._write_sectors(buf, first, fua)
         except Exception:
@@ -832,15 +873,15 @@ class Volume:
         self._check_range(sector, count)
         if count == 0 or self.unmap_behavior == UnmapBehavior.IGNORED:
             return
+        if self._write_path > 1 and self._left_running.full:
+            await self._room_to_change(sector, count)
         end = sector + count
         token = await self._hold_for_change(sector, end)
         self._durability.change_began()
         failed = False
         try:
             if self._write_path > 1:
-                await run_to_end(
-                    self._unmap_sectors(sector, end, block_level_only), dropped=self._failed_unseen
-                )
+                await self._run_to_end(self._unmap_sectors(sector, end, block_level_only), 0)
             else:
                 await self._unmap_sectors(sector, end, block_level_only)
         except Exception:
@@ -1177,5 +1218,9 @@ class Volume:
             "generation": self.generation,
             "write_verifier": f"{self.write_verifier:016x}",  # hex: a double cannot hold it
             "smallest_sector_count": self.smallest_sector_count,
+            "left_running": {
+                "changes": self._left_running.count,
+                "bytes": self._left_running.bytes,
+            },
             "layers": layers,
         }

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tierdisk.service.unstoppable import run_to_end
+from tierdisk.service.unstoppable import LEFT_RUNNING_MIN_BYTES, LeftRunning, run_to_end
 
 
 async def test_the_result_when_not_cancelled() -> None:
@@ -63,3 +63,32 @@ async def test_a_cancel_of_the_work_itself_is_raised() -> None:
     future.cancel()  # as an executor shut down cancels what it had not started
     with pytest.raises(asyncio.CancelledError):
         await run_to_end(future)
+
+
+async def test_work_left_running_is_counted_until_it_ends_and_room_waits_for_it() -> None:
+    """Counted from the caller's cancel (not before) to the work's end, as its bytes or the
+    minimum; :meth:`LeftRunning.room` waits while the count is at the limit."""
+    left = LeftRunning(3 * 2**20)
+    release = asyncio.Event()
+
+    async def work() -> None:
+        await release.wait()
+
+    big = asyncio.create_task(run_to_end(work(), left=left, nbytes=3 * 2**20))
+    small = asyncio.create_task(run_to_end(work(), left=left, nbytes=10))
+    await asyncio.sleep(0)
+    assert (left.count, left.bytes, left.full) == (0, 0, False)  # callers still there
+    await left.room()  # room: at once
+    big.cancel()
+    small.cancel()
+    await asyncio.sleep(0)
+    assert (left.count, left.bytes, left.full) == (2, 3 * 2**20 + LEFT_RUNNING_MIN_BYTES, True)
+    waiter = asyncio.create_task(left.room())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    release.set()
+    await asyncio.wait_for(waiter, 5)
+    for task in (big, small):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert (left.count, left.bytes) == (0, 0)

@@ -20,6 +20,7 @@ import pytest
 from conftest import VolumeOpener
 from stacks import MapLayer, entry, pattern, sector_pattern
 
+from tierdisk.service import volume as volume_module
 from tierdisk.service.errors import (
     ConfigError,
     InvalidArgument,
@@ -35,6 +36,7 @@ from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import SparseLayer
 from tierdisk.service.runs import Run
+from tierdisk.service.unstoppable import LEFT_RUNNING_MIN_BYTES
 from tierdisk.service.volume import LayerEntry, Volume
 
 SS = 512
@@ -1248,6 +1250,79 @@ class _GatedChanges(_Gated):
     ) -> None:
         await self._held()
         await super().unmap(sector, count, block_level_only, next_is_zero)
+
+
+class _Hung(MapLayer):
+    """A map layer whose writes and unmaps wait for :attr:`gate` (a tier that hangs);
+    :attr:`arrived` counts the changes that reached it."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(sectors)
+        self.gate = asyncio.Event()
+        self.arrived = 0
+
+    async def write(self, data: memoryview, sector: int, fua: bool) -> None:
+        self.arrived += 1
+        await self.gate.wait()
+        await super().write(data, sector, fua)
+
+    async def unmap(
+        self, sector: int, count: int, block_level_only: bool, next_is_zero: bool
+    ) -> None:
+        self.arrived += 1
+        await self.gate.wait()
+        await super().unmap(sector, count, block_level_only, next_is_zero)
+
+
+@pytest.mark.parametrize("change", ["write", "write_at", "unmap"])
+async def test_changes_left_running_by_callers_who_went_are_bounded(
+    volumes: VolumeOpener,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+) -> None:
+    """Callers giving up on a write-path layer that hangs leave their changes running
+    (they run to their end); once those hold LEFT_RUNNING_LIMIT bytes, a new change waits
+    before it starts, holding nothing (its caller may leave, with nothing written), and
+    goes on when they end. Inspect shows what is left running."""
+    monkeypatch.setattr(volume_module, "LEFT_RUNNING_LIMIT", 4 * LEFT_RUNNING_MIN_BYTES)
+    top, lower = MapLayer(16), _Hung(16)
+    vol = await volumes(entry(top, wt=True), lower)
+    gone = [asyncio.ensure_future(vol.write(s, p(1, s))) for s in range(4)]
+    await _spin()
+    assert lower.arrived == 4
+    for task in gone:
+        task.cancel()
+    await _spin()
+    assert vol.inspect()["left_running"] == {"changes": 4, "bytes": 4 * LEFT_RUNNING_MIN_BYTES}
+    calls: dict[str, Callable[[], Awaitable[None]]] = {
+        "write": lambda: vol.write(8, p(2, 8)),
+        "write_at": lambda: vol.write_at(8 * SS + 1, b"xy"),
+        "unmap": lambda: vol.unmap(8, 1),
+    }
+    top.data[8] = p(3, 8)  # so an unmap that ran would show
+    with caplog.at_level(logging.WARNING):
+        waiting = asyncio.ensure_future(calls[change]())
+        await _spin()
+    assert not waiting.done() and lower.arrived == 4  # not started
+    assert "writes or unmaps whose callers left still run down the write path" in caplog.text
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert top.data[8] == p(3, 8) and 8 not in lower.data  # it left nothing behind
+    then = asyncio.ensure_future(calls[change]())
+    await _spin()
+    assert lower.arrived == 4
+    lower.gate.set()
+    await then  # room once those left running end
+    for task in gone:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert vol.inspect()["left_running"] == {"changes": 0, "bytes": 0}
+    expected = {"write": p(2, 8), "write_at": p(3, 8)[:1] + b"xy" + p(3, 8)[3:], "unmap": ZERO}
+    data, _ = await vol.read(8, 1)
+    assert bytes(data) == expected[change]
+    assert all(top.data[s] == lower.data[s] == p(1, s) for s in range(4))
 
 
 @pytest.mark.parametrize("change", ["write", "write_at", "fill", "unmap"])
