@@ -185,7 +185,9 @@ class AsyncClient:
     called once per unary call (its retries send the same pairs) and per WatchResize
     stream, and its pairs are sent after ``metadata`` (keys lowered and pairs checked
     likewise: a :class:`ValueError` from the call); ``on_call(rpc, code, seconds)`` is
-    called after every unary call attempt and when a WatchResize stream ends.
+    called after every unary call attempt and when a WatchResize stream ends; the
+    ``policy_factory`` attribute (None unless set), when set, is called at each unary call
+    and WatchResize stream for its retry policy, instead of ``policy``.
 
     It is made in a running event loop, and used in that loop only (a gRPC channel belongs
     to one loop): a call made in another one (a second ``asyncio.run()``, say) raises a
@@ -199,13 +201,15 @@ class AsyncClient:
     keeps no gRPC thread alive.
 
     Its calls, and its volumes', are made by its ``runner`` (:class:`CallRunner`), which
-    holds ``target``, ``timeout``, ``policy``, ``metadata``, ``metadata_factory`` and
-    ``on_call``: the client's attributes of those names are the runner's.
+    holds ``target``, ``timeout``, ``policy``, ``policy_factory``, ``metadata``,
+    ``metadata_factory`` and ``on_call``: the client's attributes of those names are the
+    runner's.
     """
 
     target = _OnRunner[str]()
     timeout = _OnRunner[float | None]()
     policy = _OnRunner[RetryPolicy]()
+    policy_factory = _OnRunner[Callable[[], RetryPolicy] | None]()
     metadata = _OnRunner[tuple[tuple[str, str], ...]]()
     metadata_factory = _OnRunner[MetadataFactory | None]()
     on_call = _OnRunner[CallObserver | None]()

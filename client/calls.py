@@ -149,6 +149,8 @@ class CallRunner:
     """Makes the calls of one client on its ``channel``; ``target`` names the server in
     errors. The settings (``policy``, ``timeout``, ``metadata``, ``metadata_factory``,
     ``on_call``) are read at every call: changing one changes the calls made after.
+    ``policy_factory``, when set, is called at every call instead of reading ``policy``
+    (a remote layer retries only its own server's requests, not those another tier sent).
 
     ``stub`` is the channel's BlockDevice stub; ``read_raw``, ``read_batch_raw`` and
     ``write_raw`` are Read, ReadBatch and Write with the reply, or the request, left
@@ -175,6 +177,7 @@ class CallRunner:
         self.channel = channel
         self.target = target
         self.policy = policy
+        self.policy_factory: Callable[[], RetryPolicy] | None = None
         self.timeout = timeout
         self.metadata = metadata
         self.metadata_factory = metadata_factory
@@ -292,7 +295,7 @@ class CallRunner:
         try:
             return await call_with_retry(
                 attempt,
-                policy=self.policy,
+                policy=self.policy if self.policy_factory is None else self.policy_factory(),
                 timeout=seconds,
                 volume=volume,
                 target=self.target,
@@ -371,7 +374,7 @@ class CallRunner:
         arrived, any error is raised. :attr:`on_call` is called when each attempt's stream
         ends; ``rpc`` names it as in :meth:`unary`."""
         name = rpc or type(request).__name__.removesuffix("Request")
-        policy = self.policy
+        policy = self.policy if self.policy_factory is None else self.policy_factory()
         timeout = deadline_seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         retry = 0

@@ -346,6 +346,54 @@ def close_streams(server: ServerProcess) -> None:
             stream.close()
 
 
+async def _failed_calls(vol: AsyncVolume) -> int:
+    """The calls the volume's remote layer (index 1) made that failed, its resize watch
+    aside (a watch is followed again in the background)."""
+    requests = (await vol.inspect("layers/1/requests")) or {}
+    return sum(
+        int(count)
+        for rpc, codes in requests.items()
+        if rpc != "WatchResize"
+        for code, count in codes.items()
+        if code != "OK"
+    )
+
+
+async def test_only_the_tier_nearest_the_client_retries_a_down_origin(tmp_path: Path) -> None:
+    """With the origin of host → regional → origin down, a read at the host is retried by
+    the host's remote layer (``retries = 3``: 4 attempts), and the regional tries each of
+    those once, not 4 times more (retries inside retries: 16 calls at the origin); the
+    caller hears UNAVAILABLE naming the origin. A read of the regional's own client is
+    retried there, as configured."""
+    listen, _, origin = origin_process(tmp_path / "origin", ram("1MiB"))
+    try:
+        async with running_server(
+            tmp_path / "regional", toml_volume("base", ram(), remote(listen, "base", retries=3))
+        ) as regional:
+            body = toml_volume("vm", ram(), remote(regional.grpc_address, "base", retries=3))
+            async with (
+                running_server(tmp_path / "host", body) as host,
+                AsyncClient(host.grpc_address, retries=0, timeout=20) as host_client,
+                AsyncClient(regional.grpc_address, retries=0, timeout=20) as regional_client,
+            ):
+                at_host = host_client.volume("vm")
+                at_regional = regional_client.volume("base")
+                origin.kill()
+                host_before = await _failed_calls(at_host)
+                regional_before = await _failed_calls(at_regional)
+                with pytest.raises(cerr.Unavailable) as info:
+                    await at_host.read(0, 8)
+                assert listen in str(info.value)  # the origin's address
+                assert await _failed_calls(at_host) - host_before == 4
+                assert await _failed_calls(at_regional) - regional_before == 4  # once each
+                with pytest.raises(cerr.Unavailable):
+                    await at_regional.read(0, 8)  # its own client's: retried here
+                assert await _failed_calls(at_regional) - regional_before == 8
+    finally:
+        origin.kill()
+        close_streams(origin)
+
+
 async def test_cache_tier_starts_before_its_origin(tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
     body = toml_volume("vm", ram(), remote(listen, "base", timeout=1))

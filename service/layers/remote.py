@@ -21,7 +21,13 @@ Built on :class:`tierdisk.client.AsyncClient`. Config options (DESIGN.md §4):
 ``retries``
     Further attempts after the first on ``UNAVAILABLE`` or ``CANCELLED`` (default 3), with
     exponential backoff and full jitter (the client library's
-    :class:`~tierdisk.client.RetryPolicy`).
+    :class:`~tierdisk.client.RetryPolicy`), for the requests of this server's own clients
+    (gRPC, NBD) and its own work (attach aside: resize watch, flushes at a stop). A request
+    another tier sent (its ``tierdisk-hops`` chain names a tier before this one) is tried
+    once here: the tier that sent it retries it, so in a chain only the tier nearest the
+    client retries, rather than every tier inside the retries of the one above (with the
+    origin of host → regional → origin down, a read at the host cost 4 x 4 calls at the
+    origin per attempt of its caller; now 4).
 ``tls``, ``ca_file``, ``cert_file``, ``key_file``, ``server_name``
     ``tls = true`` connects with TLS: ``ca_file`` (PEM) replaces the system roots,
     ``cert_file`` + ``key_file`` (PEM) present a client certificate, ``server_name``
@@ -176,7 +182,7 @@ _GROUP_NEAR_BYTES = 1 << 20
 """Runs asked about in one ``GetAllocation`` may lie this close together whatever their
 size (:meth:`RemoteLayer.presence_of_runs`)."""
 _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
-_RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_WARNED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
 
 _UNMAP: dict[ClientUnmapBehavior, UnmapBehavior] = {
@@ -355,6 +361,7 @@ class RemoteLayer(Layer):
             await client.close()
             raise
         client.policy = RetryPolicy(retries=self.retries, backoff=BACKOFF, max_backoff=MAX_BACKOFF)
+        client.policy_factory = partial(_policy_now, client.policy)
         self._client, self._vol, self._info = client, vol, info
         try:
             if self.mode == "layer":
@@ -420,7 +427,7 @@ class RemoteLayer(Layer):
         # (NbdRead failures are logged by the NBD data path, which says what happens next;
         # those of an attach by the server, which names the volume and retries it.)
         attached = self._info is not None
-        if attached and code in _RETRIED_CODES and rpc not in ("WatchResize", "NbdRead"):
+        if attached and code in _WARNED_CODES and rpc not in ("WatchResize", "NbdRead"):
             retried = (
                 f"the client retries UNAVAILABLE up to {self.retries} times"
                 if code == grpc.StatusCode.UNAVAILABLE
@@ -474,6 +481,10 @@ class RemoteLayer(Layer):
     @property
     def optimal_unmap_sectors(self) -> int:
         return max(1, self._remote().optimal_unmap_sectors)
+
+    @property
+    def zeros_cost_per_sector(self) -> bool:
+        return self.mode == "layer"  # zeros kept present are written to the origin (unmap)
 
     @property
     def can_read_cache(self) -> bool:
@@ -832,6 +843,15 @@ class RemoteLayer(Layer):
             ),
             **({"nbd": self._nbd.inspect()} if self._nbd is not None else {}),
         }
+
+
+_TRIED_ONCE = RetryPolicy(retries=0, backoff=BACKOFF, max_backoff=MAX_BACKOFF)
+
+
+def _policy_now(own: RetryPolicy) -> RetryPolicy:
+    """The retry policy of a call made now: ``own`` (the layer's ``retries``), but none for
+    a call made for a request another tier sent, which that tier retries (module docs)."""
+    return own if len(hops.current_chain.get()) < 2 else _TRIED_ONCE
 
 
 async def _smallest_of(vol: AsyncVolume, seconds: float) -> int | None:
