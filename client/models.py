@@ -90,9 +90,14 @@ class VolumeInfo:
         """:class:`~tierdisk.client.errors.OutOfRange` naming the whole range if ``count``
         sectors from ``sector`` reach past the end of the volume as of this value."""
         if sector + count > self.sector_count:
+            what = (
+                f"sectors [{sector}, {sector + count}) reach past the end"
+                if count
+                else f"sector {sector} is past the end"  # (nothing to write, from there)
+            )
             raise OutOfRange(
-                f"volume {self.name!r}: sectors [{sector}, {sector + count}) reach past the end "
-                f"({self.sector_count} sectors of {self.sector_size} bytes)",
+                f"volume {self.name!r}: {what} ({self.sector_count} sectors of "
+                f"{self.sector_size} bytes)",
                 volume=self.name,
             )
 

@@ -40,6 +40,7 @@ __all__ = [
     "check_sector_size",
     "layer_closed",
     "new_geometry",
+    "sector_size_mismatch",
     "size_limit_problem",
 ]
 
@@ -93,6 +94,8 @@ def new_geometry(
         check_sector_size(ss)
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
+    if lower is not None and ss != lower.sector_size:  # before anything is made of it
+        raise ConfigError(sector_size_mismatch(ss, lower.sector_size))  # as the stack rule
     nbytes = size
     if nbytes is None and lower is not None:
         nbytes = lower.sector_count * lower.sector_size
@@ -108,6 +111,15 @@ def new_geometry(
     if problem is not None:
         raise ConfigError(f"{what}: size {nbytes}: {problem}")
     return ss, nbytes // ss
+
+
+def sector_size_mismatch(sector_size: int, bottom_sector_size: int) -> str:
+    """The construction rule a layer of ``sector_size`` bytes over a stack of
+    ``bottom_sector_size`` breaks, as messages say it."""
+    return (
+        f"sector size {sector_size} differs from the bottom layer's {bottom_sector_size}; "
+        "all layers share one sector size"
+    )
 
 
 def layer_closed(what: str) -> Unavailable:
@@ -233,6 +245,15 @@ class Layer(abc.ABC):
         disagrees, :func:`check_recorded_size`); None when the config gives none, or for a
         layer made anew at each start (``ram``) or sized by another server (``remote``)."""
         return None
+
+    @property
+    def zeros_cost_per_sector(self) -> bool:
+        """True when :meth:`unmap` without ``next_is_zero`` (keeping the sectors present as
+        zeros) costs storage or I/O per sector: ``sqlite`` (a row each), ``remote`` in layer
+        mode (zeros written to the origin). The volume then asks the layers below which of
+        the sectors they hold and keeps zeros only over those. False (the default) where
+        zeros are a run in a map (``ram``, ``sparse``)."""
+        return False
 
     @property
     def can_drop_sectors(self) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import ConfigError
-from .layer import UnmapBehavior
+from .layer import UnmapBehavior, sector_size_mismatch
 
 __all__ = [
     "EntryFacts",
@@ -120,8 +120,7 @@ def check_same_sector_size(
     is attached, bottom-up, so a stack is refused before the layers above it are attached."""
     if sector_size != bottom_sector_size:
         raise ConfigError(
-            f"sector size {sector_size} differs from the bottom layer's "
-            f"{bottom_sector_size}; all layers share one sector size",
+            sector_size_mismatch(sector_size, bottom_sector_size),
             volume=name,
             layer=index,
         )

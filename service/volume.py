@@ -535,7 +535,8 @@ class Volume:
         ``no_overwrite`` writes only sectors the volume does not hold yet (no layer present).
         Holds its sectors shared in :attr:`sector_lock` while it runs: it waits only while a
         read-modify-write (:meth:`write_at`) or a shrink of an overlapping range is held or
-        waiting. On a write path of several layers the hold is exclusive (:meth:`_hold`).
+        waiting. On a write path of several layers the hold is exclusive
+        (:meth:`_hold_for_change`).
         """
         self._check_writable("write")
         view = memoryview(data).cast("B")
@@ -905,7 +906,10 @@ class Volume:
                 # present. At or past it, nothing below shows through: they may be dropped.
                 below = hi if index == bottom else min(hi, self._overlap[index + 1])
                 if sector < below:
-                    await layer.unmap(sector, below - sector, block_level_only, index == bottom)
+                    if index == bottom or not layer.zeros_cost_per_sector:
+                        await layer.unmap(sector, below - sector, block_level_only, index == bottom)
+                    else:
+                        await self._unmap_over_held(index, sector, below, block_level_only)
                     changed_at = index
                 if below < hi:
                     start = max(sector, below)
@@ -913,6 +917,25 @@ class Volume:
                     changed_at = index
         except Exception as exc:
             raise await self._failed_below(exc, index, changed_at, sector, end, "unmap") from None
+
+    async def _unmap_over_held(
+        self, index: int, sector: int, end: int, block_level_only: bool
+    ) -> None:
+        """Unmap ``[sector, end)`` of layer ``index``, where zeros cost it storage per sector
+        (:attr:`~.layer.Layer.zeros_cost_per_sector`), keeping zeros present only over the
+        runs a layer below holds and dropping the rest (``next_is_zero``): a whole-disk
+        discard over an empty lower layer wrote a ``sqlite`` row per sector (a 16 GiB one ran
+        past its caller's deadline; larger ones filled the disk), where nothing below could
+        show through."""
+        layer = self._layers[index]
+        held, _ = await self._holders(sector, end, first=index + 1)
+        at = sector
+        for a, b, _depth in [*held, (end, end, -1)]:
+            if at < a:
+                await layer.unmap(at, a - at, block_level_only, True)
+            if a < b:
+                await layer.unmap(a, b - a, block_level_only, False)
+            at = max(at, b)
 
     async def flush(self) -> None:
         """Make every write acknowledged before the call durable on the write path (DESIGN
@@ -1157,19 +1180,7 @@ class Volume:
         self._check_range(sector, count)
         if count == 0:
             return []
-        end = sector + count
-        missing: list[Run] = [(sector, end)]
-        found: list[AllocationRun] = []
-        for index, layer in enumerate(self._layers):
-            asked = clip(missing, sector, self._limit(index, end))
-            if not asked:
-                break
-            held = await layer.presence_of_runs(asked)
-            if held:
-                found.extend((a, b, index) for a, b in held)
-                missing = subtract(missing, held)
-            if not missing:
-                break
+        found, missing = await self._holders(sector, sector + count)
         found.extend((a, b, -1) for a, b in missing)
         found.sort()
         joined: list[AllocationRun] = []
@@ -1181,6 +1192,27 @@ class Volume:
             if done % RUNS_BETWEEN_YIELDS == 0:
                 await asyncio.sleep(0)
         return joined
+
+    async def _holders(
+        self, sector: int, end: int, *, first: int = 0
+    ) -> tuple[list[AllocationRun], list[Run]]:
+        """Which of the layers from index ``first`` down holds each sector of ``[sector,
+        end)`` (each asked within its overlap): the runs held, sorted, as ``(start, end,
+        index of the topmost holding it)``, and the runs none of them holds."""
+        missing: list[Run] = [(sector, end)]
+        found: list[AllocationRun] = []
+        for index in range(first, len(self._layers)):
+            asked = clip(missing, sector, self._limit(index, end))
+            if not asked:
+                break
+            held = await self._layers[index].presence_of_runs(asked)
+            if held:
+                found.extend((a, b, index) for a, b in held)
+                missing = subtract(missing, held)
+            if not missing:
+                break
+        found.sort()
+        return found, missing
 
     # -- inspect ------------------------------------------------------------------------
 

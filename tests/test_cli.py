@@ -1849,6 +1849,12 @@ def test_write_from_a_pipe_refuses_a_bad_chunk_after_writing_those_before(
     one_line_error(over, "volume 'rw'", "past the end", f"the {MiB} bytes before were written")
     assert tierdisk(server, "read", "rw", str(last), "2048").stdout != tail
 
+    # nothing to write, from a sector past the end: that sector is named, not a range
+    empty = tierdisk(server, "write", "rw", "8193", stdin=b"", check=False)
+    assert one_line_error(empty, "volume 'rw'").endswith(
+        "sector 8193 is past the end (8192 sectors of 512 bytes)"
+    )
+
 
 class FullFrom(MapLayer):
     """A disk (every sector present, reading ``\\xa5``) whose writes reaching sector

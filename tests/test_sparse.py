@@ -191,6 +191,29 @@ async def test_compaction_keeps_the_map_small_and_right(
             await again.close()
 
 
+async def test_a_compaction_does_not_follow_a_symlink_at_its_file(tmp_path: Path) -> None:
+    """A symlink put at ``PATH.map.tmp`` while the layer runs is refused, not followed:
+    the file it points to is not overwritten with the map (the compaction fails, and the
+    map's log keeps every change)."""
+    path = tmp_path / "d"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    layer = await opened(path, SIZE)
+    try:
+        for i in range(3):
+            await layer.write(memoryview(pattern(i, i * 10, 2, SS)), i * 10, False)
+            await layer.flush()
+        os.symlink(victim, f"{path}.map.tmp")
+    finally:
+        await layer.close()
+    assert victim.read_bytes() == b"not yours"
+    again = await opened(path)
+    try:
+        assert await again.presence(0, 40) == [(0, 2), (10, 12), (20, 22)]
+    finally:
+        await again.close()
+
+
 async def test_a_leftover_compaction_file_is_removed_at_open(tmp_path: Path) -> None:
     path = tmp_path / "d"
     await (await opened(path, SIZE)).close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -35,6 +36,7 @@ from tierdisk.service.layer import Layer, UnmapBehavior
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import SparseLayer
+from tierdisk.service.layers.sqlite import SqliteLayer
 from tierdisk.service.runs import Run
 from tierdisk.service.unstoppable import LEFT_RUNNING_MIN_BYTES
 from tierdisk.service.volume import LayerEntry, Volume
@@ -98,6 +100,28 @@ async def test_s02_mismatched_sector_sizes(volumes: VolumeOpener) -> None:
     assert err.layer == 0 and "sector size 512" in str(err) and "4096" in str(err)
     err = await open_error(volumes, ram(8), ram(8), MapLayer(8, sector_size=4096))
     assert err.layer == 1
+
+
+@pytest.mark.parametrize("kind", ["ram", "sparse"])
+async def test_s02_a_layer_inheriting_a_size_of_other_sectors_breaks_the_sector_size_rule(
+    volumes: VolumeOpener, tmp_path: Path, kind: str
+) -> None:
+    """A 4096-byte-sector layer over 512-byte sectors is refused by the rule it breaks, also
+    when the size it would inherit is no multiple of 4096 (it was refused for a size the
+    config never gave), and before a new sparse layer is made of it (its files were left
+    behind, and the next start refused them for their sector size)."""
+    path = tmp_path / "top"
+    for sectors, size in ((2048, None), (2049, None), (2048, 2048 * SS)):
+        top: Layer = (
+            RamLayer(size, sector_size=4096)
+            if kind == "ram"
+            else SparseLayer(str(path), size=size, sector_size=4096)
+        )
+        err = await open_error(volumes, top, ram(sectors))
+        assert err.layer == 0
+        assert "sector size 4096 differs from the bottom layer's 512" in str(err), str(err)
+        assert "size" not in str(err).replace("sector size", "")
+        assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("bad", [1000, 256, 0])
@@ -693,6 +717,57 @@ async def test_s45_split_through_write_through_layers(volumes: VolumeOpener) -> 
     assert top.ops("unmap") == [("unmap", 20, 30, False), ("unmap", 50, 30, True)]
     assert mid.ops("unmap") == [("unmap", 20, 10, False), ("unmap", 30, 20, True)]
     assert low.calls == []
+
+
+class _CostlyZeros(MapLayer):
+    """A map layer that keeps zeros at a cost per sector (as ``sqlite``: a row each)."""
+
+    @property
+    def zeros_cost_per_sector(self) -> bool:
+        return True
+
+
+async def test_s45_costly_zeros_are_kept_only_over_what_a_layer_below_holds(
+    volumes: VolumeOpener,
+) -> None:
+    """A layer whose zeros cost storage per sector keeps them present only over the runs a
+    layer below holds (within its overlap); the rest it drops. Reads are zeros throughout."""
+    top = _CostlyZeros(100, data={s: p(1, s) for s in range(0, 100, 7)})
+    mid = MapLayer(80, data={s: p(2, s) for s in range(20, 30)} | {60: p(2, 60)})
+    low = MapLayer(100, data={s: p(3, s) for s in (*range(40, 45), 90)})
+    vol = await volumes(entry(top, wt=True), mid, low)
+    await vol.unmap(0, 100)
+    assert await sectors_of(vol, 0, 100) == [ZERO] * 100
+    assert top.ops("unmap") == [
+        ("unmap", 0, 20, True),
+        ("unmap", 20, 10, False),
+        ("unmap", 30, 10, True),
+        ("unmap", 40, 5, False),
+        ("unmap", 45, 15, True),
+        ("unmap", 60, 1, False),
+        ("unmap", 61, 19, True),  # low's sector 90 lies past mid's overlap (80): hidden
+        ("unmap", 80, 20, True),
+    ]
+    assert sorted(top.data) == [*range(20, 30), *range(40, 45), 60]
+
+
+async def test_s45_a_sqlite_discard_over_an_empty_layer_stores_no_rows(
+    volumes: VolumeOpener, tmp_path: Path
+) -> None:
+    """Discarding a whole sqlite-over-ram volume writes a row only where the ram layer holds
+    data (it wrote one per sector: a whole-disk discard of a large volume ran for minutes
+    and filled the disk)."""
+    n = 64 * 2048  # 64 MiB
+    top = SqliteLayer(str(tmp_path / "top.db"), size=n * SS)
+    lower = ram(n)
+    vol = await volumes(top, lower)
+    await lower.write(memoryview(pattern(2, 1000, 8, SS)), 1000, False)
+    await vol.write(0, pattern(1, 0, 16, SS))
+    await vol.unmap(0, n)
+    assert top.present_sectors == 8
+    assert await vol.allocation(0, n) == [(0, 1000, -1), (1000, 1008, 0), (1008, n, -1)]
+    data, _ = await vol.read(990, 30)
+    assert bytes(data) == bytes(30 * SS)
 
 
 async def test_s46_ignored_unmap_does_nothing(volumes: VolumeOpener) -> None:

@@ -259,9 +259,13 @@ class SparseLayer(Layer):
                 "as zeros over the layers below); if the file is a raw image, serve it as kind "
                 '= "raw"'
             )
-        ss, count = new_geometry(
-            f"sparse layer {self.path}", self._size_bytes, self._wanted_sector_size, lower
-        )
+        try:
+            ss, count = new_geometry(
+                f"sparse layer {self.path}", self._size_bytes, self._wanted_sector_size, lower
+            )
+        except ConfigError:
+            self._unmake(new_file)
+            raise
         self._set_geometry(ss, count)
         try:
             self._write_snapshot(array("q"), count, count)
@@ -269,15 +273,20 @@ class SparseLayer(Layer):
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(self.map_path)  # there was none: _create runs only then
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-                if new_file:
-                    os.unlink(os.path.realpath(self.path))  # the file made, not a link to it
+            self._unmake(new_file)
             raise StorageError(
                 f"cannot create sparse layer {self.path} of {count * ss} bytes: {exc.strerror}"
             ) from None
         self._size = self._logged_size = count
         self._smallest = self._logged_smallest = count
+
+    def _unmake(self, new_file: bool) -> None:
+        """Undo a create that failed: the data file emptied again, and removed when the
+        create made it (``new_file``)."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            if new_file:
+                os.unlink(os.path.realpath(self.path))  # the file made, not a link to it
 
     def _load(self) -> None:
         try:
@@ -824,12 +833,13 @@ class SparseLayer(Layer):
         self._log_end += len(record)
 
     def _write_snapshot(self, runs: array[int], size: int, smallest: int) -> None:
-        """Replace the map with header + one SNAP record, atomically (tmp, fsync, rename)."""
+        """Replace the map with header + one SNAP record, atomically (tmp, fsync, rename; a
+        symlink at the tmp path is refused, not followed)."""
         blob = encode_header(self._sector_size, size) + encode_record(
             SNAP, self._seq + 1, size, smallest, array("q"), runs
         )
         tmp = self.map_path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             pwrite_all(fd, memoryview(blob), 0)
             os.fsync(fd)

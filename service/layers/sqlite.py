@@ -504,6 +504,10 @@ class SqliteLayer(Layer):
         return True
 
     @property
+    def zeros_cost_per_sector(self) -> bool:
+        return True  # a row each
+
+    @property
     def can_read_cache(self) -> bool:
         return True
 
