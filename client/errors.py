@@ -184,8 +184,8 @@ class SectorSizeChanged(FailedPrecondition):
 
 
 class NotSupported(FailedPrecondition):
-    """The volume's layers cannot do this (e.g. resize a volume whose top layer is a
-    read-only raw image or remote layer)."""
+    """The volume's layers cannot do this (a layer kind that cannot be resized; none of
+    the kinds tierdisk ships, when writable)."""
 
     label = "not supported"
     server_names = ("NotSupported",)

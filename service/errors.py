@@ -8,6 +8,8 @@ its own exception tree.
 from __future__ import annotations
 
 __all__ = [
+    "SERVER_STOPPING",
+    "SHUTTING_DOWN",
     "AllocationTooLarge",
     "ConfigError",
     "DataCorruption",
@@ -30,9 +32,12 @@ __all__ = [
 ]
 
 
-SERVER_STOPPING = "the server is shutting down; retry on another server or later"
-""":class:`Unavailable`'s message for a call refused because the server is stopping (not in
-``__all__``, which lists the error classes: DESIGN.md's table)."""
+SHUTTING_DOWN = "the server is shutting down"
+"""How every refusal because the server is stopping begins (gRPC calls, WatchResize
+streams, NBD options and commands), so one search of a log finds them all."""
+
+SERVER_STOPPING = f"{SHUTTING_DOWN}; retry on another server or later"
+""":class:`Unavailable`'s message for a gRPC call refused because the server is stopping."""
 
 
 class TierdiskError(Exception):
@@ -85,8 +90,9 @@ class ReadOnlyError(FailedPrecondition):
 
 
 class NotSupported(FailedPrecondition):
-    """The layer kind cannot do this (e.g. resize a volume whose write path has a read-only
-    raw image or remote layer)."""
+    """A layer cannot do this (a layer kind that cannot be resized, or write without
+    overwriting; none of the kinds tierdisk ships, when writable: a config that puts a
+    read-only layer on a writable volume's write path is refused at start)."""
 
 
 class Unauthenticated(TierdiskError):

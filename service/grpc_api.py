@@ -1,10 +1,12 @@
 """The ``BlockDevice`` servicer: gRPC requests in, engine calls, gRPC replies out.
 
 Domain exceptions become gRPC status codes here, by the one table of DESIGN.md §2
-(:data:`~.status.STATUS_NAMES`, which the NBD export's metrics use too). Every error reply
-also carries the trailing metadata ``tierdisk-error`` (:data:`ERROR_HEADER`, the client's
-``ERROR_METADATA_KEY``) with the exception class name, so the client can pick a finer
-exception than the status code alone (``ReadOnlyError`` vs other ``FAILED_PRECONDITION``).
+(:data:`~.status.STATUS_NAMES`, which the NBD export's metrics use too). The reply of a
+domain error also carries the trailing metadata ``tierdisk-error`` (:data:`ERROR_HEADER`, the
+client's ``ERROR_METADATA_KEY``) with the exception class name, so the client can pick a
+finer exception than the status code alone (``ReadOnlyError`` vs other
+``FAILED_PRECONDITION``); a storage failure no layer named (an ``OSError``: ``INTERNAL``,
+"storage failure: …") carries none, and the client makes it a ``StorageError`` by its code.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tierdisk.v1 import blockdevice_pb2_grpc as pb_grpc
 from . import hops
 from .errors import (
     SERVER_STOPPING,
+    SHUTTING_DOWN,
     AllocationTooLarge,
     FailedPrecondition,
     InvalidArgument,
@@ -600,7 +603,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                 code_name = _CODE_NAMES[code]
                 self._metrics.observe_io(request.volume, "read", code_name, 0, seconds, reads)
         seconds = time.perf_counter() - start
-        self._metrics.observe_io(request.volume, "read", "OK", nbytes, seconds, len(ranges))
+        self._metrics.observe_io(request.volume, "read", "OK", nbytes, seconds, reads)
         return encoded
 
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
@@ -712,7 +715,7 @@ class BlockDeviceService(pb_grpc.BlockDeviceServicer):
                     {changes, drained}, return_when=asyncio.FIRST_COMPLETED
                 )
                 if changes not in done:  # a graceful stop: the watcher must know to watch again
-                    stopping = Unavailable("the server is shutting down; watch again")
+                    stopping = Unavailable(f"{SHUTTING_DOWN}; watch again")
                     await self._refuse(context, status_for(stopping), stopping)
                 for generation, count in changes.result():
                     yield pb.ResizeEvent(sector_count=count, generation=generation)

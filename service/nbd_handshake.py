@@ -36,7 +36,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from . import nbd_protocol as P
-from .errors import FailedPrecondition, TierdiskError, Unavailable, VolumeNotFound
+from .errors import (
+    SHUTTING_DOWN,
+    FailedPrecondition,
+    TierdiskError,
+    Unavailable,
+    VolumeNotFound,
+)
 from .nbd_commands import Export
 from .volume import Volume
 
@@ -114,8 +120,8 @@ class _Negotiation:
                 raise Hangup(f"option {option} carries {length} bytes (limit {limit})")
             data = await self._recv(length) if length else b""
             if self._server.closing and option != P.OPT_ABORT:
-                self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
-                raise Hangup("the server is shutting down")
+                self._error(option, P.REP_ERR_SHUTDOWN, SHUTTING_DOWN)
+                raise Hangup(SHUTTING_DOWN)
             if self._starttls is not None and not self._tls_on and option != P.OPT_ABORT:
                 await self._before_tls(option, data)  # NBD_OPT_STARTTLS or NBD_REP_ERR_TLS_REQD
                 continue

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import nbd_commands as C
 from . import nbd_protocol as P
-from .errors import TierdiskError, Unavailable
+from .errors import SHUTTING_DOWN, TierdiskError, Unavailable
 from .nbd_handshake import Hangup, negotiate
 from .status import status_name, status_name_of
 
@@ -602,7 +602,7 @@ class NbdSession(asyncio.BufferedProtocol):
             return
         self._pause_reading()
         if self._export is not None and not self._lost.done():
-            self._refuse_unstarted(P.ESHUTDOWN, "the server is shutting down", Unavailable)
+            self._refuse_unstarted(P.ESHUTDOWN, SHUTTING_DOWN, Unavailable)
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in late:

@@ -195,7 +195,8 @@ async def test_each_range_counts_as_one_read(
     """In the volume's I/O metrics a batch of n ranges is n reads (a read-rate panel sees
     the reads), and a refused batch of n ranges n failed reads (an error-ratio panel sees
     what it cost); gRPC's own families count the one call. A batch of more ranges than a
-    call takes is one failed read (the count is the client's to make up)."""
+    call takes is one failed read (the count is the client's to make up), and one of no
+    range one read."""
 
     def reads(code: str = "OK") -> float:
         labels = {"volume": "ram", "op": "read", "code": code}
@@ -224,6 +225,9 @@ async def test_each_range_counts_as_one_read(
     assert metric(server, "tierdisk_volume_io_requests_total", **unknown) == 3
     await _refusal(stub.ReadBatch(_batch("ram", [(0, 1)] * (MAX_BATCH_RANGES + 1))))
     assert reads("INVALID_ARGUMENT") == 1
+    # a batch of no range is a call that read nothing: one read, as a refused one would be
+    await stub.ReadBatch(_batch("ram", []))
+    assert reads() - before == 4 and read_bytes() - before_bytes == 12 * 512
 
 
 async def test_the_client_splits_a_batch_into_calls_and_keeps_the_order(server: Server) -> None:

@@ -679,27 +679,51 @@ async def test_a_failed_map_read_does_not_put_off_the_next(
 # -- errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("client_error", "domain", "code"),
-    [
-        (cerr.ReadOnlyVolume, errors.ReadOnlyError, grpc.StatusCode.FAILED_PRECONDITION),
-        (cerr.NotSupported, errors.NotSupported, grpc.StatusCode.FAILED_PRECONDITION),
-        (cerr.FailedPrecondition, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (cerr.VolumeNotFound, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (cerr.OutOfRange, errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-        (cerr.InvalidArgument, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-        # the remote refused the tier's credentials: not the caller's to fix
-        (cerr.Unauthenticated, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (cerr.PermissionDenied, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (cerr.Unavailable, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-        (cerr.Cancelled, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-        (cerr.DeadlineExceeded, errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-        (cerr.NoSpace, errors.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (cerr.DataLoss, errors.DataCorruption, grpc.StatusCode.DATA_LOSS),
-        (cerr.StorageError, errors.StorageError, grpc.StatusCode.INTERNAL),
-        (cerr.TierdiskError, errors.StorageError, grpc.StatusCode.INTERNAL),
-    ],
-)
+REMOTE_ERRORS: list[
+    tuple[type[cerr.TierdiskError], type[errors.TierdiskError], grpc.StatusCode]
+] = [
+    (cerr.ReadOnlyVolume, errors.ReadOnlyError, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.NotSupported, errors.NotSupported, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.FailedPrecondition, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.VolumeNotFound, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.OutOfRange, errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (cerr.InvalidArgument, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    # the remote refused the tier's credentials: not the caller's to fix
+    (cerr.Unauthenticated, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.PermissionDenied, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.Unavailable, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (cerr.Cancelled, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (cerr.DeadlineExceeded, errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (cerr.NoSpace, errors.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (cerr.DataLoss, errors.DataCorruption, grpc.StatusCode.DATA_LOSS),
+    (cerr.StorageError, errors.StorageError, grpc.StatusCode.INTERNAL),
+    (cerr.TierdiskError, errors.StorageError, grpc.StatusCode.INTERNAL),
+    # a lower tier's hop guard passes up as such; a lower tier's writes lost too
+    (cerr.TierLoop, errors.TierLoop, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.WritesLost, errors.WritesLost, grpc.StatusCode.DATA_LOSS),
+    # the client's own, found before or after a call: by the class they are kinds of
+    (cerr.AllocationTooLarge, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (cerr.MessageTooLarge, errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (cerr.SectorSizeChanged, errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (cerr.Interrupted, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (cerr.ClientClosed, errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (cerr.Unimplemented, errors.StorageError, grpc.StatusCode.INTERNAL),
+]
+"""Every client exception a remote layer may meet -> the domain error and status its
+server answers with (:data:`~tierdisk.service.layers.remote_errors.ERROR_MAP`)."""
+
+
+def test_the_error_table_covers_every_client_error() -> None:
+    """A new client exception must be given its translation here."""
+    public = {
+        cls
+        for name in cerr.__all__
+        if isinstance(cls := getattr(cerr, name), type) and issubclass(cls, cerr.TierdiskError)
+    }
+    assert public == {client_error for client_error, _, _ in REMOTE_ERRORS}
+
+
+@pytest.mark.parametrize(("client_error", "domain", "code"), REMOTE_ERRORS)
 def test_error_table(
     client_error: type[cerr.TierdiskError],
     domain: type[errors.TierdiskError],

@@ -4,9 +4,9 @@ A :class:`~.remote.RemoteLayer` talks to the other tierdisk through
 :class:`tierdisk.client.AsyncClient`, whose failures are :mod:`tierdisk.client.errors`
 exceptions. This module is the one place they are translated into the service's own
 (:mod:`tierdisk.service.errors`), by :data:`ERROR_MAP`, with the remote named in the message
-and the remote's own message cut to :data:`MAX_REMOTE_MESSAGE` characters; grpc_api's table
-then picks the status code this server answers with. :class:`Translate` applies it to a
-``with`` block.
+and the remote's own message cut to :data:`MAX_REMOTE_MESSAGE` characters; the status table
+(:data:`~..status.STATUS_NAMES`) then picks the status code this server answers with.
+:class:`Translate` applies it to a ``with`` block.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ ERROR_MAP: tuple[tuple[type[client_errors.TierdiskError], type[errors.TierdiskEr
     (client_errors.TierdiskError, errors.StorageError),  # UNKNOWN and other codes
 )
 """Client exception → domain exception, first match wins (subclasses come first). The one
-place a remote failure is translated; grpc_api's table then picks the status code."""
+place a remote failure is translated; the status table (:data:`~..status.STATUS_NAMES`) then
+picks the status code."""
 
 MAX_REMOTE_MESSAGE = 300
 """Characters of a remote's error message kept in ours. Bounded, because the message may
