@@ -8,7 +8,7 @@ DEBIAN_TOOLS := prometheus qemu-utils libnbd-bin nbdkit fio docker-compose pytho
 .PHONY: serve test lint typecheck pytest deps bench bench-quick proto clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)

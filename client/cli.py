@@ -209,7 +209,8 @@ _NO_FLUSH_HELP = (
     "do not flush at the end (by default the command returns once the data is durable, and "
     "fails if the server lost some of it in a restart meanwhile); print instead each write "
     "verifier the writes were acknowledged with, as 'write verifier 0x...' on stdout, for a "
-    "later `tierdisk flush VOL --verifier 0x...`"
+    "later `tierdisk flush VOL --verifier 0x...` (nothing when every write was durable as "
+    "it was acknowledged)"
 )
 
 
@@ -319,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fua", action="store_true", help="durable when acknowledged")
     p.add_argument("--no-flush", action="store_true", help=_NO_FLUSH_HELP)
-    p = vol_verb("import", "write IMAGE (-: stdin) onto the volume from sector 0 (the size stays)")
+    p = vol_verb(
+        "import",
+        "write the raw image IMAGE (-: stdin) onto the volume from sector 0, byte for byte "
+        "(the size stays; convert other formats first: qemu-img convert -O raw)",
+    )
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--no-flush", action="store_true", help=_NO_FLUSH_HELP)
     p = vol_verb(

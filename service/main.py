@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve layered volumes over gRPC. With no --config, serves one volume "
         "'default': a 1 GiB sparse layer in the data dir.",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML config (README.md, 'Configure')")
+    p.add_argument("--config", metavar="FILE", help="TOML config (the README's 'Configure')")
     p.add_argument("--listen", help="gRPC address, HOST:PORT or unix:PATH (127.0.0.1:7400)")
     p.add_argument(
         "--metrics", help="Prometheus /metrics address (127.0.0.1:9400); '' turns it off"
@@ -215,13 +215,15 @@ def _main(args: argparse.Namespace, stops: tuple[signal.Signals, ...]) -> int:
         say(f"tierdisk serve: config error: {exc}")
         return 2
     if open_files < (needed := _open_files_needed(config)):
+        nbd = bool(config.server.nbd)
         log.warning(
             "the open-file limit is %d, and this config may use about %d descriptors (1-4 per "
-            "layer file, 1 per NBD connection up to nbd_max_connections, and gRPC's): past "
-            "it, new NBD clients are closed before the greeting and gRPC clients wait, "
-            "without a line of ours; raise it (ulimit -n, systemd's LimitNOFILE=)",
+            "layer file, %sand gRPC's): past it, %sgRPC clients wait, without a line of ours; "
+            "raise it (ulimit -n, systemd's LimitNOFILE=)",
             open_files,
             needed,
+            "1 per NBD connection up to nbd_max_connections, " if nbd else "",
+            "new NBD clients are closed before the greeting and " if nbd else "",
         )
     install_uvloop()
     return asyncio.run(_serve(config, args.ready_file, args.grace, stops))

@@ -1043,9 +1043,13 @@ def test_an_open_file_limit_below_what_the_config_may_use_is_a_warning(tmp_path:
     config = write_config(tmp_path, toml_volume("v", ram("1MiB")))
     with ServerProcess.start(tmp_path, config, "--nbd", "127.0.0.1:0", open_files=100) as srv:
         assert srv.terminate() == 0
-        assert "the open-file limit is 100, and this config may use about 192" in (
-            srv.stderr_text()
-        )
+        err = srv.stderr_text()
+        assert "the open-file limit is 100, and this config may use about 192" in err
+        assert "new NBD clients are closed before the greeting" in err
+    with ServerProcess.start(tmp_path, config, open_files=100) as srv:  # no NBD export
+        assert srv.terminate() == 0
+        told = [ln for ln in srv.stderr_text().splitlines() if "open-file limit" in ln]
+        assert len(told) == 1 and "may use about 128" in told[0] and "NBD" not in told[0], told
     with ServerProcess.start(tmp_path, config, open_files=1000) as srv:
         assert srv.terminate() == 0
         assert "open-file limit" not in srv.stderr_text()
