@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 # Nothing imported here imports grpc (see quiet_grpc_logs): the rest is imported by main().
@@ -640,12 +641,26 @@ def _stop_signals() -> Iterator[list[int]]:
     cancels the running task, so that the verb's clean-up runs (an export's temporary file
     is removed, a write or import says what it wrote), and is appended to the list yielded.
     The handlers are then removed, so that another signal acts as it would have (ends the
-    process), as a second Ctrl-C does. A signal the process ignores (``nohup``) stays
-    ignored. Call it in the event loop, from the task to cancel."""
+    process). Ctrl-C is ``asyncio.run()``'s to take (it cancels the task); the first one
+    also gives SIGINT back its default action, so that a second one ends the process at
+    once, as the shell's would, rather than raising ``KeyboardInterrupt`` wherever the clean-up
+    stands (a traceback, or "internal error: … Cannot close a running event loop": two
+    Ctrl-Cs in a row, or ``timeout -s INT``, which signals the process and its group). A
+    signal the process ignores (``nohup``) stays ignored. Call it in the event loop, from
+    the task to cancel."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     stopped: list[int] = []
     handled = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) == signal.SIG_DFL]
+    interrupt = signal.getsignal(signal.SIGINT)  # asyncio.run()'s, in the main thread
+    take_interrupt: Callable[[int, FrameType | None], object] | None = (
+        interrupt if callable(interrupt) else None
+    )
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process
+        if take_interrupt is not None:
+            take_interrupt(signum, frame)
 
     def release() -> None:
         for sig in handled:
@@ -660,10 +675,14 @@ def _stop_signals() -> Iterator[list[int]]:
 
     for sig in handled:
         loop.add_signal_handler(sig, stop, sig)
+    if take_interrupt is not None:
+        signal.signal(signal.SIGINT, interrupted)
     try:
         yield stopped
     finally:
         release()
+        if take_interrupt is not None and signal.getsignal(signal.SIGINT) is interrupted:
+            signal.signal(signal.SIGINT, take_interrupt)  # no Ctrl-C came: asyncio.run()'s
 
 
 def _stopped_by(signum: int, note: str) -> CliError:

@@ -435,11 +435,12 @@ class Server:
                 answer = remote_answer(exc)
                 if answer is None:
                     self.registry.give_up(config.name, str(exc))
-                    log.error(
+                    attach_log.error(  # with the count of waiting lines held back, told now
                         "volume %r cannot be opened: %s; not retrying (restart the server "
                         "once this is fixed)",
                         config.name,
                         exc,
+                        key="given up",
                     )
                     return
                 self.registry.set_waiting(

@@ -36,6 +36,7 @@ from servers import (
 
 from tierdisk.client import AsyncClient
 from tierdisk.client import errors as cerr
+from tierdisk.service.ratelimit import tell_held_lines
 from tierdisk.service.server import Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -170,6 +171,32 @@ async def test_a_problem_of_the_servers_own_is_not_retried(tmp_path: Path) -> No
             )
             out, _ = await asyncio.wait_for(cli.communicate(), 60)
             assert out.decode().startswith("v\t(stopped until a restart: volume 'v', layer 0: ")
+
+
+async def test_a_volume_given_up_on_is_the_last_word_of_its_attach_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The "still waiting for its remote tier" lines held back while the origin was down are
+    counted in the line that gives up, not told later (at the stop, with its time) as if
+    the server still waited and retried."""
+    caplog.set_level(logging.INFO, logger="tierdisk.service.server")
+    listen = f"127.0.0.1:{free_port()}"
+    body = toml_volume("v", ram(sector_size=4096), remote(listen, "base", timeout=1))
+    async with running_server(tmp_path / "cache", body) as cache:
+        deadline = asyncio.get_running_loop().time() + 20
+        while refused_attempts(cache, "UNAVAILABLE") < 3:  # the 2nd and 3rd held back
+            assert asyncio.get_running_loop().time() < deadline, "not retrying"
+            await asyncio.sleep(0.05)
+        origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
+        async with running_server(tmp_path / "origin", origin_body):
+            while not all(task.done() for task in cache._attach_tasks):
+                assert asyncio.get_running_loop().time() < deadline, "still retrying"
+                await asyncio.sleep(0.05)
+        tell_held_lines()  # what `tierdisk serve` does as it stops
+    said = [r.getMessage() for r in caplog.records if r.name == "tierdisk.service.server"]
+    [gave_up] = [i for i, line in enumerate(said) if "not retrying" in line]
+    assert "more of the previous kind were held back" in said[gave_up], said
+    assert not [line for line in said[gave_up:] if "still waiting" in line], said
 
 
 async def test_a_tier_that_stays_down_is_logged_once_a_minute_naming_the_volume(

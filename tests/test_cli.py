@@ -1373,6 +1373,36 @@ def test_watch_prints_each_resize_and_a_stop_signal_exits_0(
             proc.wait()
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.002, 0.01])
+def test_two_quick_ctrl_cs_end_watch_without_a_traceback(server: ServerProcess, gap: float) -> None:
+    """A second Ctrl-C while the first one's clean-up runs (two presses, or ``timeout -s
+    INT``, which signals the process and its group) ends the process as the shell's default
+    would: no ``KeyboardInterrupt`` raised in the middle of the clean-up (a traceback, or
+    "internal error: RuntimeError: Cannot close a running event loop"), nothing on stderr."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    proc = subprocess.Popen(
+        [*TIERDISK_SIGNALLED, "watch", "watched"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "sector_count=" in proc.stdout.readline().decode()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        # 0: the first ended it before the second came; -SIGINT: the second ended it
+        assert proc.returncode in (0, -signal.SIGINT), (proc.returncode, err.decode())
+        assert err == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 WATCHED_ONLY = """
 [[volumes]]
 name = "w"
