@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -1341,6 +1342,28 @@ def test_flush(server: ServerProcess) -> None:
     assert tierdisk(server, "flush", "disk").stdout == b""
 
 
+@contextlib.contextmanager
+def watching(
+    server: ServerProcess,
+) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes], str]]:
+    """``tierdisk watch watched`` running (signals reach it as they come): the process, its
+    stdout, and the first line it printed (the size now); killed at the end if still up."""
+    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
+    proc = subprocess.Popen(
+        [*TIERDISK_SIGNALLED, "watch", "watched"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc, proc.stdout, proc.stdout.readline().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize(
     "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"]
 )
@@ -1349,28 +1372,15 @@ def test_watch_prints_each_resize_and_a_stop_signal_exits_0(
 ) -> None:
     """``watch`` prints the size now, then a line per change, until it is stopped: Ctrl-C,
     SIGTERM or SIGHUP end it with exit 0 and nothing on stderr."""
-    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
-    proc = subprocess.Popen(
-        [*TIERDISK_SIGNALLED, "watch", "watched"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline().decode()
+    with watching(server) as (proc, stdout, first):
         assert "sector_count=" in first and "generation=" in first
         size = int(first.split("sector_count=")[1].split()[0]) + 2048
         tierdisk(server, "resize", "watched", str(size))
-        assert f"sector_count={size}" in proc.stdout.readline().decode()
+        assert f"sector_count={size}" in stdout.readline().decode()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err.decode()
         assert err == b""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("gap", [0.0, 0.002, 0.01])
@@ -1379,16 +1389,8 @@ def test_two_quick_ctrl_cs_end_watch_without_a_traceback(server: ServerProcess, 
     INT``, which signals the process and its group) ends the process as the shell's default
     would: no ``KeyboardInterrupt`` raised in the middle of the clean-up (a traceback, or
     "internal error: RuntimeError: Cannot close a running event loop"), nothing on stderr."""
-    env = {**os.environ, "TIERDISK_SERVER": server.grpc}
-    proc = subprocess.Popen(
-        [*TIERDISK_SIGNALLED, "watch", "watched"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        assert "sector_count=" in proc.stdout.readline().decode()
+    with watching(server) as (proc, _, first):
+        assert "sector_count=" in first
         proc.send_signal(signal.SIGINT)
         time.sleep(gap)
         if proc.poll() is None:
@@ -1397,10 +1399,6 @@ def test_two_quick_ctrl_cs_end_watch_without_a_traceback(server: ServerProcess, 
         # 0: the first ended it before the second came; -SIGINT: the second ended it
         assert proc.returncode in (0, -signal.SIGINT), (proc.returncode, err.decode())
         assert err == b""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 WATCHED_ONLY = """
