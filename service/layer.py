@@ -36,6 +36,7 @@ __all__ = [
     "Layer",
     "LayerMetadata",
     "UnmapBehavior",
+    "check_recorded_geometry",
     "check_recorded_size",
     "check_sector_size",
     "layer_closed",
@@ -120,6 +121,24 @@ def sector_size_mismatch(sector_size: int, bottom_sector_size: int) -> str:
         f"sector size {sector_size} differs from the bottom layer's {bottom_sector_size}; "
         "all layers share one sector size"
     )
+
+
+def check_recorded_geometry(
+    what: str,
+    sector_size: int,
+    sector_count: int,
+    wanted_sector_size: int | None,
+    configured_size: int | None,
+) -> None:
+    """Refuse a configured ``sector_size`` or ``size`` (bytes; None: not configured) that
+    differs from the geometry an existing layer recorded (its own sector size and count):
+    the file's geometry is what it holds, so the config is what must change."""
+    if wanted_sector_size is not None and wanted_sector_size != sector_size:
+        raise ConfigError(
+            f"{what} has {sector_size}-byte sectors but the config says "
+            f"sector_size = {wanted_sector_size}"
+        )
+    check_recorded_size(what, sector_count * sector_size, configured_size)
 
 
 def layer_closed(what: str) -> Unavailable:

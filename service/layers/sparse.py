@@ -114,7 +114,7 @@ from ..fileio import (
     set_file_size,
     zero_range,
 )
-from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_geometry, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement, subtract, total
 from ..sector_lock import EVERY_SECTOR, SectorLock
@@ -306,12 +306,9 @@ class SparseLayer(Layer):
             ) from None
         state = sparse_map.parse(blob, self.map_path)
         ss, count = state.sector_size, state.sector_count
-        if self._wanted_sector_size is not None and self._wanted_sector_size != ss:
-            raise ConfigError(
-                f"sparse layer {self.path} has {ss}-byte sectors but the config says "
-                f"sector_size = {self._wanted_sector_size}"
-            )
-        check_recorded_size(f"sparse layer {self.path}", count * ss, self._size_bytes)
+        check_recorded_geometry(
+            f"sparse layer {self.path}", ss, count, self._wanted_sector_size, self._size_bytes
+        )
         if state.torn:
             log.warning(
                 "sparse layer %s: ignoring %d bytes of torn or corrupt records at the end of "

@@ -113,7 +113,7 @@ from ..fileio import (
     missing_target,
     regular_file_size,
 )
-from ..layer import Layer, LayerMetadata, check_recorded_size, layer_closed, new_geometry
+from ..layer import Layer, LayerMetadata, check_recorded_geometry, layer_closed, new_geometry
 from ..runs import Run
 from ..unstoppable import run_to_end
 from .layer_files import SQLITE_APPLICATION_ID, file_kind, refuse_another_kinds_file
@@ -452,12 +452,9 @@ class SqliteLayer(Layer):
                     "smallest_sector_count in meta"
                 )
             self._smallest = smallest
-            if self._wanted_sector_size is not None and self._wanted_sector_size != ss:
-                raise ConfigError(
-                    f"sqlite layer {self.path} has {ss}-byte sectors but the config says "
-                    f"sector_size = {self._wanted_sector_size}"
-                )
-            check_recorded_size(f"sqlite layer {self.path}", count * ss, self._size_bytes)
+            check_recorded_geometry(
+                f"sqlite layer {self.path}", ss, count, self._wanted_sector_size, self._size_bytes
+            )
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
