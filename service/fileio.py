@@ -27,6 +27,7 @@ from .errors import (
 
 __all__ = [
     "MAX_FILE_BYTES",
+    "OUT_OF_SPACE_ERRNOS",
     "PartlyWritten",
     "Reserver",
     "as_storage_error",
@@ -50,6 +51,10 @@ __all__ = [
 
 MAX_FILE_BYTES = (1 << 63) - 1
 """The largest file size the kernel can represent (``off_t`` is a signed 64-bit integer)."""
+
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""The errno values of a write refused for want of space: the filesystem's, a quota's, or
+the process's file size limit (``EFBIG`` from a write: ``ulimit -f``, ``LimitFSIZE=``)."""
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -184,8 +189,7 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 
 def as_storage_error(exc: OSError, what: str) -> TierdiskError:
     """The domain error for an ``OSError`` raised while doing ``what``."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        # (EFBIG: a write past the process's file size limit: ``ulimit -f``, ``LimitFSIZE=``)
+    if exc.errno in OUT_OF_SPACE_ERRNOS:
         why = "beyond the file size limit" if exc.errno == errno.EFBIG else "out of space"
         return NoSpace(f"{what}: {why} ({exc.strerror})")
     return StorageError(f"{what}: {exc.strerror or exc}")

@@ -34,7 +34,7 @@ from .errors import (
 from .layer import UnmapBehavior
 from .read_reply import new_buffer
 from .runs import complement
-from .status import status_name_of
+from .status import nbd_error_of, status_name_of
 from .volume import Volume
 
 __all__ = [
@@ -69,15 +69,21 @@ _HOLE = P.STATE_HOLE | P.STATE_ZERO  # base:allocation of a run no layer holds
 
 
 class Refuse(Exception):
-    """Answer the request with this NBD error (``code``) and message; ``status`` is the
-    status code name a gRPC request refused for the same reason gets (what the shared volume
-    metrics count it under, :mod:`.status`)."""
+    """Answer the request with the NBD error of ``kind`` (:func:`.status.nbd_error_of`, for a
+    request that changes data when ``writing``; ``code`` instead, for a refusal only NBD
+    has) and ``message``; :attr:`status` is the status code name a gRPC request refused for
+    the same reason gets (what the shared volume metrics count it under, :mod:`.status`)."""
 
     def __init__(
-        self, code: int, message: str, kind: type[TierdiskError] = InvalidArgument
+        self,
+        message: str,
+        kind: type[TierdiskError] = InvalidArgument,
+        *,
+        writing: bool = False,
+        code: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = nbd_error_of(kind, writing=writing) if code is None else code
         self.status = status_name_of(kind)
         """The status code name of ``kind``, the domain error a gRPC request refused for the
         same reason raises (:mod:`.status`)."""
@@ -114,23 +120,25 @@ def reply_bytes(export: Export, cmd: int, length: int) -> int:
     return 0
 
 
-def _check(export: Export, offset: int, length: int, past_end: int, *, hint: bool = False) -> bool:
-    """Refuse a range past the end (with ``past_end``); True when the range is misaligned
+def _check(
+    export: Export, offset: int, length: int, *, writing: bool = False, hint: bool = False
+) -> bool:
+    """Refuse a range past the end (:class:`OutOfRange`: ``ENOSPC`` for a request that
+    changes data, ``writing``, else ``EINVAL``); True when the range is misaligned
     (refused with EINVAL when the client agreed to the block sizes, unless the command is
     a ``hint`` — TRIM, CACHE — which changes no data it only partly covers: qemu sends a
     discard's unaligned head as a TRIM of its own even then)."""
     if offset + length > export.size:
         raise Refuse(
-            past_end,
             f"bytes [{offset}, {offset + length}) reach past the end of {export.name!r} "
             f"({export.size} bytes)",
             OutOfRange,
+            writing=writing,
         )
     ss = export.sector_size
     misaligned = bool(offset % ss or length % ss)
     if misaligned and export.strict and not hint:
         raise Refuse(
-            P.EINVAL,
             f"offset {offset} and length {length} must be multiples of the {ss}-byte block size",
         )
     return misaligned
@@ -138,15 +146,15 @@ def _check(export: Export, offset: int, length: int, past_end: int, *, hint: boo
 
 def _check_writable(export: Export) -> None:
     if export.volume.read_only:
-        raise Refuse(P.EPERM, f"volume {export.name!r} is read-only", ReadOnlyError)
+        raise Refuse(f"volume {export.name!r} is read-only", ReadOnlyError)
 
 
 async def read(export: Export, flags: int, handle: int, offset: int, length: int) -> list[Any]:
     """Read and return the reply: a simple reply with the data, or structured chunks with
     ``OFFSET_HOLE`` for runs no layer holds (unless ``DF``)."""
     if length > export.max_io:
-        raise Refuse(P.EINVAL, f"a read of {length} bytes is over the limit of {export.max_io}")
-    misaligned = _check(export, offset, length, P.EINVAL)
+        raise Refuse(f"a read of {length} bytes is over the limit of {export.max_io}")
+    misaligned = _check(export, offset, length)
     ss = export.sector_size
     end = offset + length
     first = offset // ss
@@ -211,7 +219,6 @@ async def flush(export: Export) -> None:
     await volume.flush()
     if unflushed.flushed(mark, volume.write_verifier, volatile=volume.volatile):
         raise Refuse(
-            P.EIO,
             f"writes to {export.name!r} since the last flush may have been lost (a failed "
             "flush in its storage, or a tier below that lost writes)",
             WritesLost,
@@ -221,7 +228,7 @@ async def flush(export: Export) -> None:
 async def write(export: Export, flags: int, offset: int, data: Any) -> None:
     """Write ``data`` (bytes or bytearray) at ``offset``."""
     _check_writable(export)
-    misaligned = _check(export, offset, len(data), P.ENOSPC)
+    misaligned = _check(export, offset, len(data), writing=True)
     fua = bool(flags & P.CMD_FLAG_FUA)
     if misaligned:
         await _store_at(export.volume, offset, data, fua)
@@ -233,7 +240,7 @@ async def trim(export: Export, flags: int, offset: int, length: int) -> None:
     """Discard the whole sectors inside the range (the volume's unmap semantics); a range
     with none, e.g. an unaligned head, changes nothing and succeeds."""
     _check_writable(export)
-    _check(export, offset, length, P.EINVAL, hint=True)
+    _check(export, offset, length, hint=True)
     ss = export.sector_size
     first = -(-offset // ss)
     last = (offset + length) // ss
@@ -256,21 +263,21 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
     shrink that lands part way refuses the next part with every part done past the new end,
     cut off by it."""
     _check_writable(export)
-    misaligned = _check(export, offset, length, P.ENOSPC)
+    misaligned = _check(export, offset, length, writing=True)
     volume = export.volume
     unmap = volume.unmap_behavior == UnmapBehavior.ZEROES and not flags & P.CMD_FLAG_NO_HOLE
     if flags & P.CMD_FLAG_FAST_ZERO and (not unmap or misaligned):
         why = "the range is not whole sectors" if unmap else "zeros would have to be written"
-        raise Refuse(P.ENOTSUP, f"zeroing is not fast here: {why}", FailedPrecondition)
+        raise Refuse(f"zeroing is not fast here: {why}", FailedPrecondition, code=P.ENOTSUP)
     fua = bool(flags & P.CMD_FLAG_FUA)
     ss = export.sector_size
     end = offset + length
     if end > volume.sector_count * ss:
         raise Refuse(
-            P.ENOSPC,
             f"bytes [{offset}, {end}) reach past the end of {export.name!r} "
             f"({volume.sector_count * ss} bytes since it was resized)",
             OutOfRange,
+            writing=True,
         )
     first = -(-offset // ss)  # the whole sectors inside the range: [first, last)
     last = end // ss
@@ -294,7 +301,7 @@ async def write_zeroes(export: Export, flags: int, offset: int, length: int) -> 
 async def cache(export: Export, offset: int, length: int) -> None:
     """Prefetch: read the covering sectors, which fills the volume's read caches, and drop
     the data. A volume without a read cache has nothing to fill."""
-    _check(export, offset, length, P.EINVAL, hint=True)
+    _check(export, offset, length, hint=True)
     if not export.has_read_cache or not length:
         return
     ss = export.sector_size
@@ -346,10 +353,10 @@ async def block_status(
     (0 = no layer, 1 = the top layer, …).
     """
     if not export.contexts:
-        raise Refuse(P.EINVAL, "no metadata context was selected (NBD_OPT_SET_META_CONTEXT)")
+        raise Refuse("no metadata context was selected (NBD_OPT_SET_META_CONTEXT)")
     if not length:
-        raise Refuse(P.EINVAL, "block status of zero bytes")
-    _check(export, offset, length, P.EINVAL)
+        raise Refuse("block status of zero bytes")
+    _check(export, offset, length)
     ss = export.sector_size
     end = offset + length
     first = offset // ss

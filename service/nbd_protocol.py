@@ -13,20 +13,9 @@ from those names at the end of the module rather than written out.
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from .errors import (
-    InvalidArgument,
-    NoSpace,
-    OutOfRange,
-    PermissionDenied,
-    ReadOnlyError,
-    TierdiskError,
-    Unauthenticated,
-)
 
 _IMPORTED = frozenset(globals())  # what the module imports: not its own names
 
@@ -405,41 +394,6 @@ def select_contexts(queries: Iterable[str]) -> list[str]:
         if query in CONTEXTS and query not in found:
             found.append(query)
     return found
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-_ERRNO_MAP = {
-    errno.EPERM: EPERM,
-    errno.EACCES: EPERM,
-    errno.EROFS: EPERM,
-    errno.ENOSPC: ENOSPC,
-    errno.EDQUOT: ENOSPC,
-    errno.EFBIG: ENOSPC,
-    errno.EINVAL: EINVAL,
-}
-
-
-def error_code(exc: BaseException, *, writing: bool) -> int:
-    """The NBD error value for an exception the engine raised.
-
-    Past the end: ``EINVAL`` for reads and trims, ``ENOSPC`` for writes; read-only:
-    ``EPERM``; out of space: ``ENOSPC``; bad argument: ``EINVAL``; anything else (a remote
-    layer down, a storage failure, …): ``EIO``.
-    """
-    if isinstance(exc, OutOfRange):
-        return ENOSPC if writing else EINVAL
-    if isinstance(exc, ReadOnlyError | PermissionDenied | Unauthenticated):
-        return EPERM
-    if isinstance(exc, NoSpace):
-        return ENOSPC
-    if isinstance(exc, InvalidArgument):
-        return EINVAL
-    if isinstance(exc, TierdiskError):
-        return EIO  # Unavailable, DeadlineExceeded, StorageError, …: the session goes on
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_MAP.get(exc.errno, EIO)
-    return EIO
 
 
 __all__ = sorted(name for name in globals() if not name.startswith("_") and name not in _IMPORTED)

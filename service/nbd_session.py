@@ -62,7 +62,7 @@ from . import nbd_commands as C
 from . import nbd_protocol as P
 from .errors import SHUTTING_DOWN, TierdiskError, Unavailable
 from .nbd_handshake import Hangup, negotiate
-from .status import status_name, status_name_of
+from .status import nbd_error, status_name, status_name_of
 
 if TYPE_CHECKING:
     from .nbd import NbdServer
@@ -668,9 +668,9 @@ class NbdSession(asyncio.BufferedProtocol):
         try:
             allowed = P.CMD_FLAGS_ALLOWED.get(cmd)
             if allowed is None:
-                raise C.Refuse(P.EINVAL, f"unknown command {cmd}")
+                raise C.Refuse(f"unknown command {cmd}")
             if flags & ~allowed:
-                raise C.Refuse(P.EINVAL, f"flags {flags:#x} are not valid for this command")
+                raise C.Refuse(f"flags {flags:#x} are not valid for this command")
             if cmd == P.CMD_READ:
                 reply = await C.read(export, flags, handle, offset, length)
             elif cmd == P.CMD_BLOCK_STATUS:
@@ -682,7 +682,6 @@ class NbdSession(asyncio.BufferedProtocol):
                 if cmd == P.CMD_WRITE:
                     if payload is None:
                         raise C.Refuse(
-                            P.EINVAL,
                             f"a write of {length} bytes is over the limit of {self._max_io}",
                         )
                     await C.write(export, flags, offset, payload)
@@ -702,7 +701,7 @@ class NbdSession(asyncio.BufferedProtocol):
         except C.Refuse as exc:
             code, message, status = exc.code, str(exc), exc.status
         except (TierdiskError, OSError) as exc:  # a remote layer down, storage errors, …
-            code, message = P.error_code(exc, writing=cmd in _WRITING), str(exc)
+            code, message = nbd_error(exc, writing=cmd in _WRITING), str(exc)
             status = status_name(exc)
             self._server.failures.note(export.name, f"NBD {P.CMD_NAMES.get(cmd)}", status, exc)
         except Exception as exc:

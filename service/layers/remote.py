@@ -182,7 +182,7 @@ _GROUP_NEAR_BYTES = 1 << 20
 """Runs asked about in one ``GetAllocation`` may lie this close together whatever their
 size (:meth:`RemoteLayer.presence_of_runs`)."""
 _SIZE_TRIES = 3  # refreshes of the size after OUT_OF_RANGE within one read or presence call
-_WARNED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_WARNED_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 """Failed calls worth a (rate-limited) warning: the tier is down or slow."""
 
 _UNMAP: dict[ClientUnmapBehavior, UnmapBehavior] = {
@@ -342,7 +342,7 @@ class RemoteLayer(Layer):
             max_io=self._max_io,
             max_in_flight=self._max_in_flight,
             metadata_factory=partial(hop_metadata, self._home_chain),
-            on_call=self._observe,
+            on_call=self._on_call,
         )
         vol = client.volume(self.remote_volume)
         try:
@@ -412,25 +412,31 @@ class RemoteLayer(Layer):
         if self._nbd is not None:
             await self._nbd.refuse(f"not used: {problem}")
 
-    def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
-        key = (rpc, code.name)
+    def _on_call(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+        """The client's observer of each call it made (``on_call``)."""
+        self._observe(rpc, code.name, seconds)
+
+    def _observe(self, rpc: str, code: str, seconds: float) -> None:
+        """Count an answer of the remote (``code``, a status code name) to a call ``rpc`` or
+        an NBD read (``NbdRead``) and follow its health: failing, answering again."""
+        key = (rpc, code)
         self.request_counts[key] = self.request_counts.get(key, 0) + 1
-        if code == grpc.StatusCode.OK:
+        if code == "OK":
             self._answered_at = time.monotonic()
             if self._failing and rpc != "WatchResize":
                 self._failing = False
                 self._call_log.ended("%s%s: answers again (%s OK)", self.owner, self._where, rpc)
         elif rpc != "WatchResize":  # (a watch that ends is followed again: not a failed call)
-            self._last_failure = (rpc, code.name, time.monotonic())
+            self._last_failure = (rpc, code, time.monotonic())
         if self.on_request is not None and rpc != "WatchResize":
-            self.on_request(rpc, code.name, seconds)
+            self.on_request(rpc, code, seconds)
         # (NbdRead failures are logged by the NBD data path, which says what happens next;
         # those of an attach by the server, which names the volume and retries it.)
         attached = self._info is not None
         if attached and code in _WARNED_CODES and rpc not in ("WatchResize", "NbdRead"):
             retried = (
                 f"the client retries UNAVAILABLE up to {self.retries} times"
-                if code == grpc.StatusCode.UNAVAILABLE
+                if code == "UNAVAILABLE"
                 else "not retried"
             )
             self._failing = True
@@ -439,7 +445,7 @@ class RemoteLayer(Layer):
                 self.owner,
                 self._where,
                 rpc,
-                code.name,
+                code,
                 seconds,
                 retried,
             )

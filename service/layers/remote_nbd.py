@@ -41,8 +41,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 from tierdisk.client import errors as client_errors
 from tierdisk.client.aio import AsyncVolume
 from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY
@@ -62,11 +60,18 @@ from ..nbd_client import (
 from ..nbd_protocol import described_server
 from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
+from ..status import status_name_of
 from .remote_connect import read_file
 
 __all__ = ["NBD_AUTO", "NbdDataPath", "tls_context"]
 
 log = logging.getLogger(__name__)
+
+_TIMED_OUT = status_name_of(errors.DeadlineExceeded)
+_BROKEN = status_name_of(errors.Unavailable)
+_FAILED = status_name_of(errors.StorageError)
+"""The status code names an NBD read is counted under (with ``OK``) in the remote's request
+metrics, beside its gRPC calls: no answer in time, the connection broke, an error reply."""
 
 NBD_AUTO = "auto"
 """The ``nbd`` value that takes the NBD address from the target's server."""
@@ -128,7 +133,7 @@ class NbdDataPath:
         wait: float,
         remote: Callable[[], AsyncVolume],
         size: Callable[[], int],
-        observe: Callable[[str, grpc.StatusCode, float], None],
+        observe: Callable[[str, str, float], None],
         tls: bool = False,
         ca_file: str | None = None,
         cert_file: str | None = None,
@@ -400,7 +405,7 @@ class NbdDataPath:
             async with asyncio.timeout(self._timeout):
                 await nbd.read_into(offset, buf)
         except TimeoutError:
-            self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, self._timeout)
+            self._observe("NbdRead", _TIMED_OUT, self._timeout)
             self._log.warning(
                 "%s: no answer over NBD at %s within %g s; connecting anew",
                 self._logged_where,
@@ -412,11 +417,11 @@ class NbdDataPath:
             raise errors.DeadlineExceeded(f"{self._where}: {problem}") from None
         except NbdHung as exc:  # another read on the connection got no answer in time: the
             # remote is hung, and a try over gRPC would wait a second `timeout` for it
-            self._observe("NbdRead", grpc.StatusCode.DEADLINE_EXCEEDED, time.monotonic() - started)
+            self._observe("NbdRead", _TIMED_OUT, time.monotonic() - started)
             raise errors.DeadlineExceeded(f"{self._where}: {exc}") from None
         except NbdError as exc:
             closed = isinstance(exc, NbdClosed)
-            code = grpc.StatusCode.UNAVAILABLE if closed else grpc.StatusCode.INTERNAL
+            code = _BROKEN if closed else _FAILED
             self._observe("NbdRead", code, time.monotonic() - started)
             self._log.warning(
                 "%s: NBD read at %s failed (%s); reading over gRPC",
@@ -427,7 +432,7 @@ class NbdDataPath:
             if closed:
                 await self._drop(nbd, f"the NBD connection to {self.address} broke ({exc})")
             return False
-        self._observe("NbdRead", grpc.StatusCode.OK, time.monotonic() - started)
+        self._observe("NbdRead", "OK", time.monotonic() - started)
         return True
 
     async def _drop(self, nbd: NbdReader, problem: str, hung: NbdHung | None = None) -> None:

@@ -1,4 +1,4 @@
-"""``nbd_protocol.error_code``: the NBD error value an NBD client gets for each failure."""
+"""``status.nbd_error``: the NBD error value an NBD client gets for each failure."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from tierdisk.service import errors as serr
 from tierdisk.service import nbd_protocol as P
+from tierdisk.service.status import nbd_error
 
 
 @pytest.mark.parametrize(
@@ -29,7 +30,7 @@ def test_a_storage_failure_no_layer_named_keeps_its_kind(number: int, expected: 
     """An ``OSError`` from storage: read-only and denied are EPERM, out of space (a quota,
     a file-size limit) ENOSPC, a bad argument EINVAL, anything else EIO."""
     exc = OSError(number, "storage")
-    assert P.error_code(exc, writing=True) == P.error_code(exc, writing=False) == expected
+    assert nbd_error(exc, writing=True) == nbd_error(exc, writing=False) == expected
 
 
 @pytest.mark.parametrize(
@@ -51,4 +52,4 @@ def test_a_domain_error_has_the_value_its_kind_says(
     exc: BaseException, writing: bool, expected: int
 ) -> None:
     """Past the end is EINVAL for a read and ENOSPC for a write (as the NBD spec has it)."""
-    assert P.error_code(exc, writing=writing) == expected
+    assert nbd_error(exc, writing=writing) == expected
