@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 from .cli_errors import CliError, describe_file, file_error, stdout_error
+from .layer_layout import lock_files
 
 __all__ = [
     "STD_STREAM",
@@ -348,31 +349,6 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-_LAYER_FILE_LOCKS: tuple[tuple[str, str], ...] = (
-    ("", ""),  # a raw or sparse layer's data file: flock-ed itself
-    ("", ".lock"),  # a sqlite layer's database: its "<db>.lock" is
-    (".map", ""),  # a sparse layer's map: its data file is
-    (".map.tmp", ""),
-    ("-wal", ".lock"),  # a sqlite database's journals: the database's lock file is
-    ("-shm", ".lock"),
-    ("-journal", ".lock"),
-)
-"""How a tierdisk server's layer files are locked while it runs: ``(suffix, lock)`` means
-a file named ``STEM + suffix`` belongs to a layer while ``STEM + lock`` is ``flock``-ed
-(the layouts are in the ``raw``, ``sparse`` and ``sqlite`` layers' docstrings)."""
-
-
-def _lock_files(target: str) -> list[str]:
-    """The files whose ``flock`` shows that ``target`` is a running layer's file."""
-    found = []
-    for suffix, lock in _LAYER_FILE_LOCKS:
-        if target.endswith(suffix) and len(target) > len(suffix):
-            stem = target[: len(target) - len(suffix)]
-            if stem + lock not in found:
-                found.append(stem + lock)
-    return found
-
-
 def _locked(path: str) -> bool:
     """Whether another process holds an ``flock`` on ``path`` (``False`` when it cannot be
     opened or the filesystem has no ``flock``: nothing to learn)."""
@@ -395,14 +371,14 @@ def refuse_a_locked_file(path: str, target: str, *, harm: str, verb: str) -> Non
     """Refuse (a :class:`CliError`) to replace or overwrite ``target`` (the file ``path``
     names, its symlinks followed) while it is a running tierdisk layer's file: a ``raw`` or
     ``sparse`` data file, a ``sparse`` map, a ``sqlite`` database or its journals
-    (:data:`_LAYER_FILE_LOCKS`), seen by the ``flock`` the server holds. The message says
+    (:mod:`.layer_layout`), seen by the ``flock`` the server holds. The message says
     what doing it would do (``harm``, a sentence) and to ``verb`` into another file.
 
     ``export`` replaces its IMAGE: the server would go on writing into the file replaced,
     and every write it acknowledged after the export would be gone at its next start,
     which opens the new one (or, for a map or a database, would find the layer
     unreadable). ``read -o`` truncates its FILE: the layer's data would be gone at once."""
-    for lock in _lock_files(target):
+    for lock in lock_files(target):
         if _locked(lock):
             whose = "" if lock == target else f" ({describe_file(lock)} is)"
             raise CliError(

@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import stat
 
+from tierdisk.client.layer_layout import FILES_BESIDE
+
 from ..errors import ConfigError
 from . import sparse_map
 
@@ -32,35 +34,18 @@ SQLITE_APPLICATION_ID = 0x54445351
 """``PRAGMA application_id`` of a tierdisk ``sqlite`` layer ("TDSQ"), big-endian at byte 68
 of the database header."""
 
-_SQLITE_BESIDE = (
-    ".lock",
-    "-wal",
-    "-shm",
-    "-journal",
-    ".tmp",
-    ".tmp-wal",
-    ".tmp-shm",
-    ".tmp-journal",
-)
-"""What a sqlite layer makes beside its database: its lock file, SQLite's WAL, shared-memory
-and rollback journal files, and a new database's temporary file with SQLite's files of it."""
-
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _APPLICATION_ID_AT = 68
 
 
 def files_beside(kind: str, path: str) -> list[str]:
     """The files a layer of ``kind`` at ``path`` makes or uses beside its own, as it names
-    them (a sparse layer's map and the map's compaction beside ``path``, a sqlite layer's
-    beside the database's resolved path): no other layer's file may be one of them, or the
-    two layers would replace or remove each other's files. Blocks (``realpath``)."""
-    if kind == "sparse":
-        mark = sparse_map.map_path(path)
-        return [mark, mark + ".tmp"]
-    if kind == "sqlite":
-        real = os.path.realpath(path)
-        return [real + suffix for suffix in _SQLITE_BESIDE]
-    return []
+    them (:data:`~tierdisk.client.layer_layout.FILES_BESIDE`: a sparse layer's beside
+    ``path``, a sqlite layer's beside the database's resolved path): no other layer's file
+    may be one of them, or the two layers would replace or remove each other's files.
+    Blocks (``realpath``)."""
+    stem = os.path.realpath(path) if kind == "sqlite" else path
+    return [stem + suffix for suffix in FILES_BESIDE.get(kind, ())]
 
 
 def _head(path: str, size: int) -> bytes:

@@ -38,6 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 
+from tierdisk.client.layer_layout import SPARSE_MAP_SUFFIX
+
 from ..errors import DataCorruption
 from ..presence import RunSet
 from ..runs import Run
@@ -56,7 +58,7 @@ __all__ = [
 
 def map_path(data_path: str) -> str:
     """Where the presence map of the sparse layer whose data file is ``data_path`` lives."""
-    return data_path + ".map"
+    return data_path + SPARSE_MAP_SUFFIX
 
 
 MAGIC = b"TDSPMAP1"
