@@ -68,7 +68,7 @@ def apply_poller_lever(levers: dict[str, bool]) -> None:
     ``levers``. Call it once this process's first ``grpc.aio`` server or channel exists:
     the thread starts with it."""
     from tierdisk.client.tune import batch_grpc_poller
-    from tierdisk.service.config import parse_switch
+    from tierdisk.service.config_values import parse_switch
 
     wanted = parse_switch(os.environ.get(POLLER_BATCH, "false"), POLLER_BATCH)
     if wanted and not levers["poller"]:

@@ -13,373 +13,107 @@ alike).
 private key) turn on TLS for the NBD export, which then requires it (:mod:`.nbd_handshake`);
 ``nbd_tls_ca`` (a PEM CA bundle) also makes every client present a certificate signed by one
 of those CAs (mutual TLS: how NBD clients are authenticated). The three files are loaded at
-config time (:func:`nbd_tls_context`), so a missing, unreadable or broken file, or a key
+config time (:mod:`.tls_files`), so a missing, unreadable or broken file, or a key
 that is not the certificate's, is a config error naming the key and the file; the server
 loads them again when it starts its NBD export. A remote layer's client certificate and key
-(``cert_file``, ``key_file`` with ``tls``) are checked to go together at load too.
+(``cert_file``, ``key_file`` with ``tls``) are checked to go together at load too. Layer
+files used twice are refused (:mod:`.config_paths`); tokens are checked and secrets others
+can read are warned about (:mod:`.credentials`).
 
 What can never work is refused here rather than found later (or never, by a server that
 retries): an address with white space, a control character or an undecodable byte, a
 target gRPC cannot reach (:func:`~tierdisk.client.checks.server_address_problem`), a path
-with a NUL, a ``sector_size`` larger than ``max_io``. The config file and every PEM file
+with a NUL (the value parsers of :mod:`.config_values`), a ``sector_size`` larger than
+``max_io``. The config file and every PEM file
 are read through :func:`~tierdisk.client.pem.read_small_file`: at most
 :data:`~tierdisk.client.pem.MAX_FILE_BYTES` (``/dev/zero`` is refused, never read until
 memory runs out); PEM and token files, which OpenSSL or a reconnect reads again by name,
 must be regular files (a FIFO is refused, not waited for), the config file may be a pipe.
-Values shown in messages are shortened (:func:`_show`), so an error is one line of sensible
-length.
+Values shown in messages are shortened (:func:`~.config_values.show`), so an error is one
+line of sensible length.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import reprlib
-import ssl
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tierdisk.client import sizes
-from tierdisk.client.checks import (
-    address_text_problem,
-    server_address_problem,
-    stays_on_this_host,
-    token_problem,
-)
 from tierdisk.client.chunking import DEFAULT_MAX_IO
-from tierdisk.client.pem import key_pair_problem, read_small_file
+from tierdisk.client.pem import read_small_file
 
+from .config_paths import check_server_files, check_shared_paths
+from .config_values import (
+    parse_bool,
+    parse_count,
+    parse_grpc_address,
+    parse_mode,
+    parse_nbd_source,
+    parse_nonempty_str,
+    parse_optional_address,
+    parse_optional_path,
+    parse_path,
+    parse_positive_count,
+    parse_seconds,
+    parse_sector_size,
+    parse_server_name,
+    parse_size,
+    parse_switch,
+    parse_target,
+    show,
+)
+from .credentials import parse_token, utf8_text, warn_about_secrets
 from .errors import ConfigError
-from .netaddr import split_host_port
-from .verifier_store import FILE_NAME as VERIFIERS_FILE
-from .verifier_store import NEW_SUFFIX as VERIFIERS_NEW_SUFFIX
+from .tls_files import check_client_certificate, check_nbd_tls
 
 __all__ = [
     "DEFAULT_SIZE",
     "LAYER_OPTIONS",
-    "MAX_SECONDS",
     "Config",
     "LayerConfig",
     "ServerConfig",
     "VolumeConfig",
     "default_volumes",
     "load_config",
-    "nbd_tls_context",
-    "parse_size",
-    "parse_switch",
-    "token_from_file",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 1 << 30
 """Size of the built-in ``default`` volume (1 GiB)."""
-MAX_SECONDS = 86_400
-"""The longest duration any option takes: one day. No wait of tierdisk's is meant to be
-longer, and gRPC turns a deadline far enough out (``1e300``) into an immediate
-``DEADLINE_EXCEEDED``."""
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel = 3
-
-
-def _show(value: object) -> str:
-    """``repr(value)`` for a message: at most about 80 characters, a few items and levels of a
-    list or table (a value nested thousands deep, or a huge list, is still one short line)."""
-    return _REPR.repr(value)
-
-
-def parse_size(value: object, what: str = "size") -> int:
-    """Bytes from an integer or a string like ``"64MiB"``, ``"1.5GiB"``, ``"4096"`` (units as
-    on the command line: :mod:`tierdisk.client.sizes`; ``M`` is MiB, ``MB`` is 10**6; ASCII
-    digits only)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be a size in bytes or a string like '64MiB', not {value}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{what} must not be negative ({value})")
-        return value
-    if isinstance(value, str):
-        try:
-            return sizes.parse_size(value)[0]
-        except ValueError as exc:
-            raise ConfigError(f"{what} {exc}") from None
-    raise ConfigError(f"{what} {_show(value)} is not a size (an integer or a string like '64MiB')")
-
-
-# -- option types -------------------------------------------------------------------------
-
-
-def _str(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string, not {_show(value)}")
-    return value
-
-
-def _nonempty_str(value: object, what: str) -> str:
-    text = _str(value, what)
-    if not text:
-        raise ConfigError(f"{what} must not be empty")
-    return text
-
-
-def _path(value: object, what: str) -> str:
-    """A file or folder path: a string, not empty, without a NUL (which no path can hold:
-    every system call would refuse it)."""
-    text = _nonempty_str(value, what)
-    position = text.find("\0")
-    if position >= 0:
-        raise ConfigError(
-            f"{what} {_show(text)} contains a NUL character (U+0000) at position {position}, "
-            "which no path can hold"
-        )
-    return text
-
-
-def _optional_path(value: object, what: str) -> str:
-    """A path as :func:`_path`, or ``""`` for not set."""
-    return _path(value, what) if _str(value, what) else ""
-
-
-_UNIX_PATH_MAX = 107
-"""The longest unix socket path, in bytes (``sun_path`` holds 108 with its NUL)."""
-
-
-def _address(value: object, what: str) -> str:
-    """A listen address: ``HOST:PORT`` (``[v6]:PORT``; port 0 = any free one; an empty host
-    is every interface) or ``unix:PATH``; no white space, control character or undecodable
-    byte anywhere (a NUL would cut the address gRPC binds short: another port)."""
-    text = _nonempty_str(value, what)
-    problem = address_text_problem(text)
-    if problem is not None:
-        raise ConfigError(f"{what} address {_show(text)} {problem}")
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise ConfigError(f"{what} {text!r} names no socket path")
-        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-            raise ConfigError(
-                f"{what} {_show(text)}: the socket path is {len(os.fsencode(path))} bytes "
-                f"long, more than a unix socket's can be ({_UNIX_PATH_MAX})"
-            )
-        return text
-    try:
-        split_host_port(text, what)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    # e.g. IPv6 not in brackets, or a gRPC target form (dns:…) that nothing binds
-    problem = server_address_problem(text, empty_host=True, listener=True)
-    if problem is not None:
-        raise ConfigError(f"{what} address {text!r}: {problem}")
-    return text
-
-
-def _grpc_address(value: object, what: str) -> str:
-    """The gRPC listen address: as :func:`_address`, but with a host (gRPC binds no empty
-    one; ``0.0.0.0`` or ``[::]`` is every interface)."""
-    text = _address(value, what)
-    if text.startswith("unix:") and "%" in text:
-        # gRPC reads %XX in a unix: address as an escape: it would bind another path than
-        # the one checked for a listener already there (two servers on one socket)
-        raise ConfigError(
-            f"{what} address {_show(text)}: a '%' in a unix socket path is not supported "
-            "(gRPC reads %XX as an escape and would listen on another path)"
-        )
-    problem = None if text.startswith("unix:") else server_address_problem(text)
-    if problem is not None:
-        if not split_host_port(text, what)[0]:
-            problem += "; 0.0.0.0 or [::] listens on every interface"
-        raise ConfigError(f"{what} address {text!r}: {problem}")
-    return text
-
-
-def _target(value: object, what: str) -> str:
-    """A remote layer's ``target``: a gRPC address as the client takes for ``--server``
-    (``HOST:PORT``, ``[v6]:PORT``, or one of the gRPC forms of
-    :data:`~tierdisk.client.checks.TARGET_SCHEMES`: ``dns:``, ``ipv4:``, ``ipv6:``,
-    ``unix:PATH``, ``unix-abstract:NAME``); gRPC would silently use another port for
-    ``HOST:99999``, 443 for a missing one or after a NUL, and retry for ever a target it can
-    never reach (``http://…``, ``unix:`` without a path, white space)."""
-    text = _nonempty_str(value, what)
-    problem = server_address_problem(text)
-    if problem is not None:
-        raise ConfigError(f"{what} {_show(text)}: {problem}")
-    return text
-
-
-def _server_name(value: object, what: str) -> str:
-    """A remote layer's ``server_name`` (the name its certificate is checked against, and the
-    ``:authority``): a host name, so no white space or control character (a NUL would cut
-    it short); ``""`` = the target's host."""
-    text = _str(value, what)
-    problem = address_text_problem(text)
-    if problem is not None:
-        raise ConfigError(f"{what} {_show(text)} {problem}")
-    return text
-
-
-def _token(value: object, what: str) -> str:
-    """A bearer token: what gRPC can send in a header (the token itself is never shown,
-    not even when it is not a string; :func:`~tierdisk.client.checks.token_problem`, which
-    refuses an empty one too)."""
-    if not isinstance(value, str):
-        kinds = {bool: "true or false", int: "a number", float: "a number", list: "a list"}
-        kind = kinds.get(type(value), "a table" if isinstance(value, dict) else "another type")
-        raise ConfigError(f"{what} must be a string in quotes, not {kind}")
-    text = value
-    problem = token_problem(text)
-    if problem is not None:
-        raise ConfigError(f"{what} {problem}")
-    return text
-
-
-def token_from_file(data: bytes, path: str) -> str:
-    """The token in a remote layer's ``token_file`` (its bytes ``data``): UTF-8 text without
-    the white space around it (the line end of a file saved with ``\n`` or ``\r\n``).
-    :class:`ConfigError` naming ``path`` when it is empty, not UTF-8, or holds a character
-    no gRPC header can carry; the token itself is never shown."""
-    what = f"token_file {path}"
-    token = _utf8_text(data, what).strip()
-    if not token:
-        raise ConfigError(f"{what} is empty")  # not "the token is empty": the file is
-    problem = token_problem(token)
-    if problem is not None:
-        raise ConfigError(f"{what}: the token {problem}")
-    return token
-
-
-def _utf8_text(data: bytes, what: str) -> str:
-    """``data`` decoded as UTF-8; :class:`ConfigError` saying ``what`` is not, at which
-    offset."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        byte = data[exc.start]
-        raise ConfigError(
-            f"{what} is not UTF-8 (byte 0x{byte:02x} at offset {exc.start})"
-        ) from None
-
-
-def _optional_address(value: object, what: str) -> str:
-    """An address as :func:`_address`, or ``""`` for off."""
-    return _address(value, what) if _str(value, what) else ""
-
-
-def _nbd_source(value: object, what: str) -> str:
-    """A remote layer's ``nbd``: an address to connect to (``HOST:PORT`` with a host and a
-    port, or ``unix:PATH``), ``"auto"`` (ask the target; ``NBD_AUTO`` of
-    :mod:`.layers.remote_nbd`), or ``""`` for off."""
-    if value == "auto":
-        return "auto"
-    text = _optional_address(value, what)
-    if text and not text.startswith("unix:"):
-        host, port = split_host_port(text, what)
-        if not host or port == 0:  # what a listener takes, no place to connect to
-            missing = "no host" if not host else "port 0"
-            raise ConfigError(
-                f"{what} address {text!r} has {missing}: give the NBD export's HOST:PORT "
-                '(or "auto", to ask the origin)'
-            )
-    return text
-
-
-def _bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what} must be true or false, not {_show(value)}")
-    return value
-
-
-def parse_switch(value: object, what: str) -> bool:
-    """true or false; from a flag or an environment variable the words ``true``/``false``
-    (any case), ``1``/``0``, ``yes``/``no`` or ``on``/``off``."""
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("true", "1", "yes", "on"):
-            return True
-        if word in ("false", "0", "no", "off"):
-            return False
-    return _bool(value, what)
-
-
-def _sector_size(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{what} must be an integer, not {_show(value)}")
-    if not sizes.is_sector_size(value):
-        raise ConfigError(f"{what} {value} is not a power of two of at least 512")
-    return value
-
-
-def _seconds(value: object, what: str) -> float:
-    """A duration: a number of seconds above 0 and at most :data:`MAX_SECONDS` (one day);
-    ``nan`` and ``inf`` (TOML has both) are refused."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value <= MAX_SECONDS  # false for nan too; no float() of a huge int
-    ):
-        raise ConfigError(
-            f"{what} must be a number of seconds above 0 and at most {MAX_SECONDS} "
-            f"(one day), not {_show(value)}"
-        )
-    return float(value)
-
-
-def _count(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{what} must be a whole number >= 0, not {_show(value)}")
-    return value
-
-
-def _positive_count(value: object, what: str) -> int:
-    """A whole number >= 1; a string of ASCII digits too (flags and environment variables:
-    ``int()`` alone would read ``"٣"`` as 3)."""
-    if isinstance(value, str):
-        digits = value.strip()
-        if not (digits.isascii() and digits.isdigit()):
-            raise ConfigError(f"{what} must be a whole number >= 1, not {_show(value)}")
-        if len(digits.lstrip("0")) > 18:  # (int() refuses 4,300 digits with a traceback)
-            raise ConfigError(f"{what} is too large: {len(digits)} digits")
-        value = int(digits, 10)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a whole number >= 1, not {_show(value)}")
-    return value
-
-
-def _mode(value: object, what: str) -> str:
-    if not isinstance(value, str) or value not in ("disk", "layer"):
-        raise ConfigError(f'{what} must be "disk" or "layer", not {_show(value)}')
-    return value
 
 
 _Parser = Callable[[object, str], Any]
 _PATH = "path"  # marker: a string resolved against data_dir
 
 LAYER_OPTIONS: dict[str, dict[str, _Parser | str]] = {
-    "ram": {"size": parse_size, "sector_size": _sector_size},
-    "raw": {"path": _PATH, "size": parse_size, "read_only": _bool, "sector_size": _sector_size},
-    "sparse": {"path": _PATH, "size": parse_size, "sector_size": _sector_size},
-    "sqlite": {"path": _PATH, "size": parse_size, "sector_size": _sector_size},
+    "ram": {"size": parse_size, "sector_size": parse_sector_size},
+    "raw": {
+        "path": _PATH,
+        "size": parse_size,
+        "read_only": parse_bool,
+        "sector_size": parse_sector_size,
+    },
+    "sparse": {"path": _PATH, "size": parse_size, "sector_size": parse_sector_size},
+    "sqlite": {"path": _PATH, "size": parse_size, "sector_size": parse_sector_size},
     "remote": {
-        "target": _target,
-        "volume": _nonempty_str,
-        "mode": _mode,
-        "timeout": _seconds,
-        "retries": _count,
-        "tls": _bool,
+        "target": parse_target,
+        "volume": parse_nonempty_str,
+        "mode": parse_mode,
+        "timeout": parse_seconds,
+        "retries": parse_count,
+        "tls": parse_bool,
         "ca_file": _PATH,
         "cert_file": _PATH,
         "key_file": _PATH,
-        "server_name": _server_name,
-        "token": _token,
+        "server_name": parse_server_name,
+        "token": parse_token,
         "token_file": _PATH,
-        "nbd": _nbd_source,
+        "nbd": parse_nbd_source,
     },
 }
 """Per layer kind, the options it takes (besides kind, read_cache, write_through)."""
@@ -410,15 +144,15 @@ class ServerConfig:
 
 
 _SERVER_KEYS: dict[str, _Parser] = {
-    "listen": _grpc_address,
-    "metrics": _optional_address,
-    "data_dir": _path,
-    "nbd": _optional_address,
+    "listen": parse_grpc_address,
+    "metrics": parse_optional_address,
+    "data_dir": parse_path,
+    "nbd": parse_optional_address,
     "max_io": lambda v, what: parse_size(v, what),
-    "nbd_max_connections": _positive_count,
-    "nbd_tls_cert": _optional_path,  # file paths: "" = not set; resolved against data_dir
-    "nbd_tls_key": _optional_path,
-    "nbd_tls_ca": _optional_path,
+    "nbd_max_connections": parse_positive_count,
+    "nbd_tls_cert": parse_optional_path,  # file paths: "" = not set; resolved against data_dir
+    "nbd_tls_key": parse_optional_path,
+    "nbd_tls_ca": parse_optional_path,
     "grpc_poller_batch": parse_switch,
 }
 _NBD_TLS_KEYS = ("nbd_tls_cert", "nbd_tls_key", "nbd_tls_ca")
@@ -492,7 +226,7 @@ def load_config(
         return Config(server, default_volumes(server.data_dir))
     raw_volumes = doc.get("volumes", [])
     if not isinstance(raw_volumes, list):
-        raise ConfigError(f"volumes must be [[volumes]] tables, not {_show(raw_volumes)}")
+        raise ConfigError(f"volumes must be [[volumes]] tables, not {show(raw_volumes)}")
     if not raw_volumes:
         raise ConfigError("the config defines no [[volumes]]")
     volumes: list[VolumeConfig] = []
@@ -503,49 +237,11 @@ def load_config(
             raise ConfigError("two volumes have this name", volume=volume.name)
         seen.add(volume.name)
         volumes.append(volume)
-    _check_shared_paths(volumes)
-    _check_server_files(volumes, server.data_dir)
+    check_shared_paths(volumes)
+    check_server_files(volumes, server.data_dir)
     _check_sector_sizes(volumes, server.max_io)
-    _warn_about_secrets(server, volumes)
+    warn_about_secrets(server, volumes, log)
     return Config(server, tuple(volumes))
-
-
-def _warn_about_secrets(server: ServerConfig, volumes: list[VolumeConfig]) -> None:
-    """Warn (the config still loads) about a secret others can read: a private key or
-    token file whose mode lets the group or others read it, and a remote layer's bearer
-    token sent without ``tls`` to another host (in clear text: anyone on the path can read
-    it and use it)."""
-    secrets = [("nbd_tls_key", server.nbd_tls_key)] if server.nbd_tls_key else []
-    for volume in volumes:
-        for index, layer in enumerate(volume.layers):
-            where = f"volume {volume.name!r}, layer {index}"
-            options = layer.options
-            secrets += [
-                (f"{where}: {key}", options[key])
-                for key in ("key_file", "token_file")
-                if options.get(key)
-            ]
-            token = options.get("token") or options.get("token_file")
-            target = options.get("target", "")
-            if token and not options.get("tls") and not stays_on_this_host(target):
-                log.warning(
-                    "%s: its bearer token is sent in clear text (tls is off): anyone on "
-                    "the network path can read it and use it; set tls = true",
-                    where,
-                )
-    for what, path in secrets:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            continue  # a missing file is refused where it is read
-        if stat.S_ISREG(mode) and mode & 0o077:  # (anything else is refused where it is read)
-            log.warning(
-                "%s %s is readable or writable by others (mode %03o): keep it the server's "
-                "own (chmod 600)",
-                what,
-                path,
-                mode & 0o777,
-            )
 
 
 def _check_sector_sizes(volumes: list[VolumeConfig], max_io: int) -> None:
@@ -574,83 +270,6 @@ def sector_size_problem(sector_size: int, max_io: int) -> str | None:
     )
 
 
-def _file_keys(path: str) -> list[str]:
-    """``path`` with its symlinks resolved and, for a file that exists, its device and inode
-    numbers: the keys under which two layers' files are one file (a hard link is one file
-    under another name)."""
-    keys = [os.path.realpath(path)]
-    with contextlib.suppress(OSError):
-        found = os.stat(path)
-        keys.append(f"inode {found.st_dev}:{found.st_ino}")
-    return keys
-
-
-def _check_shared_paths(volumes: list[VolumeConfig]) -> None:
-    """Refuse a layer file used by two layers of this config (the second would find it
-    locked, "in use by another process"), naming both, whether the two paths name it
-    through a symlink or a hard link; read-only raw images are the exception: any number of
-    layers may read one. A file a layer makes beside its own (a
-    sparse layer's map, a sqlite layer's lock file and WAL:
-    :func:`~.layers.layer_files.files_beside`) counts as that layer's: another layer there
-    would have it replaced or removed under it."""
-    from .layers.layer_files import files_beside  # (the layers package imports this module)
-
-    users: dict[str, tuple[str, int, str, bool, bool]] = {}  # _file_keys -> first user
-    for volume in volumes:
-        for index, layer in enumerate(volume.layers):
-            path = layer.options.get("path")
-            if not isinstance(path, str):
-                continue
-            shareable = layer.kind == "raw" and bool(layer.options.get("read_only"))
-            files = [(path, False)] + [(f, True) for f in files_beside(layer.kind, path)]
-            for file, beside in files:
-                keys = _file_keys(file)
-                first = next((users[key] for key in keys if key in users), None)
-                if first is None:
-                    for key in keys:
-                        users[key] = (volume.name, index, path, beside, shareable and not beside)
-                    continue
-                if shareable and not beside and first[4]:
-                    continue
-                other = f"volume {first[0]!r}, layer {first[1]}"
-                if not beside and not first[3]:
-                    problem = f"path {path} is used twice in this config, also by {other}"
-                elif not beside:
-                    problem = (
-                        f"path {path} is a file that {other} (at {first[2]}) makes beside its own"
-                    )
-                else:
-                    their = f"makes beside its own (at {first[2]})" if first[3] else "is at"
-                    problem = (
-                        f"the {layer.kind} layer at {path} makes {file} beside it, which "
-                        f"{other} {their}"
-                    )
-                raise ConfigError(
-                    f"{problem}: a layer's files hold one layer (only read_only raw images "
-                    "can be shared)",
-                    volume=volume.name,
-                    layer=index,
-                )
-
-
-def _check_server_files(volumes: list[VolumeConfig], data_dir: str) -> None:
-    """Refuse a layer file that is one of the server's own files in ``data_dir`` (the
-    write verifier record, or the new one written before it replaces it:
-    :mod:`.verifier_store`): the record's next change would replace the layer's data."""
-    record = os.path.realpath(os.path.join(data_dir, VERIFIERS_FILE))
-    ours = {record, record + VERIFIERS_NEW_SUFFIX}
-    for volume in volumes:
-        for index, layer in enumerate(volume.layers):
-            path = layer.options.get("path")
-            if path is not None and os.path.realpath(path) in ours:
-                raise ConfigError(
-                    f"path {path} is the server's own record of write verifiers (in "
-                    "data_dir): a layer's file needs a path of its own",
-                    volume=volume.name,
-                    layer=index,
-                )
-
-
 _BOM = "\ufeff"
 
 
@@ -673,7 +292,7 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise ConfigError(f"config {path} {exc}") from None
-    text = _utf8_text(data, f"config {path}")
+    text = utf8_text(data, f"config {path}")
     if text.startswith(_BOM):
         raise ConfigError(
             f"config {path} starts with a UTF-8 byte order mark (offset 0), which TOML does "
@@ -735,131 +354,8 @@ def _server(
             f"{MIN_MAX_IO} (1MiB, the size of the clients' requests) to {MAX_MAX_IO} (256MiB) "
             "bytes"
         )
-    _check_nbd_tls(config, sources)
+    check_nbd_tls(config, sources)
     return config
-
-
-def _check_nbd_tls(config: ServerConfig, sources: Mapping[str, str]) -> None:
-    """The rules of the ``nbd_tls_*`` keys: the certificate and the key go together, the CA
-    bundle needs both, all need the NBD export on, and the files must load
-    (:func:`nbd_tls_context`). :class:`ConfigError` naming the key (as it was given: flag,
-    environment variable or ``[server]`` key)."""
-
-    def name(key: str) -> str:
-        return sources.get(key, key)
-
-    cert, key, ca = config.nbd_tls_cert, config.nbd_tls_key, config.nbd_tls_ca
-    if cert and not key:
-        raise ConfigError(
-            f"{name('nbd_tls_cert')} is set but nbd_tls_key is not: TLS for the NBD export "
-            "needs the certificate and its private key"
-        )
-    if key and not cert:
-        raise ConfigError(
-            f"{name('nbd_tls_key')} is set but nbd_tls_cert is not: TLS for the NBD export "
-            "needs the certificate and its private key"
-        )
-    if ca and not cert:
-        raise ConfigError(
-            f"{name('nbd_tls_ca')} is set but nbd_tls_cert and nbd_tls_key are not: the CA "
-            "bundle that checks the clients' certificates needs TLS, which needs the server's "
-            "own certificate and key"
-        )
-    if cert and not config.nbd:
-        raise ConfigError(
-            f"{name('nbd_tls_cert')} is set but the NBD export is off (nbd is empty): TLS "
-            "is for the NBD export"
-        )
-    nbd_tls_context(config, sources)
-
-
-def nbd_tls_context(
-    config: ServerConfig, sources: Mapping[str, str] | None = None
-) -> ssl.SSLContext | None:
-    """The server-side TLS context of the NBD export, or None when ``config`` sets no
-    ``nbd_tls_cert``.
-
-    TLS 1.2 at least, no renegotiation; with ``nbd_tls_ca``, a client must present a
-    certificate signed by one of its CAs (``CERT_REQUIRED``), else none is asked for.
-    :class:`ConfigError` naming the key (``sources[key]``, e.g. ``--nbd-tls-cert``; else the
-    key) and the file when a file cannot be read, holds no PEM certificate (the certificate,
-    the CA bundle) or no PEM private key, the key is encrypted (a passphrase) or is not the
-    certificate's.
-    """
-    if not config.nbd_tls_cert:
-        return None
-    named = sources or {}
-
-    def what(key: str, path: str) -> str:
-        return f"{named.get(key, key)} {path}"
-
-    cert, key, ca = config.nbd_tls_cert, config.nbd_tls_key, config.nbd_tls_ca
-    texts = {}
-    for option, path in (("nbd_tls_cert", cert), ("nbd_tls_key", key), ("nbd_tls_ca", ca)):
-        if path:  # ssl reads them again by name: regular files only (read_small_file)
-            try:
-                texts[option] = read_small_file(path)
-            except OSError as exc:
-                raise ConfigError(f"cannot read {what(option, path)}: {exc.strerror}") from None
-            except ValueError as exc:
-                raise ConfigError(f"{what(option, path)} {exc}") from None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_RENEGOTIATION
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
-    except (ssl.SSLError, OSError):
-        raise ConfigError(f"{what('nbd_tls_cert', cert)} holds no PEM certificate") from None
-    if b"PRIVATE KEY-----" not in texts["nbd_tls_key"]:
-        raise ConfigError(f"{what('nbd_tls_key', key)} holds no PEM private key")
-    load_key_pair(
-        context, cert, key, cert_name=what("nbd_tls_cert", cert), key_name=what("nbd_tls_key", key)
-    )
-    if ca:
-        try:
-            context.load_verify_locations(cafile=ca)
-        except (ssl.SSLError, OSError):
-            raise ConfigError(
-                f"{what('nbd_tls_ca', ca)} holds no PEM certificate (a CA bundle)"
-            ) from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def load_key_pair(
-    context: ssl.SSLContext, cert: str, key: str, *, cert_name: str, key_name: str
-) -> None:
-    """Load the certificate chain ``cert`` and its private key ``key`` (PEM files) into
-    ``context``, or raise :class:`ConfigError` saying why, the files named as ``cert_name``
-    and ``key_name`` (e.g. ``"nbd_tls_key /etc/k.pem"``): an encrypted key (never a
-    passphrase prompt), a key that is not the certificate's, anything else ssl refuses
-    (:func:`~tierdisk.client.pem.key_pair_problem`)."""
-    try:
-        problem = key_pair_problem(cert, key, cert_name, context)
-    except OSError as exc:
-        problem = f"cannot be used with {cert_name} ({_ssl_reason(exc)})"
-    if problem is not None:
-        raise ConfigError(f"{key_name} {problem}")
-
-
-def _ssl_reason(exc: BaseException) -> str:
-    """A short reason for an :mod:`ssl` failure: OpenSSL's reason code when it has one."""
-    reason = getattr(exc, "reason", None)
-    return str(reason) if reason else str(exc)
-
-
-def _check_client_certificate(options: Mapping[str, Any]) -> None:
-    """A remote layer's client certificate and key (``cert_file``, ``key_file``), when both
-    are given: :class:`ConfigError` naming the files when they do not go together (not
-    readable PEM files of their kinds, an encrypted key, another certificate's key), as the
-    layer would find at attach (:func:`.layers.remote_connect.check_key_pair`); found here,
-    before anything is bound. (One without the other is refused when the layer is made.)"""
-    cert, key = options.get("cert_file"), options.get("key_file")
-    if cert is None or key is None:
-        return
-    from .layers.remote_connect import check_key_pair  # here: that module imports this one
-
-    check_key_pair(cert, key)
 
 
 def _name_problem(name: str) -> str:
@@ -888,13 +384,13 @@ def _volume(raw: object, index: int, data_dir: str) -> VolumeConfig:
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}", volume=name)
     try:
-        read_only = _bool(raw.get("read_only", False), "read_only")
+        read_only = parse_bool(raw.get("read_only", False), "read_only")
     except ConfigError as exc:
         raise exc.located(volume=name) from None
     layers_raw = raw.get("layers")
     if layers_raw is not None and not isinstance(layers_raw, list):
         raise ConfigError(
-            f"layers must be [[volumes.layers]] tables, not {_show(layers_raw)}",
+            f"layers must be [[volumes.layers]] tables, not {show(layers_raw)}",
             volume=name,
         )
     if not layers_raw:
@@ -916,7 +412,7 @@ def _layer(raw: object, data_dir: str) -> LayerConfig:
         known = ", ".join(sorted(LAYER_OPTIONS))
         if kind is None:
             raise ConfigError(f"a layer needs 'kind' (one of: {known})")
-        raise ConfigError(f"unknown layer kind {_show(kind)} (known kinds: {known})")
+        raise ConfigError(f"unknown layer kind {show(kind)} (known kinds: {known})")
     allowed = LAYER_OPTIONS[kind]
     unknown = sorted(set(raw) - set(allowed) - set(_LAYER_COMMON))
     if unknown:
@@ -929,15 +425,15 @@ def _layer(raw: object, data_dir: str) -> LayerConfig:
         if key not in raw:
             continue
         if parse == _PATH:
-            options[key] = os.path.join(os.path.abspath(data_dir), _path(raw[key], key))
+            options[key] = os.path.join(os.path.abspath(data_dir), parse_path(raw[key], key))
         else:
             assert callable(parse)
             options[key] = parse(raw[key], key)
     if kind == "remote" and options.get("tls"):
-        _check_client_certificate(options)
+        check_client_certificate(options)
     return LayerConfig(
         kind,
-        read_cache=_bool(raw.get("read_cache", False), "read_cache"),
-        write_through=_bool(raw.get("write_through", False), "write_through"),
+        read_cache=parse_bool(raw.get("read_cache", False), "read_cache"),
+        write_through=parse_bool(raw.get("write_through", False), "write_through"),
         options=options,
     )

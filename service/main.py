@@ -36,7 +36,8 @@ from tierdisk.client.tune import (
     tune_malloc,
 )
 
-from .config import MAX_SECONDS, Config, load_config
+from .config import Config, load_config
+from .config_values import MAX_SECONDS
 from .errors import ConfigError, StorageError
 from .logs import configure_logging, say
 from .ratelimit import tell_held_lines
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _seconds(text: str) -> float:
-    """A number of seconds from 0 to :data:`~.config.MAX_SECONDS` (one day), for argparse."""
+    """A number of seconds from 0 to :data:`~.config_values.MAX_SECONDS` (one day), for argparse."""
     try:
         if not text.isascii():  # float() reads other scripts' digits: "٣" is 3
             raise ValueError(text)

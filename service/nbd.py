@@ -6,7 +6,7 @@ numbers the metrics module exports). A misaligned write's read-modify-write is t
 (:meth:`Volume.write_at`), atomic against every writer of the volume.
 
 With a TLS context (``[server] nbd_tls_cert``/``nbd_tls_key``,
-:func:`~.config.nbd_tls_context`) the export requires TLS: the NBD protocol's "forced TLS"
+:func:`~.tls_files.nbd_tls_context`) the export requires TLS: the NBD protocol's "forced TLS"
 mode. Every option before a successful ``NBD_OPT_STARTTLS`` but ``NBD_OPT_ABORT`` is answered
 ``NBD_REP_ERR_TLS_REQD`` (``NBD_OPT_EXPORT_NAME``, which cannot take an error, ends the
 connection); ``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ACK`` and the server side of the TLS

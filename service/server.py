@@ -43,7 +43,7 @@ from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
 from .backoff import Backoff
-from .config import Config, VolumeConfig, nbd_tls_context, sector_size_problem
+from .config import Config, VolumeConfig, sector_size_problem
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
 from .grpc_api import BlockDeviceService, DrainGate, add_to_server
@@ -58,6 +58,7 @@ from .netaddr import AddressInUse, bind_failure, claim_unix_path
 from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
+from .tls_files import nbd_tls_context
 from .verifier_store import VerifierStore, new_verifier
 from .volume import LayerEntry, Volume
 

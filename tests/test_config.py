@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 
 from tierdisk.client import cli
-from tierdisk.service.config import (
-    DEFAULT_SIZE,
-    ServerConfig,
-    load_config,
-    parse_size,
-    token_from_file,
-)
+from tierdisk.service.config import DEFAULT_SIZE, ServerConfig, load_config
+from tierdisk.service.config_values import parse_size
+from tierdisk.service.credentials import token_from_file
 from tierdisk.service.errors import ConfigError
 
 

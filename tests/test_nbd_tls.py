@@ -59,13 +59,14 @@ from waiting import eventually
 
 from tierdisk.client import AsyncClient
 from tierdisk.service import nbd_session
-from tierdisk.service.config import ServerConfig, load_config, nbd_tls_context
+from tierdisk.service.config import ServerConfig, load_config
 from tierdisk.service.errors import ConfigError
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.nbd import NbdStats, start_nbd_server
 from tierdisk.service.registry import VolumeRegistry
 from tierdisk.service.runs import Run
 from tierdisk.service.server import Server
+from tierdisk.service.tls_files import nbd_tls_context
 from tierdisk.service.volume import LayerEntry, Volume
 
 pytestmark = pytest.mark.timeout(120)

@@ -29,7 +29,7 @@ from tierdisk.client.pem import (
 )
 
 from .. import hops
-from ..config import token_from_file
+from ..credentials import token_from_file
 from ..errors import ConfigError
 
 __all__ = [

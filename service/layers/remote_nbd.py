@@ -47,7 +47,6 @@ from tierdisk.client.pem import CERTIFICATE, PRIVATE_KEY
 
 from .. import errors
 from ..backoff import Backoff
-from ..config import load_key_pair
 from ..errors import ConfigError
 from ..nbd_client import (
     NbdClosed,
@@ -61,6 +60,7 @@ from ..nbd_protocol import described_server
 from ..netaddr import reachable_address
 from ..ratelimit import RateLimitedLog
 from ..status import status_name_of
+from ..tls_files import load_key_pair
 from .remote_connect import read_file
 
 __all__ = ["NBD_AUTO", "NbdDataPath", "tls_context"]
