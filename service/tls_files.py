@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tierdisk.client.pem import key_pair_problem, read_small_file
+from tierdisk.client.pem import PRIVATE_KEY, key_pair_problem, pem_problem, read_small_file
 
 from .errors import ConfigError
 
@@ -101,7 +101,7 @@ def nbd_tls_context(
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
     except (ssl.SSLError, OSError):
         raise ConfigError(f"{what('nbd_tls_cert', cert)} holds no PEM certificate") from None
-    if b"PRIVATE KEY-----" not in texts["nbd_tls_key"]:
+    if pem_problem(texts["nbd_tls_key"], PRIVATE_KEY) is not None:  # the remote layer's rule
         raise ConfigError(f"{what('nbd_tls_key', key)} holds no PEM private key")
     load_key_pair(
         context, cert, key, cert_name=what("nbd_tls_cert", cert), key_name=what("nbd_tls_key", key)
