@@ -5,6 +5,11 @@ Units: seconds, for every delay here (``first``, ``cap``, what :meth:`Backoff.ne
 One :class:`Backoff` per retry loop: call :meth:`~Backoff.next` before each wait for the
 delay to wait, and :meth:`~Backoff.reset` when the retried thing worked (or the situation
 changed), so the next failure starts again from ``first``.
+
+Not the client library's :class:`tierdisk.client.retry.RetryPolicy`, on purpose: a caller's
+retries are few and bounded, and its "full jitter" (a wait anywhere from 0) spreads many
+callers best; a background loop here retries for as long as the server runs, and a wait
+that never falls below half the delay keeps a down peer from being asked again at once.
 """
 
 from __future__ import annotations

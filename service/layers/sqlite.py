@@ -159,7 +159,9 @@ def _is_full(exc: BaseException) -> bool:
 
 
 def _domain_error(exc: sqlite3.Error, what: str) -> TierdiskError:
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    """The domain error for SQLite's ``exc`` raised while doing ``what``: out of space,
+    a corrupt database (or none), or another storage failure."""
+    code = _code(exc)
     if code == sqlite3.SQLITE_FULL:
         return NoSpace(f"{what}: out of space ({exc})")
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
