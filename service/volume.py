@@ -43,7 +43,10 @@ with nothing written), and that is logged.
 The construction rules and the stack's properties derived from its layers are in
 :mod:`tierdisk.service.stack_rules`; size generations and the events resize watchers get
 are in :mod:`tierdisk.service.size_history`; flushes (in rounds) and the write verifier are
-in :mod:`tierdisk.service.durability`. No gRPC here: errors are
+in :mod:`tierdisk.service.durability`; resizes, and following a top that resizes by itself,
+in :mod:`tierdisk.service.volume_resize`; what a write or unmap does when a write-path layer
+fails it (the layers above drop it again, the error that says what changed) in
+:mod:`tierdisk.service.write_failures`. No gRPC here: errors are
 :mod:`tierdisk.service.errors` exceptions.
 """
 
@@ -57,24 +60,20 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backoff import Backoff
 from .durability import Durability
 from .errors import (
     ConfigError,
     DeadlineExceeded,
     InvalidArgument,
-    NoSpace,
-    NotSupported,
     OutOfRange,
     ReadOnlyError,
-    StorageError,
     TierdiskError,
     Unavailable,
 )
-from .layer import MAX_SECTORS, RUNS_BETWEEN_YIELDS, Layer, UnmapBehavior, size_limit_problem
+from .layer import MAX_SECTORS, RUNS_BETWEEN_YIELDS, Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
-from .sector_lock import EVERY_SECTOR, SectorLock
+from .sector_lock import SectorLock
 from .size_history import SizeEvent, SizeHistory
 from .stack_rules import (
     StackProperties,
@@ -84,6 +83,8 @@ from .stack_rules import (
     check_write_through,
 )
 from .unstoppable import LeftRunning, run_to_end
+from .volume_resize import Resizer
+from .write_failures import WriteFailures
 
 __all__ = [
     "AllocationRun",
@@ -101,9 +102,6 @@ path of several layers after their callers left, per volume, before new ones wai
 writes of 1 MiB, each holding ~3 MiB of the server's memory until a layer below that hangs
 answers or times out."""
 
-_TOP_WATCH_BACKOFF = (0.1, 10.0)
-"""``(first, cap)`` in seconds: the waits before watching the top layer's size again after
-the watch failed (:class:`~tierdisk.service.backoff.Backoff`, doubling, no jitter)."""
 _RUNS_AT_ONCE = 128
 """The most runs a read asks one layer for at once (:meth:`Layer.read_runs`), and between
 yields to the event loop: a read over a layer fragmented into thousands of runs asks the
@@ -179,7 +177,6 @@ class Volume:
         self._listeners: list[tuple[Layer, Callable[[int], None]]] = []
         self._smallest = stack.smallest
         self._cut_to = MAX_SECTORS  # the smallest size a shrink of this volume's cut it to
-        self._shrinking = False  # a shrink of this volume is cutting its layers
         self._sizes = SizeHistory(top.sector_count)
         self.generation = 0
         """The size generation (:class:`SizeHistory`'s, copied by :meth:`_note_size`), as
@@ -189,11 +186,21 @@ class Volume:
         """Held by every write and unmap (shared; exclusive on a write path of several
         layers), exclusive by :meth:`write_at`'s read-modify-write and by a shrink over the
         sectors it cuts. Reads do not take it."""
-        self._resizing = asyncio.Lock()  # resizes one at a time
         self._durability = Durability(name, entries, self._write_path, self.keeps_writes)
         """Flush rounds and the write verifier (:mod:`~tierdisk.service.durability`)."""
-        self._kept_log = RateLimitedLog(log)  # failed changes a layer above kept (_drop_above)
-        self._unseen_log = RateLimitedLog(log)  # failed changes nobody awaited (_failed_unseen)
+        self._write_failures = WriteFailures(name, self._layers, self._write_limit)
+        """What a write or unmap does when a write-path layer fails it
+        (:mod:`~tierdisk.service.write_failures`)."""
+        self._resizer = Resizer(
+            name,
+            self._layers[: self._write_path],
+            sector_lock=self.sector_lock,
+            durability=self._durability,
+            sizes=self._sizes,
+            note_size=self._note_size,
+            lower_overlaps=self._lower_overlaps,
+        )
+        """Resizes and the top's own size changes (:mod:`~tierdisk.service.volume_resize`)."""
         self._left_running = LeftRunning(LEFT_RUNNING_LIMIT)  # those changes, still running
         self._left_log = RateLimitedLog(log)  # changes that waited for them (_room_to_change)
 
@@ -249,7 +256,9 @@ class Volume:
         ]
         for layer, listener in volume._listeners:
             layer.add_resize_listener(listener)
-        volume._follow_task = asyncio.create_task(volume._follow_top(), name=f"follow-{name}")
+        volume._follow_task = asyncio.create_task(
+            volume._resizer.follow_top(), name=f"follow-{name}"
+        )
         return volume
 
     async def close(self) -> list[Exception]:
@@ -570,25 +579,15 @@ class Volume:
             lock.release(token)
             durability.change_ended(not failed)
 
-    def _failed_unseen(self, exc: BaseException) -> None:
-        """A write or unmap down a write path of several layers failed after its caller
-        was cancelled (so nobody is told): logged, at most one line every 10 s per volume
-        (the count of lines held back goes with the next: callers giving up on a tier that
-        hangs make one such failure per write). The layers above the one that failed
-        dropped it again where they could (:meth:`_failed_below`; where one could not, that
-        is logged too, and reads may return the change, never acknowledged)."""
-        self._unseen_log.warning(
-            "volume %r: a write or unmap whose caller had gone failed on the write path (%s)",
-            self.name,
-            exc,
-        )
-
     async def _run_to_end(self, change: Coroutine[Any, Any, None], nbytes: int) -> None:
         """Run ``change`` (of ``nbytes`` of data) down a write path of several layers to its
         end, also when the caller is cancelled (module docs), counted in the changes left
         running while it runs on without its caller."""
         await run_to_end(
-            change, dropped=self._failed_unseen, left=self._left_running, nbytes=nbytes
+            change,
+            dropped=self._write_failures.failed_unseen,
+            left=self._left_running,
+            nbytes=nbytes,
         )
 
     async def _room_to_change(self, sector: int, count: int) -> None:
@@ -653,127 +652,11 @@ class Volume:
                     await layer.write(part, sector, fua)
         except Exception as exc:
             # (the layers above took it whole: one call each)
-            raise await self._failed_below(exc, index, index - 1, sector, end, "write") from None
+            raise await self._write_failures.failed_below(
+                exc, index, index - 1, sector, end, "write"
+            ) from None
         if short:
-            raise self._past_the_end(short, sector, end)
-
-    async def _failed_below(
-        self, exc: Exception, index: int, changed_at: int, sector: int, end: int, what: str
-    ) -> Exception:
-        """The error to raise for a write or unmap of ``[sector, end)`` that write-path layer
-        ``index`` failed with ``exc``. The layers above it (all write-through) took it
-        already: each drops those sectors again (:meth:`_drop_above`), so reads take them
-        from layer ``index`` and below and no layer holds a change the ones below it lack
-        (a cache tier whose origin is down keeps no write its origin never got; a ``ram``
-        top no write that the next start loses). ``exc`` is then raised as it is. Where a
-        layer above could not drop them (a ``raw`` file, a ``remote`` tier), reads return
-        the change, which is not durable, and the error says so for a layer out of space
-        or past its end; any other failure (``UNAVAILABLE``, say) is raised as it is, as a
-        retry of the call writes every layer again. ``changed_at``: the last layer that took
-        part of the change (-1: none, and ``exc`` is raised as it is); when that is layer
-        ``index`` itself (a change of several calls), the error says it was made in part."""
-        if changed_at < 0:
-            return exc
-        partly = changed_at == index
-        undone = index == 0 or await self._drop_above(index, sector, end, exc)
-        if isinstance(exc, NoSpace):
-            return self._out_of_space(exc, partly or not undone, what)
-        if isinstance(exc, OutOfRange):
-            changed = partly or not undone
-            return self._shrunk_below(exc, index, changed, sector, end, what, not undone)
-        return exc
-
-    async def _drop_above(self, index: int, sector: int, end: int, exc: Exception) -> bool:
-        """Drop ``[sector, end)`` (each as far as its write limit) from the write-path
-        layers above layer ``index``, which failed a change of them with ``exc``: they are
-        write-through, so what they hold there mirrors the layers below, and dropping it
-        shows the layers below again. True when every one could
-        (:attr:`~tierdisk.service.layer.Layer.can_drop_sectors`) and did; a layer that keeps
-        it is logged (at most once per ten seconds and layer)."""
-        dropped = True
-        for above in range(index):
-            layer = self._layers[above]
-            hi = self._write_limit(above, end)
-            if hi <= sector:
-                continue
-            if layer.can_drop_sectors:
-                try:
-                    await layer.unmap(sector, hi - sector, False, True)
-                    continue
-                except Exception as drop_failure:
-                    why = f"dropping it failed: {drop_failure}"
-            else:
-                why = f"a {layer.kind} layer cannot drop sectors"
-            dropped = False
-            self._kept_log.warning(
-                "volume %r: write-path layer %d failed a change of sectors [%d, %d) (%s) that "
-                "layer %d above it took and keeps (%s): reads return the change, which is not "
-                "durable, until those sectors are written again",
-                self.name,
-                index,
-                sector,
-                end,
-                exc,
-                above,
-                why,
-                key=above,
-            )
-        return dropped
-
-    def _past_the_end(self, index: int, sector: int, end: int) -> StorageError:
-        """The error for a write of ``[sector, end)`` that write-path layer ``index`` (a
-        durable copy, smaller than the top) could take only in part: the layers above
-        hold it and reads return it, but past that layer's end it is not durable."""
-        layer = self._layers[index]
-        size = layer.sector_count
-        return StorageError(
-            f"volume {self.name!r}: sectors [{max(sector, size)}, {end}) of this write lie past "
-            f"the end of write-path layer {index} ({layer.kind}, {size} sectors): the layers "
-            "above took them (reads return them) but they are not durable; give that layer "
-            "the top's size, or resize the volume (which resizes every write-path layer)"
-        )
-
-    def _shrunk_below(
-        self,
-        exc: OutOfRange,
-        index: int,
-        changed: bool,
-        sector: int,
-        end: int,
-        what: str,
-        above_kept: bool,
-    ) -> TierdiskError:
-        """The error for a write or unmap of ``[sector, end)`` that write-path layer
-        ``index`` refused as past its end though this volume's size has it: a layer that
-        shrank by itself (a ``remote`` whose origin was shrunk, before its watch said so).
-        When nothing ``changed`` yet it is ``exc`` itself; else (a layer above kept it,
-        ``above_kept``, or an earlier part of it was made) it is not "out of range", which
-        says nothing changed, but ``INTERNAL``, as :meth:`_past_the_end` says for a layer
-        known to be smaller."""
-        if not changed:
-            return exc
-        layer = self._layers[index]
-        made = (
-            "the layers above took it (reads return it) but it is not durable"
-            if above_kept
-            else "part of it was made, the rest not"
-        )
-        return StorageError(
-            f"volume {self.name!r}: the {what} of sectors [{sector}, {end}) reached past the "
-            f"end of write-path layer {index} ({layer.kind}), now smaller than the volume "
-            f"({exc}): {made}"
-        )
-
-    def _out_of_space(self, exc: NoSpace, changed: bool, what: str) -> TierdiskError:
-        """The error for a write or unmap a layer had no space for: ``exc`` itself when
-        nothing changed yet, else a :class:`StorageError` saying it was made in part (a
-        layer above the one out of space took it, and reads return that)."""
-        if not changed:
-            return exc
-        return exc.after_a_change(
-            f"volume {self.name!r}: the {what} was made in part (reads may return it) but "
-            "not on every layer of the write path: it is not durable"
-        )
+            raise self._write_failures.past_the_end(short, sector, end)
 
     async def write_at(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
@@ -861,11 +744,13 @@ class Volume:
                         await layer.write(part, a, fua)
                     changed_at = index
         except Exception as exc:
-            raise await self._failed_below(exc, index, changed_at, sector, end, "write") from None
+            raise await self._write_failures.failed_below(
+                exc, index, changed_at, sector, end, "write"
+            ) from None
         if unsynced:  # (every layer took it) a whole round: no layer's flush races a round's
             await self.flush()  # (its failures are never NoSpace: Durability)
         if short:
-            raise self._past_the_end(short, sector, end)
+            raise self._write_failures.past_the_end(short, sector, end)
 
     async def unmap(self, sector: int, count: int, block_level_only: bool = False) -> None:
         """Discard sectors; later reads follow :attr:`unmap_behavior`. Holds them in
@@ -916,7 +801,9 @@ class Volume:
                     await layer.unmap(start, hi - start, block_level_only, True)
                     changed_at = index
         except Exception as exc:
-            raise await self._failed_below(exc, index, changed_at, sector, end, "unmap") from None
+            raise await self._write_failures.failed_below(
+                exc, index, changed_at, sector, end, "unmap"
+            ) from None
 
     async def _unmap_over_held(
         self, index: int, sector: int, end: int, block_level_only: bool
@@ -985,144 +872,27 @@ class Volume:
     # -- size ---------------------------------------------------------------------------
 
     async def resize(self, sector_count: int) -> int:
-        """Resize the top layer, and with it every ``write_through`` layer on the write path
-        (they hold the same writes: one left at the old size would lose, at a restart, what
-        was written past it, or bring back what a shrink discarded); return the new size.
-        Growing exposes zeros.
-
-        The write-path layers are resized one at a time: a grow bottom-up, the top last; a
-        shrink top-down. Resizes run one at a time. Errors (DESIGN.md §2), after which the
-        volume's size and generation are unchanged (no resize event), and its data too, but
-        for a shrink that failed part way (below):
-
-        - :class:`InvalidArgument`: not at least one sector, or more than
-          :data:`~.layer.MAX_BYTES` bytes or :data:`~.layer.MAX_SECTORS` sectors (a size
-          limit, whatever the layers);
-        - :class:`ReadOnlyError` / :class:`NotSupported` (FAILED_PRECONDITION): a read-only
-          volume, a write-path layer kind that cannot resize;
-        - from a layer: :class:`FailedPrecondition` for a size its storage cannot have
-          (a file over the filesystem's largest, ``EFBIG``), :class:`NoSpace`
-          (RESOURCE_EXHAUSTED) when it is out of memory or space (a ``ram`` layer that
-          cannot map that much). Layers below it that had grown already are shrunk back;
-          a shrink that fails after the top was cut stands (the volume has the new size;
-          the layers below the failure keep theirs, which the overlaps hide) and is a
-          :class:`StorageError` saying it was made in part.
-        """
+        """Resize the volume to ``sector_count`` sectors: its top layer, and with it every
+        ``write_through`` layer on the write path (:meth:`Resizer.resize
+        <tierdisk.service.volume_resize.Resizer.resize>`, which says how, and what it
+        raises); return the new size. A read-only volume is :class:`ReadOnlyError`
+        (FAILED_PRECONDITION)."""
         self._check_writable("resize")
-        if sector_count <= 0:
-            raise InvalidArgument(f"volume {self.name!r}: size must be at least one sector")
-        problem = size_limit_problem(self.sector_size, sector_count)
-        if problem is not None:
-            raise InvalidArgument(f"volume {self.name!r}: {problem}")
-        path = self._layers[: self._write_path]
-        for index, layer in enumerate(path):
-            if not layer.can_resize:
-                where = (
-                    f"top {layer.kind} layer"
-                    if index == 0
-                    else f"{layer.kind} layer {index} (on the write path, resized with the top)"
-                )
-                raise NotSupported(f"volume {self.name!r}: its {where} cannot be resized")
-        async with self._resizing:  # one resize at a time: the layers change one by one
-            # A cancel (the caller's deadline) must not stop it between two layers.
-            self._durability.change_began()
-            changed = True  # unless it succeeds: then it synced what it changed
-            try:
-                await run_to_end(self._resize_path(path, sector_count))
-                changed = False
-            finally:
-                self._durability.change_ended(changed)
-        self._warn_of_stale_sizes(path)
+        await self._resizer.resize(sector_count)
         return self.sector_count
 
-    def _warn_of_stale_sizes(self, path: list[Layer]) -> None:
-        """After a resize: warn of each write-path layer whose config gives a ``size`` it no
-        longer has, which the next start refuses (DESIGN.md §4: a layer keeps its recorded
-        size; a config that disagrees is a start error)."""
-        for index, layer in enumerate(path):
-            configured = layer.configured_size
-            size = layer.sector_count * layer.sector_size
-            if configured is not None and configured != size:
-                log.warning(
-                    "volume %r: layer %d (%s) is %d bytes now, but its config says size = %d, "
-                    "which the next start refuses: set size = %d in the config, or remove size "
-                    "to take the layer's own",
-                    self.name,
-                    index,
-                    layer.kind,
-                    size,
-                    configured,
-                    size,
-                )
-
-    async def _resize_path(self, path: list[Layer], sector_count: int) -> None:
-        # A shrink holds the sectors it cuts exclusive: writes and unmaps running there
-        # finish first (none lands past the new end, e.g. a raw file's write extending
-        # it again), and those waiting find the range gone (OUT_OF_RANGE).
-        lock = self.sector_lock
-        shrink = sector_count < self.sector_count
-        token = await lock.acquire_exclusive(sector_count, EVERY_SECTOR) if shrink else None
-        self._shrinking = shrink  # (_note_size: the cut is this volume's, read_into)
-        grown: list[tuple[Layer, int]] = []  # (layer, old size) of lower layers grown so far
-        cut = False  # a layer was shrunk: its data past the new end is gone
-        # A grow goes bottom-up, the top last (the layers below must have room for what the
-        # top takes); a shrink top-down, so one cut short (a failure, a crash) leaves layers
-        # below the top larger than it, which the overlaps hide, never smaller (writes past
-        # their end would fail until a resize).
-        order = range(len(path)) if shrink else range(len(path) - 1, -1, -1)
-        try:
-            for index in order:
-                layer = path[index]
-                old = layer.sector_count
-                # (a file layer syncs a resize: Durability.syncing)
-                await self._durability.syncing(index, layer.resize(sector_count))
-                if old < sector_count:
-                    if index:
-                        grown.append((layer, old))
-                elif old > sector_count:  # its data past the new end is gone: no read asks
-                    cut = True  # it there again (the layers' listeners lower them too)
-                    self._lower_overlaps(index, layer.sector_count)
-        except TierdiskError as exc:
-            await self._undo_grows(grown)
-            if cut and not isinstance(exc, StorageError):  # its code would say "nothing
-                raise StorageError(  # changed" (RESOURCE_EXHAUSTED, FAILED_PRECONDITION, …)
-                    f"volume {self.name!r}: the shrink to {sector_count} sectors was made in "
-                    f"part (the top and the write-path layers before the failure were cut, "
-                    f"then: {exc}); resize again"
-                ) from None
-            raise
-        except BaseException:
-            await self._undo_grows(grown)
-            raise
-        else:
-            self._note_size(path[0].sector_count)  # (a top that calls no listener)
-        finally:
-            self._shrinking = False
-            if token is not None:
-                lock.release(token)
-
-    async def _undo_grows(self, grown: list[tuple[Layer, int]]) -> None:
-        """Shrink back the lower layers a failed resize grew (``(layer, old size)``)."""
-        for layer, old in grown:
-            try:
-                await layer.resize(old)
-            except Exception as exc:  # the original error is the one to report
-                log.error(
-                    "volume %r: could not shrink a %s layer back to %d sectors after a "
-                    "failed resize: %s", self.name, layer.kind, old, exc,
-                )  # fmt: skip
-
     def _note_size(self, size: int) -> None:
-        """The top's size is now ``size`` sectors (its resize listener, :meth:`_follow_top`
-        and :meth:`resize` call it): a change lowers the overlaps and the smallest size at
-        once, synchronously (the resize-listener rule of the module docstring), and is a
-        size event (:class:`SizeHistory`). The same size again changes nothing."""
+        """The top's size is now ``size`` sectors (its resize listener calls it, and the
+        :class:`Resizer`'s :meth:`~Resizer.follow_top` and :meth:`~Resizer.resize`): a change
+        lowers the overlaps and the smallest size at once, synchronously (the resize-listener
+        rule of the module docstring), and is a size event (:class:`SizeHistory`). The same
+        size again changes nothing."""
         sizes = self._sizes
         if not sizes.note(size):
             return
         self.generation = sizes.generation
         self._smallest = min(self._smallest, size)
-        if self._shrinking:  # a shrink of this volume, not of a remote top's own origin
+        if self._resizer.shrinking:  # a shrink of this volume, not of a remote top's own origin
             self._cut_to = min(self._cut_to, size)
         self._lower_overlaps(1, size)
         self._overlap[0] = size
@@ -1143,21 +913,6 @@ class Volume:
             for i in range(index, len(overlap)):
                 overlap[i] = min(overlap[i], size)
             self._layout += 1
-
-    async def _follow_top(self) -> None:
-        top = self._layers[0]
-        failures = RateLimitedLog(log)
-        backoff = Backoff(*_TOP_WATCH_BACKOFF, jitter=0)
-        while True:
-            try:
-                size = await top.wait_resize(self._sizes.size)
-            except Exception as exc:  # e.g. a remote top that lost its origin: retry
-                failures.warning("volume %r: watching the top layer's size failed: %s",
-                                 self.name, exc)  # fmt: skip
-                await asyncio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            self._note_size(size)
 
     async def resize_events(self, after: int) -> list[SizeEvent]:
         """Wait for size changes newer than generation ``after``; return every one of them
