@@ -33,7 +33,10 @@ can carry (negative, or ``2**64`` and over; ``page_size`` ``2**32``) raises
 
 The channel is opened by :func:`tierdisk.client.channel.open_channel`; the client and its
 volumes make their calls through the client's :class:`~tierdisk.client.calls.CallRunner`
-(deadline, metadata, retries, ``on_call``, errors).
+(deadline, metadata, retries, ``on_call``, errors). The numbers of a request are checked by
+:mod:`tierdisk.client.request_numbers`, read replies taken apart by
+:mod:`tierdisk.client.read_replies`, and a ``ReadBatch`` call's request and reply by
+:mod:`tierdisk.client.batch`.
 """
 
 # ASYNC109: ``timeout=`` here is the gRPC deadline of the call(s) a method makes (with retries
@@ -52,10 +55,16 @@ from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, overloa
 import grpc
 import grpc.aio
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 
 from tierdisk.v1 import blockdevice_pb2 as pb
 
+from .batch import (
+    batch_request,
+    buffer_views,
+    check_buffer_sizes,
+    presence_not_reported,
+    split_batch_reply,
+)
 from .calls import UNSET, CallObserver, CallRunner, MetadataFactory, Timeout, deadline_seconds
 from .channel import DEFAULT_CHANNEL_OPTIONS, open_channel
 from .checks import sendable_metadata, token_problem
@@ -79,13 +88,14 @@ from .errors import (
     SectorSizeChanged,
     StorageError,
     TierdiskError,
-    Unimplemented,
     WritesLost,
 )
 from .models import AllocationExtent, Extent, ReadResult, ResizeEvent, VolumeInfo
+from .read_replies import check_reply_size, decode_read_reply
+from .request_numbers import UINT32_LIMIT, check_aligned, check_number, check_range
 from .retry import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_RETRIES, RetryPolicy
 from .verifiers import UnflushedWrites
-from .wire import encode_write, read_reply_view
+from .wire import encode_write
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -102,11 +112,6 @@ __all__ = [
 T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-UINT64_LIMIT = 1 << 64
-"""Sector numbers and counts travel as ``uint64``: each must be below this."""
-UINT32_LIMIT = 1 << 32
-"""``page_size`` travels as ``uint32``."""
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 """Data to write (a whole number of sectors)."""
@@ -326,7 +331,7 @@ class AsyncClient:
         (``page_size`` 0 = the server's default page size). A volume that is configured but
         not ready yet (waiting for its remote tier) is listed with its name only, every
         other field zero (``sector_size`` 0): its :attr:`VolumeInfo.ready` is false."""
-        _check_number("page_size", page_size, limit=UINT32_LIMIT)
+        check_number("page_size", page_size, limit=UINT32_LIMIT)
         runner = self.runner
         volumes: list[VolumeInfo] = []
         token = ""
@@ -436,7 +441,7 @@ class AsyncVolume:
         assembled into one buffer; the final ``bytes`` costs one more copy — use
         :meth:`read_into` to avoid it. A read that will be split is first checked against
         the volume's size (see :meth:`_check_fits`), before its buffer is allocated."""
-        _check_range(sector, count, volume=self.name)
+        check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count <= per_chunk:
             data, extents = await self._read_chunk(sector, count, report_presence, timeout, size)
@@ -478,7 +483,7 @@ class AsyncVolume:
         """:meth:`read_into` and :meth:`read_present_into`: ``buffer`` checked (a whole number
         of sectors), read in chunks; an :class:`OutOfRange` of a chunk becomes one naming the
         whole range (:meth:`_check_fits`, asked only then)."""
-        _check_number("sector", sector, volume=self.name)
+        check_number("sector", sector, volume=self.name)
         mv = memoryview(buffer).cast("B")
         if mv.readonly:
             raise TypeError(f"the buffer to read into is read-only ({type(buffer).__name__})")
@@ -514,38 +519,9 @@ class AsyncVolume:
             sector_size=size,
         )
         raw = await self._call(self._runner.read_raw, req, timeout, "Read")
-        data, extents, _ = self._read_reply(raw, "Read")
-        self._check_reply_size(len(data), count, size)
+        data, extents, _ = decode_read_reply(raw, "Read", self.name)
+        check_reply_size(len(data), count, size, self.name)
         return data, extents
-
-    def _read_reply(self, raw: bytes, rpc: str) -> tuple[memoryview, list[Extent], bool]:
-        """The data (a view of ``raw``), present runs and ``presence_reported`` of a
-        serialized ``Read`` or ``ReadBatch`` reply (fields 1 and 2 are the same in both; only
-        a ``ReadBatch`` reply has field 3); :class:`StorageError` if it is malformed (the
-        server misbehaved)."""
-        try:
-            reply = read_reply_view(raw)
-        except ValueError as exc:
-            raise StorageError(f"malformed {rpc} reply: {exc}", volume=self.name) from None
-        if reply is None:  # fields this fast path does not handle: let protobuf parse it
-            try:
-                if rpc == "ReadBatch":
-                    batch = pb.ReadBatchResponse.FromString(raw)
-                    extents = _extents(batch.present)
-                    return memoryview(batch.data), extents, batch.presence_reported
-                msg = pb.ReadResponse.FromString(raw)
-            except DecodeError as exc:
-                raise StorageError(f"malformed {rpc} reply: {exc}", volume=self.name) from None
-            return memoryview(msg.data), _extents(msg.present), False
-        return reply.data, [Extent(a, n) for a, n in reply.present], reply.presence_reported
-
-    def _check_reply_size(self, nbytes: int, count: int, sector_size: int) -> None:
-        """:class:`StorageError` unless a Read reply of ``nbytes`` holds ``count`` sectors
-        (the server misbehaved)."""
-        if nbytes != count * sector_size:
-            raise StorageError(
-                f"server returned {nbytes} bytes for {count} sectors", volume=self.name
-            )
 
     async def _read_into(
         self,
@@ -589,7 +565,7 @@ class AsyncVolume:
         ``async with contextlib.aclosing(...)``), which cancels the requests running ahead
         (breaking out of ``async for`` does so only once the generator is garbage
         collected)."""
-        _check_range(sector, count, volume=self.name)
+        check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         if count > per_chunk:
             await self._check_fits(sector, count, timeout, size)
@@ -612,10 +588,10 @@ class AsyncVolume:
         """``length`` bytes from byte ``offset``. Both must be multiples of the sector size
         (no read-modify-write is done); otherwise :class:`InvalidArgument` is raised
         without a call."""
-        _check_number("offset", offset, limit=None, volume=self.name)
-        _check_number("length", length, limit=None, volume=self.name)
+        check_number("offset", offset, limit=None, volume=self.name)
+        check_number("length", length, limit=None, volume=self.name)
         size = await self.sector_size(timeout=timeout)
-        self._check_aligned(offset, length, size)
+        check_aligned(offset, length, size, volume=self.name)
         return await self.read(offset // size, length // size, timeout=timeout)
 
     async def read_batch(
@@ -681,11 +657,7 @@ class AsyncVolume:
         timeout: Timeout,
     ) -> list[Extent]:
         """:meth:`read_batch_into` and :meth:`read_batch_present_into`."""
-        if len(buffers) != len(ranges):
-            raise ValueError(f"{len(buffers)} buffers for {len(ranges)} ranges")
-        views = [memoryview(b).cast("B") for b in buffers]
-        if any(view.readonly for view in views):
-            raise TypeError("a buffer to read into is read-only")
+        views = buffer_views(ranges, buffers)
 
         def put(index: int, data: memoryview) -> None:
             views[index][:] = data
@@ -694,12 +666,7 @@ class AsyncVolume:
             return await self._read_into_buffer(ranges[index][0], views[index], presence, timeout)
 
         size = await self.sector_size(timeout=timeout)
-        for (_, count), view in zip(ranges, views, strict=True):
-            if len(view) != count * size:
-                raise InvalidArgument(
-                    f"a buffer of {len(view)} bytes for {count} sectors of {size} bytes",
-                    volume=self.name,
-                )
+        check_buffer_sizes(ranges, views, size, volume=self.name)
         return await self._read_batch(ranges, put, read_large, presence, timeout)
 
     async def _read_batch(
@@ -716,7 +683,7 @@ class AsyncVolume:
         with ``presence``, the runs some layer holds (sorted, merged), else ``[]``."""
         self._runner.check_open()  # (an empty batch makes no call that would say so)
         for sector, count in wanted:
-            _check_range(sector, count, volume=self.name)
+            check_range(sector, count, volume=self.name)
         size, per_chunk = await self._chunk_sectors(timeout)
         runs: list[Extent] = []
 
@@ -724,28 +691,12 @@ class AsyncVolume:
             if len(group) == 1 and wanted[group[0]][1] > per_chunk:
                 runs.extend(await read_large(group[0], timeout))
                 return
-            req = pb.ReadBatchRequest(
-                volume=self.name,
-                ranges=[pb.Extent(sector=wanted[i][0], sector_count=wanted[i][1]) for i in group],
-                sector_size=size,
-                report_presence=presence,
-            )
+            req = batch_request(self.name, wanted, group, size, presence)
             raw = await self._call(self._runner.read_batch_raw, req, timeout, "ReadBatch")
-            data, extents, reported = self._read_reply(raw, "ReadBatch")
+            data, extents, reported = decode_read_reply(raw, "ReadBatch", self.name)
             if presence and not reported:
-                raise Unimplemented(
-                    f"the server at {self.client.target} does not report presence in "
-                    "ReadBatch (a tierdisk from before commit f972819): read each range "
-                    "with read_present_into",
-                    target=self.client.target,
-                    method="ReadBatch",
-                )
-            counts = [wanted[i][1] for i in group]
-            self._check_reply_size(len(data), sum(counts), size)
-            offset = 0
-            for index, count in zip(group, counts, strict=True):
-                put(index, data[offset : offset + count * size])
-                offset += count * size
+                raise presence_not_reported(self.client.target)
+            split_batch_reply(data, wanted, group, size, put, volume=self.name)
             runs.extend(extents)
 
         groups = plan_batches([count for _, count in wanted], per_chunk)
@@ -780,7 +731,7 @@ class AsyncVolume:
         (:func:`~tierdisk.client.errors.changed_nothing` is false even for a
         :class:`~tierdisk.client.errors.NoSpace`).
         Retries after ``UNAVAILABLE`` or ``CANCELLED`` are safe: a write is idempotent."""
-        _check_number("sector", sector, volume=self.name)
+        check_number("sector", sector, volume=self.name)
         mv = memoryview(data).cast("B")
         size, per_chunk = await self._chunk_sectors(timeout)
         if len(mv) % size:
@@ -790,7 +741,7 @@ class AsyncVolume:
                 volume=self.name,
             )
         count = len(mv) // size
-        _check_range(sector, count, volume=self.name)
+        check_range(sector, count, volume=self.name)
 
         runner = self._runner
         done = 0
@@ -829,9 +780,9 @@ class AsyncVolume:
         """Write ``data`` at byte ``offset``. The offset and the length must be multiples of
         the sector size (no read-modify-write is done); otherwise :class:`InvalidArgument`
         is raised without a call."""
-        _check_number("offset", offset, limit=None, volume=self.name)
+        check_number("offset", offset, limit=None, volume=self.name)
         size = await self.sector_size(timeout=timeout)
-        self._check_aligned(offset, memoryview(data).nbytes, size)
+        check_aligned(offset, memoryview(data).nbytes, size, volume=self.name)
         await self.write(offset // size, data, fua=fua, timeout=timeout)
 
     async def unmap(
@@ -844,7 +795,7 @@ class AsyncVolume:
     ) -> None:
         """Discard ``count`` sectors from ``sector``; later reads follow the volume's
         ``unmap_behavior``."""
-        _check_range(sector, count, volume=self.name)
+        check_range(sector, count, volume=self.name)
         req = pb.UnmapRequest(
             volume=self.name,
             sector=sector,
@@ -880,7 +831,7 @@ class AsyncVolume:
         too when the server's verifier is not each of them (a server without verifiers,
         which answers 0, vouches for nothing and reports nothing; a 0 among them, what a
         write durable when acknowledged answers, needs no flush and is skipped)."""
-        given = [_check_number("verifier", v, volume=self.name) for v in verifiers]
+        given = [check_number("verifier", v, volume=self.name) for v in verifiers]
         unflushed = self._unflushed
         mark = unflushed.mark()
         reply = await self._call(
@@ -903,7 +854,7 @@ class AsyncVolume:
 
     async def resize(self, sector_count: int, *, timeout: Timeout = UNSET) -> VolumeInfo:
         """Change the volume's size (its top layer's) to ``sector_count`` sectors."""
-        _check_number("sector_count", sector_count, volume=self.name)
+        check_number("sector_count", sector_count, volume=self.name)
         req = pb.ResizeRequest(
             volume=self.name,
             sector_count=sector_count,
@@ -930,7 +881,7 @@ class AsyncVolume:
         trailer, which a server that predates the refusal sends, as does one whose
         ``max_io`` is over this client's receive cap. Each call has its own deadline
         (``timeout``)."""
-        _check_number("sector", sector, volume=self.name)
+        check_number("sector", sector, volume=self.name)
         size = self._sector_size or 0  # the size this handle knows, if any
         if count is None:
             info = await self.info(timeout=timeout)
@@ -938,7 +889,7 @@ class AsyncVolume:
                 self._check_units(info, size)
             size = info.sector_size
             count = max(0, info.sector_count - sector)
-        _check_range(sector, count, volume=self.name)
+        check_range(sector, count, volume=self.name)
 
         async def fetch(start: int, span: int) -> list[AllocationExtent]:
             return await self._allocation_window(start, span, timeout, size)
@@ -1028,41 +979,6 @@ class AsyncVolume:
                 "asked",
                 volume=self.name,
             )
-
-    def _check_aligned(self, offset: int, length: int, size: int) -> None:
-        _check_number("offset", offset, limit=UINT64_LIMIT * size, volume=self.name)
-        _check_number("length", length, limit=UINT64_LIMIT * size, volume=self.name)
-        if offset % size or length % size:
-            raise InvalidArgument(
-                f"byte range {offset}+{length} is not aligned to the {size}-byte sector size",
-                volume=self.name,
-            )
-
-
-def _check_number(
-    name: str, value: object, *, limit: int | None = UINT64_LIMIT, volume: str | None = None
-) -> int:
-    """``value`` if it is an ``int`` (not a ``bool``) in ``[0, limit)`` (``limit`` None: any
-    ``int`` from 0); :class:`TypeError` for another type, :class:`InvalidArgument` naming
-    ``name`` for a number no request can carry — checked before any call is made."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise InvalidArgument(f"{name} {value} must not be negative", volume=volume)
-    if limit is not None and value >= limit:
-        bits = limit.bit_length() - 1
-        bound = f"2**{bits}" if limit == 1 << bits else str(limit)
-        raise InvalidArgument(f"{name} {value} is too large (must be below {bound})", volume=volume)
-    return value
-
-
-def _check_range(sector: object, count: object, *, volume: str) -> None:
-    _check_number("sector", sector, volume=volume)
-    _check_number("count", count, volume=volume)
-
-
-def _extents(runs: Sequence[pb.Extent]) -> list[Extent]:
-    return [Extent(r.sector, r.sector_count) for r in runs]
 
 
 def _integral(value: Any) -> Any:

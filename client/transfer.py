@@ -7,7 +7,7 @@ share: local files and streams (:mod:`tierdisk.client.localfile`), planning requ
 (:mod:`tierdisk.client.copy_report`).
 
 Each is a :data:`tierdisk.client.cli.Verb`: ``await verb(client, args)`` returns the exit
-status, ``args`` being the parsed command line (:func:`tierdisk.client.cli.build_parser`).
+status, ``args`` being the parsed command line (:func:`tierdisk.client.cli_args.build_parser`).
 A failure is raised for :func:`tierdisk.client.cli.main` to report in one line: a
 :class:`~tierdisk.client.cli_errors.CliError` naming the file (or stdin, stdout), a
 :class:`~tierdisk.client.errors.TierdiskError` from the server, or a

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tierdisk.client import cli
+from tierdisk.client import cli, cli_args
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERDISK = ROOT / ".venv" / "bin" / "tierdisk"
@@ -127,9 +127,9 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
 def test_numbers_are_decimal_with_leading_zeros_allowed() -> None:
     """SECTOR, COUNT and --retries read as resize's SIZE does: decimal digits, so ``08`` is
     8 and ``010`` is 10, not octal."""
-    args = cli.build_parser().parse_args(["--retries", "010", "read", "vol", "08", "0010"])
+    args = cli_args.build_parser().parse_args(["--retries", "010", "read", "vol", "08", "0010"])
     assert (args.retries, args.sector, args.count) == (10, 8, 10)
-    assert cli.build_parser().parse_args(["write", "vol", "0009"]).sector == 9
+    assert cli_args.build_parser().parse_args(["write", "vol", "0009"]).sector == 9
 
 
 @pytest.mark.parametrize("number", ["0x10", "0o7", "0b1", "1_000", "+5", " 5", "1e3", "\u0665"])
@@ -281,7 +281,7 @@ def test_bad_server_address_is_a_usage_error_naming_where_it_came_from() -> None
 
 
 def test_default_server_address() -> None:
-    args = cli.build_parser().parse_args(["volumes"])
+    args = cli_args.build_parser().parse_args(["volumes"])
     if "TIERDISK_SERVER" not in os.environ:
         assert args.server == "127.0.0.1:7400"
 
@@ -359,7 +359,7 @@ def test_serve_without_a_server_module_exits_2_with_one_line(
 
 def test_serve_is_imported_only_when_used() -> None:
     code = (
-        "import sys; from tierdisk.client import cli; cli.build_parser();"
+        "import sys; from tierdisk.client import cli, cli_args; cli_args.build_parser();"
         "print(any(m.startswith('tierdisk.service') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -371,8 +371,8 @@ import json, os, sys, types
 seen = {}
 import tierdisk.client
 seen["package"] = "grpc" in sys.modules
-from tierdisk.client import cli
-cli.build_parser()
+from tierdisk.client import cli, cli_args
+cli_args.build_parser()
 seen["cli"] = "grpc" in sys.modules
 server = types.ModuleType("fake_tierdisk_server")
 server.main = lambda argv: seen.update(serve=os.environ.get("GRPC_VERBOSITY")) or 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tierdisk.client import cli
+from tierdisk.client import cli_args
 from tierdisk.service.config import DEFAULT_SIZE, ServerConfig, load_config
 from tierdisk.service.config_values import parse_size
 from tierdisk.service.credentials import token_from_file
@@ -103,7 +103,7 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected
     if isinstance(value, str) and not value.isdigit():
-        assert cli.size_argument(value) == (expected, True)  # one reading everywhere
+        assert cli_args.size_argument(value) == (expected, True)  # one reading everywhere
 
 
 @pytest.mark.parametrize("value", ["lots", "12XB", -1, True, 1.5, "1.3B"])

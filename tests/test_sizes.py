@@ -1,5 +1,5 @@
 """tierdisk.client.sizes (client/sizes.py): sizes written as text (``2GiB``, ``1.5GiB``,
-``2048``), read through the ``tierdisk`` command's :func:`~tierdisk.client.cli.size_argument`,
+``2048``), read through the ``tierdisk`` command's :func:`~tierdisk.client.cli_args.size_argument`,
 which turns the module's ValueError into a usage error."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tierdisk.client import cli
+from tierdisk.client import cli_args
 from tierdisk.client.cli_errors import UsageError
 
 
@@ -31,7 +31,7 @@ from tierdisk.client.cli_errors import UsageError
     ],
 )
 def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
-    assert cli.size_argument(text) == expected
+    assert cli_args.size_argument(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -39,12 +39,12 @@ def test_parse_size(text: str, expected: tuple[int, bool]) -> None:
 )
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(UsageError):
-        cli.size_argument(text)
+        cli_args.size_argument(text)
 
 
 def test_parse_size_is_exact_for_any_number_of_digits() -> None:
     """A fraction is computed exactly: no float rounding, no overflow to infinity."""
-    value, in_bytes = cli.size_argument("9" * 400 + ".5PiB")
+    value, in_bytes = cli_args.size_argument("9" * 400 + ".5PiB")
     assert in_bytes and value == (10**400 * 2 - 1) * (1 << 49)
 
 
@@ -53,12 +53,12 @@ def test_parse_size_takes_ascii_digits_only(text: str) -> None:
     """``\\d`` and ``Fraction`` take any Unicode digit: ``"٣KiB"`` was 3 KiB, while a port
     or a count written so is refused. One reading: ASCII digits, here as everywhere."""
     with pytest.raises(UsageError, match="is not a size"):
-        cli.size_argument(text)
+        cli_args.size_argument(text)
 
 
 def test_an_unknown_unit_names_every_unit_there_is() -> None:
     """The refusal lists the units read (each binary one with or without ``iB``)."""
     with pytest.raises(UsageError) as info:
-        cli.size_argument("12XB")
+        cli_args.size_argument("12XB")
     words = set(re.findall(r"[A-Za-z]+", str(info.value).split("(use ", 1)[1]))
     assert {"B", "K", "M", "G", "T", "P", "E", "iB", "kB", "MB", "GB", "TB", "PB", "EB"} <= words

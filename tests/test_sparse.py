@@ -42,6 +42,7 @@ from tierdisk.service.errors import (
 )
 from tierdisk.service.layer import Layer
 from tierdisk.service.layers import sparse as sparse_module
+from tierdisk.service.layers import sparse_log
 from tierdisk.service.layers.ram import RamLayer
 from tierdisk.service.layers.raw import RawLayer
 from tierdisk.service.layers.sparse import IDLE_LOOK_SECONDS, SparseLayer
@@ -876,18 +877,18 @@ async def test_a_resize_that_reaches_a_closed_layer_is_unavailable(
 
 _KILLED_IN_CREATE = """
 import asyncio, os, signal, sys
-from tierdisk.service.layers import sparse
+from tierdisk.service.layers import sparse, sparse_log
 
 def kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 path, step, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if step == "map":
-    write_snapshot = sparse.SparseLayer._write_snapshot
+    write_snapshot = sparse_log.MapLog.write_snapshot
     def snapshot_then_die(self, *args):
         write_snapshot(self, *args)
         kill()
-    sparse.SparseLayer._write_snapshot = snapshot_then_die
+    sparse_log.MapLog.write_snapshot = snapshot_then_die
 else:
     ftruncate = os.ftruncate
     def size_then_die(fd, length):
@@ -1306,11 +1307,11 @@ def _failing_map_writes(monkeypatch: pytest.MonkeyPatch, layer: SparseLayer) -> 
     let_through: list[int] = []
 
     def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-        if fd == layer._map_fd and not let_through:
+        if fd == layer._map_log.fd and not let_through:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data, offset)
 
-    monkeypatch.setattr(sparse_module, "pwrite_all", pwrite_all)
+    monkeypatch.setattr(sparse_log, "pwrite_all", pwrite_all)
     return let_through
 
 

@@ -8,11 +8,12 @@ Files (sizes in bytes, sector numbers in the layer's ``sector_size``):
     disk space. It is ``flock``-ed exclusively while open, so a second open of the same layer
     (by this or another process) fails with a :class:`ConfigError` naming the path.
 ``<path>.map``
-    The presence map (format in :mod:`.sparse_map`): a checksummed header, a ``SNAP`` record
-    holding every present run, then ``DIFF`` records appended at each flush (runs removed,
-    runs added, the size). Compaction writes a fresh snapshot to ``<path>.map.tmp``, fsyncs
-    it, renames it over the map and fsyncs the folder; it happens when the ``DIFF`` records
-    outgrow ``max(snapshot bytes, COMPACT_MIN_BYTES)``, and at close.
+    The presence map (format in :mod:`.sparse_map`, written by :mod:`.sparse_log`): a
+    checksummed header, a ``SNAP`` record holding every present run, then ``DIFF`` records
+    appended at each flush (runs removed, runs added, the size). Compaction writes a fresh
+    snapshot to ``<path>.map.tmp``, fsyncs it, renames it over the map and fsyncs the
+    folder; it happens when the ``DIFF`` records outgrow ``max(snapshot bytes,
+    COMPACT_MIN_BYTES)``, and at close.
 
 In memory, presence is a :class:`~tierdisk.service.presence.RunSet` (16 bytes per run), so
 a 1 TiB layer with 100,000 runs opens in tens of milliseconds (see ``bench/sparse_scale.py``).
@@ -101,7 +102,6 @@ from ..fileio import (
     as_storage_error,
     changed_in_part,
     check_still_named,
-    fsync_folder,
     lock_or_refuse,
     make_parent_folder,
     missing_target,
@@ -121,7 +121,8 @@ from ..sector_lock import EVERY_SECTOR, SectorLock
 from ..unstoppable import run_to_end
 from . import sparse_map
 from .layer_files import refuse_another_kinds_file
-from .sparse_map import DIFF, HEADER_SIZE, SNAP, encode_header, encode_record, flat
+from .sparse_log import MapLog
+from .sparse_map import HEADER_SIZE, flat
 
 __all__ = ["COMPACT_MIN_BYTES", "SparseLayer"]
 
@@ -142,19 +143,6 @@ mutation."""
 _T = TypeVar("_T")
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    parts: list[bytes] = []
-    done = 0
-    while done < size:
-        part = os.pread(fd, size - done, done)
-        if not part:
-            break
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
-
-
 class SparseLayer(Layer):
     """A sparse data file at ``path`` plus its presence map ``path + ".map"``.
 
@@ -171,7 +159,6 @@ class SparseLayer(Layer):
         self._size_bytes = size
         self._wanted_sector_size = sector_size
         self._fd = -1
-        self._map_fd = -1
         self._writer: ThreadPoolExecutor | None = None
         # Guarded by _lock (shared between the loop, the writer and commits):
         self._lock = threading.Lock()
@@ -188,10 +175,7 @@ class SparseLayer(Layer):
         self._files_found_at = -IDLE_LOOK_SECONDS  # (monotonic) a look found them in place
         self._logged_size = 0
         self._logged_smallest = 0
-        self._seq = 0
-        self._log_end = 0
-        self._snapshot_end = 0
-        self._rewrite = False  # the map's tail is unusable: the next commit rewrites it
+        self._map_log = MapLog(self.map_path)  # the map file, and where its log stands
         self._reserve = Reserver()
         self._commit_lock = asyncio.Lock()
         self._resizing = asyncio.Lock()  # a grow never comes between a shrink and its cut
@@ -237,9 +221,7 @@ class SparseLayer(Layer):
                 self._create(lower, new_file)
         except BaseException:
             self._fd = -1
-            if self._map_fd >= 0:
-                os.close(self._map_fd)
-                self._map_fd = -1
+            self._map_log.close()
             os.close(fd)
             raise
 
@@ -268,7 +250,7 @@ class SparseLayer(Layer):
             raise
         self._set_geometry(ss, count)
         try:
-            self._write_snapshot(array("q"), count, count)
+            self._map_log.write_snapshot(self._sector_size, array("q"), count, count)
             os.ftruncate(self._fd, count * ss)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -289,21 +271,7 @@ class SparseLayer(Layer):
                 os.unlink(os.path.realpath(self.path))  # the file made, not a link to it
 
     def _load(self) -> None:
-        try:
-            self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CLOEXEC)
-            # its header first: a file that is no map (an image put there by mistake, a
-            # size damaged to terabytes) is refused before it is read into memory
-            sparse_map.check_header(os.pread(self._map_fd, HEADER_SIZE, 0), self.map_path)
-            blob = _read_all(self._map_fd)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot read the presence map {self.map_path}: {exc.strerror}"
-            ) from None
-        except MemoryError:
-            raise StorageError(
-                f"cannot read the presence map {self.map_path}: its "
-                f"{os.fstat(self._map_fd).st_size} bytes do not fit in memory"
-            ) from None
+        blob = self._map_log.read()
         state = sparse_map.parse(blob, self.map_path)
         ss, count = state.sector_size, state.sector_count
         check_recorded_geometry(
@@ -318,13 +286,7 @@ class SparseLayer(Layer):
                 self.map_path,
                 state.end,
             )
-            try:
-                os.ftruncate(self._map_fd, state.end)
-                os.fsync(self._map_fd)
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot cut the torn end off the presence map {self.map_path}: {exc.strerror}"
-                ) from None
+            self._map_log.cut_torn_tail(state.end)
         data_bytes = os.fstat(self._fd).st_size
         if data_bytes < count * ss and state.present.last_end() * ss > data_bytes:
             raise DataCorruption(
@@ -344,10 +306,7 @@ class SparseLayer(Layer):
         self._present = state.present
         self._size = self._logged_size = count
         self._smallest = self._logged_smallest = state.smallest
-        self._rewrite = state.version < sparse_map.VERSION  # never append to an older format
-        self._seq = state.seq
-        self._log_end = state.end
-        self._snapshot_end = state.snapshot_end
+        self._map_log.resume(state)
 
     def _give_back_lost_blocks(self, sector: int = 0, freed: int = 0) -> None:
         """Punch out the data of sectors the map does not hold: writes and fills after the
@@ -425,9 +384,7 @@ class SparseLayer(Layer):
 
     def _close_files(self) -> None:
         """Close the map and the data file (which releases the lock)."""
-        if self._map_fd >= 0:
-            os.close(self._map_fd)
-            self._map_fd = -1
+        self._map_log.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -749,10 +706,11 @@ class SparseLayer(Layer):
                 or size != self._logged_size
                 or smallest != self._logged_smallest
             )
-            diff_bytes = self._log_end - self._snapshot_end
-            snapshot_bytes = self._snapshot_end - HEADER_SIZE
+            map_log = self._map_log
+            diff_bytes = map_log.log_end - map_log.snapshot_end
+            snapshot_bytes = map_log.snapshot_end - HEADER_SIZE
             snapshot = (
-                self._rewrite
+                map_log.rewrite
                 or (compact and (changed or diff_bytes > 0))
                 or diff_bytes > max(snapshot_bytes, COMPACT_MIN_BYTES)
             )
@@ -763,14 +721,14 @@ class SparseLayer(Layer):
                 os.fdatasync(self._fd)  # data first: the map must never get ahead of it
             if runs is not None:
                 try:
-                    self._write_snapshot(runs, size, smallest)
+                    map_log.write_snapshot(self._sector_size, runs, size, smallest)
                 except OSError as exc:
-                    if self._rewrite:
+                    if map_log.rewrite:
                         raise
                     log.warning("sparse layer %s: compaction failed: %s", self.path, exc)
                     runs = None
             if runs is None and changed:
-                self._append(removed, added, size, smallest)
+                map_log.append(removed, added, size, smallest)
         except BaseException:
             with self._lock:
                 self._restore(added, removed, dirty)
@@ -802,7 +760,8 @@ class SparseLayer(Layer):
         that lost what the map says they hold, would make nothing durable."""
         what = f"flushing sparse layer {self.path}"
         check_still_named(self.path, os.fstat(self._fd), what, at_least=size * self._sector_size)
-        check_still_named(self.map_path, os.fstat(self._map_fd), what, at_least=self._log_end)
+        map_log = self._map_log
+        check_still_named(self.map_path, os.fstat(map_log.fd), what, at_least=map_log.log_end)
 
     def _restore(self, added: RunSet, removed: RunSet, dirty: bool) -> None:
         """Put back changes a failed commit took, under the ones made since (under _lock)."""
@@ -814,45 +773,6 @@ class SparseLayer(Layer):
             added.add(a, b)
         self._added, self._removed = added, removed
         self._dirty = self._dirty or dirty
-
-    def _append(self, removed: RunSet, added: RunSet, size: int, smallest: int) -> None:
-        record = encode_record(DIFF, self._seq + 1, size, smallest, flat(removed), flat(added))
-        try:
-            pwrite_all(self._map_fd, memoryview(record), self._log_end)
-            os.fdatasync(self._map_fd)
-        except OSError:
-            try:
-                os.ftruncate(self._map_fd, self._log_end)
-            except OSError:
-                self._rewrite = True
-            raise
-        self._seq += 1
-        self._log_end += len(record)
-
-    def _write_snapshot(self, runs: array[int], size: int, smallest: int) -> None:
-        """Replace the map with header + one SNAP record, atomically (tmp, fsync, rename; a
-        symlink at the tmp path is refused, not followed)."""
-        blob = encode_header(self._sector_size, size) + encode_record(
-            SNAP, self._seq + 1, size, smallest, array("q"), runs
-        )
-        tmp = self.map_path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            pwrite_all(fd, memoryview(blob), 0)
-            os.fsync(fd)
-            os.replace(tmp, self.map_path)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        old, self._map_fd = self._map_fd, fd
-        if old >= 0:
-            os.close(old)
-        self._seq += 1
-        self._log_end = self._snapshot_end = len(blob)
-        self._rewrite = False
-        fsync_folder(self.map_path)
 
     # -- resize ---------------------------------------------------------------------------------
 
@@ -957,5 +877,5 @@ class SparseLayer(Layer):
             st = os.fstat(self._fd)
             details["file_bytes"] = st.st_size
             details["allocated_bytes"] = st.st_blocks * 512
-            details["map_bytes"] = self._log_end
+            details["map_bytes"] = self._map_log.log_end
         return details
