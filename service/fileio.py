@@ -8,6 +8,7 @@ call it first and fall back to the executor. Data moves as whole buffers with
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -44,6 +45,7 @@ __all__ = [
     "punch_unused_blocks",
     "pwrite_all",
     "regular_file_size",
+    "replace_with_new_file",
     "reserve",
     "set_file_size",
     "zero_range",
@@ -283,6 +285,32 @@ def fsync_folder(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_with_new_file(path: str, new: str, data: bytes, *, lock: bool = False) -> int:
+    """Make ``data`` the contents of ``path``, whole or not at all, and return the new file
+    open for reading and writing: written to the file ``new`` (made afresh: one a crash left
+    there is removed first, and a symlink there is removed, never written through), locked
+    first when ``lock`` (``flock``: the lock goes with the file), synced, then renamed over
+    ``path``. A crash at any point leaves the old file or the new one at ``path``. The caller
+    calls :func:`fsync_folder` once it uses the new file, so the new name outlives a power
+    cut; on an error ``new`` is removed and nothing is open. Raises ``OSError``."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(new)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(new, flags, 0o644)
+    try:
+        if lock:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        pwrite_all(fd, memoryview(data), 0)
+        os.fsync(fd)
+        os.rename(new, path)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(new)
+        raise
+    return fd
 
 
 def make_parent_folder(path: str, what: str) -> None:

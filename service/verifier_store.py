@@ -54,7 +54,6 @@ run that serves the volume records its files.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -64,7 +63,7 @@ import secrets
 import stat
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from .fileio import fsync_folder, pwrite_all
+from .fileio import fsync_folder, replace_with_new_file
 
 __all__ = ["FILE_NAME", "NEW_SUFFIX", "VerifierStore", "new_verifier"]
 
@@ -329,22 +328,10 @@ class VerifierStore:
         self._replace(data)
 
     def _replace(self, data: bytes) -> None:
-        """Make ``data`` the file's contents, whole or not at all: written to a new file,
-        locked (the lock goes with it), synced, renamed over the file, the folder synced.
-        A crash at any point leaves the old record or the new one."""
-        new = self.path + NEW_SUFFIX
-        with contextlib.suppress(FileNotFoundError):  # one a crash left (or anything there:
-            os.unlink(new)  # a link to another file is not written through)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(new, flags, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            pwrite_all(fd, memoryview(data), 0)
-            os.fsync(fd)
-            os.rename(new, self.path)
-        except BaseException:
-            os.close(fd)
-            raise
+        """Make ``data`` the file's contents, whole or not at all
+        (:func:`~tierdisk.service.fileio.replace_with_new_file`, locked: the lock goes with
+        it), the folder synced. A crash at any point leaves the old record or the new one."""
+        fd = replace_with_new_file(self.path, self.path + NEW_SUFFIX, data, lock=True)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = fd

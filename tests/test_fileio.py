@@ -13,6 +13,7 @@ from tierdisk.service.fileio import (
     pread_cached,
     pread_into,
     punch_unused_blocks,
+    replace_with_new_file,
 )
 from tierdisk.service.layers.raw import RawLayer
 
@@ -89,3 +90,27 @@ def test_punch_unused_blocks_frees_whole_blocks_only(tmp_path: Path) -> None:
     assert got[3 * block : 8 * block] == data[3 * block : 8 * block]
     assert got[8 * block : 10 * block] == bytes(2 * block)
     assert got[10 * block :] == data[10 * block :]
+
+
+def test_replace_with_new_file_writes_through_no_link_and_leaves_nothing_on_failure(
+    tmp_path: Path,
+) -> None:
+    """The new contents land at ``path`` and the returned fd is the new file; a symlink
+    (or a crash's leftover) at the new file's name is removed, its target untouched; a
+    failure before the rename leaves the old file and no new one."""
+    path, new, victim = tmp_path / "map", tmp_path / "map.tmp", tmp_path / "victim"
+    path.write_bytes(b"old")
+    victim.write_bytes(b"precious")
+    new.symlink_to(victim)
+    fd = replace_with_new_file(str(path), str(new), b"new contents")
+    try:
+        assert os.pread(fd, 100, 0) == b"new contents"
+        assert os.fstat(fd).st_ino == path.stat().st_ino
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"new contents" and victim.read_bytes() == b"precious"
+    assert not new.exists() and not new.is_symlink()
+    (tmp_path / "gone").mkdir()
+    with pytest.raises(OSError):  # the rename target is a folder: no rename
+        replace_with_new_file(str(tmp_path / "gone"), str(new), b"x")
+    assert not new.exists() and path.read_bytes() == b"new contents"

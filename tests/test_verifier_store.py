@@ -260,11 +260,13 @@ def test_a_crash_while_the_record_changes_leaves_the_old_or_the_new_one(
     first.close(first.verifiers, {"a", "b"})
     crash = (
         "import os, signal, sys\n"
-        "from tierdisk.service import verifier_store\n"
+        "from tierdisk.service import fileio, verifier_store\n"
         "def killed(*args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         f"if {killed_in!r} == 'os.rename':\n"
         "    os.rename = killed\n"
+        f"elif {killed_in!r} == 'pwrite_all':\n"  # (the new file's write: fileio's)
+        "    fileio.pwrite_all = killed\n"
         "else:\n"
         f"    setattr(verifier_store, {killed_in!r}, killed)\n"
         "store = verifier_store.VerifierStore.open(sys.argv[1], ['a', 'b'])\n"

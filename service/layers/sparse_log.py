@@ -19,12 +19,11 @@ is not durable.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from array import array
 
 from ..errors import StorageError
-from ..fileio import fsync_folder, pwrite_all
+from ..fileio import fsync_folder, pwrite_all, replace_with_new_file
 from ..presence import RunSet
 from . import sparse_map
 from .sparse_map import DIFF, HEADER_SIZE, SNAP, MapState, encode_header, encode_record, flat
@@ -108,22 +107,12 @@ class MapLog:
         self.log_end += len(record)
 
     def write_snapshot(self, sector_size: int, runs: array[int], size: int, smallest: int) -> None:
-        """Replace the map with header + one SNAP record, atomically (tmp, fsync, rename; a
-        symlink at the tmp path is refused, not followed)."""
+        """Replace the map with header + one SNAP record, atomically
+        (:func:`~tierdisk.service.fileio.replace_with_new_file` through ``PATH.map.tmp``)."""
         blob = encode_header(sector_size, size) + encode_record(
             SNAP, self.seq + 1, size, smallest, array("q"), runs
         )
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            pwrite_all(fd, memoryview(blob), 0)
-            os.fsync(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        fd = replace_with_new_file(self.path, self.path + ".tmp", blob)
         old, self.fd = self.fd, fd
         if old >= 0:
             os.close(old)
