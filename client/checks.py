@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 __all__ = [
     "TARGET_SCHEMES",
     "address_text_problem",
+    "ascii_float",
     "metadata_problem",
     "sendable_metadata",
     "server_address_problem",
@@ -53,6 +54,14 @@ _REFUSED_SCHEMES = {
 """Schemes a user may reach for that gRPC does not take here, and why (the rest: unknown)."""
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def ascii_float(text: str) -> float:
+    """``float(text)`` of ASCII text only (``float`` reads other scripts' digits: ``"٣"`` is
+    3, which no command line or config means); :class:`ValueError` otherwise."""
+    if not text.isascii():
+        raise ValueError(text)
+    return float(text)
 
 
 def address_text_problem(text: str) -> str | None:

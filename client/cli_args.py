@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import sizes
-from .checks import server_address_problem, stays_on_this_host, token_problem
+from .checks import ascii_float, server_address_problem, stays_on_this_host, token_problem
 from .cli_errors import UsageError
 
 __all__ = ["build_parser", "check_connection_args", "check_request_numbers", "size_argument"]
@@ -96,9 +96,7 @@ def _verifier(text: str) -> int:
 
 def _timeout(text: str) -> float:
     try:
-        if not text.isascii():  # float() reads other scripts' digits: "٣" is 3
-            raise ValueError(text)
-        value = float(text)
+        value = ascii_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value) or value <= 0:

@@ -29,6 +29,7 @@ import resource
 import secrets
 import signal
 
+from tierdisk.client.checks import ascii_float
 from tierdisk.client.tune import (
     batch_grpc_poller,
     install_uvloop,
@@ -110,9 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 def _seconds(text: str) -> float:
     """A number of seconds from 0 to :data:`~.config_values.MAX_SECONDS` (one day), for argparse."""
     try:
-        if not text.isascii():  # float() reads other scripts' digits: "٣" is 3
-            raise ValueError(text)
-        value = float(text)
+        value = ascii_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 <= value <= MAX_SECONDS:  # false for nan too
