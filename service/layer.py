@@ -35,6 +35,7 @@ __all__ = [
     "RUNS_BETWEEN_YIELDS",
     "Layer",
     "LayerMetadata",
+    "PartialLayer",
     "UnmapBehavior",
     "check_recorded_geometry",
     "check_recorded_size",
@@ -544,3 +545,23 @@ class Layer(abc.ABC):
         The engine adds kind, size, present sectors and its counters around this.
         """
         return {}
+
+
+class PartialLayer(Layer):
+    """A layer that holds only the sectors written (or cached) to it, not every one: ``ram``,
+    ``sparse``, ``sqlite``. Such a layer can drop sectors (:attr:`can_drop_sectors`), be a
+    read cache (:attr:`can_read_cache`: it implements :meth:`write_no_overwrite`) and
+    resize (:attr:`can_resize`); it says how many sectors it holds
+    (:attr:`present_sectors`)."""
+
+    @property
+    def can_drop_sectors(self) -> bool:
+        return True
+
+    @property
+    def can_read_cache(self) -> bool:
+        return True
+
+    @property
+    def can_resize(self) -> bool:
+        return True

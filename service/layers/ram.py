@@ -26,7 +26,7 @@ import mmap
 from typing import Any
 
 from ..errors import InvalidArgument, NoSpace, StorageError
-from ..layer import Layer, LayerMetadata, layer_closed, new_geometry
+from ..layer import LayerMetadata, PartialLayer, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement
 
@@ -62,7 +62,7 @@ def _map_of(nbytes: int) -> mmap.mmap:
         raise StorageError(f"ram layer: cannot map {nbytes} bytes: {exc.strerror}") from None
 
 
-class RamLayer(Layer):
+class RamLayer(PartialLayer):
     """In-memory layer. ``size`` in bytes and ``sector_size`` default to the layer below's
     (else 512 for the sector size; a bottom layer needs ``size``)."""
 
@@ -98,18 +98,6 @@ class RamLayer(Layer):
         if self._map is not None:
             self._map.close()
             self._map = None
-
-    @property
-    def can_drop_sectors(self) -> bool:
-        return True
-
-    @property
-    def can_read_cache(self) -> bool:
-        return True
-
-    @property
-    def can_resize(self) -> bool:
-        return True
 
     @property
     def present_sectors(self) -> int:

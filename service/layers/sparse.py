@@ -114,7 +114,7 @@ from ..fileio import (
     set_file_size,
     zero_range,
 )
-from ..layer import Layer, LayerMetadata, check_recorded_geometry, layer_closed, new_geometry
+from ..layer import LayerMetadata, PartialLayer, check_recorded_geometry, layer_closed, new_geometry
 from ..presence import RunSet
 from ..runs import Run, complement, subtract, total
 from ..sector_lock import EVERY_SECTOR, SectorLock
@@ -143,7 +143,7 @@ mutation."""
 _T = TypeVar("_T")
 
 
-class SparseLayer(Layer):
+class SparseLayer(PartialLayer):
     """A sparse data file at ``path`` plus its presence map ``path + ".map"``.
 
     ``size`` (bytes) and ``sector_size`` apply when the layer is created; an existing layer
@@ -390,18 +390,6 @@ class SparseLayer(Layer):
             self._fd = -1
 
     # -- capabilities -----------------------------------------------------------------------
-
-    @property
-    def can_drop_sectors(self) -> bool:
-        return True
-
-    @property
-    def can_read_cache(self) -> bool:
-        return True
-
-    @property
-    def can_resize(self) -> bool:
-        return True
 
     @property
     def present_sectors(self) -> int:

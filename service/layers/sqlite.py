@@ -113,7 +113,7 @@ from ..fileio import (
     missing_target,
     regular_file_size,
 )
-from ..layer import Layer, LayerMetadata, check_recorded_geometry, layer_closed, new_geometry
+from ..layer import LayerMetadata, PartialLayer, check_recorded_geometry, layer_closed, new_geometry
 from ..runs import Run
 from ..unstoppable import run_to_end
 from .layer_files import SQLITE_APPLICATION_ID, file_kind, refuse_another_kinds_file
@@ -169,7 +169,7 @@ def _domain_error(exc: sqlite3.Error, what: str) -> TierdiskError:
     return StorageError(f"{what}: {exc}")
 
 
-class SqliteLayer(Layer):
+class SqliteLayer(PartialLayer):
     """An SQLite database at ``path`` (see the module docstring for the schema)."""
 
     kind = "sqlite"
@@ -499,20 +499,8 @@ class SqliteLayer(Layer):
     # -- capabilities -----------------------------------------------------------------------
 
     @property
-    def can_drop_sectors(self) -> bool:
-        return True
-
-    @property
     def zeros_cost_per_sector(self) -> bool:
         return True  # a row each
-
-    @property
-    def can_read_cache(self) -> bool:
-        return True
-
-    @property
-    def can_resize(self) -> bool:
-        return True
 
     @property
     def present_sectors(self) -> int:
