@@ -36,11 +36,12 @@ from tierdisk.client.tune import (
     tune_malloc,
 )
 
+from .attach_retry import failure_chain
 from .config import MAX_SECONDS, Config, load_config
 from .errors import ConfigError, StorageError
 from .logs import configure_logging, say
 from .ratelimit import tell_held_lines
-from .server import Server, failure_chain
+from .server import Server
 
 __all__ = ["main"]
 

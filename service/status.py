@@ -1,6 +1,6 @@
 """Domain exception → status code name: the one table (DESIGN.md §2), for every front end.
 
-gRPC replies use it (:mod:`.grpc_api` turns a name into a ``grpc.StatusCode``), and so do the
+gRPC replies use it (:mod:`.grpc_refusal` turns a name into a ``grpc.StatusCode``), and so do the
 metrics of the NBD export, so a failure counts under one ``code`` in the shared volume
 families (``tierdisk_volume_io_requests_total``, …) whichever front end it came through. The
 module knows nothing of gRPC: names are the ``grpc.StatusCode`` member names.
