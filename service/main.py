@@ -37,12 +37,13 @@ from tierdisk.client.tune import (
     tune_malloc,
 )
 
+from .attach_retry import failure_chain
 from .config import Config, load_config
 from .config_values import MAX_SECONDS
 from .errors import ConfigError, StorageError
 from .logs import configure_logging, say
 from .ratelimit import tell_held_lines
-from .server import Server, failure_chain
+from .server import Server
 
 __all__ = ["main"]
 

@@ -10,15 +10,16 @@ start, and so does a remote tier that answers at start but refuses the volume (m
 mistake in this config, best seen at once).
 
 While a volume attaches in the background, whether it goes on is decided by who said no
-(:meth:`Server._keep_attaching`): an answer of the remote tier that can change without this
-server changing (no such volume there, credentials refused, not a tierdisk server, a storage
-error there) is retried like an unreachable tier, logged at error level (rate-limited); a
-problem of this server's own (a construction rule broken, e.g. a sector size that differs
-from the remote's; a local layer that cannot be opened) and the hop guard's refusal (a loop
-or too deep a chain of tiers, :mod:`~tierdisk.service.hops`) are not: the volume stays not
-ready, naming the problem, until the server is restarted with the problem fixed. A problem a
-layer finds once serving (:attr:`Layer.problem`, e.g. its remote volume re-created with
-another geometry: it refuses all I/O until a restart) turns health ``NOT_SERVING`` too.
+(:mod:`~tierdisk.service.attach_retry`): an answer of the remote tier that can change
+without this server changing (no such volume there, credentials refused, not a tierdisk
+server, a storage error there) is retried like an unreachable tier, logged at error level
+(rate-limited); a problem of this server's own (a construction rule broken, e.g. a sector
+size that differs from the remote's; a local layer that cannot be opened) and the hop
+guard's refusal (a loop or too deep a chain of tiers, :mod:`~tierdisk.service.hops`) are
+not: the volume stays not ready, naming the problem, until the server is restarted with the
+problem fixed. A problem a layer finds once serving (:attr:`Layer.problem`, e.g. its remote
+volume re-created with another geometry: it refuses all I/O until a restart) turns health
+``NOT_SERVING`` too.
 
 Stop (:meth:`Server.stop`): health goes ``NOT_SERVING``, calls not yet started are answered
 ``UNAVAILABLE``, calls in flight finish (up to ``grace`` seconds), every volume is flushed
@@ -28,25 +29,26 @@ and closed, then the transport stops.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from tierdisk.client import errors as client_errors
 from tierdisk.v1 import blockdevice_pb2
 
 from . import hops
+from .attach_retry import BackgroundAttaches
 from .backoff import Backoff
 from .config import Config, VolumeConfig, sector_size_problem
+from .drain import DrainGate
 from .errors import ConfigError, DeadlineExceeded, Unavailable
 from .failure_log import StorageFailureLog
-from .grpc_api import BlockDeviceService, DrainGate, add_to_server
+from .grpc_api import BlockDeviceService
+from .grpc_handlers import add_to_server
 from .kept_files import check_kept_files, served_by
 from .layers import build_layer
 from .loop_lag import LoopLagMonitor
@@ -55,14 +57,13 @@ from .metrics_http import MetricsEndpoint
 from .nbd import NbdServer, NbdStats, start_nbd_server
 from .nbd_metrics import NbdMetrics
 from .netaddr import AddressInUse, bind_failure, claim_unix_path
-from .ratelimit import RateLimitedLog
 from .registry import VolumeRegistry
 from .rpc_metrics import InstrumentedRegistry
 from .tls_files import nbd_tls_context
 from .verifier_store import VerifierStore, new_verifier
 from .volume import LayerEntry, Volume
 
-__all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server", "failure_chain", "remote_answer"]
+__all__ = ["MIN_PING_INTERVAL_MS", "SERVICE_NAME", "Server"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,14 @@ class Server:
         self._nbd: NbdServer | None = None
         self._nbd_metrics: NbdMetrics | None = None
         self._failures = StorageFailureLog()  # requests failed in storage, both front ends
-        self._attach_tasks: list[asyncio.Task[None]] = []
+        self._attaching = BackgroundAttaches(  # volumes whose tier was down at start
+            self.registry,
+            build=self._build,
+            serve=self._serve,
+            update_health=self._update_health,
+            stopped=lambda: self._stopped,
+            log=log,
+        )
         self._health_updates: set[asyncio.Task[None]] = set()
         self._stopped = False
         self._verifiers: VerifierStore | None = None
@@ -262,7 +270,7 @@ class Server:
         except (Unavailable, DeadlineExceeded) as exc:
             self.registry.set_waiting(config.name, f"a remote tier is not reachable ({exc})")
             log.warning("volume %r: %s; retrying in the background", config.name, exc)
-            self._attach_tasks.append(asyncio.create_task(self._keep_attaching(config)))
+            self._attaching.start(config)
             return
         await self._serve(volume)
 
@@ -395,73 +403,6 @@ class Server:
             raise ConfigError(f"its sector size {problem}", volume=config.name)
         return volume
 
-    async def _keep_attaching(self, config: VolumeConfig) -> None:
-        """Attach ``config`` in the background (its tier was down at start), with capped
-        exponential backoff and jitter, until it is open or the server stops.
-
-        Kept retrying: a tier that does not answer (``Unavailable``, ``DeadlineExceeded``),
-        and any other answer of a remote tier (:func:`remote_answer`: the volume is not
-        served there, its credentials are refused, it is no tierdisk server, …), which may
-        change without this server changing (an origin restarted with the right config);
-        the latter is logged at error level, at most every :data:`_ATTACH_LOG_INTERVAL`
-        seconds for the same reason. The hop guard's refusal (a loop, e.g. two volumes
-        waiting for each other) is such an answer too: a real loop is found again at every
-        attempt, but the claim it rests on (who waits for this volume, the
-        ``tierdisk-waiting`` header of any caller) may be stale or forged, and a volume that
-        gave up on it would stay down until a restart after the claim was gone. Given up
-        on, logged once: problems of this server's own (a local layer that cannot be opened,
-        a construction rule broken once the remote's geometry is known). While it retries,
-        the volume answers ``UNAVAILABLE`` naming the latest reason; once given up,
-        ``FAILED_PRECONDITION`` (no retry helps), and ``ListVolumes`` gives the reason as
-        its ``problem``."""
-        backoff = Backoff(*_ATTACH_BACKOFF)
-        attach_log = RateLimitedLog(log, interval=_ATTACH_LOG_INTERVAL)
-        while not self._stopped:
-            await asyncio.sleep(backoff.next())
-            # Tell the tiers below who waits for this volume, so that two volumes waiting
-            # for each other are found (hops module docs).
-            hops.waiting_for_me.set(self.registry.refused(config.name))
-            try:
-                volume = await self._build(config)
-            except (Unavailable, DeadlineExceeded) as exc:
-                self.registry.set_waiting(config.name, f"a remote tier is not reachable ({exc})")
-                attach_log.warning(
-                    "volume %r: still waiting for its remote tier: %s; retrying in the background",
-                    config.name,
-                    exc,
-                    key="unreachable",  # at most one line a minute, whatever the details
-                )
-                continue
-            except ConfigError as exc:
-                answer = remote_answer(exc)
-                if answer is None:
-                    self.registry.give_up(config.name, str(exc))
-                    attach_log.error(  # with the count of waiting lines held back, told now
-                        "volume %r cannot be opened: %s; not retrying (restart the server "
-                        "once this is fixed)",
-                        config.name,
-                        exc,
-                        key="given up",
-                    )
-                    return
-                self.registry.set_waiting(
-                    config.name, f"its remote tier refuses it for now ({exc}); retrying"
-                )
-                attach_log.error(
-                    "volume %r cannot be opened yet: %s; retrying in the background",
-                    config.name,
-                    exc,
-                    key=str(exc),  # a new reason is logged at once
-                )
-                continue
-            if self._stopped:
-                await volume.close()
-                return
-            await self._serve(volume)
-            attach_log.ended("volume %r attached", config.name)  # (with what it held back)
-            await self._update_health()
-            return
-
     async def _update_health(self) -> None:
         if self._stopped:
             return
@@ -525,8 +466,7 @@ class Server:
             return []
         self._stopped = True
         await self.health.enter_graceful_shutdown()
-        for task in self._attach_tasks:
-            task.cancel()
+        self._attaching.cancel()
         drained = await self.gate.drain(grace)
         if not drained:
             log.warning("calls still in flight after %.0f s; stopping anyway", grace)
@@ -560,9 +500,7 @@ class Server:
         await self._loop_lag.close()
         if self._grpc is not None:
             await self._grpc.stop(0.5)
-        for task in self._attach_tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._attaching.wait()
         return self.unflushed
 
 
@@ -584,32 +522,3 @@ _FINAL_FLUSH_PATIENCE = 3.0
 that restarted a moment ago: its channel may still be waiting to reconnect, at most 2 s
 apart, ``remote_connect.CHANNEL_OPTIONS``). A stop whose remote tiers are gone takes that
 much longer (once: the volumes are flushed together)."""
-
-_ATTACH_LOG_INTERVAL = 60.0
-"""Seconds between error logs of a background attach refused for the same reason."""
-
-_ATTACH_BACKOFF = (0.2, 10.0)
-"""``(first, cap)`` in seconds: the waits before the attempts of a background attach
-(:class:`~tierdisk.service.backoff.Backoff`, doubling, jittered to 0.5-1.5 times)."""
-
-
-def failure_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, then the exception it was raised from or while handling (``__cause__``,
-    else ``__context__``: also when ``raise … from None`` hid it from tracebacks), and so
-    on: what a failure to open a volume comes from (a layer's error wrapped in a
-    :class:`ConfigError` by :meth:`Volume.open`, a remote's answer under that)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def remote_answer(exc: BaseException) -> client_errors.TierdiskError | None:
-    """The error a remote tier answered that ``exc`` (a failed open) comes from, or None
-    when it comes from this server itself (its config, its own layers' files)."""
-    for cause in failure_chain(exc):
-        if isinstance(cause, client_errors.TierdiskError):
-            return cause
-    return None

@@ -1,8 +1,8 @@
 """Domain exception → what a front end answers: the one place that decides it.
 
 - :data:`STATUS_NAMES`, the status code name (DESIGN.md §2). gRPC replies use it
-  (:mod:`.grpc_api` turns a name into a ``grpc.StatusCode``), and so do the metrics of the
-  NBD export, so a failure counts under one ``code`` in the shared volume families
+  (:mod:`.grpc_refusal` turns a name into a ``grpc.StatusCode``), and so do the metrics of
+  the NBD export, so a failure counts under one ``code`` in the shared volume families
   (``tierdisk_volume_io_requests_total``, …) whichever front end it came through. The
   module knows nothing of gRPC: names are the ``grpc.StatusCode`` member names.
 - :data:`NBD_ERRORS`, the NBD error value an NBD client gets (:func:`nbd_error`), for the

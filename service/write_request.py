@@ -14,7 +14,7 @@ unknown fields (groups included) and fields of an unexpected wire type are skipp
 on generated and random input). Input protobuf would refuse (a truncated field, a varint
 over 10 bytes, field number 0, an unmatched group end, a reserved wire type, bad UTF-8) is
 raises :class:`MalformedRequest` saying what is wrong; the servicer answers it
-``INVALID_ARGUMENT`` (``grpc_api.Undecodable``).
+``INVALID_ARGUMENT`` (``request_decoding.Undecodable``).
 """
 
 from __future__ import annotations

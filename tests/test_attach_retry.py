@@ -148,7 +148,7 @@ async def test_a_problem_of_the_servers_own_is_not_retried(tmp_path: Path) -> No
             message = await eventually_reason(client, "sector size 4096 differs")
             assert "retrying" not in message
             deadline = asyncio.get_running_loop().time() + 5
-            while not all(task.done() for task in cache._attach_tasks):
+            while not all(task.done() for task in cache._attaching.tasks):
                 assert asyncio.get_running_loop().time() < deadline, "still retrying"
                 await asyncio.sleep(0.05)
             attempts = refused_attempts(cache, "OK")
@@ -189,7 +189,7 @@ async def test_a_volume_given_up_on_is_the_last_word_of_its_attach_log(
             await asyncio.sleep(0.05)
         origin_body = server_section(listen, tmp_path / "origin") + toml_volume("base", ram("1MiB"))
         async with running_server(tmp_path / "origin", origin_body):
-            while not all(task.done() for task in cache._attach_tasks):
+            while not all(task.done() for task in cache._attaching.tasks):
                 assert asyncio.get_running_loop().time() < deadline, "still retrying"
                 await asyncio.sleep(0.05)
         tell_held_lines()  # what `tierdisk serve` does as it stops

@@ -21,7 +21,8 @@ from tierdisk.client import AsyncClient
 from tierdisk.client import errors as cerr
 from tierdisk.client.errors import ERROR_METADATA_KEY, SERVICE_NAME
 from tierdisk.service import errors as serr
-from tierdisk.service.grpc_api import ERROR_HEADER, BlockDeviceService, status_for
+from tierdisk.service.grpc_api import BlockDeviceService
+from tierdisk.service.grpc_refusal import ERROR_HEADER, status_for
 from tierdisk.service.server import SERVICE_NAME as SERVER_SERVICE_NAME
 from tierdisk.service.status import status_name
 

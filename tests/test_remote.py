@@ -39,7 +39,8 @@ from tierdisk.client import AsyncClient, AsyncVolume
 from tierdisk.client import errors as cerr
 from tierdisk.service import errors
 from tierdisk.service.errors import ConfigError
-from tierdisk.service.grpc_api import BlockDeviceService, status_for
+from tierdisk.service.grpc_api import BlockDeviceService
+from tierdisk.service.grpc_refusal import status_for
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.layers.remote import MAX_REMOTE_MESSAGE, RemoteLayer, domain_error
 from tierdisk.service.server import Server
