@@ -12,12 +12,12 @@ mistake in this config, best seen at once).
 While a volume attaches in the background, whether it goes on is decided by who said no
 (:mod:`~tierdisk.service.attach_retry`): an answer of the remote tier that can change
 without this server changing (no such volume there, credentials refused, not a tierdisk
-server, a storage error there) is retried like an unreachable tier, logged at error level
+server, a storage error there, the hop guard's refusal of a loop:
+:mod:`~tierdisk.service.hops`) is retried like an unreachable tier, logged at error level
 (rate-limited); a problem of this server's own (a construction rule broken, e.g. a sector
-size that differs from the remote's; a local layer that cannot be opened) and the hop
-guard's refusal (a loop or too deep a chain of tiers, :mod:`~tierdisk.service.hops`) are
-not: the volume stays not ready, naming the problem, until the server is restarted with the
-problem fixed. A problem a layer finds once serving (:attr:`Layer.problem`, e.g. its remote
+size that differs from the remote's; a local layer that cannot be opened) is not: the
+volume stays not ready, naming the problem, until the server is restarted with the problem
+fixed. A problem a layer finds once serving (:attr:`Layer.problem`, e.g. its remote
 volume re-created with another geometry: it refuses all I/O until a restart) turns health
 ``NOT_SERVING`` too.
 
