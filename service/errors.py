@@ -7,7 +7,10 @@ its own exception tree.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "OUT_OF_SPACE_ERRNOS",
     "SERVER_STOPPING",
     "SHUTTING_DOWN",
     "AllocationTooLarge",
@@ -109,6 +112,12 @@ class Unavailable(TierdiskError):
 
 class DeadlineExceeded(TierdiskError):
     """A call to a remote layer ran out of time."""
+
+
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""The errno values of a write refused for want of space, which :class:`NoSpace` stands for
+(and NBD's ``ENOSPC``): the filesystem's, a quota's, or the process's file size limit
+(``EFBIG`` from a write: ``ulimit -f``, ``LimitFSIZE=``)."""
 
 
 class NoSpace(TierdiskError):

@@ -18,6 +18,7 @@ import resource
 import stat
 
 from .errors import (
+    OUT_OF_SPACE_ERRNOS,
     ConfigError,
     FailedPrecondition,
     InvalidArgument,
@@ -28,7 +29,6 @@ from .errors import (
 
 __all__ = [
     "MAX_FILE_BYTES",
-    "OUT_OF_SPACE_ERRNOS",
     "PartlyWritten",
     "Reserver",
     "as_storage_error",
@@ -53,10 +53,6 @@ __all__ = [
 
 MAX_FILE_BYTES = (1 << 63) - 1
 """The largest file size the kernel can represent (``off_t`` is a signed 64-bit integer)."""
-
-OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-"""The errno values of a write refused for want of space: the filesystem's, a quota's, or
-the process's file size limit (``EFBIG`` from a write: ``ulimit -f``, ``LimitFSIZE=``)."""
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

@@ -565,3 +565,13 @@ class PartialLayer(Layer):
     @property
     def can_resize(self) -> bool:
         return True
+
+    @property
+    @abc.abstractmethod
+    def present_sectors(self) -> int:
+        """Number of sectors the layer itself holds (each kind counts its own)."""
+
+    @abc.abstractmethod
+    async def write_no_overwrite(self, data: memoryview, sector: int) -> int:
+        """A read-cache fill (:meth:`Layer.write_no_overwrite`), which such a layer must
+        implement since it says it can be a read cache."""

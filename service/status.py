@@ -15,6 +15,7 @@ import errno
 
 from . import nbd_protocol as P
 from .errors import (
+    OUT_OF_SPACE_ERRNOS,
     ConfigError,
     DataCorruption,
     DeadlineExceeded,
@@ -30,7 +31,6 @@ from .errors import (
     Unavailable,
     VolumeNotFound,
 )
-from .fileio import OUT_OF_SPACE_ERRNOS
 
 __all__ = [
     "NBD_ERRORS",
