@@ -1,21 +1,28 @@
-"""Shared fixtures of the engine tests.
+"""Shared fixtures of the engine tests, and of the tests of the ``tierdisk`` command.
 
 - ``volumes``: opens volumes (from layer entries or a stack spec) and closes every one of
   them when the test ends, pass or fail.
 - ``volume``: one fresh volume per stack of :data:`stacks.STACKS` (parametrised), for the
   conformance suite.
+- ``server``: a ``tierdisk serve`` child process serving :data:`cli_runs.VOLUMES`, one per
+  test module, for the tests that run the ``tierdisk`` command against it.
+- ``exp_data``: the bytes written onto every sector of that server's 8 MiB volume ``exp``.
 
 Data helpers (:func:`stacks.pattern`, :func:`stacks.sector_pattern`) and the
-:class:`stacks.MapLayer` double live in tests/stacks.py.
+:class:`stacks.MapLayer` double live in tests/stacks.py; the helpers that run the
+``tierdisk`` command in tests/cli_runs.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_runs import VOLUMES, MiB, tierdisk
+from servers import ServerProcess, write_config
 from stacks import STACKS, NamedStack, build_stack
 
 from tierdisk.service.layer import Layer
@@ -70,3 +77,20 @@ async def volume(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield vol
     finally:
         await vol.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("cli-server")
+    with ServerProcess.start(tmp, write_config(tmp, VOLUMES)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def exp_data(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The 8 MiB volume `exp`, every sector written (allocated)."""
+    data = os.urandom(8 * MiB)
+    src = tmp_path_factory.mktemp("exp") / "exp.bin"
+    src.write_bytes(data)
+    tierdisk(server, "write", "exp", "0", "-i", str(src))
+    return data

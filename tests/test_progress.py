@@ -5,7 +5,7 @@ never a percentage or an ETA; drawn only on a terminal. Its width: that of the t
 drawn on (a real pseudo-terminal sized with ``TIOCSWINSZ``), not stdout's, and every redraw
 fits in it. With a total: drawn at most ten times a second, with rate and ETA; silent off a
 terminal; and the byte and duration formats. The CLI's use of both, on a real
-pseudo-terminal, is in test_cli.py."""
+pseudo-terminal, is in test_copy_report.py."""
 
 from __future__ import annotations
 
