@@ -31,7 +31,6 @@ from cli_runs import SIGNALS_AS_THEY_COME, TIERDISK, MiB, one_line_error, tierdi
 from grpc_health.v1 import health, health_pb2_grpc
 from servers import ServerProcess
 
-
 # -- stop signals ----------------------------------------------------------------------
 
 

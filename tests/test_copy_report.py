@@ -38,7 +38,6 @@ from stacks import MapLayer
 from tierdisk.service.errors import NoSpace, StorageError
 from tierdisk.service.volume import LayerEntry, Volume
 
-
 # -- progress bar ----------------------------------------------------------------------
 
 

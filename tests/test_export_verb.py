@@ -38,7 +38,6 @@ from servers import (
     write_config,
 )
 
-
 # -- a failed export -------------------------------------------------------------------
 
 

@@ -28,7 +28,6 @@ from servers import ServerProcess, fragmented_server
 
 from tierdisk.client.cli import main as cli_main
 
-
 # -- stalled pipes and FIFOs -----------------------------------------------------------
 
 

@@ -29,7 +29,6 @@ from cli_runs import (
 )
 from servers import ServerProcess, toml_volume, write_config
 
-
 # -- import / export -------------------------------------------------------------------
 
 

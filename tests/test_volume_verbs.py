@@ -29,7 +29,6 @@ from servers import (
     write_config,
 )
 
-
 # -- listing and info ------------------------------------------------------------------
 
 
