@@ -290,9 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = vol_verb(
         "import",
         "write the raw image IMAGE (-: stdin) onto the volume from sector 0, byte for byte "
-        "(the size stays; convert other formats first: qemu-img convert -O raw)",
+        "(the size stays; convert other formats first: qemu-img convert -O raw; an IMAGE that "
+        "begins with a qcow2, VMDK, VHDX or VHD header is refused unless --raw)",
     )
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="IMAGE is raw bytes even if it begins with another image format's header",
+    )
     p.add_argument("--no-flush", action="store_true", help=_NO_FLUSH_HELP)
     p = vol_verb(
         "export",

@@ -70,6 +70,37 @@ from .models import UnmapBehavior
 
 __all__ = ["import_image", "write_sectors"]
 
+_IMAGE_FORMATS = (
+    (b"QFI\xfb", "qcow2"),  # (qcow version 1 too)
+    (b"KDMV", "VMDK"),
+    (b"vhdxfile", "VHDX"),
+    (b"conectix", "VHD"),  # a dynamic VHD's copy of its footer, at the start
+)
+"""The headers of the disk image formats ``qemu-img`` converts from, as they begin a file:
+``import`` refuses such a file unless ``--raw`` (:func:`_refuse_another_format`)."""
+
+
+def _refuse_another_format(path: str | None, head: bytes, args: argparse.Namespace) -> None:
+    """A :class:`CliError` when ``head``, the first bytes an ``import`` would write at sector
+    0, begin with another image format's header: ``import`` copies bytes, so the volume would
+    hold that file's bytes (its header, its tables), not the disk in it, and lose what it
+    held. ``--raw`` says those bytes are what the volume should hold (a disk whose sector 0
+    holds such a file, as a disk a guest wrote one onto does)."""
+    if getattr(args, "raw", False):
+        return
+    for magic, name in _IMAGE_FORMATS:
+        if head.startswith(magic):
+            image = "IMAGE" if path is None else path
+            raise CliError(
+                f"{describe_file(path)} begins with a {name} header: import copies an image "
+                f"byte for byte (raw), so the volume would hold the {name} file, not the disk "
+                f"in it; convert it first (qemu-img convert -O raw {image} OUT.raw), or pass "
+                "--raw if these bytes are what the volume should hold"
+            )
+
+
+_HEAD_BYTES = max(len(magic) for magic, _ in _IMAGE_FORMATS)
+
 
 def _whole_sectors(path: str | None, size: int, sector_size: int) -> int:
     """``size`` bytes of the file ``path`` (``None``: stdin) in ``sector_size``-byte
@@ -207,8 +238,10 @@ async def _copy_fd_in(
         start = os.lseek(fd, 0, os.SEEK_CUR)
         size = max(0, file_size(fd, path) - start)
         sparse = verb == "import" and stat.S_ISREG(os.fstat(fd).st_mode)
+        head = os.pread(fd, _HEAD_BYTES, start) if verb == "import" else b""
     except OSError as err:
         raise file_error(path, err) from None
+    _refuse_another_format(path, head, args)
     info = await vol.info()
     ss = info.sector_size
     count = _whole_sectors(path, size, ss)
@@ -336,6 +369,13 @@ async def _stream_in(
                 ended = len(data) < chunk_bytes
                 if not data:
                     return
+                if verb == "import" and offset == 0:
+                    try:
+                        _refuse_another_format(path, data, args)
+                    except CliError as exc:  # the first chunk: nothing is written yet
+                        ended = True
+                        refusal = (f"{exc}; ", False)
+                        return
                 at, count = sector + offset // ss, len(data) // ss
                 if len(data) % ss:
                     ended = True

@@ -36,7 +36,6 @@ from stacks import MapLayer, pattern
 from tierdisk.service.layer import UnmapBehavior
 from tierdisk.service.volume import LayerEntry, Volume
 
-
 # -- import ----------------------------------------------------------------------------
 
 
@@ -50,6 +49,40 @@ def test_import_refuses_partial_sectors_and_oversized_images(
     with open(big, "wb") as f:
         f.truncate(8 * MiB)
     one_line_error(tierdisk(server, "import", "rw", str(big), check=False), str(big), "'rw'")
+
+
+@pytest.mark.parametrize(
+    ("magic", "name"),
+    [(b"QFI\xfb", "qcow2"), (b"KDMV", "VMDK"), (b"vhdxfile", "VHDX"), (b"conectix", "VHD")],
+    ids=["qcow2", "vmdk", "vhdx", "vhd"],
+)
+def test_import_refuses_another_image_formats_file_unless_raw(
+    server: ServerProcess, tmp_path: Path, magic: bytes, name: str
+) -> None:
+    """An image that begins with a qcow2 (VMDK, …) header would put that file's bytes on
+    the volume, not the disk in it: refused before anything is written, from a file, from
+    stdin redirected from it and from a pipe, naming the format and the conversion; with
+    ``--raw`` its bytes are written as they are."""
+    before = os.urandom(4096)
+    tierdisk(server, "write", "rw", "0", stdin=before)
+    image = tmp_path / f"disk.{name.lower()}"
+    head = magic + os.urandom(4096 - len(magic))
+    image.write_bytes(head)
+    hint = f"qemu-img convert -O raw {image} OUT.raw"
+    one_line_error(tierdisk(server, "import", "rw", str(image), check=False), name, hint)
+    with open(image, "rb") as f:  # stdin from the file
+        redirected = subprocess.run(
+            [*TIERDISK, "--server", server.grpc, "import", "rw", "-"],
+            stdin=f,
+            capture_output=True,
+            timeout=120,
+        )
+    one_line_error(redirected, f"stdin begins with a {name} header", "--raw")
+    piped = tierdisk(server, "import", "rw", "-", stdin=head, check=False)  # a pipe
+    one_line_error(piped, f"stdin begins with a {name} header", "nothing was written")
+    assert tierdisk(server, "read", "rw", "0", "8").stdout == before
+    tierdisk(server, "import", "rw", str(image), "--raw")
+    assert tierdisk(server, "read", "rw", "0", "8").stdout == head
 
 
 # Data islands at offsets that are not sector (nor block) aligned, between big holes; the
