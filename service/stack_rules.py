@@ -1,7 +1,8 @@
 """The construction rules of a layer stack, and what its layers make of the volume (DESIGN.md §3).
 
-Pure functions, no I/O and no asyncio: :meth:`tierdisk.service.volume.Volume.open` calls the
-``check_*`` functions while it attaches a stack, and :meth:`StackProperties.of` derives the
+Pure functions, no I/O and no asyncio: :func:`.stack_attach.attach_stack` (for
+:meth:`tierdisk.service.volume.Volume.open`) calls the ``check_*`` functions while it attaches
+a stack, and :meth:`StackProperties.of` derives the
 volume's properties from the attached layers. They read only what :class:`LayerFacts` and
 :class:`EntryFacts` describe (a :class:`~tierdisk.service.volume.LayerEntry` and its
 :class:`~tierdisk.service.layer.Layer` have all of it), so a test may pass plain objects.

@@ -62,25 +62,18 @@ from typing import Any
 
 from .durability import Durability
 from .errors import (
-    ConfigError,
-    DeadlineExceeded,
     InvalidArgument,
     OutOfRange,
     ReadOnlyError,
-    TierdiskError,
-    Unavailable,
 )
 from .layer import MAX_SECTORS, RUNS_BETWEEN_YIELDS, Layer, UnmapBehavior
 from .ratelimit import RateLimitedLog
 from .runs import Run, clip, complement, subtract, total
 from .sector_lock import SectorLock
 from .size_history import SizeEvent, SizeHistory
+from .stack_attach import attach_stack
 from .stack_rules import (
     StackProperties,
-    check_read_cache,
-    check_same_sector_size,
-    check_write_path,
-    check_write_through,
 )
 from .unstoppable import LeftRunning, run_to_end
 from .volume_resize import Resizer
@@ -208,44 +201,11 @@ class Volume:
 
     @classmethod
     async def open(cls, name: str, entries: list[LayerEntry], *, read_only: bool = False) -> Volume:
-        """Attach ``entries`` bottom-up and enforce the construction rules of DESIGN.md §3.
-
-        Raises :class:`ConfigError` naming the volume, the layer index and the rule; layers
-        already attached are closed again.
-        """
-        if not entries:
-            raise ConfigError("a volume needs at least one layer", volume=name)
-        # The rules that need no attached layer come first, so a broken stack is refused
-        # before any layer creates a file or waits for a remote tier.
-        check_write_through(name, entries)
-        for i, entry in enumerate(entries):
-            check_read_cache(name, i, entry)
-        attached: list[Layer] = []
-        try:
-            lower = None
-            bottom_sector_size = 0
-            for i in reversed(range(len(entries))):
-                entry = entries[i]
-                try:
-                    await entry.layer.attach(lower)
-                except ConfigError as exc:
-                    raise exc.located(volume=name, layer=i) from None
-                except (Unavailable, DeadlineExceeded):
-                    raise  # a tier that is not up yet: the caller may retry later
-                except (ValueError, OSError, TierdiskError) as exc:
-                    raise ConfigError(str(exc), volume=name, layer=i) from None
-                attached.append(entry.layer)
-                meta = entry.layer.metadata()
-                check_read_cache(name, i, entry)  # again: a remote may turn out read-only
-                bottom_sector_size = bottom_sector_size or meta.sector_size
-                check_same_sector_size(name, i, meta.sector_size, bottom_sector_size)
-                lower = meta
-            check_write_path(name, entries, read_only)
-        except BaseException:
-            for layer in attached:
-                with contextlib.suppress(Exception):
-                    await layer.close()
-            raise
+        """The volume ``name`` of the layers ``entries`` (top first), attached bottom-up
+        under the construction rules of DESIGN.md §3 (:func:`.stack_attach.attach_stack`:
+        a :class:`ConfigError` naming the volume, the layer index and the rule; layers
+        already attached are closed again)."""
+        await attach_stack(name, entries, read_only)
         volume = cls(name, entries, read_only)
         # The listeners see every change of a layer's size (a shrink undone before any task
         # runs still lowers the overlaps); the task serves tops that only offer wait_resize.
